@@ -1,0 +1,2270 @@
+#!/usr/bin/env python3
+"""ocicache: an OCI image cache and registry client in one standard-library file.
+
+The cache is an OCI image layout (``oci-layout``, ``index.json``, ``blobs/``), the
+same layout linuxkit's image cache uses, readable by skopeo, umoci and crane. Names
+live in ``index.json`` as full canonical references
+(``docker.io/library/alpine:3.20``), so ``alpine:3.20``, ``library/alpine:3.20`` and
+``docker.io/alpine:3.20`` all find the same entry.
+
+Command line::
+
+    python3 ocicache.py import image.tar      # docker save / buildx OCI / skopeo tars
+    python3 ocicache.py ls
+    python3 ocicache.py --help
+
+Python::
+
+    import ocicache
+    cache = ocicache.Provider("~/.cache/ocicache")
+    with open("image.tar", "rb") as f:
+        for descriptor in cache.image_load(f):
+            print(descriptor.name, descriptor.digest)
+
+The API is linuxkit's ``CacheProvider`` / ``ImageSource`` / ``PackageResolver`` in
+Python spelling. Python 3.9 or newer, standard library only.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import platform as _platform_module
+import re
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zlib
+from types import MappingProxyType
+from typing import (IO, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, NoReturn,
+                    Mapping, Optional, Sequence, Tuple, Union)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # errors
+    "OciCacheError", "InvalidReferenceError", "InvalidDigestError",
+    "DigestMismatchError", "NotFoundError", "PlatformNotFoundError", "RegistryError",
+    "AuthenticationError", "InvalidArchiveError", "InvalidPlatformError", "CorruptCacheError",
+    # value types and the pure logic over them
+    "Digest", "Reference", "Platform", "Descriptor", "Index", "Manifest",
+    "canonical_name", "select_platform", "merge_index",
+    # the disk
+    "Layout", "ContentStore", "ContentInfo", "GcReport", "VerifyReport",
+    # interfaces and implementation
+    "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
+    "default_cache_dir", "main",
+]
+
+
+# =====================================================================================
+# Errors
+#
+# One base class, so callers can catch everything ocicache raises; the subclasses say
+# what kind of thing went wrong. Every message is one line that names the problem.
+# =====================================================================================
+
+class OciCacheError(Exception):
+    """Base class of every error ocicache raises on purpose."""
+
+
+class InvalidReferenceError(OciCacheError, ValueError):
+    """A string is not a valid image reference."""
+
+
+class InvalidDigestError(OciCacheError, ValueError):
+    """A string is not a supported digest (sha256 or sha512, lowercase hex)."""
+
+
+class DigestMismatchError(OciCacheError):
+    """Content does not hash to the digest (or size) it was announced with."""
+
+
+class NotFoundError(OciCacheError, LookupError):
+    """A name, blob or file does not exist."""
+
+
+class PlatformNotFoundError(NotFoundError):
+    """An image has no child for the requested platform."""
+
+
+class RegistryError(OciCacheError):
+    """A registry answered with an error status.
+
+    ``status`` is the HTTP status and ``codes`` the registry's own error codes
+    (``MANIFEST_UNKNOWN``, ``DENIED``, ...), from its ``{"errors": [...]}`` body.
+    """
+
+    def __init__(self, message: str, status: int = 0, codes: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = tuple(codes)
+
+
+class AuthenticationError(RegistryError):
+    """Credentials were missing, wrong, or refused."""
+
+
+class InvalidArchiveError(OciCacheError):
+    """An image archive (tar) is malformed, truncated or hostile."""
+
+
+class InvalidPlatformError(OciCacheError, ValueError):
+    """A string is not a platform (``os/arch[/variant]``)."""
+
+
+class CorruptCacheError(OciCacheError):
+    """The cache on disk is damaged: an unreadable index.json or a bad blob."""
+
+
+# =====================================================================================
+# Media types and constants
+# =====================================================================================
+
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MEDIA_OCI_LAYER_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+MEDIA_OCI_LAYER_FOREIGN_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+MEDIA_DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MEDIA_DOCKER_LAYER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+MEDIA_IN_TOTO = "application/vnd.in-toto+json"
+
+INDEX_MEDIA_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
+IMAGE_MEDIA_TYPES = frozenset({MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST})
+FOREIGN_LAYER_MEDIA_TYPES = frozenset({
+    MEDIA_OCI_LAYER_FOREIGN, MEDIA_OCI_LAYER_FOREIGN_GZIP, MEDIA_DOCKER_LAYER_FOREIGN})
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
+ANNOTATION_REFERENCE_TYPE = "vnd.docker.reference.type"
+ANNOTATION_REFERENCE_DIGEST = "vnd.docker.reference.digest"
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+COPY_BUFFER_SIZE = 1024 * 1024
+DEFAULT_GC_GRACE_SECONDS = 3600.0
+_TEMP_MARK = ".tmp-"
+
+
+# =====================================================================================
+# Digest
+#
+# Only sha256 and sha512 with lowercase hex of the exact length: a digest is turned
+# into a file name, so nothing looser is ever accepted.
+# =====================================================================================
+
+_DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclasses.dataclass(frozen=True)
+class Digest:
+    """A content digest such as ``sha256:<64 hex>``; ``str()`` gives that form."""
+
+    algorithm: str
+    hex: str
+
+    def __post_init__(self) -> None:
+        length = _DIGEST_HEX_LENGTHS.get(self.algorithm)
+        if length is None:
+            raise InvalidDigestError(
+                f"unsupported digest algorithm {self.algorithm!r} (sha256 or sha512)")
+        if len(self.hex) != length or not _HEX.issuperset(self.hex):
+            raise InvalidDigestError(
+                f"invalid {self.algorithm} digest: want {length} lowercase hex "
+                f"characters, got {_shorten(self.hex)!r}")
+
+    @classmethod
+    def parse(cls, value: Union[str, "Digest"]) -> "Digest":
+        """Parse ``alg:hex``; raise InvalidDigestError for anything else."""
+        if isinstance(value, Digest):
+            return value
+        if not isinstance(value, str):
+            raise InvalidDigestError(f"a digest must be a string, not {type(value).__name__}")
+        algorithm, sep, hexpart = value.partition(":")
+        if not sep:
+            raise InvalidDigestError(f"invalid digest {_shorten(value)!r}: no algorithm")
+        return cls(algorithm, hexpart)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self) -> "hashlib._Hash":
+        return hashlib.new(self.algorithm)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# =====================================================================================
+# Reference
+#
+# The distribution reference grammar (github.com/distribution/reference), with Docker
+# Hub normalisation. ``str(ref)`` is the canonical form used on every write and lookup;
+# ``ref.familiar`` is the short form a docker tarball's RepoTags holds.
+# =====================================================================================
+
+DEFAULT_REGISTRY = "docker.io"
+DOCKER_HUB_API_HOST = "registry-1.docker.io"
+_LEGACY_DEFAULT_REGISTRY = "index.docker.io"
+_NAME_TOTAL_LENGTH_MAX = 255
+
+_ALNUM = r"[a-z0-9]+"
+_SEPARATOR = r"(?:[._]|__|[-]+)"
+_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
+_IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
+_DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6})(?::[0-9]+)?"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+# Always used with fullmatch: "$" would also match before a trailing newline.
+_REFERENCE_RE = re.compile(
+    rf"((?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    rf"(?::({_TAG}))?(?:@({_DIGEST}))?")
+_TAG_RE = re.compile(_TAG)
+_IDENTIFIER_RE = re.compile(r"[a-f0-9]{64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """An image reference: ``registry/repository[:tag][@digest]``.
+
+    ``Reference.parse`` normalises Docker Hub names (``alpine`` becomes
+    ``docker.io/library/alpine:latest``). A reference with a digest is fetched and
+    looked up by its digest; the tag, if any, is kept for naming.
+    """
+
+    registry: str
+    repository: str
+    tag: str = ""
+    digest: Optional[Digest] = None
+
+    @classmethod
+    def parse(cls, value: Union[str, "Reference"], default_tag: str = "latest") -> "Reference":
+        """Parse and normalise; ``default_tag`` is added when there is neither tag nor digest."""
+        if isinstance(value, Reference):
+            return value
+        if not isinstance(value, str):
+            raise InvalidReferenceError(
+                f"a reference must be a string, not {type(value).__name__}")
+        if not value:
+            raise InvalidReferenceError("invalid reference: empty string")
+        match = _REFERENCE_RE.fullmatch(value)
+        if match is None:
+            if _REFERENCE_RE.fullmatch(value.lower()) is not None:
+                # Domains, tags and digests may hold capitals; only the path may not.
+                raise InvalidReferenceError(
+                    f"invalid reference {_shorten(value)!r}: repository name must be lowercase")
+            raise InvalidReferenceError(f"invalid reference format: {_shorten(value)!r}")
+        name, tag, digest = match.group(1), match.group(2) or "", match.group(3)
+        if _IDENTIFIER_RE.fullmatch(value):
+            raise InvalidReferenceError(
+                f"invalid reference {_shorten(value)!r}: a 64-character hex string is an "
+                "image ID, not a name")
+        if len(_split_domain(name)[1]) > _NAME_TOTAL_LENGTH_MAX:
+            raise InvalidReferenceError(
+                f"invalid reference {_shorten(value)!r}: repository path is longer "
+                f"than {_NAME_TOTAL_LENGTH_MAX} characters")
+        registry, repository = _split_registry(name)
+        try:
+            parsed_digest = Digest.parse(digest) if digest else None
+        except InvalidDigestError as e:
+            raise InvalidReferenceError(f"invalid reference {_shorten(value)!r}: {e}") from None
+        if not tag and parsed_digest is None:
+            tag = default_tag
+        return cls(registry, repository, tag, parsed_digest)
+
+    @property
+    def name(self) -> str:
+        """``registry/repository``, without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def familiar(self) -> str:
+        """The short form docker shows: ``alpine:3.19``, ``ghcr.io/o/r:v1``."""
+        name = self.name
+        if self.registry == DEFAULT_REGISTRY:
+            name = self.repository
+            if name.startswith("library/") and name.count("/") == 1:
+                name = name[len("library/"):]
+        return name + self._suffix()
+
+    @property
+    def api_host(self) -> str:
+        """The host serving the registry API (``registry-1.docker.io`` for Docker Hub)."""
+        return DOCKER_HUB_API_HOST if self.registry == DEFAULT_REGISTRY else self.registry
+
+    def with_tag(self, tag: str) -> "Reference":
+        if not _TAG_RE.fullmatch(tag):
+            raise InvalidReferenceError(f"invalid tag {_shorten(tag)!r}")
+        return Reference(self.registry, self.repository, tag, None)
+
+    def _suffix(self) -> str:
+        suffix = f":{self.tag}" if self.tag else ""
+        if self.digest is not None:
+            suffix += f"@{self.digest}"
+        return suffix
+
+    def __str__(self) -> str:
+        return self.name + self._suffix()
+
+
+def _split_domain(name: str) -> Tuple[str, str]:
+    """(domain or "", path) as written, by distribution's rule for the first component."""
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        return first, rest
+    return "", name
+
+
+def _split_registry(name: str) -> Tuple[str, str]:
+    registry, repository = _split_domain(name)
+    if registry in ("", _LEGACY_DEFAULT_REGISTRY):
+        registry = DEFAULT_REGISTRY
+    if registry == DEFAULT_REGISTRY and "/" not in repository:
+        repository = "library/" + repository
+    return registry, repository
+
+
+def canonical_name(value: Union[str, Reference]) -> str:
+    """The canonical form of a reference: ``alpine`` -> ``docker.io/library/alpine:latest``."""
+    return str(Reference.parse(value))
+
+
+# =====================================================================================
+# Platform
+#
+# os/architecture/variant with the aliases people type, arm64 == arm64/v8, and the arm
+# variant chain (v7 falls back to v6, then v5). ``unknown/unknown`` marks BuildKit
+# attestations, which are never images.
+# =====================================================================================
+
+_ARCH_ALIASES = {
+    "x86_64": ("amd64", ""), "x86-64": ("amd64", ""), "x64": ("amd64", ""),
+    "aarch64": ("arm64", ""), "armhf": ("arm", "v7"), "armel": ("arm", "v6"),
+    "armv7l": ("arm", "v7"), "armv7": ("arm", "v7"), "armv6l": ("arm", "v6"),
+    "armv6": ("arm", "v6"), "armv5": ("arm", "v5"), "i386": ("386", ""),
+    "i686": ("386", ""), "x86": ("386", ""), "ppc64el": ("ppc64le", ""),
+}
+_ARM_VARIANTS = ("v8", "v7", "v6", "v5")
+_PLATFORM_PART_RE = re.compile(r"[a-z0-9_.-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """An OCI platform. ``Platform.parse`` normalises aliases and variants."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+    os_version: str = ""
+    os_features: Tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Union[str, "Platform", None]) -> "Platform":
+        """Parse ``[os/]arch[/variant]``; empty or None means the host platform."""
+        if isinstance(value, Platform):
+            return value.normalized()
+        if not value:
+            return cls.host()
+        parts = value.strip().lower().split("/")
+        if len(parts) == 1:
+            os_name, arch, variant = "linux", parts[0], ""
+        elif len(parts) == 2:
+            if parts[0] in _KNOWN_OSES or parts[0] == "unknown":
+                os_name, arch, variant = parts[0], parts[1], ""
+            else:
+                os_name, arch, variant = "linux", parts[0], parts[1]
+        elif len(parts) == 3:
+            os_name, arch, variant = parts
+        else:
+            raise InvalidPlatformError(f"invalid platform {value!r}: use os/arch[/variant]")
+        if not all(_PLATFORM_PART_RE.fullmatch(p) for p in (os_name, arch)) or (
+                variant and not _PLATFORM_PART_RE.fullmatch(variant)):
+            raise InvalidPlatformError(f"invalid platform {value!r}: use os/arch[/variant]")
+        return cls(os_name, arch, variant).normalized()
+
+    @classmethod
+    def host(cls) -> "Platform":
+        return cls.parse(_platform_module.machine() or "amd64")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Platform":
+        return cls(str(data.get("os", "")), str(data.get("architecture", "")),
+                   str(data.get("variant", "")), str(data.get("os.version", "")),
+                   tuple(data.get("os.features") or ()))
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"architecture": self.architecture, "os": self.os}
+        if self.os_version:
+            out["os.version"] = self.os_version
+        if self.os_features:
+            out["os.features"] = list(self.os_features)
+        if self.variant:
+            out["variant"] = self.variant
+        return out
+
+    def normalized(self) -> "Platform":
+        """Aliases resolved; ``arm64/v8`` becomes ``arm64``; ``arm`` gets ``v7``."""
+        arch, variant = self.architecture, self.variant
+        if arch in _ARCH_ALIASES:
+            arch, alias_variant = _ARCH_ALIASES[arch]
+            variant = variant or alias_variant
+        if arch == "arm64" and variant == "v8":
+            variant = ""
+        if arch == "arm" and not variant:
+            variant = "v7"
+        if arch == "arm" and variant in ("5", "6", "7", "8"):
+            variant = "v" + variant
+        return dataclasses.replace(self, architecture=arch, variant=variant)
+
+    @property
+    def is_attestation(self) -> bool:
+        return self.os == "unknown" and self.architecture == "unknown"
+
+    def candidates(self) -> List["Platform"]:
+        """This platform, then the ones it can also run: arm/v7 -> v7, v6, v5."""
+        wanted = self.normalized()
+        if wanted.architecture == "arm" and wanted.variant in _ARM_VARIANTS:
+            start = _ARM_VARIANTS.index(wanted.variant)
+            return [dataclasses.replace(wanted, variant=v) for v in _ARM_VARIANTS[start:]]
+        return [wanted]
+
+    def matches(self, other: "Platform") -> bool:
+        """Same os, architecture and (normalised) variant; os.version only if both set."""
+        a, b = self.normalized(), other.normalized()
+        if (a.os, a.architecture, a.variant) != (b.os, b.architecture, b.variant):
+            return False
+        return not (a.os_version and b.os_version and a.os_version != b.os_version)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+_KNOWN_OSES = frozenset({
+    "linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos",
+    "aix", "android", "ios", "plan9", "dragonfly", "js", "wasip1"})
+
+
+def select_platform(children: Sequence["Descriptor"], wanted: Platform) -> Optional["Descriptor"]:
+    """The child that best serves ``wanted``, following the variant chain; None if none."""
+    images = [c for c in children if c.platform is not None and not c.platform.is_attestation
+              and c.media_type not in INDEX_MEDIA_TYPES]
+    for candidate in wanted.candidates():
+        for child in images:
+            if child.platform is not None and child.platform.matches(candidate):
+                return child
+    return None
+
+
+# =====================================================================================
+# Descriptor and manifests
+#
+# Frozen value types read from JSON. Unknown fields are kept in ``extra`` and written
+# back, so nothing another tool put there is lost. Manifest bytes are never
+# re-serialised: these types are for reading; blobs keep the bytes they arrived with.
+# =====================================================================================
+
+_DESCRIPTOR_KEYS = ("mediaType", "size", "digest", "data", "urls", "annotations",
+                    "platform", "artifactType")
+
+
+def _freeze(mapping: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor: media type, digest and size, plus optional fields."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    platform: Optional[Platform] = None
+    urls: Tuple[str, ...] = ()
+    artifact_type: str = ""
+    data: str = ""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", Digest.parse(self.digest))
+        object.__setattr__(self, "annotations", _freeze(self.annotations))
+        object.__setattr__(self, "extra", _freeze(self.extra))
+        object.__setattr__(self, "urls", tuple(self.urls))
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise OciCacheError(f"descriptor {self.digest}: invalid size {self.size!r}")
+
+    def __hash__(self) -> int:
+        return hash((self.media_type, self.digest, self.size))
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Descriptor":
+        if not isinstance(data, dict):
+            raise OciCacheError(f"a descriptor must be a JSON object, not {type(data).__name__}")
+        try:
+            platform = data.get("platform")
+            annotations = data.get("annotations") or {}
+            if not isinstance(annotations, dict) or not all(
+                    isinstance(v, str) for v in annotations.values()):
+                raise OciCacheError("annotations must map strings to strings")
+            return cls(
+                media_type=str(data.get("mediaType", "")),
+                digest=Digest.parse(data.get("digest", "")),
+                size=data.get("size", -1),
+                annotations=annotations,
+                platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
+                urls=tuple(data.get("urls") or ()),
+                artifact_type=str(data.get("artifactType", "")),
+                data=str(data.get("data", "")),
+                extra={k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS},
+            )
+        except (TypeError, AttributeError) as e:
+            raise OciCacheError(f"invalid descriptor: {e}") from None
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"mediaType": self.media_type, "size": self.size,
+                               "digest": str(self.digest)}
+        if self.data:
+            out["data"] = self.data
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.annotations:
+            out["annotations"] = dict(sorted(self.annotations.items()))
+        if self.platform is not None:
+            out["platform"] = self.platform.to_json()
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        out.update(self.extra)
+        return out
+
+    @property
+    def name(self) -> str:
+        """The ``org.opencontainers.image.ref.name`` annotation, or ``""``."""
+        return self.annotations.get(ANNOTATION_REF_NAME, "")
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_MEDIA_TYPES
+
+    @property
+    def is_attestation(self) -> bool:
+        return self.platform is not None and self.platform.is_attestation
+
+    def with_annotations(self, **changes: Optional[str]) -> "Descriptor":
+        """A copy with annotations set (or removed, for a value of None)."""
+        annotations = dict(self.annotations)
+        for key, value in changes.items():
+            key = _ANNOTATION_ALIASES.get(key, key)
+            if value is None:
+                annotations.pop(key, None)
+            else:
+                annotations[key] = value
+        return dataclasses.replace(self, annotations=annotations)
+
+    def named(self, name: str) -> "Descriptor":
+        """A copy carrying ``name`` in both name annotations."""
+        return self.with_annotations(ref_name=name, containerd_name=name)
+
+
+_ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
+                       "containerd_name": ANNOTATION_CONTAINERD_NAME}
+
+
+def _load_json_object(data: bytes, what: str) -> Dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OciCacheError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise OciCacheError(f"{what} is not a JSON object")
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """An OCI image index or Docker manifest list."""
+
+    media_type: str
+    manifests: Tuple[Descriptor, ...]
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "manifests", tuple(self.manifests))
+        object.__setattr__(self, "annotations", _freeze(self.annotations))
+        object.__setattr__(self, "extra", _freeze(self.extra))
+
+    @classmethod
+    def from_json(cls, data: Union[bytes, Mapping[str, Any]], what: str = "index") -> "Index":
+        obj = _load_json_object(data, what) if isinstance(data, bytes) else dict(data)
+        manifests = obj.get("manifests") or []
+        if not isinstance(manifests, list):
+            raise OciCacheError(f"{what}: 'manifests' is not a list")
+        return cls(
+            media_type=str(obj.get("mediaType", "")),
+            manifests=tuple(Descriptor.from_json(m) for m in manifests),
+            annotations=obj.get("annotations") or {},
+            extra={k: v for k, v in obj.items()
+                   if k not in ("schemaVersion", "mediaType", "manifests", "annotations")},
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"schemaVersion": 2}
+        if self.media_type:
+            out["mediaType"] = self.media_type
+        out["manifests"] = [m.to_json() for m in self.manifests]
+        if self.annotations:
+            out["annotations"] = dict(sorted(self.annotations.items()))
+        out.update(self.extra)
+        return out
+
+    def to_bytes(self) -> bytes:
+        """Compact JSON, as linuxkit writes the indexes it makes (stable digests)."""
+        return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    def attestations_for(self, digest: Digest) -> List[Descriptor]:
+        return [m for m in self.manifests
+                if m.annotations.get(ANNOTATION_REFERENCE_DIGEST) == str(digest)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """An OCI image manifest or Docker schema 2 manifest."""
+
+    media_type: str
+    config: Descriptor
+    layers: Tuple[Descriptor, ...]
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    subject: Optional[Descriptor] = None
+
+    @classmethod
+    def from_json(cls, data: Union[bytes, Mapping[str, Any]], what: str = "manifest") -> "Manifest":
+        obj = _load_json_object(data, what) if isinstance(data, bytes) else dict(data)
+        media_type = str(obj.get("mediaType", ""))
+        if media_type in (MEDIA_DOCKER_SCHEMA1, MEDIA_DOCKER_SCHEMA1_SIGNED) or \
+                obj.get("schemaVersion") == 1:
+            raise OciCacheError(f"{what}: Docker schema 1 manifests are not supported")
+        if "config" not in obj:
+            raise OciCacheError(f"{what}: not an image manifest (no config)")
+        layers = obj.get("layers") or []
+        if not isinstance(layers, list):
+            raise OciCacheError(f"{what}: 'layers' is not a list")
+        subject = obj.get("subject")
+        return cls(
+            media_type=media_type,
+            config=Descriptor.from_json(obj["config"]),
+            layers=tuple(Descriptor.from_json(layer) for layer in layers),
+            annotations=_freeze(obj.get("annotations")),
+            subject=Descriptor.from_json(subject) if isinstance(subject, dict) else None,
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type,
+                               "config": self.config.to_json(),
+                               "layers": [layer.to_json() for layer in self.layers]}
+        if self.annotations:
+            out["annotations"] = dict(sorted(self.annotations.items()))
+        if self.subject is not None:
+            out["subject"] = self.subject.to_json()
+        return out
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    def blobs(self) -> List[Descriptor]:
+        """Config and layers: the blobs an image needs besides its manifest."""
+        return [self.config, *self.layers]
+
+
+def _is_foreign(descriptor: Descriptor) -> bool:
+    return descriptor.media_type in FOREIGN_LAYER_MEDIA_TYPES
+
+
+def _platform_key(descriptor: Descriptor) -> Optional[Tuple[str, str, str, str]]:
+    """What ``index_write`` replaces by: the normalised platform; None for attestations."""
+    if descriptor.platform is None or descriptor.is_attestation:
+        return None
+    p = descriptor.platform.normalized()
+    return (p.os, p.architecture, p.variant, p.os_version)
+
+
+def merge_index(existing: Index, incoming: Sequence[Descriptor]) -> Index:
+    """linuxkit's IndexWrite merge, made deterministic.
+
+    A child whose normalised platform matches an incoming descriptor is replaced in
+    place; new platforms follow in the order given, then incoming attestations. Each
+    digest is kept once, and attestations whose image is no longer listed are dropped.
+    """
+    replacing: Dict[Tuple[str, str, str, str], Descriptor] = {}
+    attestations: List[Descriptor] = []
+    for descriptor in incoming:
+        key = _platform_key(descriptor)
+        if key is None:
+            attestations.append(descriptor)
+        else:
+            replacing[key] = descriptor
+    merged: List[Descriptor] = []
+    for child in existing.manifests:
+        key = _platform_key(child)
+        merged.append(replacing.pop(key) if key is not None and key in replacing else child)
+    merged.extend(replacing.values())
+    merged.extend(attestations)
+    unique: List[Descriptor] = []
+    seen = set()
+    for descriptor in merged:
+        if descriptor.digest not in seen:
+            seen.add(descriptor.digest)
+            unique.append(descriptor)
+    digests = {str(d.digest) for d in unique}
+    kept = [d for d in unique
+            if d.annotations.get(ANNOTATION_REFERENCE_DIGEST, "") in digests
+            or ANNOTATION_REFERENCE_DIGEST not in d.annotations]
+    return dataclasses.replace(existing, manifests=tuple(kept))
+
+
+# =====================================================================================
+# Layout
+#
+# The cache on disk: ``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>`` and ``.lock``.
+# Blobs are written to a temporary file beside their final name, verified, fsynced and
+# renamed; ``index.json`` is replaced atomically under an exclusive ``flock`` that is
+# reentrant within a process and safe across threads. Names are written last, after a
+# check (under the lock) that every blob they need is present, so no name ever points
+# at missing content, whatever runs at the same time.
+# =====================================================================================
+
+_OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
+_EMPTY_INDEX_BYTES = (
+    b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",'
+    b'"manifests":[]}')
+_INDEX_INDENT = 3  # linuxkit's indent; its tests read index.json with jq, not by bytes
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+class _DirectoryLock:
+    """An exclusive ``flock`` on one file, shared by every thread of this process.
+
+    One instance per lock file per process (see ``_lock_for``): a thread that holds it
+    may take it again; other threads of the process wait on the ``RLock``; other
+    processes wait on the ``flock``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd = -1
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._depth == 0:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd = fd
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fd, self._fd = self._fd, -1
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+
+
+_LOCKS: Dict[str, _DirectoryLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(path: str) -> _DirectoryLock:
+    key = os.path.realpath(path)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = _DirectoryLock(key)
+        return lock
+
+
+def _forget_locks_after_fork() -> None:
+    # A forked child does not hold its parent's flock; start it with fresh lock state.
+    global _LOCKS_GUARD
+    _LOCKS.clear()
+    _LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks_after_fork)
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, and rename over it."""
+    directory, base = os.path.split(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{base}{_TEMP_MARK}", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode & ~_UMASK)
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_directory(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reachable:
+    digests: Mapping[Digest, str]     # digest -> the name that reaches it
+    missing: Tuple[str, ...]
+    unreadable: Tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    """What ``gc`` deleted (or would delete, with ``dry_run``)."""
+
+    deleted: Tuple[Tuple[str, int], ...]   # (digest or temporary file name, bytes)
+    kept_young: int                        # unreachable but inside the grace period
+    reachable: int
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(size for _, size in self.deleted)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` found: ``ok`` when nothing is corrupt or missing."""
+
+    checked: int
+    corrupt: Tuple[str, ...]          # "<digest>: <why>"
+    missing: Tuple[str, ...]          # "<digest> (needed by <name>)"
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+
+class Layout:
+    """An OCI image layout directory used as a cache. Creates it when missing."""
+
+    def __init__(self, root: Union[str, "os.PathLike[str]"]) -> None:
+        self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+        self.index_path = os.path.join(self.root, "index.json")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise OciCacheError(f"cannot create cache directory {self.root}: "
+                                f"{e.strerror or e}") from None
+        self.blobs_dir = os.path.join(self.root, "blobs")
+        self._lock = _lock_for(os.path.join(self.root, ".lock"))
+        if not os.path.exists(self.index_path):
+            with self.lock():
+                if not os.path.exists(self.index_path):
+                    _write_file_atomically(os.path.join(self.root, "oci-layout"),
+                                           _OCI_LAYOUT_BYTES)
+                    _write_file_atomically(self.index_path, _EMPTY_INDEX_BYTES)
+        os.makedirs(os.path.join(self.blobs_dir, "sha256"), exist_ok=True)
+
+    def lock(self) -> "contextlib.AbstractContextManager[None]":
+        """The cache's exclusive lock; reentrant, thread-safe and across processes."""
+        try:
+            return self._lock.hold()
+        except OSError as e:
+            raise OciCacheError(f"cannot lock cache {self.root}: {e.strerror or e}") from None
+
+    def adding_blobs(self) -> "contextlib.AbstractContextManager[None]":
+        """Held (shared) by work that writes or reuses blobs and names them afterwards.
+
+        Deleting blobs (``rm``, ``clean``, ``gc``) takes the same lock exclusively, so
+        a blob a load has just found present cannot vanish before the load names it.
+        Take it before ``lock()``, never while holding ``lock()``.
+        """
+        return self._blob_lock(fcntl.LOCK_SH)
+
+    def deleting_blobs(self) -> "contextlib.AbstractContextManager[None]":
+        """Held (exclusively) while blobs are deleted; see ``adding_blobs``."""
+        return self._blob_lock(fcntl.LOCK_EX)
+
+    @contextlib.contextmanager
+    def _blob_lock(self, mode: int) -> Iterator[None]:
+        fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- blobs ------------------------------------------------------------------------
+
+    def blob_path(self, digest: Union[str, Digest]) -> str:
+        d = Digest.parse(digest)
+        return os.path.join(self.root, "blobs", d.algorithm, d.hex)
+
+    def has_blob(self, digest: Union[str, Digest], size: Optional[int] = None) -> bool:
+        """True when the blob file exists (with ``size`` bytes, when given)."""
+        try:
+            st = os.stat(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (size is None or size < 0 or st.st_size == size)
+
+    def open_blob(self, digest: Union[str, Digest]) -> BinaryIO:
+        path = self.blob_path(digest)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is not in the cache {self.root}") from None
+
+    def read_blob(self, digest: Union[str, Digest], limit: int = MAX_MANIFEST_SIZE) -> bytes:
+        """A small blob (manifest, index, config), read whole and checked against its digest."""
+        d = Digest.parse(digest)
+        with self.open_blob(d) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OciCacheError(f"blob {d} is larger than {limit} bytes; refusing to read it whole")
+        if hashlib.new(d.algorithm, data).hexdigest() != d.hex:
+            raise CorruptCacheError(
+                f"blob {d} in {self.root} does not match its digest; "
+                "run 'ocicache verify', then pull or import the image again")
+        return data
+
+    def write_blob(self, stream: IO[bytes], digest: Optional[Union[str, Digest]] = None,
+                   size: Optional[int] = None, algorithm: str = "sha256") -> Tuple[Digest, int]:
+        """Copy ``stream`` into the cache, verifying ``digest`` and ``size`` when given.
+
+        A blob already present with the right size is not written again; its
+        modification time is refreshed so that ``gc``'s grace period protects it until
+        the caller names it. Returns the digest and size.
+        """
+        expected = Digest.parse(digest) if digest is not None else None
+        if expected is not None and self.has_blob(expected, size):
+            self._touch(expected)
+            return expected, os.path.getsize(self.blob_path(expected))
+        algorithm = expected.algorithm if expected is not None else algorithm
+        directory = os.path.join(self.root, "blobs", algorithm)
+        os.makedirs(directory, exist_ok=True)
+        prefix = (expected.hex if expected is not None else "blob") + _TEMP_MARK
+        fd, temp = tempfile.mkstemp(prefix=prefix, dir=directory)
+        try:
+            hasher = hashlib.new(algorithm)
+            written = 0
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    chunk = stream.read(COPY_BUFFER_SIZE)
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    written += len(chunk)
+                    if size is not None and size >= 0 and written > size:
+                        raise DigestMismatchError(
+                            f"blob {expected or 'content'} is longer than its declared "
+                            f"size {size}")
+                if size is not None and size >= 0 and written != size:
+                    raise DigestMismatchError(
+                        f"blob {expected or 'content'}: got {written} bytes, expected {size}")
+                actual = Digest(algorithm, hasher.hexdigest())
+                if expected is not None and actual != expected:
+                    raise DigestMismatchError(
+                        f"content does not match its digest: expected {expected}, got {actual}")
+                out.flush()
+                os.fchmod(out.fileno(), 0o644 & ~_UMASK)
+                os.fsync(out.fileno())
+            os.replace(temp, self.blob_path(actual))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_directory(directory)
+        return actual, written
+
+    def write_blob_bytes(self, data: bytes, digest: Optional[Union[str, Digest]] = None) -> Digest:
+        return self.write_blob(io.BytesIO(data), digest, len(data))[0]
+
+    def _touch(self, digest: Digest) -> None:
+        with contextlib.suppress(OSError):  # a shared cache may hold other users' blobs
+            os.utime(self.blob_path(digest))
+
+    def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
+        """Every file under ``blobs/``: (digest or None for temporary files, path, stat)."""
+        blobs = os.path.join(self.root, "blobs")
+        with contextlib.suppress(FileNotFoundError):
+            for algorithm in sorted(os.listdir(blobs)):
+                directory = os.path.join(blobs, algorithm)
+                if algorithm not in _DIGEST_HEX_LENGTHS or not os.path.isdir(directory):
+                    continue
+                for entry in os.scandir(directory):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        digest: Optional[Digest] = Digest(algorithm, entry.name)
+                    except InvalidDigestError:
+                        digest = None
+                    yield digest, entry.path, st
+
+    # -- index.json -------------------------------------------------------------------
+
+    def read_index(self) -> Index:
+        try:
+            with open(self.index_path, "rb") as f:
+                data = f.read(64 * MAX_MANIFEST_SIZE)
+        except FileNotFoundError:
+            raise CorruptCacheError(f"{self.index_path} is missing") from None
+        try:
+            return Index.from_json(data, what=self.index_path)
+        except OciCacheError as e:
+            raise CorruptCacheError(f"invalid image cache: {e}") from None
+
+    def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]]) -> None:
+        """Apply ``change`` to the root entries under the lock, then replace index.json."""
+        with self.lock():
+            index = self.read_index()
+            manifests = change(list(index.manifests))
+            new = dataclasses.replace(index, manifests=tuple(manifests),
+                                      media_type=index.media_type or MEDIA_OCI_INDEX)
+            data = json.dumps(new.to_json(), indent=_INDEX_INDENT, ensure_ascii=False)
+            _write_file_atomically(self.index_path, data.encode())
+
+    # -- reachability, gc, verify -----------------------------------------------------
+
+    def parse_blob(self, descriptor: Descriptor) -> Union[Index, Manifest, None]:
+        """The index or manifest a descriptor points at; None for other blobs."""
+        if descriptor.media_type and descriptor.media_type not in (
+                INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES):
+            return None
+        what = f"blob {descriptor.digest}"
+        obj = _load_json_object(self.read_blob(descriptor.digest), what)
+        media_type = obj.get("mediaType") or descriptor.media_type
+        if media_type in INDEX_MEDIA_TYPES or (not media_type and "manifests" in obj):
+            return Index.from_json(obj, what)
+        if media_type in IMAGE_MEDIA_TYPES or (not media_type and "config" in obj):
+            return Manifest.from_json(obj, what)
+        return None
+
+    def reachable(self, roots: Iterable[Descriptor]) -> "_Reachable":
+        """Digests reachable from ``roots`` (with the name that reaches each), and problems.
+
+        A missing root, or a present manifest whose config or layers are missing, is
+        ``missing``; a missing child of an index is not (pulls fetch one platform).
+        A blob that cannot be parsed as the manifest or index it should be is
+        ``unreadable``.
+        """
+        seen: Dict[Digest, str] = {}
+        missing: List[str] = []
+        unreadable: List[str] = []
+        stack = [(root, root.name or str(root.digest), True) for root in roots]
+        while stack:
+            descriptor, owner, required = stack.pop()
+            if descriptor.digest in seen:
+                continue
+            seen[descriptor.digest] = owner
+            if not self.has_blob(descriptor.digest):
+                if required and not _is_foreign(descriptor):
+                    missing.append(f"{descriptor.digest} (needed by {owner})")
+                continue
+            try:
+                parsed = self.parse_blob(descriptor)
+            except OciCacheError as e:
+                unreadable.append(f"{descriptor.digest} (needed by {owner}): {e}")
+                continue
+            if isinstance(parsed, Index):
+                stack.extend((child, owner, False) for child in parsed.manifests)
+            elif isinstance(parsed, Manifest):
+                stack.extend((blob, owner, True) for blob in parsed.blobs())
+                if parsed.subject is not None:
+                    stack.append((parsed.subject, owner, False))
+        return _Reachable(seen, tuple(missing), tuple(unreadable))
+
+    def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
+           dry_run: bool = False) -> GcReport:
+        """Delete blobs no name reaches, and stale temporary files, older than the grace."""
+        with self.deleting_blobs(), self.lock():
+            marked = self.reachable(self.read_index().manifests)
+            if marked.unreadable:
+                raise CorruptCacheError(
+                    f"gc stopped: cannot read {marked.unreadable[0]}; run 'ocicache verify'")
+            deadline = time.time() - grace_seconds
+            deleted: List[Tuple[str, int]] = []
+            young = 0
+            for digest, path, st in self.blob_files():
+                if digest is not None and digest in marked.digests:
+                    continue
+                if st.st_mtime > deadline:
+                    young += 1
+                    continue
+                deleted.append((str(digest) if digest else os.path.basename(path), st.st_size))
+                if not dry_run:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            return GcReport(tuple(deleted), young, len(marked.digests))
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every blob and check that every name reaches complete content."""
+        corrupt: List[str] = []
+        checked = 0
+        for digest, path, st in self.blob_files():
+            if digest is None:
+                if _TEMP_MARK not in os.path.basename(path):
+                    corrupt.append(f"{path}: not named by a valid digest")
+                continue
+            checked += 1
+            if not stat.S_ISREG(st.st_mode):
+                corrupt.append(f"{digest}: not a regular file")
+                continue
+            hasher = digest.hasher()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                    hasher.update(chunk)
+            if hasher.hexdigest() != digest.hex:
+                corrupt.append(f"{digest}: content hashes to {digest.algorithm}:"
+                               f"{hasher.hexdigest()}")
+        marked = self.reachable(self.read_index().manifests)
+        return VerifyReport(checked, tuple(corrupt), marked.missing + marked.unreadable)
+
+
+# =====================================================================================
+# Tar formats
+#
+# Reading image archives: an OCI layout tar (buildx ``type=oci``, skopeo
+# ``oci-archive:``), Docker 25+ ``docker save`` (OCI layout plus ``manifest.json``) and
+# classic ``docker save`` (``manifest.json`` plus per-layer directories), optionally
+# gzip-compressed as a whole. The stream is read once, in any entry order. Nothing in
+# an archive becomes a path on disk except a blob named by its verified digest, so
+# ``..``, absolute names and links can never write outside the cache.
+# =====================================================================================
+
+_ARCHIVE_METADATA = frozenset({"index.json", "manifest.json", "oci-layout", "repositories"})
+_SMALL_FILE_SIZE = 64 * 1024
+_SMALL_FILES_BUDGET = 16 * 1024 * 1024
+
+
+def _archive_path(name: str) -> str:
+    """An archive member name, normalised; hostile names raise InvalidArchiveError."""
+    if name.startswith("/"):
+        raise InvalidArchiveError(f"archive entry {_shorten(name)!r} has an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidArchiveError(f"archive entry {_shorten(name)!r} climbs out with '..'")
+    return "/".join(parts)
+
+
+def _link_target(member: tarfile.TarInfo, path: str) -> str:
+    """Where a link member points, as an archive path; links out raise."""
+    target = member.linkname
+    if member.issym():
+        if target.startswith("/"):
+            raise InvalidArchiveError(
+                f"archive entry {_shorten(path)!r} links to an absolute path")
+        parts = path.split("/")[:-1]
+    else:
+        parts = []
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise InvalidArchiveError(
+                    f"archive entry {_shorten(path)!r} links outside the archive")
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
+@dataclasses.dataclass
+class _ArchiveContents:
+    """What one pass over an archive found: metadata, stored files, small files, links.
+
+    Small files outside ``blobs/`` (a classic archive's config, ``VERSION`` and ``json``
+    files) wait in memory, within a budget, and become blobs only if a manifest needs
+    them, so loading leaves no unreferenced blobs behind.
+    """
+
+    layout: Layout
+    metadata: Dict[str, bytes] = dataclasses.field(default_factory=dict)
+    files: Dict[str, Tuple[Digest, int]] = dataclasses.field(default_factory=dict)
+    small: Dict[str, bytes] = dataclasses.field(default_factory=dict)
+    links: Dict[str, str] = dataclasses.field(default_factory=dict)
+    small_budget: int = _SMALL_FILES_BUDGET
+
+    def resolve(self, path: str) -> Tuple[Digest, int]:
+        """The content of a file path (stored as a blob now), following links."""
+        seen = set()
+        current = _archive_path(path)
+        while current in self.links:
+            if current in seen:
+                raise InvalidArchiveError(f"archive entry {path!r} is a link loop")
+            seen.add(current)
+            current = self.links[current]
+        if current in self.small:
+            data = self.small.pop(current)
+            self.files[current] = (self.layout.write_blob_bytes(data), len(data))
+        if current not in self.files:
+            raise InvalidArchiveError(f"archive refers to {path!r}, which it does not contain")
+        return self.files[current]
+
+
+class _PrefixedReader:
+    """A stream with some bytes, already read from it, put back in front."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+        self._head = head
+        self._stream = stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(n)
+        if n < 0:
+            data, self._head = self._head + self._stream.read(), b""
+            return data
+        data, self._head = self._head[:n], self._head[n:]
+        return data
+
+
+class _GunzipReader:
+    """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
+
+    tarfile's own gzip reading takes a truncated stream for a short one; this does not.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._in_member = False
+        self._pending = b""
+        self._buffer = bytearray()
+        self._finished = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._finished and (n < 0 or len(self._buffer) < n):
+            chunk, self._pending = self._pending or self._stream.read(COPY_BUFFER_SIZE), b""
+            if not chunk:
+                if self._in_member:
+                    raise InvalidArchiveError("truncated archive: the gzip stream ends early")
+                self._finished = True
+                break
+            if not self._in_member:
+                chunk = chunk.lstrip(b"\0")  # zero padding after a member is allowed
+                if not chunk:
+                    continue
+                self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._in_member = True
+            try:
+                self._buffer += self._decompressor.decompress(chunk)
+            except zlib.error as e:
+                raise InvalidArchiveError(f"corrupt gzip stream: {e}") from None
+            if self._decompressor.eof:
+                self._in_member = False
+                self._pending = self._decompressor.unused_data
+        if n < 0:
+            n = len(self._buffer)
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+
+def _decompressed(stream: IO[bytes]) -> IO[bytes]:
+    """The archive stream, gunzipped when it is gzip; other streams pass unchanged."""
+    head = stream.read(2)
+    rest: IO[bytes] = _PrefixedReader(head, stream)  # type: ignore[assignment]
+    return _GunzipReader(rest) if head == b"\x1f\x8b" else rest  # type: ignore[return-value]
+
+
+def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
+    """Read an archive once, storing its blobs (verified) and keeping small files."""
+    contents = _ArchiveContents(layout)
+    try:
+        with tarfile.open(fileobj=_decompressed(stream), mode="r|*") as archive:
+            for member in archive:
+                path = _archive_path(member.name)
+                if member.isdir() or not path:
+                    continue
+                if member.issym() or member.islnk():
+                    contents.links[path] = _link_target(member, path)
+                    continue
+                if not member.isreg():
+                    raise InvalidArchiveError(
+                        f"archive entry {_shorten(path)!r} is not a regular file")
+                if member.size < 0:
+                    raise InvalidArchiveError(f"archive entry {_shorten(path)!r} has a bad size")
+                data = archive.extractfile(member)
+                assert data is not None  # regular files always have data
+                if path in _ARCHIVE_METADATA:
+                    if path in contents.metadata:
+                        raise InvalidArchiveError(f"archive holds {path} twice")
+                    if member.size > MAX_MANIFEST_SIZE:
+                        raise InvalidArchiveError(
+                            f"archive entry {path} is {member.size} bytes; "
+                            f"the limit is {MAX_MANIFEST_SIZE}")
+                    contents.metadata[path] = data.read()
+                    continue
+                expected = _blob_path_digest(path)
+                contents.small.pop(path, None)
+                contents.files.pop(path, None)  # a later entry of the same name wins
+                if expected is None and member.size <= min(_SMALL_FILE_SIZE,
+                                                           contents.small_budget):
+                    contents.small[path] = data.read()
+                    contents.small_budget -= member.size
+                    continue
+                try:
+                    contents.files[path] = layout.write_blob(data, expected, member.size)
+                except DigestMismatchError as e:
+                    raise DigestMismatchError(f"archive entry {_shorten(path)}: {e}") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
+                                                  errno.EROFS):
+            raise OciCacheError(f"cannot write to the cache {layout.root}: "
+                                f"{e.strerror}") from None
+        raise InvalidArchiveError(f"unreadable or truncated archive: {e}") from None
+    return contents
+
+
+def _blob_path_digest(path: str) -> Optional[Digest]:
+    """The digest a ``blobs/<alg>/<hex>`` entry claims; None for paths outside blobs/."""
+    parts = path.split("/")
+    if parts[0] != "blobs":
+        return None
+    if len(parts) != 3:
+        raise InvalidArchiveError(f"archive entry {_shorten(path)!r} is not blobs/<alg>/<hex>")
+    try:
+        return Digest(parts[1], parts[2])
+    except InvalidDigestError as e:
+        raise InvalidArchiveError(
+            f"archive entry {_shorten(path)!r} is not named by a valid digest: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadedImage:
+    """A root found in an archive: its descriptor and the names it should get."""
+
+    descriptor: Descriptor
+    names: Tuple[str, ...]
+
+
+def _archive_json(contents: _ArchiveContents, name: str) -> Any:
+    try:
+        return json.loads(contents.metadata[name])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidArchiveError(f"archive's {name} is not valid JSON: {e}") from None
+
+
+def _canonical_names(values: Iterable[str], source: str) -> Tuple[str, ...]:
+    names = []
+    for value in values:
+        try:
+            name = str(Reference.parse(value))
+        except InvalidReferenceError as e:
+            raise InvalidArchiveError(f"archive's {source} names an invalid image: {e}") from None
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def _repo_tags_by_config(contents: _ArchiveContents) -> Dict[Digest, List[str]]:
+    """manifest.json's RepoTags keyed by the digest of the config each entry names."""
+    if "manifest.json" not in contents.metadata:
+        return {}
+    entries = _archive_json(contents, "manifest.json")
+    if not isinstance(entries, list):
+        raise InvalidArchiveError("archive's manifest.json is not a JSON array")
+    tags: Dict[Digest, List[str]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
+            raise InvalidArchiveError("archive's manifest.json has an entry without Config")
+        repo_tags = entry.get("RepoTags") or []
+        if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
+            raise InvalidArchiveError("archive's manifest.json has a bad RepoTags list")
+        digest, _ = contents.resolve(entry["Config"])
+        tags.setdefault(digest, []).extend(repo_tags)
+    return tags
+
+
+def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_LoadedImage]:
+    """Roots of an OCI layout archive (buildx, skopeo, Docker 25+), with their names."""
+    try:
+        index = Index.from_json(contents.metadata["index.json"], what="archive's index.json")
+    except OciCacheError as e:
+        raise InvalidArchiveError(str(e)) from None
+    repo_tags = _repo_tags_by_config(contents)
+    images = []
+    for root in index.manifests:
+        _check_archive_root(root, contents, layout)
+        containerd_name = root.annotations.get(ANNOTATION_CONTAINERD_NAME, "")
+        ref_name = root.annotations.get(ANNOTATION_REF_NAME, "")
+        if containerd_name:
+            names = _canonical_names([containerd_name], "index.json")
+        elif any(c in ref_name for c in "/:@"):  # a full reference, not a bare tag
+            names = _canonical_names([ref_name], "index.json")
+        elif root.media_type in IMAGE_MEDIA_TYPES and repo_tags:
+            config = Manifest.from_json(layout.read_blob(root.digest)).config.digest
+            names = _canonical_names(repo_tags.get(config, []), "manifest.json")
+        else:
+            names = ()
+        images.append(_LoadedImage(root, names))
+    return images
+
+
+def _check_archive_root(root: Descriptor, contents: _ArchiveContents, layout: Layout) -> None:
+    """A root must be in the archive with its size; its manifests must be complete."""
+    stored = {d for d, _ in contents.files.values()}
+    if root.digest not in stored:
+        raise InvalidArchiveError(f"archive's index.json names {root.digest}, "
+                                  "which the archive does not contain")
+    size = os.path.getsize(layout.blob_path(root.digest))
+    if size != root.size:
+        raise InvalidArchiveError(f"archive's index.json gives {root.digest} size "
+                                  f"{root.size}, but the blob has {size} bytes")
+    marked = layout.reachable([root])
+    if marked.unreadable:
+        raise InvalidArchiveError(f"archive holds an invalid manifest: {marked.unreadable[0]}")
+    if marked.missing:
+        raise InvalidArchiveError(f"archive is incomplete: it lacks {marked.missing[0]}")
+
+
+def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_LoadedImage]:
+    """Roots of a classic ``docker save`` archive: an OCI manifest is made for each entry."""
+    entries = _archive_json(contents, "manifest.json")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArchiveError("archive's manifest.json is not a non-empty JSON array")
+    images = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
+                not isinstance(entry.get("Layers"), list):
+            raise InvalidArchiveError("archive's manifest.json entry needs Config and Layers")
+        config_digest, config_size = contents.resolve(entry["Config"])
+        config = _load_json_object(layout.read_blob(config_digest), "image config")
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        if len(diff_ids) != len(entry["Layers"]):
+            raise InvalidArchiveError(
+                f"archive's manifest.json lists {len(entry['Layers'])} layers, but the "
+                f"config has {len(diff_ids)} diff_ids")
+        layers = [_docker_archive_layer(contents, layout, path, diff_id)
+                  for path, diff_id in zip(entry["Layers"], diff_ids)]
+        manifest = Manifest(MEDIA_OCI_MANIFEST,
+                            Descriptor(MEDIA_OCI_CONFIG, config_digest, config_size), layers)
+        data = manifest.to_bytes()
+        digest = layout.write_blob_bytes(data)
+        repo_tags = entry.get("RepoTags") or []
+        if not isinstance(repo_tags, list):
+            raise InvalidArchiveError("archive's manifest.json has a bad RepoTags list")
+        images.append(_LoadedImage(Descriptor(MEDIA_OCI_MANIFEST, digest, len(data)),
+                                   _canonical_names(repo_tags, "manifest.json")))
+    return images
+
+
+def _docker_archive_layer(contents: _ArchiveContents, layout: Layout, path: Any,
+                          diff_id: Any) -> Descriptor:
+    """A classic archive's layer file, checked against the config's diff_id."""
+    if not isinstance(path, str):
+        raise InvalidArchiveError("archive's manifest.json has a layer that is not a path")
+    digest, size = contents.resolve(path)
+    if str(digest) == diff_id:
+        return Descriptor(MEDIA_OCI_LAYER, digest, size)
+    with layout.open_blob(digest) as f:
+        magic = f.read(2)
+        f.seek(0)
+        if magic != b"\x1f\x8b":
+            raise DigestMismatchError(
+                f"archive layer {path} hashes to {digest}, but the config says {diff_id}")
+        uncompressed = _gzip_content_digest(f)
+    if str(uncompressed) != diff_id:
+        raise DigestMismatchError(f"archive layer {path} uncompresses to {uncompressed}, "
+                                  f"but the config says {diff_id}")
+    return Descriptor(MEDIA_OCI_LAYER_GZIP, digest, size)
+
+
+def _gzip_content_digest(stream: IO[bytes]) -> Digest:
+    hasher = hashlib.sha256()
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        for chunk in iter(lambda: stream.read(COPY_BUFFER_SIZE), b""):
+            hasher.update(decompressor.decompress(chunk))
+            while decompressor.eof and decompressor.unused_data:
+                rest = decompressor.unused_data  # concatenated gzip members
+                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                hasher.update(decompressor.decompress(rest))
+        hasher.update(decompressor.flush())
+    except zlib.error as e:
+        raise InvalidArchiveError(f"corrupt gzip layer: {e}") from None
+    return Digest("sha256", hasher.hexdigest())
+
+
+def _load_archive(stream: IO[bytes], layout: Layout) -> List[_LoadedImage]:
+    """Store an archive's blobs (verified) and return its roots; names are not written."""
+    contents = _read_archive(stream, layout)
+    if "index.json" in contents.metadata:
+        return _oci_archive_images(contents, layout)
+    if "manifest.json" in contents.metadata:
+        return _docker_archive_images(contents, layout)
+    raise InvalidArchiveError(
+        "not an image archive: it has neither index.json nor manifest.json")
+
+
+# =====================================================================================
+# Interfaces
+#
+# linuxkit's ``spec`` package in Python spelling. ``Provider`` implements
+# ``CacheProvider``; every method takes a reference as ``str`` or ``Reference`` and a
+# digest as ``str`` or ``Digest``.
+# =====================================================================================
+
+RefLike = Union[str, Reference]
+DigestLike = Union[str, Digest]
+DescriptorLike = Union[Descriptor, Mapping[str, Any]]
+
+PackageResolver = Callable[[str], str]
+"""Maps ``@pkg:<path>`` to a canonical image tag; returns other strings unchanged."""
+
+
+class ImageSource(abc.ABC):
+    """One image in the cache, read lazily."""
+
+    @abc.abstractmethod
+    def config(self) -> Dict[str, Any]:
+        """The ``config`` object of the image's OCI config (Env, Cmd, Entrypoint, ...)."""
+
+    @abc.abstractmethod
+    def tar_reader(self) -> BinaryIO:
+        """The flattened root filesystem as a tar stream."""
+
+    @abc.abstractmethod
+    def descriptor(self) -> Optional[Descriptor]:
+        """The descriptor this source was made with."""
+
+    @abc.abstractmethod
+    def v1_tar_reader(self, override_name: str = "") -> BinaryIO:
+        """The image as a ``docker load`` tarball."""
+
+    @abc.abstractmethod
+    def oci_tar_reader(self, override_name: str = "") -> BinaryIO:
+        """The image as an OCI layout tarball."""
+
+    @abc.abstractmethod
+    def sboms(self) -> List[BinaryIO]:
+        """The SPDX documents attached to this platform's image, if any."""
+
+
+class CacheProvider(abc.ABC):
+    """An image cache: linuxkit's ``CacheProvider``."""
+
+    @abc.abstractmethod
+    def find_descriptor(self, ref: RefLike) -> Optional[Descriptor]: ...
+
+    @abc.abstractmethod
+    def image_pull(self, ref: RefLike, trusted_ref: str = "", architecture: str = "",
+                   always_pull: bool = False) -> ImageSource: ...
+
+    @abc.abstractmethod
+    def image_in_cache(self, ref: RefLike, trusted_ref: str = "",
+                       architecture: str = "") -> bool: ...
+
+    @abc.abstractmethod
+    def image_in_registry(self, ref: RefLike, trusted_ref: str = "",
+                          architecture: str = "") -> bool: ...
+
+    @abc.abstractmethod
+    def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource: ...
+
+    @abc.abstractmethod
+    def image_load(self, stream: IO[bytes]) -> List[Descriptor]: ...
+
+    @abc.abstractmethod
+    def descriptor_write(self, ref: RefLike, descriptor: DescriptorLike) -> ImageSource: ...
+
+    @abc.abstractmethod
+    def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
+             override: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    def new_source(self, ref: RefLike, architecture: str = "",
+                   descriptor: Optional[Descriptor] = None) -> ImageSource: ...
+
+    @abc.abstractmethod
+    def get_content(self, digest: DigestLike) -> BinaryIO: ...
+
+    @abc.abstractmethod
+    def store(self) -> "ContentStore": ...
+
+
+# =====================================================================================
+# Provider and sources
+#
+# The glue: names and platforms resolved against the Layout, archives loaded through
+# the tar readers, and the content store linuxkit hands to BuildKit.
+# =====================================================================================
+
+def default_cache_dir() -> str:
+    """``$OCICACHE_DIR``, else ``${XDG_CACHE_HOME:-~/.cache}/ocicache``."""
+    explicit = os.environ.get("OCICACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ocicache")
+
+
+def _as_descriptor(value: DescriptorLike) -> Descriptor:
+    return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
+
+
+def _names_match(stored: str, wanted: Reference) -> bool:
+    """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
+    if not stored:
+        return False
+    try:
+        ref = Reference.parse(stored, default_tag="")
+    except InvalidReferenceError:
+        return False
+    if ref == wanted:
+        return True
+    return (not ref.tag and ref.digest is None and wanted.tag == "latest"
+            and wanted.digest is None and ref.name == wanted.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentInfo:
+    """A blob in the content store."""
+
+    digest: Digest
+    size: int
+    updated: float
+
+
+class ContentStore:
+    """The cache's blobs as a content store: info, open, verified write, walk, delete.
+
+    It never touches ``index.json``; blobs written here are unnamed until a name is
+    written for them, and ``gc`` deletes them after its grace period if none is.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+
+    def info(self, digest: DigestLike) -> ContentInfo:
+        d = Digest.parse(digest)
+        try:
+            st = os.stat(self._layout.blob_path(d))
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+        return ContentInfo(d, st.st_size, st.st_mtime)
+
+    def open(self, digest: DigestLike) -> BinaryIO:
+        return self._layout.open_blob(digest)
+
+    def write(self, digest: DigestLike, stream: IO[bytes], size: Optional[int] = None) -> ContentInfo:
+        d, _ = self._layout.write_blob(stream, Digest.parse(digest), size)
+        return self.info(d)
+
+    def walk(self) -> Iterator[ContentInfo]:
+        for digest, _, st in self._layout.blob_files():
+            if digest is not None:
+                yield ContentInfo(digest, st.st_size, st.st_mtime)
+
+    def delete(self, digest: DigestLike) -> None:
+        """Delete a blob that no name reaches; a blob in use is refused."""
+        d = Digest.parse(digest)
+        with self._layout.deleting_blobs(), self._layout.lock():
+            users = self._layout.reachable(self._layout.read_index().manifests).digests
+            if d in users:
+                raise OciCacheError(f"blob {d} is used by {users[d]}; remove that name first")
+            try:
+                os.unlink(self._layout.blob_path(d))
+            except FileNotFoundError:
+                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSummary:
+    """One named image, as ``ls`` shows it."""
+
+    name: str
+    descriptor: Descriptor
+    platforms: Tuple[str, ...]   # platforms whose image is complete in the cache
+    size: int                    # bytes on disk of every blob the name reaches
+
+
+class Provider(CacheProvider):
+    """The cache in ``directory`` (default: ``default_cache_dir()``)."""
+
+    def __init__(self, directory: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
+        self.layout = Layout(directory if directory is not None else default_cache_dir())
+
+    @property
+    def root(self) -> str:
+        return self.layout.root
+
+    # -- names ------------------------------------------------------------------------
+
+    def find_descriptor(self, ref: RefLike) -> Optional[Descriptor]:
+        """The root entry for ``ref``: by digest if it has one, else by name; or None."""
+        wanted = Reference.parse(ref)
+        entries = self.layout.read_index().manifests
+        if wanted.digest is not None:
+            return next((e for e in entries if e.digest == wanted.digest), None)
+        return next((e for e in entries if _names_match(e.name, wanted)), None)
+
+    def _find_named(self, ref: RefLike) -> Descriptor:
+        wanted = Reference.parse(ref)
+        entries = self.layout.read_index().manifests
+        for entry in entries:
+            if _names_match(entry.name, wanted):
+                return entry
+        if wanted.digest is not None:
+            for entry in entries:
+                if entry.digest == wanted.digest:
+                    return entry
+        raise NotFoundError(f"no image named {wanted} in the cache {self.root}")
+
+    def names(self) -> List[Descriptor]:
+        """Every named root entry, in index order."""
+        return [e for e in self.layout.read_index().manifests if e.name]
+
+    def descriptor_write(self, ref: RefLike, descriptor: DescriptorLike) -> ImageSource:
+        """Name ``descriptor`` (whose blob must be in the cache), replacing that name."""
+        name = str(Reference.parse(ref))
+        named = _as_descriptor(descriptor).named(name)
+        self._write_names([(name, named)])
+        return self.new_source(name, "", named)
+
+    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> None:
+        """One index update naming every entry; refuses if any needs a missing blob."""
+        with self.layout.lock():
+            marked = self.layout.reachable([d for _, d in entries])
+            problems = marked.missing + marked.unreadable
+            if problems:
+                raise NotFoundError(f"cannot name {entries[0][0]}: blob {problems[0]} "
+                                    f"is not in the cache {self.root}")
+            wanted = [Reference.parse(name) for name, _ in entries]
+
+            def change(manifests: List[Descriptor]) -> List[Descriptor]:
+                kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
+                return kept + [d for _, d in entries]
+
+            self.layout.update_index(change)
+
+    def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
+        """Create, or merge into, the multi-platform index named ``ref``."""
+        name = str(Reference.parse(ref))
+        incoming = [_as_descriptor(d) for d in descriptors]
+        if not incoming:
+            raise OciCacheError(f"cannot create index {name} without any manifests")
+        for descriptor in incoming:
+            if not self.layout.has_blob(descriptor.digest, descriptor.size):
+                raise NotFoundError(f"cannot write index {name}: {descriptor.digest} is not "
+                                    f"in the cache {self.root}")
+        with self.layout.adding_blobs(), self.layout.lock():
+            existing = self.find_descriptor(name)
+            if existing is not None and not existing.is_index:
+                raise OciCacheError(f"image named {name} already exists in cache and is not "
+                                    "an index")
+            if existing is None:
+                index = Index(MEDIA_OCI_INDEX, tuple(incoming))
+            else:
+                index = merge_index(Index.from_json(self.layout.read_blob(existing.digest)),
+                                    incoming)
+            data = index.to_bytes()
+            digest = self.layout.write_blob_bytes(data)
+            return self.descriptor_write(name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)))
+
+    def image_load(self, stream: IO[bytes]) -> List[Descriptor]:
+        """Load a tar stream (OCI layout, Docker 25+ or classic ``docker save``).
+
+        Every blob is verified; names are written in one index update at the end, so a
+        failure leaves no name behind. Returns the root descriptors, one per name
+        (unnamed roots are returned without a name and are not added to the index).
+        """
+        with self.layout.adding_blobs():
+            images = _load_archive(stream, self.layout)
+            named = [(name, image.descriptor.named(name))
+                     for image in images for name in image.names]
+            if named:
+                self._write_names(named)
+        unnamed = [i.descriptor.with_annotations(ref_name=None, containerd_name=None)
+                   for i in images if not i.names]
+        return [d for _, d in named] + unnamed
+
+    def remove(self, *refs: RefLike) -> List[Digest]:
+        """Remove names, and the blobs no other name reaches; returns those blobs.
+
+        Every name must exist, or nothing is removed.
+        """
+        wanted = [Reference.parse(ref) for ref in refs]
+        with self.layout.deleting_blobs(), self.layout.lock():
+            entries = self.layout.read_index().manifests
+            for ref in wanted:
+                if not any(_names_match(e.name, ref) for e in entries):
+                    raise NotFoundError(f"no image named {ref} in the cache {self.root}")
+            removed = [e for e in entries if any(_names_match(e.name, w) for w in wanted)]
+            remaining = [e for e in entries if e not in removed]
+            self.layout.update_index(lambda _: remaining)
+            before = self.layout.reachable(removed).digests
+            after = self.layout.reachable(remaining).digests
+            deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
+            for digest in deleted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.layout.blob_path(digest))
+            return deleted
+
+    def clean(self) -> int:
+        """Remove every name and blob; returns the number of blobs deleted."""
+        with self.layout.deleting_blobs(), self.layout.lock():
+            self.layout.update_index(lambda _: [])
+            count = 0
+            for digest, path, _ in self.layout.blob_files():
+                if digest is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        count += 1
+            return count
+
+    def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
+           dry_run: bool = False) -> GcReport:
+        return self.layout.gc(grace_seconds, dry_run)
+
+    def verify(self) -> VerifyReport:
+        return self.layout.verify()
+
+    # -- images -----------------------------------------------------------------------
+
+    def resolve(self, ref: RefLike, architecture: str = "") -> Tuple[Descriptor, Descriptor]:
+        """The root entry of ``ref`` and its image manifest for the platform."""
+        root = self._find_named(ref)
+        if not root.is_index:
+            if architecture:
+                self._check_platform(root, Platform.parse(architecture))
+            return root, root
+        index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
+        wanted = Platform.parse(architecture)
+        child = select_platform(index.manifests, wanted)
+        if child is None:
+            have = ", ".join(str(c.platform) for c in index.manifests
+                             if c.platform is not None and not c.is_attestation) or "none"
+            raise PlatformNotFoundError(
+                f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
+        return root, child
+
+    def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
+        """A single-manifest image serves only the platform its config declares."""
+        config = _load_json_object(self.layout.read_blob(self.manifest(root).config.digest),
+                                   f"config of {root.name}")
+        declared = dataclasses.replace(root, platform=Platform.from_json(config))
+        if select_platform([declared], wanted) is None:
+            raise PlatformNotFoundError(
+                f"image {root.name} has no {wanted}; it is {declared.platform}")
+
+    def manifest(self, descriptor: Descriptor) -> Manifest:
+        return Manifest.from_json(self.layout.read_blob(descriptor.digest),
+                                  what=f"manifest {descriptor.digest}")
+
+    def image_in_cache(self, ref: RefLike, trusted_ref: str = "",
+                       architecture: str = "") -> bool:
+        """True when the image for the platform is complete in the cache (no network)."""
+        try:
+            _, image = self.resolve(ref, str(Platform.parse(architecture)))
+            manifest = self.manifest(image)
+        except (NotFoundError, CorruptCacheError):
+            return False
+        return all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
+                   if not _is_foreign(b))
+
+    def summaries(self) -> List[ImageSummary]:
+        """Every name with the platforms complete in the cache and its size on disk."""
+        out = []
+        for entry in self.names():
+            reachable = self.layout.reachable([entry]).digests
+            size = sum(os.path.getsize(self.layout.blob_path(d)) for d in reachable
+                       if self.layout.has_blob(d))
+            out.append(ImageSummary(entry.name, entry, tuple(self._platforms(entry)), size))
+        return out
+
+    def _platforms(self, root: Descriptor) -> List[str]:
+        try:
+            if root.is_index:
+                index = Index.from_json(self.layout.read_blob(root.digest))
+                images = [c for c in index.manifests
+                          if c.platform is not None and not c.is_attestation]
+            else:
+                config = _load_json_object(
+                    self.layout.read_blob(self.manifest(root).config.digest), "config")
+                images = [dataclasses.replace(root, platform=Platform.from_json(config))]
+        except OciCacheError:
+            return []
+        complete = []
+        for child in images:
+            try:
+                manifest = self.manifest(child)
+            except OciCacheError:
+                continue
+            if all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
+                   if not _is_foreign(b)):
+                complete.append(str(child.platform))
+        return complete
+
+    def new_source(self, ref: RefLike, architecture: str = "",
+                   descriptor: Optional[Descriptor] = None) -> ImageSource:
+        """An ImageSource for ``ref``; nothing is read until a method is called."""
+        return _CacheSource(self, Reference.parse(ref), architecture, descriptor)
+
+    def get_content(self, digest: DigestLike) -> BinaryIO:
+        """The blob's bytes as stored (the caller verifies them if it needs to)."""
+        return self.layout.open_blob(digest)
+
+    def store(self) -> ContentStore:
+        return ContentStore(self.layout)
+
+    # -- registry (the client comes in a later version) --------------------------------
+
+    def image_pull(self, ref: RefLike, trusted_ref: str = "", architecture: str = "",
+                   always_pull: bool = False) -> ImageSource:
+        raise OciCacheError("pulling from registries is not implemented yet")
+
+    def image_in_registry(self, ref: RefLike, trusted_ref: str = "",
+                          architecture: str = "") -> bool:
+        raise OciCacheError("registry access is not implemented yet")
+
+    def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
+             override: bool = False) -> None:
+        raise OciCacheError("pushing to registries is not implemented yet")
+
+
+class _CacheSource(ImageSource):
+    """An image in a Provider, resolved by name and platform each time it is read."""
+
+    def __init__(self, provider: Provider, ref: Reference, architecture: str,
+                 descriptor: Optional[Descriptor]) -> None:
+        self._provider = provider
+        self._ref = ref
+        self._architecture = architecture
+        self._descriptor = descriptor
+
+    def descriptor(self) -> Optional[Descriptor]:
+        return self._descriptor
+
+    def config(self) -> Dict[str, Any]:
+        _, image = self._provider.resolve(self._ref, self._architecture)
+        manifest = self._provider.manifest(image)
+        config = _load_json_object(self._provider.layout.read_blob(manifest.config.digest),
+                                   f"config of {self._ref}")
+        inner = config.get("config") or {}
+        return dict(inner) if isinstance(inner, dict) else {}
+
+    def tar_reader(self) -> BinaryIO:
+        raise OciCacheError("filesystem export is not implemented yet")
+
+    def v1_tar_reader(self, override_name: str = "") -> BinaryIO:
+        raise OciCacheError("docker tar export is not implemented yet")
+
+    def oci_tar_reader(self, override_name: str = "") -> BinaryIO:
+        raise OciCacheError("OCI tar export is not implemented yet")
+
+    def sboms(self) -> List[BinaryIO]:
+        raise OciCacheError("SBOM export is not implemented yet")
+
+
+# =====================================================================================
+# Command line
+#
+# ``python3 ocicache.py [global flags] COMMAND ...``. Errors are one line on stderr,
+# ``ocicache: error: ...``, with exit status 1 (2 for usage). ``--json`` output is
+# stable for scripts. Progress goes to stderr, and only on a terminal.
+# =====================================================================================
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), as every other error."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"ocicache: error: {message} (see '{self.prog} --help')\n")
+
+
+class _ProgressReader:
+    """Counts bytes read through it and redraws one status line on a terminal."""
+
+    def __init__(self, stream: IO[bytes], label: str, total: int, out: IO[str]) -> None:
+        self._stream = stream
+        self._label = label
+        self._total = total
+        self._out = out
+        self._done = 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self._done += len(data)
+        now = time.monotonic()
+        if now - self._drawn >= 0.2 or not data:
+            self._drawn = now
+            rate = self._done / max(now - self._started, 1e-6)
+            total = f" / {_human_size(self._total)}" if self._total else ""
+            self._out.write(f"\r{self._label}: {_human_size(self._done)}{total} "
+                            f"({_human_size(int(rate))}/s)\x1b[K")
+            self._out.flush()
+        return data
+
+    def finish(self) -> None:
+        self._out.write("\r\x1b[K")
+        self._out.flush()
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {value!r}") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"seconds must be 0 or more, not {value}")
+    return seconds
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ocicache",
+        description="An OCI image cache: import, list, inspect and clean images in a local "
+                    "OCI image layout (the same layout linuxkit uses).",
+        epilog="Names are canonicalised: 'alpine' means docker.io/library/alpine:latest. "
+               "Run 'ocicache COMMAND --help' for a command's options.")
+    parser.add_argument("--cache", metavar="DIR", default=None,
+                        help="cache directory (default: $OCICACHE_DIR, else "
+                             "${XDG_CACHE_HOME:-~/.cache}/ocicache)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    noise.add_argument("-v", "--verbose", action="store_true", help="print more detail")
+    parser.add_argument("--version", action="version", version=f"ocicache {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    p = commands.add_parser("ls", help="list the named images",
+                            description="List every named image: name, root digest, the "
+                                        "platforms complete in the cache, and size on disk.")
+    p.add_argument("--json", action="store_true", help="print a JSON array (stable for scripts)")
+    p.set_defaults(run=_cmd_ls)
+
+    p = commands.add_parser("inspect", help="print an image's manifest or config",
+                            description="Print the root index or manifest of NAME as JSON; "
+                                        "with --platform, that platform's manifest; with "
+                                        "--config, its image config.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--platform", metavar="P", default=None,
+                   help="os/arch[/variant], e.g. linux/arm64 (default for --config: the host)")
+    p.add_argument("--config", action="store_true", help="print the image config instead")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = commands.add_parser("import", help="load an image archive",
+                            description="Load a tar archive into the cache: an OCI layout "
+                                        "(docker buildx --output type=oci, skopeo "
+                                        "oci-archive:), or a docker save tar (any Docker "
+                                        "version), optionally gzip-compressed. '-' reads "
+                                        "standard input. Prints the names loaded.")
+    p.add_argument("file", metavar="FILE|-")
+    p.set_defaults(run=_cmd_import)
+
+    p = commands.add_parser("rm", help="remove names and the blobs only they use",
+                            description="Remove each NAME; blobs that another name still "
+                                        "uses are kept. Every NAME must exist, or nothing "
+                                        "is removed.")
+    p.add_argument("names", metavar="NAME", nargs="+")
+    p.set_defaults(run=_cmd_rm)
+
+    p = commands.add_parser("clean", help="remove every name and blob",
+                            description="Empty the cache: every name and every blob.")
+    p.set_defaults(run=_cmd_clean)
+
+    p = commands.add_parser("gc", help="delete blobs no name uses",
+                            description="Delete blobs that no name reaches and stale "
+                                        "temporary files, except those younger than the "
+                                        "grace period (a concurrent pull may not have "
+                                        "named them yet).")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--grace", metavar="SECONDS", type=_seconds, default=DEFAULT_GC_GRACE_SECONDS,
+                   help=f"keep blobs younger than this (default {DEFAULT_GC_GRACE_SECONDS:.0f})")
+    p.set_defaults(run=_cmd_gc)
+
+    p = commands.add_parser("verify", help="re-hash every blob and check every name",
+                            description="Re-hash every blob and check that every name "
+                                        "reaches complete content. Exits 1 if anything is "
+                                        "corrupt or missing.")
+    p.set_defaults(run=_cmd_verify)
+    return parser
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message)
+
+
+def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
+    summaries = provider.summaries()
+    if args.json:
+        json.dump([{"name": s.name, "digest": str(s.descriptor.digest),
+                    "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
+                    "size": s.size} for s in summaries], sys.stdout, indent=2)
+        print()
+        return 0
+    rows = [(s.name, str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
+             _human_size(s.size)) for s in summaries]
+    header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    return 0
+
+
+def _cmd_inspect(provider: Provider, args: argparse.Namespace) -> int:
+    if args.platform is None and not args.config:
+        descriptor = provider.resolve(args.name)[0]
+    else:
+        descriptor = provider.resolve(args.name, args.platform or "")[1]
+    data = provider.layout.read_blob(descriptor.digest)
+    if args.config:
+        data = provider.layout.read_blob(provider.manifest(descriptor).config.digest)
+    json.dump(json.loads(data), sys.stdout, indent=2, ensure_ascii=False)
+    print()
+    return 0
+
+
+def _cmd_import(provider: Provider, args: argparse.Namespace) -> int:
+    show = not args.quiet and sys.stderr.isatty()
+    with contextlib.ExitStack() as stack:
+        if args.file == "-":
+            raw: IO[bytes] = sys.stdin.buffer
+            total = 0
+        else:
+            raw = stack.enter_context(open(args.file, "rb"))
+            total = os.fstat(raw.fileno()).st_size
+        stream: Any = _ProgressReader(raw, f"importing {args.file}", total, sys.stderr) \
+            if show else raw
+        try:
+            loaded = provider.image_load(stream)
+        finally:
+            if show:
+                stream.finish()
+    for descriptor in loaded:
+        if descriptor.name:
+            _say(args, f"{descriptor.name} {descriptor.digest}")
+        else:
+            print(f"ocicache: warning: the archive does not name {descriptor.digest}; "
+                  "nothing was named (use a tar with io.containerd.image.name or RepoTags)",
+                  file=sys.stderr)
+    return 0
+
+
+def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
+    deleted = provider.remove(*args.names)
+    for name in dict.fromkeys(canonical_name(n) for n in args.names):
+        _say(args, f"removed {name}")
+    _say(args, f"{len(deleted)} blobs deleted")
+    return 0
+
+
+def _cmd_clean(provider: Provider, args: argparse.Namespace) -> int:
+    count = provider.clean()
+    _say(args, f"cache {provider.root} emptied ({count} blobs deleted)")
+    return 0
+
+
+def _cmd_gc(provider: Provider, args: argparse.Namespace) -> int:
+    report = provider.gc(args.grace, args.dry_run)
+    if args.verbose:
+        for name, size in report.deleted:
+            print(f"{'would delete' if args.dry_run else 'deleted'} {name} ({size} bytes)")
+    verb = "would free" if args.dry_run else "freed"
+    _say(args, f"{verb} {_human_size(report.freed_bytes)} in {len(report.deleted)} files; "
+               f"{report.kept_young} unused blobs kept inside the grace period")
+    return 0
+
+
+def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
+    report = provider.verify()
+    for problem in report.corrupt:
+        print(f"corrupt: {problem}")
+    for problem in report.missing:
+        print(f"missing: {problem}")
+    if report.ok:
+        _say(args, f"ok: {report.checked} blobs verified")
+        return 0
+    print(f"ocicache: error: {len(report.corrupt)} corrupt and {len(report.missing)} missing "
+          f"blobs in {provider.root}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    try:
+        provider = Provider(args.cache)
+        return int(args.run(provider, args))
+    except OciCacheError as e:
+        message = str(e)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            return 1
+        where = f": {e.filename}" if e.filename else ""
+        message = f"{e.strerror or e}{where}"
+    except KeyboardInterrupt:
+        message = "interrupted"
+    print(f"ocicache: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
