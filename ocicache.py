@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -159,8 +160,12 @@ ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 ANNOTATION_REFERENCE_TYPE = "vnd.docker.reference.type"
 ANNOTATION_REFERENCE_DIGEST = "vnd.docker.reference.digest"
+ANNOTATION_PREDICATE_TYPE = "in-toto.io/predicate-type"
+SPDX_PREDICATE_TYPE = "https://spdx.dev/Document"
+ALL_PLATFORMS = "all"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 DEFAULT_GC_GRACE_SECONDS = 3600.0
 _TEMP_MARK = ".tmp-"
@@ -1302,17 +1307,29 @@ class _GunzipReader:
                 self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self._in_member = True
             try:
-                self._buffer += self._decompressor.decompress(chunk)
+                # Bounded output per call: a small input may expand enormously.
+                self._buffer += self._decompressor.decompress(chunk, COPY_BUFFER_SIZE)
             except zlib.error as e:
                 raise InvalidArchiveError(f"corrupt gzip stream: {e}") from None
             if self._decompressor.eof:
                 self._in_member = False
                 self._pending = self._decompressor.unused_data
+            else:
+                self._pending = self._decompressor.unconsumed_tail
         if n < 0:
             n = len(self._buffer)
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "_GunzipReader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 def _decompressed(stream: IO[bytes]) -> IO[bytes]:
@@ -1550,6 +1567,296 @@ def _load_archive(stream: IO[bytes], layout: Layout) -> List[_LoadedImage]:
         return _docker_archive_images(contents, layout)
     raise InvalidArchiveError(
         "not an image archive: it has neither index.json nor manifest.json")
+
+
+# -- writing archives -----------------------------------------------------------------
+#
+# Exports are produced by a function writing into a pipe from a background thread; the
+# caller reads the other end. Memory stays bounded by the pipe and the copy buffer, and
+# an error in the producer is raised from read() once the pipe drains: a failed export
+# never looks like a short, complete one.
+
+class _ProducerStream(io.RawIOBase):
+    """The read end of a pipe that ``produce(out)`` fills from a background thread."""
+
+    def __init__(self, produce: Callable[[BinaryIO], None]) -> None:
+        super().__init__()
+        read_fd, write_fd = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), COPY_BUFFER_SIZE)
+        self._fd = read_fd
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(produce, write_fd),
+                                        name="ocicache-export", daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[BinaryIO], None], write_fd: int) -> None:
+        try:
+            with open(write_fd, "wb", buffering=COPY_BUFFER_SIZE) as out:
+                produce(out)  # type: ignore[arg-type]
+        except BrokenPipeError:
+            pass  # the reader closed early
+        except BaseException as e:  # handed to the reader
+            self._error = e
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.read(self._fd, len(buffer))
+        if not data:
+            self._thread.join()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+            self._thread.join()
+        super().close()
+
+
+def _produced(produce: Callable[[BinaryIO], None]) -> BinaryIO:
+    return io.BufferedReader(_ProducerStream(produce), COPY_BUFFER_SIZE)  # type: ignore[return-value]
+
+
+def _tar_writer(out: BinaryIO) -> tarfile.TarFile:
+    archive = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+    archive.copybufsize = COPY_BUFFER_SIZE
+    return archive
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _add_directory(archive: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+    archive.addfile(info)
+
+
+def _add_blob(archive: tarfile.TarFile, layout: Layout, descriptor: Descriptor,
+              name: str) -> None:
+    if _is_foreign(descriptor) and not layout.has_blob(descriptor.digest):
+        raise _foreign_layer_error(descriptor)
+    with layout.open_blob(descriptor.digest) as blob:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = os.fstat(blob.fileno()).st_size, 0o644, 0
+        if info.size != descriptor.size:
+            raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
+                                    f"{descriptor.size}; run 'ocicache verify'")
+        archive.addfile(info, blob)
+
+
+def _foreign_layer_error(descriptor: Descriptor) -> NotFoundError:
+    return NotFoundError(f"layer {descriptor.digest} is a foreign layer "
+                         f"({', '.join(descriptor.urls) or 'no URLs'}); it is not in the "
+                         "cache and cannot be exported")
+
+
+def _blob_name(digest: Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+# -- opening layers -------------------------------------------------------------------
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _zstd_reader(stream: IO[bytes], what: str) -> IO[bytes]:
+    try:
+        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+    except ImportError:
+        raise OciCacheError(
+            f"{what} is zstd-compressed; reading it needs Python 3.14 or newer "
+            f"(compression.zstd), this is Python {_platform_module.python_version()}") from None
+    return zstd.ZstdFile(stream)  # type: ignore[no-any-return]
+
+
+def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
+    """A layer's uncompressed tar stream; gzip and zstd are recognised by their bytes."""
+    blob = layout.open_blob(descriptor.digest)
+    head = blob.read(4)
+    blob.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return _GunzipReader(blob)  # type: ignore[return-value]
+    if head == _ZSTD_MAGIC:
+        return _zstd_reader(blob, f"layer {descriptor.digest}")
+    return blob
+
+
+# -- flattening -----------------------------------------------------------------------
+#
+# Layers are read bottom-up, so each is decompressed once for its data. Before that,
+# the headers of every layer above the first are read (one more pass over those), to
+# know for each entry whether a higher layer replaced, deleted or hid it. A hard link
+# whose target a higher layer changed becomes a regular file with the target's old
+# content, re-read from its layer.
+
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+
+
+def _clean_path(name: str) -> Optional[str]:
+    """A member name as a relative path; None for the root or a name that climbs out."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def _ancestors(path: str) -> List[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@dataclasses.dataclass
+class _UpperLayers:
+    """What the layers above each one do: the highest layer index of each kind of entry."""
+
+    entry: Dict[str, int] = dataclasses.field(default_factory=dict)
+    non_directory: Dict[str, int] = dataclasses.field(default_factory=dict)
+    whiteout: Dict[str, int] = dataclasses.field(default_factory=dict)
+    opaque: Dict[str, int] = dataclasses.field(default_factory=dict)
+    directories: Dict[str, Tuple[int, tarfile.TarInfo]] = dataclasses.field(default_factory=dict)
+
+    def record(self, layer: int, member: tarfile.TarInfo) -> None:
+        path = _clean_path(member.name)
+        if path is None:
+            return
+        parent, _, base = path.rpartition("/")
+        if base == _OPAQUE:
+            self.opaque[parent] = max(self.opaque.get(parent, -1), layer)
+        elif base.startswith(_WHITEOUT):
+            target = f"{parent}/{base[len(_WHITEOUT):]}".lstrip("/")
+            self.whiteout[target] = max(self.whiteout.get(target, -1), layer)
+        else:
+            self.entry[path] = max(self.entry.get(path, -1), layer)
+            if member.isdir():
+                if self.directories.get(path, (-1, None))[0] <= layer:
+                    self.directories[path] = (layer, member)
+            else:
+                self.non_directory[path] = max(self.non_directory.get(path, -1), layer)
+
+    def hidden(self, path: str, layer: int) -> bool:
+        """Whether a higher layer replaced, deleted or hid ``path`` as ``layer`` has it."""
+        if self.entry.get(path, -1) > layer or self.whiteout.get(path, -1) > layer:
+            return True
+        return any(self.non_directory.get(a, -1) > layer or self.whiteout.get(a, -1) > layer
+                   or self.opaque.get(a, -1) > layer for a in _ancestors(path))
+
+
+_PAX_KEYS_REWRITTEN = frozenset({"path", "linkpath", "size"})
+
+
+def _output_header(member: tarfile.TarInfo, name: str, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    for field in ("mode", "uid", "gid", "size", "mtime", "type", "uname", "gname",
+                  "devmajor", "devminor"):
+        setattr(info, field, getattr(member, field))
+    info.linkname = linkname or member.linkname
+    info.pax_headers = {k: v for k, v in member.pax_headers.items()
+                        if k not in _PAX_KEYS_REWRITTEN}
+    return info
+
+
+class _Flattener:
+    """Writes the flattened root filesystem of ``layers`` (bottom first) as one tar."""
+
+    def __init__(self, layers: Sequence[Callable[[], IO[bytes]]], out: BinaryIO) -> None:
+        self._layers = layers
+        self._out = out
+        self._upper = _UpperLayers()
+        self._emitted: Dict[str, bool] = {}       # path -> is a directory
+        self._relinked: Dict[str, str] = {}       # broken hard-link target -> its new file
+
+    def run(self) -> None:
+        for index in range(1, len(self._layers)):
+            self._scan_headers(index)
+        with _tar_writer(self._out) as archive:
+            for index in range(len(self._layers)):
+                self._emit_layer(archive, index)
+
+    def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, tarfile.TarFile]]:
+        with self._layers[index]() as stream, \
+                tarfile.open(fileobj=stream, mode="r|") as layer:
+            for member in layer:
+                yield member, layer
+                layer.members.clear()  # stream mode keeps every header otherwise
+
+    def _scan_headers(self, index: int) -> None:
+        for member, _ in self._members(index):
+            self._upper.record(index, member)
+
+    def _emit_layer(self, archive: tarfile.TarFile, index: int) -> None:
+        for member, layer in self._members(index):
+            path = _clean_path(member.name)
+            if path is None or path in self._emitted:
+                continue
+            base = path.rpartition("/")[2]
+            if base.startswith(_WHITEOUT) or self._upper.hidden(path, index):
+                continue
+            if not self._emit_parents(archive, path):
+                continue
+            if member.islnk():
+                self._emit_hard_link(archive, index, member, path)
+            elif member.isreg():
+                archive.addfile(_output_header(member, path), layer.extractfile(member))
+            else:
+                archive.addfile(_output_header(member, path))
+            self._emitted[path] = member.isdir()
+            archive.members.clear()
+
+    def _emit_parents(self, archive: tarfile.TarFile, path: str) -> bool:
+        """Emit missing parent directories; False when a parent is not a directory."""
+        for ancestor in _ancestors(path):
+            if ancestor in self._emitted:
+                if not self._emitted[ancestor]:
+                    return False
+                continue
+            known = self._upper.directories.get(ancestor)
+            if known is not None and not self._upper.hidden(ancestor, known[0]):
+                header = _output_header(known[1], ancestor)
+            else:
+                header = tarfile.TarInfo(ancestor)
+                header.type, header.mode, header.mtime = tarfile.DIRTYPE, 0o755, 0
+            archive.addfile(header)
+            self._emitted[ancestor] = True
+        return True
+
+    def _emit_hard_link(self, archive: tarfile.TarFile, index: int, member: tarfile.TarInfo,
+                        path: str) -> None:
+        target = _clean_path(member.linkname)
+        if target is None:
+            return  # a link out of the root is dropped
+        if target in self._relinked:
+            archive.addfile(_output_header(member, path, self._relinked[target]))
+        elif self._emitted.get(target) is False and not self._upper.hidden(target, index):
+            archive.addfile(_output_header(member, path, target))
+        elif self._copy_old_content(archive, index, target, member, path):
+            self._relinked[target] = path
+        else:
+            return  # the target never existed as a file: a dangling link is dropped
+        self._emitted[path] = False
+
+    def _copy_old_content(self, archive: tarfile.TarFile, index: int, target: str,
+                          link: tarfile.TarInfo, path: str) -> bool:
+        """Write ``target``'s content as ``index`` (or a layer below) had it, as ``path``."""
+        for layer_index in range(index, -1, -1):
+            for member, layer in self._members(layer_index):
+                if _clean_path(member.name) == target and member.isreg():
+                    header = _output_header(member, path)
+                    header.mode, header.uid, header.gid = link.mode, link.uid, link.gid
+                    header.mtime = link.mtime
+                    archive.addfile(header, layer.extractfile(member))
+                    return True
+        return False
 
 
 # =====================================================================================
@@ -1999,17 +2306,164 @@ class _CacheSource(ImageSource):
         inner = config.get("config") or {}
         return dict(inner) if isinstance(inner, dict) else {}
 
+    def _image(self) -> Tuple[Descriptor, Descriptor, Manifest]:
+        if self._architecture == ALL_PLATFORMS:
+            raise OciCacheError(f"{self._ref}: this needs one platform; '{ALL_PLATFORMS}' "
+                                "is only for an OCI tar of the whole index")
+        root, image = self._provider.resolve(self._ref, self._architecture)
+        return root, image, self._provider.manifest(image)
+
+    def _check_layers(self, manifest: Manifest) -> None:
+        """Fail before streaming when a layer is missing or cannot be decompressed here."""
+        layout = self._provider.layout
+        for layer in manifest.layers:
+            if _is_foreign(layer) and not layout.has_blob(layer.digest):
+                continue  # named in the error if an export needs it
+            if not layout.has_blob(layer.digest, layer.size):
+                raise NotFoundError(f"layer {layer.digest} of {self._ref} is not complete in "
+                                    f"the cache {layout.root}; pull the image again")
+            if layer.media_type.endswith("+zstd"):
+                _zstd_reader(io.BytesIO(), f"layer {layer.digest} of {self._ref}")
+
     def tar_reader(self) -> BinaryIO:
-        raise OciCacheError("filesystem export is not implemented yet")
+        _, _, manifest = self._image()
+        self._check_layers(manifest)
+        layout = self._provider.layout
+        for layer in manifest.layers:
+            if _is_foreign(layer) and not layout.has_blob(layer.digest):
+                raise _foreign_layer_error(layer)
+        openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
+        return _produced(lambda out: _Flattener(openers, out).run())
+
+    def _save_name(self, override_name: str) -> Reference:
+        return Reference.parse(override_name) if override_name else self._ref
 
     def v1_tar_reader(self, override_name: str = "") -> BinaryIO:
-        raise OciCacheError("docker tar export is not implemented yet")
+        """Docker 25's hybrid: an OCI layout plus manifest.json and repositories."""
+        name = self._save_name(override_name)
+        _, image, manifest = self._image()
+        self._check_layers(manifest)
+        layout = self._provider.layout
+        tagged = Reference(name.registry, name.repository, name.tag) if name.tag else None
+        annotations = {ANNOTATION_CONTAINERD_NAME: str(name)}
+        if name.tag:
+            annotations[ANNOTATION_REF_NAME] = name.tag
+        layers = list({layer.digest: layer for layer in manifest.layers}.values())
+        docker_manifest = [{
+            "Config": _blob_name(manifest.config.digest),
+            "RepoTags": [tagged.familiar] if tagged else [],
+            "Layers": [_blob_name(layer.digest) for layer in manifest.layers]}]
+        root = Descriptor(image.media_type, image.digest, image.size, annotations,
+                          image.platform)
+
+        def produce(out: BinaryIO) -> None:
+            with _tar_writer(out) as archive:
+                _add_bytes(archive, "oci-layout", _OCI_LAYOUT_BYTES)
+                _add_directory(archive, "blobs")
+                _add_directory(archive, "blobs/sha256")
+                for blob in [manifest.config, *layers, image]:
+                    _add_blob(archive, layout, blob, _blob_name(blob.digest))
+                _add_bytes(archive, "index.json", Index(MEDIA_OCI_INDEX, (root,)).to_bytes())
+                _add_bytes(archive, "manifest.json", json.dumps(docker_manifest).encode())
+                if tagged is not None and manifest.layers:
+                    repository = tagged.familiar.rsplit(":", 1)[0]
+                    top = manifest.layers[-1].digest.hex
+                    _add_bytes(archive, "repositories",
+                               json.dumps({repository: {tagged.tag: top}}).encode())
+
+        return _produced(produce)
 
     def oci_tar_reader(self, override_name: str = "") -> BinaryIO:
-        raise OciCacheError("OCI tar export is not implemented yet")
+        """An OCI layout tar of one platform, or of the whole index for ``"all"``."""
+        name = str(self._save_name(override_name))
+        layout = self._provider.layout
+        if self._architecture == ALL_PLATFORMS:
+            root = self._provider._find_named(self._ref)
+            marked = layout.reachable([root])
+            incomplete = [d for d in marked.digests if not layout.has_blob(d)]
+            if incomplete or marked.unreadable:
+                raise NotFoundError(
+                    f"{self._ref} is not complete in the cache: {len(incomplete)} blobs are "
+                    "missing (pull it with --all-platforms first)")
+            top = Descriptor(root.media_type, root.digest, root.size)
+            blobs = [Descriptor("", d, os.path.getsize(layout.blob_path(d)))
+                     for d in marked.digests if d != root.digest] + [top]
+        else:
+            _, image, manifest = self._image()
+            self._check_layers(manifest)
+            top = Descriptor(image.media_type, image.digest, image.size,
+                             platform=image.platform)
+            unique = {b.digest: b for b in manifest.blobs()}
+            blobs = [*unique.values(), top]
+        root_entry = top.named(name)
+
+        def produce(out: BinaryIO) -> None:
+            with _tar_writer(out) as archive:
+                _add_bytes(archive, "oci-layout", _OCI_LAYOUT_BYTES)
+                _add_directory(archive, "blobs")
+                for algorithm in sorted({b.digest.algorithm for b in blobs}):
+                    _add_directory(archive, f"blobs/{algorithm}")
+                for blob in blobs:
+                    _add_blob(archive, layout, blob, _blob_name(blob.digest))
+                _add_bytes(archive, "index.json",
+                           Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
+
+        return _produced(produce)
 
     def sboms(self) -> List[BinaryIO]:
-        raise OciCacheError("SBOM export is not implemented yet")
+        """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
+        root = self._provider._find_named(self._ref)
+        if not root.is_index:
+            return []
+        layout = self._provider.layout
+        index = Index.from_json(layout.read_blob(root.digest), what=f"index of {self._ref}")
+        wanted = Platform.parse(self._architecture)
+        image = select_platform(index.manifests, wanted)
+        if image is None:
+            raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
+        attestations = [c for c in index.attestations_for(image.digest)
+                        if c.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest"]
+        if len(attestations) > 1:
+            raise OciCacheError(f"multiple attestation manifests found for {self._ref} "
+                                f"platform {wanted}")
+        if not attestations:
+            return []
+        documents = []
+        for layer in self._provider.manifest(attestations[0]).layers:
+            if layer.media_type != MEDIA_IN_TOTO or \
+                    layer.annotations.get(ANNOTATION_PREDICATE_TYPE) != SPDX_PREDICATE_TYPE:
+                continue
+            data = layout.read_blob(layer.digest, MAX_STATEMENT_SIZE)
+            statement = _load_json_object(data, f"in-toto statement {layer.digest}")
+            if statement.get("predicateType") != SPDX_PREDICATE_TYPE:
+                raise OciCacheError(f"unexpected predicate type {statement.get('predicateType')!r}"
+                                    f" in {layer.digest}")
+            documents.append(io.BytesIO(_raw_json_member(data.decode(), "predicate").encode()))
+        return documents  # type: ignore[return-value]
+
+
+def _raw_json_member(text: str, key: str) -> str:
+    """The text of a top-level member of a JSON object exactly as written."""
+    decoder = json.JSONDecoder()
+    whitespace = re.compile(r"[ \t\n\r]*")
+    position = whitespace.match(text, 0).end()  # type: ignore[union-attr]
+    if text[position:position + 1] != "{":
+        raise OciCacheError("an in-toto statement must be a JSON object")
+    position += 1
+    while True:
+        position = whitespace.match(text, position).end()  # type: ignore[union-attr]
+        if text[position:position + 1] != '"':
+            break
+        member, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        position = whitespace.match(text, position).end() + 1  # type: ignore[union-attr]
+        start = whitespace.match(text, position).end()  # type: ignore[union-attr]
+        _, end = decoder.raw_decode(text, start)
+        if member == key:
+            return text[start:end]
+        position = whitespace.match(text, end).end()  # type: ignore[union-attr]
+        if text[position:position + 1] == ",":
+            position += 1
+    raise OciCacheError(f"the in-toto statement has no {key!r}")
 
 
 # =====================================================================================
@@ -2118,6 +2572,32 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE|-")
     p.set_defaults(run=_cmd_import)
 
+    p = commands.add_parser("export", help="write an image as a tar archive",
+                            description="Write NAME as a tar: 'oci' (an OCI layout, for skopeo "
+                                        "oci-archive: and containerd), 'docker' (for docker "
+                                        "load and podman load), or 'filesystem' (the "
+                                        "flattened root filesystem). The file appears only "
+                                        "when complete.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--format", choices=("oci", "docker", "filesystem"), required=True)
+    p.add_argument("-o", "--output", metavar="FILE|-", required=True,
+                   help="where to write ('-' for standard output); an existing file is replaced")
+    p.add_argument("--platform", metavar="P", default="",
+                   help="os/arch[/variant] (default: the host); 'all' writes the whole index "
+                        "(oci only)")
+    p.add_argument("--name", metavar="N", default="", dest="save_name",
+                   help="the name to record in the tar (oci, docker)")
+    p.set_defaults(run=_cmd_export)
+
+    p = commands.add_parser("sbom", help="print the SPDX SBOMs attached to an image",
+                            description="Print the SPDX documents of the BuildKit attestation "
+                                        "attached to NAME's image for the platform, each as "
+                                        "stored, followed by a newline; nothing if it has "
+                                        "none.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--platform", metavar="P", default="", help="os/arch[/variant] (default: host)")
+    p.set_defaults(run=_cmd_sbom)
+
     p = commands.add_parser("rm", help="remove names and the blobs only they use",
                             description="Remove each NAME; blobs that another name still "
                                         "uses are kept. Every NAME must exist, or nothing "
@@ -2205,6 +2685,42 @@ def _cmd_import(provider: Provider, args: argparse.Namespace) -> int:
             print(f"ocicache: warning: the archive does not name {descriptor.digest}; "
                   "nothing was named (use a tar with io.containerd.image.name or RepoTags)",
                   file=sys.stderr)
+    return 0
+
+
+def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
+    if args.platform == ALL_PLATFORMS and args.format != "oci":
+        raise OciCacheError("--platform all needs --format oci")
+    source = provider.new_source(args.name, args.platform)
+    if args.format == "oci":
+        stream = source.oci_tar_reader(args.save_name)
+    elif args.format == "docker":
+        stream = source.v1_tar_reader(args.save_name)
+    else:
+        stream = source.tar_reader()
+    with stream:
+        if args.output == "-":
+            shutil.copyfileobj(stream, sys.stdout.buffer, COPY_BUFFER_SIZE)
+            sys.stdout.buffer.flush()
+            return 0
+        directory = os.path.dirname(os.path.abspath(args.output))
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(args.output)}{_TEMP_MARK}",
+                                    dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(stream, out, COPY_BUFFER_SIZE)
+                os.fchmod(out.fileno(), 0o644 & ~_UMASK)
+            os.replace(temp, args.output)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    return 0
+
+
+def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
+    for document in provider.new_source(args.name, args.platform).sboms():
+        sys.stdout.buffer.write(document.read() + b"\n")
     return 0
 
 

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -1167,6 +1168,428 @@ class TestProvider(CacheTestCase):
 
 
 # =====================================================================================
+# Sources: flattening, docker and OCI tarballs, SBOMs, judged by umoci, podman, skopeo
+# =====================================================================================
+
+def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "",
+          mode: int = 0o644, uid: int = 0, gid: int = 0, mtime: int = 1_000_000) -> Tuple[str, Any]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.uid, info.gid = kind, linkname, mode, uid, gid
+    info.mtime, info.size = mtime, len(data) if kind == tarfile.REGTYPE else 0
+    return name, (info, data)
+
+
+def directory(name: str, mode: int = 0o755, uid: int = 0) -> Tuple[str, Any]:
+    return entry(name, tarfile.DIRTYPE, mode=mode, uid=uid)
+
+
+LONG_NAME = "deep/" + "/".join(["a-rather-long-directory-name-%02d" % i for i in range(8)])
+
+# Every case of peers.md §3e and more, across three layers.
+FLATTEN_LAYERS: List[List[Tuple[str, Any]]] = [
+    [
+        directory("etc"), entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n"),
+        directory("usr"), directory("usr/bin"),
+        entry("usr/bin/tool", data=b"tool v1\n", mode=0o755),
+        entry("usr/bin/tool-link", tarfile.LNKTYPE, linkname="usr/bin/tool", mode=0o755),
+        entry("usr/bin/su", data=b"setuid\n", mode=0o4755),
+        directory("tmp", mode=0o1777), directory("home"), directory("home/user", 0o700, 1000),
+        entry("home/user/.profile", data=b"export A=1\n", uid=1000, gid=1000),
+        directory("data"), entry("data/keep", data=b"keep"), entry("data/old", data=b"old"),
+        directory("data/olddir"), entry("data/olddir/inner", data=b"gone"),
+        directory("opq"), entry("opq/a", data=b"a"), entry("opq/b", data=b"b"),
+        directory("flip"), entry("flip/child", data=b"lower child"),
+        entry("file-to-dir", data=b"was a file"),
+        directory("recreated"), entry("recreated/old-child", data=b"old"),
+        entry("sym-abs", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        entry("etc/sym-rel", tarfile.SYMTYPE, linkname="passwd"),
+        entry("dangling", tarfile.SYMTYPE, linkname="/does/not/exist"),
+        directory("données"), entry("données/é-ü-你好.txt", data="unicode ✓\n".encode()),
+        entry(LONG_NAME + "/file-with-a-long-name-" + "x" * 60, data=b"long"),
+        entry("empty"), entry("run-fifo", tarfile.FIFOTYPE),
+        directory("lib"), entry("lib/orig", data=b"original content\n"),
+        entry("lib/alias", tarfile.LNKTYPE, linkname="lib/orig"),
+        entry("lib/alias2", tarfile.LNKTYPE, linkname="lib/orig"),
+        entry("lib/over", data=b"before overwrite\n"),
+        entry("lib/over-link", tarfile.LNKTYPE, linkname="lib/over"),
+        entry("./dot-slash", data=b"normalised"),
+        entry("etc/passwd-link", tarfile.LNKTYPE, linkname="etc/passwd"),
+    ],
+    [
+        entry("data/.wh.old"), entry("data/.wh.olddir"),
+        directory("opq"), entry("opq/.wh..wh..opq"), entry("opq/c", data=b"c, same layer"),
+        entry("flip", data=b"now a file"),
+        directory("file-to-dir"), entry("file-to-dir/inner", data=b"inside"),
+        entry(".wh.recreated"),
+        entry("lib/.wh.orig"), entry("lib/over", data=b"after overwrite\n"),
+        entry("usr/bin/tool", data=b"tool v2\n", mode=0o755),
+        directory("etc", mode=0o750),
+    ],
+    [
+        directory("flip"), entry("flip/new-child", data=b"upper child"),
+        entry("recreated", data=b"recreated as a file"),
+        entry("data/new", data=b"new", uid=123, gid=456),
+    ],
+]
+
+
+def make_layered_image(layers: Sequence[Sequence[Tuple[str, Any]]], seed: str = "flat",
+                       architecture: str = "amd64") -> TestImage:
+    blobs, diff_ids = [], []
+    for layer in layers:
+        raw = tar_bytes(layer)
+        diff_ids.append(sha256(raw))
+        blobs.append(Blob(oc.MEDIA_OCI_LAYER_GZIP, gzip.compress(raw, mtime=0)))
+    config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
+        "architecture": architecture, "os": "linux", "config": {"Env": [f"SEED={seed}"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
+    manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "config": config.descriptor(),
+        "layers": [b.descriptor() for b in blobs]}).encode())
+    return TestImage(manifest, config, blobs, {"architecture": architecture, "os": "linux"})
+
+
+def tree(root: str, ignore: Iterable[str] = ()) -> Dict[str, Tuple[Any, ...]]:
+    """Every path under ``root``: (type, mode, uid, gid, size, content hash, link target)."""
+    found = {}
+    ignored = set(ignore)
+    for directory_path, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(directory_path, name)
+            rel = os.path.relpath(full, root)
+            if rel in ignored or any(rel.startswith(i + "/") for i in ignored):
+                continue
+            st = os.lstat(full)
+            kind = stat.S_IFMT(st.st_mode)
+            digest, target = "", ""
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(full)
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+            found[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, digest,
+                          target)
+    return found
+
+
+def extract_with_tar(archive: str, destination: str) -> None:
+    os.makedirs(destination)
+    subprocess.run(["tar", "--numeric-owner", "-xpf", archive, "-C", destination], check=True)
+
+
+def extract_with_tarfile(archive: str, destination: str) -> None:
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "fully_trusted_filter"):
+            tar.extractall(destination, numeric_owner=True, filter="fully_trusted")
+        else:
+            tar.extractall(destination, numeric_owner=True)
+
+
+class Podman:
+    """podman with its own storage in a temporary directory (vfs, no daemon)."""
+
+    def __init__(self, test: unittest.TestCase, tmp: str) -> None:
+        self.command = [require_tool(test, "podman"), "--storage-driver", "vfs",
+                        "--root", os.path.join(tmp, "podman-root"),
+                        "--runroot", os.path.join(tmp, "podman-run"),
+                        "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+        self.test = test
+
+    def __call__(self, *args: str) -> str:
+        result = subprocess.run(self.command + list(args), capture_output=True, timeout=300)
+        self.test.assertEqual(result.returncode, 0, result.stderr.decode())
+        return result.stdout.decode()
+
+
+# What podman adds to a container's filesystem that is not in the image.
+PODMAN_ADDED = ("etc/hosts", "etc/resolv.conf", "etc/hostname", "run", "dev", "proc", "sys",
+                ".containerenv")
+
+
+class TestSources(CacheTestCase):
+    def flatten(self, name: str, platform: str = "") -> str:
+        path = self.path(name.replace("/", "_") + ".rootfs.tar")
+        with self.cache.new_source(name, platform).tar_reader() as stream, open(path, "wb") as f:
+            shutil.copyfileobj(stream, f)
+        return path
+
+    def test_flattened_stream_order_and_content(self) -> None:
+        image = make_layered_image(FLATTEN_LAYERS)
+        self.load_image("example.com/flat:1", image)
+        with tarfile.open(self.flatten("example.com/flat:1")) as tar:
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            self.assertEqual(len(names), len(set(names)), "a path is listed twice")
+            seen = set()
+            for member in members:
+                parent = member.name.rpartition("/")[0]
+                self.assertTrue(not parent or parent in seen, f"{member.name} before {parent}")
+                if member.islnk():
+                    self.assertIn(member.linkname, seen, f"{member.name} before its target")
+                self.assertNotIn(".wh.", member.name)
+                self.assertFalse(member.name.startswith(("/", "./")))
+                seen.add(member.name)
+            content = {m.name: tar.extractfile(m).read() for m in members if m.isreg()}
+        self.assertEqual(content["usr/bin/tool"], b"tool v2\n")
+        self.assertEqual(content["lib/alias"], b"original content\n")
+        self.assertEqual(content["lib/over"], b"after overwrite\n")
+        self.assertEqual(content["lib/over-link"], b"before overwrite\n")
+        self.assertEqual(content["opq/c"], b"c, same layer")
+        self.assertEqual(content["recreated"], b"recreated as a file")
+        self.assertEqual(content["dot-slash"], b"normalised")
+        for gone in ["data/old", "data/olddir", "data/olddir/inner", "opq/a", "opq/b",
+                     "flip/child", "recreated/old-child", "lib/orig"]:
+            self.assertNotIn(gone, names)
+        kinds = {m.name: m for m in members}
+        self.assertEqual(content["usr/bin/tool-link"], b"tool v1\n")
+        self.assertEqual(kinds["etc/passwd-link"].linkname, "etc/passwd")
+        self.assertTrue(kinds["lib/alias2"].islnk())
+        self.assertEqual(kinds["lib/alias2"].linkname, "lib/alias")
+        self.assertTrue(kinds["flip"].isdir())
+        self.assertTrue(kinds["file-to-dir"].isdir())
+        self.assertEqual(kinds["etc"].mode, 0o750)
+        self.assertEqual(kinds["usr/bin/su"].mode, 0o4755)
+        self.assertEqual(kinds["tmp"].mode, 0o1777)
+        self.assertEqual((kinds["data/new"].uid, kinds["data/new"].gid), (123, 456))
+        self.assertTrue(kinds["run-fifo"].isfifo())
+        self.assertEqual(kinds["sym-abs"].linkname, "/etc/passwd")
+
+    def test_flatten_equals_umoci_and_podman(self) -> None:
+        image = make_layered_image(FLATTEN_LAYERS)
+        self.load_image("example.com/flat:1", image)
+        archive = self.flatten("example.com/flat:1")
+        extract_with_tar(archive, self.path("by-tar"))
+        extract_with_tarfile(archive, self.path("by-tarfile"))
+        ours = tree(self.path("by-tar"))
+        self.assertEqual(tree(self.path("by-tarfile")), ours)
+        umoci = require_tool(self, "umoci")
+        result = subprocess.run([umoci, "unpack", "--image",
+                                 f"{self.cache_dir}:example.com/flat:1", self.path("bundle")],
+                                capture_output=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual(tree(self.path("bundle", "rootfs")), ours)
+        podman = Podman(self, self.tmp)
+        docker_tar = self.path("flat-docker.tar")
+        with self.cache.new_source("example.com/flat:1").v1_tar_reader() as stream, \
+                open(docker_tar, "wb") as f:
+            shutil.copyfileobj(stream, f)
+        podman("load", "-i", docker_tar)
+        container = podman("create", "example.com/flat:1", "/bin/true").strip().splitlines()[-1]
+        podman("export", "-o", self.path("podman.tar"), container)
+        extract_with_tar(self.path("podman.tar"), self.path("by-podman"))
+        theirs = tree(self.path("by-podman"), PODMAN_ADDED)
+        # podman's export gives the root of the container, not a directory, no mode of its own.
+        self.assertEqual(theirs, {k: v for k, v in ours.items() if k not in PODMAN_ADDED})
+
+    def test_single_layer_whiteouts_are_never_emitted(self) -> None:
+        image = make_layered_image([[entry("a", data=b"a"), entry(".wh.b"),
+                                     directory("d"), entry("d/.wh..wh..opq")]])
+        self.load_image("example.com/one:1", image)
+        with tarfile.open(self.flatten("example.com/one:1")) as tar:
+            self.assertEqual(tar.getnames(), ["a", "d"])
+
+    def test_escapes_are_neutralised(self) -> None:
+        image = make_layered_image([[
+            entry("ok", data=b"ok"), entry("../../escape", data=b"x"),
+            entry("a/../../b", data=b"x"), entry("/abs/file", data=b"absolute"),
+            entry("link-out", tarfile.LNKTYPE, linkname="../../etc/shadow"),
+            entry("link-abs", tarfile.LNKTYPE, linkname="/ok"),
+            entry("via-symlink", tarfile.SYMTYPE, linkname="/etc"),
+            entry("via-symlink/passwd", data=b"through a symlink")]])
+        self.load_image("example.com/escape:1", image)
+        with tarfile.open(self.flatten("example.com/escape:1")) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        self.assertEqual(sorted(members), ["abs", "abs/file", "link-abs", "ok", "via-symlink"])
+        self.assertEqual(members["link-abs"].linkname, "ok")
+
+    def test_stream_errors_surface_from_read(self) -> None:
+        image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
+        self.load_image("example.com/broken:1", image)
+        path = self.cache.layout.blob_path(image.layers[0].digest)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+            f.seek(0, 2)
+            f.write(b"\0" * (len(image.layers[0].data) - f.tell()))  # right size, bad data
+        with self.assertRaises(oc.OciCacheError):
+            with self.cache.new_source("example.com/broken:1").tar_reader() as stream:
+                while stream.read(65536):
+                    pass
+        result = self.cli("export", "example.com/broken:1", "--format", "filesystem",
+                          "-o", self.path("out.tar"))
+        self.assert_one_line_error(result, "gzip")
+        self.assertFalse(os.path.exists(self.path("out.tar")))
+        self.assertEqual([f for f in os.listdir(self.tmp) if oc._TEMP_MARK in f], [])
+
+    def test_export_output_options(self) -> None:
+        image = make_image("out")
+        self.load_image("example.com/out:1", image)
+        target = self.path("existing.tar")
+        with open(target, "wb") as f:
+            f.write(b"x" * (1 << 20))
+        result = self.cli("export", "example.com/out:1", "--format", "oci", "-o", target)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with tarfile.open(target) as tar:  # truncated: a valid tar, not old bytes after it
+            self.assertIn("index.json", tar.getnames())
+        self.assertLess(os.path.getsize(target), 1 << 20)
+        result = self.cli("export", "example.com/out:1", "--format", "filesystem", "-o", "-")
+        with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+            self.assertEqual(tar.getnames(), ["etc", "etc/out"])
+        self.assert_one_line_error(self.cli("export", "example.com/nope:1", "--format", "oci",
+                                            "-o", self.path("nope.tar")), "no image named")
+        self.assertFalse(os.path.exists(self.path("nope.tar")))
+        self.assert_one_line_error(self.cli("export", "example.com/out:1", "--format",
+                                            "docker", "--platform", "all", "-o", "-"),
+                                   "needs --format oci")
+        self.assert_one_line_error(self.cli("export", "example.com/out:1", "--format", "oci",
+                                            "-o", "-", "--platform", "s390x"), "s390x")
+
+    def test_zstd_layers(self) -> None:
+        try:
+            from compression import zstd  # type: ignore[import-not-found]
+        except ImportError:
+            zstd = None
+        raw = tar_bytes([("z", b"zstd content")])
+        if zstd is not None:
+            data = zstd.compress(raw)
+        else:  # a real zstd frame of this tar, made by the zstd format's simplest form
+            data = b"\x28\xb5\x2f\xfd" + b"\x00" * 16
+        layer = Blob(oc.MEDIA_OCI_LAYER_ZSTD, data)
+        config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(raw)]}}).encode())
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "config": config.descriptor(), "layers": [layer.descriptor()]}).encode())
+        self.load_image("example.com/zstd:1", TestImage(manifest, config, [layer], {}))
+        if zstd is None:
+            with self.assertRaisesRegex(oc.OciCacheError, "zstd.*Python 3.14"):
+                self.cache.new_source("example.com/zstd:1", "amd64").tar_reader()
+        else:
+            with tarfile.open(self.flatten("example.com/zstd:1", "amd64")) as tar:
+                self.assertEqual(tar.getnames(), ["z"])
+
+    def test_docker_tar_loads_in_podman_and_skopeo(self) -> None:
+        image = make_image("dock", layer_files=[{"etc/a": b"a"}, {"etc/b": b"b"}])
+        self.load_image("example.com/dock:1", image)
+        self.cache.descriptor_write("example.com/dock@" + image.manifest.digest,
+                                    self.cache.find_descriptor("example.com/dock:1"))
+        out = self.path("dock.tar")
+        result = self.cli("export", "example.com/dock:1", "--format", "docker", "-o", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        info = json.loads(self.skopeo("inspect", f"docker-archive:{out}"))
+        self.assertEqual(info["Env"], ["SEED=dock"])
+        self.skopeo("copy", f"docker-archive:{out}", f"oci:{self.path('copy')}:x")
+        with tarfile.open(out) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+            self.assertEqual(manifest[0]["RepoTags"], ["example.com/dock:1"])
+        podman = Podman(self, self.tmp)
+        self.assertIn("example.com/dock:1", podman("load", "-i", out))
+        renamed = self.path("renamed.tar")
+        self.cli("export", "example.com/dock:1", "--format", "docker", "--name", "other/x:2",
+                 "-o", renamed)
+        self.assertIn("docker.io/other/x:2", podman("load", "-i", renamed))
+        untagged = self.path("untagged.tar")
+        self.cli("export", "example.com/dock@" + image.manifest.digest, "--format", "docker",
+                 "-o", untagged)
+        with tarfile.open(untagged) as tar:
+            self.assertEqual(json.load(tar.extractfile("manifest.json"))[0]["RepoTags"], [])
+            self.assertNotIn("repositories", tar.getnames())
+        podman("load", "-i", untagged)
+
+    def test_oci_tar_round_trips(self) -> None:
+        amd, arm = make_image("a"), make_image("b", "arm64")
+        _, attestation_blobs, attestation = make_attestation(amd)
+        index = make_index([amd.descriptor(), arm.descriptor(), attestation])
+        self.load(oci_archive([(index.descriptor(), named("example.com/multi:1"))],
+                              [*amd.blobs, *arm.blobs, *attestation_blobs, index]))
+        single = self.path("single.tar")
+        self.cli("export", "example.com/multi:1", "--format", "oci", "--platform", "arm64",
+                 "-o", single)
+        raw = self.skopeo("inspect", "--raw", f"oci-archive:{single}:example.com/multi:1")
+        self.assertEqual(sha256(raw.encode()), arm.manifest.digest)
+        whole = self.path("whole.tar")
+        result = self.cli("export", "example.com/multi:1", "--format", "oci", "--platform",
+                          "all", "-o", whole)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        raw = self.skopeo("inspect", "--raw", f"oci-archive:{whole}:example.com/multi:1")
+        self.assertEqual(sha256(raw.encode()), index.digest)
+        self.skopeo("copy", "--all", f"oci-archive:{whole}:example.com/multi:1",
+                    f"oci:{self.path('copy')}:x")
+        other = oc.Provider(self.path("other"))
+        with open(whole, "rb") as f:
+            (loaded,) = other.image_load(f)
+        self.assertEqual((loaded.name, str(loaded.digest)), ("example.com/multi:1", index.digest))
+        self.assertTrue(other.verify().ok)
+        self.assertEqual(len(list(other.store().walk())), len(list(self.cache.store().walk())))
+        with open(single, "rb") as f:
+            (loaded,) = oc.Provider(self.path("third")).image_load(f)
+        self.assertEqual(str(loaded.digest), arm.manifest.digest)
+        os.unlink(self.cache.layout.blob_path(arm.layers[0].digest))
+        with self.assertRaisesRegex(oc.NotFoundError, "not complete"):
+            self.cache.new_source("example.com/multi:1", "all").oci_tar_reader()
+
+    def test_sboms(self) -> None:
+        amd, arm = make_image("a"), make_image("b", "arm64")
+        spdx_text = b'{ "spdxVersion" : "SPDX-2.3",  "name":"exact bytes" }'
+        spdx = Blob(oc.MEDIA_IN_TOTO, b'{"_type":"https://in-toto.io/Statement/v0.1",'
+                    b'"predicateType":"https://spdx.dev/Document","subject":[],'
+                    b'"predicate":' + spdx_text + b'}')
+        slsa = Blob(oc.MEDIA_IN_TOTO, b'{"predicateType":"https://slsa.dev/provenance/v0.2",'
+                    b'"predicate":{"builder":{}}}')
+        config = Blob(oc.MEDIA_OCI_CONFIG, b'{"architecture":"unknown","os":"unknown"}')
+        attestation = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "config": config.descriptor(), "layers": [
+                spdx.descriptor(annotations={oc.ANNOTATION_PREDICATE_TYPE:
+                                             oc.SPDX_PREDICATE_TYPE}),
+                slsa.descriptor(annotations={oc.ANNOTATION_PREDICATE_TYPE:
+                                             "https://slsa.dev/provenance/v0.2"})]}).encode())
+        entry_ = attestation.descriptor(
+            platform={"architecture": "unknown", "os": "unknown"},
+            annotations={oc.ANNOTATION_REFERENCE_TYPE: "attestation-manifest",
+                         oc.ANNOTATION_REFERENCE_DIGEST: amd.manifest.digest})
+        index = make_index([amd.descriptor(), arm.descriptor(), entry_])
+        self.load(oci_archive([(index.descriptor(), named("example.com/sbom:1"))],
+                              [*amd.blobs, *arm.blobs, spdx, slsa, config, attestation, index]))
+        (document,) = self.cache.new_source("example.com/sbom:1", "amd64").sboms()
+        self.assertEqual(document.read(), spdx_text)
+        self.assertEqual(self.cache.new_source("example.com/sbom:1", "arm64").sboms(), [])
+        with self.assertRaises(oc.PlatformNotFoundError):
+            self.cache.new_source("example.com/sbom:1", "s390x").sboms()
+        self.load_image("example.com/plain:1", amd)
+        self.assertEqual(self.cache.new_source("example.com/plain:1", "amd64").sboms(), [])
+        result = self.cli("sbom", "example.com/sbom:1", "--platform", "amd64")
+        self.assertEqual(result.stdout, spdx_text + b"\n")
+        second = Blob(oc.MEDIA_OCI_MANIFEST, attestation.data.replace(b'"layers"',
+                                                                      b'"annotations":{},"layers"'))
+        twice = make_index([amd.descriptor(), entry_, {**entry_, "digest": second.digest,
+                                                       "size": len(second.data)}])
+        self.load(oci_archive([(twice.descriptor(), named("example.com/twice:1"))],
+                              [*amd.blobs, spdx, slsa, config, attestation, second, twice]))
+        with self.assertRaisesRegex(oc.OciCacheError, "multiple attestation"):
+            self.cache.new_source("example.com/twice:1", "amd64").sboms()
+
+    def test_export_memory_is_bounded(self) -> None:
+        big = random.Random(3).randbytes(192 << 20)
+        image = make_layered_image([[entry("big.bin", data=big)]])
+        del big
+        self.load_image("example.com/big:1", image)
+        del image
+        for export_format in ("filesystem", "docker", "oci"):
+            # VmHWM is this process's own peak (ru_maxrss would include the parent's).
+            script = ("import ocicache,re,sys\n"
+                      "status = ocicache.main(sys.argv[1:])\n"
+                      "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status')"
+                      ".read()).group(1)) // 1024\n"
+                      "sys.exit(status or (peak > 64 and f'peak RSS {peak} MiB'))")
+            result = subprocess.run([sys.executable, "-c", script, "--cache", self.cache_dir,
+                                     "export", "example.com/big:1", "--format", export_format,
+                                     "-o", self.path("big.tar")], cwd=HERE, capture_output=True)
+            self.assertEqual(result.returncode, 0, f"{export_format}: {result.stderr!r}")
+
+
+# =====================================================================================
 # Command line
 # =====================================================================================
 
@@ -1174,7 +1597,7 @@ class TestCommandLine(CacheTestCase):
     def test_help_everywhere(self) -> None:
         result = self.cli("--help")
         self.assertEqual(result.returncode, 0)
-        commands = ["ls", "inspect", "import", "rm", "clean", "gc", "verify"]
+        commands = ["ls", "inspect", "import", "export", "sbom", "rm", "clean", "gc", "verify"]
         for command in commands:
             self.assertIn(command, result.stdout.decode())
             sub = self.cli(command, "--help")
