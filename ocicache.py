@@ -35,13 +35,16 @@ import errno
 import fcntl
 import functools
 import hashlib
+import http.client
 import io
 import json
+import logging
 import os
 import platform as _platform_module
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -169,6 +172,7 @@ MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 DEFAULT_GC_GRACE_SECONDS = 3600.0
 _TEMP_MARK = ".tmp-"
+_LOG = logging.getLogger("ocicache")
 
 
 # =====================================================================================
@@ -1180,6 +1184,845 @@ class Layout:
 
 
 # =====================================================================================
+# Credentials and challenges
+#
+# Where credentials come from (docker config.json, credential helpers, podman's
+# auth.json) and how a registry asks for them (WWW-Authenticate). Parsing is pure; the
+# lookups read files and run helpers. Secrets never reach a message or a repr.
+# =====================================================================================
+
+DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
+_HELPER_TIMEOUT_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Challenge:
+    """One challenge of a ``WWW-Authenticate`` header: ``Bearer realm=...,service=...``."""
+
+    scheme: str                                   # lowercase: "basic", "bearer"
+    params: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+_CHALLENGE_TOKEN = re.compile(r"\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*")
+_CHALLENGE_VALUE = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,\s]*)')
+
+
+def parse_challenges(header: str) -> List[Challenge]:
+    """The challenges of a ``WWW-Authenticate`` header, in order; [] for garbage."""
+    challenges: List[Challenge] = []
+    position, length = 0, len(header)
+    while position < length:
+        match = _CHALLENGE_TOKEN.match(header, position)
+        if match is None:
+            position = header.find(",", position + 1)
+            if position < 0:
+                break
+            position += 1
+            continue
+        scheme, position = match.group(1).lower(), match.end()
+        params: Dict[str, str] = {}
+        while position < length:
+            param = _CHALLENGE_TOKEN.match(header, position)
+            if param is None or header[param.end():param.end() + 1] != "=":
+                break
+            value = _CHALLENGE_VALUE.match(header, param.end() + 1)
+            assert value is not None  # the pattern also matches the empty string
+            text = value.group(1)
+            params[param.group(1).lower()] = (re.sub(r"\\(.)", r"\1", text) if text is not None
+                                              else value.group(2))
+            position = value.end()
+            while position < length and header[position] in " \t,":
+                position += 1
+        challenges.append(Challenge(scheme, params))
+    return challenges
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """A username and secret for one registry. ``repr`` never shows a secret."""
+
+    username: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    identity_token: str = dataclasses.field(default="", repr=False)
+    registry_token: str = dataclasses.field(default="", repr=False)
+
+    def basic_header(self) -> str:
+        import base64
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+
+def _auth_files() -> List[str]:
+    """docker's config.json, then podman's auth files, in the order peers read them."""
+    home = os.path.expanduser("~")
+    docker = os.environ.get("DOCKER_CONFIG") or os.path.join(home, ".docker")
+    files = [os.path.join(docker, "config.json")]
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(os.environ["REGISTRY_AUTH_FILE"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    files.append(os.path.join(config_home, "containers", "auth.json"))
+    return files
+
+
+def _normalise_auth_key(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``docker.io``; ``http://h:5000/v2/ns`` -> ``h:5000/ns``."""
+    key = re.sub(r"^[a-z]+://", "", key.strip()).rstrip("/")
+    key = re.sub(r"/v[12](?=/|$)", "", key, count=1)
+    host, sep, path = key.partition("/")
+    if host in (_LEGACY_DEFAULT_REGISTRY, DOCKER_HUB_API_HOST):
+        host = DEFAULT_REGISTRY
+    return host + sep + path
+
+
+def _auth_lookup_keys(registry: str, repository: str) -> List[str]:
+    """Most specific first: ``host/ns/repo``, ``host/ns``, ``host``."""
+    parts = repository.split("/")
+    return [f"{registry}/{'/'.join(parts[:i])}" for i in range(len(parts), 0, -1)] + [registry]
+
+
+def _read_auth_file(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_SIZE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OciCacheError(f"cannot read credentials file {path}: {e.strerror}") from None
+    try:
+        return _load_json_object(data, f"credentials file {path}")
+    except OciCacheError as e:
+        raise OciCacheError(f"{e}; fix or remove it") from None
+
+
+def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
+    program = f"docker-credential-{helper}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
+        raise OciCacheError(f"invalid credential helper name {helper!r}")
+    try:
+        result = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
+                                timeout=_HELPER_TIMEOUT_SECONDS)
+    except FileNotFoundError:
+        raise OciCacheError(f"credential helper {program} is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise OciCacheError(f"credential helper {program} did not answer within "
+                            f"{_HELPER_TIMEOUT_SECONDS:.0f}s") from None
+    output = (result.stdout or b"") + (result.stderr or b"")
+    if result.returncode != 0:
+        if b"credentials not found" in output.lower():
+            return None
+        raise OciCacheError(f"credential helper {program} failed with status "
+                            f"{result.returncode}")
+    try:
+        answer = json.loads(result.stdout)
+        username, secret = str(answer.get("Username", "")), str(answer.get("Secret", ""))
+    except (ValueError, AttributeError):
+        raise OciCacheError(f"credential helper {program} printed something that is not "
+                            "its JSON answer") from None
+    if username == "<token>":
+        return Credentials(identity_token=secret)
+    return Credentials(username, secret)
+
+
+def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
+    if not isinstance(entry, dict):
+        return None
+    username, password = str(entry.get("username", "")), str(entry.get("password", ""))
+    if entry.get("auth"):
+        import base64
+        import binascii
+        try:
+            username, _, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise OciCacheError(f"credentials file {where}: an 'auth' value is not "
+                                "base64 of user:password") from None
+    if entry.get("identitytoken"):
+        return Credentials(username, identity_token=str(entry["identitytoken"]))
+    if entry.get("registrytoken"):
+        return Credentials(username, registry_token=str(entry["registrytoken"]))
+    if username == "<token>":
+        return Credentials(identity_token=password)
+    return Credentials(username, password) if username or password else None
+
+
+def find_credentials(registry: str, repository: str = "") -> Optional[Credentials]:
+    """Credentials for ``registry`` (a host[:port], ``docker.io`` for Docker Hub).
+
+    Each auth file in turn: its ``credHelpers`` for the host, its ``auths`` (the most
+    specific key wins), then its ``credsStore``. None means anonymous.
+    """
+    keys = _auth_lookup_keys(registry, repository)
+    server = DOCKER_HUB_AUTH_KEY if registry == DEFAULT_REGISTRY else registry
+    for path in _auth_files():
+        config = _read_auth_file(path)
+        if config is None:
+            continue
+        helpers = config.get("credHelpers") or {}
+        if isinstance(helpers, dict):
+            for key, helper in helpers.items():
+                if _normalise_auth_key(key) == registry and isinstance(helper, str):
+                    return _run_credential_helper(helper, server)
+        auths = config.get("auths") or {}
+        if isinstance(auths, dict):
+            normalised = {_normalise_auth_key(k): v for k, v in auths.items()}
+            for key in keys:
+                credentials = _credentials_from_entry(normalised.get(key), path)
+                if credentials is not None:
+                    return credentials
+        store = config.get("credsStore")
+        if isinstance(store, str) and store:
+            return _run_credential_helper(store, server)
+    return None
+
+
+# =====================================================================================
+# Transport
+#
+# HTTP for the registry client: keep-alive connections (one per worker thread and
+# host), TLS verified with extra CAs and certs.d, plain HTTP only for loopback and
+# registries named insecure, retries with backoff that honour Retry-After (shared per
+# host), redirects that never carry Authorization to another host, proxies from the
+# environment, and a timeout on every socket operation.
+# =====================================================================================
+
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 522})
+_CERTS_D_ROOTS = ("/etc/docker/certs.d", "/etc/containers/certs.d",
+                  "~/.config/containers/certs.d")
+
+
+def _certs_d_roots() -> Tuple[str, ...]:
+    """certs.d directories: ``$OCICACHE_CERTS_D`` (colon-separated) replaces the defaults."""
+    value = os.environ.get("OCICACHE_CERTS_D")
+    return tuple(p for p in value.split(":") if p) if value is not None else _CERTS_D_ROOTS
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after(value: Optional[str], limit: float) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), limit)
+    import email.utils
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return min(max(when - time.time(), 0.0), limit)
+
+
+@dataclasses.dataclass
+class TransportOptions:
+    """How to reach registries. Tests and the command line fill it in."""
+
+    insecure_registries: Tuple[str, ...] = ()
+    ca_files: Tuple[str, ...] = ()
+    certs_d_roots: Tuple[str, ...] = _CERTS_D_ROOTS
+    timeout: float = 60.0
+    attempts: int = 5
+    backoff: float = 0.5
+    max_retry_after: float = 60.0
+
+
+class _Response:
+    """A response whose body is read by the caller (``read``) or whole (``body``)."""
+
+    def __init__(self, raw: "http.client.HTTPResponse", url: str,
+                 connection: "http.client.HTTPConnection") -> None:
+        self.raw = raw
+        self.status = raw.status
+        self.headers = raw.headers
+        self.url = url
+        self._connection = connection
+
+    def read(self, n: int = -1) -> bytes:
+        return self.raw.read(n)
+
+    def body(self, limit: int = MAX_MANIFEST_SIZE) -> bytes:
+        data = self.raw.read(limit + 1)
+        if len(data) > limit:
+            self.close(reuse=False)
+            raise OciCacheError(f"{self.url} answered with more than {limit} bytes")
+        return data
+
+    def close(self, reuse: bool = True) -> None:
+        if reuse and not self.raw.isclosed():
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                while self.raw.read(COPY_BUFFER_SIZE):
+                    pass
+        if not reuse or self.raw.will_close:
+            self._connection.close()
+
+
+class _Transport:
+    """Sends requests; connections are kept per thread and per scheme://host."""
+
+    def __init__(self, options: TransportOptions) -> None:
+        self.options = options
+        self._local = threading.local()
+        self._schemes: Dict[str, str] = {}
+        self._not_before: Dict[str, float] = {}
+        self._guard = threading.Lock()
+        self._contexts: Dict[Tuple[str, bool], Any] = {}
+        self._open: List["http.client.HTTPConnection"] = []
+
+    def _ssl_context(self, host: str, verify: bool) -> Any:
+        import ssl
+        with self._guard:
+            key = (host, verify)
+            if key in self._contexts:
+                return self._contexts[key]
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            for ca_file in self.options.ca_files:
+                try:
+                    context.load_verify_locations(cafile=ca_file)
+                except (OSError, ssl.SSLError) as e:
+                    raise OciCacheError(f"cannot load CA certificates from {ca_file}: {e}") from None
+            for root in self.options.certs_d_roots:
+                directory = os.path.join(os.path.expanduser(root), host.replace(":", ":"))
+                if not os.path.isdir(directory):
+                    continue
+                for name in sorted(os.listdir(directory)):
+                    path = os.path.join(directory, name)
+                    try:
+                        if name.endswith(".crt"):
+                            context.load_verify_locations(cafile=path)
+                        elif name.endswith(".cert"):
+                            context.load_cert_chain(path, path[:-len(".cert")] + ".key")
+                    except (OSError, ssl.SSLError) as e:
+                        raise OciCacheError(f"cannot load {path}: {e}") from None
+            self._contexts[key] = context
+            return context
+
+    def _connection(self, scheme: str, host: str) -> "http.client.HTTPConnection":
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = {}
+        connection = pool.get((scheme, host))
+        if connection is None:
+            proxy = self._proxy_for(scheme, host)
+            timeout = self.options.timeout
+            if scheme == "https":
+                verify = host not in self.options.insecure_registries
+                context = self._ssl_context(host, verify)
+                if proxy:
+                    connection = http.client.HTTPSConnection(proxy, timeout=timeout,
+                                                             context=context)
+                    connection.set_tunnel(host)
+                else:
+                    connection = http.client.HTTPSConnection(host, timeout=timeout,
+                                                             context=context)
+            else:
+                connection = http.client.HTTPConnection(proxy or host, timeout=timeout)
+            pool[(scheme, host)] = connection
+            with self._guard:
+                self._open.append(connection)
+        return connection
+
+    def close(self) -> None:
+        """Close every connection, whichever thread opened it."""
+        with self._guard:
+            connections, self._open = self._open, []
+        for connection in connections:
+            connection.close()
+
+    def _drop(self, scheme: str, host: str) -> None:
+        pool = getattr(self._local, "pool", {})
+        connection = pool.pop((scheme, host), None)
+        if connection is not None:
+            connection.close()
+
+    @staticmethod
+    def _proxy_for(scheme: str, host: str) -> str:
+        import urllib.request
+        if urllib.request.proxy_bypass(host.rsplit(":", 1)[0]) or _is_loopback(host):
+            return ""
+        proxy = urllib.request.getproxies().get(scheme, "")
+        return re.sub(r"^[a-z]+://", "", proxy).rstrip("/")
+
+    def _may_use_http(self, host: str) -> bool:
+        return _is_loopback(host) or host in self.options.insecure_registries
+
+    def scheme(self, host: str) -> str:
+        """https; loopback and insecure registries are tried with plain HTTP first."""
+        return self._schemes.get(host, "http" if self._may_use_http(host) else "https")
+
+    def request(self, method: str, url: str, headers: Optional[Mapping[str, str]] = None,
+                body: Optional[bytes] = None, retry: bool = True,
+                redirects: int = 5) -> _Response:
+        """Send one request, retrying what is worth retrying and following redirects.
+
+        ``url`` is ``https://host/path``; for a host that turned out to speak plain
+        HTTP the scheme is switched. ``Authorization`` is sent only to the URL's own
+        host: a redirect elsewhere (a CDN, S3) goes without it.
+        """
+        import urllib.parse
+        headers = dict(headers or {})
+        attempt = 0
+        while True:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.netloc
+            scheme = self.scheme(host) if parts.scheme == "https" else parts.scheme
+            probing = scheme == "http" and parts.scheme == "https" and host not in self._schemes
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            self._wait_for_host(host)
+            try:
+                response = self._send(scheme, host, method, path, headers, body)
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(scheme, host)
+                if probing and not isinstance(e, (TimeoutError, ConnectionRefusedError)):
+                    self._schemes[host] = "https"  # it does not speak plain HTTP
+                    continue
+                attempt += 1
+                if not retry or attempt >= self.options.attempts or _is_certificate_error(e):
+                    raise _connection_error(host, e) from None
+                self._back_off(host, attempt, None)
+                continue
+            if probing:
+                if response.status == 400 and _speaks_tls(response):
+                    self._schemes[host] = "https"
+                    continue
+                self._schemes[host] = "http"
+            if response.status in (301, 302, 303, 307, 308) and redirects > 0:
+                location = response.headers.get("Location", "")
+                response.close()
+                if not location:
+                    raise RegistryError(f"{host} answered {response.status} without a Location",
+                                        response.status)
+                target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
+                if urllib.parse.urlsplit(target).netloc != host:
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                if response.status == 303:
+                    method, body = "GET", None
+                url, redirects = target, redirects - 1
+                continue
+            if response.status in _RETRY_STATUSES and retry and \
+                    attempt + 1 < self.options.attempts:
+                attempt += 1
+                wait = _retry_after(response.headers.get("Retry-After"),
+                                    self.options.max_retry_after)
+                response.close()
+                self._back_off(host, attempt, wait)
+                continue
+            return response
+
+    def _send(self, scheme: str, host: str, method: str, path: str,
+              headers: Mapping[str, str], body: Optional[bytes]) -> _Response:
+        for fresh in (False, True):
+            connection = self._connection(scheme, host)
+            try:
+                connection.request(method, path, body=body, headers=dict(headers))
+                raw = connection.getresponse()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
+                    http.client.CannotSendRequest):
+                # A kept-alive connection the server had closed: one fresh try.
+                self._drop(scheme, host)
+                if fresh:
+                    raise
+                continue
+            if method == "HEAD":
+                raw.length = 0
+            return _Response(raw, f"{scheme}://{host}{path}", connection)
+        raise AssertionError("unreachable")
+
+    def _wait_for_host(self, host: str) -> None:
+        with self._guard:
+            delay = self._not_before.get(host, 0.0) - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _back_off(self, host: str, attempt: int, wait: Optional[float]) -> None:
+        import random
+        if wait is None:
+            wait = self.options.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+        with self._guard:
+            self._not_before[host] = max(self._not_before.get(host, 0.0),
+                                         time.monotonic() + wait)
+        self._wait_for_host(host)
+
+
+def _speaks_tls(response: _Response) -> bool:
+    """Whether a 400 is a TLS server's answer to plain HTTP (Go says so in the body)."""
+    try:
+        text = response.body(4096)
+    except (OciCacheError, OSError, http.client.HTTPException):
+        text = b""
+    response.close(reuse=False)
+    return b"HTTP request to an HTTPS server" in text
+
+
+def _is_certificate_error(error: BaseException) -> bool:
+    import ssl
+    return isinstance(error, ssl.SSLCertVerificationError) or \
+        "CERTIFICATE_VERIFY_FAILED" in str(error)
+
+
+def _connection_error(host: str, error: BaseException) -> OciCacheError:
+    if _is_certificate_error(error):
+        return OciCacheError(f"cannot verify the TLS certificate of {host}: "
+                             f"{getattr(error, 'verify_message', '') or error}; "
+                             "pass its CA with --ca-file or put it in certs.d")
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return OciCacheError(f"cannot reach {host}: {reason}")
+
+
+# =====================================================================================
+# Registry
+#
+# The distribution API on top of the transport: authentication (Basic, Bearer tokens
+# cached per realm, service and scope, scope growth), manifests fetched with every
+# media type in Accept and hashed as received, blobs streamed into the cache with
+# Range resume from a partial file, mirrors, and errors that carry the registry's own
+# codes.
+# =====================================================================================
+
+MANIFEST_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST,
+                             MEDIA_DOCKER_MANIFEST])
+_USER_AGENT = f"ocicache/{__version__} python/{_platform_module.python_version()}"
+_PARTIAL_SUFFIX = _TEMP_MARK + "partial"
+
+
+def parse_mirror(value: str) -> Tuple[str, str]:
+    """``[registry=]URL`` -> (registry or "*", URL without trailing slash)."""
+    registry, sep, url = value.partition("=")
+    if not sep:
+        registry, url = "*", value
+    if not re.match(r"^https?://[^/]", url):
+        raise OciCacheError(f"mirror {value!r} must start with http:// or https://")
+    registry = _normalise_auth_key(registry) if registry != "*" else registry
+    return registry, url.rstrip("/")
+
+
+def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
+    """One line: ``<what>: <host> answered <status> <CODE>: <message>``."""
+    codes: List[str] = []
+    detail = ""
+    try:
+        body = response.body(64 * 1024)
+        errors = json.loads(body).get("errors") or []
+        for error in errors[:3]:
+            codes.append(str(error.get("code", "")))
+            detail = detail or str(error.get("message", ""))
+    except (ValueError, AttributeError, OciCacheError, OSError, http.client.HTTPException):
+        pass
+    finally:
+        response.close(reuse=False)
+    status = response.status
+    text = f"{what}: {host} answered {status} {http.client.responses.get(status, '')}".rstrip()
+    if codes:
+        text = f"{what}: {host} answered {status} {codes[0]}"
+    if detail:
+        text += f": {_shorten(detail, 200)}"
+    if status == 429:
+        limits = [f"{h}={response.headers[h]}" for h in ("ratelimit-limit", "ratelimit-remaining")
+                  if response.headers.get(h)]
+        if limits:
+            text += f" ({', '.join(limits)})"
+    text = text.replace("\n", " ")
+    if status in (401, 403):
+        return AuthenticationError(text, status, codes)
+    return RegistryError(text, status, codes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Endpoint:
+    """Where a repository is served: base URL (mirror or registry) and repository path."""
+
+    base: str           # https://host[:port][/prefix]
+    host: str
+    repository: str
+    registry: str       # the registry the credentials belong to
+
+
+class RegistryClient:
+    """The distribution API client shared by pulls and pushes."""
+
+    def __init__(self, transport: Optional[_Transport] = None,
+                 mirrors: Sequence[Tuple[str, str]] = ()) -> None:
+        self.transport = transport or _Transport(TransportOptions())
+        self.mirrors = list(mirrors)
+        self._tokens: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, float]] = {}
+        self._challenges: Dict[str, Challenge] = {}
+        self._credentials: Dict[Tuple[str, str], Optional[Credentials]] = {}
+        self._guard = threading.Lock()
+
+    # -- endpoints and authentication -------------------------------------------------
+
+    def endpoint(self, ref: Reference, use_mirrors: bool = True) -> _Endpoint:
+        if use_mirrors:
+            for registry, url in self.mirrors:
+                if registry in (ref.registry, "*"):
+                    import urllib.parse
+                    parts = urllib.parse.urlsplit(url)
+                    prefix = parts.path.strip("/")
+                    repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
+                    base = f"{parts.scheme}://{parts.netloc}"
+                    return _Endpoint(base, parts.netloc, repository, parts.netloc)
+        host = ref.api_host
+        return _Endpoint(f"https://{host}", host, ref.repository, ref.registry)
+
+    def _credentials_for(self, endpoint: _Endpoint) -> Optional[Credentials]:
+        key = (endpoint.registry, endpoint.repository)
+        with self._guard:
+            if key in self._credentials:
+                return self._credentials[key]
+        credentials = find_credentials(endpoint.registry, endpoint.repository)
+        with self._guard:
+            self._credentials[key] = credentials
+        return credentials
+
+    def _authorization(self, endpoint: _Endpoint, scopes: Sequence[str],
+                       challenge: Optional[Challenge]) -> Optional[str]:
+        challenge = challenge or self._challenges.get(endpoint.host)
+        if challenge is None:
+            return None
+        credentials = self._credentials_for(endpoint)
+        if challenge.scheme == "basic":
+            if credentials is None or not (credentials.username or credentials.password):
+                return None
+            return credentials.basic_header()
+        if challenge.scheme != "bearer":
+            return None
+        if credentials is not None and credentials.registry_token:
+            return f"Bearer {credentials.registry_token}"
+        token = self._token(endpoint, challenge, scopes, credentials)
+        return f"Bearer {token}"
+
+    def _token(self, endpoint: _Endpoint, challenge: Challenge, scopes: Sequence[str],
+               credentials: Optional[Credentials]) -> str:
+        import urllib.parse
+        realm = challenge.params.get("realm", "")
+        service = challenge.params.get("service", "")
+        realm_parts = urllib.parse.urlsplit(realm)
+        if realm_parts.scheme not in ("http", "https") or not realm_parts.netloc:
+            raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
+                                      f"{_shorten(realm)!r}")
+        registry_scheme = self.transport.scheme(endpoint.host) if not \
+            endpoint.base.startswith("http://") else "http"
+        if realm_parts.scheme == "http" and registry_scheme == "https" and \
+                not _is_loopback(realm_parts.netloc):
+            raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
+                                      f"token realm {realm}; refusing")
+        wanted = tuple(sorted(set(scopes) | ({challenge.params["scope"]}
+                                             if challenge.params.get("scope") else set())))
+        key = (realm, service, wanted)
+        with self._guard:
+            cached = self._tokens.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        query = [("service", service)] if service else []
+        query += [("scope", scope) for scope in wanted]
+        headers = {"User-Agent": _USER_AGENT}
+        if credentials is not None and credentials.identity_token:
+            form = urllib.parse.urlencode([("grant_type", "refresh_token"),
+                                           ("refresh_token", credentials.identity_token),
+                                           ("client_id", "ocicache")] + query).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            response = self.transport.request("POST", realm, headers, form)
+        else:
+            if credentials is not None and (credentials.username or credentials.password):
+                headers["Authorization"] = credentials.basic_header()
+            separator = "&" if realm_parts.query else "?"
+            url = realm + (separator + urllib.parse.urlencode(query) if query else "")
+            response = self.transport.request("GET", url, headers)
+        if response.status != 200:
+            raise _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
+                                  response)
+        try:
+            answer = json.loads(response.body(1024 * 1024))
+            token = str(answer.get("token") or answer.get("access_token") or "")
+            expires = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            response.close(reuse=False)
+            raise AuthenticationError(f"token realm {realm_parts.netloc} answered something "
+                                      "that is not a token") from None
+        response.close()
+        if not token or not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise AuthenticationError(f"token realm {realm_parts.netloc} answered without a "
+                                      "usable token")
+        with self._guard:
+            # Renew a little early: a tenth of the lifetime, at most 10 s.
+            self._tokens[key] = (token, time.monotonic() + expires - min(expires / 10, 10))
+        return token
+
+    def request(self, endpoint: _Endpoint, method: str, path: str, actions: str = "pull",
+                headers: Optional[Mapping[str, str]] = None, body: Optional[bytes] = None,
+                what: str = "", ok: Iterable[int] = (200,)) -> _Response:
+        """An authenticated request to ``/v2/<repository>/<path>``; other statuses raise."""
+        url = f"{endpoint.base}/v2/{endpoint.repository}/{path}"
+        scopes = [f"repository:{endpoint.repository}:{actions}"]
+        challenge: Optional[Challenge] = None
+        accepted = set(ok)
+        for attempt in range(3):
+            request_headers = {"User-Agent": _USER_AGENT, **(headers or {})}
+            authorization = self._authorization(endpoint, scopes, challenge)
+            if authorization:
+                request_headers["Authorization"] = authorization
+            response = self.transport.request(method, url, request_headers, body)
+            if response.status == 401 and attempt < 2:
+                offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
+                usable = [c for c in offered if c.scheme in ("bearer", "basic")]
+                if usable and (authorization is None or
+                               usable[0].params.get("error") == "insufficient_scope"):
+                    response.close()
+                    challenge = usable[0]
+                    with self._guard:
+                        self._challenges[endpoint.host] = challenge
+                    continue
+            if response.status in accepted:
+                return response
+            raise _registry_error(what or f"{method} {endpoint.repository}/{path}",
+                                  endpoint.host, response)
+        raise AssertionError("unreachable")
+
+    # -- manifests and blobs ----------------------------------------------------------
+
+    def get_manifest(self, ref: Reference, what: str = "") -> Tuple[bytes, Descriptor]:
+        """The manifest (or index) bytes as served, and its descriptor (verified)."""
+        endpoint = self.endpoint(ref)
+        identifier = str(ref.digest) if ref.digest is not None else ref.tag
+        response = self.request(endpoint, "GET", f"manifests/{identifier}",
+                                headers={"Accept": MANIFEST_ACCEPT}, what=what or f"pull {ref}")
+        data = response.body(MAX_MANIFEST_SIZE)
+        response.close()
+        digest = Digest.from_bytes(data, ref.digest.algorithm if ref.digest else "sha256")
+        if ref.digest is not None and digest != ref.digest:
+            raise DigestMismatchError(f"{endpoint.host} served {ref} with digest {digest}")
+        served = response.headers.get("Docker-Content-Digest", "")
+        if served.startswith("sha256:") and digest.algorithm == "sha256" and served != str(digest):
+            raise DigestMismatchError(f"{endpoint.host} says {ref} is {served}, but its bytes "
+                                      f"hash to {digest}")
+        try:
+            obj = json.loads(data)
+            media_type = str(obj.get("mediaType") or "")
+        except (ValueError, AttributeError):
+            raise OciCacheError(f"{endpoint.host} served {ref} as something that is not "
+                                "JSON") from None
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        media_type = media_type or content_type
+        if media_type in (MEDIA_DOCKER_SCHEMA1, MEDIA_DOCKER_SCHEMA1_SIGNED) or \
+                obj.get("schemaVersion") == 1:
+            raise OciCacheError(f"{ref} is a Docker schema 1 manifest, which is not supported; "
+                                "push it again with a current docker or skopeo")
+        if media_type not in INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES:
+            media_type = MEDIA_OCI_INDEX if "manifests" in obj else (
+                MEDIA_OCI_MANIFEST if "config" in obj else media_type)
+        return data, Descriptor(media_type, digest, len(data))
+
+    def get_blob_bytes(self, ref: Reference, descriptor: Descriptor) -> bytes:
+        """A small blob (a config), read whole and verified."""
+        endpoint = self.endpoint(ref)
+        response = self.request(endpoint, "GET", f"blobs/{descriptor.digest}",
+                                what=f"pull {ref.name}@{descriptor.digest}")
+        data = response.body(MAX_MANIFEST_SIZE)
+        response.close()
+        if Digest.from_bytes(data, descriptor.digest.algorithm) != descriptor.digest:
+            raise DigestMismatchError(f"{endpoint.host} served blob {descriptor.digest} with "
+                                      "other content")
+        return data
+
+    def download_blob(self, ref: Reference, descriptor: Descriptor, layout: Layout,
+                      progress: Callable[[int], None] = lambda n: None) -> None:
+        """Stream a blob into the cache, verified, resuming a partial file with Range."""
+        if layout.has_blob(descriptor.digest, descriptor.size):
+            layout._touch(descriptor.digest)
+            progress(descriptor.size)
+            return
+        endpoint = self.endpoint(ref)
+        partial = layout.blob_path(descriptor.digest) + _PARTIAL_SUFFIX
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another process may be fetching the same blob
+            if layout.has_blob(descriptor.digest, descriptor.size):
+                progress(descriptor.size)
+                return
+            self._fetch_into(endpoint, descriptor, fd, progress)
+            os.fchmod(fd, 0o644 & ~_UMASK)
+            os.fsync(fd)
+            os.replace(partial, layout.blob_path(descriptor.digest))
+            _fsync_directory(os.path.dirname(partial))
+        finally:
+            os.close(fd)
+
+    def _fetch_into(self, endpoint: _Endpoint, descriptor: Descriptor, fd: int,
+                    progress: Callable[[int], None]) -> None:
+        what = f"blob {descriptor.digest} of {endpoint.repository}"
+        restarts = 0
+        failures = 0
+        while True:
+            hasher = descriptor.digest.hasher()
+            have = 0
+            os.lseek(fd, 0, os.SEEK_SET)
+            while True:  # hash what an earlier attempt (or run) left
+                chunk = os.read(fd, COPY_BUFFER_SIZE)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                have += len(chunk)
+            if have > descriptor.size:
+                os.ftruncate(fd, 0)
+                continue
+            progress(have)
+            if have < descriptor.size:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                response = self.request(endpoint, "GET", f"blobs/{descriptor.digest}",
+                                        headers=headers, what=f"pull {what}", ok=(200, 206))
+                if response.status == 200 and have:
+                    os.ftruncate(fd, 0)  # the server ignored Range: start over
+                    progress(-have)
+                    hasher, have = descriptor.digest.hasher(), 0
+                os.lseek(fd, have, os.SEEK_SET)
+                try:
+                    while have < descriptor.size:
+                        # read1: what has arrived, so a reset loses nothing already received
+                        chunk = response.raw.read1(min(COPY_BUFFER_SIZE, descriptor.size - have))
+                        if not chunk:
+                            break
+                        os.write(fd, chunk)
+                        hasher.update(chunk)
+                        have += len(chunk)
+                        progress(len(chunk))
+                    response.close(reuse=have >= descriptor.size)
+                except (OSError, http.client.HTTPException) as e:
+                    response.close(reuse=False)
+                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise OciCacheError(f"cannot write {what}: {e.strerror}") from None
+                    failures += 1
+                    if failures >= self.transport.options.attempts:
+                        raise _connection_error(endpoint.host, e) from None
+                    continue  # resume with Range from what we have
+                if have < descriptor.size:
+                    failures += 1
+                    if failures >= self.transport.options.attempts:
+                        raise OciCacheError(f"pull {what}: {endpoint.host} ended the body at "
+                                            f"{have} of {descriptor.size} bytes")
+                    continue
+            if hasher.hexdigest() == descriptor.digest.hex:
+                return
+            os.ftruncate(fd, 0)
+            progress(-have)
+            restarts += 1
+            if restarts >= 3:
+                raise DigestMismatchError(f"pull {what}: the content served does not match "
+                                          "its digest")
+
+
+# =====================================================================================
 # Tar formats
 #
 # Reading image archives: an OCI layout tar (buildx ``type=oci``, skopeo
@@ -1961,6 +2804,12 @@ def default_cache_dir() -> str:
     return os.path.join(base, "ocicache")
 
 
+def _arch_tag(platform: Platform) -> str:
+    """The suffix of linuxkit's ``<name>-<arch>`` names; variants kept apart (arm-v7)."""
+    p = platform.normalized()
+    return f"{p.architecture}-{p.variant}" if p.variant else p.architecture
+
+
 def _as_descriptor(value: DescriptorLike) -> Descriptor:
     return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
 
@@ -2041,15 +2890,68 @@ class ImageSummary:
     size: int                    # bytes on disk of every blob the name reaches
 
 
-class Provider(CacheProvider):
-    """The cache in ``directory`` (default: ``default_cache_dir()``)."""
+class PullProgress:
+    """Told what a pull downloads; the command line draws it. This one stays silent."""
 
-    def __init__(self, directory: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
+    def begin(self, name: str, blobs: Sequence[Descriptor]) -> None:
+        """A pull of ``name`` will fetch ``blobs`` (some may turn out to be present)."""
+
+    def advance(self, digest: Digest, size: int) -> None:
+        """``size`` more bytes of ``digest`` are in (negative when a download restarts)."""
+
+    def end(self, name: str, descriptor: Descriptor) -> None:
+        """The pull of ``name`` is complete."""
+
+    def cached(self, name: str, descriptor: Descriptor) -> None:
+        """``name`` was already complete in the cache: nothing was asked of the registry."""
+
+
+def default_mirrors() -> List[Tuple[str, str]]:
+    """Mirrors from ``$OCICACHE_MIRROR``, linuxkit's ``$LINUXKIT_MIRROR``, and docker's
+    ``/etc/docker/daemon.json`` ``registry-mirrors`` (which serve Docker Hub only)."""
+    mirrors = []
+    for variable in ("OCICACHE_MIRROR", "LINUXKIT_MIRROR"):
+        for value in re.split(r"[\s,]+", os.environ.get(variable, "")):
+            if value:
+                mirrors.append(parse_mirror(value))
+    daemon = os.environ.get("OCICACHE_DOCKER_DAEMON_JSON", "/etc/docker/daemon.json")
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(daemon, "rb") as f:
+            for url in json.load(f).get("registry-mirrors") or []:
+                mirrors.append(parse_mirror(f"{DEFAULT_REGISTRY}={url}"))
+    return mirrors
+
+
+class Provider(CacheProvider):
+    """The cache in ``directory`` (default: ``default_cache_dir()``).
+
+    ``mirrors`` are ``(registry or "*", URL)`` pairs (default: ``default_mirrors()``);
+    ``options`` say how registries are reached; ``jobs`` blobs download at once.
+    """
+
+    def __init__(self, directory: Optional[Union[str, "os.PathLike[str]"]] = None, *,
+                 mirrors: Optional[Sequence[Tuple[str, str]]] = None,
+                 options: Optional[TransportOptions] = None, jobs: int = 4,
+                 progress: Optional[PullProgress] = None) -> None:
         self.layout = Layout(directory if directory is not None else default_cache_dir())
+        self.registry = RegistryClient(_Transport(options or TransportOptions()),
+                                       default_mirrors() if mirrors is None else mirrors)
+        self.jobs = max(1, jobs)
+        self.progress = progress or PullProgress()
 
     @property
     def root(self) -> str:
         return self.layout.root
+
+    def close(self) -> None:
+        """Close the registry connections this cache keeps open."""
+        self.registry.transport.close()
+
+    def __enter__(self) -> "Provider":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # -- names ------------------------------------------------------------------------
 
@@ -2270,15 +3172,136 @@ class Provider(CacheProvider):
     def store(self) -> ContentStore:
         return ContentStore(self.layout)
 
-    # -- registry (the client comes in a later version) --------------------------------
+    # -- registry -------------------------------------------------------------------
 
     def image_pull(self, ref: RefLike, trusted_ref: str = "", architecture: str = "",
-                   always_pull: bool = False) -> ImageSource:
-        raise OciCacheError("pulling from registries is not implemented yet")
+                   always_pull: bool = False, arch_tags: bool = False) -> ImageSource:
+        """Make ``ref`` complete in the cache for the platform (``"all"``: every one).
+
+        An image already complete makes no request unless ``always_pull``. Only the
+        platform's child (and its attestations) is downloaded from an index, only
+        missing blobs, each verified; the name is written last.
+        """
+        wanted = Reference.parse(ref)
+        name = str(wanted)
+        if not always_pull and self._complete(wanted, architecture):
+            descriptor = self._find_named(wanted)
+            self.progress.cached(name, descriptor)
+            return self.new_source(name, architecture, descriptor)
+        with self.layout.adding_blobs():
+            root_data, root = self.registry.get_manifest(wanted)
+            manifests = self._pull_plan(wanted, root_data, root, architecture)
+            blobs: Dict[Digest, Descriptor] = {}
+            for _, _, manifest in manifests:
+                for blob in manifest.blobs():
+                    if not _is_foreign(blob):
+                        blobs.setdefault(blob.digest, blob)
+            self.progress.begin(name, list(blobs.values()))
+            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size))
+            for descriptor, data, _ in manifests:
+                self.layout.write_blob_bytes(data, descriptor.digest)
+            self.layout.write_blob_bytes(root_data, root.digest)
+            names = [(name, root.named(name))]
+            if arch_tags and wanted.tag:
+                base = Reference(wanted.registry, wanted.repository, wanted.tag)
+                for descriptor, _, _ in manifests:
+                    if descriptor.platform is not None and not descriptor.is_attestation:
+                        tag = f"{base}-{_arch_tag(descriptor.platform)}"
+                        names.append((tag, descriptor.named(tag)))
+            self._write_names(names)
+        self.progress.end(name, root)
+        return self.new_source(name, architecture, root.named(name))
+
+    def _complete(self, ref: Reference, architecture: str) -> bool:
+        """Whether the name is complete for the platform, without any network."""
+        if architecture != ALL_PLATFORMS:
+            return self.image_in_cache(ref, "", architecture)
+        root = self.find_descriptor(ref)
+        if root is None:
+            return False
+        marked = self.layout.reachable([root])
+        return not marked.missing and not marked.unreadable and \
+            all(self.layout.has_blob(d) for d in marked.digests)
+
+    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor,
+                   architecture: str) -> List[Tuple[Descriptor, bytes, Manifest]]:
+        """The image manifests a pull needs, fetched and parsed; no name is written."""
+        if root.is_index:
+            index = Index.from_json(data, what=f"index of {ref}")
+            images = [c for c in index.manifests if c.platform is not None
+                      and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
+            if architecture == ALL_PLATFORMS:
+                chosen = images
+            else:
+                wanted = Platform.parse(architecture)
+                child = select_platform(images, wanted)
+                if child is None:
+                    have = ", ".join(str(c.platform) for c in images) or "no platforms"
+                    raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
+                chosen = [child]
+            chosen += [a for c in chosen for a in index.attestations_for(c.digest)
+                       if a.media_type in IMAGE_MEDIA_TYPES]
+            plan = []
+            for child in chosen:
+                child_ref = Reference(ref.registry, ref.repository, "", child.digest)
+                child_data, _ = self.registry.get_manifest(child_ref, what=f"pull {ref}")
+                plan.append((child, child_data, Manifest.from_json(
+                    child_data, what=f"manifest {child.digest} of {ref}")))
+            return plan
+        manifest = Manifest.from_json(data, what=f"manifest of {ref}")
+        config_data = self.registry.get_blob_bytes(ref, manifest.config)
+        declared = Platform.from_json(_load_json_object(config_data, f"config of {ref}"))
+        probe = dataclasses.replace(root, platform=declared)
+        if architecture not in ("", ALL_PLATFORMS):
+            wanted = Platform.parse(architecture)
+            if select_platform([probe], wanted) is None:
+                raise PlatformNotFoundError(f"image {ref} has no {wanted}; it is {declared}")
+        elif architecture == "" and select_platform([probe], Platform.host()) is None:
+            _LOG.warning("image %s is %s, not this host's %s", ref, declared, Platform.host())
+        self.layout.write_blob_bytes(config_data, manifest.config.digest)
+        return [(probe, data, manifest)]
+
+    def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
+        """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
+        import concurrent.futures
+        missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size)]
+        for blob in blobs:
+            if blob not in missing:
+                self.layout._touch(blob.digest)
+                self.progress.advance(blob.digest, blob.size)
+        if not missing:
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-pull") as pool:
+            futures = [pool.submit(self.registry.download_blob, ref, blob, self.layout,
+                                   functools.partial(self.progress.advance, blob.digest))
+                       for blob in missing]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
 
     def image_in_registry(self, ref: RefLike, trusted_ref: str = "",
                           architecture: str = "") -> bool:
-        raise OciCacheError("registry access is not implemented yet")
+        """Whether the registry has ``ref`` for the platform. "Not found" is False;
+        every other failure (authentication, network, 5xx after retries) raises."""
+        wanted_ref = Reference.parse(ref)
+        try:
+            data, root = self.registry.get_manifest(wanted_ref, what=f"look up {wanted_ref}")
+        except RegistryError as e:
+            if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
+                return False
+            raise
+        wanted = Platform.parse(architecture)
+        if root.is_index:
+            return select_platform(Index.from_json(data).manifests, wanted) is not None
+        manifest = Manifest.from_json(data)
+        config = _load_json_object(self.registry.get_blob_bytes(wanted_ref, manifest.config),
+                                   f"config of {wanted_ref}")
+        probe = dataclasses.replace(root, platform=Platform.from_json(config))
+        return select_platform([probe], wanted) is not None
 
     def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
              override: bool = False) -> None:
@@ -2511,6 +3534,80 @@ class _ProgressReader:
         self._out.flush()
 
 
+class _LineProgress(PullProgress):
+    """One line per image, for logs and pipes."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._started = 0.0
+        self._bytes = 0
+
+    def begin(self, name: str, blobs: Sequence[Descriptor]) -> None:
+        self._started, self._bytes = time.monotonic(), sum(b.size for b in blobs)
+
+    def end(self, name: str, descriptor: Descriptor) -> None:
+        seconds = time.monotonic() - self._started
+        self._out.write(f"pulled {name} {descriptor.digest} ({_human_size(self._bytes)} "
+                        f"in {seconds:.1f}s)\n")
+        self._out.flush()
+
+    def cached(self, name: str, descriptor: Descriptor) -> None:
+        self._out.write(f"{name} {descriptor.digest} is already in the cache\n")
+        self._out.flush()
+
+
+class _TerminalProgress(_LineProgress):
+    """Per-layer and total bytes, rate and ETA, redrawn in place on a terminal."""
+
+    def __init__(self, out: IO[str]) -> None:
+        super().__init__(out)
+        self._lock = threading.Lock()
+        self._sizes: Dict[Digest, int] = {}
+        self._done: Dict[Digest, int] = {}
+        self._started = 0.0
+        self._drawn_lines = 0
+        self._last_draw = 0.0
+        self._name = ""
+
+    def begin(self, name: str, blobs: Sequence[Descriptor]) -> None:
+        with self._lock:
+            self._name = name
+            self._sizes = {b.digest: b.size for b in blobs}
+            self._done = {b.digest: 0 for b in blobs}
+            self._started = time.monotonic()
+            self._drawn_lines = 0
+
+    def advance(self, digest: Digest, size: int) -> None:
+        with self._lock:
+            if digest in self._done:
+                self._done[digest] += size
+            now = time.monotonic()
+            if now - self._last_draw >= 0.1:
+                self._last_draw = now
+                self._draw(now)
+
+    def end(self, name: str, descriptor: Descriptor) -> None:
+        with self._lock:
+            self._draw(time.monotonic())
+            self._out.write(f"pulled {name} {descriptor.digest}\n")
+            self._out.flush()
+            self._drawn_lines = 0
+
+    def _draw(self, now: float) -> None:
+        total, done = sum(self._sizes.values()), sum(self._done.values())
+        elapsed = max(now - self._started, 1e-6)
+        rate = done / elapsed
+        eta = f"{(total - done) / rate:.0f}s" if rate > 0 and done < total else "-"
+        lines = [f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}"
+                 for d, size in self._sizes.items() if 0 < self._done[d] < size][:8]
+        lines.append(f"{self._name}: {_human_size(done)} / {_human_size(total)} "
+                     f"{_human_size(int(rate))}/s ETA {eta}")
+        up = f"\x1b[{self._drawn_lines}F" if self._drawn_lines else ""
+        self._out.write(up + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
+        self._out.flush()
+        self._drawn_lines = len(lines)
+
+
 def _human_size(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -2518,6 +3615,16 @@ def _human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return number
 
 
 def _seconds(value: str) -> float:
@@ -2543,9 +3650,37 @@ def _build_parser() -> argparse.ArgumentParser:
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     noise.add_argument("-v", "--verbose", action="store_true", help="print more detail")
+    parser.add_argument("--mirror", metavar="[REGISTRY=]URL", action="append", default=[],
+                        help="pull through this mirror (repeatable; no REGISTRY= means every "
+                             "registry); also $OCICACHE_MIRROR and $LINUXKIT_MIRROR")
+    parser.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append",
+                        default=[], help="allow plain HTTP and unverified TLS for this registry "
+                                         "(loopback registries are always allowed HTTP)")
+    parser.add_argument("--ca-file", metavar="PEM", action="append", default=[],
+                        help="trust the CA certificates in this file too (repeatable)")
+    parser.add_argument("--jobs", metavar="N", type=_positive, default=4,
+                        help="blobs to download at once (default 4)")
     parser.add_argument("--version", action="version", version=f"ocicache {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+
+    p = commands.add_parser("pull", help="pull images from registries into the cache",
+                            description="Pull each NAME for the platform (default: the host). "
+                                        "An image already complete in the cache makes no "
+                                        "request; only missing blobs are downloaded, and "
+                                        "every byte is verified.")
+    p.add_argument("names", metavar="NAME", nargs="+")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--platform", metavar="P", default="",
+                       help="os/arch[/variant], e.g. linux/arm64 (default: the host)")
+    which.add_argument("--all-platforms", action="store_true",
+                       help="pull every platform of a multi-platform image")
+    p.add_argument("--always", action="store_true",
+                   help="ask the registry even when the image is in the cache (follows a "
+                        "moved tag)")
+    p.add_argument("--arch-tags", action="store_true",
+                   help="also name each platform <NAME>-<arch>, as linuxkit cache pull does")
+    p.set_defaults(run=_cmd_pull)
 
     p = commands.add_parser("ls", help="list the named images",
                             description="List every named image: name, root digest, the "
@@ -2630,6 +3765,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message)
+
+
+def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
+    architecture = ALL_PLATFORMS if args.all_platforms else args.platform
+    if args.platform:
+        Platform.parse(args.platform)
+    for name in [Reference.parse(name) for name in args.names]:
+        provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+    return 0
 
 
 def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
@@ -2766,9 +3910,22 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = _build_parser().parse_args(argv)
+    logging.basicConfig(format="ocicache: %(levelname)s: %(message)s",
+                        level=logging.ERROR if args.quiet else
+                        logging.DEBUG if args.verbose else logging.WARNING)
     try:
-        provider = Provider(args.cache)
-        return int(args.run(provider, args))
+        if args.quiet:
+            progress = PullProgress()
+        elif sys.stderr.isatty():
+            progress = _TerminalProgress(sys.stderr)
+        else:
+            progress = _LineProgress(sys.stderr)
+        mirrors = [parse_mirror(m) for m in args.mirror] + default_mirrors()
+        options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
+                                   ca_files=tuple(args.ca_file), certs_d_roots=_certs_d_roots())
+        with Provider(args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
+                      progress=progress) as provider:
+            return int(args.run(provider, args))
     except OciCacheError as e:
         message = str(e)
     except OSError as e:

@@ -10,17 +10,26 @@ Every test image is built here, from deterministic bytes. Nothing leaves loopbac
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import fnmatch
 import gzip
 import hashlib
+import http.client
+import http.server
 import io
 import json
 import os
 import random
+import re
+import secrets
 import shutil
 import signal
+import socket
+import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -28,7 +37,9 @@ import tempfile
 import threading
 import time
 import unittest
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+import urllib.parse
+from collections import namedtuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import ocicache as oc
 
@@ -206,6 +217,1191 @@ def write_layout(directory: str, roots: Sequence[Tuple[Dict[str, Any], str]],
 
 def named(name: str) -> Dict[str, str]:
     return {oc.ANNOTATION_CONTAINERD_NAME: name, oc.ANNOTATION_REF_NAME: name}
+
+
+# -------------------------------------------------------------------------------------
+# Real registries and faults: docker-registry processes, a token issuer, a fault proxy
+#
+# Facts these rely on (distribution 2.8.2): the access log goes to the registry's
+# stdout, written after the response, so tests wait on it (wait_requests); token auth
+# needs a JWT whose header has ``x5c`` or ``kid`` (libtrust key ID) for a certificate
+# in ``rootcertbundle``, ``iss`` and ``aud`` as configured, RS256; htpasswd takes only
+# bcrypt hashes. Everything listens on 127.0.0.1 and connects nowhere else.
+# -------------------------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+
+# User-Agent of the fixture's own readiness probes; filtered out of requests().
+PROBE_UA = "registry-fixture-probe/1"
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    There is an inherent race (another process may take it); Registry retries
+    with a new port if the registry fails with "address already in use".
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(extra: Optional[dict] = None) -> dict:
+    """Environment for child processes: no REGISTRY_* overrides (distribution
+    reads REGISTRY_SECTION_KEY variables as config), no HTTP proxies."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("REGISTRY_")
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy",
+                                 "no_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "*"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _openssl(*args: str, input: Optional[bytes] = None) -> bytes:
+    """Run openssl, return stdout; raise with stderr on failure."""
+    p = subprocess.run(["openssl", *args], input=input, capture_output=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed: "
+                           f"{p.stderr.decode(errors='replace')}")
+    return p.stdout
+
+
+def bcrypt_hash(password: str) -> str:
+    """bcrypt hash for distribution's htpasswd auth (which accepts only bcrypt).
+
+    Uses the stdlib ``crypt`` module (glibc/libxcrypt supports $2b$; Go's
+    x/crypto/bcrypt accepts the $2b$ prefix).  ``crypt`` is deprecated and is
+    removed in Python 3.13, so fall back to ``htpasswd -nbB`` (Debian package
+    apache2-utils) when it is unavailable.
+    """
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # type: ignore
+        if getattr(crypt, "METHOD_BLOWFISH", None) in crypt.methods:
+            h = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 5))
+            if h and h.startswith("$2"):
+                return h
+    except ImportError:
+        pass
+    if shutil.which("htpasswd"):
+        out = subprocess.run(["htpasswd", "-nbB", "-C", "5", "u", password],
+                             check=True, capture_output=True, text=True).stdout
+        return out.strip().split(":", 1)[1]
+    raise RuntimeError("no bcrypt implementation: install apache2-utils "
+                       "(htpasswd) or use a Python with crypt+blowfish")
+
+
+def make_tls_certs(directory: str, ip: str = LOOPBACK) -> tuple[str, str, str]:
+    """Create a CA and a server cert for ``ip`` (SAN IP:ip) with openssl.
+
+    Returns (ca_cert_path, server_cert_path, server_key_path).  The CA is
+    also copied to ``directory/ca.crt`` so ``directory`` can be given to
+    skopeo as ``--dest-cert-dir`` / ``--src-cert-dir`` (containers/image reads
+    *.crt as CAs and ignores the *.pem files).
+    """
+    os.makedirs(directory, exist_ok=True)
+    ca_key = os.path.join(directory, "ca-key.pem")
+    ca = os.path.join(directory, "ca.pem")
+    key = os.path.join(directory, "server-key.pem")
+    csr = os.path.join(directory, "server.csr")
+    cert = os.path.join(directory, "server.pem")
+    ext = os.path.join(directory, "server-ext.cnf")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
+             "-out", ca, "-days", "2", "-subj", "/CN=ocicache test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+             "-out", csr, "-subj", f"/CN={ip}")
+    with open(ext, "w") as f:
+        f.write(f"subjectAltName=IP:{ip}\n"
+                "basicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\n"
+                "authorityKeyIdentifier=keyid\n"
+                "subjectKeyIdentifier=hash\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+             "-CAcreateserial", "-out", cert, "-days", "2", "-sha256",
+             "-extfile", ext)
+    shutil.copyfile(ca, os.path.join(directory, "ca.crt"))
+    return ca, cert, key
+
+
+def _yaml_scalar(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return json.dumps(str(v))  # a JSON string is a valid YAML double-quoted scalar
+
+
+def to_yaml(obj: dict, indent: int = 0) -> str:
+    """Tiny block-style YAML emitter for nested dicts / lists of scalars."""
+    pad = "  " * indent
+    out = []
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            if v:
+                out.append(f"{pad}{k}:\n{to_yaml(v, indent + 1)}")
+            else:
+                out.append(f"{pad}{k}: {{}}\n")
+        elif isinstance(v, (list, tuple)):
+            out.append(f"{pad}{k}:\n")
+            out.extend(f"{pad}  - {_yaml_scalar(i)}\n" for i in v)
+        else:
+            out.append(f"{pad}{k}: {_yaml_scalar(v)}\n")
+    return "".join(out)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+# One parsed access-log line.  ``path`` is ``uri`` without the query string.
+AccessEntry = namedtuple("AccessEntry",
+                         "remote time method uri path status size referer user_agent")
+
+# gorilla/handlers CombinedLoggingHandler format.
+_ACCESS_RE = re.compile(
+    r'^(?P<remote>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] '
+    r'"(?P<method>\S+) (?P<uri>\S+) [^"]*" (?P<status>\d{3}) (?P<size>\d+|-) '
+    r'"(?P<referer>[^"]*)" "(?P<ua>[^"]*)"')
+
+
+class Registry:
+    """A real ``docker-registry serve`` on 127.0.0.1:<free port>.
+
+    Registry(auth=None, tls=None, proxy_remote=None, *, proxy_username=None,
+             proxy_password=None, root=None, extra_config=None,
+             binary="docker-registry", start=True, ready_timeout=30.0)
+
+    auth: None
+          ("htpasswd", {"user": "password", ...})
+          ("token", TokenIssuer)          -- uses its realm/service/issuer/cert
+    tls:  None or (cert_path, key_path)   -- serve HTTPS
+    proxy_remote: None or "http://127.0.0.1:PORT" -- pull-through cache mode
+    root: storage directory to use (kept on stop); default a temp dir (removed)
+    extra_config: dict deep-merged into the generated config
+
+    Methods: start(), wait_ready(timeout), stop() (also close(), context
+    manager), requests() -> [(method, path)], access_entries() ->
+    [AccessEntry], wait_requests(pred, timeout), access_log(), app_log(),
+    wait_log(regex, timeout), wait_proxy_cached(repo, digest, timeout).
+    Attributes: url, host, port, scheme, config_path, access_log_path,
+    app_log_path, root, proc.
+    """
+
+    def __init__(self, auth=None, tls=None, proxy_remote: Optional[str] = None, *,
+                 proxy_username: Optional[str] = None,
+                 proxy_password: Optional[str] = None,
+                 root: Optional[str] = None, extra_config: Optional[dict] = None,
+                 binary: str = "docker-registry", start: bool = True,
+                 ready_timeout: float = 30.0):
+        self.auth = auth
+        self.tls = tls
+        self.proxy_remote = proxy_remote
+        self.proxy_username = proxy_username
+        self.proxy_password = proxy_password
+        self.extra_config = extra_config or {}
+        self.binary = binary
+        self.ready_timeout = ready_timeout
+        self.tmpdir = tempfile.mkdtemp(prefix="registry-fixture-")
+        self._own_root = root is None
+        self.root = root or os.path.join(self.tmpdir, "storage")
+        os.makedirs(self.root, exist_ok=True)
+        self.config_path = os.path.join(self.tmpdir, "config.yml")
+        self.access_log_path = os.path.join(self.tmpdir, "access.log")  # stdout
+        self.app_log_path = os.path.join(self.tmpdir, "registry.log")   # stderr
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = 0
+        self._final_logs: Optional[tuple[str, str]] = None
+        if start:
+            self.start()
+
+    # -- addresses ---------------------------------------------------------
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    # -- config ------------------------------------------------------------
+    def build_config(self) -> dict:
+        cfg: dict = {
+            "version": "0.1",
+            "log": {
+                "level": "info",
+                "formatter": "text",
+                "accesslog": {"disabled": False},
+                "fields": {"service": "registry"},
+            },
+            "storage": {
+                "filesystem": {"rootdirectory": self.root},
+                "delete": {"enabled": True},
+                # no background upload purging while tests run
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {
+                "addr": f"{LOOPBACK}:{self.port}",
+                "secret": secrets.token_hex(16),  # silences the random-secret warning
+                "headers": {"X-Content-Type-Options": ["nosniff"]},
+            },
+            # Periodic storage-driver health check off: less noise in the logs.
+            "health": {"storagedriver": {"enabled": False}},
+            # Deliberately absent: notifications (webhooks), redis, reporting
+            # (bugsnag/newrelic), middleware (cloudfront...).  With these absent
+            # the registry makes no outbound connections, except in proxy mode
+            # to ``proxy.remoteurl``.
+        }
+        if self.tls:
+            cert, key = self.tls
+            cfg["http"]["tls"] = {"certificate": cert, "key": key}
+        if self.auth is not None:
+            kind = self.auth[0]
+            if kind == "htpasswd":
+                users: dict = self.auth[1]
+                path = os.path.join(self.tmpdir, "htpasswd")
+                with open(path, "w") as f:
+                    for u, pw in users.items():
+                        f.write(f"{u}:{bcrypt_hash(pw)}\n")
+                cfg["auth"] = {"htpasswd": {"realm": "basic-realm", "path": path}}
+            elif kind == "token":
+                iss = self.auth[1]
+                cfg["auth"] = {"token": {
+                    "realm": iss.realm, "service": iss.service,
+                    "issuer": iss.issuer, "rootcertbundle": iss.rootcertbundle}}
+            else:
+                raise ValueError(f"unknown auth kind {kind!r}")
+        if self.proxy_remote:
+            proxy = {"remoteurl": self.proxy_remote}
+            if self.proxy_username is not None:
+                proxy["username"] = self.proxy_username
+                proxy["password"] = self.proxy_password or ""
+            cfg["proxy"] = proxy
+        return _deep_merge(cfg, self.extra_config)
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, attempts: int = 5) -> "Registry":
+        for attempt in range(attempts):
+            self.port = free_port()
+            with open(self.config_path, "w") as f:
+                f.write(to_yaml(self.build_config()))
+            out = open(self.access_log_path, "ab")
+            err = open(self.app_log_path, "ab")
+            try:
+                self.proc = subprocess.Popen(
+                    [self.binary, "serve", self.config_path],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    cwd=self.tmpdir, env=_clean_env(), start_new_session=True)
+            finally:
+                out.close()
+                err.close()
+            try:
+                self.wait_ready(self.ready_timeout)
+                return self
+            except RuntimeError:
+                # Lost the free_port() race?  Retry on another port.
+                if "address already in use" in self.app_log() and attempt + 1 < attempts:
+                    self._terminate()
+                    continue
+                self.stop()
+                raise
+        raise RuntimeError("could not start registry")  # pragma: no cover
+
+    def _probe(self) -> Optional[int]:
+        """One GET /v2/; returns the status or None if nothing answered."""
+        if self.tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(LOOPBACK, self.port, timeout=2, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        try:
+            conn.request("GET", "/v2/", headers={"User-Agent": PROBE_UA})
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Poll GET /v2/ until it answers (200, or 401 with auth) or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError("docker-registry exited early:\n" + self.app_log()[-3000:])
+            if self._probe() in (200, 401):
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"registry not ready after {timeout}s:\n"
+                                   + self.app_log()[-3000:])
+            time.sleep(0.02)
+
+    def _terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        """Stop the registry; logs stay readable (kept in memory); temp dir removed."""
+        self._terminate()
+        if self._final_logs is None and os.path.isdir(self.tmpdir):
+            self._final_logs = (self._read(self.access_log_path),
+                                self._read(self.app_log_path))
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            # (a caller-supplied ``root`` lives outside tmpdir and is kept)
+
+    close = stop
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- logs --------------------------------------------------------------
+    @staticmethod
+    def _read(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def access_log(self) -> str:
+        return self._final_logs[0] if self._final_logs else self._read(self.access_log_path)
+
+    def app_log(self) -> str:
+        return self._final_logs[1] if self._final_logs else self._read(self.app_log_path)
+
+    def access_entries(self, include_probes: bool = False) -> list[AccessEntry]:
+        entries = []
+        for line in self.access_log().splitlines():
+            m = _ACCESS_RE.match(line)
+            if not m:
+                continue
+            if not include_probes and m["ua"] == PROBE_UA:
+                continue
+            uri = m["uri"]
+            entries.append(AccessEntry(m["remote"], m["time"], m["method"], uri,
+                                       uri.split("?", 1)[0], int(m["status"]),
+                                       m["size"], m["referer"], m["ua"]))
+        return entries
+
+    def requests(self) -> list[tuple[str, str]]:
+        """[(method, path)] of every request served so far (probes excluded)."""
+        return [(e.method, e.path) for e in self.access_entries()]
+
+    def wait_requests(self, pred: Callable[[list], bool], timeout: float = 10.0
+                      ) -> list[tuple[str, str]]:
+        """Wait until ``pred(self.requests())`` is true; return the list.
+
+        Needed because the access-log line is written after the response."""
+        result: list = []
+
+        def check() -> bool:
+            result[:] = self.requests()
+            return bool(pred(result))
+        wait_for(check, timeout, "registry access log condition")
+        return result
+
+    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        """Wait until regex ``pattern`` matches the application log (stderr)."""
+        found: list = []
+
+        def check() -> bool:
+            m = re.search(pattern, self.app_log())
+            if m:
+                found.append(m)
+            return m is not None
+        wait_for(check, timeout, f"registry log line matching {pattern!r}")
+        return found[0]
+
+    def wait_proxy_cached(self, repo: str, digest: str, timeout: float = 10.0) -> None:
+        """Proxy mode: wait until ``repo@digest`` (blob or manifest) is stored locally.
+
+        distribution 2.8 stores a proxied blob in a background goroutine that
+        fetches it from the remote a second time; only when that is done
+        ("Adding new scheduler entry for REPO@DIGEST") are later GETs served
+        from the cache without contacting the remote."""
+        self.wait_log(r"Adding new scheduler entry for " + re.escape(f"{repo}@{digest}"),
+                      timeout)
+
+
+# --------------------------------------------------------------------------
+# TokenIssuer
+# --------------------------------------------------------------------------
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def libtrust_key_id(spki_der: bytes) -> str:
+    """libtrust KeyID: base32(sha256(DER SubjectPublicKeyInfo)[:30]) with no
+    padding (48 chars), in 12 groups of 4 joined by ':'."""
+    s = base64.b32encode(hashlib.sha256(spki_der).digest()[:30]).decode().rstrip("=")
+    return ":".join(s[i:i + 4] for i in range(0, len(s), 4))
+
+
+# One recorded request to the token endpoint.
+TokenRequest = namedtuple("TokenRequest",
+                          "method path query form authorization user scopes status")
+
+DEFAULT_ACTIONS = ("pull", "push", "delete", "*")
+
+
+class TokenIssuer:
+    """Docker token-auth realm on http://127.0.0.1:<port>/token.
+
+    TokenIssuer(users=None, permissions=None, *, anonymous_pull=True,
+                service="registry.test", issuer="ocicache-test-issuer",
+                expires_in=300, key_mode="kid", allow_post=True)
+
+    users:        {name: password}
+    permissions:  {name: actions} where actions is an iterable such as
+                  ("pull",) or a dict {repo_glob: actions}; users without an
+                  entry get DEFAULT_ACTIONS (pull, push, delete, *).
+    anonymous_pull: anonymous requests get "pull" (else a token with no access,
+                  like Docker Hub does for private repos).
+    expires_in:   lifetime in seconds (``exp`` claim and ``expires_in`` field);
+                  may be changed at any time.  Registry allows 60 s leeway.
+    key_mode:     "kid" (libtrust key id in the JWT header) or "x5c" (cert chain).
+    allow_post:   if False, POST answers 404 (clients must fall back to GET).
+
+    GET  /token?service=&scope=...&scope=...[&offline_token=true]  (+ optional Basic)
+    POST /token  grant_type=password|refresh_token, username, password,
+                 refresh_token, service, scope (space separated), client_id,
+                 access_type=offline -> also returns refresh_token
+
+    Attributes: realm, service, issuer, rootcertbundle, key_id, port, url.
+    Methods: requests() -> [TokenRequest], clear(), issue_token(sub, access,
+    expires_in=None), stop(), context manager.
+    """
+
+    def __init__(self, users: Optional[dict] = None, permissions: Optional[dict] = None,
+                 *, anonymous_pull: bool = True, service: str = "registry.test",
+                 issuer: str = "ocicache-test-issuer", expires_in: int = 300,
+                 key_mode: str = "kid", allow_post: bool = True):
+        if key_mode not in ("kid", "x5c"):
+            raise ValueError("key_mode must be 'kid' or 'x5c'")
+        self.users = dict(users or {})
+        self.permissions = dict(permissions or {})
+        self.anonymous_pull = anonymous_pull
+        self.service = service
+        self.issuer = issuer
+        self.expires_in = expires_in
+        self.key_mode = key_mode
+        self.allow_post = allow_post
+        self._lock = threading.Lock()
+        self._requests: list[TokenRequest] = []
+        self._refresh_tokens: dict[str, str] = {}  # refresh token -> user
+
+        # Signing key + self-signed cert (the cert is the registry's rootcertbundle).
+        self.tmpdir = tempfile.mkdtemp(prefix="token-issuer-")
+        self.key_path = os.path.join(self.tmpdir, "key.pem")
+        self.rootcertbundle = os.path.join(self.tmpdir, "cert.pem")
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                 "-keyout", self.key_path, "-out", self.rootcertbundle,
+                 "-days", "2", "-subj", "/CN=ocicache token issuer")
+        spki = _openssl("pkey", "-in", self.key_path, "-pubout", "-outform", "DER")
+        self.key_id = libtrust_key_id(spki)
+        with open(self.rootcertbundle) as f:
+            self._cert_der_b64 = base64.b64encode(
+                ssl.PEM_cert_to_DER_cert(f.read())).decode()
+
+        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), self._make_handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1},
+                                        name="token-issuer", daemon=True)
+        self._thread.start()
+
+    # -- addresses ---------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def realm(self) -> str:
+        return f"{self.url}/token"
+
+    # -- recording ---------------------------------------------------------
+    def requests(self) -> list[TokenRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    # -- tokens ------------------------------------------------------------
+    def _sign(self, data: bytes) -> bytes:
+        return _openssl("dgst", "-sha256", "-sign", self.key_path, input=data)
+
+    def issue_token(self, subject: str, access: list, expires_in: Optional[int] = None,
+                    audience: Optional[str] = None, issuer: Optional[str] = None) -> str:
+        """Sign a JWT; ``access`` is [{"type","name","actions"}].  The optional
+        overrides let tests mint tokens the registry must reject."""
+        now = int(time.time())
+        life = self.expires_in if expires_in is None else expires_in
+        header = {"typ": "JWT", "alg": "RS256"}
+        if self.key_mode == "kid":
+            header["kid"] = self.key_id
+        else:
+            header["x5c"] = [self._cert_der_b64]
+        claims = {
+            "iss": issuer or self.issuer, "sub": subject, "aud": audience or self.service,
+            "exp": now + life, "nbf": now - 1, "iat": now,
+            "jti": secrets.token_hex(8), "access": access,
+        }
+        signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
+                         + _b64url(json.dumps(claims, separators=(",", ":")).encode()))
+        return signing_input + "." + _b64url(self._sign(signing_input.encode()))
+
+    def _allowed(self, user: Optional[str], rtype: str, name: str) -> set:
+        if user is None:
+            return {"pull"} if (self.anonymous_pull and rtype == "repository") else set()
+        perm = self.permissions.get(user, DEFAULT_ACTIONS)
+        if isinstance(perm, dict):
+            for pattern, actions in perm.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    return set(actions)
+            return set()
+        return set(perm)
+
+    def _grant(self, user: Optional[str], scopes: list) -> list:
+        """Turn scope strings into the JWT ``access`` claim (granted subset)."""
+        access = []
+        for scope in scopes:
+            # type:name:actions -- name may itself contain ':' (host:port/repo)
+            parts = scope.split(":")
+            if len(parts) < 3:
+                continue
+            rtype, name, actions = parts[0], ":".join(parts[1:-1]), parts[-1].split(",")
+            allowed = self._allowed(user, rtype, name)
+            granted = [a for a in actions if a and a in allowed]
+            if granted:
+                access.append({"type": rtype, "name": name, "actions": granted})
+        return access
+
+    def _token_response(self, user: Optional[str], scopes: list, want_refresh: bool) -> dict:
+        token = self.issue_token(user or "", self._grant(user, scopes))
+        body = {
+            "token": token, "access_token": token, "expires_in": self.expires_in,
+            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if want_refresh and user is not None:
+            rt = secrets.token_urlsafe(24)
+            with self._lock:
+                self._refresh_tokens[rt] = user
+            body["refresh_token"] = rt
+        return body
+
+    def _check_password(self, user: str, password: str) -> bool:
+        return user in self.users and secrets.compare_digest(self.users[user], password)
+
+    # -- HTTP --------------------------------------------------------------
+    def _make_handler(issuer_self):  # noqa: N805 -- closure over the issuer
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive like real token servers
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _send(self, status: int, body: dict, extra_headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in extra_headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self, query, form, user, scopes, status):
+                with issuer_self._lock:
+                    issuer_self._requests.append(TokenRequest(
+                        self.command, self.path.split("?", 1)[0], query, form,
+                        "Authorization" in self.headers, user, scopes, status))
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+                scopes = [s for v in query.get("scope", []) for s in v.split()]
+                user = None
+                authz = self.headers.get("Authorization")
+                if url.path != "/token":
+                    self._record(query, {}, None, scopes, 404)
+                    return self._send(404, {"errors": [{"code": "NOT_FOUND"}]})
+                if authz is not None:
+                    ok = False
+                    if authz.lower().startswith("basic "):
+                        try:
+                            u, _, pw = base64.b64decode(authz[6:].strip()).decode().partition(":")
+                            ok = issuer_self._check_password(u, pw)
+                            user = u
+                        except (ValueError, UnicodeDecodeError):
+                            ok = False
+                    if not ok:
+                        self._record(query, {}, user, scopes, 401)
+                        return self._send(401, {"errors": [{"code": "UNAUTHORIZED",
+                                                            "message": "bad credentials"}]},
+                                          [("WWW-Authenticate", 'Basic realm="token"')])
+                want_refresh = query.get("offline_token", [""])[0].lower() == "true"
+                body = issuer_self._token_response(user, scopes, want_refresh)
+                self._record(query, {}, user, scopes, 200)
+                self._send(200, body)
+
+            def do_POST(self):
+                url = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n).decode() if n else ""
+                form = urllib.parse.parse_qs(raw, keep_blank_values=True)
+                scopes = [s for v in form.get("scope", []) for s in v.split()]
+                if url.path != "/token" or not issuer_self.allow_post:
+                    self._record(query, form, None, scopes, 404)
+                    return self._send(404, {"error": "not_found"})
+                f1 = lambda k: form.get(k, [""])[0]  # noqa: E731
+                grant = f1("grant_type")
+                user = None
+                if grant == "password":
+                    user = f1("username")
+                    if not issuer_self._check_password(user, f1("password")):
+                        self._record(query, form, user, scopes, 401)
+                        return self._send(401, {"error": "invalid_grant",
+                                                "error_description": "bad credentials"})
+                elif grant == "refresh_token":
+                    with issuer_self._lock:
+                        user = issuer_self._refresh_tokens.get(f1("refresh_token"))
+                    if user is None:
+                        self._record(query, form, None, scopes, 401)
+                        return self._send(401, {"error": "invalid_grant",
+                                                "error_description": "unknown refresh token"})
+                else:
+                    self._record(query, form, None, scopes, 400)
+                    return self._send(400, {"error": "unsupported_grant_type"})
+                body = issuer_self._token_response(user, scopes,
+                                                   f1("access_type") == "offline")
+                body["scope"] = " ".join(scopes)
+                self._record(query, form, user, scopes, 200)
+                self._send(200, body)
+
+        return Handler
+
+    # -- lifecycle ---------------------------------------------------------
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=10)
+            self._server = None
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    close = stop
+
+    def __enter__(self) -> "TokenIssuer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------
+# FaultProxy
+# --------------------------------------------------------------------------
+
+FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect")
+
+_REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
+            308: "Permanent Redirect", 401: "Unauthorized", 404: "Not Found",
+            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class Fault:
+    """One fault rule.  Fires on the ``nth`` matching request (1-based, counted
+    from when it was added) and then on following matches until it has fired
+    ``times`` times (None = forever).
+
+    kinds and params:
+      reset     after_bytes=None  send head + K body bytes then TCP RST
+      truncate  after_bytes=None  send head + K body bytes then close (FIN)
+                (after_bytes None = half the Content-Length; < 0 = before the
+                 response head, i.e. nothing is sent)
+      corrupt   offset=None       flip one body byte (None = middle of body)
+      delay     seconds=1.0, after_bytes=None  stall before the head (or after
+                K body bytes), then continue normally
+      respond   status=503, headers={}, body=b"", close=False  canned response;
+                the request is NOT forwarded upstream
+      redirect  location, status=307  canned redirect; "{path}" in location is
+                replaced by the original request target (path + query)
+    """
+
+    def __init__(self, kind: str, *, match: Optional[str] = None,
+                 method: Optional[str] = None, nth: int = 1,
+                 times: Optional[int] = 1, **params):
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        self.kind = kind
+        self.match = re.compile(match) if match else None
+        self.method = method.upper() if method else None
+        self.nth = nth
+        self.times = times
+        self.params = params
+        self.seen = 0    # matching requests seen
+        self.fired = 0   # times applied
+
+    def _matches(self, method: str, target: str) -> bool:
+        if self.method and method != self.method:
+            return False
+        return not self.match or bool(self.match.search(target))
+
+    def __repr__(self) -> str:
+        return (f"Fault({self.kind!r}, match={self.match and self.match.pattern!r}, "
+                f"nth={self.nth}, times={self.times}, fired={self.fired}, {self.params})")
+
+
+class _Closed(Exception):
+    """The peer closed the connection (or we must stop)."""
+
+
+class _Conn:
+    """A socket plus its buffered reader.  The reader must be closed before
+    the socket, or socket.close() does not really close the fd (makefile
+    keeps a reference) and an intended RST would become a FIN."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self, rst: bool = False) -> None:
+        try:
+            if rst:  # SO_LINGER {on, 0}: close() sends RST instead of FIN
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+            else:
+                self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _read_head(rf) -> Optional[tuple[bytes, list]]:
+    """Read a request/status line + headers.  None on clean EOF before any byte."""
+    total = 0
+    line = rf.readline(65537)
+    while line in (b"\r\n", b"\n"):  # tolerate stray CRLF between messages
+        line = rf.readline(65537)
+    if not line:
+        return None
+    start = line.rstrip(b"\r\n")
+    headers = []
+    while True:
+        line = rf.readline(65537)
+        if not line:
+            raise _Closed("EOF in headers")
+        total += len(line)
+        if total > 65536:
+            raise _Closed("headers too large")
+        if line in (b"\r\n", b"\n"):
+            return start, headers
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name.strip(), value.strip()))
+
+
+def _hget(headers: list, name: str) -> Optional[str]:
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _head_bytes(start: bytes, headers: list) -> bytes:
+    return (start + b"\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+            + b"\r\n")
+
+
+def _iter_body(rf, headers: list, until_eof: bool) -> Iterator[bytes]:
+    """Yield the raw wire bytes of a message body (chunk framing included)."""
+    te = _hget(headers, "Transfer-Encoding")
+    cl = _hget(headers, "Content-Length")
+    if te and "chunked" in te.lower():
+        while True:
+            line = rf.readline(65537)
+            if not line:
+                raise _Closed("EOF in chunk size")
+            yield line
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while True:  # trailers up to the empty line
+                    t = rf.readline(65537)
+                    if not t:
+                        raise _Closed("EOF in trailers")
+                    yield t
+                    if t in (b"\r\n", b"\n"):
+                        return
+            remaining = size + 2  # data + CRLF
+            while remaining:
+                piece = rf.read(min(remaining, 65536))
+                if not piece:
+                    raise _Closed("EOF in chunk")
+                remaining -= len(piece)
+                yield piece
+    elif cl is not None:
+        remaining = int(cl)
+        while remaining:
+            piece = rf.read(min(remaining, 65536))
+            if not piece:
+                raise _Closed("EOF in body")
+            remaining -= len(piece)
+            yield piece
+    elif until_eof:
+        while True:
+            piece = rf.read1(65536)
+            if not piece:
+                return
+            yield piece
+
+
+class FaultProxy:
+    """HTTP/1.1-aware TCP proxy on 127.0.0.1:<free port> that injects faults.
+
+    FaultProxy(target_host, target_port, *, max_connections=64, idle_timeout=30.0)
+
+    Plain HTTP only (it parses the byte stream).  Each client connection gets
+    its own upstream connection; requests are forwarded byte-for-byte (Host
+    header untouched, so registry Location headers point back at the proxy).
+
+    Methods:
+      add_fault(kind, *, match=None, method=None, nth=1, times=1, **params) -> Fault
+      clear_faults()
+      connections     -- TCP connections accepted so far (property)
+      requests()      -- [(method, target)] of every request received
+      fired()         -- [(kind, method, target)] for each fault applied
+      stop(), context manager
+    Attributes: url ("http://127.0.0.1:PORT"), host, port.
+    """
+
+    def __init__(self, target_host: str, target_port: int, *,
+                 max_connections: int = 64, idle_timeout: float = 30.0):
+        self.target = (target_host, int(target_port))
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._requests: list[tuple[str, str]] = []
+        self._fired: list[tuple[str, str, str]] = []
+        self._connections = 0
+        self._conns: set = set()  # open _Conn objects (client and upstream)
+        self._threads: set = set()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stopping = threading.Event()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept_loop,
+                                               name="fault-proxy-accept", daemon=True)
+        self._accept_thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    # -- fault control (thread-safe) --------------------------------------
+    def add_fault(self, kind: str, **kw) -> Fault:
+        fault = Fault(kind, **kw)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return self._connections
+
+    def requests(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._requests)
+
+    def fired(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return list(self._fired)
+
+    def _pick_fault(self, method: str, target: str) -> Optional[Fault]:
+        """Record the request and return the fault to apply (first rule wins)."""
+        with self._lock:
+            self._requests.append((method, target))
+            chosen = None
+            for f in self._faults:
+                if not f._matches(method, target):
+                    continue
+                f.seen += 1
+                if (chosen is None and f.seen >= f.nth
+                        and (f.times is None or f.fired < f.times)):
+                    f.fired += 1
+                    chosen = f
+            if chosen:
+                self._fired.append((chosen.kind, method, target))
+            return chosen
+
+    # -- plumbing ------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # listener shut down
+            if self._stopping.is_set() or not self._slots.acquire(blocking=False):
+                sock.close()  # over the connection bound
+                continue
+            sock.settimeout(self.idle_timeout)
+            client = _Conn(sock)
+            t = threading.Thread(target=self._serve_conn, args=(client,),
+                                 name="fault-proxy-conn", daemon=True)
+            with self._lock:
+                self._connections += 1
+                self._conns.add(client)
+                self._threads.add(t)
+            t.start()
+
+    def _close(self, conn: Optional[_Conn], rst: bool = False) -> None:
+        if conn is not None:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close(rst)
+
+    def _canned(self, client: _Conn, method: str, target: str, fault: Fault) -> bool:
+        """Send a canned response; return True if the connection must close."""
+        p = fault.params
+        if fault.kind == "redirect":
+            status = p.get("status", 307)
+            headers = {"Location": p["location"].replace("{path}", target)}
+            body = b""
+        else:
+            status = p.get("status", 503)
+            headers = dict(p.get("headers", {}))
+            body = p.get("body", b"")
+            body = body.encode() if isinstance(body, str) else body
+        close = p.get("close", False)
+        lines = [f"HTTP/1.1 {status} {p.get('reason', _REASONS.get(status, 'Fault'))}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        if close:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        client.send(head + (b"" if method == "HEAD" else body))
+        return close
+
+    def _serve_conn(self, client: _Conn) -> None:
+        """Serve one client connection: a loop over keep-alive requests."""
+        upstream: Optional[_Conn] = None
+        try:
+            while not self._stopping.is_set():
+                head = _read_head(client.rfile)
+                if head is None:
+                    break
+                start, headers = head
+                try:
+                    method, target, version = start.decode("latin-1").split(" ", 2)
+                except ValueError:
+                    break  # not HTTP; give up on this connection
+                client_close = (version == "HTTP/1.0"
+                                or (_hget(headers, "Connection") or "").lower() == "close")
+                if (_hget(headers, "Expect") or "").lower() == "100-continue":
+                    # Answer 100 ourselves so the client sends the body we must read.
+                    client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    headers = [(k, v) for k, v in headers if k.lower() != "expect"]
+                fault = self._pick_fault(method, target)
+
+                if fault and fault.kind in ("respond", "redirect"):
+                    for _ in _iter_body(client.rfile, headers, until_eof=False):
+                        pass  # drain the request body; it is not forwarded
+                    if self._canned(client, method, target, fault) or client_close:
+                        break
+                    continue
+
+                # Forward the request upstream (reusing the upstream connection).
+                if upstream is None:
+                    try:
+                        sock = socket.create_connection(self.target, timeout=self.idle_timeout)
+                    except OSError:
+                        client.send(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\n\r\n")
+                        break
+                    upstream = _Conn(sock)
+                    with self._lock:
+                        self._conns.add(upstream)
+                upstream.send(_head_bytes(start, headers))
+                for piece in _iter_body(client.rfile, headers, until_eof=False):
+                    upstream.send(piece)
+
+                # Read the response head (forwarding any 1xx interim responses).
+                while True:
+                    rhead = _read_head(upstream.rfile)
+                    if rhead is None:
+                        raise _Closed("upstream closed before responding")
+                    rstart, rheaders = rhead
+                    status = int(rstart.split(b" ", 2)[1])
+                    if 100 <= status < 200 and status != 101:
+                        client.send(_head_bytes(rstart, rheaders))
+                        continue
+                    break
+                no_body = method == "HEAD" or status in (204, 304)
+                has_len = (_hget(rheaders, "Content-Length") is not None
+                           or "chunked" in (_hget(rheaders, "Transfer-Encoding") or "").lower())
+                upstream_close = ((_hget(rheaders, "Connection") or "").lower() == "close"
+                                  or (not no_body and not has_len))
+                body = iter(()) if no_body else _iter_body(upstream.rfile, rheaders,
+                                                            until_eof=True)
+                clen = 0 if no_body else int(_hget(rheaders, "Content-Length") or 0)
+
+                if self._send_response(client, rstart, rheaders, body, clen, fault):
+                    break  # aborted mid-response: upstream is closed in finally
+                if upstream_close:
+                    self._close(upstream)
+                    upstream = None
+                    break
+                if client_close:
+                    break
+        except (_Closed, OSError, ValueError):
+            pass
+        finally:
+            self._close(upstream)
+            self._close(client)
+            self._slots.release()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _send_response(self, client: _Conn, rstart: bytes, rheaders: list,
+                       body: Iterable[bytes], clen: int, fault: Optional[Fault]) -> bool:
+        """Stream one response to the client, applying ``fault``.
+
+        Returns True if the client connection was aborted (reset/truncate)."""
+        kind = fault.kind if fault else None
+        p = fault.params if fault else {}
+        cut = stall_at = flip_at = None
+        if kind in ("reset", "truncate"):
+            cut = p.get("after_bytes")
+            if cut is None:
+                cut = clen // 2
+            elif clen:
+                cut = min(cut, max(clen - 1, 0))  # never let the body complete
+            if cut < 0:  # before the head: nothing at all reaches the client
+                self._close(client, rst=(kind == "reset"))
+                return True
+        elif kind == "corrupt":
+            flip_at = p.get("offset")
+            if flip_at is None:
+                flip_at = clen // 2
+        elif kind == "delay":
+            stall_at = p.get("after_bytes")
+            if stall_at is None:
+                self._stopping.wait(p.get("seconds", 1.0))
+
+        client.send(_head_bytes(rstart, rheaders))
+        sent = 0
+        for piece in body:
+            if self._stopping.is_set():
+                raise _Closed("stopping")
+            if cut is not None and sent + len(piece) >= cut:
+                client.send(piece[:cut - sent])
+                self._close(client, rst=(kind == "reset"))
+                return True
+            if flip_at is not None and sent <= flip_at < sent + len(piece):
+                i = flip_at - sent
+                piece = piece[:i] + bytes([piece[i] ^ 0xFF]) + piece[i + 1:]
+            if stall_at is not None and sent <= stall_at < sent + len(piece):
+                i = stall_at - sent
+                client.send(piece[:i])
+                self._stopping.wait(p.get("seconds", 1.0))
+                piece, sent = piece[i:], sent + i
+                stall_at = None
+            client.send(piece)
+            sent += len(piece)
+        if cut is not None:  # body shorter than the cut point (or empty)
+            self._close(client, rst=(kind == "reset"))
+            return True
+        return False
+
+    # -- lifecycle -------------------------------------------------------------
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, close every socket, join the threads (bounded)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self._listener.close()
+        self._accept_thread.join(timeout)
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for c in conns:
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)  # wakes blocked recv()s
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    close = stop
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 class CacheTestCase(unittest.TestCase):
@@ -756,6 +1952,597 @@ class TestLayout(CacheTestCase):
             f.write('{"manifests": [')
         with self.assertRaisesRegex(oc.CorruptCacheError, "invalid image cache"):
             self.cache.find_descriptor("alpine")
+
+
+# =====================================================================================
+# Credentials and challenges
+# =====================================================================================
+
+class IsolatedEnvironment(CacheTestCase):
+    """No credentials, mirrors or certs.d of the machine leak into these tests."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        home = self.path("home")
+        os.makedirs(home)
+        from unittest import mock
+        patcher = mock.patch.dict(os.environ, {
+            "HOME": home, "DOCKER_CONFIG": os.path.join(home, ".docker"),
+            "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+            "XDG_RUNTIME_DIR": os.path.join(home, "run"),
+            "OCICACHE_DOCKER_DAEMON_JSON": os.path.join(home, "daemon.json"),
+            "OCICACHE_CERTS_D": "", "PATH": f"{self.path('bin')}:{os.environ['PATH']}"})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for variable in ("REGISTRY_AUTH_FILE", "OCICACHE_MIRROR", "LINUXKIT_MIRROR",
+                         "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            os.environ.pop(variable, None)
+        os.makedirs(self.path("bin"))
+
+    def write_json(self, path: str, value: Any) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(value, f)
+        return path
+
+    def docker_config(self, value: Any) -> str:
+        return self.write_json(os.path.join(os.environ["DOCKER_CONFIG"], "config.json"), value)
+
+    def credential_helper(self, name: str, script: str) -> None:
+        path = self.path("bin", f"docker-credential-{name}")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + script)
+        os.chmod(path, 0o755)
+
+    def provider(self, **options: Any) -> oc.Provider:
+        mirrors = options.pop("mirrors", [])
+        jobs = options.pop("jobs", 4)
+        settings = {"attempts": 4, "backoff": 0.05, "timeout": 10.0, "certs_d_roots": (),
+                    **options}
+        provider = oc.Provider(self.cache_dir, mirrors=mirrors, jobs=jobs,
+                               options=oc.TransportOptions(**settings))
+        self.addCleanup(provider.close)
+        return provider
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+class TestCredentials(IsolatedEnvironment):
+    def test_parse_challenges(self) -> None:
+        header = ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+                  'scope="repository:library/alpine:pull", Basic realm="x y"')
+        bearer, basic_challenge = oc.parse_challenges(header)
+        self.assertEqual(bearer.scheme, "bearer")
+        self.assertEqual(dict(bearer.params), {"realm": "https://auth.docker.io/token",
+                                               "service": "registry.docker.io",
+                                               "scope": "repository:library/alpine:pull"})
+        self.assertEqual((basic_challenge.scheme, basic_challenge.params["realm"]),
+                         ("basic", "x y"))
+        (only,) = oc.parse_challenges('bearer realm=http://r/t,error="insufficient_scope"')
+        self.assertEqual(only.params["error"], "insufficient_scope")
+        self.assertEqual(oc.parse_challenges('Basic realm="a \\"quoted\\" word"')[0]
+                         .params["realm"], 'a "quoted" word')
+        for garbage in ["", ",,,", "=", '"', "Bearer realm", "\x00\xff" * 100, "a=" * 1000]:
+            oc.parse_challenges(garbage)  # never raises
+
+    def test_docker_config_auths_most_specific_first(self) -> None:
+        self.docker_config({"auths": {
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")},
+            "registry.example.com": {"auth": basic("host", "hostpw")},
+            "registry.example.com/team": {"username": "team", "password": "teampw"},
+            "http://other.example.com:5000/v2/": {"identitytoken": "refresh-me"},
+            "tok.example.com": {"registrytoken": "bearer-token"}}})
+        self.assertEqual(oc.find_credentials("docker.io", "library/alpine"),
+                         oc.Credentials("hub", "hubpw"))
+        self.assertEqual(oc.find_credentials("registry.example.com", "team/app"),
+                         oc.Credentials("team", "teampw"))
+        self.assertEqual(oc.find_credentials("registry.example.com", "other/app"),
+                         oc.Credentials("host", "hostpw"))
+        self.assertEqual(oc.find_credentials("other.example.com:5000", "x").identity_token,
+                         "refresh-me")
+        self.assertEqual(oc.find_credentials("tok.example.com", "x").registry_token,
+                         "bearer-token")
+        self.assertIsNone(oc.find_credentials("nothing.example.com", "x"))
+        self.assertNotIn("hubpw", repr(oc.find_credentials("docker.io", "library/alpine")))
+
+    def test_helpers_and_podman_auth_files(self) -> None:
+        self.credential_helper("pass", 'read server; [ "$1" = get ] || exit 3\n'
+                               'echo "{\\"ServerURL\\":\\"$server\\",\\"Username\\":\\"u-$server\\",'
+                               '\\"Secret\\":\\"s3cret\\"}"\n')
+        self.credential_helper("token", 'echo \'{"Username":"<token>","Secret":"idtok"}\'\n')
+        self.credential_helper("none", 'echo "credentials not found in native keychain"; exit 1\n')
+        self.credential_helper("garbage", "echo not json\n")
+        self.docker_config({"credHelpers": {"helped.example.com": "pass",
+                                            "idtoken.example.com": "token",
+                                            "absent.example.com": "none"},
+                            "credsStore": "pass"})
+        self.assertEqual(oc.find_credentials("helped.example.com", "a"),
+                         oc.Credentials("u-helped.example.com", "s3cret"))
+        self.assertEqual(oc.find_credentials("idtoken.example.com", "a").identity_token, "idtok")
+        self.assertIsNone(oc.find_credentials("absent.example.com", "a"))
+        self.assertEqual(oc.find_credentials("docker.io", "library/x").username,
+                         "u-https://index.docker.io/v1/")
+        self.docker_config({"credsStore": "garbage"})
+        with self.assertRaisesRegex(oc.OciCacheError, "docker-credential-garbage printed"):
+            oc.find_credentials("x.example.com", "a")
+        self.docker_config({"credsStore": "missing-helper"})
+        with self.assertRaisesRegex(oc.OciCacheError, "not on PATH"):
+            oc.find_credentials("x.example.com", "a")
+        os.unlink(os.path.join(os.environ["DOCKER_CONFIG"], "config.json"))
+        auth_file = self.write_json(self.path("podman-auth.json"), {
+            "auths": {"quay.example.com/ns": {"auth": basic("pod", "podpw")}}})
+        os.environ["REGISTRY_AUTH_FILE"] = auth_file
+        self.assertEqual(oc.find_credentials("quay.example.com", "ns/app"),
+                         oc.Credentials("pod", "podpw"))
+        del os.environ["REGISTRY_AUTH_FILE"]
+        self.write_json(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"),
+                        {"auths": {"quay.example.com": {"auth": basic("run", "runpw")}}})
+        self.assertEqual(oc.find_credentials("quay.example.com", "ns/app").username, "run")
+
+    def test_corrupt_config_is_one_clear_error(self) -> None:
+        path = os.path.join(os.environ["DOCKER_CONFIG"], "config.json")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write('{"auths": {')
+        with self.assertRaisesRegex(oc.OciCacheError, "config.json is not valid JSON"):
+            oc.find_credentials("x.example.com", "a")
+        self.docker_config({"auths": {"x.example.com": {"auth": "%%%not-base64"}}})
+        with self.assertRaisesRegex(oc.OciCacheError, "not base64"):
+            oc.find_credentials("x.example.com", "a")
+
+
+# =====================================================================================
+# Registry: pulls from real docker-registry processes
+# =====================================================================================
+
+def upload(registry_url: str, repository: str, blobs: Iterable[Blob],
+           manifests: Sequence[Tuple[str, Blob]]) -> None:
+    """Push blobs, then manifests by tag or digest, with plain distribution API calls."""
+    import urllib.request
+    seen = set()
+    for blob in blobs:
+        if blob.digest in seen:
+            continue
+        seen.add(blob.digest)
+        request = urllib.request.Request(f"{registry_url}/v2/{repository}/blobs/uploads/",
+                                         method="POST", data=b"")
+        with urllib.request.urlopen(request) as response:
+            location = urllib.parse.urljoin(registry_url, response.headers["Location"])
+        separator = "&" if "?" in location else "?"
+        request = urllib.request.Request(f"{location}{separator}digest={blob.digest}",
+                                         method="PUT", data=blob.data,
+                                         headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(request).close()
+    for reference, manifest in manifests:
+        request = urllib.request.Request(
+            f"{registry_url}/v2/{repository}/manifests/{reference}", method="PUT",
+            data=manifest.data, headers={"Content-Type": manifest.media_type})
+        urllib.request.urlopen(request).close()
+
+
+class RegistryTestCase(IsolatedEnvironment):
+    def start_registry(self, **kwargs: Any) -> Registry:
+        require_tool(self, "docker-registry")
+        registry = Registry(**kwargs)
+        self.addCleanup(registry.stop)
+        return registry
+
+    def multi_arch(self, registry: Registry, repository: str = "test/multi", tag: str = "1",
+                   docker_types: bool = False, big: bool = False) -> Tuple[TestImage, TestImage, List[Blob], Blob]:
+        files = [{"etc/a": b"a"}, {"big": random.Random(5).randbytes(3 << 20)}] if big else ()
+        amd = make_image("amd", layer_files=files, docker_types=docker_types)
+        arm = make_image("arm", "arm64", layer_files=files[:1] if big else (),
+                         docker_types=docker_types)
+        attestation, attestation_blobs, attestation_entry = make_attestation(amd)
+        index = make_index([amd.descriptor(), arm.descriptor(), attestation_entry],
+                           docker_list=docker_types)
+        upload(registry.url, repository, [*amd.blobs, *arm.blobs, *attestation_blobs],
+               [(b.manifest.digest, b.manifest) for b in (amd, arm)]
+               + [(attestation.digest, attestation), (tag, index)])
+        return amd, arm, attestation_blobs, index
+
+    def blob_gets(self, registry: Registry) -> List[str]:
+        return [path.rsplit("/", 1)[1] for method, path in registry.requests()
+                if method == "GET" and "/blobs/" in path]
+
+
+class TestRegistry(RegistryTestCase):
+    def test_pull_only_the_requested_platform_and_its_attestations(self) -> None:
+        registry = self.start_registry()
+        amd, arm, attestation_blobs, index = self.multi_arch(registry)
+        cache = self.provider()
+        source = cache.image_pull(f"{registry.host}/test/multi:1", "", "amd64")
+        self.assertEqual(str(source.descriptor().digest), index.digest)
+        store = {str(i.digest) for i in cache.store().walk()}
+        self.assertTrue({b.digest for b in amd.blobs} <= store)
+        self.assertTrue({b.digest for b in attestation_blobs} <= store)
+        self.assertFalse({b.digest for b in arm.blobs} & store)
+        self.assertTrue(cache.verify().ok)
+        self.assertTrue(cache.image_in_cache(f"{registry.host}/test/multi:1", "", "amd64"))
+        self.assertFalse(cache.image_in_cache(f"{registry.host}/test/multi:1", "", "arm64"))
+        registry.wait_requests(lambda r: len(r) > 0)
+        before = len(registry.requests())
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "amd64")
+        self.assertEqual(len(registry.requests()), before, "a complete image made requests")
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "linux/arm64/v8")
+        self.assertTrue(cache.image_in_cache(f"{registry.host}/test/multi:1", "", "arm64"))
+
+    def test_all_platforms_and_a_missing_platform(self) -> None:
+        registry = self.start_registry()
+        amd, arm, attestation_blobs, index = self.multi_arch(registry, docker_types=True)
+        cache = self.provider()
+        with self.assertRaisesRegex(oc.PlatformNotFoundError,
+                                    "has no linux/s390x; it has linux/amd64, linux/arm64"):
+            cache.image_pull(f"{registry.host}/test/multi:1", "", "s390x")
+        self.assertEqual(self.index_names(), [])
+        self.assertEqual(list(cache.store().walk()), [])
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        store = {str(i.digest) for i in cache.store().walk()}
+        self.assertEqual(store, {b.digest for b in [*amd.blobs, *arm.blobs, *attestation_blobs,
+                                                    index]})
+        root = cache.find_descriptor(f"{registry.host}/test/multi:1")
+        self.assertEqual(root.media_type, oc.MEDIA_DOCKER_LIST)
+
+    def test_single_manifests_schema1_and_platform_checks(self) -> None:
+        registry = self.start_registry()
+        image = make_image("single", "arm64", docker_types=True)
+        upload(registry.url, "test/single", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        with self.assertRaisesRegex(oc.PlatformNotFoundError, "has no linux/amd64; it is "
+                                                              "linux/arm64"):
+            cache.image_pull(f"{registry.host}/test/single:1", "", "amd64")
+        self.assertEqual(self.index_names(), [])
+        with self.assertLogs("ocicache", "WARNING") as logs:
+            cache.image_pull(f"{registry.host}/test/single:1")  # the host's: a warning
+        if oc.Platform.host().architecture != "arm64":
+            self.assertIn("linux/arm64, not this host's", logs.output[0])
+        self.assertTrue(cache.image_in_cache(f"{registry.host}/test/single:1", "", "arm64"))
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", match="/manifests/", status=200, times=None, headers={
+            "Content-Type": oc.MEDIA_DOCKER_SCHEMA1_SIGNED},
+            body=b'{"schemaVersion":1,"name":"test/old","tag":"1","fsLayers":[]}')
+        with self.assertRaisesRegex(oc.OciCacheError, "schema 1"):
+            self.provider().image_pull(f"{proxy.host}/test/old:1", "", "amd64", True)
+
+    def test_always_follows_a_moved_tag_and_arch_tags(self) -> None:
+        registry = self.start_registry()
+        first, second = make_image("first"), make_image("second")
+        upload(registry.url, "test/moving", first.blobs, [("v", first.manifest)])
+        cache = self.provider()
+        cache.image_pull(f"{registry.host}/test/moving:v", "", "amd64")
+        upload(registry.url, "test/moving", second.blobs, [("v", second.manifest)])
+        cache.image_pull(f"{registry.host}/test/moving:v", "", "amd64")
+        self.assertEqual(str(cache.find_descriptor(f"{registry.host}/test/moving:v").digest),
+                         first.manifest.digest)
+        cache.image_pull(f"{registry.host}/test/moving:v", "", "amd64", always_pull=True)
+        self.assertEqual(str(cache.find_descriptor(f"{registry.host}/test/moving:v").digest),
+                         second.manifest.digest)
+        v6, v7 = make_image("v6", "arm", "v6"), make_image("v7", "arm", "v7")
+        index = make_index([v6.descriptor(), v7.descriptor()])
+        upload(registry.url, "test/arm", [*v6.blobs, *v7.blobs],
+               [(v6.manifest.digest, v6.manifest), (v7.manifest.digest, v7.manifest),
+                ("1", index)])
+        cache.image_pull(f"{registry.host}/test/arm:1", "", "all", arch_tags=True)
+        name = f"{registry.host}/test/arm:1"
+        self.assertEqual(sorted(n for n in self.index_names() if "test/arm" in n),
+                         [name, f"{name}-arm-v6", f"{name}-arm-v7"])
+        self.assertEqual(str(cache.find_descriptor(f"{name}-arm-v6").digest), v6.manifest.digest)
+
+    def test_image_in_registry(self) -> None:
+        registry = self.start_registry()
+        self.multi_arch(registry)
+        single = make_image("single", "arm64")
+        upload(registry.url, "test/single", single.blobs, [("1", single.manifest)])
+        cache = self.provider()
+        self.assertTrue(cache.image_in_registry(f"{registry.host}/test/multi:1", "", "arm64"))
+        self.assertFalse(cache.image_in_registry(f"{registry.host}/test/multi:1", "", "s390x"))
+        self.assertFalse(cache.image_in_registry(f"{registry.host}/test/multi:nope", "", "amd64"))
+        self.assertFalse(cache.image_in_registry(f"{registry.host}/test/none:1", "", "amd64"))
+        self.assertTrue(cache.image_in_registry(f"{registry.host}/test/single:1", "", "arm64"))
+        self.assertFalse(cache.image_in_registry(f"{registry.host}/test/single:1", "", "amd64"))
+        self.assertEqual(list(cache.store().walk()), [])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", match="/manifests/", status=500, times=None)
+        with self.assertRaisesRegex(oc.RegistryError, "answered 500"):
+            cache.image_in_registry(f"{proxy.host}/test/multi:1", "", "amd64")
+        port = free_port()
+        with self.assertRaisesRegex(oc.OciCacheError, f"cannot reach 127.0.0.1:{port}"):
+            cache.image_in_registry(f"127.0.0.1:{port}/test/multi:1", "", "amd64")
+
+    def test_parallel_downloads_largest_first_over_reused_connections(self) -> None:
+        registry = self.start_registry()
+        sizes = [5000, 300000, 20000, 1000000, 70000, 2000000, 100, 800000]
+        layers = [{f"f{i}": random.Random(i).randbytes(size)} for i, size in enumerate(sizes)]
+        image = make_image("par", layer_files=layers)
+        upload(registry.url, "test/par", image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        cache = self.provider(jobs=2)
+        cache.image_pull(f"{proxy.host}/test/par:1", "", "amd64")
+        gets = [path.rsplit("/", 1)[1] for method, path in proxy.requests()
+                if method == "GET" and "/blobs/" in path and "sha256" in path]
+        by_size = sorted(image.layers, key=lambda b: -len(b.data))
+        self.assertEqual(set(gets[1:3]), {by_size[0].digest, by_size[1].digest})  # 2 workers
+        self.assertLessEqual(proxy.connections, 3)  # one per worker, plus the main thread
+        self.assertTrue(cache.verify().ok)
+
+    def test_faults_are_retried_resumed_and_never_stored(self) -> None:
+        registry = self.start_registry()
+        big = make_image("big", layer_files=[{"big": random.Random(9).randbytes(4 << 20)}],
+                         gzip_layers=False)
+        upload(registry.url, "test/big", big.blobs, [("1", big.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        layer = big.layers[0].digest
+        cases = [("reset", {"after_bytes": 1 << 20}), ("truncate", {"after_bytes": 1 << 20}),
+                 ("corrupt", {}), ("respond", {"status": 503, "headers": {"Retry-After": "1"}}),
+                 ("respond", {"status": 429, "headers": {"Retry-After": "1"}})]
+        for kind, params in cases:
+            with self.subTest(kind, **{k: str(v) for k, v in params.items()}):
+                cache = self.provider()
+                cache.clean()
+                proxy.clear_faults()
+                proxy.add_fault(kind, match=f"/blobs/{layer}", method="GET", **params)
+                registry_before = len(registry.access_entries())
+                started = time.monotonic()
+                cache.image_pull(f"{proxy.host}/test/big:1", "", "amd64")
+                self.assertTrue(cache.verify().ok)
+                self.assertTrue(cache.image_in_cache(f"{proxy.host}/test/big:1", "", "amd64"))
+                self.assertEqual([f[0] for f in proxy.fired()][-1:], [kind])
+                if params.get("headers"):
+                    self.assertGreaterEqual(time.monotonic() - started, 0.9)
+                if kind == "reset":  # resumed with Range: the second GET is a 206
+                    def layer_gets() -> List[AccessEntry]:
+                        return [e for e in registry.access_entries()[registry_before:]
+                                if layer in e.path and e.method == "GET"]
+                    wait_for(lambda: len(layer_gets()) >= 2, 10, "both layer GETs logged")
+                    resumed = [e for e in layer_gets() if int(e.status) == 206]
+                    self.assertEqual(len(resumed), 1)
+                    self.assertLess(int(resumed[0].size), len(big.layers[0].data))
+
+    def test_a_reset_pull_resumes_from_the_partial_file_in_a_later_run(self) -> None:
+        registry = self.start_registry()
+        big = make_image("big", layer_files=[{"big": random.Random(9).randbytes(4 << 20)}],
+                         gzip_layers=False)
+        upload(registry.url, "test/big", big.blobs, [("1", big.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("reset", match="/blobs/" + big.layers[0].digest, method="GET",
+                        after_bytes=1 << 20, times=None)
+        with self.assertRaises(oc.OciCacheError):
+            self.provider(attempts=2).image_pull(f"{proxy.host}/test/big:1", "", "amd64")
+        self.assertEqual(self.index_names(), [])
+        self.assertTrue(self.cache.verify().ok)
+        proxy.clear_faults()
+        before = len(registry.access_entries())
+        self.provider().image_pull(f"{proxy.host}/test/big:1", "", "amd64")
+        registry.wait_requests(lambda r: len(r) > before)
+        entries = [e for e in registry.access_entries()[before:]
+                   if big.layers[0].digest in e.path]
+        self.assertEqual([int(e.status) for e in entries], [206])
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_stalled_response_times_out(self) -> None:
+        registry = self.start_registry()
+        image = make_image("stall")
+        upload(registry.url, "test/stall", image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("delay", match="/blobs/", seconds=30, times=None)
+        started = time.monotonic()
+        with self.assertRaisesRegex(oc.OciCacheError, "timed out"):
+            self.provider(timeout=0.5, attempts=2).image_pull(f"{proxy.host}/test/stall:1", "",
+                                                              "amd64")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(self.index_names(), [])
+
+    def test_redirected_blobs_never_get_the_authorization_header(self) -> None:
+        issuer = TokenIssuer(users={"alice": "pw"}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("redirect")
+        upload(origin.url, "test/redir", image.blobs, [("1", image.manifest)])
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        seen: List[Tuple[str, Optional[str]]] = []
+        blobs = {b.digest: b.data for b in image.blobs}
+
+        class Storage(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append((self.path, self.headers.get("Authorization")))
+                data = blobs[self.path.rsplit("/", 1)[1]]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+        threading.Thread(target=storage.serve_forever, daemon=True).start()
+        self.addCleanup(storage.server_close)
+        self.addCleanup(storage.shutdown)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("redirect", match="/blobs/", method="GET", times=None,
+                        location=f"http://127.0.0.1:{storage.server_port}{{path}}")
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", "pw")}}})
+        self.provider().image_pull(f"{proxy.host}/test/redir:1", "", "amd64")
+        self.assertEqual(len(seen), 2)  # config and layer
+        self.assertEqual([auth for _, auth in seen], [None, None])
+        self.assertTrue(self.cache.verify().ok)
+
+
+class TestAuthentication(RegistryTestCase):
+    def populated(self, **kwargs: Any) -> Tuple[Registry, TestImage]:
+        """A registry configured by ``kwargs`` serving an image put in without auth."""
+        storage = self.path("storage")
+        origin = self.start_registry(root=storage)
+        image = make_image("auth")
+        upload(origin.url, "test/auth", image.blobs, [("1", image.manifest)])
+        origin.stop()
+        return self.start_registry(root=storage, **kwargs), image
+
+    def test_basic_auth(self) -> None:
+        registry, _ = self.populated(auth=("htpasswd", {"alice": "wonder"}))
+        name = f"{registry.host}/test/auth:1"
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            self.provider().image_pull(name, "", "amd64")
+        self.assertEqual(caught.exception.status, 401)
+        self.assertIn("401 UNAUTHORIZED", str(caught.exception))
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", "wrong")}}})
+        with self.assertRaisesRegex(oc.AuthenticationError, "401 UNAUTHORIZED"):
+            self.provider().image_pull(name, "", "amd64")
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", "wonder")}}})
+        self.provider().image_pull(name, "", "amd64")
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_token_auth_reuses_tokens_and_grows_scope(self) -> None:
+        issuer = TokenIssuer(users={"alice": "pw"}, anonymous_pull=True, expires_in=300)
+        self.addCleanup(issuer.stop)
+        registry, image = self.populated(auth=("token", issuer))
+        cache = self.provider()
+        cache.image_pull(f"{registry.host}/test/auth:1", "", "amd64")  # anonymous token
+        anonymous = issuer.requests()
+        self.assertEqual(len(anonymous), 1)
+        self.assertFalse(anonymous[0].authorization)
+        self.assertEqual(anonymous[0].scopes, ["repository:test/auth:pull"])
+        cache.clean()
+        cache.image_pull(f"{registry.host}/test/auth:1", "", "amd64", always_pull=True)
+        self.assertEqual(len(issuer.requests()), 1, "the token was not reused")
+        issuer.clear()
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", "pw")}}})
+        other = self.provider()
+        other.image_pull(f"{registry.host}/test/auth:1", "", "amd64", always_pull=True)
+        (request,) = issuer.requests()
+        self.assertEqual(request.user, "alice")
+        issuer.expires_in = 1  # a token is used until it expires, then fetched again
+        issuer.clear()
+        fresh = self.provider()
+        fresh.image_pull(f"{registry.host}/test/auth:1", "", "amd64", always_pull=True)
+        expired = time.monotonic() + 1.0
+        wait_for(lambda: time.monotonic() > expired, 5, "the token's expiry")
+        fresh.image_pull(f"{registry.host}/test/auth:1", "", "amd64", always_pull=True)
+        self.assertEqual(len(issuer.requests()), 2)
+
+    def test_token_auth_wrong_password_and_identity_tokens(self) -> None:
+        issuer = TokenIssuer(users={"alice": "pw"}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        registry, _ = self.populated(auth=("token", issuer))
+        name = f"{registry.host}/test/auth:1"
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", "nope")}}})
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assert_one_line_error(result, "401")
+        self.assertNotIn(b"nope", result.stderr)
+        # An identity token is exchanged with the OAuth refresh-token POST.
+        token = issuer.issue_token("alice", [], expires_in=3600)
+        self.credential_helper("id", f'echo \'{{"Username":"<token>","Secret":"{token}"}}\'\n')
+        self.docker_config({"credHelpers": {registry.host: "id"}})
+        issuer.clear()
+        with self.assertRaises(oc.OciCacheError):  # the test issuer knows no such refresh token
+            self.provider().image_pull(name, "", "amd64")
+        self.assertEqual([r.method for r in issuer.requests()], ["POST"])
+        self.assertEqual(issuer.requests()[0].form.get("grant_type"), ["refresh_token"])
+
+    def test_plain_http_token_realm_is_refused_for_https_registries(self) -> None:
+        client = oc.RegistryClient(oc._Transport(oc.TransportOptions()))
+        endpoint = oc._Endpoint("https://registry.example.com", "registry.example.com",
+                                "a/b", "registry.example.com")
+        challenge = oc.Challenge("bearer", {"realm": "http://auth.example.com/token"})
+        with self.assertRaisesRegex(oc.AuthenticationError, "plain-http token realm"):
+            client._token(endpoint, challenge, ["repository:a/b:pull"], None)
+
+    def test_tls_with_ca_file_and_certs_d(self) -> None:
+        certificates = make_tls_certs(self.path("tls"))
+        ca, cert, key = certificates
+        registry, image = self.populated(tls=(cert, key))
+        name = f"{registry.host}/test/auth:1"
+        with self.assertRaisesRegex(oc.OciCacheError, "cannot verify the TLS certificate"):
+            self.provider().image_pull(name, "", "amd64")
+        self.provider(ca_files=(ca,)).image_pull(name, "", "amd64")
+        self.cache.clean()
+        certs_d = self.path("certs.d")
+        os.makedirs(os.path.join(certs_d, registry.host))
+        shutil.copy(ca, os.path.join(certs_d, registry.host, "ca.crt"))
+        self.provider(certs_d_roots=(certs_d,)).image_pull(name, "", "amd64")
+        self.assertTrue(self.cache.verify().ok)
+        self.cache.clean()
+        os.environ["OCICACHE_CERTS_D"] = certs_d
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.cli("--ca-file", ca, "pull", "--always", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class TestMirrors(RegistryTestCase):
+    def test_pull_through_a_mirror_keeps_the_original_name(self) -> None:
+        origin = self.start_registry()
+        image = make_image("mirrored")
+        upload(origin.url, "library/mirrored", image.blobs, [("1", image.manifest)])
+        mirror = self.start_registry(proxy_remote=origin.url)
+        cache = self.provider(mirrors=[("docker.io", mirror.url)])
+        cache.image_pull("mirrored:1", "", "amd64")
+        self.assertEqual(self.index_names(), ["docker.io/library/mirrored:1"])
+        self.assertTrue(any("/v2/library/mirrored/manifests/1" in p
+                            for _, p in mirror.requests()))
+        self.assertTrue(cache.verify().ok)
+        mirror.stop()
+        os.environ["OCICACHE_MIRROR"] = f"docker.io={mirror.url}"
+        result = self.cli("pull", "--always", "--platform", "amd64", "mirrored:1")
+        self.assert_one_line_error(result, f"cannot reach {mirror.host}")
+        self.assertIsNotNone(oc.parse_mirror("docker.io=http://x:5000"))
+        with self.assertRaisesRegex(oc.OciCacheError, "must start with http"):
+            oc.parse_mirror("ftp://x")
+
+
+class TestPullCommand(RegistryTestCase):
+    def test_progress_piped_and_on_a_terminal(self) -> None:
+        registry = self.start_registry()
+        image = make_image("progress", layer_files=[{"f": random.Random(2).randbytes(1 << 20)}])
+        upload(registry.url, "test/progress", image.blobs, [("1", image.manifest)])
+        name = f"{registry.host}/test/progress:1"
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        (line,) = result.stderr.decode().splitlines()
+        self.assertRegex(line, rf"^pulled {re.escape(name)} sha256:[0-9a-f]{{64}} \(")
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertIn("already in the cache", result.stderr.decode())
+        self.assertEqual(self.cli("-q", "pull", "--platform", "amd64", name).stderr, b"")
+        import pty
+        self.cache.clean()
+        leader, follower = pty.openpty()
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                                    "--platform", "amd64", name], stdin=follower,
+                                   stdout=follower, stderr=follower, cwd=self.tmp)
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(leader)
+        self.assertEqual(process.wait(60), 0, output)
+        text = output.decode(errors="replace")
+        self.assertIn("/s ETA", text)
+        self.assertIn("\x1b[K", text)
+        self.assertIn(f"pulled {name}", text)
+
+    def test_bad_input_is_one_line(self) -> None:
+        self.assert_one_line_error(self.cli("pull", "Not/Valid"), "lowercase")
+        self.assert_one_line_error(self.cli("pull", "--platform", "a/b/c/d", "x"), "platform")
+        self.assert_one_line_error(self.cli("--jobs", "0", "pull", "x"), "1 or more", status=2)
+        self.assert_one_line_error(self.cli("--mirror", "ftp://x", "pull", "x"), "http")
+        port = free_port()
+        self.assert_one_line_error(self.cli("pull", f"127.0.0.1:{port}/a/b:1"), "cannot reach")
+        self.assertEqual(self.index_names(), [])
 
 
 # =====================================================================================
