@@ -758,6 +758,40 @@ def merge_index(existing: Index, incoming: Sequence[Descriptor]) -> Index:
     return dataclasses.replace(existing, manifests=tuple(kept))
 
 
+def _is_real_platform(descriptor: Descriptor) -> bool:
+    p = descriptor.platform
+    return p is not None and p.architecture not in ("", "unknown") and not p.is_attestation
+
+
+def without_dangling_attestations(index: Index) -> Index:
+    """The index without attestations whose image is not one of its platform children."""
+    images = {str(c.digest) for c in index.manifests if _is_real_platform(c)}
+    kept = [c for c in index.manifests
+            if not (c.is_attestation and c.annotations.get(ANNOTATION_REFERENCE_DIGEST, "")
+                    not in images)]
+    return dataclasses.replace(index, manifests=tuple(kept))
+
+
+def merge_remote_index(local: Index, remote: Index) -> Index:
+    """linuxkit's push merge: the local index first, then the remote platforms it lacks
+    and their attestations; dangling attestations dropped."""
+    local_digests = {c.digest for c in local.manifests}
+    if local_digests <= {c.digest for c in remote.manifests}:
+        return without_dangling_attestations(remote)
+    merged = list(local.manifests)
+    keys = {_platform_key(c) for c in merged if _is_real_platform(c)}
+    for child in remote.manifests:
+        if _is_real_platform(child) and _platform_key(child) not in keys and \
+                child.digest not in {c.digest for c in merged}:
+            merged.append(child)
+    digests = {str(c.digest) for c in merged}
+    for child in remote.manifests:
+        if child.is_attestation and child.digest not in {c.digest for c in merged} and \
+                child.annotations.get(ANNOTATION_REFERENCE_DIGEST, "") in digests:
+            merged.append(child)
+    return without_dangling_attestations(dataclasses.replace(local, manifests=tuple(merged)))
+
+
 # =====================================================================================
 # Layout
 #
@@ -1434,6 +1468,12 @@ class TransportOptions:
     attempts: int = 5
     backoff: float = 0.5
     max_retry_after: float = 60.0
+    chunked_upload_threshold: int = 512 * 1024 * 1024
+    upload_chunk_size: int = 16 * 1024 * 1024
+
+
+Body = Union[None, bytes, Callable[[], IO[bytes]]]
+"""A request body: bytes, or a function opening a fresh stream for each attempt."""
 
 
 class _Response:
@@ -1529,6 +1569,7 @@ class _Transport:
                                                              context=context)
             else:
                 connection = http.client.HTTPConnection(proxy or host, timeout=timeout)
+            connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
             pool[(scheme, host)] = connection
             with self._guard:
                 self._open.append(connection)
@@ -1563,8 +1604,7 @@ class _Transport:
         return self._schemes.get(host, "http" if self._may_use_http(host) else "https")
 
     def request(self, method: str, url: str, headers: Optional[Mapping[str, str]] = None,
-                body: Optional[bytes] = None, retry: bool = True,
-                redirects: int = 5) -> _Response:
+                body: Body = None, retry: bool = True, redirects: int = 5) -> _Response:
         """Send one request, retrying what is worth retrying and following redirects.
 
         ``url`` is ``https://host/path``; for a host that turned out to speak plain
@@ -1622,11 +1662,12 @@ class _Transport:
             return response
 
     def _send(self, scheme: str, host: str, method: str, path: str,
-              headers: Mapping[str, str], body: Optional[bytes]) -> _Response:
+              headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
             connection = self._connection(scheme, host)
+            stream = body() if callable(body) else body
             try:
-                connection.request(method, path, body=body, headers=dict(headers))
+                connection.request(method, path, body=stream, headers=dict(headers))
                 raw = connection.getresponse()
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
                     http.client.CannotSendRequest):
@@ -1635,6 +1676,9 @@ class _Transport:
                 if fresh:
                     raise
                 continue
+            finally:
+                if callable(body) and stream is not None:
+                    stream.close()
             if method == "HEAD":
                 raw.length = 0
             return _Response(raw, f"{scheme}://{host}{path}", connection)
@@ -1737,6 +1781,33 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
     return RegistryError(text, status, codes)
+
+
+def _with_query(url: str, query: str) -> str:
+    return url + ("&" if "?" in url else "?") + query
+
+
+class _FileSlice(io.RawIOBase):
+    """``length`` bytes of a file from ``offset``: one chunk of a chunked upload."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb")
+        self._file.seek(offset)
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[:self._left]
+        count = self._file.readinto(view)
+        self._left -= count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1861,11 +1932,13 @@ class RegistryClient:
         return token
 
     def request(self, endpoint: _Endpoint, method: str, path: str, actions: str = "pull",
-                headers: Optional[Mapping[str, str]] = None, body: Optional[bytes] = None,
-                what: str = "", ok: Iterable[int] = (200,)) -> _Response:
-        """An authenticated request to ``/v2/<repository>/<path>``; other statuses raise."""
-        url = f"{endpoint.base}/v2/{endpoint.repository}/{path}"
-        scopes = [f"repository:{endpoint.repository}:{actions}"]
+                headers: Optional[Mapping[str, str]] = None, body: Body = None,
+                what: str = "", ok: Iterable[int] = (200,), url: str = "",
+                extra_scopes: Sequence[str] = (), retry: bool = True) -> _Response:
+        """An authenticated request to ``/v2/<repository>/<path>`` (or ``url``, an upload
+        location); a status outside ``ok`` raises with the registry's error."""
+        url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
+        scopes = [f"repository:{endpoint.repository}:{actions}", *extra_scopes]
         challenge: Optional[Challenge] = None
         accepted = set(ok)
         for attempt in range(3):
@@ -1873,7 +1946,7 @@ class RegistryClient:
             authorization = self._authorization(endpoint, scopes, challenge)
             if authorization:
                 request_headers["Authorization"] = authorization
-            response = self.transport.request(method, url, request_headers, body)
+            response = self.transport.request(method, url, request_headers, body, retry)
             if response.status == 401 and attempt < 2:
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 usable = [c for c in offered if c.scheme in ("bearer", "basic")]
@@ -1886,7 +1959,7 @@ class RegistryClient:
                     continue
             if response.status in accepted:
                 return response
-            raise _registry_error(what or f"{method} {endpoint.repository}/{path}",
+            raise _registry_error(what or f"{method} {endpoint.repository}/{path or url}",
                                   endpoint.host, response)
         raise AssertionError("unreachable")
 
@@ -1935,6 +2008,115 @@ class RegistryClient:
             raise DigestMismatchError(f"{endpoint.host} served blob {descriptor.digest} with "
                                       "other content")
         return data
+
+    def remote_manifest(self, endpoint: _Endpoint, reference: str,
+                        actions: str = "pull") -> Optional[Tuple[bytes, Descriptor]]:
+        """The manifest under ``reference`` at ``endpoint``, or None when there is none."""
+        response = self.request(endpoint, "GET", f"manifests/{reference}", actions,
+                                headers={"Accept": MANIFEST_ACCEPT}, ok=(200, 404),
+                                what=f"look up {endpoint.repository}:{reference}")
+        if response.status == 404:
+            response.close()
+            return None
+        data = response.body(MAX_MANIFEST_SIZE)
+        response.close()
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        with contextlib.suppress(ValueError, AttributeError):
+            media_type = str(json.loads(data).get("mediaType") or media_type)
+        return data, Descriptor(media_type, Digest.from_bytes(data), len(data))
+
+    def put_manifest(self, endpoint: _Endpoint, reference: str, data: bytes,
+                     media_type: str) -> None:
+        response = self.request(endpoint, "PUT", f"manifests/{reference}", "pull,push",
+                                headers={"Content-Type": media_type}, body=data, ok=(201, 200),
+                                what=f"push {endpoint.host}/{endpoint.repository}:{reference}")
+        response.close()
+
+    def upload_blob(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
+                    mount_from: Sequence[str] = ()) -> str:
+        """Make a blob present in the repository: ``"present"``, ``"mounted"`` or
+        ``"uploaded"``. Present blobs cost one HEAD; a blob in another repository of
+        the same registry is mounted; the rest are uploaded, retried as a whole."""
+        what = f"push blob {descriptor.digest} to {endpoint.host}/{endpoint.repository}"
+        response = self.request(endpoint, "HEAD", f"blobs/{descriptor.digest}", "pull,push",
+                                ok=(200, 404), what=what)
+        response.close()
+        if response.status == 200:
+            return "present"
+        for source in mount_from:
+            response = self.request(
+                endpoint, "POST", f"blobs/uploads/?mount={descriptor.digest}&from={source}",
+                "pull,push", ok=(201, 202), what=what,
+                extra_scopes=[f"repository:{source}:pull"])
+            location = response.headers.get("Location", "")
+            response.close()
+            if response.status == 201:
+                return "mounted"
+            if location:  # the registry opened an ordinary upload instead: cancel it
+                with contextlib.suppress(OciCacheError):
+                    self.request(endpoint, "DELETE", "", "pull,push", ok=(204, 404, 405),
+                                 url=self._absolute(endpoint, location)).close()
+        failures = 0
+        chunked = descriptor.size > self.transport.options.chunked_upload_threshold
+        while True:
+            try:
+                self._upload(endpoint, descriptor, layout, chunked, what)
+                return "uploaded"
+            except RegistryError as e:
+                if isinstance(e, AuthenticationError):
+                    raise
+                failures += 1
+                if not chunked and 400 <= e.status < 500:
+                    chunked = True  # a registry that refuses monolithic uploads
+                elif failures >= self.transport.options.attempts or e.status < 500:
+                    raise
+            except OciCacheError:
+                failures += 1
+                if failures >= self.transport.options.attempts:
+                    raise
+
+    def _absolute(self, endpoint: _Endpoint, location: str) -> str:
+        import urllib.parse
+        return urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
+
+    def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
+                chunked: bool, what: str) -> None:
+        """One upload session: POST, then one PUT, or PATCH chunks and a closing PUT."""
+        import urllib.parse
+        response = self.request(endpoint, "POST", "blobs/uploads/", "pull,push", ok=(202,),
+                                what=what, retry=False)
+        response.close()
+        location = self._absolute(endpoint, response.headers.get("Location", ""))
+        minimum = int(response.headers.get("OCI-Chunk-Min-Length") or 0)
+        path = layout.blob_path(descriptor.digest)
+        digest = urllib.parse.quote(str(descriptor.digest), safe="")
+        if not chunked:
+            response = self.request(
+                endpoint, "PUT", "", "pull,push", url=_with_query(location, f"digest={digest}"),
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Length": str(descriptor.size)},
+                body=lambda: open(path, "rb"), ok=(201, 204), what=what, retry=False)
+            response.close()
+            return
+        chunk = max(self.transport.options.upload_chunk_size, minimum)
+        offset = 0
+        while offset < descriptor.size:
+            length = min(chunk, descriptor.size - offset)
+            response = self.request(
+                endpoint, "PATCH", "", "pull,push", url=location,
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Range": f"{offset}-{offset + length - 1}",
+                         "Content-Length": str(length)},
+                body=functools.partial(_FileSlice, path, offset, length), ok=(201, 202, 204),
+                what=what, retry=False)
+            response.close()
+            location = self._absolute(endpoint, response.headers.get("Location") or location)
+            offset += length
+        response = self.request(endpoint, "PUT", "", "pull,push",
+                                url=_with_query(location, f"digest={digest}"),
+                                headers={"Content-Length": "0"}, body=b"", ok=(201, 204),
+                                what=what, retry=False)
+        response.close()
 
     def download_blob(self, ref: Reference, descriptor: Descriptor, layout: Layout,
                       progress: Callable[[int], None] = lambda n: None) -> None:
@@ -3305,7 +3487,85 @@ class Provider(CacheProvider):
 
     def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
              override: bool = False) -> None:
-        raise OciCacheError("pushing to registries is not implemented yet")
+        """Push a cached image or index to a registry, as linuxkit's cache push does.
+
+        Without ``override`` an existing remote tag is left alone. With it, the same
+        digest is skipped, a remote index is merged (local first), and a remote single
+        manifest is replaced. Blobs already there cost one HEAD; blobs in another
+        repository of the same registry are mounted; manifests go up children first
+        and the tag last, so a failed push never moves the tag.
+        ``with_manifest`` also tags each platform ``<remote>-<arch>``.
+        """
+        local = Reference.parse(name)
+        remote = Reference.parse(remote_name) if remote_name else local
+        root = self._find_named(local)
+        endpoint = self.registry.endpoint(remote, use_mirrors=False)
+        tag = remote.tag or str(remote.digest)
+        existing = self.registry.remote_manifest(endpoint, tag, "pull,push")
+        if existing is not None and not override:
+            _LOG.info("%s exists in the registry; not pushing (use override)", remote)
+            return
+        if existing is not None and existing[1].digest == root.digest:
+            _LOG.info("%s is already in the registry", remote)
+            return
+        data = self.layout.read_blob(root.digest)
+        children: List[Descriptor] = []
+        if root.is_index:
+            index = Index.from_json(data, what=f"index of {local}")
+            children = list(index.manifests)
+            if existing is not None and existing[1].is_index:
+                merged = merge_remote_index(index, Index.from_json(existing[0]))
+            else:
+                merged = without_dangling_attestations(index)
+            if merged != index:
+                data = merged.to_bytes()
+            remote_children = {c.digest for c in Index.from_json(existing[0]).manifests} \
+                if existing is not None and existing[1].is_index else set()
+            to_push = [c for c in merged.manifests if c.digest not in remote_children]
+        else:
+            to_push = [root]
+        self._push_manifests(local, endpoint, to_push)
+        self.registry.put_manifest(endpoint, tag, data, root.media_type)
+        _LOG.info("pushed %s as %s", local, remote)
+        if with_manifest and root.is_index and remote.tag:
+            for child in children:
+                if _is_real_platform(child) and self.layout.has_blob(child.digest):
+                    child_tag = f"{remote.tag}-{_arch_tag(child.platform)}"  # type: ignore[arg-type]
+                    self.registry.put_manifest(endpoint, child_tag,
+                                               self.layout.read_blob(child.digest),
+                                               child.media_type)
+
+    def _push_manifests(self, local: Reference, endpoint: _Endpoint,
+                        manifests: Sequence[Descriptor]) -> None:
+        """Upload the blobs of each manifest, then the manifests by digest."""
+        import concurrent.futures
+        parsed = []
+        for descriptor in manifests:
+            if not self.layout.has_blob(descriptor.digest):
+                raise NotFoundError(
+                    f"cannot push {local}: {descriptor.platform or 'a child'} "
+                    f"({descriptor.digest}) is not in the cache; pull it with --all-platforms")
+            parsed.append((descriptor, self.manifest(descriptor)))
+        blobs: Dict[Digest, Descriptor] = {}
+        for _, manifest in parsed:
+            for blob in manifest.blobs():
+                if _is_foreign(blob) and not self.layout.has_blob(blob.digest):
+                    continue
+                if not self.layout.has_blob(blob.digest, blob.size):
+                    raise NotFoundError(f"cannot push {local}: blob {blob.digest} is not "
+                                        "complete in the cache; pull the image again")
+                blobs.setdefault(blob.digest, blob)
+        sources = [local.repository] if local.registry == endpoint.registry and \
+            local.repository != endpoint.repository else []
+        ordered = sorted(blobs.values(), key=lambda b: -b.size)
+        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
+            for future in [pool.submit(self.registry.upload_blob, endpoint, blob, self.layout,
+                                       sources) for blob in ordered]:
+                future.result()
+        for descriptor, _ in parsed:
+            self.registry.put_manifest(endpoint, str(descriptor.digest),
+                                       self.layout.read_blob(descriptor.digest),
+                                       descriptor.media_type)
 
 
 class _CacheSource(ImageSource):
@@ -3682,6 +3942,21 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also name each platform <NAME>-<arch>, as linuxkit cache pull does")
     p.set_defaults(run=_cmd_pull)
 
+    p = commands.add_parser("push", help="push an image from the cache to a registry",
+                            description="Push NAME (an image or a multi-platform index) to "
+                                        "its registry, or as --remote-name. Blobs the "
+                                        "registry has are not sent again; the tag is "
+                                        "written last.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--remote-name", metavar="R", default="",
+                   help="push under this name instead")
+    p.add_argument("--with-arch-tags", action="store_true",
+                   help="also tag each platform <R>-<arch>, as linuxkit cache push does")
+    p.add_argument("--override", action="store_true",
+                   help="push even when the remote tag exists: a remote index is merged "
+                        "(local first), a remote single manifest replaced")
+    p.set_defaults(run=_cmd_push)
+
     p = commands.add_parser("ls", help="list the named images",
                             description="List every named image: name, root digest, the "
                                         "platforms complete in the cache, and size on disk.")
@@ -3773,6 +4048,11 @@ def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
         Platform.parse(args.platform)
     for name in [Reference.parse(name) for name in args.names]:
         provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+    return 0
+
+
+def _cmd_push(provider: Provider, args: argparse.Namespace) -> int:
+    provider.push(args.name, args.remote_name, args.with_arch_tags, args.override)
     return 0
 
 
@@ -3907,12 +4187,29 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
     return 1
 
 
+class _MessageFormatter(logging.Formatter):
+    """Plain lines for information; ``ocicache: warning: ...`` for warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"ocicache: {record.levelname.lower()}: {message}"
+        return message
+
+
+def _configure_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MessageFormatter())
+    _LOG.handlers[:] = [handler]
+    _LOG.setLevel(level)
+    _LOG.propagate = False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(format="ocicache: %(levelname)s: %(message)s",
-                        level=logging.ERROR if args.quiet else
-                        logging.DEBUG if args.verbose else logging.WARNING)
+    _configure_logging(logging.ERROR if args.quiet else
+                       logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.quiet:
             progress = PullProgress()

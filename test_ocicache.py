@@ -38,6 +38,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import urllib.request
 from collections import namedtuple
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -2497,6 +2498,203 @@ class TestMirrors(RegistryTestCase):
         self.assertIsNotNone(oc.parse_mirror("docker.io=http://x:5000"))
         with self.assertRaisesRegex(oc.OciCacheError, "must start with http"):
             oc.parse_mirror("ftp://x")
+
+
+class TestPush(RegistryTestCase):
+    def skopeo_raw(self, reference: str) -> bytes:
+        skopeo = require_tool(self, "skopeo")
+        result = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false",
+                                 f"docker://{reference}"], capture_output=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        return result.stdout
+
+    def load_multi(self, name: str) -> Tuple[TestImage, TestImage, List[Blob], Blob]:
+        amd = make_image("pa", layer_files=[{"a": b"a" * 3000}, {"b": b"shared"}])
+        arm = make_image("pb", "arm64", layer_files=[{"c": b"c"}, {"b": b"shared"}])
+        _, attestation_blobs, attestation = make_attestation(amd)
+        index = make_index([amd.descriptor(), arm.descriptor(), attestation])
+        self.load(oci_archive([(index.descriptor(), named(name))],
+                              [*amd.blobs, *arm.blobs, *attestation_blobs, index]))
+        return amd, arm, attestation_blobs, index
+
+    def test_push_image_and_index_byte_identical(self) -> None:
+        registry = self.start_registry()
+        amd, arm, attestation_blobs, index = self.load_multi(f"{registry.host}/test/multi:1")
+        single = make_image("single")
+        self.load_image(f"{registry.host}/test/single:1", single)
+        cache = self.provider()
+        cache.push(f"{registry.host}/test/multi:1")
+        cache.push(f"{registry.host}/test/single:1")
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/multi:1"), index.data)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/single:1"), single.manifest.data)
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/test/multi:1", f"oci:{self.path('copy')}:x")
+        other = oc.Provider(self.path("other"), mirrors=[])
+        self.addCleanup(other.close)
+        other.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertTrue(other.verify().ok)
+
+    def test_repush_checks_existence_and_mounts_across_repositories(self) -> None:
+        registry = self.start_registry()
+        self.load_multi(f"{registry.host}/test/a:1")
+        cache = self.provider()
+        cache.push(f"{registry.host}/test/a:1")
+        registry.wait_requests(lambda r: any(m == "PUT" and "/manifests/1" in p for m, p in r))
+        before = len(registry.requests())
+        cache.push(f"{registry.host}/test/a:1", f"{registry.host}/test/a:2")
+        registry.wait_requests(lambda r: any("/manifests/2" in p for _, p in r))
+        again = registry.requests()[before:]
+        self.assertFalse([r for r in again if r[0] in ("POST", "PATCH") or
+                          (r[0] == "PUT" and "/blobs/" in r[1])], again)
+        self.assertTrue([r for r in again if r[0] == "HEAD" and "/blobs/" in r[1]])
+        before = len(registry.requests())
+        cache.push(f"{registry.host}/test/a:1", f"{registry.host}/test/b:1")
+        registry.wait_requests(lambda r: any("/test/b/manifests/1" in p for _, p in r))
+        moved = [(e.method, e.uri, e.status) for e in registry.access_entries()[before:]]
+        mounts = [r for r in moved if r[0] == "POST" and "mount=" in r[1]]
+        self.assertTrue(mounts)
+        self.assertEqual({int(status) for _, _, status in mounts}, {201})
+        self.assertFalse([r for r in moved if r[0] == "PATCH" or
+                          (r[0] == "PUT" and "/blobs/" in r[1])], moved)
+        before = len(registry.requests())
+        cache.push(f"{registry.host}/test/a:1")  # the tag exists: nothing is sent
+        registry.wait_requests(lambda r: len(r) > before)
+        self.assertEqual({m for m, _ in registry.requests()[before:]}, {"GET"})
+
+    def test_override_merges_indexes_and_replaces_single_manifests(self) -> None:
+        registry = self.start_registry()
+        name = f"{registry.host}/test/merge:1"
+        remote_s390x, remote_arm = make_image("rs", "s390x"), make_image("ra", "arm64")
+        _, remote_att_blobs, remote_att = make_attestation(remote_arm)
+        remote_index = make_index([remote_arm.descriptor(), remote_s390x.descriptor(),
+                                   remote_att])
+        upload(registry.url, "test/merge", [*remote_s390x.blobs, *remote_arm.blobs,
+                                            *remote_att_blobs],
+               [(b.manifest.digest, b.manifest) for b in (remote_s390x, remote_arm)]
+               + [(remote_att["digest"], remote_att_blobs[-1]), ("1", remote_index)])
+        amd, arm, _, local_index = self.load_multi(name)
+        cache = self.provider()
+        with self.assertLogs("ocicache", "INFO") as logs:
+            cache.push(name)
+        self.assertIn("exists", logs.output[0])
+        self.assertEqual(self.skopeo_raw(name), remote_index.data)
+        cache.push(name, override=True)
+        merged = json.loads(self.skopeo_raw(name))
+        self.assertEqual([m["digest"] for m in merged["manifests"]],
+                         [amd.manifest.digest, arm.manifest.digest,
+                          make_attestation(amd)[2]["digest"], remote_s390x.manifest.digest])
+        single = make_image("replacement")
+        upload(registry.url, "test/single", make_image("old").blobs,
+               [("1", make_image("old").manifest)])
+        self.load_image(f"{registry.host}/test/single:1", single)
+        cache.push(f"{registry.host}/test/single:1", override=True)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/single:1"), single.manifest.data)
+
+    def test_arch_tags(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, _ = self.load_multi(f"{registry.host}/test/arch:1")
+        result = self.cli("push", "--with-arch-tags", f"{registry.host}/test/arch:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/arch:1-amd64"), amd.manifest.data)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/arch:1-arm64"), arm.manifest.data)
+        tags = json.loads(urllib.request.urlopen(
+            f"{registry.url}/v2/test/arch/tags/list").read())["tags"]
+        self.assertEqual(sorted(tags), ["1", "1-amd64", "1-arm64"])
+
+    def test_chunked_uploads_and_chunk_minimum(self) -> None:
+        registry = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        image = make_image("chunks", layer_files=[{"big": random.Random(4).randbytes(300000)}])
+        self.load_image(f"{proxy.host}/test/chunks:1", image)
+        layer_size = len(image.layers[0].data)
+        cache = self.provider(chunked_upload_threshold=100000, upload_chunk_size=64000)
+        cache.push(f"{proxy.host}/test/chunks:1")
+        patches = [p for m, p in proxy.requests() if m == "PATCH"]
+        self.assertEqual(len(patches), -(-layer_size // 64000))
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/chunks:1"), image.manifest.data)
+        # A registry that asks for larger chunks gets them (the layer goes first: jobs=1).
+        fresh = make_image("minimum", layer_files=[{"m": random.Random(6).randbytes(300000)}])
+        self.load_image(f"{proxy.host}/test/elsewhere:1", fresh)
+        session = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/min/blobs/uploads/", method="POST", data=b""))
+        proxy.add_fault("respond", method="POST", match="/test/min/blobs/uploads/$", status=202,
+                        headers={"Location": session.headers["Location"].replace(
+                                     registry.url, ""),  # relative: it goes via the proxy
+                                 "OCI-Chunk-Min-Length": "200000", "Content-Length": "0"})
+        before = len(proxy.requests())
+        self.provider(jobs=1, chunked_upload_threshold=100000, upload_chunk_size=64000).push(
+            f"{proxy.host}/test/elsewhere:1", f"{proxy.host}/test/min:1")
+        patches = [p for m, p in proxy.requests()[before:] if m == "PATCH"]
+        self.assertEqual(len(patches), -(-len(fresh.layers[0].data) // 200000))
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/min:1"), fresh.manifest.data)
+        # A registry that refuses a monolithic upload gets chunks.
+        refused = make_image("refused")
+        self.load_image(f"{proxy.host}/test/refuse-source:1", refused)
+        proxy.add_fault("respond", method="PUT", match="/blobs/uploads/.*digest=", status=413)
+        before = len(proxy.requests())
+        self.provider().push(f"{proxy.host}/test/refuse-source:1", f"{proxy.host}/test/refuse:1")
+        self.assertTrue([p for m, p in proxy.requests()[before:] if m == "PATCH"])
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/refuse:1"),
+                         refused.manifest.data)
+
+    def test_faults_retry_and_a_failed_push_never_moves_the_tag(self) -> None:
+        registry = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        image = make_image("faulty", layer_files=[{"x": random.Random(8).randbytes(200000)}])
+        self.load_image(f"{proxy.host}/test/faulty:1", image)
+        proxy.add_fault("respond", method="PUT", match="/blobs/uploads/", status=500)
+        proxy.add_fault("respond", method="PATCH", status=503)
+        cache = self.provider(chunked_upload_threshold=100000, upload_chunk_size=64000)
+        cache.push(f"{proxy.host}/test/faulty:1")
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/faulty:1"), image.manifest.data)
+        other = make_image("broken", layer_files=[{"y": random.Random(9).randbytes(1000)}])
+        self.load_image(f"{proxy.host}/test/faulty:2", other)
+        proxy.add_fault("respond", method="PUT", match="/blobs/uploads/", status=500, times=None)
+        with self.assertRaisesRegex(oc.RegistryError, "answered 500"):
+            self.provider().push(f"{proxy.host}/test/faulty:2")
+        proxy.clear_faults()
+        self.assertIsNone(self.provider().registry.remote_manifest(
+            self.provider().registry.endpoint(oc.Reference.parse(f"{proxy.host}/test/faulty:2")),
+            "2"))
+
+    def test_push_with_basic_and_token_auth(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": "pw"}))
+        self.load_image(f"{registry.host}/test/basic:1", make_image("basic"))
+        with self.assertRaisesRegex(oc.AuthenticationError, "401"):
+            self.provider().push(f"{registry.host}/test/basic:1")
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", "pw")}}})
+        self.provider().push(f"{registry.host}/test/basic:1")
+        issuer = TokenIssuer(users={"alice": "pw"}, anonymous_pull=True)
+        self.addCleanup(issuer.stop)
+        tokens = self.start_registry(auth=("token", issuer))
+        self.docker_config({"auths": {tokens.host: {"auth": basic("alice", "pw")}}})
+        self.load_image(f"{tokens.host}/test/a:1", make_image("token"))
+        cache = self.provider()
+        cache.push(f"{tokens.host}/test/a:1")
+        cache.push(f"{tokens.host}/test/a:1", f"{tokens.host}/test/b:1")
+        scopes = [scope for request in issuer.requests() for scope in request.scopes]
+        self.assertIn("repository:test/a:pull,push", scopes)
+        self.assertIn("repository:test/b:pull,push", scopes)
+        self.assertIn("repository:test/a:pull", scopes)  # to mount from test/a
+        self.assertEqual(self.skopeo_raw(f"{tokens.host}/test/b:1"),
+                         self.skopeo_raw(f"{tokens.host}/test/a:1"))
+
+    def test_pushing_to_a_read_only_mirror_is_one_line(self) -> None:
+        origin = self.start_registry()
+        mirror = self.start_registry(proxy_remote=origin.url)
+        self.load_image(f"{mirror.host}/test/ro:1", make_image("ro"))
+        result = self.cli("push", f"{mirror.host}/test/ro:1")
+        self.assert_one_line_error(result, "405", "UNSUPPORTED")
+
+    def test_pushing_a_partial_index_is_refused_before_sending(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, _ = self.load_multi(f"{registry.host}/test/part:1")
+        os.unlink(self.cache.layout.blob_path(arm.manifest.digest))
+        with self.assertRaisesRegex(oc.NotFoundError, "linux/arm64.*not in the cache"):
+            self.provider().push(f"{registry.host}/test/part:1")
+        self.assertEqual([r for r in registry.requests() if r[0] != "GET"], [])
 
 
 class TestPullCommand(RegistryTestCase):
