@@ -65,11 +65,15 @@ __all__ = [
     # value types and the pure logic over them
     "Digest", "Reference", "Platform", "Descriptor", "Index", "Manifest",
     "canonical_name", "select_platform", "merge_index",
+    "without_dangling_attestations", "merge_remote_index",
     # the disk
     "Layout", "ContentStore", "ContentInfo", "GcReport", "VerifyReport",
+    # registries
+    "Challenge", "Credentials", "parse_challenges", "find_credentials", "TransportOptions",
+    "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
-    "default_cache_dir", "main",
+    "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
 ]
 
 
@@ -3747,6 +3751,95 @@ def _raw_json_member(text: str, key: str) -> str:
         if text[position:position + 1] == ",":
             position += 1
     raise OciCacheError(f"the in-toto statement has no {key!r}")
+
+
+# =====================================================================================
+# Package resolver
+#
+# linuxkit's ``@pkg:<path>`` templates: the canonical tag of the linuxkit package in
+# a directory, from its build.yml (``org``, ``image``) and the git tree hash of the
+# directory at HEAD, with ``-dirty`` when it has uncommitted changes.
+# =====================================================================================
+
+_PACKAGE_PREFIX = "@pkg:"
+
+
+def package_resolver(base_dir: str) -> PackageResolver:
+    """A resolver for templates in a file under ``base_dir``: ``@pkg:<path>`` becomes the
+    package's canonical tag, other strings are returned unchanged, and ``@`` followed by
+    anything else is an error."""
+
+    def resolve(value: str) -> str:
+        if not value.startswith("@"):
+            return value
+        if not value.startswith(_PACKAGE_PREFIX):
+            raise OciCacheError(f"unknown template {_shorten(value)!r}: only "
+                                f"{_PACKAGE_PREFIX}<path> is supported")
+        relative = value[len(_PACKAGE_PREFIX):].lstrip("/")
+        return package_tag(os.path.join(base_dir, relative))
+
+    return resolve
+
+
+def resolve_templates(obj: Any, resolver: PackageResolver) -> Any:
+    """``obj`` with every string (keys included) of a JSON-like structure resolved."""
+    if isinstance(obj, str):
+        return resolver(obj)
+    if isinstance(obj, dict):
+        return {resolve_templates(k, resolver): resolve_templates(v, resolver)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(resolve_templates(v, resolver) for v in obj)
+    return obj
+
+
+def _build_yml_fields(path: str) -> Dict[str, str]:
+    """The top-level scalar fields of a build.yml (the subset of YAML packages use)."""
+    fields: Dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            match = re.match(r"^([A-Za-z_][\w-]*)\s*:\s*(.*?)\s*$", line)
+            if match is None:
+                continue
+            value = match.group(2)
+            if value[:1] in ("'", '"'):
+                value = value[1:value.find(value[0], 1)] if value.find(value[0], 1) > 0 else value
+            else:
+                value = re.sub(r"\s+#.*$", "", value)
+            fields[match.group(1)] = value
+    return fields
+
+
+def _git(directory: str, *args: str) -> str:
+    try:
+        result = subprocess.run(["git", "-C", directory, *args], capture_output=True,
+                                timeout=60)
+    except FileNotFoundError:
+        raise OciCacheError("resolving a package needs git, which is not on PATH") from None
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip().splitlines()
+        raise OciCacheError(f"git {args[0]} in {directory} failed: "
+                            f"{message[-1] if message else result.returncode}")
+    return result.stdout.decode().strip()
+
+
+def package_tag(directory: str) -> str:
+    """The canonical tag of the linuxkit package in ``directory``."""
+    build_yml = os.path.join(directory, "build.yml")
+    if not os.path.isfile(build_yml):
+        raise NotFoundError(f"no packages found: {build_yml} does not exist")
+    fields = _build_yml_fields(build_yml)
+    org = fields.get("org") or "linuxkit"
+    image = fields.get("image") or os.path.basename(os.path.abspath(directory))
+    top = _git(directory, "rev-parse", "--show-toplevel")
+    relative = os.path.relpath(os.path.realpath(directory), os.path.realpath(top))
+    spec = "HEAD^{tree}" if relative == "." else f"HEAD:{relative}"
+    try:
+        tree = _git(top, "rev-parse", spec)
+    except OciCacheError:
+        raise OciCacheError(f"package {directory} has no committed content in git") from None
+    dirty = _git(top, "status", "--porcelain", "--untracked-files=all", "--", relative)
+    return canonical_name(f"{org}/{image}:{tree}{'-dirty' if dirty else ''}")
 
 
 # =====================================================================================

@@ -3575,6 +3575,163 @@ class TestSources(CacheTestCase):
 
 
 # =====================================================================================
+# Package resolver and linuxkit compatibility
+# =====================================================================================
+
+class TestPackageResolver(CacheTestCase):
+    def git(self, *args: str) -> str:
+        git = require_tool(self, "git")
+        result = subprocess.run([git, "-C", self.path("repo"), *args], capture_output=True,
+                                env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                                     "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        return result.stdout.decode().strip()
+
+    def make_repo(self) -> str:
+        os.makedirs(self.path("repo", "pkg", "foo"))
+        os.makedirs(self.path("repo", "pkg", "bar"))
+        with open(self.path("repo", "pkg", "foo", "build.yml"), "w") as f:
+            f.write('# a linuxkit package\nimage: foo-image\norg: "example"  \nnetwork: true\n')
+        with open(self.path("repo", "pkg", "foo", "Dockerfile"), "w") as f:
+            f.write("FROM scratch\n")
+        with open(self.path("repo", "pkg", "bar", "build.yml"), "w") as f:
+            f.write("network: false\n")
+        self.git("init", "-q")
+        self.git("add", ".")
+        self.git("commit", "-q", "-m", "packages")
+        return self.path("repo")
+
+    def test_resolves_packages_by_tree_hash(self) -> None:
+        repo = self.make_repo()
+        resolver = oc.package_resolver(repo)
+        tree = self.git("rev-parse", "HEAD:pkg/foo")
+        self.assertEqual(resolver("@pkg:pkg/foo"), f"docker.io/example/foo-image:{tree}")
+        self.assertEqual(resolver("@pkg:/pkg/foo"), f"docker.io/example/foo-image:{tree}")
+        self.assertEqual(resolver("@pkg:pkg/bar"),
+                         f"docker.io/linuxkit/bar:{self.git('rev-parse', 'HEAD:pkg/bar')}")
+        for plain in ["alpine:3.20", "", "pkg:foo", "a@b"]:
+            self.assertEqual(resolver(plain), plain)
+        with self.assertRaisesRegex(oc.OciCacheError, "only @pkg:"):
+            resolver("@foo")
+        with self.assertRaisesRegex(oc.NotFoundError, "no packages found"):
+            resolver("@pkg:pkg/none")
+        with open(self.path("repo", "pkg", "foo", "Dockerfile"), "a") as f:
+            f.write("RUN true\n")
+        self.assertEqual(resolver("@pkg:pkg/foo"), f"docker.io/example/foo-image:{tree}-dirty")
+        self.git("checkout", "--", "pkg/foo/Dockerfile")
+        with open(self.path("repo", "pkg", "foo", "new-file"), "w") as f:
+            f.write("untracked\n")
+        self.assertTrue(resolver("@pkg:pkg/foo").endswith("-dirty"))
+        self.assertFalse(resolver("@pkg:pkg/bar").endswith("-dirty"))
+
+    def test_resolve_templates(self) -> None:
+        repo = self.make_repo()
+        resolver = oc.package_resolver(repo)
+        config = {"init": ["@pkg:pkg/foo", "linuxkit/runc:v1"],
+                  "services": [{"name": "x", "image": "@pkg:pkg/bar", "count": 3}],
+                  "@pkg:pkg/foo": True}
+        resolved = oc.resolve_templates(config, resolver)
+        foo, bar = resolver("@pkg:pkg/foo"), resolver("@pkg:pkg/bar")
+        self.assertEqual(resolved, {"init": [foo, "linuxkit/runc:v1"],
+                                    "services": [{"name": "x", "image": bar, "count": 3}],
+                                    foo: True})
+        with self.assertRaises(oc.OciCacheError):
+            oc.resolve_templates({"a": ["@bad"]}, resolver)
+
+    def test_outside_git_is_a_clear_error(self) -> None:
+        os.makedirs(self.path("loose"))
+        with open(self.path("loose", "build.yml"), "w") as f:
+            f.write("image: loose\n")
+        with self.assertRaisesRegex(oc.OciCacheError, "git"):
+            oc.package_resolver(self.tmp)("@pkg:loose")
+
+
+def linuxkit_index(entries: List[Dict[str, Any]]) -> str:
+    """index.json as linuxkit writes it: 3-space indent, no trailing newline."""
+    return json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                       "manifests": entries}, indent=3)
+
+
+class TestLinuxkitCompatibility(CacheTestCase):
+    def linuxkit_cache(self) -> Tuple[TestImage, TestImage, Blob]:
+        """A cache laid out as linuxkit leaves it after 'cache pull' of a Docker list."""
+        amd = make_image("lk-amd", docker_types=True)
+        arm = make_image("lk-arm", "arm64", docker_types=True)
+        index = make_index([amd.descriptor(), arm.descriptor()], docker_list=True)
+        directory = self.path("linuxkit-cache")
+        os.makedirs(os.path.join(directory, "blobs", "sha256"))
+        for blob in [*amd.blobs, *arm.blobs, index]:
+            with open(os.path.join(directory, "blobs", "sha256", blob.digest[7:]), "wb") as f:
+                f.write(blob.data)
+        with open(os.path.join(directory, "oci-layout"), "w") as f:
+            f.write('{\n    "imageLayoutVersion": "1.0.0"\n}')
+        name = "docker.io/library/alpine:3.19"
+        with open(os.path.join(directory, "index.json"), "w") as f:
+            f.write(linuxkit_index([
+                {**index.descriptor(), "annotations": {oc.ANNOTATION_REF_NAME: name}},
+                {**amd.descriptor(), "annotations": {oc.ANNOTATION_REF_NAME: name + "-amd64"}},
+                {**arm.descriptor(), "annotations": {oc.ANNOTATION_REF_NAME: name + "-arm64"}},
+                {**index.descriptor(), "annotations": {
+                    oc.ANNOTATION_REF_NAME: "docker.io/library/untagged"}}]))
+        return amd, arm, index
+
+    def test_reads_and_writes_a_linuxkit_cache(self) -> None:
+        amd, arm, index = self.linuxkit_cache()
+        cache = oc.Provider(self.path("linuxkit-cache"), mirrors=[])
+        self.assertEqual(str(cache.find_descriptor("alpine:3.19").digest), index.digest)
+        self.assertEqual(str(cache.find_descriptor("alpine:3.19-arm64").digest),
+                         arm.manifest.digest)
+        self.assertEqual(str(cache.find_descriptor("untagged").digest), index.digest)
+        self.assertTrue(cache.image_in_cache("alpine:3.19", "", "arm64"))
+        self.assertTrue(cache.image_in_cache("alpine:3.19-amd64", "", "amd64"))
+        self.assertEqual(cache.new_source("alpine:3.19", "arm64").config()["Env"], ["SEED=lk-arm"])
+        with cache.new_source("alpine:3.19", "amd64").tar_reader() as stream:
+            self.assertIn(b"etc/lk-amd", stream.read())
+        cache.descriptor_write("example.com/new:1", cache.find_descriptor("alpine:3.19"))
+        with open(self.path("linuxkit-cache", "index.json")) as f:
+            text = f.read()
+        self.assertTrue(text.startswith('{\n   "schemaVersion"'), text[:40])
+        names = [m["annotations"][oc.ANNOTATION_REF_NAME] for m in json.loads(text)["manifests"]]
+        self.assertEqual(names, ["docker.io/library/alpine:3.19",
+                                 "docker.io/library/alpine:3.19-amd64",
+                                 "docker.io/library/alpine:3.19-arm64",
+                                 "docker.io/library/untagged", "example.com/new:1"])
+        self.assertTrue(cache.verify().ok)
+
+    def test_jq_finds_a_platform_child_as_linuxkit_tests_do(self) -> None:
+        jq = require_tool(self, "jq")
+        amd, arm = make_image("a"), make_image("b", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        self.load(oci_archive([(index.descriptor(), named("linuxkit/pkg:abc"))],
+                              [*amd.blobs, *arm.blobs, index]))
+        index_json = os.path.join(self.cache_dir, "index.json")
+        result = subprocess.run([jq, "-r", '.manifests[] | select(.annotations["org.opencontainers'
+                                 '.image.ref.name"] == "docker.io/linuxkit/pkg:abc") | .digest',
+                                 index_json], capture_output=True, check=True)
+        digest = result.stdout.decode().strip()
+        blob = os.path.join(self.cache_dir, "blobs", "sha256", digest.split(":")[1])
+        result = subprocess.run([jq, "-r", '.manifests[] | select(.platform.architecture == '
+                                 '"arm64") | .digest', blob], capture_output=True, check=True)
+        self.assertEqual(result.stdout.decode().strip(), arm.manifest.digest)
+
+    def test_a_skopeo_written_cache_keeps_working(self) -> None:
+        image = make_image("sk")
+        source = self.path("src")
+        write_layout(source, [(image.manifest.descriptor(), "v1")], image.blobs)
+        cache_dir = self.path("skopeo-cache")
+        self.skopeo("copy", f"oci:{source}:v1", f"oci:{cache_dir}:latest")
+        cache = oc.Provider(cache_dir, mirrors=[])
+        ours = make_image("ours")
+        cache.image_load(io.BytesIO(oci_archive(
+            [(ours.manifest.descriptor(), named("example.com/ours:1"))], ours.blobs)))
+        self.assertEqual([d.name for d in cache.names()], ["latest", "example.com/ours:1"])
+        self.assertTrue(cache.verify().ok)
+        info = json.loads(self.skopeo("inspect", f"oci:{cache_dir}:latest"))
+        self.assertEqual(info["Digest"], image.manifest.digest)
+        self.skopeo("inspect", f"oci:{cache_dir}:example.com/ours:1")
+
+
+# =====================================================================================
 # Command line
 # =====================================================================================
 
