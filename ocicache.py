@@ -1633,7 +1633,9 @@ class _Transport:
                     self._schemes[host] = "https"  # it does not speak plain HTTP
                     continue
                 attempt += 1
-                if not retry or attempt >= self.options.attempts or _is_certificate_error(e):
+                # Nothing listening is rarely fixed by waiting: one more try, not five.
+                limit = 2 if isinstance(e, ConnectionRefusedError) else self.options.attempts
+                if not retry or attempt >= limit or _is_certificate_error(e):
                     raise _connection_error(host, e) from None
                 self._back_off(host, attempt, None)
                 continue
@@ -3092,9 +3094,67 @@ class PullProgress:
         """``name`` was already complete in the cache: nothing was asked of the registry."""
 
 
+def _registries_conf_tables(text: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """The ``[[table]]`` entries of a registries.conf: the TOML subset it uses (string and
+    boolean values; arrays and other tables are skipped)."""
+    tables: List[Tuple[str, Dict[str, Any]]] = []
+    depth = 0
+    for raw in text.splitlines():
+        line = re.sub(r'\s+#.*$|^#.*$', "", raw).strip()
+        if depth:  # inside a multi-line array
+            depth += line.count("[") - line.count("]")
+            continue
+        header = re.fullmatch(r"\[\[\s*([\w.-]+)\s*\]\]", line)
+        if header:
+            tables.append((header.group(1), {}))
+            continue
+        if line.startswith("["):
+            tables.append(("", {}))  # another kind of table: its keys are not ours
+            continue
+        pair = re.fullmatch(r'([\w-]+)\s*=\s*(.+)', line)
+        if pair is None or not tables:
+            continue
+        key, value = pair.groups()
+        if value.startswith("["):
+            depth = value.count("[") - value.count("]")
+        elif value[:1] in ('"', "'") and value[-1:] == value[:1]:
+            tables[-1][1][key] = value[1:-1]
+        elif value in ("true", "false"):
+            tables[-1][1][key] = value == "true"
+    return tables
+
+
+def _registries_conf_mirrors() -> List[Tuple[str, str]]:
+    """Mirrors of containers' registries.conf (``$CONTAINERS_REGISTRIES_CONF``, else the
+    user's then the system's file): ``[[registry.mirror]]`` of registry prefixes."""
+    explicit = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    candidates = [explicit] if explicit else [
+        os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+                     "containers", "registries.conf"), "/etc/containers/registries.conf"]
+    for path in candidates:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_MANIFEST_SIZE)
+        except OSError:
+            continue
+        mirrors: List[Tuple[str, str]] = []
+        registry = ""
+        for table, values in _registries_conf_tables(text):
+            if table == "registry":
+                registry = str(values.get("prefix") or values.get("location") or "")
+            elif table == "registry.mirror" and registry and "/" not in registry:
+                location = str(values.get("location") or "").rstrip("/")
+                if location:
+                    scheme = "http" if values.get("insecure") else "https"
+                    mirrors.append((_normalise_auth_key(registry), f"{scheme}://{location}"))
+        return mirrors
+    return []
+
+
 def default_mirrors() -> List[Tuple[str, str]]:
-    """Mirrors from ``$OCICACHE_MIRROR``, linuxkit's ``$LINUXKIT_MIRROR``, and docker's
-    ``/etc/docker/daemon.json`` ``registry-mirrors`` (which serve Docker Hub only)."""
+    """Mirrors from ``$OCICACHE_MIRROR``, linuxkit's ``$LINUXKIT_MIRROR``, docker's
+    ``/etc/docker/daemon.json`` ``registry-mirrors`` (which serve Docker Hub only) and
+    containers' registries.conf, in that order of preference."""
     mirrors = []
     for variable in ("OCICACHE_MIRROR", "LINUXKIT_MIRROR"):
         for value in re.split(r"[\s,]+", os.environ.get(variable, "")):
@@ -3105,7 +3165,7 @@ def default_mirrors() -> List[Tuple[str, str]]:
         with open(daemon, "rb") as f:
             for url in json.load(f).get("registry-mirrors") or []:
                 mirrors.append(parse_mirror(f"{DEFAULT_REGISTRY}={url}"))
-    return mirrors
+    return mirrors + _registries_conf_mirrors()
 
 
 class Provider(CacheProvider):

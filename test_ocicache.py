@@ -1972,6 +1972,7 @@ class IsolatedEnvironment(CacheTestCase):
             "XDG_CONFIG_HOME": os.path.join(home, ".config"),
             "XDG_RUNTIME_DIR": os.path.join(home, "run"),
             "OCICACHE_DOCKER_DAEMON_JSON": os.path.join(home, "daemon.json"),
+            "CONTAINERS_REGISTRIES_CONF": os.path.join(home, "registries.conf"),
             "OCICACHE_CERTS_D": "", "PATH": f"{self.path('bin')}:{os.environ['PATH']}"})
         patcher.start()
         self.addCleanup(patcher.stop)
@@ -2491,6 +2492,15 @@ class TestMirrors(RegistryTestCase):
         self.assertTrue(any("/v2/library/mirrored/manifests/1" in p
                             for _, p in mirror.requests()))
         self.assertTrue(cache.verify().ok)
+        self.cache.clean()
+        with open(os.environ["CONTAINERS_REGISTRIES_CONF"], "w") as f:
+            f.write(f'unqualified-search-registries = ["docker.io",\n  "quay.io"]\n'
+                    f'[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+                    f'[[registry.mirror]]\nlocation = "{mirror.host}"  # ours\n'
+                    f'insecure = true\n')
+        result = self.cli("pull", "--platform", "amd64", "mirrored:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), ["docker.io/library/mirrored:1"])
         mirror.stop()
         os.environ["OCICACHE_MIRROR"] = f"docker.io={mirror.url}"
         result = self.cli("pull", "--always", "--platform", "amd64", "mirrored:1")
