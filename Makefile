@@ -5,10 +5,11 @@ PYTHON ?= python3
 TEST_TOOLS := skopeo:skopeo umoci:umoci podman:podman docker-registry:docker-registry \
 	jq:jq openssl:openssl git:git htpasswd:apache2-utils
 
-.PHONY: test deps help
+.PHONY: test stress deps help
 
 help:
 	@echo "make test   run the whole test suite (installs the test tools when it can)"
+	@echo "make stress the reliability and security campaigns at full size (minutes)"
 	@echo "make deps   install the Debian packages the integration tests use"
 
 # Install the missing test tools with apt-get when we are root; otherwise say how.
@@ -28,3 +29,8 @@ deps:
 
 test: deps
 	$(PYTHON) test_ocicache.py
+
+# The campaigns of the regular suite at full size: faults, crashes, concurrency, a full
+# disk. Loopback only, bounded in time; not part of make test.
+stress: deps
+	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability

@@ -9,17 +9,16 @@ live in ``index.json`` as full canonical references
 
 Command line::
 
-    python3 ocicache.py import image.tar      # docker save / buildx OCI / skopeo tars
-    python3 ocicache.py ls
+    python3 ocicache.py pull alpine:3.20
+    python3 ocicache.py export alpine:3.20 --format filesystem -o rootfs.tar
     python3 ocicache.py --help
 
 Python::
 
     import ocicache
     cache = ocicache.Provider("~/.cache/ocicache")
-    with open("image.tar", "rb") as f:
-        for descriptor in cache.image_load(f):
-            print(descriptor.name, descriptor.digest)
+    source = cache.image_pull("alpine:3.20", architecture="arm64")
+    print(source.config()["Cmd"])
 
 The API is linuxkit's ``CacheProvider`` / ``ImageSource`` / ``PackageResolver`` in
 Python spelling. Python 3.9 or newer, standard library only.
@@ -1467,7 +1466,7 @@ class TransportOptions:
 
     insecure_registries: Tuple[str, ...] = ()
     ca_files: Tuple[str, ...] = ()
-    certs_d_roots: Tuple[str, ...] = _CERTS_D_ROOTS
+    certs_d_roots: Tuple[str, ...] = dataclasses.field(default_factory=lambda: _certs_d_roots())
     timeout: float = 60.0
     attempts: int = 5
     backoff: float = 0.5
@@ -1538,7 +1537,7 @@ class _Transport:
                 except (OSError, ssl.SSLError) as e:
                     raise OciCacheError(f"cannot load CA certificates from {ca_file}: {e}") from None
             for root in self.options.certs_d_roots:
-                directory = os.path.join(os.path.expanduser(root), host.replace(":", ":"))
+                directory = os.path.join(os.path.expanduser(root), host)
                 if not os.path.isdir(directory):
                     continue
                 for name in sorted(os.listdir(directory)):
@@ -1713,7 +1712,8 @@ def _speaks_tls(response: _Response) -> bool:
     except (OciCacheError, OSError, http.client.HTTPException):
         text = b""
     response.close(reuse=False)
-    return b"HTTP request to an HTTPS server" in text
+    # Go's answer, and nginx's
+    return b"HTTP request to an HTTPS server" in text or b"sent to HTTPS port" in text
 
 
 def _is_certificate_error(error: BaseException) -> bool:
@@ -1836,20 +1836,22 @@ class RegistryClient:
         self._tokens: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, float]] = {}
         self._challenges: Dict[str, Challenge] = {}
         self._credentials: Dict[Tuple[str, str], Optional[Credentials]] = {}
+        self._locations: Dict[Tuple[str, Digest], List[str]] = {}  # blob -> repositories
         self._guard = threading.Lock()
 
     # -- endpoints and authentication -------------------------------------------------
 
     def endpoint(self, ref: Reference, use_mirrors: bool = True) -> _Endpoint:
         if use_mirrors:
-            for registry, url in self.mirrors:
-                if registry in (ref.registry, "*"):
-                    import urllib.parse
-                    parts = urllib.parse.urlsplit(url)
-                    prefix = parts.path.strip("/")
-                    repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
-                    base = f"{parts.scheme}://{parts.netloc}"
-                    return _Endpoint(base, parts.netloc, repository, parts.netloc)
+            chosen = [url for registry, url in self.mirrors if registry == ref.registry] + \
+                [url for registry, url in self.mirrors if registry == "*"]
+            for url in chosen[:1]:  # the registry's own mirror, else one for every registry
+                import urllib.parse
+                parts = urllib.parse.urlsplit(url)
+                prefix = parts.path.strip("/")
+                repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
+                base = f"{parts.scheme}://{parts.netloc}"
+                return _Endpoint(base, parts.netloc, repository, parts.netloc)
         host = ref.api_host
         return _Endpoint(f"https://{host}", host, ref.repository, ref.registry)
 
@@ -1971,21 +1973,46 @@ class RegistryClient:
 
     # -- manifests and blobs ----------------------------------------------------------
 
+    def _fetch_small(self, endpoint: _Endpoint, path: str, headers: Mapping[str, str],
+                     what: str, check: Callable[[bytes, _Response], None]) -> Tuple[bytes, _Response]:
+        """GET a small body whole; a body cut short, reset or failing ``check`` (its
+        digest) is fetched again, like a failed request."""
+        failures = 0
+        while True:
+            response = self.request(endpoint, "GET", path, headers=headers, what=what)
+            try:
+                data = response.body(MAX_MANIFEST_SIZE)
+                response.close()
+                check(data, response)
+                return data, response
+            except (OSError, http.client.HTTPException, DigestMismatchError) as e:
+                response.close(reuse=False)
+                failures += 1
+                if failures >= self.transport.options.attempts:
+                    if isinstance(e, OciCacheError):
+                        raise
+                    raise _connection_error(endpoint.host, e) from None
+                self.transport._back_off(endpoint.host, failures, None)
+
     def get_manifest(self, ref: Reference, what: str = "") -> Tuple[bytes, Descriptor]:
         """The manifest (or index) bytes as served, and its descriptor (verified)."""
         endpoint = self.endpoint(ref)
         identifier = str(ref.digest) if ref.digest is not None else ref.tag
-        response = self.request(endpoint, "GET", f"manifests/{identifier}",
-                                headers={"Accept": MANIFEST_ACCEPT}, what=what or f"pull {ref}")
-        data = response.body(MAX_MANIFEST_SIZE)
-        response.close()
-        digest = Digest.from_bytes(data, ref.digest.algorithm if ref.digest else "sha256")
-        if ref.digest is not None and digest != ref.digest:
-            raise DigestMismatchError(f"{endpoint.host} served {ref} with digest {digest}")
-        served = response.headers.get("Docker-Content-Digest", "")
-        if served.startswith("sha256:") and digest.algorithm == "sha256" and served != str(digest):
-            raise DigestMismatchError(f"{endpoint.host} says {ref} is {served}, but its bytes "
-                                      f"hash to {digest}")
+        algorithm = ref.digest.algorithm if ref.digest else "sha256"
+
+        def check(data: bytes, response: _Response) -> None:
+            digest = Digest.from_bytes(data, algorithm)
+            if ref.digest is not None and digest != ref.digest:
+                raise DigestMismatchError(f"{endpoint.host} served {ref} with digest {digest}")
+            served = response.headers.get("Docker-Content-Digest", "")
+            if served.startswith("sha256:") and algorithm == "sha256" and served != str(digest):
+                raise DigestMismatchError(f"{endpoint.host} says {ref} is {served}, but its "
+                                          f"bytes hash to {digest}")
+
+        data, response = self._fetch_small(endpoint, f"manifests/{identifier}",
+                                           {"Accept": MANIFEST_ACCEPT}, what or f"pull {ref}",
+                                           check)
+        digest = Digest.from_bytes(data, algorithm)
         try:
             obj = json.loads(data)
             media_type = str(obj.get("mediaType") or "")
@@ -2006,14 +2033,14 @@ class RegistryClient:
     def get_blob_bytes(self, ref: Reference, descriptor: Descriptor) -> bytes:
         """A small blob (a config), read whole and verified."""
         endpoint = self.endpoint(ref)
-        response = self.request(endpoint, "GET", f"blobs/{descriptor.digest}",
-                                what=f"pull {ref.name}@{descriptor.digest}")
-        data = response.body(MAX_MANIFEST_SIZE)
-        response.close()
-        if Digest.from_bytes(data, descriptor.digest.algorithm) != descriptor.digest:
-            raise DigestMismatchError(f"{endpoint.host} served blob {descriptor.digest} with "
-                                      "other content")
-        return data
+
+        def check(data: bytes, response: _Response) -> None:
+            if Digest.from_bytes(data, descriptor.digest.algorithm) != descriptor.digest:
+                raise DigestMismatchError(f"{endpoint.host} served blob {descriptor.digest} "
+                                          "with other content")
+
+        return self._fetch_small(endpoint, f"blobs/{descriptor.digest}", {},
+                                 f"pull {ref.name}@{descriptor.digest}", check)[0]
 
     def remote_manifest(self, endpoint: _Endpoint, reference: str,
                         actions: str = "pull") -> Optional[Tuple[bytes, Descriptor]]:
@@ -2048,8 +2075,12 @@ class RegistryClient:
                                 ok=(200, 404), what=what)
         response.close()
         if response.status == 200:
+            self._remember(endpoint, descriptor.digest)
             return "present"
-        for source in mount_from:
+        with self._guard:
+            seen = self._locations.get((endpoint.host, descriptor.digest), [])
+        sources = list(dict.fromkeys([*mount_from, *seen]))
+        for source in [s for s in sources if s != endpoint.repository]:
             response = self.request(
                 endpoint, "POST", f"blobs/uploads/?mount={descriptor.digest}&from={source}",
                 "pull,push", ok=(201, 202), what=what,
@@ -2057,6 +2088,7 @@ class RegistryClient:
             location = response.headers.get("Location", "")
             response.close()
             if response.status == 201:
+                self._remember(endpoint, descriptor.digest)
                 return "mounted"
             if location:  # the registry opened an ordinary upload instead: cancel it
                 with contextlib.suppress(OciCacheError):
@@ -2067,6 +2099,7 @@ class RegistryClient:
         while True:
             try:
                 self._upload(endpoint, descriptor, layout, chunked, what)
+                self._remember(endpoint, descriptor.digest)
                 return "uploaded"
             except RegistryError as e:
                 if isinstance(e, AuthenticationError):
@@ -2080,6 +2113,13 @@ class RegistryClient:
                 failures += 1
                 if failures >= self.transport.options.attempts:
                     raise
+
+    def _remember(self, endpoint: _Endpoint, digest: Digest) -> None:
+        """Note that ``digest`` is in this repository, a source for later mounts."""
+        with self._guard:
+            repositories = self._locations.setdefault((endpoint.host, digest), [])
+            if endpoint.repository not in repositories:
+                repositories.append(endpoint.repository)
 
     def _absolute(self, endpoint: _Endpoint, location: str) -> str:
         import urllib.parse
@@ -2140,6 +2180,7 @@ class RegistryClient:
                 progress(descriptor.size)
                 return
             self._fetch_into(endpoint, descriptor, fd, progress)
+            self._remember(endpoint, descriptor.digest)
             os.fchmod(fd, 0o644 & ~_UMASK)
             os.fsync(fd)
             os.replace(partial, layout.blob_path(descriptor.digest))
@@ -3161,10 +3202,14 @@ def default_mirrors() -> List[Tuple[str, str]]:
             if value:
                 mirrors.append(parse_mirror(value))
     daemon = os.environ.get("OCICACHE_DOCKER_DAEMON_JSON", "/etc/docker/daemon.json")
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
         with open(daemon, "rb") as f:
-            for url in json.load(f).get("registry-mirrors") or []:
+            urls = json.load(f).get("registry-mirrors") or []
+        for url in urls:
+            try:
                 mirrors.append(parse_mirror(f"{DEFAULT_REGISTRY}={url}"))
+            except OciCacheError as e:
+                _LOG.warning("ignoring a registry mirror of %s: %s", daemon, e)
     return mirrors + _registries_conf_mirrors()
 
 
@@ -3255,6 +3300,9 @@ class Provider(CacheProvider):
         if not incoming:
             raise OciCacheError(f"cannot create index {name} without any manifests")
         for descriptor in incoming:
+            if descriptor.is_index:
+                raise OciCacheError(f"cannot write index {name}: {descriptor.digest} is itself "
+                                    "an index; pass its children (get_content reads them)")
             if not self.layout.has_blob(descriptor.digest, descriptor.size):
                 raise NotFoundError(f"cannot write index {name}: {descriptor.digest} is not "
                                     f"in the cache {self.root}")
@@ -3495,7 +3543,10 @@ class Provider(CacheProvider):
                     child_data, what=f"manifest {child.digest} of {ref}")))
             return plan
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
-        config_data = self.registry.get_blob_bytes(ref, manifest.config)
+        if self.layout.has_blob(manifest.config.digest, manifest.config.size):
+            config_data = self.layout.read_blob(manifest.config.digest)
+        else:
+            config_data = self.registry.get_blob_bytes(ref, manifest.config)
         declared = Platform.from_json(_load_json_object(config_data, f"config of {ref}"))
         probe = dataclasses.replace(root, platform=declared)
         if architecture not in ("", ALL_PLATFORMS):
@@ -3589,7 +3640,9 @@ class Provider(CacheProvider):
         else:
             to_push = [root]
         self._push_manifests(local, endpoint, to_push)
-        self.registry.put_manifest(endpoint, tag, data, root.media_type)
+        media_type = str(_load_json_object(data, f"index of {local}").get("mediaType") or
+                         root.media_type)  # the body's own type: root entries may differ
+        self.registry.put_manifest(endpoint, tag, data, media_type)
         _LOG.info("pushed %s as %s", local, remote)
         if with_manifest and root.is_index and remote.tag:
             for child in children:
@@ -3960,8 +4013,8 @@ class _LineProgress(PullProgress):
 
     def end(self, name: str, descriptor: Descriptor) -> None:
         seconds = time.monotonic() - self._started
-        self._out.write(f"pulled {name} {descriptor.digest} ({_human_size(self._bytes)} "
-                        f"in {seconds:.1f}s)\n")
+        self._out.write(f"pulled {name} {descriptor.digest} ({_human_size(self._bytes)} of "
+                        f"blobs, {seconds:.1f}s)\n")
         self._out.flush()
 
     def cached(self, name: str, descriptor: Descriptor) -> None:
@@ -4053,8 +4106,9 @@ def _seconds(value: str) -> float:
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ocicache",
-        description="An OCI image cache: import, list, inspect and clean images in a local "
-                    "OCI image layout (the same layout linuxkit uses).",
+        description="An OCI image cache and registry client: pull, push, import, export, "
+                    "inspect and clean images in a local OCI image layout (the layout "
+                    "linuxkit uses).",
         epilog="Names are canonicalised: 'alpine' means docker.io/library/alpine:latest. "
                "Run 'ocicache COMMAND --help' for a command's options.")
     parser.add_argument("--cache", metavar="DIR", default=None,
@@ -4370,9 +4424,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress = _TerminalProgress(sys.stderr)
         else:
             progress = _LineProgress(sys.stderr)
-        mirrors = [parse_mirror(m) for m in args.mirror] + default_mirrors()
+        # Only registry commands read mirror settings: a bad one does not break 'ls'.
+        mirrors = [parse_mirror(m) for m in args.mirror] + default_mirrors() \
+            if args.command in ("pull", "push") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
-                                   ca_files=tuple(args.ca_file), certs_d_roots=_certs_d_roots())
+                                   ca_files=tuple(args.ca_file))
         with Provider(args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
                       progress=progress) as provider:
             return int(args.run(provider, args))

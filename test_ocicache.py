@@ -115,7 +115,7 @@ class Blob:
 
 
 @dataclasses.dataclass
-class TestImage:
+class ImageBlobs:
     """An image's blobs: layers, config, manifest; ``blobs`` lists them all."""
 
     manifest: Blob
@@ -133,7 +133,7 @@ class TestImage:
 
 def make_image(seed: str, architecture: str = "amd64", variant: str = "",
                layer_files: Sequence[Dict[str, bytes]] = (), gzip_layers: bool = True,
-               docker_types: bool = False) -> TestImage:
+               docker_types: bool = False) -> ImageBlobs:
     """A small image whose content depends only on its arguments."""
     files = list(layer_files) or [{f"etc/{seed}": f"{seed} {architecture}\n".encode()}]
     layers, diff_ids = [], []
@@ -156,10 +156,10 @@ def make_image(seed: str, architecture: str = "amd64", variant: str = "",
     manifest = Blob(manifest_type, json.dumps({
         "schemaVersion": 2, "mediaType": manifest_type, "config": config.descriptor(),
         "layers": [layer.descriptor() for layer in layers]}).encode())
-    return TestImage(manifest, config, layers, platform)
+    return ImageBlobs(manifest, config, layers, platform)
 
 
-def make_attestation(image: TestImage, spdx: bool = True) -> Tuple[Blob, List[Blob], Dict[str, Any]]:
+def make_attestation(image: ImageBlobs, spdx: bool = True) -> Tuple[Blob, List[Blob], Dict[str, Any]]:
     """A BuildKit-style attestation manifest for ``image``: (manifest, blobs, index entry)."""
     statement = Blob(oc.MEDIA_IN_TOTO, json.dumps({
         "_type": "https://in-toto.io/Statement/v0.1",
@@ -1420,7 +1420,7 @@ class CacheTestCase(unittest.TestCase):
     def load(self, archive: bytes) -> List[oc.Descriptor]:
         return self.cache.image_load(io.BytesIO(archive))
 
-    def load_image(self, name: str, image: TestImage) -> oc.Descriptor:
+    def load_image(self, name: str, image: ImageBlobs) -> oc.Descriptor:
         (descriptor,) = self.load(oci_archive([(image.manifest.descriptor(), named(name))],
                                               image.blobs))
         return descriptor
@@ -2132,7 +2132,7 @@ class RegistryTestCase(IsolatedEnvironment):
         return registry
 
     def multi_arch(self, registry: Registry, repository: str = "test/multi", tag: str = "1",
-                   docker_types: bool = False, big: bool = False) -> Tuple[TestImage, TestImage, List[Blob], Blob]:
+                   docker_types: bool = False, big: bool = False) -> Tuple[ImageBlobs, ImageBlobs, List[Blob], Blob]:
         files = [{"etc/a": b"a"}, {"big": random.Random(5).randbytes(3 << 20)}] if big else ()
         amd = make_image("amd", layer_files=files, docker_types=docker_types)
         arm = make_image("arm", "arm64", layer_files=files[:1] if big else (),
@@ -2380,7 +2380,7 @@ class TestRegistry(RegistryTestCase):
 
 
 class TestAuthentication(RegistryTestCase):
-    def populated(self, **kwargs: Any) -> Tuple[Registry, TestImage]:
+    def populated(self, **kwargs: Any) -> Tuple[Registry, ImageBlobs]:
         """A registry configured by ``kwargs`` serving an image put in without auth."""
         storage = self.path("storage")
         origin = self.start_registry(root=storage)
@@ -2518,7 +2518,7 @@ class TestPush(RegistryTestCase):
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         return result.stdout
 
-    def load_multi(self, name: str) -> Tuple[TestImage, TestImage, List[Blob], Blob]:
+    def load_multi(self, name: str) -> Tuple[ImageBlobs, ImageBlobs, List[Blob], Blob]:
         amd = make_image("pa", layer_files=[{"a": b"a" * 3000}, {"b": b"shared"}])
         arm = make_image("pb", "arm64", layer_files=[{"c": b"c"}, {"b": b"shared"}])
         _, attestation_blobs, attestation = make_attestation(amd)
@@ -2707,6 +2707,57 @@ class TestPush(RegistryTestCase):
         self.assertEqual([r for r in registry.requests() if r[0] != "GET"], [])
 
 
+class TestRegistryDetails(RegistryTestCase):
+    def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
+        client = oc.RegistryClient(mirrors=[("*", "http://all:1"), ("docker.io", "http://hub:2/p")])
+        endpoint = client.endpoint(oc.Reference.parse("alpine"))
+        self.assertEqual((endpoint.base, endpoint.repository), ("http://hub:2", "p/library/alpine"))
+        endpoint = client.endpoint(oc.Reference.parse("ghcr.io/o/r:1"))
+        self.assertEqual((endpoint.base, endpoint.repository), ("http://all:1", "o/r"))
+        self.assertEqual(client.endpoint(oc.Reference.parse("alpine"), use_mirrors=False).base,
+                         "https://registry-1.docker.io")
+
+    def test_a_bad_mirror_setting_breaks_only_registry_commands(self) -> None:
+        os.environ["OCICACHE_MIRROR"] = "ftp://nope"
+        self.assertEqual(self.cli("ls").returncode, 0)
+        self.assert_one_line_error(self.cli("pull", "alpine"), "must start with http")
+
+    def test_index_write_refuses_nested_indexes_and_push_keeps_the_body_type(self) -> None:
+        registry = self.start_registry()
+        amd, arm = make_image("a", docker_types=True), make_image("b", "arm64", docker_types=True)
+        inner = make_index([amd.descriptor()])
+        self.load(oci_archive([(inner.descriptor(), named("example.com/inner:1"))],
+                              [*amd.blobs, inner]))
+        with self.assertRaisesRegex(oc.OciCacheError, "is itself an index"):
+            self.cache.index_write("example.com/outer:1", inner.descriptor())
+        listed = make_index([amd.descriptor()], docker_list=True)
+        name = f"{registry.host}/test/list:1"
+        self.load(oci_archive([(listed.descriptor(), named(name))], [*amd.blobs, listed]))
+        for blob in arm.blobs:
+            self.cache.layout.write_blob_bytes(blob.data)
+        self.cache.index_write(name, arm.descriptor())  # the body stays a Docker list
+        self.provider().push(name)
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/list/manifests/1", headers={"Accept": oc.MEDIA_DOCKER_LIST}))
+        self.assertEqual(json.loads(served.read())["mediaType"], oc.MEDIA_DOCKER_LIST)
+
+    def test_blobs_pulled_from_one_repository_are_mounted_into_another(self) -> None:
+        registry = self.start_registry()
+        base = make_image("base", layer_files=[{"base": random.Random(3).randbytes(100000)}])
+        upload(registry.url, "test/base", base.blobs, [("1", base.manifest)])
+        cache = self.provider()
+        cache.image_pull(f"{registry.host}/test/base:1", "", "amd64")
+        app = make_image("app", layer_files=[{"base": random.Random(3).randbytes(100000)},
+                                             {"app": b"app"}])
+        self.load_image(f"{registry.host}/test/app:1", app)
+        before = len(registry.access_entries())
+        cache.push(f"{registry.host}/test/app:1")
+        registry.wait_requests(lambda r: any("/test/app/manifests/1" in p for _, p in r))
+        mounts = [e for e in registry.access_entries()[before:] if "mount=" in e.uri]
+        self.assertEqual([int(e.status) for e in mounts], [201])
+        self.assertIn(base.layers[0].digest, mounts[0].uri)
+
+
 class TestPullCommand(RegistryTestCase):
     def test_progress_piped_and_on_a_terminal(self) -> None:
         registry = self.start_registry()
@@ -2757,7 +2808,7 @@ class TestPullCommand(RegistryTestCase):
 # Tar formats: image_load of archives made by real tools and by hand, hostile archives
 # =====================================================================================
 
-def docker25_archive(name: str, image: TestImage, containerd_name: bool = True) -> bytes:
+def docker25_archive(name: str, image: ImageBlobs, containerd_name: bool = True) -> bytes:
     """An archive laid out like Docker 25+'s ``docker save`` (moby image/tarexport)."""
     raw_layers = [Blob(oc.MEDIA_OCI_LAYER, gzip.decompress(layer.data)) for layer in image.layers]
     manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
@@ -3229,7 +3280,7 @@ FLATTEN_LAYERS: List[List[Tuple[str, Any]]] = [
 
 
 def make_layered_image(layers: Sequence[Sequence[Tuple[str, Any]]], seed: str = "flat",
-                       architecture: str = "amd64") -> TestImage:
+                       architecture: str = "amd64") -> ImageBlobs:
     blobs, diff_ids = [], []
     for layer in layers:
         raw = tar_bytes(layer)
@@ -3241,7 +3292,7 @@ def make_layered_image(layers: Sequence[Sequence[Tuple[str, Any]]], seed: str = 
     manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
         "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "config": config.descriptor(),
         "layers": [b.descriptor() for b in blobs]}).encode())
-    return TestImage(manifest, config, blobs, {"architecture": architecture, "os": "linux"})
+    return ImageBlobs(manifest, config, blobs, {"architecture": architecture, "os": "linux"})
 
 
 def tree(root: str, ignore: Iterable[str] = ()) -> Dict[str, Tuple[Any, ...]]:
@@ -3456,7 +3507,7 @@ class TestSources(CacheTestCase):
         manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
             "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
             "config": config.descriptor(), "layers": [layer.descriptor()]}).encode())
-        self.load_image("example.com/zstd:1", TestImage(manifest, config, [layer], {}))
+        self.load_image("example.com/zstd:1", ImageBlobs(manifest, config, [layer], {}))
         if zstd is None:
             with self.assertRaisesRegex(oc.OciCacheError, "zstd.*Python 3.14"):
                 self.cache.new_source("example.com/zstd:1", "amd64").tar_reader()
@@ -3585,6 +3636,246 @@ class TestSources(CacheTestCase):
 
 
 # =====================================================================================
+# Reliability campaigns: faults, crashes, concurrency, a full disk
+#
+# Small by default; ``make stress`` (OCICACHE_STRESS=1) runs them at full size. Each
+# prints its figures to stderr.
+# =====================================================================================
+
+STRESS = os.environ.get("OCICACHE_STRESS") == "1"
+
+
+def figures(campaign: str, **numbers: Any) -> None:
+    print(f"\n[{campaign}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()),
+          file=sys.stderr)
+
+
+class TestReliability(RegistryTestCase):
+    def campaign_image(self, registry: Registry, repository: str, layer_mib: int = 1) -> ImageBlobs:
+        rng = random.Random(repository)
+        image = make_image(repository, layer_files=[
+            {"big": rng.randbytes(layer_mib << 20)}, {"small": rng.randbytes(5000)},
+            {"tiny": b"tiny"}], gzip_layers=False)
+        upload(registry.url, repository, image.blobs, [("1", image.manifest)])
+        return image
+
+    def test_fault_campaign(self) -> None:
+        registry = self.start_registry()
+        image = self.campaign_image(registry, "test/faults")
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        rng = random.Random(2026)
+        runs = 200 if STRESS else 24
+        kinds = ["reset", "truncate", "corrupt", "delay", "429", "503", "redirect", "none"]
+        outcomes: Dict[str, int] = {}
+        local = make_image("local", layer_files=[{"x": random.Random(1).randbytes(300000)}])
+        for run in range(runs):
+            pushing = run % 2 == 1
+            if self.cache.find_descriptor(f"{proxy.host}/test/local:1") is None:
+                self.load_image(f"{proxy.host}/test/local:1", local)
+            proxy.clear_faults()
+            injected = [rng.choice(kinds) for _ in range(rng.randint(1, 3))]
+            for kind in injected:
+                match = rng.choice(["/blobs/uploads/", "/manifests/", "/blobs/sha256"] if pushing
+                                   else ["/blobs/sha256", "/manifests/"])
+                if kind in ("429", "503"):
+                    proxy.add_fault("respond", match=match, status=int(kind),
+                                    headers={"Retry-After": "1"})
+                elif kind == "redirect":
+                    proxy.add_fault("redirect", match="/blobs/sha256", method="GET",
+                                    location=f"{registry.url}{{path}}")
+                elif kind == "delay":
+                    proxy.add_fault("delay", match=match, seconds=rng.choice([0.05, 2.0]))
+                elif kind != "none":
+                    proxy.add_fault(kind, match=match, nth=rng.randint(1, 2))
+            cache = oc.Provider(self.cache_dir, mirrors=[], options=oc.TransportOptions(
+                timeout=1.0, attempts=3, backoff=0.01, max_retry_after=0.1, certs_d_roots=()),
+                jobs=2)
+            self.addCleanup(cache.close)
+            try:
+                if pushing:
+                    cache.push(f"{proxy.host}/test/local:1", f"{proxy.host}/test/pushed{run}:1")
+                else:
+                    cache.image_pull(f"{proxy.host}/test/faults:1", "", "amd64", always_pull=True)
+                outcome = "ok"
+            except oc.OciCacheError as e:
+                self.assertNotIn("\n", str(e))
+                outcome = type(e).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            self.assertTrue(self.cache.verify().ok, f"run {run}: {injected}")
+            if outcome == "ok" and not pushing:
+                self.assertTrue(cache.image_in_cache(f"{proxy.host}/test/faults:1", "", "amd64"))
+                self.assertEqual(str(cache.find_descriptor(f"{proxy.host}/test/faults:1").digest),
+                                 image.manifest.digest)
+            if pushing:
+                proxy.clear_faults()
+                pushed = cache.registry.remote_manifest(cache.registry.endpoint(
+                    oc.Reference.parse(f"{proxy.host}/test/pushed{run}:1")), "1")
+                if outcome == "ok":
+                    self.assertIsNotNone(pushed)
+                if pushed is not None:  # a tag, when there is one, is the complete image
+                    other = oc.Provider(self.path(f"check{run}"), mirrors=[])
+                    self.addCleanup(other.close)
+                    other.image_pull(f"{registry.host}/test/pushed{run}:1", "", "amd64")
+                    self.assertTrue(other.verify().ok)
+            if run % 6 == 5:
+                cache.clean()
+        figures("faults", runs=runs, faults_fired=len(proxy.fired()), **outcomes)
+        self.assertGreater(outcomes.get("ok", 0), runs // 4)
+
+    def test_crash_campaign(self) -> None:
+        registry = self.start_registry()
+        image = self.campaign_image(registry, "test/crash", layer_mib=24)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        big = make_image("crash-import", layer_files=[
+            {"f": random.Random(3).randbytes(48 << 20)}], gzip_layers=False)
+        archive = self.path("crash.tar")
+        with open(archive, "wb") as f:
+            f.write(oci_archive([(big.manifest.descriptor(), named("example.com/crash:1"))],
+                                big.blobs))
+        name = f"{proxy.host}/test/crash:1"
+        operations = {
+            "pull": ["pull", "--platform", "amd64", "--always", name],
+            "import": ["import", archive],
+            "push": ["push", "--override", "example.com/crash:1",
+                     f"--remote-name={proxy.host}/test/crash-push:1"],
+            "gc": ["gc", "--grace", "0"],
+            "index_write": None,
+        }
+        script = ("import ocicache,sys\n"
+                  "p=ocicache.Provider(sys.argv[1], mirrors=[])\n"
+                  "d=p.find_descriptor('example.com/crash:1')\n"
+                  "for i in range(10000):\n"
+                  " p.index_write(f'example.com/idx:{i % 7}', d.with_annotations(ref_name=None,"
+                  " containerd_name=None))\n")
+        rng = random.Random(50)
+        kills = 50 if STRESS else 6
+        killed: Dict[str, int] = {}
+        self.assertEqual(self.cli("-q", "import", archive).returncode, 0)
+        for run in range(kills):
+            operation = rng.choice(sorted(operations))
+            if operation == "pull":  # slow it down so the kill lands mid-download
+                proxy.clear_faults()
+                proxy.add_fault("delay", match="/blobs/", seconds=0.2, times=None)
+            command = ([sys.executable, "-c", script, self.cache_dir] if operation == "index_write"
+                       else [sys.executable, OCICACHE, "--cache", self.cache_dir, "-q",
+                             *operations[operation]])
+            process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            try:
+                process.wait(rng.uniform(0.05, 1.5))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                killed[operation] = killed.get(operation, 0) + 1
+            process.wait(30)
+            proxy.clear_faults()
+            report = self.cache.verify()
+            self.assertTrue(report.ok, f"run {run} ({operation}): {report}")
+            if operation == "pull":
+                present = {str(i.digest) for i in self.cache.store().walk()}
+                before = len(registry.access_entries())
+                self.assertEqual(self.cli("-q", *operations["pull"]).returncode, 0)
+                registry.wait_requests(lambda r: len(r) > before)
+                fetched = {e.path.rsplit("/", 1)[1] for e in registry.access_entries()[before:]
+                           if e.method == "GET" and "/blobs/" in e.path}
+                self.assertFalse(fetched & present, "a complete blob was downloaded again")
+        figures("crashes", runs=kills, **{f"killed_{k}": v for k, v in sorted(killed.items())})
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_concurrency_campaign(self) -> None:
+        registry = self.start_registry()
+        self.campaign_image(registry, "test/conc")
+        archive = self.path("conc.tar")
+        shared = make_image("conc-archive", layer_files=[{"a": random.Random(4).randbytes(200000)}])
+        with open(archive, "wb") as f:
+            f.write(oci_archive([(shared.manifest.descriptor(), named("example.com/conc:1"))],
+                                shared.blobs))
+        workers, seconds = (16, 60.0) if STRESS else (4, 5.0)
+        script = r'''
+import json, os, random, sys, time
+import ocicache
+cache, worker, seconds, registry, archive = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+p = ocicache.Provider(cache, mirrors=[])
+rng = random.Random(worker)
+mine, counts, deadline = set(), {}, time.monotonic() + seconds
+while time.monotonic() < deadline:
+    op = rng.choice(["pull", "import", "write", "rm", "gc"])
+    if op == "pull":
+        p.image_pull(f"{registry}/test/conc:1", "", "amd64", always_pull=rng.random() < 0.5)
+    elif op == "import":
+        with open(archive, "rb") as f:
+            p.image_load(f)
+    elif op == "write":
+        d = p.find_descriptor(f"{registry}/test/conc:1") or p.find_descriptor("example.com/conc:1")
+        if d is not None:
+            name = f"example.com/w{worker}/n:{rng.randrange(1000)}"
+            p.descriptor_write(name, d)
+            mine.add(name)
+    elif op == "rm" and mine:
+        name = rng.choice(sorted(mine))
+        p.remove(name)
+        mine.discard(name)
+    elif op == "gc":
+        p.gc(0)
+    counts[op] = counts.get(op, 0) + 1
+print(json.dumps({"names": sorted(mine), "counts": counts}))
+'''
+        processes = [subprocess.Popen([sys.executable, "-c", script, self.cache_dir, str(n),
+                                       str(seconds), registry.host, archive], cwd=HERE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for n in range(workers)]
+        expected, totals = set(), {}
+        for process in processes:
+            out, err = process.communicate(timeout=seconds + 120)
+            self.assertEqual(process.returncode, 0, err.decode()[-2000:])
+            result = json.loads(out)
+            expected.update(result["names"])
+            for op, count in result["counts"].items():
+                totals[op] = totals.get(op, 0) + count
+        names = set(self.index_names())
+        self.assertLessEqual(expected, names, "a name was lost")
+        report = self.cache.verify()
+        self.assertTrue(report.ok, report)
+        figures("concurrency", processes=workers, seconds=seconds, names=len(expected), **totals)
+
+    def test_full_disk(self) -> None:
+        if os.geteuid() != 0:
+            self.skipTest("mounting a small tmpfs needs root")
+        registry = self.start_registry()
+        self.campaign_image(registry, "test/full", layer_mib=12)
+        small = self.path("small")
+        os.makedirs(small)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", small],
+                                 capture_output=True)
+        if mounted.returncode != 0:
+            message = f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
+            if REQUIRE_INTEGRATION:
+                self.fail(message)
+            self.skipTest(message)
+        self.addCleanup(subprocess.run, ["umount", "-l", small])
+        cache_dir = os.path.join(small, "cache")
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, "pull",
+                                 "--platform", "amd64", f"{registry.host}/test/full:1"],
+                                capture_output=True, timeout=120)
+        self.assert_one_line_error(result, "No space left")
+        cache = oc.Provider(cache_dir, mirrors=[])
+        self.assertEqual(cache.names(), [])
+        self.assertTrue(cache.verify().ok)
+        archive = self.path("full.tar")
+        image = make_image("full-import", layer_files=[{"f": random.Random(5).randbytes(12 << 20)}],
+                           gzip_layers=False)
+        with open(archive, "wb") as f:
+            f.write(oci_archive([(image.manifest.descriptor(), named("example.com/full:1"))],
+                                image.blobs))
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, "import",
+                                 archive], capture_output=True, timeout=120)
+        self.assert_one_line_error(result, "No space left")
+        self.assertEqual(cache.names(), [])
+        self.assertTrue(cache.verify().ok)
+
+
+# =====================================================================================
 # Package resolver and linuxkit compatibility
 # =====================================================================================
 
@@ -3663,7 +3954,7 @@ def linuxkit_index(entries: List[Dict[str, Any]]) -> str:
 
 
 class TestLinuxkitCompatibility(CacheTestCase):
-    def linuxkit_cache(self) -> Tuple[TestImage, TestImage, Blob]:
+    def linuxkit_cache(self) -> Tuple[ImageBlobs, ImageBlobs, Blob]:
         """A cache laid out as linuxkit leaves it after 'cache pull' of a Docker list."""
         amd = make_image("lk-amd", docker_types=True)
         arm = make_image("lk-arm", "arm64", docker_types=True)
@@ -3739,6 +4030,39 @@ class TestLinuxkitCompatibility(CacheTestCase):
         info = json.loads(self.skopeo("inspect", f"oci:{cache_dir}:latest"))
         self.assertEqual(info["Digest"], image.manifest.digest)
         self.skopeo("inspect", f"oci:{cache_dir}:example.com/ours:1")
+
+
+class TestReadmeExample(RegistryTestCase):
+    MARKER = "<!-- example: package-build -->"
+
+    def test_package_build_flow_runs_as_written(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+        match = re.search(re.escape(self.MARKER) + r"\s*\n```python\n(.*?)\n```", text, re.S)
+        self.assertIsNotNone(match, "README.md lost its package-build example")
+        code = compile(match.group(1), "README.md:package-build", "exec")
+        registry = self.start_registry()
+        archives, expected = {}, {}
+        for arch in ("amd64", "arm64"):  # what buildx --output type=oci writes, per arch
+            image = make_image(f"pkg-{arch}", arch)
+            index = make_index([image.descriptor()])
+            archives[arch] = self.path(f"pkg-{arch}.tar")
+            with open(archives[arch], "wb") as f:
+                f.write(oci_archive([(index.descriptor(), {
+                    oc.ANNOTATION_CONTAINERD_NAME: f"{registry.host}/example/pkg:v1-{arch}",
+                    oc.ANNOTATION_REF_NAME: f"v1-{arch}"})], [*image.blobs, index]))
+            expected[arch] = image.manifest.digest
+        names = {"REGISTRY": registry.host, "ARCHIVES": archives, "CACHE_DIR": self.cache_dir}
+        exec(code, dict(names))
+        served = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/example/pkg/manifests/v1",
+            headers={"Accept": oc.MEDIA_OCI_INDEX})).read())
+        self.assertEqual({m["platform"]["architecture"]: m["digest"]
+                          for m in served["manifests"]}, expected)
+        registry.wait_requests(lambda r: any("/manifests/v1" in p for _, p in r))
+        before = len(registry.requests())
+        exec(code, dict(names))  # everything is in the cache now: no request at all
+        self.assertEqual(len(registry.requests()), before)
 
 
 # =====================================================================================
@@ -3861,13 +4185,18 @@ class _CountingResult(unittest.TextTestResult):
         self.passed += 1
 
 
-def _run() -> int:
+def _run(names: Sequence[str]) -> int:
+    """Run the named TestCases (default: all); end with the counts on one line."""
+    module = sys.modules[__name__]
+    loader = unittest.defaultTestLoader
+    suite = loader.loadTestsFromNames(names, module) if names else \
+        loader.loadTestsFromModule(module)
     runner = unittest.TextTestRunner(verbosity=2, resultclass=_CountingResult)
-    result = runner.run(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__]))
+    result = runner.run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     print(f"{result.passed} passed, {failed} failed, {len(result.skipped)} skipped")
     return 0 if result.wasSuccessful() and result.testsRun else 1
 
 
 if __name__ == "__main__":
-    sys.exit(_run())
+    sys.exit(_run(sys.argv[1:]))
