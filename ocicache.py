@@ -3580,6 +3580,19 @@ class Provider(CacheProvider):
                     future.cancel()
                 raise
 
+    def is_published(self, ref: RefLike) -> bool:
+        """Whether the registry serves exactly the root this cache holds for ``ref``
+        (with credentials, unlike linuxkit's anonymous check)."""
+        wanted = Reference.parse(ref)
+        root = self._find_named(wanted)
+        try:
+            _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
+        except RegistryError as e:
+            if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
+                return False
+            raise
+        return remote.digest == root.digest
+
     def image_in_registry(self, ref: RefLike, trusted_ref: str = "",
                           architecture: str = "") -> bool:
         """Whether the registry has ``ref`` for the platform. "Not found" is False;
@@ -4220,10 +4233,17 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "uses are kept. Every NAME must exist, or nothing "
                                         "is removed.")
     p.add_argument("names", metavar="NAME", nargs="+")
+    p.add_argument("--published-only", action="store_true",
+                   help="remove only names whose registry serves the same digest")
     p.set_defaults(run=_cmd_rm)
 
     p = commands.add_parser("clean", help="remove every name and blob",
-                            description="Empty the cache: every name and every blob.")
+                            description="Empty the cache: every name and every blob. With "
+                                        "--published-only, only the names whose registry "
+                                        "serves the same digest (and the blobs only they "
+                                        "use).")
+    p.add_argument("--published-only", action="store_true",
+                   help="remove only what can be pulled again as it is")
     p.set_defaults(run=_cmd_clean)
 
     p = commands.add_parser("gc", help="delete blobs no name uses",
@@ -4355,18 +4375,40 @@ def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
     return 0
 
 
+def _published(provider: Provider, args: argparse.Namespace,
+               names: Iterable[str]) -> List[str]:
+    """The names whose registry serves the same digest; the others are named as kept."""
+    chosen = []
+    for name in names:
+        if provider.is_published(name):
+            chosen.append(name)
+        else:
+            _say(args, f"keeping {name}: its registry does not serve this digest")
+    return chosen
+
+
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    deleted = provider.remove(*args.names)
-    for name in dict.fromkeys(canonical_name(n) for n in args.names):
+    names = list(dict.fromkeys(canonical_name(n) for n in args.names))
+    for name in names:
+        provider._find_named(name)  # every name must exist before anything is removed
+    if args.published_only:
+        names = _published(provider, args, names)
+    deleted = provider.remove(*names) if names else []
+    for name in names:
         _say(args, f"removed {name}")
     _say(args, f"{len(deleted)} blobs deleted")
     return 0
 
 
 def _cmd_clean(provider: Provider, args: argparse.Namespace) -> int:
-    count = provider.clean()
-    _say(args, f"cache {provider.root} emptied ({count} blobs deleted)")
-    return 0
+    if not args.published_only:
+        count = provider.clean()
+        _say(args, f"cache {provider.root} emptied ({count} blobs deleted)")
+        return 0
+    names = [d.name for d in provider.names() if "/" in d.name]  # not skopeo's bare tags
+    if not names:
+        return 0
+    return _cmd_rm(provider, argparse.Namespace(**{**vars(args), "names": names}))
 
 
 def _cmd_gc(provider: Provider, args: argparse.Namespace) -> int:
@@ -4426,7 +4468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress = _LineProgress(sys.stderr)
         # Only registry commands read mirror settings: a bad one does not break 'ls'.
         mirrors = [parse_mirror(m) for m in args.mirror] + default_mirrors() \
-            if args.command in ("pull", "push") else []
+            if args.command in ("pull", "push", "rm", "clean") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
                                    ca_files=tuple(args.ca_file))
         with Provider(args.cache, mirrors=mirrors, options=options, jobs=args.jobs,

@@ -2758,6 +2758,30 @@ class TestRegistryDetails(RegistryTestCase):
         self.assertIn(base.layers[0].digest, mounts[0].uri)
 
 
+class TestPublishedOnly(RegistryTestCase):
+    def test_rm_and_clean_published_only(self) -> None:
+        registry = self.start_registry()
+        published, changed = make_image("published"), make_image("changed")
+        upload(registry.url, "test/pub", published.blobs,
+               [("1", published.manifest), ("2", published.manifest)])
+        names = [f"{registry.host}/test/pub:1", f"{registry.host}/test/pub:2",
+                 f"{registry.host}/test/pub:absent"]
+        self.load_image(names[0], published)
+        self.load_image(names[1], changed)  # the registry has another digest
+        self.load_image(names[2], changed)  # the registry has nothing
+        result = self.cli("rm", "--published-only", *names)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), names[1:])
+        self.assertEqual(result.stdout.decode().count("keeping"), 2)
+        self.load_image(names[0], published)
+        result = self.cli("clean", "--published-only")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), names[1:])
+        self.assertTrue(self.cache.verify().ok)
+        self.assert_one_line_error(self.cli("rm", "--published-only", "example.com/none:1"),
+                                   "no image named")
+
+
 class TestPullCommand(RegistryTestCase):
     def test_progress_piped_and_on_a_terminal(self) -> None:
         registry = self.start_registry()
