@@ -1304,7 +1304,8 @@ def _auth_files() -> List[str]:
 
 
 def _normalise_auth_key(key: str) -> str:
-    """``https://index.docker.io/v1/`` -> ``docker.io``; ``http://h:5000/v2/ns`` -> ``h:5000/ns``."""
+    """``https://index.docker.io/v1/`` -> ``docker.io``; ``http://h:5000/v2/ns`` ->
+    ``h:5000/ns``."""
     key = re.sub(r"^[a-z]+://", "", key.strip()).rstrip("/")
     key = re.sub(r"/v[12](?=/|$)", "", key, count=1)
     host, sep, path = key.partition("/")
@@ -1475,7 +1476,7 @@ class TransportOptions:
     upload_chunk_size: int = 16 * 1024 * 1024
 
 
-Body = Union[None, bytes, Callable[[], IO[bytes]]]
+Body = Union[None, bytes, Callable[[], io.RawIOBase], Callable[[], IO[bytes]]]
 """A request body: bytes, or a function opening a fresh stream for each attempt."""
 
 
@@ -1535,7 +1536,8 @@ class _Transport:
                 try:
                     context.load_verify_locations(cafile=ca_file)
                 except (OSError, ssl.SSLError) as e:
-                    raise OciCacheError(f"cannot load CA certificates from {ca_file}: {e}") from None
+                    raise OciCacheError(
+                        f"cannot load CA certificates from {ca_file}: {e}") from None
             for root in self.options.certs_d_roots:
                 directory = os.path.join(os.path.expanduser(root), host)
                 if not os.path.isdir(directory):
@@ -1670,9 +1672,10 @@ class _Transport:
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
             connection = self._connection(scheme, host)
-            stream = body() if callable(body) else body
+            opened = body() if callable(body) else None
             try:
-                connection.request(method, path, body=stream, headers=dict(headers))
+                connection.request(method, path, body=opened or body,  # type: ignore[arg-type]
+                                   headers=dict(headers))
                 raw = connection.getresponse()
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
                     http.client.CannotSendRequest):
@@ -1682,8 +1685,8 @@ class _Transport:
                     raise
                 continue
             finally:
-                if callable(body) and stream is not None:
-                    stream.close()
+                if opened is not None:
+                    opened.close()
             if method == "HEAD":
                 raw.length = 0
             return _Response(raw, f"{scheme}://{host}{path}", connection)
@@ -1974,7 +1977,8 @@ class RegistryClient:
     # -- manifests and blobs ----------------------------------------------------------
 
     def _fetch_small(self, endpoint: _Endpoint, path: str, headers: Mapping[str, str],
-                     what: str, check: Callable[[bytes, _Response], None]) -> Tuple[bytes, _Response]:
+                     what: str, check: Callable[[bytes, _Response], None]
+                     ) -> Tuple[bytes, _Response]:
         """GET a small body whole; a body cut short, reset or failing ``check`` (its
         digest) is fetched again, like a failed request."""
         failures = 0
@@ -2417,6 +2421,7 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
     try:
         with tarfile.open(fileobj=_decompressed(stream), mode="r|*") as archive:
             for member in archive:
+                archive.members.clear()  # type: ignore[attr-defined]  # bounded memory
                 path = _archive_path(member.name)
                 if member.isdir() or not path:
                     continue
@@ -2582,7 +2587,8 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
         layers = [_docker_archive_layer(contents, layout, path, diff_id)
                   for path, diff_id in zip(entry["Layers"], diff_ids)]
         manifest = Manifest(MEDIA_OCI_MANIFEST,
-                            Descriptor(MEDIA_OCI_CONFIG, config_digest, config_size), layers)
+                            Descriptor(MEDIA_OCI_CONFIG, config_digest, config_size),
+                            tuple(layers))
         data = manifest.to_bytes()
         digest = layout.write_blob_bytes(data)
         repo_tags = entry.get("RepoTags") or []
@@ -2692,12 +2698,13 @@ class _ProducerStream(io.RawIOBase):
 
 
 def _produced(produce: Callable[[BinaryIO], None]) -> BinaryIO:
-    return io.BufferedReader(_ProducerStream(produce), COPY_BUFFER_SIZE)  # type: ignore[return-value]
+    stream = io.BufferedReader(_ProducerStream(produce), COPY_BUFFER_SIZE)
+    return stream  # type: ignore[return-value]
 
 
 def _tar_writer(out: BinaryIO) -> tarfile.TarFile:
     archive = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
-    archive.copybufsize = COPY_BUFFER_SIZE
+    archive.copybufsize = COPY_BUFFER_SIZE  # type: ignore[attr-defined]
     return archive
 
 
@@ -2860,7 +2867,7 @@ class _Flattener:
                 tarfile.open(fileobj=stream, mode="r|") as layer:
             for member in layer:
                 yield member, layer
-                layer.members.clear()  # stream mode keeps every header otherwise
+                layer.members.clear()  # type: ignore[attr-defined]  # stream mode keeps them
 
     def _scan_headers(self, index: int) -> None:
         for member, _ in self._members(index):
@@ -2883,7 +2890,7 @@ class _Flattener:
             else:
                 archive.addfile(_output_header(member, path))
             self._emitted[path] = member.isdir()
-            archive.members.clear()
+            archive.members.clear()  # type: ignore[attr-defined]
 
     def _emit_parents(self, archive: tarfile.TarFile, path: str) -> bool:
         """Emit missing parent directories; False when a parent is not a directory."""
@@ -3087,7 +3094,8 @@ class ContentStore:
     def open(self, digest: DigestLike) -> BinaryIO:
         return self._layout.open_blob(digest)
 
-    def write(self, digest: DigestLike, stream: IO[bytes], size: Optional[int] = None) -> ContentInfo:
+    def write(self, digest: DigestLike, stream: IO[bytes],
+              size: Optional[int] = None) -> ContentInfo:
         d, _ = self._layout.write_blob(stream, Digest.parse(digest), size)
         return self.info(d)
 
@@ -3659,8 +3667,9 @@ class Provider(CacheProvider):
         _LOG.info("pushed %s as %s", local, remote)
         if with_manifest and root.is_index and remote.tag:
             for child in children:
-                if _is_real_platform(child) and self.layout.has_blob(child.digest):
-                    child_tag = f"{remote.tag}-{_arch_tag(child.platform)}"  # type: ignore[arg-type]
+                if child.platform is not None and _is_real_platform(child) and \
+                        self.layout.has_blob(child.digest):
+                    child_tag = f"{remote.tag}-{_arch_tag(child.platform)}"
                     self.registry.put_manifest(endpoint, child_tag,
                                                self.layout.read_blob(child.digest),
                                                child.media_type)

@@ -11,7 +11,6 @@ Every test image is built here, from deterministic bytes. Nothing leaves loopbac
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import fnmatch
 import gzip
@@ -159,7 +158,7 @@ def make_image(seed: str, architecture: str = "amd64", variant: str = "",
     return ImageBlobs(manifest, config, layers, platform)
 
 
-def make_attestation(image: ImageBlobs, spdx: bool = True) -> Tuple[Blob, List[Blob], Dict[str, Any]]:
+def make_attestation(image: ImageBlobs) -> Tuple[Blob, List[Blob], Dict[str, Any]]:
     """A BuildKit-style attestation manifest for ``image``: (manifest, blobs, index entry)."""
     statement = Blob(oc.MEDIA_IN_TOTO, json.dumps({
         "_type": "https://in-toto.io/Statement/v0.1",
@@ -2051,8 +2050,8 @@ class TestCredentials(IsolatedEnvironment):
 
     def test_helpers_and_podman_auth_files(self) -> None:
         self.credential_helper("pass", 'read server; [ "$1" = get ] || exit 3\n'
-                               'echo "{\\"ServerURL\\":\\"$server\\",\\"Username\\":\\"u-$server\\",'
-                               '\\"Secret\\":\\"s3cret\\"}"\n')
+                               'echo "{\\"ServerURL\\":\\"$server\\",'
+                               '\\"Username\\":\\"u-$server\\",\\"Secret\\":\\"s3cret\\"}"\n')
         self.credential_helper("token", 'echo \'{"Username":"<token>","Secret":"idtok"}\'\n')
         self.credential_helper("none", 'echo "credentials not found in native keychain"; exit 1\n')
         self.credential_helper("garbage", "echo not json\n")
@@ -2132,11 +2131,9 @@ class RegistryTestCase(IsolatedEnvironment):
         return registry
 
     def multi_arch(self, registry: Registry, repository: str = "test/multi", tag: str = "1",
-                   docker_types: bool = False, big: bool = False) -> Tuple[ImageBlobs, ImageBlobs, List[Blob], Blob]:
-        files = [{"etc/a": b"a"}, {"big": random.Random(5).randbytes(3 << 20)}] if big else ()
-        amd = make_image("amd", layer_files=files, docker_types=docker_types)
-        arm = make_image("arm", "arm64", layer_files=files[:1] if big else (),
-                         docker_types=docker_types)
+                   docker_types: bool = False) -> Tuple[ImageBlobs, ImageBlobs, List[Blob], Blob]:
+        amd = make_image("amd", docker_types=docker_types)
+        arm = make_image("arm", "arm64", docker_types=docker_types)
         attestation, attestation_blobs, attestation_entry = make_attestation(amd)
         index = make_index([amd.descriptor(), arm.descriptor(), attestation_entry],
                            docker_list=docker_types)
@@ -3749,7 +3746,7 @@ class TestReliability(RegistryTestCase):
 
     def test_crash_campaign(self) -> None:
         registry = self.start_registry()
-        image = self.campaign_image(registry, "test/crash", layer_mib=24)
+        self.campaign_image(registry, "test/crash", layer_mib=24)
         proxy = FaultProxy("127.0.0.1", registry.port)
         self.addCleanup(proxy.stop)
         big = make_image("crash-import", layer_files=[
@@ -3819,7 +3816,8 @@ class TestReliability(RegistryTestCase):
         script = r'''
 import json, os, random, sys, time
 import ocicache
-cache, worker, seconds, registry, archive = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+cache, worker, seconds, registry, archive = sys.argv[1:]
+worker, seconds = int(worker), float(seconds)
 p = ocicache.Provider(cache, mirrors=[])
 rng = random.Random(worker)
 mine, counts, deadline = set(), {}, time.monotonic() + seconds
@@ -3907,8 +3905,9 @@ class TestPackageResolver(CacheTestCase):
     def git(self, *args: str) -> str:
         git = require_tool(self, "git")
         result = subprocess.run([git, "-C", self.path("repo"), *args], capture_output=True,
-                                env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                                     "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+                                env={**os.environ, "GIT_AUTHOR_NAME": "t",
+                                     "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                                     "GIT_COMMITTER_EMAIL": "t@t"})
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         return result.stdout.decode().strip()
 
