@@ -5,11 +5,12 @@ PYTHON ?= python3
 TEST_TOOLS := skopeo:skopeo umoci:umoci podman:podman docker-registry:docker-registry \
 	jq:jq openssl:openssl git:git htpasswd:apache2-utils
 
-.PHONY: test stress deps help
+.PHONY: test stress deps help bench
 
 help:
 	@echo "make test   run the whole test suite (installs the test tools when it can)"
 	@echo "make stress the reliability and security campaigns at full size (minutes)"
+	@echo "make bench  measure pull and export against skopeo, umoci and the limits"
 	@echo "make deps   install the Debian packages the integration tests use"
 
 # Install the missing test tools with apt-get when we are root; otherwise say how.
@@ -34,3 +35,8 @@ test: deps
 # disk. Loopback only, bounded in time; not part of make test.
 stress: deps
 	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability
+
+# Not part of test: measures pull and export against skopeo, umoci, cp and the machine's
+# limits (a few minutes). Quick run: make bench BENCH_ARGS="--size-mib 64 --rounds 1"
+bench: deps
+	$(PYTHON) bench_ocicache.py $(BENCH_ARGS)

@@ -34,7 +34,7 @@ import errno
 import fcntl
 import functools
 import hashlib
-import http.client
+import importlib
 import io
 import json
 import logging
@@ -43,7 +43,6 @@ import platform as _platform_module
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -51,8 +50,11 @@ import threading
 import time
 import zlib
 from types import MappingProxyType
-from typing import (IO, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, NoReturn,
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, NoReturn,
                     Mapping, Optional, Sequence, Tuple, Union)
+
+if TYPE_CHECKING:
+    import http.client
 
 __version__ = "0.1.0"
 
@@ -74,6 +76,21 @@ __all__ = [
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
     "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
 ]
+
+
+class _LazyModule:
+    """A standard module imported on first use, so that ``import ocicache`` and the
+    commands that never talk to a registry do not pay for it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+_http_client = _LazyModule("http.client")
+_subprocess = _LazyModule("subprocess")
 
 
 # =====================================================================================
@@ -169,6 +186,7 @@ ANNOTATION_REFERENCE_DIGEST = "vnd.docker.reference.digest"
 ANNOTATION_PREDICATE_TYPE = "in-toto.io/predicate-type"
 SPDX_PREDICATE_TYPE = "https://spdx.dev/Document"
 ALL_PLATFORMS = "all"
+FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM = "oci", "docker", "filesystem"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
@@ -1339,11 +1357,11 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
         raise OciCacheError(f"invalid credential helper name {helper!r}")
     try:
-        result = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
+        result = _subprocess.run([program, "get"], input=server.encode(), capture_output=True,
                                 timeout=_HELPER_TIMEOUT_SECONDS)
     except FileNotFoundError:
         raise OciCacheError(f"credential helper {program} is not on PATH") from None
-    except subprocess.TimeoutExpired:
+    except _subprocess.TimeoutExpired:
         raise OciCacheError(f"credential helper {program} did not answer within "
                             f"{_HELPER_TIMEOUT_SECONDS:.0f}s") from None
     output = (result.stdout or b"") + (result.stderr or b"")
@@ -1503,7 +1521,7 @@ class _Response:
 
     def close(self, reuse: bool = True) -> None:
         if reuse and not self.raw.isclosed():
-            with contextlib.suppress(OSError, http.client.HTTPException):
+            with contextlib.suppress(OSError, _http_client.HTTPException):
                 while self.raw.read(COPY_BUFFER_SIZE):
                     pass
         if not reuse or self.raw.will_close:
@@ -1566,14 +1584,14 @@ class _Transport:
                 verify = host not in self.options.insecure_registries
                 context = self._ssl_context(host, verify)
                 if proxy:
-                    connection = http.client.HTTPSConnection(proxy, timeout=timeout,
+                    connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
                                                              context=context)
                     connection.set_tunnel(host)
                 else:
-                    connection = http.client.HTTPSConnection(host, timeout=timeout,
+                    connection = _http_client.HTTPSConnection(host, timeout=timeout,
                                                              context=context)
             else:
-                connection = http.client.HTTPConnection(proxy or host, timeout=timeout)
+                connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
             connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
             pool[(scheme, host)] = connection
             with self._guard:
@@ -1628,7 +1646,7 @@ class _Transport:
             self._wait_for_host(host)
             try:
                 response = self._send(scheme, host, method, path, headers, body)
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, _http_client.HTTPException) as e:
                 self._drop(scheme, host)
                 if probing and not isinstance(e, (TimeoutError, ConnectionRefusedError)):
                     self._schemes[host] = "https"  # it does not speak plain HTTP
@@ -1677,8 +1695,8 @@ class _Transport:
                 connection.request(method, path, body=opened or body,  # type: ignore[arg-type]
                                    headers=dict(headers))
                 raw = connection.getresponse()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
-                    http.client.CannotSendRequest):
+            except (ConnectionResetError, BrokenPipeError, _http_client.RemoteDisconnected,
+                    _http_client.CannotSendRequest):
                 # A kept-alive connection the server had closed: one fresh try.
                 self._drop(scheme, host)
                 if fresh:
@@ -1712,7 +1730,7 @@ def _speaks_tls(response: _Response) -> bool:
     """Whether a 400 is a TLS server's answer to plain HTTP (Go says so in the body)."""
     try:
         text = response.body(4096)
-    except (OciCacheError, OSError, http.client.HTTPException):
+    except (OciCacheError, OSError, _http_client.HTTPException):
         text = b""
     response.close(reuse=False)
     # Go's answer, and nginx's
@@ -1771,12 +1789,12 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
         for error in errors[:3]:
             codes.append(str(error.get("code", "")))
             detail = detail or str(error.get("message", ""))
-    except (ValueError, AttributeError, OciCacheError, OSError, http.client.HTTPException):
+    except (ValueError, AttributeError, OciCacheError, OSError, _http_client.HTTPException):
         pass
     finally:
         response.close(reuse=False)
     status = response.status
-    text = f"{what}: {host} answered {status} {http.client.responses.get(status, '')}".rstrip()
+    text = f"{what}: {host} answered {status} {_http_client.responses.get(status, '')}".rstrip()
     if codes:
         text = f"{what}: {host} answered {status} {codes[0]}"
     if detail:
@@ -1989,7 +2007,7 @@ class RegistryClient:
                 response.close()
                 check(data, response)
                 return data, response
-            except (OSError, http.client.HTTPException, DigestMismatchError) as e:
+            except (OSError, _http_client.HTTPException, DigestMismatchError) as e:
                 response.close(reuse=False)
                 failures += 1
                 if failures >= self.transport.options.attempts:
@@ -2231,7 +2249,7 @@ class RegistryClient:
                         have += len(chunk)
                         progress(len(chunk))
                     response.close(reuse=have >= descriptor.size)
-                except (OSError, http.client.HTTPException) as e:
+                except (OSError, _http_client.HTTPException) as e:
                     response.close(reuse=False)
                     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise OciCacheError(f"cannot write {what}: {e.strerror}") from None
@@ -2358,6 +2376,7 @@ class _GunzipReader:
     """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
 
     tarfile's own gzip reading takes a truncated stream for a short one; this does not.
+    Output is bounded per step, so a small input that expands enormously stays cheap.
     """
 
     def __init__(self, stream: IO[bytes]) -> None:
@@ -2365,11 +2384,33 @@ class _GunzipReader:
         self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._in_member = False
         self._pending = b""
-        self._buffer = bytearray()
+        self._buffer = b""
+        self._position = 0
         self._finished = False
 
     def read(self, n: int = -1) -> bytes:
-        while not self._finished and (n < 0 or len(self._buffer) < n):
+        available = len(self._buffer) - self._position
+        if 0 <= n <= available:
+            start = self._position
+            self._position += n
+            return self._buffer[start:self._position]
+        parts = [self._buffer[self._position:]] if available else []
+        self._buffer, self._position = b"", 0
+        while n < 0 or available < n:
+            chunk = self._inflate()
+            if chunk is None:
+                break
+            parts.append(chunk)
+            available += len(chunk)
+        data = b"".join(parts)
+        if 0 <= n < len(data):
+            self._buffer, self._position = data, n
+            return data[:n]
+        return data
+
+    def _inflate(self) -> Optional[bytes]:
+        """The next piece of output; None at the end of the stream."""
+        while not self._finished:
             chunk, self._pending = self._pending or self._stream.read(COPY_BUFFER_SIZE), b""
             if not chunk:
                 if self._in_member:
@@ -2383,8 +2424,7 @@ class _GunzipReader:
                 self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self._in_member = True
             try:
-                # Bounded output per call: a small input may expand enormously.
-                self._buffer += self._decompressor.decompress(chunk, COPY_BUFFER_SIZE)
+                output = self._decompressor.decompress(chunk, COPY_BUFFER_SIZE)
             except zlib.error as e:
                 raise InvalidArchiveError(f"corrupt gzip stream: {e}") from None
             if self._decompressor.eof:
@@ -2392,11 +2432,9 @@ class _GunzipReader:
                 self._pending = self._decompressor.unused_data
             else:
                 self._pending = self._decompressor.unconsumed_tail
-        if n < 0:
-            n = len(self._buffer)
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
+            if output:
+                return output
+        return None
 
     def close(self) -> None:
         self._stream.close()
@@ -2419,7 +2457,8 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
     """Read an archive once, storing its blobs (verified) and keeping small files."""
     contents = _ArchiveContents(layout)
     try:
-        with tarfile.open(fileobj=_decompressed(stream), mode="r|*") as archive:
+        with tarfile.open(fileobj=_decompressed(stream), mode="r|*",
+                          bufsize=COPY_BUFFER_SIZE) as archive:
             for member in archive:
                 archive.members.clear()  # type: ignore[attr-defined]  # bounded memory
                 path = _archive_path(member.name)
@@ -2702,35 +2741,76 @@ def _produced(produce: Callable[[BinaryIO], None]) -> BinaryIO:
     return stream  # type: ignore[return-value]
 
 
-def _tar_writer(out: BinaryIO) -> tarfile.TarFile:
-    archive = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
-    archive.copybufsize = COPY_BUFFER_SIZE  # type: ignore[attr-defined]
-    return archive
+class _TarWriter:
+    """Writes a PAX tar to a stream: headers from tarfile, file bodies copied with
+    ``os.sendfile`` when both ends are files (no trip through Python), else in 1 MiB
+    chunks. tarfile's own stream writer cuts everything into 10 KiB records."""
 
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
 
-def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    archive.addfile(info, io.BytesIO(data))
+    def add(self, info: tarfile.TarInfo, data: Optional[IO[bytes]] = None) -> None:
+        self._out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if data is None or not info.size:
+            return
+        if not self._send(data, info.size):
+            left = info.size
+            while left:
+                chunk = data.read(min(COPY_BUFFER_SIZE, left))
+                if not chunk:
+                    raise InvalidArchiveError(f"{info.name} ended {left} bytes early")
+                self._out.write(chunk)
+                left -= len(chunk)
+        padding = -info.size % tarfile.BLOCKSIZE
+        if padding:
+            self._out.write(b"\0" * padding)
 
+    def _send(self, data: IO[bytes], size: int) -> bool:
+        try:
+            source, target = data.fileno(), self._out.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return False
+        self._out.flush()
+        offset = data.tell()
+        end = offset + size
+        while offset < end:
+            try:
+                sent = os.sendfile(target, source, offset, min(end - offset, 1 << 30))
+            except OSError as e:
+                if offset == data.tell() and e.errno in (errno.EINVAL, errno.ENOSYS):
+                    return False  # this pair of files cannot: copy in Python instead
+                raise
+            if sent == 0:
+                raise CorruptCacheError(f"{getattr(data, 'name', 'a blob')} is shorter than "
+                                        f"{size} bytes")
+            offset += sent
+        data.seek(end)
+        return True
 
-def _add_directory(archive: tarfile.TarFile, name: str) -> None:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
-    archive.addfile(info)
-
-
-def _add_blob(archive: tarfile.TarFile, layout: Layout, descriptor: Descriptor,
-              name: str) -> None:
-    if _is_foreign(descriptor) and not layout.has_blob(descriptor.digest):
-        raise _foreign_layer_error(descriptor)
-    with layout.open_blob(descriptor.digest) as blob:
+    def add_bytes(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = os.fstat(blob.fileno()).st_size, 0o644, 0
-        if info.size != descriptor.size:
-            raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
-                                    f"{descriptor.size}; run 'ocicache verify'")
-        archive.addfile(info, blob)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self.add(info, io.BytesIO(data))
+
+    def add_directory(self, name: str) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+        self.add(info)
+
+    def add_blob(self, layout: Layout, descriptor: Descriptor, name: str) -> None:
+        if _is_foreign(descriptor) and not layout.has_blob(descriptor.digest):
+            raise _foreign_layer_error(descriptor)
+        with layout.open_blob(descriptor.digest) as blob:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = os.fstat(blob.fileno()).st_size, 0o644, 0
+            if info.size != descriptor.size:
+                raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
+                                        f"{descriptor.size}; run 'ocicache verify'")
+            self.add(info, blob)
+
+    def close(self) -> None:
+        self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._out.flush()
 
 
 def _foreign_layer_error(descriptor: Descriptor) -> NotFoundError:
@@ -2858,13 +2938,14 @@ class _Flattener:
     def run(self) -> None:
         for index in range(1, len(self._layers)):
             self._scan_headers(index)
-        with _tar_writer(self._out) as archive:
-            for index in range(len(self._layers)):
-                self._emit_layer(archive, index)
+        archive = _TarWriter(self._out)
+        for index in range(len(self._layers)):
+            self._emit_layer(archive, index)
+        archive.close()
 
     def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, tarfile.TarFile]]:
         with self._layers[index]() as stream, \
-                tarfile.open(fileobj=stream, mode="r|") as layer:
+                tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_BUFFER_SIZE) as layer:
             for member in layer:
                 yield member, layer
                 layer.members.clear()  # type: ignore[attr-defined]  # stream mode keeps them
@@ -2873,7 +2954,7 @@ class _Flattener:
         for member, _ in self._members(index):
             self._upper.record(index, member)
 
-    def _emit_layer(self, archive: tarfile.TarFile, index: int) -> None:
+    def _emit_layer(self, archive: _TarWriter, index: int) -> None:
         for member, layer in self._members(index):
             path = _clean_path(member.name)
             if path is None or path in self._emitted:
@@ -2886,13 +2967,12 @@ class _Flattener:
             if member.islnk():
                 self._emit_hard_link(archive, index, member, path)
             elif member.isreg():
-                archive.addfile(_output_header(member, path), layer.extractfile(member))
+                archive.add(_output_header(member, path), layer.extractfile(member))
             else:
-                archive.addfile(_output_header(member, path))
+                archive.add(_output_header(member, path))
             self._emitted[path] = member.isdir()
-            archive.members.clear()  # type: ignore[attr-defined]
 
-    def _emit_parents(self, archive: tarfile.TarFile, path: str) -> bool:
+    def _emit_parents(self, archive: _TarWriter, path: str) -> bool:
         """Emit missing parent directories; False when a parent is not a directory."""
         for ancestor in _ancestors(path):
             if ancestor in self._emitted:
@@ -2905,26 +2985,26 @@ class _Flattener:
             else:
                 header = tarfile.TarInfo(ancestor)
                 header.type, header.mode, header.mtime = tarfile.DIRTYPE, 0o755, 0
-            archive.addfile(header)
+            archive.add(header)
             self._emitted[ancestor] = True
         return True
 
-    def _emit_hard_link(self, archive: tarfile.TarFile, index: int, member: tarfile.TarInfo,
+    def _emit_hard_link(self, archive: _TarWriter, index: int, member: tarfile.TarInfo,
                         path: str) -> None:
         target = _clean_path(member.linkname)
         if target is None:
             return  # a link out of the root is dropped
         if target in self._relinked:
-            archive.addfile(_output_header(member, path, self._relinked[target]))
+            archive.add(_output_header(member, path, self._relinked[target]))
         elif self._emitted.get(target) is False and not self._upper.hidden(target, index):
-            archive.addfile(_output_header(member, path, target))
+            archive.add(_output_header(member, path, target))
         elif self._copy_old_content(archive, index, target, member, path):
             self._relinked[target] = path
         else:
             return  # the target never existed as a file: a dangling link is dropped
         self._emitted[path] = False
 
-    def _copy_old_content(self, archive: tarfile.TarFile, index: int, target: str,
+    def _copy_old_content(self, archive: _TarWriter, index: int, target: str,
                           link: tarfile.TarInfo, path: str) -> bool:
         """Write ``target``'s content as ``index`` (or a layer below) had it, as ``path``."""
         for layer_index in range(index, -1, -1):
@@ -2933,7 +3013,7 @@ class _Flattener:
                     header = _output_header(member, path)
                     header.mode, header.uid, header.gid = link.mode, link.uid, link.gid
                     header.mtime = link.mtime
-                    archive.addfile(header, layer.extractfile(member))
+                    archive.add(header, layer.extractfile(member))
                     return True
         return False
 
@@ -3747,7 +3827,7 @@ class _CacheSource(ImageSource):
             if layer.media_type.endswith("+zstd"):
                 _zstd_reader(io.BytesIO(), f"layer {layer.digest} of {self._ref}")
 
-    def tar_reader(self) -> BinaryIO:
+    def _filesystem_writer(self) -> Callable[[BinaryIO], None]:
         _, _, manifest = self._image()
         self._check_layers(manifest)
         layout = self._provider.layout
@@ -3755,12 +3835,33 @@ class _CacheSource(ImageSource):
             if _is_foreign(layer) and not layout.has_blob(layer.digest):
                 raise _foreign_layer_error(layer)
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
-        return _produced(lambda out: _Flattener(openers, out).run())
+        return lambda out: _Flattener(openers, out).run()
 
     def _save_name(self, override_name: str) -> Reference:
         return Reference.parse(override_name) if override_name else self._ref
 
+    def tar_reader(self) -> BinaryIO:
+        return _produced(self.writer(FORMAT_FILESYSTEM))
+
     def v1_tar_reader(self, override_name: str = "") -> BinaryIO:
+        return _produced(self.writer(FORMAT_DOCKER, override_name))
+
+    def oci_tar_reader(self, override_name: str = "") -> BinaryIO:
+        return _produced(self.writer(FORMAT_OCI, override_name))
+
+    def writer(self, export_format: str, override_name: str = "") -> Callable[[BinaryIO], None]:
+        """A function writing the export as a tar to a stream; the checks (name, platform,
+        every blob present) are made now, before anything is written. The readers run it
+        in a thread behind a pipe; the command line writes straight into its file."""
+        if export_format == FORMAT_FILESYSTEM:
+            return self._filesystem_writer()
+        if export_format == FORMAT_DOCKER:
+            return self._docker_writer(override_name)
+        if export_format == FORMAT_OCI:
+            return self._oci_writer(override_name)
+        raise OciCacheError(f"unknown export format {export_format!r}")
+
+    def _docker_writer(self, override_name: str) -> Callable[[BinaryIO], None]:
         """Docker 25's hybrid: an OCI layout plus manifest.json and repositories."""
         name = self._save_name(override_name)
         _, image, manifest = self._image()
@@ -3779,23 +3880,24 @@ class _CacheSource(ImageSource):
                           image.platform)
 
         def produce(out: BinaryIO) -> None:
-            with _tar_writer(out) as archive:
-                _add_bytes(archive, "oci-layout", _OCI_LAYOUT_BYTES)
-                _add_directory(archive, "blobs")
-                _add_directory(archive, "blobs/sha256")
-                for blob in [manifest.config, *layers, image]:
-                    _add_blob(archive, layout, blob, _blob_name(blob.digest))
-                _add_bytes(archive, "index.json", Index(MEDIA_OCI_INDEX, (root,)).to_bytes())
-                _add_bytes(archive, "manifest.json", json.dumps(docker_manifest).encode())
-                if tagged is not None and manifest.layers:
-                    repository = tagged.familiar.rsplit(":", 1)[0]
-                    top = manifest.layers[-1].digest.hex
-                    _add_bytes(archive, "repositories",
-                               json.dumps({repository: {tagged.tag: top}}).encode())
+            archive = _TarWriter(out)
+            archive.add_bytes("oci-layout", _OCI_LAYOUT_BYTES)
+            archive.add_directory("blobs")
+            archive.add_directory("blobs/sha256")
+            for blob in [manifest.config, *layers, image]:
+                archive.add_blob(layout, blob, _blob_name(blob.digest))
+            archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root,)).to_bytes())
+            archive.add_bytes("manifest.json", json.dumps(docker_manifest).encode())
+            if tagged is not None and manifest.layers:
+                repository = tagged.familiar.rsplit(":", 1)[0]
+                top = manifest.layers[-1].digest.hex
+                archive.add_bytes("repositories",
+                                  json.dumps({repository: {tagged.tag: top}}).encode())
+            archive.close()
 
-        return _produced(produce)
+        return produce
 
-    def oci_tar_reader(self, override_name: str = "") -> BinaryIO:
+    def _oci_writer(self, override_name: str) -> Callable[[BinaryIO], None]:
         """An OCI layout tar of one platform, or of the whole index for ``"all"``."""
         name = str(self._save_name(override_name))
         layout = self._provider.layout
@@ -3820,17 +3922,17 @@ class _CacheSource(ImageSource):
         root_entry = top.named(name)
 
         def produce(out: BinaryIO) -> None:
-            with _tar_writer(out) as archive:
-                _add_bytes(archive, "oci-layout", _OCI_LAYOUT_BYTES)
-                _add_directory(archive, "blobs")
-                for algorithm in sorted({b.digest.algorithm for b in blobs}):
-                    _add_directory(archive, f"blobs/{algorithm}")
-                for blob in blobs:
-                    _add_blob(archive, layout, blob, _blob_name(blob.digest))
-                _add_bytes(archive, "index.json",
-                           Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
+            archive = _TarWriter(out)
+            archive.add_bytes("oci-layout", _OCI_LAYOUT_BYTES)
+            archive.add_directory("blobs")
+            for algorithm in sorted({b.digest.algorithm for b in blobs}):
+                archive.add_directory(f"blobs/{algorithm}")
+            for blob in blobs:
+                archive.add_blob(layout, blob, _blob_name(blob.digest))
+            archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
+            archive.close()
 
-        return _produced(produce)
+        return produce
 
     def sboms(self) -> List[BinaryIO]:
         """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
@@ -3947,7 +4049,7 @@ def _build_yml_fields(path: str) -> Dict[str, str]:
 
 def _git(directory: str, *args: str) -> str:
     try:
-        result = subprocess.run(["git", "-C", directory, *args], capture_output=True,
+        result = _subprocess.run(["git", "-C", directory, *args], capture_output=True,
                                 timeout=60)
     except FileNotFoundError:
         raise OciCacheError("resolving a package needs git, which is not on PATH") from None
@@ -4218,7 +4320,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "flattened root filesystem). The file appears only "
                                         "when complete.")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--format", choices=("oci", "docker", "filesystem"), required=True)
+    p.add_argument("--format", choices=(FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM),
+                   required=True)
     p.add_argument("-o", "--output", metavar="FILE|-", required=True,
                    help="where to write ('-' for standard output); an existing file is replaced")
     p.add_argument("--platform", metavar="P", default="",
@@ -4352,29 +4455,24 @@ def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
     if args.platform == ALL_PLATFORMS and args.format != "oci":
         raise OciCacheError("--platform all needs --format oci")
     source = provider.new_source(args.name, args.platform)
-    if args.format == "oci":
-        stream = source.oci_tar_reader(args.save_name)
-    elif args.format == "docker":
-        stream = source.v1_tar_reader(args.save_name)
-    else:
-        stream = source.tar_reader()
-    with stream:
-        if args.output == "-":
-            shutil.copyfileobj(stream, sys.stdout.buffer, COPY_BUFFER_SIZE)
-            sys.stdout.buffer.flush()
-            return 0
-        directory = os.path.dirname(os.path.abspath(args.output))
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(args.output)}{_TEMP_MARK}",
-                                    dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(stream, out, COPY_BUFFER_SIZE)
-                os.fchmod(out.fileno(), 0o644 & ~_UMASK)
-            os.replace(temp, args.output)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+    if not isinstance(source, _CacheSource):
+        raise AssertionError("a Provider makes _CacheSource objects")
+    write = source.writer(args.format, args.save_name)
+    if args.output == "-":
+        write(sys.stdout.buffer)
+        return 0
+    directory = os.path.dirname(os.path.abspath(args.output))
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(args.output)}{_TEMP_MARK}",
+                                dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=COPY_BUFFER_SIZE) as out:
+            write(out)
+            os.fchmod(out.fileno(), 0o644 & ~_UMASK)
+        os.replace(temp, args.output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
     return 0
 
 

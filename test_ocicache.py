@@ -2918,7 +2918,8 @@ class TestArchives(CacheTestCase):
         write_layout(source, [(image.manifest.descriptor(), "v1")], image.blobs)
         archive = self.path("oci.tar")
         self.skopeo("copy", f"oci:{source}:v1", f"oci-archive:{archive}:example.com/o/img:2")
-        (descriptor,) = self.cache.image_load(open(archive, "rb"))
+        with open(archive, "rb") as f:
+            (descriptor,) = self.cache.image_load(f)
         self.assertEqual(descriptor.name, "example.com/o/img:2")
         raw = self.skopeo("inspect", "--raw", f"oci:{self.cache_dir}:example.com/o/img:2")
         self.assertEqual(sha256(raw.encode()), str(descriptor.digest))

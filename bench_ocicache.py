@@ -1,0 +1,989 @@
+#!/usr/bin/env python3
+"""Benchmarks for ocicache: ``make bench``, or ``python3 bench_ocicache.py``.
+
+Builds a deterministic image (one large gzip layer of incompressible bytes and 20 small
+layers), serves it from a real ``docker-registry`` on 127.0.0.1, and times ocicache's
+pull and export against skopeo, umoci, ``cp`` and the machine's own limits, taking the
+contenders in turn over several rounds. Prints medians and ratios against the
+project's targets with PASS or MISS per row, and writes every sample as JSON::
+
+    python3 bench_ocicache.py                           # 1 GiB layer, 3 rounds
+    python3 bench_ocicache.py --size-mib 64 --rounds 1  # a quick run
+    python3 bench_ocicache.py --json results.json
+
+Benchmarks are not tests: a MISS is reported, not failed, so the exit status is 0
+unless an operation itself fails. Standard library only; nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import zlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OCICACHE = os.path.join(HERE, "ocicache.py")
+# The interpreter itself, not a launcher such as pyenv's ``python3`` shim (a shell
+# script that would add tens of milliseconds to every start we time).
+PYTHON = sys.executable
+
+MIB = 1024 * 1024
+LOOPBACK = "127.0.0.1"
+REPOSITORY = "bench/img"
+TAG = "1"
+SMALL_LAYERS = 20
+BIG_FILE_SIZE = 64 * MIB           # the big layer holds its bytes as files of this size
+PULL_JOBS = 4                      # ocicache's default --jobs; the pull limit uses it too
+COMMAND_TIMEOUT = 600.0            # no single command may hang the benchmark
+USER_AGENT = "ocicache-bench/1"    # our own requests; not counted as the client's
+DEFAULT_JSON = os.path.join(tempfile.gettempdir(), "ocicache-bench-results.json")
+
+TARGET_PULL_VS_LIMIT = 1.3
+TARGET_PULL_VS_SKOPEO = 0.4
+TARGET_WARM_PULL_MS = 100.0
+TARGET_EXPORT_VS_CP = 1.5
+TARGET_FLATTEN_VS_LIMIT = 1.3
+TARGET_FLATTEN_VS_UMOCI = 0.3
+TARGET_PEAK_RSS_MIB = 48.0
+TARGET_IMPORT_MS = 25.0
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+# =====================================================================================
+# The image
+#
+# Every byte follows from the seed and the size. The big layer's file contents are
+# SHAKE-256 in counter mode, which gzip cannot shrink; the build checks that it did
+# not. The small layers are a few short text files each, like /etc tweaks.
+# =====================================================================================
+
+SEED = b"ocicache-bench-1"
+MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    """A blob of the benchmark image, as written to disk by the build."""
+
+    media_type: str
+    digest: str                    # "sha256:<hex>"
+    size: int
+    path: str                      # where the build wrote it
+
+    def descriptor(self) -> Dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """The benchmark image: what the build wrote and the registry serves."""
+
+    layers: List[Blob]             # the big one first
+    config: Blob
+    manifest: Blob
+    big_layer_tar_size: int        # uncompressed, for the compressibility check
+
+    @property
+    def blobs(self) -> List[Blob]:
+        """The blobs the manifest lists."""
+        return [*self.layers, self.config]
+
+
+def incompressible(seed: bytes, size: int) -> Iterator[bytes]:
+    """``size`` bytes of SHAKE-256 in counter mode, in blocks of at most 1 MiB."""
+    for counter, offset in enumerate(range(0, size, MIB)):
+        block = seed + counter.to_bytes(8, "big")
+        yield hashlib.shake_256(block).digest(min(MIB, size - offset))
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+class _LayerWriter:
+    """Writes a gzip layer, hashing the tar (its diff_id) and the blob (its digest)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "wb")
+        # wbits 31: a gzip wrapper with mtime 0, so the bytes depend only on the input.
+        self._compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self.diff_id = hashlib.sha256()
+        self.digest = hashlib.sha256()
+        self.tar_size = 0
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.diff_id.update(data)
+        self.tar_size += len(data)
+        self._emit(self._compressor.compress(data))
+
+    def add_file(self, name: str, chunks: Iterator[bytes], size: int) -> None:
+        self.write(_tar_header(name, size))
+        for chunk in chunks:
+            self.write(chunk)
+        self.write(b"\0" * (-size % tarfile.BLOCKSIZE))
+
+    def _emit(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.size += len(data)
+        self._file.write(data)
+
+    def close(self) -> None:
+        self.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
+        self._emit(self._compressor.flush())
+        self._file.close()
+
+
+def _write_layer(directory: str, fill: Callable[[_LayerWriter], None]) -> Tuple[Blob, str, int]:
+    """Write a layer; returns its blob, its diff_id and the size of its tar."""
+    temp = os.path.join(directory, "layer.partial")
+    writer = _LayerWriter(temp)
+    fill(writer)
+    writer.close()
+    path = os.path.join(directory, writer.digest.hexdigest())
+    os.replace(temp, path)
+    blob = Blob(MEDIA_LAYER_GZIP, f"sha256:{writer.digest.hexdigest()}", writer.size, path)
+    return blob, f"sha256:{writer.diff_id.hexdigest()}", writer.tar_size
+
+
+def _write_json_blob(directory: str, media_type: str, value: Any) -> Blob:
+    data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    path = os.path.join(directory, digest)
+    with open(path, "wb") as f:
+        f.write(data)
+    return Blob(media_type, f"sha256:{digest}", len(data), path)
+
+
+def build_image(directory: str, size: int) -> Image:
+    """The benchmark image: a ``size``-byte incompressible layer, then 20 small ones."""
+    os.makedirs(directory, exist_ok=True)
+
+    def big(writer: _LayerWriter) -> None:
+        for number, offset in enumerate(range(0, size, BIG_FILE_SIZE)):
+            length = min(BIG_FILE_SIZE, size - offset)
+            seed = SEED + b"/big/" + str(number).encode()
+            writer.add_file(f"data/part-{number:03d}", incompressible(seed, length), length)
+
+    def small(number: int) -> Callable[[_LayerWriter], None]:
+        def fill(writer: _LayerWriter) -> None:
+            for item in range(5):
+                text = "".join(f"layer {number} file {item} line {line}\n"
+                               for line in range(64)).encode()
+                writer.add_file(f"etc/bench/{number:02d}/{item}.conf", iter([text]), len(text))
+        return fill
+
+    big_layer, big_diff_id, big_tar_size = _write_layer(directory, big)
+    if big_layer.size < 0.99 * big_tar_size:
+        raise BenchError(f"gzip shrank the big layer from {big_tar_size} to {big_layer.size} "
+                         "bytes; its data is meant to be incompressible")
+    small_layers = [_write_layer(directory, small(n)) for n in range(SMALL_LAYERS)]
+    layers = [big_layer, *(layer for layer, _, _ in small_layers)]
+    diff_ids = [big_diff_id, *(diff_id for _, diff_id, _ in small_layers)]
+    config = _write_json_blob(directory, MEDIA_CONFIG, {
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    manifest = _write_json_blob(directory, MEDIA_MANIFEST, {
+        "schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "config": config.descriptor(),
+        "layers": [layer.descriptor() for layer in layers]})
+    return Image(layers, config, manifest, big_tar_size)
+
+
+# =====================================================================================
+# The registry
+#
+# Debian's docker-registry (distribution 2.8) on 127.0.0.1 at a free port, with its
+# storage in the benchmark's work directory. Its access log, one line per request on
+# its stdout, is how the warm pull shows that it made no request.
+# =====================================================================================
+
+def child_environment(pycache: str) -> Dict[str, str]:
+    """The environment for every command: no proxies, mirrors or registry overrides.
+
+    Python writes bytecode caches, as on a developer's machine, but to ``pycache``
+    rather than next to ocicache.py.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("REGISTRY_", "OCICACHE_", "LINUXKIT_"))
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and k != "PYTHONDONTWRITEBYTECODE"}
+    env["NO_PROXY"] = env["no_proxy"] = "*"
+    env["PYTHONPYCACHEPREFIX"] = pycache
+    return env
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+class Registry:
+    """``docker-registry serve`` on 127.0.0.1, its config, storage and logs in ``directory``."""
+
+    def __init__(self, binary: str, directory: str, env: Dict[str, str]) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.env = env
+        self.port = 0
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.access_log = os.path.join(directory, "access.log")
+        self.app_log = os.path.join(directory, "registry.log")
+        self._sentinels = 0
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self, attempts: int = 5) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        config_path = os.path.join(self.directory, "config.yml")
+        for _ in range(attempts):
+            self.port = _free_port()  # may be taken before the registry binds it: retry
+            config = {
+                "version": "0.1",
+                "log": {"level": "warn", "accesslog": {"disabled": False}},
+                "storage": {
+                    "filesystem": {"rootdirectory": os.path.join(self.directory, "storage")},
+                    "maintenance": {"uploadpurging": {"enabled": False}}},
+                "http": {"addr": self.host, "secret": "ocicache-bench"},
+                "health": {"storagedriver": {"enabled": False}},
+            }
+            with open(config_path, "w") as f:
+                json.dump(config, f)  # JSON is YAML
+            with open(self.access_log, "ab") as out, open(self.app_log, "ab") as err:
+                self.process = subprocess.Popen(
+                    [self.binary, "serve", config_path], stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, env=self.env, start_new_session=True)
+            if self._wait_ready(30.0):
+                return
+            self.stop()
+            if "address already in use" not in _read_text(self.app_log):
+                break
+        raise BenchError("docker-registry did not start:\n" + _read_text(self.app_log)[-2000:])
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            if self._get("/v2/") == 200:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _get(self, path: str) -> Optional[int]:
+        connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=5)
+        try:
+            connection.request("GET", path, headers={"User-Agent": USER_AGENT})
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
+
+    def requests(self) -> int:
+        """How many requests others have made so far.
+
+        A log line is written just after its response, so we make one request of our
+        own and wait for its line: every request answered before it is in the log by
+        then.
+        """
+        self._sentinels += 1
+        marker = f"bench-sentinel={self._sentinels}"
+        if self._get(f"/v2/?{marker}") != 200:
+            raise BenchError("the registry stopped answering")
+        wait_until(lambda: marker in _read_text(self.access_log), 10.0, "the access log")
+        return sum(1 for line in _read_text(self.access_log).splitlines()
+                   if line and f'"{USER_AGENT}"' not in line)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+
+def upload(registry: Registry, image: Image) -> None:
+    """Push the image with plain distribution API calls, streaming each blob from disk."""
+    connection = http.client.HTTPConnection(LOOPBACK, registry.port, timeout=COMMAND_TIMEOUT,
+                                            blocksize=MIB)
+
+    def call(method: str, path: str, body: Any, headers: Dict[str, str], status: int) -> Any:
+        connection.request(method, path, body=body, headers={"User-Agent": USER_AGENT, **headers})
+        response = connection.getresponse()
+        response.read()
+        if response.status != status:
+            raise BenchError(f"upload: {method} {path} answered {response.status}")
+        return response
+
+    try:
+        for blob in image.blobs:
+            started = call("POST", f"/v2/{REPOSITORY}/blobs/uploads/", b"",
+                           {"Content-Length": "0"}, 202)
+            location = urllib.parse.urlsplit(started.headers["Location"])
+            query = f"{location.query}&" if location.query else ""
+            with open(blob.path, "rb") as body:
+                call("PUT", f"{location.path}?{query}digest={blob.digest}", body,
+                     {"Content-Length": str(blob.size),
+                      "Content-Type": "application/octet-stream"}, 201)
+        with open(image.manifest.path, "rb") as f:
+            call("PUT", f"/v2/{REPOSITORY}/manifests/{TAG}", f.read(),
+                 {"Content-Type": MEDIA_MANIFEST}, 201)
+    finally:
+        connection.close()
+
+
+# =====================================================================================
+# Measuring
+#
+# A contender is a callable that does one run and returns a Sample. ocicache always
+# runs as its own process, through a wrapper that reports its peak RSS.
+# =====================================================================================
+
+@dataclasses.dataclass
+class Sample:
+    """One run of one contender."""
+
+    seconds: float
+    rss_kib: Optional[int] = None                 # peak RSS, ocicache only
+    extra: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# Runs ocicache.py as ``python3 ocicache.py ARGS`` does (as __main__, compiled from the
+# source), then writes the process's VmHWM, its peak RSS, to a file. Read from outside,
+# the peak is hard to catch: /proc/<pid>/status is gone once the child has exited, and
+# getrusage(RUSAGE_CHILDREN) or wait4's ru_maxrss carry over the peak of the process
+# that forked it (Python spawns with vfork, and exec keeps the old peak: /bin/true
+# started from a 300 MiB Python reports 300 MiB). Measured inside, after exec, it is
+# ocicache's own, plus runpy's import, a few hundred KiB.
+_RSS_WRAPPER = """\
+import runpy, sys
+rss_file, script = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    with open("/proc/self/status") as status, open(rss_file, "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def run(argv: Sequence[str], env: Dict[str, str], cwd: Optional[str] = None) -> float:
+    """Run a command to completion and return its wall time; fail on a non-zero exit."""
+    started = time.perf_counter()
+    result = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                            cwd=cwd, env=env, timeout=COMMAND_TIMEOUT)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).decode(errors="replace").strip()
+        raise BenchError(f"{' '.join(argv)} exited with {result.returncode}: {output[-2000:]}")
+    return seconds
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def timed(action: Callable[[], Any]) -> Sample:
+    started = time.perf_counter()
+    action()
+    return Sample(time.perf_counter() - started)
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every case works with: the running registry, the image, the tools."""
+
+    work: str
+    registry: Registry
+    image: Image
+    tools: Dict[str, Optional[str]]    # command name -> its path, None when missing
+
+    def run(self, *argv: str, cwd: Optional[str] = None) -> float:
+        return run(argv, self.registry.env, cwd)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.registry.host}/{REPOSITORY}:{TAG}"
+
+    @property
+    def cache(self) -> str:
+        """ocicache's cache: emptied for each cold pull, complete after the last one."""
+        return os.path.join(self.work, "cache")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.work, name)
+
+    def cache_blob(self, blob: Blob) -> str:
+        algorithm, hex_digest = blob.digest.split(":")
+        return os.path.join(self.cache, "blobs", algorithm, hex_digest)
+
+    def ocicache(self, *args: str) -> Sample:
+        rss_file = self.path("rss")
+        seconds = self.run(PYTHON, "-c", _RSS_WRAPPER, rss_file, OCICACHE,
+                           "--cache", self.cache, *args)
+        fields = _read_text(rss_file).split()  # "VmHWM:", "40960", "kB"
+        return Sample(seconds, rss_kib=int(fields[1]))
+
+
+# =====================================================================================
+# The machine's limits
+#
+# What the same job costs with nothing but the standard library's fastest path, in this
+# process (so without an interpreter start, which ocicache pays).
+# =====================================================================================
+
+def limit_pull(bench: Bench, directory: str) -> None:
+    """GET the manifest, then every blob with http.client, PULL_JOBS at a time, largest
+    first (ocicache's schedule), hashing each with sha256 as it is written, then fsync
+    and rename: the same guarantees a cache must give."""
+    os.makedirs(directory)
+    host = bench.registry.host
+
+    def get(path: str) -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection(host, timeout=COMMAND_TIMEOUT)
+        connection.request("GET", path, headers={"User-Agent": "bench-limit",
+                                                 "Accept": MEDIA_MANIFEST})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise BenchError(f"limit: GET {path} answered {response.status}")
+        return response
+
+    def fetch(blob: Blob) -> None:
+        response = get(f"/v2/{REPOSITORY}/blobs/{blob.digest}")
+        hasher = hashlib.sha256()
+        buffer = memoryview(bytearray(MIB))
+        temp = os.path.join(directory, blob.digest.split(":")[1] + ".partial")
+        with open(temp, "wb", buffering=0) as out:
+            while True:
+                count = response.readinto(buffer)
+                if not count:
+                    break
+                hasher.update(buffer[:count])
+                out.write(buffer[:count])
+            os.fsync(out.fileno())
+        response.close()
+        if f"sha256:{hasher.hexdigest()}" != blob.digest:
+            raise BenchError(f"limit: blob {blob.digest} arrived with other content")
+        os.replace(temp, temp[:-len(".partial")])
+
+    get(f"/v2/{REPOSITORY}/manifests/{TAG}").read()
+    with concurrent.futures.ThreadPoolExecutor(PULL_JOBS) as pool:
+        list(pool.map(fetch, sorted(bench.image.blobs, key=lambda b: -b.size)))
+
+
+def limit_decompress(bench: Bench) -> None:
+    """zlib-decompress every layer in the cache to /dev/null, 1 MiB at a time."""
+    with open(os.devnull, "wb") as sink:
+        for layer in bench.image.layers:
+            decompressor = zlib.decompressobj(31)
+            with open(bench.cache_blob(layer), "rb", buffering=0) as blob:
+                while True:
+                    chunk = blob.read(MIB)
+                    if not chunk:
+                        break
+                    sink.write(decompressor.decompress(chunk))
+            if not decompressor.eof:
+                raise BenchError(f"limit: layer {layer.digest} ends early")
+
+
+# =====================================================================================
+# Checks
+#
+# A check turns a case's samples into one row of the table: a value (a ratio of
+# medians, a wall time, a peak RSS) and the target it must not exceed.
+# =====================================================================================
+
+@dataclasses.dataclass
+class CaseResult:
+    """Every sample of a case, by contender."""
+
+    samples: Dict[str, List[Sample]]
+
+    def median(self, contender: str) -> float:
+        return statistics.median(s.seconds for s in self.samples[contender])
+
+    def peak_rss_mib(self, contender: str) -> float:
+        return max(s.rss_kib or 0 for s in self.samples[contender]) / 1024
+
+    def most(self, contender: str, key: str) -> float:
+        return max(s.extra[key] for s in self.samples[contender])
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table and of the JSON's "checks"."""
+
+    case: str
+    measure: str
+    ocicache: str                  # what ocicache measured
+    reference: str                 # what it is compared with
+    value: Optional[float]         # None: a contender could not run
+    unit: str
+    target: Optional[float]        # None: reported, no target
+
+    @property
+    def result(self) -> str:
+        if self.value is None:
+            return "SKIP"
+        if self.target is None:
+            return ""
+        return "PASS" if self.value <= self.target else "MISS"
+
+
+@dataclasses.dataclass
+class Check:
+    """How to turn a case's samples into a Row."""
+
+    measure: str
+    needs: Sequence[str]           # the contenders it reads
+    evaluate: Callable[[CaseResult], Tuple[float, str, str]]  # value, ocicache, reference
+    unit: str
+    target: Optional[float]
+
+    def row(self, case: str, result: CaseResult) -> Row:
+        missing = [n for n in self.needs if n not in result.samples]
+        if missing:
+            return Row(case, self.measure, "", f"{', '.join(missing)} not installed", None,
+                       self.unit, self.target)
+        value, ours, reference = self.evaluate(result)
+        return Row(case, self.measure, ours, reference, value, self.unit, self.target)
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def ratio(a: str, b: str, target: Optional[float]) -> Check:
+    """median(a) / median(b)."""
+    def evaluate(r: CaseResult) -> Tuple[float, str, str]:
+        return r.median(a) / r.median(b), _seconds(r.median(a)), f"{b} {_seconds(r.median(b))}"
+    return Check(f"{a} / {b}", (a, b), evaluate, "x", target)
+
+
+def wall_ms(contender: str, target: float) -> Check:
+    def evaluate(r: CaseResult) -> Tuple[float, str, str]:
+        return r.median(contender) * 1000, _seconds(r.median(contender)), ""
+    return Check("wall time", (contender,), evaluate, "ms", target)
+
+
+def difference_ms(a: str, b: str, target: Optional[float]) -> Check:
+    """median(a) - median(b), in milliseconds."""
+    def evaluate(r: CaseResult) -> Tuple[float, str, str]:
+        return ((r.median(a) - r.median(b)) * 1000, _seconds(r.median(a)),
+                f"{b} {_seconds(r.median(b))}")
+    return Check(f"{a} - {b}", (a, b), evaluate, "ms", target)
+
+
+def peak_rss(contender: str = "ocicache", target: float = TARGET_PEAK_RSS_MIB) -> Check:
+    def evaluate(r: CaseResult) -> Tuple[float, str, str]:
+        return r.peak_rss_mib(contender), "", "highest of all runs"
+    return Check("peak RSS", (contender,), evaluate, "MiB", target)
+
+
+def most(contender: str, key: str, target: float) -> Check:
+    def evaluate(r: CaseResult) -> Tuple[float, str, str]:
+        return r.most(contender, key), "", "most in any run"
+    return Check(key, (contender,), evaluate, "", target)
+
+
+# =====================================================================================
+# Cases
+#
+# Each case factory takes the Bench and returns its contenders (ocicache first) and its
+# checks. The cases run in the order of CASES; the cold pull leaves the complete cache
+# that the warm pull and the exports read.
+# =====================================================================================
+
+@dataclasses.dataclass
+class Case:
+    """Contenders for the same job, timed in turn, and the checks on their samples."""
+
+    name: str
+    contenders: Dict[str, Callable[[], Sample]]
+    checks: List[Check]
+    repeat: int = 1                # runs of each contender in a round
+
+    def run(self, rounds: int) -> CaseResult:
+        """Run the contenders in turn, each round starting with the next one."""
+        names = list(self.contenders)
+        samples: Dict[str, List[Sample]] = {name: [] for name in names}
+        for number in range(rounds):
+            order = names[number % len(names):] + names[:number % len(names)]
+            for _ in range(self.repeat):
+                for name in order:
+                    samples[name].append(self.contenders[name]())
+            shown = "  ".join(f"{name} {_describe(samples[name][-self.repeat:])}"
+                              for name in names)
+            print(f"{self.name:<16} {number + 1}/{rounds}  {shown}", file=sys.stderr, flush=True)
+        return CaseResult(samples)
+
+
+def _describe(samples: List[Sample]) -> str:
+    text = _seconds(statistics.median(s.seconds for s in samples))
+    if samples[0].rss_kib is not None:
+        text += f" ({max(s.rss_kib or 0 for s in samples) / 1024:.1f} MiB)"
+    return text
+
+
+def _with_tool(bench: Bench, name: str, contenders: Dict[str, Callable[[], Sample]],
+               contender: Callable[[str], Sample]) -> None:
+    """Add a peer tool's contender when the tool is installed (its rows SKIP otherwise)."""
+    path = bench.tools.get(name)
+    if path is not None:
+        contenders[name] = lambda: contender(path)
+
+
+def cold_pull(bench: Bench) -> Case:
+    def ocicache() -> Sample:
+        remove(bench.cache)
+        return bench.ocicache("pull", "--platform", "amd64", bench.ref)
+
+    def skopeo(tool: str) -> Sample:
+        target = bench.path("skopeo-pull")
+        remove(target)
+        sample = Sample(bench.run(tool, "copy", "--src-tls-verify=false",
+                                  f"docker://{bench.ref}", f"oci:{target}:bench"))
+        remove(target)
+        return sample
+
+    def limit() -> Sample:
+        target = bench.path("limit-pull")
+        remove(target)
+        sample = timed(lambda: limit_pull(bench, target))
+        remove(target)
+        return sample
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "skopeo", contenders, skopeo)
+    contenders["limit"] = limit
+    return Case("cold pull", contenders, [
+        ratio("ocicache", "limit", TARGET_PULL_VS_LIMIT),
+        ratio("ocicache", "skopeo", TARGET_PULL_VS_SKOPEO),
+        peak_rss()])
+
+
+def warm_pull(bench: Bench) -> Case:
+    def ocicache() -> Sample:
+        before = bench.registry.requests()
+        sample = bench.ocicache("pull", "--platform", "amd64", bench.ref)
+        sample.extra["registry requests"] = bench.registry.requests() - before
+        return sample
+
+    return Case("warm pull", {"ocicache": ocicache, "bare": lambda: bare_start(bench)}, [
+        wall_ms("ocicache", TARGET_WARM_PULL_MS),
+        difference_ms("ocicache", "bare", None),
+        most("ocicache", "registry requests", 0),
+        peak_rss()], repeat=5)
+
+
+def _export_case(bench: Bench, name: str, ocicache_format: str, skopeo_transport: str,
+                 skopeo_name: str) -> Case:
+    """An export to a tar vs skopeo's copy to the same kind of tar vs cp of the blobs."""
+    def ocicache() -> Sample:
+        target = bench.path(f"export.{ocicache_format}.tar")
+        sample = bench.ocicache("export", "--format", ocicache_format, "--platform", "amd64",
+                                "-o", target, bench.ref)
+        remove(target)
+        return sample
+
+    def skopeo(tool: str) -> Sample:
+        target = bench.path(f"skopeo.{ocicache_format}.tar")
+        remove(target)
+        sample = Sample(bench.run(tool, "copy", f"oci:{bench.cache}:{bench.ref}",
+                                  f"{skopeo_transport}:{target}:{skopeo_name}"))
+        remove(target)
+        return sample
+
+    def cp(tool: str) -> Sample:
+        target = bench.path("cp")
+        os.makedirs(target)
+        blobs = [*bench.image.blobs, bench.image.manifest]
+        sample = Sample(bench.run(tool, "--reflink=never",
+                                  *(bench.cache_blob(b) for b in blobs), target))
+        remove(target)
+        return sample
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "skopeo", contenders, skopeo)
+    _with_tool(bench, "cp", contenders, cp)
+    return Case(name, contenders, [
+        ratio("ocicache", "cp", TARGET_EXPORT_VS_CP),
+        ratio("ocicache", "skopeo", None),
+        peak_rss()])
+
+
+def docker_export(bench: Bench) -> Case:
+    return _export_case(bench, "docker export", "docker", "docker-archive",
+                        f"{REPOSITORY}:{TAG}")
+
+
+def oci_export(bench: Bench) -> Case:
+    return _export_case(bench, "OCI export", "oci", "oci-archive", bench.ref)
+
+
+def flatten(bench: Bench) -> Case:
+    def ocicache() -> Sample:
+        target = bench.path("rootfs.tar")
+        sample = bench.ocicache("export", "--format", "filesystem", "--platform", "amd64",
+                                "-o", target, bench.ref)
+        remove(target)
+        return sample
+
+    def umoci(tool: str) -> Sample:
+        target = bench.path("bundle")
+        remove(target)
+        sample = Sample(bench.run(tool, "unpack", "--image", f"{bench.cache}:{bench.ref}",
+                                  target))
+        remove(target)
+        return sample
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "umoci", contenders, umoci)
+    contenders["zlib limit"] = lambda: timed(lambda: limit_decompress(bench))
+    return Case("flatten", contenders, [
+        ratio("ocicache", "zlib limit", TARGET_FLATTEN_VS_LIMIT),
+        ratio("ocicache", "umoci", TARGET_FLATTEN_VS_UMOCI),
+        peak_rss()])
+
+
+def bare_start(bench: Bench) -> Sample:
+    """A bare interpreter start, ``python3 -c pass``: what every ocicache run pays first."""
+    return Sample(bench.run(PYTHON, "-c", "pass", cwd=HERE))
+
+
+def import_time(bench: Bench) -> Case:
+    def import_ocicache() -> Sample:
+        return Sample(bench.run(PYTHON, "-c", "import ocicache", cwd=HERE))
+
+    import_ocicache()  # writes the bytecode cache, as the first import on any machine does
+    return Case("import", {"import ocicache": import_ocicache, "bare": lambda: bare_start(bench)},
+                [difference_ms("import ocicache", "bare", TARGET_IMPORT_MS)], repeat=15)
+
+
+PULL_CASES: List[Callable[[Bench], Case]] = [cold_pull, warm_pull]
+# Issue 6's push rows (push to an empty registry vs skopeo and vs the limit, push of an
+# image the registry already has) go here once ocicache can push.
+PUSH_CASES: List[Callable[[Bench], Case]] = []
+EXPORT_CASES: List[Callable[[Bench], Case]] = [docker_export, oci_export, flatten]
+CASES = [*PULL_CASES, *PUSH_CASES, *EXPORT_CASES, import_time]
+
+
+# =====================================================================================
+# Report
+# =====================================================================================
+
+def _format_value(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "":
+        return f"{value:.0f}"
+    return f"{value:.1f} {unit}"
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    header = ("case", "measure", "ocicache", "compared with", "value", "target", "")
+    lines = [header] + [
+        (row.case, row.measure, row.ocicache, row.reference,
+         _format_value(row.value, row.unit),
+         "" if row.target is None else f"<= {_format_value(row.target, row.unit)}",
+         row.result) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+# What each reference in the table is, for the reader of the table and of the JSON.
+NOTES = {
+    "limit": f"http.client GETs of the manifest, then of the blobs "
+             f"{PULL_JOBS} at a time, largest first (ocicache's schedule), sha256 while "
+             "writing, fsync and rename; in the benchmark process (no interpreter start)",
+    "skopeo": "skopeo copy: docker:// to oci: for the pull; oci: (the ocicache cache) to "
+              "docker-archive: or oci-archive: for the exports",
+    "cp": "cp --reflink=never of the image's blobs (layers, config, manifest) out of the "
+          "cache: the bytes a docker or OCI tar holds",
+    "umoci": "umoci unpack of the image in the ocicache cache to a bundle directory",
+    "zlib limit": "zlib decompression of every layer in the cache to /dev/null, 1 MiB at a "
+                  "time, in the benchmark process",
+    "bare": "python3 -c pass: a bare interpreter start, same interpreter and environment",
+    "ocicache": "python3 ocicache.py ARGS (compiled from source, as a script is), through a "
+                "wrapper that reads its peak RSS (VmHWM); pulls count registry requests in "
+                "the registry's access log",
+}
+
+
+def _command_output(argv: Sequence[str]) -> str:
+    """The first line a command prints, such as its version."""
+    result = subprocess.run(list(argv), capture_output=True, timeout=30)
+    return ((result.stdout or result.stderr).decode(errors="replace").strip() or "?") \
+        .splitlines()[0]
+
+
+def write_json(path: str, args: argparse.Namespace, bench: Bench,
+               results: Sequence[Tuple[Case, CaseResult]], rows: Sequence[Row],
+               seconds: float) -> None:
+    with open(OCICACHE, "rb") as f:
+        ocicache_sha256 = hashlib.sha256(f.read()).hexdigest()
+    tools = {"docker-registry": bench.registry.binary, **bench.tools}
+    report = {
+        "parameters": {"size_mib": args.size_mib, "rounds": args.rounds},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": PYTHON, "python_version": platform.python_version()},
+        "versions": {"ocicache": _command_output([PYTHON, OCICACHE, "--version"]),
+                     "ocicache.py sha256": ocicache_sha256,
+                     **{name: _command_output([tool, "--version"])
+                        for name, tool in tools.items() if tool is not None and name != "cp"}},
+        "image": {"manifest": bench.image.manifest.digest,
+                  "layers": [layer.descriptor() for layer in bench.image.layers],
+                  "big_layer_tar_size": bench.image.big_layer_tar_size},
+        "notes": NOTES,
+        "cases": {case.name: {name: {"median_seconds": result.median(name),
+                                     "samples": [dataclasses.asdict(s) for s in samples]}
+                              for name, samples in result.samples.items()}
+                  for case, result in results},
+        "checks": [{**dataclasses.asdict(row), "result": row.result} for row in rows],
+        "seconds": seconds,
+    }
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
+# =====================================================================================
+# Command line
+# =====================================================================================
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _tool(name: str) -> Optional[str]:
+    return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
+                                  else None)
+
+
+def measure(args: argparse.Namespace, registry_binary: str, tools: Dict[str, Optional[str]],
+            work: str) -> Tuple[Bench, List[Tuple[Case, CaseResult]]]:
+    """Build the image, serve it, and run every case in ``work``."""
+    started = time.monotonic()
+    image = build_image(os.path.join(work, "image"), args.size_mib * MIB)
+    print(f"image built in {time.monotonic() - started:.0f} s: a {args.size_mib} MiB layer "
+          f"(gzip/tar {image.layers[0].size / image.big_layer_tar_size:.4f}) and "
+          f"{SMALL_LAYERS} small ones", file=sys.stderr, flush=True)
+    registry = Registry(registry_binary, os.path.join(work, "registry"),
+                        child_environment(os.path.join(work, "pycache")))
+    registry.start()
+    try:
+        upload(registry, image)
+        shutil.rmtree(os.path.join(work, "image"))  # the registry has the bytes now
+        bench = Bench(work, registry, image, tools)
+        results = []
+        for factory in CASES:
+            case = factory(bench)
+            results.append((case, case.run(args.rounds)))
+        return bench, results
+    finally:
+        registry.stop()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench_ocicache.py", description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=_positive, default=1024,
+                        help="size of the big layer in MiB (default 1024)")
+    parser.add_argument("--rounds", type=_positive, default=3,
+                        help="rounds of every case (default 3)")
+    parser.add_argument("--json", default=DEFAULT_JSON, metavar="FILE",
+                        help=f"where to write the results (default {DEFAULT_JSON})")
+    parser.add_argument("--workdir", default=None, metavar="DIR",
+                        help="where to make the temporary work directory, which needs "
+                             "about 5 times --size-mib free (default: $TMPDIR)")
+    args = parser.parse_args(argv)
+
+    registry_binary = _tool("docker-registry")
+    if registry_binary is None:
+        print("bench_ocicache: error: docker-registry is not installed (make deps installs "
+              "it)", file=sys.stderr)
+        return 1
+    tools = {name: _tool(name) for name in ("skopeo", "umoci", "cp")}
+    for name, path in tools.items():
+        if path is None:
+            print(f"bench_ocicache: {name} is not installed; its rows are skipped",
+                  file=sys.stderr)
+    started = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ocicache-bench-", dir=args.workdir) as work:
+            bench, results = measure(args, registry_binary, tools, work)
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        print(f"bench_ocicache: error: {e}", file=sys.stderr)
+        return 1
+    seconds = time.monotonic() - started
+    rows = [check.row(case.name, result) for case, result in results for check in case.checks]
+    rounds = f"{args.rounds} round{'s' if args.rounds > 1 else ''}"
+    print(f"\nocicache benchmark: a {args.size_mib} MiB layer, medians of {rounds}, "
+          f"{os.cpu_count()} CPUs, {seconds:.0f} s in all\n")
+    print_table(rows)
+    print()
+    for name, note in NOTES.items():
+        print(f"{name}: {note}")
+    write_json(args.json, args, bench, results, rows, seconds)
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
