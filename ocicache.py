@@ -41,7 +41,6 @@ import logging
 import os
 import platform as _platform_module
 import re
-import shutil
 import stat
 import sys
 import tarfile
