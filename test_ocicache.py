@@ -2438,14 +2438,21 @@ class TestAuthentication(RegistryTestCase):
         self.assert_one_line_error(result, "401")
         self.assertNotIn(b"nope", result.stderr)
         # An identity token is exchanged with the OAuth refresh-token POST.
-        token = issuer.issue_token("alice", [], expires_in=3600)
-        self.credential_helper("id", f'echo \'{{"Username":"<token>","Secret":"{token}"}}\'\n')
+        form = urllib.parse.urlencode({"grant_type": "password", "username": "alice",
+                                       "password": "pw", "service": issuer.service,
+                                       "client_id": "test", "access_type": "offline"})
+        refresh = json.loads(urllib.request.urlopen(issuer.realm, form.encode()).read())
+        self.credential_helper("id", 'echo \'{"Username":"<token>","Secret":"'
+                               + refresh["refresh_token"] + '"}\'\n')
         self.docker_config({"credHelpers": {registry.host: "id"}})
         issuer.clear()
-        with self.assertRaises(oc.OciCacheError):  # the test issuer knows no such refresh token
-            self.provider().image_pull(name, "", "amd64")
+        self.provider().image_pull(name, "", "amd64")
+        self.assertTrue(self.cache.verify().ok)
         self.assertEqual([r.method for r in issuer.requests()], ["POST"])
         self.assertEqual(issuer.requests()[0].form.get("grant_type"), ["refresh_token"])
+        self.credential_helper("id", 'echo \'{"Username":"<token>","Secret":"stale"}\'\n')
+        with self.assertRaisesRegex(oc.AuthenticationError, "401"):
+            self.provider().image_pull(name, "", "amd64", always_pull=True)
 
     def test_plain_http_token_realm_is_refused_for_https_registries(self) -> None:
         client = oc.RegistryClient(oc._Transport(oc.TransportOptions()))
