@@ -1644,12 +1644,22 @@ class _Transport:
             path = parts.path + (f"?{parts.query}" if parts.query else "")
             self._wait_for_host(host)
             try:
-                response = self._send(scheme, host, method, path, headers, body)
+                try:
+                    response = self._send(scheme, host, method, path, headers, body)
+                except (OSError, _http_client.HTTPException) as first:
+                    self._drop(scheme, host)
+                    if not probing:
+                        raise
+                    # No HTTP answer: maybe a TLS server, maybe a fault. Only a TLS
+                    # handshake decides it; otherwise the first error stands.
+                    try:
+                        response = self._send("https", host, method, path, headers, body)
+                    except (OSError, _http_client.HTTPException) as second:
+                        self._drop("https", host)
+                        raise second if _is_certificate_error(second) else first
+                    self._schemes[host] = scheme = "https"
+                    probing = False
             except (OSError, _http_client.HTTPException) as e:
-                self._drop(scheme, host)
-                if probing and not isinstance(e, (TimeoutError, ConnectionRefusedError)):
-                    self._schemes[host] = "https"  # it does not speak plain HTTP
-                    continue
                 attempt += 1
                 # Nothing listening is rarely fixed by waiting: one more try, not five.
                 limit = 2 if isinstance(e, ConnectionRefusedError) else self.options.attempts

@@ -2325,6 +2325,18 @@ class TestRegistry(RegistryTestCase):
         self.assertEqual([int(e.status) for e in entries], [206])
         self.assertTrue(self.cache.verify().ok)
 
+    def test_a_fault_on_the_first_request_does_not_switch_to_tls(self) -> None:
+        registry = self.start_registry()
+        image = make_image("probe")
+        upload(registry.url, "test/probe", image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("reset", after_bytes=-1)  # the very first answer never comes
+        cache = self.provider()
+        cache.image_pull(f"{proxy.host}/test/probe:1", "", "amd64")
+        self.assertEqual(cache.registry.transport.scheme(proxy.host), "http")
+        self.assertEqual(len(proxy.fired()), 1)
+
     def test_stalled_response_times_out(self) -> None:
         registry = self.start_registry()
         image = make_image("stall")
