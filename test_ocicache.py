@@ -3732,7 +3732,6 @@ class TestReliability(RegistryTestCase):
             cache = oc.Provider(self.cache_dir, mirrors=[], options=oc.TransportOptions(
                 timeout=1.0, attempts=3, backoff=0.01, max_retry_after=0.1, certs_d_roots=()),
                 jobs=2)
-            self.addCleanup(cache.close)
             try:
                 if pushing:
                     cache.push(f"{proxy.host}/test/local:1", f"{proxy.host}/test/pushed{run}:1")
@@ -3742,23 +3741,26 @@ class TestReliability(RegistryTestCase):
             except oc.OciCacheError as e:
                 self.assertNotIn("\n", str(e))
                 outcome = type(e).__name__
+            finally:
+                cache.close()  # the proxy serves a bounded number of connections
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             self.assertTrue(self.cache.verify().ok, f"run {run}: {injected}")
             if outcome == "ok" and not pushing:
                 self.assertTrue(cache.image_in_cache(f"{proxy.host}/test/faults:1", "", "amd64"))
                 self.assertEqual(str(cache.find_descriptor(f"{proxy.host}/test/faults:1").digest),
                                  image.manifest.digest)
-            if pushing:
-                proxy.clear_faults()
-                pushed = cache.registry.remote_manifest(cache.registry.endpoint(
-                    oc.Reference.parse(f"{proxy.host}/test/pushed{run}:1")), "1")
+            if pushing:  # asked of the registry itself, past the proxy and its faults
+                with oc.Provider(self.path(f"check{run}"), mirrors=[]) as checker:
+                    try:
+                        checker.image_pull(f"{registry.host}/test/pushed{run}:1", "", "amd64")
+                        tagged = True
+                    except oc.RegistryError as e:
+                        self.assertEqual(e.status, 404, str(e))
+                        tagged = False
                 if outcome == "ok":
-                    self.assertIsNotNone(pushed)
-                if pushed is not None:  # a tag, when there is one, is the complete image
-                    other = oc.Provider(self.path(f"check{run}"), mirrors=[])
-                    self.addCleanup(other.close)
-                    other.image_pull(f"{registry.host}/test/pushed{run}:1", "", "amd64")
-                    self.assertTrue(other.verify().ok)
+                    self.assertTrue(tagged)
+                if tagged:  # a tag, when there is one, is the complete image
+                    self.assertTrue(checker.verify().ok)
             if run % 6 == 5:
                 cache.clean()
         figures("faults", runs=runs, faults_fired=len(proxy.fired()), **outcomes)
