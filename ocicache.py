@@ -49,8 +49,8 @@ import threading
 import time
 import zlib
 from types import MappingProxyType
-from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, NoReturn,
-                    Mapping, Optional, Sequence, Tuple, Union)
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
+                    List, Mapping, NoReturn, Optional, Sequence, Tuple, Union)
 
 if TYPE_CHECKING:
     import http.client
@@ -250,6 +250,14 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def _one_line(text: str) -> str:
+    """``text`` safe for one line of a terminal: control characters become spaces."""
+    return _CONTROL_CHARACTERS.sub(" ", text).strip()
+
+
 # =====================================================================================
 # Reference
 #
@@ -422,6 +430,8 @@ class Platform:
             return value.normalized()
         if not value:
             return cls.host()
+        if not isinstance(value, str):
+            raise InvalidPlatformError(f"a platform must be a string, not {type(value).__name__}")
         parts = value.strip().lower().split("/")
         if len(parts) == 1:
             os_name, arch, variant = "linux", parts[0], ""
@@ -525,6 +535,8 @@ _DESCRIPTOR_KEYS = ("mediaType", "size", "digest", "data", "urls", "annotations"
 
 
 def _freeze(mapping: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise OciCacheError(f"expected a JSON object, not {type(mapping).__name__}")
     return MappingProxyType(dict(mapping or {}))
 
 
@@ -629,8 +641,8 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
 def _load_json_object(data: bytes, what: str) -> Dict[str, Any]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OciCacheError(f"{what} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise OciCacheError(f"{what} is not valid JSON: {_shorten(str(e))}") from None
     if not isinstance(obj, dict):
         raise OciCacheError(f"{what} is not a JSON object")
     return obj
@@ -1468,7 +1480,7 @@ def _retry_after(value: Optional[str], limit: float) -> Optional[float]:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value):
         return min(float(value), limit)
     import email.utils
     try:
@@ -1520,9 +1532,16 @@ class _Response:
 
     def close(self, reuse: bool = True) -> None:
         if reuse and not self.raw.isclosed():
+            # Read what is left to keep the connection, but not without end.
             with contextlib.suppress(OSError, _http_client.HTTPException):
-                while self.raw.read(COPY_BUFFER_SIZE):
-                    pass
+                drained = 0
+                while drained <= COPY_BUFFER_SIZE:
+                    chunk = self.raw.read(64 * 1024)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+                else:
+                    reuse = False
         if not reuse or self.raw.will_close:
             self._connection.close()
 
@@ -1678,7 +1697,13 @@ class _Transport:
                 if not location:
                     raise RegistryError(f"{host} answered {response.status} without a Location",
                                         response.status)
-                target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
+                try:
+                    target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
+                    urllib.parse.urlsplit(target).port  # a bad port raises here
+                except ValueError:
+                    raise RegistryError(f"{host} redirected to an invalid URL "
+                                        f"{_shorten(_one_line(location))!r}",
+                                        response.status) from None
                 if urllib.parse.urlsplit(target).netloc != host:
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 if response.status == 303:
@@ -1758,7 +1783,7 @@ def _connection_error(host: str, error: BaseException) -> OciCacheError:
                              f"{getattr(error, 'verify_message', '') or error}; "
                              "pass its CA with --ca-file or put it in certs.d")
     reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return OciCacheError(f"cannot reach {host}: {reason}")
+    return OciCacheError(f"cannot reach {host}: {_shorten(_one_line(reason), 200)}")
 
 
 # =====================================================================================
@@ -1813,7 +1838,7 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
                   if response.headers.get(h)]
         if limits:
             text += f" ({', '.join(limits)})"
-    text = text.replace("\n", " ")
+    text = _one_line(text)
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
     return RegistryError(text, status, codes)
@@ -2037,8 +2062,9 @@ class RegistryClient:
                 raise DigestMismatchError(f"{endpoint.host} served {ref} with digest {digest}")
             served = response.headers.get("Docker-Content-Digest", "")
             if served.startswith("sha256:") and algorithm == "sha256" and served != str(digest):
-                raise DigestMismatchError(f"{endpoint.host} says {ref} is {served}, but its "
-                                          f"bytes hash to {digest}")
+                raise DigestMismatchError(f"{endpoint.host} says {ref} is "
+                                          f"{_shorten(_one_line(served))}, but its bytes "
+                                          f"hash to {digest}")
 
         data, response = self._fetch_small(endpoint, f"manifests/{identifier}",
                                            {"Accept": MANIFEST_ACCEPT}, what or f"pull {ref}",
@@ -2047,7 +2073,7 @@ class RegistryClient:
         try:
             obj = json.loads(data)
             media_type = str(obj.get("mediaType") or "")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise OciCacheError(f"{endpoint.host} served {ref} as something that is not "
                                 "JSON") from None
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -3271,7 +3297,7 @@ def _registries_conf_mirrors() -> List[Tuple[str, str]]:
                      "containers", "registries.conf"), "/etc/containers/registries.conf"]
     for path in candidates:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 text = f.read(MAX_MANIFEST_SIZE)
         except OSError:
             continue
@@ -4042,7 +4068,7 @@ def resolve_templates(obj: Any, resolver: PackageResolver) -> Any:
 def _build_yml_fields(path: str) -> Dict[str, str]:
     """The top-level scalar fields of a build.yml (the subset of YAML packages use)."""
     fields: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             match = re.match(r"^([A-Za-z_][\w-]*)\s*:\s*(.*?)\s*$", line)
             if match is None:
@@ -4599,7 +4625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = f"{e.strerror or e}{where}"
     except KeyboardInterrupt:
         message = "interrupted"
-    print(f"ocicache: error: {message}", file=sys.stderr)
+    print(f"ocicache: error: {_one_line(message)}", file=sys.stderr)
     return 1
 
 
