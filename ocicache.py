@@ -1384,7 +1384,7 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     try:
         answer = json.loads(result.stdout)
         username, secret = str(answer.get("Username", "")), str(answer.get("Secret", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise OciCacheError(f"credential helper {program} printed something that is not "
                             "its JSON answer") from None
     if username == "<token>":
@@ -1401,7 +1401,7 @@ def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
         import binascii
         try:
             username, _, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # not base64, not ASCII, not UTF-8
             raise OciCacheError(f"credentials file {where}: an 'auth' value is not "
                                 "base64 of user:password") from None
     if entry.get("identitytoken"):
@@ -1820,10 +1820,12 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
     try:
         body = response.body(64 * 1024)
         errors = json.loads(body).get("errors") or []
-        for error in errors[:3]:
-            codes.append(str(error.get("code", "")))
-            detail = detail or str(error.get("message", ""))
-    except (ValueError, AttributeError, OciCacheError, OSError, _http_client.HTTPException):
+        for error in errors[:3] if isinstance(errors, list) else []:
+            if isinstance(error, dict):
+                codes.append(str(error.get("code", "")))
+                detail = detail or str(error.get("message", ""))
+    except (ValueError, AttributeError, RecursionError, OciCacheError, OSError,
+            _http_client.HTTPException):
         pass
     finally:
         response.close(reuse=False)
@@ -1981,7 +1983,7 @@ class RegistryClient:
             answer = json.loads(response.body(1024 * 1024))
             token = str(answer.get("token") or answer.get("access_token") or "")
             expires = float(answer.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             response.close(reuse=False)
             raise AuthenticationError(f"token realm {realm_parts.netloc} answered something "
                                       "that is not a token") from None
@@ -2653,7 +2655,10 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
             raise InvalidArchiveError("archive's manifest.json entry needs Config and Layers")
         config_digest, config_size = contents.resolve(entry["Config"])
         config = _load_json_object(layout.read_blob(config_digest), "image config")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        rootfs = config.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list):
+            raise InvalidArchiveError("archive's image config has no rootfs.diff_ids list")
         if len(diff_ids) != len(entry["Layers"]):
             raise InvalidArchiveError(
                 f"archive's manifest.json lists {len(entry['Layers'])} layers, but the "
@@ -3649,6 +3654,8 @@ class Provider(CacheProvider):
                       and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
             if architecture == ALL_PLATFORMS:
                 chosen = images
+                if not chosen:
+                    raise PlatformNotFoundError(f"image {ref} is an index without images")
             else:
                 wanted = Platform.parse(architecture)
                 child = select_platform(images, wanted)
