@@ -2350,6 +2350,23 @@ class TestRegistry(RegistryTestCase):
         self.assertEqual(cache.registry.transport.scheme(proxy.host), "http")
         self.assertEqual(len(proxy.fired()), 1)
 
+    def test_rate_limits_are_shown_with_their_headers(self) -> None:
+        registry = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", match="/manifests/", status=429, times=None, headers={
+            "Retry-After": "0", "ratelimit-limit": "100;w=21600",
+            "ratelimit-remaining": "0;w=21600", "Content-Type": "application/json"},
+            body=b'{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your '
+                 b'pull rate limit."}]}')
+        with self.assertRaises(oc.RegistryError) as caught:
+            self.provider(attempts=2).image_pull(f"{proxy.host}/library/alpine:3.20")
+        message = str(caught.exception)
+        self.assertEqual(caught.exception.codes, ("TOOMANYREQUESTS",))
+        self.assertIn("429 TOOMANYREQUESTS: You have reached your pull rate limit.", message)
+        self.assertIn("ratelimit-limit=100;w=21600, ratelimit-remaining=0;w=21600", message)
+        self.assertEqual(len([f for f in proxy.fired()]), 2)  # retried once, then reported
+
     def test_stalled_response_times_out(self) -> None:
         registry = self.start_registry()
         image = make_image("stall")
