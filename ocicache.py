@@ -2870,7 +2870,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 def _zstd_reader(stream: IO[bytes], what: str) -> IO[bytes]:
     try:
-        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+        zstd = importlib.import_module("compression.zstd")  # the standard library of 3.14+
     except ImportError:
         raise OciCacheError(
             f"{what} is zstd-compressed; reading it needs Python 3.14 or newer "
