@@ -1705,6 +1705,10 @@ class _Transport:
                                         f"{_shorten(_one_line(location))!r}",
                                         response.status) from None
                 if urllib.parse.urlsplit(target).netloc != host:
+                    if body and response.status in (307, 308):
+                        # The body may hold a secret (a token POST): it never goes elsewhere.
+                        raise RegistryError(f"{host} redirected a {method} with a body to "
+                                            "another host; refusing", response.status)
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 if response.status == 303:
                     method, body = "GET", None
@@ -1947,13 +1951,13 @@ class RegistryClient:
         realm_parts = urllib.parse.urlsplit(realm)
         if realm_parts.scheme not in ("http", "https") or not realm_parts.netloc:
             raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
-                                      f"{_shorten(realm)!r}")
+                                      f"{_shorten(_one_line(realm))!r}")
         registry_scheme = self.transport.scheme(endpoint.host) if not \
             endpoint.base.startswith("http://") else "http"
         if realm_parts.scheme == "http" and registry_scheme == "https" and \
                 not _is_loopback(realm_parts.netloc):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
-                                      f"token realm {realm}; refusing")
+                                      f"token realm {_shorten(_one_line(realm))}; refusing")
         wanted = tuple(sorted(set(scopes) | ({challenge.params["scope"]}
                                              if challenge.params.get("scope") else set())))
         key = (realm, service, wanted)

@@ -2504,6 +2504,46 @@ class TestAuthentication(RegistryTestCase):
         with self.assertRaisesRegex(oc.AuthenticationError, "plain-http token realm"):
             client._token(endpoint, challenge, ["repository:a/b:pull"], None)
 
+    def test_a_body_is_never_redirected_to_another_host(self) -> None:
+        seen: List[str] = []
+
+        class Elsewhere(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                seen.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+        threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+        self.addCleanup(elsewhere.server_close)
+        self.addCleanup(elsewhere.shutdown)
+
+        class Realm(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.send_response(307)
+                self.send_header("Location", f"http://localhost:{elsewhere.server_port}/steal")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        realm = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Realm)
+        threading.Thread(target=realm.serve_forever, daemon=True).start()
+        self.addCleanup(realm.server_close)
+        self.addCleanup(realm.shutdown)
+        client = oc.RegistryClient(oc._Transport(oc.TransportOptions(attempts=1)))
+        self.addCleanup(client.transport.close)
+        endpoint = oc._Endpoint("http://127.0.0.1:1", "127.0.0.1:1", "a/b", "127.0.0.1:1")
+        challenge = oc.Challenge("bearer", {"realm": f"http://127.0.0.1:{realm.server_port}/t"})
+        with self.assertRaisesRegex(oc.RegistryError, "with a body to another host"):
+            client._token(endpoint, challenge, ["repository:a/b:pull"],
+                          oc.Credentials(identity_token="the-secret-refresh-token"))
+        self.assertEqual(seen, [])
+
     def test_tls_with_ca_file_and_certs_d(self) -> None:
         certificates = make_tls_certs(self.path("tls"))
         ca, cert, key = certificates
