@@ -1162,6 +1162,8 @@ class Layout:
         what = f"blob {descriptor.digest}"
         obj = _load_json_object(self.read_blob(descriptor.digest), what)
         media_type = obj.get("mediaType") or descriptor.media_type
+        if not isinstance(media_type, str):
+            raise OciCacheError(f"{what}: mediaType is not a string")
         if media_type in INDEX_MEDIA_TYPES or (not media_type and "manifests" in obj):
             return Index.from_json(obj, what)
         if media_type in IMAGE_MEDIA_TYPES or (not media_type and "config" in obj):
@@ -1372,6 +1374,9 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
                                 timeout=_HELPER_TIMEOUT_SECONDS)
     except FileNotFoundError:
         raise OciCacheError(f"credential helper {program} is not on PATH") from None
+    except OSError as e:
+        raise OciCacheError(f"cannot run credential helper {_shorten(program)}: "
+                            f"{e.strerror}") from None
     except _subprocess.TimeoutExpired:
         raise OciCacheError(f"credential helper {program} did not answer within "
                             f"{_HELPER_TIMEOUT_SECONDS:.0f}s") from None
@@ -2006,6 +2011,7 @@ class RegistryClient:
                 extra_scopes: Sequence[str] = (), retry: bool = True) -> _Response:
         """An authenticated request to ``/v2/<repository>/<path>`` (or ``url``, an upload
         location); a status outside ``ok`` raises with the registry's error."""
+        import urllib.parse
         url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
         scopes = [f"repository:{endpoint.repository}:{actions}", *extra_scopes]
         challenge: Optional[Challenge] = None
@@ -2013,8 +2019,8 @@ class RegistryClient:
         for attempt in range(3):
             request_headers = {"User-Agent": _USER_AGENT, **(headers or {})}
             authorization = self._authorization(endpoint, scopes, challenge)
-            if authorization:
-                request_headers["Authorization"] = authorization
+            if authorization and urllib.parse.urlsplit(url).netloc == endpoint.host:
+                request_headers["Authorization"] = authorization  # never to another host
             response = self.transport.request(method, url, request_headers, body, retry)
             if response.status == 401 and attempt < 2:
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
@@ -2186,7 +2192,13 @@ class RegistryClient:
 
     def _absolute(self, endpoint: _Endpoint, location: str) -> str:
         import urllib.parse
-        return urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
+        try:
+            url = urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
+            urllib.parse.urlsplit(url).port  # a bad port raises here
+        except ValueError:
+            raise RegistryError(f"{endpoint.host} gave an invalid upload location "
+                                f"{_shorten(_one_line(location))!r}") from None
+        return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
                 chunked: bool, what: str) -> None:
@@ -2196,7 +2208,8 @@ class RegistryClient:
                                 what=what, retry=False)
         response.close()
         location = self._absolute(endpoint, response.headers.get("Location", ""))
-        minimum = int(response.headers.get("OCI-Chunk-Min-Length") or 0)
+        announced = response.headers.get("OCI-Chunk-Min-Length") or ""
+        minimum = int(announced) if re.fullmatch(r"[0-9]{1,12}", announced) else 0
         path = layout.blob_path(descriptor.digest)
         digest = urllib.parse.quote(str(descriptor.digest), safe="")
         if not chunked:
@@ -2498,7 +2511,9 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
     """Read an archive once, storing its blobs (verified) and keeping small files."""
     contents = _ArchiveContents(layout)
     try:
-        with tarfile.open(fileobj=_decompressed(stream), mode="r|*",
+        # "r|", not "r|*": only the whole-stream gzip is undone (by _GunzipReader, with
+        # bounded output); tarfile must not inflate a compressed stream found inside.
+        with tarfile.open(fileobj=_decompressed(stream), mode="r|",
                           bufsize=COPY_BUFFER_SIZE) as archive:
             for member in archive:
                 archive.members.clear()  # type: ignore[attr-defined]  # bounded memory
@@ -2508,7 +2523,7 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
                 if member.issym() or member.islnk():
                     contents.links[path] = _link_target(member, path)
                     continue
-                if not member.isreg():
+                if not member.isreg() or member.issparse():
                     raise InvalidArchiveError(
                         f"archive entry {_shorten(path)!r} is not a regular file")
                 if member.size < 0:
@@ -2536,7 +2551,7 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
                     contents.files[path] = layout.write_blob(data, expected, member.size)
                 except DigestMismatchError as e:
                     raise DigestMismatchError(f"archive entry {_shorten(path)}: {e}") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (tarfile.TarError, EOFError, zlib.error, OSError, RecursionError) as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
                                                   errno.EROFS):
             raise OciCacheError(f"cannot write to the cache {layout.root}: "

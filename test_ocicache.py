@@ -2504,6 +2504,37 @@ class TestAuthentication(RegistryTestCase):
         with self.assertRaisesRegex(oc.AuthenticationError, "plain-http token realm"):
             client._token(endpoint, challenge, ["repository:a/b:pull"], None)
 
+    def test_an_upload_elsewhere_gets_no_authorization(self) -> None:
+        registry, _ = self.populated(auth=("htpasswd", {"alice": "pw"}))
+        seen: List[Optional[str]] = []
+
+        class Elsewhere(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                seen.append(self.headers.get("Authorization"))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+        threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+        self.addCleanup(elsewhere.server_close)
+        self.addCleanup(elsewhere.shutdown)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", method="POST", match="/blobs/uploads/", status=202,
+                        times=None, headers={"Content-Length": "0", "Location":
+                        f"http://localhost:{elsewhere.server_port}/upload/x"})
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", "pw")}}})
+        self.load_image(f"{proxy.host}/test/leak:1", make_image("leak"))
+        with self.assertRaises(oc.RegistryError):
+            self.provider(attempts=1).push(f"{proxy.host}/test/leak:1")
+        self.assertTrue(seen)
+        self.assertEqual(set(seen), {None})
+
     def test_a_body_is_never_redirected_to_another_host(self) -> None:
         seen: List[str] = []
 
@@ -2942,6 +2973,30 @@ def docker25_archive(name: str, image: ImageBlobs, containerd_name: bool = True)
                        index_last=False)
 
 
+def gnu_sparse_member(name: str, real_size: int, data: bytes = b"x" * 512) -> bytes:
+    """A GNU sparse member: ``data`` stored, then a hole up to ``real_size`` bytes.
+    Reading it yields ``real_size`` bytes although the archive holds ``len(data)``."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mtime = tarfile.GNUTYPE_SPARSE, len(data), 0
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT)[-512:])
+    block[386:398] = b"%011o\0" % 0               # one stored region at offset 0 ...
+    block[398:410] = b"%011o\0" % len(data)       # ... of len(data) bytes
+    block[482] = 0                                # no extended sparse headers
+    block[483:495] = b"\x80" + real_size.to_bytes(11, "big")  # base-256 real size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + data + bytes(-len(data) % 512)
+
+
+def long_name_chain(count: int) -> bytes:
+    """``count`` GNU long-name headers in a row before one real entry: tarfile reads
+    each by calling itself again."""
+    info = tarfile.TarInfo("n" * 200)
+    info.mtime = 0
+    entry = info.tobuf(tarfile.GNU_FORMAT)  # long-name header, its name block, the header
+    return entry[:1024] * count + entry + bytes(1024)
+
+
 class TestArchives(CacheTestCase):
     def test_oci_archive_with_index_and_attestations(self) -> None:
         amd, arm = make_image("a"), make_image("b", "arm64")
@@ -3092,6 +3147,17 @@ class TestArchives(CacheTestCase):
         self.assertEqual(self.temp_files(), [])
         # Blobs verified before a failure stay, unnamed, for gc: never a half-written one.
         self.assertTrue(self.cache.layout.has_blob(image.layers[0].digest))
+
+    def test_archives_that_expand_or_recurse(self) -> None:
+        import bz2
+        zeros = tar_bytes([("blobs/sha256/" + "0" * 64, b"\0" * (64 << 20))])
+        # tarfile would inflate a bzip2 stream it found inside our gzip, without bound
+        self.assert_rejected(gzip.compress(bz2.compress(zeros)), "archive")
+        self.assert_rejected(gzip.compress(gzip.compress(zeros)), "archive")
+        # a 2 KiB sparse member that reads as a terabyte of zeros
+        self.assert_rejected(gnu_sparse_member("blobs/sha256/" + "1" * 64, 1 << 40)
+                             + bytes(1024), "not a regular file")
+        self.assert_rejected(long_name_chain(3000), "archive")
 
     def test_sigkill_during_a_large_load_leaves_a_valid_cache(self) -> None:
         rng = random.Random(7)
