@@ -27,33 +27,23 @@ Python spelling. Python 3.9 or newer, standard library only.
 from __future__ import annotations
 
 import abc
-import argparse
 import contextlib
 import dataclasses
 import errno
 import fcntl
 import functools
-import hashlib
 import importlib
 import io
-import json
-import logging
 import os
-import platform as _platform_module
 import re
 import stat
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 import zlib
 from types import MappingProxyType
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
                     List, Mapping, NoReturn, Optional, Sequence, Tuple, Union)
-
-if TYPE_CHECKING:
-    import http.client
 
 __version__ = "0.1.0"
 
@@ -79,15 +69,36 @@ __all__ = [
 
 class _LazyModule:
     """A standard module imported on first use, so that ``import ocicache`` and the
-    commands that never talk to a registry do not pay for it."""
+    commands that never need it do not pay for it."""
 
     def __init__(self, name: str) -> None:
         self._name = name
+        self._module: Any = None
 
     def __getattr__(self, attribute: str) -> Any:
-        return getattr(importlib.import_module(self._name), attribute)
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attribute)
 
 
+# The modules only some paths need; type checkers see them as the real imports.
+if TYPE_CHECKING:
+    import argparse
+    import hashlib
+    import http.client
+    import json
+    import logging
+    import platform as _platform_module
+    import tarfile
+    import tempfile
+else:
+    argparse = _LazyModule("argparse")
+    hashlib = _LazyModule("hashlib")
+    json = _LazyModule("json")
+    logging = _LazyModule("logging")
+    _platform_module = _LazyModule("platform")
+    tarfile = _LazyModule("tarfile")
+    tempfile = _LazyModule("tempfile")
 _http_client = _LazyModule("http.client")
 _subprocess = _LazyModule("subprocess")
 
@@ -192,7 +203,11 @@ MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 DEFAULT_GC_GRACE_SECONDS = 3600.0
 _TEMP_MARK = ".tmp-"
-_LOG = logging.getLogger("ocicache")
+
+
+def _log() -> logging.Logger:
+    """The "ocicache" logger, looked up when something is logged."""
+    return logging.getLogger("ocicache")
 
 
 # =====================================================================================
@@ -1807,8 +1822,11 @@ def _connection_error(host: str, error: BaseException) -> OciCacheError:
 
 MANIFEST_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST,
                              MEDIA_DOCKER_MANIFEST])
-_USER_AGENT = f"ocicache/{__version__} python/{_platform_module.python_version()}"
 _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
+
+
+def _user_agent() -> str:
+    return f"ocicache/{__version__} python/{_platform_module.python_version()}"
 
 
 def parse_mirror(value: str) -> Tuple[str, str]:
@@ -1972,7 +1990,7 @@ class RegistryClient:
             return cached[0]
         query = [("service", service)] if service else []
         query += [("scope", scope) for scope in wanted]
-        headers = {"User-Agent": _USER_AGENT}
+        headers = {"User-Agent": _user_agent()}
         if credentials is not None and credentials.identity_token:
             form = urllib.parse.urlencode([("grant_type", "refresh_token"),
                                            ("refresh_token", credentials.identity_token),
@@ -2017,7 +2035,7 @@ class RegistryClient:
         challenge: Optional[Challenge] = None
         accepted = set(ok)
         for attempt in range(3):
-            request_headers = {"User-Agent": _USER_AGENT, **(headers or {})}
+            request_headers = {"User-Agent": _user_agent(), **(headers or {})}
             authorization = self._authorization(endpoint, scopes, challenge)
             if authorization and urllib.parse.urlsplit(url).netloc == endpoint.host:
                 request_headers["Authorization"] = authorization  # never to another host
@@ -3356,7 +3374,7 @@ def default_mirrors() -> List[Tuple[str, str]]:
             try:
                 mirrors.append(parse_mirror(f"{DEFAULT_REGISTRY}={url}"))
             except OciCacheError as e:
-                _LOG.warning("ignoring a registry mirror of %s: %s", daemon, e)
+                _log().warning("ignoring a registry mirror of %s: %s", daemon, e)
     return mirrors + _registries_conf_mirrors()
 
 
@@ -3703,7 +3721,7 @@ class Provider(CacheProvider):
             if select_platform([probe], wanted) is None:
                 raise PlatformNotFoundError(f"image {ref} has no {wanted}; it is {declared}")
         elif architecture == "" and select_platform([probe], Platform.host()) is None:
-            _LOG.warning("image %s is %s, not this host's %s", ref, declared, Platform.host())
+            _log().warning("image %s is %s, not this host's %s", ref, declared, Platform.host())
         self.layout.write_blob_bytes(config_data, manifest.config.digest)
         return [(probe, data, manifest)]
 
@@ -3780,10 +3798,10 @@ class Provider(CacheProvider):
         tag = remote.tag or str(remote.digest)
         existing = self.registry.remote_manifest(endpoint, tag, "pull,push")
         if existing is not None and not override:
-            _LOG.info("%s exists in the registry; not pushing (use override)", remote)
+            _log().info("%s exists in the registry; not pushing (use override)", remote)
             return
         if existing is not None and existing[1].digest == root.digest:
-            _LOG.info("%s is already in the registry", remote)
+            _log().info("%s is already in the registry", remote)
             return
         data = self.layout.read_blob(root.digest)
         children: List[Descriptor] = []
@@ -3805,7 +3823,7 @@ class Provider(CacheProvider):
         media_type = str(_load_json_object(data, f"index of {local}").get("mediaType") or
                          root.media_type)  # the body's own type: root entries may differ
         self.registry.put_manifest(endpoint, tag, data, media_type)
-        _LOG.info("pushed %s as %s", local, remote)
+        _log().info("pushed %s as %s", local, remote)
         if with_manifest and root.is_index and remote.tag:
             for child in children:
                 if child.platform is not None and _is_real_platform(child) and \
@@ -4148,13 +4166,6 @@ def package_tag(directory: str) -> str:
 # stable for scripts. Progress goes to stderr, and only on a terminal.
 # =====================================================================================
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2), as every other error."""
-
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(2, f"ocicache: error: {message} (see '{self.prog} --help')\n")
-
-
 class _ProgressReader:
     """Counts bytes read through it and redraws one status line on a terminal."""
 
@@ -4289,6 +4300,12 @@ def _seconds(value: str) -> float:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    class _Parser(argparse.ArgumentParser):
+        """argparse with one-line usage errors (exit 2), as every other error."""
+
+        def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+            self.exit(2, f"ocicache: error: {message} (see '{self.prog} --help')\n")
+
     parser = _Parser(
         prog="ocicache",
         description="An OCI image cache and registry client: pull, push, import, export, "
@@ -4604,22 +4621,22 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
     return 1
 
 
-class _MessageFormatter(logging.Formatter):
-    """Plain lines for information; ``ocicache: warning: ...`` for warnings."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"ocicache: {record.levelname.lower()}: {message}"
-        return message
-
-
 def _configure_logging(level: int) -> None:
+    class _MessageFormatter(logging.Formatter):
+        """Plain lines for information; ``ocicache: warning: ...`` for warnings."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                return f"ocicache: {record.levelname.lower()}: {message}"
+            return message
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_MessageFormatter())
-    _LOG.handlers[:] = [handler]
-    _LOG.setLevel(level)
-    _LOG.propagate = False
+    logger = _log()
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
