@@ -265,12 +265,12 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]+"
 
 
 def _one_line(text: str) -> str:
     """``text`` safe for one line of a terminal: control characters become spaces."""
-    return _CONTROL_CHARACTERS.sub(" ", text).strip()
+    return re.sub(_CONTROL_CHARACTERS, " ", text).strip()
 
 
 # =====================================================================================
@@ -295,12 +295,11 @@ _IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
 _DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6})(?::[0-9]+)?"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
-# Always used with fullmatch: "$" would also match before a trailing newline.
-_REFERENCE_RE = re.compile(
-    rf"((?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    rf"(?::({_TAG}))?(?:@({_DIGEST}))?")
-_TAG_RE = re.compile(_TAG)
-_IDENTIFIER_RE = re.compile(r"[a-f0-9]{64}")
+# Always used with fullmatch: "$" would also match before a trailing newline. Patterns
+# stay strings that re compiles (and caches) on first use: importing compiles none.
+_REFERENCE = (rf"((?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+              rf"(?::({_TAG}))?(?:@({_DIGEST}))?")
+_IDENTIFIER = r"[a-f0-9]{64}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,15 +326,15 @@ class Reference:
                 f"a reference must be a string, not {type(value).__name__}")
         if not value:
             raise InvalidReferenceError("invalid reference: empty string")
-        match = _REFERENCE_RE.fullmatch(value)
+        match = re.fullmatch(_REFERENCE, value)
         if match is None:
-            if _REFERENCE_RE.fullmatch(value.lower()) is not None:
+            if re.fullmatch(_REFERENCE, value.lower()) is not None:
                 # Domains, tags and digests may hold capitals; only the path may not.
                 raise InvalidReferenceError(
                     f"invalid reference {_shorten(value)!r}: repository name must be lowercase")
             raise InvalidReferenceError(f"invalid reference format: {_shorten(value)!r}")
         name, tag, digest = match.group(1), match.group(2) or "", match.group(3)
-        if _IDENTIFIER_RE.fullmatch(value):
+        if re.fullmatch(_IDENTIFIER, value):
             raise InvalidReferenceError(
                 f"invalid reference {_shorten(value)!r}: a 64-character hex string is an "
                 "image ID, not a name")
@@ -373,7 +372,7 @@ class Reference:
         return DOCKER_HUB_API_HOST if self.registry == DEFAULT_REGISTRY else self.registry
 
     def with_tag(self, tag: str) -> "Reference":
-        if not _TAG_RE.fullmatch(tag):
+        if not re.fullmatch(_TAG, tag):
             raise InvalidReferenceError(f"invalid tag {_shorten(tag)!r}")
         return Reference(self.registry, self.repository, tag, None)
 
@@ -425,7 +424,7 @@ _ARCH_ALIASES = {
     "i686": ("386", ""), "x86": ("386", ""), "ppc64el": ("ppc64le", ""),
 }
 _ARM_VARIANTS = ("v8", "v7", "v6", "v5")
-_PLATFORM_PART_RE = re.compile(r"[a-z0-9_.-]+")
+_PLATFORM_PART = r"[a-z0-9_.-]+"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,8 +458,8 @@ class Platform:
             os_name, arch, variant = parts
         else:
             raise InvalidPlatformError(f"invalid platform {value!r}: use os/arch[/variant]")
-        if not all(_PLATFORM_PART_RE.fullmatch(p) for p in (os_name, arch)) or (
-                variant and not _PLATFORM_PART_RE.fullmatch(variant)):
+        if not all(re.fullmatch(_PLATFORM_PART, p) for p in (os_name, arch)) or (
+                variant and not re.fullmatch(_PLATFORM_PART, variant)):
             raise InvalidPlatformError(f"invalid platform {value!r}: use os/arch[/variant]")
         return cls(os_name, arch, variant).normalized()
 
@@ -1286,16 +1285,17 @@ class Challenge:
     params: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-_CHALLENGE_TOKEN = re.compile(r"\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*")
-_CHALLENGE_VALUE = re.compile(r'"((?:[^"\\]|\\.)*)"|([^,\s]*)')
+_CHALLENGE_TOKEN = r"\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*"
+_CHALLENGE_VALUE = r'"((?:[^"\\]|\\.)*)"|([^,\s]*)'
 
 
 def parse_challenges(header: str) -> List[Challenge]:
     """The challenges of a ``WWW-Authenticate`` header, in order; [] for garbage."""
     challenges: List[Challenge] = []
+    token, quoted_or_bare = re.compile(_CHALLENGE_TOKEN), re.compile(_CHALLENGE_VALUE)
     position, length = 0, len(header)
     while position < length:
-        match = _CHALLENGE_TOKEN.match(header, position)
+        match = token.match(header, position)
         if match is None:
             position = header.find(",", position + 1)
             if position < 0:
@@ -1305,10 +1305,10 @@ def parse_challenges(header: str) -> List[Challenge]:
         scheme, position = match.group(1).lower(), match.end()
         params: Dict[str, str] = {}
         while position < length:
-            param = _CHALLENGE_TOKEN.match(header, position)
+            param = token.match(header, position)
             if param is None or header[param.end():param.end() + 1] != "=":
                 break
-            value = _CHALLENGE_VALUE.match(header, param.end() + 1)
+            value = quoted_or_bare.match(header, param.end() + 1)
             assert value is not None  # the pattern also matches the empty string
             text = value.group(1)
             params[param.group(1).lower()] = (re.sub(r"\\(.)", r"\1", text) if text is not None
