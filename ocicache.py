@@ -950,11 +950,12 @@ def _write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
     _fsync_directory(directory)
 
 
-@dataclasses.dataclass(frozen=True)
 class _Reachable:
-    digests: Mapping[Digest, str]     # digest -> the name that reaches it
-    missing: Tuple[str, ...]
-    unreadable: Tuple[str, ...]
+    def __init__(self, digests: Mapping[Digest, str], missing: Tuple[str, ...],
+                 unreadable: Tuple[str, ...]) -> None:
+        self.digests = digests          # digest -> the name that reaches it
+        self.missing = missing
+        self.unreadable = unreadable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1900,14 +1901,14 @@ class _FileSlice(io.RawIOBase):
         super().close()
 
 
-@dataclasses.dataclass(frozen=True)
 class _Endpoint:
     """Where a repository is served: base URL (mirror or registry) and repository path."""
 
-    base: str           # https://host[:port][/prefix]
-    host: str
-    repository: str
-    registry: str       # the registry the credentials belong to
+    def __init__(self, base: str, host: str, repository: str, registry: str) -> None:
+        self.base = base                # https://host[:port][/prefix]
+        self.host = host
+        self.repository = repository
+        self.registry = registry        # the registry the credentials belong to
 
 
 class RegistryClient:
@@ -2394,7 +2395,6 @@ def _link_target(member: tarfile.TarInfo, path: str) -> str:
     return "/".join(parts)
 
 
-@dataclasses.dataclass
 class _ArchiveContents:
     """What one pass over an archive found: metadata, stored files, small files, links.
 
@@ -2403,12 +2403,13 @@ class _ArchiveContents:
     them, so loading leaves no unreferenced blobs behind.
     """
 
-    layout: Layout
-    metadata: Dict[str, bytes] = dataclasses.field(default_factory=dict)
-    files: Dict[str, Tuple[Digest, int]] = dataclasses.field(default_factory=dict)
-    small: Dict[str, bytes] = dataclasses.field(default_factory=dict)
-    links: Dict[str, str] = dataclasses.field(default_factory=dict)
-    small_budget: int = _SMALL_FILES_BUDGET
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.metadata: Dict[str, bytes] = {}
+        self.files: Dict[str, Tuple[Digest, int]] = {}
+        self.small: Dict[str, bytes] = {}
+        self.links: Dict[str, str] = {}
+        self.small_budget = _SMALL_FILES_BUDGET
 
     def resolve(self, path: str) -> Tuple[Digest, int]:
         """The content of a file path (stored as a blob now), following links."""
@@ -2592,12 +2593,12 @@ def _blob_path_digest(path: str) -> Optional[Digest]:
             f"archive entry {_shorten(path)!r} is not named by a valid digest: {e}") from None
 
 
-@dataclasses.dataclass(frozen=True)
 class _LoadedImage:
     """A root found in an archive: its descriptor and the names it should get."""
 
-    descriptor: Descriptor
-    names: Tuple[str, ...]
+    def __init__(self, descriptor: Descriptor, names: Tuple[str, ...]) -> None:
+        self.descriptor = descriptor
+        self.names = names
 
 
 def _archive_json(contents: _ArchiveContents, name: str) -> Any:
@@ -2952,15 +2953,15 @@ def _ancestors(path: str) -> List[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-@dataclasses.dataclass
 class _UpperLayers:
     """What the layers above each one do: the highest layer index of each kind of entry."""
 
-    entry: Dict[str, int] = dataclasses.field(default_factory=dict)
-    non_directory: Dict[str, int] = dataclasses.field(default_factory=dict)
-    whiteout: Dict[str, int] = dataclasses.field(default_factory=dict)
-    opaque: Dict[str, int] = dataclasses.field(default_factory=dict)
-    directories: Dict[str, Tuple[int, tarfile.TarInfo]] = dataclasses.field(default_factory=dict)
+    def __init__(self) -> None:
+        self.entry: Dict[str, int] = {}
+        self.non_directory: Dict[str, int] = {}
+        self.whiteout: Dict[str, int] = {}
+        self.opaque: Dict[str, int] = {}
+        self.directories: Dict[str, Tuple[int, tarfile.TarInfo]] = {}
 
     def record(self, layer: int, member: tarfile.TarInfo) -> None:
         path = _clean_path(member.name)
