@@ -205,9 +205,19 @@ DEFAULT_GC_GRACE_SECONDS = 3600.0
 _TEMP_MARK = ".tmp-"
 
 
+# main() leaves the command line's logging setup here, and _log() applies it when
+# something is first logged: a command that logs nothing never imports logging.
+_log_setup: Optional[Callable[[logging.Logger], None]] = None
+
+
 def _log() -> logging.Logger:
     """The "ocicache" logger, looked up when something is logged."""
-    return logging.getLogger("ocicache")
+    global _log_setup
+    logger = logging.getLogger("ocicache")
+    setup, _log_setup = _log_setup, None
+    if setup is not None:
+        setup(logger)
+    return logger
 
 
 # =====================================================================================
@@ -4622,7 +4632,7 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
     return 1
 
 
-def _configure_logging(level: int) -> None:
+def _configure_logging(logger: logging.Logger, level: str) -> None:
     class _MessageFormatter(logging.Formatter):
         """Plain lines for information; ``ocicache: warning: ...`` for warnings."""
 
@@ -4634,7 +4644,6 @@ def _configure_logging(level: int) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_MessageFormatter())
-    logger = _log()
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
@@ -4642,9 +4651,10 @@ def _configure_logging(level: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
+    global _log_setup
     args = _build_parser().parse_args(argv)
-    _configure_logging(logging.ERROR if args.quiet else
-                       logging.DEBUG if args.verbose else logging.INFO)
+    _log_setup = functools.partial(
+        _configure_logging, level="ERROR" if args.quiet else "DEBUG" if args.verbose else "INFO")
     try:
         if args.quiet:
             progress = PullProgress()
@@ -4669,6 +4679,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = f"{e.strerror or e}{where}"
     except KeyboardInterrupt:
         message = "interrupted"
+    finally:
+        _log_setup = None
     print(f"ocicache: error: {_one_line(message)}", file=sys.stderr)
     return 1
 
