@@ -30,7 +30,6 @@ import abc
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import importlib
 import io
@@ -84,6 +83,7 @@ class _LazyModule:
 # The modules only some paths need; type checkers see them as the real imports.
 if TYPE_CHECKING:
     import argparse
+    import fcntl
     import hashlib
     import http.client
     import json
@@ -93,6 +93,7 @@ if TYPE_CHECKING:
     import tempfile
 else:
     argparse = _LazyModule("argparse")
+    fcntl = _LazyModule("fcntl")
     hashlib = _LazyModule("hashlib")
     json = _LazyModule("json")
     logging = _LazyModule("logging")
