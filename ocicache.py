@@ -3590,13 +3590,18 @@ class Provider(CacheProvider):
     def image_in_cache(self, ref: RefLike, trusted_ref: str = "",
                        architecture: str = "") -> bool:
         """True when the image for the platform is complete in the cache (no network)."""
+        return self._complete_root(ref, architecture) is not None
+
+    def _complete_root(self, ref: RefLike, architecture: str) -> Optional[Descriptor]:
+        """The root entry of ``ref`` if its image for the platform is complete, else None."""
         try:
-            _, image = self.resolve(ref, str(Platform.parse(architecture)))
+            root, image = self.resolve(ref, str(Platform.parse(architecture)))
             manifest = self.manifest(image)
         except (NotFoundError, CorruptCacheError):
-            return False
-        return all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
-                   if not _is_foreign(b))
+            return None
+        complete = all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
+                       if not _is_foreign(b))
+        return root if complete else None
 
     def summaries(self) -> List[ImageSummary]:
         """Every name with the platforms complete in the cache and its size on disk."""
@@ -3655,10 +3660,10 @@ class Provider(CacheProvider):
         """
         wanted = Reference.parse(ref)
         name = str(wanted)
-        if not always_pull and self._complete(wanted, architecture):
-            descriptor = self._find_named(wanted)
-            self.progress.cached(name, descriptor)
-            return self.new_source(name, architecture, descriptor)
+        cached = None if always_pull else self._complete(wanted, architecture)
+        if cached is not None:
+            self.progress.cached(name, cached)
+            return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
             root_data, root = self.registry.get_manifest(wanted)
             manifests = self._pull_plan(wanted, root_data, root, architecture)
@@ -3683,16 +3688,18 @@ class Provider(CacheProvider):
         self.progress.end(name, root)
         return self.new_source(name, architecture, root.named(name))
 
-    def _complete(self, ref: Reference, architecture: str) -> bool:
-        """Whether the name is complete for the platform, without any network."""
+    def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
+        """The name's root entry if it is complete for the platform, else None; without
+        any network, and reading index.json once for one platform (it may be large)."""
         if architecture != ALL_PLATFORMS:
-            return self.image_in_cache(ref, "", architecture)
+            return self._complete_root(ref, architecture)
         root = self.find_descriptor(ref)
         if root is None:
-            return False
+            return None
         marked = self.layout.reachable([root])
-        return not marked.missing and not marked.unreadable and \
+        complete = not marked.missing and not marked.unreadable and \
             all(self.layout.has_blob(d) for d in marked.digests)
+        return self._find_named(ref) if complete else None
 
     def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor,
                    architecture: str) -> List[Tuple[Descriptor, bytes, Manifest]]:
