@@ -4319,6 +4319,7 @@ def _seconds(value: str) -> float:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    # Made here, not at module level: importing ocicache does not import argparse.
     class _Parser(argparse.ArgumentParser):
         """argparse with one-line usage errors (exit 2), as every other error."""
 
@@ -4641,6 +4642,9 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _configure_logging(logger: logging.Logger, level: str) -> None:
+    """The command line's logging (main() has _log() apply it): one line per message."""
+
+    # Made here, not at module level: importing ocicache does not import logging.
     class _MessageFormatter(logging.Formatter):
         """Plain lines for information; ``ocicache: warning: ...`` for warnings."""
 
