@@ -1517,7 +1517,7 @@ def _certs_d_roots() -> Tuple[str, ...]:
 
 def _is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
-    if name == "localhost" or name.endswith(".localhost"):
+    if name == "localhost":  # not "*.localhost": a resolver may send those anywhere
         return True
     import ipaddress
     try:
@@ -1766,11 +1766,14 @@ class _Transport:
                     raise RegistryError(f"{host} redirected to an invalid URL "
                                         f"{_shorten(_one_line(location))!r}",
                                         response.status) from None
-                if urllib.parse.urlsplit(target).netloc != host:
+                moved = urllib.parse.urlsplit(target)
+                if moved.netloc != host or (scheme == "https" and moved.scheme != "https"):
+                    # Elsewhere, or the same host in clear text: no secret follows.
                     if body and response.status in (307, 308):
                         # The body may hold a secret (a token POST): it never goes elsewhere.
                         raise RegistryError(f"{host} redirected a {method} with a body to "
-                                            "another host; refusing", response.status)
+                                            "another host or to plain HTTP; refusing",
+                                            response.status)
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 if response.status == 303:
                     method, body = "GET", None
