@@ -1552,7 +1552,10 @@ class TransportOptions:
     attempts: int = 5
     backoff: float = 0.5
     max_retry_after: float = 60.0
-    chunked_upload_threshold: int = 512 * 1024 * 1024
+    # One request costs a registry less than many (distribution saves its hash state
+    # after every PATCH; pushing 512 MiB cost it 2.9 s of CPU in chunks, 2.3 s whole),
+    # and docker and skopeo send whole blobs too; Quay refuses single uploads near 20 GB.
+    chunked_upload_threshold: int = 8 * 1024 * 1024 * 1024
     upload_chunk_size: int = 16 * 1024 * 1024
 
 
