@@ -1307,6 +1307,7 @@ class Layout:
 
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 _HELPER_TIMEOUT_SECONDS = 30.0
+_HELPER_OUTPUT_LIMIT = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1411,13 +1412,50 @@ def _read_auth_file(path: str) -> Optional[Dict[str, Any]]:
         raise OciCacheError(f"{e}; fix or remove it") from None
 
 
+def _run_bounded(argv: Sequence[str], stdin: bytes, limit: int,
+                 timeout: float) -> Tuple[int, bytes, bytes]:
+    """Run ``argv`` and return its status, stdout and stderr, as ``subprocess.run``
+    would, but killed past ``timeout`` (TimeoutExpired) or past ``limit`` bytes of
+    output (ValueError): a helper printing without end must not fill the memory."""
+    import selectors
+    deadline = time.monotonic() + timeout
+    with _subprocess.Popen(argv, stdin=_subprocess.PIPE, stdout=_subprocess.PIPE,
+                           stderr=_subprocess.PIPE) as process:
+        assert process.stdin and process.stdout and process.stderr  # all three are pipes
+        output = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+        try:
+            with contextlib.suppress(BrokenPipeError):  # it may exit without reading
+                process.stdin.write(stdin)
+            process.stdin.close()
+            with selectors.DefaultSelector() as selector:
+                selector.register(process.stdout, selectors.EVENT_READ)
+                selector.register(process.stderr, selectors.EVENT_READ)
+                while selector.get_map():
+                    ready = selector.select(deadline - time.monotonic())
+                    if not ready:
+                        raise _subprocess.TimeoutExpired(list(argv), timeout)
+                    for key, _ in ready:
+                        chunk = os.read(key.fd, 64 * 1024)
+                        if not chunk:
+                            selector.unregister(key.fileobj)
+                        output[key.fd] += chunk
+                        if sum(map(len, output.values())) > limit:
+                            raise ValueError("too much output")
+            status = process.wait(max(deadline - time.monotonic(), 0.0))
+        finally:
+            if process.poll() is None:
+                process.kill()
+        return (status, bytes(output[process.stdout.fileno()]),
+                bytes(output[process.stderr.fileno()]))
+
+
 def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     program = f"docker-credential-{helper}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
         raise OciCacheError(f"invalid credential helper name {helper!r}")
     try:
-        result = _subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                                timeout=_HELPER_TIMEOUT_SECONDS)
+        status, stdout, stderr = _run_bounded([program, "get"], server.encode(),
+                                              _HELPER_OUTPUT_LIMIT, _HELPER_TIMEOUT_SECONDS)
     except FileNotFoundError:
         raise OciCacheError(f"credential helper {program} is not on PATH") from None
     except OSError as e:
@@ -1426,14 +1464,15 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     except _subprocess.TimeoutExpired:
         raise OciCacheError(f"credential helper {program} did not answer within "
                             f"{_HELPER_TIMEOUT_SECONDS:.0f}s") from None
-    output = (result.stdout or b"") + (result.stderr or b"")
-    if result.returncode != 0:
-        if b"credentials not found" in output.lower():
+    except ValueError:
+        raise OciCacheError(f"credential helper {program} printed more than "
+                            f"{_HELPER_OUTPUT_LIMIT} bytes") from None
+    if status != 0:
+        if b"credentials not found" in (stdout + stderr).lower():
             return None
-        raise OciCacheError(f"credential helper {program} failed with status "
-                            f"{result.returncode}")
+        raise OciCacheError(f"credential helper {program} failed with status {status}")
     try:
-        answer = _parse_json(result.stdout, "answer")
+        answer = _parse_json(stdout, "answer")
         username, secret = str(answer.get("Username", "")), str(answer.get("Secret", ""))
     except (OciCacheError, AttributeError):
         raise OciCacheError(f"credential helper {program} printed something that is not "
