@@ -3,7 +3,7 @@
 
 Builds a deterministic image (one large gzip layer of incompressible bytes and 20 small
 layers), serves it from a real ``docker-registry`` on 127.0.0.1, and times ocicache's
-pull and export against skopeo, umoci, ``cp`` and the machine's own limits, taking the
+pull, push and export against skopeo, umoci, ``cp`` and the machine's own limits, taking the
 contenders in turn over several rounds. Prints medians and ratios against the
 project's targets with PASS or MISS per row, and writes every sample as JSON::
 
@@ -57,6 +57,8 @@ DEFAULT_JSON = os.path.join(tempfile.gettempdir(), "ocicache-bench-results.json"
 TARGET_PULL_VS_LIMIT = 1.3
 TARGET_PULL_VS_SKOPEO = 0.4
 TARGET_WARM_PULL_MS = 100.0
+TARGET_PUSH_VS_SKOPEO = 0.8
+TARGET_REPUSH_MS = 300.0
 TARGET_EXPORT_VS_CP = 1.5
 TARGET_FLATTEN_VS_LIMIT = 1.3
 TARGET_FLATTEN_VS_UMOCI = 0.3
@@ -347,6 +349,12 @@ class Registry:
                 self.process.wait(timeout=10)
         self.process = None
 
+    def reset(self) -> None:
+        """Start again with empty storage (on a new port)."""
+        self.stop()
+        remove(os.path.join(self.directory, "storage"))
+        self.start()
+
 
 def upload(registry: Registry, image: Image) -> None:
     """Push the image with plain distribution API calls, streaming each blob from disk."""
@@ -449,6 +457,7 @@ class Bench:
     work: str
     registry: Registry
     image: Image
+    push_target: Registry              # a second registry, emptied before every push
     tools: Dict[str, Optional[str]]    # command name -> its path, None when missing
 
     def run(self, *argv: str, cwd: Optional[str] = None) -> float:
@@ -639,7 +648,7 @@ def peak_rss(contender: str = "ocicache", target: float = TARGET_PEAK_RSS_MIB) -
     return Check("peak RSS", (contender,), evaluate, "MiB", target)
 
 
-def most(contender: str, key: str, target: float) -> Check:
+def most(contender: str, key: str, target: Optional[float]) -> Check:
     def evaluate(r: CaseResult) -> Tuple[float, str, str]:
         return r.most(contender, key), "", "most in any run"
     return Check(key, (contender,), evaluate, "", target)
@@ -830,10 +839,49 @@ def import_time(bench: Bench) -> Case:
                 [difference_ms("import ocicache", "bare", TARGET_IMPORT_MS)], repeat=15)
 
 
+def push(bench: Bench) -> Case:
+    """The complete cache's image into an empty registry: ocicache push vs skopeo copy."""
+    target = bench.push_target
+
+    def ocicache() -> Sample:
+        target.reset()
+        return bench.ocicache("push", "--remote-name", f"{target.host}/{REPOSITORY}:{TAG}",
+                              bench.ref)
+
+    def skopeo(tool: str) -> Sample:
+        target.reset()
+        return Sample(bench.run(tool, "copy", "--dest-tls-verify=false",
+                                f"oci:{bench.cache}:{bench.ref}",
+                                f"docker://{target.host}/{REPOSITORY}:{TAG}"))
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "skopeo", contenders, skopeo)
+    return Case("push", contenders, [
+        ratio("ocicache", "skopeo", TARGET_PUSH_VS_SKOPEO),
+        peak_rss()])
+
+
+def repush(bench: Bench) -> Case:
+    """The same push again when the registry has every blob and the tag."""
+    target = bench.push_target
+    remote = f"{target.host}/{REPOSITORY}:{TAG}"
+    bench.ocicache("push", "--remote-name", remote, bench.ref)  # whatever push ran last
+
+    def ocicache() -> Sample:
+        before = target.requests()
+        sample = bench.ocicache("push", "--remote-name", remote, bench.ref)
+        sample.extra["registry requests"] = target.requests() - before
+        return sample
+
+    return Case("re-push", {"ocicache": ocicache, "bare": lambda: bare_start(bench)}, [
+        wall_ms("ocicache", TARGET_REPUSH_MS),
+        difference_ms("ocicache", "bare", None),
+        most("ocicache", "registry requests", None),
+        peak_rss()], repeat=3)
+
+
 PULL_CASES: List[Callable[[Bench], Case]] = [cold_pull, warm_pull, warm_pull_module]
-# Issue 6's push rows (push to an empty registry vs skopeo and vs the limit, push of an
-# image the registry already has) go here once ocicache can push.
-PUSH_CASES: List[Callable[[Bench], Case]] = []
+PUSH_CASES: List[Callable[[Bench], Case]] = [push, repush]
 EXPORT_CASES: List[Callable[[Bench], Case]] = [docker_export, oci_export, flatten]
 CASES = [*PULL_CASES, *PUSH_CASES, *EXPORT_CASES, import_time]
 
@@ -870,6 +918,7 @@ NOTES = {
              f"{PULL_JOBS} at a time, largest first (ocicache's schedule), sha256 while "
              "writing, fsync and rename; in the benchmark process (no interpreter start)",
     "skopeo": "skopeo copy: docker:// to oci: for the pull; oci: (the ocicache cache) to "
+              "docker:// (a second registry, emptied before each run) for the push, and to "
               "docker-archive: or oci-archive: for the exports",
     "cp": "cp --reflink=never of the image's blobs (layers, config, manifest) out of the "
           "cache: the bytes a docker or OCI tar holds",
@@ -933,6 +982,14 @@ def _positive(value: str) -> int:
     return number
 
 
+def _case_names(value: str) -> List[str]:
+    names = [name for name in value.split(",") if name]
+    unknown = [name for name in names if name not in {f.__name__ for f in CASES}]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no case named {', '.join(unknown)}")
+    return names
+
+
 def _tool(name: str) -> Optional[str]:
     return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
                                   else None)
@@ -948,17 +1005,24 @@ def measure(args: argparse.Namespace, registry_binary: str, tools: Dict[str, Opt
           f"{SMALL_LAYERS} small ones", file=sys.stderr, flush=True)
     registry = Registry(registry_binary, os.path.join(work, "registry"),
                         child_environment(os.path.join(work, "pycache")))
+    push_target = Registry(registry_binary, os.path.join(work, "push-registry"),
+                           child_environment(os.path.join(work, "pycache")))
     registry.start()
     try:
+        push_target.start()
         upload(registry, image)
         shutil.rmtree(os.path.join(work, "image"))  # the registry has the bytes now
-        bench = Bench(work, registry, image, tools)
+        bench = Bench(work, registry, image, push_target, tools)
+        factories = [f for f in CASES if not args.only or f.__name__ in args.only]
+        if cold_pull not in factories:
+            bench.ocicache("pull", "--platform", "amd64", bench.ref)  # what the rest reads
         results = []
-        for factory in CASES:
+        for factory in factories:
             case = factory(bench)
             results.append((case, case.run(args.rounds)))
         return bench, results
     finally:
+        push_target.stop()
         registry.stop()
 
 
@@ -975,6 +1039,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workdir", default=None, metavar="DIR",
                         help="where to make the temporary work directory, which needs "
                              "about 5 times --size-mib free (default: $TMPDIR)")
+    parser.add_argument("--only", type=_case_names, default=[], metavar="CASES",
+                        help="run only these cases, comma-separated: "
+                             f"{', '.join(f.__name__ for f in CASES)}")
     args = parser.parse_args(argv)
 
     registry_binary = _tool("docker-registry")
