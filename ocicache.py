@@ -1252,7 +1252,9 @@ class Layout:
         seen: Dict[Digest, str] = {}
         missing: List[str] = []
         unreadable: List[str] = []
-        stack = [(root, root.name or str(root.digest), True) for root in roots]
+        # Names come from index.json and archives: made safe for the one-line messages.
+        stack = [(root, _shorten(_one_line(root.name)) or str(root.digest), True)
+                 for root in roots]
         while stack:
             descriptor, owner, required = stack.pop()
             if descriptor.digest in seen:
@@ -1450,9 +1452,12 @@ def _run_bounded(argv: Sequence[str], stdin: bytes, limit: int,
         assert process.stdin and process.stdout and process.stderr  # all three are pipes
         output = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
         try:
-            with contextlib.suppress(BrokenPipeError):  # it may exit without reading
+            # It may exit without reading; then the write, or the flush in close(),
+            # fails (close() closes the pipe even so).
+            with contextlib.suppress(BrokenPipeError):
                 process.stdin.write(stdin)
-            process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
             with selectors.DefaultSelector() as selector:
                 selector.register(process.stdout, selectors.EVENT_READ)
                 selector.register(process.stderr, selectors.EVENT_READ)
