@@ -32,9 +32,21 @@ test: deps
 	$(PYTHON) test_ocicache.py
 
 # The campaigns of the regular suite at full size: faults, crashes, concurrency, a full
-# disk. Loopback only, bounded in time; not part of make test.
+# disk, and hostile inputs (400,000 references against the grammar, the fuzzed parsers,
+# archives and bombs, hostile registries, credential hygiene). Loopback only, bounded in
+# time; not part of make test. OCICACHE_FUZZ_SEED=N repeats a run's fuzzing.
+HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_grammar \
+	TestDigest.test_mutated_digests_raise_only_invalid_digest_errors \
+	TestPlatform.test_mutated_platforms_raise_only_ocicache_errors \
+	TestDescriptor.test_fuzzed_documents TestCredentials.test_fuzzed_challenges \
+	TestCredentials.test_fuzzed_docker_configs \
+	TestCredentials.test_broken_helpers_are_one_line_errors_without_the_secret \
+	TestCredentialHygiene TestHostileRegistries \
+	TestArchives.test_decompression_bombs_stay_within_memory_and_time \
+	TestArchives.test_fuzzed_archives TestProviderSettings.test_fuzzed_mirror_files \
+	TestPackageResolver.test_fuzzed_and_odd_build_yml
 stress: deps
-	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability
+	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability $(HOSTILE_CAMPAIGNS)
 
 # Not part of test: measures pull and export against skopeo, umoci, cp and the machine's
 # limits (a few minutes). Quick run: make bench BENCH_ARGS="--size-mib 64 --rounds 1"

@@ -6,23 +6,32 @@ Integration tests use real tools as independent judges: skopeo, umoci (and, late
 podman and docker-registry). Without a tool they skip with the reason; with
 ``OCICACHE_REQUIRE_INTEGRATION=1`` (CI) a missing tool fails the test instead.
 Every test image is built here, from deterministic bytes. Nothing leaves loopback.
+The campaigns (faults, crashes, hostile inputs, fuzzing) run small by default and at full
+size with ``OCICACHE_STRESS=1`` (``make stress``); fuzzing seeds are random and printed,
+and ``OCICACHE_FUZZ_SEED=N`` repeats a run's.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
+import copy
 import dataclasses
 import fnmatch
+import functools
 import gzip
 import hashlib
 import http.client
 import http.server
 import io
+import itertools
 import json
+import logging
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -36,17 +45,22 @@ import tarfile
 import tempfile
 import threading
 import time
+import traceback
 import unittest
 import urllib.parse
 import urllib.request
 from collections import namedtuple
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
+from unittest import mock
 
 import ocicache as oc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OCICACHE = os.path.join(HERE, "ocicache.py")
 REQUIRE_INTEGRATION = os.environ.get("OCICACHE_REQUIRE_INTEGRATION") == "1"
+# Campaigns run small by default and at full size with OCICACHE_STRESS=1 (make stress).
+STRESS = os.environ.get("OCICACHE_STRESS") == "1"
 
 
 def require_tool(test: unittest.TestCase, name: str) -> str:
@@ -68,6 +82,12 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def figures(campaign: str, **numbers: Any) -> None:
+    """A campaign's figures, one line on stderr: ``[campaign] key=value, ...``."""
+    print(f"\n[{campaign}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()),
+          file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------
@@ -1405,6 +1425,625 @@ class FaultProxy:
         self.stop()
 
 
+# --------------------------------------------------------------------------
+# Hostile inputs: what may come out, a random mutator, a hostile HTTP server
+#
+# Whatever an attacker or a broken peer sends, what comes out of ocicache must be the
+# right result or an OciCacheError with a one-line message, in time; nothing may be
+# written outside the cache and no name for a failed operation. The campaigns count
+# what came out; anything else is an escape, reported with the smallest input found
+# that still shows it. Fuzzing seeds are random unless OCICACHE_FUZZ_SEED is set, and
+# every campaign prints the seed it used.
+# --------------------------------------------------------------------------
+
+_LINE_BREAKERS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def line_problem(message: str) -> str:
+    """Why ``message`` is not one clean line of a terminal ("" when it is)."""
+    match = _LINE_BREAKERS.search(message)
+    if match:
+        return f"holds the control character {match.group()!r}"
+    return "" if message.strip() else "is empty"
+
+
+def ocicache_frame(error: BaseException) -> str:
+    """The innermost ocicache.py function an exception went through."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f.filename.endswith("ocicache.py")]
+    return f"{frames[-1].name}()" if frames else "outside ocicache.py"
+
+
+def everything_about(error: BaseException) -> str:
+    """The message, the repr and the formatted traceback (with its causes) of an error."""
+    return "\n".join([str(error), repr(error), *traceback.format_exception(
+        type(error), error, error.__traceback__)])
+
+
+def secrets_in(text: str, known: Iterable[str]) -> List[str]:
+    """The secrets that occur in ``text``, shown by their first characters only."""
+    return [f"{secret[:6]}..." for secret in known if secret and secret in text]
+
+
+def compact(value: Union[bytes, str], limit: int = 400) -> str:
+    """A Python expression for ``value``, with long runs written as multiplications."""
+    pieces: List[str] = []
+    literal: List[Any] = []
+
+    def flush() -> None:
+        if literal:
+            pieces.append(repr(bytes(literal) if isinstance(value, bytes) else "".join(literal)))
+            literal.clear()
+
+    for item, group in itertools.groupby(value):
+        count = len(list(group))
+        if count >= 12:
+            flush()
+            pieces.append(f"{bytes([item]) if isinstance(item, int) else item!r} * {count}")
+        else:
+            literal.extend([item] * count)
+    flush()
+    text = " + ".join(pieces) or repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(value)} in all)"
+
+
+def shrink(value: Any, fails: Callable[[Any], bool], seconds: float = 1.0) -> Any:
+    """A smaller input that still fails the same way: chunks removed greedily."""
+    deadline = time.monotonic() + seconds
+    chunk = max(1, len(value) // 2)
+    while chunk >= 1 and time.monotonic() < deadline:
+        position, shrunk = 0, False
+        while position < len(value) and time.monotonic() < deadline:
+            candidate = value[:position] + value[position + chunk:]
+            if fails(candidate):
+                value, shrunk = candidate, True
+            else:
+                position += chunk
+        if not shrunk:
+            chunk //= 2
+    return value
+
+
+def deep(depth: int = 100_000) -> bytes:
+    """A JSON array nested ``depth`` deep: past the interpreter's recursion limit."""
+    return b"[" * depth + b"]" * depth
+
+
+def fuzz_seed() -> int:
+    """The seed of a fuzzing campaign: ``$OCICACHE_FUZZ_SEED``, else random. Campaigns
+    print it with their figures and in their failures."""
+    chosen = os.environ.get("OCICACHE_FUZZ_SEED")
+    return int(chosen) if chosen else random.SystemRandom().randrange(2 ** 32)
+
+
+def sized(default: float, stress: float) -> float:
+    """A campaign's size: small in the default suite, full with OCICACHE_STRESS=1."""
+    return stress if STRESS else default
+
+
+HEX64, HEX128 = "0123456789abcdef" * 4, "fedcba9876543210" * 8
+
+Snapshot = Dict[str, Tuple[int, int, int]]
+
+
+def snapshot(root: str, exclude: Iterable[str] = ()) -> Snapshot:
+    """Every path under ``root`` (but ``exclude``) with its mode, size and mtime."""
+    skipped = {os.path.abspath(p) for p in exclude}
+    found: Snapshot = {}
+    for parent, subdirectories, files in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories
+                             if os.path.join(parent, d) not in skipped]
+        for name in subdirectories + files:
+            path = os.path.join(parent, name)
+            info = os.lstat(path)
+            found[path] = (info.st_mode, 0 if stat.S_ISDIR(info.st_mode) else info.st_size,
+                           info.st_mtime_ns)
+    return found
+
+
+def snapshot_changes(before: Snapshot, after: Snapshot) -> List[str]:
+    return ([f"new {p}" for p in sorted(set(after) - set(before))]
+            + [f"gone {p}" for p in sorted(set(before) - set(after))]
+            + [f"changed {p}" for p in sorted(set(before) & set(after))
+               if before[p] != after[p]])
+
+
+def _is_loopback_address(host: str) -> bool:
+    import ipaddress
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackOnly(unittest.TestCase):
+    """In-process connections may go to loopback addresses only: others are refused, and
+    recorded in ``self.outside``, before any name is looked up."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.outside: List[str] = []
+        real = socket.create_connection
+
+        def guarded(address: Tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+            if not _is_loopback_address(str(address[0])):
+                self.outside.append(f"{address[0]}:{address[1]}")
+                raise ConnectionRefusedError(111, "refused by the test: not loopback")
+            return real(address, *args, **kwargs)
+
+        patcher = mock.patch.object(socket, "create_connection", guarded)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+
+JSON_VALUES: List[Any] = [
+    None, True, False, 0, -1, 1.5, 2 ** 63, 2 ** 64 + 1, 10 ** 30, float("nan"), float("inf"),
+    "", "x" * 70_000, "sha256:../../../etc/passwd", "sha256:" + "0" * 64,
+    "sha512:" + "0" * 128, "../" * 8 + "etc/passwd", "/etc/passwd", "\ud800", "\x00", "é\n",
+    oc.MEDIA_OCI_INDEX, oc.MEDIA_OCI_MANIFEST, oc.MEDIA_DOCKER_LIST, oc.MEDIA_DOCKER_MANIFEST,
+    "unknown", [], {}, [1, "a", None], {"a": "b"}, [0] * 1000, {str(i): i for i in range(200)},
+    "@@deep@@",  # replaced by a deeply nested array once serialised
+]
+JSON_KEYS = [
+    "mediaType", "digest", "size", "manifests", "config", "layers", "annotations",
+    "platform", "urls", "subject", "schemaVersion", "artifactType", "data", "os.features",
+    "os.version", "variant", "architecture", "os", "auths", "auth", "username", "password",
+    "identitytoken", "registrytoken", "credHelpers", "credsStore", "registry-mirrors",
+    "rootfs", "diff_ids", "Config", "Layers", "RepoTags", oc.ANNOTATION_REF_NAME,
+    oc.ANNOTATION_CONTAINERD_NAME, oc.ANNOTATION_REFERENCE_DIGEST,
+]
+BYTE_TOKENS = [
+    b"\x00", b"\xff", b"\n", b"\r\n", b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b"..",
+    b"../", b"/", b"\xc3\xa9", b"\xed\xa0\x80", b"\\ud800", b"1e999", b"-1", b"NaN",
+    b"Infinity", b"null", b"true", b"0" * 40, b"[" * 3000, b"\x1f\x8b", b"sha256:", b"\t",
+    b" " * 64, b"=", b'="', b"#", b"[[", b"]]",
+]
+
+
+class Mutator:
+    """Random mutations of bytes, text and JSON documents (standard library only)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+
+    def mutate_bytes(self, data: bytes) -> bytes:
+        """Bit flips, truncation, insertion, deletion, duplication, grammar tokens."""
+        rng, out = self.rng, bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randint(0, len(out))
+            end = min(len(out), at + rng.randint(1, 64))
+            operation = rng.randrange(7)
+            if operation == 0 and out:
+                out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+            elif operation == 1:
+                del out[at:]
+            elif operation == 2:
+                out[at:at] = rng.choice(BYTE_TOKENS) if rng.random() < 0.7 else \
+                    rng.randbytes(rng.randint(1, 16))
+            elif operation == 3:
+                del out[at:end]
+            elif operation == 4:
+                start = rng.randint(0, len(out))
+                out[at:at] = out[start:start + rng.randint(1, 512)] * rng.choice([1, 2, 50])
+            elif operation == 5:
+                out[at:end] = rng.choice(BYTE_TOKENS)
+            elif out:
+                out[rng.randrange(len(out))] = rng.choice([0x00, 0x7f, 0x80, 0xff, 0x22, 0x5c])
+        return bytes(out)
+
+    def mutate_text(self, text: str) -> str:
+        mutated = self.mutate_bytes(text.encode("utf-8", "surrogatepass")).decode(
+            "utf-8", "replace")
+        if self.rng.random() < 0.2:
+            at = self.rng.randint(0, len(mutated))
+            piece = self.rng.choice(["\ud800", "\u2028", "\x85", "é", "\r\n ", "\x00", "\t"])
+            mutated = mutated[:at] + piece + mutated[at:]
+        return mutated
+
+    def mutate_json(self, document: Any) -> bytes:
+        """Structural mutations (replace, delete, wrap, add, duplicate a node),
+        serialised; a quarter of the time, byte mutations of the document instead."""
+        if self.rng.random() < 0.25:
+            return self.mutate_bytes(json.dumps(document).encode())
+        value = copy.deepcopy(document)
+        for _ in range(self.rng.randint(1, 3)):
+            value = self._mutate_node(value)
+        depth = self.rng.choice([100, 5000, 200_000])
+        return json.dumps(value).replace('"@@deep@@"', "[" * depth + "]" * depth).encode()
+
+    def _mutate_node(self, root: Any) -> Any:
+        rng = self.rng
+        slots: List[Tuple[Any, Any]] = [(None, None)]
+        pending = [root]
+        while pending:  # every node, without recursion: documents may be nested deep
+            node = pending.pop()
+            keys = list(node) if isinstance(node, dict) else \
+                range(len(node)) if isinstance(node, list) else []
+            for key in keys:
+                slots.append((node, key))
+                pending.append(node[key])
+        parent, key = rng.choice(slots)
+        current = root if parent is None else parent[key]
+        operation = rng.randrange(6)
+        if operation == 1 and parent is not None:
+            del parent[key]
+            return root
+        if operation == 3 and isinstance(current, dict):
+            current[rng.choice(JSON_KEYS)] = copy.deepcopy(rng.choice(JSON_VALUES))
+            return root
+        if operation == 4 and isinstance(current, list) and current:
+            current.insert(rng.randrange(len(current)), copy.deepcopy(rng.choice(current)))
+            return root
+        new: Any
+        if operation == 2:
+            new = [current] if rng.random() < 0.5 else {rng.choice(JSON_KEYS): current}
+        elif operation == 5 and isinstance(current, str):
+            new = self.mutate_text(current)
+        else:
+            new = copy.deepcopy(rng.choice(JSON_VALUES))
+        if parent is None:
+            return new
+        parent[key] = new
+        return root
+
+
+def mutate_string(rng: random.Random, value: str, pieces: Sequence[str],
+                  seeds: Sequence[str]) -> str:
+    """One to four random edits of ``value``: insert or replace by one of ``pieces``,
+    delete, duplicate, swap case, cut, repeat, or splice in the start of a seed."""
+    for _ in range(rng.randint(1, 4)):
+        position = rng.randint(0, len(value))
+        operation = rng.randrange(8)
+        if operation == 0:
+            value = value[:position] + rng.choice(pieces) + value[position:]
+        elif operation == 1:
+            value = value[:position] + value[position + rng.randint(1, 6):]
+        elif operation == 2:
+            value = value[:position] + rng.choice(pieces) + value[position + 1:]
+        elif operation == 3 and value:
+            start = rng.randrange(len(value))
+            value = value[:position] + value[start:start + rng.randint(1, 20)] + value[position:]
+        elif operation == 4 and value:
+            index = rng.randrange(len(value))
+            value = value[:index] + value[index].swapcase() + value[index + 1:]
+        elif operation == 5:
+            value = value[:position]
+        elif operation == 6 and value and rng.random() < 0.2 and len(value) < 4000:
+            value = value * rng.choice([2, 3, 50, 400])  # up to ~1.6 MB
+        else:
+            value = rng.choice(seeds)[:rng.randint(0, 40)] + value[position:]
+    return value
+
+
+class FuzzCampaign:
+    """Feeds inputs to one target and counts the outcomes; keeps each kind of escape
+    (anything but an OciCacheError with a one-line message) with a small reproducer."""
+
+    def __init__(self, name: str, seed: int) -> None:
+        self.name, self.seed = name, seed
+        self.tried = 0
+        self.outcomes: "collections.Counter[str]" = collections.Counter()
+        self.escapes: Dict[str, List[Any]] = {}  # kind -> [input number, example, count]
+
+    @staticmethod
+    def judge(call: Callable[[Any], Any], value: Any) -> Tuple[Optional[str], str]:
+        """(what escaped, or None; the outcome's name)."""
+        try:
+            call(value)
+        except oc.OciCacheError as e:
+            problem = line_problem(str(e))
+            return (f"{type(e).__name__} whose message {problem}" if problem else None,
+                    type(e).__name__)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: B902 -- what the campaign looks for
+            return f"{type(e).__name__} from {ocicache_frame(e)}", "escaped"
+        return None, "ok"
+
+    def attempt(self, call: Callable[[Any], Any], value: Any,
+                describe: Optional[Callable[[Any], str]] = None) -> None:
+        self.tried += 1
+        kind, outcome = self.judge(call, value)
+        self.outcomes[outcome] += 1
+        if kind is None:
+            return
+        if kind not in self.escapes:
+            if describe is not None:
+                example = describe(value)
+            elif isinstance(value, (bytes, str)):
+                example = compact(shrink(value, lambda v: self.judge(call, v)[0] == kind))
+            else:
+                example = compact(json.dumps(value))
+            self.escapes[kind] = [self.tried, example, 0]
+        self.escapes[kind][2] += 1
+
+    def run(self, inputs: Iterator[Any], call: Callable[[Any], Any], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        for value in inputs:
+            self.attempt(call, value)
+            if time.monotonic() > deadline:
+                break
+
+    def report(self) -> List[str]:
+        """Print the figures; return each kind of escape, one line each."""
+        figures(f"fuzz {self.name}", seed=self.seed, tried=self.tried, **self.outcomes)
+        problems = [f"{self.name} (OCICACHE_FUZZ_SEED={self.seed}, input {number}): {kind} "
+                    f"({count}x), e.g. {example}"
+                    for kind, (number, example, count) in self.escapes.items()]
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return problems
+
+
+@contextlib.contextmanager
+def quiet_log() -> Iterator[None]:
+    """The warnings fuzzed settings cause ('ignoring a mirror ...') are not printed."""
+    logger = logging.getLogger("ocicache")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# HostileServer speaks just enough HTTP/1.1 on 127.0.0.1 to send exactly the bytes a
+# test wants: wrong media types, huge or endless bodies, garbage status lines, trickles.
+
+@dataclasses.dataclass
+class Request:
+    """A request the hostile server received."""
+
+    method: str
+    target: str
+    headers: Dict[str, str]  # names in lowercase
+    body: bytes
+    port: int
+
+
+BodyStream = Callable[[threading.Event], Iterator[bytes]]
+
+
+@dataclasses.dataclass
+class Answer:
+    """A status line, headers and a body, or raw bytes. ``length`` is the Content-Length
+    announced: -1 for the body's own, None for none (the body ends with the connection).
+    A callable body is a stream, given the server's stop event."""
+
+    status: int = 200
+    headers: Sequence[Tuple[str, str]] = ()
+    body: Union[bytes, BodyStream] = b""
+    length: Optional[int] = -1
+    raw: Optional[bytes] = None
+
+
+def endless(chunk: bytes = b"\0" * 65536, prefix: bytes = b"") -> BodyStream:
+    """A body that never ends (until the server stops)."""
+    def stream(stop: threading.Event) -> Iterator[bytes]:
+        yield prefix
+        while not stop.is_set():
+            yield chunk
+    return stream
+
+
+def trickle(data: bytes, interval: float) -> BodyStream:
+    """``data`` a byte per ``interval`` seconds: every read returns before a timeout."""
+    def stream(stop: threading.Event) -> Iterator[bytes]:
+        for byte in data:
+            if stop.wait(interval):
+                return
+            yield bytes([byte])
+    return stream
+
+
+def json_answer(value: Any, status: int = 200, headers: Sequence[Tuple[str, str]] = ()) -> Answer:
+    return Answer(status, [("Content-Type", "application/json"), *headers],
+                  json.dumps(value).encode())
+
+
+class HostileServer:
+    """An HTTP/1.1 server on 127.0.0.1:<free port> answering what ``handler`` says."""
+
+    def __init__(self, handler: Callable[[Request], Answer]) -> None:
+        self.handler = handler
+        self.requests: List[Request] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: List[socket.socket] = []
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(32)
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="hostile-server", daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            connection.settimeout(30)
+            with self._lock:
+                self._sockets.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True,
+                             name="hostile-connection").start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        reader = connection.makefile("rb")
+        try:
+            while not self._stop.is_set():
+                line = reader.readline(65537)
+                if not line.strip():
+                    return
+                method, target = (line.decode("latin-1").split() + ["", ""])[:2]
+                headers: Dict[str, str] = {}
+                while True:
+                    header = reader.readline(65537)
+                    if header in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = header.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = reader.read(int(headers.get("content-length") or 0))
+                request = Request(method, target, headers, body, self.port)
+                with self._lock:
+                    self.requests.append(request)
+                if not self._answer(connection, method, self.handler(request)):
+                    return
+        except (OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                reader.close()
+                connection.close()
+
+    def _send(self, connection: socket.socket, data: bytes) -> None:
+        connection.sendall(data)
+        with self._lock:
+            self.sent += len(data)
+
+    def _answer(self, connection: socket.socket, method: str, answer: Answer) -> bool:
+        """Send ``answer``; whether the connection stays open for another request."""
+        if answer.raw is not None:
+            self._send(connection, answer.raw)
+            return False
+        length = answer.length
+        if length == -1:
+            length = len(answer.body) if isinstance(answer.body, bytes) else None
+        lines = [f"HTTP/1.1 {answer.status} {http.client.responses.get(answer.status, 'X')}"]
+        lines += [f"{name}: {value}" for name, value in answer.headers]
+        lines.append(f"Content-Length: {length}" if length is not None else "Connection: close")
+        self._send(connection, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if method != "HEAD":
+            if isinstance(answer.body, bytes):
+                self._send(connection, answer.body)
+            else:
+                for chunk in answer.body(self._stop):
+                    self._send(connection, chunk)
+        return length is not None and (isinstance(answer.body, bytes) or method == "HEAD")
+
+    def stop(self) -> None:
+        """Stop answering and close every connection, which unblocks the clients."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for connection in sockets:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
+
+
+@dataclasses.dataclass
+class FakeRegistry:
+    """The pull side of the distribution API over dicts of manifests and blobs;
+    ``override`` sees every request first and may answer it instead (None: it does not)."""
+
+    manifests: Dict[str, Tuple[str, bytes]]
+    blobs: Dict[str, bytes]
+    override: Optional[Callable[[Request], Optional[Answer]]] = None
+
+    def __call__(self, request: Request) -> Answer:
+        answer = self.override(request) if self.override is not None else None
+        if answer is not None:
+            return answer
+        path = request.target.split("?", 1)[0]
+        if path == "/v2/":
+            return json_answer({})
+        match = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
+        if match and match.group(2) == "manifests" and match.group(3) in self.manifests:
+            media_type, data = self.manifests[match.group(3)]
+            return Answer(200, [("Content-Type", media_type),
+                                ("Docker-Content-Digest", sha256(data))], data)
+        if match and match.group(2) == "blobs" and match.group(3) in self.blobs:
+            return Answer(200, [("Content-Type", "application/octet-stream")],
+                          self.blobs[match.group(3)])
+        return json_answer({"errors": [{"code": "NOT_FOUND", "message": "unknown"}]}, 404)
+
+
+def fake_registry(image: ImageBlobs, root: Optional[Blob] = None, extra: Sequence[Blob] = (),
+                  override: Optional[Callable[[Request], Optional[Answer]]] = None
+                  ) -> FakeRegistry:
+    """A registry serving ``root`` (default: ``image``'s manifest) as tag 1, and
+    ``image``'s manifest and ``extra`` by digest."""
+    top = root or image.manifest
+    manifests = {"1": (top.media_type, top.data)}
+    for blob in [image.manifest, top, *extra]:
+        manifests[blob.digest] = (blob.media_type, blob.data)
+    return FakeRegistry(manifests, {b.digest: b.data for b in [image.config, *image.layers,
+                                                                  *extra]}, override)
+
+
+def manifest_blob(config: Dict[str, Any], layers: Sequence[Dict[str, Any]]) -> Blob:
+    """An OCI manifest of the given descriptors, whatever they hold."""
+    return Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "config": config,
+        "layers": list(layers)}).encode())
+
+
+@dataclasses.dataclass
+class FakePushRegistry:
+    """The push side of the distribution API: an empty repository that takes uploads
+    (at a relative Location) and manifests; ``override`` sees every request first."""
+
+    override: Optional[Callable[[Request], Optional[Answer]]] = None
+
+    def __call__(self, request: Request) -> Answer:
+        answer = self.override(request) if self.override is not None else None
+        if answer is not None:
+            return answer
+        path = request.target.split("?", 1)[0]
+        if path == "/v2/":
+            return json_answer({})
+        if path.endswith("/blobs/uploads/") and request.method == "POST":
+            return Answer(202, [("Location", path + "session-1")], b"")
+        if request.method in ("PUT", "PATCH"):
+            return Answer(201 if request.method == "PUT" else 202, [("Location", path)], b"")
+        if request.method == "DELETE":
+            return Answer(204, [], b"")
+        return json_answer({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "unknown"}]}, 404)
+
+
+def run_bounded(work: Callable[[], Any], bound: float, unblock: Callable[[], None]
+                ) -> Tuple[Optional[BaseException], float, bool]:
+    """Run ``work`` in a thread for at most ``bound`` seconds; past that, ``unblock`` it
+    (stop its server) so that the thread ends. Returns (error, seconds, hung)."""
+    box: Dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: B902 -- judged by the caller
+            box["error"] = e
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, name="bounded-work", daemon=True)
+    thread.start()
+    thread.join(bound)
+    hung = thread.is_alive()
+    if hung:
+        unblock()
+        thread.join(60)
+    return box.get("error"), time.monotonic() - started, hung
+
+
 class CacheTestCase(unittest.TestCase):
     """A fresh temporary directory per test, with a cache inside it."""
 
@@ -1499,6 +2138,23 @@ class TestDigest(unittest.TestCase):
                 oc.Digest.parse(value)
         with self.assertRaises(oc.InvalidDigestError):
             oc.Digest.parse(123)  # type: ignore[arg-type]
+
+    def test_mutated_digests_raise_only_invalid_digest_errors(self) -> None:
+        seeds = ["sha256:" + HEX64, "sha512:" + HEX128, "sha384:" + "a" * 96, "sha256:"]
+        pieces = [":", "../", "/", HEX64, HEX64.upper(), "\n", "\x00", "\u0663", "sha256:", "e"]
+        campaign = FuzzCampaign("Digest.parse", fuzz_seed())
+        rng = random.Random(campaign.seed)
+
+        def call(value: str) -> None:
+            try:
+                self.assertEqual(str(oc.Digest.parse(value)), value)
+            except oc.OciCacheError as e:
+                self.assertIsInstance(e, oc.InvalidDigestError)
+                raise
+
+        campaign.run(iter(lambda: mutate_string(rng, rng.choice(seeds), pieces, seeds), None),
+                     call, sized(0.3, 5.0))
+        self.assertEqual(campaign.report(), [])
 
 
 # =====================================================================================
@@ -1609,6 +2265,107 @@ NORMALIZE_INVALID = [
 ]
 
 
+# The grammar of github.com/distribution/reference (regexp.go, normalize.go) written out
+# again, sharing nothing with ocicache's own patterns: the oracle the generated references
+# are checked against. Go's classes are ASCII, and so are these. Two choices of ocicache
+# are the oracle's too: digests are sha256 or sha512 only, and a first component that
+# docker takes for a registry must be a valid domain (distribution would keep
+# 'my_host.io/app' as a path without a domain, which docker then cannot pull).
+G_ALNUM = r"[a-z0-9]+"
+G_SEPARATOR = r"(?:[._]|__|[-]+)"
+G_PATH_COMPONENT = rf"{G_ALNUM}(?:{G_SEPARATOR}{G_ALNUM})*"
+G_REMOTE_NAME = rf"{G_PATH_COMPONENT}(?:/{G_PATH_COMPONENT})*"
+G_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+G_HOST = rf"(?:{G_DOMAIN_COMPONENT}(?:\.{G_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])"
+G_DOMAIN_AND_PORT = rf"{G_HOST}(?::[0-9]+)?"
+G_TAG = r"[0-9A-Za-z_][0-9A-Za-z_.-]{0,127}"
+G_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+GRAMMAR_REFERENCE = re.compile(
+    rf"\A((?:{G_DOMAIN_AND_PORT}/)?{G_REMOTE_NAME})(?::({G_TAG}))?(?:@({G_DIGEST}))?\Z")
+GRAMMAR_NAME = re.compile(rf"\A(?:({G_DOMAIN_AND_PORT})/)?({G_REMOTE_NAME})\Z")
+GRAMMAR_ENCODED = {"sha256": re.compile(r"\A[a-f0-9]{64}\Z"),
+                   "sha512": re.compile(r"\A[a-f0-9]{128}\Z")}
+
+Parsed = Tuple[str, str, str, str]  # registry, repository, tag, digest
+
+
+def grammar_parse(value: str) -> Optional[Parsed]:
+    """What docker's ParseNormalizedNamed (with the default tag) makes of ``value``;
+    None where it refuses it."""
+    if not value or GRAMMAR_ENCODED["sha256"].match(value):  # an image ID
+        return None
+    first, slash, rest = value.partition("/")
+    if not slash:
+        domain, remainder = "docker.io", value
+    elif first == "localhost" or "." in first or ":" in first or first.lower() != first:
+        domain, remainder = ("docker.io" if first == "index.docker.io" else first), rest
+    else:
+        domain, remainder = "docker.io", value
+    if domain == "docker.io" and "/" not in remainder:
+        remainder = "library/" + remainder
+    if remainder.partition(":")[0].lower() != remainder.partition(":")[0]:
+        return None
+    match = GRAMMAR_REFERENCE.match(f"{domain}/{remainder}")
+    if match is None:
+        return None
+    name, tag, digest = match.group(1), match.group(2) or "", match.group(3) or ""
+    registry, path = GRAMMAR_NAME.match(name).groups()  # type: ignore[union-attr]
+    if len(path) > 255 or registry != domain:
+        return None
+    if digest:
+        algorithm, _, encoded = digest.partition(":")
+        if algorithm not in GRAMMAR_ENCODED or not GRAMMAR_ENCODED[algorithm].match(encoded):
+            return None
+    return registry, path, tag or ("" if digest else "latest"), digest
+
+
+def ocicache_parse(value: str) -> Tuple[Optional[Parsed], Optional[BaseException]]:
+    """(what Reference.parse makes of ``value``, None if it refuses it; an escape)."""
+    try:
+        ref = oc.Reference.parse(value)
+    except oc.InvalidReferenceError:
+        return None, None
+    except BaseException as e:  # noqa: B902 -- anything else is a finding
+        return None, e
+    return (ref.registry, ref.repository, ref.tag, str(ref.digest or "")), None
+
+
+REFERENCE_SEEDS = [
+    "alpine", "alpine:3.20", "library/alpine:latest", "docker.io/library/alpine:3.20",
+    "index.docker.io/foo/bar:1", "docker.io/foo", "ghcr.io/owner/repo:v1.2.3",
+    "localhost:5000/a/b:c", "localhost/x", f"127.0.0.1:5000/test/app@sha256:{HEX64}",
+    f"registry.example.com/team/app:tag@sha256:{HEX64}", "[::1]:5000/repo:tag",
+    "[2001:db8::1]/repo", f"xn--n3h.com/myimage@sha512:{HEX128}",
+    "a.b-c.example.com:443/x__y/z--w/q.r:Tag_1.0-rc", "Foo/bar", "docker---rules/docker",
+    "dock__er/docker", "example.com/" + "a" * 250, "a" * 240, "a/" * 127 + "a:t",
+    "test_com", "foo_bar.com:8080", "192.168.1.1:5000/repo:5050", "b.gcr.io/x.y/z:x.y",
+]
+# What the mutator inserts: the grammar's punctuation, near-misses, Unicode that
+# lowercases to ASCII or counts as a digit, control characters and long runs.
+REFERENCE_PIECES = [
+    "a", "Z", "0", "9", ".", "_", "__", "___", "-", "--", "/", "//", ":", "::", "@", "@@",
+    "..", "../", "./", "[", "]", "[::1]", "[fe80::1%eth0]", ":5000", ":0", ":99999999999",
+    "sha256:", "sha512:", "sha384:", "md5:", HEX64, HEX64.upper(), HEX128, "f" * 63,
+    "localhost", "LOCALHOST", "index.docker.io", "docker.io/", "library/", "é", "İ",
+    "\u212a", "ß", "ｆｏｏ", "٣", "²", "\n", "\r", "\t", " ", "\x00", "\x7f", "%2e",
+    "+", "\ud800", "\U0001f600", "a" * 130, "a" * 300, "x" * 5000, "a-" * 2000,
+]
+
+
+def disagreement(value: str, ours: Optional[Parsed], theirs: Optional[Parsed]) -> str:
+    """A short name for the way ocicache and the grammar disagree about ``value``."""
+    if ours is None:
+        return "refused, but the grammar accepts it"
+    if theirs is not None:
+        return "both accept it, but parse it differently"
+    first, slash, rest = value.partition("/")
+    if slash and ("." in first or ":" in first) and not re.fullmatch(G_DOMAIN_AND_PORT, first):
+        return "accepted, but the registry part is not a domain"
+    if not slash and len("library/" + re.split(r"[:@]", value)[0]) > 255:
+        return "accepted, but 'library/' + name is longer than 255"
+    return "accepted, but the grammar refuses it"
+
+
 class TestReference(unittest.TestCase):
     def test_distribution_parse_vectors(self) -> None:
         for value, expected in REFERENCE_VECTORS:
@@ -1675,6 +2432,72 @@ class TestReference(unittest.TestCase):
         self.assertEqual(oc.Reference.parse("alpine").api_host, "registry-1.docker.io")
         self.assertEqual(oc.Reference.parse("127.0.0.1:5000/a").api_host, "127.0.0.1:5000")
 
+    def test_generated_references_agree_with_the_grammar(self) -> None:
+        seed = fuzz_seed()
+        rng = random.Random(seed)
+        wanted, seconds = (400_000, 240.0) if STRESS else (10_000, 40.0)
+        deadline = time.monotonic() + seconds
+        outcomes: "collections.Counter[str]" = collections.Counter()
+        disagreements: Dict[str, List[str]] = collections.defaultdict(list)
+        # Parsing time may grow with the length, but no faster: 50 ms and 2 us a character
+        # is far above a linear parser's, far below one that backtracks.
+        slowest, slowest_value, tried = 0.0, "", 0
+        values = itertools.chain(REFERENCE_SEEDS, iter(lambda: mutate_string(
+            rng, rng.choice(REFERENCE_SEEDS), REFERENCE_PIECES, REFERENCE_SEEDS), None))
+        for tried, value in enumerate(values, 1):
+            theirs = grammar_parse(value)
+            started = time.perf_counter()
+            ours, error = ocicache_parse(value)
+            spent = (time.perf_counter() - started) / (0.05 + 2e-6 * len(value))
+            if spent > slowest:
+                slowest, slowest_value = spent, value
+            if error is not None:
+                disagreements[f"{type(error).__name__} from {ocicache_frame(error)}"].append(
+                    value)
+            elif ours != theirs:
+                disagreements[disagreement(value, ours, theirs)].append(value)
+            elif ours is not None and ocicache_parse(oc.canonical_name(value))[0] != ours:
+                disagreements["its canonical form parses differently"].append(value)
+            outcomes["accepted" if ours else "refused"] += 1
+            if tried >= wanted or time.monotonic() > deadline:
+                break
+        report = [f"{kind}: {len(found)}, e.g. " + "; ".join(
+            compact(v, 120) for v in sorted(set(found), key=len)[:3])
+            for kind, found in sorted(disagreements.items())]
+        figures("references", seed=seed, tried=tried, **outcomes,
+                disagreements=sum(len(v) for v in disagreements.values()),
+                slowest_of_its_budget=f"{slowest:.0%}")
+        self.assertGreaterEqual(tried, min(wanted, 10_000))
+        self.assertLess(slowest, 1, f"{compact(slowest_value, 120)} took {slowest:.0%} of "
+                                    "its time")
+        self.assertEqual(report, [], f"OCICACHE_FUZZ_SEED={seed}")
+
+    def test_the_oracle_agrees_with_distributions_own_vectors(self) -> None:
+        for value, normalised in NORMALIZE_VECTORS:
+            parsed = grammar_parse(value)
+            self.assertIsNotNone(parsed, value)
+            self.assertEqual(f"{parsed[0]}/{parsed[1]}", normalised)  # type: ignore[index]
+        for value in NORMALIZE_INVALID:
+            self.assertIsNone(grammar_parse(value), value)
+        for value, expected in REFERENCE_VECTORS:
+            self.assertEqual(grammar_parse(value) is None, isinstance(expected, str), value)
+
+    def test_a_registry_must_be_a_domain_and_the_limit_counts_library(self) -> None:
+        # docker's rule makes the first component a registry ('.', ':', localhost);
+        # then it must be a host name or a bracketed IPv6 address. A one-component
+        # Docker Hub name is 'library/' + name, which the 255 limit counts.
+        for value in ["my_host.io/app", "a__b.c/d:1", "x_y.example.com/team/app", "[20]/r/po",
+                      "[abc]/x", "a" * 250, "docker.io/" + "b" * 250]:
+            with self.subTest(value=value[:40]):
+                self.assertIsNone(grammar_parse(value))
+                with self.assertRaises(oc.InvalidReferenceError):
+                    oc.Reference.parse(value)
+        self.assertEqual(oc.Reference.parse("a" * 247).repository, "library/" + "a" * 247)
+        for value in [5, 1.5, True, [1], {"os": "linux"}, b"alpine", object()]:
+            with self.subTest(value=repr(value)[:30]), \
+                    self.assertRaises(oc.InvalidReferenceError):
+                oc.Reference.parse(value)  # type: ignore[arg-type]
+
 
 # =====================================================================================
 # Platform
@@ -1696,9 +2519,20 @@ class TestPlatform(unittest.TestCase):
                  "LINUX/AMD64": "linux/amd64"}
         for value, expected in cases.items():
             self.assertEqual(str(oc.Platform.parse(value)), expected, value)
-        for bad in ["linux/arm/v7/extra", "linux/$$", "/"]:
+        for bad in ["linux/arm/v7/extra", "linux/$$", "/", 5, 1.5, True, [1], b"linux/amd64",
+                    {"os": "linux"}, object()]:
             with self.assertRaises(oc.OciCacheError):
-                oc.Platform.parse(bad)
+                oc.Platform.parse(bad)  # type: ignore[arg-type]
+
+    def test_mutated_platforms_raise_only_ocicache_errors(self) -> None:
+        seeds = ["linux/amd64", "linux/arm/v7", "arm64", "windows/amd64/10.0", "LINUX/ARM64/V8",
+                 "unknown/unknown", "x86_64"]
+        pieces = ["/", "//", "linux", "arm", "v7", "v8", "amd64", "\n", "\x00", "\u0130", " ", "."]
+        campaign = FuzzCampaign("Platform.parse", fuzz_seed())
+        rng = random.Random(campaign.seed)
+        campaign.run(iter(lambda: mutate_string(rng, rng.choice(seeds), pieces, seeds), None),
+                     lambda value: str(oc.Platform.parse(value)), sized(0.3, 5.0))
+        self.assertEqual(campaign.report(), [])
 
     def test_host_default(self) -> None:
         import platform
@@ -1793,6 +2627,60 @@ class TestDescriptor(unittest.TestCase):
                          [amd.manifest.digest, arm2.manifest.digest, amd_att["digest"],
                           s390x.manifest.digest, riscv.manifest.digest, arm2_att["digest"]])
         self.assertEqual(merged.media_type, oc.MEDIA_OCI_INDEX)
+
+    def test_fuzzed_documents(self) -> None:
+        amd, arm = make_image("fuzz-amd"), make_image("fuzz-arm", "arm", "v7", docker_types=True)
+        attestation, _, entry = make_attestation(amd)
+        index = json.loads(make_index([amd.descriptor(), arm.descriptor(), entry]).data)
+        seeds = {"index": [index, json.loads(make_index([arm.descriptor()], True).data)],
+                 "manifest": [json.loads(b.data) for b in (amd.manifest, arm.manifest,
+                                                           attestation)],
+                 "descriptor": index["manifests"] + json.loads(amd.manifest.data)["layers"]}
+        seed = fuzz_seed()
+
+        def documents(kind: str) -> Iterator[bytes]:
+            mutator = Mutator(seed)
+            while True:
+                yield mutator.mutate_json(mutator.rng.choice(seeds[kind]))
+
+        def decoded(kind: str) -> Iterator[Any]:
+            for data in documents(kind):
+                with contextlib.suppress(ValueError, RecursionError):
+                    yield json.loads(data)
+
+        problems: List[str] = []
+        for name, inputs, call in [
+                ("Index.from_json", documents("index"),
+                 lambda data: oc.Index.from_json(data).to_bytes()),
+                ("Manifest.from_json", documents("manifest"),
+                 lambda data: oc.Manifest.from_json(data).to_bytes()),
+                ("Descriptor.from_json", decoded("descriptor"),
+                 lambda value: json.dumps(oc.Descriptor.from_json(value).to_json()))]:
+            campaign = FuzzCampaign(name, seed)
+            campaign.run(inputs, call, sized(1.0, 15.0))
+            problems += campaign.report()
+        self.assertEqual(problems, [])
+
+    def test_deep_nesting_lone_surrogates_and_odd_annotations(self) -> None:
+        image = make_image("odd")
+        manifest = json.loads(image.manifest.data)
+        documents = [deep(), b'{"config":' + deep() + b"}", b"{" * 50_000,
+                     b'{"schemaVersion":2,"manifests":[],"a":"\\ud800"}',
+                     make_index([image.descriptor(annotations={"note": "\udfff"})]).data,
+                     json.dumps({**manifest, "annotations": {"x": "a\udc80"}}).encode()]
+        documents += [json.dumps({"manifests": [], "annotations": value}).encode()
+                      for value in ([1], "ab", 5, True)]
+        documents += [json.dumps({**manifest, "annotations": value}).encode()
+                      for value in ([1], "ab", 5, True)]
+        for data in documents:
+            for parse in (oc.Index.from_json, oc.Manifest.from_json):
+                with self.subTest(parse.__qualname__, data=compact(data, 60)):
+                    with self.assertRaises(oc.OciCacheError) as caught:
+                        parse(data).to_bytes()
+                    self.assertEqual(line_problem(str(caught.exception)), "")
+        # An escaped pair of surrogates is one character, not a lone one.
+        index = oc.Index.from_json(b'{"manifests":[],"annotations":{"a":"\\ud83d\\ude00"}}')
+        self.assertEqual(index.annotations["a"], "\U0001f600")
 
 
 # =====================================================================================
@@ -1966,7 +2854,6 @@ class IsolatedEnvironment(CacheTestCase):
         super().setUp()
         home = self.path("home")
         os.makedirs(home)
-        from unittest import mock
         patcher = mock.patch.dict(os.environ, {
             "HOME": home, "DOCKER_CONFIG": os.path.join(home, ".docker"),
             "XDG_CONFIG_HOME": os.path.join(home, ".config"),
@@ -2093,6 +2980,136 @@ class TestCredentials(IsolatedEnvironment):
         self.docker_config({"auths": {"x.example.com": {"auth": "%%%not-base64"}}})
         with self.assertRaisesRegex(oc.OciCacheError, "not base64"):
             oc.find_credentials("x.example.com", "a")
+        self.docker_config({"auths": {"x.example.com": {"auth": "dXNlcjpwYXNz\u00e9"}}})
+        with self.assertRaisesRegex(oc.OciCacheError, "not base64"):
+            oc.find_credentials("x.example.com", "a")
+        with open(path, "wb") as f:
+            f.write(deep())
+        with self.assertRaisesRegex(oc.OciCacheError, "config.json is not valid JSON"):
+            oc.find_credentials("x.example.com", "a")
+        # A helper that is there but cannot be run, or whose name no file system takes.
+        with open(self.path("bin", "docker-credential-noexec"), "w") as f:
+            f.write("#!/bin/sh\necho '{}'\n")
+        for helper in ("noexec", "x" * 300):
+            with self.subTest(helper=helper[:20]):
+                self.docker_config({"credsStore": helper})
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    oc.find_credentials("x.example.com", "a")
+                self.assertEqual(line_problem(str(caught.exception)), "")
+
+    def test_fuzzed_challenges(self) -> None:
+        seeds = ['Bearer realm="https://auth.example.com/token",service="registry.example.com",'
+                 'scope="repository:a/b:pull"', 'Basic realm="Registry Realm"',
+                 'Bearer realm="http://127.0.0.1:5000/token",error="insufficient_scope",'
+                 'scope="repository:x:pull,push", Basic realm="x \\"y\\""',
+                 "bearer realm=http://r/t, error=invalid_token,  Negotiate, NTLM abc=="]
+        campaign = FuzzCampaign("parse_challenges", fuzz_seed())
+        mutator = Mutator(campaign.seed)
+
+        def call(header: str) -> None:
+            try:
+                challenges = oc.parse_challenges(header)
+            except oc.OciCacheError as e:  # garbage gives no challenge; it raises nothing
+                raise AssertionError(f"raised {e!r}") from None
+            for challenge in challenges:
+                self.assertIsInstance(challenge.scheme, str)
+                self.assertTrue(all(isinstance(v, str) for v in challenge.params.values()))
+
+        campaign.run(iter(lambda: mutator.mutate_text(mutator.rng.choice(seeds)), None), call,
+                     sized(1.0, 10.0))
+        self.assertEqual(campaign.report(), [])
+
+    def test_fuzzed_docker_configs(self) -> None:
+        os.environ["PATH"] = self.path("bin")  # only the helper below can run
+        self.credential_helper("fuzz", 'echo \'{"Username":"u","Secret":"s"}\'\n')
+        seeds = [{"auths": {"registry.example.com": {"auth": basic("user", "pw")},
+                            "https://index.docker.io/v1/": {"username": "hub", "password": "p"},
+                            "registry.example.com/team": {"identitytoken": "refresh"},
+                            "tok.example.com": {"registrytoken": "bearer"}},
+                  "credHelpers": {"helper.example.com": "fuzz"}},
+                 {"auths": {"other.example.com:5000": {"auth": basic("<token>", "idtok")}},
+                  "credsStore": "fuzz"}]
+        path = self.docker_config({})
+        campaign = FuzzCampaign("find_credentials", fuzz_seed())
+        mutator = Mutator(campaign.seed)
+
+        def call(data: bytes) -> None:
+            with open(path, "wb") as f:
+                f.write(data)
+            for registry in ("registry.example.com", "docker.io", "helper.example.com",
+                             "other.example.com:5000", "tok.example.com"):
+                oc.find_credentials(registry, "team/app")
+
+        campaign.run(iter(lambda: mutator.mutate_json(mutator.rng.choice(seeds)), None), call,
+                     sized(1.0, 12.0))
+        self.assertEqual(campaign.report(), [])
+
+    def test_broken_helpers_are_one_line_errors_without_the_secret(self) -> None:
+        secret, huge = "helper-s3cret-5f0c1e", int(sized(16, 128)) << 20
+        helpers = {  # name: (script, a pattern of what the error says)
+            "hang": ("exec sleep 30\n", "did not answer"),
+            "hang-child": ('sleep 30 &\necho $! > "$0.pid"\nwait\n', "did not answer"),
+            "crash": ("echo 'Traceback (most recent call last):' >&2\n"
+                      f"echo '  File \"helper\", line 1: password={secret}' >&2\n"
+                      f"echo '{{\"Username\":\"u\",\"Secret\":\"{secret}\"}}'\nexit 2\n",
+                      "status 2"),
+            "garbage": (f"echo 'Username: u Secret: {secret}'\n", "printed"),
+            "truncated": (f"printf '{{\"Username\":\"u\",\"Secret\":\"{secret}\"'\n", "printed"),
+            "trailing": (f"echo '{{\"Username\":\"u\",\"Secret\":\"{secret}\"}} and more'\n",
+                         "printed"),
+            "not-utf8": (f"printf '\\377\\376{{\"Secret\":\"{secret}\"}}'\n", "printed"),
+            "a-list": (f"echo '[\"{secret}\"]'\n", "printed"),
+            "empty": ("exit 0\n", "printed"),
+            "deep": ("head -c 100000 /dev/zero | tr '\\0' '['\n", "printed"),
+            "huge": (f"head -c {huge} /dev/zero | tr '\\0' 'A'\necho '{secret}'\n", "printed"),
+            "huge-stderr": (f"head -c {huge} /dev/zero | tr '\\0' 'A' >&2\n"
+                            f"echo '{secret}' >&2\nexit 1\n", "status 1|printed"),
+            "huge-json": (f"printf '{{\"Username\":\"u\",\"Secret\":\"'; head -c {huge} "
+                          f"/dev/zero | tr '\\0' 'A'; echo '{secret}'\n", "printed"),
+        }
+        for name, (script, _) in helpers.items():
+            self.credential_helper(name, script)
+        self.addCleanup(self.end_process_in, self.path("bin", "docker-credential-hang-child.pid"))
+        outcomes: "collections.Counter[str]" = collections.Counter()
+        slowest = 0.0
+        with mock.patch.object(oc, "_HELPER_TIMEOUT_SECONDS", 1.0):
+            for name, (_, fragment) in helpers.items():
+                with self.subTest(name):
+                    self.docker_config({"credHelpers": {"helper.example.com": name}})
+                    started = time.monotonic()
+                    with self.assertRaises(oc.OciCacheError) as caught:
+                        oc.find_credentials("helper.example.com", "team/app")
+                    slowest = max(slowest, time.monotonic() - started)
+                    outcomes[type(caught.exception).__name__] += 1
+                    message = str(caught.exception)
+                    self.assertEqual(line_problem(message), "", message)
+                    self.assertRegex(message, fragment)
+                    self.assertEqual(secrets_in(everything_about(caught.exception), [secret]), [])
+        figures("credential helpers", helpers=len(helpers), **outcomes,
+                slowest_s=round(slowest, 1))
+        self.assertLess(slowest, 10)
+        # On the command line, during a pull from a registry that asks for credentials.
+        image = make_image("helped")
+        server = HostileServer(fake_registry(image, override=lambda r: None if r.headers.get(
+            "authorization", "").startswith("Basic ") else Answer(
+                401, [("WWW-Authenticate", 'Basic realm="hostile"')], b"")))
+        self.addCleanup(server.stop)
+        for name in ("crash", "garbage", "huge"):
+            with self.subTest(f"pull with {name}"):
+                self.docker_config({"credHelpers": {server.host: name}})
+                result = self.cli("-v", "pull", "--platform", "amd64",
+                                  f"{server.host}/hostile/app:1")
+                self.assert_one_line_error(result)
+                self.assertEqual(secrets_in((result.stdout + result.stderr).decode(
+                    errors="replace"), [secret]), [])
+                self.assertEqual(self.index_names(), [])
+
+    @staticmethod
+    def end_process_in(pid_file: str) -> None:
+        """End the process a helper left behind, by the id it wrote down."""
+        with contextlib.suppress(OSError, ValueError):
+            with open(pid_file) as f:
+                os.kill(int(f.read().strip()), signal.SIGKILL)
 
 
 # =====================================================================================
@@ -2418,7 +3435,7 @@ class TestRegistry(RegistryTestCase):
         self.assertTrue(self.cache.verify().ok)
 
 
-class TestAuthentication(RegistryTestCase):
+class TestAuthentication(LoopbackOnly, RegistryTestCase):
     def populated(self, **kwargs: Any) -> Tuple[Registry, ImageBlobs]:
         """A registry configured by ``kwargs`` serving an image put in without auth."""
         storage = self.path("storage")
@@ -2500,9 +3517,40 @@ class TestAuthentication(RegistryTestCase):
         client = oc.RegistryClient(oc._Transport(oc.TransportOptions()))
         endpoint = oc._Endpoint("https://registry.example.com", "registry.example.com",
                                 "a/b", "registry.example.com")
-        challenge = oc.Challenge("bearer", {"realm": "http://auth.example.com/token"})
-        with self.assertRaisesRegex(oc.AuthenticationError, "plain-http token realm"):
-            client._token(endpoint, challenge, ["repository:a/b:pull"], None)
+        sent: List[str] = []
+
+        def send(transport: Any, scheme: str, host: str, *rest: Any) -> None:
+            sent.append(f"{scheme}://{host}")
+            raise AssertionError("a request was sent")
+
+        with mock.patch.object(oc._Transport, "_send", send):
+            for realm in ["http://auth.example.com/token", "HTTP://auth.example.com/token",
+                          "http://auth.example.com:443/token", " http://auth.example.com/t",
+                          "http://0.0.0.0/token", "http://127.0.0.1.nip.io/token",
+                          "http://localhost.example.com/token", "http://[::ffff:8.8.8.8]/t",
+                          "http://auth.example.com/to\r\n ken"]:
+                with self.subTest(realm=realm):
+                    challenge = oc.parse_challenges(f'Bearer realm="{realm}",service="s"')[0]
+                    with self.assertRaisesRegex(oc.AuthenticationError, "plain-http") as caught:
+                        client._token(endpoint, challenge, ["repository:a/b:pull"],
+                                      oc.Credentials("alice", "pa55-w0rd-9d1e"))
+                    self.assertEqual(line_problem(str(caught.exception)), "")
+                    self.assertNotIn("pa55-w0rd-9d1e", everything_about(caught.exception))
+        self.assertEqual(sent, [])
+
+    def test_an_https_registry_naming_a_plain_http_realm_gets_no_credentials(self) -> None:
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        issuer = TokenIssuer(users={"alice": "pa55-w0rd-9d1e"}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        registry = self.start_registry(tls=(cert, key), auth=("token", issuer), extra_config={
+            "auth": {"token": {"realm": "http://auth.example.com/token"}}})
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", "pa55-w0rd-9d1e")}}})
+        with self.assertRaisesRegex(oc.AuthenticationError, "plain-http token realm") as caught:
+            self.provider(ca_files=(ca,)).image_pull(f"{registry.host}/test/x:1", "", "amd64")
+        self.assertEqual(line_problem(str(caught.exception)), "")
+        self.assertNotIn("pa55-w0rd-9d1e", everything_about(caught.exception))
+        self.assertEqual(issuer.requests(), [])
+        self.assertEqual(self.outside, [])  # not even a lookup of auth.example.com
 
     def test_an_upload_elsewhere_gets_no_authorization(self) -> None:
         registry, _ = self.populated(auth=("htpasswd", {"alice": "pw"}))
@@ -2535,14 +3583,23 @@ class TestAuthentication(RegistryTestCase):
         self.assertTrue(seen)
         self.assertEqual(set(seen), {None})
 
-    def test_a_body_is_never_redirected_to_another_host(self) -> None:
+    def test_no_secret_follows_a_realms_redirect_to_another_host(self) -> None:
         seen: List[str] = []
+        authorizations: List[Optional[str]] = []
 
         class Elsewhere(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 seen.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
                 self.send_response(200)
                 self.end_headers()
+
+            def do_GET(self) -> None:
+                authorizations.append(self.headers.get("Authorization"))
+                body = b'{"token": "from-elsewhere"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -2559,6 +3616,8 @@ class TestAuthentication(RegistryTestCase):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            do_GET = do_POST
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -2574,6 +3633,42 @@ class TestAuthentication(RegistryTestCase):
             client._token(endpoint, challenge, ["repository:a/b:pull"],
                           oc.Credentials(identity_token="the-secret-refresh-token"))
         self.assertEqual(seen, [])
+        # Basic credentials go to the realm in a GET's header, which a redirect drops.
+        client._token(endpoint, challenge, ["repository:a/b:pull"],
+                      oc.Credentials("alice", "pa55-w0rd-9d1e"))
+        self.assertEqual(authorizations, [None])
+
+    def test_a_redirect_to_plain_http_never_carries_the_authorization(self) -> None:
+        # The same host and port, but in clear text: the header would cross the network
+        # readable, so it is dropped as for another host.
+        sent: List[Tuple[str, bool]] = []
+
+        class Answer:
+            def __init__(self, status: int, location: str = "") -> None:
+                self.status, self.length, self.will_close = status, 0, False
+                self.headers = http.client.HTTPMessage()
+                if location:
+                    self.headers["Location"] = location
+
+            def read1(self, n: int = -1) -> bytes:
+                return b""
+
+            def isclosed(self) -> bool:
+                return True
+
+        def send(scheme: str, host: str, method: str, path: str, headers: Dict[str, str],
+                 body: Any) -> Any:
+            sent.append((f"{scheme}://{host}{path}", "Authorization" in headers))
+            answer = Answer(302, f"http://{host}/plain") if scheme == "https" else Answer(200)
+            return oc._Response(answer, "", mock.Mock(), 5.0)  # type: ignore[arg-type]
+
+        transport = oc._Transport(oc.TransportOptions(attempts=1))
+        self.addCleanup(transport.close)
+        with mock.patch.object(transport, "_send", side_effect=send):
+            transport.request("GET", "https://registry.example:5000/v2/a/blobs/x",
+                              {"Authorization": "Bearer the-secret"}).close()
+        self.assertEqual(sent, [("https://registry.example:5000/v2/a/blobs/x", True),
+                                ("http://registry.example:5000/plain", False)])
 
     def test_tls_with_ca_file_and_certs_d(self) -> None:
         certificates = make_tls_certs(self.path("tls"))
@@ -2595,6 +3690,142 @@ class TestAuthentication(RegistryTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         result = self.cli("--ca-file", ca, "pull", "--always", "--platform", "amd64", name)
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class TestCredentialHygiene(LoopbackOnly, RegistryTestCase):
+    """No secret in any output, log line, error or repr, whatever happens.
+
+    Credentials come from config.json (Basic, an identity token, a wrong password, a
+    stale identity token) for a token registry behind a fault proxy. What ocicache
+    prints (successes and failures, pulls and pushes, -v), each exception (message,
+    repr, traceback), the reprs of what holds credentials and every log record are
+    searched for every secret: passwords, the base64 'auth', the identity tokens and
+    every bearer token the issuer signed."""
+
+    PASSWORD, WRONG, STALE = "pa55-w0rd-hygiene-71c3", "wrong-pa55-8e21", "stale-token-40aa"
+
+    def test_no_secret_in_output_errors_logs_or_reprs(self) -> None:
+        issuer = TokenIssuer(users={"alice": self.PASSWORD}, anonymous_pull=False,
+                             permissions={"alice": {"test/*": ("pull", "push")}})
+        self.addCleanup(issuer.stop)
+        issued: List[str] = []
+        sign = issuer.issue_token
+
+        def recording(*args: Any, **kwargs: Any) -> str:
+            issued.append(sign(*args, **kwargs))
+            return issued[-1]
+
+        issuer.issue_token = recording  # type: ignore[method-assign]
+        storage = self.path("storage")
+        origin = self.start_registry(root=storage)
+        image = make_image("hygiene")
+        upload(origin.url, "test/hyg", image.blobs, [("1", image.manifest)])
+        origin.stop()
+        registry = self.start_registry(root=storage, auth=("token", issuer))
+        form = urllib.parse.urlencode({
+            "grant_type": "password", "username": "alice", "password": self.PASSWORD,
+            "access_type": "offline", "service": issuer.service, "client_id": "test"}).encode()
+        with urllib.request.urlopen(urllib.request.Request(issuer.realm, data=form)) as answer:
+            refresh = json.load(answer)["refresh_token"]
+        proxy = FaultProxy("127.0.0.1", registry.port)  # faults for the random runs
+        self.addCleanup(proxy.stop)
+        host = proxy.host
+        configs = {"basic": {"auths": {host: {"auth": basic("alice", self.PASSWORD)}}},
+                   "identity": {"auths": {host: {"identitytoken": refresh}}},
+                   "wrong": {"auths": {host: {"auth": basic("alice", self.WRONG)}}},
+                   "stale": {"auths": {host: {"identitytoken": self.STALE}}}}
+        self.load_image("example.com/hyg:1", make_image("hyg-local"))
+
+        def known() -> List[str]:
+            return [self.PASSWORD, basic("alice", self.PASSWORD), refresh, self.WRONG,
+                    basic("alice", self.WRONG), self.STALE, *issued]
+
+        pull = ["pull", "--always", "--platform", "amd64"]
+        operations = {
+            "pull": [*pull, f"{host}/test/hyg:1"],
+            "pull-missing": [*pull, f"{host}/test/none:1"],
+            "push": ["push", "example.com/hyg:1", "--override", f"--remote-name={host}/test/p:1"],
+            "push-denied": ["push", "example.com/hyg:1", f"--remote-name={host}/other/no:1"]}
+        runs = [("basic", "pull", 0), ("basic", "pull-missing", 1), ("basic", "push", 0),
+                ("basic", "push-denied", 1), ("identity", "pull", 0), ("identity", "push", 0),
+                ("wrong", "pull", 1), ("stale", "pull", 1)]
+        seed = fuzz_seed()
+        rng = random.Random(seed)
+        runs += [(rng.choice(list(configs)), rng.choice(list(operations)), -1)
+                 for _ in range(int(sized(3, 40)))]
+        leaks: List[str] = []
+        printed, number = 0, 0
+        for number, (config, operation, status) in enumerate(runs, 1):
+            self.docker_config(configs[config])
+            proxy.clear_faults()
+            fault = "none"
+            if status < 0:  # a random run: a random fault, a random verbosity
+                fault = rng.choice(["reset", "truncate", "corrupt", "401", "500", "redirect",
+                                    "delay"])
+                match = rng.choice(["/manifests/", "/blobs/", "/v2/"])
+                if fault in ("401", "500"):
+                    proxy.add_fault("respond", match=match, status=int(fault), headers={
+                        "WWW-Authenticate": 'Bearer realm="http://127.0.0.1:1/t"'},
+                        body=b'{"errors":[{"code":"X","message":"a\\rb"}]}')
+                elif fault == "redirect":
+                    proxy.add_fault("redirect", match=match, location=f"{registry.url}{{path}}")
+                elif fault == "delay":
+                    proxy.add_fault("delay", match=match, seconds=0.2)
+                else:
+                    proxy.add_fault(fault, match=match)
+            verbosity = ["-v"] if status >= 0 else rng.choice([["-v"], [], ["-q"]])
+            result = self.cli(*verbosity, *operations[operation])
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            printed += len(output)
+            if status >= 0:
+                self.assertEqual(result.returncode, status, f"{config} {operation}: {output}")
+            if result.returncode:
+                self.assert_one_line_error(result)
+            leaks += [f"run {number} ({config} {operation}, fault {fault}): {s}"
+                      for s in secrets_in(output, known())]
+        proxy.clear_faults()
+        # In process: log records at DEBUG, exceptions, reprs.
+        records: List[str] = []
+
+        class Recording(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(self.format(record))
+
+        handler = Recording(logging.DEBUG)
+        logger = logging.getLogger("ocicache")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.DEBUG)
+        texts: List[str] = []
+        for config in configs:
+            self.docker_config(configs[config])
+            provider = self.provider()
+            for call in [
+                    lambda: provider.image_pull(f"{host}/test/hyg:1", "", "amd64",
+                                                always_pull=True),
+                    lambda: provider.image_pull(f"{host}/test/none:1", "", "amd64"),
+                    lambda: provider.push("example.com/hyg:1", f"{host}/test/pushed:1",
+                                          override=True),
+                    lambda: provider.push("example.com/hyg:1", f"{host}/other/no:1"),
+                    lambda: provider.image_in_registry(f"{host}/test/hyg:1", "", "amd64")]:
+                try:
+                    call()
+                except oc.OciCacheError as e:
+                    texts.append(everything_about(e))
+            client = provider.registry
+            found = oc.find_credentials(host, "test/hyg")
+            texts += [repr(provider), repr(client), repr(client.transport.options), repr(found),
+                      str(found), repr(list(client._challenges.values())),
+                      repr(list(client._credentials.values())),
+                      repr(client.endpoint(oc.Reference.parse(f"{host}/test/hyg:1")))]
+        texts += records
+        leaks += [f"in process: {s}" for s in secrets_in("\n".join(texts), known())]
+        figures("hygiene", seed=seed, cli_runs=number, faults=len(proxy.fired()),
+                printed_chars=printed, log_lines=len(records), texts=len(texts),
+                secrets=len(known()), tokens_issued=len(issued), leaks=len(leaks))
+        self.assertGreater(len(issued), 4)
+        self.assertEqual(leaks, [], f"OCICACHE_FUZZ_SEED={seed}")
 
 
 class TestMirrors(RegistryTestCase):
@@ -2875,6 +4106,451 @@ class TestRegistryDetails(RegistryTestCase):
         self.assertIn(base.layers[0].digest, mounts[0].uri)
 
 
+# -------------------------------------------------------------------------------------
+# Hostile registries and token servers: each answers a pull or a push with what no real
+# registry would send. Every operation must end within its bound with a one-line
+# OciCacheError (or, where "bounded", succeed), no name written, nothing outside the
+# cache, no connection beyond loopback.
+# -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Scenario:
+    """One hostile registry: what it serves, and what must come out of a pull of
+    hostile/app:1 (or a push of example.com/push:1 there). ``outcome`` is "error" or
+    "bounded" (success is fine too, within ``bound`` seconds)."""
+
+    label: str
+    handler: Callable[[Request], Answer]
+    architecture: str = "amd64"
+    outcome: str = "error"
+    bound: float = 12.0
+    check: Optional[Callable[[HostileServer], str]] = None
+    action: str = "pull"
+
+
+def on(method: str, fragment: str, answer: Answer) -> Callable[[Request], Optional[Answer]]:
+    """An override answering requests of ``method`` whose target holds ``fragment``."""
+    return lambda r: answer if r.method == method and fragment in r.target else None
+
+
+def registry_scenarios() -> List[Scenario]:
+    """Registries answering pulls with wrong media types, sizes, nesting, digests and
+    bodies, bad statuses, redirects and headers."""
+    image = make_image("hostile")
+    config, layer = image.config, image.layers[0]
+    scenarios: List[Scenario] = []
+
+    def add(label: str, handler: Callable[[Request], Answer], **options: Any) -> None:
+        scenarios.append(Scenario(label, handler, **options))
+
+    def serving(label: str, data: bytes, media_type: str = oc.MEDIA_OCI_MANIFEST,
+                **options: Any) -> None:
+        add(label, fake_registry(image, Blob(media_type, data)), **options)
+
+    def answering(fragment: str, answer: Answer) -> FakeRegistry:
+        return fake_registry(image, override=on("GET", fragment, answer))
+
+    serving("a manifest of an unknown media type",
+            b'{"schemaVersion":2,"mediaType":"text/html","layers":[]}', "text/html")
+    serving("an HTML page for a manifest", b"<html><body>Welcome to nginx!</body></html>",
+            "text/html")
+    serving("an index that says it is a manifest", json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+        "manifests": [image.descriptor()]}).encode())
+    serving("a manifest that says it is an index", json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "config": config.descriptor(),
+        "layers": []}).encode(), oc.MEDIA_OCI_INDEX)
+    serving("an index whose child has a wrong media type", make_index(
+        [image.descriptor(mediaType="application/octet-stream")]).data, oc.MEDIA_OCI_INDEX)
+    serving("index annotations that are a list", json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": [image.descriptor()],
+        "annotations": [1]}).encode(), oc.MEDIA_OCI_INDEX)
+    serving("a manifest nested 100000 deep", b'{"a":' + deep() + b"}")
+    serving("a manifest with a lone surrogate", image.manifest.data[:-1] + b',"a":"\\udc00"}')
+    for size in (2 ** 62, 10 ** 30):
+        add(f"a layer declared {size} bytes", fake_registry(image, manifest_blob(
+            config.descriptor(), [{**layer.descriptor(), "size": size}])))
+    add("a config declared 2**62 bytes", fake_registry(image, manifest_blob(
+        {**config.descriptor(), "size": 2 ** 62}, [layer.descriptor()])), outcome="bounded")
+    child: Dict[str, Any] = image.descriptor()
+    chain: List[Blob] = []
+    for _ in range(1000):
+        chain.append(make_index([child]))
+        child = chain[-1].descriptor(platform={"architecture": "amd64", "os": "linux"})
+    for architecture in ("amd64", "all"):
+        add(f"indexes nested 1000 deep, platform {architecture}",
+            fake_registry(image, chain[-1], chain[:-1]), architecture=architecture)
+    # Digests that would be paths, wrong lengths, capitals, unknown algorithms.
+    for bad in ["sha256:../../../../tmp/ocicache-evil", "sha256:" + "A" * 64, "md5:" + "0" * 32,
+                "sha256:" + "0" * 63, "../../../etc/passwd", "sha256:" + "0" * 64 + "/../x"]:
+        add(f"a layer digest {bad!r}", fake_registry(image, manifest_blob(
+            config.descriptor(), [{**layer.descriptor(), "digest": bad}])))
+        add(f"a config digest {bad!r}", fake_registry(image, manifest_blob(
+            {**config.descriptor(), "digest": bad}, [layer.descriptor()])))
+    for served in ["sha256:../../etc/passwd", "sha256:" + "0" * 64, "sha256:0\r\n 1"]:
+        add(f"Docker-Content-Digest {served[:20]!r}", answering("/manifests/1", Answer(
+            200, [("Content-Type", oc.MEDIA_OCI_MANIFEST), ("Docker-Content-Digest", served)],
+            image.manifest.data)))
+    # Bodies: huge, endless, longer or shorter than announced, trickled.
+    hundred_mb = 100 << 20
+
+    def sent_little(server: HostileServer) -> str:
+        return "" if server.sent < 32 << 20 else f"the client read {server.sent} bytes"
+
+    for length in (hundred_mb, None):
+        add(f"a 100 MB manifest, length {length}", answering("/manifests/1", Answer(
+            200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], lambda stop: itertools.islice(
+                endless(b" " * 65536)(stop), hundred_mb // 65536), length)), check=sent_little)
+    # A body that goes on after the blob must not be read for ever to keep the connection.
+    add("a blob followed by an endless body", answering(layer.digest, Answer(
+        200, [], endless(prefix=layer.data), 10 ** 12)), outcome="bounded", bound=6.0)
+    add("a blob followed by 1 MiB more", answering(layer.digest, Answer(
+        200, [], layer.data + b"\0" * (1 << 20))), outcome="bounded")
+    add("a blob cut short", answering(layer.digest, Answer(200, [], layer.data[:-10])))
+    add("a blob with other content", answering(layer.digest, Answer(
+        200, [], layer.data[:-1] + b"!")))
+    # The whole blob arrives (and is verified) before the bytes that never come.
+    add("a blob announcing more than it sends", answering(layer.digest, Answer(
+        200, [], layer.data, len(layer.data) + 100)), outcome="bounded")
+    add("a manifest that stops short", answering("/manifests/1", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], image.manifest.data[:20],
+        len(image.manifest.data))))
+    # Every read returns before the timeout; only a deadline for the whole body ends it.
+    add("a manifest trickled a byte at a time", answering("/manifests/1", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], trickle(image.manifest.data, 0.25),
+        len(image.manifest.data))), bound=6.0)
+    # Statuses, redirects and headers.
+    add("503 with Retry-After: \\xb2", answering("/blobs/", Answer(
+        503, [("Retry-After", "\xb2")], b"")))
+    add("429 with a Retry-After date far away", answering("/blobs/", Answer(
+        429, [("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")], b"")))
+    for location in ("http://[::1", "/v2/hostile/app/blobs/x", "http://127.0.0.1:1/x",
+                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x"):
+        add(f"a redirect to {location!r}", answering("/blobs/", Answer(
+            307, [("Location", location)], b"")))
+    add("a garbage status line", answering("/blobs/", Answer(raw=b"HELLO\r\n\r\n")))
+    add("a status line and nothing more", answering("/blobs/", Answer(
+        raw=b"HTTP/1.1 200 OK\r\n")))
+    add("two hundred headers", answering("/blobs/", Answer(
+        200, [(f"X-{i}", "y") for i in range(200)], layer.data)))
+    add("a 100 KB header line", answering("/blobs/", Answer(
+        200, [("X-Long", "y" * 100_000)], layer.data)))
+    add("a bad chunked body", answering("/blobs/", Answer(
+        200, [("Transfer-Encoding", "chunked")], b"zz\r\nxx\r\n0\r\n\r\n", None)))
+    # A registry's own words reach the terminal: no line breaks, no escape sequences.
+    add("an error message with \\r and an escape sequence", answering(
+        "/manifests/1", json_answer({"errors": [{"code": "MANIFEST_UNKNOWN",
+                                                 "message": "gone\rocicache: ok \x1b[2K"}]}, 404)))
+    for errors in (5, {"a": 1}, [5], ["x"], [{"code": ["A"], "message": {"b": 2}}]):
+        add(f"an error body with errors={json.dumps(errors)}", answering(
+            "/manifests/1", json_answer({"errors": errors}, 404)))
+    add("an error body nested 20000 deep", answering("/manifests/1", Answer(
+        404, [], b'{"errors":' + deep(20_000) + b"}")))
+    return scenarios
+
+
+def token_scenarios() -> List[Scenario]:
+    """Registries asking for Bearer tokens, with hostile challenges and token servers."""
+    image = make_image("token")
+    scenarios: List[Scenario] = []
+
+    def add(label: str, header: str, token: Optional[Answer] = None, **options: Any) -> None:
+        def answer(request: Request) -> Optional[Answer]:
+            if request.target.startswith("/token"):
+                return token or json_answer({}, 404)
+            if not request.headers.get("authorization", "").startswith("Bearer "):
+                challenge = header.replace("{self}", f"http://127.0.0.1:{request.port}")
+                return Answer(401, [("WWW-Authenticate", challenge)] if header else [],
+                              b'{"errors":[{"code":"UNAUTHORIZED","message":"log in"}]}')
+            return None
+        scenarios.append(Scenario(label, fake_registry(image, override=answer), **options))
+
+    for header in ["", "Bearer", 'Bearer realm=""', 'Bearer realm="file:///etc/passwd"',
+                   'Bearer realm="ftp://127.0.0.1/token"', 'Bearer realm="/token"',
+                   'Bearer realm="http://127.0.0.1:1/token"', "Negotiate abc==",
+                   "\x00\xff garbage", 'Bearer realm="{self}/token", ' + "x=y," * 10_000,
+                   'Bearer realm="{self}/tok\r\n en"']:
+        add(f"challenge {header[:40]!r}", header)
+    realm = 'Bearer realm="{self}/token",service="hostile"'
+    for label, answer in [
+            ("an HTML page", Answer(200, [], b"<html>hello</html>")),
+            ("an empty object", json_answer({})),
+            ("a 2 MiB token", json_answer({"token": "t" * (2 << 20)})),
+            ("an endless body", Answer(200, [], endless(b"{" * 65536), None)),
+            ("a token with a control character", json_answer({"token": "abc\x01def"})),
+            ("a token with a space", json_answer({"token": "abc def"})),
+            ("a token with CRLF and a header", json_answer({"token": "abc\r\nX-Evil: 1"})),
+            ("a token that is an object", json_answer({"token": {"a": 1}})),
+            ("a JSON array", json_answer(["token"])),
+            ("not JSON", Answer(200, [], b"token=abc")),
+            ("a token nested 100000 deep", Answer(200, [], b'{"token":' + deep() + b"}")),
+            ("a token with a lone surrogate", Answer(200, [], b'{"token":"a\\ud800"}')),
+            ("401 with errors=5", json_answer({"errors": 5}, 401)),
+            ("500 with an endless body", Answer(500, [], endless(), None)),
+            ("a redirect loop", Answer(307, [("Location", "/token")], b"")),
+            ("a body that stops short", Answer(200, [], b'{"tok', 100)),
+            ("a body cut short", Answer(raw=b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"t')),
+            ("a body trickled a byte at a time", Answer(200, [], trickle(
+                b'{"token":"' + b"t" * 100 + b'"}', 0.25), 112))]:
+        add(f"token server: {label}", realm, answer, bound=6.0)
+    # An odd but printable token, or an odd lifetime, may well work.
+    for label, body in [("a token that is a list", b'{"token": ["a"]}'),
+                        ("expires_in 'soon'", b'{"token": "ok", "expires_in": "soon"}'),
+                        ("expires_in 1e999", b'{"token": "ok", "expires_in": 1e999}'),
+                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}')]:
+        add(f"token server: {label}", realm, Answer(200, [], body), outcome="bounded")
+    return scenarios
+
+
+def push_scenarios() -> List[Scenario]:
+    """Registries that a push of the index example.com/push:1 meets."""
+    scenarios: List[Scenario] = []
+
+    def add(label: str, override: Callable[[Request], Optional[Answer]], **options: Any) -> None:
+        scenarios.append(Scenario(label, FakePushRegistry(override), action="push", **options))
+
+    add("an empty registry", lambda r: None, outcome="bounded")
+    add("a remote manifest nested 100000 deep", on("GET", "/manifests/", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_INDEX)], b'{"mediaType":"x","a":' + deep() + b"}")))
+    add("a remote manifest with a lone surrogate", on("GET", "/manifests/", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_INDEX)], b'{"manifests":[],"a":"\\udfff"}')))
+    add("a remote index whose annotations are a list", on("GET", "/manifests/", json_answer(
+        {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": [],
+         "annotations": [1]}, headers=[("Content-Type", oc.MEDIA_OCI_INDEX)])))
+    add("a remote manifest that stops short", on("GET", "/manifests/", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], b'{"x', 100)))
+    add("a remote manifest trickled a byte at a time", on("GET", "/manifests/", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], trickle(b"{" + b" " * 100 + b"}", 0.25),
+        102)), bound=6.0)
+    add("a remote manifest that is an HTML page", on("GET", "/manifests/", Answer(
+        200, [("Content-Type", "text/html")], b"<html>hi</html>")), outcome="bounded")
+    add("a remote manifest of 100 MB", on("GET", "/manifests/", Answer(
+        200, [("Content-Type", oc.MEDIA_OCI_INDEX)],
+        lambda stop: itertools.islice(endless(b" " * 65536)(stop), 1600), 100 << 20)))
+    add("an upload Location 'http://[::1'", on("POST", "/blobs/uploads/", Answer(
+        202, [("Location", "http://[::1")], b"")))
+    for minimum in ("abc", "-1", "1e9", "99999999999999999999"):
+        add(f"OCI-Chunk-Min-Length: {minimum}", on("POST", "/blobs/uploads/", Answer(
+            202, [("Location", "/v2/hostile/app/blobs/uploads/s"),
+                  ("OCI-Chunk-Min-Length", minimum)], b"")), outcome="bounded")
+    add("an upload Location on a closed port", on("POST", "/blobs/uploads/", Answer(
+        202, [("Location", "http://127.0.0.1:1/upload")], b"")))
+    add("an upload answer without a Location", on("POST", "/blobs/uploads/", Answer(
+        202, [], b"")), outcome="bounded")
+    add("an upload answer with an endless body", on("POST", "/blobs/uploads/", Answer(
+        202, [("Location", "/v2/hostile/app/blobs/uploads/s")], endless(), 10 ** 12)),
+        outcome="bounded")
+    add("every blob PUT answers 500", on("PUT", "/blobs/uploads/", json_answer(
+        {"errors": [{"code": "UNKNOWN", "message": "disk\rfull\x1b[2K"}]}, 500)))
+    add("the manifest PUT answers 400 MANIFEST_INVALID", on("PUT", "/manifests/", json_answer(
+        {"errors": [{"code": "MANIFEST_INVALID", "message": "bad\nmanifest"}]}, 400)))
+    add("every HEAD says the blob is there", on("HEAD", "/blobs/", Answer(200, [], b"")),
+        outcome="bounded")
+    return scenarios
+
+
+class RandomRegistry:
+    """A registry answering each request normally or, with probability ``p``, with a
+    random hostile variant of the normal answer; it may ask for Bearer tokens. The hosts
+    it names (realms, redirects) are loopback or invalid, never anywhere else."""
+
+    STATUSES = [301, 302, 303, 307, 308, 400, 401, 403, 404, 408, 416, 429, 500, 502, 503,
+                504, 999]
+    RETRY_AFTER = ["\xb2", "-1", "99999999999", "Fri, 31 Dec 9999 23:59:59 GMT", "soon", "1.5"]
+    CHALLENGES = ["", "Bearer", 'Bearer realm=""', 'Bearer realm="file:///etc/passwd"',
+                  'Bearer realm="{self}/token",service="s",scope="repository:x:pull"',
+                  'Bearer realm="{self}/token",error="insufficient_scope"',
+                  'Bearer realm="http://127.0.0.1:1/token"', 'Basic realm="x"', "Negotiate"]
+    LOCATIONS = ["http://[::1", "/v2/", "{target}", "http://127.0.0.1:1/x", "", "//127.0.0.1:1/x",
+                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x"]
+
+    def __init__(self, seed: int, image: ImageBlobs) -> None:
+        self.rng = random.Random(seed)
+        self.mutator = Mutator(seed)
+        self.normal = fake_registry(image)
+        self.tokens = self.rng.random() < 0.4
+        self.p = self.rng.choice([0.1, 0.3, 0.6])
+        self.trace: List[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> Answer:
+        with self._lock:
+            normal = self.answer(request)
+            if self.rng.random() >= self.p:
+                return normal
+            answer, label = self.variant(request, normal)
+            self.trace.append(f"{request.method} {request.target.rsplit('/', 1)[-1][:16]}: "
+                              f"{label}")
+            return answer
+
+    def answer(self, request: Request) -> Answer:
+        if not self.tokens:
+            return self.normal(request)
+        if request.target.startswith("/token"):
+            return json_answer({"token": "t0k3n", "expires_in": 60})
+        if not request.headers.get("authorization", "").startswith("Bearer "):
+            return Answer(401, [("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:'
+                                 f'{request.port}/token",service="s"')], b"")
+        return self.normal(request)
+
+    def variant(self, request: Request, normal: Answer) -> Tuple[Answer, str]:
+        rng, mutator = self.rng, self.mutator
+        body = normal.body if isinstance(normal.body, bytes) else b""
+        kind = rng.choice(["status", "truncate", "extra", "corrupt", "json", "headers", "raw",
+                           "close", "endless", "length"])
+        if kind == "status":
+            status = rng.choice(self.STATUSES)
+            own = f"http://127.0.0.1:{request.port}"
+            headers = [(name, rng.choice(values).replace("{self}", own).replace(
+                "{target}", request.target)) for name, values in
+                [("WWW-Authenticate", self.CHALLENGES), ("Retry-After", self.RETRY_AFTER),
+                 ("Location", self.LOCATIONS)] if rng.random() < 0.6]
+            error = mutator.mutate_json({"errors": [{"code": "DENIED", "message": "no"}]})
+            return Answer(status, headers, error), f"{status} {headers}"
+        if kind == "truncate":
+            return Answer(normal.status, normal.headers, body[:rng.randint(0, len(body))],
+                          len(body)), kind
+        if kind == "extra":
+            return Answer(normal.status, normal.headers, body + rng.randbytes(rng.randint(1, 99)),
+                          rng.choice([-1, len(body)])), kind
+        if kind == "corrupt":
+            return Answer(normal.status, normal.headers, mutator.mutate_bytes(body)), kind
+        if kind == "json":
+            with contextlib.suppress(ValueError):
+                return Answer(normal.status, normal.headers,
+                              mutator.mutate_json(json.loads(body))), kind
+            return normal, "json (not JSON)"
+        if kind == "headers":
+            extra = [(name, mutator.mutate_text(value)) for name, value in [
+                ("Content-Type", oc.MEDIA_OCI_MANIFEST), ("Docker-Content-Digest", sha256(body)),
+                ("Content-Range", f"bytes 0-{len(body)}/{len(body)}"), ("X-Folded", "a\r\n b")]]
+            return Answer(normal.status, [*extra, *normal.headers], body), kind
+        if kind == "raw":
+            head = f"HTTP/1.1 {normal.status} OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            return Answer(raw=mutator.mutate_bytes(head + body)), kind
+        if kind == "close":
+            return Answer(raw=b""), kind
+        if kind == "endless":
+            return Answer(200, normal.headers, endless(prefix=body), 10 ** 12), kind
+        return Answer(normal.status, normal.headers, body, len(body) + rng.randint(1, 5000)), kind
+
+
+class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
+    """Pulls and pushes against hostile registries and token servers, in process with
+    timeout=1s and two attempts; a scenario still running past its bound is stopped
+    (its server closed, which unblocks the client) and counted as a hang."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.outcomes: "collections.Counter[str]" = collections.Counter()
+        self.slowest: Tuple[float, str] = (0.0, "")
+
+    def run_scenario(self, scenario: Scenario) -> List[str]:
+        """Run one scenario; the list of what went wrong."""
+        server = HostileServer(scenario.handler)
+        self.addCleanup(server.stop)
+        provider = oc.Provider(self.cache_dir, mirrors=[], options=oc.TransportOptions(
+            timeout=1.0, attempts=2, backoff=0.01, max_retry_after=0.2, certs_d_roots=()))
+        self.addCleanup(provider.close)
+        names = self.index_names()
+        before = snapshot(self.tmp, exclude=[self.cache_dir])
+        remote = f"{server.host}/hostile/app:1"
+        work: Callable[[], Any] = (
+            (lambda: provider.push("example.com/push:1", remote, override=True))
+            if scenario.action == "push" else
+            (lambda: provider.image_pull(remote, "", scenario.architecture, always_pull=True)))
+        error, seconds, hung = run_bounded(work, scenario.bound, server.stop)
+        server.stop()
+        problems = []
+        if hung:
+            problems.append(f"still running after {scenario.bound:.0f}s")
+        if error is None and scenario.outcome == "error":
+            problems.append("succeeded")
+        if error is not None and not isinstance(error, oc.OciCacheError):
+            problems.append(f"raised {type(error).__name__} from {ocicache_frame(error)}: "
+                            f"{str(error)[:100]!r}")
+        elif error is not None and line_problem(str(error)):
+            problems.append(f"message {line_problem(str(error))}: {str(error)[:160]!r}")
+        if error is not None and self.index_names() != names:
+            problems.append(f"names written: {self.index_names()}")
+        report = self.cache.verify()
+        if not report.ok:
+            problems.append(f"verify: {report}")
+        changes = snapshot_changes(before, snapshot(self.tmp, exclude=[self.cache_dir]))
+        if changes:
+            problems.append(f"wrote outside the cache: {changes[:3]}")
+        if scenario.check is not None and scenario.check(server):
+            problems.append(scenario.check(server))
+        if self.outside:
+            problems.append(f"connected outside loopback: {self.outside}")
+        self.outcomes["hang" if hung else type(error).__name__ if error else "ok"] += 1
+        self.slowest = max(self.slowest, (seconds, scenario.label))
+        if scenario.action == "pull":
+            self.cache.clean()
+        return problems
+
+    def run_campaign(self, name: str, scenarios: Sequence[Scenario]) -> None:
+        failed: Dict[str, List[str]] = {}
+        for scenario in scenarios:
+            with self.subTest(scenario.label):
+                problems = self.run_scenario(scenario)
+                if problems:
+                    failed[scenario.label] = problems
+                    self.fail(f"{scenario.label}: {'; '.join(problems)}")
+        figures(name, scenarios=len(scenarios), failed=len(failed), **self.outcomes,
+                slowest=f"{self.slowest[0]:.1f}s ({self.slowest[1]})")
+
+    def test_hostile_registries(self) -> None:
+        self.run_campaign("hostile registries", registry_scenarios())
+
+    def test_hostile_token_servers_and_challenges(self) -> None:
+        self.run_campaign("hostile token servers", token_scenarios())
+
+    def test_hostile_registries_for_pushes(self) -> None:
+        amd, arm = make_image("push-amd"), make_image("push-arm", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        self.load(oci_archive([(index.descriptor(), named("example.com/push:1"))],
+                              [*amd.blobs, *arm.blobs, index]))
+        self.run_campaign("hostile registries for pushes", push_scenarios())
+        self.assertEqual(self.index_names(), ["example.com/push:1"])
+
+    def test_the_command_line_says_one_line(self) -> None:
+        chosen = [s for s in registry_scenarios() + token_scenarios() if s.label in (
+            "an HTML page for a manifest", "a manifest nested 100000 deep",
+            "a layer digest 'sha256:../../../../tmp/ocicache-evil'",
+            "an error message with \\r and an escape sequence",
+            "token server: a token with CRLF and a header",
+            "token server: a token nested 100000 deep")]
+        self.assertEqual(len(chosen), 6)
+        for scenario in chosen:
+            with self.subTest(scenario.label):
+                server = HostileServer(scenario.handler)
+                self.addCleanup(server.stop)
+                result = self.cli("pull", "--platform", "amd64", f"{server.host}/hostile/app:1")
+                self.assertEqual(line_problem(self.assert_one_line_error(result)), "")
+                self.assertEqual(self.index_names(), [])
+
+    def test_random_hostile_registries(self) -> None:
+        seed = fuzz_seed()
+        count, seconds = (400, 600.0) if STRESS else (10, 15.0)
+        image = make_image("random")
+        failed: Dict[str, List[str]] = collections.defaultdict(list)
+        deadline = time.monotonic() + seconds
+        tried = 0
+        for tried in range(1, count + 1):
+            registry = RandomRegistry(seed + tried, image)
+            for problem in self.run_scenario(Scenario(f"random {seed + tried}", registry,
+                                                      outcome="bounded", bound=20.0)):
+                failed[re.sub(r"\d+", "N", problem)[:90]].append(
+                    f"seed {seed + tried} ({'; '.join(registry.trace)[:200]})")
+            if time.monotonic() > deadline:
+                break
+        figures("random hostile registries", seed=seed, registries=tried, **self.outcomes,
+                problems=sum(len(v) for v in failed.values()), slowest=f"{self.slowest[0]:.1f}s")
+        self.assertEqual({problem: seeds[0] for problem, seeds in failed.items()}, {},
+                         f"OCICACHE_FUZZ_SEED={seed}")
+
+
 class TestPublishedOnly(RegistryTestCase):
     def test_rm_and_clean_published_only(self) -> None:
         registry = self.start_registry()
@@ -2995,6 +4671,294 @@ def long_name_chain(count: int) -> bytes:
     info.mtime = 0
     entry = info.tobuf(tarfile.GNU_FORMAT)  # long-name header, its name block, the header
     return entry[:1024] * count + entry + bytes(1024)
+
+
+# Archives that expand: built in memory from compressed zeros, imported by the command
+# line in a child that reports its peak resident memory (VmHWM) and the bytes it wrote
+# (wchar) on exit, under RLIMIT_AS: a safety net for the machine.
+
+MEASURED_CLI = r"""
+import sys
+import ocicache
+try:
+    status = ocicache.main(sys.argv[1:])
+finally:
+    memory = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    written = dict(line.split(":", 1) for line in open("/proc/self/io") if ":" in line)
+    print("measured: hwm_kib=%s wchar=%s" % (memory["VmHWM"].split()[0],
+                                            written["wchar"].strip()), file=sys.stderr)
+sys.exit(status)
+"""
+
+
+@dataclasses.dataclass
+class Measured:
+    """A command-line run with its peak memory, bytes written and duration."""
+
+    returncode: int
+    stderr: str  # without the "measured:" line
+    peak_mib: float
+    written_mib: float
+    seconds: float
+
+
+def measured_cli(cache_dir: str, *args: str, timeout: float = 300) -> Measured:
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-c", MEASURED_CLI, "--cache", cache_dir,
+                                 *args], capture_output=True, cwd=HERE, timeout=timeout,
+                                preexec_fn=limits)
+    except subprocess.TimeoutExpired:  # run() has killed it
+        return Measured(-1, f"killed after {timeout:.0f}s", 0.0, 0.0, time.monotonic() - started)
+    lines = result.stderr.decode(errors="replace").splitlines()
+    measured = [line for line in lines if line.startswith("measured: ")]
+    numbers = dict(item.split("=") for item in measured[-1].split()[1:]) if measured else {}
+    return Measured(result.returncode,
+                    "\n".join(line for line in lines if not line.startswith("measured: ")),
+                    int(numbers.get("hwm_kib", 0)) / 1024, int(numbers.get("wchar", 0)) / 2 ** 20,
+                    time.monotonic() - started)
+
+
+@functools.lru_cache(maxsize=None)
+def zeros_digest(size: int) -> str:
+    hasher, chunk = hashlib.sha256(), bytes(min(size, 64 << 20))
+    for _ in range(size // len(chunk)):
+        hasher.update(chunk)
+    hasher.update(bytes(size % len(chunk)))
+    return "sha256:" + hasher.hexdigest()
+
+
+def zeros_member(size: int) -> bytes:
+    """The tar header of a blob of ``size`` zeros, named by its digest."""
+    header = tarfile.TarInfo("blobs/sha256/" + zeros_digest(size).split(":")[1])
+    header.size, header.mtime = size, 0
+    return header.tobuf(tarfile.USTAR_FORMAT)
+
+
+def gzip_bomb(size: int, name: str, right_digest: bool = True) -> bytes:
+    """A gzip (members concatenated, as gzip allows) of an OCI archive whose one layer is
+    ``size`` zeros: a few MB that expand to ``size``."""
+    chunk = min(size, 64 << 20)
+    digest = zeros_digest(size) if right_digest else "sha256:" + "0" * 64
+    header = tarfile.TarInfo("blobs/sha256/" + digest.split(":")[1])
+    header.size, header.mtime = size, 0
+    config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode())
+    manifest = manifest_blob(config.descriptor(), [
+        {"mediaType": oc.MEDIA_OCI_LAYER, "digest": digest, "size": size}])
+    rest = oci_archive([(manifest.descriptor(), named(name))], [config, manifest])
+    return (gzip.compress(header.tobuf(tarfile.PAX_FORMAT), mtime=0)
+            + gzip.compress(bytes(chunk), 9, mtime=0) * (size // chunk)
+            + gzip.compress(rest, mtime=0))
+
+
+def compressed_bomb(size: int, inner: str, outer_gzip: bool = True) -> bytes:
+    """A tar of one blob of ``size`` zeros compressed with ``inner`` (gzip, bz2, xz),
+    gzipped again: ocicache undoes the outer gzip, and must not undo what it finds inside."""
+    import bz2
+    import lzma
+    compressor = {"gzip": lambda: zlib_gzip(), "bz2": lambda: bz2.BZ2Compressor(9),
+                  "xz": lambda: lzma.LZMACompressor()}[inner]()
+    parts = [compressor.compress(zeros_member(size))]
+    chunk = bytes(min(size, 16 << 20))
+    parts += [compressor.compress(chunk) for _ in range(size // len(chunk))]
+    data = b"".join(parts + [compressor.compress(bytes(1024)), compressor.flush()])
+    return gzip.compress(data, 9, mtime=0) if outer_gzip else data
+
+
+def members_bomb(count: int) -> bytes:
+    """``count`` empty regular files named alike: 512 bytes each, compressed ~1000:1."""
+    info = tarfile.TarInfo("x")
+    info.mtime = 0
+    header = info.tobuf(tarfile.USTAR_FORMAT)
+    compressor = zlib_gzip()
+    parts = [compressor.compress(header * 10_000) for _ in range(count // 10_000)]
+    parts.append(compressor.compress(header * (count % 10_000) + bytes(1024)))
+    return b"".join(parts + [compressor.flush()])
+
+
+def long_names_bomb(count: int, length: int) -> bytes:
+    """``count`` empty files whose pax names are ``length`` characters long."""
+    out = io.BytesIO()
+    for number in range(count):
+        info = tarfile.TarInfo("x")
+        info.mtime, info.pax_headers = 0, {"path": "a" * length + f"/{number}"}
+        out.write(info.tobuf(tarfile.PAX_FORMAT))
+    out.write(bytes(1024))
+    return gzip.compress(out.getvalue(), 9, mtime=0)
+
+
+def zlib_gzip() -> Any:
+    import zlib
+    return zlib.compressobj(9, zlib.DEFLATED, 31)
+
+
+# Archives the fuzzer mutates entry by entry: renamed, duplicated, dropped, made links
+# or special files, their JSON mutated and the digests that name them made right again.
+
+@dataclasses.dataclass
+class Entry:
+    """One tar entry of an archive being mutated."""
+
+    name: str
+    data: bytes = b""
+    kind: bytes = tarfile.REGTYPE
+    linkname: str = ""
+
+
+def read_entries(archive: bytes) -> List[Entry]:
+    entries = []
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar:
+            file = tar.extractfile(member) if member.isreg() else None
+            entries.append(Entry(member.name, file.read() if file is not None else b"",
+                                 member.type, member.linkname))
+    return entries
+
+
+def write_entries(entries: Sequence[Entry]) -> bytes:
+    return tar_bytes([(e.name, tar_member(e.name, e.kind, e.data if e.kind in (
+        tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) else b"", e.linkname))
+        for e in entries])
+
+
+def tar_entries(archive: bytes) -> List[Tuple[str, Any]]:
+    """The entries of a tar as (name, bytes or tar_member) pairs, to build another."""
+    return [(e.name, e.data if e.kind == tarfile.REGTYPE else
+             tar_member(e.name, e.kind, linkname=e.linkname)) for e in read_entries(archive)]
+
+
+def blob_name(data: bytes) -> str:
+    return "blobs/sha256/" + hashlib.sha256(data).hexdigest()
+
+
+def rehash(entries: List[Entry]) -> None:
+    """Rename changed blobs after their new digest and follow every reference to them
+    (digests in other entries, root sizes in index.json) until nothing changes: a
+    mutated manifest then gets past the digest checks and into the parsers."""
+    for _ in range(6):
+        renamed: Dict[str, str] = {}
+        for entry in entries:
+            match = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", entry.name)
+            actual = hashlib.sha256(entry.data).hexdigest()
+            if match and entry.kind == tarfile.REGTYPE and match.group(1) != actual:
+                renamed.setdefault(match.group(1), actual)
+                entry.name = "blobs/sha256/" + actual
+        sizes = {e.name.rsplit("/", 1)[1]: len(e.data) for e in entries
+                 if e.name.startswith("blobs/sha256/")}
+        for entry in entries:
+            for old, new in renamed.items():
+                entry.data = entry.data.replace(old.encode(), new.encode())
+                entry.linkname = entry.linkname.replace(old, new)
+            if entry.name == "index.json":
+                with contextlib.suppress(ValueError, AttributeError, TypeError, RecursionError):
+                    index = json.loads(entry.data)
+                    for root in index.get("manifests", []):
+                        hexdigest = str(root.get("digest", "")).partition(":")[2]
+                        if hexdigest in sizes:
+                            root["size"] = sizes[hexdigest]
+                    entry.data = json.dumps(index).encode()
+        if not renamed:
+            return
+
+
+def archive_seeds() -> List[bytes]:
+    """An OCI archive (an index of two platforms and an attestation, and a manifest), a
+    classic docker archive (a plain and a gzip layer), one whose second layer is a link
+    to the first (as docker save writes duplicates) and a Docker 25 one."""
+    amd, arm = make_image("arch-amd"), make_image("arch-arm", "arm64")
+    attestation, attestation_blobs, entry = make_attestation(amd)
+    index = make_index([amd.descriptor(), arm.descriptor(), entry])
+    oci = oci_archive([(index.descriptor(), named("example.com/fuzz:1")),
+                       (amd.manifest.descriptor(), named("example.com/fuzz:amd"))],
+                      [*amd.blobs, *arm.blobs, *attestation_blobs, index])
+    classic_image = make_image("classic", layer_files=[{"a": b"a"}, {"b": b"b" * 300}])
+    classic = tar_bytes([
+        ("cfg.json", classic_image.config.data),
+        ("one/layer.tar", gzip.decompress(classic_image.layers[0].data)),
+        ("two/layer.tar.gz", classic_image.layers[1].data),
+        ("manifest.json", json.dumps([{"Config": "cfg.json", "RepoTags": ["fuzz:classic"],
+                                       "Layers": ["one/layer.tar", "two/layer.tar.gz"]}])
+         .encode()),
+        ("repositories", b'{"fuzz": {"classic": "x"}}')])
+    linked_image = make_image("linked", layer_files=[{"a": b"a"}, {"a": b"a"}])
+    linked = tar_bytes([
+        ("c.json", linked_image.config.data),
+        ("x/layer.tar", gzip.decompress(linked_image.layers[0].data)),
+        ("y/layer.tar", tar_member("y/layer.tar", tarfile.SYMTYPE, linkname="../x/layer.tar")),
+        ("manifest.json", json.dumps([{"Config": "c.json", "RepoTags": ["fuzz:linked"],
+                                       "Layers": ["x/layer.tar", "y/layer.tar"]}]).encode())])
+    return [oci, classic, linked, docker25_archive("example.com/fuzz:25", amd)]
+
+
+class ArchiveMutator:
+    """Mutations at the level of tar entries, then (sometimes) of the bytes."""
+
+    def __init__(self, seed: int, hostile_names: Sequence[str],
+                 link_targets: Sequence[str]) -> None:
+        self.mutator = Mutator(seed)
+        self.rng = self.mutator.rng
+        self.hostile_names = list(hostile_names)
+        self.link_targets = list(link_targets)
+
+    def __call__(self, seed: bytes) -> Tuple[bytes, List[str]]:
+        rng = self.rng
+        entries = read_entries(seed)
+        trace: List[str] = []
+        for _ in range(rng.randint(1, 3)):
+            entry = rng.choice(entries) if entries else Entry("x", b"x")
+            operation = rng.choice(["json", "json", "json", "bytes", "rename", "duplicate",
+                                    "drop", "shuffle", "link", "special", "add"])
+            trace.append(f"{operation} {entry.name[:60]!r}")
+            if operation == "json":
+                documents = [e for e in entries if e.data[:1] in (b"{", b"[")]
+                entry = rng.choice(documents) if documents else entry
+                try:
+                    entry.data = self.mutator.mutate_json(json.loads(entry.data))
+                except (ValueError, RecursionError):  # not JSON, or nested too deep
+                    entry.data = self.mutator.mutate_bytes(entry.data)
+                if rng.random() < 0.8:
+                    rehash(entries)
+            elif operation == "bytes":
+                entry.data = self.mutator.mutate_bytes(entry.data)
+                if rng.random() < 0.5:
+                    rehash(entries)
+            elif operation == "rename":
+                entry.name = rng.choice(self.hostile_names + [e.name for e in entries])
+            elif operation == "duplicate":
+                twin = dataclasses.replace(entry)
+                if rng.random() < 0.5:
+                    twin.data = self.mutator.mutate_bytes(twin.data)
+                entries.insert(rng.randint(0, len(entries)), twin)
+            elif operation == "drop" and entries:
+                entries.remove(entry)
+            elif operation == "shuffle":
+                rng.shuffle(entries)
+            elif operation == "link":
+                entry.kind = rng.choice([tarfile.SYMTYPE, tarfile.LNKTYPE])
+                entry.linkname = rng.choice(self.link_targets + [e.name for e in entries])
+            elif operation == "special":
+                entry.kind = rng.choice([tarfile.DIRTYPE, tarfile.FIFOTYPE, tarfile.CHRTYPE,
+                                         tarfile.BLKTYPE, tarfile.CONTTYPE, b"Z"])
+            else:
+                entries.insert(rng.randint(0, len(entries)), Entry(
+                    rng.choice(self.hostile_names),
+                    self.mutator.mutate_json({"manifests": []}) if rng.random() < 0.5 else b"x"))
+        try:
+            archive = write_entries(entries)
+        except (ValueError, UnicodeError) as e:  # a name tarfile cannot write
+            return self(seed) if rng.random() < 0.9 else (seed, [f"unwritable: {e}"])
+        if rng.random() < 0.25:
+            archive = gzip.compress(archive, mtime=0)
+            trace.append("gzip")
+        if rng.random() < 0.2:
+            archive = self.mutator.mutate_bytes(archive)
+            trace.append("bytes of the archive")
+        return archive, trace
 
 
 class TestArchives(CacheTestCase):
@@ -3158,6 +5122,293 @@ class TestArchives(CacheTestCase):
         self.assert_rejected(gnu_sparse_member("blobs/sha256/" + "1" * 64, 1 << 40)
                              + bytes(1024), "not a regular file")
         self.assert_rejected(long_name_chain(3000), "archive")
+
+    def load_case(self, archive: bytes, expect: str) -> List[str]:
+        """Load ``archive`` in process; what went wrong. ``expect`` is "error", "loads" or
+        "any"; in every case nothing may be written outside the cache, nor a name on
+        failure, nor an error with more than one line."""
+        names = self.index_names()
+        before = snapshot(self.tmp, exclude=[self.cache_dir])
+        problems = []
+        try:
+            loaded = self.load(archive)
+            if expect == "error":
+                problems.append(f"loaded {[d.name for d in loaded]}")
+        except oc.OciCacheError as e:
+            if expect == "loads":
+                problems.append(f"refused: {e}")
+            if line_problem(str(e)):
+                problems.append(f"message {line_problem(str(e))}: {str(e)!r:.200}")
+            if self.index_names() != names:
+                problems.append(f"names written: {self.index_names()}")
+        except Exception as e:  # noqa: B902 -- what the test is about
+            problems.append(f"raised {type(e).__name__} from {ocicache_frame(e)}: {e!s:.100}")
+        changes = snapshot_changes(before, snapshot(self.tmp, exclude=[self.cache_dir]))
+        if changes:
+            problems.append(f"wrote outside the cache: {changes[:3]}")
+        if not self.cache.verify().ok:
+            problems.append(f"verify: {self.cache.verify()}")
+        if self.temp_files():
+            problems.append(f"temporary files left: {self.temp_files()}")
+        return problems
+
+    def bait(self) -> str:
+        """A directory beside the cache with a file in it, for links to aim at."""
+        sentinel = self.path("sentinel")
+        os.makedirs(os.path.join(sentinel, "dir"), exist_ok=True)
+        with open(os.path.join(sentinel, "bait"), "w") as f:
+            f.write("bait")
+        return sentinel
+
+    def test_links_duplicates_and_odd_names(self) -> None:
+        sentinel = self.bait()
+        image = make_image("h4")
+        good = [(image.manifest.descriptor(), named("example.com/h4:1"))]
+        layer, config = blob_name(image.layers[0].data), blob_name(image.config.data)
+        index = json.dumps({"schemaVersion": 2, "manifests": [
+            {**image.manifest.descriptor(), "annotations": named("example.com/h4:1")}]}).encode()
+        classic = make_image("h4c", layer_files=[{"a": b"a"}])
+        raw = gzip.decompress(classic.layers[0].data)
+
+        def docker(config_path: str, layers: Sequence[str], *entries: Tuple[str, Any]) -> bytes:
+            return tar_bytes([*entries, ("manifest.json", json.dumps([{
+                "Config": config_path, "RepoTags": ["h4:classic"], "Layers": list(layers)}])
+                .encode())])
+
+        def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> Tuple[str, Any]:
+            return name, tar_member(name, kind, linkname=target)
+
+        cases: List[Tuple[str, bytes, str]] = [
+            (".. after a blob name", oci_archive(good, image.blobs, extra=[
+                (layer + "/../../../../evil", b"x")]), "error"),
+            ("a symlink chain out", oci_archive(good, image.blobs, extra=[
+                link("a", "b"), link("b", "../../evil")]), "error"),
+            ("a symlink to the sentinel", oci_archive(good, image.blobs, extra=[
+                link("s", sentinel + "/bait")]), "error"),
+            # A hard link names another entry: '/etc/passwd' is the entry 'etc/passwd',
+            # as tar reads it (absent here, and unused).
+            ("a hard link to an absolute path", oci_archive(good, image.blobs, extra=[
+                link("h", "/etc/passwd", tarfile.LNKTYPE)]), "any"),
+            ("index.json as a symlink out", tar_bytes([link("index.json", "/etc/passwd")]),
+             "error"),
+            ("a blob as a symlink out", oci_archive(good, image.blobs[1:], extra=[
+                link(layer, "../../../../etc/passwd")]), "error"),
+            ("a blob as a symlink to another blob", oci_archive(good, image.blobs[1:], extra=[
+                link(layer, config)]), "error"),
+            ("a config through a link loop", docker("a", [], link("a", "b"), link("b", "a")),
+             "error"),
+            ("a hard link to itself", docker("a", [], link("a", "a", tarfile.LNKTYPE)), "error"),
+            ("a layer through a link to a directory", docker(
+                "c.json", ["d/layer.tar"], ("c.json", classic.config.data),
+                ("real/layer.tar", raw), link("d", "real")), "any"),
+            ("a layer through a link", docker(
+                "c.json", ["y/layer.tar"], ("c.json", classic.config.data),
+                ("x/layer.tar", raw), link("y/layer.tar", "../x/layer.tar")), "loads"),
+            ("names with ./ in front", tar_bytes(
+                [(f"./{n}", d) for n, d in tar_entries(oci_archive(good, image.blobs))]),
+             "loads"),
+            ("harmless odd names", oci_archive(good, image.blobs, extra=[
+                ("\\..\\evil", b"x"), ("\uff0e\uff0e/evil", b"x"), ("é/ü/ß", b"x"),
+                ("n" * 1000, b"x")]), "loads"),
+            ("a name longer than 4096 bytes", oci_archive(good, image.blobs, extra=[
+                ("n" * 5000, b"")]), "error"),
+            ("two index.json", oci_archive(good, image.blobs, extra=[("index.json", index)]),
+             "error"),
+            ("two index.json, the first garbage", tar_bytes([
+                ("index.json", b"{}"), *tar_entries(oci_archive(good, image.blobs))]), "error"),
+            ("two manifest.json", docker("c.json", [], ("c.json", classic.config.data),
+                                         ("manifest.json", b"[]")), "error"),
+            ("a blob twice, alike", oci_archive(good, image.blobs, extra=[
+                (layer, image.layers[0].data)]), "loads"),
+            ("a blob twice, the second of another size", oci_archive(good, image.blobs, extra=[
+                (layer, image.layers[0].data + b"!")]), "error"),
+            ("a blob twice, the second other bytes of the same size", oci_archive(
+                good, image.blobs, extra=[(layer, bytes(len(image.layers[0].data)))]), "any"),
+            ("a blob twice, the first other bytes", tar_bytes([
+                (layer, b"!" + image.layers[0].data[1:]),
+                *tar_entries(oci_archive(good, image.blobs))]), "error"),
+            ("a blob as a directory", oci_archive(good, image.blobs[:-1], extra=[
+                (blob_name(image.manifest.data), tar_member("m", tarfile.DIRTYPE))]), "error"),
+            ("an unknown entry type", tar_bytes([("z", tar_member("z", b"Z"))]), "error"),
+            ("a config twice in a classic archive", docker(
+                "c.json", ["l.tar"], ("c.json", b"{}"), ("l.tar", raw),
+                ("c.json", classic.config.data)), "loads"),
+        ]
+        outcomes: "collections.Counter[str]" = collections.Counter()
+        for label, archive, expect in cases:
+            with self.subTest(label):
+                problems = self.load_case(archive, expect)
+                outcomes["problems" if problems else "ok"] += 1
+                self.assertEqual(problems, [])
+                self.cache.clean()
+        with open(os.path.join(sentinel, "bait")) as f:
+            self.assertEqual(f.read(), "bait")
+        figures("archives with links, duplicates, odd names", cases=len(cases), **outcomes)
+        self.assert_rejected(cases[1][1], "outside")  # and on the command line: one line
+
+    def test_absurd_header_sizes(self) -> None:
+        huge = tarfile.TarInfo(blob_name(b"huge"))
+        huge.size = 2 ** 80  # base-256 in the header
+        index = tarfile.TarInfo("index.json")
+        index.size = 2 ** 40
+        negative = bytearray(tarfile.TarInfo(blob_name(b"-1")).tobuf(tarfile.GNU_FORMAT))
+        negative[124:136] = b"\xff" * 12  # base-256 -1
+        negative[148:156] = b" " * 8
+        negative[148:156] = b"%06o\0 " % sum(negative[:512])
+        pax_size = tarfile.TarInfo(blob_name(b"pax"))
+        pax_size.pax_headers = {"size": str(10 ** 30)}
+        plain = tar_bytes([("x", b"x")])
+        for label, archive, fragment in [
+                ("2**80 bytes", huge.tobuf(tarfile.GNU_FORMAT) + b"x" * 4096, "truncated"),
+                ("index.json of 2**40 bytes", index.tobuf(tarfile.GNU_FORMAT), "limit"),
+                ("-1 bytes", bytes(negative) + bytes(1024), ""),
+                ("pax size 10**30", pax_size.tobuf(tarfile.PAX_FORMAT) + b"y" * 600, "truncated"),
+                ("a size of garbage", plain[:124] + b"zzzzzzzzzzz\0" + plain[136:], "")]:
+            with self.subTest(label):
+                self.assertEqual(self.load_case(archive, "error"), [])
+                self.assert_rejected(archive, fragment)
+
+    def test_hostile_documents_in_archives(self) -> None:
+        image = make_image("documents", layer_files=[{"a": b"a"}])
+        incomplete = make_image("incomplete")
+        name = named("example.com/d:1")
+        config = json.loads(image.config.data)
+
+        def classic(config_data: bytes, layer_path: str = "l.tar") -> bytes:
+            return tar_bytes([("c.json", config_data),
+                              (layer_path, gzip.decompress(image.layers[0].data)),
+                              ("manifest.json", json.dumps([{
+                                  "Config": "c.json", "Layers": [layer_path],
+                                  "RepoTags": ["d:1"]}]).encode())])
+
+        media_type_list = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps(
+            {**json.loads(image.manifest.data), "mediaType": [1]}).encode())
+        lying = {**config, "rootfs": {"type": "layers",
+                                      "diff_ids": ["sha256:x\nocicache: loaded \x1b[1A"]}}
+        cases = [
+            ("index.json nested 2000 deep", tar_bytes([("index.json", deep(2000))])),
+            ("manifest.json nested 2000 deep", tar_bytes([("manifest.json", deep(2000))])),
+            ("a root annotation with a lone surrogate", oci_archive(
+                [(image.manifest.descriptor(), {**name, "note": "\ud800"})], image.blobs)),
+            ("a manifest whose mediaType is a list", oci_archive(
+                [(media_type_list.descriptor(), name)],
+                [image.config, *image.layers, media_type_list])),
+            ("a config naming a diff_id with a newline", classic(json.dumps(lying).encode())),
+            ("an incomplete archive naming its root with a newline", oci_archive(
+                [(incomplete.manifest.descriptor(), {oc.ANNOTATION_REF_NAME: "a\x00b\nc:1"})],
+                incomplete.blobs[1:])),
+            ("a layer path with a newline", classic(json.dumps(
+                {**config, "rootfs": {"type": "layers", "diff_ids": [sha256(b"x")]}}).encode(),
+                "l\n\x1b[1A.tar")),
+        ]
+        cases += [(f"a config whose rootfs is {rootfs!r}", classic(json.dumps(
+            {**config, "rootfs": rootfs}).encode()))
+            for rootfs in ([1], "x", {"diff_ids": 5}, {"diff_ids": {"a": 1}})]
+        for label, archive in cases:
+            with self.subTest(label):
+                self.assertEqual(self.load_case(archive, "error"), [])
+        self.assertEqual(self.index_names(), [])
+        # Such a manifest in the cache, under a name: verify and gc say so, or pass it.
+        for blob in [image.config, *image.layers, media_type_list]:
+            self.cache.layout.write_blob_bytes(blob.data)
+        self.cache.layout.update_index(lambda entries: [oc.Descriptor.from_json(
+            media_type_list.descriptor()).named("example.com/d:1")])
+        for call in (self.cache.verify, lambda: self.cache.gc(0)):
+            with contextlib.suppress(oc.OciCacheError):
+                call()
+        with self.assertRaises(oc.InvalidArchiveError):
+            self.load(tar_bytes([("a" * 5000, b"")]))
+
+    def test_decompression_bombs_stay_within_memory_and_time(self) -> None:
+        image = make_image("baseline")
+        path = self.path("baseline.tar")
+        with open(path, "wb") as f:
+            f.write(oci_archive([(image.manifest.descriptor(), named("example.com/b:1"))],
+                                image.blobs))
+        baseline = measured_cli(self.path("baseline-cache"), "import", path)
+        self.assertEqual(baseline.returncode, 0, baseline.stderr)
+        size = int(sized(128 << 20, 2 << 30))
+        bombs = [  # label, archive, what must come out, extra memory allowed (MiB)
+            ("gzip", gzip_bomb(size, "example.com/bomb:1"), "loads", 48),
+            ("gzip with a wrong digest", gzip_bomb(size, "example.com/bomb:2", False),
+             "does not match", 48),
+            # Only a whole-stream gzip is undone: bzip2 is refused before it expands.
+            ("bzip2", compressed_bomb(16 << 20, "bz2", outer_gzip=False), "archive", 48),
+            ("members", members_bomb(int(sized(60_000, 500_000))), "archive", 16),
+            ("long names", long_names_bomb(int(sized(64, 256)), 1 << 20), "", 48),
+        ]
+        bombs += [(f"gzip of {inner}", compressed_bomb(int(sized(32 << 20, 256 << 20)), inner),
+                   "archive", 48) for inner in ("gzip", "bz2", "xz")]
+        for label, archive, expect, memory in bombs:
+            with self.subTest(label):
+                path = self.path("bomb.tar")
+                with open(path, "wb") as f:
+                    f.write(archive)
+                result = measured_cli(self.cache_dir, "import", path)
+                said = result.stderr.strip().splitlines()
+                figures(f"bomb {label}", archive_kib=len(archive) // 1024,
+                        peak_mib=round(result.peak_mib), written_mib=round(result.written_mib),
+                        seconds=round(result.seconds, 1), status=result.returncode,
+                        said=said[-1][:100] if said else "")
+                if expect == "loads":
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertEqual(self.index_names(), ["example.com/bomb:1"])
+                else:
+                    self.assertEqual(result.returncode, 1, result.stderr[-2000:])
+                    self.assertEqual(len(said), 1, result.stderr[-2000:])
+                    self.assertTrue(said[0].startswith("ocicache: error: "), said[0])
+                    self.assertIn(expect, said[0])
+                    self.assertEqual(self.index_names(), [])
+                self.assertLess(result.peak_mib - baseline.peak_mib, memory)
+                self.assertLess(result.seconds, sized(60, 300))
+                self.assertEqual(self.temp_files(), [])
+                self.cache.clean()
+
+    def test_fuzzed_archives(self) -> None:
+        sentinel = self.bait()
+        work = self.path("work")
+        os.makedirs(work)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(work)  # where relative writes would land
+        hostile_names = [
+            "../evil", "/abs-evil", "blobs/../../evil", "blobs/sha256/../../../evil",
+            "./index.json", "index.json/", "index.json\x00x", "blobs/sha256/" + "0" * 64,
+            "blobs/sha256", "blobs", ".", "manifest.json", "oci-layout", "repositories",
+            "blobs/sha512/" + "0" * 128, "blobs/md5/x", "a" * 300, "é/ü", "\\..\\evil",
+            sentinel + "/evil", "../sentinel/evil", "sentinel/evil", "dir/../../evil"]
+        link_targets = ["/etc/passwd", sentinel + "/bait", sentinel, "../" * 6 + "tmp", "..",
+                        ".", "", "index.json", "a/b/../../../x", "../sentinel/bait", "self"]
+        campaign = FuzzCampaign("image_load", fuzz_seed())
+        mutate = ArchiveMutator(campaign.seed, hostile_names, link_targets)
+        seeds = archive_seeds()
+        for seed in seeds:  # the seeds themselves load
+            self.assertTrue(self.load(seed))
+        self.cache.clean()
+        broken: Dict[str, str] = {}
+        deadline = time.monotonic() + sized(3.0, 75.0)
+        names_written = 0
+        while time.monotonic() < deadline:
+            archive, trace = mutate(mutate.rng.choice(seeds))
+            before = snapshot(self.tmp, exclude=[self.cache_dir])
+            campaign.attempt(self.load, archive, describe=lambda _: (
+                f"{len(archive)} bytes after {', '.join(trace)}"))
+            changes = snapshot_changes(before, snapshot(self.tmp, exclude=[self.cache_dir]))
+            report = self.cache.verify()
+            unexpected = sorted(set(os.listdir(self.cache_dir)) -
+                                {"blobs", "index.json", "oci-layout", ".lock"})
+            for problem, found in [("wrote outside the cache", changes),
+                                   ("verify fails", not report.ok and [str(report)]),
+                                   ("unexpected files in the cache", unexpected)]:
+                if found:
+                    broken.setdefault(problem, f"{found!r:.300} after {', '.join(trace)} "
+                                               f"(input {campaign.tried})")
+            names_written += len(self.cache.names())
+            if campaign.tried % 40 == 0 or not report.ok:
+                self.cache.clean()
+        problems = campaign.report()
+        figures("fuzz image_load checks", names_seen=names_written, broken=len(broken))
+        problems += [f"{k}: {v}" for k, v in broken.items()]
+        self.assertEqual(problems, [], f"OCICACHE_FUZZ_SEED={campaign.seed}")
 
     def test_sigkill_during_a_large_load_leaves_a_valid_cache(self) -> None:
         rng = random.Random(7)
@@ -3388,6 +5639,88 @@ class TestProvider(CacheTestCase):
                                 capture_output=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         json.loads(result.stdout)
+
+
+class TestProviderSettings(IsolatedEnvironment):
+    """The mirrors a Provider reads from docker's daemon.json and containers'
+    registries.conf: whatever those files hold, a list of mirrors or one clear error."""
+
+    REGISTRIES_CONF = """\
+unqualified-search-registries = ["docker.io", "quay.io"]
+short-name-mode = "enforcing"
+
+[[registry]]
+prefix = "docker.io"
+location = "docker.io"   # the hub
+insecure = false
+
+[[registry.mirror]]
+location = "mirror.example.com:5000"
+insecure = true
+
+[[registry]]
+location = 'quay.io'
+mirror = [
+  { location = "m.example.com" },
+]
+
+[aliases]
+"alpine" = "docker.io/library/alpine"
+"""
+
+    def write(self, path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def test_corrupt_or_odd_mirror_files(self) -> None:
+        daemon = os.environ["OCICACHE_DOCKER_DAEMON_JSON"]
+        registries = os.environ["CONTAINERS_REGISTRIES_CONF"]
+        self.write(registries, self.REGISTRIES_CONF.encode())
+        self.assertEqual(oc.default_mirrors(), [("docker.io", "http://mirror.example.com:5000")])
+        # Ignored with a warning, or an error: either way an OciCacheError at most.
+        for data in [deep(), b"{", b"[1]", b'{"registry-mirrors": 5}', b"\xff\xfe",
+                     b'{"registry-mirrors": ["https://m.example.com/\\ud800"]}']:
+            with self.subTest(daemon=compact(data, 40)):
+                self.write(daemon, data)
+                with quiet_log(), contextlib.suppress(oc.OciCacheError):
+                    oc.default_mirrors()
+        os.unlink(daemon)
+        self.write(registries, b'# caf\xe9\n[[registry]]\nprefix = "docker.io"\n' + b"[" * 5000)
+        with contextlib.suppress(oc.OciCacheError):
+            oc.default_mirrors()
+        self.assert_one_line_error(self.cli("pull", "127.0.0.1:1/nothing/here:1"))
+        self.assertEqual(self.index_names(), [])
+
+    def test_fuzzed_mirror_files(self) -> None:
+        daemon = os.environ["OCICACHE_DOCKER_DAEMON_JSON"]
+        registries = os.environ["CONTAINERS_REGISTRIES_CONF"]
+        daemon_seed = {"registry-mirrors": ["https://mirror.example.com"],
+                       "insecure-registries": ["x.example.com"]}
+        seed = fuzz_seed()
+        mutator = Mutator(seed)
+
+        def files() -> Tuple[bytes, bytes]:
+            if mutator.rng.random() < 0.5:
+                return mutator.mutate_json(daemon_seed), self.REGISTRIES_CONF.encode()
+            return (json.dumps(daemon_seed).encode(),
+                    mutator.mutate_bytes(self.REGISTRIES_CONF.encode()))
+
+        def mirrors(pair: Tuple[bytes, bytes]) -> None:
+            self.write(daemon, pair[0])
+            self.write(registries, pair[1])
+            for registry, url in oc.default_mirrors():
+                self.assertTrue(url.startswith(("http://", "https://")), url)
+
+        tables = FuzzCampaign("_registries_conf_tables", seed)
+        tables.run(iter(lambda: mutator.mutate_text(self.REGISTRIES_CONF), None),
+                   oc._registries_conf_tables, sized(1.0, 12.0))
+        both = FuzzCampaign("default_mirrors", seed)
+        deadline = time.monotonic() + sized(1.0, 12.0)
+        with quiet_log():
+            while time.monotonic() < deadline:
+                both.attempt(mirrors, files(), describe=lambda pair: " and ".join(
+                    compact(data, 200) for data in pair))
+        self.assertEqual(tables.report() + both.report(), [])
 
 
 # =====================================================================================
@@ -3819,14 +6152,6 @@ class TestSources(CacheTestCase):
 # prints its figures to stderr.
 # =====================================================================================
 
-STRESS = os.environ.get("OCICACHE_STRESS") == "1"
-
-
-def figures(campaign: str, **numbers: Any) -> None:
-    print(f"\n[{campaign}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()),
-          file=sys.stderr)
-
-
 class TestReliability(RegistryTestCase):
     def campaign_image(self, registry: Registry, repository: str, layer_mib: int = 1) -> ImageBlobs:
         rng = random.Random(repository)
@@ -4128,6 +6453,27 @@ class TestPackageResolver(CacheTestCase):
         with self.assertRaisesRegex(oc.OciCacheError, "git"):
             oc.package_resolver(self.tmp)("@pkg:loose")
 
+    def test_fuzzed_and_odd_build_yml(self) -> None:
+        path = self.path("pkg", "build.yml")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.write(b"org: caf\xe9\nimage: x\n")
+        self.assertEqual(oc._build_yml_fields(path)["image"], "x")  # read leniently
+        build_yml = (b"image: app\norg: example # the organisation\nnetwork: true\n"
+                     b"arches:\n  - amd64\n  - arm64\nconfig:\n  binds: [\"/a:/b\"]\n"
+                     b"'quoted': \"value with # hash\"\n")
+        campaign = FuzzCampaign("_build_yml_fields", fuzz_seed())
+        mutator = Mutator(campaign.seed)
+
+        def call(data: bytes) -> None:
+            with open(path, "wb") as f:
+                f.write(data)
+            fields = oc._build_yml_fields(path)
+            self.assertTrue(all(isinstance(v, str) for v in fields.values()))
+
+        campaign.run(iter(lambda: mutator.mutate_bytes(build_yml), None), call, sized(1.0, 12.0))
+        self.assertEqual(campaign.report(), [])
+
 
 def linuxkit_index(entries: List[Dict[str, Any]]) -> str:
     """index.json as linuxkit writes it: 3-space indent, no trailing newline."""
@@ -4350,6 +6696,23 @@ class TestCommandLine(CacheTestCase):
         with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
             f.write("garbage")
         self.assert_one_line_error(self.cli("ls"), "invalid image cache")
+
+    def test_inspecting_a_config_nested_too_deep_is_one_line(self) -> None:
+        # Import does not read an OCI archive's configs: such a config gets in.
+        layer = Blob(oc.MEDIA_OCI_LAYER, tar_bytes([("a", b"a")]))
+        for depth in (500, 5000):
+            config = Blob(oc.MEDIA_OCI_CONFIG, b'{"architecture":"amd64","os":"linux","x":'
+                          + deep(depth) + b"}")
+            manifest = manifest_blob(config.descriptor(), [layer.descriptor()])
+            name = f"example.com/deep:{depth}"
+            self.load(oci_archive([(manifest.descriptor(), named(name))],
+                                  [config, layer, manifest]))
+            with self.subTest(depth=depth):
+                result = self.cli("inspect", name, "--config")
+                if result.returncode:
+                    self.assert_one_line_error(result)
+                else:
+                    self.assertTrue(json.loads(result.stdout))
 
 
 # -------------------------------------------------------------------------------------
