@@ -2631,6 +2631,20 @@ class _GunzipReader:
             return data[:n]
         return data
 
+    def read1(self, n: int) -> bytes:
+        """At most ``n`` bytes: what is left of the last piece, or the next piece; a
+        piece read whole is handed on as it is, without a copy."""
+        if self._position >= len(self._buffer):
+            chunk = self._inflate()
+            if chunk is None:
+                return b""
+            self._buffer, self._position = chunk, 0
+        start = self._position
+        self._position = min(start + n, len(self._buffer))
+        if start == 0 and self._position == len(self._buffer):
+            return self._buffer
+        return self._buffer[start:self._position]
+
     def _inflate(self) -> Optional[bytes]:
         """The next piece of output; None at the end of the stream."""
         while not self._finished:
@@ -2674,6 +2688,134 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
     head = stream.read(2)
     rest: IO[bytes] = _PrefixedReader(head, stream)  # type: ignore[assignment]
     return _GunzipReader(rest) if head == b"\x1f\x8b" else rest  # type: ignore[return-value]
+
+
+# -- reading layers -------------------------------------------------------------------
+#
+# Flattening reads every byte of every layer, and tarfile's stream mode copies each
+# byte several times through its own buffer on the way. _TarStream walks a layer's
+# members with tarfile's header parser (TarInfo.frombuf) and hands data on in the
+# pieces the decompressor makes. Extended headers are applied as tarfile applies them:
+# PAX (local and global) and GNU long names; sparse files are refused.
+
+_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+                   tarfile.GNUTYPE_LONGLINK)
+_MAX_EXTENDED_HEADER = 1024 * 1024
+_PAX_NUMBERS = {"size": int, "uid": int, "gid": int, "mtime": float}
+
+
+def _pax_records(data: bytes) -> Dict[str, str]:
+    """``"<length> <key>=<value>\n"`` records, as text (undecodable bytes kept)."""
+    records: Dict[str, str] = {}
+    position = 0
+    while position < len(data) and data[position] != 0:
+        match = re.match(rb"([0-9]{1,7}) ", data[position:position + 8])
+        length = int(match.group(1)) if match else 0
+        record = data[position + (match.end() if match else 0):position + length]
+        key, equals, value = record.partition(b"=")
+        if not equals or not record.endswith(b"\n") or length > len(data) - position:
+            raise InvalidArchiveError("layer has a malformed PAX header")
+        records[key.decode("utf-8", "surrogateescape")] = \
+            value[:-1].decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+class _TarStream:
+    """The members of a tar stream; ``read`` reads the current member's data."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._read1 = getattr(stream, "read1", stream.read)
+        self._data_left = 0     # of the current member
+        self._skip_left = 0     # its data and padding: what lies before the next header
+
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        global_headers: Dict[str, str] = {}
+        headers: Dict[str, str] = {}
+        names: Dict[str, str] = {}  # GNU long names: path, linkpath
+        extended = global_size = 0  # bytes of extended headers kept in memory
+        while True:
+            self._skip(self._skip_left)
+            block = self._exact(tarfile.BLOCKSIZE, end_allowed=True)
+            if not block.strip(b"\0"):
+                return  # a zero block, or nothing: the end of the archive
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise InvalidArchiveError(f"layer has an invalid tar header: {e}") from None
+            padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if info.type in _EXTENDED_TYPES:
+                extended += info.size
+                global_size += info.size if info.type == tarfile.XGLTYPE else 0
+                if max(extended, global_size) > _MAX_EXTENDED_HEADER:
+                    raise InvalidArchiveError("layer has extended headers of more than "
+                                              f"{_MAX_EXTENDED_HEADER} bytes")
+                data = self._exact(padded)[:info.size]
+                if info.type == tarfile.XHDTYPE:
+                    headers.update(_pax_records(data))
+                elif info.type == tarfile.XGLTYPE:
+                    global_headers.update(_pax_records(data))
+                else:
+                    key = "path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"
+                    names[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            headers = {**global_headers, **headers}
+            if info.type == tarfile.GNUTYPE_SPARSE or any(k.startswith("GNU.sparse")
+                                                          for k in headers):
+                raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} is a sparse "
+                                          "file, which is not supported")
+            self._apply(info, headers, names)
+            headers, names, extended = {}, {}, global_size
+            self._data_left = info.size if info.isreg() or \
+                info.type not in tarfile.SUPPORTED_TYPES else 0
+            self._skip_left = -(-self._data_left // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            yield info
+
+    @staticmethod
+    def _apply(info: tarfile.TarInfo, headers: Dict[str, str], names: Dict[str, str]) -> None:
+        for key, value in {**headers, **names}.items():
+            if key in ("path", "linkpath", "uname", "gname"):
+                setattr(info, key, value.rstrip("/") if key == "path" else value)
+            elif key in _PAX_NUMBERS:
+                try:
+                    setattr(info, key, _PAX_NUMBERS[key](value))
+                except ValueError:
+                    raise InvalidArchiveError(f"layer has a PAX {key} that is not a number: "
+                                              f"{_shorten(value)!r}") from None
+        if info.size < 0:
+            raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a bad size")
+        info.pax_headers = headers
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._data_left if n < 0 else min(n, self._data_left)
+        if n <= 0:
+            return b""
+        chunk = self._read1(n)
+        if not chunk:
+            raise InvalidArchiveError("layer ends inside an entry")
+        self._data_left -= len(chunk)
+        self._skip_left -= len(chunk)
+        return chunk
+
+    def _exact(self, size: int, end_allowed: bool = False) -> bytes:
+        parts, left = [], size
+        while left:
+            chunk = self._read1(left)
+            if not chunk:
+                if end_allowed and left == size:
+                    return b""
+                raise InvalidArchiveError("layer ends inside an entry")
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    def _skip(self, size: int) -> None:
+        while size:
+            chunk = self._read1(min(size, _STREAM_CHUNK_SIZE))
+            if not chunk:
+                raise InvalidArchiveError("layer ends inside an entry")
+            size -= len(chunk)
+        self._data_left = self._skip_left = 0
 
 
 def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
@@ -2984,11 +3126,12 @@ class _TarWriter:
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
 
-    def add(self, info: tarfile.TarInfo, data: Optional[IO[bytes]] = None) -> None:
+    def add(self, info: tarfile.TarInfo,
+            data: Union[IO[bytes], _TarStream, None] = None) -> None:
         self._out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         if data is None or not info.size:
             return
-        if not self._send(data, info.size):
+        if isinstance(data, _TarStream) or not self._send(data, info.size):
             left = info.size
             while left:
                 chunk = data.read(min(_STREAM_CHUNK_SIZE, left))
@@ -3178,12 +3321,11 @@ class _Flattener:
             self._emit_layer(archive, index)
         archive.close()
 
-    def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, tarfile.TarFile]]:
-        with self._layers[index]() as stream, \
-                tarfile.open(fileobj=stream, mode="r|", bufsize=_STREAM_CHUNK_SIZE) as layer:
+    def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, _TarStream]]:
+        with self._layers[index]() as stream:
+            layer = _TarStream(stream)
             for member in layer:
                 yield member, layer
-                layer.members.clear()  # type: ignore[attr-defined]  # stream mode keeps them
 
     def _scan_headers(self, index: int) -> None:
         for member, _ in self._members(index):
@@ -3202,7 +3344,7 @@ class _Flattener:
             if member.islnk():
                 self._emit_hard_link(archive, index, member, path)
             elif member.isreg():
-                archive.add(_output_header(member, path), layer.extractfile(member))
+                archive.add(_output_header(member, path), layer)
             else:
                 archive.add(_output_header(member, path))
             self._emitted[path] = member.isdir()
@@ -3248,7 +3390,7 @@ class _Flattener:
                     header = _output_header(member, path)
                     header.mode, header.uid, header.gid = link.mode, link.uid, link.gid
                     header.mtime = link.mtime
-                    archive.add(header, layer.extractfile(member))
+                    archive.add(header, layer)
                     return True
         return False
 

@@ -5959,6 +5959,87 @@ class TestSources(CacheTestCase):
         self.assertEqual(sorted(members), ["abs", "abs/file", "link-abs", "ok", "via-symlink"])
         self.assertEqual(members["link-abs"].linkname, "ok")
 
+    def test_the_layer_reader_reads_what_tarfile_reads(self) -> None:
+        # Flattening walks layers with its own reader (_TarStream); every header form
+        # tarfile writes must come out the same: ustar prefixes, GNU long names and
+        # base-256 numbers, PAX records (local and global), links, unicode.
+        def members(fmt: int, global_headers: Optional[Dict[str, str]] = None) -> bytes:
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w", format=fmt,
+                              pax_headers=global_headers or {}) as tar:
+                def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"",
+                        **fields: Any) -> None:
+                    info = tarfile.TarInfo(name)
+                    info.type, info.size, info.mtime = kind, len(data), 1700000000
+                    for key, value in fields.items():
+                        setattr(info, key, value)
+                    tar.addfile(info, io.BytesIO(data) if data else None)
+                add("dir/", tarfile.DIRTYPE)
+                add("dir/" + "p" * 90 + "/" + "n" * 90, data=b"ustar prefix")
+                add("long/" + "x" * 300, data=b"x" * 70000)
+                add("link-to-long", tarfile.SYMTYPE, linkname="long/" + "x" * 300)
+                add("hard", tarfile.LNKTYPE, linkname="dir/" + "p" * 90 + "/" + "n" * 90)
+                add("ünïcödé/ファイル", data=b"unicode", uname="ünï", gname="gröup")
+                add("owner", data=b"o", uid=3 << 22, gid=5 << 22)
+                add("fifo", tarfile.FIFOTYPE)
+                add("empty")
+                if fmt == tarfile.PAX_FORMAT:
+                    add("attrs", data=b"a", mtime=1700000000.25,
+                        pax_headers={"SCHILY.xattr.user.k": "v", "comment": "c"})
+            return buffer.getvalue()
+
+        for fmt, globals_ in ((tarfile.GNU_FORMAT, None), (tarfile.PAX_FORMAT, None),
+                              (tarfile.PAX_FORMAT, {"comment": "from git archive"})):
+            data = members(fmt, globals_)
+            expected = []
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+                for info in tar:
+                    extracted = tar.extractfile(info) if info.isreg() else None
+                    content = extracted.read() if extracted else b""
+                    expected.append((info.get_info(), info.pax_headers, content))
+            got = []
+            for source in (io.BytesIO(data), oc._GunzipReader(io.BytesIO(gzip.compress(data)))):
+                layer = oc._TarStream(source)  # type: ignore[arg-type]
+                got = [(info.get_info(), info.pax_headers, layer.read() if info.isreg() else b"")
+                       for info in layer]
+                with self.subTest(format=fmt, globals=globals_, source=type(source).__name__):
+                    self.assertEqual(got, expected)
+
+    def test_a_broken_layer_is_one_clear_error(self) -> None:
+        def header(name: str, kind: bytes, data: bytes) -> bytes:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            return info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+
+        good = tar_bytes([("a", b"a" * 1000), ("b", b"b")])
+        bad_checksum = bytearray(good)
+        bad_checksum[148:156] = b"0000000\0"
+        cases = {
+            "cut inside data": (good[:700], "ends inside an entry"),
+            "cut inside a header": (good[:1536 + 100], "ends inside an entry"),
+            "bad checksum": (bytes(bad_checksum), "invalid tar header"),
+            "sparse": (gnu_sparse_member("s", 1 << 40) + bytes(1024), "sparse"),
+            "PAX size not a number": (header("p", tarfile.XHDTYPE, b"12 size=abc\n") + good,
+                                      "not a number"),
+            "PAX record cut": (header("p", tarfile.XHDTYPE, b"99 path=x\n") + good,
+                               "malformed PAX"),
+            "huge extended header": (header("L", tarfile.GNUTYPE_LONGNAME, b"n" * (1 << 20 | 1)),
+                                     "extended headers of more than"),
+            "many global headers": (b"".join(header("g", tarfile.XGLTYPE,
+                                                    b"%d k%06d=%s\n" % (1000, i, b"v" * 986))
+                                             for i in range(1100)) + good,
+                                    "extended headers of more than"),
+        }
+        for label, (data, message) in cases.items():
+            with self.subTest(label):
+                with self.assertRaises(oc.InvalidArchiveError) as caught:
+                    layer = oc._TarStream(io.BytesIO(data))  # type: ignore[arg-type]
+                    for _ in layer:
+                        while layer.read(4096):
+                            pass
+                self.assertIn(message, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
     def test_stream_errors_surface_from_read(self) -> None:
         image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
         self.load_image("example.com/broken:1", image)
