@@ -6005,6 +6005,26 @@ class TestSources(CacheTestCase):
                 with self.subTest(format=fmt, globals=globals_, source=type(source).__name__):
                     self.assertEqual(got, expected)
 
+    def test_entries_of_unknown_types_are_left_out(self) -> None:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, kind, data in (("volume", b"V", b"label"), ("file", tarfile.REGTYPE, b"f")):
+                info = tarfile.TarInfo(name)
+                info.type, info.size = kind, len(data)
+                tar.addfile(info, io.BytesIO(data))
+        layer = Blob(oc.MEDIA_OCI_LAYER_GZIP, gzip.compress(buffer.getvalue(), mtime=0))
+        config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(buffer.getvalue())]}}).encode())
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "config": config.descriptor(), "layers": [layer.descriptor()]}).encode())
+        self.load_image("example.com/unknown:1",
+                        ImageBlobs(manifest, config, [layer], {"architecture": "amd64",
+                                                               "os": "linux"}))
+        with tarfile.open(self.flatten("example.com/unknown:1")) as tar:
+            self.assertEqual([(m.name, m.size) for m in tar.getmembers()], [("file", 1)])
+
     def test_a_broken_layer_is_one_clear_error(self) -> None:
         def header(name: str, kind: bytes, data: bytes) -> bytes:
             info = tarfile.TarInfo(name)
