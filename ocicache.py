@@ -4823,8 +4823,7 @@ def _cmd_inspect(provider: Provider, args: argparse.Namespace) -> int:
     if args.config:
         data = provider.layout.read_blob(provider.manifest(descriptor).config.digest)
     what = f"config of {args.name}" if args.config else f"manifest of {args.name}"
-    json.dump(_parse_json(data, what), sys.stdout, indent=2,
-              ensure_ascii=False)
+    json.dump(_parse_json(data, what), sys.stdout, indent=2, ensure_ascii=False)
     print()
     return 0
 
