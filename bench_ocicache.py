@@ -679,6 +679,9 @@ class Case:
             order = names[number % len(names):] + names[:number % len(names)]
             for _ in range(self.repeat):
                 for name in order:
+                    # What the previous run wrote is still going to disk: flush it first,
+                    # so that no contender pays for another's writeback.
+                    os.sync()
                     samples[name].append(self.contenders[name]())
             shown = "  ".join(f"{name} {_describe(samples[name][-self.repeat:])}"
                               for name in names)
