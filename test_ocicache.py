@@ -51,7 +51,7 @@ import urllib.parse
 import urllib.request
 from collections import namedtuple
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
-                    Union)
+                    Type, Union)
 from unittest import mock
 
 import ocicache as oc
@@ -259,6 +259,16 @@ PROBE_UA = "registry-fixture-probe/1"
 # --------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------
+
+def serve_http(test: unittest.TestCase,
+               handler: Type[http.server.BaseHTTPRequestHandler]) -> http.server.HTTPServer:
+    """A small HTTP server on loopback for one test, stopped when the test ends."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return server
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago.
@@ -3420,10 +3430,7 @@ class TestRegistry(RegistryTestCase):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Storage)
-        threading.Thread(target=storage.serve_forever, daemon=True).start()
-        self.addCleanup(storage.server_close)
-        self.addCleanup(storage.shutdown)
+        storage = serve_http(self, Storage)
         proxy = FaultProxy("127.0.0.1", registry.port)
         self.addCleanup(proxy.stop)
         proxy.add_fault("redirect", match="/blobs/", method="GET", times=None,
@@ -3567,10 +3574,7 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
-        threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
-        self.addCleanup(elsewhere.server_close)
-        self.addCleanup(elsewhere.shutdown)
+        elsewhere = serve_http(self, Elsewhere)
         proxy = FaultProxy("127.0.0.1", registry.port)
         self.addCleanup(proxy.stop)
         proxy.add_fault("respond", method="POST", match="/blobs/uploads/", status=202,
@@ -3604,10 +3608,7 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
-        threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
-        self.addCleanup(elsewhere.server_close)
-        self.addCleanup(elsewhere.shutdown)
+        elsewhere = serve_http(self, Elsewhere)
 
         class Realm(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
@@ -3621,10 +3622,7 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        realm = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Realm)
-        threading.Thread(target=realm.serve_forever, daemon=True).start()
-        self.addCleanup(realm.server_close)
-        self.addCleanup(realm.shutdown)
+        realm = serve_http(self, Realm)
         client = oc.RegistryClient(oc._Transport(oc.TransportOptions(attempts=1)))
         self.addCleanup(client.transport.close)
         endpoint = oc._Endpoint("http://127.0.0.1:1", "127.0.0.1:1", "a/b", "127.0.0.1:1")
