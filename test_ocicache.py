@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import resource
@@ -2128,6 +2129,79 @@ class TestErrors(unittest.TestCase):
 
 
 # =====================================================================================
+# Value types
+# =====================================================================================
+
+class TestValueTypes(unittest.TestCase):
+    """_value_type behaves as a frozen dataclass would, without importing dataclasses."""
+
+    def test_fields_in_order_with_defaults_and_factories(self) -> None:
+        first = oc.Descriptor(oc.MEDIA_OCI_MANIFEST, "sha256:" + F64, 3)  # type: ignore[arg-type]
+        second = oc.Descriptor(media_type=oc.MEDIA_OCI_MANIFEST, size=3,
+                               digest=oc.Digest.parse("sha256:" + F64))
+        self.assertEqual(first, second)
+        self.assertEqual(hash(first), hash(second))
+        self.assertEqual((first.urls, first.platform, first.artifact_type), ((), None, ""))
+        with mock.patch.object(oc, "_certs_d_roots", return_value=("/made/now",)):
+            self.assertEqual(oc.TransportOptions().certs_d_roots, ("/made/now",))
+        self.assertNotIn("dataclasses", subprocess.run(
+            [sys.executable, "-c", "import sys, ocicache; print(sorted(sys.modules))"],
+            capture_output=True, text=True, check=True, cwd=HERE).stdout)
+
+    def test_equality_needs_the_same_type(self) -> None:
+        digest = oc.Digest.parse("sha256:" + F64)
+        self.assertNotEqual(digest, ("sha256", F64))
+        self.assertNotEqual(digest, oc.Digest.parse("sha256:" + "0" * 64))
+        self.assertEqual(len({digest, oc.Digest("sha256", F64)}), 1)
+
+    def test_frozen(self) -> None:
+        digest = oc.Digest.parse("sha256:" + F64)
+        for change in (lambda: setattr(digest, "hex", "0" * 64),
+                       lambda: setattr(digest, "new", 1),
+                       lambda: delattr(digest, "hex")):
+            with self.assertRaisesRegex(AttributeError, "Digest is frozen"):
+                change()
+        self.assertEqual(digest.hex, F64)
+        options = oc.TransportOptions()
+        options.timeout = 2.0  # the one mutable record
+        self.assertEqual(options.timeout, 2.0)
+        with self.assertRaises(TypeError):
+            hash(options)
+
+    def test_repr_shows_fields_but_not_secrets(self) -> None:
+        self.assertEqual(repr(oc.Digest.parse("sha256:" + F64)),
+                         f"Digest(algorithm='sha256', hex='{F64}')")
+        shown = repr(oc.Credentials("user", "s3cret", identity_token="t0ken"))
+        self.assertEqual(shown, "Credentials(username='user')")
+
+    def test_bad_arguments_are_type_errors(self) -> None:
+        for call, message in [
+                (lambda: oc.Digest("sha256"),  # type: ignore[call-arg]
+                 "missing argument 'hex'"),
+                (lambda: oc.Digest("sha256", F64, "x"),  # type: ignore[call-arg]
+                 "takes 2 arguments, 3 given"),
+                (lambda: oc.Digest("sha256", F64, algorithm="sha256"),  # type: ignore[misc]
+                 "'algorithm'"),
+                (lambda: oc.Digest("sha256", hexx=F64), "'hexx'")]:  # type: ignore[call-arg]
+            with self.assertRaisesRegex(TypeError, message):
+                call()
+
+    def test_replace_checks_the_new_value(self) -> None:
+        digest = oc.Digest.parse("sha256:" + F64)
+        self.assertEqual(oc._replace(digest, hex="0" * 64),
+                         oc.Digest.parse("sha256:" + "0" * 64))
+        self.assertEqual(digest.hex, F64)
+        with self.assertRaises(oc.InvalidDigestError):
+            oc._replace(digest, hex="G" * 64)
+
+    def test_copies_and_pickles(self) -> None:
+        for value in (oc.Digest.parse("sha256:" + F64), oc.Reference.parse("alpine:3"),
+                      oc.Platform.parse("linux/arm/v7")):
+            self.assertEqual(copy.deepcopy(value), value)
+            self.assertEqual(pickle.loads(pickle.dumps(value)), value)
+
+
+# =====================================================================================
 # Digest
 # =====================================================================================
 
@@ -2595,7 +2669,7 @@ class TestDescriptor(unittest.TestCase):
         self.assertEqual(descriptor.name, "")
         self.assertEqual(renamed.annotations[oc.ANNOTATION_CONTAINERD_NAME],
                          "docker.io/library/x:1")
-        with self.assertRaises(dataclasses.FrozenInstanceError):
+        with self.assertRaises(AttributeError):
             descriptor.size = 2  # type: ignore[misc]
         with self.assertRaises(TypeError):
             descriptor.annotations["b"] = "2"  # type: ignore[index]
