@@ -2818,7 +2818,7 @@ class _GunzipReader:
     def _inflate(self) -> Optional[bytes]:
         """The next piece of output; None at the end of the stream."""
         while not self._finished:
-            chunk, self._pending = self._pending or self._stream.read(COPY_BUFFER_SIZE), b""
+            chunk, self._pending = self._pending or self._stream.read(_STREAM_CHUNK_SIZE), b""
             if not chunk:
                 if self._in_member:
                     raise InvalidArchiveError("truncated archive: the gzip stream ends early")
