@@ -18,6 +18,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import fnmatch
 import functools
 import gzip
@@ -6149,6 +6150,47 @@ class TestSources(CacheTestCase):
         self.assert_one_line_error(result, "gzip")
         self.assertFalse(os.path.exists(self.path("out.tar")))
         self.assertEqual([f for f in os.listdir(self.tmp) if oc._TEMP_MARK in f], [])
+
+    def test_write_behind_keeps_order_and_reports_errors(self) -> None:
+        rng = random.Random(7)
+        pieces = [rng.randbytes(rng.choice((1, 512, 70_000, 200_000))) for _ in range(120)]
+        with tempfile.TemporaryFile() as f:
+            with open(f.fileno(), "wb", closefd=False) as buffered:
+                buffered.write(b"first")  # buffered before the thread takes over: kept
+                with oc._WriteBehind(buffered) as out:  # type: ignore[arg-type]
+                    for piece in pieces:
+                        out.write(piece)
+            f.seek(0)
+            self.assertEqual(f.read(), b"first" + b"".join(pieces))
+        sink = io.BytesIO()  # no file descriptor: written with its own write()
+        with oc._WriteBehind(sink) as out:  # type: ignore[arg-type]
+            for piece in pieces:
+                out.write(piece)
+        self.assertEqual(sink.getvalue(), b"".join(pieces))
+
+        class Full(io.BytesIO):
+            def write(self, data: Any) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        with self.assertRaisesRegex(OSError, "No space left"):
+            with oc._WriteBehind(Full()) as out:  # type: ignore[arg-type]
+                for piece in pieces:
+                    out.write(piece)
+        with self.assertRaisesRegex(ValueError, "the producer's"):  # not the writer's
+            with oc._WriteBehind(Full()) as out:  # type: ignore[arg-type]
+                out.write(b"x" * (2 << 20))
+                raise ValueError("the producer's")
+        self.assertEqual([t.name for t in threading.enumerate() if t.name == "ocicache-write"],
+                         [])
+
+    def test_flatten_read_early_stops_its_threads(self) -> None:
+        image = make_layered_image([[entry("big", data=random.Random(2).randbytes(8 << 20))]])
+        self.load_image("example.com/early:1", image)
+        with self.cache.new_source("example.com/early:1").tar_reader() as stream:
+            self.assertEqual(len(stream.read(4096)), 4096)
+            self.assertIn("ocicache-write", [t.name for t in threading.enumerate()])
+        self.assertEqual([t.name for t in threading.enumerate()  # closing joined them
+                          if t.name in ("ocicache-export", "ocicache-write")], [])
 
     def test_export_output_options(self) -> None:
         image = make_image("out")
