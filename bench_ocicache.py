@@ -1052,6 +1052,10 @@ def measure(args: argparse.Namespace, registry_binary: str, tools: Dict[str, Opt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # The limits run in this process: at glibc malloc's best, as ocicache's command line
+    # sets it up (see ocicache._raise_malloc_thresholds), not at whatever the blocks
+    # allocated so far make of it.
+    bytes(16 * MIB)
     parser = argparse.ArgumentParser(
         prog="bench_ocicache.py", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)

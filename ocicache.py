@@ -5215,9 +5215,25 @@ def _configure_logging(logger: logging.Logger, level: str) -> None:
     logger.propagate = False
 
 
+def _raise_malloc_thresholds() -> None:
+    """Make glibc's malloc keep streamed pieces in the heap.
+
+    By default glibc maps every block over 128 KiB afresh and gives freed memory back
+    to the kernel once 256 KiB of it sits at the top of the heap, so streaming 256 KiB
+    pieces can cost a new mapping, page faults and all, for nearly every piece:
+    flattening 1 GiB took 1.2-1.7 s instead of 0.6-0.9 s, depending on where earlier
+    blocks happened to lie. Freeing one mapped block raises both thresholds to its size
+    (glibc's dynamic threshold); 16 MiB of calloc'd memory is never touched, so this
+    costs two system calls. Other allocators just see a short-lived allocation. Only
+    the command line does this: a library leaves its host's allocator alone.
+    """
+    bytes(16 * 1024 * 1024)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     global _log_setup
+    _raise_malloc_thresholds()
     args = _build_parser().parse_args(argv)
     _log_setup = functools.partial(
         _configure_logging, level="ERROR" if args.quiet else "DEBUG" if args.verbose else "INFO")
