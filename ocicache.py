@@ -3480,8 +3480,9 @@ class _WriteBehind:
     """Writes to ``out`` from a thread of its own, in batches of about 1 MiB, so that
     writing the output overlaps making it. Writing a flattened layer to a file costs
     half as much as decompressing it; overlapped, flattening took a quarter less time.
-    Files are written with ``os.write``, which lets go of the GIL for the whole batch. ``write`` takes bytes, handed over without a copy; an error
-    of the thread's is raised by the next ``write`` or by ``close``."""
+    Files are written with ``os.write``, which lets go of the GIL while the kernel
+    copies. ``write`` takes bytes, handed over without a copy; an error of the
+    thread's is raised by the next ``write`` or by ``close``."""
 
     _BATCH = 1024 * 1024
     _DEPTH = 4  # batches queued: at most about 5 MiB held
@@ -5219,7 +5220,7 @@ def _raise_malloc_thresholds() -> None:
     """Make glibc's malloc keep streamed pieces in the heap.
 
     By default glibc maps every block over 128 KiB afresh and gives freed memory back
-    to the kernel once 256 KiB of it sits at the top of the heap, so streaming 256 KiB
+    to the kernel once 128 KiB of it sits at the top of the heap, so streaming 256 KiB
     pieces can cost a new mapping, page faults and all, for nearly every piece:
     flattening 1 GiB took 1.2-1.7 s instead of 0.6-0.9 s, depending on where earlier
     blocks happened to lie. Freeing one mapped block raises both thresholds to its size
