@@ -239,10 +239,10 @@ def _log() -> logging.Logger:
 # =====================================================================================
 
 if TYPE_CHECKING:
-    from typing_extensions import dataclass_transform
+    from typing import dataclass_transform  # new in 3.11: type checkers alone read it
 else:
     def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
-        """``typing.dataclass_transform`` (Python 3.11): a note for type checkers only."""
+        """A stand-in for ``typing.dataclass_transform``, a note for type checkers only."""
         return lambda decorated: decorated
 
 _V = TypeVar("_V")
