@@ -1022,8 +1022,9 @@ def merge_remote_index(local: Index, remote: Index) -> Index:
 #
 # The cache on disk: ``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>`` and ``.lock``.
 # Blobs are written to a temporary file beside their final name, verified, fsynced and
-# renamed; ``index.json`` is replaced atomically under an exclusive ``flock`` that is
-# reentrant within a process and safe across threads. Names are written last, after a
+# renamed; ``index.json`` is replaced atomically under an exclusive lock on ``.lock``
+# (``flock`` and linuxkit's POSIX record lock) that is reentrant within a process and
+# safe across threads. Names are written last, after a
 # check (under the lock) that every blob they need is present, so no name ever points
 # at missing content, whatever runs at the same time.
 # =====================================================================================
@@ -1044,12 +1045,121 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+DEFAULT_LOCK_TIMEOUT_SECONDS = 600.0  # $OCICACHE_LOCK_TIMEOUT overrides it
+
+
+def _lock_timeout() -> float:
+    value = os.environ.get("OCICACHE_LOCK_TIMEOUT", "")
+    try:
+        return max(0.0, float(value)) if value else DEFAULT_LOCK_TIMEOUT_SECONDS
+    except ValueError:
+        raise OciCacheError(f"OCICACHE_LOCK_TIMEOUT={value!r} is not a number of seconds") \
+            from None
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _record_lock(fd: int, kind: int, wait: bool = False) -> bool:
+    """linuxkit's lock: a whole-file POSIX write lock on ``.lock`` (``util.Lock`` in
+    src/cmd/linuxkit/util/filelock_unix.go: ``fcntl(F_SETLKW, F_WRLCK)``), which
+    ``flock`` does not exclude on Linux. There it is taken as an open-file-description
+    lock: that conflicts with linuxkit's record lock, but belongs to this descriptor, not
+    to the process, so no other ``close()`` of the file in this process can drop it.
+    Elsewhere it is a classic record lock (``lockf``), which any close of ``.lock`` by
+    this process drops: ``_DirectoryLock`` is the only code that opens that file.
+    """
+    import struct
+    if sys.platform.startswith("linux"):
+        command = getattr(fcntl, "F_OFD_SETLKW" if wait else "F_OFD_SETLK", 38 if wait else 37)
+        try:  # struct flock: type, whence, start, length 0 = the whole file, pid 0
+            fcntl.fcntl(fd, command, struct.pack("@hhqqi", kind, os.SEEK_SET, 0, 0, 0))
+            return True
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel before 3.15, without OFD locks
+                raise
+    operation = {fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}[kind]
+    try:
+        fcntl.lockf(fd, operation if wait or kind == fcntl.F_UNLCK else operation | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _lock_holders(fd: int) -> str:
+    """Who holds a lock on the file open as ``fd``, from /proc/locks (Linux), or ""."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", "rb") as f:
+            lines = f.read(1 << 20).decode("ascii", "replace").splitlines()
+    except OSError:
+        return ""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders: List[str] = []
+    for line in lines:
+        # "1: POSIX  ADVISORY  WRITE 4321 08:01:1234 0 EOF"; a waiter's line has "->"
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->" or fields[5] != key:
+            continue
+        pid = fields[4]
+        if not pid.isdigit() or pid == str(os.getpid()):
+            continue  # an open-file-description lock names no process (ocicache's flock does)
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                command = f.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            command = ""
+        holder = f"process {pid} ({_one_line(command)})" if command else f"process {pid}"
+        if holder not in holders:
+            holders.append(holder)
+    return ", ".join(holders)
+
+
+_LOCK_QUIET_SECONDS = 1.0  # a wait this short is ordinary sharing, not worth a line
+
+
+def _wait_for_lock(fd: int, take: Callable[[], bool], what: str) -> None:
+    """Call ``take`` until it gets the lock. A wait longer than a second says on the log
+    what it waits for, and after ``$OCICACHE_LOCK_TIMEOUT`` seconds it gives up with an
+    error. It polls: neither ``flock`` nor ``fcntl`` can wait with a timeout."""
+    if take():
+        return
+    timeout = _lock_timeout()
+    start = time.monotonic()
+    said = False
+    pause = 0.001
+    while not take():
+        waited = time.monotonic() - start
+        if waited >= timeout or (not said and waited >= _LOCK_QUIET_SECONDS):
+            holders = _lock_holders(fd)
+            held = f", held by {holders}" if holders else ""
+            if waited >= timeout:
+                raise OciCacheError(
+                    f"gave up after {timeout:g} s waiting for {what}{held}; if that process "
+                    "is stuck, stop it (OCICACHE_LOCK_TIMEOUT sets how long to wait)")
+            _log().warning("waiting for %s%s (giving up after %g s)", what, held, timeout)
+            said = True
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 class _DirectoryLock:
-    """An exclusive ``flock`` on one file, shared by every thread of this process.
+    """An exclusive lock on one file, shared by every thread of this process.
 
     One instance per lock file per process (see ``_lock_for``): a thread that holds it
     may take it again; other threads of the process wait on the ``RLock``; other
-    processes wait on the ``flock``.
+    processes wait on the ``flock`` (ocicache) and on the record lock (linuxkit, see
+    ``_record_lock``). Every taker takes ``flock`` first, so ocicache processes queue on
+    it and never hold the record lock while waiting for each other.
     """
 
     def __init__(self, path: str) -> None:
@@ -1064,7 +1174,7 @@ class _DirectoryLock:
             if self._depth == 0:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    self._take(fd)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -1076,8 +1186,21 @@ class _DirectoryLock:
                 self._depth -= 1
                 if self._depth == 0:
                     fd, self._fd = self._fd, -1
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
+                    try:  # explicitly: a forked child may still share this descriptor
+                        _record_lock(fd, fcntl.F_UNLCK)
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    finally:
+                        os.close(fd)
+
+    def _take(self, fd: int) -> None:
+        flocked = False
+
+        def take() -> bool:
+            nonlocal flocked
+            flocked = flocked or _try_flock(fd, fcntl.LOCK_EX)
+            return flocked and _record_lock(fd, fcntl.F_WRLCK)
+
+        _wait_for_lock(fd, take, f"the lock on {self.path}")
 
 
 _LOCKS: Dict[str, _DirectoryLock] = {}
@@ -1208,7 +1331,9 @@ class Layout:
     def _blob_lock(self, mode: int) -> Iterator[None]:
         fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, mode)
+            what = (f"{self.blobs_dir}: a pull or import is adding blobs"
+                    if mode == fcntl.LOCK_EX else f"{self.blobs_dir}: blobs are being deleted")
+            _wait_for_lock(fd, functools.partial(_try_flock, fd, mode), what)
             yield
         finally:
             os.close(fd)
@@ -1326,6 +1451,16 @@ class Layout:
     # -- index.json -------------------------------------------------------------------
 
     def read_index(self) -> Index:
+        try:
+            return self._read_index()
+        except CorruptCacheError:
+            # linuxkit rewrites index.json in place (truncate, then write) under its lock
+            # (DescriptorWrite in src/cmd/linuxkit/cache/write.go): what looks broken may
+            # be a rewrite under way. Read it again while holding that lock.
+            with self.lock():
+                return self._read_index()
+
+    def _read_index(self) -> Index:
         try:
             with open(self.index_path, "rb") as f:
                 data = f.read(64 * MAX_MANIFEST_SIZE)

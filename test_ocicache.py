@@ -2772,6 +2772,81 @@ class TestDescriptor(unittest.TestCase):
 # Layout
 # =====================================================================================
 
+# What linuxkit does to a shared cache, emulated from its source (linuxkit/linuxkit,
+# src/cmd/linuxkit): util.Lock (util/filelock_unix.go) opens .lock O_RDWR|O_CREATE 0644 and
+# takes a whole-file fcntl(F_SETLKW, F_WRLCK) record lock (Python's lockf is that call);
+# Provider.DescriptorWrite (cache/write.go) holds it around ggcr's
+# layout.RemoveDescriptors then AppendDescriptor, each of which reads index.json and
+# rewrites it in place with os.WriteFile (truncate, then write; 3-space indent).
+LINUXKIT_EMULATOR = r'''
+import fcntl, json, os, sys
+
+def lock(cache):
+    fd = os.open(os.path.join(cache, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    return fd
+
+def unlock(fd):
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+def read_index(cache):
+    with open(os.path.join(cache, "index.json"), "rb") as f:
+        return json.loads(f.read())
+
+def write_index(cache, index, pause=False):
+    data = json.dumps(index, indent=3).encode()
+    fd = os.open(os.path.join(cache, "index.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o777)
+    if pause:  # stop half-way, as a slow or killed linuxkit leaves the file
+        os.write(fd, data[:len(data) // 2])
+        print("half", flush=True)
+        sys.stdin.readline()
+        data = data[len(data) // 2:]
+    os.write(fd, data)
+    os.close(fd)
+
+def descriptor_write(cache, name, descriptor, pause=False):
+    descriptor = dict(descriptor, annotations={"org.opencontainers.image.ref.name": name})
+    index = read_index(cache)
+    index["manifests"] = [m for m in index["manifests"] if
+                          m.get("annotations", {}).get("org.opencontainers.image.ref.name") != name]
+    write_index(cache, index)
+    index = read_index(cache)
+    index["manifests"].append(descriptor)
+    write_index(cache, index, pause)
+
+command, cache = sys.argv[1], sys.argv[2]
+if command == "hold":  # hold the lock until a line arrives on stdin
+    fd = lock(cache)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    unlock(fd)
+elif command == "try":  # exit 0 if the lock is free now, 1 if someone holds it
+    fd = os.open(os.path.join(cache, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(1)
+elif command == "write":  # write NAME... pointing at DESCRIPTOR (JSON), each under the lock
+    descriptor, names = json.loads(sys.argv[3]), sys.argv[4:]
+    for name in names:
+        fd = lock(cache)
+        descriptor_write(cache, name, descriptor)
+        unlock(fd)
+elif command == "pause":  # write one name, stopping half-way through the rewrite
+    fd = lock(cache)
+    descriptor_write(cache, sys.argv[4], json.loads(sys.argv[3]), pause=True)
+    unlock(fd)
+'''
+
+
+def linuxkit(command: str, cache: str, *args: str, **popen: Any) -> subprocess.Popen:
+    """Run the linuxkit emulation (see LINUXKIT_EMULATOR) as a process of its own: a POSIX
+    record lock belongs to the process, so it cannot be emulated in this one."""
+    return subprocess.Popen([sys.executable, "-c", LINUXKIT_EMULATOR, command, cache, *args],
+                            **popen)
+
+
 class TestLayout(CacheTestCase):
     def test_fresh_cache_is_linuxkit_compatible(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
@@ -2926,6 +3001,88 @@ class TestLayout(CacheTestCase):
             f.write('{"manifests": [')
         with self.assertRaisesRegex(oc.CorruptCacheError, "invalid image cache"):
             self.cache.find_descriptor("alpine")
+
+    def test_lock_excludes_linuxkit_both_ways(self) -> None:
+        holder = linuxkit("hold", self.cache_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), b"locked\n")
+        acquired = threading.Event()
+
+        def take() -> None:
+            with self.cache.layout.lock():
+                acquired.set()
+
+        thread = threading.Thread(target=take, daemon=True)
+        thread.start()
+        self.assertFalse(acquired.wait(0.3))
+        holder.stdin.write(b"\n")
+        holder.stdin.flush()
+        self.assertTrue(acquired.wait(10))
+        self.assertEqual(holder.wait(10), 0)
+        with self.cache.layout.lock():
+            self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 1)
+        self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 0)
+
+    def test_lock_survives_another_close_of_the_lock_file(self) -> None:
+        # A classic POSIX record lock is dropped by any close() of the file in the process.
+        lock_file = os.path.join(self.cache_dir, ".lock")
+        with self.cache.layout.lock():
+            os.close(os.open(lock_file, os.O_RDWR))
+            with open(lock_file, "rb"):
+                pass
+            self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 1)
+            with oc.Layout(self.cache_dir).lock():  # reentrant, and still held after
+                pass
+            self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 1)
+
+    def test_reader_waits_out_linuxkits_in_place_rewrite(self) -> None:
+        image = make_image("lk-rewrite")
+        self.load_image("example.com/base:1", image)
+        writer = linuxkit("pause", self.cache_dir, json.dumps(image.manifest.descriptor()),
+                          "example.com/by-linuxkit:1", stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE)
+        self.addCleanup(writer.kill)
+        self.assertEqual(writer.stdout.readline(), b"half\n")  # index.json is half written
+        found: List[Any] = []
+        reader = threading.Thread(target=lambda: found.append(
+            self.cache.find_descriptor("example.com/by-linuxkit:1")), daemon=True)
+        reader.start()
+        reader.join(0.3)
+        self.assertEqual(found, [])  # waiting for linuxkit's lock, not failing
+        writer.stdin.write(b"\n")
+        writer.stdin.flush()
+        reader.join(10)
+        self.assertEqual(writer.wait(10), 0)
+        self.assertEqual([str(d.digest) for d in found], [image.manifest.digest])
+
+    def test_waiting_for_a_lock_says_what_for_and_gives_up(self) -> None:
+        holder = linuxkit("hold", self.cache_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), b"locked\n")
+        script = ("import ocicache,sys\nwith ocicache.Layout(sys.argv[1]).adding_blobs():\n"
+                  " print('adding', flush=True); sys.stdin.readline()")
+        adder = subprocess.Popen([sys.executable, "-c", script, self.cache_dir], cwd=HERE,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(adder.kill)
+        self.assertEqual(adder.stdout.readline(), b"adding\n")
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            f.write('{"manifests": [')  # linuxkit is half-way through rewriting it
+        environment = dict(os.environ, OCICACHE_LOCK_TIMEOUT="1.5")
+        for command, awaited in (("ls", ".lock, held by process "),
+                                 ("gc", "a pull or import is adding blobs, held by process ")):
+            result = subprocess.run([sys.executable, OCICACHE, "--cache", self.cache_dir,
+                                     command], capture_output=True, timeout=60, env=environment)
+            lines = result.stderr.decode().strip().splitlines()
+            self.assertEqual(result.returncode, 1, lines)
+            self.assertEqual(len(lines), 2, lines)
+            self.assertRegex(lines[0], r"^ocicache: warning: waiting for .*" + re.escape(awaited)
+                             + r"\d+ \(python3?[^)]*\) \(giving up after 1.5 s\)$")
+            self.assertRegex(lines[1], r"^ocicache: error: gave up after 1.5 s waiting for .*"
+                             + re.escape(awaited))
+        with self.assertRaisesRegex(oc.OciCacheError, "OCICACHE_LOCK_TIMEOUT='x' is not"):
+            with mock.patch.dict(os.environ, OCICACHE_LOCK_TIMEOUT="x"):
+                with self.cache.layout.deleting_blobs():
+                    pass
 
 
 # =====================================================================================
@@ -6773,6 +6930,29 @@ class TestLinuxkitCompatibility(CacheTestCase):
         info = json.loads(self.skopeo("inspect", f"oci:{cache_dir}:latest"))
         self.assertEqual(info["Digest"], image.manifest.digest)
         self.skopeo("inspect", f"oci:{cache_dir}:example.com/ours:1")
+
+    def test_linuxkit_and_ocicache_writing_at_once_lose_no_name(self) -> None:
+        image = make_image("lk-both")
+        base = self.load_image("example.com/base:1", image)
+        descriptor = json.dumps(image.manifest.descriptor())
+        count = int(sized(60, 300))
+        script = ("import ocicache,sys\np=ocicache.Provider(sys.argv[1], mirrors=[])\n"
+                  "d=p.find_descriptor('example.com/base:1')\n"
+                  "for name in sys.argv[2:]:\n p.descriptor_write(name, d); p.find_descriptor(name)")
+        workers = []
+        for n in range(3):
+            workers.append(linuxkit("write", self.cache_dir, descriptor, *[
+                f"example.com/linuxkit{n}/x:{i}" for i in range(count)]))
+            workers.append(subprocess.Popen([sys.executable, "-c", script, self.cache_dir, *[
+                f"example.com/ocicache{n}/x:{i}" for i in range(count)]], cwd=HERE))
+        for worker in workers:
+            self.assertEqual(worker.wait(120), 0)
+        names = self.index_names()
+        self.assertEqual(len(names), 1 + 6 * count)
+        self.assertEqual(len(set(names)), 1 + 6 * count)
+        self.assertEqual(self.cache.find_descriptor("example.com/linuxkit2/x:0").digest,
+                         base.digest)
+        self.assertTrue(self.cache.verify().ok)
 
 
 class TestReadmeExample(RegistryTestCase):
