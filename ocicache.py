@@ -1252,6 +1252,17 @@ def _write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
     _fsync_directory(directory)
 
 
+_LINUXKIT_TEMP_NAME = re.compile(r"[0-9a-f]{64}[0-9]{1,10}")
+
+
+def _is_temporary_file(name: str) -> bool:
+    """Whether a file in ``blobs/<alg>/`` is a blob being written: ours
+    (``<hex>.tmp-…``), or linuxkit's, which go-containerregistry's layout ``writeBlob``
+    (pkg/v1/layout/write.go) makes with ``os.CreateTemp(dir, hex)``: the hex digest then
+    a random decimal number (a crash leaves it behind)."""
+    return _TEMP_MARK in name or _LINUXKIT_TEMP_NAME.fullmatch(name) is not None
+
+
 class _Reachable:
     def __init__(self, digests: Mapping[Digest, str], missing: Tuple[str, ...],
                  unreadable: Tuple[str, ...]) -> None:
@@ -1564,7 +1575,7 @@ class Layout:
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if _TEMP_MARK not in os.path.basename(path):
+                if not _is_temporary_file(os.path.basename(path)):
                     corrupt.append(f"{path}: not named by a valid digest")
                 continue
             checked += 1
@@ -3885,10 +3896,28 @@ def default_cache_dir() -> str:
     return os.path.join(base, "ocicache")
 
 
-def _arch_tag(platform: Platform) -> str:
-    """The suffix of linuxkit's ``<name>-<arch>`` names; variants kept apart (arm-v7)."""
-    p = platform.normalized()
-    return f"{p.architecture}-{p.variant}" if p.variant else p.architecture
+_MAX_INDEX_DEPTH = 8  # indexes within indexes that a pull follows (linuxkit's: no limit)
+
+
+def _arch_tags(children: Sequence[Descriptor]) -> List[Tuple[Descriptor, str]]:
+    """The suffix of linuxkit's ``<name>-<arch>`` names for each image child of an index.
+
+    linuxkit (``Pull`` in src/cmd/linuxkit/cache/pull.go, ``Push`` in cache/push.go)
+    uses the architecture alone, so arm/v7 is ``-arm``. Two children of one architecture
+    (arm/v6 and arm/v7) collide there and the last wins; here the child that a bare
+    ``linux/<arch>`` selects keeps ``-<arch>`` and the others get ``-<arch>-<variant>``.
+    """
+    images = [(c, c.platform) for c in children if c.platform is not None
+              and _is_real_platform(c) and c.media_type not in INDEX_MEDIA_TYPES]
+    tags = []
+    for child, platform in images:
+        rivals = [c for c, p in images if p.architecture == platform.architecture]
+        if len(rivals) == 1 or child is (select_platform(
+                rivals, Platform("linux", platform.architecture)) or rivals[0]):
+            tags.append((child, platform.architecture))
+        else:
+            tags.append((child, f"{platform.architecture}-{platform.variant or platform.os}"))
+    return tags
 
 
 def _as_descriptor(value: DescriptorLike) -> Descriptor:
@@ -3907,6 +3936,36 @@ def _names_match(stored: str, wanted: Reference) -> bool:
         return True
     return (not ref.tag and ref.digest is None and wanted.tag == "latest"
             and wanted.digest is None and ref.name == wanted.name)
+
+
+def _keep_spelling(manifests: Sequence[Descriptor], name: str, entry: Descriptor) -> Descriptor:
+    """``entry``, named as the stored entry it replaces is spelled. linuxkit stores
+    ``host:port/repo`` and YAML references untagged (``util.ReferenceExpand`` in
+    src/cmd/linuxkit/util/reference.go adds ``:latest`` only to a string without a colon)
+    and looks names up by exact string, so renaming such an entry ``…:latest`` would
+    hide it from linuxkit and make its next pull write a duplicate."""
+    wanted = Reference.parse(name)
+    spellings = [m.name for m in manifests if _names_match(m.name, wanted)]
+    if not spellings or name in spellings:
+        return entry
+    return entry.named(spellings[0])
+
+
+_LINUXKIT_DIGEST_ARCH_NAME = re.compile(r"(.+@sha256:[0-9a-f]{64})-[a-z0-9_]+")
+
+
+def _name_predicate(ref: RefLike) -> Callable[[str], bool]:
+    """Whether a stored name is ``ref``. A string that is not a reference matches only a
+    stored name spelled exactly so: linuxkit's pull of a digest reference with arch names
+    writes ``<repo>@sha256:<hex>-<arch>`` (``Pull`` in src/cmd/linuxkit/cache/pull.go),
+    which no reference grammar accepts but ``rm`` must still be able to remove."""
+    try:
+        wanted = Reference.parse(ref)
+    except InvalidReferenceError:
+        if not isinstance(ref, str):
+            raise
+        return lambda stored: stored == ref
+    return lambda stored: _names_match(stored, wanted)
 
 
 @_value_type
@@ -4121,8 +4180,15 @@ class Provider(CacheProvider):
         return next((e for e in entries if _names_match(e.name, wanted)), None)
 
     def _find_named(self, ref: RefLike) -> Descriptor:
-        wanted = Reference.parse(ref)
         entries = self.layout.read_index().manifests
+        try:
+            wanted = Reference.parse(ref)
+        except InvalidReferenceError:
+            matches = _name_predicate(ref)
+            stored = next((e for e in entries if matches(e.name)), None)
+            if stored is None:
+                raise
+            return stored
         for entry in entries:
             if _names_match(entry.name, wanted):
                 return entry
@@ -4155,7 +4221,7 @@ class Provider(CacheProvider):
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
                 kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                return kept + [d for _, d in entries]
+                return kept + [_keep_spelling(manifests, name, d) for name, d in entries]
 
             self.layout.update_index(change)
 
@@ -4208,13 +4274,14 @@ class Provider(CacheProvider):
 
         Every name must exist, or nothing is removed.
         """
-        wanted = [Reference.parse(ref) for ref in refs]
+        wanted = [_name_predicate(ref) for ref in refs]
         with self.layout.deleting_blobs(), self.layout.lock():
             entries = self.layout.read_index().manifests
-            for ref in wanted:
-                if not any(_names_match(e.name, ref) for e in entries):
-                    raise NotFoundError(f"no image named {ref} in the cache {self.root}")
-            removed = [e for e in entries if any(_names_match(e.name, w) for w in wanted)]
+            for ref, matches in zip(refs, wanted):
+                if not any(matches(e.name) for e in entries):
+                    label = Reference.parse(ref)  # a string that is no reference says so
+                    raise NotFoundError(f"no image named {label} in the cache {self.root}")
+            removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
             remaining = [e for e in entries if e not in removed]
             self.layout.update_index(lambda _: remaining)
             before = self.layout.reachable(removed).digests
@@ -4355,10 +4422,10 @@ class Provider(CacheProvider):
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
             root_data, root = self.registry.get_manifest(wanted)
-            manifests = self._pull_plan(wanted, root_data, root, architecture)
-            blobs: Dict[Digest, Descriptor] = {}
+            manifests, loose = self._pull_plan(wanted, root_data, root, architecture)
+            blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
             for _, _, manifest in manifests:
-                for blob in manifest.blobs():
+                for blob in manifest.blobs() if manifest is not None else ():
                     if not _is_foreign(blob):
                         blobs.setdefault(blob.digest, blob)
             self.progress.begin(name, list(blobs.values()))
@@ -4367,12 +4434,12 @@ class Provider(CacheProvider):
                 self.layout.write_blob_bytes(data, descriptor.digest)
             self.layout.write_blob_bytes(root_data, root.digest)
             names = [(name, root.named(name))]
-            if arch_tags and wanted.tag:
+            if arch_tags and wanted.tag and root.is_index:  # linuxkit tags only indexes
                 base = Reference(wanted.registry, wanted.repository, wanted.tag)
-                for descriptor, _, _ in manifests:
-                    if descriptor.platform is not None and not descriptor.is_attestation:
-                        tag = f"{base}-{_arch_tag(descriptor.platform)}"
-                        names.append((tag, descriptor.named(tag)))
+                pulled = {descriptor.digest for descriptor, _, _ in manifests}
+                for child, suffix in _arch_tags(Index.from_json(root_data).manifests):
+                    if child.digest in pulled:
+                        names.append((f"{base}-{suffix}", child.named(f"{base}-{suffix}")))
             self._write_names(names)
         self.progress.end(name, root)
         return self.new_source(name, architecture, root.named(name))
@@ -4390,33 +4457,31 @@ class Provider(CacheProvider):
             all(self.layout.has_blob(d) for d in marked.digests)
         return self._find_named(ref) if complete else None
 
-    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor,
-                   architecture: str) -> List[Tuple[Descriptor, bytes, Manifest]]:
-        """The image manifests a pull needs, fetched and parsed; no name is written."""
+    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
+                   ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]], List[Descriptor]]:
+        """The manifests a pull needs, fetched and parsed (None for a nested index), children
+        before the index that lists them, and the other blobs an index lists; no name is
+        written."""
         if root.is_index:
             index = Index.from_json(data, what=f"index of {ref}")
+            if architecture == ALL_PLATFORMS:
+                return self._plan_everything(ref, index)
             images = [c for c in index.manifests if c.platform is not None
                       and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
-            if architecture == ALL_PLATFORMS:
-                chosen = images
-                if not chosen:
-                    raise PlatformNotFoundError(f"image {ref} is an index without images")
-            else:
-                wanted = Platform.parse(architecture)
-                child = select_platform(images, wanted)
-                if child is None:
-                    have = ", ".join(str(c.platform) for c in images) or "no platforms"
-                    raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
-                chosen = [child]
-            chosen += [a for c in chosen for a in index.attestations_for(c.digest)
-                       if a.media_type in IMAGE_MEDIA_TYPES]
-            plan = []
+            wanted = Platform.parse(architecture)
+            child = select_platform(images, wanted)
+            if child is None:
+                have = ", ".join(str(c.platform) for c in images) or "no platforms"
+                raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
+            chosen = [child] + [a for a in index.attestations_for(child.digest)
+                                if a.media_type in IMAGE_MEDIA_TYPES]
+            plan: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
             for child in chosen:
-                child_ref = Reference(ref.registry, ref.repository, "", child.digest)
-                child_data, _ = self.registry.get_manifest(child_ref, what=f"pull {ref}")
+                child_data, _ = self.registry.get_manifest(
+                    Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
                 plan.append((child, child_data, Manifest.from_json(
                     child_data, what=f"manifest {child.digest} of {ref}")))
-            return plan
+            return plan, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
         if self.layout.has_blob(manifest.config.digest, manifest.config.size):
             config_data = self.layout.read_blob(manifest.config.digest)
@@ -4431,7 +4496,42 @@ class Provider(CacheProvider):
         elif architecture == "" and select_platform([probe], Platform.host()) is None:
             _log().warning("image %s is %s, not this host's %s", ref, declared, Platform.host())
         self.layout.write_blob_bytes(config_data, manifest.config.digest)
-        return [(probe, data, manifest)]
+        return [(probe, data, manifest)], []
+
+    def _plan_everything(self, ref: Reference, index: Index
+                         ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]],
+                                    List[Descriptor]]:
+        """Every child of an index, as linuxkit's pull writes them (ggcr's
+        ``layout.WriteIndex``): images with or without a platform, attestations, nested
+        indexes (descended into, to ``_MAX_INDEX_DEPTH``) and other blobs."""
+        plan: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+        loose: Dict[Digest, Descriptor] = {}
+        seen: set[Digest] = set()
+
+        def walk(listed: Index, depth: int) -> None:
+            for child in listed.manifests:
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                if child.media_type not in INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES:
+                    loose[child.digest] = child
+                    continue
+                data, _ = self.registry.get_manifest(
+                    Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
+                what = f"{'index' if child.is_index else 'manifest'} {child.digest} of {ref}"
+                if not child.is_index:
+                    plan.append((child, data, Manifest.from_json(data, what=what)))
+                elif depth >= _MAX_INDEX_DEPTH:
+                    raise OciCacheError(f"image {ref} nests indexes more than "
+                                        f"{_MAX_INDEX_DEPTH} deep")
+                else:
+                    walk(Index.from_json(data, what=what), depth + 1)
+                    plan.append((child, data, None))
+
+        walk(index, 1)
+        if not any(manifest is not None for _, _, manifest in plan):
+            raise PlatformNotFoundError(f"image {ref} is an index without images")
+        return plan, list(loose.values())
 
     def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
         """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
@@ -4458,8 +4558,18 @@ class Provider(CacheProvider):
     def is_published(self, ref: RefLike) -> bool:
         """Whether the registry serves exactly the root this cache holds for ``ref``
         (with credentials, unlike linuxkit's anonymous check)."""
-        wanted = Reference.parse(ref)
-        root = self._find_named(wanted)
+        root = self._find_named(ref)
+        try:
+            wanted = Reference.parse(ref)
+        except InvalidReferenceError:
+            # linuxkit's "<repo>@sha256:<hex>-<arch>": published if the repository serves
+            # the manifest the name holds
+            match = _LINUXKIT_DIGEST_ARCH_NAME.fullmatch(str(ref))
+            try:
+                base = Reference.parse(match.group(1) if match else "")
+            except InvalidReferenceError:
+                return False
+            wanted = Reference(base.registry, base.repository, "", root.digest)
         try:
             _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
         except RegistryError as e:
@@ -4533,11 +4643,13 @@ class Provider(CacheProvider):
         self.registry.put_manifest(endpoint, tag, data, media_type)
         _log().info("pushed %s as %s", local, remote)
         if with_manifest and root.is_index and remote.tag:
-            for child in children:
-                if child.platform is not None and _is_real_platform(child) and \
-                        self.layout.has_blob(child.digest):
-                    child_tag = f"{remote.tag}-{_arch_tag(child.platform)}"
-                    self.registry.put_manifest(endpoint, child_tag,
+            for child, suffix in _arch_tags(children):
+                if self.layout.has_blob(child.digest):
+                    if child.platform is not None and suffix != child.platform.architecture:
+                        _log().info("%s: tagging %s as %s-%s, since another platform has "
+                                    "%s-%s", remote, child.platform, remote.tag, suffix,
+                                    remote.tag, child.platform.architecture)
+                    self.registry.put_manifest(endpoint, f"{remote.tag}-{suffix}",
                                                self.layout.read_blob(child.digest),
                                                child.media_type)
 
@@ -5283,7 +5395,8 @@ def _published(provider: Provider, args: argparse.Namespace,
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    names = list(dict.fromkeys(canonical_name(n) for n in args.names))
+    stored = {d.name for d in provider.names()}
+    names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
     for name in names:
         provider._find_named(name)  # every name must exist before anything is removed
     if args.published_only:

@@ -3495,8 +3495,54 @@ class TestRegistry(RegistryTestCase):
         cache.image_pull(f"{registry.host}/test/arm:1", "", "all", arch_tags=True)
         name = f"{registry.host}/test/arm:1"
         self.assertEqual(sorted(n for n in self.index_names() if "test/arm" in n),
-                         [name, f"{name}-arm-v6", f"{name}-arm-v7"])
+                         [name, f"{name}-arm", f"{name}-arm-v6"])
         self.assertEqual(str(cache.find_descriptor(f"{name}-arm-v6").digest), v6.manifest.digest)
+        self.assertEqual(str(cache.find_descriptor(f"{name}-arm").digest), v7.manifest.digest)
+
+    def test_arch_tags_are_linuxkits(self) -> None:
+        # linuxkit's Pull (src/cmd/linuxkit/cache/pull.go) names "<ref>-<architecture>",
+        # for the children of an index only.
+        registry = self.start_registry()
+        amd, v7 = make_image("tags-amd"), make_image("tags-v7", "arm", "v7")
+        _, attestation_blobs, attestation = make_attestation(amd)
+        index = make_index([amd.descriptor(), v7.descriptor(), attestation])
+        single = make_image("tags-single")
+        upload(registry.url, "test/tags", [*amd.blobs, *v7.blobs, *attestation_blobs, *single.blobs],
+               [(amd.manifest.digest, amd.manifest), (v7.manifest.digest, v7.manifest),
+                (attestation["digest"], make_attestation(amd)[0]), ("1", index),
+                ("single", single.manifest)])
+        cache = self.provider()
+        name = f"{registry.host}/test/tags:1"
+        cache.image_pull(name, "", "all", arch_tags=True)
+        cache.image_pull(f"{registry.host}/test/tags:single", "", "", arch_tags=True)
+        self.assertEqual(self.index_names(), [name, f"{name}-amd64", f"{name}-arm",
+                                              f"{registry.host}/test/tags:single"])
+        self.assertEqual(str(cache.find_descriptor(f"{name}-arm").digest), v7.manifest.digest)
+
+    def test_all_platforms_pulls_nested_indexes_and_children_without_platform(self) -> None:
+        # linuxkit's pull writes every child (ggcr layout.WriteIndex, called by ImagePull
+        # in src/cmd/linuxkit/cache/write.go), nested indexes and platform-less ones too.
+        registry = self.start_registry()
+        amd, arm, bare = make_image("n-amd"), make_image("n-arm", "arm64"), make_image("n-bare")
+        inner = make_index([arm.descriptor()])
+        loose = Blob(oc.MEDIA_IN_TOTO, b'{"_type": "loose"}')
+        outer = make_index([amd.descriptor(), bare.manifest.descriptor(), inner.descriptor(),
+                            loose.descriptor()])
+        upload(registry.url, "test/nest", [*amd.blobs, *arm.blobs, *bare.blobs, loose],
+               [(i.manifest.digest, i.manifest) for i in (amd, arm, bare)]
+               + [(inner.digest, inner), ("1", outer)])
+        cache = self.provider()
+        name = f"{registry.host}/test/nest:1"
+        cache.image_pull(name, "", "all")
+        for blob in [*amd.blobs, *arm.blobs, *bare.blobs, inner, loose, outer]:
+            self.assertTrue(cache.layout.has_blob(blob.digest), blob.media_type)
+        before = self.settled(registry)
+        result = self.cli("pull", "--all-platforms", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.settled(registry), before + 1, "a complete image made requests")
+        result = self.cli("export", "--format", "oci", "--platform", "all", "-o", "-", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(cache.verify().ok)
 
     def test_image_in_registry(self) -> None:
         registry = self.start_registry()
@@ -4189,6 +4235,24 @@ class TestPush(RegistryTestCase):
             f"{registry.url}/v2/test/arch/tags/list").read())["tags"]
         self.assertEqual(sorted(tags), ["1", "1-amd64", "1-arm64"])
 
+    def test_arch_tags_are_linuxkits(self) -> None:
+        # linuxkit's Push (src/cmd/linuxkit/cache/push.go) tags "<remote>-<architecture>":
+        # arm/v7 is "-arm". Only where two platforms share one does a variant show.
+        registry = self.start_registry()
+        amd, v7 = make_image("pt-amd"), make_image("pt-v7", "arm", "v7")
+        v6 = make_image("pt-v6", "arm", "v6")
+        for tag, images in (("1", [amd, v7]), ("2", [v6, v7])):
+            index = make_index([i.descriptor() for i in images])
+            self.load(oci_archive([(index.descriptor(), named(f"{registry.host}/test/pt:{tag}"))],
+                                  [b for i in images for b in i.blobs] + [index]))
+            self.provider().push(f"{registry.host}/test/pt:{tag}", with_manifest=True)
+        tags = json.loads(urllib.request.urlopen(
+            f"{registry.url}/v2/test/pt/tags/list").read())["tags"]
+        self.assertEqual(sorted(tags), ["1", "1-amd64", "1-arm", "2", "2-arm", "2-arm-v6"])
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/pt:1-arm"), v7.manifest.data)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/pt:2-arm"), v7.manifest.data)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/pt:2-arm-v6"), v6.manifest.data)
+
     def test_chunked_uploads_and_chunk_minimum(self) -> None:
         registry = self.start_registry()
         proxy = FaultProxy("127.0.0.1", registry.port)
@@ -4803,6 +4867,33 @@ class TestPublishedOnly(RegistryTestCase):
         self.assertTrue(self.cache.verify().ok)
         self.assert_one_line_error(self.cli("rm", "--published-only", "example.com/none:1"),
                                    "no image named")
+
+    def test_linuxkits_digest_pull_names(self) -> None:
+        # linuxkit's Pull (src/cmd/linuxkit/cache/pull.go) of "R@sha256:D" with arch names
+        # stores "R@sha256:D-amd64", which is no reference.
+        registry = self.start_registry()
+        amd, arm = make_image("dp-amd"), make_image("dp-arm", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        upload(registry.url, "test/dp", [*amd.blobs, *arm.blobs],
+               [(amd.manifest.digest, amd.manifest), (arm.manifest.digest, arm.manifest),
+                ("1", index)])
+        base = f"{registry.host}/test/dp@{index.digest}"
+        self.load(oci_archive([(index.descriptor(), named(base))],
+                              [*amd.blobs, *arm.blobs, index]))
+        other = make_image("dp-other", "s390x")
+        self.load_image(f"{registry.host}/test/other:1", other)  # not in the registry
+        for suffix, image in (("amd64", amd), ("arm64", arm), ("s390x", other)):
+            writer = linuxkit("write", self.cache_dir, json.dumps(image.descriptor()),
+                              f"{base}-{suffix}")
+            self.assertEqual(writer.wait(30), 0)
+        result = self.cli("clean", "--published-only")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/other:1", f"{base}-s390x"])
+        result = self.cli("rm", f"{base}-s390x")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/other:1"])
+        self.assertTrue(self.cache.verify().ok)
+        self.assert_one_line_error(self.cli("rm", f"{base}-s390x"), "invalid reference")
 
 
 class TestPullCommand(RegistryTestCase):
@@ -6953,6 +7044,36 @@ class TestLinuxkitCompatibility(CacheTestCase):
         self.assertEqual(self.cache.find_descriptor("example.com/linuxkit2/x:0").digest,
                          base.digest)
         self.assertTrue(self.cache.verify().ok)
+
+    def test_untagged_names_keep_linuxkits_spelling(self) -> None:
+        # linuxkit stores "host:port/repo" untagged (util.ReferenceExpand adds ":latest"
+        # only without a colon) and looks names up by exact string.
+        old, new = make_image("lk-old"), make_image("lk-new")
+        self.load_image("example.com/keep:1", old)
+        for name in ("127.0.0.1:5000/repo", "docker.io/library/untagged"):
+            writer = linuxkit("write", self.cache_dir, json.dumps(old.descriptor()), name)
+            self.assertEqual(writer.wait(30), 0)
+        self.load_image("untagged", new)
+        self.cache.descriptor_write("127.0.0.1:5000/repo", new.manifest.descriptor())
+        self.assertEqual(self.index_names(), ["example.com/keep:1", "docker.io/library/untagged",
+                                              "127.0.0.1:5000/repo"])
+        for name in ("127.0.0.1:5000/repo:latest", "untagged"):
+            self.assertEqual(str(self.cache.find_descriptor(name).digest), new.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_verify_leaves_linuxkits_temporary_files_alone(self) -> None:
+        # go-containerregistry's layout writeBlob (pkg/v1/layout/write.go), which linuxkit
+        # uses, downloads into os.CreateTemp(dir, hex): the hex, then a random number.
+        image = make_image("lk-temp")
+        self.load_image("example.com/temp:1", image)
+        directory = os.path.join(self.cache_dir, "blobs", "sha256")
+        with open(os.path.join(directory, image.layers[0].digest[7:] + "2889141032"), "wb") as f:
+            f.write(b"part of a layer")
+        report = self.cache.verify()
+        self.assertTrue(report.ok, report)
+        with open(os.path.join(directory, "not-a-blob"), "wb") as f:
+            f.write(b"x")
+        self.assertEqual(len(self.cache.verify().corrupt), 1)
 
 
 class TestReadmeExample(RegistryTestCase):
