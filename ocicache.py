@@ -3897,6 +3897,9 @@ def default_cache_dir() -> str:
 
 
 _MAX_INDEX_DEPTH = 8  # indexes within indexes that a pull follows (linuxkit's: no limit)
+# On an index ocicache made of the children of a registry's index that the cache holds:
+# the digest of that registry index (see Provider._root_to_name).
+_ANNOTATION_SUBSET_OF = "io.ocicache.subset-of"
 
 
 def _arch_tags(children: Sequence[Descriptor]) -> List[Tuple[Descriptor, str]]:
@@ -4326,6 +4329,10 @@ class Provider(CacheProvider):
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
                              if c.platform is not None and not c.is_attestation) or "none"
+            if index.annotations.get(_ANNOTATION_SUBSET_OF):
+                raise PlatformNotFoundError(
+                    f"image {root.name or Reference.parse(ref)}: the cache holds only {have} "
+                    f"of it; pull it with --platform {wanted}")
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
         return root, child
@@ -4412,17 +4419,23 @@ class Provider(CacheProvider):
 
         An image already complete makes no request unless ``always_pull``. Only the
         platform's child (and its attestations) is downloaded from an index, only
-        missing blobs, each verified; the name is written last.
+        missing blobs, each verified; the name is written last, on the part of the index
+        the cache holds (``_root_to_name``). A digest reference is pulled whole.
         """
         wanted = Reference.parse(ref)
         name = str(wanted)
-        cached = None if always_pull else self._complete(wanted, architecture)
+        # A digest names the registry's whole index, so the cache holds all of it (see
+        # _root_to_name); a tag may name the part of an index that was pulled.
+        whole = ALL_PLATFORMS if wanted.digest is not None else architecture
+        cached = None if always_pull else self._complete(wanted, whole)
         if cached is not None:
             self.progress.cached(name, cached)
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
             root_data, root = self.registry.get_manifest(wanted)
-            manifests, loose = self._pull_plan(wanted, root_data, root, architecture)
+            if whole != architecture and root.is_index:
+                self._pull_plan(wanted, root_data, root, architecture, plan=False)
+            manifests, loose = self._pull_plan(wanted, root_data, root, whole)
             blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
             for _, _, manifest in manifests:
                 for blob in manifest.blobs() if manifest is not None else ():
@@ -4432,17 +4445,59 @@ class Provider(CacheProvider):
             self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size))
             for descriptor, data, _ in manifests:
                 self.layout.write_blob_bytes(data, descriptor.digest)
-            self.layout.write_blob_bytes(root_data, root.digest)
-            names = [(name, root.named(name))]
-            if arch_tags and wanted.tag and root.is_index:  # linuxkit tags only indexes
-                base = Reference(wanted.registry, wanted.repository, wanted.tag)
-                pulled = {descriptor.digest for descriptor, _, _ in manifests}
-                for child, suffix in _arch_tags(Index.from_json(root_data).manifests):
-                    if child.digest in pulled:
-                        names.append((f"{base}-{suffix}", child.named(f"{base}-{suffix}")))
-            self._write_names(names)
-        self.progress.end(name, root)
-        return self.new_source(name, architecture, root.named(name))
+            with self.layout.lock():  # what the cache holds cannot change until it is named
+                named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
+                names = [(name, named.named(name))]
+                if arch_tags and wanted.tag and root.is_index:  # linuxkit tags only indexes
+                    base = Reference(wanted.registry, wanted.repository, wanted.tag)
+                    pulled = {descriptor.digest for descriptor, _, _ in manifests}
+                    for child, suffix in _arch_tags(Index.from_json(root_data).manifests):
+                        if child.digest in pulled:
+                            names.append((f"{base}-{suffix}", child.named(f"{base}-{suffix}")))
+                self._write_names(names)
+        self.progress.end(name, named)
+        return self.new_source(name, architecture, named.named(name))
+
+    def _root_to_name(self, data: bytes, root: Descriptor, whole: bool) -> Descriptor:
+        """The root a pull names, its blob written: the registry's own index or manifest
+        when the cache holds every child it lists, else an index of the children the cache
+        holds (registry order, attestations of those only), annotated as a part of the
+        registry's index (``_ANNOTATION_SUBSET_OF``).
+
+        An index must not list what the cache lacks: linuxkit's ``ValidateImage``
+        (src/cmd/linuxkit/cache/pull.go) counts a platform as present when the index
+        lists it, so ``linuxkit build --arch arm64`` after a pull of amd64 alone would
+        skip its own pull and build without the image.
+        """
+        if not whole and root.is_index:
+            index = Index.from_json(data, what=f"index {root.digest}")
+            images = {c.digest for c in index.manifests if not c.is_attestation
+                      and c.media_type in IMAGE_MEDIA_TYPES and self._holds(c)}
+            kept = tuple(c for c in index.manifests if c.digest in images or (
+                c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES and self._holds(c)
+                and c.annotations.get(ANNOTATION_REFERENCE_DIGEST) in {str(d) for d in images}))
+            if len(kept) < len(index.manifests):
+                annotations = {**index.annotations, _ANNOTATION_SUBSET_OF: str(root.digest)}
+                part = _replace(index, manifests=kept, annotations=annotations).to_bytes()
+                return Descriptor(root.media_type, self.layout.write_blob_bytes(part), len(part))
+        self.layout.write_blob_bytes(data, root.digest)
+        return root
+
+    def _holds(self, descriptor: Descriptor) -> bool:
+        """Whether the manifest and every blob it needs are in the cache."""
+        try:
+            manifest = self.manifest(descriptor)
+        except OciCacheError:
+            return False
+        return all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
+                   if not _is_foreign(b))
+
+    def _subset_of(self, root: Descriptor) -> str:
+        """The registry index that ``root`` lists a part of (see ``_root_to_name``), or ""."""
+        if not root.is_index or not self.layout.has_blob(root.digest):
+            return ""
+        index = Index.from_json(self.layout.read_blob(root.digest), what=f"index {root.digest}")
+        return str(index.annotations.get(_ANNOTATION_SUBSET_OF, ""))
 
     def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
         """The name's root entry if it is complete for the platform, else None; without
@@ -4450,18 +4505,19 @@ class Provider(CacheProvider):
         if architecture != ALL_PLATFORMS:
             return self._complete_root(ref, architecture)
         root = self.find_descriptor(ref)
-        if root is None:
+        if root is None or self._subset_of(root):
             return None
         marked = self.layout.reachable([root])
         complete = not marked.missing and not marked.unreadable and \
             all(self.layout.has_blob(d) for d in marked.digests)
         return self._find_named(ref) if complete else None
 
-    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
+    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str,
+                   plan: bool = True
                    ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]], List[Descriptor]]:
         """The manifests a pull needs, fetched and parsed (None for a nested index), children
         before the index that lists them, and the other blobs an index lists; no name is
-        written."""
+        written. Without ``plan``, only check that an index has the platform."""
         if root.is_index:
             index = Index.from_json(data, what=f"index of {ref}")
             if architecture == ALL_PLATFORMS:
@@ -4474,14 +4530,14 @@ class Provider(CacheProvider):
                 have = ", ".join(str(c.platform) for c in images) or "no platforms"
                 raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
             chosen = [child] + [a for a in index.attestations_for(child.digest)
-                                if a.media_type in IMAGE_MEDIA_TYPES]
-            plan: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+                                if a.media_type in IMAGE_MEDIA_TYPES] if plan else []
+            fetched: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
             for child in chosen:
                 child_data, _ = self.registry.get_manifest(
                     Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
-                plan.append((child, child_data, Manifest.from_json(
+                fetched.append((child, child_data, Manifest.from_json(
                     child_data, what=f"manifest {child.digest} of {ref}")))
-            return plan, []
+            return fetched, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
         if self.layout.has_blob(manifest.config.digest, manifest.config.size):
             config_data = self.layout.read_blob(manifest.config.digest)
@@ -4576,7 +4632,7 @@ class Provider(CacheProvider):
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
             raise
-        return remote.digest == root.digest
+        return remote.digest == root.digest or str(remote.digest) == self._subset_of(root)
 
     def image_in_registry(self, ref: RefLike, trusted_ref: str = "",
                           architecture: str = "") -> bool:
@@ -4625,6 +4681,12 @@ class Provider(CacheProvider):
         children: List[Descriptor] = []
         if root.is_index:
             index = Index.from_json(data, what=f"index of {local}")
+            if index.annotations.get(_ANNOTATION_SUBSET_OF):
+                held = ", ".join(str(c.platform) for c in index.manifests
+                                 if c.platform is not None and not c.is_attestation)
+                raise NotFoundError(f"cannot push {local}: the cache holds only {held} of "
+                                    f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
+                                    "--all-platforms first")
             children = list(index.manifests)
             if existing is not None and existing[1].is_index:
                 merged = merge_remote_index(index, Index.from_json(existing[0]))

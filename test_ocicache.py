@@ -2847,6 +2847,58 @@ def linuxkit(command: str, cache: str, *args: str, **popen: Any) -> subprocess.P
                             **popen)
 
 
+def linuxkit_validate_image(cache: str, name: str, platforms: Sequence[str]) -> str:
+    """linuxkit's rule for "this image is in the cache, do not pull it": "" when linuxkit
+    would make no request, else its reason. It follows Provider.ValidateImage
+    (src/cmd/linuxkit/cache/pull.go) with FindRoot (cache/find.go): the first root entry
+    whose ref.name is exactly ``name``, an image before an index; for an index, children
+    without a platform or unknown/unknown must have their config, and each requested
+    platform counts as present when a child lists its os and arch (and variant, if asked)
+    - whether its blobs are there or not; a single image is checked whole (validate.Image).
+    """
+    def blob(digest: str) -> Optional[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            with open(os.path.join(cache, "blobs", "sha256", digest.split(":")[1]), "rb") as f:
+                return f.read()
+        return None
+
+    with open(os.path.join(cache, "index.json"), "rb") as f:
+        entries = [m for m in json.load(f)["manifests"]
+                   if m.get("annotations", {}).get(oc.ANNOTATION_REF_NAME) == name]
+    roots = ([m for m in entries if m["mediaType"] in oc.IMAGE_MEDIA_TYPES]
+             + [m for m in entries if m["mediaType"] in oc.INDEX_MEDIA_TYPES])
+    if not roots:
+        return f"no such reference: {name}"
+    data = blob(roots[0]["digest"])
+    if data is None:
+        return f"no such reference: {name}"
+    if roots[0]["mediaType"] in oc.IMAGE_MEDIA_TYPES:
+        if len(platforms) > 1:
+            return f"image {name} is not a multi-arch image"
+        manifest = json.loads(data)
+        for descriptor in [manifest["config"], *manifest["layers"]]:
+            content = blob(descriptor["digest"])
+            if content is None or sha256(content) != descriptor["digest"]:
+                return f"invalid image, {descriptor['digest']}"
+        return ""
+    children = json.loads(data)["manifests"]
+    for child in children:
+        platform = child.get("platform")
+        if platform is None or (platform["architecture"], platform["os"]) == ("unknown",) * 2:
+            manifest = blob(child["digest"])
+            if manifest is None or blob(json.loads(manifest)["config"]["digest"]) is None:
+                return f"invalid image: {child['digest']}"
+    missing = []
+    for wanted in platforms:
+        os_name, arch, *variant = wanted.split("/")
+        if not any(c.get("platform", {}).get("os") == os_name
+                   and c.get("platform", {}).get("architecture") == arch
+                   and (not variant or c.get("platform", {}).get("variant") == variant[0])
+                   for c in children):
+            missing.append(wanted)
+    return f"index for {name} did not contain image for platforms {missing}" if missing else ""
+
+
 class TestLayout(CacheTestCase):
     def test_fresh_cache_is_linuxkit_compatible(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
@@ -3422,7 +3474,11 @@ class TestRegistry(RegistryTestCase):
         amd, arm, attestation_blobs, index = self.multi_arch(registry)
         cache = self.provider()
         source = cache.image_pull(f"{registry.host}/test/multi:1", "", "amd64")
-        self.assertEqual(str(source.descriptor().digest), index.digest)
+        part = json.loads(cache.layout.read_blob(source.descriptor().digest))
+        self.assertEqual([m["digest"] for m in part["manifests"]],  # what the cache holds
+                         [m["digest"] for m in json.loads(index.data)["manifests"]
+                          if m["digest"] != arm.manifest.digest])
+        self.assertEqual(part["annotations"], {oc._ANNOTATION_SUBSET_OF: index.digest})
         store = {str(i.digest) for i in cache.store().walk()}
         self.assertTrue({b.digest for b in amd.blobs} <= store)
         self.assertTrue({b.digest for b in attestation_blobs} <= store)
@@ -3435,6 +3491,8 @@ class TestRegistry(RegistryTestCase):
         self.assertEqual(self.settled(registry), before + 1, "a complete image made requests")
         cache.image_pull(f"{registry.host}/test/multi:1", "", "linux/arm64/v8")
         self.assertTrue(cache.image_in_cache(f"{registry.host}/test/multi:1", "", "arm64"))
+        self.assertEqual(str(cache.find_descriptor(f"{registry.host}/test/multi:1").digest),
+                         index.digest)  # all of it: the registry's own index
 
     def test_all_platforms_and_a_missing_platform(self) -> None:
         registry = self.start_registry()
@@ -3543,6 +3601,37 @@ class TestRegistry(RegistryTestCase):
         result = self.cli("export", "--format", "oci", "--platform", "all", "-o", "-", name)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(cache.verify().ok)
+
+    def test_linuxkit_pulls_what_a_partial_pull_left_out(self) -> None:
+        registry = self.start_registry()
+        amd, arm, attestation_blobs, index = self.multi_arch(registry)
+        cache = self.provider()
+        name = f"{registry.host}/test/multi:1"
+        cache.image_pull(name, "", "amd64")
+        # linuxkit build --arch arm64 must pull (its rule says the image is not there) ...
+        self.assertIn("did not contain image for platforms ['linux/arm64']",
+                      linuxkit_validate_image(self.cache_dir, name, ["linux/arm64"]))
+        # ... and need not for amd64, which is complete
+        self.assertEqual(linuxkit_validate_image(self.cache_dir, name, ["linux/amd64"]), "")
+        with self.assertRaisesRegex(oc.PlatformNotFoundError, "the cache holds only linux/amd64 "
+                                    "of it; pull it with --platform linux/arm64"):
+            cache.new_source(name, "arm64").config()
+        self.assertIn("pull it with --all-platforms first", self.cli(
+            "push", "--remote-name", f"{registry.host}/test/copy:1", name).stderr.decode())
+        self.assertTrue(cache.is_published(name))
+        cache.image_pull(name, "", "arm64")
+        self.assertEqual(str(cache.find_descriptor(name).digest), index.digest)
+        self.assertEqual(linuxkit_validate_image(self.cache_dir, name, ["linux/arm64"]), "")
+        self.assertTrue(cache.verify().ok)
+        # A digest names the whole index: pulling it fetches every platform.
+        other = self.path("by-digest")
+        pinned = f"{registry.host}/test/multi@{index.digest}"
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", other, "pull", pinned],
+                                capture_output=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(linuxkit_validate_image(other, pinned, ["linux/arm64"]), "")
+        self.assertTrue(all(os.path.exists(os.path.join(other, "blobs", "sha256", b.digest[7:]))
+                            for b in arm.blobs))
 
     def test_image_in_registry(self) -> None:
         registry = self.start_registry()
