@@ -1065,7 +1065,7 @@ def _try_flock(fd: int, mode: int) -> bool:
     return True
 
 
-def _record_lock(fd: int, kind: int, wait: bool = False) -> bool:
+def _record_lock(fd: int, kind: int) -> bool:
     """linuxkit's lock: a whole-file POSIX write lock on ``.lock`` (``util.Lock`` in
     src/cmd/linuxkit/util/filelock_unix.go: ``fcntl(F_SETLKW, F_WRLCK)``), which
     ``flock`` does not exclude on Linux. There it is taken as an open-file-description
@@ -1073,10 +1073,11 @@ def _record_lock(fd: int, kind: int, wait: bool = False) -> bool:
     to the process, so no other ``close()`` of the file in this process can drop it.
     Elsewhere it is a classic record lock (``lockf``), which any close of ``.lock`` by
     this process drops: ``_DirectoryLock`` is the only code that opens that file.
+    Never blocks; False when another process holds the lock.
     """
     import struct
     if sys.platform.startswith("linux"):
-        command = getattr(fcntl, "F_OFD_SETLKW" if wait else "F_OFD_SETLK", 38 if wait else 37)
+        command = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux's value, where Python lacks it
         try:  # struct flock: type, whence, start, length 0 = the whole file, pid 0
             fcntl.fcntl(fd, command, struct.pack("@hhqqi", kind, os.SEEK_SET, 0, 0, 0))
             return True
@@ -1087,7 +1088,7 @@ def _record_lock(fd: int, kind: int, wait: bool = False) -> bool:
                 raise
     operation = {fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}[kind]
     try:
-        fcntl.lockf(fd, operation if wait or kind == fcntl.F_UNLCK else operation | fcntl.LOCK_NB)
+        fcntl.lockf(fd, operation if kind == fcntl.F_UNLCK else operation | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             return False
@@ -3923,6 +3924,19 @@ def _arch_tags(children: Sequence[Descriptor]) -> List[Tuple[Descriptor, str]]:
     return tags
 
 
+def _select_child(ref: Reference, index: Index, architecture: str) -> Descriptor:
+    """The image child of ``index`` a pull of ``architecture`` takes, or an error naming
+    the platforms the index has."""
+    images = [c for c in index.manifests if c.platform is not None
+              and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
+    wanted = Platform.parse(architecture)
+    child = select_platform(images, wanted)
+    if child is None:
+        have = ", ".join(str(c.platform) for c in images) or "no platforms"
+        raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
+    return child
+
+
 def _as_descriptor(value: DescriptorLike) -> Descriptor:
     return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
 
@@ -4433,9 +4447,11 @@ class Provider(CacheProvider):
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
             root_data, root = self.registry.get_manifest(wanted)
-            if whole != architecture and root.is_index:
-                self._pull_plan(wanted, root_data, root, architecture, plan=False)
-            manifests, loose = self._pull_plan(wanted, root_data, root, whole)
+            if root.is_index and whole != architecture:  # the platform asked for must be there
+                _select_child(wanted, Index.from_json(root_data, what=f"index of {wanted}"),
+                              architecture)
+            manifests, loose = self._pull_plan(wanted, root_data, root,
+                                               whole if root.is_index else architecture)
             blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
             for _, _, manifest in manifests:
                 for blob in manifest.blobs() if manifest is not None else ():
@@ -4471,11 +4487,11 @@ class Provider(CacheProvider):
         """
         if not whole and root.is_index:
             index = Index.from_json(data, what=f"index {root.digest}")
-            images = {c.digest for c in index.manifests if not c.is_attestation
+            images = {str(c.digest) for c in index.manifests if not c.is_attestation
                       and c.media_type in IMAGE_MEDIA_TYPES and self._holds(c)}
-            kept = tuple(c for c in index.manifests if c.digest in images or (
+            kept = tuple(c for c in index.manifests if str(c.digest) in images or (
                 c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES and self._holds(c)
-                and c.annotations.get(ANNOTATION_REFERENCE_DIGEST) in {str(d) for d in images}))
+                and c.annotations.get(ANNOTATION_REFERENCE_DIGEST) in images))
             if len(kept) < len(index.manifests):
                 annotations = {**index.annotations, _ANNOTATION_SUBSET_OF: str(root.digest)}
                 part = _replace(index, manifests=kept, annotations=annotations).to_bytes()
@@ -4496,7 +4512,10 @@ class Provider(CacheProvider):
         """The registry index that ``root`` lists a part of (see ``_root_to_name``), or ""."""
         if not root.is_index or not self.layout.has_blob(root.digest):
             return ""
-        index = Index.from_json(self.layout.read_blob(root.digest), what=f"index {root.digest}")
+        try:
+            index = Index.from_json(self.layout.read_blob(root.digest), what="index")
+        except OciCacheError:  # verify and reachable() report it
+            return ""
         return str(index.annotations.get(_ANNOTATION_SUBSET_OF, ""))
 
     def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
@@ -4512,25 +4531,18 @@ class Provider(CacheProvider):
             all(self.layout.has_blob(d) for d in marked.digests)
         return self._find_named(ref) if complete else None
 
-    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str,
-                   plan: bool = True
+    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
                    ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]], List[Descriptor]]:
         """The manifests a pull needs, fetched and parsed (None for a nested index), children
         before the index that lists them, and the other blobs an index lists; no name is
-        written. Without ``plan``, only check that an index has the platform."""
+        written."""
         if root.is_index:
             index = Index.from_json(data, what=f"index of {ref}")
             if architecture == ALL_PLATFORMS:
                 return self._plan_everything(ref, index)
-            images = [c for c in index.manifests if c.platform is not None
-                      and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
-            wanted = Platform.parse(architecture)
-            child = select_platform(images, wanted)
-            if child is None:
-                have = ", ".join(str(c.platform) for c in images) or "no platforms"
-                raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
+            child = _select_child(ref, index, architecture)
             chosen = [child] + [a for a in index.attestations_for(child.digest)
-                                if a.media_type in IMAGE_MEDIA_TYPES] if plan else []
+                                if a.media_type in IMAGE_MEDIA_TYPES]
             fetched: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
             for child in chosen:
                 child_data, _ = self.registry.get_manifest(
