@@ -1022,8 +1022,9 @@ def merge_remote_index(local: Index, remote: Index) -> Index:
 #
 # The cache on disk: ``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>`` and ``.lock``.
 # Blobs are written to a temporary file beside their final name, verified, fsynced and
-# renamed; ``index.json`` is replaced atomically under an exclusive ``flock`` that is
-# reentrant within a process and safe across threads. Names are written last, after a
+# renamed; ``index.json`` is replaced atomically under an exclusive lock on ``.lock``
+# (``flock`` and linuxkit's POSIX record lock) that is reentrant within a process and
+# safe across threads. Names are written last, after a
 # check (under the lock) that every blob they need is present, so no name ever points
 # at missing content, whatever runs at the same time.
 # =====================================================================================
@@ -1044,12 +1045,122 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+DEFAULT_LOCK_TIMEOUT_SECONDS = 600.0  # $OCICACHE_LOCK_TIMEOUT overrides it
+
+
+def _lock_timeout() -> float:
+    value = os.environ.get("OCICACHE_LOCK_TIMEOUT", "")
+    try:
+        return max(0.0, float(value)) if value else DEFAULT_LOCK_TIMEOUT_SECONDS
+    except ValueError:
+        raise OciCacheError(f"OCICACHE_LOCK_TIMEOUT={value!r} is not a number of seconds") \
+            from None
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _record_lock(fd: int, kind: int) -> bool:
+    """linuxkit's lock: a whole-file POSIX write lock on ``.lock`` (``util.Lock`` in
+    src/cmd/linuxkit/util/filelock_unix.go: ``fcntl(F_SETLKW, F_WRLCK)``), which
+    ``flock`` does not exclude on Linux. There it is taken as an open-file-description
+    lock: that conflicts with linuxkit's record lock, but belongs to this descriptor, not
+    to the process, so no other ``close()`` of the file in this process can drop it.
+    Elsewhere it is a classic record lock (``lockf``), which any close of ``.lock`` by
+    this process drops: ``_DirectoryLock`` is the only code that opens that file.
+    Never blocks; False when another process holds the lock.
+    """
+    import struct
+    if sys.platform.startswith("linux"):
+        command = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux's value, where Python lacks it
+        try:  # struct flock: type, whence, start, length 0 = the whole file, pid 0
+            fcntl.fcntl(fd, command, struct.pack("@hhqqi", kind, os.SEEK_SET, 0, 0, 0))
+            return True
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel before 3.15, without OFD locks
+                raise
+    operation = {fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}[kind]
+    try:
+        fcntl.lockf(fd, operation if kind == fcntl.F_UNLCK else operation | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _lock_holders(fd: int) -> str:
+    """Who holds a lock on the file open as ``fd``, from /proc/locks (Linux), or ""."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", "rb") as f:
+            lines = f.read(1 << 20).decode("ascii", "replace").splitlines()
+    except OSError:
+        return ""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders: List[str] = []
+    for line in lines:
+        # "1: POSIX  ADVISORY  WRITE 4321 08:01:1234 0 EOF"; a waiter's line has "->"
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->" or fields[5] != key:
+            continue
+        pid = fields[4]
+        if not pid.isdigit() or pid == str(os.getpid()):
+            continue  # an open-file-description lock names no process (ocicache's flock does)
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                command = f.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            command = ""
+        holder = f"process {pid} ({_one_line(command)})" if command else f"process {pid}"
+        if holder not in holders:
+            holders.append(holder)
+    return ", ".join(holders)
+
+
+_LOCK_QUIET_SECONDS = 1.0  # a wait this short is ordinary sharing, not worth a line
+
+
+def _wait_for_lock(fd: int, take: Callable[[], bool], what: str) -> None:
+    """Call ``take`` until it gets the lock. A wait longer than a second says on the log
+    what it waits for, and after ``$OCICACHE_LOCK_TIMEOUT`` seconds it gives up with an
+    error. It polls: neither ``flock`` nor ``fcntl`` can wait with a timeout."""
+    if take():
+        return
+    timeout = _lock_timeout()
+    start = time.monotonic()
+    said = False
+    pause = 0.001
+    while not take():
+        waited = time.monotonic() - start
+        if waited >= timeout or (not said and waited >= _LOCK_QUIET_SECONDS):
+            holders = _lock_holders(fd)
+            held = f", held by {holders}" if holders else ""
+            if waited >= timeout:
+                raise OciCacheError(
+                    f"gave up after {timeout:g} s waiting for {what}{held}; if that process "
+                    "is stuck, stop it (OCICACHE_LOCK_TIMEOUT sets how long to wait)")
+            _log().warning("waiting for %s%s (giving up after %g s)", what, held, timeout)
+            said = True
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 class _DirectoryLock:
-    """An exclusive ``flock`` on one file, shared by every thread of this process.
+    """An exclusive lock on one file, shared by every thread of this process.
 
     One instance per lock file per process (see ``_lock_for``): a thread that holds it
     may take it again; other threads of the process wait on the ``RLock``; other
-    processes wait on the ``flock``.
+    processes wait on the ``flock`` (ocicache) and on the record lock (linuxkit, see
+    ``_record_lock``). Every taker takes ``flock`` first, so ocicache processes queue on
+    it and never hold the record lock while waiting for each other.
     """
 
     def __init__(self, path: str) -> None:
@@ -1064,7 +1175,7 @@ class _DirectoryLock:
             if self._depth == 0:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    self._take(fd)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -1076,8 +1187,21 @@ class _DirectoryLock:
                 self._depth -= 1
                 if self._depth == 0:
                     fd, self._fd = self._fd, -1
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
+                    try:  # explicitly: a forked child may still share this descriptor
+                        _record_lock(fd, fcntl.F_UNLCK)
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    finally:
+                        os.close(fd)
+
+    def _take(self, fd: int) -> None:
+        flocked = False
+
+        def take() -> bool:
+            nonlocal flocked
+            flocked = flocked or _try_flock(fd, fcntl.LOCK_EX)
+            return flocked and _record_lock(fd, fcntl.F_WRLCK)
+
+        _wait_for_lock(fd, take, f"the lock on {self.path}")
 
 
 _LOCKS: Dict[str, _DirectoryLock] = {}
@@ -1127,6 +1251,17 @@ def _write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
             os.unlink(temp)
         raise
     _fsync_directory(directory)
+
+
+_LINUXKIT_TEMP_NAME = re.compile(r"[0-9a-f]{64}[0-9]{1,10}")
+
+
+def _is_temporary_file(name: str) -> bool:
+    """Whether a file in ``blobs/<alg>/`` is a blob being written: ours
+    (``<hex>.tmp-…``), or linuxkit's, which go-containerregistry's layout ``writeBlob``
+    (pkg/v1/layout/write.go) makes with ``os.CreateTemp(dir, hex)``: the hex digest then
+    a random decimal number (a crash leaves it behind)."""
+    return _TEMP_MARK in name or _LINUXKIT_TEMP_NAME.fullmatch(name) is not None
 
 
 class _Reachable:
@@ -1208,7 +1343,9 @@ class Layout:
     def _blob_lock(self, mode: int) -> Iterator[None]:
         fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, mode)
+            what = (f"{self.blobs_dir}: a pull or import is adding blobs"
+                    if mode == fcntl.LOCK_EX else f"{self.blobs_dir}: blobs are being deleted")
+            _wait_for_lock(fd, functools.partial(_try_flock, fd, mode), what)
             yield
         finally:
             os.close(fd)
@@ -1327,6 +1464,16 @@ class Layout:
 
     def read_index(self) -> Index:
         try:
+            return self._read_index()
+        except CorruptCacheError:
+            # linuxkit rewrites index.json in place (truncate, then write) under its lock
+            # (DescriptorWrite in src/cmd/linuxkit/cache/write.go): what looks broken may
+            # be a rewrite under way. Read it again while holding that lock.
+            with self.lock():
+                return self._read_index()
+
+    def _read_index(self) -> Index:
+        try:
             with open(self.index_path, "rb") as f:
                 data = f.read(64 * MAX_MANIFEST_SIZE)
         except FileNotFoundError:
@@ -1429,7 +1576,7 @@ class Layout:
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if _TEMP_MARK not in os.path.basename(path):
+                if not _is_temporary_file(os.path.basename(path)):
                     corrupt.append(f"{path}: not named by a valid digest")
                 continue
             checked += 1
@@ -3750,10 +3897,44 @@ def default_cache_dir() -> str:
     return os.path.join(base, "ocicache")
 
 
-def _arch_tag(platform: Platform) -> str:
-    """The suffix of linuxkit's ``<name>-<arch>`` names; variants kept apart (arm-v7)."""
-    p = platform.normalized()
-    return f"{p.architecture}-{p.variant}" if p.variant else p.architecture
+_MAX_INDEX_DEPTH = 8  # indexes within indexes that a pull follows (linuxkit's: no limit)
+# On an index ocicache made of the children of a registry's index that the cache holds:
+# the digest of that registry index (see Provider._root_to_name).
+_ANNOTATION_SUBSET_OF = "io.ocicache.subset-of"
+
+
+def _arch_tags(children: Sequence[Descriptor]) -> List[Tuple[Descriptor, str]]:
+    """The suffix of linuxkit's ``<name>-<arch>`` names for each image child of an index.
+
+    linuxkit (``Pull`` in src/cmd/linuxkit/cache/pull.go, ``Push`` in cache/push.go)
+    uses the architecture alone, so arm/v7 is ``-arm``. Two children of one architecture
+    (arm/v6 and arm/v7) collide there and the last wins; here the child that a bare
+    ``linux/<arch>`` selects keeps ``-<arch>`` and the others get ``-<arch>-<variant>``.
+    """
+    images = [(c, c.platform) for c in children if c.platform is not None
+              and _is_real_platform(c) and c.media_type not in INDEX_MEDIA_TYPES]
+    tags = []
+    for child, platform in images:
+        rivals = [c for c, p in images if p.architecture == platform.architecture]
+        if len(rivals) == 1 or child is (select_platform(
+                rivals, Platform("linux", platform.architecture)) or rivals[0]):
+            tags.append((child, platform.architecture))
+        else:
+            tags.append((child, f"{platform.architecture}-{platform.variant or platform.os}"))
+    return tags
+
+
+def _select_child(ref: Reference, index: Index, architecture: str) -> Descriptor:
+    """The image child of ``index`` a pull of ``architecture`` takes, or an error naming
+    the platforms the index has."""
+    images = [c for c in index.manifests if c.platform is not None
+              and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
+    wanted = Platform.parse(architecture)
+    child = select_platform(images, wanted)
+    if child is None:
+        have = ", ".join(str(c.platform) for c in images) or "no platforms"
+        raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
+    return child
 
 
 def _as_descriptor(value: DescriptorLike) -> Descriptor:
@@ -3772,6 +3953,36 @@ def _names_match(stored: str, wanted: Reference) -> bool:
         return True
     return (not ref.tag and ref.digest is None and wanted.tag == "latest"
             and wanted.digest is None and ref.name == wanted.name)
+
+
+def _keep_spelling(manifests: Sequence[Descriptor], name: str, entry: Descriptor) -> Descriptor:
+    """``entry``, named as the stored entry it replaces is spelled. linuxkit stores
+    ``host:port/repo`` and YAML references untagged (``util.ReferenceExpand`` in
+    src/cmd/linuxkit/util/reference.go adds ``:latest`` only to a string without a colon)
+    and looks names up by exact string, so renaming such an entry ``…:latest`` would
+    hide it from linuxkit and make its next pull write a duplicate."""
+    wanted = Reference.parse(name)
+    spellings = [m.name for m in manifests if _names_match(m.name, wanted)]
+    if not spellings or name in spellings:
+        return entry
+    return entry.named(spellings[0])
+
+
+_LINUXKIT_DIGEST_ARCH_NAME = re.compile(r"(.+@sha256:[0-9a-f]{64})-[a-z0-9_]+")
+
+
+def _name_predicate(ref: RefLike) -> Callable[[str], bool]:
+    """Whether a stored name is ``ref``. A string that is not a reference matches only a
+    stored name spelled exactly so: linuxkit's pull of a digest reference with arch names
+    writes ``<repo>@sha256:<hex>-<arch>`` (``Pull`` in src/cmd/linuxkit/cache/pull.go),
+    which no reference grammar accepts but ``rm`` must still be able to remove."""
+    try:
+        wanted = Reference.parse(ref)
+    except InvalidReferenceError:
+        if not isinstance(ref, str):
+            raise
+        return lambda stored: stored == ref
+    return lambda stored: _names_match(stored, wanted)
 
 
 @_value_type
@@ -3986,8 +4197,15 @@ class Provider(CacheProvider):
         return next((e for e in entries if _names_match(e.name, wanted)), None)
 
     def _find_named(self, ref: RefLike) -> Descriptor:
-        wanted = Reference.parse(ref)
         entries = self.layout.read_index().manifests
+        try:
+            wanted = Reference.parse(ref)
+        except InvalidReferenceError:
+            matches = _name_predicate(ref)
+            stored = next((e for e in entries if matches(e.name)), None)
+            if stored is None:
+                raise
+            return stored
         for entry in entries:
             if _names_match(entry.name, wanted):
                 return entry
@@ -4020,7 +4238,7 @@ class Provider(CacheProvider):
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
                 kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                return kept + [d for _, d in entries]
+                return kept + [_keep_spelling(manifests, name, d) for name, d in entries]
 
             self.layout.update_index(change)
 
@@ -4073,13 +4291,14 @@ class Provider(CacheProvider):
 
         Every name must exist, or nothing is removed.
         """
-        wanted = [Reference.parse(ref) for ref in refs]
+        wanted = [_name_predicate(ref) for ref in refs]
         with self.layout.deleting_blobs(), self.layout.lock():
             entries = self.layout.read_index().manifests
-            for ref in wanted:
-                if not any(_names_match(e.name, ref) for e in entries):
-                    raise NotFoundError(f"no image named {ref} in the cache {self.root}")
-            removed = [e for e in entries if any(_names_match(e.name, w) for w in wanted)]
+            for ref, matches in zip(refs, wanted):
+                if not any(matches(e.name) for e in entries):
+                    label = Reference.parse(ref)  # a string that is no reference says so
+                    raise NotFoundError(f"no image named {label} in the cache {self.root}")
+            removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
             remaining = [e for e in entries if e not in removed]
             self.layout.update_index(lambda _: remaining)
             before = self.layout.reachable(removed).digests
@@ -4124,6 +4343,10 @@ class Provider(CacheProvider):
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
                              if c.platform is not None and not c.is_attestation) or "none"
+            if index.annotations.get(_ANNOTATION_SUBSET_OF):
+                raise PlatformNotFoundError(
+                    f"image {root.name or Reference.parse(ref)}: the cache holds only {have} "
+                    f"of it; pull it with --platform {wanted}")
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
         return root, child
@@ -4210,37 +4433,90 @@ class Provider(CacheProvider):
 
         An image already complete makes no request unless ``always_pull``. Only the
         platform's child (and its attestations) is downloaded from an index, only
-        missing blobs, each verified; the name is written last.
+        missing blobs, each verified; the name is written last, on the part of the index
+        the cache holds (``_root_to_name``). A digest reference is pulled whole.
         """
         wanted = Reference.parse(ref)
         name = str(wanted)
-        cached = None if always_pull else self._complete(wanted, architecture)
+        # A digest names the registry's whole index, so the cache holds all of it (see
+        # _root_to_name); a tag may name the part of an index that was pulled.
+        whole = ALL_PLATFORMS if wanted.digest is not None else architecture
+        cached = None if always_pull else self._complete(wanted, whole)
         if cached is not None:
             self.progress.cached(name, cached)
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
             root_data, root = self.registry.get_manifest(wanted)
-            manifests = self._pull_plan(wanted, root_data, root, architecture)
-            blobs: Dict[Digest, Descriptor] = {}
+            if root.is_index and whole != architecture:  # the platform asked for must be there
+                _select_child(wanted, Index.from_json(root_data, what=f"index of {wanted}"),
+                              architecture)
+            manifests, loose = self._pull_plan(wanted, root_data, root,
+                                               whole if root.is_index else architecture)
+            blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
             for _, _, manifest in manifests:
-                for blob in manifest.blobs():
+                for blob in manifest.blobs() if manifest is not None else ():
                     if not _is_foreign(blob):
                         blobs.setdefault(blob.digest, blob)
             self.progress.begin(name, list(blobs.values()))
             self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size))
             for descriptor, data, _ in manifests:
                 self.layout.write_blob_bytes(data, descriptor.digest)
-            self.layout.write_blob_bytes(root_data, root.digest)
-            names = [(name, root.named(name))]
-            if arch_tags and wanted.tag:
-                base = Reference(wanted.registry, wanted.repository, wanted.tag)
-                for descriptor, _, _ in manifests:
-                    if descriptor.platform is not None and not descriptor.is_attestation:
-                        tag = f"{base}-{_arch_tag(descriptor.platform)}"
-                        names.append((tag, descriptor.named(tag)))
-            self._write_names(names)
-        self.progress.end(name, root)
-        return self.new_source(name, architecture, root.named(name))
+            with self.layout.lock():  # what the cache holds cannot change until it is named
+                named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
+                names = [(name, named.named(name))]
+                if arch_tags and wanted.tag and root.is_index:  # linuxkit tags only indexes
+                    base = Reference(wanted.registry, wanted.repository, wanted.tag)
+                    pulled = {descriptor.digest for descriptor, _, _ in manifests}
+                    for child, suffix in _arch_tags(Index.from_json(root_data).manifests):
+                        if child.digest in pulled:
+                            names.append((f"{base}-{suffix}", child.named(f"{base}-{suffix}")))
+                self._write_names(names)
+        self.progress.end(name, named)
+        return self.new_source(name, architecture, named.named(name))
+
+    def _root_to_name(self, data: bytes, root: Descriptor, whole: bool) -> Descriptor:
+        """The root a pull names, its blob written: the registry's own index or manifest
+        when the cache holds every child it lists, else an index of the children the cache
+        holds (registry order, attestations of those only), annotated as a part of the
+        registry's index (``_ANNOTATION_SUBSET_OF``).
+
+        An index must not list what the cache lacks: linuxkit's ``ValidateImage``
+        (src/cmd/linuxkit/cache/pull.go) counts a platform as present when the index
+        lists it, so ``linuxkit build --arch arm64`` after a pull of amd64 alone would
+        skip its own pull and build without the image.
+        """
+        if not whole and root.is_index:
+            index = Index.from_json(data, what=f"index {root.digest}")
+            images = {str(c.digest) for c in index.manifests if not c.is_attestation
+                      and c.media_type in IMAGE_MEDIA_TYPES and self._holds(c)}
+            kept = tuple(c for c in index.manifests if str(c.digest) in images or (
+                c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES and self._holds(c)
+                and c.annotations.get(ANNOTATION_REFERENCE_DIGEST) in images))
+            if len(kept) < len(index.manifests):
+                annotations = {**index.annotations, _ANNOTATION_SUBSET_OF: str(root.digest)}
+                part = _replace(index, manifests=kept, annotations=annotations).to_bytes()
+                return Descriptor(root.media_type, self.layout.write_blob_bytes(part), len(part))
+        self.layout.write_blob_bytes(data, root.digest)
+        return root
+
+    def _holds(self, descriptor: Descriptor) -> bool:
+        """Whether the manifest and every blob it needs are in the cache."""
+        try:
+            manifest = self.manifest(descriptor)
+        except OciCacheError:
+            return False
+        return all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
+                   if not _is_foreign(b))
+
+    def _subset_of(self, root: Descriptor) -> str:
+        """The registry index that ``root`` lists a part of (see ``_root_to_name``), or ""."""
+        if not root.is_index or not self.layout.has_blob(root.digest):
+            return ""
+        try:
+            index = Index.from_json(self.layout.read_blob(root.digest), what="index")
+        except OciCacheError:  # verify and reachable() report it
+            return ""
+        return str(index.annotations.get(_ANNOTATION_SUBSET_OF, ""))
 
     def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
         """The name's root entry if it is complete for the platform, else None; without
@@ -4248,40 +4524,32 @@ class Provider(CacheProvider):
         if architecture != ALL_PLATFORMS:
             return self._complete_root(ref, architecture)
         root = self.find_descriptor(ref)
-        if root is None:
+        if root is None or self._subset_of(root):
             return None
         marked = self.layout.reachable([root])
         complete = not marked.missing and not marked.unreadable and \
             all(self.layout.has_blob(d) for d in marked.digests)
         return self._find_named(ref) if complete else None
 
-    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor,
-                   architecture: str) -> List[Tuple[Descriptor, bytes, Manifest]]:
-        """The image manifests a pull needs, fetched and parsed; no name is written."""
+    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
+                   ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]], List[Descriptor]]:
+        """The manifests a pull needs, fetched and parsed (None for a nested index), children
+        before the index that lists them, and the other blobs an index lists; no name is
+        written."""
         if root.is_index:
             index = Index.from_json(data, what=f"index of {ref}")
-            images = [c for c in index.manifests if c.platform is not None
-                      and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
             if architecture == ALL_PLATFORMS:
-                chosen = images
-                if not chosen:
-                    raise PlatformNotFoundError(f"image {ref} is an index without images")
-            else:
-                wanted = Platform.parse(architecture)
-                child = select_platform(images, wanted)
-                if child is None:
-                    have = ", ".join(str(c.platform) for c in images) or "no platforms"
-                    raise PlatformNotFoundError(f"image {ref} has no {wanted}; it has {have}")
-                chosen = [child]
-            chosen += [a for c in chosen for a in index.attestations_for(c.digest)
-                       if a.media_type in IMAGE_MEDIA_TYPES]
-            plan = []
+                return self._plan_everything(ref, index)
+            child = _select_child(ref, index, architecture)
+            chosen = [child] + [a for a in index.attestations_for(child.digest)
+                                if a.media_type in IMAGE_MEDIA_TYPES]
+            fetched: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
             for child in chosen:
-                child_ref = Reference(ref.registry, ref.repository, "", child.digest)
-                child_data, _ = self.registry.get_manifest(child_ref, what=f"pull {ref}")
-                plan.append((child, child_data, Manifest.from_json(
+                child_data, _ = self.registry.get_manifest(
+                    Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
+                fetched.append((child, child_data, Manifest.from_json(
                     child_data, what=f"manifest {child.digest} of {ref}")))
-            return plan
+            return fetched, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
         if self.layout.has_blob(manifest.config.digest, manifest.config.size):
             config_data = self.layout.read_blob(manifest.config.digest)
@@ -4296,7 +4564,42 @@ class Provider(CacheProvider):
         elif architecture == "" and select_platform([probe], Platform.host()) is None:
             _log().warning("image %s is %s, not this host's %s", ref, declared, Platform.host())
         self.layout.write_blob_bytes(config_data, manifest.config.digest)
-        return [(probe, data, manifest)]
+        return [(probe, data, manifest)], []
+
+    def _plan_everything(self, ref: Reference, index: Index
+                         ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]],
+                                    List[Descriptor]]:
+        """Every child of an index, as linuxkit's pull writes them (ggcr's
+        ``layout.WriteIndex``): images with or without a platform, attestations, nested
+        indexes (descended into, to ``_MAX_INDEX_DEPTH``) and other blobs."""
+        plan: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+        loose: Dict[Digest, Descriptor] = {}
+        seen: set[Digest] = set()
+
+        def walk(listed: Index, depth: int) -> None:
+            for child in listed.manifests:
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                if child.media_type not in INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES:
+                    loose[child.digest] = child
+                    continue
+                data, _ = self.registry.get_manifest(
+                    Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
+                what = f"{'index' if child.is_index else 'manifest'} {child.digest} of {ref}"
+                if not child.is_index:
+                    plan.append((child, data, Manifest.from_json(data, what=what)))
+                elif depth >= _MAX_INDEX_DEPTH:
+                    raise OciCacheError(f"image {ref} nests indexes more than "
+                                        f"{_MAX_INDEX_DEPTH} deep")
+                else:
+                    walk(Index.from_json(data, what=what), depth + 1)
+                    plan.append((child, data, None))
+
+        walk(index, 1)
+        if not any(manifest is not None for _, _, manifest in plan):
+            raise PlatformNotFoundError(f"image {ref} is an index without images")
+        return plan, list(loose.values())
 
     def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
         """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
@@ -4323,15 +4626,25 @@ class Provider(CacheProvider):
     def is_published(self, ref: RefLike) -> bool:
         """Whether the registry serves exactly the root this cache holds for ``ref``
         (with credentials, unlike linuxkit's anonymous check)."""
-        wanted = Reference.parse(ref)
-        root = self._find_named(wanted)
+        root = self._find_named(ref)
+        try:
+            wanted = Reference.parse(ref)
+        except InvalidReferenceError:
+            # linuxkit's "<repo>@sha256:<hex>-<arch>": published if the repository serves
+            # the manifest the name holds
+            match = _LINUXKIT_DIGEST_ARCH_NAME.fullmatch(str(ref))
+            try:
+                base = Reference.parse(match.group(1) if match else "")
+            except InvalidReferenceError:
+                return False
+            wanted = Reference(base.registry, base.repository, "", root.digest)
         try:
             _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
         except RegistryError as e:
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
             raise
-        return remote.digest == root.digest
+        return remote.digest == root.digest or str(remote.digest) == self._subset_of(root)
 
     def image_in_registry(self, ref: RefLike, trusted_ref: str = "",
                           architecture: str = "") -> bool:
@@ -4380,6 +4693,12 @@ class Provider(CacheProvider):
         children: List[Descriptor] = []
         if root.is_index:
             index = Index.from_json(data, what=f"index of {local}")
+            if index.annotations.get(_ANNOTATION_SUBSET_OF):
+                held = ", ".join(str(c.platform) for c in index.manifests
+                                 if c.platform is not None and not c.is_attestation)
+                raise NotFoundError(f"cannot push {local}: the cache holds only {held} of "
+                                    f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
+                                    "--all-platforms first")
             children = list(index.manifests)
             if existing is not None and existing[1].is_index:
                 merged = merge_remote_index(index, Index.from_json(existing[0]))
@@ -4398,11 +4717,13 @@ class Provider(CacheProvider):
         self.registry.put_manifest(endpoint, tag, data, media_type)
         _log().info("pushed %s as %s", local, remote)
         if with_manifest and root.is_index and remote.tag:
-            for child in children:
-                if child.platform is not None and _is_real_platform(child) and \
-                        self.layout.has_blob(child.digest):
-                    child_tag = f"{remote.tag}-{_arch_tag(child.platform)}"
-                    self.registry.put_manifest(endpoint, child_tag,
+            for child, suffix in _arch_tags(children):
+                if self.layout.has_blob(child.digest):
+                    if child.platform is not None and suffix != child.platform.architecture:
+                        _log().info("%s: tagging %s as %s-%s, since another platform has "
+                                    "%s-%s", remote, child.platform, remote.tag, suffix,
+                                    remote.tag, child.platform.architecture)
+                    self.registry.put_manifest(endpoint, f"{remote.tag}-{suffix}",
                                                self.layout.read_blob(child.digest),
                                                child.media_type)
 
@@ -5148,7 +5469,8 @@ def _published(provider: Provider, args: argparse.Namespace,
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    names = list(dict.fromkeys(canonical_name(n) for n in args.names))
+    stored = {d.name for d in provider.names()}
+    names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
     for name in names:
         provider._find_named(name)  # every name must exist before anything is removed
     if args.published_only:

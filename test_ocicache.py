@@ -2772,6 +2772,133 @@ class TestDescriptor(unittest.TestCase):
 # Layout
 # =====================================================================================
 
+# What linuxkit does to a shared cache, emulated from its source (linuxkit/linuxkit,
+# src/cmd/linuxkit): util.Lock (util/filelock_unix.go) opens .lock O_RDWR|O_CREATE 0644 and
+# takes a whole-file fcntl(F_SETLKW, F_WRLCK) record lock (Python's lockf is that call);
+# Provider.DescriptorWrite (cache/write.go) holds it around ggcr's
+# layout.RemoveDescriptors then AppendDescriptor, each of which reads index.json and
+# rewrites it in place with os.WriteFile (truncate, then write; 3-space indent).
+LINUXKIT_EMULATOR = r'''
+import fcntl, json, os, sys
+
+def lock(cache):
+    fd = os.open(os.path.join(cache, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    return fd
+
+def unlock(fd):
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+def read_index(cache):
+    with open(os.path.join(cache, "index.json"), "rb") as f:
+        return json.loads(f.read())
+
+def write_index(cache, index, pause=False):
+    data = json.dumps(index, indent=3).encode()
+    fd = os.open(os.path.join(cache, "index.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o777)
+    if pause:  # stop half-way, as a slow or killed linuxkit leaves the file
+        os.write(fd, data[:len(data) // 2])
+        print("half", flush=True)
+        sys.stdin.readline()
+        data = data[len(data) // 2:]
+    os.write(fd, data)
+    os.close(fd)
+
+def descriptor_write(cache, name, descriptor, pause=False):
+    descriptor = dict(descriptor, annotations={"org.opencontainers.image.ref.name": name})
+    index = read_index(cache)
+    index["manifests"] = [m for m in index["manifests"] if
+                          m.get("annotations", {}).get("org.opencontainers.image.ref.name") != name]
+    write_index(cache, index)
+    index = read_index(cache)
+    index["manifests"].append(descriptor)
+    write_index(cache, index, pause)
+
+command, cache = sys.argv[1], sys.argv[2]
+if command == "hold":  # hold the lock until a line arrives on stdin
+    fd = lock(cache)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    unlock(fd)
+elif command == "try":  # exit 0 if the lock is free now, 1 if someone holds it
+    fd = os.open(os.path.join(cache, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(1)
+elif command == "write":  # write NAME... pointing at DESCRIPTOR (JSON), each under the lock
+    descriptor, names = json.loads(sys.argv[3]), sys.argv[4:]
+    for name in names:
+        fd = lock(cache)
+        descriptor_write(cache, name, descriptor)
+        unlock(fd)
+elif command == "pause":  # write one name, stopping half-way through the rewrite
+    fd = lock(cache)
+    descriptor_write(cache, sys.argv[4], json.loads(sys.argv[3]), pause=True)
+    unlock(fd)
+'''
+
+
+def linuxkit(command: str, cache: str, *args: str, **popen: Any) -> subprocess.Popen:
+    """Run the linuxkit emulation (see LINUXKIT_EMULATOR) as a process of its own: a POSIX
+    record lock belongs to the process, so it cannot be emulated in this one."""
+    return subprocess.Popen([sys.executable, "-c", LINUXKIT_EMULATOR, command, cache, *args],
+                            **popen)
+
+
+def linuxkit_validate_image(cache: str, name: str, platforms: Sequence[str]) -> str:
+    """linuxkit's rule for "this image is in the cache, do not pull it": "" when linuxkit
+    would make no request, else its reason. It follows Provider.ValidateImage
+    (src/cmd/linuxkit/cache/pull.go) with FindRoot (cache/find.go): the first root entry
+    whose ref.name is exactly ``name``, an image before an index; for an index, children
+    without a platform or unknown/unknown must have their config, and each requested
+    platform counts as present when a child lists its os and arch (and variant, if asked)
+    - whether its blobs are there or not; a single image is checked whole (validate.Image).
+    """
+    def blob(digest: str) -> Optional[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            with open(os.path.join(cache, "blobs", "sha256", digest.split(":")[1]), "rb") as f:
+                return f.read()
+        return None
+
+    with open(os.path.join(cache, "index.json"), "rb") as f:
+        entries = [m for m in json.load(f)["manifests"]
+                   if m.get("annotations", {}).get(oc.ANNOTATION_REF_NAME) == name]
+    roots = ([m for m in entries if m["mediaType"] in oc.IMAGE_MEDIA_TYPES]
+             + [m for m in entries if m["mediaType"] in oc.INDEX_MEDIA_TYPES])
+    if not roots:
+        return f"no such reference: {name}"
+    data = blob(roots[0]["digest"])
+    if data is None:
+        return f"no such reference: {name}"
+    if roots[0]["mediaType"] in oc.IMAGE_MEDIA_TYPES:
+        if len(platforms) > 1:
+            return f"image {name} is not a multi-arch image"
+        manifest = json.loads(data)
+        for descriptor in [manifest["config"], *manifest["layers"]]:
+            content = blob(descriptor["digest"])
+            if content is None or sha256(content) != descriptor["digest"]:
+                return f"invalid image, {descriptor['digest']}"
+        return ""
+    children = json.loads(data)["manifests"]
+    for child in children:
+        platform = child.get("platform")
+        if platform is None or (platform["architecture"], platform["os"]) == ("unknown",) * 2:
+            manifest = blob(child["digest"])
+            if manifest is None or blob(json.loads(manifest)["config"]["digest"]) is None:
+                return f"invalid image: {child['digest']}"
+    missing = []
+    for wanted in platforms:
+        os_name, arch, *variant = wanted.split("/")
+        if not any(c.get("platform", {}).get("os") == os_name
+                   and c.get("platform", {}).get("architecture") == arch
+                   and (not variant or c.get("platform", {}).get("variant") == variant[0])
+                   for c in children):
+            missing.append(wanted)
+    return f"index for {name} did not contain image for platforms {missing}" if missing else ""
+
+
 class TestLayout(CacheTestCase):
     def test_fresh_cache_is_linuxkit_compatible(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
@@ -2926,6 +3053,88 @@ class TestLayout(CacheTestCase):
             f.write('{"manifests": [')
         with self.assertRaisesRegex(oc.CorruptCacheError, "invalid image cache"):
             self.cache.find_descriptor("alpine")
+
+    def test_lock_excludes_linuxkit_both_ways(self) -> None:
+        holder = linuxkit("hold", self.cache_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), b"locked\n")
+        acquired = threading.Event()
+
+        def take() -> None:
+            with self.cache.layout.lock():
+                acquired.set()
+
+        thread = threading.Thread(target=take, daemon=True)
+        thread.start()
+        self.assertFalse(acquired.wait(0.3))
+        holder.stdin.write(b"\n")
+        holder.stdin.flush()
+        self.assertTrue(acquired.wait(10))
+        self.assertEqual(holder.wait(10), 0)
+        with self.cache.layout.lock():
+            self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 1)
+        self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 0)
+
+    def test_lock_survives_another_close_of_the_lock_file(self) -> None:
+        # A classic POSIX record lock is dropped by any close() of the file in the process.
+        lock_file = os.path.join(self.cache_dir, ".lock")
+        with self.cache.layout.lock():
+            os.close(os.open(lock_file, os.O_RDWR))
+            with open(lock_file, "rb"):
+                pass
+            self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 1)
+            with oc.Layout(self.cache_dir).lock():  # reentrant, and still held after
+                pass
+            self.assertEqual(linuxkit("try", self.cache_dir).wait(10), 1)
+
+    def test_reader_waits_out_linuxkits_in_place_rewrite(self) -> None:
+        image = make_image("lk-rewrite")
+        self.load_image("example.com/base:1", image)
+        writer = linuxkit("pause", self.cache_dir, json.dumps(image.manifest.descriptor()),
+                          "example.com/by-linuxkit:1", stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE)
+        self.addCleanup(writer.kill)
+        self.assertEqual(writer.stdout.readline(), b"half\n")  # index.json is half written
+        found: List[Any] = []
+        reader = threading.Thread(target=lambda: found.append(
+            self.cache.find_descriptor("example.com/by-linuxkit:1")), daemon=True)
+        reader.start()
+        reader.join(0.3)
+        self.assertEqual(found, [])  # waiting for linuxkit's lock, not failing
+        writer.stdin.write(b"\n")
+        writer.stdin.flush()
+        reader.join(10)
+        self.assertEqual(writer.wait(10), 0)
+        self.assertEqual([str(d.digest) for d in found], [image.manifest.digest])
+
+    def test_waiting_for_a_lock_says_what_for_and_gives_up(self) -> None:
+        holder = linuxkit("hold", self.cache_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(holder.kill)
+        self.assertEqual(holder.stdout.readline(), b"locked\n")
+        script = ("import ocicache,sys\nwith ocicache.Layout(sys.argv[1]).adding_blobs():\n"
+                  " print('adding', flush=True); sys.stdin.readline()")
+        adder = subprocess.Popen([sys.executable, "-c", script, self.cache_dir], cwd=HERE,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(adder.kill)
+        self.assertEqual(adder.stdout.readline(), b"adding\n")
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            f.write('{"manifests": [')  # linuxkit is half-way through rewriting it
+        environment = dict(os.environ, OCICACHE_LOCK_TIMEOUT="1.5")
+        for command, awaited in (("ls", ".lock, held by process "),
+                                 ("gc", "a pull or import is adding blobs, held by process ")):
+            result = subprocess.run([sys.executable, OCICACHE, "--cache", self.cache_dir,
+                                     command], capture_output=True, timeout=60, env=environment)
+            lines = result.stderr.decode().strip().splitlines()
+            self.assertEqual(result.returncode, 1, lines)
+            self.assertEqual(len(lines), 2, lines)
+            self.assertRegex(lines[0], r"^ocicache: warning: waiting for .*" + re.escape(awaited)
+                             + r"\d+ \(python3?[^)]*\) \(giving up after 1.5 s\)$")
+            self.assertRegex(lines[1], r"^ocicache: error: gave up after 1.5 s waiting for .*"
+                             + re.escape(awaited))
+        with self.assertRaisesRegex(oc.OciCacheError, "OCICACHE_LOCK_TIMEOUT='x' is not"):
+            with mock.patch.dict(os.environ, OCICACHE_LOCK_TIMEOUT="x"):
+                with self.cache.layout.deleting_blobs():
+                    pass
 
 
 # =====================================================================================
@@ -3265,7 +3474,11 @@ class TestRegistry(RegistryTestCase):
         amd, arm, attestation_blobs, index = self.multi_arch(registry)
         cache = self.provider()
         source = cache.image_pull(f"{registry.host}/test/multi:1", "", "amd64")
-        self.assertEqual(str(source.descriptor().digest), index.digest)
+        part = json.loads(cache.layout.read_blob(source.descriptor().digest))
+        self.assertEqual([m["digest"] for m in part["manifests"]],  # what the cache holds
+                         [m["digest"] for m in json.loads(index.data)["manifests"]
+                          if m["digest"] != arm.manifest.digest])
+        self.assertEqual(part["annotations"], {oc._ANNOTATION_SUBSET_OF: index.digest})
         store = {str(i.digest) for i in cache.store().walk()}
         self.assertTrue({b.digest for b in amd.blobs} <= store)
         self.assertTrue({b.digest for b in attestation_blobs} <= store)
@@ -3278,6 +3491,8 @@ class TestRegistry(RegistryTestCase):
         self.assertEqual(self.settled(registry), before + 1, "a complete image made requests")
         cache.image_pull(f"{registry.host}/test/multi:1", "", "linux/arm64/v8")
         self.assertTrue(cache.image_in_cache(f"{registry.host}/test/multi:1", "", "arm64"))
+        self.assertEqual(str(cache.find_descriptor(f"{registry.host}/test/multi:1").digest),
+                         index.digest)  # all of it: the registry's own index
 
     def test_all_platforms_and_a_missing_platform(self) -> None:
         registry = self.start_registry()
@@ -3338,8 +3553,85 @@ class TestRegistry(RegistryTestCase):
         cache.image_pull(f"{registry.host}/test/arm:1", "", "all", arch_tags=True)
         name = f"{registry.host}/test/arm:1"
         self.assertEqual(sorted(n for n in self.index_names() if "test/arm" in n),
-                         [name, f"{name}-arm-v6", f"{name}-arm-v7"])
+                         [name, f"{name}-arm", f"{name}-arm-v6"])
         self.assertEqual(str(cache.find_descriptor(f"{name}-arm-v6").digest), v6.manifest.digest)
+        self.assertEqual(str(cache.find_descriptor(f"{name}-arm").digest), v7.manifest.digest)
+
+    def test_arch_tags_are_linuxkits(self) -> None:
+        # linuxkit's Pull (src/cmd/linuxkit/cache/pull.go) names "<ref>-<architecture>",
+        # for the children of an index only.
+        registry = self.start_registry()
+        amd, v7 = make_image("tags-amd"), make_image("tags-v7", "arm", "v7")
+        _, attestation_blobs, attestation = make_attestation(amd)
+        index = make_index([amd.descriptor(), v7.descriptor(), attestation])
+        single = make_image("tags-single")
+        upload(registry.url, "test/tags", [*amd.blobs, *v7.blobs, *attestation_blobs, *single.blobs],
+               [(amd.manifest.digest, amd.manifest), (v7.manifest.digest, v7.manifest),
+                (attestation["digest"], make_attestation(amd)[0]), ("1", index),
+                ("single", single.manifest)])
+        cache = self.provider()
+        name = f"{registry.host}/test/tags:1"
+        cache.image_pull(name, "", "all", arch_tags=True)
+        cache.image_pull(f"{registry.host}/test/tags:single", "", "", arch_tags=True)
+        self.assertEqual(self.index_names(), [name, f"{name}-amd64", f"{name}-arm",
+                                              f"{registry.host}/test/tags:single"])
+        self.assertEqual(str(cache.find_descriptor(f"{name}-arm").digest), v7.manifest.digest)
+
+    def test_all_platforms_pulls_nested_indexes_and_children_without_platform(self) -> None:
+        # linuxkit's pull writes every child (ggcr layout.WriteIndex, called by ImagePull
+        # in src/cmd/linuxkit/cache/write.go), nested indexes and platform-less ones too.
+        registry = self.start_registry()
+        amd, arm, bare = make_image("n-amd"), make_image("n-arm", "arm64"), make_image("n-bare")
+        inner = make_index([arm.descriptor()])
+        loose = Blob(oc.MEDIA_IN_TOTO, b'{"_type": "loose"}')
+        outer = make_index([amd.descriptor(), bare.manifest.descriptor(), inner.descriptor(),
+                            loose.descriptor()])
+        upload(registry.url, "test/nest", [*amd.blobs, *arm.blobs, *bare.blobs, loose],
+               [(i.manifest.digest, i.manifest) for i in (amd, arm, bare)]
+               + [(inner.digest, inner), ("1", outer)])
+        cache = self.provider()
+        name = f"{registry.host}/test/nest:1"
+        cache.image_pull(name, "", "all")
+        for blob in [*amd.blobs, *arm.blobs, *bare.blobs, inner, loose, outer]:
+            self.assertTrue(cache.layout.has_blob(blob.digest), blob.media_type)
+        before = self.settled(registry)
+        result = self.cli("pull", "--all-platforms", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.settled(registry), before + 1, "a complete image made requests")
+        result = self.cli("export", "--format", "oci", "--platform", "all", "-o", "-", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(cache.verify().ok)
+
+    def test_linuxkit_pulls_what_a_partial_pull_left_out(self) -> None:
+        registry = self.start_registry()
+        amd, arm, attestation_blobs, index = self.multi_arch(registry)
+        cache = self.provider()
+        name = f"{registry.host}/test/multi:1"
+        cache.image_pull(name, "", "amd64")
+        # linuxkit build --arch arm64 must pull (its rule says the image is not there) ...
+        self.assertIn("did not contain image for platforms ['linux/arm64']",
+                      linuxkit_validate_image(self.cache_dir, name, ["linux/arm64"]))
+        # ... and need not for amd64, which is complete
+        self.assertEqual(linuxkit_validate_image(self.cache_dir, name, ["linux/amd64"]), "")
+        with self.assertRaisesRegex(oc.PlatformNotFoundError, "the cache holds only linux/amd64 "
+                                    "of it; pull it with --platform linux/arm64"):
+            cache.new_source(name, "arm64").config()
+        self.assertIn("pull it with --all-platforms first", self.cli(
+            "push", "--remote-name", f"{registry.host}/test/copy:1", name).stderr.decode())
+        self.assertTrue(cache.is_published(name))
+        cache.image_pull(name, "", "arm64")
+        self.assertEqual(str(cache.find_descriptor(name).digest), index.digest)
+        self.assertEqual(linuxkit_validate_image(self.cache_dir, name, ["linux/arm64"]), "")
+        self.assertTrue(cache.verify().ok)
+        # A digest names the whole index: pulling it fetches every platform.
+        other = self.path("by-digest")
+        pinned = f"{registry.host}/test/multi@{index.digest}"
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", other, "pull", pinned],
+                                capture_output=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(linuxkit_validate_image(other, pinned, ["linux/arm64"]), "")
+        self.assertTrue(all(os.path.exists(os.path.join(other, "blobs", "sha256", b.digest[7:]))
+                            for b in arm.blobs))
 
     def test_image_in_registry(self) -> None:
         registry = self.start_registry()
@@ -4032,6 +4324,24 @@ class TestPush(RegistryTestCase):
             f"{registry.url}/v2/test/arch/tags/list").read())["tags"]
         self.assertEqual(sorted(tags), ["1", "1-amd64", "1-arm64"])
 
+    def test_arch_tags_are_linuxkits(self) -> None:
+        # linuxkit's Push (src/cmd/linuxkit/cache/push.go) tags "<remote>-<architecture>":
+        # arm/v7 is "-arm". Only where two platforms share one does a variant show.
+        registry = self.start_registry()
+        amd, v7 = make_image("pt-amd"), make_image("pt-v7", "arm", "v7")
+        v6 = make_image("pt-v6", "arm", "v6")
+        for tag, images in (("1", [amd, v7]), ("2", [v6, v7])):
+            index = make_index([i.descriptor() for i in images])
+            self.load(oci_archive([(index.descriptor(), named(f"{registry.host}/test/pt:{tag}"))],
+                                  [b for i in images for b in i.blobs] + [index]))
+            self.provider().push(f"{registry.host}/test/pt:{tag}", with_manifest=True)
+        tags = json.loads(urllib.request.urlopen(
+            f"{registry.url}/v2/test/pt/tags/list").read())["tags"]
+        self.assertEqual(sorted(tags), ["1", "1-amd64", "1-arm", "2", "2-arm", "2-arm-v6"])
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/pt:1-arm"), v7.manifest.data)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/pt:2-arm"), v7.manifest.data)
+        self.assertEqual(self.skopeo_raw(f"{registry.host}/test/pt:2-arm-v6"), v6.manifest.data)
+
     def test_chunked_uploads_and_chunk_minimum(self) -> None:
         registry = self.start_registry()
         proxy = FaultProxy("127.0.0.1", registry.port)
@@ -4646,6 +4956,33 @@ class TestPublishedOnly(RegistryTestCase):
         self.assertTrue(self.cache.verify().ok)
         self.assert_one_line_error(self.cli("rm", "--published-only", "example.com/none:1"),
                                    "no image named")
+
+    def test_linuxkits_digest_pull_names(self) -> None:
+        # linuxkit's Pull (src/cmd/linuxkit/cache/pull.go) of "R@sha256:D" with arch names
+        # stores "R@sha256:D-amd64", which is no reference.
+        registry = self.start_registry()
+        amd, arm = make_image("dp-amd"), make_image("dp-arm", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        upload(registry.url, "test/dp", [*amd.blobs, *arm.blobs],
+               [(amd.manifest.digest, amd.manifest), (arm.manifest.digest, arm.manifest),
+                ("1", index)])
+        base = f"{registry.host}/test/dp@{index.digest}"
+        self.load(oci_archive([(index.descriptor(), named(base))],
+                              [*amd.blobs, *arm.blobs, index]))
+        other = make_image("dp-other", "s390x")
+        self.load_image(f"{registry.host}/test/other:1", other)  # not in the registry
+        for suffix, image in (("amd64", amd), ("arm64", arm), ("s390x", other)):
+            writer = linuxkit("write", self.cache_dir, json.dumps(image.descriptor()),
+                              f"{base}-{suffix}")
+            self.assertEqual(writer.wait(30), 0)
+        result = self.cli("clean", "--published-only")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/other:1", f"{base}-s390x"])
+        result = self.cli("rm", f"{base}-s390x")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/other:1"])
+        self.assertTrue(self.cache.verify().ok)
+        self.assert_one_line_error(self.cli("rm", f"{base}-s390x"), "invalid reference")
 
 
 class TestPullCommand(RegistryTestCase):
@@ -6773,6 +7110,59 @@ class TestLinuxkitCompatibility(CacheTestCase):
         info = json.loads(self.skopeo("inspect", f"oci:{cache_dir}:latest"))
         self.assertEqual(info["Digest"], image.manifest.digest)
         self.skopeo("inspect", f"oci:{cache_dir}:example.com/ours:1")
+
+    def test_linuxkit_and_ocicache_writing_at_once_lose_no_name(self) -> None:
+        image = make_image("lk-both")
+        base = self.load_image("example.com/base:1", image)
+        descriptor = json.dumps(image.manifest.descriptor())
+        count = int(sized(60, 300))
+        script = ("import ocicache,sys\np=ocicache.Provider(sys.argv[1], mirrors=[])\n"
+                  "d=p.find_descriptor('example.com/base:1')\n"
+                  "for name in sys.argv[2:]:\n p.descriptor_write(name, d); p.find_descriptor(name)")
+        workers = []
+        for n in range(3):
+            workers.append(linuxkit("write", self.cache_dir, descriptor, *[
+                f"example.com/linuxkit{n}/x:{i}" for i in range(count)]))
+            workers.append(subprocess.Popen([sys.executable, "-c", script, self.cache_dir, *[
+                f"example.com/ocicache{n}/x:{i}" for i in range(count)]], cwd=HERE))
+        for worker in workers:
+            self.assertEqual(worker.wait(120), 0)
+        names = self.index_names()
+        self.assertEqual(len(names), 1 + 6 * count)
+        self.assertEqual(len(set(names)), 1 + 6 * count)
+        self.assertEqual(self.cache.find_descriptor("example.com/linuxkit2/x:0").digest,
+                         base.digest)
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_untagged_names_keep_linuxkits_spelling(self) -> None:
+        # linuxkit stores "host:port/repo" untagged (util.ReferenceExpand adds ":latest"
+        # only without a colon) and looks names up by exact string.
+        old, new = make_image("lk-old"), make_image("lk-new")
+        self.load_image("example.com/keep:1", old)
+        for name in ("127.0.0.1:5000/repo", "docker.io/library/untagged"):
+            writer = linuxkit("write", self.cache_dir, json.dumps(old.descriptor()), name)
+            self.assertEqual(writer.wait(30), 0)
+        self.load_image("untagged", new)
+        self.cache.descriptor_write("127.0.0.1:5000/repo", new.manifest.descriptor())
+        self.assertEqual(self.index_names(), ["example.com/keep:1", "docker.io/library/untagged",
+                                              "127.0.0.1:5000/repo"])
+        for name in ("127.0.0.1:5000/repo:latest", "untagged"):
+            self.assertEqual(str(self.cache.find_descriptor(name).digest), new.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_verify_leaves_linuxkits_temporary_files_alone(self) -> None:
+        # go-containerregistry's layout writeBlob (pkg/v1/layout/write.go), which linuxkit
+        # uses, downloads into os.CreateTemp(dir, hex): the hex, then a random number.
+        image = make_image("lk-temp")
+        self.load_image("example.com/temp:1", image)
+        directory = os.path.join(self.cache_dir, "blobs", "sha256")
+        with open(os.path.join(directory, image.layers[0].digest[7:] + "2889141032"), "wb") as f:
+            f.write(b"part of a layer")
+        report = self.cache.verify()
+        self.assertTrue(report.ok, report)
+        with open(os.path.join(directory, "not-a-blob"), "wb") as f:
+            f.write(b"x")
+        self.assertEqual(len(self.cache.verify().corrupt), 1)
 
 
 class TestReadmeExample(RegistryTestCase):
