@@ -1095,10 +1095,13 @@ os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 _CREATE_MODE = 0o666  # the umask decides: 0644 for one user, 0664 in a group-shared cache
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-# Every temporary file ocicache makes is named <final name>.tmp-<suffix>: random for
-# blobs, index.json and exports (mkstemp's letters, or hex), "partial" for a download
-# that can be resumed. One predicate recognises them all; gc removes the stale ones.
-_TEMPORARY_NAME = re.compile(r"\.?[A-Za-z0-9_.-]+" + re.escape(_TEMP_MARK) + r"[A-Za-z0-9_]+")
+# Every temporary file in the cache is named <final name>.tmp-<suffix>: random hex
+# (mkstemp's letters before), or "partial" for a download that can be resumed. One
+# predicate recognises them, for verify and for gc to remove the stale ones, such as
+# a .index.json.tmp-* that a SIGKILL left.
+_PARTIAL_SUFFIX = _TEMP_MARK + "partial"
+_TEMPORARY_NAME = re.compile(r"(?:[0-9a-f]+|blob|\.index\.json|\.oci-layout)"
+                             + re.escape(_TEMP_MARK) + r"[A-Za-z0-9_]+")
 
 
 def _is_temporary(name: str) -> bool:
@@ -1684,7 +1687,7 @@ class Layout:
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if _TEMP_MARK not in os.path.basename(path):
+                if not _is_temporary(os.path.basename(path)):
                     corrupt.append(f"{path}: not named by a valid digest")
                 continue
             checked += 1
@@ -2385,7 +2388,6 @@ def _connection_error(host: str, error: BaseException) -> OciCacheError:
 
 MANIFEST_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST,
                              MEDIA_DOCKER_MANIFEST])
-_PARTIAL_SUFFIX = _TEMP_MARK + "partial"
 
 
 def _user_agent() -> str:

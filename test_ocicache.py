@@ -2927,6 +2927,20 @@ class TestLayout(CacheTestCase):
         self.assertIn(image.config.digest, report.missing[0])
         self.assertIn("example.com/v:1", report.missing[0])
 
+    def test_temporary_names_are_recognised_by_one_predicate(self) -> None:
+        directory = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory)
+        made = []
+        for final in (HEX64, HEX128, "blob", ".index.json", ".oci-layout"):
+            fd, name = oc._create_temporary(directory, final)
+            os.close(fd)
+            made.append(name)
+        made += [HEX64 + oc._PARTIAL_SUFFIX, ".index.json.tmp-k2j_x9ab"]  # and mkstemp's
+        self.assertEqual([n for n in made if not oc._is_temporary(n)], [])
+        for other in ("index.json", HEX64, ".lock", "notes.tmp-1", "a/b.tmp-1", HEX64 + ".tmp-",
+                      HEX64 + ".tmp-x/y", "." + HEX64 + ".tmp-1"):
+            self.assertFalse(oc._is_temporary(other), other)
+
     def test_unreadable_index_is_a_clear_error(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
             f.write('{"manifests": [')
