@@ -1109,10 +1109,20 @@ def _is_temporary(name: str) -> bool:
     return _TEMPORARY_NAME.fullmatch(name) is not None
 
 
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What a write itself can fail with; other OSErrors met while writing (a corrupt gzip
+# stream being read, a refused connection) are not the file's, and pass unchanged.
+_WRITE_ERRNOS = _FULL_ERRNOS | {errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _is_write_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _WRITE_ERRNOS
+
+
 def _disk_error(path: str, error: OSError, frees: str) -> OciCacheError:
     """One line for an error writing ``path``; for a full disk, ``frees`` says what helps."""
     reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in _FULL_ERRNOS:
         return OciCacheError(f"cannot write {path}: {reason}; {frees}")
     return OciCacheError(f"cannot write {path}: {reason}")
 
@@ -1431,7 +1441,7 @@ class Layout:
             except BaseException as e:
                 with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=directory)
-                if isinstance(e, OSError):
+                if isinstance(e, OSError) and _is_write_error(e):
                     raise _disk_error(where, e, _CACHE_FULL) from None
                 raise
         return actual, written
@@ -1501,7 +1511,9 @@ class Layout:
                 else:
                     yield _PartialFile(fd, directory, name, digest.hex, where)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if not _is_write_error(e):
+                    raise
+                if e.errno in _FULL_ERRNOS:
                     with contextlib.suppress(OSError):
                         os.unlink(name, dir_fd=directory)
                 raise _disk_error(where, e, _CACHE_FULL) from None
@@ -2893,8 +2905,8 @@ class RegistryClient:
                     response.close(reuse=have >= descriptor.size)
                 except (OSError, _http_client.HTTPException) as e:
                     response.close(reuse=False)
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise  # partial_blob names the file and removes it
+                    if _is_write_error(e):
+                        raise  # partial_blob names the file (and removes it if full)
                     failures += 1
                     if failures >= self.transport.options.attempts:
                         raise _connection_error(endpoint.host, e) from None
@@ -5418,6 +5430,8 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
                       buffering=COPY_BUFFER_SIZE) as out:
                 write(out)
         except OSError as e:
+            if not _is_write_error(e):
+                raise
             raise _disk_error(path, e, frees) from None
         return
     directory = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -5433,7 +5447,7 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=directory)
-            if isinstance(e, OSError):
+            if isinstance(e, OSError) and _is_write_error(e):
                 raise _disk_error(path, e, frees) from None
             raise
     finally:
