@@ -6761,6 +6761,25 @@ class TestDiskWrites(RegistryTestCase):
         self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
         self.assertTrue(self.cache.verify().ok)
 
+    def test_push_never_reads_through_a_planted_link(self) -> None:
+        server = HostileServer(FakePushRegistry())
+        self.addCleanup(server.stop)
+        image = make_image("leak", layer_files=[{"f": b"public layer " * 100}], gzip_layers=False)
+        self.load_image(f"{server.host}/leak/app:1", image)
+        secret = self.path("secret")
+        with open(secret, "wb") as f:  # as large as the layer it stands for
+            f.write(b"S" * len(image.layers[0].data))
+        os.chmod(secret, 0o600)
+        path = self.cache.layout.blob_path(image.layers[0].digest)
+        os.unlink(path)
+        os.symlink(secret, path)
+        for chunked in (False, True):
+            with self.subTest(chunked=chunked):
+                with self.assertRaises(oc.OciCacheError):
+                    self.provider(attempts=1, chunked_upload_threshold=0 if chunked else 1 << 40) \
+                        .push(f"{server.host}/leak/app:1")
+                self.assertFalse(any(b"SSSS" in r.body for r in server.requests))
+
     def test_cache_whose_entries_are_links_or_strangers_is_refused(self) -> None:
         image = make_image("refused")
         archive = self.path("refused.tar")
