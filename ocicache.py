@@ -1033,6 +1033,10 @@ _EMPTY_INDEX_BYTES = (
 _INDEX_INDENT = 3  # linuxkit's indent; its tests read index.json with jq, not by bytes
 
 
+_CREATE_MODE = 0o666  # the umask decides: 0644 for one user, 0664 in a group-shared cache
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class _DirectoryLock:
     """An exclusive ``flock`` on one file, shared by every thread of this process.
 
@@ -1093,8 +1097,6 @@ def _forget_locks_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
-_CREATE_MODE = 0o666  # the umask decides: 0644 for one user, 0664 in a group-shared cache
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 # Every temporary file in the cache is named <final name>.tmp-<suffix>: random hex
 # (mkstemp's letters before), or "partial" for a download that can be resumed. One
 # predicate recognises them, for verify and for gc to remove the stale ones, such as
