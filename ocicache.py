@@ -4060,7 +4060,9 @@ class ContentStore:
         try:
             st = os.lstat(self._layout.blob_path(d))
         except FileNotFoundError:
-            raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):  # a planted link is no blob
+            raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}")
         return ContentInfo(d, st.st_size, st.st_mtime)
 
     def open(self, digest: DigestLike) -> BinaryIO:

@@ -6748,6 +6748,10 @@ class TestDiskWrites(RegistryTestCase):
         plant(image.layers[1].digest, partial, os.path.join(outside, "created"))  # dangling
         plant(image.config.digest, "", secret)  # a final name: read, touched, pushed
         before = snapshot(outside)
+        with self.assertRaises(oc.NotFoundError):
+            self.cache.store().info(image.config.digest)
+        with self.assertRaises(oc.OciCacheError):
+            self.cache.layout.open_blob(image.config.digest)
         self.provider().image_pull(f"{server.host}/planted/app:1", "", "amd64")
         self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
         self.assertEqual(damaged_blobs(self.cache_dir), [])
