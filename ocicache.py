@@ -1202,8 +1202,9 @@ def _write_file_atomically(dir_fd: int, name: str, data: bytes) -> None:
     os.fsync(dir_fd)
 
 
-class _PartialFile:
-    """A download's partial file, open and locked (see ``Layout.partial_blob``)."""
+class _PendingBlob:
+    """A blob being written under a temporary name (a download's partial file, open and
+    locked: see ``Layout.partial_blob``); ``commit`` gives it its final name."""
 
     def __init__(self, fd: int, directory: int, name: str, final: str, where: str) -> None:
         self.fd = fd
@@ -1436,8 +1437,7 @@ class Layout:
             try:
                 try:
                     actual, written = self._copy_verified(stream, fd, expected, size, algorithm)
-                    partial = _PartialFile(fd, directory, temp, actual.hex, where)
-                    partial.commit(written)
+                    _PendingBlob(fd, directory, temp, actual.hex, where).commit(written)
                 finally:
                     os.close(fd)
             except BaseException as e:
@@ -1475,7 +1475,7 @@ class Layout:
         return actual, written
 
     @contextlib.contextmanager
-    def partial_blob(self, digest: Digest, size: int) -> Iterator[Optional[_PartialFile]]:
+    def partial_blob(self, digest: Digest, size: int) -> Iterator[Optional[_PendingBlob]]:
         """The partial file a download of ``digest`` resumes, open and ``flock``ed; None
         when the blob is present with ``size`` bytes (another process fetched it).
 
@@ -1511,7 +1511,7 @@ class Layout:
                 if self.has_blob(digest, size):
                     yield None
                 else:
-                    yield _PartialFile(fd, directory, name, digest.hex, where)
+                    yield _PendingBlob(fd, directory, name, digest.hex, where)
             except OSError as e:
                 if not _is_write_error(e):
                     raise
@@ -1540,8 +1540,8 @@ class Layout:
 
     @staticmethod
     def _partial_state(fd: int, directory: int, name: str) -> str:
-        """"ours" (a regular file of this user's, bearing only the partial name),
-        "gone" (renamed or removed while we waited) or "foreign"."""
+        """What the locked file is: "ours" (a regular file of this user's, bearing only
+        the partial name), "gone" (renamed or removed while we waited) or "foreign"."""
         held = os.fstat(fd)
         try:
             named = os.stat(name, dir_fd=directory, follow_symlinks=False)
@@ -1610,7 +1610,7 @@ class Layout:
                 try:
                     _write_file_atomically(directory, "index.json", data)
                 except OSError as e:
-                    if on_full is None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    if on_full is None or e.errno not in _FULL_ERRNOS:
                         raise _disk_error(self.index_path, e, _CACHE_FULL) from None
                     on_full()
                     try:
