@@ -1224,8 +1224,15 @@ class _PendingBlob:
         if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
             raise OciCacheError(f"{self.where} was replaced while it was written; not renamed")
         os.fsync(self.fd)
-        os.replace(self._name, self._final, src_dir_fd=self._directory,
-                   dst_dir_fd=self._directory)
+        try:
+            os.replace(self._name, self._final, src_dir_fd=self._directory,
+                       dst_dir_fd=self._directory)
+        except OSError as e:
+            if _is_write_error(e):
+                raise
+            final = os.path.join(os.path.dirname(self.where), self._final)
+            raise OciCacheError(f"cannot name {final}: {e.strerror or e}; remove what is "
+                                "there") from None
         os.fsync(self._directory)
 
 
@@ -1529,6 +1536,9 @@ class Layout:
                 fd = os.open(name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK,
                              _CREATE_MODE, dir_fd=directory)
             except OSError as e:
+                if e.errno == errno.EISDIR:
+                    raise OciCacheError(f"cannot write {where}: it is a directory; "
+                                        "remove it") from None
                 if e.errno != errno.ELOOP:
                     raise _disk_error(where, e, _CACHE_FULL) from None
                 _log().warning("removing %s: a symbolic link, not a partial download", where)
@@ -4367,8 +4377,8 @@ class Provider(CacheProvider):
 
             def delete() -> None:
                 nonlocal count
-                for digest, path, _ in self.layout.blob_files():
-                    if digest is not None:
+                for digest, path, info in self.layout.blob_files():
+                    if digest is not None and not stat.S_ISDIR(info.st_mode):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
                             count += 1
