@@ -34,7 +34,8 @@ test: deps
 # The campaigns of the regular suite at full size: faults, crashes, concurrency, full
 # disks (a tmpfs, as root), files planted in the cache, and hostile inputs (400,000
 # references against the grammar, the fuzzed parsers, archives and bombs, hostile
-# registries, credential hygiene). Loopback only, bounded in time; not part of make test. OCICACHE_FUZZ_SEED=N repeats a run's fuzzing.
+# registries, credential hygiene). Loopback only, bounded in time; not part of make
+# test. OCICACHE_FUZZ_SEED=N repeats a run's fuzzing.
 HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_grammar \
 	TestDigest.test_mutated_digests_raise_only_invalid_digest_errors \
 	TestPlatform.test_mutated_platforms_raise_only_ocicache_errors \
