@@ -1172,14 +1172,21 @@ def _open_regular(name: str, flags: int = os.O_RDONLY, dir_fd: Optional[int] = N
     return fd
 
 
+# A new file is created exclusively, so nothing planted under its name (a link,
+# another's file) is ever written to.
+_NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+
+
+def _temporary_name(final: str) -> str:
+    return f"{final}{_TEMP_MARK}{os.urandom(8).hex()}"
+
+
 def _create_temporary(dir_fd: int, final: str) -> Tuple[int, str]:
-    """A new, empty temporary file beside ``final`` in ``dir_fd``: created exclusively, so
-    nothing planted under its name (a link, another's file) is ever written to."""
+    """A new, empty temporary file beside ``final`` in ``dir_fd``."""
     while True:
-        name = f"{final}{_TEMP_MARK}{os.urandom(8).hex()}"
+        name = _temporary_name(final)
         try:
-            return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, _CREATE_MODE,
-                           dir_fd=dir_fd), name
+            return os.open(name, _NEW_FILE, _CREATE_MODE, dir_fd=dir_fd), name
         except FileExistsError:
             continue
 
@@ -5450,8 +5457,10 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
         return
     directory = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd, temp = _create_temporary(directory, f".{os.path.basename(target)}")
+        # Named before it exists, so that a signal however soon after removes it.
+        temp = _temporary_name(f".{os.path.basename(target)}")
         try:
+            fd = os.open(temp, _NEW_FILE, _CREATE_MODE, dir_fd=directory)
             with os.fdopen(fd, "wb", buffering=COPY_BUFFER_SIZE) as out:
                 write(out)
                 if existing is not None:
@@ -5459,8 +5468,9 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.replace(temp, os.path.basename(target), src_dir_fd=directory,
                        dst_dir_fd=directory)
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=directory)
+            if not isinstance(e, FileExistsError):  # that one is not ours
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=directory)
             if isinstance(e, OSError) and _is_write_error(e):
                 raise _disk_error(path, e, frees) from None
             raise

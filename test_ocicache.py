@@ -7081,14 +7081,15 @@ class TestDiskWrites(RegistryTestCase):
     def test_signals_during_export_remove_the_temporary_file(self) -> None:
         self.load_image("example.com/sig:1", make_image("sig", layer_files=[
             {"big": random.Random(14).randbytes(48 << 20)}], gzip_layers=False))
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            with self.subTest(signal=signum.name):
-                output = self.path(f"out-{signum.name}.tar")
+        for signum, export_format in itertools.product((signal.SIGTERM, signal.SIGINT),
+                                                       ("docker", "filesystem")):
+            with self.subTest(signal=signum.name, format=export_format):
+                output = self.path(f"out-{signum.name}-{export_format}.tar")
                 prefix = f".{os.path.basename(output)}{oc._TEMP_MARK}"
                 for _ in range(5):  # until the signal lands while the copy is written
                     process = subprocess.Popen(
                         [sys.executable, OCICACHE, "--cache", self.cache_dir, "export",
-                         "example.com/sig:1", "--format", "docker", "-o", output],
+                         "example.com/sig:1", "--format", export_format, "-o", output],
                         stderr=subprocess.PIPE)
                     deadline = time.monotonic() + 60
                     while process.poll() is None and time.monotonic() < deadline and not any(
