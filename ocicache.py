@@ -5423,6 +5423,9 @@ def _terminate_as_exception() -> Iterator[None]:
     def terminated(signum: int, frame: Any) -> NoReturn:
         raise _Terminated()
 
+    if threading.current_thread() is not threading.main_thread():
+        yield  # main() called from a thread: signals are the main thread's business
+        return
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
