@@ -6778,10 +6778,8 @@ class TestDiskWrites(RegistryTestCase):
         self.addCleanup(server.stop)
         imported = make_image("campaign-import", layer_files=[
             {"b": random.Random(16).randbytes(40_000)}], gzip_layers=False)
-        archive = self.path("campaign.tar")
-        with open(archive, "wb") as f:
-            f.write(oci_archive([(imported.manifest.descriptor(), named("example.com/c:1"))],
-                                imported.blobs))
+        archive_bytes = oci_archive([(imported.manifest.descriptor(), named("example.com/c:1"))],
+                                    imported.blobs)
         outside = self.path("outside")
         os.makedirs(outside)
         secrets_by_size = {}
@@ -6836,7 +6834,7 @@ class TestDiskWrites(RegistryTestCase):
                 self.addCleanup(provider.close)
                 steps: List[Tuple[str, Callable[[], Any]]] = [
                     ("pull", lambda: provider.image_pull(f"{server.host}/c/app:1", "", "amd64")),
-                    ("import", lambda: provider.image_load(open(archive, "rb"))),
+                    ("import", lambda: provider.image_load(io.BytesIO(archive_bytes))),
                     ("export", lambda: self.assertEqual(self.cli_in(
                         cache_dir, "export", "example.com/c:1", "--format", "oci", "-o",
                         self.path(f"out-{cases}.tar")).returncode, 0)),
