@@ -1106,7 +1106,7 @@ _TEMPORARY_NAME = re.compile(r"(?:[0-9a-f]+|blob|\.index\.json|\.oci-layout)"
                              + re.escape(_TEMP_MARK) + r"[A-Za-z0-9_]+")
 
 
-def _is_temporary(name: str) -> bool:
+def _is_temporary_file(name: str) -> bool:
     """Whether ``name`` (a file name, no directory) is one of ocicache's temporary files."""
     return _TEMPORARY_NAME.fullmatch(name) is not None
 
@@ -1718,7 +1718,7 @@ class Layout:
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if not _is_temporary(os.path.basename(path)):
+                if not _is_temporary_file(os.path.basename(path)):
                     corrupt.append(f"{path}: not named by a valid digest")
                 continue
             checked += 1

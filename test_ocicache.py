@@ -2936,10 +2936,10 @@ class TestLayout(CacheTestCase):
             os.close(fd)
             made.append(name)
         made += [HEX64 + oc._PARTIAL_SUFFIX, ".index.json.tmp-k2j_x9ab"]  # and mkstemp's
-        self.assertEqual([n for n in made if not oc._is_temporary(n)], [])
+        self.assertEqual([n for n in made if not oc._is_temporary_file(n)], [])
         for other in ("index.json", HEX64, ".lock", "notes.tmp-1", "a/b.tmp-1", HEX64 + ".tmp-",
                       HEX64 + ".tmp-x/y", "." + HEX64 + ".tmp-1"):
-            self.assertFalse(oc._is_temporary(other), other)
+            self.assertFalse(oc._is_temporary_file(other), other)
 
     def test_unreadable_index_is_a_clear_error(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
