@@ -6915,6 +6915,16 @@ class TestDiskWrites(RegistryTestCase):
         os.chmod(cache_dir, 0o2775)
         self.assertEqual(self.cli_in(cache_dir, "ls").returncode, 0)
 
+    def test_lock_never_follows_a_link_planted_after_the_checks(self) -> None:
+        layout = oc.Layout(self.cache_dir)  # checked, then .lock becomes a dangling link
+        outside = self.path("created-outside")
+        os.unlink(os.path.join(self.cache_dir, ".lock"))
+        os.symlink(outside, os.path.join(self.cache_dir, ".lock"))
+        with self.assertRaises((OSError, oc.OciCacheError)):
+            with layout.lock():
+                pass
+        self.assertFalse(os.path.lexists(outside))
+
     def test_waiting_download_never_writes_the_finished_blob(self) -> None:
         honest = make_image("shared-layer", layer_files=[
             {"big": random.Random(8).randbytes(300_000)}], gzip_layers=False)
