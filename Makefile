@@ -31,10 +31,11 @@ deps:
 test: deps
 	$(PYTHON) test_ocicache.py
 
-# The campaigns of the regular suite at full size: faults, crashes, concurrency, a full
-# disk, and hostile inputs (400,000 references against the grammar, the fuzzed parsers,
-# archives and bombs, hostile registries, credential hygiene). Loopback only, bounded in
-# time; not part of make test. OCICACHE_FUZZ_SEED=N repeats a run's fuzzing.
+# The campaigns of the regular suite at full size: faults, crashes, concurrency, full
+# disks (a tmpfs, as root), files planted in the cache, and hostile inputs (400,000
+# references against the grammar, the fuzzed parsers, archives and bombs, hostile
+# registries, credential hygiene). Loopback only, bounded in time; not part of make
+# test. OCICACHE_FUZZ_SEED=N repeats a run's fuzzing.
 HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_grammar \
 	TestDigest.test_mutated_digests_raise_only_invalid_digest_errors \
 	TestPlatform.test_mutated_platforms_raise_only_ocicache_errors \
@@ -44,7 +45,8 @@ HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_gram
 	TestCredentialHygiene TestHostileRegistries \
 	TestArchives.test_decompression_bombs_stay_within_memory_and_time \
 	TestArchives.test_fuzzed_archives TestProviderSettings.test_fuzzed_mirror_files \
-	TestPackageResolver.test_fuzzed_and_odd_build_yml
+	TestPackageResolver.test_fuzzed_and_odd_build_yml \
+	TestDiskWrites.test_planted_files_campaign
 stress: deps
 	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability $(HOSTILE_CAMPAIGNS)
 

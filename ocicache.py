@@ -91,7 +91,6 @@ if TYPE_CHECKING:
     import logging
     import platform as _platform_module
     import tarfile
-    import tempfile
 else:
     argparse = _LazyModule("argparse")
     fcntl = _LazyModule("fcntl")
@@ -100,7 +99,6 @@ else:
     logging = _LazyModule("logging")
     _platform_module = _LazyModule("platform")
     tarfile = _LazyModule("tarfile")
-    tempfile = _LazyModule("tempfile")
 _http_client = _LazyModule("http.client")
 _subprocess = _LazyModule("subprocess")
 
@@ -1036,13 +1034,8 @@ _EMPTY_INDEX_BYTES = (
 _INDEX_INDENT = 3  # linuxkit's indent; its tests read index.json with jq, not by bytes
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+_CREATE_MODE = 0o666  # the umask decides: 0644 for one user, 0664 in a group-shared cache
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 DEFAULT_LOCK_TIMEOUT_SECONDS = 600.0  # $OCICACHE_LOCK_TIMEOUT overrides it
@@ -1173,7 +1166,8 @@ class _DirectoryLock:
     def hold(self) -> Iterator[None]:
         with self._thread_lock:
             if self._depth == 0:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             _CREATE_MODE)
                 try:
                     self._take(fd)
                 except BaseException:
@@ -1227,41 +1221,157 @@ def _forget_locks_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Every temporary file in the cache is named <final name>.tmp-<suffix>: random hex
+# (mkstemp's letters before), or "partial" for a download that can be resumed. One
+# predicate recognises them, for verify and for gc to remove the stale ones, such as
+# a .index.json.tmp-* that a SIGKILL left.
+_PARTIAL_SUFFIX = _TEMP_MARK + "partial"
+_TEMPORARY_NAME = re.compile(r"(?:[0-9a-f]+|blob|\.index\.json|\.oci-layout)"
+                             + re.escape(_TEMP_MARK) + r"[A-Za-z0-9_]+")
 
 
-def _write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, and rename over it."""
-    directory, base = os.path.split(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{base}{_TEMP_MARK}", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode & ~_UMASK)
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _fsync_directory(directory)
-
-
+# linuxkit's: go-containerregistry's layout ``writeBlob`` (pkg/v1/layout/write.go) makes
+# them with ``os.CreateTemp(dir, hex)``: the hex digest, then a random decimal number.
 _LINUXKIT_TEMP_NAME = re.compile(r"[0-9a-f]{64}[0-9]{1,10}")
 
 
 def _is_temporary_file(name: str) -> bool:
-    """Whether a file in ``blobs/<alg>/`` is a blob being written: ours
-    (``<hex>.tmp-…``), or linuxkit's, which go-containerregistry's layout ``writeBlob``
-    (pkg/v1/layout/write.go) makes with ``os.CreateTemp(dir, hex)``: the hex digest then
-    a random decimal number (a crash leaves it behind)."""
-    return _TEMP_MARK in name or _LINUXKIT_TEMP_NAME.fullmatch(name) is not None
+    """Whether ``name`` (a file name, no directory) is a blob file being written, by
+    ocicache or by linuxkit (a crash leaves either behind)."""
+    return (_TEMPORARY_NAME.fullmatch(name) is not None
+            or _LINUXKIT_TEMP_NAME.fullmatch(name) is not None)
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What a write itself can fail with; other OSErrors met while writing (a corrupt gzip
+# stream being read, a refused connection) are not the file's, and pass unchanged.
+_WRITE_ERRNOS = _FULL_ERRNOS | {errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _is_write_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _WRITE_ERRNOS
+
+
+def _disk_error(path: str, error: OSError, frees: str) -> OciCacheError:
+    """One line for an error writing ``path``; for a full disk, ``frees`` says what helps."""
+    reason = error.strerror or str(error)
+    if error.errno in _FULL_ERRNOS:
+        return OciCacheError(f"cannot write {path}: {reason}; {frees}")
+    return OciCacheError(f"cannot write {path}: {reason}")
+
+
+_CACHE_FULL = ("free space on its filesystem ('ocicache gc --grace 0' deletes unused blobs "
+               "and partial downloads, 'ocicache rm NAME' an image)")
+
+
+def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
+    """Write every byte of ``data`` or raise: ``os.write`` may write less, as it does
+    when a disk fills up (the next call then fails with ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _open_directory(name: str, dir_fd: Optional[int] = None) -> int:
+    """A directory inside the cache, never reached through a symbolic link."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+
+
+def _open_regular(name: str, flags: int = os.O_RDONLY, dir_fd: Optional[int] = None,
+                  where: str = "") -> int:
+    """Open a file of the cache, never through a symbolic link, and check with ``fstat``
+    that it is a regular file before a byte is read or written (a FIFO would block, a
+    device would be written). ``where`` is the path that messages name."""
+    where = where or name
+    try:
+        fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, _CREATE_MODE, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OciCacheError(f"{where} is a symbolic link; ocicache never follows links "
+                                "inside its cache (remove it)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OciCacheError(f"{where} is not a regular file; remove it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# A new file is created exclusively, so nothing planted under its name (a link,
+# another's file) is ever written to.
+_NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+
+
+def _temporary_name(final: str) -> str:
+    return f"{final}{_TEMP_MARK}{os.urandom(8).hex()}"
+
+
+def _create_temporary(dir_fd: int, final: str) -> Tuple[int, str]:
+    """A new, empty temporary file beside ``final`` in ``dir_fd``."""
+    while True:
+        name = _temporary_name(final)
+        try:
+            return os.open(name, _NEW_FILE, _CREATE_MODE, dir_fd=dir_fd), name
+        except FileExistsError:
+            continue
+
+
+def _write_file_atomically(dir_fd: int, name: str, data: bytes) -> None:
+    """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
+    rename it over ``name`` (a rename replaces a link; it never writes through one)."""
+    fd, temp = _create_temporary(dir_fd, f".{name}")
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+class _PendingBlob:
+    """A blob being written under a temporary name (a download's partial file, open and
+    locked: see ``Layout.partial_blob``); ``commit`` gives it its final name."""
+
+    def __init__(self, fd: int, directory: int, name: str, final: str, where: str) -> None:
+        self.fd = fd
+        self._directory = directory
+        self._name = name
+        self._final = final
+        self.where = where
+
+    def commit(self, size: int) -> None:
+        """Give the verified content its final name, once its size on disk is right and
+        the name is still this file's."""
+        held = os.fstat(self.fd)
+        if held.st_size != size:
+            raise OciCacheError(f"{self.where} holds {held.st_size} bytes, not {size}; "
+                                "not renamed")
+        named = os.stat(self._name, dir_fd=self._directory, follow_symlinks=False)
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            raise OciCacheError(f"{self.where} was replaced while it was written; not renamed")
+        os.fsync(self.fd)
+        try:
+            os.replace(self._name, self._final, src_dir_fd=self._directory,
+                       dst_dir_fd=self._directory)
+        except OSError as e:
+            if _is_write_error(e):
+                raise
+            final = os.path.join(os.path.dirname(self.where), self._final)
+            raise OciCacheError(f"cannot name {final}: {e.strerror or e}; remove what is "
+                                "there") from None
+        os.fsync(self._directory)
 
 
 class _Reachable:
@@ -1302,6 +1412,9 @@ class Layout:
     """An OCI image layout directory used as a cache. Creates it when missing."""
 
     def __init__(self, root: Union[str, "os.PathLike[str]"]) -> None:
+        if not os.fspath(root):  # an unset variable: not the current directory
+            raise OciCacheError("the cache directory is an empty string; name a directory, "
+                                "or leave --cache out for the default")
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self.index_path = os.path.join(self.root, "index.json")
         try:
@@ -1310,14 +1423,80 @@ class Layout:
             raise OciCacheError(f"cannot create cache directory {self.root}: "
                                 f"{e.strerror or e}") from None
         self.blobs_dir = os.path.join(self.root, "blobs")
+        self._check_tree()
         self._lock = _lock_for(os.path.join(self.root, ".lock"))
-        if not os.path.exists(self.index_path):
-            with self.lock():
-                if not os.path.exists(self.index_path):
-                    _write_file_atomically(os.path.join(self.root, "oci-layout"),
-                                           _OCI_LAYOUT_BYTES)
-                    _write_file_atomically(self.index_path, _EMPTY_INDEX_BYTES)
-        os.makedirs(os.path.join(self.blobs_dir, "sha256"), exist_ok=True)
+        if not os.path.lexists(self.index_path):
+            with self.lock(), self._root_directory() as directory:
+                if not os.path.lexists(self.index_path):
+                    try:
+                        _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
+                        _write_file_atomically(directory, "index.json", _EMPTY_INDEX_BYTES)
+                    except OSError as e:
+                        raise _disk_error(self.index_path, e, "free space on its "
+                                          "filesystem") from None
+
+    def _check_tree(self) -> None:
+        """Make ``blobs/sha256`` when missing; refuse a cache whose own entries are links,
+        of the wrong kind, or owned by a stranger: someone other than root, this user
+        or, in a group-shared cache (its directory set-group-ID), a member of its group.
+        The operations below never follow a link either; this says why, up front."""
+        try:
+            top = os.stat(self.root)
+        except OSError as e:
+            raise OciCacheError(f"cannot use cache directory {self.root}: "
+                                f"{e.strerror or e}") from None
+        shared_group = top.st_gid if top.st_mode & stat.S_ISGID else None
+        for name, directory in (("blobs", True), ("blobs/sha256", True),
+                                ("index.json", False), (".lock", False)):
+            path = os.path.join(self.root, name)
+            try:
+                if directory:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(path)  # never through a link: EEXIST
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise OciCacheError(f"cannot use cache directory {self.root}: "
+                                    f"{path}: {e.strerror or e}") from None
+            if stat.S_ISLNK(info.st_mode):
+                problem = "is a symbolic link; ocicache never follows links inside its cache"
+            elif directory and not stat.S_ISDIR(info.st_mode):
+                problem = "is not a directory"
+            elif not directory and not stat.S_ISREG(info.st_mode):
+                problem = "is not a regular file"
+            elif info.st_uid not in (0, os.geteuid()) and info.st_gid != shared_group:
+                problem = (f"belongs to uid {info.st_uid}, neither you nor root (a shared "
+                           "cache's directory is set-group-ID: see the README)")
+            else:
+                continue
+            raise OciCacheError(f"refusing the cache {self.root}: {path} {problem}")
+
+    @contextlib.contextmanager
+    def _root_directory(self) -> Iterator[int]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _blob_directory(self, algorithm: str, create: bool = False) -> Iterator[int]:
+        """``blobs/<algorithm>``, reached from the root without following a link, so a
+        directory swapped for a link after ``_check_tree`` still leads nowhere else."""
+        with self._root_directory() as root:
+            blobs = _open_directory("blobs", root)
+            try:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(algorithm, dir_fd=blobs)
+                directory = _open_directory(algorithm, blobs)
+            finally:
+                os.close(blobs)
+            try:
+                yield directory
+            finally:
+                os.close(directory)
 
     def lock(self) -> "contextlib.AbstractContextManager[None]":
         """The cache's exclusive lock; reentrant, thread-safe and across processes."""
@@ -1341,7 +1520,7 @@ class Layout:
 
     @contextlib.contextmanager
     def _blob_lock(self, mode: int) -> Iterator[None]:
-        fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
         try:
             what = (f"{self.blobs_dir}: a pull or import is adding blobs"
                     if mode == fcntl.LOCK_EX else f"{self.blobs_dir}: blobs are being deleted")
@@ -1359,17 +1538,19 @@ class Layout:
     def has_blob(self, digest: Union[str, Digest], size: Optional[int] = None) -> bool:
         """True when the blob file exists (with ``size`` bytes, when given)."""
         try:
-            st = os.stat(self.blob_path(digest))
+            st = os.lstat(self.blob_path(digest))
         except FileNotFoundError:
             return False
         return stat.S_ISREG(st.st_mode) and (size is None or size < 0 or st.st_size == size)
 
     def open_blob(self, digest: Union[str, Digest]) -> BinaryIO:
-        path = self.blob_path(digest)
+        d = Digest.parse(digest)
         try:
-            return open(path, "rb")
+            with self._blob_directory(d.algorithm) as directory:
+                fd = _open_regular(d.hex, os.O_RDONLY, directory, self.blob_path(d))
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} is not in the cache {self.root}") from None
+        return os.fdopen(fd, "rb")
 
     def read_blob(self, digest: Union[str, Digest], limit: int = MAX_MANIFEST_SIZE) -> bytes:
         """A small blob (manifest, index, config), read whole and checked against its digest."""
@@ -1395,51 +1576,139 @@ class Layout:
         expected = Digest.parse(digest) if digest is not None else None
         if expected is not None and self.has_blob(expected, size):
             self._touch(expected)
-            return expected, os.path.getsize(self.blob_path(expected))
+            return expected, os.lstat(self.blob_path(expected)).st_size
         algorithm = expected.algorithm if expected is not None else algorithm
-        directory = os.path.join(self.root, "blobs", algorithm)
-        os.makedirs(directory, exist_ok=True)
-        prefix = (expected.hex if expected is not None else "blob") + _TEMP_MARK
-        fd, temp = tempfile.mkstemp(prefix=prefix, dir=directory)
-        try:
-            hasher = hashlib.new(algorithm)
-            written = 0
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = stream.read(COPY_BUFFER_SIZE)
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    written += len(chunk)
-                    if size is not None and size >= 0 and written > size:
-                        raise DigestMismatchError(
-                            f"blob {expected or 'content'} is longer than its declared "
-                            f"size {size}")
-                if size is not None and size >= 0 and written != size:
-                    raise DigestMismatchError(
-                        f"blob {expected or 'content'}: got {written} bytes, expected {size}")
-                actual = Digest(algorithm, hasher.hexdigest())
-                if expected is not None and actual != expected:
-                    raise DigestMismatchError(
-                        f"content does not match its digest: expected {expected}, got {actual}")
-                out.flush()
-                os.fchmod(out.fileno(), 0o644 & ~_UMASK)
-                os.fsync(out.fileno())
-            os.replace(temp, self.blob_path(actual))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_directory(directory)
+        with self._blob_directory(algorithm, create=True) as directory:
+            fd, temp = _create_temporary(directory, expected.hex if expected else "blob")
+            where = os.path.join(self.blobs_dir, algorithm, temp)
+            try:
+                try:
+                    actual, written = self._copy_verified(stream, fd, expected, size, algorithm)
+                    _PendingBlob(fd, directory, temp, actual.hex, where).commit(written)
+                finally:
+                    os.close(fd)
+            except BaseException as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=directory)
+                if isinstance(e, OSError) and _is_write_error(e):
+                    raise _disk_error(where, e, _CACHE_FULL) from None
+                raise
         return actual, written
+
+    @staticmethod
+    def _copy_verified(stream: IO[bytes], fd: int, expected: Optional[Digest],
+                       size: Optional[int], algorithm: str) -> Tuple[Digest, int]:
+        """Copy ``stream`` to ``fd``, checking ``size`` and the digest of what was
+        written (every byte of it: ``_write_all``)."""
+        hasher = hashlib.new(algorithm)
+        written = 0
+        while True:
+            chunk = stream.read(COPY_BUFFER_SIZE)
+            if not chunk:
+                break
+            written += len(chunk)
+            if size is not None and size >= 0 and written > size:
+                raise DigestMismatchError(
+                    f"blob {expected or 'content'} is longer than its declared size {size}")
+            _write_all(fd, chunk)
+            hasher.update(chunk)
+        if size is not None and size >= 0 and written != size:
+            raise DigestMismatchError(
+                f"blob {expected or 'content'}: got {written} bytes, expected {size}")
+        actual = Digest(algorithm, hasher.hexdigest())
+        if expected is not None and actual != expected:
+            raise DigestMismatchError(
+                f"content does not match its digest: expected {expected}, got {actual}")
+        return actual, written
+
+    @contextlib.contextmanager
+    def partial_blob(self, digest: Digest, size: int) -> Iterator[Optional[_PendingBlob]]:
+        """The partial file a download of ``digest`` resumes, open and ``flock``ed; None
+        when the blob is present with ``size`` bytes (another process fetched it).
+
+        A download that finishes renames its partial file to the final name, and a
+        process waiting for that file's lock then holds the verified blob itself: once
+        locked, the file must still bear the partial name, or it is opened afresh.
+        Whatever else bears that name (a link, a file with other names or another
+        owner) is not a download of ours: it is removed, never written to. A full disk
+        removes the partial file, since resuming it needs the space it holds.
+        """
+        name = digest.hex + _PARTIAL_SUFFIX
+        where = self.blob_path(digest) + _PARTIAL_SUFFIX
+        with self._blob_directory(digest.algorithm, create=True) as directory:
+            while True:
+                if self.has_blob(digest, size):
+                    yield None
+                    return
+                fd = self._open_partial(directory, name, where)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # another process may be fetching it
+                    state = self._partial_state(fd, directory, name)
+                    if state == "foreign":  # removed under its lock, as a rename is
+                        _log().warning("removing %s: not a partial download of yours", where)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=directory)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if state == "ours":
+                    break
+                os.close(fd)
+            try:
+                if self.has_blob(digest, size):
+                    yield None
+                else:
+                    yield _PendingBlob(fd, directory, name, digest.hex, where)
+            except OSError as e:
+                if not _is_write_error(e):
+                    raise
+                if e.errno in _FULL_ERRNOS:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=directory)
+                raise _disk_error(where, e, _CACHE_FULL) from None
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _open_partial(directory: int, name: str, where: str) -> int:
+        while True:
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK,
+                             _CREATE_MODE, dir_fd=directory)
+            except OSError as e:
+                if e.errno == errno.EISDIR:
+                    raise OciCacheError(f"cannot write {where}: it is a directory; "
+                                        "remove it") from None
+                if e.errno != errno.ELOOP:
+                    raise _disk_error(where, e, _CACHE_FULL) from None
+                _log().warning("removing %s: a symbolic link, not a partial download", where)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=directory)
+                continue
+            os.set_blocking(fd, True)
+            return fd
+
+    @staticmethod
+    def _partial_state(fd: int, directory: int, name: str) -> str:
+        """What the locked file is: "ours" (a regular file of this user's, bearing only
+        the partial name), "gone" (renamed or removed while we waited) or "foreign"."""
+        held = os.fstat(fd)
+        try:
+            named = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return "gone"
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            return "gone"
+        if stat.S_ISREG(held.st_mode) and held.st_nlink == 1 and held.st_uid == os.geteuid():
+            return "ours"
+        return "foreign"
 
     def write_blob_bytes(self, data: bytes, digest: Optional[Union[str, Digest]] = None) -> Digest:
         return self.write_blob(io.BytesIO(data), digest, len(data))[0]
 
     def _touch(self, digest: Digest) -> None:
         with contextlib.suppress(OSError):  # a shared cache may hold other users' blobs
-            os.utime(self.blob_path(digest))
+            os.utime(self.blob_path(digest), follow_symlinks=False)
 
     def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
         """Every file under ``blobs/``: (digest or None for temporary files, path, stat)."""
@@ -1474,7 +1743,7 @@ class Layout:
 
     def _read_index(self) -> Index:
         try:
-            with open(self.index_path, "rb") as f:
+            with os.fdopen(_open_regular(self.index_path), "rb") as f:
                 data = f.read(64 * MAX_MANIFEST_SIZE)
         except FileNotFoundError:
             raise CorruptCacheError(f"{self.index_path} is missing") from None
@@ -1483,15 +1752,31 @@ class Layout:
         except OciCacheError as e:
             raise CorruptCacheError(f"invalid image cache: {e}") from None
 
-    def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]]) -> None:
-        """Apply ``change`` to the root entries under the lock, then replace index.json."""
+    def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]],
+                     on_full: Optional[Callable[[], None]] = None) -> None:
+        """Apply ``change`` to the root entries under the lock, then replace index.json.
+
+        Replacing it needs room for a second copy; on a full disk ``on_full`` (given by
+        ``rm`` and ``clean``, whose change frees blobs) deletes them first, then it is
+        tried once more.
+        """
         with self.lock():
             index = self.read_index()
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
                                       media_type=index.media_type or MEDIA_OCI_INDEX)
-            _write_file_atomically(self.index_path,
-                                   _json_bytes(new.to_json(), indent=_INDEX_INDENT))
+            data = _json_bytes(new.to_json(), indent=_INDEX_INDENT)
+            with self._root_directory() as directory:
+                try:
+                    _write_file_atomically(directory, "index.json", data)
+                except OSError as e:
+                    if on_full is None or e.errno not in _FULL_ERRNOS:
+                        raise _disk_error(self.index_path, e, _CACHE_FULL) from None
+                    on_full()
+                    try:
+                        _write_file_atomically(directory, "index.json", data)
+                    except OSError as again:
+                        raise _disk_error(self.index_path, again, _CACHE_FULL) from None
 
     # -- reachability, gc, verify -----------------------------------------------------
 
@@ -1584,7 +1869,7 @@ class Layout:
                 corrupt.append(f"{digest}: not a regular file")
                 continue
             hasher = digest.hasher()
-            with open(path, "rb") as f:
+            with self.open_blob(digest) as f:
                 for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
                     hasher.update(chunk)
             if hasher.hexdigest() != digest.hex:
@@ -2277,7 +2562,6 @@ def _connection_error(host: str, error: BaseException) -> OciCacheError:
 
 MANIFEST_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_LIST,
                              MEDIA_DOCKER_MANIFEST])
-_PARTIAL_SUFFIX = _TEMP_MARK + "partial"
 
 
 def _user_agent() -> str:
@@ -2334,9 +2618,9 @@ def _with_query(url: str, query: str) -> str:
 class _FileSlice(io.RawIOBase):
     """``length`` bytes of a file from ``offset``: one chunk of a chunked upload."""
 
-    def __init__(self, path: str, offset: int, length: int) -> None:
+    def __init__(self, layout: Layout, digest: Digest, offset: int, length: int) -> None:
         super().__init__()
-        self._file = open(path, "rb")
+        self._file: Any = layout.open_blob(digest)  # a BufferedReader: it has readinto
         self._file.seek(offset)
         self._left = length
 
@@ -2691,14 +2975,14 @@ class RegistryClient:
         location = self._absolute(endpoint, response.headers.get("Location", ""))
         announced = response.headers.get("OCI-Chunk-Min-Length") or ""
         minimum = int(announced) if re.fullmatch(r"[0-9]{1,12}", announced) else 0
-        path = layout.blob_path(descriptor.digest)
         digest = urllib.parse.quote(str(descriptor.digest), safe="")
         if not chunked:
             response = self.request(
                 endpoint, "PUT", "", "pull,push", url=_with_query(location, f"digest={digest}"),
                 headers={"Content-Type": "application/octet-stream",
                          "Content-Length": str(descriptor.size)},
-                body=lambda: open(path, "rb"), ok=(201, 204), what=what, retry=False)
+                body=lambda: layout.open_blob(descriptor.digest), ok=(201, 204), what=what,
+                retry=False)
             response.close()
             return
         chunk = max(self.transport.options.upload_chunk_size, minimum)
@@ -2710,7 +2994,8 @@ class RegistryClient:
                 headers={"Content-Type": "application/octet-stream",
                          "Content-Range": f"{offset}-{offset + length - 1}",
                          "Content-Length": str(length)},
-                body=functools.partial(_FileSlice, path, offset, length), ok=(201, 202, 204),
+                body=functools.partial(_FileSlice, layout, descriptor.digest, offset, length),
+                ok=(201, 202, 204),
                 what=what, retry=False)
             response.close()
             location = self._absolute(endpoint, response.headers.get("Location") or location)
@@ -2729,22 +3014,14 @@ class RegistryClient:
             progress(descriptor.size)
             return
         endpoint = self.endpoint(ref)
-        partial = layout.blob_path(descriptor.digest) + _PARTIAL_SUFFIX
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # another process may be fetching the same blob
-            if layout.has_blob(descriptor.digest, descriptor.size):
+        with layout.partial_blob(descriptor.digest, descriptor.size) as partial:
+            if partial is None:  # another process fetched it meanwhile
                 progress(descriptor.size)
                 return
             with _HashingThread(descriptor.digest.algorithm) as hasher:
-                self._fetch_into(endpoint, descriptor, fd, progress, hasher)
+                self._fetch_into(endpoint, descriptor, partial.fd, progress, hasher)
             self._remember(endpoint, descriptor.digest)
-            os.fchmod(fd, 0o644 & ~_UMASK)
-            os.fsync(fd)
-            os.replace(partial, layout.blob_path(descriptor.digest))
-            _fsync_directory(os.path.dirname(partial))
-        finally:
-            os.close(fd)
+            partial.commit(descriptor.size)
 
     def _fetch_into(self, endpoint: _Endpoint, descriptor: Descriptor, fd: int,
                     progress: Callable[[int], None], hasher: "_HashingThread") -> None:
@@ -2782,7 +3059,7 @@ class RegistryClient:
                         chunk = response.raw.read1(min(COPY_BUFFER_SIZE, descriptor.size - have))
                         if not chunk:
                             break
-                        os.write(fd, chunk)
+                        _write_all(fd, chunk)
                         hasher.update(chunk)
                         have += len(chunk)
                         progress(len(chunk))
@@ -2790,8 +3067,8 @@ class RegistryClient:
                     response.close(reuse=have >= descriptor.size)
                 except (OSError, _http_client.HTTPException) as e:
                     response.close(reuse=False)
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise OciCacheError(f"cannot write {what}: {e.strerror}") from None
+                    if _is_write_error(e):
+                        raise  # partial_blob names the file (and removes it if full)
                     failures += 1
                     if failures >= self.transport.options.attempts:
                         raise _connection_error(endpoint.host, e) from None
@@ -3658,9 +3935,7 @@ class _WriteBehind:
         if self._fd < 0:
             self._out.write(piece)
             return
-        view = memoryview(piece)
-        while view:
-            view = view[os.write(self._fd, view):]
+        _write_all(self._fd, piece)
 
     def write(self, data: bytes) -> int:
         if self._error is not None:
@@ -4007,9 +4282,11 @@ class ContentStore:
     def info(self, digest: DigestLike) -> ContentInfo:
         d = Digest.parse(digest)
         try:
-            st = os.stat(self._layout.blob_path(d))
+            st = os.lstat(self._layout.blob_path(d))
         except FileNotFoundError:
-            raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):  # a planted link is no blob
+            raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}")
         return ContentInfo(d, st.st_size, st.st_mtime)
 
     def open(self, digest: DigestLike) -> BinaryIO:
@@ -4300,25 +4577,36 @@ class Provider(CacheProvider):
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
             removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
             remaining = [e for e in entries if e not in removed]
-            self.layout.update_index(lambda _: remaining)
             before = self.layout.reachable(removed).digests
             after = self.layout.reachable(remaining).digests
             deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
-            for digest in deleted:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.layout.blob_path(digest))
+
+            def delete() -> None:
+                for digest in deleted:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.layout.blob_path(digest))
+
+            # Names first, so no name points at a deleted blob; on a full disk the blobs
+            # go first (a crash then leaves names that 'verify' reports and pull repairs).
+            self.layout.update_index(lambda _: remaining, on_full=delete)
+            delete()
             return deleted
 
     def clean(self) -> int:
         """Remove every name and blob; returns the number of blobs deleted."""
         with self.layout.deleting_blobs(), self.layout.lock():
-            self.layout.update_index(lambda _: [])
             count = 0
-            for digest, path, _ in self.layout.blob_files():
-                if digest is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                        count += 1
+
+            def delete() -> None:
+                nonlocal count
+                for digest, path, info in self.layout.blob_files():
+                    if digest is not None and not stat.S_ISDIR(info.st_mode):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+                            count += 1
+
+            self.layout.update_index(lambda _: [], on_full=delete)  # see remove()
+            delete()
             return count
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
@@ -5435,19 +5723,79 @@ def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
     if args.output == "-":
         write(sys.stdout.buffer)
         return 0
-    directory = os.path.dirname(os.path.abspath(args.output))
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(args.output)}{_TEMP_MARK}",
-                                dir=directory)
-    try:
-        with os.fdopen(fd, "wb", buffering=COPY_BUFFER_SIZE) as out:
-            write(out)
-            os.fchmod(out.fileno(), 0o644 & ~_UMASK)
-        os.replace(temp, args.output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    with _terminate_as_exception():
+        _write_output(args.output, write)
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt, so that what
+    a command was writing is cleaned up."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    import signal
+
+    def terminated(signum: int, frame: Any) -> NoReturn:
+        raise _Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # main() called from a thread: signals are the main thread's business
+        return
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write an export to ``path`` without ever replacing what is there unless it is a
+    regular file: a device or a FIFO (or a link to one) is written into as it is, as
+    docker/cli does since ``docker save -o /dev/null`` replaced root's /dev/null. A
+    regular file, or a new one, is written beside itself and renamed over (a link
+    stays a link: its target is replaced); an existing file keeps its mode, a new one
+    gets the umask's."""
+    target = os.path.realpath(path)
+    try:
+        existing: Optional[os.stat_result] = os.stat(target)
+    except FileNotFoundError:
+        existing = None
+    frees = "free space there, or export to another file"
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        raise OciCacheError(f"cannot write {path}: it is a directory")
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        try:
+            with open(os.open(target, os.O_WRONLY | os.O_CLOEXEC), "wb",
+                      buffering=COPY_BUFFER_SIZE) as out:
+                write(out)
+        except OSError as e:
+            if not _is_write_error(e):
+                raise
+            raise _disk_error(path, e, frees) from None
+        return
+    directory = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # Named before it exists, so that a signal however soon after removes it.
+        temp = _temporary_name(f".{os.path.basename(target)}")
+        try:
+            fd = os.open(temp, _NEW_FILE, _CREATE_MODE, dir_fd=directory)
+            with os.fdopen(fd, "wb", buffering=COPY_BUFFER_SIZE) as out:
+                write(out)
+                if existing is not None:
+                    os.fchmod(out.fileno(), stat.S_IMODE(existing.st_mode))
+            os.replace(temp, os.path.basename(target), src_dir_fd=directory,
+                       dst_dir_fd=directory)
+        except BaseException as e:
+            if not isinstance(e, FileExistsError):  # that one is not ours
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=directory)
+            if isinstance(e, OSError) and _is_write_error(e):
+                raise _disk_error(path, e, frees) from None
+            raise
+    finally:
+        os.close(directory)
 
 
 def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
@@ -5584,6 +5932,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = f"{e.strerror or e}{where}"
     except KeyboardInterrupt:
         message = "interrupted"
+    except _Terminated:
+        message = "terminated"
     finally:
         _log_setup = None
     print(f"ocicache: error: {_one_line(message)}", file=sys.stderr)

@@ -86,6 +86,12 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.01)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def figures(campaign: str, **numbers: Any) -> None:
     """A campaign's figures, one line on stderr: ``[campaign] key=value, ...``."""
     print(f"\n[{campaign}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()),
@@ -2920,7 +2926,7 @@ class TestLayout(CacheTestCase):
         self.assertEqual(self.temp_files(), [])
         digest = layout.write_blob_bytes(b"good", sha256(b"good"))
         self.assertEqual(str(digest), sha256(b"good"))
-        self.assertEqual(os.stat(layout.blob_path(digest)).st_mode & 0o777, 0o644 & ~oc._UMASK)
+        self.assertEqual(os.stat(layout.blob_path(digest)).st_mode & 0o777, 0o666 & ~current_umask())
 
     def test_existing_blob_is_kept_and_refreshed(self) -> None:
         layout = self.cache.layout
@@ -3047,6 +3053,20 @@ class TestLayout(CacheTestCase):
         self.assertEqual(len(report.missing), 1)
         self.assertIn(image.config.digest, report.missing[0])
         self.assertIn("example.com/v:1", report.missing[0])
+
+    def test_temporary_names_are_recognised_by_one_predicate(self) -> None:
+        directory = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory)
+        made = []
+        for final in (HEX64, HEX128, "blob", ".index.json", ".oci-layout"):
+            fd, name = oc._create_temporary(directory, final)
+            os.close(fd)
+            made.append(name)
+        made += [HEX64 + oc._PARTIAL_SUFFIX, ".index.json.tmp-k2j_x9ab"]  # and mkstemp's
+        self.assertEqual([n for n in made if not oc._is_temporary_file(n)], [])
+        for other in ("index.json", HEX64, ".lock", "notes.tmp-1", "a/b.tmp-1", HEX64 + ".tmp-",
+                      HEX64 + ".tmp-x/y", "." + HEX64 + ".tmp-1"):
+            self.assertFalse(oc._is_temporary_file(other), other)
 
     def test_unreadable_index_is_a_clear_error(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
@@ -6898,27 +6918,17 @@ print(json.dumps({"names": sorted(mine), "counts": counts}))
         figures("concurrency", processes=workers, seconds=seconds, names=len(expected), **totals)
 
     def test_full_disk(self) -> None:
-        if os.geteuid() != 0:
-            self.skipTest("mounting a small tmpfs needs root")
+        disk = SmallDisk(self, "6m")
         registry = self.start_registry()
         self.campaign_image(registry, "test/full", layer_mib=12)
-        small = self.path("small")
-        os.makedirs(small)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", small],
-                                 capture_output=True)
-        if mounted.returncode != 0:
-            message = f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
-            if REQUIRE_INTEGRATION:
-                self.fail(message)
-            self.skipTest(message)
-        self.addCleanup(subprocess.run, ["umount", "-l", small])
-        cache_dir = os.path.join(small, "cache")
+        cache_dir = os.path.join(disk.path, "cache")
         result = subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, "pull",
                                  "--platform", "amd64", f"{registry.host}/test/full:1"],
                                 capture_output=True, timeout=120)
-        self.assert_one_line_error(result, "No space left")
+        self.assert_one_line_error(result, "No space left", cache_dir, "gc --grace 0")
         cache = oc.Provider(cache_dir, mirrors=[])
         self.assertEqual(cache.names(), [])
+        self.assertEqual(damaged_blobs(cache_dir), [])
         self.assertTrue(cache.verify().ok)
         archive = self.path("full.tar")
         image = make_image("full-import", layer_files=[{"f": random.Random(5).randbytes(12 << 20)}],
@@ -6928,9 +6938,582 @@ print(json.dumps({"names": sorted(mine), "counts": counts}))
                                 image.blobs))
         result = subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, "import",
                                  archive], capture_output=True, timeout=120)
-        self.assert_one_line_error(result, "No space left")
+        self.assert_one_line_error(result, "No space left", cache_dir)
         self.assertEqual(cache.names(), [])
+        self.assertEqual(damaged_blobs(cache_dir), [])
+        self.assertEqual([f for _, _, files in os.walk(cache_dir) for f in files
+                          if oc._TEMP_MARK in f], [])  # nothing kept that fills the disk
         self.assertTrue(cache.verify().ok)
+
+    def test_disk_full_campaign(self) -> None:
+        # Pulls and imports onto a nearly full disk: each ends complete or with one line
+        # naming the file, and no final blob name ever holds truncated content.
+        disk = SmallDisk(self, "4m")
+        registry = self.start_registry()
+        rng = random.Random(2027)
+        shared = {"shared": random.Random(30).randbytes(90_000)}
+        sources: List[Tuple[str, str]] = []  # (kind, what)
+        for n in range(4):
+            image = make_image(f"disk{n}", layer_files=[
+                shared, {"own": random.Random(31 + n).randbytes(rng.choice(
+                    [3000, 40_000, 150_000, 600_000]))}], gzip_layers=n % 2 == 0)
+            upload(registry.url, f"test/disk{n}", image.blobs, [("1", image.manifest)])
+            sources.append(("pull", f"{registry.host}/test/disk{n}:1"))
+            imported = make_image(f"disk-import{n}", layer_files=[
+                shared, {"own": random.Random(41 + n).randbytes(rng.choice(
+                    [5000, 60_000, 300_000]))}], gzip_layers=False)
+            archive = self.path(f"disk{n}.tar")
+            with open(archive, "wb") as f:
+                f.write(oci_archive([(imported.manifest.descriptor(),
+                                      named(f"example.com/disk{n}:1"))], imported.blobs))
+            sources.append(("import", archive))
+        cache_dir = os.path.join(disk.path, "cache")
+        cache = oc.Provider(cache_dir, mirrors=[], jobs=2, options=oc.TransportOptions(
+            attempts=2, backoff=0.01, timeout=10.0, certs_d_roots=()))
+        self.addCleanup(cache.close)
+        runs = int(sized(16, 60))
+        outcomes: Dict[str, int] = {}
+        for run in range(runs):
+            names = [d.name for d in cache.names()]
+            if names and rng.random() < 0.3:
+                cache.remove(rng.choice(names))
+            disk.leave_free(rng.choice([0, 4096, 20_000, 40_000, 100_000, 300_000, 1 << 20]))
+            kind, what = rng.choice(sources)
+            try:
+                if kind == "pull":
+                    cache.image_pull(what, "", "amd64", always_pull=rng.random() < 0.5)
+                else:
+                    with open(what, "rb") as f:
+                        cache.image_load(f)
+                outcome = f"{kind}_ok"
+            except oc.OciCacheError as e:
+                message = str(e)
+                self.assertNotIn("\n", message)
+                self.assertIn("No space left", message, f"run {run}: {kind} {what}")
+                self.assertIn(cache_dir, message)
+                outcome = f"{kind}_full"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            self.assertEqual(damaged_blobs(cache_dir), [], f"run {run}: {kind} {what}")
+            self.assertEqual([f for _, _, files in os.walk(cache_dir) for f in files
+                              if oc._TEMP_MARK in f], [], f"run {run}")
+            report = cache.verify()
+            self.assertTrue(report.ok, f"run {run}: {report}")
+        figures("disk full", runs=runs, **dict(sorted(outcomes.items())))
+        self.assertTrue(any(k.endswith("_ok") for k in outcomes), outcomes)
+        self.assertTrue(any(k.endswith("_full") for k in outcomes), outcomes)
+
+
+class SmallDisk:
+    """A size-limited tmpfs that the test mounts and unmounts (as root; else it skips),
+    with ``leave_free`` to fill it up to a chosen number of free bytes."""
+
+    def __init__(self, test: unittest.TestCase, size: str) -> None:
+        if os.geteuid() != 0:
+            test.skipTest("mounting a small tmpfs needs root")
+        self.path = tempfile.mkdtemp(prefix="ocicache-small-")
+        test.addCleanup(os.rmdir, self.path)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755",
+                                  "tmpfs", self.path], capture_output=True)
+        if mounted.returncode != 0:
+            message = f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}"
+            if REQUIRE_INTEGRATION:
+                test.fail(message)
+            test.skipTest(message)
+        test.addCleanup(subprocess.run, ["umount", "-l", self.path], check=True)
+        self.filler = os.path.join(self.path, "filler")
+
+    def leave_free(self, free: int) -> None:
+        """Fill the disk with a file outside the cache, then give back ``free`` bytes."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.filler)
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            total, block = 0, b"\xff" * 65536
+            while True:
+                try:
+                    total += os.write(fd, block)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    break
+            os.ftruncate(fd, max(0, total - free))
+        finally:
+            os.close(fd)
+
+
+def damaged_blobs(cache_dir: str) -> List[str]:
+    """Files with a final blob name whose content does not hash to it (truncated ones)."""
+    directory = os.path.join(cache_dir, "blobs", "sha256")
+    damaged = []
+    for name in sorted(os.listdir(directory)):
+        if re.fullmatch(r"[0-9a-f]{64}", name):
+            with open(os.path.join(directory, name), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != name:
+                    damaged.append(name)
+    return damaged
+
+
+class TestDiskWrites(RegistryTestCase):
+    """How ocicache writes: never through a link, never into a finished blob, every
+    byte or an error, and outputs that are not regular files written into as they are.
+    The attacker here can plant files in the cache (a member of a shared cache's
+    group); the full disks are real, small tmpfs mounts."""
+
+    def cli_in(self, cache_dir: str, *args: str, **options: Any) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, *args],
+                              capture_output=True, timeout=300, cwd=self.tmp, **options)
+
+    def test_planted_links_are_never_followed(self) -> None:
+        image = make_image("planted", layer_files=[
+            {"a": random.Random(9).randbytes(100_000)}, {"b": b"second layer"}],
+            gzip_layers=False)
+        server = HostileServer(fake_registry(image))
+        self.addCleanup(server.stop)
+        outside = self.path("outside")
+        os.makedirs(outside)
+        secret = os.path.join(outside, "secret")
+        with open(secret, "wb") as f:
+            f.write(b"root only")
+        os.chmod(secret, 0o600)
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+
+        def plant(digest: str, suffix: str, target: str) -> None:
+            os.symlink(target, os.path.join(blobs, digest.split(":")[1] + suffix))
+
+        partial = oc._TEMP_MARK + "partial"
+        plant(image.layers[0].digest, partial, secret)  # would be truncated and rewritten
+        plant(image.layers[1].digest, partial, os.path.join(outside, "created"))  # dangling
+        plant(image.config.digest, "", secret)  # a final name: read, touched, pushed
+        before = snapshot(outside)
+        with self.assertRaises(oc.NotFoundError):
+            self.cache.store().info(image.config.digest)
+        with self.assertRaises(oc.OciCacheError):
+            self.cache.layout.open_blob(image.config.digest)
+        self.provider().image_pull(f"{server.host}/planted/app:1", "", "amd64")
+        self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
+        self.assertEqual(damaged_blobs(self.cache_dir), [])
+        for blob in image.blobs:
+            self.assertTrue(stat.S_ISREG(os.lstat(self.cache.layout.blob_path(blob.digest))
+                                         .st_mode))
+        self.assertTrue(self.cache.verify().ok)
+        other = make_image("planted-import")
+        plant(other.layers[0].digest, "", secret)
+        self.load_image("example.com/planted:1", other)
+        self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_planted_files_campaign(self) -> None:
+        # An attacker who can write in blobs/sha256 plants, under every name a pull or
+        # an import is about to use, something that is not a file of ocicache's own:
+        # links to a root-only file (same size, or not) and to a missing one, a FIFO, a
+        # directory, a hard link to the attacker's own file, a stranger's file. Then the
+        # cache is pulled, imported, exported, verified, collected and emptied: nothing
+        # outside changes, nothing hangs, every failure is one OciCacheError line.
+        image = make_image("campaign", layer_files=[
+            {"a": random.Random(15).randbytes(50_000)}], gzip_layers=False)
+        server = HostileServer(fake_registry(image))
+        self.addCleanup(server.stop)
+        imported = make_image("campaign-import", layer_files=[
+            {"b": random.Random(16).randbytes(40_000)}], gzip_layers=False)
+        archive_bytes = oci_archive([(imported.manifest.descriptor(), named("example.com/c:1"))],
+                                    imported.blobs)
+        outside = self.path("outside")
+        os.makedirs(outside)
+        secrets_by_size = {}
+        for blob in [*image.blobs, *imported.blobs]:
+            path = os.path.join(outside, f"secret-{len(blob.data)}")
+            with open(path, "wb") as f:
+                f.write(b"S" * len(blob.data))
+            os.chmod(path, 0o600)
+            secrets_by_size[len(blob.data)] = path
+        owned = os.path.join(outside, "attackers-own")
+        with open(owned, "wb") as f:
+            f.write(b"mine")
+
+        def plant(kind: str, path: str, size: int) -> None:
+            if kind == "link, same size":
+                os.symlink(secrets_by_size[size], path)
+            elif kind == "link, other size":
+                os.symlink(owned, path)
+            elif kind == "dangling link":
+                os.symlink(os.path.join(outside, "created"), path)
+            elif kind == "fifo":
+                os.mkfifo(path)
+            elif kind == "directory":
+                os.mkdir(path)
+            elif kind == "hard link":
+                os.link(owned, path)
+            elif kind == "stranger's file":
+                with open(path, "wb") as f:
+                    f.write(b"garbage")
+                if os.geteuid() == 0:
+                    os.chown(path, 54321, 54321)
+
+        kinds = ["link, same size", "link, other size", "dangling link", "fifo", "directory",
+                 "hard link", "stranger's file"]
+        blobs = [*image.blobs, *imported.blobs]
+        outcomes: Dict[str, int] = {}
+        cases = 0
+        for kind in kinds:
+            for suffix in ("", oc._TEMP_MARK + "partial"):
+                if suffix == "" and kind in ("hard link", "stranger's file"):
+                    continue  # a cache's writers can always change its content; verify says
+                cases += 1
+                cache_dir = self.path(f"cache-{cases}")
+                oc.Layout(cache_dir)
+                directory = os.path.join(cache_dir, "blobs", "sha256")
+                for blob in blobs:
+                    plant(kind, os.path.join(directory, blob.digest.split(":")[1] + suffix),
+                          len(blob.data))
+                before = snapshot(outside)
+                provider = oc.Provider(cache_dir, mirrors=[], options=oc.TransportOptions(
+                    attempts=1, timeout=10.0, certs_d_roots=()))
+                self.addCleanup(provider.close)
+                steps: List[Tuple[str, Callable[[], Any]]] = [
+                    ("pull", lambda: provider.image_pull(f"{server.host}/c/app:1", "", "amd64")),
+                    ("import", lambda: provider.image_load(io.BytesIO(archive_bytes))),
+                    ("export", lambda: self.assertEqual(self.cli_in(
+                        cache_dir, "export", "example.com/c:1", "--format", "oci", "-o",
+                        self.path(f"out-{cases}.tar")).returncode, 0)),
+                    ("verify", provider.verify), ("gc", lambda: provider.gc(0)),
+                    ("rm", lambda: provider.remove("example.com/c:1")),
+                    ("clean", provider.clean)]
+                # A directory under a blob's name cannot be renamed over, nor one under a
+                # partial name written to: pull and import say so and what to do (remove
+                # it); gc's rules for it are gc's own.
+                blocked = kind == "directory" and not suffix
+                for step, run in steps:
+                    if kind == "directory" and step == "gc" or blocked and step == "export":
+                        continue
+                    with self.subTest(kind=kind, name=suffix or "final", step=step):
+                        error, seconds, hung = run_bounded(run, 30, server.stop)
+                        self.assertFalse(hung, "hung")
+                        if error is not None:
+                            self.assertIsInstance(error, oc.OciCacheError)
+                            self.assertNotIn("\n", str(error))
+                        if step in ("pull", "import"):
+                            refused = blocked or kind == "directory" and step == "pull"
+                            self.assertEqual(error is not None, refused, str(error))
+                            if refused:
+                                self.assertIn("remove", str(error))
+                        outcome = f"{step}_{'ok' if error is None else 'error'}"
+                        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                        self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
+        figures("planted files", cases=cases, **dict(sorted(outcomes.items())))
+
+    def test_push_never_reads_through_a_planted_link(self) -> None:
+        server = HostileServer(FakePushRegistry())
+        self.addCleanup(server.stop)
+        image = make_image("leak", layer_files=[{"f": b"public layer " * 100}], gzip_layers=False)
+        self.load_image(f"{server.host}/leak/app:1", image)
+        secret = self.path("secret")
+        with open(secret, "wb") as f:  # as large as the layer it stands for
+            f.write(b"S" * len(image.layers[0].data))
+        os.chmod(secret, 0o600)
+        path = self.cache.layout.blob_path(image.layers[0].digest)
+        os.unlink(path)
+        os.symlink(secret, path)
+        for chunked in (False, True):
+            with self.subTest(chunked=chunked):
+                with self.assertRaises(oc.OciCacheError):
+                    self.provider(attempts=1, chunked_upload_threshold=0 if chunked else 1 << 40) \
+                        .push(f"{server.host}/leak/app:1")
+                self.assertFalse(any(b"SSSS" in r.body for r in server.requests))
+
+    def test_cache_whose_entries_are_links_or_strangers_is_refused(self) -> None:
+        image = make_image("refused")
+        archive = self.path("refused.tar")
+        with open(archive, "wb") as f:
+            f.write(oci_archive([(image.manifest.descriptor(), named("example.com/r:1"))],
+                                image.blobs))
+        outside = self.path("outside")
+        os.makedirs(outside)
+        for n, entry in enumerate(("blobs", "blobs/sha256", "index.json", ".lock")):
+            with self.subTest(entry):
+                cache_dir = self.path(f"cache{n}")
+                with oc.Layout(cache_dir).lock():  # makes .lock too
+                    pass
+                real, moved = os.path.join(cache_dir, entry), os.path.join(outside, str(n))
+                shutil.move(real, moved)
+                os.symlink(moved, real)
+                before = snapshot(outside)
+                for command in (["ls"], ["import", archive], ["gc"]):
+                    self.assert_one_line_error(self.cli_in(cache_dir, *command),
+                                               f"{real} is a symbolic link")
+                self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
+        if os.geteuid() != 0:
+            self.skipTest("changing owners needs root")
+        stranger = 54321
+        cache_dir = self.path("strange")
+        oc.Layout(cache_dir)
+        os.chown(os.path.join(cache_dir, "index.json"), stranger, stranger)
+        self.assert_one_line_error(self.cli_in(cache_dir, "ls"), "belongs to uid 54321")
+        os.chown(cache_dir, 0, stranger)  # a group-shared cache: the group's files are fine
+        os.chmod(cache_dir, 0o2775)
+        self.assertEqual(self.cli_in(cache_dir, "ls").returncode, 0)
+
+    def test_lock_never_follows_a_link_planted_after_the_checks(self) -> None:
+        layout = oc.Layout(self.cache_dir)  # checked, then .lock becomes a dangling link
+        outside = self.path("created-outside")
+        os.unlink(os.path.join(self.cache_dir, ".lock"))
+        os.symlink(outside, os.path.join(self.cache_dir, ".lock"))
+        with self.assertRaises((OSError, oc.OciCacheError)):
+            with layout.lock():
+                pass
+        self.assertFalse(os.path.lexists(outside))
+
+    def test_waiting_download_never_writes_the_finished_blob(self) -> None:
+        honest = make_image("shared-layer", layer_files=[
+            {"big": random.Random(8).randbytes(300_000)}], gzip_layers=False)
+        layer = honest.layers[0]
+        lying = manifest_blob(honest.config.descriptor(), [{**layer.descriptor(), "size": 1000}])
+        server = HostileServer(FakeRegistry(
+            {"1": (lying.media_type, lying.data)},
+            {honest.config.digest: honest.config.data, layer.digest: b"\0" * 1000}))
+        self.addCleanup(server.stop)
+        final = self.cache.layout.blob_path(layer.digest)
+        partial = final + oc._TEMP_MARK + "partial"
+        import fcntl
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)  # an honest download, under way
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        failed: Dict[str, BaseException] = {}
+
+        def hostile_pull() -> None:
+            try:
+                self.provider(attempts=1).image_pull(f"{server.host}/evil/app:1", "", "amd64")
+            except oc.OciCacheError as e:
+                failed["error"] = e
+
+        def waiting() -> bool:
+            others = [n for n in os.listdir("/proc/self/fd") if int(n) != fd]
+            return any(os.path.realpath(f"/proc/self/fd/{n}") == partial for n in others)
+
+        thread = threading.Thread(target=hostile_pull, daemon=True)
+        thread.start()
+        try:
+            wait_for(waiting, what="the hostile pull to wait for the partial file")
+            os.write(fd, layer.data)  # the honest download ends as download_blob does
+            os.fsync(fd)
+            os.rename(partial, final)
+            self.load_image("example.com/honest:1", honest)  # another image uses the blob
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        thread.join(60)
+        self.assertIn("error", failed)
+        with open(final, "rb") as f:
+            self.assertTrue(f.read() == layer.data, "the verified blob was written to")
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_short_writes_are_completed_or_fail(self) -> None:
+        image = make_image("short", layer_files=[{"f": random.Random(11).randbytes(300_000)}],
+                           gzip_layers=False)
+        server = HostileServer(fake_registry(image))
+        self.addCleanup(server.stop)
+        real_write = os.write
+
+        def short_write(fd: int, data: Any) -> int:  # what a filling disk does
+            return real_write(fd, bytes(memoryview(data)[:1000]))
+
+        with mock.patch.object(os, "write", short_write):
+            self.provider().image_pull(f"{server.host}/short/app:1", "", "amd64")
+            self.load_image("example.com/short:1", make_image("short-import", layer_files=[
+                {"g": random.Random(12).randbytes(300_000)}]))
+        self.assertEqual(damaged_blobs(self.cache_dir), [])
+        self.assertTrue(self.cache.verify().ok)
+        with mock.patch.object(os, "write", lambda fd, data: 0):  # never a silent loop
+            with self.assertRaisesRegex(OSError, "No space left"):
+                oc._write_all(-1, b"never written")
+
+    def test_full_disk_pull_names_the_file_and_keeps_no_partial(self) -> None:
+        disk = SmallDisk(self, "1m")
+        registry = self.start_registry()
+        image = make_image("fill", layer_files=[{"f": random.Random(13).randbytes(60_000)}],
+                           gzip_layers=False)
+        upload(registry.url, "test/fill", image.blobs, [("1", image.manifest)])
+        cache_dir = os.path.join(disk.path, "cache")
+        cache = oc.Provider(cache_dir, mirrors=[])
+        self.addCleanup(cache.close)
+        for free in (40960, 20480, 0):
+            with self.subTest(free=free):
+                disk.leave_free(free)
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    cache.image_pull(f"{registry.host}/test/fill:1", "", "amd64")
+                message = str(caught.exception)
+                self.assertIn("No space left", message)
+                self.assertIn(cache_dir, message)
+                self.assertIn("gc --grace 0", message)
+                self.assertEqual(self.temp_files_in(cache_dir), [])
+                self.assertEqual(damaged_blobs(cache_dir), [])
+                self.assertEqual(cache.names(), [])
+                self.assertTrue(cache.verify().ok)
+
+    def temp_files_in(self, cache_dir: str) -> List[str]:
+        return [f for _, _, files in os.walk(cache_dir) for f in files if oc._TEMP_MARK in f]
+
+    def test_full_disk_rm_clean_export_import(self) -> None:
+        disk = SmallDisk(self, "2m")
+        cache_dir = os.path.join(disk.path, "cache")
+        archives = []
+        for n in range(2):
+            image = make_image(f"full{n}", layer_files=[
+                {"f": random.Random(20 + n).randbytes(200_000)}], gzip_layers=False)
+            archives.append(self.path(f"full{n}.tar"))
+            with open(archives[-1], "wb") as f:
+                f.write(oci_archive([(image.manifest.descriptor(), named(f"example.com/f:{n}"))],
+                                    image.blobs))
+        for archive in archives:
+            self.assertEqual(self.cli_in(cache_dir, "-q", "import", archive).returncode, 0)
+        disk.leave_free(0)
+        output = os.path.join(disk.path, "out.tar")
+        self.assert_one_line_error(self.cli_in(cache_dir, "export", "example.com/f:0",
+                                               "--format", "oci", "-o", output),
+                                   output, "No space left")
+        self.assertEqual(sorted(os.listdir(disk.path)), ["cache", "filler"])
+        result = self.cli_in(cache_dir, "rm", "example.com/f:0")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        disk.leave_free(0)
+        self.assert_one_line_error(self.cli_in(cache_dir, "import", archives[0]),
+                                   cache_dir, "No space left", "gc --grace 0")
+        result = self.cli_in(cache_dir, "clean")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        cache = oc.Provider(cache_dir, mirrors=[])
+        self.assertEqual(cache.names(), [])
+        self.assertEqual(list(cache.store().walk()), [])
+        self.assertTrue(cache.verify().ok)
+        self.assertEqual(self.temp_files_in(cache_dir), [])
+
+    def test_export_writes_into_what_is_not_a_regular_file(self) -> None:
+        self.load_image("example.com/out:1", make_image("out"))
+
+        def export(path: str) -> subprocess.CompletedProcess:
+            return self.cli("export", "example.com/out:1", "--format", "oci", "-o", path)
+
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        for path in (fifo, self.path("link-to-fifo")):
+            with self.subTest(path):
+                if path != fifo:
+                    os.symlink(fifo, path)
+                keeper = os.open(fifo, os.O_RDWR)  # a writer, so the reader never waits
+                got: Dict[str, bytes] = {}
+                reader = threading.Thread(target=lambda: got.update(data=open(fifo, "rb").read()))
+                reader.start()
+                result = export(path)
+                os.close(keeper)
+                reader.join(60)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+                self.assertEqual(os.path.islink(path), path != fifo)
+                with tarfile.open(fileobj=io.BytesIO(got["data"])) as tar:
+                    self.assertIn("index.json", tar.getnames())
+        target, link = self.path("target.tar"), self.path("link.tar")
+        with open(target, "wb") as f:
+            f.write(b"old")
+        os.chmod(target, 0o640)
+        os.symlink(target, link)
+        self.assertEqual(export(link).returncode, 0)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o640)
+        with tarfile.open(target) as tar:
+            self.assertIn("index.json", tar.getnames())
+        fresh = self.path("fresh.tar")
+        self.assertEqual(export(fresh).returncode, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(fresh).st_mode), 0o666 & ~current_umask())
+        self.assert_one_line_error(export(self.tmp), "is a directory")
+        self.assertEqual([f for f in os.listdir(self.tmp) if oc._TEMP_MARK in f], [])
+
+    def test_signals_during_export_remove_the_temporary_file(self) -> None:
+        self.load_image("example.com/sig:1", make_image("sig", layer_files=[
+            {"big": random.Random(14).randbytes(48 << 20)}], gzip_layers=False))
+        for signum, export_format in itertools.product((signal.SIGTERM, signal.SIGINT),
+                                                       ("docker", "filesystem")):
+            with self.subTest(signal=signum.name, format=export_format):
+                output = self.path(f"out-{signum.name}-{export_format}.tar")
+                prefix = f".{os.path.basename(output)}{oc._TEMP_MARK}"
+                for _ in range(5):  # until the signal lands while the copy is written
+                    process = subprocess.Popen(
+                        [sys.executable, OCICACHE, "--cache", self.cache_dir, "export",
+                         "example.com/sig:1", "--format", export_format, "-o", output],
+                        stderr=subprocess.PIPE)
+                    deadline = time.monotonic() + 60
+                    while process.poll() is None and time.monotonic() < deadline and not any(
+                            f.startswith(prefix) for f in os.listdir(self.tmp)):
+                        time.sleep(0.001)
+                    process.send_signal(signal.SIGSTOP)
+                    writing = process.poll() is None and any(
+                        f.startswith(prefix) for f in os.listdir(self.tmp))
+                    process.send_signal(signum if writing else signal.SIGKILL)
+                    process.send_signal(signal.SIGCONT)
+                    stderr = process.communicate(timeout=60)[1].decode()
+                    if writing:
+                        break
+                    for left in [output] + [os.path.join(self.tmp, f) for f in
+                                            os.listdir(self.tmp) if f.startswith(prefix)]:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(left)  # what the SIGKILLed run left
+                self.assertTrue(writing, "the export was never caught writing")
+                self.assertNotEqual(process.returncode, 0)
+                self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith(prefix)], [])
+                self.assertFalse(os.path.exists(output))
+                self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+
+    def test_group_shared_cache(self) -> None:
+        if os.geteuid() != 0:
+            self.skipTest("acting as a second user needs root")
+        member, group = 54322, 54322
+        # The member needs a Python it may run (not one under root's 0700 home).
+        runs = []
+        for candidate in (sys.executable, "/usr/bin/python3"):
+            with contextlib.suppress(OSError):
+                if subprocess.run([candidate, "-c", ""], user=member).returncode == 0:
+                    runs.append(candidate)
+        python = runs[0] if runs else None
+        if python is None:
+            self.skipTest(f"no Python that uid {member} may run")
+        os.chmod(self.tmp, 0o755)
+        shared = self.path("shared")
+        os.mkdir(shared)
+        os.chown(shared, 0, group)
+        os.chmod(shared, 0o2775)  # the README's recipe
+        archives = []
+        for n in range(2):
+            image = make_image(f"group{n}")
+            archives.append(self.path(f"group{n}.tar"))
+            with open(archives[-1], "wb") as f:
+                f.write(oci_archive([(image.manifest.descriptor(), named(f"example.com/g:{n}"))],
+                                    image.blobs))
+
+        def as_user(uid: int, *args: str) -> subprocess.CompletedProcess:
+            def become() -> None:
+                os.umask(0o002)
+                if uid:
+                    os.setgroups([])
+                    os.setgid(group)
+                    os.setuid(uid)
+            return subprocess.run([python, OCICACHE, "--cache", shared, *args],
+                                  capture_output=True, timeout=300, cwd="/", preexec_fn=become)
+
+        for uid, archive in ((0, archives[0]), (member, archives[1])):
+            result = as_user(uid, "-q", "import", archive)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        for name in (".lock", "index.json"):
+            info = os.stat(os.path.join(shared, name))
+            self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o664, group), name)
+        for uid in (member, 0):
+            result = as_user(uid, "ls")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        result = as_user(member, "rm", "example.com/g:0")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(as_user(0, "verify").returncode, 0)
+
+    def test_empty_cache_path_is_an_error(self) -> None:
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", "", "ls"],
+                                capture_output=True, cwd=self.tmp, timeout=60)
+        self.assert_one_line_error(result, "empty")
+        self.assertFalse(os.path.exists(self.path("index.json")))
+        with self.assertRaisesRegex(oc.OciCacheError, "empty"):
+            oc.Provider("")
 
 
 # =====================================================================================
