@@ -5781,7 +5781,7 @@ class TestArchives(CacheTestCase):
         self.assertEqual(self.load_case(classic_archive(image, ["example.com/win:1"], bad),
                                         "error"), [])
 
-    def test_a_layer_listed_many_times_is_inflated_once_and_in_bounded_pieces(self) -> None:
+    def test_a_layer_listed_many_times_is_inflated_once(self) -> None:
         image = make_image("repeated", layer_files=[{"r": b"repeated"}])
         calls = []
         real = oc._gzip_content_digest
@@ -5795,9 +5795,11 @@ class TestArchives(CacheTestCase):
         self.assertEqual(len(calls), 1)
         manifest = json.loads(self.cache.get_content(loaded.digest).read())
         self.assertEqual(len(manifest["layers"]), 300)
-        self.cache.clean()
+
+    def test_a_classic_archive_layer_is_inflated_in_bounded_pieces(self) -> None:
         # A gzip layer of zeros, a few hundred KB that inflate to hundreds of MB: hashing
         # it stays within the memory bound (it took its whole size at once).
+        image = make_image("small", layer_files=[{"s": b"small"}])
         size = int(sized(256 << 20, 2 << 30))
         zeros = gzip_bomb_layer(size)
         config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
@@ -5843,6 +5845,34 @@ class TestArchives(CacheTestCase):
         with open(path, "wb") as f:
             f.write(data)
         return path
+
+
+class TestForeignLayerPush(RegistryTestCase):
+    def test_a_foreign_layer_is_never_uploaded_and_push_says_so(self) -> None:
+        # distribution accepts a layer with urls only where its configuration allows them
+        registry = self.start_registry(extra_config={
+            "validation": {"manifests": {"urls": {"allow": ["^http://"]}}}})
+        image = make_image("foreign-push", layer_files=[{"base": b"base"}, {"win": b"win"}])
+        foreign = image.layers[1]
+        diff_id = json.loads(image.config.data)["rootfs"]["diff_ids"][1]
+        sources = {diff_id: {"mediaType": oc.MEDIA_DOCKER_LAYER_FOREIGN,
+                             "size": len(foreign.data), "digest": foreign.digest,
+                             "urls": [f"{registry.url}/elsewhere"]}}
+        name = f"{registry.host}/test/win:1"
+        (loaded,) = self.load(classic_archive(image, [name], sources))
+        self.assertTrue(self.cache.layout.has_blob(foreign.digest))  # in the cache, yet
+        with self.assertLogs("ocicache", "WARNING") as logged:
+            self.provider().push(name)
+        self.assertTrue(any(foreign.digest in line and "not uploading" in line
+                            for line in logged.output), logged.output)
+        self.settled(registry)
+        touched = [(method, path) for method, path in registry.requests()
+                   if foreign.digest in path or (method in ("PUT", "PATCH") and
+                                                 foreign.digest.split(":")[1] in path)]
+        self.assertEqual(touched, [])
+        raw = self.skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
+        self.assertEqual(json.loads(raw)["layers"][1]["urls"], [f"{registry.url}/elsewhere"])
+        self.assertEqual(sha256(raw.encode()), str(loaded.digest))
 
 
 # =====================================================================================
