@@ -4747,6 +4747,23 @@ class _CacheSource(ImageSource):
                 raise NotFoundError(f"layer {layer.digest} of {self._ref} is not complete in "
                                     f"the cache {layout.root}; pull the image again")
 
+    def _check_container_image(self, manifest: Manifest) -> None:
+        """A docker tar is loaded only as a container image (docker load, podman and
+        skopeo refuse anything else): an image config type, with ``rootfs``."""
+        config = manifest.config
+        try:
+            rootfs = _load_json_object(self._provider.layout.read_blob(config.digest),
+                                       "config").get("rootfs")
+        except OciCacheError:
+            rootfs = None
+        if config.media_type not in (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG) or \
+                not isinstance(rootfs, dict):
+            without = "" if isinstance(rootfs, dict) else " without rootfs"
+            raise OciCacheError(
+                f"{self._ref} is not a container image (an artifact: its config is "
+                f"{_shorten(_one_line(config.media_type))}{without}); a docker tar of it "
+                "cannot be loaded, export it with --format oci")
+
     def _filesystem_writer(self) -> Callable[[BinaryIO], None]:
         _, _, manifest = self._image()
         self._check_layers(manifest)
@@ -4787,6 +4804,7 @@ class _CacheSource(ImageSource):
         """Docker 25's hybrid: an OCI layout plus manifest.json and repositories."""
         name = self._save_name(override_name)
         _, image, manifest = self._image()
+        self._check_container_image(manifest)
         self._check_layers(manifest)
         layout = self._provider.layout
         tagged = Reference(name.registry, name.repository, name.tag) if name.tag else None
