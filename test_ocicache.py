@@ -5484,8 +5484,13 @@ class TestArchives(CacheTestCase):
             ("gzip", gzip_bomb(size, "example.com/bomb:1"), "loads", 48),
             ("gzip with a wrong digest", gzip_bomb(size, "example.com/bomb:2", False),
              "does not match", 48),
-            # Only a whole-stream gzip is undone: bzip2 is refused before it expands.
+            # A whole-stream bzip2, xz or zstd is undone as gzip is, a bounded piece at a
+            # time: the zeros are stored, and the archive, with no index, refused.
             ("bzip2", compressed_bomb(16 << 20, "bz2", outer_gzip=False), "archive", 48),
+            ("xz", compressed_bomb(32 << 20, "xz", outer_gzip=False), "archive", 48),
+            ("zstd", compressed_with(require_tool(self, "zstd"),
+                                     zeros_member(128 << 20) + bytes((128 << 20) + 1024)),
+             "archive", 48),
             ("members", members_bomb(int(sized(60_000, 500_000))), "archive", 16),
             ("long names", long_names_bomb(int(sized(64, 256)), 1 << 20), "", 48),
         ]
