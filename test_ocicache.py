@@ -5026,9 +5026,13 @@ class ArchiveMutator:
             archive = write_entries(entries)
         except (ValueError, UnicodeError) as e:  # a name tarfile cannot write
             return self(seed) if rng.random() < 0.9 else (seed, [f"unwritable: {e}"])
-        if rng.random() < 0.25:
-            archive = gzip.compress(archive, mtime=0)
-            trace.append("gzip")
+        if rng.random() < 0.3:
+            import bz2
+            import lzma
+            compression = rng.choice(["gzip", "gzip", "xz", "bzip2"])
+            archive = {"gzip": lambda data: gzip.compress(data, mtime=0),
+                       "xz": lzma.compress, "bzip2": bz2.compress}[compression](archive)
+            trace.append(compression)
         if rng.random() < 0.2:
             archive = self.mutator.mutate_bytes(archive)
             trace.append("bytes of the archive")
