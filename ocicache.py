@@ -3384,7 +3384,8 @@ def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descrip
             manifest = Manifest.from_json(data)
         except OciCacheError:
             continue
-        if media_type in IMAGE_MEDIA_TYPES and manifest.config.digest == config.digest and \
+        if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES and \
+                manifest.config.digest == config.digest and \
                 [layer.digest for layer in manifest.layers] == wanted:
             return Descriptor(str(media_type), digest, size)
     return None
