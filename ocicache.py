@@ -2669,9 +2669,10 @@ class RegistryClient:
 # Tar formats
 #
 # Reading image archives: an OCI layout tar (buildx ``type=oci``, skopeo
-# ``oci-archive:``), Docker 25+ ``docker save`` (OCI layout plus ``manifest.json``) and
-# classic ``docker save`` (``manifest.json`` plus per-layer directories), optionally
-# gzip-compressed as a whole. The stream is read once, in any entry order. Nothing in
+# ``oci-archive:``), Docker 25+ ``docker save`` (OCI layout plus ``manifest.json``),
+# classic ``docker save`` (``manifest.json`` plus per-layer directories) and the one of
+# Docker before 1.10 (``repositories`` and v1 JSON), optionally compressed as a whole
+# (gzip, xz, bzip2, zstd). The stream is read once, in any entry order. Nothing in
 # an archive becomes a path on disk except a blob named by its verified digest, so
 # ``..``, absolute names and links can never write outside the cache.
 # =====================================================================================
@@ -2747,6 +2748,16 @@ class _ArchiveContents:
     def contains(self, path: str) -> bool:
         current = self._follow(path)
         return current in self.small or current in self.files
+
+    def read_small(self, path: str) -> bytes:
+        """A small file's bytes (a v1 ``json``), following links, without storing it."""
+        current = self._follow(path)
+        if current in self.small:
+            return self.small[current]
+        if current in self.files:
+            raise InvalidArchiveError(f"archive entry {_shorten(path)!r} is larger than "
+                                      f"{_SMALL_FILE_SIZE} bytes")
+        raise InvalidArchiveError(f"archive refers to {path!r}, which it does not contain")
 
     def resolve(self, path: str) -> Tuple[Digest, int]:
         """The content of a file path (stored as a blob now), following links."""
@@ -3457,6 +3468,87 @@ def _gzip_content_digest(stream: IO[bytes]) -> Digest:
     return Digest("sha256", hasher.hexdigest())
 
 
+# What moby's legacy load drops from a v1 image JSON to make an image config of it.
+_V1_ONLY_KEYS = frozenset({"id", "parent", "Size", "parent_id", "layer_id", "throwaway"})
+_MAX_V1_CHAIN = 1000  # layers a v1 image may have, as parents of one another
+
+
+def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_LoadedImage]:
+    """Roots of a ``docker save`` from before Docker 1.10 (``repositories`` and
+    ``<id>/json`` + ``<id>/layer.tar``, no manifest.json): the config and manifest are
+    made from the v1 JSON of each tagged image and its parents, as moby's legacy load
+    makes them."""
+    repositories = _archive_json(contents, "repositories")
+    if not isinstance(repositories, dict) or not all(
+            isinstance(tags, dict) and all(isinstance(i, str) for i in tags.values())
+            for tags in repositories.values()):
+        raise InvalidArchiveError("archive's repositories is not a map of repositories to "
+                                  "tags to image IDs")
+    roots: Dict[str, Descriptor] = {}
+    names: Dict[str, List[str]] = {}
+    layers: Dict[str, Tuple[Descriptor, str]] = {}  # by image ID: each inflated once
+    for repository, tags in repositories.items():
+        for tag, image_id in tags.items():
+            if image_id not in roots:
+                roots[image_id] = _legacy_image(contents, layout, image_id, layers)
+            names.setdefault(image_id, []).append(f"{repository}:{tag}")
+    if not roots:
+        raise InvalidArchiveError("archive names no image: its repositories file is empty")
+    return [_LoadedImage(roots[i], _canonical_names(names[i], "repositories")) for i in roots]
+
+
+def _legacy_image(contents: _ArchiveContents, layout: Layout, top: str,
+                  known: Dict[str, Tuple[Descriptor, str]]) -> Descriptor:
+    chain: List[Tuple[str, Dict[str, Any]]] = []  # the image, then its parents
+    current = top
+    while current:
+        if any(current == i for i, _ in chain) or len(chain) >= _MAX_V1_CHAIN:
+            raise InvalidArchiveError(f"archive's image {_shorten(top)!r} has a loop or more "
+                                      f"than {_MAX_V1_CHAIN} parents")
+        if "/" in current or current in ("", ".", ".."):
+            raise InvalidArchiveError(f"archive names an invalid image ID {_shorten(current)!r}")
+        data = contents.read_small(f"{current}/json")
+        try:
+            v1 = _load_json_object(data, f"archive's {_shorten(current)}/json")
+        except OciCacheError as e:
+            raise InvalidArchiveError(str(e)) from None
+        chain.append((current, v1))
+        parent = v1.get("parent") or ""
+        if not isinstance(parent, str):
+            raise InvalidArchiveError(f"archive's {_shorten(current)}/json has a bad parent")
+        current = parent
+    layers, diff_ids, history = [], [], []
+    for image_id, v1 in reversed(chain):
+        if image_id not in known:
+            known[image_id] = _legacy_layer(contents, layout, f"{image_id}/layer.tar")
+        layers.append(known[image_id][0])
+        diff_ids.append(known[image_id][1])
+        container = v1.get("container_config")
+        command = container.get("Cmd") if isinstance(container, dict) else None
+        history.append({**{k: v1[k] for k in ("created", "author", "comment") if k in v1},
+                        **({"created_by": " ".join(str(c) for c in command)}
+                           if isinstance(command, list) else {})})
+    config = {k: v for k, v in chain[0][1].items() if k not in _V1_ONLY_KEYS}
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config["history"] = history
+    config_data = _json_bytes(config, sort_keys=True, separators=(",", ":"))
+    config_descriptor = Descriptor(MEDIA_OCI_CONFIG, layout.write_blob_bytes(config_data),
+                                   len(config_data))
+    data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
+    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+
+
+def _legacy_layer(contents: _ArchiveContents, layout: Layout,
+                  path: str) -> Tuple[Descriptor, str]:
+    """A v1 layer file as a descriptor, and its diff_id (it has none to check against)."""
+    digest, size = contents.resolve(path)
+    with layout.open_blob(digest) as f:
+        if f.read(2) != b"\x1f\x8b":
+            return Descriptor(MEDIA_OCI_LAYER, digest, size), str(digest)
+        f.seek(0)
+        return Descriptor(MEDIA_OCI_LAYER_GZIP, digest, size), str(_gzip_content_digest(f))
+
+
 def _name_image(images: Sequence[_LoadedImage], name: Reference) -> List[_LoadedImage]:
     """The archive's images with ``name`` given to the one it chooses: the only image,
     or the one whose bare tag is the tag of ``name``; the others keep their own names."""
@@ -3480,8 +3572,7 @@ def _load_archive(stream: IO[bytes], layout: Layout) -> List[_LoadedImage]:
     if "manifest.json" in contents.metadata:
         return _docker_archive_images(contents, layout)
     if "repositories" in contents.metadata:
-        raise InvalidArchiveError("docker save from Docker before 1.10 is not supported (the "
-                                  "archive has repositories but no manifest.json)")
+        return _legacy_archive_images(contents, layout)
     raise InvalidArchiveError(
         "not an image archive: it has neither index.json nor manifest.json")
 
@@ -4290,8 +4381,8 @@ class Provider(CacheProvider):
             return self.descriptor_write(name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)))
 
     def image_load(self, stream: IO[bytes], name: RefLike = "") -> List[Descriptor]:
-        """Load a tar stream (OCI layout, Docker 25+ or classic ``docker save``; gzip,
-        xz, bzip2 or zstd compressed or not).
+        """Load a tar stream (OCI layout, Docker 25+, classic or pre-1.10 ``docker save``;
+        gzip, xz, bzip2 or zstd compressed or not).
 
         Every blob is verified; names are written in one index update at the end, so a
         failure leaves no name behind. Returns the root descriptors, one per name
@@ -5248,8 +5339,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("import", help="load an image archive",
                             description="Load a tar archive into the cache: an OCI layout "
                                         "(docker buildx --output type=oci, skopeo "
-                                        "oci-archive:), or a docker save tar (Docker 1.10 "
-                                        "and later), compressed with gzip, xz, bzip2 or "
+                                        "oci-archive:), or a docker save tar (any Docker "
+                                        "version), compressed with gzip, xz, bzip2 or "
                                         "zstd or not. '-' reads standard input. Prints "
                                         "the names loaded.")
     p.add_argument("file", metavar="FILE|-")

@@ -5645,16 +5645,67 @@ class TestArchives(CacheTestCase):
         self.cache.clean()
         self.assert_rejected(oci_archive([], []), "names no image")
 
-    def test_docker_save_before_1_10_is_refused_in_one_line(self) -> None:
-        layer = tar_bytes([("old", b"pre-1.10")])
-        layer_id = "c" * 64
-        archive = tar_bytes([
-            (f"{layer_id}/VERSION", b"1.0"),
-            (f"{layer_id}/json", json.dumps({"id": layer_id, "os": "linux",
-                                             "architecture": "amd64"}).encode()),
-            (f"{layer_id}/layer.tar", layer),
-            ("repositories", json.dumps({"example.com/old": {"1": layer_id}}).encode())])
-        self.assert_rejected(archive, "docker save from Docker before 1.10 is not supported")
+    def test_docker_save_before_1_10_is_loaded_from_its_v1_json(self) -> None:
+        base, top = tar_bytes([("etc/base", b"base")]), tar_bytes([("etc/top", b"top")])
+        base_id, top_id, other_id = "b" * 64, "c" * 64, "d" * 64
+
+        def v1(image_id: str, parent: str = "", **more: Any) -> bytes:
+            return json.dumps({"id": image_id, "os": "linux", "architecture": "amd64",
+                               "created": "2015-01-01T00:00:00Z",
+                               "container_config": {"Cmd": ["/bin/sh", "-c", image_id[:3]]},
+                               **({"parent": parent} if parent else {}), **more}).encode()
+
+        def legacy(*images: Tuple[str, bytes, bytes], repositories: Any) -> bytes:
+            entries: List[Tuple[str, Any]] = []
+            for image_id, json_data, layer in images:
+                entries += [(f"{image_id}/VERSION", b"1.0"), (f"{image_id}/json", json_data),
+                            (f"{image_id}/layer.tar", layer)]
+            return tar_bytes([*entries, ("repositories", json.dumps(repositories).encode())])
+
+        archive = legacy((base_id, v1(base_id), base),
+                         (top_id, v1(top_id, base_id, config={"Env": ["OLD=1"]}), top),
+                         (other_id, v1(other_id, base_id), gzip.compress(top, mtime=0)),
+                         repositories={"example.com/old": {"1": top_id, "2": other_id},
+                                       "old": {"latest": top_id}})
+        loaded = self.load(archive)
+        self.assertEqual(sorted(d.name for d in loaded), [
+            "docker.io/library/old:latest", "example.com/old:1", "example.com/old:2"])
+        config = self.cache.new_source("example.com/old:1")
+        self.assertEqual(config.config()["Env"], ["OLD=1"])
+        _, image = self.cache.resolve("example.com/old:2")
+        blob = json.loads(self.cache.get_content(self.cache.manifest(image).config.digest)
+                          .read())
+        self.assertEqual(blob["rootfs"]["diff_ids"], [sha256(base), sha256(top)])
+        self.assertEqual([h["created_by"] for h in blob["history"]],
+                         ["/bin/sh -c bbb", "/bin/sh -c ddd"])
+        self.assertNotIn("parent", blob)
+        self.assertEqual([layer.media_type for layer in self.cache.manifest(image).layers],
+                         [oc.MEDIA_OCI_LAYER, oc.MEDIA_OCI_LAYER_GZIP])
+        with tarfile.open(fileobj=config.tar_reader(), mode="r|") as tar:
+            self.assertEqual(sorted(m.name for m in tar), ["etc", "etc/base", "etc/top"])
+        self.assertTrue(self.cache.verify().ok)
+        docker_tar = self.path("old-docker.tar")
+        with open(docker_tar, "wb") as f:
+            shutil.copyfileobj(config.v1_tar_reader(), f)
+        self.skopeo("inspect", f"docker-archive:{docker_tar}")
+        self.cache.clean()
+        for label, bad, fragment in [
+                ("a parent loop", legacy((base_id, v1(base_id, top_id), base),
+                                         (top_id, v1(top_id, base_id), top),
+                                         repositories={"old": {"1": top_id}}), "loop"),
+                ("a missing parent", legacy((top_id, v1(top_id, base_id), top),
+                                            repositories={"old": {"1": top_id}}), base_id),
+                ("a missing layer", tar_bytes([
+                    (f"{top_id}/json", v1(top_id)),
+                    ("repositories", b'{"old": {"1": "' + top_id.encode() + b'"}}')]),
+                 "layer.tar"),
+                ("an ID that climbs out", legacy((top_id, v1(top_id, "../x"), top),
+                                                 repositories={"old": {"1": top_id}}),
+                 "invalid image ID"),
+                ("repositories of the wrong shape", legacy(
+                    (top_id, v1(top_id), top), repositories={"old": ["1"]}), "repositories")]:
+            with self.subTest(label):
+                self.assert_rejected(bad, fragment)
 
     def test_xz_bzip2_and_zstd_archives_written_by_the_real_tools(self) -> None:
         image = make_image("packed", layer_files=[{"etc/p": b"packed" * 100}])
@@ -5900,7 +5951,7 @@ FIXTURE_ARCHIVES: List[Tuple[str, Any]] = [
                                          "docker.io/library/test_image_2:latest"]),
     (f"{GGCR}/tarball/test_link.tar", ["docker.io/bazel/v1/tarball:test_image_1",
                                        "docker.io/bazel/v1/tarball:test_image_3"]),
-    (f"{GGCR}/tarball/no_manifest.tar", ("refused", "before 1.10")),
+    (f"{GGCR}/tarball/no_manifest.tar", ["docker.io/bazel/v1/tarball:test_image"]),
     (f"{GGCR}/tarball/null_manifest.tar", ("refused", "manifest.json")),
     (f"{GGCR}/tarball/content.tar", ("refused", "neither index.json nor manifest.json")),
     (f"{GGCR}/crane/content.tar.zst", ("refused", "neither index.json nor manifest.json")),
