@@ -3398,7 +3398,7 @@ def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descrip
         if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES and \
                 manifest.config.digest == config.digest and \
                 [layer.digest for layer in manifest.layers] == wanted:
-            return Descriptor(str(media_type), digest, size)
+            return Descriptor(media_type, digest, size)
     return None
 
 
@@ -4395,8 +4395,8 @@ class Provider(CacheProvider):
             images = _load_archive(stream, self.layout)
             if name:
                 images = _name_image(images, Reference.parse(name))
-            named = [(name, image.descriptor.named(name))
-                     for image in images for name in image.names]
+            named = [(image_name, image.descriptor.named(image_name))
+                     for image in images for image_name in image.names]
             if named:
                 self._write_names(named)
         unnamed = [i.descriptor.with_annotations(ref_name=None, containerd_name=None)
@@ -4843,10 +4843,10 @@ class _CacheSource(ImageSource):
         """A docker tar is loaded only as a container image (docker load, podman and
         skopeo refuse anything else): an image config type, with ``rootfs``."""
         config = manifest.config
+        data = self._provider.layout.read_blob(config.digest)
         try:
-            rootfs = _load_json_object(self._provider.layout.read_blob(config.digest),
-                                       "config").get("rootfs")
-        except OciCacheError:
+            rootfs = _load_json_object(data, "config").get("rootfs")
+        except OciCacheError:  # not JSON, or not an object: not an image config
             rootfs = None
         if config.media_type not in (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG) or \
                 not isinstance(rootfs, dict):
