@@ -5900,6 +5900,51 @@ class TestArchives(CacheTestCase):
                                             "--platform", "linux/s390x", "-o", "-"), "s390x")
         self.assertTrue(self.cache.image_in_cache("example.com/both:1", "", "arm64"))
 
+    def test_podman_save_archives_load_plain_and_compressed(self) -> None:
+        image = make_image("podman-save", layer_files=[{"etc/p": b"podman"}])
+        self.load_image("example.com/pod/save:1", image)
+        docker_tar = self.path("in.tar")
+        with open(docker_tar, "wb") as f:
+            shutil.copyfileobj(self.cache.new_source("example.com/pod/save:1").v1_tar_reader(), f)
+        self.cache.clean()
+        podman = Podman(self, self.tmp)
+        podman("load", "-i", docker_tar)
+        for save_format in ("docker-archive", "oci-archive"):
+            saved = self.path(f"{save_format}.tar")
+            podman("save", "--format", save_format, "-o", saved, "example.com/pod/save:1")
+            with open(saved, "rb") as f:
+                plain = f.read()
+            for compression in ("", "xz", "zstd"):
+                with self.subTest(save_format=save_format, compression=compression):
+                    data = compressed_with(require_tool(self, compression), plain) \
+                        if compression else plain
+                    (loaded,) = self.load(data)
+                    self.assertEqual(loaded.name, "example.com/pod/save:1")
+                    self.assertEqual(self.cache.new_source(loaded.name).config()["Env"],
+                                     ["SEED=podman-save"])
+                    self.assertTrue(self.cache.verify().ok)
+                    self.cache.clean()
+
+    def test_a_docker_export_of_an_artifact_is_refused_in_one_line(self) -> None:
+        layer = Blob("application/vnd.example.sbom", b"not a tar")
+        for label, config in [
+                ("an empty config", Blob("application/vnd.oci.empty.v1+json", b"{}")),
+                ("an image config without rootfs", Blob(oc.MEDIA_OCI_CONFIG, json.dumps(
+                    {"architecture": "amd64", "os": "linux"}).encode()))]:
+            with self.subTest(label):
+                manifest = manifest_blob(config.descriptor(), [layer.descriptor()])
+                self.load(oci_archive([(manifest.descriptor(), named("example.com/art:1"))],
+                                      [layer, config, manifest]))
+                result = self.cli("export", "example.com/art:1", "--format", "docker",
+                                  "-o", self.path("art.tar"))
+                self.assert_one_line_error(result, "not a container image", "--format oci")
+                self.assertFalse(os.path.exists(self.path("art.tar")))
+                result = self.cli("export", "example.com/art:1", "--format", "oci",
+                                  "-o", self.path("art.tar"))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                os.unlink(self.path("art.tar"))
+                self.cache.clean()
+
     def write(self, name: str, data: bytes) -> str:
         path = self.path(name)
         with open(path, "wb") as f:
@@ -6239,7 +6284,8 @@ class TestFixtures(CacheTestCase):
             with tarfile.open(path) as tar:
                 entries = json.load(tar.extractfile("manifest.json"))
                 layers = [tar.extractfile(layer).read() for layer in entries[0]["Layers"]]
-            self.judge_loaded_image(what, name, gnu_layers=[layer_tar(layer) or b"" for layer in layers])
+            self.judge_loaded_image(what, name,
+                                    gnu_layers=[layer_tar(layer) or b"" for layer in layers])
             manifest = json.loads(self.cli("inspect", name).stdout)
             foreign = [layer for layer in manifest["layers"]
                        if layer["digest"].startswith(FOREIGN_LAYER)]
