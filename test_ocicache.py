@@ -6069,6 +6069,32 @@ def layer_tar(data: bytes) -> Optional[bytes]:
     return data
 
 
+def full_tree(root: str) -> Dict[str, Tuple[Any, ...]]:
+    """``tree`` with what the fixtures README also compares: file mtimes, device numbers,
+    xattrs and hard-link groups (the other names of the same inode)."""
+    found = tree(root)
+    inodes: Dict[Tuple[int, int], List[str]] = collections.defaultdict(list)
+    for rel in found:
+        st = os.lstat(os.path.join(root, rel))
+        if not stat.S_ISDIR(st.st_mode):
+            inodes[(st.st_dev, st.st_ino)].append(rel)
+    full = {}
+    for rel, entry in found.items():
+        path = os.path.join(root, rel)
+        st = os.lstat(path)
+        try:
+            xattrs = tuple(sorted((k, os.getxattr(path, k, follow_symlinks=False))
+                                  for k in os.listxattr(path, follow_symlinks=False)))
+        except OSError:
+            xattrs = ()
+        directory = stat.S_ISDIR(st.st_mode)
+        links = () if directory else tuple(sorted(
+            n for n in inodes[(st.st_dev, st.st_ino)] if n != rel))
+        full[rel] = (*entry, None if directory else int(st.st_mtime), st.st_rdev, xattrs,
+                     links)
+    return full
+
+
 class FixtureLayout:
     """A layout directory of the fixtures, read without ocicache, to judge what ocicache
     does with each of its entries (README, 'What correct means')."""
@@ -6214,12 +6240,12 @@ class TestFixtures(CacheTestCase):
         for layer in layers:
             subprocess.run(["tar", "--numeric-owner", "-xpf", "-", "-C", root], input=layer,
                            check=True, capture_output=True)
-        return tree(root)
+        return full_tree(root)
 
     def flattened_tree(self, archive: str) -> Dict[str, Tuple[Any, ...]]:
         root = self.path(f"ours-{secrets.token_hex(4)}")
         extract_with_tar(archive, root)
-        return tree(root)
+        return full_tree(root)
 
     def judge_loaded_image(self, what: str, name: str, platform: str = "",
                            gnu_layers: Optional[Sequence[bytes]] = None) -> None:
@@ -6246,7 +6272,7 @@ class TestFixtures(CacheTestCase):
                                    f"{self.cache_dir}:{name}", bundle], capture_output=True)
         if self.check(unpacked.returncode == 0, f"{what}: umoci unpack failed: "
                       f"{unpacked.stderr.decode()[-200:]}"):
-            self.check(ours == tree(os.path.join(bundle, "rootfs")),
+            self.check(ours == full_tree(os.path.join(bundle, "rootfs")),
                        f"{what}: the flatten is not umoci's tree")
 
     def import_file(self, path: str) -> Tuple[int, str]:
