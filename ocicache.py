@@ -4469,23 +4469,28 @@ class Provider(CacheProvider):
         """An image child without ``platform`` (go-containerregistry's
         ``layout.AppendImage``, crane) chosen by its config's platform, as skopeo does; the
         only child of an index is also what no explicit platform selects."""
-        unlabelled = [c for c in index.manifests
-                      if c.platform is None and c.media_type in IMAGE_MEDIA_TYPES]
+        chosen = select_platform(self._labelled_by_config(index), wanted)
+        if chosen is not None:
+            return next(c for c in index.manifests if c.digest == chosen.digest)
+        images = [c for c in index.manifests if not c.is_attestation]
+        if not explicit and len(images) == 1 and images[0].platform is None and \
+                images[0].media_type in IMAGE_MEDIA_TYPES:
+            return images[0]
+        return None
+
+    def _labelled_by_config(self, index: Index) -> List[Descriptor]:
+        """The image children without ``platform``, given the one their config declares."""
         labelled = []
-        for child in unlabelled:
+        for child in index.manifests:
+            if child.platform is not None or child.media_type not in IMAGE_MEDIA_TYPES:
+                continue
             try:
                 config = _load_json_object(
                     self.layout.read_blob(self.manifest(child).config.digest), "config")
                 labelled.append(_replace(child, platform=Platform.from_json(config)))
             except OciCacheError:
                 continue  # not an image config (an artifact) or not in the cache
-        chosen = select_platform(labelled, wanted)
-        if chosen is not None:
-            return next(c for c in unlabelled if c.digest == chosen.digest)
-        images = [c for c in index.manifests if not c.is_attestation]
-        if not explicit and len(images) == 1 and images[0] in unlabelled:
-            return images[0]
-        return None
+        return labelled
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -4532,6 +4537,7 @@ class Provider(CacheProvider):
                 index = Index.from_json(self.layout.read_blob(root.digest))
                 images = [c for c in index.manifests
                           if c.platform is not None and not c.is_attestation]
+                images += [c for c in self._labelled_by_config(index) if _is_real_platform(c)]
             else:
                 config = _load_json_object(
                     self.layout.read_blob(self.manifest(root).config.digest), "config")

@@ -5899,6 +5899,9 @@ class TestArchives(CacheTestCase):
         self.assert_one_line_error(self.cli("export", "example.com/only:1", "--format", "oci",
                                             "--platform", "linux/s390x", "-o", "-"), "s390x")
         self.assertTrue(self.cache.image_in_cache("example.com/both:1", "", "arm64"))
+        self.assertEqual({s.name: s.platforms for s in self.cache.summaries()},
+                         {"example.com/only:1": ("linux/amd64",),
+                          "example.com/both:1": ("linux/amd64", "linux/arm64")})
 
     def test_podman_save_archives_load_plain_and_compressed(self) -> None:
         image = make_image("podman-save", layer_files=[{"etc/p": b"podman"}])
