@@ -6336,6 +6336,24 @@ class TestFixtures(CacheTestCase):
         self.judge_loaded_image("docker25-untagged", "fixtures.example/untagged:1")
         self.assert_no_problems()
 
+    def test_a_layout_named_only_by_bare_tags_takes_import_name(self) -> None:
+        layout = FixtureLayout(os.path.join(FIXTURES, GGCR, "layout", "test_index"))
+        path = self.path("test_index.tar")
+        with open(path, "wb") as f:
+            f.write(layout.tar([], ""))  # index.json as it is: ref names 1, 2, 3, 4
+        result = self.cli("import", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [])
+        result = self.cli("import", path, "--name", "fixtures.example/test_index:3")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        entry = layout.index["manifests"][2]  # an index whose only child has no platform
+        self.assertEqual(result.stdout.decode().split(),
+                         ["fixtures.example/test_index:3", entry["digest"]])
+        (child,) = layout.children(entry)
+        self.judge_loaded_image("test_index:3", "fixtures.example/test_index:3",
+                                gnu_layers=layout.layers(child))
+        self.assert_no_problems()
+
     def test_layouts(self) -> None:
         figures_seen: "collections.Counter[str]" = collections.Counter()
         for relative in FIXTURE_LAYOUTS:
