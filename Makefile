@@ -3,7 +3,10 @@ PYTHON ?= python3
 # What the integration tests run, as command:Debian-package pairs: the real peers
 # (skopeo, umoci, podman, docker-registry) and the tools the tests drive them with.
 TEST_TOOLS := skopeo:skopeo umoci:umoci podman:podman docker-registry:docker-registry \
-	jq:jq openssl:openssl git:git htpasswd:apache2-utils
+	jq:jq openssl:openssl git:git htpasswd:apache2-utils zstd:zstd xz:xz-utils bzip2:bzip2
+# Before Python 3.14 zstd is read through the backports.zstd module or the zstd program;
+# the tests cover both, so both are installed for them (ocicache itself needs neither).
+ZSTD_BACKPORT := backports.zstd
 
 .PHONY: test stress deps help bench
 
@@ -27,6 +30,11 @@ deps:
 		echo "missing:$$missing; their tests will be skipped. Install them with:"; \
 		echo "  sudo apt-get install -y --no-install-recommends$$missing"; \
 	fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 14))' 2>/dev/null || \
+	$(PYTHON) -c 'import backports.zstd' 2>/dev/null || \
+	$(PYTHON) -m pip install -q $(ZSTD_BACKPORT) >/dev/null 2>&1 || \
+	echo "missing: $(ZSTD_BACKPORT); its test will be skipped. Install it with:" \
+		"$(PYTHON) -m pip install $(ZSTD_BACKPORT)"
 
 test: deps
 	$(PYTHON) test_ocicache.py

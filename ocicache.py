@@ -3093,9 +3093,10 @@ class RegistryClient:
 # Tar formats
 #
 # Reading image archives: an OCI layout tar (buildx ``type=oci``, skopeo
-# ``oci-archive:``), Docker 25+ ``docker save`` (OCI layout plus ``manifest.json``) and
-# classic ``docker save`` (``manifest.json`` plus per-layer directories), optionally
-# gzip-compressed as a whole. The stream is read once, in any entry order. Nothing in
+# ``oci-archive:``), Docker 25+ ``docker save`` (OCI layout plus ``manifest.json``),
+# classic ``docker save`` (``manifest.json`` plus per-layer directories) and the one of
+# Docker before 1.10 (``repositories`` and v1 JSON), optionally compressed as a whole
+# (gzip, xz, bzip2, zstd). The stream is read once, in any entry order. Nothing in
 # an archive becomes a path on disk except a blob named by its verified digest, so
 # ``..``, absolute names and links can never write outside the cache.
 # =====================================================================================
@@ -3155,9 +3156,10 @@ class _ArchiveContents:
         self.small: Dict[str, bytes] = {}
         self.links: Dict[str, str] = {}
         self.small_budget = _SMALL_FILES_BUDGET
+        # A classic archive may list one layer file many times: it is checked once.
+        self.layers: Dict[Tuple[Digest, str], Descriptor] = {}
 
-    def resolve(self, path: str) -> Tuple[Digest, int]:
-        """The content of a file path (stored as a blob now), following links."""
+    def _follow(self, path: str) -> str:
         seen = set()
         current = _archive_path(path)
         while current in self.links:
@@ -3165,6 +3167,25 @@ class _ArchiveContents:
                 raise InvalidArchiveError(f"archive entry {path!r} is a link loop")
             seen.add(current)
             current = self.links[current]
+        return current
+
+    def contains(self, path: str) -> bool:
+        current = self._follow(path)
+        return current in self.small or current in self.files
+
+    def read_small(self, path: str) -> bytes:
+        """A small file's bytes (a v1 ``json``), following links, without storing it."""
+        current = self._follow(path)
+        if current in self.small:
+            return self.small[current]
+        if current in self.files:
+            raise InvalidArchiveError(f"archive entry {_shorten(path)!r} is larger than "
+                                      f"{_SMALL_FILE_SIZE} bytes")
+        raise InvalidArchiveError(f"archive refers to {path!r}, which it does not contain")
+
+    def resolve(self, path: str) -> Tuple[Digest, int]:
+        """The content of a file path (stored as a blob now), following links."""
+        current = self._follow(path)
         if current in self.small:
             data = self.small.pop(current)
             self.files[current] = (self.layout.write_blob_bytes(data), len(data))
@@ -3188,6 +3209,9 @@ class _PrefixedReader:
             return data
         data, self._head = self._head[:n], self._head[n:]
         return data
+
+    def close(self) -> None:
+        """The stream stays open: it belongs to whoever handed it over."""
 
 
 class _GunzipReader:
@@ -3278,11 +3302,167 @@ class _GunzipReader:
         self.close()
 
 
+class _Decompressing:
+    """A compressed stream's content, read through a file class of the standard library
+    (or its backport) whose reads are bounded by what is asked; corrupt and cut-off
+    streams become one line naming the compression and what was being read."""
+
+    def __init__(self, file: Any, stream: IO[bytes], kind: str, what: str,
+                 errors: Tuple[Type[BaseException], ...]) -> None:
+        self._file = file
+        self._stream = stream  # what ``file`` reads; closed with it
+        self._kind = kind
+        self._what = what
+        self._errors = errors
+
+    def _call(self, method: Callable[[int], bytes], n: int) -> bytes:
+        try:
+            return method(n)
+        except EOFError:
+            raise InvalidArchiveError(f"truncated {self._what}: the {self._kind} stream ends "
+                                      "early") from None
+        except self._errors as e:
+            raise InvalidArchiveError(f"corrupt {self._kind} stream in {self._what}: "
+                                      f"{e}") from None
+
+    def read(self, n: int = -1) -> bytes:
+        return self._call(self._file.read, n)
+
+    def read1(self, n: int) -> bytes:
+        return self._call(self._file.read1, n)
+
+    def close(self) -> None:
+        self._file.close()
+        self._stream.close()
+
+    def __enter__(self) -> "_Decompressing":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _ZstdProgram:
+    """``zstd -dc`` in a pipe, for Pythons without a zstd module: a thread feeds it the
+    stream and its output is read; a failure is its own last line of stderr."""
+
+    def __init__(self, program: str, stream: IO[bytes], what: str) -> None:
+        self._what = what
+        self._process = _subprocess.Popen([program, "-dcq"], stdin=_subprocess.PIPE,
+                                          stdout=_subprocess.PIPE, stderr=_subprocess.PIPE)
+        self._feed_error: Optional[BaseException] = None
+        self._feeder = threading.Thread(target=self._feed, args=(stream,),
+                                        name="ocicache-zstd", daemon=True)
+        self._feeder.start()
+
+    def _feed(self, stream: IO[bytes]) -> None:
+        pipe = self._process.stdin
+        assert pipe is not None
+        try:
+            with pipe, contextlib.closing(stream):
+                for chunk in iter(lambda: stream.read(_STREAM_CHUNK_SIZE), b""):
+                    pipe.write(chunk)
+        except BrokenPipeError:
+            pass  # zstd stopped reading: its exit status says why
+        except BaseException as e:  # handed to the reader
+            self._feed_error = e
+
+    def _finish(self) -> None:
+        """At the end of the output: the feeder's error, or zstd's, is raised here."""
+        self._feeder.join()
+        assert self._process.stderr is not None
+        said = self._process.stderr.read().decode(errors="replace").strip().splitlines()
+        if self._process.wait() != 0 and self._feed_error is None:
+            reason = said[-1] if said else f"exit status {self._process.returncode}"
+            raise InvalidArchiveError(f"corrupt or truncated zstd stream in {self._what}: "
+                                      f"zstd says {_shorten(reason)!r}")
+        if self._feed_error is not None:
+            error, self._feed_error = self._feed_error, None
+            raise error
+
+    def read(self, n: int = -1) -> bytes:
+        assert self._process.stdout is not None
+        data = self._process.stdout.read(n)
+        if not data and n != 0:
+            self._finish()
+        return data
+
+    def read1(self, n: int) -> bytes:
+        assert self._process.stdout is not None
+        data = self._process.stdout.read1(n)
+        if not data and n != 0:
+            self._finish()
+        return data
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()  # the reader stopped before the end: zstd is not needed
+        self._process.wait()
+        for pipe in (self._process.stdout, self._process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def __enter__(self) -> "_ZstdProgram":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_BZIP2_MAGIC = rb"BZh[1-9](\x31\x41\x59\x26\x53\x59|\x17\x72\x45\x38\x50\x90)"
+
+
+def _zstd_decoder(what: str) -> Callable[[IO[bytes]], IO[bytes]]:
+    """How to read zstd here: the standard library's ``compression.zstd`` (3.14+), else
+    its backport ``backports.zstd`` (same API), else the ``zstd`` program; none of them
+    is one line naming all three."""
+    import shutil
+    for name in ("compression.zstd", "backports.zstd"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return lambda stream: _Decompressing(  # type: ignore[return-value]
+            module.ZstdFile(stream), stream, "zstd", what, (module.ZstdError,))
+    program = shutil.which("zstd")
+    if program is not None:
+        return lambda stream: _ZstdProgram(program, stream, what)  # type: ignore[return-value]
+    raise OciCacheError(
+        f"{what} is zstd-compressed; reading it needs Python 3.14 (compression.zstd), the "
+        "backports.zstd module (pip install backports.zstd) or the zstd program on PATH, "
+        f"and this Python {_platform_module.python_version()} has none of them")
+
+
+def _zstd_reader(stream: IO[bytes], what: str) -> IO[bytes]:
+    return _zstd_decoder(what)(stream)
+
+
 def _decompressed(stream: IO[bytes]) -> IO[bytes]:
-    """The archive stream, gunzipped when it is gzip; other streams pass unchanged."""
-    head = stream.read(2)
+    """The archive stream, decompressed when it is gzip, xz, bzip2 or zstd (as podman
+    load reads them); other streams pass unchanged. Only this outer compression is
+    undone, with output bounded per read."""
+    import bz2
+    import lzma
+    head = b""
+    while len(head) < 10:
+        chunk = stream.read(10 - len(head))
+        if not chunk:
+            break
+        head += chunk
     rest: IO[bytes] = _PrefixedReader(head, stream)  # type: ignore[assignment]
-    return _GunzipReader(rest) if head == b"\x1f\x8b" else rest  # type: ignore[return-value]
+    if head.startswith(b"\x1f\x8b"):
+        return _GunzipReader(rest)  # type: ignore[return-value]
+    if head.startswith(_XZ_MAGIC):
+        return _Decompressing(lzma.LZMAFile(rest), rest, "xz", "archive",  # type: ignore
+                              (lzma.LZMAError,))
+    if re.match(_BZIP2_MAGIC, head):
+        return _Decompressing(bz2.BZ2File(rest), rest, "bzip2", "archive",  # type: ignore
+                              (OSError, ValueError))
+    if head.startswith(_ZSTD_MAGIC):
+        return _zstd_reader(rest, "archive")
+    return rest
 
 
 # -- reading layers -------------------------------------------------------------------
@@ -3418,10 +3598,11 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
     """Read an archive once, storing its blobs (verified) and keeping small files."""
     contents = _ArchiveContents(layout)
     try:
-        # "r|", not "r|*": only the whole-stream gzip is undone (by _GunzipReader, with
-        # bounded output); tarfile must not inflate a compressed stream found inside.
-        with tarfile.open(fileobj=_decompressed(stream), mode="r|",
-                          bufsize=_STREAM_CHUNK_SIZE) as archive:
+        # "r|", not "r|*": only the whole-stream compression is undone (by _decompressed,
+        # with bounded output); tarfile must not inflate a compressed stream found inside.
+        with contextlib.closing(_decompressed(stream)) as decompressed, \
+                tarfile.open(fileobj=decompressed, mode="r|",
+                             bufsize=_STREAM_CHUNK_SIZE) as archive:
             for member in archive:
                 archive.members.clear()  # type: ignore[attr-defined]  # bounded memory
                 path = _archive_path(member.name)
@@ -3490,11 +3671,13 @@ def _blob_path_digest(path: str) -> Optional[Digest]:
 
 
 class _LoadedImage:
-    """A root found in an archive: its descriptor and the names it should get."""
+    """A root found in an archive: its descriptor, the names it should get, and the bare
+    tag it carries instead of a name (skopeo's ``oci-archive:FILE:v1``), if any."""
 
-    def __init__(self, descriptor: Descriptor, names: Tuple[str, ...]) -> None:
+    def __init__(self, descriptor: Descriptor, names: Tuple[str, ...], tag: str = "") -> None:
         self.descriptor = descriptor
         self.names = names
+        self.tag = tag
 
 
 def _archive_json(contents: _ArchiveContents, name: str) -> Any:
@@ -3538,6 +3721,10 @@ def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_Loa
         index = Index.from_json(contents.metadata["index.json"], what="archive's index.json")
     except OciCacheError as e:
         raise InvalidArchiveError(str(e)) from None
+    if not index.manifests:
+        if "manifest.json" in contents.metadata:  # Docker 25 saving an untagged image
+            return _docker_archive_images(contents, layout)
+        raise InvalidArchiveError("archive names no image: its index.json lists no manifests")
     repo_tags = _repo_tags_by_config(contents)
     images = []
     for root in index.manifests:
@@ -3553,7 +3740,7 @@ def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_Loa
             names = _canonical_names(repo_tags.get(config, []), "manifest.json")
         else:
             names = ()
-        images.append(_LoadedImage(root, names))
+        images.append(_LoadedImage(root, names, "" if names else ref_name))
     return images
 
 
@@ -3594,27 +3781,91 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
             raise InvalidArchiveError(
                 f"archive's manifest.json lists {len(entry['Layers'])} layers, but the "
                 f"config has {len(diff_ids)} diff_ids")
-        layers = [_docker_archive_layer(contents, layout, path, diff_id)
+        sources = entry.get("LayerSources") or {}
+        if not isinstance(sources, dict):
+            raise InvalidArchiveError("archive's manifest.json has a bad LayerSources map")
+        layers = [_docker_archive_layer(contents, layout, path, diff_id,
+                                        sources.get(diff_id) if isinstance(diff_id, str) else None)
                   for path, diff_id in zip(entry["Layers"], diff_ids)]
-        manifest = Manifest(MEDIA_OCI_MANIFEST,
-                            Descriptor(MEDIA_OCI_CONFIG, config_digest, config_size),
-                            tuple(layers))
-        data = manifest.to_bytes()
-        digest = layout.write_blob_bytes(data)
+        config_descriptor = Descriptor(MEDIA_OCI_CONFIG, config_digest, config_size)
         repo_tags = entry.get("RepoTags") or []
         if not isinstance(repo_tags, list):
             raise InvalidArchiveError("archive's manifest.json has a bad RepoTags list")
-        images.append(_LoadedImage(Descriptor(MEDIA_OCI_MANIFEST, digest, len(data)),
-                                   _canonical_names(repo_tags, "manifest.json")))
+        root = _stored_manifest(contents, layout, config_descriptor, layers)
+        if root is None:
+            data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
+            root = Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+        images.append(_LoadedImage(root, _canonical_names(repo_tags, "manifest.json")))
     return images
 
 
+def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descriptor,
+                     layers: Sequence[Descriptor]) -> Optional[Descriptor]:
+    """The manifest blob of a Docker 25 archive whose index.json lists nothing (an untagged
+    image): the one with this config and these layers, so its digest is docker's own."""
+    if "index.json" not in contents.metadata:
+        return None
+    wanted = [layer.digest for layer in layers]
+    for path, (digest, size) in contents.files.items():
+        if not path.startswith("blobs/") or size > MAX_MANIFEST_SIZE or \
+                digest in (config.digest, *wanted):
+            continue
+        with layout.open_blob(digest) as f:
+            if f.read(1) != b"{":
+                continue
+        try:
+            data = layout.read_blob(digest)
+            media_type = _load_json_object(data, "manifest").get("mediaType")
+            manifest = Manifest.from_json(data)
+        except OciCacheError:
+            continue
+        if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES and \
+                manifest.config.digest == config.digest and \
+                [layer.digest for layer in manifest.layers] == wanted:
+            return Descriptor(media_type, digest, size)
+    return None
+
+
 def _docker_archive_layer(contents: _ArchiveContents, layout: Layout, path: Any,
-                          diff_id: Any) -> Descriptor:
-    """A classic archive's layer file, checked against the config's diff_id."""
+                          diff_id: Any, source: Any) -> Descriptor:
+    """A classic archive's layer file, checked against the config's diff_id (once per
+    file). ``source`` is its ``LayerSources`` descriptor: a foreign (non-distributable)
+    layer keeps its media type and ``urls``, and may be left out of the archive, as
+    ``docker save`` does."""
     if not isinstance(path, str):
         raise InvalidArchiveError("archive's manifest.json has a layer that is not a path")
+    foreign = _foreign_layer_source(source)
+    if foreign is not None and not contents.contains(path):
+        return foreign
     digest, size = contents.resolve(path)
+    key = (digest, str(diff_id))
+    if key not in contents.layers:
+        contents.layers[key] = _checked_layer(layout, path, digest, size, diff_id)
+    layer = contents.layers[key]
+    if foreign is not None and foreign.digest == layer.digest:
+        return foreign
+    return layer
+
+
+def _foreign_layer_source(source: Any) -> Optional[Descriptor]:
+    """A LayerSources entry that is a foreign layer, as a descriptor for an OCI manifest:
+    Docker's foreign type becomes OCI's non-distributable one (as skopeo converts it)."""
+    if not isinstance(source, dict) or source.get("mediaType") not in FOREIGN_LAYER_MEDIA_TYPES:
+        return None
+    try:
+        descriptor = Descriptor.from_json(source)
+        if not all(isinstance(url, str) for url in descriptor.urls):
+            raise OciCacheError("its urls are not all strings")
+    except (OciCacheError, ValueError, TypeError) as e:
+        raise InvalidArchiveError(f"archive's manifest.json has a bad LayerSources entry: "
+                                  f"{e}") from None
+    if descriptor.media_type == MEDIA_DOCKER_LAYER_FOREIGN:
+        descriptor = _replace(descriptor, media_type=MEDIA_OCI_LAYER_FOREIGN_GZIP)
+    return descriptor
+
+
+def _checked_layer(layout: Layout, path: str, digest: Digest, size: int,
+                   diff_id: Any) -> Descriptor:
     if str(digest) == diff_id:
         return Descriptor(MEDIA_OCI_LAYER, digest, size)
     with layout.open_blob(digest) as f:
@@ -3633,19 +3884,108 @@ def _docker_archive_layer(contents: _ArchiveContents, layout: Layout, path: Any,
 
 
 def _gzip_content_digest(stream: IO[bytes]) -> Digest:
+    """The digest of what a gzip stream holds, inflated a bounded piece at a time."""
     hasher = hashlib.sha256()
-    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        for chunk in iter(lambda: stream.read(COPY_BUFFER_SIZE), b""):
-            hasher.update(decompressor.decompress(chunk))
-            while decompressor.eof and decompressor.unused_data:
-                rest = decompressor.unused_data  # concatenated gzip members
-                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                hasher.update(decompressor.decompress(rest))
-        hasher.update(decompressor.flush())
-    except zlib.error as e:
-        raise InvalidArchiveError(f"corrupt gzip layer: {e}") from None
+    reader = _GunzipReader(stream)
+    for chunk in iter(lambda: reader.read1(_STREAM_CHUNK_SIZE), b""):
+        hasher.update(chunk)
     return Digest("sha256", hasher.hexdigest())
+
+
+# What moby's legacy load drops from a v1 image JSON to make an image config of it.
+_V1_ONLY_KEYS = frozenset({"id", "parent", "Size", "parent_id", "layer_id", "throwaway"})
+_MAX_V1_CHAIN = 1000  # layers a v1 image may have, as parents of one another
+
+
+def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_LoadedImage]:
+    """Roots of a ``docker save`` from before Docker 1.10 (``repositories`` and
+    ``<id>/json`` + ``<id>/layer.tar``, no manifest.json): the config and manifest are
+    made from the v1 JSON of each tagged image and its parents, as moby's legacy load
+    makes them."""
+    repositories = _archive_json(contents, "repositories")
+    if not isinstance(repositories, dict) or not all(
+            isinstance(tags, dict) and all(isinstance(i, str) for i in tags.values())
+            for tags in repositories.values()):
+        raise InvalidArchiveError("archive's repositories is not a map of repositories to "
+                                  "tags to image IDs")
+    roots: Dict[str, Descriptor] = {}
+    names: Dict[str, List[str]] = {}
+    layers: Dict[str, Tuple[Descriptor, str]] = {}  # by image ID: each inflated once
+    for repository, tags in repositories.items():
+        for tag, image_id in tags.items():
+            if image_id not in roots:
+                roots[image_id] = _legacy_image(contents, layout, image_id, layers)
+            names.setdefault(image_id, []).append(f"{repository}:{tag}")
+    if not roots:
+        raise InvalidArchiveError("archive names no image: its repositories file is empty")
+    return [_LoadedImage(roots[i], _canonical_names(names[i], "repositories")) for i in roots]
+
+
+def _legacy_image(contents: _ArchiveContents, layout: Layout, top: str,
+                  known: Dict[str, Tuple[Descriptor, str]]) -> Descriptor:
+    chain: List[Tuple[str, Dict[str, Any]]] = []  # the image, then its parents
+    current = top
+    while current:
+        if any(current == i for i, _ in chain) or len(chain) >= _MAX_V1_CHAIN:
+            raise InvalidArchiveError(f"archive's image {_shorten(top)!r} has a loop or more "
+                                      f"than {_MAX_V1_CHAIN} parents")
+        if "/" in current or current in ("", ".", ".."):
+            raise InvalidArchiveError(f"archive names an invalid image ID {_shorten(current)!r}")
+        data = contents.read_small(f"{current}/json")
+        try:
+            v1 = _load_json_object(data, f"archive's {_shorten(current)}/json")
+        except OciCacheError as e:
+            raise InvalidArchiveError(str(e)) from None
+        chain.append((current, v1))
+        parent = v1.get("parent") or ""
+        if not isinstance(parent, str):
+            raise InvalidArchiveError(f"archive's {_shorten(current)}/json has a bad parent")
+        current = parent
+    layers, diff_ids, history = [], [], []
+    for image_id, v1 in reversed(chain):
+        if image_id not in known:
+            known[image_id] = _legacy_layer(contents, layout, f"{image_id}/layer.tar")
+        layers.append(known[image_id][0])
+        diff_ids.append(known[image_id][1])
+        container = v1.get("container_config")
+        command = container.get("Cmd") if isinstance(container, dict) else None
+        history.append({**{k: v1[k] for k in ("created", "author", "comment") if k in v1},
+                        **({"created_by": " ".join(str(c) for c in command)}
+                           if isinstance(command, list) else {})})
+    config = {k: v for k, v in chain[0][1].items() if k not in _V1_ONLY_KEYS}
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    config["history"] = history
+    config_data = _json_bytes(config, sort_keys=True, separators=(",", ":"))
+    config_descriptor = Descriptor(MEDIA_OCI_CONFIG, layout.write_blob_bytes(config_data),
+                                   len(config_data))
+    data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
+    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+
+
+def _legacy_layer(contents: _ArchiveContents, layout: Layout,
+                  path: str) -> Tuple[Descriptor, str]:
+    """A v1 layer file as a descriptor, and its diff_id (it has none to check against)."""
+    digest, size = contents.resolve(path)
+    with layout.open_blob(digest) as f:
+        if f.read(2) != b"\x1f\x8b":
+            return Descriptor(MEDIA_OCI_LAYER, digest, size), str(digest)
+        f.seek(0)
+        return Descriptor(MEDIA_OCI_LAYER_GZIP, digest, size), str(_gzip_content_digest(f))
+
+
+def _name_image(images: Sequence[_LoadedImage], name: Reference) -> List[_LoadedImage]:
+    """The archive's images with ``name`` given to the one it chooses: the only image,
+    or the one whose bare tag is the tag of ``name``; the others keep their own names."""
+    chosen = list(images) if len(images) == 1 else \
+        [i for i in images if name.tag and i.tag == name.tag]
+    if len(chosen) != 1:
+        tags = ", ".join(sorted({i.tag for i in images if i.tag})) or "none"
+        raise InvalidArchiveError(
+            f"archive holds {len(images)} images; --name {name} must say which by its tag "
+            f"({'several have' if chosen else 'none has'} the tag {name.tag or '(none)'}; "
+            f"their tags: {tags})")
+    return [_LoadedImage(i.descriptor, (str(name),)) if i is chosen[0] else i
+            for i in images]
 
 
 def _load_archive(stream: IO[bytes], layout: Layout) -> List[_LoadedImage]:
@@ -3655,6 +3995,8 @@ def _load_archive(stream: IO[bytes], layout: Layout) -> List[_LoadedImage]:
         return _oci_archive_images(contents, layout)
     if "manifest.json" in contents.metadata:
         return _docker_archive_images(contents, layout)
+    if "repositories" in contents.metadata:
+        return _legacy_archive_images(contents, layout)
     raise InvalidArchiveError(
         "not an image archive: it has neither index.json nor manifest.json")
 
@@ -3798,19 +4140,6 @@ def _blob_name(digest: Digest) -> str:
 
 
 # -- opening layers -------------------------------------------------------------------
-
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def _zstd_reader(stream: IO[bytes], what: str) -> IO[bytes]:
-    try:
-        zstd = importlib.import_module("compression.zstd")  # the standard library of 3.14+
-    except ImportError:
-        raise OciCacheError(
-            f"{what} is zstd-compressed; reading it needs Python 3.14 or newer "
-            f"(compression.zstd), this is Python {_platform_module.python_version()}") from None
-    return zstd.ZstdFile(stream)  # type: ignore[no-any-return]
-
 
 def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
     """A layer's uncompressed tar stream; gzip and zstd are recognised by their bytes."""
@@ -4546,17 +4875,23 @@ class Provider(CacheProvider):
             digest = self.layout.write_blob_bytes(data)
             return self.descriptor_write(name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)))
 
-    def image_load(self, stream: IO[bytes]) -> List[Descriptor]:
-        """Load a tar stream (OCI layout, Docker 25+ or classic ``docker save``).
+    def image_load(self, stream: IO[bytes], name: RefLike = "") -> List[Descriptor]:
+        """Load a tar stream (OCI layout, Docker 25+, classic or pre-1.10 ``docker save``;
+        gzip, xz, bzip2 or zstd compressed or not).
 
         Every blob is verified; names are written in one index update at the end, so a
         failure leaves no name behind. Returns the root descriptors, one per name
         (unnamed roots are returned without a name and are not added to the index).
+        ``name`` names the archive's image instead of the names it carries; of several
+        images, the one whose bare tag (``org.opencontainers.image.ref.name``) is the
+        tag of ``name``.
         """
         with self.layout.adding_blobs():
             images = _load_archive(stream, self.layout)
-            named = [(name, image.descriptor.named(name))
-                     for image in images for name in image.names]
+            if name:
+                images = _name_image(images, Reference.parse(name))
+            named = [(image_name, image.descriptor.named(image_name))
+                     for image in images for image_name in image.names]
             if named:
                 self._write_names(named)
         unnamed = [i.descriptor.with_annotations(ref_name=None, containerd_name=None)
@@ -4627,7 +4962,8 @@ class Provider(CacheProvider):
             return root, root
         index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
         wanted = Platform.parse(architecture)
-        child = select_platform(index.manifests, wanted)
+        child = select_platform(index.manifests, wanted) or \
+            self._select_unlabelled(index, wanted, explicit=bool(architecture))
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
                              if c.platform is not None and not c.is_attestation) or "none"
@@ -4638,6 +4974,34 @@ class Provider(CacheProvider):
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
         return root, child
+
+    def _select_unlabelled(self, index: Index, wanted: Platform,
+                           explicit: bool) -> Optional[Descriptor]:
+        """An image child without ``platform`` (go-containerregistry's
+        ``layout.AppendImage``, crane) chosen by its config's platform, as skopeo does; the
+        only child of an index is also what no explicit platform selects."""
+        chosen = select_platform(self._labelled_by_config(index), wanted)
+        if chosen is not None:
+            return next(c for c in index.manifests if c.digest == chosen.digest)
+        images = [c for c in index.manifests if not c.is_attestation]
+        if not explicit and len(images) == 1 and images[0].platform is None and \
+                images[0].media_type in IMAGE_MEDIA_TYPES:
+            return images[0]
+        return None
+
+    def _labelled_by_config(self, index: Index) -> List[Descriptor]:
+        """The image children without ``platform``, given the one their config declares."""
+        labelled = []
+        for child in index.manifests:
+            if child.platform is not None or child.media_type not in IMAGE_MEDIA_TYPES:
+                continue
+            try:
+                config = _load_json_object(
+                    self.layout.read_blob(self.manifest(child).config.digest), "config")
+                labelled.append(_replace(child, platform=Platform.from_json(config)))
+            except OciCacheError:
+                continue  # not an image config (an artifact) or not in the cache
+        return labelled
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -4684,6 +5048,7 @@ class Provider(CacheProvider):
                 index = Index.from_json(self.layout.read_blob(root.digest))
                 images = [c for c in index.manifests
                           if c.platform is not None and not c.is_attestation]
+                images += [c for c in self._labelled_by_config(index) if _is_real_platform(c)]
             else:
                 config = _load_json_object(
                     self.layout.read_blob(self.manifest(root).config.digest), "config")
@@ -5029,7 +5394,10 @@ class Provider(CacheProvider):
         blobs: Dict[Digest, Descriptor] = {}
         for _, manifest in parsed:
             for blob in manifest.blobs():
-                if _is_foreign(blob) and not self.layout.has_blob(blob.digest):
+                if _is_foreign(blob):  # non-distributable: clients fetch it from its urls
+                    _log().warning("not uploading foreign layer %s of %s (non-distributable; "
+                                   "its urls: %s)", blob.digest, local,
+                                   ", ".join(blob.urls) or "none")
                     continue
                 if not self.layout.has_blob(blob.digest, blob.size):
                     raise NotFoundError(f"cannot push {local}: blob {blob.digest} is not "
@@ -5077,7 +5445,7 @@ class _CacheSource(ImageSource):
         return root, image, self._provider.manifest(image)
 
     def _check_layers(self, manifest: Manifest) -> None:
-        """Fail before streaming when a layer is missing or cannot be decompressed here."""
+        """Fail before streaming when a layer is missing (exports copy layers' bytes)."""
         layout = self._provider.layout
         for layer in manifest.layers:
             if _is_foreign(layer) and not layout.has_blob(layer.digest):
@@ -5085,8 +5453,23 @@ class _CacheSource(ImageSource):
             if not layout.has_blob(layer.digest, layer.size):
                 raise NotFoundError(f"layer {layer.digest} of {self._ref} is not complete in "
                                     f"the cache {layout.root}; pull the image again")
-            if layer.media_type.endswith("+zstd"):
-                _zstd_reader(io.BytesIO(), f"layer {layer.digest} of {self._ref}")
+
+    def _check_container_image(self, manifest: Manifest) -> None:
+        """A docker tar is loaded only as a container image (docker load, podman and
+        skopeo refuse anything else): an image config type, with ``rootfs``."""
+        config = manifest.config
+        data = self._provider.layout.read_blob(config.digest)
+        try:
+            rootfs = _load_json_object(data, "config").get("rootfs")
+        except OciCacheError:  # not JSON, or not an object: not an image config
+            rootfs = None
+        if config.media_type not in (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG) or \
+                not isinstance(rootfs, dict):
+            without = "" if isinstance(rootfs, dict) else " without rootfs"
+            raise OciCacheError(
+                f"{self._ref} is not a container image (an artifact: its config is "
+                f"{_shorten(_one_line(config.media_type))}{without}); a docker tar of it "
+                "cannot be loaded, export it with --format oci")
 
     def _filesystem_writer(self) -> Callable[[BinaryIO], None]:
         _, _, manifest = self._image()
@@ -5095,6 +5478,8 @@ class _CacheSource(ImageSource):
         for layer in manifest.layers:
             if _is_foreign(layer) and not layout.has_blob(layer.digest):
                 raise _foreign_layer_error(layer)
+            if layer.media_type.endswith("+zstd"):  # only flattening decompresses
+                _zstd_decoder(f"layer {layer.digest} of {self._ref}")
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
         return lambda out: _Flattener(openers, out).run()
 
@@ -5126,6 +5511,7 @@ class _CacheSource(ImageSource):
         """Docker 25's hybrid: an OCI layout plus manifest.json and repositories."""
         name = self._save_name(override_name)
         _, image, manifest = self._image()
+        self._check_container_image(manifest)
         self._check_layers(manifest)
         layout = self._provider.layout
         tagged = Reference(name.registry, name.repository, name.tag) if name.tag else None
@@ -5569,9 +5955,14 @@ def _build_parser() -> argparse.ArgumentParser:
                             description="Load a tar archive into the cache: an OCI layout "
                                         "(docker buildx --output type=oci, skopeo "
                                         "oci-archive:), or a docker save tar (any Docker "
-                                        "version), optionally gzip-compressed. '-' reads "
-                                        "standard input. Prints the names loaded.")
+                                        "version), compressed with gzip, xz, bzip2 or "
+                                        "zstd or not. '-' reads standard input. Prints "
+                                        "the names loaded.")
     p.add_argument("file", metavar="FILE|-")
+    p.add_argument("--name", metavar="NAME", default="",
+                   help="the name for the archive's image (for archives that name it only "
+                        "by a bare tag, or not at all); of several images, the one whose "
+                        "tag is NAME's tag")
     p.set_defaults(run=_cmd_import)
 
     p = commands.add_parser("export", help="write an image as a tar archive",
@@ -5699,7 +6090,7 @@ def _cmd_import(provider: Provider, args: argparse.Namespace) -> int:
         stream: Any = _ProgressReader(raw, f"importing {args.file}", total, sys.stderr) \
             if show else raw
         try:
-            loaded = provider.image_load(stream)
+            loaded = provider.image_load(stream, args.name)
         finally:
             if show:
                 stream.finish()
@@ -5707,8 +6098,8 @@ def _cmd_import(provider: Provider, args: argparse.Namespace) -> int:
         if descriptor.name:
             _say(args, f"{descriptor.name} {descriptor.digest}")
         else:
-            print(f"ocicache: warning: the archive does not name {descriptor.digest}; "
-                  "nothing was named (use a tar with io.containerd.image.name or RepoTags)",
+            print(f"ocicache: warning: the archive does not name {descriptor.digest}; it "
+                  "was loaded but nothing was named (name it with import --name NAME)",
                   file=sys.stderr)
     return 0
 

@@ -24,6 +24,7 @@ import functools
 import gzip
 import hashlib
 import http.client
+import importlib
 import http.server
 import io
 import itertools
@@ -5382,13 +5383,95 @@ class ArchiveMutator:
             archive = write_entries(entries)
         except (ValueError, UnicodeError) as e:  # a name tarfile cannot write
             return self(seed) if rng.random() < 0.9 else (seed, [f"unwritable: {e}"])
-        if rng.random() < 0.25:
-            archive = gzip.compress(archive, mtime=0)
-            trace.append("gzip")
+        if rng.random() < 0.3:
+            import bz2
+            import lzma
+            compression = rng.choice(["gzip", "gzip", "xz", "bzip2"])
+            archive = {"gzip": lambda data: gzip.compress(data, mtime=0),
+                       "xz": lzma.compress, "bzip2": bz2.compress}[compression](archive)
+            trace.append(compression)
         if rng.random() < 0.2:
             archive = self.mutator.mutate_bytes(archive)
             trace.append("bytes of the archive")
         return archive, trace
+
+
+# Reading zstd: the command line with the zstd modules hidden, so the zstd program (or
+# nothing, with PATH emptied) is what is left; the same in process.
+WITHOUT_ZSTD_MODULES_CLI = r"""
+import sys
+sys.modules["compression.zstd"] = sys.modules["backports.zstd"] = None
+import ocicache
+sys.exit(ocicache.main(sys.argv[1:]))
+"""
+
+
+def without_zstd_modules() -> Any:
+    return mock.patch.dict(sys.modules, {"compression.zstd": None, "backports.zstd": None})
+
+
+def require_module(test: unittest.TestCase, name: str, package: str) -> Any:
+    """The module; skip (or fail under OCICACHE_REQUIRE_INTEGRATION=1) without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"{name} is not installed (make deps installs {package})"
+        if REQUIRE_INTEGRATION:
+            test.fail(message)
+        test.skipTest(message)
+
+
+def compressed_with(tool: str, data: bytes, *args: str) -> bytes:
+    """``data`` compressed by the real program ``tool`` (xz, bzip2, zstd)."""
+    return subprocess.run([tool, "-c", *args], input=data, capture_output=True,
+                          check=True, timeout=120).stdout
+
+
+def classic_archive(image: ImageBlobs, repo_tags: Sequence[str],
+                    layer_sources: Optional[Dict[str, Any]] = None,
+                    left_out: Sequence[int] = (), repeat: int = 1) -> bytes:
+    """A classic ``docker save`` tar of ``image`` (gzip layers kept as they are, as
+    go-containerregistry writes them); ``left_out`` layers are not in the tar, and the
+    layer list is given ``repeat`` times (with the config's diff_ids to match)."""
+    config = json.loads(image.config.data)
+    config["rootfs"]["diff_ids"] *= repeat
+    config_data = json.dumps(config).encode()
+    entry: Dict[str, Any] = {
+        "Config": "config.json", "RepoTags": list(repo_tags),
+        "Layers": [f"{layer.digest.split(':')[1]}.tar.gz" for layer in image.layers] * repeat}
+    if layer_sources:
+        entry["LayerSources"] = layer_sources
+    files = [(f"{layer.digest.split(':')[1]}.tar.gz", layer.data)
+             for number, layer in enumerate(image.layers) if number not in left_out]
+    return tar_bytes([("config.json", config_data), *files,
+                      ("manifest.json", json.dumps([entry]).encode())])
+
+
+
+def _zeros_tar_parts(size: int) -> Tuple[bytes, int]:
+    """A tar of one file of ``size`` zeros: its header, then only zeros (this many)."""
+    header = tarfile.TarInfo("zeros")
+    header.size, header.mtime = size, 0
+    return header.tobuf(tarfile.USTAR_FORMAT), size + (-size % 512) + 1024
+
+
+@functools.lru_cache(maxsize=None)
+def zeros_tar_digest(size: int) -> str:
+    header, zeros = _zeros_tar_parts(size)
+    hasher, chunk = hashlib.sha256(header), bytes(16 << 20)
+    for _ in range(zeros // len(chunk)):
+        hasher.update(chunk)
+    hasher.update(bytes(zeros % len(chunk)))
+    return "sha256:" + hasher.hexdigest()
+
+
+def gzip_bomb_layer(size: int) -> bytes:
+    """That tar gzipped: about a thousandth of its size."""
+    header, zeros = _zeros_tar_parts(size)
+    compressor, chunk = zlib_gzip(), bytes(16 << 20)
+    parts = [compressor.compress(header)]
+    parts += [compressor.compress(chunk) for _ in range(zeros // len(chunk))]
+    return b"".join(parts + [compressor.compress(bytes(zeros % len(chunk))), compressor.flush()])
 
 
 class TestArchives(CacheTestCase):
@@ -5762,8 +5845,13 @@ class TestArchives(CacheTestCase):
             ("gzip", gzip_bomb(size, "example.com/bomb:1"), "loads", 48),
             ("gzip with a wrong digest", gzip_bomb(size, "example.com/bomb:2", False),
              "does not match", 48),
-            # Only a whole-stream gzip is undone: bzip2 is refused before it expands.
+            # A whole-stream bzip2, xz or zstd is undone as gzip is, a bounded piece at a
+            # time: the zeros are stored, and the archive, with no index, refused.
             ("bzip2", compressed_bomb(16 << 20, "bz2", outer_gzip=False), "archive", 48),
+            ("xz", compressed_bomb(32 << 20, "xz", outer_gzip=False), "archive", 48),
+            ("zstd", compressed_with(require_tool(self, "zstd"),
+                                     zeros_member(128 << 20) + bytes((128 << 20) + 1024)),
+             "archive", 48),
             ("members", members_bomb(int(sized(60_000, 500_000))), "archive", 16),
             ("long names", long_names_bomb(int(sized(64, 256)), 1 << 20), "", 48),
         ]
@@ -5876,6 +5964,840 @@ class TestArchives(CacheTestCase):
         self.assertEqual(self.index_names(), ["example.com/big:1"])
         self.assertTrue(self.cache.verify().ok)
         self.assertEqual(len(self.cache.gc(0).deleted), 1)  # the killed run's temporary file
+
+
+    # -- archives from the wild (issue 17, points 6-12) --------------------------------
+
+    def test_docker25_untagged_save_is_loaded_by_digest_and_says_so(self) -> None:
+        image = make_image("untagged", layer_files=[{"a": b"untagged"}])
+        entries = read_entries(docker25_archive("example.com/u:1", image))
+        for entry in entries:
+            if entry.name == "index.json":
+                entry.data = json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                                         "manifests": None}).encode()
+            elif entry.name == "manifest.json":
+                document = json.loads(entry.data)
+                document[0]["RepoTags"] = None
+                entry.data = json.dumps(document).encode()
+        path = self.path("untagged.tar")
+        with open(path, "wb") as f:
+            f.write(write_entries(entries))
+        result = self.cli("import", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        said = result.stderr.decode().strip().splitlines()
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("does not name sha256:", said[0])
+        self.assertIn("--name", said[0])
+        digest = said[0].split("does not name ")[1].split(";")[0]
+        self.assertIn(f"blobs/sha256/{digest.split(':')[1]}", [e.name for e in entries])
+        self.assertEqual(self.index_names(), [])
+        result = self.cli("import", path, "--name", "example.com/u:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().split(), ["example.com/u:1", digest])
+        self.assertTrue(self.cache.verify().ok)
+        with tarfile.open(fileobj=self.cache.new_source("example.com/u:1").tar_reader(),
+                          mode="r|") as tar:
+            self.assertEqual([m.name for m in tar], ["a"])
+        # An index that lists nothing and no manifest.json: one line says why.
+        self.cache.clean()
+        self.assert_rejected(oci_archive([], []), "names no image")
+
+    def test_docker_save_before_1_10_is_loaded_from_its_v1_json(self) -> None:
+        base, top = tar_bytes([("etc/base", b"base")]), tar_bytes([("etc/top", b"top")])
+        base_id, top_id, other_id = "b" * 64, "c" * 64, "d" * 64
+
+        def v1(image_id: str, parent: str = "", **more: Any) -> bytes:
+            return json.dumps({"id": image_id, "os": "linux", "architecture": "amd64",
+                               "created": "2015-01-01T00:00:00Z",
+                               "container_config": {"Cmd": ["/bin/sh", "-c", image_id[:3]]},
+                               **({"parent": parent} if parent else {}), **more}).encode()
+
+        def legacy(*images: Tuple[str, bytes, bytes], repositories: Any) -> bytes:
+            entries: List[Tuple[str, Any]] = []
+            for image_id, json_data, layer in images:
+                entries += [(f"{image_id}/VERSION", b"1.0"), (f"{image_id}/json", json_data),
+                            (f"{image_id}/layer.tar", layer)]
+            return tar_bytes([*entries, ("repositories", json.dumps(repositories).encode())])
+
+        archive = legacy((base_id, v1(base_id), base),
+                         (top_id, v1(top_id, base_id, config={"Env": ["OLD=1"]}), top),
+                         (other_id, v1(other_id, base_id), gzip.compress(top, mtime=0)),
+                         repositories={"example.com/old": {"1": top_id, "2": other_id},
+                                       "old": {"latest": top_id}})
+        loaded = self.load(archive)
+        self.assertEqual(sorted(d.name for d in loaded), [
+            "docker.io/library/old:latest", "example.com/old:1", "example.com/old:2"])
+        config = self.cache.new_source("example.com/old:1")
+        self.assertEqual(config.config()["Env"], ["OLD=1"])
+        _, image = self.cache.resolve("example.com/old:2")
+        blob = json.loads(self.cache.get_content(self.cache.manifest(image).config.digest)
+                          .read())
+        self.assertEqual(blob["rootfs"]["diff_ids"], [sha256(base), sha256(top)])
+        self.assertEqual([h["created_by"] for h in blob["history"]],
+                         ["/bin/sh -c bbb", "/bin/sh -c ddd"])
+        self.assertNotIn("parent", blob)
+        self.assertEqual([layer.media_type for layer in self.cache.manifest(image).layers],
+                         [oc.MEDIA_OCI_LAYER, oc.MEDIA_OCI_LAYER_GZIP])
+        with tarfile.open(fileobj=config.tar_reader(), mode="r|") as tar:
+            self.assertEqual(sorted(m.name for m in tar), ["etc", "etc/base", "etc/top"])
+        self.assertTrue(self.cache.verify().ok)
+        docker_tar = self.path("old-docker.tar")
+        with open(docker_tar, "wb") as f:
+            shutil.copyfileobj(config.v1_tar_reader(), f)
+        self.skopeo("inspect", f"docker-archive:{docker_tar}")
+        self.cache.clean()
+        for label, bad, fragment in [
+                ("a parent loop", legacy((base_id, v1(base_id, top_id), base),
+                                         (top_id, v1(top_id, base_id), top),
+                                         repositories={"old": {"1": top_id}}), "loop"),
+                ("a missing parent", legacy((top_id, v1(top_id, base_id), top),
+                                            repositories={"old": {"1": top_id}}), base_id),
+                ("a missing layer", tar_bytes([
+                    (f"{top_id}/json", v1(top_id)),
+                    ("repositories", b'{"old": {"1": "' + top_id.encode() + b'"}}')]),
+                 "layer.tar"),
+                ("an ID that climbs out", legacy((top_id, v1(top_id, "../x"), top),
+                                                 repositories={"old": {"1": top_id}}),
+                 "invalid image ID"),
+                ("repositories of the wrong shape", legacy(
+                    (top_id, v1(top_id), top), repositories={"old": ["1"]}), "repositories")]:
+            with self.subTest(label):
+                self.assert_rejected(bad, fragment)
+
+    def test_xz_bzip2_and_zstd_archives_written_by_the_real_tools(self) -> None:
+        image = make_image("packed", layer_files=[{"etc/p": b"packed" * 100}])
+        source = self.path("src")
+        write_layout(source, [(image.manifest.descriptor(), "v1")], image.blobs)
+        docker_tar = self.path("docker.tar")
+        self.skopeo("copy", f"oci:{source}:v1", f"docker-archive:{docker_tar}:example.com/p:1")
+        with open(docker_tar, "rb") as f:
+            plain = f.read()
+        # GNU tar with xz, of a layout: what a hand-made oci archive is.
+        oci_xz = self.path("layout.tar.xz")
+        require_tool(self, "xz")
+        subprocess.run(["tar", "-C", source, "-cJf", oci_xz, "."], check=True)
+        with open(oci_xz, "rb") as f:
+            archives = {"GNU tar -J of a layout": f.read()}
+        for tool in ("xz", "bzip2", "zstd"):
+            archives[f"skopeo docker-archive | {tool}"] = compressed_with(
+                require_tool(self, tool), plain)
+        archives["zstd of two frames"] = compressed_with("zstd", plain[:5000]) + \
+            compressed_with("zstd", plain[5000:])
+        for label, archive in archives.items():
+            with self.subTest(label):
+                path = self.path("packed")
+                with open(path, "wb") as f:
+                    f.write(archive)
+                name = "example.com/p:1" if "docker" in label else "example.com/p:layout"
+                result = self.cli("import", path, *(() if "docker" in label else
+                                                    ("--name", name)))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(result.stdout.decode().split()[0], name)
+                self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+                self.assertTrue(self.cache.verify().ok)
+                self.cache.clean()
+                cut = archive[:len(archive) // 2]
+                self.assert_rejected(cut, "truncated")
+        # The zstd program, where Python has no zstd module; neither: one line names all.
+        path = self.path("packed.zst")
+        with open(path, "wb") as f:
+            f.write(archives["skopeo docker-archive | zstd"])
+        empty_path = self.path("empty-path")
+        os.makedirs(empty_path)
+        for label, env, expect in [("the zstd program", os.environ, 0),
+                                   ("nothing", {**os.environ, "PATH": empty_path}, 1)]:
+            with self.subTest(label):
+                result = subprocess.run([sys.executable, "-c", WITHOUT_ZSTD_MODULES_CLI,
+                                         "--cache", self.cache_dir, "import", path],
+                                        capture_output=True, cwd=HERE, env=env, timeout=120)
+                if expect == 0:
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertEqual(self.index_names(), ["example.com/p:1"])
+                    self.cache.clean()
+                else:
+                    self.assert_one_line_error(result, "zstd", "compression.zstd",
+                                               "backports.zstd", "zstd program")
+                    self.assertEqual(self.index_names(), [])
+        with open(path, "rb") as f:
+            cut = f.read()[:-100]
+        result = subprocess.run([sys.executable, "-c", WITHOUT_ZSTD_MODULES_CLI, "--cache",
+                                 self.cache_dir, "import", "-"], input=cut,
+                                capture_output=True, cwd=HERE, timeout=120)
+        self.assert_one_line_error(result, "zstd")
+        self.assertEqual(self.temp_files(), [])
+
+    def test_import_name_names_an_image_named_only_by_a_bare_tag(self) -> None:
+        one, two = make_image("bare-1"), make_image("bare-2")
+        source = self.path("src")
+        write_layout(source, [(one.manifest.descriptor(), "v1")], one.blobs)
+        archive = self.path("oci.tar")
+        self.skopeo("copy", f"oci:{source}:v1", f"oci-archive:{archive}:v1")
+        result = self.cli("import", archive)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--name", result.stderr.decode())
+        self.assertEqual(self.index_names(), [])
+        result = self.cli("import", archive, "--name", "example.com/bare:v1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().split(), ["example.com/bare:v1",
+                                                          one.manifest.digest])
+        self.assertEqual(self.index_names(), ["example.com/bare:v1"])
+        self.cache.clean()
+        # Several images: --name's tag says which; the others stay unnamed.
+        both = oci_archive([(one.manifest.descriptor(), {oc.ANNOTATION_REF_NAME: "v1"}),
+                            (two.manifest.descriptor(), {oc.ANNOTATION_REF_NAME: "v2"})],
+                           [*one.blobs, *two.blobs])
+        with open(archive, "wb") as f:
+            f.write(both)
+        result = self.cli("import", archive, "--name", "example.com/bare:v2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().split(), ["example.com/bare:v2",
+                                                          two.manifest.digest])
+        self.assertEqual(self.index_names(), ["example.com/bare:v2"])
+        self.cache.clean()
+        for name in ("example.com/bare:v3", "example.com/bare"):
+            with self.subTest(name):
+                result = self.cli("import", archive, "--name", name)
+                self.assert_one_line_error(result, "2 images", "v1, v2")
+                self.assertEqual(self.index_names(), [])
+        loaded = self.cache.image_load(io.BytesIO(both), "example.com/api:v1")
+        self.assertEqual([(d.name, str(d.digest)) for d in loaded],
+                         [("example.com/api:v1", one.manifest.digest), ("", two.manifest.digest)])
+
+    def test_foreign_layers_keep_their_type_and_urls_and_may_be_left_out(self) -> None:
+        image = make_image("foreign", layer_files=[{"base": b"base"}, {"win": b"windows"}])
+        foreign = image.layers[1]
+        diff_id = json.loads(image.config.data)["rootfs"]["diff_ids"][1]
+        sources = {diff_id: {"mediaType": oc.MEDIA_DOCKER_LAYER_FOREIGN,
+                             "size": len(foreign.data), "digest": foreign.digest,
+                             "urls": ["https://mcr.example/layer"]}}
+        for label, left_out in [("with the foreign layer", ()), ("without it", (1,))]:
+            with self.subTest(label):
+                (loaded,) = self.load(classic_archive(image, ["example.com/win:1"], sources,
+                                                      left_out))
+                manifest = json.loads(self.cache.get_content(loaded.digest).read())
+                layer = manifest["layers"][1]
+                self.assertEqual(layer["mediaType"], oc.MEDIA_OCI_LAYER_FOREIGN_GZIP)
+                self.assertEqual((layer["digest"], layer["urls"]),
+                                 (foreign.digest, ["https://mcr.example/layer"]))
+                self.assertEqual(manifest["layers"][0]["mediaType"], oc.MEDIA_OCI_LAYER_GZIP)
+                self.assertTrue(self.cache.verify().ok)
+                oci = self.path("win-oci.tar")
+                result = self.cli("export", "example.com/win:1", "--format", "oci", "-o", oci)
+                if left_out:
+                    self.assert_one_line_error(result, foreign.digest, "foreign")
+                    result = self.cli("export", "example.com/win:1", "--format",
+                                      "filesystem", "-o", self.path("fs.tar"))
+                    self.assert_one_line_error(result, foreign.digest, "foreign")
+                else:
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    raw = self.skopeo("inspect", "--raw", f"oci-archive:{oci}")
+                    self.assertEqual(json.loads(raw)["layers"][1], layer)
+                self.cache.clean()
+        # A foreign layer descriptor that is not one is refused in one line.
+        bad = {diff_id: {**sources[diff_id], "urls": [1]}}
+        self.assertEqual(self.load_case(classic_archive(image, ["example.com/win:1"], bad),
+                                        "error"), [])
+
+    def test_a_layer_listed_many_times_is_inflated_once(self) -> None:
+        image = make_image("repeated", layer_files=[{"r": b"repeated"}])
+        calls = []
+        real = oc._gzip_content_digest
+
+        def counted(stream: Any) -> Any:
+            calls.append(1)
+            return real(stream)
+
+        with mock.patch.object(oc, "_gzip_content_digest", counted):
+            (loaded,) = self.load(classic_archive(image, ["example.com/rep:1"], repeat=300))
+        self.assertEqual(len(calls), 1)
+        manifest = json.loads(self.cache.get_content(loaded.digest).read())
+        self.assertEqual(len(manifest["layers"]), 300)
+
+    def test_a_classic_archive_layer_is_inflated_in_bounded_pieces(self) -> None:
+        # A gzip layer of zeros, a few hundred KB that inflate to hundreds of MB: hashing
+        # it stays within the memory bound (it took its whole size at once).
+        image = make_image("small", layer_files=[{"s": b"small"}])
+        size = int(sized(256 << 20, 2 << 30))
+        zeros = gzip_bomb_layer(size)
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": [zeros_tar_digest(size)] * 20}}).encode()
+        archive = tar_bytes([("c.json", config), ("l.tar.gz", zeros), (
+            "manifest.json", json.dumps([{"Config": "c.json", "RepoTags": ["bomb:1"],
+                                          "Layers": ["l.tar.gz"] * 20}]).encode())])
+        baseline = measured_cli(self.path("baseline"), "import", self.write("small.tar",
+                                classic_archive(image, ["small:1"])))
+        result = measured_cli(self.cache_dir, "import", self.write("bomb.tar", archive))
+        figures("classic archive, gzip layer listed 20 times", archive_kib=len(archive) >> 10,
+                inflates_to_mib=size >> 20, peak_mib=round(result.peak_mib),
+                seconds=round(result.seconds, 1))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertLess(result.peak_mib - baseline.peak_mib, 48)
+        self.assertLess(result.seconds, sized(30, 300))
+
+    def test_index_children_without_platform_are_chosen_by_their_config(self) -> None:
+        amd, arm = make_image("unlabelled-amd"), make_image("unlabelled-arm", "arm64")
+        only = make_index([amd.manifest.descriptor()])  # as crane's layout.AppendImage
+        both = make_index([amd.manifest.descriptor(), arm.manifest.descriptor()])
+        self.load(oci_archive([(only.descriptor(), named("example.com/only:1")),
+                               (both.descriptor(), named("example.com/both:1"))],
+                              [*amd.blobs, *arm.blobs, only, both]))
+        for name, platform, want in [("example.com/only:1", "", amd),
+                                     ("example.com/only:1", "linux/amd64", amd),
+                                     ("example.com/both:1", "linux/arm64", arm),
+                                     ("example.com/both:1", "linux/amd64", amd)]:
+            with self.subTest(name=name, platform=platform):
+                for export_format in ("oci", "docker", "filesystem"):
+                    result = self.cli("export", name, "--format", export_format, "-o",
+                                      self.path("out.tar"),
+                                      *(("--platform", platform) if platform else ()))
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                _, child = self.cache.resolve(name, platform)
+                self.assertEqual(str(child.digest), want.manifest.digest)
+        self.assert_one_line_error(self.cli("export", "example.com/only:1", "--format", "oci",
+                                            "--platform", "linux/s390x", "-o", "-"), "s390x")
+        self.assertTrue(self.cache.image_in_cache("example.com/both:1", "", "arm64"))
+        self.assertEqual({s.name: s.platforms for s in self.cache.summaries()},
+                         {"example.com/only:1": ("linux/amd64",),
+                          "example.com/both:1": ("linux/amd64", "linux/arm64")})
+
+    def test_podman_save_archives_load_plain_and_compressed(self) -> None:
+        image = make_image("podman-save", layer_files=[{"etc/p": b"podman"}])
+        self.load_image("example.com/pod/save:1", image)
+        docker_tar = self.path("in.tar")
+        with open(docker_tar, "wb") as f:
+            shutil.copyfileobj(self.cache.new_source("example.com/pod/save:1").v1_tar_reader(), f)
+        self.cache.clean()
+        podman = Podman(self, self.tmp)
+        podman("load", "-i", docker_tar)
+        for save_format in ("docker-archive", "oci-archive"):
+            saved = self.path(f"{save_format}.tar")
+            podman("save", "--format", save_format, "-o", saved, "example.com/pod/save:1")
+            with open(saved, "rb") as f:
+                plain = f.read()
+            for compression in ("", "xz", "zstd"):
+                with self.subTest(save_format=save_format, compression=compression):
+                    data = compressed_with(require_tool(self, compression), plain) \
+                        if compression else plain
+                    (loaded,) = self.load(data)
+                    self.assertEqual(loaded.name, "example.com/pod/save:1")
+                    self.assertEqual(self.cache.new_source(loaded.name).config()["Env"],
+                                     ["SEED=podman-save"])
+                    self.assertTrue(self.cache.verify().ok)
+                    self.cache.clean()
+
+    def test_a_docker_export_of_an_artifact_is_refused_in_one_line(self) -> None:
+        layer = Blob("application/vnd.example.sbom", b"not a tar")
+        for label, config in [
+                ("an empty config", Blob("application/vnd.oci.empty.v1+json", b"{}")),
+                ("an image config without rootfs", Blob(oc.MEDIA_OCI_CONFIG, json.dumps(
+                    {"architecture": "amd64", "os": "linux"}).encode()))]:
+            with self.subTest(label):
+                manifest = manifest_blob(config.descriptor(), [layer.descriptor()])
+                self.load(oci_archive([(manifest.descriptor(), named("example.com/art:1"))],
+                                      [layer, config, manifest]))
+                result = self.cli("export", "example.com/art:1", "--format", "docker",
+                                  "-o", self.path("art.tar"))
+                self.assert_one_line_error(result, "not a container image", "--format oci")
+                self.assertFalse(os.path.exists(self.path("art.tar")))
+                result = self.cli("export", "example.com/art:1", "--format", "oci",
+                                  "-o", self.path("art.tar"))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                os.unlink(self.path("art.tar"))
+                self.cache.clean()
+
+    def write(self, name: str, data: bytes) -> str:
+        path = self.path(name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+
+class TestForeignLayerPush(RegistryTestCase):
+    def test_a_foreign_layer_is_never_uploaded_and_push_says_so(self) -> None:
+        # distribution accepts a layer with urls only where its configuration allows them
+        registry = self.start_registry(extra_config={
+            "validation": {"manifests": {"urls": {"allow": ["^http://"]}}}})
+        image = make_image("foreign-push", layer_files=[{"base": b"base"}, {"win": b"win"}])
+        foreign = image.layers[1]
+        diff_id = json.loads(image.config.data)["rootfs"]["diff_ids"][1]
+        sources = {diff_id: {"mediaType": oc.MEDIA_DOCKER_LAYER_FOREIGN,
+                             "size": len(foreign.data), "digest": foreign.digest,
+                             "urls": [f"{registry.url}/elsewhere"]}}
+        name = f"{registry.host}/test/win:1"
+        (loaded,) = self.load(classic_archive(image, [name], sources))
+        self.assertTrue(self.cache.layout.has_blob(foreign.digest))  # in the cache, yet
+        with self.assertLogs("ocicache", "WARNING") as logged:
+            self.provider().push(name)
+        self.assertTrue(any(foreign.digest in line and "not uploading" in line
+                            for line in logged.output), logged.output)
+        self.settled(registry)
+        touched = [(method, path) for method, path in registry.requests()
+                   if foreign.digest in path or (method in ("PUT", "PATCH") and
+                                                 foreign.digest.split(":")[1] in path)]
+        self.assertEqual(touched, [])
+        raw = self.skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{name}")
+        self.assertEqual(json.loads(raw)["layers"][1]["urls"], [f"{registry.url}/elsewhere"])
+        self.assertEqual(sha256(raw.encode()), str(loaded.digest))
+
+
+# -------------------------------------------------------------------------------------
+# Fixtures from other projects (../shared/fixtures): each is read as its README says a
+# correct tool reads it, judged by umoci, skopeo and GNU tar where it loads
+# -------------------------------------------------------------------------------------
+
+FIXTURES = os.path.normpath(os.path.join(HERE, "..", "shared", "fixtures"))
+GGCR = "go-containerregistry"
+
+# Archives: file, then the names it loads as, or "refused" and what the one line names.
+FIXTURE_ARCHIVES: List[Tuple[str, Any]] = [
+    (f"{GGCR}/tarball/test_image_1.tar", ["docker.io/bazel/v1/tarball:test_image_1"]),
+    (f"{GGCR}/tarball/test_image_2.tar", ["docker.io/bazel/v1/tarball:test_image_2"]),
+    (f"{GGCR}/tarball/test_bundle.tar", ["docker.io/library/test_image_1:latest",
+                                         "docker.io/library/test_image_2:latest"]),
+    (f"{GGCR}/tarball/test_link.tar", ["docker.io/bazel/v1/tarball:test_image_1",
+                                       "docker.io/bazel/v1/tarball:test_image_3"]),
+    (f"{GGCR}/tarball/no_manifest.tar", ["docker.io/bazel/v1/tarball:test_image"]),
+    (f"{GGCR}/tarball/null_manifest.tar", ("refused", "manifest.json")),
+    (f"{GGCR}/tarball/content.tar", ("refused", "neither index.json nor manifest.json")),
+    (f"{GGCR}/crane/content.tar.zst", ("refused", "neither index.json nor manifest.json")),
+    (f"{GGCR}/mutate/source_image.tar", ["docker.io/bazel/pkg/v1/mutate:source_image"]),
+    (f"{GGCR}/mutate/source_image_with_empty_layer_history.tar",
+     ["docker.io/bazel/pkg/v1/mutate:source_image"]),
+    (f"{GGCR}/mutate/overwritten_file.tar", ["docker.io/bazel/pkg/v1/mutate:overwritten_file"]),
+    (f"{GGCR}/mutate/whiteout_dir.tar", ["localhost:5000/whiteout:latest"]),
+    (f"{GGCR}/mutate/whiteout_image.tar", ["docker.io/bazel/pkg/v1/mutate:whiteout_image"]),
+    (f"{GGCR}/history/bundle.tar", ["docker.io/library/img1:latest",
+                                    "docker.io/library/img2:latest"]),
+    (f"{GGCR}/history/test_image.tar", ["docker.io/bazel/v1/tarball:test_image"]),
+    (f"{GGCR}/history/source_image_all_empty.tar",
+     ["docker.io/bazel/pkg/v1/mutate:source_image"]),
+    (f"{GGCR}/history/foreign.tar", ["gcr.io/foo/bar:latest"]),
+    (f"{GGCR}/history/sparse_foreign.tar", ["gcr.io/foo/bar:latest"]),
+    ("skopeo/docker-two-images.tar", ["example.com/empty:latest",
+                                      "example.com/empty/but:different"]),
+    ("skopeo/docker-two-images.tar.xz", ["example.com/empty:latest",
+                                         "example.com/empty/but:different"]),
+]
+FOREIGN_LAYER = "sha256:015b6ec6d1bc"
+
+# Layouts whose import must be refused (or, for a size, caught by verify), naming this.
+FIXTURE_LAYOUTS_REFUSED = {
+    f"{GGCR}/layout/test_gc_image_unknown_mediatype": "32589985702551b6",
+    "containers-image/oci-layout/delete_image_shared_blobs_dir": "eaa95f3cfaac",
+    "containers-image/oci-layout/manifest": "",
+    "containers-image/oci-layout/two_images_manifest": "",
+    "containers-image/oci-layout/name_lookups": "",
+    "oras/zot-blobs": "no",
+}
+FIXTURE_LAYOUTS_SIZE = {
+    "containers-image/oci-layout/delete_image_multiple_images": "913cf3a39d37",
+    "containers-image/oci-layout/delete_image_only_one_image": "a527179158cd",
+}
+FIXTURE_LAYOUTS = [
+    f"{GGCR}/layout/test_index", f"{GGCR}/layout/test_gc_index",
+    f"{GGCR}/layout/test_index_one_image", f"{GGCR}/layout/test_index_media_type",
+    "containers-image/oci-layout/delete_image_two_identical_references",
+    "regclient/testrepo", "regclient/external", "oras/zot-images", "oras/zot-artifacts",
+    *FIXTURE_LAYOUTS_SIZE, *FIXTURE_LAYOUTS_REFUSED]
+IMAGE_CONFIG_TYPES = (oc.MEDIA_OCI_CONFIG, oc.MEDIA_DOCKER_CONFIG)
+# What the fixtures show that other parts of the work have still to do: the start of the
+# problem, and whose it is. Each must still occur (a gap closed is taken off the list).
+FIXTURE_GAPS = {
+    "fixtures.example/regclient/external:e1 (index): whole oci export: failed":
+        "reachability follows a referrer's subject into another repository",
+    "containers-image/oci-layout/delete_image_only_one_image: the size of a527179158cd":
+        "a descriptor's size is not checked against its blob below the root",
+    "containers-image/oci-layout/delete_image_multiple_images: the size of 913cf3a39d37":
+        "a descriptor's size is not checked against its blob below the root",
+}
+
+
+def layer_tar(data: bytes) -> Optional[bytes]:
+    """A layer blob's tar (gunzipped or unzstd'ed), or None if it is not a tar."""
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        data = subprocess.run(["zstd", "-dcq"], input=data, capture_output=True).stdout
+    elif data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            return None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            tar.getmembers()
+    except tarfile.TarError:
+        return None
+    return data
+
+
+def full_tree(root: str) -> Dict[str, Tuple[Any, ...]]:
+    """``tree`` with what the fixtures README also compares: file mtimes, device numbers,
+    xattrs and hard-link groups (the other names of the same inode)."""
+    found = tree(root)
+    inodes: Dict[Tuple[int, int], List[str]] = collections.defaultdict(list)
+    for rel in found:
+        st = os.lstat(os.path.join(root, rel))
+        if not stat.S_ISDIR(st.st_mode):
+            inodes[(st.st_dev, st.st_ino)].append(rel)
+    full = {}
+    for rel, entry in found.items():
+        path = os.path.join(root, rel)
+        st = os.lstat(path)
+        try:
+            xattrs = tuple(sorted((k, os.getxattr(path, k, follow_symlinks=False))
+                                  for k in os.listxattr(path, follow_symlinks=False)))
+        except OSError:
+            xattrs = ()
+        directory = stat.S_ISDIR(st.st_mode)
+        links = () if directory else tuple(sorted(
+            n for n in inodes[(st.st_dev, st.st_ino)] if n != rel))
+        full[rel] = (*entry, None if directory else int(st.st_mtime), st.st_rdev, xattrs,
+                     links)
+    return full
+
+
+class FixtureLayout:
+    """A layout directory of the fixtures, read without ocicache, to judge what ocicache
+    does with each of its entries (README, 'What correct means')."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        with open(os.path.join(directory, "index.json"), "rb") as f:
+            self.index = json.load(f)
+
+    def blob(self, digest: str) -> Optional[bytes]:
+        path = os.path.join(self.directory, "blobs", *digest.split(":"))
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    def kind(self, descriptor: Dict[str, Any]) -> str:
+        """image, fake layers, artifact, empty index, index (of more), or missing."""
+        data = self.blob(descriptor["digest"])
+        if data is None:
+            return "missing"
+        document = json.loads(data)
+        if "manifests" in document:
+            return "index" if document["manifests"] else "empty index"
+        config = document.get("config") or {}
+        config_data = self.blob(config.get("digest", ""))
+        if config_data is None:
+            return "missing"
+        try:
+            parsed = json.loads(config_data)
+        except ValueError:
+            parsed = None
+        if config.get("mediaType") not in IMAGE_CONFIG_TYPES or \
+                not isinstance(parsed, dict) or "rootfs" not in parsed:
+            return "artifact"
+        layers = [self.blob(layer["digest"]) for layer in document.get("layers") or []]
+        if any(layer is None for layer in layers):
+            return "missing"
+        return "image" if all(layer_tar(layer) is not None for layer in layers) \
+            else "fake layers"
+
+    def layers(self, descriptor: Dict[str, Any]) -> List[bytes]:
+        document = json.loads(self.blob(descriptor["digest"]) or b"{}")
+        return [layer_tar(self.blob(layer["digest"]) or b"") or b""
+                for layer in document.get("layers") or []]
+
+    def children(self, descriptor: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return list(json.loads(self.blob(descriptor["digest"]) or b"{}")["manifests"])
+
+    def reaches(self, descriptor: Dict[str, Any], fragment: str) -> bool:
+        if fragment in descriptor["digest"]:
+            return True
+        data = self.blob(descriptor["digest"])
+        if data is None or descriptor.get("mediaType") not in (
+                *oc.INDEX_MEDIA_TYPES, *oc.IMAGE_MEDIA_TYPES):
+            return False
+        document = json.loads(data)
+        below = document.get("manifests") or \
+            [document.get("config") or {}, *(document.get("layers") or [])]
+        return any(self.reaches(d, fragment) for d in below if "digest" in d)
+
+    def tar(self, entries: Sequence[Tuple[int, Dict[str, Any]]], repository: str) -> bytes:
+        """A tar of the layout whose ``entries`` (number, descriptor) are named
+        ``repository:e<number>`` by io.containerd.image.name, blobs unchanged."""
+        index = {**self.index, "manifests": [
+            {**d, "annotations": {**(d.get("annotations") or {}),
+                                  oc.ANNOTATION_CONTAINERD_NAME: f"{repository}:e{n}"}}
+            for n, d in entries]} if entries else self.index
+        files = []
+        for directory, _, names in os.walk(self.directory):
+            for name in sorted(names):
+                path = os.path.join(directory, name)
+                relative = os.path.relpath(path, self.directory)
+                if relative != "index.json":
+                    with open(path, "rb") as f:
+                        files.append((relative, f.read()))
+        return tar_bytes([*files, ("index.json", json.dumps(index).encode())])
+
+
+class TestFixtures(CacheTestCase):
+    """Every archive and layout in ../shared/fixtures, read as its README says."""
+
+    def setUp(self) -> None:
+        if not os.path.isdir(FIXTURES):
+            self.skipTest(f"{FIXTURES} is not there (the fixtures live beside the checkout, "
+                          "in ../shared/fixtures)")
+        super().setUp()
+        self.problems: List[str] = []
+
+    def assert_no_problems(self, gaps: Optional[Dict[str, str]] = None) -> None:
+        """No problem but the known ``gaps``, each of which must still be there."""
+        gaps = gaps or {}
+        left = [p for p in self.problems if not any(p.startswith(gap) for gap in gaps)]
+        self.assertEqual(left, [], "\n".join(left))
+        for gap, why in gaps.items():
+            figures("fixture gap", problem=gap[:60], why=why)
+        closed = [g for g in gaps if not any(p.startswith(g) for p in self.problems)]
+        self.assertEqual(closed, [], "closed: take these off FIXTURE_GAPS")
+
+    def check(self, condition: bool, problem: str) -> bool:
+        if not condition:
+            self.problems.append(problem)
+        return condition
+
+    def export(self, name: str, export_format: str, platform: str = "") -> Tuple[int, str, str]:
+        """Exit status, error line and the file of one export, made as the command line
+        makes it, in process (there are hundreds)."""
+        out = self.path(f"export-{secrets.token_hex(4)}.tar")
+        return (*self.in_process(lambda: self.write_export(name, export_format, platform, out)),
+                out)
+
+    def write_export(self, name: str, export_format: str, platform: str, out: str) -> None:
+        source = self.cache.new_source(name, platform)
+        assert isinstance(source, oc._CacheSource)
+        with open(out, "wb") as f:
+            source.writer(export_format)(f)  # type: ignore[arg-type]
+
+    @staticmethod
+    def in_process(call: Callable[[], Any]) -> Tuple[int, str]:
+        """What the command line would say: status 0, or 1 and its error line."""
+        try:
+            call()
+        except oc.OciCacheError as e:
+            return 1, f"ocicache: error: {e}"
+        except Exception as e:  # noqa: B902 -- a traceback, for the problem list
+            return 2, f"raised {type(e).__name__} from {ocicache_frame(e)}: {e!s:.200}"
+        return 0, ""
+
+    def refused_in_one_line(self, what: str, result: Tuple[int, str, str],
+                            fragment: str = "") -> None:
+        status, stderr, _ = result
+        lines = stderr.splitlines()
+        self.check(status == 1 and len(lines) == 1 and lines[0].startswith("ocicache: error:")
+                   and fragment in lines[0], f"{what}: not refused in one line naming "
+                   f"{fragment!r}: status {status}, {stderr[-300:]!r}")
+
+    def works(self, what: str, result: Tuple[int, str, str]) -> bool:
+        return self.check(result[0] == 0, f"{what}: failed: {result[1][-300:]}")
+
+    def gnu_tar_tree(self, layers: Sequence[bytes]) -> Dict[str, Tuple[Any, ...]]:
+        root = self.path(f"gnu-{secrets.token_hex(4)}")
+        os.makedirs(root)
+        for layer in layers:
+            subprocess.run(["tar", "--numeric-owner", "-xpf", "-", "-C", root], input=layer,
+                           check=True, capture_output=True)
+        return full_tree(root)
+
+    def flattened_tree(self, archive: str) -> Dict[str, Tuple[Any, ...]]:
+        root = self.path(f"ours-{secrets.token_hex(4)}")
+        extract_with_tar(archive, root)
+        return full_tree(root)
+
+    def judge_loaded_image(self, what: str, name: str, platform: str = "",
+                           gnu_layers: Optional[Sequence[bytes]] = None) -> None:
+        """The oci, docker and filesystem exports work; skopeo reads the first two; the
+        flattened tree is umoci's (or GNU tar's of ``gnu_layers``, where umoci cannot)."""
+        oci, docker = self.export(name, "oci", platform), self.export(name, "docker", platform)
+        for label, result, transport in [("oci", oci, "oci-archive"),
+                                         ("docker", docker, "docker-archive")]:
+            if self.works(f"{what}: {label} export", result):
+                skopeo = subprocess.run([require_tool(self, "skopeo"), "inspect", "--raw",
+                                         f"{transport}:{result[2]}"], capture_output=True)
+                self.check(skopeo.returncode == 0, f"{what}: skopeo cannot read the {label} "
+                           f"export: {skopeo.stderr.decode()[-200:]}")
+        flat = self.export(name, "filesystem", platform)
+        if not self.works(f"{what}: filesystem export", flat):
+            return
+        ours = self.flattened_tree(flat[2])
+        if gnu_layers is not None:
+            self.check(ours == self.gnu_tar_tree(gnu_layers),
+                       f"{what}: the flatten is not GNU tar's tree of the layers")
+            return
+        bundle = self.path(f"bundle-{secrets.token_hex(4)}")
+        unpacked = subprocess.run([require_tool(self, "umoci"), "unpack", "--image",
+                                   f"{self.cache_dir}:{name}", bundle], capture_output=True)
+        if self.check(unpacked.returncode == 0, f"{what}: umoci unpack failed: "
+                      f"{unpacked.stderr.decode()[-200:]}"):
+            self.check(ours == full_tree(os.path.join(bundle, "rootfs")),
+                       f"{what}: the flatten is not umoci's tree")
+
+    def import_file(self, path: str) -> Tuple[int, str]:
+        def load() -> None:
+            with open(path, "rb") as f:
+                self.cache.image_load(f)
+        return self.in_process(load)
+
+    def test_archives(self) -> None:
+        for relative, expect in FIXTURE_ARCHIVES:
+            path = os.path.join(FIXTURES, relative)
+            status, stderr = self.import_file(path)
+            if isinstance(expect, tuple):
+                self.refused_in_one_line(relative, (status, stderr, ""), expect[1])
+                self.check(self.index_names() == [], f"{relative}: names left behind")
+                continue
+            if not self.check(status == 0, f"{relative}: refused: {stderr}"):
+                continue
+            self.check(sorted(self.index_names()) == sorted(expect),
+                       f"{relative}: names {self.index_names()}, want {expect}")
+            self.check(self.cache.verify().ok, f"{relative}: verify: {self.cache.verify()}")
+            for name in expect:
+                self.judge_archive_image(relative, name, path)
+            self.cache.clean()
+        self.assert_no_problems()
+
+    def judge_archive_image(self, relative: str, name: str, path: str) -> None:
+        what = f"{relative} {name}"
+        if "sparse_foreign" in relative:  # loaded without the foreign layer's bytes
+            for export_format in ("oci", "docker", "filesystem"):
+                self.refused_in_one_line(f"{what} {export_format}",
+                                         self.export(name, export_format), FOREIGN_LAYER)
+            return
+        if "foreign" in relative:  # umoci refuses the empty os: GNU tar is the judge
+            with tarfile.open(path) as tar:
+                entries = json.load(tar.extractfile("manifest.json"))
+                layers = [tar.extractfile(layer).read() for layer in entries[0]["Layers"]]
+            self.judge_loaded_image(what, name,
+                                    gnu_layers=[layer_tar(layer) or b"" for layer in layers])
+            manifest = json.loads(self.cli("inspect", name).stdout)
+            foreign = [layer for layer in manifest["layers"]
+                       if layer["digest"].startswith(FOREIGN_LAYER)]
+            self.check(len(foreign) == 1 and foreign[0].get("urls") == ["example.com"] and
+                       foreign[0]["mediaType"] in oc.FOREIGN_LAYER_MEDIA_TYPES,
+                       f"{what}: the foreign layer lost its type or urls: {foreign}")
+            return
+        self.judge_loaded_image(what, name)
+
+    def test_docker25_untagged(self) -> None:
+        path = os.path.join(FIXTURES, "derived", "docker25-untagged.tar")
+        result = self.cli("import", path)
+        said = result.stderr.decode().strip().splitlines()
+        self.assertEqual(result.returncode, 0, said)
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("does not name", said[0])
+        result = self.cli("import", path, "--name", "fixtures.example/untagged:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.judge_loaded_image("docker25-untagged", "fixtures.example/untagged:1")
+        self.assert_no_problems()
+
+    def test_a_layout_named_only_by_bare_tags_takes_import_name(self) -> None:
+        layout = FixtureLayout(os.path.join(FIXTURES, GGCR, "layout", "test_index"))
+        path = self.path("test_index.tar")
+        with open(path, "wb") as f:
+            f.write(layout.tar([], ""))  # index.json as it is: ref names 1, 2, 3, 4
+        result = self.cli("import", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [])
+        result = self.cli("import", path, "--name", "fixtures.example/test_index:3")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        entry = layout.index["manifests"][2]  # an index whose only child has no platform
+        self.assertEqual(result.stdout.decode().split(),
+                         ["fixtures.example/test_index:3", entry["digest"]])
+        (child,) = layout.children(entry)
+        self.judge_loaded_image("test_index:3", "fixtures.example/test_index:3",
+                                gnu_layers=layout.layers(child))
+        self.assert_no_problems()
+
+    def test_layouts(self) -> None:
+        figures_seen: "collections.Counter[str]" = collections.Counter()
+        for relative in FIXTURE_LAYOUTS:
+            layout = FixtureLayout(os.path.join(FIXTURES, relative))
+            entries = list(enumerate(layout.index.get("manifests") or []))
+            repository = f"fixtures.example/{relative.lower()}"
+            archive = self.path("layout.tar")
+            with open(archive, "wb") as f:
+                f.write(layout.tar(entries, repository))
+            status, stderr = self.import_file(archive)
+            if relative in FIXTURE_LAYOUTS_REFUSED:
+                self.refused_in_one_line(relative, (status, stderr, ""),
+                                         FIXTURE_LAYOUTS_REFUSED[relative])
+                self.check(self.index_names() == [], f"{relative}: names left behind")
+                figures_seen["refused"] += 1
+                continue
+            if relative in FIXTURE_LAYOUTS_SIZE:
+                bad = FIXTURE_LAYOUTS_SIZE[relative]
+                caught = status == 1 and bad in stderr or \
+                    status == 0 and bad in str(self.cache.verify())
+                self.check(caught, f"{relative}: the size of {bad} is not caught: {stderr}")
+                self.cache.clean()
+                figures_seen["size caught"] += 1
+                entries = [(n, d) for n, d in entries if not layout.reaches(d, bad)]
+                if not entries:
+                    continue
+                with open(archive, "wb") as f:
+                    f.write(layout.tar(entries, repository))
+                status, stderr = self.import_file(archive)
+            if not self.check(status == 0, f"{relative}: refused: {stderr}"):
+                continue
+            self.check(self.cache.verify().ok, f"{relative}: verify: {self.cache.verify()}")
+            for number, descriptor in entries:
+                figures_seen[self.judge_layout_entry(layout, f"{repository}:e{number}",
+                                                     descriptor)] += 1
+            self.cache.clean()
+        figures("fixture layouts", **figures_seen)
+        self.assert_no_problems(FIXTURE_GAPS)
+
+    def judge_layout_entry(self, layout: FixtureLayout, name: str,
+                           descriptor: Dict[str, Any], platform: str = "") -> str:
+        kind = layout.kind(descriptor)
+        what = f"{name} ({kind}{', ' + platform if platform else ''})"
+        platform = "" if platform == "-" else platform  # "-": the only child, unlabelled
+        if kind == "image":
+            self.judge_loaded_image(what, name, platform, gnu_layers=layout.layers(descriptor))
+        elif kind == "fake layers":
+            self.works(f"{what}: oci export", self.export(name, "oci", platform))
+            self.works(f"{what}: docker export", self.export(name, "docker", platform))
+            self.refused_in_one_line(f"{what}: filesystem export",
+                                     self.export(name, "filesystem", platform))
+        elif kind == "artifact":
+            self.works(f"{what}: oci export", self.export(name, "oci", platform))
+            self.refused_in_one_line(f"{what}: docker export",
+                                     self.export(name, "docker", platform))
+            flat = self.export(name, "filesystem", platform)
+            layers = layout.layers(descriptor)
+            if flat[0] == 0 and all(layers):
+                self.check(self.flattened_tree(flat[2]) == self.gnu_tar_tree(layers),
+                           f"{what}: the flatten is not GNU tar's tree of the layers")
+            elif flat[0] == 0:
+                self.problems.append(f"{what}: the filesystem export of an artifact worked")
+            else:
+                self.refused_in_one_line(f"{what}: filesystem export", flat)
+        elif kind == "empty index":
+            for export_format in ("docker", "filesystem"):
+                self.refused_in_one_line(f"{what}: {export_format} export",
+                                         self.export(name, export_format))
+        elif kind == "index" and not platform:
+            self.works(f"{what}: whole oci export", self.export(name, "oci", "all"))
+            children = [c for c in layout.children(descriptor)
+                        if (c.get("platform") or {}).get("architecture", "") not in
+                        ("", "unknown")]
+            for child in children:
+                p = child["platform"]
+                wanted = "/".join(x for x in (p.get("os"), p["architecture"],
+                                              p.get("variant")) if x)
+                self.judge_layout_entry(layout, name, child, wanted)
+            unlabelled = [c for c in layout.children(descriptor) if "platform" not in c]
+            if len(layout.children(descriptor)) == 1 and unlabelled and \
+                    unlabelled[0].get("mediaType") in oc.IMAGE_MEDIA_TYPES:
+                self.judge_layout_entry(layout, name, unlabelled[0], "-")
+            elif unlabelled and not children:  # several without platform: one or a refusal
+                result = self.export(name, "oci")
+                if result[0] != 0:
+                    self.refused_in_one_line(f"{what}: export", result)
+        return kind
 
 
 # =====================================================================================
@@ -6573,16 +7495,8 @@ class TestSources(CacheTestCase):
                                             "-o", "-", "--platform", "s390x"), "s390x")
 
     def test_zstd_layers(self) -> None:
-        try:
-            from compression import zstd  # type: ignore[import-not-found]
-        except ImportError:
-            zstd = None
         raw = tar_bytes([("z", b"zstd content")])
-        if zstd is not None:
-            data = zstd.compress(raw)
-        else:  # a real zstd frame of this tar, made by the zstd format's simplest form
-            data = b"\x28\xb5\x2f\xfd" + b"\x00" * 16
-        layer = Blob(oc.MEDIA_OCI_LAYER_ZSTD, data)
+        layer = Blob(oc.MEDIA_OCI_LAYER_ZSTD, compressed_with(require_tool(self, "zstd"), raw))
         config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
             "architecture": "amd64", "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": [sha256(raw)]}}).encode())
@@ -6590,12 +7504,32 @@ class TestSources(CacheTestCase):
             "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
             "config": config.descriptor(), "layers": [layer.descriptor()]}).encode())
         self.load_image("example.com/zstd:1", ImageBlobs(manifest, config, [layer], {}))
-        if zstd is None:
-            with self.assertRaisesRegex(oc.OciCacheError, "zstd.*Python 3.14"):
-                self.cache.new_source("example.com/zstd:1", "amd64").tar_reader()
+        source = self.cache.new_source("example.com/zstd:1", "amd64")
+        empty_path = self.path("empty-path")
+        os.makedirs(empty_path)
+        nothing = mock.patch.dict(os.environ, {"PATH": empty_path})
+        with without_zstd_modules(), nothing:
+            # Exporting one platform copies the layer's bytes: no zstd needed, any Python.
+            for reader in (source.oci_tar_reader, source.v1_tar_reader):
+                with tarfile.open(fileobj=reader(), mode="r|") as tar:
+                    blobs = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
+                self.assertEqual(blobs[blob_name(layer.data)], layer.data)
+            with self.assertRaises(oc.OciCacheError) as caught:
+                source.tar_reader()
+            for fragment in ("zstd", "compression.zstd", "backports.zstd", "zstd program"):
+                self.assertIn(fragment, str(caught.exception))
+        readers = {"the zstd program": without_zstd_modules()}
+        if sys.version_info < (3, 14):
+            require_module(self, "backports.zstd", "backports.zstd (pip)")
+            readers["backports.zstd"] = mock.patch.dict(sys.modules,
+                                                        {"compression.zstd": None})
         else:
-            with tarfile.open(self.flatten("example.com/zstd:1", "amd64")) as tar:
-                self.assertEqual(tar.getnames(), ["z"])
+            readers["compression.zstd"] = contextlib.nullcontext()
+        for label, context in readers.items():
+            with self.subTest(label), context:
+                with tarfile.open(self.flatten("example.com/zstd:1", "amd64")) as tar:
+                    self.assertEqual([(m.name, tar.extractfile(m).read()) for m in tar],
+                                     [("z", b"zstd content")])
 
     def test_docker_tar_loads_in_podman_and_skopeo(self) -> None:
         image = make_image("dock", layer_files=[{"etc/a": b"a"}, {"etc/b": b"b"}])
