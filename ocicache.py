@@ -937,6 +937,86 @@ class Manifest:
         return [self.config, *self.layers]
 
 
+DOCUMENT_MEDIA_TYPES = INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES
+_SCHEMA1_MEDIA_TYPES = frozenset({MEDIA_DOCKER_SCHEMA1, MEDIA_DOCKER_SCHEMA1_SIGNED})
+
+
+def read_document(data: bytes, label: str,
+                  what: str = "blob") -> Tuple[str, Union[Index, Manifest, None]]:
+    """What a blob in a manifest's place (a root, an index's child, a subject) is,
+    decided by its bytes: ``(media type, parsed index or manifest)``, or ``("", None)``
+    for any other blob (an in-toto statement, an artifact).
+
+    A document's own ``mediaType`` wins; one without it is an index when it lists
+    ``manifests`` and an image manifest when its ``config`` is a descriptor. The label
+    (the descriptor's mediaType) only picks between an OCI and a Docker type of the
+    same kind; a label promising an index or manifest the bytes are not is an error.
+    The label is never believed over the bytes: linuxkit's ``cache export --format
+    oci`` labels a single manifest as an index, other tools write
+    ``application/vnd.oci.descriptor.v1+json``. Everything that follows a descriptor
+    to a document (reachability, gc, verify, name resolution, import, export, push)
+    decides through this function, so they cannot disagree; ``label_problem`` says
+    whether the label was right.
+    """
+    try:
+        obj = _parse_json(data, what)
+    except OciCacheError:
+        if label in DOCUMENT_MEDIA_TYPES:
+            raise
+        return "", None
+    declared = obj.get("mediaType", "") if isinstance(obj, dict) else None
+    if not isinstance(declared, str):
+        if label in DOCUMENT_MEDIA_TYPES:
+            raise OciCacheError(f"{what} is labelled {_shorten(_one_line(label))} but is "
+                                "not a JSON object with a string mediaType")
+        return "", None
+    assert isinstance(obj, dict)
+    kind = ""
+    if declared in DOCUMENT_MEDIA_TYPES or declared in _SCHEMA1_MEDIA_TYPES:
+        kind = declared
+    elif not declared and isinstance(obj.get("manifests"), list):
+        kind = label if label in INDEX_MEDIA_TYPES else MEDIA_OCI_INDEX
+    elif not declared and isinstance(obj.get("config"), dict) and "digest" in obj["config"]:
+        kind = label if label in IMAGE_MEDIA_TYPES else MEDIA_OCI_MANIFEST
+    elif not declared and obj.get("schemaVersion") == 1 and "fsLayers" in obj:
+        kind = MEDIA_DOCKER_SCHEMA1
+    if kind in INDEX_MEDIA_TYPES:
+        return kind, Index.from_json(obj, what)
+    if kind:
+        return kind, Manifest.from_json(obj, what)  # schema 1 is refused there
+    if label in DOCUMENT_MEDIA_TYPES:
+        raise OciCacheError(f"{what} is labelled {label} but is neither an image manifest "
+                            "nor an index")
+    return "", None
+
+
+def label_problem(descriptor: Descriptor, media_type: str) -> str:
+    """Why ``descriptor``'s label is wrong for a blob ``read_document`` found to be
+    ``media_type`` ("" when it is right, or when the blob is not a document)."""
+    if not media_type or descriptor.media_type == media_type:
+        return ""
+    label = _shorten(_one_line(descriptor.media_type)) or "(no media type)"
+    return f"{descriptor.digest} is labelled {label} but is {media_type}"
+
+
+def _promised_digest(name: str) -> Optional[Digest]:
+    """The digest a root entry's name pins (``repo:tag@sha256:...``), if any."""
+    try:
+        return Reference.parse(name, default_tag="").digest if name else None
+    except (InvalidReferenceError, InvalidDigestError):
+        return None  # linuxkit writes names no reference parses (``...@sha256:...-amd64``)
+
+
+def name_problem(entry: Descriptor) -> str:
+    """Why a root entry breaks its name's promise: a digest in a name is the digest of
+    the entry's content, on every write, lookup and verify ("" when it keeps it)."""
+    promised = _promised_digest(entry.name)
+    if promised is None or promised == entry.digest:
+        return ""
+    return (f"the name {_shorten(_one_line(entry.name))} pins {promised}, but its entry "
+            f"is {entry.digest}")
+
+
 def _is_foreign(descriptor: Descriptor) -> bool:
     return descriptor.media_type in FOREIGN_LAYER_MEDIA_TYPES
 
@@ -1130,11 +1210,17 @@ def _write_file_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
 
 
 class _Reachable:
-    def __init__(self, digests: Mapping[Digest, str], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...]) -> None:
-        self.digests = digests          # digest -> the name that reaches it
-        self.missing = missing
-        self.unreadable = unreadable
+    """What a walk from some root entries found (see ``Layout.reachable``)."""
+
+    def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
+                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...],
+                 kinds: Mapping[Digest, str]) -> None:
+        self.owners = owners            # digest -> the names that reach it
+        self.digests = {d: names[0] for d, names in owners.items()}
+        self.missing = missing          # needed and absent
+        self.unreadable = unreadable    # a document that cannot be read as what it is
+        self.wrong = wrong              # a descriptor that disagrees with its blob or name
+        self.kinds = kinds              # document digest -> what read_document found
 
 
 @_value_type
@@ -1155,12 +1241,15 @@ class VerifyReport:
     """What ``verify`` found: ``ok`` when nothing is corrupt or missing."""
 
     checked: int
-    corrupt: Tuple[str, ...]          # "<digest>: <why>"
-    missing: Tuple[str, ...]          # "<digest> (needed by <name>)"
+    corrupt: Tuple[str, ...]          # "<digest> (needed by <names>): <why>"
+    missing: Tuple[str, ...]          # "<digest> (needed by <names>)"
+    wrong: Tuple[str, ...] = ()       # "<digest> (needed by <names>): <why>": a size, media
+                                      # type or pinned digest disagrees with the content
+    repaired: Tuple[str, ...] = ()    # corrupt blobs deleted by verify(repair=True)
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.wrong
 
 
 class Layout:
@@ -1305,13 +1394,10 @@ class Layout:
             os.utime(self.blob_path(digest))
 
     def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
-        """Every file under ``blobs/``: (digest or None for temporary files, path, stat)."""
-        blobs = os.path.join(self.root, "blobs")
-        with contextlib.suppress(FileNotFoundError):
-            for algorithm in sorted(os.listdir(blobs)):
-                directory = os.path.join(blobs, algorithm)
-                if algorithm not in _DIGEST_HEX_LENGTHS or not os.path.isdir(directory):
-                    continue
+        """Every entry of each ``blobs/<alg>`` directory (never through a symlinked
+        directory): (its digest, or None for other names, path, lstat)."""
+        for algorithm, directory in self._blob_directories():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 for entry in os.scandir(directory):
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -1322,6 +1408,22 @@ class Layout:
                     except InvalidDigestError:
                         digest = None
                     yield digest, entry.path, st
+
+    def _blob_directories(self) -> List[Tuple[str, str]]:
+        """(algorithm, path) of each ``blobs/<alg>`` that is a real directory."""
+        found = []
+        for path in (self.blobs_dir, *(os.path.join(self.blobs_dir, a)
+                                       for a in sorted(_DIGEST_HEX_LENGTHS))):
+            try:
+                is_directory = stat.S_ISDIR(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                is_directory = False
+            if path == self.blobs_dir:
+                if not is_directory:
+                    return []
+            elif is_directory:
+                found.append((os.path.basename(path), path))
+        return found
 
     # -- index.json -------------------------------------------------------------------
 
@@ -1348,61 +1450,156 @@ class Layout:
 
     # -- reachability, gc, verify -----------------------------------------------------
 
-    def parse_blob(self, descriptor: Descriptor) -> Union[Index, Manifest, None]:
-        """The index or manifest a descriptor points at; None for other blobs."""
-        if descriptor.media_type and descriptor.media_type not in (
-                INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES):
+    def blob_size(self, digest: Union[str, Digest]) -> Optional[int]:
+        """The size of the blob's file; None when there is no regular file of that name."""
+        try:
+            st = os.lstat(self.blob_path(digest))
+        except FileNotFoundError:
             return None
-        what = f"blob {descriptor.digest}"
-        obj = _load_json_object(self.read_blob(descriptor.digest), what)
-        media_type = obj.get("mediaType") or descriptor.media_type
-        if not isinstance(media_type, str):
-            raise OciCacheError(f"{what}: mediaType is not a string")
-        if media_type in INDEX_MEDIA_TYPES or (not media_type and "manifests" in obj):
-            return Index.from_json(obj, what)
-        if media_type in IMAGE_MEDIA_TYPES or (not media_type and "config" in obj):
-            return Manifest.from_json(obj, what)
-        return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def document(self, descriptor: Descriptor) -> Tuple[str, Union[Index, Manifest, None]]:
+        """What the blob of a descriptor in a manifest's place is (``read_document``)."""
+        if descriptor.media_type not in DOCUMENT_MEDIA_TYPES:
+            size = self.blob_size(descriptor.digest)
+            if size is None or size > MAX_MANIFEST_SIZE:
+                return "", None  # too big for any manifest: a plain blob, as labelled
+        return read_document(self.read_blob(descriptor.digest), descriptor.media_type,
+                             f"blob {descriptor.digest}")
+
+    def believed(self, entry: Descriptor) -> Descriptor:
+        """``entry`` with the media type its blob has (``read_document``); unchanged when
+        the label is right or the blob cannot be read."""
+        try:
+            kind, _ = self.document(entry)
+        except OciCacheError:
+            return entry
+        return _replace(entry, media_type=kind) if kind and kind != entry.media_type else entry
 
     def reachable(self, roots: Iterable[Descriptor]) -> "_Reachable":
-        """Digests reachable from ``roots`` (with the name that reaches each), and problems.
+        """Everything ``roots`` reach, following the documents (``read_document``), never
+        the labels: for each digest the names that reach it, and every problem.
 
         A missing root, or a present manifest whose config or layers are missing, is
-        ``missing``; a missing child of an index is not (pulls fetch one platform).
-        A blob that cannot be parsed as the manifest or index it should be is
-        ``unreadable``.
+        ``missing``; a missing child of an index is not (pulls fetch one platform). A
+        document that cannot be read is ``unreadable``. A descriptor whose size or label
+        disagrees with its blob, and a name pinning another digest than its entry's, are
+        ``wrong``. Each problem names the names that need the blob.
         """
-        seen: Dict[Digest, str] = {}
-        missing: List[str] = []
-        unreadable: List[str] = []
-        # Names come from index.json and archives: made safe for the one-line messages.
-        stack = [(root, _shorten(_one_line(root.name)) or str(root.digest), True)
-                 for root in roots]
-        while stack:
-            descriptor, owner, required = stack.pop()
-            if descriptor.digest in seen:
-                continue
-            seen[descriptor.digest] = owner
-            if not self.has_blob(descriptor.digest):
-                if required and not _is_foreign(descriptor):
-                    missing.append(f"{descriptor.digest} (needed by {owner})")
-                continue
-            try:
-                parsed = self.parse_blob(descriptor)
-            except OciCacheError as e:
-                unreadable.append(f"{descriptor.digest} (needed by {owner}): {e}")
-                continue
-            if isinstance(parsed, Index):
-                stack.extend((child, owner, False) for child in parsed.manifests)
-            elif isinstance(parsed, Manifest):
-                stack.extend((blob, owner, True) for blob in parsed.blobs())
-                if parsed.subject is not None:
-                    stack.append((parsed.subject, owner, False))
-        return _Reachable(seen, tuple(missing), tuple(unreadable))
+        owners: Dict[Digest, List[str]] = {}
+        problems: Dict[Tuple[str, Digest, str], None] = {}  # (kind, digest, why), ordered
+        documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
+        kinds: Dict[Digest, str] = {}
+        for root in roots:
+            # Names come from index.json and archives: made safe for one-line messages.
+            owner = _shorten(_one_line(root.name)) or str(root.digest)
+            promise = name_problem(root)
+            if promise:
+                problems[("wrong", root.digest, promise)] = None
+            seen = set()
+            stack: List[Tuple[Descriptor, bool, bool]] = [(root, True, True)]
+            while stack:
+                descriptor, required, is_document = stack.pop()
+                digest = descriptor.digest
+                size = self.blob_size(digest)
+                if size is not None and size != descriptor.size:
+                    problems[("wrong", digest, f"a descriptor says {descriptor.size} bytes, "
+                                               f"the blob has {size}")] = None
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                names = owners.setdefault(digest, [])
+                if owner not in names:
+                    names.append(owner)
+                if size is None:
+                    if required and not _is_foreign(descriptor):
+                        problems[("missing", digest, "")] = None
+                    continue
+                if not is_document:
+                    continue
+                if digest not in documents:
+                    documents[digest] = self._links(descriptor)
+                found = documents[digest]
+                if isinstance(found, str):
+                    problems[("unreadable", digest, found)] = None
+                    continue
+                kind, links = found
+                if kind:
+                    kinds[digest] = kind
+                label = label_problem(descriptor, kind)
+                if label:
+                    problems[("wrong", digest, label)] = None
+                stack.extend(links)
+
+        def listed(which: str) -> Tuple[str, ...]:
+            out = []
+            for kind, digest, why in problems:
+                if kind == which:
+                    names = owners.get(digest, [])
+                    needed = f" (needed by {_names_list(names)})" if names else ""
+                    out.append(f"{digest}{needed}" + (f": {why}" if why else ""))
+            return tuple(out)
+
+        return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
+                          listed("unreadable"), listed("wrong"), kinds)
+
+    def _links(self, descriptor: Descriptor
+               ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
+        """A document's kind and what it links to, as (descriptor, required, document);
+        or why it cannot be read."""
+        try:
+            kind, parsed = self.document(descriptor)
+        except OciCacheError as e:
+            return str(e)
+        if isinstance(parsed, Index):
+            return kind, [(child, False, True) for child in parsed.manifests]
+        if isinstance(parsed, Manifest):
+            links = [(blob, True, False) for blob in parsed.blobs()]
+            if parsed.subject is not None:
+                links.append((parsed.subject, False, True))
+            return kind, links
+        return kind, []
+
+    def blob_problem(self, digest: Digest) -> str:
+        """Why the blob's file does not hold its digest's bytes ("" when it does, or when
+        it is gone)."""
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                hasher = digest.hasher()
+                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return ""
+        if hasher.hexdigest() != digest.hex:
+            return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
+        return ""
+
+    def discard_if_corrupt(self, digest: Digest) -> bool:
+        """Delete the blob when its bytes do not hash to its name, so that the next pull
+        fetches it again; True when it was deleted. Only the file that was checked is
+        deleted, never one a concurrent write has just put in its place."""
+        path = self.blob_path(digest)
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(before.st_mode) or not self.blob_problem(digest):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            now = os.lstat(path)
+            if (now.st_ino, now.st_dev, now.st_mtime_ns) == \
+                    (before.st_ino, before.st_dev, before.st_mtime_ns):
+                os.unlink(path)
+                _log().warning("deleted corrupt blob %s", digest)
+                return True
+        return False
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
            dry_run: bool = False) -> GcReport:
-        """Delete blobs no name reaches, and stale temporary files, older than the grace."""
+        """Delete what ocicache (or linuxkit) wrote and nothing needs, once older than the
+        grace period: blobs named by a valid digest that no name reaches, and temporary
+        files. Any other file is left alone, and no directory is followed through a
+        symlink (files are deleted relative to a directory opened with O_NOFOLLOW)."""
         with self.deleting_blobs(), self.lock():
             marked = self.reachable(self.read_index().manifests)
             if marked.unreadable:
@@ -1411,40 +1608,136 @@ class Layout:
             deadline = time.time() - grace_seconds
             deleted: List[Tuple[str, int]] = []
             young = 0
-            for digest, path, st in self.blob_files():
-                if digest is not None and digest in marked.digests:
-                    continue
-                if st.st_mtime > deadline:
-                    young += 1
-                    continue
-                deleted.append((str(digest) if digest else os.path.basename(path), st.st_size))
-                if not dry_run:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            places = [(".", ""), *((f"blobs/{a}", a) for a in sorted(_DIGEST_HEX_LENGTHS))]
+            for directory, algorithm in places:
+                for name, st, unlink in self._own_files(directory):
+                    digest = _digest_or_none(algorithm, name) if algorithm else None
+                    if digest is not None:
+                        if digest in marked.digests:
+                            continue
+                        label = str(digest)
+                    elif _is_temporary(algorithm, name):
+                        label = name
+                    else:
+                        continue  # not ocicache's: never deleted
+                    if st.st_mtime > deadline:
+                        young += 1
+                        continue
+                    deleted.append((label, st.st_size))
+                    if not dry_run:
+                        unlink()
             return GcReport(tuple(deleted), young, len(marked.digests))
 
-    def verify(self) -> VerifyReport:
-        """Re-hash every blob and check that every name reaches complete content."""
-        corrupt: List[str] = []
+    def _own_files(self, directory: str
+                   ) -> Iterator[Tuple[str, os.stat_result, Callable[[], None]]]:
+        """The regular files of ``directory`` (relative to the cache, each component
+        opened with O_NOFOLLOW): (name, lstat, a function deleting that name there)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fds: List[int] = []
+        try:
+            try:
+                fds.append(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                for part in [p for p in directory.split("/") if p != "."]:
+                    fds.append(os.open(part, flags, dir_fd=fds[-1]))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return  # a symlink where a directory should be: not followed
+                raise
+            fd = fds[-1]
+            for entry in os.scandir(fd):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    def unlink(name: str = entry.name) -> None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=fd)
+                    yield entry.name, st, unlink
+        finally:
+            for fd in reversed(fds):
+                os.close(fd)
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Re-hash every blob, and check that every name reaches complete content whose
+        descriptors (sizes, media types, pinned digests) agree with it. Each problem
+        names the images that need the blob. With ``repair``, corrupt blobs are
+        deleted, so that the next pull of an image needing one fetches it again.
+
+        Consistent beside concurrent pulls and removals: the names are followed while
+        holding the lock that deleting blobs takes exclusively, so a name read from
+        index.json cannot lose its blobs while they are looked at."""
+        corrupt: Dict[Digest, str] = {}
+        strays: List[str] = []
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if _TEMP_MARK not in os.path.basename(path):
-                    corrupt.append(f"{path}: not named by a valid digest")
+                name = os.path.basename(path)
+                if not _is_temporary(os.path.basename(os.path.dirname(path)), name):
+                    strays.append(f"{_printable(path)}: not named by a valid digest")
                 continue
-            checked += 1
             if not stat.S_ISREG(st.st_mode):
-                corrupt.append(f"{digest}: not a regular file")
+                corrupt[digest] = "not a regular file"
                 continue
-            hasher = digest.hasher()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != digest.hex:
-                corrupt.append(f"{digest}: content hashes to {digest.algorithm}:"
-                               f"{hasher.hexdigest()}")
-        marked = self.reachable(self.read_index().manifests)
-        return VerifyReport(checked, tuple(corrupt), marked.missing + marked.unreadable)
+            problem = self.blob_problem(digest)
+            if os.path.lexists(path):  # one deleted meanwhile was not checked
+                checked += 1
+            if problem:
+                corrupt[digest] = problem
+        with self.adding_blobs():
+            marked = self.reachable(self.read_index().manifests)
+        repaired: List[str] = []
+        if repair and corrupt:
+            with self.deleting_blobs():
+                for digest in corrupt:
+                    if self.discard_if_corrupt(digest):
+                        repaired.append(str(digest))
+        described = []
+        for digest, why in corrupt.items():
+            names = marked.owners.get(digest, ())
+            needed = f" (needed by {_names_list(names)})" if names else " (no name uses it)"
+            described.append(f"{digest}{needed}: {why}")
+        return VerifyReport(checked, tuple(strays + described),
+                            marked.missing + marked.unreadable, marked.wrong, tuple(repaired))
+
+
+def _names_list(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _digest_or_none(algorithm: str, name: str) -> Optional[Digest]:
+    try:
+        return Digest(algorithm, name)
+    except InvalidDigestError:
+        return None
+
+
+# The temporary files gc may delete once stale: ocicache's own (write-verify-rename:
+# ``<hex>.tmp-<random>`` and ``<hex>.tmp-partial`` in blobs, ``.index.json.tmp-<random>``
+# in the cache), and linuxkit's (ggcr's layout.writeBlob: os.CreateTemp(dir, hex+"*"),
+# so ``<64 hex><decimal digits>`` in blobs/sha256).
+_OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
+_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout)\.tmp-[A-Za-z0-9_]+"
+_LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
+
+
+def _is_temporary(algorithm: str, name: str) -> bool:
+    """Whether ``name`` in ``blobs/<algorithm>`` (the cache itself for "") is a temporary
+    file ocicache or linuxkit writes."""
+    if not algorithm:
+        return re.fullmatch(_ROOT_TEMPORARY, name) is not None
+    if algorithm == "sha256" and re.fullmatch(_LINUXKIT_TEMPORARY, name):
+        return True
+    return re.fullmatch(_OWN_TEMPORARY, name) is not None and \
+        len(name.partition(".")[0]) in (4, _DIGEST_HEX_LENGTHS[algorithm])
+
+
+def _printable(text: str) -> str:
+    """A file name (which may hold any bytes) safe for one line of any terminal."""
+    return _one_line(text.encode(errors="surrogateescape").decode(errors="backslashreplace"))
 
 
 # =====================================================================================
@@ -3978,24 +4271,26 @@ class Provider(CacheProvider):
     # -- names ------------------------------------------------------------------------
 
     def find_descriptor(self, ref: RefLike) -> Optional[Descriptor]:
-        """The root entry for ``ref``: by digest if it has one, else by name; or None."""
+        """The root entry for ``ref``, or None: for a reference with a digest, an entry of
+        that digest (the one of that name first); else the entry of that name. Its
+        media type is what its blob is (``read_document``), whatever index.json says."""
         wanted = Reference.parse(ref)
         entries = self.layout.read_index().manifests
         if wanted.digest is not None:
-            return next((e for e in entries if e.digest == wanted.digest), None)
-        return next((e for e in entries if _names_match(e.name, wanted)), None)
+            # A digest is a promise: an entry whose name pins it but whose content is
+            # another digest is never the answer.
+            pinned = [e for e in entries if e.digest == wanted.digest]
+            found = next((e for e in pinned if _names_match(e.name, wanted)),
+                         pinned[0] if pinned else None)
+        else:
+            found = next((e for e in entries if _names_match(e.name, wanted)), None)
+        return self.layout.believed(found) if found is not None else None
 
     def _find_named(self, ref: RefLike) -> Descriptor:
-        wanted = Reference.parse(ref)
-        entries = self.layout.read_index().manifests
-        for entry in entries:
-            if _names_match(entry.name, wanted):
-                return entry
-        if wanted.digest is not None:
-            for entry in entries:
-                if entry.digest == wanted.digest:
-                    return entry
-        raise NotFoundError(f"no image named {wanted} in the cache {self.root}")
+        found = self.find_descriptor(ref)
+        if found is None:
+            raise NotFoundError(f"no image named {Reference.parse(ref)} in the cache {self.root}")
+        return found
 
     def names(self) -> List[Descriptor]:
         """Every named root entry, in index order."""
@@ -4008,14 +4303,21 @@ class Provider(CacheProvider):
         self._write_names([(name, named)])
         return self.new_source(name, "", named)
 
-    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> None:
-        """One index update naming every entry; refuses if any needs a missing blob."""
+    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> List[Descriptor]:
+        """One index update naming every entry, each labelled with the media type its
+        blob has; refuses if any needs a missing blob, or a descriptor (size, media
+        type of a child, a digest the name pins) disagrees with its content. Returns
+        the entries written."""
         with self.layout.lock():
+            entries = [(name, self.layout.believed(d)) for name, d in entries]
             marked = self.layout.reachable([d for _, d in entries])
             problems = marked.missing + marked.unreadable
             if problems:
                 raise NotFoundError(f"cannot name {entries[0][0]}: blob {problems[0]} "
                                     f"is not in the cache {self.root}")
+            if marked.wrong:
+                raise CorruptCacheError(f"cannot name {_shorten(entries[0][0])}: "
+                                        f"{marked.wrong[0]}")
             wanted = [Reference.parse(name) for name, _ in entries]
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
@@ -4023,6 +4325,7 @@ class Provider(CacheProvider):
                 return kept + [d for _, d in entries]
 
             self.layout.update_index(change)
+            return [d for _, d in entries]
 
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
         """Create, or merge into, the multi-platform index named ``ref``."""
@@ -4060,13 +4363,20 @@ class Provider(CacheProvider):
         """
         with self.layout.adding_blobs():
             images = _load_archive(stream, self.layout)
-            named = [(name, image.descriptor.named(name))
-                     for image in images for name in image.names]
-            if named:
-                self._write_names(named)
-        unnamed = [i.descriptor.with_annotations(ref_name=None, containerd_name=None)
-                   for i in images if not i.names]
-        return [d for _, d in named] + unnamed
+            roots = [self.layout.believed(image.descriptor) for image in images]
+            # Sizes and child media types are the archive's word about its blobs: one
+            # that disagrees is refused, as skopeo does; a root's label is corrected.
+            wrong = self.layout.reachable(
+                [r.with_annotations(ref_name=None, containerd_name=None) for r in roots]).wrong
+            if wrong:
+                raise InvalidArchiveError(f"archive's descriptor disagrees with its blob: "
+                                          f"{wrong[0]}")
+            named = [(name, root.named(name))
+                     for image, root in zip(images, roots) for name in image.names]
+            written = self._write_names(named) if named else []
+        unnamed = [root.with_annotations(ref_name=None, containerd_name=None)
+                   for image, root in zip(images, roots) if not image.names]
+        return written + unnamed
 
     def remove(self, *refs: RefLike) -> List[Digest]:
         """Remove names, and the blobs no other name reaches; returns those blobs.
@@ -4106,8 +4416,8 @@ class Provider(CacheProvider):
            dry_run: bool = False) -> GcReport:
         return self.layout.gc(grace_seconds, dry_run)
 
-    def verify(self) -> VerifyReport:
-        return self.layout.verify()
+    def verify(self, repair: bool = False) -> VerifyReport:
+        return self.layout.verify(repair)
 
     # -- images -----------------------------------------------------------------------
 
@@ -4126,7 +4436,7 @@ class Provider(CacheProvider):
                              if c.platform is not None and not c.is_attestation) or "none"
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
-        return root, child
+        return root, self.layout.believed(child)
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -4151,6 +4461,7 @@ class Provider(CacheProvider):
         try:
             root, image = self.resolve(ref, str(Platform.parse(architecture)))
             manifest = self.manifest(image)
+            self.layout.read_blob(manifest.config.digest)  # small: its digest is checked too
         except (NotFoundError, CorruptCacheError):
             return None
         complete = all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
@@ -4227,9 +4538,14 @@ class Provider(CacheProvider):
                     if not _is_foreign(blob):
                         blobs.setdefault(blob.digest, blob)
             self.progress.begin(name, list(blobs.values()))
-            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size))
+            # A blob that fails its check is fetched again: configs and manifests always
+            # (they are small), every blob with always_pull.
+            recheck = set(blobs) if always_pull else {m.config.digest for _, _, m in manifests}
+            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), recheck)
             for descriptor, data, _ in manifests:
+                self.layout.discard_if_corrupt(descriptor.digest)
                 self.layout.write_blob_bytes(data, descriptor.digest)
+            self.layout.discard_if_corrupt(root.digest)
             self.layout.write_blob_bytes(root_data, root.digest)
             names = [(name, root.named(name))]
             if arch_tags and wanted.tag:
@@ -4283,7 +4599,8 @@ class Provider(CacheProvider):
                     child_data, what=f"manifest {child.digest} of {ref}")))
             return plan
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
-        if self.layout.has_blob(manifest.config.digest, manifest.config.size):
+        if self.layout.has_blob(manifest.config.digest, manifest.config.size) and \
+                not self.layout.discard_if_corrupt(manifest.config.digest):
             config_data = self.layout.read_blob(manifest.config.digest)
         else:
             config_data = self.registry.get_blob_bytes(ref, manifest.config)
@@ -4298,10 +4615,14 @@ class Provider(CacheProvider):
         self.layout.write_blob_bytes(config_data, manifest.config.digest)
         return [(probe, data, manifest)]
 
-    def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
-        """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
+    def _download(self, ref: Reference, blobs: Sequence[Descriptor],
+                  recheck: Iterable[Digest] = ()) -> None:
+        """Fetch the blobs not yet present, ``jobs`` at a time, largest first; those in
+        ``recheck`` are hashed first, and fetched again if corrupt."""
         import concurrent.futures
-        missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size)]
+        suspect = set(recheck)
+        missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size) or
+                   (b.digest in suspect and self.layout.discard_if_corrupt(b.digest))]
         for blob in blobs:
             if blob not in missing:
                 self.layout._touch(blob.digest)
@@ -5022,8 +5343,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("verify", help="re-hash every blob and check every name",
                             description="Re-hash every blob and check that every name "
-                                        "reaches complete content. Exits 1 if anything is "
-                                        "corrupt or missing.")
+                                        "reaches complete content that agrees with its "
+                                        "descriptors (sizes, media types, pinned digests). "
+                                        "Each problem names the images needing the blob. "
+                                        "Exits 1 if anything is corrupt, missing or wrong.")
+    p.add_argument("--repair", action="store_true",
+                   help="delete corrupt blobs, so that the next pull fetches them again")
     p.set_defaults(run=_cmd_verify)
     return parser
 
@@ -5183,16 +5508,18 @@ def _cmd_gc(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
-    report = provider.verify()
-    for problem in report.corrupt:
-        print(f"corrupt: {problem}")
-    for problem in report.missing:
-        print(f"missing: {problem}")
+    report = provider.verify(args.repair)
+    for kind, problems in (("corrupt", report.corrupt), ("missing", report.missing),
+                           ("wrong", report.wrong), ("deleted", report.repaired)):
+        for problem in problems:
+            print(f"{kind}: {problem}")
     if report.ok:
         _say(args, f"ok: {report.checked} blobs verified")
         return 0
-    print(f"ocicache: error: {len(report.corrupt)} corrupt and {len(report.missing)} missing "
-          f"blobs in {provider.root}", file=sys.stderr)
+    advice = "; pull the images named to fetch them again" if report.repaired else \
+        ("; 'ocicache verify --repair' deletes the corrupt blobs" if report.corrupt else "")
+    print(f"ocicache: error: {len(report.corrupt)} corrupt, {len(report.missing)} missing and "
+          f"{len(report.wrong)} wrong in {provider.root}{advice}", file=sys.stderr)
     return 1
 
 

@@ -2874,8 +2874,8 @@ class TestLayout(CacheTestCase):
                                                         if "dropped" not in e.name])
         layout = self.cache.layout
         young = layout.write_blob_bytes(b"young unnamed blob")
-        stale_temp = os.path.join(self.cache_dir, "blobs", "sha256", "abc" + oc._TEMP_MARK + "x")
-        fresh_temp = os.path.join(self.cache_dir, "blobs", "sha256", "def" + oc._TEMP_MARK + "y")
+        stale_temp = os.path.join(self.cache_dir, "blobs", "sha256", "a" * 64 + oc._TEMP_MARK + "x")
+        fresh_temp = os.path.join(self.cache_dir, "blobs", "sha256", "d" * 64 + oc._TEMP_MARK + "y")
         for path in (stale_temp, fresh_temp):
             with open(path, "wb") as f:
                 f.write(b"partial")
