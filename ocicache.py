@@ -201,6 +201,10 @@ ALL_PLATFORMS = "all"
 FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM = "oci", "docker", "filesystem"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# index.json is read whole: it may never be written larger than this, and one root
+# entry copied from an archive may take at most _MAX_IMPORTED_ENTRY bytes of it.
+MAX_INDEX_SIZE = 64 * MAX_MANIFEST_SIZE
+_MAX_IMPORTED_ENTRY = 16 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
@@ -617,9 +621,15 @@ class Platform:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Platform":
+        features = data.get("os.features") or ()
+        if not isinstance(features, (list, tuple)) or \
+                not all(isinstance(f, str) for f in features):
+            raise InvalidPlatformError("invalid platform: os.features must be a list of "
+                                       f"strings, not {type(features).__name__} "
+                                       f"{_shorten(_one_line(repr(features)), 40)}")
         return cls(str(data.get("os", "")), str(data.get("architecture", "")),
                    str(data.get("variant", "")), str(data.get("os.version", "")),
-                   tuple(data.get("os.features") or ()))
+                   tuple(features))
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"architecture": self.architecture, "os": self.os}
@@ -1430,9 +1440,12 @@ class Layout:
     def read_index(self) -> Index:
         try:
             with open(self.index_path, "rb") as f:
-                data = f.read(64 * MAX_MANIFEST_SIZE)
+                data = f.read(MAX_INDEX_SIZE + 1)
         except FileNotFoundError:
             raise CorruptCacheError(f"{self.index_path} is missing") from None
+        if len(data) > MAX_INDEX_SIZE:
+            raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
+                                    "more than ocicache reads; 'ocicache clean' empties it")
         try:
             return Index.from_json(data, what=self.index_path)
         except OciCacheError as e:
@@ -3649,7 +3662,20 @@ class _TarWriter:
             if info.size != descriptor.size:
                 raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
                                         f"{descriptor.size}; run 'ocicache verify'")
-            self.add(info, blob)
+            # The digest is checked by a second reader hashing beside the copy (which
+            # may bypass Python with sendfile): a corrupt blob fails the export.
+            problem: List[str] = []
+            hashing = threading.Thread(target=lambda: problem.append(
+                layout.blob_problem(descriptor.digest)), name="ocicache-export-hash")
+            hashing.start()
+            try:
+                self.add(info, blob)
+            finally:
+                hashing.join()
+            if problem and problem[0]:
+                raise CorruptCacheError(f"blob {descriptor.digest} is corrupt ({problem[0]}); "
+                                        "run 'ocicache verify --repair', then pull the "
+                                        "image again")
 
     def close(self) -> None:
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
@@ -4053,6 +4079,22 @@ def _as_descriptor(value: DescriptorLike) -> Descriptor:
     return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
 
 
+def _bounded_entry(descriptor: Descriptor) -> Descriptor:
+    """A root entry from an archive, within what index.json may spend on one: beyond
+    ``_MAX_IMPORTED_ENTRY`` bytes, only media type, digest, size (and the platform, if
+    small) are kept, so that imports can never grow index.json past what is read back."""
+    if len(_json_bytes(descriptor.to_json())) <= _MAX_IMPORTED_ENTRY:
+        return descriptor
+    slim = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size,
+                      platform=descriptor.platform)
+    if len(_json_bytes(slim.to_json())) > _MAX_IMPORTED_ENTRY:
+        slim = _replace(slim, platform=None)
+    _log().warning("the archive's entry for %s carries more than %d bytes of annotations "
+                   "and other fields; they are not copied into index.json",
+                   descriptor.digest, _MAX_IMPORTED_ENTRY)
+    return slim
+
+
 def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
     if not stored:
@@ -4322,7 +4364,14 @@ class Provider(CacheProvider):
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
                 kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                return kept + [d for _, d in entries]
+                new = kept + [d for _, d in entries]
+                size = len(_json_bytes(Index(MEDIA_OCI_INDEX, tuple(new)).to_json(),
+                                       indent=_INDEX_INDENT))
+                if size > MAX_INDEX_SIZE:
+                    raise OciCacheError(f"cannot name {_shorten(entries[0][0])}: index.json "
+                                        f"would grow to {size} bytes, past the "
+                                        f"{MAX_INDEX_SIZE} ocicache reads; remove names first")
+                return new
 
             self.layout.update_index(change)
             return [d for _, d in entries]
@@ -4363,7 +4412,7 @@ class Provider(CacheProvider):
         """
         with self.layout.adding_blobs():
             images = _load_archive(stream, self.layout)
-            roots = [self.layout.believed(image.descriptor) for image in images]
+            roots = [self.layout.believed(_bounded_entry(image.descriptor)) for image in images]
             # Sizes and child media types are the archive's word about its blobs: one
             # that disagrees is refused, as skopeo does; a root's label is corrected.
             wrong = self.layout.reachable(
@@ -4403,7 +4452,8 @@ class Provider(CacheProvider):
     def clean(self) -> int:
         """Remove every name and blob; returns the number of blobs deleted."""
         with self.layout.deleting_blobs(), self.layout.lock():
-            self.layout.update_index(lambda _: [])
+            # Written, not updated: it empties a cache whose index.json cannot be read.
+            _write_file_atomically(self.layout.index_path, _EMPTY_INDEX_BYTES)
             count = 0
             for digest, path, _ in self.layout.blob_files():
                 if digest is not None:
@@ -4488,7 +4538,10 @@ class Provider(CacheProvider):
                 config = _load_json_object(
                     self.layout.read_blob(self.manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
-        except OciCacheError:
+        except NotFoundError:
+            return []
+        except OciCacheError as e:
+            _log().warning("%s: %s", _printable(root.name), _one_line(str(e)))
             return []
         complete = []
         for child in images:
@@ -4808,7 +4861,35 @@ class _CacheSource(ImageSource):
             if _is_foreign(layer) and not layout.has_blob(layer.digest):
                 raise _foreign_layer_error(layer)
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
-        return lambda out: _Flattener(openers, out).run()
+
+        def produce(out: BinaryIO) -> None:
+            try:
+                _Flattener(openers, out).run()
+            except OciCacheError as e:
+                # A layer that cannot be read is named, if it is the cache's fault.
+                for layer in manifest.layers:
+                    problem = layout.blob_problem(layer.digest)
+                    if problem:
+                        raise CorruptCacheError(
+                            f"cannot export {self._ref}: layer {layer.digest} is corrupt "
+                            f"({problem}; reading it: {e}); run 'ocicache verify --repair', "
+                            "then pull the image again") from None
+                raise e from None
+
+        return self._naming_corruption(produce)
+
+    def _naming_corruption(self, produce: Callable[[BinaryIO], None]
+                           ) -> Callable[[BinaryIO], None]:
+        """``produce``, with a corrupt blob's error naming the image exported."""
+        def named(out: BinaryIO) -> None:
+            try:
+                produce(out)
+            except CorruptCacheError as e:
+                message = str(e)
+                if not message.startswith("cannot export"):
+                    raise CorruptCacheError(f"cannot export {self._ref}: {message}") from None
+                raise
+        return named
 
     def _save_name(self, override_name: str) -> Reference:
         return Reference.parse(override_name) if override_name else self._ref
@@ -4868,7 +4949,7 @@ class _CacheSource(ImageSource):
                                   json.dumps({repository: {tagged.tag: top}}).encode())
             archive.close()
 
-        return produce
+        return self._naming_corruption(produce)
 
     def _oci_writer(self, override_name: str) -> Callable[[BinaryIO], None]:
         """An OCI layout tar of one platform, or of the whole index for ``"all"``."""
@@ -4905,7 +4986,7 @@ class _CacheSource(ImageSource):
             archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
             archive.close()
 
-        return produce
+        return self._naming_corruption(produce)
 
     def sboms(self) -> List[BinaryIO]:
         """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
@@ -4935,7 +5016,13 @@ class _CacheSource(ImageSource):
             if statement.get("predicateType") != SPDX_PREDICATE_TYPE:
                 raise OciCacheError(f"unexpected predicate type {statement.get('predicateType')!r}"
                                     f" in {layer.digest}")
-            documents.append(io.BytesIO(_raw_json_member(data.decode(), "predicate").encode()))
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise OciCacheError(f"in-toto statement {layer.digest} of {self._ref} is not "
+                                    f"UTF-8 (it is {json.detect_encoding(data)}); JSON "
+                                    "documents must be UTF-8") from None
+            documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
         return documents  # type: ignore[return-value]
 
 
@@ -5380,7 +5467,7 @@ def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
                     "size": s.size} for s in summaries], sys.stdout, indent=2)
         print()
         return 0
-    rows = [(s.name, str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
+    rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
              _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
@@ -5516,8 +5603,9 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
     if report.ok:
         _say(args, f"ok: {report.checked} blobs verified")
         return 0
+    repairable = any(not p.startswith("/") for p in report.corrupt)  # not stray files
     advice = "; pull the images named to fetch them again" if report.repaired else \
-        ("; 'ocicache verify --repair' deletes the corrupt blobs" if report.corrupt else "")
+        ("; 'ocicache verify --repair' deletes the corrupt blobs" if repairable else "")
     print(f"ocicache: error: {len(report.corrupt)} corrupt, {len(report.missing)} missing and "
           f"{len(report.wrong)} wrong in {provider.root}{advice}", file=sys.stderr)
     return 1
