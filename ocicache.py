@@ -1006,7 +1006,7 @@ def label_problem(descriptor: Descriptor, media_type: str) -> str:
     if not media_type or descriptor.media_type == media_type:
         return ""
     label = _shorten(_one_line(descriptor.media_type)) or "(no media type)"
-    return f"{descriptor.digest} is labelled {label} but is {media_type}"
+    return f"is labelled {label} but is {media_type}"
 
 
 def _promised_digest(name: str) -> Optional[Digest]:
@@ -4480,13 +4480,16 @@ class Provider(CacheProvider):
             return root, root
         index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
         wanted = Platform.parse(architecture)
-        child = select_platform(index.manifests, wanted)
+        # A child labelled as anything but an image is asked what it is (it may be one).
+        children = [c if c.media_type in IMAGE_MEDIA_TYPES else self.layout.believed(c)
+                    for c in index.manifests]
+        child = select_platform(children, wanted)
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
                              if c.platform is not None and not c.is_attestation) or "none"
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
-        return root, self.layout.believed(child)
+        return root, child
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -4521,7 +4524,7 @@ class Provider(CacheProvider):
     def summaries(self) -> List[ImageSummary]:
         """Every name with the platforms complete in the cache and its size on disk."""
         out = []
-        for entry in self.names():
+        for entry in map(self.layout.believed, self.names()):
             reachable = self.layout.reachable([entry]).digests
             size = sum(os.path.getsize(self.layout.blob_path(d)) for d in reachable
                        if self.layout.has_blob(d))
@@ -4574,7 +4577,8 @@ class Provider(CacheProvider):
 
         An image already complete makes no request unless ``always_pull``. Only the
         platform's child (and its attestations) is downloaded from an index, only
-        missing blobs, each verified; the name is written last.
+        blobs missing or failing their digest check, each verified; the name is
+        written last.
         """
         wanted = Reference.parse(ref)
         name = str(wanted)
@@ -4591,10 +4595,10 @@ class Provider(CacheProvider):
                     if not _is_foreign(blob):
                         blobs.setdefault(blob.digest, blob)
             self.progress.begin(name, list(blobs.values()))
-            # A blob that fails its check is fetched again: configs and manifests always
-            # (they are small), every blob with always_pull.
-            recheck = set(blobs) if always_pull else {m.config.digest for _, _, m in manifests}
-            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), recheck)
+            # Every blob this pull relies on is checked, and fetched again if corrupt: a
+            # pull that asks the registry anyway (always_pull, or an incomplete image)
+            # must not keep a damaged blob another name already had.
+            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
             for descriptor, data, _ in manifests:
                 self.layout.discard_if_corrupt(descriptor.digest)
                 self.layout.write_blob_bytes(data, descriptor.digest)
