@@ -4782,14 +4782,14 @@ class Provider(CacheProvider):
                     child_tag = f"{remote.tag}-{_arch_tag(child.platform)}"
                     self.registry.put_manifest(endpoint, child_tag,
                                                self.layout.read_blob(child.digest),
-                                               child.media_type)
+                                               self.layout.believed(child).media_type)
 
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
         """Upload the blobs of each manifest, then the manifests by digest."""
         import concurrent.futures
         parsed = []
-        for descriptor in manifests:
+        for descriptor in map(self.layout.believed, manifests):  # sent as what they are
             if not self.layout.has_blob(descriptor.digest):
                 raise NotFoundError(
                     f"cannot push {local}: {descriptor.platform or 'a child'} "

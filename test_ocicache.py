@@ -5062,6 +5062,59 @@ class TestPullCommand(RegistryTestCase):
         self.assertEqual(self.index_names(), [])
 
 
+class TestBeliefsAgainstARegistry(RegistryTestCase):
+    """A pinned digest and a damaged blob meet a real registry."""
+
+    def test_pull_of_a_pinned_name_never_trusts_a_lying_entry(self) -> None:
+        registry = self.start_registry()
+        real, evil = make_image("real"), make_image("evil")
+        upload(registry.url, "test/repo", real.blobs, [("v1", real.manifest)])
+        name = f"{registry.host}/test/repo:v1@{real.manifest.digest}"
+        evil_root = self.load_image("example.com/evil:1", evil)
+        self.cache.layout.update_index(lambda entries: entries + [evil_root.named(name)])
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("already in the cache", result.stderr.decode())
+        self.assertEqual(str(self.cache.find_descriptor(name).digest), real.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+        self.assertIn("already in the cache", self.cli("pull", "--platform", "amd64",
+                                                         name).stderr.decode())
+
+    def test_pull_fetches_again_the_blobs_failing_their_check(self) -> None:
+        registry = self.start_registry()
+        shared = [{"etc/shared": random.Random(3).randbytes(4096)}]
+        one, two = make_image("one", layer_files=shared), make_image("two", layer_files=shared)
+        upload(registry.url, "test/one", one.blobs, [("1", one.manifest)])
+        upload(registry.url, "test/two", two.blobs, [("1", two.manifest)])
+        names = [f"{registry.host}/test/{n}:1" for n in ("one", "two")]
+        cache = self.provider()
+        for name in names:
+            cache.image_pull(name, "", "amd64")
+        layer = cache.layout.blob_path(one.layers[0].digest)
+        silence = contextlib.ExitStack()
+        self.addCleanup(silence.close)
+        silence.enter_context(quiet_log())  # "deleted corrupt blob ..."
+
+        def damage(path: str) -> None:
+            with open(path, "r+b") as f:
+                f.seek(100)
+                f.write(b"\xff" * 8)  # the same size, another digest
+            self.assertFalse(cache.verify().ok)
+
+        damage(layer)
+        cache.image_pull(names[0], "", "amd64", always_pull=True)
+        self.assertTrue(cache.verify().ok)
+        damage(layer)  # a shared layer survives rm: the next pull must not trust it
+        cache.remove(names[0])
+        cache.image_pull(names[0], "", "amd64")
+        self.assertTrue(cache.verify().ok)
+        damage(cache.layout.blob_path(two.config.digest))  # small blobs are always checked
+        self.assertFalse(cache.image_in_cache(names[1], "", "amd64"))
+        cache.image_pull(names[1], "", "amd64")
+        self.assertTrue(cache.verify().ok)
+        self.assertTrue(cache.image_in_cache(names[1], "", "amd64"))
+
+
 # =====================================================================================
 # Tar formats: image_load of archives made by real tools and by hand, hostile archives
 # =====================================================================================
