@@ -54,7 +54,8 @@ __all__ = [
     "AuthenticationError", "InvalidArchiveError", "InvalidPlatformError", "CorruptCacheError",
     # value types and the pure logic over them
     "Digest", "Reference", "Platform", "Descriptor", "Index", "Manifest",
-    "canonical_name", "select_platform", "merge_index",
+    "canonical_name", "select_platform", "merge_index", "read_document", "label_problem",
+    "name_problem",
     "without_dangling_attestations", "merge_remote_index",
     # the disk
     "Layout", "ContentStore", "ContentInfo", "GcReport", "VerifyReport",
@@ -1575,7 +1576,7 @@ class Layout:
 
     def blob_problem(self, digest: Digest) -> str:
         """Why the blob's file does not hold its digest's bytes ("" when it does, or when
-        it is gone)."""
+        it is gone); OSError when it cannot be read."""
         try:
             with open(self.blob_path(digest), "rb") as f:
                 hasher = digest.hasher()
@@ -1596,8 +1597,11 @@ class Layout:
             before = os.lstat(path)
         except FileNotFoundError:
             return False
-        if not stat.S_ISREG(before.st_mode) or not self.blob_problem(digest):
-            return False
+        try:
+            if not stat.S_ISREG(before.st_mode) or not self.blob_problem(digest):
+                return False
+        except OSError:
+            return False  # unreadable here (another user's blob) is not corrupt
         with contextlib.suppress(FileNotFoundError):
             now = os.lstat(path)
             if (now.st_ino, now.st_dev, now.st_mtime_ns) == \
@@ -1694,7 +1698,11 @@ class Layout:
             if not stat.S_ISREG(st.st_mode):
                 corrupt[digest] = "not a regular file"
                 continue
-            problem = self.blob_problem(digest)
+            try:
+                problem = self.blob_problem(digest)
+            except OSError as e:
+                strays.append(f"{digest}: cannot be read ({e.strerror or e})")
+                continue
             if os.path.lexists(path):  # one deleted meanwhile was not checked
                 checked += 1
             if problem:
@@ -3665,8 +3673,14 @@ class _TarWriter:
             # The digest is checked by a second reader hashing beside the copy (which
             # may bypass Python with sendfile): a corrupt blob fails the export.
             problem: List[str] = []
-            hashing = threading.Thread(target=lambda: problem.append(
-                layout.blob_problem(descriptor.digest)), name="ocicache-export-hash")
+
+            def check() -> None:
+                try:
+                    problem.append(layout.blob_problem(descriptor.digest))
+                except OSError as e:
+                    problem.append(f"it cannot be read: {e.strerror or e}")
+
+            hashing = threading.Thread(target=check, name="ocicache-export-hash")
             hashing.start()
             try:
                 self.add(info, blob)
