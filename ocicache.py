@@ -4393,7 +4393,7 @@ class Provider(CacheProvider):
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
         """Create, or merge into, the multi-platform index named ``ref``."""
         name = str(Reference.parse(ref))
-        incoming = [_as_descriptor(d) for d in descriptors]
+        incoming = [self.layout.believed(_as_descriptor(d)) for d in descriptors]
         if not incoming:
             raise OciCacheError(f"cannot create index {name} without any manifests")
         for descriptor in incoming:

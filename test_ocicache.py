@@ -5080,6 +5080,26 @@ class TestBeliefsAgainstARegistry(RegistryTestCase):
         self.assertIn("already in the cache", self.cli("pull", "--platform", "amd64",
                                                          name).stderr.decode())
 
+    def test_a_mislabelled_root_is_pushed_as_what_it_is(self) -> None:
+        registry = self.start_registry()
+        image = make_image("pushed")
+        root = self.load_image("example.com/pushed:1", image)
+        self.cache.layout.update_index(
+            lambda _: [oc._replace(root, media_type=oc.MEDIA_OCI_INDEX)])  # linuxkit's label
+        cache = self.provider()
+        remote = f"{registry.host}/test/pushed:1"
+        cache.push("example.com/pushed:1", remote)
+        other = oc.Provider(self.path("other"), mirrors=[])
+        self.addCleanup(other.close)
+        other.image_pull(remote, "", "amd64")
+        self.assertEqual(other.find_descriptor(remote).media_type, oc.MEDIA_OCI_MANIFEST)
+        self.assertTrue(other.verify().ok)
+        # index_write asks each descriptor what it is, too.
+        source = cache.index_write("example.com/made:1", oc._replace(
+            root, media_type=oc.MEDIA_OCI_INDEX, platform=oc.Platform("linux", "amd64")))
+        index = json.loads(cache.layout.read_blob(source.descriptor().digest))
+        self.assertEqual(index["manifests"][0]["mediaType"], oc.MEDIA_OCI_MANIFEST)
+
     def test_pull_fetches_again_the_blobs_failing_their_check(self) -> None:
         registry = self.start_registry()
         shared = [{"etc/shared": random.Random(3).randbytes(4096)}]
