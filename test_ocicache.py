@@ -3103,6 +3103,40 @@ class TestBeliefs(CacheTestCase):
             image.blobs))
         self.assert_one_line_error(self.cli("import", archive), layer.digest)
 
+    def test_linuxkit_cache_export_oci_imports_as_what_it_is(self) -> None:
+        # As linuxkit's ImageSource.OCITarReader (src/cmd/linuxkit/cache/source.go) writes
+        # it: a tab-indented oci-layout, config, layers, manifest, then an index.json whose
+        # one entry labels the image manifest an OCI index and names it by ref.name only.
+        image = make_image("lkexport")
+        name = "docker.io/linuxkit/lkexport:v1"
+        index = json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": [
+            {"mediaType": oc.MEDIA_OCI_INDEX, "size": len(image.manifest.data),
+             "digest": image.manifest.digest,
+             "annotations": {oc.ANNOTATION_REF_NAME: name}}]}, indent=3)
+        entries: List[Tuple[str, Any]] = [
+            ("oci-layout", b'{\n\t"imageLayoutVersion": "1.0.0"\n}'),
+            ("blobs/", tar_member("blobs/", tarfile.DIRTYPE)),
+            ("blobs/sha256/", tar_member("blobs/sha256/", tarfile.DIRTYPE))]
+        entries += [(f"blobs/sha256/{b.digest.split(':')[1]}", b.data)
+                    for b in [image.config, *image.layers, image.manifest]]
+        archive = self.write_file(self.path("lk.tar"),
+                                  tar_bytes(entries + [("index.json", index.encode())]))
+        result = self.cli("import", archive)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.cache.find_descriptor(name).media_type, oc.MEDIA_OCI_MANIFEST)
+        self.assertTrue(self.cache.verify().ok)
+        inspected = self.cli("inspect", name)
+        self.assertEqual(inspected.returncode, 0, inspected.stderr)
+        self.assertEqual(json.loads(inspected.stdout)["config"]["digest"], image.config.digest)
+        for export_format in ("oci", "docker", "filesystem"):
+            result = self.cli("export", name, "--format", export_format,
+                              "-o", self.path(f"lk.{export_format}"))
+            self.assertEqual(result.returncode, 0, result.stderr)
+        if shutil.which("skopeo"):
+            copied = self.path("copied")
+            self.skopeo("copy", f"oci-archive:{self.path('lk.oci')}", f"dir:{copied}")
+            self.assertTrue(os.path.exists(os.path.join(copied, "manifest.json")))
+
     # -- D. sizes, consistency, repair, exports -----------------------------------------
 
     def test_import_refuses_descriptor_sizes_that_disagree_with_blobs(self) -> None:
