@@ -5134,6 +5134,30 @@ class TestBeliefsAgainstARegistry(RegistryTestCase):
         index = json.loads(cache.layout.read_blob(source.descriptor().digest))
         self.assertEqual(index["manifests"][0]["mediaType"], oc.MEDIA_OCI_MANIFEST)
 
+    def test_verify_beside_a_pull_and_rm_loop_never_reports_a_false_problem(self) -> None:
+        registry = self.start_registry()
+        busy, still = make_image("busy"), make_image("still")
+        upload(registry.url, "test/busy", busy.blobs, [("1", busy.manifest)])
+        self.load_image("example.com/still:1", still)
+        cycles = int(sized(25, 300))
+        script = ("import ocicache,sys\n"
+                  "p=ocicache.Provider(sys.argv[1], mirrors=[])\n"
+                  "for _ in range(int(sys.argv[3])):\n"
+                  "    p.image_pull(sys.argv[2], '', 'amd64'); p.remove(sys.argv[2])\n")
+        loop = subprocess.Popen([sys.executable, "-c", script, self.cache_dir,
+                                 f"{registry.host}/test/busy:1", str(cycles)], cwd=HERE)
+        self.addCleanup(loop.kill)
+        runs, bad = 0, []
+        while loop.poll() is None:
+            report = self.cache.verify()
+            runs += 1
+            if not report.ok:
+                bad.append(report)
+        self.assertEqual(loop.wait(120), 0)
+        figures("verify beside pull/rm", cycles=cycles, verify_runs=runs, false_problems=len(bad))
+        self.assertEqual(bad, [])
+        self.assertGreater(runs, 0)
+
     def test_pull_fetches_again_the_blobs_failing_their_check(self) -> None:
         registry = self.start_registry()
         shared = [{"etc/shared": random.Random(3).randbytes(4096)}]
