@@ -4880,19 +4880,37 @@ class _CacheSource(ImageSource):
                 raise _foreign_layer_error(layer)
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
 
+        layers = list({layer.digest: layer for layer in manifest.layers})
+
         def produce(out: BinaryIO) -> None:
+            # Each layer's digest is checked by a second reader beside the flattening,
+            # so a layer that is corrupt but still inflates fails the export too.
+            problems: Dict[Digest, str] = {}
+
+            def check() -> None:
+                for digest in layers:
+                    try:
+                        problems[digest] = layout.blob_problem(digest)
+                    except OSError as e:
+                        problems[digest] = f"it cannot be read: {e.strerror or e}"
+
+            checker = threading.Thread(target=check, name="ocicache-export-hash", daemon=True)
+            checker.start()
+            failure: Optional[OciCacheError] = None
             try:
                 _Flattener(openers, out).run()
             except OciCacheError as e:
-                # A layer that cannot be read is named, if it is the cache's fault.
-                for layer in manifest.layers:
-                    problem = layout.blob_problem(layer.digest)
-                    if problem:
-                        raise CorruptCacheError(
-                            f"cannot export {self._ref}: layer {layer.digest} is corrupt "
-                            f"({problem}; reading it: {e}); run 'ocicache verify --repair', "
-                            "then pull the image again") from None
-                raise e from None
+                failure = e
+            checker.join()
+            for digest in layers:
+                if problems.get(digest):
+                    reading = f"; reading it: {failure}" if failure is not None else ""
+                    raise CorruptCacheError(
+                        f"cannot export {self._ref}: layer {digest} is corrupt "
+                        f"({problems[digest]}{reading}); run 'ocicache verify --repair', "
+                        "then pull the image again")
+            if failure is not None:
+                raise failure
 
         return self._naming_corruption(produce)
 

@@ -3246,6 +3246,17 @@ class TestBeliefs(CacheTestCase):
                     [sys.executable, OCICACHE, "--cache", self.cache_dir, "export", name,
                      "--format", export_format, "-o", "-"], capture_output=True, timeout=60)
                 self.assert_one_line_error(result, image.layers[0].digest)
+        # A corrupt layer that still reads as a tar (uncompressed, a file's bytes changed).
+        plain = make_image("plain", layer_files=[{"etc/data": b"a" * 4096}], gzip_layers=False)
+        self.load_image("example.com/plain:1", plain)
+        with open(self.cache.layout.blob_path(plain.layers[0].digest), "r+b") as f:
+            f.seek(plain.layers[0].data.index(b"a" * 4096) + 100)
+            f.write(b"b")
+        for export_format in ("filesystem", "oci"):
+            result = self.cli("export", "example.com/plain:1", "--format", export_format,
+                              "-o", self.path("plain.tar"))
+            self.assert_one_line_error(result, plain.layers[0].digest, "example.com/plain:1")
+            self.assertFalse(os.path.exists(self.path("plain.tar")))
 
     # -- E. index.json never grows past what ocicache reads back --------------------
 
