@@ -958,10 +958,12 @@ def read_document(data: bytes, label: str,
     decided by its bytes: ``(media type, parsed index or manifest)``, or ``("", None)``
     for any other blob (an in-toto statement, an artifact).
 
-    A document's own ``mediaType`` wins; one without it is an index when it lists
+    A document's own ``mediaType`` wins (another type than an index's or an image
+    manifest's makes it a leaf of that type); one without it is an index when it lists
     ``manifests`` and an image manifest when its ``config`` is a descriptor. The label
     (the descriptor's mediaType) only picks between an OCI and a Docker type of the
-    same kind; a label promising an index or manifest the bytes are not is an error.
+    same kind; a label promising an index or manifest that bytes saying nothing about
+    themselves are not is an error.
     The label is never believed over the bytes: linuxkit's ``cache export --format
     oci`` labels a single manifest as an index, other tools write
     ``application/vnd.oci.descriptor.v1+json``. Everything that follows a descriptor
@@ -995,6 +997,8 @@ def read_document(data: bytes, label: str,
         return kind, Index.from_json(obj, what)
     if kind:
         return kind, Manifest.from_json(obj, what)  # schema 1 is refused there
+    if declared:
+        return declared, None  # it says what else it is (an artifact): a leaf
     if label in DOCUMENT_MEDIA_TYPES:
         raise OciCacheError(f"{what} is labelled {label} but is neither an image manifest "
                             "nor an index")
@@ -1007,7 +1011,7 @@ def label_problem(descriptor: Descriptor, media_type: str) -> str:
     if not media_type or descriptor.media_type == media_type:
         return ""
     label = _shorten(_one_line(descriptor.media_type)) or "(no media type)"
-    return f"is labelled {label} but is {media_type}"
+    return f"is labelled {label} but is {_shorten(_one_line(media_type))}"
 
 
 def _promised_digest(name: str) -> Optional[Digest]:

@@ -2950,6 +2950,60 @@ class TestBeliefs(CacheTestCase):
             f.write(data)
         return path
 
+    # -- C. the one function deciding what a blob is (pure) ---------------------------
+
+    def test_read_document_decides_by_content_and_checks_the_label(self) -> None:
+        image = make_image("doc")
+        manifest = image.manifest.data
+        bare_manifest = json.dumps({k: v for k, v in json.loads(manifest).items()
+                                    if k != "mediaType"}).encode()
+        bare_index = json.dumps({"schemaVersion": 2,
+                                 "manifests": [image.descriptor()]}).encode()
+        artifact = json.dumps({"mediaType": "application/vnd.example.thing+json",
+                               "blobs": []}).encode()
+        decided = {
+            (manifest, oc.MEDIA_OCI_INDEX): oc.MEDIA_OCI_MANIFEST,
+            (manifest, "application/vnd.oci.descriptor.v1+json"): oc.MEDIA_OCI_MANIFEST,
+            (bare_manifest, oc.MEDIA_DOCKER_MANIFEST): oc.MEDIA_DOCKER_MANIFEST,
+            (bare_manifest, oc.MEDIA_OCI_INDEX): oc.MEDIA_OCI_MANIFEST,
+            (bare_index, ""): oc.MEDIA_OCI_INDEX,
+            (bare_index, oc.MEDIA_DOCKER_LIST): oc.MEDIA_DOCKER_LIST,
+            (artifact, oc.MEDIA_OCI_MANIFEST): "application/vnd.example.thing+json",
+            (image.config.data, oc.MEDIA_OCI_CONFIG): "",
+            (image.layers[0].data, oc.MEDIA_OCI_LAYER_GZIP): "",
+            (b'{"mediaType": 5}', oc.MEDIA_OCI_LAYER): "",
+        }
+        for (data, label), expected in decided.items():
+            with self.subTest(label=label, data=data[:40]):
+                kind, parsed = oc.read_document(data, label)
+                self.assertEqual(kind, expected)
+                self.assertIsInstance(parsed, oc.Index if kind in oc.INDEX_MEDIA_TYPES else
+                                      oc.Manifest if kind in oc.IMAGE_MEDIA_TYPES else
+                                      type(None))
+                descriptor = oc.Descriptor(label, sha256(data), len(data))
+                self.assertEqual(bool(oc.label_problem(descriptor, kind)),
+                                 bool(kind) and kind != label)
+        refused = [(image.layers[0].data, oc.MEDIA_OCI_MANIFEST), (b"[]", oc.MEDIA_OCI_INDEX),
+                   (image.config.data, oc.MEDIA_OCI_MANIFEST), (b'{"mediaType": 5}', ""),
+                   (json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "")]
+        for data, label in refused[:3]:
+            with self.subTest(refused=label, data=data[:40]):
+                with self.assertRaises(oc.OciCacheError):
+                    oc.read_document(data, label)
+        self.assertEqual(oc.read_document(*refused[3]), ("", None))  # no claim, no document
+        with self.assertRaisesRegex(oc.OciCacheError, "schema 1"):
+            oc.read_document(*refused[4])
+        rng = random.Random(fuzz_seed())
+        for _ in range(int(sized(2000, 50000))):
+            mutated = bytearray(manifest)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            try:
+                oc.read_document(bytes(mutated), rng.choice(
+                    [oc.MEDIA_OCI_INDEX, oc.MEDIA_OCI_MANIFEST, "", oc.MEDIA_OCI_LAYER]))
+            except oc.OciCacheError:
+                pass
+
     # -- A. a digest in a name is a promise --------------------------------------------
 
     def test_a_name_pinning_a_digest_never_answers_with_other_content(self) -> None:
