@@ -964,6 +964,7 @@ def read_document(data: bytes, label: str,
     (the descriptor's mediaType) only picks between an OCI and a Docker type of the
     same kind; a label promising an index or manifest that bytes saying nothing about
     themselves are not is an error.
+
     The label is never believed over the bytes: linuxkit's ``cache export --format
     oci`` labels a single manifest as an index, other tools write
     ``application/vnd.oci.descriptor.v1+json``. Everything that follows a descriptor
@@ -1228,14 +1229,12 @@ class _Reachable:
     """What a walk from some root entries found (see ``Layout.reachable``)."""
 
     def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...],
-                 kinds: Mapping[Digest, str]) -> None:
+                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...]) -> None:
         self.owners = owners            # digest -> the names that reach it
         self.digests = {d: names[0] for d, names in owners.items()}
         self.missing = missing          # needed and absent
         self.unreadable = unreadable    # a document that cannot be read as what it is
         self.wrong = wrong              # a descriptor that disagrees with its blob or name
-        self.kinds = kinds              # document digest -> what read_document found
 
 
 @_value_type
@@ -1253,7 +1252,7 @@ class GcReport:
 
 @_value_type
 class VerifyReport:
-    """What ``verify`` found: ``ok`` when nothing is corrupt or missing."""
+    """What ``verify`` found: ``ok`` when nothing is corrupt, missing or wrong."""
 
     checked: int
     corrupt: Tuple[str, ...]          # "<digest> (needed by <names>): <why>"
@@ -1507,7 +1506,6 @@ class Layout:
         owners: Dict[Digest, List[str]] = {}
         problems: Dict[Tuple[str, Digest, str], None] = {}  # (kind, digest, why), ordered
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
-        kinds: Dict[Digest, str] = {}
         for root in roots:
             # Names come from index.json and archives: made safe for one-line messages.
             owner = _shorten(_one_line(root.name)) or str(root.digest)
@@ -1542,8 +1540,6 @@ class Layout:
                     problems[("unreadable", digest, found)] = None
                     continue
                 kind, links = found
-                if kind:
-                    kinds[digest] = kind
                 label = label_problem(descriptor, kind)
                 if label:
                     problems[("wrong", digest, label)] = None
@@ -1559,7 +1555,7 @@ class Layout:
             return tuple(out)
 
         return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
-                          listed("unreadable"), listed("wrong"), kinds)
+                          listed("unreadable"), listed("wrong"))
 
     def _links(self, descriptor: Descriptor
                ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
@@ -4431,8 +4427,9 @@ class Provider(CacheProvider):
         with self.layout.adding_blobs():
             images = _load_archive(stream, self.layout)
             roots = [self.layout.believed(_bounded_entry(image.descriptor)) for image in images]
-            # Sizes and child media types are the archive's word about its blobs: one
-            # that disagrees is refused, as skopeo does; a root's label is corrected.
+            # Sizes and child media types are the archive's word about its blobs (they
+            # are inside its manifests): one that disagrees is refused; a root's label,
+            # which is only index.json's, is corrected.
             wrong = self.layout.reachable(
                 [r.with_annotations(ref_name=None, containerd_name=None) for r in roots]).wrong
             if wrong:
