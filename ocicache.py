@@ -4690,11 +4690,17 @@ class Provider(CacheProvider):
     def _download(self, ref: Reference, blobs: Sequence[Descriptor],
                   recheck: Iterable[Digest] = ()) -> None:
         """Fetch the blobs not yet present, ``jobs`` at a time, largest first; those in
-        ``recheck`` are hashed first, and fetched again if corrupt."""
+        ``recheck`` are hashed first (``jobs`` at a time), and fetched again if corrupt."""
         import concurrent.futures
         suspect = set(recheck)
-        missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size) or
-                   (b.digest in suspect and self.layout.discard_if_corrupt(b.digest))]
+        present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
+        checked = [b.digest for b in present if b.digest in suspect]
+        discarded = set()
+        if checked:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-check") as pool:
+                discarded = {digest for digest, gone in zip(
+                    checked, pool.map(self.layout.discard_if_corrupt, checked)) if gone}
+        missing = [b for b in blobs if b not in present or b.digest in discarded]
         for blob in blobs:
             if blob not in missing:
                 self.layout._touch(blob.digest)
