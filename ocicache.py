@@ -1602,14 +1602,10 @@ class Layout:
                 return False
         except OSError:
             return False  # unreadable here (another user's blob) is not corrupt
-        with contextlib.suppress(FileNotFoundError):
-            now = os.lstat(path)
-            if (now.st_ino, now.st_dev, now.st_mtime_ns) == \
-                    (before.st_ino, before.st_dev, before.st_mtime_ns):
-                os.unlink(path)
-                _log().warning("deleted corrupt blob %s", digest)
-                return True
-        return False
+        if not self.delete_blob(digest, only=before):
+            return False
+        _log().warning("deleted corrupt blob %s", digest)
+        return True
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
            dry_run: bool = False) -> GcReport:
@@ -1645,10 +1641,10 @@ class Layout:
                         unlink()
             return GcReport(tuple(deleted), young, len(marked.digests))
 
-    def _own_files(self, directory: str
-                   ) -> Iterator[Tuple[str, os.stat_result, Callable[[], None]]]:
-        """The regular files of ``directory`` (relative to the cache, each component
-        opened with O_NOFOLLOW): (name, lstat, a function deleting that name there)."""
+    @contextlib.contextmanager
+    def _directory(self, directory: str) -> Iterator[Optional[int]]:
+        """A descriptor of ``directory`` (relative to the cache), each component opened
+        with O_NOFOLLOW; None when it is missing or a symlink, which is never followed."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
         fds: List[int] = []
         try:
@@ -1657,25 +1653,54 @@ class Layout:
                 for part in [p for p in directory.split("/") if p != "."]:
                     fds.append(os.open(part, flags, dir_fd=fds[-1]))
             except (FileNotFoundError, NotADirectoryError):
-                return
+                fds.append(-1)
             except OSError as e:
-                if e.errno == errno.ELOOP:
-                    return  # a symlink where a directory should be: not followed
-                raise
-            fd = fds[-1]
+                if e.errno != errno.ELOOP:
+                    raise
+                fds.append(-1)
+            yield fds[-1] if fds[-1] >= 0 else None
+        finally:
+            for fd in reversed(fds):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _own_files(self, directory: str
+                   ) -> Iterator[Tuple[str, os.stat_result, Callable[[], None]]]:
+        """The regular files of ``directory`` (see ``_directory``): (name, lstat, a
+        function deleting that name there)."""
+        with self._directory(directory) as fd:
+            if fd is None:
+                return
             for entry in os.scandir(fd):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    def unlink(name: str = entry.name) -> None:
+                    def unlink(name: str = entry.name, where: int = fd) -> None:
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(name, dir_fd=fd)
+                            os.unlink(name, dir_fd=where)
                     yield entry.name, st, unlink
-        finally:
-            for fd in reversed(fds):
-                os.close(fd)
+
+    def delete_blob(self, digest: Union[str, Digest],
+                    only: Optional[os.stat_result] = None) -> bool:
+        """Delete the blob's file, a regular file reached without following a symlink
+        (and, given ``only``, that very file); True when it was deleted. rm, clean, gc
+        and repair delete through this, so none can delete outside the cache."""
+        d = Digest.parse(digest)
+        with self._directory(f"blobs/{d.algorithm}") as fd:
+            if fd is None:
+                return False
+            try:
+                st = os.stat(d.hex, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or (only is not None and (
+                        st.st_ino, st.st_dev, st.st_mtime_ns) != (
+                        only.st_ino, only.st_dev, only.st_mtime_ns)):
+                    return False
+                os.unlink(d.hex, dir_fd=fd)
+            except FileNotFoundError:
+                return False
+        return True
 
     def verify(self, repair: bool = False) -> VerifyReport:
         """Re-hash every blob, and check that every name reaches complete content whose
@@ -4170,10 +4195,8 @@ class ContentStore:
             users = self._layout.reachable(self._layout.read_index().manifests).digests
             if d in users:
                 raise OciCacheError(f"blob {d} is used by {users[d]}; remove that name first")
-            try:
-                os.unlink(self._layout.blob_path(d))
-            except FileNotFoundError:
-                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+            if not self._layout.delete_blob(d):
+                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}")
 
 
 @_value_type
@@ -4460,8 +4483,7 @@ class Provider(CacheProvider):
             after = self.layout.reachable(remaining).digests
             deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
             for digest in deleted:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.layout.blob_path(digest))
+                self.layout.delete_blob(digest)
             return deleted
 
     def clean(self) -> int:
@@ -4470,11 +4492,9 @@ class Provider(CacheProvider):
             # Written, not updated: it empties a cache whose index.json cannot be read.
             _write_file_atomically(self.layout.index_path, _EMPTY_INDEX_BYTES)
             count = 0
-            for digest, path, _ in self.layout.blob_files():
-                if digest is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                        count += 1
+            for digest, _, _ in self.layout.blob_files():
+                if digest is not None and self.layout.delete_blob(digest):
+                    count += 1
             return count
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,

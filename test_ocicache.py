@@ -3086,6 +3086,22 @@ class TestBeliefs(CacheTestCase):
             oc.Layout(cache).gc(0)
         self.assertTrue(os.path.exists(victim))
 
+    def test_rm_clean_and_repair_never_delete_through_a_symlinked_directory(self) -> None:
+        image = make_image("linked")
+        self.load_image("example.com/linked:1", image)
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        outside = self.path("outside")
+        shutil.move(blobs, outside)
+        os.symlink(outside, blobs)
+        before = sorted(os.listdir(outside))
+        with open(os.path.join(outside, image.layers[0].digest.split(":")[1]), "r+b") as f:
+            f.write(b"X")  # corrupt, so that repair would want it gone
+        for work in (lambda: self.cache.remove("example.com/linked:1"), self.cache.clean,
+                     lambda: self.cache.gc(0), lambda: self.cache.verify(repair=True)):
+            with contextlib.suppress(oc.OciCacheError):  # refusing such a cache is fine too
+                work()
+            self.assertEqual(sorted(os.listdir(outside)), before)
+
     # -- C. reachability follows the documents, not the labels --------------------------
 
     def test_a_mislabelled_root_keeps_its_blobs_and_verify_says_so(self) -> None:
