@@ -5624,8 +5624,11 @@ def _published(provider: Provider, args: argparse.Namespace,
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(canonical_name(n) for n in args.names))
-    for name in names:
-        provider._find_named(name)  # every name must exist before anything is removed
+    entries = provider.names()
+    for name in names:  # every name must exist before anything is removed; by name only,
+        # so that a name whose pinned digest lies (verify reports it) can be removed
+        if not any(_names_match(e.name, Reference.parse(name)) for e in entries):
+            raise NotFoundError(f"no image named {name} in the cache {provider.root}")
     if args.published_only:
         names = _published(provider, args, names)
     deleted = provider.remove(*names) if names else []

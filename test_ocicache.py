@@ -3035,6 +3035,12 @@ class TestBeliefs(CacheTestCase):
         self.assertEqual(self.cache.find_descriptor(name).digest, real_root.digest)
         self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
         self.assertEqual(self.cache.verify().wrong, ())
+        # A lying name can be removed by its name.
+        self.plant(evil_root, f"example.com/repo:v2@{real.manifest.digest}")
+        result = self.cli("rm", f"example.com/repo:v2@{real.manifest.digest}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(f"example.com/repo:v2@{real.manifest.digest}", self.index_names())
+        self.assertTrue(self.cache.verify().ok)
 
     # -- B. gc deletes only what ocicache (or linuxkit) wrote ---------------------------
 
