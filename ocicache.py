@@ -1029,8 +1029,7 @@ def name_problem(entry: Descriptor) -> str:
     promised = _promised_digest(entry.name)
     if promised is None or promised == entry.digest:
         return ""
-    return (f"the name {_shorten(_one_line(entry.name))} pins {promised}, but its entry "
-            f"is {entry.digest}")
+    return f"the name pins {promised}, but its entry is {entry.digest}"
 
 
 def _is_foreign(descriptor: Descriptor) -> bool:
@@ -1504,14 +1503,21 @@ class Layout:
         ``wrong``. Each problem names the names that need the blob.
         """
         owners: Dict[Digest, List[str]] = {}
-        problems: Dict[Tuple[str, Digest, str], None] = {}  # (kind, digest, why), ordered
+        # (kind, digest, why) -> the names whose walk met it, in the order found
+        problems: Dict[Tuple[str, Digest, str], List[str]] = {}
+
+        def problem(kind: str, digest: Digest, why: str, owner: str) -> None:
+            names = problems.setdefault((kind, digest, why), [])
+            if owner not in names:
+                names.append(owner)
+
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
         for root in roots:
             # Names come from index.json and archives: made safe for one-line messages.
-            owner = _shorten(_one_line(root.name)) or str(root.digest)
+            owner = _shorten(_one_line(root.name), _NAME_SHOWN) or str(root.digest)
             promise = name_problem(root)
             if promise:
-                problems[("wrong", root.digest, promise)] = None
+                problem("wrong", root.digest, promise, owner)
             seen = set()
             stack: List[Tuple[Descriptor, bool, bool]] = [(root, True, True)]
             while stack:
@@ -1519,8 +1525,8 @@ class Layout:
                 digest = descriptor.digest
                 size = self.blob_size(digest)
                 if size is not None and size != descriptor.size:
-                    problems[("wrong", digest, f"a descriptor says {descriptor.size} bytes, "
-                                               f"the blob has {size}")] = None
+                    problem("wrong", digest, f"a descriptor says {descriptor.size} bytes, "
+                                             f"the blob has {size}", owner)
                 if digest in seen:
                     continue
                 seen.add(digest)
@@ -1529,7 +1535,7 @@ class Layout:
                     names.append(owner)
                 if size is None:
                     if required and not _is_foreign(descriptor):
-                        problems[("missing", digest, "")] = None
+                        problem("missing", digest, "", owner)
                     continue
                 if not is_document:
                     continue
@@ -1537,21 +1543,20 @@ class Layout:
                     documents[digest] = self._links(descriptor)
                 found = documents[digest]
                 if isinstance(found, str):
-                    problems[("unreadable", digest, found)] = None
+                    problem("unreadable", digest, found, owner)
                     continue
                 kind, links = found
                 label = label_problem(descriptor, kind)
                 if label:
-                    problems[("wrong", digest, label)] = None
+                    problem("wrong", digest, label, owner)
                 stack.extend(links)
 
         def listed(which: str) -> Tuple[str, ...]:
             out = []
-            for kind, digest, why in problems:
+            for (kind, digest, why), names in problems.items():
                 if kind == which:
-                    names = owners.get(digest, [])
-                    needed = f" (needed by {_names_list(names)})" if names else ""
-                    out.append(f"{digest}{needed}" + (f": {why}" if why else ""))
+                    out.append(f"{digest} (needed by {_names_list(names)})" +
+                               (f": {why}" if why else ""))
             return tuple(out)
 
         return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
@@ -1747,6 +1752,9 @@ class Layout:
             described.append(f"{digest}{needed}: {why}")
         return VerifyReport(checked, tuple(strays + described),
                             marked.missing + marked.unreadable, marked.wrong, tuple(repaired))
+
+
+_NAME_SHOWN = 300  # characters of a name in a message: a whole reference, never megabytes
 
 
 def _names_list(names: Sequence[str], shown: int = 3) -> str:
