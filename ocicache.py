@@ -4523,16 +4523,20 @@ class Provider(CacheProvider):
             return root, root
         index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
         wanted = Platform.parse(architecture)
-        # A child labelled as anything but an image is asked what it is (it may be one).
-        children = [c if c.media_type in IMAGE_MEDIA_TYPES else self.layout.believed(c)
-                    for c in index.manifests]
-        child = select_platform(children, wanted)
+        child = select_platform(self._children(index), wanted)
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
                              if c.platform is not None and not c.is_attestation) or "none"
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
         return root, child
+
+    def _children(self, index: Index) -> List[Descriptor]:
+        """An index's children as platforms are chosen from: one labelled as anything
+        but an image is asked what it is (it may be one); one labelled as an image is
+        read as a manifest when it is used, which checks that label."""
+        return [c if c.media_type in IMAGE_MEDIA_TYPES else self.layout.believed(c)
+                for c in index.manifests]
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -5080,7 +5084,7 @@ class _CacheSource(ImageSource):
         layout = self._provider.layout
         index = Index.from_json(layout.read_blob(root.digest), what=f"index of {self._ref}")
         wanted = Platform.parse(self._architecture)
-        image = select_platform(index.manifests, wanted)
+        image = select_platform(self._provider._children(index), wanted)
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
         attestations = [c for c in index.attestations_for(image.digest)
