@@ -54,7 +54,8 @@ __all__ = [
     "AuthenticationError", "InvalidArchiveError", "InvalidPlatformError", "CorruptCacheError",
     # value types and the pure logic over them
     "Digest", "Reference", "Platform", "Descriptor", "Index", "Manifest",
-    "canonical_name", "select_platform", "merge_index",
+    "canonical_name", "select_platform", "merge_index", "read_document", "label_problem",
+    "name_problem",
     "without_dangling_attestations", "merge_remote_index",
     # the disk
     "Layout", "ContentStore", "ContentInfo", "GcReport", "VerifyReport",
@@ -199,6 +200,10 @@ ALL_PLATFORMS = "all"
 FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM = "oci", "docker", "filesystem"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# index.json is read whole: it may never be written larger than this, and one root
+# entry copied from an archive may take at most _MAX_IMPORTED_ENTRY bytes of it.
+MAX_INDEX_SIZE = 64 * MAX_MANIFEST_SIZE
+_MAX_IMPORTED_ENTRY = 16 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
@@ -615,9 +620,15 @@ class Platform:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Platform":
+        features = data.get("os.features") or ()
+        if not isinstance(features, (list, tuple)) or \
+                not all(isinstance(f, str) for f in features):
+            raise InvalidPlatformError("invalid platform: os.features must be a list of "
+                                       f"strings, not {type(features).__name__} "
+                                       f"{_shorten(_one_line(repr(features)), 40)}")
         return cls(str(data.get("os", "")), str(data.get("architecture", "")),
                    str(data.get("variant", "")), str(data.get("os.version", "")),
-                   tuple(data.get("os.features") or ()))
+                   tuple(features))
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"architecture": self.architecture, "os": self.os}
@@ -935,6 +946,90 @@ class Manifest:
         return [self.config, *self.layers]
 
 
+DOCUMENT_MEDIA_TYPES = INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES
+_SCHEMA1_MEDIA_TYPES = frozenset({MEDIA_DOCKER_SCHEMA1, MEDIA_DOCKER_SCHEMA1_SIGNED})
+
+
+def read_document(data: bytes, label: str,
+                  what: str = "blob") -> Tuple[str, Union[Index, Manifest, None]]:
+    """What a blob in a manifest's place (a root, an index's child, a subject) is,
+    decided by its bytes: ``(media type, parsed index or manifest)``, or ``("", None)``
+    for any other blob (an in-toto statement, an artifact).
+
+    A document's own ``mediaType`` wins (another type than an index's or an image
+    manifest's makes it a leaf of that type); one without it is an index when it lists
+    ``manifests`` and an image manifest when its ``config`` is a descriptor. The label
+    (the descriptor's mediaType) only picks between an OCI and a Docker type of the
+    same kind; a label promising an index or manifest that bytes saying nothing about
+    themselves are not is an error.
+
+    The label is never believed over the bytes: linuxkit's ``cache export --format
+    oci`` labels a single manifest as an index, other tools write
+    ``application/vnd.oci.descriptor.v1+json``. Everything that follows a descriptor
+    to a document (reachability, gc, verify, name resolution, import, export, push)
+    decides through this function, so they cannot disagree; ``label_problem`` says
+    whether the label was right.
+    """
+    try:
+        obj = _parse_json(data, what)
+    except OciCacheError:
+        if label in DOCUMENT_MEDIA_TYPES:
+            raise
+        return "", None
+    declared = obj.get("mediaType", "") if isinstance(obj, dict) else None
+    if not isinstance(declared, str):
+        if label in DOCUMENT_MEDIA_TYPES:
+            raise OciCacheError(f"{what} is labelled {_shorten(_one_line(label))} but is "
+                                "not a JSON object with a string mediaType")
+        return "", None
+    assert isinstance(obj, dict)
+    kind = ""
+    if declared in DOCUMENT_MEDIA_TYPES or declared in _SCHEMA1_MEDIA_TYPES:
+        kind = declared
+    elif not declared and isinstance(obj.get("manifests"), list):
+        kind = label if label in INDEX_MEDIA_TYPES else MEDIA_OCI_INDEX
+    elif not declared and isinstance(obj.get("config"), dict) and "digest" in obj["config"]:
+        kind = label if label in IMAGE_MEDIA_TYPES else MEDIA_OCI_MANIFEST
+    elif not declared and obj.get("schemaVersion") == 1 and "fsLayers" in obj:
+        kind = MEDIA_DOCKER_SCHEMA1
+    if kind in INDEX_MEDIA_TYPES:
+        return kind, Index.from_json(obj, what)
+    if kind:
+        return kind, Manifest.from_json(obj, what)  # schema 1 is refused there
+    if declared:
+        return declared, None  # it says what else it is (an artifact): a leaf
+    if label in DOCUMENT_MEDIA_TYPES:
+        raise OciCacheError(f"{what} is labelled {label} but is neither an image manifest "
+                            "nor an index")
+    return "", None
+
+
+def label_problem(descriptor: Descriptor, media_type: str) -> str:
+    """Why ``descriptor``'s label is wrong for a blob ``read_document`` found to be
+    ``media_type`` ("" when it is right, or when the blob is not a document)."""
+    if not media_type or descriptor.media_type == media_type:
+        return ""
+    label = _shorten(_one_line(descriptor.media_type)) or "(no media type)"
+    return f"is labelled {label} but is {_shorten(_one_line(media_type))}"
+
+
+def _promised_digest(name: str) -> Optional[Digest]:
+    """The digest a root entry's name pins (``repo:tag@sha256:...``), if any."""
+    try:
+        return Reference.parse(name, default_tag="").digest if name else None
+    except (InvalidReferenceError, InvalidDigestError):
+        return None  # linuxkit writes names no reference parses (``...@sha256:...-amd64``)
+
+
+def name_problem(entry: Descriptor) -> str:
+    """Why a root entry breaks its name's promise: a digest in a name is the digest of
+    the entry's content, on every write, lookup and verify ("" when it keeps it)."""
+    promised = _promised_digest(entry.name)
+    if promised is None or promised == entry.digest:
+        return ""
+    return f"the name pins {promised}, but its entry is {entry.digest}"
+
+
 def _is_foreign(descriptor: Descriptor) -> bool:
     return descriptor.media_type in FOREIGN_LAYER_MEDIA_TYPES
 
@@ -1221,25 +1316,27 @@ def _forget_locks_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
-# Every temporary file in the cache is named <final name>.tmp-<suffix>: random hex
-# (mkstemp's letters before), or "partial" for a download that can be resumed. One
-# predicate recognises them, for verify and for gc to remove the stale ones, such as
-# a .index.json.tmp-* that a SIGKILL left.
+# Every temporary file in the cache is named <final name>.tmp-<suffix>: random letters,
+# or "partial" for a download that can be resumed: ``<hex>.tmp-*`` and ``blob.tmp-*`` in
+# blobs, ``.index.json.tmp-*`` and ``.oci-layout.tmp-*`` in the cache. linuxkit's are
+# ggcr's layout.writeBlob (pkg/v1/layout/write.go), ``os.CreateTemp(dir, hex)``: the
+# 64-hex digest, then a random decimal number. One predicate recognises them all, for
+# verify and for gc to remove the stale ones (a crash or a SIGKILL leaves them behind).
 _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
-_TEMPORARY_NAME = re.compile(r"(?:[0-9a-f]+|blob|\.index\.json|\.oci-layout)"
-                             + re.escape(_TEMP_MARK) + r"[A-Za-z0-9_]+")
+_OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
+_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout)\.tmp-[A-Za-z0-9_]+"
+_LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
 
 
-# linuxkit's: go-containerregistry's layout ``writeBlob`` (pkg/v1/layout/write.go) makes
-# them with ``os.CreateTemp(dir, hex)``: the hex digest, then a random decimal number.
-_LINUXKIT_TEMP_NAME = re.compile(r"[0-9a-f]{64}[0-9]{1,10}")
-
-
-def _is_temporary_file(name: str) -> bool:
-    """Whether ``name`` (a file name, no directory) is a blob file being written, by
-    ocicache or by linuxkit (a crash leaves either behind)."""
-    return (_TEMPORARY_NAME.fullmatch(name) is not None
-            or _LINUXKIT_TEMP_NAME.fullmatch(name) is not None)
+def _is_temporary(algorithm: str, name: str) -> bool:
+    """Whether ``name`` in ``blobs/<algorithm>`` (the cache itself for "") is a temporary
+    file ocicache or linuxkit writes."""
+    if not algorithm:
+        return re.fullmatch(_ROOT_TEMPORARY, name) is not None
+    if algorithm == "sha256" and re.fullmatch(_LINUXKIT_TEMPORARY, name):
+        return True
+    return re.fullmatch(_OWN_TEMPORARY, name) is not None and \
+        len(name.partition(".")[0]) in (4, _DIGEST_HEX_LENGTHS.get(algorithm, 0))
 
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -1375,11 +1472,15 @@ class _PendingBlob:
 
 
 class _Reachable:
-    def __init__(self, digests: Mapping[Digest, str], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...]) -> None:
-        self.digests = digests          # digest -> the name that reaches it
-        self.missing = missing
-        self.unreadable = unreadable
+    """What a walk from some root entries found (see ``Layout.reachable``)."""
+
+    def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
+                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...]) -> None:
+        self.owners = owners            # digest -> the names that reach it
+        self.digests = {d: names[0] for d, names in owners.items()}
+        self.missing = missing          # needed and absent
+        self.unreadable = unreadable    # a document that cannot be read as what it is
+        self.wrong = wrong              # a descriptor that disagrees with its blob or name
 
 
 @_value_type
@@ -1397,15 +1498,18 @@ class GcReport:
 
 @_value_type
 class VerifyReport:
-    """What ``verify`` found: ``ok`` when nothing is corrupt or missing."""
+    """What ``verify`` found: ``ok`` when nothing is corrupt, missing or wrong."""
 
     checked: int
-    corrupt: Tuple[str, ...]          # "<digest>: <why>"
-    missing: Tuple[str, ...]          # "<digest> (needed by <name>)"
+    corrupt: Tuple[str, ...]          # "<digest> (needed by <names>): <why>"
+    missing: Tuple[str, ...]          # "<digest> (needed by <names>)"
+    wrong: Tuple[str, ...] = ()       # "<digest> (needed by <names>): <why>": a size, media
+                                      # type or pinned digest disagrees with the content
+    repaired: Tuple[str, ...] = ()    # corrupt blobs deleted by verify(repair=True)
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.wrong
 
 
 class Layout:
@@ -1711,13 +1815,10 @@ class Layout:
             os.utime(self.blob_path(digest), follow_symlinks=False)
 
     def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
-        """Every file under ``blobs/``: (digest or None for temporary files, path, stat)."""
-        blobs = os.path.join(self.root, "blobs")
-        with contextlib.suppress(FileNotFoundError):
-            for algorithm in sorted(os.listdir(blobs)):
-                directory = os.path.join(blobs, algorithm)
-                if algorithm not in _DIGEST_HEX_LENGTHS or not os.path.isdir(directory):
-                    continue
+        """Every entry of each ``blobs/<alg>`` directory (never through a symlinked
+        directory): (its digest, or None for other names, path, lstat)."""
+        for algorithm, directory in self._blob_directories():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 for entry in os.scandir(directory):
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -1728,6 +1829,22 @@ class Layout:
                     except InvalidDigestError:
                         digest = None
                     yield digest, entry.path, st
+
+    def _blob_directories(self) -> List[Tuple[str, str]]:
+        """(algorithm, path) of each ``blobs/<alg>`` that is a real directory."""
+        found = []
+        for path in (self.blobs_dir, *(os.path.join(self.blobs_dir, a)
+                                       for a in sorted(_DIGEST_HEX_LENGTHS))):
+            try:
+                is_directory = stat.S_ISDIR(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                is_directory = False
+            if path == self.blobs_dir:
+                if not is_directory:
+                    return []
+            elif is_directory:
+                found.append((os.path.basename(path), path))
+        return found
 
     # -- index.json -------------------------------------------------------------------
 
@@ -1744,9 +1861,12 @@ class Layout:
     def _read_index(self) -> Index:
         try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
-                data = f.read(64 * MAX_MANIFEST_SIZE)
+                data = f.read(MAX_INDEX_SIZE + 1)
         except FileNotFoundError:
             raise CorruptCacheError(f"{self.index_path} is missing") from None
+        if len(data) > MAX_INDEX_SIZE:
+            raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
+                                    "more than ocicache reads; 'ocicache clean' empties it")
         try:
             return Index.from_json(data, what=self.index_path)
         except OciCacheError as e:
@@ -1765,76 +1885,177 @@ class Layout:
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
                                       media_type=index.media_type or MEDIA_OCI_INDEX)
-            data = _json_bytes(new.to_json(), indent=_INDEX_INDENT)
-            with self._root_directory() as directory:
+            self.replace_index(_json_bytes(new.to_json(), indent=_INDEX_INDENT), on_full)
+
+    def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
+        """Replace index.json with ``data`` under the lock, without reading it (``clean``
+        empties a cache whose index.json cannot be read); ``on_full`` as in update_index."""
+        with self.lock(), self._root_directory() as directory:
+            try:
+                _write_file_atomically(directory, "index.json", data)
+            except OSError as e:
+                if on_full is None or e.errno not in _FULL_ERRNOS:
+                    raise _disk_error(self.index_path, e, _CACHE_FULL) from None
+                on_full()
                 try:
                     _write_file_atomically(directory, "index.json", data)
-                except OSError as e:
-                    if on_full is None or e.errno not in _FULL_ERRNOS:
-                        raise _disk_error(self.index_path, e, _CACHE_FULL) from None
-                    on_full()
-                    try:
-                        _write_file_atomically(directory, "index.json", data)
-                    except OSError as again:
-                        raise _disk_error(self.index_path, again, _CACHE_FULL) from None
+                except OSError as again:
+                    raise _disk_error(self.index_path, again, _CACHE_FULL) from None
 
     # -- reachability, gc, verify -----------------------------------------------------
 
-    def parse_blob(self, descriptor: Descriptor) -> Union[Index, Manifest, None]:
-        """The index or manifest a descriptor points at; None for other blobs."""
-        if descriptor.media_type and descriptor.media_type not in (
-                INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES):
+    def blob_size(self, digest: Union[str, Digest]) -> Optional[int]:
+        """The size of the blob's file; None when there is no regular file of that name."""
+        try:
+            st = os.lstat(self.blob_path(digest))
+        except FileNotFoundError:
             return None
-        what = f"blob {descriptor.digest}"
-        obj = _load_json_object(self.read_blob(descriptor.digest), what)
-        media_type = obj.get("mediaType") or descriptor.media_type
-        if not isinstance(media_type, str):
-            raise OciCacheError(f"{what}: mediaType is not a string")
-        if media_type in INDEX_MEDIA_TYPES or (not media_type and "manifests" in obj):
-            return Index.from_json(obj, what)
-        if media_type in IMAGE_MEDIA_TYPES or (not media_type and "config" in obj):
-            return Manifest.from_json(obj, what)
-        return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def document(self, descriptor: Descriptor) -> Tuple[str, Union[Index, Manifest, None]]:
+        """What the blob of a descriptor in a manifest's place is (``read_document``)."""
+        if descriptor.media_type not in DOCUMENT_MEDIA_TYPES:
+            size = self.blob_size(descriptor.digest)
+            if size is None or size > MAX_MANIFEST_SIZE:
+                return "", None  # too big for any manifest: a plain blob, as labelled
+        return read_document(self.read_blob(descriptor.digest), descriptor.media_type,
+                             f"blob {descriptor.digest}")
+
+    def believed(self, entry: Descriptor) -> Descriptor:
+        """``entry`` with the media type its blob has (``read_document``); unchanged when
+        the label is right or the blob cannot be read."""
+        try:
+            kind, _ = self.document(entry)
+        except OciCacheError:
+            return entry
+        return _replace(entry, media_type=kind) if kind and kind != entry.media_type else entry
 
     def reachable(self, roots: Iterable[Descriptor]) -> "_Reachable":
-        """Digests reachable from ``roots`` (with the name that reaches each), and problems.
+        """Everything ``roots`` reach, following the documents (``read_document``), never
+        the labels: for each digest the names that reach it, and every problem.
 
         A missing root, or a present manifest whose config or layers are missing, is
-        ``missing``; a missing child of an index is not (pulls fetch one platform).
-        A blob that cannot be parsed as the manifest or index it should be is
-        ``unreadable``.
+        ``missing``; a missing child of an index is not (pulls fetch one platform). A
+        document that cannot be read is ``unreadable``. A descriptor whose size or label
+        disagrees with its blob, and a name pinning another digest than its entry's, are
+        ``wrong``. Each problem names the names that need the blob.
         """
-        seen: Dict[Digest, str] = {}
-        missing: List[str] = []
-        unreadable: List[str] = []
-        # Names come from index.json and archives: made safe for the one-line messages.
-        stack = [(root, _shorten(_one_line(root.name)) or str(root.digest), True)
-                 for root in roots]
-        while stack:
-            descriptor, owner, required = stack.pop()
-            if descriptor.digest in seen:
-                continue
-            seen[descriptor.digest] = owner
-            if not self.has_blob(descriptor.digest):
-                if required and not _is_foreign(descriptor):
-                    missing.append(f"{descriptor.digest} (needed by {owner})")
-                continue
-            try:
-                parsed = self.parse_blob(descriptor)
-            except OciCacheError as e:
-                unreadable.append(f"{descriptor.digest} (needed by {owner}): {e}")
-                continue
-            if isinstance(parsed, Index):
-                stack.extend((child, owner, False) for child in parsed.manifests)
-            elif isinstance(parsed, Manifest):
-                stack.extend((blob, owner, True) for blob in parsed.blobs())
-                if parsed.subject is not None:
-                    stack.append((parsed.subject, owner, False))
-        return _Reachable(seen, tuple(missing), tuple(unreadable))
+        owners: Dict[Digest, List[str]] = {}
+        # (kind, digest, why) -> the names whose walk met it, in the order found
+        problems: Dict[Tuple[str, Digest, str], List[str]] = {}
+
+        def problem(kind: str, digest: Digest, why: str, owner: str) -> None:
+            names = problems.setdefault((kind, digest, why), [])
+            if owner not in names:
+                names.append(owner)
+
+        documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
+        for root in roots:
+            # Names come from index.json and archives: made safe for one-line messages.
+            owner = _shorten(_one_line(root.name), _NAME_SHOWN) or str(root.digest)
+            promise = name_problem(root)
+            if promise:
+                problem("wrong", root.digest, promise, owner)
+            seen = set()
+            stack: List[Tuple[Descriptor, bool, bool]] = [(root, True, True)]
+            while stack:
+                descriptor, required, is_document = stack.pop()
+                digest = descriptor.digest
+                size = self.blob_size(digest)
+                if size is not None and size != descriptor.size:
+                    problem("wrong", digest, f"a descriptor says {descriptor.size} bytes, "
+                                             f"the blob has {size}", owner)
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                names = owners.setdefault(digest, [])
+                if owner not in names:
+                    names.append(owner)
+                if size is None:
+                    if required and not _is_foreign(descriptor):
+                        problem("missing", digest, "", owner)
+                    continue
+                if not is_document:
+                    continue
+                if digest not in documents:
+                    documents[digest] = self._links(descriptor)
+                found = documents[digest]
+                if isinstance(found, str):
+                    problem("unreadable", digest, found, owner)
+                    continue
+                kind, links = found
+                label = label_problem(descriptor, kind)
+                if label:
+                    problem("wrong", digest, label, owner)
+                stack.extend(links)
+
+        def listed(which: str) -> Tuple[str, ...]:
+            out = []
+            for (kind, digest, why), names in problems.items():
+                if kind == which:
+                    out.append(f"{digest} (needed by {_names_list(names)})" +
+                               (f": {why}" if why else ""))
+            return tuple(out)
+
+        return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
+                          listed("unreadable"), listed("wrong"))
+
+    def _links(self, descriptor: Descriptor
+               ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
+        """A document's kind and what it links to, as (descriptor, required, document);
+        or why it cannot be read."""
+        try:
+            kind, parsed = self.document(descriptor)
+        except OciCacheError as e:
+            return str(e)
+        if isinstance(parsed, Index):
+            return kind, [(child, False, True) for child in parsed.manifests]
+        if isinstance(parsed, Manifest):
+            links = [(blob, True, False) for blob in parsed.blobs()]
+            if parsed.subject is not None:
+                links.append((parsed.subject, False, True))
+            return kind, links
+        return kind, []
+
+    def blob_problem(self, digest: Digest) -> str:
+        """Why the blob's file does not hold its digest's bytes ("" when it does, or when
+        it is gone); OSError when it cannot be read."""
+        try:
+            with self.open_blob(digest) as f:
+                hasher = digest.hasher()
+                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return ""
+        if hasher.hexdigest() != digest.hex:
+            return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
+        return ""
+
+    def discard_if_corrupt(self, digest: Digest) -> bool:
+        """Delete the blob when its bytes do not hash to its name, so that the next pull
+        fetches it again; True when it was deleted. Only the file that was checked is
+        deleted, never one a concurrent write has just put in its place."""
+        path = self.blob_path(digest)
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        try:
+            if not stat.S_ISREG(before.st_mode) or not self.blob_problem(digest):
+                return False
+        except OSError:
+            return False  # unreadable here (another user's blob) is not corrupt
+        if not self.delete_blob(digest, only=before):
+            return False
+        _log().warning("deleted corrupt blob %s", digest)
+        return True
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
            dry_run: bool = False) -> GcReport:
-        """Delete blobs no name reaches, and stale temporary files, older than the grace."""
+        """Delete what ocicache (or linuxkit) wrote and nothing needs, once older than the
+        grace period: blobs named by a valid digest that no name reaches, and temporary
+        files. Any other file is left alone, and no directory is followed through a
+        symlink (files are deleted relative to a directory opened with O_NOFOLLOW)."""
         with self.deleting_blobs(), self.lock():
             marked = self.reachable(self.read_index().manifests)
             if marked.unreadable:
@@ -1843,40 +2064,152 @@ class Layout:
             deadline = time.time() - grace_seconds
             deleted: List[Tuple[str, int]] = []
             young = 0
-            for digest, path, st in self.blob_files():
-                if digest is not None and digest in marked.digests:
-                    continue
-                if st.st_mtime > deadline:
-                    young += 1
-                    continue
-                deleted.append((str(digest) if digest else os.path.basename(path), st.st_size))
-                if not dry_run:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            places = [(".", ""), *((f"blobs/{a}", a) for a in sorted(_DIGEST_HEX_LENGTHS))]
+            for directory, algorithm in places:
+                for name, st, unlink in self._own_files(directory):
+                    digest = _digest_or_none(algorithm, name) if algorithm else None
+                    if digest is not None:
+                        if digest in marked.digests:
+                            continue
+                        label = str(digest)
+                    elif _is_temporary(algorithm, name):
+                        label = name
+                    else:
+                        continue  # not ocicache's: never deleted
+                    if st.st_mtime > deadline:
+                        young += 1
+                        continue
+                    deleted.append((label, st.st_size))
+                    if not dry_run:
+                        unlink()
             return GcReport(tuple(deleted), young, len(marked.digests))
 
-    def verify(self) -> VerifyReport:
-        """Re-hash every blob and check that every name reaches complete content."""
-        corrupt: List[str] = []
+    @contextlib.contextmanager
+    def _directory(self, directory: str) -> Iterator[Optional[int]]:
+        """A descriptor of ``directory`` (relative to the cache), each component opened
+        with O_NOFOLLOW; None when it is missing or a symlink, which is never followed."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fds: List[int] = []
+        try:
+            try:
+                fds.append(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                for part in [p for p in directory.split("/") if p != "."]:
+                    fds.append(os.open(part, flags, dir_fd=fds[-1]))
+            except (FileNotFoundError, NotADirectoryError):
+                fds.append(-1)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                fds.append(-1)
+            yield fds[-1] if fds[-1] >= 0 else None
+        finally:
+            for fd in reversed(fds):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _own_files(self, directory: str
+                   ) -> Iterator[Tuple[str, os.stat_result, Callable[[], None]]]:
+        """The regular files of ``directory`` (see ``_directory``): (name, lstat, a
+        function deleting that name there)."""
+        with self._directory(directory) as fd:
+            if fd is None:
+                return
+            for entry in os.scandir(fd):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    def unlink(name: str = entry.name, where: int = fd) -> None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=where)
+                    yield entry.name, st, unlink
+
+    def delete_blob(self, digest: Union[str, Digest],
+                    only: Optional[os.stat_result] = None) -> bool:
+        """Delete the blob's file, a regular file reached without following a symlink
+        (and, given ``only``, that very file); True when it was deleted. rm, clean, gc
+        and repair delete through this, so none can delete outside the cache."""
+        d = Digest.parse(digest)
+        with self._directory(f"blobs/{d.algorithm}") as fd:
+            if fd is None:
+                return False
+            try:
+                st = os.stat(d.hex, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or (only is not None and (
+                        st.st_ino, st.st_dev, st.st_mtime_ns) != (
+                        only.st_ino, only.st_dev, only.st_mtime_ns)):
+                    return False
+                os.unlink(d.hex, dir_fd=fd)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Re-hash every blob, and check that every name reaches complete content whose
+        descriptors (sizes, media types, pinned digests) agree with it. Each problem
+        names the images that need the blob. With ``repair``, corrupt blobs are
+        deleted, so that the next pull of an image needing one fetches it again.
+
+        Consistent beside concurrent pulls and removals: the names are followed while
+        holding the lock that deleting blobs takes exclusively, so a name read from
+        index.json cannot lose its blobs while they are looked at."""
+        corrupt: Dict[Digest, str] = {}
+        strays: List[str] = []
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if not _is_temporary_file(os.path.basename(path)):
-                    corrupt.append(f"{path}: not named by a valid digest")
+                name = os.path.basename(path)
+                if not _is_temporary(os.path.basename(os.path.dirname(path)), name):
+                    strays.append(f"{_printable(path)}: not named by a valid digest")
                 continue
-            checked += 1
             if not stat.S_ISREG(st.st_mode):
-                corrupt.append(f"{digest}: not a regular file")
+                corrupt[digest] = "not a regular file"
                 continue
-            hasher = digest.hasher()
-            with self.open_blob(digest) as f:
-                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != digest.hex:
-                corrupt.append(f"{digest}: content hashes to {digest.algorithm}:"
-                               f"{hasher.hexdigest()}")
-        marked = self.reachable(self.read_index().manifests)
-        return VerifyReport(checked, tuple(corrupt), marked.missing + marked.unreadable)
+            try:
+                problem = self.blob_problem(digest)
+            except OSError as e:
+                strays.append(f"{digest}: cannot be read ({e.strerror or e})")
+                continue
+            if os.path.lexists(path):  # one deleted meanwhile was not checked
+                checked += 1
+            if problem:
+                corrupt[digest] = problem
+        with self.adding_blobs():
+            marked = self.reachable(self.read_index().manifests)
+        repaired: List[str] = []
+        if repair and corrupt:
+            with self.deleting_blobs():
+                for digest in corrupt:
+                    if self.discard_if_corrupt(digest):
+                        repaired.append(str(digest))
+        described = []
+        for digest, why in corrupt.items():
+            names = marked.owners.get(digest, ())
+            needed = f" (needed by {_names_list(names)})" if names else " (no name uses it)"
+            described.append(f"{digest}{needed}: {why}")
+        return VerifyReport(checked, tuple(strays + described),
+                            marked.missing + marked.unreadable, marked.wrong, tuple(repaired))
+
+
+_NAME_SHOWN = 300  # characters of a name in a message: a whole reference, never megabytes
+
+
+def _names_list(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _digest_or_none(algorithm: str, name: str) -> Optional[Digest]:
+    try:
+        return Digest(algorithm, name)
+    except InvalidDigestError:
+        return None
+
+
+def _printable(text: str) -> str:
+    """A file name (which may hold any bytes) safe for one line of any terminal."""
+    return _one_line(text.encode(errors="surrogateescape").decode(errors="backslashreplace"))
 
 
 # =====================================================================================
@@ -4122,7 +4455,26 @@ class _TarWriter:
             if info.size != descriptor.size:
                 raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
                                         f"{descriptor.size}; run 'ocicache verify'")
-            self.add(info, blob)
+            # The digest is checked by a second reader hashing beside the copy (which
+            # may bypass Python with sendfile): a corrupt blob fails the export.
+            problem: List[str] = []
+
+            def check() -> None:
+                try:
+                    problem.append(layout.blob_problem(descriptor.digest))
+                except OSError as e:
+                    problem.append(f"it cannot be read: {e.strerror or e}")
+
+            hashing = threading.Thread(target=check, name="ocicache-export-hash")
+            hashing.start()
+            try:
+                self.add(info, blob)
+            finally:
+                hashing.join()
+            if problem and problem[0]:
+                raise CorruptCacheError(f"blob {descriptor.digest} is corrupt ({problem[0]}); "
+                                        "run 'ocicache verify --repair', then pull the "
+                                        "image again")
 
     def close(self) -> None:
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
@@ -4545,6 +4897,22 @@ def _as_descriptor(value: DescriptorLike) -> Descriptor:
     return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
 
 
+def _bounded_entry(descriptor: Descriptor) -> Descriptor:
+    """A root entry from an archive, within what index.json may spend on one: beyond
+    ``_MAX_IMPORTED_ENTRY`` bytes, only media type, digest, size (and the platform, if
+    small) are kept, so that imports can never grow index.json past what is read back."""
+    if len(_json_bytes(descriptor.to_json())) <= _MAX_IMPORTED_ENTRY:
+        return descriptor
+    slim = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size,
+                      platform=descriptor.platform)
+    if len(_json_bytes(slim.to_json())) > _MAX_IMPORTED_ENTRY:
+        slim = _replace(slim, platform=None)
+    _log().warning("the archive's entry for %s carries more than %d bytes of annotations "
+                   "and other fields; they are not copied into index.json",
+                   descriptor.digest, _MAX_IMPORTED_ENTRY)
+    return slim
+
+
 def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
     if not stored:
@@ -4638,10 +5006,8 @@ class ContentStore:
             users = self._layout.reachable(self._layout.read_index().manifests).digests
             if d in users:
                 raise OciCacheError(f"blob {d} is used by {users[d]}; remove that name first")
-            try:
-                os.unlink(self._layout.blob_path(d))
-            except FileNotFoundError:
-                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+            if not self._layout.delete_blob(d):
+                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}")
 
 
 @_value_type
@@ -4795,31 +5161,35 @@ class Provider(CacheProvider):
     # -- names ------------------------------------------------------------------------
 
     def find_descriptor(self, ref: RefLike) -> Optional[Descriptor]:
-        """The root entry for ``ref``: by digest if it has one, else by name; or None."""
+        """The root entry for ``ref``, or None: for a reference with a digest, an entry of
+        that digest (the one of that name first); else the entry of that name. Its
+        media type is what its blob is (``read_document``), whatever index.json says."""
         wanted = Reference.parse(ref)
         entries = self.layout.read_index().manifests
         if wanted.digest is not None:
-            return next((e for e in entries if e.digest == wanted.digest), None)
-        return next((e for e in entries if _names_match(e.name, wanted)), None)
+            # A digest is a promise: an entry whose name pins it but whose content is
+            # another digest is never the answer.
+            pinned = [e for e in entries if e.digest == wanted.digest]
+            found = next((e for e in pinned if _names_match(e.name, wanted)),
+                         pinned[0] if pinned else None)
+        else:
+            found = next((e for e in entries if _names_match(e.name, wanted)), None)
+        return self.layout.believed(found) if found is not None else None
 
     def _find_named(self, ref: RefLike) -> Descriptor:
-        entries = self.layout.read_index().manifests
         try:
-            wanted = Reference.parse(ref)
+            found = self.find_descriptor(ref)
         except InvalidReferenceError:
+            # Not a reference, but perhaps a name linuxkit stored (see _name_predicate).
             matches = _name_predicate(ref)
-            stored = next((e for e in entries if matches(e.name)), None)
-            if stored is None:
+            found = next((e for e in self.layout.read_index().manifests if matches(e.name)),
+                         None)
+            if found is None:
                 raise
-            return stored
-        for entry in entries:
-            if _names_match(entry.name, wanted):
-                return entry
-        if wanted.digest is not None:
-            for entry in entries:
-                if entry.digest == wanted.digest:
-                    return entry
-        raise NotFoundError(f"no image named {wanted} in the cache {self.root}")
+            return self.layout.believed(found)
+        if found is None:
+            raise NotFoundError(f"no image named {Reference.parse(ref)} in the cache {self.root}")
+        return found
 
     def names(self) -> List[Descriptor]:
         """Every named root entry, in index order."""
@@ -4832,26 +5202,41 @@ class Provider(CacheProvider):
         self._write_names([(name, named)])
         return self.new_source(name, "", named)
 
-    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> None:
-        """One index update naming every entry; refuses if any needs a missing blob."""
+    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> List[Descriptor]:
+        """One index update naming every entry, each labelled with the media type its
+        blob has; refuses if any needs a missing blob, or a descriptor (size, media
+        type of a child, a digest the name pins) disagrees with its content. Returns
+        the entries written."""
         with self.layout.lock():
+            entries = [(name, self.layout.believed(d)) for name, d in entries]
             marked = self.layout.reachable([d for _, d in entries])
             problems = marked.missing + marked.unreadable
             if problems:
                 raise NotFoundError(f"cannot name {entries[0][0]}: blob {problems[0]} "
                                     f"is not in the cache {self.root}")
+            if marked.wrong:
+                raise CorruptCacheError(f"cannot name {_shorten(entries[0][0])}: "
+                                        f"{marked.wrong[0]}")
             wanted = [Reference.parse(name) for name, _ in entries]
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
                 kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                return kept + [_keep_spelling(manifests, name, d) for name, d in entries]
+                new = kept + [_keep_spelling(manifests, name, d) for name, d in entries]
+                size = len(_json_bytes(Index(MEDIA_OCI_INDEX, tuple(new)).to_json(),
+                                       indent=_INDEX_INDENT))
+                if size > MAX_INDEX_SIZE:
+                    raise OciCacheError(f"cannot name {_shorten(entries[0][0])}: index.json "
+                                        f"would grow to {size} bytes, past the "
+                                        f"{MAX_INDEX_SIZE} ocicache reads; remove names first")
+                return new
 
             self.layout.update_index(change)
+            return [d for _, d in entries]
 
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
         """Create, or merge into, the multi-platform index named ``ref``."""
         name = str(Reference.parse(ref))
-        incoming = [_as_descriptor(d) for d in descriptors]
+        incoming = [self.layout.believed(_as_descriptor(d)) for d in descriptors]
         if not incoming:
             raise OciCacheError(f"cannot create index {name} without any manifests")
         for descriptor in incoming:
@@ -4890,13 +5275,21 @@ class Provider(CacheProvider):
             images = _load_archive(stream, self.layout)
             if name:
                 images = _name_image(images, Reference.parse(name))
-            named = [(image_name, image.descriptor.named(image_name))
-                     for image in images for image_name in image.names]
-            if named:
-                self._write_names(named)
-        unnamed = [i.descriptor.with_annotations(ref_name=None, containerd_name=None)
-                   for i in images if not i.names]
-        return [d for _, d in named] + unnamed
+            roots = [self.layout.believed(_bounded_entry(image.descriptor)) for image in images]
+            # Sizes and child media types are the archive's word about its blobs (they
+            # are inside its manifests): one that disagrees is refused; a root's label,
+            # which is only index.json's, is corrected.
+            wrong = self.layout.reachable(
+                [r.with_annotations(ref_name=None, containerd_name=None) for r in roots]).wrong
+            if wrong:
+                raise InvalidArchiveError(f"archive's descriptor disagrees with its blob: "
+                                          f"{wrong[0]}")
+            named = [(image_name, root.named(image_name))
+                     for image, root in zip(images, roots) for image_name in image.names]
+            written = self._write_names(named) if named else []
+        unnamed = [root.with_annotations(ref_name=None, containerd_name=None)
+                   for image, root in zip(images, roots) if not image.names]
+        return written + unnamed
 
     def remove(self, *refs: RefLike) -> List[Digest]:
         """Remove names, and the blobs no other name reaches; returns those blobs.
@@ -4918,8 +5311,7 @@ class Provider(CacheProvider):
 
             def delete() -> None:
                 for digest in deleted:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.layout.blob_path(digest))
+                    self.layout.delete_blob(digest)
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
@@ -4934,13 +5326,12 @@ class Provider(CacheProvider):
 
             def delete() -> None:
                 nonlocal count
-                for digest, path, info in self.layout.blob_files():
-                    if digest is not None and not stat.S_ISDIR(info.st_mode):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-                            count += 1
+                for digest, _, _ in self.layout.blob_files():
+                    if digest is not None and self.layout.delete_blob(digest):
+                        count += 1
 
-            self.layout.update_index(lambda _: [], on_full=delete)  # see remove()
+            # Written, not updated: it empties a cache whose index.json cannot be read.
+            self.layout.replace_index(_EMPTY_INDEX_BYTES, on_full=delete)  # see remove()
             delete()
             return count
 
@@ -4948,8 +5339,8 @@ class Provider(CacheProvider):
            dry_run: bool = False) -> GcReport:
         return self.layout.gc(grace_seconds, dry_run)
 
-    def verify(self) -> VerifyReport:
-        return self.layout.verify()
+    def verify(self, repair: bool = False) -> VerifyReport:
+        return self.layout.verify(repair)
 
     # -- images -----------------------------------------------------------------------
 
@@ -4962,7 +5353,7 @@ class Provider(CacheProvider):
             return root, root
         index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
         wanted = Platform.parse(architecture)
-        child = select_platform(index.manifests, wanted) or \
+        child = select_platform(self._children(index), wanted) or \
             self._select_unlabelled(index, wanted, explicit=bool(architecture))
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
@@ -5002,6 +5393,12 @@ class Provider(CacheProvider):
             except OciCacheError:
                 continue  # not an image config (an artifact) or not in the cache
         return labelled
+    def _children(self, index: Index) -> List[Descriptor]:
+        """An index's children as platforms are chosen from: one labelled as anything
+        but an image is asked what it is (it may be one); one labelled as an image is
+        read as a manifest when it is used, which checks that label."""
+        return [c if c.media_type in IMAGE_MEDIA_TYPES else self.layout.believed(c)
+                for c in index.manifests]
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -5026,6 +5423,7 @@ class Provider(CacheProvider):
         try:
             root, image = self.resolve(ref, str(Platform.parse(architecture)))
             manifest = self.manifest(image)
+            self.layout.read_blob(manifest.config.digest)  # small: its digest is checked too
         except (NotFoundError, CorruptCacheError):
             return None
         complete = all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
@@ -5035,7 +5433,7 @@ class Provider(CacheProvider):
     def summaries(self) -> List[ImageSummary]:
         """Every name with the platforms complete in the cache and its size on disk."""
         out = []
-        for entry in self.names():
+        for entry in map(self.layout.believed, self.names()):
             reachable = self.layout.reachable([entry]).digests
             size = sum(os.path.getsize(self.layout.blob_path(d)) for d in reachable
                        if self.layout.has_blob(d))
@@ -5053,7 +5451,10 @@ class Provider(CacheProvider):
                 config = _load_json_object(
                     self.layout.read_blob(self.manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
-        except OciCacheError:
+        except NotFoundError:
+            return []
+        except OciCacheError as e:
+            _log().warning("%s: %s", _printable(root.name), _one_line(str(e)))
             return []
         complete = []
         for child in images:
@@ -5086,8 +5487,9 @@ class Provider(CacheProvider):
 
         An image already complete makes no request unless ``always_pull``. Only the
         platform's child (and its attestations) is downloaded from an index, only
-        missing blobs, each verified; the name is written last, on the part of the index
-        the cache holds (``_root_to_name``). A digest reference is pulled whole.
+        blobs missing or failing their digest check, each verified; the name is written
+        last, on the part of the index the cache holds (``_root_to_name``). A digest
+        reference is pulled whole.
         """
         wanted = Reference.parse(ref)
         name = str(wanted)
@@ -5111,8 +5513,12 @@ class Provider(CacheProvider):
                     if not _is_foreign(blob):
                         blobs.setdefault(blob.digest, blob)
             self.progress.begin(name, list(blobs.values()))
-            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size))
+            # Every blob this pull relies on is checked, and fetched again if corrupt: a
+            # pull that asks the registry anyway (always_pull, or an incomplete image)
+            # must not keep a damaged blob another name already had.
+            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
             for descriptor, data, _ in manifests:
+                self.layout.discard_if_corrupt(descriptor.digest)
                 self.layout.write_blob_bytes(data, descriptor.digest)
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
@@ -5149,6 +5555,7 @@ class Provider(CacheProvider):
                 annotations = {**index.annotations, _ANNOTATION_SUBSET_OF: str(root.digest)}
                 part = _replace(index, manifests=kept, annotations=annotations).to_bytes()
                 return Descriptor(root.media_type, self.layout.write_blob_bytes(part), len(part))
+        self.layout.discard_if_corrupt(root.digest)
         self.layout.write_blob_bytes(data, root.digest)
         return root
 
@@ -5204,7 +5611,8 @@ class Provider(CacheProvider):
                     child_data, what=f"manifest {child.digest} of {ref}")))
             return fetched, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
-        if self.layout.has_blob(manifest.config.digest, manifest.config.size):
+        if self.layout.has_blob(manifest.config.digest, manifest.config.size) and \
+                not self.layout.discard_if_corrupt(manifest.config.digest):
             config_data = self.layout.read_blob(manifest.config.digest)
         else:
             config_data = self.registry.get_blob_bytes(ref, manifest.config)
@@ -5254,10 +5662,20 @@ class Provider(CacheProvider):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
         return plan, list(loose.values())
 
-    def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
-        """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
+    def _download(self, ref: Reference, blobs: Sequence[Descriptor],
+                  recheck: Iterable[Digest] = ()) -> None:
+        """Fetch the blobs not yet present, ``jobs`` at a time, largest first; those in
+        ``recheck`` are hashed first (``jobs`` at a time), and fetched again if corrupt."""
         import concurrent.futures
-        missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size)]
+        suspect = set(recheck)
+        present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
+        checked = [b.digest for b in present if b.digest in suspect]
+        discarded = set()
+        if checked:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-check") as pool:
+                discarded = {digest for digest, gone in zip(
+                    checked, pool.map(self.layout.discard_if_corrupt, checked)) if gone}
+        missing = [b for b in blobs if b not in present or b.digest in discarded]
         for blob in blobs:
             if blob not in missing:
                 self.layout._touch(blob.digest)
@@ -5378,14 +5796,14 @@ class Provider(CacheProvider):
                                     remote.tag, child.platform.architecture)
                     self.registry.put_manifest(endpoint, f"{remote.tag}-{suffix}",
                                                self.layout.read_blob(child.digest),
-                                               child.media_type)
+                                               self.layout.believed(child).media_type)
 
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
         """Upload the blobs of each manifest, then the manifests by digest."""
         import concurrent.futures
         parsed = []
-        for descriptor in manifests:
+        for descriptor in map(self.layout.believed, manifests):  # sent as what they are
             if not self.layout.has_blob(descriptor.digest):
                 raise NotFoundError(
                     f"cannot push {local}: {descriptor.platform or 'a child'} "
@@ -5481,7 +5899,66 @@ class _CacheSource(ImageSource):
             if layer.media_type.endswith("+zstd"):  # only flattening decompresses
                 _zstd_decoder(f"layer {layer.digest} of {self._ref}")
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
-        return lambda out: _Flattener(openers, out).run()
+
+        layers = list({layer.digest: layer for layer in manifest.layers})
+
+        def produce(out: BinaryIO) -> None:
+            # A layer whose content carries no check of its own (uncompressed, zstd) has
+            # its digest checked by a second reader beside the flattening, so a corrupt
+            # one that still reads as a tar fails the export too. A gzip layer's CRC-32
+            # covers every byte it inflates to, what this export writes, and a failed
+            # read is traced to its blob below: hashing it as well would cost a full
+            # sha256 pass of the most common layers for nothing.
+            problems: Dict[Digest, str] = {}
+
+            def problem_of(digest: Digest) -> str:
+                try:
+                    return layout.blob_problem(digest)
+                except OSError as e:
+                    return f"it cannot be read: {e.strerror or e}"
+
+            def check() -> None:
+                for digest in layers:
+                    with contextlib.suppress(OSError, OciCacheError), \
+                            layout.open_blob(digest) as blob:
+                        if blob.read(2) == b"\x1f\x8b":
+                            continue
+                    problems[digest] = problem_of(digest)
+
+            checker = threading.Thread(target=check, name="ocicache-export-hash", daemon=True)
+            checker.start()
+            failure: Optional[OciCacheError] = None
+            try:
+                _Flattener(openers, out).run()
+            except OciCacheError as e:
+                failure = e
+            checker.join()
+            if failure is not None:  # traced to a corrupt layer, if one is
+                problems.update((d, problem_of(d)) for d in layers if d not in problems)
+            for digest in layers:
+                if problems.get(digest):
+                    reading = f"; reading it: {failure}" if failure is not None else ""
+                    raise CorruptCacheError(
+                        f"cannot export {self._ref}: layer {digest} is corrupt "
+                        f"({problems[digest]}{reading}); run 'ocicache verify --repair', "
+                        "then pull the image again")
+            if failure is not None:
+                raise failure
+
+        return self._naming_corruption(produce)
+
+    def _naming_corruption(self, produce: Callable[[BinaryIO], None]
+                           ) -> Callable[[BinaryIO], None]:
+        """``produce``, with a corrupt blob's error naming the image exported."""
+        def named(out: BinaryIO) -> None:
+            try:
+                produce(out)
+            except CorruptCacheError as e:
+                message = str(e)
+                if not message.startswith("cannot export"):
+                    raise CorruptCacheError(f"cannot export {self._ref}: {message}") from None
+                raise
+        return named
 
     def _save_name(self, override_name: str) -> Reference:
         return Reference.parse(override_name) if override_name else self._ref
@@ -5542,7 +6019,7 @@ class _CacheSource(ImageSource):
                                   json.dumps({repository: {tagged.tag: top}}).encode())
             archive.close()
 
-        return produce
+        return self._naming_corruption(produce)
 
     def _oci_writer(self, override_name: str) -> Callable[[BinaryIO], None]:
         """An OCI layout tar of one platform, or of the whole index for ``"all"``."""
@@ -5579,7 +6056,7 @@ class _CacheSource(ImageSource):
             archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
             archive.close()
 
-        return produce
+        return self._naming_corruption(produce)
 
     def sboms(self) -> List[BinaryIO]:
         """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
@@ -5589,7 +6066,7 @@ class _CacheSource(ImageSource):
         layout = self._provider.layout
         index = Index.from_json(layout.read_blob(root.digest), what=f"index of {self._ref}")
         wanted = Platform.parse(self._architecture)
-        image = select_platform(index.manifests, wanted)
+        image = select_platform(self._provider._children(index), wanted)
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
         attestations = [c for c in index.attestations_for(image.digest)
@@ -5609,7 +6086,13 @@ class _CacheSource(ImageSource):
             if statement.get("predicateType") != SPDX_PREDICATE_TYPE:
                 raise OciCacheError(f"unexpected predicate type {statement.get('predicateType')!r}"
                                     f" in {layer.digest}")
-            documents.append(io.BytesIO(_raw_json_member(data.decode(), "predicate").encode()))
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise OciCacheError(f"in-toto statement {layer.digest} of {self._ref} is not "
+                                    f"UTF-8 (it is {json.detect_encoding(data)}); JSON "
+                                    "documents must be UTF-8") from None
+            documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
         return documents  # type: ignore[return-value]
 
 
@@ -6022,8 +6505,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("verify", help="re-hash every blob and check every name",
                             description="Re-hash every blob and check that every name "
-                                        "reaches complete content. Exits 1 if anything is "
-                                        "corrupt or missing.")
+                                        "reaches complete content that agrees with its "
+                                        "descriptors (sizes, media types, pinned digests). "
+                                        "Each problem names the images needing the blob. "
+                                        "Exits 1 if anything is corrupt, missing or wrong.")
+    p.add_argument("--repair", action="store_true",
+                   help="delete corrupt blobs, so that the next pull fetches them again")
     p.set_defaults(run=_cmd_verify)
     return parser
 
@@ -6055,7 +6542,7 @@ def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
                     "size": s.size} for s in summaries], sys.stdout, indent=2)
         print()
         return 0
-    rows = [(s.name, str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
+    rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
              _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
@@ -6208,10 +6695,14 @@ def _published(provider: Provider, args: argparse.Namespace,
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    stored = {d.name for d in provider.names()}
+    entries = provider.names()
+    stored = {e.name for e in entries}
     names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
-    for name in names:
-        provider._find_named(name)  # every name must exist before anything is removed
+    for name in names:  # every name must exist before anything is removed; by name only,
+        # so that a name whose pinned digest lies (verify reports it) can be removed
+        matches = _name_predicate(name)
+        if not any(matches(e.name) for e in entries):
+            raise NotFoundError(f"no image named {name} in the cache {provider.root}")
     if args.published_only:
         names = _published(provider, args, names)
     deleted = provider.remove(*names) if names else []
@@ -6244,16 +6735,19 @@ def _cmd_gc(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
-    report = provider.verify()
-    for problem in report.corrupt:
-        print(f"corrupt: {problem}")
-    for problem in report.missing:
-        print(f"missing: {problem}")
+    report = provider.verify(args.repair)
+    for kind, problems in (("corrupt", report.corrupt), ("missing", report.missing),
+                           ("wrong", report.wrong), ("deleted", report.repaired)):
+        for problem in problems:
+            print(f"{kind}: {problem}")
     if report.ok:
         _say(args, f"ok: {report.checked} blobs verified")
         return 0
-    print(f"ocicache: error: {len(report.corrupt)} corrupt and {len(report.missing)} missing "
-          f"blobs in {provider.root}", file=sys.stderr)
+    repairable = any(not p.startswith("/") for p in report.corrupt)  # not stray files
+    advice = "; pull the images named to fetch them again" if report.repaired else \
+        ("; 'ocicache verify --repair' deletes the corrupt blobs" if repairable else "")
+    print(f"ocicache: error: {len(report.corrupt)} corrupt, {len(report.missing)} missing and "
+          f"{len(report.wrong)} wrong in {provider.root}{advice}", file=sys.stderr)
     return 1
 
 

@@ -3008,8 +3008,8 @@ class TestLayout(CacheTestCase):
                                                         if "dropped" not in e.name])
         layout = self.cache.layout
         young = layout.write_blob_bytes(b"young unnamed blob")
-        stale_temp = os.path.join(self.cache_dir, "blobs", "sha256", "abc" + oc._TEMP_MARK + "x")
-        fresh_temp = os.path.join(self.cache_dir, "blobs", "sha256", "def" + oc._TEMP_MARK + "y")
+        stale_temp = os.path.join(self.cache_dir, "blobs", "sha256", "a" * 64 + oc._TEMP_MARK + "x")
+        fresh_temp = os.path.join(self.cache_dir, "blobs", "sha256", "d" * 64 + oc._TEMP_MARK + "y")
         for path in (stale_temp, fresh_temp):
             with open(path, "wb") as f:
                 f.write(b"partial")
@@ -3156,6 +3156,497 @@ class TestLayout(CacheTestCase):
             with mock.patch.dict(os.environ, OCICACHE_LOCK_TIMEOUT="x"):
                 with self.cache.layout.deleting_blobs():
                     pass
+
+
+class TestBeliefs(CacheTestCase):
+    """What the cache believes: names keep their pinned digests, reachability follows the
+    documents (never the labels), sizes agree, gc deletes only its own files, verify
+    names who needs each bad blob, and bad data is one line, never a traceback."""
+
+    def plant(self, descriptor: oc.Descriptor, name: str = "") -> None:
+        """Add a root entry as an older ocicache or another tool could have written it."""
+        entry = descriptor.named(name) if name else descriptor
+        self.cache.layout.update_index(lambda entries: entries + [entry])
+
+    def age_everything(self) -> None:
+        old = time.time() - 7200
+        for directory, _, files in os.walk(self.cache_dir):
+            for name in files:
+                os.utime(os.path.join(directory, name), (old, old), follow_symlinks=False)
+
+    def write_file(self, path: str, data: bytes) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    # -- C. the one function deciding what a blob is (pure) ---------------------------
+
+    def test_read_document_decides_by_content_and_checks_the_label(self) -> None:
+        image = make_image("doc")
+        manifest = image.manifest.data
+        bare_manifest = json.dumps({k: v for k, v in json.loads(manifest).items()
+                                    if k != "mediaType"}).encode()
+        bare_index = json.dumps({"schemaVersion": 2,
+                                 "manifests": [image.descriptor()]}).encode()
+        artifact = json.dumps({"mediaType": "application/vnd.example.thing+json",
+                               "blobs": []}).encode()
+        decided = {
+            (manifest, oc.MEDIA_OCI_INDEX): oc.MEDIA_OCI_MANIFEST,
+            (manifest, "application/vnd.oci.descriptor.v1+json"): oc.MEDIA_OCI_MANIFEST,
+            (bare_manifest, oc.MEDIA_DOCKER_MANIFEST): oc.MEDIA_DOCKER_MANIFEST,
+            (bare_manifest, oc.MEDIA_OCI_INDEX): oc.MEDIA_OCI_MANIFEST,
+            (bare_index, ""): oc.MEDIA_OCI_INDEX,
+            (bare_index, oc.MEDIA_DOCKER_LIST): oc.MEDIA_DOCKER_LIST,
+            (artifact, oc.MEDIA_OCI_MANIFEST): "application/vnd.example.thing+json",
+            (image.config.data, oc.MEDIA_OCI_CONFIG): "",
+            (image.layers[0].data, oc.MEDIA_OCI_LAYER_GZIP): "",
+            (b'{"mediaType": 5}', oc.MEDIA_OCI_LAYER): "",
+        }
+        for (data, label), expected in decided.items():
+            with self.subTest(label=label, data=data[:40]):
+                kind, parsed = oc.read_document(data, label)
+                self.assertEqual(kind, expected)
+                self.assertIsInstance(parsed, oc.Index if kind in oc.INDEX_MEDIA_TYPES else
+                                      oc.Manifest if kind in oc.IMAGE_MEDIA_TYPES else
+                                      type(None))
+                descriptor = oc.Descriptor(label, sha256(data), len(data))
+                self.assertEqual(bool(oc.label_problem(descriptor, kind)),
+                                 bool(kind) and kind != label)
+        refused = [(image.layers[0].data, oc.MEDIA_OCI_MANIFEST), (b"[]", oc.MEDIA_OCI_INDEX),
+                   (image.config.data, oc.MEDIA_OCI_MANIFEST), (b'{"mediaType": 5}', ""),
+                   (json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "")]
+        for data, label in refused[:3]:
+            with self.subTest(refused=label, data=data[:40]):
+                with self.assertRaises(oc.OciCacheError):
+                    oc.read_document(data, label)
+        self.assertEqual(oc.read_document(*refused[3]), ("", None))  # no claim, no document
+        with self.assertRaisesRegex(oc.OciCacheError, "schema 1"):
+            oc.read_document(*refused[4])
+        rng = random.Random(fuzz_seed())
+        for _ in range(int(sized(2000, 50000))):
+            mutated = bytearray(manifest)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            try:
+                oc.read_document(bytes(mutated), rng.choice(
+                    [oc.MEDIA_OCI_INDEX, oc.MEDIA_OCI_MANIFEST, "", oc.MEDIA_OCI_LAYER]))
+            except oc.OciCacheError:
+                pass
+
+    # -- A. a digest in a name is a promise --------------------------------------------
+
+    def test_a_name_pinning_a_digest_never_answers_with_other_content(self) -> None:
+        real, evil = make_image("real"), make_image("evil")
+        name = f"example.com/repo:v1@{real.manifest.digest}"
+        archive = self.write_file(self.path("evil.tar"), oci_archive(
+            [(evil.manifest.descriptor(), named(name))], evil.blobs))
+        self.assert_one_line_error(self.cli("import", archive), "pins", real.manifest.digest)
+        self.assertEqual(self.index_names(), [])
+        # A cache written before the rule holds the lie: no lookup answers with it.
+        evil_root = self.load_image("example.com/evil:1", evil)
+        self.plant(evil_root, name)
+        self.assertIsNone(self.cache.find_descriptor(name))
+        self.assertFalse(self.cache.image_in_cache(name, "", "amd64"))
+        with self.assertRaises(oc.NotFoundError):
+            self.cache.resolve(name, "amd64")
+        result = self.cli("export", name, "--format", "oci", "-o", self.path("out.tar"))
+        self.assert_one_line_error(result, "no image named")
+        report = self.cache.verify()
+        self.assertFalse(report.ok)
+        (problem,) = report.wrong
+        self.assertIn(f"pins {real.manifest.digest}", problem)
+        self.assertIn(evil.manifest.digest, problem)
+        with self.assertRaisesRegex(oc.CorruptCacheError, "pins"):
+            self.cache.descriptor_write(name, evil_root)
+        # The name, once it holds the promised content, is found by both lookups.
+        real_root = self.load_image("example.com/real:1", real)
+        self.cache.descriptor_write(name, real_root)
+        self.assertEqual(self.cache.find_descriptor(name).digest, real_root.digest)
+        self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+        self.assertEqual(self.cache.verify().wrong, ())
+        # A lying name can be removed by its name.
+        self.plant(evil_root, f"example.com/repo:v2@{real.manifest.digest}")
+        result = self.cli("rm", f"example.com/repo:v2@{real.manifest.digest}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(f"example.com/repo:v2@{real.manifest.digest}", self.index_names())
+        self.assertTrue(self.cache.verify().ok)
+
+    # -- B. gc deletes only what ocicache (or linuxkit) wrote ---------------------------
+
+    def test_gc_deletes_only_its_own_files_and_never_through_a_symlink(self) -> None:
+        kept = make_image("kept")
+        self.load_image("example.com/kept:1", kept)
+        layout = self.cache.layout
+        unused = layout.write_blob_bytes(b"nothing names this")
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        outside = self.path("outside")
+        other_hex = hashlib.sha512(b"someone else's").hexdigest()
+        outside_file = self.write_file(os.path.join(outside, other_hex), b"someone else's")
+        os.symlink(outside, os.path.join(self.cache_dir, "blobs", "sha512"))
+        ours = {"a" * 64 + oc._TEMP_MARK + "k2j3x9", "b" * 64 + oc._TEMP_MARK + "partial",
+                "blob" + oc._TEMP_MARK + "q1w2e3", "c" * 64 + "2817381734"}  # linuxkit's
+        theirs = {"README", "notes" + oc._TEMP_MARK + "1", "0" * 63 + oc._TEMP_MARK + "x",
+                  "d" * 64 + "x1"}
+        for name in ours | theirs:
+            self.write_file(os.path.join(blobs, name), b"partial")
+        os.makedirs(os.path.join(blobs, "e" * 64))  # a directory named by a digest
+        os.symlink(outside_file, os.path.join(blobs, "f" * 64))
+        stale_index = self.write_file(self.path("cache", ".index.json.tmp-8fj2k1"), b"{")
+        foreign_root = self.write_file(self.path("cache", "index.json.bak"), b"{}")
+        self.age_everything()
+        young_index = self.write_file(self.path("cache", ".index.json.tmp-young1"), b"{")
+        report = self.cache.gc(3600)
+        self.assertEqual({name for name, _ in report.deleted},
+                         ours | {str(unused), os.path.basename(stale_index)})
+        for name in theirs | {"e" * 64, "f" * 64}:
+            self.assertTrue(os.path.lexists(os.path.join(blobs, name)), name)
+        for path in (outside_file, foreign_root, young_index):
+            self.assertTrue(os.path.exists(path), path)
+        self.assertEqual(report.kept_young, 1)
+        self.assertTrue(all(layout.has_blob(b.digest) for b in kept.blobs))
+        # linuxkit's temporary files are not corruption either.
+        self.write_file(os.path.join(blobs, "c" * 64 + "99"), b"partial")
+        self.assertFalse(any("c" * 64 in p for p in self.cache.verify().corrupt))
+
+    def test_gc_never_follows_a_symlinked_blobs_directory(self) -> None:
+        outside = self.path("outside")
+        victim = self.write_file(os.path.join(outside, "sha256", "a" * 64), b"not ocicache's")
+        cache = self.path("linked")
+        self.write_file(os.path.join(cache, "index.json"), b'{"schemaVersion":2,"manifests":[]}')
+        self.write_file(os.path.join(cache, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
+        os.symlink(outside, os.path.join(cache, "blobs"))
+        old = time.time() - 7200
+        os.utime(victim, (old, old))
+        with contextlib.suppress(oc.OciCacheError):  # refusing such a cache is fine too
+            oc.Layout(cache).gc(0)
+        self.assertTrue(os.path.exists(victim))
+
+    def test_rm_clean_and_repair_never_delete_through_a_symlinked_directory(self) -> None:
+        image = make_image("linked")
+        self.load_image("example.com/linked:1", image)
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        outside = self.path("outside")
+        shutil.move(blobs, outside)
+        os.symlink(outside, blobs)
+        before = sorted(os.listdir(outside))
+        with open(os.path.join(outside, image.layers[0].digest.split(":")[1]), "r+b") as f:
+            f.write(b"X")  # corrupt, so that repair would want it gone
+        for work in (lambda: self.cache.remove("example.com/linked:1"), self.cache.clean,
+                     lambda: self.cache.gc(0), lambda: self.cache.verify(repair=True)):
+            with contextlib.suppress(oc.OciCacheError):  # refusing such a cache is fine too
+                work()
+            self.assertEqual(sorted(os.listdir(outside)), before)
+
+    # -- C. reachability follows the documents, not the labels --------------------------
+
+    def test_a_mislabelled_root_keeps_its_blobs_and_verify_says_so(self) -> None:
+        image = make_image("label")
+        name = "example.com/label:1"
+        root = self.load_image(name, image)
+        for label in (oc.MEDIA_OCI_INDEX, oc.MEDIA_DOCKER_LIST,
+                      "application/vnd.oci.descriptor.v1+json", ""):
+            with self.subTest(label=label):
+                self.cache.layout.update_index(lambda _: [oc._replace(root, media_type=label)])
+                self.age_everything()
+                self.assertEqual(self.cache.gc(0).deleted, ())
+                self.assertEqual(self.cache.find_descriptor(name).media_type,
+                                 oc.MEDIA_OCI_MANIFEST)
+                self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+                (problem,) = self.cache.verify().wrong
+                self.assertIn(f"but is {oc.MEDIA_OCI_MANIFEST}", problem)
+                self.assertIn(name, problem)
+                listed = json.loads(self.cli("ls", "--json").stdout)
+                self.assertEqual(listed[0]["platforms"], ["linux/amd64"])
+                result = self.cli("export", name, "--format", "oci", "-o", self.path("x.tar"))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                with tarfile.open(self.path("x.tar")) as archive:
+                    index = json.load(archive.extractfile("index.json"))
+                self.assertEqual(index["manifests"][0]["mediaType"], oc.MEDIA_OCI_MANIFEST)
+
+    def test_a_mislabelled_child_is_followed_by_its_content(self) -> None:
+        amd, arm = make_image("amd"), make_image("arm", "arm64")
+        index = make_index([amd.descriptor(mediaType=oc.MEDIA_OCI_INDEX), arm.descriptor()])
+        for blob in [*amd.blobs, *arm.blobs, index]:
+            self.cache.layout.write_blob_bytes(blob.data)
+        self.plant(oc.Descriptor.from_json(index.descriptor()), "example.com/child:1")
+        self.age_everything()
+        self.assertEqual(self.cache.gc(0).deleted, ())
+        self.assertTrue(self.cache.image_in_cache("example.com/child:1", "", "amd64"))
+        (problem,) = self.cache.verify().wrong
+        self.assertIn(f"{amd.manifest.digest} (needed by example.com/child:1): is labelled "
+                      f"{oc.MEDIA_OCI_INDEX} but is {oc.MEDIA_OCI_MANIFEST}", problem)
+        archive = oci_archive([(index.descriptor(), named("example.com/child:2"))],
+                              [*amd.blobs, *arm.blobs, index])
+        with self.assertRaisesRegex(oc.InvalidArchiveError, "is labelled"):
+            self.load(archive)
+
+    def test_import_corrects_a_root_label_from_the_document(self) -> None:
+        image = make_image("lk")
+        labels = {"linuxkit": oc.MEDIA_OCI_INDEX,
+                  "descriptor": "application/vnd.oci.descriptor.v1+json"}
+        for what, label in labels.items():
+            with self.subTest(what):
+                name = f"example.com/{what}:1"
+                archive = oci_archive([(image.manifest.descriptor(mediaType=label),
+                                        named(name))], image.blobs)
+                (loaded,) = self.load(archive)
+                self.assertEqual(loaded.media_type, oc.MEDIA_OCI_MANIFEST)
+                with open(os.path.join(self.cache_dir, "index.json")) as f:
+                    stored = {m["annotations"][oc.ANNOTATION_REF_NAME]: m["mediaType"]
+                              for m in json.load(f)["manifests"]}
+                self.assertEqual(stored[name], oc.MEDIA_OCI_MANIFEST)
+                self.assertTrue(self.cache.verify().ok)
+                out = self.path(f"{what}.tar")
+                result = self.cli("export", name, "--format", "oci", "-o", out)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                if shutil.which("skopeo"):
+                    inspected = json.loads(self.skopeo("inspect", "--raw", f"oci-archive:{out}"))
+                    self.assertEqual(inspected["mediaType"], oc.MEDIA_OCI_MANIFEST)
+        layer = image.layers[0]
+        archive = self.write_file(self.path("bad.tar"), oci_archive(
+            [(layer.descriptor(mediaType=oc.MEDIA_OCI_MANIFEST), named("example.com/bad:1"))],
+            image.blobs))
+        self.assert_one_line_error(self.cli("import", archive), layer.digest)
+
+    def test_linuxkit_cache_export_oci_imports_as_what_it_is(self) -> None:
+        # As linuxkit's ImageSource.OCITarReader (src/cmd/linuxkit/cache/source.go) writes
+        # it: a tab-indented oci-layout, config, layers, manifest, then an index.json whose
+        # one entry labels the image manifest an OCI index and names it by ref.name only.
+        image = make_image("lkexport")
+        name = "docker.io/linuxkit/lkexport:v1"
+        index = json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": [
+            {"mediaType": oc.MEDIA_OCI_INDEX, "size": len(image.manifest.data),
+             "digest": image.manifest.digest,
+             "annotations": {oc.ANNOTATION_REF_NAME: name}}]}, indent=3)
+        entries: List[Tuple[str, Any]] = [
+            ("oci-layout", b'{\n\t"imageLayoutVersion": "1.0.0"\n}'),
+            ("blobs/", tar_member("blobs/", tarfile.DIRTYPE)),
+            ("blobs/sha256/", tar_member("blobs/sha256/", tarfile.DIRTYPE))]
+        entries += [(f"blobs/sha256/{b.digest.split(':')[1]}", b.data)
+                    for b in [image.config, *image.layers, image.manifest]]
+        archive = self.write_file(self.path("lk.tar"),
+                                  tar_bytes(entries + [("index.json", index.encode())]))
+        result = self.cli("import", archive)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.cache.find_descriptor(name).media_type, oc.MEDIA_OCI_MANIFEST)
+        self.assertTrue(self.cache.verify().ok)
+        inspected = self.cli("inspect", name)
+        self.assertEqual(inspected.returncode, 0, inspected.stderr)
+        self.assertEqual(json.loads(inspected.stdout)["config"]["digest"], image.config.digest)
+        for export_format in ("oci", "docker", "filesystem"):
+            result = self.cli("export", name, "--format", export_format,
+                              "-o", self.path(f"lk.{export_format}"))
+            self.assertEqual(result.returncode, 0, result.stderr)
+        if shutil.which("skopeo"):
+            copied = self.path("copied")
+            self.skopeo("copy", f"oci-archive:{self.path('lk.oci')}", f"dir:{copied}")
+            self.assertTrue(os.path.exists(os.path.join(copied, "manifest.json")))
+
+    # -- D. sizes, consistency, repair, exports -----------------------------------------
+
+    def test_import_refuses_descriptor_sizes_that_disagree_with_blobs(self) -> None:
+        image = make_image("sizes")
+        layer = image.layers[0]
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "config": image.config.descriptor(),
+            "layers": [layer.descriptor(size=len(layer.data) + 1)]}).encode())
+        archive = self.write_file(self.path("layer.tar"), oci_archive(
+            [(manifest.descriptor(), named("example.com/sizes:1"))],
+            [*image.layers, image.config, manifest]))
+        self.assert_one_line_error(self.cli("import", archive), layer.digest,
+                                   f"says {len(layer.data) + 1} bytes")
+        index = make_index([image.descriptor(size=len(image.manifest.data) - 1)])
+        archive = oci_archive([(index.descriptor(), named("example.com/sizes:2"))],
+                              [*image.blobs, index])
+        with self.assertRaisesRegex(oc.InvalidArchiveError, image.manifest.digest):
+            self.load(archive)
+        self.assertEqual(self.index_names(), [])
+        # verify reports the same disagreement in a cache that holds one.
+        root = self.load_image("example.com/sizes:3", image)
+        self.plant(oc._replace(root, size=root.size + 7), "example.com/sizes:4")
+        (problem,) = self.cache.verify().wrong
+        self.assertIn(f"says {root.size + 7} bytes, the blob has {root.size}", problem)
+        self.assertIn("example.com/sizes:4", problem)
+
+    def test_verify_names_every_image_needing_a_bad_blob(self) -> None:
+        shared = [{"etc/shared": b"the same layer in both"}]
+        one, two = make_image("one", layer_files=shared), make_image("two", layer_files=shared)
+        self.load_image("example.com/one:1", one)
+        self.load_image("example.com/two:1", two)
+        path = self.cache.layout.blob_path(one.layers[0].digest)
+        with open(path, "r+b") as f:
+            f.write(b"X")
+        (corrupt,) = self.cache.verify().corrupt
+        self.assertIn(one.layers[0].digest, corrupt)
+        self.assertIn("example.com/one:1", corrupt)
+        self.assertIn("example.com/two:1", corrupt)
+        os.unlink(path)
+        (missing,) = self.cache.verify().missing
+        self.assertIn("needed by example.com/one:1, example.com/two:1", missing)
+
+    def test_verify_beside_a_removal_reports_no_false_missing(self) -> None:
+        if not os.path.exists("/proc/locks"):
+            self.skipTest("needs Linux's /proc/locks to see the removal wait")
+        image = make_image("busy")
+        self.load_image("example.com/busy:1", image)
+        verifier = oc.Provider(self.cache_dir)
+        blobs_inode = os.stat(os.path.join(self.cache_dir, "blobs")).st_ino
+        remover = threading.Thread(target=self.cache.remove, args=("example.com/busy:1",))
+        read_index = verifier.layout.read_index
+
+        def blocked_on_blobs() -> bool:
+            with open("/proc/locks") as f:
+                return any("->" in line and f":{blobs_inode} " in line for line in f)
+
+        def read_then_remove() -> oc.Index:
+            index = read_index()
+            if not remover.is_alive() and remover.ident is None:
+                remover.start()  # a removal right after verify read the names
+                wait_for(lambda: not remover.is_alive() or blocked_on_blobs(), 30,
+                         "the removal to finish or wait for verify")
+            return index
+
+        with mock.patch.object(verifier.layout, "read_index", read_then_remove):
+            report = verifier.verify()
+        remover.join(30)
+        self.assertEqual(report.missing, ())
+        self.assertTrue(report.ok, report)
+        self.assertEqual(self.index_names(), [])
+
+    def test_verify_repair_deletes_corrupt_blobs_only(self) -> None:
+        image = make_image("repair")
+        self.load_image("example.com/repair:1", image)
+        layer = self.cache.layout.blob_path(image.layers[0].digest)
+        with open(layer, "r+b") as f:
+            f.write(b"X")
+        stray = self.write_file(self.path("cache", "blobs", "sha256", "README"), b"mine")
+        result = self.cli("verify")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("verify --repair", result.stderr.decode())
+        self.assertTrue(os.path.exists(layer))
+        result = self.cli("verify", "--repair")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"deleted: {image.layers[0].digest}", result.stdout.decode())
+        self.assertIn("pull the images named", result.stderr.decode())
+        self.assertFalse(os.path.exists(layer))
+        self.assertTrue(os.path.exists(stray))
+        self.assertTrue(all(self.cache.layout.has_blob(b.digest) for b in image.blobs[1:]))
+        (missing,) = self.cache.verify().missing
+        self.assertIn(image.layers[0].digest, missing)
+        self.assertFalse(self.cache.image_in_cache("example.com/repair:1", "", "amd64"))
+
+    def test_exports_never_carry_a_corrupt_blob(self) -> None:
+        image = make_image("export")
+        name = "example.com/export:1"
+        self.load_image(name, image)
+        with open(self.cache.layout.blob_path(image.layers[0].digest), "r+b") as f:
+            f.seek(len(image.layers[0].data) // 2)
+            f.write(b"\xff")  # the same size, another digest
+        for export_format in ("oci", "docker", "filesystem"):
+            with self.subTest(export_format):
+                out = self.path(f"out-{export_format}.tar")
+                result = self.cli("export", name, "--format", export_format, "-o", out)
+                self.assert_one_line_error(result, image.layers[0].digest, name, "verify")
+                self.assertFalse(os.path.exists(out))
+                result = subprocess.run(
+                    [sys.executable, OCICACHE, "--cache", self.cache_dir, "export", name,
+                     "--format", export_format, "-o", "-"], capture_output=True, timeout=60)
+                self.assert_one_line_error(result, image.layers[0].digest)
+        # A corrupt layer that still reads as a tar (uncompressed, a file's bytes changed).
+        plain = make_image("plain", layer_files=[{"etc/data": b"a" * 4096}], gzip_layers=False)
+        self.load_image("example.com/plain:1", plain)
+        with open(self.cache.layout.blob_path(plain.layers[0].digest), "r+b") as f:
+            f.seek(plain.layers[0].data.index(b"a" * 4096) + 100)
+            f.write(b"b")
+        for export_format in ("filesystem", "oci"):
+            result = self.cli("export", "example.com/plain:1", "--format", export_format,
+                              "-o", self.path("plain.tar"))
+            self.assert_one_line_error(result, plain.layers[0].digest, "example.com/plain:1")
+            self.assertFalse(os.path.exists(self.path("plain.tar")))
+
+    # -- E. index.json never grows past what ocicache reads back --------------------
+
+    def test_imports_cannot_grow_index_json_past_what_is_read_back(self) -> None:
+        image = make_image("big")
+        for n in range(3):
+            annotations = {**named(f"example.com/big:{n}"), "huge": "x" * (1 << 20)}
+            with quiet_log():
+                self.load(oci_archive([(image.manifest.descriptor(), annotations)], image.blobs))
+        self.assertLess(os.path.getsize(os.path.join(self.cache_dir, "index.json")), 16384)
+        self.assertEqual(self.index_names(), [f"example.com/big:{n}" for n in range(3)])
+        root = self.cache.find_descriptor("example.com/big:0")
+        with mock.patch.object(oc, "MAX_INDEX_SIZE", 4096):
+            with self.assertRaisesRegex(oc.OciCacheError, "would grow"):
+                for n in range(100):
+                    self.cache.descriptor_write(f"example.com/many:{n}", root)
+            self.cache.layout.read_index()  # what was written can be read back
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_rm_and_clean_work_on_any_cache(self) -> None:
+        image = make_image("any")
+        self.load_image("example.com/any:1", image)
+        self.load_image("example.com/any:2", image)
+        self.assertEqual(self.cli("rm", "example.com/any:1").returncode, 0)
+        for broken in (b'{"manifests": [', b"\xff" * 100, b'{"manifests": 5}'):
+            with self.subTest(broken=broken):
+                self.write_file(os.path.join(self.cache_dir, "index.json"), broken)
+                self.assert_one_line_error(self.cli("ls"), "index.json")
+                result = self.cli("clean")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.index_names(), [])
+                self.assertEqual(self.cli("ls").returncode, 0)
+
+    # -- F. data is one line, never a traceback -------------------------------------
+
+    def test_odd_data_is_one_line_never_a_traceback(self) -> None:
+        image = make_image("odd")
+        config_json = json.loads(image.config.data)
+        config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({**config_json, "os.features": 5}).encode())
+        manifest = manifest_blob(config.descriptor(), [l.descriptor() for l in image.layers])
+        self.load(oci_archive([(manifest.descriptor(), named("example.com/odd:1"))],
+                              [*image.layers, config, manifest]))
+        self.load_image("example.com/fine:1", image)
+        for args in (["ls"], ["ls", "--json"]):
+            result = self.cli(*args)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(b"example.com/odd:1", result.stdout)
+            self.assertIn(b"example.com/fine:1", result.stdout)
+            self.assertIn(b"os.features", result.stderr)
+            self.assertNotIn(b"Traceback", result.stderr)
+        # A name holding terminal control sequences is never echoed as such.
+        fine = self.cache.find_descriptor("example.com/fine:1")
+        self.plant(fine, "example.com/evil:1\x1b]0;owned\x07\x1b[2J")
+        result = self.cli("ls")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(b"\x1b", result.stdout + result.stderr)
+        self.assertNotIn(b"\x07", result.stdout + result.stderr)
+        # A file name that is not UTF-8, printed to a UTF-8 stdout.
+        bad_name = os.fsdecode(b"sha256-\xff\xfe")
+        self.write_file(os.path.join(self.cache_dir, "blobs", "sha256", bad_name), b"?")
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", self.cache_dir, "verify"],
+                                capture_output=True, timeout=60, env=env)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"sha256-\\xff\\xfe: not named by a valid digest", result.stdout)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_a_utf16_sbom_is_one_line(self) -> None:
+        image = make_image("sbom")
+        _, blobs, entry = make_attestation(image)
+        statement, config, attestation = blobs
+        utf16 = Blob(oc.MEDIA_IN_TOTO, json.loads(statement.data) and
+                     json.dumps(json.loads(statement.data)).encode("utf-16"))
+        attestation = manifest_blob(config.descriptor(), [utf16.descriptor(annotations={
+            oc.ANNOTATION_PREDICATE_TYPE: oc.SPDX_PREDICATE_TYPE})])
+        entry = attestation.descriptor(platform=entry["platform"],
+                                       annotations=entry["annotations"])
+        index = make_index([image.descriptor(), entry])
+        self.load(oci_archive([(index.descriptor(), named("example.com/sbom:1"))],
+                              [*image.blobs, utf16, config, attestation, index]))
+        result = self.cli("sbom", "--platform", "amd64", "example.com/sbom:1")
+        self.assert_one_line_error(result, utf16.digest, "UTF-8")
 
 
 # =====================================================================================
@@ -5050,6 +5541,103 @@ class TestPullCommand(RegistryTestCase):
         port = free_port()
         self.assert_one_line_error(self.cli("pull", f"127.0.0.1:{port}/a/b:1"), "cannot reach")
         self.assertEqual(self.index_names(), [])
+
+
+class TestBeliefsAgainstARegistry(RegistryTestCase):
+    """A pinned digest and a damaged blob meet a real registry."""
+
+    def test_pull_of_a_pinned_name_never_trusts_a_lying_entry(self) -> None:
+        registry = self.start_registry()
+        real, evil = make_image("real"), make_image("evil")
+        upload(registry.url, "test/repo", real.blobs, [("v1", real.manifest)])
+        name = f"{registry.host}/test/repo:v1@{real.manifest.digest}"
+        evil_root = self.load_image("example.com/evil:1", evil)
+        self.cache.layout.update_index(lambda entries: entries + [evil_root.named(name)])
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("already in the cache", result.stderr.decode())
+        self.assertEqual(str(self.cache.find_descriptor(name).digest), real.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+        self.assertIn("already in the cache", self.cli("pull", "--platform", "amd64",
+                                                         name).stderr.decode())
+
+    def test_a_mislabelled_root_is_pushed_as_what_it_is(self) -> None:
+        registry = self.start_registry()
+        image = make_image("pushed")
+        root = self.load_image("example.com/pushed:1", image)
+        self.cache.layout.update_index(
+            lambda _: [oc._replace(root, media_type=oc.MEDIA_OCI_INDEX)])  # linuxkit's label
+        cache = self.provider()
+        remote = f"{registry.host}/test/pushed:1"
+        cache.push("example.com/pushed:1", remote)
+        other = oc.Provider(self.path("other"), mirrors=[])
+        self.addCleanup(other.close)
+        other.image_pull(remote, "", "amd64")
+        self.assertEqual(other.find_descriptor(remote).media_type, oc.MEDIA_OCI_MANIFEST)
+        self.assertTrue(other.verify().ok)
+        # index_write asks each descriptor what it is, too.
+        source = cache.index_write("example.com/made:1", oc._replace(
+            root, media_type=oc.MEDIA_OCI_INDEX, platform=oc.Platform("linux", "amd64")))
+        index = json.loads(cache.layout.read_blob(source.descriptor().digest))
+        self.assertEqual(index["manifests"][0]["mediaType"], oc.MEDIA_OCI_MANIFEST)
+
+    def test_verify_beside_a_pull_and_rm_loop_never_reports_a_false_problem(self) -> None:
+        registry = self.start_registry()
+        busy, still = make_image("busy"), make_image("still")
+        upload(registry.url, "test/busy", busy.blobs, [("1", busy.manifest)])
+        self.load_image("example.com/still:1", still)
+        cycles = int(sized(25, 300))
+        script = ("import ocicache,sys\n"
+                  "p=ocicache.Provider(sys.argv[1], mirrors=[])\n"
+                  "for _ in range(int(sys.argv[3])):\n"
+                  "    p.image_pull(sys.argv[2], '', 'amd64'); p.remove(sys.argv[2])\n")
+        loop = subprocess.Popen([sys.executable, "-c", script, self.cache_dir,
+                                 f"{registry.host}/test/busy:1", str(cycles)], cwd=HERE)
+        self.addCleanup(loop.kill)
+        runs, bad = 0, []
+        while loop.poll() is None:
+            report = self.cache.verify()
+            runs += 1
+            if not report.ok:
+                bad.append(report)
+        self.assertEqual(loop.wait(120), 0)
+        figures("verify beside pull/rm", cycles=cycles, verify_runs=runs, false_problems=len(bad))
+        self.assertEqual(bad, [])
+        self.assertGreater(runs, 0)
+
+    def test_pull_fetches_again_the_blobs_failing_their_check(self) -> None:
+        registry = self.start_registry()
+        shared = [{"etc/shared": random.Random(3).randbytes(4096)}]
+        one, two = make_image("one", layer_files=shared), make_image("two", layer_files=shared)
+        upload(registry.url, "test/one", one.blobs, [("1", one.manifest)])
+        upload(registry.url, "test/two", two.blobs, [("1", two.manifest)])
+        names = [f"{registry.host}/test/{n}:1" for n in ("one", "two")]
+        cache = self.provider()
+        for name in names:
+            cache.image_pull(name, "", "amd64")
+        layer = cache.layout.blob_path(one.layers[0].digest)
+        silence = contextlib.ExitStack()
+        self.addCleanup(silence.close)
+        silence.enter_context(quiet_log())  # "deleted corrupt blob ..."
+
+        def damage(path: str) -> None:
+            with open(path, "r+b") as f:
+                f.seek(100)
+                f.write(b"\xff" * 8)  # the same size, another digest
+            self.assertFalse(cache.verify().ok)
+
+        damage(layer)
+        cache.image_pull(names[0], "", "amd64", always_pull=True)
+        self.assertTrue(cache.verify().ok)
+        damage(layer)  # a shared layer survives rm: the next pull must not trust it
+        cache.remove(names[0])
+        cache.image_pull(names[0], "", "amd64")
+        self.assertTrue(cache.verify().ok)
+        damage(cache.layout.blob_path(two.config.digest))  # small blobs are always checked
+        self.assertFalse(cache.image_in_cache(names[1], "", "amd64"))
+        cache.image_pull(names[1], "", "amd64")
+        self.assertTrue(cache.verify().ok)
+        self.assertTrue(cache.image_in_cache(names[1], "", "amd64"))
 
 
 # =====================================================================================
