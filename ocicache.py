@@ -1006,9 +1006,15 @@ def read_document(data: bytes, label: str,
 
 def label_problem(descriptor: Descriptor, media_type: str) -> str:
     """Why ``descriptor``'s label is wrong for a blob ``read_document`` found to be
-    ``media_type`` ("" when it is right, or when the blob is not a document)."""
+    ``media_type`` ("" when it is right, or when the blob is not a document). The OCI
+    and the Docker type of one kind stand for each other: readers accept either, and
+    real layouts mix them (go-containerregistry's test layouts label Docker manifests
+    as OCI ones)."""
     if not media_type or descriptor.media_type == media_type:
         return ""
+    for kind in (IMAGE_MEDIA_TYPES, INDEX_MEDIA_TYPES):
+        if descriptor.media_type in kind and media_type in kind:
+            return ""
     label = _shorten(_one_line(descriptor.media_type)) or "(no media type)"
     return f"is labelled {label} but is {_shorten(_one_line(media_type))}"
 
@@ -1372,9 +1378,16 @@ def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
         view = view[written:]
 
 
-def _open_directory(name: str, dir_fd: Optional[int] = None) -> int:
-    """A directory inside the cache, never reached through a symbolic link."""
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+def _open_directory(name: str, dir_fd: Optional[int] = None, where: str = "") -> int:
+    """A directory inside the cache, never reached through a symbolic link: one that is
+    a link (or no directory) is refused, naming ``where``."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        raise CorruptCacheError(f"{where or name} is a symbolic link or not a directory; "
+                                "ocicache never follows a link inside its cache") from None
 
 
 def _open_regular(name: str, flags: int = os.O_RDONLY, dir_fd: Optional[int] = None,
@@ -1589,12 +1602,13 @@ class Layout:
         """``blobs/<algorithm>``, reached from the root without following a link, so a
         directory swapped for a link after ``_check_tree`` still leads nowhere else."""
         with self._root_directory() as root:
-            blobs = _open_directory("blobs", root)
+            blobs = _open_directory("blobs", root, self.blobs_dir)
             try:
                 if create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(algorithm, dir_fd=blobs)
-                directory = _open_directory(algorithm, blobs)
+                directory = _open_directory(algorithm, blobs,
+                                            os.path.join(self.blobs_dir, algorithm))
             finally:
                 os.close(blobs)
             try:
