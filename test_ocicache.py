@@ -1822,13 +1822,13 @@ BodyStream = Callable[[threading.Event], Iterator[bytes]]
 class Answer:
     """A status line, headers and a body, or raw bytes. ``length`` is the Content-Length
     announced: -1 for the body's own, None for none (the body ends with the connection).
-    A callable body is a stream, given the server's stop event."""
+    A callable body (or raw) is a stream, given the server's stop event."""
 
     status: int = 200
     headers: Sequence[Tuple[str, str]] = ()
     body: Union[bytes, BodyStream] = b""
     length: Optional[int] = -1
-    raw: Optional[bytes] = None
+    raw: Union[None, bytes, BodyStream] = None
 
 
 def endless(chunk: bytes = b"\0" * 65536, prefix: bytes = b"") -> BodyStream:
@@ -1856,10 +1856,12 @@ def json_answer(value: Any, status: int = 200, headers: Sequence[Tuple[str, str]
 
 
 class HostileServer:
-    """An HTTP/1.1 server on 127.0.0.1:<free port> answering what ``handler`` says."""
+    """An HTTP/1.1 server on ``address`` (127.0.0.1; another loopback address plays
+    another host) and a free port, answering what ``handler`` says."""
 
-    def __init__(self, handler: Callable[[Request], Answer]) -> None:
+    def __init__(self, handler: Callable[[Request], Answer], address: str = LOOPBACK) -> None:
         self.handler = handler
+        self.address = address
         self.requests: List[Request] = []
         self.sent = 0
         self._stop = threading.Event()
@@ -1867,7 +1869,7 @@ class HostileServer:
         self._sockets: List[socket.socket] = []
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((LOOPBACK, 0))
+        self._listener.bind((address, 0))
         self._listener.listen(32)
         self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="hostile-server", daemon=True)
@@ -1875,7 +1877,7 @@ class HostileServer:
 
     @property
     def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -1928,6 +1930,10 @@ class HostileServer:
 
     def _answer(self, connection: socket.socket, method: str, answer: Answer) -> bool:
         """Send ``answer``; whether the connection stays open for another request."""
+        if callable(answer.raw):
+            for chunk in answer.raw(self._stop):
+                self._send(connection, chunk)
+            return False
         if answer.raw is not None:
             self._send(connection, answer.raw)
             return False
@@ -3912,6 +3918,283 @@ class TestCredentialHygiene(LoopbackOnly, RegistryTestCase):
                 secrets=len(known()), tokens_issued=len(issued), leaks=len(leaks))
         self.assertGreater(len(issued), 4)
         self.assertEqual(leaks, [], f"OCICACHE_FUZZ_SEED={seed}")
+
+
+class TestTrustBoundaries(LoopbackOnly, RegistryTestCase):
+    """Credentials go only to the registry's own host and the realm of its own
+    challenge: what another host says (a CDN a blob is redirected to, an upload
+    Location elsewhere, a token realm's redirect, a registry naming another's realm)
+    never directs them. Other hosts are servers on other loopback addresses."""
+
+    SECRET, REFRESH = "pa55-w0rd-b0undary-5e1f", "refresh-t0ken-b0undary-77a2"
+
+    def other_host(self, address: str, handler: Callable[[Request], Answer]) -> HostileServer:
+        server = HostileServer(handler, address)
+        self.addCleanup(server.stop)
+        return server
+
+    def token_registry(self) -> Tuple[TokenIssuer, Registry, List[Tuple[str, str]]]:
+        """A token registry serving test/b:1 to alice; the tokens its issuer signs, by
+        subject."""
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        issued: List[Tuple[str, str]] = []
+        sign = issuer.issue_token
+
+        def recording(subject: str, *args: Any, **kwargs: Any) -> str:
+            issued.append((subject, sign(subject, *args, **kwargs)))
+            return issued[-1][1]
+
+        issuer.issue_token = recording  # type: ignore[method-assign]
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("boundary")
+        upload(origin.url, "test/b", image.blobs, [("1", image.manifest)])
+        return issuer, self.start_registry(auth=("token", issuer),
+                                           root=self.path("storage")), issued
+
+    def no_secret(self, *texts: str) -> None:
+        known = [self.SECRET, basic("alice", self.SECRET), self.REFRESH]
+        self.assertEqual(secrets_in("\n".join(texts), known), [])
+
+    def test_a_redirect_targets_own_challenge_never_directs_credentials(self) -> None:
+        issuer, registry, _ = self.token_registry()
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "attacker"}))
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{realm.url}/token",service="cdn"')], b""))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("redirect", match="/blobs/", method="GET", times=None,
+                        location=f"{cdn.url}{{path}}")
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", self.SECRET)}}})
+        provider = self.provider()
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            provider.image_pull(f"{proxy.host}/test/b:1", "", "amd64")
+        message = str(caught.exception)
+        self.assertIn(f"{cdn.host} answered 401", message)
+        self.assertEqual(line_problem(message), "")
+        self.assertEqual(realm.requests, [])
+        self.assertTrue(cdn.requests)
+        self.assertEqual({r.headers.get("authorization") for r in cdn.requests}, {None})
+        self.assertEqual(provider.registry._challenges[proxy.host].params["realm"], issuer.realm)
+        self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.index_names(), [])
+
+    def test_an_upload_location_elsewhere_asking_for_credentials_gets_none(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}))
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "attacker"}))
+        elsewhere = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{realm.url}/token",service="x"')], b""))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", method="POST", match="/blobs/uploads/", status=202,
+                        times=None, headers={"Content-Length": "0",
+                                             "Location": f"{elsewhere.url}/upload/1"})
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", self.SECRET)}}})
+        self.load_image(f"{proxy.host}/test/up:1", make_image("up"))
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            self.provider(attempts=1).push(f"{proxy.host}/test/up:1")
+        self.assertIn(f"{elsewhere.host} answered 401", str(caught.exception))
+        self.assertEqual(realm.requests, [])
+        self.assertEqual({r.headers.get("authorization") for r in elsewhere.requests}, {None})
+        self.no_secret(everything_about(caught.exception))
+
+    def test_no_body_or_authorization_follows_any_redirect_to_another_host(self) -> None:
+        stolen = self.other_host("127.0.0.2", lambda r: json_answer({"token": "elsewhere"}))
+        endpoint = oc._Endpoint("http://127.0.0.1:1", "127.0.0.1:1", "a/b", "127.0.0.1:1")
+        outcomes = {}
+        for status in (301, 302, 303, 307, 308):
+            realm = self.other_host(LOOPBACK, lambda r, status=status: Answer(
+                status, [("Location", f"{stolen.url}/steal")], b""))
+            challenge = oc.Challenge("bearer", {"realm": f"{realm.url}/t", "service": "s"})
+            for kind, credentials in [("form", oc.Credentials(identity_token=self.REFRESH)),
+                                      ("basic", oc.Credentials("alice", self.SECRET))]:
+                client = oc.RegistryClient(oc._Transport(oc.TransportOptions(attempts=1)))
+                self.addCleanup(client.transport.close)
+                try:
+                    client._token(endpoint, challenge, ["repository:a/b:pull"], credentials)
+                    outcomes[status, kind] = "token"
+                except oc.OciCacheError as e:
+                    self.assertEqual(line_problem(str(e)), "")
+                    self.no_secret(everything_about(e))
+                    outcomes[status, kind] = "refused"
+        for request in stolen.requests:
+            self.no_secret(request.body.decode(errors="replace"), repr(request.headers))
+            self.assertNotIn("authorization", request.headers)
+        # A form POST is refused on every redirect but 303 (which turns it into a GET
+        # without the body); a GET goes, without its Authorization.
+        self.assertEqual([s for s, kind in outcomes if outcomes[s, kind] == "refused"],
+                         [301, 302, 307, 308])
+
+    def test_a_registry_naming_anothers_realm_never_gets_its_token(self) -> None:
+        issuer, registry, issued = self.token_registry()
+        impostor = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{issuer.realm}",service="{issuer.service}"')],
+            b""))
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", self.SECRET)}}})
+        provider = self.provider()
+        provider.image_pull(f"{registry.host}/test/b:1", "", "amd64")
+        alices = [token for subject, token in issued if subject == "alice"]
+        self.assertTrue(alices)
+        with self.assertRaises(oc.AuthenticationError):
+            provider.image_pull(f"{impostor.host}/test/b:1", "", "amd64")
+        received = [r.headers.get("authorization", "") for r in impostor.requests]
+        self.assertEqual([t[:12] for t in alices if any(t in a for a in received)], [])
+
+    def test_a_token_no_header_can_carry_names_its_file_and_key_never_itself(self) -> None:
+        server = self.other_host(LOOPBACK, fake_registry(make_image("t"), override=lambda r: (
+            None if r.headers.get("authorization") else Answer(401, [(
+                "WWW-Authenticate", f'Bearer realm="http://{r.headers["host"]}/token"')],
+                b""))))
+        for label, entry in [("newline", {"registrytoken": "abc\nX-Evil: 1"}),
+                             ("non-latin-1", {"registrytoken": "t\u20ac\u4e2d"}),
+                             ("identity token with a space", {"identitytoken": "id-t0k3n x"})]:
+            with self.subTest(label):
+                path = self.docker_config({"auths": {server.host: entry}})
+                with self.assertRaises(oc.AuthenticationError) as caught:
+                    oc.find_credentials(server.host, "hostile/app")
+                message = str(caught.exception)
+                self.assertIn(path, message)
+                self.assertIn(server.host, message)
+                self.assertIn(next(iter(entry)), message)
+                secret = next(iter(entry.values()))
+                self.assertNotIn(secret, everything_about(caught.exception))
+                result = self.cli("pull", "--platform", "amd64", f"{server.host}/hostile/app:1")
+                line = self.assert_one_line_error(result, path)
+                self.assertNotIn(secret.split()[0], line)
+
+    def test_a_mirror_url_with_userinfo_is_the_mirrors_credentials(self) -> None:
+        storage = self.path("storage")
+        origin = self.start_registry(root=storage)
+        image = make_image("mirror-auth")
+        upload(origin.url, "library/ma", image.blobs, [("1", image.manifest)])
+        mirror = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}), root=storage)
+        provider = self.provider(mirrors=[oc.parse_mirror(
+            f"docker.io=http://alice:{self.SECRET}@{mirror.host}")])
+        provider.image_pull("ma:1", "", "amd64")
+        self.assertEqual(self.index_names(), ["docker.io/library/ma:1"])
+        self.assertNotIn(self.SECRET, repr(provider.registry.endpoint(
+            oc.Reference.parse("ma:1"))))
+        self.cache.clean()
+        result = self.cli("-v", "--mirror", f"docker.io=http://alice:wrong-{self.SECRET}@"
+                          f"{mirror.host}", "pull", "--platform", "amd64", "ma:1")
+        self.assert_one_line_error(but_verbose(result), f"{mirror.host} answered 401",
+                                   "the mirror URL")
+        self.no_secret(result.stderr.decode())
+        result = self.cli("--mirror", f"docker.io=ftp://alice:{self.SECRET}@x", "pull", "ma:1")
+        self.assert_one_line_error(result, "must start with http")
+        self.no_secret(result.stderr.decode())
+
+    def test_redirects_go_only_to_http_and_https(self) -> None:
+        registry = self.start_registry()
+        image = make_image("scheme")
+        upload(registry.url, "test/s", image.blobs, [("1", image.manifest)])
+        target = self.other_host("127.0.0.2", lambda r: Answer(200, [], image.layers[0].data))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        for scheme in ("ftp", "file", "gopher"):
+            with self.subTest(scheme):
+                proxy.clear_faults()
+                proxy.add_fault("redirect", match="/blobs/", times=None,
+                                location=f"{scheme}://{target.host}{{path}}")
+                with self.assertRaisesRegex(oc.RegistryError, "not an http or https URL"):
+                    self.provider().image_pull(f"{proxy.host}/test/s:1", "", "amd64")
+        self.assertEqual(target.requests, [])
+
+    # -- where credentials are looked up, and what went wrong -------------------------
+
+    def test_401_without_and_with_credentials_say_different_things(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}))
+        image = make_image("who")
+        name = f"{registry.host}/test/who:1"
+        result = self.cli("pull", "--platform", "amd64", name)
+        line = self.assert_one_line_error(result, "401", "no credentials for",
+                                          os.path.join(os.environ["DOCKER_CONFIG"],
+                                                       "config.json"))
+        self.assertIn("credential helpers", line)
+        path = self.docker_config({"auths": {registry.host: {"auth": basic("alice", "no")}}})
+        result = self.cli("pull", "--platform", "amd64", name)
+        line = self.assert_one_line_error(result, "401", f"refused the credentials from "
+                                          f"credentials file {path}")
+        self.assertNotIn("no credentials", line)
+        del image
+
+    def test_stored_credentials_a_public_image_refuses_are_tried_once_without(self) -> None:
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=True)
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("public")
+        upload(origin.url, "test/pub", image.blobs, [("1", image.manifest)])
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        name = f"{registry.host}/test/pub:1"
+        for label, entry in [("a wrong password", {"auth": basic("alice", "expired")}),
+                             ("an expired registry token", {"registrytoken": "stale.jwt.x"})]:
+            with self.subTest(label):
+                self.cache.clean()
+                path = self.docker_config({"auths": {registry.host: entry}})
+                with self.assertLogs("ocicache", "WARNING") as logs:
+                    self.provider().image_pull(name, "", "amd64")
+                self.assertEqual(len(logs.output), 1, logs.output)
+                self.assertIn(f"credentials file {path}", logs.output[0])
+                self.assertIn("anonymously", logs.output[0])
+                self.assertTrue(self.cache.verify().ok)
+        # A push never falls back: its own credentials decide.
+        self.load_image(f"{registry.host}/test/pushed:1", make_image("pushed"))
+        with self.assertRaisesRegex(oc.AuthenticationError, "refused the credentials"):
+            self.provider().push(f"{registry.host}/test/pushed:1")
+
+    def test_a_name_that_does_not_resolve_is_tried_once_and_said_so(self) -> None:
+        looked_up: List[str] = []
+        guard = socket.create_connection
+
+        def connect(address: Tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+            if str(address[0]).endswith(".invalid"):
+                looked_up.append(str(address[0]))
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return guard(address, *args, **kwargs)
+
+        with mock.patch.object(socket, "create_connection", connect):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider().image_pull("registry.invalid/a/b:1", "", "amd64")
+        message = str(caught.exception)
+        self.assertIn("registry.invalid could not be resolved", message)
+        self.assertIn("--mirror", message)
+        self.assertEqual(looked_up, ["registry.invalid"])
+
+    # -- TLS failures say what to do --------------------------------------------------
+
+    def test_tls_failures_say_what_to_do(self) -> None:
+        plain_registry = self.start_registry()
+        with mock.patch.object(oc._Transport, "_may_use_http", lambda self, host: False):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider().image_pull(f"{plain_registry.host}/test/x:1", "", "amd64")
+        self.assertIn(f"--insecure-registry {plain_registry.host}", str(caught.exception))
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        require_tool(self, "docker-registry")
+        registry = Registry(tls=(cert, key), extra_config={"http": {"tls": {"clientcas": [ca]}}},
+                            start=False)
+        self.addCleanup(registry.stop)
+
+        def listening() -> Optional[int]:  # its probe has no client certificate
+            with contextlib.suppress(OSError), socket.create_connection(
+                    (LOOPBACK, registry.port), timeout=2):
+                return 200
+            return None
+
+        registry._probe = listening  # type: ignore[method-assign]
+        registry.start()
+        with self.assertRaises(oc.OciCacheError) as caught:
+            self.provider(ca_files=(ca,)).image_pull(f"{registry.host}/test/x:1", "", "amd64")
+        self.assertIn("client certificate", str(caught.exception))
+        self.assertIn(f"client.cert and client.key in certs.d/{registry.host}/",
+                      str(caught.exception))
+        certs_d = self.path("certs.d")
+        os.makedirs(os.path.join(certs_d, registry.host))
+        shutil.copy(cert, os.path.join(certs_d, registry.host, "client.cert"))
+        with self.assertRaises(oc.OciCacheError) as caught:
+            self.provider(ca_files=(ca,), certs_d_roots=(certs_d,)).image_pull(
+                f"{registry.host}/test/x:1", "", "amd64")
+        self.assertIn(os.path.join(certs_d, registry.host, "client.key") + " is missing",
+                      str(caught.exception))
 
 
 class TestMirrors(RegistryTestCase):
