@@ -1756,6 +1756,11 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
     return max(when - time.time(), 0.0)
 
 
+def _without_userinfo(url: str) -> str:
+    """A URL as it may be shown: ``user:password@`` left out."""
+    return re.sub(r"(//|^)[^/]*@", r"\1", url)
+
+
 def _may_send_credentials(url: str, registry: str, realm: str = "") -> bool:
     """Where a credential may go; the one place that decides it. ``registry`` is the
     ``scheme://host`` the credentials are for; ``realm`` the token realm that registry's
@@ -2128,8 +2133,12 @@ class _Transport:
                 except ValueError:
                     moved = None
                 if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
-                    raise RegistryError(f"{host} redirected to {_shorten(_one_line(location))!r}, "
+                    raise RegistryError(f"{host} redirected to "
+                                        f"{_shorten(_one_line(_without_userinfo(location)))!r}, "
                                         "which is not an http or https URL", response.status)
+                if "@" in moved.netloc:
+                    raise RegistryError(f"{host} redirected to a URL with a user name in it; "
+                                        "refusing", response.status)
                 if not _may_send_credentials(target, f"{scheme}://{host}"):
                     # Elsewhere, or the same host in clear text: no secret follows, in a
                     # header or in a body (a token POST holds one), whatever the status.
@@ -2356,11 +2365,6 @@ def parse_mirror(value: str) -> Tuple[str, str]:
                             "https://")
     registry = _normalise_auth_key(registry) if registry != "*" else registry
     return registry, url.rstrip("/")
-
-
-def _without_userinfo(url: str) -> str:
-    """A URL as it may be shown: ``user:password@`` left out."""
-    return re.sub(r"(//|^)[^/]*@", r"\1", url)
 
 
 def _registry_error(what: str, host: str, response: _Response) -> RegistryError:

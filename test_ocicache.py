@@ -4504,6 +4504,17 @@ def on(method: str, fragment: str, answer: Answer) -> Callable[[Request], Option
     return lambda r: answer if r.method == method and fragment in r.target else None
 
 
+def endless_trailers(body: bytes, media_type: str = "application/octet-stream") -> BodyStream:
+    """A chunked answer of ``body`` whose trailers never end (until the server stops)."""
+    def stream(stop: threading.Event) -> Iterator[bytes]:
+        yield (f"HTTP/1.1 200 OK\r\nContent-Type: {media_type}\r\n"
+               "Transfer-Encoding: chunked\r\n\r\n").encode()
+        yield b"%x\r\n" % len(body) + body + b"\r\n0\r\n"
+        while not stop.wait(0.05):
+            yield b"X-Trailer: y\r\n"
+    return stream
+
+
 def registry_scenarios() -> List[Scenario]:
     """Registries answering pulls with wrong media types, sizes, nesting, digests and
     bodies, bad statuses, redirects and headers."""
@@ -4590,6 +4601,20 @@ def registry_scenarios() -> List[Scenario]:
     add("a manifest trickled a byte at a time", answering("/manifests/1", Answer(
         200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], trickle(image.manifest.data, 0.25),
         len(image.manifest.data))), bound=6.0)
+    # A deadline for each whole answer, not only for each read.
+    add("response headers trickled a byte at a time", answering("/manifests/1", Answer(
+        raw=trickle(b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 60000, 0.05))), bound=6.0)
+    add("endless 100 Continue", answering("/manifests/1", Answer(raw=lambda stop: (
+        b"HTTP/1.1 100 Continue\r\n\r\n" for _ in iter(lambda: stop.wait(0.05), True)))),
+        bound=6.0)
+    add("a manifest followed by endless chunked trailers", answering("/manifests/1", Answer(
+        raw=endless_trailers(image.manifest.data, oc.MEDIA_OCI_MANIFEST))), bound=6.0)
+    add("a blob followed by endless chunked trailers", answering(layer.digest, Answer(
+        raw=endless_trailers(layer.data))), outcome="bounded", bound=6.0)
+    add("a foreign layer with urls [1]", fake_registry(image, manifest_blob(
+        config.descriptor(), [layer.descriptor(), {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": sha256(b"foreign"), "size": 7, "urls": [1]}])))
     # Statuses, redirects and headers.
     add("503 with Retry-After: \\xb2", answering("/blobs/", Answer(
         503, [("Retry-After", "\xb2")], b"")))
@@ -4668,7 +4693,10 @@ def token_scenarios() -> List[Scenario]:
     for label, body in [("a token that is a list", b'{"token": ["a"]}'),
                         ("expires_in 'soon'", b'{"token": "ok", "expires_in": "soon"}'),
                         ("expires_in 1e999", b'{"token": "ok", "expires_in": 1e999}'),
-                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}')]:
+                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}'),
+                        ("expires_in of 400 digits",
+                         b'{"token": "ok", "expires_in": 1' + b"0" * 400 + b"}"),
+                        ("expires_in -1e308", b'{"token": "ok", "expires_in": -1e308}')]:
         add(f"token server: {label}", realm, Answer(200, [], body), outcome="bounded")
     return scenarios
 
@@ -4718,6 +4746,63 @@ def push_scenarios() -> List[Scenario]:
     add("every HEAD says the blob is there", on("HEAD", "/blobs/", Answer(200, [], b"")),
         outcome="bounded")
     return scenarios
+
+
+def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
+    """Registries sending a pull to another host, ``cdn`` (another loopback address),
+    which asks for credentials of its own, serves, or takes a token request."""
+    image = make_image("cross")
+    scenarios: List[Scenario] = []
+
+    def sending(label: str, fragment: str, location: str, status: int = 307,
+                method: str = "GET", **options: Any) -> None:
+        def answer(request: Request) -> Optional[Answer]:
+            if request.method == method and fragment in request.target:
+                return Answer(status, [("Location", location.replace("{target}",
+                                                                    request.target))], b"")
+            return None
+        scenarios.append(Scenario(label, fake_registry(image, override=answer), **options))
+
+    for status in (301, 302, 303, 307, 308):
+        sending(f"a blob {status}-redirected to a CDN asking for its own Bearer realm",
+                "/blobs/", f"{cdn.url}/bearer{{target}}", status)
+    sending("a manifest redirected to a CDN asking for Basic credentials", "/manifests/",
+            f"{cdn.url}/basic{{target}}")
+    sending("a blob redirected to a CDN that serves it", "/blobs/", f"{cdn.url}/serve{{target}}",
+            outcome="bounded")
+    sending("a blob redirected to the CDN with a user:password", "/blobs/",
+            f"http://alice:x@{cdn.host}/serve{{target}}")
+    sending("a blob redirected to ftp:// on the CDN", "/blobs/", f"ftp://{cdn.host}/serve{{target}}")
+
+    def token_redirect(request: Request) -> Optional[Answer]:
+        if request.target.startswith("/token"):
+            return Answer(302, [("Location", f"{cdn.url}/steal")], b"")
+        if not request.headers.get("authorization", "").startswith("Bearer "):
+            return Answer(401, [("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:'
+                                 f'{request.port}/token",service="s"')], b"")
+        return None
+    scenarios.append(Scenario("a token realm 302-redirecting to the CDN",
+                              fake_registry(image, override=token_redirect), outcome="bounded"))
+    return scenarios
+
+
+def cdn_and_realm(image: ImageBlobs) -> Tuple[Callable[[Request], Answer], Callable[[Request], Answer]]:
+    """Handlers for the CDN of cross_host_scenarios and for the realm its 401s name."""
+    blobs = {b.digest: b.data for b in image.blobs}
+
+    def cdn(request: Request) -> Answer:
+        kind, _, rest = request.target.lstrip("/").partition("/")
+        if kind == "bearer":
+            return Answer(401, [("WWW-Authenticate",
+                                 f'Bearer realm="{cdn.realm}/token",service="cdn"')], b"")
+        if kind == "basic":
+            return Answer(401, [("WWW-Authenticate", 'Basic realm="cdn"')], b"")
+        if kind == "serve" and rest.rsplit("/", 1)[-1] in blobs:
+            return Answer(200, [], blobs[rest.rsplit("/", 1)[-1]])
+        return json_answer({"token": "from-the-cdn"})
+
+    cdn.realm = ""  # type: ignore[attr-defined]
+    return cdn, lambda request: json_answer({"token": "from-the-attackers-realm"})
 
 
 class RandomRegistry:
@@ -4876,6 +4961,38 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
 
     def test_hostile_token_servers_and_challenges(self) -> None:
         self.run_campaign("hostile token servers", token_scenarios())
+
+    def test_redirects_to_other_hosts_with_challenges_of_their_own(self) -> None:
+        secret = "cr0ss-h0st-pa55-31d9"
+        self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
+        self.docker_config({"credsStore": "any"})  # credentials for every host
+        cdn_handler, realm_handler = cdn_and_realm(make_image("cross"))
+        realm = HostileServer(realm_handler, "127.0.0.3")
+        self.addCleanup(realm.stop)
+        cdn_handler.realm = realm.url  # type: ignore[attr-defined]
+        cdn = HostileServer(cdn_handler, "127.0.0.2")
+        self.addCleanup(cdn.stop)
+
+        def leaks(server: HostileServer) -> str:
+            found = [f"the realm {realm.host} was asked {r.method} {r.target[:40]}"
+                     for r in realm.requests]
+            found += [f"{cdn.host} got {what} ({r.method} {r.target[:40]})" for r in cdn.requests
+                      for what in ["an Authorization header"] * ("authorization" in r.headers)
+                      + ["the secret"] * (secret in repr(r) or basic("alice", secret) in repr(r))]
+            return "; ".join(found)
+
+        scenarios = cross_host_scenarios(cdn)
+        for scenario in scenarios:
+            scenario.check = leaks
+        run = self.run_scenario
+
+        def afresh(scenario: Scenario) -> List[str]:  # each scenario's requests only
+            realm.requests.clear()
+            cdn.requests.clear()
+            return run(scenario)
+
+        self.run_scenario = afresh  # type: ignore[method-assign]
+        self.run_campaign("redirects to other hosts", scenarios)
 
     def test_hostile_registries_for_pushes(self) -> None:
         amd, arm = make_image("push-amd"), make_image("push-arm", "arm64")
