@@ -4477,6 +4477,155 @@ class TestRegistryDetails(RegistryTestCase):
         self.assertIn(base.layers[0].digest, mounts[0].uri)
 
 
+class TestRegistryQuirks(RegistryTestCase):
+    """What real registries do (ECR, GHCR, Artifactory, Docker Hub's CDN and rate
+    limits), given to the real registry by a FaultProxy in front of it."""
+
+    def served(self, repository: str, seed: str, size: int = 0) -> Tuple[Registry, FaultProxy,
+                                                                          ImageBlobs]:
+        registry = self.start_registry()
+        image = make_image(seed, layer_files=[{"big": random.Random(seed).randbytes(size)}],
+                           gzip_layers=False) if size else make_image(seed)
+        upload(registry.url, repository, image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        return registry, proxy, image
+
+    def test_a_refused_resume_starts_the_blob_again(self) -> None:
+        _, proxy, image = self.served("test/resume", "resume", 1 << 20)
+        layer = image.layers[0]
+        partial = self.cache.layout.blob_path(layer.digest) + oc._PARTIAL_SUFFIX
+        for status in (400, 416):
+            with self.subTest(status=status):
+                self.cache.clean()
+                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                with open(partial, "wb") as f:
+                    f.write(b"bytes the server disowns" * 1000)
+                proxy.clear_faults()
+                proxy.add_fault("respond", match=f"/blobs/{layer.digest}", method="GET",
+                                status=status)
+                self.provider().image_pull(f"{proxy.host}/test/resume:1", "", "amd64")
+                self.assertEqual([f[0] for f in proxy.fired()][-1:], ["respond"])
+                self.assertTrue(self.cache.verify().ok)
+                self.assertFalse(os.path.exists(partial))
+
+    def test_push_takes_a_403_on_the_tag_check_as_absent(self) -> None:
+        registry, proxy, _ = self.served("test/other", "other")
+        image = make_image("artifactory")
+        self.load_image(f"{proxy.host}/test/art:1", image)
+        denied = {"status": 403, "headers": {"Content-Type": "application/json"},
+                  "body": b'{"errors":[{"code":"DENIED","message":"no such tag"}]}'}
+        proxy.add_fault("respond", method="GET", match="/test/art/manifests/1", **denied)
+        self.provider().push(f"{proxy.host}/test/art:1")
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/art/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
+        self.assertEqual(served.read(), image.manifest.data)
+        self.cache.clean()  # a pull keeps reporting 403 as it is
+        proxy.add_fault("respond", match="/test/art/manifests/1", times=None, **denied)
+        with self.assertRaisesRegex(oc.AuthenticationError, "403 DENIED: no such tag"):
+            self.provider().image_pull(f"{proxy.host}/test/art:1", "", "amd64")
+
+    def test_only_the_digest_is_asked_for_with_head(self) -> None:
+        registry, proxy, image = self.served("test/head", "head")
+        name = f"{proxy.host}/test/head:1"
+        cache = self.provider()
+        cache.image_pull(name, "", "amd64")
+        before = len(proxy.requests())
+        cache.image_pull(name, "", "amd64", always_pull=True)  # the tag has not moved
+        self.assertTrue(cache.image_in_registry(name, "", "amd64"))
+        self.assertTrue(cache.is_published(name))
+        asked = [method for method, path in proxy.requests()[before:] if "/manifests/" in path]
+        self.assertEqual(asked, ["HEAD"] * 3)
+        moved = make_image("moved")
+        upload(registry.url, "test/head", moved.blobs, [("1", moved.manifest)])
+        before = len(proxy.requests())
+        self.assertFalse(cache.is_published(name))
+        cache.image_pull(name, "", "amd64", always_pull=True)  # moved: GET
+        self.assertEqual(str(cache.find_descriptor(name).digest), moved.manifest.digest)
+        self.assertIn("GET", [m for m, p in proxy.requests()[before:] if "/manifests/" in p])
+        # A registry that does not answer HEAD is asked with GET.
+        proxy.add_fault("respond", method="HEAD", match="/manifests/", status=405, times=None)
+        upload(registry.url, "test/head", image.blobs, [("1", image.manifest)])
+        cache.image_pull(name, "", "amd64", always_pull=True)
+        self.assertEqual(str(cache.find_descriptor(name).digest), image.manifest.digest)
+        self.assertTrue(cache.is_published(name))
+
+    def test_rate_limits_are_shown_and_a_long_quota_wait_is_not_retried(self) -> None:
+        _, proxy, _ = self.served("library/alpine", "limited")
+        proxy.add_fault("respond", match="/manifests/", status=429, times=None, headers={
+            "Retry-After": "3600", "ratelimit-limit": "100;w=21600",
+            "ratelimit-remaining": "0;w=21600", "docker-ratelimit-source": "203.0.113.7",
+            "Content-Type": "application/json"},
+            body=b'{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit"}]}')
+        started = time.monotonic()
+        with self.assertRaises(oc.RegistryError) as caught:
+            self.provider(max_retry_after=2).image_pull(f"{proxy.host}/library/alpine:1")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(len(proxy.fired()), 1)  # waiting an hour is not a retry
+        for shown in ("429 TOOMANYREQUESTS", "ratelimit-remaining=0;w=21600",
+                      "docker-ratelimit-source=203.0.113.7", "retry-after=3600"):
+            self.assertIn(shown, str(caught.exception))
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{proxy.host}/library/alpine:1")
+        said = [line for line in result.stderr.decode().splitlines()
+                if not line.startswith("ocicache: ")]
+        self.assertTrue([line for line in said if ": 429" in line and
+                         "ratelimit-remaining=0;w=21600" in line], said)
+
+    def test_retries_share_one_budget_per_document(self) -> None:
+        _, proxy, _ = self.served("test/budget", "budget")
+        for nth in range(1, 40):  # the manifest: 429, a body cut short, 429, ...
+            if nth % 2:
+                proxy.add_fault("respond", match="/manifests/", nth=nth, status=429,
+                                headers={"Retry-After": "0"})
+            else:
+                proxy.add_fault("truncate", match="/manifests/", nth=nth)
+        with self.assertRaises(oc.OciCacheError):
+            self.provider(attempts=4).image_pull(f"{proxy.host}/test/budget:1", "", "amd64")
+        self.assertEqual(len([p for _, p in proxy.requests() if "/manifests/" in p]), 4)
+
+    def test_a_failed_mount_uses_the_upload_session_it_opened(self) -> None:
+        registry = self.start_registry()
+        image = make_image("mountless", layer_files=[{"a": b"a" * 5000}, {"b": b"b"}])
+        self.load_image(f"{registry.host}/test/src:1", image)  # never pushed: no mount works
+        self.provider().push(f"{registry.host}/test/src:1", f"{registry.host}/test/dst:1")
+        entries = [e for e in registry.wait_requests(lambda r: any(
+            "/test/dst/manifests/1" in p for _, p in r)) and registry.access_entries()]
+        posts = [e.uri for e in entries if e.method == "POST"]
+        self.assertEqual(len(posts), len(image.layers) + 1, posts)  # one per blob, the mount's
+        self.assertTrue(all("mount=" in uri for uri in posts), posts)
+        self.assertEqual([e.uri for e in entries if e.method == "DELETE"], [])
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/dst/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
+        self.assertEqual(served.read(), image.manifest.data)
+
+    def test_verbose_says_what_it_does(self) -> None:
+        secret = "v3rbose-pa55-0c1d"
+        registry = self.start_registry(auth=("htpasswd", {"alice": secret}))
+        image = make_image("verbose")
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        path = self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+        # The image goes in through the proxy, with the credentials.
+        self.load_image(f"{proxy.host}/test/v:1", image)
+        self.provider().push(f"{proxy.host}/test/v:1")
+        self.cache.clean()
+        proxy.add_fault("respond", match="/blobs/", method="GET", status=503)
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{proxy.host}/test/v:1")
+        said = result.stderr.decode()
+        self.assertEqual(result.returncode, 0, said)
+        for expected in (f"GET http://{proxy.host}/v2/test/v/manifests/1: 401",
+                         f"GET http://{proxy.host}/v2/test/v/manifests/1: 200",
+                         f"credentials for {proxy.host}/test/v from credentials file {path}",
+                         "answered 503; attempt 2 of", "retrying in"):
+            self.assertIn(expected, said)
+        self.assertEqual(secrets_in(said, [secret, basic("alice", secret)]), [])
+        mirror = self.start_registry()
+        upload(mirror.url, "library/v", image.blobs, [("1", image.manifest)])
+        result = self.cli("-v", "--mirror", f"docker.io={mirror.url}", "pull", "--platform",
+                          "amd64", "v:1")
+        self.assertIn(f"docker.io through the mirror {mirror.url}", result.stderr.decode())
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
