@@ -2853,6 +2853,7 @@ class RegistryClient:
             session = response if response.headers.get("Location") else None
         budget = _RetryBudget(self.transport.options)
         chunked = descriptor.size > self.transport.options.chunked_upload_threshold
+        switched = False
         while True:
             try:
                 self._upload(endpoint, descriptor, layout, chunked, what, session)
@@ -2861,8 +2862,12 @@ class RegistryClient:
             except RegistryError as e:
                 if isinstance(e, AuthenticationError):
                     raise
-                if not chunked and 400 <= e.status < 500:
-                    chunked = True  # a registry that refuses monolithic uploads
+                if 400 <= e.status < 500 and not switched:
+                    # A registry that refuses monolithic uploads, or chunked ones.
+                    _log().debug("%s refused a %s upload (%d); trying %s", endpoint.host,
+                                 "chunked" if chunked else "monolithic", e.status,
+                                 "monolithic" if chunked else "chunked")
+                    chunked, switched = not chunked, True
                     budget.failures += 1
                     if budget.failures >= budget.attempts:
                         raise

@@ -975,7 +975,7 @@ class TokenIssuer:
 # FaultProxy
 # --------------------------------------------------------------------------
 
-FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect")
+FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect", "rewrite")
 
 _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
             308: "Permanent Redirect", 401: "Unauthorized", 404: "Not Found",
@@ -1000,6 +1000,11 @@ class Fault:
                 the request is NOT forwarded upstream
       redirect  location, status=307  canned redirect; "{path}" in location is
                 replaced by the original request target (path + query)
+      rewrite   status=None, drop=(), sub={}, body=None  the upstream's answer with
+                another status, without the headers named in ``drop``, with
+                re.sub(pattern, replacement) applied to the headers named in ``sub``
+                ({name: (pattern, replacement)}), and a function of the body bytes
+                (the body is read whole; Content-Length follows it)
     """
 
     def __init__(self, kind: str, *, match: Optional[str] = None,
@@ -1134,6 +1139,18 @@ def _iter_body(rf, headers: list, until_eof: bool) -> Iterator[bytes]:
             if not piece:
                 return
             yield piece
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body's wire bytes."""
+    out, position = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", position)
+        size = int(data[position:end].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2:end + 2 + size]
+        position = end + 2 + size + 2
 
 
 class FaultProxy:
@@ -1328,6 +1345,20 @@ class FaultProxy:
                         client.send(_head_bytes(rstart, rheaders))
                         continue
                     break
+                if fault and fault.kind == "rewrite":
+                    rstart, rheaders = self._rewrite(rstart, rheaders, fault.params)
+                    if fault.params.get("body") and method != "HEAD":
+                        data = b"".join(_iter_body(upstream.rfile, rheaders, until_eof=True))
+                        data = _dechunk(data) if "chunked" in (
+                            _hget(rheaders, "Transfer-Encoding") or "").lower() else data
+                        data = fault.params["body"](data)
+                        rheaders = [(k, v) for k, v in rheaders if k.lower() not in (
+                            "content-length", "transfer-encoding")]
+                        rheaders.append(("Content-Length", str(len(data))))
+                        client.send(_head_bytes(rstart, rheaders) + data)
+                        if client_close:
+                            break
+                        continue
                 no_body = method == "HEAD" or status in (204, 304)
                 has_len = (_hget(rheaders, "Content-Length") is not None
                            or "chunked" in (_hget(rheaders, "Transfer-Encoding") or "").lower())
@@ -1353,6 +1384,22 @@ class FaultProxy:
             self._slots.release()
             with self._lock:
                 self._threads.discard(threading.current_thread())
+
+    @staticmethod
+    def _rewrite(rstart: bytes, rheaders: list, p: dict) -> Tuple[bytes, list]:
+        if p.get("status"):
+            status = p["status"]
+            rstart = f"HTTP/1.1 {status} {_REASONS.get(status, 'Rewritten')}".encode()
+        dropped = {name.lower() for name in p.get("drop", ())}
+        subs = {name.lower(): sub for name, sub in p.get("sub", {}).items()}
+        headers = []
+        for name, value in rheaders:
+            if name.lower() in dropped:
+                continue
+            if name.lower() in subs:
+                value = re.sub(subs[name.lower()][0], subs[name.lower()][1], value)
+            headers.append((name, value))
+        return rstart, headers
 
     def _send_response(self, client: _Conn, rstart: bytes, rheaders: list,
                        body: Iterable[bytes], clen: int, fault: Optional[Fault]) -> bool:
@@ -4597,6 +4644,84 @@ class TestRegistryQuirks(RegistryTestCase):
         served = urllib.request.urlopen(urllib.request.Request(
             f"{registry.url}/v2/test/dst/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
         self.assertEqual(served.read(), image.manifest.data)
+
+    def test_every_quirk_keeps_passing(self) -> None:
+        """Each quirk on its own, on a pull or a push through the proxy; each must work."""
+        secret = "qu1rk-pa55-9e0b"
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        realm_proxy = FaultProxy(LOOPBACK, issuer.port)  # quirks of the token server
+        self.addCleanup(realm_proxy.stop)
+        registry = self.start_registry(auth=("token", issuer), extra_config={
+            "auth": {"token": {"realm": f"{realm_proxy.url}/token"}}})
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+        image = make_image("quirks", layer_files=[{"q": random.Random(2).randbytes(200000)}],
+                           gzip_layers=False)
+        self.load_image(f"{proxy.host}/test/quirks:1", image)
+        self.provider().push(f"{proxy.host}/test/quirks:1")
+
+        def cdn(request: Request) -> Answer:  # Docker Hub's CDN: Authorization is an error
+            if "authorization" in request.headers:
+                return Answer(400, [], b"<Error>Only one auth mechanism allowed</Error>")
+            digest = request.target.rsplit("/", 1)[-1]
+            return Answer(200, [], {b.digest: b.data for b in image.blobs}[digest])
+
+        storage = HostileServer(cdn, "127.0.0.2")
+        self.addCleanup(storage.stop)
+        chunks = {"chunked_upload_threshold": 100000, "upload_chunk_size": 64000}
+        quirks: List[Tuple[str, str, List[Tuple[str, Dict[str, Any]]], Dict[str, Any]]] = [
+            ("no Docker-Content-Digest", "pull", [("rewrite", {
+                "match": "/manifests/|/blobs/", "times": None, "drop": ("Docker-Content-Digest",)})],
+             {}),
+            ("a CDN redirect that rejects Authorization", "pull", [("redirect", {
+                "match": "/blobs/sha256", "method": "GET", "times": None,
+                "location": f"{storage.url}{{path}}"})], {}),
+            ("access_token without token", "pull", [(f"rewrite@{realm_proxy.port}", {
+                "times": None, "body": lambda data: json.dumps({
+                    k: v for k, v in json.loads(data).items() if k != "token"}).encode()})], {}),
+            ("a relative upload Location", "push", [("rewrite", {
+                "match": "/blobs/uploads/", "times": None,
+                "sub": {"Location": (r"^https?://[^/]+", "")}})], {}),
+            ("201 for a PATCH", "push", [("rewrite", {
+                "method": "PATCH", "times": None, "status": 201})], chunks),
+            ("a registry refusing monolithic uploads", "push", [("respond", {
+                "method": "PUT", "match": "/blobs/uploads/.*digest=", "status": 413})], {}),
+            ("a registry refusing chunked uploads", "push", [("respond", {
+                "method": "PATCH", "times": None, "status": 405})], chunks),
+            ("a registry answering 429 now and then", "pull", [("respond", {
+                "match": "/blobs/", "status": 429, "headers": {"Retry-After": "0"}})], {}),
+        ]
+        for number, (label, action, faults, options) in enumerate(quirks):
+            with self.subTest(label):
+                self.cache.clean()
+                for target in (proxy, realm_proxy):
+                    target.clear_faults()
+                before = len(proxy.fired() + realm_proxy.fired())
+                for kind, params in faults:
+                    kind, _, port = kind.partition("@")
+                    (realm_proxy if port else proxy).add_fault(kind, **params)
+                cache = self.provider(**options)
+                if action == "pull":
+                    cache.image_pull(f"{proxy.host}/test/quirks:1", "", "amd64")
+                    self.assertTrue(cache.verify().ok)
+                else:
+                    fresh = make_image(f"quirk-{number}", layer_files=[
+                        {"f": random.Random(number).randbytes(200000)}], gzip_layers=False)
+                    name = f"{proxy.host}/test/pushed-{number}:1"
+                    self.load_image(name, fresh)
+                    cache.push(name)
+                    served = urllib.request.urlopen(urllib.request.Request(
+                        f"{registry.url}/v2/test/pushed-{number}/manifests/1", headers={
+                            "Accept": oc.MEDIA_OCI_MANIFEST,
+                            "Authorization": "Bearer " + issuer.issue_token("alice", [{
+                                "type": "repository", "name": f"test/pushed-{number}",
+                                "actions": ["pull"]}])}))
+                    self.assertEqual(served.read(), fresh.manifest.data)
+                self.assertGreater(len(proxy.fired() + realm_proxy.fired()), before,
+                                   "the quirk was never shown")
+
 
     def test_verbose_says_what_it_does(self) -> None:
         secret = "v3rbose-pa55-0c1d"
