@@ -1944,8 +1944,13 @@ class _RetryBudget:
         self.max_wait = options.max_retry_after
 
 
-_PERMANENT_TLS_ERRORS = ("WRONG_VERSION_NUMBER", "CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE",
-                         "ALERT_HANDSHAKE_FAILURE", "CERTIFICATE_VERIFY_FAILED")
+# What OpenSSL says when the server speaks plain HTTP (its versions differ)...
+_PLAIN_HTTP_TLS_ERRORS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE")
+# ... and when the server wants a client certificate (TLS 1.3, then 1.2).
+_CLIENT_CERTIFICATE_TLS_ERRORS = ("CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE",
+                                  "ALERT_HANDSHAKE_FAILURE")
+_PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERRORS,
+                         "CERTIFICATE_VERIFY_FAILED")
 
 
 def _is_permanent(error: BaseException) -> bool:
@@ -2325,11 +2330,10 @@ def _connection_error(host: str, error: BaseException) -> OciCacheError:
         return OciCacheError(f"cannot reach {host}: {name} could not be resolved ({reason}); "
                              "check the name, or pull through a mirror (--mirror) or a proxy "
                              "(HTTPS_PROXY)")
-    if "WRONG_VERSION_NUMBER" in said:
+    if any(reason in said for reason in _PLAIN_HTTP_TLS_ERRORS):
         return OciCacheError(f"cannot reach {host}: it does not speak TLS ({reason}); if it is "
                              f"a plain-HTTP registry, pass --insecure-registry {host}")
-    if any(alert in said for alert in ("CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE",
-                                       "ALERT_HANDSHAKE_FAILURE")):
+    if any(alert in said for alert in _CLIENT_CERTIFICATE_TLS_ERRORS):
         return OciCacheError(f"cannot reach {host}: it wants a client certificate ({reason}); "
                              f"put client.cert and client.key in certs.d/{host}/ (such as "
                              f"{_CERTS_D_ROOTS[0]}/{host}/)")
@@ -2506,6 +2510,7 @@ class RegistryClient:
 
     def _credentials_for(self, endpoint: _Endpoint) -> Optional[Credentials]:
         if endpoint.credentials is not None:
+            self._once("credentials for %s from %s", endpoint.host, endpoint.credentials.source)
             return endpoint.credentials
         key = (endpoint.registry, endpoint.repository)
         with self._guard:
