@@ -1000,7 +1000,9 @@ class Fault:
                 the request is NOT forwarded upstream
       redirect  location, status=307  canned redirect; "{path}" in location is
                 replaced by the original request target (path + query)
-      rewrite   status=None, drop=(), sub={}, body=None  the upstream's answer with
+      rewrite   status=None, drop=(), sub={}, body=None, target=None  the request
+                sent on with re.sub(*target) applied to its target, and the upstream's
+                answer with
                 another status, without the headers named in ``drop``, with
                 re.sub(pattern, replacement) applied to the headers named in ``sub``
                 ({name: (pattern, replacement)}), and a function of the body bytes
@@ -1319,6 +1321,9 @@ class FaultProxy:
                         break
                     continue
 
+                if fault and fault.kind == "rewrite" and fault.params.get("target"):
+                    pattern, replacement = fault.params["target"]
+                    start = f"{method} {re.sub(pattern, replacement, target)} {version}".encode()
                 # Forward the request upstream (reusing the upstream connection).
                 if upstream is None:
                     try:
@@ -4684,6 +4689,11 @@ class TestRegistryQuirks(RegistryTestCase):
             ("a relative upload Location", "push", [("rewrite", {
                 "match": "/blobs/uploads/", "times": None,
                 "sub": {"Location": (r"^https?://[^/]+", "")}})], {}),
+            ("an upload Location outside /v2/", "push", [("rewrite", {
+                "method": "POST", "match": "/blobs/uploads/$",
+                "sub": {"Location": (r"^(https?://[^/]+)?/v2/", r"\1/elsewhere/v2/")}}),
+                ("rewrite", {"match": "^/elsewhere/", "times": None,
+                             "target": (r"^/elsewhere", "")})], {}),
             ("201 for a PATCH", "push", [("rewrite", {
                 "method": "PATCH", "times": None, "status": 201})], chunks),
             ("a registry refusing monolithic uploads", "push", [("respond", {
@@ -4721,6 +4731,7 @@ class TestRegistryQuirks(RegistryTestCase):
                     self.assertEqual(served.read(), fresh.manifest.data)
                 self.assertGreater(len(proxy.fired() + realm_proxy.fired()), before,
                                    "the quirk was never shown")
+        self.assertTrue([t for _, t in proxy.requests() if t.startswith("/elsewhere/v2/")])
 
 
     def test_verbose_says_what_it_does(self) -> None:
