@@ -2135,12 +2135,14 @@ class _Transport:
                     target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
                     moved = urllib.parse.urlsplit(target)
                     moved.port  # a bad port raises here
+                    if re.search(r"[\x00-\x20\x7f-\x9f]", target):
+                        raise ValueError(target)
                 except ValueError:
                     moved = None
                 if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
                     raise RegistryError(f"{host} redirected to "
                                         f"{_shorten(_one_line(_without_userinfo(location)))!r}, "
-                                        "which is not an http or https URL", response.status)
+                                        "which is not a usable http or https URL", response.status)
                 if "@" in moved.netloc:
                     raise RegistryError(f"{host} redirected to a URL with a user name in it; "
                                         "refusing", response.status)
@@ -2902,7 +2904,8 @@ class RegistryClient:
             url = urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
             parts = urllib.parse.urlsplit(url)
             parts.port  # a bad port raises here
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            if parts.scheme not in ("http", "https") or not parts.netloc or \
+                    re.search(r"[\x00-\x20\x7f-\x9f]", url):
                 raise ValueError(url)
         except ValueError:
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "

@@ -4148,7 +4148,7 @@ class TestTrustBoundaries(LoopbackOnly, RegistryTestCase):
                 proxy.clear_faults()
                 proxy.add_fault("redirect", match="/blobs/", times=None,
                                 location=f"{scheme}://{target.host}{{path}}")
-                with self.assertRaisesRegex(oc.RegistryError, "not an http or https URL"):
+                with self.assertRaisesRegex(oc.RegistryError, "not a usable http or https URL"):
                     self.provider().image_pull(f"{proxy.host}/test/s:1", "", "amd64")
         self.assertEqual(target.requests, [])
 
@@ -4906,7 +4906,8 @@ def registry_scenarios() -> List[Scenario]:
     add("429 with a Retry-After date far away", answering("/blobs/", Answer(
         429, [("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")], b"")))
     for location in ("http://[::1", "/v2/hostile/app/blobs/x", "http://127.0.0.1:1/x",
-                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x"):
+                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x", "/v2/a b\x01c",
+                     "http://127.0.0.1\x00.example/x"):
         add(f"a redirect to {location!r}", answering("/blobs/", Answer(
             307, [("Location", location)], b"")))
     add("a garbage status line", answering("/blobs/", Answer(raw=b"HELLO\r\n\r\n")))
@@ -5017,6 +5018,8 @@ def push_scenarios() -> List[Scenario]:
         add(f"OCI-Chunk-Min-Length: {minimum}", on("POST", "/blobs/uploads/", Answer(
             202, [("Location", "/v2/hostile/app/blobs/uploads/s"),
                   ("OCI-Chunk-Min-Length", minimum)], b"")), outcome="bounded")
+    add("an upload Location with a space and a control character", on(
+        "POST", "/blobs/uploads/", Answer(202, [("Location", "/v2/x/uploads/a b\x01")], b"")))
     add("an upload Location on a closed port", on("POST", "/blobs/uploads/", Answer(
         202, [("Location", "http://127.0.0.1:1/upload")], b"")))
     add("an upload answer without a Location", on("POST", "/blobs/uploads/", Answer(
