@@ -1699,8 +1699,8 @@ def find_credentials(registry: str, repository: str = "") -> Optional[Credential
             for key in keys:
                 if key in normalised:
                     original, entry = normalised[key]
-                    credentials = _credentials_from_entry(
-                        entry, f"credentials file {path} (auths {_shorten(_one_line(original))!r})")
+                    where = f"credentials file {path} (auths {_shorten(_one_line(original))!r})"
+                    credentials = _credentials_from_entry(entry, where)
                     if credentials is not None:
                         return credentials
         store = config.get("credsStore")
@@ -2140,9 +2140,9 @@ class _Transport:
                 except ValueError:
                     moved = None
                 if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
-                    raise RegistryError(f"{host} redirected to "
-                                        f"{_shorten(_one_line(_without_userinfo(location)))!r}, "
-                                        "which is not a usable http or https URL", response.status)
+                    shown = _shorten(_one_line(_without_userinfo(location)))
+                    raise RegistryError(f"{host} redirected to {shown!r}, which is not a usable "
+                                        "http or https URL", response.status)
                 if "@" in moved.netloc:
                     raise RegistryError(f"{host} redirected to a URL with a user name in it; "
                                         "refusing", response.status)

@@ -4678,7 +4678,8 @@ class TestRegistryQuirks(RegistryTestCase):
         chunks = {"chunked_upload_threshold": 100000, "upload_chunk_size": 64000}
         quirks: List[Tuple[str, str, List[Tuple[str, Dict[str, Any]]], Dict[str, Any]]] = [
             ("no Docker-Content-Digest", "pull", [("rewrite", {
-                "match": "/manifests/|/blobs/", "times": None, "drop": ("Docker-Content-Digest",)})],
+                "match": "/manifests/|/blobs/", "times": None,
+                "drop": ("Docker-Content-Digest",)})],
              {}),
             ("a CDN redirect that rejects Authorization", "pull", [("redirect", {
                 "match": "/blobs/sha256", "method": "GET", "times": None,
@@ -5060,7 +5061,8 @@ def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
             outcome="bounded")
     sending("a blob redirected to the CDN with a user:password", "/blobs/",
             f"http://alice:x@{cdn.host}/serve{{target}}")
-    sending("a blob redirected to ftp:// on the CDN", "/blobs/", f"ftp://{cdn.host}/serve{{target}}")
+    sending("a blob redirected to ftp:// on the CDN", "/blobs/",
+            f"ftp://{cdn.host}/serve{{target}}")
 
     def token_redirect(request: Request) -> Optional[Answer]:
         if request.target.startswith("/token"):
@@ -5074,23 +5076,21 @@ def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
     return scenarios
 
 
-def cdn_and_realm(image: ImageBlobs) -> Tuple[Callable[[Request], Answer], Callable[[Request], Answer]]:
-    """Handlers for the CDN of cross_host_scenarios and for the realm its 401s name."""
+def cdn_handler(image: ImageBlobs, realm: str) -> Callable[[Request], Answer]:
+    """The CDN of cross_host_scenarios: its 401s name ``realm``; it serves ``image``."""
     blobs = {b.digest: b.data for b in image.blobs}
 
     def cdn(request: Request) -> Answer:
         kind, _, rest = request.target.lstrip("/").partition("/")
         if kind == "bearer":
             return Answer(401, [("WWW-Authenticate",
-                                 f'Bearer realm="{cdn.realm}/token",service="cdn"')], b"")
+                                 f'Bearer realm="{realm}/token",service="cdn"')], b"")
         if kind == "basic":
             return Answer(401, [("WWW-Authenticate", 'Basic realm="cdn"')], b"")
         if kind == "serve" and rest.rsplit("/", 1)[-1] in blobs:
             return Answer(200, [], blobs[rest.rsplit("/", 1)[-1]])
         return json_answer({"token": "from-the-cdn"})
-
-    cdn.realm = ""  # type: ignore[attr-defined]
-    return cdn, lambda request: json_answer({"token": "from-the-attackers-realm"})
+    return cdn
 
 
 class RandomRegistry:
@@ -5254,11 +5254,9 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
         secret = "cr0ss-h0st-pa55-31d9"
         self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
         self.docker_config({"credsStore": "any"})  # credentials for every host
-        cdn_handler, realm_handler = cdn_and_realm(make_image("cross"))
-        realm = HostileServer(realm_handler, "127.0.0.3")
+        realm = HostileServer(lambda r: json_answer({"token": "the-attackers"}), "127.0.0.3")
         self.addCleanup(realm.stop)
-        cdn_handler.realm = realm.url  # type: ignore[attr-defined]
-        cdn = HostileServer(cdn_handler, "127.0.0.2")
+        cdn = HostileServer(cdn_handler(make_image("cross"), realm.url), "127.0.0.2")
         self.addCleanup(cdn.stop)
 
         def leaks(server: HostileServer) -> str:
