@@ -5106,9 +5106,11 @@ class RandomRegistry:
                   'Bearer realm="{self}/token",error="insufficient_scope"',
                   'Bearer realm="http://127.0.0.1:1/token"', 'Basic realm="x"', "Negotiate"]
     LOCATIONS = ["http://[::1", "/v2/", "{target}", "http://127.0.0.1:1/x", "", "//127.0.0.1:1/x",
-                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x"]
+                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x",
+                 "{cdn}/bearer{target}", "{cdn}/basic{target}", "{cdn}/serve{target}"]
 
-    def __init__(self, seed: int, image: ImageBlobs) -> None:
+    def __init__(self, seed: int, image: ImageBlobs, cdn: str = "http://127.0.0.1:1") -> None:
+        self.cdn = cdn  # another host (cdn_handler), which asks for credentials of its own
         self.rng = random.Random(seed)
         self.mutator = Mutator(seed)
         self.normal = fake_registry(image)
@@ -5146,7 +5148,7 @@ class RandomRegistry:
             status = rng.choice(self.STATUSES)
             own = f"http://127.0.0.1:{request.port}"
             headers = [(name, rng.choice(values).replace("{self}", own).replace(
-                "{target}", request.target)) for name, values in
+                "{target}", request.target).replace("{cdn}", self.cdn)) for name, values in
                 [("WWW-Authenticate", self.CHALLENGES), ("Retry-After", self.RETRY_AFTER),
                  ("Location", self.LOCATIONS)] if rng.random() < 0.6]
             error = mutator.mutate_json({"errors": [{"code": "DENIED", "message": "no"}]})
@@ -5308,13 +5310,32 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
         seed = fuzz_seed()
         count, seconds = (400, 600.0) if STRESS else (10, 15.0)
         image = make_image("random")
+        # Credentials for every host, and another host with a realm of its own.
+        secret = "rand0m-pa55-4b7e"
+        self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
+        self.docker_config({"credsStore": "any"})
+        realm = HostileServer(lambda r: json_answer({"token": "the-attackers"}), "127.0.0.3")
+        self.addCleanup(realm.stop)
+        cdn = HostileServer(cdn_handler(image, realm.url), "127.0.0.2")
+        self.addCleanup(cdn.stop)
+
+        def leaks(server: HostileServer) -> str:
+            found = [f"the realm {realm.host} was asked" for _ in realm.requests[:1]]
+            found += [f"{cdn.host} got an Authorization header" for r in cdn.requests
+                      if "authorization" in r.headers][:1]
+            realm.requests.clear()
+            cdn.requests.clear()
+            return "; ".join(found)
+
         failed: Dict[str, List[str]] = collections.defaultdict(list)
         deadline = time.monotonic() + seconds
         tried = 0
         for tried in range(1, count + 1):
-            registry = RandomRegistry(seed + tried, image)
-            for problem in self.run_scenario(Scenario(f"random {seed + tried}", registry,
-                                                      outcome="bounded", bound=20.0)):
+            registry = RandomRegistry(seed + tried, image, cdn.url)
+            found: List[str] = []
+            scenario = Scenario(f"random {seed + tried}", registry, outcome="bounded", bound=20.0,
+                                check=lambda server: found.append(leaks(server)) or found[0])
+            for problem in self.run_scenario(scenario):
                 failed[re.sub(r"\d+", "N", problem)[:90]].append(
                     f"seed {seed + tried} ({'; '.join(registry.trace)[:200]})")
             if time.monotonic() > deadline:
