@@ -1515,7 +1515,7 @@ class Credentials:
     password: str = _field(default="", repr=False)
     identity_token: str = _field(default="", repr=False)
     registry_token: str = _field(default="", repr=False)
-    source: str = ""
+    source: str = _field(default="", repr=False)  # said in messages, not in reprs
 
     def basic_header(self) -> str:
         import base64
@@ -1810,7 +1810,7 @@ Body = Union[None, bytes, Callable[[], io.RawIOBase], Callable[[], IO[bytes]]]
 
 class _Clock:
     """The deadline of what one connection reads now: a response's head, a small body
-    whole, the rest of a body left to drain. None while a blob streams (a stall watch
+    whole, the rest of a body left to drain; none while a blob streams (a stall watch
     judges that). Every read checks it, so a server answering a byte at a time, with
     endless ``100 Continue`` or endless chunked trailers, ends at the deadline too."""
 
@@ -2336,8 +2336,10 @@ def _connection_error(host: str, error: BaseException) -> OciCacheError:
         return OciCacheError(f"cannot reach {host}: it does not speak TLS ({reason}); if it is "
                              f"a plain-HTTP registry, pass --insecure-registry {host}")
     if any(alert in said for alert in _CLIENT_CERTIFICATE_TLS_ERRORS):
-        return OciCacheError(f"cannot reach {host}: it wants a client certificate ({reason}); "
-                             f"put client.cert and client.key in certs.d/{host}/ (such as "
+        wants = "it wants a client certificate" if "HANDSHAKE" not in said else \
+            "the TLS handshake failed; if it wants a client certificate"
+        return OciCacheError(f"cannot reach {host}: {reason}; {wants}, put client.cert and "
+                             f"client.key in certs.d/{host}/ (such as "
                              f"{_CERTS_D_ROOTS[0]}/{host}/)")
     return OciCacheError(f"cannot reach {host}: {reason}")
 
