@@ -746,13 +746,16 @@ class Descriptor:
             if not isinstance(annotations, dict) or not all(
                     isinstance(v, str) for v in annotations.values()):
                 raise OciCacheError("annotations must map strings to strings")
+            urls = data.get("urls") or []
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise OciCacheError("urls must be a list of strings")
             return cls(
                 media_type=str(data.get("mediaType", "")),
                 digest=Digest.parse(data.get("digest", "")),
                 size=data.get("size", -1),
                 annotations=annotations,
                 platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
-                urls=tuple(data.get("urls") or ()),
+                urls=tuple(urls),
                 artifact_type=str(data.get("artifactType", "")),
                 data=str(data.get("data", "")),
                 extra={k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS},
@@ -2284,17 +2287,30 @@ def parse_challenges(header: str) -> List[Challenge]:
 
 @_value_type
 class Credentials:
-    """A username and secret for one registry. ``repr`` never shows a secret."""
+    """A username and secret for one registry, and where they came from (``source``:
+    a file and its key, a helper, a mirror URL). ``repr`` never shows a secret."""
 
     username: str = ""
     password: str = _field(default="", repr=False)
     identity_token: str = _field(default="", repr=False)
     registry_token: str = _field(default="", repr=False)
+    source: str = _field(default="", repr=False)  # said in messages, not in reprs
 
     def basic_header(self) -> str:
         import base64
         pair = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
+
+    def checked(self) -> "Credentials":
+        """These credentials, if every token can go into an HTTP header or form as it
+        is; else AuthenticationError naming the source and the key, never the value."""
+        for key, value in (("identitytoken", self.identity_token),
+                           ("registrytoken", self.registry_token)):
+            if value and not re.fullmatch(r"[\x21-\x7e]+", value):
+                raise AuthenticationError(
+                    f"{self.source or 'the credentials'}: its {key} holds a character an "
+                    "HTTP header cannot carry (a space, control or non-ASCII character)")
+        return self
 
 
 def _auth_files() -> List[str]:
@@ -2410,9 +2426,10 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     except (OciCacheError, AttributeError):
         raise OciCacheError(f"credential helper {program} printed something that is not "
                             "its JSON answer") from None
+    source = f"credential helper {program}"
     if username == "<token>":
-        return Credentials(identity_token=secret)
-    return Credentials(username, secret)
+        return Credentials(identity_token=secret, source=source).checked()
+    return Credentials(username, secret, source=source)
 
 
 def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
@@ -2425,15 +2442,17 @@ def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
         try:
             username, _, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
         except (binascii.Error, ValueError):  # not base64, not ASCII, not UTF-8
-            raise OciCacheError(f"credentials file {where}: an 'auth' value is not "
+            raise OciCacheError(f"{where}: an 'auth' value is not "
                                 "base64 of user:password") from None
     if entry.get("identitytoken"):
-        return Credentials(username, identity_token=str(entry["identitytoken"]))
+        return Credentials(username, identity_token=str(entry["identitytoken"]),
+                           source=where).checked()
     if entry.get("registrytoken"):
-        return Credentials(username, registry_token=str(entry["registrytoken"]))
+        return Credentials(username, registry_token=str(entry["registrytoken"]),
+                           source=where).checked()
     if username == "<token>":
-        return Credentials(identity_token=password)
-    return Credentials(username, password) if username or password else None
+        return Credentials(identity_token=password, source=where).checked()
+    return Credentials(username, password, source=where) if username or password else None
 
 
 def find_credentials(registry: str, repository: str = "") -> Optional[Credentials]:
@@ -2455,11 +2474,14 @@ def find_credentials(registry: str, repository: str = "") -> Optional[Credential
                     return _run_credential_helper(helper, server)
         auths = config.get("auths") or {}
         if isinstance(auths, dict):
-            normalised = {_normalise_auth_key(k): v for k, v in auths.items()}
+            normalised = {_normalise_auth_key(k): (k, v) for k, v in auths.items()}
             for key in keys:
-                credentials = _credentials_from_entry(normalised.get(key), path)
-                if credentials is not None:
-                    return credentials
+                if key in normalised:
+                    original, entry = normalised[key]
+                    where = f"credentials file {path} (auths {_shorten(_one_line(original))!r})"
+                    credentials = _credentials_from_entry(entry, where)
+                    if credentials is not None:
+                        return credentials
         store = config.get("credsStore")
         if isinstance(store, str) and store:
             return _run_credential_helper(store, server)
@@ -2498,19 +2520,48 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _retry_after(value: Optional[str], limit: float) -> Optional[float]:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
     if not value:
         return None
     value = value.strip()
     if re.fullmatch(r"[0-9]{1,9}", value):
-        return min(float(value), limit)
+        return float(value)
     import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return min(max(when - time.time(), 0.0), limit)
+    return max(when - time.time(), 0.0)
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL as it may be shown: ``user:password@`` left out."""
+    return re.sub(r"(//|^)[^/]*@", r"\1", url)
+
+
+def _may_send_credentials(url: str, registry: str, realm: str = "") -> bool:
+    """Where a credential may go; the one place that decides it. ``registry`` is the
+    ``scheme://host`` the credentials are for; ``realm`` the token realm that registry's
+    own challenge named. A credential goes to that host (never downgraded to plain
+    HTTP) and to that realm (plain HTTP only for a plain-HTTP registry or loopback);
+    nowhere else: not to a redirect target, a CDN, an upload Location elsewhere."""
+    import urllib.parse
+    try:
+        target, own = urllib.parse.urlsplit(url), urllib.parse.urlsplit(registry)
+    except ValueError:
+        return False
+    if target.scheme not in ("http", "https") or "@" in target.netloc:
+        return False
+    if target.netloc == own.netloc:
+        return not (own.scheme == "https" and target.scheme == "http")
+    if not realm:
+        return False
+    wanted = urllib.parse.urlsplit(realm)
+    if (target.scheme, target.netloc, target.path) != (wanted.scheme, wanted.netloc,
+                                                       wanted.path):
+        return False
+    return target.scheme == "https" or own.scheme == "http" or _is_loopback(target.netloc)
 
 
 @_value_type(frozen=False)
@@ -2523,7 +2574,8 @@ class TransportOptions:
     timeout: float = 60.0
     attempts: int = 5
     backoff: float = 0.5
-    max_retry_after: float = 60.0
+    max_retry_after: float = 60.0   # the longest wait a server may ask for and get
+    retry_budget: float = 120.0     # seconds one operation may wait for retries, in all
     # One request costs a registry less than many (distribution saves its hash state
     # after every PATCH; pushing 512 MiB cost it 2.9 s of CPU in chunks, 2.3 s whole),
     # and docker and skopeo send whole blobs too; Quay refuses single uploads near 20 GB.
@@ -2535,24 +2587,96 @@ Body = Union[None, bytes, Callable[[], io.RawIOBase], Callable[[], IO[bytes]]]
 """A request body: bytes, or a function opening a fresh stream for each attempt."""
 
 
+class _Clock:
+    """The deadline of what one connection reads now: a response's head, a small body
+    whole, the rest of a body left to drain; none while a blob streams (a stall watch
+    judges that). Every read checks it, so a server answering a byte at a time, with
+    endless ``100 Continue`` or endless chunked trailers, ends at the deadline too."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.deadline = float("inf")
+
+    def start(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def stop(self) -> None:
+        self.deadline = float("inf")
+
+
+class _TimedReader(io.RawIOBase):
+    """A socket's bytes, read within its connection's deadline."""
+
+    def __init__(self, sock: Any, clock: _Clock) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until closed
+        self._clock = clock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._clock.deadline - time.monotonic()
+        if left >= self._clock.timeout:
+            return int(self._raw.readinto(buffer))
+        if left <= 0:
+            raise TimeoutError(f"timed out: no whole answer within {self._clock.timeout:g}s")
+        self._sock.settimeout(left)
+        try:
+            return int(self._raw.readinto(buffer))
+        finally:
+            self._sock.settimeout(self._clock.timeout)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _TimedSocket:
+    """What http.client's response reads from: the socket, behind a _TimedReader."""
+
+    def __init__(self, sock: Any, clock: _Clock) -> None:
+        self._sock = sock
+        self._clock = clock
+
+    def makefile(self, *_: Any, **__: Any) -> IO[bytes]:
+        return io.BufferedReader(_TimedReader(self._sock, self._clock))
+
+
+@functools.lru_cache(maxsize=None)
+def _timed_response_class() -> Any:
+    class _TimedResponse(_http_client.HTTPResponse):  # type: ignore[name-defined,misc]
+        def __init__(self, clock: _Clock, sock: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(_TimedSocket(sock, clock), *args, **kwargs)
+    return _TimedResponse
+
+
 class _Response:
     """A response whose body is read by the caller (``read``) or whole (``body``)."""
 
     def __init__(self, raw: "http.client.HTTPResponse", url: str,
-                 connection: "http.client.HTTPConnection", timeout: float) -> None:
+                 connection: "http.client.HTTPConnection", timeout: float,
+                 clock: Optional[_Clock] = None) -> None:
         self.raw = raw
         self.status = raw.status
         self.headers = raw.headers
         self.url = url
         self.timeout = timeout
         self._connection = connection
+        self._clock = clock or _Clock(timeout)
 
     def read(self, n: int = -1) -> bytes:
         return self.raw.read(n)
 
+    def streaming(self) -> None:
+        """The caller streams a long body and watches for stalls itself: no deadline."""
+        self._clock.stop()
+
     def body(self, limit: int = MAX_MANIFEST_SIZE) -> bytes:
         """The whole body, at most ``limit`` bytes, within ``timeout`` seconds in all: a
         server trickling a byte at a time gets no longer than one that is silent."""
+        self._clock.start()
         deadline = time.monotonic() + self.timeout
         data = bytearray()
         while len(data) <= limit:
@@ -2570,6 +2694,7 @@ class _Response:
     def close(self, reuse: bool = True) -> None:
         if reuse and not self.raw.isclosed():
             # Read what is left to keep the connection, but not without end.
+            self._clock.start()
             with contextlib.suppress(OSError, _http_client.HTTPException):
                 drained = 0
                 while drained <= COPY_BUFFER_SIZE:
@@ -2579,8 +2704,39 @@ class _Response:
                     drained += len(chunk)
                 else:
                     reuse = False
+            if not self.raw.isclosed():
+                reuse = False
         if not reuse or self.raw.will_close:
             self._connection.close()
+
+
+class _RetryBudget:
+    """What one operation (a manifest, a blob, an upload) may still spend on retries,
+    shared by every level that retries: the transport, a body fetched again, a resumed
+    download. Levels that counted for themselves multiplied: five tries of five tries
+    of a 60 s Retry-After made 25 minutes for one document."""
+
+    def __init__(self, options: "TransportOptions") -> None:
+        self.attempts = max(1, options.attempts)
+        self.failures = 0
+        self.wait_left = options.retry_budget
+        self.max_wait = options.max_retry_after
+
+
+# What OpenSSL says when the server speaks plain HTTP (its versions differ)...
+_PLAIN_HTTP_TLS_ERRORS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE")
+# ... and when the server wants a client certificate (TLS 1.3, then 1.2).
+_CLIENT_CERTIFICATE_TLS_ERRORS = ("CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE",
+                                  "ALERT_HANDSHAKE_FAILURE")
+_PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERRORS,
+                         "CERTIFICATE_VERIFY_FAILED")
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Failures that waiting does not fix: a name that does not resolve, TLS refused."""
+    import socket
+    return isinstance(error, socket.gaierror) or any(
+        reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
 class _Transport:
@@ -2617,41 +2773,49 @@ class _Transport:
                     continue
                 for name in sorted(os.listdir(directory)):
                     path = os.path.join(directory, name)
+                    key_file = path[:-len(".cert")] + ".key"
+                    if name.endswith(".cert") and not os.path.exists(key_file):
+                        raise OciCacheError(f"client certificate {path} has no key: "
+                                            f"{key_file} is missing")
                     try:
                         if name.endswith(".crt"):
                             context.load_verify_locations(cafile=path)
                         elif name.endswith(".cert"):
-                            context.load_cert_chain(path, path[:-len(".cert")] + ".key")
+                            context.load_cert_chain(path, key_file)
                     except (OSError, ssl.SSLError) as e:
                         raise OciCacheError(f"cannot load {path}: {e}") from None
             self._contexts[key] = context
             return context
 
-    def _connection(self, scheme: str, host: str) -> "http.client.HTTPConnection":
+    def _connection(self, scheme: str, host: str
+                    ) -> Tuple["http.client.HTTPConnection", _Clock]:
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
-        connection = pool.get((scheme, host))
-        if connection is None:
-            proxy = self._proxy_for(scheme, host)
-            timeout = self.options.timeout
-            if scheme == "https":
-                verify = host not in self.options.insecure_registries
-                context = self._ssl_context(host, verify)
-                if proxy:
-                    connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
-                                                             context=context)
-                    connection.set_tunnel(host)
-                else:
-                    connection = _http_client.HTTPSConnection(host, timeout=timeout,
-                                                             context=context)
+        if (scheme, host) in pool:
+            return pool[(scheme, host)]  # type: ignore[no-any-return]
+        proxy = self._proxy_for(scheme, host)
+        timeout = self.options.timeout
+        if scheme == "https":
+            verify = host not in self.options.insecure_registries
+            context = self._ssl_context(host, verify)
+            if proxy:
+                connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
+                                                         context=context)
+                connection.set_tunnel(host)
             else:
-                connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
-            connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
-            pool[(scheme, host)] = connection
-            with self._guard:
-                self._open.append(connection)
-        return connection
+                connection = _http_client.HTTPSConnection(host, timeout=timeout,
+                                                         context=context)
+        else:
+            connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
+        connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
+        clock = _Clock(timeout)
+        connection.response_class = functools.partial(  # type: ignore[assignment]
+            _timed_response_class(), clock)
+        pool[(scheme, host)] = (connection, clock)
+        with self._guard:
+            self._open.append(connection)
+        return connection, clock
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
@@ -2662,7 +2826,7 @@ class _Transport:
 
     def _drop(self, scheme: str, host: str) -> None:
         pool = getattr(self._local, "pool", {})
-        connection = pool.pop((scheme, host), None)
+        connection, _ = pool.pop((scheme, host), (None, None))
         if connection is not None:
             connection.close()
 
@@ -2682,22 +2846,31 @@ class _Transport:
         return self._schemes.get(host, "http" if self._may_use_http(host) else "https")
 
     def request(self, method: str, url: str, headers: Optional[Mapping[str, str]] = None,
-                body: Body = None, retry: bool = True, redirects: int = 5) -> _Response:
+                body: Body = None, retry: bool = True, redirects: int = 5,
+                budget: Optional[_RetryBudget] = None) -> _Response:
         """Send one request, retrying what is worth retrying and following redirects.
 
         ``url`` is ``https://host/path``; for a host that turned out to speak plain
-        HTTP the scheme is switched. ``Authorization`` is sent only to the URL's own
-        host: a redirect elsewhere (a CDN, S3) goes without it.
+        HTTP the scheme is switched. ``Authorization`` and a body go only where
+        ``_may_send_credentials`` allows: a redirect elsewhere (a CDN, S3) goes without
+        them. Retries spend ``budget``, the operation's (a fresh one by default).
         """
         import urllib.parse
         headers = dict(headers or {})
-        attempt = 0
+        budget = budget or _RetryBudget(self.options)
         while True:
             parts = urllib.parse.urlsplit(url)
             host = parts.netloc
             scheme = self.scheme(host) if parts.scheme == "https" else parts.scheme
             probing = scheme == "http" and parts.scheme == "https" and host not in self._schemes
             path = parts.path + (f"?{parts.query}" if parts.query else "")
+            if probing and method == "HEAD":
+                # A HEAD's answer has no body to tell a TLS server's 400 by: GET /v2/
+                # finds the scheme first.
+                self.request("GET", f"https://{host}/v2/",
+                             {k: v for k, v in headers.items() if k.lower() == "user-agent"},
+                             retry=retry, budget=budget).close()
+                continue
             self._wait_for_host(host)
             try:
                 try:
@@ -2716,13 +2889,16 @@ class _Transport:
                     self._schemes[host] = scheme = "https"
                     probing = False
             except (OSError, _http_client.HTTPException) as e:
-                attempt += 1
+                error = _connection_error(host, e)
                 # Nothing listening is rarely fixed by waiting: one more try, not five.
-                limit = 2 if isinstance(e, ConnectionRefusedError) else self.options.attempts
-                if not retry or attempt >= limit or _is_certificate_error(e):
-                    raise _connection_error(host, e) from None
-                self._back_off(host, attempt, None)
+                if not retry or _is_permanent(e) or not self.retry(
+                        budget, host, str(error), limit=2 if isinstance(
+                            e, ConnectionRefusedError) else 0):
+                    raise error from None
                 continue
+            _log().debug("%s %s://%s%s: %d%s", method, scheme, host,
+                         _shorten(_one_line(parts.path), 200), response.status,
+                         _rate_limits(response, ", "))
             if probing:
                 if response.status == 400 and _speaks_tls(response):
                     self._schemes[host] = "https"
@@ -2736,16 +2912,23 @@ class _Transport:
                                         response.status)
                 try:
                     target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
-                    urllib.parse.urlsplit(target).port  # a bad port raises here
+                    moved = urllib.parse.urlsplit(target)
+                    moved.port  # a bad port raises here
+                    if re.search(r"[\x00-\x20\x7f-\x9f]", target):
+                        raise ValueError(target)
                 except ValueError:
-                    raise RegistryError(f"{host} redirected to an invalid URL "
-                                        f"{_shorten(_one_line(location))!r}",
-                                        response.status) from None
-                moved = urllib.parse.urlsplit(target)
-                if moved.netloc != host or (scheme == "https" and moved.scheme != "https"):
-                    # Elsewhere, or the same host in clear text: no secret follows.
-                    if body and response.status in (307, 308):
-                        # The body may hold a secret (a token POST): it never goes elsewhere.
+                    moved = None
+                if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
+                    shown = _shorten(_one_line(_without_userinfo(location)))
+                    raise RegistryError(f"{host} redirected to {shown!r}, which is not a usable "
+                                        "http or https URL", response.status)
+                if "@" in moved.netloc:
+                    raise RegistryError(f"{host} redirected to a URL with a user name in it; "
+                                        "refusing", response.status)
+                if not _may_send_credentials(target, f"{scheme}://{host}"):
+                    # Elsewhere, or the same host in clear text: no secret follows, in a
+                    # header or in a body (a token POST holds one), whatever the status.
+                    if body and response.status != 303:
                         raise RegistryError(f"{host} redirected a {method} with a body to "
                                             "another host or to plain HTTP; refusing",
                                             response.status)
@@ -2754,21 +2937,19 @@ class _Transport:
                     method, body = "GET", None
                 url, redirects = target, redirects - 1
                 continue
-            if response.status in _RETRY_STATUSES and retry and \
-                    attempt + 1 < self.options.attempts:
-                attempt += 1
-                wait = _retry_after(response.headers.get("Retry-After"),
-                                    self.options.max_retry_after)
+            if response.status in _RETRY_STATUSES and retry and self.retry(
+                    budget, host, f"{method} answered {response.status}",
+                    _retry_after(response.headers.get("Retry-After"))):
                 response.close()
-                self._back_off(host, attempt, wait)
                 continue
             return response
 
     def _send(self, scheme: str, host: str, method: str, path: str,
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
-            connection = self._connection(scheme, host)
+            connection, clock = self._connection(scheme, host)
             opened = body() if callable(body) else None
+            clock.start()  # the answer's head must arrive within the timeout, in all
             try:
                 connection.request(method, path, body=opened or body,  # type: ignore[arg-type]
                                    headers=dict(headers))
@@ -2785,8 +2966,30 @@ class _Transport:
                     opened.close()
             if method == "HEAD":
                 raw.length = 0
-            return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout)
+            return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout,
+                             clock)
         raise AssertionError("unreachable")
+
+    def retry(self, budget: _RetryBudget, host: str, reason: str,
+              wait: Optional[float] = None, limit: int = 0) -> bool:
+        """Whether to try again after a failure (``reason``), having waited; False once
+        the operation's budget is spent, or when the server asks to wait (``wait``)
+        longer than the budget allows."""
+        budget.failures += 1
+        if budget.failures >= min(limit or budget.attempts, budget.attempts):
+            return False
+        if wait is None:
+            import random
+            wait = self.options.backoff * (2 ** (budget.failures - 1)) * (0.5 + random.random())
+            wait = min(wait, max(budget.wait_left, 0.0))
+        elif wait > min(budget.max_wait, budget.wait_left):
+            _log().debug("%s: not retrying: %s, and asks to wait %.0fs", host, reason, wait)
+            return False
+        budget.wait_left -= wait
+        _log().debug("%s: retrying in %.1fs (%s; attempt %d of %d)", host, wait,
+                     _shorten(reason, 200), budget.failures + 1, budget.attempts)
+        self._back_off(host, wait)
+        return True
 
     def _wait_for_host(self, host: str) -> None:
         with self._guard:
@@ -2794,10 +2997,7 @@ class _Transport:
         if delay > 0:
             time.sleep(delay)
 
-    def _back_off(self, host: str, attempt: int, wait: Optional[float]) -> None:
-        import random
-        if wait is None:
-            wait = self.options.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+    def _back_off(self, host: str, wait: float) -> None:
         with self._guard:
             self._not_before[host] = max(self._not_before.get(host, 0.0),
                                          time.monotonic() + wait)
@@ -2888,13 +3088,39 @@ def _is_certificate_error(error: BaseException) -> bool:
         "CERTIFICATE_VERIFY_FAILED" in str(error)
 
 
+def _rate_limits(response: _Response, prefix: str = "") -> str:
+    """The rate-limit headers of an answer (Docker Hub's, and the draft standard's)."""
+    found = [f"{name}={_shorten(_one_line(response.headers[name]), 60)}"
+             for name in ("ratelimit-limit", "ratelimit-remaining", "docker-ratelimit-source",
+                          "retry-after") if response.headers.get(name)]
+    return prefix + ", ".join(found) if found else ""
+
+
 def _connection_error(host: str, error: BaseException) -> OciCacheError:
+    """One line for a failure below HTTP, saying what to do where something can be done."""
+    import socket
     if _is_certificate_error(error):
         return OciCacheError(f"cannot verify the TLS certificate of {host}: "
                              f"{getattr(error, 'verify_message', '') or error}; "
                              "pass its CA with --ca-file or put it in certs.d")
     reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return OciCacheError(f"cannot reach {host}: {_shorten(_one_line(reason), 200)}")
+    reason = _shorten(_one_line(reason), 200)
+    said = str(error).upper().replace(" ", "_")
+    if isinstance(error, socket.gaierror):
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        return OciCacheError(f"cannot reach {host}: {name} could not be resolved ({reason}); "
+                             "check the name, or pull through a mirror (--mirror) or a proxy "
+                             "(HTTPS_PROXY)")
+    if any(reason in said for reason in _PLAIN_HTTP_TLS_ERRORS):
+        return OciCacheError(f"cannot reach {host}: it does not speak TLS ({reason}); if it is "
+                             f"a plain-HTTP registry, pass --insecure-registry {host}")
+    if any(alert in said for alert in _CLIENT_CERTIFICATE_TLS_ERRORS):
+        wants = "it wants a client certificate" if "HANDSHAKE" not in said else \
+            "the TLS handshake failed; if it wants a client certificate"
+        return OciCacheError(f"cannot reach {host}: {reason}; {wants}, put client.cert and "
+                             f"client.key in certs.d/{host}/ (such as "
+                             f"{_CERTS_D_ROOTS[0]}/{host}/)")
+    return OciCacheError(f"cannot reach {host}: {reason}")
 
 
 # =====================================================================================
@@ -2921,7 +3147,8 @@ def parse_mirror(value: str) -> Tuple[str, str]:
     if not sep:
         registry, url = "*", value
     if not re.match(r"^https?://[^/]", url):
-        raise OciCacheError(f"mirror {value!r} must start with http:// or https://")
+        raise OciCacheError(f"mirror {_without_userinfo(value)!r} must start with http:// or "
+                            "https://")
     registry = _normalise_auth_key(registry) if registry != "*" else registry
     return registry, url.rstrip("/")
 
@@ -2947,11 +3174,8 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
         text = f"{what}: {host} answered {status} {codes[0]}"
     if detail:
         text += f": {_shorten(detail, 200)}"
-    if status == 429:
-        limits = [f"{h}={response.headers[h]}" for h in ("ratelimit-limit", "ratelimit-remaining")
-                  if response.headers.get(h)]
-        if limits:
-            text += f" ({', '.join(limits)})"
+    if status in (429, 503) and _rate_limits(response):
+        text += f" ({_rate_limits(response)})"
     text = _one_line(text)
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
@@ -2988,11 +3212,26 @@ class _FileSlice(io.RawIOBase):
 class _Endpoint:
     """Where a repository is served: base URL (mirror or registry) and repository path."""
 
-    def __init__(self, base: str, host: str, repository: str, registry: str) -> None:
-        self.base = base                # https://host[:port][/prefix]
+    def __init__(self, base: str, host: str, repository: str, registry: str,
+                 credentials: Optional[Credentials] = None) -> None:
+        self.base = base                # https://host[:port]
         self.host = host
         self.repository = repository
         self.registry = registry        # the registry the credentials belong to
+        self.credentials = credentials  # a mirror URL's own user:password, if any
+
+    def __repr__(self) -> str:
+        return f"_Endpoint({self.base!r}, {self.repository!r})"
+
+
+def _token_lifetime(value: Any) -> float:
+    """A token's ``expires_in`` in seconds: 60 when absent or absurd (a string, a
+    400-digit number, NaN), at most a day."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 60.0
+    if isinstance(value, int):
+        return float(min(max(value, 0), 86400)) if value else 60.0
+    return min(max(value, 0.0), 86400.0) if value == value and value else 60.0
 
 
 class RegistryClient:
@@ -3002,13 +3241,24 @@ class RegistryClient:
                  mirrors: Sequence[Tuple[str, str]] = ()) -> None:
         self.transport = transport or _Transport(TransportOptions())
         self.mirrors = list(mirrors)
-        self._tokens: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, float]] = {}
-        self._challenges: Dict[str, Challenge] = {}
+        # Tokens per registry host, realm, service and scopes: a registry naming
+        # another's realm and service never gets the other's token.
+        self._tokens: Dict[Tuple[str, str, str, Tuple[str, ...]], Tuple[str, float]] = {}
+        self._challenges: Dict[str, Challenge] = {}   # per registry host, from its own 401s
         self._credentials: Dict[Tuple[str, str], Optional[Credentials]] = {}
+        self._anonymous: set = set()  # (host, repository) where stored credentials failed
         self._locations: Dict[Tuple[str, Digest], List[str]] = {}  # blob -> repositories
+        self._said: set = set()       # what -v has said once (mirrors, credential sources)
         self._guard = threading.Lock()
 
     # -- endpoints and authentication -------------------------------------------------
+
+    def _once(self, message: str, *args: Any) -> None:
+        with self._guard:
+            if message % args in self._said:
+                return
+            self._said.add(message % args)
+        _log().debug(message, *args)
 
     def endpoint(self, ref: Reference, use_mirrors: bool = True) -> _Endpoint:
         if use_mirrors:
@@ -3019,12 +3269,31 @@ class RegistryClient:
                 parts = urllib.parse.urlsplit(url)
                 prefix = parts.path.strip("/")
                 repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
-                base = f"{parts.scheme}://{parts.netloc}"
-                return _Endpoint(base, parts.netloc, repository, parts.netloc)
+                host = parts.netloc.rpartition("@")[2]
+                credentials = None
+                if "@" in parts.netloc:  # http://user:password@host: the mirror's own
+                    credentials = Credentials(
+                        urllib.parse.unquote(parts.username or ""),
+                        urllib.parse.unquote(parts.password or ""),
+                        source=f"the user:password in the mirror URL for {host}")
+                self._once("%s through the mirror %s", ref.registry,
+                           _without_userinfo(url))
+                return _Endpoint(f"{parts.scheme}://{host}", host, repository, host,
+                                 credentials)
         host = ref.api_host
         return _Endpoint(f"https://{host}", host, ref.repository, ref.registry)
 
+    def _origin(self, endpoint: _Endpoint) -> str:
+        """The scheme://host the endpoint is reached at now (a loopback https may
+        have turned out to be plain HTTP)."""
+        if endpoint.base.startswith("http://"):
+            return endpoint.base
+        return f"{self.transport.scheme(endpoint.host)}://{endpoint.host}"
+
     def _credentials_for(self, endpoint: _Endpoint) -> Optional[Credentials]:
+        if endpoint.credentials is not None:
+            self._once("credentials for %s from %s", endpoint.host, endpoint.credentials.source)
+            return endpoint.credentials
         key = (endpoint.registry, endpoint.repository)
         with self._guard:
             if key in self._credentials:
@@ -3032,24 +3301,35 @@ class RegistryClient:
         credentials = find_credentials(endpoint.registry, endpoint.repository)
         with self._guard:
             self._credentials[key] = credentials
+        if credentials is None:
+            self._once("no credentials for %s in %s, nor in a credential helper they name",
+                       endpoint.registry, ", ".join(_auth_files()))
+        else:
+            self._once("credentials for %s/%s from %s", endpoint.registry,
+                       endpoint.repository, credentials.source)
         return credentials
 
     def _authorization(self, endpoint: _Endpoint, scopes: Sequence[str],
-                       challenge: Optional[Challenge]) -> Optional[str]:
-        challenge = challenge or self._challenges.get(endpoint.host)
+                       challenge: Optional[Challenge], anonymous: bool = False
+                       ) -> Tuple[Optional[str], Optional[Credentials]]:
+        """The Authorization header for the endpoint (None: none), and the stored
+        credentials it was made with (None: anonymous)."""
+        with self._guard:
+            challenge = challenge or self._challenges.get(endpoint.host)
+            anonymous = anonymous or (endpoint.host, endpoint.repository) in self._anonymous
         if challenge is None:
-            return None
-        credentials = self._credentials_for(endpoint)
+            return None, None
+        credentials = None if anonymous else self._credentials_for(endpoint)
         if challenge.scheme == "basic":
             if credentials is None or not (credentials.username or credentials.password):
-                return None
-            return credentials.basic_header()
+                return None, None
+            return credentials.basic_header(), credentials
         if challenge.scheme != "bearer":
-            return None
+            return None, None
         if credentials is not None and credentials.registry_token:
-            return f"Bearer {credentials.registry_token}"
+            return f"Bearer {credentials.checked().registry_token}", credentials
         token = self._token(endpoint, challenge, scopes, credentials)
-        return f"Bearer {token}"
+        return f"Bearer {token}", credentials
 
     def _token(self, endpoint: _Endpoint, challenge: Challenge, scopes: Sequence[str],
                credentials: Optional[Credentials]) -> str:
@@ -3060,15 +3340,13 @@ class RegistryClient:
         if realm_parts.scheme not in ("http", "https") or not realm_parts.netloc:
             raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
                                       f"{_shorten(_one_line(realm))!r}")
-        registry_scheme = self.transport.scheme(endpoint.host) if not \
-            endpoint.base.startswith("http://") else "http"
-        if realm_parts.scheme == "http" and registry_scheme == "https" and \
-                not _is_loopback(realm_parts.netloc):
+        if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
                                       f"token realm {_shorten(_one_line(realm))}; refusing")
         wanted = tuple(sorted(set(scopes) | ({challenge.params["scope"]}
                                              if challenge.params.get("scope") else set())))
-        key = (realm, service, wanted)
+        key = (endpoint.host if credentials is None else f"{endpoint.host} {credentials.source}",
+               realm, service, wanted)
         with self._guard:
             cached = self._tokens.get(key)
         if cached is not None and cached[1] > time.monotonic():
@@ -3089,8 +3367,13 @@ class RegistryClient:
             url = realm + (separator + urllib.parse.urlencode(query) if query else "")
             response = self.transport.request("GET", url, headers)
         if response.status != 200:
-            raise _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
-                                  response)
+            error = _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
+                                    response)
+            if credentials is not None and response.status in (401, 403):
+                raise AuthenticationError(f"{error}; it refused the credentials from "
+                                          f"{credentials.source}", error.status,
+                                          error.codes) from None
+            raise error
         try:
             data = response.body(1024 * 1024)
         except (OSError, _http_client.HTTPException) as e:
@@ -3099,7 +3382,7 @@ class RegistryClient:
         try:
             answer = _parse_json(data, "token")
             token = str(answer.get("token") or answer.get("access_token") or "")
-            expires = float(answer.get("expires_in") or 60)
+            expires = _token_lifetime(answer.get("expires_in"))
         except (OciCacheError, ValueError, AttributeError, TypeError):
             response.close(reuse=False)
             raise AuthenticationError(f"token realm {realm_parts.netloc} answered something "
@@ -3116,35 +3399,84 @@ class RegistryClient:
     def request(self, endpoint: _Endpoint, method: str, path: str, actions: str = "pull",
                 headers: Optional[Mapping[str, str]] = None, body: Body = None,
                 what: str = "", ok: Iterable[int] = (200,), url: str = "",
-                extra_scopes: Sequence[str] = (), retry: bool = True) -> _Response:
+                extra_scopes: Sequence[str] = (), retry: bool = True,
+                budget: Optional[_RetryBudget] = None) -> _Response:
         """An authenticated request to ``/v2/<repository>/<path>`` (or ``url``, an upload
-        location); a status outside ``ok`` raises with the registry's error."""
+        location); a status outside ``ok`` raises with the registry's error.
+
+        Stored credentials that a pull is refused with are tried once more without
+        (an expired token on an image anyone may pull), with a warning."""
         import urllib.parse
         url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
+        what = what or f"{method} {endpoint.repository}/{path or url}"
         scopes = [f"repository:{endpoint.repository}:{actions}", *extra_scopes]
         challenge: Optional[Challenge] = None
         accepted = set(ok)
-        for attempt in range(3):
+        budget = budget or _RetryBudget(self.transport.options)
+        refused: Optional[AuthenticationError] = None  # what the stored credentials met
+        challenged = 0
+        while True:
             request_headers = {"User-Agent": _user_agent(), **(headers or {})}
-            authorization = self._authorization(endpoint, scopes, challenge)
-            if authorization and urllib.parse.urlsplit(url).netloc == endpoint.host:
-                request_headers["Authorization"] = authorization  # never to another host
-            response = self.transport.request(method, url, request_headers, body, retry)
-            if response.status == 401 and attempt < 2:
+            try:
+                authorization, used = self._authorization(endpoint, scopes, challenge,
+                                                          refused is not None)
+            except AuthenticationError as e:
+                if refused is not None or actions != "pull" or \
+                        self._credentials_for(endpoint) is None:
+                    raise
+                refused = e  # the token realm refused them
+                continue
+            if authorization and _may_send_credentials(url, self._origin(endpoint)):
+                request_headers["Authorization"] = authorization
+            response = self.transport.request(method, url, request_headers, body, retry,
+                                              budget=budget)
+            if response.status == 401:
+                answered = urllib.parse.urlsplit(response.url).netloc
+                if answered != endpoint.host:
+                    # A redirect target's challenge never directs credentials.
+                    response.close(reuse=False)
+                    raise AuthenticationError(
+                        f"{what}: {answered} answered 401 after a redirect from "
+                        f"{endpoint.host}; credentials go only to {endpoint.host} and its own "
+                        "token realm", 401)
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 usable = [c for c in offered if c.scheme in ("bearer", "basic")]
-                if usable and (authorization is None or
-                               usable[0].params.get("error") == "insufficient_scope"):
+                if challenged < 2 and usable and (
+                        authorization is None or
+                        usable[0].params.get("error") == "insufficient_scope"):
                     response.close()
-                    challenge = usable[0]
+                    challenge, challenged = usable[0], challenged + 1
                     with self._guard:
                         self._challenges[endpoint.host] = challenge
                     continue
             if response.status in accepted:
+                if refused is not None:
+                    self._go_anonymous(endpoint, refused)
                 return response
-            raise _registry_error(what or f"{method} {endpoint.repository}/{path or url}",
-                                  endpoint.host, response)
-        raise AssertionError("unreachable")
+            error = _registry_error(what, endpoint.host, response)
+            if refused is not None:
+                raise refused  # anonymous failed too: the credentials' refusal is the news
+            if used is not None and error.status in (401, 403):
+                refused = AuthenticationError(f"{error}; it refused the credentials from "
+                                              f"{used.source}", error.status, error.codes)
+                if actions == "pull":
+                    continue
+                raise refused
+            if error.status == 401:
+                raise AuthenticationError(
+                    f"{error}; no credentials for {endpoint.registry} were found (looked up in "
+                    f"{', '.join(_auth_files())} and the credential helpers they name)",
+                    error.status, error.codes)
+            raise error
+
+    def _go_anonymous(self, endpoint: _Endpoint, refused: AuthenticationError) -> None:
+        """Remember, and say once, that this repository is pulled without the stored
+        credentials it refused."""
+        with self._guard:
+            if (endpoint.host, endpoint.repository) in self._anonymous:
+                return
+            self._anonymous.add((endpoint.host, endpoint.repository))
+        _log().warning("%s; pulling %s anonymously instead", refused, endpoint.repository)
 
     # -- manifests and blobs ----------------------------------------------------------
 
@@ -3153,9 +3485,10 @@ class RegistryClient:
                      ) -> Tuple[bytes, _Response]:
         """GET a small body whole; a body cut short, reset or failing ``check`` (its
         digest) is fetched again, like a failed request."""
-        failures = 0
+        budget = _RetryBudget(self.transport.options)  # for the document, in all
         while True:
-            response = self.request(endpoint, "GET", path, headers=headers, what=what)
+            response = self.request(endpoint, "GET", path, headers=headers, what=what,
+                                    budget=budget)
             try:
                 data = response.body(MAX_MANIFEST_SIZE)
                 response.close()
@@ -3163,12 +3496,9 @@ class RegistryClient:
                 return data, response
             except (OSError, _http_client.HTTPException, DigestMismatchError) as e:
                 response.close(reuse=False)
-                failures += 1
-                if failures >= self.transport.options.attempts:
-                    if isinstance(e, OciCacheError):
-                        raise
-                    raise _connection_error(endpoint.host, e) from None
-                self.transport._back_off(endpoint.host, failures, None)
+                error = e if isinstance(e, OciCacheError) else _connection_error(endpoint.host, e)
+                if not self.transport.retry(budget, endpoint.host, str(error)):
+                    raise error from None
 
     def get_manifest(self, ref: Reference, what: str = "") -> Tuple[bytes, Descriptor]:
         """The manifest (or index) bytes as served, and its descriptor (verified)."""
@@ -3218,13 +3548,46 @@ class RegistryClient:
         return self._fetch_small(endpoint, f"blobs/{descriptor.digest}", {},
                                  f"pull {ref.name}@{descriptor.digest}", check)[0]
 
+    def manifest_digest(self, ref: Reference) -> Optional[Descriptor]:
+        """What ``ref`` names now, asked with HEAD (which Docker Hub's rate limit does
+        not count): its descriptor, or None when the registry does not say (no
+        ``Docker-Content-Digest``, HEAD refused). A missing manifest raises, as GET."""
+        endpoint = self.endpoint(ref)
+        identifier = str(ref.digest) if ref.digest is not None else ref.tag
+        try:
+            response = self.request(endpoint, "HEAD", f"manifests/{identifier}",
+                                    headers={"Accept": MANIFEST_ACCEPT}, what=f"look up {ref}")
+        except RegistryError as e:
+            if e.status in (404, 401, 403) or not 400 <= e.status < 500:
+                raise
+            return None  # 405 and the like: the caller asks with GET
+        response.close()
+        served = response.headers.get("Docker-Content-Digest", "")
+        length = response.headers.get("Content-Length", "")
+        try:
+            digest = Digest.parse(served.strip())
+        except InvalidDigestError:
+            return None
+        if ref.digest is not None and digest != ref.digest:
+            return None
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        size = int(length) if re.fullmatch(r"[0-9]{1,12}", length) else 0
+        return Descriptor(media_type, digest, size)
+
     def remote_manifest(self, endpoint: _Endpoint, reference: str,
-                        actions: str = "pull") -> Optional[Tuple[bytes, Descriptor]]:
-        """The manifest under ``reference`` at ``endpoint``, or None when there is none."""
+                        actions: str = "pull", denied_is_absent: bool = False
+                        ) -> Optional[Tuple[bytes, Descriptor]]:
+        """The manifest under ``reference`` at ``endpoint``, or None when there is none
+        (or, with ``denied_is_absent``, when reading it is denied: Artifactory answers
+        403 for a tag that does not exist)."""
+        absent = (404, 403) if denied_is_absent else (404,)
         response = self.request(endpoint, "GET", f"manifests/{reference}", actions,
-                                headers={"Accept": MANIFEST_ACCEPT}, ok=(200, 404),
+                                headers={"Accept": MANIFEST_ACCEPT}, ok=(200, *absent),
                                 what=f"look up {endpoint.repository}:{reference}")
-        if response.status == 404:
+        if response.status in absent:
+            if response.status == 403:
+                _log().debug("%s denies reading %s:%s; taking it as absent", endpoint.host,
+                             endpoint.repository, reference)
             response.close()
             return None
         try:
@@ -3261,39 +3624,52 @@ class RegistryClient:
         with self._guard:
             seen = self._locations.get((endpoint.host, descriptor.digest), [])
         sources = list(dict.fromkeys([*mount_from, *seen]))
+        session: Optional[_Response] = None  # an upload a failed mount opened
         for source in [s for s in sources if s != endpoint.repository]:
+            if session is not None:  # cancel the last one: only one stays open
+                self._cancel(endpoint, session)
             response = self.request(
                 endpoint, "POST", f"blobs/uploads/?mount={descriptor.digest}&from={source}",
                 "pull,push", ok=(201, 202), what=what,
                 extra_scopes=[f"repository:{source}:pull"])
-            location = response.headers.get("Location", "")
             response.close()
             if response.status == 201:
                 self._remember(endpoint, descriptor.digest)
                 return "mounted"
-            if location:  # the registry opened an ordinary upload instead: cancel it
-                with contextlib.suppress(OciCacheError):
-                    self.request(endpoint, "DELETE", "", "pull,push", ok=(204, 404, 405),
-                                 url=self._absolute(endpoint, location)).close()
-        failures = 0
+            # The registry opened an ordinary upload instead: it is used, not cancelled.
+            session = response if response.headers.get("Location") else None
+        budget = _RetryBudget(self.transport.options)
         chunked = descriptor.size > self.transport.options.chunked_upload_threshold
+        switched = False
         while True:
             try:
-                self._upload(endpoint, descriptor, layout, chunked, what)
+                self._upload(endpoint, descriptor, layout, chunked, what, session)
                 self._remember(endpoint, descriptor.digest)
                 return "uploaded"
             except RegistryError as e:
                 if isinstance(e, AuthenticationError):
                     raise
-                failures += 1
-                if not chunked and 400 <= e.status < 500:
-                    chunked = True  # a registry that refuses monolithic uploads
-                elif failures >= self.transport.options.attempts or e.status < 500:
+                if 400 <= e.status < 500 and not switched:
+                    # A registry that refuses monolithic uploads, or chunked ones.
+                    _log().debug("%s refused a %s upload (%d); trying %s", endpoint.host,
+                                 "chunked" if chunked else "monolithic", e.status,
+                                 "monolithic" if chunked else "chunked")
+                    chunked, switched = not chunked, True
+                    budget.failures += 1
+                    if budget.failures >= budget.attempts:
+                        raise
+                elif e.status < 500 or not self.transport.retry(budget, endpoint.host, str(e)):
                     raise
-            except OciCacheError:
-                failures += 1
-                if failures >= self.transport.options.attempts:
+            except OciCacheError as e:
+                if not self.transport.retry(budget, endpoint.host, str(e)):
                     raise
+            session = None
+
+    def _cancel(self, endpoint: _Endpoint, session: _Response) -> None:
+        with contextlib.suppress(OciCacheError):
+            self.request(endpoint, "DELETE", "", "pull,push", ok=(204, 404, 405),
+                         url=self._absolute(endpoint, session.headers.get("Location", ""))
+                         ).close()
 
     def _remember(self, endpoint: _Endpoint, digest: Digest) -> None:
         """Note that ``digest`` is in this repository, a source for later mounts."""
@@ -3306,18 +3682,23 @@ class RegistryClient:
         import urllib.parse
         try:
             url = urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
-            urllib.parse.urlsplit(url).port  # a bad port raises here
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # a bad port raises here
+            if parts.scheme not in ("http", "https") or not parts.netloc or \
+                    re.search(r"[\x00-\x20\x7f-\x9f]", url):
+                raise ValueError(url)
         except ValueError:
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
                                 f"{_shorten(_one_line(location))!r}") from None
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
-                chunked: bool, what: str) -> None:
-        """One upload session: POST, then one PUT, or PATCH chunks and a closing PUT."""
+                chunked: bool, what: str, session: Optional[_Response] = None) -> None:
+        """One upload session (``session``, the answer that opened one, else a new
+        POST), then one PUT, or PATCH chunks and a closing PUT."""
         import urllib.parse
-        response = self.request(endpoint, "POST", "blobs/uploads/", "pull,push", ok=(202,),
-                                what=what, retry=False)
+        response = session or self.request(endpoint, "POST", "blobs/uploads/", "pull,push",
+                                           ok=(202,), what=what, retry=False)
         response.close()
         location = self._absolute(endpoint, response.headers.get("Location", ""))
         announced = response.headers.get("OCI-Chunk-Min-Length") or ""
@@ -3374,7 +3755,7 @@ class RegistryClient:
                     progress: Callable[[int], None], hasher: "_HashingThread") -> None:
         what = f"blob {descriptor.digest} of {endpoint.repository}"
         restarts = 0
-        failures = 0
+        budget = _RetryBudget(self.transport.options)  # for the blob, in all
         while True:
             hasher.reset()
             have = 0
@@ -3392,13 +3773,24 @@ class RegistryClient:
             if have < descriptor.size:
                 headers = {"Range": f"bytes={have}-"} if have else {}
                 response = self.request(endpoint, "GET", f"blobs/{descriptor.digest}",
-                                        headers=headers, what=f"pull {what}", ok=(200, 206))
+                                        headers=headers, what=f"pull {what}", budget=budget,
+                                        ok=(200, 206, 400, 416) if have else (200, 206))
+                if response.status in (400, 416):
+                    # The resume is refused (a CDN that does not do Range, a partial
+                    # file the server disowns): the partial goes, the blob starts over.
+                    _log().debug("%s refused to resume %s at byte %d (%d); starting over",
+                                 endpoint.host, descriptor.digest, have, response.status)
+                    response.close(reuse=False)
+                    os.ftruncate(fd, 0)
+                    progress(-have)
+                    continue
                 if response.status == 200 and have:
                     os.ftruncate(fd, 0)  # the server ignored Range: start over
                     progress(-have)
                     hasher.reset()
                     have = 0
                 os.lseek(fd, have, os.SEEK_SET)
+                response.streaming()
                 stall = _StallWatch(self.transport.options.timeout)
                 try:
                     while have < descriptor.size:
@@ -3416,15 +3808,15 @@ class RegistryClient:
                     response.close(reuse=False)
                     if _is_write_error(e):
                         raise  # partial_blob names the file (and removes it if full)
-                    failures += 1
-                    if failures >= self.transport.options.attempts:
-                        raise _connection_error(endpoint.host, e) from None
+                    error = _connection_error(endpoint.host, e)
+                    if not self.transport.retry(budget, endpoint.host, str(error)):
+                        raise error from None
                     continue  # resume with Range from what we have
                 if have < descriptor.size:
-                    failures += 1
-                    if failures >= self.transport.options.attempts:
-                        raise OciCacheError(f"pull {what}: {endpoint.host} ended the body at "
-                                            f"{have} of {descriptor.size} bytes")
+                    error = OciCacheError(f"pull {what}: {endpoint.host} ended the body at "
+                                          f"{have} of {descriptor.size} bytes")
+                    if not self.transport.retry(budget, endpoint.host, str(error)):
+                        raise error
                     continue
             if hasher.hexdigest() == descriptor.digest.hex:
                 return
@@ -5510,7 +5902,9 @@ class Provider(CacheProvider):
         # A digest names the registry's whole index, so the cache holds all of it (see
         # _root_to_name); a tag may name the part of an index that was pulled.
         whole = ALL_PLATFORMS if wanted.digest is not None else architecture
-        cached = None if always_pull else self._complete(wanted, whole)
+        cached = self._complete(wanted, whole)
+        if cached is not None and always_pull:
+            cached = self._unmoved(wanted, cached)
         if cached is not None:
             self.progress.cached(name, cached)
             return self.new_source(name, architecture, cached)
@@ -5546,6 +5940,19 @@ class Provider(CacheProvider):
                 self._write_names(names)
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
+
+    def _unmoved(self, wanted: Reference, cached: Descriptor) -> Optional[Descriptor]:
+        """``cached`` when the registry still serves it for ``wanted`` (asked with HEAD,
+        which Docker Hub's rate limit does not count) and every blob it relies on passes
+        its check; else None, and the pull asks again with GET (a corrupt blob is deleted
+        here, so that pull fetches it)."""
+        current = self.registry.manifest_digest(wanted)
+        if current is None or str(current.digest) not in (str(cached.digest),
+                                                          self._subset_of(cached)):
+            return None
+        checked = self.layout.reachable([cached]).digests
+        damaged = [d for d in checked if self.layout.discard_if_corrupt(d)]
+        return None if damaged else cached
 
     def _root_to_name(self, data: bytes, root: Descriptor, whole: bool) -> Descriptor:
         """The root a pull names, its blob written: the registry's own index or manifest
@@ -5724,7 +6131,9 @@ class Provider(CacheProvider):
                 return False
             wanted = Reference(base.registry, base.repository, "", root.digest)
         try:
-            _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
+            remote = self.registry.manifest_digest(wanted)
+            if remote is None:  # the registry does not say with HEAD: ask with GET
+                _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
         except RegistryError as e:
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
@@ -5737,7 +6146,17 @@ class Provider(CacheProvider):
         every other failure (authentication, network, 5xx after retries) raises."""
         wanted_ref = Reference.parse(ref)
         try:
-            data, root = self.registry.get_manifest(wanted_ref, what=f"look up {wanted_ref}")
+            # Only the digest is asked for (HEAD, outside Docker Hub's rate limit) when
+            # the cache holds what it names; GET otherwise.
+            head = self.registry.manifest_digest(wanted_ref)
+            if head is not None and self.layout.has_blob(head.digest):
+                data = self.layout.read_blob(head.digest)
+                media_type = _load_json_object(data, f"manifest of {wanted_ref}").get(
+                    "mediaType")
+                root = _replace(head, media_type=str(media_type or head.media_type))
+            else:
+                data, root = self.registry.get_manifest(wanted_ref,
+                                                        what=f"look up {wanted_ref}")
         except RegistryError as e:
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
@@ -5746,8 +6165,10 @@ class Provider(CacheProvider):
         if root.is_index:
             return select_platform(Index.from_json(data).manifests, wanted) is not None
         manifest = Manifest.from_json(data)
-        config = _load_json_object(self.registry.get_blob_bytes(wanted_ref, manifest.config),
-                                   f"config of {wanted_ref}")
+        config_data = self.layout.read_blob(manifest.config.digest) \
+            if self.layout.has_blob(manifest.config.digest) else \
+            self.registry.get_blob_bytes(wanted_ref, manifest.config)
+        config = _load_json_object(config_data, f"config of {wanted_ref}")
         probe = _replace(root, platform=Platform.from_json(config))
         return select_platform([probe], wanted) is not None
 
@@ -5767,7 +6188,10 @@ class Provider(CacheProvider):
         root = self._find_named(local)
         endpoint = self.registry.endpoint(remote, use_mirrors=False)
         tag = remote.tag or str(remote.digest)
-        existing = self.registry.remote_manifest(endpoint, tag, "pull,push")
+        # Whether the tag exists; a 403 here (Artifactory's answer for a missing tag)
+        # is taken as "absent", and the upload's own answer decides.
+        existing = self.registry.remote_manifest(endpoint, tag, "pull,push",
+                                                 denied_is_absent=True)
         if existing is not None and not override:
             _log().info("%s exists in the registry; not pushing (use override)", remote)
             return

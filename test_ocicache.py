@@ -982,7 +982,7 @@ class TokenIssuer:
 # FaultProxy
 # --------------------------------------------------------------------------
 
-FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect")
+FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect", "rewrite")
 
 _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
             308: "Permanent Redirect", 401: "Unauthorized", 404: "Not Found",
@@ -1007,6 +1007,13 @@ class Fault:
                 the request is NOT forwarded upstream
       redirect  location, status=307  canned redirect; "{path}" in location is
                 replaced by the original request target (path + query)
+      rewrite   status=None, drop=(), sub={}, body=None, target=None  the request
+                sent on with re.sub(*target) applied to its target, and the upstream's
+                answer with
+                another status, without the headers named in ``drop``, with
+                re.sub(pattern, replacement) applied to the headers named in ``sub``
+                ({name: (pattern, replacement)}), and a function of the body bytes
+                (the body is read whole; Content-Length follows it)
     """
 
     def __init__(self, kind: str, *, match: Optional[str] = None,
@@ -1141,6 +1148,18 @@ def _iter_body(rf, headers: list, until_eof: bool) -> Iterator[bytes]:
             if not piece:
                 return
             yield piece
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body's wire bytes."""
+    out, position = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", position)
+        size = int(data[position:end].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2:end + 2 + size]
+        position = end + 2 + size + 2
 
 
 class FaultProxy:
@@ -1309,6 +1328,9 @@ class FaultProxy:
                         break
                     continue
 
+                if fault and fault.kind == "rewrite" and fault.params.get("target"):
+                    pattern, replacement = fault.params["target"]
+                    start = f"{method} {re.sub(pattern, replacement, target)} {version}".encode()
                 # Forward the request upstream (reusing the upstream connection).
                 if upstream is None:
                     try:
@@ -1335,6 +1357,20 @@ class FaultProxy:
                         client.send(_head_bytes(rstart, rheaders))
                         continue
                     break
+                if fault and fault.kind == "rewrite":
+                    rstart, rheaders = self._rewrite(rstart, rheaders, fault.params)
+                    if fault.params.get("body") and method != "HEAD":
+                        data = b"".join(_iter_body(upstream.rfile, rheaders, until_eof=True))
+                        data = _dechunk(data) if "chunked" in (
+                            _hget(rheaders, "Transfer-Encoding") or "").lower() else data
+                        data = fault.params["body"](data)
+                        rheaders = [(k, v) for k, v in rheaders if k.lower() not in (
+                            "content-length", "transfer-encoding")]
+                        rheaders.append(("Content-Length", str(len(data))))
+                        client.send(_head_bytes(rstart, rheaders) + data)
+                        if client_close:
+                            break
+                        continue
                 no_body = method == "HEAD" or status in (204, 304)
                 has_len = (_hget(rheaders, "Content-Length") is not None
                            or "chunked" in (_hget(rheaders, "Transfer-Encoding") or "").lower())
@@ -1360,6 +1396,22 @@ class FaultProxy:
             self._slots.release()
             with self._lock:
                 self._threads.discard(threading.current_thread())
+
+    @staticmethod
+    def _rewrite(rstart: bytes, rheaders: list, p: dict) -> Tuple[bytes, list]:
+        if p.get("status"):
+            status = p["status"]
+            rstart = f"HTTP/1.1 {status} {_REASONS.get(status, 'Rewritten')}".encode()
+        dropped = {name.lower() for name in p.get("drop", ())}
+        subs = {name.lower(): sub for name, sub in p.get("sub", {}).items()}
+        headers = []
+        for name, value in rheaders:
+            if name.lower() in dropped:
+                continue
+            if name.lower() in subs:
+                value = re.sub(subs[name.lower()][0], subs[name.lower()][1], value)
+            headers.append((name, value))
+        return rstart, headers
 
     def _send_response(self, client: _Conn, rstart: bytes, rheaders: list,
                        body: Iterable[bytes], clen: int, fault: Optional[Fault]) -> bool:
@@ -1829,13 +1881,13 @@ BodyStream = Callable[[threading.Event], Iterator[bytes]]
 class Answer:
     """A status line, headers and a body, or raw bytes. ``length`` is the Content-Length
     announced: -1 for the body's own, None for none (the body ends with the connection).
-    A callable body is a stream, given the server's stop event."""
+    A callable body (or raw) is a stream, given the server's stop event."""
 
     status: int = 200
     headers: Sequence[Tuple[str, str]] = ()
     body: Union[bytes, BodyStream] = b""
     length: Optional[int] = -1
-    raw: Optional[bytes] = None
+    raw: Union[None, bytes, BodyStream] = None
 
 
 def endless(chunk: bytes = b"\0" * 65536, prefix: bytes = b"") -> BodyStream:
@@ -1863,10 +1915,12 @@ def json_answer(value: Any, status: int = 200, headers: Sequence[Tuple[str, str]
 
 
 class HostileServer:
-    """An HTTP/1.1 server on 127.0.0.1:<free port> answering what ``handler`` says."""
+    """An HTTP/1.1 server on ``address`` (127.0.0.1; another loopback address plays
+    another host) and a free port, answering what ``handler`` says."""
 
-    def __init__(self, handler: Callable[[Request], Answer]) -> None:
+    def __init__(self, handler: Callable[[Request], Answer], address: str = LOOPBACK) -> None:
         self.handler = handler
+        self.address = address
         self.requests: List[Request] = []
         self.sent = 0
         self._stop = threading.Event()
@@ -1874,7 +1928,7 @@ class HostileServer:
         self._sockets: List[socket.socket] = []
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((LOOPBACK, 0))
+        self._listener.bind((address, 0))
         self._listener.listen(32)
         self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="hostile-server", daemon=True)
@@ -1882,7 +1936,7 @@ class HostileServer:
 
     @property
     def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -1935,6 +1989,10 @@ class HostileServer:
 
     def _answer(self, connection: socket.socket, method: str, answer: Answer) -> bool:
         """Send ``answer``; whether the connection stays open for another request."""
+        if callable(answer.raw):
+            for chunk in answer.raw(self._stop):
+                self._send(connection, chunk)
+            return False
         if answer.raw is not None:
             self._send(connection, answer.raw)
             return False
@@ -3712,6 +3770,19 @@ def basic(user: str, password: str) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def but_verbose(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result`` without what -v added to stderr (the lines not ``ocicache: ...``)."""
+    lines = result.stderr.decode(errors="replace").splitlines(keepends=True)
+    kept = "".join(line for line in lines if line.startswith("ocicache: "))
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout,
+                                       kept.encode())
+
+
+def plain(credentials: Optional[oc.Credentials]) -> Optional[oc.Credentials]:
+    """Credentials without where they came from, to compare with expected ones."""
+    return oc._replace(credentials, source="") if credentials is not None else None
+
+
 class TestCredentials(IsolatedEnvironment):
     def test_parse_challenges(self) -> None:
         header = ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -3737,11 +3808,11 @@ class TestCredentials(IsolatedEnvironment):
             "registry.example.com/team": {"username": "team", "password": "teampw"},
             "http://other.example.com:5000/v2/": {"identitytoken": "refresh-me"},
             "tok.example.com": {"registrytoken": "bearer-token"}}})
-        self.assertEqual(oc.find_credentials("docker.io", "library/alpine"),
+        self.assertEqual(plain(oc.find_credentials("docker.io", "library/alpine")),
                          oc.Credentials("hub", "hubpw"))
-        self.assertEqual(oc.find_credentials("registry.example.com", "team/app"),
+        self.assertEqual(plain(oc.find_credentials("registry.example.com", "team/app")),
                          oc.Credentials("team", "teampw"))
-        self.assertEqual(oc.find_credentials("registry.example.com", "other/app"),
+        self.assertEqual(plain(oc.find_credentials("registry.example.com", "other/app")),
                          oc.Credentials("host", "hostpw"))
         self.assertEqual(oc.find_credentials("other.example.com:5000", "x").identity_token,
                          "refresh-me")
@@ -3761,7 +3832,7 @@ class TestCredentials(IsolatedEnvironment):
                                             "idtoken.example.com": "token",
                                             "absent.example.com": "none"},
                             "credsStore": "pass"})
-        self.assertEqual(oc.find_credentials("helped.example.com", "a"),
+        self.assertEqual(plain(oc.find_credentials("helped.example.com", "a")),
                          oc.Credentials("u-helped.example.com", "s3cret"))
         self.assertEqual(oc.find_credentials("idtoken.example.com", "a").identity_token, "idtok")
         self.assertIsNone(oc.find_credentials("absent.example.com", "a"))
@@ -3777,7 +3848,7 @@ class TestCredentials(IsolatedEnvironment):
         auth_file = self.write_json(self.path("podman-auth.json"), {
             "auths": {"quay.example.com/ns": {"auth": basic("pod", "podpw")}}})
         os.environ["REGISTRY_AUTH_FILE"] = auth_file
-        self.assertEqual(oc.find_credentials("quay.example.com", "ns/app"),
+        self.assertEqual(plain(oc.find_credentials("quay.example.com", "ns/app")),
                          oc.Credentials("pod", "podpw"))
         del os.environ["REGISTRY_AUTH_FILE"]
         self.write_json(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"),
@@ -3913,7 +3984,7 @@ class TestCredentials(IsolatedEnvironment):
                 self.docker_config({"credHelpers": {server.host: name}})
                 result = self.cli("-v", "pull", "--platform", "amd64",
                                   f"{server.host}/hostile/app:1")
-                self.assert_one_line_error(result)
+                self.assert_one_line_error(but_verbose(result))
                 self.assertEqual(secrets_in((result.stdout + result.stderr).decode(
                     errors="replace"), [secret]), [])
                 self.assertEqual(self.index_names(), [])
@@ -4665,7 +4736,7 @@ class TestCredentialHygiene(LoopbackOnly, RegistryTestCase):
             if status >= 0:
                 self.assertEqual(result.returncode, status, f"{config} {operation}: {output}")
             if result.returncode:
-                self.assert_one_line_error(result)
+                self.assert_one_line_error(but_verbose(result))
             leaks += [f"run {number} ({config} {operation}, fault {fault}): {s}"
                       for s in secrets_in(output, known())]
         proxy.clear_faults()
@@ -4711,6 +4782,283 @@ class TestCredentialHygiene(LoopbackOnly, RegistryTestCase):
                 secrets=len(known()), tokens_issued=len(issued), leaks=len(leaks))
         self.assertGreater(len(issued), 4)
         self.assertEqual(leaks, [], f"OCICACHE_FUZZ_SEED={seed}")
+
+
+class TestTrustBoundaries(LoopbackOnly, RegistryTestCase):
+    """Credentials go only to the registry's own host and the realm of its own
+    challenge: what another host says (a CDN a blob is redirected to, an upload
+    Location elsewhere, a token realm's redirect, a registry naming another's realm)
+    never directs them. Other hosts are servers on other loopback addresses."""
+
+    SECRET, REFRESH = "pa55-w0rd-b0undary-5e1f", "refresh-t0ken-b0undary-77a2"
+
+    def other_host(self, address: str, handler: Callable[[Request], Answer]) -> HostileServer:
+        server = HostileServer(handler, address)
+        self.addCleanup(server.stop)
+        return server
+
+    def token_registry(self) -> Tuple[TokenIssuer, Registry, List[Tuple[str, str]]]:
+        """A token registry serving test/b:1 to alice; the tokens its issuer signs, by
+        subject."""
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        issued: List[Tuple[str, str]] = []
+        sign = issuer.issue_token
+
+        def recording(subject: str, *args: Any, **kwargs: Any) -> str:
+            issued.append((subject, sign(subject, *args, **kwargs)))
+            return issued[-1][1]
+
+        issuer.issue_token = recording  # type: ignore[method-assign]
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("boundary")
+        upload(origin.url, "test/b", image.blobs, [("1", image.manifest)])
+        return issuer, self.start_registry(auth=("token", issuer),
+                                           root=self.path("storage")), issued
+
+    def no_secret(self, *texts: str) -> None:
+        known = [self.SECRET, basic("alice", self.SECRET), self.REFRESH]
+        self.assertEqual(secrets_in("\n".join(texts), known), [])
+
+    def test_a_redirect_targets_own_challenge_never_directs_credentials(self) -> None:
+        issuer, registry, _ = self.token_registry()
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "attacker"}))
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{realm.url}/token",service="cdn"')], b""))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("redirect", match="/blobs/", method="GET", times=None,
+                        location=f"{cdn.url}{{path}}")
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", self.SECRET)}}})
+        provider = self.provider()
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            provider.image_pull(f"{proxy.host}/test/b:1", "", "amd64")
+        message = str(caught.exception)
+        self.assertIn(f"{cdn.host} answered 401", message)
+        self.assertEqual(line_problem(message), "")
+        self.assertEqual(realm.requests, [])
+        self.assertTrue(cdn.requests)
+        self.assertEqual({r.headers.get("authorization") for r in cdn.requests}, {None})
+        self.assertEqual(provider.registry._challenges[proxy.host].params["realm"], issuer.realm)
+        self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.index_names(), [])
+
+    def test_an_upload_location_elsewhere_asking_for_credentials_gets_none(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}))
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "attacker"}))
+        elsewhere = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{realm.url}/token",service="x"')], b""))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", method="POST", match="/blobs/uploads/", status=202,
+                        times=None, headers={"Content-Length": "0",
+                                             "Location": f"{elsewhere.url}/upload/1"})
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", self.SECRET)}}})
+        self.load_image(f"{proxy.host}/test/up:1", make_image("up"))
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            self.provider(attempts=1).push(f"{proxy.host}/test/up:1")
+        self.assertIn(f"{elsewhere.host} answered 401", str(caught.exception))
+        self.assertEqual(realm.requests, [])
+        self.assertEqual({r.headers.get("authorization") for r in elsewhere.requests}, {None})
+        self.no_secret(everything_about(caught.exception))
+
+    def test_no_body_or_authorization_follows_any_redirect_to_another_host(self) -> None:
+        stolen = self.other_host("127.0.0.2", lambda r: json_answer({"token": "elsewhere"}))
+        endpoint = oc._Endpoint("http://127.0.0.1:1", "127.0.0.1:1", "a/b", "127.0.0.1:1")
+        outcomes = {}
+        for status in (301, 302, 303, 307, 308):
+            realm = self.other_host(LOOPBACK, lambda r, status=status: Answer(
+                status, [("Location", f"{stolen.url}/steal")], b""))
+            challenge = oc.Challenge("bearer", {"realm": f"{realm.url}/t", "service": "s"})
+            for kind, credentials in [("form", oc.Credentials(identity_token=self.REFRESH)),
+                                      ("basic", oc.Credentials("alice", self.SECRET))]:
+                client = oc.RegistryClient(oc._Transport(oc.TransportOptions(attempts=1)))
+                self.addCleanup(client.transport.close)
+                try:
+                    client._token(endpoint, challenge, ["repository:a/b:pull"], credentials)
+                    outcomes[status, kind] = "token"
+                except oc.OciCacheError as e:
+                    self.assertEqual(line_problem(str(e)), "")
+                    self.no_secret(everything_about(e))
+                    outcomes[status, kind] = "refused"
+        for request in stolen.requests:
+            self.no_secret(request.body.decode(errors="replace"), repr(request.headers))
+            self.assertNotIn("authorization", request.headers)
+        # A form POST is refused on every redirect but 303 (which turns it into a GET
+        # without the body); a GET goes, without its Authorization.
+        self.assertEqual([s for s, kind in outcomes if outcomes[s, kind] == "refused"],
+                         [301, 302, 307, 308])
+
+    def test_a_registry_naming_anothers_realm_never_gets_its_token(self) -> None:
+        issuer, registry, issued = self.token_registry()
+        impostor = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{issuer.realm}",service="{issuer.service}"')],
+            b""))
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", self.SECRET)}}})
+        provider = self.provider()
+        provider.image_pull(f"{registry.host}/test/b:1", "", "amd64")
+        alices = [token for subject, token in issued if subject == "alice"]
+        self.assertTrue(alices)
+        with self.assertRaises(oc.AuthenticationError):
+            provider.image_pull(f"{impostor.host}/test/b:1", "", "amd64")
+        received = [r.headers.get("authorization", "") for r in impostor.requests]
+        self.assertEqual([t[:12] for t in alices if any(t in a for a in received)], [])
+
+    def test_a_token_no_header_can_carry_names_its_file_and_key_never_itself(self) -> None:
+        server = self.other_host(LOOPBACK, fake_registry(make_image("t"), override=lambda r: (
+            None if r.headers.get("authorization") else Answer(401, [(
+                "WWW-Authenticate", f'Bearer realm="http://{r.headers["host"]}/token"')],
+                b""))))
+        for label, entry in [("newline", {"registrytoken": "abc\nX-Evil: 1"}),
+                             ("non-latin-1", {"registrytoken": "t\u20ac\u4e2d"}),
+                             ("identity token with a space", {"identitytoken": "id-t0k3n x"})]:
+            with self.subTest(label):
+                path = self.docker_config({"auths": {server.host: entry}})
+                with self.assertRaises(oc.AuthenticationError) as caught:
+                    oc.find_credentials(server.host, "hostile/app")
+                message = str(caught.exception)
+                self.assertIn(path, message)
+                self.assertIn(server.host, message)
+                self.assertIn(next(iter(entry)), message)
+                secret = next(iter(entry.values()))
+                self.assertNotIn(secret, everything_about(caught.exception))
+                result = self.cli("pull", "--platform", "amd64", f"{server.host}/hostile/app:1")
+                line = self.assert_one_line_error(result, path)
+                self.assertNotIn(secret.split()[0], line)
+
+    def test_a_mirror_url_with_userinfo_is_the_mirrors_credentials(self) -> None:
+        storage = self.path("storage")
+        origin = self.start_registry(root=storage)
+        image = make_image("mirror-auth")
+        upload(origin.url, "library/ma", image.blobs, [("1", image.manifest)])
+        mirror = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}), root=storage)
+        provider = self.provider(mirrors=[oc.parse_mirror(
+            f"docker.io=http://alice:{self.SECRET}@{mirror.host}")])
+        provider.image_pull("ma:1", "", "amd64")
+        self.assertEqual(self.index_names(), ["docker.io/library/ma:1"])
+        self.assertNotIn(self.SECRET, repr(provider.registry.endpoint(
+            oc.Reference.parse("ma:1"))))
+        self.cache.clean()
+        result = self.cli("-v", "--mirror", f"docker.io=http://alice:wrong-{self.SECRET}@"
+                          f"{mirror.host}", "pull", "--platform", "amd64", "ma:1")
+        self.assert_one_line_error(but_verbose(result), f"{mirror.host} answered 401",
+                                   "the mirror URL")
+        self.no_secret(result.stderr.decode())
+        result = self.cli("--mirror", f"docker.io=ftp://alice:{self.SECRET}@x", "pull", "ma:1")
+        self.assert_one_line_error(result, "must start with http")
+        self.no_secret(result.stderr.decode())
+
+    def test_redirects_go_only_to_http_and_https(self) -> None:
+        registry = self.start_registry()
+        image = make_image("scheme")
+        upload(registry.url, "test/s", image.blobs, [("1", image.manifest)])
+        target = self.other_host("127.0.0.2", lambda r: Answer(200, [], image.layers[0].data))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        for scheme in ("ftp", "file", "gopher"):
+            with self.subTest(scheme):
+                proxy.clear_faults()
+                proxy.add_fault("redirect", match="/blobs/", times=None,
+                                location=f"{scheme}://{target.host}{{path}}")
+                with self.assertRaisesRegex(oc.RegistryError, "not a usable http or https URL"):
+                    self.provider().image_pull(f"{proxy.host}/test/s:1", "", "amd64")
+        self.assertEqual(target.requests, [])
+
+    # -- where credentials are looked up, and what went wrong -------------------------
+
+    def test_401_without_and_with_credentials_say_different_things(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}))
+        image = make_image("who")
+        name = f"{registry.host}/test/who:1"
+        result = self.cli("pull", "--platform", "amd64", name)
+        line = self.assert_one_line_error(result, "401", "no credentials for",
+                                          os.path.join(os.environ["DOCKER_CONFIG"],
+                                                       "config.json"))
+        self.assertIn("credential helpers", line)
+        path = self.docker_config({"auths": {registry.host: {"auth": basic("alice", "no")}}})
+        result = self.cli("pull", "--platform", "amd64", name)
+        line = self.assert_one_line_error(result, "401", f"refused the credentials from "
+                                          f"credentials file {path}")
+        self.assertNotIn("no credentials", line)
+        del image
+
+    def test_stored_credentials_a_public_image_refuses_are_tried_once_without(self) -> None:
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=True)
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("public")
+        upload(origin.url, "test/pub", image.blobs, [("1", image.manifest)])
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        name = f"{registry.host}/test/pub:1"
+        for label, entry in [("a wrong password", {"auth": basic("alice", "expired")}),
+                             ("an expired registry token", {"registrytoken": "stale.jwt.x"})]:
+            with self.subTest(label):
+                self.cache.clean()
+                path = self.docker_config({"auths": {registry.host: entry}})
+                with self.assertLogs("ocicache", "WARNING") as logs:
+                    self.provider().image_pull(name, "", "amd64")
+                self.assertEqual(len(logs.output), 1, logs.output)
+                self.assertIn(f"credentials file {path}", logs.output[0])
+                self.assertIn("anonymously", logs.output[0])
+                self.assertTrue(self.cache.verify().ok)
+        # A push never falls back: its own credentials decide.
+        self.load_image(f"{registry.host}/test/pushed:1", make_image("pushed"))
+        with self.assertRaisesRegex(oc.AuthenticationError, "refused the credentials"):
+            self.provider().push(f"{registry.host}/test/pushed:1")
+
+    def test_a_name_that_does_not_resolve_is_tried_once_and_said_so(self) -> None:
+        looked_up: List[str] = []
+        guard = socket.create_connection
+
+        def connect(address: Tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+            if str(address[0]).endswith(".invalid"):
+                looked_up.append(str(address[0]))
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return guard(address, *args, **kwargs)
+
+        with mock.patch.object(socket, "create_connection", connect):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider().image_pull("registry.invalid/a/b:1", "", "amd64")
+        message = str(caught.exception)
+        self.assertIn("registry.invalid could not be resolved", message)
+        self.assertIn("--mirror", message)
+        self.assertEqual(looked_up, ["registry.invalid"])
+
+    # -- TLS failures say what to do --------------------------------------------------
+
+    def test_tls_failures_say_what_to_do(self) -> None:
+        plain_registry = self.start_registry()
+        with mock.patch.object(oc._Transport, "_may_use_http", lambda self, host: False):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider().image_pull(f"{plain_registry.host}/test/x:1", "", "amd64")
+        self.assertIn(f"--insecure-registry {plain_registry.host}", str(caught.exception))
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        require_tool(self, "docker-registry")
+        registry = Registry(tls=(cert, key), extra_config={"http": {"tls": {"clientcas": [ca]}}},
+                            start=False)
+        self.addCleanup(registry.stop)
+
+        def listening() -> Optional[int]:  # its probe has no client certificate
+            with contextlib.suppress(OSError), socket.create_connection(
+                    (LOOPBACK, registry.port), timeout=2):
+                return 200
+            return None
+
+        registry._probe = listening  # type: ignore[method-assign]
+        registry.start()
+        with self.assertRaises(oc.OciCacheError) as caught:
+            self.provider(ca_files=(ca,)).image_pull(f"{registry.host}/test/x:1", "", "amd64")
+        self.assertIn("client certificate", str(caught.exception))
+        self.assertIn(f"client.cert and client.key in certs.d/{registry.host}/",
+                      str(caught.exception))
+        certs_d = self.path("certs.d")
+        os.makedirs(os.path.join(certs_d, registry.host))
+        shutil.copy(cert, os.path.join(certs_d, registry.host, "client.cert"))
+        with self.assertRaises(oc.OciCacheError) as caught:
+            self.provider(ca_files=(ca,), certs_d_roots=(certs_d,)).image_pull(
+                f"{registry.host}/test/x:1", "", "amd64")
+        self.assertIn(os.path.join(certs_d, registry.host, "client.key") + " is missing",
+                      str(caught.exception))
 
 
 class TestMirrors(RegistryTestCase):
@@ -4879,7 +5227,9 @@ class TestPush(RegistryTestCase):
         self.load_image(f"{proxy.host}/test/elsewhere:1", fresh)
         session = urllib.request.urlopen(urllib.request.Request(
             f"{registry.url}/v2/test/min/blobs/uploads/", method="POST", data=b""))
-        proxy.add_fault("respond", method="POST", match="/test/min/blobs/uploads/$", status=202,
+        # The upload session the registry opens (for the mount from test/elsewhere,
+        # which fails) says how large chunks must be.
+        proxy.add_fault("respond", method="POST", match="/test/min/blobs/uploads/", status=202,
                         headers={"Location": session.headers["Location"].replace(
                                      registry.url, ""),  # relative: it goes via the proxy
                                  "OCI-Chunk-Min-Length": "200000", "Content-Length": "0"})
@@ -5009,6 +5359,240 @@ class TestRegistryDetails(RegistryTestCase):
         self.assertIn(base.layers[0].digest, mounts[0].uri)
 
 
+class TestRegistryQuirks(RegistryTestCase):
+    """What real registries do (ECR, GHCR, Artifactory, Docker Hub's CDN and rate
+    limits), given to the real registry by a FaultProxy in front of it."""
+
+    def served(self, repository: str, seed: str, size: int = 0) -> Tuple[Registry, FaultProxy,
+                                                                          ImageBlobs]:
+        registry = self.start_registry()
+        image = make_image(seed, layer_files=[{"big": random.Random(seed).randbytes(size)}],
+                           gzip_layers=False) if size else make_image(seed)
+        upload(registry.url, repository, image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        return registry, proxy, image
+
+    def test_a_refused_resume_starts_the_blob_again(self) -> None:
+        _, proxy, image = self.served("test/resume", "resume", 1 << 20)
+        layer = image.layers[0]
+        partial = self.cache.layout.blob_path(layer.digest) + oc._PARTIAL_SUFFIX
+        for status in (400, 416):
+            with self.subTest(status=status):
+                self.cache.clean()
+                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                with open(partial, "wb") as f:
+                    f.write(b"bytes the server disowns" * 1000)
+                proxy.clear_faults()
+                proxy.add_fault("respond", match=f"/blobs/{layer.digest}", method="GET",
+                                status=status)
+                self.provider().image_pull(f"{proxy.host}/test/resume:1", "", "amd64")
+                self.assertEqual([f[0] for f in proxy.fired()][-1:], ["respond"])
+                self.assertTrue(self.cache.verify().ok)
+                self.assertFalse(os.path.exists(partial))
+
+    def test_push_takes_a_403_on_the_tag_check_as_absent(self) -> None:
+        registry, proxy, _ = self.served("test/other", "other")
+        image = make_image("artifactory")
+        self.load_image(f"{proxy.host}/test/art:1", image)
+        denied = {"status": 403, "headers": {"Content-Type": "application/json"},
+                  "body": b'{"errors":[{"code":"DENIED","message":"no such tag"}]}'}
+        proxy.add_fault("respond", method="GET", match="/test/art/manifests/1", **denied)
+        self.provider().push(f"{proxy.host}/test/art:1")
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/art/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
+        self.assertEqual(served.read(), image.manifest.data)
+        self.cache.clean()  # a pull keeps reporting 403 as it is
+        proxy.add_fault("respond", match="/test/art/manifests/1", times=None, **denied)
+        with self.assertRaisesRegex(oc.AuthenticationError, "403 DENIED: no such tag"):
+            self.provider().image_pull(f"{proxy.host}/test/art:1", "", "amd64")
+
+    def test_only_the_digest_is_asked_for_with_head(self) -> None:
+        registry, proxy, image = self.served("test/head", "head")
+        name = f"{proxy.host}/test/head:1"
+        cache = self.provider()
+        cache.image_pull(name, "", "amd64")
+        before = len(proxy.requests())
+        cache.image_pull(name, "", "amd64", always_pull=True)  # the tag has not moved
+        self.assertTrue(cache.image_in_registry(name, "", "amd64"))
+        self.assertTrue(cache.is_published(name))
+        asked = [method for method, path in proxy.requests()[before:] if "/manifests/" in path]
+        self.assertEqual(asked, ["HEAD"] * 3)
+        moved = make_image("moved")
+        upload(registry.url, "test/head", moved.blobs, [("1", moved.manifest)])
+        before = len(proxy.requests())
+        self.assertFalse(cache.is_published(name))
+        cache.image_pull(name, "", "amd64", always_pull=True)  # moved: GET
+        self.assertEqual(str(cache.find_descriptor(name).digest), moved.manifest.digest)
+        self.assertIn("GET", [m for m, p in proxy.requests()[before:] if "/manifests/" in p])
+        # A registry that does not answer HEAD is asked with GET.
+        proxy.add_fault("respond", method="HEAD", match="/manifests/", status=405, times=None)
+        upload(registry.url, "test/head", image.blobs, [("1", image.manifest)])
+        cache.image_pull(name, "", "amd64", always_pull=True)
+        self.assertEqual(str(cache.find_descriptor(name).digest), image.manifest.digest)
+        self.assertTrue(cache.is_published(name))
+
+    def test_rate_limits_are_shown_and_a_long_quota_wait_is_not_retried(self) -> None:
+        _, proxy, _ = self.served("library/alpine", "limited")
+        proxy.add_fault("respond", match="/manifests/", status=429, times=None, headers={
+            "Retry-After": "3600", "ratelimit-limit": "100;w=21600",
+            "ratelimit-remaining": "0;w=21600", "docker-ratelimit-source": "203.0.113.7",
+            "Content-Type": "application/json"},
+            body=b'{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit"}]}')
+        started = time.monotonic()
+        with self.assertRaises(oc.RegistryError) as caught:
+            self.provider(max_retry_after=2).image_pull(f"{proxy.host}/library/alpine:1")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(len(proxy.fired()), 1)  # waiting an hour is not a retry
+        for shown in ("429 TOOMANYREQUESTS", "ratelimit-remaining=0;w=21600",
+                      "docker-ratelimit-source=203.0.113.7", "retry-after=3600"):
+            self.assertIn(shown, str(caught.exception))
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{proxy.host}/library/alpine:1")
+        said = [line for line in result.stderr.decode().splitlines()
+                if not line.startswith("ocicache: ")]
+        self.assertTrue([line for line in said if ": 429" in line and
+                         "ratelimit-remaining=0;w=21600" in line], said)
+
+    def test_retries_share_one_budget_per_document(self) -> None:
+        _, proxy, _ = self.served("test/budget", "budget")
+        for nth in range(1, 40):  # the manifest: 429, a body cut short, 429, ...
+            if nth % 2:
+                proxy.add_fault("respond", match="/manifests/", nth=nth, status=429,
+                                headers={"Retry-After": "0"})
+            else:
+                proxy.add_fault("truncate", match="/manifests/", nth=nth)
+        with self.assertRaises(oc.OciCacheError):
+            self.provider(attempts=4).image_pull(f"{proxy.host}/test/budget:1", "", "amd64")
+        self.assertEqual(len([p for _, p in proxy.requests() if "/manifests/" in p]), 4)
+
+    def test_a_failed_mount_uses_the_upload_session_it_opened(self) -> None:
+        registry = self.start_registry()
+        image = make_image("mountless", layer_files=[{"a": b"a" * 5000}, {"b": b"b"}])
+        self.load_image(f"{registry.host}/test/src:1", image)  # never pushed: no mount works
+        self.provider().push(f"{registry.host}/test/src:1", f"{registry.host}/test/dst:1")
+        entries = [e for e in registry.wait_requests(lambda r: any(
+            "/test/dst/manifests/1" in p for _, p in r)) and registry.access_entries()]
+        posts = [e.uri for e in entries if e.method == "POST"]
+        self.assertEqual(len(posts), len(image.layers) + 1, posts)  # one per blob, the mount's
+        self.assertTrue(all("mount=" in uri for uri in posts), posts)
+        self.assertEqual([e.uri for e in entries if e.method == "DELETE"], [])
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/dst/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
+        self.assertEqual(served.read(), image.manifest.data)
+
+    def test_every_quirk_keeps_passing(self) -> None:
+        """Each quirk on its own, on a pull or a push through the proxy; each must work."""
+        secret = "qu1rk-pa55-9e0b"
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        realm_proxy = FaultProxy(LOOPBACK, issuer.port)  # quirks of the token server
+        self.addCleanup(realm_proxy.stop)
+        registry = self.start_registry(auth=("token", issuer), extra_config={
+            "auth": {"token": {"realm": f"{realm_proxy.url}/token"}}})
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+        image = make_image("quirks", layer_files=[{"q": random.Random(2).randbytes(200000)}],
+                           gzip_layers=False)
+        self.load_image(f"{proxy.host}/test/quirks:1", image)
+        self.provider().push(f"{proxy.host}/test/quirks:1")
+
+        def cdn(request: Request) -> Answer:  # Docker Hub's CDN: Authorization is an error
+            if "authorization" in request.headers:
+                return Answer(400, [], b"<Error>Only one auth mechanism allowed</Error>")
+            digest = request.target.rsplit("/", 1)[-1]
+            return Answer(200, [], {b.digest: b.data for b in image.blobs}[digest])
+
+        storage = HostileServer(cdn, "127.0.0.2")
+        self.addCleanup(storage.stop)
+        chunks = {"chunked_upload_threshold": 100000, "upload_chunk_size": 64000}
+        quirks: List[Tuple[str, str, List[Tuple[str, Dict[str, Any]]], Dict[str, Any]]] = [
+            ("no Docker-Content-Digest", "pull", [("rewrite", {
+                "match": "/manifests/|/blobs/", "times": None,
+                "drop": ("Docker-Content-Digest",)})],
+             {}),
+            ("a CDN redirect that rejects Authorization", "pull", [("redirect", {
+                "match": "/blobs/sha256", "method": "GET", "times": None,
+                "location": f"{storage.url}{{path}}"})], {}),
+            ("access_token without token", "pull", [(f"rewrite@{realm_proxy.port}", {
+                "times": None, "body": lambda data: json.dumps({
+                    k: v for k, v in json.loads(data).items() if k != "token"}).encode()})], {}),
+            ("a relative upload Location", "push", [("rewrite", {
+                "match": "/blobs/uploads/", "times": None,
+                "sub": {"Location": (r"^https?://[^/]+", "")}})], {}),
+            ("an upload Location outside /v2/", "push", [("rewrite", {
+                "method": "POST", "match": "/blobs/uploads/$",
+                "sub": {"Location": (r"^(https?://[^/]+)?/v2/", r"\1/elsewhere/v2/")}}),
+                ("rewrite", {"match": "^/elsewhere/", "times": None,
+                             "target": (r"^/elsewhere", "")})], {}),
+            ("201 for a PATCH", "push", [("rewrite", {
+                "method": "PATCH", "times": None, "status": 201})], chunks),
+            ("a registry refusing monolithic uploads", "push", [("respond", {
+                "method": "PUT", "match": "/blobs/uploads/.*digest=", "status": 413})], {}),
+            ("a registry refusing chunked uploads", "push", [("respond", {
+                "method": "PATCH", "times": None, "status": 405})], chunks),
+            ("a registry answering 429 now and then", "pull", [("respond", {
+                "match": "/blobs/", "status": 429, "headers": {"Retry-After": "0"}})], {}),
+        ]
+        for number, (label, action, faults, options) in enumerate(quirks):
+            with self.subTest(label):
+                self.cache.clean()
+                for target in (proxy, realm_proxy):
+                    target.clear_faults()
+                before = len(proxy.fired() + realm_proxy.fired())
+                for kind, params in faults:
+                    kind, _, port = kind.partition("@")
+                    (realm_proxy if port else proxy).add_fault(kind, **params)
+                cache = self.provider(**options)
+                if action == "pull":
+                    cache.image_pull(f"{proxy.host}/test/quirks:1", "", "amd64")
+                    self.assertTrue(cache.verify().ok)
+                else:
+                    fresh = make_image(f"quirk-{number}", layer_files=[
+                        {"f": random.Random(number).randbytes(200000)}], gzip_layers=False)
+                    name = f"{proxy.host}/test/pushed-{number}:1"
+                    self.load_image(name, fresh)
+                    cache.push(name)
+                    served = urllib.request.urlopen(urllib.request.Request(
+                        f"{registry.url}/v2/test/pushed-{number}/manifests/1", headers={
+                            "Accept": oc.MEDIA_OCI_MANIFEST,
+                            "Authorization": "Bearer " + issuer.issue_token("alice", [{
+                                "type": "repository", "name": f"test/pushed-{number}",
+                                "actions": ["pull"]}])}))
+                    self.assertEqual(served.read(), fresh.manifest.data)
+                self.assertGreater(len(proxy.fired() + realm_proxy.fired()), before,
+                                   "the quirk was never shown")
+        self.assertTrue([t for _, t in proxy.requests() if t.startswith("/elsewhere/v2/")])
+
+
+    def test_verbose_says_what_it_does(self) -> None:
+        secret = "v3rbose-pa55-0c1d"
+        registry = self.start_registry(auth=("htpasswd", {"alice": secret}))
+        image = make_image("verbose")
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        path = self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+        # The image goes in through the proxy, with the credentials.
+        self.load_image(f"{proxy.host}/test/v:1", image)
+        self.provider().push(f"{proxy.host}/test/v:1")
+        self.cache.clean()
+        proxy.add_fault("respond", match="/blobs/", method="GET", status=503)
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{proxy.host}/test/v:1")
+        said = result.stderr.decode()
+        self.assertEqual(result.returncode, 0, said)
+        for expected in (f"GET http://{proxy.host}/v2/test/v/manifests/1: 401",
+                         f"GET http://{proxy.host}/v2/test/v/manifests/1: 200",
+                         f"credentials for {proxy.host}/test/v from credentials file {path}",
+                         "answered 503; attempt 2 of", "retrying in"):
+            self.assertIn(expected, said)
+        self.assertEqual(secrets_in(said, [secret, basic("alice", secret)]), [])
+        mirror = self.start_registry()
+        upload(mirror.url, "library/v", image.blobs, [("1", image.manifest)])
+        result = self.cli("-v", "--mirror", f"docker.io={mirror.url}", "pull", "--platform",
+                          "amd64", "v:1")
+        self.assertIn(f"docker.io through the mirror {mirror.url}", result.stderr.decode())
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
@@ -5034,6 +5618,17 @@ class Scenario:
 def on(method: str, fragment: str, answer: Answer) -> Callable[[Request], Optional[Answer]]:
     """An override answering requests of ``method`` whose target holds ``fragment``."""
     return lambda r: answer if r.method == method and fragment in r.target else None
+
+
+def endless_trailers(body: bytes, media_type: str = "application/octet-stream") -> BodyStream:
+    """A chunked answer of ``body`` whose trailers never end (until the server stops)."""
+    def stream(stop: threading.Event) -> Iterator[bytes]:
+        yield (f"HTTP/1.1 200 OK\r\nContent-Type: {media_type}\r\n"
+               "Transfer-Encoding: chunked\r\n\r\n").encode()
+        yield b"%x\r\n" % len(body) + body + b"\r\n0\r\n"
+        while not stop.wait(0.05):
+            yield b"X-Trailer: y\r\n"
+    return stream
 
 
 def registry_scenarios() -> List[Scenario]:
@@ -5122,13 +5717,28 @@ def registry_scenarios() -> List[Scenario]:
     add("a manifest trickled a byte at a time", answering("/manifests/1", Answer(
         200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], trickle(image.manifest.data, 0.25),
         len(image.manifest.data))), bound=6.0)
+    # A deadline for each whole answer, not only for each read.
+    add("response headers trickled a byte at a time", answering("/manifests/1", Answer(
+        raw=trickle(b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 60000, 0.05))), bound=6.0)
+    add("endless 100 Continue", answering("/manifests/1", Answer(raw=lambda stop: (
+        b"HTTP/1.1 100 Continue\r\n\r\n" for _ in iter(lambda: stop.wait(0.05), True)))),
+        bound=6.0)
+    add("a manifest followed by endless chunked trailers", answering("/manifests/1", Answer(
+        raw=endless_trailers(image.manifest.data, oc.MEDIA_OCI_MANIFEST))), bound=6.0)
+    add("a blob followed by endless chunked trailers", answering(layer.digest, Answer(
+        raw=endless_trailers(layer.data))), outcome="bounded", bound=6.0)
+    add("a foreign layer with urls [1]", fake_registry(image, manifest_blob(
+        config.descriptor(), [layer.descriptor(), {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": sha256(b"foreign"), "size": 7, "urls": [1]}])))
     # Statuses, redirects and headers.
     add("503 with Retry-After: \\xb2", answering("/blobs/", Answer(
         503, [("Retry-After", "\xb2")], b"")))
     add("429 with a Retry-After date far away", answering("/blobs/", Answer(
         429, [("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")], b"")))
     for location in ("http://[::1", "/v2/hostile/app/blobs/x", "http://127.0.0.1:1/x",
-                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x"):
+                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x", "/v2/a b\x01c",
+                     "http://127.0.0.1\x00.example/x"):
         add(f"a redirect to {location!r}", answering("/blobs/", Answer(
             307, [("Location", location)], b"")))
     add("a garbage status line", answering("/blobs/", Answer(raw=b"HELLO\r\n\r\n")))
@@ -5200,7 +5810,10 @@ def token_scenarios() -> List[Scenario]:
     for label, body in [("a token that is a list", b'{"token": ["a"]}'),
                         ("expires_in 'soon'", b'{"token": "ok", "expires_in": "soon"}'),
                         ("expires_in 1e999", b'{"token": "ok", "expires_in": 1e999}'),
-                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}')]:
+                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}'),
+                        ("expires_in of 400 digits",
+                         b'{"token": "ok", "expires_in": 1' + b"0" * 400 + b"}"),
+                        ("expires_in -1e308", b'{"token": "ok", "expires_in": -1e308}')]:
         add(f"token server: {label}", realm, Answer(200, [], body), outcome="bounded")
     return scenarios
 
@@ -5236,6 +5849,8 @@ def push_scenarios() -> List[Scenario]:
         add(f"OCI-Chunk-Min-Length: {minimum}", on("POST", "/blobs/uploads/", Answer(
             202, [("Location", "/v2/hostile/app/blobs/uploads/s"),
                   ("OCI-Chunk-Min-Length", minimum)], b"")), outcome="bounded")
+    add("an upload Location with a space and a control character", on(
+        "POST", "/blobs/uploads/", Answer(202, [("Location", "/v2/x/uploads/a b\x01")], b"")))
     add("an upload Location on a closed port", on("POST", "/blobs/uploads/", Answer(
         202, [("Location", "http://127.0.0.1:1/upload")], b"")))
     add("an upload answer without a Location", on("POST", "/blobs/uploads/", Answer(
@@ -5252,6 +5867,62 @@ def push_scenarios() -> List[Scenario]:
     return scenarios
 
 
+def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
+    """Registries sending a pull to another host, ``cdn`` (another loopback address),
+    which asks for credentials of its own, serves, or takes a token request."""
+    image = make_image("cross")
+    scenarios: List[Scenario] = []
+
+    def sending(label: str, fragment: str, location: str, status: int = 307,
+                method: str = "GET", **options: Any) -> None:
+        def answer(request: Request) -> Optional[Answer]:
+            if request.method == method and fragment in request.target:
+                return Answer(status, [("Location", location.replace("{target}",
+                                                                    request.target))], b"")
+            return None
+        scenarios.append(Scenario(label, fake_registry(image, override=answer), **options))
+
+    for status in (301, 302, 303, 307, 308):
+        sending(f"a blob {status}-redirected to a CDN asking for its own Bearer realm",
+                "/blobs/", f"{cdn.url}/bearer{{target}}", status)
+    sending("a manifest redirected to a CDN asking for Basic credentials", "/manifests/",
+            f"{cdn.url}/basic{{target}}")
+    sending("a blob redirected to a CDN that serves it", "/blobs/", f"{cdn.url}/serve{{target}}",
+            outcome="bounded")
+    sending("a blob redirected to the CDN with a user:password", "/blobs/",
+            f"http://alice:x@{cdn.host}/serve{{target}}")
+    sending("a blob redirected to ftp:// on the CDN", "/blobs/",
+            f"ftp://{cdn.host}/serve{{target}}")
+
+    def token_redirect(request: Request) -> Optional[Answer]:
+        if request.target.startswith("/token"):
+            return Answer(302, [("Location", f"{cdn.url}/steal")], b"")
+        if not request.headers.get("authorization", "").startswith("Bearer "):
+            return Answer(401, [("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:'
+                                 f'{request.port}/token",service="s"')], b"")
+        return None
+    scenarios.append(Scenario("a token realm 302-redirecting to the CDN",
+                              fake_registry(image, override=token_redirect), outcome="bounded"))
+    return scenarios
+
+
+def cdn_handler(image: ImageBlobs, realm: str) -> Callable[[Request], Answer]:
+    """The CDN of cross_host_scenarios: its 401s name ``realm``; it serves ``image``."""
+    blobs = {b.digest: b.data for b in image.blobs}
+
+    def cdn(request: Request) -> Answer:
+        kind, _, rest = request.target.lstrip("/").partition("/")
+        if kind == "bearer":
+            return Answer(401, [("WWW-Authenticate",
+                                 f'Bearer realm="{realm}/token",service="cdn"')], b"")
+        if kind == "basic":
+            return Answer(401, [("WWW-Authenticate", 'Basic realm="cdn"')], b"")
+        if kind == "serve" and rest.rsplit("/", 1)[-1] in blobs:
+            return Answer(200, [], blobs[rest.rsplit("/", 1)[-1]])
+        return json_answer({"token": "from-the-cdn"})
+    return cdn
+
+
 class RandomRegistry:
     """A registry answering each request normally or, with probability ``p``, with a
     random hostile variant of the normal answer; it may ask for Bearer tokens. The hosts
@@ -5265,9 +5936,11 @@ class RandomRegistry:
                   'Bearer realm="{self}/token",error="insufficient_scope"',
                   'Bearer realm="http://127.0.0.1:1/token"', 'Basic realm="x"', "Negotiate"]
     LOCATIONS = ["http://[::1", "/v2/", "{target}", "http://127.0.0.1:1/x", "", "//127.0.0.1:1/x",
-                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x"]
+                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x",
+                 "{cdn}/bearer{target}", "{cdn}/basic{target}", "{cdn}/serve{target}"]
 
-    def __init__(self, seed: int, image: ImageBlobs) -> None:
+    def __init__(self, seed: int, image: ImageBlobs, cdn: str = "http://127.0.0.1:1") -> None:
+        self.cdn = cdn  # another host (cdn_handler), which asks for credentials of its own
         self.rng = random.Random(seed)
         self.mutator = Mutator(seed)
         self.normal = fake_registry(image)
@@ -5305,7 +5978,7 @@ class RandomRegistry:
             status = rng.choice(self.STATUSES)
             own = f"http://127.0.0.1:{request.port}"
             headers = [(name, rng.choice(values).replace("{self}", own).replace(
-                "{target}", request.target)) for name, values in
+                "{target}", request.target).replace("{cdn}", self.cdn)) for name, values in
                 [("WWW-Authenticate", self.CHALLENGES), ("Retry-After", self.RETRY_AFTER),
                  ("Location", self.LOCATIONS)] if rng.random() < 0.6]
             error = mutator.mutate_json({"errors": [{"code": "DENIED", "message": "no"}]})
@@ -5409,6 +6082,36 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
     def test_hostile_token_servers_and_challenges(self) -> None:
         self.run_campaign("hostile token servers", token_scenarios())
 
+    def test_redirects_to_other_hosts_with_challenges_of_their_own(self) -> None:
+        secret = "cr0ss-h0st-pa55-31d9"
+        self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
+        self.docker_config({"credsStore": "any"})  # credentials for every host
+        realm = HostileServer(lambda r: json_answer({"token": "the-attackers"}), "127.0.0.3")
+        self.addCleanup(realm.stop)
+        cdn = HostileServer(cdn_handler(make_image("cross"), realm.url), "127.0.0.2")
+        self.addCleanup(cdn.stop)
+
+        def leaks(server: HostileServer) -> str:
+            found = [f"the realm {realm.host} was asked {r.method} {r.target[:40]}"
+                     for r in realm.requests]
+            found += [f"{cdn.host} got {what} ({r.method} {r.target[:40]})" for r in cdn.requests
+                      for what in ["an Authorization header"] * ("authorization" in r.headers)
+                      + ["the secret"] * (secret in repr(r) or basic("alice", secret) in repr(r))]
+            return "; ".join(found)
+
+        scenarios = cross_host_scenarios(cdn)
+        for scenario in scenarios:
+            scenario.check = leaks
+        run = self.run_scenario
+
+        def afresh(scenario: Scenario) -> List[str]:  # each scenario's requests only
+            realm.requests.clear()
+            cdn.requests.clear()
+            return run(scenario)
+
+        self.run_scenario = afresh  # type: ignore[method-assign]
+        self.run_campaign("redirects to other hosts", scenarios)
+
     def test_hostile_registries_for_pushes(self) -> None:
         amd, arm = make_image("push-amd"), make_image("push-arm", "arm64")
         index = make_index([amd.descriptor(), arm.descriptor()])
@@ -5437,13 +6140,32 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
         seed = fuzz_seed()
         count, seconds = (400, 600.0) if STRESS else (10, 15.0)
         image = make_image("random")
+        # Credentials for every host, and another host with a realm of its own.
+        secret = "rand0m-pa55-4b7e"
+        self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
+        self.docker_config({"credsStore": "any"})
+        realm = HostileServer(lambda r: json_answer({"token": "the-attackers"}), "127.0.0.3")
+        self.addCleanup(realm.stop)
+        cdn = HostileServer(cdn_handler(image, realm.url), "127.0.0.2")
+        self.addCleanup(cdn.stop)
+
+        def leaks(server: HostileServer) -> str:
+            found = [f"the realm {realm.host} was asked" for _ in realm.requests[:1]]
+            found += [f"{cdn.host} got an Authorization header" for r in cdn.requests
+                      if "authorization" in r.headers][:1]
+            realm.requests.clear()
+            cdn.requests.clear()
+            return "; ".join(found)
+
         failed: Dict[str, List[str]] = collections.defaultdict(list)
         deadline = time.monotonic() + seconds
         tried = 0
         for tried in range(1, count + 1):
-            registry = RandomRegistry(seed + tried, image)
-            for problem in self.run_scenario(Scenario(f"random {seed + tried}", registry,
-                                                      outcome="bounded", bound=20.0)):
+            registry = RandomRegistry(seed + tried, image, cdn.url)
+            found: List[str] = []
+            scenario = Scenario(f"random {seed + tried}", registry, outcome="bounded", bound=20.0,
+                                check=lambda server: found.append(leaks(server)) or found[0])
+            for problem in self.run_scenario(scenario):
                 failed[re.sub(r"\d+", "N", problem)[:90]].append(
                     f"seed {seed + tried} ({'; '.join(registry.trace)[:200]})")
             if time.monotonic() > deadline:
