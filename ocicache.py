@@ -2042,7 +2042,7 @@ class Layout:
                 hasher = digest.hasher()
                 for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
                     hasher.update(chunk)
-        except FileNotFoundError:
+        except (NotFoundError, FileNotFoundError):  # deleted meanwhile: nothing to check
             return ""
         if hasher.hexdigest() != digest.hex:
             return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
