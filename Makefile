@@ -4,14 +4,18 @@ PYTHON ?= python3
 # (skopeo, umoci, podman, docker-registry) and the tools the tests drive them with.
 TEST_TOOLS := skopeo:skopeo umoci:umoci podman:podman docker-registry:docker-registry \
 	jq:jq openssl:openssl git:git htpasswd:apache2-utils
+# The test tools that come from PyPI: vermin checks that nothing needs a newer Python
+# than 3.9.
+PIP_TEST_TOOLS := vermin
 
-.PHONY: test stress deps help bench
+.PHONY: test test-fast stress deps help bench
 
 help:
 	@echo "make test   run the whole test suite (installs the test tools when it can)"
+	@echo "make test-fast  the suite's fast part: every test that needs no external tool"
 	@echo "make stress the reliability and security campaigns at full size (minutes)"
 	@echo "make bench  measure pull, push and export against skopeo, umoci and the limits"
-	@echo "make deps   install the Debian packages the integration tests use"
+	@echo "make deps   install the Debian packages and PyPI tools the integration tests use"
 
 # Install the missing test tools with apt-get when we are root; otherwise say how.
 deps:
@@ -27,9 +31,18 @@ deps:
 		echo "missing:$$missing; their tests will be skipped. Install them with:"; \
 		echo "  sudo apt-get install -y --no-install-recommends$$missing"; \
 	fi
+	@for tool in $(PIP_TEST_TOOLS); do command -v $$tool >/dev/null 2>&1 || \
+		$(PYTHON) -m pip install -q $$tool || \
+		echo "missing: $$tool; its test will be skipped. Install it with: pip install $$tool"; \
+		done
 
 test: deps
 	$(PYTHON) test_ocicache.py
+
+# What .ci/run runs on every other Python version present: the tests that need no
+# external tool (the others are not run, and are counted apart from skips).
+test-fast:
+	OCICACHE_FAST=1 $(PYTHON) test_ocicache.py
 
 # The campaigns of the regular suite at full size: faults, crashes, concurrency, a full
 # disk, and hostile inputs (400,000 references against the grammar, the fuzzed parsers,

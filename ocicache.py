@@ -803,18 +803,43 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
 _SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
 
 
+# JSON nested deeper than this is refused on every Python version. The decoder's own
+# limit differs: up to 3.12 it is the recursion limit (about 1000), while 3.13's accepts
+# documents far deeper than the json encoder (or any recursive reader) can walk again.
+_JSON_MAX_DEPTH = 500
+
+
+def _nested_deeper_than(obj: Any, limit: int) -> bool:
+    """Whether decoded JSON nests arrays and objects more than ``limit`` levels deep;
+    walked with a stack of its own, as the point is that recursion would not do."""
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def _parse_json(data: Union[bytes, str], what: str,
                 error: Type[OciCacheError] = OciCacheError) -> Any:
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
-    than the interpreter's recursion limit and escaped lone surrogates (which decode but
-    can never be written back as UTF-8) are refused like any other bad JSON."""
+    than ``_JSON_MAX_DEPTH`` and escaped lone surrogates (which decode but can never be
+    written back as UTF-8) are refused like any other bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
     try:
         obj = json.loads(raw)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise error(too_deep) from None
+    except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
+    if raw.count(b"[") + raw.count(b"{") > _JSON_MAX_DEPTH and \
+            _nested_deeper_than(obj, _JSON_MAX_DEPTH):
+        raise error(too_deep)
     if re.search(_SURROGATE_ESCAPE, raw):
         try:
             json.dumps(obj, ensure_ascii=False).encode()
@@ -4949,11 +4974,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("inspect", help="print an image's manifest or config",
                             description="Print the root index or manifest of NAME as JSON; "
                                         "with --platform, that platform's manifest; with "
-                                        "--config, its image config.")
+                                        "--config, its image config; with --raw, "
+                                        "the bytes as stored instead of indented.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--platform", metavar="P", default=None,
                    help="os/arch[/variant], e.g. linux/arm64 (default for --config: the host)")
     p.add_argument("--config", action="store_true", help="print the image config instead")
+    p.add_argument("--raw", action="store_true",
+                   help="print the document's bytes as stored (its digest is theirs)")
     p.set_defaults(run=_cmd_inspect)
 
     p = commands.add_parser("import", help="load an image archive",
@@ -5072,9 +5100,11 @@ def _cmd_inspect(provider: Provider, args: argparse.Namespace) -> int:
     data = provider.layout.read_blob(descriptor.digest)
     if args.config:
         data = provider.layout.read_blob(provider.manifest(descriptor).config.digest)
+    if args.raw:
+        sys.stdout.buffer.write(data)
+        return 0
     what = f"config of {args.name}" if args.config else f"manifest of {args.name}"
-    json.dump(_parse_json(data, what), sys.stdout, indent=2, ensure_ascii=False)
-    print()
+    sys.stdout.buffer.write(_json_bytes(_parse_json(data, what), indent=2) + b"\n")
     return 0
 
 
