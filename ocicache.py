@@ -1901,9 +1901,15 @@ class _Transport:
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
+        import socket
         with self._guard:
             connections, self._open = self._open, []
         for connection in connections:
+            if connection.sock is not None:
+                # Wakes a thread still reading a body (an interrupted pull's): it holds
+                # the buffer's lock that closing the response waits for.
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
             connection.close()
 
     def _drop(self, scheme: str, host: str) -> None:
@@ -3878,6 +3884,10 @@ class PullProgress:
         """``name`` was already complete in the cache: nothing was asked of the registry."""
 
 
+class _PullStopped(Exception):
+    """Raised in a download worker, at its next piece, once the pull is stopping."""
+
+
 def _registries_conf_tables(text: str) -> List[Tuple[str, Dict[str, Any]]]:
     """The ``[[table]]`` entries of a registries.conf: the TOML subset it uses (string and
     boolean values; arrays and other tables are skipped)."""
@@ -4324,8 +4334,13 @@ class Provider(CacheProvider):
         return [(probe, data, manifest)]
 
     def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
-        """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
-        import concurrent.futures
+        """Fetch the blobs not yet present, ``jobs`` at a time, largest first.
+
+        The workers are daemon threads that stop at their next piece once anything
+        fails or the caller is interrupted: a Ctrl-C does not wait for the layers in
+        flight (a stalled one could take minutes), and whatever was received stays in
+        the partial files that the next pull resumes from.
+        """
         missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size)]
         for blob in blobs:
             if blob not in missing:
@@ -4333,17 +4348,48 @@ class Provider(CacheProvider):
                 self.progress.advance(blob.digest, blob.size)
         if not missing:
             return
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-pull") as pool:
-            futures = [pool.submit(self.registry.download_blob, ref, blob, self.layout,
-                                   functools.partial(self.progress.advance, blob.digest))
-                       for blob in missing]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        stop = threading.Event()
+        queue = iter(missing)
+        guard = threading.Lock()
+        errors: List[BaseException] = []
+
+        def advance(digest: Digest, size: int) -> None:
+            if stop.is_set():
+                raise _PullStopped()
+            self.progress.advance(digest, size)
+
+        def work() -> None:
+            while not stop.is_set():
+                with guard:
+                    blob = next(queue, None)
+                if blob is None:
+                    return
+                try:
+                    self.registry.download_blob(ref, blob, self.layout,
+                                                functools.partial(advance, blob.digest))
+                except _PullStopped:
+                    return
+                except BaseException as e:  # handed to the caller's thread below
+                    errors.append(e)
+                    stop.set()
+                    return
+
+        workers = [threading.Thread(target=work, name="ocicache-pull", daemon=True)
+                   for _ in range(min(self.jobs, len(missing)))]
+        for worker in workers:
+            worker.start()
+        try:
+            for worker in workers:
+                while worker.is_alive():
+                    # In steps: a SIGINT the kernel hands to a worker thread is acted on
+                    # only when the main thread next wakes, and a join without end may
+                    # not wake for minutes.
+                    worker.join(0.1)
+        except BaseException:  # Ctrl-C: a partial file is a prefix of the blob at any time
+            stop.set()
+            raise
+        if errors:
+            raise errors[0]
 
     def is_published(self, ref: RefLike) -> bool:
         """Whether the registry serves exactly the root this cache holds for ``ref``
@@ -4764,6 +4810,32 @@ def package_tag(directory: str) -> str:
 # stable for scripts. Progress goes to stderr, and only on a terminal.
 # =====================================================================================
 
+def _terminal_width(out: IO[str]) -> int:
+    """The columns of the terminal ``out`` is, asked at each redraw since it may have been
+    resized (SIGWINCH); 80 when it does not say."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
+def _fit(line: str, width: int) -> str:
+    """``line`` cut to the terminal: a line that wraps moves the cursor down a row that
+    redrawing in place does not know about, and every redraw scrolls. The last column
+    stays free, as some terminals wrap as soon as it is written."""
+    return line[:max(width - 1, 1)]
+
+
+def _status(label: str, choices: Sequence[str], width: int) -> str:
+    """``label: figures`` on one terminal line, the label shortened at its start, with
+    the first of the ``choices`` of figures (each shorter than the one before) that fits."""
+    figures = next((f for f in choices if len(f) < width), choices[-1])
+    room = max(width - 1, 1) - len(figures) - 2
+    if len(label) > room:
+        label = "..." + label[len(label) - room + 3:] if room > 3 else ""
+    return _fit(f"{label}: {figures}" if label else figures, width)
+
+
 class _ProgressReader:
     """Counts bytes read through it and redraws one status line on a terminal."""
 
@@ -4784,8 +4856,10 @@ class _ProgressReader:
             self._drawn = now
             rate = self._done / max(now - self._started, 1e-6)
             total = f" / {_human_size(self._total)}" if self._total else ""
-            self._out.write(f"\r{self._label}: {_human_size(self._done)}{total} "
-                            f"({_human_size(int(rate))}/s)\x1b[K")
+            figures = f"{_human_size(self._done)}{total}"
+            line = _status(self._label, (f"{figures} ({_human_size(int(rate))}/s)", figures),
+                           _terminal_width(self._out))
+            self._out.write(f"\r{line}\x1b[K")
             self._out.flush()
         return data
 
@@ -4826,6 +4900,7 @@ class _TerminalProgress(_LineProgress):
         self._done: Dict[Digest, int] = {}
         self._started = 0.0
         self._drawn_lines = 0
+        self._drawn_width = 0  # the longest line drawn in the block now on screen
         self._last_draw = 0.0
         self._name = ""
 
@@ -4835,7 +4910,7 @@ class _TerminalProgress(_LineProgress):
             self._sizes = {b.digest: b.size for b in blobs}
             self._done = {b.digest: 0 for b in blobs}
             self._started = time.monotonic()
-            self._drawn_lines = 0
+            self._drawn_lines = self._drawn_width = 0
 
     def advance(self, digest: Digest, size: int) -> None:
         with self._lock:
@@ -4858,14 +4933,23 @@ class _TerminalProgress(_LineProgress):
         elapsed = max(now - self._started, 1e-6)
         rate = done / elapsed
         eta = f"{(total - done) / rate:.0f}s" if rate > 0 and done < total else "-"
-        lines = [f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}"
+        width = _terminal_width(self._out)
+        if self._drawn_width >= width:
+            # Narrowed since the last draw: a terminal that re-wraps its lines has moved
+            # them, so the block is left as it is and a new one drawn below it.
+            self._drawn_lines = 0
+        lines = [_fit(f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}",
+                      width)
                  for d, size in self._sizes.items() if 0 < self._done[d] < size][:8]
-        lines.append(f"{self._name}: {_human_size(done)} / {_human_size(total)} "
-                     f"{_human_size(int(rate))}/s ETA {eta}")
+        amounts = f"{_human_size(done)} / {_human_size(total)}"
+        lines.append(_status(self._name, (f"{amounts} {_human_size(int(rate))}/s ETA {eta}",
+                                          f"{amounts} ETA {eta}",
+                                          f"{done * 100 // max(total, 1)}% ETA {eta}"), width))
         up = f"\x1b[{self._drawn_lines}F" if self._drawn_lines else ""
         self._out.write(up + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
         self._out.flush()
         self._drawn_lines = len(lines)
+        self._drawn_width = max(len(line) for line in lines)
 
 
 def _human_size(size: int) -> str:
@@ -5066,7 +5150,10 @@ def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
     if args.platform:
         Platform.parse(args.platform)
     for name in [Reference.parse(name) for name in args.names]:
-        provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+        source = provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+        root = source.descriptor()
+        if root is not None:  # as import does: stdout names what is now in the cache
+            _say(args, f"{name} {root.digest}")
     return 0
 
 
@@ -5292,6 +5379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = f"{e.strerror or e}{where}"
     except KeyboardInterrupt:
         message = "interrupted"
+        if args.command == "pull":
+            message += ("; what was downloaded is kept in the cache, and the next pull "
+                        "resumes from it")
     finally:
         _log_setup = None
     print(f"ocicache: error: {_one_line(message)}", file=sys.stderr)

@@ -4656,6 +4656,53 @@ class TestPublishedOnly(RegistryTestCase):
                                    "no image named")
 
 
+class Screen:
+    """What a terminal that does not re-wrap its lines shows of progress output: the
+    characters, carriage return, newline, erase line and display (K, J), and the
+    cursor's move up to a line's start (F). ``rows`` counts every row the output has
+    used, scrolled away or not, so redraws that scroll show as rows."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.lines: List[List[str]] = [[]]
+        self.row = self.column = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.lines)
+
+    def feed(self, text: str) -> None:
+        for match in re.finditer(r"\x1b\[(\d*)([A-Za-z])|\r|\n|[^\x1b\r\n]", text):
+            token = match.group(0)
+            if token == "\r":
+                self.column = 0
+            elif token == "\n":
+                self.move_to(self.row + 1)
+            elif match.group(2) == "K":
+                del self.lines[self.row][self.column:]
+            elif match.group(2) == "J":
+                del self.lines[self.row][self.column:]
+                for line in self.lines[self.row + 1:]:
+                    line.clear()
+            elif match.group(2) == "F":
+                self.row, self.column = max(0, self.row - int(match.group(1) or 1)), 0
+            elif match.group(2) is None:
+                if self.column >= self.width:  # the terminal wraps the line
+                    self.move_to(self.row + 1)
+                line = self.lines[self.row]
+                line.extend(" " * (self.column - len(line)))
+                line[self.column:self.column + 1] = [token]
+                self.column += 1
+
+    def move_to(self, row: int) -> None:
+        self.row, self.column = row, 0
+        while len(self.lines) <= row:
+            self.lines.append([])
+
+    def text(self) -> List[str]:
+        return ["".join(line).rstrip() for line in self.lines]
+
+
 class TestPullCommand(RegistryTestCase):
     def test_progress_piped_and_on_a_terminal(self) -> None:
         registry = self.start_registry()
@@ -4692,6 +4739,63 @@ class TestPullCommand(RegistryTestCase):
         self.assertIn("\x1b[K", text)
         self.assertIn(f"pulled {name}", text)
 
+    def test_progress_fits_a_narrow_terminal_and_follows_a_resize(self) -> None:
+        import fcntl
+        import pty
+        import termios
+        registry = self.start_registry()
+        rng = random.Random(4)
+        image = make_image("narrow", layer_files=[{f"f{i}": rng.randbytes(256 << 10)}
+                                                  for i in range(5)], gzip_layers=False)
+        upload(registry.url, "test/a-rather-long-repository-name", image.blobs,
+               [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        for i, layer in enumerate(image.layers):  # a slow link: every layer stalls a while
+            proxy.add_fault("delay", match=f"/blobs/{layer.digest}", method="GET",
+                            after_bytes=64 << 10, seconds=1.5 if i == 0 else 0.3)
+        name = f"{proxy.host}/test/a-rather-long-repository-name:1"
+
+        def resize(fd: int, columns: int) -> None:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
+        leader, follower = pty.openpty()
+        resize(follower, 100)
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir,
+                                    "--jobs", "1", "pull", "--platform", "amd64", name],
+                                   stdin=follower, stdout=subprocess.PIPE, stderr=follower,
+                                   cwd=self.tmp)
+        os.close(follower)
+        output = bytearray()
+
+        def read() -> None:
+            with contextlib.suppress(OSError):
+                for chunk in iter(functools.partial(os.read, leader, 65536), b""):
+                    output.extend(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: proxy.fired() and b"ETA" in output, 30, "a draw before the stall")
+        resize(leader, 30)  # during the first layer's stall: no draw is under way
+        wide = bytes(output)
+        stdout = process.communicate(timeout=60)[0]
+        reader.join(10)
+        os.close(leader)
+        self.assertEqual(process.returncode, 0, output)
+        self.assertEqual(stdout.decode(), f"{name} {image.manifest.digest}\n")
+        screen = Screen(100)
+        screen.feed(wide.decode())
+        self.assertLessEqual(screen.rows, 3, screen.text())  # a layer, the total, the cursor
+        before = screen.rows
+        screen.width = 30
+        screen.feed(output[len(wide):].decode())
+        pulled = f"pulled {name} {image.manifest.digest}"
+        # One new block below the old one (a terminal may have re-wrapped that), then
+        # redrawn in place, then the last line.
+        self.assertLessEqual(screen.rows - before, 2 + -(-len(pulled) // 30) + 1,
+                             screen.text())
+        self.assertIn("ETA", "".join(screen.text()[before - 1:]))
+
     def test_bad_input_is_one_line(self) -> None:
         self.assert_one_line_error(self.cli("pull", "Not/Valid"), "lowercase")
         self.assert_one_line_error(self.cli("pull", "--platform", "a/b/c/d", "x"), "platform")
@@ -4700,6 +4804,53 @@ class TestPullCommand(RegistryTestCase):
         port = free_port()
         self.assert_one_line_error(self.cli("pull", f"127.0.0.1:{port}/a/b:1"), "cannot reach")
         self.assertEqual(self.index_names(), [])
+
+    def partial_sizes(self) -> List[int]:
+        directory = os.path.join(self.cache_dir, "blobs", "sha256")
+        return [os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+                if f.endswith(oc._PARTIAL_SUFFIX)] if os.path.isdir(directory) else []
+
+    def test_one_ctrl_c_stops_a_pull_at_once_and_the_next_pull_resumes(self) -> None:
+        registry = self.start_registry()
+        rng = random.Random(18)
+        image = make_image("interrupt", layer_files=[{"a": rng.randbytes(1 << 20)},
+                                                     {"b": rng.randbytes(1 << 20)}],
+                           gzip_layers=False)
+        upload(registry.url, "test/interrupt", image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        for layer in image.layers:  # a slow link: each layer stalls a while part-way
+            proxy.add_fault("delay", match=f"/blobs/{layer.digest}", method="GET",
+                            after_bytes=256 << 10, seconds=60)
+        name = f"{proxy.host}/test/interrupt:1"
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                                    "--platform", "amd64", name], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is not None or process.kill())
+        wait_for(lambda: len(proxy.fired()) == 2 and len(self.partial_sizes()) == 2
+                 and all(self.partial_sizes()), 30, "both layers part-way")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=90)
+        self.assertLess(time.monotonic() - started, 1.0, "one Ctrl-C stops the pull at once")
+        self.assertEqual(process.returncode, 1)
+        self.assertEqual(stdout, b"")
+        self.assertEqual(stderr.decode().splitlines()[-1],
+                         "ocicache: error: interrupted; what was downloaded is kept in the "
+                         "cache, and the next pull resumes from it")
+        self.assertEqual(self.index_names(), [])
+        self.assertEqual(len(self.partial_sizes()), 2)
+        proxy.clear_faults()
+        before = len(registry.access_entries())
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [name])
+        self.assertTrue(self.cache.verify().ok)
+        wait_for(lambda: len([e for e in registry.access_entries()[before:]
+                              if "/blobs/" in e.path]) >= 2, 10, "the layer GETs logged")
+        resumed = [e for e in registry.access_entries()[before:]
+                   if "/blobs/" in e.path and e.method == "GET" and int(e.status) == 206]
+        self.assertEqual(len(resumed), 2, "both layers resumed with Range")
 
 
 # =====================================================================================
