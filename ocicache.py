@@ -2241,11 +2241,13 @@ class _FileSlice(io.RawIOBase):
 class _Endpoint:
     """Where a repository is served: base URL (mirror or registry) and repository path."""
 
-    def __init__(self, base: str, host: str, repository: str, registry: str) -> None:
+    def __init__(self, base: str, host: str, repository: str, registry: str,
+                 mirror_of: str = "") -> None:
         self.base = base                # https://host[:port][/prefix]
         self.host = host
         self.repository = repository
         self.registry = registry        # the registry the credentials belong to
+        self.mirror_of = mirror_of      # for a mirror, the registry it stands for
 
 
 class RegistryClient:
@@ -2273,7 +2275,7 @@ class RegistryClient:
                 prefix = parts.path.strip("/")
                 repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
                 base = f"{parts.scheme}://{parts.netloc}"
-                return _Endpoint(base, parts.netloc, repository, parts.netloc)
+                return _Endpoint(base, parts.netloc, repository, parts.netloc, ref.registry)
         host = ref.api_host
         return _Endpoint(f"https://{host}", host, ref.repository, ref.registry)
 
@@ -2382,7 +2384,15 @@ class RegistryClient:
             authorization = self._authorization(endpoint, scopes, challenge)
             if authorization and urllib.parse.urlsplit(url).netloc == endpoint.host:
                 request_headers["Authorization"] = authorization  # never to another host
-            response = self.transport.request(method, url, request_headers, body, retry)
+            try:
+                response = self.transport.request(method, url, request_headers, body, retry)
+            except OciCacheError as e:
+                if not endpoint.mirror_of or type(e) is not OciCacheError:
+                    raise
+                # The host alone would not say why a pull of docker.io went there.
+                raise OciCacheError(f"{e} (the mirror for {endpoint.mirror_of}, set by "
+                                    "--mirror, $OCICACHE_MIRROR, $LINUXKIT_MIRROR, "
+                                    "daemon.json or registries.conf)") from None
             if response.status == 401 and attempt < 2:
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 usable = [c for c in offered if c.scheme in ("bearer", "basic")]
@@ -4161,7 +4171,15 @@ class Provider(CacheProvider):
                              if c.platform is not None and not c.is_attestation) or "none"
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
+        self._require_pulled(root.name or str(Reference.parse(ref)), child)
         return root, child
+
+    def _require_pulled(self, name: str, child: Descriptor) -> None:
+        """An index names every platform, but a pull fetches only the ones asked for."""
+        if not self.layout.has_blob(child.digest, child.size):
+            raise NotFoundError(f"image {name} has {child.platform}, but that platform is not "
+                                f"in the cache {self.root}: pull --platform {child.platform} "
+                                f"{name} first")
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -4251,6 +4269,11 @@ class Provider(CacheProvider):
         name = str(wanted)
         cached = None if always_pull else self._complete(wanted, architecture)
         if cached is not None:
+            tags = self._arch_tag_names(wanted, self._images(cached, architecture)) \
+                if arch_tags else []  # asked for now, perhaps not when it was pulled
+            if tags:
+                with self.layout.adding_blobs():
+                    self._write_names(tags)
             self.progress.cached(name, cached)
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
@@ -4267,15 +4290,35 @@ class Provider(CacheProvider):
                 self.layout.write_blob_bytes(data, descriptor.digest)
             self.layout.write_blob_bytes(root_data, root.digest)
             names = [(name, root.named(name))]
-            if arch_tags and wanted.tag:
-                base = Reference(wanted.registry, wanted.repository, wanted.tag)
-                for descriptor, _, _ in manifests:
-                    if descriptor.platform is not None and not descriptor.is_attestation:
-                        tag = f"{base}-{_arch_tag(descriptor.platform)}"
-                        names.append((tag, descriptor.named(tag)))
+            if arch_tags:
+                names += self._arch_tag_names(wanted, [d for d, _, _ in manifests])
             self._write_names(names)
         self.progress.end(name, root)
         return self.new_source(name, architecture, root.named(name))
+
+    @staticmethod
+    def _arch_tag_names(ref: Reference, images: Sequence[Descriptor]
+                        ) -> List[Tuple[str, Descriptor]]:
+        """``<name>-<arch>`` for each image, as linuxkit's cache pull names them."""
+        if not ref.tag:
+            return []
+        base = Reference(ref.registry, ref.repository, ref.tag)
+        return [(tag, image.named(tag)) for image in images
+                if image.platform is not None and not image.is_attestation
+                for tag in [f"{base}-{_arch_tag(image.platform)}"]]
+
+    def _images(self, root: Descriptor, architecture: str) -> List[Descriptor]:
+        """The image manifests of a complete root that a pull for ``architecture`` needs,
+        each with its platform (a single manifest's from its config)."""
+        if not root.is_index:
+            config = _load_json_object(self.layout.read_blob(self.manifest(root).config.digest),
+                                       f"config of {root.name}")
+            return [_replace(root, platform=Platform.from_json(config))]
+        if architecture != ALL_PLATFORMS:
+            return [self.resolve(root.name, architecture)[1]]
+        index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
+        return [c for c in index.manifests if c.platform is not None
+                and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
 
     def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
         """The name's root entry if it is complete for the platform, else None; without
@@ -4442,7 +4485,8 @@ class Provider(CacheProvider):
         tag = remote.tag or str(remote.digest)
         existing = self.registry.remote_manifest(endpoint, tag, "pull,push")
         if existing is not None and not override:
-            _log().info("%s exists in the registry; not pushing (use override)", remote)
+            _log().info("%s exists in the registry; not pushing (push --override replaces "
+                        "or merges it)", remote)
             return
         if existing is not None and existing[1].digest == root.digest:
             _log().info("%s is already in the registry", remote)
@@ -4668,6 +4712,7 @@ class _CacheSource(ImageSource):
         image = select_platform(index.manifests, wanted)
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
+        self._provider._require_pulled(root.name, image)
         attestations = [c for c in index.attestations_for(image.digest)
                         if c.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest"]
         if len(attestations) > 1:
@@ -4675,6 +4720,8 @@ class _CacheSource(ImageSource):
                                 f"platform {wanted}")
         if not attestations:
             return []
+        self._provider._require_pulled(root.name, _replace(attestations[0],
+                                                           platform=image.platform))
         documents = []
         for layer in self._provider.manifest(attestations[0]).layers:
             if layer.media_type != MEDIA_IN_TOTO or \
@@ -5253,27 +5300,41 @@ def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _published(provider: Provider, args: argparse.Namespace,
-               names: Iterable[str]) -> List[str]:
-    """The names whose registry serves the same digest; the others are named as kept."""
-    chosen = []
+               names: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """The names whose registry serves the same digest, and those that could not be
+    checked; every other name is said to be kept. One registry that refuses or cannot
+    be reached does not stop the others being asked."""
+    chosen, unchecked = [], []
     for name in names:
-        if provider.is_published(name):
+        try:
+            published = provider.is_published(name)
+        except OciCacheError as e:
+            print(f"ocicache: warning: keeping {name}: cannot check it: {_one_line(str(e))}",
+                  file=sys.stderr)
+            unchecked.append(name)
+            continue
+        if published:
             chosen.append(name)
         else:
             _say(args, f"keeping {name}: its registry does not serve this digest")
-    return chosen
+    return chosen, unchecked
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(canonical_name(n) for n in args.names))
     for name in names:
         provider._find_named(name)  # every name must exist before anything is removed
+    unchecked: List[str] = []
     if args.published_only:
-        names = _published(provider, args, names)
+        names, unchecked = _published(provider, args, names)
     deleted = provider.remove(*names) if names else []
     for name in names:
         _say(args, f"removed {name}")
     _say(args, f"{len(deleted)} blobs deleted")
+    if unchecked:
+        print(f"ocicache: error: {len(unchecked)} names could not be checked against their "
+              "registries and were kept", file=sys.stderr)
+        return 1
     return 0
 
 

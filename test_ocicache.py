@@ -4135,6 +4135,16 @@ class TestPush(RegistryTestCase):
             self.provider().push(f"{registry.host}/test/part:1")
         self.assertEqual([r for r in registry.requests() if r[0] != "GET"], [])
 
+    def test_a_push_over_an_existing_tag_names_the_flag(self) -> None:
+        registry = self.start_registry()
+        self.load_image(f"{registry.host}/test/exists:1", make_image("first"))
+        self.assertEqual(self.cli("push", f"{registry.host}/test/exists:1").returncode, 0)
+        self.load_image(f"{registry.host}/test/exists:1", make_image("second"))
+        result = self.cli("push", f"{registry.host}/test/exists:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("not pushing (push --override replaces or merges it)",
+                      result.stderr.decode())
+
 
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
@@ -4655,6 +4665,35 @@ class TestPublishedOnly(RegistryTestCase):
         self.assert_one_line_error(self.cli("rm", "--published-only", "example.com/none:1"),
                                    "no image named")
 
+    def test_clean_published_only_asks_every_registry_and_lists_what_it_could_not(self) -> None:
+        registry = self.start_registry()
+        published, changed = make_image("published"), make_image("changed")
+        upload(registry.url, "test/pub", published.blobs, [("1", published.manifest)])
+        refusing = FaultProxy("127.0.0.1", registry.port)  # a registry that wants a login
+        self.addCleanup(refusing.stop)
+        refusing.add_fault("respond", status=401, times=None,
+                           headers={"WWW-Authenticate": 'Basic realm="registry"'})
+        unreachable = f"127.0.0.1:{free_port()}/test/pub:1"
+        locked = f"{refusing.host}/test/pub:1"
+        self.load_image(unreachable, published)
+        self.load_image(locked, published)
+        self.load_image(f"{registry.host}/test/pub:1", published)
+        self.load_image(f"{registry.host}/test/changed:1", changed)
+        result = self.cli("clean", "--published-only")
+        stderr = result.stderr.decode().splitlines()
+        self.assertEqual(result.returncode, 1, stderr)
+        self.assertEqual(sorted(self.index_names()),
+                         sorted([unreachable, locked, f"{registry.host}/test/changed:1"]))
+        self.assertIn(f"removed {registry.host}/test/pub:1", result.stdout.decode())
+        self.assertIn(f"keeping {registry.host}/test/changed:1", result.stdout.decode())
+        self.assertEqual(len(stderr), 3, stderr)
+        for name, line in zip([unreachable, locked], stderr):
+            self.assertTrue(line.startswith(f"ocicache: warning: keeping {name}: cannot check "
+                                            "it: "), line)
+        self.assertEqual(stderr[-1], "ocicache: error: 2 names could not be checked against "
+                                     "their registries and were kept")
+        self.assertTrue(self.cache.verify().ok)
+
 
 class Screen:
     """What a terminal that does not re-wrap its lines shows of progress output: the
@@ -4713,9 +4752,12 @@ class TestPullCommand(RegistryTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         (line,) = result.stderr.decode().splitlines()
         self.assertRegex(line, rf"^pulled {re.escape(name)} sha256:[0-9a-f]{{64}} \(")
+        self.assertEqual(result.stdout.decode(), f"{name} {image.manifest.digest}\n")
         result = self.cli("pull", "--platform", "amd64", name)
         self.assertIn("already in the cache", result.stderr.decode())
-        self.assertEqual(self.cli("-q", "pull", "--platform", "amd64", name).stderr, b"")
+        self.assertEqual(result.stdout.decode(), f"{name} {image.manifest.digest}\n")
+        quiet = self.cli("-q", "pull", "--platform", "amd64", name)
+        self.assertEqual((quiet.stdout, quiet.stderr), (b"", b""))
         import pty
         self.cache.clean()
         leader, follower = pty.openpty()
@@ -4795,6 +4837,38 @@ class TestPullCommand(RegistryTestCase):
         self.assertLessEqual(screen.rows - before, 2 + -(-len(pulled) // 30) + 1,
                              screen.text())
         self.assertIn("ETA", "".join(screen.text()[before - 1:]))
+
+    def test_arch_tags_of_an_image_already_in_the_cache(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry)
+        name = f"{registry.host}/test/multi:1"
+        self.assertEqual(self.cli("pull", "--platform", "amd64", name).returncode, 0)
+        before = self.settled(registry)
+        result = self.cli("pull", "--platform", "amd64", "--arch-tags", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("already in the cache", result.stderr.decode())
+        self.assertEqual(self.index_names(), [name, f"{name}-amd64"])
+        self.assertEqual(str(self.cache.find_descriptor(f"{name}-amd64").digest), amd.manifest.digest)
+        self.assertEqual(self.settled(registry), before + 1)  # no request but the marker
+        self.assertEqual(self.cli("pull", "--all-platforms", name).returncode, 0)
+        result = self.cli("pull", "--all-platforms", "--arch-tags", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(self.index_names()),
+                         sorted([name, f"{name}-amd64", f"{name}-arm64"]))
+        self.assertEqual(str(self.cache.find_descriptor(f"{name}-arm64").digest), arm.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_a_mirror_that_is_down_is_named_as_the_mirror(self) -> None:
+        port = free_port()
+        for mirror, name, registry in [(f"http://127.0.0.1:{port}", "example.com/a/b:1",
+                                        "example.com"),
+                                       (f"docker.io=http://127.0.0.1:{port}", "alpine:3.20",
+                                        "docker.io")]:
+            with self.subTest(mirror=mirror):
+                self.assert_one_line_error(
+                    self.cli("--mirror", mirror, "pull", name), f"127.0.0.1:{port}",
+                    f"(the mirror for {registry}, set by --mirror, $OCICACHE_MIRROR")
+        self.assertEqual(self.index_names(), [])
 
     def test_bad_input_is_one_line(self) -> None:
         self.assert_one_line_error(self.cli("pull", "Not/Valid"), "lowercase")
@@ -7071,6 +7145,31 @@ class TestCommandLine(CacheTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(self.index_names(), [])
         self.assertEqual(list(self.cache.store().walk()), [])
+
+    def test_a_platform_not_pulled_says_to_pull_it(self) -> None:
+        amd, arm = make_image("a"), make_image("b", "arm64")
+        _, attestation_blobs, attestation = make_attestation(amd)
+        index = make_index([amd.descriptor(), arm.descriptor(), attestation])
+        name = "example.com/half:1"
+        self.load(oci_archive([(index.descriptor(), named(name))],
+                              [*amd.blobs, *arm.blobs, *attestation_blobs, index]))
+        for blob in arm.blobs:  # as a pull of linux/amd64 alone leaves it
+            os.unlink(self.cache.layout.blob_path(blob.digest))
+        hint = f"pull --platform linux/arm64 {name} first"
+        for command in [("inspect", name, "--platform", "arm64"),
+                        ("inspect", name, "--platform", "arm64", "--config"),
+                        ("export", name, "--platform", "arm64", "--format", "docker", "-o", "-"),
+                        ("export", name, "--platform", "arm64", "--format", "filesystem",
+                         "-o", self.path("fs.tar")),
+                        ("sbom", name, "--platform", "arm64")]:
+            with self.subTest(command=command):
+                result = self.cli(*command)
+                self.assert_one_line_error(result, "linux/arm64", "not in the cache", hint)
+                self.assertEqual(result.stdout, b"")
+        self.assertFalse(os.path.exists(self.path("fs.tar")))
+        self.assertFalse(self.cache.image_in_cache(name, "", "arm64"))
+        self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+        self.assertEqual(self.cli("sbom", name, "--platform", "amd64").returncode, 0)
 
     def test_import_reports_names_and_errors(self) -> None:
         image = make_image("i")
