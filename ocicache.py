@@ -4392,7 +4392,7 @@ class Provider(CacheProvider):
         if not missing:
             return
         stop = threading.Event()
-        queue = iter(missing)
+        pending = iter(missing)
         guard = threading.Lock()
         errors: List[BaseException] = []
 
@@ -4404,7 +4404,7 @@ class Provider(CacheProvider):
         def work() -> None:
             while not stop.is_set():
                 with guard:
-                    blob = next(queue, None)
+                    blob = next(pending, None)
                 if blob is None:
                     return
                 try:
