@@ -7171,6 +7171,37 @@ class TestCommandLine(CacheTestCase):
         self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
         self.assertEqual(self.cli("sbom", name, "--platform", "amd64").returncode, 0)
 
+    def test_import_progress_fits_a_narrow_terminal(self) -> None:
+        import fcntl
+        import pty
+        import termios
+        image = make_image("wide", layer_files=[{"f": random.Random(5).randbytes(2 << 20)}],
+                           gzip_layers=False)
+        path = self.path("an-archive-with-a-name-longer-than-the-terminal.tar")
+        with open(path, "wb") as f:
+            f.write(oci_archive([(image.manifest.descriptor(), named("example.com/w:1"))],
+                                image.blobs))
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir,
+                                    "import", path], stdin=follower, stdout=subprocess.PIPE,
+                                   stderr=follower, cwd=self.tmp)
+        os.close(follower)
+        output = b""
+        with contextlib.suppress(OSError):
+            for chunk in iter(functools.partial(os.read, leader, 65536), b""):
+                output += chunk
+        os.close(leader)
+        stdout = process.communicate(timeout=60)[0]
+        self.assertEqual(process.returncode, 0, output)
+        self.assertEqual(stdout.decode(), f"example.com/w:1 {image.manifest.digest}\n")
+        screen = Screen(30)
+        screen.feed(output.decode())
+        self.assertLessEqual(screen.rows, 1, screen.text())  # redrawn in place, then erased
+        drawn = re.sub(r"\x1b\[K", "", output.decode()).split("\r")
+        self.assertTrue(any("MiB" in line for line in drawn), drawn)
+        self.assertLessEqual(max(len(line) for line in drawn), 29, drawn)
+
     def test_import_reports_names_and_errors(self) -> None:
         image = make_image("i")
         path = self.path("i.tar")
