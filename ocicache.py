@@ -42,8 +42,8 @@ import time
 import zlib
 from types import MappingProxyType
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
-                    List, Mapping, NoReturn, Optional, Sequence, Tuple, Type, TypeVar,
-                    Union)
+                    List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Type,
+                    TypeVar, Union)
 
 __version__ = "0.1.0"
 
@@ -815,18 +815,43 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
 _SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
 
 
+# JSON nested deeper than this is refused on every Python version. The decoder's own
+# limit differs: up to 3.12 it is the recursion limit (about 1000), while 3.13's accepts
+# documents far deeper than the json encoder (or any recursive reader) can walk again.
+_JSON_MAX_DEPTH = 500
+
+
+def _nested_deeper_than(obj: Any, limit: int) -> bool:
+    """Whether decoded JSON nests arrays and objects more than ``limit`` levels deep;
+    walked with a stack of its own, as the point is that recursion would not do."""
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def _parse_json(data: Union[bytes, str], what: str,
                 error: Type[OciCacheError] = OciCacheError) -> Any:
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
-    than the interpreter's recursion limit and escaped lone surrogates (which decode but
-    can never be written back as UTF-8) are refused like any other bad JSON."""
+    than ``_JSON_MAX_DEPTH`` and escaped lone surrogates (which decode but can never be
+    written back as UTF-8) are refused like any other bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
     try:
         obj = json.loads(raw)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise error(too_deep) from None
+    except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
+    if raw.count(b"[") + raw.count(b"{") > _JSON_MAX_DEPTH and \
+            _nested_deeper_than(obj, _JSON_MAX_DEPTH):
+        raise error(too_deep)
     if re.search(_SURROGATE_ESCAPE, raw):
         try:
             json.dumps(obj, ensure_ascii=False).encode()
@@ -2819,9 +2844,15 @@ class _Transport:
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
+        import socket
         with self._guard:
             connections, self._open = self._open, []
         for connection in connections:
+            if connection.sock is not None:
+                # Wakes a thread still reading a body (an interrupted pull's): it holds
+                # the buffer's lock that closing the response waits for.
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
             connection.close()
 
     def _drop(self, scheme: str, host: str) -> None:
@@ -3213,12 +3244,13 @@ class _Endpoint:
     """Where a repository is served: base URL (mirror or registry) and repository path."""
 
     def __init__(self, base: str, host: str, repository: str, registry: str,
-                 credentials: Optional[Credentials] = None) -> None:
-        self.base = base                # https://host[:port]
+                 credentials: Optional[Credentials] = None, mirror_of: str = "") -> None:
+        self.base = base                # https://host[:port][/prefix]
         self.host = host
         self.repository = repository
         self.registry = registry        # the registry the credentials belong to
         self.credentials = credentials  # a mirror URL's own user:password, if any
+        self.mirror_of = mirror_of      # for a mirror, the registry it stands for
 
     def __repr__(self) -> str:
         return f"_Endpoint({self.base!r}, {self.repository!r})"
@@ -3279,7 +3311,7 @@ class RegistryClient:
                 self._once("%s through the mirror %s", ref.registry,
                            _without_userinfo(url))
                 return _Endpoint(f"{parts.scheme}://{host}", host, repository, host,
-                                 credentials)
+                                 credentials, mirror_of=ref.registry)
         host = ref.api_host
         return _Endpoint(f"https://{host}", host, ref.repository, ref.registry)
 
@@ -3428,8 +3460,16 @@ class RegistryClient:
                 continue
             if authorization and _may_send_credentials(url, self._origin(endpoint)):
                 request_headers["Authorization"] = authorization
-            response = self.transport.request(method, url, request_headers, body, retry,
-                                              budget=budget)
+            try:
+                response = self.transport.request(method, url, request_headers, body, retry,
+                                                  budget=budget)
+            except OciCacheError as e:
+                if not endpoint.mirror_of or type(e) is not OciCacheError:
+                    raise
+                # The host alone would not say why a pull of docker.io went there.
+                raise OciCacheError(f"{e} (the mirror for {endpoint.mirror_of}, set by "
+                                    "--mirror, $OCICACHE_MIRROR, $LINUXKIT_MIRROR, "
+                                    "daemon.json or registries.conf)") from None
             if response.status == 401:
                 answered = urllib.parse.urlsplit(response.url).netloc
                 if answered != endpoint.host:
@@ -5442,6 +5482,10 @@ class PullProgress:
         """``name`` was already complete in the cache: nothing was asked of the registry."""
 
 
+class _PullStopped(Exception):
+    """Raised in a download worker, at its next piece, once the pull is stopping."""
+
+
 def _registries_conf_tables(text: str) -> List[Tuple[str, Dict[str, Any]]]:
     """The ``[[table]]`` entries of a registries.conf: the TOML subset it uses (string and
     boolean values; arrays and other tables are skipped)."""
@@ -5770,6 +5814,7 @@ class Provider(CacheProvider):
                     f"of it; pull it with --platform {wanted}")
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
+        self._require_pulled(root.name or str(Reference.parse(ref)), child)
         return root, child
 
     def _select_unlabelled(self, index: Index, wanted: Platform,
@@ -5799,12 +5844,20 @@ class Provider(CacheProvider):
             except OciCacheError:
                 continue  # not an image config (an artifact) or not in the cache
         return labelled
+
     def _children(self, index: Index) -> List[Descriptor]:
         """An index's children as platforms are chosen from: one labelled as anything
         but an image is asked what it is (it may be one); one labelled as an image is
         read as a manifest when it is used, which checks that label."""
         return [c if c.media_type in IMAGE_MEDIA_TYPES else self.layout.believed(c)
                 for c in index.manifests]
+
+    def _require_pulled(self, name: str, child: Descriptor) -> None:
+        """An index names every platform, but a pull fetches only the ones asked for."""
+        if not self.layout.has_blob(child.digest, child.size):
+            raise NotFoundError(f"image {name} has {child.platform}, but that platform is not "
+                                f"in the cache {self.root}: pull --platform {child.platform} "
+                                f"{name} first")
 
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
@@ -5906,6 +5959,12 @@ class Provider(CacheProvider):
         if cached is not None and always_pull:
             cached = self._unmoved(wanted, cached)
         if cached is not None:
+            tags = self._arch_tag_names(  # asked for now, perhaps not when it was pulled
+                wanted, cached, {d.digest for d in self._images(cached, architecture)}) \
+                if arch_tags and cached.is_index else []
+            if tags:
+                with self.layout.adding_blobs():
+                    self._write_names(tags)
             self.progress.cached(name, cached)
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
@@ -5931,12 +5990,10 @@ class Provider(CacheProvider):
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
                 names = [(name, named.named(name))]
-                if arch_tags and wanted.tag and root.is_index:  # linuxkit tags only indexes
-                    base = Reference(wanted.registry, wanted.repository, wanted.tag)
-                    pulled = {descriptor.digest for descriptor, _, _ in manifests}
-                    for child, suffix in _arch_tags(Index.from_json(root_data).manifests):
-                        if child.digest in pulled:
-                            names.append((f"{base}-{suffix}", child.named(f"{base}-{suffix}")))
+                if arch_tags and root.is_index:
+                    names += self._arch_tag_names(
+                        wanted, named, {descriptor.digest for descriptor, _, _ in manifests},
+                        Index.from_json(root_data).manifests)
                 self._write_names(names)
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
@@ -5998,6 +6055,33 @@ class Provider(CacheProvider):
         except OciCacheError:  # verify and reachable() report it
             return ""
         return str(index.annotations.get(_ANNOTATION_SUBSET_OF, ""))
+
+    def _arch_tag_names(self, ref: Reference, root: Descriptor, pulled: Set[Digest],
+                        children: Sequence[Descriptor] = ()) -> List[Tuple[str, Descriptor]]:
+        """``<name>-<arch>`` for each pulled image child of the index ``root`` (or of
+        ``children``, the registry's index), with linuxkit's suffixes (``_arch_tags``).
+        linuxkit's cache pull names only the children of an index, and only for a tag."""
+        if not ref.tag or not root.is_index:
+            return []
+        if not children:
+            children = Index.from_json(self.layout.read_blob(root.digest),
+                                       what=f"index of {ref}").manifests
+        base = Reference(ref.registry, ref.repository, ref.tag)
+        return [(f"{base}-{suffix}", child.named(f"{base}-{suffix}"))
+                for child, suffix in _arch_tags(children) if child.digest in pulled]
+
+    def _images(self, root: Descriptor, architecture: str) -> List[Descriptor]:
+        """The image manifests of a complete root that a pull for ``architecture`` needs,
+        each with its platform (a single manifest's from its config)."""
+        if not root.is_index:
+            config = _load_json_object(self.layout.read_blob(self.manifest(root).config.digest),
+                                       f"config of {root.name}")
+            return [_replace(root, platform=Platform.from_json(config))]
+        if architecture != ALL_PLATFORMS:
+            return [self.resolve(root.name, architecture)[1]]
+        index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
+        return [c for c in index.manifests if c.platform is not None
+                and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
 
     def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
         """The name's root entry if it is complete for the platform, else None; without
@@ -6086,7 +6170,13 @@ class Provider(CacheProvider):
     def _download(self, ref: Reference, blobs: Sequence[Descriptor],
                   recheck: Iterable[Digest] = ()) -> None:
         """Fetch the blobs not yet present, ``jobs`` at a time, largest first; those in
-        ``recheck`` are hashed first (``jobs`` at a time), and fetched again if corrupt."""
+        ``recheck`` are hashed first (``jobs`` at a time), and fetched again if corrupt.
+
+        The workers are daemon threads that stop at their next piece once anything
+        fails or the caller is interrupted: a Ctrl-C does not wait for the layers in
+        flight (a stalled one could take minutes), and whatever was received stays in
+        the partial files that the next pull resumes from.
+        """
         import concurrent.futures
         suspect = set(recheck)
         present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
@@ -6103,17 +6193,48 @@ class Provider(CacheProvider):
                 self.progress.advance(blob.digest, blob.size)
         if not missing:
             return
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-pull") as pool:
-            futures = [pool.submit(self.registry.download_blob, ref, blob, self.layout,
-                                   functools.partial(self.progress.advance, blob.digest))
-                       for blob in missing]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        stop = threading.Event()
+        pending = iter(missing)
+        guard = threading.Lock()
+        errors: List[BaseException] = []
+
+        def advance(digest: Digest, size: int) -> None:
+            if stop.is_set():
+                raise _PullStopped()
+            self.progress.advance(digest, size)
+
+        def work() -> None:
+            while not stop.is_set():
+                with guard:
+                    blob = next(pending, None)
+                if blob is None:
+                    return
+                try:
+                    self.registry.download_blob(ref, blob, self.layout,
+                                                functools.partial(advance, blob.digest))
+                except _PullStopped:
+                    return
+                except BaseException as e:  # handed to the caller's thread below
+                    errors.append(e)
+                    stop.set()
+                    return
+
+        workers = [threading.Thread(target=work, name="ocicache-pull", daemon=True)
+                   for _ in range(min(self.jobs, len(missing)))]
+        for worker in workers:
+            worker.start()
+        try:
+            for worker in workers:
+                while worker.is_alive():
+                    # In steps: a SIGINT the kernel hands to a worker thread is acted on
+                    # only when the main thread next wakes, and a join without end may
+                    # not wake for minutes.
+                    worker.join(0.1)
+        except BaseException:  # Ctrl-C: a partial file is a prefix of the blob at any time
+            stop.set()
+            raise
+        if errors:
+            raise errors[0]
 
     def is_published(self, ref: RefLike) -> bool:
         """Whether the registry serves exactly the root this cache holds for ``ref``
@@ -6193,7 +6314,8 @@ class Provider(CacheProvider):
         existing = self.registry.remote_manifest(endpoint, tag, "pull,push",
                                                  denied_is_absent=True)
         if existing is not None and not override:
-            _log().info("%s exists in the registry; not pushing (use override)", remote)
+            _log().info("%s exists in the registry; not pushing (push --override replaces "
+                        "or merges it)", remote)
             return
         if existing is not None and existing[1].digest == root.digest:
             _log().info("%s is already in the registry", remote)
@@ -6507,6 +6629,7 @@ class _CacheSource(ImageSource):
         image = select_platform(self._provider._children(index), wanted)
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
+        self._provider._require_pulled(root.name, image)
         attestations = [c for c in index.attestations_for(image.digest)
                         if c.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest"]
         if len(attestations) > 1:
@@ -6514,6 +6637,8 @@ class _CacheSource(ImageSource):
                                 f"platform {wanted}")
         if not attestations:
             return []
+        self._provider._require_pulled(root.name, _replace(attestations[0],
+                                                           platform=image.platform))
         documents = []
         for layer in self._provider.manifest(attestations[0]).layers:
             if layer.media_type != MEDIA_IN_TOTO or \
@@ -6655,6 +6780,32 @@ def package_tag(directory: str) -> str:
 # stable for scripts. Progress goes to stderr, and only on a terminal.
 # =====================================================================================
 
+def _terminal_width(out: IO[str]) -> int:
+    """The columns of the terminal ``out`` is, asked at each redraw since it may have been
+    resized (SIGWINCH); 80 when it does not say."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
+def _fit(line: str, width: int) -> str:
+    """``line`` cut to the terminal: a line that wraps moves the cursor down a row that
+    redrawing in place does not know about, and every redraw scrolls. The last column
+    stays free, as some terminals wrap as soon as it is written."""
+    return line[:max(width - 1, 1)]
+
+
+def _status(label: str, choices: Sequence[str], width: int) -> str:
+    """``label: figures`` on one terminal line, the label shortened at its start, with
+    the first of the ``choices`` of figures (each shorter than the one before) that fits."""
+    figures = next((f for f in choices if len(f) < width), choices[-1])
+    room = max(width - 1, 1) - len(figures) - 2
+    if len(label) > room:
+        label = "..." + label[len(label) - room + 3:] if room > 3 else ""
+    return _fit(f"{label}: {figures}" if label else figures, width)
+
+
 class _ProgressReader:
     """Counts bytes read through it and redraws one status line on a terminal."""
 
@@ -6675,8 +6826,10 @@ class _ProgressReader:
             self._drawn = now
             rate = self._done / max(now - self._started, 1e-6)
             total = f" / {_human_size(self._total)}" if self._total else ""
-            self._out.write(f"\r{self._label}: {_human_size(self._done)}{total} "
-                            f"({_human_size(int(rate))}/s)\x1b[K")
+            figures = f"{_human_size(self._done)}{total}"
+            line = _status(self._label, (f"{figures} ({_human_size(int(rate))}/s)", figures),
+                           _terminal_width(self._out))
+            self._out.write(f"\r{line}\x1b[K")
             self._out.flush()
         return data
 
@@ -6717,6 +6870,7 @@ class _TerminalProgress(_LineProgress):
         self._done: Dict[Digest, int] = {}
         self._started = 0.0
         self._drawn_lines = 0
+        self._drawn_width = 0  # the longest line drawn in the block now on screen
         self._last_draw = 0.0
         self._name = ""
 
@@ -6726,7 +6880,7 @@ class _TerminalProgress(_LineProgress):
             self._sizes = {b.digest: b.size for b in blobs}
             self._done = {b.digest: 0 for b in blobs}
             self._started = time.monotonic()
-            self._drawn_lines = 0
+            self._drawn_lines = self._drawn_width = 0
 
     def advance(self, digest: Digest, size: int) -> None:
         with self._lock:
@@ -6749,14 +6903,23 @@ class _TerminalProgress(_LineProgress):
         elapsed = max(now - self._started, 1e-6)
         rate = done / elapsed
         eta = f"{(total - done) / rate:.0f}s" if rate > 0 and done < total else "-"
-        lines = [f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}"
+        width = _terminal_width(self._out)
+        if self._drawn_width >= width:
+            # Narrowed since the last draw: a terminal that re-wraps its lines has moved
+            # them, so the block is left as it is and a new one drawn below it.
+            self._drawn_lines = 0
+        lines = [_fit(f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}",
+                      width)
                  for d, size in self._sizes.items() if 0 < self._done[d] < size][:8]
-        lines.append(f"{self._name}: {_human_size(done)} / {_human_size(total)} "
-                     f"{_human_size(int(rate))}/s ETA {eta}")
+        amounts = f"{_human_size(done)} / {_human_size(total)}"
+        lines.append(_status(self._name, (f"{amounts} {_human_size(int(rate))}/s ETA {eta}",
+                                          f"{amounts} ETA {eta}",
+                                          f"{done * 100 // max(total, 1)}% ETA {eta}"), width))
         up = f"\x1b[{self._drawn_lines}F" if self._drawn_lines else ""
         self._out.write(up + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
         self._out.flush()
         self._drawn_lines = len(lines)
+        self._drawn_width = max(len(line) for line in lines)
 
 
 def _human_size(size: int) -> str:
@@ -6865,11 +7028,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("inspect", help="print an image's manifest or config",
                             description="Print the root index or manifest of NAME as JSON; "
                                         "with --platform, that platform's manifest; with "
-                                        "--config, its image config.")
+                                        "--config, its image config; with --raw, "
+                                        "the bytes as stored instead of indented.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--platform", metavar="P", default=None,
                    help="os/arch[/variant], e.g. linux/arm64 (default for --config: the host)")
     p.add_argument("--config", action="store_true", help="print the image config instead")
+    p.add_argument("--raw", action="store_true",
+                   help="print the document's bytes as stored (its digest is theirs)")
     p.set_defaults(run=_cmd_inspect)
 
     p = commands.add_parser("import", help="load an image archive",
@@ -6963,7 +7129,10 @@ def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
     if args.platform:
         Platform.parse(args.platform)
     for name in [Reference.parse(name) for name in args.names]:
-        provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+        source = provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+        root = source.descriptor()
+        if root is not None:  # as import does: stdout names what is now in the cache
+            _say(args, f"{name} {root.digest}")
     return 0
 
 
@@ -6997,9 +7166,11 @@ def _cmd_inspect(provider: Provider, args: argparse.Namespace) -> int:
     data = provider.layout.read_blob(descriptor.digest)
     if args.config:
         data = provider.layout.read_blob(provider.manifest(descriptor).config.digest)
+    if args.raw:
+        sys.stdout.buffer.write(data)
+        return 0
     what = f"config of {args.name}" if args.config else f"manifest of {args.name}"
-    json.dump(_parse_json(data, what), sys.stdout, indent=2, ensure_ascii=False)
-    print()
+    sys.stdout.buffer.write(_json_bytes(_parse_json(data, what), indent=2) + b"\n")
     return 0
 
 
@@ -7121,15 +7292,24 @@ def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _published(provider: Provider, args: argparse.Namespace,
-               names: Iterable[str]) -> List[str]:
-    """The names whose registry serves the same digest; the others are named as kept."""
-    chosen = []
+               names: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """The names whose registry serves the same digest, and those that could not be
+    checked; every other name is said to be kept. One registry that refuses or cannot
+    be reached does not stop the others being asked."""
+    chosen, unchecked = [], []
     for name in names:
-        if provider.is_published(name):
+        try:
+            published = provider.is_published(name)
+        except OciCacheError as e:
+            print(f"ocicache: warning: keeping {name}: cannot check it: {_one_line(str(e))}",
+                  file=sys.stderr)
+            unchecked.append(name)
+            continue
+        if published:
             chosen.append(name)
         else:
             _say(args, f"keeping {name}: its registry does not serve this digest")
-    return chosen
+    return chosen, unchecked
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
@@ -7141,12 +7321,17 @@ def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
         matches = _name_predicate(name)
         if not any(matches(e.name) for e in entries):
             raise NotFoundError(f"no image named {name} in the cache {provider.root}")
+    unchecked: List[str] = []
     if args.published_only:
-        names = _published(provider, args, names)
+        names, unchecked = _published(provider, args, names)
     deleted = provider.remove(*names) if names else []
     for name in names:
         _say(args, f"removed {name}")
     _say(args, f"{len(deleted)} blobs deleted")
+    if unchecked:
+        print(f"ocicache: error: {len(unchecked)} names could not be checked against their "
+              "registries and were kept", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -7255,6 +7440,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = f"{e.strerror or e}{where}"
     except KeyboardInterrupt:
         message = "interrupted"
+        if args.command == "pull":
+            message += ("; what was downloaded is kept in the cache, and the next pull "
+                        "resumes from it")
     except _Terminated:
         message = "terminated"
     finally:
