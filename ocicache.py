@@ -1383,11 +1383,15 @@ def _is_write_error(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _WRITE_ERRNOS
 
 
+class _DiskFullError(OciCacheError):
+    """A write found its filesystem full (a pull then drops its partial files)."""
+
+
 def _disk_error(path: str, error: OSError, frees: str) -> OciCacheError:
     """One line for an error writing ``path``; for a full disk, ``frees`` says what helps."""
     reason = error.strerror or str(error)
     if error.errno in _FULL_ERRNOS:
-        return OciCacheError(f"cannot write {path}: {reason}; {frees}")
+        return _DiskFullError(f"cannot write {path}: {reason}; {frees}")
     return OciCacheError(f"cannot write {path}: {reason}")
 
 
@@ -1833,6 +1837,23 @@ class Layout:
                 continue
             os.set_blocking(fd, True)
             return fd
+
+    def discard_partial(self, digest: Digest) -> None:
+        """Remove the partial file of ``digest`` unless another download holds it."""
+        name = digest.hex + _PARTIAL_SUFFIX
+        with self._blob_directory(digest.algorithm) as directory:
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+            except OSError:
+                return  # none, or a link: nothing of ours to remove
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self._partial_state(fd, directory, name) == "ours":
+                    os.unlink(name, dir_fd=directory)
+            except OSError:
+                pass  # being written by another pull, or already gone
+            finally:
+                os.close(fd)
 
     @staticmethod
     def _partial_state(fd: int, directory: int, name: str) -> str:
@@ -6234,6 +6255,10 @@ class Provider(CacheProvider):
             stop.set()
             raise
         if errors:
+            if isinstance(errors[0], _DiskFullError):
+                # Resuming needs the space the partial files hold: on a full disk they go.
+                for blob in missing:
+                    self.layout.discard_partial(blob.digest)
             raise errors[0]
 
     def is_published(self, ref: RefLike) -> bool:
