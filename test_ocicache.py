@@ -3997,6 +3997,172 @@ class TestCredentials(IsolatedEnvironment):
                 os.kill(int(f.read().strip()), signal.SIGKILL)
 
 
+class TestCredentialStorage(IsolatedEnvironment):
+    """login's and logout's half on disk: where docker keeps credentials, and how."""
+
+    def config_path(self) -> str:
+        return os.path.join(os.environ["DOCKER_CONFIG"], "config.json")
+
+    def recording_helper(self, name: str) -> str:
+        """A helper keeping what it is given in a JSON file per server, as docker's do."""
+        store = self.path(f"{name}-store")
+        os.makedirs(store, exist_ok=True)
+        self.credential_helper(name, f"""store={store}
+input=$(cat)
+echo "$1 $input" >> "$store.log"
+case "$1" in
+  store) server=$(printf '%s' "$input" | sed 's/.*"ServerURL": *"\\([^"]*\\)".*/\\1/')
+         key=$(printf '%s' "$server" | tr -c 'A-Za-z0-9.' _)
+         printf '%s' "$input" > "$store/$key" ;;
+  get|erase) key=$(printf '%s' "$input" | tr -c 'A-Za-z0-9.' _)
+         [ -f "$store/$key" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+         if [ "$1" = get ]; then cat "$store/$key"; else rm "$store/$key"; fi ;;
+  *) exit 3 ;;
+esac
+""")
+        return store
+
+    def test_auths_written_atomically_0600_keeping_every_other_key(self) -> None:
+        original = {"HttpHeaders": {"User-Agent": "x"}, "auths": {
+            "other.example.com": {"auth": basic("o", "opw")},
+            "http://reg.example.com:5000/v2/": {"auth": basic("stale", "old")},
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")}},
+            "proxies": {"default": {"httpProxy": "http://p:3128"}}, "psFormat": "{{.ID}}"}
+        self.docker_config(original)
+        os.chmod(self.config_path(), 0o644)
+        where = oc.store_credentials("reg.example.com:5000", "alice", "pa55:w0rd")
+        self.assertEqual(where, f"credentials file {self.config_path()}")
+        self.assertEqual(stat.S_IMODE(os.stat(self.config_path()).st_mode), 0o600)
+        with open(self.config_path()) as f:
+            written = json.load(f)
+        self.assertEqual({k: v for k, v in written.items() if k != "auths"},
+                         {k: v for k, v in original.items() if k != "auths"})
+        self.assertEqual(list(written), list(original))  # the keys keep their order
+        self.assertEqual(written["auths"], {
+            "other.example.com": {"auth": basic("o", "opw")},
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")},
+            "reg.example.com:5000": {"auth": basic("alice", "pa55:w0rd")}})
+        self.assertEqual(plain(oc.find_credentials("reg.example.com:5000", "a/b")),
+                         oc.Credentials("alice", "pa55:w0rd"))
+        for spelling in ("docker.io", "index.docker.io", "https://index.docker.io/v1/"):
+            oc.store_credentials(spelling, "hub2", spelling)
+            self.assertEqual(plain(oc.find_credentials("docker.io", "library/alpine")),
+                             oc.Credentials("hub2", spelling))
+        with open(self.config_path()) as f:
+            self.assertEqual(list(json.load(f)["auths"]), [
+                "other.example.com", "https://index.docker.io/v1/", "reg.example.com:5000"])
+        self.assertEqual(os.listdir(os.environ["DOCKER_CONFIG"]), ["config.json"])
+        # A config.json that is a link (dotfiles managers): its target is replaced.
+        real = self.write_json(self.path("dotfiles", "docker.json"), {"auths": {}})
+        os.unlink(self.config_path())
+        os.symlink(real, self.config_path())
+        oc.store_credentials("linked.example.com", "bob", "pw")
+        self.assertTrue(os.path.islink(self.config_path()))
+        self.assertEqual(oc.find_credentials("linked.example.com").username, "bob")
+        self.assertEqual(stat.S_IMODE(os.stat(real).st_mode), 0o600)
+        # None at all: the directory and file are made, private.
+        shutil.rmtree(os.environ["DOCKER_CONFIG"])
+        oc.store_credentials("new.example.com", "carol", "pw")
+        self.assertEqual(stat.S_IMODE(os.stat(self.config_path()).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.environ["DOCKER_CONFIG"]).st_mode), 0o700)
+        self.assertEqual(oc.erase_credentials("new.example.com"),
+                         [f"credentials file {self.config_path()}"])
+        self.assertEqual(oc.erase_credentials("new.example.com"), [])
+        with open(self.config_path()) as f:
+            self.assertEqual(json.load(f), {"auths": {}})
+
+    def test_helpers_store_and_erase(self) -> None:
+        helped, stored = self.recording_helper("helped"), self.recording_helper("desktop")
+        self.docker_config({"credHelpers": {"helped.example.com": "helped"},
+                            "credsStore": "desktop", "auths": {
+                                "https://desktop.example.com": {"auth": basic("old", "old")},
+                                "kept.example.com": {}}})
+        self.assertEqual(oc.store_credentials("helped.example.com", "alice", "s3cret-1"),
+                         "credential helper docker-credential-helped")
+        self.assertEqual(oc.store_credentials("desktop.example.com", "bob", "s3cret-2"),
+                         "credential helper docker-credential-desktop")
+        self.assertEqual(oc.store_credentials("docker.io", "hub", "s3cret-3"),
+                         "credential helper docker-credential-desktop")
+        self.assertEqual(json.loads(open(os.path.join(helped, "helped.example.com")).read()),
+                         {"ServerURL": "helped.example.com", "Username": "alice",
+                          "Secret": "s3cret-1"})
+        self.assertEqual(sorted(os.listdir(stored)),
+                         ["desktop.example.com", "https___index.docker.io_v1_"])
+        with open(self.config_path()) as f:
+            config = json.load(f)
+        # The stale entry, read before the credsStore, is gone; no secret is in the file.
+        self.assertEqual(config["auths"], {"kept.example.com": {}})
+        self.assertNotIn("s3cret", json.dumps(config))
+        self.assertEqual(plain(oc.find_credentials("desktop.example.com", "a")),
+                         oc.Credentials("bob", "s3cret-2"))
+        self.assertEqual(plain(oc.find_credentials("docker.io", "library/a")),
+                         oc.Credentials("hub", "s3cret-3"))
+        self.assertEqual(oc.erase_credentials("helped.example.com"),
+                         ["credential helper docker-credential-helped"])
+        self.assertEqual(oc.erase_credentials("helped.example.com"), [])  # not found: fine
+        self.assertIsNone(oc.find_credentials("helped.example.com", "a"))
+        self.assertEqual(oc.erase_credentials("docker.io"),
+                         ["credential helper docker-credential-desktop"])
+        self.assertEqual(os.listdir(stored), ["desktop.example.com"])
+
+    def test_bad_inputs_are_one_line_and_change_nothing(self) -> None:
+        self.credential_helper("broken", 'cat > /dev/null; echo "password=$1 oops" >&2; exit 4\n')
+        self.docker_config({"credHelpers": {"broken.example.com": "broken"},
+                            "auths": {"x.example.com": {"auth": basic("x", "x")}}})
+        cases: List[Tuple[str, Callable[[], Any], str]] = [
+            ("a path", lambda: oc.store_credentials("ghcr.io/org", "u", "p"), "invalid registry"),
+            ("a URL path", lambda: oc.store_credentials("https://h.io/v2/ns", "u", "p"),
+             "invalid registry"),
+            ("empty", lambda: oc.store_credentials("", "u", "p"), "invalid registry"),
+            ("a newline", lambda: oc.store_credentials("h.io\nx", "u", "p"), "invalid registry"),
+            ("a space", lambda: oc.erase_credentials("h .io"), "invalid registry"),
+            ("a colon in the name", lambda: oc.store_credentials("h.io", "a:b", "p"),
+             "invalid user name"),
+            ("no name", lambda: oc.store_credentials("h.io", "", "p"), "invalid user name"),
+            ("a control character", lambda: oc.store_credentials("h.io", "a\x1b", "p"),
+             "invalid user name"),
+            ("no password", lambda: oc.store_credentials("h.io", "u", ""), "empty password"),
+            ("a failing helper", lambda: oc.store_credentials(
+                "broken.example.com", "u", "s3cret-9"), "failed to store.*status 4"),
+            ("a failing erase", lambda: oc.erase_credentials("broken.example.com"),
+             "failed to erase.*status 4"),
+            ("a missing helper", lambda: oc.store_credentials("absent.example.com", "u",
+                                                              "s3cret-9"), "not on PATH"),
+        ]
+        for label, call, pattern in cases:
+            with self.subTest(label):
+                if label == "a missing helper":
+                    self.docker_config({"credsStore": "absent"})
+                before = snapshot(self.path("home"))
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    call()
+                self.assertEqual(line_problem(str(caught.exception)), "")
+                self.assertRegex(str(caught.exception), pattern)
+                self.assertNotIn("s3cret-9", everything_about(caught.exception))
+                self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+        # A config.json that cannot be read is never replaced: it would lose what it held.
+        for label, content in (("not JSON", b'{"auths": {'), ("a list", b"[]"),
+                               ("auths a list", b'{"auths": []}')):
+            with self.subTest(label):
+                with open(self.config_path(), "wb") as f:
+                    f.write(content)
+                for call in (lambda: oc.store_credentials("h.io", "u", "p"),
+                             lambda: oc.erase_credentials("h.io")):
+                    with self.assertRaises(oc.OciCacheError) as caught:
+                        call()
+                    self.assertEqual(line_problem(str(caught.exception)), "")
+                    self.assertIn(self.config_path(), str(caught.exception))
+                    with open(self.config_path(), "rb") as f:
+                        self.assertEqual(f.read(), content)
+        # A write that fails (a read-only directory) leaves the old file whole, no temp.
+        if os.geteuid() != 0:
+            self.docker_config({"auths": {}})
+            os.chmod(os.environ["DOCKER_CONFIG"], 0o500)
+            self.addCleanup(os.chmod, os.environ["DOCKER_CONFIG"], 0o700)
+            with self.assertRaisesRegex(oc.OciCacheError, "cannot write credentials file"):
+                oc.store_credentials("h.io", "u", "p")
+
+
 # =====================================================================================
 # Registry: pulls from real docker-registry processes
 # =====================================================================================
