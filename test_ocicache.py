@@ -5827,6 +5827,20 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
 
     TAGS = ["1", "1.0", "2", "latest", "v3-rc_1", "Z"]
 
+    def test_help_teaches_with_an_example(self) -> None:
+        listed = self.cli("--help").stdout.decode()
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for command in ("tags", "digest", "login", "logout"):
+            with self.subTest(command):
+                self.assertIn(command, listed)
+                result = self.cli(command, "--help")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(f"usage: ocicache {command}", result.stdout.decode())
+                self.assertIn("example: ", result.stdout.decode())
+                self.assertRegex(readme, rf"\n\| `{command} [^\n]*Example: `[^\n]*ocicache "
+                                         rf"{command} ")
+
     def tagged(self, registry: Registry, repository: str = "test/tags") -> ImageBlobs:
         image = make_image("tags")
         upload(registry.url, repository, image.blobs, [(t, image.manifest) for t in self.TAGS])
@@ -6022,6 +6036,36 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
                 self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
         result = self.cli("login", registry.host, "-u", "alice", "-p", "pw", "--password-stdin")
         self.assertEqual(result.returncode, 2)  # argparse: one or the other
+
+    def test_login_asks_on_a_terminal(self) -> None:
+        """Without -p or --password-stdin, on a terminal: the user name with a prompt,
+        the password with getpass (not echoed)."""
+        import pty
+        import select
+        registry = self.start_registry(auth=("htpasswd", {"alice": "tty-pa55-6a1f"}))
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        process = subprocess.Popen(
+            [sys.executable, OCICACHE, "--cache", self.cache_dir, "login", registry.host],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)  # no controlling terminal: getpass uses stdin's
+        os.close(slave)
+        self.addCleanup(process.kill)
+        os.write(master, b"alice\n")
+        said = b""
+        deadline = time.monotonic() + 30
+        while b"Password: " not in said:  # getpass flushes what was typed before it asks
+            self.assertLess(time.monotonic(), deadline, said)
+            if select.select([process.stderr], [], [], 1)[0]:
+                chunk = os.read(process.stderr.fileno(), 4096)
+                self.assertTrue(chunk, f"ended before asking: {said!r}")
+                said += chunk
+        os.write(master, b"tty-pa55-6a1f\n")
+        stdout, stderr = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 0, said + stderr)
+        self.assertIn(b"Username: ", stdout)
+        self.assertIn(f"logged in to {registry.host} as alice".encode(), stdout)
+        self.assertEqual(oc.find_credentials(registry.host).password, "tty-pa55-6a1f")
 
     def test_login_through_a_credential_helper(self) -> None:
         registry = self.start_registry(auth=("htpasswd", {"alice": "h3lper-pa55"}))
