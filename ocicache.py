@@ -3772,8 +3772,8 @@ class RegistryClient:
             page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
             entries = page.get("tags") if isinstance(page, dict) else ()
             if not isinstance(entries, list) and entries is not None:
-                raise RegistryError(f"{what}: {endpoint.host} answered a tag list whose "
-                                    "'tags' is not a list")
+                raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
+                                    "a tag list (a JSON object with a 'tags' array)")
             for entry in entries or ():
                 if isinstance(entry, str) and re.fullmatch(_TAG, entry):
                     tags.setdefault(entry)
@@ -3786,7 +3786,8 @@ class RegistryClient:
             shown = _shorten(_one_line(_without_userinfo(following)))
             if not _may_send_credentials(following, self._origin(endpoint)):
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown}, "
-                                    "not on its own host; refusing to follow it")
+                                    "off its own host (or from https to http); refusing to "
+                                    "follow it")
             if following in fetched or len(fetched) >= _MAX_TAG_PAGES:
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown} "
                                     f"after {len(fetched)} pages; the list does not end")
@@ -7609,8 +7610,11 @@ def _cmd_login(provider: Provider, args: argparse.Namespace) -> int:
         password = password[:-1] if password.endswith("\r") else password
     elif terminal:
         import getpass
-        username = username or input("Username: ")
-        password = getpass.getpass("Password: ")
+        try:
+            username = username or input("Username: ")
+            password = getpass.getpass("Password: ")
+        except EOFError:
+            raise OciCacheError("no user name or password was typed") from None
     else:
         raise OciCacheError("no password: standard input is not a terminal to ask on; pipe "
                             "it in with --password-stdin")

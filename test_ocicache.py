@@ -5906,7 +5906,7 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         # credentials, or be silently cut short.
         elsewhere = HostileServer(lambda request: json_answer({"tags": ["planted"]}), "127.0.0.2")
         self.addCleanup(elsewhere.stop)
-        for style, fragment in (("elsewhere", "not on its own host"),
+        for style, fragment in (("elsewhere", "off its own host"),
                                 ("loop", "the list does not end")):
             with self.subTest(style):
                 proxy = PagingProxy(registry, style, elsewhere=elsewhere.url)
@@ -5917,6 +5917,27 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
                 self.assertNotIn(secret, message)
                 self.assertEqual(result.stdout, b"")
         self.assertEqual(elsewhere.requests, [])
+
+    def test_tags_bad_answers_are_one_line(self) -> None:
+        registry = self.start_registry()
+        self.tagged(registry)
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        for label, body, fragment in (
+                ("HTML", b"<html>hi</html>", "not valid JSON"),
+                ("an array", b'["1"]', "not a tag list"),
+                ("tags a string", b'{"tags": "1"}', "not a tag list"),
+                ("too big", b'{"tags": ["' + b"x" * (5 << 20) + b'"]}', "more than"),
+                ("nested deep", deep(), "not valid JSON")):
+            with self.subTest(label):
+                proxy.clear_faults()
+                proxy.add_fault("rewrite", match="/tags/list", times=None,
+                                body=lambda data, body=body: body)
+                self.assert_one_line_error(self.cli("tags", f"{proxy.host}/test/tags"),
+                                           fragment)
+        proxy.clear_faults()
+        proxy.add_fault("rewrite", match="/tags/list", body=lambda data: b'{"tags": null}')
+        self.assertEqual(self.provider().registry.list_tags(f"{proxy.host}/test/tags"), [])
 
     def test_digest_asks_with_head(self) -> None:
         registry = self.start_registry()
