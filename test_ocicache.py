@@ -5884,6 +5884,9 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         self.assertEqual({(r.user, tuple(r.scopes)) for r in issuer.requests() if r.user},
                          {("alice", ("repository:test/tags:pull",))})
         self.assertNotIn(secret.encode(), result.stdout + result.stderr)
+        image = make_image("tags")  # what tagged() put there; digest asks with a token too
+        result = self.cli("digest", f"{token.host}/test/tags:v3-rc_1")
+        self.assertEqual(result.stdout.decode(), image.manifest.digest + "\n", result.stderr)
         self.assertEqual(self.index_names(), [])
 
     def test_tags_follow_every_page_on_the_registry_host_only(self) -> None:
