@@ -3340,7 +3340,7 @@ def _next_link(header: str) -> str:
     """The target of the ``rel="next"`` link of a ``Link`` header (RFC 8288: several
     ``<URI>; param=value`` links, comma-separated; ``rel`` may list several relations,
     quoted or not), as written (relative or absolute); "" when there is none."""
-    for match in re.finditer(r'<([^>]*)>((?:\s*;\s*[^;,"]*(?:"(?:[^"\\]|\\.)*")?)*)', header):
+    for match in re.finditer(r'<([^<>]*)>((?:\s*;\s*[^;,"]*(?:"(?:[^"\\]|\\.)*")?)*)', header):
         for name, quoted, bare in re.findall(
                 r';\s*([A-Za-z*]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*))', match.group(2)):
             if name.lower() == "rel" and "next" in (quoted or bare).lower().split():

@@ -5921,6 +5921,23 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
                 self.assertEqual(result.stdout, b"")
         self.assertEqual(elsewhere.requests, [])
 
+    def test_next_link(self) -> None:
+        for header, wanted in (
+                ('</v2/a/tags/list?last=b&n=2>; rel="next"', "/v2/a/tags/list?last=b&n=2"),
+                ("<https://q.io/v2/a/tags/list?n=50&next_page=gAAA=>; rel=next",
+                 "https://q.io/v2/a/tags/list?n=50&next_page=gAAA="),
+                ('<a>; rel="prev", <b,c>; title="x, y; rel=next"; rel="Last NEXT"', "b,c"),
+                ('<a>;rel="next"', "a"), ("<a>", ""), ('<a>; rel="prev"', ""), ("", ""),
+                ("garbage", ""), ('<a; rel="next"', "")):
+            with self.subTest(header):
+                self.assertEqual(oc._next_link(header), wanted)
+        # A hostile header as long as http.client lets one be is still read at once.
+        for header in ("<" * 65536, "<a" * 32768, '<a>; rel="' + "\\" * 65000,
+                       "<a>" + '; r="' * 16000, "<a>" + "; " * 32000):
+            started = time.monotonic()
+            self.assertEqual(oc._next_link(header), "")
+            self.assertLess(time.monotonic() - started, 1.0, header[:20])
+
     def test_tags_bad_answers_are_one_line(self) -> None:
         registry = self.start_registry()
         self.tagged(registry)
