@@ -6022,11 +6022,13 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
                     message = self.assert_one_line_error(result, "401", "refused")
                     self.assertNotIn("not-it", message)
                     self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
-                result = self.cli("login", registry.host, "-u", "alice", "--password-stdin",
-                                  stdin=secret.encode() + b"\n")
+                result = self.cli("-v", "login", registry.host, "-u", "alice",
+                                  "--password-stdin", stdin=secret.encode() + b"\n")
                 self.assertEqual(result.returncode, 0, result.stderr)
                 self.assertIn(f"logged in to {registry.host} as alice", result.stdout.decode())
-                self.assertNotIn(secret.encode(), result.stdout + result.stderr)
+                self.assertIn(b"/v2/: 401", result.stderr)  # -v shows the requests ...
+                self.assertEqual(secrets_in((result.stdout + result.stderr).decode(), [
+                    secret, basic("alice", secret)]), [])  # ... and no secret
                 self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o600)
                 with open(config) as f:
                     self.assertEqual(json.load(f), {"auths": {
