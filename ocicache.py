@@ -60,7 +60,8 @@ __all__ = [
     # the disk
     "Layout", "ContentStore", "ContentInfo", "GcReport", "VerifyReport",
     # registries
-    "Challenge", "Credentials", "parse_challenges", "find_credentials", "TransportOptions",
+    "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
+    "erase_credentials", "TransportOptions",
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
@@ -2444,12 +2445,15 @@ def _run_bounded(argv: Sequence[str], stdin: bytes, limit: int,
                 bytes(output[process.stderr.fileno()]))
 
 
-def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
+def _call_credential_helper(helper: str, action: str,
+                            stdin: bytes) -> Tuple[str, int, bytes, bytes]:
+    """Run ``docker-credential-<helper> <action>`` (get, store, erase): its program
+    name, status, stdout and stderr; a helper that cannot run is one clear error."""
     program = f"docker-credential-{helper}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
         raise OciCacheError(f"invalid credential helper name {helper!r}")
     try:
-        status, stdout, stderr = _run_bounded([program, "get"], server.encode(),
+        status, stdout, stderr = _run_bounded([program, action], stdin,
                                               _HELPER_OUTPUT_LIMIT, _HELPER_TIMEOUT_SECONDS)
     except FileNotFoundError:
         raise OciCacheError(f"credential helper {program} is not on PATH") from None
@@ -2462,6 +2466,11 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     except ValueError:
         raise OciCacheError(f"credential helper {program} printed more than "
                             f"{_HELPER_OUTPUT_LIMIT} bytes") from None
+    return program, status, stdout, stderr
+
+
+def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
+    program, status, stdout, stderr = _call_credential_helper(helper, "get", server.encode())
     if status != 0:
         if b"credentials not found" in (stdout + stderr).lower():
             return None
@@ -2501,6 +2510,21 @@ def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
     return Credentials(username, password, source=where) if username or password else None
 
 
+def _server_url(registry: str) -> str:
+    """What docker names a registry by in ``auths`` and to credential helpers."""
+    return DOCKER_HUB_AUTH_KEY if registry == DEFAULT_REGISTRY else registry
+
+
+def _helper_for(config: Mapping[str, Any], registry: str) -> str:
+    """The ``credHelpers`` entry of an auth file for ``registry``, or ""."""
+    helpers = config.get("credHelpers") or {}
+    if isinstance(helpers, dict):
+        for key, helper in helpers.items():
+            if _normalise_auth_key(key) == registry and isinstance(helper, str) and helper:
+                return helper
+    return ""
+
+
 def find_credentials(registry: str, repository: str = "") -> Optional[Credentials]:
     """Credentials for ``registry`` (a host[:port], ``docker.io`` for Docker Hub).
 
@@ -2508,16 +2532,14 @@ def find_credentials(registry: str, repository: str = "") -> Optional[Credential
     specific key wins), then its ``credsStore``. None means anonymous.
     """
     keys = _auth_lookup_keys(registry, repository)
-    server = DOCKER_HUB_AUTH_KEY if registry == DEFAULT_REGISTRY else registry
+    server = _server_url(registry)
     for path in _auth_files():
         config = _read_auth_file(path)
         if config is None:
             continue
-        helpers = config.get("credHelpers") or {}
-        if isinstance(helpers, dict):
-            for key, helper in helpers.items():
-                if _normalise_auth_key(key) == registry and isinstance(helper, str):
-                    return _run_credential_helper(helper, server)
+        helper = _helper_for(config, registry)
+        if helper:
+            return _run_credential_helper(helper, server)
         auths = config.get("auths") or {}
         if isinstance(auths, dict):
             normalised = {_normalise_auth_key(k): (k, v) for k, v in auths.items()}
@@ -2532,6 +2554,131 @@ def find_credentials(registry: str, repository: str = "") -> Optional[Credential
         if isinstance(store, str) and store:
             return _run_credential_helper(store, server)
     return None
+
+
+def _login_registry(value: str) -> str:
+    """The registry a login names, as credentials are looked up by: ``docker.io`` for
+    Docker Hub (also ``index.docker.io`` and ``https://index.docker.io/v1/``), else
+    ``host[:port]``; an error for anything else (a path, a blank)."""
+    registry = _normalise_auth_key(value) if value.isprintable() else ""
+    if not re.fullmatch(_DOMAIN, registry):
+        raise OciCacheError(f"invalid registry {_shorten(_one_line(value))!r}: name a "
+                            "host[:port], e.g. ghcr.io or localhost:5000 (docker.io for "
+                            "Docker Hub)")
+    return registry
+
+
+def _check_login(username: str, password: str) -> None:
+    """What a user name and password must be to be stored as docker stores them
+    (``user:password`` in base64, so no colon in the name)."""
+    if not username or not username.isprintable() or ":" in username:
+        raise OciCacheError("invalid user name: it must be non-empty, without a colon or "
+                            "control characters")
+    if not password:
+        raise OciCacheError("empty password")
+
+
+def _docker_config_file() -> Tuple[str, Dict[str, Any]]:
+    """docker's config.json (``$DOCKER_CONFIG``, else ``~/.docker``) and what it holds;
+    {} when it does not exist. One that cannot be read is an error: it is never
+    replaced by a login, since that would lose what it held."""
+    path = _auth_files()[0]
+    config = _read_auth_file(path) or {}
+    auths = config.get("auths")
+    if auths is not None and not isinstance(auths, dict):
+        raise OciCacheError(f"credentials file {path}: 'auths' is not a JSON object; fix it")
+    return path, config
+
+
+def _write_docker_config(path: str, config: Mapping[str, Any]) -> None:
+    """Replace docker's config.json with ``config``, as docker does (a tab indent): a
+    file of mode 0600 written beside it (beside its target, if it is a link), fsynced
+    and renamed over it, so that a reader sees the old file or the new one, whole."""
+    data = _json_bytes(config, indent="\t") + b"\n"
+    target = os.path.realpath(path)
+    try:
+        os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
+        directory = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OciCacheError(f"cannot write credentials file {path}: {e.strerror}") from None
+    temp = _temporary_name(f".{os.path.basename(target)}")
+    try:
+        fd = os.open(temp, _NEW_FILE, 0o600, dir_fd=directory)
+        try:
+            os.fchmod(fd, 0o600)  # the umask may only have narrowed it; this is exact
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, os.path.basename(target), src_dir_fd=directory, dst_dir_fd=directory)
+        os.fsync(directory)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=directory)
+        raise OciCacheError(f"cannot write credentials file {path}: {e.strerror}") from None
+    finally:
+        os.close(directory)
+
+
+def _without_registry(auths: Mapping[str, Any], registry: str) -> Dict[str, Any]:
+    """``auths`` without any key that names ``registry`` (``host``, ``https://host``,
+    ``http://host/v2/`` all do): a stale spelling would shadow what a login stores."""
+    return {k: v for k, v in auths.items() if _normalise_auth_key(k) != registry}
+
+
+def store_credentials(registry: str, username: str, password: str) -> str:
+    """Store credentials for ``registry`` where docker keeps them, and say where: the
+    ``credHelpers`` helper for it or the ``credsStore`` of ``$DOCKER_CONFIG/config.json``
+    (``docker-credential-<name> store``), else that file's ``auths``. The file keeps
+    every other key it had; entries of ``auths`` naming the registry otherwise are
+    dropped, since they would be read before a helper's or instead of the new one."""
+    registry = _login_registry(registry)
+    _check_login(username, password)
+    path, config = _docker_config_file()
+    auths = config.get("auths") or {}
+    server = _server_url(registry)
+    helper = _helper_for(config, registry) or config.get("credsStore") or ""
+    if isinstance(helper, str) and helper:
+        payload = _json_bytes({"ServerURL": server, "Username": username, "Secret": password})
+        program, status, _, _ = _call_credential_helper(helper, "store", payload)
+        if status != 0:
+            raise OciCacheError(f"credential helper {program} failed to store the credentials "
+                                f"for {registry} (status {status})")
+        if _without_registry(auths, registry) != auths:
+            _write_docker_config(path, {**config, "auths": _without_registry(auths, registry)})
+        return f"credential helper {program}"
+    import base64
+    entry = {"auth": base64.b64encode(f"{username}:{password}".encode()).decode()}
+    kept = _without_registry(auths, registry)
+    # The registry's entry stays where it was in the file, as docker keeps it.
+    new_auths = {k: (entry if k == server else v) for k, v in auths.items()
+                 if k == server or k in kept}
+    new_auths.setdefault(server, entry)
+    _write_docker_config(path, {**config, "auths": new_auths})
+    return f"credentials file {path}"
+
+
+def erase_credentials(registry: str) -> List[str]:
+    """Forget the credentials docker keeps for ``registry``: the helper's (``erase``)
+    and the ``auths`` entries of ``$DOCKER_CONFIG/config.json``. Where they were
+    removed from; [] when there were none."""
+    registry = _login_registry(registry)
+    path, config = _docker_config_file()
+    erased = []
+    helper = _helper_for(config, registry) or config.get("credsStore") or ""
+    if isinstance(helper, str) and helper:
+        program, status, stdout, stderr = _call_credential_helper(
+            helper, "erase", _server_url(registry).encode())
+        if status == 0:
+            erased.append(f"credential helper {program}")
+        elif b"credentials not found" not in (stdout + stderr).lower():
+            raise OciCacheError(f"credential helper {program} failed to erase the credentials "
+                                f"for {registry} (status {status})")
+    auths = config.get("auths") or {}
+    if _without_registry(auths, registry) != auths:
+        _write_docker_config(path, {**config, "auths": _without_registry(auths, registry)})
+        erased.append(f"credentials file {path}")
+    return erased
 
 
 # =====================================================================================
@@ -3238,6 +3385,21 @@ def _with_query(url: str, query: str) -> str:
     return url + ("&" if "?" in url else "?") + query
 
 
+_MAX_TAG_PAGES = 10000  # pages of one tag list followed before it is taken as endless
+
+
+def _next_link(header: str) -> str:
+    """The target of the ``rel="next"`` link of a ``Link`` header (RFC 8288: several
+    ``<URI>; param=value`` links, comma-separated; ``rel`` may list several relations,
+    quoted or not), as written (relative or absolute); "" when there is none."""
+    for match in re.finditer(r'<([^<>]*)>((?:\s*;\s*[^;,"]*(?:"(?:[^"\\]|\\.)*")?)*)', header):
+        for name, quoted, bare in re.findall(
+                r';\s*([A-Za-z*]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*))', match.group(2)):
+            if name.lower() == "rel" and "next" in (quoted or bare).lower().split():
+                return match.group(1).strip()
+    return ""
+
+
 class _FileSlice(io.RawIOBase):
     """``length`` bytes of a file from ``offset``: one chunk of a chunked upload."""
 
@@ -3634,6 +3796,125 @@ class RegistryClient:
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         size = int(length) if re.fullmatch(r"[0-9]{1,12}", length) else 0
         return Descriptor(media_type, digest, size)
+
+    def digest(self, ref: Union[str, Reference]) -> Descriptor:
+        """What ``ref`` names in its registry now: its manifest's (or index's)
+        descriptor, asked with HEAD (which Docker Hub's rate limit does not count), with
+        GET only when the HEAD does not say."""
+        wanted = Reference.parse(ref)
+        found = self.manifest_digest(wanted)
+        if found is None:
+            found = self.get_manifest(wanted, what=f"look up {wanted}")[1]
+        return found
+
+    def list_tags(self, ref: Union[str, Reference]) -> List[str]:
+        """Every tag of ``ref``'s repository (its tag or digest aside), each once, in
+        the registry's order. Pages are followed by their ``Link`` header, relative or
+        absolute and as written (Quay's ``next_page`` tokens are in it), but only on the
+        registry's own host; entries that are not tags (the nulls and digests that
+        Artifactory and Nexus list) are left out."""
+        import urllib.parse
+        wanted = Reference.parse(ref)
+        endpoint = self.endpoint(wanted, use_mirrors=False)  # a mirror lists its own tags
+        what = f"list the tags of {wanted.name}"
+        url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
+        tags: Dict[str, None] = {}
+        fetched: set = set()
+        skipped = 0
+        while True:
+            fetched.add(url)
+            response = self.request(endpoint, "GET", "", url=url, what=what)
+            try:
+                data = response.body(MAX_MANIFEST_SIZE)
+            except (OSError, _http_client.HTTPException) as e:
+                response.close(reuse=False)
+                raise _connection_error(endpoint.host, e) from None
+            response.close()
+            page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
+            entries = page.get("tags") if isinstance(page, dict) else ()
+            if not isinstance(entries, list) and entries is not None:
+                raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
+                                    "a tag list (a JSON object with a 'tags' array)")
+            for entry in entries or ():
+                if isinstance(entry, str) and re.fullmatch(_TAG, entry):
+                    tags.setdefault(entry)
+                else:
+                    skipped += 1
+            link = _next_link(response.headers.get("Link", ""))
+            if not link:
+                break
+            following = urllib.parse.urljoin(response.url, link)
+            shown = _shorten(_one_line(_without_userinfo(following)))
+            if not _may_send_credentials(following, self._origin(endpoint)):
+                raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown}, "
+                                    "off its own host (or from https to http); refusing to "
+                                    "follow it")
+            if following in fetched or len(fetched) >= _MAX_TAG_PAGES:
+                raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown} "
+                                    f"after {len(fetched)} pages; the list does not end")
+            url = following
+        if skipped:
+            _log().debug("%s listed %d entries that are not tags; left out", endpoint.host,
+                         skipped)
+        return list(tags)
+
+    def check_credentials(self, registry: str, username: str, password: str) -> bool:
+        """Whether ``registry`` takes this user name and password: a GET of ``/v2/``
+        with them, through the token realm its challenge names (the token flow docker's
+        login takes). False when ``/v2/`` lets anyone in, so that nothing could be
+        checked; a refusal is an AuthenticationError, never naming the password."""
+        import urllib.parse
+        registry = _login_registry(registry)
+        _check_login(username, password)
+        host = DOCKER_HUB_API_HOST if registry == DEFAULT_REGISTRY else registry
+        credentials = Credentials(username, password, source=f"the login of {username!r}")
+        endpoint = _Endpoint(f"https://{host}", host, registry, registry, credentials)
+        url, what = f"{endpoint.base}/v2/", f"log in to {registry}"
+        headers = {"User-Agent": _user_agent()}
+        response = self.transport.request("GET", url, headers)
+        if response.status == 200:
+            response.close()
+            return False
+        if response.status != 401:
+            raise _registry_error(what, host, response)
+        answered = urllib.parse.urlsplit(response.url).netloc
+        offered = [c for c in parse_challenges(response.headers.get("WWW-Authenticate", ""))
+                   if c.scheme in ("bearer", "basic")]
+        response.close()
+        if answered != host:
+            raise AuthenticationError(f"{what}: {answered} answered 401 after a redirect from "
+                                      f"{host}; credentials go only to {host} and its own token "
+                                      "realm", 401)
+        if not offered:
+            raise AuthenticationError(f"{what}: {host} answered 401 without a Basic or Bearer "
+                                      "challenge", 401)
+        if offered[0].scheme == "basic":
+            authorization = credentials.basic_header()
+        else:
+            try:
+                authorization = "Bearer " + self._token(endpoint, offered[0], (), credentials)
+            except RegistryError as e:
+                raise type(e)(f"{what}: {e}", e.status, e.codes) from None
+        if _may_send_credentials(url, self._origin(endpoint)):
+            headers["Authorization"] = authorization
+        response = self.transport.request("GET", url, headers)
+        if response.status == 200:
+            response.close()
+            return True
+        error = _registry_error(what, host, response)
+        if error.status in (401, 403):
+            raise AuthenticationError(f"{error}; it refused the login of {username!r}",
+                                      error.status, error.codes)
+        raise error
+
+    def login(self, registry: str, username: str, password: str) -> str:
+        """Check the credentials against ``registry`` (``check_credentials``), then
+        store them where docker does (``store_credentials``); where they went. Nothing
+        is stored when the check fails."""
+        if not self.check_credentials(registry, username, password):
+            _log().warning("%s lets anyone in, so the credentials could not be checked; "
+                           "storing them anyway", _login_registry(registry))
+        return store_credentials(registry, username, password)
 
     def remote_manifest(self, endpoint: _Endpoint, reference: str,
                         actions: str = "pull", denied_is_absent: bool = False
@@ -6318,6 +6599,31 @@ class Provider(CacheProvider):
         probe = _replace(root, platform=Platform.from_json(config))
         return select_platform([probe], wanted) is not None
 
+    def remote_digest(self, ref: RefLike, architecture: str = "") -> Descriptor:
+        """What ``ref`` names in its registry now (``RegistryClient.digest``: a HEAD).
+        With ``architecture``, the image of that platform: the index's child for it
+        (one GET of the index, by the digest the HEAD gave), or the single manifest
+        itself when its config declares that platform; else PlatformNotFoundError
+        naming what there is. The cache is neither read nor written."""
+        wanted_ref = Reference.parse(ref)
+        wanted = Platform.parse(architecture) if architecture else None
+        root = self.registry.digest(wanted_ref)
+        if wanted is None:
+            return root
+        pinned = Reference(wanted_ref.registry, wanted_ref.repository, wanted_ref.tag,
+                           root.digest)
+        data, root = self.registry.get_manifest(pinned, what=f"look up {wanted_ref}")
+        if root.is_index:
+            return _select_child(wanted_ref, Index.from_json(data), architecture)
+        manifest = Manifest.from_json(data, what=f"manifest of {wanted_ref}")
+        config = _load_json_object(self.registry.get_blob_bytes(pinned, manifest.config),
+                                   f"config of {wanted_ref}")
+        declared = _replace(root, platform=Platform.from_json(config))
+        if select_platform([declared], wanted) is None:
+            raise PlatformNotFoundError(
+                f"image {wanted_ref} has no {wanted}; it is {declared.platform}")
+        return declared
+
     def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
              override: bool = False) -> None:
         """Push a cached image or index to a registry, as linuxkit's cache push does.
@@ -7141,6 +7447,73 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="delete corrupt blobs, so that the next pull fetches them again")
     p.set_defaults(run=_cmd_verify)
+
+    # Registry operations: they ask the registry itself (never a mirror) and leave the
+    # cache alone.
+    p = commands.add_parser("tags", help="list the tags of a repository in its registry",
+                            description="Print every tag of NAME's repository, one a line, "
+                                        "in the registry's order (NAME's own tag, if any, "
+                                        "is ignored). Every page is fetched (the Link "
+                                        "header), but only from the registry's own host; "
+                                        "entries that are not tags are left out.",
+                            epilog="example: ocicache tags ghcr.io/linuxkit/init")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true",
+                   help='print {"name": ..., "tags": [...]} (stable for scripts)')
+    p.set_defaults(run=_cmd_tags)
+
+    p = commands.add_parser("digest", help="print the digest a name has in its registry",
+                            description="Print the digest NAME has in its registry now, "
+                                        "asked with HEAD (Docker Hub does not count a HEAD "
+                                        "against its pull rate limit); with --platform, "
+                                        "the digest of that platform's image. The cache "
+                                        "is not used.",
+                            epilog="example: ocicache digest alpine:3.20 --platform linux/arm64")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--platform", metavar="P", default="",
+                   help="os/arch[/variant]: the digest of that platform's image (of an "
+                        "index, its child) instead of the root's")
+    p.add_argument("--json", action="store_true",
+                   help="print the descriptor (name, digest, mediaType, size, platform)")
+    p.set_defaults(run=_cmd_digest)
+
+    p = commands.add_parser("login", help="check and store credentials for a registry",
+                            description="Check a user name and password against REGISTRY "
+                                        "(a request to its /v2/ with them, through its "
+                                        "token server if it has one), then store them "
+                                        "where docker does: the credential helper "
+                                        "config.json names for it (credHelpers, "
+                                        "credsStore), else 'auths' in "
+                                        "$DOCKER_CONFIG/config.json (default "
+                                        "~/.docker/config.json), written with mode 0600. "
+                                        "Nothing is stored if the check fails. Without "
+                                        "--password-stdin or -p, the password is asked "
+                                        "for on the terminal.",
+                            epilog="example: echo \"$TOKEN\" | ocicache login ghcr.io -u "
+                                   "me --password-stdin")
+    p.add_argument("registry", metavar="REGISTRY",
+                   help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
+    p.add_argument("-u", "--username", metavar="USER", default="",
+                   help="the user name (asked for on a terminal when left out)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password from standard input (its last newline "
+                             "is dropped)")
+    secret.add_argument("-p", "--password", metavar="PASSWORD", default=None,
+                        help="the password itself: other users can see it in the process "
+                             "list, so prefer --password-stdin")
+    p.set_defaults(run=_cmd_login)
+
+    p = commands.add_parser("logout", help="remove the stored credentials for a registry",
+                            description="Remove the credentials docker keeps for REGISTRY: "
+                                        "from the credential helper config.json names for "
+                                        "it, and from 'auths' in $DOCKER_CONFIG/config.json "
+                                        "(other files, such as podman's auth.json, are left "
+                                        "alone). Not being logged in is not an error.",
+                            epilog="example: ocicache logout ghcr.io")
+    p.add_argument("registry", metavar="REGISTRY",
+                   help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
+    p.set_defaults(run=_cmd_logout)
     return parser
 
 
@@ -7397,6 +7770,79 @@ def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
     print(f"ocicache: error: {len(report.corrupt)} corrupt, {len(report.missing)} missing and "
           f"{len(report.wrong)} wrong in {provider.root}{advice}", file=sys.stderr)
     return 1
+
+
+def _cmd_tags(provider: Provider, args: argparse.Namespace) -> int:
+    tags = provider.registry.list_tags(args.name)
+    if args.json:
+        json.dump({"name": Reference.parse(args.name).name, "tags": tags}, sys.stdout, indent=2)
+        print()
+        return 0
+    for tag in tags:
+        print(tag)
+    return 0
+
+
+def _cmd_digest(provider: Provider, args: argparse.Namespace) -> int:
+    descriptor = provider.remote_digest(args.name, args.platform)
+    if args.json:
+        json.dump({"name": str(Reference.parse(args.name)), **descriptor.to_json()},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    print(descriptor.digest)
+    return 0
+
+
+_MAX_PASSWORD_INPUT = 64 * 1024  # a token from standard input; more is a mistake
+
+
+def _cmd_login(provider: Provider, args: argparse.Namespace) -> int:
+    registry = _login_registry(args.registry)  # a bad name stops before any prompt
+    username, terminal = args.username, sys.stdin.isatty()
+    if args.password is not None:
+        print("ocicache: warning: a password given with -p can be read by other users in "
+              "the process list and stays in the shell's history; use --password-stdin",
+              file=sys.stderr)
+        password = args.password
+    elif args.password_stdin:
+        if not username:
+            raise OciCacheError("--password-stdin needs the user name too: give it with -u")
+        data = sys.stdin.buffer.read(_MAX_PASSWORD_INPUT + 1)
+        if len(data) > _MAX_PASSWORD_INPUT:
+            raise OciCacheError(f"standard input holds more than {_MAX_PASSWORD_INPUT} bytes; "
+                                "it should hold the password alone")
+        try:
+            password = data.decode()
+        except UnicodeDecodeError:
+            raise OciCacheError("the password on standard input is not UTF-8") from None
+        password = password[:-1] if password.endswith("\n") else password
+        password = password[:-1] if password.endswith("\r") else password
+    elif terminal:
+        import getpass
+        try:
+            username = username or input("Username: ")
+            password = getpass.getpass("Password: ")
+        except EOFError:
+            raise OciCacheError("no user name or password was typed") from None
+    else:
+        raise OciCacheError("no password: standard input is not a terminal to ask on; pipe "
+                            "it in with --password-stdin")
+    if not username:
+        raise OciCacheError("no user name: give it with -u")
+    where = provider.registry.login(registry, username, password)
+    _say(args, f"logged in to {registry} as {username}; credentials stored in {where}")
+    return 0
+
+
+def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
+    registry = _login_registry(args.registry)
+    erased = erase_credentials(registry)
+    for where in erased:
+        _say(args, f"removed the credentials for {registry} from {where}")
+    if not erased:
+        _say(args, f"not logged in to {registry}")
+    return 0
 
 
 def _configure_logging(logger: logging.Logger, level: str) -> None:

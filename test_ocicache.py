@@ -4005,6 +4005,172 @@ class TestCredentials(IsolatedEnvironment):
                 os.kill(int(f.read().strip()), signal.SIGKILL)
 
 
+def recording_helper(test: "IsolatedEnvironment", name: str) -> str:
+    """A helper keeping what it is given in a JSON file per server, as docker's do."""
+    store = test.path(f"{name}-store")
+    os.makedirs(store, exist_ok=True)
+    test.credential_helper(name, f"""store={store}
+input=$(cat)
+case "$1" in
+  store) server=$(printf '%s' "$input" | sed 's/.*"ServerURL": *"\\([^"]*\\)".*/\\1/')
+     key=$(printf '%s' "$server" | tr -c 'A-Za-z0-9.' _)
+     printf '%s' "$input" > "$store/$key" ;;
+  get|erase) key=$(printf '%s' "$input" | tr -c 'A-Za-z0-9.' _)
+     [ -f "$store/$key" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+     if [ "$1" = get ]; then cat "$store/$key"; else rm "$store/$key"; fi ;;
+  *) exit 3 ;;
+esac
+""")
+    return store
+
+
+class TestCredentialStorage(IsolatedEnvironment):
+    """login's and logout's half on disk: where docker keeps credentials, and how."""
+
+    def config_path(self) -> str:
+        return os.path.join(os.environ["DOCKER_CONFIG"], "config.json")
+
+    def test_auths_written_atomically_0600_keeping_every_other_key(self) -> None:
+        original = {"HttpHeaders": {"User-Agent": "x"}, "auths": {
+            "other.example.com": {"auth": basic("o", "opw")},
+            "http://reg.example.com:5000/v2/": {"auth": basic("stale", "old")},
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")}},
+            "proxies": {"default": {"httpProxy": "http://p:3128"}}, "psFormat": "{{.ID}}"}
+        self.docker_config(original)
+        os.chmod(self.config_path(), 0o644)
+        where = oc.store_credentials("reg.example.com:5000", "alice", "pa55:w0rd")
+        self.assertEqual(where, f"credentials file {self.config_path()}")
+        self.assertEqual(stat.S_IMODE(os.stat(self.config_path()).st_mode), 0o600)
+        with open(self.config_path()) as f:
+            written = json.load(f)
+        self.assertEqual({k: v for k, v in written.items() if k != "auths"},
+                         {k: v for k, v in original.items() if k != "auths"})
+        self.assertEqual(list(written), list(original))  # the keys keep their order
+        self.assertEqual(written["auths"], {
+            "other.example.com": {"auth": basic("o", "opw")},
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")},
+            "reg.example.com:5000": {"auth": basic("alice", "pa55:w0rd")}})
+        self.assertEqual(plain(oc.find_credentials("reg.example.com:5000", "a/b")),
+                         oc.Credentials("alice", "pa55:w0rd"))
+        for spelling in ("docker.io", "index.docker.io", "https://index.docker.io/v1/"):
+            oc.store_credentials(spelling, "hub2", spelling)
+            self.assertEqual(plain(oc.find_credentials("docker.io", "library/alpine")),
+                             oc.Credentials("hub2", spelling))
+        with open(self.config_path()) as f:
+            self.assertEqual(list(json.load(f)["auths"]), [
+                "other.example.com", "https://index.docker.io/v1/", "reg.example.com:5000"])
+        self.assertEqual(os.listdir(os.environ["DOCKER_CONFIG"]), ["config.json"])
+        # A config.json that is a link (dotfiles managers): its target is replaced.
+        real = self.write_json(self.path("dotfiles", "docker.json"), {"auths": {}})
+        os.unlink(self.config_path())
+        os.symlink(real, self.config_path())
+        oc.store_credentials("linked.example.com", "bob", "pw")
+        self.assertTrue(os.path.islink(self.config_path()))
+        self.assertEqual(oc.find_credentials("linked.example.com").username, "bob")
+        self.assertEqual(stat.S_IMODE(os.stat(real).st_mode), 0o600)
+        # None at all: the directory and file are made, private.
+        shutil.rmtree(os.environ["DOCKER_CONFIG"])
+        oc.store_credentials("new.example.com", "carol", "pw")
+        self.assertEqual(stat.S_IMODE(os.stat(self.config_path()).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.environ["DOCKER_CONFIG"]).st_mode), 0o700)
+        self.assertEqual(oc.erase_credentials("new.example.com"),
+                         [f"credentials file {self.config_path()}"])
+        self.assertEqual(oc.erase_credentials("new.example.com"), [])
+        with open(self.config_path()) as f:
+            self.assertEqual(json.load(f), {"auths": {}})
+
+    def test_helpers_store_and_erase(self) -> None:
+        helped, stored = recording_helper(self, "helped"), recording_helper(self, "desktop")
+        self.docker_config({"credHelpers": {"helped.example.com": "helped"},
+                            "credsStore": "desktop", "auths": {
+                                "https://desktop.example.com": {"auth": basic("old", "old")},
+                                "kept.example.com": {}}})
+        self.assertEqual(oc.store_credentials("helped.example.com", "alice", "s3cret-1"),
+                         "credential helper docker-credential-helped")
+        self.assertEqual(oc.store_credentials("desktop.example.com", "bob", "s3cret-2"),
+                         "credential helper docker-credential-desktop")
+        self.assertEqual(oc.store_credentials("docker.io", "hub", "s3cret-3"),
+                         "credential helper docker-credential-desktop")
+        self.assertEqual(json.loads(open(os.path.join(helped, "helped.example.com")).read()),
+                         {"ServerURL": "helped.example.com", "Username": "alice",
+                          "Secret": "s3cret-1"})
+        self.assertEqual(sorted(os.listdir(stored)),
+                         ["desktop.example.com", "https___index.docker.io_v1_"])
+        with open(self.config_path()) as f:
+            config = json.load(f)
+        # The stale entry, read before the credsStore, is gone; no secret is in the file.
+        self.assertEqual(config["auths"], {"kept.example.com": {}})
+        self.assertNotIn("s3cret", json.dumps(config))
+        self.assertEqual(plain(oc.find_credentials("desktop.example.com", "a")),
+                         oc.Credentials("bob", "s3cret-2"))
+        self.assertEqual(plain(oc.find_credentials("docker.io", "library/a")),
+                         oc.Credentials("hub", "s3cret-3"))
+        self.assertEqual(oc.erase_credentials("helped.example.com"),
+                         ["credential helper docker-credential-helped"])
+        self.assertEqual(oc.erase_credentials("helped.example.com"), [])  # not found: fine
+        self.assertIsNone(oc.find_credentials("helped.example.com", "a"))
+        self.assertEqual(oc.erase_credentials("docker.io"),
+                         ["credential helper docker-credential-desktop"])
+        self.assertEqual(os.listdir(stored), ["desktop.example.com"])
+
+    def test_bad_inputs_are_one_line_and_change_nothing(self) -> None:
+        self.credential_helper("broken", 'cat > /dev/null; echo "password=$1 oops" >&2; exit 4\n')
+        self.docker_config({"credHelpers": {"broken.example.com": "broken"},
+                            "auths": {"x.example.com": {"auth": basic("x", "x")}}})
+        cases: List[Tuple[str, Callable[[], Any], str]] = [
+            ("a path", lambda: oc.store_credentials("ghcr.io/org", "u", "p"), "invalid registry"),
+            ("a URL path", lambda: oc.store_credentials("https://h.io/v2/ns", "u", "p"),
+             "invalid registry"),
+            ("empty", lambda: oc.store_credentials("", "u", "p"), "invalid registry"),
+            ("a newline", lambda: oc.store_credentials("h.io\nx", "u", "p"), "invalid registry"),
+            ("a space", lambda: oc.erase_credentials("h .io"), "invalid registry"),
+            ("a colon in the name", lambda: oc.store_credentials("h.io", "a:b", "p"),
+             "invalid user name"),
+            ("no name", lambda: oc.store_credentials("h.io", "", "p"), "invalid user name"),
+            ("a control character", lambda: oc.store_credentials("h.io", "a\x1b", "p"),
+             "invalid user name"),
+            ("no password", lambda: oc.store_credentials("h.io", "u", ""), "empty password"),
+            ("a failing helper", lambda: oc.store_credentials(
+                "broken.example.com", "u", "s3cret-9"), "failed to store.*status 4"),
+            ("a failing erase", lambda: oc.erase_credentials("broken.example.com"),
+             "failed to erase.*status 4"),
+            ("a missing helper", lambda: oc.store_credentials("absent.example.com", "u",
+                                                              "s3cret-9"), "not on PATH"),
+        ]
+        for label, call, pattern in cases:
+            with self.subTest(label):
+                if label == "a missing helper":
+                    self.docker_config({"credsStore": "absent"})
+                before = snapshot(self.path("home"))
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    call()
+                self.assertEqual(line_problem(str(caught.exception)), "")
+                self.assertRegex(str(caught.exception), pattern)
+                self.assertNotIn("s3cret-9", everything_about(caught.exception))
+                self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+        # A config.json that cannot be read is never replaced: it would lose what it held.
+        for label, content in (("not JSON", b'{"auths": {'), ("a list", b"[]"),
+                               ("auths a list", b'{"auths": []}')):
+            with self.subTest(label):
+                with open(self.config_path(), "wb") as f:
+                    f.write(content)
+                for call in (lambda: oc.store_credentials("h.io", "u", "p"),
+                             lambda: oc.erase_credentials("h.io")):
+                    with self.assertRaises(oc.OciCacheError) as caught:
+                        call()
+                    self.assertEqual(line_problem(str(caught.exception)), "")
+                    self.assertIn(self.config_path(), str(caught.exception))
+                    with open(self.config_path(), "rb") as f:
+                        self.assertEqual(f.read(), content)
+        # A write that fails (a read-only directory) leaves the old file whole, no temp.
+        if os.geteuid() != 0:
+            self.docker_config({"auths": {}})
+            os.chmod(os.environ["DOCKER_CONFIG"], 0o500)
+            self.addCleanup(os.chmod, os.environ["DOCKER_CONFIG"], 0o700)
+            with self.assertRaisesRegex(oc.OciCacheError, "cannot write credentials file"):
+                oc.store_credentials("h.io", "u", "p")
+
+
 # =====================================================================================
 # Registry: pulls from real docker-registry processes
 # =====================================================================================
@@ -5609,6 +5775,372 @@ class TestRegistryQuirks(RegistryTestCase):
         result = self.cli("-v", "--mirror", f"docker.io={mirror.url}", "pull", "--platform",
                           "amd64", "v:1")
         self.assertIn(f"docker.io through the mirror {mirror.url}", result.stderr.decode())
+
+
+class PagingProxy:
+    """A proxy in front of a real registry that pages its tag lists as distribution 3,
+    Docker Hub and Quay do (distribution 2.8 sends every tag at once): ``page`` tags a
+    page in lexical order, the next page named by a ``Link`` header in ``style``:
+    "relative" (distribution's), "absolute", "quay" (an opaque ``next_page`` token; a
+    ``last=`` a client makes up starts again from the first page, as Quay reads it as a
+    token it cannot decrypt), "elsewhere" (on the host ``elsewhere``), "loop" (the first
+    page again). ``junk`` is added to every page (Artifactory's nulls, Nexus's digests).
+    Every other request is passed through as it is."""
+
+    def __init__(self, registry: Registry, style: str = "relative", page: int = 2,
+                 junk: Sequence[Any] = (), elsewhere: str = "") -> None:
+        self.registry, self.style, self.page = registry, style, page
+        self.junk, self.elsewhere = list(junk), elsewhere
+        self.server = HostileServer(self.answer)
+        self.host, self.url = self.server.host, self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def forward(self, request: Request, target: str) -> Answer:
+        connection = http.client.HTTPConnection(LOOPBACK, self.registry.port, timeout=30)
+        try:
+            connection.request(request.method, target, body=request.body or None, headers={
+                k: v for k, v in request.headers.items()
+                if k in ("authorization", "accept", "user-agent", "content-type")})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        return Answer(response.status, [(k, v) for k, v in response.getheaders() if k.lower()
+                                        not in ("content-length", "connection",
+                                                "transfer-encoding")], body)
+
+    def answer(self, request: Request) -> Answer:
+        path, _, query = request.target.partition("?")
+        if not path.endswith("/tags/list"):
+            return self.forward(request, request.target)
+        whole = self.forward(request, path)
+        if whole.status != 200:
+            return whole
+        tags = sorted(json.loads(whole.body)["tags"])
+        params = dict(urllib.parse.parse_qsl(query))
+        size = int(params.get("n", self.page))
+        last = params.get("last", "")
+        if self.style == "quay":
+            last = base64.urlsafe_b64decode(params["next_page"]).decode()[5:] \
+                if "next_page" in params else ""
+        start = len([t for t in tags if t <= last]) if last else 0
+        chunk = tags[start:start + size]
+        headers: List[Tuple[str, str]] = []
+        if start + size < len(tags):
+            query = f"n={size}&last={chunk[-1]}"
+            if self.style == "quay":
+                token = base64.urlsafe_b64encode(f"page:{chunk[-1]}".encode()).decode()
+                query = f"n={size}&next_page={token}"
+            link = {"relative": f"{path}?{query}", "absolute": f"{self.url}{path}?{query}",
+                    "quay": f"{self.url}{path}?{query}", "loop": path,
+                    "elsewhere": f"{self.elsewhere}{path}?{query}"}[self.style]
+            headers.append(("Link", f'<{link}>; rel="next"'))
+        return json_answer({"name": path[4:-10], "tags": [*chunk, *self.junk]}, 200, headers)
+
+
+class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
+    """tags, digest, login and logout against real registries."""
+
+    TAGS = ["1", "1.0", "2", "latest", "v3-rc_1", "Z"]
+
+    def test_help_teaches_with_an_example(self) -> None:
+        listed = self.cli("--help").stdout.decode()
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for command in ("tags", "digest", "login", "logout"):
+            with self.subTest(command):
+                self.assertIn(command, listed)
+                result = self.cli(command, "--help")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(f"usage: ocicache {command}", result.stdout.decode())
+                self.assertIn("example: ", result.stdout.decode())
+                self.assertRegex(readme, rf"\n\| `{command} [^\n]*Example: `[^\n]*ocicache "
+                                         rf"{command} ")
+
+    def tagged(self, registry: Registry, repository: str = "test/tags") -> ImageBlobs:
+        image = make_image("tags")
+        upload(registry.url, repository, image.blobs, [(t, image.manifest) for t in self.TAGS])
+        return image
+
+    def with_auth(self, **auth: Any) -> Registry:
+        """A registry with ``auth`` serving test/tags (put in while it had none)."""
+        storage = self.path(f"storage-{secrets.token_hex(4)}")
+        origin = self.start_registry(root=storage)
+        self.tagged(origin)
+        origin.stop()
+        return self.start_registry(root=storage, **auth)
+
+    def test_tags_from_plain_htpasswd_and_token_registries(self) -> None:
+        plain_registry = self.start_registry()
+        self.tagged(plain_registry)
+        result = self.cli("tags", f"{plain_registry.host}/test/tags")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(result.stdout.decode().split()), sorted(self.TAGS))
+        result = self.cli("tags", "--json", f"{plain_registry.host}/test/tags:ignored")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        listed = json.loads(result.stdout)
+        self.assertEqual((listed["name"], sorted(listed["tags"])),
+                         (f"{plain_registry.host}/test/tags", sorted(self.TAGS)))
+        self.assert_one_line_error(self.cli("tags", f"{plain_registry.host}/test/nope"),
+                                   "404 NAME_UNKNOWN")
+        self.assert_one_line_error(self.cli("tags", "Not/A/Name"), "invalid reference")
+        secret = "t4gs-pa55-71c2"
+        htpasswd = self.with_auth(auth=("htpasswd", {"alice": secret}))
+        self.assert_one_line_error(self.cli("tags", f"{htpasswd.host}/test/tags"), "401")
+        self.docker_config({"auths": {htpasswd.host: {"auth": basic("alice", secret)}}})
+        self.assertEqual(sorted(self.provider().registry.list_tags(
+            f"{htpasswd.host}/test/tags")), sorted(self.TAGS))
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        token = self.with_auth(auth=("token", issuer))
+        self.assert_one_line_error(self.cli("tags", f"{token.host}/test/tags"), "401")
+        self.docker_config({"auths": {token.host: {"auth": basic("alice", secret)}}})
+        result = self.cli("tags", f"{token.host}/test/tags")
+        self.assertEqual(sorted(result.stdout.decode().split()), sorted(self.TAGS))
+        self.assertEqual({(r.user, tuple(r.scopes)) for r in issuer.requests() if r.user},
+                         {("alice", ("repository:test/tags:pull",))})
+        self.assertNotIn(secret.encode(), result.stdout + result.stderr)
+        image = make_image("tags")  # what tagged() put there; digest asks with a token too
+        result = self.cli("digest", f"{token.host}/test/tags:v3-rc_1")
+        self.assertEqual(result.stdout.decode(), image.manifest.digest + "\n", result.stderr)
+        self.assertEqual(self.index_names(), [])
+
+    def test_tags_follow_every_page_on_the_registry_host_only(self) -> None:
+        secret = "p4ges-pa55-0d9e"
+        registry = self.with_auth(auth=("htpasswd", {"alice": secret}))
+        junk = [None, "sha256:" + "a" * 64, 7, "", "-not-a-tag", {"name": "x"}]
+        for style in ("relative", "absolute", "quay"):
+            with self.subTest(style):
+                proxy = PagingProxy(registry, style, junk=junk)
+                self.addCleanup(proxy.stop)
+                self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+                tags = self.provider().registry.list_tags(f"{proxy.host}/test/tags")
+                self.assertEqual(tags, sorted(self.TAGS))  # in the registry's order, once
+                pages = [r for r in proxy.server.requests if "/tags/list" in r.target]
+                self.assertEqual(len([r for r in pages if "authorization" in r.headers]), 3,
+                                 [r.target for r in pages])  # one 401, then three pages
+                if style == "quay":
+                    self.assertTrue(all("last=" not in r.target for r in pages))
+        # A next page on another host is never fetched: the list would go there with
+        # credentials, or be silently cut short.
+        elsewhere = HostileServer(lambda request: json_answer({"tags": ["planted"]}), "127.0.0.2")
+        self.addCleanup(elsewhere.stop)
+        for style, fragment in (("elsewhere", "off its own host"),
+                                ("loop", "the list does not end")):
+            with self.subTest(style):
+                proxy = PagingProxy(registry, style, elsewhere=elsewhere.url)
+                self.addCleanup(proxy.stop)
+                self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+                result = self.cli("tags", f"{proxy.host}/test/tags")
+                message = self.assert_one_line_error(result, fragment)
+                self.assertNotIn(secret, message)
+                self.assertEqual(result.stdout, b"")
+        self.assertEqual(elsewhere.requests, [])
+
+    def test_next_link(self) -> None:
+        for header, wanted in (
+                ('</v2/a/tags/list?last=b&n=2>; rel="next"', "/v2/a/tags/list?last=b&n=2"),
+                ("<https://q.io/v2/a/tags/list?n=50&next_page=gAAA=>; rel=next",
+                 "https://q.io/v2/a/tags/list?n=50&next_page=gAAA="),
+                ('<a>; rel="prev", <b,c>; title="x, y; rel=next"; rel="Last NEXT"', "b,c"),
+                ('<a>;rel="next"', "a"), ("<a>", ""), ('<a>; rel="prev"', ""), ("", ""),
+                ("garbage", ""), ('<a; rel="next"', "")):
+            with self.subTest(header):
+                self.assertEqual(oc._next_link(header), wanted)
+        # A hostile header as long as http.client lets one be is still read at once.
+        for header in ("<" * 65536, "<a" * 32768, '<a>; rel="' + "\\" * 65000,
+                       "<a>" + '; r="' * 16000, "<a>" + "; " * 32000):
+            started = time.monotonic()
+            self.assertEqual(oc._next_link(header), "")
+            self.assertLess(time.monotonic() - started, 1.0, header[:20])
+
+    def test_tags_bad_answers_are_one_line(self) -> None:
+        registry = self.start_registry()
+        self.tagged(registry)
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        for label, body, fragment in (
+                ("HTML", b"<html>hi</html>", "not valid JSON"),
+                ("an array", b'["1"]', "not a tag list"),
+                ("tags a string", b'{"tags": "1"}', "not a tag list"),
+                ("too big", b'{"tags": ["' + b"x" * (5 << 20) + b'"]}', "more than"),
+                ("nested deep", deep(), "not valid JSON")):
+            with self.subTest(label):
+                proxy.clear_faults()
+                proxy.add_fault("rewrite", match="/tags/list", times=None,
+                                body=lambda data, body=body: body)
+                self.assert_one_line_error(self.cli("tags", f"{proxy.host}/test/tags"),
+                                           fragment)
+        proxy.clear_faults()
+        proxy.add_fault("rewrite", match="/tags/list", body=lambda data: b'{"tags": null}')
+        self.assertEqual(self.provider().registry.list_tags(f"{proxy.host}/test/tags"), [])
+
+    def test_digest_asks_with_head(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry)
+        single = make_image("single", "arm64", "v8")
+        upload(registry.url, "test/single", single.blobs, [("1", single.manifest)])
+        name = f"{registry.host}/test/multi:1"
+        before = self.settled(registry)
+        result = self.cli("digest", name)
+        self.assertEqual((result.returncode, result.stdout.decode()), (0, index.digest + "\n"),
+                         result.stderr)
+        after = self.settled(registry)
+        asked = [(e.method, e.path) for e in registry.access_entries()[before:after - 1]]
+        self.assertEqual(asked, [("GET", "/v2/"), ("HEAD", "/v2/test/multi/manifests/1")])
+        cache = self.provider()
+        self.assertEqual(str(cache.registry.digest(name).digest), index.digest)
+        for platform, wanted in (("linux/arm64", arm), ("arm64/v8", arm), ("amd64", amd)):
+            with self.subTest(platform):
+                found = cache.remote_digest(name, platform)
+                self.assertEqual((str(found.digest), found.size, found.media_type),
+                                 (wanted.manifest.digest, len(wanted.manifest.data),
+                                  oc.MEDIA_OCI_MANIFEST))
+        result = self.cli("digest", "--json", "--platform", "linux/arm64", name)
+        self.assertEqual(json.loads(result.stdout), {"name": name, **arm.descriptor()})
+        self.assertEqual(str(cache.remote_digest(f"{registry.host}/test/single:1",
+                                                 "linux/arm64").digest), single.manifest.digest)
+        self.assert_one_line_error(self.cli("digest", "--platform", "linux/s390x", name),
+                                   "has no linux/s390x; it has linux/amd64, linux/arm64")
+        self.assert_one_line_error(
+            self.cli("digest", "--platform", "amd64", f"{registry.host}/test/single:1"),
+            "has no linux/amd64; it is linux/arm64/v8")
+        self.assert_one_line_error(self.cli("digest", f"{registry.host}/test/multi:nope"),
+                                   "answered 404")
+        count = self.settled(registry)
+        self.assert_one_line_error(self.cli("digest", "--platform", "linux/", name),
+                                   "platform")
+        self.assertEqual(self.settled(registry), count + 1, "a bad platform was sent")
+        # A registry whose HEAD does not say (no Docker-Content-Digest): one GET.
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("rewrite", match="/manifests/", method="HEAD", times=None,
+                        drop=("Docker-Content-Digest",))
+        result = self.cli("digest", f"{proxy.host}/test/multi:1")
+        self.assertEqual(result.stdout.decode(), index.digest + "\n", result.stderr)
+        self.assertEqual([m for m, t in proxy.requests() if "/manifests/" in t], ["HEAD", "GET"])
+        self.assertEqual(self.index_names(), [])
+
+    def test_login_and_logout_against_htpasswd_and_token_registries(self) -> None:
+        secret = "l0gin-pa55-3b8f"
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        config = os.path.join(os.environ["DOCKER_CONFIG"], "config.json")
+        for label, registry in (("htpasswd", self.with_auth(auth=("htpasswd", {
+                "alice": secret}))), ("token", self.with_auth(auth=("token", issuer)))):
+            with self.subTest(label):
+                self.docker_config({"auths": {"other.example.com": {"auth": basic("o", "p")}},
+                                    "psFormat": "x"})
+                for wrong in (["-u", "alice", "--password-stdin"], ["-u", "mallory",
+                                                                    "--password-stdin"]):
+                    before = snapshot(self.path("home"))
+                    result = self.cli("login", registry.host, *wrong, stdin=b"not-it\n")
+                    message = self.assert_one_line_error(result, "401", "refused")
+                    self.assertNotIn("not-it", message)
+                    self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+                result = self.cli("-v", "login", registry.host, "-u", "alice",
+                                  "--password-stdin", stdin=secret.encode() + b"\n")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(f"logged in to {registry.host} as alice", result.stdout.decode())
+                self.assertIn(b"/v2/: 401", result.stderr)  # -v shows the requests ...
+                self.assertEqual(secrets_in((result.stdout + result.stderr).decode(), [
+                    secret, basic("alice", secret)]), [])  # ... and no secret
+                self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o600)
+                with open(config) as f:
+                    self.assertEqual(json.load(f), {"auths": {
+                        "other.example.com": {"auth": basic("o", "p")},
+                        registry.host: {"auth": basic("alice", secret)}}, "psFormat": "x"})
+                self.provider().image_pull(f"{registry.host}/test/tags:1", "", "amd64")
+                result = self.cli("logout", registry.host)
+                self.assertEqual((result.returncode, result.stdout.decode()),
+                                 (0, f"removed the credentials for {registry.host} from "
+                                     f"credentials file {config}\n"), result.stderr)
+                self.assertIsNone(oc.find_credentials(registry.host, "test/tags"))
+                self.assertEqual(self.cli("logout", registry.host).stdout.decode(),
+                                 f"not logged in to {registry.host}\n")
+        # The token flow was taken: the realm was asked with alice's password.
+        self.assertIn(("alice", 200), [(r.user, r.status) for r in issuer.requests()])
+        self.assertIn(("alice", 401), [(r.user, r.status) for r in issuer.requests()])
+        # -p works, with a warning; a registry without auth cannot check, and says so.
+        open_registry = self.start_registry()
+        result = self.cli("login", open_registry.host, "-u", "bob", "-p", "pw")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        said = result.stderr.decode()
+        self.assertIn("ocicache: warning: a password given with -p can be read by other users",
+                      said)
+        self.assertIn("lets anyone in, so the credentials could not be checked", said)
+        self.assertEqual(oc.find_credentials(open_registry.host).username, "bob")
+
+    def test_login_bad_inputs(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": "pw"}))
+        self.docker_config({"auths": {}})
+        cases = [
+            (["login", "ghcr.io/org", "-u", "a", "--password-stdin"], b"pw", "invalid registry"),
+            (["login", registry.host, "--password-stdin"], b"pw", "needs the user name"),
+            (["login", registry.host, "-u", "alice"], b"", "not a terminal"),
+            (["login", registry.host, "-u", "a:b", "--password-stdin"], b"pw",
+             "invalid user name"),
+            (["login", registry.host, "-u", "alice", "--password-stdin"], b"\n",
+             "empty password"),
+            (["login", registry.host, "-u", "alice", "--password-stdin"], b"\xff\n", "UTF-8"),
+            (["login", registry.host, "-u", "alice", "--password-stdin"], b"x" * 70000,
+             "more than"),
+            (["login", f"127.0.0.1:{free_port()}", "-u", "a", "--password-stdin"], b"pw", ""),
+            (["logout", "a b"], b"", "invalid registry"),
+        ]
+        for argv, stdin, fragment in cases:
+            with self.subTest(argv=argv[:3]):
+                before = snapshot(self.path("home"))
+                self.assert_one_line_error(self.cli(*argv, stdin=stdin), fragment)
+                self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+        result = self.cli("login", registry.host, "-u", "alice", "-p", "pw", "--password-stdin")
+        self.assertEqual(result.returncode, 2)  # argparse: one or the other
+
+    def test_login_asks_on_a_terminal(self) -> None:
+        """Without -p or --password-stdin, on a terminal: the user name with a prompt,
+        the password with getpass (not echoed)."""
+        import pty
+        import select
+        registry = self.start_registry(auth=("htpasswd", {"alice": "tty-pa55-6a1f"}))
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        process = subprocess.Popen(
+            [sys.executable, OCICACHE, "--cache", self.cache_dir, "login", registry.host],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)  # no controlling terminal: getpass uses stdin's
+        os.close(slave)
+        self.addCleanup(process.kill)
+        os.write(master, b"alice\n")
+        said = b""
+        deadline = time.monotonic() + 30
+        while b"Password: " not in said:  # getpass flushes what was typed before it asks
+            self.assertLess(time.monotonic(), deadline, said)
+            if select.select([process.stderr], [], [], 1)[0]:
+                chunk = os.read(process.stderr.fileno(), 4096)
+                self.assertTrue(chunk, f"ended before asking: {said!r}")
+                said += chunk
+        os.write(master, b"tty-pa55-6a1f\n")
+        stdout, stderr = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 0, said + stderr)
+        self.assertIn(b"Username: ", stdout)
+        self.assertIn(f"logged in to {registry.host} as alice".encode(), stdout)
+        self.assertEqual(oc.find_credentials(registry.host).password, "tty-pa55-6a1f")
+
+    def test_login_through_a_credential_helper(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": "h3lper-pa55"}))
+        store = recording_helper(self, "test")
+        self.docker_config({"credsStore": "test"})
+        result = self.cli("login", registry.host, "-u", "alice", "--password-stdin",
+                          stdin=b"h3lper-pa55")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("stored in credential helper docker-credential-test", result.stdout.decode())
+        self.assertEqual(os.listdir(store), [registry.host.replace(":", "_")])
+        self.assertEqual(oc.find_credentials(registry.host).password, "h3lper-pa55")
+        result = self.cli("logout", registry.host)
+        self.assertIn("from credential helper docker-credential-test", result.stdout.decode())
+        self.assertEqual(os.listdir(store), [])
 
 
 # -------------------------------------------------------------------------------------
