@@ -266,6 +266,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
@@ -1162,19 +1167,20 @@ class NamesCache:
     names: List[str]
     roots: List[Blob]
     index: bytes                   # index.json as built
-    own: List[Tuple[str, bytes]]   # path and bytes of the middle name's own blobs
+    blobs: List[Tuple[str, bytes]]   # path and bytes of every blob of the middle name
 
     @property
     def middle(self) -> int:
         return len(self.names) // 2
 
     def restore(self) -> None:
-        """Undo what a case's run changed: index.json and the middle name's blobs."""
+        """Undo what a case's run changed: index.json and the middle name's blobs (linuxkit
+        cache rm deletes its shared layers too)."""
         temp = os.path.join(self.cache, "index.json.bench")
         with open(temp, "wb") as f:
             f.write(self.index)
         os.replace(temp, os.path.join(self.cache, "index.json"))
-        for path, data in self.own:
+        for path, data in self.blobs:
             if not os.path.exists(path):
                 with open(path, "wb") as f:
                     f.write(data)
@@ -1187,16 +1193,17 @@ def build_names_cache(cache: str, host: str, count: int) -> NamesCache:
     shared = [_files_layer(blobs, [(f"etc/shared/{n}", f"shared layer {n}\n".encode())])
               for n in range(NAMES_SHARED_LAYERS)]
     names, roots = [], []
-    own: List[Tuple[str, bytes]] = []
+    middle: List[Tuple[str, bytes]] = []
     for number in range(count):
         layers = [shared[(number + 7 * k) % NAMES_SHARED_LAYERS] for k in range(3)]
         config, manifest = _image_blobs(blobs, layers, _platform("amd64", ""), f"n{number}")
         names.append(f"{host}/names/n{number:05d}:1")
         roots.append(manifest)
         if number == count // 2:
-            own = [(blob.path, open(blob.path, "rb").read()) for blob in (config, manifest)]
+            middle = [(blob.path, _read_bytes(blob.path))
+                      for blob in (config, manifest, *(layer for layer, _, _ in layers))]
     index = write_layout(cache, list(zip(names, roots)))
-    return NamesCache(cache, names, roots, index, own)
+    return NamesCache(cache, names, roots, index, middle)
 
 
 def _durable(sample: Sample) -> Sample:
