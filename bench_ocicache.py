@@ -4,11 +4,14 @@
 Builds a deterministic image (one large gzip layer of incompressible bytes and 20 small
 layers), serves it from a real ``docker-registry`` on 127.0.0.1, and times ocicache's
 pull, push and export against skopeo, umoci, ``cp`` and the machine's own limits, taking the
-contenders in turn over several rounds. Prints medians and ratios against the
+contenders in turn over several rounds. It also builds the shapes of issue 19 (many
+small files, many layers, many platforms, many names) and measures them against linuxkit
+($LINUXKIT, else a ``linuxkit`` on PATH). Prints medians and ratios against the
 project's targets with PASS or MISS per row, and writes every sample as JSON::
 
     python3 bench_ocicache.py                           # 1 GiB layer, 3 rounds
     python3 bench_ocicache.py --size-mib 64 --rounds 1  # a quick run
+    python3 bench_ocicache.py --only shapes --rounds 1  # the shapes (or: names, main)
     python3 bench_ocicache.py --json results.json
 
 Benchmarks are not tests: a MISS is reported, not failed, so the exit status is 0
@@ -1652,7 +1655,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "about 5 times --size-mib free (default: $TMPDIR)")
     parser.add_argument("--only", type=_case_names, default=[], metavar="CASES",
                         help="run only these cases, comma-separated: "
-                             f"{', '.join(f.__name__ for f in CASES)}")
+                             f"{', '.join(f.__name__ for f in CASES)}; or the groups "
+                             f"{', '.join(GROUPS)}")
     args = parser.parse_args(argv)
 
     registry_binary = _tool("docker-registry")
