@@ -990,6 +990,7 @@ MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 SHAPE_HOST = "bench.local"         # the host of names in caches laid out directly
 SMALL_FILES = 200_000
+FEW_SMALL_FILES = 50_000           # the same shape at a quarter: is the cost linear?
 SMALL_FILES_PER_DIRECTORY = 1000
 SMALL_FILE_MAX = 4096              # sizes are 0 to 4 KiB
 NAMES = 20_000
@@ -1061,8 +1062,8 @@ def _small_file_path(number: int) -> str:
     return f"usr/share/bench/d{directory:03d}/f{item:03d}"
 
 
-def build_small_files(directory: str) -> Shape:
-    """A layer of SMALL_FILES files of 0 to 4 KiB in directories of 1,000, and a layer
+def build_small_files(directory: str, count: int = SMALL_FILES) -> Shape:
+    """A layer of ``count`` files of 0 to 4 KiB in directories of 1,000, and a layer
     over it that deletes every 20th file (a whiteout) and replaces the 10th after each:
     10 % of the files, half of them gone, half of them new. The files are hex text, which
     gzip halves, so that reading the layers costs what it does for real files."""
@@ -1077,14 +1078,14 @@ def build_small_files(directory: str) -> Shape:
     def base(writer: _LayerWriter) -> None:
         for parent in ("usr/", "usr/share/", "usr/share/bench/"):
             writer.add_directory(parent)
-        for number in range(SMALL_FILES):
+        for number in range(count):
             if number % SMALL_FILES_PER_DIRECTORY == 0:
                 writer.add_directory(_small_file_path(number).rsplit("/", 1)[0] + "/")
             data = content(number, 0)
             writer.add_file(_small_file_path(number), iter([data]), len(data))
 
     def upper(writer: _LayerWriter) -> None:
-        for number in range(0, SMALL_FILES, 10):
+        for number in range(0, count, 10):
             if number % 20 == 0:
                 parent, name = _small_file_path(number).rsplit("/", 1)
                 writer.add_file(f"{parent}/.wh.{name}", iter([]), 0)
@@ -1093,8 +1094,8 @@ def build_small_files(directory: str) -> Shape:
                 writer.add_file(_small_file_path(number), iter([data]), len(data))
 
     layers = [_write_layer(directory, base, level=1), _write_layer(directory, upper, level=1)]
-    directories = 3 + SMALL_FILES // SMALL_FILES_PER_DIRECTORY
-    return _single_image(directory, layers, SMALL_FILES + directories + SMALL_FILES // 10)
+    directories = 3 + -(-count // SMALL_FILES_PER_DIRECTORY)
+    return _single_image(directory, layers, count + directories + -(-count // 10))
 
 
 def build_layers(directory: str, count: int, size: int) -> Shape:
@@ -1322,14 +1323,20 @@ def _flatten_shape(bench: Bench, key: str, build: Callable[[str], Shape]) -> Tup
 
 
 def flatten_small_files(bench: Bench) -> Case:
-    """A layer of 200,000 files of 0-4 KiB and one deleting or replacing 10 % of them."""
+    """A layer of 200,000 files of 0-4 KiB and one deleting or replacing 10 % of them;
+    ocicache also on the same shape of 50,000 files, for how the cost grows."""
     shape, contenders = _flatten_shape(bench, "small-files", build_small_files)
+    _, few = _flatten_shape(bench, "few-small-files",
+                            lambda d: build_small_files(d, FEW_SMALL_FILES))
+    few_name = f"ocicache {FEW_SMALL_FILES // 1000}k"
+    contenders[few_name] = few["ocicache"]
     contenders["bare"] = lambda: bare_start(bench)
     return Case("flatten 200k files", contenders, [
         ratio("ocicache", "linuxkit", TARGET_SMALL_FILES_VS_LINUXKIT),
         ratio("ocicache", "umoci", None),
         ratio("ocicache", "zlib limit", None),
         per_entry_us("ocicache", "bare", shape.entries),
+        ratio("ocicache", few_name, SMALL_FILES / FEW_SMALL_FILES),
         peak_rss()])
 
 
