@@ -1229,14 +1229,12 @@ def _counting(bench: Bench, run: Callable[[], Sample]) -> Sample:
 
 
 def _uploaded(bench: Bench, key: str, build: Callable[[str], Shape]) -> Tuple[Shape, str]:
-    """The shape ``key``, built and uploaded to the registry; returns it and its name."""
-    def build_and_upload() -> Shape:
-        shape = build(bench.path(os.path.join("shapes", key)))
-        children = [(m, m.digest) for m in shape.manifests[:-1]]
-        upload_blobs(bench.registry, f"shapes/{key}", shape.blobs,
-                     [*children, (shape.root, TAG)])
-        return shape
-    shape = bench.fixture(key, build_and_upload)
+    """The shape ``key`` (built once for every case that reads it) uploaded to the
+    registry; returns it and its name there."""
+    shape: Shape = bench.fixture(key, lambda: build(bench.path(os.path.join("shapes", key))))
+    children = [(m, m.digest) for m in shape.manifests[:-1]]
+    bench.fixture(f"{key} upload", lambda: upload_blobs(
+        bench.registry, f"shapes/{key}", shape.blobs, [*children, (shape.root, TAG)]))
     return shape, f"{bench.registry.host}/shapes/{key}:{TAG}"
 
 
