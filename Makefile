@@ -17,7 +17,7 @@ help:
 	@echo "make test   run the whole test suite (installs the test tools when it can)"
 	@echo "make test-fast  the suite's fast part: every test that needs no external tool"
 	@echo "make stress the reliability and security campaigns at full size (minutes)"
-	@echo "make bench  measure pull, push and export against skopeo, umoci and the limits"
+	@echo "make bench  measure pull, push, export and the cache against skopeo, umoci, linuxkit and the limits"
 	@echo "make deps   install the Debian packages and PyPI tools the integration tests use"
 
 # Install the missing test tools with apt-get when we are root; otherwise say how.
@@ -71,7 +71,8 @@ HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_gram
 stress: deps
 	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability $(HOSTILE_CAMPAIGNS)
 
-# Not part of test: measures pull, push and export against skopeo, umoci, cp and the machine's
-# limits (a few minutes). Quick run: make bench BENCH_ARGS="--size-mib 64 --rounds 1"
+# Not part of test: measures pull, push and export against skopeo, umoci, cp, linuxkit ($LINUXKIT
+# or on PATH) and the machine's limits (a quarter of an hour with the shapes). Quick run:
+# make bench BENCH_ARGS="--size-mib 64 --rounds 1"; one group: BENCH_ARGS="--only names"
 bench: deps
 	$(PYTHON) bench_ocicache.py $(BENCH_ARGS)
