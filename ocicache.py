@@ -2536,8 +2536,31 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 
 
 def _without_userinfo(url: str) -> str:
-    """A URL as it may be shown: ``user:password@`` left out."""
-    return re.sub(r"(//|^)[^/]*@", r"\1", url)
+    """A URL as it may be shown: ``user:password@`` left out, up to the last ``@``: a
+    password holding ``/``, ``?`` or ``#`` unencoded ends the host part early, and no
+    part of it may show."""
+    scheme, sep, rest = url.partition("//") if "//" in url else ("", "", url)
+    return scheme + sep + rest.rpartition("@")[2]
+
+
+def _shown_url(url: str) -> str:
+    """A URL as a message names it: no user name, no query (a CDN's signed URL holds its
+    signature there, as S3's ``X-Amz-Signature``), no fragment."""
+    return _without_userinfo(url).split("#", 1)[0].split("?", 1)[0]
+
+
+def _is_http_url(url: str) -> bool:
+    """Whether a request can go to ``url``: http or https, a host, a valid port, nothing
+    that http.client refuses (a space, a control character). The one test for every
+    URL a server names: a redirect, an upload Location, a token realm."""
+    import urllib.parse
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a bad port raises here
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and \
+        not re.search(r"[\x00-\x20\x7f-\x9f]", url)
 
 
 def _may_send_credentials(url: str, registry: str, realm: str = "") -> bool:
@@ -2689,7 +2712,7 @@ class _Response:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"its answer took longer than {self.timeout:.0f}s to arrive")
         self.close(reuse=False)
-        raise OciCacheError(f"{self.url} answered with more than {limit} bytes")
+        raise OciCacheError(f"{_shown_url(self.url)} answered with more than {limit} bytes")
 
     def close(self, reuse: bool = True) -> None:
         if reuse and not self.raw.isclosed():
@@ -2735,7 +2758,7 @@ _PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERROR
 def _is_permanent(error: BaseException) -> bool:
     """Failures that waiting does not fix: a name that does not resolve, TLS refused."""
     import socket
-    return isinstance(error, socket.gaierror) or any(
+    return isinstance(error, (socket.gaierror, _http_client.InvalidURL)) or any(
         reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
@@ -2912,17 +2935,13 @@ class _Transport:
                                         response.status)
                 try:
                     target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
-                    moved = urllib.parse.urlsplit(target)
-                    moved.port  # a bad port raises here
-                    if re.search(r"[\x00-\x20\x7f-\x9f]", target):
-                        raise ValueError(target)
                 except ValueError:
-                    moved = None
-                if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
-                    shown = _shorten(_one_line(_without_userinfo(location)))
+                    target = ""
+                if not _is_http_url(target):
+                    shown = _shorten(_one_line(_shown_url(location)))
                     raise RegistryError(f"{host} redirected to {shown!r}, which is not a usable "
                                         "http or https URL", response.status)
-                if "@" in moved.netloc:
+                if "@" in urllib.parse.urlsplit(target).netloc:
                     raise RegistryError(f"{host} redirected to a URL with a user name in it; "
                                         "refusing", response.status)
                 if not _may_send_credentials(target, f"{scheme}://{host}"):
@@ -3144,11 +3163,21 @@ def _user_agent() -> str:
 def parse_mirror(value: str) -> Tuple[str, str]:
     """``[registry=]URL`` -> (registry or "*", URL without trailing slash)."""
     registry, sep, url = value.partition("=")
-    if not sep:
-        registry, url = "*", value
+    if not sep or (re.match(r"https?://", value) and not re.match(r"https?://", url)):
+        registry, url = "*", value  # the '=' is the URL's own (in a password, a query)
     if not re.match(r"^https?://[^/]", url):
         raise OciCacheError(f"mirror {_without_userinfo(value)!r} must start with http:// or "
                             "https://")
+    rest = url.partition("://")[2]
+    if "@" in rest and "@" not in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        # The host part ends before the '@': a password holding '/', '?' or '#' would be
+        # taken for a host and shown in messages.
+        raise OciCacheError(f"mirror {_without_userinfo(value)!r}: percent-encode '/', '?', "
+                            "'#' and '@' in the user name and password (as %2F, %3F, %23, "
+                            "%40)")
+    if not _is_http_url(url):
+        raise OciCacheError(f"mirror {_shorten(_one_line(_without_userinfo(value)))!r} is not "
+                            "a usable URL (a bad port, a space or a control character)")
     registry = _normalise_auth_key(registry) if registry != "*" else registry
     return registry, url.rstrip("/")
 
@@ -3310,13 +3339,14 @@ class RegistryClient:
         return credentials
 
     def _authorization(self, endpoint: _Endpoint, scopes: Sequence[str],
-                       challenge: Optional[Challenge], anonymous: bool = False
+                       challenge: Optional[Challenge], anonymous: bool = False,
+                       budget: Optional[_RetryBudget] = None
                        ) -> Tuple[Optional[str], Optional[Credentials]]:
         """The Authorization header for the endpoint (None: none), and the stored
-        credentials it was made with (None: anonymous)."""
+        credentials it was made with (None: anonymous). A token request spends
+        ``budget``, the operation's."""
         with self._guard:
             challenge = challenge or self._challenges.get(endpoint.host)
-            anonymous = anonymous or (endpoint.host, endpoint.repository) in self._anonymous
         if challenge is None:
             return None, None
         credentials = None if anonymous else self._credentials_for(endpoint)
@@ -3328,21 +3358,23 @@ class RegistryClient:
             return None, None
         if credentials is not None and credentials.registry_token:
             return f"Bearer {credentials.checked().registry_token}", credentials
-        token = self._token(endpoint, challenge, scopes, credentials)
+        token = self._token(endpoint, challenge, scopes, credentials, budget)
         return f"Bearer {token}", credentials
 
     def _token(self, endpoint: _Endpoint, challenge: Challenge, scopes: Sequence[str],
-               credentials: Optional[Credentials]) -> str:
+               credentials: Optional[Credentials],
+               budget: Optional[_RetryBudget] = None) -> str:
         import urllib.parse
         realm = challenge.params.get("realm", "")
         service = challenge.params.get("service", "")
-        realm_parts = urllib.parse.urlsplit(realm)
-        if realm_parts.scheme not in ("http", "https") or not realm_parts.netloc:
+        if not _is_http_url(realm) or "@" in urllib.parse.urlsplit(realm).netloc:
             raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
-                                      f"{_shorten(_one_line(realm))!r}")
+                                      f"{_shorten(_one_line(_shown_url(realm)))!r}")
+        realm_parts = urllib.parse.urlsplit(realm)
         if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
-                                      f"token realm {_shorten(_one_line(realm))}; refusing")
+                                      f"token realm {_shorten(_one_line(_shown_url(realm)))}; "
+                                      "refusing")
         wanted = tuple(sorted(set(scopes) | ({challenge.params["scope"]}
                                              if challenge.params.get("scope") else set())))
         key = (endpoint.host if credentials is None else f"{endpoint.host} {credentials.source}",
@@ -3359,13 +3391,13 @@ class RegistryClient:
                                            ("refresh_token", credentials.identity_token),
                                            ("client_id", "ocicache")] + query).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-            response = self.transport.request("POST", realm, headers, form)
+            response = self.transport.request("POST", realm, headers, form, budget=budget)
         else:
             if credentials is not None and (credentials.username or credentials.password):
                 headers["Authorization"] = credentials.basic_header()
             separator = "&" if realm_parts.query else "?"
             url = realm + (separator + urllib.parse.urlencode(query) if query else "")
-            response = self.transport.request("GET", url, headers)
+            response = self.transport.request("GET", url, headers, budget=budget)
         if response.status != 200:
             error = _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
                                     response)
@@ -3405,7 +3437,8 @@ class RegistryClient:
         location); a status outside ``ok`` raises with the registry's error.
 
         Stored credentials that a pull is refused with are tried once more without
-        (an expired token on an image anyone may pull), with a warning."""
+        (an expired token on an image anyone may pull), with a warning; a push always
+        sends its own."""
         import urllib.parse
         url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
         what = what or f"{method} {endpoint.repository}/{path or url}"
@@ -3415,11 +3448,13 @@ class RegistryClient:
         budget = budget or _RetryBudget(self.transport.options)
         refused: Optional[AuthenticationError] = None  # what the stored credentials met
         challenged = 0
+        with self._guard:  # a pull that went anonymous, never a push after it
+            gone = actions == "pull" and (endpoint.host, endpoint.repository) in self._anonymous
         while True:
             request_headers = {"User-Agent": _user_agent(), **(headers or {})}
             try:
                 authorization, used = self._authorization(endpoint, scopes, challenge,
-                                                          refused is not None)
+                                                          gone or refused is not None, budget)
             except AuthenticationError as e:
                 if refused is not None or actions != "pull" or \
                         self._credentials_for(endpoint) is None:
@@ -3431,14 +3466,18 @@ class RegistryClient:
             response = self.transport.request(method, url, request_headers, body, retry,
                                               budget=budget)
             if response.status == 401:
-                answered = urllib.parse.urlsplit(response.url).netloc
-                if answered != endpoint.host:
-                    # A redirect target's challenge never directs credentials.
+                answered = urllib.parse.urlsplit(response.url)
+                origin = self._origin(endpoint)
+                if f"{answered.scheme}://{answered.netloc}" != origin:
+                    # A redirect target's challenge never directs credentials, nor does
+                    # one in clear text from the host of an https registry: anyone on
+                    # the way may have written it.
                     response.close(reuse=False)
+                    who = answered.netloc if answered.netloc != endpoint.host else \
+                        f"{answered.scheme}://{answered.netloc}"
                     raise AuthenticationError(
-                        f"{what}: {answered} answered 401 after a redirect from "
-                        f"{endpoint.host}; credentials go only to {endpoint.host} and its own "
-                        "token realm", 401)
+                        f"{what}: {who} answered 401 after a redirect from {origin}; "
+                        f"credentials go only to {origin} and its own token realm", 401)
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 usable = [c for c in offered if c.scheme in ("bearer", "basic")]
                 if challenged < 2 and usable and (
@@ -3682,14 +3721,11 @@ class RegistryClient:
         import urllib.parse
         try:
             url = urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # a bad port raises here
-            if parts.scheme not in ("http", "https") or not parts.netloc or \
-                    re.search(r"[\x00-\x20\x7f-\x9f]", url):
-                raise ValueError(url)
         except ValueError:
+            url = ""
+        if not _is_http_url(url):
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
-                                f"{_shorten(_one_line(location))!r}") from None
+                                f"{_shorten(_one_line(_shown_url(location)))!r}")
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,

@@ -4496,7 +4496,8 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
                           "http://auth.example.com/to\r\n ken"]:
                 with self.subTest(realm=realm):
                     challenge = oc.parse_challenges(f'Bearer realm="{realm}",service="s"')[0]
-                    with self.assertRaisesRegex(oc.AuthenticationError, "plain-http") as caught:
+                    with self.assertRaisesRegex(oc.AuthenticationError,
+                                                "plain-http|invalid token realm") as caught:
                         client._token(endpoint, challenge, ["repository:a/b:pull"],
                                       oc.Credentials("alice", "pa55-w0rd-9d1e"))
                     self.assertEqual(line_problem(str(caught.exception)), "")
@@ -6174,6 +6175,171 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
                 problems=sum(len(v) for v in failed.values()), slowest=f"{self.slowest[0]:.1f}s")
         self.assertEqual({problem: seeds[0] for problem, seeds in failed.items()}, {},
                          f"OCICACHE_FUZZ_SEED={seed}")
+
+
+class DualServer(HostileServer):
+    """A HostileServer that speaks TLS and plain HTTP on one port (it looks at the
+    first byte): the TLS side is the registry, the plain side is what anyone on the
+    network path answers to a request sent in clear text. ``plain`` answers those."""
+
+    def __init__(self, handler: Callable[[Request], Answer],
+                 plain: Callable[[Request], Answer], cert: str, key: str) -> None:
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(cert, key)
+        self._plain_handler, self._tls_handler = plain, handler
+        self._side = threading.local()
+        super().__init__(lambda request: (self._tls_handler if self._side.tls else
+                                          self._plain_handler)(request))
+
+    def _serve(self, connection: socket.socket) -> None:
+        try:
+            first = connection.recv(1, socket.MSG_PEEK)
+            self._side.tls = first == b"\x16"
+            if self._side.tls:
+                connection = self._context.wrap_socket(connection, server_side=True)
+        except (OSError, ssl.SSLError):
+            connection.close()
+            return
+        super()._serve(connection)
+
+
+class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
+    """An attacker's second look at where credentials go, what messages show and how
+    long hostile answers may take: a registry, a CDN or redirect target, a token realm
+    and a mirror each try what they can. Other hosts are other loopback addresses."""
+
+    SECRET = "n3t-att4ck-pa55-61c2"
+
+    def other_host(self, address: str, handler: Callable[[Request], Answer]) -> HostileServer:
+        server = HostileServer(handler, address)
+        self.addCleanup(server.stop)
+        return server
+
+    def no_secret(self, *texts: str) -> None:
+        self.assertEqual(secrets_in("\n".join(texts), [self.SECRET, basic("alice", self.SECRET)]),
+                         [])
+
+    def test_a_challenge_in_clear_text_after_a_redirect_from_https_directs_nothing(self) -> None:
+        # An https registry whose front end redirects a blob to http:// on the same host
+        # (a common misconfiguration): whoever answers that clear-text request must not
+        # name the realm that the stored credentials go to.
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        image = make_image("clear-text")
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "the-attackers"}))
+        served = fake_registry(image)
+
+        def registry(request: Request) -> Answer:
+            if not request.headers.get("authorization"):
+                return Answer(401, [("WWW-Authenticate", 'Basic realm="registry"')], b"")
+            if "/blobs/" in request.target:
+                return Answer(307, [("Location", f"http://{request.headers['host']}/cdn"
+                                     f"{request.target}")], b"")
+            return served(request)
+
+        def in_clear_text(request: Request) -> Answer:
+            if request.target.startswith("/cdn/"):
+                return Answer(401, [("WWW-Authenticate", f'Bearer realm="{realm.url}/token",'
+                                     'service="x",error="insufficient_scope"')], b"")
+            return Answer(400, [], b"Client sent an HTTP request to an HTTPS server.\n")
+
+        server = DualServer(registry, in_clear_text, cert, key)
+        self.addCleanup(server.stop)
+        self.docker_config({"auths": {server.host: {"auth": basic("alice", self.SECRET)}}})
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            self.provider(ca_files=(ca,)).image_pull(f"{server.host}/test/c:1", "", "amd64")
+        self.assertEqual([(r.method, r.headers.get("authorization")) for r in realm.requests],
+                         [])
+        self.assertIn(f"http://{server.host}", str(caught.exception))
+        self.assertEqual(line_problem(str(caught.exception)), "")
+        self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.index_names(), [])
+
+    def test_token_requests_spend_the_operations_retry_budget(self) -> None:
+        # The registry asks to wait once, then the token realm asks every time: both
+        # are one operation's retries, not a budget each.
+        realm = self.other_host("127.0.0.3", lambda r: Answer(503, [("Retry-After", "1")], b""))
+        waited: List[str] = []
+
+        def registry(request: Request) -> Answer:
+            if not waited:
+                waited.append(request.target)
+                return Answer(503, [("Retry-After", "1")], b"")
+            return Answer(401, [("WWW-Authenticate", f'Bearer realm="{realm.url}/token"')], b"")
+
+        server = self.other_host(LOOPBACK, registry)
+        started = time.monotonic()
+        with self.assertRaisesRegex(oc.RegistryError, "503"):
+            self.provider(attempts=5, retry_budget=1.5, max_retry_after=5.0).image_pull(
+                f"{server.host}/test/t:1", "", "amd64")
+        self.assertEqual(len(realm.requests), 1, [r.target for r in realm.requests])
+        self.assertLess(time.monotonic() - started, 1.9)
+
+    def test_a_pull_gone_anonymous_leaves_a_push_its_own_credentials(self) -> None:
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=True)
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("gone-anonymous")
+        upload(origin.url, "test/pub", image.blobs, [("1", image.manifest)])
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        path = self.docker_config({"auths": {registry.host: {"auth": basic("alice", "stale")}}})
+        provider = self.provider()
+        with self.assertLogs("ocicache", "WARNING"):
+            provider.image_pull(f"{registry.host}/test/pub:1", "", "amd64")
+        issuer.clear()
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            provider.push(f"{registry.host}/test/pub:1", f"{registry.host}/test/pub:2",
+                          override=True)
+        self.assertIn(f"refused the credentials from credentials file {path}",
+                      str(caught.exception))
+        self.assertTrue(issuer.requests())
+        self.assertTrue(all(r.authorization for r in issuer.requests()),
+                        "the push asked for an anonymous token")
+
+    def test_a_presigned_url_is_never_shown_whole(self) -> None:
+        # S3 and GCS sign a CDN URL in its query: a message may name the host and path,
+        # never the signature.
+        signature = "X-Amz-Signature=5ec2e7a11ce0ffee"
+        big = b"{" + b" " * (oc.MAX_MANIFEST_SIZE + 1)
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(200, [], big))
+        image = make_image("presigned")
+        server = self.other_host(LOOPBACK, fake_registry(image, override=on(
+            "GET", f"/blobs/{image.config.digest}", Answer(307, [(
+                "Location", f"{cdn.url}/bucket/config?X-Amz-Credential=AKIA%2F1&{signature}")],
+                b""))))
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{server.host}/test/p:1")
+        self.assertIn(f"{cdn.host}/bucket/config", self.assert_one_line_error(
+            but_verbose(result)))
+        self.assertNotIn("5ec2e7a11ce0ffee", result.stderr.decode())
+
+    def test_a_mirror_password_holding_a_url_delimiter_is_never_shown(self) -> None:
+        # '/', '?' and '#' end a URL's host part: unencoded in a password, the rest of
+        # the URL parses as a host "alice:<start of the password>".
+        for delimiter in "/?#":
+            with self.subTest(delimiter):
+                secret = f"se{delimiter}cr3t"
+                result = self.cli("--mirror", f"docker.io=http://alice:{secret}@127.0.0.1:1",
+                                  "pull", "--platform", "amd64", "alpine:1")
+                self.assert_one_line_error(result, "percent-encode")
+                for part in ("alice", ":se", "cr3t"):
+                    self.assertNotIn(part, result.stderr.decode())
+        # An '=' in the password of a mirror for every registry is the URL's own.
+        self.assertEqual(oc.parse_mirror("http://alice:p=w@127.0.0.1:1"),
+                         ("*", "http://alice:p=w@127.0.0.1:1"))
+
+    def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
+        for label, realm in [("a space", "/to ken"), ("a NUL", "/to\x00ken"),
+                             ("a DEL", "/to\x7fken")]:
+            with self.subTest(label):
+                def registry(request: Request, realm: str = realm) -> Answer:
+                    return Answer(401, [("WWW-Authenticate", f'Bearer realm="http://'
+                                         f'{request.headers["host"]}{realm}"')], b"")
+                server = self.other_host(LOOPBACK, registry)
+                with self.assertRaises(oc.AuthenticationError) as caught:
+                    self.provider(attempts=5, backoff=1.0).image_pull(
+                        f"{server.host}/test/r:1", "", "amd64")
+                self.assertIn("token realm", str(caught.exception))
+                self.assertEqual(line_problem(str(caught.exception)), "")
+                self.assertEqual(len(server.requests), 1)
 
 
 class TestPublishedOnly(RegistryTestCase):
