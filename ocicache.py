@@ -2301,6 +2301,18 @@ class Credentials:
         pair = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
 
+    def hidden(self, text: str) -> str:
+        """``text`` with every secret of these credentials replaced, as sent and as
+        encoded: a server may quote what it was sent in its error message."""
+        import urllib.parse
+        secrets = [self.password, self.identity_token, self.registry_token]
+        secrets += [urllib.parse.quote_plus(secret) for secret in secrets]
+        if self.username or self.password:
+            secrets.append(self.basic_header()[len("Basic "):])
+        for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+            text = text.replace(secret, "<secret>")
+        return text
+
     def checked(self) -> "Credentials":
         """These credentials, if every token can go into an HTTP header or form as it
         is; else AuthenticationError naming the source and the key, never the value."""
@@ -3182,8 +3194,10 @@ def parse_mirror(value: str) -> Tuple[str, str]:
     return registry, url.rstrip("/")
 
 
-def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
-    """One line: ``<what>: <host> answered <status> <CODE>: <message>``."""
+def _registry_error(what: str, host: str, response: _Response,
+                    sent: Optional[Credentials] = None) -> RegistryError:
+    """One line: ``<what>: <host> answered <status> <CODE>: <message>``, without the
+    secrets of the credentials it was ``sent``, whatever the server says."""
     codes: List[str] = []
     detail = ""
     try:
@@ -3199,13 +3213,16 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
         response.close(reuse=False)
     status = response.status
     text = f"{what}: {host} answered {status} {_http_client.responses.get(status, '')}".rstrip()
+    hidden = sent.hidden if sent is not None else (lambda text: text)
+    codes = [hidden(code) for code in codes]
     if codes:
         text = f"{what}: {host} answered {status} {codes[0]}"
+    detail = _one_line(hidden(detail)).strip()
     if detail:
         text += f": {_shorten(detail, 200)}"
     if status in (429, 503) and _rate_limits(response):
         text += f" ({_rate_limits(response)})"
-    text = _one_line(text)
+    text = _one_line(hidden(text))
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
     return RegistryError(text, status, codes)
@@ -3319,6 +3336,13 @@ class RegistryClient:
             return endpoint.base
         return f"{self.transport.scheme(endpoint.host)}://{endpoint.host}"
 
+    def _stored(self, endpoint: _Endpoint) -> Optional[Credentials]:
+        """The credentials already looked up for the endpoint, without a lookup: what a
+        server may quote back even in an answer to an anonymous request."""
+        with self._guard:
+            return endpoint.credentials or self._credentials.get(
+                (endpoint.registry, endpoint.repository))
+
     def _credentials_for(self, endpoint: _Endpoint) -> Optional[Credentials]:
         if endpoint.credentials is not None:
             self._once("credentials for %s from %s", endpoint.host, endpoint.credentials.source)
@@ -3400,7 +3424,7 @@ class RegistryClient:
             response = self.transport.request("GET", url, headers, budget=budget)
         if response.status != 200:
             error = _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
-                                    response)
+                                    response, credentials or self._stored(endpoint))
             if credentials is not None and response.status in (401, 403):
                 raise AuthenticationError(f"{error}; it refused the credentials from "
                                           f"{credentials.source}", error.status,
@@ -3456,8 +3480,9 @@ class RegistryClient:
                 authorization, used = self._authorization(endpoint, scopes, challenge,
                                                           gone or refused is not None, budget)
             except AuthenticationError as e:
-                if refused is not None or actions != "pull" or \
-                        self._credentials_for(endpoint) is None:
+                if refused is not None:
+                    raise refused from None  # anonymous failed too: the refusal is the news
+                if actions != "pull" or self._credentials_for(endpoint) is None:
                     raise
                 refused = e  # the token realm refused them
                 continue
@@ -3492,7 +3517,8 @@ class RegistryClient:
                 if refused is not None:
                     self._go_anonymous(endpoint, refused)
                 return response
-            error = _registry_error(what, endpoint.host, response)
+            error = _registry_error(what, endpoint.host, response,
+                                    used or self._stored(endpoint))
             if refused is not None:
                 raise refused  # anonymous failed too: the credentials' refusal is the news
             if used is not None and error.status in (401, 403):
@@ -3682,7 +3708,7 @@ class RegistryClient:
         switched = False
         while True:
             try:
-                self._upload(endpoint, descriptor, layout, chunked, what, session)
+                self._upload(endpoint, descriptor, layout, chunked, what, budget, session)
                 self._remember(endpoint, descriptor.digest)
                 return "uploaded"
             except RegistryError as e:
@@ -3729,12 +3755,14 @@ class RegistryClient:
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
-                chunked: bool, what: str, session: Optional[_Response] = None) -> None:
+                chunked: bool, what: str, budget: _RetryBudget,
+                session: Optional[_Response] = None) -> None:
         """One upload session (``session``, the answer that opened one, else a new
-        POST), then one PUT, or PATCH chunks and a closing PUT."""
+        POST), then one PUT, or PATCH chunks and a closing PUT; their token requests
+        spend ``budget``, the upload's."""
         import urllib.parse
         response = session or self.request(endpoint, "POST", "blobs/uploads/", "pull,push",
-                                           ok=(202,), what=what, retry=False)
+                                           ok=(202,), what=what, retry=False, budget=budget)
         response.close()
         location = self._absolute(endpoint, response.headers.get("Location", ""))
         announced = response.headers.get("OCI-Chunk-Min-Length") or ""
@@ -3746,7 +3774,7 @@ class RegistryClient:
                 headers={"Content-Type": "application/octet-stream",
                          "Content-Length": str(descriptor.size)},
                 body=lambda: layout.open_blob(descriptor.digest), ok=(201, 204), what=what,
-                retry=False)
+                retry=False, budget=budget)
             response.close()
             return
         chunk = max(self.transport.options.upload_chunk_size, minimum)
@@ -3760,14 +3788,14 @@ class RegistryClient:
                          "Content-Length": str(length)},
                 body=functools.partial(_FileSlice, layout, descriptor.digest, offset, length),
                 ok=(201, 202, 204),
-                what=what, retry=False)
+                what=what, retry=False, budget=budget)
             response.close()
             location = self._absolute(endpoint, response.headers.get("Location") or location)
             offset += length
         response = self.request(endpoint, "PUT", "", "pull,push",
                                 url=_with_query(location, f"digest={digest}"),
                                 headers={"Content-Length": "0"}, body=b"", ok=(201, 204),
-                                what=what, retry=False)
+                                what=what, retry=False, budget=budget)
         response.close()
 
     def download_blob(self, ref: Reference, descriptor: Descriptor, layout: Layout,

@@ -6326,18 +6326,53 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
         self.assertEqual(oc.parse_mirror("http://alice:p=w@127.0.0.1:1"),
                          ("*", "http://alice:p=w@127.0.0.1:1"))
 
+    def test_secrets_a_server_echoes_into_its_error_are_never_shown(self) -> None:
+        # What a server was sent, it may say back (a debugging proxy, an error page
+        # quoting the request): the message must not carry it to a terminal or a log.
+        refresh = "refr35h-t0k3n-ech0-8c1d"
+
+        def echo(request: Request) -> Answer:
+            said = " ".join([request.headers.get("authorization", ""),
+                             base64.b64decode(request.headers.get("authorization", "Basic ")[6:]
+                                              or b"").decode(errors="replace"),
+                             request.body.decode(errors="replace"), urllib.parse.unquote_plus(
+                                 request.body.decode(errors="replace"))])
+            if request.target.startswith("/token"):
+                return json_answer({"errors": [{"code": "DENIED", "message": said}]}, 401)
+            if not request.headers.get("authorization"):
+                return Answer(401, [("WWW-Authenticate", f'{scheme} realm="http://'
+                                     f'{request.headers["host"]}/token"')], b"")
+            return json_answer({"errors": [{"code": "UNAUTHORIZED", "message": said}]}, 401)
+
+        for scheme, entry in [("Basic", {"auth": basic("alice", self.SECRET)}),
+                              ("Bearer", {"auth": basic("alice", self.SECRET)}),
+                              ("Bearer", {"identitytoken": refresh})]:
+            with self.subTest(scheme=scheme, entry=next(iter(entry))):
+                server = self.other_host(LOOPBACK, echo)
+                self.docker_config({"auths": {server.host: entry}})
+                result = self.cli("-v", "pull", "--platform", "amd64", f"{server.host}/test/e:1")
+                self.assert_one_line_error(but_verbose(result), "refused the credentials")
+                self.assertTrue(server.requests)
+                stderr = result.stderr.decode()
+                self.no_secret(stderr)
+                self.assertNotIn(refresh, stderr)
+
     def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
-        for label, realm in [("a space", "/to ken"), ("a NUL", "/to\x00ken"),
-                             ("a DEL", "/to\x7fken")]:
+        for label, realm in [("a space", "http://{host}/to ken"),
+                             ("a NUL", "http://{host}/to\x00ken"),
+                             ("a DEL", "http://{host}/to\x7fken"),
+                             ("a user name", "http://user:pw@{host}/token"),
+                             ("a bad port", "http://127.0.0.1:99999/token")]:
             with self.subTest(label):
                 def registry(request: Request, realm: str = realm) -> Answer:
-                    return Answer(401, [("WWW-Authenticate", f'Bearer realm="http://'
-                                         f'{request.headers["host"]}{realm}"')], b"")
+                    return Answer(401, [("WWW-Authenticate", 'Bearer realm="' + realm.replace(
+                        "{host}", request.headers["host"]) + '"')], b"")
                 server = self.other_host(LOOPBACK, registry)
                 with self.assertRaises(oc.AuthenticationError) as caught:
                     self.provider(attempts=5, backoff=1.0).image_pull(
                         f"{server.host}/test/r:1", "", "amd64")
-                self.assertIn("token realm", str(caught.exception))
+                self.assertIn("invalid token realm", str(caught.exception))
+                self.assertNotIn("pw@", str(caught.exception))
                 self.assertEqual(line_problem(str(caught.exception)), "")
                 self.assertEqual(len(server.requests), 1)
 
