@@ -2563,8 +2563,9 @@ def _shown_url(url: str) -> str:
 
 def _is_http_url(url: str) -> bool:
     """Whether a request can go to ``url``: http or https, a host, a valid port, nothing
-    that http.client refuses (a space, a control character). The one test for every
-    URL a server names: a redirect, an upload Location, a token realm."""
+    that http.client refuses (a space, a control character, anything not ASCII: it
+    raises UnicodeEncodeError). The one test for every URL a server names: a redirect,
+    an upload Location, a token realm."""
     import urllib.parse
     try:
         parts = urllib.parse.urlsplit(url)
@@ -2572,7 +2573,7 @@ def _is_http_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.netloc) and \
-        not re.search(r"[\x00-\x20\x7f-\x9f]", url)
+        re.fullmatch(r"[\x21-\x7e]+", url) is not None
 
 
 def _may_send_credentials(url: str, registry: str, realm: str = "") -> bool:
@@ -2892,6 +2893,13 @@ class _Transport:
         """
         import urllib.parse
         headers = dict(headers or {})
+        for name, value in headers.items():
+            # What a header says may come from data (a manifest's media type): one line
+            # naming the header, never a traceback, and never its value (a credential).
+            if not re.fullmatch(r"[\t\x20-\x7e]*", value):
+                raise OciCacheError(f"cannot send {method} {_shown_url(url)}: its {name} header "
+                                    "would hold a character HTTP cannot carry (a control or "
+                                    "non-ASCII character)")
         budget = budget or _RetryBudget(self.options)
         while True:
             parts = urllib.parse.urlsplit(url)
@@ -3490,16 +3498,16 @@ class RegistryClient:
                 request_headers["Authorization"] = authorization
             response = self.transport.request(method, url, request_headers, body, retry,
                                               budget=budget)
+            # Who answered: the registry itself, or a redirect target (a CDN, or the
+            # registry's host in clear text, where anyone on the way may answer).
+            answered = urllib.parse.urlsplit(response.url)
+            origin = self._origin(endpoint)
+            own = f"{answered.scheme}://{answered.netloc}" == origin
+            who = endpoint.host if own else answered.netloc \
+                if answered.netloc != endpoint.host else f"{answered.scheme}://{answered.netloc}"
             if response.status == 401:
-                answered = urllib.parse.urlsplit(response.url)
-                origin = self._origin(endpoint)
-                if f"{answered.scheme}://{answered.netloc}" != origin:
-                    # A redirect target's challenge never directs credentials, nor does
-                    # one in clear text from the host of an https registry: anyone on
-                    # the way may have written it.
+                if not own:  # its challenge never directs credentials
                     response.close(reuse=False)
-                    who = answered.netloc if answered.netloc != endpoint.host else \
-                        f"{answered.scheme}://{answered.netloc}"
                     raise AuthenticationError(
                         f"{what}: {who} answered 401 after a redirect from {origin}; "
                         f"credentials go only to {origin} and its own token realm", 401)
@@ -3517,10 +3525,11 @@ class RegistryClient:
                 if refused is not None:
                     self._go_anonymous(endpoint, refused)
                 return response
-            error = _registry_error(what, endpoint.host, response,
-                                    used or self._stored(endpoint))
+            error = _registry_error(what, who, response, used or self._stored(endpoint))
             if refused is not None:
                 raise refused  # anonymous failed too: the credentials' refusal is the news
+            if not own:
+                raise error  # a CDN's 403 (an expired signed URL) is no refusal of credentials
             if used is not None and error.status in (401, 403):
                 refused = AuthenticationError(f"{error}; it refused the credentials from "
                                               f"{used.source}", error.status, error.codes)

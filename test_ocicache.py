@@ -6219,6 +6219,27 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
         self.assertEqual(secrets_in("\n".join(texts), [self.SECRET, basic("alice", self.SECRET)]),
                          [])
 
+    def test_credentials_go_to_one_spelling_of_one_origin(self) -> None:
+        # Found nothing: every other spelling of the registry's host is another host
+        # (stricter than needed for case and :443, which is safe).
+        cases = {
+            ("https://reg.example:5000", "https://reg.example:5000/v2/x"): True,
+            ("https://reg.example:5000", "http://reg.example:5000/v2/x"): False,
+            ("https://reg.example:5000", "https://REG.example:5000/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example.:5000/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example:5000@evil.example/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example:5000\\@evil.example/x"): False,
+            ("https://reg.example:5000", "https://evil.example#@reg.example:5000/x"): False,
+            ("https://reg.example:5000", "ftp://reg.example:5000/x"): False,
+            ("https://reg.example", "https://reg.example:443/v2/x"): False,
+            ("https://[::1]:5000", "https://[::1]:5000/v2/x"): True,
+            ("https://[::1]:5000", "https://[0::1]:5000/v2/x"): False,
+            ("https://[::1]:5000", "https://[::1]:5001/v2/x"): False,
+        }
+        self.assertEqual({case: oc._may_send_credentials(case[1], case[0]) for case in cases},
+                         cases)
+
     def test_a_challenge_in_clear_text_after_a_redirect_from_https_directs_nothing(self) -> None:
         # An https registry whose front end redirects a blob to http:// on the same host
         # (a common misconfiguration): whoever answers that clear-text request must not
@@ -6357,10 +6378,67 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
                 self.no_secret(stderr)
                 self.assertNotIn(refresh, stderr)
 
+    def test_a_location_that_is_not_ascii_is_one_line(self) -> None:
+        # http.client sends only ASCII: anything else raised UnicodeEncodeError.
+        image = make_image("not-ascii")
+        self.load_image("example.com/up:1", make_image("not-ascii-up"))
+        for location in ["/v2/test/n/blobs/\xc3\xa4", "http://127.0.0.1:1/\xff"]:
+            with self.subTest(location=location):
+                redirecting = self.other_host(LOOPBACK, fake_registry(image, override=on(
+                    "GET", "/blobs/", Answer(307, [("Location", location)], b""))))
+                with self.assertRaisesRegex(oc.RegistryError, "not a usable http or https"):
+                    self.provider().image_pull(f"{redirecting.host}/test/n:1", "", "amd64")
+                uploading = self.other_host(LOOPBACK, FakePushRegistry(override=on(
+                    "POST", "/blobs/uploads/", Answer(202, [("Location", location)], b""))))
+                with self.assertRaisesRegex(oc.RegistryError, "invalid upload location"):
+                    self.provider(attempts=1).push("example.com/up:1",
+                                                   f"{uploading.host}/test/n:1")
+
+    def test_a_header_no_request_can_carry_is_one_line_never_sent(self) -> None:
+        # A manifest's media type becomes the Content-Type of its push: a newline in it
+        # (a header injection, which http.client refuses) or a CJK character raised
+        # ValueError or UnicodeEncodeError.
+        image = make_image("media-type")
+        server = self.other_host(LOOPBACK, FakePushRegistry())
+        for media_type in [oc.MEDIA_OCI_MANIFEST + "\nX-Evil: 1", "application/\u4e2d"]:
+            with self.subTest(media_type=media_type):
+                manifest = json.loads(image.manifest.data)
+                manifest["mediaType"] = media_type
+                blob = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps(manifest).encode())
+                self.load(oci_archive([(blob.descriptor(), named("example.com/mt:1"))],
+                                      [image.config, *image.layers, blob]))
+                with self.assertRaisesRegex(oc.OciCacheError, "Content-Type header") as caught:
+                    self.provider(attempts=1).push("example.com/mt:1", f"{server.host}/a/b:1")
+                self.assertEqual(line_problem(str(caught.exception)), "")
+        self.assertEqual([r for r in server.requests if "x-evil" in r.headers], [])
+
+    def test_a_redirect_targets_refusal_is_its_own_not_the_credentials(self) -> None:
+        # S3 answers 403 AccessDenied to an expired signed URL: that host refused a
+        # request that carried no credentials, so they were not refused and no
+        # anonymous retry is due.
+        image = make_image("cdn-403")
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(403, [], b"<Error><Code>"
+                                                          b"AccessDenied</Code></Error>"))
+        registry = self.other_host(LOOPBACK, fake_registry(image, override=lambda r: (
+            Answer(401, [("WWW-Authenticate", 'Basic realm="r"')], b"")
+            if not r.headers.get("authorization") else
+            Answer(307, [("Location", f"{cdn.url}/bucket/blob?X-Amz-Expires=1")], b"")
+            if "/blobs/" in r.target else None)))
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", self.SECRET)}}})
+        with mock.patch.object(oc._log(), "warning") as warned:
+            with self.assertRaises(oc.RegistryError) as caught:
+                self.provider().image_pull(f"{registry.host}/test/cdn:1", "", "amd64")
+        self.assertIn(f"{cdn.host} answered 403", str(caught.exception))
+        self.assertNotIn("refused the credentials", str(caught.exception))
+        self.assertEqual(warned.call_args_list, [])
+        self.assertEqual([r.target for r in registry.requests if "/blobs/" in r.target
+                          and not r.headers.get("authorization")], [])
+
     def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
         for label, realm in [("a space", "http://{host}/to ken"),
                              ("a NUL", "http://{host}/to\x00ken"),
                              ("a DEL", "http://{host}/to\x7fken"),
+                             ("a non-ASCII character", "http://{host}/t\xf6ken"),
                              ("a user name", "http://user:pw@{host}/token"),
                              ("a bad port", "http://127.0.0.1:99999/token")]:
             with self.subTest(label):
