@@ -2961,9 +2961,18 @@ class _Transport:
                     shown = _shorten(_one_line(_shown_url(location)))
                     raise RegistryError(f"{host} redirected to {shown!r}, which is not a usable "
                                         "http or https URL", response.status)
-                if "@" in urllib.parse.urlsplit(target).netloc:
+                moved = urllib.parse.urlsplit(target)
+                if "@" in moved.netloc:
                     raise RegistryError(f"{host} redirected to a URL with a user name in it; "
                                         "refusing", response.status)
+                if scheme == "https" and moved.scheme == "http" and \
+                        not self._may_use_http(moved.netloc):
+                    # What a manifest by tag is, only its answer says: in clear text, anyone
+                    # on the way would choose the image.
+                    raise RegistryError(f"{host} redirected to plain http://{moved.netloc}; "
+                                        "https is never followed to plain http (pass "
+                                        f"--insecure-registry {moved.netloc} to allow it)",
+                                        response.status)
                 if not _may_send_credentials(target, f"{scheme}://{host}"):
                     # Elsewhere, or the same host in clear text: no secret follows, in a
                     # header or in a body (a token POST holds one), whatever the status.
@@ -3473,7 +3482,7 @@ class RegistryClient:
         sends its own."""
         import urllib.parse
         url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
-        what = what or f"{method} {endpoint.repository}/{path or url}"
+        what = what or f"{method} {endpoint.repository}/{path or _shown_url(url)}"
         scopes = [f"repository:{endpoint.repository}:{actions}", *extra_scopes]
         challenge: Optional[Challenge] = None
         accepted = set(ok)

@@ -4619,8 +4619,12 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
             answer = Answer(302, f"http://{host}/plain") if scheme == "https" else Answer(200)
             return oc._Response(answer, "", mock.Mock(), 5.0)  # type: ignore[arg-type]
 
-        transport = oc._Transport(oc.TransportOptions(attempts=1))
+        # Only to a host that may speak plain HTTP (named insecure, or loopback): https
+        # is otherwise never followed to http (TestNetworkAttacks).
+        transport = oc._Transport(oc.TransportOptions(
+            attempts=1, insecure_registries=("registry.example:5000",)))
         self.addCleanup(transport.close)
+        transport._schemes["registry.example:5000"] = "https"  # it answered with TLS before
         with mock.patch.object(transport, "_send", side_effect=send):
             transport.request("GET", "https://registry.example:5000/v2/a/blobs/x",
                               {"Authorization": "Bearer the-secret"}).close()
@@ -6273,6 +6277,28 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
         self.assertIn(f"http://{server.host}", str(caught.exception))
         self.assertEqual(line_problem(str(caught.exception)), "")
         self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.index_names(), [])
+
+    def test_an_https_registry_is_never_followed_to_plain_http(self) -> None:
+        # The same misconfigured front end, for a manifest by tag: its digest is only
+        # what the answer says, so whoever answers in clear text chooses the image.
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        image, evil = make_image("downgrade"), make_image("downgrade-evil")
+        served = fake_registry(image, extra=[evil.config, *evil.layers])  # blobs are blobs
+        forged = fake_registry(evil)
+
+        def registry(request: Request) -> Answer:
+            if "/manifests/" in request.target:
+                return Answer(307, [("Location", f"http://{request.headers['host']}"
+                                     f"{request.target}")], b"")
+            return served(request)
+
+        server = DualServer(registry, forged, cert, key)
+        self.addCleanup(server.stop)
+        with mock.patch.object(oc._Transport, "_may_use_http", lambda self, host: False):
+            with self.assertRaisesRegex(oc.RegistryError, "plain http") as caught:
+                self.provider(ca_files=(ca,)).image_pull(f"{server.host}/test/d:1", "", "amd64")
+        self.assertEqual(line_problem(str(caught.exception)), "")
         self.assertEqual(self.index_names(), [])
 
     def test_token_requests_spend_the_operations_retry_budget(self) -> None:
