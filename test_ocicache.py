@@ -5898,6 +5898,10 @@ def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
             f"http://alice:x@{cdn.host}/serve{{target}}")
     sending("a blob redirected to ftp:// on the CDN", "/blobs/",
             f"ftp://{cdn.host}/serve{{target}}")
+    sending("a blob redirected to the CDN, which refuses it (403)", "/blobs/",
+            f"{cdn.url}/forbidden{{target}}?X-Amz-Signature=0")
+    sending("a blob redirected to a Location that is not ASCII", "/blobs/",
+            f"{cdn.url}/serve/\xe4{{target}}")
 
     def token_redirect(request: Request) -> Optional[Answer]:
         if request.target.startswith("/token"):
@@ -5922,6 +5926,8 @@ def cdn_handler(image: ImageBlobs, realm: str) -> Callable[[Request], Answer]:
                                  f'Bearer realm="{realm}/token",service="cdn"')], b"")
         if kind == "basic":
             return Answer(401, [("WWW-Authenticate", 'Basic realm="cdn"')], b"")
+        if kind == "forbidden":
+            return Answer(403, [], b"<Error><Code>AccessDenied</Code></Error>")
         if kind == "serve" and rest.rsplit("/", 1)[-1] in blobs:
             return Answer(200, [], blobs[rest.rsplit("/", 1)[-1]])
         return json_answer({"token": "from-the-cdn"})
