@@ -3211,10 +3211,19 @@ def parse_mirror(value: str) -> Tuple[str, str]:
     return registry, url.rstrip("/")
 
 
+def _hidden(text: str, credentials: Optional[Credentials], authorization: str = "") -> str:
+    """``text`` without the secrets of ``credentials`` nor the ``authorization`` header
+    sent with them (the registry's own token is a secret too)."""
+    if credentials is not None:
+        text = credentials.hidden(text)
+    value = authorization.partition(" ")[2]
+    return text.replace(value, "<secret>") if len(value) >= 4 else text
+
+
 def _registry_error(what: str, host: str, response: _Response,
-                    sent: Optional[Credentials] = None) -> RegistryError:
-    """One line: ``<what>: <host> answered <status> <CODE>: <message>``, without the
-    secrets of the credentials it was ``sent``, whatever the server says."""
+                    hide: Callable[[str], str] = lambda text: text) -> RegistryError:
+    """One line: ``<what>: <host> answered <status> <CODE>: <message>``, with ``hide``
+    taking out the secrets it was sent, whatever the server says back."""
     codes: List[str] = []
     detail = ""
     try:
@@ -3230,16 +3239,15 @@ def _registry_error(what: str, host: str, response: _Response,
         response.close(reuse=False)
     status = response.status
     text = f"{what}: {host} answered {status} {_http_client.responses.get(status, '')}".rstrip()
-    hidden = sent.hidden if sent is not None else (lambda text: text)
-    codes = [hidden(code) for code in codes]
+    codes = [hide(code) for code in codes]
     if codes:
         text = f"{what}: {host} answered {status} {codes[0]}"
-    detail = _one_line(hidden(detail)).strip()
+    detail = _one_line(hide(detail)).strip()
     if detail:
         text += f": {_shorten(detail, 200)}"
     if status in (429, 503) and _rate_limits(response):
         text += f" ({_rate_limits(response)})"
-    text = _one_line(hidden(text))
+    text = _one_line(hide(text))
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
     return RegistryError(text, status, codes)
@@ -3440,8 +3448,10 @@ class RegistryClient:
             url = realm + (separator + urllib.parse.urlencode(query) if query else "")
             response = self.transport.request("GET", url, headers, budget=budget)
         if response.status != 200:
+            hide = functools.partial(_hidden, credentials=credentials or self._stored(endpoint),
+                                     authorization=headers.get("Authorization", ""))
             error = _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
-                                    response, credentials or self._stored(endpoint))
+                                    response, hide)
             if credentials is not None and response.status in (401, 403):
                 raise AuthenticationError(f"{error}; it refused the credentials from "
                                           f"{credentials.source}", error.status,
@@ -3534,7 +3544,9 @@ class RegistryClient:
                 if refused is not None:
                     self._go_anonymous(endpoint, refused)
                 return response
-            error = _registry_error(what, who, response, used or self._stored(endpoint))
+            error = _registry_error(what, who, response, functools.partial(
+                _hidden, credentials=used or self._stored(endpoint),
+                authorization=request_headers.get("Authorization", "")))
             if refused is not None:
                 raise refused  # anonymous failed too: the credentials' refusal is the news
             if not own:

@@ -6385,22 +6385,27 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
         refresh = "refr35h-t0k3n-ech0-8c1d"
 
         def echo(request: Request) -> Answer:
-            said = " ".join([request.headers.get("authorization", ""),
-                             base64.b64decode(request.headers.get("authorization", "Basic ")[6:]
-                                              or b"").decode(errors="replace"),
+            sent = request.headers.get("authorization", "")
+            said = " ".join([sent, base64.b64decode(sent[6:] if sent.startswith("Basic ") else
+                                                    "").decode(errors="replace"),
                              request.body.decode(errors="replace"), urllib.parse.unquote_plus(
                                  request.body.decode(errors="replace"))])
+            if request.target.startswith("/token") and issues and "authorization" in \
+                    request.headers:
+                return json_answer({"token": access})
             if request.target.startswith("/token"):
                 return json_answer({"errors": [{"code": "DENIED", "message": said}]}, 401)
             if not request.headers.get("authorization"):
                 return Answer(401, [("WWW-Authenticate", f'{scheme} realm="http://'
                                      f'{request.headers["host"]}/token"')], b"")
-            return json_answer({"errors": [{"code": "UNAUTHORIZED", "message": said}]}, 401)
+            return json_answer({"errors": [{"code": "DENIED", "message": said}]}, 403)
 
-        for scheme, entry in [("Basic", {"auth": basic("alice", self.SECRET)}),
-                              ("Bearer", {"auth": basic("alice", self.SECRET)}),
-                              ("Bearer", {"identitytoken": refresh})]:
-            with self.subTest(scheme=scheme, entry=next(iter(entry))):
+        access = "acc3ss-t0k3n-ech0-40fe"  # the registry's own token is a secret too
+        for scheme, entry, issues in [("Basic", {"auth": basic("alice", self.SECRET)}, False),
+                                      ("Bearer", {"auth": basic("alice", self.SECRET)}, False),
+                                      ("Bearer", {"identitytoken": refresh}, False),
+                                      ("Bearer", {"auth": basic("alice", self.SECRET)}, True)]:
+            with self.subTest(scheme=scheme, entry=next(iter(entry)), issues=issues):
                 server = self.other_host(LOOPBACK, echo)
                 self.docker_config({"auths": {server.host: entry}})
                 result = self.cli("-v", "pull", "--platform", "amd64", f"{server.host}/test/e:1")
@@ -6409,6 +6414,7 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
                 stderr = result.stderr.decode()
                 self.no_secret(stderr)
                 self.assertNotIn(refresh, stderr)
+                self.assertNotIn(access, stderr)
 
     def test_a_location_that_is_not_ascii_is_one_line(self) -> None:
         # http.client sends only ASCII: anything else raised UnicodeEncodeError.
