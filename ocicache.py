@@ -2824,34 +2824,40 @@ class _Transport:
             return context
 
     def _connection(self, scheme: str, host: str
-                    ) -> Tuple["http.client.HTTPConnection", _Clock]:
+                    ) -> Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]:
+        """The thread's connection to scheme://host, its clock, and for plain HTTP
+        through a proxy the prefix that makes a request target absolute and the
+        headers each request adds (Proxy-Authorization)."""
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
         if (scheme, host) in pool:
             return pool[(scheme, host)]  # type: ignore[no-any-return]
-        proxy = self._proxy_for(scheme, host)
+        proxy, proxy_headers = self._proxy_for(scheme, host)
         timeout = self.options.timeout
+        prefix, added = "", {}
         if scheme == "https":
             verify = host not in self.options.insecure_registries
             context = self._ssl_context(host, verify)
             if proxy:
                 connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
                                                          context=context)
-                connection.set_tunnel(host)
+                connection.set_tunnel(host, headers=proxy_headers)
             else:
                 connection = _http_client.HTTPSConnection(host, timeout=timeout,
                                                          context=context)
         else:
             connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
+            if proxy:  # the proxy is told where to, in each request
+                prefix, added = f"http://{host}", proxy_headers
         connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
         clock = _Clock(timeout)
         connection.response_class = functools.partial(  # type: ignore[assignment]
             _timed_response_class(), clock)
-        pool[(scheme, host)] = (connection, clock)
+        pool[(scheme, host)] = (connection, clock, prefix, added)
         with self._guard:
             self._open.append(connection)
-        return connection, clock
+        return connection, clock, prefix, added
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
@@ -2862,17 +2868,28 @@ class _Transport:
 
     def _drop(self, scheme: str, host: str) -> None:
         pool = getattr(self._local, "pool", {})
-        connection, _ = pool.pop((scheme, host), (None, None))
-        if connection is not None:
-            connection.close()
+        entry = pool.pop((scheme, host), None)
+        if entry is not None:
+            entry[0].close()
 
     @staticmethod
-    def _proxy_for(scheme: str, host: str) -> str:
+    def _proxy_for(scheme: str, host: str) -> Tuple[str, Dict[str, str]]:
+        """The proxy's host:port for scheme://host ("" for none), and the headers that
+        carry its own ``user:password`` (which must never be a host name to resolve)."""
+        import urllib.parse
         import urllib.request
         if urllib.request.proxy_bypass(host.rsplit(":", 1)[0]) or _is_loopback(host):
-            return ""
+            return "", {}
         proxy = urllib.request.getproxies().get(scheme, "")
-        return re.sub(r"^[a-z]+://", "", proxy).rstrip("/")
+        if not proxy:
+            return "", {}
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        address = parts.netloc.rpartition("@")[2]
+        if "@" not in parts.netloc:
+            return address, {}
+        credentials = Credentials(urllib.parse.unquote(parts.username or ""),
+                                  urllib.parse.unquote(parts.password or ""))
+        return address, {"Proxy-Authorization": credentials.basic_header()}
 
     def _may_use_http(self, host: str) -> bool:
         return _is_loopback(host) or host in self.options.insecure_registries
@@ -2995,12 +3012,13 @@ class _Transport:
     def _send(self, scheme: str, host: str, method: str, path: str,
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
-            connection, clock = self._connection(scheme, host)
+            connection, clock, prefix, added = self._connection(scheme, host)
             opened = body() if callable(body) else None
             clock.start()  # the answer's head must arrive within the timeout, in all
             try:
-                connection.request(method, path, body=opened or body,  # type: ignore[arg-type]
-                                   headers=dict(headers))
+                connection.request(method, prefix + path,
+                                   body=opened or body,  # type: ignore[arg-type]
+                                   headers={**headers, **added})
                 raw = connection.getresponse()
             except (ConnectionResetError, BrokenPipeError, _http_client.RemoteDisconnected,
                     _http_client.CannotSendRequest):

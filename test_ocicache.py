@@ -6472,6 +6472,30 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
         self.assertEqual([r.target for r in registry.requests if "/blobs/" in r.target
                           and not r.headers.get("authorization")], [])
 
+    def test_a_proxy_password_goes_to_the_proxy_alone(self) -> None:
+        # HTTPS_PROXY=http://user:password@proxy:port: the user:password went into the
+        # host name to resolve (to the DNS server, with the search domains) and never to
+        # the proxy; a plain-HTTP request through it had no absolute target.
+        proxy = self.other_host(LOOPBACK, lambda r: Answer(
+            407, [("Proxy-Authenticate", 'Basic realm="proxy"')], b"")
+            if r.method == "CONNECT" else json_answer({"errors": []}, 404))
+        url = f"http://proxy-user:{urllib.parse.quote(self.SECRET + '/@', safe='')}@{proxy.host}"
+        expected = "Basic " + basic("proxy-user", self.SECRET + "/@")
+        with mock.patch.dict(os.environ, {"HTTPS_PROXY": url, "HTTP_PROXY": url}):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider(attempts=1).image_pull("registry.example/test/p:1", "", "amd64")
+            self.no_secret(everything_about(caught.exception))
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider(attempts=1, insecure_registries=("registry.example:5000",)
+                              ).image_pull("registry.example:5000/test/p:1", "", "amd64")
+            self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.outside, [])
+        self.assertEqual([(r.method, r.target, r.headers.get("proxy-authorization"))
+                          for r in proxy.requests][:2],
+                         [("CONNECT", "registry.example:443", expected),
+                          ("GET", "http://registry.example:5000/v2/test/p/manifests/1",
+                           expected)])
+
     def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
         for label, realm in [("a space", "http://{host}/to ken"),
                              ("a NUL", "http://{host}/to\x00ken"),
