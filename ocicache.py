@@ -2532,6 +2532,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _sends_here(source: str, target: str) -> bool:
+    """Whether a server at ``source`` (host[:port]) names ``target`` on this machine
+    while it is elsewhere itself: a registry must not make ocicache send requests (a
+    DELETE to an upload Location, say) to a local service such as a docker API."""
+    return _is_loopback(target) and not _is_loopback(source)
+
+
 def _retry_after(value: Optional[str]) -> Optional[float]:
     """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
     if not value:
@@ -2981,6 +2988,9 @@ class _Transport:
                 moved = urllib.parse.urlsplit(target)
                 if "@" in moved.netloc:
                     raise RegistryError(f"{host} redirected to a URL with a user name in it; "
+                                        "refusing", response.status)
+                if _sends_here(host, moved.netloc):
+                    raise RegistryError(f"{host} redirected to {moved.netloc}, on this machine; "
                                         "refusing", response.status)
                 if scheme == "https" and moved.scheme == "http" and \
                         not self._may_use_http(moved.netloc):
@@ -3438,6 +3448,9 @@ class RegistryClient:
             raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
                                       f"{_shorten(_one_line(_shown_url(realm)))!r}")
         realm_parts = urllib.parse.urlsplit(realm)
+        if _sends_here(endpoint.host, realm_parts.netloc):
+            raise AuthenticationError(f"{endpoint.host} names a token realm on this machine "
+                                      f"({realm_parts.netloc}); refusing")
         if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
                                       f"token realm {_shorten(_one_line(_shown_url(realm)))}; "
@@ -3800,6 +3813,9 @@ class RegistryClient:
         if not _is_http_url(url):
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
                                 f"{_shorten(_one_line(_shown_url(location)))!r}")
+        if _sends_here(endpoint.host, urllib.parse.urlsplit(url).netloc):
+            raise RegistryError(f"{endpoint.host} gave an upload location on this machine "
+                                f"({urllib.parse.urlsplit(url).netloc}); refusing")
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,

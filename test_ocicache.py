@@ -6496,6 +6496,34 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
                           ("GET", "http://registry.example:5000/v2/test/p/manifests/1",
                            expected)])
 
+    def test_a_remote_registry_never_sends_requests_to_this_machine(self) -> None:
+        # A registry elsewhere naming http://127.0.0.1:<port>/... as a redirect or an
+        # upload Location made ocicache send GET, PUT or DELETE to a local service (a
+        # docker API on 127.0.0.1:2375). Here 127.0.0.2 plays the remote registry.
+        local = self.other_host(LOOPBACK, lambda r: json_answer({}))
+        image = make_image("ssrf")
+        self.load_image("example.com/ssrf:1", make_image("ssrf-push"))
+        target = f"http://{local.host}/containers/x?force=1"
+        pulled = self.other_host("127.0.0.2", fake_registry(image, override=on(
+            "GET", "/blobs/", Answer(307, [("Location", target)], b""))))
+        pushed = self.other_host("127.0.0.2", FakePushRegistry(override=on(
+            "POST", "/blobs/uploads/", Answer(202, [("Location", target)], b""))))
+
+        def loopback(host: str) -> bool:  # 127.0.0.2 is elsewhere
+            return host.split(":")[0] in ("127.0.0.1", "localhost")
+
+        with mock.patch.object(oc, "_is_loopback", loopback), mock.patch.object(
+                oc._Transport, "_may_use_http", lambda self, host: True):
+            with self.assertRaisesRegex(oc.RegistryError, "this machine"):
+                self.provider(attempts=1).image_pull(f"{pulled.host}/test/s:1", "", "amd64")
+            with self.assertRaisesRegex(oc.RegistryError, "this machine"):
+                self.provider(attempts=1).push("example.com/ssrf:1", f"{pushed.host}/test/s:1")
+            realm = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+                "WWW-Authenticate", f'Bearer realm="{target}"')], b""))
+            with self.assertRaisesRegex(oc.AuthenticationError, "this machine"):
+                self.provider(attempts=1).image_pull(f"{realm.host}/test/s:1", "", "amd64")
+        self.assertEqual(local.requests, [])
+
     def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
         for label, realm in [("a space", "http://{host}/to ken"),
                              ("a NUL", "http://{host}/to\x00ken"),
