@@ -2348,6 +2348,18 @@ class Credentials:
         pair = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
 
+    def hidden(self, text: str) -> str:
+        """``text`` with every secret of these credentials replaced, as sent and as
+        encoded: a server may quote what it was sent in its error message."""
+        import urllib.parse
+        secrets = [self.password, self.identity_token, self.registry_token]
+        secrets += [urllib.parse.quote_plus(secret) for secret in secrets]
+        if self.username or self.password:
+            secrets.append(self.basic_header()[len("Basic "):])
+        for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+            text = text.replace(secret, "<secret>")
+        return text
+
     def checked(self) -> "Credentials":
         """These credentials, if every token can go into an HTTP header or form as it
         is; else AuthenticationError naming the source and the key, never the value."""
@@ -2713,6 +2725,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _sends_here(source: str, target: str) -> bool:
+    """Whether a server at ``source`` (host[:port]) names ``target`` on this machine
+    while it is elsewhere itself: a registry must not make ocicache send requests (a
+    DELETE to an upload Location, say) to a local service such as a docker API."""
+    return _is_loopback(target) and not _is_loopback(source)
+
+
 def _retry_after(value: Optional[str]) -> Optional[float]:
     """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
     if not value:
@@ -2729,8 +2748,32 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 
 
 def _without_userinfo(url: str) -> str:
-    """A URL as it may be shown: ``user:password@`` left out."""
-    return re.sub(r"(//|^)[^/]*@", r"\1", url)
+    """A URL as it may be shown: ``user:password@`` left out, up to the last ``@``: a
+    password holding ``/``, ``?`` or ``#`` unencoded ends the host part early, and no
+    part of it may show."""
+    scheme, sep, rest = url.partition("//") if "//" in url else ("", "", url)
+    return scheme + sep + rest.rpartition("@")[2]
+
+
+def _shown_url(url: str) -> str:
+    """A URL as a message names it: no user name, no query (a CDN's signed URL holds its
+    signature there, as S3's ``X-Amz-Signature``), no fragment."""
+    return _without_userinfo(url).split("#", 1)[0].split("?", 1)[0]
+
+
+def _is_http_url(url: str) -> bool:
+    """Whether a request can go to ``url``: http or https, a host, a valid port, nothing
+    that http.client refuses (a space, a control character, anything not ASCII: it
+    raises UnicodeEncodeError). The one test for every URL a server names: a redirect,
+    an upload Location, a token realm."""
+    import urllib.parse
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a bad port raises here
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and \
+        re.fullmatch(r"[\x21-\x7e]+", url) is not None
 
 
 def _may_send_credentials(url: str, registry: str, realm: str = "") -> bool:
@@ -2882,7 +2925,7 @@ class _Response:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"its answer took longer than {self.timeout:.0f}s to arrive")
         self.close(reuse=False)
-        raise OciCacheError(f"{self.url} answered with more than {limit} bytes")
+        raise OciCacheError(f"{_shown_url(self.url)} answered with more than {limit} bytes")
 
     def close(self, reuse: bool = True) -> None:
         if reuse and not self.raw.isclosed():
@@ -2928,7 +2971,7 @@ _PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERROR
 def _is_permanent(error: BaseException) -> bool:
     """Failures that waiting does not fix: a name that does not resolve, TLS refused."""
     import socket
-    return isinstance(error, socket.gaierror) or any(
+    return isinstance(error, (socket.gaierror, _http_client.InvalidURL)) or any(
         reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
@@ -2981,34 +3024,40 @@ class _Transport:
             return context
 
     def _connection(self, scheme: str, host: str
-                    ) -> Tuple["http.client.HTTPConnection", _Clock]:
+                    ) -> Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]:
+        """The thread's connection to scheme://host, its clock, and for plain HTTP
+        through a proxy the prefix that makes a request target absolute and the
+        headers each request adds (Proxy-Authorization)."""
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
         if (scheme, host) in pool:
             return pool[(scheme, host)]  # type: ignore[no-any-return]
-        proxy = self._proxy_for(scheme, host)
+        proxy, proxy_headers = self._proxy_for(scheme, host)
         timeout = self.options.timeout
+        prefix, added = "", {}
         if scheme == "https":
             verify = host not in self.options.insecure_registries
             context = self._ssl_context(host, verify)
             if proxy:
                 connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
                                                          context=context)
-                connection.set_tunnel(host)
+                connection.set_tunnel(host, headers=proxy_headers)
             else:
                 connection = _http_client.HTTPSConnection(host, timeout=timeout,
                                                          context=context)
         else:
             connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
+            if proxy:  # the proxy is told where to, in each request
+                prefix, added = f"http://{host}", proxy_headers
         connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
         clock = _Clock(timeout)
         connection.response_class = functools.partial(  # type: ignore[assignment]
             _timed_response_class(), clock)
-        pool[(scheme, host)] = (connection, clock)
+        pool[(scheme, host)] = (connection, clock, prefix, added)
         with self._guard:
             self._open.append(connection)
-        return connection, clock
+        return connection, clock, prefix, added
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
@@ -3025,17 +3074,28 @@ class _Transport:
 
     def _drop(self, scheme: str, host: str) -> None:
         pool = getattr(self._local, "pool", {})
-        connection, _ = pool.pop((scheme, host), (None, None))
-        if connection is not None:
-            connection.close()
+        entry = pool.pop((scheme, host), None)
+        if entry is not None:
+            entry[0].close()
 
     @staticmethod
-    def _proxy_for(scheme: str, host: str) -> str:
+    def _proxy_for(scheme: str, host: str) -> Tuple[str, Dict[str, str]]:
+        """The proxy's host:port for scheme://host ("" for none), and the headers that
+        carry its own ``user:password`` (which must never be a host name to resolve)."""
+        import urllib.parse
         import urllib.request
         if urllib.request.proxy_bypass(host.rsplit(":", 1)[0]) or _is_loopback(host):
-            return ""
+            return "", {}
         proxy = urllib.request.getproxies().get(scheme, "")
-        return re.sub(r"^[a-z]+://", "", proxy).rstrip("/")
+        if not proxy:
+            return "", {}
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        address = parts.netloc.rpartition("@")[2]
+        if "@" not in parts.netloc:
+            return address, {}
+        credentials = Credentials(urllib.parse.unquote(parts.username or ""),
+                                  urllib.parse.unquote(parts.password or ""))
+        return address, {"Proxy-Authorization": credentials.basic_header()}
 
     def _may_use_http(self, host: str) -> bool:
         return _is_loopback(host) or host in self.options.insecure_registries
@@ -3056,6 +3116,13 @@ class _Transport:
         """
         import urllib.parse
         headers = dict(headers or {})
+        for name, value in headers.items():
+            # What a header says may come from data (a manifest's media type): one line
+            # naming the header, never a traceback, and never its value (a credential).
+            if not re.fullmatch(r"[\t\x20-\x7e]*", value):
+                raise OciCacheError(f"cannot send {method} {_shown_url(url)}: its {name} header "
+                                    "would hold a character HTTP cannot carry (a control or "
+                                    "non-ASCII character)")
         budget = budget or _RetryBudget(self.options)
         while True:
             parts = urllib.parse.urlsplit(url)
@@ -3111,19 +3178,27 @@ class _Transport:
                                         response.status)
                 try:
                     target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
-                    moved = urllib.parse.urlsplit(target)
-                    moved.port  # a bad port raises here
-                    if re.search(r"[\x00-\x20\x7f-\x9f]", target):
-                        raise ValueError(target)
                 except ValueError:
-                    moved = None
-                if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
-                    shown = _shorten(_one_line(_without_userinfo(location)))
+                    target = ""
+                if not _is_http_url(target):
+                    shown = _shorten(_one_line(_shown_url(location)))
                     raise RegistryError(f"{host} redirected to {shown!r}, which is not a usable "
                                         "http or https URL", response.status)
+                moved = urllib.parse.urlsplit(target)
                 if "@" in moved.netloc:
                     raise RegistryError(f"{host} redirected to a URL with a user name in it; "
                                         "refusing", response.status)
+                if _sends_here(host, moved.netloc):
+                    raise RegistryError(f"{host} redirected to {moved.netloc}, on this machine; "
+                                        "refusing", response.status)
+                if scheme == "https" and moved.scheme == "http" and \
+                        not self._may_use_http(moved.netloc):
+                    # What a manifest by tag is, only its answer says: in clear text, anyone
+                    # on the way would choose the image.
+                    raise RegistryError(f"{host} redirected to plain http://{moved.netloc}; "
+                                        "https is never followed to plain http (pass "
+                                        f"--insecure-registry {moved.netloc} to allow it)",
+                                        response.status)
                 if not _may_send_credentials(target, f"{scheme}://{host}"):
                     # Elsewhere, or the same host in clear text: no secret follows, in a
                     # header or in a body (a token POST holds one), whatever the status.
@@ -3146,12 +3221,13 @@ class _Transport:
     def _send(self, scheme: str, host: str, method: str, path: str,
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
-            connection, clock = self._connection(scheme, host)
+            connection, clock, prefix, added = self._connection(scheme, host)
             opened = body() if callable(body) else None
             clock.start()  # the answer's head must arrive within the timeout, in all
             try:
-                connection.request(method, path, body=opened or body,  # type: ignore[arg-type]
-                                   headers=dict(headers))
+                connection.request(method, prefix + path,
+                                   body=opened or body,  # type: ignore[arg-type]
+                                   headers={**headers, **added})
                 raw = connection.getresponse()
             except (ConnectionResetError, BrokenPipeError, _http_client.RemoteDisconnected,
                     _http_client.CannotSendRequest):
@@ -3343,17 +3419,38 @@ def _user_agent() -> str:
 def parse_mirror(value: str) -> Tuple[str, str]:
     """``[registry=]URL`` -> (registry or "*", URL without trailing slash)."""
     registry, sep, url = value.partition("=")
-    if not sep:
-        registry, url = "*", value
+    if not sep or (re.match(r"https?://", value) and not re.match(r"https?://", url)):
+        registry, url = "*", value  # the '=' is the URL's own (in a password, a query)
     if not re.match(r"^https?://[^/]", url):
         raise OciCacheError(f"mirror {_without_userinfo(value)!r} must start with http:// or "
                             "https://")
+    rest = url.partition("://")[2]
+    if "@" in rest and "@" not in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        # The host part ends before the '@': a password holding '/', '?' or '#' would be
+        # taken for a host and shown in messages.
+        raise OciCacheError(f"mirror {_without_userinfo(value)!r}: percent-encode '/', '?', "
+                            "'#' and '@' in the user name and password (as %2F, %3F, %23, "
+                            "%40)")
+    if not _is_http_url(url):
+        raise OciCacheError(f"mirror {_shorten(_one_line(_without_userinfo(value)))!r} is not "
+                            "a usable URL (a bad port, a space or a control character)")
     registry = _normalise_auth_key(registry) if registry != "*" else registry
     return registry, url.rstrip("/")
 
 
-def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
-    """One line: ``<what>: <host> answered <status> <CODE>: <message>``."""
+def _hidden(text: str, credentials: Optional[Credentials], authorization: str = "") -> str:
+    """``text`` without the secrets of ``credentials`` nor the ``authorization`` header
+    sent with them (the registry's own token is a secret too)."""
+    if credentials is not None:
+        text = credentials.hidden(text)
+    value = authorization.partition(" ")[2]
+    return text.replace(value, "<secret>") if len(value) >= 4 else text
+
+
+def _registry_error(what: str, host: str, response: _Response,
+                    hide: Callable[[str], str] = lambda text: text) -> RegistryError:
+    """One line: ``<what>: <host> answered <status> <CODE>: <message>``, with ``hide``
+    taking out the secrets it was sent, whatever the server says back."""
     codes: List[str] = []
     detail = ""
     try:
@@ -3369,13 +3466,15 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
         response.close(reuse=False)
     status = response.status
     text = f"{what}: {host} answered {status} {_http_client.responses.get(status, '')}".rstrip()
+    codes = [hide(code) for code in codes]
     if codes:
         text = f"{what}: {host} answered {status} {codes[0]}"
+    detail = _one_line(hide(detail)).strip()
     if detail:
         text += f": {_shorten(detail, 200)}"
     if status in (429, 503) and _rate_limits(response):
         text += f" ({_rate_limits(response)})"
-    text = _one_line(text)
+    text = _one_line(hide(text))
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
     return RegistryError(text, status, codes)
@@ -3505,6 +3604,13 @@ class RegistryClient:
             return endpoint.base
         return f"{self.transport.scheme(endpoint.host)}://{endpoint.host}"
 
+    def _stored(self, endpoint: _Endpoint) -> Optional[Credentials]:
+        """The credentials already looked up for the endpoint, without a lookup: what a
+        server may quote back even in an answer to an anonymous request."""
+        with self._guard:
+            return endpoint.credentials or self._credentials.get(
+                (endpoint.registry, endpoint.repository))
+
     def _credentials_for(self, endpoint: _Endpoint) -> Optional[Credentials]:
         if endpoint.credentials is not None:
             self._once("credentials for %s from %s", endpoint.host, endpoint.credentials.source)
@@ -3525,13 +3631,14 @@ class RegistryClient:
         return credentials
 
     def _authorization(self, endpoint: _Endpoint, scopes: Sequence[str],
-                       challenge: Optional[Challenge], anonymous: bool = False
+                       challenge: Optional[Challenge], anonymous: bool = False,
+                       budget: Optional[_RetryBudget] = None
                        ) -> Tuple[Optional[str], Optional[Credentials]]:
         """The Authorization header for the endpoint (None: none), and the stored
-        credentials it was made with (None: anonymous)."""
+        credentials it was made with (None: anonymous). A token request spends
+        ``budget``, the operation's."""
         with self._guard:
             challenge = challenge or self._challenges.get(endpoint.host)
-            anonymous = anonymous or (endpoint.host, endpoint.repository) in self._anonymous
         if challenge is None:
             return None, None
         credentials = None if anonymous else self._credentials_for(endpoint)
@@ -3543,21 +3650,26 @@ class RegistryClient:
             return None, None
         if credentials is not None and credentials.registry_token:
             return f"Bearer {credentials.checked().registry_token}", credentials
-        token = self._token(endpoint, challenge, scopes, credentials)
+        token = self._token(endpoint, challenge, scopes, credentials, budget)
         return f"Bearer {token}", credentials
 
     def _token(self, endpoint: _Endpoint, challenge: Challenge, scopes: Sequence[str],
-               credentials: Optional[Credentials]) -> str:
+               credentials: Optional[Credentials],
+               budget: Optional[_RetryBudget] = None) -> str:
         import urllib.parse
         realm = challenge.params.get("realm", "")
         service = challenge.params.get("service", "")
-        realm_parts = urllib.parse.urlsplit(realm)
-        if realm_parts.scheme not in ("http", "https") or not realm_parts.netloc:
+        if not _is_http_url(realm) or "@" in urllib.parse.urlsplit(realm).netloc:
             raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
-                                      f"{_shorten(_one_line(realm))!r}")
+                                      f"{_shorten(_one_line(_shown_url(realm)))!r}")
+        realm_parts = urllib.parse.urlsplit(realm)
+        if _sends_here(endpoint.host, realm_parts.netloc):
+            raise AuthenticationError(f"{endpoint.host} names a token realm on this machine "
+                                      f"({realm_parts.netloc}); refusing")
         if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
-                                      f"token realm {_shorten(_one_line(realm))}; refusing")
+                                      f"token realm {_shorten(_one_line(_shown_url(realm)))}; "
+                                      "refusing")
         wanted = tuple(sorted(set(scopes) | ({challenge.params["scope"]}
                                              if challenge.params.get("scope") else set())))
         key = (endpoint.host if credentials is None else f"{endpoint.host} {credentials.source}",
@@ -3574,16 +3686,18 @@ class RegistryClient:
                                            ("refresh_token", credentials.identity_token),
                                            ("client_id", "ocicache")] + query).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-            response = self.transport.request("POST", realm, headers, form)
+            response = self.transport.request("POST", realm, headers, form, budget=budget)
         else:
             if credentials is not None and (credentials.username or credentials.password):
                 headers["Authorization"] = credentials.basic_header()
             separator = "&" if realm_parts.query else "?"
             url = realm + (separator + urllib.parse.urlencode(query) if query else "")
-            response = self.transport.request("GET", url, headers)
+            response = self.transport.request("GET", url, headers, budget=budget)
         if response.status != 200:
+            hide = functools.partial(_hidden, credentials=credentials or self._stored(endpoint),
+                                     authorization=headers.get("Authorization", ""))
             error = _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
-                                    response)
+                                    response, hide)
             if credentials is not None and response.status in (401, 403):
                 raise AuthenticationError(f"{error}; it refused the credentials from "
                                           f"{credentials.source}", error.status,
@@ -3620,24 +3734,28 @@ class RegistryClient:
         location); a status outside ``ok`` raises with the registry's error.
 
         Stored credentials that a pull is refused with are tried once more without
-        (an expired token on an image anyone may pull), with a warning."""
+        (an expired token on an image anyone may pull), with a warning; a push always
+        sends its own."""
         import urllib.parse
         url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
-        what = what or f"{method} {endpoint.repository}/{path or url}"
+        what = what or f"{method} {endpoint.repository}/{path or _shown_url(url)}"
         scopes = [f"repository:{endpoint.repository}:{actions}", *extra_scopes]
         challenge: Optional[Challenge] = None
         accepted = set(ok)
         budget = budget or _RetryBudget(self.transport.options)
         refused: Optional[AuthenticationError] = None  # what the stored credentials met
         challenged = 0
+        with self._guard:  # a pull that went anonymous, never a push after it
+            gone = actions == "pull" and (endpoint.host, endpoint.repository) in self._anonymous
         while True:
             request_headers = {"User-Agent": _user_agent(), **(headers or {})}
             try:
                 authorization, used = self._authorization(endpoint, scopes, challenge,
-                                                          refused is not None)
+                                                          gone or refused is not None, budget)
             except AuthenticationError as e:
-                if refused is not None or actions != "pull" or \
-                        self._credentials_for(endpoint) is None:
+                if refused is not None:
+                    raise refused from None  # anonymous failed too: the refusal is the news
+                if actions != "pull" or self._credentials_for(endpoint) is None:
                     raise
                 refused = e  # the token realm refused them
                 continue
@@ -3653,15 +3771,19 @@ class RegistryClient:
                 raise OciCacheError(f"{e} (the mirror for {endpoint.mirror_of}, set by "
                                     "--mirror, $OCICACHE_MIRROR, $LINUXKIT_MIRROR, "
                                     "daemon.json or registries.conf)") from None
+            # Who answered: the registry itself, or a redirect target (a CDN, or the
+            # registry's host in clear text, where anyone on the way may answer).
+            answered = urllib.parse.urlsplit(response.url)
+            origin = self._origin(endpoint)
+            own = f"{answered.scheme}://{answered.netloc}" == origin
+            who = endpoint.host if own else answered.netloc \
+                if answered.netloc != endpoint.host else f"{answered.scheme}://{answered.netloc}"
             if response.status == 401:
-                answered = urllib.parse.urlsplit(response.url).netloc
-                if answered != endpoint.host:
-                    # A redirect target's challenge never directs credentials.
+                if not own:  # its challenge never directs credentials
                     response.close(reuse=False)
                     raise AuthenticationError(
-                        f"{what}: {answered} answered 401 after a redirect from "
-                        f"{endpoint.host}; credentials go only to {endpoint.host} and its own "
-                        "token realm", 401)
+                        f"{what}: {who} answered 401 after a redirect from {origin}; "
+                        f"credentials go only to {origin} and its own token realm", 401)
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 usable = [c for c in offered if c.scheme in ("bearer", "basic")]
                 if challenged < 2 and usable and (
@@ -3676,9 +3798,13 @@ class RegistryClient:
                 if refused is not None:
                     self._go_anonymous(endpoint, refused)
                 return response
-            error = _registry_error(what, endpoint.host, response)
+            error = _registry_error(what, who, response, functools.partial(
+                _hidden, credentials=used or self._stored(endpoint),
+                authorization=request_headers.get("Authorization", "")))
             if refused is not None:
                 raise refused  # anonymous failed too: the credentials' refusal is the news
+            if not own:
+                raise error  # a CDN's 403 (an expired signed URL) is no refusal of credentials
             if used is not None and error.status in (401, 403):
                 refused = AuthenticationError(f"{error}; it refused the credentials from "
                                               f"{used.source}", error.status, error.codes)
@@ -3985,7 +4111,7 @@ class RegistryClient:
         switched = False
         while True:
             try:
-                self._upload(endpoint, descriptor, layout, chunked, what, session)
+                self._upload(endpoint, descriptor, layout, chunked, what, budget, session)
                 self._remember(endpoint, descriptor.digest)
                 return "uploaded"
             except RegistryError as e:
@@ -4024,23 +4150,25 @@ class RegistryClient:
         import urllib.parse
         try:
             url = urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # a bad port raises here
-            if parts.scheme not in ("http", "https") or not parts.netloc or \
-                    re.search(r"[\x00-\x20\x7f-\x9f]", url):
-                raise ValueError(url)
         except ValueError:
+            url = ""
+        if not _is_http_url(url):
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
-                                f"{_shorten(_one_line(location))!r}") from None
+                                f"{_shorten(_one_line(_shown_url(location)))!r}")
+        if _sends_here(endpoint.host, urllib.parse.urlsplit(url).netloc):
+            raise RegistryError(f"{endpoint.host} gave an upload location on this machine "
+                                f"({urllib.parse.urlsplit(url).netloc}); refusing")
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
-                chunked: bool, what: str, session: Optional[_Response] = None) -> None:
+                chunked: bool, what: str, budget: _RetryBudget,
+                session: Optional[_Response] = None) -> None:
         """One upload session (``session``, the answer that opened one, else a new
-        POST), then one PUT, or PATCH chunks and a closing PUT."""
+        POST), then one PUT, or PATCH chunks and a closing PUT; their token requests
+        spend ``budget``, the upload's."""
         import urllib.parse
         response = session or self.request(endpoint, "POST", "blobs/uploads/", "pull,push",
-                                           ok=(202,), what=what, retry=False)
+                                           ok=(202,), what=what, retry=False, budget=budget)
         response.close()
         location = self._absolute(endpoint, response.headers.get("Location", ""))
         announced = response.headers.get("OCI-Chunk-Min-Length") or ""
@@ -4052,7 +4180,7 @@ class RegistryClient:
                 headers={"Content-Type": "application/octet-stream",
                          "Content-Length": str(descriptor.size)},
                 body=lambda: layout.open_blob(descriptor.digest), ok=(201, 204), what=what,
-                retry=False)
+                retry=False, budget=budget)
             response.close()
             return
         chunk = max(self.transport.options.upload_chunk_size, minimum)
@@ -4066,14 +4194,14 @@ class RegistryClient:
                          "Content-Length": str(length)},
                 body=functools.partial(_FileSlice, layout, descriptor.digest, offset, length),
                 ok=(201, 202, 204),
-                what=what, retry=False)
+                what=what, retry=False, budget=budget)
             response.close()
             location = self._absolute(endpoint, response.headers.get("Location") or location)
             offset += length
         response = self.request(endpoint, "PUT", "", "pull,push",
                                 url=_with_query(location, f"digest={digest}"),
                                 headers={"Content-Length": "0"}, body=b"", ok=(201, 204),
-                                what=what, retry=False)
+                                what=what, retry=False, budget=budget)
         response.close()
 
     def download_blob(self, ref: Reference, descriptor: Descriptor, layout: Layout,

@@ -4670,7 +4670,8 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
                           "http://auth.example.com/to\r\n ken"]:
                 with self.subTest(realm=realm):
                     challenge = oc.parse_challenges(f'Bearer realm="{realm}",service="s"')[0]
-                    with self.assertRaisesRegex(oc.AuthenticationError, "plain-http") as caught:
+                    with self.assertRaisesRegex(oc.AuthenticationError,
+                                                "plain-http|invalid token realm") as caught:
                         client._token(endpoint, challenge, ["repository:a/b:pull"],
                                       oc.Credentials("alice", "pa55-w0rd-9d1e"))
                     self.assertEqual(line_problem(str(caught.exception)), "")
@@ -4792,8 +4793,12 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
             answer = Answer(302, f"http://{host}/plain") if scheme == "https" else Answer(200)
             return oc._Response(answer, "", mock.Mock(), 5.0)  # type: ignore[arg-type]
 
-        transport = oc._Transport(oc.TransportOptions(attempts=1))
+        # Only to a host that may speak plain HTTP (named insecure, or loopback): https
+        # is otherwise never followed to http (TestNetworkAttacks).
+        transport = oc._Transport(oc.TransportOptions(
+            attempts=1, insecure_registries=("registry.example:5000",)))
         self.addCleanup(transport.close)
+        transport._schemes["registry.example:5000"] = "https"  # it answered with TLS before
         with mock.patch.object(transport, "_send", side_effect=send):
             transport.request("GET", "https://registry.example:5000/v2/a/blobs/x",
                               {"Authorization": "Bearer the-secret"}).close()
@@ -6443,6 +6448,10 @@ def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
             f"http://alice:x@{cdn.host}/serve{{target}}")
     sending("a blob redirected to ftp:// on the CDN", "/blobs/",
             f"ftp://{cdn.host}/serve{{target}}")
+    sending("a blob redirected to the CDN, which refuses it (403)", "/blobs/",
+            f"{cdn.url}/forbidden{{target}}?X-Amz-Signature=0")
+    sending("a blob redirected to a Location that is not ASCII", "/blobs/",
+            f"{cdn.url}/serve/\xe4{{target}}")
 
     def token_redirect(request: Request) -> Optional[Answer]:
         if request.target.startswith("/token"):
@@ -6467,6 +6476,8 @@ def cdn_handler(image: ImageBlobs, realm: str) -> Callable[[Request], Answer]:
                                  f'Bearer realm="{realm}/token",service="cdn"')], b"")
         if kind == "basic":
             return Answer(401, [("WWW-Authenticate", 'Basic realm="cdn"')], b"")
+        if kind == "forbidden":
+            return Answer(403, [], b"<Error><Code>AccessDenied</Code></Error>")
         if kind == "serve" and rest.rsplit("/", 1)[-1] in blobs:
             return Answer(200, [], blobs[rest.rsplit("/", 1)[-1]])
         return json_answer({"token": "from-the-cdn"})
@@ -6724,6 +6735,364 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
                 problems=sum(len(v) for v in failed.values()), slowest=f"{self.slowest[0]:.1f}s")
         self.assertEqual({problem: seeds[0] for problem, seeds in failed.items()}, {},
                          f"OCICACHE_FUZZ_SEED={seed}")
+
+
+class DualServer(HostileServer):
+    """A HostileServer that speaks TLS and plain HTTP on one port (it looks at the
+    first byte): the TLS side is the registry, the plain side is what anyone on the
+    network path answers to a request sent in clear text. ``plain`` answers those."""
+
+    def __init__(self, handler: Callable[[Request], Answer],
+                 plain: Callable[[Request], Answer], cert: str, key: str) -> None:
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(cert, key)
+        self._plain_handler, self._tls_handler = plain, handler
+        self._side = threading.local()
+        super().__init__(lambda request: (self._tls_handler if self._side.tls else
+                                          self._plain_handler)(request))
+
+    def _serve(self, connection: socket.socket) -> None:
+        try:
+            first = connection.recv(1, socket.MSG_PEEK)
+            self._side.tls = first == b"\x16"
+            if self._side.tls:
+                connection = self._context.wrap_socket(connection, server_side=True)
+        except (OSError, ssl.SSLError):
+            connection.close()
+            return
+        super()._serve(connection)
+
+
+class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
+    """An attacker's second look at where credentials go, what messages show and how
+    long hostile answers may take: a registry, a CDN or redirect target, a token realm
+    and a mirror each try what they can. Other hosts are other loopback addresses."""
+
+    SECRET = "n3t-att4ck-pa55-61c2"
+
+    def other_host(self, address: str, handler: Callable[[Request], Answer]) -> HostileServer:
+        server = HostileServer(handler, address)
+        self.addCleanup(server.stop)
+        return server
+
+    def no_secret(self, *texts: str) -> None:
+        self.assertEqual(secrets_in("\n".join(texts), [self.SECRET, basic("alice", self.SECRET)]),
+                         [])
+
+    def test_credentials_go_to_one_spelling_of_one_origin(self) -> None:
+        # Found nothing: every other spelling of the registry's host is another host
+        # (stricter than needed for case and :443, which is safe).
+        cases = {
+            ("https://reg.example:5000", "https://reg.example:5000/v2/x"): True,
+            ("https://reg.example:5000", "http://reg.example:5000/v2/x"): False,
+            ("https://reg.example:5000", "https://REG.example:5000/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example.:5000/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example:5000@evil.example/v2/x"): False,
+            ("https://reg.example:5000", "https://reg.example:5000\\@evil.example/x"): False,
+            ("https://reg.example:5000", "https://evil.example#@reg.example:5000/x"): False,
+            ("https://reg.example:5000", "ftp://reg.example:5000/x"): False,
+            ("https://reg.example", "https://reg.example:443/v2/x"): False,
+            ("https://[::1]:5000", "https://[::1]:5000/v2/x"): True,
+            ("https://[::1]:5000", "https://[0::1]:5000/v2/x"): False,
+            ("https://[::1]:5000", "https://[::1]:5001/v2/x"): False,
+        }
+        self.assertEqual({case: oc._may_send_credentials(case[1], case[0]) for case in cases},
+                         cases)
+
+    def test_a_challenge_in_clear_text_after_a_redirect_from_https_directs_nothing(self) -> None:
+        # An https registry whose front end redirects a blob to http:// on the same host
+        # (a common misconfiguration): whoever answers that clear-text request must not
+        # name the realm that the stored credentials go to.
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        image = make_image("clear-text")
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "the-attackers"}))
+        served = fake_registry(image)
+
+        def registry(request: Request) -> Answer:
+            if not request.headers.get("authorization"):
+                return Answer(401, [("WWW-Authenticate", 'Basic realm="registry"')], b"")
+            if "/blobs/" in request.target:
+                return Answer(307, [("Location", f"http://{request.headers['host']}/cdn"
+                                     f"{request.target}")], b"")
+            return served(request)
+
+        def in_clear_text(request: Request) -> Answer:
+            if request.target.startswith("/cdn/"):
+                return Answer(401, [("WWW-Authenticate", f'Bearer realm="{realm.url}/token",'
+                                     'service="x",error="insufficient_scope"')], b"")
+            return Answer(400, [], b"Client sent an HTTP request to an HTTPS server.\n")
+
+        server = DualServer(registry, in_clear_text, cert, key)
+        self.addCleanup(server.stop)
+        self.docker_config({"auths": {server.host: {"auth": basic("alice", self.SECRET)}}})
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            self.provider(ca_files=(ca,)).image_pull(f"{server.host}/test/c:1", "", "amd64")
+        self.assertEqual([(r.method, r.headers.get("authorization")) for r in realm.requests],
+                         [])
+        self.assertIn(f"http://{server.host}", str(caught.exception))
+        self.assertEqual(line_problem(str(caught.exception)), "")
+        self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.index_names(), [])
+
+    def test_an_https_registry_is_never_followed_to_plain_http(self) -> None:
+        # The same misconfigured front end, for a manifest by tag: its digest is only
+        # what the answer says, so whoever answers in clear text chooses the image.
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        image, evil = make_image("downgrade"), make_image("downgrade-evil")
+        served = fake_registry(image, extra=[evil.config, *evil.layers])  # blobs are blobs
+        forged = fake_registry(evil)
+
+        def registry(request: Request) -> Answer:
+            if "/manifests/" in request.target:
+                return Answer(307, [("Location", f"http://{request.headers['host']}"
+                                     f"{request.target}")], b"")
+            return served(request)
+
+        server = DualServer(registry, forged, cert, key)
+        self.addCleanup(server.stop)
+        with mock.patch.object(oc._Transport, "_may_use_http", lambda self, host: False):
+            with self.assertRaisesRegex(oc.RegistryError, "plain http") as caught:
+                self.provider(ca_files=(ca,)).image_pull(f"{server.host}/test/d:1", "", "amd64")
+        self.assertEqual(line_problem(str(caught.exception)), "")
+        self.assertEqual(self.index_names(), [])
+
+    def test_token_requests_spend_the_operations_retry_budget(self) -> None:
+        # The registry asks to wait once, then the token realm asks every time: both
+        # are one operation's retries, not a budget each.
+        realm = self.other_host("127.0.0.3", lambda r: Answer(503, [("Retry-After", "1")], b""))
+        waited: List[str] = []
+
+        def registry(request: Request) -> Answer:
+            if not waited:
+                waited.append(request.target)
+                return Answer(503, [("Retry-After", "1")], b"")
+            return Answer(401, [("WWW-Authenticate", f'Bearer realm="{realm.url}/token"')], b"")
+
+        server = self.other_host(LOOPBACK, registry)
+        started = time.monotonic()
+        with self.assertRaisesRegex(oc.RegistryError, "503"):
+            self.provider(attempts=5, retry_budget=1.5, max_retry_after=5.0).image_pull(
+                f"{server.host}/test/t:1", "", "amd64")
+        self.assertEqual(len(realm.requests), 1, [r.target for r in realm.requests])
+        self.assertLess(time.monotonic() - started, 1.9)
+
+    def test_a_pull_gone_anonymous_leaves_a_push_its_own_credentials(self) -> None:
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=True)
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("gone-anonymous")
+        upload(origin.url, "test/pub", image.blobs, [("1", image.manifest)])
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        path = self.docker_config({"auths": {registry.host: {"auth": basic("alice", "stale")}}})
+        provider = self.provider()
+        with self.assertLogs("ocicache", "WARNING"):
+            provider.image_pull(f"{registry.host}/test/pub:1", "", "amd64")
+        issuer.clear()
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            provider.push(f"{registry.host}/test/pub:1", f"{registry.host}/test/pub:2",
+                          override=True)
+        self.assertIn(f"refused the credentials from credentials file {path}",
+                      str(caught.exception))
+        self.assertTrue(issuer.requests())
+        self.assertTrue(all(r.authorization for r in issuer.requests()),
+                        "the push asked for an anonymous token")
+
+    def test_a_presigned_url_is_never_shown_whole(self) -> None:
+        # S3 and GCS sign a CDN URL in its query: a message may name the host and path,
+        # never the signature.
+        signature = "X-Amz-Signature=5ec2e7a11ce0ffee"
+        big = b"{" + b" " * (oc.MAX_MANIFEST_SIZE + 1)
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(200, [], big))
+        image = make_image("presigned")
+        server = self.other_host(LOOPBACK, fake_registry(image, override=on(
+            "GET", f"/blobs/{image.config.digest}", Answer(307, [(
+                "Location", f"{cdn.url}/bucket/config?X-Amz-Credential=AKIA%2F1&{signature}")],
+                b""))))
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{server.host}/test/p:1")
+        self.assertIn(f"{cdn.host}/bucket/config", self.assert_one_line_error(
+            but_verbose(result)))
+        self.assertNotIn("5ec2e7a11ce0ffee", result.stderr.decode())
+
+    def test_a_mirror_password_holding_a_url_delimiter_is_never_shown(self) -> None:
+        # '/', '?' and '#' end a URL's host part: unencoded in a password, the rest of
+        # the URL parses as a host "alice:<start of the password>".
+        for delimiter in "/?#":
+            with self.subTest(delimiter):
+                secret = f"se{delimiter}cr3t"
+                result = self.cli("--mirror", f"docker.io=http://alice:{secret}@127.0.0.1:1",
+                                  "pull", "--platform", "amd64", "alpine:1")
+                self.assert_one_line_error(result, "percent-encode")
+                for part in ("alice", ":se", "cr3t"):
+                    self.assertNotIn(part, result.stderr.decode())
+        # An '=' in the password of a mirror for every registry is the URL's own.
+        self.assertEqual(oc.parse_mirror("http://alice:p=w@127.0.0.1:1"),
+                         ("*", "http://alice:p=w@127.0.0.1:1"))
+
+    def test_secrets_a_server_echoes_into_its_error_are_never_shown(self) -> None:
+        # What a server was sent, it may say back (a debugging proxy, an error page
+        # quoting the request): the message must not carry it to a terminal or a log.
+        refresh = "refr35h-t0k3n-ech0-8c1d"
+
+        def echo(request: Request) -> Answer:
+            sent = request.headers.get("authorization", "")
+            said = " ".join([sent, base64.b64decode(sent[6:] if sent.startswith("Basic ") else
+                                                    "").decode(errors="replace"),
+                             request.body.decode(errors="replace"), urllib.parse.unquote_plus(
+                                 request.body.decode(errors="replace"))])
+            if request.target.startswith("/token") and issues and "authorization" in \
+                    request.headers:
+                return json_answer({"token": access})
+            if request.target.startswith("/token"):
+                return json_answer({"errors": [{"code": "DENIED", "message": said}]}, 401)
+            if not request.headers.get("authorization"):
+                return Answer(401, [("WWW-Authenticate", f'{scheme} realm="http://'
+                                     f'{request.headers["host"]}/token"')], b"")
+            return json_answer({"errors": [{"code": "DENIED", "message": said}]}, 403)
+
+        access = "acc3ss-t0k3n-ech0-40fe"  # the registry's own token is a secret too
+        for scheme, entry, issues in [("Basic", {"auth": basic("alice", self.SECRET)}, False),
+                                      ("Bearer", {"auth": basic("alice", self.SECRET)}, False),
+                                      ("Bearer", {"identitytoken": refresh}, False),
+                                      ("Bearer", {"auth": basic("alice", self.SECRET)}, True)]:
+            with self.subTest(scheme=scheme, entry=next(iter(entry)), issues=issues):
+                server = self.other_host(LOOPBACK, echo)
+                self.docker_config({"auths": {server.host: entry}})
+                result = self.cli("-v", "pull", "--platform", "amd64", f"{server.host}/test/e:1")
+                self.assert_one_line_error(but_verbose(result), "refused the credentials")
+                self.assertTrue(server.requests)
+                stderr = result.stderr.decode()
+                self.no_secret(stderr)
+                self.assertNotIn(refresh, stderr)
+                self.assertNotIn(access, stderr)
+
+    def test_a_location_that_is_not_ascii_is_one_line(self) -> None:
+        # http.client sends only ASCII: anything else raised UnicodeEncodeError.
+        image = make_image("not-ascii")
+        self.load_image("example.com/up:1", make_image("not-ascii-up"))
+        for location in ["/v2/test/n/blobs/\xc3\xa4", "http://127.0.0.1:1/\xff"]:
+            with self.subTest(location=location):
+                redirecting = self.other_host(LOOPBACK, fake_registry(image, override=on(
+                    "GET", "/blobs/", Answer(307, [("Location", location)], b""))))
+                with self.assertRaisesRegex(oc.RegistryError, "not a usable http or https"):
+                    self.provider().image_pull(f"{redirecting.host}/test/n:1", "", "amd64")
+                uploading = self.other_host(LOOPBACK, FakePushRegistry(override=on(
+                    "POST", "/blobs/uploads/", Answer(202, [("Location", location)], b""))))
+                with self.assertRaisesRegex(oc.RegistryError, "invalid upload location"):
+                    self.provider(attempts=1).push("example.com/up:1",
+                                                   f"{uploading.host}/test/n:1")
+
+    def test_a_header_no_request_can_carry_is_one_line_never_sent(self) -> None:
+        # A manifest's media type becomes the Content-Type of its push: a newline in it
+        # (a header injection, which http.client refuses) or a CJK character raised
+        # ValueError or UnicodeEncodeError.
+        image = make_image("media-type")
+        server = self.other_host(LOOPBACK, FakePushRegistry())
+        for media_type in [oc.MEDIA_OCI_MANIFEST + "\nX-Evil: 1", "application/\u4e2d"]:
+            with self.subTest(media_type=media_type):
+                manifest = json.loads(image.manifest.data)
+                manifest["mediaType"] = media_type
+                blob = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps(manifest).encode())
+                self.load(oci_archive([(blob.descriptor(), named("example.com/mt:1"))],
+                                      [image.config, *image.layers, blob]))
+                with self.assertRaisesRegex(oc.OciCacheError, "Content-Type header") as caught:
+                    self.provider(attempts=1).push("example.com/mt:1", f"{server.host}/a/b:1")
+                self.assertEqual(line_problem(str(caught.exception)), "")
+        self.assertEqual([r for r in server.requests if "x-evil" in r.headers], [])
+
+    def test_a_redirect_targets_refusal_is_its_own_not_the_credentials(self) -> None:
+        # S3 answers 403 AccessDenied to an expired signed URL: that host refused a
+        # request that carried no credentials, so they were not refused and no
+        # anonymous retry is due.
+        image = make_image("cdn-403")
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(403, [], b"<Error><Code>"
+                                                          b"AccessDenied</Code></Error>"))
+        registry = self.other_host(LOOPBACK, fake_registry(image, override=lambda r: (
+            Answer(401, [("WWW-Authenticate", 'Basic realm="r"')], b"")
+            if not r.headers.get("authorization") else
+            Answer(307, [("Location", f"{cdn.url}/bucket/blob?X-Amz-Expires=1")], b"")
+            if "/blobs/" in r.target else None)))
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", self.SECRET)}}})
+        with mock.patch.object(oc._log(), "warning") as warned:
+            with self.assertRaises(oc.RegistryError) as caught:
+                self.provider().image_pull(f"{registry.host}/test/cdn:1", "", "amd64")
+        self.assertIn(f"{cdn.host} answered 403", str(caught.exception))
+        self.assertNotIn("refused the credentials", str(caught.exception))
+        self.assertEqual(warned.call_args_list, [])
+        self.assertEqual([r.target for r in registry.requests if "/blobs/" in r.target
+                          and not r.headers.get("authorization")], [])
+
+    def test_a_proxy_password_goes_to_the_proxy_alone(self) -> None:
+        # HTTPS_PROXY=http://user:password@proxy:port: the user:password went into the
+        # host name to resolve (to the DNS server, with the search domains) and never to
+        # the proxy; a plain-HTTP request through it had no absolute target.
+        proxy = self.other_host(LOOPBACK, lambda r: Answer(
+            407, [("Proxy-Authenticate", 'Basic realm="proxy"')], b"")
+            if r.method == "CONNECT" else json_answer({"errors": []}, 404))
+        url = f"http://proxy-user:{urllib.parse.quote(self.SECRET + '/@', safe='')}@{proxy.host}"
+        expected = "Basic " + basic("proxy-user", self.SECRET + "/@")
+        with mock.patch.dict(os.environ, {"HTTPS_PROXY": url, "HTTP_PROXY": url}):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider(attempts=1).image_pull("registry.example/test/p:1", "", "amd64")
+            self.no_secret(everything_about(caught.exception))
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider(attempts=1, insecure_registries=("registry.example:5000",)
+                              ).image_pull("registry.example:5000/test/p:1", "", "amd64")
+            self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.outside, [])
+        self.assertEqual([(r.method, r.target, r.headers.get("proxy-authorization"))
+                          for r in proxy.requests][:2],
+                         [("CONNECT", "registry.example:443", expected),
+                          ("GET", "http://registry.example:5000/v2/test/p/manifests/1",
+                           expected)])
+
+    def test_a_remote_registry_never_sends_requests_to_this_machine(self) -> None:
+        # A registry elsewhere naming http://127.0.0.1:<port>/... as a redirect or an
+        # upload Location made ocicache send GET, PUT or DELETE to a local service (a
+        # docker API on 127.0.0.1:2375). Here 127.0.0.2 plays the remote registry.
+        local = self.other_host(LOOPBACK, lambda r: json_answer({}))
+        image = make_image("ssrf")
+        self.load_image("example.com/ssrf:1", make_image("ssrf-push"))
+        target = f"http://{local.host}/containers/x?force=1"
+        pulled = self.other_host("127.0.0.2", fake_registry(image, override=on(
+            "GET", "/blobs/", Answer(307, [("Location", target)], b""))))
+        pushed = self.other_host("127.0.0.2", FakePushRegistry(override=on(
+            "POST", "/blobs/uploads/", Answer(202, [("Location", target)], b""))))
+
+        def loopback(host: str) -> bool:  # 127.0.0.2 is elsewhere
+            return host.split(":")[0] in ("127.0.0.1", "localhost")
+
+        with mock.patch.object(oc, "_is_loopback", loopback), mock.patch.object(
+                oc._Transport, "_may_use_http", lambda self, host: True):
+            with self.assertRaisesRegex(oc.RegistryError, "this machine"):
+                self.provider(attempts=1).image_pull(f"{pulled.host}/test/s:1", "", "amd64")
+            with self.assertRaisesRegex(oc.RegistryError, "this machine"):
+                self.provider(attempts=1).push("example.com/ssrf:1", f"{pushed.host}/test/s:1")
+            realm = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+                "WWW-Authenticate", f'Bearer realm="{target}"')], b""))
+            with self.assertRaisesRegex(oc.AuthenticationError, "this machine"):
+                self.provider(attempts=1).image_pull(f"{realm.host}/test/s:1", "", "amd64")
+        self.assertEqual(local.requests, [])
+
+    def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
+        for label, realm in [("a space", "http://{host}/to ken"),
+                             ("a NUL", "http://{host}/to\x00ken"),
+                             ("a DEL", "http://{host}/to\x7fken"),
+                             ("a non-ASCII character", "http://{host}/t\xf6ken"),
+                             ("a user name", "http://user:pw@{host}/token"),
+                             ("a bad port", "http://127.0.0.1:99999/token")]:
+            with self.subTest(label):
+                def registry(request: Request, realm: str = realm) -> Answer:
+                    return Answer(401, [("WWW-Authenticate", 'Bearer realm="' + realm.replace(
+                        "{host}", request.headers["host"]) + '"')], b"")
+                server = self.other_host(LOOPBACK, registry)
+                with self.assertRaises(oc.AuthenticationError) as caught:
+                    self.provider(attempts=5, backoff=1.0).image_pull(
+                        f"{server.host}/test/r:1", "", "amd64")
+                self.assertIn("invalid token realm", str(caught.exception))
+                self.assertNotIn("pw@", str(caught.exception))
+                self.assertEqual(line_problem(str(caught.exception)), "")
+                self.assertEqual(len(server.requests), 1)
 
 
 class TestPublishedOnly(RegistryTestCase):
