@@ -5721,15 +5721,30 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
             cache.copy(f"{source.host}/test/three:1", f"{proxy.host}/test/copy:1")
         self.assertEqual(line_problem(str(caught.exception)), "")
         self.assertTrue(proxy.fired())
+        proxy.clear_faults()  # a refusal, not retried: the command line's error is one line
+        proxy.add_fault("respond", method="PUT", match=f"digest={big.replace(':', '%3A')}",
+                        status=400, times=None)
         result = self.cli("--jobs", "1", "copy", f"{source.host}/test/three:1",
                           f"{proxy.host}/test/copy:1")
-        self.assert_one_line_error(result, "500")
+        self.assert_one_line_error(result, "400")
         with self.assertRaises(oc.RegistryError) as absent:
             cache.registry.get_manifest(oc.Reference.parse(f"{target.host}/test/copy:1"))
         self.assertEqual(absent.exception.status, 404)
         proxy.clear_faults()
         cache.copy(f"{source.host}/test/three:1", f"{proxy.host}/test/copy:1")
         self.assertEqual(self.raw(f"{target.host}/test/copy:1"), index.data)
+        # a layout whose blob cannot be fetched is never visible, not even half
+        cache.clean()
+        upstream = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(upstream.stop)
+        upstream.add_fault("respond", method="GET", match=f"/blobs/{big}", status=500,
+                           times=None)
+        before = sorted(os.listdir(self.tmp))
+        for destination in (f"oci:{self.path('layout')}", f"oci-archive:{self.path('a.tar')}"):
+            with self.subTest(destination):
+                with self.assertRaisesRegex(oc.RegistryError, "500"):
+                    cache.copy(f"{upstream.host}/test/three:1", destination)
+                self.assertEqual(sorted(os.listdir(self.tmp)), before)
 
 
 class TestRegistryDetails(RegistryTestCase):
