@@ -6790,6 +6790,12 @@ class Provider(CacheProvider):
                        for tag in self.registry.list_tags(base)]
             if not sources:
                 raise NotFoundError(f"{base.name} has no tags")
+        with self.layout.adding_blobs():  # what is staged here is not gc's until copied
+            return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
+                              all_tags)
+
+    def _copy(self, sources: Sequence[Reference], src_kind: str, dst_kind: str, dst: str,
+              dst_tag: str, architecture: str, all_tags: bool) -> List[Tuple[str, Descriptor]]:
         items: List[Tuple[Reference, str, _CopyPlan]] = []
         for ref in sources:
             if dst_kind == "registry":
@@ -6816,7 +6822,8 @@ class Provider(CacheProvider):
         if architecture in ("", ALL_PLATFORMS):
             return data, root, list(index.manifests)
         chosen = _chosen_children(ref, index, architecture)
-        if len(chosen) == len(index.manifests):
+        if len(chosen) == len(index.manifests) and \
+                _ANNOTATION_SUBSET_OF not in index.annotations:  # the cache's own part
             return data, root, chosen
         annotations = {k: v for k, v in index.annotations.items() if k != _ANNOTATION_SUBSET_OF}
         part = _replace(index, manifests=tuple(chosen), annotations=annotations).to_bytes()
@@ -6857,7 +6864,15 @@ class Provider(CacheProvider):
                              if c.platform is not None and not c.is_attestation)
             raise NotFoundError(f"cannot copy all of {ref}: the cache holds only {held}; "
                                 "copy with --platform, or pull it with --all-platforms first")
-        data, root, chosen = self._filtered(ref, data, root, architecture)
+        try:
+            data, root, chosen = self._filtered(ref, data, root, architecture)
+        except PlatformNotFoundError as e:
+            if not index.annotations.get(_ANNOTATION_SUBSET_OF):
+                raise
+            held = ", ".join(str(c.platform) for c in index.manifests
+                             if c.platform is not None and not c.is_attestation)
+            raise PlatformNotFoundError(f"image {ref}: the cache holds only {held} of it; "
+                                        f"pull it with --platform {architecture}") from e
         children: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
         for child in map(self.layout.believed, chosen):
             if child.media_type not in IMAGE_MEDIA_TYPES or not self._holds(child):
@@ -6911,8 +6926,7 @@ class Provider(CacheProvider):
                 raise NotFoundError(f"blob {blob.digest} is not in the cache {self.root}")
             if self._at_destination(endpoint, blob, mounts):
                 return
-            with self.layout.adding_blobs():
-                self.registry.download_blob(source, blob, self.layout)
+            self.registry.download_blob(source, blob, self.layout)
         self.registry.upload_blob(endpoint, blob, self.layout, mounts)
 
     def _at_destination(self, endpoint: _Endpoint, blob: Descriptor,
@@ -6949,9 +6963,9 @@ class Provider(CacheProvider):
             for blob in plan.blobs:
                 blobs.setdefault(blob.digest, blob)
         if from_registry:
-            with self.layout.adding_blobs():
-                for ref, _, plan in items:
-                    self._download(ref, [b for b in plan.blobs if b.digest in blobs])
+            for ref, _, plan in items:
+                self.progress.begin(f"copy {ref}", plan.blobs)
+                self._download(ref, plan.blobs)
         documents: Dict[Digest, bytes] = {}
         for _, _, plan in items:
             documents.update((d.digest, data) for d, data in plan.manifests)

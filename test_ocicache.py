@@ -5687,6 +5687,10 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                    "linux/arm64")
         data = self.raw(f"{registry.host}/test/fromcache:1")
         self.assertEqual(self.listed(data), ["arm64", f"att:{images['arm64'].manifest.digest}"])
+        self.assertNotIn(oc._ANNOTATION_SUBSET_OF, json.loads(data).get("annotations", {}))
+        with self.assertRaisesRegex(oc.PlatformNotFoundError, "holds only linux/arm64 of it"):
+            cache.copy(f"cache:{registry.host}/test/three:1", f"oci:{self.path('l')}",
+                       "linux/arm64,linux/amd64")
         with self.assertRaisesRegex(oc.NotFoundError, "holds only linux/arm64"):
             cache.copy(f"cache:{registry.host}/test/three:1", f"{registry.host}/test/x:1")
         copied = cache.copy(f"{registry.host}/test/three", f"{registry.host}/test/mirror",
