@@ -5918,6 +5918,7 @@ class Provider(CacheProvider):
                                        default_mirrors() if mirrors is None else mirrors)
         self.jobs = max(1, jobs)
         self.progress = progress or PullProgress()
+        self._saved_locations: Optional[Dict[Tuple[str, Digest], List[str]]] = None
 
     @property
     def root(self) -> str:
@@ -6324,6 +6325,7 @@ class Provider(CacheProvider):
                         wanted, named, {descriptor.digest for descriptor, _, _ in manifests},
                         Index.from_json(root_data).manifests)
                 self._write_names(names)
+            self._save_locations()
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
 
@@ -6740,10 +6742,14 @@ class Provider(CacheProvider):
         sources = [local.repository] if local.registry == endpoint.registry and \
             local.repository != endpoint.repository else []
         ordered = sorted(blobs.values(), key=lambda b: -b.size)
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
-            for future in [pool.submit(self.registry.upload_blob, endpoint, blob, self.layout,
-                                       sources) for blob in ordered]:
-                future.result()
+        self._recall_locations()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
+                for future in [pool.submit(self.registry.upload_blob, endpoint, blob,
+                                           self.layout, sources) for blob in ordered]:
+                    future.result()
+        finally:
+            self._save_locations()
         for descriptor, _ in parsed:
             self.registry.put_manifest(endpoint, str(descriptor.digest),
                                        self.layout.read_blob(descriptor.digest),
@@ -6898,9 +6904,13 @@ class Provider(CacheProvider):
             work += [(ref if from_registry else None, endpoint, blob, mounts)
                      for blob in plan.blobs]
         work.sort(key=lambda w: -w[2].size)
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy") as pool:
-            for future in [pool.submit(self._copy_blob, *w) for w in work]:
-                future.result()
+        self._recall_locations()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy") as pool:
+                for future in [pool.submit(self._copy_blob, *w) for w in work]:
+                    future.result()
+        finally:
+            self._save_locations()
         for ref, name, plan in items:
             target = Reference.parse(name)
             endpoint = self.registry.endpoint(target, use_mirrors=False)
@@ -6939,7 +6949,9 @@ class Provider(CacheProvider):
         response.close()
         if response.status == 200:
             return True
-        for source in mounts:
+        with self.registry._guard:  # and where this or an earlier run saw it
+            seen = self.registry._locations.get((endpoint.host, blob.digest), [])
+        for source in [s for s in dict.fromkeys([*mounts, *seen]) if s != endpoint.repository]:
             response = self.registry.request(
                 endpoint, "POST", f"blobs/uploads/?mount={blob.digest}&from={source}",
                 "pull,push", ok=(201, 202), what=what,
@@ -6966,6 +6978,7 @@ class Provider(CacheProvider):
             for ref, _, plan in items:
                 self.progress.begin(f"copy {ref}", plan.blobs)
                 self._download(ref, plan.blobs)
+            self._save_locations()
         documents: Dict[Digest, bytes] = {}
         for _, _, plan in items:
             documents.update((d.digest, data) for d, data in plan.manifests)
@@ -7038,6 +7051,53 @@ class Provider(CacheProvider):
         listed = [d for d, _ in plan.manifests if d.digest != plan.root.digest]
         return plan.root, [*plan.blobs, *listed], documents
 
+    def _read_locations(self) -> Dict[Tuple[str, Digest], List[str]]:
+        """The blob locations earlier runs saved; none when the file is absent or bad (a
+        hint never stops a pull or push)."""
+        path = os.path.join(self.root, _LOCATIONS_FILE)
+        try:
+            with self.layout._root_directory() as directory:
+                fd = _open_regular(_LOCATIONS_FILE, os.O_RDONLY, directory, path)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(_MAX_LOCATIONS * 512 + 1)
+        except FileNotFoundError:
+            return {}
+        except (OSError, OciCacheError) as e:
+            _log().debug("not reading the blob locations in %s: %s", path, e)
+            return {}
+        return _parse_locations(data) if len(data) <= _MAX_LOCATIONS * 512 else {}
+
+    def _recall_locations(self) -> None:
+        """Give the registry client, once, the places earlier runs saw blobs in, so that
+        an upload mounts from them (``upload_blob`` tries them after ``mount_from``)."""
+        if self._saved_locations is not None:
+            return
+        self._saved_locations = self._read_locations()
+        with self.registry._guard:
+            for key, repositories in self._saved_locations.items():
+                current = self.registry._locations.setdefault(key, [])
+                current[:0] = [r for r in repositories if r not in current]
+
+    def _save_locations(self) -> None:
+        """Add what this process learnt about blob locations to the cache's file, merged
+        under the lock with what other processes wrote meanwhile."""
+        with self.registry._guard:
+            learnt = {key: repositories[-_MAX_MOUNT_SOURCES:] for key, repositories
+                      in self.registry._locations.items()}
+        known = self._saved_locations or {}
+        new = {key: r for key, r in learnt.items() if known.get(key) != r}
+        if not new:
+            return
+        try:
+            with self.layout.lock():
+                merged = _merged_locations(self._read_locations(), new)
+                with self.layout._root_directory() as directory:
+                    _write_file_atomically(directory, _LOCATIONS_FILE, _locations_bytes(merged))
+        except (OSError, OciCacheError) as e:  # a read-only or full cache: only a hint lost
+            _log().debug("not saving the blob locations in %s: %s", self.root, e)
+            return
+        self._saved_locations = merged
+
 
 @_value_type
 class _CopyPlan:
@@ -7080,6 +7140,55 @@ def parse_copy_location(text: str) -> Tuple[str, str, str]:
     ref = Reference.parse(name)
     given = ":" in name.split("@")[0].rsplit("/", 1)[-1]  # not the tag "latest" parse adds
     return "registry", str(ref), ref.tag if given else ""
+
+
+# Where blobs were last seen (skopeo's blob-info cache): a push or copy to a registry
+# mounts a blob from a repository of that registry an earlier run saw it in, instead of
+# uploading it. A hint only: what the file says is checked, a bad file is ignored.
+_LOCATIONS_FILE = ".ocicache-blob-locations.json"
+_MAX_LOCATIONS = 10_000       # digests remembered; the least recently seen go first
+_MAX_MOUNT_SOURCES = 3        # repositories per digest and registry, the newest kept
+
+
+def _parse_locations(data: bytes) -> Dict[Tuple[str, Digest], List[str]]:
+    """The locations in a file's bytes; anything not a valid host, digest and
+    repository is skipped (a repository goes into a mount URL's query)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return {}
+    found: Dict[Tuple[str, Digest], List[str]] = {}
+    rows = obj.get("locations") if isinstance(obj, dict) else None
+    for row in rows if isinstance(rows, list) else ():
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                and isinstance(row[1], str) and isinstance(row[2], list)):
+            continue
+        try:
+            digest = Digest.parse(row[1])
+        except InvalidDigestError:
+            continue
+        repositories = [r for r in row[2] if isinstance(r, str) and re.fullmatch(_PATH, r)]
+        if re.fullmatch(_DOMAIN, row[0]) and repositories:
+            found[(row[0], digest)] = repositories[-_MAX_MOUNT_SOURCES:]
+    return found
+
+
+def _merged_locations(older: Mapping[Tuple[str, Digest], List[str]],
+                      newer: Mapping[Tuple[str, Digest], List[str]]
+                      ) -> Dict[Tuple[str, Digest], List[str]]:
+    """``older`` updated with ``newer``: a digest seen again moves to the end (the most
+    recent), its newest repositories last; bounded by ``_MAX_LOCATIONS``."""
+    merged = dict(older)
+    for key, repositories in newer.items():
+        seen = [r for r in merged.pop(key, []) if r not in repositories] + list(repositories)
+        merged[key] = seen[-_MAX_MOUNT_SOURCES:]
+    return dict(list(merged.items())[-_MAX_LOCATIONS:])
+
+
+def _locations_bytes(locations: Mapping[Tuple[str, Digest], List[str]]) -> bytes:
+    return _json_bytes({"locations": [[host, str(digest), repositories] for
+                                      (host, digest), repositories in locations.items()]},
+                       separators=(",", ":"))
 
 
 class _CacheSource(ImageSource):

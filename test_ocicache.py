@@ -5750,6 +5750,67 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                     cache.copy(f"{upstream.host}/test/three:1", destination)
                 self.assertEqual(sorted(os.listdir(self.tmp)), before)
 
+    def test_mount_sources_are_remembered_across_runs(self) -> None:
+        registry = self.start_registry()
+        big = make_image("base", layer_files=[{"big": random.Random(5).randbytes(1 << 16)}])
+        upload(registry.url, "test/base", big.blobs, [("1", big.manifest)])
+        first = self.provider()
+        first.image_pull(f"{registry.host}/test/base:1", "", "amd64")
+        first.close()
+        saved = os.path.join(self.cache_dir, oc._LOCATIONS_FILE)
+        self.assertTrue(os.path.exists(saved))
+        # as linuxkit build names an image it made from the base: another repository
+        self.cache.descriptor_write(f"{registry.host}/test/app:1",
+                                    self.cache.find_descriptor(f"{registry.host}/test/base:1"))
+        for run, how in enumerate([
+                lambda p: p.push(f"{registry.host}/test/app:1"),
+                lambda p: p.copy(f"cache:{registry.host}/test/app:1",
+                                 f"{registry.host}/test/copied:1"),
+                lambda p: p.copy(f"{registry.host}/test/base:1",
+                                 f"{registry.host}/test/mirrored:1")]):
+            with self.subTest(run):
+                if run == 2:
+                    self.cache.clean()  # nothing in the cache: the copy must not download
+                before = self.settled(registry)
+                how(self.provider())  # a new process: only the file knows test/base
+                self.settled(registry)
+                moved = [(e.method, e.uri, e.status)
+                         for e in registry.access_entries()[before:]]
+                mounts = [r for r in moved if r[0] == "POST" and "mount=" in r[1]
+                          and int(r[2]) == 201]
+                self.assertTrue(mounts, moved)
+                if run == 0:  # only the file can have named test/base
+                    self.assertTrue(all("from=test/base" in r[1] for r in mounts), mounts)
+                self.assertFalse([r for r in moved if r[0] == "PUT" and "/blobs/" in r[1]
+                                  and "digest=" in r[1] and big.layers[0].digest.split(":")[1]
+                                  in r[1]], moved)
+                self.assertFalse([r for r in moved if r[0] == "GET" and "/blobs/" in r[1]
+                                  and big.layers[0].digest in r[1]], moved)
+
+    def test_a_bad_locations_file_is_only_a_lost_hint(self) -> None:
+        registry = self.start_registry()
+        image = make_image("hint")
+        self.load_image(f"{registry.host}/test/hint:1", image)
+        saved = os.path.join(self.cache_dir, oc._LOCATIONS_FILE)
+        layer = image.layers[0].digest
+        for content in [b"{not json", b"[]", b'{"locations": 5}',
+                        json.dumps({"locations": [[registry.host, layer, ["x&from=y", "../a"]],
+                                                  ["bad host/", layer, ["test/a"]],
+                                                  [registry.host, "sha256:zz", ["test/a"]]]}
+                                   ).encode()]:
+            with self.subTest(content[:20]):
+                with open(saved, "wb") as f:
+                    f.write(content)
+                self.assertEqual(oc._parse_locations(content), {})
+                self.provider().push(f"{registry.host}/test/hint:1", override=True)
+        os.unlink(saved)
+        os.symlink(self.path("elsewhere"), saved)
+        self.provider().push(f"{registry.host}/test/hint:1", f"{registry.host}/test/h2:1")
+        self.assertFalse(os.path.exists(self.path("elsewhere")))
+        rows = {(h, str(d)): r for (h, d), r in oc._merged_locations(
+            {(registry.host, oc.Digest.parse(layer)): ["a", "b", "c"]},
+            {(registry.host, oc.Digest.parse(layer)): ["d"]}).items()}
+        self.assertEqual(rows, {(registry.host, layer): ["b", "c", "d"]})
 
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
