@@ -7035,12 +7035,12 @@ class Provider(CacheProvider):
             with self.layout.open_blob(blob.digest) as source, \
                     open(os.path.join(directory, _blob_name(blob.digest)), "xb") as out:
                 shutil.copyfileobj(source, out, COPY_BUFFER_SIZE)
-        for digest, data in documents.items():
-            with open(os.path.join(directory, _blob_name(digest)), "wb") as out:
-                out.write(data)
-        for name, data in (("oci-layout", _OCI_LAYOUT_BYTES), ("index.json", index)):
+                os.fsync(out.fileno())  # durable before the rename makes it visible
+        written = [(_blob_name(digest), data) for digest, data in documents.items()]
+        for name, data in [*written, ("oci-layout", _OCI_LAYOUT_BYTES), ("index.json", index)]:
             with open(os.path.join(directory, name), "wb") as out:
                 out.write(data)
+                os.fsync(out.fileno())
 
     def _platform_subset(self, ref: Reference, architecture: str
                          ) -> Tuple[Descriptor, List[Descriptor], Dict[Digest, bytes]]:
@@ -7129,8 +7129,9 @@ def parse_copy_location(text: str) -> Tuple[str, str, str]:
     for kind in ("oci-archive", "oci"):
         if text.startswith(f"{kind}:"):
             path, _, tag = text[len(kind) + 1:].partition(":")
-            if not path:
-                raise OciCacheError(f"{text!r}: name a path, as in {kind}:DIR[:TAG]")
+            if not path or path == "-":
+                raise OciCacheError(f"{text!r}: name a path, as in {kind}:DIR[:TAG] "
+                                    "(to standard output: export --format oci -o -)")
             if tag and not re.fullmatch(_TAG, tag):
                 raise OciCacheError(f"{text!r}: {tag!r} is not a valid tag")
             return kind, path, tag

@@ -5666,6 +5666,7 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         before = sorted(os.listdir(self.tmp))
         for destination, fragment in [(f"oci:{layout}", "exists"),
                                       ("oci:", "name a path"),
+                                      ("oci-archive:-", "name a path"),
                                       (f"oci:{self.path('x')}:bad/tag", "not a valid tag"),
                                       (f"oci-archive:{self.path('nodir', 'x.tar')}",
                                        "No such file")]:
