@@ -5634,6 +5634,17 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                          [f"{token_registry.host}/test/arm:1", str(arm.digest)])
         other.image_pull(f"{token_registry.host}/test/arm:1", "", "arm64")
         self.assertTrue(other.verify().ok)
+        self.cache.clean()  # nothing staged: every blob must come by mount
+        before = len(token_registry.access_entries())  # within the token registry
+        self.provider().copy(f"{token_registry.host}/test/arm:1",
+                             f"{token_registry.host}/test/arm2:1")
+        self.settled(token_registry)
+        moved = [(e.method, e.uri, e.status) for e in token_registry.access_entries()[before:]]
+        self.assertTrue([r for r in moved if r[0] == "POST" and "mount=" in r[1]
+                         and int(r[2]) == 201], moved)
+        self.assertFalse([r for r in moved if r[0] == "GET" and "/blobs/" in r[1]], moved)
+        self.assertEqual(self.listed(other.registry.get_manifest(oc.Reference.parse(
+            f"{token_registry.host}/test/arm2:1"))[0]), ["arm64", f"att:{images['arm64'].manifest.digest}"])
 
     def test_copy_to_an_oci_layout_and_archive_read_by_skopeo_and_umoci(self) -> None:
         registry = self.start_registry()
