@@ -6771,16 +6771,15 @@ class Provider(CacheProvider):
         memory), are mounted from the source repository within one registry, ``jobs``
         at a time; tags are written after everything else, so a failed copy leaves none.
         """
-        src_kind, src, src_tag = parse_copy_location(source)
+        src_kind, src, _ = parse_copy_location(source)
         dst_kind, dst, dst_tag = parse_copy_location(destination)
         if src_kind not in ("registry", "cache"):
             raise OciCacheError(f"copy from {source}: a source is a registry name or "
                                 "cache:NAME")
         if dst_kind == "cache":
             raise OciCacheError(f"copy to {destination}: use 'pull' to copy into the cache")
-        whole = architecture in ("", ALL_PLATFORMS)
-        if not whole:
-            _platform_list(architecture)
+        if architecture not in ("", ALL_PLATFORMS):
+            _platform_list(architecture)  # a bad list fails before any request
         sources = [Reference.parse(src)]
         if all_tags:
             if src_kind != "registry" or sources[0].digest is not None:
@@ -6796,6 +6795,8 @@ class Provider(CacheProvider):
                        for tag in self.registry.list_tags(base)]
             if not sources:
                 raise NotFoundError(f"{base.name} has no tags")
+        if dst_kind in ("oci", "oci-archive"):
+            _layout_target(dst, dst_kind == "oci-archive")  # before any request
         with self.layout.adding_blobs():  # what is staged here is not gc's until copied
             return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
                               all_tags)
@@ -6841,9 +6842,9 @@ class Provider(CacheProvider):
         if not root.is_index:
             manifests, loose = self._pull_plan(ref, data, root, architecture or ALL_PLATFORMS)
             return _CopyPlan(ref, root, data, (), _copied_blobs(manifests, loose))
-        whole = architecture in ("", ALL_PLATFORMS)
-        if whole:
-            manifests, loose = self._plan_everything(ref, Index.from_json(data, what=f"index of {ref}"))
+        if architecture in ("", ALL_PLATFORMS):
+            manifests, loose = self._plan_everything(ref, Index.from_json(
+                data, what=f"index of {ref}"))
         else:
             manifests, loose = self._pull_plan(ref, data, root, architecture)
         data, root, _ = self._filtered(ref, data, root, architecture)
@@ -6905,11 +6906,12 @@ class Provider(CacheProvider):
                      for blob in plan.blobs]
         work.sort(key=lambda w: -w[2].size)
         self._recall_locations()
+        pool = concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy")
         try:
-            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy") as pool:
-                for future in [pool.submit(self._copy_blob, *w) for w in work]:
-                    future.result()
-        finally:
+            for future in [pool.submit(self._copy_blob, *w) for w in work]:
+                future.result()
+        finally:  # after a failure, the blobs not started are not sent
+            pool.shutdown(wait=True, cancel_futures=True)
             self._save_locations()
         for ref, name, plan in items:
             target = Reference.parse(name)
@@ -6969,7 +6971,6 @@ class Provider(CacheProvider):
         """A new OCI layout directory or archive at ``path``, written under a temporary
         name and renamed when complete; each root named by its tag (``ref.name``, as
         skopeo's ``oci:DIR:TAG`` reads it) and its full name (containerd's)."""
-        import tempfile
         blobs: Dict[Digest, Descriptor] = {}
         for _, _, plan in items:
             for blob in plan.blobs:
@@ -6988,14 +6989,13 @@ class Provider(CacheProvider):
             ANNOTATION_CONTAINERD_NAME: str(Reference(ref.registry, ref.repository, name))})
             for ref, name, plan in items)
         index = Index(MEDIA_OCI_INDEX, entries).to_bytes()
-        target = os.path.abspath(path)
-        if os.path.lexists(target) and not archive:
-            raise OciCacheError(f"{path} exists; copy writes a new OCI layout directory")
+        target = _layout_target(path, archive)
         parent, base = os.path.split(target)
+        temp = os.path.join(parent, _temporary_name(f".{base}"))  # the umask's mode, as export
         if archive:
-            fd, temp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+            fd = os.open(temp, _NEW_FILE | os.O_CLOEXEC, _CREATE_MODE)
         else:
-            temp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+            os.mkdir(temp)
         try:
             if archive:
                 with os.fdopen(fd, "wb") as out:
@@ -7120,6 +7120,26 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
             if not _is_foreign(blob):
                 blobs.setdefault(blob.digest, blob)
     return tuple(blobs.values())
+
+
+def _layout_target(path: str, archive: bool) -> str:
+    """The absolute path a copy writes its layout or archive to, when it may: in an
+    existing directory, not over an existing layout, never over anything but a regular
+    file (the rename would replace a device or FIFO, as ``docker save -o /dev/null``
+    once replaced root's /dev/null)."""
+    target = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(target)):
+        raise OciCacheError(f"cannot write {path}: {os.path.dirname(target)} is not a directory")
+    try:
+        existing = os.lstat(target)
+    except FileNotFoundError:
+        return target
+    if not archive:
+        raise OciCacheError(f"{path} exists; copy writes a new OCI layout directory")
+    if not stat.S_ISREG(existing.st_mode):
+        raise OciCacheError(f"cannot write {path}: it is not a regular file (an archive "
+                            "replaces a file; to standard output: export --format oci -o -)")
+    return target
 
 
 def parse_copy_location(text: str) -> Tuple[str, str, str]:

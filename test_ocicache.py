@@ -5666,26 +5666,33 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         # umoci reads an index of one manifest (one without attestations)
         self.provider().copy(name, f"oci:{single}:s390x", "linux/s390x")
         for image in (f"{single}:s390x",):
-            stat = subprocess.run([umoci, "stat", "--json", "--image", image],
-                                  capture_output=True, timeout=60)
-            self.assertEqual(stat.returncode, 0, stat.stderr.decode())
+            stated = subprocess.run([umoci, "stat", "--json", "--image", image],
+                                    capture_output=True, timeout=60)
+            self.assertEqual(stated.returncode, 0, stated.stderr.decode())
         bundle = self.path("bundle")
         unpacked = subprocess.run([umoci, "unpack", "--rootless", "--image",
                                    f"{single}:s390x", bundle], capture_output=True, timeout=60)
         self.assertEqual(unpacked.returncode, 0, unpacked.stderr.decode())
         self.assertTrue(os.path.exists(os.path.join(bundle, "rootfs", "etc", "t-s390x")))
+        os.mkfifo(self.path("fifo"))  # never replaced (as a device would not be)
         before = sorted(os.listdir(self.tmp))
         for destination, fragment in [(f"oci:{layout}", "exists"),
                                       ("oci:", "name a path"),
                                       ("oci-archive:-", "name a path"),
                                       (f"oci:{self.path('x')}:bad/tag", "not a valid tag"),
                                       (f"oci-archive:{self.path('nodir', 'x.tar')}",
-                                       "No such file")]:
+                                       "is not a directory"),
+                                      (f"oci-archive:{self.path('fifo')}",
+                                       "not a regular file"),
+                                      (f"oci-archive:{layout}", "not a regular file")]:
             with self.subTest(destination):
                 self.assert_one_line_error(self.cli("copy", name, destination), fragment)
         result = self.cli("copy", "--platform", "linux/ppc64le", name, f"oci:{self.path('p')}")
         self.assert_one_line_error(result, "has no linux/ppc64le")
         self.assertEqual(sorted(os.listdir(self.tmp)), before)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.path("fifo")).st_mode))
+        self.assertEqual(stat.S_IMODE(os.stat(archive).st_mode), 0o666 & ~current_umask())
+        self.assertEqual(stat.S_IMODE(os.stat(layout).st_mode), 0o777 & ~current_umask())
 
     def test_copy_from_the_cache_and_every_tag(self) -> None:
         registry = self.start_registry()
