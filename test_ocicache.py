@@ -5769,6 +5769,31 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                     cache.copy(f"{upstream.host}/test/three:1", destination)
                 self.assertEqual(sorted(os.listdir(self.tmp)), before)
 
+    def test_an_interrupted_copy_resumes_in_a_later_run(self) -> None:
+        source = self.start_registry()
+        big = make_image("resume", layer_files=[{"big": random.Random(9).randbytes(1 << 20)}],
+                         gzip_layers=False)
+        upload(source.url, "test/resume", big.blobs, [("1", big.manifest)])
+        target = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(proxy.stop)
+        layer = big.layers[0].digest
+        proxy.add_fault("reset", match=f"/blobs/{layer}", method="GET", after_bytes=300_000)
+        with self.assertRaises(oc.OciCacheError):
+            self.provider(attempts=1).copy(f"{proxy.host}/test/resume:1",
+                                           f"{target.host}/test/resume:1")
+        with self.assertRaises(oc.RegistryError):  # no tag
+            self.cache.registry.get_manifest(oc.Reference.parse(f"{target.host}/test/resume:1"))
+        before = len(source.access_entries())
+        self.provider().copy(f"{proxy.host}/test/resume:1", f"{target.host}/test/resume:1")
+        self.assertEqual(self.raw(f"{target.host}/test/resume:1"), big.manifest.data)
+        wait_for(lambda: [e for e in source.access_entries()[before:] if layer in e.path],
+                 10, "the layer GET logged")
+        gets = [e for e in source.access_entries()[before:]
+                if layer in e.path and e.method == "GET"]
+        self.assertEqual([int(e.status) for e in gets], [206], "resumed with Range")
+        self.assertLess(int(gets[0].size), len(big.layers[0].data))
+
     def test_mount_sources_are_remembered_across_runs(self) -> None:
         registry = self.start_registry()
         big = make_image("base", layer_files=[{"big": random.Random(5).randbytes(1 << 16)}])
