@@ -6615,16 +6615,17 @@ class Provider(CacheProvider):
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
             raise
-        wanted = Platform.parse(architecture)
+        wanted = [Platform.parse(p) for p in _platform_list(architecture)]  # each of a list
         if root.is_index:
-            return select_platform(Index.from_json(data).manifests, wanted) is not None
+            children = Index.from_json(data).manifests
+            return all(select_platform(children, w) is not None for w in wanted)
         manifest = Manifest.from_json(data)
         config_data = self.layout.read_blob(manifest.config.digest) \
             if self.layout.has_blob(manifest.config.digest) else \
             self.registry.get_blob_bytes(wanted_ref, manifest.config)
         config = _load_json_object(config_data, f"config of {wanted_ref}")
         probe = _replace(root, platform=Platform.from_json(config))
-        return select_platform([probe], wanted) is not None
+        return all(select_platform([probe], w) is not None for w in wanted)
 
     def remote_digest(self, ref: RefLike, architecture: str = "") -> Descriptor:
         """What ``ref`` names in its registry now (``RegistryClient.digest``: a HEAD).

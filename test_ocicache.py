@@ -5543,6 +5543,8 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         self.assertEqual(json.loads(data)["annotations"][oc._ANNOTATION_SUBSET_OF], index.digest)
         self.assertTrue(cache.image_in_cache(name, "", "linux/amd64,linux/arm64"))
         self.assertFalse(cache.image_in_cache(name, "", "linux/amd64,linux/s390x"))
+        self.assertTrue(cache.image_in_registry(name, "", "linux/amd64,linux/s390x"))
+        self.assertFalse(cache.image_in_registry(name, "", "linux/amd64,linux/ppc64le"))
         before = self.settled(registry)
         cache.image_pull(name, "", "arm64,amd64")  # complete: no request
         self.assertEqual(self.settled(registry), before + 1)
