@@ -949,6 +949,33 @@ def push(bench: Bench) -> Case:
         peak_rss()])
 
 
+def copy(bench: Bench) -> Case:
+    """The registry's image into an empty second registry: ocicache copy (staging the
+    blobs through an empty cache, as a first copy does) vs skopeo copy docker:// to
+    docker:// (which streams them)."""
+    target = bench.push_target
+    source = f"{bench.registry.host}/{REPOSITORY}:{TAG}"
+
+    def ocicache() -> Sample:
+        target.reset()  # on a new port
+        staging = bench.path("copy-cache")
+        remove(staging)
+        sample = bench.ocicache("copy", source, f"{target.host}/{REPOSITORY}:{TAG}",
+                                cache=staging)
+        remove(staging)
+        return sample
+
+    def skopeo(tool: str) -> Sample:
+        target.reset()
+        return Sample(bench.run(tool, "copy", "--src-tls-verify=false",
+                                "--dest-tls-verify=false", f"docker://{source}",
+                                f"docker://{target.host}/{REPOSITORY}:{TAG}"))
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "skopeo", contenders, skopeo)
+    return Case("copy", contenders, [ratio("ocicache", "skopeo", None), peak_rss()])
+
+
 def repush(bench: Bench) -> Case:
     """The same push again when the registry has every blob and the tag."""
     target = bench.push_target
@@ -1460,7 +1487,7 @@ def names_verify(bench: Bench) -> Case:
 
 
 PULL_CASES: List[Callable[[Bench], Case]] = [cold_pull, warm_pull, warm_pull_script]
-PUSH_CASES: List[Callable[[Bench], Case]] = [push, repush]
+PUSH_CASES: List[Callable[[Bench], Case]] = [push, repush, copy]
 EXPORT_CASES: List[Callable[[Bench], Case]] = [docker_export, oci_export, flatten]
 MAIN_CASES = [*PULL_CASES, *PUSH_CASES, *EXPORT_CASES, import_time]  # read the main image
 NAME_CASES: List[Callable[[Bench], Case]] = [
@@ -1506,7 +1533,8 @@ NOTES = {
              f"{PULL_JOBS} at a time, largest first (ocicache's schedule), sha256 while "
              "writing, fsync and rename; in the benchmark process (no interpreter start)",
     "skopeo": "skopeo copy: docker:// to oci: for the pull; oci: (the ocicache cache) to "
-              "docker:// (a second registry, emptied before each run) for the push, and to "
+              "docker:// (a second registry, emptied before each run) for the push, docker:// "
+              "to docker:// (the same two registries) for the copy, and to "
               "docker-archive: or oci-archive: for the exports",
     "cp": "cp --reflink=never of the image's blobs (layers, config, manifest) out of the "
           "cache: the bytes a docker or OCI tar holds",

@@ -62,7 +62,7 @@ __all__ = [
     # registries
     "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
     "erase_credentials", "TransportOptions",
-    "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors",
+    "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors", "parse_copy_location",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
     "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
@@ -5769,6 +5769,29 @@ def _select_child(ref: Reference, index: Index, architecture: str) -> Descriptor
     return child
 
 
+def _platform_list(architecture: str) -> List[str]:
+    """The platforms of ``--platform A,B`` (one for a single platform), each checked,
+    each once; an empty item is an error rather than the host's platform."""
+    items = architecture.split(",")
+    if len(items) > 1 and not all(item.strip() for item in items):
+        raise InvalidPlatformError(f"platform list {architecture!r} has an empty item")
+    chosen: Dict[str, str] = {}
+    for item in items:
+        chosen.setdefault(str(Platform.parse(item.strip()).normalized()), item.strip())
+    return list(chosen.values())
+
+
+def _chosen_children(ref: Reference, index: Index, architecture: str) -> List[Descriptor]:
+    """The image child of ``index`` for each platform of ``architecture`` (a comma list)
+    and their attestations, in the index's order; an error naming what the index has
+    when a platform is not there. An ``unknown/unknown`` attestation follows the image
+    its ``vnd.docker.reference.digest`` names and is never chosen as a platform."""
+    picked = {str(_select_child(ref, index, p).digest) for p in _platform_list(architecture)}
+    return [c for c in index.manifests if str(c.digest) in picked or (
+        c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES
+        and c.annotations.get(ANNOTATION_REFERENCE_DIGEST) in picked)]
+
+
 def _as_descriptor(value: DescriptorLike) -> Descriptor:
     return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
 
@@ -6023,6 +6046,7 @@ class Provider(CacheProvider):
                                        default_mirrors() if mirrors is None else mirrors)
         self.jobs = max(1, jobs)
         self.progress = progress or PullProgress()
+        self._saved_locations: Optional[Dict[Tuple[str, Digest], List[str]]] = None
 
     @property
     def root(self) -> str:
@@ -6308,16 +6332,20 @@ class Provider(CacheProvider):
         return self._complete_root(ref, architecture) is not None
 
     def _complete_root(self, ref: RefLike, architecture: str) -> Optional[Descriptor]:
-        """The root entry of ``ref`` if its image for the platform is complete, else None."""
-        try:
-            root, image = self.resolve(ref, str(Platform.parse(architecture)))
-            manifest = self.manifest(image)
-            self.layout.read_blob(manifest.config.digest)  # small: its digest is checked too
-        except (NotFoundError, CorruptCacheError):
-            return None
-        complete = all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
-                       if not _is_foreign(b))
-        return root if complete else None
+        """The root entry of ``ref`` if its image for the platform (each platform of a
+        comma list) is complete, else None."""
+        root = None
+        for platform in _platform_list(architecture):
+            try:
+                root, image = self.resolve(ref, str(Platform.parse(platform)))
+                manifest = self.manifest(image)
+                self.layout.read_blob(manifest.config.digest)  # small: its digest is checked
+            except (NotFoundError, CorruptCacheError):
+                return None
+            if not all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
+                       if not _is_foreign(b)):
+                return None
+        return root
 
     def summaries(self) -> List[ImageSummary]:
         """Every name with the platforms complete in the cache and its size on disk."""
@@ -6399,9 +6427,9 @@ class Provider(CacheProvider):
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
             root_data, root = self.registry.get_manifest(wanted)
-            if root.is_index and whole != architecture:  # the platform asked for must be there
-                _select_child(wanted, Index.from_json(root_data, what=f"index of {wanted}"),
-                              architecture)
+            if root.is_index and whole != architecture:  # the platforms asked for must be there
+                _chosen_children(wanted, Index.from_json(root_data, what=f"index of {wanted}"),
+                                 architecture)
             manifests, loose = self._pull_plan(wanted, root_data, root,
                                                whole if root.is_index else architecture)
             blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
@@ -6425,6 +6453,7 @@ class Provider(CacheProvider):
                         wanted, named, {descriptor.digest for descriptor, _, _ in manifests},
                         Index.from_json(root_data).manifests)
                 self._write_names(names)
+            self._save_locations()
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
 
@@ -6508,7 +6537,7 @@ class Provider(CacheProvider):
                                        f"config of {root.name}")
             return [_replace(root, platform=Platform.from_json(config))]
         if architecture != ALL_PLATFORMS:
-            return [self.resolve(root.name, architecture)[1]]
+            return [self.resolve(root.name, p)[1] for p in _platform_list(architecture)]
         index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
         return [c for c in index.manifests if c.platform is not None
                 and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
@@ -6535,9 +6564,7 @@ class Provider(CacheProvider):
             index = Index.from_json(data, what=f"index of {ref}")
             if architecture == ALL_PLATFORMS:
                 return self._plan_everything(ref, index)
-            child = _select_child(ref, index, architecture)
-            chosen = [child] + [a for a in index.attestations_for(child.digest)
-                                if a.media_type in IMAGE_MEDIA_TYPES]
+            chosen = _chosen_children(ref, index, architecture)
             fetched: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
             for child in chosen:
                 child_data, _ = self.registry.get_manifest(
@@ -6554,9 +6581,9 @@ class Provider(CacheProvider):
         declared = Platform.from_json(_load_json_object(config_data, f"config of {ref}"))
         probe = _replace(root, platform=declared)
         if architecture not in ("", ALL_PLATFORMS):
-            wanted = Platform.parse(architecture)
-            if select_platform([probe], wanted) is None:
-                raise PlatformNotFoundError(f"image {ref} has no {wanted}; it is {declared}")
+            for wanted in map(Platform.parse, _platform_list(architecture)):
+                if select_platform([probe], wanted) is None:
+                    raise PlatformNotFoundError(f"image {ref} has no {wanted}; it is {declared}")
         elif architecture == "" and select_platform([probe], Platform.host()) is None:
             _log().warning("image %s is %s, not this host's %s", ref, declared, Platform.host())
         self.layout.write_blob_bytes(config_data, manifest.config.digest)
@@ -6716,16 +6743,17 @@ class Provider(CacheProvider):
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
             raise
-        wanted = Platform.parse(architecture)
+        wanted = [Platform.parse(p) for p in _platform_list(architecture)]  # each of a list
         if root.is_index:
-            return select_platform(Index.from_json(data).manifests, wanted) is not None
+            children = Index.from_json(data).manifests
+            return all(select_platform(children, w) is not None for w in wanted)
         manifest = Manifest.from_json(data)
         config_data = self.layout.read_blob(manifest.config.digest) \
             if self.layout.has_blob(manifest.config.digest) else \
             self.registry.get_blob_bytes(wanted_ref, manifest.config)
         config = _load_json_object(config_data, f"config of {wanted_ref}")
         probe = _replace(root, platform=Platform.from_json(config))
-        return select_platform([probe], wanted) is not None
+        return all(select_platform([probe], w) is not None for w in wanted)
 
     def remote_digest(self, ref: RefLike, architecture: str = "") -> Descriptor:
         """What ``ref`` names in its registry now (``RegistryClient.digest``: a HEAD).
@@ -6843,14 +6871,474 @@ class Provider(CacheProvider):
         sources = [local.repository] if local.registry == endpoint.registry and \
             local.repository != endpoint.repository else []
         ordered = sorted(blobs.values(), key=lambda b: -b.size)
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
-            for future in [pool.submit(self.registry.upload_blob, endpoint, blob, self.layout,
-                                       sources) for blob in ordered]:
-                future.result()
+        self._recall_locations()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
+                for future in [pool.submit(self.registry.upload_blob, endpoint, blob,
+                                           self.layout, sources) for blob in ordered]:
+                    future.result()
+        finally:
+            self._save_locations()
         for descriptor, _ in parsed:
             self.registry.put_manifest(endpoint, str(descriptor.digest),
                                        self.layout.read_blob(descriptor.digest),
                                        descriptor.media_type)
+
+    # -- copy -------------------------------------------------------------------------
+
+    def copy(self, source: str, destination: str, architecture: str = "",
+             all_tags: bool = False) -> List[Tuple[str, Descriptor]]:
+        """Copy an image from ``source`` to ``destination``, as ``skopeo copy`` does;
+        returns each destination name with the root it now holds.
+
+        Sources: a registry name (``docker://`` optional) or ``cache:NAME``.
+        Destinations: a registry name, ``oci:DIR[:TAG]`` (a new OCI layout directory) or
+        ``oci-archive:FILE[:TAG]``. ``architecture`` "" or ``"all"`` copies every
+        platform and keeps the digest; a platform or comma list writes an index of just
+        those platforms and their attestations. ``all_tags`` copies every tag of the
+        source repository. Blobs go through the cache's disk (resumable, never whole in
+        memory), are mounted from the source repository within one registry, ``jobs``
+        at a time; tags are written after everything else, so a failed copy leaves none.
+        """
+        src_kind, src, _ = parse_copy_location(source)
+        dst_kind, dst, dst_tag = parse_copy_location(destination)
+        if src_kind not in ("registry", "cache"):
+            raise OciCacheError(f"copy from {source}: a source is a registry name or "
+                                "cache:NAME")
+        if dst_kind == "cache":
+            raise OciCacheError(f"copy to {destination}: use 'pull' to copy into the cache")
+        if architecture not in ("", ALL_PLATFORMS):
+            _platform_list(architecture)  # a bad list fails before any request
+        sources = [Reference.parse(src)]
+        if all_tags:
+            if src_kind != "registry" or sources[0].digest is not None:
+                raise OciCacheError(f"copy --all-tags needs a registry repository, not {source}")
+            if dst_kind == "registry" and (dst_tag or Reference.parse(dst).digest is not None):
+                raise OciCacheError(f"copy --all-tags writes each tag: name the destination "
+                                    f"repository without a tag, not {destination}")
+            if dst_kind != "registry" and dst_tag:
+                raise OciCacheError(f"copy --all-tags names each image by its tag: leave "
+                                    f":{dst_tag} out of {destination}")
+            base = sources[0]
+            sources = [Reference(base.registry, base.repository, tag)
+                       for tag in self.registry.list_tags(base)]
+            if not sources:
+                raise NotFoundError(f"{base.name} has no tags")
+        if dst_kind in ("oci", "oci-archive"):
+            _layout_target(dst, dst_kind == "oci-archive")  # before any request
+        with self.layout.adding_blobs():  # what is staged here is not gc's until copied
+            return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
+                              all_tags)
+
+    def _copy(self, sources: Sequence[Reference], src_kind: str, dst_kind: str, dst: str,
+              dst_tag: str, architecture: str, all_tags: bool) -> List[Tuple[str, Descriptor]]:
+        items: List[Tuple[Reference, str, _CopyPlan]] = []
+        for ref in sources:
+            if dst_kind == "registry":
+                target = Reference.parse(dst) if not all_tags else Reference(
+                    Reference.parse(dst).registry, Reference.parse(dst).repository, ref.tag)
+                name = str(target)
+            else:
+                name = dst_tag or ref.tag or "latest"
+            plan = self._cache_plan(ref, architecture) if src_kind == "cache" else \
+                self._registry_plan(ref, architecture)
+            items.append((ref, name, plan))
+        if dst_kind == "registry":
+            self._copy_to_registry(items, src_kind == "registry")
+        else:
+            self._copy_to_layout(items, src_kind == "registry", dst, dst_kind == "oci-archive")
+        return [(name, plan.root) for _, name, plan in items]
+
+    def _filtered(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
+                  ) -> Tuple[bytes, Descriptor, List[Descriptor]]:
+        """The index a copy of ``architecture`` writes, and the children it keeps: the
+        index as it is (same digest) for every platform or when the list keeps every
+        child, else an index of the chosen children and their attestations."""
+        index = Index.from_json(data, what=f"index of {ref}")
+        if architecture in ("", ALL_PLATFORMS):
+            return data, root, list(index.manifests)
+        chosen = _chosen_children(ref, index, architecture)
+        if len(chosen) == len(index.manifests) and \
+                _ANNOTATION_SUBSET_OF not in index.annotations:  # the cache's own part
+            return data, root, chosen
+        annotations = {k: v for k, v in index.annotations.items() if k != _ANNOTATION_SUBSET_OF}
+        part = _replace(index, manifests=tuple(chosen), annotations=annotations).to_bytes()
+        return part, Descriptor(root.media_type, Digest.from_bytes(part), len(part)), chosen
+
+    def _registry_plan(self, ref: Reference, architecture: str) -> "_CopyPlan":
+        """What a copy of ``ref`` from its registry writes; manifests fetched, no blob."""
+        data, root = self.registry.get_manifest(ref, what=f"copy {ref}")
+        if not root.is_index:
+            manifests, loose = self._pull_plan(ref, data, root, architecture or ALL_PLATFORMS)
+            return _CopyPlan(ref, root, data, (), _copied_blobs(manifests, loose))
+        if architecture in ("", ALL_PLATFORMS):
+            manifests, loose = self._plan_everything(ref, Index.from_json(
+                data, what=f"index of {ref}"))
+        else:
+            manifests, loose = self._pull_plan(ref, data, root, architecture)
+        data, root, _ = self._filtered(ref, data, root, architecture)
+        return _CopyPlan(ref, root, data, tuple((d, m) for d, m, _ in manifests),
+                         _copied_blobs(manifests, loose))
+
+    def _cache_plan(self, ref: Reference, architecture: str) -> "_CopyPlan":
+        """What a copy of the cache's ``ref`` writes; every blob must be in the cache."""
+        root = self._find_named(ref)
+        data = self.layout.read_blob(root.digest)
+        root = Descriptor(root.media_type, root.digest, root.size)
+        if not root.is_index:
+            if architecture not in ("", ALL_PLATFORMS):
+                for platform in _platform_list(architecture):
+                    self._check_platform(root.named(str(ref)), Platform.parse(platform))
+            if not self._holds(root):
+                raise NotFoundError(f"cannot copy {ref}: it is not complete in the cache; "
+                                    "pull it again")
+            plan = [(root, data, self.manifest(root))]
+            return _CopyPlan(ref, root, data, (), _copied_blobs(plan, []))
+        index = Index.from_json(data, what=f"index of {ref}")
+        if architecture in ("", ALL_PLATFORMS) and index.annotations.get(_ANNOTATION_SUBSET_OF):
+            held = ", ".join(str(c.platform) for c in index.manifests
+                             if c.platform is not None and not c.is_attestation)
+            raise NotFoundError(f"cannot copy all of {ref}: the cache holds only {held}; "
+                                "copy with --platform, or pull it with --all-platforms first")
+        try:
+            data, root, chosen = self._filtered(ref, data, root, architecture)
+        except PlatformNotFoundError as e:
+            if not index.annotations.get(_ANNOTATION_SUBSET_OF):
+                raise
+            held = ", ".join(str(c.platform) for c in index.manifests
+                             if c.platform is not None and not c.is_attestation)
+            raise PlatformNotFoundError(f"image {ref}: the cache holds only {held} of it; "
+                                        f"pull it with --platform {architecture}") from e
+        children: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+        for child in map(self.layout.believed, chosen):
+            if child.media_type not in IMAGE_MEDIA_TYPES or not self._holds(child):
+                raise NotFoundError(f"cannot copy {ref}: {child.platform or 'a child'} "
+                                    f"({child.digest}) is not complete in the cache; pull "
+                                    "it first")
+            children.append((child, self.layout.read_blob(child.digest), self.manifest(child)))
+        return _CopyPlan(ref, root, data, tuple((d, m) for d, m, _ in children),
+                         _copied_blobs(children, []))
+
+    def _copy_to_registry(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
+                          from_registry: bool) -> None:
+        """Blobs of every image first, then manifests by digest, then the tags."""
+        import concurrent.futures
+        work = []
+        for ref, name, plan in items:
+            target = Reference.parse(name)
+            if target.digest is not None and target.digest != plan.root.digest:
+                raise OciCacheError(f"copy {ref} to {name}: the copy is {plan.root.digest}")
+            endpoint = self.registry.endpoint(target, use_mirrors=False)
+            mounts = [ref.repository] if ref.registry == target.registry and \
+                ref.repository != target.repository else []
+            work += [(ref if from_registry else None, endpoint, blob, mounts)
+                     for blob in plan.blobs]
+        work.sort(key=lambda w: -w[2].size)
+        self._recall_locations()
+        pool = concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy")
+        try:
+            for future in [pool.submit(self._copy_blob, *w) for w in work]:
+                future.result()
+        finally:  # after a failure, the blobs not started are not sent
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._save_locations()
+        for ref, name, plan in items:
+            target = Reference.parse(name)
+            endpoint = self.registry.endpoint(target, use_mirrors=False)
+            for descriptor, data in plan.manifests:
+                self.registry.put_manifest(endpoint, str(descriptor.digest), data,
+                                           descriptor.media_type)
+            self.registry.put_manifest(endpoint, str(plan.root.digest), plan.data,
+                                       plan.root.media_type)
+        for ref, name, plan in items:  # last: a copy that failed before this leaves no tag
+            target = Reference.parse(name)
+            if target.tag and target.digest is None:
+                self.registry.put_manifest(self.registry.endpoint(target, use_mirrors=False),
+                                           target.tag, plan.data, plan.root.media_type)
+            _log().info("copied %s to %s", ref, target)
+
+    def _copy_blob(self, source: Optional[Reference], endpoint: _Endpoint, blob: Descriptor,
+                   mounts: Sequence[str]) -> None:
+        """Make ``blob`` present at ``endpoint``: one already there or mountable from
+        ``mounts`` is not downloaded; the rest go through the cache (``download_blob``
+        resumes) and up with ``upload_blob``."""
+        if not self.layout.has_blob(blob.digest, blob.size):
+            if source is None:
+                raise NotFoundError(f"blob {blob.digest} is not in the cache {self.root}")
+            if self._at_destination(endpoint, blob, mounts):
+                return
+            self.registry.download_blob(source, blob, self.layout)
+        self.registry.upload_blob(endpoint, blob, self.layout, mounts)
+
+    def _at_destination(self, endpoint: _Endpoint, blob: Descriptor,
+                        mounts: Sequence[str]) -> bool:
+        """Whether ``blob`` is in the destination repository now, or was just mounted
+        there: the checks ``upload_blob`` makes, before a download it would need."""
+        what = f"copy blob {blob.digest} to {endpoint.host}/{endpoint.repository}"
+        response = self.registry.request(endpoint, "HEAD", f"blobs/{blob.digest}",
+                                         "pull,push", ok=(200, 404), what=what)
+        response.close()
+        if response.status == 200:
+            return True
+        with self.registry._guard:  # and where this or an earlier run saw it
+            seen = self.registry._locations.get((endpoint.host, blob.digest), [])
+        for source in [s for s in dict.fromkeys([*mounts, *seen]) if s != endpoint.repository]:
+            response = self.registry.request(
+                endpoint, "POST", f"blobs/uploads/?mount={blob.digest}&from={source}",
+                "pull,push", ok=(201, 202), what=what,
+                extra_scopes=[f"repository:{source}:pull"])
+            response.close()
+            if response.status == 201:
+                self.registry._remember(endpoint, blob.digest)
+                return True
+            if response.headers.get("Location"):  # an upload opened instead: not used
+                self.registry._cancel(endpoint, response)
+        return False
+
+    def _copy_to_layout(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
+                        from_registry: bool, path: str, archive: bool) -> None:
+        """A new OCI layout directory or archive at ``path``, written under a temporary
+        name and renamed when complete; each root named by its tag (``ref.name``, as
+        skopeo's ``oci:DIR:TAG`` reads it) and its full name (containerd's)."""
+        blobs: Dict[Digest, Descriptor] = {}
+        for _, _, plan in items:
+            for blob in plan.blobs:
+                blobs.setdefault(blob.digest, blob)
+        if from_registry:
+            for ref, _, plan in items:
+                self.progress.begin(f"copy {ref}", plan.blobs)
+                self._download(ref, plan.blobs)
+            self._save_locations()
+        documents: Dict[Digest, bytes] = {}
+        for _, _, plan in items:
+            documents.update((d.digest, data) for d, data in plan.manifests)
+            documents[plan.root.digest] = plan.data
+        entries = tuple(_replace(plan.root, annotations={
+            ANNOTATION_REF_NAME: name,
+            ANNOTATION_CONTAINERD_NAME: str(Reference(ref.registry, ref.repository, name))})
+            for ref, name, plan in items)
+        index = Index(MEDIA_OCI_INDEX, entries).to_bytes()
+        target = _layout_target(path, archive)
+        parent, base = os.path.split(target)
+        temp = os.path.join(parent, _temporary_name(f".{base}"))  # the umask's mode, as export
+        if archive:
+            fd = os.open(temp, _NEW_FILE | os.O_CLOEXEC, _CREATE_MODE)
+        else:
+            os.mkdir(temp)
+        try:
+            if archive:
+                with os.fdopen(fd, "wb") as out:
+                    tar = _TarWriter(out)
+                    tar.add_bytes("oci-layout", _OCI_LAYOUT_BYTES)
+                    tar.add_directory("blobs")
+                    for algorithm in sorted({d.algorithm for d in [*blobs, *documents]}):
+                        tar.add_directory(f"blobs/{algorithm}")
+                    for blob in blobs.values():
+                        tar.add_blob(self.layout, blob, _blob_name(blob.digest))
+                    for digest, data in documents.items():
+                        tar.add_bytes(_blob_name(digest), data)
+                    tar.add_bytes("index.json", index)
+                    tar.close()
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temp, target)
+            else:
+                self._write_layout_directory(temp, blobs.values(), documents, index)
+                os.rename(temp, target)
+        except BaseException:
+            if archive:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            else:
+                import shutil
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+    def _write_layout_directory(self, directory: str, blobs: Iterable[Descriptor],
+                                documents: Mapping[Digest, bytes], index: bytes) -> None:
+        """The files of an OCI layout in ``directory``, blobs streamed from the cache."""
+        import shutil
+        for digest in [*(b.digest for b in blobs), *documents]:
+            os.makedirs(os.path.join(directory, "blobs", digest.algorithm), exist_ok=True)
+        for blob in blobs:
+            with self.layout.open_blob(blob.digest) as source, \
+                    open(os.path.join(directory, _blob_name(blob.digest)), "xb") as out:
+                shutil.copyfileobj(source, out, COPY_BUFFER_SIZE)
+                os.fsync(out.fileno())  # durable before the rename makes it visible
+        written = [(_blob_name(digest), data) for digest, data in documents.items()]
+        for name, data in [*written, ("oci-layout", _OCI_LAYOUT_BYTES), ("index.json", index)]:
+            with open(os.path.join(directory, name), "wb") as out:
+                out.write(data)
+                os.fsync(out.fileno())
+
+    def _platform_subset(self, ref: Reference, architecture: str
+                         ) -> Tuple[Descriptor, List[Descriptor], Dict[Digest, bytes]]:
+        """For an OCI tar of a platform list: its root, the blobs from the cache, and the
+        documents made here (the filtered index)."""
+        plan = self._cache_plan(ref, architecture)
+        documents = {plan.root.digest: plan.data}
+        listed = [d for d, _ in plan.manifests if d.digest != plan.root.digest]
+        return plan.root, [*plan.blobs, *listed], documents
+
+    def _read_locations(self) -> Dict[Tuple[str, Digest], List[str]]:
+        """The blob locations earlier runs saved; none when the file is absent or bad (a
+        hint never stops a pull or push)."""
+        path = os.path.join(self.root, _LOCATIONS_FILE)
+        try:
+            with self.layout._root_directory() as directory:
+                fd = _open_regular(_LOCATIONS_FILE, os.O_RDONLY, directory, path)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(_MAX_LOCATIONS * 512 + 1)
+        except FileNotFoundError:
+            return {}
+        except (OSError, OciCacheError) as e:
+            _log().debug("not reading the blob locations in %s: %s", path, e)
+            return {}
+        return _parse_locations(data) if len(data) <= _MAX_LOCATIONS * 512 else {}
+
+    def _recall_locations(self) -> None:
+        """Give the registry client, once, the places earlier runs saw blobs in, so that
+        an upload mounts from them (``upload_blob`` tries them after ``mount_from``)."""
+        if self._saved_locations is not None:
+            return
+        self._saved_locations = self._read_locations()
+        with self.registry._guard:
+            for key, repositories in self._saved_locations.items():
+                current = self.registry._locations.setdefault(key, [])
+                current[:0] = [r for r in repositories if r not in current]
+
+    def _save_locations(self) -> None:
+        """Add what this process learnt about blob locations to the cache's file, merged
+        under the lock with what other processes wrote meanwhile."""
+        with self.registry._guard:
+            learnt = {key: repositories[-_MAX_MOUNT_SOURCES:] for key, repositories
+                      in self.registry._locations.items()}
+        known = self._saved_locations or {}
+        new = {key: r for key, r in learnt.items() if known.get(key) != r}
+        if not new:
+            return
+        try:
+            with self.layout.lock():
+                merged = _merged_locations(self._read_locations(), new)
+                with self.layout._root_directory() as directory:
+                    _write_file_atomically(directory, _LOCATIONS_FILE, _locations_bytes(merged))
+        except (OSError, OciCacheError) as e:  # a read-only or full cache: only a hint lost
+            _log().debug("not saving the blob locations in %s: %s", self.root, e)
+            return
+        self._saved_locations = merged
+
+
+@_value_type
+class _CopyPlan:
+    """What a copy writes: the root's bytes, its child manifests (bytes as served), the
+    other blobs."""
+
+    source: Reference
+    root: Descriptor
+    data: bytes
+    manifests: Tuple[Tuple[Descriptor, bytes], ...]
+    blobs: Tuple[Descriptor, ...]
+
+
+def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest]]],
+                  loose: Iterable[Descriptor]) -> Tuple[Descriptor, ...]:
+    """The blobs (not manifests) a copy moves, each once; foreign layers stay behind."""
+    blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
+    for _, _, manifest in manifests:
+        for blob in manifest.blobs() if manifest is not None else ():
+            if not _is_foreign(blob):
+                blobs.setdefault(blob.digest, blob)
+    return tuple(blobs.values())
+
+
+def _layout_target(path: str, archive: bool) -> str:
+    """The absolute path a copy writes its layout or archive to, when it may: in an
+    existing directory, not over an existing layout, never over anything but a regular
+    file (the rename would replace a device or FIFO, as ``docker save -o /dev/null``
+    once replaced root's /dev/null)."""
+    target = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(target)):
+        raise OciCacheError(f"cannot write {path}: {os.path.dirname(target)} is not a directory")
+    try:
+        existing = os.lstat(target)
+    except FileNotFoundError:
+        return target
+    if not archive:
+        raise OciCacheError(f"{path} exists; copy writes a new OCI layout directory")
+    if not stat.S_ISREG(existing.st_mode):
+        raise OciCacheError(f"cannot write {path}: it is not a regular file (an archive "
+                            "replaces a file; to standard output: export --format oci -o -)")
+    return target
+
+
+def parse_copy_location(text: str) -> Tuple[str, str, str]:
+    """A copy source or destination as (kind, target, tag): ``registry`` (a name;
+    ``docker://`` optional), ``cache`` (``cache:NAME``), ``oci`` (``oci:DIR[:TAG]``)
+    or ``oci-archive`` (``oci-archive:FILE[:TAG]``)."""
+    for kind in ("oci-archive", "oci"):
+        if text.startswith(f"{kind}:"):
+            path, _, tag = text[len(kind) + 1:].partition(":")
+            if not path or path == "-":
+                raise OciCacheError(f"{text!r}: name a path, as in {kind}:DIR[:TAG] "
+                                    "(to standard output: export --format oci -o -)")
+            if tag and not re.fullmatch(_TAG, tag):
+                raise OciCacheError(f"{text!r}: {tag!r} is not a valid tag")
+            return kind, path, tag
+    if text.startswith("cache:"):
+        return "cache", str(Reference.parse(text[len("cache:"):])), ""
+    name = text[len("docker://"):] if text.startswith("docker://") else text
+    ref = Reference.parse(name)
+    given = ":" in name.split("@")[0].rsplit("/", 1)[-1]  # not the tag "latest" parse adds
+    return "registry", str(ref), ref.tag if given else ""
+
+
+# Where blobs were last seen (skopeo's blob-info cache): a push or copy to a registry
+# mounts a blob from a repository of that registry an earlier run saw it in, instead of
+# uploading it. A hint only: what the file says is checked, a bad file is ignored.
+_LOCATIONS_FILE = ".ocicache-blob-locations.json"
+_MAX_LOCATIONS = 10_000       # digests remembered; the least recently seen go first
+_MAX_MOUNT_SOURCES = 3        # repositories per digest and registry, the newest kept
+
+
+def _parse_locations(data: bytes) -> Dict[Tuple[str, Digest], List[str]]:
+    """The locations in a file's bytes; anything not a valid host, digest and
+    repository is skipped (a repository goes into a mount URL's query)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return {}
+    found: Dict[Tuple[str, Digest], List[str]] = {}
+    rows = obj.get("locations") if isinstance(obj, dict) else None
+    for row in rows if isinstance(rows, list) else ():
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                and isinstance(row[1], str) and isinstance(row[2], list)):
+            continue
+        try:
+            digest = Digest.parse(row[1])
+        except InvalidDigestError:
+            continue
+        repositories = [r for r in row[2] if isinstance(r, str) and re.fullmatch(_PATH, r)]
+        if re.fullmatch(_DOMAIN, row[0]) and repositories:
+            found[(row[0], digest)] = repositories[-_MAX_MOUNT_SOURCES:]
+    return found
+
+
+def _merged_locations(older: Mapping[Tuple[str, Digest], List[str]],
+                      newer: Mapping[Tuple[str, Digest], List[str]]
+                      ) -> Dict[Tuple[str, Digest], List[str]]:
+    """``older`` updated with ``newer``: a digest seen again moves to the end (the most
+    recent), its newest repositories last; bounded by ``_MAX_LOCATIONS``."""
+    merged = dict(older)
+    for key, repositories in newer.items():
+        seen = [r for r in merged.pop(key, []) if r not in repositories] + list(repositories)
+        merged[key] = seen[-_MAX_MOUNT_SOURCES:]
+    return dict(list(merged.items())[-_MAX_LOCATIONS:])
+
+
+def _locations_bytes(locations: Mapping[Tuple[str, Digest], List[str]]) -> bytes:
+    return _json_bytes({"locations": [[host, str(digest), repositories] for
+                                      (host, digest), repositories in locations.items()]},
+                       separators=(",", ":"))
 
 
 class _CacheSource(ImageSource):
@@ -6875,9 +7363,9 @@ class _CacheSource(ImageSource):
         return dict(inner) if isinstance(inner, dict) else {}
 
     def _image(self) -> Tuple[Descriptor, Descriptor, Manifest]:
-        if self._architecture == ALL_PLATFORMS:
-            raise OciCacheError(f"{self._ref}: this needs one platform; '{ALL_PLATFORMS}' "
-                                "is only for an OCI tar of the whole index")
+        if self._architecture == ALL_PLATFORMS or "," in self._architecture:
+            raise OciCacheError(f"{self._ref}: this needs one platform; "
+                                f"{self._architecture!r} is only for an OCI tar")
         root, image = self._provider.resolve(self._ref, self._architecture)
         return root, image, self._provider.manifest(image)
 
@@ -7044,6 +7532,7 @@ class _CacheSource(ImageSource):
         """An OCI layout tar of one platform, or of the whole index for ``"all"``."""
         name = str(self._save_name(override_name))
         layout = self._provider.layout
+        extra: Dict[Digest, bytes] = {}  # a filtered index, made here and not in the cache
         if self._architecture == ALL_PLATFORMS:
             root = self._provider._find_named(self._ref)
             marked = layout.reachable([root])
@@ -7055,6 +7544,8 @@ class _CacheSource(ImageSource):
             top = Descriptor(root.media_type, root.digest, root.size)
             blobs = [Descriptor("", d, os.path.getsize(layout.blob_path(d)))
                      for d in marked.digests if d != root.digest] + [top]
+        elif "," in self._architecture:
+            top, blobs, extra = self._provider._platform_subset(self._ref, self._architecture)
         else:
             _, image, manifest = self._image()
             self._check_layers(manifest)
@@ -7072,6 +7563,8 @@ class _CacheSource(ImageSource):
                 archive.add_directory(f"blobs/{algorithm}")
             for blob in blobs:
                 archive.add_blob(layout, blob, _blob_name(blob.digest))
+            for digest, data in extra.items():
+                archive.add_bytes(_blob_name(digest), data)
             archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
             archive.close()
 
@@ -7452,8 +7945,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "every byte is verified.")
     p.add_argument("names", metavar="NAME", nargs="+")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--platform", metavar="P", default="",
-                       help="os/arch[/variant], e.g. linux/arm64 (default: the host)")
+    which.add_argument("--platform", metavar="P[,P...]", default="",
+                       help="os/arch[/variant], e.g. linux/arm64, or a comma list, e.g. "
+                            "linux/amd64,linux/arm64 (default: the host)")
     which.add_argument("--all-platforms", action="store_true",
                        help="pull every platform of a multi-platform image")
     p.add_argument("--always", action="store_true",
@@ -7522,8 +8016,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    required=True)
     p.add_argument("-o", "--output", metavar="FILE|-", required=True,
                    help="where to write ('-' for standard output); an existing file is replaced")
-    p.add_argument("--platform", metavar="P", default="",
-                   help="os/arch[/variant] (default: the host); 'all' writes the whole index "
+    p.add_argument("--platform", metavar="P[,P...]", default="",
+                   help="os/arch[/variant] (default: the host); 'all' writes the whole index, "
+                        "a comma list an index of those platforms and their attestations "
                         "(oci only)")
     p.add_argument("--name", metavar="N", default="", dest="save_name",
                    help="the name to record in the tar (oci, docker)")
@@ -7642,6 +8137,37 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("registry", metavar="REGISTRY",
                    help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
     p.set_defaults(run=_cmd_logout)
+
+    p = commands.add_parser("copy", help="copy an image between registries, the cache and "
+                                         "OCI layouts",
+                            description="Copy SRC to DST. SRC: a registry name "
+                                        "('docker://' optional) or cache:NAME. DST: a "
+                                        "registry name, oci:DIR[:TAG] (a new OCI layout "
+                                        "directory) or oci-archive:FILE[:TAG]. Every "
+                                        "platform is copied and the digest kept unless "
+                                        "--platform filters it: then DST gets an index of "
+                                        "those platforms and their attestations. Blobs "
+                                        "already at DST are not sent, blobs of another "
+                                        "repository of the same registry are mounted, the "
+                                        "rest stream through the cache (an interrupted "
+                                        "copy resumes). Tags are written last: a failed "
+                                        "copy leaves none; a layout appears only when "
+                                        "complete.",
+                            epilog="example: ocicache copy --platform linux/amd64,linux/arm64 "
+                                   "ghcr.io/o/app:1 registry.example.com/app:1")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("destination", metavar="DST")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--platform", metavar="P[,P...]", default="",
+                       help="copy only these platforms, e.g. linux/amd64,linux/arm64")
+    which.add_argument("--all-platforms", action="store_true",
+                       help="copy every platform (the default), keeping the digest")
+    p.add_argument("--all-tags", action="store_true",
+                   help="copy every tag of SRC's repository (DST: a repository, or a layout "
+                        "holding each tag)")
+    p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
+                   help="blobs to copy at once (default: the global --jobs, 4)")
+    p.set_defaults(run=_cmd_copy)
     return parser
 
 
@@ -7653,7 +8179,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
 def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
     architecture = ALL_PLATFORMS if args.all_platforms else args.platform
     if args.platform:
-        Platform.parse(args.platform)
+        _platform_list(args.platform)
     for name in [Reference.parse(name) for name in args.names]:
         source = provider.image_pull(name, "", architecture, args.always, args.arch_tags)
         root = source.descriptor()
@@ -7727,8 +8253,10 @@ def _cmd_import(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
-    if args.platform == ALL_PLATFORMS and args.format != "oci":
-        raise OciCacheError("--platform all needs --format oci")
+    if (args.platform == ALL_PLATFORMS or "," in args.platform) and args.format != "oci":
+        raise OciCacheError(f"--platform {args.platform} needs --format oci")
+    if "," in args.platform:
+        _platform_list(args.platform)
     source = provider.new_source(args.name, args.platform)
     if not isinstance(source, _CacheSource):
         raise AssertionError("a Provider makes _CacheSource objects")
@@ -7973,6 +8501,15 @@ def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
+    provider.jobs = args.jobs
+    for name, root in provider.copy(args.source, args.destination,
+                                    ALL_PLATFORMS if args.all_platforms else args.platform,
+                                    args.all_tags):
+        _say(args, f"{name} {root.digest}")
+    return 0
+
+
 def _configure_logging(logger: logging.Logger, level: str) -> None:
     """The command line's logging (main() has _log() apply it): one line per message."""
 
@@ -8024,7 +8561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress = _LineProgress(sys.stderr)
         # Only registry commands read mirror settings: a bad one does not break 'ls'.
         mirrors = [parse_mirror(m) for m in args.mirror] + default_mirrors() \
-            if args.command in ("pull", "push", "rm", "clean") else []
+            if args.command in ("pull", "push", "rm", "clean", "copy") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
                                    ca_files=tuple(args.ca_file))
         with Provider(args.cache, mirrors=mirrors, options=options, jobs=args.jobs,

@@ -5497,6 +5497,372 @@ class TestPush(RegistryTestCase):
                       result.stderr.decode())
 
 
+class TestPlatformSubsetsAndCopy(RegistryTestCase):
+    """pull/export/copy of a platform list, and copy between registries and layouts."""
+
+    def three_platforms(self, registry: Registry, repository: str = "test/three",
+                        tag: str = "1") -> Tuple[Dict[str, ImageBlobs], List[Blob], Blob]:
+        """An index of amd64, arm64 and s390x, amd64 and arm64 with attestations."""
+        images = {"amd64": make_image("t-amd"), "arm64": make_image("t-arm", "arm64"),
+                  "s390x": make_image("t-s390x", "s390x")}
+        entries, extra = [], []
+        for architecture, image in images.items():
+            entries.append(image.descriptor())
+            if architecture != "s390x":
+                _, blobs, entry = make_attestation(image)
+                entries.append(entry)
+                extra += blobs
+        index = make_index(entries)
+        upload(registry.url, repository, [b for i in images.values() for b in i.blobs] + extra,
+               [(i.manifest.digest, i.manifest) for i in images.values()]
+               + [(b.digest, b) for b in extra if b.media_type == oc.MEDIA_OCI_MANIFEST]
+               + [(tag, index)])
+        return images, extra, index
+
+    def raw(self, reference: str) -> bytes:
+        return self.skopeo("inspect", "--raw", "--tls-verify=false",
+                           f"docker://{reference}").encode()
+
+    def listed(self, data: bytes) -> List[str]:
+        """The platforms (and attestations, as "att:<digest>") an index lists, in order."""
+        out = []
+        for m in json.loads(data)["manifests"]:
+            p = m.get("platform", {})
+            if p.get("architecture") == "unknown":
+                out.append("att:" + m["annotations"][oc.ANNOTATION_REFERENCE_DIGEST])
+            else:
+                out.append(p["architecture"])
+        return out
+
+    def test_pull_a_platform_list_names_what_the_cache_holds(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        name = f"{registry.host}/test/three:1"
+        cache = self.provider()
+        cache.image_pull(name, "", "linux/amd64,linux/arm64")
+        self.assertNotIn(images["s390x"].layers[0].digest, self.blob_gets(registry))
+        root = cache.find_descriptor(name)
+        data = cache.layout.read_blob(root.digest)
+        self.assertEqual(self.listed(data), ["amd64", f"att:{images['amd64'].manifest.digest}",
+                                             "arm64", f"att:{images['arm64'].manifest.digest}"])
+        self.assertEqual(json.loads(data)["annotations"][oc._ANNOTATION_SUBSET_OF], index.digest)
+        self.assertTrue(cache.image_in_cache(name, "", "linux/amd64,linux/arm64"))
+        self.assertFalse(cache.image_in_cache(name, "", "linux/amd64,linux/s390x"))
+        self.assertTrue(cache.image_in_registry(name, "", "linux/amd64,linux/s390x"))
+        self.assertFalse(cache.image_in_registry(name, "", "linux/amd64,linux/ppc64le"))
+        before = self.settled(registry)
+        cache.image_pull(name, "", "arm64,amd64")  # complete: no request
+        self.assertEqual(self.settled(registry), before + 1)
+        self.assertTrue(cache.verify().ok)
+        for platforms, fragment in [("linux/amd64,linux/ppc64le", "has no linux/ppc64le"),
+                                    ("linux/amd64,", "has an empty item"),
+                                    ("linux/amd64,nope/x/y/z", "invalid platform")]:
+            with self.subTest(platforms):
+                self.assert_one_line_error(self.cli("pull", "--platform", platforms, name),
+                                           fragment)
+        self.assertEqual(cache.find_descriptor(name), root)
+
+    def test_export_oci_of_a_platform_list_is_read_by_skopeo(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        name = f"{registry.host}/test/three:1"
+        self.provider().image_pull(name, "", "all")
+        out = self.path("two.tar")
+        result = self.cli("export", name, "--format", "oci", "--platform",
+                          "linux/arm64,linux/amd64", "-o", out)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        raw = self.skopeo("inspect", "--raw", f"oci-archive:{out}").encode()
+        self.assertEqual(self.listed(raw), ["amd64", f"att:{images['amd64'].manifest.digest}",
+                                            "arm64", f"att:{images['arm64'].manifest.digest}"])
+        self.assertNotIn(oc._ANNOTATION_SUBSET_OF, json.loads(raw).get("annotations", {}))
+        self.skopeo("copy", "--all", f"oci-archive:{out}", f"dir:{self.path('dir')}")
+        self.assertIn(images["arm64"].layers[0].digest.split(":")[1],
+                      os.listdir(self.path("dir")))
+        self.assertNotIn(images["s390x"].layers[0].digest.split(":")[1],
+                         os.listdir(self.path("dir")))
+        every = self.path("every.tar")  # the list of every platform is the index itself
+        self.cli("export", name, "--format", "oci", "--platform",
+                 "linux/amd64,linux/arm64,linux/s390x", "-o", every)
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci-archive:{every}").encode(),
+                         index.data)
+        for args, fragment in [(["--format", "docker", "--platform", "amd64,arm64"],
+                                "needs --format oci"),
+                               (["--format", "oci", "--platform", "amd64,ppc64le"],
+                                "has no linux/ppc64le")]:
+            with self.subTest(args):
+                bad = self.path("bad.tar")
+                self.assert_one_line_error(self.cli("export", name, *args, "-o", bad), fragment)
+                self.assertFalse(os.path.exists(bad))
+
+    def test_copy_between_repositories_mounts_and_keeps_the_digest(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        cache = self.provider()
+        before = self.settled(registry)
+        copied = cache.copy(f"{registry.host}/test/three:1", f"{registry.host}/test/copy:2")
+        self.assertEqual([(n, str(d.digest)) for n, d in copied],
+                         [(f"{registry.host}/test/copy:2", index.digest)])
+        self.assertEqual(self.raw(f"{registry.host}/test/copy:2"), index.data)
+        moved = [(e.method, e.uri, e.status) for e in registry.access_entries()[before:]]
+        self.assertTrue([r for r in moved if r[0] == "POST" and "mount=" in r[1]])
+        self.assertFalse([r for r in moved if r[0] == "GET" and "/blobs/" in r[1]], moved)
+        self.assertFalse([r for r in moved if r[0] == "PATCH" or
+                          (r[0] == "PUT" and "/blobs/" in r[1])], moved)
+        other = oc.Provider(self.path("other"), mirrors=[])
+        self.addCleanup(other.close)
+        other.image_pull(f"{registry.host}/test/copy:2", "", "all")
+        self.assertTrue(other.verify().ok)
+
+    def test_copy_to_registries_with_credentials_and_a_platform_subset(self) -> None:
+        source = self.start_registry()
+        images, _, index = self.three_platforms(source)
+        basic_registry = self.start_registry(auth=("htpasswd", {"alice": "wonder"}))
+        issuer = TokenIssuer(users={"bob": "pw"}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        token_registry = self.start_registry(auth=("token", issuer))
+        self.docker_config({"auths": {basic_registry.host: {"auth": basic("alice", "wonder")},
+                                      token_registry.host: {"auth": basic("bob", "pw")}}})
+        cache = self.provider()
+        cache.copy(f"{source.host}/test/three:1", f"{basic_registry.host}/test/all:1")
+        result = self.cli("copy", "--jobs", "2", "--platform", "linux/arm64",
+                          f"docker://{source.host}/test/three:1",
+                          f"{token_registry.host}/test/arm:1")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        other = self.provider()
+        other.image_pull(f"{basic_registry.host}/test/all:1", "", "all")
+        self.assertEqual(str(other.find_descriptor(f"{basic_registry.host}/test/all:1").digest),
+                         index.digest)
+        _, arm = other.registry.get_manifest(oc.Reference.parse(
+            f"{token_registry.host}/test/arm:1"))
+        data, _ = other.registry.get_manifest(oc.Reference.parse(
+            f"{token_registry.host}/test/arm@{arm.digest}"))
+        self.assertEqual(self.listed(data), ["arm64", f"att:{images['arm64'].manifest.digest}"])
+        self.assertEqual(result.stdout.decode().split(),
+                         [f"{token_registry.host}/test/arm:1", str(arm.digest)])
+        other.image_pull(f"{token_registry.host}/test/arm:1", "", "arm64")
+        self.assertTrue(other.verify().ok)
+        self.cache.clean()  # nothing staged: every blob must come by mount
+        before = len(token_registry.access_entries())  # within the token registry
+        self.provider().copy(f"{token_registry.host}/test/arm:1",
+                             f"{token_registry.host}/test/arm2:1")
+        self.settled(token_registry)
+        moved = [(e.method, e.uri, e.status) for e in token_registry.access_entries()[before:]]
+        self.assertTrue([r for r in moved if r[0] == "POST" and "mount=" in r[1]
+                         and int(r[2]) == 201], moved)
+        self.assertFalse([r for r in moved if r[0] == "GET" and "/blobs/" in r[1]], moved)
+        self.assertEqual(self.listed(other.registry.get_manifest(oc.Reference.parse(
+            f"{token_registry.host}/test/arm2:1"))[0]), ["arm64", f"att:{images['arm64'].manifest.digest}"])
+
+    def test_copy_to_an_oci_layout_and_archive_read_by_skopeo_and_umoci(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        name = f"{registry.host}/test/three:1"
+        layout, archive = self.path("layout"), self.path("image.tar")
+        self.provider().copy(name, f"oci:{layout}:v1")
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:v1").encode(), index.data)
+        result = self.cli("copy", "--platform", "linux/amd64,linux/s390x", name,
+                          f"oci-archive:{archive}:v2")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        raw = self.skopeo("inspect", "--raw", f"oci-archive:{archive}:v2").encode()
+        self.assertEqual(self.listed(raw), ["amd64", f"att:{images['amd64'].manifest.digest}",
+                                            "s390x"])
+        self.skopeo("--override-arch", "s390x", "copy", f"oci-archive:{archive}:v2",
+                    f"dir:{self.path('dir')}")
+        umoci = require_tool(self, "umoci")
+        single = self.path("single")
+        # umoci reads an index of one manifest (one without attestations)
+        self.provider().copy(name, f"oci:{single}:s390x", "linux/s390x")
+        for image in (f"{single}:s390x",):
+            stated = subprocess.run([umoci, "stat", "--json", "--image", image],
+                                    capture_output=True, timeout=60)
+            self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        bundle = self.path("bundle")
+        unpacked = subprocess.run([umoci, "unpack", "--rootless", "--image",
+                                   f"{single}:s390x", bundle], capture_output=True, timeout=60)
+        self.assertEqual(unpacked.returncode, 0, unpacked.stderr.decode())
+        self.assertTrue(os.path.exists(os.path.join(bundle, "rootfs", "etc", "t-s390x")))
+        os.mkfifo(self.path("fifo"))  # never replaced (as a device would not be)
+        before = sorted(os.listdir(self.tmp))
+        for destination, fragment in [(f"oci:{layout}", "exists"),
+                                      ("oci:", "name a path"),
+                                      ("oci-archive:-", "name a path"),
+                                      (f"oci:{self.path('x')}:bad/tag", "not a valid tag"),
+                                      (f"oci-archive:{self.path('nodir', 'x.tar')}",
+                                       "is not a directory"),
+                                      (f"oci-archive:{self.path('fifo')}",
+                                       "not a regular file"),
+                                      (f"oci-archive:{layout}", "not a regular file")]:
+            with self.subTest(destination):
+                self.assert_one_line_error(self.cli("copy", name, destination), fragment)
+        result = self.cli("copy", "--platform", "linux/ppc64le", name, f"oci:{self.path('p')}")
+        self.assert_one_line_error(result, "has no linux/ppc64le")
+        self.assertEqual(sorted(os.listdir(self.tmp)), before)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.path("fifo")).st_mode))
+        self.assertEqual(stat.S_IMODE(os.stat(archive).st_mode), 0o666 & ~current_umask())
+        self.assertEqual(stat.S_IMODE(os.stat(layout).st_mode), 0o777 & ~current_umask())
+
+    def test_copy_from_the_cache_and_every_tag(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        self.three_platforms(registry, tag="2")
+        single = make_image("lone")
+        upload(registry.url, "test/three", single.blobs, [("lone", single.manifest)])
+        cache = self.provider()
+        cache.image_pull(f"{registry.host}/test/three:1", "", "linux/arm64")
+        cache.copy(f"cache:{registry.host}/test/three:1", f"{registry.host}/test/fromcache:1",
+                   "linux/arm64")
+        data = self.raw(f"{registry.host}/test/fromcache:1")
+        self.assertEqual(self.listed(data), ["arm64", f"att:{images['arm64'].manifest.digest}"])
+        self.assertNotIn(oc._ANNOTATION_SUBSET_OF, json.loads(data).get("annotations", {}))
+        with self.assertRaisesRegex(oc.PlatformNotFoundError, "holds only linux/arm64 of it"):
+            cache.copy(f"cache:{registry.host}/test/three:1", f"oci:{self.path('l')}",
+                       "linux/arm64,linux/amd64")
+        with self.assertRaisesRegex(oc.NotFoundError, "holds only linux/arm64"):
+            cache.copy(f"cache:{registry.host}/test/three:1", f"{registry.host}/test/x:1")
+        copied = cache.copy(f"{registry.host}/test/three", f"{registry.host}/test/mirror",
+                            all_tags=True)
+        self.assertEqual(sorted(n for n, _ in copied),
+                         sorted(f"{registry.host}/test/mirror:{t}" for t in ("1", "2", "lone")))
+        self.assertEqual(sorted(cache.registry.list_tags(f"{registry.host}/test/mirror")),
+                         ["1", "2", "lone"])
+        self.assertEqual(self.raw(f"{registry.host}/test/mirror:lone"), single.manifest.data)
+        layout = self.path("tags")
+        cache.copy(f"{registry.host}/test/three", f"oci:{layout}", all_tags=True)
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:2").encode(), index.data)
+        for args, fragment in [(["cache:nope/x:1", f"{registry.host}/test/y:1"], "nope/x"),
+                               ([f"oci:{layout}", f"{registry.host}/test/y:1"], "a source is"),
+                               ([f"{registry.host}/test/three:1", "cache:a"], "use 'pull'"),
+                               (["--all-tags", f"{registry.host}/test/three",
+                                 f"{registry.host}/test/y:1"], "without a tag")]:
+            with self.subTest(args):
+                self.assert_one_line_error(self.cli("copy", *args), fragment)
+
+    def test_a_copy_failing_part_way_leaves_no_tag(self) -> None:
+        source = self.start_registry()
+        images, _, index = self.three_platforms(source)
+        target = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", target.port)
+        self.addCleanup(proxy.stop)
+        big = images["s390x"].layers[0].digest
+        proxy.add_fault("respond", method="PUT", match=f"digest={big.replace(':', '%3A')}",
+                        status=500, times=None)
+        cache = self.provider(attempts=2)
+        with self.assertRaises(oc.RegistryError) as caught:
+            cache.copy(f"{source.host}/test/three:1", f"{proxy.host}/test/copy:1")
+        self.assertEqual(line_problem(str(caught.exception)), "")
+        self.assertTrue(proxy.fired())
+        proxy.clear_faults()  # a refusal, not retried: the command line's error is one line
+        proxy.add_fault("respond", method="PUT", match=f"digest={big.replace(':', '%3A')}",
+                        status=400, times=None)
+        result = self.cli("--jobs", "1", "copy", f"{source.host}/test/three:1",
+                          f"{proxy.host}/test/copy:1")
+        self.assert_one_line_error(result, "400")
+        with self.assertRaises(oc.RegistryError) as absent:
+            cache.registry.get_manifest(oc.Reference.parse(f"{target.host}/test/copy:1"))
+        self.assertEqual(absent.exception.status, 404)
+        proxy.clear_faults()
+        cache.copy(f"{source.host}/test/three:1", f"{proxy.host}/test/copy:1")
+        self.assertEqual(self.raw(f"{target.host}/test/copy:1"), index.data)
+        # a layout whose blob cannot be fetched is never visible, not even half
+        cache.clean()
+        upstream = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(upstream.stop)
+        upstream.add_fault("respond", method="GET", match=f"/blobs/{big}", status=500,
+                           times=None)
+        before = sorted(os.listdir(self.tmp))
+        for destination in (f"oci:{self.path('layout')}", f"oci-archive:{self.path('a.tar')}"):
+            with self.subTest(destination):
+                with self.assertRaisesRegex(oc.RegistryError, "500"):
+                    cache.copy(f"{upstream.host}/test/three:1", destination)
+                self.assertEqual(sorted(os.listdir(self.tmp)), before)
+
+    def test_an_interrupted_copy_resumes_in_a_later_run(self) -> None:
+        source = self.start_registry()
+        big = make_image("resume", layer_files=[{"big": random.Random(9).randbytes(1 << 20)}],
+                         gzip_layers=False)
+        upload(source.url, "test/resume", big.blobs, [("1", big.manifest)])
+        target = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(proxy.stop)
+        layer = big.layers[0].digest
+        proxy.add_fault("reset", match=f"/blobs/{layer}", method="GET", after_bytes=300_000)
+        with self.assertRaises(oc.OciCacheError):
+            self.provider(attempts=1).copy(f"{proxy.host}/test/resume:1",
+                                           f"{target.host}/test/resume:1")
+        with self.assertRaises(oc.RegistryError):  # no tag
+            self.cache.registry.get_manifest(oc.Reference.parse(f"{target.host}/test/resume:1"))
+        before = len(source.access_entries())
+        self.provider().copy(f"{proxy.host}/test/resume:1", f"{target.host}/test/resume:1")
+        self.assertEqual(self.raw(f"{target.host}/test/resume:1"), big.manifest.data)
+        wait_for(lambda: [e for e in source.access_entries()[before:] if layer in e.path],
+                 10, "the layer GET logged")
+        gets = [e for e in source.access_entries()[before:]
+                if layer in e.path and e.method == "GET"]
+        self.assertEqual([int(e.status) for e in gets], [206], "resumed with Range")
+        self.assertLess(int(gets[0].size), len(big.layers[0].data))
+
+    def test_mount_sources_are_remembered_across_runs(self) -> None:
+        registry = self.start_registry()
+        big = make_image("base", layer_files=[{"big": random.Random(5).randbytes(1 << 16)}])
+        upload(registry.url, "test/base", big.blobs, [("1", big.manifest)])
+        first = self.provider()
+        first.image_pull(f"{registry.host}/test/base:1", "", "amd64")
+        first.close()
+        saved = os.path.join(self.cache_dir, oc._LOCATIONS_FILE)
+        self.assertTrue(os.path.exists(saved))
+        # as linuxkit build names an image it made from the base: another repository
+        self.cache.descriptor_write(f"{registry.host}/test/app:1",
+                                    self.cache.find_descriptor(f"{registry.host}/test/base:1"))
+        for run, how in enumerate([
+                lambda p: p.push(f"{registry.host}/test/app:1"),
+                lambda p: p.copy(f"cache:{registry.host}/test/app:1",
+                                 f"{registry.host}/test/copied:1"),
+                lambda p: p.copy(f"{registry.host}/test/base:1",
+                                 f"{registry.host}/test/mirrored:1")]):
+            with self.subTest(run):
+                if run == 2:
+                    self.cache.clean()  # nothing in the cache: the copy must not download
+                before = self.settled(registry)
+                how(self.provider())  # a new process: only the file knows test/base
+                self.settled(registry)
+                moved = [(e.method, e.uri, e.status)
+                         for e in registry.access_entries()[before:]]
+                mounts = [r for r in moved if r[0] == "POST" and "mount=" in r[1]
+                          and int(r[2]) == 201]
+                self.assertTrue(mounts, moved)
+                if run == 0:  # only the file can have named test/base
+                    self.assertTrue(all("from=test/base" in r[1] for r in mounts), mounts)
+                self.assertFalse([r for r in moved if r[0] == "PUT" and "/blobs/" in r[1]
+                                  and "digest=" in r[1] and big.layers[0].digest.split(":")[1]
+                                  in r[1]], moved)
+                self.assertFalse([r for r in moved if r[0] == "GET" and "/blobs/" in r[1]
+                                  and big.layers[0].digest in r[1]], moved)
+
+    def test_a_bad_locations_file_is_only_a_lost_hint(self) -> None:
+        registry = self.start_registry()
+        image = make_image("hint")
+        self.load_image(f"{registry.host}/test/hint:1", image)
+        saved = os.path.join(self.cache_dir, oc._LOCATIONS_FILE)
+        layer = image.layers[0].digest
+        for content in [b"{not json", b"[]", b'{"locations": 5}',
+                        json.dumps({"locations": [[registry.host, layer, ["x&from=y", "../a"]],
+                                                  ["bad host/", layer, ["test/a"]],
+                                                  [registry.host, "sha256:zz", ["test/a"]]]}
+                                   ).encode()]:
+            with self.subTest(content[:20]):
+                with open(saved, "wb") as f:
+                    f.write(content)
+                self.assertEqual(oc._parse_locations(content), {})
+                self.provider().push(f"{registry.host}/test/hint:1", override=True)
+        os.unlink(saved)
+        os.symlink(self.path("elsewhere"), saved)
+        self.provider().push(f"{registry.host}/test/hint:1", f"{registry.host}/test/h2:1")
+        self.assertFalse(os.path.exists(self.path("elsewhere")))
+        rows = {(h, str(d)): r for (h, d), r in oc._merged_locations(
+            {(registry.host, oc.Digest.parse(layer)): ["a", "b", "c"]},
+            {(registry.host, oc.Digest.parse(layer)): ["d"]}).items()}
+        self.assertEqual(rows, {(registry.host, layer): ["b", "c", "d"]})
+
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
         client = oc.RegistryClient(mirrors=[("*", "http://all:1"), ("docker.io", "http://hub:2/p")])
