@@ -6019,18 +6019,31 @@ class TestSources(CacheTestCase):
             self.assertEqual(tar.getnames(), ["a", "d"])
 
     def test_escapes_are_neutralised(self) -> None:
+        # As containers/storage (in its chroot) and umoci (securejoin) apply them: a name
+        # or link target climbing out with '..' or absolute stops at the root, and a path
+        # through a symlink to '/etc' lands in the root's etc, never the host's.
         image = make_layered_image([[
             entry("ok", data=b"ok"), entry("../../escape", data=b"x"),
             entry("a/../../b", data=b"x"), entry("/abs/file", data=b"absolute"),
             entry("link-out", tarfile.LNKTYPE, linkname="../../etc/shadow"),
             entry("link-abs", tarfile.LNKTYPE, linkname="/ok"),
+            entry("link-up", tarfile.LNKTYPE, linkname="../../../ok"),
             entry("via-symlink", tarfile.SYMTYPE, linkname="/etc"),
-            entry("via-symlink/passwd", data=b"through a symlink")]])
+            entry("via-symlink/passwd", data=b"through a symlink"),
+            entry("up", tarfile.SYMTYPE, linkname="../../.."),
+            entry("up/through-dotdot", data=b"at the root")]])
         self.load_image("example.com/escape:1", image)
         with tarfile.open(self.flatten("example.com/escape:1")) as tar:
             members = {m.name: m for m in tar.getmembers()}
-        self.assertEqual(sorted(members), ["abs", "abs/file", "link-abs", "ok", "via-symlink"])
+            content = {name: tar.extractfile(m).read() for name, m in members.items()
+                       if m.isreg()}
+        self.assertEqual(sorted(members), sorted([
+            "abs", "abs/file", "b", "escape", "etc", "etc/passwd", "link-abs", "link-up", "ok",
+            "through-dotdot", "up", "via-symlink"]))
         self.assertEqual(members["link-abs"].linkname, "ok")
+        self.assertEqual(members["link-up"].linkname, "ok")
+        self.assertEqual(content["etc/passwd"], b"through a symlink")
+        self.assertEqual(content["through-dotdot"], b"at the root")
 
     def test_the_layer_reader_reads_what_tarfile_reads(self) -> None:
         # Flattening walks layers with its own reader (_TarStream); every header form
@@ -6111,7 +6124,8 @@ class TestSources(CacheTestCase):
             "cut inside data": (good[:700], "ends inside an entry"),
             "cut inside a header": (good[:1536 + 100], "ends inside an entry"),
             "bad checksum": (bytes(bad_checksum), "invalid tar header"),
-            "sparse": (gnu_sparse_member("s", 1 << 40) + bytes(1024), "sparse"),
+            "sparse map past the end": (gnu_sparse_member("s", 100) + bytes(1024),
+                                        "malformed sparse map"),
             "PAX size not a number": (header("p", tarfile.XHDTYPE, b"12 size=abc\n") + good,
                                       "not a number"),
             "PAX record cut": (header("p", tarfile.XHDTYPE, b"99 path=x\n") + good,
