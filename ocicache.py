@@ -3639,7 +3639,9 @@ def _clean_path(name: str) -> List[str]:
 def _xattrs(member: tarfile.TarInfo) -> Dict[str, str]:
     """A member's extended attributes, name to value (bytes kept by surrogateescape):
     ``SCHILY.xattr.*`` as GNU tar and Go write them, else libarchive's own
-    (``LIBARCHIVE.xattr.<url-quoted name>=<base64 value>``)."""
+    (``LIBARCHIVE.xattr.<url-quoted name>=<base64 value>``). An empty value sets
+    nothing: a PAX record with an empty value removes its key, and containers/storage
+    and umoci set no attribute for it."""
     found: Dict[str, str] = {}
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -3650,12 +3652,13 @@ def _xattrs(member: tarfile.TarInfo) -> Dict[str, str]:
             import urllib.parse
             name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):], errors="surrogateescape")
             try:
-                data = base64.b64decode(value.encode("utf-8", "surrogateescape"))
+                encoded = value.encode("utf-8", "surrogateescape")
+                data = base64.b64decode(encoded + b"=" * (-len(encoded) % 4))  # unpadded
             except ValueError:
                 raise InvalidArchiveError(f"layer entry {_shorten(member.name)!r} has a "
                                           "malformed LIBARCHIVE.xattr record") from None
             found.setdefault(name, data.decode("utf-8", "surrogateescape"))
-    return found
+    return {name: value for name, value in found.items() if value}
 
 
 # A directory's metadata: mode, uid, gid, mtime (the PAX text when it had one), uname,

@@ -52,8 +52,8 @@ import unittest
 import urllib.parse
 import urllib.request
 from collections import namedtuple
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
-                    Type, Union)
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Set, Tuple, Type, Union)
 from unittest import mock
 
 import ocicache as oc
@@ -6372,6 +6372,506 @@ class TestSources(CacheTestCase):
                                      "export", "example.com/big:1", "--format", export_format,
                                      "-o", self.path("big.tar")], cwd=HERE, capture_output=True)
             self.assertEqual(result.returncode, 0, f"{export_format}: {result.stderr!r}")
+
+
+# -- flatten, judged against umoci and podman on layers written by the real writers ----
+#
+# A layer is a list of operations in member order, written by one writer: GNU tar
+# ("gnutar", posix format; "gnutar:gnu"; "gnutar:0.0"/"0.1"/"1.0" for its sparse
+# formats), bsdtar, git archive, or Python's tarfile ("pax", "gnu"). The file-system
+# writers archive a staging directory in exactly that order (so a directory can come
+# after its contents); tarfile writes what a file system cannot hold (duplicates, links
+# across layers, type 7).
+
+def op_file(path: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0,
+            xattrs: Optional[Dict[str, bytes]] = None, mtime: float = 1_600_000_000.0,
+            kind: bytes = tarfile.REGTYPE) -> Dict[str, Any]:
+    return dict(op="file", path=path, data=data, mode=mode, uid=uid, gid=gid,
+                xattrs=xattrs or {}, mtime=mtime, kind=kind)
+
+
+def op_dir(path: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
+           xattrs: Optional[Dict[str, bytes]] = None,
+           mtime: float = 1_600_000_000.0) -> Dict[str, Any]:
+    return dict(op="dir", path=path, mode=mode, uid=uid, gid=gid, xattrs=xattrs or {},
+                mtime=mtime)
+
+
+def op_symlink(path: str, target: str, uid: int = 0) -> Dict[str, Any]:
+    return dict(op="symlink", path=path, target=target, uid=uid, gid=0, mode=0o777,
+                mtime=1_600_000_000.0, xattrs={})
+
+
+def op_link(path: str, target: str, mode: int = 0o644) -> Dict[str, Any]:
+    return dict(op="link", path=path, target=target, mode=mode, uid=0, gid=0,
+                mtime=1_600_000_000.0, xattrs={})
+
+
+def op_node(path: str, kind: bytes, major: int = 0, minor: int = 0) -> Dict[str, Any]:
+    return dict(op="node", path=path, kind=kind, major=major, minor=minor, mode=0o644, uid=0,
+                gid=0, mtime=1_600_000_000.0, xattrs={})
+
+
+def op_sparse(path: str, size: int, regions: Sequence[Tuple[int, bytes]]) -> Dict[str, Any]:
+    return dict(op="sparse", path=path, size=size, regions=list(regions), mode=0o644, uid=0,
+                gid=0, mtime=1_600_000_000.0, xattrs={})
+
+
+def op_whiteout(path: str) -> Dict[str, Any]:
+    parent, _, base = path.rpartition("/")
+    return op_file(f"{parent}/.wh.{base}".lstrip("/"))
+
+
+def op_opaque(directory: str) -> Dict[str, Any]:
+    return op_file(f"{directory}/.wh..wh..opq")
+
+
+def fs_name(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def stage_layer(ops: Sequence[Dict[str, Any]], stage: str) -> None:
+    """The operations' files in a directory, with their metadata."""
+    root = fs_name(stage)
+    os.makedirs(root)
+    for op in ops:
+        full = os.path.join(root, fs_name(op["path"]))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        kind = op["op"]
+        if kind == "dir":
+            os.makedirs(full, exist_ok=True)
+        elif kind == "file":
+            with open(full, "wb") as f:
+                f.write(op["data"])
+        elif kind == "sparse":
+            with open(full, "wb") as f:
+                f.truncate(op["size"])
+                for offset, data in op["regions"]:
+                    f.seek(offset)
+                    f.write(data)
+        elif kind == "symlink":
+            os.symlink(fs_name(op["target"]), full)
+        elif kind == "link":
+            os.link(os.path.join(root, fs_name(op["target"])), full)
+        elif op["kind"] == tarfile.FIFOTYPE:
+            os.mkfifo(full)
+        else:
+            device = stat.S_IFCHR if op["kind"] == tarfile.CHRTYPE else stat.S_IFBLK
+            os.mknod(full, device | 0o600, os.makedev(op["major"], op["minor"]))
+    for op in reversed(ops):  # directories last, so adding files does not touch them
+        full = os.path.join(root, fs_name(op["path"]))
+        for key, value in op["xattrs"].items():
+            os.setxattr(full, key, value, follow_symlinks=False)
+        os.chown(full, op["uid"], op["gid"], follow_symlinks=False)
+        if op["op"] != "symlink":
+            os.chmod(full, op["mode"])
+        ns = int(op["mtime"] * 1e9)
+        os.utime(full, ns=(ns, ns), follow_symlinks=False)
+
+
+def write_layer(writer: str, ops: Sequence[Dict[str, Any]], work: str) -> bytes:
+    """The layer's tar, as ``writer`` writes it."""
+    if writer in ("pax", "gnu"):
+        return tarfile_layer(writer, ops)
+    stage = os.path.join(work, "stage")
+    stage_layer(ops, stage)
+    out = os.path.join(work, "layer.tar")
+    names = os.path.join(work, "names")
+    with open(names, "wb") as f:
+        f.write(b"".join(fs_name(op["path"]) + b"\n" for op in ops))
+    if writer == "git":
+        git = ["git", "-C", stage, "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(git[:3] + ["init", "-q"], check=True)
+        subprocess.run(git + ["add", "-A"], check=True)
+        subprocess.run(git + ["commit", "-qm", "layer"], check=True,
+                       env={**os.environ, "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z",
+                            "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z"})
+        subprocess.run(git + ["archive", "--format=tar", "-o", out, "HEAD"], check=True)
+    elif writer == "bsdtar":
+        subprocess.run(["bsdtar", "-c", "-f", out, "--format", "pax", "-n", "--numeric-owner",
+                        "--xattrs", "-C", stage, "-T", names], check=True, capture_output=True)
+    else:
+        variant = writer.partition(":")[2]
+        command = ["tar", "-c", "-f", out, "-C", stage, "--no-recursion", "--numeric-owner",
+                   "--verbatim-files-from", "-T", names]
+        if variant == "gnu":
+            command += ["--format=gnu", "--sparse"]
+        else:
+            command += ["--format=posix", "--xattrs", "--xattrs-include=*"]
+            if variant:
+                command += ["--sparse", f"--sparse-version={variant}"]
+        subprocess.run(command, check=True, capture_output=True)
+    with open(out, "rb") as f:
+        data = f.read()
+    shutil.rmtree(fs_name(stage))
+    return data
+
+
+def tarfile_layer(writer: str, ops: Sequence[Dict[str, Any]]) -> bytes:
+    out = io.BytesIO()
+    fmt = tarfile.PAX_FORMAT if writer == "pax" else tarfile.GNU_FORMAT
+    with tarfile.open(fileobj=out, mode="w", format=fmt, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for op in ops:
+            info = tarfile.TarInfo(op["path"])
+            info.mode, info.uid, info.gid, info.mtime = op["mode"], op["uid"], op["gid"], \
+                op["mtime"]
+            data = b""
+            kind = op["op"]
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "file":
+                info.type, data = op["kind"], op["data"]
+            elif kind in ("symlink", "link"):
+                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = op["target"]
+            elif kind == "node":
+                info.type, info.devmajor, info.devminor = op["kind"], op["major"], op["minor"]
+            else:
+                raise ValueError(f"tarfile cannot write {kind}")
+            if op["xattrs"]:
+                info.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                                    for k, v in op["xattrs"].items()}
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return out.getvalue()
+
+
+NON_UTF8 = b"caf\xe9-\xff".decode("utf-8", "surrogateescape")
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
+LONG = "long/" + "/".join(["d%02d-" % i + "x" * 40 for i in range(6)])
+USR = [op_dir("usr"), op_dir("usr/bin"), op_dir("usr/lib"), op_dir("usr/sbin")]
+
+# name: (what umoci does differently from podman, or ""), layers as (writer, operations).
+DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]] = {
+    "merged-usr, relative": ("", [
+        ("gnutar", USR + [op_symlink("bin", "usr/bin"), op_symlink("lib", "usr/lib"),
+                          op_file("usr/lib/old.so", b"old")]),
+        ("pax", [op_file("bin/app", b"app", 0o755), op_file("lib/libapp.so", b"lib"),
+                 op_whiteout("lib/old.so")])]),
+    "merged-usr, absolute and .. targets": ("", [
+        ("bsdtar", USR + [op_symlink("bin", "/usr/bin"), op_symlink("sbin", "../../usr/sbin"),
+                          op_dir("etc"), op_symlink("etc/up", "../../../../")]),
+        ("gnutar", [op_dir("bin"), op_file("bin/app", b"app"), op_file("sbin/tool", b"t"),
+                    op_file("etc/up/at-root", b"r")])]),
+    "symlink chains": ("umoci does not apply a whiteout through a symlinked directory", [
+        ("pax", [op_symlink("a", "b"), op_symlink("b", "c/d"), op_dir("c"), op_dir("c/d"),
+                 op_symlink("c/e", "/a")]),
+        ("gnu", [op_file("a/through-a", b"1"), op_file("c/e/through-e", b"2"),
+                 op_whiteout("a/through-a")]),
+        ("pax", [op_file("b/again", b"3")])]),
+    "hard link to a rewritten file": ("", [
+        ("gnutar", [op_file("a", b"old a"), op_link("b", "a")]),
+        ("gnutar", [op_file("a", b"new a"), op_link("d", "a")])]),
+    "hard link to a rewritten file, three layers": (
+        "umoci does not give the inode the mode of a later hard link's header", [
+        ("pax", [op_file("a", b"old a", 0o600), op_link("b", "a", 0o600)]),
+        ("pax", [op_file("a", b"new a", 0o755)]),
+        ("pax", [op_link("d", "a", 0o755), op_link("e", "b", 0o640)])]),
+    "hard links across layers and to whited-out targets": ("", [
+        ("pax", [op_file("t", b"target"), op_link("l1", "t"), op_file("u", b"u")]),
+        ("gnu", [op_whiteout("t"), op_link("l2", "l1"), op_link("lu", "u"), op_whiteout("u")]),
+        ("pax", [op_file("t", b"new target")])]),
+    "directories after their contents (find -depth), GNU tar": ("", [
+        ("gnutar", [op_file("etc/ssl/private/key.pem", b"secret", 0o600),
+                    op_dir("etc/ssl/private", 0o700, 0, 101, mtime=1_500_000_000.5),
+                    op_dir("etc/ssl", 0o751), op_dir("etc", 0o755, 0, 0,
+                                                     {"user.dir": b"on etc"})])]),
+    "directories after their contents, bsdtar": ("", [
+        ("bsdtar", [op_file("etc/ssl/private/key.pem", b"secret", 0o600),
+                    op_dir("etc/ssl/private", 0o700, 0, 101), op_dir("etc/ssl", 0o751),
+                    op_dir("etc")]),
+        ("bsdtar", [op_file("etc/ssl/private/other.pem", b"2", 0o600), op_dir("etc/ssl", 0o711)])]),
+    "duplicates in one layer keep the last": ("", [
+        ("pax", [op_file("f", b"first"), op_file("f", b"second", 0o600), op_dir("d", 0o700),
+                 op_dir("d", 0o750), op_symlink("s", "one"), op_symlink("s", "two"),
+                 op_file("x", b"file"), op_dir("x"), op_dir("y"), op_symlink("y", "f")])]),
+    "sparse files": ("", [
+        ("gnutar:0.0", [op_sparse("s00", 3 << 20, [(1 << 20, b"a" * 5000)])]),
+        ("gnutar:0.1", [op_sparse("s01", 3 << 20, [(0, b"b" * 100), (2 << 20, b"c" * 70000)])]),
+        ("gnutar:1.0", [op_sparse("s10", 5 << 20, [(4 << 20, b"d" * 4096)])]),
+        ("bsdtar", [op_sparse("sbsd", 4 << 20, [(3 << 20, b"f" * 10000)])])]),
+    "old GNU sparse files": ("", [
+        ("gnutar:gnu", [op_sparse("sgnu", 2 << 20, [(i << 16, b"e" * 300)
+                                                    for i in range(0, 30, 3)])])]),
+    "non-UTF-8 names and xattrs": ("", [
+        ("gnutar", [op_dir(NON_UTF8), op_file(f"{NON_UTF8}/f", b"1", xattrs={
+            "user.bin": b"\xff\x00\xfe", "user.text": "ü".encode()}),
+            op_symlink(f"{NON_UTF8}/s", NON_UTF8 + "/f")]),
+        ("bsdtar", [op_file(f"b-{NON_UTF8}" + "n" * 120, b"2", xattrs={"user.b": b"\xc3("})]),
+        ("pax", [op_file(f"p-{NON_UTF8}", b"3", xattrs={"user.p": b"\x80"})])]),
+    # An empty value sets no attribute: podman and umoci agree (and PAX says so).
+    "xattrs, capabilities and empty values": ("", [
+        ("gnutar", [op_file("ping", b"ping", 0o755, xattrs={"security.capability": CAPABILITY}),
+                    op_file("e", b"", xattrs={"user.empty": b"", "user.x": b"1"})]),
+        ("bsdtar", [op_file("b", b"b", xattrs={"security.capability": CAPABILITY,
+                                               "user.k": b"v"})]),
+        ("pax", [op_dir("d", xattrs={"user.d": b"dir"}), op_file("d/p", b"p",
+                                                               xattrs={"user.z": b""})])]),
+    "whiteouts and opaque directories beside new entries": ("", [
+        ("gnutar", [op_dir("opq"), op_file("opq/a", b"a"), op_dir("opq/sub"),
+                    op_file("opq/sub/x", b"x"), op_dir("w"), op_file("w/gone", b"g"),
+                    op_file("w/kept", b"k"), op_dir("o2"), op_file("o2/old", b"o")]),
+        ("gnutar", [op_dir("opq"), op_opaque("opq"), op_file("opq/c", b"c"),
+                    op_whiteout("w/gone"), op_file("w/new", b"n"), op_file("o2/new", b"n"),
+                    op_opaque("o2")]),
+        ("pax", [op_file("w/gone", b"back"), op_whiteout("w/kept")])]),
+    "a file replacing a directory and back": ("", [
+        ("gnutar", [op_dir("flip"), op_file("flip/child", b"c"), op_file("f2d", b"file")]),
+        ("gnutar", [op_file("flip", b"now a file"), op_dir("f2d"), op_file("f2d/in", b"in")]),
+        ("bsdtar", [op_dir("flip", 0o700), op_file("flip/new", b"n"), op_file("f2d", b"again")])]),
+    "devices and FIFOs": ("", [
+        ("gnutar", [op_dir("dev"), op_node("dev/null", tarfile.CHRTYPE, 1, 3),
+                    op_node("dev/loop9", tarfile.BLKTYPE, 7, 9), op_node("fifo", tarfile.FIFOTYPE)]),
+        ("pax", [op_node("dev/zero", tarfile.CHRTYPE, 1, 5), op_node("fifo", tarfile.CHRTYPE, 1, 7)])]),
+    "owners above 2097151 and sub-second mtimes": ("", [
+        ("gnutar", [op_file("big-uid", b"u", 0o640, 3_000_000, 4_000_000, mtime=1.6e9 + 0.25)]),
+        ("gnu", [op_file("gnu-uid", b"g", 0o644, 2_097_152, 2_097_153)]),
+        ("bsdtar", [op_dir("bd", 0o755, 5_000_000, 5_000_001, mtime=1.6e9 + 0.125)])]),
+    "long names and link targets": ("", [
+        ("gnutar", [op_file(LONG + "/file-" + "y" * 120, b"long"),
+                    op_symlink("to-long", LONG + "/file-" + "y" * 120),
+                    op_link("hard-to-long", LONG + "/file-" + "y" * 120)]),
+        ("bsdtar", [op_symlink("s" * 200, "t" * 300)]),
+        ("pax", [op_link("h" * 150, "to-long"), op_file(LONG + "/" + "z" * 255, b"z")])]),
+    "git archive": ("umoci refuses git's pax global header", [
+        ("git", [op_file("README", b"readme"), op_dir("src"), op_file("src/a.sh", b"#!", 0o755),
+                 op_symlink("link", "README")])]),
+    "type 7 (contiguous file)": ("", [
+        ("pax", [op_file("contiguous", b"type 7", kind=tarfile.CONTTYPE)])]),
+}
+
+
+# Cases containers/storage refuses to apply, and why: umoci is the reference there, and
+# where umoci refuses too, GNU tar extracting the (one) layer.
+PODMAN_REFUSES = {
+    "duplicates in one layer keep the last":
+        "containers/storage refuses a layer with duplicate paths; tar -x and umoci keep the last",
+    "old GNU sparse files": "containers/storage and umoci refuse type S; tar -x expands it",
+    "type 7 (contiguous file)": "containers/storage and umoci refuse type 7; tar -x takes it "
+                                "for a regular file",
+}
+
+
+def tree_of_directory(root: str) -> Tuple[Dict[str, Tuple[Any, ...]], Set[FrozenSet[str]]]:
+    """Every path under ``root`` as the comparison sees it, and the hard-link groups."""
+    found: Dict[str, Tuple[Any, ...]] = {}
+    inodes: Dict[Tuple[int, int], List[str]] = collections.defaultdict(list)
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(directory, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            kind = stat.S_IFMT(st.st_mode)
+            digest = target = ""
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                inodes[(st.st_dev, st.st_ino)].append(rel)
+            symlink = stat.S_ISLNK(st.st_mode)
+            if symlink:
+                target = os.readlink(full)
+            device = (os.major(st.st_rdev), os.minor(st.st_rdev)) \
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+            xattrs = () if symlink else tuple(sorted(
+                (key, os.getxattr(full, key, follow_symlinks=False))
+                for key in os.listxattr(full, follow_symlinks=False)))
+            found[rel] = (kind, 0 if symlink else stat.S_IMODE(st.st_mode), st.st_uid,
+                          st.st_gid, st.st_size if digest else 0, digest, target, device,
+                          xattrs)
+    return found, {frozenset(group) for group in inodes.values()}
+
+
+def tree_of_tar(path: str) -> Tuple[Dict[str, Tuple[Any, ...]], Set[FrozenSet[str]]]:
+    """The same, read from a flattened tar as an extractor reads it."""
+    kinds = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR,
+             tarfile.SYMTYPE: stat.S_IFLNK, tarfile.CHRTYPE: stat.S_IFCHR,
+             tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+    found: Dict[str, Tuple[Any, ...]] = {}
+    groups: Dict[str, List[str]] = {}
+    with tarfile.open(path, encoding="utf-8", errors="surrogateescape") as tar:
+        for member in tar:
+            name = member.name.rstrip("/")
+            if member.islnk():
+                found[name] = found.get(member.linkname, ("dangling link",))
+                groups.setdefault(member.linkname, [member.linkname]).append(name)
+                continue
+            digest = ""
+            if member.isreg():
+                digest = hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+            xattrs = () if member.issym() else tuple(sorted(
+                (key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
+                for key, value in member.pax_headers.items() if key.startswith("SCHILY.xattr.")))
+            device = (member.devmajor, member.devminor) if member.ischr() or member.isblk() \
+                else None
+            found[name] = (stat.S_IFREG if member.isreg() else kinds.get(member.type, -1),
+                           0 if member.issym() else member.mode,
+                           member.uid, member.gid, member.size if member.isreg() else 0, digest,
+                           member.linkname if member.issym() else "", device, xattrs)
+    return found, {frozenset(group) for group in groups.values()}
+
+
+def tree_difference(ours: Tuple[Dict[str, Any], Set[FrozenSet[str]]],
+                    theirs: Tuple[Dict[str, Any], Set[FrozenSet[str]]]) -> List[str]:
+    lines = []
+    for path in sorted(set(ours[0]) | set(theirs[0])):
+        if ours[0].get(path) != theirs[0].get(path):
+            lines.append(f"{path!r}: ours {ours[0].get(path)} theirs {theirs[0].get(path)}")
+    if ours[1] != theirs[1]:
+        lines.append(f"hard links: ours {sorted(map(sorted, ours[1]))} "
+                     f"theirs {sorted(map(sorted, theirs[1]))}")
+    return lines
+
+
+def image_of_tars(raws: Sequence[bytes], seed: str) -> ImageBlobs:
+    blobs = [Blob(oc.MEDIA_OCI_LAYER_GZIP, gzip.compress(raw, mtime=0)) for raw in raws]
+    config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {"Env": [f"SEED={seed}"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(raw) for raw in raws]}}).encode())
+    manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "config": config.descriptor(),
+        "layers": [b.descriptor() for b in blobs]}).encode())
+    return ImageBlobs(manifest, config, blobs, {"architecture": "amd64", "os": "linux"})
+
+
+def docker_archive(images: Dict[str, Tuple[ImageBlobs, Sequence[bytes]]]) -> bytes:
+    """One docker-archive holding several images (uncompressed layers), for one load."""
+    entries, manifest = [], []
+    for name, (image, raws) in images.items():
+        layers = []
+        for raw in raws:
+            layer_name = sha256(raw).split(":")[1] + "/layer.tar"
+            entries.append((layer_name, raw))
+            layers.append(layer_name)
+        config_name = image.config.digest.split(":")[1] + ".json"
+        entries.append((config_name, image.config.data))
+        manifest.append({"Config": config_name, "RepoTags": [name], "Layers": layers})
+    entries.append(("manifest.json", json.dumps(manifest).encode()))
+    return tar_bytes(dict(entries).items())
+
+
+class FlattenJudges:
+    """Flattens many images at once by ocicache, umoci and podman, as trees to compare."""
+
+    def __init__(self, test: CacheTestCase) -> None:
+        self.test = test
+        self.umoci = require_tool(test, "umoci")
+        self.podman = Podman(test, test.tmp)
+        for tool in ("tar", "bsdtar", "git"):
+            require_tool(test, tool)
+        self.counter = itertools.count()
+
+    def build(self, layers: Sequence[Tuple[str, Sequence[Dict[str, Any]]]]) -> List[bytes]:
+        raws = []
+        for writer, ops in layers:
+            work = self.test.path(f"write-{next(self.counter)}")
+            os.makedirs(work)
+            raws.append(write_layer(writer, ops, work))
+            shutil.rmtree(work)
+        return raws
+
+    def judge(self, stacks: Dict[str, Sequence[bytes]],
+              podman_refuses: Iterable[str] = ()) -> Dict[str, Dict[str, Any]]:
+        """For each named stack of layer tars: the trees of ocicache, umoci and podman
+        (a judge that refused the image gives its error instead). The stacks of
+        ``podman_refuses`` are loaded one by one, to see podman refuse each."""
+        refused = set(podman_refuses)
+        images, results = {}, {}
+        for label, raws in stacks.items():
+            name = f"localhost/diff-{len(images)}:1"
+            image = image_of_tars(raws, name)
+            self.test.load_image(name, image)
+            images[name] = (image, raws)
+            out = self.test.path(f"ours-{len(images)}.tar")
+            result: Dict[str, Any] = {"name": name}
+            try:
+                with self.test.cache.new_source(name).tar_reader() as stream, \
+                        open(out, "wb") as f:
+                    shutil.copyfileobj(stream, f)
+                result["ocicache"] = tree_of_tar(out)
+            except oc.OciCacheError as e:
+                result["ocicache"] = f"error: {e}"
+            bundle = self.test.path(f"bundle-{len(images)}")
+            run = subprocess.run([self.umoci, "unpack", "--image",
+                                  f"{self.test.cache_dir}:{name}", bundle],
+                                 capture_output=True, timeout=300)
+            result["umoci"] = tree_of_directory(os.path.join(bundle, "rootfs")) \
+                if run.returncode == 0 else f"error: {run.stderr.decode()[-300:]}"
+            shutil.rmtree(bundle, ignore_errors=True)
+            results[label] = result
+        archive = self.test.path("judges.tar")
+        batch = {results[label]["name"] for label in results if label not in refused}
+        with open(archive, "wb") as f:
+            f.write(docker_archive({k: v for k, v in images.items() if k in batch}))
+        self.podman("load", "-q", "-i", archive)
+        for label in refused & set(results):
+            name = results[label]["name"]
+            with open(archive, "wb") as f:
+                f.write(docker_archive({name: images[name]}))
+            run = subprocess.run(self.podman.command + ["load", "-q", "-i", archive],
+                                 capture_output=True, timeout=300)
+            results[label]["podman"] = f"error: {run.stderr.decode()[-300:]}"
+            self.test.assertNotEqual(run.returncode, 0, f"podman now loads {label!r}")
+            if isinstance(results[label]["umoci"], str) and len(stacks[label]) == 1:
+                extracted = self.test.path("by-tar")
+                with open(archive, "wb") as f:
+                    f.write(stacks[label][0])
+                os.makedirs(extracted)
+                subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                                "-xpf", archive, "-C", extracted], check=True)
+                results[label]["tar"] = tree_of_directory(extracted)
+                shutil.rmtree(extracted)
+        os.unlink(archive)
+        for label, result in results.items():
+            if label not in refused:
+                path = self.podman("image", "mount", result["name"]).strip()
+                result["podman"] = tree_of_directory(path)
+        self.podman("image", "unmount", "--all", "--force")
+        self.podman("rmi", "--all", "--force")
+        self.test.cache.clean()
+        return results
+
+
+def disagreements(results: Dict[str, Dict[str, Any]],
+                  known_umoci: Mapping[str, str]) -> List[str]:
+    """What ocicache got wrong: it must agree with podman, and with umoci where podman
+    does; umoci may differ from podman only where ``known_umoci`` says why."""
+    problems = []
+    for label, result in results.items():
+        ours, podman, umoci = result["ocicache"], result["podman"], result["umoci"]
+        if isinstance(ours, str):
+            problems.append(f"{label}: ocicache: {ours}")
+            continue
+        reference, judge = (umoci, "umoci") if isinstance(podman, str) else (podman, "podman")
+        if isinstance(reference, str) and "tar" in result:
+            reference, judge = result["tar"], "tar -x"
+        if isinstance(reference, str):
+            problems.append(f"{label}: both judges refused: {umoci} / {podman}")
+            continue
+        difference = tree_difference(ours, reference)
+        if difference:
+            problems.append(f"{label}: ocicache and {judge} differ:\n  " +
+                            "\n  ".join(difference[:20]))
+        if judge == "podman" and umoci != podman and not known_umoci.get(label):
+            detail = umoci if isinstance(umoci, str) else "\n  ".join(
+                tree_difference(umoci, podman)[:20])
+            problems.append(f"{label}: umoci and podman differ, not known why:\n  {detail}")
+    return problems
+
+
+class TestFlattenDifferential(CacheTestCase):
+    def test_flatten_agrees_with_umoci_and_podman(self) -> None:
+        # Where umoci and podman (containers/storage) agree, ocicache agrees; where they
+        # differ, containers/storage is the reference (umoci's differences are listed
+        # with each case).
+        judges = FlattenJudges(self)
+        stacks = {label: judges.build(layers) for label, (_, layers) in DIFFERENTIAL_CASES.items()}
+        results = judges.judge(stacks, PODMAN_REFUSES)
+        problems = disagreements(results, {k: v[0] for k, v in DIFFERENTIAL_CASES.items()})
+        figures("flatten differential", compared=len(results),
+                disagreed=len({p.split(":")[0] for p in problems}))
+        self.assertEqual(problems, [], "\n".join(problems))
 
 
 # =====================================================================================
