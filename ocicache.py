@@ -3435,7 +3435,8 @@ def _pax_record(key: str, value: str) -> bytes:
 
 
 def _ustar_block(name: bytes, info: tarfile.TarInfo, size: int, mtime: int,
-                 linkname: bytes, uname: bytes, gname: bytes) -> bytes:
+                 linkname: bytes, uname: bytes, gname: bytes,
+                 magic: bytes = b"ustar\x0000") -> bytes:
     def number(value: int, digits: int) -> bytes:
         if not 0 <= value < 8 ** (digits - 1):
             raise InvalidArchiveError(f"entry {_shorten(info.name)!r} has a number that "
@@ -3445,7 +3446,7 @@ def _ustar_block(name: bytes, info: tarfile.TarInfo, size: int, mtime: int,
     block = b"".join([
         name.ljust(100, b"\0"), number(info.mode & 0o7777, 8), number(info.uid, 8),
         number(info.gid, 8), number(size, 12), number(mtime, 12), b" " * 8, info.type,
-        linkname.ljust(100, b"\0"), b"ustar\x0000", uname.ljust(32, b"\0"),
+        linkname.ljust(100, b"\0"), magic, uname.ljust(32, b"\0"),
         gname.ljust(32, b"\0"), number(info.devmajor, 8), number(info.devminor, 8),
         bytes(167)])
     return block[:148] + b"%06o\0 " % sum(block) + block[156:]
@@ -3456,16 +3457,30 @@ def _tar_header(info: tarfile.TarInfo, xattrs: Mapping[str, str] = MappingProxyT
     """A ustar header, after a PAX header with what ustar cannot hold. Names, link
     targets and attribute values keep their exact bytes (what is not UTF-8 too: no
     ``hdrcharset``, which GNU tar warns about); attributes are ``SCHILY.xattr.*``, which
-    GNU tar, bsdtar and Go read. Nothing else a layer's PAX headers said is copied."""
-    records = []
+    GNU tar, bsdtar and Go read. Nothing else a layer's PAX headers said is copied. A
+    long name that is not UTF-8 goes in a GNU long-name record: in a PAX record bsdtar
+    refuses it without hdrcharset, and GNU tar warns about hdrcharset."""
+    records, long_names = [], []
     fields: Dict[str, bytes] = {}
     name = info.name + ("/" if info.type == tarfile.DIRTYPE else "")
     for key, text, limit in (("path", name, 100), ("linkpath", info.linkname, 100),
                              ("uname", info.uname, 32), ("gname", info.gname, 32)):
         raw = text.encode("utf-8", "surrogateescape")
         if len(raw) > limit:
-            records.append(_pax_record(key, text))
-            raw = b""
+            try:
+                text.encode("utf-8")
+                records.append(_pax_record(key, text))
+            except UnicodeEncodeError:
+                if key not in ("path", "linkpath"):
+                    raise InvalidArchiveError(f"entry {_shorten(info.name)!r} has an owner "
+                                              "name that is long and not UTF-8") from None
+                long_name = tarfile.TarInfo("././@LongLink")
+                long_name.type = tarfile.GNUTYPE_LONGNAME if key == "path" \
+                    else tarfile.GNUTYPE_LONGLINK
+                long_names.append(_ustar_block(b"././@LongLink", long_name, len(raw) + 1, 0,
+                                               b"", b"", b"", b"ustar  \0") + raw +
+                                  bytes(-len(raw) % tarfile.BLOCKSIZE or tarfile.BLOCKSIZE))
+            raw = raw[:limit]
         fields[key] = raw
     numbers = {"uid": info.uid, "gid": info.gid, "size": info.size}
     for key, value in numbers.items():
@@ -3484,11 +3499,12 @@ def _tar_header(info: tarfile.TarInfo, xattrs: Mapping[str, str] = MappingProxyT
     block = _ustar_block(fields["path"], header, numbers["size"], whole, fields["linkpath"],
                          fields["uname"], fields["gname"])
     if not records:
-        return block
+        return b"".join(long_names) + block
     data = b"".join(records)
     extended = tarfile.TarInfo("././@PaxHeader")
     extended.type = tarfile.XHDTYPE
-    return _ustar_block(b"././@PaxHeader", extended, len(data), 0, b"", b"", b"") + data + \
+    return b"".join(long_names) + \
+        _ustar_block(b"././@PaxHeader", extended, len(data), 0, b"", b"", b"") + data + \
         bytes(-len(data) % tarfile.BLOCKSIZE) + block
 
 
@@ -4836,6 +4852,14 @@ class _CacheSource(ImageSource):
         root, image = self._provider.resolve(self._ref, self._architecture)
         return root, image, self._provider.manifest(image)
 
+    def _check_image(self, manifest: Manifest) -> None:
+        """A file system or a docker tar needs a container image: an OCI artifact's
+        layers (an empty or other config) are no file systems."""
+        if manifest.config.media_type not in (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG):
+            raise OciCacheError(f"{self._ref} is not a container image: its config is "
+                                f"{_shorten(manifest.config.media_type)!r}, not an image "
+                                "config")
+
     def _check_layers(self, manifest: Manifest) -> None:
         """Fail before streaming when a layer is missing or cannot be decompressed here."""
         layout = self._provider.layout
@@ -4850,6 +4874,7 @@ class _CacheSource(ImageSource):
 
     def _filesystem_writer(self) -> Callable[[BinaryIO], None]:
         _, _, manifest = self._image()
+        self._check_image(manifest)
         self._check_layers(manifest)
         layout = self._provider.layout
         for layer in manifest.layers:
@@ -4886,6 +4911,7 @@ class _CacheSource(ImageSource):
         """Docker 25's hybrid: an OCI layout plus manifest.json and repositories."""
         name = self._save_name(override_name)
         _, image, manifest = self._image()
+        self._check_image(manifest)
         self._check_layers(manifest)
         layout = self._provider.layout
         tagged = Reference(name.registry, name.repository, name.tag) if name.tag else None

@@ -6460,11 +6460,11 @@ def stage_layer(ops: Sequence[Dict[str, Any]], stage: str) -> None:
             os.mknod(full, device | 0o600, os.makedev(op["major"], op["minor"]))
     for op in reversed(ops):  # directories last, so adding files does not touch them
         full = os.path.join(root, fs_name(op["path"]))
-        for key, value in op["xattrs"].items():
-            os.setxattr(full, key, value, follow_symlinks=False)
         os.chown(full, op["uid"], op["gid"], follow_symlinks=False)
         if op["op"] != "symlink":
             os.chmod(full, op["mode"])
+        for key, value in op["xattrs"].items():  # after chown, which drops capabilities
+            os.setxattr(full, key, value, follow_symlinks=False)
         ns = int(op["mtime"] * 1e9)
         os.utime(full, ns=(ns, ns), follow_symlinks=False)
 
@@ -6819,7 +6819,8 @@ class FlattenJudges:
                     f.write(stacks[label][0])
                 os.makedirs(extracted)
                 subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                                "-xpf", archive, "-C", extracted], check=True)
+                                "-xpf", archive, "-C", extracted], check=True,
+                               capture_output=True)
                 results[label]["tar"] = tree_of_directory(extracted)
                 shutil.rmtree(extracted)
         os.unlink(archive)
@@ -6872,6 +6873,160 @@ class TestFlattenDifferential(CacheTestCase):
         figures("flatten differential", compared=len(results),
                 disagreed=len({p.split(":")[0] for p in problems}))
         self.assertEqual(problems, [], "\n".join(problems))
+
+    def flatten_layers(self, layers: Sequence[Tuple[str, Sequence[Dict[str, Any]]]],
+                       name: str = "example.com/flat:1") -> str:
+        judges_work = self.path(f"write-{len(os.listdir(self.tmp))}")
+        raws = []
+        for writer, ops in layers:
+            os.makedirs(judges_work)
+            raws.append(write_layer(writer, ops, judges_work))
+            shutil.rmtree(judges_work)
+        self.load_image(name, image_of_tars(raws, name))
+        out = self.path("flat.tar")
+        with self.cache.new_source(name).tar_reader() as stream, open(out, "wb") as f:
+            shutil.copyfileobj(stream, f)
+        return out
+
+    def test_extractors_read_names_and_xattrs_without_a_warning(self) -> None:
+        # Issue 16.6: non-UTF-8 names and attribute values keep their bytes, attributes
+        # are SCHILY.xattr only; no hdrcharset, LIBARCHIVE.xattr or git's comment is
+        # passed on, so GNU tar and bsdtar extract without a word.
+        for tool in ("tar", "bsdtar", "git"):
+            require_tool(self, tool)
+        layers = [*DIFFERENTIAL_CASES["non-UTF-8 names and xattrs"][1],
+                  ("git", [op_file("from-git", b"g")]),
+                  ("bsdtar", [op_file("capable", b"c", xattrs={"security.capability": CAPABILITY,
+                                                              "user.text": b"t"})])]
+        out = self.flatten_layers(layers)
+        with open(out, "rb") as f:
+            data = f.read()
+        for unwanted in (b"hdrcharset", b"LIBARCHIVE.", b"comment=", b"GNU.sparse"):
+            self.assertNotIn(unwanted, data)
+        expected = {
+            (NON_UTF8 + "/f", "user.bin"): b"\xff\x00\xfe", (NON_UTF8 + "/f", "user.text"): "ü".encode(),
+            (f"b-{NON_UTF8}" + "n" * 120, "user.b"): b"\xc3(", (f"p-{NON_UTF8}", "user.p"): b"\x80",
+            ("capable", "security.capability"): CAPABILITY, ("capable", "user.text"): b"t"}
+        for label, command in (
+                ("GNU tar", ["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"]),
+                ("bsdtar", ["bsdtar", "--xattrs", "--numeric-owner", "-xpf"])):
+            with self.subTest(label):
+                target = self.path(label.replace(" ", "-"))
+                os.makedirs(target)
+                result = subprocess.run(command + [out, "-C", target], capture_output=True)
+                self.assertEqual((result.returncode, result.stderr), (0, b""))
+                found, _ = tree_of_directory(target)
+                for (path, key), value in expected.items():
+                    self.assertIn((key, value), found[path][-1], path)
+                self.assertEqual(found[NON_UTF8 + "/s"][6], NON_UTF8 + "/f")
+                self.assertIn("from-git", found)
+
+    def test_an_artifact_is_not_a_container_image(self) -> None:
+        # Issue 16.7: an OCI artifact's config is no image config and its layers are no
+        # file systems: one line for the file system and docker exports; an OCI tar of
+        # it is fine.
+        layer = Blob("application/vnd.example.data", b"not a tar at all\n" * 10)
+        config = Blob("application/vnd.oci.empty.v1+json", b"{}")
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "artifactType": "application/vnd.example", "config": config.descriptor(),
+            "layers": [layer.descriptor()]}).encode())
+        self.load_image("example.com/artifact:1", ImageBlobs(manifest, config, [layer], {}))
+        for export_format in ("filesystem", "docker"):
+            with self.subTest(export_format):
+                out = self.path(f"artifact-{export_format}.tar")
+                result = self.cli("export", "example.com/artifact:1", "--format", export_format,
+                                  "-o", out)
+                self.assert_one_line_error(result, "is not a container image",
+                                           "application/vnd.oci.empty.v1+json")
+                self.assertFalse(os.path.exists(out))
+        with self.assertRaisesRegex(oc.OciCacheError, "is not a container image"):
+            self.cache.new_source("example.com/artifact:1").tar_reader()
+        result = self.cli("export", "example.com/artifact:1", "--format", "oci",
+                          "-o", self.path("artifact-oci.tar"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_broken_hard_links_read_each_layer_at_most_twice(self) -> None:
+        # Issue 16.8 and 13.13: a hard link whose target is gone, or was rewritten, costs
+        # no pass over the layers of its own (the old flattener re-read every lower
+        # layer for each: quadratic).
+        count = int(sized(200, 5000))
+        bottom = [entry(f"f{i}", data=b"x" * 1000) for i in range(count)]
+        middle = [entry(f".wh.f{i}") for i in range(0, count, 2)] + \
+            [entry(f"f{i}", data=b"new") for i in range(1, count, 2)]
+        top = [entry(f"l{i}", tarfile.LNKTYPE, linkname=f"f{i}") for i in range(count)] + \
+            [entry(f"m{i}", tarfile.LNKTYPE, linkname=f"missing{i}") for i in range(count)]
+        raws = [tar_bytes(layer) for layer in (bottom, middle, top)]
+        opened = []
+
+        def opener(index: int) -> Callable[[], io.BytesIO]:
+            return lambda: opened.append(index) or io.BytesIO(raws[index])  # type: ignore[func-returns-value]
+
+        out = io.BytesIO()
+        started = time.monotonic()
+        oc._Flattener([opener(i) for i in range(3)], out).run()  # type: ignore[arg-type]
+        seconds = time.monotonic() - started
+        figures("flatten broken links", links=2 * count, seconds=round(seconds, 2),
+                layer_reads=len(opened))
+        self.assertLessEqual(collections.Counter(opened).most_common(1)[0][1], 2)
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            self.assertNotIn("m0", members)
+            self.assertNotIn("l0", members)  # its target was whited out before it was made
+            self.assertEqual(tar.extractfile(members["l1"]).read(), b"new")
+        self.assertLess(seconds, sized(10, 60))
+
+    def test_control_characters_in_names_are_errors(self) -> None:
+        # Issue 13.8: a NUL cuts a name in two for every C extractor (x\0y would write
+        # over x); any control character in a name or link target is one line.
+        for label, info in (
+                ("NUL in a PAX path", {"path": "x\0y"}), ("NUL in a link", {"linkpath": "/\0etc"}),
+                ("newline", {"path": "a\nb"}), ("escape", {"path": "\x1b[31mred"}),
+                ("DEL", {"linkpath": "t\x7f"})):
+            with self.subTest(label):
+                member = tarfile.TarInfo("x")
+                member.type = tarfile.SYMTYPE if "linkpath" in info else tarfile.REGTYPE
+                member.pax_headers = dict(info)
+                raw = member.tobuf(tarfile.PAX_FORMAT) + bytes(1024)
+                name = f"example.com/control:{len(os.listdir(self.tmp))}"
+                self.load_image(name, image_of_tars([tar_bytes([("ok", b"ok")]), raw], name))
+                out = self.path("control.tar")
+                result = self.cli("export", name, "--format", "filesystem", "-o", out)
+                self.assert_one_line_error(result, "control character")
+                self.assertFalse(os.path.exists(out))
+
+    def test_deep_and_long_paths_are_bounded(self) -> None:
+        # Issue 13.13: a 300-byte layer naming a path of depth 500,000 made 2.5 GB of
+        # parent directories and took 3 GB; no longer path than PATH_MAX can be made by
+        # any extractor, so one is an error, in little time and memory.
+        deep = tarfile.TarInfo("x")
+        deep.pax_headers = {"path": "a/" * 500_000 + "f"}
+        image = image_of_tars([deep.tobuf(tarfile.PAX_FORMAT) + bytes(1024)], "deep")
+        self.assertLess(len(image.layers[0].data), 4096)
+        self.load_image("example.com/deep:1", image)
+        result = measured_cli(self.cache_dir, "export", "example.com/deep:1", "--format",
+                              "filesystem", "-o", self.path("deep.tar"))
+        figures("flatten deep path", peak_mib=round(result.peak_mib),
+                written_mib=round(result.written_mib, 1), seconds=round(result.seconds, 1))
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("longer than 4096 bytes", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertLess(result.peak_mib, 48)
+        self.assertLess(result.seconds, 20)
+        # at the limit: 2047 nested directories, written once each
+        limit = "/".join(["a"] * 2047) + "/f"
+        self.load_image("example.com/deep:2", make_layered_image([[entry(limit, data=b"f")]]))
+        started = time.monotonic()
+        with tarfile.open(self.flatten_image("example.com/deep:2")) as tar:
+            names = tar.getnames()
+        self.assertEqual((len(names), names[-1]), (2048, limit))
+        self.assertLess(time.monotonic() - started, 10)
+
+    def flatten_image(self, name: str) -> str:
+        out = self.path(name.replace("/", "_") + ".tar")
+        with self.cache.new_source(name).tar_reader() as stream, open(out, "wb") as f:
+            shutil.copyfileobj(stream, f)
+        return out
 
 
 # =====================================================================================
