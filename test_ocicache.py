@@ -6772,11 +6772,10 @@ class FlattenJudges:
         return raws
 
     def judge(self, stacks: Dict[str, Sequence[bytes]],
-              podman_refuses: Iterable[str] = ()) -> Dict[str, Dict[str, Any]]:
+              tar_judges: bool = False) -> Dict[str, Dict[str, Any]]:
         """For each named stack of layer tars: the trees of ocicache, umoci and podman
-        (a judge that refused the image gives its error instead). The stacks of
-        ``podman_refuses`` are loaded one by one, to see podman refuse each."""
-        refused = set(podman_refuses)
+        (a judge that refused the image gives its error instead; with ``tar_judges``,
+        where both refused a one-layer stack, GNU tar extracting it judges, as "tar")."""
         images, results = {}, {}
         for label, raws in stacks.items():
             name = f"localhost/diff-{len(images)}:1"
@@ -6792,6 +6791,7 @@ class FlattenJudges:
                 result["ocicache"] = tree_of_tar(out)
             except oc.OciCacheError as e:
                 result["ocicache"] = f"error: {e}"
+            os.unlink(out)
             bundle = self.test.path(f"bundle-{len(images)}")
             run = subprocess.run([self.umoci, "unpack", "--image",
                                   f"{self.test.cache_dir}:{name}", bundle],
@@ -6800,38 +6800,55 @@ class FlattenJudges:
                 if run.returncode == 0 else f"error: {run.stderr.decode()[-300:]}"
             shutil.rmtree(bundle, ignore_errors=True)
             results[label] = result
-        archive = self.test.path("judges.tar")
-        batch = {results[label]["name"] for label in results if label not in refused}
-        with open(archive, "wb") as f:
-            f.write(docker_archive({k: v for k, v in images.items() if k in batch}))
-        self.podman("load", "-q", "-i", archive)
-        for label in refused & set(results):
-            name = results[label]["name"]
-            with open(archive, "wb") as f:
-                f.write(docker_archive({name: images[name]}))
-            run = subprocess.run(self.podman.command + ["load", "-q", "-i", archive],
-                                 capture_output=True, timeout=300)
-            results[label]["podman"] = f"error: {run.stderr.decode()[-300:]}"
-            self.test.assertNotEqual(run.returncode, 0, f"podman now loads {label!r}")
-            if isinstance(results[label]["umoci"], str) and len(stacks[label]) == 1:
-                extracted = self.test.path("by-tar")
-                with open(archive, "wb") as f:
-                    f.write(stacks[label][0])
-                os.makedirs(extracted)
-                subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                                "-xpf", archive, "-C", extracted], check=True,
-                               capture_output=True)
-                results[label]["tar"] = tree_of_directory(extracted)
-                shutil.rmtree(extracted)
-        os.unlink(archive)
+        refused = self.podman_load(images)
         for label, result in results.items():
-            if label not in refused:
+            if result["name"] in refused:
+                result["podman"] = f"error: {refused[result['name']]}"
+                if tar_judges and isinstance(result["umoci"], str) and len(stacks[label]) == 1:
+                    result["tar"] = self.extracted_by_tar(stacks[label][0])
+            else:
                 path = self.podman("image", "mount", result["name"]).strip()
                 result["podman"] = tree_of_directory(path)
         self.podman("image", "unmount", "--all", "--force")
         self.podman("rmi", "--all", "--force")
         self.test.cache.clean()
         return results
+
+    def podman_load(self, images: Dict[str, Tuple[ImageBlobs, Sequence[bytes]]]
+                    ) -> Dict[str, str]:
+        """Load the images in as few podman runs as it takes: a batch podman refuses is
+        halved until each refused image is alone. Returns what it said of each."""
+        archive = self.test.path("judges.tar")
+        refused = {}
+        pending = [list(images)]
+        while pending:
+            names = pending.pop()
+            with open(archive, "wb") as f:
+                f.write(docker_archive({name: images[name] for name in names}))
+            run = subprocess.run(self.podman.command + ["load", "-q", "-i", archive],
+                                 capture_output=True, timeout=300)
+            if run.returncode == 0:
+                continue
+            if len(names) == 1:
+                said = run.stderr.decode(errors="replace")
+                found = re.search(r"stderr: ([^\n]*)", said)
+                refused[names[0]] = found.group(1) if found else said[-200:]
+            else:
+                pending += [names[:len(names) // 2], names[len(names) // 2:]]
+        os.unlink(archive)
+        return refused
+
+    def extracted_by_tar(self, layer: bytes) -> Tuple[Dict[str, Any], Set[FrozenSet[str]]]:
+        archive, extracted = self.test.path("by-tar.tar"), self.test.path("by-tar")
+        with open(archive, "wb") as f:
+            f.write(layer)
+        os.makedirs(extracted)
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf",
+                        archive, "-C", extracted], check=True, capture_output=True)
+        found = tree_of_directory(extracted)
+        shutil.rmtree(extracted)
+        os.unlink(archive)
+        return found
 
 
 def disagreements(results: Dict[str, Dict[str, Any]],
@@ -6861,6 +6878,61 @@ def disagreements(results: Dict[str, Dict[str, Any]],
     return problems
 
 
+def stageable(ops: Sequence[Dict[str, Any]]) -> bool:
+    """Whether a file system can hold the operations, for GNU tar or bsdtar to archive:
+    each path once, no path under something not a directory, hard links to files of the
+    same layer before them."""
+    kinds = {}
+    for op in ops:
+        if op["path"] in kinds:
+            return False
+        if op["op"] == "link" and kinds.get(op["target"]) != "file":
+            return False
+        kinds[op["path"]] = op["op"]
+    return all(kinds.get(prefix, "dir") == "dir" for op in ops
+               for prefix in itertools.accumulate(op["path"].split("/")[:-1],
+                                                  lambda a, b: f"{a}/{b}"))
+
+
+def random_stack(rng: random.Random) -> List[Tuple[str, List[Dict[str, Any]]]]:
+    """One to four layers of a few entries each over a few names: directories and
+    symlinks are named a, b, c; files mostly f, g, h (now and then a directory's name,
+    to replace one); hard links go to files made before. Entries collide, hide each
+    other and pass through each other's symlinks, in ways podman accepts mostly."""
+    def where(leaves: str = "abc") -> str:
+        parents = [rng.choice("abc") for _ in range(rng.randint(0, 2))]
+        return "/".join(parents + [rng.choice(leaves)])
+
+    files: List[str] = []
+    layers = []
+    for _ in range(rng.randint(1, 4)):
+        ops: List[Dict[str, Any]] = []
+        for _ in range(rng.randint(1, 8)):
+            kind = rng.choices(["file", "dir", "symlink", "link", "whiteout", "opaque"],
+                               [6, 4, 2, 2, 2, 1])[0]
+            if kind == "file":
+                path = where("abc" if rng.random() < 0.1 else "fgh")
+                xattrs = {"user.r": bytes([rng.randrange(256)])} if rng.random() < 0.2 else {}
+                ops.append(op_file(path, rng.randbytes(rng.choice([0, 5, 700])),
+                                   rng.choice([0o644, 0o755, 0o600]), rng.choice([0, 1000]),
+                                   xattrs=xattrs))
+                files.append(path)
+            elif kind == "dir":
+                ops.append(op_dir(where(), rng.choice([0o755, 0o700, 0o1777])))
+            elif kind == "symlink":
+                ops.append(op_symlink(where(), rng.choice(["", "/", "../", "./"]) + where()))
+            elif kind == "link" and files:
+                ops.append(op_link(where("fgh"), rng.choice(files)))
+            elif kind == "whiteout":
+                ops.append(op_whiteout(where("abcfgh")))
+            elif kind == "opaque":
+                ops.append(op_opaque(where()))
+        ops = list({op["path"]: op for op in ops}.values())  # podman refuses duplicates
+        writers = ["pax", "gnu"] + (["gnutar", "bsdtar"] if stageable(ops) else [])
+        layers.append((rng.choice(writers), ops))
+    return layers
+
+
 class TestFlattenDifferential(CacheTestCase):
     def test_flatten_agrees_with_umoci_and_podman(self) -> None:
         # Where umoci and podman (containers/storage) agree, ocicache agrees; where they
@@ -6868,11 +6940,46 @@ class TestFlattenDifferential(CacheTestCase):
         # with each case).
         judges = FlattenJudges(self)
         stacks = {label: judges.build(layers) for label, (_, layers) in DIFFERENTIAL_CASES.items()}
-        results = judges.judge(stacks, PODMAN_REFUSES)
+        results = judges.judge(stacks, tar_judges=True)
+        self.assertEqual({label for label, result in results.items()
+                          if isinstance(result["podman"], str)}, set(PODMAN_REFUSES))
         problems = disagreements(results, {k: v[0] for k, v in DIFFERENTIAL_CASES.items()})
         figures("flatten differential", compared=len(results),
                 disagreed=len({p.split(":")[0] for p in problems}))
         self.assertEqual(problems, [], "\n".join(problems))
+
+    def test_generated_stacks_agree_with_podman(self) -> None:
+        # The campaign: seeded random stacks of the same ingredients over a few names,
+        # so that entries collide, hide each other and pass through each other's
+        # symlinks. Each is judged as above; a stack podman refuses is not compared.
+        # A disagreement is printed as a case to add to DIFFERENTIAL_CASES.
+        seed = fuzz_seed()
+        rng = random.Random(seed)
+        judges = FlattenJudges(self)
+        total = int(sized(24, 2000))
+        batch = int(sized(24, 200))
+        counts: Dict[str, int] = collections.Counter()
+        reasons: Dict[str, int] = collections.Counter()
+        problems: List[str] = []
+        for start in range(0, total, batch):
+            cases = {f"random {start + i}": random_stack(rng) for i in range(batch)}
+            stacks = {label: judges.build(layers) for label, layers in cases.items()}
+            results = judges.judge(stacks)
+            for label, result in results.items():
+                if isinstance(result["podman"], str):
+                    counts["refused by podman"] += 1
+                    reasons[result["podman"][:60]] += 1
+                    continue
+                counts["compared"] += 1
+                if result["umoci"] != result["podman"]:
+                    counts["umoci differs from podman"] += 1
+                found = disagreements({label: result}, {label: "umoci is not the judge here"})
+                if found:
+                    counts["disagreed"] += 1
+                    problems.append(f"{found[0][:2000]}\n  as a case: {cases[label]!r}")
+        figures("flatten campaign", seed=seed, stacks=total, **counts)
+        print(f"  podman refused: {dict(reasons.most_common(4))}", file=sys.stderr)
+        self.assertEqual(problems[:3], [], f"OCICACHE_FUZZ_SEED={seed}")
 
     def flatten_layers(self, layers: Sequence[Tuple[str, Sequence[Dict[str, Any]]]],
                        name: str = "example.com/flat:1") -> str:
