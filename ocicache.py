@@ -3634,6 +3634,7 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+_KINDS: Dict[bytes, bytes] = {}  # each type's one bytes object, not one per member
 _AUFS_METADATA = ".wh..wh."  # .wh..wh.plnk and the like at the root: skipped, as podman does
 _MAX_SYMLINK_HOPS = 255      # securejoin's bound
 
@@ -3692,22 +3693,22 @@ class _Node:
     """An inode of the merged tree: a directory with its children, or a file, symlink
     or special file, which several names share when hard-linked."""
 
-    __slots__ = ("kind", "layer", "source", "meta", "children", "parent", "name", "others",
-                 "target", "emitted")
+    # Kept small (a layer of 200,000 files holds 200,000 of them): what few inodes
+    # need is in ``meta``.
+    __slots__ = ("kind", "layer", "source", "meta", "children", "parent", "name", "emitted")
 
     def __init__(self, kind: bytes, layer: int, source: int,
                  parent: Optional["_Node"] = None) -> None:
         self.kind = kind
         self.layer = layer     # the last layer that put it at a name (-1: made implicitly)
         self.source = source   # its entry: layer << 32 | ordinal in the layer (-1: none)
-        # a directory: its _DirectoryMeta; another inode: what a hard link to it changed
+        # a directory: its _DirectoryMeta; another inode: None, or a dict of a symlink's
+        # "target", what a hard link's header changed, the "others" of its names
         self.meta: Any = None
         self.children: Optional[Dict[str, "_Node"]] = {} if kind == tarfile.DIRTYPE else None
         self.parent = parent   # a directory's from the start; a file's from placing it
         self.name = ""
-        self.others: Optional[List[Tuple["_Node", str]]] = None  # its other names
-        self.target = ""       # a symlink's
-        self.emitted = False
+        self.emitted = False   # a directory's
 
 
 class _MergedTree:
@@ -3745,9 +3746,10 @@ class _MergedTree:
                 if hops > _MAX_SYMLINK_HOPS:
                     raise InvalidArchiveError(f"layer entry {_shorten(what)!r} goes through "
                                               "too many levels of symbolic links")
-                if child.target.startswith("/"):
+                target = child.meta["target"]
+                if target.startswith("/"):
                     current = self.root
-                pending.extend(reversed(child.target.split("/")))
+                pending.extend(reversed(target.split("/")))
                 continue
             elif child.children is None:
                 return None
@@ -3791,10 +3793,10 @@ class _MergedTree:
             self._touch(target, member)
             target.layer, node = layer, target
         else:
-            node = _Node(member.type, layer, source)
+            node = _Node(_KINDS.setdefault(member.type, member.type), layer, source)
             if member.issym():
-                node.target = member.linkname
-        directory.children[base] = node
+                node.meta = {"target": member.linkname}
+        directory.children[sys.intern(base)] = node
 
     def _link_target(self, member: tarfile.TarInfo) -> Optional[_Node]:
         parts = _clean_path(member.linkname)
@@ -3840,9 +3842,8 @@ class _MergedTree:
                     child.name = name
                     pending.append(child)
                 elif child.parent is not None:
-                    if child.others is None:
-                        child.others = []
-                    child.others.append((directory, name))
+                    child.meta = child.meta or {}
+                    child.meta.setdefault("others", []).append((directory, name))
                     continue
                 else:
                     child.parent, child.name = directory, name
@@ -3934,12 +3935,23 @@ class _WriteBehind:
 class _Flattener:
     """Writes the flattened root filesystem of ``layers`` (bottom first) as one tar."""
 
-    def __init__(self, layers: Sequence[Callable[[], IO[bytes]]], out: BinaryIO) -> None:
+    def __init__(self, layers: Sequence[Callable[[], IO[bytes]]], out: BinaryIO,
+                 names: Sequence[str] = ()) -> None:
         self._layers = layers
         self._out = out
+        self._names = names  # of the layers, for messages
         self._tree = _MergedTree()
+        self._reading = 0    # the layer being read
 
     def run(self) -> None:
+        try:
+            self._flatten()
+        except InvalidArchiveError as e:
+            if self._reading < len(self._names):
+                raise InvalidArchiveError(f"{e} (layer {self._names[self._reading]})") from None
+            raise
+
+    def _flatten(self) -> None:
         for index in range(len(self._layers)):
             for ordinal, (member, _) in enumerate(self._members(index)):
                 self._tree.apply(index, ordinal, member)
@@ -3953,6 +3965,7 @@ class _Flattener:
             archive.close()
 
     def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, _TarStream]]:
+        self._reading = index
         with self._layers[index]() as stream:
             layer = _TarStream(stream)
             for member in layer:
@@ -3985,15 +3998,14 @@ class _Flattener:
         info.size = member.size if member.isreg() else 0  # only file data is copied
         info.linkname = member.linkname if member.issym() else ""
         mtime, xattrs = _mtime(member), _xattrs(member)
-        if node.meta:
-            for field in ("mode", "uid", "gid", "uname", "gname"):
-                if field in node.meta:
-                    setattr(info, field, node.meta[field])
-            mtime = node.meta.get("mtime", mtime)
-            xattrs = {**xattrs, **node.meta["xattrs"]}
+        meta = node.meta or {}
+        for field in ("mode", "uid", "gid", "uname", "gname"):
+            if field in meta:
+                setattr(info, field, meta[field])
+        mtime = meta.get("mtime", mtime)
+        xattrs = {**xattrs, **meta.get("xattrs", {})}
         archive.add(info, layer if info.isreg() else None, xattrs, mtime)
-        node.emitted = True
-        for directory, name in node.others or ():
+        for directory, name in meta.get("others", ()):
             parent = self._directory_path(archive, directory)
             info.name = f"{parent}/{name}" if parent else name
             info.type, info.linkname, info.size = tarfile.LNKTYPE, path, 0
@@ -4881,7 +4893,8 @@ class _CacheSource(ImageSource):
             if _is_foreign(layer) and not layout.has_blob(layer.digest):
                 raise _foreign_layer_error(layer)
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
-        return lambda out: _Flattener(openers, out).run()
+        names = [str(layer.digest) for layer in manifest.layers]
+        return lambda out: _Flattener(openers, out, names).run()
 
     def _save_name(self, override_name: str) -> Reference:
         return Reference.parse(override_name) if override_name else self._ref

@@ -7053,6 +7053,18 @@ class TestFlattenDifferential(CacheTestCase):
                           "-o", self.path("artifact-oci.tar"))
         self.assertEqual(result.returncode, 0, result.stderr)
 
+    def test_a_layer_that_is_not_a_tar_is_named(self) -> None:
+        # fixtures/README "fake layers": an image config whose layer blob is no tar; the
+        # filesystem export says which layer.
+        good = tar_bytes([("ok", b"ok")])
+        fake = b"this is not a tar archive\n" * 40
+        image = image_of_tars([good, fake], "fake")
+        self.load_image("example.com/fake:1", image)
+        result = self.cli("export", "example.com/fake:1", "--format", "filesystem",
+                          "-o", self.path("fake.tar"))
+        self.assert_one_line_error(result, "invalid tar header", image.layers[1].digest)
+        self.assertFalse(os.path.exists(self.path("fake.tar")))
+
     def test_broken_hard_links_read_each_layer_at_most_twice(self) -> None:
         # Issue 16.8 and 13.13: a hard link whose target is gone, or was rewritten, costs
         # no pass over the layers of its own (the old flattener re-read every lower
