@@ -78,7 +78,9 @@ class _LazyModule:
     def __getattr__(self, attribute: str) -> Any:
         if self._module is None:
             self._module = importlib.import_module(self._name)
-        return getattr(self._module, attribute)
+        value = getattr(self._module, attribute)
+        self.__dict__[attribute] = value  # found directly from now on: flattening asks often
+        return value
 
 
 # The modules only some paths need; type checkers see them as the real imports.
