@@ -3770,7 +3770,8 @@ class _MergedTree:
         assert directory.children is not None
         base = parts[-1]
         if base == _OPAQUE:
-            self._make_opaque(directory, layer)
+            if not self._is_symlink(parts[:-1]):  # containers/storage walks no symlink
+                self._make_opaque(directory, layer)
             return
         if base.startswith(_WHITEOUT):
             directory.children.pop(base[len(_WHITEOUT):], None)
@@ -3799,6 +3800,11 @@ class _MergedTree:
             if member.issym():
                 node.meta = {"target": member.linkname}
         directory.children[sys.intern(base)] = node
+
+    def _is_symlink(self, parts: Sequence[str]) -> bool:
+        holder = self._directory(parts[:-1], False, "/".join(parts)) if parts else None
+        found = holder.children.get(parts[-1]) if holder and holder.children else None
+        return found is not None and found.kind == tarfile.SYMTYPE
 
     def _link_target(self, member: tarfile.TarInfo) -> Optional[_Node]:
         parts = _clean_path(member.linkname)

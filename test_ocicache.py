@@ -6616,6 +6616,12 @@ DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]
                     op_whiteout("w/gone"), op_file("w/new", b"n"), op_file("o2/new", b"n"),
                     op_opaque("o2")]),
         ("pax", [op_file("w/gone", b"back"), op_whiteout("w/kept")])]),
+    "an opaque marker through a symlinked directory": (
+        "umoci empties the directory the symlink names; containers/storage walks the "
+        "symlink itself, which holds nothing", [
+        ("pax", [op_dir("d"), op_file("d/x", b"x"), op_symlink("s", "d"), op_dir("e"),
+                 op_file("e/y", b"y"), op_symlink("t", "e")]),
+        ("pax", [op_opaque("s"), op_opaque("t/."), op_whiteout("t/y")])]),
     "a file replacing a directory and back": ("", [
         ("gnutar", [op_dir("flip"), op_file("flip/child", b"c"), op_file("f2d", b"file")]),
         ("gnutar", [op_file("flip", b"now a file"), op_dir("f2d"), op_file("f2d/in", b"in")]),
