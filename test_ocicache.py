@@ -6628,8 +6628,10 @@ DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]
         ("bsdtar", [op_dir("flip", 0o700), op_file("flip/new", b"n"), op_file("f2d", b"again")])]),
     "devices and FIFOs": ("", [
         ("gnutar", [op_dir("dev"), op_node("dev/null", tarfile.CHRTYPE, 1, 3),
-                    op_node("dev/loop9", tarfile.BLKTYPE, 7, 9), op_node("fifo", tarfile.FIFOTYPE)]),
-        ("pax", [op_node("dev/zero", tarfile.CHRTYPE, 1, 5), op_node("fifo", tarfile.CHRTYPE, 1, 7)])]),
+                    op_node("dev/loop9", tarfile.BLKTYPE, 7, 9),
+                    op_node("fifo", tarfile.FIFOTYPE)]),
+        ("pax", [op_node("dev/zero", tarfile.CHRTYPE, 1, 5),
+                 op_node("fifo", tarfile.CHRTYPE, 1, 7)])]),
     "owners above 2097151 and sub-second mtimes": ("", [
         ("gnutar", [op_file("big-uid", b"u", 0o640, 3_000_000, 4_000_000, mtime=1.6e9 + 0.25)]),
         ("gnu", [op_file("gnu-uid", b"g", 0o644, 2_097_152, 2_097_153)]),
@@ -7017,7 +7019,8 @@ class TestFlattenDifferential(CacheTestCase):
         for unwanted in (b"hdrcharset", b"LIBARCHIVE.", b"comment=", b"GNU.sparse"):
             self.assertNotIn(unwanted, data)
         expected = {
-            (NON_UTF8 + "/f", "user.bin"): b"\xff\x00\xfe", (NON_UTF8 + "/f", "user.text"): "ü".encode(),
+            (NON_UTF8 + "/f", "user.bin"): b"\xff\x00\xfe",
+            (NON_UTF8 + "/f", "user.text"): "ü".encode(),
             (f"b-{NON_UTF8}" + "n" * 120, "user.b"): b"\xc3(", (f"p-{NON_UTF8}", "user.p"): b"\x80",
             ("capable", "security.capability"): CAPABILITY, ("capable", "user.text"): b"t"}
         for label, command in (
@@ -7085,7 +7088,10 @@ class TestFlattenDifferential(CacheTestCase):
         opened = []
 
         def opener(index: int) -> Callable[[], io.BytesIO]:
-            return lambda: opened.append(index) or io.BytesIO(raws[index])  # type: ignore[func-returns-value]
+            def open_layer() -> io.BytesIO:
+                opened.append(index)
+                return io.BytesIO(raws[index])
+            return open_layer
 
         out = io.BytesIO()
         started = time.monotonic()
