@@ -3724,12 +3724,17 @@ class _MergedTree:
 
     def _directory(self, parts: Sequence[str], create: bool, what: str) -> Optional[_Node]:
         """The directory ``parts`` lead to from the root, through symlinks, never out of
-        the root; missing ones made (``create``) as extraction makes them. None when a
-        file stands in the way, or (not ``create``) something is missing."""
-        pending = list(reversed(parts))
-        current, hops = self.root, 0
+        the root; missing ones made (``create``) as extraction makes them: not where a
+        symlink's target is missing (containers/storage makes no directory there, its
+        mkdir finds the symlink). None when a file stands in the way, or something is
+        missing that is not made."""
+        pending: List[Optional[str]] = list(reversed(parts))
+        current, hops, expanding = self.root, 0, 0  # expanding: symlink targets being read
         while pending:
             part = pending.pop()
+            if part is None:
+                expanding -= 1
+                continue
             if part == "..":
                 current = current.parent or self.root
                 continue
@@ -3738,7 +3743,7 @@ class _MergedTree:
             assert current.children is not None
             child = current.children.get(part)
             if child is None:
-                if not create:
+                if not create or expanding:
                     return None
                 child = _Node(tarfile.DIRTYPE, -1, -1, current)
                 child.meta = _IMPLICIT_DIRECTORY
@@ -3751,7 +3756,9 @@ class _MergedTree:
                 target = child.meta["target"]
                 if target.startswith("/"):
                     current = self.root
+                pending.append(None)
                 pending.extend(reversed(target.split("/")))
+                expanding += 1
                 continue
             elif child.children is None:
                 return None
