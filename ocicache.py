@@ -42,7 +42,7 @@ import time
 import zlib
 from types import MappingProxyType
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
-                    List, Mapping, NoReturn, Optional, Sequence, Tuple, Type, TypeVar,
+                    List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Type, TypeVar,
                     Union)
 
 __version__ = "0.1.0"
@@ -3639,6 +3639,7 @@ _OPAQUE = ".wh..wh..opq"
 _KINDS: Dict[bytes, bytes] = {}  # each type's one bytes object, not one per member
 _AUFS_METADATA = ".wh..wh."  # .wh..wh.plnk and the like at the root: skipped, as podman does
 _MAX_SYMLINK_HOPS = 255      # securejoin's bound
+_THROUGH_SYMLINK = -2        # the layer of a node written by a path through a symlink
 
 
 def _clean_path(name: str) -> List[str]:
@@ -3720,6 +3721,12 @@ class _MergedTree:
     def __init__(self) -> None:
         self.root = _Node(tarfile.DIRTYPE, -1, -1)
         self.root.name = ""
+        self.followed = False  # whether the last path _directory resolved went through a symlink
+        # The names this layer wrote through a symlink: an opaque marker keeps what the
+        # layer wrote by the very path it walks (containers/storage compares the joined
+        # names, not where they lead); a node so written has layer _THROUGH_SYMLINK.
+        self._through: Set[str] = set()
+        self._layer = -1
         self.root.meta = _IMPLICIT_DIRECTORY
 
     def _directory(self, parts: Sequence[str], create: bool, what: str) -> Optional[_Node]:
@@ -3763,6 +3770,7 @@ class _MergedTree:
             elif child.children is None:
                 return None
             current = child
+        self.followed = hops > 0
         return current
 
     def apply(self, layer: int, ordinal: int, member: tarfile.TarInfo) -> None:
@@ -3771,15 +3779,21 @@ class _MergedTree:
         if not parts or parts[0].startswith(_AUFS_METADATA) or \
                 member.type not in tarfile.SUPPORTED_TYPES:  # nothing a filesystem holds
             return
+        if layer != self._layer:
+            self._through, self._layer = set(), layer
         directory = self._directory(parts[:-1], True, member.name)
         if directory is None:
             return  # a file where a directory must be: extraction fails there, we drop it
         assert directory.children is not None
         base = parts[-1]
         if base == _OPAQUE:
+            literal = not self.followed
             if not self._is_symlink(parts[:-1]):  # containers/storage walks no symlink
-                self._make_opaque(directory, layer)
+                self._make_opaque(directory, layer, "/".join(parts[:-1]), literal)
             return
+        if self.followed and not base.startswith(_WHITEOUT):
+            self._through.add("/".join(parts))
+            layer = _THROUGH_SYMLINK
         if base.startswith(_WHITEOUT):
             directory.children.pop(base[len(_WHITEOUT):], None)
             return
@@ -3832,17 +3846,19 @@ class _MergedTree:
             meta.update(mode=link.mode, mtime=_mtime(link))
         inode.meta = meta
 
-    def _make_opaque(self, directory: _Node, layer: int) -> None:
-        """Remove what ``directory`` holds that this layer did not put there."""
-        pending = [directory]
+    def _make_opaque(self, directory: _Node, layer: int, path: str, literal: bool) -> None:
+        """Remove what ``directory`` (named ``path``, reached through no symlink when
+        ``literal``) holds that this layer did not write by that path."""
+        pending = [(directory, path)]
         while pending:
-            children = pending.pop().children
-            assert children is not None
-            for name, child in list(children.items()):
-                if child.layer != layer:
-                    del children[name]
+            holder, prefix = pending.pop()
+            assert holder.children is not None
+            for name, child in list(holder.children.items()):
+                child_path = f"{prefix}/{name}" if prefix else name
+                if not (literal and child.layer == layer or child_path in self._through):
+                    del holder.children[name]
                 elif child.children is not None:
-                    pending.append(child)
+                    pending.append((child, child_path))
 
     def schedule(self, layers: int) -> List[List[_Node]]:
         """Name every inode (a hard-linked one once, its other names kept aside) and

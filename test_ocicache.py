@@ -6624,6 +6624,13 @@ DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]
         ("pax", [op_dir("d"), op_file("d/x", b"x"), op_symlink("s", "d"), op_dir("e"),
                  op_file("e/y", b"y"), op_symlink("t", "e")]),
         ("pax", [op_opaque("s"), op_opaque("t/."), op_whiteout("t/y")])]),
+    # from the campaign (seed 7, stacks 342 and 849)
+    "opaque markers keep what the layer wrote by the path they walk": (
+        "umoci keeps what the layer wrote through a symlink too; containers/storage "
+        "compares the names as written", [
+        ("pax", [op_dir("c"), op_symlink("b", "/c"), op_dir("a"), op_symlink("a/s", "../a")]),
+        ("pax", [op_file("b/f", b"via b"), op_file("c/g", b"g"), op_file("a/s/h", b"via s"),
+                 op_file("a/i", b"i"), op_opaque("c"), op_opaque("a")])]),
     "a file replacing a directory and back": ("", [
         ("gnutar", [op_dir("flip"), op_file("flip/child", b"c"), op_file("f2d", b"file")]),
         ("gnutar", [op_file("flip", b"now a file"), op_dir("f2d"), op_file("f2d/in", b"in")]),
