@@ -3722,9 +3722,10 @@ class _MergedTree:
         self.root = _Node(tarfile.DIRTYPE, -1, -1)
         self.root.name = ""
         self.followed = False  # whether the last path _directory resolved went through a symlink
-        # The names this layer wrote through a symlink: an opaque marker keeps what the
-        # layer wrote by the very path it walks (containers/storage compares the joined
-        # names, not where they lead); a node so written has layer _THROUGH_SYMLINK.
+        # The names this layer wrote through a symlink, or as hard links: an opaque
+        # marker keeps what the layer wrote by the very path it walks (containers/storage
+        # compares the joined names, not where they lead, nor inodes); a node written
+        # through a symlink has layer _THROUGH_SYMLINK.
         self._through: Set[str] = set()
         self._layer = -1
         self.root.meta = _IMPLICIT_DIRECTORY
@@ -3781,17 +3782,18 @@ class _MergedTree:
             return
         if layer != self._layer:
             self._through, self._layer = set(), layer
+        base = parts[-1]
+        if base == _OPAQUE and self._is_symlink(parts[:-1]):
+            return  # containers/storage walks the symlink, which holds nothing
         directory = self._directory(parts[:-1], True, member.name)
         if directory is None:
             return  # a file where a directory must be: extraction fails there, we drop it
         assert directory.children is not None
-        base = parts[-1]
         if base == _OPAQUE:
-            literal = not self.followed
-            if not self._is_symlink(parts[:-1]):  # containers/storage walks no symlink
-                self._make_opaque(directory, layer, "/".join(parts[:-1]), literal)
+            self._make_opaque(directory, layer, "/".join(parts[:-1]), not self.followed)
             return
-        if self.followed and not base.startswith(_WHITEOUT):
+        if (self.followed or member.islnk()) and not base.startswith(_WHITEOUT):
+            # a hard link's inode keeps the layer that made it: its name is what was written
             self._through.add("/".join(parts))
             layer = _THROUGH_SYMLINK
         if base.startswith(_WHITEOUT):
@@ -3815,7 +3817,7 @@ class _MergedTree:
             if target is None:
                 return  # its target is not there: no link can be made
             self._touch(target, member)
-            target.layer, node = layer, target
+            node = target
         else:
             node = _Node(_KINDS.setdefault(member.type, member.type), layer, source)
             if member.issym():

@@ -6631,6 +6631,12 @@ DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]
         ("pax", [op_dir("c"), op_symlink("b", "/c"), op_dir("a"), op_symlink("a/s", "../a")]),
         ("pax", [op_file("b/f", b"via b"), op_file("c/g", b"g"), op_file("a/s/h", b"via s"),
                  op_file("a/i", b"i"), op_opaque("c"), op_opaque("a")])]),
+    # from the campaign (seed 11, stacks 232, 311, 504, 578)
+    "an opaque marker removes a lower name of an inode linked again above it": (
+        "umoci refuses an opaque marker in a symlink loop, which containers/storage "
+        "does not follow", [
+        ("pax", [op_dir("d"), op_file("d/f", b"f"), op_symlink("loop", "./loop/x")]),
+        ("pax", [op_link("other", "d/f"), op_opaque("d"), op_opaque("loop")])]),
     "a file replacing a directory and back": ("", [
         ("gnutar", [op_dir("flip"), op_file("flip/child", b"c"), op_file("f2d", b"file")]),
         ("gnutar", [op_file("flip", b"now a file"), op_dir("f2d"), op_file("f2d/in", b"in")]),
