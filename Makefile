@@ -1,9 +1,11 @@
 # ocicache: the module is ocicache.py; nothing here is needed to use it.
 PYTHON ?= python3
 # What the integration tests run, as command:Debian-package pairs: the real peers
-# (skopeo, umoci, podman, docker-registry) and the tools the tests drive them with.
+# (skopeo, umoci, podman, docker-registry) and the tools the tests drive them with;
+# GNU tar and bsdtar write the layers the flatten differential test judges.
 TEST_TOOLS := skopeo:skopeo umoci:umoci podman:podman docker-registry:docker-registry \
-	jq:jq openssl:openssl git:git htpasswd:apache2-utils zstd:zstd xz:xz-utils bzip2:bzip2
+	jq:jq openssl:openssl git:git htpasswd:apache2-utils zstd:zstd xz:xz-utils bzip2:bzip2 \
+	tar:tar bsdtar:libarchive-tools
 # Before Python 3.14 zstd is read through the backports.zstd module or the zstd program;
 # the tests cover both, so both are installed for them (ocicache itself needs neither).
 ZSTD_BACKPORT := backports.zstd
@@ -55,8 +57,9 @@ test-fast:
 # The campaigns of the regular suite at full size: faults, crashes, concurrency, full
 # disks (a tmpfs, as root), files planted in the cache, and hostile inputs (400,000
 # references against the grammar, the fuzzed parsers, archives and bombs, hostile
-# registries, credential hygiene). Loopback only, bounded in time; not part of make
-# test. OCICACHE_FUZZ_SEED=N repeats a run's fuzzing.
+# registries, credential hygiene, flattening judged by podman and umoci on random layer
+# stacks). Loopback only, bounded in time; not part of make test. OCICACHE_FUZZ_SEED=N
+# repeats a run's fuzzing.
 HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_grammar \
 	TestDigest.test_mutated_digests_raise_only_invalid_digest_errors \
 	TestPlatform.test_mutated_platforms_raise_only_ocicache_errors \
@@ -67,7 +70,8 @@ HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_gram
 	TestArchives.test_decompression_bombs_stay_within_memory_and_time \
 	TestArchives.test_fuzzed_archives TestProviderSettings.test_fuzzed_mirror_files \
 	TestPackageResolver.test_fuzzed_and_odd_build_yml \
-	TestDiskWrites.test_planted_files_campaign
+	TestDiskWrites.test_planted_files_campaign \
+	TestFlattenDifferential.test_generated_stacks_agree_with_podman
 stress: deps
 	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability $(HOSTILE_CAMPAIGNS)
 

@@ -80,7 +80,9 @@ class _LazyModule:
     def __getattr__(self, attribute: str) -> Any:
         if self._module is None:
             self._module = importlib.import_module(self._name)
-        return getattr(self._module, attribute)
+        value = getattr(self._module, attribute)
+        self.__dict__[attribute] = value  # found directly from now on: flattening asks often
+        return value
 
 
 # The modules only some paths need; type checkers see them as the real imports.
@@ -4680,18 +4682,25 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
 # byte several times through its own buffer on the way. _TarStream walks a layer's
 # members with tarfile's header parser (TarInfo.frombuf) and hands data on in the
 # pieces the decompressor makes. Extended headers are applied as tarfile applies them:
-# PAX (local and global) and GNU long names; sparse files are refused.
+# PAX (local and global) and GNU long names. Sparse files (old GNU, GNU PAX 0.0, 0.1
+# and 1.0, which bsdtar writes by itself for a file with holes) are read as their real
+# content under their real name, as extraction makes them.
 
 # tarfile's XHDTYPE, XGLTYPE, GNUTYPE_LONGNAME and GNUTYPE_LONGLINK (tarfile is imported
 # on first use, not here)
 _EXTENDED_TYPES = (b"x", b"g", b"L", b"K")
 _MAX_EXTENDED_HEADER = 1024 * 1024
 _PAX_NUMBERS = {"size": int, "uid": int, "gid": int, "mtime": float}
+_MAX_LAYER_PATH = 4096  # PATH_MAX: no extractor can make a longer path, so none is kept
+_NAME_CONTROLS = re.compile("[\x00-\x1f\x7f]")
+_SPARSE_KEYS = ("GNU.sparse.offset", "GNU.sparse.numbytes")
 
 
-def _pax_records(data: bytes) -> Dict[str, str]:
-    """``"<length> <key>=<value>\n"`` records, as text (undecodable bytes kept)."""
-    records: Dict[str, str] = {}
+def _pax_records(data: bytes) -> List[Tuple[str, str]]:
+    """``"<length> <key>=<value>\n"`` records in order, as text (undecodable bytes kept
+    by surrogateescape, so writing them again gives the same bytes); a key may repeat
+    (GNU sparse 0.0 repeats its offsets)."""
+    records: List[Tuple[str, str]] = []
     position = 0
     while position < len(data) and data[position] != 0:
         match = re.match(rb"([0-9]{1,7}) ", data[position:position + 8])
@@ -4700,24 +4709,46 @@ def _pax_records(data: bytes) -> Dict[str, str]:
         key, equals, value = record.partition(b"=")
         if not equals or not record.endswith(b"\n") or length > len(data) - position:
             raise InvalidArchiveError("layer has a malformed PAX header")
-        records[key.decode("utf-8", "surrogateescape")] = \
-            value[:-1].decode("utf-8", "surrogateescape")
+        records.append((key.decode("utf-8", "surrogateescape"),
+                        value[:-1].decode("utf-8", "surrogateescape")))
         position += length
     return records
 
 
+def _sparse_number(text: Union[str, bytes], name: str, base: int = 10) -> int:
+    """A number of a sparse map: decimal text, or a header field (octal, or base-256
+    when its first byte has the high bit set)."""
+    try:
+        if base == 10:
+            number = int(text)
+        elif isinstance(text, bytes) and text[:1] == b"\x80":
+            number = int.from_bytes(text[1:], "big")
+        else:
+            number = int(text.split(b"\0", 1)[0].strip() or b"0", 8)  # type: ignore[arg-type]
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise InvalidArchiveError(f"layer entry {_shorten(name)!r} has a malformed sparse map")
+    return number
+
+
 class _TarStream:
-    """The members of a tar stream; ``read`` reads the current member's data."""
+    """The members of a tar stream; ``read`` reads the current member's data (a sparse
+    file's holes read as zeros)."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._read1 = getattr(stream, "read1", stream.read)
-        self._data_left = 0     # of the current member
+        self._data_left = 0     # of the current member, as stored
         self._skip_left = 0     # its data and padding: what lies before the next header
+        self._regions: List[Tuple[int, int]] = []  # a sparse member's data, reversed
+        self._position = self._real_size = 0       # in a sparse member's real content
+        self._sparse = False
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         global_headers: Dict[str, str] = {}
         headers: Dict[str, str] = {}
         names: Dict[str, str] = {}  # GNU long names: path, linkpath
+        sparse_map: List[int] = []  # GNU sparse 0.0: offsets and sizes, in turn
         extended = global_size = 0  # bytes of extended headers kept in memory
         while True:
             self._skip(self._skip_left)
@@ -4737,7 +4768,10 @@ class _TarStream:
                                               f"{_MAX_EXTENDED_HEADER} bytes")
                 data = self._exact(padded)[:info.size]
                 if info.type == tarfile.XHDTYPE:
-                    headers.update(_pax_records(data))
+                    records = _pax_records(data)
+                    headers.update(records)
+                    sparse_map += [_sparse_number(v, info.name) for k, v in records
+                                   if k in _SPARSE_KEYS]
                 elif info.type == tarfile.XGLTYPE:
                     global_headers.update(_pax_records(data))
                 else:
@@ -4745,15 +4779,16 @@ class _TarStream:
                     names[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
             headers = {**global_headers, **headers}
-            if info.type == tarfile.GNUTYPE_SPARSE or any(k.startswith("GNU.sparse")
-                                                          for k in headers):
-                raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} is a sparse "
-                                          "file, which is not supported")
             self._apply(info, headers, names)
-            headers, names, extended = {}, {}, global_size
             self._data_left = info.size if info.isreg() or \
                 info.type not in tarfile.SUPPORTED_TYPES else 0
             self._skip_left = -(-self._data_left // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            self._sparse = False
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                self._old_gnu_sparse(info, block)
+            elif "GNU.sparse.major" in headers or "GNU.sparse.map" in headers or sparse_map:
+                self._pax_sparse(info, headers, sparse_map)
+            headers, names, sparse_map, extended = {}, {}, [], global_size
             yield info
 
     @staticmethod
@@ -4767,15 +4802,116 @@ class _TarStream:
                 except ValueError:
                     raise InvalidArchiveError(f"layer has a PAX {key} that is not a number: "
                                               f"{_shorten(value)!r}") from None
+        if "GNU.sparse.name" in headers:
+            info.name = headers["GNU.sparse.name"].rstrip("/")
         if info.size < 0:
             raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a bad size")
+        for what, text in (("name", info.name), ("link target", info.linkname)):
+            # A NUL cuts a name in two for every C extractor: one entry would be written
+            # as another. PATH_MAX: no longer path can be made, and a deep one would
+            # cost its depth squared in parent directories.
+            if _NAME_CONTROLS.search(text):
+                raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a control "
+                                          f"character in its {what}")
+            if len(text.encode("utf-8", "surrogateescape")) > _MAX_LAYER_PATH:
+                raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a {what} "
+                                          f"longer than {_MAX_LAYER_PATH} bytes")
         info.pax_headers = headers
 
+    def _old_gnu_sparse(self, info: tarfile.TarInfo, block: bytes) -> None:
+        """Read an old GNU sparse header's map, with its extension blocks."""
+        numbers: List[int] = []
+        entries, extended_flag = block[386:482], block[482]
+        taken = 0
+        while True:
+            for start in range(0, len(entries), 24):
+                if not entries[start:start + 24].strip(b"\0"):
+                    break
+                numbers += [_sparse_number(entries[start:start + 12], info.name, 8),
+                             _sparse_number(entries[start + 12:start + 24], info.name, 8)]
+            if not extended_flag:
+                break
+            taken += tarfile.BLOCKSIZE
+            if taken > _MAX_EXTENDED_HEADER:
+                raise InvalidArchiveError("layer has extended headers of more than "
+                                          f"{_MAX_EXTENDED_HEADER} bytes")
+            extension = self._exact(tarfile.BLOCKSIZE)
+            entries, extended_flag = extension[:504], extension[504]
+        real_size = _sparse_number(block[483:495], info.name, 8)
+        info.type = tarfile.REGTYPE
+        self._start_sparse(info, numbers, real_size)
+
+    def _pax_sparse(self, info: tarfile.TarInfo, headers: Dict[str, str],
+                    numbers: List[int]) -> None:
+        """GNU sparse in PAX: 0.0 (repeated records), 0.1 (one map record), 1.0 (the
+        map in front of the data)."""
+        size_text = headers.get("GNU.sparse.realsize", headers.get("GNU.sparse.size", ""))
+        real_size = _sparse_number(size_text, info.name)
+        if "GNU.sparse.map" in headers:
+            numbers = [_sparse_number(n, info.name)
+                       for n in headers["GNU.sparse.map"].split(",") if n]
+        elif headers.get("GNU.sparse.major") == "1":
+            numbers = self._sparse_map_in_data(info)
+        self._start_sparse(info, numbers, real_size)
+
+    def _sparse_map_in_data(self, info: tarfile.TarInfo) -> List[int]:
+        lines: List[bytes] = []
+        text = b""
+        count = None
+        while count is None or len(lines) < 1 + 2 * count:
+            if self._data_left < tarfile.BLOCKSIZE or \
+                    len(text) + len(lines) * 21 > _MAX_EXTENDED_HEADER:
+                raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a "
+                                          "malformed sparse map")
+            text += self._raw(tarfile.BLOCKSIZE, exact=True)
+            *complete, text = text.split(b"\n")
+            lines += complete
+            if lines and count is None:
+                count = _sparse_number(lines[0], info.name)
+        return [_sparse_number(n, info.name) for n in lines[1:1 + 2 * count]]
+
+    def _start_sparse(self, info: tarfile.TarInfo, numbers: List[int], real_size: int) -> None:
+        regions = list(zip(numbers[::2], numbers[1::2]))
+        end = 0
+        for offset, size in regions:
+            if offset < end:
+                break
+            end = offset + size
+        else:
+            if len(numbers) % 2 == 0 and end <= real_size and \
+                    sum(size for _, size in regions) == self._data_left:
+                self._regions = [r for r in reversed(regions) if r[1]]
+                self._position, self._real_size, self._sparse = 0, real_size, True
+                info.size = real_size
+                info.pax_headers = {k: v for k, v in info.pax_headers.items()
+                                    if not k.startswith("GNU.sparse.")}
+                return
+        raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a malformed "
+                                  "sparse map")
+
     def read(self, n: int = -1) -> bytes:
+        if not self._sparse:
+            return self._raw(n)
+        left = self._real_size - self._position
+        n = left if n < 0 else min(n, left)
+        if n <= 0:
+            return b""
+        if self._regions and self._regions[-1][0] <= self._position:
+            offset, size = self._regions[-1]
+            chunk = self._raw(min(n, offset + size - self._position))
+            if self._position + len(chunk) == offset + size:
+                self._regions.pop()
+        else:
+            hole_end = self._regions[-1][0] if self._regions else self._real_size
+            chunk = bytes(min(n, hole_end - self._position, _STREAM_CHUNK_SIZE))
+        self._position += len(chunk)
+        return chunk
+
+    def _raw(self, n: int = -1, exact: bool = False) -> bytes:
         n = self._data_left if n < 0 else min(n, self._data_left)
         if n <= 0:
             return b""
-        chunk = self._read1(n)
+        chunk = self._exact(n) if exact else self._read1(n)
         if not chunk:
             raise InvalidArchiveError("layer ends inside an entry")
         self._data_left -= len(chunk)
@@ -4801,6 +4937,7 @@ class _TarStream:
                 raise InvalidArchiveError("layer ends inside an entry")
             size -= len(chunk)
         self._data_left = self._skip_left = 0
+        self._sparse = False
 
 
 def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
@@ -5265,17 +5402,101 @@ def _produced(produce: Callable[[BinaryIO], None]) -> BinaryIO:
     return stream  # type: ignore[return-value]
 
 
+def _pax_record(key: str, value: str) -> bytes:
+    """One ``"<length> <key>=<value>\n"`` record; the value's bytes as they were read."""
+    body = b" " + key.encode("utf-8", "surrogateescape") + b"=" + \
+        value.encode("utf-8", "surrogateescape") + b"\n"
+    length = len(body) + len(str(len(body)))
+    length += len(str(length)) - len(str(len(body)))
+    return str(length).encode() + body
+
+
+def _ustar_block(name: bytes, info: tarfile.TarInfo, size: int, mtime: int,
+                 linkname: bytes, uname: bytes, gname: bytes,
+                 magic: bytes = b"ustar\x0000") -> bytes:
+    def number(value: int, digits: int) -> bytes:
+        if not 0 <= value < 8 ** (digits - 1):
+            raise InvalidArchiveError(f"entry {_shorten(info.name)!r} has a number that "
+                                      f"does not fit a tar header: {value}")
+        return b"%0*o\0" % (digits - 1, value)
+
+    block = b"".join([
+        name.ljust(100, b"\0"), number(info.mode & 0o7777, 8), number(info.uid, 8),
+        number(info.gid, 8), number(size, 12), number(mtime, 12), b" " * 8, info.type,
+        linkname.ljust(100, b"\0"), magic, uname.ljust(32, b"\0"),
+        gname.ljust(32, b"\0"), number(info.devmajor, 8), number(info.devminor, 8),
+        bytes(167)])
+    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+
+
+def _tar_header(info: tarfile.TarInfo, xattrs: Mapping[str, str] = MappingProxyType({}),
+                mtime: Union[int, float, str, None] = None) -> bytes:
+    """A ustar header, after a PAX header with what ustar cannot hold. Names, link
+    targets and attribute values keep their exact bytes (what is not UTF-8 too: no
+    ``hdrcharset``, which GNU tar warns about); attributes are ``SCHILY.xattr.*``, which
+    GNU tar, bsdtar and Go read. Nothing else a layer's PAX headers said is copied. A
+    long name that is not UTF-8 goes in a GNU long-name record: in a PAX record bsdtar
+    refuses it without hdrcharset, and GNU tar warns about hdrcharset."""
+    records, long_names = [], []
+    fields: Dict[str, bytes] = {}
+    name = info.name + ("/" if info.type == tarfile.DIRTYPE else "")
+    for key, text, limit in (("path", name, 100), ("linkpath", info.linkname, 100),
+                             ("uname", info.uname, 32), ("gname", info.gname, 32)):
+        raw = text.encode("utf-8", "surrogateescape")
+        if len(raw) > limit:
+            try:
+                text.encode("utf-8")
+                records.append(_pax_record(key, text))
+            except UnicodeEncodeError:
+                if key not in ("path", "linkpath"):
+                    raise InvalidArchiveError(f"entry {_shorten(info.name)!r} has an owner "
+                                              "name that is long and not UTF-8") from None
+                long_name = tarfile.TarInfo("././@LongLink")
+                long_name.type = tarfile.GNUTYPE_LONGNAME if key == "path" \
+                    else tarfile.GNUTYPE_LONGLINK
+                long_names.append(_ustar_block(b"././@LongLink", long_name, len(raw) + 1, 0,
+                                               b"", b"", b"", b"ustar  \0") + raw +
+                                  bytes(-len(raw) % tarfile.BLOCKSIZE or tarfile.BLOCKSIZE))
+            raw = raw[:limit]
+        fields[key] = raw
+    numbers = {"uid": info.uid, "gid": info.gid, "size": info.size}
+    for key, value in numbers.items():
+        if value >= 8 ** (11 if key == "size" else 7):
+            records.append(_pax_record(key, str(value)))
+            numbers[key] = 0
+    mtime = info.mtime if mtime is None else mtime
+    whole = int(float(mtime))
+    if str(mtime) != str(whole) or not 0 <= whole < 8 ** 11:
+        records.append(_pax_record("mtime", str(mtime)))
+        whole = min(max(whole, 0), 8 ** 11 - 1)
+    records += [_pax_record("SCHILY.xattr." + key, value) for key, value in xattrs.items()]
+    header = tarfile.TarInfo(info.name)
+    header.mode, header.uid, header.gid = info.mode, numbers["uid"], numbers["gid"]
+    header.type, header.devmajor, header.devminor = info.type, info.devmajor, info.devminor
+    block = _ustar_block(fields["path"], header, numbers["size"], whole, fields["linkpath"],
+                         fields["uname"], fields["gname"])
+    if not records:
+        return b"".join(long_names) + block
+    data = b"".join(records)
+    extended = tarfile.TarInfo("././@PaxHeader")
+    extended.type = tarfile.XHDTYPE
+    return b"".join(long_names) + \
+        _ustar_block(b"././@PaxHeader", extended, len(data), 0, b"", b"", b"") + data + \
+        bytes(-len(data) % tarfile.BLOCKSIZE) + block
+
+
 class _TarWriter:
-    """Writes a PAX tar to a stream: headers from tarfile, file bodies copied with
+    """Writes a PAX tar to a stream: headers by _tar_header, file bodies copied with
     ``os.sendfile`` when both ends are files (no trip through Python), else in 1 MiB
     chunks. tarfile's own stream writer cuts everything into 10 KiB records."""
 
     def __init__(self, out: Union[BinaryIO, "_WriteBehind"]) -> None:
         self._out = out
 
-    def add(self, info: tarfile.TarInfo,
-            data: Union[IO[bytes], _TarStream, None] = None) -> None:
-        self._out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    def add(self, info: tarfile.TarInfo, data: Union[IO[bytes], _TarStream, None] = None,
+            xattrs: Mapping[str, str] = MappingProxyType({}),
+            mtime: Union[int, float, str, None] = None) -> None:
+        self._out.write(_tar_header(info, xattrs, mtime))
         if data is None or not info.size:
             return
         if isinstance(data, _TarStream) or not self._send(data, info.size):
@@ -5383,78 +5604,268 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
 
 # -- flattening -----------------------------------------------------------------------
 #
-# Layers are read bottom-up, so each is decompressed once for its data. Before that,
-# the headers of every layer above the first are read (one more pass over those), to
-# know for each entry whether a higher layer replaced, deleted or hid it. A hard link
-# whose target a higher layer changed becomes a regular file with the target's old
-# content, re-read from its layer.
+# Layers are applied as containers/storage (podman, Docker) and umoci apply them: in
+# order, each entry at the path it names resolved inside the root (a symlink on the way
+# is followed, an absolute or ``..`` target never leaves the root; the last component
+# is not followed), an entry already there replaced unless both are directories (then
+# the new entry's metadata is taken), a hard link sharing its target's inode. The first
+# pass reads every layer's headers into that tree, keeping for a file only where its
+# content lies; the second reads the layers again and writes each surviving entry as
+# its content goes by, parents first, the other names of an inode as hard links to it.
+# A link whose target was rewritten or deleted later thus still has its own content,
+# whichever layer holds it, with no pass of its own.
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+_KINDS: Dict[bytes, bytes] = {}  # each type's one bytes object, not one per member
+_AUFS_METADATA = ".wh..wh."  # .wh..wh.plnk and the like at the root: skipped, as podman does
+_MAX_SYMLINK_HOPS = 255      # securejoin's bound
+_THROUGH_SYMLINK = -2        # the layer of a node written by a path through a symlink
 
 
-def _clean_path(name: str) -> Optional[str]:
-    """A member name as a relative path; None for the root or a name that climbs out."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    return "/".join(parts)
+def _clean_path(name: str) -> List[str]:
+    """A member name's components as Go's filepath.Clean and a join onto the root make
+    them: empty and ``.`` parts dropped, ``..`` taken back lexically, never above the root;
+    ``[]`` is the root itself."""
+    parts: List[str] = []
+    for part in name.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return parts
 
 
-def _ancestors(path: str) -> List[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+def _xattrs(member: tarfile.TarInfo) -> Dict[str, str]:
+    """A member's extended attributes, name to value (bytes kept by surrogateescape):
+    ``SCHILY.xattr.*`` as GNU tar and Go write them, else libarchive's own
+    (``LIBARCHIVE.xattr.<url-quoted name>=<base64 value>``). An empty value sets
+    nothing: a PAX record with an empty value removes its key, and containers/storage
+    and umoci set no attribute for it."""
+    found: Dict[str, str] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            found[key[len("SCHILY.xattr."):]] = value
+    for key, value in member.pax_headers.items():
+        if key.startswith("LIBARCHIVE.xattr."):
+            import base64
+            import urllib.parse
+            name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):], errors="surrogateescape")
+            try:
+                encoded = value.encode("utf-8", "surrogateescape")
+                data = base64.b64decode(encoded + b"=" * (-len(encoded) % 4))  # unpadded
+            except ValueError:
+                raise InvalidArchiveError(f"layer entry {_shorten(member.name)!r} has a "
+                                          "malformed LIBARCHIVE.xattr record") from None
+            found.setdefault(name, data.decode("utf-8", "surrogateescape"))
+    return {name: value for name, value in found.items() if value}
 
 
-class _UpperLayers:
-    """What the layers above each one do: the highest layer index of each kind of entry."""
+# A directory's metadata: mode, uid, gid, mtime (the PAX text when it had one), uname,
+# gname, extended attributes.
+_DirectoryMeta = Tuple[int, int, int, Union[int, float, str], str, str, Dict[str, str]]
+_IMPLICIT_DIRECTORY: _DirectoryMeta = (0o755, 0, 0, 0, "", "", {})
+
+
+def _mtime(member: tarfile.TarInfo) -> Union[int, float, str]:
+    """The mtime as written: a PAX mtime's own text keeps all its digits."""
+    return member.pax_headers.get("mtime", member.mtime)
+
+
+class _Node:
+    """An inode of the merged tree: a directory with its children, or a file, symlink
+    or special file, which several names share when hard-linked."""
+
+    # Kept small (a layer of 200,000 files holds 200,000 of them): what few inodes
+    # need is in ``meta``.
+    __slots__ = ("kind", "layer", "source", "meta", "children", "parent", "name", "emitted")
+
+    def __init__(self, kind: bytes, layer: int, source: int,
+                 parent: Optional["_Node"] = None) -> None:
+        self.kind = kind
+        self.layer = layer     # the last layer that put it at a name (-1: made implicitly)
+        self.source = source   # its entry: layer << 32 | ordinal in the layer (-1: none)
+        # a directory: its _DirectoryMeta; another inode: None, or a dict of a symlink's
+        # "target", what a hard link's header changed, the "others" of its names
+        self.meta: Any = None
+        self.children: Optional[Dict[str, "_Node"]] = {} if kind == tarfile.DIRTYPE else None
+        self.parent = parent   # a directory's from the start; a file's from placing it
+        self.name = ""
+        self.emitted = False   # a directory's
+
+
+class _MergedTree:
+    """The root filesystem that applying the layers' entries in order makes (headers
+    only): pure logic, no I/O."""
 
     def __init__(self) -> None:
-        self.entry: Dict[str, int] = {}
-        self.non_directory: Dict[str, int] = {}
-        self.whiteout: Dict[str, int] = {}
-        self.opaque: Dict[str, int] = {}
-        self.directories: Dict[str, Tuple[int, tarfile.TarInfo]] = {}
+        self.root = _Node(tarfile.DIRTYPE, -1, -1)
+        self.root.name = ""
+        self.followed = False  # whether the last path _directory resolved went through a symlink
+        # The names this layer wrote through a symlink, or as hard links: an opaque
+        # marker keeps what the layer wrote by the very path it walks (containers/storage
+        # compares the joined names, not where they lead, nor inodes); a node written
+        # through a symlink has layer _THROUGH_SYMLINK.
+        self._through: Set[str] = set()
+        self._layer = -1
+        self.root.meta = _IMPLICIT_DIRECTORY
 
-    def record(self, layer: int, member: tarfile.TarInfo) -> None:
-        path = _clean_path(member.name)
-        if path is None:
+    def _directory(self, parts: Sequence[str], create: bool, what: str) -> Optional[_Node]:
+        """The directory ``parts`` lead to from the root, through symlinks, never out of
+        the root; missing ones made (``create``) as extraction makes them: not where a
+        symlink's target is missing (containers/storage makes no directory there, its
+        mkdir finds the symlink). None when a file stands in the way, or something is
+        missing that is not made."""
+        pending: List[Optional[str]] = list(reversed(parts))
+        current, hops, expanding = self.root, 0, 0  # expanding: symlink targets being read
+        while pending:
+            part = pending.pop()
+            if part is None:
+                expanding -= 1
+                continue
+            if part == "..":
+                current = current.parent or self.root
+                continue
+            if part in ("", "."):
+                continue
+            assert current.children is not None
+            child = current.children.get(part)
+            if child is None:
+                if not create or expanding:
+                    return None
+                child = _Node(tarfile.DIRTYPE, -1, -1, current)
+                child.meta = _IMPLICIT_DIRECTORY
+                current.children[part] = child
+            elif child.kind == tarfile.SYMTYPE:
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise InvalidArchiveError(f"layer entry {_shorten(what)!r} goes through "
+                                              "too many levels of symbolic links")
+                target = child.meta["target"]
+                if target.startswith("/"):
+                    current = self.root
+                pending.append(None)
+                pending.extend(reversed(target.split("/")))
+                expanding += 1
+                continue
+            elif child.children is None:
+                return None
+            current = child
+        self.followed = hops > 0
+        return current
+
+    def apply(self, layer: int, ordinal: int, member: tarfile.TarInfo) -> None:
+        source = layer << 32 | ordinal
+        parts = _clean_path(member.name)
+        if not parts or parts[0].startswith(_AUFS_METADATA) or \
+                member.type not in tarfile.SUPPORTED_TYPES:  # nothing a filesystem holds
             return
-        parent, _, base = path.rpartition("/")
+        if layer != self._layer:
+            self._through, self._layer = set(), layer
+        base = parts[-1]
+        if base == _OPAQUE and self._is_symlink(parts[:-1]):
+            return  # containers/storage walks the symlink, which holds nothing
+        directory = self._directory(parts[:-1], True, member.name)
+        if directory is None:
+            return  # a file where a directory must be: extraction fails there, we drop it
+        assert directory.children is not None
         if base == _OPAQUE:
-            self.opaque[parent] = max(self.opaque.get(parent, -1), layer)
-        elif base.startswith(_WHITEOUT):
-            target = f"{parent}/{base[len(_WHITEOUT):]}".lstrip("/")
-            self.whiteout[target] = max(self.whiteout.get(target, -1), layer)
+            self._make_opaque(directory, layer, "/".join(parts[:-1]), not self.followed)
+            return
+        if (self.followed or member.islnk()) and not base.startswith(_WHITEOUT):
+            # a hard link's inode keeps the layer that made it: its name is what was written
+            self._through.add("/".join(parts))
+            layer = _THROUGH_SYMLINK
+        if base.startswith(_WHITEOUT):
+            directory.children.pop(base[len(_WHITEOUT):], None)
+            return
+        existing = directory.children.get(base)
+        if member.isdir():
+            meta = (member.mode, member.uid, member.gid, _mtime(member), member.uname,
+                    member.gname, _xattrs(member))
+            if existing is not None and existing.children is not None:
+                # merged as extraction merges: new metadata, extended attributes added
+                meta = (*meta[:6], {**existing.meta[6], **meta[6]})
+                existing.meta, existing.layer, existing.source = meta, layer, source
+                return
+            node = _Node(tarfile.DIRTYPE, layer, source, directory)
+            node.meta = meta
+        elif member.islnk():
+            if existing is not None:
+                del directory.children[base]  # removed before the link is made
+            target = self._link_target(member)
+            if target is None:
+                return  # its target is not there: no link can be made
+            self._touch(target, member)
+            node = target
         else:
-            self.entry[path] = max(self.entry.get(path, -1), layer)
-            if member.isdir():
-                if self.directories.get(path, (-1, None))[0] <= layer:
-                    self.directories[path] = (layer, member)
-            else:
-                self.non_directory[path] = max(self.non_directory.get(path, -1), layer)
+            node = _Node(_KINDS.setdefault(member.type, member.type), layer, source)
+            if member.issym():
+                node.meta = {"target": member.linkname}
+        directory.children[sys.intern(base)] = node
 
-    def hidden(self, path: str, layer: int) -> bool:
-        """Whether a higher layer replaced, deleted or hid ``path`` as ``layer`` has it."""
-        if self.entry.get(path, -1) > layer or self.whiteout.get(path, -1) > layer:
-            return True
-        return any(self.non_directory.get(a, -1) > layer or self.whiteout.get(a, -1) > layer
-                   or self.opaque.get(a, -1) > layer for a in _ancestors(path))
+    def _is_symlink(self, parts: Sequence[str]) -> bool:
+        holder = self._directory(parts[:-1], False, "/".join(parts)) if parts else None
+        found = holder.children.get(parts[-1]) if holder and holder.children else None
+        return found is not None and found.kind == tarfile.SYMTYPE
 
+    def _link_target(self, member: tarfile.TarInfo) -> Optional[_Node]:
+        parts = _clean_path(member.linkname)
+        if not parts:
+            return None
+        directory = self._directory(parts[:-1], False, member.name)
+        found = directory.children.get(parts[-1]) if directory and directory.children else None
+        return None if found is None or found.children is not None else found
 
-_PAX_KEYS_REWRITTEN = frozenset({"path", "linkpath", "size"})
+    @staticmethod
+    def _touch(inode: _Node, link: tarfile.TarInfo) -> None:
+        """A hard link's header applied to its inode, as containers/storage applies it:
+        owner and extended attributes always, mode and mtime unless it is a symlink."""
+        meta = dict(inode.meta or {})
+        meta.update(uid=link.uid, gid=link.gid, uname=link.uname, gname=link.gname,
+                    xattrs={**meta.get("xattrs", {}), **_xattrs(link)})
+        if inode.kind != tarfile.SYMTYPE:
+            meta.update(mode=link.mode, mtime=_mtime(link))
+        inode.meta = meta
 
+    def _make_opaque(self, directory: _Node, layer: int, path: str, literal: bool) -> None:
+        """Remove what ``directory`` (named ``path``, reached through no symlink when
+        ``literal``) holds that this layer did not write by that path."""
+        pending = [(directory, path)]
+        while pending:
+            holder, prefix = pending.pop()
+            assert holder.children is not None
+            for name, child in list(holder.children.items()):
+                child_path = f"{prefix}/{name}" if prefix else name
+                if not (literal and child.layer == layer or child_path in self._through):
+                    del holder.children[name]
+                elif child.children is not None:
+                    pending.append((child, child_path))
 
-def _output_header(member: tarfile.TarInfo, name: str, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    for field in ("mode", "uid", "gid", "mtime", "type", "uname", "gname", "devmajor",
-                  "devminor"):
-        setattr(info, field, getattr(member, field))
-    info.size = member.size if member.isreg() else 0  # only file data is copied
-    info.linkname = linkname or member.linkname
-    info.pax_headers = {k: v for k, v in member.pax_headers.items()
-                        if k not in _PAX_KEYS_REWRITTEN}
-    return info
+    def schedule(self, layers: int) -> List[List[_Node]]:
+        """Name every inode (a hard-linked one once, its other names kept aside) and
+        list, per layer, the inodes whose entry is there, in entry order."""
+        per_layer: List[List[_Node]] = [[] for _ in range(layers)]
+        pending = [self.root]
+        while pending:
+            directory = pending.pop()
+            assert directory.children is not None
+            for name, child in directory.children.items():
+                if child.children is not None:
+                    child.name = name
+                    pending.append(child)
+                elif child.parent is not None:
+                    child.meta = child.meta or {}
+                    child.meta.setdefault("others", []).append((directory, name))
+                    continue
+                else:
+                    child.parent, child.name = directory, name
+                if child.source >= 0:
+                    per_layer[child.source >> 32].append(child)
+        for nodes in per_layer:
+            nodes.sort(key=operator.attrgetter("source"))
+        return per_layer
 
 
 class _WriteBehind:
@@ -5536,95 +5947,114 @@ class _WriteBehind:
 class _Flattener:
     """Writes the flattened root filesystem of ``layers`` (bottom first) as one tar."""
 
-    def __init__(self, layers: Sequence[Callable[[], IO[bytes]]], out: BinaryIO) -> None:
+    def __init__(self, layers: Sequence[Callable[[], IO[bytes]]], out: BinaryIO,
+                 names: Sequence[str] = ()) -> None:
         self._layers = layers
         self._out = out
-        self._upper = _UpperLayers()
-        self._emitted: Dict[str, bool] = {}       # path -> is a directory
-        self._relinked: Dict[str, str] = {}       # broken hard-link target -> its new file
+        self._names = names  # of the layers, for messages
+        self._tree = _MergedTree()
+        self._reading = 0    # the layer being read
 
     def run(self) -> None:
-        for index in range(1, len(self._layers)):
-            self._scan_headers(index)
+        try:
+            self._flatten()
+        except InvalidArchiveError as e:
+            if self._reading < len(self._names):
+                raise InvalidArchiveError(f"{e} (layer {self._names[self._reading]})") from None
+            raise
+
+    def _flatten(self) -> None:
+        for index in range(len(self._layers)):
+            for ordinal, (member, _) in enumerate(self._members(index)):
+                self._tree.apply(index, ordinal, member)
+        schedule = self._tree.schedule(len(self._layers))
         with _WriteBehind(self._out) as out:
             archive = _TarWriter(out)
-            for index in range(len(self._layers)):
-                self._emit_layer(archive, index)
+            for index, nodes in enumerate(schedule):
+                if nodes:
+                    self._emit_layer(archive, index, nodes)
+            self._emit_the_rest(archive)
             archive.close()
 
     def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, _TarStream]]:
+        self._reading = index
         with self._layers[index]() as stream:
             layer = _TarStream(stream)
             for member in layer:
                 yield member, layer
 
-    def _scan_headers(self, index: int) -> None:
-        for member, _ in self._members(index):
-            self._upper.record(index, member)
-
-    def _emit_layer(self, archive: _TarWriter, index: int) -> None:
-        for member, layer in self._members(index):
-            path = _clean_path(member.name)
-            if path is None or path in self._emitted or \
-                    member.type not in tarfile.SUPPORTED_TYPES:  # nothing a filesystem holds
+    def _emit_layer(self, archive: _TarWriter, index: int, nodes: List[_Node]) -> None:
+        waiting = iter(nodes)
+        node = next(waiting)
+        for ordinal, (member, layer) in enumerate(self._members(index)):
+            if node.source & 0xFFFFFFFF != ordinal:
                 continue
-            base = path.rpartition("/")[2]
-            if base.startswith(_WHITEOUT) or self._upper.hidden(path, index):
-                continue
-            if not self._emit_parents(archive, path):
-                continue
-            if member.islnk():
-                self._emit_hard_link(archive, index, member, path)
-            elif member.isreg():
-                archive.add(_output_header(member, path), layer)
+            if node.children is not None:
+                self._directory_path(archive, node)
             else:
-                archive.add(_output_header(member, path))
-            self._emitted[path] = member.isdir()
+                self._emit_inode(archive, node, member, layer)
+            following = next(waiting, None)
+            if following is None:
+                return  # the rest of this layer is hidden: not read again
+            node = following
 
-    def _emit_parents(self, archive: _TarWriter, path: str) -> bool:
-        """Emit missing parent directories; False when a parent is not a directory."""
-        for ancestor in _ancestors(path):
-            if ancestor in self._emitted:
-                if not self._emitted[ancestor]:
-                    return False
-                continue
-            known = self._upper.directories.get(ancestor)
-            if known is not None and not self._upper.hidden(ancestor, known[0]):
-                header = _output_header(known[1], ancestor)
-            else:
-                header = tarfile.TarInfo(ancestor)
-                header.type, header.mode, header.mtime = tarfile.DIRTYPE, 0o755, 0
-            archive.add(header)
-            self._emitted[ancestor] = True
-        return True
+    def _emit_inode(self, archive: _TarWriter, node: _Node, member: tarfile.TarInfo,
+                    layer: _TarStream) -> None:
+        assert node.parent is not None
+        parent = self._directory_path(archive, node.parent)
+        path = f"{parent}/{node.name}" if parent else node.name
+        info = tarfile.TarInfo(path)
+        for field in ("mode", "uid", "gid", "uname", "gname", "devmajor", "devminor"):
+            setattr(info, field, getattr(member, field))
+        info.type = tarfile.REGTYPE if member.isreg() else member.type
+        info.size = member.size if member.isreg() else 0  # only file data is copied
+        info.linkname = member.linkname if member.issym() else ""
+        mtime, xattrs = _mtime(member), _xattrs(member)
+        meta = node.meta or {}
+        for field in ("mode", "uid", "gid", "uname", "gname"):
+            if field in meta:
+                setattr(info, field, meta[field])
+        mtime = meta.get("mtime", mtime)
+        xattrs = {**xattrs, **meta.get("xattrs", {})}
+        archive.add(info, layer if info.isreg() else None, xattrs, mtime)
+        for directory, name in meta.get("others", ()):
+            parent = self._directory_path(archive, directory)
+            info.name = f"{parent}/{name}" if parent else name
+            info.type, info.linkname, info.size = tarfile.LNKTYPE, path, 0
+            archive.add(info, None, xattrs, mtime)
 
-    def _emit_hard_link(self, archive: _TarWriter, index: int, member: tarfile.TarInfo,
-                        path: str) -> None:
-        target = _clean_path(member.linkname)
-        if target is None:
-            return  # a link out of the root is dropped
-        if target in self._relinked:
-            archive.add(_output_header(member, path, self._relinked[target]))
-        elif self._emitted.get(target) is False and not self._upper.hidden(target, index):
-            archive.add(_output_header(member, path, target))
-        elif self._copy_old_content(archive, index, target, member, path):
-            self._relinked[target] = path
-        else:
-            return  # the target never existed as a file: a dangling link is dropped
-        self._emitted[path] = False
+    def _directory_path(self, archive: _TarWriter, directory: _Node) -> str:
+        """The path of ``directory``, emitted (with its parents) if it was not yet."""
+        chain = []
+        node = directory
+        while node is not self._tree.root and not node.emitted:
+            chain.append(node)
+            node = node.parent  # type: ignore[assignment]
+        names = []
+        while node is not self._tree.root:
+            names.append(node.name)
+            node = node.parent  # type: ignore[assignment]
+        path = "/".join(reversed(names))
+        for node in reversed(chain):
+            path = f"{path}/{node.name}" if path else node.name
+            mode, uid, gid, mtime, uname, gname, xattrs = node.meta
+            info = tarfile.TarInfo(path)
+            info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, gid
+            info.uname, info.gname = uname, gname
+            archive.add(info, None, xattrs, mtime)
+            node.emitted = True
+        return path
 
-    def _copy_old_content(self, archive: _TarWriter, index: int, target: str,
-                          link: tarfile.TarInfo, path: str) -> bool:
-        """Write ``target``'s content as ``index`` (or a layer below) had it, as ``path``."""
-        for layer_index in range(index, -1, -1):
-            for member, layer in self._members(layer_index):
-                if _clean_path(member.name) == target and member.isreg():
-                    header = _output_header(member, path)
-                    header.mode, header.uid, header.gid = link.mode, link.uid, link.gid
-                    header.mtime = link.mtime
-                    archive.add(header, layer)
-                    return True
-        return False
+    def _emit_the_rest(self, archive: _TarWriter) -> None:
+        """Directories no entry of their own placed, and that hold nothing now."""
+        pending = [self._tree.root]
+        while pending:
+            directory = pending.pop()
+            for child in (directory.children or {}).values():
+                if child.children is not None:
+                    if not child.emitted:
+                        self._directory_path(archive, child)
+                    pending.append(child)
 
 
 # =====================================================================================
@@ -7380,8 +7810,9 @@ class _CacheSource(ImageSource):
                                     f"the cache {layout.root}; pull the image again")
 
     def _check_container_image(self, manifest: Manifest) -> None:
-        """A docker tar is loaded only as a container image (docker load, podman and
-        skopeo refuse anything else): an image config type, with ``rootfs``."""
+        """A file system or a docker tar needs a container image: an image config type,
+        with ``rootfs`` (docker load, podman and skopeo refuse anything else, and an OCI
+        artifact's layers, under an empty or other config, are no file systems)."""
         config = manifest.config
         data = self._provider.layout.read_blob(config.digest)
         try:
@@ -7393,11 +7824,12 @@ class _CacheSource(ImageSource):
             without = "" if isinstance(rootfs, dict) else " without rootfs"
             raise OciCacheError(
                 f"{self._ref} is not a container image (an artifact: its config is "
-                f"{_shorten(_one_line(config.media_type))}{without}); a docker tar of it "
-                "cannot be loaded, export it with --format oci")
+                f"{_shorten(_one_line(config.media_type))}{without}); export it with "
+                "--format oci")
 
     def _filesystem_writer(self) -> Callable[[BinaryIO], None]:
         _, _, manifest = self._image()
+        self._check_container_image(manifest)
         self._check_layers(manifest)
         layout = self._provider.layout
         for layer in manifest.layers:
@@ -7408,6 +7840,7 @@ class _CacheSource(ImageSource):
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
 
         layers = list({layer.digest: layer for layer in manifest.layers})
+        names = [str(layer.digest) for layer in manifest.layers]
 
         def produce(out: BinaryIO) -> None:
             # A layer whose content carries no check of its own (uncompressed, zstd) has
@@ -7436,7 +7869,7 @@ class _CacheSource(ImageSource):
             checker.start()
             failure: Optional[OciCacheError] = None
             try:
-                _Flattener(openers, out).run()
+                _Flattener(openers, out, names).run()
             except OciCacheError as e:
                 failure = e
             checker.join()

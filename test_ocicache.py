@@ -54,8 +54,8 @@ import unittest
 import urllib.parse
 import urllib.request
 from collections import namedtuple
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
-                    Type, Union)
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Set, Tuple, Type, Union)
 from unittest import mock
 
 import ocicache as oc
@@ -10111,18 +10111,33 @@ class TestSources(CacheTestCase):
             self.assertEqual(tar.getnames(), ["a", "d"])
 
     def test_escapes_are_neutralised(self) -> None:
+        # As containers/storage (in its chroot) and umoci (securejoin) apply them: a name
+        # or link target climbing out with '..' or absolute stops at the root, and a path
+        # through a symlink to '/etc' lands in the root's etc, never the host's.
         image = make_layered_image([[
             entry("ok", data=b"ok"), entry("../../escape", data=b"x"),
             entry("a/../../b", data=b"x"), entry("/abs/file", data=b"absolute"),
             entry("link-out", tarfile.LNKTYPE, linkname="../../etc/shadow"),
             entry("link-abs", tarfile.LNKTYPE, linkname="/ok"),
-            entry("via-symlink", tarfile.SYMTYPE, linkname="/etc"),
-            entry("via-symlink/passwd", data=b"through a symlink")]])
+            entry("link-up", tarfile.LNKTYPE, linkname="../../../ok"),
+            directory("etc"), entry("via-symlink", tarfile.SYMTYPE, linkname="/etc"),
+            entry("via-symlink/passwd", data=b"through a symlink"),
+            entry("dangling", tarfile.SYMTYPE, linkname="/nowhere"),
+            entry("dangling/file", data=b"podman refuses it: left out"),
+            entry("up", tarfile.SYMTYPE, linkname="../../.."),
+            entry("up/through-dotdot", data=b"at the root")]])
         self.load_image("example.com/escape:1", image)
         with tarfile.open(self.flatten("example.com/escape:1")) as tar:
             members = {m.name: m for m in tar.getmembers()}
-        self.assertEqual(sorted(members), ["abs", "abs/file", "link-abs", "ok", "via-symlink"])
+            content = {name: tar.extractfile(m).read() for name, m in members.items()
+                       if m.isreg()}
+        self.assertEqual(sorted(members), sorted([
+            "abs", "abs/file", "b", "dangling", "escape", "etc", "etc/passwd", "link-abs",
+            "link-up", "ok", "through-dotdot", "up", "via-symlink"]))
         self.assertEqual(members["link-abs"].linkname, "ok")
+        self.assertEqual(members["link-up"].linkname, "ok")
+        self.assertEqual(content["etc/passwd"], b"through a symlink")
+        self.assertEqual(content["through-dotdot"], b"at the root")
 
     def test_the_layer_reader_reads_what_tarfile_reads(self) -> None:
         # Flattening walks layers with its own reader (_TarStream); every header form
@@ -10203,7 +10218,8 @@ class TestSources(CacheTestCase):
             "cut inside data": (good[:700], "ends inside an entry"),
             "cut inside a header": (good[:1536 + 100], "ends inside an entry"),
             "bad checksum": (bytes(bad_checksum), "invalid tar header"),
-            "sparse": (gnu_sparse_member("s", 1 << 40) + bytes(1024), "sparse"),
+            "sparse map past the end": (gnu_sparse_member("s", 100) + bytes(1024),
+                                        "malformed sparse map"),
             "PAX size not a number": (header("p", tarfile.XHDTYPE, b"12 size=abc\n") + good,
                                       "not a number"),
             "PAX record cut": (header("p", tarfile.XHDTYPE, b"99 path=x\n") + good,
@@ -10462,6 +10478,816 @@ class TestSources(CacheTestCase):
                                      "export", "example.com/big:1", "--format", export_format,
                                      "-o", self.path("big.tar")], cwd=HERE, capture_output=True)
             self.assertEqual(result.returncode, 0, f"{export_format}: {result.stderr!r}")
+
+
+# -- flatten, judged against umoci and podman on layers written by the real writers ----
+#
+# A layer is a list of operations in member order, written by one writer: GNU tar
+# ("gnutar", posix format; "gnutar:gnu"; "gnutar:0.0"/"0.1"/"1.0" for its sparse
+# formats), bsdtar, git archive, or Python's tarfile ("pax", "gnu"). The file-system
+# writers archive a staging directory in exactly that order (so a directory can come
+# after its contents); tarfile writes what a file system cannot hold (duplicates, links
+# across layers, type 7).
+
+def op_file(path: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0,
+            xattrs: Optional[Dict[str, bytes]] = None, mtime: float = 1_600_000_000.0,
+            kind: bytes = tarfile.REGTYPE) -> Dict[str, Any]:
+    return dict(op="file", path=path, data=data, mode=mode, uid=uid, gid=gid,
+                xattrs=xattrs or {}, mtime=mtime, kind=kind)
+
+
+def op_dir(path: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
+           xattrs: Optional[Dict[str, bytes]] = None,
+           mtime: float = 1_600_000_000.0) -> Dict[str, Any]:
+    return dict(op="dir", path=path, mode=mode, uid=uid, gid=gid, xattrs=xattrs or {},
+                mtime=mtime)
+
+
+def op_symlink(path: str, target: str, uid: int = 0) -> Dict[str, Any]:
+    return dict(op="symlink", path=path, target=target, uid=uid, gid=0, mode=0o777,
+                mtime=1_600_000_000.0, xattrs={})
+
+
+def op_link(path: str, target: str, mode: int = 0o644) -> Dict[str, Any]:
+    return dict(op="link", path=path, target=target, mode=mode, uid=0, gid=0,
+                mtime=1_600_000_000.0, xattrs={})
+
+
+def op_node(path: str, kind: bytes, major: int = 0, minor: int = 0) -> Dict[str, Any]:
+    return dict(op="node", path=path, kind=kind, major=major, minor=minor, mode=0o644, uid=0,
+                gid=0, mtime=1_600_000_000.0, xattrs={})
+
+
+def op_sparse(path: str, size: int, regions: Sequence[Tuple[int, bytes]]) -> Dict[str, Any]:
+    return dict(op="sparse", path=path, size=size, regions=list(regions), mode=0o644, uid=0,
+                gid=0, mtime=1_600_000_000.0, xattrs={})
+
+
+def op_whiteout(path: str) -> Dict[str, Any]:
+    parent, _, base = path.rpartition("/")
+    return op_file(f"{parent}/.wh.{base}".lstrip("/"))
+
+
+def op_opaque(directory: str) -> Dict[str, Any]:
+    return op_file(f"{directory}/.wh..wh..opq")
+
+
+def fs_name(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def stage_layer(ops: Sequence[Dict[str, Any]], stage: str) -> None:
+    """The operations' files in a directory, with their metadata."""
+    root = fs_name(stage)
+    os.makedirs(root)
+    for op in ops:
+        full = os.path.join(root, fs_name(op["path"]))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        kind = op["op"]
+        if kind == "dir":
+            os.makedirs(full, exist_ok=True)
+        elif kind == "file":
+            with open(full, "wb") as f:
+                f.write(op["data"])
+        elif kind == "sparse":
+            with open(full, "wb") as f:
+                f.truncate(op["size"])
+                for offset, data in op["regions"]:
+                    f.seek(offset)
+                    f.write(data)
+        elif kind == "symlink":
+            os.symlink(fs_name(op["target"]), full)
+        elif kind == "link":
+            os.link(os.path.join(root, fs_name(op["target"])), full)
+        elif op["kind"] == tarfile.FIFOTYPE:
+            os.mkfifo(full)
+        else:
+            device = stat.S_IFCHR if op["kind"] == tarfile.CHRTYPE else stat.S_IFBLK
+            os.mknod(full, device | 0o600, os.makedev(op["major"], op["minor"]))
+    for op in reversed(ops):  # directories last, so adding files does not touch them
+        full = os.path.join(root, fs_name(op["path"]))
+        os.chown(full, op["uid"], op["gid"], follow_symlinks=False)
+        if op["op"] != "symlink":
+            os.chmod(full, op["mode"])
+        for key, value in op["xattrs"].items():  # after chown, which drops capabilities
+            os.setxattr(full, key, value, follow_symlinks=False)
+        ns = int(op["mtime"] * 1e9)
+        os.utime(full, ns=(ns, ns), follow_symlinks=False)
+
+
+def write_layer(writer: str, ops: Sequence[Dict[str, Any]], work: str) -> bytes:
+    """The layer's tar, as ``writer`` writes it."""
+    if writer in ("pax", "gnu"):
+        return tarfile_layer(writer, ops)
+    stage = os.path.join(work, "stage")
+    stage_layer(ops, stage)
+    out = os.path.join(work, "layer.tar")
+    names = os.path.join(work, "names")
+    with open(names, "wb") as f:
+        f.write(b"".join(fs_name(op["path"]) + b"\n" for op in ops))
+    if writer == "git":
+        git = ["git", "-C", stage, "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(git[:3] + ["init", "-q"], check=True)
+        subprocess.run(git + ["add", "-A"], check=True)
+        subprocess.run(git + ["commit", "-qm", "layer"], check=True,
+                       env={**os.environ, "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z",
+                            "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z"})
+        subprocess.run(git + ["archive", "--format=tar", "-o", out, "HEAD"], check=True)
+    elif writer == "bsdtar":
+        subprocess.run(["bsdtar", "-c", "-f", out, "--format", "pax", "-n", "--numeric-owner",
+                        "--xattrs", "-C", stage, "-T", names], check=True, capture_output=True)
+    else:
+        variant = writer.partition(":")[2]
+        command = ["tar", "-c", "-f", out, "-C", stage, "--no-recursion", "--numeric-owner",
+                   "--verbatim-files-from", "-T", names]
+        if variant == "gnu":
+            command += ["--format=gnu", "--sparse"]
+        else:
+            command += ["--format=posix", "--xattrs", "--xattrs-include=*"]
+            if variant:
+                command += ["--sparse", f"--sparse-version={variant}"]
+        subprocess.run(command, check=True, capture_output=True)
+    with open(out, "rb") as f:
+        data = f.read()
+    shutil.rmtree(fs_name(stage))
+    return data
+
+
+def tarfile_layer(writer: str, ops: Sequence[Dict[str, Any]]) -> bytes:
+    out = io.BytesIO()
+    fmt = tarfile.PAX_FORMAT if writer == "pax" else tarfile.GNU_FORMAT
+    with tarfile.open(fileobj=out, mode="w", format=fmt, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for op in ops:
+            info = tarfile.TarInfo(op["path"])
+            info.mode, info.uid, info.gid, info.mtime = op["mode"], op["uid"], op["gid"], \
+                op["mtime"]
+            data = b""
+            kind = op["op"]
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "file":
+                info.type, data = op["kind"], op["data"]
+            elif kind in ("symlink", "link"):
+                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = op["target"]
+            elif kind == "node":
+                info.type, info.devmajor, info.devminor = op["kind"], op["major"], op["minor"]
+            else:
+                raise ValueError(f"tarfile cannot write {kind}")
+            if op["xattrs"]:
+                info.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                                    for k, v in op["xattrs"].items()}
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return out.getvalue()
+
+
+NON_UTF8 = b"caf\xe9-\xff".decode("utf-8", "surrogateescape")
+CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
+LONG = "long/" + "/".join(["d%02d-" % i + "x" * 40 for i in range(6)])
+USR = [op_dir("usr"), op_dir("usr/bin"), op_dir("usr/lib"), op_dir("usr/sbin")]
+
+# name: (what umoci does differently from podman, or ""), layers as (writer, operations).
+DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]] = {
+    "merged-usr, relative": ("", [
+        ("gnutar", USR + [op_symlink("bin", "usr/bin"), op_symlink("lib", "usr/lib"),
+                          op_file("usr/lib/old.so", b"old")]),
+        ("pax", [op_file("bin/app", b"app", 0o755), op_file("lib/libapp.so", b"lib"),
+                 op_whiteout("lib/old.so")])]),
+    "merged-usr, absolute and .. targets": ("", [
+        ("bsdtar", USR + [op_symlink("bin", "/usr/bin"), op_symlink("sbin", "../../usr/sbin"),
+                          op_dir("etc"), op_symlink("etc/up", "../../../../")]),
+        ("gnutar", [op_dir("bin"), op_file("bin/app", b"app"), op_file("sbin/tool", b"t"),
+                    op_file("etc/up/at-root", b"r")])]),
+    "symlink chains": ("umoci does not apply a whiteout through a symlinked directory", [
+        ("pax", [op_symlink("a", "b"), op_symlink("b", "c/d"), op_dir("c"), op_dir("c/d"),
+                 op_symlink("c/e", "/a")]),
+        ("gnu", [op_file("a/through-a", b"1"), op_file("c/e/through-e", b"2"),
+                 op_whiteout("a/through-a")]),
+        ("pax", [op_file("b/again", b"3")])]),
+    "hard link to a rewritten file": ("", [
+        ("gnutar", [op_file("a", b"old a"), op_link("b", "a")]),
+        ("gnutar", [op_file("a", b"new a"), op_link("d", "a")])]),
+    "hard link to a rewritten file, three layers": (
+        "umoci does not give the inode the mode of a later hard link's header", [
+        ("pax", [op_file("a", b"old a", 0o600), op_link("b", "a", 0o600)]),
+        ("pax", [op_file("a", b"new a", 0o755)]),
+        ("pax", [op_link("d", "a", 0o755), op_link("e", "b", 0o640)])]),
+    "hard links across layers and to whited-out targets": ("", [
+        ("pax", [op_file("t", b"target"), op_link("l1", "t"), op_file("u", b"u")]),
+        ("gnu", [op_whiteout("t"), op_link("l2", "l1"), op_link("lu", "u"), op_whiteout("u")]),
+        ("pax", [op_file("t", b"new target")])]),
+    "directories after their contents (find -depth), GNU tar": ("", [
+        ("gnutar", [op_file("etc/ssl/private/key.pem", b"secret", 0o600),
+                    op_dir("etc/ssl/private", 0o700, 0, 101, mtime=1_500_000_000.5),
+                    op_dir("etc/ssl", 0o751), op_dir("etc", 0o755, 0, 0,
+                                                     {"user.dir": b"on etc"})])]),
+    "directories after their contents, bsdtar": ("", [
+        ("bsdtar", [op_file("etc/ssl/private/key.pem", b"secret", 0o600),
+                    op_dir("etc/ssl/private", 0o700, 0, 101), op_dir("etc/ssl", 0o751),
+                    op_dir("etc")]),
+        ("bsdtar", [op_file("etc/ssl/private/other.pem", b"2", 0o600), op_dir("etc/ssl", 0o711)])]),
+    "duplicates in one layer keep the last": ("", [
+        ("pax", [op_file("f", b"first"), op_file("f", b"second", 0o600), op_dir("d", 0o700),
+                 op_dir("d", 0o750), op_symlink("s", "one"), op_symlink("s", "two"),
+                 op_file("x", b"file"), op_dir("x"), op_dir("y"), op_symlink("y", "f")])]),
+    "sparse files": ("", [
+        ("gnutar:0.0", [op_sparse("s00", 3 << 20, [(1 << 20, b"a" * 5000)])]),
+        ("gnutar:0.1", [op_sparse("s01", 3 << 20, [(0, b"b" * 100), (2 << 20, b"c" * 70000)])]),
+        ("gnutar:1.0", [op_sparse("s10", 5 << 20, [(4 << 20, b"d" * 4096)])]),
+        ("bsdtar", [op_sparse("sbsd", 4 << 20, [(3 << 20, b"f" * 10000)])])]),
+    "old GNU sparse files": ("", [
+        ("gnutar:gnu", [op_sparse("sgnu", 2 << 20, [(i << 16, b"e" * 300)
+                                                    for i in range(0, 30, 3)])])]),
+    "non-UTF-8 names and xattrs": ("", [
+        ("gnutar", [op_dir(NON_UTF8), op_file(f"{NON_UTF8}/f", b"1", xattrs={
+            "user.bin": b"\xff\x00\xfe", "user.text": "ü".encode()}),
+            op_symlink(f"{NON_UTF8}/s", NON_UTF8 + "/f")]),
+        ("bsdtar", [op_file(f"b-{NON_UTF8}" + "n" * 120, b"2", xattrs={"user.b": b"\xc3("})]),
+        ("pax", [op_file(f"p-{NON_UTF8}", b"3", xattrs={"user.p": b"\x80"})])]),
+    # An empty value sets no attribute: podman and umoci agree (and PAX says so).
+    "xattrs, capabilities and empty values": ("", [
+        ("gnutar", [op_file("ping", b"ping", 0o755, xattrs={"security.capability": CAPABILITY}),
+                    op_file("e", b"", xattrs={"user.empty": b"", "user.x": b"1"})]),
+        ("bsdtar", [op_file("b", b"b", xattrs={"security.capability": CAPABILITY,
+                                               "user.k": b"v"})]),
+        ("pax", [op_dir("d", xattrs={"user.d": b"dir"}), op_file("d/p", b"p",
+                                                               xattrs={"user.z": b""})])]),
+    "whiteouts and opaque directories beside new entries": ("", [
+        ("gnutar", [op_dir("opq"), op_file("opq/a", b"a"), op_dir("opq/sub"),
+                    op_file("opq/sub/x", b"x"), op_dir("w"), op_file("w/gone", b"g"),
+                    op_file("w/kept", b"k"), op_dir("o2"), op_file("o2/old", b"o")]),
+        ("gnutar", [op_dir("opq"), op_opaque("opq"), op_file("opq/c", b"c"),
+                    op_whiteout("w/gone"), op_file("w/new", b"n"), op_file("o2/new", b"n"),
+                    op_opaque("o2")]),
+        ("pax", [op_file("w/gone", b"back"), op_whiteout("w/kept")])]),
+    "an opaque marker through a symlinked directory": (
+        "umoci empties the directory the symlink names; containers/storage walks the "
+        "symlink itself, which holds nothing", [
+        ("pax", [op_dir("d"), op_file("d/x", b"x"), op_symlink("s", "d"), op_dir("e"),
+                 op_file("e/y", b"y"), op_symlink("t", "e")]),
+        ("pax", [op_opaque("s"), op_opaque("t/."), op_whiteout("t/y")])]),
+    # from the campaign (seed 7, stacks 342 and 849)
+    "opaque markers keep what the layer wrote by the path they walk": (
+        "umoci keeps what the layer wrote through a symlink too; containers/storage "
+        "compares the names as written", [
+        ("pax", [op_dir("c"), op_symlink("b", "/c"), op_dir("a"), op_symlink("a/s", "../a")]),
+        ("pax", [op_file("b/f", b"via b"), op_file("c/g", b"g"), op_file("a/s/h", b"via s"),
+                 op_file("a/i", b"i"), op_opaque("c"), op_opaque("a")])]),
+    # from the campaign (seed 11, stacks 232, 311, 504, 578)
+    "an opaque marker removes a lower name of an inode linked again above it": (
+        "umoci refuses an opaque marker in a symlink loop, which containers/storage "
+        "does not follow", [
+        ("pax", [op_dir("d"), op_file("d/f", b"f"), op_symlink("loop", "./loop/x")]),
+        ("pax", [op_link("other", "d/f"), op_opaque("d"), op_opaque("loop")])]),
+    "a file replacing a directory and back": ("", [
+        ("gnutar", [op_dir("flip"), op_file("flip/child", b"c"), op_file("f2d", b"file")]),
+        ("gnutar", [op_file("flip", b"now a file"), op_dir("f2d"), op_file("f2d/in", b"in")]),
+        ("bsdtar", [op_dir("flip", 0o700), op_file("flip/new", b"n"), op_file("f2d", b"again")])]),
+    "devices and FIFOs": ("", [
+        ("gnutar", [op_dir("dev"), op_node("dev/null", tarfile.CHRTYPE, 1, 3),
+                    op_node("dev/loop9", tarfile.BLKTYPE, 7, 9),
+                    op_node("fifo", tarfile.FIFOTYPE)]),
+        ("pax", [op_node("dev/zero", tarfile.CHRTYPE, 1, 5),
+                 op_node("fifo", tarfile.CHRTYPE, 1, 7)])]),
+    "owners above 2097151 and sub-second mtimes": ("", [
+        ("gnutar", [op_file("big-uid", b"u", 0o640, 3_000_000, 4_000_000, mtime=1.6e9 + 0.25)]),
+        ("gnu", [op_file("gnu-uid", b"g", 0o644, 2_097_152, 2_097_153)]),
+        ("bsdtar", [op_dir("bd", 0o755, 5_000_000, 5_000_001, mtime=1.6e9 + 0.125)])]),
+    "long names and link targets": ("", [
+        ("gnutar", [op_file(LONG + "/file-" + "y" * 120, b"long"),
+                    op_symlink("to-long", LONG + "/file-" + "y" * 120),
+                    op_link("hard-to-long", LONG + "/file-" + "y" * 120)]),
+        ("bsdtar", [op_symlink("s" * 200, "t" * 300)]),
+        ("pax", [op_link("h" * 150, "to-long"), op_file(LONG + "/" + "z" * 255, b"z")])]),
+    "git archive": ("umoci refuses git's pax global header", [
+        ("git", [op_file("README", b"readme"), op_dir("src"), op_file("src/a.sh", b"#!", 0o755),
+                 op_symlink("link", "README")])]),
+    "type 7 (contiguous file)": ("", [
+        ("pax", [op_file("contiguous", b"type 7", kind=tarfile.CONTTYPE)])]),
+}
+
+
+# Cases containers/storage refuses to apply, and why: umoci is the reference there, and
+# where umoci refuses too, GNU tar extracting the (one) layer.
+PODMAN_REFUSES = {
+    "duplicates in one layer keep the last":
+        "containers/storage refuses a layer with duplicate paths; tar -x and umoci keep the last",
+    "old GNU sparse files": "containers/storage and umoci refuse type S; tar -x expands it",
+    "type 7 (contiguous file)": "containers/storage and umoci refuse type 7; tar -x takes it "
+                                "for a regular file",
+}
+
+
+def tree_of_directory(root: str) -> Tuple[Dict[str, Tuple[Any, ...]], Set[FrozenSet[str]]]:
+    """Every path under ``root`` as the comparison sees it, and the hard-link groups."""
+    found: Dict[str, Tuple[Any, ...]] = {}
+    inodes: Dict[Tuple[int, int], List[str]] = collections.defaultdict(list)
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(directory, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            kind = stat.S_IFMT(st.st_mode)
+            digest = target = ""
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                inodes[(st.st_dev, st.st_ino)].append(rel)
+            symlink = stat.S_ISLNK(st.st_mode)
+            if symlink:
+                target = os.readlink(full)
+            device = (os.major(st.st_rdev), os.minor(st.st_rdev)) \
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+            xattrs = () if symlink else tuple(sorted(
+                (key, os.getxattr(full, key, follow_symlinks=False))
+                for key in os.listxattr(full, follow_symlinks=False)))
+            found[rel] = (kind, 0 if symlink else stat.S_IMODE(st.st_mode), st.st_uid,
+                          st.st_gid, st.st_size if digest else 0, digest, target, device,
+                          xattrs)
+    return found, {frozenset(group) for group in inodes.values()}
+
+
+def tree_of_tar(path: str) -> Tuple[Dict[str, Tuple[Any, ...]], Set[FrozenSet[str]]]:
+    """The same, read from a flattened tar as an extractor reads it."""
+    kinds = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR,
+             tarfile.SYMTYPE: stat.S_IFLNK, tarfile.CHRTYPE: stat.S_IFCHR,
+             tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+    found: Dict[str, Tuple[Any, ...]] = {}
+    groups: Dict[str, List[str]] = {}
+    with tarfile.open(path, encoding="utf-8", errors="surrogateescape") as tar:
+        for member in tar:
+            name = member.name.rstrip("/")
+            if member.islnk():
+                found[name] = found.get(member.linkname, ("dangling link",))
+                groups.setdefault(member.linkname, [member.linkname]).append(name)
+                continue
+            digest = ""
+            if member.isreg():
+                digest = hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+            xattrs = () if member.issym() else tuple(sorted(
+                (key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
+                for key, value in member.pax_headers.items() if key.startswith("SCHILY.xattr.")))
+            device = (member.devmajor, member.devminor) if member.ischr() or member.isblk() \
+                else None
+            found[name] = (stat.S_IFREG if member.isreg() else kinds.get(member.type, -1),
+                           0 if member.issym() else member.mode,
+                           member.uid, member.gid, member.size if member.isreg() else 0, digest,
+                           member.linkname if member.issym() else "", device, xattrs)
+    return found, {frozenset(group) for group in groups.values()}
+
+
+def tree_difference(ours: Tuple[Dict[str, Any], Set[FrozenSet[str]]],
+                    theirs: Tuple[Dict[str, Any], Set[FrozenSet[str]]]) -> List[str]:
+    lines = []
+    for path in sorted(set(ours[0]) | set(theirs[0])):
+        if ours[0].get(path) != theirs[0].get(path):
+            lines.append(f"{path!r}: ours {ours[0].get(path)} theirs {theirs[0].get(path)}")
+    if ours[1] != theirs[1]:
+        lines.append(f"hard links: ours {sorted(map(sorted, ours[1]))} "
+                     f"theirs {sorted(map(sorted, theirs[1]))}")
+    return lines
+
+
+def image_of_tars(raws: Sequence[bytes], seed: str) -> ImageBlobs:
+    blobs = [Blob(oc.MEDIA_OCI_LAYER_GZIP, gzip.compress(raw, mtime=0)) for raw in raws]
+    config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {"Env": [f"SEED={seed}"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(raw) for raw in raws]}}).encode())
+    manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "config": config.descriptor(),
+        "layers": [b.descriptor() for b in blobs]}).encode())
+    return ImageBlobs(manifest, config, blobs, {"architecture": "amd64", "os": "linux"})
+
+
+def docker_archive(images: Dict[str, Tuple[ImageBlobs, Sequence[bytes]]]) -> bytes:
+    """One docker-archive holding several images (uncompressed layers), for one load."""
+    entries, manifest = [], []
+    for name, (image, raws) in images.items():
+        layers = []
+        for raw in raws:
+            layer_name = sha256(raw).split(":")[1] + "/layer.tar"
+            entries.append((layer_name, raw))
+            layers.append(layer_name)
+        config_name = image.config.digest.split(":")[1] + ".json"
+        entries.append((config_name, image.config.data))
+        manifest.append({"Config": config_name, "RepoTags": [name], "Layers": layers})
+    entries.append(("manifest.json", json.dumps(manifest).encode()))
+    return tar_bytes(dict(entries).items())
+
+
+class FlattenJudges:
+    """Flattens many images at once by ocicache, umoci and podman, as trees to compare."""
+
+    def __init__(self, test: CacheTestCase) -> None:
+        self.test = test
+        self.umoci = require_tool(test, "umoci")
+        self.podman = Podman(test, test.tmp)
+        for tool in ("tar", "bsdtar", "git"):
+            require_tool(test, tool)
+        self.counter = itertools.count()
+
+    def build(self, layers: Sequence[Tuple[str, Sequence[Dict[str, Any]]]]) -> List[bytes]:
+        raws = []
+        for writer, ops in layers:
+            work = self.test.path(f"write-{next(self.counter)}")
+            os.makedirs(work)
+            raws.append(write_layer(writer, ops, work))
+            shutil.rmtree(work)
+        return raws
+
+    def judge(self, stacks: Dict[str, Sequence[bytes]],
+              tar_judges: bool = False) -> Dict[str, Dict[str, Any]]:
+        """For each named stack of layer tars: the trees of ocicache, umoci and podman
+        (a judge that refused the image gives its error instead; with ``tar_judges``,
+        where both refused a one-layer stack, GNU tar extracting it judges, as "tar")."""
+        images, results = {}, {}
+        for label, raws in stacks.items():
+            name = f"localhost/diff-{len(images)}:1"
+            image = image_of_tars(raws, name)
+            self.test.load_image(name, image)
+            images[name] = (image, raws)
+            out = self.test.path(f"ours-{len(images)}.tar")
+            result: Dict[str, Any] = {"name": name}
+            try:
+                with self.test.cache.new_source(name).tar_reader() as stream, \
+                        open(out, "wb") as f:
+                    shutil.copyfileobj(stream, f)
+                result["ocicache"] = tree_of_tar(out)
+            except oc.OciCacheError as e:
+                result["ocicache"] = f"error: {e}"
+            os.unlink(out)
+            bundle = self.test.path(f"bundle-{len(images)}")
+            run = subprocess.run([self.umoci, "unpack", "--image",
+                                  f"{self.test.cache_dir}:{name}", bundle],
+                                 capture_output=True, timeout=300)
+            result["umoci"] = tree_of_directory(os.path.join(bundle, "rootfs")) \
+                if run.returncode == 0 else f"error: {run.stderr.decode()[-300:]}"
+            shutil.rmtree(bundle, ignore_errors=True)
+            results[label] = result
+        refused = self.podman_load(images)
+        for label, result in results.items():
+            if result["name"] in refused:
+                result["podman"] = f"error: {refused[result['name']]}"
+                if tar_judges and isinstance(result["umoci"], str) and len(stacks[label]) == 1:
+                    result["tar"] = self.extracted_by_tar(stacks[label][0])
+            else:
+                path = self.podman("image", "mount", result["name"]).strip()
+                result["podman"] = tree_of_directory(path)
+        self.podman("image", "unmount", "--all", "--force")
+        self.podman("rmi", "--all", "--force")
+        self.test.cache.clean()
+        return results
+
+    def podman_load(self, images: Dict[str, Tuple[ImageBlobs, Sequence[bytes]]]
+                    ) -> Dict[str, str]:
+        """Load the images in as few podman runs as it takes: podman loads an archive's
+        images in order and stops at the first it refuses, so each run loads what it
+        can and names the one refused. Returns what it said of each refused."""
+        archive = self.test.path("judges.tar")
+        refused = {}
+        names = list(images)
+        while names:
+            with open(archive, "wb") as f:
+                f.write(docker_archive({name: images[name] for name in names}))
+            run = subprocess.run(self.podman.command + ["load", "-q", "-i", archive],
+                                 capture_output=True, timeout=300)
+            if run.returncode == 0:
+                break
+            loaded = set(self.podman("images", "--format", "{{.Repository}}:{{.Tag}}").split())
+            first = next(name for name in names if name not in loaded)
+            said = run.stderr.decode(errors="replace")
+            found = re.search(r"stderr: ([^\n]*)", said)
+            refused[first] = found.group(1) if found else said[-200:]
+            names = names[names.index(first) + 1:]
+        os.unlink(archive)
+        return refused
+
+    def extracted_by_tar(self, layer: bytes) -> Tuple[Dict[str, Any], Set[FrozenSet[str]]]:
+        archive, extracted = self.test.path("by-tar.tar"), self.test.path("by-tar")
+        with open(archive, "wb") as f:
+            f.write(layer)
+        os.makedirs(extracted)
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf",
+                        archive, "-C", extracted], check=True, capture_output=True)
+        found = tree_of_directory(extracted)
+        shutil.rmtree(extracted)
+        os.unlink(archive)
+        return found
+
+
+def disagreements(results: Dict[str, Dict[str, Any]],
+                  known_umoci: Mapping[str, str]) -> List[str]:
+    """What ocicache got wrong: it must agree with podman, and with umoci where podman
+    does; umoci may differ from podman only where ``known_umoci`` says why."""
+    problems = []
+    for label, result in results.items():
+        ours, podman, umoci = result["ocicache"], result["podman"], result["umoci"]
+        if isinstance(ours, str):
+            problems.append(f"{label}: ocicache: {ours}")
+            continue
+        reference, judge = (umoci, "umoci") if isinstance(podman, str) else (podman, "podman")
+        if isinstance(reference, str) and "tar" in result:
+            reference, judge = result["tar"], "tar -x"
+        if isinstance(reference, str):
+            problems.append(f"{label}: both judges refused: {umoci} / {podman}")
+            continue
+        difference = tree_difference(ours, reference)
+        if difference:
+            problems.append(f"{label}: ocicache and {judge} differ:\n  " +
+                            "\n  ".join(difference[:20]))
+        if judge == "podman" and umoci != podman and not known_umoci.get(label):
+            detail = umoci if isinstance(umoci, str) else "\n  ".join(
+                tree_difference(umoci, podman)[:20])
+            problems.append(f"{label}: umoci and podman differ, not known why:\n  {detail}")
+    return problems
+
+
+def stageable(ops: Sequence[Dict[str, Any]]) -> bool:
+    """Whether a file system can hold the operations, for GNU tar or bsdtar to archive:
+    each path once, no path under something not a directory, hard links to files of the
+    same layer before them."""
+    kinds = {}
+    for op in ops:
+        if op["path"] in kinds:
+            return False
+        if op["op"] == "link" and kinds.get(op["target"]) != "file":
+            return False
+        kinds[op["path"]] = op["op"]
+    return all(kinds.get(prefix, "dir") == "dir" for op in ops
+               for prefix in itertools.accumulate(op["path"].split("/")[:-1],
+                                                  lambda a, b: f"{a}/{b}"))
+
+
+def random_stack(rng: random.Random) -> List[Tuple[str, List[Dict[str, Any]]]]:
+    """One to four layers of a few entries each over a few names: directories and
+    symlinks are named a, b, c; files mostly f, g, h (now and then a directory's name,
+    to replace one); hard links go to files made before. Entries collide, hide each
+    other and pass through each other's symlinks, in ways podman accepts mostly."""
+    def where(leaves: str = "abc") -> str:
+        parents = [rng.choice("abc") for _ in range(rng.randint(0, 2))]
+        return "/".join(parents + [rng.choice(leaves)])
+
+    files: List[str] = []
+    directories: List[str] = []
+    layers = []
+    for _ in range(rng.randint(1, 4)):
+        ops: List[Dict[str, Any]] = []
+        for _ in range(rng.randint(1, 8)):
+            kind = rng.choices(["file", "dir", "symlink", "link", "whiteout", "opaque"],
+                               [6, 4, 1, 2, 2, 1])[0]
+            if kind == "file":
+                path = where("abc" if rng.random() < 0.1 else "fgh")
+                xattrs = {"user.r": bytes([rng.randrange(256)])} if rng.random() < 0.2 else {}
+                ops.append(op_file(path, rng.randbytes(rng.choice([0, 5, 700])),
+                                   rng.choice([0o644, 0o755, 0o600]), rng.choice([0, 1000]),
+                                   xattrs=xattrs))
+                files.append(path)
+            elif kind == "dir":
+                directories.append(where())
+                ops.append(op_dir(directories[-1], rng.choice([0o755, 0o700, 0o1777])))
+            elif kind == "symlink":
+                # mostly to a directory made before: podman refuses a path through a
+                # dangling symlink, and loops
+                target = rng.choice(directories) if directories and rng.random() < 0.8 \
+                    else where()
+                ops.append(op_symlink(where(), rng.choice(["", "/", "../", "./"]) + target))
+            elif kind == "link" and files:
+                ops.append(op_link(where("fgh"), rng.choice(files)))
+            elif kind == "whiteout":
+                ops.append(op_whiteout(where("abcfgh")))
+            elif kind == "opaque":
+                ops.append(op_opaque(where()))
+        ops = list({op["path"]: op for op in ops}.values())  # podman refuses duplicates
+        writers = ["pax", "gnu"] + (["gnutar", "bsdtar"] if stageable(ops) else [])
+        layers.append((rng.choice(writers), ops))
+    return layers
+
+
+class TestFlattenDifferential(CacheTestCase):
+    def test_flatten_agrees_with_umoci_and_podman(self) -> None:
+        # Where umoci and podman (containers/storage) agree, ocicache agrees; where they
+        # differ, containers/storage is the reference (umoci's differences are listed
+        # with each case).
+        judges = FlattenJudges(self)
+        stacks = {label: judges.build(layers) for label, (_, layers) in DIFFERENTIAL_CASES.items()}
+        results = judges.judge(stacks, tar_judges=True)
+        self.assertEqual({label for label, result in results.items()
+                          if isinstance(result["podman"], str)}, set(PODMAN_REFUSES))
+        problems = disagreements(results, {k: v[0] for k, v in DIFFERENTIAL_CASES.items()})
+        figures("flatten differential", compared=len(results),
+                disagreed=len({p.split(":")[0] for p in problems}))
+        self.assertEqual(problems, [], "\n".join(problems))
+
+    def test_generated_stacks_agree_with_podman(self) -> None:
+        # The campaign: seeded random stacks of the same ingredients over a few names,
+        # so that entries collide, hide each other and pass through each other's
+        # symlinks. Each is judged as above; a stack podman refuses is not compared.
+        # A disagreement is printed as a case to add to DIFFERENTIAL_CASES.
+        seed = fuzz_seed()
+        rng = random.Random(seed)
+        judges = FlattenJudges(self)
+        total = int(sized(24, 1000))
+        batch = int(sized(24, 100))
+        counts: Dict[str, int] = collections.Counter()
+        reasons: Dict[str, int] = collections.Counter()
+        problems: List[str] = []
+        deadline = time.monotonic() + sized(120, 900)  # podman is slow: a time budget too
+        for start in range(0, total, batch):
+            if time.monotonic() > deadline:
+                break
+            cases = {f"random {start + i}": random_stack(rng) for i in range(batch)}
+            stacks = {label: judges.build(layers) for label, layers in cases.items()}
+            results = judges.judge(stacks)
+            for label, result in results.items():
+                if isinstance(result["podman"], str):
+                    counts["refused by podman"] += 1
+                    reasons[result["podman"][:60]] += 1
+                    continue
+                counts["compared"] += 1
+                if result["umoci"] != result["podman"]:
+                    counts["umoci differs from podman"] += 1
+                found = disagreements({label: result}, {label: "umoci is not the judge here"})
+                if found:
+                    counts["disagreed"] += 1
+                    problems.append(f"{found[0][:2000]}\n  as a case: {cases[label]!r}")
+        figures("flatten campaign", seed=seed, **counts)
+        for problem in problems:
+            print(f"  {problem[:300]}", file=sys.stderr)
+        print(f"  podman refused: {dict(reasons.most_common(4))}", file=sys.stderr)
+        self.assertEqual(problems[:3], [], f"OCICACHE_FUZZ_SEED={seed}")
+
+    def flatten_layers(self, layers: Sequence[Tuple[str, Sequence[Dict[str, Any]]]],
+                       name: str = "example.com/flat:1") -> str:
+        judges_work = self.path(f"write-{len(os.listdir(self.tmp))}")
+        raws = []
+        for writer, ops in layers:
+            os.makedirs(judges_work)
+            raws.append(write_layer(writer, ops, judges_work))
+            shutil.rmtree(judges_work)
+        self.load_image(name, image_of_tars(raws, name))
+        out = self.path("flat.tar")
+        with self.cache.new_source(name).tar_reader() as stream, open(out, "wb") as f:
+            shutil.copyfileobj(stream, f)
+        return out
+
+    def test_extractors_read_names_and_xattrs_without_a_warning(self) -> None:
+        # Issue 16.6: non-UTF-8 names and attribute values keep their bytes, attributes
+        # are SCHILY.xattr only; no hdrcharset, LIBARCHIVE.xattr or git's comment is
+        # passed on, so GNU tar and bsdtar extract without a word.
+        for tool in ("tar", "bsdtar", "git"):
+            require_tool(self, tool)
+        layers = [*DIFFERENTIAL_CASES["non-UTF-8 names and xattrs"][1],
+                  ("git", [op_file("from-git", b"g")]),
+                  ("bsdtar", [op_file("capable", b"c", xattrs={"security.capability": CAPABILITY,
+                                                              "user.text": b"t"})])]
+        out = self.flatten_layers(layers)
+        with open(out, "rb") as f:
+            data = f.read()
+        for unwanted in (b"hdrcharset", b"LIBARCHIVE.", b"comment=", b"GNU.sparse"):
+            self.assertNotIn(unwanted, data)
+        expected = {
+            (NON_UTF8 + "/f", "user.bin"): b"\xff\x00\xfe",
+            (NON_UTF8 + "/f", "user.text"): "ü".encode(),
+            (f"b-{NON_UTF8}" + "n" * 120, "user.b"): b"\xc3(", (f"p-{NON_UTF8}", "user.p"): b"\x80",
+            ("capable", "security.capability"): CAPABILITY, ("capable", "user.text"): b"t"}
+        for label, command in (
+                ("GNU tar", ["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"]),
+                ("bsdtar", ["bsdtar", "--xattrs", "--numeric-owner", "-xpf"])):
+            with self.subTest(label):
+                target = self.path(label.replace(" ", "-"))
+                os.makedirs(target)
+                result = subprocess.run(command + [out, "-C", target], capture_output=True)
+                self.assertEqual((result.returncode, result.stderr), (0, b""))
+                found, _ = tree_of_directory(target)
+                for (path, key), value in expected.items():
+                    self.assertIn((key, value), found[path][-1], path)
+                self.assertEqual(found[NON_UTF8 + "/s"][6], NON_UTF8 + "/f")
+                self.assertIn("from-git", found)
+
+    def test_an_artifact_is_not_a_container_image(self) -> None:
+        # Issue 16.7: an OCI artifact's config is no image config and its layers are no
+        # file systems: one line for the file system and docker exports; an OCI tar of
+        # it is fine.
+        layer = Blob("application/vnd.example.data", b"not a tar at all\n" * 10)
+        config = Blob("application/vnd.oci.empty.v1+json", b"{}")
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "artifactType": "application/vnd.example", "config": config.descriptor(),
+            "layers": [layer.descriptor()]}).encode())
+        self.load_image("example.com/artifact:1", ImageBlobs(manifest, config, [layer], {}))
+        for export_format in ("filesystem", "docker"):
+            with self.subTest(export_format):
+                out = self.path(f"artifact-{export_format}.tar")
+                result = self.cli("export", "example.com/artifact:1", "--format", export_format,
+                                  "-o", out)
+                self.assert_one_line_error(result, "is not a container image",
+                                           "application/vnd.oci.empty.v1+json")
+                self.assertFalse(os.path.exists(out))
+        with self.assertRaisesRegex(oc.OciCacheError, "is not a container image"):
+            self.cache.new_source("example.com/artifact:1").tar_reader()
+        result = self.cli("export", "example.com/artifact:1", "--format", "oci",
+                          "-o", self.path("artifact-oci.tar"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_a_layer_that_is_not_a_tar_is_named(self) -> None:
+        # fixtures/README "fake layers": an image config whose layer blob is no tar; the
+        # filesystem export says which layer.
+        good = tar_bytes([("ok", b"ok")])
+        fake = b"this is not a tar archive\n" * 40
+        image = image_of_tars([good, fake], "fake")
+        self.load_image("example.com/fake:1", image)
+        result = self.cli("export", "example.com/fake:1", "--format", "filesystem",
+                          "-o", self.path("fake.tar"))
+        self.assert_one_line_error(result, "invalid tar header", image.layers[1].digest)
+        self.assertFalse(os.path.exists(self.path("fake.tar")))
+
+    def test_broken_hard_links_read_each_layer_at_most_twice(self) -> None:
+        # Issue 16.8 and 13.13: a hard link whose target is gone, or was rewritten, costs
+        # no pass over the layers of its own (the old flattener re-read every lower
+        # layer for each: quadratic).
+        count = int(sized(200, 5000))
+        bottom = [entry(f"f{i}", data=b"x" * 1000) for i in range(count)]
+        middle = [entry(f".wh.f{i}") for i in range(0, count, 2)] + \
+            [entry(f"f{i}", data=b"new") for i in range(1, count, 2)]
+        top = [entry(f"l{i}", tarfile.LNKTYPE, linkname=f"f{i}") for i in range(count)] + \
+            [entry(f"m{i}", tarfile.LNKTYPE, linkname=f"missing{i}") for i in range(count)]
+        raws = [tar_bytes(layer) for layer in (bottom, middle, top)]
+        opened = []
+
+        def opener(index: int) -> Callable[[], io.BytesIO]:
+            def open_layer() -> io.BytesIO:
+                opened.append(index)
+                return io.BytesIO(raws[index])
+            return open_layer
+
+        out = io.BytesIO()
+        started = time.monotonic()
+        oc._Flattener([opener(i) for i in range(3)], out).run()  # type: ignore[arg-type]
+        seconds = time.monotonic() - started
+        figures("flatten broken links", links=2 * count, seconds=round(seconds, 2),
+                layer_reads=len(opened))
+        self.assertLessEqual(collections.Counter(opened).most_common(1)[0][1], 2)
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            self.assertNotIn("m0", members)
+            self.assertNotIn("l0", members)  # its target was whited out before it was made
+            self.assertEqual(tar.extractfile(members["l1"]).read(), b"new")
+        self.assertLess(seconds, sized(10, 60))
+
+    def test_control_characters_in_names_are_errors(self) -> None:
+        # Issue 13.8: a NUL cuts a name in two for every C extractor (x\0y would write
+        # over x); any control character in a name or link target is one line.
+        for label, info in (
+                ("NUL in a PAX path", {"path": "x\0y"}), ("NUL in a link", {"linkpath": "/\0etc"}),
+                ("newline", {"path": "a\nb"}), ("escape", {"path": "\x1b[31mred"}),
+                ("DEL", {"linkpath": "t\x7f"})):
+            with self.subTest(label):
+                member = tarfile.TarInfo("x")
+                member.type = tarfile.SYMTYPE if "linkpath" in info else tarfile.REGTYPE
+                member.pax_headers = dict(info)
+                raw = member.tobuf(tarfile.PAX_FORMAT) + bytes(1024)
+                name = f"example.com/control:{len(os.listdir(self.tmp))}"
+                self.load_image(name, image_of_tars([tar_bytes([("ok", b"ok")]), raw], name))
+                out = self.path("control.tar")
+                result = self.cli("export", name, "--format", "filesystem", "-o", out)
+                self.assert_one_line_error(result, "control character")
+                self.assertFalse(os.path.exists(out))
+
+    def test_deep_and_long_paths_are_bounded(self) -> None:
+        # Issue 13.13: a 300-byte layer naming a path of depth 500,000 made 2.5 GB of
+        # parent directories and took 3 GB; no longer path than PATH_MAX can be made by
+        # any extractor, so one is an error, in little time and memory.
+        deep = tarfile.TarInfo("x")
+        deep.pax_headers = {"path": "a/" * 500_000 + "f"}
+        image = image_of_tars([deep.tobuf(tarfile.PAX_FORMAT) + bytes(1024)], "deep")
+        self.assertLess(len(image.layers[0].data), 4096)
+        self.load_image("example.com/deep:1", image)
+        result = measured_cli(self.cache_dir, "export", "example.com/deep:1", "--format",
+                              "filesystem", "-o", self.path("deep.tar"))
+        figures("flatten deep path", peak_mib=round(result.peak_mib),
+                written_mib=round(result.written_mib, 1), seconds=round(result.seconds, 1))
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("longer than 4096 bytes", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertLess(result.peak_mib, 48)
+        self.assertLess(result.seconds, 20)
+        # at the limit: 2047 nested directories, written once each
+        limit = "/".join(["a"] * 2047) + "/f"
+        self.load_image("example.com/deep:2", make_layered_image([[entry(limit, data=b"f")]]))
+        started = time.monotonic()
+        with tarfile.open(self.flatten_image("example.com/deep:2")) as tar:
+            names = tar.getnames()
+        self.assertEqual((len(names), names[-1]), (2048, limit))
+        self.assertLess(time.monotonic() - started, 10)
+
+    def flatten_image(self, name: str) -> str:
+        out = self.path(name.replace("/", "_") + ".tar")
+        with self.cache.new_source(name).tar_reader() as stream, open(out, "wb") as f:
+            shutil.copyfileobj(stream, f)
+        return out
 
 
 # =====================================================================================
