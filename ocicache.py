@@ -1166,8 +1166,7 @@ class _DirectoryLock:
     def hold(self) -> Iterator[None]:
         with self._thread_lock:
             if self._depth == 0:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             _CREATE_MODE)
+                fd = self._open()
                 try:
                     self._take(fd)
                 except BaseException:
@@ -1187,6 +1186,30 @@ class _DirectoryLock:
                     finally:
                         os.close(fd)
 
+    def _open(self) -> int:
+        """The lock file, created if missing; a link, a FIFO, a directory or a file with
+        other names planted there (at any time: the cache's group may write its
+        directory) is refused in one line, never opened through or locked instead."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK,
+                         _CREATE_MODE)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise OciCacheError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            raise _not_ours(self.path, self.path, None, "a regular file") from None
+        try:
+            held = os.fstat(fd)
+            if not stat.S_ISREG(held.st_mode):
+                raise _not_ours(self.path, self.path, None, "a regular file")
+            if held.st_nlink != 1:
+                raise OciCacheError(f"{self.path} has other names (a hard link); ocicache "
+                                    "locks only a file of its own (remove it)")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _take(self, fd: int) -> None:
         flocked = False
 
@@ -1203,7 +1226,9 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def _lock_for(path: str) -> _DirectoryLock:
-    key = os.path.realpath(path)
+    # The directory's real path, so that every spelling of a cache shares one lock; the
+    # file's own name is never resolved: a link planted there is refused, not followed.
+    key = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     with _LOCKS_GUARD:
         lock = _LOCKS.get(key)
         if lock is None:
@@ -1275,9 +1300,28 @@ def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
         view = view[written:]
 
 
-def _open_directory(name: str, dir_fd: Optional[int] = None) -> int:
-    """A directory inside the cache, never reached through a symbolic link."""
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+def _not_ours(where: str, name: str, dir_fd: Optional[int], kind: str) -> OciCacheError:
+    """The one line for an entry of the cache that is not the ``kind`` it must be: a
+    link or something else planted there (after the checks of ``Layout``, too)."""
+    try:
+        link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        link = False
+    if link:
+        return OciCacheError(f"{where} is a symbolic link; ocicache never follows links "
+                             "inside its cache (remove it)")
+    return OciCacheError(f"{where} is not {kind}; remove it")
+
+
+def _open_directory(name: str, dir_fd: Optional[int] = None, where: str = "") -> int:
+    """A directory inside the cache, never reached through a symbolic link; a link or
+    other file under its name is one line (``where`` is the path it names)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        raise _not_ours(where or name, name, dir_fd, "a directory") from None
 
 
 def _open_regular(name: str, flags: int = os.O_RDONLY, dir_fd: Optional[int] = None,
@@ -1485,12 +1529,13 @@ class Layout:
         """``blobs/<algorithm>``, reached from the root without following a link, so a
         directory swapped for a link after ``_check_tree`` still leads nowhere else."""
         with self._root_directory() as root:
-            blobs = _open_directory("blobs", root)
+            blobs = _open_directory("blobs", root, self.blobs_dir)
             try:
                 if create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(algorithm, dir_fd=blobs)
-                directory = _open_directory(algorithm, blobs)
+                directory = _open_directory(algorithm, blobs,
+                                            os.path.join(self.blobs_dir, algorithm))
             finally:
                 os.close(blobs)
             try:
@@ -1500,10 +1545,7 @@ class Layout:
 
     def lock(self) -> "contextlib.AbstractContextManager[None]":
         """The cache's exclusive lock; reentrant, thread-safe and across processes."""
-        try:
-            return self._lock.hold()
-        except OSError as e:
-            raise OciCacheError(f"cannot lock cache {self.root}: {e.strerror or e}") from None
+        return self._lock.hold()
 
     def adding_blobs(self) -> "contextlib.AbstractContextManager[None]":
         """Held (shared) by work that writes or reuses blobs and names them afterwards.
@@ -1520,7 +1562,8 @@ class Layout:
 
     @contextlib.contextmanager
     def _blob_lock(self, mode: int) -> Iterator[None]:
-        fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        with self._root_directory() as root:
+            fd = _open_directory("blobs", root, self.blobs_dir)
         try:
             what = (f"{self.blobs_dir}: a pull or import is adding blobs"
                     if mode == fcntl.LOCK_EX else f"{self.blobs_dir}: blobs are being deleted")
@@ -1704,30 +1747,62 @@ class Layout:
         return "foreign"
 
     def write_blob_bytes(self, data: bytes, digest: Optional[Union[str, Digest]] = None) -> Digest:
-        return self.write_blob(io.BytesIO(data), digest, len(data))[0]
+        # Hashed first, so that bytes already stored (a manifest an import makes for each
+        # of many entries alike) are found, not written and fsynced again.
+        expected = Digest.from_bytes(data) if digest is None else digest
+        return self.write_blob(io.BytesIO(data), expected, len(data))[0]
 
     def _touch(self, digest: Digest) -> None:
         with contextlib.suppress(OSError):  # a shared cache may hold other users' blobs
-            os.utime(self.blob_path(digest), follow_symlinks=False)
+            with self._blob_directory(digest.algorithm) as directory:
+                os.utime(digest.hex, dir_fd=directory, follow_symlinks=False)
 
     def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
-        """Every file under ``blobs/``: (digest or None for temporary files, path, stat)."""
-        blobs = os.path.join(self.root, "blobs")
-        with contextlib.suppress(FileNotFoundError):
-            for algorithm in sorted(os.listdir(blobs)):
-                directory = os.path.join(blobs, algorithm)
-                if algorithm not in _DIGEST_HEX_LENGTHS or not os.path.isdir(directory):
-                    continue
-                for entry in os.scandir(directory):
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    try:
-                        digest: Optional[Digest] = Digest(algorithm, entry.name)
-                    except InvalidDigestError:
-                        digest = None
-                    yield digest, entry.path, st
+        """Every file under ``blobs/``: (digest or None for temporary files, path, stat).
+
+        The directories are walked through descriptors opened without following links:
+        a ``blobs/sha512`` that is a link to elsewhere is refused in one line, never
+        walked (gc would delete what it found there)."""
+        with self._root_directory() as root:
+            try:
+                blobs = _open_directory("blobs", root, self.blobs_dir)
+            except FileNotFoundError:
+                return
+            try:
+                algorithms = sorted(a for a in os.listdir(blobs) if a in _DIGEST_HEX_LENGTHS)
+            finally:
+                os.close(blobs)
+        for algorithm in algorithms:
+            try:
+                with self._blob_directory(algorithm) as directory:
+                    names = os.listdir(directory)
+                    where = os.path.join(self.blobs_dir, algorithm)
+                    for name in names:
+                        try:
+                            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        try:
+                            digest: Optional[Digest] = Digest(algorithm, name)
+                        except InvalidDigestError:
+                            digest = None
+                        yield digest, os.path.join(where, name), st
+            except FileNotFoundError:
+                continue
+
+    def remove_blob_file(self, path: str) -> bool:
+        """Delete a file ``blob_files`` or ``blob_path`` named, reached without following
+        a link (its directory may have been swapped for one since); a directory is not
+        deleted. False when nothing (or a directory) was there."""
+        algorithm, name = os.path.split(os.path.relpath(path, self.blobs_dir))
+        if algorithm not in _DIGEST_HEX_LENGTHS or not name or os.sep in name:
+            raise OciCacheError(f"{path} is not a file of {self.blobs_dir}")
+        try:
+            with self._blob_directory(algorithm) as directory:
+                os.unlink(name, dir_fd=directory)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        return True
 
     # -- index.json -------------------------------------------------------------------
 
@@ -3158,16 +3233,29 @@ class _ArchiveContents:
         self.small_budget = _SMALL_FILES_BUDGET
         # A classic archive may list one layer file many times: it is checked once.
         self.layers: Dict[Tuple[Digest, str], Descriptor] = {}
+        # Where each link leads, once found, and what each config lists: an archive may
+        # name one long chain of links, or one large config, from every entry it has,
+        # which cost the product of the two.
+        self._followed: Dict[str, str] = {}
+        self.diff_ids: Dict[Digest, List[Any]] = {}
+        self._manifests: Optional[Dict[Tuple[Digest, Tuple[Digest, ...]], Descriptor]] = None
 
     def _follow(self, path: str) -> str:
+        """The file a path leads to through the archive's links; each link is followed
+        once per archive, however many entries name it."""
+        chain: List[str] = []
         seen = set()
         current = _archive_path(path)
-        while current in self.links:
+        while current in self.links and current not in self._followed:
             if current in seen:
-                raise InvalidArchiveError(f"archive entry {path!r} is a link loop")
+                raise InvalidArchiveError(f"archive entry {_shorten(path)!r} is a link loop")
             seen.add(current)
+            chain.append(current)
             current = self.links[current]
-        return current
+        end = self._followed.get(current, current)
+        for link in chain:
+            self._followed[link] = end
+        return end
 
     def contains(self, path: str) -> bool:
         current = self._follow(path)
@@ -3192,6 +3280,29 @@ class _ArchiveContents:
         if current not in self.files:
             raise InvalidArchiveError(f"archive refers to {path!r}, which it does not contain")
         return self.files[current]
+
+    def stored_manifest(self, config: Digest, layers: Sequence[Digest]
+                        ) -> Optional[Descriptor]:
+        """The image manifest among the archive's blobs with this config and these layers,
+        if any; the blobs are read once, however many entries ask."""
+        if self._manifests is None:
+            self._manifests = {}
+            for path, (digest, size) in self.files.items():
+                if not path.startswith("blobs/") or size > MAX_MANIFEST_SIZE:
+                    continue
+                with self.layout.open_blob(digest) as f:
+                    if f.read(1) != b"{":
+                        continue
+                try:
+                    data = self.layout.read_blob(digest)
+                    media_type = _load_json_object(data, "manifest").get("mediaType")
+                    manifest = Manifest.from_json(data)
+                except OciCacheError:
+                    continue
+                if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES:
+                    key = (manifest.config.digest, tuple(b.digest for b in manifest.layers))
+                    self._manifests.setdefault(key, Descriptor(media_type, digest, size))
+        return self._manifests.get((config, tuple(layers)))
 
 
 class _PrefixedReader:
@@ -3726,9 +3837,10 @@ def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_Loa
             return _docker_archive_images(contents, layout)
         raise InvalidArchiveError("archive names no image: its index.json lists no manifests")
     repo_tags = _repo_tags_by_config(contents)
+    _check_archive_roots(index.manifests, contents, layout)
+    configs: Dict[Digest, Digest] = {}  # each manifest read once, however many roots name it
     images = []
     for root in index.manifests:
-        _check_archive_root(root, contents, layout)
         containerd_name = root.annotations.get(ANNOTATION_CONTAINERD_NAME, "")
         ref_name = root.annotations.get(ANNOTATION_REF_NAME, "")
         if containerd_name:
@@ -3736,25 +3848,31 @@ def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_Loa
         elif any(c in ref_name for c in "/:@"):  # a full reference, not a bare tag
             names = _canonical_names([ref_name], "index.json")
         elif root.media_type in IMAGE_MEDIA_TYPES and repo_tags:
-            config = Manifest.from_json(layout.read_blob(root.digest)).config.digest
-            names = _canonical_names(repo_tags.get(config, []), "manifest.json")
+            if root.digest not in configs:
+                manifest = Manifest.from_json(layout.read_blob(root.digest))
+                configs[root.digest] = manifest.config.digest
+            names = _canonical_names(repo_tags.get(configs[root.digest], []), "manifest.json")
         else:
             names = ()
         images.append(_LoadedImage(root, names, "" if names else ref_name))
     return images
 
 
-def _check_archive_root(root: Descriptor, contents: _ArchiveContents, layout: Layout) -> None:
-    """A root must be in the archive with its size; its manifests must be complete."""
-    stored = {d for d, _ in contents.files.values()}
-    if root.digest not in stored:
-        raise InvalidArchiveError(f"archive's index.json names {root.digest}, "
-                                  "which the archive does not contain")
-    size = os.path.getsize(layout.blob_path(root.digest))
-    if size != root.size:
-        raise InvalidArchiveError(f"archive's index.json gives {root.digest} size "
-                                  f"{root.size}, but the blob has {size} bytes")
-    marked = layout.reachable([root])
+def _check_archive_roots(roots: Sequence[Descriptor], contents: _ArchiveContents,
+                         layout: Layout) -> None:
+    """Each root must be in the archive with its size (that of the bytes stored from it,
+    not of whatever bears the blob's name now); its manifests must be complete. Blobs
+    that many roots share are read once."""
+    stored = {digest: size for digest, size in contents.files.values()}
+    for root in roots:
+        if root.digest not in stored:
+            raise InvalidArchiveError(f"archive's index.json names {root.digest}, "
+                                      "which the archive does not contain")
+        if stored[root.digest] != root.size:
+            raise InvalidArchiveError(f"archive's index.json gives {root.digest} size "
+                                      f"{root.size}, but the blob has {stored[root.digest]} "
+                                      "bytes")
+    marked = layout.reachable(roots)
     if marked.unreadable:
         raise InvalidArchiveError(f"archive holds an invalid manifest: {marked.unreadable[0]}")
     if marked.missing:
@@ -3772,11 +3890,14 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
                 not isinstance(entry.get("Layers"), list):
             raise InvalidArchiveError("archive's manifest.json entry needs Config and Layers")
         config_digest, config_size = contents.resolve(entry["Config"])
-        config = _load_json_object(layout.read_blob(config_digest), "image config")
-        rootfs = config.get("rootfs")
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(diff_ids, list):
-            raise InvalidArchiveError("archive's image config has no rootfs.diff_ids list")
+        if config_digest not in contents.diff_ids:
+            config = _load_json_object(layout.read_blob(config_digest), "image config")
+            rootfs = config.get("rootfs")
+            listed = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+            if not isinstance(listed, list):
+                raise InvalidArchiveError("archive's image config has no rootfs.diff_ids list")
+            contents.diff_ids[config_digest] = listed
+        diff_ids = contents.diff_ids[config_digest]
         if len(diff_ids) != len(entry["Layers"]):
             raise InvalidArchiveError(
                 f"archive's manifest.json lists {len(entry['Layers'])} layers, but the "
@@ -3791,12 +3912,22 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
         repo_tags = entry.get("RepoTags") or []
         if not isinstance(repo_tags, list):
             raise InvalidArchiveError("archive's manifest.json has a bad RepoTags list")
-        root = _stored_manifest(contents, layout, config_descriptor, layers)
-        if root is None:
-            data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
-            root = Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+        root = _stored_manifest(contents, layout, config_descriptor, layers) or \
+            _made_manifest(layout, config_descriptor, layers)
         images.append(_LoadedImage(root, _canonical_names(repo_tags, "manifest.json")))
     return images
+
+
+def _made_manifest(layout: Layout, config: Descriptor,
+                   layers: Sequence[Descriptor]) -> Descriptor:
+    """An OCI manifest made for an archive's image, stored; one too large for ocicache to
+    read back (tens of thousands of layers) would make a name nothing can use."""
+    data = Manifest(MEDIA_OCI_MANIFEST, config, tuple(layers)).to_bytes()
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise InvalidArchiveError(f"archive's image has {len(layers)} layers: its manifest "
+                                  f"would be {len(data)} bytes, and ocicache reads at most "
+                                  f"{MAX_MANIFEST_SIZE}")
+    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
 
 
 def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descriptor,
@@ -3805,25 +3936,7 @@ def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descrip
     image): the one with this config and these layers, so its digest is docker's own."""
     if "index.json" not in contents.metadata:
         return None
-    wanted = [layer.digest for layer in layers]
-    for path, (digest, size) in contents.files.items():
-        if not path.startswith("blobs/") or size > MAX_MANIFEST_SIZE or \
-                digest in (config.digest, *wanted):
-            continue
-        with layout.open_blob(digest) as f:
-            if f.read(1) != b"{":
-                continue
-        try:
-            data = layout.read_blob(digest)
-            media_type = _load_json_object(data, "manifest").get("mediaType")
-            manifest = Manifest.from_json(data)
-        except OciCacheError:
-            continue
-        if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES and \
-                manifest.config.digest == config.digest and \
-                [layer.digest for layer in manifest.layers] == wanted:
-            return Descriptor(media_type, digest, size)
-    return None
+    return contents.stored_manifest(config.digest, [layer.digest for layer in layers])
 
 
 def _docker_archive_layer(contents: _ArchiveContents, layout: Layout, path: Any,
@@ -3895,13 +4008,17 @@ def _gzip_content_digest(stream: IO[bytes]) -> Digest:
 # What moby's legacy load drops from a v1 image JSON to make an image config of it.
 _V1_ONLY_KEYS = frozenset({"id", "parent", "Size", "parent_id", "layer_id", "throwaway"})
 _MAX_V1_CHAIN = 1000  # layers a v1 image may have, as parents of one another
+# Layers of all the images one archive names, each counted once per image: the configs
+# and manifests made are as large as this sum, which a small archive can make huge (a
+# thousand tags on the tip of a long chain of parents).
+_MAX_V1_LAYERS = 10 * _MAX_V1_CHAIN
 
 
 def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_LoadedImage]:
     """Roots of a ``docker save`` from before Docker 1.10 (``repositories`` and
     ``<id>/json`` + ``<id>/layer.tar``, no manifest.json): the config and manifest are
     made from the v1 JSON of each tagged image and its parents, as moby's legacy load
-    makes them."""
+    makes them. Each v1 JSON is read once, however many images have it as a parent."""
     repositories = _archive_json(contents, "repositories")
     if not isinstance(repositories, dict) or not all(
             isinstance(tags, dict) and all(isinstance(i, str) for i in tags.values())
@@ -3911,55 +4028,94 @@ def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
     roots: Dict[str, Descriptor] = {}
     names: Dict[str, List[str]] = {}
     layers: Dict[str, Tuple[Descriptor, str]] = {}  # by image ID: each inflated once
+    v1s: Dict[str, Tuple[str, Dict[str, Any], int]] = {}  # by image ID: see _legacy_v1
+    total = 0
     for repository, tags in repositories.items():
         for tag, image_id in tags.items():
             if image_id not in roots:
-                roots[image_id] = _legacy_image(contents, layout, image_id, layers)
+                chain = _legacy_chain(contents, image_id, v1s)
+                total += len(chain)
+                if total > _MAX_V1_LAYERS:
+                    raise InvalidArchiveError(f"archive's images have more than "
+                                              f"{_MAX_V1_LAYERS} layers in all")
+                roots[image_id] = _legacy_image(contents, layout, chain, layers, v1s)
             names.setdefault(image_id, []).append(f"{repository}:{tag}")
     if not roots:
         raise InvalidArchiveError("archive names no image: its repositories file is empty")
     return [_LoadedImage(roots[i], _canonical_names(names[i], "repositories")) for i in roots]
 
 
-def _legacy_image(contents: _ArchiveContents, layout: Layout, top: str,
-                  known: Dict[str, Tuple[Descriptor, str]]) -> Descriptor:
-    chain: List[Tuple[str, Dict[str, Any]]] = []  # the image, then its parents
+def _legacy_chain(contents: _ArchiveContents, top: str,
+                  v1s: Dict[str, Tuple[str, Dict[str, Any], int]]) -> List[str]:
+    """The image ID ``top``, then its parents'."""
+    chain: List[str] = []
+    seen = set()
     current = top
     while current:
-        if any(current == i for i, _ in chain) or len(chain) >= _MAX_V1_CHAIN:
+        if current in seen or len(chain) >= _MAX_V1_CHAIN:
             raise InvalidArchiveError(f"archive's image {_shorten(top)!r} has a loop or more "
                                       f"than {_MAX_V1_CHAIN} parents")
-        if "/" in current or current in ("", ".", ".."):
-            raise InvalidArchiveError(f"archive names an invalid image ID {_shorten(current)!r}")
-        data = contents.read_small(f"{current}/json")
-        try:
-            v1 = _load_json_object(data, f"archive's {_shorten(current)}/json")
-        except OciCacheError as e:
-            raise InvalidArchiveError(str(e)) from None
-        chain.append((current, v1))
-        parent = v1.get("parent") or ""
-        if not isinstance(parent, str):
-            raise InvalidArchiveError(f"archive's {_shorten(current)}/json has a bad parent")
-        current = parent
+        if current not in v1s:
+            v1s[current] = _legacy_v1(contents, current)
+        seen.add(current)
+        chain.append(current)
+        current = v1s[current][0]
+    return chain
+
+
+def _legacy_json(contents: _ArchiveContents, image_id: str) -> Dict[str, Any]:
+    if "/" in image_id or image_id in ("", ".", ".."):
+        raise InvalidArchiveError(f"archive names an invalid image ID {_shorten(image_id)!r}")
+    data = contents.read_small(f"{image_id}/json")
+    try:
+        return _load_json_object(data, f"archive's {_shorten(image_id)}/json")
+    except OciCacheError as e:
+        raise InvalidArchiveError(str(e)) from None
+
+
+def _legacy_v1(contents: _ArchiveContents, image_id: str) -> Tuple[str, Dict[str, Any], int]:
+    """What an image's v1 JSON gives the images made from it: its parent's ID, its entry
+    of their config's history, and that entry's size in the config."""
+    v1 = _legacy_json(contents, image_id)
+    parent = v1.get("parent") or ""
+    if not isinstance(parent, str):
+        raise InvalidArchiveError(f"archive's {_shorten(image_id)}/json has a bad parent")
+    container = v1.get("container_config")
+    command = container.get("Cmd") if isinstance(container, dict) else None
+    entry: Dict[str, Any] = {k: v1[k] for k in ("created", "author", "comment") if k in v1}
+    if isinstance(command, list):
+        entry["created_by"] = " ".join(str(c) for c in command)
+    return parent, entry, len(_json_bytes(entry)) + 1
+
+
+def _legacy_image(contents: _ArchiveContents, layout: Layout, chain: Sequence[str],
+                  known: Dict[str, Tuple[Descriptor, str]],
+                  v1s: Mapping[str, Tuple[str, Dict[str, Any], int]]) -> Descriptor:
+    """The manifest (and config) made for the image ``chain[0]``, its parents after it."""
+    history_size = sum(v1s[i][2] for i in chain)
+    if history_size > MAX_MANIFEST_SIZE:  # known before the config is built in memory
+        raise InvalidArchiveError(
+            f"archive's image {_shorten(chain[0])!r} has a history of {history_size} bytes; "
+            f"a config ocicache can read holds at most {MAX_MANIFEST_SIZE}")
     layers, diff_ids, history = [], [], []
-    for image_id, v1 in reversed(chain):
+    for image_id in reversed(chain):
         if image_id not in known:
             known[image_id] = _legacy_layer(contents, layout, f"{image_id}/layer.tar")
         layers.append(known[image_id][0])
         diff_ids.append(known[image_id][1])
-        container = v1.get("container_config")
-        command = container.get("Cmd") if isinstance(container, dict) else None
-        history.append({**{k: v1[k] for k in ("created", "author", "comment") if k in v1},
-                        **({"created_by": " ".join(str(c) for c in command)}
-                           if isinstance(command, list) else {})})
-    config = {k: v for k, v in chain[0][1].items() if k not in _V1_ONLY_KEYS}
+        history.append(v1s[image_id][1])
+    config = {k: v for k, v in _legacy_json(contents, chain[0]).items()
+              if k not in _V1_ONLY_KEYS}
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     config["history"] = history
     config_data = _json_bytes(config, sort_keys=True, separators=(",", ":"))
+    if len(config_data) > MAX_MANIFEST_SIZE:
+        raise InvalidArchiveError(f"archive's image {_shorten(chain[0])!r} makes a config of "
+                                  f"{len(config_data)} bytes; ocicache reads at most "
+                                  f"{MAX_MANIFEST_SIZE}")
     config_descriptor = Descriptor(MEDIA_OCI_CONFIG, layout.write_blob_bytes(config_data),
                                    len(config_data))
-    data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
-    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+    return _made_manifest(layout, config_descriptor, layers)
 
 
 def _legacy_layer(contents: _ArchiveContents, layout: Layout,
@@ -4638,10 +4794,8 @@ class ContentStore:
             users = self._layout.reachable(self._layout.read_index().manifests).digests
             if d in users:
                 raise OciCacheError(f"blob {d} is used by {users[d]}; remove that name first")
-            try:
-                os.unlink(self._layout.blob_path(d))
-            except FileNotFoundError:
-                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}") from None
+            if not self._layout.remove_blob_file(self._layout.blob_path(d)):
+                raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}")
 
 
 @_value_type
@@ -4918,8 +5072,7 @@ class Provider(CacheProvider):
 
             def delete() -> None:
                 for digest in deleted:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.layout.blob_path(digest))
+                    self.layout.remove_blob_file(self.layout.blob_path(digest))
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
@@ -4931,14 +5084,14 @@ class Provider(CacheProvider):
         """Remove every name and blob; returns the number of blobs deleted."""
         with self.layout.deleting_blobs(), self.layout.lock():
             count = 0
+            # Listed first: a cache that cannot be walked is refused before it is changed.
+            files = [path for digest, path, info in self.layout.blob_files()
+                     if digest is not None and not stat.S_ISDIR(info.st_mode)]
 
             def delete() -> None:
                 nonlocal count
-                for digest, path, info in self.layout.blob_files():
-                    if digest is not None and not stat.S_ISDIR(info.st_mode):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-                            count += 1
+                for path in files:
+                    count += self.layout.remove_blob_file(path)
 
             self.layout.update_index(lambda _: [], on_full=delete)  # see remove()
             delete()
