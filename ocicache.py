@@ -3325,21 +3325,17 @@ class _PrefixedReader:
         """The stream stays open: it belongs to whoever handed it over."""
 
 
-class _GunzipReader:
-    """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
-
-    tarfile's own gzip reading takes a truncated stream for a short one; this does not.
-    Output is bounded per step, so a small input that expands enormously stays cheap.
-    """
+class _PieceReader:
+    """A decompressed stream read in the pieces its decoder makes (``_inflate``, None at
+    the end), each bounded, so a small input that expands enormously stays cheap."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
-        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._in_member = False
-        self._pending = b""
         self._buffer = b""
         self._position = 0
-        self._finished = False
+
+    def _inflate(self) -> Optional[bytes]:
+        raise NotImplementedError
 
     def read(self, n: int = -1) -> bytes:
         available = len(self._buffer) - self._position
@@ -3375,6 +3371,29 @@ class _GunzipReader:
             return self._buffer
         return self._buffer[start:self._position]
 
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "_PieceReader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _GunzipReader(_PieceReader):
+    """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
+
+    tarfile's own gzip reading takes a truncated stream for a short one; this does not.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(stream)
+        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._in_member = False
+        self._pending = b""
+        self._finished = False
+
     def _inflate(self) -> Optional[bytes]:
         """The next piece of output; None at the end of the stream."""
         while not self._finished:
@@ -3403,14 +3422,67 @@ class _GunzipReader:
                 return output
         return None
 
-    def close(self) -> None:
-        self._stream.close()
 
-    def __enter__(self) -> "_GunzipReader":
-        return self
+# A decoder's window (xz's dictionary, zstd's window) is memory it fills as it writes:
+# a stream may declare up to 1.5 GiB (xz) or 2 GiB (zstd --long=31), and a few KB of it
+# then take that much. 64 MiB is what xz -9 and zstd --ultra -21 use; zstd -22 and
+# --long (128 MiB) are refused unless the input was smaller (zstd shrinks the window to
+# a file's size), and can be decompressed by the program first.
+_MAX_DECOMPRESSION_WINDOW = 64 << 20
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+
+def _window_too_large(kind: str, what: str) -> InvalidArchiveError:
+    again = " (decompress it with the program first, and import that)" \
+        if what == "archive" else ""
+    return InvalidArchiveError(
+        f"the {kind} stream of the {what} declares a window larger than "
+        f"{_MAX_DECOMPRESSION_WINDOW >> 20} MiB (xz -9 and zstd --ultra -21 use 64 MiB); "
+        f"ocicache refuses it to bound its memory{again}")
+
+
+class _XzReader(_PieceReader):
+    """Decompresses an xz stream (streams may follow one another, with padding), its
+    memory bounded whatever dictionary size it declares; a cut-off end raises."""
+
+    def __init__(self, stream: IO[bytes], what: str) -> None:
+        super().__init__(stream)
+        self._what = what
+        self._decompressor: Any = None  # lzma's, for the stream being read
+        self._pending = b""
+
+    def _inflate(self) -> Optional[bytes]:
+        """The next piece of output; None at the end of the last stream."""
+        import lzma
+        while True:
+            decompressor = self._decompressor
+            if decompressor is None:  # before a stream: padding, a stream, or the end
+                data = self._pending or self._stream.read(_STREAM_CHUNK_SIZE)
+                self._pending = b""
+                if not data:
+                    return None
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                # liblzma counts its own state with the dictionary: -9 needs 65 MiB
+                decompressor = self._decompressor = lzma.LZMADecompressor(
+                    memlimit=_MAX_DECOMPRESSION_WINDOW + (2 << 20))
+            elif decompressor.needs_input:
+                data = self._stream.read(_STREAM_CHUNK_SIZE)
+                if not data:
+                    raise InvalidArchiveError(f"truncated {self._what}: the xz stream ends "
+                                              "early")
+            else:
+                data = b""
+            try:
+                output = decompressor.decompress(data, _STREAM_CHUNK_SIZE)
+            except lzma.LZMAError as e:
+                if "memory" in str(e).lower():
+                    raise _window_too_large("xz", self._what) from None
+                raise InvalidArchiveError(f"corrupt xz stream in {self._what}: {e}") from None
+            if decompressor.eof:
+                self._pending, self._decompressor = decompressor.unused_data, None
+            if output:
+                return output
 
 
 class _Decompressing:
@@ -3433,6 +3505,8 @@ class _Decompressing:
             raise InvalidArchiveError(f"truncated {self._what}: the {self._kind} stream ends "
                                       "early") from None
         except self._errors as e:
+            if "too much memory" in str(e):  # zstd: a window over window_log_max
+                raise _window_too_large(self._kind, self._what) from None
             raise InvalidArchiveError(f"corrupt {self._kind} stream in {self._what}: "
                                       f"{e}") from None
 
@@ -3459,8 +3533,9 @@ class _ZstdProgram:
 
     def __init__(self, program: str, stream: IO[bytes], what: str) -> None:
         self._what = what
-        self._process = _subprocess.Popen([program, "-dcq"], stdin=_subprocess.PIPE,
-                                          stdout=_subprocess.PIPE, stderr=_subprocess.PIPE)
+        self._process = _subprocess.Popen(
+            [program, "-dcq", f"--memory={_MAX_DECOMPRESSION_WINDOW >> 20}MB"],
+            stdin=_subprocess.PIPE, stdout=_subprocess.PIPE, stderr=_subprocess.PIPE)
         self._feed_error: Optional[BaseException] = None
         self._feeder = threading.Thread(target=self._feed, args=(stream,),
                                         name="ocicache-zstd", daemon=True)
@@ -3485,6 +3560,8 @@ class _ZstdProgram:
         said = self._process.stderr.read().decode(errors="replace").strip().splitlines()
         if self._process.wait() != 0 and self._feed_error is None:
             reason = said[-1] if said else f"exit status {self._process.returncode}"
+            if any("too much memory" in line for line in said):
+                raise _window_too_large("zstd", self._what)
             raise InvalidArchiveError(f"corrupt or truncated zstd stream in {self._what}: "
                                       f"zstd says {_shorten(reason)!r}")
         if self._feed_error is not None:
@@ -3535,8 +3612,11 @@ def _zstd_decoder(what: str) -> Callable[[IO[bytes]], IO[bytes]]:
             module = importlib.import_module(name)
         except ImportError:
             continue
+        window = {module.DecompressionParameter.window_log_max:
+                  _MAX_DECOMPRESSION_WINDOW.bit_length() - 1}
         return lambda stream: _Decompressing(  # type: ignore[return-value]
-            module.ZstdFile(stream), stream, "zstd", what, (module.ZstdError,))
+            module.ZstdFile(stream, options=window), stream, "zstd", what,
+            (module.ZstdError,))
     program = shutil.which("zstd")
     if program is not None:
         return lambda stream: _ZstdProgram(program, stream, what)  # type: ignore[return-value]
@@ -3555,7 +3635,6 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
     load reads them); other streams pass unchanged. Only this outer compression is
     undone, with output bounded per read."""
     import bz2
-    import lzma
     head = b""
     while len(head) < 10:
         chunk = stream.read(10 - len(head))
@@ -3566,8 +3645,7 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
     if head.startswith(b"\x1f\x8b"):
         return _GunzipReader(rest)  # type: ignore[return-value]
     if head.startswith(_XZ_MAGIC):
-        return _Decompressing(lzma.LZMAFile(rest), rest, "xz", "archive",  # type: ignore
-                              (lzma.LZMAError,))
+        return _XzReader(rest, "archive")  # type: ignore[return-value]
     if re.match(_BZIP2_MAGIC, head):
         return _Decompressing(bz2.BZ2File(rest), rest, "bzip2", "archive",  # type: ignore
                               (OSError, ValueError))

@@ -8846,6 +8846,26 @@ def remove_entry(path: str) -> None:
         os.unlink(path)
 
 
+
+def compressed_zeros(tool: str, size: int, *args: str) -> bytes:
+    """A tar of one blob of ``size`` zeros, compressed by the program ``tool`` with
+    ``args``, streamed to it (the zeros are never in memory at once)."""
+    process = subprocess.Popen([tool, "-c", *args], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE)
+    out: List[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(process.stdout.read()))
+    reader.start()
+    assert process.stdin is not None
+    process.stdin.write(zeros_member(size))
+    chunk = bytes(1 << 20)
+    for _ in range(size >> 20):
+        process.stdin.write(chunk)
+    process.stdin.write(bytes(size % (1 << 20) + (-size % 512) + 1024))
+    process.stdin.close()
+    reader.join()
+    assert process.wait() == 0
+    return out[0]
+
 class TestAttacks(CacheTestCase):
     """An independent attack on the disk, linuxkit and archive work. The attackers: a
     member of a shared cache's group who plants links, FIFOs, directories and hard links
@@ -9206,6 +9226,57 @@ class TestAttacks(CacheTestCase):
         self.assert_refused_in_one_line(lambda: self.load(tar_bytes(
             files + [("repositories", json.dumps(repositories).encode())])), "history")
         self.assertEqual(self.index_names(), [])
+
+
+    def test_compressed_archives_declaring_huge_windows_are_refused_in_bounded_memory(self
+                                                                                      ) -> None:
+        # The xz and zstd readers took whatever window a stream declared: 46 KB of xz
+        # with a 1.5 GiB dictionary took 335 MiB to import 300 MiB of zeros, 10 KB of
+        # zstd with a 128 MiB window 160 MiB (each its content's size, up to 1.5 GiB).
+        xz, zstd = require_tool(self, "xz"), require_tool(self, "zstd")
+        baseline = measured_cli(self.path("baseline"), "ls")
+        size = 160 << 20
+        bombs = {"xz, 1.5 GiB dictionary": compressed_zeros(xz, size,
+                                                            "--lzma2=preset=1,dict=1536MiB"),
+                 "zstd, 128 MiB window": compressed_zeros(zstd, size, "-1", "--zstd=wlog=27"),
+                 "zstd --long=31": compressed_zeros(zstd, size, "-1", "--long=31")}
+        for label, archive in bombs.items():
+            with self.subTest(label):
+                path = self.path("bomb")
+                with open(path, "wb") as f:
+                    f.write(archive)
+                result = measured_cli(self.cache_dir, "import", path)
+                figures(f"window {label}", archive_kib=len(archive) >> 10,
+                        peak_mib=round(result.peak_mib), seconds=round(result.seconds, 1))
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                self.assertIn("window larger than 64 MiB", result.stderr)
+                self.assertLess(result.peak_mib - baseline.peak_mib, 48)
+                self.assertEqual(self.temp_files(), [])
+        # The zstd program (no module in this Python) is bounded alike.
+        path = self.path("bomb")
+        with open(path, "wb") as f:
+            f.write(bombs["zstd, 128 MiB window"])
+        result = subprocess.run([sys.executable, "-c", WITHOUT_ZSTD_MODULES_CLI, "--cache",
+                                 self.cache_dir, "import", path], capture_output=True,
+                                cwd=HERE, timeout=120)
+        self.assert_one_line_error(result, "window larger than 64 MiB")
+        # The largest presets still load, as do xz streams one after another, padded.
+        image = make_image("presets", layer_files=[{"p": random.Random(3).randbytes(4096)}])
+        plain = oci_archive([(image.manifest.descriptor(), named("example.com/p:1"))],
+                            image.blobs)
+        half = len(plain) // 2
+        for label, archive in {
+                "xz -9e": compressed_with(xz, plain, "-9e"),
+                "zstd --ultra -21": compressed_with(zstd, plain, "--ultra", "-21"),
+                "two xz streams, padded": compressed_with(xz, plain[:half]) + bytes(8)
+                + compressed_with(xz, plain[half:])}.items():
+            with self.subTest(label):
+                (loaded,) = self.load(archive)
+                self.assertEqual(loaded.name, "example.com/p:1")
+                self.cache.clean()
+        with self.assertRaisesRegex(oc.InvalidArchiveError, "truncated"):
+            self.load(compressed_with(xz, plain)[:-30])
 
 
 # -------------------------------------------------------------------------------------
