@@ -5065,7 +5065,14 @@ class Provider(CacheProvider):
         return self.new_source(name, "", named)
 
     def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> None:
-        """One index update naming every entry; refuses if any needs a missing blob."""
+        """One index update naming every entry; refuses if any needs a missing blob, or
+        if a name pins a digest that is not its entry's (every name an archive, a pull
+        or a caller gives passes here: a digest in a name is a promise)."""
+        for name, descriptor in entries:
+            pinned = Reference.parse(name).digest
+            if pinned is not None and pinned != descriptor.digest:
+                raise OciCacheError(f"cannot name {descriptor.digest} "
+                                    f"{_shorten(_one_line(name))}: that name pins {pinned}")
         with self.layout.lock():
             marked = self.layout.reachable([d for _, d in entries])
             problems = marked.missing + marked.unreadable

@@ -9279,6 +9279,75 @@ class TestAttacks(CacheTestCase):
             self.load(compressed_with(xz, plain)[:-30])
 
 
+    # -- names that lie ------------------------------------------------------------------
+
+    def test_a_name_pinned_to_another_digest_is_never_written(self) -> None:
+        # Issue 13 point 10 stood open: an archive (or --name, or descriptor_write) could
+        # name an evil image 'repo:v1@sha256:<the real digest>', after which a pull of
+        # that reference was "already in the cache" with the evil image.
+        evil, real = make_image("evil"), make_image("real")
+        pinned = f"example.com/r:1@{real.manifest.digest}"
+        attempts: List[Tuple[str, Callable[[], Any]]] = [
+            ("archive's name", lambda: self.load(oci_archive(
+                [(evil.manifest.descriptor(), named(pinned))], evil.blobs))),
+            ("archive's untagged name", lambda: self.load(oci_archive(
+                [(evil.manifest.descriptor(), named(f"example.com/r@{real.manifest.digest}"))],
+                evil.blobs))),
+            ("RepoTags", lambda: self.load(classic_archive(evil, [pinned]))),
+            ("import --name", lambda: self.cache.image_load(io.BytesIO(oci_archive(
+                [(evil.manifest.descriptor(), {})], evil.blobs)), name=pinned)),
+            ("descriptor_write", lambda: self.cache.descriptor_write(
+                pinned, evil.manifest.descriptor()))]
+        self.load_image("example.com/evil:1", evil)  # its blobs, for descriptor_write
+        for label, attempt in attempts:
+            with self.subTest(label):
+                self.assert_refused_in_one_line(attempt, str(real.manifest.digest)[:19])
+                self.assertEqual(self.index_names(), ["example.com/evil:1"])
+                self.assertFalse(self.cache.image_in_cache(pinned, "", "amd64"))
+        result = self.cli("import", "--name", pinned, "-", stdin=oci_archive(
+            [(evil.manifest.descriptor(), {})], evil.blobs))
+        self.assert_one_line_error(result, "pins")
+        # A name pinned to its own digest is what it says.
+        own = f"example.com/r:1@{evil.manifest.digest}"
+        self.load(oci_archive([(evil.manifest.descriptor(), named(own))], evil.blobs))
+        self.assertTrue(self.cache.image_in_cache(own, "", "amd64"))
+
+    @unittest.expectedFailure  # Provider lookups and verify (helper "belief")
+    def test_a_pinned_name_planted_in_index_json_is_not_believed(self) -> None:
+        # ocicache no longer writes such a name, but another tool or the cache's group
+        # can: image_in_cache then answers True for the real digest with the evil
+        # content (while find_descriptor says None), and verify says ok.
+        evil, real = make_image("evil"), make_image("real")
+        self.load_image("example.com/evil:1", evil)
+        pinned = f"example.com/r:1@{real.manifest.digest}"
+        index_path = os.path.join(self.cache_dir, "index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["manifests"].append({**evil.manifest.descriptor(), "annotations": named(pinned)})
+        with open(index_path, "w") as f:
+            json.dump(index, f)
+        self.assertIsNone(self.cache.find_descriptor(pinned))
+        self.assertFalse(self.cache.image_in_cache(pinned, "", "amd64"))
+        self.assertFalse(self.cache.verify().ok)
+
+    @unittest.expectedFailure  # Layout.reachable (helper "belief")
+    def test_a_layer_also_listed_as_an_index_child_is_still_required(self) -> None:
+        # reachable() visits each digest once, required or not as first met: an index
+        # that lists an image's layer as a child of its own, after the image, hides
+        # that the layer is missing. Such an archive imports a name whose image cannot
+        # be exported, and verify says ok.
+        image = make_image("hidden-layer")
+        layer = image.layers[0]
+        index = make_index([image.descriptor(), {
+            "mediaType": oc.MEDIA_OCI_MANIFEST, "digest": layer.digest,
+            "size": len(layer.data), "platform": {"architecture": "arm64", "os": "linux"}}])
+        archive = oci_archive([(index.descriptor(), named("example.com/hidden:1"))],
+                              [image.config, image.manifest, index])  # no layer
+        with contextlib.suppress(oc.InvalidArchiveError, oc.NotFoundError):
+            self.load(archive)
+        self.assertTrue(self.index_names() == [] or not self.cache.verify().ok)
+
+
 # -------------------------------------------------------------------------------------
 
 class _CountingResult(unittest.TextTestResult):
