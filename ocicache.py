@@ -1580,11 +1580,17 @@ class Layout:
 
     def has_blob(self, digest: Union[str, Digest], size: Optional[int] = None) -> bool:
         """True when the blob file exists (with ``size`` bytes, when given)."""
+        actual = self.blob_size(digest)
+        return actual is not None and (size is None or size < 0 or actual == size)
+
+    def blob_size(self, digest: Union[str, Digest]) -> Optional[int]:
+        """The size of the blob's file; None when there is none (a link is none: its
+        size would be that of whatever it points at)."""
         try:
             st = os.lstat(self.blob_path(digest))
         except FileNotFoundError:
-            return False
-        return stat.S_ISREG(st.st_mode) and (size is None or size < 0 or st.st_size == size)
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def open_blob(self, digest: Union[str, Digest]) -> BinaryIO:
         d = Digest.parse(digest)
@@ -5275,8 +5281,7 @@ class Provider(CacheProvider):
         out = []
         for entry in self.names():
             reachable = self.layout.reachable([entry]).digests
-            size = sum(os.path.getsize(self.layout.blob_path(d)) for d in reachable
-                       if self.layout.has_blob(d))
+            size = sum(self.layout.blob_size(d) or 0 for d in reachable)
             out.append(ImageSummary(entry.name, entry, tuple(self._platforms(entry)), size))
         return out
 
@@ -5795,7 +5800,7 @@ class _CacheSource(ImageSource):
                     f"{self._ref} is not complete in the cache: {len(incomplete)} blobs are "
                     "missing (pull it with --all-platforms first)")
             top = Descriptor(root.media_type, root.digest, root.size)
-            blobs = [Descriptor("", d, os.path.getsize(layout.blob_path(d)))
+            blobs = [Descriptor("", d, layout.blob_size(d) or 0)
                      for d in marked.digests if d != root.digest] + [top]
         else:
             _, image, manifest = self._image()

@@ -9065,6 +9065,30 @@ class TestAttacks(CacheTestCase):
         self.assertTrue(os.path.exists(notes))
 
 
+    def test_sizes_of_cache_files_never_follow_a_link(self) -> None:
+        # The disk work left os.path.getsize (which follows links) in the import's root
+        # check, in ls's sizes and in the whole-index OCI export: a blob swapped for a
+        # link between the checks and the size read the size of what it named. Every
+        # size of a cache file is now Layout.blob_size, an lstat of a regular file.
+        image = make_image("sized")
+        index = make_index([image.descriptor()])
+        archive = oci_archive([(index.descriptor(), named("example.com/sized:1"))],
+                              [*image.blobs, index])
+        real = os.path.getsize
+
+        def refused(path: Any) -> int:
+            if os.fspath(path).startswith(self.cache_dir):
+                raise AssertionError(f"os.path.getsize({path}) follows links")
+            return real(path)
+
+        with mock.patch.object(os.path, "getsize", refused):
+            self.load(archive)
+            (summary,) = self.cache.summaries()
+            self.assertEqual(summary.size, sum(len(b.data) for b in [*image.blobs, index]))
+            with self.cache.new_source("example.com/sized:1", "all").oci_tar_reader() as f:
+                self.assertIn("index.json", [name for name, _ in tar_entries(f.read())])
+
+
     # -- hostile archives ----------------------------------------------------------------
 
     @contextlib.contextmanager
