@@ -4787,29 +4787,35 @@ def _as_descriptor(value: DescriptorLike) -> Descriptor:
 
 def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
+    return wanted in _name_answers_to(stored)
+
+
+def _name_answers_to(stored: str) -> Tuple[Reference, ...]:
+    """The references a stored name is (``_names_match`` as keys, so that many names are
+    matched with many in linear time): itself, and for an untagged one ':latest'."""
     if not stored:
-        return False
+        return ()
     try:
         ref = Reference.parse(stored, default_tag="")
     except InvalidReferenceError:
-        return False
-    if ref == wanted:
-        return True
-    return (not ref.tag and ref.digest is None and wanted.tag == "latest"
-            and wanted.digest is None and ref.name == wanted.name)
+        return ()
+    if not ref.tag and ref.digest is None:
+        return ref, ref.with_tag("latest")
+    return (ref,)
 
 
-def _keep_spelling(manifests: Sequence[Descriptor], name: str, entry: Descriptor) -> Descriptor:
-    """``entry``, named as the stored entry it replaces is spelled. linuxkit stores
+def _keep_spelling(spellings: Mapping[Reference, Sequence[str]], name: str,
+                   entry: Descriptor) -> Descriptor:
+    """``entry``, named as the stored entry it replaces is spelled (``spellings``: the
+    stored names each reference answers to). linuxkit stores
     ``host:port/repo`` and YAML references untagged (``util.ReferenceExpand`` in
     src/cmd/linuxkit/util/reference.go adds ``:latest`` only to a string without a colon)
     and looks names up by exact string, so renaming such an entry ``…:latest`` would
     hide it from linuxkit and make its next pull write a duplicate."""
-    wanted = Reference.parse(name)
-    spellings = [m.name for m in manifests if _names_match(m.name, wanted)]
-    if not spellings or name in spellings:
+    stored = spellings.get(Reference.parse(name), ())
+    if not stored or name in stored:
         return entry
-    return entry.named(spellings[0])
+    return entry.named(stored[0])
 
 
 _LINUXKIT_DIGEST_ARCH_NAME = re.compile(r"(.+@sha256:[0-9a-f]{64})-[a-z0-9_]+")
@@ -5073,23 +5079,37 @@ class Provider(CacheProvider):
     def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> None:
         """One index update naming every entry; refuses if any needs a missing blob, or
         if a name pins a digest that is not its entry's (every name an archive, a pull
-        or a caller gives passes here: a digest in a name is a promise)."""
+        or a caller gives passes here: a digest in a name is a promise), or if one name
+        is given to two images (an archive naming two alike)."""
+        chosen: Dict[Reference, Tuple[str, Descriptor]] = {}
         for name, descriptor in entries:
-            pinned = Reference.parse(name).digest
-            if pinned is not None and pinned != descriptor.digest:
+            wanted = Reference.parse(name)
+            if wanted.digest is not None and wanted.digest != descriptor.digest:
                 raise OciCacheError(f"cannot name {descriptor.digest} "
-                                    f"{_shorten(_one_line(name))}: that name pins {pinned}")
+                                    f"{_shorten(_one_line(name))}: that name pins "
+                                    f"{wanted.digest}")
+            _, other = chosen.setdefault(wanted, (name, descriptor))
+            if other.digest != descriptor.digest:
+                raise OciCacheError(f"cannot name both {other.digest} and "
+                                    f"{descriptor.digest} {_shorten(_one_line(name))}")
+        entries = list(chosen.values())
         with self.layout.lock():
             marked = self.layout.reachable([d for _, d in entries])
             problems = marked.missing + marked.unreadable
             if problems:
                 raise NotFoundError(f"cannot name {entries[0][0]}: blob {problems[0]} "
                                     f"is not in the cache {self.root}")
-            wanted = [Reference.parse(name) for name, _ in entries]
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
-                kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                return kept + [_keep_spelling(manifests, name, d) for name, d in entries]
+                kept: List[Descriptor] = []
+                spellings: Dict[Reference, List[str]] = {}
+                for m in manifests:
+                    answers = _name_answers_to(m.name)
+                    for ref in answers:
+                        spellings.setdefault(ref, []).append(m.name)
+                    if not any(ref in chosen for ref in answers):
+                        kept.append(m)
+                return kept + [_keep_spelling(spellings, name, d) for name, d in entries]
 
             self.layout.update_index(change)
 
