@@ -3789,6 +3789,36 @@ class _TarStream:
         self._data_left = self._skip_left = 0
 
 
+def _bounded_member_class() -> Type[tarfile.TarInfo]:
+    """A TarInfo class for one archive that refuses its extended headers (PAX, local and
+    global, and GNU long names) beyond ``_MAX_EXTENDED_HEADER`` bytes before tarfile
+    reads them: tarfile reads each whole into memory, and a chain of them, or global
+    ones, add up. The layers' reader (_TarStream) keeps the same bound."""
+    extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+    class _BoundedMember(tarfile.TarInfo):
+        kept = 0  # bytes of extended headers kept for the next member
+        kept_globally = 0
+
+        @classmethod
+        def frombuf(cls, buf: Union[bytes, bytearray], encoding: str,
+                    errors: str) -> "_BoundedMember":
+            info = super().frombuf(buf, encoding, errors)
+            if info.type not in extended:
+                cls.kept = cls.kept_globally
+                return info
+            cls.kept += info.size
+            if info.type == tarfile.XGLTYPE:
+                cls.kept_globally += info.size
+            if cls.kept > _MAX_EXTENDED_HEADER:
+                raise InvalidArchiveError(f"archive has extended headers (PAX or GNU long "
+                                          f"names) of more than {_MAX_EXTENDED_HEADER} bytes")
+            return info
+
+    return _BoundedMember
+
+
 def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
     """Read an archive once, storing its blobs (verified) and keeping small files."""
     contents = _ArchiveContents(layout)
@@ -3796,8 +3826,8 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
         # "r|", not "r|*": only the whole-stream compression is undone (by _decompressed,
         # with bounded output); tarfile must not inflate a compressed stream found inside.
         with contextlib.closing(_decompressed(stream)) as decompressed, \
-                tarfile.open(fileobj=decompressed, mode="r|",
-                             bufsize=_STREAM_CHUNK_SIZE) as archive:
+                tarfile.open(fileobj=decompressed, mode="r|", bufsize=_STREAM_CHUNK_SIZE,
+                             tarinfo=_bounded_member_class()) as archive:
             for member in archive:
                 archive.members.clear()  # type: ignore[attr-defined]  # bounded memory
                 path = _archive_path(member.name)

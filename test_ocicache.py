@@ -8866,6 +8866,27 @@ def compressed_zeros(tool: str, size: int, *args: str) -> bytes:
     assert process.wait() == 0
     return out[0]
 
+
+def extended_header_bomb(kind: bytes, size: int, count: int = 1) -> bytes:
+    """``count`` extended headers (PAX ``x``/``g`` or GNU long name ``L``) of ``size``
+    bytes each, before one empty file, gzipped: a few hundred KB per 256 MiB."""
+    compressor = zlib_gzip()
+    parts = []
+    for number in range(count):
+        header = tarfile.TarInfo("././@LongLink" if kind == b"L" else "././@PaxHeader")
+        header.type, header.size = kind, size
+        parts.append(compressor.compress(header.tobuf(tarfile.GNU_FORMAT)))
+        record = b"" if kind == b"L" else f"{size} comment{number}=".encode()
+        parts.append(compressor.compress(record))
+        left, chunk = size - len(record) - (0 if kind == b"L" else 1), b"a" * (1 << 20)
+        while left:
+            parts.append(compressor.compress(chunk[:min(left, len(chunk))]))
+            left -= min(left, len(chunk))
+        parts.append(compressor.compress((b"" if kind == b"L" else b"\n") + bytes(-size % 512)))
+    parts.append(compressor.compress(tarfile.TarInfo("x").tobuf(tarfile.USTAR_FORMAT)
+                                     + bytes(1024)))
+    return b"".join(parts + [compressor.flush()])
+
 class TestAttacks(CacheTestCase):
     """An independent attack on the disk, linuxkit and archive work. The attackers: a
     member of a shared cache's group who plants links, FIFOs, directories and hard links
@@ -9301,6 +9322,32 @@ class TestAttacks(CacheTestCase):
                 self.cache.clean()
         with self.assertRaisesRegex(oc.InvalidArchiveError, "truncated"):
             self.load(compressed_with(xz, plain)[:-30])
+
+
+    def test_extended_headers_of_an_archive_are_bounded(self) -> None:
+        # Layers bound their PAX and GNU long-name headers (_MAX_EXTENDED_HEADER); the
+        # archive reader let tarfile read each whole: a 254 KB archive holding one PAX
+        # header of 256 MiB took 788 MiB to import, a GNU long name 532 MiB; a chain of
+        # headers, or global ones, add up.
+        baseline = measured_cli(self.path("baseline"), "ls")
+        size = int(sized(128 << 20, 1 << 30))
+        for label, archive in {
+                "one PAX header": extended_header_bomb(tarfile.XHDTYPE, size),
+                "one GNU long name": extended_header_bomb(tarfile.GNUTYPE_LONGNAME, size),
+                "a chain of PAX headers": extended_header_bomb(tarfile.XHDTYPE, 900_000, 64),
+                "global PAX headers": extended_header_bomb(tarfile.XGLTYPE, 900_000, 64)
+        }.items():
+            with self.subTest(label):
+                path = self.path("headers.tar.gz")
+                with open(path, "wb") as f:
+                    f.write(archive)
+                result = measured_cli(self.cache_dir, "import", path)
+                figures(f"extended headers, {label}", archive_kib=len(archive) >> 10,
+                        peak_mib=round(result.peak_mib), seconds=round(result.seconds, 1))
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                self.assertIn("extended headers", result.stderr)
+                self.assertLess(result.peak_mib - baseline.peak_mib, 48)
 
 
     # -- names that lie ------------------------------------------------------------------
