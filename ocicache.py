@@ -799,6 +799,11 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
 
 
 _SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
+# A parsed value costs 50 to 100 bytes of memory: 4 MiB of '{},' repeated made 1.4
+# million objects, 96 MiB. Image documents spend tens of bytes on each value (a
+# descriptor about 25, an SPDX relationship 30); one packed tighter than this is
+# refused before it is parsed, which bounds a 4 MiB document to about 20 MiB.
+_MIN_JSON_BYTES_PER_VALUE = 16
 
 
 def _parse_json(data: Union[bytes, str], what: str,
@@ -806,9 +811,14 @@ def _parse_json(data: Union[bytes, str], what: str,
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
-    than the interpreter's recursion limit and escaped lone surrogates (which decode but
-    can never be written back as UTF-8) are refused like any other bad JSON."""
+    than the interpreter's recursion limit, escaped lone surrogates (which decode but
+    can never be written back as UTF-8) and documents packed with values are refused
+    like any other bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # an upper bound
+    if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
+        raise error(f"{what} is not valid JSON for an image document: it packs {values} "
+                    f"values into {len(raw)} bytes (refused unparsed, to bound memory)")
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -6434,6 +6444,40 @@ def _terminate_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _resolve_output(path: str) -> str:
+    """``path`` with its links resolved as the kernel lets this process follow them
+    (``fs.protected_symlinks``): a link in a sticky, world-writable directory such as
+    /tmp is followed only if it is this user's or the directory owner's. realpath()
+    follows every link, so a link another user planted at ``/tmp/out.tar`` made root's
+    export replace any file it named."""
+    parts = os.path.abspath(path).split(os.sep)[1:]
+    current, followed = os.sep, 0
+    while parts:
+        part = parts.pop(0)
+        candidate = os.path.join(current, part)
+        try:
+            info = os.lstat(candidate)
+        except OSError:  # missing (a new file), or not to be looked into: as it is
+            return os.path.join(candidate, *parts)
+        if not stat.S_ISLNK(info.st_mode):
+            current = candidate
+            continue
+        parent = os.stat(current)
+        if parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH and \
+                info.st_uid not in (os.geteuid(), parent.st_uid):
+            raise OciCacheError(f"cannot write {path}: {candidate} is a link of another "
+                                f"user's (uid {info.st_uid}) in the shared directory "
+                                f"{current}; remove it, or write elsewhere")
+        followed += 1
+        if followed > 40:
+            raise OciCacheError(f"cannot write {path}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        parts = [p for p in target.split(os.sep) if p] + parts
+        if target.startswith(os.sep):
+            current = os.sep
+    return os.path.normpath(current)
+
+
 def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Write an export to ``path`` without ever replacing what is there unless it is a
     regular file: a device or a FIFO (or a link to one) is written into as it is, as
@@ -6441,7 +6485,7 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
     regular file, or a new one, is written beside itself and renamed over (a link
     stays a link: its target is replaced); an existing file keeps its mode, a new one
     gets the umask's."""
-    target = os.path.realpath(path)
+    target = _resolve_output(path)
     try:
         existing: Optional[os.stat_result] = os.stat(target)
     except FileNotFoundError:

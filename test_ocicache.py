@@ -9110,6 +9110,52 @@ class TestAttacks(CacheTestCase):
                 self.assertIn("index.json", [name for name, _ in tar_entries(f.read())])
 
 
+    def test_export_follows_no_link_another_user_planted_in_a_shared_directory(self
+                                                                              ) -> None:
+        # export -o resolved its path with os.path.realpath, so a link another user
+        # planted at /tmp/out.tar made root's export replace the file it named (here a
+        # root-only file), which the kernel itself refuses to follow
+        # (fs.protected_symlinks): the link is in a sticky world-writable directory and
+        # neither root's nor the directory's owner's.
+        if os.geteuid() != 0:
+            self.skipTest("planting another user's link needs root")
+        self.load_image("example.com/out:1", make_image("shared-out"))
+        shared = self.path("shared-tmp")
+        os.makedirs(shared)
+        os.chmod(shared, 0o1777)
+        victim = self.path("root-only")
+        with open(victim, "wb") as f:
+            f.write(b"root only")
+        os.chmod(victim, 0o600)
+        os.makedirs(self.path("elsewhere"))
+        stranger = 54321
+
+        def plant(link: str, target: str) -> None:
+            os.symlink(target, link)
+            os.lchown(link, stranger, stranger)
+
+        plant(os.path.join(shared, "out.tar"), victim)
+        plant(os.path.join(shared, "dir"), self.path("elsewhere"))
+        before = snapshot(self.tmp, exclude=[self.cache_dir])
+        for output in (os.path.join(shared, "out.tar"), os.path.join(shared, "dir", "x.tar")):
+            with self.subTest(output):
+                result = self.cli("export", "example.com/out:1", "--format", "oci", "-o",
+                                  output)
+                self.assert_one_line_error(result, "link of another user's", "uid 54321")
+                self.assertEqual(snapshot_changes(before, snapshot(
+                    self.tmp, exclude=[self.cache_dir])), [])
+        # root's own link there, and a stranger's link elsewhere, are followed as before
+        os.symlink(victim, os.path.join(shared, "mine.tar"))
+        self.assertEqual(self.cli("export", "example.com/out:1", "--format", "oci", "-o",
+                                  os.path.join(shared, "mine.tar")).returncode, 0)
+        with tarfile.open(victim) as tar:
+            self.assertIn("index.json", tar.getnames())
+        plant(self.path("elsewhere", "theirs.tar"), self.path("elsewhere", "target.tar"))
+        self.assertEqual(self.cli("export", "example.com/out:1", "--format", "oci", "-o",
+                                  self.path("elsewhere", "theirs.tar")).returncode, 0)
+        self.assertTrue(os.path.isfile(self.path("elsewhere", "target.tar")))
+
+
     # -- hostile archives ----------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -9198,16 +9244,16 @@ class TestAttacks(CacheTestCase):
         image = make_image("linked", gzip_layers=False)
         links = int(sized(20_000, 60_000))
         layers = 5000
-        chain = [tar_member(f"l{n}", tarfile.LNKTYPE, linkname=f"l{n + 1}")
+        chain = [tar_member(f"link-{n:012d}", tarfile.LNKTYPE, linkname=f"link-{n + 1:012d}")
                  for n in range(links)]
         config = json.loads(image.config.data)
         config["rootfs"]["diff_ids"] = [image.layers[0].digest] * layers
-        archive = tar_bytes([(f"l{links}", image.layers[0].data),
+        archive = tar_bytes([(f"link-{links:012d}", image.layers[0].data),
                              *[(info.name, (info, b"")) for info, _ in chain],
                              ("config.json", json.dumps(config).encode()),
                              ("manifest.json", json.dumps([{
                                  "Config": "config.json", "RepoTags": ["example.com/l:1"],
-                                 "Layers": ["l0"] * layers}]).encode())])
+                                 "Layers": [f"link-{0:012d}"] * layers}]).encode())])
         started = time.monotonic()
         (loaded,) = self.load(archive)
         seconds = time.monotonic() - started
@@ -9348,6 +9394,33 @@ class TestAttacks(CacheTestCase):
                 self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
                 self.assertIn("extended headers", result.stderr)
                 self.assertLess(result.peak_mib - baseline.peak_mib, 48)
+
+
+    def test_documents_packed_with_values_are_refused_in_bounded_memory(self) -> None:
+        # An archive's index.json or manifest.json may be 4 MiB: of '{},' repeated, that
+        # is 1.4 million objects, and importing it took 96 MiB. Every document parsed
+        # (archives', registries', the cache's) now spends at least 16 bytes on each
+        # value; real ones spend 24 or more (the fixtures' densest).
+        baseline = measured_cli(self.path("baseline"), "ls")
+        count = (4 << 20) // 3 - 100
+        for label, archive in {
+                "index.json": tar_bytes([("index.json", b'{"schemaVersion":2,"manifests":['
+                                          + b"{}," * count + b"{}]}")]),
+                "manifest.json": tar_bytes([("manifest.json", b"[" + b"{}," * count + b"{}]")])
+        }.items():
+            with self.subTest(label):
+                path = self.path("packed.tar")
+                with open(path, "wb") as f:
+                    f.write(archive)
+                result = measured_cli(self.cache_dir, "import", path)
+                figures(f"packed {label}", peak_mib=round(result.peak_mib))
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn("values", result.stderr)
+                self.assertLess(result.peak_mib - baseline.peak_mib, 24)
+        with self.assertRaisesRegex(oc.OciCacheError, "packs"):
+            oc.Index.from_json(b'{"manifests":[' + b"[]," * 100_000 + b"[]]}")
+        image = make_image("roomy")  # real documents are far from the bound
+        self.load_image("example.com/roomy:1", image)
 
 
     # -- names that lie ------------------------------------------------------------------
