@@ -7,14 +7,18 @@ TEST_TOOLS := skopeo:skopeo umoci:umoci podman:podman docker-registry:docker-reg
 # Before Python 3.14 zstd is read through the backports.zstd module or the zstd program;
 # the tests cover both, so both are installed for them (ocicache itself needs neither).
 ZSTD_BACKPORT := backports.zstd
+# The test tools that come from PyPI: vermin checks that nothing needs a newer Python
+# than 3.9.
+PIP_TEST_TOOLS := vermin
 
-.PHONY: test stress deps help bench
+.PHONY: test test-fast stress deps help bench
 
 help:
 	@echo "make test   run the whole test suite (installs the test tools when it can)"
+	@echo "make test-fast  the suite's fast part: every test that needs no external tool"
 	@echo "make stress the reliability and security campaigns at full size (minutes)"
-	@echo "make bench  measure pull, push and export against skopeo, umoci and the limits"
-	@echo "make deps   install the Debian packages the integration tests use"
+	@echo "make bench  measure pull, push, export and the cache against skopeo, umoci, linuxkit and the limits"
+	@echo "make deps   install the Debian packages and PyPI tools the integration tests use"
 
 # Install the missing test tools with apt-get when we are root; otherwise say how.
 deps:
@@ -35,9 +39,18 @@ deps:
 	$(PYTHON) -m pip install -q $(ZSTD_BACKPORT) >/dev/null 2>&1 || \
 	echo "missing: $(ZSTD_BACKPORT); its test will be skipped. Install it with:" \
 		"$(PYTHON) -m pip install $(ZSTD_BACKPORT)"
+	@for tool in $(PIP_TEST_TOOLS); do command -v $$tool >/dev/null 2>&1 || \
+		$(PYTHON) -m pip install -q $$tool || \
+		echo "missing: $$tool; its test will be skipped. Install it with: pip install $$tool"; \
+		done
 
 test: deps
 	$(PYTHON) test_ocicache.py
+
+# What .ci/run runs on every other Python version present: the tests that need no
+# external tool (the others are not run, and are counted apart from skips).
+test-fast:
+	OCICACHE_FAST=1 $(PYTHON) test_ocicache.py
 
 # The campaigns of the regular suite at full size: faults, crashes, concurrency, full
 # disks (a tmpfs, as root), files planted in the cache, and hostile inputs (400,000
@@ -58,7 +71,8 @@ HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_gram
 stress: deps
 	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability $(HOSTILE_CAMPAIGNS)
 
-# Not part of test: measures pull, push and export against skopeo, umoci, cp and the machine's
-# limits (a few minutes). Quick run: make bench BENCH_ARGS="--size-mib 64 --rounds 1"
+# Not part of test: measures pull, push and export against skopeo, umoci, cp, linuxkit ($LINUXKIT
+# or on PATH) and the machine's limits (a quarter of an hour with the shapes). Quick run:
+# make bench BENCH_ARGS="--size-mib 64 --rounds 1"; one group: BENCH_ARGS="--only names"
 bench: deps
 	$(PYTHON) bench_ocicache.py $(BENCH_ARGS)

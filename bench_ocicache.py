@@ -4,11 +4,14 @@
 Builds a deterministic image (one large gzip layer of incompressible bytes and 20 small
 layers), serves it from a real ``docker-registry`` on 127.0.0.1, and times ocicache's
 pull, push and export against skopeo, umoci, ``cp`` and the machine's own limits, taking the
-contenders in turn over several rounds. Prints medians and ratios against the
+contenders in turn over several rounds. It also builds the shapes of issue 19 (many
+small files, many layers, many platforms, many names) and measures them against linuxkit
+($LINUXKIT, else a ``linuxkit`` on PATH). Prints medians and ratios against the
 project's targets with PASS or MISS per row, and writes every sample as JSON::
 
     python3 bench_ocicache.py                           # 1 GiB layer, 3 rounds
     python3 bench_ocicache.py --size-mib 64 --rounds 1  # a quick run
+    python3 bench_ocicache.py --only shapes --rounds 1  # the shapes (or: names, main)
     python3 bench_ocicache.py --json results.json
 
 Benchmarks are not tests: a MISS is reported, not failed, so the exit status is 0
@@ -64,6 +67,14 @@ TARGET_FLATTEN_VS_LIMIT = 1.3
 TARGET_FLATTEN_VS_UMOCI = 0.3
 TARGET_PEAK_RSS_MIB = 48.0
 TARGET_IMPORT_MS = 25.0
+# Issue 19's targets, against linuxkit (Go) in the same run.
+TARGET_FLATTEN_VS_LINUXKIT = 1.0
+TARGET_SMALL_FILES_VS_LINUXKIT = 0.7
+TARGET_LS_VS_LINUXKIT = 2.0
+TARGET_NAME_WRITE_MS = 300.0       # rm of one name, descriptor_write of one name
+TARGET_NAMES_LINEAR = 4.0          # 20,000 names / 5,000 names: 4x is linear, 16x quadratic
+TARGET_PULL_VS_LINUXKIT = 1.0      # many layers, many platforms, durable
+TARGET_SMALL_PULL_VS_LINUXKIT = 1.5
 
 
 class BenchError(Exception):
@@ -119,19 +130,20 @@ def incompressible(seed: bytes, size: int) -> Iterator[bytes]:
         yield hashlib.shake_256(block).digest(min(MIB, size - offset))
 
 
-def _tar_header(name: str, size: int) -> bytes:
+def _tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o644, 0
+    info.size, info.type, info.mtime = size, kind, 0
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
     return info.tobuf(tarfile.PAX_FORMAT)
 
 
 class _LayerWriter:
     """Writes a gzip layer, hashing the tar (its diff_id) and the blob (its digest)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, level: int = 6) -> None:
         self._file = open(path, "wb")
         # wbits 31: a gzip wrapper with mtime 0, so the bytes depend only on the input.
-        self._compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
         self.diff_id = hashlib.sha256()
         self.digest = hashlib.sha256()
         self.tar_size = 0
@@ -148,6 +160,9 @@ class _LayerWriter:
             self.write(chunk)
         self.write(b"\0" * (-size % tarfile.BLOCKSIZE))
 
+    def add_directory(self, name: str) -> None:
+        self.write(_tar_header(name, 0, tarfile.DIRTYPE))
+
     def _emit(self, data: bytes) -> None:
         self.digest.update(data)
         self.size += len(data)
@@ -159,10 +174,11 @@ class _LayerWriter:
         self._file.close()
 
 
-def _write_layer(directory: str, fill: Callable[[_LayerWriter], None]) -> Tuple[Blob, str, int]:
+def _write_layer(directory: str, fill: Callable[[_LayerWriter], None],
+                 level: int = 6) -> Tuple[Blob, str, int]:
     """Write a layer; returns its blob, its diff_id and the size of its tar."""
     temp = os.path.join(directory, "layer.partial")
-    writer = _LayerWriter(temp)
+    writer = _LayerWriter(temp, level)
     fill(writer)
     writer.close()
     path = os.path.join(directory, writer.digest.hexdigest())
@@ -251,6 +267,11 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _read_text(path: str) -> str:
@@ -358,6 +379,13 @@ class Registry:
 
 def upload(registry: Registry, image: Image) -> None:
     """Push the image with plain distribution API calls, streaming each blob from disk."""
+    upload_blobs(registry, REPOSITORY, image.blobs, [(image.manifest, TAG)])
+
+
+def upload_blobs(registry: Registry, repository: str, blobs: Sequence[Blob],
+                 manifests: Sequence[Tuple[Blob, str]]) -> None:
+    """Upload ``blobs``, then each manifest or index under its reference (a digest or a
+    tag) in order: the children of an index before it."""
     connection = http.client.HTTPConnection(LOOPBACK, registry.port, timeout=COMMAND_TIMEOUT,
                                             blocksize=MIB)
 
@@ -370,8 +398,8 @@ def upload(registry: Registry, image: Image) -> None:
         return response
 
     try:
-        for blob in image.blobs:
-            started = call("POST", f"/v2/{REPOSITORY}/blobs/uploads/", b"",
+        for blob in blobs:
+            started = call("POST", f"/v2/{repository}/blobs/uploads/", b"",
                            {"Content-Length": "0"}, 202)
             location = urllib.parse.urlsplit(started.headers["Location"])
             query = f"{location.query}&" if location.query else ""
@@ -379,9 +407,10 @@ def upload(registry: Registry, image: Image) -> None:
                 call("PUT", f"{location.path}?{query}digest={blob.digest}", body,
                      {"Content-Length": str(blob.size),
                       "Content-Type": "application/octet-stream"}, 201)
-        with open(image.manifest.path, "rb") as f:
-            call("PUT", f"/v2/{REPOSITORY}/manifests/{TAG}", f.read(),
-                 {"Content-Type": MEDIA_MANIFEST}, 201)
+        for manifest, reference in manifests:
+            with open(manifest.path, "rb") as f:
+                call("PUT", f"/v2/{repository}/manifests/{reference}", f.read(),
+                     {"Content-Type": manifest.media_type}, 201)
     finally:
         connection.close()
 
@@ -459,9 +488,26 @@ class Bench:
 
     work: str
     registry: Registry
-    image: Image
+    main_image: Optional[Image]        # built only when a case that reads it runs
     push_target: Registry              # a second registry, emptied before every push
     tools: Dict[str, Optional[str]]    # command name -> its path, None when missing
+    fixtures: Dict[str, Any] = dataclasses.field(default_factory=dict)  # built shapes
+
+    @property
+    def image(self) -> Image:
+        if self.main_image is None:
+            raise BenchError("the main image was not built for this selection of cases")
+        return self.main_image
+
+    def fixture(self, key: str, build: Callable[[], Any]) -> Any:
+        """What ``build`` returns, built on the first call of the run (fixtures are
+        shared by cases and rounds, and live in the run's work directory)."""
+        if key not in self.fixtures:
+            started = time.monotonic()
+            self.fixtures[key] = build()
+            print(f"fixture {key} built in {time.monotonic() - started:.1f} s",
+                  file=sys.stderr, flush=True)
+        return self.fixtures[key]
 
     def run(self, *argv: str, cwd: Optional[str] = None) -> float:
         return run(argv, self.registry.env, cwd)
@@ -482,16 +528,18 @@ class Bench:
         algorithm, hex_digest = blob.digest.split(":")
         return os.path.join(self.cache, "blobs", algorithm, hex_digest)
 
-    def ocicache(self, *args: str, as_script: bool = False) -> Sample:
+    def ocicache(self, *args: str, as_script: bool = False, cache: str = "") -> Sample:
         """``python3 -m ocicache ARGS`` from ocicache.py's directory, as README recommends
-        running it, or with ``as_script`` ``python3 ocicache.py ARGS``."""
+        running it, or with ``as_script`` ``python3 ocicache.py ARGS``; on ``cache``, by
+        default the main one."""
         rss_file = self.path("rss")
+        cache = cache or self.cache
         if as_script:
             seconds = self.run(PYTHON, "-c", _RSS_WRAPPER, rss_file, OCICACHE,
-                               "--cache", self.cache, *args)
+                               "--cache", cache, *args)
         else:
             seconds = self.run(PYTHON, "-c", _RSS_WRAPPER, rss_file, "ocicache",
-                               "--cache", self.cache, *args, cwd=HERE)
+                               "--cache", cache, *args, cwd=HERE)
         fields = _read_text(rss_file).split()  # "VmHWM:", "40960", "kB"
         return Sample(seconds, rss_kib=int(fields[1]))
 
@@ -549,12 +597,12 @@ def limit_pull(bench: Bench, directory: str) -> None:
 _DECOMPRESS_PIECE = 256 * 1024
 
 
-def limit_decompress(bench: Bench) -> None:
-    """zlib-decompress every layer in the cache to /dev/null, 256 KiB at a time."""
+def limit_decompress(paths: Sequence[str]) -> None:
+    """zlib-decompress each gzip file to /dev/null, 256 KiB at a time."""
     with open(os.devnull, "wb") as sink:
-        for layer in bench.image.layers:
+        for path in paths:
             decompressor = zlib.decompressobj(31)
-            with open(bench.cache_blob(layer), "rb", buffering=0) as blob:
+            with open(path, "rb", buffering=0) as blob:
                 while True:
                     chunk = blob.read(_DECOMPRESS_PIECE)
                     if not chunk:
@@ -563,7 +611,7 @@ def limit_decompress(bench: Bench) -> None:
                         sink.write(decompressor.decompress(chunk, _DECOMPRESS_PIECE))
                         chunk = decompressor.unconsumed_tail
             if not decompressor.eof:
-                raise BenchError(f"limit: layer {layer.digest} ends early")
+                raise BenchError(f"limit: layer {path} ends early")
 
 
 # =====================================================================================
@@ -643,7 +691,8 @@ def ratio(a: str, b: str, target: Optional[float]) -> Check:
 def wall_ms(contender: str, target: Optional[float]) -> Check:
     def evaluate(r: CaseResult) -> Tuple[float, str, str]:
         return r.median(contender) * 1000, _seconds(r.median(contender)), ""
-    return Check("wall time", (contender,), evaluate, "ms", target)
+    measure = "wall time" if contender == "ocicache" else f"{contender} wall time"
+    return Check(measure, (contender,), evaluate, "ms", target)
 
 
 def difference_ms(a: str, b: str, target: Optional[float]) -> Check:
@@ -663,7 +712,8 @@ def peak_rss(contender: str = "ocicache", target: float = TARGET_PEAK_RSS_MIB) -
 def most(contender: str, key: str, target: Optional[float]) -> Check:
     def evaluate(r: CaseResult) -> Tuple[float, str, str]:
         return r.most(contender, key), "", "most in any run"
-    return Check(key, (contender,), evaluate, "", target)
+    return Check(key if contender == "ocicache" else f"{contender} {key}", (contender,),
+                 evaluate, "", target)
 
 
 # =====================================================================================
@@ -821,27 +871,45 @@ def oci_export(bench: Bench) -> Case:
     return _export_case(bench, "OCI export", "oci", "oci-archive", bench.ref)
 
 
-def flatten(bench: Bench) -> Case:
+def _flatten_contenders(bench: Bench, cache: str, ref: str,
+                        layers: Sequence[str]) -> Dict[str, Callable[[], Sample]]:
+    """ocicache's filesystem export of ``ref`` in ``cache`` (gzip files ``layers``) vs
+    linuxkit's, umoci's unpack and the zlib limit."""
     def ocicache() -> Sample:
         target = bench.path("rootfs.tar")
         sample = bench.ocicache("export", "--format", "filesystem", "--platform", "amd64",
-                                "-o", target, bench.ref)
+                                "-o", target, ref, cache=cache)
+        remove(target)
+        return sample
+
+    def linuxkit(tool: str) -> Sample:
+        target = bench.path("linuxkit-rootfs.tar")
+        sample = Sample(bench.run(tool, "cache", "export", "--cache", cache, "--format",
+                                  "filesystem", "--platform", "linux/amd64", "--outfile",
+                                  target, ref))
         remove(target)
         return sample
 
     def umoci(tool: str) -> Sample:
         target = bench.path("bundle")
         remove(target)
-        sample = Sample(bench.run(tool, "unpack", "--image", f"{bench.cache}:{bench.ref}",
-                                  target))
+        sample = Sample(bench.run(tool, "unpack", "--image", f"{cache}:{ref}", target))
         remove(target)
         return sample
 
     contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "linuxkit", contenders, linuxkit)
     _with_tool(bench, "umoci", contenders, umoci)
-    contenders["zlib limit"] = lambda: timed(lambda: limit_decompress(bench))
+    contenders["zlib limit"] = lambda: timed(lambda: limit_decompress(layers))
+    return contenders
+
+
+def flatten(bench: Bench) -> Case:
+    contenders = _flatten_contenders(bench, bench.cache, bench.ref,
+                                     [bench.cache_blob(layer) for layer in bench.image.layers])
     return Case("flatten", contenders, [
         ratio("ocicache", "zlib limit", TARGET_FLATTEN_VS_LIMIT),
+        ratio("ocicache", "linuxkit", TARGET_FLATTEN_VS_LINUXKIT),
         ratio("ocicache", "umoci", TARGET_FLATTEN_VS_UMOCI),
         peak_rss()])
 
@@ -900,10 +968,510 @@ def repush(bench: Bench) -> Case:
         peak_rss()], repeat=3)
 
 
+# =====================================================================================
+# Shapes (issue 19)
+#
+# Images and caches shaped like real ones: a layer of 200,000 small files with a layer
+# over it, 100 layers of 1 MiB, 500 tiny layers, an index of 8 platforms, a 65 KB
+# multi-arch image, caches of 20,000 and 5,000 names. Each follows from the seed, is
+# built the first time a case asks for it and is kept for the rest of the run in the run's
+# work directory. Flatten and name cases read a cache laid out directly (blobs linked
+# from the build, index.json as ocicache writes it); pull cases read an upload to the
+# registry. Layer contents are incompressible, like the main image's (small files are hex
+# text), and compressed at level 1 to keep the build short.
+# =====================================================================================
+
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+SHAPE_HOST = "bench.local"         # the host of names in caches laid out directly
+SMALL_FILES = 200_000
+FEW_SMALL_FILES = 50_000           # the same shape at a quarter: is the cost linear?
+SMALL_FILES_PER_DIRECTORY = 1000
+SMALL_FILE_MAX = 4096              # sizes are 0 to 4 KiB
+NAMES = 20_000
+FEW_NAMES = 5_000
+NAMES_SHARED_LAYERS = 100          # every name's image has 3 of these and its own config
+PLATFORMS = [("amd64", ""), ("arm64", ""), ("arm", "v7"), ("arm", "v6"), ("386", ""),
+             ("ppc64le", ""), ("s390x", ""), ("riscv64", "")]
+SMALL_INDEX_PLATFORMS = 4          # the 65 KB multi-arch image: 2 layers of 7.5 KB each
+SMALL_INDEX_FILE = 7500
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A built image: its layers and configs, then its manifests and indexes, children
+    before the index that lists them, the root last."""
+
+    blobs: List[Blob]
+    manifests: List[Blob]
+    layers: List[Blob]
+    entries: int = 0               # tar entries in all layers
+
+    @property
+    def root(self) -> Blob:
+        return self.manifests[-1]
+
+    @property
+    def size(self) -> int:
+        return sum(blob.size for blob in [*self.blobs, *self.manifests])
+
+
+LayerBuild = Tuple[Blob, str, int]   # what _write_layer returns
+
+
+def _platform(architecture: str, variant: str) -> Dict[str, str]:
+    return {"architecture": architecture, "os": "linux", **({"variant": variant} if variant else {})}
+
+
+def _image_blobs(directory: str, layers: Sequence[LayerBuild], platform: Dict[str, str],
+                 label: str = "") -> Tuple[Blob, Blob]:
+    """The config and the manifest of an image of ``layers``."""
+    config = _write_json_blob(directory, MEDIA_CONFIG, {
+        **platform, "config": {"Labels": {"bench": label}} if label else {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id, _ in layers]}})
+    manifest = _write_json_blob(directory, MEDIA_MANIFEST, {
+        "schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "config": config.descriptor(),
+        "layers": [layer.descriptor() for layer, _, _ in layers]})
+    return config, manifest
+
+
+def _files_layer(directory: str, files: Sequence[Tuple[str, bytes]]) -> LayerBuild:
+    def fill(writer: _LayerWriter) -> None:
+        for name, data in files:
+            writer.add_file(name, iter([data]), len(data))
+    return _write_layer(directory, fill, level=1)
+
+
+def _incompressible_bytes(seed: bytes, size: int) -> bytes:
+    return b"".join(incompressible(SEED + b"/" + seed, size))
+
+
+def _single_image(directory: str, layers: Sequence[LayerBuild], entries: int = 0) -> Shape:
+    config, manifest = _image_blobs(directory, layers, _platform("amd64", ""))
+    blobs = [layer for layer, _, _ in layers]
+    return Shape([*blobs, config], [manifest], blobs, entries)
+
+
+def _small_file_path(number: int) -> str:
+    directory, item = divmod(number, SMALL_FILES_PER_DIRECTORY)
+    return f"usr/share/bench/d{directory:03d}/f{item:03d}"
+
+
+def build_small_files(directory: str, count: int = SMALL_FILES) -> Shape:
+    """A layer of ``count`` files of 0 to 4 KiB in directories of 1,000, and a layer
+    over it that deletes every 20th file (a whiteout) and replaces the 10th after each:
+    10 % of the files, half of them gone, half of them new. The files are hex text, which
+    gzip halves, so that reading the layers costs what it does for real files."""
+    os.makedirs(directory, exist_ok=True)
+    pool = hashlib.shake_256(SEED + b"/pool").hexdigest(MIB // 2).encode()
+
+    def content(number: int, generation: int) -> bytes:
+        size = (number * 2654435761 + generation * 40503) % (SMALL_FILE_MAX + 1)
+        offset = (number * 7919 + generation * 104729) % (len(pool) - SMALL_FILE_MAX)
+        return pool[offset:offset + size]
+
+    def base(writer: _LayerWriter) -> None:
+        for parent in ("usr/", "usr/share/", "usr/share/bench/"):
+            writer.add_directory(parent)
+        for number in range(count):
+            if number % SMALL_FILES_PER_DIRECTORY == 0:
+                writer.add_directory(_small_file_path(number).rsplit("/", 1)[0] + "/")
+            data = content(number, 0)
+            writer.add_file(_small_file_path(number), iter([data]), len(data))
+
+    def upper(writer: _LayerWriter) -> None:
+        for number in range(0, count, 10):
+            if number % 20 == 0:
+                parent, name = _small_file_path(number).rsplit("/", 1)
+                writer.add_file(f"{parent}/.wh.{name}", iter([]), 0)
+            else:
+                data = content(number, 1)
+                writer.add_file(_small_file_path(number), iter([data]), len(data))
+
+    layers = [_write_layer(directory, base, level=1), _write_layer(directory, upper, level=1)]
+    directories = 3 + -(-count // SMALL_FILES_PER_DIRECTORY)
+    return _single_image(directory, layers, count + directories + -(-count // 10))
+
+
+def build_layers(directory: str, count: int, size: int) -> Shape:
+    """``count`` layers of one incompressible file of ``size`` bytes each."""
+    os.makedirs(directory, exist_ok=True)
+    layers = [_files_layer(directory, [(f"data/layer-{n:03d}",
+                                        _incompressible_bytes(b"layer/%d" % n, size))])
+              for n in range(count)]
+    return _single_image(directory, layers, count)
+
+
+def build_tiny_layers(directory: str, count: int) -> Shape:
+    """``count`` layers of one short text file each, like a Dockerfile's RUN steps."""
+    os.makedirs(directory, exist_ok=True)
+    layers = [_files_layer(directory, [(f"etc/tiny/{n:03d}.conf",
+                                        f"step {n} of {count}\n".encode())])
+              for n in range(count)]
+    return _single_image(directory, layers, count)
+
+
+def build_index(directory: str, platforms: Sequence[Tuple[str, str]], layers: int,
+                size: int) -> Shape:
+    """An index of one image per platform, each of ``layers`` layers holding one
+    incompressible file of ``size`` bytes."""
+    os.makedirs(directory, exist_ok=True)
+    blobs: List[Blob] = []
+    children: List[Tuple[Blob, Dict[str, str]]] = []
+    for architecture, variant in platforms:
+        platform = _platform(architecture, variant)
+        built = [_files_layer(directory, [(f"data/{architecture}{variant}-{n}", _incompressible_bytes(
+            f"{architecture}{variant}/{n}".encode(), size))]) for n in range(layers)]
+        config, manifest = _image_blobs(directory, built, platform)
+        blobs += [*(layer for layer, _, _ in built), config]
+        children.append((manifest, platform))
+    index = _write_json_blob(directory, MEDIA_INDEX, {
+        "schemaVersion": 2, "mediaType": MEDIA_INDEX,
+        "manifests": [{**manifest.descriptor(), "platform": platform}
+                      for manifest, platform in children]})
+    layer_blobs = [b for b in blobs if b.media_type == MEDIA_LAYER_GZIP]
+    return Shape(blobs, [*(m for m, _ in children), index], layer_blobs, len(layer_blobs))
+
+
+def write_layout(cache: str, entries: Sequence[Tuple[str, Blob]]) -> bytes:
+    """Make ``cache`` an OCI layout naming ``entries``; returns index.json's bytes.
+
+    index.json is written as ocicache writes it (3-space indent, as linuxkit does)."""
+    os.makedirs(os.path.join(cache, "blobs", "sha256"), exist_ok=True)
+    with open(os.path.join(cache, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    index = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [
+        {**blob.descriptor(), "annotations": {REF_NAME: name}} for name, blob in entries]},
+        indent=3).encode()
+    with open(os.path.join(cache, "index.json"), "wb") as f:
+        f.write(index)
+    return index
+
+
+def shape_cache(cache: str, shape: Shape, name: str) -> str:
+    """A cache holding ``shape`` (its blobs hard-linked) named ``name``; returns ``cache``."""
+    write_layout(cache, [(name, shape.root)])
+    for blob in [*shape.blobs, *shape.manifests]:
+        target = os.path.join(cache, "blobs", *blob.digest.split(":"))
+        if not os.path.exists(target):
+            os.link(blob.path, target)
+    return cache
+
+
+@dataclasses.dataclass(frozen=True)
+class NamesCache:
+    """A cache of many names, each an image with its own manifest and config and 3 layers
+    shared with others; one name in the middle is the one cases pull, remove or rename."""
+
+    cache: str
+    names: List[str]
+    roots: List[Blob]
+    index: bytes                   # index.json as built
+    blobs: List[Tuple[str, bytes]]   # path and bytes of every blob of the middle name
+
+    @property
+    def middle(self) -> int:
+        return len(self.names) // 2
+
+    def restore(self) -> None:
+        """Undo what a case's run changed: index.json and the middle name's blobs (linuxkit
+        cache rm deletes its shared layers too)."""
+        temp = os.path.join(self.cache, "index.json.bench")
+        with open(temp, "wb") as f:
+            f.write(self.index)
+        os.replace(temp, os.path.join(self.cache, "index.json"))
+        for path, data in self.blobs:
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    f.write(data)
+
+
+def build_names_cache(cache: str, host: str, count: int) -> NamesCache:
+    """``count`` names ``<host>/names/n<i>:1`` of single-platform images."""
+    blobs = os.path.join(cache, "blobs", "sha256")
+    os.makedirs(blobs)
+    shared = [_files_layer(blobs, [(f"etc/shared/{n}", f"shared layer {n}\n".encode())])
+              for n in range(NAMES_SHARED_LAYERS)]
+    names, roots = [], []
+    middle: List[Tuple[str, bytes]] = []
+    for number in range(count):
+        layers = [shared[(number + 7 * k) % NAMES_SHARED_LAYERS] for k in range(3)]
+        config, manifest = _image_blobs(blobs, layers, _platform("amd64", ""), f"n{number}")
+        names.append(f"{host}/names/n{number:05d}:1")
+        roots.append(manifest)
+        if number == count // 2:
+            middle = [(blob.path, _read_bytes(blob.path))
+                      for blob in (config, manifest, *(layer for layer, _, _ in layers))]
+    index = write_layout(cache, list(zip(names, roots)))
+    return NamesCache(cache, names, roots, index, middle)
+
+
+def _durable(sample: Sample) -> Sample:
+    """The run's time and that of a sync after it: what it takes for the pull to be on disk
+    (ocicache fsyncs; linuxkit and skopeo leave it to the kernel)."""
+    started = time.perf_counter()
+    os.sync()
+    sample.seconds += time.perf_counter() - started
+    return sample
+
+
+def _counting(bench: Bench, run: Callable[[], Sample]) -> Sample:
+    """``run``'s sample, with the registry requests it made."""
+    before = bench.registry.requests()
+    sample = run()
+    sample.extra["registry requests"] = bench.registry.requests() - before
+    return sample
+
+
+def _uploaded(bench: Bench, key: str, build: Callable[[str], Shape]) -> Tuple[Shape, str]:
+    """The shape ``key`` (built once for every case that reads it) uploaded to the
+    registry; returns it and its name there."""
+    shape: Shape = bench.fixture(key, lambda: build(bench.path(os.path.join("shapes", key))))
+    children = [(m, m.digest) for m in shape.manifests[:-1]]
+    bench.fixture(f"{key} upload", lambda: upload_blobs(
+        bench.registry, f"shapes/{key}", shape.blobs, [*children, (shape.root, TAG)]))
+    return shape, f"{bench.registry.host}/shapes/{key}:{TAG}"
+
+
+def _pull_case(bench: Bench, name: str, key: str, build: Callable[[str], Shape],
+               which: Sequence[str], target: float, with_bare: bool = False) -> Case:
+    """A durable pull of shape ``key`` into an empty cache: ocicache with ``which``
+    (--platform or --all-platforms) vs linuxkit cache pull (every platform) vs skopeo."""
+    shape, ref = _uploaded(bench, key, build)
+    all_platforms = len(shape.manifests) > 1
+
+    def fresh(directory: str, run: Callable[[str], Sample]) -> Sample:
+        target_dir = bench.path(directory)
+        remove(target_dir)
+        sample = _counting(bench, lambda: _durable(run(target_dir)))
+        remove(target_dir)
+        return sample
+
+    def ocicache() -> Sample:
+        return fresh("pull-ocicache", lambda d: bench.ocicache("pull", *which, ref, cache=d))
+
+    def linuxkit(tool: str) -> Sample:
+        return fresh("pull-linuxkit", lambda d: Sample(bench.run(
+            tool, "cache", "pull", "--cache", d, ref)))
+
+    def skopeo(tool: str) -> Sample:
+        return fresh("pull-skopeo", lambda d: Sample(bench.run(
+            tool, "copy", "--src-tls-verify=false", *(["--all"] if all_platforms else []),
+            f"docker://{ref}", f"oci:{d}:bench")))
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "linuxkit", contenders, linuxkit)
+    _with_tool(bench, "skopeo", contenders, skopeo)
+    checks = [ratio("ocicache", "linuxkit", target), ratio("ocicache", "skopeo", None)]
+    if with_bare:
+        contenders["bare"] = lambda: bare_start(bench)
+        checks.append(difference_ms("ocicache", "bare", None))
+    checks += [most("ocicache", "registry requests", None),
+               most("linuxkit", "registry requests", None), peak_rss()]
+    return Case(name, contenders, checks)
+
+
+def pull_layers(bench: Bench) -> Case:
+    """100 layers of 1 MiB, durable."""
+    return _pull_case(bench, "pull 100x1MiB", "layers",
+                      lambda d: build_layers(d, 100, MIB), ["--platform", "amd64"],
+                      TARGET_PULL_VS_LINUXKIT)
+
+
+def pull_tiny_layers(bench: Bench) -> Case:
+    """500 layers of a few bytes, durable."""
+    return _pull_case(bench, "pull 500 tiny", "tiny", lambda d: build_tiny_layers(d, 500),
+                      ["--platform", "amd64"], TARGET_PULL_VS_LINUXKIT)
+
+
+def pull_platforms(bench: Bench) -> Case:
+    """An index of 8 platforms of 5 layers of 64 KiB, every platform, durable."""
+    return _pull_case(bench, "pull 8 platforms", "platforms",
+                      lambda d: build_index(d, PLATFORMS, 5, 64 * 1024), ["--all-platforms"],
+                      TARGET_PULL_VS_LINUXKIT)
+
+
+def pull_small_index(bench: Bench) -> Case:
+    """A 65 KB multi-arch image (4 platforms of 2 layers), every platform: round trips."""
+    return _pull_case(bench, "pull 65KB index", "small-index",
+                      lambda d: build_index(d, PLATFORMS[:SMALL_INDEX_PLATFORMS], 2,
+                                            SMALL_INDEX_FILE),
+                      ["--all-platforms"], TARGET_SMALL_PULL_VS_LINUXKIT, with_bare=True)
+
+
+def per_entry_us(a: str, b: str, entries: int) -> Check:
+    """(median(a) - median(b)) / entries, in microseconds."""
+    def evaluate(r: CaseResult) -> Tuple[float, str, str]:
+        return ((r.median(a) - r.median(b)) / entries * 1e6, _seconds(r.median(a)),
+                f"{b} {_seconds(r.median(b))}, {entries} entries")
+    return Check(f"({a} - {b}) / entry", (a, b), evaluate, "us", None)
+
+
+def _flatten_shape(bench: Bench, key: str, build: Callable[[str], Shape]) -> Tuple[Shape, Dict[str, Callable[[], Sample]]]:
+    name = f"{SHAPE_HOST}/shapes/{key}:{TAG}"
+    shape = bench.fixture(key, lambda: build(bench.path(os.path.join("shapes", key))))
+    cache = bench.fixture(f"{key} cache", lambda: shape_cache(
+        bench.path(os.path.join("shapes", f"{key}-cache")), shape, name))
+    return shape, _flatten_contenders(bench, cache, name, [layer.path for layer in shape.layers])
+
+
+def flatten_small_files(bench: Bench) -> Case:
+    """A layer of 200,000 files of 0-4 KiB and one deleting or replacing 10 % of them;
+    ocicache also on the same shape of 50,000 files, for how the cost grows."""
+    shape, contenders = _flatten_shape(bench, "small-files", build_small_files)
+    _, few = _flatten_shape(bench, "few-small-files",
+                            lambda d: build_small_files(d, FEW_SMALL_FILES))
+    few_name = f"ocicache {FEW_SMALL_FILES // 1000}k"
+    contenders[few_name] = few["ocicache"]
+    contenders["bare"] = lambda: bare_start(bench)
+    return Case("flatten 200k files", contenders, [
+        ratio("ocicache", "linuxkit", TARGET_SMALL_FILES_VS_LINUXKIT),
+        ratio("ocicache", "umoci", None),
+        ratio("ocicache", "zlib limit", None),
+        per_entry_us("ocicache", "bare", shape.entries),
+        ratio("ocicache", few_name, SMALL_FILES / FEW_SMALL_FILES),
+        peak_rss()])
+
+
+def flatten_layers(bench: Bench) -> Case:
+    """100 layers of 1 MiB (the pull case's image, in a cache of its own)."""
+    _, contenders = _flatten_shape(bench, "layers", lambda d: build_layers(d, 100, MIB))
+    return Case("flatten 100x1MiB", contenders, [
+        ratio("ocicache", "linuxkit", TARGET_FLATTEN_VS_LINUXKIT),
+        ratio("ocicache", "umoci", None),
+        ratio("ocicache", "zlib limit", None),
+        peak_rss()])
+
+
+FEW = f" {FEW_NAMES // 1000}k"     # the contenders on the cache of FEW_NAMES names
+
+# Names ``sys.argv[3]`` as the descriptor in ``sys.argv[4]`` in the cache ``sys.argv[2]``
+# with the library call linuxkit's Go code makes (DescriptorWrite); there is no command.
+_DESCRIPTOR_WRITE = """\
+import json, sys, ocicache
+ocicache.Provider(sys.argv[1]).descriptor_write(sys.argv[2], json.loads(sys.argv[3]))
+"""
+
+
+def _names_case(bench: Bench, name: str, ocicache: Callable[[NamesCache], Sample],
+                linuxkit: Optional[Callable[[str, NamesCache], Sample]],
+                checks: List[Check], with_bare: bool = False, repeat: int = 1) -> Case:
+    """A case on the caches of NAMES and FEW_NAMES names, restored after every run."""
+    many = bench.fixture("names", lambda: build_names_cache(
+        bench.path("names-cache"), bench.registry.host, NAMES))
+    few = bench.fixture("few names", lambda: build_names_cache(
+        bench.path("few-names-cache"), bench.registry.host, FEW_NAMES))
+
+    def restoring(run: Callable[[], Sample], names: NamesCache) -> Callable[[], Sample]:
+        def contender() -> Sample:
+            try:
+                return run()
+            finally:
+                names.restore()
+        return contender
+
+    contenders: Dict[str, Callable[[], Sample]] = {
+        "ocicache": restoring(lambda: ocicache(many), many),
+        f"ocicache{FEW}": restoring(lambda: ocicache(few), few)}
+    tool = bench.tools.get("linuxkit")
+    if linuxkit is not None and tool is not None:
+        contenders["linuxkit"] = restoring(lambda: linuxkit(tool, many), many)
+        contenders[f"linuxkit{FEW}"] = restoring(lambda: linuxkit(tool, few), few)
+    if with_bare:
+        contenders["bare"] = lambda: bare_start(bench)
+    return Case(name, contenders, checks, repeat=repeat)
+
+
+def _ls_case(bench: Bench, name: str, *options: str) -> Case:
+    return _names_case(
+        bench, name, lambda n: bench.ocicache("ls", *options, cache=n.cache),
+        lambda tool, n: Sample(bench.run(tool, "cache", "ls", "--cache", n.cache)), [
+            ratio("ocicache", "linuxkit", TARGET_LS_VS_LINUXKIT),
+            ratio(f"ocicache{FEW}", f"linuxkit{FEW}", TARGET_LS_VS_LINUXKIT),
+            ratio("ocicache", f"ocicache{FEW}", None),
+            peak_rss()])
+
+
+def names_ls(bench: Bench) -> Case:
+    """``ls`` of a cache of 20,000 (and 5,000) names vs linuxkit cache ls."""
+    return _ls_case(bench, "names ls")
+
+
+def names_ls_json(bench: Bench) -> Case:
+    """``ls --json`` of the same caches vs linuxkit cache ls (it has no JSON)."""
+    return _ls_case(bench, "names ls --json", "--json")
+
+
+def names_warm_pull(bench: Bench) -> Case:
+    """A pull of one name the cache holds complete: no request, little past the start."""
+    def ocicache(names: NamesCache) -> Sample:
+        return _counting(bench, lambda: bench.ocicache(
+            "pull", "--platform", "amd64", names.names[names.middle], cache=names.cache))
+    return _names_case(bench, "names warm pull", ocicache, None, [
+        difference_ms("ocicache", "bare", TARGET_WARM_PULL_MS),
+        difference_ms(f"ocicache{FEW}", "bare", TARGET_WARM_PULL_MS),
+        most("ocicache", "registry requests", 0),
+        peak_rss()], with_bare=True, repeat=3)
+
+
+def _name_write_checks() -> List[Check]:
+    return [wall_ms("ocicache", TARGET_NAME_WRITE_MS),
+            wall_ms(f"ocicache{FEW}", TARGET_NAME_WRITE_MS),
+            ratio("ocicache", f"ocicache{FEW}", None),
+            difference_ms("ocicache", "bare", None)]
+
+
+def names_rm(bench: Bench) -> Case:
+    """``rm`` of one name (and the blobs only it uses) vs linuxkit cache rm."""
+    return _names_case(
+        bench, "names rm",
+        lambda n: bench.ocicache("rm", n.names[n.middle], cache=n.cache),
+        lambda tool, n: Sample(bench.run(tool, "cache", "rm", "--cache", n.cache,
+                                         n.names[n.middle])),
+        [*_name_write_checks(), ratio("ocicache", "linuxkit", None), peak_rss()],
+        with_bare=True)
+
+
+def names_descriptor_write(bench: Bench) -> Case:
+    """``Provider.descriptor_write`` of one name (pointing it at its neighbour's image)."""
+    def ocicache(names: NamesCache) -> Sample:
+        descriptor = json.dumps(names.roots[names.middle + 1].descriptor())
+        return Sample(bench.run(PYTHON, "-c", _DESCRIPTOR_WRITE, names.cache,
+                                names.names[names.middle], descriptor, cwd=HERE))
+    return _names_case(bench, "names desc write", ocicache, None, _name_write_checks(),
+                       with_bare=True)
+
+
+def _linear_case(bench: Bench, name: str, *args: str) -> Case:
+    return _names_case(bench, name, lambda n: bench.ocicache(*args, cache=n.cache), None, [
+        wall_ms("ocicache", None),
+        ratio("ocicache", f"ocicache{FEW}", TARGET_NAMES_LINEAR),
+        peak_rss()])
+
+
+def names_gc(bench: Bench) -> Case:
+    """``gc --dry-run``: linear in blobs, so 20,000 names cost at most 4 times 5,000."""
+    return _linear_case(bench, "names gc -n", "gc", "--dry-run")
+
+
+def names_verify(bench: Bench) -> Case:
+    """``verify``: linear in blobs, so 20,000 names cost at most 4 times 5,000."""
+    return _linear_case(bench, "names verify", "verify")
+
+
 PULL_CASES: List[Callable[[Bench], Case]] = [cold_pull, warm_pull, warm_pull_script]
 PUSH_CASES: List[Callable[[Bench], Case]] = [push, repush]
 EXPORT_CASES: List[Callable[[Bench], Case]] = [docker_export, oci_export, flatten]
-CASES = [*PULL_CASES, *PUSH_CASES, *EXPORT_CASES, import_time]
+MAIN_CASES = [*PULL_CASES, *PUSH_CASES, *EXPORT_CASES, import_time]  # read the main image
+NAME_CASES: List[Callable[[Bench], Case]] = [
+    names_ls, names_ls_json, names_warm_pull, names_rm, names_descriptor_write, names_gc,
+    names_verify]
+SHAPE_CASES: List[Callable[[Bench], Case]] = [
+    flatten_small_files, flatten_layers, *NAME_CASES, pull_layers, pull_tiny_layers,
+    pull_platforms, pull_small_index]
+CASES = [*MAIN_CASES, *SHAPE_CASES]
+# Names --only takes for several cases at once.
+GROUPS = {"main": MAIN_CASES, "shapes": SHAPE_CASES, "names": NAME_CASES}
 
 
 # =====================================================================================
@@ -943,6 +1511,13 @@ NOTES = {
     "cp": "cp --reflink=never of the image's blobs (layers, config, manifest) out of the "
           "cache: the bytes a docker or OCI tar holds",
     "umoci": "umoci unpack of the image in the ocicache cache to a bundle directory",
+    "linuxkit": "linuxkit (Go; $LINUXKIT, else on PATH) on the same cache: cache export "
+                "--format filesystem, cache ls, cache rm; cache pull into an empty cache "
+                "(every platform, as it always does)",
+    "durable": "pull cases time the command and a sync(2) after it, for every contender",
+    "names": f"caches of {NAMES} and {FEW_NAMES} names (contenders marked{FEW}), each an "
+             f"image with its own manifest and config and 3 of {NAMES_SHARED_LAYERS} shared "
+             "layers; index.json and the removed blobs are restored after every run",
     "zlib limit": "zlib decompression of every layer in the cache to /dev/null, 256 KiB in "
                   "and at most 256 KiB out per call (the fastest measured), in the "
                   "benchmark process",
@@ -976,11 +1551,16 @@ def write_json(path: str, args: argparse.Namespace, bench: Bench,
                     "python": PYTHON, "python_version": platform.python_version()},
         "versions": {"ocicache": _command_output([PYTHON, OCICACHE, "--version"]),
                      "ocicache.py sha256": ocicache_sha256,
-                     **{name: _command_output([tool, "--version"])
+                     **{name: _command_output([tool, "version" if name == "linuxkit"
+                                               else "--version"])
                         for name, tool in tools.items() if tool is not None and name != "cp"}},
-        "image": {"manifest": bench.image.manifest.digest,
-                  "layers": [layer.descriptor() for layer in bench.image.layers],
-                  "big_layer_tar_size": bench.image.big_layer_tar_size},
+        "image": None if bench.main_image is None else {
+            "manifest": bench.image.manifest.digest,
+            "layers": [layer.descriptor() for layer in bench.image.layers],
+            "big_layer_tar_size": bench.image.big_layer_tar_size},
+        "shapes": {key: {"root": value.root.digest, "size": value.size,
+                         "layers": len(value.layers), "entries": value.entries}
+                   for key, value in bench.fixtures.items() if isinstance(value, Shape)},
         "notes": NOTES,
         "cases": {case.name: {name: {"median_seconds": result.median(name),
                                      "samples": [dataclasses.asdict(s) for s in samples]}
@@ -1007,10 +1587,12 @@ def _positive(value: str) -> int:
 
 def _case_names(value: str) -> List[str]:
     names = [name for name in value.split(",") if name]
-    unknown = [name for name in names if name not in {f.__name__ for f in CASES}]
+    unknown = [name for name in names
+               if name not in GROUPS and name not in {f.__name__ for f in CASES}]
     if unknown:
         raise argparse.ArgumentTypeError(f"no case named {', '.join(unknown)}")
-    return names
+    return [case for name in names
+            for case in ([f.__name__ for f in GROUPS[name]] if name in GROUPS else [name])]
 
 
 def _tool(name: str) -> Optional[str]:
@@ -1020,12 +1602,15 @@ def _tool(name: str) -> Optional[str]:
 
 def measure(args: argparse.Namespace, registry_binary: str, tools: Dict[str, Optional[str]],
             work: str) -> Tuple[Bench, List[Tuple[Case, CaseResult]]]:
-    """Build the image, serve it, and run every case in ``work``."""
-    started = time.monotonic()
-    image = build_image(os.path.join(work, "image"), args.size_mib * MIB)
-    print(f"image built in {time.monotonic() - started:.0f} s: a {args.size_mib} MiB layer "
-          f"(gzip/tar {image.layers[0].size / image.big_layer_tar_size:.4f}) and "
-          f"{SMALL_LAYERS} small ones", file=sys.stderr, flush=True)
+    """Build the image (when a case reads it), serve it, and run every case in ``work``."""
+    factories = [f for f in CASES if not args.only or f.__name__ in args.only]
+    image = None
+    if any(f in MAIN_CASES for f in factories):
+        started = time.monotonic()
+        image = build_image(os.path.join(work, "image"), args.size_mib * MIB)
+        print(f"image built in {time.monotonic() - started:.0f} s: a {args.size_mib} MiB "
+              f"layer (gzip/tar {image.layers[0].size / image.big_layer_tar_size:.4f}) and "
+              f"{SMALL_LAYERS} small ones", file=sys.stderr, flush=True)
     registry = Registry(registry_binary, os.path.join(work, "registry"),
                         child_environment(os.path.join(work, "pycache")))
     push_target = Registry(registry_binary, os.path.join(work, "push-registry"),
@@ -1033,13 +1618,13 @@ def measure(args: argparse.Namespace, registry_binary: str, tools: Dict[str, Opt
     registry.start()
     try:
         push_target.start()
-        upload(registry, image)
-        shutil.rmtree(os.path.join(work, "image"))  # the registry has the bytes now
+        if image is not None:
+            upload(registry, image)
+            shutil.rmtree(os.path.join(work, "image"))  # the registry has the bytes now
         bench = Bench(work, registry, image, push_target, tools)
         # The first run on any machine writes the bytecode cache; no timed run pays it.
         bench.run(PYTHON, "-c", "import ocicache", cwd=HERE)
-        factories = [f for f in CASES if not args.only or f.__name__ in args.only]
-        if cold_pull not in factories:
+        if image is not None and cold_pull not in factories:
             bench.ocicache("pull", "--platform", "amd64", bench.ref)  # what the rest reads
         results = []
         for factory in factories:
@@ -1070,7 +1655,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "about 5 times --size-mib free (default: $TMPDIR)")
     parser.add_argument("--only", type=_case_names, default=[], metavar="CASES",
                         help="run only these cases, comma-separated: "
-                             f"{', '.join(f.__name__ for f in CASES)}")
+                             f"{', '.join(f.__name__ for f in CASES)}; or the groups "
+                             f"{', '.join(GROUPS)}")
     args = parser.parse_args(argv)
 
     registry_binary = _tool("docker-registry")
@@ -1079,6 +1665,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "it)", file=sys.stderr)
         return 1
     tools = {name: _tool(name) for name in ("skopeo", "umoci", "cp")}
+    # linuxkit (Go) is the anchor of issue 19's targets: $LINUXKIT, else one on PATH.
+    tools["linuxkit"] = os.environ.get("LINUXKIT") or _tool("linuxkit")
     for name, path in tools.items():
         if path is None:
             print(f"bench_ocicache: {name} is not installed; its rows are skipped",
@@ -1093,7 +1681,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seconds = time.monotonic() - started
     rows = [check.row(case.name, result) for case, result in results for check in case.checks]
     rounds = f"{args.rounds} round{'s' if args.rounds > 1 else ''}"
-    print(f"\nocicache benchmark: a {args.size_mib} MiB layer, medians of {rounds}, "
+    image = "shapes only" if bench.main_image is None else f"a {args.size_mib} MiB layer"
+    print(f"\nocicache benchmark: {image}, medians of {rounds}, "
           f"{os.cpu_count()} CPUs, {seconds:.0f} s in all\n")
     print_table(rows)
     print()

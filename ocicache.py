@@ -42,8 +42,8 @@ import time
 import zlib
 from types import MappingProxyType
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
-                    List, Mapping, NoReturn, Optional, Sequence, Tuple, Type, TypeVar,
-                    Union)
+                    List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Type,
+                    TypeVar, Union)
 
 __version__ = "0.1.0"
 
@@ -54,12 +54,14 @@ __all__ = [
     "AuthenticationError", "InvalidArchiveError", "InvalidPlatformError", "CorruptCacheError",
     # value types and the pure logic over them
     "Digest", "Reference", "Platform", "Descriptor", "Index", "Manifest",
-    "canonical_name", "select_platform", "merge_index",
+    "canonical_name", "select_platform", "merge_index", "read_document", "label_problem",
+    "name_problem",
     "without_dangling_attestations", "merge_remote_index",
     # the disk
     "Layout", "ContentStore", "ContentInfo", "GcReport", "VerifyReport",
     # registries
-    "Challenge", "Credentials", "parse_challenges", "find_credentials", "TransportOptions",
+    "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
+    "erase_credentials", "TransportOptions",
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
@@ -199,6 +201,10 @@ ALL_PLATFORMS = "all"
 FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM = "oci", "docker", "filesystem"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# index.json is read whole: it may never be written larger than this, and one root
+# entry copied from an archive may take at most _MAX_IMPORTED_ENTRY bytes of it.
+MAX_INDEX_SIZE = 64 * MAX_MANIFEST_SIZE
+_MAX_IMPORTED_ENTRY = 16 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
@@ -615,9 +621,15 @@ class Platform:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Platform":
+        features = data.get("os.features") or ()
+        if not isinstance(features, (list, tuple)) or \
+                not all(isinstance(f, str) for f in features):
+            raise InvalidPlatformError("invalid platform: os.features must be a list of "
+                                       f"strings, not {type(features).__name__} "
+                                       f"{_shorten(_one_line(repr(features)), 40)}")
         return cls(str(data.get("os", "")), str(data.get("architecture", "")),
                    str(data.get("variant", "")), str(data.get("os.version", "")),
-                   tuple(data.get("os.features") or ()))
+                   tuple(features))
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"architecture": self.architecture, "os": self.os}
@@ -735,13 +747,16 @@ class Descriptor:
             if not isinstance(annotations, dict) or not all(
                     isinstance(v, str) for v in annotations.values()):
                 raise OciCacheError("annotations must map strings to strings")
+            urls = data.get("urls") or []
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise OciCacheError("urls must be a list of strings")
             return cls(
                 media_type=str(data.get("mediaType", "")),
                 digest=Digest.parse(data.get("digest", "")),
                 size=data.get("size", -1),
                 annotations=annotations,
                 platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
-                urls=tuple(data.get("urls") or ()),
+                urls=tuple(urls),
                 artifact_type=str(data.get("artifactType", "")),
                 data=str(data.get("data", "")),
                 extra={k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS},
@@ -806,23 +821,50 @@ _SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
 _MIN_JSON_BYTES_PER_VALUE = 16
 
 
+# JSON nested deeper than this is refused on every Python version. The decoder's own
+# limit differs: up to 3.12 it is the recursion limit (about 1000), while 3.13's accepts
+# documents far deeper than the json encoder (or any recursive reader) can walk again.
+_JSON_MAX_DEPTH = 500
+
+
+def _nested_deeper_than(obj: Any, limit: int) -> bool:
+    """Whether decoded JSON nests arrays and objects more than ``limit`` levels deep;
+    walked with a stack of its own, as the point is that recursion would not do."""
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def _parse_json(data: Union[bytes, str], what: str,
                 error: Type[OciCacheError] = OciCacheError) -> Any:
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
-    than the interpreter's recursion limit, escaped lone surrogates (which decode but
-    can never be written back as UTF-8) and documents packed with values are refused
-    like any other bad JSON."""
+    than ``_JSON_MAX_DEPTH``, escaped lone surrogates (which decode but can never be
+    written back as UTF-8) and documents packed with values are refused like any other
+    bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
     values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # an upper bound
     if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
+        if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
+            raise error(too_deep)  # what it is, though packed too
         raise error(f"{what} is not valid JSON for an image document: it packs {values} "
                     f"values into {len(raw)} bytes (refused unparsed, to bound memory)")
     try:
         obj = json.loads(raw)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise error(too_deep) from None
+    except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
+    if raw.count(b"[") + raw.count(b"{") > _JSON_MAX_DEPTH and \
+            _nested_deeper_than(obj, _JSON_MAX_DEPTH):
+        raise error(too_deep)
     if re.search(_SURROGATE_ESCAPE, raw):
         try:
             json.dumps(obj, ensure_ascii=False).encode()
@@ -943,6 +985,96 @@ class Manifest:
     def blobs(self) -> List[Descriptor]:
         """Config and layers: the blobs an image needs besides its manifest."""
         return [self.config, *self.layers]
+
+
+DOCUMENT_MEDIA_TYPES = INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES
+_SCHEMA1_MEDIA_TYPES = frozenset({MEDIA_DOCKER_SCHEMA1, MEDIA_DOCKER_SCHEMA1_SIGNED})
+
+
+def read_document(data: bytes, label: str,
+                  what: str = "blob") -> Tuple[str, Union[Index, Manifest, None]]:
+    """What a blob in a manifest's place (a root, an index's child, a subject) is,
+    decided by its bytes: ``(media type, parsed index or manifest)``, or ``("", None)``
+    for any other blob (an in-toto statement, an artifact).
+
+    A document's own ``mediaType`` wins (another type than an index's or an image
+    manifest's makes it a leaf of that type); one without it is an index when it lists
+    ``manifests`` and an image manifest when its ``config`` is a descriptor. The label
+    (the descriptor's mediaType) only picks between an OCI and a Docker type of the
+    same kind; a label promising an index or manifest that bytes saying nothing about
+    themselves are not is an error.
+
+    The label is never believed over the bytes: linuxkit's ``cache export --format
+    oci`` labels a single manifest as an index, other tools write
+    ``application/vnd.oci.descriptor.v1+json``. Everything that follows a descriptor
+    to a document (reachability, gc, verify, name resolution, import, export, push)
+    decides through this function, so they cannot disagree; ``label_problem`` says
+    whether the label was right.
+    """
+    try:
+        obj = _parse_json(data, what)
+    except OciCacheError:
+        if label in DOCUMENT_MEDIA_TYPES:
+            raise
+        return "", None
+    declared = obj.get("mediaType", "") if isinstance(obj, dict) else None
+    if not isinstance(declared, str):
+        if label in DOCUMENT_MEDIA_TYPES:
+            raise OciCacheError(f"{what} is labelled {_shorten(_one_line(label))} but is "
+                                "not a JSON object with a string mediaType")
+        return "", None
+    assert isinstance(obj, dict)
+    kind = ""
+    if declared in DOCUMENT_MEDIA_TYPES or declared in _SCHEMA1_MEDIA_TYPES:
+        kind = declared
+    elif not declared and isinstance(obj.get("manifests"), list):
+        kind = label if label in INDEX_MEDIA_TYPES else MEDIA_OCI_INDEX
+    elif not declared and isinstance(obj.get("config"), dict) and "digest" in obj["config"]:
+        kind = label if label in IMAGE_MEDIA_TYPES else MEDIA_OCI_MANIFEST
+    elif not declared and obj.get("schemaVersion") == 1 and "fsLayers" in obj:
+        kind = MEDIA_DOCKER_SCHEMA1
+    if kind in INDEX_MEDIA_TYPES:
+        return kind, Index.from_json(obj, what)
+    if kind:
+        return kind, Manifest.from_json(obj, what)  # schema 1 is refused there
+    if declared:
+        return declared, None  # it says what else it is (an artifact): a leaf
+    if label in DOCUMENT_MEDIA_TYPES:
+        raise OciCacheError(f"{what} is labelled {label} but is neither an image manifest "
+                            "nor an index")
+    return "", None
+
+
+def label_problem(descriptor: Descriptor, media_type: str) -> str:
+    """Why ``descriptor``'s label is wrong for a blob ``read_document`` found to be
+    ``media_type`` ("" when it is right, or when the blob is not a document). The OCI
+    and the Docker type of one kind stand for each other: readers accept either, and
+    real layouts mix them (go-containerregistry's test layouts label Docker manifests
+    as OCI ones)."""
+    if not media_type or descriptor.media_type == media_type:
+        return ""
+    for kind in (IMAGE_MEDIA_TYPES, INDEX_MEDIA_TYPES):
+        if descriptor.media_type in kind and media_type in kind:
+            return ""
+    label = _shorten(_one_line(descriptor.media_type)) or "(no media type)"
+    return f"is labelled {label} but is {_shorten(_one_line(media_type))}"
+
+
+def _promised_digest(name: str) -> Optional[Digest]:
+    """The digest a root entry's name pins (``repo:tag@sha256:...``), if any."""
+    try:
+        return Reference.parse(name, default_tag="").digest if name else None
+    except (InvalidReferenceError, InvalidDigestError):
+        return None  # linuxkit writes names no reference parses (``...@sha256:...-amd64``)
+
+
+def name_problem(entry: Descriptor) -> str:
+    """Why a root entry breaks its name's promise: a digest in a name is the digest of
+    the entry's content, on every write, lookup and verify ("" when it keeps it)."""
+    promised = _promised_digest(entry.name)
+    if promised is None or promised == entry.digest:
+        return ""
+    return f"the name pins {promised}, but its entry is {entry.digest}"
 
 
 def _is_foreign(descriptor: Descriptor) -> bool:
@@ -1256,25 +1388,27 @@ def _forget_locks_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
-# Every temporary file in the cache is named <final name>.tmp-<suffix>: random hex
-# (mkstemp's letters before), or "partial" for a download that can be resumed. One
-# predicate recognises them, for verify and for gc to remove the stale ones, such as
-# a .index.json.tmp-* that a SIGKILL left.
+# Every temporary file in the cache is named <final name>.tmp-<suffix>: random letters,
+# or "partial" for a download that can be resumed: ``<hex>.tmp-*`` and ``blob.tmp-*`` in
+# blobs, ``.index.json.tmp-*`` and ``.oci-layout.tmp-*`` in the cache. linuxkit's are
+# ggcr's layout.writeBlob (pkg/v1/layout/write.go), ``os.CreateTemp(dir, hex)``: the
+# 64-hex digest, then a random decimal number. One predicate recognises them all, for
+# verify and for gc to remove the stale ones (a crash or a SIGKILL leaves them behind).
 _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
-_TEMPORARY_NAME = re.compile(r"(?:[0-9a-f]+|blob|\.index\.json|\.oci-layout)"
-                             + re.escape(_TEMP_MARK) + r"[A-Za-z0-9_]+")
+_OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
+_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout)\.tmp-[A-Za-z0-9_]+"
+_LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
 
 
-# linuxkit's: go-containerregistry's layout ``writeBlob`` (pkg/v1/layout/write.go) makes
-# them with ``os.CreateTemp(dir, hex)``: the hex digest, then a random decimal number.
-_LINUXKIT_TEMP_NAME = re.compile(r"[0-9a-f]{64}[0-9]{1,10}")
-
-
-def _is_temporary_file(name: str) -> bool:
-    """Whether ``name`` (a file name, no directory) is a blob file being written, by
-    ocicache or by linuxkit (a crash leaves either behind)."""
-    return (_TEMPORARY_NAME.fullmatch(name) is not None
-            or _LINUXKIT_TEMP_NAME.fullmatch(name) is not None)
+def _is_temporary(algorithm: str, name: str) -> bool:
+    """Whether ``name`` in ``blobs/<algorithm>`` (the cache itself for "") is a temporary
+    file ocicache or linuxkit writes."""
+    if not algorithm:
+        return re.fullmatch(_ROOT_TEMPORARY, name) is not None
+    if algorithm == "sha256" and re.fullmatch(_LINUXKIT_TEMPORARY, name):
+        return True
+    return re.fullmatch(_OWN_TEMPORARY, name) is not None and \
+        len(name.partition(".")[0]) in (4, _DIGEST_HEX_LENGTHS.get(algorithm, 0))
 
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -1287,11 +1421,15 @@ def _is_write_error(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _WRITE_ERRNOS
 
 
+class _DiskFullError(OciCacheError):
+    """A write found its filesystem full (a pull then drops its partial files)."""
+
+
 def _disk_error(path: str, error: OSError, frees: str) -> OciCacheError:
     """One line for an error writing ``path``; for a full disk, ``frees`` says what helps."""
     reason = error.strerror or str(error)
     if error.errno in _FULL_ERRNOS:
-        return OciCacheError(f"cannot write {path}: {reason}; {frees}")
+        return _DiskFullError(f"cannot write {path}: {reason}; {frees}")
     return OciCacheError(f"cannot write {path}: {reason}")
 
 
@@ -1324,14 +1462,15 @@ def _not_ours(where: str, name: str, dir_fd: Optional[int], kind: str) -> OciCac
 
 
 def _open_directory(name: str, dir_fd: Optional[int] = None, where: str = "") -> int:
-    """A directory inside the cache, never reached through a symbolic link; a link or
-    other file under its name is one line (``where`` is the path it names)."""
+    """A directory inside the cache, never reached through a symbolic link: one that is
+    a link (or no directory) is refused, naming ``where``."""
     try:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
     except OSError as e:
         if e.errno not in (errno.ENOTDIR, errno.ELOOP):
             raise
-        raise _not_ours(where or name, name, dir_fd, "a directory") from None
+        raise CorruptCacheError(f"{where or name} is a symbolic link or not a directory; "
+                                "ocicache never follows a link inside its cache") from None
 
 
 def _open_regular(name: str, flags: int = os.O_RDONLY, dir_fd: Optional[int] = None,
@@ -1429,11 +1568,15 @@ class _PendingBlob:
 
 
 class _Reachable:
-    def __init__(self, digests: Mapping[Digest, str], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...]) -> None:
-        self.digests = digests          # digest -> the name that reaches it
-        self.missing = missing
-        self.unreadable = unreadable
+    """What a walk from some root entries found (see ``Layout.reachable``)."""
+
+    def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
+                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...]) -> None:
+        self.owners = owners            # digest -> the names that reach it
+        self.digests = {d: names[0] for d, names in owners.items()}
+        self.missing = missing          # needed and absent
+        self.unreadable = unreadable    # a document that cannot be read as what it is
+        self.wrong = wrong              # a descriptor that disagrees with its blob or name
 
 
 @_value_type
@@ -1451,15 +1594,18 @@ class GcReport:
 
 @_value_type
 class VerifyReport:
-    """What ``verify`` found: ``ok`` when nothing is corrupt or missing."""
+    """What ``verify`` found: ``ok`` when nothing is corrupt, missing or wrong."""
 
     checked: int
-    corrupt: Tuple[str, ...]          # "<digest>: <why>"
-    missing: Tuple[str, ...]          # "<digest> (needed by <name>)"
+    corrupt: Tuple[str, ...]          # "<digest> (needed by <names>): <why>"
+    missing: Tuple[str, ...]          # "<digest> (needed by <names>)"
+    wrong: Tuple[str, ...] = ()       # "<digest> (needed by <names>): <why>": a size, media
+                                      # type or pinned digest disagrees with the content
+    repaired: Tuple[str, ...] = ()    # corrupt blobs deleted by verify(repair=True)
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.wrong
 
 
 class Layout:
@@ -1592,15 +1738,6 @@ class Layout:
         """True when the blob file exists (with ``size`` bytes, when given)."""
         actual = self.blob_size(digest)
         return actual is not None and (size is None or size < 0 or actual == size)
-
-    def blob_size(self, digest: Union[str, Digest]) -> Optional[int]:
-        """The size of the blob's file; None when there is none (a link is none: its
-        size would be that of whatever it points at)."""
-        try:
-            st = os.lstat(self.blob_path(digest))
-        except FileNotFoundError:
-            return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def open_blob(self, digest: Union[str, Digest]) -> BinaryIO:
         d = Digest.parse(digest)
@@ -1747,6 +1884,23 @@ class Layout:
             os.set_blocking(fd, True)
             return fd
 
+    def discard_partial(self, digest: Digest) -> None:
+        """Remove the partial file of ``digest`` unless another download holds it."""
+        name = digest.hex + _PARTIAL_SUFFIX
+        with self._blob_directory(digest.algorithm) as directory:
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+            except OSError:
+                return  # none, or a link: nothing of ours to remove
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self._partial_state(fd, directory, name) == "ours":
+                    os.unlink(name, dir_fd=directory)
+            except OSError:
+                pass  # being written by another pull, or already gone
+            finally:
+                os.close(fd)
+
     @staticmethod
     def _partial_state(fd: int, directory: int, name: str) -> str:
         """What the locked file is: "ours" (a regular file of this user's, bearing only
@@ -1774,51 +1928,36 @@ class Layout:
                 os.utime(digest.hex, dir_fd=directory, follow_symlinks=False)
 
     def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
-        """Every file under ``blobs/``: (digest or None for temporary files, path, stat).
+        """Every entry of each ``blobs/<alg>`` directory (never through a symlinked
+        directory): (its digest, or None for other names, path, lstat)."""
+        for algorithm, directory in self._blob_directories():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(directory):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        digest: Optional[Digest] = Digest(algorithm, entry.name)
+                    except InvalidDigestError:
+                        digest = None
+                    yield digest, entry.path, st
 
-        The directories are walked through descriptors opened without following links:
-        a ``blobs/sha512`` that is a link to elsewhere is refused in one line, never
-        walked (gc would delete what it found there)."""
-        with self._root_directory() as root:
+    def _blob_directories(self) -> List[Tuple[str, str]]:
+        """(algorithm, path) of each ``blobs/<alg>`` that is a real directory."""
+        found = []
+        for path in (self.blobs_dir, *(os.path.join(self.blobs_dir, a)
+                                       for a in sorted(_DIGEST_HEX_LENGTHS))):
             try:
-                blobs = _open_directory("blobs", root, self.blobs_dir)
+                is_directory = stat.S_ISDIR(os.lstat(path).st_mode)
             except FileNotFoundError:
-                return
-            try:
-                algorithms = sorted(a for a in os.listdir(blobs) if a in _DIGEST_HEX_LENGTHS)
-            finally:
-                os.close(blobs)
-        for algorithm in algorithms:
-            try:
-                with self._blob_directory(algorithm) as directory:
-                    names = os.listdir(directory)
-                    where = os.path.join(self.blobs_dir, algorithm)
-                    for name in names:
-                        try:
-                            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        try:
-                            digest: Optional[Digest] = Digest(algorithm, name)
-                        except InvalidDigestError:
-                            digest = None
-                        yield digest, os.path.join(where, name), st
-            except FileNotFoundError:
-                continue
-
-    def remove_blob_file(self, path: str) -> bool:
-        """Delete a file ``blob_files`` or ``blob_path`` named, reached without following
-        a link (its directory may have been swapped for one since); a directory is not
-        deleted. False when nothing (or a directory) was there."""
-        algorithm, name = os.path.split(os.path.relpath(path, self.blobs_dir))
-        if algorithm not in _DIGEST_HEX_LENGTHS or not name or os.sep in name:
-            raise OciCacheError(f"{path} is not a file of {self.blobs_dir}")
-        try:
-            with self._blob_directory(algorithm) as directory:
-                os.unlink(name, dir_fd=directory)
-        except (FileNotFoundError, IsADirectoryError):
-            return False
-        return True
+                is_directory = False
+            if path == self.blobs_dir:
+                if not is_directory:
+                    return []
+            elif is_directory:
+                found.append((os.path.basename(path), path))
+        return found
 
     # -- index.json -------------------------------------------------------------------
 
@@ -1835,9 +1974,12 @@ class Layout:
     def _read_index(self) -> Index:
         try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
-                data = f.read(64 * MAX_MANIFEST_SIZE)
+                data = f.read(MAX_INDEX_SIZE + 1)
         except FileNotFoundError:
             raise CorruptCacheError(f"{self.index_path} is missing") from None
+        if len(data) > MAX_INDEX_SIZE:
+            raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
+                                    "more than ocicache reads; 'ocicache clean' empties it")
         try:
             return Index.from_json(data, what=self.index_path)
         except OciCacheError as e:
@@ -1856,76 +1998,190 @@ class Layout:
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
                                       media_type=index.media_type or MEDIA_OCI_INDEX)
-            data = _json_bytes(new.to_json(), indent=_INDEX_INDENT)
-            with self._root_directory() as directory:
+            self.replace_index(_json_bytes(new.to_json(), indent=_INDEX_INDENT), on_full)
+
+    def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
+        """Replace index.json with ``data`` under the lock, without reading it (``clean``
+        empties a cache whose index.json cannot be read); ``on_full`` as in update_index."""
+        with self.lock(), self._root_directory() as directory:
+            try:
+                _write_file_atomically(directory, "index.json", data)
+            except OSError as e:
+                if on_full is None or e.errno not in _FULL_ERRNOS:
+                    raise _disk_error(self.index_path, e, _CACHE_FULL) from None
+                on_full()
                 try:
                     _write_file_atomically(directory, "index.json", data)
-                except OSError as e:
-                    if on_full is None or e.errno not in _FULL_ERRNOS:
-                        raise _disk_error(self.index_path, e, _CACHE_FULL) from None
-                    on_full()
-                    try:
-                        _write_file_atomically(directory, "index.json", data)
-                    except OSError as again:
-                        raise _disk_error(self.index_path, again, _CACHE_FULL) from None
+                except OSError as again:
+                    raise _disk_error(self.index_path, again, _CACHE_FULL) from None
 
     # -- reachability, gc, verify -----------------------------------------------------
 
-    def parse_blob(self, descriptor: Descriptor) -> Union[Index, Manifest, None]:
-        """The index or manifest a descriptor points at; None for other blobs."""
-        if descriptor.media_type and descriptor.media_type not in (
-                INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES):
+    def blob_size(self, digest: Union[str, Digest]) -> Optional[int]:
+        """The size of the blob's file; None when there is no regular file of that name."""
+        try:
+            st = os.lstat(self.blob_path(digest))
+        except FileNotFoundError:
             return None
-        what = f"blob {descriptor.digest}"
-        obj = _load_json_object(self.read_blob(descriptor.digest), what)
-        media_type = obj.get("mediaType") or descriptor.media_type
-        if not isinstance(media_type, str):
-            raise OciCacheError(f"{what}: mediaType is not a string")
-        if media_type in INDEX_MEDIA_TYPES or (not media_type and "manifests" in obj):
-            return Index.from_json(obj, what)
-        if media_type in IMAGE_MEDIA_TYPES or (not media_type and "config" in obj):
-            return Manifest.from_json(obj, what)
-        return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def document(self, descriptor: Descriptor) -> Tuple[str, Union[Index, Manifest, None]]:
+        """What the blob of a descriptor in a manifest's place is (``read_document``)."""
+        if descriptor.media_type not in DOCUMENT_MEDIA_TYPES:
+            size = self.blob_size(descriptor.digest)
+            if size is None or size > MAX_MANIFEST_SIZE:
+                return "", None  # too big for any manifest: a plain blob, as labelled
+        return read_document(self.read_blob(descriptor.digest), descriptor.media_type,
+                             f"blob {descriptor.digest}")
+
+    def believed(self, entry: Descriptor) -> Descriptor:
+        """``entry`` with the media type its blob has (``read_document``); unchanged when
+        the label is right or the blob cannot be read."""
+        try:
+            kind, _ = self.document(entry)
+        except OciCacheError:
+            return entry
+        return _replace(entry, media_type=kind) if kind and kind != entry.media_type else entry
+
+    def believed_all(self, entries: Sequence[Descriptor]) -> List[Descriptor]:
+        """``believed`` of each entry, each blob read once however many entries share
+        it (an archive's 300 roots naming one 1 MiB manifest read it 300 times)."""
+        kinds: Dict[Tuple[Digest, str], str] = {}
+        out = []
+        for entry in entries:
+            key = (entry.digest, entry.media_type)
+            if key not in kinds:
+                kinds[key] = self.believed(entry).media_type
+            out.append(entry if kinds[key] == entry.media_type else
+                       _replace(entry, media_type=kinds[key]))
+        return out
 
     def reachable(self, roots: Iterable[Descriptor]) -> "_Reachable":
-        """Digests reachable from ``roots`` (with the name that reaches each), and problems.
+        """Everything ``roots`` reach, following the documents (``read_document``), never
+        the labels: for each digest the names that reach it, and every problem.
 
         A missing root, or a present manifest whose config or layers are missing, is
-        ``missing``; a missing child of an index is not (pulls fetch one platform).
-        A blob that cannot be parsed as the manifest or index it should be is
-        ``unreadable``.
+        ``missing``; a missing child of an index is not (pulls fetch one platform). A
+        document that cannot be read is ``unreadable``. A descriptor whose size or label
+        disagrees with its blob, and a name pinning another digest than its entry's, are
+        ``wrong``. Each problem names the names that need the blob.
         """
-        seen: Dict[Digest, str] = {}
-        missing: List[str] = []
-        unreadable: List[str] = []
-        # Names come from index.json and archives: made safe for the one-line messages.
-        stack = [(root, _shorten(_one_line(root.name)) or str(root.digest), True)
-                 for root in roots]
-        while stack:
-            descriptor, owner, required = stack.pop()
-            if descriptor.digest in seen:
-                continue
-            seen[descriptor.digest] = owner
-            if not self.has_blob(descriptor.digest):
-                if required and not _is_foreign(descriptor):
-                    missing.append(f"{descriptor.digest} (needed by {owner})")
-                continue
-            try:
-                parsed = self.parse_blob(descriptor)
-            except OciCacheError as e:
-                unreadable.append(f"{descriptor.digest} (needed by {owner}): {e}")
-                continue
-            if isinstance(parsed, Index):
-                stack.extend((child, owner, False) for child in parsed.manifests)
-            elif isinstance(parsed, Manifest):
-                stack.extend((blob, owner, True) for blob in parsed.blobs())
-                if parsed.subject is not None:
-                    stack.append((parsed.subject, owner, False))
-        return _Reachable(seen, tuple(missing), tuple(unreadable))
+        owners: Dict[Digest, List[str]] = {}
+        # (kind, digest, why) -> the names whose walk met it, in the order found
+        problems: Dict[Tuple[str, Digest, str], List[str]] = {}
+
+        def problem(kind: str, digest: Digest, why: str, owner: str) -> None:
+            names = problems.setdefault((kind, digest, why), [])
+            if owner not in names:
+                names.append(owner)
+
+        documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
+        for root in roots:
+            # Names come from index.json and archives: made safe for one-line messages.
+            owner = _shorten(_one_line(root.name), _NAME_SHOWN) or str(root.digest)
+            promise = name_problem(root)
+            if promise:
+                problem("wrong", root.digest, promise, owner)
+            seen = set()
+            stack: List[Tuple[Descriptor, bool, bool]] = [(root, True, True)]
+            while stack:
+                descriptor, required, is_document = stack.pop()
+                digest = descriptor.digest
+                size = self.blob_size(digest)
+                if size is not None and size != descriptor.size:
+                    problem("wrong", digest, f"a descriptor says {descriptor.size} bytes, "
+                                             f"the blob has {size}", owner)
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                names = owners.setdefault(digest, [])
+                if owner not in names:
+                    names.append(owner)
+                if size is None:
+                    if required and not _is_foreign(descriptor):
+                        problem("missing", digest, "", owner)
+                    continue
+                if not is_document:
+                    continue
+                if digest not in documents:
+                    documents[digest] = self._links(descriptor)
+                found = documents[digest]
+                if isinstance(found, str):
+                    problem("unreadable", digest, found, owner)
+                    continue
+                kind, links = found
+                label = label_problem(descriptor, kind)
+                if label:
+                    problem("wrong", digest, label, owner)
+                stack.extend(links)
+
+        def listed(which: str) -> Tuple[str, ...]:
+            out = []
+            for (kind, digest, why), names in problems.items():
+                if kind == which:
+                    out.append(f"{digest} (needed by {_names_list(names)})" +
+                               (f": {why}" if why else ""))
+            return tuple(out)
+
+        return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
+                          listed("unreadable"), listed("wrong"))
+
+    def _links(self, descriptor: Descriptor
+               ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
+        """A document's kind and what it links to, as (descriptor, required, document);
+        or why it cannot be read."""
+        try:
+            kind, parsed = self.document(descriptor)
+        except OciCacheError as e:
+            return str(e)
+        if isinstance(parsed, Index):
+            return kind, [(child, False, True) for child in parsed.manifests]
+        if isinstance(parsed, Manifest):
+            links = [(blob, True, False) for blob in parsed.blobs()]
+            if parsed.subject is not None:
+                links.append((parsed.subject, False, True))
+            return kind, links
+        return kind, []
+
+    def blob_problem(self, digest: Digest) -> str:
+        """Why the blob's file does not hold its digest's bytes ("" when it does, or when
+        it is gone); OSError when it cannot be read."""
+        try:
+            with self.open_blob(digest) as f:
+                hasher = digest.hasher()
+                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                    hasher.update(chunk)
+        except (NotFoundError, FileNotFoundError):  # deleted meanwhile: nothing to check
+            return ""
+        if hasher.hexdigest() != digest.hex:
+            return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
+        return ""
+
+    def discard_if_corrupt(self, digest: Digest) -> bool:
+        """Delete the blob when its bytes do not hash to its name, so that the next pull
+        fetches it again; True when it was deleted. Only the file that was checked is
+        deleted, never one a concurrent write has just put in its place."""
+        path = self.blob_path(digest)
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        try:
+            if not stat.S_ISREG(before.st_mode) or not self.blob_problem(digest):
+                return False
+        except OSError:
+            return False  # unreadable here (another user's blob) is not corrupt
+        if not self.delete_blob(digest, only=before):
+            return False
+        _log().warning("deleted corrupt blob %s", digest)
+        return True
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
            dry_run: bool = False) -> GcReport:
-        """Delete blobs no name reaches, and stale temporary files, older than the grace."""
+        """Delete what ocicache (or linuxkit) wrote and nothing needs, once older than the
+        grace period: blobs named by a valid digest that no name reaches, and temporary
+        files. Any other file is left alone, and no directory is followed through a
+        symlink (files are deleted relative to a directory opened with O_NOFOLLOW)."""
         with self.deleting_blobs(), self.lock():
             marked = self.reachable(self.read_index().manifests)
             if marked.unreadable:
@@ -1934,40 +2190,152 @@ class Layout:
             deadline = time.time() - grace_seconds
             deleted: List[Tuple[str, int]] = []
             young = 0
-            for digest, path, st in self.blob_files():
-                if digest is not None and digest in marked.digests:
-                    continue
-                if st.st_mtime > deadline:
-                    young += 1
-                    continue
-                deleted.append((str(digest) if digest else os.path.basename(path), st.st_size))
-                if not dry_run:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            places = [(".", ""), *((f"blobs/{a}", a) for a in sorted(_DIGEST_HEX_LENGTHS))]
+            for directory, algorithm in places:
+                for name, st, unlink in self._own_files(directory):
+                    digest = _digest_or_none(algorithm, name) if algorithm else None
+                    if digest is not None:
+                        if digest in marked.digests:
+                            continue
+                        label = str(digest)
+                    elif _is_temporary(algorithm, name):
+                        label = name
+                    else:
+                        continue  # not ocicache's: never deleted
+                    if st.st_mtime > deadline:
+                        young += 1
+                        continue
+                    deleted.append((label, st.st_size))
+                    if not dry_run:
+                        unlink()
             return GcReport(tuple(deleted), young, len(marked.digests))
 
-    def verify(self) -> VerifyReport:
-        """Re-hash every blob and check that every name reaches complete content."""
-        corrupt: List[str] = []
+    @contextlib.contextmanager
+    def _directory(self, directory: str) -> Iterator[Optional[int]]:
+        """A descriptor of ``directory`` (relative to the cache), each component opened
+        with O_NOFOLLOW; None when it is missing or a symlink, which is never followed."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+        fds: List[int] = []
+        try:
+            try:
+                fds.append(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                for part in [p for p in directory.split("/") if p != "."]:
+                    fds.append(os.open(part, flags, dir_fd=fds[-1]))
+            except (FileNotFoundError, NotADirectoryError):
+                fds.append(-1)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                fds.append(-1)
+            yield fds[-1] if fds[-1] >= 0 else None
+        finally:
+            for fd in reversed(fds):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _own_files(self, directory: str
+                   ) -> Iterator[Tuple[str, os.stat_result, Callable[[], None]]]:
+        """The regular files of ``directory`` (see ``_directory``): (name, lstat, a
+        function deleting that name there)."""
+        with self._directory(directory) as fd:
+            if fd is None:
+                return
+            for entry in os.scandir(fd):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    def unlink(name: str = entry.name, where: int = fd) -> None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=where)
+                    yield entry.name, st, unlink
+
+    def delete_blob(self, digest: Union[str, Digest],
+                    only: Optional[os.stat_result] = None) -> bool:
+        """Delete the blob's file, a regular file reached without following a symlink
+        (and, given ``only``, that very file); True when it was deleted. rm, clean, gc
+        and repair delete through this, so none can delete outside the cache."""
+        d = Digest.parse(digest)
+        with self._directory(f"blobs/{d.algorithm}") as fd:
+            if fd is None:
+                return False
+            try:
+                st = os.stat(d.hex, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or (only is not None and (
+                        st.st_ino, st.st_dev, st.st_mtime_ns) != (
+                        only.st_ino, only.st_dev, only.st_mtime_ns)):
+                    return False
+                os.unlink(d.hex, dir_fd=fd)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Re-hash every blob, and check that every name reaches complete content whose
+        descriptors (sizes, media types, pinned digests) agree with it. Each problem
+        names the images that need the blob. With ``repair``, corrupt blobs are
+        deleted, so that the next pull of an image needing one fetches it again.
+
+        Consistent beside concurrent pulls and removals: the names are followed while
+        holding the lock that deleting blobs takes exclusively, so a name read from
+        index.json cannot lose its blobs while they are looked at."""
+        corrupt: Dict[Digest, str] = {}
+        strays: List[str] = []
         checked = 0
         for digest, path, st in self.blob_files():
             if digest is None:
-                if not _is_temporary_file(os.path.basename(path)):
-                    corrupt.append(f"{path}: not named by a valid digest")
+                name = os.path.basename(path)
+                if not _is_temporary(os.path.basename(os.path.dirname(path)), name):
+                    strays.append(f"{_printable(path)}: not named by a valid digest")
                 continue
-            checked += 1
             if not stat.S_ISREG(st.st_mode):
-                corrupt.append(f"{digest}: not a regular file")
+                corrupt[digest] = "not a regular file"
                 continue
-            hasher = digest.hasher()
-            with self.open_blob(digest) as f:
-                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != digest.hex:
-                corrupt.append(f"{digest}: content hashes to {digest.algorithm}:"
-                               f"{hasher.hexdigest()}")
-        marked = self.reachable(self.read_index().manifests)
-        return VerifyReport(checked, tuple(corrupt), marked.missing + marked.unreadable)
+            try:
+                problem = self.blob_problem(digest)
+            except OSError as e:
+                strays.append(f"{digest}: cannot be read ({e.strerror or e})")
+                continue
+            if os.path.lexists(path):  # one deleted meanwhile was not checked
+                checked += 1
+            if problem:
+                corrupt[digest] = problem
+        with self.adding_blobs():
+            marked = self.reachable(self.read_index().manifests)
+        repaired: List[str] = []
+        if repair and corrupt:
+            with self.deleting_blobs():
+                for digest in corrupt:
+                    if self.discard_if_corrupt(digest):
+                        repaired.append(str(digest))
+        described = []
+        for digest, why in corrupt.items():
+            names = marked.owners.get(digest, ())
+            needed = f" (needed by {_names_list(names)})" if names else " (no name uses it)"
+            described.append(f"{digest}{needed}: {why}")
+        return VerifyReport(checked, tuple(strays + described),
+                            marked.missing + marked.unreadable, marked.wrong, tuple(repaired))
+
+
+_NAME_SHOWN = 300  # characters of a name in a message: a whole reference, never megabytes
+
+
+def _names_list(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _digest_or_none(algorithm: str, name: str) -> Optional[Digest]:
+    try:
+        return Digest(algorithm, name)
+    except InvalidDigestError:
+        return None
+
+
+def _printable(text: str) -> str:
+    """A file name (which may hold any bytes) safe for one line of any terminal."""
+    return _one_line(text.encode(errors="surrogateescape").decode(errors="backslashreplace"))
 
 
 # =====================================================================================
@@ -2028,17 +2396,30 @@ def parse_challenges(header: str) -> List[Challenge]:
 
 @_value_type
 class Credentials:
-    """A username and secret for one registry. ``repr`` never shows a secret."""
+    """A username and secret for one registry, and where they came from (``source``:
+    a file and its key, a helper, a mirror URL). ``repr`` never shows a secret."""
 
     username: str = ""
     password: str = _field(default="", repr=False)
     identity_token: str = _field(default="", repr=False)
     registry_token: str = _field(default="", repr=False)
+    source: str = _field(default="", repr=False)  # said in messages, not in reprs
 
     def basic_header(self) -> str:
         import base64
         pair = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(pair).decode()
+
+    def checked(self) -> "Credentials":
+        """These credentials, if every token can go into an HTTP header or form as it
+        is; else AuthenticationError naming the source and the key, never the value."""
+        for key, value in (("identitytoken", self.identity_token),
+                           ("registrytoken", self.registry_token)):
+            if value and not re.fullmatch(r"[\x21-\x7e]+", value):
+                raise AuthenticationError(
+                    f"{self.source or 'the credentials'}: its {key} holds a character an "
+                    "HTTP header cannot carry (a space, control or non-ASCII character)")
+        return self
 
 
 def _auth_files() -> List[str]:
@@ -2126,12 +2507,15 @@ def _run_bounded(argv: Sequence[str], stdin: bytes, limit: int,
                 bytes(output[process.stderr.fileno()]))
 
 
-def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
+def _call_credential_helper(helper: str, action: str,
+                            stdin: bytes) -> Tuple[str, int, bytes, bytes]:
+    """Run ``docker-credential-<helper> <action>`` (get, store, erase): its program
+    name, status, stdout and stderr; a helper that cannot run is one clear error."""
     program = f"docker-credential-{helper}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
         raise OciCacheError(f"invalid credential helper name {helper!r}")
     try:
-        status, stdout, stderr = _run_bounded([program, "get"], server.encode(),
+        status, stdout, stderr = _run_bounded([program, action], stdin,
                                               _HELPER_OUTPUT_LIMIT, _HELPER_TIMEOUT_SECONDS)
     except FileNotFoundError:
         raise OciCacheError(f"credential helper {program} is not on PATH") from None
@@ -2144,6 +2528,11 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     except ValueError:
         raise OciCacheError(f"credential helper {program} printed more than "
                             f"{_HELPER_OUTPUT_LIMIT} bytes") from None
+    return program, status, stdout, stderr
+
+
+def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
+    program, status, stdout, stderr = _call_credential_helper(helper, "get", server.encode())
     if status != 0:
         if b"credentials not found" in (stdout + stderr).lower():
             return None
@@ -2154,9 +2543,10 @@ def _run_credential_helper(helper: str, server: str) -> Optional[Credentials]:
     except (OciCacheError, AttributeError):
         raise OciCacheError(f"credential helper {program} printed something that is not "
                             "its JSON answer") from None
+    source = f"credential helper {program}"
     if username == "<token>":
-        return Credentials(identity_token=secret)
-    return Credentials(username, secret)
+        return Credentials(identity_token=secret, source=source).checked()
+    return Credentials(username, secret, source=source)
 
 
 def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
@@ -2169,15 +2559,32 @@ def _credentials_from_entry(entry: Any, where: str) -> Optional[Credentials]:
         try:
             username, _, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
         except (binascii.Error, ValueError):  # not base64, not ASCII, not UTF-8
-            raise OciCacheError(f"credentials file {where}: an 'auth' value is not "
+            raise OciCacheError(f"{where}: an 'auth' value is not "
                                 "base64 of user:password") from None
     if entry.get("identitytoken"):
-        return Credentials(username, identity_token=str(entry["identitytoken"]))
+        return Credentials(username, identity_token=str(entry["identitytoken"]),
+                           source=where).checked()
     if entry.get("registrytoken"):
-        return Credentials(username, registry_token=str(entry["registrytoken"]))
+        return Credentials(username, registry_token=str(entry["registrytoken"]),
+                           source=where).checked()
     if username == "<token>":
-        return Credentials(identity_token=password)
-    return Credentials(username, password) if username or password else None
+        return Credentials(identity_token=password, source=where).checked()
+    return Credentials(username, password, source=where) if username or password else None
+
+
+def _server_url(registry: str) -> str:
+    """What docker names a registry by in ``auths`` and to credential helpers."""
+    return DOCKER_HUB_AUTH_KEY if registry == DEFAULT_REGISTRY else registry
+
+
+def _helper_for(config: Mapping[str, Any], registry: str) -> str:
+    """The ``credHelpers`` entry of an auth file for ``registry``, or ""."""
+    helpers = config.get("credHelpers") or {}
+    if isinstance(helpers, dict):
+        for key, helper in helpers.items():
+            if _normalise_auth_key(key) == registry and isinstance(helper, str) and helper:
+                return helper
+    return ""
 
 
 def find_credentials(registry: str, repository: str = "") -> Optional[Credentials]:
@@ -2187,27 +2594,153 @@ def find_credentials(registry: str, repository: str = "") -> Optional[Credential
     specific key wins), then its ``credsStore``. None means anonymous.
     """
     keys = _auth_lookup_keys(registry, repository)
-    server = DOCKER_HUB_AUTH_KEY if registry == DEFAULT_REGISTRY else registry
+    server = _server_url(registry)
     for path in _auth_files():
         config = _read_auth_file(path)
         if config is None:
             continue
-        helpers = config.get("credHelpers") or {}
-        if isinstance(helpers, dict):
-            for key, helper in helpers.items():
-                if _normalise_auth_key(key) == registry and isinstance(helper, str):
-                    return _run_credential_helper(helper, server)
+        helper = _helper_for(config, registry)
+        if helper:
+            return _run_credential_helper(helper, server)
         auths = config.get("auths") or {}
         if isinstance(auths, dict):
-            normalised = {_normalise_auth_key(k): v for k, v in auths.items()}
+            normalised = {_normalise_auth_key(k): (k, v) for k, v in auths.items()}
             for key in keys:
-                credentials = _credentials_from_entry(normalised.get(key), path)
-                if credentials is not None:
-                    return credentials
+                if key in normalised:
+                    original, entry = normalised[key]
+                    where = f"credentials file {path} (auths {_shorten(_one_line(original))!r})"
+                    credentials = _credentials_from_entry(entry, where)
+                    if credentials is not None:
+                        return credentials
         store = config.get("credsStore")
         if isinstance(store, str) and store:
             return _run_credential_helper(store, server)
     return None
+
+
+def _login_registry(value: str) -> str:
+    """The registry a login names, as credentials are looked up by: ``docker.io`` for
+    Docker Hub (also ``index.docker.io`` and ``https://index.docker.io/v1/``), else
+    ``host[:port]``; an error for anything else (a path, a blank)."""
+    registry = _normalise_auth_key(value) if value.isprintable() else ""
+    if not re.fullmatch(_DOMAIN, registry):
+        raise OciCacheError(f"invalid registry {_shorten(_one_line(value))!r}: name a "
+                            "host[:port], e.g. ghcr.io or localhost:5000 (docker.io for "
+                            "Docker Hub)")
+    return registry
+
+
+def _check_login(username: str, password: str) -> None:
+    """What a user name and password must be to be stored as docker stores them
+    (``user:password`` in base64, so no colon in the name)."""
+    if not username or not username.isprintable() or ":" in username:
+        raise OciCacheError("invalid user name: it must be non-empty, without a colon or "
+                            "control characters")
+    if not password:
+        raise OciCacheError("empty password")
+
+
+def _docker_config_file() -> Tuple[str, Dict[str, Any]]:
+    """docker's config.json (``$DOCKER_CONFIG``, else ``~/.docker``) and what it holds;
+    {} when it does not exist. One that cannot be read is an error: it is never
+    replaced by a login, since that would lose what it held."""
+    path = _auth_files()[0]
+    config = _read_auth_file(path) or {}
+    auths = config.get("auths")
+    if auths is not None and not isinstance(auths, dict):
+        raise OciCacheError(f"credentials file {path}: 'auths' is not a JSON object; fix it")
+    return path, config
+
+
+def _write_docker_config(path: str, config: Mapping[str, Any]) -> None:
+    """Replace docker's config.json with ``config``, as docker does (a tab indent): a
+    file of mode 0600 written beside it (beside its target, if it is a link), fsynced
+    and renamed over it, so that a reader sees the old file or the new one, whole."""
+    data = _json_bytes(config, indent="\t") + b"\n"
+    target = os.path.realpath(path)
+    try:
+        os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
+        directory = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OciCacheError(f"cannot write credentials file {path}: {e.strerror}") from None
+    temp = _temporary_name(f".{os.path.basename(target)}")
+    try:
+        fd = os.open(temp, _NEW_FILE, 0o600, dir_fd=directory)
+        try:
+            os.fchmod(fd, 0o600)  # the umask may only have narrowed it; this is exact
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, os.path.basename(target), src_dir_fd=directory, dst_dir_fd=directory)
+        os.fsync(directory)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=directory)
+        raise OciCacheError(f"cannot write credentials file {path}: {e.strerror}") from None
+    finally:
+        os.close(directory)
+
+
+def _without_registry(auths: Mapping[str, Any], registry: str) -> Dict[str, Any]:
+    """``auths`` without any key that names ``registry`` (``host``, ``https://host``,
+    ``http://host/v2/`` all do): a stale spelling would shadow what a login stores."""
+    return {k: v for k, v in auths.items() if _normalise_auth_key(k) != registry}
+
+
+def store_credentials(registry: str, username: str, password: str) -> str:
+    """Store credentials for ``registry`` where docker keeps them, and say where: the
+    ``credHelpers`` helper for it or the ``credsStore`` of ``$DOCKER_CONFIG/config.json``
+    (``docker-credential-<name> store``), else that file's ``auths``. The file keeps
+    every other key it had; entries of ``auths`` naming the registry otherwise are
+    dropped, since they would be read before a helper's or instead of the new one."""
+    registry = _login_registry(registry)
+    _check_login(username, password)
+    path, config = _docker_config_file()
+    auths = config.get("auths") or {}
+    server = _server_url(registry)
+    helper = _helper_for(config, registry) or config.get("credsStore") or ""
+    if isinstance(helper, str) and helper:
+        payload = _json_bytes({"ServerURL": server, "Username": username, "Secret": password})
+        program, status, _, _ = _call_credential_helper(helper, "store", payload)
+        if status != 0:
+            raise OciCacheError(f"credential helper {program} failed to store the credentials "
+                                f"for {registry} (status {status})")
+        if _without_registry(auths, registry) != auths:
+            _write_docker_config(path, {**config, "auths": _without_registry(auths, registry)})
+        return f"credential helper {program}"
+    import base64
+    entry = {"auth": base64.b64encode(f"{username}:{password}".encode()).decode()}
+    kept = _without_registry(auths, registry)
+    # The registry's entry stays where it was in the file, as docker keeps it.
+    new_auths = {k: (entry if k == server else v) for k, v in auths.items()
+                 if k == server or k in kept}
+    new_auths.setdefault(server, entry)
+    _write_docker_config(path, {**config, "auths": new_auths})
+    return f"credentials file {path}"
+
+
+def erase_credentials(registry: str) -> List[str]:
+    """Forget the credentials docker keeps for ``registry``: the helper's (``erase``)
+    and the ``auths`` entries of ``$DOCKER_CONFIG/config.json``. Where they were
+    removed from; [] when there were none."""
+    registry = _login_registry(registry)
+    path, config = _docker_config_file()
+    erased = []
+    helper = _helper_for(config, registry) or config.get("credsStore") or ""
+    if isinstance(helper, str) and helper:
+        program, status, stdout, stderr = _call_credential_helper(
+            helper, "erase", _server_url(registry).encode())
+        if status == 0:
+            erased.append(f"credential helper {program}")
+        elif b"credentials not found" not in (stdout + stderr).lower():
+            raise OciCacheError(f"credential helper {program} failed to erase the credentials "
+                                f"for {registry} (status {status})")
+    auths = config.get("auths") or {}
+    if _without_registry(auths, registry) != auths:
+        _write_docker_config(path, {**config, "auths": _without_registry(auths, registry)})
+        erased.append(f"credentials file {path}")
+    return erased
 
 
 # =====================================================================================
@@ -2242,19 +2775,48 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _retry_after(value: Optional[str], limit: float) -> Optional[float]:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
     if not value:
         return None
     value = value.strip()
     if re.fullmatch(r"[0-9]{1,9}", value):
-        return min(float(value), limit)
+        return float(value)
     import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return min(max(when - time.time(), 0.0), limit)
+    return max(when - time.time(), 0.0)
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL as it may be shown: ``user:password@`` left out."""
+    return re.sub(r"(//|^)[^/]*@", r"\1", url)
+
+
+def _may_send_credentials(url: str, registry: str, realm: str = "") -> bool:
+    """Where a credential may go; the one place that decides it. ``registry`` is the
+    ``scheme://host`` the credentials are for; ``realm`` the token realm that registry's
+    own challenge named. A credential goes to that host (never downgraded to plain
+    HTTP) and to that realm (plain HTTP only for a plain-HTTP registry or loopback);
+    nowhere else: not to a redirect target, a CDN, an upload Location elsewhere."""
+    import urllib.parse
+    try:
+        target, own = urllib.parse.urlsplit(url), urllib.parse.urlsplit(registry)
+    except ValueError:
+        return False
+    if target.scheme not in ("http", "https") or "@" in target.netloc:
+        return False
+    if target.netloc == own.netloc:
+        return not (own.scheme == "https" and target.scheme == "http")
+    if not realm:
+        return False
+    wanted = urllib.parse.urlsplit(realm)
+    if (target.scheme, target.netloc, target.path) != (wanted.scheme, wanted.netloc,
+                                                       wanted.path):
+        return False
+    return target.scheme == "https" or own.scheme == "http" or _is_loopback(target.netloc)
 
 
 @_value_type(frozen=False)
@@ -2267,7 +2829,8 @@ class TransportOptions:
     timeout: float = 60.0
     attempts: int = 5
     backoff: float = 0.5
-    max_retry_after: float = 60.0
+    max_retry_after: float = 60.0   # the longest wait a server may ask for and get
+    retry_budget: float = 120.0     # seconds one operation may wait for retries, in all
     # One request costs a registry less than many (distribution saves its hash state
     # after every PATCH; pushing 512 MiB cost it 2.9 s of CPU in chunks, 2.3 s whole),
     # and docker and skopeo send whole blobs too; Quay refuses single uploads near 20 GB.
@@ -2279,24 +2842,96 @@ Body = Union[None, bytes, Callable[[], io.RawIOBase], Callable[[], IO[bytes]]]
 """A request body: bytes, or a function opening a fresh stream for each attempt."""
 
 
+class _Clock:
+    """The deadline of what one connection reads now: a response's head, a small body
+    whole, the rest of a body left to drain; none while a blob streams (a stall watch
+    judges that). Every read checks it, so a server answering a byte at a time, with
+    endless ``100 Continue`` or endless chunked trailers, ends at the deadline too."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.deadline = float("inf")
+
+    def start(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def stop(self) -> None:
+        self.deadline = float("inf")
+
+
+class _TimedReader(io.RawIOBase):
+    """A socket's bytes, read within its connection's deadline."""
+
+    def __init__(self, sock: Any, clock: _Clock) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until closed
+        self._clock = clock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._clock.deadline - time.monotonic()
+        if left >= self._clock.timeout:
+            return int(self._raw.readinto(buffer))
+        if left <= 0:
+            raise TimeoutError(f"timed out: no whole answer within {self._clock.timeout:g}s")
+        self._sock.settimeout(left)
+        try:
+            return int(self._raw.readinto(buffer))
+        finally:
+            self._sock.settimeout(self._clock.timeout)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _TimedSocket:
+    """What http.client's response reads from: the socket, behind a _TimedReader."""
+
+    def __init__(self, sock: Any, clock: _Clock) -> None:
+        self._sock = sock
+        self._clock = clock
+
+    def makefile(self, *_: Any, **__: Any) -> IO[bytes]:
+        return io.BufferedReader(_TimedReader(self._sock, self._clock))
+
+
+@functools.lru_cache(maxsize=None)
+def _timed_response_class() -> Any:
+    class _TimedResponse(_http_client.HTTPResponse):  # type: ignore[name-defined,misc]
+        def __init__(self, clock: _Clock, sock: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(_TimedSocket(sock, clock), *args, **kwargs)
+    return _TimedResponse
+
+
 class _Response:
     """A response whose body is read by the caller (``read``) or whole (``body``)."""
 
     def __init__(self, raw: "http.client.HTTPResponse", url: str,
-                 connection: "http.client.HTTPConnection", timeout: float) -> None:
+                 connection: "http.client.HTTPConnection", timeout: float,
+                 clock: Optional[_Clock] = None) -> None:
         self.raw = raw
         self.status = raw.status
         self.headers = raw.headers
         self.url = url
         self.timeout = timeout
         self._connection = connection
+        self._clock = clock or _Clock(timeout)
 
     def read(self, n: int = -1) -> bytes:
         return self.raw.read(n)
 
+    def streaming(self) -> None:
+        """The caller streams a long body and watches for stalls itself: no deadline."""
+        self._clock.stop()
+
     def body(self, limit: int = MAX_MANIFEST_SIZE) -> bytes:
         """The whole body, at most ``limit`` bytes, within ``timeout`` seconds in all: a
         server trickling a byte at a time gets no longer than one that is silent."""
+        self._clock.start()
         deadline = time.monotonic() + self.timeout
         data = bytearray()
         while len(data) <= limit:
@@ -2314,6 +2949,7 @@ class _Response:
     def close(self, reuse: bool = True) -> None:
         if reuse and not self.raw.isclosed():
             # Read what is left to keep the connection, but not without end.
+            self._clock.start()
             with contextlib.suppress(OSError, _http_client.HTTPException):
                 drained = 0
                 while drained <= COPY_BUFFER_SIZE:
@@ -2323,8 +2959,39 @@ class _Response:
                     drained += len(chunk)
                 else:
                     reuse = False
+            if not self.raw.isclosed():
+                reuse = False
         if not reuse or self.raw.will_close:
             self._connection.close()
+
+
+class _RetryBudget:
+    """What one operation (a manifest, a blob, an upload) may still spend on retries,
+    shared by every level that retries: the transport, a body fetched again, a resumed
+    download. Levels that counted for themselves multiplied: five tries of five tries
+    of a 60 s Retry-After made 25 minutes for one document."""
+
+    def __init__(self, options: "TransportOptions") -> None:
+        self.attempts = max(1, options.attempts)
+        self.failures = 0
+        self.wait_left = options.retry_budget
+        self.max_wait = options.max_retry_after
+
+
+# What OpenSSL says when the server speaks plain HTTP (its versions differ)...
+_PLAIN_HTTP_TLS_ERRORS = ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE")
+# ... and when the server wants a client certificate (TLS 1.3, then 1.2).
+_CLIENT_CERTIFICATE_TLS_ERRORS = ("CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE",
+                                  "ALERT_HANDSHAKE_FAILURE")
+_PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERRORS,
+                         "CERTIFICATE_VERIFY_FAILED")
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Failures that waiting does not fix: a name that does not resolve, TLS refused."""
+    import socket
+    return isinstance(error, socket.gaierror) or any(
+        reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
 class _Transport:
@@ -2361,52 +3028,66 @@ class _Transport:
                     continue
                 for name in sorted(os.listdir(directory)):
                     path = os.path.join(directory, name)
+                    key_file = path[:-len(".cert")] + ".key"
+                    if name.endswith(".cert") and not os.path.exists(key_file):
+                        raise OciCacheError(f"client certificate {path} has no key: "
+                                            f"{key_file} is missing")
                     try:
                         if name.endswith(".crt"):
                             context.load_verify_locations(cafile=path)
                         elif name.endswith(".cert"):
-                            context.load_cert_chain(path, path[:-len(".cert")] + ".key")
+                            context.load_cert_chain(path, key_file)
                     except (OSError, ssl.SSLError) as e:
                         raise OciCacheError(f"cannot load {path}: {e}") from None
             self._contexts[key] = context
             return context
 
-    def _connection(self, scheme: str, host: str) -> "http.client.HTTPConnection":
+    def _connection(self, scheme: str, host: str
+                    ) -> Tuple["http.client.HTTPConnection", _Clock]:
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
-        connection = pool.get((scheme, host))
-        if connection is None:
-            proxy = self._proxy_for(scheme, host)
-            timeout = self.options.timeout
-            if scheme == "https":
-                verify = host not in self.options.insecure_registries
-                context = self._ssl_context(host, verify)
-                if proxy:
-                    connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
-                                                             context=context)
-                    connection.set_tunnel(host)
-                else:
-                    connection = _http_client.HTTPSConnection(host, timeout=timeout,
-                                                             context=context)
+        if (scheme, host) in pool:
+            return pool[(scheme, host)]  # type: ignore[no-any-return]
+        proxy = self._proxy_for(scheme, host)
+        timeout = self.options.timeout
+        if scheme == "https":
+            verify = host not in self.options.insecure_registries
+            context = self._ssl_context(host, verify)
+            if proxy:
+                connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
+                                                         context=context)
+                connection.set_tunnel(host)
             else:
-                connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
-            connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
-            pool[(scheme, host)] = connection
-            with self._guard:
-                self._open.append(connection)
-        return connection
+                connection = _http_client.HTTPSConnection(host, timeout=timeout,
+                                                         context=context)
+        else:
+            connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
+        connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
+        clock = _Clock(timeout)
+        connection.response_class = functools.partial(  # type: ignore[assignment]
+            _timed_response_class(), clock)
+        pool[(scheme, host)] = (connection, clock)
+        with self._guard:
+            self._open.append(connection)
+        return connection, clock
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
+        import socket
         with self._guard:
             connections, self._open = self._open, []
         for connection in connections:
+            if connection.sock is not None:
+                # Wakes a thread still reading a body (an interrupted pull's): it holds
+                # the buffer's lock that closing the response waits for.
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
             connection.close()
 
     def _drop(self, scheme: str, host: str) -> None:
         pool = getattr(self._local, "pool", {})
-        connection = pool.pop((scheme, host), None)
+        connection, _ = pool.pop((scheme, host), (None, None))
         if connection is not None:
             connection.close()
 
@@ -2426,22 +3107,31 @@ class _Transport:
         return self._schemes.get(host, "http" if self._may_use_http(host) else "https")
 
     def request(self, method: str, url: str, headers: Optional[Mapping[str, str]] = None,
-                body: Body = None, retry: bool = True, redirects: int = 5) -> _Response:
+                body: Body = None, retry: bool = True, redirects: int = 5,
+                budget: Optional[_RetryBudget] = None) -> _Response:
         """Send one request, retrying what is worth retrying and following redirects.
 
         ``url`` is ``https://host/path``; for a host that turned out to speak plain
-        HTTP the scheme is switched. ``Authorization`` is sent only to the URL's own
-        host: a redirect elsewhere (a CDN, S3) goes without it.
+        HTTP the scheme is switched. ``Authorization`` and a body go only where
+        ``_may_send_credentials`` allows: a redirect elsewhere (a CDN, S3) goes without
+        them. Retries spend ``budget``, the operation's (a fresh one by default).
         """
         import urllib.parse
         headers = dict(headers or {})
-        attempt = 0
+        budget = budget or _RetryBudget(self.options)
         while True:
             parts = urllib.parse.urlsplit(url)
             host = parts.netloc
             scheme = self.scheme(host) if parts.scheme == "https" else parts.scheme
             probing = scheme == "http" and parts.scheme == "https" and host not in self._schemes
             path = parts.path + (f"?{parts.query}" if parts.query else "")
+            if probing and method == "HEAD":
+                # A HEAD's answer has no body to tell a TLS server's 400 by: GET /v2/
+                # finds the scheme first.
+                self.request("GET", f"https://{host}/v2/",
+                             {k: v for k, v in headers.items() if k.lower() == "user-agent"},
+                             retry=retry, budget=budget).close()
+                continue
             self._wait_for_host(host)
             try:
                 try:
@@ -2460,13 +3150,16 @@ class _Transport:
                     self._schemes[host] = scheme = "https"
                     probing = False
             except (OSError, _http_client.HTTPException) as e:
-                attempt += 1
+                error = _connection_error(host, e)
                 # Nothing listening is rarely fixed by waiting: one more try, not five.
-                limit = 2 if isinstance(e, ConnectionRefusedError) else self.options.attempts
-                if not retry or attempt >= limit or _is_certificate_error(e):
-                    raise _connection_error(host, e) from None
-                self._back_off(host, attempt, None)
+                if not retry or _is_permanent(e) or not self.retry(
+                        budget, host, str(error), limit=2 if isinstance(
+                            e, ConnectionRefusedError) else 0):
+                    raise error from None
                 continue
+            _log().debug("%s %s://%s%s: %d%s", method, scheme, host,
+                         _shorten(_one_line(parts.path), 200), response.status,
+                         _rate_limits(response, ", "))
             if probing:
                 if response.status == 400 and _speaks_tls(response):
                     self._schemes[host] = "https"
@@ -2480,16 +3173,23 @@ class _Transport:
                                         response.status)
                 try:
                     target = urllib.parse.urljoin(f"{scheme}://{host}{path}", location)
-                    urllib.parse.urlsplit(target).port  # a bad port raises here
+                    moved = urllib.parse.urlsplit(target)
+                    moved.port  # a bad port raises here
+                    if re.search(r"[\x00-\x20\x7f-\x9f]", target):
+                        raise ValueError(target)
                 except ValueError:
-                    raise RegistryError(f"{host} redirected to an invalid URL "
-                                        f"{_shorten(_one_line(location))!r}",
-                                        response.status) from None
-                moved = urllib.parse.urlsplit(target)
-                if moved.netloc != host or (scheme == "https" and moved.scheme != "https"):
-                    # Elsewhere, or the same host in clear text: no secret follows.
-                    if body and response.status in (307, 308):
-                        # The body may hold a secret (a token POST): it never goes elsewhere.
+                    moved = None
+                if moved is None or moved.scheme not in ("http", "https") or not moved.netloc:
+                    shown = _shorten(_one_line(_without_userinfo(location)))
+                    raise RegistryError(f"{host} redirected to {shown!r}, which is not a usable "
+                                        "http or https URL", response.status)
+                if "@" in moved.netloc:
+                    raise RegistryError(f"{host} redirected to a URL with a user name in it; "
+                                        "refusing", response.status)
+                if not _may_send_credentials(target, f"{scheme}://{host}"):
+                    # Elsewhere, or the same host in clear text: no secret follows, in a
+                    # header or in a body (a token POST holds one), whatever the status.
+                    if body and response.status != 303:
                         raise RegistryError(f"{host} redirected a {method} with a body to "
                                             "another host or to plain HTTP; refusing",
                                             response.status)
@@ -2498,21 +3198,19 @@ class _Transport:
                     method, body = "GET", None
                 url, redirects = target, redirects - 1
                 continue
-            if response.status in _RETRY_STATUSES and retry and \
-                    attempt + 1 < self.options.attempts:
-                attempt += 1
-                wait = _retry_after(response.headers.get("Retry-After"),
-                                    self.options.max_retry_after)
+            if response.status in _RETRY_STATUSES and retry and self.retry(
+                    budget, host, f"{method} answered {response.status}",
+                    _retry_after(response.headers.get("Retry-After"))):
                 response.close()
-                self._back_off(host, attempt, wait)
                 continue
             return response
 
     def _send(self, scheme: str, host: str, method: str, path: str,
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
-            connection = self._connection(scheme, host)
+            connection, clock = self._connection(scheme, host)
             opened = body() if callable(body) else None
+            clock.start()  # the answer's head must arrive within the timeout, in all
             try:
                 connection.request(method, path, body=opened or body,  # type: ignore[arg-type]
                                    headers=dict(headers))
@@ -2529,8 +3227,30 @@ class _Transport:
                     opened.close()
             if method == "HEAD":
                 raw.length = 0
-            return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout)
+            return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout,
+                             clock)
         raise AssertionError("unreachable")
+
+    def retry(self, budget: _RetryBudget, host: str, reason: str,
+              wait: Optional[float] = None, limit: int = 0) -> bool:
+        """Whether to try again after a failure (``reason``), having waited; False once
+        the operation's budget is spent, or when the server asks to wait (``wait``)
+        longer than the budget allows."""
+        budget.failures += 1
+        if budget.failures >= min(limit or budget.attempts, budget.attempts):
+            return False
+        if wait is None:
+            import random
+            wait = self.options.backoff * (2 ** (budget.failures - 1)) * (0.5 + random.random())
+            wait = min(wait, max(budget.wait_left, 0.0))
+        elif wait > min(budget.max_wait, budget.wait_left):
+            _log().debug("%s: not retrying: %s, and asks to wait %.0fs", host, reason, wait)
+            return False
+        budget.wait_left -= wait
+        _log().debug("%s: retrying in %.1fs (%s; attempt %d of %d)", host, wait,
+                     _shorten(reason, 200), budget.failures + 1, budget.attempts)
+        self._back_off(host, wait)
+        return True
 
     def _wait_for_host(self, host: str) -> None:
         with self._guard:
@@ -2538,10 +3258,7 @@ class _Transport:
         if delay > 0:
             time.sleep(delay)
 
-    def _back_off(self, host: str, attempt: int, wait: Optional[float]) -> None:
-        import random
-        if wait is None:
-            wait = self.options.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+    def _back_off(self, host: str, wait: float) -> None:
         with self._guard:
             self._not_before[host] = max(self._not_before.get(host, 0.0),
                                          time.monotonic() + wait)
@@ -2632,13 +3349,39 @@ def _is_certificate_error(error: BaseException) -> bool:
         "CERTIFICATE_VERIFY_FAILED" in str(error)
 
 
+def _rate_limits(response: _Response, prefix: str = "") -> str:
+    """The rate-limit headers of an answer (Docker Hub's, and the draft standard's)."""
+    found = [f"{name}={_shorten(_one_line(response.headers[name]), 60)}"
+             for name in ("ratelimit-limit", "ratelimit-remaining", "docker-ratelimit-source",
+                          "retry-after") if response.headers.get(name)]
+    return prefix + ", ".join(found) if found else ""
+
+
 def _connection_error(host: str, error: BaseException) -> OciCacheError:
+    """One line for a failure below HTTP, saying what to do where something can be done."""
+    import socket
     if _is_certificate_error(error):
         return OciCacheError(f"cannot verify the TLS certificate of {host}: "
                              f"{getattr(error, 'verify_message', '') or error}; "
                              "pass its CA with --ca-file or put it in certs.d")
     reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return OciCacheError(f"cannot reach {host}: {_shorten(_one_line(reason), 200)}")
+    reason = _shorten(_one_line(reason), 200)
+    said = str(error).upper().replace(" ", "_")
+    if isinstance(error, socket.gaierror):
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        return OciCacheError(f"cannot reach {host}: {name} could not be resolved ({reason}); "
+                             "check the name, or pull through a mirror (--mirror) or a proxy "
+                             "(HTTPS_PROXY)")
+    if any(reason in said for reason in _PLAIN_HTTP_TLS_ERRORS):
+        return OciCacheError(f"cannot reach {host}: it does not speak TLS ({reason}); if it is "
+                             f"a plain-HTTP registry, pass --insecure-registry {host}")
+    if any(alert in said for alert in _CLIENT_CERTIFICATE_TLS_ERRORS):
+        wants = "it wants a client certificate" if "HANDSHAKE" not in said else \
+            "the TLS handshake failed; if it wants a client certificate"
+        return OciCacheError(f"cannot reach {host}: {reason}; {wants}, put client.cert and "
+                             f"client.key in certs.d/{host}/ (such as "
+                             f"{_CERTS_D_ROOTS[0]}/{host}/)")
+    return OciCacheError(f"cannot reach {host}: {reason}")
 
 
 # =====================================================================================
@@ -2665,7 +3408,8 @@ def parse_mirror(value: str) -> Tuple[str, str]:
     if not sep:
         registry, url = "*", value
     if not re.match(r"^https?://[^/]", url):
-        raise OciCacheError(f"mirror {value!r} must start with http:// or https://")
+        raise OciCacheError(f"mirror {_without_userinfo(value)!r} must start with http:// or "
+                            "https://")
     registry = _normalise_auth_key(registry) if registry != "*" else registry
     return registry, url.rstrip("/")
 
@@ -2691,11 +3435,8 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
         text = f"{what}: {host} answered {status} {codes[0]}"
     if detail:
         text += f": {_shorten(detail, 200)}"
-    if status == 429:
-        limits = [f"{h}={response.headers[h]}" for h in ("ratelimit-limit", "ratelimit-remaining")
-                  if response.headers.get(h)]
-        if limits:
-            text += f" ({', '.join(limits)})"
+    if status in (429, 503) and _rate_limits(response):
+        text += f" ({_rate_limits(response)})"
     text = _one_line(text)
     if status in (401, 403):
         return AuthenticationError(text, status, codes)
@@ -2704,6 +3445,21 @@ def _registry_error(what: str, host: str, response: _Response) -> RegistryError:
 
 def _with_query(url: str, query: str) -> str:
     return url + ("&" if "?" in url else "?") + query
+
+
+_MAX_TAG_PAGES = 10000  # pages of one tag list followed before it is taken as endless
+
+
+def _next_link(header: str) -> str:
+    """The target of the ``rel="next"`` link of a ``Link`` header (RFC 8288: several
+    ``<URI>; param=value`` links, comma-separated; ``rel`` may list several relations,
+    quoted or not), as written (relative or absolute); "" when there is none."""
+    for match in re.finditer(r'<([^<>]*)>((?:\s*;\s*[^;,"]*(?:"(?:[^"\\]|\\.)*")?)*)', header):
+        for name, quoted, bare in re.findall(
+                r';\s*([A-Za-z*]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;,"]*))', match.group(2)):
+            if name.lower() == "rel" and "next" in (quoted or bare).lower().split():
+                return match.group(1).strip()
+    return ""
 
 
 class _FileSlice(io.RawIOBase):
@@ -2732,11 +3488,27 @@ class _FileSlice(io.RawIOBase):
 class _Endpoint:
     """Where a repository is served: base URL (mirror or registry) and repository path."""
 
-    def __init__(self, base: str, host: str, repository: str, registry: str) -> None:
+    def __init__(self, base: str, host: str, repository: str, registry: str,
+                 credentials: Optional[Credentials] = None, mirror_of: str = "") -> None:
         self.base = base                # https://host[:port][/prefix]
         self.host = host
         self.repository = repository
         self.registry = registry        # the registry the credentials belong to
+        self.credentials = credentials  # a mirror URL's own user:password, if any
+        self.mirror_of = mirror_of      # for a mirror, the registry it stands for
+
+    def __repr__(self) -> str:
+        return f"_Endpoint({self.base!r}, {self.repository!r})"
+
+
+def _token_lifetime(value: Any) -> float:
+    """A token's ``expires_in`` in seconds: 60 when absent or absurd (a string, a
+    400-digit number, NaN), at most a day."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 60.0
+    if isinstance(value, int):
+        return float(min(max(value, 0), 86400)) if value else 60.0
+    return min(max(value, 0.0), 86400.0) if value == value and value else 60.0
 
 
 class RegistryClient:
@@ -2746,13 +3518,24 @@ class RegistryClient:
                  mirrors: Sequence[Tuple[str, str]] = ()) -> None:
         self.transport = transport or _Transport(TransportOptions())
         self.mirrors = list(mirrors)
-        self._tokens: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, float]] = {}
-        self._challenges: Dict[str, Challenge] = {}
+        # Tokens per registry host, realm, service and scopes: a registry naming
+        # another's realm and service never gets the other's token.
+        self._tokens: Dict[Tuple[str, str, str, Tuple[str, ...]], Tuple[str, float]] = {}
+        self._challenges: Dict[str, Challenge] = {}   # per registry host, from its own 401s
         self._credentials: Dict[Tuple[str, str], Optional[Credentials]] = {}
+        self._anonymous: set = set()  # (host, repository) where stored credentials failed
         self._locations: Dict[Tuple[str, Digest], List[str]] = {}  # blob -> repositories
+        self._said: set = set()       # what -v has said once (mirrors, credential sources)
         self._guard = threading.Lock()
 
     # -- endpoints and authentication -------------------------------------------------
+
+    def _once(self, message: str, *args: Any) -> None:
+        with self._guard:
+            if message % args in self._said:
+                return
+            self._said.add(message % args)
+        _log().debug(message, *args)
 
     def endpoint(self, ref: Reference, use_mirrors: bool = True) -> _Endpoint:
         if use_mirrors:
@@ -2763,12 +3546,31 @@ class RegistryClient:
                 parts = urllib.parse.urlsplit(url)
                 prefix = parts.path.strip("/")
                 repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
-                base = f"{parts.scheme}://{parts.netloc}"
-                return _Endpoint(base, parts.netloc, repository, parts.netloc)
+                host = parts.netloc.rpartition("@")[2]
+                credentials = None
+                if "@" in parts.netloc:  # http://user:password@host: the mirror's own
+                    credentials = Credentials(
+                        urllib.parse.unquote(parts.username or ""),
+                        urllib.parse.unquote(parts.password or ""),
+                        source=f"the user:password in the mirror URL for {host}")
+                self._once("%s through the mirror %s", ref.registry,
+                           _without_userinfo(url))
+                return _Endpoint(f"{parts.scheme}://{host}", host, repository, host,
+                                 credentials, mirror_of=ref.registry)
         host = ref.api_host
         return _Endpoint(f"https://{host}", host, ref.repository, ref.registry)
 
+    def _origin(self, endpoint: _Endpoint) -> str:
+        """The scheme://host the endpoint is reached at now (a loopback https may
+        have turned out to be plain HTTP)."""
+        if endpoint.base.startswith("http://"):
+            return endpoint.base
+        return f"{self.transport.scheme(endpoint.host)}://{endpoint.host}"
+
     def _credentials_for(self, endpoint: _Endpoint) -> Optional[Credentials]:
+        if endpoint.credentials is not None:
+            self._once("credentials for %s from %s", endpoint.host, endpoint.credentials.source)
+            return endpoint.credentials
         key = (endpoint.registry, endpoint.repository)
         with self._guard:
             if key in self._credentials:
@@ -2776,24 +3578,35 @@ class RegistryClient:
         credentials = find_credentials(endpoint.registry, endpoint.repository)
         with self._guard:
             self._credentials[key] = credentials
+        if credentials is None:
+            self._once("no credentials for %s in %s, nor in a credential helper they name",
+                       endpoint.registry, ", ".join(_auth_files()))
+        else:
+            self._once("credentials for %s/%s from %s", endpoint.registry,
+                       endpoint.repository, credentials.source)
         return credentials
 
     def _authorization(self, endpoint: _Endpoint, scopes: Sequence[str],
-                       challenge: Optional[Challenge]) -> Optional[str]:
-        challenge = challenge or self._challenges.get(endpoint.host)
+                       challenge: Optional[Challenge], anonymous: bool = False
+                       ) -> Tuple[Optional[str], Optional[Credentials]]:
+        """The Authorization header for the endpoint (None: none), and the stored
+        credentials it was made with (None: anonymous)."""
+        with self._guard:
+            challenge = challenge or self._challenges.get(endpoint.host)
+            anonymous = anonymous or (endpoint.host, endpoint.repository) in self._anonymous
         if challenge is None:
-            return None
-        credentials = self._credentials_for(endpoint)
+            return None, None
+        credentials = None if anonymous else self._credentials_for(endpoint)
         if challenge.scheme == "basic":
             if credentials is None or not (credentials.username or credentials.password):
-                return None
-            return credentials.basic_header()
+                return None, None
+            return credentials.basic_header(), credentials
         if challenge.scheme != "bearer":
-            return None
+            return None, None
         if credentials is not None and credentials.registry_token:
-            return f"Bearer {credentials.registry_token}"
+            return f"Bearer {credentials.checked().registry_token}", credentials
         token = self._token(endpoint, challenge, scopes, credentials)
-        return f"Bearer {token}"
+        return f"Bearer {token}", credentials
 
     def _token(self, endpoint: _Endpoint, challenge: Challenge, scopes: Sequence[str],
                credentials: Optional[Credentials]) -> str:
@@ -2804,15 +3617,13 @@ class RegistryClient:
         if realm_parts.scheme not in ("http", "https") or not realm_parts.netloc:
             raise AuthenticationError(f"{endpoint.host} names an invalid token realm "
                                       f"{_shorten(_one_line(realm))!r}")
-        registry_scheme = self.transport.scheme(endpoint.host) if not \
-            endpoint.base.startswith("http://") else "http"
-        if realm_parts.scheme == "http" and registry_scheme == "https" and \
-                not _is_loopback(realm_parts.netloc):
+        if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
                                       f"token realm {_shorten(_one_line(realm))}; refusing")
         wanted = tuple(sorted(set(scopes) | ({challenge.params["scope"]}
                                              if challenge.params.get("scope") else set())))
-        key = (realm, service, wanted)
+        key = (endpoint.host if credentials is None else f"{endpoint.host} {credentials.source}",
+               realm, service, wanted)
         with self._guard:
             cached = self._tokens.get(key)
         if cached is not None and cached[1] > time.monotonic():
@@ -2833,8 +3644,13 @@ class RegistryClient:
             url = realm + (separator + urllib.parse.urlencode(query) if query else "")
             response = self.transport.request("GET", url, headers)
         if response.status != 200:
-            raise _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
-                                  response)
+            error = _registry_error(f"token for {endpoint.repository}", realm_parts.netloc,
+                                    response)
+            if credentials is not None and response.status in (401, 403):
+                raise AuthenticationError(f"{error}; it refused the credentials from "
+                                          f"{credentials.source}", error.status,
+                                          error.codes) from None
+            raise error
         try:
             data = response.body(1024 * 1024)
         except (OSError, _http_client.HTTPException) as e:
@@ -2843,7 +3659,7 @@ class RegistryClient:
         try:
             answer = _parse_json(data, "token")
             token = str(answer.get("token") or answer.get("access_token") or "")
-            expires = float(answer.get("expires_in") or 60)
+            expires = _token_lifetime(answer.get("expires_in"))
         except (OciCacheError, ValueError, AttributeError, TypeError):
             response.close(reuse=False)
             raise AuthenticationError(f"token realm {realm_parts.netloc} answered something "
@@ -2860,35 +3676,92 @@ class RegistryClient:
     def request(self, endpoint: _Endpoint, method: str, path: str, actions: str = "pull",
                 headers: Optional[Mapping[str, str]] = None, body: Body = None,
                 what: str = "", ok: Iterable[int] = (200,), url: str = "",
-                extra_scopes: Sequence[str] = (), retry: bool = True) -> _Response:
+                extra_scopes: Sequence[str] = (), retry: bool = True,
+                budget: Optional[_RetryBudget] = None) -> _Response:
         """An authenticated request to ``/v2/<repository>/<path>`` (or ``url``, an upload
-        location); a status outside ``ok`` raises with the registry's error."""
+        location); a status outside ``ok`` raises with the registry's error.
+
+        Stored credentials that a pull is refused with are tried once more without
+        (an expired token on an image anyone may pull), with a warning."""
         import urllib.parse
         url = url or f"{endpoint.base}/v2/{endpoint.repository}/{path}"
+        what = what or f"{method} {endpoint.repository}/{path or url}"
         scopes = [f"repository:{endpoint.repository}:{actions}", *extra_scopes]
         challenge: Optional[Challenge] = None
         accepted = set(ok)
-        for attempt in range(3):
+        budget = budget or _RetryBudget(self.transport.options)
+        refused: Optional[AuthenticationError] = None  # what the stored credentials met
+        challenged = 0
+        while True:
             request_headers = {"User-Agent": _user_agent(), **(headers or {})}
-            authorization = self._authorization(endpoint, scopes, challenge)
-            if authorization and urllib.parse.urlsplit(url).netloc == endpoint.host:
-                request_headers["Authorization"] = authorization  # never to another host
-            response = self.transport.request(method, url, request_headers, body, retry)
-            if response.status == 401 and attempt < 2:
+            try:
+                authorization, used = self._authorization(endpoint, scopes, challenge,
+                                                          refused is not None)
+            except AuthenticationError as e:
+                if refused is not None or actions != "pull" or \
+                        self._credentials_for(endpoint) is None:
+                    raise
+                refused = e  # the token realm refused them
+                continue
+            if authorization and _may_send_credentials(url, self._origin(endpoint)):
+                request_headers["Authorization"] = authorization
+            try:
+                response = self.transport.request(method, url, request_headers, body, retry,
+                                                  budget=budget)
+            except OciCacheError as e:
+                if not endpoint.mirror_of or type(e) is not OciCacheError:
+                    raise
+                # The host alone would not say why a pull of docker.io went there.
+                raise OciCacheError(f"{e} (the mirror for {endpoint.mirror_of}, set by "
+                                    "--mirror, $OCICACHE_MIRROR, $LINUXKIT_MIRROR, "
+                                    "daemon.json or registries.conf)") from None
+            if response.status == 401:
+                answered = urllib.parse.urlsplit(response.url).netloc
+                if answered != endpoint.host:
+                    # A redirect target's challenge never directs credentials.
+                    response.close(reuse=False)
+                    raise AuthenticationError(
+                        f"{what}: {answered} answered 401 after a redirect from "
+                        f"{endpoint.host}; credentials go only to {endpoint.host} and its own "
+                        "token realm", 401)
                 offered = parse_challenges(response.headers.get("WWW-Authenticate", ""))
                 usable = [c for c in offered if c.scheme in ("bearer", "basic")]
-                if usable and (authorization is None or
-                               usable[0].params.get("error") == "insufficient_scope"):
+                if challenged < 2 and usable and (
+                        authorization is None or
+                        usable[0].params.get("error") == "insufficient_scope"):
                     response.close()
-                    challenge = usable[0]
+                    challenge, challenged = usable[0], challenged + 1
                     with self._guard:
                         self._challenges[endpoint.host] = challenge
                     continue
             if response.status in accepted:
+                if refused is not None:
+                    self._go_anonymous(endpoint, refused)
                 return response
-            raise _registry_error(what or f"{method} {endpoint.repository}/{path or url}",
-                                  endpoint.host, response)
-        raise AssertionError("unreachable")
+            error = _registry_error(what, endpoint.host, response)
+            if refused is not None:
+                raise refused  # anonymous failed too: the credentials' refusal is the news
+            if used is not None and error.status in (401, 403):
+                refused = AuthenticationError(f"{error}; it refused the credentials from "
+                                              f"{used.source}", error.status, error.codes)
+                if actions == "pull":
+                    continue
+                raise refused
+            if error.status == 401:
+                raise AuthenticationError(
+                    f"{error}; no credentials for {endpoint.registry} were found (looked up in "
+                    f"{', '.join(_auth_files())} and the credential helpers they name)",
+                    error.status, error.codes)
+            raise error
+
+    def _go_anonymous(self, endpoint: _Endpoint, refused: AuthenticationError) -> None:
+        """Remember, and say once, that this repository is pulled without the stored
+        credentials it refused."""
+        with self._guard:
+            if (endpoint.host, endpoint.repository) in self._anonymous:
+                return
+            self._anonymous.add((endpoint.host, endpoint.repository))
+        _log().warning("%s; pulling %s anonymously instead", refused, endpoint.repository)
 
     # -- manifests and blobs ----------------------------------------------------------
 
@@ -2897,9 +3770,10 @@ class RegistryClient:
                      ) -> Tuple[bytes, _Response]:
         """GET a small body whole; a body cut short, reset or failing ``check`` (its
         digest) is fetched again, like a failed request."""
-        failures = 0
+        budget = _RetryBudget(self.transport.options)  # for the document, in all
         while True:
-            response = self.request(endpoint, "GET", path, headers=headers, what=what)
+            response = self.request(endpoint, "GET", path, headers=headers, what=what,
+                                    budget=budget)
             try:
                 data = response.body(MAX_MANIFEST_SIZE)
                 response.close()
@@ -2907,12 +3781,9 @@ class RegistryClient:
                 return data, response
             except (OSError, _http_client.HTTPException, DigestMismatchError) as e:
                 response.close(reuse=False)
-                failures += 1
-                if failures >= self.transport.options.attempts:
-                    if isinstance(e, OciCacheError):
-                        raise
-                    raise _connection_error(endpoint.host, e) from None
-                self.transport._back_off(endpoint.host, failures, None)
+                error = e if isinstance(e, OciCacheError) else _connection_error(endpoint.host, e)
+                if not self.transport.retry(budget, endpoint.host, str(error)):
+                    raise error from None
 
     def get_manifest(self, ref: Reference, what: str = "") -> Tuple[bytes, Descriptor]:
         """The manifest (or index) bytes as served, and its descriptor (verified)."""
@@ -2962,13 +3833,165 @@ class RegistryClient:
         return self._fetch_small(endpoint, f"blobs/{descriptor.digest}", {},
                                  f"pull {ref.name}@{descriptor.digest}", check)[0]
 
+    def manifest_digest(self, ref: Reference) -> Optional[Descriptor]:
+        """What ``ref`` names now, asked with HEAD (which Docker Hub's rate limit does
+        not count): its descriptor, or None when the registry does not say (no
+        ``Docker-Content-Digest``, HEAD refused). A missing manifest raises, as GET."""
+        endpoint = self.endpoint(ref)
+        identifier = str(ref.digest) if ref.digest is not None else ref.tag
+        try:
+            response = self.request(endpoint, "HEAD", f"manifests/{identifier}",
+                                    headers={"Accept": MANIFEST_ACCEPT}, what=f"look up {ref}")
+        except RegistryError as e:
+            if e.status in (404, 401, 403) or not 400 <= e.status < 500:
+                raise
+            return None  # 405 and the like: the caller asks with GET
+        response.close()
+        served = response.headers.get("Docker-Content-Digest", "")
+        length = response.headers.get("Content-Length", "")
+        try:
+            digest = Digest.parse(served.strip())
+        except InvalidDigestError:
+            return None
+        if ref.digest is not None and digest != ref.digest:
+            return None
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        size = int(length) if re.fullmatch(r"[0-9]{1,12}", length) else 0
+        return Descriptor(media_type, digest, size)
+
+    def digest(self, ref: Union[str, Reference]) -> Descriptor:
+        """What ``ref`` names in its registry now: its manifest's (or index's)
+        descriptor, asked with HEAD (which Docker Hub's rate limit does not count), with
+        GET only when the HEAD does not say."""
+        wanted = Reference.parse(ref)
+        found = self.manifest_digest(wanted)
+        if found is None:
+            found = self.get_manifest(wanted, what=f"look up {wanted}")[1]
+        return found
+
+    def list_tags(self, ref: Union[str, Reference]) -> List[str]:
+        """Every tag of ``ref``'s repository (its tag or digest aside), each once, in
+        the registry's order. Pages are followed by their ``Link`` header, relative or
+        absolute and as written (Quay's ``next_page`` tokens are in it), but only on the
+        registry's own host; entries that are not tags (the nulls and digests that
+        Artifactory and Nexus list) are left out."""
+        import urllib.parse
+        wanted = Reference.parse(ref)
+        endpoint = self.endpoint(wanted, use_mirrors=False)  # a mirror lists its own tags
+        what = f"list the tags of {wanted.name}"
+        url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
+        tags: Dict[str, None] = {}
+        fetched: set = set()
+        skipped = 0
+        while True:
+            fetched.add(url)
+            response = self.request(endpoint, "GET", "", url=url, what=what)
+            try:
+                data = response.body(MAX_MANIFEST_SIZE)
+            except (OSError, _http_client.HTTPException) as e:
+                response.close(reuse=False)
+                raise _connection_error(endpoint.host, e) from None
+            response.close()
+            page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
+            entries = page.get("tags") if isinstance(page, dict) else ()
+            if not isinstance(entries, list) and entries is not None:
+                raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
+                                    "a tag list (a JSON object with a 'tags' array)")
+            for entry in entries or ():
+                if isinstance(entry, str) and re.fullmatch(_TAG, entry):
+                    tags.setdefault(entry)
+                else:
+                    skipped += 1
+            link = _next_link(response.headers.get("Link", ""))
+            if not link:
+                break
+            following = urllib.parse.urljoin(response.url, link)
+            shown = _shorten(_one_line(_without_userinfo(following)))
+            if not _may_send_credentials(following, self._origin(endpoint)):
+                raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown}, "
+                                    "off its own host (or from https to http); refusing to "
+                                    "follow it")
+            if following in fetched or len(fetched) >= _MAX_TAG_PAGES:
+                raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown} "
+                                    f"after {len(fetched)} pages; the list does not end")
+            url = following
+        if skipped:
+            _log().debug("%s listed %d entries that are not tags; left out", endpoint.host,
+                         skipped)
+        return list(tags)
+
+    def check_credentials(self, registry: str, username: str, password: str) -> bool:
+        """Whether ``registry`` takes this user name and password: a GET of ``/v2/``
+        with them, through the token realm its challenge names (the token flow docker's
+        login takes). False when ``/v2/`` lets anyone in, so that nothing could be
+        checked; a refusal is an AuthenticationError, never naming the password."""
+        import urllib.parse
+        registry = _login_registry(registry)
+        _check_login(username, password)
+        host = DOCKER_HUB_API_HOST if registry == DEFAULT_REGISTRY else registry
+        credentials = Credentials(username, password, source=f"the login of {username!r}")
+        endpoint = _Endpoint(f"https://{host}", host, registry, registry, credentials)
+        url, what = f"{endpoint.base}/v2/", f"log in to {registry}"
+        headers = {"User-Agent": _user_agent()}
+        response = self.transport.request("GET", url, headers)
+        if response.status == 200:
+            response.close()
+            return False
+        if response.status != 401:
+            raise _registry_error(what, host, response)
+        answered = urllib.parse.urlsplit(response.url).netloc
+        offered = [c for c in parse_challenges(response.headers.get("WWW-Authenticate", ""))
+                   if c.scheme in ("bearer", "basic")]
+        response.close()
+        if answered != host:
+            raise AuthenticationError(f"{what}: {answered} answered 401 after a redirect from "
+                                      f"{host}; credentials go only to {host} and its own token "
+                                      "realm", 401)
+        if not offered:
+            raise AuthenticationError(f"{what}: {host} answered 401 without a Basic or Bearer "
+                                      "challenge", 401)
+        if offered[0].scheme == "basic":
+            authorization = credentials.basic_header()
+        else:
+            try:
+                authorization = "Bearer " + self._token(endpoint, offered[0], (), credentials)
+            except RegistryError as e:
+                raise type(e)(f"{what}: {e}", e.status, e.codes) from None
+        if _may_send_credentials(url, self._origin(endpoint)):
+            headers["Authorization"] = authorization
+        response = self.transport.request("GET", url, headers)
+        if response.status == 200:
+            response.close()
+            return True
+        error = _registry_error(what, host, response)
+        if error.status in (401, 403):
+            raise AuthenticationError(f"{error}; it refused the login of {username!r}",
+                                      error.status, error.codes)
+        raise error
+
+    def login(self, registry: str, username: str, password: str) -> str:
+        """Check the credentials against ``registry`` (``check_credentials``), then
+        store them where docker does (``store_credentials``); where they went. Nothing
+        is stored when the check fails."""
+        if not self.check_credentials(registry, username, password):
+            _log().warning("%s lets anyone in, so the credentials could not be checked; "
+                           "storing them anyway", _login_registry(registry))
+        return store_credentials(registry, username, password)
+
     def remote_manifest(self, endpoint: _Endpoint, reference: str,
-                        actions: str = "pull") -> Optional[Tuple[bytes, Descriptor]]:
-        """The manifest under ``reference`` at ``endpoint``, or None when there is none."""
+                        actions: str = "pull", denied_is_absent: bool = False
+                        ) -> Optional[Tuple[bytes, Descriptor]]:
+        """The manifest under ``reference`` at ``endpoint``, or None when there is none
+        (or, with ``denied_is_absent``, when reading it is denied: Artifactory answers
+        403 for a tag that does not exist)."""
+        absent = (404, 403) if denied_is_absent else (404,)
         response = self.request(endpoint, "GET", f"manifests/{reference}", actions,
-                                headers={"Accept": MANIFEST_ACCEPT}, ok=(200, 404),
+                                headers={"Accept": MANIFEST_ACCEPT}, ok=(200, *absent),
                                 what=f"look up {endpoint.repository}:{reference}")
-        if response.status == 404:
+        if response.status in absent:
+            if response.status == 403:
+                _log().debug("%s denies reading %s:%s; taking it as absent", endpoint.host,
+                             endpoint.repository, reference)
             response.close()
             return None
         try:
@@ -3005,39 +4028,52 @@ class RegistryClient:
         with self._guard:
             seen = self._locations.get((endpoint.host, descriptor.digest), [])
         sources = list(dict.fromkeys([*mount_from, *seen]))
+        session: Optional[_Response] = None  # an upload a failed mount opened
         for source in [s for s in sources if s != endpoint.repository]:
+            if session is not None:  # cancel the last one: only one stays open
+                self._cancel(endpoint, session)
             response = self.request(
                 endpoint, "POST", f"blobs/uploads/?mount={descriptor.digest}&from={source}",
                 "pull,push", ok=(201, 202), what=what,
                 extra_scopes=[f"repository:{source}:pull"])
-            location = response.headers.get("Location", "")
             response.close()
             if response.status == 201:
                 self._remember(endpoint, descriptor.digest)
                 return "mounted"
-            if location:  # the registry opened an ordinary upload instead: cancel it
-                with contextlib.suppress(OciCacheError):
-                    self.request(endpoint, "DELETE", "", "pull,push", ok=(204, 404, 405),
-                                 url=self._absolute(endpoint, location)).close()
-        failures = 0
+            # The registry opened an ordinary upload instead: it is used, not cancelled.
+            session = response if response.headers.get("Location") else None
+        budget = _RetryBudget(self.transport.options)
         chunked = descriptor.size > self.transport.options.chunked_upload_threshold
+        switched = False
         while True:
             try:
-                self._upload(endpoint, descriptor, layout, chunked, what)
+                self._upload(endpoint, descriptor, layout, chunked, what, session)
                 self._remember(endpoint, descriptor.digest)
                 return "uploaded"
             except RegistryError as e:
                 if isinstance(e, AuthenticationError):
                     raise
-                failures += 1
-                if not chunked and 400 <= e.status < 500:
-                    chunked = True  # a registry that refuses monolithic uploads
-                elif failures >= self.transport.options.attempts or e.status < 500:
+                if 400 <= e.status < 500 and not switched:
+                    # A registry that refuses monolithic uploads, or chunked ones.
+                    _log().debug("%s refused a %s upload (%d); trying %s", endpoint.host,
+                                 "chunked" if chunked else "monolithic", e.status,
+                                 "monolithic" if chunked else "chunked")
+                    chunked, switched = not chunked, True
+                    budget.failures += 1
+                    if budget.failures >= budget.attempts:
+                        raise
+                elif e.status < 500 or not self.transport.retry(budget, endpoint.host, str(e)):
                     raise
-            except OciCacheError:
-                failures += 1
-                if failures >= self.transport.options.attempts:
+            except OciCacheError as e:
+                if not self.transport.retry(budget, endpoint.host, str(e)):
                     raise
+            session = None
+
+    def _cancel(self, endpoint: _Endpoint, session: _Response) -> None:
+        with contextlib.suppress(OciCacheError):
+            self.request(endpoint, "DELETE", "", "pull,push", ok=(204, 404, 405),
+                         url=self._absolute(endpoint, session.headers.get("Location", ""))
+                         ).close()
 
     def _remember(self, endpoint: _Endpoint, digest: Digest) -> None:
         """Note that ``digest`` is in this repository, a source for later mounts."""
@@ -3050,18 +4086,23 @@ class RegistryClient:
         import urllib.parse
         try:
             url = urllib.parse.urljoin(f"{endpoint.base}/v2/{endpoint.repository}/", location)
-            urllib.parse.urlsplit(url).port  # a bad port raises here
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # a bad port raises here
+            if parts.scheme not in ("http", "https") or not parts.netloc or \
+                    re.search(r"[\x00-\x20\x7f-\x9f]", url):
+                raise ValueError(url)
         except ValueError:
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
                                 f"{_shorten(_one_line(location))!r}") from None
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
-                chunked: bool, what: str) -> None:
-        """One upload session: POST, then one PUT, or PATCH chunks and a closing PUT."""
+                chunked: bool, what: str, session: Optional[_Response] = None) -> None:
+        """One upload session (``session``, the answer that opened one, else a new
+        POST), then one PUT, or PATCH chunks and a closing PUT."""
         import urllib.parse
-        response = self.request(endpoint, "POST", "blobs/uploads/", "pull,push", ok=(202,),
-                                what=what, retry=False)
+        response = session or self.request(endpoint, "POST", "blobs/uploads/", "pull,push",
+                                           ok=(202,), what=what, retry=False)
         response.close()
         location = self._absolute(endpoint, response.headers.get("Location", ""))
         announced = response.headers.get("OCI-Chunk-Min-Length") or ""
@@ -3118,7 +4159,7 @@ class RegistryClient:
                     progress: Callable[[int], None], hasher: "_HashingThread") -> None:
         what = f"blob {descriptor.digest} of {endpoint.repository}"
         restarts = 0
-        failures = 0
+        budget = _RetryBudget(self.transport.options)  # for the blob, in all
         while True:
             hasher.reset()
             have = 0
@@ -3136,13 +4177,24 @@ class RegistryClient:
             if have < descriptor.size:
                 headers = {"Range": f"bytes={have}-"} if have else {}
                 response = self.request(endpoint, "GET", f"blobs/{descriptor.digest}",
-                                        headers=headers, what=f"pull {what}", ok=(200, 206))
+                                        headers=headers, what=f"pull {what}", budget=budget,
+                                        ok=(200, 206, 400, 416) if have else (200, 206))
+                if response.status in (400, 416):
+                    # The resume is refused (a CDN that does not do Range, a partial
+                    # file the server disowns): the partial goes, the blob starts over.
+                    _log().debug("%s refused to resume %s at byte %d (%d); starting over",
+                                 endpoint.host, descriptor.digest, have, response.status)
+                    response.close(reuse=False)
+                    os.ftruncate(fd, 0)
+                    progress(-have)
+                    continue
                 if response.status == 200 and have:
                     os.ftruncate(fd, 0)  # the server ignored Range: start over
                     progress(-have)
                     hasher.reset()
                     have = 0
                 os.lseek(fd, have, os.SEEK_SET)
+                response.streaming()
                 stall = _StallWatch(self.transport.options.timeout)
                 try:
                     while have < descriptor.size:
@@ -3160,15 +4212,15 @@ class RegistryClient:
                     response.close(reuse=False)
                     if _is_write_error(e):
                         raise  # partial_blob names the file (and removes it if full)
-                    failures += 1
-                    if failures >= self.transport.options.attempts:
-                        raise _connection_error(endpoint.host, e) from None
+                    error = _connection_error(endpoint.host, e)
+                    if not self.transport.retry(budget, endpoint.host, str(error)):
+                        raise error from None
                     continue  # resume with Range from what we have
                 if have < descriptor.size:
-                    failures += 1
-                    if failures >= self.transport.options.attempts:
-                        raise OciCacheError(f"pull {what}: {endpoint.host} ended the body at "
-                                            f"{have} of {descriptor.size} bytes")
+                    error = OciCacheError(f"pull {what}: {endpoint.host} ended the body at "
+                                          f"{have} of {descriptor.size} bytes")
+                    if not self.transport.retry(budget, endpoint.host, str(error)):
+                        raise error
                     continue
             if hasher.hexdigest() == descriptor.digest.hex:
                 return
@@ -4402,7 +5454,26 @@ class _TarWriter:
             if info.size != descriptor.size:
                 raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
                                         f"{descriptor.size}; run 'ocicache verify'")
-            self.add(info, blob)
+            # The digest is checked by a second reader hashing beside the copy (which
+            # may bypass Python with sendfile): a corrupt blob fails the export.
+            problem: List[str] = []
+
+            def check() -> None:
+                try:
+                    problem.append(layout.blob_problem(descriptor.digest))
+                except OSError as e:
+                    problem.append(f"it cannot be read: {e.strerror or e}")
+
+            hashing = threading.Thread(target=check, name="ocicache-export-hash")
+            hashing.start()
+            try:
+                self.add(info, blob)
+            finally:
+                hashing.join()
+            if problem and problem[0]:
+                raise CorruptCacheError(f"blob {descriptor.digest} is corrupt ({problem[0]}); "
+                                        "run 'ocicache verify --repair', then pull the "
+                                        "image again")
 
     def close(self) -> None:
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
@@ -4825,6 +5896,22 @@ def _as_descriptor(value: DescriptorLike) -> Descriptor:
     return value if isinstance(value, Descriptor) else Descriptor.from_json(dict(value))
 
 
+def _bounded_entry(descriptor: Descriptor) -> Descriptor:
+    """A root entry from an archive, within what index.json may spend on one: beyond
+    ``_MAX_IMPORTED_ENTRY`` bytes, only media type, digest, size (and the platform, if
+    small) are kept, so that imports can never grow index.json past what is read back."""
+    if len(_json_bytes(descriptor.to_json())) <= _MAX_IMPORTED_ENTRY:
+        return descriptor
+    slim = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size,
+                      platform=descriptor.platform)
+    if len(_json_bytes(slim.to_json())) > _MAX_IMPORTED_ENTRY:
+        slim = _replace(slim, platform=None)
+    _log().warning("the archive's entry for %s carries more than %d bytes of annotations "
+                   "and other fields; they are not copied into index.json",
+                   descriptor.digest, _MAX_IMPORTED_ENTRY)
+    return slim
+
+
 def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
     return wanted in _name_answers_to(stored)
@@ -4924,7 +6011,7 @@ class ContentStore:
             users = self._layout.reachable(self._layout.read_index().manifests).digests
             if d in users:
                 raise OciCacheError(f"blob {d} is used by {users[d]}; remove that name first")
-            if not self._layout.remove_blob_file(self._layout.blob_path(d)):
+            if not self._layout.delete_blob(d):
                 raise NotFoundError(f"blob {d} is not in the cache {self._layout.root}")
 
 
@@ -4952,6 +6039,10 @@ class PullProgress:
 
     def cached(self, name: str, descriptor: Descriptor) -> None:
         """``name`` was already complete in the cache: nothing was asked of the registry."""
+
+
+class _PullStopped(Exception):
+    """Raised in a download worker, at its next piece, once the pull is stopping."""
 
 
 def _registries_conf_tables(text: str) -> List[Tuple[str, Dict[str, Any]]]:
@@ -5079,31 +6170,35 @@ class Provider(CacheProvider):
     # -- names ------------------------------------------------------------------------
 
     def find_descriptor(self, ref: RefLike) -> Optional[Descriptor]:
-        """The root entry for ``ref``: by digest if it has one, else by name; or None."""
+        """The root entry for ``ref``, or None: for a reference with a digest, an entry of
+        that digest (the one of that name first); else the entry of that name. Its
+        media type is what its blob is (``read_document``), whatever index.json says."""
         wanted = Reference.parse(ref)
         entries = self.layout.read_index().manifests
         if wanted.digest is not None:
-            return next((e for e in entries if e.digest == wanted.digest), None)
-        return next((e for e in entries if _names_match(e.name, wanted)), None)
+            # A digest is a promise: an entry whose name pins it but whose content is
+            # another digest is never the answer.
+            pinned = [e for e in entries if e.digest == wanted.digest]
+            found = next((e for e in pinned if _names_match(e.name, wanted)),
+                         pinned[0] if pinned else None)
+        else:
+            found = next((e for e in entries if _names_match(e.name, wanted)), None)
+        return self.layout.believed(found) if found is not None else None
 
     def _find_named(self, ref: RefLike) -> Descriptor:
-        entries = self.layout.read_index().manifests
         try:
-            wanted = Reference.parse(ref)
+            found = self.find_descriptor(ref)
         except InvalidReferenceError:
+            # Not a reference, but perhaps a name linuxkit stored (see _name_predicate).
             matches = _name_predicate(ref)
-            stored = next((e for e in entries if matches(e.name)), None)
-            if stored is None:
+            found = next((e for e in self.layout.read_index().manifests if matches(e.name)),
+                         None)
+            if found is None:
                 raise
-            return stored
-        for entry in entries:
-            if _names_match(entry.name, wanted):
-                return entry
-        if wanted.digest is not None:
-            for entry in entries:
-                if entry.digest == wanted.digest:
-                    return entry
-        raise NotFoundError(f"no image named {wanted} in the cache {self.root}")
+            return self.layout.believed(found)
+        if found is None:
+            raise NotFoundError(f"no image named {Reference.parse(ref)} in the cache {self.root}")
+        return found
 
     def names(self) -> List[Descriptor]:
         """Every named root entry, in index order."""
@@ -5116,29 +6211,29 @@ class Provider(CacheProvider):
         self._write_names([(name, named)])
         return self.new_source(name, "", named)
 
-    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> None:
-        """One index update naming every entry; refuses if any needs a missing blob, or
-        if a name pins a digest that is not its entry's (every name an archive, a pull
-        or a caller gives passes here: a digest in a name is a promise), or if one name
-        is given to two images (an archive naming two alike)."""
+    def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> List[Descriptor]:
+        """One index update naming every entry, each labelled with the media type its
+        blob has; refuses if any needs a missing blob, a descriptor (size, media type of
+        a child, a digest the name pins) disagrees with its content, or one name is given
+        to two images (an archive naming two alike). Returns the entries written."""
         chosen: Dict[Reference, Tuple[str, Descriptor]] = {}
         for name, descriptor in entries:
-            wanted = Reference.parse(name)
-            if wanted.digest is not None and wanted.digest != descriptor.digest:
-                raise OciCacheError(f"cannot name {descriptor.digest} "
-                                    f"{_shorten(_one_line(name))}: that name pins "
-                                    f"{wanted.digest}")
-            _, other = chosen.setdefault(wanted, (name, descriptor))
+            _, other = chosen.setdefault(Reference.parse(name), (name, descriptor))
             if other.digest != descriptor.digest:
                 raise OciCacheError(f"cannot name both {other.digest} and "
                                     f"{descriptor.digest} {_shorten(_one_line(name))}")
         entries = list(chosen.values())
         with self.layout.lock():
+            entries = list(zip([name for name, _ in entries],
+                               self.layout.believed_all([d for _, d in entries])))
             marked = self.layout.reachable([d for _, d in entries])
             problems = marked.missing + marked.unreadable
             if problems:
                 raise NotFoundError(f"cannot name {entries[0][0]}: blob {problems[0]} "
                                     f"is not in the cache {self.root}")
+            if marked.wrong:
+                raise CorruptCacheError(f"cannot name {_shorten(entries[0][0])}: "
+                                        f"{marked.wrong[0]}")
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
                 kept: List[Descriptor] = []
@@ -5149,14 +6244,22 @@ class Provider(CacheProvider):
                         spellings.setdefault(ref, []).append(m.name)
                     if not any(ref in chosen for ref in answers):
                         kept.append(m)
-                return kept + [_keep_spelling(spellings, name, d) for name, d in entries]
+                new = kept + [_keep_spelling(spellings, name, d) for name, d in entries]
+                size = len(_json_bytes(Index(MEDIA_OCI_INDEX, tuple(new)).to_json(),
+                                       indent=_INDEX_INDENT))
+                if size > MAX_INDEX_SIZE:
+                    raise OciCacheError(f"cannot name {_shorten(entries[0][0])}: index.json "
+                                        f"would grow to {size} bytes, past the "
+                                        f"{MAX_INDEX_SIZE} ocicache reads; remove names first")
+                return new
 
             self.layout.update_index(change)
+            return [d for _, d in entries]
 
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
         """Create, or merge into, the multi-platform index named ``ref``."""
         name = str(Reference.parse(ref))
-        incoming = [_as_descriptor(d) for d in descriptors]
+        incoming = [self.layout.believed(_as_descriptor(d)) for d in descriptors]
         if not incoming:
             raise OciCacheError(f"cannot create index {name} without any manifests")
         for descriptor in incoming:
@@ -5195,13 +6298,21 @@ class Provider(CacheProvider):
             images = _load_archive(stream, self.layout)
             if name:
                 images = _name_image(images, Reference.parse(name))
-            named = [(image_name, image.descriptor.named(image_name))
-                     for image in images for image_name in image.names]
-            if named:
-                self._write_names(named)
-        unnamed = [i.descriptor.with_annotations(ref_name=None, containerd_name=None)
-                   for i in images if not i.names]
-        return [d for _, d in named] + unnamed
+            roots = self.layout.believed_all([_bounded_entry(i.descriptor) for i in images])
+            # Sizes and child media types are the archive's word about its blobs (they
+            # are inside its manifests): one that disagrees is refused; a root's label,
+            # which is only index.json's, is corrected.
+            wrong = self.layout.reachable(
+                [r.with_annotations(ref_name=None, containerd_name=None) for r in roots]).wrong
+            if wrong:
+                raise InvalidArchiveError(f"archive's descriptor disagrees with its blob: "
+                                          f"{wrong[0]}")
+            named = [(image_name, root.named(image_name))
+                     for image, root in zip(images, roots) for image_name in image.names]
+            written = self._write_names(named) if named else []
+        unnamed = [root.with_annotations(ref_name=None, containerd_name=None)
+                   for image, root in zip(images, roots) if not image.names]
+        return written + unnamed
 
     def remove(self, *refs: RefLike) -> List[Digest]:
         """Remove names, and the blobs no other name reaches; returns those blobs.
@@ -5223,7 +6334,7 @@ class Provider(CacheProvider):
 
             def delete() -> None:
                 for digest in deleted:
-                    self.layout.remove_blob_file(self.layout.blob_path(digest))
+                    self.layout.delete_blob(digest)
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
@@ -5235,16 +6346,15 @@ class Provider(CacheProvider):
         """Remove every name and blob; returns the number of blobs deleted."""
         with self.layout.deleting_blobs(), self.layout.lock():
             count = 0
-            # Listed first: a cache that cannot be walked is refused before it is changed.
-            files = [path for digest, path, info in self.layout.blob_files()
-                     if digest is not None and not stat.S_ISDIR(info.st_mode)]
 
             def delete() -> None:
                 nonlocal count
-                for path in files:
-                    count += self.layout.remove_blob_file(path)
+                for digest, _, _ in self.layout.blob_files():
+                    if digest is not None and self.layout.delete_blob(digest):
+                        count += 1
 
-            self.layout.update_index(lambda _: [], on_full=delete)  # see remove()
+            # Written, not updated: it empties a cache whose index.json cannot be read.
+            self.layout.replace_index(_EMPTY_INDEX_BYTES, on_full=delete)  # see remove()
             delete()
             return count
 
@@ -5252,8 +6362,8 @@ class Provider(CacheProvider):
            dry_run: bool = False) -> GcReport:
         return self.layout.gc(grace_seconds, dry_run)
 
-    def verify(self) -> VerifyReport:
-        return self.layout.verify()
+    def verify(self, repair: bool = False) -> VerifyReport:
+        return self.layout.verify(repair)
 
     # -- images -----------------------------------------------------------------------
 
@@ -5266,7 +6376,7 @@ class Provider(CacheProvider):
             return root, root
         index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
         wanted = Platform.parse(architecture)
-        child = select_platform(index.manifests, wanted) or \
+        child = select_platform(self._children(index), wanted) or \
             self._select_unlabelled(index, wanted, explicit=bool(architecture))
         if child is None:
             have = ", ".join(str(c.platform) for c in index.manifests
@@ -5277,6 +6387,7 @@ class Provider(CacheProvider):
                     f"of it; pull it with --platform {wanted}")
             raise PlatformNotFoundError(
                 f"image {root.name or Reference.parse(ref)} has no {wanted}; it has {have}")
+        self._require_pulled(root.name or str(Reference.parse(ref)), child)
         return root, child
 
     def _select_unlabelled(self, index: Index, wanted: Platform,
@@ -5307,6 +6418,20 @@ class Provider(CacheProvider):
                 continue  # not an image config (an artifact) or not in the cache
         return labelled
 
+    def _children(self, index: Index) -> List[Descriptor]:
+        """An index's children as platforms are chosen from: one labelled as anything
+        but an image is asked what it is (it may be one); one labelled as an image is
+        read as a manifest when it is used, which checks that label."""
+        return [c if c.media_type in IMAGE_MEDIA_TYPES else self.layout.believed(c)
+                for c in index.manifests]
+
+    def _require_pulled(self, name: str, child: Descriptor) -> None:
+        """An index names every platform, but a pull fetches only the ones asked for."""
+        if not self.layout.has_blob(child.digest, child.size):
+            raise NotFoundError(f"image {name} has {child.platform}, but that platform is not "
+                                f"in the cache {self.root}: pull --platform {child.platform} "
+                                f"{name} first")
+
     def _check_platform(self, root: Descriptor, wanted: Platform) -> None:
         """A single-manifest image serves only the platform its config declares."""
         config = _load_json_object(self.layout.read_blob(self.manifest(root).config.digest),
@@ -5330,6 +6455,7 @@ class Provider(CacheProvider):
         try:
             root, image = self.resolve(ref, str(Platform.parse(architecture)))
             manifest = self.manifest(image)
+            self.layout.read_blob(manifest.config.digest)  # small: its digest is checked too
         except (NotFoundError, CorruptCacheError):
             return None
         complete = all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
@@ -5339,7 +6465,7 @@ class Provider(CacheProvider):
     def summaries(self) -> List[ImageSummary]:
         """Every name with the platforms complete in the cache and its size on disk."""
         out = []
-        for entry in self.names():
+        for entry in map(self.layout.believed, self.names()):
             reachable = self.layout.reachable([entry]).digests
             size = sum(self.layout.blob_size(d) or 0 for d in reachable)
             out.append(ImageSummary(entry.name, entry, tuple(self._platforms(entry)), size))
@@ -5356,7 +6482,10 @@ class Provider(CacheProvider):
                 config = _load_json_object(
                     self.layout.read_blob(self.manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
-        except OciCacheError:
+        except NotFoundError:
+            return []
+        except OciCacheError as e:
+            _log().warning("%s: %s", _printable(root.name), _one_line(str(e)))
             return []
         complete = []
         for child in images:
@@ -5389,16 +6518,25 @@ class Provider(CacheProvider):
 
         An image already complete makes no request unless ``always_pull``. Only the
         platform's child (and its attestations) is downloaded from an index, only
-        missing blobs, each verified; the name is written last, on the part of the index
-        the cache holds (``_root_to_name``). A digest reference is pulled whole.
+        blobs missing or failing their digest check, each verified; the name is written
+        last, on the part of the index the cache holds (``_root_to_name``). A digest
+        reference is pulled whole.
         """
         wanted = Reference.parse(ref)
         name = str(wanted)
         # A digest names the registry's whole index, so the cache holds all of it (see
         # _root_to_name); a tag may name the part of an index that was pulled.
         whole = ALL_PLATFORMS if wanted.digest is not None else architecture
-        cached = None if always_pull else self._complete(wanted, whole)
+        cached = self._complete(wanted, whole)
+        if cached is not None and always_pull:
+            cached = self._unmoved(wanted, cached)
         if cached is not None:
+            tags = self._arch_tag_names(  # asked for now, perhaps not when it was pulled
+                wanted, cached, {d.digest for d in self._images(cached, architecture)}) \
+                if arch_tags and cached.is_index else []
+            if tags:
+                with self.layout.adding_blobs():
+                    self._write_names(tags)
             self.progress.cached(name, cached)
             return self.new_source(name, architecture, cached)
         with self.layout.adding_blobs():
@@ -5414,21 +6552,36 @@ class Provider(CacheProvider):
                     if not _is_foreign(blob):
                         blobs.setdefault(blob.digest, blob)
             self.progress.begin(name, list(blobs.values()))
-            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size))
+            # Every blob this pull relies on is checked, and fetched again if corrupt: a
+            # pull that asks the registry anyway (always_pull, or an incomplete image)
+            # must not keep a damaged blob another name already had.
+            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
             for descriptor, data, _ in manifests:
+                self.layout.discard_if_corrupt(descriptor.digest)
                 self.layout.write_blob_bytes(data, descriptor.digest)
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
                 names = [(name, named.named(name))]
-                if arch_tags and wanted.tag and root.is_index:  # linuxkit tags only indexes
-                    base = Reference(wanted.registry, wanted.repository, wanted.tag)
-                    pulled = {descriptor.digest for descriptor, _, _ in manifests}
-                    for child, suffix in _arch_tags(Index.from_json(root_data).manifests):
-                        if child.digest in pulled:
-                            names.append((f"{base}-{suffix}", child.named(f"{base}-{suffix}")))
+                if arch_tags and root.is_index:
+                    names += self._arch_tag_names(
+                        wanted, named, {descriptor.digest for descriptor, _, _ in manifests},
+                        Index.from_json(root_data).manifests)
                 self._write_names(names)
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
+
+    def _unmoved(self, wanted: Reference, cached: Descriptor) -> Optional[Descriptor]:
+        """``cached`` when the registry still serves it for ``wanted`` (asked with HEAD,
+        which Docker Hub's rate limit does not count) and every blob it relies on passes
+        its check; else None, and the pull asks again with GET (a corrupt blob is deleted
+        here, so that pull fetches it)."""
+        current = self.registry.manifest_digest(wanted)
+        if current is None or str(current.digest) not in (str(cached.digest),
+                                                          self._subset_of(cached)):
+            return None
+        checked = self.layout.reachable([cached]).digests
+        damaged = [d for d in checked if self.layout.discard_if_corrupt(d)]
+        return None if damaged else cached
 
     def _root_to_name(self, data: bytes, root: Descriptor, whole: bool) -> Descriptor:
         """The root a pull names, its blob written: the registry's own index or manifest
@@ -5452,6 +6605,7 @@ class Provider(CacheProvider):
                 annotations = {**index.annotations, _ANNOTATION_SUBSET_OF: str(root.digest)}
                 part = _replace(index, manifests=kept, annotations=annotations).to_bytes()
                 return Descriptor(root.media_type, self.layout.write_blob_bytes(part), len(part))
+        self.layout.discard_if_corrupt(root.digest)
         self.layout.write_blob_bytes(data, root.digest)
         return root
 
@@ -5473,6 +6627,33 @@ class Provider(CacheProvider):
         except OciCacheError:  # verify and reachable() report it
             return ""
         return str(index.annotations.get(_ANNOTATION_SUBSET_OF, ""))
+
+    def _arch_tag_names(self, ref: Reference, root: Descriptor, pulled: Set[Digest],
+                        children: Sequence[Descriptor] = ()) -> List[Tuple[str, Descriptor]]:
+        """``<name>-<arch>`` for each pulled image child of the index ``root`` (or of
+        ``children``, the registry's index), with linuxkit's suffixes (``_arch_tags``).
+        linuxkit's cache pull names only the children of an index, and only for a tag."""
+        if not ref.tag or not root.is_index:
+            return []
+        if not children:
+            children = Index.from_json(self.layout.read_blob(root.digest),
+                                       what=f"index of {ref}").manifests
+        base = Reference(ref.registry, ref.repository, ref.tag)
+        return [(f"{base}-{suffix}", child.named(f"{base}-{suffix}"))
+                for child, suffix in _arch_tags(children) if child.digest in pulled]
+
+    def _images(self, root: Descriptor, architecture: str) -> List[Descriptor]:
+        """The image manifests of a complete root that a pull for ``architecture`` needs,
+        each with its platform (a single manifest's from its config)."""
+        if not root.is_index:
+            config = _load_json_object(self.layout.read_blob(self.manifest(root).config.digest),
+                                       f"config of {root.name}")
+            return [_replace(root, platform=Platform.from_json(config))]
+        if architecture != ALL_PLATFORMS:
+            return [self.resolve(root.name, architecture)[1]]
+        index = Index.from_json(self.layout.read_blob(root.digest), what=f"index of {root.name}")
+        return [c for c in index.manifests if c.platform is not None
+                and not c.is_attestation and c.media_type in IMAGE_MEDIA_TYPES]
 
     def _complete(self, ref: Reference, architecture: str) -> Optional[Descriptor]:
         """The name's root entry if it is complete for the platform, else None; without
@@ -5507,7 +6688,8 @@ class Provider(CacheProvider):
                     child_data, what=f"manifest {child.digest} of {ref}")))
             return fetched, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
-        if self.layout.has_blob(manifest.config.digest, manifest.config.size):
+        if self.layout.has_blob(manifest.config.digest, manifest.config.size) and \
+                not self.layout.discard_if_corrupt(manifest.config.digest):
             config_data = self.layout.read_blob(manifest.config.digest)
         else:
             config_data = self.registry.get_blob_bytes(ref, manifest.config)
@@ -5557,27 +6739,78 @@ class Provider(CacheProvider):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
         return plan, list(loose.values())
 
-    def _download(self, ref: Reference, blobs: Sequence[Descriptor]) -> None:
-        """Fetch the blobs not yet present, ``jobs`` at a time, largest first."""
+    def _download(self, ref: Reference, blobs: Sequence[Descriptor],
+                  recheck: Iterable[Digest] = ()) -> None:
+        """Fetch the blobs not yet present, ``jobs`` at a time, largest first; those in
+        ``recheck`` are hashed first (``jobs`` at a time), and fetched again if corrupt.
+
+        The workers are daemon threads that stop at their next piece once anything
+        fails or the caller is interrupted: a Ctrl-C does not wait for the layers in
+        flight (a stalled one could take minutes), and whatever was received stays in
+        the partial files that the next pull resumes from.
+        """
         import concurrent.futures
-        missing = [b for b in blobs if not self.layout.has_blob(b.digest, b.size)]
+        suspect = set(recheck)
+        present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
+        checked = [b.digest for b in present if b.digest in suspect]
+        discarded = set()
+        if checked:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-check") as pool:
+                discarded = {digest for digest, gone in zip(
+                    checked, pool.map(self.layout.discard_if_corrupt, checked)) if gone}
+        missing = [b for b in blobs if b not in present or b.digest in discarded]
         for blob in blobs:
             if blob not in missing:
                 self.layout._touch(blob.digest)
                 self.progress.advance(blob.digest, blob.size)
         if not missing:
             return
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-pull") as pool:
-            futures = [pool.submit(self.registry.download_blob, ref, blob, self.layout,
-                                   functools.partial(self.progress.advance, blob.digest))
-                       for blob in missing]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        stop = threading.Event()
+        pending = iter(missing)
+        guard = threading.Lock()
+        errors: List[BaseException] = []
+
+        def advance(digest: Digest, size: int) -> None:
+            if stop.is_set():
+                raise _PullStopped()
+            self.progress.advance(digest, size)
+
+        def work() -> None:
+            while not stop.is_set():
+                with guard:
+                    blob = next(pending, None)
+                if blob is None:
+                    return
+                try:
+                    self.registry.download_blob(ref, blob, self.layout,
+                                                functools.partial(advance, blob.digest))
+                except _PullStopped:
+                    return
+                except BaseException as e:  # handed to the caller's thread below
+                    errors.append(e)
+                    stop.set()
+                    return
+
+        workers = [threading.Thread(target=work, name="ocicache-pull", daemon=True)
+                   for _ in range(min(self.jobs, len(missing)))]
+        for worker in workers:
+            worker.start()
+        try:
+            for worker in workers:
+                while worker.is_alive():
+                    # In steps: a SIGINT the kernel hands to a worker thread is acted on
+                    # only when the main thread next wakes, and a join without end may
+                    # not wake for minutes.
+                    worker.join(0.1)
+        except BaseException:  # Ctrl-C: a partial file is a prefix of the blob at any time
+            stop.set()
+            raise
+        if errors:
+            if isinstance(errors[0], _DiskFullError):
+                # Resuming needs the space the partial files hold: on a full disk they go.
+                for blob in missing:
+                    self.layout.discard_partial(blob.digest)
+            raise errors[0]
 
     def is_published(self, ref: RefLike) -> bool:
         """Whether the registry serves exactly the root this cache holds for ``ref``
@@ -5595,7 +6828,9 @@ class Provider(CacheProvider):
                 return False
             wanted = Reference(base.registry, base.repository, "", root.digest)
         try:
-            _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
+            remote = self.registry.manifest_digest(wanted)
+            if remote is None:  # the registry does not say with HEAD: ask with GET
+                _, remote = self.registry.get_manifest(wanted, what=f"look up {wanted}")
         except RegistryError as e:
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
@@ -5608,7 +6843,17 @@ class Provider(CacheProvider):
         every other failure (authentication, network, 5xx after retries) raises."""
         wanted_ref = Reference.parse(ref)
         try:
-            data, root = self.registry.get_manifest(wanted_ref, what=f"look up {wanted_ref}")
+            # Only the digest is asked for (HEAD, outside Docker Hub's rate limit) when
+            # the cache holds what it names; GET otherwise.
+            head = self.registry.manifest_digest(wanted_ref)
+            if head is not None and self.layout.has_blob(head.digest):
+                data = self.layout.read_blob(head.digest)
+                media_type = _load_json_object(data, f"manifest of {wanted_ref}").get(
+                    "mediaType")
+                root = _replace(head, media_type=str(media_type or head.media_type))
+            else:
+                data, root = self.registry.get_manifest(wanted_ref,
+                                                        what=f"look up {wanted_ref}")
         except RegistryError as e:
             if e.status == 404 or {"MANIFEST_UNKNOWN", "NAME_UNKNOWN"} & set(e.codes):
                 return False
@@ -5617,10 +6862,37 @@ class Provider(CacheProvider):
         if root.is_index:
             return select_platform(Index.from_json(data).manifests, wanted) is not None
         manifest = Manifest.from_json(data)
-        config = _load_json_object(self.registry.get_blob_bytes(wanted_ref, manifest.config),
-                                   f"config of {wanted_ref}")
+        config_data = self.layout.read_blob(manifest.config.digest) \
+            if self.layout.has_blob(manifest.config.digest) else \
+            self.registry.get_blob_bytes(wanted_ref, manifest.config)
+        config = _load_json_object(config_data, f"config of {wanted_ref}")
         probe = _replace(root, platform=Platform.from_json(config))
         return select_platform([probe], wanted) is not None
+
+    def remote_digest(self, ref: RefLike, architecture: str = "") -> Descriptor:
+        """What ``ref`` names in its registry now (``RegistryClient.digest``: a HEAD).
+        With ``architecture``, the image of that platform: the index's child for it
+        (one GET of the index, by the digest the HEAD gave), or the single manifest
+        itself when its config declares that platform; else PlatformNotFoundError
+        naming what there is. The cache is neither read nor written."""
+        wanted_ref = Reference.parse(ref)
+        wanted = Platform.parse(architecture) if architecture else None
+        root = self.registry.digest(wanted_ref)
+        if wanted is None:
+            return root
+        pinned = Reference(wanted_ref.registry, wanted_ref.repository, wanted_ref.tag,
+                           root.digest)
+        data, root = self.registry.get_manifest(pinned, what=f"look up {wanted_ref}")
+        if root.is_index:
+            return _select_child(wanted_ref, Index.from_json(data), architecture)
+        manifest = Manifest.from_json(data, what=f"manifest of {wanted_ref}")
+        config = _load_json_object(self.registry.get_blob_bytes(pinned, manifest.config),
+                                   f"config of {wanted_ref}")
+        declared = _replace(root, platform=Platform.from_json(config))
+        if select_platform([declared], wanted) is None:
+            raise PlatformNotFoundError(
+                f"image {wanted_ref} has no {wanted}; it is {declared.platform}")
+        return declared
 
     def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
              override: bool = False) -> None:
@@ -5638,9 +6910,13 @@ class Provider(CacheProvider):
         root = self._find_named(local)
         endpoint = self.registry.endpoint(remote, use_mirrors=False)
         tag = remote.tag or str(remote.digest)
-        existing = self.registry.remote_manifest(endpoint, tag, "pull,push")
+        # Whether the tag exists; a 403 here (Artifactory's answer for a missing tag)
+        # is taken as "absent", and the upload's own answer decides.
+        existing = self.registry.remote_manifest(endpoint, tag, "pull,push",
+                                                 denied_is_absent=True)
         if existing is not None and not override:
-            _log().info("%s exists in the registry; not pushing (use override)", remote)
+            _log().info("%s exists in the registry; not pushing (push --override replaces "
+                        "or merges it)", remote)
             return
         if existing is not None and existing[1].digest == root.digest:
             _log().info("%s is already in the registry", remote)
@@ -5681,14 +6957,14 @@ class Provider(CacheProvider):
                                     remote.tag, child.platform.architecture)
                     self.registry.put_manifest(endpoint, f"{remote.tag}-{suffix}",
                                                self.layout.read_blob(child.digest),
-                                               child.media_type)
+                                               self.layout.believed(child).media_type)
 
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
         """Upload the blobs of each manifest, then the manifests by digest."""
         import concurrent.futures
         parsed = []
-        for descriptor in manifests:
+        for descriptor in map(self.layout.believed, manifests):  # sent as what they are
             if not self.layout.has_blob(descriptor.digest):
                 raise NotFoundError(
                     f"cannot push {local}: {descriptor.platform or 'a child'} "
@@ -5784,7 +7060,66 @@ class _CacheSource(ImageSource):
             if layer.media_type.endswith("+zstd"):  # only flattening decompresses
                 _zstd_decoder(f"layer {layer.digest} of {self._ref}")
         openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
-        return lambda out: _Flattener(openers, out).run()
+
+        layers = list({layer.digest: layer for layer in manifest.layers})
+
+        def produce(out: BinaryIO) -> None:
+            # A layer whose content carries no check of its own (uncompressed, zstd) has
+            # its digest checked by a second reader beside the flattening, so a corrupt
+            # one that still reads as a tar fails the export too. A gzip layer's CRC-32
+            # covers every byte it inflates to, what this export writes, and a failed
+            # read is traced to its blob below: hashing it as well would cost a full
+            # sha256 pass of the most common layers for nothing.
+            problems: Dict[Digest, str] = {}
+
+            def problem_of(digest: Digest) -> str:
+                try:
+                    return layout.blob_problem(digest)
+                except OSError as e:
+                    return f"it cannot be read: {e.strerror or e}"
+
+            def check() -> None:
+                for digest in layers:
+                    with contextlib.suppress(OSError, OciCacheError), \
+                            layout.open_blob(digest) as blob:
+                        if blob.read(2) == b"\x1f\x8b":
+                            continue
+                    problems[digest] = problem_of(digest)
+
+            checker = threading.Thread(target=check, name="ocicache-export-hash", daemon=True)
+            checker.start()
+            failure: Optional[OciCacheError] = None
+            try:
+                _Flattener(openers, out).run()
+            except OciCacheError as e:
+                failure = e
+            checker.join()
+            if failure is not None:  # traced to a corrupt layer, if one is
+                problems.update((d, problem_of(d)) for d in layers if d not in problems)
+            for digest in layers:
+                if problems.get(digest):
+                    reading = f"; reading it: {failure}" if failure is not None else ""
+                    raise CorruptCacheError(
+                        f"cannot export {self._ref}: layer {digest} is corrupt "
+                        f"({problems[digest]}{reading}); run 'ocicache verify --repair', "
+                        "then pull the image again")
+            if failure is not None:
+                raise failure
+
+        return self._naming_corruption(produce)
+
+    def _naming_corruption(self, produce: Callable[[BinaryIO], None]
+                           ) -> Callable[[BinaryIO], None]:
+        """``produce``, with a corrupt blob's error naming the image exported."""
+        def named(out: BinaryIO) -> None:
+            try:
+                produce(out)
+            except CorruptCacheError as e:
+                message = str(e)
+                if not message.startswith("cannot export"):
+                    raise CorruptCacheError(f"cannot export {self._ref}: {message}") from None
+                raise
+        return named
 
     def _save_name(self, override_name: str) -> Reference:
         return Reference.parse(override_name) if override_name else self._ref
@@ -5845,7 +7180,7 @@ class _CacheSource(ImageSource):
                                   json.dumps({repository: {tagged.tag: top}}).encode())
             archive.close()
 
-        return produce
+        return self._naming_corruption(produce)
 
     def _oci_writer(self, override_name: str) -> Callable[[BinaryIO], None]:
         """An OCI layout tar of one platform, or of the whole index for ``"all"``."""
@@ -5882,7 +7217,7 @@ class _CacheSource(ImageSource):
             archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
             archive.close()
 
-        return produce
+        return self._naming_corruption(produce)
 
     def sboms(self) -> List[BinaryIO]:
         """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
@@ -5892,9 +7227,10 @@ class _CacheSource(ImageSource):
         layout = self._provider.layout
         index = Index.from_json(layout.read_blob(root.digest), what=f"index of {self._ref}")
         wanted = Platform.parse(self._architecture)
-        image = select_platform(index.manifests, wanted)
+        image = select_platform(self._provider._children(index), wanted)
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
+        self._provider._require_pulled(root.name, image)
         attestations = [c for c in index.attestations_for(image.digest)
                         if c.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest"]
         if len(attestations) > 1:
@@ -5902,6 +7238,8 @@ class _CacheSource(ImageSource):
                                 f"platform {wanted}")
         if not attestations:
             return []
+        self._provider._require_pulled(root.name, _replace(attestations[0],
+                                                           platform=image.platform))
         documents = []
         for layer in self._provider.manifest(attestations[0]).layers:
             if layer.media_type != MEDIA_IN_TOTO or \
@@ -5912,7 +7250,13 @@ class _CacheSource(ImageSource):
             if statement.get("predicateType") != SPDX_PREDICATE_TYPE:
                 raise OciCacheError(f"unexpected predicate type {statement.get('predicateType')!r}"
                                     f" in {layer.digest}")
-            documents.append(io.BytesIO(_raw_json_member(data.decode(), "predicate").encode()))
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise OciCacheError(f"in-toto statement {layer.digest} of {self._ref} is not "
+                                    f"UTF-8 (it is {json.detect_encoding(data)}); JSON "
+                                    "documents must be UTF-8") from None
+            documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
         return documents  # type: ignore[return-value]
 
 
@@ -6037,6 +7381,32 @@ def package_tag(directory: str) -> str:
 # stable for scripts. Progress goes to stderr, and only on a terminal.
 # =====================================================================================
 
+def _terminal_width(out: IO[str]) -> int:
+    """The columns of the terminal ``out`` is, asked at each redraw since it may have been
+    resized (SIGWINCH); 80 when it does not say."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
+def _fit(line: str, width: int) -> str:
+    """``line`` cut to the terminal: a line that wraps moves the cursor down a row that
+    redrawing in place does not know about, and every redraw scrolls. The last column
+    stays free, as some terminals wrap as soon as it is written."""
+    return line[:max(width - 1, 1)]
+
+
+def _status(label: str, choices: Sequence[str], width: int) -> str:
+    """``label: figures`` on one terminal line, the label shortened at its start, with
+    the first of the ``choices`` of figures (each shorter than the one before) that fits."""
+    figures = next((f for f in choices if len(f) < width), choices[-1])
+    room = max(width - 1, 1) - len(figures) - 2
+    if len(label) > room:
+        label = "..." + label[len(label) - room + 3:] if room > 3 else ""
+    return _fit(f"{label}: {figures}" if label else figures, width)
+
+
 class _ProgressReader:
     """Counts bytes read through it and redraws one status line on a terminal."""
 
@@ -6057,8 +7427,10 @@ class _ProgressReader:
             self._drawn = now
             rate = self._done / max(now - self._started, 1e-6)
             total = f" / {_human_size(self._total)}" if self._total else ""
-            self._out.write(f"\r{self._label}: {_human_size(self._done)}{total} "
-                            f"({_human_size(int(rate))}/s)\x1b[K")
+            figures = f"{_human_size(self._done)}{total}"
+            line = _status(self._label, (f"{figures} ({_human_size(int(rate))}/s)", figures),
+                           _terminal_width(self._out))
+            self._out.write(f"\r{line}\x1b[K")
             self._out.flush()
         return data
 
@@ -6099,6 +7471,7 @@ class _TerminalProgress(_LineProgress):
         self._done: Dict[Digest, int] = {}
         self._started = 0.0
         self._drawn_lines = 0
+        self._drawn_width = 0  # the longest line drawn in the block now on screen
         self._last_draw = 0.0
         self._name = ""
 
@@ -6108,7 +7481,7 @@ class _TerminalProgress(_LineProgress):
             self._sizes = {b.digest: b.size for b in blobs}
             self._done = {b.digest: 0 for b in blobs}
             self._started = time.monotonic()
-            self._drawn_lines = 0
+            self._drawn_lines = self._drawn_width = 0
 
     def advance(self, digest: Digest, size: int) -> None:
         with self._lock:
@@ -6131,14 +7504,23 @@ class _TerminalProgress(_LineProgress):
         elapsed = max(now - self._started, 1e-6)
         rate = done / elapsed
         eta = f"{(total - done) / rate:.0f}s" if rate > 0 and done < total else "-"
-        lines = [f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}"
+        width = _terminal_width(self._out)
+        if self._drawn_width >= width:
+            # Narrowed since the last draw: a terminal that re-wraps its lines has moved
+            # them, so the block is left as it is and a new one drawn below it.
+            self._drawn_lines = 0
+        lines = [_fit(f"  {d.hex[:12]}  {_human_size(self._done[d])} / {_human_size(size)}",
+                      width)
                  for d, size in self._sizes.items() if 0 < self._done[d] < size][:8]
-        lines.append(f"{self._name}: {_human_size(done)} / {_human_size(total)} "
-                     f"{_human_size(int(rate))}/s ETA {eta}")
+        amounts = f"{_human_size(done)} / {_human_size(total)}"
+        lines.append(_status(self._name, (f"{amounts} {_human_size(int(rate))}/s ETA {eta}",
+                                          f"{amounts} ETA {eta}",
+                                          f"{done * 100 // max(total, 1)}% ETA {eta}"), width))
         up = f"\x1b[{self._drawn_lines}F" if self._drawn_lines else ""
         self._out.write(up + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
         self._out.flush()
         self._drawn_lines = len(lines)
+        self._drawn_width = max(len(line) for line in lines)
 
 
 def _human_size(size: int) -> str:
@@ -6247,11 +7629,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("inspect", help="print an image's manifest or config",
                             description="Print the root index or manifest of NAME as JSON; "
                                         "with --platform, that platform's manifest; with "
-                                        "--config, its image config.")
+                                        "--config, its image config; with --raw, "
+                                        "the bytes as stored instead of indented.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--platform", metavar="P", default=None,
                    help="os/arch[/variant], e.g. linux/arm64 (default for --config: the host)")
     p.add_argument("--config", action="store_true", help="print the image config instead")
+    p.add_argument("--raw", action="store_true",
+                   help="print the document's bytes as stored (its digest is theirs)")
     p.set_defaults(run=_cmd_inspect)
 
     p = commands.add_parser("import", help="load an image archive",
@@ -6325,9 +7710,80 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("verify", help="re-hash every blob and check every name",
                             description="Re-hash every blob and check that every name "
-                                        "reaches complete content. Exits 1 if anything is "
-                                        "corrupt or missing.")
+                                        "reaches complete content that agrees with its "
+                                        "descriptors (sizes, media types, pinned digests). "
+                                        "Each problem names the images needing the blob. "
+                                        "Exits 1 if anything is corrupt, missing or wrong.")
+    p.add_argument("--repair", action="store_true",
+                   help="delete corrupt blobs, so that the next pull fetches them again")
     p.set_defaults(run=_cmd_verify)
+
+    # Registry operations: they ask the registry itself (never a mirror) and leave the
+    # cache alone.
+    p = commands.add_parser("tags", help="list the tags of a repository in its registry",
+                            description="Print every tag of NAME's repository, one a line, "
+                                        "in the registry's order (NAME's own tag, if any, "
+                                        "is ignored). Every page is fetched (the Link "
+                                        "header), but only from the registry's own host; "
+                                        "entries that are not tags are left out.",
+                            epilog="example: ocicache tags ghcr.io/linuxkit/init")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true",
+                   help='print {"name": ..., "tags": [...]} (stable for scripts)')
+    p.set_defaults(run=_cmd_tags)
+
+    p = commands.add_parser("digest", help="print the digest a name has in its registry",
+                            description="Print the digest NAME has in its registry now, "
+                                        "asked with HEAD (Docker Hub does not count a HEAD "
+                                        "against its pull rate limit); with --platform, "
+                                        "the digest of that platform's image. The cache "
+                                        "is not used.",
+                            epilog="example: ocicache digest alpine:3.20 --platform linux/arm64")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--platform", metavar="P", default="",
+                   help="os/arch[/variant]: the digest of that platform's image (of an "
+                        "index, its child) instead of the root's")
+    p.add_argument("--json", action="store_true",
+                   help="print the descriptor (name, digest, mediaType, size, platform)")
+    p.set_defaults(run=_cmd_digest)
+
+    p = commands.add_parser("login", help="check and store credentials for a registry",
+                            description="Check a user name and password against REGISTRY "
+                                        "(a request to its /v2/ with them, through its "
+                                        "token server if it has one), then store them "
+                                        "where docker does: the credential helper "
+                                        "config.json names for it (credHelpers, "
+                                        "credsStore), else 'auths' in "
+                                        "$DOCKER_CONFIG/config.json (default "
+                                        "~/.docker/config.json), written with mode 0600. "
+                                        "Nothing is stored if the check fails. Without "
+                                        "--password-stdin or -p, the password is asked "
+                                        "for on the terminal.",
+                            epilog="example: echo \"$TOKEN\" | ocicache login ghcr.io -u "
+                                   "me --password-stdin")
+    p.add_argument("registry", metavar="REGISTRY",
+                   help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
+    p.add_argument("-u", "--username", metavar="USER", default="",
+                   help="the user name (asked for on a terminal when left out)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password from standard input (its last newline "
+                             "is dropped)")
+    secret.add_argument("-p", "--password", metavar="PASSWORD", default=None,
+                        help="the password itself: other users can see it in the process "
+                             "list, so prefer --password-stdin")
+    p.set_defaults(run=_cmd_login)
+
+    p = commands.add_parser("logout", help="remove the stored credentials for a registry",
+                            description="Remove the credentials docker keeps for REGISTRY: "
+                                        "from the credential helper config.json names for "
+                                        "it, and from 'auths' in $DOCKER_CONFIG/config.json "
+                                        "(other files, such as podman's auth.json, are left "
+                                        "alone). Not being logged in is not an error.",
+                            epilog="example: ocicache logout ghcr.io")
+    p.add_argument("registry", metavar="REGISTRY",
+                   help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
+    p.set_defaults(run=_cmd_logout)
     return parser
 
 
@@ -6341,7 +7797,10 @@ def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
     if args.platform:
         Platform.parse(args.platform)
     for name in [Reference.parse(name) for name in args.names]:
-        provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+        source = provider.image_pull(name, "", architecture, args.always, args.arch_tags)
+        root = source.descriptor()
+        if root is not None:  # as import does: stdout names what is now in the cache
+            _say(args, f"{name} {root.digest}")
     return 0
 
 
@@ -6358,7 +7817,7 @@ def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
                     "size": s.size} for s in summaries], sys.stdout, indent=2)
         print()
         return 0
-    rows = [(s.name, str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
+    rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
              _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
@@ -6375,9 +7834,11 @@ def _cmd_inspect(provider: Provider, args: argparse.Namespace) -> int:
     data = provider.layout.read_blob(descriptor.digest)
     if args.config:
         data = provider.layout.read_blob(provider.manifest(descriptor).config.digest)
+    if args.raw:
+        sys.stdout.buffer.write(data)
+        return 0
     what = f"config of {args.name}" if args.config else f"manifest of {args.name}"
-    json.dump(_parse_json(data, what), sys.stdout, indent=2, ensure_ascii=False)
-    print()
+    sys.stdout.buffer.write(_json_bytes(_parse_json(data, what), indent=2) + b"\n")
     return 0
 
 
@@ -6533,28 +7994,46 @@ def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _published(provider: Provider, args: argparse.Namespace,
-               names: Iterable[str]) -> List[str]:
-    """The names whose registry serves the same digest; the others are named as kept."""
-    chosen = []
+               names: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """The names whose registry serves the same digest, and those that could not be
+    checked; every other name is said to be kept. One registry that refuses or cannot
+    be reached does not stop the others being asked."""
+    chosen, unchecked = [], []
     for name in names:
-        if provider.is_published(name):
+        try:
+            published = provider.is_published(name)
+        except OciCacheError as e:
+            print(f"ocicache: warning: keeping {name}: cannot check it: {_one_line(str(e))}",
+                  file=sys.stderr)
+            unchecked.append(name)
+            continue
+        if published:
             chosen.append(name)
         else:
             _say(args, f"keeping {name}: its registry does not serve this digest")
-    return chosen
+    return chosen, unchecked
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    stored = {d.name for d in provider.names()}
+    entries = provider.names()
+    stored = {e.name for e in entries}
     names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
-    for name in names:
-        provider._find_named(name)  # every name must exist before anything is removed
+    for name in names:  # every name must exist before anything is removed; by name only,
+        # so that a name whose pinned digest lies (verify reports it) can be removed
+        matches = _name_predicate(name)
+        if not any(matches(e.name) for e in entries):
+            raise NotFoundError(f"no image named {name} in the cache {provider.root}")
+    unchecked: List[str] = []
     if args.published_only:
-        names = _published(provider, args, names)
+        names, unchecked = _published(provider, args, names)
     deleted = provider.remove(*names) if names else []
     for name in names:
         _say(args, f"removed {name}")
     _say(args, f"{len(deleted)} blobs deleted")
+    if unchecked:
+        print(f"ocicache: error: {len(unchecked)} names could not be checked against their "
+              "registries and were kept", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -6581,17 +8060,93 @@ def _cmd_gc(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(provider: Provider, args: argparse.Namespace) -> int:
-    report = provider.verify()
-    for problem in report.corrupt:
-        print(f"corrupt: {problem}")
-    for problem in report.missing:
-        print(f"missing: {problem}")
+    report = provider.verify(args.repair)
+    for kind, problems in (("corrupt", report.corrupt), ("missing", report.missing),
+                           ("wrong", report.wrong), ("deleted", report.repaired)):
+        for problem in problems:
+            print(f"{kind}: {problem}")
     if report.ok:
         _say(args, f"ok: {report.checked} blobs verified")
         return 0
-    print(f"ocicache: error: {len(report.corrupt)} corrupt and {len(report.missing)} missing "
-          f"blobs in {provider.root}", file=sys.stderr)
+    repairable = any(not p.startswith("/") for p in report.corrupt)  # not stray files
+    advice = "; pull the images named to fetch them again" if report.repaired else \
+        ("; 'ocicache verify --repair' deletes the corrupt blobs" if repairable else "")
+    print(f"ocicache: error: {len(report.corrupt)} corrupt, {len(report.missing)} missing and "
+          f"{len(report.wrong)} wrong in {provider.root}{advice}", file=sys.stderr)
     return 1
+
+
+def _cmd_tags(provider: Provider, args: argparse.Namespace) -> int:
+    tags = provider.registry.list_tags(args.name)
+    if args.json:
+        json.dump({"name": Reference.parse(args.name).name, "tags": tags}, sys.stdout, indent=2)
+        print()
+        return 0
+    for tag in tags:
+        print(tag)
+    return 0
+
+
+def _cmd_digest(provider: Provider, args: argparse.Namespace) -> int:
+    descriptor = provider.remote_digest(args.name, args.platform)
+    if args.json:
+        json.dump({"name": str(Reference.parse(args.name)), **descriptor.to_json()},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    print(descriptor.digest)
+    return 0
+
+
+_MAX_PASSWORD_INPUT = 64 * 1024  # a token from standard input; more is a mistake
+
+
+def _cmd_login(provider: Provider, args: argparse.Namespace) -> int:
+    registry = _login_registry(args.registry)  # a bad name stops before any prompt
+    username, terminal = args.username, sys.stdin.isatty()
+    if args.password is not None:
+        print("ocicache: warning: a password given with -p can be read by other users in "
+              "the process list and stays in the shell's history; use --password-stdin",
+              file=sys.stderr)
+        password = args.password
+    elif args.password_stdin:
+        if not username:
+            raise OciCacheError("--password-stdin needs the user name too: give it with -u")
+        data = sys.stdin.buffer.read(_MAX_PASSWORD_INPUT + 1)
+        if len(data) > _MAX_PASSWORD_INPUT:
+            raise OciCacheError(f"standard input holds more than {_MAX_PASSWORD_INPUT} bytes; "
+                                "it should hold the password alone")
+        try:
+            password = data.decode()
+        except UnicodeDecodeError:
+            raise OciCacheError("the password on standard input is not UTF-8") from None
+        password = password[:-1] if password.endswith("\n") else password
+        password = password[:-1] if password.endswith("\r") else password
+    elif terminal:
+        import getpass
+        try:
+            username = username or input("Username: ")
+            password = getpass.getpass("Password: ")
+        except EOFError:
+            raise OciCacheError("no user name or password was typed") from None
+    else:
+        raise OciCacheError("no password: standard input is not a terminal to ask on; pipe "
+                            "it in with --password-stdin")
+    if not username:
+        raise OciCacheError("no user name: give it with -u")
+    where = provider.registry.login(registry, username, password)
+    _say(args, f"logged in to {registry} as {username}; credentials stored in {where}")
+    return 0
+
+
+def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
+    registry = _login_registry(args.registry)
+    erased = erase_credentials(registry)
+    for where in erased:
+        _say(args, f"removed the credentials for {registry} from {where}")
+    if not erased:
+        _say(args, f"not logged in to {registry}")
+    return 0
 
 
 def _configure_logging(logger: logging.Logger, level: str) -> None:
@@ -6660,6 +8215,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = f"{e.strerror or e}{where}"
     except KeyboardInterrupt:
         message = "interrupted"
+        if args.command == "pull":
+            message += ("; what was downloaded is kept in the cache, and the next pull "
+                        "resumes from it")
     except _Terminated:
         message = "terminated"
     finally:

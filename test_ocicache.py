@@ -13,6 +13,7 @@ and ``OCICACHE_FUZZ_SEED=N`` repeats a run's.
 
 from __future__ import annotations
 
+import ast
 import base64
 import collections
 import contextlib
@@ -64,10 +65,17 @@ OCICACHE = os.path.join(HERE, "ocicache.py")
 REQUIRE_INTEGRATION = os.environ.get("OCICACHE_REQUIRE_INTEGRATION") == "1"
 # Campaigns run small by default and at full size with OCICACHE_STRESS=1 (make stress).
 STRESS = os.environ.get("OCICACHE_STRESS") == "1"
+# The suite's fast part, with OCICACHE_FAST=1 (what .ci/run runs on every other Python):
+# a test that needs an external tool is not run, nor counted as skipped.
+FAST = os.environ.get("OCICACHE_FAST") == "1"
+NOT_IN_FAST_PART = "not in the fast part: needs "
 
 
 def require_tool(test: unittest.TestCase, name: str) -> str:
-    """The tool's path; skip (or, under OCICACHE_REQUIRE_INTEGRATION=1, fail) without it."""
+    """The tool's path; skip (or, under OCICACHE_REQUIRE_INTEGRATION=1, fail) without it.
+    In the fast part (OCICACHE_FAST=1) the test ends here, reported as not run."""
+    if FAST:
+        test.skipTest(NOT_IN_FAST_PART + name)
     path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
                                   else None)
     if path is None:
@@ -982,7 +990,7 @@ class TokenIssuer:
 # FaultProxy
 # --------------------------------------------------------------------------
 
-FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect")
+FAULT_KINDS = ("reset", "truncate", "corrupt", "delay", "respond", "redirect", "rewrite")
 
 _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
             308: "Permanent Redirect", 401: "Unauthorized", 404: "Not Found",
@@ -1007,6 +1015,13 @@ class Fault:
                 the request is NOT forwarded upstream
       redirect  location, status=307  canned redirect; "{path}" in location is
                 replaced by the original request target (path + query)
+      rewrite   status=None, drop=(), sub={}, body=None, target=None  the request
+                sent on with re.sub(*target) applied to its target, and the upstream's
+                answer with
+                another status, without the headers named in ``drop``, with
+                re.sub(pattern, replacement) applied to the headers named in ``sub``
+                ({name: (pattern, replacement)}), and a function of the body bytes
+                (the body is read whole; Content-Length follows it)
     """
 
     def __init__(self, kind: str, *, match: Optional[str] = None,
@@ -1141,6 +1156,18 @@ def _iter_body(rf, headers: list, until_eof: bool) -> Iterator[bytes]:
             if not piece:
                 return
             yield piece
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body's wire bytes."""
+    out, position = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", position)
+        size = int(data[position:end].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[end + 2:end + 2 + size]
+        position = end + 2 + size + 2
 
 
 class FaultProxy:
@@ -1309,6 +1336,9 @@ class FaultProxy:
                         break
                     continue
 
+                if fault and fault.kind == "rewrite" and fault.params.get("target"):
+                    pattern, replacement = fault.params["target"]
+                    start = f"{method} {re.sub(pattern, replacement, target)} {version}".encode()
                 # Forward the request upstream (reusing the upstream connection).
                 if upstream is None:
                     try:
@@ -1335,6 +1365,20 @@ class FaultProxy:
                         client.send(_head_bytes(rstart, rheaders))
                         continue
                     break
+                if fault and fault.kind == "rewrite":
+                    rstart, rheaders = self._rewrite(rstart, rheaders, fault.params)
+                    if fault.params.get("body") and method != "HEAD":
+                        data = b"".join(_iter_body(upstream.rfile, rheaders, until_eof=True))
+                        data = _dechunk(data) if "chunked" in (
+                            _hget(rheaders, "Transfer-Encoding") or "").lower() else data
+                        data = fault.params["body"](data)
+                        rheaders = [(k, v) for k, v in rheaders if k.lower() not in (
+                            "content-length", "transfer-encoding")]
+                        rheaders.append(("Content-Length", str(len(data))))
+                        client.send(_head_bytes(rstart, rheaders) + data)
+                        if client_close:
+                            break
+                        continue
                 no_body = method == "HEAD" or status in (204, 304)
                 has_len = (_hget(rheaders, "Content-Length") is not None
                            or "chunked" in (_hget(rheaders, "Transfer-Encoding") or "").lower())
@@ -1360,6 +1404,22 @@ class FaultProxy:
             self._slots.release()
             with self._lock:
                 self._threads.discard(threading.current_thread())
+
+    @staticmethod
+    def _rewrite(rstart: bytes, rheaders: list, p: dict) -> Tuple[bytes, list]:
+        if p.get("status"):
+            status = p["status"]
+            rstart = f"HTTP/1.1 {status} {_REASONS.get(status, 'Rewritten')}".encode()
+        dropped = {name.lower() for name in p.get("drop", ())}
+        subs = {name.lower(): sub for name, sub in p.get("sub", {}).items()}
+        headers = []
+        for name, value in rheaders:
+            if name.lower() in dropped:
+                continue
+            if name.lower() in subs:
+                value = re.sub(subs[name.lower()][0], subs[name.lower()][1], value)
+            headers.append((name, value))
+        return rstart, headers
 
     def _send_response(self, client: _Conn, rstart: bytes, rheaders: list,
                        body: Iterable[bytes], clen: int, fault: Optional[Fault]) -> bool:
@@ -1829,13 +1889,13 @@ BodyStream = Callable[[threading.Event], Iterator[bytes]]
 class Answer:
     """A status line, headers and a body, or raw bytes. ``length`` is the Content-Length
     announced: -1 for the body's own, None for none (the body ends with the connection).
-    A callable body is a stream, given the server's stop event."""
+    A callable body (or raw) is a stream, given the server's stop event."""
 
     status: int = 200
     headers: Sequence[Tuple[str, str]] = ()
     body: Union[bytes, BodyStream] = b""
     length: Optional[int] = -1
-    raw: Optional[bytes] = None
+    raw: Union[None, bytes, BodyStream] = None
 
 
 def endless(chunk: bytes = b"\0" * 65536, prefix: bytes = b"") -> BodyStream:
@@ -1863,10 +1923,12 @@ def json_answer(value: Any, status: int = 200, headers: Sequence[Tuple[str, str]
 
 
 class HostileServer:
-    """An HTTP/1.1 server on 127.0.0.1:<free port> answering what ``handler`` says."""
+    """An HTTP/1.1 server on ``address`` (127.0.0.1; another loopback address plays
+    another host) and a free port, answering what ``handler`` says."""
 
-    def __init__(self, handler: Callable[[Request], Answer]) -> None:
+    def __init__(self, handler: Callable[[Request], Answer], address: str = LOOPBACK) -> None:
         self.handler = handler
+        self.address = address
         self.requests: List[Request] = []
         self.sent = 0
         self._stop = threading.Event()
@@ -1874,7 +1936,7 @@ class HostileServer:
         self._sockets: List[socket.socket] = []
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((LOOPBACK, 0))
+        self._listener.bind((address, 0))
         self._listener.listen(32)
         self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="hostile-server", daemon=True)
@@ -1882,7 +1944,7 @@ class HostileServer:
 
     @property
     def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -1935,6 +1997,10 @@ class HostileServer:
 
     def _answer(self, connection: socket.socket, method: str, answer: Answer) -> bool:
         """Send ``answer``; whether the connection stays open for another request."""
+        if callable(answer.raw):
+            for chunk in answer.raw(self._stop):
+                self._send(connection, chunk)
+            return False
         if answer.raw is not None:
             self._send(connection, answer.raw)
             return False
@@ -3008,8 +3074,8 @@ class TestLayout(CacheTestCase):
                                                         if "dropped" not in e.name])
         layout = self.cache.layout
         young = layout.write_blob_bytes(b"young unnamed blob")
-        stale_temp = os.path.join(self.cache_dir, "blobs", "sha256", "abc" + oc._TEMP_MARK + "x")
-        fresh_temp = os.path.join(self.cache_dir, "blobs", "sha256", "def" + oc._TEMP_MARK + "y")
+        stale_temp = os.path.join(self.cache_dir, "blobs", "sha256", "a" * 64 + oc._TEMP_MARK + "x")
+        fresh_temp = os.path.join(self.cache_dir, "blobs", "sha256", "d" * 64 + oc._TEMP_MARK + "y")
         for path in (stale_temp, fresh_temp):
             with open(path, "wb") as f:
                 f.write(b"partial")
@@ -3058,16 +3124,21 @@ class TestLayout(CacheTestCase):
     def test_temporary_names_are_recognised_by_one_predicate(self) -> None:
         directory = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
         self.addCleanup(os.close, directory)
-        made = []
-        for final in (HEX64, HEX128, "blob", ".index.json", ".oci-layout"):
+        made = []  # (the directory it is in: blobs/<algorithm>, or "" for the cache, name)
+        for where, final in (("sha256", HEX64), ("sha512", HEX128), ("sha256", "blob"),
+                             ("", ".index.json"), ("", ".oci-layout")):
             fd, name = oc._create_temporary(directory, final)
             os.close(fd)
-            made.append(name)
-        made += [HEX64 + oc._PARTIAL_SUFFIX, ".index.json.tmp-k2j_x9ab"]  # and mkstemp's
-        self.assertEqual([n for n in made if not oc._is_temporary_file(n)], [])
-        for other in ("index.json", HEX64, ".lock", "notes.tmp-1", "a/b.tmp-1", HEX64 + ".tmp-",
-                      HEX64 + ".tmp-x/y", "." + HEX64 + ".tmp-1"):
-            self.assertFalse(oc._is_temporary_file(other), other)
+            made.append((where, name))
+        made += [("sha256", HEX64 + oc._PARTIAL_SUFFIX), ("", ".index.json.tmp-k2j_x9ab"),
+                 ("sha256", HEX64 + "123456789")]  # mkstemp's, and linuxkit's
+        self.assertEqual([m for m in made if not oc._is_temporary(*m)], [])
+        for where, other in (("", "index.json"), ("sha256", HEX64), ("", ".lock"),
+                             ("sha256", "notes.tmp-1"), ("sha256", "a/b.tmp-1"),
+                             ("sha256", HEX64 + ".tmp-"), ("sha256", HEX64 + ".tmp-x/y"),
+                             ("sha256", "." + HEX64 + ".tmp-1"), ("sha256", ".index.json.tmp-1"),
+                             ("", HEX64 + ".tmp-1"), ("sha512", HEX64 + ".tmp-1")):
+            self.assertFalse(oc._is_temporary(where, other), (where, other))
 
     def test_unreadable_index_is_a_clear_error(self) -> None:
         with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
@@ -3158,6 +3229,500 @@ class TestLayout(CacheTestCase):
                     pass
 
 
+class TestBeliefs(CacheTestCase):
+    """What the cache believes: names keep their pinned digests, reachability follows the
+    documents (never the labels), sizes agree, gc deletes only its own files, verify
+    names who needs each bad blob, and bad data is one line, never a traceback."""
+
+    def plant(self, descriptor: oc.Descriptor, name: str = "") -> None:
+        """Add a root entry as an older ocicache or another tool could have written it."""
+        entry = descriptor.named(name) if name else descriptor
+        self.cache.layout.update_index(lambda entries: entries + [entry])
+
+    def age_everything(self) -> None:
+        old = time.time() - 7200
+        for directory, _, files in os.walk(self.cache_dir):
+            for name in files:
+                os.utime(os.path.join(directory, name), (old, old), follow_symlinks=False)
+
+    def write_file(self, path: str, data: bytes) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    # -- C. the one function deciding what a blob is (pure) ---------------------------
+
+    def test_read_document_decides_by_content_and_checks_the_label(self) -> None:
+        image = make_image("doc")
+        manifest = image.manifest.data
+        bare_manifest = json.dumps({k: v for k, v in json.loads(manifest).items()
+                                    if k != "mediaType"}).encode()
+        bare_index = json.dumps({"schemaVersion": 2,
+                                 "manifests": [image.descriptor()]}).encode()
+        artifact = json.dumps({"mediaType": "application/vnd.example.thing+json",
+                               "blobs": []}).encode()
+        decided = {
+            (manifest, oc.MEDIA_OCI_INDEX): oc.MEDIA_OCI_MANIFEST,
+            (manifest, "application/vnd.oci.descriptor.v1+json"): oc.MEDIA_OCI_MANIFEST,
+            (bare_manifest, oc.MEDIA_DOCKER_MANIFEST): oc.MEDIA_DOCKER_MANIFEST,
+            (bare_manifest, oc.MEDIA_OCI_INDEX): oc.MEDIA_OCI_MANIFEST,
+            (bare_index, ""): oc.MEDIA_OCI_INDEX,
+            (bare_index, oc.MEDIA_DOCKER_LIST): oc.MEDIA_DOCKER_LIST,
+            (artifact, oc.MEDIA_OCI_MANIFEST): "application/vnd.example.thing+json",
+            (image.config.data, oc.MEDIA_OCI_CONFIG): "",
+            (image.layers[0].data, oc.MEDIA_OCI_LAYER_GZIP): "",
+            (b'{"mediaType": 5}', oc.MEDIA_OCI_LAYER): "",
+        }
+        for (data, label), expected in decided.items():
+            with self.subTest(label=label, data=data[:40]):
+                kind, parsed = oc.read_document(data, label)
+                self.assertEqual(kind, expected)
+                self.assertIsInstance(parsed, oc.Index if kind in oc.INDEX_MEDIA_TYPES else
+                                      oc.Manifest if kind in oc.IMAGE_MEDIA_TYPES else
+                                      type(None))
+                descriptor = oc.Descriptor(label, sha256(data), len(data))
+                self.assertEqual(bool(oc.label_problem(descriptor, kind)),
+                                 bool(kind) and kind != label)
+        refused = [(image.layers[0].data, oc.MEDIA_OCI_MANIFEST), (b"[]", oc.MEDIA_OCI_INDEX),
+                   (image.config.data, oc.MEDIA_OCI_MANIFEST), (b'{"mediaType": 5}', ""),
+                   (json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "")]
+        for data, label in refused[:3]:
+            with self.subTest(refused=label, data=data[:40]):
+                with self.assertRaises(oc.OciCacheError):
+                    oc.read_document(data, label)
+        self.assertEqual(oc.read_document(*refused[3]), ("", None))  # no claim, no document
+        with self.assertRaisesRegex(oc.OciCacheError, "schema 1"):
+            oc.read_document(*refused[4])
+        rng = random.Random(fuzz_seed())
+        for _ in range(int(sized(2000, 50000))):
+            mutated = bytearray(manifest)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            try:
+                oc.read_document(bytes(mutated), rng.choice(
+                    [oc.MEDIA_OCI_INDEX, oc.MEDIA_OCI_MANIFEST, "", oc.MEDIA_OCI_LAYER]))
+            except oc.OciCacheError:
+                pass
+
+    # -- A. a digest in a name is a promise --------------------------------------------
+
+    def test_a_name_pinning_a_digest_never_answers_with_other_content(self) -> None:
+        real, evil = make_image("real"), make_image("evil")
+        name = f"example.com/repo:v1@{real.manifest.digest}"
+        archive = self.write_file(self.path("evil.tar"), oci_archive(
+            [(evil.manifest.descriptor(), named(name))], evil.blobs))
+        self.assert_one_line_error(self.cli("import", archive), "pins", real.manifest.digest)
+        self.assertEqual(self.index_names(), [])
+        # A cache written before the rule holds the lie: no lookup answers with it.
+        evil_root = self.load_image("example.com/evil:1", evil)
+        self.plant(evil_root, name)
+        self.assertIsNone(self.cache.find_descriptor(name))
+        self.assertFalse(self.cache.image_in_cache(name, "", "amd64"))
+        with self.assertRaises(oc.NotFoundError):
+            self.cache.resolve(name, "amd64")
+        result = self.cli("export", name, "--format", "oci", "-o", self.path("out.tar"))
+        self.assert_one_line_error(result, "no image named")
+        report = self.cache.verify()
+        self.assertFalse(report.ok)
+        (problem,) = report.wrong
+        self.assertIn(f"pins {real.manifest.digest}", problem)
+        self.assertIn(evil.manifest.digest, problem)
+        with self.assertRaisesRegex(oc.CorruptCacheError, "pins"):
+            self.cache.descriptor_write(name, evil_root)
+        # The name, once it holds the promised content, is found by both lookups.
+        real_root = self.load_image("example.com/real:1", real)
+        self.cache.descriptor_write(name, real_root)
+        self.assertEqual(self.cache.find_descriptor(name).digest, real_root.digest)
+        self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+        self.assertEqual(self.cache.verify().wrong, ())
+        # A lying name can be removed by its name.
+        self.plant(evil_root, f"example.com/repo:v2@{real.manifest.digest}")
+        result = self.cli("rm", f"example.com/repo:v2@{real.manifest.digest}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(f"example.com/repo:v2@{real.manifest.digest}", self.index_names())
+        self.assertTrue(self.cache.verify().ok)
+
+    # -- B. gc deletes only what ocicache (or linuxkit) wrote ---------------------------
+
+    def test_gc_deletes_only_its_own_files_and_never_through_a_symlink(self) -> None:
+        kept = make_image("kept")
+        self.load_image("example.com/kept:1", kept)
+        layout = self.cache.layout
+        unused = layout.write_blob_bytes(b"nothing names this")
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        outside = self.path("outside")
+        other_hex = hashlib.sha512(b"someone else's").hexdigest()
+        outside_file = self.write_file(os.path.join(outside, other_hex), b"someone else's")
+        os.symlink(outside, os.path.join(self.cache_dir, "blobs", "sha512"))
+        ours = {"a" * 64 + oc._TEMP_MARK + "k2j3x9", "b" * 64 + oc._TEMP_MARK + "partial",
+                "blob" + oc._TEMP_MARK + "q1w2e3", "c" * 64 + "2817381734"}  # linuxkit's
+        theirs = {"README", "notes" + oc._TEMP_MARK + "1", "0" * 63 + oc._TEMP_MARK + "x",
+                  "d" * 64 + "x1"}
+        for name in ours | theirs:
+            self.write_file(os.path.join(blobs, name), b"partial")
+        os.makedirs(os.path.join(blobs, "e" * 64))  # a directory named by a digest
+        os.symlink(outside_file, os.path.join(blobs, "f" * 64))
+        stale_index = self.write_file(self.path("cache", ".index.json.tmp-8fj2k1"), b"{")
+        foreign_root = self.write_file(self.path("cache", "index.json.bak"), b"{}")
+        self.age_everything()
+        young_index = self.write_file(self.path("cache", ".index.json.tmp-young1"), b"{")
+        report = self.cache.gc(3600)
+        self.assertEqual({name for name, _ in report.deleted},
+                         ours | {str(unused), os.path.basename(stale_index)})
+        for name in theirs | {"e" * 64, "f" * 64}:
+            self.assertTrue(os.path.lexists(os.path.join(blobs, name)), name)
+        for path in (outside_file, foreign_root, young_index):
+            self.assertTrue(os.path.exists(path), path)
+        self.assertEqual(report.kept_young, 1)
+        self.assertTrue(all(layout.has_blob(b.digest) for b in kept.blobs))
+        # linuxkit's temporary files are not corruption either.
+        self.write_file(os.path.join(blobs, "c" * 64 + "99"), b"partial")
+        self.assertFalse(any("c" * 64 in p for p in self.cache.verify().corrupt))
+
+    def test_gc_never_follows_a_symlinked_blobs_directory(self) -> None:
+        outside = self.path("outside")
+        victim = self.write_file(os.path.join(outside, "sha256", "a" * 64), b"not ocicache's")
+        cache = self.path("linked")
+        self.write_file(os.path.join(cache, "index.json"), b'{"schemaVersion":2,"manifests":[]}')
+        self.write_file(os.path.join(cache, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
+        os.symlink(outside, os.path.join(cache, "blobs"))
+        old = time.time() - 7200
+        os.utime(victim, (old, old))
+        with contextlib.suppress(oc.OciCacheError):  # refusing such a cache is fine too
+            oc.Layout(cache).gc(0)
+        self.assertTrue(os.path.exists(victim))
+
+    def test_rm_clean_and_repair_never_delete_through_a_symlinked_directory(self) -> None:
+        image = make_image("linked")
+        self.load_image("example.com/linked:1", image)
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        outside = self.path("outside")
+        shutil.move(blobs, outside)
+        os.symlink(outside, blobs)
+        before = sorted(os.listdir(outside))
+        with open(os.path.join(outside, image.layers[0].digest.split(":")[1]), "r+b") as f:
+            f.write(b"X")  # corrupt, so that repair would want it gone
+        for work in (lambda: self.cache.remove("example.com/linked:1"), self.cache.clean,
+                     lambda: self.cache.gc(0), lambda: self.cache.verify(repair=True)):
+            with contextlib.suppress(oc.OciCacheError):  # refusing such a cache is fine too
+                work()
+            self.assertEqual(sorted(os.listdir(outside)), before)
+
+    # -- C. reachability follows the documents, not the labels --------------------------
+
+    def test_a_mislabelled_root_keeps_its_blobs_and_verify_says_so(self) -> None:
+        image = make_image("label")
+        name = "example.com/label:1"
+        root = self.load_image(name, image)
+        for label in (oc.MEDIA_OCI_INDEX, oc.MEDIA_DOCKER_LIST,
+                      "application/vnd.oci.descriptor.v1+json", ""):
+            with self.subTest(label=label):
+                self.cache.layout.update_index(lambda _: [oc._replace(root, media_type=label)])
+                self.age_everything()
+                self.assertEqual(self.cache.gc(0).deleted, ())
+                self.assertEqual(self.cache.find_descriptor(name).media_type,
+                                 oc.MEDIA_OCI_MANIFEST)
+                self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+                (problem,) = self.cache.verify().wrong
+                self.assertIn(f"but is {oc.MEDIA_OCI_MANIFEST}", problem)
+                self.assertIn(name, problem)
+                listed = json.loads(self.cli("ls", "--json").stdout)
+                self.assertEqual(listed[0]["platforms"], ["linux/amd64"])
+                result = self.cli("export", name, "--format", "oci", "-o", self.path("x.tar"))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                with tarfile.open(self.path("x.tar")) as archive:
+                    index = json.load(archive.extractfile("index.json"))
+                self.assertEqual(index["manifests"][0]["mediaType"], oc.MEDIA_OCI_MANIFEST)
+
+    def test_a_mislabelled_child_is_followed_by_its_content(self) -> None:
+        amd, arm = make_image("amd"), make_image("arm", "arm64")
+        index = make_index([amd.descriptor(mediaType=oc.MEDIA_OCI_INDEX), arm.descriptor()])
+        for blob in [*amd.blobs, *arm.blobs, index]:
+            self.cache.layout.write_blob_bytes(blob.data)
+        self.plant(oc.Descriptor.from_json(index.descriptor()), "example.com/child:1")
+        self.age_everything()
+        self.assertEqual(self.cache.gc(0).deleted, ())
+        self.assertTrue(self.cache.image_in_cache("example.com/child:1", "", "amd64"))
+        (problem,) = self.cache.verify().wrong
+        self.assertIn(f"{amd.manifest.digest} (needed by example.com/child:1): is labelled "
+                      f"{oc.MEDIA_OCI_INDEX} but is {oc.MEDIA_OCI_MANIFEST}", problem)
+        archive = oci_archive([(index.descriptor(), named("example.com/child:2"))],
+                              [*amd.blobs, *arm.blobs, index])
+        with self.assertRaisesRegex(oc.InvalidArchiveError, "is labelled"):
+            self.load(archive)
+
+    def test_import_corrects_a_root_label_from_the_document(self) -> None:
+        image = make_image("lk")
+        labels = {"linuxkit": oc.MEDIA_OCI_INDEX,
+                  "descriptor": "application/vnd.oci.descriptor.v1+json"}
+        for what, label in labels.items():
+            with self.subTest(what):
+                name = f"example.com/{what}:1"
+                archive = oci_archive([(image.manifest.descriptor(mediaType=label),
+                                        named(name))], image.blobs)
+                (loaded,) = self.load(archive)
+                self.assertEqual(loaded.media_type, oc.MEDIA_OCI_MANIFEST)
+                with open(os.path.join(self.cache_dir, "index.json")) as f:
+                    stored = {m["annotations"][oc.ANNOTATION_REF_NAME]: m["mediaType"]
+                              for m in json.load(f)["manifests"]}
+                self.assertEqual(stored[name], oc.MEDIA_OCI_MANIFEST)
+                self.assertTrue(self.cache.verify().ok)
+                out = self.path(f"{what}.tar")
+                result = self.cli("export", name, "--format", "oci", "-o", out)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                if shutil.which("skopeo"):
+                    inspected = json.loads(self.skopeo("inspect", "--raw", f"oci-archive:{out}"))
+                    self.assertEqual(inspected["mediaType"], oc.MEDIA_OCI_MANIFEST)
+        layer = image.layers[0]
+        archive = self.write_file(self.path("bad.tar"), oci_archive(
+            [(layer.descriptor(mediaType=oc.MEDIA_OCI_MANIFEST), named("example.com/bad:1"))],
+            image.blobs))
+        self.assert_one_line_error(self.cli("import", archive), layer.digest)
+
+    def test_linuxkit_cache_export_oci_imports_as_what_it_is(self) -> None:
+        # As linuxkit's ImageSource.OCITarReader (src/cmd/linuxkit/cache/source.go) writes
+        # it: a tab-indented oci-layout, config, layers, manifest, then an index.json whose
+        # one entry labels the image manifest an OCI index and names it by ref.name only.
+        image = make_image("lkexport")
+        name = "docker.io/linuxkit/lkexport:v1"
+        index = json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": [
+            {"mediaType": oc.MEDIA_OCI_INDEX, "size": len(image.manifest.data),
+             "digest": image.manifest.digest,
+             "annotations": {oc.ANNOTATION_REF_NAME: name}}]}, indent=3)
+        entries: List[Tuple[str, Any]] = [
+            ("oci-layout", b'{\n\t"imageLayoutVersion": "1.0.0"\n}'),
+            ("blobs/", tar_member("blobs/", tarfile.DIRTYPE)),
+            ("blobs/sha256/", tar_member("blobs/sha256/", tarfile.DIRTYPE))]
+        entries += [(f"blobs/sha256/{b.digest.split(':')[1]}", b.data)
+                    for b in [image.config, *image.layers, image.manifest]]
+        archive = self.write_file(self.path("lk.tar"),
+                                  tar_bytes(entries + [("index.json", index.encode())]))
+        result = self.cli("import", archive)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.cache.find_descriptor(name).media_type, oc.MEDIA_OCI_MANIFEST)
+        self.assertTrue(self.cache.verify().ok)
+        inspected = self.cli("inspect", name)
+        self.assertEqual(inspected.returncode, 0, inspected.stderr)
+        self.assertEqual(json.loads(inspected.stdout)["config"]["digest"], image.config.digest)
+        for export_format in ("oci", "docker", "filesystem"):
+            result = self.cli("export", name, "--format", export_format,
+                              "-o", self.path(f"lk.{export_format}"))
+            self.assertEqual(result.returncode, 0, result.stderr)
+        if shutil.which("skopeo"):
+            copied = self.path("copied")
+            self.skopeo("copy", f"oci-archive:{self.path('lk.oci')}", f"dir:{copied}")
+            self.assertTrue(os.path.exists(os.path.join(copied, "manifest.json")))
+
+    # -- D. sizes, consistency, repair, exports -----------------------------------------
+
+    def test_import_refuses_descriptor_sizes_that_disagree_with_blobs(self) -> None:
+        image = make_image("sizes")
+        layer = image.layers[0]
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "config": image.config.descriptor(),
+            "layers": [layer.descriptor(size=len(layer.data) + 1)]}).encode())
+        archive = self.write_file(self.path("layer.tar"), oci_archive(
+            [(manifest.descriptor(), named("example.com/sizes:1"))],
+            [*image.layers, image.config, manifest]))
+        self.assert_one_line_error(self.cli("import", archive), layer.digest,
+                                   f"says {len(layer.data) + 1} bytes")
+        index = make_index([image.descriptor(size=len(image.manifest.data) - 1)])
+        archive = oci_archive([(index.descriptor(), named("example.com/sizes:2"))],
+                              [*image.blobs, index])
+        with self.assertRaisesRegex(oc.InvalidArchiveError, image.manifest.digest):
+            self.load(archive)
+        self.assertEqual(self.index_names(), [])
+        # verify reports the same disagreement in a cache that holds one.
+        root = self.load_image("example.com/sizes:3", image)
+        self.plant(oc._replace(root, size=root.size + 7), "example.com/sizes:4")
+        (problem,) = self.cache.verify().wrong
+        self.assertIn(f"says {root.size + 7} bytes, the blob has {root.size}", problem)
+        self.assertIn("example.com/sizes:4", problem)
+
+    def test_verify_names_every_image_needing_a_bad_blob(self) -> None:
+        shared = [{"etc/shared": b"the same layer in both"}]
+        one, two = make_image("one", layer_files=shared), make_image("two", layer_files=shared)
+        self.load_image("example.com/one:1", one)
+        self.load_image("example.com/two:1", two)
+        path = self.cache.layout.blob_path(one.layers[0].digest)
+        with open(path, "r+b") as f:
+            f.write(b"X")
+        (corrupt,) = self.cache.verify().corrupt
+        self.assertIn(one.layers[0].digest, corrupt)
+        self.assertIn("example.com/one:1", corrupt)
+        self.assertIn("example.com/two:1", corrupt)
+        os.unlink(path)
+        (missing,) = self.cache.verify().missing
+        self.assertIn("needed by example.com/one:1, example.com/two:1", missing)
+
+    def test_verify_beside_a_removal_reports_no_false_missing(self) -> None:
+        image = make_image("busy")
+        self.load_image("example.com/busy:1", image)
+        verifier = oc.Provider(self.cache_dir)
+        remover = threading.Thread(target=self.cache.remove, args=("example.com/busy:1",))
+        read_index = verifier.layout.read_index
+        refused = threading.Event()  # the removal tried a lock verify holds, and waits
+        try_flock = oc._try_flock
+
+        def tried(fd: int, mode: int) -> bool:
+            taken = try_flock(fd, mode)
+            if not taken and threading.current_thread() is remover:
+                refused.set()
+            return taken
+
+        def read_then_remove() -> oc.Index:
+            index = read_index()
+            if not remover.is_alive() and remover.ident is None:
+                remover.start()  # a removal right after verify read the names
+                wait_for(lambda: not remover.is_alive() or refused.is_set(), 30,
+                         "the removal to finish or wait for verify")
+            return index
+
+        with mock.patch.object(verifier.layout, "read_index", read_then_remove), \
+                mock.patch.object(oc, "_try_flock", tried):
+            report = verifier.verify()
+            remover.join(30)
+        self.assertTrue(refused.is_set(), "the removal never waited for verify")
+        self.assertEqual(report.missing, ())
+        self.assertTrue(report.ok, report)
+        self.assertEqual(self.index_names(), [])
+
+    def test_verify_repair_deletes_corrupt_blobs_only(self) -> None:
+        image = make_image("repair")
+        self.load_image("example.com/repair:1", image)
+        layer = self.cache.layout.blob_path(image.layers[0].digest)
+        with open(layer, "r+b") as f:
+            f.write(b"X")
+        stray = self.write_file(self.path("cache", "blobs", "sha256", "README"), b"mine")
+        result = self.cli("verify")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("verify --repair", result.stderr.decode())
+        self.assertTrue(os.path.exists(layer))
+        result = self.cli("verify", "--repair")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"deleted: {image.layers[0].digest}", result.stdout.decode())
+        self.assertIn("pull the images named", result.stderr.decode())
+        self.assertFalse(os.path.exists(layer))
+        self.assertTrue(os.path.exists(stray))
+        self.assertTrue(all(self.cache.layout.has_blob(b.digest) for b in image.blobs[1:]))
+        (missing,) = self.cache.verify().missing
+        self.assertIn(image.layers[0].digest, missing)
+        self.assertFalse(self.cache.image_in_cache("example.com/repair:1", "", "amd64"))
+
+    def test_exports_never_carry_a_corrupt_blob(self) -> None:
+        image = make_image("export")
+        name = "example.com/export:1"
+        self.load_image(name, image)
+        with open(self.cache.layout.blob_path(image.layers[0].digest), "r+b") as f:
+            f.seek(len(image.layers[0].data) // 2)
+            f.write(b"\xff")  # the same size, another digest
+        for export_format in ("oci", "docker", "filesystem"):
+            with self.subTest(export_format):
+                out = self.path(f"out-{export_format}.tar")
+                result = self.cli("export", name, "--format", export_format, "-o", out)
+                self.assert_one_line_error(result, image.layers[0].digest, name, "verify")
+                self.assertFalse(os.path.exists(out))
+                result = subprocess.run(
+                    [sys.executable, OCICACHE, "--cache", self.cache_dir, "export", name,
+                     "--format", export_format, "-o", "-"], capture_output=True, timeout=60)
+                self.assert_one_line_error(result, image.layers[0].digest)
+        # A corrupt layer that still reads as a tar (uncompressed, a file's bytes changed).
+        plain = make_image("plain", layer_files=[{"etc/data": b"a" * 4096}], gzip_layers=False)
+        self.load_image("example.com/plain:1", plain)
+        with open(self.cache.layout.blob_path(plain.layers[0].digest), "r+b") as f:
+            f.seek(plain.layers[0].data.index(b"a" * 4096) + 100)
+            f.write(b"b")
+        for export_format in ("filesystem", "oci"):
+            result = self.cli("export", "example.com/plain:1", "--format", export_format,
+                              "-o", self.path("plain.tar"))
+            self.assert_one_line_error(result, plain.layers[0].digest, "example.com/plain:1")
+            self.assertFalse(os.path.exists(self.path("plain.tar")))
+
+    # -- E. index.json never grows past what ocicache reads back --------------------
+
+    def test_imports_cannot_grow_index_json_past_what_is_read_back(self) -> None:
+        image = make_image("big")
+        for n in range(3):
+            annotations = {**named(f"example.com/big:{n}"), "huge": "x" * (1 << 20)}
+            with quiet_log():
+                self.load(oci_archive([(image.manifest.descriptor(), annotations)], image.blobs))
+        self.assertLess(os.path.getsize(os.path.join(self.cache_dir, "index.json")), 16384)
+        self.assertEqual(self.index_names(), [f"example.com/big:{n}" for n in range(3)])
+        root = self.cache.find_descriptor("example.com/big:0")
+        with mock.patch.object(oc, "MAX_INDEX_SIZE", 4096):
+            with self.assertRaisesRegex(oc.OciCacheError, "would grow"):
+                for n in range(100):
+                    self.cache.descriptor_write(f"example.com/many:{n}", root)
+            self.cache.layout.read_index()  # what was written can be read back
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_rm_and_clean_work_on_any_cache(self) -> None:
+        image = make_image("any")
+        self.load_image("example.com/any:1", image)
+        self.load_image("example.com/any:2", image)
+        self.assertEqual(self.cli("rm", "example.com/any:1").returncode, 0)
+        for broken in (b'{"manifests": [', b"\xff" * 100, b'{"manifests": 5}'):
+            with self.subTest(broken=broken):
+                self.write_file(os.path.join(self.cache_dir, "index.json"), broken)
+                self.assert_one_line_error(self.cli("ls"), "index.json")
+                result = self.cli("clean")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.index_names(), [])
+                self.assertEqual(self.cli("ls").returncode, 0)
+
+    # -- F. data is one line, never a traceback -------------------------------------
+
+    def test_odd_data_is_one_line_never_a_traceback(self) -> None:
+        image = make_image("odd")
+        config_json = json.loads(image.config.data)
+        config = Blob(oc.MEDIA_OCI_CONFIG, json.dumps({**config_json, "os.features": 5}).encode())
+        manifest = manifest_blob(config.descriptor(), [l.descriptor() for l in image.layers])
+        self.load(oci_archive([(manifest.descriptor(), named("example.com/odd:1"))],
+                              [*image.layers, config, manifest]))
+        self.load_image("example.com/fine:1", image)
+        for args in (["ls"], ["ls", "--json"]):
+            result = self.cli(*args)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(b"example.com/odd:1", result.stdout)
+            self.assertIn(b"example.com/fine:1", result.stdout)
+            self.assertIn(b"os.features", result.stderr)
+            self.assertNotIn(b"Traceback", result.stderr)
+        # A name holding terminal control sequences is never echoed as such.
+        fine = self.cache.find_descriptor("example.com/fine:1")
+        self.plant(fine, "example.com/evil:1\x1b]0;owned\x07\x1b[2J")
+        result = self.cli("ls")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(b"\x1b", result.stdout + result.stderr)
+        self.assertNotIn(b"\x07", result.stdout + result.stderr)
+        # A file name that is not UTF-8, printed to a UTF-8 stdout.
+        bad_name = os.fsdecode(b"sha256-\xff\xfe")
+        self.write_file(os.path.join(self.cache_dir, "blobs", "sha256", bad_name), b"?")
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+        result = subprocess.run([sys.executable, OCICACHE, "--cache", self.cache_dir, "verify"],
+                                capture_output=True, timeout=60, env=env)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"sha256-\\xff\\xfe: not named by a valid digest", result.stdout)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_a_utf16_sbom_is_one_line(self) -> None:
+        image = make_image("sbom")
+        _, blobs, entry = make_attestation(image)
+        statement, config, attestation = blobs
+        utf16 = Blob(oc.MEDIA_IN_TOTO, json.loads(statement.data) and
+                     json.dumps(json.loads(statement.data)).encode("utf-16"))
+        attestation = manifest_blob(config.descriptor(), [utf16.descriptor(annotations={
+            oc.ANNOTATION_PREDICATE_TYPE: oc.SPDX_PREDICATE_TYPE})])
+        entry = attestation.descriptor(platform=entry["platform"],
+                                       annotations=entry["annotations"])
+        index = make_index([image.descriptor(), entry])
+        self.load(oci_archive([(index.descriptor(), named("example.com/sbom:1"))],
+                              [*image.blobs, utf16, config, attestation, index]))
+        result = self.cli("sbom", "--platform", "amd64", "example.com/sbom:1")
+        self.assert_one_line_error(result, utf16.digest, "UTF-8")
+
+
 # =====================================================================================
 # Credentials and challenges
 # =====================================================================================
@@ -3213,6 +3778,19 @@ def basic(user: str, password: str) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def but_verbose(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result`` without what -v added to stderr (the lines not ``ocicache: ...``)."""
+    lines = result.stderr.decode(errors="replace").splitlines(keepends=True)
+    kept = "".join(line for line in lines if line.startswith("ocicache: "))
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout,
+                                       kept.encode())
+
+
+def plain(credentials: Optional[oc.Credentials]) -> Optional[oc.Credentials]:
+    """Credentials without where they came from, to compare with expected ones."""
+    return oc._replace(credentials, source="") if credentials is not None else None
+
+
 class TestCredentials(IsolatedEnvironment):
     def test_parse_challenges(self) -> None:
         header = ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -3238,11 +3816,11 @@ class TestCredentials(IsolatedEnvironment):
             "registry.example.com/team": {"username": "team", "password": "teampw"},
             "http://other.example.com:5000/v2/": {"identitytoken": "refresh-me"},
             "tok.example.com": {"registrytoken": "bearer-token"}}})
-        self.assertEqual(oc.find_credentials("docker.io", "library/alpine"),
+        self.assertEqual(plain(oc.find_credentials("docker.io", "library/alpine")),
                          oc.Credentials("hub", "hubpw"))
-        self.assertEqual(oc.find_credentials("registry.example.com", "team/app"),
+        self.assertEqual(plain(oc.find_credentials("registry.example.com", "team/app")),
                          oc.Credentials("team", "teampw"))
-        self.assertEqual(oc.find_credentials("registry.example.com", "other/app"),
+        self.assertEqual(plain(oc.find_credentials("registry.example.com", "other/app")),
                          oc.Credentials("host", "hostpw"))
         self.assertEqual(oc.find_credentials("other.example.com:5000", "x").identity_token,
                          "refresh-me")
@@ -3262,7 +3840,7 @@ class TestCredentials(IsolatedEnvironment):
                                             "idtoken.example.com": "token",
                                             "absent.example.com": "none"},
                             "credsStore": "pass"})
-        self.assertEqual(oc.find_credentials("helped.example.com", "a"),
+        self.assertEqual(plain(oc.find_credentials("helped.example.com", "a")),
                          oc.Credentials("u-helped.example.com", "s3cret"))
         self.assertEqual(oc.find_credentials("idtoken.example.com", "a").identity_token, "idtok")
         self.assertIsNone(oc.find_credentials("absent.example.com", "a"))
@@ -3278,7 +3856,7 @@ class TestCredentials(IsolatedEnvironment):
         auth_file = self.write_json(self.path("podman-auth.json"), {
             "auths": {"quay.example.com/ns": {"auth": basic("pod", "podpw")}}})
         os.environ["REGISTRY_AUTH_FILE"] = auth_file
-        self.assertEqual(oc.find_credentials("quay.example.com", "ns/app"),
+        self.assertEqual(plain(oc.find_credentials("quay.example.com", "ns/app")),
                          oc.Credentials("pod", "podpw"))
         del os.environ["REGISTRY_AUTH_FILE"]
         self.write_json(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"),
@@ -3414,7 +3992,7 @@ class TestCredentials(IsolatedEnvironment):
                 self.docker_config({"credHelpers": {server.host: name}})
                 result = self.cli("-v", "pull", "--platform", "amd64",
                                   f"{server.host}/hostile/app:1")
-                self.assert_one_line_error(result)
+                self.assert_one_line_error(but_verbose(result))
                 self.assertEqual(secrets_in((result.stdout + result.stderr).decode(
                     errors="replace"), [secret]), [])
                 self.assertEqual(self.index_names(), [])
@@ -3425,6 +4003,172 @@ class TestCredentials(IsolatedEnvironment):
         with contextlib.suppress(OSError, ValueError):
             with open(pid_file) as f:
                 os.kill(int(f.read().strip()), signal.SIGKILL)
+
+
+def recording_helper(test: "IsolatedEnvironment", name: str) -> str:
+    """A helper keeping what it is given in a JSON file per server, as docker's do."""
+    store = test.path(f"{name}-store")
+    os.makedirs(store, exist_ok=True)
+    test.credential_helper(name, f"""store={store}
+input=$(cat)
+case "$1" in
+  store) server=$(printf '%s' "$input" | sed 's/.*"ServerURL": *"\\([^"]*\\)".*/\\1/')
+     key=$(printf '%s' "$server" | tr -c 'A-Za-z0-9.' _)
+     printf '%s' "$input" > "$store/$key" ;;
+  get|erase) key=$(printf '%s' "$input" | tr -c 'A-Za-z0-9.' _)
+     [ -f "$store/$key" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+     if [ "$1" = get ]; then cat "$store/$key"; else rm "$store/$key"; fi ;;
+  *) exit 3 ;;
+esac
+""")
+    return store
+
+
+class TestCredentialStorage(IsolatedEnvironment):
+    """login's and logout's half on disk: where docker keeps credentials, and how."""
+
+    def config_path(self) -> str:
+        return os.path.join(os.environ["DOCKER_CONFIG"], "config.json")
+
+    def test_auths_written_atomically_0600_keeping_every_other_key(self) -> None:
+        original = {"HttpHeaders": {"User-Agent": "x"}, "auths": {
+            "other.example.com": {"auth": basic("o", "opw")},
+            "http://reg.example.com:5000/v2/": {"auth": basic("stale", "old")},
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")}},
+            "proxies": {"default": {"httpProxy": "http://p:3128"}}, "psFormat": "{{.ID}}"}
+        self.docker_config(original)
+        os.chmod(self.config_path(), 0o644)
+        where = oc.store_credentials("reg.example.com:5000", "alice", "pa55:w0rd")
+        self.assertEqual(where, f"credentials file {self.config_path()}")
+        self.assertEqual(stat.S_IMODE(os.stat(self.config_path()).st_mode), 0o600)
+        with open(self.config_path()) as f:
+            written = json.load(f)
+        self.assertEqual({k: v for k, v in written.items() if k != "auths"},
+                         {k: v for k, v in original.items() if k != "auths"})
+        self.assertEqual(list(written), list(original))  # the keys keep their order
+        self.assertEqual(written["auths"], {
+            "other.example.com": {"auth": basic("o", "opw")},
+            "https://index.docker.io/v1/": {"auth": basic("hub", "hubpw")},
+            "reg.example.com:5000": {"auth": basic("alice", "pa55:w0rd")}})
+        self.assertEqual(plain(oc.find_credentials("reg.example.com:5000", "a/b")),
+                         oc.Credentials("alice", "pa55:w0rd"))
+        for spelling in ("docker.io", "index.docker.io", "https://index.docker.io/v1/"):
+            oc.store_credentials(spelling, "hub2", spelling)
+            self.assertEqual(plain(oc.find_credentials("docker.io", "library/alpine")),
+                             oc.Credentials("hub2", spelling))
+        with open(self.config_path()) as f:
+            self.assertEqual(list(json.load(f)["auths"]), [
+                "other.example.com", "https://index.docker.io/v1/", "reg.example.com:5000"])
+        self.assertEqual(os.listdir(os.environ["DOCKER_CONFIG"]), ["config.json"])
+        # A config.json that is a link (dotfiles managers): its target is replaced.
+        real = self.write_json(self.path("dotfiles", "docker.json"), {"auths": {}})
+        os.unlink(self.config_path())
+        os.symlink(real, self.config_path())
+        oc.store_credentials("linked.example.com", "bob", "pw")
+        self.assertTrue(os.path.islink(self.config_path()))
+        self.assertEqual(oc.find_credentials("linked.example.com").username, "bob")
+        self.assertEqual(stat.S_IMODE(os.stat(real).st_mode), 0o600)
+        # None at all: the directory and file are made, private.
+        shutil.rmtree(os.environ["DOCKER_CONFIG"])
+        oc.store_credentials("new.example.com", "carol", "pw")
+        self.assertEqual(stat.S_IMODE(os.stat(self.config_path()).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.environ["DOCKER_CONFIG"]).st_mode), 0o700)
+        self.assertEqual(oc.erase_credentials("new.example.com"),
+                         [f"credentials file {self.config_path()}"])
+        self.assertEqual(oc.erase_credentials("new.example.com"), [])
+        with open(self.config_path()) as f:
+            self.assertEqual(json.load(f), {"auths": {}})
+
+    def test_helpers_store_and_erase(self) -> None:
+        helped, stored = recording_helper(self, "helped"), recording_helper(self, "desktop")
+        self.docker_config({"credHelpers": {"helped.example.com": "helped"},
+                            "credsStore": "desktop", "auths": {
+                                "https://desktop.example.com": {"auth": basic("old", "old")},
+                                "kept.example.com": {}}})
+        self.assertEqual(oc.store_credentials("helped.example.com", "alice", "s3cret-1"),
+                         "credential helper docker-credential-helped")
+        self.assertEqual(oc.store_credentials("desktop.example.com", "bob", "s3cret-2"),
+                         "credential helper docker-credential-desktop")
+        self.assertEqual(oc.store_credentials("docker.io", "hub", "s3cret-3"),
+                         "credential helper docker-credential-desktop")
+        self.assertEqual(json.loads(open(os.path.join(helped, "helped.example.com")).read()),
+                         {"ServerURL": "helped.example.com", "Username": "alice",
+                          "Secret": "s3cret-1"})
+        self.assertEqual(sorted(os.listdir(stored)),
+                         ["desktop.example.com", "https___index.docker.io_v1_"])
+        with open(self.config_path()) as f:
+            config = json.load(f)
+        # The stale entry, read before the credsStore, is gone; no secret is in the file.
+        self.assertEqual(config["auths"], {"kept.example.com": {}})
+        self.assertNotIn("s3cret", json.dumps(config))
+        self.assertEqual(plain(oc.find_credentials("desktop.example.com", "a")),
+                         oc.Credentials("bob", "s3cret-2"))
+        self.assertEqual(plain(oc.find_credentials("docker.io", "library/a")),
+                         oc.Credentials("hub", "s3cret-3"))
+        self.assertEqual(oc.erase_credentials("helped.example.com"),
+                         ["credential helper docker-credential-helped"])
+        self.assertEqual(oc.erase_credentials("helped.example.com"), [])  # not found: fine
+        self.assertIsNone(oc.find_credentials("helped.example.com", "a"))
+        self.assertEqual(oc.erase_credentials("docker.io"),
+                         ["credential helper docker-credential-desktop"])
+        self.assertEqual(os.listdir(stored), ["desktop.example.com"])
+
+    def test_bad_inputs_are_one_line_and_change_nothing(self) -> None:
+        self.credential_helper("broken", 'cat > /dev/null; echo "password=$1 oops" >&2; exit 4\n')
+        self.docker_config({"credHelpers": {"broken.example.com": "broken"},
+                            "auths": {"x.example.com": {"auth": basic("x", "x")}}})
+        cases: List[Tuple[str, Callable[[], Any], str]] = [
+            ("a path", lambda: oc.store_credentials("ghcr.io/org", "u", "p"), "invalid registry"),
+            ("a URL path", lambda: oc.store_credentials("https://h.io/v2/ns", "u", "p"),
+             "invalid registry"),
+            ("empty", lambda: oc.store_credentials("", "u", "p"), "invalid registry"),
+            ("a newline", lambda: oc.store_credentials("h.io\nx", "u", "p"), "invalid registry"),
+            ("a space", lambda: oc.erase_credentials("h .io"), "invalid registry"),
+            ("a colon in the name", lambda: oc.store_credentials("h.io", "a:b", "p"),
+             "invalid user name"),
+            ("no name", lambda: oc.store_credentials("h.io", "", "p"), "invalid user name"),
+            ("a control character", lambda: oc.store_credentials("h.io", "a\x1b", "p"),
+             "invalid user name"),
+            ("no password", lambda: oc.store_credentials("h.io", "u", ""), "empty password"),
+            ("a failing helper", lambda: oc.store_credentials(
+                "broken.example.com", "u", "s3cret-9"), "failed to store.*status 4"),
+            ("a failing erase", lambda: oc.erase_credentials("broken.example.com"),
+             "failed to erase.*status 4"),
+            ("a missing helper", lambda: oc.store_credentials("absent.example.com", "u",
+                                                              "s3cret-9"), "not on PATH"),
+        ]
+        for label, call, pattern in cases:
+            with self.subTest(label):
+                if label == "a missing helper":
+                    self.docker_config({"credsStore": "absent"})
+                before = snapshot(self.path("home"))
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    call()
+                self.assertEqual(line_problem(str(caught.exception)), "")
+                self.assertRegex(str(caught.exception), pattern)
+                self.assertNotIn("s3cret-9", everything_about(caught.exception))
+                self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+        # A config.json that cannot be read is never replaced: it would lose what it held.
+        for label, content in (("not JSON", b'{"auths": {'), ("a list", b"[]"),
+                               ("auths a list", b'{"auths": []}')):
+            with self.subTest(label):
+                with open(self.config_path(), "wb") as f:
+                    f.write(content)
+                for call in (lambda: oc.store_credentials("h.io", "u", "p"),
+                             lambda: oc.erase_credentials("h.io")):
+                    with self.assertRaises(oc.OciCacheError) as caught:
+                        call()
+                    self.assertEqual(line_problem(str(caught.exception)), "")
+                    self.assertIn(self.config_path(), str(caught.exception))
+                    with open(self.config_path(), "rb") as f:
+                        self.assertEqual(f.read(), content)
+        # A write that fails (a read-only directory) leaves the old file whole, no temp.
+        if os.geteuid() != 0:
+            self.docker_config({"auths": {}})
+            os.chmod(os.environ["DOCKER_CONFIG"], 0o500)
+            self.addCleanup(os.chmod, os.environ["DOCKER_CONFIG"], 0o700)
+            with self.assertRaisesRegex(oc.OciCacheError, "cannot write credentials file"):
+                oc.store_credentials("h.io", "u", "p")
 
 
 # =====================================================================================
@@ -4166,7 +4910,7 @@ class TestCredentialHygiene(LoopbackOnly, RegistryTestCase):
             if status >= 0:
                 self.assertEqual(result.returncode, status, f"{config} {operation}: {output}")
             if result.returncode:
-                self.assert_one_line_error(result)
+                self.assert_one_line_error(but_verbose(result))
             leaks += [f"run {number} ({config} {operation}, fault {fault}): {s}"
                       for s in secrets_in(output, known())]
         proxy.clear_faults()
@@ -4212,6 +4956,283 @@ class TestCredentialHygiene(LoopbackOnly, RegistryTestCase):
                 secrets=len(known()), tokens_issued=len(issued), leaks=len(leaks))
         self.assertGreater(len(issued), 4)
         self.assertEqual(leaks, [], f"OCICACHE_FUZZ_SEED={seed}")
+
+
+class TestTrustBoundaries(LoopbackOnly, RegistryTestCase):
+    """Credentials go only to the registry's own host and the realm of its own
+    challenge: what another host says (a CDN a blob is redirected to, an upload
+    Location elsewhere, a token realm's redirect, a registry naming another's realm)
+    never directs them. Other hosts are servers on other loopback addresses."""
+
+    SECRET, REFRESH = "pa55-w0rd-b0undary-5e1f", "refresh-t0ken-b0undary-77a2"
+
+    def other_host(self, address: str, handler: Callable[[Request], Answer]) -> HostileServer:
+        server = HostileServer(handler, address)
+        self.addCleanup(server.stop)
+        return server
+
+    def token_registry(self) -> Tuple[TokenIssuer, Registry, List[Tuple[str, str]]]:
+        """A token registry serving test/b:1 to alice; the tokens its issuer signs, by
+        subject."""
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        issued: List[Tuple[str, str]] = []
+        sign = issuer.issue_token
+
+        def recording(subject: str, *args: Any, **kwargs: Any) -> str:
+            issued.append((subject, sign(subject, *args, **kwargs)))
+            return issued[-1][1]
+
+        issuer.issue_token = recording  # type: ignore[method-assign]
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("boundary")
+        upload(origin.url, "test/b", image.blobs, [("1", image.manifest)])
+        return issuer, self.start_registry(auth=("token", issuer),
+                                           root=self.path("storage")), issued
+
+    def no_secret(self, *texts: str) -> None:
+        known = [self.SECRET, basic("alice", self.SECRET), self.REFRESH]
+        self.assertEqual(secrets_in("\n".join(texts), known), [])
+
+    def test_a_redirect_targets_own_challenge_never_directs_credentials(self) -> None:
+        issuer, registry, _ = self.token_registry()
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "attacker"}))
+        cdn = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{realm.url}/token",service="cdn"')], b""))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("redirect", match="/blobs/", method="GET", times=None,
+                        location=f"{cdn.url}{{path}}")
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", self.SECRET)}}})
+        provider = self.provider()
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            provider.image_pull(f"{proxy.host}/test/b:1", "", "amd64")
+        message = str(caught.exception)
+        self.assertIn(f"{cdn.host} answered 401", message)
+        self.assertEqual(line_problem(message), "")
+        self.assertEqual(realm.requests, [])
+        self.assertTrue(cdn.requests)
+        self.assertEqual({r.headers.get("authorization") for r in cdn.requests}, {None})
+        self.assertEqual(provider.registry._challenges[proxy.host].params["realm"], issuer.realm)
+        self.no_secret(everything_about(caught.exception))
+        self.assertEqual(self.index_names(), [])
+
+    def test_an_upload_location_elsewhere_asking_for_credentials_gets_none(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}))
+        realm = self.other_host("127.0.0.3", lambda r: json_answer({"token": "attacker"}))
+        elsewhere = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{realm.url}/token",service="x"')], b""))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("respond", method="POST", match="/blobs/uploads/", status=202,
+                        times=None, headers={"Content-Length": "0",
+                                             "Location": f"{elsewhere.url}/upload/1"})
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", self.SECRET)}}})
+        self.load_image(f"{proxy.host}/test/up:1", make_image("up"))
+        with self.assertRaises(oc.AuthenticationError) as caught:
+            self.provider(attempts=1).push(f"{proxy.host}/test/up:1")
+        self.assertIn(f"{elsewhere.host} answered 401", str(caught.exception))
+        self.assertEqual(realm.requests, [])
+        self.assertEqual({r.headers.get("authorization") for r in elsewhere.requests}, {None})
+        self.no_secret(everything_about(caught.exception))
+
+    def test_no_body_or_authorization_follows_any_redirect_to_another_host(self) -> None:
+        stolen = self.other_host("127.0.0.2", lambda r: json_answer({"token": "elsewhere"}))
+        endpoint = oc._Endpoint("http://127.0.0.1:1", "127.0.0.1:1", "a/b", "127.0.0.1:1")
+        outcomes = {}
+        for status in (301, 302, 303, 307, 308):
+            realm = self.other_host(LOOPBACK, lambda r, status=status: Answer(
+                status, [("Location", f"{stolen.url}/steal")], b""))
+            challenge = oc.Challenge("bearer", {"realm": f"{realm.url}/t", "service": "s"})
+            for kind, credentials in [("form", oc.Credentials(identity_token=self.REFRESH)),
+                                      ("basic", oc.Credentials("alice", self.SECRET))]:
+                client = oc.RegistryClient(oc._Transport(oc.TransportOptions(attempts=1)))
+                self.addCleanup(client.transport.close)
+                try:
+                    client._token(endpoint, challenge, ["repository:a/b:pull"], credentials)
+                    outcomes[status, kind] = "token"
+                except oc.OciCacheError as e:
+                    self.assertEqual(line_problem(str(e)), "")
+                    self.no_secret(everything_about(e))
+                    outcomes[status, kind] = "refused"
+        for request in stolen.requests:
+            self.no_secret(request.body.decode(errors="replace"), repr(request.headers))
+            self.assertNotIn("authorization", request.headers)
+        # A form POST is refused on every redirect but 303 (which turns it into a GET
+        # without the body); a GET goes, without its Authorization.
+        self.assertEqual([s for s, kind in outcomes if outcomes[s, kind] == "refused"],
+                         [301, 302, 307, 308])
+
+    def test_a_registry_naming_anothers_realm_never_gets_its_token(self) -> None:
+        issuer, registry, issued = self.token_registry()
+        impostor = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{issuer.realm}",service="{issuer.service}"')],
+            b""))
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", self.SECRET)}}})
+        provider = self.provider()
+        provider.image_pull(f"{registry.host}/test/b:1", "", "amd64")
+        alices = [token for subject, token in issued if subject == "alice"]
+        self.assertTrue(alices)
+        with self.assertRaises(oc.AuthenticationError):
+            provider.image_pull(f"{impostor.host}/test/b:1", "", "amd64")
+        received = [r.headers.get("authorization", "") for r in impostor.requests]
+        self.assertEqual([t[:12] for t in alices if any(t in a for a in received)], [])
+
+    def test_a_token_no_header_can_carry_names_its_file_and_key_never_itself(self) -> None:
+        server = self.other_host(LOOPBACK, fake_registry(make_image("t"), override=lambda r: (
+            None if r.headers.get("authorization") else Answer(401, [(
+                "WWW-Authenticate", f'Bearer realm="http://{r.headers["host"]}/token"')],
+                b""))))
+        for label, entry in [("newline", {"registrytoken": "abc\nX-Evil: 1"}),
+                             ("non-latin-1", {"registrytoken": "t\u20ac\u4e2d"}),
+                             ("identity token with a space", {"identitytoken": "id-t0k3n x"})]:
+            with self.subTest(label):
+                path = self.docker_config({"auths": {server.host: entry}})
+                with self.assertRaises(oc.AuthenticationError) as caught:
+                    oc.find_credentials(server.host, "hostile/app")
+                message = str(caught.exception)
+                self.assertIn(path, message)
+                self.assertIn(server.host, message)
+                self.assertIn(next(iter(entry)), message)
+                secret = next(iter(entry.values()))
+                self.assertNotIn(secret, everything_about(caught.exception))
+                result = self.cli("pull", "--platform", "amd64", f"{server.host}/hostile/app:1")
+                line = self.assert_one_line_error(result, path)
+                self.assertNotIn(secret.split()[0], line)
+
+    def test_a_mirror_url_with_userinfo_is_the_mirrors_credentials(self) -> None:
+        storage = self.path("storage")
+        origin = self.start_registry(root=storage)
+        image = make_image("mirror-auth")
+        upload(origin.url, "library/ma", image.blobs, [("1", image.manifest)])
+        mirror = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}), root=storage)
+        provider = self.provider(mirrors=[oc.parse_mirror(
+            f"docker.io=http://alice:{self.SECRET}@{mirror.host}")])
+        provider.image_pull("ma:1", "", "amd64")
+        self.assertEqual(self.index_names(), ["docker.io/library/ma:1"])
+        self.assertNotIn(self.SECRET, repr(provider.registry.endpoint(
+            oc.Reference.parse("ma:1"))))
+        self.cache.clean()
+        result = self.cli("-v", "--mirror", f"docker.io=http://alice:wrong-{self.SECRET}@"
+                          f"{mirror.host}", "pull", "--platform", "amd64", "ma:1")
+        self.assert_one_line_error(but_verbose(result), f"{mirror.host} answered 401",
+                                   "the mirror URL")
+        self.no_secret(result.stderr.decode())
+        result = self.cli("--mirror", f"docker.io=ftp://alice:{self.SECRET}@x", "pull", "ma:1")
+        self.assert_one_line_error(result, "must start with http")
+        self.no_secret(result.stderr.decode())
+
+    def test_redirects_go_only_to_http_and_https(self) -> None:
+        registry = self.start_registry()
+        image = make_image("scheme")
+        upload(registry.url, "test/s", image.blobs, [("1", image.manifest)])
+        target = self.other_host("127.0.0.2", lambda r: Answer(200, [], image.layers[0].data))
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        for scheme in ("ftp", "file", "gopher"):
+            with self.subTest(scheme):
+                proxy.clear_faults()
+                proxy.add_fault("redirect", match="/blobs/", times=None,
+                                location=f"{scheme}://{target.host}{{path}}")
+                with self.assertRaisesRegex(oc.RegistryError, "not a usable http or https URL"):
+                    self.provider().image_pull(f"{proxy.host}/test/s:1", "", "amd64")
+        self.assertEqual(target.requests, [])
+
+    # -- where credentials are looked up, and what went wrong -------------------------
+
+    def test_401_without_and_with_credentials_say_different_things(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": self.SECRET}))
+        image = make_image("who")
+        name = f"{registry.host}/test/who:1"
+        result = self.cli("pull", "--platform", "amd64", name)
+        line = self.assert_one_line_error(result, "401", "no credentials for",
+                                          os.path.join(os.environ["DOCKER_CONFIG"],
+                                                       "config.json"))
+        self.assertIn("credential helpers", line)
+        path = self.docker_config({"auths": {registry.host: {"auth": basic("alice", "no")}}})
+        result = self.cli("pull", "--platform", "amd64", name)
+        line = self.assert_one_line_error(result, "401", f"refused the credentials from "
+                                          f"credentials file {path}")
+        self.assertNotIn("no credentials", line)
+        del image
+
+    def test_stored_credentials_a_public_image_refuses_are_tried_once_without(self) -> None:
+        issuer = TokenIssuer(users={"alice": self.SECRET}, anonymous_pull=True)
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        image = make_image("public")
+        upload(origin.url, "test/pub", image.blobs, [("1", image.manifest)])
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        name = f"{registry.host}/test/pub:1"
+        for label, entry in [("a wrong password", {"auth": basic("alice", "expired")}),
+                             ("an expired registry token", {"registrytoken": "stale.jwt.x"})]:
+            with self.subTest(label):
+                self.cache.clean()
+                path = self.docker_config({"auths": {registry.host: entry}})
+                with self.assertLogs("ocicache", "WARNING") as logs:
+                    self.provider().image_pull(name, "", "amd64")
+                self.assertEqual(len(logs.output), 1, logs.output)
+                self.assertIn(f"credentials file {path}", logs.output[0])
+                self.assertIn("anonymously", logs.output[0])
+                self.assertTrue(self.cache.verify().ok)
+        # A push never falls back: its own credentials decide.
+        self.load_image(f"{registry.host}/test/pushed:1", make_image("pushed"))
+        with self.assertRaisesRegex(oc.AuthenticationError, "refused the credentials"):
+            self.provider().push(f"{registry.host}/test/pushed:1")
+
+    def test_a_name_that_does_not_resolve_is_tried_once_and_said_so(self) -> None:
+        looked_up: List[str] = []
+        guard = socket.create_connection
+
+        def connect(address: Tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+            if str(address[0]).endswith(".invalid"):
+                looked_up.append(str(address[0]))
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return guard(address, *args, **kwargs)
+
+        with mock.patch.object(socket, "create_connection", connect):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider().image_pull("registry.invalid/a/b:1", "", "amd64")
+        message = str(caught.exception)
+        self.assertIn("registry.invalid could not be resolved", message)
+        self.assertIn("--mirror", message)
+        self.assertEqual(looked_up, ["registry.invalid"])
+
+    # -- TLS failures say what to do --------------------------------------------------
+
+    def test_tls_failures_say_what_to_do(self) -> None:
+        plain_registry = self.start_registry()
+        with mock.patch.object(oc._Transport, "_may_use_http", lambda self, host: False):
+            with self.assertRaises(oc.OciCacheError) as caught:
+                self.provider().image_pull(f"{plain_registry.host}/test/x:1", "", "amd64")
+        self.assertIn(f"--insecure-registry {plain_registry.host}", str(caught.exception))
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        require_tool(self, "docker-registry")
+        registry = Registry(tls=(cert, key), extra_config={"http": {"tls": {"clientcas": [ca]}}},
+                            start=False)
+        self.addCleanup(registry.stop)
+
+        def listening() -> Optional[int]:  # its probe has no client certificate
+            with contextlib.suppress(OSError), socket.create_connection(
+                    (LOOPBACK, registry.port), timeout=2):
+                return 200
+            return None
+
+        registry._probe = listening  # type: ignore[method-assign]
+        registry.start()
+        with self.assertRaises(oc.OciCacheError) as caught:
+            self.provider(ca_files=(ca,)).image_pull(f"{registry.host}/test/x:1", "", "amd64")
+        self.assertIn("client certificate", str(caught.exception))
+        self.assertIn(f"client.cert and client.key in certs.d/{registry.host}/",
+                      str(caught.exception))
+        certs_d = self.path("certs.d")
+        os.makedirs(os.path.join(certs_d, registry.host))
+        shutil.copy(cert, os.path.join(certs_d, registry.host, "client.cert"))
+        with self.assertRaises(oc.OciCacheError) as caught:
+            self.provider(ca_files=(ca,), certs_d_roots=(certs_d,)).image_pull(
+                f"{registry.host}/test/x:1", "", "amd64")
+        self.assertIn(os.path.join(certs_d, registry.host, "client.key") + " is missing",
+                      str(caught.exception))
 
 
 class TestMirrors(RegistryTestCase):
@@ -4380,7 +5401,9 @@ class TestPush(RegistryTestCase):
         self.load_image(f"{proxy.host}/test/elsewhere:1", fresh)
         session = urllib.request.urlopen(urllib.request.Request(
             f"{registry.url}/v2/test/min/blobs/uploads/", method="POST", data=b""))
-        proxy.add_fault("respond", method="POST", match="/test/min/blobs/uploads/$", status=202,
+        # The upload session the registry opens (for the mount from test/elsewhere,
+        # which fails) says how large chunks must be.
+        proxy.add_fault("respond", method="POST", match="/test/min/blobs/uploads/", status=202,
                         headers={"Location": session.headers["Location"].replace(
                                      registry.url, ""),  # relative: it goes via the proxy
                                  "OCI-Chunk-Min-Length": "200000", "Content-Length": "0"})
@@ -4458,6 +5481,16 @@ class TestPush(RegistryTestCase):
             self.provider().push(f"{registry.host}/test/part:1")
         self.assertEqual([r for r in registry.requests() if r[0] != "GET"], [])
 
+    def test_a_push_over_an_existing_tag_names_the_flag(self) -> None:
+        registry = self.start_registry()
+        self.load_image(f"{registry.host}/test/exists:1", make_image("first"))
+        self.assertEqual(self.cli("push", f"{registry.host}/test/exists:1").returncode, 0)
+        self.load_image(f"{registry.host}/test/exists:1", make_image("second"))
+        result = self.cli("push", f"{registry.host}/test/exists:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("not pushing (push --override replaces or merges it)",
+                      result.stderr.decode())
+
 
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
@@ -4510,6 +5543,606 @@ class TestRegistryDetails(RegistryTestCase):
         self.assertIn(base.layers[0].digest, mounts[0].uri)
 
 
+class TestRegistryQuirks(RegistryTestCase):
+    """What real registries do (ECR, GHCR, Artifactory, Docker Hub's CDN and rate
+    limits), given to the real registry by a FaultProxy in front of it."""
+
+    def served(self, repository: str, seed: str, size: int = 0) -> Tuple[Registry, FaultProxy,
+                                                                          ImageBlobs]:
+        registry = self.start_registry()
+        image = make_image(seed, layer_files=[{"big": random.Random(seed).randbytes(size)}],
+                           gzip_layers=False) if size else make_image(seed)
+        upload(registry.url, repository, image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        return registry, proxy, image
+
+    def test_a_refused_resume_starts_the_blob_again(self) -> None:
+        _, proxy, image = self.served("test/resume", "resume", 1 << 20)
+        layer = image.layers[0]
+        partial = self.cache.layout.blob_path(layer.digest) + oc._PARTIAL_SUFFIX
+        for status in (400, 416):
+            with self.subTest(status=status):
+                self.cache.clean()
+                os.makedirs(os.path.dirname(partial), exist_ok=True)
+                with open(partial, "wb") as f:
+                    f.write(b"bytes the server disowns" * 1000)
+                proxy.clear_faults()
+                proxy.add_fault("respond", match=f"/blobs/{layer.digest}", method="GET",
+                                status=status)
+                self.provider().image_pull(f"{proxy.host}/test/resume:1", "", "amd64")
+                self.assertEqual([f[0] for f in proxy.fired()][-1:], ["respond"])
+                self.assertTrue(self.cache.verify().ok)
+                self.assertFalse(os.path.exists(partial))
+
+    def test_push_takes_a_403_on_the_tag_check_as_absent(self) -> None:
+        registry, proxy, _ = self.served("test/other", "other")
+        image = make_image("artifactory")
+        self.load_image(f"{proxy.host}/test/art:1", image)
+        denied = {"status": 403, "headers": {"Content-Type": "application/json"},
+                  "body": b'{"errors":[{"code":"DENIED","message":"no such tag"}]}'}
+        proxy.add_fault("respond", method="GET", match="/test/art/manifests/1", **denied)
+        self.provider().push(f"{proxy.host}/test/art:1")
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/art/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
+        self.assertEqual(served.read(), image.manifest.data)
+        self.cache.clean()  # a pull keeps reporting 403 as it is
+        proxy.add_fault("respond", match="/test/art/manifests/1", times=None, **denied)
+        with self.assertRaisesRegex(oc.AuthenticationError, "403 DENIED: no such tag"):
+            self.provider().image_pull(f"{proxy.host}/test/art:1", "", "amd64")
+
+    def test_only_the_digest_is_asked_for_with_head(self) -> None:
+        registry, proxy, image = self.served("test/head", "head")
+        name = f"{proxy.host}/test/head:1"
+        cache = self.provider()
+        cache.image_pull(name, "", "amd64")
+        before = len(proxy.requests())
+        cache.image_pull(name, "", "amd64", always_pull=True)  # the tag has not moved
+        self.assertTrue(cache.image_in_registry(name, "", "amd64"))
+        self.assertTrue(cache.is_published(name))
+        asked = [method for method, path in proxy.requests()[before:] if "/manifests/" in path]
+        self.assertEqual(asked, ["HEAD"] * 3)
+        moved = make_image("moved")
+        upload(registry.url, "test/head", moved.blobs, [("1", moved.manifest)])
+        before = len(proxy.requests())
+        self.assertFalse(cache.is_published(name))
+        cache.image_pull(name, "", "amd64", always_pull=True)  # moved: GET
+        self.assertEqual(str(cache.find_descriptor(name).digest), moved.manifest.digest)
+        self.assertIn("GET", [m for m, p in proxy.requests()[before:] if "/manifests/" in p])
+        # A registry that does not answer HEAD is asked with GET.
+        proxy.add_fault("respond", method="HEAD", match="/manifests/", status=405, times=None)
+        upload(registry.url, "test/head", image.blobs, [("1", image.manifest)])
+        cache.image_pull(name, "", "amd64", always_pull=True)
+        self.assertEqual(str(cache.find_descriptor(name).digest), image.manifest.digest)
+        self.assertTrue(cache.is_published(name))
+
+    def test_rate_limits_are_shown_and_a_long_quota_wait_is_not_retried(self) -> None:
+        _, proxy, _ = self.served("library/alpine", "limited")
+        proxy.add_fault("respond", match="/manifests/", status=429, times=None, headers={
+            "Retry-After": "3600", "ratelimit-limit": "100;w=21600",
+            "ratelimit-remaining": "0;w=21600", "docker-ratelimit-source": "203.0.113.7",
+            "Content-Type": "application/json"},
+            body=b'{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit"}]}')
+        started = time.monotonic()
+        with self.assertRaises(oc.RegistryError) as caught:
+            self.provider(max_retry_after=2).image_pull(f"{proxy.host}/library/alpine:1")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(len(proxy.fired()), 1)  # waiting an hour is not a retry
+        for shown in ("429 TOOMANYREQUESTS", "ratelimit-remaining=0;w=21600",
+                      "docker-ratelimit-source=203.0.113.7", "retry-after=3600"):
+            self.assertIn(shown, str(caught.exception))
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{proxy.host}/library/alpine:1")
+        said = [line for line in result.stderr.decode().splitlines()
+                if not line.startswith("ocicache: ")]
+        self.assertTrue([line for line in said if ": 429" in line and
+                         "ratelimit-remaining=0;w=21600" in line], said)
+
+    def test_retries_share_one_budget_per_document(self) -> None:
+        _, proxy, _ = self.served("test/budget", "budget")
+        for nth in range(1, 40):  # the manifest: 429, a body cut short, 429, ...
+            if nth % 2:
+                proxy.add_fault("respond", match="/manifests/", nth=nth, status=429,
+                                headers={"Retry-After": "0"})
+            else:
+                proxy.add_fault("truncate", match="/manifests/", nth=nth)
+        with self.assertRaises(oc.OciCacheError):
+            self.provider(attempts=4).image_pull(f"{proxy.host}/test/budget:1", "", "amd64")
+        self.assertEqual(len([p for _, p in proxy.requests() if "/manifests/" in p]), 4)
+
+    def test_a_failed_mount_uses_the_upload_session_it_opened(self) -> None:
+        registry = self.start_registry()
+        image = make_image("mountless", layer_files=[{"a": b"a" * 5000}, {"b": b"b"}])
+        self.load_image(f"{registry.host}/test/src:1", image)  # never pushed: no mount works
+        self.provider().push(f"{registry.host}/test/src:1", f"{registry.host}/test/dst:1")
+        entries = [e for e in registry.wait_requests(lambda r: any(
+            "/test/dst/manifests/1" in p for _, p in r)) and registry.access_entries()]
+        posts = [e.uri for e in entries if e.method == "POST"]
+        self.assertEqual(len(posts), len(image.layers) + 1, posts)  # one per blob, the mount's
+        self.assertTrue(all("mount=" in uri for uri in posts), posts)
+        self.assertEqual([e.uri for e in entries if e.method == "DELETE"], [])
+        served = urllib.request.urlopen(urllib.request.Request(
+            f"{registry.url}/v2/test/dst/manifests/1", headers={"Accept": oc.MEDIA_OCI_MANIFEST}))
+        self.assertEqual(served.read(), image.manifest.data)
+
+    def test_every_quirk_keeps_passing(self) -> None:
+        """Each quirk on its own, on a pull or a push through the proxy; each must work."""
+        secret = "qu1rk-pa55-9e0b"
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        realm_proxy = FaultProxy(LOOPBACK, issuer.port)  # quirks of the token server
+        self.addCleanup(realm_proxy.stop)
+        registry = self.start_registry(auth=("token", issuer), extra_config={
+            "auth": {"token": {"realm": f"{realm_proxy.url}/token"}}})
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+        image = make_image("quirks", layer_files=[{"q": random.Random(2).randbytes(200000)}],
+                           gzip_layers=False)
+        self.load_image(f"{proxy.host}/test/quirks:1", image)
+        self.provider().push(f"{proxy.host}/test/quirks:1")
+
+        def cdn(request: Request) -> Answer:  # Docker Hub's CDN: Authorization is an error
+            if "authorization" in request.headers:
+                return Answer(400, [], b"<Error>Only one auth mechanism allowed</Error>")
+            digest = request.target.rsplit("/", 1)[-1]
+            return Answer(200, [], {b.digest: b.data for b in image.blobs}[digest])
+
+        storage = HostileServer(cdn, "127.0.0.2")
+        self.addCleanup(storage.stop)
+        chunks = {"chunked_upload_threshold": 100000, "upload_chunk_size": 64000}
+        quirks: List[Tuple[str, str, List[Tuple[str, Dict[str, Any]]], Dict[str, Any]]] = [
+            ("no Docker-Content-Digest", "pull", [("rewrite", {
+                "match": "/manifests/|/blobs/", "times": None,
+                "drop": ("Docker-Content-Digest",)})],
+             {}),
+            ("a CDN redirect that rejects Authorization", "pull", [("redirect", {
+                "match": "/blobs/sha256", "method": "GET", "times": None,
+                "location": f"{storage.url}{{path}}"})], {}),
+            ("access_token without token", "pull", [(f"rewrite@{realm_proxy.port}", {
+                "times": None, "body": lambda data: json.dumps({
+                    k: v for k, v in json.loads(data).items() if k != "token"}).encode()})], {}),
+            ("a relative upload Location", "push", [("rewrite", {
+                "match": "/blobs/uploads/", "times": None,
+                "sub": {"Location": (r"^https?://[^/]+", "")}})], {}),
+            ("an upload Location outside /v2/", "push", [("rewrite", {
+                "method": "POST", "match": "/blobs/uploads/$",
+                "sub": {"Location": (r"^(https?://[^/]+)?/v2/", r"\1/elsewhere/v2/")}}),
+                ("rewrite", {"match": "^/elsewhere/", "times": None,
+                             "target": (r"^/elsewhere", "")})], {}),
+            ("201 for a PATCH", "push", [("rewrite", {
+                "method": "PATCH", "times": None, "status": 201})], chunks),
+            ("a registry refusing monolithic uploads", "push", [("respond", {
+                "method": "PUT", "match": "/blobs/uploads/.*digest=", "status": 413})], {}),
+            ("a registry refusing chunked uploads", "push", [("respond", {
+                "method": "PATCH", "times": None, "status": 405})], chunks),
+            ("a registry answering 429 now and then", "pull", [("respond", {
+                "match": "/blobs/", "status": 429, "headers": {"Retry-After": "0"}})], {}),
+        ]
+        for number, (label, action, faults, options) in enumerate(quirks):
+            with self.subTest(label):
+                self.cache.clean()
+                for target in (proxy, realm_proxy):
+                    target.clear_faults()
+                before = len(proxy.fired() + realm_proxy.fired())
+                for kind, params in faults:
+                    kind, _, port = kind.partition("@")
+                    (realm_proxy if port else proxy).add_fault(kind, **params)
+                cache = self.provider(**options)
+                if action == "pull":
+                    cache.image_pull(f"{proxy.host}/test/quirks:1", "", "amd64")
+                    self.assertTrue(cache.verify().ok)
+                else:
+                    fresh = make_image(f"quirk-{number}", layer_files=[
+                        {"f": random.Random(number).randbytes(200000)}], gzip_layers=False)
+                    name = f"{proxy.host}/test/pushed-{number}:1"
+                    self.load_image(name, fresh)
+                    cache.push(name)
+                    served = urllib.request.urlopen(urllib.request.Request(
+                        f"{registry.url}/v2/test/pushed-{number}/manifests/1", headers={
+                            "Accept": oc.MEDIA_OCI_MANIFEST,
+                            "Authorization": "Bearer " + issuer.issue_token("alice", [{
+                                "type": "repository", "name": f"test/pushed-{number}",
+                                "actions": ["pull"]}])}))
+                    self.assertEqual(served.read(), fresh.manifest.data)
+                self.assertGreater(len(proxy.fired() + realm_proxy.fired()), before,
+                                   "the quirk was never shown")
+        self.assertTrue([t for _, t in proxy.requests() if t.startswith("/elsewhere/v2/")])
+
+
+    def test_verbose_says_what_it_does(self) -> None:
+        secret = "v3rbose-pa55-0c1d"
+        registry = self.start_registry(auth=("htpasswd", {"alice": secret}))
+        image = make_image("verbose")
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        path = self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+        # The image goes in through the proxy, with the credentials.
+        self.load_image(f"{proxy.host}/test/v:1", image)
+        self.provider().push(f"{proxy.host}/test/v:1")
+        self.cache.clean()
+        proxy.add_fault("respond", match="/blobs/", method="GET", status=503)
+        result = self.cli("-v", "pull", "--platform", "amd64", f"{proxy.host}/test/v:1")
+        said = result.stderr.decode()
+        self.assertEqual(result.returncode, 0, said)
+        for expected in (f"GET http://{proxy.host}/v2/test/v/manifests/1: 401",
+                         f"GET http://{proxy.host}/v2/test/v/manifests/1: 200",
+                         f"credentials for {proxy.host}/test/v from credentials file {path}",
+                         "answered 503; attempt 2 of", "retrying in"):
+            self.assertIn(expected, said)
+        self.assertEqual(secrets_in(said, [secret, basic("alice", secret)]), [])
+        mirror = self.start_registry()
+        upload(mirror.url, "library/v", image.blobs, [("1", image.manifest)])
+        result = self.cli("-v", "--mirror", f"docker.io={mirror.url}", "pull", "--platform",
+                          "amd64", "v:1")
+        self.assertIn(f"docker.io through the mirror {mirror.url}", result.stderr.decode())
+
+
+class PagingProxy:
+    """A proxy in front of a real registry that pages its tag lists as distribution 3,
+    Docker Hub and Quay do (distribution 2.8 sends every tag at once): ``page`` tags a
+    page in lexical order, the next page named by a ``Link`` header in ``style``:
+    "relative" (distribution's), "absolute", "quay" (an opaque ``next_page`` token; a
+    ``last=`` a client makes up starts again from the first page, as Quay reads it as a
+    token it cannot decrypt), "elsewhere" (on the host ``elsewhere``), "loop" (the first
+    page again). ``junk`` is added to every page (Artifactory's nulls, Nexus's digests).
+    Every other request is passed through as it is."""
+
+    def __init__(self, registry: Registry, style: str = "relative", page: int = 2,
+                 junk: Sequence[Any] = (), elsewhere: str = "") -> None:
+        self.registry, self.style, self.page = registry, style, page
+        self.junk, self.elsewhere = list(junk), elsewhere
+        self.server = HostileServer(self.answer)
+        self.host, self.url = self.server.host, self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def forward(self, request: Request, target: str) -> Answer:
+        connection = http.client.HTTPConnection(LOOPBACK, self.registry.port, timeout=30)
+        try:
+            connection.request(request.method, target, body=request.body or None, headers={
+                k: v for k, v in request.headers.items()
+                if k in ("authorization", "accept", "user-agent", "content-type")})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        return Answer(response.status, [(k, v) for k, v in response.getheaders() if k.lower()
+                                        not in ("content-length", "connection",
+                                                "transfer-encoding")], body)
+
+    def answer(self, request: Request) -> Answer:
+        path, _, query = request.target.partition("?")
+        if not path.endswith("/tags/list"):
+            return self.forward(request, request.target)
+        whole = self.forward(request, path)
+        if whole.status != 200:
+            return whole
+        tags = sorted(json.loads(whole.body)["tags"])
+        params = dict(urllib.parse.parse_qsl(query))
+        size = int(params.get("n", self.page))
+        last = params.get("last", "")
+        if self.style == "quay":
+            last = base64.urlsafe_b64decode(params["next_page"]).decode()[5:] \
+                if "next_page" in params else ""
+        start = len([t for t in tags if t <= last]) if last else 0
+        chunk = tags[start:start + size]
+        headers: List[Tuple[str, str]] = []
+        if start + size < len(tags):
+            query = f"n={size}&last={chunk[-1]}"
+            if self.style == "quay":
+                token = base64.urlsafe_b64encode(f"page:{chunk[-1]}".encode()).decode()
+                query = f"n={size}&next_page={token}"
+            link = {"relative": f"{path}?{query}", "absolute": f"{self.url}{path}?{query}",
+                    "quay": f"{self.url}{path}?{query}", "loop": path,
+                    "elsewhere": f"{self.elsewhere}{path}?{query}"}[self.style]
+            headers.append(("Link", f'<{link}>; rel="next"'))
+        return json_answer({"name": path[4:-10], "tags": [*chunk, *self.junk]}, 200, headers)
+
+
+class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
+    """tags, digest, login and logout against real registries."""
+
+    TAGS = ["1", "1.0", "2", "latest", "v3-rc_1", "Z"]
+
+    def test_help_teaches_with_an_example(self) -> None:
+        listed = self.cli("--help").stdout.decode()
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for command in ("tags", "digest", "login", "logout"):
+            with self.subTest(command):
+                self.assertIn(command, listed)
+                result = self.cli(command, "--help")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(f"usage: ocicache {command}", result.stdout.decode())
+                self.assertIn("example: ", result.stdout.decode())
+                self.assertRegex(readme, rf"\n\| `{command} [^\n]*Example: `[^\n]*ocicache "
+                                         rf"{command} ")
+
+    def tagged(self, registry: Registry, repository: str = "test/tags") -> ImageBlobs:
+        image = make_image("tags")
+        upload(registry.url, repository, image.blobs, [(t, image.manifest) for t in self.TAGS])
+        return image
+
+    def with_auth(self, **auth: Any) -> Registry:
+        """A registry with ``auth`` serving test/tags (put in while it had none)."""
+        storage = self.path(f"storage-{secrets.token_hex(4)}")
+        origin = self.start_registry(root=storage)
+        self.tagged(origin)
+        origin.stop()
+        return self.start_registry(root=storage, **auth)
+
+    def test_tags_from_plain_htpasswd_and_token_registries(self) -> None:
+        plain_registry = self.start_registry()
+        self.tagged(plain_registry)
+        result = self.cli("tags", f"{plain_registry.host}/test/tags")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(result.stdout.decode().split()), sorted(self.TAGS))
+        result = self.cli("tags", "--json", f"{plain_registry.host}/test/tags:ignored")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        listed = json.loads(result.stdout)
+        self.assertEqual((listed["name"], sorted(listed["tags"])),
+                         (f"{plain_registry.host}/test/tags", sorted(self.TAGS)))
+        self.assert_one_line_error(self.cli("tags", f"{plain_registry.host}/test/nope"),
+                                   "404 NAME_UNKNOWN")
+        self.assert_one_line_error(self.cli("tags", "Not/A/Name"), "invalid reference")
+        secret = "t4gs-pa55-71c2"
+        htpasswd = self.with_auth(auth=("htpasswd", {"alice": secret}))
+        self.assert_one_line_error(self.cli("tags", f"{htpasswd.host}/test/tags"), "401")
+        self.docker_config({"auths": {htpasswd.host: {"auth": basic("alice", secret)}}})
+        self.assertEqual(sorted(self.provider().registry.list_tags(
+            f"{htpasswd.host}/test/tags")), sorted(self.TAGS))
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        token = self.with_auth(auth=("token", issuer))
+        self.assert_one_line_error(self.cli("tags", f"{token.host}/test/tags"), "401")
+        self.docker_config({"auths": {token.host: {"auth": basic("alice", secret)}}})
+        result = self.cli("tags", f"{token.host}/test/tags")
+        self.assertEqual(sorted(result.stdout.decode().split()), sorted(self.TAGS))
+        self.assertEqual({(r.user, tuple(r.scopes)) for r in issuer.requests() if r.user},
+                         {("alice", ("repository:test/tags:pull",))})
+        self.assertNotIn(secret.encode(), result.stdout + result.stderr)
+        image = make_image("tags")  # what tagged() put there; digest asks with a token too
+        result = self.cli("digest", f"{token.host}/test/tags:v3-rc_1")
+        self.assertEqual(result.stdout.decode(), image.manifest.digest + "\n", result.stderr)
+        self.assertEqual(self.index_names(), [])
+
+    def test_tags_follow_every_page_on_the_registry_host_only(self) -> None:
+        secret = "p4ges-pa55-0d9e"
+        registry = self.with_auth(auth=("htpasswd", {"alice": secret}))
+        junk = [None, "sha256:" + "a" * 64, 7, "", "-not-a-tag", {"name": "x"}]
+        for style in ("relative", "absolute", "quay"):
+            with self.subTest(style):
+                proxy = PagingProxy(registry, style, junk=junk)
+                self.addCleanup(proxy.stop)
+                self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+                tags = self.provider().registry.list_tags(f"{proxy.host}/test/tags")
+                self.assertEqual(tags, sorted(self.TAGS))  # in the registry's order, once
+                pages = [r for r in proxy.server.requests if "/tags/list" in r.target]
+                self.assertEqual(len([r for r in pages if "authorization" in r.headers]), 3,
+                                 [r.target for r in pages])  # one 401, then three pages
+                if style == "quay":
+                    self.assertTrue(all("last=" not in r.target for r in pages))
+        # A next page on another host is never fetched: the list would go there with
+        # credentials, or be silently cut short.
+        elsewhere = HostileServer(lambda request: json_answer({"tags": ["planted"]}), "127.0.0.2")
+        self.addCleanup(elsewhere.stop)
+        for style, fragment in (("elsewhere", "off its own host"),
+                                ("loop", "the list does not end")):
+            with self.subTest(style):
+                proxy = PagingProxy(registry, style, elsewhere=elsewhere.url)
+                self.addCleanup(proxy.stop)
+                self.docker_config({"auths": {proxy.host: {"auth": basic("alice", secret)}}})
+                result = self.cli("tags", f"{proxy.host}/test/tags")
+                message = self.assert_one_line_error(result, fragment)
+                self.assertNotIn(secret, message)
+                self.assertEqual(result.stdout, b"")
+        self.assertEqual(elsewhere.requests, [])
+
+    def test_next_link(self) -> None:
+        for header, wanted in (
+                ('</v2/a/tags/list?last=b&n=2>; rel="next"', "/v2/a/tags/list?last=b&n=2"),
+                ("<https://q.io/v2/a/tags/list?n=50&next_page=gAAA=>; rel=next",
+                 "https://q.io/v2/a/tags/list?n=50&next_page=gAAA="),
+                ('<a>; rel="prev", <b,c>; title="x, y; rel=next"; rel="Last NEXT"', "b,c"),
+                ('<a>;rel="next"', "a"), ("<a>", ""), ('<a>; rel="prev"', ""), ("", ""),
+                ("garbage", ""), ('<a; rel="next"', "")):
+            with self.subTest(header):
+                self.assertEqual(oc._next_link(header), wanted)
+        # A hostile header as long as http.client lets one be is still read at once.
+        for header in ("<" * 65536, "<a" * 32768, '<a>; rel="' + "\\" * 65000,
+                       "<a>" + '; r="' * 16000, "<a>" + "; " * 32000):
+            started = time.monotonic()
+            self.assertEqual(oc._next_link(header), "")
+            self.assertLess(time.monotonic() - started, 1.0, header[:20])
+
+    def test_tags_bad_answers_are_one_line(self) -> None:
+        registry = self.start_registry()
+        self.tagged(registry)
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        for label, body, fragment in (
+                ("HTML", b"<html>hi</html>", "not valid JSON"),
+                ("an array", b'["1"]', "not a tag list"),
+                ("tags a string", b'{"tags": "1"}', "not a tag list"),
+                ("too big", b'{"tags": ["' + b"x" * (5 << 20) + b'"]}', "more than"),
+                ("nested deep", deep(), "not valid JSON")):
+            with self.subTest(label):
+                proxy.clear_faults()
+                proxy.add_fault("rewrite", match="/tags/list", times=None,
+                                body=lambda data, body=body: body)
+                self.assert_one_line_error(self.cli("tags", f"{proxy.host}/test/tags"),
+                                           fragment)
+        proxy.clear_faults()
+        proxy.add_fault("rewrite", match="/tags/list", body=lambda data: b'{"tags": null}')
+        self.assertEqual(self.provider().registry.list_tags(f"{proxy.host}/test/tags"), [])
+
+    def test_digest_asks_with_head(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry)
+        single = make_image("single", "arm64", "v8")
+        upload(registry.url, "test/single", single.blobs, [("1", single.manifest)])
+        name = f"{registry.host}/test/multi:1"
+        before = self.settled(registry)
+        result = self.cli("digest", name)
+        self.assertEqual((result.returncode, result.stdout.decode()), (0, index.digest + "\n"),
+                         result.stderr)
+        after = self.settled(registry)
+        asked = [(e.method, e.path) for e in registry.access_entries()[before:after - 1]]
+        self.assertEqual(asked, [("GET", "/v2/"), ("HEAD", "/v2/test/multi/manifests/1")])
+        cache = self.provider()
+        self.assertEqual(str(cache.registry.digest(name).digest), index.digest)
+        for platform, wanted in (("linux/arm64", arm), ("arm64/v8", arm), ("amd64", amd)):
+            with self.subTest(platform):
+                found = cache.remote_digest(name, platform)
+                self.assertEqual((str(found.digest), found.size, found.media_type),
+                                 (wanted.manifest.digest, len(wanted.manifest.data),
+                                  oc.MEDIA_OCI_MANIFEST))
+        result = self.cli("digest", "--json", "--platform", "linux/arm64", name)
+        self.assertEqual(json.loads(result.stdout), {"name": name, **arm.descriptor()})
+        self.assertEqual(str(cache.remote_digest(f"{registry.host}/test/single:1",
+                                                 "linux/arm64").digest), single.manifest.digest)
+        self.assert_one_line_error(self.cli("digest", "--platform", "linux/s390x", name),
+                                   "has no linux/s390x; it has linux/amd64, linux/arm64")
+        self.assert_one_line_error(
+            self.cli("digest", "--platform", "amd64", f"{registry.host}/test/single:1"),
+            "has no linux/amd64; it is linux/arm64/v8")
+        self.assert_one_line_error(self.cli("digest", f"{registry.host}/test/multi:nope"),
+                                   "answered 404")
+        count = self.settled(registry)
+        self.assert_one_line_error(self.cli("digest", "--platform", "linux/", name),
+                                   "platform")
+        self.assertEqual(self.settled(registry), count + 1, "a bad platform was sent")
+        # A registry whose HEAD does not say (no Docker-Content-Digest): one GET.
+        proxy = FaultProxy(LOOPBACK, registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("rewrite", match="/manifests/", method="HEAD", times=None,
+                        drop=("Docker-Content-Digest",))
+        result = self.cli("digest", f"{proxy.host}/test/multi:1")
+        self.assertEqual(result.stdout.decode(), index.digest + "\n", result.stderr)
+        self.assertEqual([m for m, t in proxy.requests() if "/manifests/" in t], ["HEAD", "GET"])
+        self.assertEqual(self.index_names(), [])
+
+    def test_login_and_logout_against_htpasswd_and_token_registries(self) -> None:
+        secret = "l0gin-pa55-3b8f"
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        config = os.path.join(os.environ["DOCKER_CONFIG"], "config.json")
+        for label, registry in (("htpasswd", self.with_auth(auth=("htpasswd", {
+                "alice": secret}))), ("token", self.with_auth(auth=("token", issuer)))):
+            with self.subTest(label):
+                self.docker_config({"auths": {"other.example.com": {"auth": basic("o", "p")}},
+                                    "psFormat": "x"})
+                for wrong in (["-u", "alice", "--password-stdin"], ["-u", "mallory",
+                                                                    "--password-stdin"]):
+                    before = snapshot(self.path("home"))
+                    result = self.cli("login", registry.host, *wrong, stdin=b"not-it\n")
+                    message = self.assert_one_line_error(result, "401", "refused")
+                    self.assertNotIn("not-it", message)
+                    self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+                result = self.cli("-v", "login", registry.host, "-u", "alice",
+                                  "--password-stdin", stdin=secret.encode() + b"\n")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(f"logged in to {registry.host} as alice", result.stdout.decode())
+                self.assertIn(b"/v2/: 401", result.stderr)  # -v shows the requests ...
+                self.assertEqual(secrets_in((result.stdout + result.stderr).decode(), [
+                    secret, basic("alice", secret)]), [])  # ... and no secret
+                self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o600)
+                with open(config) as f:
+                    self.assertEqual(json.load(f), {"auths": {
+                        "other.example.com": {"auth": basic("o", "p")},
+                        registry.host: {"auth": basic("alice", secret)}}, "psFormat": "x"})
+                self.provider().image_pull(f"{registry.host}/test/tags:1", "", "amd64")
+                result = self.cli("logout", registry.host)
+                self.assertEqual((result.returncode, result.stdout.decode()),
+                                 (0, f"removed the credentials for {registry.host} from "
+                                     f"credentials file {config}\n"), result.stderr)
+                self.assertIsNone(oc.find_credentials(registry.host, "test/tags"))
+                self.assertEqual(self.cli("logout", registry.host).stdout.decode(),
+                                 f"not logged in to {registry.host}\n")
+        # The token flow was taken: the realm was asked with alice's password.
+        self.assertIn(("alice", 200), [(r.user, r.status) for r in issuer.requests()])
+        self.assertIn(("alice", 401), [(r.user, r.status) for r in issuer.requests()])
+        # -p works, with a warning; a registry without auth cannot check, and says so.
+        open_registry = self.start_registry()
+        result = self.cli("login", open_registry.host, "-u", "bob", "-p", "pw")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        said = result.stderr.decode()
+        self.assertIn("ocicache: warning: a password given with -p can be read by other users",
+                      said)
+        self.assertIn("lets anyone in, so the credentials could not be checked", said)
+        self.assertEqual(oc.find_credentials(open_registry.host).username, "bob")
+
+    def test_login_bad_inputs(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": "pw"}))
+        self.docker_config({"auths": {}})
+        cases = [
+            (["login", "ghcr.io/org", "-u", "a", "--password-stdin"], b"pw", "invalid registry"),
+            (["login", registry.host, "--password-stdin"], b"pw", "needs the user name"),
+            (["login", registry.host, "-u", "alice"], b"", "not a terminal"),
+            (["login", registry.host, "-u", "a:b", "--password-stdin"], b"pw",
+             "invalid user name"),
+            (["login", registry.host, "-u", "alice", "--password-stdin"], b"\n",
+             "empty password"),
+            (["login", registry.host, "-u", "alice", "--password-stdin"], b"\xff\n", "UTF-8"),
+            (["login", registry.host, "-u", "alice", "--password-stdin"], b"x" * 70000,
+             "more than"),
+            (["login", f"127.0.0.1:{free_port()}", "-u", "a", "--password-stdin"], b"pw", ""),
+            (["logout", "a b"], b"", "invalid registry"),
+        ]
+        for argv, stdin, fragment in cases:
+            with self.subTest(argv=argv[:3]):
+                before = snapshot(self.path("home"))
+                self.assert_one_line_error(self.cli(*argv, stdin=stdin), fragment)
+                self.assertEqual(snapshot_changes(before, snapshot(self.path("home"))), [])
+        result = self.cli("login", registry.host, "-u", "alice", "-p", "pw", "--password-stdin")
+        self.assertEqual(result.returncode, 2)  # argparse: one or the other
+
+    def test_login_asks_on_a_terminal(self) -> None:
+        """Without -p or --password-stdin, on a terminal: the user name with a prompt,
+        the password with getpass (not echoed)."""
+        import pty
+        import select
+        registry = self.start_registry(auth=("htpasswd", {"alice": "tty-pa55-6a1f"}))
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        process = subprocess.Popen(
+            [sys.executable, OCICACHE, "--cache", self.cache_dir, "login", registry.host],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)  # no controlling terminal: getpass uses stdin's
+        os.close(slave)
+        self.addCleanup(process.kill)
+        os.write(master, b"alice\n")
+        said = b""
+        deadline = time.monotonic() + 30
+        while b"Password: " not in said:  # getpass flushes what was typed before it asks
+            self.assertLess(time.monotonic(), deadline, said)
+            if select.select([process.stderr], [], [], 1)[0]:
+                chunk = os.read(process.stderr.fileno(), 4096)
+                self.assertTrue(chunk, f"ended before asking: {said!r}")
+                said += chunk
+        os.write(master, b"tty-pa55-6a1f\n")
+        stdout, stderr = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 0, said + stderr)
+        self.assertIn(b"Username: ", stdout)
+        self.assertIn(f"logged in to {registry.host} as alice".encode(), stdout)
+        self.assertEqual(oc.find_credentials(registry.host).password, "tty-pa55-6a1f")
+
+    def test_login_through_a_credential_helper(self) -> None:
+        registry = self.start_registry(auth=("htpasswd", {"alice": "h3lper-pa55"}))
+        store = recording_helper(self, "test")
+        self.docker_config({"credsStore": "test"})
+        result = self.cli("login", registry.host, "-u", "alice", "--password-stdin",
+                          stdin=b"h3lper-pa55")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("stored in credential helper docker-credential-test", result.stdout.decode())
+        self.assertEqual(os.listdir(store), [registry.host.replace(":", "_")])
+        self.assertEqual(oc.find_credentials(registry.host).password, "h3lper-pa55")
+        result = self.cli("logout", registry.host)
+        self.assertIn("from credential helper docker-credential-test", result.stdout.decode())
+        self.assertEqual(os.listdir(store), [])
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
@@ -4535,6 +6168,17 @@ class Scenario:
 def on(method: str, fragment: str, answer: Answer) -> Callable[[Request], Optional[Answer]]:
     """An override answering requests of ``method`` whose target holds ``fragment``."""
     return lambda r: answer if r.method == method and fragment in r.target else None
+
+
+def endless_trailers(body: bytes, media_type: str = "application/octet-stream") -> BodyStream:
+    """A chunked answer of ``body`` whose trailers never end (until the server stops)."""
+    def stream(stop: threading.Event) -> Iterator[bytes]:
+        yield (f"HTTP/1.1 200 OK\r\nContent-Type: {media_type}\r\n"
+               "Transfer-Encoding: chunked\r\n\r\n").encode()
+        yield b"%x\r\n" % len(body) + body + b"\r\n0\r\n"
+        while not stop.wait(0.05):
+            yield b"X-Trailer: y\r\n"
+    return stream
 
 
 def registry_scenarios() -> List[Scenario]:
@@ -4623,13 +6267,28 @@ def registry_scenarios() -> List[Scenario]:
     add("a manifest trickled a byte at a time", answering("/manifests/1", Answer(
         200, [("Content-Type", oc.MEDIA_OCI_MANIFEST)], trickle(image.manifest.data, 0.25),
         len(image.manifest.data))), bound=6.0)
+    # A deadline for each whole answer, not only for each read.
+    add("response headers trickled a byte at a time", answering("/manifests/1", Answer(
+        raw=trickle(b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 60000, 0.05))), bound=6.0)
+    add("endless 100 Continue", answering("/manifests/1", Answer(raw=lambda stop: (
+        b"HTTP/1.1 100 Continue\r\n\r\n" for _ in iter(lambda: stop.wait(0.05), True)))),
+        bound=6.0)
+    add("a manifest followed by endless chunked trailers", answering("/manifests/1", Answer(
+        raw=endless_trailers(image.manifest.data, oc.MEDIA_OCI_MANIFEST))), bound=6.0)
+    add("a blob followed by endless chunked trailers", answering(layer.digest, Answer(
+        raw=endless_trailers(layer.data))), outcome="bounded", bound=6.0)
+    add("a foreign layer with urls [1]", fake_registry(image, manifest_blob(
+        config.descriptor(), [layer.descriptor(), {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": sha256(b"foreign"), "size": 7, "urls": [1]}])))
     # Statuses, redirects and headers.
     add("503 with Retry-After: \\xb2", answering("/blobs/", Answer(
         503, [("Retry-After", "\xb2")], b"")))
     add("429 with a Retry-After date far away", answering("/blobs/", Answer(
         429, [("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")], b"")))
     for location in ("http://[::1", "/v2/hostile/app/blobs/x", "http://127.0.0.1:1/x",
-                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x"):
+                     "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x", "/v2/a b\x01c",
+                     "http://127.0.0.1\x00.example/x"):
         add(f"a redirect to {location!r}", answering("/blobs/", Answer(
             307, [("Location", location)], b"")))
     add("a garbage status line", answering("/blobs/", Answer(raw=b"HELLO\r\n\r\n")))
@@ -4701,7 +6360,10 @@ def token_scenarios() -> List[Scenario]:
     for label, body in [("a token that is a list", b'{"token": ["a"]}'),
                         ("expires_in 'soon'", b'{"token": "ok", "expires_in": "soon"}'),
                         ("expires_in 1e999", b'{"token": "ok", "expires_in": 1e999}'),
-                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}')]:
+                        ("expires_in NaN", b'{"token": "ok", "expires_in": NaN}'),
+                        ("expires_in of 400 digits",
+                         b'{"token": "ok", "expires_in": 1' + b"0" * 400 + b"}"),
+                        ("expires_in -1e308", b'{"token": "ok", "expires_in": -1e308}')]:
         add(f"token server: {label}", realm, Answer(200, [], body), outcome="bounded")
     return scenarios
 
@@ -4737,6 +6399,8 @@ def push_scenarios() -> List[Scenario]:
         add(f"OCI-Chunk-Min-Length: {minimum}", on("POST", "/blobs/uploads/", Answer(
             202, [("Location", "/v2/hostile/app/blobs/uploads/s"),
                   ("OCI-Chunk-Min-Length", minimum)], b"")), outcome="bounded")
+    add("an upload Location with a space and a control character", on(
+        "POST", "/blobs/uploads/", Answer(202, [("Location", "/v2/x/uploads/a b\x01")], b"")))
     add("an upload Location on a closed port", on("POST", "/blobs/uploads/", Answer(
         202, [("Location", "http://127.0.0.1:1/upload")], b"")))
     add("an upload answer without a Location", on("POST", "/blobs/uploads/", Answer(
@@ -4753,6 +6417,62 @@ def push_scenarios() -> List[Scenario]:
     return scenarios
 
 
+def cross_host_scenarios(cdn: HostileServer) -> List[Scenario]:
+    """Registries sending a pull to another host, ``cdn`` (another loopback address),
+    which asks for credentials of its own, serves, or takes a token request."""
+    image = make_image("cross")
+    scenarios: List[Scenario] = []
+
+    def sending(label: str, fragment: str, location: str, status: int = 307,
+                method: str = "GET", **options: Any) -> None:
+        def answer(request: Request) -> Optional[Answer]:
+            if request.method == method and fragment in request.target:
+                return Answer(status, [("Location", location.replace("{target}",
+                                                                    request.target))], b"")
+            return None
+        scenarios.append(Scenario(label, fake_registry(image, override=answer), **options))
+
+    for status in (301, 302, 303, 307, 308):
+        sending(f"a blob {status}-redirected to a CDN asking for its own Bearer realm",
+                "/blobs/", f"{cdn.url}/bearer{{target}}", status)
+    sending("a manifest redirected to a CDN asking for Basic credentials", "/manifests/",
+            f"{cdn.url}/basic{{target}}")
+    sending("a blob redirected to a CDN that serves it", "/blobs/", f"{cdn.url}/serve{{target}}",
+            outcome="bounded")
+    sending("a blob redirected to the CDN with a user:password", "/blobs/",
+            f"http://alice:x@{cdn.host}/serve{{target}}")
+    sending("a blob redirected to ftp:// on the CDN", "/blobs/",
+            f"ftp://{cdn.host}/serve{{target}}")
+
+    def token_redirect(request: Request) -> Optional[Answer]:
+        if request.target.startswith("/token"):
+            return Answer(302, [("Location", f"{cdn.url}/steal")], b"")
+        if not request.headers.get("authorization", "").startswith("Bearer "):
+            return Answer(401, [("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:'
+                                 f'{request.port}/token",service="s"')], b"")
+        return None
+    scenarios.append(Scenario("a token realm 302-redirecting to the CDN",
+                              fake_registry(image, override=token_redirect), outcome="bounded"))
+    return scenarios
+
+
+def cdn_handler(image: ImageBlobs, realm: str) -> Callable[[Request], Answer]:
+    """The CDN of cross_host_scenarios: its 401s name ``realm``; it serves ``image``."""
+    blobs = {b.digest: b.data for b in image.blobs}
+
+    def cdn(request: Request) -> Answer:
+        kind, _, rest = request.target.lstrip("/").partition("/")
+        if kind == "bearer":
+            return Answer(401, [("WWW-Authenticate",
+                                 f'Bearer realm="{realm}/token",service="cdn"')], b"")
+        if kind == "basic":
+            return Answer(401, [("WWW-Authenticate", 'Basic realm="cdn"')], b"")
+        if kind == "serve" and rest.rsplit("/", 1)[-1] in blobs:
+            return Answer(200, [], blobs[rest.rsplit("/", 1)[-1]])
+        return json_answer({"token": "from-the-cdn"})
+    return cdn
+
+
 class RandomRegistry:
     """A registry answering each request normally or, with probability ``p``, with a
     random hostile variant of the normal answer; it may ask for Bearer tokens. The hosts
@@ -4766,9 +6486,11 @@ class RandomRegistry:
                   'Bearer realm="{self}/token",error="insufficient_scope"',
                   'Bearer realm="http://127.0.0.1:1/token"', 'Basic realm="x"', "Negotiate"]
     LOCATIONS = ["http://[::1", "/v2/", "{target}", "http://127.0.0.1:1/x", "", "//127.0.0.1:1/x",
-                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x"]
+                 "{self}{target}", "ftp://127.0.0.1:1/x", "http://127.0.0.1:99999/x",
+                 "{cdn}/bearer{target}", "{cdn}/basic{target}", "{cdn}/serve{target}"]
 
-    def __init__(self, seed: int, image: ImageBlobs) -> None:
+    def __init__(self, seed: int, image: ImageBlobs, cdn: str = "http://127.0.0.1:1") -> None:
+        self.cdn = cdn  # another host (cdn_handler), which asks for credentials of its own
         self.rng = random.Random(seed)
         self.mutator = Mutator(seed)
         self.normal = fake_registry(image)
@@ -4806,7 +6528,7 @@ class RandomRegistry:
             status = rng.choice(self.STATUSES)
             own = f"http://127.0.0.1:{request.port}"
             headers = [(name, rng.choice(values).replace("{self}", own).replace(
-                "{target}", request.target)) for name, values in
+                "{target}", request.target).replace("{cdn}", self.cdn)) for name, values in
                 [("WWW-Authenticate", self.CHALLENGES), ("Retry-After", self.RETRY_AFTER),
                  ("Location", self.LOCATIONS)] if rng.random() < 0.6]
             error = mutator.mutate_json({"errors": [{"code": "DENIED", "message": "no"}]})
@@ -4910,6 +6632,36 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
     def test_hostile_token_servers_and_challenges(self) -> None:
         self.run_campaign("hostile token servers", token_scenarios())
 
+    def test_redirects_to_other_hosts_with_challenges_of_their_own(self) -> None:
+        secret = "cr0ss-h0st-pa55-31d9"
+        self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
+        self.docker_config({"credsStore": "any"})  # credentials for every host
+        realm = HostileServer(lambda r: json_answer({"token": "the-attackers"}), "127.0.0.3")
+        self.addCleanup(realm.stop)
+        cdn = HostileServer(cdn_handler(make_image("cross"), realm.url), "127.0.0.2")
+        self.addCleanup(cdn.stop)
+
+        def leaks(server: HostileServer) -> str:
+            found = [f"the realm {realm.host} was asked {r.method} {r.target[:40]}"
+                     for r in realm.requests]
+            found += [f"{cdn.host} got {what} ({r.method} {r.target[:40]})" for r in cdn.requests
+                      for what in ["an Authorization header"] * ("authorization" in r.headers)
+                      + ["the secret"] * (secret in repr(r) or basic("alice", secret) in repr(r))]
+            return "; ".join(found)
+
+        scenarios = cross_host_scenarios(cdn)
+        for scenario in scenarios:
+            scenario.check = leaks
+        run = self.run_scenario
+
+        def afresh(scenario: Scenario) -> List[str]:  # each scenario's requests only
+            realm.requests.clear()
+            cdn.requests.clear()
+            return run(scenario)
+
+        self.run_scenario = afresh  # type: ignore[method-assign]
+        self.run_campaign("redirects to other hosts", scenarios)
+
     def test_hostile_registries_for_pushes(self) -> None:
         amd, arm = make_image("push-amd"), make_image("push-arm", "arm64")
         index = make_index([amd.descriptor(), arm.descriptor()])
@@ -4938,13 +6690,32 @@ class TestHostileRegistries(LoopbackOnly, RegistryTestCase):
         seed = fuzz_seed()
         count, seconds = (400, 600.0) if STRESS else (10, 15.0)
         image = make_image("random")
+        # Credentials for every host, and another host with a realm of its own.
+        secret = "rand0m-pa55-4b7e"
+        self.credential_helper("any", f'echo \'{{"Username":"alice","Secret":"{secret}"}}\'\n')
+        self.docker_config({"credsStore": "any"})
+        realm = HostileServer(lambda r: json_answer({"token": "the-attackers"}), "127.0.0.3")
+        self.addCleanup(realm.stop)
+        cdn = HostileServer(cdn_handler(image, realm.url), "127.0.0.2")
+        self.addCleanup(cdn.stop)
+
+        def leaks(server: HostileServer) -> str:
+            found = [f"the realm {realm.host} was asked" for _ in realm.requests[:1]]
+            found += [f"{cdn.host} got an Authorization header" for r in cdn.requests
+                      if "authorization" in r.headers][:1]
+            realm.requests.clear()
+            cdn.requests.clear()
+            return "; ".join(found)
+
         failed: Dict[str, List[str]] = collections.defaultdict(list)
         deadline = time.monotonic() + seconds
         tried = 0
         for tried in range(1, count + 1):
-            registry = RandomRegistry(seed + tried, image)
-            for problem in self.run_scenario(Scenario(f"random {seed + tried}", registry,
-                                                      outcome="bounded", bound=20.0)):
+            registry = RandomRegistry(seed + tried, image, cdn.url)
+            found: List[str] = []
+            scenario = Scenario(f"random {seed + tried}", registry, outcome="bounded", bound=20.0,
+                                check=lambda server: found.append(leaks(server)) or found[0])
+            for problem in self.run_scenario(scenario):
                 failed[re.sub(r"\d+", "N", problem)[:90]].append(
                     f"seed {seed + tried} ({'; '.join(registry.trace)[:200]})")
             if time.monotonic() > deadline:
@@ -5004,6 +6775,81 @@ class TestPublishedOnly(RegistryTestCase):
         self.assertEqual(self.index_names(), [f"{registry.host}/test/other:1"])
         self.assertTrue(self.cache.verify().ok)
         self.assert_one_line_error(self.cli("rm", f"{base}-s390x"), "invalid reference")
+    def test_clean_published_only_asks_every_registry_and_lists_what_it_could_not(self) -> None:
+        registry = self.start_registry()
+        published, changed = make_image("published"), make_image("changed")
+        upload(registry.url, "test/pub", published.blobs, [("1", published.manifest)])
+        refusing = FaultProxy("127.0.0.1", registry.port)  # a registry that wants a login
+        self.addCleanup(refusing.stop)
+        refusing.add_fault("respond", status=401, times=None,
+                           headers={"WWW-Authenticate": 'Basic realm="registry"'})
+        unreachable = f"127.0.0.1:{free_port()}/test/pub:1"
+        locked = f"{refusing.host}/test/pub:1"
+        self.load_image(unreachable, published)
+        self.load_image(locked, published)
+        self.load_image(f"{registry.host}/test/pub:1", published)
+        self.load_image(f"{registry.host}/test/changed:1", changed)
+        result = self.cli("clean", "--published-only")
+        stderr = result.stderr.decode().splitlines()
+        self.assertEqual(result.returncode, 1, stderr)
+        self.assertEqual(sorted(self.index_names()),
+                         sorted([unreachable, locked, f"{registry.host}/test/changed:1"]))
+        self.assertIn(f"removed {registry.host}/test/pub:1", result.stdout.decode())
+        self.assertIn(f"keeping {registry.host}/test/changed:1", result.stdout.decode())
+        self.assertEqual(len(stderr), 3, stderr)
+        for name, line in zip([unreachable, locked], stderr):
+            self.assertTrue(line.startswith(f"ocicache: warning: keeping {name}: cannot check "
+                                            "it: "), line)
+        self.assertEqual(stderr[-1], "ocicache: error: 2 names could not be checked against "
+                                     "their registries and were kept")
+        self.assertTrue(self.cache.verify().ok)
+
+
+class Screen:
+    """What a terminal that does not re-wrap its lines shows of progress output: the
+    characters, carriage return, newline, erase line and display (K, J), and the
+    cursor's move up to a line's start (F). ``rows`` counts every row the output has
+    used, scrolled away or not, so redraws that scroll show as rows."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.lines: List[List[str]] = [[]]
+        self.row = self.column = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.lines)
+
+    def feed(self, text: str) -> None:
+        for match in re.finditer(r"\x1b\[(\d*)([A-Za-z])|\r|\n|[^\x1b\r\n]", text):
+            token = match.group(0)
+            if token == "\r":
+                self.column = 0
+            elif token == "\n":
+                self.move_to(self.row + 1)
+            elif match.group(2) == "K":
+                del self.lines[self.row][self.column:]
+            elif match.group(2) == "J":
+                del self.lines[self.row][self.column:]
+                for line in self.lines[self.row + 1:]:
+                    line.clear()
+            elif match.group(2) == "F":
+                self.row, self.column = max(0, self.row - int(match.group(1) or 1)), 0
+            elif match.group(2) is None:
+                if self.column >= self.width:  # the terminal wraps the line
+                    self.move_to(self.row + 1)
+                line = self.lines[self.row]
+                line.extend(" " * (self.column - len(line)))
+                line[self.column:self.column + 1] = [token]
+                self.column += 1
+
+    def move_to(self, row: int) -> None:
+        self.row, self.column = row, 0
+        while len(self.lines) <= row:
+            self.lines.append([])
+
+    def text(self) -> List[str]:
+        return ["".join(line).rstrip() for line in self.lines]
 
 
 class TestPullCommand(RegistryTestCase):
@@ -5016,9 +6862,12 @@ class TestPullCommand(RegistryTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         (line,) = result.stderr.decode().splitlines()
         self.assertRegex(line, rf"^pulled {re.escape(name)} sha256:[0-9a-f]{{64}} \(")
+        self.assertEqual(result.stdout.decode(), f"{name} {image.manifest.digest}\n")
         result = self.cli("pull", "--platform", "amd64", name)
         self.assertIn("already in the cache", result.stderr.decode())
-        self.assertEqual(self.cli("-q", "pull", "--platform", "amd64", name).stderr, b"")
+        self.assertEqual(result.stdout.decode(), f"{name} {image.manifest.digest}\n")
+        quiet = self.cli("-q", "pull", "--platform", "amd64", name)
+        self.assertEqual((quiet.stdout, quiet.stderr), (b"", b""))
         import pty
         self.cache.clean()
         leader, follower = pty.openpty()
@@ -5042,6 +6891,95 @@ class TestPullCommand(RegistryTestCase):
         self.assertIn("\x1b[K", text)
         self.assertIn(f"pulled {name}", text)
 
+    def test_progress_fits_a_narrow_terminal_and_follows_a_resize(self) -> None:
+        import fcntl
+        import pty
+        import termios
+        registry = self.start_registry()
+        rng = random.Random(4)
+        image = make_image("narrow", layer_files=[{f"f{i}": rng.randbytes(256 << 10)}
+                                                  for i in range(5)], gzip_layers=False)
+        upload(registry.url, "test/a-rather-long-repository-name", image.blobs,
+               [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        for i, layer in enumerate(image.layers):  # a slow link: every layer stalls a while
+            proxy.add_fault("delay", match=f"/blobs/{layer.digest}", method="GET",
+                            after_bytes=64 << 10, seconds=1.5 if i == 0 else 0.3)
+        name = f"{proxy.host}/test/a-rather-long-repository-name:1"
+
+        def resize(fd: int, columns: int) -> None:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
+        leader, follower = pty.openpty()
+        resize(follower, 100)
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir,
+                                    "--jobs", "1", "pull", "--platform", "amd64", name],
+                                   stdin=follower, stdout=subprocess.PIPE, stderr=follower,
+                                   cwd=self.tmp)
+        os.close(follower)
+        output = bytearray()
+
+        def read() -> None:
+            with contextlib.suppress(OSError):
+                for chunk in iter(functools.partial(os.read, leader, 65536), b""):
+                    output.extend(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: proxy.fired() and b"ETA" in output, 30, "a draw before the stall")
+        resize(leader, 30)  # during the first layer's stall: no draw is under way
+        wide = bytes(output)
+        stdout = process.communicate(timeout=60)[0]
+        reader.join(10)
+        os.close(leader)
+        self.assertEqual(process.returncode, 0, output)
+        self.assertEqual(stdout.decode(), f"{name} {image.manifest.digest}\n")
+        screen = Screen(100)
+        screen.feed(wide.decode())
+        self.assertLessEqual(screen.rows, 3, screen.text())  # a layer, the total, the cursor
+        before = screen.rows
+        screen.width = 30
+        screen.feed(output[len(wide):].decode())
+        pulled = f"pulled {name} {image.manifest.digest}"
+        # One new block below the old one (a terminal may have re-wrapped that), then
+        # redrawn in place, then the last line.
+        self.assertLessEqual(screen.rows - before, 2 + -(-len(pulled) // 30) + 1,
+                             screen.text())
+        self.assertIn("ETA", "".join(screen.text()[before - 1:]))
+
+    def test_arch_tags_of_an_image_already_in_the_cache(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry)
+        name = f"{registry.host}/test/multi:1"
+        self.assertEqual(self.cli("pull", "--platform", "amd64", name).returncode, 0)
+        before = self.settled(registry)
+        result = self.cli("pull", "--platform", "amd64", "--arch-tags", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("already in the cache", result.stderr.decode())
+        self.assertEqual(self.index_names(), [name, f"{name}-amd64"])
+        self.assertEqual(str(self.cache.find_descriptor(f"{name}-amd64").digest), amd.manifest.digest)
+        self.assertEqual(self.settled(registry), before + 1)  # no request but the marker
+        self.assertEqual(self.cli("pull", "--all-platforms", name).returncode, 0)
+        result = self.cli("pull", "--all-platforms", "--arch-tags", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(self.index_names()),
+                         sorted([name, f"{name}-amd64", f"{name}-arm64"]))
+        self.assertEqual(str(self.cache.find_descriptor(f"{name}-arm64").digest), arm.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+
+    def test_a_mirror_that_is_down_is_named_as_the_mirror(self) -> None:
+        port = free_port()
+        for mirror, name, registry in [(f"http://127.0.0.1:{port}", "example.com/a/b:1",
+                                        "example.com"),
+                                       (f"docker.io=http://127.0.0.1:{port}", "alpine:3.20",
+                                        "docker.io")]:
+            with self.subTest(mirror=mirror):
+                self.assert_one_line_error(
+                    self.cli("--mirror", mirror, "pull", name), f"127.0.0.1:{port}",
+                    f"(the mirror for {registry}, set by --mirror, $OCICACHE_MIRROR")
+        self.assertEqual(self.index_names(), [])
+
     def test_bad_input_is_one_line(self) -> None:
         self.assert_one_line_error(self.cli("pull", "Not/Valid"), "lowercase")
         self.assert_one_line_error(self.cli("pull", "--platform", "a/b/c/d", "x"), "platform")
@@ -5050,6 +6988,150 @@ class TestPullCommand(RegistryTestCase):
         port = free_port()
         self.assert_one_line_error(self.cli("pull", f"127.0.0.1:{port}/a/b:1"), "cannot reach")
         self.assertEqual(self.index_names(), [])
+
+    def partial_sizes(self) -> List[int]:
+        directory = os.path.join(self.cache_dir, "blobs", "sha256")
+        return [os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+                if f.endswith(oc._PARTIAL_SUFFIX)] if os.path.isdir(directory) else []
+
+    def test_one_ctrl_c_stops_a_pull_at_once_and_the_next_pull_resumes(self) -> None:
+        registry = self.start_registry()
+        rng = random.Random(18)
+        image = make_image("interrupt", layer_files=[{"a": rng.randbytes(1 << 20)},
+                                                     {"b": rng.randbytes(1 << 20)}],
+                           gzip_layers=False)
+        upload(registry.url, "test/interrupt", image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        for layer in image.layers:  # a slow link: each layer stalls a while part-way
+            proxy.add_fault("delay", match=f"/blobs/{layer.digest}", method="GET",
+                            after_bytes=256 << 10, seconds=60)
+        name = f"{proxy.host}/test/interrupt:1"
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                                    "--platform", "amd64", name], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is not None or process.kill())
+        wait_for(lambda: len(proxy.fired()) == 2 and len(self.partial_sizes()) == 2
+                 and all(self.partial_sizes()), 30, "both layers part-way")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=90)
+        self.assertLess(time.monotonic() - started, 1.0, "one Ctrl-C stops the pull at once")
+        self.assertEqual(process.returncode, 1)
+        self.assertEqual(stdout, b"")
+        self.assertEqual(stderr.decode().splitlines()[-1],
+                         "ocicache: error: interrupted; what was downloaded is kept in the "
+                         "cache, and the next pull resumes from it")
+        self.assertEqual(self.index_names(), [])
+        self.assertEqual(len(self.partial_sizes()), 2)
+        proxy.clear_faults()
+        before = len(registry.access_entries())
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.index_names(), [name])
+        self.assertTrue(self.cache.verify().ok)
+        wait_for(lambda: len([e for e in registry.access_entries()[before:]
+                              if "/blobs/" in e.path]) >= 2, 10, "the layer GETs logged")
+        resumed = [e for e in registry.access_entries()[before:]
+                   if "/blobs/" in e.path and e.method == "GET" and int(e.status) == 206]
+        self.assertEqual(len(resumed), 2, "both layers resumed with Range")
+
+
+class TestBeliefsAgainstARegistry(RegistryTestCase):
+    """A pinned digest and a damaged blob meet a real registry."""
+
+    def test_pull_of_a_pinned_name_never_trusts_a_lying_entry(self) -> None:
+        registry = self.start_registry()
+        real, evil = make_image("real"), make_image("evil")
+        upload(registry.url, "test/repo", real.blobs, [("v1", real.manifest)])
+        name = f"{registry.host}/test/repo:v1@{real.manifest.digest}"
+        evil_root = self.load_image("example.com/evil:1", evil)
+        self.cache.layout.update_index(lambda entries: entries + [evil_root.named(name)])
+        result = self.cli("pull", "--platform", "amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("already in the cache", result.stderr.decode())
+        self.assertEqual(str(self.cache.find_descriptor(name).digest), real.manifest.digest)
+        self.assertTrue(self.cache.verify().ok)
+        self.assertIn("already in the cache", self.cli("pull", "--platform", "amd64",
+                                                         name).stderr.decode())
+
+    def test_a_mislabelled_root_is_pushed_as_what_it_is(self) -> None:
+        registry = self.start_registry()
+        image = make_image("pushed")
+        root = self.load_image("example.com/pushed:1", image)
+        self.cache.layout.update_index(
+            lambda _: [oc._replace(root, media_type=oc.MEDIA_OCI_INDEX)])  # linuxkit's label
+        cache = self.provider()
+        remote = f"{registry.host}/test/pushed:1"
+        cache.push("example.com/pushed:1", remote)
+        other = oc.Provider(self.path("other"), mirrors=[])
+        self.addCleanup(other.close)
+        other.image_pull(remote, "", "amd64")
+        self.assertEqual(other.find_descriptor(remote).media_type, oc.MEDIA_OCI_MANIFEST)
+        self.assertTrue(other.verify().ok)
+        # index_write asks each descriptor what it is, too.
+        source = cache.index_write("example.com/made:1", oc._replace(
+            root, media_type=oc.MEDIA_OCI_INDEX, platform=oc.Platform("linux", "amd64")))
+        index = json.loads(cache.layout.read_blob(source.descriptor().digest))
+        self.assertEqual(index["manifests"][0]["mediaType"], oc.MEDIA_OCI_MANIFEST)
+
+    def test_verify_beside_a_pull_and_rm_loop_never_reports_a_false_problem(self) -> None:
+        registry = self.start_registry()
+        busy, still = make_image("busy"), make_image("still")
+        upload(registry.url, "test/busy", busy.blobs, [("1", busy.manifest)])
+        self.load_image("example.com/still:1", still)
+        cycles = int(sized(25, 300))
+        script = ("import ocicache,sys\n"
+                  "p=ocicache.Provider(sys.argv[1], mirrors=[])\n"
+                  "for _ in range(int(sys.argv[3])):\n"
+                  "    p.image_pull(sys.argv[2], '', 'amd64'); p.remove(sys.argv[2])\n")
+        loop = subprocess.Popen([sys.executable, "-c", script, self.cache_dir,
+                                 f"{registry.host}/test/busy:1", str(cycles)], cwd=HERE)
+        self.addCleanup(loop.kill)
+        runs, bad = 0, []
+        while loop.poll() is None:
+            report = self.cache.verify()
+            runs += 1
+            if not report.ok:
+                bad.append(report)
+        self.assertEqual(loop.wait(120), 0)
+        figures("verify beside pull/rm", cycles=cycles, verify_runs=runs, false_problems=len(bad))
+        self.assertEqual(bad, [])
+        self.assertGreater(runs, 0)
+
+    def test_pull_fetches_again_the_blobs_failing_their_check(self) -> None:
+        registry = self.start_registry()
+        shared = [{"etc/shared": random.Random(3).randbytes(4096)}]
+        one, two = make_image("one", layer_files=shared), make_image("two", layer_files=shared)
+        upload(registry.url, "test/one", one.blobs, [("1", one.manifest)])
+        upload(registry.url, "test/two", two.blobs, [("1", two.manifest)])
+        names = [f"{registry.host}/test/{n}:1" for n in ("one", "two")]
+        cache = self.provider()
+        for name in names:
+            cache.image_pull(name, "", "amd64")
+        layer = cache.layout.blob_path(one.layers[0].digest)
+        silence = contextlib.ExitStack()
+        self.addCleanup(silence.close)
+        silence.enter_context(quiet_log())  # "deleted corrupt blob ..."
+
+        def damage(path: str) -> None:
+            with open(path, "r+b") as f:
+                f.seek(100)
+                f.write(b"\xff" * 8)  # the same size, another digest
+            self.assertFalse(cache.verify().ok)
+
+        damage(layer)
+        cache.image_pull(names[0], "", "amd64", always_pull=True)
+        self.assertTrue(cache.verify().ok)
+        damage(layer)  # a shared layer survives rm: the next pull must not trust it
+        cache.remove(names[0])
+        cache.image_pull(names[0], "", "amd64")
+        self.assertTrue(cache.verify().ok)
+        damage(cache.layout.blob_path(two.config.digest))  # small blobs are always checked
+        self.assertFalse(cache.image_in_cache(names[1], "", "amd64"))
+        cache.image_pull(names[1], "", "amd64")
+        self.assertTrue(cache.verify().ok)
+        self.assertTrue(cache.image_in_cache(names[1], "", "amd64"))
 
 
 # =====================================================================================
@@ -6405,10 +8487,6 @@ IMAGE_CONFIG_TYPES = (oc.MEDIA_OCI_CONFIG, oc.MEDIA_DOCKER_CONFIG)
 FIXTURE_GAPS = {
     "fixtures.example/regclient/external:e1 (index): whole oci export: failed":
         "reachability follows a referrer's subject into another repository",
-    "containers-image/oci-layout/delete_image_only_one_image: the size of a527179158cd":
-        "a descriptor's size is not checked against its blob below the root",
-    "containers-image/oci-layout/delete_image_multiple_images: the size of 913cf3a39d37":
-        "a descriptor's size is not checked against its blob below the root",
 }
 
 
@@ -8714,6 +10792,55 @@ class TestReadmeExample(RegistryTestCase):
         self.assertEqual(self.settled(registry), before + 1)
 
 
+def guarded_imports(path: str) -> List[str]:
+    """The modules and names that ``path`` imports only under a guard (``try: ... except
+    ImportError`` or ``if TYPE_CHECKING:``), as vermin names them: what a newer Python
+    alone may have without breaking an older one."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names: List[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError",
+                                                               "ModuleNotFoundError")
+                for h in node.handlers):
+            body = node.body
+        elif isinstance(node, ast.If) and isinstance(node.test, ast.Name) and \
+                node.test.id == "TYPE_CHECKING":
+            body = node.body
+        else:
+            continue
+        for statement in body:
+            for inner in ast.walk(statement):
+                if isinstance(inner, ast.Import):
+                    names += [alias.name for alias in inner.names]
+                elif isinstance(inner, ast.ImportFrom) and inner.module:
+                    names += [inner.module] + [f"{inner.module}.{a.name}" for a in inner.names]
+    return names
+
+
+class TestSupportedPythons(unittest.TestCase):
+    def test_nothing_needs_a_python_newer_than_3_9(self) -> None:
+        # .ci/run runs the tests on every Python present; this covers the lines they miss.
+        vermin = require_tool(self, "vermin")
+        files = [OCICACHE, os.path.join(HERE, "test_ocicache.py"),
+                 os.path.join(HERE, "bench_ocicache.py")]
+        excluded = [arg for path in files for name in guarded_imports(path)
+                    for arg in ("--exclude", name)]
+        result = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips",
+                                 *excluded, *files], capture_output=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stdout.decode() + result.stderr.decode())
+
+    def test_guarded_imports_are_found(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".py") as source:
+            source.write("import os\ntry:\n    from compression import zstd\n"
+                         "except ImportError:\n    zstd = None\n"
+                         "if TYPE_CHECKING:\n    from typing import Self\n")
+            source.flush()
+            self.assertEqual(guarded_imports(source.name),
+                             ["compression", "compression.zstd", "typing", "typing.Self"])
+
+
 # =====================================================================================
 # Command line
 # =====================================================================================
@@ -8771,6 +10898,62 @@ class TestCommandLine(CacheTestCase):
         self.assertEqual(self.index_names(), [])
         self.assertEqual(list(self.cache.store().walk()), [])
 
+    def test_a_platform_not_pulled_says_to_pull_it(self) -> None:
+        amd, arm = make_image("a"), make_image("b", "arm64")
+        _, attestation_blobs, attestation = make_attestation(amd)
+        index = make_index([amd.descriptor(), arm.descriptor(), attestation])
+        name = "example.com/half:1"
+        self.load(oci_archive([(index.descriptor(), named(name))],
+                              [*amd.blobs, *arm.blobs, *attestation_blobs, index]))
+        for blob in arm.blobs:  # as a pull of linux/amd64 alone leaves it
+            os.unlink(self.cache.layout.blob_path(blob.digest))
+        hint = f"pull --platform linux/arm64 {name} first"
+        for command in [("inspect", name, "--platform", "arm64"),
+                        ("inspect", name, "--platform", "arm64", "--config"),
+                        ("export", name, "--platform", "arm64", "--format", "docker", "-o", "-"),
+                        ("export", name, "--platform", "arm64", "--format", "filesystem",
+                         "-o", self.path("fs.tar")),
+                        ("sbom", name, "--platform", "arm64")]:
+            with self.subTest(command=command):
+                result = self.cli(*command)
+                self.assert_one_line_error(result, "linux/arm64", "not in the cache", hint)
+                self.assertEqual(result.stdout, b"")
+        self.assertFalse(os.path.exists(self.path("fs.tar")))
+        self.assertFalse(self.cache.image_in_cache(name, "", "arm64"))
+        self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+        self.assertEqual(self.cli("sbom", name, "--platform", "amd64").returncode, 0)
+
+    def test_import_progress_fits_a_narrow_terminal(self) -> None:
+        import fcntl
+        import pty
+        import termios
+        image = make_image("wide", layer_files=[{"f": random.Random(5).randbytes(2 << 20)}],
+                           gzip_layers=False)
+        path = self.path("an-archive-with-a-name-longer-than-the-terminal.tar")
+        with open(path, "wb") as f:
+            f.write(oci_archive([(image.manifest.descriptor(), named("example.com/w:1"))],
+                                image.blobs))
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir,
+                                    "import", path], stdin=follower, stdout=subprocess.PIPE,
+                                   stderr=follower, cwd=self.tmp)
+        os.close(follower)
+        output = b""
+        with contextlib.suppress(OSError):
+            for chunk in iter(functools.partial(os.read, leader, 65536), b""):
+                output += chunk
+        os.close(leader)
+        stdout = process.communicate(timeout=60)[0]
+        self.assertEqual(process.returncode, 0, output)
+        self.assertEqual(stdout.decode(), f"example.com/w:1 {image.manifest.digest}\n")
+        screen = Screen(30)
+        screen.feed(output.decode())
+        self.assertLessEqual(screen.rows, 1, screen.text())  # redrawn in place, then erased
+        drawn = re.sub(r"\x1b\[K", "", output.decode()).split("\r")
+        self.assertTrue(any("MiB" in line for line in drawn), drawn)
+        self.assertLessEqual(max(len(line) for line in drawn), 29, drawn)
+
     def test_import_reports_names_and_errors(self) -> None:
         image = make_image("i")
         path = self.path("i.tar")
@@ -8822,7 +11005,7 @@ class TestCommandLine(CacheTestCase):
     def test_inspecting_a_config_nested_too_deep_is_one_line(self) -> None:
         # Import does not read an OCI archive's configs: such a config gets in.
         layer = Blob(oc.MEDIA_OCI_LAYER, tar_bytes([("a", b"a")]))
-        for depth in (500, 5000):
+        for depth in (499, 5000):  # the config object around it is one level more
             config = Blob(oc.MEDIA_OCI_CONFIG, b'{"architecture":"amd64","os":"linux","x":'
                           + deep(depth) + b"}")
             manifest = manifest_blob(config.descriptor(), [layer.descriptor()])
@@ -8831,10 +11014,30 @@ class TestCommandLine(CacheTestCase):
                                   [config, layer, manifest]))
             with self.subTest(depth=depth):
                 result = self.cli("inspect", name, "--config")
-                if result.returncode:
-                    self.assert_one_line_error(result)
+                if depth + 1 > oc._JSON_MAX_DEPTH:  # on every Python (3.13's decoder goes deeper)
+                    self.assert_one_line_error(result, f"config of {name}",
+                                               "nested more than 500 levels deep")
                 else:
+                    self.assertEqual(result.returncode, 0, result.stderr)
                     self.assertTrue(json.loads(result.stdout))
+                raw = self.cli("inspect", name, "--config", "--raw")
+                self.assertEqual(raw.returncode, 0, raw.stderr)
+                self.assertEqual(raw.stdout, config.data)
+
+    def test_inspect_raw_prints_the_stored_bytes(self) -> None:
+        image = make_image("raw")
+        spaced = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps(json.loads(image.manifest.data),
+                                                        indent=7).encode() + b"\n\n")
+        self.load(oci_archive([(spaced.descriptor(), named("example.com/raw:1"))],
+                              [*image.blobs[:-1], spaced]))
+        result = self.cli("inspect", "example.com/raw:1", "--raw")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, spaced.data)
+        self.assertEqual(sha256(result.stdout), spaced.digest)
+        config = self.cli("inspect", "example.com/raw:1", "--config", "--raw")
+        self.assertEqual(config.stdout, image.config.data)
+        indented = self.cli("inspect", "example.com/raw:1")
+        self.assertEqual(json.loads(indented.stdout), json.loads(spaced.data))
 
 
 
@@ -8913,6 +11116,16 @@ class TestAttacks(CacheTestCase):
         for fragment in fragments:
             self.assertIn(fragment, message)
         return message
+
+    def assert_one_line_or_nothing(self, work: Callable[[], Any], *fragments: str) -> None:
+        """``work`` succeeds, or fails in one line with ``fragments``."""
+        error, _, hung = run_bounded(work, 20, lambda: None)
+        self.assertFalse(hung, "hung")
+        if error is not None:
+            self.assertIsInstance(error, oc.OciCacheError, repr(error))
+            self.assertNotIn("\n", str(error))
+            for fragment in fragments:
+                self.assertIn(fragment, str(error))
 
     # -- a shared cache's hostile co-user ------------------------------------------------
 
@@ -9004,7 +11217,10 @@ class TestAttacks(CacheTestCase):
                     if step == "adding" and entry != "blobs":
                         continue  # that lock is on blobs/ alone
                     with self.subTest(step=step):
-                        self.assert_refused_in_one_line(work, real, "symbolic link")
+                        if step in ("remove", "clean"):  # names may go, blobs stay
+                            self.assert_one_line_or_nothing(work, "symbolic link")
+                        else:
+                            self.assert_refused_in_one_line(work, real, "symbolic link")
                         self.assertEqual(snapshot_changes(before, snapshot(self.path("outside"))),
                                          [])
                 os.unlink(real)
@@ -9014,7 +11230,8 @@ class TestAttacks(CacheTestCase):
         # Only blobs/sha256 was checked: blobs/sha512, a link to any directory, made
         # 'gc' delete every file in it (as root: any directory of the system) and
         # 'clean' every file named like a sha512 digest there; 'verify' failed with a
-        # bare "Not a directory: sha512".
+        # bare "Not a directory: sha512". Refusing the link in one line, or leaving it
+        # alone, are both right.
         self.load_image("example.com/kept:1", make_image("kept"))
         outside = self.outside()
         for name in ("notes.txt", "a" * 128):
@@ -9028,22 +11245,20 @@ class TestAttacks(CacheTestCase):
                            ("clean", self.cache.clean), ("walk", lambda: list(
                                self.cache.store().walk()))):
             with self.subTest(step):
-                self.assert_refused_in_one_line(work, link, "symbolic link")
+                self.assert_one_line_or_nothing(work, "symbolic link")
                 self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
         for command in (["verify"], ["gc", "--grace", "0"], ["clean"], ["ls"]):
             result = self.cli(*command)
-            if command != ["ls"]:
-                self.assert_one_line_error(result, link, "symbolic link")
+            if result.returncode:
+                self.assert_one_line_error(result, "symbolic link")
         self.assertEqual(snapshot_changes(before, snapshot(outside)), [])
-        self.assertEqual(self.cache.layout.read_index().manifests[0].name, "example.com/kept:1")
 
 
-    @unittest.expectedFailure  # gc (Layout.gc, helper "belief"): it deletes by path
     def test_gc_never_deletes_through_a_directory_swapped_while_it_runs(self) -> None:
-        # gc lists blobs/sha256 (now through a descriptor that follows no link), then
-        # deletes each file by its path: blobs/sha256 swapped for a link between the two
-        # makes it delete, as root, the files of those names wherever the link points.
-        # Layout.remove_blob_file deletes through the directory's descriptor; gc should.
+        # gc listed blobs/sha256, then deleted each file by its path: blobs/sha256
+        # swapped for a link between the two made it delete, as root, the files of those
+        # names wherever the link pointed. (Found here as an expected failure; helper
+        # belief's gc, deleting relative to a descriptor, fixed it on main.)
         self.load_image("example.com/gc:1", make_image("gc-race"))
         orphan = self.cache.layout.write_blob_bytes(b"orphan")
         os.utime(self.cache.layout.blob_path(orphan), (0, 0))
@@ -9068,11 +11283,11 @@ class TestAttacks(CacheTestCase):
                 layout.gc(0)
         self.assertEqual(snapshot_changes(before, snapshot(decoy)), [])
 
-    @unittest.expectedFailure  # gc (Layout.gc, helper "belief"): issue 13 point 7
     def test_gc_deletes_only_files_of_its_own(self) -> None:
-        # gc deletes every old file of blobs/sha256 that no name reaches, named by a
-        # digest or not: a group member's notes.txt goes too. A directory under a
-        # digest's name stops it with a bare IsADirectoryError.
+        # gc deleted every old file of blobs/sha256 that no name reached, named by a
+        # digest or not: a group member's notes.txt went too; a directory under a
+        # digest's name stopped it with a bare IsADirectoryError. (Issue 13 point 7;
+        # fixed on main by helper belief.)
         directory = os.path.join(self.cache_dir, "blobs", "sha256")
         notes = os.path.join(directory, "notes.txt")
         with open(notes, "wb") as f:
@@ -9196,8 +11411,8 @@ class TestAttacks(CacheTestCase):
                 with self.bytes_read() as sizes:
                     loaded = self.load(archive)
                 self.assertEqual(len(loaded), count)
-                # the check, and the naming (Provider._write_names): twice, not 300 times
-                self.assertLessEqual(sum(sizes), 2 * len(large.data) + 2 * sum(
+                # a few times (the check, the labels, the naming), not 300 times
+                self.assertLessEqual(sum(sizes), 6 * len(large.data) + 6 * sum(
                     len(i.data) for i in indexes) + (1 << 16), f"{len(sizes)} reads")
                 self.cache.clean()
 
@@ -9508,11 +11723,11 @@ class TestAttacks(CacheTestCase):
         self.assertLess(seconds, 4)
 
 
-    @unittest.expectedFailure  # Provider lookups and verify (helper "belief")
     def test_a_pinned_name_planted_in_index_json_is_not_believed(self) -> None:
         # ocicache no longer writes such a name, but another tool or the cache's group
-        # can: image_in_cache then answers True for the real digest with the evil
-        # content (while find_descriptor says None), and verify says ok.
+        # can: image_in_cache answered True for the real digest with the evil content
+        # (while find_descriptor said None), and verify said ok. (Fixed on main by
+        # helper belief.)
         evil, real = make_image("evil"), make_image("real")
         self.load_image("example.com/evil:1", evil)
         pinned = f"example.com/r:1@{real.manifest.digest}"
@@ -9547,15 +11762,25 @@ class TestAttacks(CacheTestCase):
 # -------------------------------------------------------------------------------------
 
 class _CountingResult(unittest.TextTestResult):
-    """Counts passes so the run can end with 'N passed, N failed, N skipped'."""
+    """Counts passes, and the tests the fast part leaves out, so the run can end with
+    'N passed, N failed, N skipped' (and ', N not run (fast part)')."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.passed = 0
+        self.not_run = 0
 
     def addSuccess(self, test: unittest.TestCase) -> None:
         super().addSuccess(test)
         self.passed += 1
+
+    def addSkip(self, test: unittest.TestCase, reason: str) -> None:
+        if reason.startswith(NOT_IN_FAST_PART):
+            self.not_run += 1
+            if self.showAll:
+                self.stream.writeln(reason)
+            return
+        super().addSkip(test, reason)
 
 
 def _run(names: Sequence[str]) -> int:
@@ -9567,7 +11792,8 @@ def _run(names: Sequence[str]) -> int:
     runner = unittest.TextTestRunner(verbosity=2, resultclass=_CountingResult)
     result = runner.run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    print(f"{result.passed} passed, {failed} failed, {len(result.skipped)} skipped")
+    not_run = f", {result.not_run} not run (fast part)" if result.not_run else ""
+    print(f"{result.passed} passed, {failed} failed, {len(result.skipped)} skipped{not_run}")
     return 0 if result.wasSuccessful() and result.testsRun else 1
 
 
