@@ -816,6 +816,11 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
 
 
 _SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
+# A parsed value costs 50 to 100 bytes of memory: 4 MiB of '{},' repeated made 1.4
+# million objects, 96 MiB. Image documents spend tens of bytes on each value (a
+# descriptor about 25, an SPDX relationship 30); one packed tighter than this is
+# refused before it is parsed, which bounds a 4 MiB document to about 20 MiB.
+_MIN_JSON_BYTES_PER_VALUE = 16
 
 
 # JSON nested deeper than this is refused on every Python version. The decoder's own
@@ -842,10 +847,17 @@ def _parse_json(data: Union[bytes, str], what: str,
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
-    than ``_JSON_MAX_DEPTH`` and escaped lone surrogates (which decode but can never be
-    written back as UTF-8) are refused like any other bad JSON."""
+    than ``_JSON_MAX_DEPTH``, escaped lone surrogates (which decode but can never be
+    written back as UTF-8) and documents packed with values are refused like any other
+    bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # an upper bound
+    if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
+        if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
+            raise error(too_deep)  # what it is, though packed too
+        raise error(f"{what} is not valid JSON for an image document: it packs {values} "
+                    f"values into {len(raw)} bytes (refused unparsed, to bound memory)")
     try:
         obj = json.loads(raw)
     except RecursionError:
@@ -1298,8 +1310,7 @@ class _DirectoryLock:
     def hold(self) -> Iterator[None]:
         with self._thread_lock:
             if self._depth == 0:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             _CREATE_MODE)
+                fd = self._open()
                 try:
                     self._take(fd)
                 except BaseException:
@@ -1319,6 +1330,30 @@ class _DirectoryLock:
                     finally:
                         os.close(fd)
 
+    def _open(self) -> int:
+        """The lock file, created if missing; a link, a FIFO, a directory or a file with
+        other names planted there (at any time: the cache's group may write its
+        directory) is refused in one line, never opened through or locked instead."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK,
+                         _CREATE_MODE)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise OciCacheError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            raise _not_ours(self.path, self.path, None, "a regular file") from None
+        try:
+            held = os.fstat(fd)
+            if not stat.S_ISREG(held.st_mode):
+                raise _not_ours(self.path, self.path, None, "a regular file")
+            if held.st_nlink != 1:
+                raise OciCacheError(f"{self.path} has other names (a hard link); ocicache "
+                                    "locks only a file of its own (remove it)")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _take(self, fd: int) -> None:
         flocked = False
 
@@ -1335,7 +1370,9 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def _lock_for(path: str) -> _DirectoryLock:
-    key = os.path.realpath(path)
+    # The directory's real path, so that every spelling of a cache shares one lock; the
+    # file's own name is never resolved: a link planted there is refused, not followed.
+    key = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     with _LOCKS_GUARD:
         lock = _LOCKS.get(key)
         if lock is None:
@@ -1411,6 +1448,19 @@ def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
         if not written:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[written:]
+
+
+def _not_ours(where: str, name: str, dir_fd: Optional[int], kind: str) -> OciCacheError:
+    """The one line for an entry of the cache that is not the ``kind`` it must be: a
+    link or something else planted there (after the checks of ``Layout``, too)."""
+    try:
+        link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        link = False
+    if link:
+        return OciCacheError(f"{where} is a symbolic link; ocicache never follows links "
+                             "inside its cache (remove it)")
+    return OciCacheError(f"{where} is not {kind}; remove it")
 
 
 def _open_directory(name: str, dir_fd: Optional[int] = None, where: str = "") -> int:
@@ -1653,10 +1703,7 @@ class Layout:
 
     def lock(self) -> "contextlib.AbstractContextManager[None]":
         """The cache's exclusive lock; reentrant, thread-safe and across processes."""
-        try:
-            return self._lock.hold()
-        except OSError as e:
-            raise OciCacheError(f"cannot lock cache {self.root}: {e.strerror or e}") from None
+        return self._lock.hold()
 
     def adding_blobs(self) -> "contextlib.AbstractContextManager[None]":
         """Held (shared) by work that writes or reuses blobs and names them afterwards.
@@ -1673,7 +1720,8 @@ class Layout:
 
     @contextlib.contextmanager
     def _blob_lock(self, mode: int) -> Iterator[None]:
-        fd = os.open(self.blobs_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        with self._root_directory() as root:
+            fd = _open_directory("blobs", root, self.blobs_dir)
         try:
             what = (f"{self.blobs_dir}: a pull or import is adding blobs"
                     if mode == fcntl.LOCK_EX else f"{self.blobs_dir}: blobs are being deleted")
@@ -1690,11 +1738,8 @@ class Layout:
 
     def has_blob(self, digest: Union[str, Digest], size: Optional[int] = None) -> bool:
         """True when the blob file exists (with ``size`` bytes, when given)."""
-        try:
-            st = os.lstat(self.blob_path(digest))
-        except FileNotFoundError:
-            return False
-        return stat.S_ISREG(st.st_mode) and (size is None or size < 0 or st.st_size == size)
+        actual = self.blob_size(digest)
+        return actual is not None and (size is None or size < 0 or actual == size)
 
     def open_blob(self, digest: Union[str, Digest]) -> BinaryIO:
         d = Digest.parse(digest)
@@ -1874,11 +1919,15 @@ class Layout:
         return "foreign"
 
     def write_blob_bytes(self, data: bytes, digest: Optional[Union[str, Digest]] = None) -> Digest:
-        return self.write_blob(io.BytesIO(data), digest, len(data))[0]
+        # Hashed first, so that bytes already stored (a manifest an import makes for each
+        # of many entries alike) are found, not written and fsynced again.
+        expected = Digest.from_bytes(data) if digest is None else digest
+        return self.write_blob(io.BytesIO(data), expected, len(data))[0]
 
     def _touch(self, digest: Digest) -> None:
         with contextlib.suppress(OSError):  # a shared cache may hold other users' blobs
-            os.utime(self.blob_path(digest), follow_symlinks=False)
+            with self._blob_directory(digest.algorithm) as directory:
+                os.utime(digest.hex, dir_fd=directory, follow_symlinks=False)
 
     def blob_files(self) -> Iterator[Tuple[Optional[Digest], str, os.stat_result]]:
         """Every entry of each ``blobs/<alg>`` directory (never through a symlinked
@@ -1995,6 +2044,19 @@ class Layout:
         except OciCacheError:
             return entry
         return _replace(entry, media_type=kind) if kind and kind != entry.media_type else entry
+
+    def believed_all(self, entries: Sequence[Descriptor]) -> List[Descriptor]:
+        """``believed`` of each entry, each blob read once however many entries share
+        it (an archive's 300 roots naming one 1 MiB manifest read it 300 times)."""
+        kinds: Dict[Tuple[Digest, str], str] = {}
+        out = []
+        for entry in entries:
+            key = (entry.digest, entry.media_type)
+            if key not in kinds:
+                kinds[key] = self.believed(entry).media_type
+            out.append(entry if kinds[key] == entry.media_type else
+                       _replace(entry, media_type=kinds[key]))
+        return out
 
     def reachable(self, roots: Iterable[Descriptor]) -> "_Reachable":
         """Everything ``roots`` reach, following the documents (``read_document``), never
@@ -4369,16 +4431,29 @@ class _ArchiveContents:
         self.small_budget = _SMALL_FILES_BUDGET
         # A classic archive may list one layer file many times: it is checked once.
         self.layers: Dict[Tuple[Digest, str], Descriptor] = {}
+        # Where each link leads, once found, and what each config lists: an archive may
+        # name one long chain of links, or one large config, from every entry it has,
+        # which cost the product of the two.
+        self._followed: Dict[str, str] = {}
+        self.diff_ids: Dict[Digest, List[Any]] = {}
+        self._manifests: Optional[Dict[Tuple[Digest, Tuple[Digest, ...]], Descriptor]] = None
 
     def _follow(self, path: str) -> str:
+        """The file a path leads to through the archive's links; each link is followed
+        once per archive, however many entries name it."""
+        chain: List[str] = []
         seen = set()
         current = _archive_path(path)
-        while current in self.links:
+        while current in self.links and current not in self._followed:
             if current in seen:
-                raise InvalidArchiveError(f"archive entry {path!r} is a link loop")
+                raise InvalidArchiveError(f"archive entry {_shorten(path)!r} is a link loop")
             seen.add(current)
+            chain.append(current)
             current = self.links[current]
-        return current
+        end = self._followed.get(current, current)
+        for link in chain:
+            self._followed[link] = end
+        return end
 
     def contains(self, path: str) -> bool:
         current = self._follow(path)
@@ -4404,6 +4479,29 @@ class _ArchiveContents:
             raise InvalidArchiveError(f"archive refers to {path!r}, which it does not contain")
         return self.files[current]
 
+    def stored_manifest(self, config: Digest, layers: Sequence[Digest]
+                        ) -> Optional[Descriptor]:
+        """The image manifest among the archive's blobs with this config and these layers,
+        if any; the blobs are read once, however many entries ask."""
+        if self._manifests is None:
+            self._manifests = {}
+            for path, (digest, size) in self.files.items():
+                if not path.startswith("blobs/") or size > MAX_MANIFEST_SIZE:
+                    continue
+                with self.layout.open_blob(digest) as f:
+                    if f.read(1) != b"{":
+                        continue
+                try:
+                    data = self.layout.read_blob(digest)
+                    media_type = _load_json_object(data, "manifest").get("mediaType")
+                    manifest = Manifest.from_json(data)
+                except OciCacheError:
+                    continue
+                if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES:
+                    key = (manifest.config.digest, tuple(b.digest for b in manifest.layers))
+                    self._manifests.setdefault(key, Descriptor(media_type, digest, size))
+        return self._manifests.get((config, tuple(layers)))
+
 
 class _PrefixedReader:
     """A stream with some bytes, already read from it, put back in front."""
@@ -4425,21 +4523,17 @@ class _PrefixedReader:
         """The stream stays open: it belongs to whoever handed it over."""
 
 
-class _GunzipReader:
-    """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
-
-    tarfile's own gzip reading takes a truncated stream for a short one; this does not.
-    Output is bounded per step, so a small input that expands enormously stays cheap.
-    """
+class _PieceReader:
+    """A decompressed stream read in the pieces its decoder makes (``_inflate``, None at
+    the end), each bounded, so a small input that expands enormously stays cheap."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
-        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._in_member = False
-        self._pending = b""
         self._buffer = b""
         self._position = 0
-        self._finished = False
+
+    def _inflate(self) -> Optional[bytes]:
+        raise NotImplementedError
 
     def read(self, n: int = -1) -> bytes:
         available = len(self._buffer) - self._position
@@ -4475,6 +4569,29 @@ class _GunzipReader:
             return self._buffer
         return self._buffer[start:self._position]
 
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "_PieceReader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _GunzipReader(_PieceReader):
+    """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
+
+    tarfile's own gzip reading takes a truncated stream for a short one; this does not.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(stream)
+        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._in_member = False
+        self._pending = b""
+        self._finished = False
+
     def _inflate(self) -> Optional[bytes]:
         """The next piece of output; None at the end of the stream."""
         while not self._finished:
@@ -4503,14 +4620,67 @@ class _GunzipReader:
                 return output
         return None
 
-    def close(self) -> None:
-        self._stream.close()
 
-    def __enter__(self) -> "_GunzipReader":
-        return self
+# A decoder's window (xz's dictionary, zstd's window) is memory it fills as it writes:
+# a stream may declare up to 1.5 GiB (xz) or 2 GiB (zstd --long=31), and a few KB of it
+# then take that much. 64 MiB is what xz -9 and zstd --ultra -21 use; zstd -22 and
+# --long (128 MiB) are refused unless the input was smaller (zstd shrinks the window to
+# a file's size), and can be decompressed by the program first.
+_MAX_DECOMPRESSION_WINDOW = 64 << 20
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+
+def _window_too_large(kind: str, what: str) -> InvalidArchiveError:
+    again = " (decompress it with the program first, and import that)" \
+        if what == "archive" else ""
+    return InvalidArchiveError(
+        f"the {kind} stream of the {what} declares a window larger than "
+        f"{_MAX_DECOMPRESSION_WINDOW >> 20} MiB (xz -9 and zstd --ultra -21 use 64 MiB); "
+        f"ocicache refuses it to bound its memory{again}")
+
+
+class _XzReader(_PieceReader):
+    """Decompresses an xz stream (streams may follow one another, with padding), its
+    memory bounded whatever dictionary size it declares; a cut-off end raises."""
+
+    def __init__(self, stream: IO[bytes], what: str) -> None:
+        super().__init__(stream)
+        self._what = what
+        self._decompressor: Any = None  # lzma's, for the stream being read
+        self._pending = b""
+
+    def _inflate(self) -> Optional[bytes]:
+        """The next piece of output; None at the end of the last stream."""
+        import lzma
+        while True:
+            decompressor = self._decompressor
+            if decompressor is None:  # before a stream: padding, a stream, or the end
+                data = self._pending or self._stream.read(_STREAM_CHUNK_SIZE)
+                self._pending = b""
+                if not data:
+                    return None
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                # liblzma counts its own state with the dictionary: -9 needs 65 MiB
+                decompressor = self._decompressor = lzma.LZMADecompressor(
+                    memlimit=_MAX_DECOMPRESSION_WINDOW + (2 << 20))
+            elif decompressor.needs_input:
+                data = self._stream.read(_STREAM_CHUNK_SIZE)
+                if not data:
+                    raise InvalidArchiveError(f"truncated {self._what}: the xz stream ends "
+                                              "early")
+            else:
+                data = b""
+            try:
+                output = decompressor.decompress(data, _STREAM_CHUNK_SIZE)
+            except lzma.LZMAError as e:
+                if "memory" in str(e).lower():
+                    raise _window_too_large("xz", self._what) from None
+                raise InvalidArchiveError(f"corrupt xz stream in {self._what}: {e}") from None
+            if decompressor.eof:
+                self._pending, self._decompressor = decompressor.unused_data, None
+            if output:
+                return output
 
 
 class _Decompressing:
@@ -4533,6 +4703,8 @@ class _Decompressing:
             raise InvalidArchiveError(f"truncated {self._what}: the {self._kind} stream ends "
                                       "early") from None
         except self._errors as e:
+            if "too much memory" in str(e):  # zstd: a window over window_log_max
+                raise _window_too_large(self._kind, self._what) from None
             raise InvalidArchiveError(f"corrupt {self._kind} stream in {self._what}: "
                                       f"{e}") from None
 
@@ -4559,8 +4731,9 @@ class _ZstdProgram:
 
     def __init__(self, program: str, stream: IO[bytes], what: str) -> None:
         self._what = what
-        self._process = _subprocess.Popen([program, "-dcq"], stdin=_subprocess.PIPE,
-                                          stdout=_subprocess.PIPE, stderr=_subprocess.PIPE)
+        self._process = _subprocess.Popen(
+            [program, "-dcq", f"--memory={_MAX_DECOMPRESSION_WINDOW >> 20}MB"],
+            stdin=_subprocess.PIPE, stdout=_subprocess.PIPE, stderr=_subprocess.PIPE)
         self._feed_error: Optional[BaseException] = None
         self._feeder = threading.Thread(target=self._feed, args=(stream,),
                                         name="ocicache-zstd", daemon=True)
@@ -4585,6 +4758,8 @@ class _ZstdProgram:
         said = self._process.stderr.read().decode(errors="replace").strip().splitlines()
         if self._process.wait() != 0 and self._feed_error is None:
             reason = said[-1] if said else f"exit status {self._process.returncode}"
+            if any("too much memory" in line for line in said):
+                raise _window_too_large("zstd", self._what)
             raise InvalidArchiveError(f"corrupt or truncated zstd stream in {self._what}: "
                                       f"zstd says {_shorten(reason)!r}")
         if self._feed_error is not None:
@@ -4635,8 +4810,11 @@ def _zstd_decoder(what: str) -> Callable[[IO[bytes]], IO[bytes]]:
             module = importlib.import_module(name)
         except ImportError:
             continue
+        window = {module.DecompressionParameter.window_log_max:
+                  _MAX_DECOMPRESSION_WINDOW.bit_length() - 1}
         return lambda stream: _Decompressing(  # type: ignore[return-value]
-            module.ZstdFile(stream), stream, "zstd", what, (module.ZstdError,))
+            module.ZstdFile(stream, options=window), stream, "zstd", what,
+            (module.ZstdError,))
     program = shutil.which("zstd")
     if program is not None:
         return lambda stream: _ZstdProgram(program, stream, what)  # type: ignore[return-value]
@@ -4655,7 +4833,6 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
     load reads them); other streams pass unchanged. Only this outer compression is
     undone, with output bounded per read."""
     import bz2
-    import lzma
     head = b""
     while len(head) < 10:
         chunk = stream.read(10 - len(head))
@@ -4666,8 +4843,7 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
     if head.startswith(b"\x1f\x8b"):
         return _GunzipReader(rest)  # type: ignore[return-value]
     if head.startswith(_XZ_MAGIC):
-        return _Decompressing(lzma.LZMAFile(rest), rest, "xz", "archive",  # type: ignore
-                              (lzma.LZMAError,))
+        return _XzReader(rest, "archive")  # type: ignore[return-value]
     if re.match(_BZIP2_MAGIC, head):
         return _Decompressing(bz2.BZ2File(rest), rest, "bzip2", "archive",  # type: ignore
                               (OSError, ValueError))
@@ -4940,6 +5116,36 @@ class _TarStream:
         self._sparse = False
 
 
+def _bounded_member_class() -> Type[tarfile.TarInfo]:
+    """A TarInfo class for one archive that refuses its extended headers (PAX, local and
+    global, and GNU long names) beyond ``_MAX_EXTENDED_HEADER`` bytes before tarfile
+    reads them: tarfile reads each whole into memory, and a chain of them, or global
+    ones, add up. The layers' reader (_TarStream) keeps the same bound."""
+    extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+    class _BoundedMember(tarfile.TarInfo):
+        kept = 0  # bytes of extended headers kept for the next member
+        kept_globally = 0
+
+        @classmethod
+        def frombuf(cls, buf: Union[bytes, bytearray], encoding: str,
+                    errors: str) -> "_BoundedMember":
+            info = super().frombuf(buf, encoding, errors)
+            if info.type not in extended:
+                cls.kept = cls.kept_globally
+                return info
+            cls.kept += info.size
+            if info.type == tarfile.XGLTYPE:
+                cls.kept_globally += info.size
+            if cls.kept > _MAX_EXTENDED_HEADER:
+                raise InvalidArchiveError(f"archive has extended headers (PAX or GNU long "
+                                          f"names) of more than {_MAX_EXTENDED_HEADER} bytes")
+            return info
+
+    return _BoundedMember
+
+
 def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
     """Read an archive once, storing its blobs (verified) and keeping small files."""
     contents = _ArchiveContents(layout)
@@ -4947,8 +5153,8 @@ def _read_archive(stream: IO[bytes], layout: Layout) -> _ArchiveContents:
         # "r|", not "r|*": only the whole-stream compression is undone (by _decompressed,
         # with bounded output); tarfile must not inflate a compressed stream found inside.
         with contextlib.closing(_decompressed(stream)) as decompressed, \
-                tarfile.open(fileobj=decompressed, mode="r|",
-                             bufsize=_STREAM_CHUNK_SIZE) as archive:
+                tarfile.open(fileobj=decompressed, mode="r|", bufsize=_STREAM_CHUNK_SIZE,
+                             tarinfo=_bounded_member_class()) as archive:
             for member in archive:
                 archive.members.clear()  # type: ignore[attr-defined]  # bounded memory
                 path = _archive_path(member.name)
@@ -5072,9 +5278,10 @@ def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_Loa
             return _docker_archive_images(contents, layout)
         raise InvalidArchiveError("archive names no image: its index.json lists no manifests")
     repo_tags = _repo_tags_by_config(contents)
+    _check_archive_roots(index.manifests, contents, layout)
+    configs: Dict[Digest, Digest] = {}  # each manifest read once, however many roots name it
     images = []
     for root in index.manifests:
-        _check_archive_root(root, contents, layout)
         containerd_name = root.annotations.get(ANNOTATION_CONTAINERD_NAME, "")
         ref_name = root.annotations.get(ANNOTATION_REF_NAME, "")
         if containerd_name:
@@ -5082,25 +5289,31 @@ def _oci_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_Loa
         elif any(c in ref_name for c in "/:@"):  # a full reference, not a bare tag
             names = _canonical_names([ref_name], "index.json")
         elif root.media_type in IMAGE_MEDIA_TYPES and repo_tags:
-            config = Manifest.from_json(layout.read_blob(root.digest)).config.digest
-            names = _canonical_names(repo_tags.get(config, []), "manifest.json")
+            if root.digest not in configs:
+                manifest = Manifest.from_json(layout.read_blob(root.digest))
+                configs[root.digest] = manifest.config.digest
+            names = _canonical_names(repo_tags.get(configs[root.digest], []), "manifest.json")
         else:
             names = ()
         images.append(_LoadedImage(root, names, "" if names else ref_name))
     return images
 
 
-def _check_archive_root(root: Descriptor, contents: _ArchiveContents, layout: Layout) -> None:
-    """A root must be in the archive with its size; its manifests must be complete."""
-    stored = {d for d, _ in contents.files.values()}
-    if root.digest not in stored:
-        raise InvalidArchiveError(f"archive's index.json names {root.digest}, "
-                                  "which the archive does not contain")
-    size = os.path.getsize(layout.blob_path(root.digest))
-    if size != root.size:
-        raise InvalidArchiveError(f"archive's index.json gives {root.digest} size "
-                                  f"{root.size}, but the blob has {size} bytes")
-    marked = layout.reachable([root])
+def _check_archive_roots(roots: Sequence[Descriptor], contents: _ArchiveContents,
+                         layout: Layout) -> None:
+    """Each root must be in the archive with its size (that of the bytes stored from it,
+    not of whatever bears the blob's name now); its manifests must be complete. Blobs
+    that many roots share are read once."""
+    stored = {digest: size for digest, size in contents.files.values()}
+    for root in roots:
+        if root.digest not in stored:
+            raise InvalidArchiveError(f"archive's index.json names {root.digest}, "
+                                      "which the archive does not contain")
+        if stored[root.digest] != root.size:
+            raise InvalidArchiveError(f"archive's index.json gives {root.digest} size "
+                                      f"{root.size}, but the blob has {stored[root.digest]} "
+                                      "bytes")
+    marked = layout.reachable(roots)
     if marked.unreadable:
         raise InvalidArchiveError(f"archive holds an invalid manifest: {marked.unreadable[0]}")
     if marked.missing:
@@ -5118,11 +5331,14 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
                 not isinstance(entry.get("Layers"), list):
             raise InvalidArchiveError("archive's manifest.json entry needs Config and Layers")
         config_digest, config_size = contents.resolve(entry["Config"])
-        config = _load_json_object(layout.read_blob(config_digest), "image config")
-        rootfs = config.get("rootfs")
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(diff_ids, list):
-            raise InvalidArchiveError("archive's image config has no rootfs.diff_ids list")
+        if config_digest not in contents.diff_ids:
+            config = _load_json_object(layout.read_blob(config_digest), "image config")
+            rootfs = config.get("rootfs")
+            listed = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+            if not isinstance(listed, list):
+                raise InvalidArchiveError("archive's image config has no rootfs.diff_ids list")
+            contents.diff_ids[config_digest] = listed
+        diff_ids = contents.diff_ids[config_digest]
         if len(diff_ids) != len(entry["Layers"]):
             raise InvalidArchiveError(
                 f"archive's manifest.json lists {len(entry['Layers'])} layers, but the "
@@ -5137,12 +5353,22 @@ def _docker_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
         repo_tags = entry.get("RepoTags") or []
         if not isinstance(repo_tags, list):
             raise InvalidArchiveError("archive's manifest.json has a bad RepoTags list")
-        root = _stored_manifest(contents, layout, config_descriptor, layers)
-        if root is None:
-            data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
-            root = Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+        root = _stored_manifest(contents, layout, config_descriptor, layers) or \
+            _made_manifest(layout, config_descriptor, layers)
         images.append(_LoadedImage(root, _canonical_names(repo_tags, "manifest.json")))
     return images
+
+
+def _made_manifest(layout: Layout, config: Descriptor,
+                   layers: Sequence[Descriptor]) -> Descriptor:
+    """An OCI manifest made for an archive's image, stored; one too large for ocicache to
+    read back (tens of thousands of layers) would make a name nothing can use."""
+    data = Manifest(MEDIA_OCI_MANIFEST, config, tuple(layers)).to_bytes()
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise InvalidArchiveError(f"archive's image has {len(layers)} layers: its manifest "
+                                  f"would be {len(data)} bytes, and ocicache reads at most "
+                                  f"{MAX_MANIFEST_SIZE}")
+    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
 
 
 def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descriptor,
@@ -5151,25 +5377,7 @@ def _stored_manifest(contents: _ArchiveContents, layout: Layout, config: Descrip
     image): the one with this config and these layers, so its digest is docker's own."""
     if "index.json" not in contents.metadata:
         return None
-    wanted = [layer.digest for layer in layers]
-    for path, (digest, size) in contents.files.items():
-        if not path.startswith("blobs/") or size > MAX_MANIFEST_SIZE or \
-                digest in (config.digest, *wanted):
-            continue
-        with layout.open_blob(digest) as f:
-            if f.read(1) != b"{":
-                continue
-        try:
-            data = layout.read_blob(digest)
-            media_type = _load_json_object(data, "manifest").get("mediaType")
-            manifest = Manifest.from_json(data)
-        except OciCacheError:
-            continue
-        if isinstance(media_type, str) and media_type in IMAGE_MEDIA_TYPES and \
-                manifest.config.digest == config.digest and \
-                [layer.digest for layer in manifest.layers] == wanted:
-            return Descriptor(media_type, digest, size)
-    return None
+    return contents.stored_manifest(config.digest, [layer.digest for layer in layers])
 
 
 def _docker_archive_layer(contents: _ArchiveContents, layout: Layout, path: Any,
@@ -5241,13 +5449,17 @@ def _gzip_content_digest(stream: IO[bytes]) -> Digest:
 # What moby's legacy load drops from a v1 image JSON to make an image config of it.
 _V1_ONLY_KEYS = frozenset({"id", "parent", "Size", "parent_id", "layer_id", "throwaway"})
 _MAX_V1_CHAIN = 1000  # layers a v1 image may have, as parents of one another
+# Layers of all the images one archive names, each counted once per image: the configs
+# and manifests made are as large as this sum, which a small archive can make huge (a
+# thousand tags on the tip of a long chain of parents).
+_MAX_V1_LAYERS = 10 * _MAX_V1_CHAIN
 
 
 def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_LoadedImage]:
     """Roots of a ``docker save`` from before Docker 1.10 (``repositories`` and
     ``<id>/json`` + ``<id>/layer.tar``, no manifest.json): the config and manifest are
     made from the v1 JSON of each tagged image and its parents, as moby's legacy load
-    makes them."""
+    makes them. Each v1 JSON is read once, however many images have it as a parent."""
     repositories = _archive_json(contents, "repositories")
     if not isinstance(repositories, dict) or not all(
             isinstance(tags, dict) and all(isinstance(i, str) for i in tags.values())
@@ -5257,55 +5469,94 @@ def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
     roots: Dict[str, Descriptor] = {}
     names: Dict[str, List[str]] = {}
     layers: Dict[str, Tuple[Descriptor, str]] = {}  # by image ID: each inflated once
+    v1s: Dict[str, Tuple[str, Dict[str, Any], int]] = {}  # by image ID: see _legacy_v1
+    total = 0
     for repository, tags in repositories.items():
         for tag, image_id in tags.items():
             if image_id not in roots:
-                roots[image_id] = _legacy_image(contents, layout, image_id, layers)
+                chain = _legacy_chain(contents, image_id, v1s)
+                total += len(chain)
+                if total > _MAX_V1_LAYERS:
+                    raise InvalidArchiveError(f"archive's images have more than "
+                                              f"{_MAX_V1_LAYERS} layers in all")
+                roots[image_id] = _legacy_image(contents, layout, chain, layers, v1s)
             names.setdefault(image_id, []).append(f"{repository}:{tag}")
     if not roots:
         raise InvalidArchiveError("archive names no image: its repositories file is empty")
     return [_LoadedImage(roots[i], _canonical_names(names[i], "repositories")) for i in roots]
 
 
-def _legacy_image(contents: _ArchiveContents, layout: Layout, top: str,
-                  known: Dict[str, Tuple[Descriptor, str]]) -> Descriptor:
-    chain: List[Tuple[str, Dict[str, Any]]] = []  # the image, then its parents
+def _legacy_chain(contents: _ArchiveContents, top: str,
+                  v1s: Dict[str, Tuple[str, Dict[str, Any], int]]) -> List[str]:
+    """The image ID ``top``, then its parents'."""
+    chain: List[str] = []
+    seen = set()
     current = top
     while current:
-        if any(current == i for i, _ in chain) or len(chain) >= _MAX_V1_CHAIN:
+        if current in seen or len(chain) >= _MAX_V1_CHAIN:
             raise InvalidArchiveError(f"archive's image {_shorten(top)!r} has a loop or more "
                                       f"than {_MAX_V1_CHAIN} parents")
-        if "/" in current or current in ("", ".", ".."):
-            raise InvalidArchiveError(f"archive names an invalid image ID {_shorten(current)!r}")
-        data = contents.read_small(f"{current}/json")
-        try:
-            v1 = _load_json_object(data, f"archive's {_shorten(current)}/json")
-        except OciCacheError as e:
-            raise InvalidArchiveError(str(e)) from None
-        chain.append((current, v1))
-        parent = v1.get("parent") or ""
-        if not isinstance(parent, str):
-            raise InvalidArchiveError(f"archive's {_shorten(current)}/json has a bad parent")
-        current = parent
+        if current not in v1s:
+            v1s[current] = _legacy_v1(contents, current)
+        seen.add(current)
+        chain.append(current)
+        current = v1s[current][0]
+    return chain
+
+
+def _legacy_json(contents: _ArchiveContents, image_id: str) -> Dict[str, Any]:
+    if "/" in image_id or image_id in ("", ".", ".."):
+        raise InvalidArchiveError(f"archive names an invalid image ID {_shorten(image_id)!r}")
+    data = contents.read_small(f"{image_id}/json")
+    try:
+        return _load_json_object(data, f"archive's {_shorten(image_id)}/json")
+    except OciCacheError as e:
+        raise InvalidArchiveError(str(e)) from None
+
+
+def _legacy_v1(contents: _ArchiveContents, image_id: str) -> Tuple[str, Dict[str, Any], int]:
+    """What an image's v1 JSON gives the images made from it: its parent's ID, its entry
+    of their config's history, and that entry's size in the config."""
+    v1 = _legacy_json(contents, image_id)
+    parent = v1.get("parent") or ""
+    if not isinstance(parent, str):
+        raise InvalidArchiveError(f"archive's {_shorten(image_id)}/json has a bad parent")
+    container = v1.get("container_config")
+    command = container.get("Cmd") if isinstance(container, dict) else None
+    entry: Dict[str, Any] = {k: v1[k] for k in ("created", "author", "comment") if k in v1}
+    if isinstance(command, list):
+        entry["created_by"] = " ".join(str(c) for c in command)
+    return parent, entry, len(_json_bytes(entry)) + 1
+
+
+def _legacy_image(contents: _ArchiveContents, layout: Layout, chain: Sequence[str],
+                  known: Dict[str, Tuple[Descriptor, str]],
+                  v1s: Mapping[str, Tuple[str, Dict[str, Any], int]]) -> Descriptor:
+    """The manifest (and config) made for the image ``chain[0]``, its parents after it."""
+    history_size = sum(v1s[i][2] for i in chain)
+    if history_size > MAX_MANIFEST_SIZE:  # known before the config is built in memory
+        raise InvalidArchiveError(
+            f"archive's image {_shorten(chain[0])!r} has a history of {history_size} bytes; "
+            f"a config ocicache can read holds at most {MAX_MANIFEST_SIZE}")
     layers, diff_ids, history = [], [], []
-    for image_id, v1 in reversed(chain):
+    for image_id in reversed(chain):
         if image_id not in known:
             known[image_id] = _legacy_layer(contents, layout, f"{image_id}/layer.tar")
         layers.append(known[image_id][0])
         diff_ids.append(known[image_id][1])
-        container = v1.get("container_config")
-        command = container.get("Cmd") if isinstance(container, dict) else None
-        history.append({**{k: v1[k] for k in ("created", "author", "comment") if k in v1},
-                        **({"created_by": " ".join(str(c) for c in command)}
-                           if isinstance(command, list) else {})})
-    config = {k: v for k, v in chain[0][1].items() if k not in _V1_ONLY_KEYS}
+        history.append(v1s[image_id][1])
+    config = {k: v for k, v in _legacy_json(contents, chain[0]).items()
+              if k not in _V1_ONLY_KEYS}
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     config["history"] = history
     config_data = _json_bytes(config, sort_keys=True, separators=(",", ":"))
+    if len(config_data) > MAX_MANIFEST_SIZE:
+        raise InvalidArchiveError(f"archive's image {_shorten(chain[0])!r} makes a config of "
+                                  f"{len(config_data)} bytes; ocicache reads at most "
+                                  f"{MAX_MANIFEST_SIZE}")
     config_descriptor = Descriptor(MEDIA_OCI_CONFIG, layout.write_blob_bytes(config_data),
                                    len(config_data))
-    data = Manifest(MEDIA_OCI_MANIFEST, config_descriptor, tuple(layers)).to_bytes()
-    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob_bytes(data), len(data))
+    return _made_manifest(layout, config_descriptor, layers)
 
 
 def _legacy_layer(contents: _ArchiveContents, layout: Layout,
@@ -6244,29 +6495,35 @@ def _bounded_entry(descriptor: Descriptor) -> Descriptor:
 
 def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
+    return wanted in _name_answers_to(stored)
+
+
+def _name_answers_to(stored: str) -> Tuple[Reference, ...]:
+    """The references a stored name is (``_names_match`` as keys, so that many names are
+    matched with many in linear time): itself, and for an untagged one ':latest'."""
     if not stored:
-        return False
+        return ()
     try:
         ref = Reference.parse(stored, default_tag="")
     except InvalidReferenceError:
-        return False
-    if ref == wanted:
-        return True
-    return (not ref.tag and ref.digest is None and wanted.tag == "latest"
-            and wanted.digest is None and ref.name == wanted.name)
+        return ()
+    if not ref.tag and ref.digest is None:
+        return ref, ref.with_tag("latest")
+    return (ref,)
 
 
-def _keep_spelling(manifests: Sequence[Descriptor], name: str, entry: Descriptor) -> Descriptor:
-    """``entry``, named as the stored entry it replaces is spelled. linuxkit stores
+def _keep_spelling(spellings: Mapping[Reference, Sequence[str]], name: str,
+                   entry: Descriptor) -> Descriptor:
+    """``entry``, named as the stored entry it replaces is spelled (``spellings``: the
+    stored names each reference answers to). linuxkit stores
     ``host:port/repo`` and YAML references untagged (``util.ReferenceExpand`` in
     src/cmd/linuxkit/util/reference.go adds ``:latest`` only to a string without a colon)
     and looks names up by exact string, so renaming such an entry ``…:latest`` would
     hide it from linuxkit and make its next pull write a duplicate."""
-    wanted = Reference.parse(name)
-    spellings = [m.name for m in manifests if _names_match(m.name, wanted)]
-    if not spellings or name in spellings:
+    stored = spellings.get(Reference.parse(name), ())
+    if not stored or name in stored:
         return entry
-    return entry.named(spellings[0])
+    return entry.named(stored[0])
 
 
 _LINUXKIT_DIGEST_ARCH_NAME = re.compile(r"(.+@sha256:[0-9a-f]{64})-[a-z0-9_]+")
@@ -6538,11 +6795,19 @@ class Provider(CacheProvider):
 
     def _write_names(self, entries: Sequence[Tuple[str, Descriptor]]) -> List[Descriptor]:
         """One index update naming every entry, each labelled with the media type its
-        blob has; refuses if any needs a missing blob, or a descriptor (size, media
-        type of a child, a digest the name pins) disagrees with its content. Returns
-        the entries written."""
+        blob has; refuses if any needs a missing blob, a descriptor (size, media type of
+        a child, a digest the name pins) disagrees with its content, or one name is given
+        to two images (an archive naming two alike). Returns the entries written."""
+        chosen: Dict[Reference, Tuple[str, Descriptor]] = {}
+        for name, descriptor in entries:
+            _, other = chosen.setdefault(Reference.parse(name), (name, descriptor))
+            if other.digest != descriptor.digest:
+                raise OciCacheError(f"cannot name both {other.digest} and "
+                                    f"{descriptor.digest} {_shorten(_one_line(name))}")
+        entries = list(chosen.values())
         with self.layout.lock():
-            entries = [(name, self.layout.believed(d)) for name, d in entries]
+            entries = list(zip([name for name, _ in entries],
+                               self.layout.believed_all([d for _, d in entries])))
             marked = self.layout.reachable([d for _, d in entries])
             problems = marked.missing + marked.unreadable
             if problems:
@@ -6551,11 +6816,17 @@ class Provider(CacheProvider):
             if marked.wrong:
                 raise CorruptCacheError(f"cannot name {_shorten(entries[0][0])}: "
                                         f"{marked.wrong[0]}")
-            wanted = [Reference.parse(name) for name, _ in entries]
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
-                kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                new = kept + [_keep_spelling(manifests, name, d) for name, d in entries]
+                kept: List[Descriptor] = []
+                spellings: Dict[Reference, List[str]] = {}
+                for m in manifests:
+                    answers = _name_answers_to(m.name)
+                    for ref in answers:
+                        spellings.setdefault(ref, []).append(m.name)
+                    if not any(ref in chosen for ref in answers):
+                        kept.append(m)
+                new = kept + [_keep_spelling(spellings, name, d) for name, d in entries]
                 size = len(_json_bytes(Index(MEDIA_OCI_INDEX, tuple(new)).to_json(),
                                        indent=_INDEX_INDENT))
                 if size > MAX_INDEX_SIZE:
@@ -6609,7 +6880,7 @@ class Provider(CacheProvider):
             images = _load_archive(stream, self.layout)
             if name:
                 images = _name_image(images, Reference.parse(name))
-            roots = [self.layout.believed(_bounded_entry(image.descriptor)) for image in images]
+            roots = self.layout.believed_all([_bounded_entry(i.descriptor) for i in images])
             # Sizes and child media types are the archive's word about its blobs (they
             # are inside its manifests): one that disagrees is refused; a root's label,
             # which is only index.json's, is corrected.
@@ -6782,8 +7053,7 @@ class Provider(CacheProvider):
         out = []
         for entry in map(self.layout.believed, self.names()):
             reachable = self.layout.reachable([entry]).digests
-            size = sum(os.path.getsize(self.layout.blob_path(d)) for d in reachable
-                       if self.layout.has_blob(d))
+            size = sum(self.layout.blob_size(d) or 0 for d in reachable)
             out.append(ImageSummary(entry.name, entry, tuple(self._platforms(entry)), size))
         return out
 
@@ -7975,7 +8245,7 @@ class _CacheSource(ImageSource):
                     f"{self._ref} is not complete in the cache: {len(incomplete)} blobs are "
                     "missing (pull it with --all-platforms first)")
             top = Descriptor(root.media_type, root.digest, root.size)
-            blobs = [Descriptor("", d, os.path.getsize(layout.blob_path(d)))
+            blobs = [Descriptor("", d, layout.blob_size(d) or 0)
                      for d in marked.digests if d != root.digest] + [top]
         elif "," in self._architecture:
             top, blobs, extra = self._provider._platform_subset(self._ref, self._architecture)
@@ -8724,6 +8994,40 @@ def _terminate_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _resolve_output(path: str) -> str:
+    """``path`` with its links resolved as the kernel lets this process follow them
+    (``fs.protected_symlinks``): a link in a sticky, world-writable directory such as
+    /tmp is followed only if it is this user's or the directory owner's. realpath()
+    follows every link, so a link another user planted at ``/tmp/out.tar`` made root's
+    export replace any file it named."""
+    parts = os.path.abspath(path).split(os.sep)[1:]
+    current, followed = os.sep, 0
+    while parts:
+        part = parts.pop(0)
+        candidate = os.path.join(current, part)
+        try:
+            info = os.lstat(candidate)
+        except OSError:  # missing (a new file), or not to be looked into: as it is
+            return os.path.join(candidate, *parts)
+        if not stat.S_ISLNK(info.st_mode):
+            current = candidate
+            continue
+        parent = os.stat(current)
+        if parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH and \
+                info.st_uid not in (os.geteuid(), parent.st_uid):
+            raise OciCacheError(f"cannot write {path}: {candidate} is a link of another "
+                                f"user's (uid {info.st_uid}) in the shared directory "
+                                f"{current}; remove it, or write elsewhere")
+        followed += 1
+        if followed > 40:
+            raise OciCacheError(f"cannot write {path}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        parts = [p for p in target.split(os.sep) if p] + parts
+        if target.startswith(os.sep):
+            current = os.sep
+    return os.path.normpath(current)
+
+
 def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Write an export to ``path`` without ever replacing what is there unless it is a
     regular file: a device or a FIFO (or a link to one) is written into as it is, as
@@ -8731,7 +9035,7 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
     regular file, or a new one, is written beside itself and renamed over (a link
     stays a link: its target is replaced); an existing file keeps its mode, a new one
     gets the umask's."""
-    target = os.path.realpath(path)
+    target = _resolve_output(path)
     try:
         existing: Optional[os.stat_result] = os.stat(target)
     except FileNotFoundError:
