@@ -205,6 +205,10 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # entry copied from an archive may take at most _MAX_IMPORTED_ENTRY bytes of it.
 MAX_INDEX_SIZE = 64 * MAX_MANIFEST_SIZE
 _MAX_IMPORTED_ENTRY = 16 * 1024
+# ls's memo of what each root reaches (_SummaryMemo), in the cache beside index.json;
+# one larger than this is ignored and rebuilt smaller (the memory bound holds).
+SUMMARIES_FILE = "ocicache-summaries.json"
+MAX_SUMMARIES_SIZE = 16 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
@@ -296,6 +300,11 @@ def _value_type(cls: Optional[type] = None, *, frozen: bool = True) -> Any:
     post_init = cls.__dict__.get("__post_init__")
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs and len(args) == len(fields):  # every field given in order: no defaults
+            self.__dict__.update(zip(names, args))
+            if post_init is not None:
+                post_init(self)
+            return
         if len(args) > len(fields):
             raise TypeError(f"{title}() takes {len(fields)} arguments, {len(args)} given")
         values = dict(zip(names, args))
@@ -390,7 +399,13 @@ class Digest:
         algorithm, sep, hexpart = value.partition(":")
         if not sep:
             raise InvalidDigestError(f"invalid digest {_shorten(value)!r}: no algorithm")
-        return cls(algorithm, hexpart)
+        if len(hexpart) == _DIGEST_HEX_LENGTHS.get(algorithm) and _HEX.issuperset(hexpart):
+            # Valid, as __post_init__ would find: built without the generic __init__, as
+            # reading index.json and manifests parses several digests per entry.
+            digest = object.__new__(cls)
+            digest.__dict__.update(algorithm=algorithm, hex=hexpart)
+            return digest
+        return cls(algorithm, hexpart)  # raises the error naming what is wrong
 
     @classmethod
     def from_bytes(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
@@ -702,12 +717,14 @@ def select_platform(children: Sequence["Descriptor"], wanted: Platform) -> Optio
 # re-serialised: these types are for reading; blobs keep the bytes they arrived with.
 # =====================================================================================
 
-_DESCRIPTOR_KEYS = ("mediaType", "size", "digest", "data", "urls", "annotations",
-                    "platform", "artifactType")
+_DESCRIPTOR_KEYS = frozenset({"mediaType", "size", "digest", "data", "urls", "annotations",
+                              "platform", "artifactType"})
 
 
 def _freeze(mapping: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
-    if mapping is not None and not isinstance(mapping, Mapping):
+    # A dict is asked first: the ABC check of typing.Mapping is slow, and this runs twice
+    # for every descriptor built.
+    if mapping is not None and type(mapping) is not dict and not isinstance(mapping, Mapping):
         raise OciCacheError(f"expected a JSON object, not {type(mapping).__name__}")
     return MappingProxyType(dict(mapping or {}))
 
@@ -750,17 +767,24 @@ class Descriptor:
             urls = data.get("urls") or []
             if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
                 raise OciCacheError("urls must be a list of strings")
-            return cls(
-                media_type=str(data.get("mediaType", "")),
-                digest=Digest.parse(data.get("digest", "")),
-                size=data.get("size", -1),
-                annotations=annotations,
+            media_type = str(data.get("mediaType", ""))
+            digest = Digest.parse(data.get("digest", ""))
+            size = data.get("size", -1)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise OciCacheError(f"descriptor {digest}: invalid size {size!r}")
+            # Built directly, each field already what __post_init__ makes it: reading an
+            # index.json of 20,000 names parses a descriptor per name, and manifests more.
+            descriptor = object.__new__(cls)
+            descriptor.__dict__.update(
+                media_type=media_type, digest=digest, size=size,
+                annotations=MappingProxyType(dict(annotations)),
                 platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
                 urls=tuple(urls),
                 artifact_type=str(data.get("artifactType", "")),
                 data=str(data.get("data", "")),
-                extra={k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS},
-            )
+                extra=MappingProxyType(
+                    {k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS}))
+            return descriptor
         except (TypeError, AttributeError) as e:
             raise OciCacheError(f"invalid descriptor: {e}") from None
 
@@ -825,13 +849,15 @@ _JSON_MAX_DEPTH = 500
 def _nested_deeper_than(obj: Any, limit: int) -> bool:
     """Whether decoded JSON nests arrays and objects more than ``limit`` levels deep;
     walked with a stack of its own, as the point is that recursion would not do."""
-    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
+    # Level by level, in comprehensions: index.json of 20,000 names holds 40,000 objects.
+    level = [obj] if isinstance(obj, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        level = [c for value in level for c in (
+            value.values() if isinstance(value, dict) else value) if isinstance(c, (dict, list))]
     return False
 
 
@@ -1161,7 +1187,10 @@ _OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 _EMPTY_INDEX_BYTES = (
     b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",'
     b'"manifests":[]}')
-_INDEX_INDENT = 3  # linuxkit's indent; its tests read index.json with jq, not by bytes
+# index.json is written compact, as the C encoder writes it: with an indent json falls
+# back to its pure-Python encoder, a third of a second for 20,000 names. linuxkit reads
+# it with Go's encoding/json and its tests with jq, so any valid JSON does.
+_INDEX_SEPARATORS = (",", ":")
 
 
 _CREATE_MODE = 0o666  # the umask decides: 0644 for one user, 0664 in a group-shared cache
@@ -1359,7 +1388,7 @@ os.register_at_fork(after_in_child=_forget_locks_after_fork)
 # verify and for gc to remove the stale ones (a crash or a SIGKILL leaves them behind).
 _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
 _OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
-_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout)\.tmp-[A-Za-z0-9_]+"
+_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout|ocicache-summaries\.json)\.tmp-[A-Za-z0-9_]+"
 _LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
 
 
@@ -1567,6 +1596,7 @@ class Layout:
                                 "or leave --cache out for the default")
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self.index_path = os.path.join(self.root, "index.json")
+        self.summaries_path = os.path.join(self.root, SUMMARIES_FILE)
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
@@ -1910,6 +1940,33 @@ class Layout:
                 found.append((os.path.basename(path), path))
         return found
 
+    def blob_names(self) -> Set[str]:
+        """``alg:hex`` of every entry of each ``blobs/<alg>`` directory, listed without a
+        stat of each (``ls`` asks only whether a blob is there)."""
+        names: Set[str] = set()
+        for algorithm, directory in self._blob_directories():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                names.update(f"{algorithm}:{name}" for name in os.listdir(directory))
+        return names
+
+    def read_summaries(self) -> bytes:
+        """The bytes of the summary memo (``_SummaryMemo``), b"" when it is absent or no
+        regular file; never read through a symlink."""
+        try:
+            with self._root_directory() as directory, os.fdopen(_open_regular(
+                    SUMMARIES_FILE, os.O_RDONLY, directory, self.summaries_path), "rb") as f:
+                return f.read(MAX_SUMMARIES_SIZE + 1)
+        except (OSError, OciCacheError):
+            return b""
+
+    def write_summaries(self, data: bytes) -> None:
+        """Replace the summary memo; it is only a memo, so failing to is not an error."""
+        try:
+            with self._root_directory() as directory:
+                _write_file_atomically(directory, SUMMARIES_FILE, data)
+        except OSError as e:
+            _log().debug("cannot write %s: %s", self.summaries_path, e)
+
     # -- index.json -------------------------------------------------------------------
 
     def read_index(self) -> Index:
@@ -1924,6 +1981,13 @@ class Layout:
 
     def _read_index(self) -> Index:
         try:
+            return Index.from_json(self._read_index_object(), what=self.index_path)
+        except OciCacheError as e:
+            raise CorruptCacheError(f"invalid image cache: {e}") from None
+
+    def _read_index_object(self) -> Dict[str, Any]:
+        """index.json decoded, an object whose ``manifests`` (if any) is a list."""
+        try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
                 data = f.read(MAX_INDEX_SIZE + 1)
         except FileNotFoundError:
@@ -1932,24 +1996,64 @@ class Layout:
             raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
                                     "more than ocicache reads; 'ocicache clean' empties it")
         try:
-            return Index.from_json(data, what=self.index_path)
+            obj = _load_json_object(data, self.index_path)
         except OciCacheError as e:
             raise CorruptCacheError(f"invalid image cache: {e}") from None
+        if not isinstance(obj.get("manifests") or [], list):
+            raise CorruptCacheError(f"invalid image cache: {self.index_path}: 'manifests' "
+                                    "is not a list")
+        return obj
+
+    def index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
+        """The root entries, in index order, for which ``keep(name, digest)`` holds (each
+        given as index.json spells it, "" when absent or not a string). Only those are
+        parsed as descriptors: a lookup in 20,000 names builds one."""
+        try:
+            return self._index_entries(keep)
+        except CorruptCacheError:
+            with self.lock():  # perhaps a rewrite by linuxkit under way: see read_index
+                return self._index_entries(keep)
+
+    def _index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
+        found = []
+        for raw in self._read_index_object().get("manifests") or []:
+            annotations = raw.get("annotations") if isinstance(raw, dict) else None
+            name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else ""
+            digest = raw.get("digest") if isinstance(raw, dict) else ""
+            if keep(name if isinstance(name, str) else "",
+                    digest if isinstance(digest, str) else ""):
+                try:
+                    found.append(Descriptor.from_json(raw))
+                except OciCacheError as e:
+                    raise CorruptCacheError(f"invalid image cache: {self.index_path}: {e}"
+                                            ) from None
+        return found
 
     def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]],
-                     on_full: Optional[Callable[[], None]] = None) -> None:
+                     on_full: Optional[Callable[[], None]] = None,
+                     index: Optional[Index] = None, what: str = "") -> None:
         """Apply ``change`` to the root entries under the lock, then replace index.json.
+
+        ``index`` is index.json as the caller read it holding the lock already (read
+        here otherwise): one read per command. An index.json past MAX_INDEX_SIZE, which
+        could not be read back, is refused, saying ``what`` was being done.
 
         Replacing it needs room for a second copy; on a full disk ``on_full`` (given by
         ``rm`` and ``clean``, whose change frees blobs) deletes them first, then it is
         tried once more.
         """
         with self.lock():
-            index = self.read_index()
+            if index is None:
+                index = self.read_index()
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
-                                      media_type=index.media_type or MEDIA_OCI_INDEX)
-            self.replace_index(_json_bytes(new.to_json(), indent=_INDEX_INDENT), on_full)
+                           media_type=index.media_type or MEDIA_OCI_INDEX)
+            data = _json_bytes(new.to_json(), separators=_INDEX_SEPARATORS)
+            if len(data) > MAX_INDEX_SIZE:
+                raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
+                                    f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
+                                    "ocicache reads; remove names first")
+            self.replace_index(data, on_full)
 
     def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
         """Replace index.json with ``data`` under the lock, without reading it (``clean``
@@ -2004,14 +2108,14 @@ class Layout:
         disagrees with its blob, and a name pinning another digest than its entry's, are
         ``wrong``. Each problem names the names that need the blob.
         """
-        owners: Dict[Digest, List[str]] = {}
+        # digest -> the names that reach it, in the order found (dicts as ordered sets:
+        # a layer shared by every name must not cost a scan of them all per name)
+        owners: Dict[Digest, Dict[str, None]] = {}
         # (kind, digest, why) -> the names whose walk met it, in the order found
-        problems: Dict[Tuple[str, Digest, str], List[str]] = {}
+        problems: Dict[Tuple[str, Digest, str], Dict[str, None]] = {}
 
         def problem(kind: str, digest: Digest, why: str, owner: str) -> None:
-            names = problems.setdefault((kind, digest, why), [])
-            if owner not in names:
-                names.append(owner)
+            problems.setdefault((kind, digest, why), {})[owner] = None
 
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
         for root in roots:
@@ -2032,9 +2136,7 @@ class Layout:
                 if digest in seen:
                     continue
                 seen.add(digest)
-                names = owners.setdefault(digest, [])
-                if owner not in names:
-                    names.append(owner)
+                owners.setdefault(digest, {})[owner] = None
                 if size is None:
                     if required and not _is_foreign(descriptor):
                         problem("missing", digest, "", owner)
@@ -2057,7 +2159,7 @@ class Layout:
             out = []
             for (kind, digest, why), names in problems.items():
                 if kind == which:
-                    out.append(f"{digest} (needed by {_names_list(names)})" +
+                    out.append(f"{digest} (needed by {_names_list(list(names))})" +
                                (f": {why}" if why else ""))
             return tuple(out)
 
@@ -5665,6 +5767,12 @@ def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
     if not stored:
         return False
+    if stored == str(wanted):  # the canonical spelling, as ocicache stores names
+        return True
+    if wanted.repository.rpartition("/")[2] not in stored:
+        # Every spelling of a name holds the last component of its path as written, so
+        # no other stored name is parsed: a lookup in 20,000 names parses one or two.
+        return False
     try:
         ref = Reference.parse(stored, default_tag="")
     except InvalidReferenceError:
@@ -5879,6 +5987,127 @@ def _daemon_json_mirrors() -> List[Tuple[str, str]]:
     return mirrors
 
 
+@_value_type
+class _RootFacts:
+    """What a root reaches, as ``ls`` shows it (see ``_SummaryMemo``)."""
+
+    media_type: str                                    # what its blob is (read_document)
+    size: int                                          # its blob's size
+    blobs: Tuple[Tuple[str, int], ...]                 # every blob reached, with its size
+    platforms: Tuple[Tuple[str, Tuple[str, ...]], ...]  # platform, the blobs its image needs
+
+
+_MEMO_PLATFORM = re.compile(r"[^\x00-\x20\x7f-\x9f]{1,256}")
+
+
+class _SummaryMemo:
+    """``ls``'s memo of what each root reaches (``_RootFacts``), kept in the cache as
+    SUMMARIES_FILE and keyed by the root's digest. Blobs never change, so what a root
+    reaches stays true whichever names point at it: only whether those blobs are still
+    there is asked again, by every ``ls``. ``ls`` fills it for the roots it lacks
+    (linuxkit's names too) and writes it back holding only the roots named then.
+
+    It is believed for the listing alone, and only in a shape it could have been
+    written in; a memo that is not (corrupt, from another version, planted) is ignored
+    and rebuilt. Everything that decides (verify, gc, rm, pulls, names) follows the
+    documents. linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
+
+    ``{"version": 1, "blobs": [[digest, size], ...], "roots": {digest: [media type,
+    size, [blob number, ...], [[platform, [blob number, ...]], ...]]}}``: a layer shared
+    by many roots is written once."""
+
+    VERSION = 1
+
+    def __init__(self, blobs: List[Any], roots: Dict[str, Any]) -> None:
+        self._blobs = blobs      # as read: checked when a root that uses them is
+        self._roots = roots
+        self._learned: Dict[str, _RootFacts] = {}
+
+    @classmethod
+    def parse(cls, data: bytes) -> "_SummaryMemo":
+        """The memo in ``data``, or an empty one when it is not a memo."""
+        if not data or len(data) > MAX_SUMMARIES_SIZE:
+            return cls([], {})
+        try:
+            obj = _parse_json(data, SUMMARIES_FILE)
+        except OciCacheError:
+            return cls([], {})
+        if not isinstance(obj, dict) or obj.get("version") != cls.VERSION or \
+                not isinstance(obj.get("blobs"), list) or not isinstance(obj.get("roots"), dict):
+            return cls([], {})
+        return cls(obj["blobs"], obj["roots"])
+
+    def facts(self, entry: Descriptor) -> Optional[_RootFacts]:
+        """What the memo says ``entry``'s root reaches, or None when it does not know
+        it, or says it in a shape it is never written in."""
+        digest = str(entry.digest)
+        if digest in self._learned:
+            return self._learned[digest]
+        value = self._roots.get(digest)
+        if not isinstance(value, list) or len(value) != 4:
+            return None
+        media_type, size, reached, platforms = value
+        blobs = self._blob_list(reached)
+        if not isinstance(media_type, str) or size != entry.size or blobs is None or \
+                not isinstance(platforms, list):
+            return None
+        images = []
+        for platform in platforms:
+            if not isinstance(platform, list) or len(platform) != 2 or \
+                    not isinstance(platform[0], str) or \
+                    not _MEMO_PLATFORM.fullmatch(platform[0]):
+                return None
+            needed = self._blob_list(platform[1])
+            if needed is None:
+                return None
+            images.append((platform[0], tuple(d for d, _ in needed)))
+        return _RootFacts(media_type, size, tuple(blobs), tuple(images))
+
+    def _blob_list(self, numbers: Any) -> Optional[List[Tuple[str, int]]]:
+        if not isinstance(numbers, list):
+            return None
+        out = []
+        for number in numbers:
+            if type(number) is not int or not 0 <= number < len(self._blobs):
+                return None
+            blob = self._blobs[number]
+            if not isinstance(blob, list) or len(blob) != 2 or not isinstance(blob[0], str) \
+                    or type(blob[1]) is not int or blob[1] < 0:
+                return None
+            out.append((blob[0], blob[1]))
+        return out
+
+    def learn(self, digest: str, facts: _RootFacts) -> None:
+        self._learned[digest] = facts
+
+    def to_bytes(self, keep: Set[str]) -> bytes:
+        """The memo of the roots in ``keep`` that it knows, in the shape it reads back."""
+        numbers: Dict[Tuple[str, int], int] = {}
+
+        def number(blob: Tuple[str, int]) -> int:
+            return numbers.setdefault(blob, len(numbers))
+
+        roots: Dict[str, Any] = {}
+        for digest in sorted(keep):
+            facts = self._learned.get(digest) or self._read(digest)
+            if facts is None:
+                continue
+            sizes = dict(facts.blobs)
+            roots[digest] = [facts.media_type, facts.size, [number(b) for b in facts.blobs],
+                             [[platform, [number((d, sizes.get(d, 0))) for d in needed]]
+                              for platform, needed in facts.platforms]]
+        return _json_bytes({"version": self.VERSION, "blobs": [list(b) for b in numbers],
+                            "roots": roots}, separators=(",", ":"))
+
+    def _read(self, digest: str) -> Optional[_RootFacts]:
+        """The facts read for ``digest``, whatever root size they are for."""
+        value = self._roots.get(digest)
+        if not isinstance(value, list) or len(value) != 4 or type(value[1]) is not int \
+                or value[1] < 0:
+            return None
+        return self.facts(Descriptor(MEDIA_OCI_MANIFEST, Digest.parse(digest), value[1]))
+
+
 class Provider(CacheProvider):
     """The cache in ``directory`` (default: ``default_cache_dir()``).
 
@@ -5917,15 +6146,15 @@ class Provider(CacheProvider):
         that digest (the one of that name first); else the entry of that name. Its
         media type is what its blob is (``read_document``), whatever index.json says."""
         wanted = Reference.parse(ref)
-        entries = self.layout.read_index().manifests
         if wanted.digest is not None:
             # A digest is a promise: an entry whose name pins it but whose content is
             # another digest is never the answer.
-            pinned = [e for e in entries if e.digest == wanted.digest]
+            pinned = self.layout.index_entries(lambda _, digest: digest == str(wanted.digest))
             found = next((e for e in pinned if _names_match(e.name, wanted)),
                          pinned[0] if pinned else None)
         else:
-            found = next((e for e in entries if _names_match(e.name, wanted)), None)
+            found = next(iter(self.layout.index_entries(
+                lambda name, _: _names_match(name, wanted))), None)
         return self.layout.believed(found) if found is not None else None
 
     def _find_named(self, ref: RefLike) -> Descriptor:
@@ -5934,8 +6163,7 @@ class Provider(CacheProvider):
         except InvalidReferenceError:
             # Not a reference, but perhaps a name linuxkit stored (see _name_predicate).
             matches = _name_predicate(ref)
-            found = next((e for e in self.layout.read_index().manifests if matches(e.name)),
-                         None)
+            found = next(iter(self.layout.index_entries(lambda name, _: matches(name))), None)
             if found is None:
                 raise
             return self.layout.believed(found)
@@ -5945,7 +6173,7 @@ class Provider(CacheProvider):
 
     def names(self) -> List[Descriptor]:
         """Every named root entry, in index order."""
-        return [e for e in self.layout.read_index().manifests if e.name]
+        return self.layout.index_entries(lambda name, _: bool(name))
 
     def descriptor_write(self, ref: RefLike, descriptor: DescriptorLike) -> ImageSource:
         """Name ``descriptor`` (whose blob must be in the cache), replacing that name."""
@@ -5973,16 +6201,9 @@ class Provider(CacheProvider):
 
             def change(manifests: List[Descriptor]) -> List[Descriptor]:
                 kept = [m for m in manifests if not any(_names_match(m.name, w) for w in wanted)]
-                new = kept + [_keep_spelling(manifests, name, d) for name, d in entries]
-                size = len(_json_bytes(Index(MEDIA_OCI_INDEX, tuple(new)).to_json(),
-                                       indent=_INDEX_INDENT))
-                if size > MAX_INDEX_SIZE:
-                    raise OciCacheError(f"cannot name {_shorten(entries[0][0])}: index.json "
-                                        f"would grow to {size} bytes, past the "
-                                        f"{MAX_INDEX_SIZE} ocicache reads; remove names first")
-                return new
+                return kept + [_keep_spelling(manifests, name, d) for name, d in entries]
 
-            self.layout.update_index(change)
+            self.layout.update_index(change, what=f"cannot name {_shorten(entries[0][0])}")
             return [d for _, d in entries]
 
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
@@ -6192,16 +6413,66 @@ class Provider(CacheProvider):
         return root if complete else None
 
     def summaries(self) -> List[ImageSummary]:
-        """Every name with the platforms complete in the cache and its size on disk."""
+        """Every name with the platforms complete in the cache and its size on disk.
+
+        What each root reaches comes from the summary memo (``_SummaryMemo``) when it
+        knows the root, else from its documents, and is then remembered; what is there
+        comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
+        no manifest it has seen before."""
+        memo = _SummaryMemo.parse(self.layout.read_summaries())
+        present = self.layout.blob_names()
+        names = self.names()
         out = []
-        for entry in map(self.layout.believed, self.names()):
-            reachable = self.layout.reachable([entry]).digests
-            size = sum(os.path.getsize(self.layout.blob_path(d)) for d in reachable
-                       if self.layout.has_blob(d))
-            out.append(ImageSummary(entry.name, entry, tuple(self._platforms(entry)), size))
+        learned = False
+        for entry in names:
+            facts = memo.facts(entry)
+            if facts is None:
+                facts, exact = self._summary_facts(entry)
+                if exact:
+                    memo.learn(str(entry.digest), facts)
+                    learned = True
+            descriptor = entry if facts.media_type == entry.media_type else \
+                _replace(entry, media_type=facts.media_type)
+            size = sum(size for digest, size in facts.blobs if digest in present)
+            platforms = tuple(platform for platform, needed in facts.platforms
+                              if present.issuperset(needed))
+            out.append(ImageSummary(entry.name, descriptor, platforms, size))
+        if learned:
+            self.layout.write_summaries(memo.to_bytes({str(e.digest) for e in names}))
         return out
 
-    def _platforms(self, root: Descriptor) -> List[str]:
+    def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:
+        """What ``entry`` reaches, from its documents (the blobs there, with their sizes,
+        and each platform image's blobs; one whose blobs are not all there with the size
+        its manifest gives is left out); and whether that is the whole truth about the
+        root for as long as its blob exists: every document read, nothing missing or
+        disagreeing, so that the memo may keep it."""
+        believed = self.layout.believed(entry)
+        marked = self.layout.reachable([believed])
+        sizes = {str(d): self.layout.blob_size(d) for d in marked.digests}
+        exact = not (marked.missing or marked.unreadable or marked.wrong) and \
+            None not in sizes.values()
+        images, readable = self._platform_images(believed)
+        platforms = []
+        for child in images:
+            try:
+                manifest = self.manifest(child)
+            except OciCacheError:
+                exact = False
+                continue
+            blobs = [b for b in manifest.blobs() if not _is_foreign(b)]
+            if all(self.layout.has_blob(b.digest, b.size) for b in blobs):
+                platforms.append((str(child.platform),
+                                  (str(child.digest), *(str(b.digest) for b in blobs))))
+            else:
+                exact = False
+        reached = tuple((digest, size) for digest, size in sizes.items() if size is not None)
+        return _RootFacts(believed.media_type, entry.size, reached, tuple(platforms)), \
+            exact and readable
+
+    def _platform_images(self, root: Descriptor) -> Tuple[List[Descriptor], bool]:
+        """The platform images of ``root`` (a single manifest's platform from its config),
+        and whether the documents saying so could be read."""
         try:
             if root.is_index:
                 index = Index.from_json(self.layout.read_blob(root.digest))
@@ -6213,20 +6484,11 @@ class Provider(CacheProvider):
                     self.layout.read_blob(self.manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
         except NotFoundError:
-            return []
+            return [], False
         except OciCacheError as e:
             _log().warning("%s: %s", _printable(root.name), _one_line(str(e)))
-            return []
-        complete = []
-        for child in images:
-            try:
-                manifest = self.manifest(child)
-            except OciCacheError:
-                continue
-            if all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
-                   if not _is_foreign(b)):
-                complete.append(str(child.platform))
-        return complete
+            return [], False
+        return images, True
 
     def new_source(self, ref: RefLike, architecture: str = "",
                    descriptor: Optional[Descriptor] = None) -> ImageSource:

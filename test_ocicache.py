@@ -10666,7 +10666,8 @@ class TestLinuxkitCompatibility(CacheTestCase):
         cache.descriptor_write("example.com/new:1", cache.find_descriptor("alpine:3.19"))
         with open(self.path("linuxkit-cache", "index.json")) as f:
             text = f.read()
-        self.assertTrue(text.startswith('{\n   "schemaVersion"'), text[:40])
+        # Compact, as json's C encoder writes it; Go's encoding/json and jq read any JSON.
+        self.assertTrue(text.startswith('{"schemaVersion":2,'), text[:40])
         names = [m["annotations"][oc.ANNOTATION_REF_NAME] for m in json.loads(text)["manifests"]]
         self.assertEqual(names, ["docker.io/library/alpine:3.19",
                                  "docker.io/library/alpine:3.19-amd64",
