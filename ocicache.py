@@ -208,7 +208,7 @@ _MAX_IMPORTED_ENTRY = 16 * 1024
 # ls's memo of what each root reaches (_SummaryMemo), in the cache beside index.json;
 # one larger than this is ignored and rebuilt smaller (the memory bound holds).
 SUMMARIES_FILE = "ocicache-summaries.json"
-MAX_SUMMARIES_SIZE = 16 * 1024 * 1024
+MAX_SUMMARIES_SIZE = 64 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
@@ -5993,7 +5993,8 @@ class _RootFacts:
 
     media_type: str                                    # what its blob is (read_document)
     size: int                                          # its blob's size
-    blobs: Tuple[Tuple[str, int], ...]                 # every blob reached, with its size
+    blobs: Tuple[str, ...]                             # every blob reached ...
+    sizes: Tuple[int, ...]                             # ... and its size
     platforms: Tuple[Tuple[str, Tuple[str, ...]], ...]  # platform, the blobs its image needs
 
 
@@ -6007,105 +6008,85 @@ class _SummaryMemo:
     there is asked again, by every ``ls``. ``ls`` fills it for the roots it lacks
     (linuxkit's names too) and writes it back holding only the roots named then.
 
-    It is believed for the listing alone, and only in a shape it could have been
-    written in; a memo that is not (corrupt, from another version, planted) is ignored
-    and rebuilt. Everything that decides (verify, gc, rm, pulls, names) follows the
-    documents. linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
+    It is believed for the listing alone, and only in the shape it is written in; a
+    memo that is not (corrupt, from another version, planted) is ignored and rebuilt.
+    Everything that decides (verify, gc, rm, pulls, names) follows the documents.
+    linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
 
-    ``{"version": 1, "blobs": [[digest, size], ...], "roots": {digest: [media type,
-    size, [blob number, ...], [[platform, [blob number, ...]], ...]]}}``: a layer shared
-    by many roots is written once."""
+    ``{"version": 1, "roots": {digest: [media type, size, "blob blob ...", "size size
+    ...", [[platform, "number number ..."], ...]]}}``: what a platform's image needs
+    given by its place among the blobs; strings split by spaces, which json reads at C
+    speed (lists of lists cost as much as the rest of ``ls``).
+    """
 
     VERSION = 1
 
-    def __init__(self, blobs: List[Any], roots: Dict[str, Any]) -> None:
-        self._blobs = blobs      # as read: checked when a root that uses them is
-        self._roots = roots
+    def __init__(self, roots: Dict[str, Any]) -> None:
+        self._roots = roots      # as read: an entry is checked when it is used
         self._learned: Dict[str, _RootFacts] = {}
 
     @classmethod
     def parse(cls, data: bytes) -> "_SummaryMemo":
         """The memo in ``data``, or an empty one when it is not a memo."""
         if not data or len(data) > MAX_SUMMARIES_SIZE:
-            return cls([], {})
+            return cls({})
         try:
             obj = _parse_json(data, SUMMARIES_FILE)
         except OciCacheError:
-            return cls([], {})
+            return cls({})
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION or \
-                not isinstance(obj.get("blobs"), list) or not isinstance(obj.get("roots"), dict):
-            return cls([], {})
-        return cls(obj["blobs"], obj["roots"])
+                not isinstance(obj.get("roots"), dict):
+            return cls({})
+        return cls(obj["roots"])
 
-    def facts(self, entry: Descriptor) -> Optional[_RootFacts]:
-        """What the memo says ``entry``'s root reaches, or None when it does not know
-        it, or says it in a shape it is never written in."""
-        digest = str(entry.digest)
+    def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
+        """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
+        it does not know it, or says it in a shape it is never written in."""
         if digest in self._learned:
             return self._learned[digest]
         value = self._roots.get(digest)
-        if not isinstance(value, list) or len(value) != 4:
+        if type(value) is not list or len(value) != 5:
             return None
-        media_type, size, reached, platforms = value
-        blobs = self._blob_list(reached)
-        if not isinstance(media_type, str) or size != entry.size or blobs is None or \
-                not isinstance(platforms, list):
+        media_type, root_size, blobs, sizes, platforms = value
+        if type(media_type) is not str or root_size != size or type(blobs) is not str or \
+                type(sizes) is not str or type(platforms) is not list:
+            return None
+        try:
+            numbers = tuple(int(n) for n in sizes.split(" ")) if sizes else ()
+        except ValueError:
+            return None
+        reached = tuple(blobs.split(" ")) if blobs else ()
+        if len(numbers) != len(reached) or any(n < 0 for n in numbers):
             return None
         images = []
-        for platform in platforms:
-            if not isinstance(platform, list) or len(platform) != 2 or \
-                    not isinstance(platform[0], str) or \
-                    not _MEMO_PLATFORM.fullmatch(platform[0]):
-                return None
-            needed = self._blob_list(platform[1])
-            if needed is None:
-                return None
-            images.append((platform[0], tuple(d for d, _ in needed)))
-        return _RootFacts(media_type, size, tuple(blobs), tuple(images))
-
-    def _blob_list(self, numbers: Any) -> Optional[List[Tuple[str, int]]]:
-        if not isinstance(numbers, list):
+        try:
+            for platform in platforms:
+                if type(platform) is not list or len(platform) != 2 or \
+                        type(platform[0]) is not str or type(platform[1]) is not str or \
+                        not _MEMO_PLATFORM.fullmatch(platform[0]):
+                    return None
+                images.append((platform[0], tuple(
+                    reached[int(n)] for n in platform[1].split(" ") if 0 <= int(n))))
+        except (ValueError, IndexError):
             return None
-        out = []
-        for number in numbers:
-            if type(number) is not int or not 0 <= number < len(self._blobs):
-                return None
-            blob = self._blobs[number]
-            if not isinstance(blob, list) or len(blob) != 2 or not isinstance(blob[0], str) \
-                    or type(blob[1]) is not int or blob[1] < 0:
-                return None
-            out.append((blob[0], blob[1]))
-        return out
+        return _RootFacts(media_type, size, reached, numbers, tuple(images))
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
 
-    def to_bytes(self, keep: Set[str]) -> bytes:
-        """The memo of the roots in ``keep`` that it knows, in the shape it reads back."""
-        numbers: Dict[Tuple[str, int], int] = {}
-
-        def number(blob: Tuple[str, int]) -> int:
-            return numbers.setdefault(blob, len(numbers))
-
+    def to_bytes(self, keep: Mapping[str, int]) -> bytes:
+        """The memo of the roots in ``keep`` (digest -> size) that it knows."""
         roots: Dict[str, Any] = {}
-        for digest in sorted(keep):
-            facts = self._learned.get(digest) or self._read(digest)
-            if facts is None:
-                continue
-            sizes = dict(facts.blobs)
-            roots[digest] = [facts.media_type, facts.size, [number(b) for b in facts.blobs],
-                             [[platform, [number((d, sizes.get(d, 0))) for d in needed]]
-                              for platform, needed in facts.platforms]]
-        return _json_bytes({"version": self.VERSION, "blobs": [list(b) for b in numbers],
-                            "roots": roots}, separators=(",", ":"))
-
-    def _read(self, digest: str) -> Optional[_RootFacts]:
-        """The facts read for ``digest``, whatever root size they are for."""
-        value = self._roots.get(digest)
-        if not isinstance(value, list) or len(value) != 4 or type(value[1]) is not int \
-                or value[1] < 0:
-            return None
-        return self.facts(Descriptor(MEDIA_OCI_MANIFEST, Digest.parse(digest), value[1]))
+        for digest, size in sorted(keep.items()):
+            facts = self.facts(digest, size)
+            where = {blob: str(n) for n, blob in enumerate(facts.blobs)} if facts else {}
+            if facts is not None and all(where.keys() >= set(needed)
+                                         for _, needed in facts.platforms):
+                roots[digest] = [facts.media_type, facts.size, " ".join(facts.blobs),
+                                 " ".join(map(str, facts.sizes)),
+                                 [[platform, " ".join(where[blob] for blob in needed)]
+                                  for platform, needed in facts.platforms]]
+        return _json_bytes({"version": self.VERSION, "roots": roots}, separators=(",", ":"))
 
 
 class Provider(CacheProvider):
@@ -6271,13 +6252,15 @@ class Provider(CacheProvider):
         """
         wanted = [_name_predicate(ref) for ref in refs]
         with self.layout.deleting_blobs(), self.layout.lock():
-            entries = self.layout.read_index().manifests
+            index = self.layout.read_index()  # once: it is passed on to update_index
+            entries = index.manifests
             for ref, matches in zip(refs, wanted):
                 if not any(matches(e.name) for e in entries):
                     label = Reference.parse(ref)  # a string that is no reference says so
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
             removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
-            remaining = [e for e in entries if e not in removed]
+            gone = {id(e) for e in removed}  # by identity: comparing entries is slow
+            remaining = [e for e in entries if id(e) not in gone]
             before = self.layout.reachable(removed).digests
             after = self.layout.reachable(remaining).digests
             deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
@@ -6288,7 +6271,7 @@ class Provider(CacheProvider):
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
-            self.layout.update_index(lambda _: remaining, on_full=delete)
+            self.layout.update_index(lambda _: remaining, on_full=delete, index=index)
             delete()
             return deleted
 
@@ -6425,20 +6408,22 @@ class Provider(CacheProvider):
         out = []
         learned = False
         for entry in names:
-            facts = memo.facts(entry)
+            digest = str(entry.digest)
+            facts = memo.facts(digest, entry.size)
             if facts is None:
                 facts, exact = self._summary_facts(entry)
                 if exact:
-                    memo.learn(str(entry.digest), facts)
+                    memo.learn(digest, facts)
                     learned = True
             descriptor = entry if facts.media_type == entry.media_type else \
                 _replace(entry, media_type=facts.media_type)
-            size = sum(size for digest, size in facts.blobs if digest in present)
+            size = sum(facts.sizes) if present.issuperset(facts.blobs) else \
+                sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
             platforms = tuple(platform for platform, needed in facts.platforms
                               if present.issuperset(needed))
             out.append(ImageSummary(entry.name, descriptor, platforms, size))
         if learned:
-            self.layout.write_summaries(memo.to_bytes({str(e.digest) for e in names}))
+            self.layout.write_summaries(memo.to_bytes({str(e.digest): e.size for e in names}))
         return out
 
     def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:
@@ -6466,9 +6451,9 @@ class Provider(CacheProvider):
                                   (str(child.digest), *(str(b.digest) for b in blobs))))
             else:
                 exact = False
-        reached = tuple((digest, size) for digest, size in sizes.items() if size is not None)
-        return _RootFacts(believed.media_type, entry.size, reached, tuple(platforms)), \
-            exact and readable
+        reached = {digest: size for digest, size in sizes.items() if size is not None}
+        return _RootFacts(believed.media_type, entry.size, tuple(reached),
+                          tuple(reached.values()), tuple(platforms)), exact and readable
 
     def _platform_images(self, root: Descriptor) -> Tuple[List[Descriptor], bool]:
         """The platform images of ``root`` (a single manifest's platform from its config),
