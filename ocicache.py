@@ -721,6 +721,9 @@ _DESCRIPTOR_KEYS = frozenset({"mediaType", "size", "digest", "data", "urls", "an
                               "platform", "artifactType"})
 
 
+_NOTHING: Mapping[str, Any] = MappingProxyType({})  # immutable: one for every empty extra
+
+
 def _freeze(mapping: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
     # A dict is asked first: the ABC check of typing.Mapping is slow, and this runs twice
     # for every descriptor built.
@@ -764,8 +767,8 @@ class Descriptor:
             if not isinstance(annotations, dict) or not all(
                     isinstance(v, str) for v in annotations.values()):
                 raise OciCacheError("annotations must map strings to strings")
-            urls = data.get("urls") or []
-            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            urls = data.get("urls") or ()
+            if urls and (not isinstance(urls, list) or not all(isinstance(u, str) for u in urls)):
                 raise OciCacheError("urls must be a list of strings")
             media_type = str(data.get("mediaType", ""))
             digest = Digest.parse(data.get("digest", ""))
@@ -782,7 +785,7 @@ class Descriptor:
                 urls=tuple(urls),
                 artifact_type=str(data.get("artifactType", "")),
                 data=str(data.get("data", "")),
-                extra=MappingProxyType(
+                extra=_NOTHING if data.keys() <= _DESCRIPTOR_KEYS else MappingProxyType(
                     {k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS}))
             return descriptor
         except (TypeError, AttributeError) as e:
@@ -2016,7 +2019,10 @@ class Layout:
 
     def _index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
         found = []
-        for raw in self._read_index_object().get("manifests") or []:
+        entries = self._read_index_object().get("manifests") or []
+        entries.reverse()
+        while entries:  # each decoded entry freed as it is read: they never all coexist
+            raw = entries.pop()  # with the descriptors made of them (20,000 names: 15 MB)
             annotations = raw.get("annotations") if isinstance(raw, dict) else None
             name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else ""
             digest = raw.get("digest") if isinstance(raw, dict) else ""
@@ -6013,31 +6019,51 @@ class _SummaryMemo:
     Everything that decides (verify, gc, rm, pulls, names) follows the documents.
     linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
 
-    ``{"version": 1, "roots": {digest: [media type, size, "blob blob ...", "size size
-    ...", [[platform, "number number ..."], ...]]}}``: what a platform's image needs
-    given by its place among the blobs; strings split by spaces, which json reads at C
-    speed (lists of lists cost as much as the rest of ``ls``).
+    ``{"version": 1, "blobs": [digest, ...], "sizes": [size, ...], "roots": {digest:
+    [media type, size, "number number ...", [[platform, "number ..."], ...]]}}``: each
+    blob once, however many roots share it, and each root's blobs by their place among
+    them, in a string split by spaces (json reads strings at C speed; lists of lists
+    cost as much as the rest of ``ls``).
     """
 
     VERSION = 1
 
-    def __init__(self, roots: Dict[str, Any]) -> None:
+    def __init__(self, blobs: List[str], sizes: List[int], roots: Dict[str, Any]) -> None:
+        self._blobs = blobs
+        self._sizes = sizes
         self._roots = roots      # as read: an entry is checked when it is used
         self._learned: Dict[str, _RootFacts] = {}
 
     @classmethod
     def parse(cls, data: bytes) -> "_SummaryMemo":
         """The memo in ``data``, or an empty one when it is not a memo."""
+        empty = cls([], [], {})
         if not data or len(data) > MAX_SUMMARIES_SIZE:
-            return cls({})
+            return empty
         try:
             obj = _parse_json(data, SUMMARIES_FILE)
         except OciCacheError:
-            return cls({})
-        if not isinstance(obj, dict) or obj.get("version") != cls.VERSION or \
-                not isinstance(obj.get("roots"), dict):
-            return cls({})
-        return cls(obj["roots"])
+            return empty
+        if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
+            return empty
+        blobs, sizes, roots = obj.get("blobs"), obj.get("sizes"), obj.get("roots")
+        if type(blobs) is not list or type(sizes) is not list or type(roots) is not dict or \
+                len(blobs) != len(sizes) or not all(type(b) is str for b in blobs) or \
+                not all(type(n) is int and n >= 0 for n in sizes):
+            return empty
+        return cls(blobs, sizes, roots)
+
+    def _numbers(self, text: Any) -> Optional[List[int]]:
+        """The blob numbers in ``text``, or None when it is not such a list."""
+        if type(text) is not str:
+            return None
+        try:
+            numbers = [int(n) for n in text.split(" ")] if text else []
+        except ValueError:
+            return None
+        if any(not 0 <= n < len(self._blobs) for n in numbers):
+            return None
+        return numbers
 
     def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
         """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
@@ -6045,48 +6071,52 @@ class _SummaryMemo:
         if digest in self._learned:
             return self._learned[digest]
         value = self._roots.get(digest)
-        if type(value) is not list or len(value) != 5:
+        if type(value) is not list or len(value) != 4:
             return None
-        media_type, root_size, blobs, sizes, platforms = value
-        if type(media_type) is not str or root_size != size or type(blobs) is not str or \
-                type(sizes) is not str or type(platforms) is not list:
-            return None
-        try:
-            numbers = tuple(int(n) for n in sizes.split(" ")) if sizes else ()
-        except ValueError:
-            return None
-        reached = tuple(blobs.split(" ")) if blobs else ()
-        if len(numbers) != len(reached) or any(n < 0 for n in numbers):
+        media_type, root_size, reached, platforms = value
+        numbers = self._numbers(reached)
+        if type(media_type) is not str or root_size != size or numbers is None or \
+                type(platforms) is not list:
             return None
         images = []
-        try:
-            for platform in platforms:
-                if type(platform) is not list or len(platform) != 2 or \
-                        type(platform[0]) is not str or type(platform[1]) is not str or \
-                        not _MEMO_PLATFORM.fullmatch(platform[0]):
-                    return None
-                images.append((platform[0], tuple(
-                    reached[int(n)] for n in platform[1].split(" ") if 0 <= int(n))))
-        except (ValueError, IndexError):
-            return None
-        return _RootFacts(media_type, size, reached, numbers, tuple(images))
+        for platform in platforms:
+            needed = self._numbers(platform[1]) if type(platform) is list and \
+                len(platform) == 2 else None
+            if needed is None or type(platform[0]) is not str or \
+                    not _MEMO_PLATFORM.fullmatch(platform[0]):
+                return None
+            images.append((platform[0], tuple(self._blobs[n] for n in needed)))
+        return _RootFacts(media_type, size, tuple(self._blobs[n] for n in numbers),
+                          tuple(self._sizes[n] for n in numbers), tuple(images))
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
 
     def to_bytes(self, keep: Mapping[str, int]) -> bytes:
         """The memo of the roots in ``keep`` (digest -> size) that it knows."""
+        numbers: Dict[str, int] = {}
+        sizes: List[int] = []
+
+        def number(blob: str, size: int) -> str:
+            if blob not in numbers:
+                numbers[blob] = len(sizes)
+                sizes.append(size)
+            return str(numbers[blob])
+
         roots: Dict[str, Any] = {}
         for digest, size in sorted(keep.items()):
             facts = self.facts(digest, size)
-            where = {blob: str(n) for n, blob in enumerate(facts.blobs)} if facts else {}
-            if facts is not None and all(where.keys() >= set(needed)
-                                         for _, needed in facts.platforms):
-                roots[digest] = [facts.media_type, facts.size, " ".join(facts.blobs),
-                                 " ".join(map(str, facts.sizes)),
-                                 [[platform, " ".join(where[blob] for blob in needed)]
-                                  for platform, needed in facts.platforms]]
-        return _json_bytes({"version": self.VERSION, "roots": roots}, separators=(",", ":"))
+            if facts is None:
+                continue
+            reached = dict(zip(facts.blobs, facts.sizes))
+            if not all(reached.keys() >= set(needed) for _, needed in facts.platforms):
+                continue  # a platform needing a blob the root does not reach: not memo'd
+            roots[digest] = [facts.media_type, facts.size,
+                             " ".join(number(b, n) for b, n in reached.items()),
+                             [[platform, " ".join(number(b, reached[b]) for b in needed)]
+                              for platform, needed in facts.platforms]]
+        return _json_bytes({"version": self.VERSION, "blobs": list(numbers), "sizes": sizes,
+                            "roots": roots}, separators=(",", ":"))
 
 
 class Provider(CacheProvider):

@@ -9126,19 +9126,22 @@ class TestLargeCaches(CacheTestCase):
         self.assertNotIn(oc.SUMMARIES_FILE, " ".join(self.cache.verify().corrupt))
 
     def hostile_memos(self, images: List[ImageBlobs]) -> List[Tuple[str, bytes]]:
-        root = images[0].manifest.digest
-        lie = {"version": 1, "roots": {
-            root: [oc.MEDIA_OCI_MANIFEST, images[0].manifest.descriptor()["size"],
-                   images[0].manifest.digest, "1", [["linux/evil\x1b[31m", "0"]]]}}
-        shapes = [[1], {"version": 1, "roots": []}, {"version": 2, "roots": {}},
-                  {"version": 1, "roots": {root: ["x", 1, "", "", []]}},
-                  {"version": 1, "roots": {root: [oc.MEDIA_OCI_MANIFEST,
-                                                  images[0].manifest.descriptor()["size"],
-                                                  "a b", "1 -2", []]}},
-                  {"version": 1, "roots": {root: [oc.MEDIA_OCI_MANIFEST,
-                                                  images[0].manifest.descriptor()["size"],
-                                                  "a", "1", [["linux/amd64", "7"]]]}}]
-        return [("not json", b"\xff{"), ("deep", b"[" * 100000), ("lying", json.dumps(lie).encode()),
+        root, size = images[0].manifest.digest, images[0].manifest.descriptor()["size"]
+        table = {"version": 1, "blobs": [root], "sizes": [1]}
+        lie = {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                         [["linux/evil", "0"]]]}}
+        shapes = [[1], {**table, "roots": []}, {**table, "version": 2, "roots": {}},
+                  {**table, "sizes": [-1], "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                                            []]}},
+                  {**table, "roots": {root: ["x", 1, "", []]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0 1", []]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0 -1", []]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                             [["linux/amd64\x1b[31m", "0"]]]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                             [["linux/amd64", "x"]]]}}]
+        return [("not json", b"\xff{"), ("deep", b"[" * 100000),
+                ("lying", json.dumps(lie).encode()),
                 *((f"shape {n}", json.dumps(s).encode()) for n, s in enumerate(shapes))]
 
     def test_a_hostile_memo_changes_no_decision(self) -> None:
