@@ -2149,9 +2149,12 @@ class Layout:
                     continue
                 if not is_document:
                     continue
-                if digest not in documents:
-                    documents[digest] = self._links(descriptor)
-                found = documents[digest]
+                found = documents.get(digest) or self._links(descriptor)
+                if isinstance(found, str) or any(link[2] for link in found[1]):
+                    # Kept when it links to documents (an index's children, a subject),
+                    # which many roots may share; an image manifest's links are leaves,
+                    # and keeping every one held 80 MB for a walk of 20,000 names.
+                    documents[digest] = found
                 if isinstance(found, str):
                     problem("unreadable", digest, found, owner)
                     continue
