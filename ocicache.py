@@ -1079,8 +1079,10 @@ def label_problem(descriptor: Descriptor, media_type: str) -> str:
 
 def _promised_digest(name: str) -> Optional[Digest]:
     """The digest a root entry's name pins (``repo:tag@sha256:...``), if any."""
+    if "@" not in name:  # no digest without one: not parsed (reachable asks every name)
+        return None
     try:
-        return Reference.parse(name, default_tag="").digest if name else None
+        return Reference.parse(name, default_tag="").digest
     except (InvalidReferenceError, InvalidDigestError):
         return None  # linuxkit writes names no reference parses (``...@sha256:...-amd64``)
 
@@ -1717,7 +1719,7 @@ class Layout:
 
     def blob_path(self, digest: Union[str, Digest]) -> str:
         d = Digest.parse(digest)
-        return os.path.join(self.root, "blobs", d.algorithm, d.hex)
+        return f"{self.blobs_dir}/{d.algorithm}/{d.hex}"  # os.path.join: a third of a stat
 
     def has_blob(self, digest: Union[str, Digest], size: Optional[int] = None) -> bool:
         """True when the blob file exists (with ``size`` bytes, when given)."""
@@ -6044,8 +6046,10 @@ class _SummaryMemo:
         if not data or len(data) > MAX_SUMMARIES_SIZE:
             return empty
         try:
-            obj = _parse_json(data, SUMMARIES_FILE)
-        except OciCacheError:
+            # json itself, not _parse_json: deep nesting harms nothing here (nothing
+            # walks it, the shape is checked flat), and its walk would cost 40 ms.
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
             return empty
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
@@ -6061,10 +6065,10 @@ class _SummaryMemo:
         if type(text) is not str:
             return None
         try:
-            numbers = [int(n) for n in text.split(" ")] if text else []
+            numbers = list(map(int, text.split(" "))) if text else []
         except ValueError:
             return None
-        if any(not 0 <= n < len(self._blobs) for n in numbers):
+        if numbers and not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
             return None
         return numbers
 
@@ -6088,9 +6092,9 @@ class _SummaryMemo:
             if needed is None or type(platform[0]) is not str or \
                     not _MEMO_PLATFORM.fullmatch(platform[0]):
                 return None
-            images.append((platform[0], tuple(self._blobs[n] for n in needed)))
-        return _RootFacts(media_type, size, tuple(self._blobs[n] for n in numbers),
-                          tuple(self._sizes[n] for n in numbers), tuple(images))
+            images.append((platform[0], tuple([self._blobs[n] for n in needed])))
+        return _RootFacts(media_type, size, tuple([self._blobs[n] for n in numbers]),
+                          tuple([self._sizes[n] for n in numbers]), tuple(images))
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
@@ -7822,17 +7826,20 @@ def _cmd_push(provider: Provider, args: argparse.Namespace) -> int:
 def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
     summaries = provider.summaries()
     if args.json:
-        json.dump([{"name": s.name, "digest": str(s.descriptor.digest),
-                    "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
-                    "size": s.size} for s in summaries], sys.stdout, indent=2)
-        print()
+        # An image a line, each by json's C encoder (indent= takes the pure-Python one:
+        # a second for 20,000 names).
+        sys.stdout.write("[\n" + ",\n".join(json.dumps(
+            {"name": s.name, "digest": str(s.descriptor.digest),
+             "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
+             "size": s.size}) for s in summaries) + "\n]\n")
         return 0
     rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
              _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    sys.stdout.write("".join(
+        f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2].ljust(widths[2])}  "
+        f"{row[3]}\n" for row in [header, *rows]))
     return 0
 
 
