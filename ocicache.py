@@ -6171,8 +6171,10 @@ class Provider(CacheProvider):
             found = next((e for e in pinned if _names_match(e.name, wanted)),
                          pinned[0] if pinned else None)
         else:
-            found = next(iter(self.layout.index_entries(
-                lambda name, _: _names_match(name, wanted))), None)
+            canonical, last = str(wanted), wanted.repository.rpartition("/")[2]
+            found = next(iter(self.layout.index_entries(  # _names_match's quick tests, inline
+                lambda name, _: name == canonical or (
+                    last in name and _names_match(name, wanted)))), None)
         return self.layout.believed(found) if found is not None else None
 
     def _find_named(self, ref: RefLike) -> Descriptor:
