@@ -9123,6 +9123,13 @@ class TestLargeCaches(CacheTestCase):
         self.cache.summaries()
         self.assertEqual(self.cache.gc(grace_seconds=0).deleted, ())
         self.assertTrue(os.path.isfile(self.memo_path()))
+        # What a crash while writing it leaves is gc's to delete, like index.json's.
+        left = os.path.join(self.cache_dir, f".{oc.SUMMARIES_FILE}.tmp-0123abcd")
+        with open(left, "wb") as f:
+            f.write(b"{")
+        self.assertEqual([name for name, _ in self.cache.gc(grace_seconds=0).deleted],
+                         [os.path.basename(left)])
+        self.assertTrue(os.path.isfile(self.memo_path()))
         self.assertNotIn(oc.SUMMARIES_FILE, " ".join(self.cache.verify().corrupt))
 
     def hostile_memos(self, images: List[ImageBlobs]) -> List[Tuple[str, bytes]]:
