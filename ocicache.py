@@ -2019,6 +2019,18 @@ class Layout:
             with self.lock():  # perhaps a rewrite by linuxkit under way: see read_index
                 return self._index_entries(keep)
 
+    def index_names(self) -> List[str]:
+        """Every root entry's name as index.json spells it ("" for none), in index order;
+        no entry is parsed as a descriptor."""
+        names: List[str] = []
+
+        def record(name: str, _: str) -> bool:
+            names.append(name)
+            return False
+
+        self.index_entries(record)
+        return names
+
     def _index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
         found = []
         entries = self._read_index_object().get("manifests") or []
@@ -8000,13 +8012,12 @@ def _published(provider: Provider, args: argparse.Namespace,
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    entries = provider.names()
-    stored = {e.name for e in entries}
+    stored = {name for name in provider.layout.index_names() if name}
     names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
     for name in names:  # every name must exist before anything is removed; by name only,
         # so that a name whose pinned digest lies (verify reports it) can be removed
         matches = _name_predicate(name)
-        if not any(matches(e.name) for e in entries):
+        if not any(matches(s) for s in stored):
             raise NotFoundError(f"no image named {name} in the cache {provider.root}")
     unchecked: List[str] = []
     if args.published_only:
