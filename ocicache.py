@@ -207,6 +207,10 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # entry copied from an archive may take at most _MAX_IMPORTED_ENTRY bytes of it.
 MAX_INDEX_SIZE = 64 * MAX_MANIFEST_SIZE
 _MAX_IMPORTED_ENTRY = 16 * 1024
+# ls's memo of what each root reaches (_SummaryMemo), in the cache beside index.json;
+# one larger than this is ignored and rebuilt smaller (the memory bound holds).
+SUMMARIES_FILE = "ocicache-summaries.json"
+MAX_SUMMARIES_SIZE = 64 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
@@ -298,6 +302,11 @@ def _value_type(cls: Optional[type] = None, *, frozen: bool = True) -> Any:
     post_init = cls.__dict__.get("__post_init__")
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs and len(args) == len(fields):  # every field given in order: no defaults
+            self.__dict__.update(zip(names, args))
+            if post_init is not None:
+                post_init(self)
+            return
         if len(args) > len(fields):
             raise TypeError(f"{title}() takes {len(fields)} arguments, {len(args)} given")
         values = dict(zip(names, args))
@@ -392,7 +401,13 @@ class Digest:
         algorithm, sep, hexpart = value.partition(":")
         if not sep:
             raise InvalidDigestError(f"invalid digest {_shorten(value)!r}: no algorithm")
-        return cls(algorithm, hexpart)
+        if len(hexpart) == _DIGEST_HEX_LENGTHS.get(algorithm) and _HEX.issuperset(hexpart):
+            # Valid, as __post_init__ would find: built without the generic __init__, as
+            # reading index.json and manifests parses several digests per entry.
+            digest = object.__new__(cls)
+            digest.__dict__.update(algorithm=algorithm, hex=hexpart)
+            return digest
+        return cls(algorithm, hexpart)  # raises the error naming what is wrong
 
     @classmethod
     def from_bytes(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
@@ -704,12 +719,17 @@ def select_platform(children: Sequence["Descriptor"], wanted: Platform) -> Optio
 # re-serialised: these types are for reading; blobs keep the bytes they arrived with.
 # =====================================================================================
 
-_DESCRIPTOR_KEYS = ("mediaType", "size", "digest", "data", "urls", "annotations",
-                    "platform", "artifactType")
+_DESCRIPTOR_KEYS = frozenset({"mediaType", "size", "digest", "data", "urls", "annotations",
+                              "platform", "artifactType"})
+
+
+_NOTHING: Mapping[str, Any] = MappingProxyType({})  # immutable: one for every empty extra
 
 
 def _freeze(mapping: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
-    if mapping is not None and not isinstance(mapping, Mapping):
+    # A dict is asked first: the ABC check of typing.Mapping is slow, and this runs twice
+    # for every descriptor built.
+    if mapping is not None and type(mapping) is not dict and not isinstance(mapping, Mapping):
         raise OciCacheError(f"expected a JSON object, not {type(mapping).__name__}")
     return MappingProxyType(dict(mapping or {}))
 
@@ -749,20 +769,27 @@ class Descriptor:
             if not isinstance(annotations, dict) or not all(
                     isinstance(v, str) for v in annotations.values()):
                 raise OciCacheError("annotations must map strings to strings")
-            urls = data.get("urls") or []
-            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            urls = data.get("urls") or ()
+            if urls and (not isinstance(urls, list) or not all(isinstance(u, str) for u in urls)):
                 raise OciCacheError("urls must be a list of strings")
-            return cls(
-                media_type=str(data.get("mediaType", "")),
-                digest=Digest.parse(data.get("digest", "")),
-                size=data.get("size", -1),
-                annotations=annotations,
+            media_type = str(data.get("mediaType", ""))
+            digest = Digest.parse(data.get("digest", ""))
+            size = data.get("size", -1)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise OciCacheError(f"descriptor {digest}: invalid size {size!r}")
+            # Built directly, each field already what __post_init__ makes it: reading an
+            # index.json of 20,000 names parses a descriptor per name, and manifests more.
+            descriptor = object.__new__(cls)
+            descriptor.__dict__.update(
+                media_type=media_type, digest=digest, size=size,
+                annotations=MappingProxyType(dict(annotations)),
                 platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
                 urls=tuple(urls),
                 artifact_type=str(data.get("artifactType", "")),
                 data=str(data.get("data", "")),
-                extra={k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS},
-            )
+                extra=_NOTHING if data.keys() <= _DESCRIPTOR_KEYS else MappingProxyType(
+                    {k: v for k, v in data.items() if k not in _DESCRIPTOR_KEYS}))
+            return descriptor
         except (TypeError, AttributeError) as e:
             raise OciCacheError(f"invalid descriptor: {e}") from None
 
@@ -832,13 +859,15 @@ _JSON_MAX_DEPTH = 500
 def _nested_deeper_than(obj: Any, limit: int) -> bool:
     """Whether decoded JSON nests arrays and objects more than ``limit`` levels deep;
     walked with a stack of its own, as the point is that recursion would not do."""
-    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
+    # Level by level, in comprehensions: index.json of 20,000 names holds 40,000 objects.
+    level = [obj] if isinstance(obj, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        level = [c for value in level for c in (
+            value.values() if isinstance(value, dict) else value) if isinstance(c, (dict, list))]
     return False
 
 
@@ -1064,8 +1093,10 @@ def label_problem(descriptor: Descriptor, media_type: str) -> str:
 
 def _promised_digest(name: str) -> Optional[Digest]:
     """The digest a root entry's name pins (``repo:tag@sha256:...``), if any."""
+    if "@" not in name:  # no digest without one: not parsed (reachable asks every name)
+        return None
     try:
-        return Reference.parse(name, default_tag="").digest if name else None
+        return Reference.parse(name, default_tag="").digest
     except (InvalidReferenceError, InvalidDigestError):
         return None  # linuxkit writes names no reference parses (``...@sha256:...-amd64``)
 
@@ -1175,7 +1206,10 @@ _OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 _EMPTY_INDEX_BYTES = (
     b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",'
     b'"manifests":[]}')
-_INDEX_INDENT = 3  # linuxkit's indent; its tests read index.json with jq, not by bytes
+# index.json is written compact, as the C encoder writes it: with an indent json falls
+# back to its pure-Python encoder, a third of a second for 20,000 names. linuxkit reads
+# it with Go's encoding/json and its tests with jq, so any valid JSON does.
+_INDEX_SEPARATORS = (",", ":")
 
 
 _CREATE_MODE = 0o666  # the umask decides: 0644 for one user, 0664 in a group-shared cache
@@ -1398,7 +1432,7 @@ os.register_at_fork(after_in_child=_forget_locks_after_fork)
 # verify and for gc to remove the stale ones (a crash or a SIGKILL leaves them behind).
 _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
 _OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
-_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout)\.tmp-[A-Za-z0-9_]+"
+_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout|ocicache-summaries\.json)\.tmp-[A-Za-z0-9_]+"
 _LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
 
 
@@ -1619,6 +1653,7 @@ class Layout:
                                 "or leave --cache out for the default")
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self.index_path = os.path.join(self.root, "index.json")
+        self.summaries_path = os.path.join(self.root, SUMMARIES_FILE)
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
@@ -1734,7 +1769,7 @@ class Layout:
 
     def blob_path(self, digest: Union[str, Digest]) -> str:
         d = Digest.parse(digest)
-        return os.path.join(self.root, "blobs", d.algorithm, d.hex)
+        return f"{self.blobs_dir}/{d.algorithm}/{d.hex}"  # os.path.join: a third of a stat
 
     def has_blob(self, digest: Union[str, Digest], size: Optional[int] = None) -> bool:
         """True when the blob file exists (with ``size`` bytes, when given)."""
@@ -1961,6 +1996,33 @@ class Layout:
                 found.append((os.path.basename(path), path))
         return found
 
+    def blob_names(self) -> Set[str]:
+        """``alg:hex`` of every entry of each ``blobs/<alg>`` directory, listed without a
+        stat of each (``ls`` asks only whether a blob is there)."""
+        names: Set[str] = set()
+        for algorithm, directory in self._blob_directories():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                names.update(f"{algorithm}:{name}" for name in os.listdir(directory))
+        return names
+
+    def read_summaries(self) -> bytes:
+        """The bytes of the summary memo (``_SummaryMemo``), b"" when it is absent or no
+        regular file; never read through a symlink."""
+        try:
+            with self._root_directory() as directory, os.fdopen(_open_regular(
+                    SUMMARIES_FILE, os.O_RDONLY, directory, self.summaries_path), "rb") as f:
+                return f.read(MAX_SUMMARIES_SIZE + 1)
+        except (OSError, OciCacheError):
+            return b""
+
+    def write_summaries(self, data: bytes) -> None:
+        """Replace the summary memo; it is only a memo, so failing to is not an error."""
+        try:
+            with self._root_directory() as directory:
+                _write_file_atomically(directory, SUMMARIES_FILE, data)
+        except OSError as e:
+            _log().debug("cannot write %s: %s", self.summaries_path, e)
+
     # -- index.json -------------------------------------------------------------------
 
     def read_index(self) -> Index:
@@ -1975,6 +2037,13 @@ class Layout:
 
     def _read_index(self) -> Index:
         try:
+            return Index.from_json(self._read_index_object(), what=self.index_path)
+        except OciCacheError as e:
+            raise CorruptCacheError(f"invalid image cache: {e}") from None
+
+    def _read_index_object(self) -> Dict[str, Any]:
+        """index.json decoded, an object whose ``manifests`` (if any) is a list."""
+        try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
                 data = f.read(MAX_INDEX_SIZE + 1)
         except FileNotFoundError:
@@ -1983,24 +2052,79 @@ class Layout:
             raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
                                     "more than ocicache reads; 'ocicache clean' empties it")
         try:
-            return Index.from_json(data, what=self.index_path)
+            obj = _load_json_object(data, self.index_path)
         except OciCacheError as e:
             raise CorruptCacheError(f"invalid image cache: {e}") from None
+        if not isinstance(obj.get("manifests") or [], list):
+            raise CorruptCacheError(f"invalid image cache: {self.index_path}: 'manifests' "
+                                    "is not a list")
+        return obj
+
+    def index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
+        """The root entries, in index order, for which ``keep(name, digest)`` holds (each
+        given as index.json spells it, "" when absent or not a string). Only those are
+        parsed as descriptors: a lookup in 20,000 names builds one."""
+        try:
+            return self._index_entries(keep)
+        except CorruptCacheError:
+            with self.lock():  # perhaps a rewrite by linuxkit under way: see read_index
+                return self._index_entries(keep)
+
+    def index_names(self) -> List[str]:
+        """Every root entry's name as index.json spells it ("" for none), in index order;
+        no entry is parsed as a descriptor."""
+        names: List[str] = []
+
+        def record(name: str, _: str) -> bool:
+            names.append(name)
+            return False
+
+        self.index_entries(record)
+        return names
+
+    def _index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
+        found = []
+        entries = self._read_index_object().get("manifests") or []
+        entries.reverse()
+        while entries:  # each decoded entry freed as it is read: they never all coexist
+            raw = entries.pop()  # with the descriptors made of them (20,000 names: 15 MB)
+            annotations = raw.get("annotations") if isinstance(raw, dict) else None
+            name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else ""
+            digest = raw.get("digest") if isinstance(raw, dict) else ""
+            if keep(name if isinstance(name, str) else "",
+                    digest if isinstance(digest, str) else ""):
+                try:
+                    found.append(Descriptor.from_json(raw))
+                except OciCacheError as e:
+                    raise CorruptCacheError(f"invalid image cache: {self.index_path}: {e}"
+                                            ) from None
+        return found
 
     def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]],
-                     on_full: Optional[Callable[[], None]] = None) -> None:
+                     on_full: Optional[Callable[[], None]] = None,
+                     index: Optional[Index] = None, what: str = "") -> None:
         """Apply ``change`` to the root entries under the lock, then replace index.json.
+
+        ``index`` is index.json as the caller read it holding the lock already (read
+        here otherwise): one read per command. An index.json past MAX_INDEX_SIZE, which
+        could not be read back, is refused, saying ``what`` was being done.
 
         Replacing it needs room for a second copy; on a full disk ``on_full`` (given by
         ``rm`` and ``clean``, whose change frees blobs) deletes them first, then it is
         tried once more.
         """
         with self.lock():
-            index = self.read_index()
+            if index is None:
+                index = self.read_index()
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
-                                      media_type=index.media_type or MEDIA_OCI_INDEX)
-            self.replace_index(_json_bytes(new.to_json(), indent=_INDEX_INDENT), on_full)
+                           media_type=index.media_type or MEDIA_OCI_INDEX)
+            data = _json_bytes(new.to_json(), separators=_INDEX_SEPARATORS)
+            if len(data) > MAX_INDEX_SIZE:
+                raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
+                                    f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
+                                    "ocicache reads; remove names first")
+            self.replace_index(data, on_full)
 
     def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
         """Replace index.json with ``data`` under the lock, without reading it (``clean``
@@ -2068,14 +2192,14 @@ class Layout:
         disagrees with its blob, and a name pinning another digest than its entry's, are
         ``wrong``. Each problem names the names that need the blob.
         """
-        owners: Dict[Digest, List[str]] = {}
+        # digest -> the names that reach it, in the order found (dicts as ordered sets:
+        # a layer shared by every name must not cost a scan of them all per name)
+        owners: Dict[Digest, Dict[str, None]] = {}
         # (kind, digest, why) -> the names whose walk met it, in the order found
-        problems: Dict[Tuple[str, Digest, str], List[str]] = {}
+        problems: Dict[Tuple[str, Digest, str], Dict[str, None]] = {}
 
         def problem(kind: str, digest: Digest, why: str, owner: str) -> None:
-            names = problems.setdefault((kind, digest, why), [])
-            if owner not in names:
-                names.append(owner)
+            problems.setdefault((kind, digest, why), {})[owner] = None
 
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
         for root in roots:
@@ -2096,18 +2220,19 @@ class Layout:
                 if digest in seen:
                     continue
                 seen.add(digest)
-                names = owners.setdefault(digest, [])
-                if owner not in names:
-                    names.append(owner)
+                owners.setdefault(digest, {})[owner] = None
                 if size is None:
                     if required and not _is_foreign(descriptor):
                         problem("missing", digest, "", owner)
                     continue
                 if not is_document:
                     continue
-                if digest not in documents:
-                    documents[digest] = self._links(descriptor)
-                found = documents[digest]
+                found = documents.get(digest) or self._links(descriptor)
+                if isinstance(found, str) or any(link[2] for link in found[1]):
+                    # Kept when it links to documents (an index's children, a subject),
+                    # which many roots may share; an image manifest's links are leaves,
+                    # and keeping every one held 80 MB for a walk of 20,000 names.
+                    documents[digest] = found
                 if isinstance(found, str):
                     problem("unreadable", digest, found, owner)
                     continue
@@ -2121,7 +2246,7 @@ class Layout:
             out = []
             for (kind, digest, why), names in problems.items():
                 if kind == which:
-                    out.append(f"{digest} (needed by {_names_list(names)})" +
+                    out.append(f"{digest} (needed by {_names_list(list(names))})" +
                                (f": {why}" if why else ""))
             return tuple(out)
 
@@ -6495,6 +6620,12 @@ def _bounded_entry(descriptor: Descriptor) -> Descriptor:
 
 def _names_match(stored: str, wanted: Reference) -> bool:
     """Whether a root entry's name is ``wanted``; linuxkit's untagged names are ':latest'."""
+    if stored == str(wanted):  # the canonical spelling, as ocicache stores names
+        return True
+    if not stored or wanted.repository.rpartition("/")[2] not in stored:
+        # Every spelling of a name holds the last component of its path as written, so
+        # no other stored name is parsed: a lookup in 20,000 names parses one or two.
+        return False
     return wanted in _name_answers_to(stored)
 
 
@@ -6717,6 +6848,134 @@ def _daemon_json_mirrors() -> List[Tuple[str, str]]:
     return mirrors
 
 
+@_value_type
+class _RootFacts:
+    """What a root reaches, as ``ls`` shows it (see ``_SummaryMemo``)."""
+
+    media_type: str                                    # what its blob is (read_document)
+    size: int                                          # its blob's size
+    blobs: Tuple[str, ...]                             # every blob reached ...
+    sizes: Tuple[int, ...]                             # ... and its size
+    platforms: Tuple[Tuple[str, Tuple[str, ...]], ...]  # platform, the blobs its image needs
+
+
+_MEMO_PLATFORM = re.compile(r"[^\x00-\x20\x7f-\x9f]{1,256}")
+
+
+class _SummaryMemo:
+    """``ls``'s memo of what each root reaches (``_RootFacts``), kept in the cache as
+    SUMMARIES_FILE and keyed by the root's digest. Blobs never change, so what a root
+    reaches stays true whichever names point at it: only whether those blobs are still
+    there is asked again, by every ``ls``. ``ls`` fills it for the roots it lacks
+    (linuxkit's names too) and writes it back holding only the roots named then.
+
+    It is believed for the listing alone, and only in the shape it is written in; a
+    memo that is not (corrupt, from another version, planted) is ignored and rebuilt.
+    Everything that decides (verify, gc, rm, pulls, names) follows the documents.
+    linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
+
+    ``{"version": 1, "blobs": [digest, ...], "sizes": [size, ...], "roots": {digest:
+    [media type, size, "number number ...", [[platform, "number ..."], ...]]}}``: each
+    blob once, however many roots share it, and each root's blobs by their place among
+    them, in a string split by spaces (json reads strings at C speed; lists of lists
+    cost as much as the rest of ``ls``).
+    """
+
+    VERSION = 1
+
+    def __init__(self, blobs: List[str], sizes: List[int], roots: Dict[str, Any]) -> None:
+        self._blobs = blobs
+        self._sizes = sizes
+        self._roots = roots      # as read: an entry is checked when it is used
+        self._learned: Dict[str, _RootFacts] = {}
+
+    @classmethod
+    def parse(cls, data: bytes) -> "_SummaryMemo":
+        """The memo in ``data``, or an empty one when it is not a memo."""
+        empty = cls([], [], {})
+        if not data or len(data) > MAX_SUMMARIES_SIZE:
+            return empty
+        try:
+            # json itself, not _parse_json: deep nesting harms nothing here (nothing
+            # walks it, the shape is checked flat), and its walk would cost 40 ms.
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            return empty
+        if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
+            return empty
+        blobs, sizes, roots = obj.get("blobs"), obj.get("sizes"), obj.get("roots")
+        if type(blobs) is not list or type(sizes) is not list or type(roots) is not dict or \
+                len(blobs) != len(sizes) or not all(type(b) is str for b in blobs) or \
+                not all(type(n) is int and n >= 0 for n in sizes):
+            return empty
+        return cls(blobs, sizes, roots)
+
+    def _numbers(self, text: Any) -> Optional[List[int]]:
+        """The blob numbers in ``text``, or None when it is not such a list."""
+        if type(text) is not str:
+            return None
+        try:
+            numbers = list(map(int, text.split(" "))) if text else []
+        except ValueError:
+            return None
+        if numbers and not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
+            return None
+        return numbers
+
+    def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
+        """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
+        it does not know it, or says it in a shape it is never written in."""
+        if digest in self._learned:
+            return self._learned[digest]
+        value = self._roots.get(digest)
+        if type(value) is not list or len(value) != 4:
+            return None
+        media_type, root_size, reached, platforms = value
+        numbers = self._numbers(reached)
+        if type(media_type) is not str or root_size != size or numbers is None or \
+                type(platforms) is not list:
+            return None
+        images = []
+        for platform in platforms:
+            needed = self._numbers(platform[1]) if type(platform) is list and \
+                len(platform) == 2 else None
+            if needed is None or type(platform[0]) is not str or \
+                    not _MEMO_PLATFORM.fullmatch(platform[0]):
+                return None
+            images.append((platform[0], tuple([self._blobs[n] for n in needed])))
+        return _RootFacts(media_type, size, tuple([self._blobs[n] for n in numbers]),
+                          tuple([self._sizes[n] for n in numbers]), tuple(images))
+
+    def learn(self, digest: str, facts: _RootFacts) -> None:
+        self._learned[digest] = facts
+
+    def to_bytes(self, keep: Mapping[str, int]) -> bytes:
+        """The memo of the roots in ``keep`` (digest -> size) that it knows."""
+        numbers: Dict[str, int] = {}
+        sizes: List[int] = []
+
+        def number(blob: str, size: int) -> str:
+            if blob not in numbers:
+                numbers[blob] = len(sizes)
+                sizes.append(size)
+            return str(numbers[blob])
+
+        roots: Dict[str, Any] = {}
+        for digest, size in sorted(keep.items()):
+            facts = self.facts(digest, size)
+            if facts is None:
+                continue
+            reached = dict(zip(facts.blobs, facts.sizes))
+            if not all(reached.keys() >= set(needed) for _, needed in facts.platforms):
+                continue  # a platform needing a blob the root does not reach: not memo'd
+            roots[digest] = [facts.media_type, facts.size,
+                             " ".join(number(b, n) for b, n in reached.items()),
+                             [[platform, " ".join(number(b, reached[b]) for b in needed)]
+                              for platform, needed in facts.platforms]]
+        return _json_bytes({"version": self.VERSION, "blobs": list(numbers), "sizes": sizes,
+                            "roots": roots}, separators=(",", ":"))
+
+
 class Provider(CacheProvider):
     """The cache in ``directory`` (default: ``default_cache_dir()``).
 
@@ -6756,15 +7015,17 @@ class Provider(CacheProvider):
         that digest (the one of that name first); else the entry of that name. Its
         media type is what its blob is (``read_document``), whatever index.json says."""
         wanted = Reference.parse(ref)
-        entries = self.layout.read_index().manifests
         if wanted.digest is not None:
             # A digest is a promise: an entry whose name pins it but whose content is
             # another digest is never the answer.
-            pinned = [e for e in entries if e.digest == wanted.digest]
+            pinned = self.layout.index_entries(lambda _, digest: digest == str(wanted.digest))
             found = next((e for e in pinned if _names_match(e.name, wanted)),
                          pinned[0] if pinned else None)
         else:
-            found = next((e for e in entries if _names_match(e.name, wanted)), None)
+            canonical, last = str(wanted), wanted.repository.rpartition("/")[2]
+            found = next(iter(self.layout.index_entries(  # _names_match's quick tests, inline
+                lambda name, _: name == canonical or (
+                    last in name and _names_match(name, wanted)))), None)
         return self.layout.believed(found) if found is not None else None
 
     def _find_named(self, ref: RefLike) -> Descriptor:
@@ -6773,8 +7034,7 @@ class Provider(CacheProvider):
         except InvalidReferenceError:
             # Not a reference, but perhaps a name linuxkit stored (see _name_predicate).
             matches = _name_predicate(ref)
-            found = next((e for e in self.layout.read_index().manifests if matches(e.name)),
-                         None)
+            found = next(iter(self.layout.index_entries(lambda name, _: matches(name))), None)
             if found is None:
                 raise
             return self.layout.believed(found)
@@ -6784,7 +7044,7 @@ class Provider(CacheProvider):
 
     def names(self) -> List[Descriptor]:
         """Every named root entry, in index order."""
-        return [e for e in self.layout.read_index().manifests if e.name]
+        return self.layout.index_entries(lambda name, _: bool(name))
 
     def descriptor_write(self, ref: RefLike, descriptor: DescriptorLike) -> ImageSource:
         """Name ``descriptor`` (whose blob must be in the cache), replacing that name."""
@@ -6826,16 +7086,9 @@ class Provider(CacheProvider):
                         spellings.setdefault(ref, []).append(m.name)
                     if not any(ref in chosen for ref in answers):
                         kept.append(m)
-                new = kept + [_keep_spelling(spellings, name, d) for name, d in entries]
-                size = len(_json_bytes(Index(MEDIA_OCI_INDEX, tuple(new)).to_json(),
-                                       indent=_INDEX_INDENT))
-                if size > MAX_INDEX_SIZE:
-                    raise OciCacheError(f"cannot name {_shorten(entries[0][0])}: index.json "
-                                        f"would grow to {size} bytes, past the "
-                                        f"{MAX_INDEX_SIZE} ocicache reads; remove names first")
-                return new
+                return kept + [_keep_spelling(spellings, name, d) for name, d in entries]
 
-            self.layout.update_index(change)
+            self.layout.update_index(change, what=f"cannot name {_shorten(entries[0][0])}")
             return [d for _, d in entries]
 
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
@@ -6903,13 +7156,15 @@ class Provider(CacheProvider):
         """
         wanted = [_name_predicate(ref) for ref in refs]
         with self.layout.deleting_blobs(), self.layout.lock():
-            entries = self.layout.read_index().manifests
+            index = self.layout.read_index()  # once: it is passed on to update_index
+            entries = index.manifests
             for ref, matches in zip(refs, wanted):
                 if not any(matches(e.name) for e in entries):
                     label = Reference.parse(ref)  # a string that is no reference says so
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
             removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
-            remaining = [e for e in entries if e not in removed]
+            gone = {id(e) for e in removed}  # by identity: comparing entries is slow
+            remaining = [e for e in entries if id(e) not in gone]
             before = self.layout.reachable(removed).digests
             after = self.layout.reachable(remaining).digests
             deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
@@ -6920,7 +7175,7 @@ class Provider(CacheProvider):
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
-            self.layout.update_index(lambda _: remaining, on_full=delete)
+            self.layout.update_index(lambda _: remaining, on_full=delete, index=index)
             delete()
             return deleted
 
@@ -7049,15 +7304,68 @@ class Provider(CacheProvider):
         return root
 
     def summaries(self) -> List[ImageSummary]:
-        """Every name with the platforms complete in the cache and its size on disk."""
+        """Every name with the platforms complete in the cache and its size on disk.
+
+        What each root reaches comes from the summary memo (``_SummaryMemo``) when it
+        knows the root, else from its documents, and is then remembered; what is there
+        comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
+        no manifest it has seen before."""
+        memo = _SummaryMemo.parse(self.layout.read_summaries())
+        present = self.layout.blob_names()
+        names = self.names()
         out = []
-        for entry in map(self.layout.believed, self.names()):
-            reachable = self.layout.reachable([entry]).digests
-            size = sum(self.layout.blob_size(d) or 0 for d in reachable)
-            out.append(ImageSummary(entry.name, entry, tuple(self._platforms(entry)), size))
+        learned = False
+        for entry in names:
+            digest = str(entry.digest)
+            facts = memo.facts(digest, entry.size)
+            if facts is None:
+                facts, exact = self._summary_facts(entry)
+                if exact:
+                    memo.learn(digest, facts)
+                    learned = True
+            descriptor = entry if facts.media_type == entry.media_type else \
+                _replace(entry, media_type=facts.media_type)
+            size = sum(facts.sizes) if present.issuperset(facts.blobs) else \
+                sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
+            platforms = tuple(platform for platform, needed in facts.platforms
+                              if present.issuperset(needed))
+            out.append(ImageSummary(entry.name, descriptor, platforms, size))
+        if learned:
+            self.layout.write_summaries(memo.to_bytes({str(e.digest): e.size for e in names}))
         return out
 
-    def _platforms(self, root: Descriptor) -> List[str]:
+    def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:
+        """What ``entry`` reaches, from its documents (the blobs there, with their sizes,
+        and each platform image's blobs; one whose blobs are not all there with the size
+        its manifest gives is left out); and whether that is the whole truth about the
+        root for as long as its blob exists: every document read, nothing missing or
+        disagreeing, so that the memo may keep it."""
+        believed = self.layout.believed(entry)
+        marked = self.layout.reachable([believed])
+        sizes = {str(d): self.layout.blob_size(d) for d in marked.digests}
+        exact = not (marked.missing or marked.unreadable or marked.wrong) and \
+            None not in sizes.values()
+        images, readable = self._platform_images(believed)
+        platforms = []
+        for child in images:
+            try:
+                manifest = self.manifest(child)
+            except OciCacheError:
+                exact = False
+                continue
+            blobs = [b for b in manifest.blobs() if not _is_foreign(b)]
+            if all(self.layout.has_blob(b.digest, b.size) for b in blobs):
+                platforms.append((str(child.platform),
+                                  (str(child.digest), *(str(b.digest) for b in blobs))))
+            else:
+                exact = False
+        reached = {digest: size for digest, size in sizes.items() if size is not None}
+        return _RootFacts(believed.media_type, entry.size, tuple(reached),
+                          tuple(reached.values()), tuple(platforms)), exact and readable
+
+    def _platform_images(self, root: Descriptor) -> Tuple[List[Descriptor], bool]:
+        """The platform images of ``root`` (a single manifest's platform from its config),
+        and whether the documents saying so could be read."""
         try:
             if root.is_index:
                 index = Index.from_json(self.layout.read_blob(root.digest))
@@ -7069,20 +7377,11 @@ class Provider(CacheProvider):
                     self.layout.read_blob(self.manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
         except NotFoundError:
-            return []
+            return [], False
         except OciCacheError as e:
             _log().warning("%s: %s", _printable(root.name), _one_line(str(e)))
-            return []
-        complete = []
-        for child in images:
-            try:
-                manifest = self.manifest(child)
-            except OciCacheError:
-                continue
-            if all(self.layout.has_blob(b.digest, b.size) for b in manifest.blobs()
-                   if not _is_foreign(b)):
-                complete.append(str(child.platform))
-        return complete
+            return [], False
+        return images, True
 
     def new_source(self, ref: RefLike, architecture: str = "",
                    descriptor: Optional[Descriptor] = None) -> ImageSource:
@@ -8899,17 +9198,20 @@ def _cmd_push(provider: Provider, args: argparse.Namespace) -> int:
 def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
     summaries = provider.summaries()
     if args.json:
-        json.dump([{"name": s.name, "digest": str(s.descriptor.digest),
-                    "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
-                    "size": s.size} for s in summaries], sys.stdout, indent=2)
-        print()
+        # An image a line, each by json's C encoder (indent= takes the pure-Python one:
+        # a second for 20,000 names).
+        sys.stdout.write("[\n" + ",\n".join(json.dumps(
+            {"name": s.name, "digest": str(s.descriptor.digest),
+             "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
+             "size": s.size}) for s in summaries) + "\n]\n")
         return 0
     rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
              _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    sys.stdout.write("".join(
+        f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2].ljust(widths[2])}  "
+        f"{row[3]}\n" for row in [header, *rows]))
     return 0
 
 
@@ -9104,13 +9406,12 @@ def _published(provider: Provider, args: argparse.Namespace,
 
 
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    entries = provider.names()
-    stored = {e.name for e in entries}
+    stored = {name for name in provider.layout.index_names() if name}
     names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
     for name in names:  # every name must exist before anything is removed; by name only,
         # so that a name whose pinned digest lies (verify reports it) can be removed
         matches = _name_predicate(name)
-        if not any(matches(e.name) for e in entries):
+        if not any(matches(s) for s in stored):
             raise NotFoundError(f"no image named {name} in the cache {provider.root}")
     unchecked: List[str] = []
     if args.published_only:

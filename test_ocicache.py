@@ -54,7 +54,7 @@ import unittest
 import urllib.parse
 import urllib.request
 from collections import namedtuple
-from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
+from typing import (Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, Set, Tuple, Type, Union)
 from unittest import mock
 
@@ -9783,6 +9783,8 @@ class TestProvider(CacheTestCase):
         single = make_image("single", layer_files=[{"etc/x": b"x"}, {"etc/y": b"y"}])
         self.load_image("example.com/single:1", single)
         self.cache.index_write("example.com/written:1", amd.descriptor())
+        self.cache.summaries()  # ls's memo beside index.json must not disturb other readers
+        self.assertTrue(os.path.isfile(os.path.join(self.cache_dir, oc.SUMMARIES_FILE)))
         for name, manifest in [("example.com/single:1", single.manifest),
                                ("example.com/multi:1", index),
                                ("example.com/written:1", None)]:
@@ -9804,6 +9806,169 @@ class TestProvider(CacheTestCase):
                                 capture_output=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         json.loads(result.stdout)
+
+
+class TestLargeCaches(CacheTestCase):
+    """Caches of many names (issue 19): ls from its memo of what each root reaches, which
+    nothing else believes; a write reads a constant number of blobs."""
+
+    def many_names(self, count: int, shared: Dict[str, bytes]) -> List[ImageBlobs]:
+        """``count`` names example.com/n<i>:1, each an image of its own layer and one layer
+        every name shares, written as a layout (as linuxkit leaves it: no memo)."""
+        images = [make_image(f"n{i}", layer_files=[shared, {f"etc/n{i}": b"%d" % i}])
+                  for i in range(count)]
+        write_layout(self.cache_dir, [(image.descriptor(), f"example.com/n{i}:1")
+                                      for i, image in enumerate(images)],
+                     [blob for image in images for blob in image.blobs])
+        return images
+
+    def memo_path(self) -> str:
+        return os.path.join(self.cache_dir, oc.SUMMARIES_FILE)
+
+    def truth(self) -> List[oc.ImageSummary]:
+        """The summaries from the documents alone: with no memo, and leaving none."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.memo_path())
+        summaries = self.cache.summaries()
+        os.unlink(self.memo_path())
+        return summaries
+
+    def test_ls_from_the_memo_says_what_the_documents_say(self) -> None:
+        images = self.many_names(4, {"etc/base": b"base"})
+        amd, arm = make_image("a"), make_image("b", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        self.load(oci_archive([(index.descriptor(), named("example.com/multi:1"))],
+                              [*amd.blobs, *arm.blobs, index]))
+        truth = self.truth()
+        self.assertEqual(self.cache.summaries(), truth)      # learns every root
+        self.assertTrue(os.path.isfile(self.memo_path()))
+        with mock.patch.object(oc.Layout, "read_blob", side_effect=AssertionError("read")):
+            self.assertEqual(self.cache.summaries(), truth)  # from the memo: no document
+        multi = next(s for s in truth if s.name == "example.com/multi:1")
+        self.assertEqual(set(multi.platforms), {"linux/amd64", "linux/arm64"})
+        # What is there is asked every time: a deleted blob shows at once.
+        self.assertTrue(self.cache.layout.delete_blob(arm.layers[0].digest))
+        self.assertTrue(self.cache.layout.delete_blob(images[1].layers[1].digest))
+        changed = self.cache.summaries()
+        self.assertEqual(changed, self.truth())
+        self.assertEqual(next(s for s in changed if s.name == "example.com/multi:1").platforms,
+                         ("linux/amd64",))
+        self.assertEqual(next(s for s in changed if s.name == "example.com/n1:1").platforms, ())
+        # The memo is no blob and no stray: gc keeps it, verify does not mention it.
+        self.cache.summaries()
+        self.assertEqual(self.cache.gc(grace_seconds=0).deleted, ())
+        self.assertTrue(os.path.isfile(self.memo_path()))
+        # What a crash while writing it leaves is gc's to delete, like index.json's.
+        left = os.path.join(self.cache_dir, f".{oc.SUMMARIES_FILE}.tmp-0123abcd")
+        with open(left, "wb") as f:
+            f.write(b"{")
+        self.assertEqual([name for name, _ in self.cache.gc(grace_seconds=0).deleted],
+                         [os.path.basename(left)])
+        self.assertTrue(os.path.isfile(self.memo_path()))
+        self.assertNotIn(oc.SUMMARIES_FILE, " ".join(self.cache.verify().corrupt))
+
+    def hostile_memos(self, images: List[ImageBlobs]) -> List[Tuple[str, bytes]]:
+        root, size = images[0].manifest.digest, images[0].manifest.descriptor()["size"]
+        table = {"version": 1, "blobs": [root], "sizes": [1]}
+        lie = {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                         [["linux/evil", "0"]]]}}
+        shapes = [[1], {**table, "roots": []}, {**table, "version": 2, "roots": {}},
+                  {**table, "sizes": [-1], "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                                            []]}},
+                  {**table, "roots": {root: ["x", 1, "", []]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0 1", []]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0 -1", []]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                             [["linux/amd64\x1b[31m", "0"]]]}},
+                  {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
+                                             [["linux/amd64", "x"]]]}}]
+        return [("not json", b"\xff{"), ("deep", b"[" * 100000),
+                ("lying", json.dumps(lie).encode()),
+                *((f"shape {n}", json.dumps(s).encode()) for n, s in enumerate(shapes))]
+
+    def test_a_hostile_memo_changes_no_decision(self) -> None:
+        images = self.many_names(6, {"etc/base": b"base"})
+        # A blob nobody names, old enough for gc; a corrupt blob; a missing one.
+        stray = self.cache.layout.write_blob_bytes(b"nobody's")
+        os.utime(self.cache.layout.blob_path(stray), (1, 1))
+        with open(self.cache.layout.blob_path(images[2].config.digest), "ab") as f:
+            f.write(b"!")
+        os.unlink(self.cache.layout.blob_path(images[3].layers[1].digest))
+        pristine = self.path("pristine")
+        shutil.copytree(self.cache_dir, pristine)
+        truth = self.truth()
+        expected_verify = self.cache.verify()
+        expected_gc = self.cache.gc(grace_seconds=0, dry_run=True)
+        expected_rm = self.cache.remove("example.com/n0:1", "example.com/n4:1")
+        for label, data in self.hostile_memos(images):
+            with self.subTest(label):
+                shutil.rmtree(self.cache_dir)
+                shutil.copytree(pristine, self.cache_dir)
+                with open(self.memo_path(), "wb") as f:
+                    f.write(data)
+                self.assertEqual(self.cache.verify(), expected_verify)
+                self.assertEqual(self.cache.gc(grace_seconds=0, dry_run=True), expected_gc)
+                summaries = self.cache.summaries()
+                if label != "lying":  # believed for the listing alone, and only in its shape
+                    self.assertEqual(summaries, truth)
+                for summary in summaries:
+                    self.assertTrue(all(p.isprintable() for p in summary.platforms))
+                self.assertEqual(self.cache.remove("example.com/n0:1", "example.com/n4:1"),
+                                 expected_rm)
+                self.assertTrue(self.cache.image_in_cache("example.com/n1:1", "", "amd64"))
+        # Not a regular file: ignored, never followed, replaced by a memo of its own.
+        shutil.rmtree(self.cache_dir)
+        shutil.copytree(pristine, self.cache_dir)
+        target = self.path("elsewhere")
+        with open(target, "wb") as f:
+            f.write(b"outside")
+        os.symlink(target, self.memo_path())
+        self.assertEqual(self.cache.summaries(), truth)
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), b"outside")
+
+    def test_rm_keeps_a_blob_shared_by_many_names_until_the_last(self) -> None:
+        shared = {"etc/shared": b"every name"}
+        images = self.many_names(12, shared)
+        layer = images[0].layers[0].digest
+        self.cache.summaries()  # a memo of every root: rm must not be swayed by it either
+        for i in range(11):
+            deleted = {str(d) for d in self.cache.remove(f"example.com/n{i}:1")}
+            self.assertEqual(deleted, {images[i].manifest.digest, images[i].config.digest,
+                                       images[i].layers[1].digest})
+            self.assertTrue(self.cache.layout.has_blob(layer))
+        self.assertTrue(self.cache.verify().ok)
+        self.assertIn(layer, {str(d) for d in self.cache.remove("example.com/n11:1")})
+
+    def reads(self, run: Callable[[], Any]) -> int:
+        """How many blobs ``run`` opens."""
+        opened = []
+        real = oc.Layout.open_blob
+
+        def counting(layout: oc.Layout, digest: Any) -> BinaryIO:
+            opened.append(digest)
+            return real(layout, digest)
+        with mock.patch.object(oc.Layout, "open_blob", counting):
+            run()
+        return len(opened)
+
+    def test_a_write_and_a_lookup_read_blobs_of_their_own_name_only(self) -> None:
+        images = self.many_names(300, {"etc/base": b"base"})
+        other = images[151].descriptor()
+        costs = {
+            "descriptor_write": lambda: self.cache.descriptor_write("example.com/n150:1", other),
+            "descriptor_write new": lambda: self.cache.descriptor_write("example.com/new:1",
+                                                                         other),
+            "image_in_cache": lambda: self.cache.image_in_cache("example.com/n20:1", "",
+                                                                "amd64"),
+            "find_descriptor": lambda: self.cache.find_descriptor("example.com/n299:1")}
+        for label, run in costs.items():
+            with self.subTest(label):
+                self.assertLessEqual(self.reads(run), 6)
+        self.assertEqual(str(self.cache.find_descriptor("example.com/n150:1").digest),
+                         images[151].manifest.digest)
+        self.assertEqual(self.index_names().count("example.com/n150:1"), 1)
+        self.assertTrue(self.cache.verify().ok)
 
 
 class TestProviderSettings(IsolatedEnvironment):
@@ -12227,7 +12392,8 @@ class TestLinuxkitCompatibility(CacheTestCase):
         cache.descriptor_write("example.com/new:1", cache.find_descriptor("alpine:3.19"))
         with open(self.path("linuxkit-cache", "index.json")) as f:
             text = f.read()
-        self.assertTrue(text.startswith('{\n   "schemaVersion"'), text[:40])
+        # Compact, as json's C encoder writes it; Go's encoding/json and jq read any JSON.
+        self.assertTrue(text.startswith('{"schemaVersion":2,'), text[:40])
         names = [m["annotations"][oc.ANNOTATION_REF_NAME] for m in json.loads(text)["manifests"]]
         self.assertEqual(names, ["docker.io/library/alpine:3.19",
                                  "docker.io/library/alpine:3.19-amd64",
