@@ -54,8 +54,8 @@ import unittest
 import urllib.parse
 import urllib.request
 from collections import namedtuple
-from typing import (Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Set, Tuple, Type, Union)
+from typing import (Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List,
+                    Mapping, Optional, Sequence, Set, Tuple, Type, Union)
 from unittest import mock
 
 import ocicache as oc
