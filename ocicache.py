@@ -2202,6 +2202,7 @@ class Layout:
             problems.setdefault((kind, digest, why), {})[owner] = None
 
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
+        read_once: Set[Digest] = set()  # documents read, not kept: read twice at most
         for root in roots:
             # Names come from index.json and archives: made safe for one-line messages.
             owner = _shorten(_one_line(root.name), _NAME_SHOWN) or str(root.digest)
@@ -2227,12 +2228,18 @@ class Layout:
                     continue
                 if not is_document:
                     continue
-                found = documents.get(digest) or self._links(descriptor)
-                if isinstance(found, str) or any(link[2] for link in found[1]):
-                    # Kept when it links to documents (an index's children, a subject),
-                    # which many roots may share; an image manifest's links are leaves,
-                    # and keeping every one held 80 MB for a walk of 20,000 names.
-                    documents[digest] = found
+                found = documents.get(digest)
+                if found is None:
+                    found = self._links(descriptor)
+                    if isinstance(found, str) or any(link[2] for link in found[1]) or \
+                            digest in read_once:
+                        # Kept when it links to documents (an index's children), which
+                        # many roots may share, or when a second root reaches it; an
+                        # image manifest's links are leaves, and keeping every one held
+                        # 80 MB for a walk of 20,000 names.
+                        documents[digest] = found
+                    else:
+                        read_once.add(digest)
                 if isinstance(found, str):
                     problem("unreadable", digest, found, owner)
                     continue
