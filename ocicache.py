@@ -1024,7 +1024,7 @@ _SCHEMA1_MEDIA_TYPES = frozenset({MEDIA_DOCKER_SCHEMA1, MEDIA_DOCKER_SCHEMA1_SIG
 
 def read_document(data: bytes, label: str,
                   what: str = "blob") -> Tuple[str, Union[Index, Manifest, None]]:
-    """What a blob in a manifest's place (a root, an index's child, a subject) is,
+    """What a blob in a manifest's place (a root, an index's child) is,
     decided by its bytes: ``(media type, parsed index or manifest)``, or ``("", None)``
     for any other blob (an in-toto statement, an artifact).
 
@@ -2188,6 +2188,7 @@ class Layout:
 
         A missing root, or a present manifest whose config or layers are missing, is
         ``missing``; a missing child of an index is not (pulls fetch one platform). A
+        manifest's ``subject`` is not followed: a referrer does not need it. A
         document that cannot be read is ``unreadable``. A descriptor whose size or label
         disagrees with its blob, and a name pinning another digest than its entry's, are
         ``wrong``. Each problem names the names that need the blob.
@@ -2271,10 +2272,10 @@ class Layout:
         if isinstance(parsed, Index):
             return kind, [(child, False, True) for child in parsed.manifests]
         if isinstance(parsed, Manifest):
-            links = [(blob, True, False) for blob in parsed.blobs()]
-            if parsed.subject is not None:
-                links.append((parsed.subject, False, True))
-            return kind, links
+            # Not its subject: that names the manifest it refers to, a weak link to
+            # another graph (image-spec), often in another repository; neither skopeo
+            # nor regclient copies or keeps it with the referrer.
+            return kind, [(blob, True, False) for blob in parsed.blobs()]
         return kind, []
 
     def blob_problem(self, digest: Digest) -> str:
