@@ -2210,7 +2210,9 @@ class Layout:
             promise = name_problem(root)
             if promise:
                 problem("wrong", root.digest, promise, owner)
-            seen = set()
+            # digest -> (required, a document) as met so far: a blob met again as needed
+            # (a layer an index also lists as an optional child) is looked at again
+            seen: Dict[Digest, Tuple[bool, bool]] = {}
             stack: List[Tuple[Descriptor, bool, bool]] = [(root, True, True)]
             while stack:
                 descriptor, required, is_document = stack.pop()
@@ -2219,9 +2221,11 @@ class Layout:
                 if size is not None and size != descriptor.size:
                     problem("wrong", digest, f"a descriptor says {descriptor.size} bytes, "
                                              f"the blob has {size}", owner)
-                if digest in seen:
+                was_required, was_document = seen.get(digest, (False, False))
+                if digest in seen and (was_required or not required) and \
+                        (was_document or not is_document):
                     continue
-                seen.add(digest)
+                seen[digest] = (required or was_required, is_document or was_document)
                 owners.setdefault(digest, {})[owner] = None
                 if size is None:
                     if required and not _is_foreign(descriptor):

@@ -13498,12 +13498,11 @@ class TestAttacks(CacheTestCase):
         self.assertFalse(self.cache.image_in_cache(pinned, "", "amd64"))
         self.assertFalse(self.cache.verify().ok)
 
-    @unittest.expectedFailure  # Layout.reachable (helper "belief")
     def test_a_layer_also_listed_as_an_index_child_is_still_required(self) -> None:
-        # reachable() visits each digest once, required or not as first met: an index
-        # that lists an image's layer as a child of its own, after the image, hides
-        # that the layer is missing. Such an archive imports a name whose image cannot
-        # be exported, and verify says ok.
+        # reachable() visited each digest once, required or not as first met: an index
+        # that lists an image's layer as a child of its own, after the image, hid that
+        # the layer is missing. Such an archive imported a name whose image cannot be
+        # exported, and verify said ok.
         image = make_image("hidden-layer")
         layer = image.layers[0]
         index = make_index([image.descriptor(), {
