@@ -6485,9 +6485,7 @@ class Provider(CacheProvider):
             # pull that asks the registry anyway (always_pull, or an incomplete image)
             # must not keep a damaged blob another name already had.
             self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
-            for descriptor, data, _ in manifests:
-                self.layout.discard_if_corrupt(descriptor.digest)
-                self.layout.write_blob_bytes(data, descriptor.digest)
+            self._write_manifests([(descriptor, data) for descriptor, data, _ in manifests])
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
                 names = [(name, named.named(name))]
@@ -6669,6 +6667,23 @@ class Provider(CacheProvider):
         if not any(manifest is not None for _, _, manifest in plan):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
         return plan, list(loose.values())
+
+    def _write_manifests(self, manifests: Sequence[Tuple[Descriptor, bytes]]) -> None:
+        """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time: each
+        waits for two fsyncs, and an index of many platforms has many."""
+        import concurrent.futures
+
+        def write(descriptor: Descriptor, data: bytes) -> None:
+            self.layout.discard_if_corrupt(descriptor.digest)
+            self.layout.write_blob_bytes(data, descriptor.digest)
+
+        if len(manifests) < 2:
+            for descriptor, data in manifests:
+                write(descriptor, data)
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-write") as pool:
+            for future in [pool.submit(write, d, data) for d, data in manifests]:
+                future.result()
 
     @contextlib.contextmanager
     def _manifest_fetcher(self, ref: Reference) -> Iterator["_ManifestFetcher"]:
