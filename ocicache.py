@@ -6047,30 +6047,56 @@ def _daemon_json_mirrors() -> List[Tuple[str, str]]:
 
 class _ManifestFetcher:
     """The manifests and indexes of one repository, each asked for at most once: ``ahead``
-    sends a request on the pool, ``result`` waits for its answer (sending it if it was
-    not sent ahead). A pull asks for all the children of an index at once, rather than
-    one round trip after another."""
+    queues a request for one of ``jobs`` workers, ``result`` waits for its answer
+    (queueing it if it was not queued ahead). A pull asks for all the children of an
+    index at once, rather than one round trip after another. The workers are daemon
+    threads, as ``_download``'s: an interrupted pull does not wait for their requests."""
 
-    def __init__(self, registry: RegistryClient, ref: Reference,
-                 pool: "concurrent.futures.ThreadPoolExecutor") -> None:
+    def __init__(self, registry: RegistryClient, ref: Reference, jobs: int) -> None:
+        import queue
         self._registry = registry
         self._ref = ref
-        self._pool = pool
+        self._jobs = jobs
+        self._queue: "queue.Queue[Optional[Tuple[Digest, concurrent.futures.Future[bytes]]]]" \
+            = queue.Queue()
+        self._workers: List[threading.Thread] = []
         self._sent: Dict[Digest, "concurrent.futures.Future[bytes]"] = {}
 
-    def _get(self, digest: Digest) -> bytes:
-        ref = self._ref
-        data, _ = self._registry.get_manifest(
-            Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
-        return data
+    def _work(self) -> None:
+        for digest, future in iter(self._queue.get, None):
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                ref = self._ref
+                data, _ = self._registry.get_manifest(
+                    Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
+            except BaseException as e:  # handed to the thread that waits for it
+                future.set_exception(e)
+            else:
+                future.set_result(data)
 
     def ahead(self, child: Descriptor) -> None:
-        if child.digest not in self._sent:
-            self._sent[child.digest] = self._pool.submit(self._get, child.digest)
+        import concurrent.futures
+        if child.digest in self._sent:
+            return
+        future: "concurrent.futures.Future[bytes]" = concurrent.futures.Future()
+        self._sent[child.digest] = future
+        self._queue.put((child.digest, future))
+        if len(self._workers) < self._jobs:
+            worker = threading.Thread(target=self._work, name="ocicache-manifest", daemon=True)
+            worker.start()
+            self._workers.append(worker)
 
     def result(self, child: Descriptor) -> bytes:
         self.ahead(child)
         return self._sent[child.digest].result()
+
+    def close(self) -> None:
+        """What is still queued (after an error) is not sent; the workers end."""
+        for future in self._sent.values():
+            future.cancel()
+        for _ in self._workers:
+            self._queue.put(None)
 
 
 class Provider(CacheProvider):
@@ -6686,17 +6712,13 @@ class Provider(CacheProvider):
                 future.result()
 
     @contextlib.contextmanager
-    def _manifest_fetcher(self, ref: Reference) -> Iterator["_ManifestFetcher"]:
-        """A ``_ManifestFetcher`` for ``ref``'s repository, ``jobs`` requests at a time;
-        what is still queued when the block ends (an error) is not sent."""
-        import concurrent.futures
-        pool = concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-manifest")
+    def _manifest_fetcher(self, ref: Reference) -> Iterator[_ManifestFetcher]:
+        """A ``_ManifestFetcher`` for ``ref``'s repository, ``jobs`` requests at a time."""
+        fetcher = _ManifestFetcher(self.registry, ref, self.jobs)
         try:
-            yield _ManifestFetcher(self.registry, ref, pool)
+            yield fetcher
         finally:
-            # In-flight requests are not waited for: an interrupted pull closes the
-            # transport, which wakes them.
-            pool.shutdown(wait=False, cancel_futures=True)
+            fetcher.close()
 
     def _download(self, ref: Reference, blobs: Sequence[Descriptor],
                   recheck: Iterable[Digest] = ()) -> None:

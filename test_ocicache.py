@@ -7810,6 +7810,30 @@ class TestPullRoundTrips(RegistryTestCase):
                 self.assertEqual(len(asked), len(set(asked)), "a manifest was asked for twice")
                 self.assertTrue(cache.verify().ok)
 
+    def test_one_ctrl_c_stops_a_pull_waiting_for_child_manifests(self) -> None:
+        # The children are asked for on worker threads: an interrupt must not wait for
+        # their stalled requests (nor a retry of them) before the process ends.
+        registry = self.start_registry()
+        amd, arm, _, _ = self.multi_arch(registry)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        for child in (amd, arm):
+            proxy.add_fault("delay", match=f"/manifests/{child.manifest.digest}", method="GET",
+                            seconds=60)
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                                    "--all-platforms", f"{proxy.host}/test/multi:1"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is not None or process.kill())
+        wait_for(lambda: len(proxy.fired()) == 2, 30, "both child manifests asked for at once")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=90)
+        self.assertLess(time.monotonic() - started, 2.0, "one Ctrl-C stops the pull at once")
+        self.assertEqual(process.returncode, 1)
+        self.assertRegex(stderr.decode().splitlines()[-1], "^ocicache: error: interrupted")
+        self.assertEqual(self.index_names(), [])
+
     def test_no_proxy_variable_means_no_urllib_request(self) -> None:
         # urllib.request costs tens of ms to import: a pull from loopback, or with no
         # *_proxy variable set, must not pay for it.
