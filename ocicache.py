@@ -88,6 +88,7 @@ class _LazyModule:
 # The modules only some paths need; type checkers see them as the real imports.
 if TYPE_CHECKING:
     import argparse
+    import concurrent.futures
     import fcntl
     import hashlib
     import http.client
@@ -3283,9 +3284,15 @@ class _Transport:
     def _proxy_for(scheme: str, host: str) -> Tuple[str, Dict[str, str]]:
         """The proxy's host:port for scheme://host ("" for none), and the headers that
         carry its own ``user:password`` (which must never be a host name to resolve)."""
+        # Loopback is never proxied, and on Linux urllib reads proxies only from *_proxy
+        # variables: without one, urllib.request (tens of ms to import) is not needed.
+        if _is_loopback(host) or (sys.platform not in ("darwin", "win32") and not any(
+                value and name[-6:].lower() == "_proxy" and name.lower() != "no_proxy"
+                for name, value in os.environ.items())):
+            return "", {}
         import urllib.parse
         import urllib.request
-        if urllib.request.proxy_bypass(host.rsplit(":", 1)[0]) or _is_loopback(host):
+        if urllib.request.proxy_bypass(host.rsplit(":", 1)[0]):
             return "", {}
         proxy = urllib.request.getproxies().get(scheme, "")
         if not proxy:
@@ -3504,16 +3511,20 @@ class _StallWatch:
 class _HashingThread:
     """A digest computed by a thread of its own, a couple of pieces behind what is
     written: hashlib lets go of the GIL, so hashing a blob overlaps receiving and
-    writing it (on a gigabyte, each costs about half a second)."""
+    writing it (on a gigabyte, each costs about half a second). A blob of one piece has
+    nothing to overlap: it is hashed in the caller's thread, without starting one (a
+    pull of many small layers would start a thread for each)."""
 
-    def __init__(self, algorithm: str) -> None:
+    def __init__(self, algorithm: str, size: int) -> None:
         import queue
         self._algorithm = algorithm
         self._hasher = hashlib.new(algorithm)
         self._error: Optional[BaseException] = None
         self._pieces: "queue.Queue[Optional[bytes]]" = queue.Queue(2)
-        self._thread = threading.Thread(target=self._run, name="ocicache-hash", daemon=True)
-        self._thread.start()
+        self._thread: Optional[threading.Thread] = None
+        if size > COPY_BUFFER_SIZE:
+            self._thread = threading.Thread(target=self._run, name="ocicache-hash", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         for piece in iter(self._pieces.get, None):
@@ -3526,7 +3537,10 @@ class _HashingThread:
                 self._pieces.task_done()
 
     def update(self, piece: bytes) -> None:
-        self._pieces.put(piece)
+        if self._thread is None:
+            self._hasher.update(piece)
+        else:
+            self._pieces.put(piece)
 
     def reset(self) -> None:
         """Start a new digest."""
@@ -3543,8 +3557,9 @@ class _HashingThread:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._pieces.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._pieces.put(None)
+            self._thread.join()
 
 
 def _speaks_tls(response: _Response) -> bool:
@@ -4417,7 +4432,7 @@ class RegistryClient:
             if partial is None:  # another process fetched it meanwhile
                 progress(descriptor.size)
                 return
-            with _HashingThread(descriptor.digest.algorithm) as hasher:
+            with _HashingThread(descriptor.digest.algorithm, descriptor.size) as hasher:
                 self._fetch_into(endpoint, descriptor, partial.fd, progress, hasher)
             self._remember(endpoint, descriptor.digest)
             partial.commit(descriptor.size)
@@ -6988,6 +7003,60 @@ class _SummaryMemo:
                             "roots": roots}, separators=(",", ":"))
 
 
+class _ManifestFetcher:
+    """The manifests and indexes of one repository, each asked for at most once: ``ahead``
+    queues a request for one of ``jobs`` workers, ``result`` waits for its answer
+    (queueing it if it was not queued ahead). A pull asks for all the children of an
+    index at once, rather than one round trip after another. The workers are daemon
+    threads, as ``_download``'s: an interrupted pull does not wait for their requests."""
+
+    def __init__(self, registry: RegistryClient, ref: Reference, jobs: int) -> None:
+        import queue
+        self._registry = registry
+        self._ref = ref
+        self._jobs = jobs
+        self._queue: "queue.Queue[Optional[Tuple[Digest, concurrent.futures.Future[bytes]]]]" \
+            = queue.Queue()
+        self._workers: List[threading.Thread] = []
+        self._sent: Dict[Digest, "concurrent.futures.Future[bytes]"] = {}
+
+    def _work(self) -> None:
+        for digest, future in iter(self._queue.get, None):
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                ref = self._ref
+                data, _ = self._registry.get_manifest(
+                    Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
+            except BaseException as e:  # handed to the thread that waits for it
+                future.set_exception(e)
+            else:
+                future.set_result(data)
+
+    def ahead(self, child: Descriptor) -> None:
+        import concurrent.futures
+        if child.digest in self._sent:
+            return
+        future: "concurrent.futures.Future[bytes]" = concurrent.futures.Future()
+        self._sent[child.digest] = future
+        self._queue.put((child.digest, future))
+        if len(self._workers) < self._jobs:
+            worker = threading.Thread(target=self._work, name="ocicache-manifest", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def result(self, child: Descriptor) -> bytes:
+        self.ahead(child)
+        return self._sent[child.digest].result()
+
+    def close(self) -> None:
+        """What is still queued (after an error) is not sent; the workers end."""
+        for future in self._sent.values():
+            future.cancel()
+        for _ in self._workers:
+            self._queue.put(None)
+
+
 class Provider(CacheProvider):
     """The cache in ``directory`` (default: ``default_cache_dir()``).
 
@@ -7453,9 +7522,7 @@ class Provider(CacheProvider):
             # pull that asks the registry anyway (always_pull, or an incomplete image)
             # must not keep a damaged blob another name already had.
             self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
-            for descriptor, data, _ in manifests:
-                self.layout.discard_if_corrupt(descriptor.digest)
-                self.layout.write_blob_bytes(data, descriptor.digest)
+            self._write_manifests([(descriptor, data) for descriptor, data, _ in manifests])
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
                 names = [(name, named.named(name))]
@@ -7576,13 +7643,12 @@ class Provider(CacheProvider):
             if architecture == ALL_PLATFORMS:
                 return self._plan_everything(ref, index)
             chosen = _chosen_children(ref, index, architecture)
-            fetched: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
-            for child in chosen:
-                child_data, _ = self.registry.get_manifest(
-                    Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
-                fetched.append((child, child_data, Manifest.from_json(
-                    child_data, what=f"manifest {child.digest} of {ref}")))
-            return fetched, []
+            with self._manifest_fetcher(ref) as fetch:
+                for child in chosen:
+                    fetch.ahead(child)
+                return [(child, data, Manifest.from_json(
+                    data, what=f"manifest {child.digest} of {ref}"))
+                    for child, data in zip(chosen, map(fetch.result, chosen))], []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
         if self.layout.has_blob(manifest.config.digest, manifest.config.size) and \
                 not self.layout.discard_if_corrupt(manifest.config.digest):
@@ -7610,7 +7676,11 @@ class Provider(CacheProvider):
         loose: Dict[Digest, Descriptor] = {}
         seen: set[Digest] = set()
 
-        def walk(listed: Index, depth: int) -> None:
+        def walk(listed: Index, depth: int, fetch: _ManifestFetcher) -> None:
+            for child in listed.manifests:
+                if child.digest not in seen and \
+                        child.media_type in INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES:
+                    fetch.ahead(child)
             for child in listed.manifests:
                 if child.digest in seen:
                     continue
@@ -7618,8 +7688,7 @@ class Provider(CacheProvider):
                 if child.media_type not in INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES:
                     loose[child.digest] = child
                     continue
-                data, _ = self.registry.get_manifest(
-                    Reference(ref.registry, ref.repository, "", child.digest), what=f"pull {ref}")
+                data = fetch.result(child)
                 what = f"{'index' if child.is_index else 'manifest'} {child.digest} of {ref}"
                 if not child.is_index:
                     plan.append((child, data, Manifest.from_json(data, what=what)))
@@ -7627,13 +7696,40 @@ class Provider(CacheProvider):
                     raise OciCacheError(f"image {ref} nests indexes more than "
                                         f"{_MAX_INDEX_DEPTH} deep")
                 else:
-                    walk(Index.from_json(data, what=what), depth + 1)
+                    walk(Index.from_json(data, what=what), depth + 1, fetch)
                     plan.append((child, data, None))
 
-        walk(index, 1)
+        with self._manifest_fetcher(ref) as fetcher:
+            walk(index, 1, fetcher)
         if not any(manifest is not None for _, _, manifest in plan):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
         return plan, list(loose.values())
+
+    def _write_manifests(self, manifests: Sequence[Tuple[Descriptor, bytes]]) -> None:
+        """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time: each
+        waits for two fsyncs, and an index of many platforms has many."""
+        import concurrent.futures
+
+        def write(descriptor: Descriptor, data: bytes) -> None:
+            self.layout.discard_if_corrupt(descriptor.digest)
+            self.layout.write_blob_bytes(data, descriptor.digest)
+
+        if len(manifests) < 2:
+            for descriptor, data in manifests:
+                write(descriptor, data)
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-write") as pool:
+            for future in [pool.submit(write, d, data) for d, data in manifests]:
+                future.result()
+
+    @contextlib.contextmanager
+    def _manifest_fetcher(self, ref: Reference) -> Iterator[_ManifestFetcher]:
+        """A ``_ManifestFetcher`` for ``ref``'s repository, ``jobs`` requests at a time."""
+        fetcher = _ManifestFetcher(self.registry, ref, self.jobs)
+        try:
+            yield fetcher
+        finally:
+            fetcher.close()
 
     def _download(self, ref: Reference, blobs: Sequence[Descriptor],
                   recheck: Iterable[Digest] = ()) -> None:
@@ -8922,6 +9018,30 @@ def _build_parser() -> argparse.ArgumentParser:
     class _Parser(argparse.ArgumentParser):
         """argparse with one-line usage errors (exit 2), as every other error."""
 
+        # A command's arguments are added when that command is parsed or its help
+        # shown: a run builds one command's, not sixteen (a few ms of each start).
+        _define: Optional[Callable[[argparse.ArgumentParser], None]] = None
+
+        def arguments(self, define: Callable[[argparse.ArgumentParser], None]) -> None:
+            self._define = define
+
+        def _defined(self) -> None:
+            define, self._define = self._define, None
+            if define is not None:
+                define(self)
+
+        def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+            self._defined()
+            return super().parse_known_args(*args, **kwargs)
+
+        def format_usage(self) -> str:
+            self._defined()
+            return super().format_usage()
+
+        def format_help(self) -> str:
+            self._defined()
+            return super().format_help()
+
         def error(self, message: str) -> "NoReturn":  # type: ignore[override]
             self.exit(2, f"ocicache: error: {message} (see '{self.prog} --help')\n")
 
@@ -8957,53 +9077,65 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "An image already complete in the cache makes no "
                                         "request; only missing blobs are downloaded, and "
                                         "every byte is verified.")
-    p.add_argument("names", metavar="NAME", nargs="+")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--platform", metavar="P[,P...]", default="",
-                       help="os/arch[/variant], e.g. linux/arm64, or a comma list, e.g. "
-                            "linux/amd64,linux/arm64 (default: the host)")
-    which.add_argument("--all-platforms", action="store_true",
-                       help="pull every platform of a multi-platform image")
-    p.add_argument("--always", action="store_true",
-                   help="ask the registry even when the image is in the cache (follows a "
-                        "moved tag)")
-    p.add_argument("--arch-tags", action="store_true",
-                   help="also name each platform <NAME>-<arch>, as linuxkit cache pull does")
-    p.set_defaults(run=_cmd_pull)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("names", metavar="NAME", nargs="+")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--platform", metavar="P[,P...]", default="",
+                           help="os/arch[/variant], e.g. linux/arm64, or a comma list, e.g. "
+                                "linux/amd64,linux/arm64 (default: the host)")
+        which.add_argument("--all-platforms", action="store_true",
+                           help="pull every platform of a multi-platform image")
+        p.add_argument("--always", action="store_true",
+                       help="ask the registry even when the image is in the cache (follows a "
+                            "moved tag)")
+        p.add_argument("--arch-tags", action="store_true",
+                       help="also name each platform <NAME>-<arch>, as linuxkit cache pull does")
+        p.set_defaults(run=_cmd_pull)
 
     p = commands.add_parser("push", help="push an image from the cache to a registry",
                             description="Push NAME (an image or a multi-platform index) to "
                                         "its registry, or as --remote-name. Blobs the "
                                         "registry has are not sent again; the tag is "
                                         "written last.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--remote-name", metavar="R", default="",
-                   help="push under this name instead")
-    p.add_argument("--with-arch-tags", action="store_true",
-                   help="also tag each platform <R>-<arch>, as linuxkit cache push does")
-    p.add_argument("--override", action="store_true",
-                   help="push even when the remote tag exists: a remote index is merged "
-                        "(local first), a remote single manifest replaced")
-    p.set_defaults(run=_cmd_push)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--remote-name", metavar="R", default="",
+                       help="push under this name instead")
+        p.add_argument("--with-arch-tags", action="store_true",
+                       help="also tag each platform <R>-<arch>, as linuxkit cache push does")
+        p.add_argument("--override", action="store_true",
+                       help="push even when the remote tag exists: a remote index is merged "
+                            "(local first), a remote single manifest replaced")
+        p.set_defaults(run=_cmd_push)
 
     p = commands.add_parser("ls", help="list the named images",
                             description="List every named image: name, root digest, the "
                                         "platforms complete in the cache, and size on disk.")
-    p.add_argument("--json", action="store_true", help="print a JSON array (stable for scripts)")
-    p.set_defaults(run=_cmd_ls)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print a JSON array (stable for scripts)")
+        p.set_defaults(run=_cmd_ls)
 
     p = commands.add_parser("inspect", help="print an image's manifest or config",
                             description="Print the root index or manifest of NAME as JSON; "
                                         "with --platform, that platform's manifest; with "
                                         "--config, its image config; with --raw, "
                                         "the bytes as stored instead of indented.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--platform", metavar="P", default=None,
-                   help="os/arch[/variant], e.g. linux/arm64 (default for --config: the host)")
-    p.add_argument("--config", action="store_true", help="print the image config instead")
-    p.add_argument("--raw", action="store_true",
-                   help="print the document's bytes as stored (its digest is theirs)")
-    p.set_defaults(run=_cmd_inspect)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--platform", metavar="P", default=None,
+                       help="os/arch[/variant], e.g. linux/arm64 (default for --config: the host)")
+        p.add_argument("--config", action="store_true", help="print the image config instead")
+        p.add_argument("--raw", action="store_true",
+                       help="print the document's bytes as stored (its digest is theirs)")
+        p.set_defaults(run=_cmd_inspect)
 
     p = commands.add_parser("import", help="load an image archive",
                             description="Load a tar archive into the cache: an OCI layout "
@@ -9012,12 +9144,15 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "version), compressed with gzip, xz, bzip2 or "
                                         "zstd or not. '-' reads standard input. Prints "
                                         "the names loaded.")
-    p.add_argument("file", metavar="FILE|-")
-    p.add_argument("--name", metavar="NAME", default="",
-                   help="the name for the archive's image (for archives that name it only "
-                        "by a bare tag, or not at all); of several images, the one whose "
-                        "tag is NAME's tag")
-    p.set_defaults(run=_cmd_import)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", metavar="FILE|-")
+        p.add_argument("--name", metavar="NAME", default="",
+                       help="the name for the archive's image (for archives that name it only "
+                            "by a bare tag, or not at all); of several images, the one whose "
+                            "tag is NAME's tag")
+        p.set_defaults(run=_cmd_import)
 
     p = commands.add_parser("export", help="write an image as a tar archive",
                             description="Write NAME as a tar: 'oci' (an OCI layout, for skopeo "
@@ -9025,55 +9160,70 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "load and podman load), or 'filesystem' (the "
                                         "flattened root filesystem). The file appears only "
                                         "when complete.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--format", choices=(FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM),
-                   required=True)
-    p.add_argument("-o", "--output", metavar="FILE|-", required=True,
-                   help="where to write ('-' for standard output); an existing file is replaced")
-    p.add_argument("--platform", metavar="P[,P...]", default="",
-                   help="os/arch[/variant] (default: the host); 'all' writes the whole index, "
-                        "a comma list an index of those platforms and their attestations "
-                        "(oci only)")
-    p.add_argument("--name", metavar="N", default="", dest="save_name",
-                   help="the name to record in the tar (oci, docker)")
-    p.set_defaults(run=_cmd_export)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--format", choices=(FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM),
+                       required=True)
+        p.add_argument("-o", "--output", metavar="FILE|-", required=True,
+                       help="where to write ('-' for standard output); an existing file is replaced")
+        p.add_argument("--platform", metavar="P[,P...]", default="",
+                       help="os/arch[/variant] (default: the host); 'all' writes the whole index, "
+                            "a comma list an index of those platforms and their attestations "
+                            "(oci only)")
+        p.add_argument("--name", metavar="N", default="", dest="save_name",
+                       help="the name to record in the tar (oci, docker)")
+        p.set_defaults(run=_cmd_export)
 
     p = commands.add_parser("sbom", help="print the SPDX SBOMs attached to an image",
                             description="Print the SPDX documents of the BuildKit attestation "
                                         "attached to NAME's image for the platform, each as "
                                         "stored, followed by a newline; nothing if it has "
                                         "none.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--platform", metavar="P", default="", help="os/arch[/variant] (default: host)")
-    p.set_defaults(run=_cmd_sbom)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--platform", metavar="P", default="", help="os/arch[/variant] (default: host)")
+        p.set_defaults(run=_cmd_sbom)
 
     p = commands.add_parser("rm", help="remove names and the blobs only they use",
                             description="Remove each NAME; blobs that another name still "
                                         "uses are kept. Every NAME must exist, or nothing "
                                         "is removed.")
-    p.add_argument("names", metavar="NAME", nargs="+")
-    p.add_argument("--published-only", action="store_true",
-                   help="remove only names whose registry serves the same digest")
-    p.set_defaults(run=_cmd_rm)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("names", metavar="NAME", nargs="+")
+        p.add_argument("--published-only", action="store_true",
+                       help="remove only names whose registry serves the same digest")
+        p.set_defaults(run=_cmd_rm)
 
     p = commands.add_parser("clean", help="remove every name and blob",
                             description="Empty the cache: every name and every blob. With "
                                         "--published-only, only the names whose registry "
                                         "serves the same digest (and the blobs only they "
                                         "use).")
-    p.add_argument("--published-only", action="store_true",
-                   help="remove only what can be pulled again as it is")
-    p.set_defaults(run=_cmd_clean)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--published-only", action="store_true",
+                       help="remove only what can be pulled again as it is")
+        p.set_defaults(run=_cmd_clean)
 
     p = commands.add_parser("gc", help="delete blobs no name uses",
                             description="Delete blobs that no name reaches and stale "
                                         "temporary files, except those younger than the "
                                         "grace period (a concurrent pull may not have "
                                         "named them yet).")
-    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
-    p.add_argument("--grace", metavar="SECONDS", type=_seconds, default=DEFAULT_GC_GRACE_SECONDS,
-                   help=f"keep blobs younger than this (default {DEFAULT_GC_GRACE_SECONDS:.0f})")
-    p.set_defaults(run=_cmd_gc)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+        p.add_argument("--grace", metavar="SECONDS", type=_seconds, default=DEFAULT_GC_GRACE_SECONDS,
+                       help=f"keep blobs younger than this (default {DEFAULT_GC_GRACE_SECONDS:.0f})")
+        p.set_defaults(run=_cmd_gc)
 
     p = commands.add_parser("verify", help="re-hash every blob and check every name",
                             description="Re-hash every blob and check that every name "
@@ -9081,9 +9231,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "descriptors (sizes, media types, pinned digests). "
                                         "Each problem names the images needing the blob. "
                                         "Exits 1 if anything is corrupt, missing or wrong.")
-    p.add_argument("--repair", action="store_true",
-                   help="delete corrupt blobs, so that the next pull fetches them again")
-    p.set_defaults(run=_cmd_verify)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repair", action="store_true",
+                       help="delete corrupt blobs, so that the next pull fetches them again")
+        p.set_defaults(run=_cmd_verify)
 
     # Registry operations: they ask the registry itself (never a mirror) and leave the
     # cache alone.
@@ -9094,10 +9247,13 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "header), but only from the registry's own host; "
                                         "entries that are not tags are left out.",
                             epilog="example: ocicache tags ghcr.io/linuxkit/init")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--json", action="store_true",
-                   help='print {"name": ..., "tags": [...]} (stable for scripts)')
-    p.set_defaults(run=_cmd_tags)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--json", action="store_true",
+                       help='print {"name": ..., "tags": [...]} (stable for scripts)')
+        p.set_defaults(run=_cmd_tags)
 
     p = commands.add_parser("digest", help="print the digest a name has in its registry",
                             description="Print the digest NAME has in its registry now, "
@@ -9106,13 +9262,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "the digest of that platform's image. The cache "
                                         "is not used.",
                             epilog="example: ocicache digest alpine:3.20 --platform linux/arm64")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--platform", metavar="P", default="",
-                   help="os/arch[/variant]: the digest of that platform's image (of an "
-                        "index, its child) instead of the root's")
-    p.add_argument("--json", action="store_true",
-                   help="print the descriptor (name, digest, mediaType, size, platform)")
-    p.set_defaults(run=_cmd_digest)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--platform", metavar="P", default="",
+                       help="os/arch[/variant]: the digest of that platform's image (of an "
+                            "index, its child) instead of the root's")
+        p.add_argument("--json", action="store_true",
+                       help="print the descriptor (name, digest, mediaType, size, platform)")
+        p.set_defaults(run=_cmd_digest)
 
     p = commands.add_parser("login", help="check and store credentials for a registry",
                             description="Check a user name and password against REGISTRY "
@@ -9128,18 +9287,21 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "for on the terminal.",
                             epilog="example: echo \"$TOKEN\" | ocicache login ghcr.io -u "
                                    "me --password-stdin")
-    p.add_argument("registry", metavar="REGISTRY",
-                   help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
-    p.add_argument("-u", "--username", metavar="USER", default="",
-                   help="the user name (asked for on a terminal when left out)")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--password-stdin", action="store_true",
-                        help="read the password from standard input (its last newline "
-                             "is dropped)")
-    secret.add_argument("-p", "--password", metavar="PASSWORD", default=None,
-                        help="the password itself: other users can see it in the process "
-                             "list, so prefer --password-stdin")
-    p.set_defaults(run=_cmd_login)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("registry", metavar="REGISTRY",
+                       help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
+        p.add_argument("-u", "--username", metavar="USER", default="",
+                       help="the user name (asked for on a terminal when left out)")
+        secret = p.add_mutually_exclusive_group()
+        secret.add_argument("--password-stdin", action="store_true",
+                            help="read the password from standard input (its last newline "
+                                 "is dropped)")
+        secret.add_argument("-p", "--password", metavar="PASSWORD", default=None,
+                            help="the password itself: other users can see it in the process "
+                                 "list, so prefer --password-stdin")
+        p.set_defaults(run=_cmd_login)
 
     p = commands.add_parser("logout", help="remove the stored credentials for a registry",
                             description="Remove the credentials docker keeps for REGISTRY: "
@@ -9148,9 +9310,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "(other files, such as podman's auth.json, are left "
                                         "alone). Not being logged in is not an error.",
                             epilog="example: ocicache logout ghcr.io")
-    p.add_argument("registry", metavar="REGISTRY",
-                   help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
-    p.set_defaults(run=_cmd_logout)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("registry", metavar="REGISTRY",
+                       help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
+        p.set_defaults(run=_cmd_logout)
 
     p = commands.add_parser("copy", help="copy an image between registries, the cache and "
                                          "OCI layouts",
@@ -9169,19 +9334,22 @@ def _build_parser() -> argparse.ArgumentParser:
                                         "complete.",
                             epilog="example: ocicache copy --platform linux/amd64,linux/arm64 "
                                    "ghcr.io/o/app:1 registry.example.com/app:1")
-    p.add_argument("source", metavar="SRC")
-    p.add_argument("destination", metavar="DST")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--platform", metavar="P[,P...]", default="",
-                       help="copy only these platforms, e.g. linux/amd64,linux/arm64")
-    which.add_argument("--all-platforms", action="store_true",
-                       help="copy every platform (the default), keeping the digest")
-    p.add_argument("--all-tags", action="store_true",
-                   help="copy every tag of SRC's repository (DST: a repository, or a layout "
-                        "holding each tag)")
-    p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
-                   help="blobs to copy at once (default: the global --jobs, 4)")
-    p.set_defaults(run=_cmd_copy)
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", metavar="SRC")
+        p.add_argument("destination", metavar="DST")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--platform", metavar="P[,P...]", default="",
+                           help="copy only these platforms, e.g. linux/amd64,linux/arm64")
+        which.add_argument("--all-platforms", action="store_true",
+                           help="copy every platform (the default), keeping the digest")
+        p.add_argument("--all-tags", action="store_true",
+                       help="copy every tag of SRC's repository (DST: a repository, or a layout "
+                            "holding each tag)")
+        p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
+                       help="blobs to copy at once (default: the global --jobs, 4)")
+        p.set_defaults(run=_cmd_copy)
     return parser
 
 

@@ -7803,6 +7803,107 @@ class TestPullCommand(RegistryTestCase):
         self.assertEqual(len(resumed), 2, "both layers resumed with Range")
 
 
+class TestPullRoundTrips(RegistryTestCase):
+    """Issue 19: a pull's fixed costs and round trips (the children of an index asked for
+    together, each once; no proxy machinery for loopback; one command's parser)."""
+
+    def test_the_children_of_an_index_are_asked_for_together_and_once(self) -> None:
+        registry = self.start_registry()
+        for platform, repository in (("amd64,arm64", "test/chosen"), ("all", "test/all")):
+            amd, arm, _, _ = self.multi_arch(registry, repository)
+            with self.subTest(platform):
+                cache = self.provider()
+                get_manifest = cache.registry.get_manifest
+                guard, in_flight, asked = threading.Lock(), [0], []
+                together = threading.Event()
+
+                def counting(ref: oc.Reference, what: str = "") -> Any:
+                    if ref.digest is None:  # the root, by tag
+                        return get_manifest(ref, what)
+                    with guard:
+                        asked.append(str(ref.digest))
+                        in_flight[0] += 1
+                        if in_flight[0] >= 2:
+                            together.set()
+                    try:
+                        # One at a time, this waits out its deadline and the pull fails.
+                        if not together.wait(10):
+                            raise oc.OciCacheError("the children were asked for one by one")
+                        return get_manifest(ref, what)
+                    finally:
+                        with guard:
+                            in_flight[0] -= 1
+
+                cache.registry.get_manifest = counting  # type: ignore[method-assign]
+                cache.image_pull(f"{registry.host}/{repository}:1", "", platform)
+                children = {amd.manifest.digest, arm.manifest.digest}
+                self.assertTrue(children <= set(asked), asked)
+                self.assertEqual(len(asked), len(set(asked)), "a manifest was asked for twice")
+                self.assertTrue(cache.verify().ok)
+
+    def test_one_ctrl_c_stops_a_pull_waiting_for_child_manifests(self) -> None:
+        # The children are asked for on worker threads: an interrupt must not wait for
+        # their stalled requests (nor a retry of them) before the process ends.
+        registry = self.start_registry()
+        amd, arm, _, _ = self.multi_arch(registry)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        for child in (amd, arm):
+            proxy.add_fault("delay", match=f"/manifests/{child.manifest.digest}", method="GET",
+                            seconds=60)
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                                    "--all-platforms", f"{proxy.host}/test/multi:1"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is not None or process.kill())
+        wait_for(lambda: len(proxy.fired()) == 2, 30, "both child manifests asked for at once")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=90)
+        self.assertLess(time.monotonic() - started, 2.0, "one Ctrl-C stops the pull at once")
+        self.assertEqual(process.returncode, 1)
+        self.assertRegex(stderr.decode().splitlines()[-1], "^ocicache: error: interrupted")
+        self.assertEqual(self.index_names(), [])
+
+    def test_no_proxy_variable_means_no_urllib_request(self) -> None:
+        # urllib.request costs tens of ms to import: a pull from loopback, or with no
+        # *_proxy variable set, must not pay for it.
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        script = ("import sys, ocicache as oc\n"
+                  "t = oc._Transport(oc.TransportOptions())\n"
+                  "print(t._proxy_for('http', '127.0.0.1:5000'), "
+                  "t._proxy_for('https', 'registry.example'), "
+                  "'urllib.request' in sys.modules)\n")
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env,
+                                capture_output=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().split(), ["('',", "{})", "('',", "{})", "False"])
+        env["HTTPS_PROXY"] = "http://proxy.example:3128"
+        script = ("import ocicache as oc\n"
+                  "t = oc._Transport(oc.TransportOptions())\n"
+                  "print(t._proxy_for('https', 'registry.example')[0], "
+                  "t._proxy_for('http', '[::1]:5000')[0] or '-')\n")
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env,
+                                capture_output=True, timeout=60)
+        self.assertEqual(result.stdout.decode().split(), ["proxy.example:3128", "-"],
+                         result.stderr)
+
+    def test_a_command_builds_only_its_own_arguments_and_help_is_whole(self) -> None:
+        parser = oc._build_parser()
+        args = parser.parse_args(["ls", "--json"])
+        self.assertTrue(args.json)
+        commands = next(a for a in parser._actions if a.dest == "command").choices
+        self.assertEqual([a.dest for a in commands["pull"]._actions], ["help"])
+        self.assertIn("--json", commands["ls"].format_help())
+        self.assertIn("--arch-tags", commands["pull"].format_help())  # defined when shown
+        result = self.cli("pull", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--platform", "--all-platforms", "--always", "--arch-tags", "NAME"):
+            self.assertIn(option, result.stdout.decode())
+        self.assert_one_line_error(self.cli("pull", "--platform", "amd64", "--all-platforms",
+                                            "x"), "not allowed with argument", status=2)
+
+
 class TestBeliefsAgainstARegistry(RegistryTestCase):
     """A pinned digest and a damaged blob meet a real registry."""
 
