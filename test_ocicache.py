@@ -13404,6 +13404,21 @@ class TestAttacks(CacheTestCase):
         self.assertEqual(self.index_names(), [])
 
 
+    def assert_import_refused_within_48_mib(self, archive: bytes, label: str, fragment: str,
+                                            baseline: Measured) -> None:
+        """``import`` of ``archive`` fails in one line saying ``fragment``, in at most
+        48 MiB above ``baseline``; its figures are printed under ``label``."""
+        path = self.path("archive")
+        with open(path, "wb") as f:
+            f.write(archive)
+        result = measured_cli(self.cache_dir, "import", path)
+        figures(label, archive_kib=len(archive) >> 10,
+                peak_mib=round(result.peak_mib), seconds=round(result.seconds, 1))
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn(fragment, result.stderr)
+        self.assertLess(result.peak_mib - baseline.peak_mib, 48)
+
     def test_compressed_archives_declaring_huge_windows_are_refused_in_bounded_memory(self
                                                                                       ) -> None:
         # The xz and zstd readers took whatever window a stream declared: 46 KB of xz
@@ -13418,16 +13433,8 @@ class TestAttacks(CacheTestCase):
                  "zstd --long=31": compressed_zeros(zstd, size, "-1", "--long=31")}
         for label, archive in bombs.items():
             with self.subTest(label):
-                path = self.path("bomb")
-                with open(path, "wb") as f:
-                    f.write(archive)
-                result = measured_cli(self.cache_dir, "import", path)
-                figures(f"window {label}", archive_kib=len(archive) >> 10,
-                        peak_mib=round(result.peak_mib), seconds=round(result.seconds, 1))
-                self.assertEqual(result.returncode, 1, result.stderr)
-                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
-                self.assertIn("window larger than 64 MiB", result.stderr)
-                self.assertLess(result.peak_mib - baseline.peak_mib, 48)
+                self.assert_import_refused_within_48_mib(
+                    archive, f"window {label}", "window larger than 64 MiB", baseline)
                 self.assertEqual(self.temp_files(), [])
         # The zstd program (no module in this Python) is bounded alike.
         path = self.path("bomb")
@@ -13469,16 +13476,8 @@ class TestAttacks(CacheTestCase):
                 "global PAX headers": extended_header_bomb(tarfile.XGLTYPE, 900_000, 64)
         }.items():
             with self.subTest(label):
-                path = self.path("headers.tar.gz")
-                with open(path, "wb") as f:
-                    f.write(archive)
-                result = measured_cli(self.cache_dir, "import", path)
-                figures(f"extended headers, {label}", archive_kib=len(archive) >> 10,
-                        peak_mib=round(result.peak_mib), seconds=round(result.seconds, 1))
-                self.assertEqual(result.returncode, 1, result.stderr)
-                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
-                self.assertIn("extended headers", result.stderr)
-                self.assertLess(result.peak_mib - baseline.peak_mib, 48)
+                self.assert_import_refused_within_48_mib(
+                    archive, f"extended headers, {label}", "extended headers", baseline)
 
 
     def test_documents_packed_with_values_are_refused_in_bounded_memory(self) -> None:
