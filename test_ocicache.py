@@ -5712,9 +5712,13 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                                    f"{single}:s390x", bundle], capture_output=True, timeout=60)
         self.assertEqual(unpacked.returncode, 0, unpacked.stderr.decode())
         self.assertTrue(os.path.exists(os.path.join(bundle, "rootfs", "etc", "t-s390x")))
+        os.mkdir(self.path("notlayout"))
+        with open(self.path("notlayout", "x"), "w"):
+            pass
         os.mkfifo(self.path("fifo"))  # never replaced (as a device would not be)
         before = sorted(os.listdir(self.tmp))
-        for destination, fragment in [(f"oci:{layout}", "exists"),
+        for destination, fragment in [(f"oci:{self.path('notlayout')}", "not an OCI layout"),
+                                      (f"oci:{archive}", "exists and is not a directory"),
                                       ("oci:", "name a path"),
                                       ("oci-archive:-", "name a path"),
                                       (f"oci:{self.path('x')}:bad/tag", "not a valid tag"),
