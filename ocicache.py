@@ -8697,11 +8697,13 @@ class SyncSource:
     platforms: str = ALL_PLATFORMS
 
     def select(self, listed: Sequence[str]) -> List[str]:
-        """The tags of ``listed`` (the repository's) this source copies, in their order."""
+        """The tags of ``listed`` (the repository's) this source copies: by name, or by
+        version for a range (registries list in no order one could rely on)."""
         if self.pattern:
             compiled = re.compile(self.pattern)
-            return [t for t in listed if compiled.fullmatch(t)]
-        return [t for t in listed if semver_matches(self.semver, t)]
+            return sorted(t for t in listed if compiled.fullmatch(t))
+        chosen = [t for t in listed if semver_matches(self.semver, t)]
+        return sorted(chosen, key=lambda t: (_semver_key(*(_semver_parse(t) or ((), ""))), t))
 
 
 @_value_type
@@ -8788,8 +8790,8 @@ def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
             raise fail(f"{field}.source", f"{repository.name} is listed already, in "
                                           f"{seen[repository.name]}; list it once")
         seen[repository.name] = field
-        platforms = _sync_platforms(image.get("platforms", default), f"{field}.platforms",
-                                    fail)
+        platforms = default if "platforms" not in image else \
+            _sync_platforms(image["platforms"], f"{field}.platforms", fail)
         sources.append(_sync_tags(repository, image.get("tags"), platforms, f"{field}.tags",
                                   fail))
     return SyncSpec(target, tuple(sources))
