@@ -9539,6 +9539,7 @@ class _TerminalProgress(_LineProgress):
             self._out.write(f"{verb} {name} {descriptor.digest}\n")
             self._out.flush()
             self._drawn_lines = 0
+            self._sizes, self._done = {}, {}  # the next image of a copy draws no stale block
 
     def _draw(self, now: float) -> None:
         total, done = sum(self._sizes.values()), sum(self._done.values())
@@ -9982,7 +9983,7 @@ FILE is a JSON object:
 Example:
   {"target": "127.0.0.1:5000/mirror", "platforms": ["linux/amd64", "linux/arm64"],
    "images": [{"source": "docker.io/library/alpine", "tags": ["3.19", "3.20"]},
-              {"source": "ghcr.io/linuxkit/init", "tags": {"regex": "v1\\.[0-9]+"}},
+              {"source": "ghcr.io/linuxkit/init", "tags": {"regex": "v1\\\\.[0-9]+"}},
               {"source": "quay.io/o/app", "tags": {"semver": ">=1.2 <2"},
                "platforms": "all"}]}"""
 

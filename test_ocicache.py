@@ -6257,6 +6257,13 @@ class TestSync(RegistryTestCase):
         self.assertEqual(os.listdir(self.path("notlayout")), ["f"])
         result = self.cli("sync", "--help")
         self.assertIn('{"semver": "RANGE"}', result.stdout.decode())
+        self.assertIn("example: ocicache sync", result.stdout.decode())
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        self.assertRegex(readme, r"\n\| `sync [^\n]*Example: `ocicache sync ")
+        example = re.search(r"### Mirroring for an air gap.*?```json\n(.*?)```", readme, re.S)
+        self.assertIsNotNone(example)
+        self.assertEqual(len(oc.parse_sync_spec(json.loads(example.group(1))).sources), 3)
 
 
 class TestRegistryDetails(RegistryTestCase):
