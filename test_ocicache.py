@@ -5736,6 +5736,65 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(archive).st_mode), 0o666 & ~current_umask())
         self.assertEqual(stat.S_IMODE(os.stat(layout).st_mode), 0o777 & ~current_umask())
 
+    def test_copy_adds_to_an_existing_layout_keeping_its_images(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        one, two, late = make_image("add-one"), make_image("add-two"), make_image("add-late")
+        upload(registry.url, "test/add", [*one.blobs, *two.blobs, *late.blobs],
+               [("1", one.manifest), ("2", two.manifest), ("late", late.manifest)])
+        layout = self.path("layout")
+        self.skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/test/add:1",
+                    f"oci:{layout}:theirs")
+        # copies at once into one layout, each from its own cache: none loses another's
+        # entry (the flock around index.json's read and rename)
+        copies = [(f"{registry.host}/test/three:1", "multi", []),
+                  (f"{registry.host}/test/add:2", "two", []),
+                  (f"{registry.host}/test/add:1", "one", []),
+                  (f"{registry.host}/test/three:1", "s390x", ["--platform", "linux/s390x"])]
+        processes = [subprocess.Popen([sys.executable, OCICACHE, "--cache", self.path(f"c{n}"),
+                                       "copy", *extra, source, f"oci:{layout}:{tag}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for n, (source, tag, extra) in enumerate(copies)]
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            self.assertEqual(process.returncode, 0, stderr.decode())
+        listed = json.load(open(os.path.join(layout, "index.json")))["manifests"]
+        self.assertEqual(sorted(m["annotations"][oc.ANNOTATION_REF_NAME] for m in listed),
+                         ["multi", "one", "s390x", "theirs", "two"])
+        self.assertEqual({m["annotations"][oc.ANNOTATION_REF_NAME]: m["digest"] for m in listed
+                          if m["annotations"][oc.ANNOTATION_REF_NAME] != "s390x"},
+                         {"theirs": one.manifest.digest, "one": one.manifest.digest,
+                          "two": two.manifest.digest, "multi": index.digest})
+        for tag, data in [("theirs", one.manifest.data), ("multi", index.data)]:
+            with self.subTest(tag):
+                self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:{tag}").encode(),
+                                 data)
+        self.assertEqual(self.listed(self.skopeo("inspect", "--raw",
+                                                 f"oci:{layout}:s390x").encode()), ["s390x"])
+        umoci = require_tool(self, "umoci")
+        stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:two"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        # a name already there is replaced, not listed twice
+        self.provider().copy(f"{registry.host}/test/add:2", f"oci:{layout}:theirs")
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:theirs").encode(),
+                         two.manifest.data)
+        listed = json.load(open(os.path.join(layout, "index.json")))["manifests"]
+        self.assertEqual(len(listed), 5)
+        # a copy that fails part-way leaves index.json as it was, and no temporary file
+        with open(os.path.join(layout, "index.json"), "rb") as f:
+            before = f.read()
+        upstream = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(upstream.stop)
+        upstream.add_fault("respond", method="GET", match=f"/blobs/{late.layers[0].digest}",
+                           status=404, times=None)  # not retried: the test stays short
+        result = self.cli("copy", f"{upstream.host}/test/add:late", f"oci:{layout}:late")
+        self.assert_one_line_error(result, "404")
+        with open(os.path.join(layout, "index.json"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertFalse([name for _, _, names in os.walk(layout) for name in names
+                          if oc._TEMP_MARK in name])
+
     def test_copy_from_the_cache_and_every_tag(self) -> None:
         registry = self.start_registry()
         images, _, index = self.three_platforms(registry)
