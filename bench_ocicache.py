@@ -1345,10 +1345,12 @@ def _sync_repository(bench: Bench) -> str:
             images.append(([base[0], own[0], config], manifest))
         return images
 
+    def send() -> None:
+        for n, (blobs, manifest) in enumerate(images):
+            upload_blobs(bench.registry, "shapes/sync", blobs, [(manifest, f"1.{n}.0")])
+
     images = bench.fixture("sync", build)
-    bench.fixture("sync upload", lambda: [upload_blobs(
-        bench.registry, "shapes/sync", blobs, [(manifest, f"1.{n}.0")])
-        for n, (blobs, manifest) in enumerate(images)])
+    bench.fixture("sync upload", send)
     return f"{bench.registry.host}/shapes/sync"
 
 

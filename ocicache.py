@@ -8010,8 +8010,8 @@ class Provider(CacheProvider):
         Sources: a registry name (``docker://`` optional) or ``cache:NAME``.
         Destinations: a registry name, ``oci:DIR[:TAG]`` (an OCI layout directory: a
         new one, or one to add the image to, keeping its other images; its index.json is
-        replaced in one rename) or ``oci-archive:FILE[:TAG]``. ``architecture`` "" or ``"all"`` copies every
-        platform and keeps the digest; a platform or comma list writes an index of just
+        replaced in one rename) or ``oci-archive:FILE[:TAG]``. ``architecture`` "" or
+        ``"all"`` copies every platform and keeps the digest; a platform or comma list writes an index of just
         those platforms and their attestations. ``all_tags`` copies every tag of the
         source repository. Blobs go through the cache's disk (resumable, never whole in
         memory), are mounted from the source repository within one registry, ``jobs``
@@ -8738,18 +8738,19 @@ class SyncResult:
 
 def read_sync_file(path: str) -> SyncSpec:
     """The sync file at ``path`` (``-``: standard input), checked (``parse_sync_spec``)."""
+    what = "standard input" if path == "-" else path
     if path == "-":
         data = sys.stdin.buffer.read(_MAX_SYNC_FILE + 1)
     else:
         with open(path, "rb") as f:
             data = f.read(_MAX_SYNC_FILE + 1)
     if len(data) > _MAX_SYNC_FILE:
-        raise InvalidSyncFileError(f"{path}: larger than {_MAX_SYNC_FILE} bytes")
+        raise InvalidSyncFileError(f"{what}: larger than {_MAX_SYNC_FILE} bytes")
     try:
         obj = json.loads(data)
     except ValueError as e:
-        raise InvalidSyncFileError(f"{path}: not JSON: {e}") from None
-    return parse_sync_spec(obj, path)
+        raise InvalidSyncFileError(f"{what}: not JSON: {e}") from None
+    return parse_sync_spec(obj, what)
 
 
 def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:

@@ -6022,7 +6022,8 @@ class TestSyncFile(unittest.TestCase):
                 ({"target": "oci:x", "images": [{**good, "source": "A//b"}]},
                  r"images\[0\]\.source: "),
                 ({"target": "oci:x", "images": [good, good]}, r"images\[1\]\.source: .* listed"),
-                ({"target": "oci:x", "images": [{**good, "tags": []}]}, r"images\[0\]\.tags: a list"),
+                ({"target": "oci:x", "images": [{**good, "tags": []}]},
+                 r"images\[0\]\.tags: a list"),
                 ({"target": "oci:x", "images": [{**good, "tags": ["a/b"]}]},
                  r"images\[0\]\.tags: 'a/b' is not a valid tag"),
                 ({"target": "oci:x", "images": [{**good, "tags": {"regex": "a", "semver": "1"}}]},
@@ -6037,7 +6038,8 @@ class TestSyncFile(unittest.TestCase):
                  'platforms: not "all"'),
                 ({"target": "oci:x", "images": [{**good, "platforms": ["linux/amd64", "a/b/c/d"]}]},
                  r"images\[0\]\.platforms: .*invalid platform"),
-                ({"target": "oci:x", "images": [{**good, "platforms": ["linux/amd64,linux/arm64"]}]},
+                ({"target": "oci:x", "images": [{**good, "platforms": [
+                    "linux/amd64,linux/arm64"]}]},
                  r"images\[0\]\.platforms: not")]:
             with self.subTest(obj):
                 with self.assertRaisesRegex(oc.InvalidSyncFileError, rf"^f: {fragment}") as caught:
@@ -6061,7 +6063,8 @@ class TestSync(RegistryTestCase):
             json.dump({"target": target, "images": images, **extra}, f)
         return path
 
-    def sync(self, path: str, *args: str) -> Tuple[subprocess.CompletedProcess, List[Dict[str, Any]]]:
+    def sync(self, path: str, *args: str
+             ) -> Tuple[subprocess.CompletedProcess, List[Dict[str, Any]]]:
         result = self.cli("sync", "--json", *args, path)
         images = json.loads(result.stdout)["images"] if result.stdout else []
         return result, images
@@ -6291,17 +6294,16 @@ class TestSync(RegistryTestCase):
         self.assertIn(f"copied {target.host}/test/tty:1 {image.manifest.digest}", text)
 
     def test_bad_sync_invocations_are_one_line_and_write_nothing(self) -> None:
-        before = sorted(os.listdir(self.tmp))
         bad = self.path("bad.json")
         with open(bad, "w") as f:
-            f.write('{"target": "oci:x", "images": [{"source": "a/b", "tags": {"regex": "(a+)+"}}]}')
+            json.dump({"target": "oci:x", "images": [{"source": "a/b",
+                                                       "tags": {"regex": "(a+)+"}}]}, f)
         notjson = self.path("notjson.json")
         with open(notjson, "w") as f:
             f.write("{")
         os.mkdir(self.path("notlayout"))
         with open(self.path("notlayout", "f"), "w"):
             pass
-        before = sorted(os.listdir(self.tmp))
         elsewhere = self.sync_file(f"oci:{self.path('notlayout')}",
                                    [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
         nodir = self.sync_file(f"oci:{self.path('no', 'dir')}",
@@ -6312,6 +6314,9 @@ class TestSync(RegistryTestCase):
                                ([elsewhere], "not an OCI layout"), ([nodir], "is not a directory")]:
             with self.subTest(args):
                 self.assert_one_line_error(self.cli("sync", *args), fragment)
+        self.assert_one_line_error(self.cli("sync", "-", stdin=b'{"target": "oci:x", "images": '
+                                                              b'[], "x": 1}'),
+                                   "standard input: x: unknown key")
         self.assertEqual(sorted(os.listdir(self.tmp)), before)
         self.assertEqual(os.listdir(self.path("notlayout")), ["f"])
         result = self.cli("sync", "--help")
