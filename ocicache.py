@@ -8369,8 +8369,10 @@ class Provider(CacheProvider):
 
     # -- sync -------------------------------------------------------------------------
 
-    def sync(self, spec: Union[str, "SyncSpec"], dry_run: bool = False) -> List["SyncResult"]:
-        """Mirror what a sync file names (a path, or a ``SyncSpec``) into its target,
+    def sync(self, spec: Union[str, Mapping[str, Any], "SyncSpec"], dry_run: bool = False
+             ) -> List["SyncResult"]:
+        """Mirror what a sync file names (a path, its JSON as a dict, or a ``SyncSpec``)
+        into its target,
         as ``skopeo sync`` does; one ``SyncResult`` per image, in the file's order.
 
         Each tag's digest is asked of the source and of the target with HEAD (of a
@@ -8383,6 +8385,8 @@ class Provider(CacheProvider):
         """
         if isinstance(spec, str):
             spec = read_sync_file(spec)
+        elif not isinstance(spec, SyncSpec):
+            spec = parse_sync_spec(spec)
         directory = spec.target[len("oci:"):] if spec.target.startswith("oci:") else ""
         held: Dict[str, Digest] = {}
         if directory:
@@ -8407,9 +8411,6 @@ class Provider(CacheProvider):
     def _sync_listed(self, source: "SyncSource") -> List[str]:
         """The tags of ``source``'s repository that its regex or range selects."""
         chosen = source.select(self.registry.list_tags(source.repository))
-        if len(chosen) > _MAX_SYNC_TAGS:
-            raise OciCacheError(f"{source.repository.name}: {len(chosen)} tags match, more "
-                                f"than {_MAX_SYNC_TAGS}; narrow the filter")
         if not chosen:
             _log().warning("%s: no tag matches %s", source.repository.name,
                            source.pattern or source.semver)
@@ -8698,12 +8699,19 @@ class SyncSource:
 
     def select(self, listed: Sequence[str]) -> List[str]:
         """The tags of ``listed`` (the repository's) this source copies: by name, or by
-        version for a range (registries list in no order one could rely on)."""
+        version for a range (registries list in no order one could rely on); more than
+        ``_MAX_SYNC_TAGS`` is an error."""
         if self.pattern:
             compiled = re.compile(self.pattern)
-            return sorted(t for t in listed if compiled.fullmatch(t))
-        chosen = [t for t in listed if semver_matches(self.semver, t)]
-        return sorted(chosen, key=lambda t: (_semver_key(*(_semver_parse(t) or ((), ""))), t))
+            chosen = sorted(t for t in listed if compiled.fullmatch(t))
+        else:
+            chosen = sorted((t for t in listed if semver_matches(self.semver, t)),
+                            key=lambda t: (_semver_key(*(_semver_parse(t) or ((), ""))), t))
+        if len(chosen) > _MAX_SYNC_TAGS:
+            raise OciCacheError(f"{self.repository.name}: {len(chosen)} tags match "
+                                f"{self.pattern or self.semver!r}, more than "
+                                f"{_MAX_SYNC_TAGS}; narrow the filter")
+        return chosen
 
 
 @_value_type
@@ -10460,6 +10468,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "pull":
             message += ("; what was downloaded is kept in the cache, and the next pull "
                         "resumes from it")
+        elif args.command in ("copy", "sync"):
+            message += (f"; no image was tagged half-copied, and the next {args.command} "
+                        "sends only what is missing")
     except _Terminated:
         message = "terminated"
     finally:

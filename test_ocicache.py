@@ -6001,6 +6001,11 @@ class TestSyncFile(unittest.TestCase):
         self.assertEqual(source.select(listed), ["v1.2", "v1.3-rc1"])  # fullmatch
         self.assertEqual(spec(".*.*a").sources[0].select(["b" * 128] * 2000), [])
         self.assertLess(time.monotonic() - started, 2.0)
+        many = [f"1.{n}.0" for n in range(1001)]
+        with self.assertRaisesRegex(oc.OciCacheError, "1001 tags match '>=1', more than 1000"):
+            oc.parse_sync_spec({"target": "oci:x", "images": [
+                {"source": "a/b", "tags": {"semver": ">=1"}}]}).sources[0].select(many)
+        self.assertEqual(len(spec(r"1\.[0-9]+\.0").sources[0].select(many[:1000])), 1000)
 
     def test_bad_sync_files_name_the_field(self) -> None:
         good = {"source": "127.0.0.1:5000/a/b", "tags": ["1"]}
@@ -6152,6 +6157,11 @@ class TestSync(RegistryTestCase):
                          [("v1.0", "copied"), ("v1.1", "copied")])
         self.assertEqual(sorted(self.provider().registry.list_tags(f"{target.host}/m/test/tok")),
                          ["v1.0", "v1.1"])
+        again = self.provider().sync({"target": f"{target.host}/m", "images": [  # the API
+            {"source": f"{source.host}/test/tok", "tags": ["v1.1", "v2.0"]}]}, dry_run=True)
+        self.assertEqual([(r.target, r.status) for r in again],
+                         [(f"{target.host}/m/test/tok:v1.1", "unchanged"),
+                          (f"{target.host}/m/test/tok:v2.0", "would copy")])
 
     def test_sync_to_an_oci_layout_read_by_skopeo_and_umoci(self) -> None:
         source = self.start_registry()
@@ -6326,7 +6336,7 @@ class TestSync(RegistryTestCase):
             readme = f.read()
         self.assertRegex(readme, r"\n\| `sync [^\n]*Example: `ocicache sync ")
         example = re.search(r"### Mirroring for an air gap.*?```json\n(.*?)```", readme, re.S)
-        self.assertIsNotNone(example)
+        assert example is not None, "README lost its sync file example"
         self.assertEqual(len(oc.parse_sync_spec(json.loads(example.group(1))).sources), 3)
 
 
