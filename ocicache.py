@@ -8234,6 +8234,8 @@ class Provider(CacheProvider):
                 self.progress.begin(f"copy {ref}", plan.blobs)
                 self._download(ref, plan.blobs)
             self._save_locations()
+        else:  # the cache's blobs: nothing to fetch, but the timing starts here
+            self.progress.begin(f"copy {items[0][0]}", list(blobs.values()))
         documents: Dict[Digest, bytes] = {}
         for _, _, plan in items:
             documents.update((d.digest, data) for d, data in plan.manifests)
@@ -8499,7 +8501,7 @@ def _layout_target(path: str, archive: bool) -> str:
     except FileNotFoundError:
         return target
     if not archive:
-        if not stat.S_ISDIR(existing.st_mode):
+        if not os.path.isdir(target):  # a link to a directory is the user's to name
             raise OciCacheError(f"{path} exists and is not a directory; copy writes or adds "
                                 "to an OCI layout directory")
         try:
@@ -8526,7 +8528,7 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
     and the entries named as ``entries`` are replaced. An ``flock`` of the directory
     keeps two ocicache processes from losing each other's entries."""
     with contextlib.ExitStack() as stack:
-        directory = _open_directory(target, where=target)
+        directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, directory)
         fcntl.flock(directory, fcntl.LOCK_EX)
         index = _read_layout_index(target, directory)
@@ -8553,7 +8555,10 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         if len(updated) > MAX_INDEX_SIZE:
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
-        _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
+        try:
+            os.stat("oci-layout", dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:  # an empty directory becomes a layout
+            _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
 
 

@@ -5775,6 +5775,12 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:two"],
                                 capture_output=True, timeout=60)
         self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        # an empty directory, named through a link, becomes a layout
+        os.mkdir(self.path("empty"))
+        os.symlink(self.path("empty"), self.path("link"))
+        self.provider().copy(f"{registry.host}/test/add:2", f"oci:{self.path('link')}:x")
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{self.path('empty')}:x").encode(),
+                         two.manifest.data)
         # a name already there is replaced, not listed twice
         self.provider().copy(f"{registry.host}/test/add:2", f"oci:{layout}:theirs")
         self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:theirs").encode(),
@@ -5808,6 +5814,12 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         data = self.raw(f"{registry.host}/test/fromcache:1")
         self.assertEqual(self.listed(data), ["arm64", f"att:{images['arm64'].manifest.digest}"])
         self.assertNotIn(oc._ANNOTATION_SUBSET_OF, json.loads(data).get("annotations", {}))
+        result = self.cli("copy", "--platform", "linux/arm64",
+                          f"cache:{registry.host}/test/three:1", f"oci-archive:{self.path('c.tar')}")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertRegex(result.stderr.decode(),  # timed from the copy's start
+                         rf"^copied oci-archive:{re.escape(self.path('c.tar'))}:1 "
+                         r"sha256:[0-9a-f]{64} \(.* of blobs, \d\.\ds\)\n$")
         with self.assertRaisesRegex(oc.PlatformNotFoundError, "holds only linux/arm64 of it"):
             cache.copy(f"cache:{registry.host}/test/three:1", f"oci:{self.path('l')}",
                        "linux/arm64,linux/amd64")
