@@ -8549,6 +8549,8 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
                 stack.callback(os.close, folders[digest.algorithm])
             _add_layout_blob(folders[digest.algorithm], digest, opener,
                              os.path.join(target, _blob_name(digest)))
+        for fd in [blobs_fd, *folders.values()]:  # the renames are durable before the index
+            os.fsync(fd)
         names = {e.annotations[ANNOTATION_REF_NAME] for e in entries}
         kept = [m for m in index.manifests if m.annotations.get(ANNOTATION_REF_NAME) not in names]
         updated = _replace(index, manifests=(*kept, *entries)).to_bytes()
@@ -8822,6 +8824,9 @@ def _sync_target(value: Any, fail: Callable[[str, str], InvalidSyncFileError]) -
     if value.startswith("oci:"):
         if not value[len("oci:"):]:
             raise fail("target", "name a directory, as in oci:DIR")
+        if ":" in value[len("oci:"):]:
+            raise fail("target", f"{value!r}: oci:DIR takes no :TAG (each image is named by "
+                                 "its source name) and DIR no colon")
         return value
     prefix = value[len("docker://"):] if value.startswith("docker://") else value
     host = prefix.split("/", 1)[0]

@@ -6028,6 +6028,8 @@ class TestSyncFile(unittest.TestCase):
                 ({"target": "mirror", "images": [good]}, "target: 'mirror' is not a registry"),
                 ({"target": "oci-archive:x.tar", "images": [good]}, "target: an archive"),
                 ({"target": "oci:", "images": [good]}, "target: name a directory"),
+                ({"target": "oci:dir:tag", "images": [good]}, "target: 'oci:dir:tag': oci:DIR "
+                                                              "takes no :TAG"),
                 ({"target": "oci:x"}, "images: missing"),
                 ({"target": "oci:x", "images": []}, "images: missing"),
                 ({"target": "oci:x", "images": [5]}, r"images\[0\]: not an object"),
