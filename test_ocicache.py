@@ -6185,6 +6185,9 @@ class TestSync(RegistryTestCase):
         path = self.sync_file(f"oci:{layout}", [
             {"source": f"{source.host}/test/one", "tags": ["1", "2"]},
             {"source": f"{source.host}/test/multi", "tags": ["1"]}])
+        result, dry = self.sync(path, "--dry-run")
+        self.assertEqual([r["status"] for r in dry], ["would copy"] * 3, result.stderr.decode())
+        self.assertFalse(os.path.exists(layout))
         result, done = self.sync(path)
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         self.assertEqual([r["target"] for r in done],
