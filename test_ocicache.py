@@ -6229,6 +6229,33 @@ class TestSync(RegistryTestCase):
         self.assertFalse([n for n in os.listdir(os.path.join(layout, "blobs", "sha256"))
                           if oc._TEMP_MARK in n])
 
+    def test_a_layout_carried_across_is_imported_and_copied_inside(self) -> None:
+        outside = self.start_registry()
+        _, arm, _, _ = self.multi_arch(outside)
+        layout = self.path("carry")
+        path = self.sync_file(f"oci:{layout}", [
+            {"source": f"{outside.host}/test/multi", "tags": ["1"]}], platforms=["linux/arm64"])
+        result, done = self.sync(path)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        inside = self.start_registry()  # another machine: its own cache, the layout as a tar
+        outside.stop()
+        packed = subprocess.run(["tar", "-C", layout, "-cf", "-", "."], capture_output=True,
+                                check=True, timeout=60).stdout
+        other = self.path("inside-cache")
+        name = f"{outside.host}/test/multi:1"
+        imported = self.cli_in(other, "import", "-", input=packed)
+        self.assertEqual(imported.stdout.decode().split(), [name, done[0]["digest"]])
+        copied = self.cli_in(other, "copy", f"cache:{name}", f"{inside.host}/mirror/test/multi:1")
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        data, root = self.provider().registry.get_manifest(oc.Reference.parse(
+            f"{inside.host}/mirror/test/multi:1"))
+        self.assertEqual(str(root.digest), done[0]["digest"])
+        self.assertIn(arm.manifest.digest, [m["digest"] for m in json.loads(data)["manifests"]])
+
+    def cli_in(self, cache_dir: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, *args],
+                              input=input, capture_output=True, timeout=300, cwd=self.tmp)
+
     def test_a_sync_failing_part_way_tags_nothing_of_that_image_and_does_the_others(self) -> None:
         source = self.start_registry()
         big = make_image("part", layer_files=[{"a": random.Random(3).randbytes(200_000)},
