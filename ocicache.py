@@ -8378,8 +8378,9 @@ class Provider(CacheProvider):
         as ``skopeo sync`` does; one ``SyncResult`` per image, in the file's order.
 
         Each tag's digest is asked of the source and of the target with HEAD (of a
-        layout target, its index.json): an image the target already holds is not
-        copied, and costs no blob request. The rest are copied one at a time with
+        layout target, its index.json), ``jobs`` tags at a time: an image the target
+        already holds is not copied, and costs no blob request. The rest are copied,
+        one image at a time with
         ``copy``'s machinery, so that an image's tag is written only once everything
         it needs is there (an interrupted sync leaves none half-copied, and the next
         run sends only what is missing). An image that fails is reported and the
@@ -8397,17 +8398,31 @@ class Provider(CacheProvider):
                 held = {e.annotations[ANNOTATION_REF_NAME]: e.digest
                         for e in _read_layout_index(target).manifests
                         if ANNOTATION_REF_NAME in e.annotations}
-        results: List[SyncResult] = []
+        import concurrent.futures
+        slots: List[Union[SyncResult, Tuple[SyncSource, str]]] = []
         for source in spec.sources:
             try:
                 tags = list(source.tags) or self._sync_listed(source)
             except OciCacheError as e:
-                results.append(SyncResult(source.repository.name, spec.target, "failed",
-                                          error=_one_line(str(e))))
+                slots.append(SyncResult(source.repository.name, spec.target, "failed",
+                                        error=_one_line(str(e))))
                 continue
-            for tag in tags:
-                results.append(self._sync_image(source, tag, spec.target, directory, held,
-                                                dry_run))
+            slots += [(source, tag) for tag in tags]
+        # A mirror that changed little costs round trips, not bytes: the questions go
+        # out together, the copies one image at a time.
+        asked = [slot for slot in slots if not isinstance(slot, SyncResult)]
+        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-sync") as pool:
+            answers = iter(list(pool.map(lambda slot: self._sync_check(
+                slot[0], slot[1], spec.target, directory, held, dry_run), asked)))
+        results: List[SyncResult] = []
+        for slot in slots:
+            if isinstance(slot, SyncResult):
+                results.append(slot)
+                continue
+            result, pinned = next(answers)
+            if pinned is not None and not dry_run:
+                result = self._sync_copy(result, pinned, slot[0].platforms, directory)
+            results.append(result)
         return results
 
     def _sync_listed(self, source: "SyncSource") -> List[str]:
@@ -8418,8 +8433,11 @@ class Provider(CacheProvider):
                            source.pattern or source.semver)
         return chosen
 
-    def _sync_image(self, source: "SyncSource", tag: str, target: str, directory: str,
-                    held: Mapping[str, Digest], dry_run: bool) -> "SyncResult":
+    def _sync_check(self, source: "SyncSource", tag: str, target: str, directory: str,
+                    held: Mapping[str, Digest], dry_run: bool
+                    ) -> Tuple["SyncResult", Optional[Reference]]:
+        """Whether the target holds what a copy of ``tag`` would write: ``unchanged`` or
+        ``failed`` as they are, else ``would copy`` and the source pinned by digest."""
         ref = Reference(source.repository.registry, source.repository.repository, tag)
         name = str(ref)  # a layout names each image by its whole source name
         destination = None if directory else \
@@ -8435,19 +8453,25 @@ class Provider(CacheProvider):
                 data, root = self.registry.get_manifest(pinned, what=f"sync {ref}")
                 if root.is_index:  # the filtered index is what the target would hold
                     want = self._filtered(pinned, data, root, source.platforms)[1].digest
-            if current == want:
-                return SyncResult(name, where, "unchanged", str(want))
-            if dry_run:
-                return SyncResult(name, where, "would copy", str(want))
+        except OciCacheError as e:
+            return SyncResult(name, where, "failed", error=_one_line(str(e))), None
+        if current == want:
+            return SyncResult(name, where, "unchanged", str(want)), None
+        return SyncResult(name, where, "would copy", str(want)), pinned
+
+    def _sync_copy(self, planned: "SyncResult", pinned: Reference, platforms: str,
+                   directory: str) -> "SyncResult":
+        """Copy ``pinned`` to where ``planned`` says, with ``copy``'s machinery."""
+        try:
             with self.layout.adding_blobs():
-                copied = self._copy([pinned], "registry", "registry" if directory == "" else
-                                    "oci", directory or str(destination),
-                                    name if directory else "", source.platforms, False)
-            return SyncResult(name, where, "copied", str(copied[0][1].digest))
+                copied = self._copy([pinned], "registry", "oci" if directory else "registry",
+                                    directory or planned.target,
+                                    planned.source if directory else "", platforms, False)
         except (OciCacheError, OSError) as e:
             message = str(e) if isinstance(e, OciCacheError) else \
                 f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-            return SyncResult(name, where, "failed", error=_one_line(message))
+            return _replace(planned, status="failed", digest="", error=_one_line(message))
+        return _replace(planned, status="copied", digest=str(copied[0][1].digest))
 
     def _target_digest(self, target: Reference, actions: str) -> Optional[Digest]:
         """The digest ``target``'s tag has in its registry now (HEAD; GET only when the
