@@ -6362,10 +6362,18 @@ class TestSync(RegistryTestCase):
                                    [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
         nodir = self.sync_file(f"oci:{self.path('no', 'dir')}",
                                [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
+        os.mkdir(self.path("broken"))
+        for name, content in [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+                              ("index.json", b'{"manifests": 5}')]:
+            with open(self.path("broken", name), "wb") as f:
+                f.write(content)
+        broken = self.sync_file(f"oci:{self.path('broken')}",
+                                [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
         before = sorted(os.listdir(self.tmp))
         for args, fragment in [([bad], "images[0].tags.regex: regex '(a+)+' repeats"),
                                ([notjson], "not JSON"), ([self.path("absent.json")], "absent.json"),
-                               ([elsewhere], "not an OCI layout"), ([nodir], "is not a directory")]:
+                               ([elsewhere], "not an OCI layout"), ([nodir], "is not a directory"),
+                               ([broken], "index.json")]:
             with self.subTest(args):
                 self.assert_one_line_error(self.cli("sync", *args), fragment)
         self.assert_one_line_error(self.cli("sync", "-", stdin=b'{"target": "oci:x", "images": '
