@@ -1326,6 +1326,88 @@ def pull_small_index(bench: Bench) -> Case:
                       ["--all-platforms"], TARGET_SMALL_PULL_VS_LINUXKIT, with_bare=True)
 
 
+SYNC_TAGS = 20                 # tags of the repository the sync cases mirror
+SYNC_LAYER = 256 * 1024        # each tag's own layer, beside one shared 1 MiB layer
+
+
+def _sync_repository(bench: Bench) -> str:
+    """shapes/sync in the registry, SYNC_TAGS images sharing a base layer (built and
+    uploaded once); returns the repository's name."""
+    def build() -> List[Tuple[List[Blob], Blob]]:
+        directory = bench.path(os.path.join("shapes", "sync"))
+        os.makedirs(directory, exist_ok=True)
+        base = _files_layer(directory, [("usr/lib/base", _incompressible_bytes(b"base", MIB))])
+        images = []
+        for n in range(SYNC_TAGS):
+            own = _files_layer(directory, [(f"app/{n}", _incompressible_bytes(b"sync/%d" % n,
+                                                                              SYNC_LAYER))])
+            config, manifest = _image_blobs(directory, [base, own], _platform("amd64", ""))
+            images.append(([base[0], own[0], config], manifest))
+        return images
+
+    def send() -> None:
+        for n, (blobs, manifest) in enumerate(images):
+            upload_blobs(bench.registry, "shapes/sync", blobs, [(manifest, f"1.{n}.0")])
+
+    images = bench.fixture("sync", build)
+    bench.fixture("sync upload", send)
+    return f"{bench.registry.host}/shapes/sync"
+
+
+def _sync_contenders(bench: Bench, fresh: bool) -> Dict[str, Callable[[], Sample]]:
+    """ocicache sync of every tag (a semver range) into the second registry, through an
+    empty cache, vs skopeo sync docker to docker of the same repository; ``fresh``
+    empties the target before each run, else it holds every image already."""
+    source, target = _sync_repository(bench), bench.push_target
+
+    def ocicache() -> Sample:
+        if fresh:
+            target.reset()  # on a new port: the file is written after
+        path, staging = bench.path("sync.json"), bench.path("sync-cache")
+        with open(path, "w") as f:
+            json.dump({"target": f"{target.host}/mirror", "images": [
+                {"source": source, "tags": {"semver": ">=1 <2"}}]}, f)
+        remove(staging)
+        before = target.requests()
+        sample = bench.ocicache("sync", path, cache=staging)
+        sample.extra["registry requests"] = target.requests() - before
+        remove(staging)
+        return sample
+
+    def skopeo(tool: str) -> Sample:
+        if fresh:
+            target.reset()
+        before = target.requests()
+        sample = Sample(bench.run(tool, "sync", "--src", "docker", "--dest", "docker",
+                                  "--src-tls-verify=false", "--dest-tls-verify=false",
+                                  source, f"{target.host}/mirror"))
+        sample.extra["registry requests"] = target.requests() - before
+        return sample
+
+    contenders: Dict[str, Callable[[], Sample]] = {"ocicache": ocicache}
+    _with_tool(bench, "skopeo", contenders, skopeo)
+    return contenders
+
+
+def sync(bench: Bench) -> Case:
+    """SYNC_TAGS tags of a repository into an empty second registry."""
+    return Case(f"sync {SYNC_TAGS} tags", _sync_contenders(bench, True), [
+        ratio("ocicache", "skopeo", None), most("ocicache", "registry requests", None),
+        most("skopeo", "registry requests", None), peak_rss()])
+
+
+def resync(bench: Bench) -> Case:
+    """The same sync again, the target holding every image: one HEAD per tag each side
+    for ocicache; skopeo sync looks at every blob and writes every manifest again."""
+    bench.push_target.reset()
+    contenders = _sync_contenders(bench, False)
+    for run in contenders.values():  # both mirrors land in the target, which then stays
+        run()
+    return Case(f"re-sync {SYNC_TAGS} tags", contenders, [
+        ratio("ocicache", "skopeo", None), most("ocicache", "registry requests", None),
+        most("skopeo", "registry requests", None), peak_rss()])
+
+
 def per_entry_us(a: str, b: str, entries: int) -> Check:
     """(median(a) - median(b)) / entries, in microseconds."""
     def evaluate(r: CaseResult) -> Tuple[float, str, str]:
@@ -1495,7 +1577,7 @@ NAME_CASES: List[Callable[[Bench], Case]] = [
     names_verify]
 SHAPE_CASES: List[Callable[[Bench], Case]] = [
     flatten_small_files, flatten_layers, *NAME_CASES, pull_layers, pull_tiny_layers,
-    pull_platforms, pull_small_index]
+    pull_platforms, pull_small_index, sync, resync]
 CASES = [*MAIN_CASES, *SHAPE_CASES]
 # Names --only takes for several cases at once.
 GROUPS = {"main": MAIN_CASES, "shapes": SHAPE_CASES, "names": NAME_CASES}
@@ -1535,7 +1617,9 @@ NOTES = {
     "skopeo": "skopeo copy: docker:// to oci: for the pull; oci: (the ocicache cache) to "
               "docker:// (a second registry, emptied before each run) for the push, docker:// "
               "to docker:// (the same two registries) for the copy, and to "
-              "docker-archive: or oci-archive: for the exports",
+              "docker-archive: or oci-archive: for the exports; skopeo sync --src docker "
+              "--dest docker of the whole repository for the sync cases (registry requests: "
+              "those the target registry logged)",
     "cp": "cp --reflink=never of the image's blobs (layers, config, manifest) out of the "
           "cache: the bytes a docker or OCI tar holds",
     "umoci": "umoci unpack of the image in the ocicache cache to a bundle directory",

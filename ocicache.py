@@ -63,6 +63,8 @@ __all__ = [
     "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
     "erase_credentials", "TransportOptions",
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors", "parse_copy_location",
+    "SyncSpec", "SyncSource", "SyncResult", "InvalidSyncFileError", "read_sync_file",
+    "parse_sync_spec", "semver_matches",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
     "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
@@ -162,6 +164,10 @@ class InvalidArchiveError(OciCacheError):
 
 class InvalidPlatformError(OciCacheError, ValueError):
     """A string is not a platform (``os/arch[/variant]``)."""
+
+
+class InvalidSyncFileError(OciCacheError, ValueError):
+    """A sync file is not valid: its message names the field."""
 
 
 class CorruptCacheError(OciCacheError):
@@ -6779,6 +6785,9 @@ class PullProgress:
     def cached(self, name: str, descriptor: Descriptor) -> None:
         """``name`` was already complete in the cache: nothing was asked of the registry."""
 
+    def copied(self, name: str, descriptor: Descriptor) -> None:
+        """A copy wrote ``name`` (its destination), whose root is ``descriptor``."""
+
 
 class _PullStopped(Exception):
     """Raised in a download worker, at its next piece, once the pull is stopping."""
@@ -7999,9 +8008,10 @@ class Provider(CacheProvider):
         returns each destination name with the root it now holds.
 
         Sources: a registry name (``docker://`` optional) or ``cache:NAME``.
-        Destinations: a registry name, ``oci:DIR[:TAG]`` (a new OCI layout directory) or
-        ``oci-archive:FILE[:TAG]``. ``architecture`` "" or ``"all"`` copies every
-        platform and keeps the digest; a platform or comma list writes an index of just
+        Destinations: a registry name, ``oci:DIR[:TAG]`` (an OCI layout directory: a
+        new one, or one to add the image to, keeping its other images; its index.json is
+        replaced in one rename) or ``oci-archive:FILE[:TAG]``. ``architecture`` "" or
+        ``"all"`` copies every platform and keeps the digest; a platform or comma list writes an index of just
         those platforms and their attestations. ``all_tags`` copies every tag of the
         source repository. Blobs go through the cache's disk (resumable, never whole in
         memory), are mounted from the source repository within one registry, ``jobs``
@@ -8141,6 +8151,9 @@ class Provider(CacheProvider):
             work += [(ref if from_registry else None, endpoint, blob, mounts)
                      for blob in plan.blobs]
         work.sort(key=lambda w: -w[2].size)
+        self.progress.begin(f"copy {items[0][0]}" if len(items) == 1 else
+                            f"copy {len(items)} images", list({w[2].digest: w[2]
+                                                               for w in work}.values()))
         self._recall_locations()
         pool = concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy")
         try:
@@ -8162,7 +8175,7 @@ class Provider(CacheProvider):
             if target.tag and target.digest is None:
                 self.registry.put_manifest(self.registry.endpoint(target, use_mirrors=False),
                                            target.tag, plan.data, plan.root.media_type)
-            _log().info("copied %s to %s", ref, target)
+            self.progress.copied(name, plan.root)
 
     def _copy_blob(self, source: Optional[Reference], endpoint: _Endpoint, blob: Descriptor,
                    mounts: Sequence[str]) -> None:
@@ -8173,9 +8186,14 @@ class Provider(CacheProvider):
             if source is None:
                 raise NotFoundError(f"blob {blob.digest} is not in the cache {self.root}")
             if self._at_destination(endpoint, blob, mounts):
+                self.progress.advance(blob.digest, blob.size)
                 return
-            self.registry.download_blob(source, blob, self.layout)
+            self.registry.download_blob(source, blob, self.layout,
+                                        functools.partial(self.progress.advance, blob.digest))
+            self.registry.upload_blob(endpoint, blob, self.layout, mounts)
+            return
         self.registry.upload_blob(endpoint, blob, self.layout, mounts)
+        self.progress.advance(blob.digest, blob.size)
 
     def _at_destination(self, endpoint: _Endpoint, blob: Descriptor,
                         mounts: Sequence[str]) -> bool:
@@ -8216,16 +8234,33 @@ class Provider(CacheProvider):
                 self.progress.begin(f"copy {ref}", plan.blobs)
                 self._download(ref, plan.blobs)
             self._save_locations()
+        else:  # the cache's blobs: nothing to fetch, but the timing starts here
+            self.progress.begin(f"copy {items[0][0]}", list(blobs.values()))
         documents: Dict[Digest, bytes] = {}
         for _, _, plan in items:
             documents.update((d.digest, data) for d, data in plan.manifests)
             documents[plan.root.digest] = plan.data
+        # A name with a slash is a whole reference already (sync names each image of
+        # many repositories so); a tag is the source repository's.
         entries = tuple(_replace(plan.root, annotations={
             ANNOTATION_REF_NAME: name,
-            ANNOTATION_CONTAINERD_NAME: str(Reference(ref.registry, ref.repository, name))})
+            ANNOTATION_CONTAINERD_NAME: name if "/" in name else
+            str(Reference(ref.registry, ref.repository, name))})
             for ref, name, plan in items)
-        index = Index(MEDIA_OCI_INDEX, entries).to_bytes()
         target = _layout_target(path, archive)
+        if not archive and os.path.isdir(target):
+            _add_to_layout(target, self.layout, blobs.values(), documents, entries)
+        else:
+            self._write_new_layout(target, archive, blobs, documents,
+                                   Index(MEDIA_OCI_INDEX, entries).to_bytes())
+        for _, name, plan in items:
+            self.progress.copied(f"{'oci-archive' if archive else 'oci'}:{path}:{name}",
+                                 plan.root)
+
+    def _write_new_layout(self, target: str, archive: bool, blobs: Mapping[Digest, Descriptor],
+                          documents: Mapping[Digest, bytes], index: bytes) -> None:
+        """A new layout directory or archive at ``target``, under a temporary name until
+        it is complete."""
         parent, base = os.path.split(target)
         temp = os.path.join(parent, _temporary_name(f".{base}"))  # the umask's mode, as export
         if archive:
@@ -8334,6 +8369,125 @@ class Provider(CacheProvider):
             return
         self._saved_locations = merged
 
+    # -- sync -------------------------------------------------------------------------
+
+    def sync(self, spec: Union[str, Mapping[str, Any], "SyncSpec"], dry_run: bool = False
+             ) -> List["SyncResult"]:
+        """Mirror what a sync file names (a path, its JSON as a dict, or a ``SyncSpec``)
+        into its target,
+        as ``skopeo sync`` does; one ``SyncResult`` per image, in the file's order.
+
+        Each tag's digest is asked of the source and of the target with HEAD (of a
+        layout target, its index.json), ``jobs`` tags at a time: an image the target
+        already holds is not copied, and costs no blob request. The rest are copied,
+        one image at a time with
+        ``copy``'s machinery, so that an image's tag is written only once everything
+        it needs is there (an interrupted sync leaves none half-copied, and the next
+        run sends only what is missing). An image that fails is reported and the
+        others still copied. ``dry_run`` asks the same questions and writes nothing.
+        """
+        if isinstance(spec, str):
+            spec = read_sync_file(spec)
+        elif not isinstance(spec, SyncSpec):
+            spec = parse_sync_spec(spec)
+        directory = spec.target[len("oci:"):] if spec.target.startswith("oci:") else ""
+        held: Dict[str, Digest] = {}
+        if directory:
+            target = _layout_target(directory, False)  # before any request
+            if os.path.isdir(target):
+                held = {e.annotations[ANNOTATION_REF_NAME]: e.digest
+                        for e in _read_layout_index(target).manifests
+                        if ANNOTATION_REF_NAME in e.annotations}
+        import concurrent.futures
+        slots: List[Union[SyncResult, Tuple[SyncSource, str]]] = []
+        for source in spec.sources:
+            try:
+                tags = list(source.tags) or self._sync_listed(source)
+            except OciCacheError as e:
+                slots.append(SyncResult(source.repository.name, spec.target, "failed",
+                                        error=_one_line(str(e))))
+                continue
+            slots += [(source, tag) for tag in tags]
+        # A mirror that changed little costs round trips, not bytes: the questions go
+        # out together, the copies one image at a time.
+        asked = [slot for slot in slots if not isinstance(slot, SyncResult)]
+        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-sync") as pool:
+            answers = iter(list(pool.map(lambda slot: self._sync_check(
+                slot[0], slot[1], spec.target, directory, held, dry_run), asked)))
+        results: List[SyncResult] = []
+        for slot in slots:
+            if isinstance(slot, SyncResult):
+                results.append(slot)
+                continue
+            result, pinned = next(answers)
+            if pinned is not None and not dry_run:
+                result = self._sync_copy(result, pinned, slot[0].platforms, directory)
+            results.append(result)
+        return results
+
+    def _sync_listed(self, source: "SyncSource") -> List[str]:
+        """The tags of ``source``'s repository that its regex or range selects."""
+        chosen = source.select(self.registry.list_tags(source.repository))
+        if not chosen:
+            _log().warning("%s: no tag matches %s", source.repository.name,
+                           source.pattern or source.semver)
+        return chosen
+
+    def _sync_check(self, source: "SyncSource", tag: str, target: str, directory: str,
+                    held: Mapping[str, Digest], dry_run: bool
+                    ) -> Tuple["SyncResult", Optional[Reference]]:
+        """Whether the target holds what a copy of ``tag`` would write: ``unchanged`` or
+        ``failed`` as they are, else ``would copy`` and the source pinned by digest."""
+        ref = Reference(source.repository.registry, source.repository.repository, tag)
+        name = str(ref)  # a layout names each image by its whole source name
+        destination = None if directory else \
+            Reference.parse(f"{target}/{ref.repository}:{tag}")
+        where = f"oci:{directory}:{name}" if destination is None else str(destination)
+        try:
+            found = self.registry.digest(ref)
+            pinned = Reference(ref.registry, ref.repository, tag, found.digest)
+            current = held.get(name) if destination is None else \
+                self._target_digest(destination, "pull" if dry_run else "pull,push")
+            want = found.digest
+            if current != want and source.platforms != ALL_PLATFORMS:
+                data, root = self.registry.get_manifest(pinned, what=f"sync {ref}")
+                if root.is_index:  # the filtered index is what the target would hold
+                    want = self._filtered(pinned, data, root, source.platforms)[1].digest
+        except OciCacheError as e:
+            return SyncResult(name, where, "failed", error=_one_line(str(e))), None
+        if current == want:
+            return SyncResult(name, where, "unchanged", str(want)), None
+        return SyncResult(name, where, "would copy", str(want)), pinned
+
+    def _sync_copy(self, planned: "SyncResult", pinned: Reference, platforms: str,
+                   directory: str) -> "SyncResult":
+        """Copy ``pinned`` to where ``planned`` says, with ``copy``'s machinery."""
+        try:
+            with self.layout.adding_blobs():
+                copied = self._copy([pinned], "registry", "oci" if directory else "registry",
+                                    directory or planned.target,
+                                    planned.source if directory else "", platforms, False)
+        except (OciCacheError, OSError) as e:
+            message = str(e) if isinstance(e, OciCacheError) else \
+                f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+            return _replace(planned, status="failed", digest="", error=_one_line(message))
+        return _replace(planned, status="copied", digest=str(copied[0][1].digest))
+
+    def _target_digest(self, target: Reference, actions: str) -> Optional[Digest]:
+        """The digest ``target``'s tag has in its registry now (HEAD; GET only when the
+        HEAD does not say), or None when it has none."""
+        endpoint = self.registry.endpoint(target, use_mirrors=False)
+        response = self.registry.request(endpoint, "HEAD", f"manifests/{target.tag}", actions,
+                                         headers={"Accept": MANIFEST_ACCEPT}, ok=(200, 404),
+                                         what=f"look up {target}")
+        response.close()
+        if response.status == 404:
+            return None
+        with contextlib.suppress(InvalidDigestError):
+            return Digest.parse(response.headers.get("Docker-Content-Digest", "").strip())
+        existing = self.registry.remote_manifest(endpoint, target.tag, actions)
+        return existing[1].digest if existing is not None else None
+
 
 @_value_type
 class _CopyPlan:
@@ -8360,9 +8514,9 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
 
 def _layout_target(path: str, archive: bool) -> str:
     """The absolute path a copy writes its layout or archive to, when it may: in an
-    existing directory, not over an existing layout, never over anything but a regular
-    file (the rename would replace a device or FIFO, as ``docker save -o /dev/null``
-    once replaced root's /dev/null)."""
+    existing directory; a layout directory that exists (or an empty directory) is added
+    to; an archive never replaces anything but a regular file (the rename would replace
+    a device or FIFO, as ``docker save -o /dev/null`` once replaced root's /dev/null)."""
     target = os.path.abspath(path)
     if not os.path.isdir(os.path.dirname(target)):
         raise OciCacheError(f"cannot write {path}: {os.path.dirname(target)} is not a directory")
@@ -8371,11 +8525,109 @@ def _layout_target(path: str, archive: bool) -> str:
     except FileNotFoundError:
         return target
     if not archive:
-        raise OciCacheError(f"{path} exists; copy writes a new OCI layout directory")
+        if not os.path.isdir(target):  # a link to a directory is the user's to name
+            raise OciCacheError(f"{path} exists and is not a directory; copy writes or adds "
+                                "to an OCI layout directory")
+        try:
+            names = os.listdir(target)
+            marker = os.lstat(os.path.join(target, "oci-layout")) if names else None
+        except FileNotFoundError:
+            marker = None
+        if names and (marker is None or not stat.S_ISREG(marker.st_mode)):
+            raise OciCacheError(f"{path} is a directory that is not an OCI layout (it has no "
+                                "oci-layout file); copy adds only to a layout or an empty "
+                                "directory")
+        return target
     if not stat.S_ISREG(existing.st_mode):
         raise OciCacheError(f"cannot write {path}: it is not a regular file (an archive "
                             "replaces a file; to standard output: export --format oci -o -)")
     return target
+
+
+def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
+                   documents: Mapping[Digest, bytes], entries: Sequence[Descriptor]) -> None:
+    """Add images to the existing OCI layout directory ``target`` (or an empty one):
+    each blob and document it lacks written beside its final name, fsynced and renamed,
+    then ``index.json`` replaced in one rename, with every entry of another name kept
+    and the entries named as ``entries`` are replaced. An ``flock`` of the directory
+    keeps two ocicache processes from losing each other's entries."""
+    with contextlib.ExitStack() as stack:
+        directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, directory)
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        index = _read_layout_index(target, directory)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("blobs", dir_fd=directory)
+        folders: Dict[str, int] = {}
+        blobs_fd = _open_directory("blobs", directory, os.path.join(target, "blobs"))
+        stack.callback(os.close, blobs_fd)
+        sources: List[Tuple[Digest, Callable[[], IO[bytes]]]] = [
+            (b.digest, functools.partial(cache.open_blob, b.digest)) for b in blobs]
+        sources += [(d, functools.partial(io.BytesIO, data)) for d, data in documents.items()]
+        for digest, opener in sources:
+            if digest.algorithm not in folders:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(digest.algorithm, dir_fd=blobs_fd)
+                folders[digest.algorithm] = _open_directory(
+                    digest.algorithm, blobs_fd, os.path.join(target, "blobs", digest.algorithm))
+                stack.callback(os.close, folders[digest.algorithm])
+            _add_layout_blob(folders[digest.algorithm], digest, opener,
+                             os.path.join(target, _blob_name(digest)))
+        for fd in [blobs_fd, *folders.values()]:  # the renames are durable before the index
+            os.fsync(fd)
+        names = {e.annotations[ANNOTATION_REF_NAME] for e in entries}
+        kept = [m for m in index.manifests if m.annotations.get(ANNOTATION_REF_NAME) not in names]
+        updated = _replace(index, manifests=(*kept, *entries)).to_bytes()
+        if len(updated) > MAX_INDEX_SIZE:
+            raise OciCacheError(f"adding to {target} would grow its index.json past "
+                                f"{MAX_INDEX_SIZE} bytes")
+        try:
+            os.stat("oci-layout", dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:  # an empty directory becomes a layout
+            _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
+        _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
+
+
+def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:
+    """The index.json of the layout directory ``target`` (an empty index if it has
+    none), never read through a link, at most ``MAX_INDEX_SIZE`` bytes."""
+    where = os.path.join(target, "index.json")
+    try:
+        fd = _open_regular("index.json" if directory is not None else where, os.O_RDONLY,
+                           directory, where)
+    except FileNotFoundError:
+        return Index(MEDIA_OCI_INDEX, ())
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_INDEX_SIZE + 1)
+    if len(data) > MAX_INDEX_SIZE:
+        raise OciCacheError(f"{where} is larger than {MAX_INDEX_SIZE} bytes")
+    return Index.from_json(data, what=where)
+
+
+def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]],
+                     where: str) -> None:
+    """``digest``'s file in a layout's ``blobs/ALGORITHM`` directory, unless a regular
+    file of that name is there (written by an earlier copy: its rename made it whole);
+    written under a temporary name, hashed as it goes, fsynced, then renamed."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISREG(os.stat(digest.hex, dir_fd=folder, follow_symlinks=False).st_mode):
+            return
+    fd, temp = _create_temporary(folder, f".{digest.hex}")
+    try:
+        hasher = digest.hasher()
+        with os.fdopen(fd, "wb") as out, opener() as source:
+            for piece in iter(lambda: source.read(COPY_BUFFER_SIZE), b""):
+                hasher.update(piece)
+                out.write(piece)
+            out.flush()
+            os.fsync(out.fileno())
+        if hasher.hexdigest() != digest.hex:
+            raise DigestMismatchError(f"{where}: the cache's copy of {digest} has other content")
+        os.replace(temp, digest.hex, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=folder)
+        raise
 
 
 def parse_copy_location(text: str) -> Tuple[str, str, str]:
@@ -8446,6 +8698,370 @@ def _locations_bytes(locations: Mapping[Tuple[str, Digest], List[str]]) -> bytes
     return _json_bytes({"locations": [[host, str(digest), repositories] for
                                       (host, digest), repositories in locations.items()]},
                        separators=(",", ":"))
+
+
+# -- sync files -----------------------------------------------------------------------
+# ``ocicache sync FILE``: the file names one target and the source repositories to
+# mirror into it, each with its tags (a list, a regular expression, or a semver range)
+# and platforms. Read and checked here as data, before any request: each mistake is one
+# line naming the field.
+
+_SYNC_KEYS = frozenset({"target", "platforms", "images"})
+_SYNC_IMAGE_KEYS = frozenset({"source", "tags", "platforms"})
+_MAX_SYNC_FILE = 1024 * 1024
+_MAX_SYNC_IMAGES = 1000
+_MAX_SYNC_TAGS = 1000          # tags one source may list or match
+_MAX_TAG_PATTERN = 256         # characters of a tag regex
+_MAX_PATTERN_REPEATS = 3       # unbounded repeats in one tag regex
+
+
+@_value_type
+class SyncSource:
+    """One source repository of a sync file and the tags and platforms it copies:
+    exactly one of ``tags`` (exact names), ``pattern`` (a regex each tag must match
+    whole) or ``semver`` (a range, see ``semver_matches``). ``platforms`` is "all" or
+    a comma list, as copy's ``architecture``."""
+
+    repository: Reference
+    tags: Tuple[str, ...] = ()
+    pattern: str = ""
+    semver: str = ""
+    platforms: str = ALL_PLATFORMS
+
+    def select(self, listed: Sequence[str]) -> List[str]:
+        """The tags of ``listed`` (the repository's) this source copies: by name, or by
+        version for a range (registries list in no order one could rely on); more than
+        ``_MAX_SYNC_TAGS`` is an error."""
+        if self.pattern:
+            compiled = re.compile(self.pattern)
+            chosen = sorted(t for t in listed if compiled.fullmatch(t))
+        else:
+            chosen = sorted((t for t in listed if semver_matches(self.semver, t)),
+                            key=lambda t: (_semver_key(*(_semver_parse(t) or ((), ""))), t))
+        if len(chosen) > _MAX_SYNC_TAGS:
+            raise OciCacheError(f"{self.repository.name}: {len(chosen)} tags match "
+                                f"{self.pattern or self.semver!r}, more than "
+                                f"{_MAX_SYNC_TAGS}; narrow the filter")
+        return chosen
+
+
+@_value_type
+class SyncSpec:
+    """A sync file: its ``target`` (``oci:DIR`` or a registry prefix such as
+    ``127.0.0.1:5000/mirror``) and its sources, in the file's order."""
+
+    target: str
+    sources: Tuple[SyncSource, ...]
+
+
+@_value_type
+class SyncResult:
+    """What sync did with one image: ``status`` is ``copied``, ``unchanged``,
+    ``would copy`` (a dry run) or ``failed`` (then ``error`` says why); ``digest`` is
+    what the target holds, or would."""
+
+    source: str
+    target: str
+    status: str
+    digest: str = ""
+    error: str = ""
+
+    def to_json(self) -> Dict[str, str]:
+        out = {"source": self.source, "target": self.target, "status": self.status}
+        if self.digest:
+            out["digest"] = self.digest
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def read_sync_file(path: str) -> SyncSpec:
+    """The sync file at ``path`` (``-``: standard input), checked (``parse_sync_spec``)."""
+    what = "standard input" if path == "-" else path
+    if path == "-":
+        data = sys.stdin.buffer.read(_MAX_SYNC_FILE + 1)
+    else:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_SYNC_FILE + 1)
+    if len(data) > _MAX_SYNC_FILE:
+        raise InvalidSyncFileError(f"{what}: larger than {_MAX_SYNC_FILE} bytes")
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise InvalidSyncFileError(f"{what}: not JSON: {e}") from None
+    return parse_sync_spec(obj, what)
+
+
+def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
+    """A sync file's JSON as a ``SyncSpec``; ``InvalidSyncFileError`` naming the first
+    bad field (``what`` begins the message): unknown keys, a source that is not a
+    repository or is listed twice, tags that are neither a list nor one of ``regex`` /
+    ``semver``, a regex that could take exponential time, a bad range or platform, a
+    target that is neither ``oci:DIR`` nor a registry prefix."""
+
+    def fail(field: str, problem: str) -> InvalidSyncFileError:
+        return InvalidSyncFileError(f"{what}: {field}: {problem}")
+
+    if not isinstance(obj, dict):
+        raise InvalidSyncFileError(f"{what}: not a JSON object with 'target' and 'images'")
+    for key in obj:
+        if key not in _SYNC_KEYS:
+            raise fail(key, f"unknown key (known: {', '.join(sorted(_SYNC_KEYS))})")
+    target = _sync_target(obj.get("target"), fail)
+    default = _sync_platforms(obj.get("platforms", ALL_PLATFORMS), "platforms", fail)
+    images = obj.get("images")
+    if not isinstance(images, list) or not images:
+        raise fail("images", "missing or not a non-empty list of {\"source\": ..., "
+                             "\"tags\": ...} objects")
+    if len(images) > _MAX_SYNC_IMAGES:
+        raise fail("images", f"{len(images)} entries; at most {_MAX_SYNC_IMAGES}")
+    sources: List[SyncSource] = []
+    seen: Dict[str, str] = {}
+    for number, image in enumerate(images):
+        field = f"images[{number}]"
+        if not isinstance(image, dict):
+            raise fail(field, "not an object with 'source' and 'tags'")
+        for key in image:
+            if key not in _SYNC_IMAGE_KEYS:
+                raise fail(f"{field}.{key}",
+                           f"unknown key (known: {', '.join(sorted(_SYNC_IMAGE_KEYS))})")
+        repository = _sync_repository(image.get("source"), f"{field}.source", fail)
+        if repository.name in seen:
+            raise fail(f"{field}.source", f"{repository.name} is listed already, in "
+                                          f"{seen[repository.name]}; list it once")
+        seen[repository.name] = field
+        platforms = default if "platforms" not in image else \
+            _sync_platforms(image["platforms"], f"{field}.platforms", fail)
+        sources.append(_sync_tags(repository, image.get("tags"), platforms, f"{field}.tags",
+                                  fail))
+    return SyncSpec(target, tuple(sources))
+
+
+def _sync_target(value: Any, fail: Callable[[str, str], InvalidSyncFileError]) -> str:
+    """``oci:DIR``, or a registry prefix (an explicit host, an optional path) as given."""
+    if not isinstance(value, str) or not value:
+        raise fail("target", "missing; a registry prefix such as '127.0.0.1:5000/mirror', "
+                             "or 'oci:DIR' for an OCI layout directory")
+    if value.startswith("oci-archive:"):
+        raise fail("target", "an archive cannot be added to image by image; use oci:DIR "
+                             "(and tar it for the crossing)")
+    if value.startswith("oci:"):
+        if not value[len("oci:"):]:
+            raise fail("target", "name a directory, as in oci:DIR")
+        if ":" in value[len("oci:"):]:
+            raise fail("target", f"{value!r}: oci:DIR takes no :TAG (each image is named by "
+                                 "its source name) and DIR no colon")
+        return value
+    prefix = value[len("docker://"):] if value.startswith("docker://") else value
+    host = prefix.split("/", 1)[0]
+    if not re.fullmatch(rf"{_DOMAIN}(?:/{_PATH})?", prefix) or not (
+            "." in host or ":" in host or host == "localhost"):
+        raise fail("target", f"{value!r} is not a registry prefix (host[:port][/path], the "
+                             "host with a dot or port, as 127.0.0.1:5000/mirror) nor oci:DIR")
+    return prefix
+
+
+def _sync_repository(value: Any, field: str,
+                     fail: Callable[[str, str], InvalidSyncFileError]) -> Reference:
+    if not isinstance(value, str) or not value:
+        raise fail(field, "missing; a repository such as docker.io/library/alpine")
+    name = value[len("docker://"):] if value.startswith("docker://") else value
+    try:
+        ref = Reference.parse(name)
+    except InvalidReferenceError as e:
+        raise fail(field, str(e)) from None
+    if "@" in name or ":" in name.rsplit("/", 1)[-1]:
+        raise fail(field, f"{value!r} names a tag or digest; name the repository and list "
+                          "the tags in 'tags'")
+    return ref
+
+
+def _sync_platforms(value: Any, field: str,
+                    fail: Callable[[str, str], InvalidSyncFileError]) -> str:
+    """``all``, or the comma list a list of platforms makes (each checked)."""
+    if value == ALL_PLATFORMS:
+        return ALL_PLATFORMS
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(p, str) and p and "," not in p for p in value):
+        raise fail(field, 'not "all" nor a non-empty list of platforms such as '
+                          '["linux/amd64", "linux/arm64/v8"]')
+    try:
+        return ",".join(_platform_list(",".join(value)))
+    except InvalidPlatformError as e:
+        raise fail(field, str(e)) from None
+
+
+def _sync_tags(repository: Reference, value: Any, platforms: str, field: str,
+               fail: Callable[[str, str], InvalidSyncFileError]) -> SyncSource:
+    if isinstance(value, list):
+        if not value or len(value) > _MAX_SYNC_TAGS:
+            raise fail(field, f"a list of 1 to {_MAX_SYNC_TAGS} tags")
+        for tag in value:
+            if not isinstance(tag, str) or not re.fullmatch(_TAG, tag):
+                raise fail(field, f"{tag!r} is not a valid tag")
+        return SyncSource(repository, tags=tuple(dict.fromkeys(value)), platforms=platforms)
+    if not isinstance(value, dict) or len(value) != 1 or \
+            not set(value) <= {"regex", "semver"}:
+        raise fail(field, 'a list of tags, {"regex": "..."} or {"semver": "..."}')
+    kind, text = next(iter(value.items()))
+    if not isinstance(text, str) or not text:
+        raise fail(f"{field}.{kind}", "not a non-empty string")
+    try:
+        if kind == "regex":
+            _check_tag_pattern(text)
+            return SyncSource(repository, pattern=text, platforms=platforms)
+        _semver_range(text)
+    except InvalidSyncFileError as e:
+        raise fail(f"{field}.{kind}", str(e)) from None
+    return SyncSource(repository, semver=text, platforms=platforms)
+
+
+def _check_tag_pattern(pattern: str) -> None:
+    """Refuse a tag regex that could take exponential time on a 128-character tag: a
+    repeat inside a repeat (``(a+)+``), alternation inside a repeat (``(a|ab)*``),
+    back-references, more than ``_MAX_PATTERN_REPEATS`` unbounded repeats, or more than
+    ``_MAX_TAG_PATTERN`` characters. Matching is ``fullmatch``: anchored at both ends."""
+    if len(pattern) > _MAX_TAG_PATTERN:
+        raise InvalidSyncFileError(f"longer than {_MAX_TAG_PATTERN} characters")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise InvalidSyncFileError(f"bad regex {pattern!r}: {e}") from None
+    parser: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")
+    repeats = 0
+
+    def walk(items: Any, repeated: bool) -> None:
+        nonlocal repeats
+        for op, argument in items:
+            name = str(op)
+            if name in ("GROUPREF", "GROUPREF_EXISTS"):
+                raise InvalidSyncFileError(f"regex {pattern!r}: back-references are not "
+                                           "accepted")
+            if name.endswith("_REPEAT"):
+                low, high, inner = argument
+                many = high > 1
+                if many and repeated:
+                    raise InvalidSyncFileError(f"regex {pattern!r} repeats a repeat (as "
+                                               "(a+)+), which can take exponential time")
+                repeats += high == parser.MAXREPEAT
+                walk(inner, repeated or many)
+            elif name == "BRANCH":
+                if repeated:
+                    raise InvalidSyncFileError(f"regex {pattern!r} repeats an alternation "
+                                               "(as (a|ab)*), which can take exponential "
+                                               "time; use a character class")
+                for branch in argument[1]:
+                    walk(branch, repeated)
+            elif name == "SUBPATTERN":
+                walk(argument[-1], repeated)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                walk(argument[1], repeated)
+            elif name == "ATOMIC_GROUP":
+                walk(argument, repeated)
+
+    walk(parser.parse(pattern), False)
+    if repeats > _MAX_PATTERN_REPEATS:
+        raise InvalidSyncFileError(f"regex {pattern!r} has {repeats} unbounded repeats; at "
+                                   f"most {_MAX_PATTERN_REPEATS}")
+
+
+# Semver ranges: comparator sets joined by "||", each a space-separated list of
+# comparators that must all hold: ">=1.2", ">1.2.3", "<2", "<=2.1", "=1.4.2" (or
+# "1.4.2"), "~1.2" (>=1.2.0 <1.3.0), "^1.2" (>=1.2.0 <2.0.0; ^0.2 is <0.3.0). A version
+# has 1 to 3 numbers (no leading zeros, "v" allowed); a partial one stands for its
+# range (">1.2" is >=1.3.0, "<=1.2" is <1.3.0, "1.2" is >=1.2.0 <1.3.0). Tags parse the
+# same way; a tag with a pre-release ("1.3.0-rc.1", "1.25.3-alpine") matches only a
+# set that names a pre-release of the same MAJOR.MINOR.PATCH, as npm's semver does.
+_SEMVER_NUMBER = r"(?:0|[1-9][0-9]{0,8})"
+_SEMVER_PRERELEASE = r"[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*"
+_SEMVER = re.compile(rf"v?({_SEMVER_NUMBER})(?:\.({_SEMVER_NUMBER})(?:\.({_SEMVER_NUMBER})"
+                     rf"(?:-({_SEMVER_PRERELEASE}))?)?)?")
+_SEMVER_COMPARATOR = re.compile(r"(>=|<=|>|<|=|\^|~)?(.*)")
+_MAX_SEMVER_RANGE = 256
+
+_SemverKey = Tuple[int, int, int, int, Tuple[Tuple[int, Any], ...]]
+
+
+def _semver_parse(text: str) -> Optional[Tuple[Tuple[int, ...], str]]:
+    """The numbers given (1 to 3) and the pre-release of a version, or None."""
+    match = _SEMVER.fullmatch(text)
+    if match is None:
+        return None
+    return tuple(int(n) for n in match.groups()[:3] if n is not None), match.group(4) or ""
+
+
+def _semver_key(numbers: Tuple[int, ...], prerelease: str) -> _SemverKey:
+    """A key that orders versions as semver 2.0 does: a release after its pre-releases,
+    numeric identifiers numerically and before alphanumeric ones."""
+    full = (*numbers, 0, 0)[:3]
+    if not prerelease:
+        return (full[0], full[1], full[2], 1, ())
+    parts = tuple((0, int(p)) if p.isdigit() else (1, p) for p in prerelease.split("."))
+    return (full[0], full[1], full[2], 0, parts)
+
+
+def _semver_range(text: str) -> List[List[Tuple[str, _SemverKey]]]:
+    """A range as sets of (operator, key) comparators, each set a conjunction; a
+    pre-release comparator's key carries its pre-release. InvalidSyncFileError names
+    the bad part."""
+    if len(text) > _MAX_SEMVER_RANGE:
+        raise InvalidSyncFileError(f"longer than {_MAX_SEMVER_RANGE} characters")
+    sets: List[List[Tuple[str, _SemverKey]]] = []
+    for alternative in text.split("||"):
+        comparators: List[Tuple[str, _SemverKey]] = []
+        for token in alternative.split():
+            match = _SEMVER_COMPARATOR.fullmatch(token)
+            parsed = _semver_parse(match.group(2)) if match else None
+            if match is None or parsed is None:
+                raise InvalidSyncFileError(
+                    f"bad semver range {text!r}: {token!r} is not a comparator (an operator "
+                    ">=, >, <=, <, =, ~ or ^, then a version of 1 to 3 numbers, as in "
+                    "'>=1.2 <2')")
+            comparators += _semver_comparators(match.group(1) or "=", *parsed)
+        if not comparators:
+            raise InvalidSyncFileError(f"bad semver range {text!r}: an empty alternative")
+        sets.append(comparators)
+    return sets
+
+
+def _semver_comparators(op: str, numbers: Tuple[int, ...], prerelease: str
+                        ) -> List[Tuple[str, _SemverKey]]:
+    """One comparator as plain comparators of full versions (a partial version and
+    ``~``/``^`` stand for ranges)."""
+    given = len(numbers)
+    full = (*numbers, 0, 0)[:3]
+    low = _semver_key(full, prerelease)
+
+    def bump(position: int) -> _SemverKey:
+        raised = [*full[:position], full[position] + 1, 0, 0][:3]
+        return _semver_key(tuple(raised), "")
+
+    upper = bump(given - 1)
+    if op == "~":
+        return [(">=", low), ("<", bump(0 if given == 1 else 1))]
+    if op == "^":
+        first = next((i for i, n in enumerate(full[:given]) if n), given - 1)
+        return [(">=", low), ("<", bump(first))]
+    if given == 3:
+        return [(op, low)]
+    return {"=": [(">=", low), ("<", upper)], ">=": [(">=", low)], ">": [(">=", upper)],
+            "<": [("<", low)], "<=": [("<", upper)]}[op]
+
+
+def semver_matches(text: str, tag: str) -> bool:
+    """Whether ``tag`` is a version within the semver range ``text`` (see above)."""
+    parsed = _semver_parse(tag)
+    if parsed is None:
+        return False
+    key = _semver_key(*parsed)
+    compare = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
+               "=": operator.eq}
+    for comparators in _semver_range(text):
+        if not all(compare[op](key, bound) for op, bound in comparators):
+            continue
+        if not parsed[1] or any(bound[4] and bound[:3] == key[:3] for _, bound in comparators):
+            return True
+    return False
 
 
 class _CacheSource(ImageSource):
@@ -8912,8 +9528,14 @@ class _LineProgress(PullProgress):
         self._started, self._bytes = time.monotonic(), sum(b.size for b in blobs)
 
     def end(self, name: str, descriptor: Descriptor) -> None:
+        self._finished("pulled", name, descriptor)
+
+    def copied(self, name: str, descriptor: Descriptor) -> None:
+        self._finished("copied", name, descriptor)
+
+    def _finished(self, verb: str, name: str, descriptor: Descriptor) -> None:
         seconds = time.monotonic() - self._started
-        self._out.write(f"pulled {name} {descriptor.digest} ({_human_size(self._bytes)} of "
+        self._out.write(f"{verb} {name} {descriptor.digest} ({_human_size(self._bytes)} of "
                         f"blobs, {seconds:.1f}s)\n")
         self._out.flush()
 
@@ -8953,12 +9575,14 @@ class _TerminalProgress(_LineProgress):
                 self._last_draw = now
                 self._draw(now)
 
-    def end(self, name: str, descriptor: Descriptor) -> None:
+    def _finished(self, verb: str, name: str, descriptor: Descriptor) -> None:
         with self._lock:
-            self._draw(time.monotonic())
-            self._out.write(f"pulled {name} {descriptor.digest}\n")
+            if self._sizes:
+                self._draw(time.monotonic())
+            self._out.write(f"{verb} {name} {descriptor.digest}\n")
             self._out.flush()
             self._drawn_lines = 0
+            self._sizes, self._done = {}, {}  # the next image of a copy draws no stale block
 
     def _draw(self, now: float) -> None:
         total, done = sum(self._sizes.values()), sum(self._done.values())
@@ -9321,8 +9945,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                          "OCI layouts",
                             description="Copy SRC to DST. SRC: a registry name "
                                         "('docker://' optional) or cache:NAME. DST: a "
-                                        "registry name, oci:DIR[:TAG] (a new OCI layout "
-                                        "directory) or oci-archive:FILE[:TAG]. Every "
+                                        "registry name, oci:DIR[:TAG] (an OCI layout "
+                                        "directory, new or one to add to: its other "
+                                        "images are kept) or oci-archive:FILE[:TAG]. Every "
                                         "platform is copied and the digest kept unless "
                                         "--platform filters it: then DST gets an index of "
                                         "those platforms and their attestations. Blobs "
@@ -9349,8 +9974,61 @@ def _build_parser() -> argparse.ArgumentParser:
                             "holding each tag)")
         p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
                        help="blobs to copy at once (default: the global --jobs, 4)")
+        p.add_argument("--json", action="store_true",
+                       help='print {"source": ..., "destination": ..., "images": [{"name", '
+                            '"digest", "mediaType", "size"}]}')
         p.set_defaults(run=_cmd_copy)
+
+    p = commands.add_parser("sync", help="mirror the repositories a file lists into a "
+                                         "registry or an OCI layout",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=_SYNC_HELP,
+                            epilog="example: ocicache sync --dry-run mirror.json")
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", metavar="FILE", help="the sync file (JSON; - for standard input)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="say what would be copied; write nothing, send no blob")
+        p.add_argument("--json", action="store_true",
+                       help='print {"target": ..., "dryRun": ..., "images": [{"source", '
+                            '"target", "status", "digest", "error"}]}')
+        p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
+                       help="blobs to copy at once (default: the global --jobs, 4)")
+        p.set_defaults(run=_cmd_sync)
     return parser
+
+
+_SYNC_HELP = """\
+Copy the images FILE lists into its target, tag by tag, as 'skopeo sync' does. Each
+tag's digest is asked of the source and the target with HEAD: an image the target
+holds already is left alone (no blob is sent or fetched); the others are copied as
+'copy' does, each image's tag written last, so an interrupted sync leaves nothing
+half-copied and the next run sends only what is missing. One line per image:
+copied, unchanged, would copy (--dry-run) or failed; exit status 1 if any failed,
+after the others were copied.
+
+FILE is a JSON object:
+  target     a registry prefix ("127.0.0.1:5000/mirror": an image docker.io/library/
+             alpine:3.20 goes to 127.0.0.1:5000/mirror/library/alpine:3.20), or
+             "oci:DIR", an OCI layout directory (new, or one to add to) naming each
+             image by its whole source name, for carrying across an air gap
+  platforms  "all" (the default: digests kept) or a list, as ["linux/amd64"]
+  images     a list of {"source": REPOSITORY, "tags": TAGS, "platforms": ...}, where
+             TAGS is a list of tags, {"regex": "..."} (each tag must match whole), or
+             {"semver": "RANGE"}. A RANGE is comparators that must all hold (">=1.2
+             <2"), alternatives joined by "||"; operators >=, >, <=, <, = (or none), ~
+             (~1.2: >=1.2.0 <1.3.0) and ^ (^1.2: <2.0.0; ^0.2: <0.3.0), versions of 1
+             to 3 numbers with an optional "v"; a partial version stands for its range
+             (">1.2" is >=1.3.0). Tags that are not versions never match; a
+             pre-release (1.3.0-rc.1) only if the range names one of the same version.
+
+Example:
+  {"target": "127.0.0.1:5000/mirror", "platforms": ["linux/amd64", "linux/arm64"],
+   "images": [{"source": "docker.io/library/alpine", "tags": ["3.19", "3.20"]},
+              {"source": "ghcr.io/linuxkit/init", "tags": {"regex": "v1\\\\.[0-9]+"}},
+              {"source": "quay.io/o/app", "tags": {"semver": ">=1.2 <2"},
+               "platforms": "all"}]}"""
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -9721,10 +10399,37 @@ def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
 
 def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
     provider.jobs = args.jobs
-    for name, root in provider.copy(args.source, args.destination,
-                                    ALL_PLATFORMS if args.all_platforms else args.platform,
-                                    args.all_tags):
+    copied = provider.copy(args.source, args.destination,
+                           ALL_PLATFORMS if args.all_platforms else args.platform, args.all_tags)
+    if args.json:
+        json.dump({"source": args.source, "destination": args.destination,
+                   "images": [{"name": name, **root.to_json()} for name, root in copied]},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    for name, root in copied:
         _say(args, f"{name} {root.digest}")
+    return 0
+
+
+def _cmd_sync(provider: Provider, args: argparse.Namespace) -> int:
+    provider.jobs = args.jobs
+    spec = read_sync_file(args.file)
+    results = provider.sync(spec, args.dry_run)
+    failed = [r for r in results if r.status == "failed"]
+    if args.json:
+        json.dump({"target": spec.target, "dryRun": args.dry_run,
+                   "images": [r.to_json() for r in results]}, sys.stdout, indent=2)
+        print()
+    else:
+        for result in results:
+            detail = f": {result.error}" if result.error else f" {result.digest}"
+            if result.status == "failed" or not args.quiet:
+                print(f"{result.status} {result.source} -> {result.target}{detail}")
+    if failed:
+        print(f"ocicache: error: {len(failed)} of {len(results)} images failed; a later "
+              "sync copies only what is missing", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -9779,7 +10484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress = _LineProgress(sys.stderr)
         # Only registry commands read mirror settings: a bad one does not break 'ls'.
         mirrors = [parse_mirror(m) for m in args.mirror] + default_mirrors() \
-            if args.command in ("pull", "push", "rm", "clean", "copy") else []
+            if args.command in ("pull", "push", "rm", "clean", "copy", "sync") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
                                    ca_files=tuple(args.ca_file))
         with Provider(args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
@@ -9797,6 +10502,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "pull":
             message += ("; what was downloaded is kept in the cache, and the next pull "
                         "resumes from it")
+        elif args.command in ("copy", "sync"):
+            message += (f"; no image was tagged half-copied, and the next {args.command} "
+                        "sends only what is missing")
     except _Terminated:
         message = "terminated"
     finally:

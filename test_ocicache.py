@@ -5712,9 +5712,13 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                                    f"{single}:s390x", bundle], capture_output=True, timeout=60)
         self.assertEqual(unpacked.returncode, 0, unpacked.stderr.decode())
         self.assertTrue(os.path.exists(os.path.join(bundle, "rootfs", "etc", "t-s390x")))
+        os.mkdir(self.path("notlayout"))
+        with open(self.path("notlayout", "x"), "w"):
+            pass
         os.mkfifo(self.path("fifo"))  # never replaced (as a device would not be)
         before = sorted(os.listdir(self.tmp))
-        for destination, fragment in [(f"oci:{layout}", "exists"),
+        for destination, fragment in [(f"oci:{self.path('notlayout')}", "not an OCI layout"),
+                                      (f"oci:{archive}", "exists and is not a directory"),
                                       ("oci:", "name a path"),
                                       ("oci-archive:-", "name a path"),
                                       (f"oci:{self.path('x')}:bad/tag", "not a valid tag"),
@@ -5732,6 +5736,71 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(archive).st_mode), 0o666 & ~current_umask())
         self.assertEqual(stat.S_IMODE(os.stat(layout).st_mode), 0o777 & ~current_umask())
 
+    def test_copy_adds_to_an_existing_layout_keeping_its_images(self) -> None:
+        registry = self.start_registry()
+        images, _, index = self.three_platforms(registry)
+        one, two, late = make_image("add-one"), make_image("add-two"), make_image("add-late")
+        upload(registry.url, "test/add", [*one.blobs, *two.blobs, *late.blobs],
+               [("1", one.manifest), ("2", two.manifest), ("late", late.manifest)])
+        layout = self.path("layout")
+        self.skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/test/add:1",
+                    f"oci:{layout}:theirs")
+        # copies at once into one layout, each from its own cache: none loses another's
+        # entry (the flock around index.json's read and rename)
+        copies = [(f"{registry.host}/test/three:1", "multi", []),
+                  (f"{registry.host}/test/add:2", "two", []),
+                  (f"{registry.host}/test/add:1", "one", []),
+                  (f"{registry.host}/test/three:1", "s390x", ["--platform", "linux/s390x"])]
+        processes = [subprocess.Popen([sys.executable, OCICACHE, "--cache", self.path(f"c{n}"),
+                                       "copy", *extra, source, f"oci:{layout}:{tag}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for n, (source, tag, extra) in enumerate(copies)]
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            self.assertEqual(process.returncode, 0, stderr.decode())
+        listed = json.load(open(os.path.join(layout, "index.json")))["manifests"]
+        self.assertEqual(sorted(m["annotations"][oc.ANNOTATION_REF_NAME] for m in listed),
+                         ["multi", "one", "s390x", "theirs", "two"])
+        self.assertEqual({m["annotations"][oc.ANNOTATION_REF_NAME]: m["digest"] for m in listed
+                          if m["annotations"][oc.ANNOTATION_REF_NAME] != "s390x"},
+                         {"theirs": one.manifest.digest, "one": one.manifest.digest,
+                          "two": two.manifest.digest, "multi": index.digest})
+        for tag, data in [("theirs", one.manifest.data), ("multi", index.data)]:
+            with self.subTest(tag):
+                self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:{tag}").encode(),
+                                 data)
+        self.assertEqual(self.listed(self.skopeo("inspect", "--raw",
+                                                 f"oci:{layout}:s390x").encode()), ["s390x"])
+        umoci = require_tool(self, "umoci")
+        stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:two"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        # an empty directory, named through a link, becomes a layout
+        os.mkdir(self.path("empty"))
+        os.symlink(self.path("empty"), self.path("link"))
+        self.provider().copy(f"{registry.host}/test/add:2", f"oci:{self.path('link')}:x")
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{self.path('empty')}:x").encode(),
+                         two.manifest.data)
+        # a name already there is replaced, not listed twice
+        self.provider().copy(f"{registry.host}/test/add:2", f"oci:{layout}:theirs")
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:theirs").encode(),
+                         two.manifest.data)
+        listed = json.load(open(os.path.join(layout, "index.json")))["manifests"]
+        self.assertEqual(len(listed), 5)
+        # a copy that fails part-way leaves index.json as it was, and no temporary file
+        with open(os.path.join(layout, "index.json"), "rb") as f:
+            before = f.read()
+        upstream = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(upstream.stop)
+        upstream.add_fault("respond", method="GET", match=f"/blobs/{late.layers[0].digest}",
+                           status=404, times=None)  # not retried: the test stays short
+        result = self.cli("copy", f"{upstream.host}/test/add:late", f"oci:{layout}:late")
+        self.assert_one_line_error(result, "404")
+        with open(os.path.join(layout, "index.json"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertFalse([name for _, _, names in os.walk(layout) for name in names
+                          if oc._TEMP_MARK in name])
+
     def test_copy_from_the_cache_and_every_tag(self) -> None:
         registry = self.start_registry()
         images, _, index = self.three_platforms(registry)
@@ -5745,6 +5814,12 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         data = self.raw(f"{registry.host}/test/fromcache:1")
         self.assertEqual(self.listed(data), ["arm64", f"att:{images['arm64'].manifest.digest}"])
         self.assertNotIn(oc._ANNOTATION_SUBSET_OF, json.loads(data).get("annotations", {}))
+        result = self.cli("copy", "--platform", "linux/arm64",
+                          f"cache:{registry.host}/test/three:1", f"oci-archive:{self.path('c.tar')}")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertRegex(result.stderr.decode(),  # timed from the copy's start
+                         rf"^copied oci-archive:{re.escape(self.path('c.tar'))}:1 "
+                         r"sha256:[0-9a-f]{64} \(.* of blobs, \d\.\ds\)\n$")
         with self.assertRaisesRegex(oc.PlatformNotFoundError, "holds only linux/arm64 of it"):
             cache.copy(f"cache:{registry.host}/test/three:1", f"oci:{self.path('l')}",
                        "linux/arm64,linux/amd64")
@@ -5893,6 +5968,429 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
             {(registry.host, oc.Digest.parse(layer)): ["a", "b", "c"]},
             {(registry.host, oc.Digest.parse(layer)): ["d"]}).items()}
         self.assertEqual(rows, {(registry.host, layer): ["b", "c", "d"]})
+
+class TestSyncFile(unittest.TestCase):
+    """The sync file's format, semver ranges and tag regexes: pure logic, no I/O."""
+
+    def test_semver_ranges_select_the_versions_they_say(self) -> None:
+        tags = ["1.1.9", "1.2", "1.2.0", "v1.10.3", "1.3.0-rc.1", "2.0.0", "2", "latest",
+                "01.2.3", "1.25.3-alpine", "0.2.9", "0.3.0"]
+        for text, chosen in [
+                (">=1.2 <2", ["1.2", "1.2.0", "v1.10.3"]),
+                (">1.2", ["v1.10.3", "2.0.0", "2"]),       # >1.2 is >=1.3.0
+                ("<=1.2", ["1.1.9", "1.2", "1.2.0", "0.2.9", "0.3.0"]),
+                ("1.2", ["1.2", "1.2.0"]), ("=2.0.0", ["2.0.0", "2"]),
+                ("~1.2", ["1.2", "1.2.0"]), ("^1.2", ["1.2", "1.2.0", "v1.10.3"]),
+                ("^0.2", ["0.2.9"]), ("<1 || >=2", ["2.0.0", "2", "0.2.9", "0.3.0"]),
+                (">=1.3.0-rc.0 <2", ["v1.10.3", "1.3.0-rc.1"]),
+                (">=1.25.3-a", ["2.0.0", "2", "1.25.3-alpine"])]:
+            with self.subTest(text):
+                self.assertEqual(sorted(t for t in tags if oc.semver_matches(text, t)),
+                                 sorted(chosen))
+        for bad in [">=1.2 <", ">>1", "1.2.3.4", "01.2", "1 ||", "=>1", "1.2-rc1", "*",
+                    "1.2 - 2", ">=a", "x" * 300]:
+            with self.subTest(bad):
+                with self.assertRaises(oc.InvalidSyncFileError) as caught:
+                    oc.semver_matches(bad, "1.0.0")
+                self.assertEqual(line_problem(str(caught.exception)), "")
+
+    def test_hostile_tag_patterns_are_refused_and_others_match_whole(self) -> None:
+        def spec(pattern: str) -> oc.SyncSpec:
+            return oc.parse_sync_spec({"target": "oci:x", "images": [
+                {"source": "a/b", "tags": {"regex": pattern}}]})
+
+        for pattern, fragment in [("(a+)+$", "repeats a repeat"), ("(a*b*)*c", "repeats a repeat"),
+                                  ("(ab|a)*c", "repeats an alternation"),
+                                  ("(x)\\1", "back-references"), (".*.*.*.*x", "4 unbounded"),
+                                  ("(", "bad regex"), ("a" * 300, "longer than")]:
+            with self.subTest(pattern):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError,
+                                            rf"images\[0\]\.tags\.regex: .*{fragment}"):
+                    spec(pattern)
+        source = spec(r"v1\.[0-9]+(-rc[0-9]+)?").sources[0]
+        listed = ["v1.2", "xv1.2", "v1.2x", "v1.3-rc1", "v2.0"] + [f"t{n}" for n in range(20000)]
+        started = time.monotonic()
+        self.assertEqual(source.select(listed), ["v1.2", "v1.3-rc1"])  # fullmatch
+        self.assertEqual(spec(".*.*a").sources[0].select(["b" * 128] * 2000), [])
+        self.assertLess(time.monotonic() - started, 2.0)
+        many = [f"1.{n}.0" for n in range(1001)]
+        with self.assertRaisesRegex(oc.OciCacheError, "1001 tags match '>=1', more than 1000"):
+            oc.parse_sync_spec({"target": "oci:x", "images": [
+                {"source": "a/b", "tags": {"semver": ">=1"}}]}).sources[0].select(many)
+        self.assertEqual(len(spec(r"1\.[0-9]+\.0").sources[0].select(many[:1000])), 1000)
+
+    def test_bad_sync_files_name_the_field(self) -> None:
+        good = {"source": "127.0.0.1:5000/a/b", "tags": ["1"]}
+        for obj, fragment in [
+                ([], "not a JSON object"),
+                ({"target": "oci:x", "images": [good], "extra": 1}, "extra: unknown key"),
+                ({"images": [good]}, "target: missing"),
+                ({"target": "mirror", "images": [good]}, "target: 'mirror' is not a registry"),
+                ({"target": "oci-archive:x.tar", "images": [good]}, "target: an archive"),
+                ({"target": "oci:", "images": [good]}, "target: name a directory"),
+                ({"target": "oci:dir:tag", "images": [good]}, "target: 'oci:dir:tag': oci:DIR "
+                                                              "takes no :TAG"),
+                ({"target": "oci:x"}, "images: missing"),
+                ({"target": "oci:x", "images": []}, "images: missing"),
+                ({"target": "oci:x", "images": [5]}, r"images\[0\]: not an object"),
+                ({"target": "oci:x", "images": [{**good, "tag": "1"}]},
+                 r"images\[0\]\.tag: unknown key"),
+                ({"target": "oci:x", "images": [{"tags": ["1"]}]}, r"images\[0\]\.source: missing"),
+                ({"target": "oci:x", "images": [{**good, "source": "a/b:1"}]},
+                 r"images\[0\]\.source: 'a/b:1' names a tag"),
+                ({"target": "oci:x", "images": [{**good, "source": "A//b"}]},
+                 r"images\[0\]\.source: "),
+                ({"target": "oci:x", "images": [good, good]}, r"images\[1\]\.source: .* listed"),
+                ({"target": "oci:x", "images": [{**good, "tags": []}]},
+                 r"images\[0\]\.tags: a list"),
+                ({"target": "oci:x", "images": [{**good, "tags": ["a/b"]}]},
+                 r"images\[0\]\.tags: 'a/b' is not a valid tag"),
+                ({"target": "oci:x", "images": [{**good, "tags": {"regex": "a", "semver": "1"}}]},
+                 r"images\[0\]\.tags: a list of tags"),
+                ({"target": "oci:x", "images": [{**good, "tags": {"glob": "*"}}]},
+                 r"images\[0\]\.tags: a list of tags"),
+                ({"target": "oci:x", "images": [{**good, "tags": {"semver": ">=1 <"}}]},
+                 r"images\[0\]\.tags\.semver: bad semver range"),
+                ({"target": "oci:x", "images": [{**good, "tags": {"semver": 2}}]},
+                 r"images\[0\]\.tags\.semver: not a non-empty string"),
+                ({"target": "oci:x", "platforms": "linux/amd64", "images": [good]},
+                 'platforms: not "all"'),
+                ({"target": "oci:x", "images": [{**good, "platforms": ["linux/amd64", "a/b/c/d"]}]},
+                 r"images\[0\]\.platforms: .*invalid platform"),
+                ({"target": "oci:x", "images": [{**good, "platforms": [
+                    "linux/amd64,linux/arm64"]}]},
+                 r"images\[0\]\.platforms: not")]:
+            with self.subTest(obj):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, rf"^f: {fragment}") as caught:
+                    oc.parse_sync_spec(obj, "f")
+                self.assertEqual(line_problem(str(caught.exception)), "")
+        spec = oc.parse_sync_spec({"target": "docker://localhost:5000/m", "platforms": [
+            "linux/arm64/v8", "linux/amd64"], "images": [good, {"source": "alpine", "tags": {
+                "semver": ">=3"}, "platforms": "all"}]})
+        self.assertEqual(spec.target, "localhost:5000/m")
+        self.assertEqual([(s.repository.name, s.platforms) for s in spec.sources],
+                         [("127.0.0.1:5000/a/b", "linux/arm64/v8,linux/amd64"),
+                          ("docker.io/library/alpine", "all")])
+
+
+class TestSync(RegistryTestCase):
+    """sync FILE against real registries, into a registry prefix or an OCI layout."""
+
+    def sync_file(self, target: str, images: List[Dict[str, Any]], **extra: Any) -> str:
+        path = self.path(f"sync-{secrets.token_hex(3)}.json")
+        with open(path, "w") as f:
+            json.dump({"target": target, "images": images, **extra}, f)
+        return path
+
+    def sync(self, path: str, *args: str
+             ) -> Tuple[subprocess.CompletedProcess, List[Dict[str, Any]]]:
+        result = self.cli("sync", "--json", *args, path)
+        images = json.loads(result.stdout)["images"] if result.stdout else []
+        return result, images
+
+    def versions(self, registry: Registry, repository: str, tags: Sequence[str]
+                 ) -> Dict[str, ImageBlobs]:
+        images = {tag: make_image(f"{repository}-{tag}") for tag in tags}
+        for tag, image in images.items():
+            upload(registry.url, repository, image.blobs, [(tag, image.manifest)])
+        return images
+
+    def blob_requests(self, registry: Registry, since: int) -> List[Tuple[str, str, str]]:
+        self.settled(registry)
+        return [(e.method, e.uri, e.status) for e in registry.access_entries()[since:]
+                if "/blobs/" in e.uri]
+
+    def test_sync_to_a_registry_copies_only_what_changed(self) -> None:
+        source = self.start_registry()
+        images = self.versions(source, "test/app", ["1.0.0", "1.2.0", "1.3.0-rc.1", "v1.4",
+                                                    "2.0.0", "latest"])
+        amd, arm, _, index = self.multi_arch(source)
+        target = self.start_registry(auth=("htpasswd", {"alice": "wonder"}))
+        self.docker_config({"auths": {target.host: {"auth": basic("alice", "wonder")}}})
+        path = self.sync_file(f"{target.host}/mirror", [
+            {"source": f"{source.host}/test/app", "tags": {"semver": ">=1.2 <2"}},
+            {"source": f"{source.host}/test/multi", "tags": ["1"], "platforms": ["linux/arm64"]}])
+        before = self.settled(target)
+        result, dry = self.sync(path, "--dry-run")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual([(r["source"], r["status"]) for r in dry],
+                         [(f"{source.host}/test/app:1.2.0", "would copy"),
+                          (f"{source.host}/test/app:v1.4", "would copy"),
+                          (f"{source.host}/test/multi:1", "would copy")])
+        self.assertEqual(dry[0]["digest"], images["1.2.0"].manifest.digest)
+        self.settled(target)
+        self.assertFalse([e for e in target.access_entries()[before:] if e.method not in
+                          ("GET", "HEAD")], "a dry run writes nothing")
+        result, done = self.sync(path)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual([r["status"] for r in done], ["copied"] * 3)
+        self.assertEqual([r["target"] for r in done],
+                         [f"{target.host}/mirror/test/app:1.2.0",
+                          f"{target.host}/mirror/test/app:v1.4",
+                          f"{target.host}/mirror/test/multi:1"])
+        self.assertEqual(done[2]["digest"], dry[2]["digest"])  # the filtered index, foreseen
+        cache = self.provider()
+        self.assertEqual(sorted(cache.registry.list_tags(f"{target.host}/mirror/test/app")),
+                         ["1.2.0", "v1.4"])
+        data, _ = cache.registry.get_manifest(oc.Reference.parse(
+            f"{target.host}/mirror/test/multi@{done[2]['digest']}"))
+        self.assertEqual([m["digest"] for m in json.loads(data)["manifests"]
+                          if m["platform"]["architecture"] == "arm64"], [arm.manifest.digest])
+        # unchanged: no blob request anywhere, and the text report says so per image
+        marks = self.settled(source), self.settled(target)
+        text = self.cli("sync", path)
+        self.assertEqual(text.returncode, 0, text.stderr.decode())
+        self.assertEqual([line.split()[0] for line in text.stdout.decode().splitlines()],
+                         ["unchanged"] * 3)
+        self.assertEqual(self.blob_requests(source, marks[0]), [])
+        self.assertEqual(self.blob_requests(target, marks[1]), [])
+        # a tag moved at the source: only that image is copied again
+        moved = make_image("moved")
+        upload(source.url, "test/app", moved.blobs, [("v1.4", moved.manifest)])
+        result, again = self.sync(path)
+        self.assertEqual([r["status"] for r in again], ["unchanged", "copied", "unchanged"])
+        self.assertEqual(again[1]["digest"], moved.manifest.digest)
+        self.assertIn(f"copied {target.host}/mirror/test/app:v1.4 {moved.manifest.digest} (",
+                      result.stderr.decode())  # the progress line, as pull's
+
+    def test_sync_from_a_token_registry_by_regex(self) -> None:
+        issuer = TokenIssuer(users={"bob": "pw"}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        source = self.start_registry(auth=("token", issuer))
+        target = self.start_registry()
+        self.docker_config({"auths": {source.host: {"auth": basic("bob", "pw")}}})
+        pusher = self.provider()  # the registry takes pushes only with a token
+        for tag in ["v1.0", "v1.1", "v1.1-debug", "v2.0"]:
+            self.load_image(f"{source.host}/test/tok:{tag}", make_image(f"tok-{tag}"))
+            pusher.push(f"{source.host}/test/tok:{tag}")
+        path = self.sync_file(f"{target.host}/m", [
+            {"source": f"docker://{source.host}/test/tok", "tags": {"regex": r"v1\.[0-9]+"}}])
+        result, done = self.sync(path)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual([(r["source"].rsplit(":", 1)[1], r["status"]) for r in done],
+                         [("v1.0", "copied"), ("v1.1", "copied")])
+        self.assertEqual(sorted(self.provider().registry.list_tags(f"{target.host}/m/test/tok")),
+                         ["v1.0", "v1.1"])
+        again = self.provider().sync({"target": f"{target.host}/m", "images": [  # the API
+            {"source": f"{source.host}/test/tok", "tags": ["v1.1", "v2.0"]}]}, dry_run=True)
+        self.assertEqual([(r.target, r.status) for r in again],
+                         [(f"{target.host}/m/test/tok:v1.1", "unchanged"),
+                          (f"{target.host}/m/test/tok:v2.0", "would copy")])
+
+    def test_sync_to_an_oci_layout_read_by_skopeo_and_umoci(self) -> None:
+        source = self.start_registry()
+        images = self.versions(source, "test/one", ["1", "2"])
+        _, _, _, index = self.multi_arch(source)
+        layout = self.path("carry")
+        path = self.sync_file(f"oci:{layout}", [
+            {"source": f"{source.host}/test/one", "tags": ["1", "2"]},
+            {"source": f"{source.host}/test/multi", "tags": ["1"]}])
+        result, dry = self.sync(path, "--dry-run")
+        self.assertEqual([r["status"] for r in dry], ["would copy"] * 3, result.stderr.decode())
+        self.assertFalse(os.path.exists(layout))
+        result, done = self.sync(path)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual([r["target"] for r in done],
+                         [f"oci:{layout}:{source.host}/test/one:1",
+                          f"oci:{layout}:{source.host}/test/one:2",
+                          f"oci:{layout}:{source.host}/test/multi:1"])
+        for tag, image in images.items():
+            self.assertEqual(self.skopeo("inspect", "--raw",
+                                         f"oci:{layout}:{source.host}/test/one:{tag}").encode(),
+                             image.manifest.data)
+        self.assertEqual(self.skopeo("inspect", "--raw",
+                                     f"oci:{layout}:{source.host}/test/multi:1").encode(),
+                         index.data)
+        # copy adds an image to the layout sync wrote, keeping the others, and sync then
+        # leaves them all alone without a blob request
+        extra = make_image("extra")
+        upload(source.url, "test/extra", extra.blobs, [("1", extra.manifest)])
+        copied = self.cli("copy", "--json", f"{source.host}/test/extra:1", f"oci:{layout}:extra")
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        self.assertEqual(json.loads(copied.stdout)["images"][0]["digest"],
+                         extra.manifest.digest)
+        self.assertIn(f"copied oci:{layout}:extra", copied.stderr.decode())
+        names = [m["annotations"][oc.ANNOTATION_REF_NAME]
+                 for m in json.load(open(os.path.join(layout, "index.json")))["manifests"]]
+        self.assertEqual(sorted(names), sorted([f"{source.host}/test/one:1",
+                                                f"{source.host}/test/one:2",
+                                                f"{source.host}/test/multi:1", "extra"]))
+        umoci = require_tool(self, "umoci")
+        for name in ["extra", f"{source.host}/test/one:2"]:
+            stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:{name}"],
+                                    capture_output=True, timeout=60)
+            self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:extra").encode(),
+                         extra.manifest.data)
+        mark = self.settled(source)
+        result, again = self.sync(path)
+        self.assertEqual([r["status"] for r in again], ["unchanged"] * 3)
+        self.assertEqual(self.blob_requests(source, mark), [])
+        self.assertFalse([n for n in os.listdir(os.path.join(layout, "blobs", "sha256"))
+                          if oc._TEMP_MARK in n])
+
+    def test_a_layout_carried_across_is_imported_and_copied_inside(self) -> None:
+        outside = self.start_registry()
+        _, arm, _, _ = self.multi_arch(outside)
+        layout = self.path("carry")
+        path = self.sync_file(f"oci:{layout}", [
+            {"source": f"{outside.host}/test/multi", "tags": ["1"]}], platforms=["linux/arm64"])
+        result, done = self.sync(path)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        inside = self.start_registry()  # another machine: its own cache, the layout as a tar
+        outside.stop()
+        packed = subprocess.run(["tar", "-C", layout, "-cf", "-", "."], capture_output=True,
+                                check=True, timeout=60).stdout
+        other = self.path("inside-cache")
+        name = f"{outside.host}/test/multi:1"
+        imported = self.cli_in(other, "import", "-", input=packed)
+        self.assertEqual(imported.stdout.decode().split(), [name, done[0]["digest"]])
+        copied = self.cli_in(other, "copy", f"cache:{name}", f"{inside.host}/mirror/test/multi:1")
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        data, root = self.provider().registry.get_manifest(oc.Reference.parse(
+            f"{inside.host}/mirror/test/multi:1"))
+        self.assertEqual(str(root.digest), done[0]["digest"])
+        self.assertIn(arm.manifest.digest, [m["digest"] for m in json.loads(data)["manifests"]])
+
+    def cli_in(self, cache_dir: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, OCICACHE, "--cache", cache_dir, *args],
+                              input=input, capture_output=True, timeout=300, cwd=self.tmp)
+
+    def test_a_sync_failing_part_way_tags_nothing_of_that_image_and_does_the_others(self) -> None:
+        source = self.start_registry()
+        big = make_image("part", layer_files=[{"a": random.Random(3).randbytes(200_000)},
+                                              {"b": random.Random(4).randbytes(100_000)}],
+                         gzip_layers=False)
+        upload(source.url, "test/part", big.blobs, [("1", big.manifest)])
+        self.versions(source, "test/fine", ["1", "2"])
+        target = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", target.port)
+        self.addCleanup(proxy.stop)
+        second = big.layers[1].digest  # the smaller: sent after the first, with --jobs 1
+        proxy.add_fault("respond", method="PUT", match=f"digest={second.replace(':', '%3A')}",
+                        status=400, times=None)
+        path = self.sync_file(f"{proxy.host}/m", [
+            {"source": f"{source.host}/test/part", "tags": ["1"]},
+            {"source": f"{source.host}/test/fine", "tags": ["1", "2"]}])
+        result = self.cli("--jobs", "1", "sync", path)
+        self.assertEqual(result.returncode, 1)
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual([line.split()[0] for line in lines], ["failed", "copied", "copied"])
+        self.assertIn("400", lines[0])
+        self.assertEqual(result.stderr.decode().strip().splitlines()[-1],
+                         "ocicache: error: 1 of 3 images failed; a later sync copies only "
+                         "what is missing")
+        cache = self.provider()
+        self.assertEqual(sorted(cache.registry.list_tags(f"{target.host}/m/test/fine")), ["1", "2"])
+        with self.assertRaises(oc.RegistryError) as absent:
+            cache.registry.get_manifest(oc.Reference.parse(f"{target.host}/m/test/part:1"))
+        self.assertEqual(absent.exception.status, 404)
+        proxy.clear_faults()
+        mark = self.settled(target)
+        result, done = self.sync(path)
+        self.assertEqual([r["status"] for r in done], ["copied", "unchanged", "unchanged"])
+        sent = [uri for method, uri, _ in self.blob_requests(target, mark) if method == "PUT"]
+        self.assertEqual(len(sent), 1, sent)  # the first layer went up in the first run
+        self.assertIn(second.split(":")[1], sent[0])
+        self.assertEqual(cache.registry.get_manifest(oc.Reference.parse(
+            f"{target.host}/m/test/part:1"))[0], big.manifest.data)
+
+    def test_a_layout_sync_failing_part_way_lists_only_whole_images(self) -> None:
+        source = self.start_registry()
+        broken = make_image("broken")
+        upload(source.url, "test/broken", broken.blobs, [("1", broken.manifest)])
+        fine = self.versions(source, "test/fine", ["1"])
+        upstream = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(upstream.stop)
+        upstream.add_fault("respond", method="GET", match=f"/blobs/{broken.layers[0].digest}",
+                           status=404, times=None)
+        layout = self.path("layout")
+        path = self.sync_file(f"oci:{layout}", [
+            {"source": f"{upstream.host}/test/fine", "tags": ["1", "nope"]},
+            {"source": f"{upstream.host}/test/broken", "tags": ["1"]}])
+        result, done = self.sync(path)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual([r["status"] for r in done], ["copied", "failed", "failed"])
+        self.assertEqual(line_problem(done[2]["error"]), "")
+        self.assertEqual([m["digest"] for m in json.load(open(os.path.join(layout, "index.json")))
+                          ["manifests"]], [fine["1"].manifest.digest])
+        self.assertEqual(self.skopeo("inspect", "--raw",
+                                     f"oci:{layout}:{upstream.host}/test/fine:1").encode(),
+                         fine["1"].manifest.data)
+
+    def test_copy_draws_progress_on_a_terminal_as_pull_does(self) -> None:
+        import pty
+        source = self.start_registry()
+        image = make_image("tty", layer_files=[{"a": random.Random(8).randbytes(300_000)}],
+                           gzip_layers=False)
+        upload(source.url, "test/tty", image.blobs, [("1", image.manifest)])
+        target = self.start_registry()
+        leader, follower = pty.openpty()
+        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "copy",
+                                    f"{source.host}/test/tty:1", f"{target.host}/test/tty:1"],
+                                   stdin=follower, stdout=subprocess.DEVNULL, stderr=follower,
+                                   cwd=self.tmp)
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(leader)
+        self.assertEqual(process.wait(60), 0, output)
+        text = output.decode(errors="replace")
+        self.assertIn("/s ETA", text)
+        self.assertIn("\x1b[K", text)
+        self.assertIn(f"copied {target.host}/test/tty:1 {image.manifest.digest}", text)
+
+    def test_bad_sync_invocations_are_one_line_and_write_nothing(self) -> None:
+        bad = self.path("bad.json")
+        with open(bad, "w") as f:
+            json.dump({"target": "oci:x", "images": [{"source": "a/b",
+                                                       "tags": {"regex": "(a+)+"}}]}, f)
+        notjson = self.path("notjson.json")
+        with open(notjson, "w") as f:
+            f.write("{")
+        os.mkdir(self.path("notlayout"))
+        with open(self.path("notlayout", "f"), "w"):
+            pass
+        elsewhere = self.sync_file(f"oci:{self.path('notlayout')}",
+                                   [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
+        nodir = self.sync_file(f"oci:{self.path('no', 'dir')}",
+                               [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
+        os.mkdir(self.path("broken"))
+        for name, content in [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+                              ("index.json", b'{"manifests": 5}')]:
+            with open(self.path("broken", name), "wb") as f:
+                f.write(content)
+        broken = self.sync_file(f"oci:{self.path('broken')}",
+                                [{"source": "127.0.0.1:1/a/b", "tags": ["1"]}])
+        before = sorted(os.listdir(self.tmp))
+        for args, fragment in [([bad], "images[0].tags.regex: regex '(a+)+' repeats"),
+                               ([notjson], "not JSON"), ([self.path("absent.json")], "absent.json"),
+                               ([elsewhere], "not an OCI layout"), ([nodir], "is not a directory"),
+                               ([broken], "index.json")]:
+            with self.subTest(args):
+                self.assert_one_line_error(self.cli("sync", *args), fragment)
+        self.assert_one_line_error(self.cli("sync", "-", stdin=b'{"target": "oci:x", "images": '
+                                                              b'[], "x": 1}'),
+                                   "standard input: x: unknown key")
+        self.assertEqual(sorted(os.listdir(self.tmp)), before)
+        self.assertEqual(os.listdir(self.path("notlayout")), ["f"])
+        result = self.cli("sync", "--help")
+        self.assertIn('{"semver": "RANGE"}', result.stdout.decode())
+        self.assertIn("example: ocicache sync", result.stdout.decode())
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        self.assertRegex(readme, r"\n\| `sync [^\n]*Example: `ocicache sync ")
+        example = re.search(r"### Mirroring for an air gap.*?```json\n(.*?)```", readme, re.S)
+        assert example is not None, "README lost its sync file example"
+        self.assertEqual(len(oc.parse_sync_spec(json.loads(example.group(1))).sources), 3)
+
 
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
