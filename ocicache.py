@@ -63,6 +63,8 @@ __all__ = [
     "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
     "erase_credentials", "TransportOptions",
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors", "parse_copy_location",
+    "MAX_REFERRERS", "referrers_tag", "referrer_descriptor", "parse_referrers", "with_referrer",
+    "ReferrerList",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
     "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
@@ -1189,6 +1191,93 @@ def merge_remote_index(local: Index, remote: Index) -> Index:
                 child.annotations.get(ANNOTATION_REFERENCE_DIGEST, "") in digests:
             merged.append(child)
     return without_dangling_attestations(_replace(local, manifests=tuple(merged)))
+
+
+# -- referrers (OCI 1.1) ----------------------------------------------------------------
+#
+# A referrer is a manifest whose ``subject`` names another manifest: a signature, an
+# SBOM, an attestation attached to an image after the fact. A registry with the
+# referrers API lists them (``GET /v2/<repo>/referrers/<digest>``, an index of their
+# descriptors); one without it (distribution 2.8, Docker Hub, GHCR) is given the same
+# index by the clients themselves, under the tag ``<algorithm>-<hex>`` of the subject
+# (the distribution spec's "referrers tag schema", which oras, regclient and cosign
+# write and read).
+
+MAX_REFERRERS = 10_000  # descriptors one subject's list may hold, over every page
+
+
+def referrers_tag(digest: Union[str, Digest]) -> str:
+    """The fallback tag listing ``digest``'s referrers: ``sha256-<hex>`` (the algorithm
+    cut to 32 characters and the hex to 64, as the spec says, so the tag is valid)."""
+    parsed = Digest.parse(digest)
+    return f"{parsed.algorithm[:32]}-{parsed.hex[:64]}"
+
+
+def _document_subject(obj: Mapping[str, Any]) -> Optional[Descriptor]:
+    subject = obj.get("subject")
+    return Descriptor.from_json(subject) if isinstance(subject, dict) else None
+
+
+def referrer_descriptor(data: bytes, media_type: str, what: str = "referrer"
+                        ) -> Tuple[Descriptor, Optional[Descriptor]]:
+    """A manifest (or index) as a referrers list holds it, and its subject (None when
+    it has none). The list's entry carries the document's ``artifactType`` (for an
+    image manifest without one, its config's media type) and its annotations, as the
+    spec asks, so that a client can filter without fetching each referrer."""
+    obj = _load_json_object(data, what)
+    kind = str(obj.get("mediaType") or media_type)
+    artifact_type = obj.get("artifactType")
+    if not isinstance(artifact_type, str) or not artifact_type:
+        config = obj.get("config")
+        artifact_type = str(config.get("mediaType") or "") \
+            if isinstance(config, dict) and kind not in INDEX_MEDIA_TYPES else ""
+    annotations = obj.get("annotations")
+    if not isinstance(annotations, dict) or not all(
+            isinstance(v, str) for v in annotations.values()):
+        annotations = {}
+    descriptor = Descriptor(kind, Digest.from_bytes(data), len(data),
+                            annotations=annotations, artifact_type=artifact_type)
+    return descriptor, _document_subject(obj)
+
+
+def parse_referrers(data: bytes, what: str) -> List[Descriptor]:
+    """The descriptors of a referrers list (the API's answer or the fallback tag's
+    index): it must be an index, each entry a valid descriptor; each digest once."""
+    obj = _load_json_object(data, what)
+    declared = obj.get("mediaType")
+    if (declared and declared not in INDEX_MEDIA_TYPES) or \
+            not isinstance(obj.get("manifests"), list):
+        kind = declared if isinstance(declared, str) and declared else \
+            "a manifest" if "config" in obj or "layers" in obj else "no index"
+        raise OciCacheError(f"{what} is {_shorten(_one_line(str(kind)))}, not an index of "
+                            "referrers")
+    entries = obj["manifests"]
+    if len(entries) > MAX_REFERRERS:
+        raise OciCacheError(f"{what} lists {len(entries)} referrers, more than "
+                            f"{MAX_REFERRERS}")
+    found: Dict[Digest, Descriptor] = {}
+    for number, entry in enumerate(entries, 1):
+        try:
+            descriptor = Descriptor.from_json(entry)
+        except OciCacheError as e:
+            raise OciCacheError(f"{what}: entry {number} is not a valid descriptor: "
+                                f"{_shorten(_one_line(str(e)), 160)}") from None
+        found.setdefault(descriptor.digest, descriptor)
+    return list(found.values())
+
+
+def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) -> Optional[bytes]:
+    """The fallback tag's index with ``referrer`` added (read-modify-write: every entry
+    already there is kept, as written); None when it lists it already."""
+    if existing is None:
+        return Index(MEDIA_OCI_INDEX, (referrer,)).to_bytes()
+    listed = parse_referrers(existing, what)
+    if any(d.digest == referrer.digest for d in listed):
+        return None
+    obj = _load_json_object(existing, what)
+    obj["manifests"] = [*obj["manifests"], referrer.to_json()]
+    obj.setdefault("mediaType", MEDIA_OCI_INDEX)
+    return _json_bytes(obj, separators=(",", ":"))
 
 
 # =====================================================================================
@@ -4155,23 +4244,13 @@ class RegistryClient:
         absolute and as written (Quay's ``next_page`` tokens are in it), but only on the
         registry's own host; entries that are not tags (the nulls and digests that
         Artifactory and Nexus list) are left out."""
-        import urllib.parse
         wanted = Reference.parse(ref)
         endpoint = self.endpoint(wanted, use_mirrors=False)  # a mirror lists its own tags
         what = f"list the tags of {wanted.name}"
         url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
         tags: Dict[str, None] = {}
-        fetched: set = set()
         skipped = 0
-        while True:
-            fetched.add(url)
-            response = self.request(endpoint, "GET", "", url=url, what=what)
-            try:
-                data = response.body(MAX_MANIFEST_SIZE)
-            except (OSError, _http_client.HTTPException) as e:
-                response.close(reuse=False)
-                raise _connection_error(endpoint.host, e) from None
-            response.close()
+        for data, _ in self._pages(endpoint, url, what, (200,)):
             page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
             entries = page.get("tags") if isinstance(page, dict) else ()
             if not isinstance(entries, list) and entries is not None:
@@ -4182,9 +4261,40 @@ class RegistryClient:
                     tags.setdefault(entry)
                 else:
                     skipped += 1
+        if skipped:
+            _log().debug("%s listed %d entries that are not tags; left out", endpoint.host,
+                         skipped)
+        return list(tags)
+
+    def _pages(self, endpoint: _Endpoint, url: str, what: str, ok: Sequence[int],
+               headers: Optional[Mapping[str, str]] = None
+               ) -> Iterator[Tuple[bytes, _Response]]:
+        """Each page of a paged list (tags, referrers): its body (bounded) and response,
+        the next one named by the ``Link`` header, relative or absolute and as written,
+        followed only on the registry's own host and never twice. A first answer outside
+        200 (one of ``ok``) is yielded with an empty body, and ends the list."""
+        import urllib.parse
+        fetched: set = set()
+        while True:
+            fetched.add(url)
+            response = self.request(endpoint, "GET", "", url=url, what=what, ok=ok,
+                                    headers=headers)
+            if response.status != 200:
+                response.close()
+                yield b"", response
+                return
+            try:
+                data = response.body(MAX_MANIFEST_SIZE)
+            except (OSError, _http_client.HTTPException) as e:
+                response.close(reuse=False)
+                raise _connection_error(endpoint.host, e) from None
+            except OciCacheError as e:
+                raise RegistryError(f"{what}: {e}") from None
+            response.close()
+            yield data, response
             link = _next_link(response.headers.get("Link", ""))
             if not link:
-                break
+                return
             following = urllib.parse.urljoin(response.url, link)
             shown = _shorten(_one_line(_without_userinfo(following)))
             if not _may_send_credentials(following, self._origin(endpoint)):
@@ -4194,11 +4304,69 @@ class RegistryClient:
             if following in fetched or len(fetched) >= _MAX_TAG_PAGES:
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown} "
                                     f"after {len(fetched)} pages; the list does not end")
-            url = following
-        if skipped:
-            _log().debug("%s listed %d entries that are not tags; left out", endpoint.host,
-                         skipped)
-        return list(tags)
+            url, ok = following, (200,)
+
+    def referrers(self, ref: Union[str, Reference], artifact_type: str = ""
+                  ) -> Tuple[List[Descriptor], str]:
+        """What refers to the manifest ``ref`` pins by digest: the descriptors of its
+        referrers, and where the list came from (``"api"``, or the fallback tag).
+
+        The referrers API is asked first (every page, by ``Link``); a registry without
+        it answers 404, and the index under the fallback tag ``sha256-<hex>`` is read
+        instead (no such tag: no referrers). With ``artifact_type`` only referrers of
+        that type are returned, filtered here when the registry did not say it applied
+        the filter (``OCI-Filters-Applied``). A list that is not an index, holds a bad
+        descriptor or more than MAX_REFERRERS entries is an error."""
+        import urllib.parse
+        wanted = Reference.parse(ref)
+        if wanted.digest is None:
+            raise OciCacheError(f"referrers of {wanted}: name the manifest by its digest")
+        endpoint = self.endpoint(wanted, use_mirrors=False)  # a mirror has its own tags
+        what = f"list the referrers of {wanted.name}@{wanted.digest}"
+        url = f"{endpoint.base}/v2/{endpoint.repository}/referrers/{wanted.digest}"
+        if artifact_type:
+            url += "?artifactType=" + urllib.parse.quote(artifact_type, safe="")
+        found: Dict[Digest, Descriptor] = {}
+        filtered = True
+        source = "api"
+        for data, response in self._pages(endpoint, url, what, (200, 404),
+                                          {"Accept": MEDIA_OCI_INDEX}):
+            if response.status == 404:
+                source = referrers_tag(wanted.digest)
+                tagged = self.remote_manifest(endpoint, source)
+                if tagged is None:
+                    return [], source
+                data, filtered = tagged[0], False
+            applied = response.headers.get("OCI-Filters-Applied", "") if source == "api" else ""
+            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+            where = f"{endpoint.host}'s referrers list of {wanted.name}@{wanted.digest}" \
+                if source == "api" else f"{endpoint.host}'s fallback tag {wanted.name}:{source}"
+            for descriptor in parse_referrers(data, where):
+                found.setdefault(descriptor.digest, descriptor)
+            if len(found) > MAX_REFERRERS:
+                raise RegistryError(f"{what}: {endpoint.host} lists more than {MAX_REFERRERS} "
+                                    "referrers")
+        listed = list(found.values())
+        if artifact_type and not filtered:
+            listed = [d for d in listed if d.artifact_type == artifact_type]
+        return listed, source
+
+    def add_referrer(self, endpoint: _Endpoint, subject: Digest, referrer: Descriptor) -> bool:
+        """List ``referrer`` in the fallback tag of ``subject`` at ``endpoint``, for a
+        registry without the referrers API: the tag's index is read, the entry added
+        (every other entry kept), and the index put back; False when it was there
+        already. Two clients doing this at once can lose one entry (distribution has no
+        conditional PUT); running the push again puts it back."""
+        tag = referrers_tag(subject)
+        what = f"{endpoint.host}'s fallback tag {endpoint.repository}:{tag}"
+        existing = self.remote_manifest(endpoint, tag, "pull,push")
+        if existing is not None and existing[1].media_type not in INDEX_MEDIA_TYPES | {""}:
+            parse_referrers(existing[0], what)  # says what it is instead
+        updated = with_referrer(existing[0] if existing is not None else None, referrer, what)
+        if updated is None:
+            return False
+        self.put_manifest(endpoint, tag, updated, MEDIA_OCI_INDEX)
+        return True
 
     def check_credentials(self, registry: str, username: str, password: str) -> bool:
         """Whether ``registry`` takes this user name and password: a GET of ``/v2/``
@@ -4287,11 +4455,14 @@ class RegistryClient:
         return data, Descriptor(media_type, Digest.from_bytes(data), len(data))
 
     def put_manifest(self, endpoint: _Endpoint, reference: str, data: bytes,
-                     media_type: str) -> None:
+                     media_type: str) -> Mapping[str, str]:
+        """PUT a manifest; the response's headers (``OCI-Subject`` says the registry
+        keeps the referrers list of the manifest's subject itself)."""
         response = self.request(endpoint, "PUT", f"manifests/{reference}", "pull,push",
                                 headers={"Content-Type": media_type}, body=data, ok=(201, 200),
                                 what=f"push {endpoint.host}/{endpoint.repository}:{reference}")
         response.close()
+        return response.headers
 
     def upload_blob(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
                     mount_from: Sequence[str] = ()) -> str:
@@ -7887,6 +8058,19 @@ class Provider(CacheProvider):
                 f"image {wanted_ref} has no {wanted}; it is {declared.platform}")
         return declared
 
+    def referrers(self, ref: RefLike, artifact_type: str = "", architecture: str = ""
+                  ) -> "ReferrerList":
+        """What refers to ``ref`` in its registry (``RegistryClient.referrers``: the
+        referrers API, else the fallback tag): of the manifest or index the name
+        resolves to, or with ``architecture`` of that platform's image (an index's
+        child). Only referrers of ``artifact_type`` when it is given. The cache is
+        neither read nor written."""
+        wanted = Reference.parse(ref)
+        subject = self.remote_digest(wanted, architecture)
+        pinned = Reference(wanted.registry, wanted.repository, None, subject.digest)
+        listed, source = self.registry.referrers(pinned, artifact_type)
+        return ReferrerList(pinned, subject, tuple(listed), source)
+
     def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
              override: bool = False) -> None:
         """Push a cached image or index to a registry, as linuxkit's cache push does.
@@ -7913,6 +8097,7 @@ class Provider(CacheProvider):
             return
         if existing is not None and existing[1].digest == root.digest:
             _log().info("%s is already in the registry", remote)
+            self._list_referrer(endpoint, remote, existing[0], existing[1].media_type, None)
             return
         data = self.layout.read_blob(root.digest)
         children: List[Descriptor] = []
@@ -7939,8 +8124,9 @@ class Provider(CacheProvider):
         self._push_manifests(local, endpoint, to_push)
         media_type = str(_load_json_object(data, f"index of {local}").get("mediaType") or
                          root.media_type)  # the body's own type: root entries may differ
-        self.registry.put_manifest(endpoint, tag, data, media_type)
+        headers = self.registry.put_manifest(endpoint, tag, data, media_type)
         _log().info("pushed %s as %s", local, remote)
+        self._list_referrer(endpoint, remote, data, media_type, headers)
         if with_manifest and root.is_index and remote.tag:
             for child, suffix in _arch_tags(children):
                 if self.layout.has_blob(child.digest):
@@ -7951,6 +8137,27 @@ class Provider(CacheProvider):
                     self.registry.put_manifest(endpoint, f"{remote.tag}-{suffix}",
                                                self.layout.read_blob(child.digest),
                                                self.layout.believed(child).media_type)
+
+    def _list_referrer(self, endpoint: _Endpoint, remote: Reference, data: bytes,
+                       media_type: str, headers: Optional[Mapping[str, str]]) -> None:
+        """After a manifest with a ``subject`` went up: list it in the subject's fallback
+        tag, unless the registry keeps referrers itself, which it says with the
+        ``OCI-Subject`` header of the PUT (``headers``; None when nothing was put, and
+        the referrers API is asked instead)."""
+        descriptor, subject = referrer_descriptor(data, media_type, f"manifest of {remote}")
+        if subject is None:
+            return
+        if headers is not None and headers.get("OCI-Subject"):
+            return
+        if headers is None:
+            _, source = self.registry.referrers(
+                Reference(remote.registry, remote.repository, None, subject.digest))
+            if source == "api":
+                return
+        if self.registry.add_referrer(endpoint, subject.digest, descriptor):
+            _log().info("listed %s in %s:%s, the referrers of %s (the registry has no "
+                        "referrers API)", descriptor.digest, remote.name,
+                        referrers_tag(subject.digest), subject.digest)
 
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
@@ -8333,6 +8540,22 @@ class Provider(CacheProvider):
             _log().debug("not saving the blob locations in %s: %s", self.root, e)
             return
         self._saved_locations = merged
+
+
+@_value_type
+class ReferrerList:
+    """The referrers of one manifest: ``subject`` (pinned by digest) and its
+    descriptor, the referrers' descriptors, and ``source``: ``"api"`` (the registry's
+    referrers API) or the fallback tag they were read from (``sha256-<hex>``)."""
+
+    name: Reference
+    subject: Descriptor
+    referrers: Tuple[Descriptor, ...]
+    source: str
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": str(self.name), "subject": self.subject.to_json(),
+                "source": self.source, "referrers": [r.to_json() for r in self.referrers]}
 
 
 @_value_type
@@ -9273,6 +9496,36 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="print the descriptor (name, digest, mediaType, size, platform)")
         p.set_defaults(run=_cmd_digest)
 
+    p = commands.add_parser("referrers", help="list what refers to an image in its registry "
+                                              "(signatures, SBOMs, attestations)",
+                            description="Print the referrers of NAME (OCI 1.1: manifests "
+                                        "whose 'subject' is NAME's manifest or index), one "
+                                        "a line: digest, artifact type, size. The "
+                                        "registry's referrers API is asked (every page); a "
+                                        "registry without it (distribution 2, Docker Hub, "
+                                        "GHCR) is read through the fallback tag "
+                                        "sha256-<hex> that oras, regclient and cosign "
+                                        "write. NAME may be a tag or a digest; for a "
+                                        "multi-platform image the referrers of the index "
+                                        "are listed, and --platform lists those of one "
+                                        "platform's image instead. The cache is not used.",
+                            epilog="example: ocicache referrers --artifact-type "
+                                   "application/spdx+json ghcr.io/o/app:1")
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--artifact-type", metavar="TYPE", default="",
+                       help="only referrers of this artifact type, e.g. "
+                            "application/vnd.dev.sigstore.bundle.v0.3+json")
+        p.add_argument("--platform", metavar="P", default="",
+                       help="os/arch[/variant]: the referrers of that platform's image (an "
+                            "index's child) instead of the index's")
+        p.add_argument("--json", action="store_true",
+                       help='print {"name", "subject", "source", "referrers": [descriptors]}, '
+                            'source being "api" or the fallback tag read')
+        p.set_defaults(run=_cmd_referrers)
+
     p = commands.add_parser("login", help="check and store credentials for a registry",
                             description="Check a user name and password against REGISTRY "
                                         "(a request to its /v2/ with them, through its "
@@ -9665,6 +9918,18 @@ def _cmd_digest(provider: Provider, args: argparse.Namespace) -> int:
         print()
         return 0
     print(descriptor.digest)
+    return 0
+
+
+def _cmd_referrers(provider: Provider, args: argparse.Namespace) -> int:
+    found = provider.referrers(args.name, args.artifact_type, args.platform)
+    if args.json:
+        json.dump(found.to_json(), sys.stdout, indent=2)
+        print()
+        return 0
+    for referrer in found.referrers:
+        print(f"{referrer.digest} {_printable(referrer.artifact_type or referrer.media_type)} "
+              f"{referrer.size}")
     return 0
 
 

@@ -6545,6 +6545,198 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         self.assertEqual(os.listdir(store), [])
 
 
+def make_referrer(subject: Blob, artifact_type: str, payload: bytes,
+                  layer_type: str = "application/octet-stream",
+                  annotations: Optional[Dict[str, str]] = None) -> Tuple[Blob, List[Blob]]:
+    """An OCI 1.1 artifact (empty config, one layer) whose ``subject`` is ``subject``, as
+    oras attach and cosign write: (manifest, every blob)."""
+    empty = Blob("application/vnd.oci.empty.v1+json", b"{}")
+    layer = Blob(layer_type, payload)
+    manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "artifactType": artifact_type,
+        "config": empty.descriptor(), "layers": [layer.descriptor()],
+        "subject": subject.descriptor(),
+        **({"annotations": annotations} if annotations else {})}).encode())
+    return manifest, [empty, layer, manifest]
+
+
+class ReferrersProxy(PagingProxy):
+    """A registry with the referrers API: a proxy in front of a real distribution 2.8
+    (which has none) that passes every request through, remembers each manifest put
+    with a ``subject`` (answering its PUT with ``OCI-Subject``, as such a registry does),
+    and answers ``GET /v2/<repo>/referrers/<digest>`` from the manifests the real
+    registry holds under those digests, ``page`` to a page (``Link``), filtered by
+    ``artifactType`` with ``OCI-Filters-Applied`` when ``filters``. ``quirk`` may answer
+    a request instead (a hostile registry's lie)."""
+
+    def __init__(self, registry: Registry, page: int = 2, filters: bool = True,
+                 quirk: Optional[Callable[[Request], Optional[Answer]]] = None) -> None:
+        super().__init__(registry, page=page)
+        self.filters, self.quirk = filters, quirk
+        self.subjects: Dict[Tuple[str, str], List[str]] = {}
+
+    def answer(self, request: Request) -> Answer:
+        if self.quirk is not None:
+            lie = self.quirk(request)
+            if lie is not None:
+                return lie
+        path, _, query = request.target.partition("?")
+        if "/referrers/" in path:
+            return self.referrers(path, dict(urllib.parse.parse_qsl(query)))
+        answer = self.forward(request, request.target)
+        if request.method == "PUT" and "/manifests/" in path and answer.status == 201:
+            document = json.loads(request.body)
+            if isinstance(document.get("subject"), dict):
+                repository = path[4:path.index("/manifests/")]
+                subject = document["subject"]["digest"]
+                self.subjects.setdefault((repository, subject), []).append(sha256(request.body))
+                answer.headers = [*answer.headers, ("OCI-Subject", subject)]
+        return answer
+
+    def referrers(self, path: str, params: Dict[str, str]) -> Answer:
+        repository, _, subject = path[4:].partition("/referrers/")
+        entries = []
+        for digest in dict.fromkeys(self.subjects.get((repository, subject), [])):
+            held = self.forward(Request("GET", f"/v2/{repository}/manifests/{digest}",
+                                        {"accept": oc.MEDIA_OCI_MANIFEST}, b"", 0),
+                                f"/v2/{repository}/manifests/{digest}")
+            if held.status != 200:
+                continue
+            document = json.loads(held.body)
+            entries.append({"mediaType": document["mediaType"], "digest": digest,
+                            "size": len(held.body),
+                            "artifactType": document.get("artifactType") or
+                            document["config"]["mediaType"],
+                            **({"annotations": document["annotations"]}
+                               if document.get("annotations") else {})})
+        headers: List[Tuple[str, str]] = [("Content-Type", oc.MEDIA_OCI_INDEX)]
+        if self.filters and params.get("artifactType"):
+            entries = [e for e in entries if e["artifactType"] == params["artifactType"]]
+            headers.append(("OCI-Filters-Applied", "artifactType"))
+        start = int(params.get("_start", 0))
+        if start + self.page < len(entries):
+            rest = {**params, "_start": str(start + self.page)}
+            headers.append(("Link", f'<{path}?{urllib.parse.urlencode(rest)}>; rel="next"'))
+        return Answer(200, headers, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+            "manifests": entries[start:start + self.page]}).encode())
+
+
+REGCLIENT_TESTREPO = os.path.join(HERE, "..", "shared", "fixtures", "regclient", "testrepo")
+
+
+class TestReferrers(LoopbackOnly, RegistryTestCase):
+    """OCI 1.1 referrers: listing (API and fallback tag), push with subject, and the
+    hostile answers."""
+
+    def test_help_teaches_with_an_example(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        result = self.cli("referrers", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("usage: ocicache referrers", result.stdout.decode())
+        self.assertIn("example: ", result.stdout.decode())
+        self.assertRegex(readme, r"\n\| `referrers [^\n]*Example: `[^\n]*ocicache referrers ")
+
+    def test_the_fallback_tag_name(self) -> None:
+        self.assertEqual(oc.referrers_tag("sha256:" + "ab" * 32), "sha256-" + "ab" * 32)
+
+    def attached(self, registry: Registry, repository: str = "test/app"
+                 ) -> Tuple[ImageBlobs, List[Tuple[Blob, List[Blob]]]]:
+        """An image in ``repository`` and, in the cache, a signature and an SPDX SBOM
+        referring to it (named <repo>:sig and <repo>:sbom), not yet pushed."""
+        image = make_image("referred")
+        upload(registry.url, repository, image.blobs, [("1", image.manifest)])
+        made = [make_referrer(image.manifest, "application/vnd.dev.cosign.artifact.sig.v1+json",
+                              b"signature", annotations={"org.example": "sig"}),
+                make_referrer(image.manifest, "application/spdx+json",
+                              b'{"spdxVersion":"SPDX-2.3"}', "application/spdx+json")]
+        for (manifest, blobs), tag in zip(made, ("sig", "sbom")):
+            self.load(oci_archive([(manifest.descriptor(),
+                                    named(f"{registry.host}/{repository}:{tag}"))], blobs))
+        return image, made
+
+    def fallback_index(self, registry: Registry, repository: str, subject: str) -> Dict[str, Any]:
+        tag = "sha256-" + subject.split(":")[1]
+        request = urllib.request.Request(f"{registry.url}/v2/{repository}/manifests/{tag}",
+                                         headers={"Accept": oc.MEDIA_OCI_INDEX})
+        with urllib.request.urlopen(request) as response:
+            return json.loads(response.read())
+
+    def test_push_with_subject_updates_the_fallback_tag(self) -> None:
+        registry = self.start_registry()
+        image, made = self.attached(registry)
+        cache = self.provider()
+        # Another tool's entry (distribution wants the manifests it lists to exist).
+        other, other_blobs = make_referrer(image.manifest, "application/example", b"other")
+        foreign = other.descriptor(artifactType="application/example", **{"x-kept": True})
+        upload(registry.url, "test/app", other_blobs, [(other.digest, other), (
+            f"sha256-{image.manifest.digest[7:]}", Blob(
+            oc.MEDIA_OCI_INDEX, json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                                            "manifests": [foreign]}).encode()))])
+        cache.push(f"{registry.host}/test/app:sig")
+        cache.push(f"{registry.host}/test/app:sbom")
+        listed = self.fallback_index(registry, "test/app", image.manifest.digest)
+        self.assertEqual([m["digest"] for m in listed["manifests"]],
+                         [foreign["digest"], made[0][0].digest, made[1][0].digest])
+        self.assertEqual(listed["manifests"][0], foreign)  # kept as written
+        self.assertEqual(listed["manifests"][1]["artifactType"],
+                         "application/vnd.dev.cosign.artifact.sig.v1+json")
+        self.assertEqual(listed["manifests"][1]["annotations"], {"org.example": "sig"})
+        before = self.settled(registry)
+        cache.push(f"{registry.host}/test/app:sig", override=True)  # again: nothing new
+        puts = [p for m, p in registry.requests()[before:] if m == "PUT"]
+        self.assertEqual(puts, [])
+        self.assertEqual(self.fallback_index(registry, "test/app", image.manifest.digest),
+                         listed)
+        result = self.cli("referrers", "--json", f"{registry.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = json.loads(result.stdout)
+        self.assertEqual(found["source"], f"sha256-{image.manifest.digest[7:]}")
+        self.assertEqual(found["subject"]["digest"], image.manifest.digest)
+        self.assertEqual(found["name"], f"{registry.host}/test/app@{image.manifest.digest}")
+        self.assertEqual([r["digest"] for r in found["referrers"]],
+                         [m["digest"] for m in listed["manifests"]])
+        result = self.cli("referrers", "--artifact-type", "application/spdx+json",
+                          f"{registry.host}/test/app@{image.manifest.digest}")
+        self.assertEqual(result.stdout.decode(), f"{made[1][0].digest} application/spdx+json "
+                                                 f"{len(made[1][0].data)}\n", result.stderr)
+        result = self.cli("referrers", f"{registry.host}/test/app:nothing-here")
+        self.assert_one_line_error(result, "nothing-here", "404")
+
+    def test_no_fallback_tag_means_no_referrers(self) -> None:
+        registry = self.start_registry()
+        image = make_image("lonely")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        result = self.cli("referrers", f"{registry.host}/test/app:1")
+        self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
+
+    def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
+        registry = self.start_registry()
+        proxy = ReferrersProxy(registry, page=1)
+        self.addCleanup(proxy.stop)
+        image, made = self.attached(proxy)  # type: ignore[arg-type]
+        cache = self.provider()
+        cache.push(f"{proxy.host}/test/app:sig")
+        cache.push(f"{proxy.host}/test/app:sbom")
+        tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/test/app/tags/list").read())
+        self.assertEqual(sorted(tags["tags"]), ["1", "sbom", "sig"])  # no sha256-<hex>
+        found = cache.referrers(f"{proxy.host}/test/app:1")
+        self.assertEqual(found.source, "api")
+        self.assertEqual([r.digest for r in found.referrers],
+                         [oc.Digest.parse(m.digest) for m, _ in made])  # two pages
+        pages = [r.target for r in proxy.server.requests if "/referrers/" in r.target]
+        self.assertEqual(len(pages), 2, pages)
+        self.assertEqual([r.artifact_type for r in cache.referrers(
+            f"{proxy.host}/test/app:1", "application/spdx+json").referrers],
+            ["application/spdx+json"])
+        # A registry that ignores the filter (no OCI-Filters-Applied) is filtered here.
+        proxy.filters = False
+        self.assertEqual([r.artifact_type for r in cache.referrers(
+            f"{proxy.host}/test/app:1", "application/spdx+json").referrers],
+            ["application/spdx+json"])
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
