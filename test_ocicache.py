@@ -6711,6 +6711,132 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         result = self.cli("referrers", f"{registry.host}/test/app:1")
         self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
 
+    def push_layout(self, registry: Registry, repository: str, layout: str) -> Dict[str, str]:
+        """Every named root of the OCI layout ``layout`` into ``repository``, as it is
+        (children first, then the tag): its names and their digests."""
+        def blob(digest: str) -> Optional[Blob]:
+            path = os.path.join(layout, "blobs", *digest.split(":"))
+            if not os.path.exists(path):
+                return None
+            with open(path, "rb") as f:
+                return Blob("", f.read())
+
+        done: Set[str] = set()
+
+        def put(descriptor: Dict[str, Any]) -> bool:
+            document = blob(descriptor["digest"])
+            if document is None:
+                return False
+            if descriptor["digest"] not in done:
+                obj = json.loads(document.data)
+                for child in obj.get("manifests") or ():
+                    put(child)
+                parts = [blob(d["digest"]) for d in [obj.get("config"), *obj.get("layers", [])]
+                         if isinstance(d, dict)]
+                upload(registry.url, repository, [p for p in parts if p is not None],
+                       [(descriptor["digest"], Blob(descriptor["mediaType"], document.data))])
+                done.add(descriptor["digest"])
+            return True
+
+        with open(os.path.join(layout, "index.json")) as f:
+            roots = json.load(f)["manifests"]
+        names = {}
+        for root in roots:
+            name = root.get("annotations", {}).get(oc.ANNOTATION_REF_NAME)
+            if name and put(root):
+                with open(os.path.join(layout, "blobs", *root["digest"].split(":")), "rb") as f:
+                    upload(registry.url, repository, [], [(name, Blob(root["mediaType"], f.read()))])
+                names[name] = root["digest"]
+        return names
+
+    def test_fallback_tags_regclient_wrote_are_read(self) -> None:
+        if not os.path.isdir(REGCLIENT_TESTREPO):
+            self.skipTest(f"{REGCLIENT_TESTREPO} is not there")
+        registry = self.start_registry()
+        names = self.push_layout(registry, "rc/testrepo", REGCLIENT_TESTREPO)
+        checked = 0
+        for tag, digest in names.items():
+            if not re.fullmatch(r"sha256-[0-9a-f]{64}", tag) or tag[7:] == digest[7:]:
+                continue  # regclient's other digest tags (".meta"), and a mirror tagged so
+            with open(os.path.join(REGCLIENT_TESTREPO, "blobs", *digest.split(":"))) as f:
+                written = json.load(f)["manifests"]
+            with self.subTest(tag):
+                result = self.cli("referrers", "--json",
+                                  f"{registry.host}/rc/testrepo@sha256:{tag[7:]}")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                found = json.loads(result.stdout)
+                self.assertEqual(found["source"], tag)
+                self.assertEqual([(r["digest"], r.get("artifactType")) for r in found["referrers"]],
+                                 [(w["digest"], w.get("artifactType")) for w in written])
+                checked += 1
+        self.assertGreaterEqual(checked, 5)
+        # regclient's "mirror" image is tagged sha256-<its own digest>: a manifest, where a
+        # fallback tag must be an index of referrers.
+        mirror = names["mirror"]
+        self.assert_one_line_error(
+            self.cli("referrers", f"{registry.host}/rc/testrepo@{mirror}"),
+            f"sha256-{mirror[7:]}", "is application/vnd.oci.image.manifest.v1+json, not an "
+                                    "index of referrers")
+
+    def test_hostile_referrers_lists(self) -> None:
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        entry = {"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": "sha256:" + "e" * 64, "size": 3,
+                 "artifactType": "application/example"}
+
+        def index(entries: List[Any], **extra: Any) -> bytes:
+            return json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                               "manifests": entries, **extra}).encode()
+
+        api = [("Content-Type", oc.MEDIA_OCI_INDEX)]
+        many = json.dumps({"schemaVersion": 2, "manifests": [entry] * (oc.MAX_REFERRERS + 1)})
+        cases: List[Tuple[str, Callable[[Request], Optional[Answer]], str]] = [
+            ("huge", lambda r: Answer(200, api, endless(b" " * 65536, b'{"manifests": [')),
+             "more than 4194304 bytes"),
+            ("pages in a loop", lambda r: Answer(200, [*api, ("Link", f'<{r.target}>; rel="next"')],
+                                                 index([entry])), "the list does not end"),
+            ("not an index", lambda r: json_answer({"tags": []}), "not an index of referrers"),
+            ("not JSON", lambda r: Answer(200, api, b"<html>referrers</html>"), "JSON"),
+            ("a manifest", lambda r: Answer(200, api, image.manifest.data),
+             "is application/vnd.oci.image.manifest.v1+json, not an index"),
+            ("bad digest", lambda r: Answer(200, api, index([{**entry, "digest": "sha256:zz"}])),
+             "entry 1 is not a valid descriptor"),
+            ("bad size", lambda r: Answer(200, api, index([{**entry, "size": -1}])),
+             "invalid size"),
+            ("too many", lambda r: Answer(200, api, many.encode()), "more than 10000"),
+            ("too many over pages", lambda r: Answer(200, [*api, ("Link", '<{}?p={}>; rel="next"'.format(
+                r.target.partition("?")[0], secrets.token_hex(4)))], index(
+                    [{**entry, "digest": "sha256:" + secrets.token_hex(32)} for _ in range(5000)])),
+             "more than 10000"),
+        ]
+        for label, quirk, fragment in cases:
+            with self.subTest(label):
+                proxy = ReferrersProxy(registry, quirk=lambda r, q=quirk: q(r)  # type: ignore[misc]
+                                       if "/referrers/" in r.target else None)
+                self.addCleanup(proxy.stop)
+                started = time.monotonic()
+                self.assert_one_line_error(self.cli("referrers", f"{proxy.host}/test/app:1"),
+                                           fragment)
+                self.assertLess(time.monotonic() - started, 5)
+                proxy.stop()
+        # The same lies under the fallback tag of a registry without the API.
+        tag = f"/manifests/sha256-{image.manifest.digest[7:]}"
+        for label, body, fragment in [
+                ("a manifest", image.manifest.data, "is application/vnd.oci.image.manifest.v1+json"),
+                ("bad digest", index([{**entry, "digest": "md5:00"}]), "not a valid descriptor"),
+                ("no manifests", json.dumps({"schemaVersion": 2}).encode(), "is no index")]:
+            with self.subTest(f"fallback tag: {label}"):
+                proxy = ReferrersProxy(registry, quirk=lambda r, b=body: Answer(  # type: ignore[misc]
+                    200, [("Content-Type", oc.MEDIA_OCI_INDEX)], b) if r.target.endswith(tag)
+                    else Answer(404, [], b"404 page not found") if "/referrers/" in r.target
+                    else None)
+                self.addCleanup(proxy.stop)
+                self.assert_one_line_error(self.cli("referrers", f"{proxy.host}/test/app:1"),
+                                           f"fallback tag {proxy.host}/test/app:sha256-", fragment)
+                proxy.stop()
+        self.assertEqual(self.index_names(), [])
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
