@@ -7706,6 +7706,93 @@ class Provider(CacheProvider):
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
 
+    def pull_referrers(self, ref: RefLike, architecture: str = "") -> List[Descriptor]:
+        """Bring what refers to the cached ``ref`` (signatures, SBOMs: its referrers in
+        its registry) into the cache, beside it: the referrers of its root (the
+        registry's index, also when the cache holds a part of it) and of each platform's
+        image the cache holds for ``architecture``. They are kept as the registry's
+        fallback tag keeps them: each subject's referrers listed in an OCI index named
+        ``<repository>:sha256-<hex of the subject>`` (entries already named so are
+        kept), so gc keeps them while that name exists, ``rm`` removes them, and
+        ``push`` of that name recreates the tag. Referrers of referrers are not
+        followed. Returns the names written; nothing is named until every referrer is
+        complete, and a referrer whose ``subject`` is not the image is an error."""
+        wanted = Reference.parse(ref)
+        root = self._find_named(wanted)
+        subjects = [Digest.parse(self._subset_of(root) or str(root.digest))]
+        if root.is_index:
+            subjects += [c.digest for c in self._images(root.named(str(wanted)), architecture)
+                         if c.digest not in subjects]
+        written = []
+        with self.layout.adding_blobs():
+            plans = [p for p in (self._referrers_plan(wanted, s) for s in subjects) if p]
+            for plan in plans:
+                self._download(plan.source, plan.blobs)
+                self._write_manifests(plan.manifests)
+            with self.layout.lock():
+                names = []
+                for plan in plans:
+                    name = str(Reference(wanted.registry, wanted.repository,
+                                         referrers_tag(plan.source.digest or "")))
+                    known = self.find_descriptor(name)
+                    entries = list(Index.from_json(plan.data).manifests)
+                    if known is not None and known.is_index:
+                        held = [e for e in Index.from_json(self.layout.read_blob(
+                            known.digest), what=f"index of {name}").manifests
+                            if self.layout.has_blob(e.digest)]
+                        entries = [*held, *(e for e in entries
+                                            if e.digest not in {h.digest for h in held})]
+                    data = Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes()
+                    digest = self.layout.write_blob_bytes(data)
+                    names.append((name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)).named(name)))
+                written = self._write_names(names)
+            self._save_locations()
+        for plan in plans:
+            _log().info("pulled %d referrers of %s", len(plan.manifests), plan.source)
+        return written
+
+    def _referrers_plan(self, ref: Reference, subject: Digest) -> Optional["_CopyPlan"]:
+        """The referrers of ``subject`` in ``ref``'s repository, fetched (each manifest
+        checked: its digest, its size, its ``subject``) but no blob: a plan whose root is
+        the index listing them, as the fallback tag does; None when there are none.
+        Referrers that are indexes are left out, with a warning (their children would
+        need a pull of their own)."""
+        pinned = Reference(ref.registry, ref.repository, None, subject)
+        listed, source = self.registry.referrers(pinned)
+        kept: List[Descriptor] = []
+        manifests: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+        for entry in listed:
+            if entry.media_type in INDEX_MEDIA_TYPES:
+                _log().warning("not pulling referrer %s of %s: it is an index", entry.digest,
+                               pinned)
+                continue
+            data, served = self.registry.get_manifest(
+                Reference(ref.registry, ref.repository, None, entry.digest),
+                what=f"pull referrer {entry.digest} of {pinned}")
+            where = f"the fallback tag {source}" if source != "api" else "the referrers API"
+            if len(data) != entry.size:
+                raise RegistryError(f"{pinned.name}: {where} lists referrer {entry.digest} "
+                                    f"of {entry.size} bytes, but it has {len(data)}")
+            descriptor, its_subject = referrer_descriptor(data, served.media_type,
+                                                          f"referrer {entry.digest}")
+            if its_subject is None or its_subject.digest != subject:
+                raise RegistryError(
+                    f"{pinned.name}: {where} lists {entry.digest} as a referrer of {subject}, "
+                    f"but its subject is {its_subject.digest if its_subject else 'missing'}")
+            kind, document = read_document(data, served.media_type, f"referrer {entry.digest}")
+            if not isinstance(document, Manifest):
+                _log().warning("not pulling referrer %s of %s: it is %s", entry.digest,
+                               pinned, kind or "no manifest")
+                continue
+            kept.append(_replace(descriptor, media_type=kind))
+            manifests.append((kept[-1], data, document))
+        if not kept:
+            return None
+        data = Index(MEDIA_OCI_INDEX, tuple(kept)).to_bytes()
+        root = Descriptor(MEDIA_OCI_INDEX, Digest.from_bytes(data), len(data))
+        return _CopyPlan(pinned, root, data, tuple((d, m) for d, m, _ in manifests),
+                         _copied_blobs(manifests, []))
+
     def _unmoved(self, wanted: Reference, cached: Descriptor) -> Optional[Descriptor]:
         """``cached`` when the registry still serves it for ``wanted`` (asked with HEAD,
         which Docker Hub's rate limit does not count) and every blob it relies on passes
@@ -9315,6 +9402,10 @@ def _build_parser() -> argparse.ArgumentParser:
                             "moved tag)")
         p.add_argument("--arch-tags", action="store_true",
                        help="also name each platform <NAME>-<arch>, as linuxkit cache pull does")
+        p.add_argument("--referrers", action="store_true",
+                       help="also pull what refers to the image in its registry (signatures, "
+                            "SBOMs), each subject's named <repository>:sha256-<hex>, as the "
+                            "registry's fallback tag")
         p.set_defaults(run=_cmd_pull)
 
     p = commands.add_parser("push", help="push an image from the cache to a registry",
@@ -9620,6 +9711,9 @@ def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
         root = source.descriptor()
         if root is not None:  # as import does: stdout names what is now in the cache
             _say(args, f"{name} {root.digest}")
+        if args.referrers:
+            for referrers in provider.pull_referrers(name, architecture):
+                _say(args, f"{referrers.name} {referrers.digest}")
     return 0
 
 

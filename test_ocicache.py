@@ -6837,6 +6837,70 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
                 proxy.stop()
         self.assertEqual(self.index_names(), [])
 
+    def test_pull_referrers_keeps_them_in_the_cache_under_the_fallback_name(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry, "test/app")
+        on_index = make_referrer(index, "application/vnd.dev.cosign.artifact.sig.v1+json", b"sig")
+        on_amd = make_referrer(amd.manifest, "application/spdx+json", b'{"spdxVersion":"SPDX-2.3"}',
+                               "application/spdx+json")
+        for (manifest, blobs), subject in [(on_index, index), (on_amd, amd.manifest)]:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+            self.provider().registry.add_referrer(
+                self.provider().registry.endpoint(oc.Reference.parse(f"{registry.host}/test/app")),
+                oc.Digest.parse(subject.digest),
+                oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+        result = self.cli("pull", "--referrers", "--platform", "linux/amd64",
+                          f"{registry.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        base = f"{registry.host}/test/app"
+        names = {f"{base}:sha256-{index.digest[7:]}", f"{base}:sha256-{amd.manifest.digest[7:]}"}
+        self.assertEqual(set(self.index_names()), {f"{base}:1", *names})
+        self.assertEqual(len(result.stdout.decode().splitlines()), 3)
+        cache = self.provider()
+        for name, referrer in [(f"{base}:sha256-{index.digest[7:]}", on_index),
+                               (f"{base}:sha256-{amd.manifest.digest[7:]}", on_amd)]:
+            root = cache.find_descriptor(name)
+            assert root is not None
+            listed = oc.Index.from_json(cache.layout.read_blob(root.digest)).manifests
+            self.assertEqual([str(d.digest) for d in listed], [referrer[0].digest])
+            self.assertTrue(all(cache.layout.has_blob(b.digest) for b in referrer[1]))
+        # gc keeps them while they are named; verify finds nothing wrong; rm frees them.
+        report = cache.gc(grace_seconds=0)
+        self.assertFalse(any(b.digest in {str(d) for d in report.deleted}
+                             for m, bs in (on_index, on_amd) for b in bs), report)
+        self.assertTrue(cache.verify().ok)
+        skopeo = self.skopeo("inspect", "--raw", f"oci:{self.cache_dir}:{base}:1")
+        self.assertEqual(json.loads(skopeo)["manifests"][0]["digest"], amd.manifest.digest)
+        # Pulling again adds nothing; a name already there keeps its entries.
+        before = self.index_names()
+        self.assertEqual(self.cli("pull", "--referrers", "--platform", "linux/amd64",
+                                  f"{base}:1").returncode, 0)
+        self.assertEqual(self.index_names(), before)
+        cache.remove(*names)
+        cache.gc(grace_seconds=0)
+        self.assertFalse(cache.layout.has_blob(on_amd[1][1].digest))
+
+    def test_pull_refuses_a_referrer_whose_subject_is_elsewhere(self) -> None:
+        registry = self.start_registry()
+        image = make_image("target")
+        other = make_image("other")
+        upload(registry.url, "test/app", [*image.blobs, *other.blobs],
+               [("1", image.manifest), ("2", other.manifest)])
+        stray, blobs = make_referrer(other.manifest, "application/example", b"not yours")
+        upload(registry.url, "test/app", blobs, [(stray.digest, stray)])
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [stray.descriptor(artifactType="application/example")]))])
+        self.assert_one_line_error(
+            self.cli("-q", "pull", "--referrers", f"{registry.host}/test/app:1"),
+            f"lists {stray.digest} as a referrer of {image.manifest.digest}, but its subject is "
+            f"{other.manifest.digest}")
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/app:1"])  # no referrers name
+        # A listed size that is not the manifest's is refused too.
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [{**stray.descriptor(), "size": 7}]))])
+        self.assert_one_line_error(
+            self.cli("-q", "pull", "--referrers", f"{registry.host}/test/app:1"), "of 7 bytes")
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
