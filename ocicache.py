@@ -4455,7 +4455,7 @@ class RegistryClient:
         return data, Descriptor(media_type, Digest.from_bytes(data), len(data))
 
     def put_manifest(self, endpoint: _Endpoint, reference: str, data: bytes,
-                     media_type: str) -> Mapping[str, str]:
+                     media_type: str) -> "http.client.HTTPMessage":
         """PUT a manifest; the response's headers (``OCI-Subject`` says the registry
         keeps the referrers list of the manifest's subject itself)."""
         response = self.request(endpoint, "PUT", f"manifests/{reference}", "pull,push",
@@ -7757,7 +7757,7 @@ class Provider(CacheProvider):
         the index listing them, as the fallback tag does; None when there are none.
         Referrers that are indexes are left out, with a warning (their children would
         need a pull of their own)."""
-        pinned = Reference(ref.registry, ref.repository, None, subject)
+        pinned = Reference(ref.registry, ref.repository, "", subject)
         listed, source = self.registry.referrers(pinned)
         kept: List[Descriptor] = []
         manifests: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
@@ -7767,7 +7767,7 @@ class Provider(CacheProvider):
                                pinned)
                 continue
             data, served = self.registry.get_manifest(
-                Reference(ref.registry, ref.repository, None, entry.digest),
+                Reference(ref.registry, ref.repository, "", entry.digest),
                 what=f"pull referrer {entry.digest} of {pinned}")
             where = f"the fallback tag {source}" if source != "api" else "the referrers API"
             if len(data) != entry.size:
@@ -8154,7 +8154,7 @@ class Provider(CacheProvider):
         neither read nor written."""
         wanted = Reference.parse(ref)
         subject = self.remote_digest(wanted, architecture)
-        pinned = Reference(wanted.registry, wanted.repository, None, subject.digest)
+        pinned = Reference(wanted.registry, wanted.repository, "", subject.digest)
         listed, source = self.registry.referrers(pinned, artifact_type)
         return ReferrerList(pinned, subject, tuple(listed), source)
 
@@ -8226,7 +8226,7 @@ class Provider(CacheProvider):
                                                self.layout.believed(child).media_type)
 
     def _list_referrer(self, endpoint: _Endpoint, remote: Reference, data: bytes,
-                       media_type: str, headers: Optional[Mapping[str, str]]) -> None:
+                       media_type: str, headers: Optional["http.client.HTTPMessage"]) -> None:
         """After a manifest with a ``subject`` went up: list it in the subject's fallback
         tag, unless the registry keeps referrers itself, which it says with the
         ``OCI-Subject`` header of the PUT (``headers``; None when nothing was put, and
@@ -8238,7 +8238,7 @@ class Provider(CacheProvider):
             return
         if headers is None:
             _, source = self.registry.referrers(
-                Reference(remote.registry, remote.repository, None, subject.digest))
+                Reference(remote.registry, remote.repository, "", subject.digest))
             if source == "api":
                 return
         if self.registry.add_referrer(endpoint, subject.digest, descriptor):
@@ -8288,7 +8288,7 @@ class Provider(CacheProvider):
     # -- copy -------------------------------------------------------------------------
 
     def copy(self, source: str, destination: str, architecture: str = "",
-             all_tags: bool = False) -> List[Tuple[str, Descriptor]]:
+             all_tags: bool = False, referrers: bool = False) -> List[Tuple[str, Descriptor]]:
         """Copy an image from ``source`` to ``destination``, as ``skopeo copy`` does;
         returns each destination name with the root it now holds.
 
@@ -8300,6 +8300,8 @@ class Provider(CacheProvider):
         source repository. Blobs go through the cache's disk (resumable, never whole in
         memory), are mounted from the source repository within one registry, ``jobs``
         at a time; tags are written after everything else, so a failed copy leaves none.
+        ``referrers`` also copies what refers to each image and platform copied
+        (``_copy_referrers``).
         """
         src_kind, src, _ = parse_copy_location(source)
         dst_kind, dst, dst_tag = parse_copy_location(destination)
@@ -8329,10 +8331,11 @@ class Provider(CacheProvider):
             _layout_target(dst, dst_kind == "oci-archive")  # before any request
         with self.layout.adding_blobs():  # what is staged here is not gc's until copied
             return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
-                              all_tags)
+                              all_tags, referrers)
 
     def _copy(self, sources: Sequence[Reference], src_kind: str, dst_kind: str, dst: str,
-              dst_tag: str, architecture: str, all_tags: bool) -> List[Tuple[str, Descriptor]]:
+              dst_tag: str, architecture: str, all_tags: bool, referrers: bool = False
+              ) -> List[Tuple[str, Descriptor]]:
         items: List[Tuple[Reference, str, _CopyPlan]] = []
         for ref in sources:
             if dst_kind == "registry":
@@ -8344,11 +8347,58 @@ class Provider(CacheProvider):
             plan = self._cache_plan(ref, architecture) if src_kind == "cache" else \
                 self._registry_plan(ref, architecture)
             items.append((ref, name, plan))
+        extra = self._referrer_items(items, src_kind, dst_kind) if referrers else []
         if dst_kind == "registry":
             self._copy_to_registry(items, src_kind == "registry")
+            self._copy_referrers(extra, src_kind == "registry")
         else:
-            self._copy_to_layout(items, src_kind == "registry", dst, dst_kind == "oci-archive")
+            self._copy_to_layout([*items, *extra], src_kind == "registry", dst,
+                                 dst_kind == "oci-archive")
         return [(name, plan.root) for _, name, plan in items]
+
+    def _referrer_items(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
+                        src_kind: str, dst_kind: str
+                        ) -> List[Tuple[Reference, str, "_CopyPlan"]]:
+        """What ``copy --referrers`` adds: for each image copied, the referrers of its
+        root and of each platform's manifest, a plan per subject whose root is the index
+        of them (the fallback tag's form), named ``sha256-<hex>`` in a layout and in
+        DST's repository. From a registry they are listed and fetched there
+        (``_referrers_plan``); from the cache, they are what ``pull --referrers`` named
+        ``<repository>:sha256-<hex>``."""
+        extra = []
+        for ref, name, plan in items:
+            target = Reference.parse(name) if dst_kind == "registry" else None
+            for subject in dict.fromkeys([plan.root.digest, *(d.digest for d, _ in plan.manifests)]):
+                tag = referrers_tag(subject)
+                if src_kind == "registry":
+                    found = self._referrers_plan(ref, subject)
+                else:
+                    cached = Reference(ref.registry, ref.repository, tag)
+                    found = self._cache_plan(cached, "") if self.find_descriptor(cached) else None
+                if found is not None:
+                    extra.append((found.source, tag if target is None else
+                                  str(Reference(target.registry, target.repository, tag)), found))
+        return extra
+
+    def _copy_referrers(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
+                        from_registry: bool) -> None:
+        """Referrers into a registry, after the images they refer to: blobs, then each
+        referrer by digest, listed in its subject's fallback tag (read, added to, put
+        back) unless the PUT's ``OCI-Subject`` says the registry lists it itself."""
+        for ref, name, plan in items:
+            target = Reference.parse(name)
+            endpoint = self.registry.endpoint(target, use_mirrors=False)
+            mounts = [ref.repository] if ref.registry == target.registry and \
+                ref.repository != target.repository else []
+            for blob in plan.blobs:
+                self._copy_blob(ref if from_registry else None, endpoint, blob, mounts)
+            for descriptor, data in plan.manifests:
+                headers = self.registry.put_manifest(endpoint, str(descriptor.digest), data,
+                                                     descriptor.media_type)
+                referrer, subject = referrer_descriptor(data, descriptor.media_type)
+                if subject is not None and not headers.get("OCI-Subject"):
+                    self.registry.add_referrer(endpoint, subject.digest, referrer)
+            _log().info("copied %d referrers of %s to %s", len(plan.manifests), ref, target.name)
 
     def _filtered(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
                   ) -> Tuple[bytes, Descriptor, List[Descriptor]]:
@@ -9691,6 +9741,10 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all-tags", action="store_true",
                        help="copy every tag of SRC's repository (DST: a repository, or a layout "
                             "holding each tag)")
+        p.add_argument("--referrers", action="store_true",
+                       help="also copy what refers to each image (signatures, SBOMs): into a "
+                            "registry's referrers list or fallback tag sha256-<hex>, or a "
+                            "layout's index named sha256-<hex>")
         p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
                        help="blobs to copy at once (default: the global --jobs, 4)")
         p.set_defaults(run=_cmd_copy)
@@ -10082,7 +10136,7 @@ def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
     provider.jobs = args.jobs
     for name, root in provider.copy(args.source, args.destination,
                                     ALL_PLATFORMS if args.all_platforms else args.platform,
-                                    args.all_tags):
+                                    args.all_tags, args.referrers):
         _say(args, f"{name} {root.digest}")
     return 0
 

@@ -6901,6 +6901,58 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         self.assert_one_line_error(
             self.cli("-q", "pull", "--referrers", f"{registry.host}/test/app:1"), "of 7 bytes")
 
+    def test_copy_referrers_to_a_registry_and_a_layout(self) -> None:
+        registry = self.start_registry()
+        image = make_image("copied")
+        upload(registry.url, "src/app", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        attached = []
+        for artifact_type, payload in [("application/spdx+json", b'{"spdxVersion":"SPDX-2.3"}'),
+                                       ("application/vnd.dev.cosign.artifact.sig.v1+json", b"s")]:
+            manifest, blobs = make_referrer(image.manifest, artifact_type, payload)
+            upload(registry.url, "src/app", blobs, [(manifest.digest, manifest)])
+            cache.registry.add_referrer(
+                cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/src/app")),
+                oc.Digest.parse(image.manifest.digest),
+                oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+            attached.append(manifest.digest)
+        # An entry DST's fallback tag already has is kept.
+        other, other_blobs = make_referrer(image.manifest, "application/example", b"there")
+        upload(registry.url, "dst/app", [*image.blobs, *other_blobs], [
+            (image.manifest.digest, image.manifest), (other.digest, other),
+            (f"sha256-{image.manifest.digest[7:]}", make_index([other.descriptor()]))])
+        result = self.cli("copy", "--referrers", f"{registry.host}/src/app:1",
+                          f"{registry.host}/dst/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = cache.referrers(f"{registry.host}/dst/app:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [other.digest, *attached])
+        self.assertEqual(found.source, f"sha256-{image.manifest.digest[7:]}")
+        # Into a layout: the referrers beside the image, under their fallback tag; skopeo
+        # still reads the image.
+        layout = self.path("layout")
+        result = self.cli("copy", "--referrers", f"{registry.host}/src/app:1", f"oci:{layout}:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(os.path.join(layout, "index.json")) as f:
+            roots = {m["annotations"][oc.ANNOTATION_REF_NAME]: m for m in json.load(f)["manifests"]}
+        self.assertEqual(set(roots), {"1", f"sha256-{image.manifest.digest[7:]}"})
+        with open(os.path.join(layout, "blobs", "sha256",
+                               roots[f"sha256-{image.manifest.digest[7:]}"]["digest"][7:])) as f:
+            self.assertEqual([m["digest"] for m in json.load(f)["manifests"]], attached)
+        inspected = json.loads(self.skopeo("inspect", "--raw", f"oci:{layout}:1"))
+        self.assertEqual(inspected["config"]["digest"], image.config.digest)
+        # From the cache (pull --referrers) to a registry with the API: no tag written.
+        self.assertEqual(self.cli("-q", "pull", "--referrers", f"{registry.host}/src/app:1"
+                                  ).returncode, 0)
+        proxy = ReferrersProxy(registry)
+        self.addCleanup(proxy.stop)
+        result = self.cli("copy", "--referrers", f"cache:{registry.host}/src/app:1",
+                          f"{proxy.host}/api/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = cache.referrers(f"{proxy.host}/api/app:1")
+        self.assertEqual((found.source, [str(r.digest) for r in found.referrers]), ("api", attached))
+        tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/api/app/tags/list").read())
+        self.assertEqual(tags["tags"], ["1"])
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
