@@ -202,6 +202,16 @@ ANNOTATION_REFERENCE_TYPE = "vnd.docker.reference.type"
 ANNOTATION_REFERENCE_DIGEST = "vnd.docker.reference.digest"
 ANNOTATION_PREDICATE_TYPE = "in-toto.io/predicate-type"
 SPDX_PREDICATE_TYPE = "https://spdx.dev/Document"
+# SBOMs attached as referrers (oras attach, cosign attach sbom, syft): the documents'
+# own media types, and the predicate types of in-toto attestations that carry one.
+SBOM_MEDIA_TYPES = frozenset({"application/spdx+json", "text/spdx+json", "text/spdx",
+                              "application/vnd.cyclonedx+json", "application/vnd.cyclonedx+xml",
+                              "application/vnd.cyclonedx"})
+SBOM_PREDICATE_TYPES = frozenset({SPDX_PREDICATE_TYPE, "https://spdx.dev/Document/v2.3",
+                                  "https://cyclonedx.org/bom", "https://cyclonedx.org/bom/v1.4",
+                                  "https://cyclonedx.org/bom/v1.5",
+                                  "https://cyclonedx.org/bom/v1.6"})
+MEDIA_DSSE_ENVELOPE = "application/vnd.dsse.envelope.v1+json"
 ALL_PLATFORMS = "all"
 FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM = "oci", "docker", "filesystem"
 
@@ -7751,6 +7761,49 @@ class Provider(CacheProvider):
             _log().info("pulled %d referrers of %s", len(plan.manifests), plan.source)
         return written
 
+    def referrer_sboms(self, ref: RefLike, subjects: Sequence[Digest]) -> List[BinaryIO]:
+        """The SBOMs (SPDX, CycloneDX) among the referrers of ``subjects`` that the cache
+        holds under ``<repository>:sha256-<hex>`` (``pull_referrers``): each layer of an
+        SBOM media type (``SBOM_MEDIA_TYPES``) as stored, and the predicate of each
+        in-toto statement (plain, or in a DSSE envelope as cosign attaches it) whose
+        predicate type is an SBOM's (``SBOM_PREDICATE_TYPES``)."""
+        import base64
+        wanted = Reference.parse(ref)
+        documents: List[BinaryIO] = []
+        for subject in dict.fromkeys(subjects):
+            root = self.find_descriptor(Reference(wanted.registry, wanted.repository,
+                                                  referrers_tag(subject)))
+            if root is None or not root.is_index:
+                continue
+            for referrer in Index.from_json(self.layout.read_blob(root.digest),
+                                            what=f"referrers of {subject}").manifests:
+                if not self.layout.has_blob(referrer.digest):
+                    continue
+                for layer in self.manifest(referrer).layers:
+                    what = f"layer {layer.digest} of referrer {referrer.digest}"
+                    if layer.media_type in SBOM_MEDIA_TYPES:
+                        documents.append(self.layout.open_blob(layer.digest))  # type: ignore[arg-type]
+                        continue
+                    if layer.media_type not in (MEDIA_IN_TOTO, MEDIA_DSSE_ENVELOPE):
+                        continue
+                    data = self.layout.read_blob(layer.digest, MAX_STATEMENT_SIZE)
+                    if layer.media_type == MEDIA_DSSE_ENVELOPE:
+                        payload = _load_json_object(data, what).get("payload")
+                        try:
+                            data = base64.b64decode(str(payload), validate=True)
+                        except ValueError:
+                            raise OciCacheError(f"{what}: its DSSE payload is not base64") \
+                                from None
+                    statement = _load_json_object(data, f"in-toto statement in {what}")
+                    if statement.get("predicateType") not in SBOM_PREDICATE_TYPES:
+                        continue
+                    try:
+                        text = data.decode()
+                    except UnicodeDecodeError:
+                        raise OciCacheError(f"in-toto statement in {what} is not UTF-8") from None
+                    documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
+        return documents
+
     def _referrers_plan(self, ref: Reference, subject: Digest) -> Optional["_CopyPlan"]:
         """The referrers of ``subject`` in ``ref``'s repository, fetched (each manifest
         checked: its digest, its size, its ``subject``) but no blob: a plan whose root is
@@ -9041,10 +9094,19 @@ class _CacheSource(ImageSource):
         return self._naming_corruption(produce)
 
     def sboms(self) -> List[BinaryIO]:
-        """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
+        """The SPDX predicates of this platform's BuildKit attestation, as in the blob,
+        then the SBOMs attached to the image as referrers that ``pull --referrers``
+        brought into the cache (``Provider.referrer_sboms``)."""
         root = self._provider._find_named(self._ref)
-        if not root.is_index:
-            return []
+        subjects = [root.digest]
+        if self._provider._subset_of(root):
+            subjects.append(Digest.parse(self._provider._subset_of(root)))
+        documents = self._buildkit_sboms(root, subjects) if root.is_index else []
+        return [*documents, *self._provider.referrer_sboms(self._ref, subjects)]
+
+    def _buildkit_sboms(self, root: Descriptor, subjects: List[Digest]) -> List[BinaryIO]:
+        """The SPDX predicates of the BuildKit attestation of this platform's image
+        in the index ``root``; the image's digest is added to ``subjects``."""
         layout = self._provider.layout
         index = Index.from_json(layout.read_blob(root.digest), what=f"index of {self._ref}")
         wanted = Platform.parse(self._architecture)
@@ -9052,6 +9114,7 @@ class _CacheSource(ImageSource):
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
         self._provider._require_pulled(root.name, image)
+        subjects.append(image.digest)
         attestations = [c for c in index.attestations_for(image.digest)
                         if c.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest"]
         if len(attestations) > 1:

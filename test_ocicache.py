@@ -6953,6 +6953,49 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/api/app/tags/list").read())
         self.assertEqual(tags["tags"], ["1"])
 
+    def test_sbom_finds_spdx_and_cyclonedx_referrers(self) -> None:
+        registry = self.start_registry()
+        amd, _, _, index = self.multi_arch(registry, "test/app")  # with a BuildKit SPDX attestation
+        spdx = b'{"spdxVersion": "SPDX-2.3", "name": "layer"}'
+        cyclonedx = b'{"bomFormat": "CycloneDX", "specVersion": "1.5"}'
+        statement = json.dumps({"_type": "https://in-toto.io/Statement/v1",
+                                "predicateType": "https://cyclonedx.org/bom",
+                                "subject": [], "predicate": {"bomFormat": "CycloneDX"}})
+        envelope = json.dumps({"payloadType": "application/vnd.in-toto+json", "signatures": [],
+                               "payload": base64.b64encode(statement.encode()).decode()}).encode()
+        made = [(index, make_referrer(index, "application/spdx+json", spdx, "application/spdx+json")),
+                (amd.manifest, make_referrer(amd.manifest, "application/vnd.cyclonedx+json",
+                                             cyclonedx, "application/vnd.cyclonedx+json")),
+                (amd.manifest, make_referrer(amd.manifest, "application/vnd.dev.sigstore.bundle",
+                                             envelope, oc.MEDIA_DSSE_ENVELOPE)),
+                (amd.manifest, make_referrer(amd.manifest, "application/vnd.dev.cosign.sig",
+                                             b"signature"))]
+        cache = self.provider()
+        endpoint = cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/test/app"))
+        for subject, (manifest, blobs) in made:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+            cache.registry.add_referrer(endpoint, oc.Digest.parse(subject.digest),
+                                        oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+        name = f"{registry.host}/test/app:1"
+        self.assertEqual(self.cli("-q", "pull", "--referrers", "--platform", "linux/amd64",
+                                  name).returncode, 0)
+        result = self.cli("sbom", "--platform", "linux/amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        documents = [json.loads(line) for line in result.stdout.decode().splitlines()]
+        self.assertEqual(documents, [
+            {"spdxVersion": "SPDX-2.3", "name": amd.manifest.digest},  # BuildKit's
+            json.loads(spdx), json.loads(cyclonedx), {"bomFormat": "CycloneDX"}])
+        # A DSSE envelope whose payload is not base64 is one line.
+        broken, blobs = make_referrer(amd.manifest, "application/vnd.dev.sigstore.bundle",
+                                      b'{"payload": "%%%"}', oc.MEDIA_DSSE_ENVELOPE)
+        upload(registry.url, "test/app", blobs, [(broken.digest, broken)])
+        cache.registry.add_referrer(endpoint, oc.Digest.parse(amd.manifest.digest),
+                                    oc.referrer_descriptor(broken.data, broken.media_type)[0])
+        self.assertEqual(self.cli("-q", "pull", "--referrers", "--platform", "linux/amd64",
+                                  name).returncode, 0)
+        self.assert_one_line_error(self.cli("sbom", "--platform", "linux/amd64", name),
+                                   "DSSE payload is not base64")
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
