@@ -8231,13 +8231,13 @@ class Provider(CacheProvider):
         # is taken as "absent", and the upload's own answer decides.
         existing = self.registry.remote_manifest(endpoint, tag, "pull,push",
                                                  denied_is_absent=True)
-        if existing is not None and not override:
-            _log().info("%s exists in the registry; not pushing (push --override replaces "
-                        "or merges it)", remote)
-            return
         if existing is not None and existing[1].digest == root.digest:
             _log().info("%s is already in the registry", remote)
             self._list_referrer(endpoint, remote, existing[0], existing[1].media_type, None)
+            return
+        if existing is not None and not override:
+            _log().info("%s exists in the registry; not pushing (push --override replaces "
+                        "or merges it)", remote)
             return
         data = self.layout.read_blob(root.digest)
         children: List[Descriptor] = []

@@ -6996,6 +6996,49 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         self.assert_one_line_error(self.cli("sbom", "--platform", "linux/amd64", name),
                                    "DSSE payload is not base64")
 
+    def test_oras_py_differential(self) -> None:
+        """oras-py (PyPI ``oras``, an independent client) attaches an SBOM with
+        ``subject``; it writes no fallback tag, so ocicache finds it once an ocicache
+        push of it has listed it, and its SPDX layer comes out of ``sbom`` as oras-py
+        pushed it. Back the other way, oras-py reads the fallback index ocicache wrote
+        (validated against its index schema) and each referrer's subject."""
+        oras_client = require_module(self, "oras.client", "oras")
+        oras_oci = require_module(self, "oras.oci", "oras")
+        oras_schemas = require_module(self, "oras.schemas", "oras")
+        registry = self.start_registry()
+        image, made = self.attached(registry)
+        client = oras_client.OrasClient(hostname=registry.host, insecure=True)
+        sbom_file = self.path("sbom.spdx.json")
+        with open(sbom_file, "wb") as f:
+            f.write(b'{"spdxVersion": "SPDX-2.3", "name": "from oras-py"}')
+        with quiet_log():
+            client.push(files=[f"{sbom_file}:application/spdx+json"],
+                        target=f"{registry.host}/test/app:oras-sbom",
+                        disable_path_validation=True, quiet=True,
+                        subject=oras_oci.Subject(oc.MEDIA_OCI_MANIFEST, image.manifest.digest,
+                                                 len(image.manifest.data)))
+        base = f"{registry.host}/test/app"
+        self.assertEqual(self.provider().referrers(f"{base}:1").referrers, ())  # none listed it
+        result = self.cli("-q", "pull", f"{base}:oras-sbom")  # pushed back: listed now
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for tag in ("oras-sbom", "sig"):
+            result = self.cli("push", f"{base}:{tag}")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        oras_digest = self.provider().remote_digest(f"{base}:oras-sbom").digest
+        found = self.provider().referrers(f"{base}:1")
+        self.assertEqual([r.digest for r in found.referrers],
+                         [oras_digest, oc.Digest.parse(made[0][0].digest)])
+        self.assertEqual(self.cli("-q", "pull", "--referrers", f"{base}:1").returncode, 0)
+        result = self.cli("sbom", f"{base}:1")
+        self.assertEqual(json.loads(result.stdout), {"spdxVersion": "SPDX-2.3",
+                                                     "name": "from oras-py"}, result.stderr)
+        listed = client.get_manifest(f"{base}:sha256-{image.manifest.digest[7:]}",
+                                     allowed_media_type=[oc.MEDIA_OCI_INDEX],
+                                     validation_schema=oras_schemas.index)
+        for entry in listed["manifests"]:
+            referrer = client.get_manifest(f"{base}@{entry['digest']}")
+            self.assertEqual(referrer["subject"]["digest"], image.manifest.digest)
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
