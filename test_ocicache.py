@@ -7039,6 +7039,39 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
             referrer = client.get_manifest(f"{base}@{entry['digest']}")
             self.assertEqual(referrer["subject"]["digest"], image.manifest.digest)
 
+    def test_push_leaves_a_fallback_tag_that_is_not_an_index_alone(self) -> None:
+        registry = self.start_registry()
+        image, made = self.attached(registry)
+        tag = f"sha256-{image.manifest.digest[7:]}"
+        upload(registry.url, "test/app", [], [(tag, image.manifest)])  # a digest-named mirror
+        self.assert_one_line_error(self.cli("-q", "push", f"{registry.host}/test/app:sig"),
+                                   f"fallback tag test/app:{tag} is application/vnd.oci.image."
+                                   "manifest.v1+json, not an index of referrers")
+        request = urllib.request.Request(f"{registry.url}/v2/test/app/manifests/{tag}",
+                                         headers={"Accept": oc.MEDIA_OCI_MANIFEST})
+        with urllib.request.urlopen(request) as response:
+            self.assertEqual(response.read(), image.manifest.data)  # as it was
+
+    def test_referrers_of_one_platform_and_bad_names(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry, "test/app")
+        cache = self.provider()
+        endpoint = cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/test/app"))
+        on_arm, blobs = make_referrer(arm.manifest, "application/spdx+json", b"{}")
+        upload(registry.url, "test/app", blobs, [(on_arm.digest, on_arm)])
+        cache.registry.add_referrer(endpoint, oc.Digest.parse(arm.manifest.digest),
+                                    oc.referrer_descriptor(on_arm.data, on_arm.media_type)[0])
+        base = f"{registry.host}/test/app:1"
+        self.assertEqual(self.cli("referrers", base).stdout, b"")  # the index has none
+        result = self.cli("referrers", "--platform", "linux/arm64", base)
+        self.assertEqual(result.stdout.decode().split()[:2], [on_arm.digest, "application/spdx+json"],
+                         result.stderr)
+        self.assert_one_line_error(self.cli("referrers", "--platform", "linux/s390x", base),
+                                   "linux/s390x")
+        self.assert_one_line_error(self.cli("referrers", "Not/A/Name"), "invalid reference")
+        with self.assertRaisesRegex(oc.OciCacheError, "name the manifest by its digest"):
+            cache.registry.referrers(base)
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
