@@ -6600,7 +6600,7 @@ class ReferrersProxy(PagingProxy):
             held = self.forward(Request("GET", f"/v2/{repository}/manifests/{digest}",
                                         {"accept": oc.MEDIA_OCI_MANIFEST}, b"", 0),
                                 f"/v2/{repository}/manifests/{digest}")
-            if held.status != 200:
+            if held.status != 200 or not isinstance(held.body, bytes):
                 continue
             document = json.loads(held.body)
             entries.append({"mediaType": document["mediaType"], "digest": digest,
@@ -6744,8 +6744,8 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         for root in roots:
             name = root.get("annotations", {}).get(oc.ANNOTATION_REF_NAME)
             if name and put(root):
-                with open(os.path.join(layout, "blobs", *root["digest"].split(":")), "rb") as f:
-                    upload(registry.url, repository, [], [(name, Blob(root["mediaType"], f.read()))])
+                with open(os.path.join(layout, "blobs", *root["digest"].split(":")), "rb") as rf:
+                    upload(registry.url, repository, [], [(name, Blob(root["mediaType"], rf.read()))])
                 names[name] = root["digest"]
         return names
 
