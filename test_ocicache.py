@@ -6900,6 +6900,29 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
             [{**stray.descriptor(), "size": 7}]))])
         self.assert_one_line_error(
             self.cli("-q", "pull", "--referrers", f"{registry.host}/test/app:1"), "of 7 bytes")
+        # copy checks them before it writes anything to DST.
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [stray.descriptor()]))])
+        self.assert_one_line_error(
+            self.cli("-q", "copy", "--referrers", f"{registry.host}/test/app:1",
+                     f"{registry.host}/dst/app:1"), "but its subject is")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{registry.url}/v2/dst/app/tags/list")
+        # A referrer whose blob the registry fails to serve leaves no referrers name.
+        mine, blobs = make_referrer(image.manifest, "application/example", b"lost blob")
+        upload(registry.url, "test/app", blobs, [(mine.digest, mine)])
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [mine.descriptor()]))])
+        proxy = ReferrersProxy(registry, quirk=lambda r: Answer(404, [], b"") if r.target.endswith(
+            f"/blobs/{blobs[1].digest}") else Answer(404, [], b"") if "/referrers/" in r.target
+            else None)
+        self.addCleanup(proxy.stop)
+        self.assert_one_line_error(
+            self.cli("-q", "pull", "--referrers", f"{proxy.host}/test/app:1"), "404")
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/app:1",
+                                              f"{proxy.host}/test/app:1"])
+        # Only the partial downloads a retry resumes from, as any failed pull leaves.
+        self.assertTrue(all(f.endswith(".tmp-partial") for f in self.temp_files()))
 
     def test_copy_referrers_to_a_registry_and_a_layout(self) -> None:
         registry = self.start_registry()
@@ -7091,6 +7114,10 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         self.assertEqual([r.artifact_type for r in cache.referrers(
             f"{proxy.host}/test/app:1", "application/spdx+json").referrers],
             ["application/spdx+json"])
+        result = self.cli("-q", "pull", "--referrers", f"{proxy.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"{proxy.host}/test/app:sha256-{image.manifest.digest[7:]}",
+                      self.index_names())
         # A registry that ignores the filter (no OCI-Filters-Applied) is filtered here.
         proxy.filters = False
         self.assertEqual([r.artifact_type for r in cache.referrers(
