@@ -63,7 +63,7 @@ __all__ = [
     "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
     "erase_credentials", "TransportOptions",
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors", "parse_copy_location",
-    "MAX_REFERRERS", "referrers_tag", "referrer_descriptor", "parse_referrers", "with_referrer",
+    "MAX_REFERRERS", "referrers_tag", "is_referrers_tag", "referrer_descriptor", "parse_referrers", "with_referrer",
     "ReferrerList",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
@@ -1221,6 +1221,11 @@ def referrers_tag(digest: Union[str, Digest]) -> str:
     cut to 32 characters and the hex to 64, as the spec says, so the tag is valid)."""
     parsed = Digest.parse(digest)
     return f"{parsed.algorithm[:32]}-{parsed.hex[:64]}"
+
+
+def is_referrers_tag(tag: str) -> bool:
+    """Whether ``tag`` has the form of a fallback tag (``referrers_tag``)."""
+    return re.fullmatch(r"[a-z0-9]{1,32}-[0-9a-f]{64}", tag) is not None
 
 
 def _document_subject(obj: Mapping[str, Any]) -> Optional[Descriptor]:
@@ -8227,6 +8232,9 @@ class Provider(CacheProvider):
         root = self._find_named(local)
         endpoint = self.registry.endpoint(remote, use_mirrors=False)
         tag = remote.tag or str(remote.digest)
+        # A list of referrers (pull --referrers names them so) is added to, never replaced.
+        listing = root.is_index and remote.digest is None and is_referrers_tag(remote.tag)
+        override = override or listing
         # Whether the tag exists; a 403 here (Artifactory's answer for a missing tag)
         # is taken as "absent", and the upload's own answer decides.
         existing = self.registry.remote_manifest(endpoint, tag, "pull,push",
@@ -8250,7 +8258,12 @@ class Provider(CacheProvider):
                                     f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
                                     "--all-platforms first")
             children = list(index.manifests)
-            if existing is not None and existing[1].is_index:
+            if existing is not None and existing[1].is_index and listing:
+                there = Index.from_json(existing[0], what=f"index of {remote}")
+                merged = _replace(there, manifests=(*there.manifests, *(
+                    c for c in index.manifests
+                    if c.digest not in {d.digest for d in there.manifests})))
+            elif existing is not None and existing[1].is_index:
                 merged = merge_remote_index(index, Index.from_json(existing[0]))
             else:
                 merged = without_dangling_attestations(index)

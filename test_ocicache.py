@@ -6876,6 +6876,21 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         self.assertEqual(self.cli("pull", "--referrers", "--platform", "linux/amd64",
                                   f"{base}:1").returncode, 0)
         self.assertEqual(self.index_names(), before)
+        # Pushing a referrers name adds to the registry's list, never replaces it (nor
+        # merges it as an image index, by platform), also with --override: here another
+        # tool rewrote the list meanwhile.
+        later, later_blobs = make_referrer(index, "application/example", b"later")
+        upload(registry.url, "test/app", later_blobs, [(later.digest, later), (
+            f"sha256-{index.digest[7:]}", make_index([later.descriptor()]))])
+        result = self.cli("push", "--override", f"{base}:sha256-{index.digest[7:]}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([m["digest"] for m in self.fallback_index(
+            registry, "test/app", index.digest)["manifests"]], [later.digest, on_index[0].digest])
+        result = self.cli("push", f"{base}:sha256-{amd.manifest.digest[7:]}", "--remote-name",
+                          f"{registry.host}/copy/app:sha256-{amd.manifest.digest[7:]}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([m["digest"] for m in self.fallback_index(
+            registry, "copy/app", amd.manifest.digest)["manifests"]], [on_amd[0].digest])
         cache.remove(*names)
         cache.gc(grace_seconds=0)
         self.assertFalse(cache.layout.has_blob(on_amd[1][1].digest))
