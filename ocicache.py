@@ -63,8 +63,8 @@ __all__ = [
     "Challenge", "Credentials", "parse_challenges", "find_credentials", "store_credentials",
     "erase_credentials", "TransportOptions",
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors", "parse_copy_location",
-    "MAX_REFERRERS", "referrers_tag", "is_referrers_tag", "referrer_descriptor", "parse_referrers", "with_referrer",
-    "ReferrerList",
+    "MAX_REFERRERS", "referrers_tag", "is_referrers_tag", "referrer_descriptor",
+    "parse_referrers", "with_referrer", "ReferrerList",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
     "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
@@ -7787,7 +7787,7 @@ class Provider(CacheProvider):
                 for layer in self.manifest(referrer).layers:
                     what = f"layer {layer.digest} of referrer {referrer.digest}"
                     if layer.media_type in SBOM_MEDIA_TYPES:
-                        documents.append(self.layout.open_blob(layer.digest))  # type: ignore[arg-type]
+                        documents.append(self.layout.open_blob(layer.digest))
                         continue
                     if layer.media_type not in (MEDIA_IN_TOTO, MEDIA_DSSE_ENVELOPE):
                         continue
@@ -8434,7 +8434,8 @@ class Provider(CacheProvider):
         extra = []
         for ref, name, plan in items:
             target = Reference.parse(name) if dst_kind == "registry" else None
-            for subject in dict.fromkeys([plan.root.digest, *(d.digest for d, _ in plan.manifests)]):
+            subjects = [plan.root.digest, *(d.digest for d, _ in plan.manifests)]
+            for subject in dict.fromkeys(subjects):
                 tag = referrers_tag(subject)
                 if src_kind == "registry":
                     found = self._referrers_plan(ref, subject)
