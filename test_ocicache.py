@@ -6640,6 +6640,31 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
 
     def test_the_fallback_tag_name(self) -> None:
         self.assertEqual(oc.referrers_tag("sha256:" + "ab" * 32), "sha256-" + "ab" * 32)
+        self.assertEqual(oc.referrers_tag("sha512:" + "cd" * 64), "sha512-" + "cd" * 32)
+        self.assertTrue(oc.is_referrers_tag("sha256-" + "ab" * 32))
+        self.assertFalse(oc.is_referrers_tag("sha256-" + "ab" * 32 + ".meta"))
+
+    def test_the_pure_referrers_logic(self) -> None:
+        subject = make_image("pure").manifest
+        signature, _ = make_referrer(subject, "application/example", b"x", annotations={"a": "b"})
+        descriptor, parsed_subject = oc.referrer_descriptor(signature.data, signature.media_type)
+        self.assertEqual((descriptor.artifact_type, dict(descriptor.annotations), str(
+            descriptor.digest), parsed_subject and str(parsed_subject.digest)),
+            ("application/example", {"a": "b"}, signature.digest, subject.digest))
+        image = make_image("no-artifact-type").manifest  # an image manifest: its config type
+        self.assertEqual(oc.referrer_descriptor(image.data, image.media_type)[0].artifact_type,
+                         oc.MEDIA_OCI_CONFIG)
+        first = oc.with_referrer(None, descriptor, "tag")
+        assert first is not None
+        self.assertIsNone(oc.with_referrer(first, descriptor, "tag"))  # idempotent
+        kept = json.dumps({"schemaVersion": 2, "manifests": [{**signature.descriptor(
+            digest="sha256:" + "1" * 64), "x-unknown": [1]}], "annotations": {"k": "v"}}).encode()
+        added = json.loads(oc.with_referrer(kept, descriptor, "tag") or b"")
+        self.assertEqual(added["manifests"][0]["x-unknown"], [1])  # as written
+        self.assertEqual((added["annotations"], added["mediaType"], len(added["manifests"])),
+                         ({"k": "v"}, oc.MEDIA_OCI_INDEX, 2))
+        twice = json.dumps({"manifests": [signature.descriptor()] * 2}).encode()
+        self.assertEqual(len(oc.parse_referrers(twice, "list")), 1)
 
     def attached(self, registry: Registry, repository: str = "test/app"
                  ) -> Tuple[ImageBlobs, List[Tuple[Blob, List[Blob]]]]:
@@ -6820,6 +6845,10 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
                 self.assert_one_line_error(self.cli("referrers", f"{proxy.host}/test/app:1"),
                                            fragment)
                 self.assertLess(time.monotonic() - started, 5)
+                if label in ("huge", "too many"):  # read within the 4 MiB bound
+                    measured = measured_cli(self.cache_dir, "referrers", f"{proxy.host}/test/app:1")
+                    self.assertEqual(measured.returncode, 1, measured.stderr)
+                    self.assertLess(measured.peak_mib, 120, label)
                 proxy.stop()
         # The same lies under the fallback tag of a registry without the API.
         tag = f"/manifests/sha256-{image.manifest.digest[7:]}"
