@@ -7140,6 +7140,30 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         with self.assertRaisesRegex(oc.OciCacheError, "name the manifest by its digest"):
             cache.registry.referrers(base)
 
+    def test_referrers_through_a_token_registry(self) -> None:
+        secret = "r3ferr-pa55-91ab"
+        storage = self.path("storage")
+        plain = self.start_registry(root=storage)
+        image, made = self.attached(plain)
+        plain.stop()
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        registry = self.start_registry(root=storage, auth=("token", issuer))
+        for tag in ("sig", "sbom"):  # named after the first registry's port: renamed
+            self.cache.descriptor_write(f"{registry.host}/test/app:{tag}",
+                                        self.cache.find_descriptor(f"{plain.host}/test/app:{tag}"))
+        self.assert_one_line_error(self.cli("-q", "push", f"{registry.host}/test/app:sig"), "401")
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", secret)}}})
+        for tag in ("sig", "sbom"):
+            result = self.cli("-q", "push", f"{registry.host}/test/app:{tag}")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.cli("referrers", f"{registry.host}/test/app:1")
+        self.assertEqual([line.split()[0] for line in result.stdout.decode().splitlines()],
+                         [m.digest for m, _ in made], result.stderr)
+        self.assertNotIn(secret.encode(), result.stdout + result.stderr)
+        scopes = {s for r in issuer.requests() if r.user for s in r.scopes}
+        self.assertEqual(scopes, {"repository:test/app:pull", "repository:test/app:pull,push"})
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
