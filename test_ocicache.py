@@ -6899,6 +6899,11 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         self.assertFalse(any(b.digest in {str(d) for d in report.deleted}
                              for m, bs in (on_index, on_amd) for b in bs), report)
         self.assertTrue(cache.verify().ok)
+        # linuxkit still finds the image complete, and takes the referrers' index as whole
+        # (its platform-less children have their configs).
+        self.assertEqual(linuxkit_validate_image(self.cache_dir, f"{base}:1", ["linux/amd64"]), "")
+        for name in names:
+            self.assertEqual(linuxkit_validate_image(self.cache_dir, name, []), "")
         skopeo = self.skopeo("inspect", "--raw", f"oci:{self.cache_dir}:{base}:1")
         self.assertEqual(json.loads(skopeo)["manifests"][0]["digest"], amd.manifest.digest)
         # Pulling again adds nothing; a name already there keeps its entries.
