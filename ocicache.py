@@ -9617,11 +9617,13 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the name to record in the tar (oci, docker)")
         p.set_defaults(run=_cmd_export)
 
-    p = commands.add_parser("sbom", help="print the SPDX SBOMs attached to an image",
+    p = commands.add_parser("sbom", help="print the SBOMs attached to an image",
                             description="Print the SPDX documents of the BuildKit attestation "
-                                        "attached to NAME's image for the platform, each as "
-                                        "stored, followed by a newline; nothing if it has "
-                                        "none.")
+                                        "attached to NAME's image for the platform, then the "
+                                        "SPDX and CycloneDX SBOMs attached to the image or "
+                                        "its index as referrers (pull --referrers brings "
+                                        "them into the cache), each as stored, followed by "
+                                        "a newline; nothing if it has none.")
 
     @p.arguments
     def _(p: argparse.ArgumentParser) -> None:
