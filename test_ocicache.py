@@ -7169,6 +7169,26 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         scopes = {s for r in issuer.requests() if r.user for s in r.scopes}
         self.assertEqual(scopes, {"repository:test/app:pull", "repository:test/app:pull,push"})
 
+    def test_copy_of_some_platforms_carries_their_referrers_only(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry, "src/app")
+        cache = self.provider()
+        endpoint = cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/src/app"))
+        attached = {}
+        for subject in (index, amd.manifest, arm.manifest):
+            manifest, blobs = make_referrer(subject, "application/example", subject.digest.encode())
+            upload(registry.url, "src/app", blobs, [(manifest.digest, manifest)])
+            cache.registry.add_referrer(endpoint, oc.Digest.parse(subject.digest),
+                                        oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+            attached[subject.digest] = manifest.digest
+        result = self.cli("copy", "--referrers", "--platform", "linux/amd64",
+                          f"{registry.host}/src/app:1", f"{registry.host}/dst/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/dst/app/tags/list").read())
+        self.assertEqual(sorted(tags["tags"]), ["1", f"sha256-{amd.manifest.digest[7:]}"])
+        found = cache.referrers(f"{registry.host}/dst/app:1", architecture="linux/amd64")
+        self.assertEqual([str(r.digest) for r in found.referrers], [attached[amd.manifest.digest]])
+
     def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
         registry = self.start_registry()
         proxy = ReferrersProxy(registry, page=1)
