@@ -1214,6 +1214,7 @@ def merge_remote_index(local: Index, remote: Index) -> Index:
 # write and read).
 
 MAX_REFERRERS = 10_000  # descriptors one subject's list may hold, over every page
+_MAX_REFERRER_PAGES = 1000  # pages of one referrers list: an endless one stops in seconds
 
 
 def referrers_tag(digest: Union[str, Digest]) -> str:
@@ -4282,12 +4283,13 @@ class RegistryClient:
         return list(tags)
 
     def _pages(self, endpoint: _Endpoint, url: str, what: str, ok: Sequence[int],
-               headers: Optional[Mapping[str, str]] = None
+               headers: Optional[Mapping[str, str]] = None, most: int = _MAX_TAG_PAGES
                ) -> Iterator[Tuple[bytes, _Response]]:
         """Each page of a paged list (tags, referrers): its body (bounded) and response,
         the next one named by the ``Link`` header, relative or absolute and as written,
-        followed only on the registry's own host and never twice. A first answer outside
-        200 (one of ``ok``) is yielded with an empty body, and ends the list."""
+        followed only on the registry's own host, never twice, and ``most`` pages at most.
+        A first answer outside 200 (one of ``ok``) is yielded with an empty body, and
+        ends the list."""
         import urllib.parse
         fetched: set = set()
         while True:
@@ -4316,7 +4318,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown}, "
                                     "off its own host (or from https to http); refusing to "
                                     "follow it")
-            if following in fetched or len(fetched) >= _MAX_TAG_PAGES:
+            if following in fetched or len(fetched) >= most:
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown} "
                                     f"after {len(fetched)} pages; the list does not end")
             url, ok = following, (200,)
@@ -4345,7 +4347,7 @@ class RegistryClient:
         filtered = True
         source = "api"
         for data, response in self._pages(endpoint, url, what, (200, 404),
-                                          {"Accept": MEDIA_OCI_INDEX}):
+                                          {"Accept": MEDIA_OCI_INDEX}, _MAX_REFERRER_PAGES):
             if response.status == 404:
                 source = referrers_tag(wanted.digest)
                 tagged = self.remote_manifest(endpoint, source)
@@ -4356,8 +4358,13 @@ class RegistryClient:
             filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
             where = f"{endpoint.host}'s referrers list of {wanted.name}@{wanted.digest}" \
                 if source == "api" else f"{endpoint.host}'s fallback tag {wanted.name}:{source}"
+            before = len(found)
             for descriptor in parse_referrers(data, where):
                 found.setdefault(descriptor.digest, descriptor)
+            if len(found) == before and _next_link(response.headers.get("Link", "")):
+                # Another page after one of nothing new: a list that ends never does that.
+                raise RegistryError(f"{what}: {endpoint.host} links to a next page after one "
+                                    "with no referrer it had not listed; the list does not end")
             if len(found) > MAX_REFERRERS:
                 raise RegistryError(f"{what}: {endpoint.host} lists more than {MAX_REFERRERS} "
                                     "referrers")
