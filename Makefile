@@ -12,6 +12,9 @@ ZSTD_BACKPORT := backports.zstd
 # The test tools that come from PyPI: vermin checks that nothing needs a newer Python
 # than 3.9.
 PIP_TEST_TOOLS := vermin
+# The test modules that come from PyPI: oras (oras-py) attaches and reads OCI 1.1
+# referrers, the independent client the referrers tests compare with.
+PIP_TEST_MODULES := oras
 
 .PHONY: test test-fast stress deps help bench
 
@@ -44,6 +47,10 @@ deps:
 	@for tool in $(PIP_TEST_TOOLS); do command -v $$tool >/dev/null 2>&1 || \
 		$(PYTHON) -m pip install -q $$tool || \
 		echo "missing: $$tool; its test will be skipped. Install it with: pip install $$tool"; \
+		done
+	@for module in $(PIP_TEST_MODULES); do $(PYTHON) -c "import $$module" 2>/dev/null || \
+		$(PYTHON) -m pip install -q $$module || \
+		echo "missing: $$module; its tests will be skipped. Install it with: pip install $$module"; \
 		done
 
 test: deps

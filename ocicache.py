@@ -65,6 +65,8 @@ __all__ = [
     "RegistryClient", "PullProgress", "parse_mirror", "default_mirrors", "parse_copy_location",
     "SyncSpec", "SyncSource", "SyncResult", "InvalidSyncFileError", "read_sync_file",
     "parse_sync_spec", "semver_matches",
+    "MAX_REFERRERS", "referrers_tag", "is_referrers_tag", "referrer_descriptor",
+    "parse_referrers", "with_referrer", "ReferrerList",
     # interfaces and implementation
     "CacheProvider", "ImageSource", "PackageResolver", "Provider", "ImageSummary",
     "default_cache_dir", "package_resolver", "resolve_templates", "package_tag", "main",
@@ -206,6 +208,16 @@ ANNOTATION_REFERENCE_TYPE = "vnd.docker.reference.type"
 ANNOTATION_REFERENCE_DIGEST = "vnd.docker.reference.digest"
 ANNOTATION_PREDICATE_TYPE = "in-toto.io/predicate-type"
 SPDX_PREDICATE_TYPE = "https://spdx.dev/Document"
+# SBOMs attached as referrers (oras attach, cosign attach sbom, syft): the documents'
+# own media types, and the predicate types of in-toto attestations that carry one.
+SBOM_MEDIA_TYPES = frozenset({"application/spdx+json", "text/spdx+json", "text/spdx",
+                              "application/vnd.cyclonedx+json", "application/vnd.cyclonedx+xml",
+                              "application/vnd.cyclonedx"})
+SBOM_PREDICATE_TYPES = frozenset({SPDX_PREDICATE_TYPE, "https://spdx.dev/Document/v2.3",
+                                  "https://cyclonedx.org/bom", "https://cyclonedx.org/bom/v1.4",
+                                  "https://cyclonedx.org/bom/v1.5",
+                                  "https://cyclonedx.org/bom/v1.6"})
+MEDIA_DSSE_ENVELOPE = "application/vnd.dsse.envelope.v1+json"
 ALL_PLATFORMS = "all"
 FORMAT_OCI, FORMAT_DOCKER, FORMAT_FILESYSTEM = "oci", "docker", "filesystem"
 
@@ -1195,6 +1207,99 @@ def merge_remote_index(local: Index, remote: Index) -> Index:
                 child.annotations.get(ANNOTATION_REFERENCE_DIGEST, "") in digests:
             merged.append(child)
     return without_dangling_attestations(_replace(local, manifests=tuple(merged)))
+
+
+# -- referrers (OCI 1.1) ----------------------------------------------------------------
+#
+# A referrer is a manifest whose ``subject`` names another manifest: a signature, an
+# SBOM, an attestation attached to an image after the fact. A registry with the
+# referrers API lists them (``GET /v2/<repo>/referrers/<digest>``, an index of their
+# descriptors); one without it (distribution 2.8, Docker Hub, GHCR) is given the same
+# index by the clients themselves, under the tag ``<algorithm>-<hex>`` of the subject
+# (the distribution spec's "referrers tag schema", which oras, regclient and cosign
+# write and read).
+
+MAX_REFERRERS = 10_000  # descriptors one subject's list may hold, over every page
+_MAX_REFERRER_PAGES = 1000  # pages of one referrers list: an endless one stops in seconds
+
+
+def referrers_tag(digest: Union[str, Digest]) -> str:
+    """The fallback tag listing ``digest``'s referrers: ``sha256-<hex>`` (the algorithm
+    cut to 32 characters and the hex to 64, as the spec says, so the tag is valid)."""
+    parsed = Digest.parse(digest)
+    return f"{parsed.algorithm[:32]}-{parsed.hex[:64]}"
+
+
+def is_referrers_tag(tag: str) -> bool:
+    """Whether ``tag`` has the form of a fallback tag (``referrers_tag``)."""
+    return re.fullmatch(r"[a-z0-9]{1,32}-[0-9a-f]{64}", tag) is not None
+
+
+def _document_subject(obj: Mapping[str, Any]) -> Optional[Descriptor]:
+    subject = obj.get("subject")
+    return Descriptor.from_json(subject) if isinstance(subject, dict) else None
+
+
+def referrer_descriptor(data: bytes, media_type: str, what: str = "referrer"
+                        ) -> Tuple[Descriptor, Optional[Descriptor]]:
+    """A manifest (or index) as a referrers list holds it, and its subject (None when
+    it has none). The list's entry carries the document's ``artifactType`` (for an
+    image manifest without one, its config's media type) and its annotations, as the
+    spec asks, so that a client can filter without fetching each referrer."""
+    obj = _load_json_object(data, what)
+    kind = str(obj.get("mediaType") or media_type)
+    artifact_type = obj.get("artifactType")
+    if not isinstance(artifact_type, str) or not artifact_type:
+        config = obj.get("config")
+        artifact_type = str(config.get("mediaType") or "") \
+            if isinstance(config, dict) and kind not in INDEX_MEDIA_TYPES else ""
+    annotations = obj.get("annotations")
+    if not isinstance(annotations, dict) or not all(
+            isinstance(v, str) for v in annotations.values()):
+        annotations = {}
+    descriptor = Descriptor(kind, Digest.from_bytes(data), len(data),
+                            annotations=annotations, artifact_type=artifact_type)
+    return descriptor, _document_subject(obj)
+
+
+def parse_referrers(data: bytes, what: str) -> List[Descriptor]:
+    """The descriptors of a referrers list (the API's answer or the fallback tag's
+    index): it must be an index, each entry a valid descriptor; each digest once."""
+    obj = _load_json_object(data, what)
+    declared = obj.get("mediaType")
+    if (declared and declared not in INDEX_MEDIA_TYPES) or \
+            not isinstance(obj.get("manifests"), list):
+        kind = declared if isinstance(declared, str) and declared else \
+            "a manifest" if "config" in obj or "layers" in obj else "no index"
+        raise OciCacheError(f"{what} is {_shorten(_one_line(str(kind)))}, not an index of "
+                            "referrers")
+    entries = obj["manifests"]
+    if len(entries) > MAX_REFERRERS:
+        raise OciCacheError(f"{what} lists {len(entries)} referrers, more than "
+                            f"{MAX_REFERRERS}")
+    found: Dict[Digest, Descriptor] = {}
+    for number, entry in enumerate(entries, 1):
+        try:
+            descriptor = Descriptor.from_json(entry)
+        except OciCacheError as e:
+            raise OciCacheError(f"{what}: entry {number} is not a valid descriptor: "
+                                f"{_shorten(_one_line(str(e)), 160)}") from None
+        found.setdefault(descriptor.digest, descriptor)
+    return list(found.values())
+
+
+def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) -> Optional[bytes]:
+    """The fallback tag's index with ``referrer`` added (read-modify-write: every entry
+    already there is kept, as written); None when it lists it already."""
+    if existing is None:
+        return Index(MEDIA_OCI_INDEX, (referrer,)).to_bytes()
+    listed = parse_referrers(existing, what)
+    if any(d.digest == referrer.digest for d in listed):
+        return None
+    obj = _load_json_object(existing, what)
+    obj["manifests"] = [*obj["manifests"], referrer.to_json()]
+    obj.setdefault("mediaType", MEDIA_OCI_INDEX)
+    return _json_bytes(obj, separators=(",", ":"))
 
 
 # =====================================================================================
@@ -4161,23 +4266,13 @@ class RegistryClient:
         absolute and as written (Quay's ``next_page`` tokens are in it), but only on the
         registry's own host; entries that are not tags (the nulls and digests that
         Artifactory and Nexus list) are left out."""
-        import urllib.parse
         wanted = Reference.parse(ref)
         endpoint = self.endpoint(wanted, use_mirrors=False)  # a mirror lists its own tags
         what = f"list the tags of {wanted.name}"
         url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
         tags: Dict[str, None] = {}
-        fetched: set = set()
         skipped = 0
-        while True:
-            fetched.add(url)
-            response = self.request(endpoint, "GET", "", url=url, what=what)
-            try:
-                data = response.body(MAX_MANIFEST_SIZE)
-            except (OSError, _http_client.HTTPException) as e:
-                response.close(reuse=False)
-                raise _connection_error(endpoint.host, e) from None
-            response.close()
+        for data, _ in self._pages(endpoint, url, what, (200,)):
             page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
             entries = page.get("tags") if isinstance(page, dict) else ()
             if not isinstance(entries, list) and entries is not None:
@@ -4188,23 +4283,118 @@ class RegistryClient:
                     tags.setdefault(entry)
                 else:
                     skipped += 1
+        if skipped:
+            _log().debug("%s listed %d entries that are not tags; left out", endpoint.host,
+                         skipped)
+        return list(tags)
+
+    def _pages(self, endpoint: _Endpoint, url: str, what: str, ok: Sequence[int],
+               headers: Optional[Mapping[str, str]] = None, most: int = _MAX_TAG_PAGES
+               ) -> Iterator[Tuple[bytes, _Response]]:
+        """Each page of a paged list (tags, referrers): its body (bounded) and response,
+        the next one named by the ``Link`` header, relative or absolute and as written,
+        followed only on the registry's own host, never twice, and ``most`` pages at most.
+        A first answer outside 200 (one of ``ok``) is yielded with an empty body, and
+        ends the list."""
+        import urllib.parse
+        fetched: set = set()
+        while True:
+            fetched.add(url)
+            response = self.request(endpoint, "GET", "", url=url, what=what, ok=ok,
+                                    headers=headers)
+            if response.status != 200:
+                response.close()
+                yield b"", response
+                return
+            try:
+                data = response.body(MAX_MANIFEST_SIZE)
+            except (OSError, _http_client.HTTPException) as e:
+                response.close(reuse=False)
+                raise _connection_error(endpoint.host, e) from None
+            except OciCacheError as e:
+                raise RegistryError(f"{what}: {e}") from None
+            response.close()
+            yield data, response
             link = _next_link(response.headers.get("Link", ""))
             if not link:
-                break
+                return
             following = urllib.parse.urljoin(response.url, link)
             shown = _shorten(_one_line(_without_userinfo(following)))
             if not _may_send_credentials(following, self._origin(endpoint)):
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown}, "
                                     "off its own host (or from https to http); refusing to "
                                     "follow it")
-            if following in fetched or len(fetched) >= _MAX_TAG_PAGES:
+            if following in fetched or len(fetched) >= most:
                 raise RegistryError(f"{what}: {endpoint.host} links the next page to {shown} "
                                     f"after {len(fetched)} pages; the list does not end")
-            url = following
-        if skipped:
-            _log().debug("%s listed %d entries that are not tags; left out", endpoint.host,
-                         skipped)
-        return list(tags)
+            url, ok = following, (200,)
+
+    def referrers(self, ref: Union[str, Reference], artifact_type: str = ""
+                  ) -> Tuple[List[Descriptor], str]:
+        """What refers to the manifest ``ref`` pins by digest: the descriptors of its
+        referrers, and where the list came from (``"api"``, or the fallback tag).
+
+        The referrers API is asked first (every page, by ``Link``); a registry without
+        it answers 404, and the index under the fallback tag ``sha256-<hex>`` is read
+        instead (no such tag: no referrers). With ``artifact_type`` only referrers of
+        that type are returned, filtered here when the registry did not say it applied
+        the filter (``OCI-Filters-Applied``). A list that is not an index, holds a bad
+        descriptor or more than MAX_REFERRERS entries is an error."""
+        import urllib.parse
+        wanted = Reference.parse(ref)
+        if wanted.digest is None:
+            raise OciCacheError(f"referrers of {wanted}: name the manifest by its digest")
+        endpoint = self.endpoint(wanted, use_mirrors=False)  # a mirror has its own tags
+        what = f"list the referrers of {wanted.name}@{wanted.digest}"
+        url = f"{endpoint.base}/v2/{endpoint.repository}/referrers/{wanted.digest}"
+        if artifact_type:
+            url += "?artifactType=" + urllib.parse.quote(artifact_type, safe="")
+        found: Dict[Digest, Descriptor] = {}
+        filtered = True
+        source = "api"
+        for data, response in self._pages(endpoint, url, what, (200, 404),
+                                          {"Accept": MEDIA_OCI_INDEX}, _MAX_REFERRER_PAGES):
+            if response.status == 404:
+                source = referrers_tag(wanted.digest)
+                tagged = self.remote_manifest(endpoint, source)
+                if tagged is None:
+                    return [], source
+                data, filtered = tagged[0], False
+            applied = response.headers.get("OCI-Filters-Applied", "") if source == "api" else ""
+            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+            where = f"{endpoint.host}'s referrers list of {wanted.name}@{wanted.digest}" \
+                if source == "api" else f"{endpoint.host}'s fallback tag {wanted.name}:{source}"
+            before = len(found)
+            for descriptor in parse_referrers(data, where):
+                found.setdefault(descriptor.digest, descriptor)
+            if len(found) == before and _next_link(response.headers.get("Link", "")):
+                # Another page after one of nothing new: a list that ends never does that.
+                raise RegistryError(f"{what}: {endpoint.host} links to a next page after one "
+                                    "with no referrer it had not listed; the list does not end")
+            if len(found) > MAX_REFERRERS:
+                raise RegistryError(f"{what}: {endpoint.host} lists more than {MAX_REFERRERS} "
+                                    "referrers")
+        listed = list(found.values())
+        if artifact_type and not filtered:
+            listed = [d for d in listed if d.artifact_type == artifact_type]
+        return listed, source
+
+    def add_referrer(self, endpoint: _Endpoint, subject: Digest, referrer: Descriptor) -> bool:
+        """List ``referrer`` in the fallback tag of ``subject`` at ``endpoint``, for a
+        registry without the referrers API: the tag's index is read, the entry added
+        (every other entry kept), and the index put back; False when it was there
+        already. Two clients doing this at once can lose one entry (distribution has no
+        conditional PUT); running the push again puts it back."""
+        tag = referrers_tag(subject)
+        what = f"{endpoint.host}'s fallback tag {endpoint.repository}:{tag}"
+        existing = self.remote_manifest(endpoint, tag, "pull,push")
+        if existing is not None and existing[1].media_type not in INDEX_MEDIA_TYPES | {""}:
+            parse_referrers(existing[0], what)  # says what it is instead
+        updated = with_referrer(existing[0] if existing is not None else None, referrer, what)
+        if updated is None:
+            return False
+        self.put_manifest(endpoint, tag, updated, MEDIA_OCI_INDEX)
+        return True
 
     def check_credentials(self, registry: str, username: str, password: str) -> bool:
         """Whether ``registry`` takes this user name and password: a GET of ``/v2/``
@@ -4293,11 +4483,14 @@ class RegistryClient:
         return data, Descriptor(media_type, Digest.from_bytes(data), len(data))
 
     def put_manifest(self, endpoint: _Endpoint, reference: str, data: bytes,
-                     media_type: str) -> None:
+                     media_type: str) -> "http.client.HTTPMessage":
+        """PUT a manifest; the response's headers (``OCI-Subject`` says the registry
+        keeps the referrers list of the manifest's subject itself)."""
         response = self.request(endpoint, "PUT", f"manifests/{reference}", "pull,push",
                                 headers={"Content-Type": media_type}, body=data, ok=(201, 200),
                                 what=f"push {endpoint.host}/{endpoint.repository}:{reference}")
         response.close()
+        return response.headers
 
     def upload_blob(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
                     mount_from: Sequence[str] = ()) -> str:
@@ -7544,6 +7737,136 @@ class Provider(CacheProvider):
         self.progress.end(name, named)
         return self.new_source(name, architecture, named.named(name))
 
+    def pull_referrers(self, ref: RefLike, architecture: str = "") -> List[Descriptor]:
+        """Bring what refers to the cached ``ref`` (signatures, SBOMs: its referrers in
+        its registry) into the cache, beside it: the referrers of its root (the
+        registry's index, also when the cache holds a part of it) and of each platform's
+        image the cache holds for ``architecture``. They are kept as the registry's
+        fallback tag keeps them: each subject's referrers listed in an OCI index named
+        ``<repository>:sha256-<hex of the subject>`` (entries already named so are
+        kept), so gc keeps them while that name exists, ``rm`` removes them, and
+        ``push`` of that name recreates the tag. Referrers of referrers are not
+        followed. Returns the names written; nothing is named until every referrer is
+        complete, and a referrer whose ``subject`` is not the image is an error."""
+        wanted = Reference.parse(ref)
+        root = self._find_named(wanted)
+        subjects = [Digest.parse(self._subset_of(root) or str(root.digest))]
+        if root.is_index:
+            subjects += [c.digest for c in self._images(root.named(str(wanted)), architecture)
+                         if c.digest not in subjects]
+        written = []
+        with self.layout.adding_blobs():
+            plans = [p for p in (self._referrers_plan(wanted, s) for s in subjects) if p]
+            for plan in plans:
+                self._download(plan.source, plan.blobs)
+                self._write_manifests(plan.manifests)
+            with self.layout.lock():
+                names = []
+                for plan in plans:
+                    name = str(Reference(wanted.registry, wanted.repository,
+                                         referrers_tag(plan.source.digest or "")))
+                    known = self.find_descriptor(name)
+                    entries = list(Index.from_json(plan.data).manifests)
+                    if known is not None and known.is_index:
+                        held = [e for e in Index.from_json(self.layout.read_blob(
+                            known.digest), what=f"index of {name}").manifests
+                            if self.layout.has_blob(e.digest)]
+                        entries = [*held, *(e for e in entries
+                                            if e.digest not in {h.digest for h in held})]
+                    data = Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes()
+                    digest = self.layout.write_blob_bytes(data)
+                    names.append((name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)).named(name)))
+                written = self._write_names(names)
+            self._save_locations()
+        for plan in plans:
+            _log().info("pulled %d referrers of %s", len(plan.manifests), plan.source)
+        return written
+
+    def referrer_sboms(self, ref: RefLike, subjects: Sequence[Digest]) -> List[BinaryIO]:
+        """The SBOMs (SPDX, CycloneDX) among the referrers of ``subjects`` that the cache
+        holds under ``<repository>:sha256-<hex>`` (``pull_referrers``): each layer of an
+        SBOM media type (``SBOM_MEDIA_TYPES``) as stored, and the predicate of each
+        in-toto statement (plain, or in a DSSE envelope as cosign attaches it) whose
+        predicate type is an SBOM's (``SBOM_PREDICATE_TYPES``)."""
+        import base64
+        wanted = Reference.parse(ref)
+        documents: List[BinaryIO] = []
+        for subject in dict.fromkeys(subjects):
+            root = self.find_descriptor(Reference(wanted.registry, wanted.repository,
+                                                  referrers_tag(subject)))
+            if root is None or not root.is_index:
+                continue
+            for referrer in Index.from_json(self.layout.read_blob(root.digest),
+                                            what=f"referrers of {subject}").manifests:
+                if not self.layout.has_blob(referrer.digest):
+                    continue
+                for layer in self.manifest(referrer).layers:
+                    what = f"layer {layer.digest} of referrer {referrer.digest}"
+                    if layer.media_type in SBOM_MEDIA_TYPES:
+                        documents.append(self.layout.open_blob(layer.digest))
+                        continue
+                    if layer.media_type not in (MEDIA_IN_TOTO, MEDIA_DSSE_ENVELOPE):
+                        continue
+                    data = self.layout.read_blob(layer.digest, MAX_STATEMENT_SIZE)
+                    if layer.media_type == MEDIA_DSSE_ENVELOPE:
+                        payload = _load_json_object(data, what).get("payload")
+                        try:
+                            data = base64.b64decode(str(payload), validate=True)
+                        except ValueError:
+                            raise OciCacheError(f"{what}: its DSSE payload is not base64") \
+                                from None
+                    statement = _load_json_object(data, f"in-toto statement in {what}")
+                    if statement.get("predicateType") not in SBOM_PREDICATE_TYPES:
+                        continue
+                    try:
+                        text = data.decode()
+                    except UnicodeDecodeError:
+                        raise OciCacheError(f"in-toto statement in {what} is not UTF-8") from None
+                    documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
+        return documents
+
+    def _referrers_plan(self, ref: Reference, subject: Digest) -> Optional["_CopyPlan"]:
+        """The referrers of ``subject`` in ``ref``'s repository, fetched (each manifest
+        checked: its digest, its size, its ``subject``) but no blob: a plan whose root is
+        the index listing them, as the fallback tag does; None when there are none.
+        Referrers that are indexes are left out, with a warning (their children would
+        need a pull of their own)."""
+        pinned = Reference(ref.registry, ref.repository, "", subject)
+        listed, source = self.registry.referrers(pinned)
+        kept: List[Descriptor] = []
+        manifests: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+        for entry in listed:
+            if entry.media_type in INDEX_MEDIA_TYPES:
+                _log().warning("not pulling referrer %s of %s: it is an index", entry.digest,
+                               pinned)
+                continue
+            data, served = self.registry.get_manifest(
+                Reference(ref.registry, ref.repository, "", entry.digest),
+                what=f"pull referrer {entry.digest} of {pinned}")
+            where = f"the fallback tag {source}" if source != "api" else "the referrers API"
+            if len(data) != entry.size:
+                raise RegistryError(f"{pinned.name}: {where} lists referrer {entry.digest} "
+                                    f"of {entry.size} bytes, but it has {len(data)}")
+            descriptor, its_subject = referrer_descriptor(data, served.media_type,
+                                                          f"referrer {entry.digest}")
+            if its_subject is None or its_subject.digest != subject:
+                raise RegistryError(
+                    f"{pinned.name}: {where} lists {entry.digest} as a referrer of {subject}, "
+                    f"but its subject is {its_subject.digest if its_subject else 'missing'}")
+            kind, document = read_document(data, served.media_type, f"referrer {entry.digest}")
+            if not isinstance(document, Manifest):
+                _log().warning("not pulling referrer %s of %s: it is %s", entry.digest,
+                               pinned, kind or "no manifest")
+                continue
+            kept.append(_replace(descriptor, media_type=kind))
+            manifests.append((kept[-1], data, document))
+        if not kept:
+            return None
+        data = Index(MEDIA_OCI_INDEX, tuple(kept)).to_bytes()
+        root = Descriptor(MEDIA_OCI_INDEX, Digest.from_bytes(data), len(data))
+        return _CopyPlan(pinned, root, data, tuple((d, m) for d, m, _ in manifests),
+                         _copied_blobs(manifests, []))
+
     def _unmoved(self, wanted: Reference, cached: Descriptor) -> Optional[Descriptor]:
         """``cached`` when the registry still serves it for ``wanted`` (asked with HEAD,
         which Docker Hub's rate limit does not count) and every blob it relies on passes
@@ -7896,6 +8219,19 @@ class Provider(CacheProvider):
                 f"image {wanted_ref} has no {wanted}; it is {declared.platform}")
         return declared
 
+    def referrers(self, ref: RefLike, artifact_type: str = "", architecture: str = ""
+                  ) -> "ReferrerList":
+        """What refers to ``ref`` in its registry (``RegistryClient.referrers``: the
+        referrers API, else the fallback tag): of the manifest or index the name
+        resolves to, or with ``architecture`` of that platform's image (an index's
+        child). Only referrers of ``artifact_type`` when it is given. The cache is
+        neither read nor written."""
+        wanted = Reference.parse(ref)
+        subject = self.remote_digest(wanted, architecture)
+        pinned = Reference(wanted.registry, wanted.repository, "", subject.digest)
+        listed, source = self.registry.referrers(pinned, artifact_type)
+        return ReferrerList(pinned, subject, tuple(listed), source)
+
     def push(self, name: RefLike, remote_name: RefLike = "", with_manifest: bool = False,
              override: bool = False) -> None:
         """Push a cached image or index to a registry, as linuxkit's cache push does.
@@ -7912,16 +8248,20 @@ class Provider(CacheProvider):
         root = self._find_named(local)
         endpoint = self.registry.endpoint(remote, use_mirrors=False)
         tag = remote.tag or str(remote.digest)
+        # A list of referrers (pull --referrers names them so) is added to, never replaced.
+        listing = root.is_index and remote.digest is None and is_referrers_tag(remote.tag)
+        override = override or listing
         # Whether the tag exists; a 403 here (Artifactory's answer for a missing tag)
         # is taken as "absent", and the upload's own answer decides.
         existing = self.registry.remote_manifest(endpoint, tag, "pull,push",
                                                  denied_is_absent=True)
+        if existing is not None and existing[1].digest == root.digest:
+            _log().info("%s is already in the registry", remote)
+            self._list_referrer(endpoint, remote, existing[0], existing[1].media_type, None)
+            return
         if existing is not None and not override:
             _log().info("%s exists in the registry; not pushing (push --override replaces "
                         "or merges it)", remote)
-            return
-        if existing is not None and existing[1].digest == root.digest:
-            _log().info("%s is already in the registry", remote)
             return
         data = self.layout.read_blob(root.digest)
         children: List[Descriptor] = []
@@ -7934,7 +8274,12 @@ class Provider(CacheProvider):
                                     f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
                                     "--all-platforms first")
             children = list(index.manifests)
-            if existing is not None and existing[1].is_index:
+            if existing is not None and existing[1].is_index and listing:
+                there = Index.from_json(existing[0], what=f"index of {remote}")
+                merged = _replace(there, manifests=(*there.manifests, *(
+                    c for c in index.manifests
+                    if c.digest not in {d.digest for d in there.manifests})))
+            elif existing is not None and existing[1].is_index:
                 merged = merge_remote_index(index, Index.from_json(existing[0]))
             else:
                 merged = without_dangling_attestations(index)
@@ -7948,8 +8293,9 @@ class Provider(CacheProvider):
         self._push_manifests(local, endpoint, to_push)
         media_type = str(_load_json_object(data, f"index of {local}").get("mediaType") or
                          root.media_type)  # the body's own type: root entries may differ
-        self.registry.put_manifest(endpoint, tag, data, media_type)
+        headers = self.registry.put_manifest(endpoint, tag, data, media_type)
         _log().info("pushed %s as %s", local, remote)
+        self._list_referrer(endpoint, remote, data, media_type, headers)
         if with_manifest and root.is_index and remote.tag:
             for child, suffix in _arch_tags(children):
                 if self.layout.has_blob(child.digest):
@@ -7960,6 +8306,27 @@ class Provider(CacheProvider):
                     self.registry.put_manifest(endpoint, f"{remote.tag}-{suffix}",
                                                self.layout.read_blob(child.digest),
                                                self.layout.believed(child).media_type)
+
+    def _list_referrer(self, endpoint: _Endpoint, remote: Reference, data: bytes,
+                       media_type: str, headers: Optional["http.client.HTTPMessage"]) -> None:
+        """After a manifest with a ``subject`` went up: list it in the subject's fallback
+        tag, unless the registry keeps referrers itself, which it says with the
+        ``OCI-Subject`` header of the PUT (``headers``; None when nothing was put, and
+        the referrers API is asked instead)."""
+        descriptor, subject = referrer_descriptor(data, media_type, f"manifest of {remote}")
+        if subject is None:
+            return
+        if headers is not None and headers.get("OCI-Subject"):
+            return
+        if headers is None:
+            _, source = self.registry.referrers(
+                Reference(remote.registry, remote.repository, "", subject.digest))
+            if source == "api":
+                return
+        if self.registry.add_referrer(endpoint, subject.digest, descriptor):
+            _log().info("listed %s in %s:%s, the referrers of %s (the registry has no "
+                        "referrers API)", descriptor.digest, remote.name,
+                        referrers_tag(subject.digest), subject.digest)
 
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
@@ -8003,7 +8370,7 @@ class Provider(CacheProvider):
     # -- copy -------------------------------------------------------------------------
 
     def copy(self, source: str, destination: str, architecture: str = "",
-             all_tags: bool = False) -> List[Tuple[str, Descriptor]]:
+             all_tags: bool = False, referrers: bool = False) -> List[Tuple[str, Descriptor]]:
         """Copy an image from ``source`` to ``destination``, as ``skopeo copy`` does;
         returns each destination name with the root it now holds.
 
@@ -8016,6 +8383,8 @@ class Provider(CacheProvider):
         source repository. Blobs go through the cache's disk (resumable, never whole in
         memory), are mounted from the source repository within one registry, ``jobs``
         at a time; tags are written after everything else, so a failed copy leaves none.
+        ``referrers`` also copies what refers to each image and platform copied
+        (``_copy_referrers``).
         """
         src_kind, src, _ = parse_copy_location(source)
         dst_kind, dst, dst_tag = parse_copy_location(destination)
@@ -8045,10 +8414,11 @@ class Provider(CacheProvider):
             _layout_target(dst, dst_kind == "oci-archive")  # before any request
         with self.layout.adding_blobs():  # what is staged here is not gc's until copied
             return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
-                              all_tags)
+                              all_tags, referrers)
 
     def _copy(self, sources: Sequence[Reference], src_kind: str, dst_kind: str, dst: str,
-              dst_tag: str, architecture: str, all_tags: bool) -> List[Tuple[str, Descriptor]]:
+              dst_tag: str, architecture: str, all_tags: bool, referrers: bool = False
+              ) -> List[Tuple[str, Descriptor]]:
         items: List[Tuple[Reference, str, _CopyPlan]] = []
         for ref in sources:
             if dst_kind == "registry":
@@ -8060,11 +8430,59 @@ class Provider(CacheProvider):
             plan = self._cache_plan(ref, architecture) if src_kind == "cache" else \
                 self._registry_plan(ref, architecture)
             items.append((ref, name, plan))
+        extra = self._referrer_items(items, src_kind, dst_kind) if referrers else []
         if dst_kind == "registry":
             self._copy_to_registry(items, src_kind == "registry")
+            self._copy_referrers(extra, src_kind == "registry")
         else:
-            self._copy_to_layout(items, src_kind == "registry", dst, dst_kind == "oci-archive")
+            self._copy_to_layout([*items, *extra], src_kind == "registry", dst,
+                                 dst_kind == "oci-archive")
         return [(name, plan.root) for _, name, plan in items]
+
+    def _referrer_items(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
+                        src_kind: str, dst_kind: str
+                        ) -> List[Tuple[Reference, str, "_CopyPlan"]]:
+        """What ``copy --referrers`` adds: for each image copied, the referrers of its
+        root and of each platform's manifest, a plan per subject whose root is the index
+        of them (the fallback tag's form), named ``sha256-<hex>`` in a layout and in
+        DST's repository. From a registry they are listed and fetched there
+        (``_referrers_plan``); from the cache, they are what ``pull --referrers`` named
+        ``<repository>:sha256-<hex>``."""
+        extra = []
+        for ref, name, plan in items:
+            target = Reference.parse(name) if dst_kind == "registry" else None
+            subjects = [plan.root.digest, *(d.digest for d, _ in plan.manifests)]
+            for subject in dict.fromkeys(subjects):
+                tag = referrers_tag(subject)
+                if src_kind == "registry":
+                    found = self._referrers_plan(ref, subject)
+                else:
+                    cached = Reference(ref.registry, ref.repository, tag)
+                    found = self._cache_plan(cached, "") if self.find_descriptor(cached) else None
+                if found is not None:
+                    extra.append((found.source, tag if target is None else
+                                  str(Reference(target.registry, target.repository, tag)), found))
+        return extra
+
+    def _copy_referrers(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
+                        from_registry: bool) -> None:
+        """Referrers into a registry, after the images they refer to: blobs, then each
+        referrer by digest, listed in its subject's fallback tag (read, added to, put
+        back) unless the PUT's ``OCI-Subject`` says the registry lists it itself."""
+        for ref, name, plan in items:
+            target = Reference.parse(name)
+            endpoint = self.registry.endpoint(target, use_mirrors=False)
+            mounts = [ref.repository] if ref.registry == target.registry and \
+                ref.repository != target.repository else []
+            for blob in plan.blobs:
+                self._copy_blob(ref if from_registry else None, endpoint, blob, mounts)
+            for descriptor, data in plan.manifests:
+                headers = self.registry.put_manifest(endpoint, str(descriptor.digest), data,
+                                                     descriptor.media_type)
+                referrer, subject = referrer_descriptor(data, descriptor.media_type)
+                if subject is not None and not headers.get("OCI-Subject"):
+                    self.registry.add_referrer(endpoint, subject.digest, referrer)
+            _log().info("copied %d referrers of %s to %s", len(plan.manifests), ref, target.name)
 
     def _filtered(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
                   ) -> Tuple[bytes, Descriptor, List[Descriptor]]:
@@ -8487,6 +8905,22 @@ class Provider(CacheProvider):
             return Digest.parse(response.headers.get("Docker-Content-Digest", "").strip())
         existing = self.registry.remote_manifest(endpoint, target.tag, actions)
         return existing[1].digest if existing is not None else None
+
+
+@_value_type
+class ReferrerList:
+    """The referrers of one manifest: ``subject`` (pinned by digest) and its
+    descriptor, the referrers' descriptors, and ``source``: ``"api"`` (the registry's
+    referrers API) or the fallback tag they were read from (``sha256-<hex>``)."""
+
+    name: Reference
+    subject: Descriptor
+    referrers: Tuple[Descriptor, ...]
+    source: str
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": str(self.name), "subject": self.subject.to_json(),
+                "source": self.source, "referrers": [r.to_json() for r in self.referrers]}
 
 
 @_value_type
@@ -9297,10 +9731,19 @@ class _CacheSource(ImageSource):
         return self._naming_corruption(produce)
 
     def sboms(self) -> List[BinaryIO]:
-        """The SPDX predicates of this platform's BuildKit attestation, as in the blob."""
+        """The SPDX predicates of this platform's BuildKit attestation, as in the blob,
+        then the SBOMs attached to the image as referrers that ``pull --referrers``
+        brought into the cache (``Provider.referrer_sboms``)."""
         root = self._provider._find_named(self._ref)
-        if not root.is_index:
-            return []
+        subjects = [root.digest]
+        if self._provider._subset_of(root):
+            subjects.append(Digest.parse(self._provider._subset_of(root)))
+        documents = self._buildkit_sboms(root, subjects) if root.is_index else []
+        return [*documents, *self._provider.referrer_sboms(self._ref, subjects)]
+
+    def _buildkit_sboms(self, root: Descriptor, subjects: List[Digest]) -> List[BinaryIO]:
+        """The SPDX predicates of the BuildKit attestation of this platform's image
+        in the index ``root``; the image's digest is added to ``subjects``."""
         layout = self._provider.layout
         index = Index.from_json(layout.read_blob(root.digest), what=f"index of {self._ref}")
         wanted = Platform.parse(self._architecture)
@@ -9308,6 +9751,7 @@ class _CacheSource(ImageSource):
         if image is None:
             raise PlatformNotFoundError(f"no manifest found for {self._ref} platform {wanted}")
         self._provider._require_pulled(root.name, image)
+        subjects.append(image.digest)
         attestations = [c for c in index.attestations_for(image.digest)
                         if c.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest"]
         if len(attestations) > 1:
@@ -9716,6 +10160,10 @@ def _build_parser() -> argparse.ArgumentParser:
                             "moved tag)")
         p.add_argument("--arch-tags", action="store_true",
                        help="also name each platform <NAME>-<arch>, as linuxkit cache pull does")
+        p.add_argument("--referrers", action="store_true",
+                       help="also pull what refers to the image in its registry (signatures, "
+                            "SBOMs), each subject's named <repository>:sha256-<hex>, as the "
+                            "registry's fallback tag")
         p.set_defaults(run=_cmd_pull)
 
     p = commands.add_parser("push", help="push an image from the cache to a registry",
@@ -9800,11 +10248,13 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the name to record in the tar (oci, docker)")
         p.set_defaults(run=_cmd_export)
 
-    p = commands.add_parser("sbom", help="print the SPDX SBOMs attached to an image",
+    p = commands.add_parser("sbom", help="print the SBOMs attached to an image",
                             description="Print the SPDX documents of the BuildKit attestation "
-                                        "attached to NAME's image for the platform, each as "
-                                        "stored, followed by a newline; nothing if it has "
-                                        "none.")
+                                        "attached to NAME's image for the platform, then the "
+                                        "SPDX and CycloneDX SBOMs attached to the image or "
+                                        "its index as referrers (pull --referrers brings "
+                                        "them into the cache), each as stored, followed by "
+                                        "a newline; nothing if it has none.")
 
     @p.arguments
     def _(p: argparse.ArgumentParser) -> None:
@@ -9897,6 +10347,36 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="print the descriptor (name, digest, mediaType, size, platform)")
         p.set_defaults(run=_cmd_digest)
 
+    p = commands.add_parser("referrers", help="list what refers to an image in its registry "
+                                              "(signatures, SBOMs, attestations)",
+                            description="Print the referrers of NAME (OCI 1.1: manifests "
+                                        "whose 'subject' is NAME's manifest or index), one "
+                                        "a line: digest, artifact type, size. The "
+                                        "registry's referrers API is asked (every page); a "
+                                        "registry without it (distribution 2, Docker Hub, "
+                                        "GHCR) is read through the fallback tag "
+                                        "sha256-<hex> that oras, regclient and cosign "
+                                        "write. NAME may be a tag or a digest; for a "
+                                        "multi-platform image the referrers of the index "
+                                        "are listed, and --platform lists those of one "
+                                        "platform's image instead. The cache is not used.",
+                            epilog="example: ocicache referrers --artifact-type "
+                                   "application/spdx+json ghcr.io/o/app:1")
+
+    @p.arguments
+    def _(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--artifact-type", metavar="TYPE", default="",
+                       help="only referrers of this artifact type, e.g. "
+                            "application/vnd.dev.sigstore.bundle.v0.3+json")
+        p.add_argument("--platform", metavar="P", default="",
+                       help="os/arch[/variant]: the referrers of that platform's image (an "
+                            "index's child) instead of the index's")
+        p.add_argument("--json", action="store_true",
+                       help='print {"name", "subject", "source", "referrers": [descriptors]}, '
+                            'source being "api" or the fallback tag read')
+        p.set_defaults(run=_cmd_referrers)
+
     p = commands.add_parser("login", help="check and store credentials for a registry",
                             description="Check a user name and password against REGISTRY "
                                         "(a request to its /v2/ with them, through its "
@@ -9972,6 +10452,10 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all-tags", action="store_true",
                        help="copy every tag of SRC's repository (DST: a repository, or a layout "
                             "holding each tag)")
+        p.add_argument("--referrers", action="store_true",
+                       help="also copy what refers to each image (signatures, SBOMs): into a "
+                            "registry's referrers list or fallback tag sha256-<hex>, or a "
+                            "layout's index named sha256-<hex>")
         p.add_argument("--jobs", metavar="N", type=_positive, default=argparse.SUPPRESS,
                        help="blobs to copy at once (default: the global --jobs, 4)")
         p.add_argument("--json", action="store_true",
@@ -10045,6 +10529,9 @@ def _cmd_pull(provider: Provider, args: argparse.Namespace) -> int:
         root = source.descriptor()
         if root is not None:  # as import does: stdout names what is now in the cache
             _say(args, f"{name} {root.digest}")
+        if args.referrers:
+            for referrers in provider.pull_referrers(name, architecture):
+                _say(args, f"{referrers.name} {referrers.digest}")
     return 0
 
 
@@ -10346,6 +10833,18 @@ def _cmd_digest(provider: Provider, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_referrers(provider: Provider, args: argparse.Namespace) -> int:
+    found = provider.referrers(args.name, args.artifact_type, args.platform)
+    if args.json:
+        json.dump(found.to_json(), sys.stdout, indent=2)
+        print()
+        return 0
+    for referrer in found.referrers:
+        print(f"{referrer.digest} {_printable(referrer.artifact_type or referrer.media_type)} "
+              f"{referrer.size}")
+    return 0
+
+
 _MAX_PASSWORD_INPUT = 64 * 1024  # a token from standard input; more is a mistake
 
 
@@ -10400,7 +10899,8 @@ def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
 def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
     provider.jobs = args.jobs
     copied = provider.copy(args.source, args.destination,
-                           ALL_PLATFORMS if args.all_platforms else args.platform, args.all_tags)
+                           ALL_PLATFORMS if args.all_platforms else args.platform, args.all_tags,
+                           args.referrers)
     if args.json:
         json.dump({"source": args.source, "destination": args.destination,
                    "images": [{"name": name, **root.to_json()} for name, root in copied]},

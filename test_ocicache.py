@@ -7043,6 +7043,716 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         self.assertEqual(os.listdir(store), [])
 
 
+def make_referrer(subject: Blob, artifact_type: str, payload: bytes,
+                  layer_type: str = "application/octet-stream",
+                  annotations: Optional[Dict[str, str]] = None) -> Tuple[Blob, List[Blob]]:
+    """An OCI 1.1 artifact (empty config, one layer) whose ``subject`` is ``subject``, as
+    oras attach and cosign write: (manifest, every blob)."""
+    empty = Blob("application/vnd.oci.empty.v1+json", b"{}")
+    layer = Blob(layer_type, payload)
+    manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+        "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST, "artifactType": artifact_type,
+        "config": empty.descriptor(), "layers": [layer.descriptor()],
+        "subject": subject.descriptor(),
+        **({"annotations": annotations} if annotations else {})}).encode())
+    return manifest, [empty, layer, manifest]
+
+
+class ReferrersProxy(PagingProxy):
+    """A registry with the referrers API: a proxy in front of a real distribution 2.8
+    (which has none) that passes every request through, remembers each manifest put
+    with a ``subject`` (answering its PUT with ``OCI-Subject``, as such a registry does),
+    and answers ``GET /v2/<repo>/referrers/<digest>`` from the manifests the real
+    registry holds under those digests, ``page`` to a page (``Link``), filtered by
+    ``artifactType`` with ``OCI-Filters-Applied`` when ``filters``. ``quirk`` may answer
+    a request instead (a hostile registry's lie)."""
+
+    def __init__(self, registry: Registry, page: int = 2, filters: bool = True,
+                 quirk: Optional[Callable[[Request], Optional[Answer]]] = None) -> None:
+        super().__init__(registry, page=page)
+        self.filters, self.quirk = filters, quirk
+        self.subjects: Dict[Tuple[str, str], List[str]] = {}
+
+    def answer(self, request: Request) -> Answer:
+        if self.quirk is not None:
+            lie = self.quirk(request)
+            if lie is not None:
+                return lie
+        path, _, query = request.target.partition("?")
+        if "/referrers/" in path:
+            return self.referrers(path, dict(urllib.parse.parse_qsl(query)))
+        answer = self.forward(request, request.target)
+        if request.method == "PUT" and "/manifests/" in path and answer.status == 201:
+            document = json.loads(request.body)
+            if isinstance(document.get("subject"), dict):
+                repository = path[4:path.index("/manifests/")]
+                subject = document["subject"]["digest"]
+                self.subjects.setdefault((repository, subject), []).append(sha256(request.body))
+                answer.headers = [*answer.headers, ("OCI-Subject", subject)]
+        return answer
+
+    def referrers(self, path: str, params: Dict[str, str]) -> Answer:
+        repository, _, subject = path[4:].partition("/referrers/")
+        entries = []
+        for digest in dict.fromkeys(self.subjects.get((repository, subject), [])):
+            held = self.forward(Request("GET", f"/v2/{repository}/manifests/{digest}",
+                                        {"accept": oc.MEDIA_OCI_MANIFEST}, b"", 0),
+                                f"/v2/{repository}/manifests/{digest}")
+            if held.status != 200 or not isinstance(held.body, bytes):
+                continue
+            document = json.loads(held.body)
+            entries.append({"mediaType": document["mediaType"], "digest": digest,
+                            "size": len(held.body),
+                            "artifactType": document.get("artifactType") or
+                            document["config"]["mediaType"],
+                            **({"annotations": document["annotations"]}
+                               if document.get("annotations") else {})})
+        headers: List[Tuple[str, str]] = [("Content-Type", oc.MEDIA_OCI_INDEX)]
+        if self.filters and params.get("artifactType"):
+            entries = [e for e in entries if e["artifactType"] == params["artifactType"]]
+            headers.append(("OCI-Filters-Applied", "artifactType"))
+        start = int(params.get("_start", 0))
+        if start + self.page < len(entries):
+            rest = {**params, "_start": str(start + self.page)}
+            headers.append(("Link", f'<{path}?{urllib.parse.urlencode(rest)}>; rel="next"'))
+        return Answer(200, headers, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+            "manifests": entries[start:start + self.page]}).encode())
+
+
+REGCLIENT_TESTREPO = os.path.join(HERE, "..", "shared", "fixtures", "regclient", "testrepo")
+
+
+class TestReferrers(LoopbackOnly, RegistryTestCase):
+    """OCI 1.1 referrers: listing (API and fallback tag), push with subject, and the
+    hostile answers."""
+
+    def test_help_teaches_with_an_example(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        result = self.cli("referrers", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("usage: ocicache referrers", result.stdout.decode())
+        self.assertIn("example: ", result.stdout.decode())
+        self.assertRegex(readme, r"\n\| `referrers [^\n]*Example: `[^\n]*ocicache referrers ")
+
+    def test_the_fallback_tag_name(self) -> None:
+        self.assertEqual(oc.referrers_tag("sha256:" + "ab" * 32), "sha256-" + "ab" * 32)
+        self.assertEqual(oc.referrers_tag("sha512:" + "cd" * 64), "sha512-" + "cd" * 32)
+        self.assertTrue(oc.is_referrers_tag("sha256-" + "ab" * 32))
+        self.assertFalse(oc.is_referrers_tag("sha256-" + "ab" * 32 + ".meta"))
+
+    def test_the_pure_referrers_logic(self) -> None:
+        subject = make_image("pure").manifest
+        signature, _ = make_referrer(subject, "application/example", b"x", annotations={"a": "b"})
+        descriptor, parsed_subject = oc.referrer_descriptor(signature.data, signature.media_type)
+        self.assertEqual((descriptor.artifact_type, dict(descriptor.annotations), str(
+            descriptor.digest), parsed_subject and str(parsed_subject.digest)),
+            ("application/example", {"a": "b"}, signature.digest, subject.digest))
+        image = make_image("no-artifact-type").manifest  # an image manifest: its config type
+        self.assertEqual(oc.referrer_descriptor(image.data, image.media_type)[0].artifact_type,
+                         oc.MEDIA_OCI_CONFIG)
+        first = oc.with_referrer(None, descriptor, "tag")
+        assert first is not None
+        self.assertIsNone(oc.with_referrer(first, descriptor, "tag"))  # idempotent
+        kept = json.dumps({"schemaVersion": 2, "manifests": [{**signature.descriptor(
+            digest="sha256:" + "1" * 64), "x-unknown": [1]}], "annotations": {"k": "v"}}).encode()
+        added = json.loads(oc.with_referrer(kept, descriptor, "tag") or b"")
+        self.assertEqual(added["manifests"][0]["x-unknown"], [1])  # as written
+        self.assertEqual((added["annotations"], added["mediaType"], len(added["manifests"])),
+                         ({"k": "v"}, oc.MEDIA_OCI_INDEX, 2))
+        twice = json.dumps({"manifests": [signature.descriptor()] * 2}).encode()
+        self.assertEqual(len(oc.parse_referrers(twice, "list")), 1)
+
+    def attached(self, registry: Registry, repository: str = "test/app"
+                 ) -> Tuple[ImageBlobs, List[Tuple[Blob, List[Blob]]]]:
+        """An image in ``repository`` and, in the cache, a signature and an SPDX SBOM
+        referring to it (named <repo>:sig and <repo>:sbom), not yet pushed."""
+        image = make_image("referred")
+        upload(registry.url, repository, image.blobs, [("1", image.manifest)])
+        made = [make_referrer(image.manifest, "application/vnd.dev.cosign.artifact.sig.v1+json",
+                              b"signature", annotations={"org.example": "sig"}),
+                make_referrer(image.manifest, "application/spdx+json",
+                              b'{"spdxVersion":"SPDX-2.3"}', "application/spdx+json")]
+        for (manifest, blobs), tag in zip(made, ("sig", "sbom")):
+            self.load(oci_archive([(manifest.descriptor(),
+                                    named(f"{registry.host}/{repository}:{tag}"))], blobs))
+        return image, made
+
+    def fallback_index(self, registry: Registry, repository: str, subject: str) -> Dict[str, Any]:
+        tag = "sha256-" + subject.split(":")[1]
+        request = urllib.request.Request(f"{registry.url}/v2/{repository}/manifests/{tag}",
+                                         headers={"Accept": oc.MEDIA_OCI_INDEX})
+        with urllib.request.urlopen(request) as response:
+            return json.loads(response.read())
+
+    def test_push_with_subject_updates_the_fallback_tag(self) -> None:
+        registry = self.start_registry()
+        image, made = self.attached(registry)
+        cache = self.provider()
+        self.assertTrue(cache.verify().ok)  # referrers whose subject the cache lacks are whole
+        # Another tool's entry (distribution wants the manifests it lists to exist).
+        other, other_blobs = make_referrer(image.manifest, "application/example", b"other")
+        foreign = other.descriptor(artifactType="application/example", **{"x-kept": True})
+        upload(registry.url, "test/app", other_blobs, [(other.digest, other), (
+            f"sha256-{image.manifest.digest[7:]}", Blob(
+            oc.MEDIA_OCI_INDEX, json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                                            "manifests": [foreign]}).encode()))])
+        cache.push(f"{registry.host}/test/app:sig")
+        cache.push(f"{registry.host}/test/app:sbom")
+        listed = self.fallback_index(registry, "test/app", image.manifest.digest)
+        self.assertEqual([m["digest"] for m in listed["manifests"]],
+                         [foreign["digest"], made[0][0].digest, made[1][0].digest])
+        self.assertEqual(listed["manifests"][0], foreign)  # kept as written
+        self.assertEqual(listed["manifests"][1]["artifactType"],
+                         "application/vnd.dev.cosign.artifact.sig.v1+json")
+        self.assertEqual(listed["manifests"][1]["annotations"], {"org.example": "sig"})
+        before = self.settled(registry)
+        cache.push(f"{registry.host}/test/app:sig", override=True)  # again: nothing new
+        puts = [p for m, p in registry.requests()[before:] if m == "PUT"]
+        self.assertEqual(puts, [])
+        self.assertEqual(self.fallback_index(registry, "test/app", image.manifest.digest),
+                         listed)
+        result = self.cli("referrers", "--json", f"{registry.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = json.loads(result.stdout)
+        self.assertEqual(found["source"], f"sha256-{image.manifest.digest[7:]}")
+        self.assertEqual(found["subject"]["digest"], image.manifest.digest)
+        self.assertEqual(found["name"], f"{registry.host}/test/app@{image.manifest.digest}")
+        self.assertEqual([r["digest"] for r in found["referrers"]],
+                         [m["digest"] for m in listed["manifests"]])
+        result = self.cli("referrers", "--artifact-type", "application/spdx+json",
+                          f"{registry.host}/test/app@{image.manifest.digest}")
+        self.assertEqual(result.stdout.decode(), f"{made[1][0].digest} application/spdx+json "
+                                                 f"{len(made[1][0].data)}\n", result.stderr)
+        result = self.cli("referrers", f"{registry.host}/test/app:nothing-here")
+        self.assert_one_line_error(result, "nothing-here", "404")
+
+    def test_no_fallback_tag_means_no_referrers(self) -> None:
+        registry = self.start_registry()
+        image = make_image("lonely")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        result = self.cli("referrers", f"{registry.host}/test/app:1")
+        self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
+
+    def push_layout(self, registry: Registry, repository: str, layout: str) -> Dict[str, str]:
+        """Every named root of the OCI layout ``layout`` into ``repository``, as it is
+        (children first, then the tag): its names and their digests."""
+        def blob(digest: str) -> Optional[Blob]:
+            path = os.path.join(layout, "blobs", *digest.split(":"))
+            if not os.path.exists(path):
+                return None
+            with open(path, "rb") as f:
+                return Blob("", f.read())
+
+        done: Set[str] = set()
+
+        def put(descriptor: Dict[str, Any]) -> bool:
+            document = blob(descriptor["digest"])
+            if document is None:
+                return False
+            if descriptor["digest"] not in done:
+                obj = json.loads(document.data)
+                for child in obj.get("manifests") or ():
+                    put(child)
+                parts = [blob(d["digest"]) for d in [obj.get("config"), *obj.get("layers", [])]
+                         if isinstance(d, dict)]
+                upload(registry.url, repository, [p for p in parts if p is not None],
+                       [(descriptor["digest"], Blob(descriptor["mediaType"], document.data))])
+                done.add(descriptor["digest"])
+            return True
+
+        with open(os.path.join(layout, "index.json")) as f:
+            roots = json.load(f)["manifests"]
+        names = {}
+        for root in roots:
+            name = root.get("annotations", {}).get(oc.ANNOTATION_REF_NAME)
+            if name and put(root):
+                with open(os.path.join(layout, "blobs", *root["digest"].split(":")), "rb") as rf:
+                    upload(registry.url, repository, [], [(name, Blob(root["mediaType"], rf.read()))])
+                names[name] = root["digest"]
+        return names
+
+    def test_fallback_tags_regclient_wrote_are_read(self) -> None:
+        if not os.path.isdir(REGCLIENT_TESTREPO):
+            self.skipTest(f"{REGCLIENT_TESTREPO} is not there")
+        registry = self.start_registry()
+        names = self.push_layout(registry, "rc/testrepo", REGCLIENT_TESTREPO)
+        checked = 0
+        for tag, digest in names.items():
+            if not re.fullmatch(r"sha256-[0-9a-f]{64}", tag) or tag[7:] == digest[7:]:
+                continue  # regclient's other digest tags (".meta"), and a mirror tagged so
+            with open(os.path.join(REGCLIENT_TESTREPO, "blobs", *digest.split(":"))) as f:
+                written = json.load(f)["manifests"]
+            with self.subTest(tag):
+                name = f"{registry.host}/rc/testrepo@sha256:{tag[7:]}"
+                if checked:
+                    found = self.provider().referrers(name).to_json()
+                else:  # once through the command line too
+                    result = self.cli("referrers", "--json", name)
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    found = json.loads(result.stdout)
+                self.assertEqual(found["source"], tag)
+                self.assertEqual([(r["digest"], r.get("artifactType")) for r in found["referrers"]],
+                                 [(w["digest"], w.get("artifactType")) for w in written])
+                checked += 1
+        self.assertGreaterEqual(checked, 5)
+        # regclient's "mirror" image is tagged sha256-<its own digest>: a manifest, where a
+        # fallback tag must be an index of referrers.
+        mirror = names["mirror"]
+        self.assert_one_line_error(
+            self.cli("referrers", f"{registry.host}/rc/testrepo@{mirror}"),
+            f"sha256-{mirror[7:]}", "is application/vnd.oci.image.manifest.v1+json, not an "
+                                    "index of referrers")
+
+    def test_hostile_referrers_lists(self) -> None:
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        entry = {"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": "sha256:" + "e" * 64, "size": 3,
+                 "artifactType": "application/example"}
+
+        def index(entries: List[Any], **extra: Any) -> bytes:
+            return json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                               "manifests": entries, **extra}).encode()
+
+        api = [("Content-Type", oc.MEDIA_OCI_INDEX)]
+        many = json.dumps({"schemaVersion": 2, "manifests": [entry] * (oc.MAX_REFERRERS + 1)})
+        cases: List[Tuple[str, Callable[[Request], Optional[Answer]], str]] = [
+            ("huge", lambda r: Answer(200, api, endless(b" " * 65536, b'{"manifests": [')),
+             "more than 4194304 bytes"),
+            ("pages in a loop", lambda r: Answer(200, [*api, ("Link", f'<{r.target}>; rel="next"')],
+                                                 index([entry])), "the list does not end"),
+            ("not an index", lambda r: json_answer({"tags": []}), "not an index of referrers"),
+            ("not JSON", lambda r: Answer(200, api, b"<html>referrers</html>"), "JSON"),
+            ("a manifest", lambda r: Answer(200, api, image.manifest.data),
+             "is application/vnd.oci.image.manifest.v1+json, not an index"),
+            ("bad digest", lambda r: Answer(200, api, index([{**entry, "digest": "sha256:zz"}])),
+             "entry 1 is not a valid descriptor"),
+            ("bad size", lambda r: Answer(200, api, index([{**entry, "size": -1}])),
+             "invalid size"),
+            ("too many", lambda r: Answer(200, api, many.encode()), "more than 10000"),
+            ("too many over pages", lambda r: Answer(200, [*api, ("Link", '<{}?p={}>; rel="next"'.format(
+                r.target.partition("?")[0], secrets.token_hex(4)))], index(
+                    [{**entry, "digest": "sha256:" + secrets.token_hex(32)} for _ in range(5000)])),
+             "more than 10000"),
+        ]
+        for label, quirk, fragment in cases:
+            with self.subTest(label):
+                proxy = ReferrersProxy(registry, quirk=lambda r, q=quirk: q(r)  # type: ignore[misc]
+                                       if "/referrers/" in r.target else None)
+                self.addCleanup(proxy.stop)
+                started = time.monotonic()
+                self.assert_one_line_error(self.cli("referrers", f"{proxy.host}/test/app:1"),
+                                           fragment)
+                self.assertLess(time.monotonic() - started, 5)
+                proxy.stop()
+        self.assertEqual(self.index_names(), [])
+
+    def test_endless_referrers_lists_are_read_within_bounds(self) -> None:
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        api = [("Content-Type", oc.MEDIA_OCI_INDEX)]
+        for label, answer in [("endless", Answer(200, api, endless(b" " * 65536, b'{"m": ['),
+                                                 length=None)),
+                              ("endless pages", None)]:
+            with self.subTest(label):
+                pages = itertools.count()
+                proxy = ReferrersProxy(registry, quirk=lambda r, a=answer: (  # type: ignore[misc]
+                    a or Answer(200, [*api, ("Link", f'<{r.target.partition("?")[0]}?p='
+                                                     f'{next(pages)}>; rel="next"')], json.dumps(
+                        {"manifests": [{"mediaType": oc.MEDIA_OCI_MANIFEST, "size": 1,
+                                        "digest": "sha256:" + "d" * 64}]})  # the same again
+                        .encode())) if "/referrers/" in r.target else None)
+                self.addCleanup(proxy.stop)
+                measured = measured_cli(self.cache_dir, "referrers", f"{proxy.host}/test/app:1")
+                self.assertEqual(measured.returncode, 1, measured.stderr)
+                self.assertEqual(len(measured.stderr.strip().splitlines()), 1, measured.stderr)
+                self.assertLess(measured.peak_mib, 120, label)
+                self.assertLess(measured.seconds, 5, label)
+                proxy.stop()
+
+    def test_hostile_fallback_tags(self) -> None:
+        """The lies of test_hostile_referrers_lists under the fallback tag of a registry
+        without the API."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        entry = {"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": "sha256:" + "e" * 64, "size": 3}
+
+        def index(entries: List[Any]) -> bytes:
+            return json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                               "manifests": entries}).encode()
+
+        tag = f"/manifests/sha256-{image.manifest.digest[7:]}"
+        for label, body, fragment in [
+                ("a manifest", image.manifest.data, "is application/vnd.oci.image.manifest.v1+json"),
+                ("bad digest", index([{**entry, "digest": "md5:00"}]), "not a valid descriptor"),
+                ("no manifests", json.dumps({"schemaVersion": 2}).encode(), "is no index")]:
+            with self.subTest(f"fallback tag: {label}"):
+                proxy = ReferrersProxy(registry, quirk=lambda r, b=body: Answer(  # type: ignore[misc]
+                    200, [("Content-Type", oc.MEDIA_OCI_INDEX)], b) if r.target.endswith(tag)
+                    else Answer(404, [], b"404 page not found") if "/referrers/" in r.target
+                    else None)
+                self.addCleanup(proxy.stop)
+                self.assert_one_line_error(self.cli("referrers", f"{proxy.host}/test/app:1"),
+                                           f"fallback tag {proxy.host}/test/app:sha256-", fragment)
+                proxy.stop()
+        self.assertEqual(self.index_names(), [])
+
+    def test_pull_referrers_keeps_them_in_the_cache_under_the_fallback_name(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry, "test/app")
+        on_index = make_referrer(index, "application/vnd.dev.cosign.artifact.sig.v1+json", b"sig")
+        on_amd = make_referrer(amd.manifest, "application/spdx+json", b'{"spdxVersion":"SPDX-2.3"}',
+                               "application/spdx+json")
+        for (manifest, blobs), subject in [(on_index, index), (on_amd, amd.manifest)]:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+            self.provider().registry.add_referrer(
+                self.provider().registry.endpoint(oc.Reference.parse(f"{registry.host}/test/app")),
+                oc.Digest.parse(subject.digest),
+                oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+        result = self.cli("pull", "--referrers", "--platform", "linux/amd64",
+                          f"{registry.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        base = f"{registry.host}/test/app"
+        names = {f"{base}:sha256-{index.digest[7:]}", f"{base}:sha256-{amd.manifest.digest[7:]}"}
+        self.assertEqual(set(self.index_names()), {f"{base}:1", *names})
+        self.assertEqual(len(result.stdout.decode().splitlines()), 3)
+        cache = self.provider()
+        for name, referrer in [(f"{base}:sha256-{index.digest[7:]}", on_index),
+                               (f"{base}:sha256-{amd.manifest.digest[7:]}", on_amd)]:
+            root = cache.find_descriptor(name)
+            assert root is not None
+            listed = oc.Index.from_json(cache.layout.read_blob(root.digest)).manifests
+            self.assertEqual([str(d.digest) for d in listed], [referrer[0].digest])
+            self.assertTrue(all(cache.layout.has_blob(b.digest) for b in referrer[1]))
+        # gc keeps them while they are named; verify finds nothing wrong; rm frees them.
+        report = cache.gc(grace_seconds=0)
+        self.assertFalse(any(b.digest in {str(d) for d in report.deleted}
+                             for m, bs in (on_index, on_amd) for b in bs), report)
+        self.assertTrue(cache.verify().ok)
+        # linuxkit still finds the image complete, and takes the referrers' index as whole
+        # (its platform-less children have their configs).
+        self.assertEqual(linuxkit_validate_image(self.cache_dir, f"{base}:1", ["linux/amd64"]), "")
+        for name in names:
+            self.assertEqual(linuxkit_validate_image(self.cache_dir, name, []), "")
+        skopeo = self.skopeo("inspect", "--raw", f"oci:{self.cache_dir}:{base}:1")
+        self.assertEqual(json.loads(skopeo)["manifests"][0]["digest"], amd.manifest.digest)
+        # Pulling again adds nothing; a name already there keeps its entries.
+        before = self.index_names()
+        self.assertEqual(self.cli("pull", "--referrers", "--platform", "linux/amd64",
+                                  f"{base}:1").returncode, 0)
+        self.assertEqual(self.index_names(), before)
+        # Pushing a referrers name adds to the registry's list, never replaces it (nor
+        # merges it as an image index, by platform), also with --override: here another
+        # tool rewrote the list meanwhile.
+        later, later_blobs = make_referrer(index, "application/example", b"later")
+        upload(registry.url, "test/app", later_blobs, [(later.digest, later), (
+            f"sha256-{index.digest[7:]}", make_index([later.descriptor()]))])
+        result = self.cli("push", "--override", f"{base}:sha256-{index.digest[7:]}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([m["digest"] for m in self.fallback_index(
+            registry, "test/app", index.digest)["manifests"]], [later.digest, on_index[0].digest])
+        result = self.cli("push", f"{base}:sha256-{amd.manifest.digest[7:]}", "--remote-name",
+                          f"{registry.host}/copy/app:sha256-{amd.manifest.digest[7:]}")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([m["digest"] for m in self.fallback_index(
+            registry, "copy/app", amd.manifest.digest)["manifests"]], [on_amd[0].digest])
+        cache.remove(*names)
+        cache.gc(grace_seconds=0)
+        self.assertFalse(cache.layout.has_blob(on_amd[1][1].digest))
+
+    def test_pull_refuses_a_referrer_whose_subject_is_elsewhere(self) -> None:
+        registry = self.start_registry()
+        image = make_image("target")
+        other = make_image("other")
+        upload(registry.url, "test/app", [*image.blobs, *other.blobs],
+               [("1", image.manifest), ("2", other.manifest)])
+        stray, blobs = make_referrer(other.manifest, "application/example", b"not yours")
+        upload(registry.url, "test/app", blobs, [(stray.digest, stray)])
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [stray.descriptor(artifactType="application/example")]))])
+        self.assert_one_line_error(
+            self.cli("-q", "pull", "--referrers", f"{registry.host}/test/app:1"),
+            f"lists {stray.digest} as a referrer of {image.manifest.digest}, but its subject is "
+            f"{other.manifest.digest}")
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/app:1"])  # no referrers name
+        # A listed size that is not the manifest's is refused too.
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [{**stray.descriptor(), "size": 7}]))])
+        self.assert_one_line_error(
+            self.cli("-q", "pull", "--referrers", f"{registry.host}/test/app:1"), "of 7 bytes")
+        # copy checks them before it writes anything to DST.
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [stray.descriptor()]))])
+        self.assert_one_line_error(
+            self.cli("-q", "copy", "--referrers", f"{registry.host}/test/app:1",
+                     f"{registry.host}/dst/app:1"), "but its subject is")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{registry.url}/v2/dst/app/tags/list")
+        # A referrer whose blob the registry fails to serve leaves no referrers name.
+        mine, blobs = make_referrer(image.manifest, "application/example", b"lost blob")
+        upload(registry.url, "test/app", blobs, [(mine.digest, mine)])
+        upload(registry.url, "test/app", [], [(f"sha256-{image.manifest.digest[7:]}", make_index(
+            [mine.descriptor()]))])
+        proxy = ReferrersProxy(registry, quirk=lambda r: Answer(404, [], b"") if r.target.endswith(
+            f"/blobs/{blobs[1].digest}") else Answer(404, [], b"") if "/referrers/" in r.target
+            else None)
+        self.addCleanup(proxy.stop)
+        self.assert_one_line_error(
+            self.cli("-q", "pull", "--referrers", f"{proxy.host}/test/app:1"), "404")
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/app:1",
+                                              f"{proxy.host}/test/app:1"])
+        # Only the partial downloads a retry resumes from, as any failed pull leaves.
+        self.assertTrue(all(f.endswith(".tmp-partial") for f in self.temp_files()))
+
+    def test_copy_referrers_to_a_registry_and_a_layout(self) -> None:
+        registry = self.start_registry()
+        image = make_image("copied")
+        upload(registry.url, "src/app", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        attached = []
+        for artifact_type, payload in [("application/spdx+json", b'{"spdxVersion":"SPDX-2.3"}'),
+                                       ("application/vnd.dev.cosign.artifact.sig.v1+json", b"s")]:
+            manifest, blobs = make_referrer(image.manifest, artifact_type, payload)
+            upload(registry.url, "src/app", blobs, [(manifest.digest, manifest)])
+            cache.registry.add_referrer(
+                cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/src/app")),
+                oc.Digest.parse(image.manifest.digest),
+                oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+            attached.append(manifest.digest)
+        # An entry DST's fallback tag already has is kept.
+        other, other_blobs = make_referrer(image.manifest, "application/example", b"there")
+        upload(registry.url, "dst/app", [*image.blobs, *other_blobs], [
+            (image.manifest.digest, image.manifest), (other.digest, other),
+            (f"sha256-{image.manifest.digest[7:]}", make_index([other.descriptor()]))])
+        result = self.cli("copy", "--referrers", f"{registry.host}/src/app:1",
+                          f"{registry.host}/dst/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = cache.referrers(f"{registry.host}/dst/app:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [other.digest, *attached])
+        self.assertEqual(found.source, f"sha256-{image.manifest.digest[7:]}")
+        # Into a layout: the referrers beside the image, under their fallback tag; skopeo
+        # still reads the image.
+        layout = self.path("layout")
+        result = self.cli("copy", "--referrers", f"{registry.host}/src/app:1", f"oci:{layout}:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(os.path.join(layout, "index.json")) as f:
+            roots = {m["annotations"][oc.ANNOTATION_REF_NAME]: m for m in json.load(f)["manifests"]}
+        self.assertEqual(set(roots), {"1", f"sha256-{image.manifest.digest[7:]}"})
+        with open(os.path.join(layout, "blobs", "sha256",
+                               roots[f"sha256-{image.manifest.digest[7:]}"]["digest"][7:])) as f:
+            self.assertEqual([m["digest"] for m in json.load(f)["manifests"]], attached)
+        inspected = json.loads(self.skopeo("inspect", "--raw", f"oci:{layout}:1"))
+        self.assertEqual(inspected["config"]["digest"], image.config.digest)
+        # From the cache (pull --referrers) to a registry with the API: no tag written.
+        self.assertEqual(self.cli("-q", "pull", "--referrers", f"{registry.host}/src/app:1"
+                                  ).returncode, 0)
+        proxy = ReferrersProxy(registry)
+        self.addCleanup(proxy.stop)
+        result = self.cli("copy", "--referrers", f"cache:{registry.host}/src/app:1",
+                          f"{proxy.host}/api/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = cache.referrers(f"{proxy.host}/api/app:1")
+        self.assertEqual((found.source, [str(r.digest) for r in found.referrers]), ("api", attached))
+        tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/api/app/tags/list").read())
+        self.assertEqual(tags["tags"], ["1"])
+
+    def test_sbom_finds_spdx_and_cyclonedx_referrers(self) -> None:
+        registry = self.start_registry()
+        amd, _, _, index = self.multi_arch(registry, "test/app")  # with a BuildKit SPDX attestation
+        spdx = b'{"spdxVersion": "SPDX-2.3", "name": "layer"}'
+        cyclonedx = b'{"bomFormat": "CycloneDX", "specVersion": "1.5"}'
+        statement = json.dumps({"_type": "https://in-toto.io/Statement/v1",
+                                "predicateType": "https://cyclonedx.org/bom",
+                                "subject": [], "predicate": {"bomFormat": "CycloneDX"}})
+        envelope = json.dumps({"payloadType": "application/vnd.in-toto+json", "signatures": [],
+                               "payload": base64.b64encode(statement.encode()).decode()}).encode()
+        made = [(index, make_referrer(index, "application/spdx+json", spdx, "application/spdx+json")),
+                (amd.manifest, make_referrer(amd.manifest, "application/vnd.cyclonedx+json",
+                                             cyclonedx, "application/vnd.cyclonedx+json")),
+                (amd.manifest, make_referrer(amd.manifest, "application/vnd.dev.sigstore.bundle",
+                                             envelope, oc.MEDIA_DSSE_ENVELOPE)),
+                (amd.manifest, make_referrer(amd.manifest, "application/vnd.dev.cosign.sig",
+                                             b"signature"))]
+        cache = self.provider()
+        endpoint = cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/test/app"))
+        for subject, (manifest, blobs) in made:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+            cache.registry.add_referrer(endpoint, oc.Digest.parse(subject.digest),
+                                        oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+        name = f"{registry.host}/test/app:1"
+        self.assertEqual(self.cli("-q", "pull", "--referrers", "--platform", "linux/amd64",
+                                  name).returncode, 0)
+        result = self.cli("sbom", "--platform", "linux/amd64", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        documents = [json.loads(line) for line in result.stdout.decode().splitlines()]
+        self.assertEqual(documents, [
+            {"spdxVersion": "SPDX-2.3", "name": amd.manifest.digest},  # BuildKit's
+            json.loads(spdx), json.loads(cyclonedx), {"bomFormat": "CycloneDX"}])
+        # A DSSE envelope whose payload is not base64 is one line.
+        broken, blobs = make_referrer(amd.manifest, "application/vnd.dev.sigstore.bundle",
+                                      b'{"payload": "%%%"}', oc.MEDIA_DSSE_ENVELOPE)
+        upload(registry.url, "test/app", blobs, [(broken.digest, broken)])
+        cache.registry.add_referrer(endpoint, oc.Digest.parse(amd.manifest.digest),
+                                    oc.referrer_descriptor(broken.data, broken.media_type)[0])
+        self.assertEqual(self.cli("-q", "pull", "--referrers", "--platform", "linux/amd64",
+                                  name).returncode, 0)
+        self.assert_one_line_error(self.cli("sbom", "--platform", "linux/amd64", name),
+                                   "DSSE payload is not base64")
+
+    def test_oras_py_differential(self) -> None:
+        """oras-py (PyPI ``oras``, an independent client) attaches an SBOM with
+        ``subject``; it writes no fallback tag, so ocicache finds it once an ocicache
+        push of it has listed it, and its SPDX layer comes out of ``sbom`` as oras-py
+        pushed it. Back the other way, oras-py reads the fallback index ocicache wrote
+        (validated against its index schema) and each referrer's subject."""
+        oras_client = require_module(self, "oras.client", "oras")
+        oras_oci = require_module(self, "oras.oci", "oras")
+        oras_schemas = require_module(self, "oras.schemas", "oras")
+        registry = self.start_registry()
+        image, made = self.attached(registry)
+        client = oras_client.OrasClient(hostname=registry.host, insecure=True)
+        sbom_file = self.path("sbom.spdx.json")
+        with open(sbom_file, "wb") as f:
+            f.write(b'{"spdxVersion": "SPDX-2.3", "name": "from oras-py"}')
+        with quiet_log():
+            client.push(files=[f"{sbom_file}:application/spdx+json"],
+                        target=f"{registry.host}/test/app:oras-sbom",
+                        disable_path_validation=True, quiet=True,
+                        subject=oras_oci.Subject(oc.MEDIA_OCI_MANIFEST, image.manifest.digest,
+                                                 len(image.manifest.data)))
+        base = f"{registry.host}/test/app"
+        self.assertEqual(self.provider().referrers(f"{base}:1").referrers, ())  # none listed it
+        result = self.cli("-q", "pull", f"{base}:oras-sbom")  # pushed back: listed now
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for tag in ("oras-sbom", "sig"):
+            result = self.cli("push", f"{base}:{tag}")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        oras_digest = self.provider().remote_digest(f"{base}:oras-sbom").digest
+        found = self.provider().referrers(f"{base}:1")
+        self.assertEqual([r.digest for r in found.referrers],
+                         [oras_digest, oc.Digest.parse(made[0][0].digest)])
+        self.assertEqual(self.cli("-q", "pull", "--referrers", f"{base}:1").returncode, 0)
+        result = self.cli("sbom", f"{base}:1")
+        self.assertEqual(json.loads(result.stdout), {"spdxVersion": "SPDX-2.3",
+                                                     "name": "from oras-py"}, result.stderr)
+        listed = client.get_manifest(f"{base}:sha256-{image.manifest.digest[7:]}",
+                                     allowed_media_type=[oc.MEDIA_OCI_INDEX],
+                                     validation_schema=oras_schemas.index)
+        for entry in listed["manifests"]:
+            referrer = client.get_manifest(f"{base}@{entry['digest']}")
+            self.assertEqual(referrer["subject"]["digest"], image.manifest.digest)
+
+    def test_push_leaves_a_fallback_tag_that_is_not_an_index_alone(self) -> None:
+        registry = self.start_registry()
+        image, made = self.attached(registry)
+        tag = f"sha256-{image.manifest.digest[7:]}"
+        upload(registry.url, "test/app", [], [(tag, image.manifest)])  # a digest-named mirror
+        self.assert_one_line_error(self.cli("-q", "push", f"{registry.host}/test/app:sig"),
+                                   f"fallback tag test/app:{tag} is application/vnd.oci.image."
+                                   "manifest.v1+json, not an index of referrers")
+        request = urllib.request.Request(f"{registry.url}/v2/test/app/manifests/{tag}",
+                                         headers={"Accept": oc.MEDIA_OCI_MANIFEST})
+        with urllib.request.urlopen(request) as response:
+            self.assertEqual(response.read(), image.manifest.data)  # as it was
+
+    def test_referrers_of_one_platform_and_bad_names(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry, "test/app")
+        cache = self.provider()
+        endpoint = cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/test/app"))
+        on_arm, blobs = make_referrer(arm.manifest, "application/spdx+json", b"{}")
+        upload(registry.url, "test/app", blobs, [(on_arm.digest, on_arm)])
+        cache.registry.add_referrer(endpoint, oc.Digest.parse(arm.manifest.digest),
+                                    oc.referrer_descriptor(on_arm.data, on_arm.media_type)[0])
+        base = f"{registry.host}/test/app:1"
+        self.assertEqual(self.cli("referrers", base).stdout, b"")  # the index has none
+        result = self.cli("referrers", "--platform", "linux/arm64", base)
+        self.assertEqual(result.stdout.decode().split()[:2], [on_arm.digest, "application/spdx+json"],
+                         result.stderr)
+        self.assert_one_line_error(self.cli("referrers", "--platform", "linux/s390x", base),
+                                   "linux/s390x")
+        self.assert_one_line_error(self.cli("referrers", "Not/A/Name"), "invalid reference")
+        with self.assertRaisesRegex(oc.OciCacheError, "name the manifest by its digest"):
+            cache.registry.referrers(base)
+
+    def test_referrers_through_a_token_registry(self) -> None:
+        secret = "r3ferr-pa55-91ab"
+        storage = self.path("storage")
+        plain = self.start_registry(root=storage)
+        image, made = self.attached(plain)
+        plain.stop()
+        issuer = TokenIssuer(users={"alice": secret}, anonymous_pull=False)
+        self.addCleanup(issuer.stop)
+        registry = self.start_registry(root=storage, auth=("token", issuer))
+        for tag in ("sig", "sbom"):  # named after the first registry's port: renamed
+            self.cache.descriptor_write(f"{registry.host}/test/app:{tag}",
+                                        self.cache.find_descriptor(f"{plain.host}/test/app:{tag}"))
+        self.assert_one_line_error(self.cli("-q", "push", f"{registry.host}/test/app:sig"), "401")
+        self.docker_config({"auths": {registry.host: {"auth": basic("alice", secret)}}})
+        for tag in ("sig", "sbom"):
+            result = self.cli("-q", "push", f"{registry.host}/test/app:{tag}")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.cli("referrers", f"{registry.host}/test/app:1")
+        self.assertEqual([line.split()[0] for line in result.stdout.decode().splitlines()],
+                         [m.digest for m, _ in made], result.stderr)
+        self.assertNotIn(secret.encode(), result.stdout + result.stderr)
+        scopes = {s for r in issuer.requests() if r.user for s in r.scopes}
+        self.assertEqual(scopes, {"repository:test/app:pull", "repository:test/app:pull,push"})
+
+    def test_copy_of_some_platforms_carries_their_referrers_only(self) -> None:
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry, "src/app")
+        cache = self.provider()
+        endpoint = cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/src/app"))
+        attached = {}
+        for subject in (index, amd.manifest, arm.manifest):
+            manifest, blobs = make_referrer(subject, "application/example", subject.digest.encode())
+            upload(registry.url, "src/app", blobs, [(manifest.digest, manifest)])
+            cache.registry.add_referrer(endpoint, oc.Digest.parse(subject.digest),
+                                        oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+            attached[subject.digest] = manifest.digest
+        result = self.cli("copy", "--referrers", "--platform", "linux/amd64",
+                          f"{registry.host}/src/app:1", f"{registry.host}/dst/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/dst/app/tags/list").read())
+        self.assertEqual(sorted(tags["tags"]), ["1", f"sha256-{amd.manifest.digest[7:]}"])
+        found = cache.referrers(f"{registry.host}/dst/app:1", architecture="linux/amd64")
+        self.assertEqual([str(r.digest) for r in found.referrers], [attached[amd.manifest.digest]])
+
+    def test_a_registry_with_the_api_gets_no_fallback_tag(self) -> None:
+        registry = self.start_registry()
+        proxy = ReferrersProxy(registry, page=1)
+        self.addCleanup(proxy.stop)
+        image, made = self.attached(proxy)  # type: ignore[arg-type]
+        cache = self.provider()
+        cache.push(f"{proxy.host}/test/app:sig")
+        cache.push(f"{proxy.host}/test/app:sbom")
+        tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/test/app/tags/list").read())
+        self.assertEqual(sorted(tags["tags"]), ["1", "sbom", "sig"])  # no sha256-<hex>
+        found = cache.referrers(f"{proxy.host}/test/app:1")
+        self.assertEqual(found.source, "api")
+        self.assertEqual([r.digest for r in found.referrers],
+                         [oc.Digest.parse(m.digest) for m, _ in made])  # two pages
+        pages = [r.target for r in proxy.server.requests if "/referrers/" in r.target]
+        self.assertEqual(len(pages), 2, pages)
+        self.assertEqual([r.artifact_type for r in cache.referrers(
+            f"{proxy.host}/test/app:1", "application/spdx+json").referrers],
+            ["application/spdx+json"])
+        result = self.cli("-q", "pull", "--referrers", f"{proxy.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"{proxy.host}/test/app:sha256-{image.manifest.digest[7:]}",
+                      self.index_names())
+        # A registry that ignores the filter (no OCI-Filters-Applied) is filtered here.
+        proxy.filters = False
+        self.assertEqual([r.artifact_type for r in cache.referrers(
+            f"{proxy.host}/test/app:1", "application/spdx+json").referrers],
+            ["application/spdx+json"])
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
