@@ -1542,20 +1542,21 @@ def _temporary_name(final: str) -> str:
     return f"{final}{_TEMP_MARK}{os.urandom(8).hex()}"
 
 
-def _create_temporary(dir_fd: int, final: str) -> Tuple[int, str]:
+def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tuple[int, str]:
     """A new, empty temporary file beside ``final`` in ``dir_fd``."""
     while True:
         name = _temporary_name(final)
         try:
-            return os.open(name, _NEW_FILE, _CREATE_MODE, dir_fd=dir_fd), name
+            return os.open(name, _NEW_FILE, mode, dir_fd=dir_fd), name
         except FileExistsError:
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: bytes) -> None:
+def _write_file_atomically(dir_fd: int, name: str, data: bytes,
+                           mode: int = _CREATE_MODE) -> None:
     """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
     rename it over ``name`` (a rename replaces a link; it never writes through one)."""
-    fd, temp = _create_temporary(dir_fd, f".{name}")
+    fd, temp = _create_temporary(dir_fd, f".{name}", mode)
     try:
         try:
             _write_all(fd, data)
@@ -1643,6 +1644,17 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.corrupt and not self.missing and not self.wrong
+
+
+def _raw_entry(raw: Any) -> Tuple[str, str, int]:
+    """A root entry of index.json as decoded: its name, digest and size as written ("",
+    "", -1 for what is absent or of another type), parsing nothing."""
+    if type(raw) is not dict:
+        return "", "", -1
+    annotations, digest, size = raw.get("annotations"), raw.get("digest"), raw.get("size")
+    name = annotations.get(ANNOTATION_REF_NAME) if type(annotations) is dict else ""
+    return (name if type(name) is str else "", digest if type(digest) is str else "",
+            size if type(size) is int else -1)
 
 
 class Layout:
@@ -2006,21 +2018,27 @@ class Layout:
                 names.update(f"{algorithm}:{name}" for name in os.listdir(directory))
         return names
 
-    def read_summaries(self) -> bytes:
+    def read_summaries(self) -> Tuple[bytes, bool]:
         """The bytes of the summary memo (``_SummaryMemo``), b"" when it is absent or no
-        regular file; never read through a symlink."""
+        regular file (never read through a symlink); and whether it is trusted: a file
+        of this user's or root's that no one else may write. A co-user sharing the cache
+        may replace the file (the directory is theirs to write too), never forge one of
+        ours, and a memo of ours says only what documents, which never change, reach."""
         try:
             with self._root_directory() as directory, os.fdopen(_open_regular(
                     SUMMARIES_FILE, os.O_RDONLY, directory, self.summaries_path), "rb") as f:
-                return f.read(MAX_SUMMARIES_SIZE + 1)
+                st = os.fstat(f.fileno())
+                trusted = st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+                return f.read(MAX_SUMMARIES_SIZE + 1), trusted
         except (OSError, OciCacheError):
-            return b""
+            return b"", False
 
     def write_summaries(self, data: bytes) -> None:
-        """Replace the summary memo; it is only a memo, so failing to is not an error."""
+        """Replace the summary memo, writable by this user alone (see read_summaries);
+        it is only a memo, so failing to is not an error."""
         try:
             with self._root_directory() as directory:
-                _write_file_atomically(directory, SUMMARIES_FILE, data)
+                _write_file_atomically(directory, SUMMARIES_FILE, data, mode=0o644)
         except OSError as e:
             _log().debug("cannot write %s: %s", self.summaries_path, e)
 
@@ -2061,6 +2079,15 @@ class Layout:
                                     "is not a list")
         return obj
 
+    def index_object(self) -> Dict[str, Any]:
+        """index.json decoded, its entries left as they are (see ``_raw_entry``); read
+        again under the lock when it looks broken (see read_index)."""
+        try:
+            return self._read_index_object()
+        except CorruptCacheError:
+            with self.lock():
+                return self._read_index_object()
+
     def index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
         """The root entries, in index order, for which ``keep(name, digest)`` holds (each
         given as index.json spells it, "" when absent or not a string). Only those are
@@ -2089,17 +2116,17 @@ class Layout:
         entries.reverse()
         while entries:  # each decoded entry freed as it is read: they never all coexist
             raw = entries.pop()  # with the descriptors made of them (20,000 names: 15 MB)
-            annotations = raw.get("annotations") if isinstance(raw, dict) else None
-            name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else ""
-            digest = raw.get("digest") if isinstance(raw, dict) else ""
-            if keep(name if isinstance(name, str) else "",
-                    digest if isinstance(digest, str) else ""):
-                try:
-                    found.append(Descriptor.from_json(raw))
-                except OciCacheError as e:
-                    raise CorruptCacheError(f"invalid image cache: {self.index_path}: {e}"
-                                            ) from None
+            name, digest, _ = _raw_entry(raw)
+            if keep(name, digest):
+                found.append(self.entry(raw))
         return found
+
+    def entry(self, raw: Any) -> Descriptor:
+        """A root entry of index.json as decoded, parsed; CorruptCacheError if it is none."""
+        try:
+            return Descriptor.from_json(raw)
+        except OciCacheError as e:
+            raise CorruptCacheError(f"invalid image cache: {self.index_path}: {e}") from None
 
     def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]],
                      on_full: Optional[Callable[[], None]] = None,
@@ -2120,12 +2147,18 @@ class Layout:
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
                            media_type=index.media_type or MEDIA_OCI_INDEX)
-            data = _json_bytes(new.to_json(), separators=_INDEX_SEPARATORS)
-            if len(data) > MAX_INDEX_SIZE:
-                raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
-                                    f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
-                                    "ocicache reads; remove names first")
-            self.replace_index(data, on_full)
+            self.write_index_object(new.to_json(), on_full, what)
+
+    def write_index_object(self, obj: Mapping[str, Any],
+                           on_full: Optional[Callable[[], None]] = None, what: str = "") -> None:
+        """Replace index.json with ``obj`` (the caller holds the lock and read it);
+        ``on_full`` and ``what`` as in update_index."""
+        data = _json_bytes(obj, separators=_INDEX_SEPARATORS)
+        if len(data) > MAX_INDEX_SIZE:
+            raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
+                                f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
+                                "ocicache reads; remove names first")
+        self.replace_index(data, on_full)
 
     def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
         """Replace index.json with ``data`` under the lock, without reading it (``clean``
@@ -6896,31 +6929,37 @@ class _SummaryMemo:
     there is asked again, by every ``ls``. ``ls`` fills it for the roots it lacks
     (linuxkit's names too) and writes it back holding only the roots named then.
 
-    It is believed for the listing alone, and only in the shape it is written in; a
-    memo that is not (corrupt, from another version, planted) is ignored and rebuilt.
-    Everything that decides (verify, gc, rm, pulls, names) follows the documents.
-    linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
+    Only a memo ocicache wrote is believed (``Layout.read_summaries``: a file of this
+    user's or root's that no one else may write), and only in the shape it is written
+    in; any other (corrupt, from another version, planted by a co-user) is ignored and
+    rebuilt. A root is memo'd only when every document it reaches was read and every blob
+    was there, so the blobs it names are what it reaches for as long as it exists: ``rm``
+    believes that to know which of the blobs it frees another root still needs. verify,
+    gc, pulls and names follow the documents. linuxkit, skopeo and umoci read only
+    index.json, oci-layout and blobs.
 
-    ``{"version": 1, "blobs": [digest, ...], "sizes": [size, ...], "roots": {digest:
-    [media type, size, "number number ...", [[platform, "number ..."], ...]]}}``: each
-    blob once, however many roots share it, and each root's blobs by their place among
-    them, in a string split by spaces (json reads strings at C speed; lists of lists
-    cost as much as the rest of ``ls``).
+    ``{"version": 2, "blobs": "digest digest ...", "sizes": "size size ...", "roots":
+    {digest: [media type, size, bytes of all it reaches, "number number ...", [[platform,
+    "number ..."], ...]]}}``: each blob once, however many roots share it, and each root's
+    blobs by their place among them, in strings split by spaces (json reads strings at C
+    speed; lists of numbers cost as much as the rest of ``ls``).
     """
 
-    VERSION = 1
+    VERSION = 2
 
-    def __init__(self, blobs: List[str], sizes: List[int], roots: Dict[str, Any]) -> None:
+    def __init__(self, blobs: List[str], sizes: str, roots: Dict[str, Any]) -> None:
         self._blobs = blobs
-        self._sizes = sizes
+        self._sizes_text = sizes
+        self._sizes: Optional[List[int]] = None
         self._roots = roots      # as read: an entry is checked when it is used
         self._learned: Dict[str, _RootFacts] = {}
+        self._platforms: Dict[str, bool] = {}  # platform -> whether it may be shown
 
     @classmethod
-    def parse(cls, data: bytes) -> "_SummaryMemo":
-        """The memo in ``data``, or an empty one when it is not a memo."""
-        empty = cls([], [], {})
-        if not data or len(data) > MAX_SUMMARIES_SIZE:
+    def parse(cls, data: bytes, trusted: bool) -> "_SummaryMemo":
+        """The memo in ``data``, or an empty one when it is not a trusted memo."""
+        empty = cls([], "", {})
+        if not trusted or not data or len(data) > MAX_SUMMARIES_SIZE:
             return empty
         try:
             # json itself, not _parse_json: deep nesting harms nothing here (nothing
@@ -6931,11 +6970,20 @@ class _SummaryMemo:
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
         blobs, sizes, roots = obj.get("blobs"), obj.get("sizes"), obj.get("roots")
-        if type(blobs) is not list or type(sizes) is not list or type(roots) is not dict or \
-                len(blobs) != len(sizes) or not all(type(b) is str for b in blobs) or \
-                not all(type(n) is int and n >= 0 for n in sizes):
+        if type(blobs) is not str or type(sizes) is not str or type(roots) is not dict:
             return empty
-        return cls(blobs, sizes, roots)
+        return cls(blobs.split(" ") if blobs else [], sizes, roots)
+
+    def _size_list(self) -> Optional[List[int]]:
+        if self._sizes is None:
+            try:
+                sizes = list(map(int, self._sizes_text.split(" "))) if self._sizes_text else []
+            except ValueError:
+                return None
+            if len(sizes) != len(self._blobs) or (sizes and min(sizes) < 0):
+                return None
+            self._sizes = sizes
+        return self._sizes
 
     def _numbers(self, text: Any) -> Optional[List[int]]:
         """The blob numbers in ``text``, or None when it is not such a list."""
@@ -6949,29 +6997,81 @@ class _SummaryMemo:
             return None
         return numbers
 
+    def _shown(self, platform: Any) -> bool:
+        if type(platform) is not str:
+            return False
+        if platform not in self._platforms:
+            self._platforms[platform] = bool(_MEMO_PLATFORM.fullmatch(platform))
+        return self._platforms[platform]
+
+    def _entry(self, digest: str, size: int) -> Optional[List[Any]]:
+        value = self._roots.get(digest)
+        if type(value) is not list or len(value) != 5 or type(value[0]) is not str or \
+                value[1] != size or type(value[2]) is not int or value[2] < 0 or \
+                type(value[3]) is not str or type(value[4]) is not list:
+            return None
+        return value
+
+    def complete(self, present: Set[str]) -> bool:
+        """Whether every blob the memo names is in ``present``: then each root's
+        ``listing`` holds as written."""
+        return present.issuperset(self._blobs)
+
+    def listing(self, digest: str, size: int) -> Optional[Tuple[str, Tuple[str, ...], int]]:
+        """The media type, platforms and size on disk of the root ``digest`` of ``size``
+        bytes when all its blobs are there (see ``complete``); None when it is not known."""
+        if digest in self._learned:
+            facts = self._learned[digest]
+            return facts.media_type, tuple(p for p, _ in facts.platforms), sum(facts.sizes)
+        value = self._entry(digest, size)
+        if value is None:
+            return None
+        platforms = []
+        for platform in value[4]:
+            if type(platform) is not list or len(platform) != 2 or \
+                    not self._shown(platform[0]):
+                return None
+            platforms.append(platform[0])
+        return value[0], tuple(platforms), value[2]
+
     def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
         """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
         it does not know it, or says it in a shape it is never written in."""
         if digest in self._learned:
             return self._learned[digest]
-        value = self._roots.get(digest)
-        if type(value) is not list or len(value) != 4:
-            return None
-        media_type, root_size, reached, platforms = value
-        numbers = self._numbers(reached)
-        if type(media_type) is not str or root_size != size or numbers is None or \
-                type(platforms) is not list:
+        value, sizes = self._entry(digest, size), self._size_list()
+        numbers = self._numbers(value[3]) if value is not None else None
+        if value is None or sizes is None or numbers is None:
             return None
         images = []
-        for platform in platforms:
+        for platform in value[4]:
             needed = self._numbers(platform[1]) if type(platform) is list and \
                 len(platform) == 2 else None
-            if needed is None or type(platform[0]) is not str or \
-                    not _MEMO_PLATFORM.fullmatch(platform[0]):
+            if needed is None or not self._shown(platform[0]):
                 return None
             images.append((platform[0], tuple([self._blobs[n] for n in needed])))
-        return _RootFacts(media_type, size, tuple([self._blobs[n] for n in numbers]),
-                          tuple([self._sizes[n] for n in numbers]), tuple(images))
+        return _RootFacts(value[0], size, tuple([self._blobs[n] for n in numbers]),
+                          tuple([sizes[n] for n in numbers]), tuple(images))
+
+    def reaching(self, entries: Iterable[Any], blobs: Iterable[str]
+                 ) -> Tuple[Set[str], List[Any]]:
+        """Which of ``blobs`` the root entries ``entries`` (index.json's, as decoded) reach
+        by the memo, and the entries it does not know, whose documents must say."""
+        wanted = set(blobs)
+        numbers = {str(n): blob for n, blob in enumerate(self._blobs) if blob in wanted}
+        known, unknown = [], []
+        for raw in entries:
+            _, digest, size = _raw_entry(raw)
+            value = self._entry(digest, size) if digest in self._roots else None
+            if value is None:
+                unknown.append(raw)
+            else:
+                known.append(value[3])
+        reached = set(" ".join(known).split(" "))
+        reached.discard("")
+        if not all(n.isdigit() and int(n) < len(self._blobs) for n in reached):
+            return set(), list(entries)  # not as written: every document must say
+        return {blob for n, blob in numbers.items() if n in reached}, unknown
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
@@ -6995,12 +7095,13 @@ class _SummaryMemo:
             reached = dict(zip(facts.blobs, facts.sizes))
             if not all(reached.keys() >= set(needed) for _, needed in facts.platforms):
                 continue  # a platform needing a blob the root does not reach: not memo'd
-            roots[digest] = [facts.media_type, facts.size,
+            roots[digest] = [facts.media_type, facts.size, sum(reached.values()),
                              " ".join(number(b, n) for b, n in reached.items()),
                              [[platform, " ".join(number(b, reached[b]) for b in needed)]
                               for platform, needed in facts.platforms]]
-        return _json_bytes({"version": self.VERSION, "blobs": list(numbers), "sizes": sizes,
-                            "roots": roots}, separators=(",", ":"))
+        return _json_bytes({"version": self.VERSION, "blobs": " ".join(numbers),
+                            "sizes": " ".join(map(str, sizes)), "roots": roots},
+                           separators=(",", ":"))
 
 
 class _ManifestFetcher:
@@ -7233,22 +7334,48 @@ class Provider(CacheProvider):
     def remove(self, *refs: RefLike) -> List[Digest]:
         """Remove names, and the blobs no other name reaches; returns those blobs.
 
-        Every name must exist, or nothing is removed.
+        Every name must exist, or nothing is removed. The work is the removed images':
+        which of their blobs the other names still reach, the summary memo says for the
+        roots it knows (``_SummaryMemo``: only one ocicache wrote, and only of roots whose
+        every document it read), their documents for the others. linuxkit's ``cache rm``
+        deletes every blob of the image, shared or not, breaking the names sharing them
+        (reference/linuxkit-cache.md, 3.5); this never deletes a blob a name reaches.
         """
-        wanted = [_name_predicate(ref) for ref in refs]
+        return self._remove(refs, as_stored=False)[1]
+
+    def _remove(self, refs: Sequence[RefLike], as_stored: bool
+                ) -> Tuple[List[str], List[Digest]]:
+        """``remove``, and the names removed; ``as_stored``: each of ``refs`` that is not a
+        name spelled so in index.json is canonical_name'd first (as ``ocicache rm`` says
+        it), with index.json read once."""
         with self.layout.deleting_blobs(), self.layout.lock():
-            index = self.layout.read_index()  # once: it is passed on to update_index
-            entries = index.manifests
-            for ref, matches in zip(refs, wanted):
-                if not any(matches(e.name) for e in entries):
-                    label = Reference.parse(ref)  # a string that is no reference says so
+            index = self.layout.index_object()  # once: it is written back, minus the names
+            if as_stored:
+                texts = [str(ref) for ref in refs]
+                refs = _as_stored(texts, set() if all(map(_is_canonical, texts)) else {
+                    _raw_entry(raw)[0] for raw in index.get("manifests") or []})
+            wanted = [_name_predicate(ref) for ref in refs]
+            removed: List[Descriptor] = []
+            remaining = []
+            found = [False] * len(wanted)
+            for raw in index.get("manifests") or []:
+                name = _raw_entry(raw)[0]
+                hits = [matches(name) for matches in wanted] if name else []
+                if any(hits):
+                    removed.append(self.layout.entry(raw))
+                    found = [a or b for a, b in zip(found, hits)]
+                else:
+                    remaining.append(raw)
+            for ref, hit in zip(refs, found):
+                if not hit:  # a string that is no reference says so, unless rm took it
+                    label = ref if as_stored else Reference.parse(ref)  # as stored
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
-            removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
-            gone = {id(e) for e in removed}  # by identity: comparing entries is slow
-            remaining = [e for e in entries if id(e) not in gone]
             before = self.layout.reachable(removed).digests
-            after = self.layout.reachable(remaining).digests
-            deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
+            memo = _SummaryMemo.parse(*self.layout.read_summaries())
+            kept, unknown = memo.reaching(remaining, map(str, before))
+            after = self.layout.reachable([self.layout.entry(raw) for raw in unknown]).digests
+            deleted = [d for d in before if d not in after and str(d) not in kept and
+                       self.layout.has_blob(d)]
 
             def delete() -> None:
                 for digest in deleted:
@@ -7256,9 +7383,11 @@ class Provider(CacheProvider):
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
-            self.layout.update_index(lambda _: remaining, on_full=delete, index=index)
+            self.layout.write_index_object(
+                {"schemaVersion": 2, **index, "mediaType": index.get("mediaType") or
+                 MEDIA_OCI_INDEX, "manifests": remaining}, on_full=delete)
             delete()
-            return deleted
+            return [str(ref) for ref in refs], deleted
 
     def clean(self) -> int:
         """Remove every name and blob; returns the number of blobs deleted."""
@@ -7385,35 +7514,58 @@ class Provider(CacheProvider):
         return root
 
     def summaries(self) -> List[ImageSummary]:
-        """Every name with the platforms complete in the cache and its size on disk.
+        """Every name with the platforms complete in the cache and its size on disk."""
+        out = []
+        for raw, _, _, media_type, platforms, size in self._listing():
+            entry = self.layout.entry(raw)
+            descriptor = entry if media_type == entry.media_type else \
+                _replace(entry, media_type=media_type)
+            out.append(ImageSummary(entry.name, descriptor, platforms, size))
+        return out
+
+    def _listing(self) -> Iterator[Tuple[Any, str, str, str, Tuple[str, ...], int]]:
+        """Every named root entry of index.json as decoded, with its name, digest, media
+        type, complete platforms and size on disk, in index order; no entry is kept
+        once given (20,000 of them parsed are 15 MB).
 
         What each root reaches comes from the summary memo (``_SummaryMemo``) when it
         knows the root, else from its documents, and is then remembered; what is there
         comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
-        no manifest it has seen before."""
-        memo = _SummaryMemo.parse(self.layout.read_summaries())
+        no manifest it has seen before, and parses no entry the memo knows."""
+        memo = _SummaryMemo.parse(*self.layout.read_summaries())
         present = self.layout.blob_names()
-        names = self.names()
-        out = []
+        complete = memo.complete(present)
+        entries = self.layout.index_object().get("manifests") or []
+        entries.reverse()
+        named: Dict[str, int] = {}
         learned = False
-        for entry in names:
-            digest = str(entry.digest)
-            facts = memo.facts(digest, entry.size)
+        while entries:
+            raw = entries.pop()
+            name, digest, size = _raw_entry(raw)
+            if not name:
+                continue
+            listed = memo.listing(digest, size) if complete else None
+            if listed is not None:
+                named[digest] = size
+                yield (raw, name, digest, *listed)
+                continue
+            facts = memo.facts(digest, size)
             if facts is None:
+                entry = self.layout.entry(raw)
                 facts, exact = self._summary_facts(entry)
                 if exact:
                     memo.learn(digest, facts)
                     learned = True
-            descriptor = entry if facts.media_type == entry.media_type else \
-                _replace(entry, media_type=facts.media_type)
-            size = sum(facts.sizes) if present.issuperset(facts.blobs) else \
+            named[digest] = size
+            size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \
                 sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
-            platforms = tuple(platform for platform, needed in facts.platforms
-                              if present.issuperset(needed))
-            out.append(ImageSummary(entry.name, descriptor, platforms, size))
-        if learned:
-            self.layout.write_summaries(memo.to_bytes({str(e.digest): e.size for e in names}))
-        return out
+            yield (raw, name, digest, facts.media_type,
+                   tuple(p for p, needed in facts.platforms if present.issuperset(needed)),
+                   size_on_disk)
+        # Rewritten when it learned, and when a blob it names is gone (a name removed):
+        # then the next ls lists from it alone again.
+        if learned or not complete:
+            self.layout.write_summaries(memo.to_bytes(named))
 
     def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:
         """What ``entry`` reaches, from its documents (the blobs there, with their sizes,
@@ -7426,15 +7578,22 @@ class Provider(CacheProvider):
         sizes = {str(d): self.layout.blob_size(d) for d in marked.digests}
         exact = not (marked.missing or marked.unreadable or marked.wrong) and \
             None not in sizes.values()
-        images, readable = self._platform_images(believed)
+        read: Dict[Digest, Manifest] = {}  # a single manifest's is read for its platform
+
+        def manifest(descriptor: Descriptor) -> Manifest:
+            if descriptor.digest not in read:
+                read[descriptor.digest] = self.manifest(descriptor)
+            return read[descriptor.digest]
+
+        images, readable = self._platform_images(believed, manifest)
         platforms = []
         for child in images:
             try:
-                manifest = self.manifest(child)
+                manifest_of_child = manifest(child)
             except OciCacheError:
                 exact = False
                 continue
-            blobs = [b for b in manifest.blobs() if not _is_foreign(b)]
+            blobs = [b for b in manifest_of_child.blobs() if not _is_foreign(b)]
             if all(self.layout.has_blob(b.digest, b.size) for b in blobs):
                 platforms.append((str(child.platform),
                                   (str(child.digest), *(str(b.digest) for b in blobs))))
@@ -7444,7 +7603,8 @@ class Provider(CacheProvider):
         return _RootFacts(believed.media_type, entry.size, tuple(reached),
                           tuple(reached.values()), tuple(platforms)), exact and readable
 
-    def _platform_images(self, root: Descriptor) -> Tuple[List[Descriptor], bool]:
+    def _platform_images(self, root: Descriptor, manifest: Callable[[Descriptor], Manifest]
+                         ) -> Tuple[List[Descriptor], bool]:
         """The platform images of ``root`` (a single manifest's platform from its config),
         and whether the documents saying so could be read."""
         try:
@@ -7455,7 +7615,7 @@ class Provider(CacheProvider):
                 images += [c for c in self._labelled_by_config(index) if _is_real_platform(c)]
             else:
                 config = _load_json_object(
-                    self.layout.read_blob(self.manifest(root).config.digest), "config")
+                    self.layout.read_blob(manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
         except NotFoundError:
             return [], False
@@ -9376,22 +9536,28 @@ def _cmd_push(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
-    summaries = provider.summaries()
+    listing = provider._listing()
+    write = sys.stdout.write
     if args.json:
         # An image a line, each by json's C encoder (indent= takes the pure-Python one:
-        # a second for 20,000 names).
-        sys.stdout.write("[\n" + ",\n".join(json.dumps(
-            {"name": s.name, "digest": str(s.descriptor.digest),
-             "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
-             "size": s.size}) for s in summaries) + "\n]\n")
+        # a second for 20,000 names), written as it comes.
+        dumps, separator = json.dumps, "[\n"
+        for _, name, digest, media_type, platforms, size in listing:
+            write(separator + dumps({"name": name, "digest": digest, "mediaType": media_type,
+                                     "platforms": list(platforms), "size": size}))
+            separator = ",\n"
+        write("[]\n" if separator == "[\n" else "\n]\n")
         return 0
-    rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
-             _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    sys.stdout.write("".join(
-        f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2].ljust(widths[2])}  "
-        f"{row[3]}\n" for row in [header, *rows]))
+    rows = [header, *((name if name.isprintable() and name.strip(" ") == name else
+                       _printable(name), digest[:19],
+                       ",".join(platforms) or "-", _human_size(size))
+                      for _, name, digest, _, platforms, size in listing)]
+    widths = [max(map(len, column)) for column in list(zip(*rows))[:3]]
+    for start in range(0, len(rows), 4096):  # written in pieces: never a second copy
+        write("".join(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  "
+                      f"{row[2].ljust(widths[2])}  {row[3]}\n"
+                      for row in rows[start:start + 4096]))
     return 0
 
 
@@ -9585,18 +9751,33 @@ def _published(provider: Provider, args: argparse.Namespace,
     return chosen, unchecked
 
 
+def _is_canonical(name: str) -> bool:
+    try:
+        return canonical_name(name) == name
+    except InvalidReferenceError:
+        return False
+
+
+def _as_stored(names: Sequence[str], stored: Set[str]) -> List[str]:
+    """Each of ``names`` as ``rm`` takes it: spelled as given when index.json (whose
+    names are ``stored``) holds it so, else canonical; once each."""
+    return list(dict.fromkeys(n if n in stored else canonical_name(n) for n in names))
+
+
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    stored = {name for name in provider.layout.index_names() if name}
-    names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
-    for name in names:  # every name must exist before anything is removed; by name only,
-        # so that a name whose pinned digest lies (verify reports it) can be removed
-        matches = _name_predicate(name)
-        if not any(matches(s) for s in stored):
-            raise NotFoundError(f"no image named {name} in the cache {provider.root}")
     unchecked: List[str] = []
     if args.published_only:
+        stored = set(provider.layout.index_names())
+        names = _as_stored(args.names, stored)
+        for name in names:  # every name must exist before anything is removed; by name
+            # only, so that a name whose pinned digest lies (verify reports it) can be
+            matches = _name_predicate(name)  # removed
+            if not any(matches(s) for s in stored if s):
+                raise NotFoundError(f"no image named {name} in the cache {provider.root}")
         names, unchecked = _published(provider, args, names)
-    deleted = provider.remove(*names) if names else []
+        deleted = provider.remove(*names) if names else []
+    else:
+        names, deleted = provider._remove(args.names, as_stored=True)
     for name in names:
         _say(args, f"removed {name}")
     _say(args, f"{len(deleted)} blobs deleted")
