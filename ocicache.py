@@ -882,7 +882,8 @@ def _parse_json(data: Union[bytes, str], what: str,
     bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
-    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # an upper bound
+    containers = raw.count(b"{") + raw.count(b"[")
+    values = raw.count(b",") + containers  # an upper bound
     if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
         if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
             raise error(too_deep)  # what it is, though packed too
@@ -894,8 +895,7 @@ def _parse_json(data: Union[bytes, str], what: str,
         raise error(too_deep) from None
     except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
-    if raw.count(b"[") + raw.count(b"{") > _JSON_MAX_DEPTH and \
-            _nested_deeper_than(obj, _JSON_MAX_DEPTH):
+    if containers > _JSON_MAX_DEPTH and _nested_deeper_than(obj, _JSON_MAX_DEPTH):
         raise error(too_deep)
     if re.search(_SURROGATE_ESCAPE, raw):
         try:
@@ -2015,7 +2015,7 @@ class Layout:
         names: Set[str] = set()
         for algorithm, directory in self._blob_directories():
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                names.update(f"{algorithm}:{name}" for name in os.listdir(directory))
+                names.update(map(f"{algorithm}:".__add__, os.listdir(directory)))
         return names
 
     def read_summaries(self) -> Tuple[bytes, bool]:
@@ -6919,7 +6919,8 @@ class _RootFacts:
     platforms: Tuple[Tuple[str, Tuple[str, ...]], ...]  # platform, the blobs its image needs
 
 
-_MEMO_PLATFORM = re.compile(r"[^\x00-\x20\x7f-\x9f]{1,256}")
+# A platform as the memo writes it: none of the characters it separates fields with.
+_MEMO_PLATFORM = re.compile(r"[A-Za-z0-9._+/-]{1,256}")
 
 
 class _SummaryMemo:
@@ -6938,84 +6939,88 @@ class _SummaryMemo:
     gc, pulls and names follow the documents. linuxkit, skopeo and umoci read only
     index.json, oci-layout and blobs.
 
-    ``{"version": 2, "blobs": "digest digest ...", "sizes": "size size ...", "roots":
-    {digest: [media type, size, bytes of all it reaches, "number number ...", [[platform,
-    "number ..."], ...]]}}``: each blob once, however many roots share it, and each root's
-    blobs by their place among them, in strings split by spaces (json reads strings at C
-    speed; lists of numbers cost as much as the rest of ``ls``).
+    Columns, each a string split by spaces (json reads strings at C speed, and 20,000
+    roots as lists cost as much as the rest of ``ls``): ``blobs`` and ``sizes``, each
+    blob once however many roots share it; then per root its digest (``roots``), size,
+    media type (a number in ``media``), the bytes of all it reaches (``totals``), the
+    numbers of those blobs (``reached``, joined by commas), its platforms as ``ls``
+    shows them (``shown``, "-" for none) and each with the blobs its image needs
+    (``platforms``: ``platform=n,n;platform=n``, "-" for none).
     """
 
     VERSION = 2
+    _COLUMNS = ("blobs", "sizes", "roots", "root_sizes", "kinds", "totals", "reached",
+                "shown", "platforms")
 
-    def __init__(self, blobs: List[str], sizes: str, roots: Dict[str, Any]) -> None:
-        self._blobs = blobs
-        self._sizes_text = sizes
-        self._sizes: Optional[List[int]] = None
-        self._roots = roots      # as read: an entry is checked when it is used
+    def __init__(self, columns: Mapping[str, List[str]], media: List[str]) -> None:
+        self._blobs = columns.get("blobs", [])
+        self._columns = columns
+        self._media = media
+        self._where: Optional[Dict[str, int]] = None   # root digest -> its place
+        self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
         self._learned: Dict[str, _RootFacts] = {}
-        self._platforms: Dict[str, bool] = {}  # platform -> whether it may be shown
 
     @classmethod
     def parse(cls, data: bytes, trusted: bool) -> "_SummaryMemo":
         """The memo in ``data``, or an empty one when it is not a trusted memo."""
-        empty = cls([], "", {})
+        empty = cls({}, [])
         if not trusted or not data or len(data) > MAX_SUMMARIES_SIZE:
             return empty
         try:
-            # json itself, not _parse_json: deep nesting harms nothing here (nothing
-            # walks it, the shape is checked flat), and its walk would cost 40 ms.
+            # json itself, not _parse_json: the shape is checked flat, and nothing nests.
             obj = json.loads(data)
         except (ValueError, RecursionError):
             return empty
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
-        blobs, sizes, roots = obj.get("blobs"), obj.get("sizes"), obj.get("roots")
-        if type(blobs) is not str or type(sizes) is not str or type(roots) is not dict:
+        texts = [obj.get(name) for name in cls._COLUMNS]
+        media = obj.get("media")
+        if not all(type(t) is str for t in texts) or type(media) is not list or \
+                not all(type(m) is str for m in media):
             return empty
-        return cls(blobs.split(" ") if blobs else [], sizes, roots)
+        columns = {name: text.split(" ") if text else []  # type: ignore[union-attr]
+                   for name, text in zip(cls._COLUMNS, texts)}
+        roots = len(columns["roots"])
+        if len(columns["sizes"]) != len(columns["blobs"]) or \
+                any(len(columns[name]) != roots for name in cls._COLUMNS[3:]):
+            return empty
+        return cls(columns, media)
 
-    def _size_list(self) -> Optional[List[int]]:
-        if self._sizes is None:
-            try:
-                sizes = list(map(int, self._sizes_text.split(" "))) if self._sizes_text else []
-            except ValueError:
-                return None
-            if len(sizes) != len(self._blobs) or (sizes and min(sizes) < 0):
-                return None
-            self._sizes = sizes
-        return self._sizes
-
-    def _numbers(self, text: Any) -> Optional[List[int]]:
-        """The blob numbers in ``text``, or None when it is not such a list."""
-        if type(text) is not str:
-            return None
-        try:
-            numbers = list(map(int, text.split(" "))) if text else []
-        except ValueError:
-            return None
-        if numbers and not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
-            return None
-        return numbers
-
-    def _shown(self, platform: Any) -> bool:
-        if type(platform) is not str:
-            return False
-        if platform not in self._platforms:
-            self._platforms[platform] = bool(_MEMO_PLATFORM.fullmatch(platform))
-        return self._platforms[platform]
-
-    def _entry(self, digest: str, size: int) -> Optional[List[Any]]:
-        value = self._roots.get(digest)
-        if type(value) is not list or len(value) != 5 or type(value[0]) is not str or \
-                value[1] != size or type(value[2]) is not int or value[2] < 0 or \
-                type(value[3]) is not str or type(value[4]) is not list:
-            return None
-        return value
+    def _place(self, digest: str, size: int) -> int:
+        """Where the root ``digest`` of ``size`` bytes is among the memo's; -1 if not."""
+        if self._where is None:
+            roots = self._columns.get("roots", [])
+            self._where = dict(zip(roots, range(len(roots))))
+        at = self._where.get(digest, -1)
+        return at if at >= 0 and self._columns["root_sizes"][at] == str(size) else -1
 
     def complete(self, present: Set[str]) -> bool:
         """Whether every blob the memo names is in ``present``: then each root's
         ``listing`` holds as written."""
         return present.issuperset(self._blobs)
+
+    def listings(self) -> Dict[str, Tuple[int, str, Tuple[str, ...], int]]:
+        """For each root the memo knows: its size, media type, platforms and size on disk
+        as ``listing`` gives them; each column checked whole, each value once (a loop
+        per root costs as much as the rest of ``ls``)."""
+        if self._rows is None:
+            self._rows = {}
+            columns = self._columns
+            kinds = {k: self._media[int(k)] for k in set(columns.get("kinds", ()))
+                     if k.isdecimal() and int(k) < len(self._media)}
+            shown = {p: () if p == "-" else tuple(p.split(","))
+                     for p in set(columns.get("shown", ()))}
+            try:
+                sizes = list(map(int, columns.get("root_sizes", ())))
+                totals = list(map(int, columns.get("totals", ())))
+            except ValueError:
+                return self._rows
+            if len(kinds) == len(set(columns.get("kinds", ()))) and min(totals, default=0) >= 0 \
+                    and all(all(map(_MEMO_PLATFORM.fullmatch, p)) for p in shown.values()):
+                self._rows = dict(zip(columns.get("roots", ()), zip(
+                    sizes, map(kinds.__getitem__, columns.get("kinds", ())),
+                    map(shown.__getitem__, columns.get("shown", ())), totals)))
+        return self._rows
 
     def listing(self, digest: str, size: int) -> Optional[Tuple[str, Tuple[str, ...], int]]:
         """The media type, platforms and size on disk of the root ``digest`` of ``size``
@@ -7023,35 +7028,46 @@ class _SummaryMemo:
         if digest in self._learned:
             facts = self._learned[digest]
             return facts.media_type, tuple(p for p, _ in facts.platforms), sum(facts.sizes)
-        value = self._entry(digest, size)
-        if value is None:
+        row = self.listings().get(digest)
+        return row[1:] if row is not None and row[0] == size else None
+
+    def _numbers(self, text: str) -> Optional[List[int]]:
+        """The blob numbers in ``text`` (joined by commas), or None when it is not such a
+        list."""
+        try:
+            numbers = list(map(int, text.split(",")))
+        except ValueError:
             return None
-        platforms = []
-        for platform in value[4]:
-            if type(platform) is not list or len(platform) != 2 or \
-                    not self._shown(platform[0]):
-                return None
-            platforms.append(platform[0])
-        return value[0], tuple(platforms), value[2]
+        if not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
+            return None
+        return numbers
 
     def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
         """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
         it does not know it, or says it in a shape it is never written in."""
         if digest in self._learned:
             return self._learned[digest]
-        value, sizes = self._entry(digest, size), self._size_list()
-        numbers = self._numbers(value[3]) if value is not None else None
-        if value is None or sizes is None or numbers is None:
+        listed = self.listing(digest, size)
+        if listed is None:
+            return None
+        at = self._place(digest, size)
+        numbers = self._numbers(self._columns["reached"][at])
+        try:
+            sizes = [int(self._columns["sizes"][n]) for n in numbers or ()]
+        except ValueError:
             return None
         images = []
-        for platform in value[4]:
-            needed = self._numbers(platform[1]) if type(platform) is list and \
-                len(platform) == 2 else None
-            if needed is None or not self._shown(platform[0]):
+        field = self._columns["platforms"][at]
+        for platform_field in field.split(";") if field != "-" else ():
+            platform, _, needed_text = platform_field.partition("=")
+            needed = self._numbers(needed_text)
+            if needed is None or not _MEMO_PLATFORM.fullmatch(platform):
                 return None
-            images.append((platform[0], tuple([self._blobs[n] for n in needed])))
-        return _RootFacts(value[0], size, tuple([self._blobs[n] for n in numbers]),
-                          tuple([sizes[n] for n in numbers]), tuple(images))
+            images.append((platform, tuple([self._blobs[n] for n in needed])))
+        if numbers is None or [p for p, _ in images] != list(listed[1]):
+            return None
+        return _RootFacts(listed[0], size, tuple([self._blobs[n] for n in numbers]),
+                          tuple(sizes), tuple(images))
 
     def reaching(self, entries: Iterable[Any], blobs: Iterable[str]
                  ) -> Tuple[Set[str], List[Any]]:
@@ -7060,18 +7076,23 @@ class _SummaryMemo:
         wanted = set(blobs)
         numbers = {str(n): blob for n, blob in enumerate(self._blobs) if blob in wanted}
         known, unknown = [], []
+        reached = self._columns.get("reached", [])
         for raw in entries:
             _, digest, size = _raw_entry(raw)
-            value = self._entry(digest, size) if digest in self._roots else None
-            if value is None:
+            at = self._place(digest, size)
+            if at < 0:
                 unknown.append(raw)
             else:
-                known.append(value[3])
-        reached = set(" ".join(known).split(" "))
-        reached.discard("")
-        if not all(n.isdigit() and int(n) < len(self._blobs) for n in reached):
+                known.append(reached[at])
+        found = set(",".join(known).split(","))
+        found.discard("")
+        if not all(n.isdecimal() and int(n) < len(self._blobs) for n in found):
             return set(), list(entries)  # not as written: every document must say
-        return {blob for n, blob in numbers.items() if n in reached}, unknown
+        return {blob for n, blob in numbers.items() if n in found}, unknown
+
+    def stale(self, named: Mapping[str, int]) -> bool:
+        """Whether the memo knows roots that are not in ``named`` (removed since)."""
+        return any(digest not in named for digest in self._columns.get("roots", ()))
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
@@ -7080,6 +7101,8 @@ class _SummaryMemo:
         """The memo of the roots in ``keep`` (digest -> size) that it knows."""
         numbers: Dict[str, int] = {}
         sizes: List[int] = []
+        media: Dict[str, int] = {}
+        columns: Dict[str, List[str]] = {name: [] for name in self._COLUMNS[2:]}
 
         def number(blob: str, size: int) -> str:
             if blob not in numbers:
@@ -7087,20 +7110,27 @@ class _SummaryMemo:
                 sizes.append(size)
             return str(numbers[blob])
 
-        roots: Dict[str, Any] = {}
         for digest, size in sorted(keep.items()):
             facts = self.facts(digest, size)
-            if facts is None:
+            if facts is None or not facts.blobs:
                 continue
             reached = dict(zip(facts.blobs, facts.sizes))
-            if not all(reached.keys() >= set(needed) for _, needed in facts.platforms):
+            if not all(reached.keys() >= set(needed) and _MEMO_PLATFORM.fullmatch(platform)
+                       for platform, needed in facts.platforms):
                 continue  # a platform needing a blob the root does not reach: not memo'd
-            roots[digest] = [facts.media_type, facts.size, sum(reached.values()),
-                             " ".join(number(b, n) for b, n in reached.items()),
-                             [[platform, " ".join(number(b, reached[b]) for b in needed)]
-                              for platform, needed in facts.platforms]]
+            for name, value in (
+                    ("roots", digest), ("root_sizes", str(size)),
+                    ("kinds", str(media.setdefault(facts.media_type, len(media)))),
+                    ("totals", str(sum(reached.values()))),
+                    ("reached", ",".join(number(b, n) for b, n in reached.items())),
+                    ("shown", ",".join(p for p, _ in facts.platforms) or "-"),
+                    ("platforms", ";".join(
+                        f"{platform}=" + ",".join(number(b, reached[b]) for b in needed)
+                        for platform, needed in facts.platforms) or "-")):
+                columns[name].append(value)
         return _json_bytes({"version": self.VERSION, "blobs": " ".join(numbers),
-                            "sizes": " ".join(map(str, sizes)), "roots": roots},
+                            "sizes": " ".join(map(str, sizes)), "media": list(media),
+                            **{name: " ".join(values) for name, values in columns.items()}},
                            separators=(",", ":"))
 
 
@@ -7539,15 +7569,16 @@ class Provider(CacheProvider):
         entries.reverse()
         named: Dict[str, int] = {}
         learned = False
+        rows = memo.listings() if complete else {}
         while entries:
             raw = entries.pop()
             name, digest, size = _raw_entry(raw)
             if not name:
                 continue
-            listed = memo.listing(digest, size) if complete else None
-            if listed is not None:
+            row = rows.get(digest)
+            if row is not None and row[0] == size:
                 named[digest] = size
-                yield (raw, name, digest, *listed)
+                yield raw, name, digest, row[1], row[2], row[3]
                 continue
             facts = memo.facts(digest, size)
             if facts is None:
@@ -7564,7 +7595,7 @@ class Provider(CacheProvider):
                    size_on_disk)
         # Rewritten when it learned, and when a blob it names is gone (a name removed):
         # then the next ls lists from it alone again.
-        if learned or not complete:
+        if learned or (not complete and memo.stale(named)):
             self.layout.write_summaries(memo.to_bytes(named))
 
     def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:

@@ -10026,9 +10026,12 @@ class TestLargeCaches(CacheTestCase):
         # In the shape ocicache writes: every root reaches nothing, or a lie about sizes
         # and platforms; what rm, ls and everything else must not believe when a co-user
         # wrote it.
-        nothing = {"version": 2, "blobs": root, "sizes": "1", "roots": {
-            image.manifest.digest: [oc.MEDIA_OCI_MANIFEST, image.manifest.descriptor()["size"],
-                                    1, "", [["linux/evil", ""]]] for image in images}}
+        nothing = {"version": 2, "blobs": root, "sizes": "1", "media": [oc.MEDIA_OCI_MANIFEST],
+                   "roots": " ".join(image.manifest.digest for image in images),
+                   "root_sizes": " ".join(str(len(image.manifest.data)) for image in images),
+                   **{column: " ".join([value] * len(images)) for column, value in (
+                       ("kinds", "0"), ("totals", "1"), ("reached", "0"),
+                       ("shown", "linux/evil"), ("platforms", "linux/evil=0"))}}
         return [("not json", b"\xff{"), ("deep", b"[" * 100000),
                 ("lying", json.dumps(lie).encode()),
                 *((f"shape {n}", json.dumps(s).encode()) for n, s in enumerate(shapes)),
