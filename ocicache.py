@@ -7097,6 +7097,11 @@ class _SummaryMemo:
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
 
+    def learning(self, other: "_SummaryMemo") -> "_SummaryMemo":
+        """This memo, having learned what ``other`` learned."""
+        self._learned.update(other._learned)
+        return self
+
     def to_bytes(self, keep: Mapping[str, int]) -> bytes:
         """The memo of the roots in ``keep`` (digest -> size) that it knows."""
         numbers: Dict[str, int] = {}
@@ -7563,13 +7568,17 @@ class Provider(CacheProvider):
         comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
         no manifest it has seen before, and parses no entry the memo knows."""
         memo = _SummaryMemo.parse(*self.layout.read_summaries())
-        present = self.layout.blob_names()
-        complete = memo.complete(present)
+        listed = self.layout.blob_names()
+        complete = memo.complete(listed)
+        present: Optional[Set[str]] = listed
+        rows = memo.listings() if complete else {}
+        if rows:  # index.json is decoded without these beside it (14 MB of 20,000 names);
+            memo, present = _SummaryMemo({}, []), None  # read again if a root needs them
+            del listed
         entries = self.layout.index_object().get("manifests") or []
         entries.reverse()
         named: Dict[str, int] = {}
         learned = False
-        rows = memo.listings() if complete else {}
         while entries:
             raw = entries.pop()
             name, digest, size = _raw_entry(raw)
@@ -7588,6 +7597,8 @@ class Provider(CacheProvider):
                     memo.learn(digest, facts)
                     learned = True
             named[digest] = size
+            if present is None:
+                present = self.layout.blob_names()
             size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \
                 sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
             yield (raw, name, digest, facts.media_type,
@@ -7595,6 +7606,8 @@ class Provider(CacheProvider):
                    size_on_disk)
         # Rewritten when it learned, and when a blob it names is gone (a name removed):
         # then the next ls lists from it alone again.
+        if rows and learned:
+            memo = _SummaryMemo.parse(*self.layout.read_summaries()).learning(memo)
         if learned or (not complete and memo.stale(named)):
             self.layout.write_summaries(memo.to_bytes(named))
 

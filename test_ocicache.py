@@ -10142,10 +10142,16 @@ class TestLargeCaches(CacheTestCase):
         late = make_image("late", layer_files=[{"etc/base": b"base"}, {"etc/late": b"late"}])
         self.load_image("example.com/late:1", late)  # named after the memo was written
         self.assertLessEqual(self.reads(lambda: self.cache.remove("example.com/n8:1")), 6)
+        # ls learns each new root, and keeps what it knew of the others.
+        self.assertEqual(len(self.cache.summaries()), 299)
+        self.load_image("example.com/later:1", make_image("later"))
+        self.assertEqual(len(self.cache.summaries()), 300)
+        with mock.patch.object(oc.Layout, "read_blob", side_effect=AssertionError("read")):
+            self.assertEqual(len(self.cache.summaries()), 300)
         self.assertTrue(self.cache.layout.has_blob(images[0].layers[0].digest))
         self.assertTrue(self.cache.image_in_cache("example.com/late:1", "", "amd64"))
         self.assertTrue(self.cache.verify().ok)
-        # What is left after removing every name but the one the memo never saw.
+        # What is left after removing every name but the ones the memo learned late.
         for i in range(300):
             if i not in (7, 8):
                 self.cache.remove(f"example.com/n{i}:1")
