@@ -9583,14 +9583,24 @@ def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
     listing = provider._listing()
     write = sys.stdout.write
     if args.json:
-        # An image a line, each by json's C encoder (indent= takes the pure-Python one:
-        # a second for 20,000 names), written as it comes.
-        dumps, separator = json.dumps, "[\n"
-        for _, name, digest, media_type, platforms, size in listing:
-            write(separator + dumps({"name": name, "digest": digest, "mediaType": media_type,
-                                     "platforms": list(platforms), "size": size}))
-            separator = ",\n"
-        write("[]\n" if separator == "[\n" else "\n]\n")
+        # An image a line, as json.dumps writes each (indent= takes the pure-Python
+        # encoder: a second for 20,000 names), its strings by json's C encoder and each
+        # media type and platform list encoded once; written in pieces as they come.
+        encode = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+        encoded: Dict[Any, str] = {}
+
+        def once(value: Any) -> str:
+            if value not in encoded:
+                encoded[value] = encode(value) if isinstance(value, str) else \
+                    "[" + ", ".join(map(encode, value)) + "]"
+            return encoded[value]
+        lines = [f'{{"name": {encode(name)}, "digest": {encode(digest)}, "mediaType": '
+                 f'{once(media_type)}, "platforms": {once(platforms)}, "size": {size}}}'
+                 for _, name, digest, media_type, platforms, size in listing]
+        write("[\n" if lines else "[]\n")
+        for start in range(0, len(lines), 4096):
+            write(",\n".join(lines[start:start + 4096]) +
+                  (",\n" if start + 4096 < len(lines) else "\n]\n"))
         return 0
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
     rows = [header, *((name if name.isprintable() and name.strip(" ") == name else
