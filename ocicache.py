@@ -900,7 +900,8 @@ def _parse_json(data: Union[bytes, str], what: str,
     bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
-    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # an upper bound
+    containers = raw.count(b"{") + raw.count(b"[")
+    values = raw.count(b",") + containers  # an upper bound
     if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
         if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
             raise error(too_deep)  # what it is, though packed too
@@ -912,8 +913,7 @@ def _parse_json(data: Union[bytes, str], what: str,
         raise error(too_deep) from None
     except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
-    if raw.count(b"[") + raw.count(b"{") > _JSON_MAX_DEPTH and \
-            _nested_deeper_than(obj, _JSON_MAX_DEPTH):
+    if containers > _JSON_MAX_DEPTH and _nested_deeper_than(obj, _JSON_MAX_DEPTH):
         raise error(too_deep)
     if re.search(_SURROGATE_ESCAPE, raw):
         try:
@@ -1653,20 +1653,21 @@ def _temporary_name(final: str) -> str:
     return f"{final}{_TEMP_MARK}{os.urandom(8).hex()}"
 
 
-def _create_temporary(dir_fd: int, final: str) -> Tuple[int, str]:
+def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tuple[int, str]:
     """A new, empty temporary file beside ``final`` in ``dir_fd``."""
     while True:
         name = _temporary_name(final)
         try:
-            return os.open(name, _NEW_FILE, _CREATE_MODE, dir_fd=dir_fd), name
+            return os.open(name, _NEW_FILE, mode, dir_fd=dir_fd), name
         except FileExistsError:
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: bytes) -> None:
+def _write_file_atomically(dir_fd: int, name: str, data: bytes,
+                           mode: int = _CREATE_MODE) -> None:
     """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
     rename it over ``name`` (a rename replaces a link; it never writes through one)."""
-    fd, temp = _create_temporary(dir_fd, f".{name}")
+    fd, temp = _create_temporary(dir_fd, f".{name}", mode)
     try:
         try:
             _write_all(fd, data)
@@ -1754,6 +1755,17 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.corrupt and not self.missing and not self.wrong
+
+
+def _raw_entry(raw: Any) -> Tuple[str, str, int]:
+    """A root entry of index.json as decoded: its name, digest and size as written ("",
+    "", -1 for what is absent or of another type), parsing nothing."""
+    if type(raw) is not dict:
+        return "", "", -1
+    annotations, digest, size = raw.get("annotations"), raw.get("digest"), raw.get("size")
+    name = annotations.get(ANNOTATION_REF_NAME) if type(annotations) is dict else ""
+    return (name if type(name) is str else "", digest if type(digest) is str else "",
+            size if type(size) is int else -1)
 
 
 class Layout:
@@ -2114,24 +2126,30 @@ class Layout:
         names: Set[str] = set()
         for algorithm, directory in self._blob_directories():
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                names.update(f"{algorithm}:{name}" for name in os.listdir(directory))
+                names.update(map(f"{algorithm}:".__add__, os.listdir(directory)))
         return names
 
-    def read_summaries(self) -> bytes:
+    def read_summaries(self) -> Tuple[bytes, bool]:
         """The bytes of the summary memo (``_SummaryMemo``), b"" when it is absent or no
-        regular file; never read through a symlink."""
+        regular file (never read through a symlink); and whether it is trusted: a file
+        of this user's or root's that no one else may write. A co-user sharing the cache
+        may replace the file (the directory is theirs to write too), never forge one of
+        ours, and a memo of ours says only what documents, which never change, reach."""
         try:
             with self._root_directory() as directory, os.fdopen(_open_regular(
                     SUMMARIES_FILE, os.O_RDONLY, directory, self.summaries_path), "rb") as f:
-                return f.read(MAX_SUMMARIES_SIZE + 1)
+                st = os.fstat(f.fileno())
+                trusted = st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+                return f.read(MAX_SUMMARIES_SIZE + 1), trusted
         except (OSError, OciCacheError):
-            return b""
+            return b"", False
 
     def write_summaries(self, data: bytes) -> None:
-        """Replace the summary memo; it is only a memo, so failing to is not an error."""
+        """Replace the summary memo, writable by this user alone (see read_summaries);
+        it is only a memo, so failing to is not an error."""
         try:
             with self._root_directory() as directory:
-                _write_file_atomically(directory, SUMMARIES_FILE, data)
+                _write_file_atomically(directory, SUMMARIES_FILE, data, mode=0o644)
         except OSError as e:
             _log().debug("cannot write %s: %s", self.summaries_path, e)
 
@@ -2172,6 +2190,15 @@ class Layout:
                                     "is not a list")
         return obj
 
+    def index_object(self) -> Dict[str, Any]:
+        """index.json decoded, its entries left as they are (see ``_raw_entry``); read
+        again under the lock when it looks broken (see read_index)."""
+        try:
+            return self._read_index_object()
+        except CorruptCacheError:
+            with self.lock():
+                return self._read_index_object()
+
     def index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
         """The root entries, in index order, for which ``keep(name, digest)`` holds (each
         given as index.json spells it, "" when absent or not a string). Only those are
@@ -2200,43 +2227,59 @@ class Layout:
         entries.reverse()
         while entries:  # each decoded entry freed as it is read: they never all coexist
             raw = entries.pop()  # with the descriptors made of them (20,000 names: 15 MB)
-            annotations = raw.get("annotations") if isinstance(raw, dict) else None
-            name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else ""
-            digest = raw.get("digest") if isinstance(raw, dict) else ""
-            if keep(name if isinstance(name, str) else "",
-                    digest if isinstance(digest, str) else ""):
-                try:
-                    found.append(Descriptor.from_json(raw))
-                except OciCacheError as e:
-                    raise CorruptCacheError(f"invalid image cache: {self.index_path}: {e}"
-                                            ) from None
+            name, digest, _ = _raw_entry(raw)
+            if keep(name, digest):
+                found.append(self.entry(raw))
         return found
+
+    def entry(self, raw: Any) -> Descriptor:
+        """A root entry of index.json as decoded, parsed; CorruptCacheError if it is none."""
+        try:
+            return Descriptor.from_json(raw)
+        except OciCacheError as e:
+            raise CorruptCacheError(f"invalid image cache: {self.index_path}: {e}") from None
 
     def update_index(self, change: Callable[[List[Descriptor]], List[Descriptor]],
                      on_full: Optional[Callable[[], None]] = None,
                      index: Optional[Index] = None, what: str = "") -> None:
-        """Apply ``change`` to the root entries under the lock, then replace index.json.
-
-        ``index`` is index.json as the caller read it holding the lock already (read
-        here otherwise): one read per command. An index.json past MAX_INDEX_SIZE, which
-        could not be read back, is refused, saying ``what`` was being done.
-
-        Replacing it needs room for a second copy; on a full disk ``on_full`` (given by
-        ``rm`` and ``clean``, whose change frees blobs) deletes them first, then it is
-        tried once more.
-        """
+        """Apply ``change`` to the root entries under the lock, then replace index.json
+        (``write_index_object``). ``index`` is index.json as the caller read it holding
+        the lock already (read here otherwise): one read per command."""
         with self.lock():
             if index is None:
                 index = self.read_index()
             manifests = change(list(index.manifests))
             new = _replace(index, manifests=tuple(manifests),
-                           media_type=index.media_type or MEDIA_OCI_INDEX)
-            data = _json_bytes(new.to_json(), separators=_INDEX_SEPARATORS)
-            if len(data) > MAX_INDEX_SIZE:
-                raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
-                                    f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
-                                    "ocicache reads; remove names first")
-            self.replace_index(data, on_full)
+                           media_type=index.media_type or MEDIA_OCI_INDEX).to_json()
+            self.write_index_object(new, new["manifests"], on_full, what)
+
+    def update_index_entries(self, change: Callable[[List[Any]], List[Any]],
+                             what: str = "") -> None:
+        """``update_index`` on the root entries as decoded (``_raw_entry``): an entry the
+        change keeps is written back as it was, never parsed (20,000 of them cost 0.2 s
+        to parse and write again for one name)."""
+        with self.lock():
+            index = self.index_object()
+            self.write_index_object(index, change(index.get("manifests") or []), what=what)
+
+    def write_index_object(self, index: Mapping[str, Any], manifests: List[Any],
+                           on_full: Optional[Callable[[], None]] = None, what: str = "") -> None:
+        """Replace index.json with ``index`` (as the caller read it holding the lock)
+        holding ``manifests``. An index.json past MAX_INDEX_SIZE, which could not be read
+        back, is refused, saying ``what`` was being done.
+
+        Replacing it needs room for a second copy; on a full disk ``on_full`` (given by
+        ``rm`` and ``clean``, whose change frees blobs) deletes them first, then it is
+        tried once more.
+        """
+        data = _json_bytes({"schemaVersion": 2, **index, "mediaType": index.get("mediaType") or
+                            MEDIA_OCI_INDEX, "manifests": manifests},
+                           separators=_INDEX_SEPARATORS)
+        if len(data) > MAX_INDEX_SIZE:
+            raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
+                                f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
+                                "ocicache reads; remove names first")
+        self.replace_index(data, on_full)
 
     def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
         """Replace index.json with ``data`` under the lock, without reading it (``clean``
@@ -7088,7 +7131,8 @@ class _RootFacts:
     platforms: Tuple[Tuple[str, Tuple[str, ...]], ...]  # platform, the blobs its image needs
 
 
-_MEMO_PLATFORM = re.compile(r"[^\x00-\x20\x7f-\x9f]{1,256}")
+# A platform as the memo writes it: none of the characters it separates fields with.
+_MEMO_PLATFORM = re.compile(r"[A-Za-z0-9._+/-]{1,256}")
 
 
 class _SummaryMemo:
@@ -7098,56 +7142,115 @@ class _SummaryMemo:
     there is asked again, by every ``ls``. ``ls`` fills it for the roots it lacks
     (linuxkit's names too) and writes it back holding only the roots named then.
 
-    It is believed for the listing alone, and only in the shape it is written in; a
-    memo that is not (corrupt, from another version, planted) is ignored and rebuilt.
-    Everything that decides (verify, gc, rm, pulls, names) follows the documents.
-    linuxkit, skopeo and umoci read only index.json, oci-layout and blobs.
+    Only a memo ocicache wrote is believed (``Layout.read_summaries``: a file of this
+    user's or root's that no one else may write), and only in the shape it is written
+    in; any other (corrupt, from another version, planted by a co-user) is ignored and
+    rebuilt. A root is memo'd only when every document it reaches was read and every blob
+    was there, so the blobs it names are what it reaches for as long as it exists: ``rm``
+    believes that to know which of the blobs it frees another root still needs. verify,
+    gc, pulls and names follow the documents. linuxkit, skopeo and umoci read only
+    index.json, oci-layout and blobs.
 
-    ``{"version": 1, "blobs": [digest, ...], "sizes": [size, ...], "roots": {digest:
-    [media type, size, "number number ...", [[platform, "number ..."], ...]]}}``: each
-    blob once, however many roots share it, and each root's blobs by their place among
-    them, in a string split by spaces (json reads strings at C speed; lists of lists
-    cost as much as the rest of ``ls``).
+    Columns, each a string split by spaces (json reads strings at C speed, and 20,000
+    roots as lists cost as much as the rest of ``ls``): ``blobs`` and ``sizes``, each
+    blob once however many roots share it; then per root its digest (``roots``), size,
+    media type (a number in ``media``), the bytes of all it reaches (``totals``), the
+    numbers of those blobs (``reached``, joined by commas), its platforms as ``ls``
+    shows them (``shown``, "-" for none) and each with the blobs its image needs
+    (``platforms``: ``platform=n,n;platform=n``, "-" for none).
     """
 
-    VERSION = 1
+    VERSION = 2
+    _COLUMNS = ("blobs", "sizes", "roots", "root_sizes", "kinds", "totals", "reached",
+                "shown", "platforms")
 
-    def __init__(self, blobs: List[str], sizes: List[int], roots: Dict[str, Any]) -> None:
-        self._blobs = blobs
-        self._sizes = sizes
-        self._roots = roots      # as read: an entry is checked when it is used
+    def __init__(self, columns: Mapping[str, List[str]], media: List[str]) -> None:
+        self._blobs = columns.get("blobs", [])
+        self._columns = columns
+        self._media = media
+        self._where: Optional[Dict[str, int]] = None   # root digest -> its place
+        self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
         self._learned: Dict[str, _RootFacts] = {}
 
     @classmethod
-    def parse(cls, data: bytes) -> "_SummaryMemo":
-        """The memo in ``data``, or an empty one when it is not a memo."""
-        empty = cls([], [], {})
-        if not data or len(data) > MAX_SUMMARIES_SIZE:
+    def parse(cls, data: bytes, trusted: bool) -> "_SummaryMemo":
+        """The memo in ``data``, or an empty one when it is not a trusted memo."""
+        empty = cls({}, [])
+        if not trusted or not data or len(data) > MAX_SUMMARIES_SIZE:
             return empty
         try:
-            # json itself, not _parse_json: deep nesting harms nothing here (nothing
-            # walks it, the shape is checked flat), and its walk would cost 40 ms.
+            # json itself, not _parse_json: the shape is checked flat, and nothing nests.
             obj = json.loads(data)
         except (ValueError, RecursionError):
             return empty
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
-        blobs, sizes, roots = obj.get("blobs"), obj.get("sizes"), obj.get("roots")
-        if type(blobs) is not list or type(sizes) is not list or type(roots) is not dict or \
-                len(blobs) != len(sizes) or not all(type(b) is str for b in blobs) or \
-                not all(type(n) is int and n >= 0 for n in sizes):
+        texts = [obj.get(name) for name in cls._COLUMNS]
+        media = obj.get("media")
+        if not all(type(t) is str for t in texts) or type(media) is not list or \
+                not all(type(m) is str for m in media):
             return empty
-        return cls(blobs, sizes, roots)
+        columns = {name: text.split(" ") if text else []  # type: ignore[union-attr]
+                   for name, text in zip(cls._COLUMNS, texts)}
+        roots = len(columns["roots"])
+        if len(columns["sizes"]) != len(columns["blobs"]) or \
+                any(len(columns[name]) != roots for name in cls._COLUMNS[3:]):
+            return empty
+        return cls(columns, media)
 
-    def _numbers(self, text: Any) -> Optional[List[int]]:
-        """The blob numbers in ``text``, or None when it is not such a list."""
-        if type(text) is not str:
-            return None
+    def _place(self, digest: str, size: int) -> int:
+        """Where the root ``digest`` of ``size`` bytes is among the memo's; -1 if not."""
+        if self._where is None:
+            roots = self._columns.get("roots", [])
+            self._where = dict(zip(roots, range(len(roots))))
+        at = self._where.get(digest, -1)
+        return at if at >= 0 and self._columns["root_sizes"][at] == str(size) else -1
+
+    def complete(self, present: Set[str]) -> bool:
+        """Whether every blob the memo names is in ``present``: then each root's
+        ``listing`` holds as written."""
+        return present.issuperset(self._blobs)
+
+    def listings(self) -> Dict[str, Tuple[int, str, Tuple[str, ...], int]]:
+        """For each root the memo knows: its size, media type, platforms and size on disk
+        as ``listing`` gives them; each column checked whole, each value once (a loop
+        per root costs as much as the rest of ``ls``)."""
+        if self._rows is None:
+            self._rows = {}
+            columns = self._columns
+            kinds = {k: self._media[int(k)] for k in set(columns.get("kinds", ()))
+                     if k.isdecimal() and int(k) < len(self._media)}
+            shown = {p: () if p == "-" else tuple(p.split(","))
+                     for p in set(columns.get("shown", ()))}
+            try:
+                sizes = list(map(int, columns.get("root_sizes", ())))
+                totals = list(map(int, columns.get("totals", ())))
+            except ValueError:
+                return self._rows
+            if len(kinds) == len(set(columns.get("kinds", ()))) and min(totals, default=0) >= 0 \
+                    and all(all(map(_MEMO_PLATFORM.fullmatch, p)) for p in shown.values()):
+                self._rows = dict(zip(columns.get("roots", ()), zip(
+                    sizes, map(kinds.__getitem__, columns.get("kinds", ())),
+                    map(shown.__getitem__, columns.get("shown", ())), totals)))
+        return self._rows
+
+    def listing(self, digest: str, size: int) -> Optional[Tuple[str, Tuple[str, ...], int]]:
+        """The media type, platforms and size on disk of the root ``digest`` of ``size``
+        bytes when all its blobs are there (see ``complete``); None when it is not known."""
+        if digest in self._learned:
+            facts = self._learned[digest]
+            return facts.media_type, tuple(p for p, _ in facts.platforms), sum(facts.sizes)
+        row = self.listings().get(digest)
+        return row[1:] if row is not None and row[0] == size else None
+
+    def _numbers(self, text: str) -> Optional[List[int]]:
+        """The blob numbers in ``text`` (joined by commas), or None when it is not such a
+        list."""
         try:
-            numbers = list(map(int, text.split(" "))) if text else []
+            numbers = list(map(int, text.split(",")))
         except ValueError:
             return None
-        if numbers and not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
+        if not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
             return None
         return numbers
 
@@ -7156,32 +7259,67 @@ class _SummaryMemo:
         it does not know it, or says it in a shape it is never written in."""
         if digest in self._learned:
             return self._learned[digest]
-        value = self._roots.get(digest)
-        if type(value) is not list or len(value) != 4:
+        listed = self.listing(digest, size)
+        if listed is None:
             return None
-        media_type, root_size, reached, platforms = value
-        numbers = self._numbers(reached)
-        if type(media_type) is not str or root_size != size or numbers is None or \
-                type(platforms) is not list:
+        at = self._place(digest, size)
+        numbers = self._numbers(self._columns["reached"][at])
+        try:
+            sizes = [int(self._columns["sizes"][n]) for n in numbers or ()]
+        except ValueError:
             return None
         images = []
-        for platform in platforms:
-            needed = self._numbers(platform[1]) if type(platform) is list and \
-                len(platform) == 2 else None
-            if needed is None or type(platform[0]) is not str or \
-                    not _MEMO_PLATFORM.fullmatch(platform[0]):
+        field = self._columns["platforms"][at]
+        for platform_field in field.split(";") if field != "-" else ():
+            platform, _, needed_text = platform_field.partition("=")
+            needed = self._numbers(needed_text)
+            if needed is None or not _MEMO_PLATFORM.fullmatch(platform):
                 return None
-            images.append((platform[0], tuple([self._blobs[n] for n in needed])))
-        return _RootFacts(media_type, size, tuple([self._blobs[n] for n in numbers]),
-                          tuple([self._sizes[n] for n in numbers]), tuple(images))
+            images.append((platform, tuple([self._blobs[n] for n in needed])))
+        if numbers is None or [p for p, _ in images] != list(listed[1]):
+            return None
+        return _RootFacts(listed[0], size, tuple([self._blobs[n] for n in numbers]),
+                          tuple(sizes), tuple(images))
+
+    def reaching(self, entries: Iterable[Any], blobs: Iterable[str]
+                 ) -> Tuple[Set[str], List[Any]]:
+        """Which of ``blobs`` the root entries ``entries`` (index.json's, as decoded) reach
+        by the memo, and the entries it does not know, whose documents must say."""
+        wanted = set(blobs)
+        numbers = {str(n): blob for n, blob in enumerate(self._blobs) if blob in wanted}
+        known, unknown = [], []
+        reached = self._columns.get("reached", [])
+        for raw in entries:
+            _, digest, size = _raw_entry(raw)
+            at = self._place(digest, size)
+            if at < 0:
+                unknown.append(raw)
+            else:
+                known.append(reached[at])
+        found = set(",".join(known).split(","))
+        found.discard("")
+        if not all(n.isdecimal() and int(n) < len(self._blobs) for n in found):
+            return set(), list(entries)  # not as written: every document must say
+        return {blob for n, blob in numbers.items() if n in found}, unknown
+
+    def stale(self, named: Mapping[str, int]) -> bool:
+        """Whether the memo knows roots that are not in ``named`` (removed since)."""
+        return any(digest not in named for digest in self._columns.get("roots", ()))
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
+
+    def learning(self, other: "_SummaryMemo") -> "_SummaryMemo":
+        """This memo, having learned what ``other`` learned."""
+        self._learned.update(other._learned)
+        return self
 
     def to_bytes(self, keep: Mapping[str, int]) -> bytes:
         """The memo of the roots in ``keep`` (digest -> size) that it knows."""
         numbers: Dict[str, int] = {}
         sizes: List[int] = []
+        media: Dict[str, int] = {}
+        columns: Dict[str, List[str]] = {name: [] for name in self._COLUMNS[2:]}
 
         def number(blob: str, size: int) -> str:
             if blob not in numbers:
@@ -7189,20 +7327,28 @@ class _SummaryMemo:
                 sizes.append(size)
             return str(numbers[blob])
 
-        roots: Dict[str, Any] = {}
         for digest, size in sorted(keep.items()):
             facts = self.facts(digest, size)
-            if facts is None:
+            if facts is None or not facts.blobs:
                 continue
             reached = dict(zip(facts.blobs, facts.sizes))
-            if not all(reached.keys() >= set(needed) for _, needed in facts.platforms):
+            if not all(reached.keys() >= set(needed) and _MEMO_PLATFORM.fullmatch(platform)
+                       for platform, needed in facts.platforms):
                 continue  # a platform needing a blob the root does not reach: not memo'd
-            roots[digest] = [facts.media_type, facts.size,
-                             " ".join(number(b, n) for b, n in reached.items()),
-                             [[platform, " ".join(number(b, reached[b]) for b in needed)]
-                              for platform, needed in facts.platforms]]
-        return _json_bytes({"version": self.VERSION, "blobs": list(numbers), "sizes": sizes,
-                            "roots": roots}, separators=(",", ":"))
+            for name, value in (
+                    ("roots", digest), ("root_sizes", str(size)),
+                    ("kinds", str(media.setdefault(facts.media_type, len(media)))),
+                    ("totals", str(sum(reached.values()))),
+                    ("reached", ",".join(number(b, n) for b, n in reached.items())),
+                    ("shown", ",".join(p for p, _ in facts.platforms) or "-"),
+                    ("platforms", ";".join(
+                        f"{platform}=" + ",".join(number(b, reached[b]) for b in needed)
+                        for platform, needed in facts.platforms) or "-")):
+                columns[name].append(value)
+        return _json_bytes({"version": self.VERSION, "blobs": " ".join(numbers),
+                            "sizes": " ".join(map(str, sizes)), "media": list(media),
+                            **{name: " ".join(values) for name, values in columns.items()}},
+                           separators=(",", ":"))
 
 
 class _ManifestFetcher:
@@ -7360,18 +7506,25 @@ class Provider(CacheProvider):
                 raise CorruptCacheError(f"cannot name {_shorten(entries[0][0])}: "
                                         f"{marked.wrong[0]}")
 
-            def change(manifests: List[Descriptor]) -> List[Descriptor]:
-                kept: List[Descriptor] = []
-                spellings: Dict[Reference, List[str]] = {}
-                for m in manifests:
-                    answers = _name_answers_to(m.name)
-                    for ref in answers:
-                        spellings.setdefault(ref, []).append(m.name)
-                    if not any(ref in chosen for ref in answers):
-                        kept.append(m)
-                return kept + [_keep_spelling(spellings, name, d) for name, d in entries]
+            # Every spelling of a name holds the last component of its path as written
+            # (see _names_match): only names holding one of those are parsed.
+            lasts = {ref.repository.rpartition("/")[2] for ref in chosen}
 
-            self.layout.update_index(change, what=f"cannot name {_shorten(entries[0][0])}")
+            def change(manifests: List[Any]) -> List[Any]:
+                kept = []
+                spellings: Dict[Reference, List[str]] = {}
+                for raw in manifests:
+                    name = _raw_entry(raw)[0]
+                    answers = _name_answers_to(name) if any(
+                        last in name for last in lasts) else ()
+                    for ref in answers:
+                        spellings.setdefault(ref, []).append(name)
+                    if not any(ref in chosen for ref in answers):
+                        kept.append(raw)
+                return kept + [_keep_spelling(spellings, name, d).to_json()
+                               for name, d in entries]
+
+            self.layout.update_index_entries(change, f"cannot name {_shorten(entries[0][0])}")
             return [d for _, d in entries]
 
     def index_write(self, ref: RefLike, *descriptors: DescriptorLike) -> ImageSource:
@@ -7435,22 +7588,48 @@ class Provider(CacheProvider):
     def remove(self, *refs: RefLike) -> List[Digest]:
         """Remove names, and the blobs no other name reaches; returns those blobs.
 
-        Every name must exist, or nothing is removed.
+        Every name must exist, or nothing is removed. The work is the removed images':
+        which of their blobs the other names still reach, the summary memo says for the
+        roots it knows (``_SummaryMemo``: only one ocicache wrote, and only of roots whose
+        every document it read), their documents for the others. linuxkit's ``cache rm``
+        deletes every blob of the image, shared or not, breaking the names sharing them
+        (reference/linuxkit-cache.md, 3.5); this never deletes a blob a name reaches.
         """
-        wanted = [_name_predicate(ref) for ref in refs]
+        return self._remove(refs, as_stored=False)[1]
+
+    def _remove(self, refs: Sequence[RefLike], as_stored: bool
+                ) -> Tuple[List[str], List[Digest]]:
+        """``remove``, and the names removed; ``as_stored``: each of ``refs`` that is not a
+        name spelled so in index.json is canonical_name'd first (as ``ocicache rm`` says
+        it), with index.json read once."""
         with self.layout.deleting_blobs(), self.layout.lock():
-            index = self.layout.read_index()  # once: it is passed on to update_index
-            entries = index.manifests
-            for ref, matches in zip(refs, wanted):
-                if not any(matches(e.name) for e in entries):
-                    label = Reference.parse(ref)  # a string that is no reference says so
+            index = self.layout.index_object()  # once: it is written back, minus the names
+            if as_stored:
+                texts = [str(ref) for ref in refs]
+                refs = _as_stored(texts, set() if all(map(_is_canonical, texts)) else {
+                    _raw_entry(raw)[0] for raw in index.get("manifests") or []})
+            wanted = [_name_predicate(ref) for ref in refs]
+            removed: List[Descriptor] = []
+            remaining = []
+            found = [False] * len(wanted)
+            for raw in index.get("manifests") or []:
+                name = _raw_entry(raw)[0]
+                hits = [matches(name) for matches in wanted] if name else []
+                if any(hits):
+                    removed.append(self.layout.entry(raw))
+                    found = [a or b for a, b in zip(found, hits)]
+                else:
+                    remaining.append(raw)
+            for ref, hit in zip(refs, found):
+                if not hit:  # a string that is no reference says so, unless rm took it
+                    label = ref if as_stored else Reference.parse(ref)  # as stored
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
-            removed = [e for e in entries if any(matches(e.name) for matches in wanted)]
-            gone = {id(e) for e in removed}  # by identity: comparing entries is slow
-            remaining = [e for e in entries if id(e) not in gone]
             before = self.layout.reachable(removed).digests
-            after = self.layout.reachable(remaining).digests
-            deleted = [d for d in before if d not in after and self.layout.has_blob(d)]
+            memo = _SummaryMemo.parse(*self.layout.read_summaries())
+            kept, unknown = memo.reaching(remaining, map(str, before))
+            after = self.layout.reachable([self.layout.entry(raw) for raw in unknown]).digests
+            deleted = [d for d in before if d not in after and str(d) not in kept and
+                       self.layout.has_blob(d)]
 
             def delete() -> None:
                 for digest in deleted:
@@ -7458,9 +7637,9 @@ class Provider(CacheProvider):
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
-            self.layout.update_index(lambda _: remaining, on_full=delete, index=index)
+            self.layout.write_index_object(index, remaining, on_full=delete)
             delete()
-            return deleted
+            return [str(ref) for ref in refs], deleted
 
     def clean(self) -> int:
         """Remove every name and blob; returns the number of blobs deleted."""
@@ -7587,35 +7766,67 @@ class Provider(CacheProvider):
         return root
 
     def summaries(self) -> List[ImageSummary]:
-        """Every name with the platforms complete in the cache and its size on disk.
+        """Every name with the platforms complete in the cache and its size on disk."""
+        out = []
+        for raw, _, _, media_type, platforms, size in self._listing():
+            entry = self.layout.entry(raw)
+            descriptor = entry if media_type == entry.media_type else \
+                _replace(entry, media_type=media_type)
+            out.append(ImageSummary(entry.name, descriptor, platforms, size))
+        return out
+
+    def _listing(self) -> Iterator[Tuple[Any, str, str, str, Tuple[str, ...], int]]:
+        """Every named root entry of index.json as decoded, with its name, digest, media
+        type, complete platforms and size on disk, in index order; no entry is kept
+        once given (20,000 of them parsed are 15 MB).
 
         What each root reaches comes from the summary memo (``_SummaryMemo``) when it
         knows the root, else from its documents, and is then remembered; what is there
         comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
-        no manifest it has seen before."""
-        memo = _SummaryMemo.parse(self.layout.read_summaries())
-        present = self.layout.blob_names()
-        names = self.names()
-        out = []
+        no manifest it has seen before, and parses no entry the memo knows."""
+        memo = _SummaryMemo.parse(*self.layout.read_summaries())
+        listed = self.layout.blob_names()
+        complete = memo.complete(listed)
+        present: Optional[Set[str]] = listed
+        rows = memo.listings() if complete else {}
+        if rows:  # index.json is decoded without these beside it (14 MB of 20,000 names);
+            memo, present = _SummaryMemo({}, []), None  # read again if a root needs them
+            del listed
+        entries = self.layout.index_object().get("manifests") or []
+        entries.reverse()
+        named: Dict[str, int] = {}
         learned = False
-        for entry in names:
-            digest = str(entry.digest)
-            facts = memo.facts(digest, entry.size)
+        while entries:
+            raw = entries.pop()
+            name, digest, size = _raw_entry(raw)
+            if not name:
+                continue
+            row = rows.get(digest)
+            if row is not None and row[0] == size:
+                named[digest] = size
+                yield raw, name, digest, row[1], row[2], row[3]
+                continue
+            facts = memo.facts(digest, size)
             if facts is None:
+                entry = self.layout.entry(raw)
                 facts, exact = self._summary_facts(entry)
                 if exact:
                     memo.learn(digest, facts)
                     learned = True
-            descriptor = entry if facts.media_type == entry.media_type else \
-                _replace(entry, media_type=facts.media_type)
-            size = sum(facts.sizes) if present.issuperset(facts.blobs) else \
+            named[digest] = size
+            if present is None:
+                present = self.layout.blob_names()
+            size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \
                 sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
-            platforms = tuple(platform for platform, needed in facts.platforms
-                              if present.issuperset(needed))
-            out.append(ImageSummary(entry.name, descriptor, platforms, size))
-        if learned:
-            self.layout.write_summaries(memo.to_bytes({str(e.digest): e.size for e in names}))
-        return out
+            yield (raw, name, digest, facts.media_type,
+                   tuple(p for p, needed in facts.platforms if present.issuperset(needed)),
+                   size_on_disk)
+        # Rewritten when it learned, and when a blob it names is gone (a name removed):
+        # then the next ls lists from it alone again.
+        if rows and learned:
+            memo = _SummaryMemo.parse(*self.layout.read_summaries()).learning(memo)
+        if learned or (not complete and memo.stale(named)):
+            self.layout.write_summaries(memo.to_bytes(named))
 
     def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:
         """What ``entry`` reaches, from its documents (the blobs there, with their sizes,
@@ -7628,15 +7839,22 @@ class Provider(CacheProvider):
         sizes = {str(d): self.layout.blob_size(d) for d in marked.digests}
         exact = not (marked.missing or marked.unreadable or marked.wrong) and \
             None not in sizes.values()
-        images, readable = self._platform_images(believed)
+        read: Dict[Digest, Manifest] = {}  # a single manifest's is read for its platform
+
+        def manifest(descriptor: Descriptor) -> Manifest:
+            if descriptor.digest not in read:
+                read[descriptor.digest] = self.manifest(descriptor)
+            return read[descriptor.digest]
+
+        images, readable = self._platform_images(believed, manifest)
         platforms = []
         for child in images:
             try:
-                manifest = self.manifest(child)
+                manifest_of_child = manifest(child)
             except OciCacheError:
                 exact = False
                 continue
-            blobs = [b for b in manifest.blobs() if not _is_foreign(b)]
+            blobs = [b for b in manifest_of_child.blobs() if not _is_foreign(b)]
             if all(self.layout.has_blob(b.digest, b.size) for b in blobs):
                 platforms.append((str(child.platform),
                                   (str(child.digest), *(str(b.digest) for b in blobs))))
@@ -7646,7 +7864,8 @@ class Provider(CacheProvider):
         return _RootFacts(believed.media_type, entry.size, tuple(reached),
                           tuple(reached.values()), tuple(platforms)), exact and readable
 
-    def _platform_images(self, root: Descriptor) -> Tuple[List[Descriptor], bool]:
+    def _platform_images(self, root: Descriptor, manifest: Callable[[Descriptor], Manifest]
+                         ) -> Tuple[List[Descriptor], bool]:
         """The platform images of ``root`` (a single manifest's platform from its config),
         and whether the documents saying so could be read."""
         try:
@@ -7657,7 +7876,7 @@ class Provider(CacheProvider):
                 images += [c for c in self._labelled_by_config(index) if _is_real_platform(c)]
             else:
                 config = _load_json_object(
-                    self.layout.read_blob(self.manifest(root).config.digest), "config")
+                    self.layout.read_blob(manifest(root).config.digest), "config")
                 images = [_replace(root, platform=Platform.from_json(config))]
         except NotFoundError:
             return [], False
@@ -10541,22 +10760,38 @@ def _cmd_push(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
-    summaries = provider.summaries()
+    listing = provider._listing()
+    write = sys.stdout.write
     if args.json:
-        # An image a line, each by json's C encoder (indent= takes the pure-Python one:
-        # a second for 20,000 names).
-        sys.stdout.write("[\n" + ",\n".join(json.dumps(
-            {"name": s.name, "digest": str(s.descriptor.digest),
-             "mediaType": s.descriptor.media_type, "platforms": list(s.platforms),
-             "size": s.size}) for s in summaries) + "\n]\n")
+        # An image a line, as json.dumps writes each (indent= takes the pure-Python
+        # encoder: a second for 20,000 names), its strings by json's C encoder and each
+        # media type and platform list encoded once; written in pieces as they come.
+        encode = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+        encoded: Dict[Any, str] = {}
+
+        def once(value: Any) -> str:
+            if value not in encoded:
+                encoded[value] = encode(value) if isinstance(value, str) else \
+                    "[" + ", ".join(map(encode, value)) + "]"
+            return encoded[value]
+        lines = [f'{{"name": {encode(name)}, "digest": {encode(digest)}, "mediaType": '
+                 f'{once(media_type)}, "platforms": {once(platforms)}, "size": {size}}}'
+                 for _, name, digest, media_type, platforms, size in listing]
+        write("[\n" if lines else "[]\n")
+        for start in range(0, len(lines), 4096):
+            write(",\n".join(lines[start:start + 4096]) +
+                  (",\n" if start + 4096 < len(lines) else "\n]\n"))
         return 0
-    rows = [(_printable(s.name), str(s.descriptor.digest)[:19], ",".join(s.platforms) or "-",
-             _human_size(s.size)) for s in summaries]
     header = ("NAME", "DIGEST", "PLATFORMS", "SIZE")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    sys.stdout.write("".join(
-        f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2].ljust(widths[2])}  "
-        f"{row[3]}\n" for row in [header, *rows]))
+    rows = [header, *((name if name.isprintable() and name.strip(" ") == name else
+                       _printable(name), digest[:19],
+                       ",".join(platforms) or "-", _human_size(size))
+                      for _, name, digest, _, platforms, size in listing)]
+    widths = [max(map(len, column)) for column in list(zip(*rows))[:3]]
+    for start in range(0, len(rows), 4096):  # written in pieces: never a second copy
+        write("".join(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  "
+                      f"{row[2].ljust(widths[2])}  {row[3]}\n"
+                      for row in rows[start:start + 4096]))
     return 0
 
 
@@ -10750,18 +10985,33 @@ def _published(provider: Provider, args: argparse.Namespace,
     return chosen, unchecked
 
 
+def _is_canonical(name: str) -> bool:
+    try:
+        return canonical_name(name) == name
+    except InvalidReferenceError:
+        return False
+
+
+def _as_stored(names: Sequence[str], stored: Set[str]) -> List[str]:
+    """Each of ``names`` as ``rm`` takes it: spelled as given when index.json (whose
+    names are ``stored``) holds it so, else canonical; once each."""
+    return list(dict.fromkeys(n if n in stored else canonical_name(n) for n in names))
+
+
 def _cmd_rm(provider: Provider, args: argparse.Namespace) -> int:
-    stored = {name for name in provider.layout.index_names() if name}
-    names = list(dict.fromkeys(n if n in stored else canonical_name(n) for n in args.names))
-    for name in names:  # every name must exist before anything is removed; by name only,
-        # so that a name whose pinned digest lies (verify reports it) can be removed
-        matches = _name_predicate(name)
-        if not any(matches(s) for s in stored):
-            raise NotFoundError(f"no image named {name} in the cache {provider.root}")
     unchecked: List[str] = []
     if args.published_only:
+        stored = set(provider.layout.index_names())
+        names = _as_stored(args.names, stored)
+        for name in names:  # every name must exist before anything is removed; by name
+            # only, so that a name whose pinned digest lies (verify reports it) can be
+            matches = _name_predicate(name)  # removed
+            if not any(matches(s) for s in stored if s):
+                raise NotFoundError(f"no image named {name} in the cache {provider.root}")
         names, unchecked = _published(provider, args, names)
-    deleted = provider.remove(*names) if names else []
+        deleted = provider.remove(*names) if names else []
+    else:
+        names, deleted = provider._remove(args.names, as_stored=True)
     for name in names:
         _say(args, f"removed {name}")
     _say(args, f"{len(deleted)} blobs deleted")
