@@ -27,6 +27,7 @@ Python spelling. Python 3.9 or newer, standard library only.
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import errno
 import functools
@@ -1601,7 +1602,9 @@ class _PendingBlob:
             final = os.path.join(os.path.dirname(self.where), self._final)
             raise OciCacheError(f"cannot name {final}: {e.strerror or e}; remove what is "
                                 "there") from None
-        os.fsync(self._directory)
+        # The rename reaches the disk with the directory's next fsync: one per directory
+        # before a name is written (``Layout.sync_blob_directories``), not one per blob
+        # (half the fsyncs of a pull of 500 small layers).
 
 
 class _Reachable:
@@ -2127,10 +2130,24 @@ class Layout:
                                     "ocicache reads; remove names first")
             self.replace_index(data, on_full)
 
+    def sync_blob_directories(self) -> None:
+        """fsync each ``blobs/<alg>`` directory: every blob visible in it now, whichever
+        process wrote it, keeps its name through a crash. Blob writes leave this to
+        whatever names them (``replace_index``), once for all their renames."""
+        for algorithm in sorted(_DIGEST_HEX_LENGTHS):
+            try:
+                with self._blob_directory(algorithm) as directory:
+                    os.fsync(directory)
+            except (FileNotFoundError, CorruptCacheError):
+                continue  # no such directory, or a link: no blob there can be named
+
     def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
         """Replace index.json with ``data`` under the lock, without reading it (``clean``
-        empties a cache whose index.json cannot be read); ``on_full`` as in update_index."""
+        empties a cache whose index.json cannot be read); ``on_full`` as in update_index.
+        The blob directories are synced first: no name outlives a crash that its blobs'
+        renames do not."""
         with self.lock(), self._root_directory() as directory:
+            self.sync_blob_directories()
             try:
                 _write_file_atomically(directory, "index.json", data)
             except OSError as e:
@@ -7003,6 +7020,13 @@ class _SummaryMemo:
                             "roots": roots}, separators=(",", ":"))
 
 
+# A blob this small costs a request's round trip and an fsync, not bandwidth or memory
+# (one piece, hashed in the downloading thread): a pull of many of them waits on latency,
+# so more go at once than ``jobs`` (ggcr, linuxkit's, fetches all of an image's at once).
+_SMALL_BLOB_SIZE = COPY_BUFFER_SIZE
+_SMALL_BLOB_JOBS = 16
+
+
 class _ManifestFetcher:
     """The manifests and indexes of one repository, each asked for at most once: ``ahead``
     queues a request for one of ``jobs`` workers, ``result`` waits for its answer
@@ -7061,17 +7085,20 @@ class Provider(CacheProvider):
     """The cache in ``directory`` (default: ``default_cache_dir()``).
 
     ``mirrors`` are ``(registry or "*", URL)`` pairs (default: ``default_mirrors()``);
-    ``options`` say how registries are reached; ``jobs`` blobs download at once.
+    ``options`` say how registries are reached; ``jobs`` blobs download at once. By
+    default that is 4, and up to ``_SMALL_BLOB_JOBS`` while the blobs left are small
+    (``_download``).
     """
 
     def __init__(self, directory: Optional[Union[str, "os.PathLike[str]"]] = None, *,
                  mirrors: Optional[Sequence[Tuple[str, str]]] = None,
-                 options: Optional[TransportOptions] = None, jobs: int = 4,
+                 options: Optional[TransportOptions] = None, jobs: Optional[int] = None,
                  progress: Optional[PullProgress] = None) -> None:
         self.layout = Layout(directory if directory is not None else default_cache_dir())
         self.registry = RegistryClient(_Transport(options or TransportOptions()),
                                        default_mirrors() if mirrors is None else mirrors)
-        self.jobs = max(1, jobs)
+        self.jobs = 4 if jobs is None else max(1, jobs)
+        self.small_jobs = max(self.jobs, _SMALL_BLOB_JOBS) if jobs is None else self.jobs
         self.progress = progress or PullProgress()
         self._saved_locations: Optional[Dict[Tuple[str, Digest], List[str]]] = None
 
@@ -7523,6 +7550,7 @@ class Provider(CacheProvider):
             # must not keep a damaged blob another name already had.
             self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
             self._write_manifests([(descriptor, data) for descriptor, data, _ in manifests])
+            self.layout.sync_blob_directories()  # outside the lock: naming re-syncs, cheaply
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
                 names = [(name, named.named(name))]
@@ -7707,7 +7735,7 @@ class Provider(CacheProvider):
 
     def _write_manifests(self, manifests: Sequence[Tuple[Descriptor, bytes]]) -> None:
         """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time: each
-        waits for two fsyncs, and an index of many platforms has many."""
+        waits for an fsync, and an index of many platforms has many."""
         import concurrent.futures
 
         def write(descriptor: Descriptor, data: bytes) -> None:
@@ -7724,8 +7752,9 @@ class Provider(CacheProvider):
 
     @contextlib.contextmanager
     def _manifest_fetcher(self, ref: Reference) -> Iterator[_ManifestFetcher]:
-        """A ``_ManifestFetcher`` for ``ref``'s repository, ``jobs`` requests at a time."""
-        fetcher = _ManifestFetcher(self.registry, ref, self.jobs)
+        """A ``_ManifestFetcher`` for ``ref``'s repository, as many requests at a time as
+        small blobs (manifests are small: each is a round trip)."""
+        fetcher = _ManifestFetcher(self.registry, ref, self.small_jobs)
         try:
             yield fetcher
         finally:
@@ -7758,19 +7787,28 @@ class Provider(CacheProvider):
         if not missing:
             return
         stop = threading.Event()
-        pending = iter(missing)
+        pending = collections.deque(missing)  # largest first
         guard = threading.Lock()
         errors: List[BaseException] = []
+
+        def take(small_only: bool) -> Optional[Descriptor]:
+            """The largest blob left, or for a worker of small ones the smallest (None
+            once the smallest left is not small)."""
+            with guard:
+                if not pending:
+                    return None
+                if not small_only:
+                    return pending.popleft()
+                return pending.pop() if pending[-1].size <= _SMALL_BLOB_SIZE else None
 
         def advance(digest: Digest, size: int) -> None:
             if stop.is_set():
                 raise _PullStopped()
             self.progress.advance(digest, size)
 
-        def work() -> None:
+        def work(small_only: bool) -> None:
             while not stop.is_set():
-                with guard:
-                    blob = next(pending, None)
+                blob = take(small_only)
                 if blob is None:
                     return
                 try:
@@ -7783,8 +7821,11 @@ class Provider(CacheProvider):
                     stop.set()
                     return
 
-        workers = [threading.Thread(target=work, name="ocicache-pull", daemon=True)
-                   for _ in range(min(self.jobs, len(missing)))]
+        small = sum(1 for b in missing if b.size <= _SMALL_BLOB_SIZE)
+        workers = [threading.Thread(target=work, args=(n >= self.jobs,), name="ocicache-pull",
+                                    daemon=True)
+                   for n in range(min(self.jobs, len(missing)) +
+                                  min(max(self.small_jobs - self.jobs, 0), small))]
         for worker in workers:
             worker.start()
         try:
@@ -9066,8 +9107,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                          "(loopback registries are always allowed HTTP)")
     parser.add_argument("--ca-file", metavar="PEM", action="append", default=[],
                         help="trust the CA certificates in this file too (repeatable)")
-    parser.add_argument("--jobs", metavar="N", type=_positive, default=4,
-                        help="blobs to download at once (default 4)")
+    parser.add_argument("--jobs", metavar="N", type=_positive, default=None,
+                        help="blobs to download at once (default 4, and up to "
+                             f"{_SMALL_BLOB_JOBS} while those left are small)")
     parser.add_argument("--version", action="version", version=f"ocicache {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -9720,7 +9762,8 @@ def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
-    provider.jobs = args.jobs
+    if args.jobs is not None:
+        provider.jobs = args.jobs
     for name, root in provider.copy(args.source, args.destination,
                                     ALL_PLATFORMS if args.all_platforms else args.platform,
                                     args.all_tags):

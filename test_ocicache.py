@@ -7904,6 +7904,84 @@ class TestPullRoundTrips(RegistryTestCase):
                                             "x"), "not allowed with argument", status=2)
 
 
+    def test_blob_directories_are_synced_once_before_the_name_not_once_per_blob(self) -> None:
+        # Each blob file is fsynced before its rename; the renames reach the disk with
+        # one fsync of their directory before index.json names them (not one per blob).
+        registry = self.start_registry()
+        layers = [{f"etc/layer{n}": f"layer {n}\n".encode()} for n in range(8)]
+        image = make_image("synced", layer_files=layers)
+        upload(registry.url, "test/synced", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        blobs_dir = os.path.realpath(os.path.join(self.cache_dir, "blobs", "sha256"))
+        events: List[str] = []
+        fsync, replace = os.fsync, os.replace
+
+        def recording_fsync(fd: int) -> None:
+            if stat.S_ISDIR(os.fstat(fd).st_mode) and \
+                    os.path.realpath(f"/proc/self/fd/{fd}") == blobs_dir:
+                events.append("sync blobs")
+            fsync(fd)
+
+        def recording_replace(source: Any, target: Any, **kwargs: Any) -> None:
+            replace(source, target, **kwargs)
+            if target == "index.json":
+                events.append("index.json")
+            elif isinstance(target, str) and len(target) == 64:
+                events.append("blob")
+
+        with mock.patch.object(os, "fsync", recording_fsync), \
+                mock.patch.object(os, "replace", recording_replace):
+            cache.image_pull(f"{registry.host}/test/synced:1", "", "amd64")
+        blob_events = [e for e in events if e == "blob"]
+        self.assertEqual(len(blob_events), len(image.blobs), events)  # layers, config, manifest
+        self.assertLessEqual(events.count("sync blobs"), 2, events)  # was one per blob
+        last_blob = max(i for i, e in enumerate(events) if e == "blob")
+        named = events.index("index.json")
+        self.assertIn("sync blobs", events[last_blob:named], events)
+        self.assertTrue(cache.verify().ok)
+
+    def test_small_blobs_download_more_at_once_than_large_ones(self) -> None:
+        # Small blobs are waits on round trips: by default up to 16 go at once, while
+        # blobs of more than a piece stay at 4 (memory, bandwidth); --jobs N is N for all.
+        registry = self.start_registry()
+        big = [{f"big{n}": random.Random(n).randbytes(oc.COPY_BUFFER_SIZE + 1)}
+               for n in range(6)]
+        tiny = [{f"etc/tiny{n}": f"tiny {n}\n".encode()} for n in range(12)]
+        image = make_image("many-small", layer_files=big + tiny, gzip_layers=False)
+        upload(registry.url, "test/many-small", image.blobs, [("1", image.manifest)])
+        for jobs, small_at_once, big_at_once in ((None, 12, 4), (2, 2, 2)):
+            with self.subTest(jobs=jobs):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                cache = self.provider(jobs=jobs)
+                download = cache.registry.download_blob
+                guard, in_flight, most = threading.Lock(), collections.Counter(), \
+                    collections.Counter()
+                enough = threading.Event()
+
+                def counting(ref: oc.Reference, blob: oc.Descriptor, *args: Any,
+                             **kwargs: Any) -> None:
+                    kind = "big" if blob.size > oc.COPY_BUFFER_SIZE else "small"
+                    with guard:
+                        in_flight[kind] += 1
+                        most[kind] = max(most[kind], in_flight[kind])
+                        if most["small"] >= small_at_once:
+                            enough.set()
+                    try:
+                        if kind == "small":  # held until as many as allowed are under way
+                            enough.wait(5)
+                        download(ref, blob, *args, **kwargs)
+                    finally:
+                        with guard:
+                            in_flight[kind] -= 1
+
+                cache.registry.download_blob = counting  # type: ignore[method-assign]
+                cache.image_pull(f"{registry.host}/test/many-small:1", "", "amd64")
+                self.assertEqual(most["small"], small_at_once, most)
+                self.assertLessEqual(most["big"], big_at_once, most)
+                self.assertLessEqual(most["big"] + most["small"],
+                                     max(big_at_once, small_at_once) + big_at_once, most)
+                self.assertTrue(cache.verify().ok)
+
 class TestBeliefsAgainstARegistry(RegistryTestCase):
     """A pinned digest and a damaged blob meet a real registry."""
 
