@@ -1553,14 +1553,17 @@ def _create_temporary(dir_fd: int, final: str) -> Tuple[int, str]:
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: bytes) -> None:
+def _write_file_atomically(dir_fd: int, name: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
-    rename it over ``name`` (a rename replaces a link; it never writes through one)."""
+    rename it over ``name`` (a rename replaces a link; it never writes through one).
+    A hint that a crash may lose (``durable=False``, a file read only if it parses) is
+    not fsynced: two fsyncs are most of what writing it costs."""
     fd, temp = _create_temporary(dir_fd, f".{name}")
     try:
         try:
             _write_all(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -1568,7 +1571,8 @@ def _write_file_atomically(dir_fd: int, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=dir_fd)
         raise
-    os.fsync(dir_fd)
+    if durable:
+        os.fsync(dir_fd)
 
 
 class _PendingBlob:
@@ -8369,7 +8373,8 @@ class Provider(CacheProvider):
             with self.layout.lock():
                 merged = _merged_locations(self._read_locations(), new)
                 with self.layout._root_directory() as directory:
-                    _write_file_atomically(directory, _LOCATIONS_FILE, _locations_bytes(merged))
+                    _write_file_atomically(directory, _LOCATIONS_FILE, _locations_bytes(merged),
+                                           durable=False)  # a hint: checked when used
         except (OSError, OciCacheError) as e:  # a read-only or full cache: only a hint lost
             _log().debug("not saving the blob locations in %s: %s", self.root, e)
             return

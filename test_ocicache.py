@@ -7940,6 +7940,35 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertIn("sync blobs", events[last_blob:named], events)
         self.assertTrue(cache.verify().ok)
 
+    def test_the_blob_locations_hint_costs_no_fsync(self) -> None:
+        # A hint a crash may lose (a bad file is ignored): written atomically, but
+        # without the two fsyncs (file, directory) that were most of a small pull's tail.
+        registry = self.start_registry()
+        image = make_image("hint")
+        upload(registry.url, "test/hint", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        root = os.path.realpath(self.cache_dir)
+        synced: List[str] = []
+        fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+            fsync(fd)
+
+        with mock.patch.object(os, "fsync", recording_fsync):
+            cache.image_pull(f"{registry.host}/test/hint:1", "", "amd64")
+        locations = os.path.join(self.cache_dir, oc._LOCATIONS_FILE)
+        with open(locations, "rb") as f:
+            saved = oc._parse_locations(f.read())
+        self.assertIn(str(image.layers[0].digest), {str(d) for _, d in saved}, saved)
+        self.assertFalse([p for p in synced if oc._LOCATIONS_FILE in p], synced)
+        self.assertEqual(synced.count(root), 1, synced)  # index.json's rename alone
+        # A file a crash left empty or half-written is no hint, and no error.
+        for damaged in (b"", b"\0" * 64, b'{"locations": [["127.0.0.1:1", "sha'):
+            with open(locations, "wb") as f:
+                f.write(damaged)
+            self.assertEqual(self.provider()._read_locations(), {})
+
     def test_small_blobs_download_more_at_once_than_large_ones(self) -> None:
         # Small blobs are waits on round trips: by default up to 16 go at once, while
         # blobs of more than a piece stay at 4 (memory, bandwidth); --jobs N is N for all.
