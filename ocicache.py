@@ -3116,7 +3116,8 @@ class _Response:
 
     def __init__(self, raw: "http.client.HTTPResponse", url: str,
                  connection: "http.client.HTTPConnection", timeout: float,
-                 clock: Optional[_Clock] = None) -> None:
+                 clock: Optional[_Clock] = None,
+                 release: Callable[[], None] = lambda: None) -> None:
         self.raw = raw
         self.status = raw.status
         self.headers = raw.headers
@@ -3124,6 +3125,8 @@ class _Response:
         self.timeout = timeout
         self._connection = connection
         self._clock = clock or _Clock(timeout)
+        self._release = release  # the connection, free for another request
+        self._closed = False
 
     def read(self, n: int = -1) -> bytes:
         return self.raw.read(n)
@@ -3151,6 +3154,12 @@ class _Response:
         raise OciCacheError(f"{_shown_url(self.url)} answered with more than {limit} bytes")
 
     def close(self, reuse: bool = True) -> None:
+        """Done with the response: its connection goes back to the pool when the body
+        was read whole (what is left is drained, up to a limit), else it is closed. Once:
+        a released connection may be another thread's by the next call."""
+        if self._closed:
+            return
+        self._closed = True
         if reuse and not self.raw.isclosed():
             # Read what is left to keep the connection, but not without end.
             self._clock.start()
@@ -3167,6 +3176,8 @@ class _Response:
                 reuse = False
         if not reuse or self.raw.will_close:
             self._connection.close()
+        else:
+            self._release()
 
 
 class _RetryBudget:
@@ -3198,8 +3209,14 @@ def _is_permanent(error: BaseException) -> bool:
         reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
+_PooledConnection = Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]
+
+
 class _Transport:
-    """Sends requests; connections are kept per thread and per scheme://host."""
+    """Sends requests; a thread holds a connection per scheme://host until a response on
+    it is read whole, then it goes back to the pool for whichever thread asks next: the
+    workers of a pull reuse each other's connections (and TLS sessions) rather than each
+    opening its own."""
 
     def __init__(self, options: TransportOptions) -> None:
         self.options = options
@@ -3209,6 +3226,7 @@ class _Transport:
         self._guard = threading.Lock()
         self._contexts: Dict[Tuple[str, bool], Any] = {}
         self._open: List["http.client.HTTPConnection"] = []
+        self._idle: Dict[Tuple[str, str], List[_PooledConnection]] = {}
 
     def _ssl_context(self, host: str, verify: bool) -> Any:
         import ssl
@@ -3246,16 +3264,20 @@ class _Transport:
             self._contexts[key] = context
             return context
 
-    def _connection(self, scheme: str, host: str
-                    ) -> Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]:
-        """The thread's connection to scheme://host, its clock, and for plain HTTP
-        through a proxy the prefix that makes a request target absolute and the
-        headers each request adds (Proxy-Authorization)."""
+    def _connection(self, scheme: str, host: str, reuse_idle: bool = True) -> _PooledConnection:
+        """The thread's connection to scheme://host (an idle one, else a new one), its
+        clock, and for plain HTTP through a proxy the prefix that makes a request
+        target absolute and the headers each request adds (Proxy-Authorization)."""
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
         if (scheme, host) in pool:
             return pool[(scheme, host)]  # type: ignore[no-any-return]
+        with self._guard:
+            idle = self._idle.get((scheme, host)) if reuse_idle else None
+            if idle:
+                pool[(scheme, host)] = idle[-1]
+                return idle.pop()
         proxy, proxy_headers = self._proxy_for(scheme, host)
         timeout = self.options.timeout
         prefix, added = "", {}
@@ -3282,11 +3304,24 @@ class _Transport:
             self._open.append(connection)
         return connection, clock, prefix, added
 
+    def _release(self, scheme: str, host: str,
+                 connection: "http.client.HTTPConnection") -> None:
+        """The thread's ``connection`` to scheme://host, its response read, goes back to
+        the pool (a response closed by another thread than its own changes nothing)."""
+        pool = getattr(self._local, "pool", {})
+        entry = pool.get((scheme, host))
+        if entry is None or entry[0] is not connection or connection.sock is None:
+            return
+        del pool[(scheme, host)]
+        with self._guard:
+            self._idle.setdefault((scheme, host), []).append(entry)
+
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
         import socket
         with self._guard:
             connections, self._open = self._open, []
+            self._idle.clear()
         for connection in connections:
             if connection.sock is not None:
                 # Wakes a thread still reading a body (an interrupted pull's): it holds
@@ -3450,7 +3485,8 @@ class _Transport:
     def _send(self, scheme: str, host: str, method: str, path: str,
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
-            connection, clock, prefix, added = self._connection(scheme, host)
+            connection, clock, prefix, added = self._connection(scheme, host,
+                                                                reuse_idle=not fresh)
             opened = body() if callable(body) else None
             clock.start()  # the answer's head must arrive within the timeout, in all
             try:
@@ -3471,7 +3507,7 @@ class _Transport:
             if method == "HEAD":
                 raw.length = 0
             return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout,
-                             clock)
+                             clock, functools.partial(self._release, scheme, host, connection))
         raise AssertionError("unreachable")
 
     def retry(self, budget: _RetryBudget, host: str, reason: str,
@@ -7552,8 +7588,11 @@ class Provider(CacheProvider):
             # Every blob this pull relies on is checked, and fetched again if corrupt: a
             # pull that asks the registry anyway (always_pull, or an incomplete image)
             # must not keep a damaged blob another name already had.
-            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
-            self._write_manifests([(descriptor, data) for descriptor, data, _ in manifests])
+            written = [(descriptor, data) for descriptor, data, _ in manifests]
+            if whole == ALL_PLATFORMS and root.is_index:  # named as it is: written here too
+                written.append((root, root_data))
+            with self._manifests_written(written):  # while the blobs download
+                self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
             self.layout.sync_blob_directories()  # outside the lock: naming re-syncs, cheaply
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
@@ -7737,21 +7776,22 @@ class Provider(CacheProvider):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
         return plan, list(loose.values())
 
-    def _write_manifests(self, manifests: Sequence[Tuple[Descriptor, bytes]]) -> None:
-        """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time: each
-        waits for an fsync, and an index of many platforms has many."""
+    @contextlib.contextmanager
+    def _manifests_written(self, manifests: Sequence[Tuple[Descriptor, bytes]]
+                           ) -> Iterator[None]:
+        """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time, while
+        the body runs (a pull's downloads): each waits for an fsync, and an index of many
+        platforms has many. Done when the body is, or the body's error is raised."""
         import concurrent.futures
 
         def write(descriptor: Descriptor, data: bytes) -> None:
             self.layout.discard_if_corrupt(descriptor.digest)
             self.layout.write_blob_bytes(data, descriptor.digest)
 
-        if len(manifests) < 2:
-            for descriptor, data in manifests:
-                write(descriptor, data)
-            return
         with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-write") as pool:
-            for future in [pool.submit(write, d, data) for d, data in manifests]:
+            futures = [pool.submit(write, d, data) for d, data in manifests]
+            yield
+            for future in futures:
                 future.result()
 
     @contextlib.contextmanager
@@ -7783,9 +7823,12 @@ class Provider(CacheProvider):
             with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-check") as pool:
                 discarded = {digest for digest, gone in zip(
                     checked, pool.map(self.layout.discard_if_corrupt, checked)) if gone}
-        missing = [b for b in blobs if b not in present or b.digest in discarded]
+        # By identity: ``in`` on the lists compared descriptors field by field, n² times
+        # (250,000 comparisons for 500 layers).
+        kept = {id(b) for b in present if b.digest not in discarded}
+        missing = [b for b in blobs if id(b) not in kept]
         for blob in blobs:
-            if blob not in missing:
+            if id(blob) in kept:
                 self.layout._touch(blob.digest)
                 self.progress.advance(blob.digest, blob.size)
         if not missing:

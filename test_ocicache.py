@@ -7940,6 +7940,73 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertIn("sync blobs", events[last_blob:named], events)
         self.assertTrue(cache.verify().ok)
 
+    def test_the_threads_of_a_pull_share_their_connections(self) -> None:
+        # The root on the main thread, the children on the manifest workers, the blobs
+        # on the download workers: each picks up a connection another left idle, so a
+        # pull opens no more than run at once (it opened one per thread, 5 here), and
+        # a stale one it picks up is replaced (the registry closes idle ones).
+        registry = self.start_registry()
+        self.multi_arch(registry)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        cache = self.provider(jobs=2)
+        cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
+        self.assertGreaterEqual(len(proxy.requests()), 9)
+        self.assertLessEqual(proxy.connections, 2)
+        self.assertTrue(cache.verify().ok)
+        transport = cache.registry.transport
+        with transport._guard:
+            idle = [entry[0] for entries in transport._idle.values() for entry in entries]
+        self.assertTrue(idle)
+        for connection in idle:  # as a server closing them would
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        shutil.rmtree(self.cache_dir)
+        cache = self.provider(jobs=2)
+        cache.registry = oc.RegistryClient(transport)
+        cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
+        self.assertTrue(cache.verify().ok)
+
+    def test_sorting_out_what_to_download_is_linear_in_blobs(self) -> None:
+        # It compared descriptors field by field, each with each (n² / 2: 500 layers
+        # cost 250,000 comparisons, a tenth of a second).
+        cache = self.provider(jobs=1)
+        blobs = [oc.Descriptor(oc.MEDIA_OCI_LAYER_GZIP, oc.Digest.from_bytes(b"%d" % n), n + 1)
+                 for n in range(1000)]
+        fetched: List[oc.Digest] = []
+        cache.registry.download_blob = (  # type: ignore[method-assign]
+            lambda ref, blob, *args, **kwargs: fetched.append(blob.digest))
+        compared = [0]
+        equal = oc.Descriptor.__eq__
+
+        def counting(self: Any, other: Any) -> Any:
+            compared[0] += 1
+            return equal(self, other)
+
+        with mock.patch.object(oc.Descriptor, "__eq__", counting):
+            cache._download(oc.Reference.parse("127.0.0.1:1/test/many:1"), blobs, ())
+        self.assertEqual(fetched, [b.digest for b in blobs])
+        self.assertLess(compared[0], len(blobs), compared)
+
+    def test_manifests_are_written_while_the_blobs_download(self) -> None:
+        # Each manifest write waits for an fsync: they overlap the downloads rather than
+        # follow them, and the index of a pull of every platform is written with them.
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry)
+        cache = self.provider()
+        download = cache.registry.download_blob
+        wanted = [amd.manifest.digest, arm.manifest.digest, index.digest]
+
+        def after_the_manifests(ref: oc.Reference, blob: oc.Descriptor, *args: Any,
+                                **kwargs: Any) -> None:
+            wait_for(lambda: all(cache.layout.has_blob(d) for d in wanted), 10,
+                     "the manifests written while a blob downloads")
+            download(ref, blob, *args, **kwargs)
+
+        cache.registry.download_blob = after_the_manifests  # type: ignore[method-assign]
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertTrue(cache.verify().ok)
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/multi:1"])
+
     def test_the_blob_locations_hint_costs_no_fsync(self) -> None:
         # A hint a crash may lose (a bad file is ignored): written atomically, but
         # without the two fsyncs (file, directory) that were most of a small pull's tail.
