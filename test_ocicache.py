@@ -7966,6 +7966,26 @@ class TestPullRoundTrips(RegistryTestCase):
         cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
         self.assertTrue(cache.verify().ok)
 
+    def test_a_token_registry_costs_a_pull_one_challenge_and_one_token(self) -> None:
+        # The workers share the challenge and the token the first request earned: no
+        # ping of /v2/, no second 401, no token asked for again.
+        issuer = TokenIssuer()
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        self.multi_arch(origin)
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        cache = self.provider()
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertTrue(cache.verify().ok)
+        self.settled(registry)
+        entries = [e for e in registry.access_entries() if "/settle-" not in e.path]
+        self.assertEqual([e.path for e in entries if e.status == 401],
+                         ["/v2/test/multi/manifests/1"])
+        self.assertNotIn("/v2/", [e.path for e in entries])
+        self.assertEqual(len(issuer.requests()), 1, issuer.requests())
+        paths = [e.path for e in entries if e.status == 200]
+        self.assertEqual(len(paths), len(set(paths)), "a request was made twice")
+
     def test_sorting_out_what_to_download_is_linear_in_blobs(self) -> None:
         # It compared descriptors field by field, each with each (n² / 2: 500 layers
         # cost 250,000 comparisons, a tenth of a second).
