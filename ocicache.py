@@ -89,7 +89,6 @@ class _LazyModule:
 # The modules only some paths need; type checkers see them as the real imports.
 if TYPE_CHECKING:
     import argparse
-    import concurrent.futures
     import fcntl
     import hashlib
     import http.client
@@ -226,7 +225,7 @@ _TEMP_MARK = ".tmp-"
 
 # main() leaves the command line's logging setup here, and _log() applies it when
 # something is first logged: a command that logs nothing never imports logging.
-_log_setup: Optional[Callable[[logging.Logger], None]] = None
+_log_setup: Optional["functools.partial[None]"] = None
 
 
 def _log() -> logging.Logger:
@@ -237,6 +236,15 @@ def _log() -> logging.Logger:
     if setup is not None:
         setup(logger)
     return logger
+
+
+def _debug(message: str, *args: Any) -> None:
+    """``_log().debug``, without importing logging (3 ms; a pull logs every request)
+    when nothing could show the message: logging is not imported, so nothing set the
+    logger up, and the command line's setup waiting in ``_log_setup`` is not -v's."""
+    if "logging" in sys.modules or (
+            _log_setup is not None and _log_setup.keywords.get("level") == "DEBUG"):
+        _log().debug(message, *args)
 
 
 # =====================================================================================
@@ -3426,9 +3434,9 @@ class _Transport:
                             e, ConnectionRefusedError) else 0):
                     raise error from None
                 continue
-            _log().debug("%s %s://%s%s: %d%s", method, scheme, host,
-                         _shorten(_one_line(parts.path), 200), response.status,
-                         _rate_limits(response, ", "))
+            _debug("%s %s://%s%s: %d%s", method, scheme, host,
+                   _shorten(_one_line(parts.path), 200), response.status,
+                   _rate_limits(response, ", "))
             if probing:
                 if response.status == 400 and _speaks_tls(response):
                     self._schemes[host] = "https"
@@ -3523,11 +3531,11 @@ class _Transport:
             wait = self.options.backoff * (2 ** (budget.failures - 1)) * (0.5 + random.random())
             wait = min(wait, max(budget.wait_left, 0.0))
         elif wait > min(budget.max_wait, budget.wait_left):
-            _log().debug("%s: not retrying: %s, and asks to wait %.0fs", host, reason, wait)
+            _debug("%s: not retrying: %s, and asks to wait %.0fs", host, reason, wait)
             return False
         budget.wait_left -= wait
-        _log().debug("%s: retrying in %.1fs (%s; attempt %d of %d)", host, wait,
-                     _shorten(reason, 200), budget.failures + 1, budget.attempts)
+        _debug("%s: retrying in %.1fs (%s; attempt %d of %d)", host, wait,
+               _shorten(reason, 200), budget.failures + 1, budget.attempts)
         self._back_off(host, wait)
         return True
 
@@ -3685,8 +3693,11 @@ MANIFEST_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_L
                              MEDIA_DOCKER_MANIFEST])
 
 
+@functools.lru_cache(maxsize=None)
 def _user_agent() -> str:
-    return f"ocicache/{__version__} python/{_platform_module.python_version()}"
+    # sys.version's first word is what platform.python_version() says, without importing
+    # platform (and compiling its regular expressions): 2 ms of a small pull.
+    return f"ocicache/{__version__} python/{sys.version.split()[0]}"
 
 
 def parse_mirror(value: str) -> Tuple[str, str]:
@@ -3845,7 +3856,7 @@ class RegistryClient:
             if message % args in self._said:
                 return
             self._said.add(message % args)
-        _log().debug(message, *args)
+        _debug(message, *args)
 
     def endpoint(self, ref: Reference, use_mirrors: bool = True) -> _Endpoint:
         if use_mirrors:
@@ -7067,6 +7078,58 @@ _SMALL_BLOB_SIZE = COPY_BUFFER_SIZE
 _SMALL_BLOB_JOBS = 16
 
 
+class _Answer:
+    """What a worker thread hands the thread waiting for it: a value or an error. A
+    pull's workers use these rather than concurrent.futures, which imports logging:
+    5 ms of a small pull."""
+
+    def __init__(self) -> None:
+        self.cancelled = False  # not to be worked on any more
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    def set(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self._value, self._error = value, error
+        self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], None]]) -> Iterator[None]:
+    """Run ``calls`` on up to ``jobs`` daemon threads while the caller's body runs (a
+    generator for ``contextlib.contextmanager``); the first error raises once both end."""
+    pending = collections.deque(calls)
+    errors: List[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            try:
+                call = pending.popleft()
+            except IndexError:
+                return
+            try:
+                call()
+            except BaseException as e:  # handed to the caller's thread below
+                errors.append(e)
+
+    workers = [threading.Thread(target=work, name=name, daemon=True)
+               for _ in range(min(jobs, len(calls)))]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.join()
+    if errors:
+        raise errors[0]
+
+
 class _ManifestFetcher:
     """The manifests and indexes of one repository, each asked for at most once: ``ahead``
     queues a request for one of ``jobs`` workers, ``result`` waits for its answer
@@ -7079,29 +7142,27 @@ class _ManifestFetcher:
         self._registry = registry
         self._ref = ref
         self._jobs = jobs
-        self._queue: "queue.Queue[Optional[Tuple[Digest, concurrent.futures.Future[bytes]]]]" \
-            = queue.Queue()
+        self._queue: "queue.Queue[Optional[Tuple[Digest, _Answer]]]" = queue.Queue()
         self._workers: List[threading.Thread] = []
-        self._sent: Dict[Digest, "concurrent.futures.Future[bytes]"] = {}
+        self._sent: Dict[Digest, _Answer] = {}
 
     def _work(self) -> None:
         for digest, future in iter(self._queue.get, None):
-            if not future.set_running_or_notify_cancel():
+            if future.cancelled:
                 continue
             try:
                 ref = self._ref
                 data, _ = self._registry.get_manifest(
                     Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
             except BaseException as e:  # handed to the thread that waits for it
-                future.set_exception(e)
+                future.set(error=e)
             else:
-                future.set_result(data)
+                future.set(data)
 
     def ahead(self, child: Descriptor) -> None:
-        import concurrent.futures
         if child.digest in self._sent:
             return
-        future: "concurrent.futures.Future[bytes]" = concurrent.futures.Future()
+        future = _Answer()
         self._sent[child.digest] = future
         self._queue.put((child.digest, future))
         if len(self._workers) < self._jobs:
@@ -7111,12 +7172,12 @@ class _ManifestFetcher:
 
     def result(self, child: Descriptor) -> bytes:
         self.ahead(child)
-        return self._sent[child.digest].result()
+        return self._sent[child.digest].result()  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """What is still queued (after an error) is not sent; the workers end."""
         for future in self._sent.values():
-            future.cancel()
+            future.cancelled = True
         for _ in self._workers:
             self._queue.put(None)
 
@@ -7782,17 +7843,12 @@ class Provider(CacheProvider):
         """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time, while
         the body runs (a pull's downloads): each waits for an fsync, and an index of many
         platforms has many. Done when the body is, or the body's error is raised."""
-        import concurrent.futures
-
         def write(descriptor: Descriptor, data: bytes) -> None:
             self.layout.discard_if_corrupt(descriptor.digest)
             self.layout.write_blob_bytes(data, descriptor.digest)
 
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-write") as pool:
-            futures = [pool.submit(write, d, data) for d, data in manifests]
-            yield
-            for future in futures:
-                future.result()
+        yield from _run_all(self.jobs, "ocicache-write",
+                            [functools.partial(write, d, data) for d, data in manifests])
 
     @contextlib.contextmanager
     def _manifest_fetcher(self, ref: Reference) -> Iterator[_ManifestFetcher]:
@@ -7814,12 +7870,12 @@ class Provider(CacheProvider):
         flight (a stalled one could take minutes), and whatever was received stays in
         the partial files that the next pull resumes from.
         """
-        import concurrent.futures
         suspect = set(recheck)
         present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
         checked = [b.digest for b in present if b.digest in suspect]
         discarded = set()
         if checked:
+            import concurrent.futures
             with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-check") as pool:
                 discarded = {digest for digest, gone in zip(
                     checked, pool.map(self.layout.discard_if_corrupt, checked)) if gone}

@@ -7986,6 +7986,26 @@ class TestPullRoundTrips(RegistryTestCase):
         paths = [e.path for e in entries if e.status == 200]
         self.assertEqual(len(paths), len(set(paths)), "a request was made twice")
 
+    def test_a_pull_imports_only_what_it_needs(self) -> None:
+        # logging (through concurrent.futures and each request's debug line) and
+        # platform (for the User-Agent) cost a small pull 7 ms; -v still shows requests.
+        registry = self.start_registry()
+        self.multi_arch(registry)
+        name = f"{registry.host}/test/multi:1"
+        script = ("import sys, ocicache as oc\n"
+                  f"oc.main(['--cache', {self.cache_dir!r}, 'pull', '--all-platforms',"
+                  f" {name!r}])\n"
+                  "print(sorted(m for m in ('logging', 'platform', 'concurrent.futures')"
+                  " if m in sys.modules))\n")
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                                timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines()[-1], "[]", result.stderr)
+        shutil.rmtree(self.cache_dir)
+        verbose = self.cli("-v", "pull", "--all-platforms", name)
+        self.assertEqual(verbose.returncode, 0, verbose.stderr)
+        self.assertIn("/v2/test/multi/manifests/1: 200", verbose.stderr.decode())
+
     def test_sorting_out_what_to_download_is_linear_in_blobs(self) -> None:
         # It compared descriptors field by field, each with each (n² / 2: 500 layers
         # cost 250,000 comparisons, a tenth of a second).
