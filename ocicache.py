@@ -27,6 +27,7 @@ Python spelling. Python 3.9 or newer, standard library only.
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import errno
 import functools
@@ -92,7 +93,6 @@ class _LazyModule:
 # The modules only some paths need; type checkers see them as the real imports.
 if TYPE_CHECKING:
     import argparse
-    import concurrent.futures
     import fcntl
     import hashlib
     import http.client
@@ -243,7 +243,7 @@ _TEMP_MARK = ".tmp-"
 
 # main() leaves the command line's logging setup here, and _log() applies it when
 # something is first logged: a command that logs nothing never imports logging.
-_log_setup: Optional[Callable[[logging.Logger], None]] = None
+_log_setup: Optional["functools.partial[None]"] = None
 
 
 def _log() -> logging.Logger:
@@ -254,6 +254,15 @@ def _log() -> logging.Logger:
     if setup is not None:
         setup(logger)
     return logger
+
+
+def _debug(message: str, *args: Any) -> None:
+    """``_log().debug``, without importing logging (3 ms; a pull logs every request)
+    when nothing could show the message: logging is not imported, so nothing set the
+    logger up, and the command line's setup waiting in ``_log_setup`` is not -v's."""
+    if "logging" in sys.modules or (
+            _log_setup is not None and _log_setup.keywords.get("level") == "DEBUG"):
+        _log().debug(message, *args)
 
 
 # =====================================================================================
@@ -1663,15 +1672,18 @@ def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tupl
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: bytes,
-                           mode: int = _CREATE_MODE) -> None:
+def _write_file_atomically(dir_fd: int, name: str, data: bytes, mode: int = _CREATE_MODE,
+                           durable: bool = True) -> None:
     """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
-    rename it over ``name`` (a rename replaces a link; it never writes through one)."""
+    rename it over ``name`` (a rename replaces a link; it never writes through one).
+    A hint that a crash may lose (``durable=False``, a file read only if it parses) is
+    not fsynced: two fsyncs are most of what writing it costs."""
     fd, temp = _create_temporary(dir_fd, f".{name}", mode)
     try:
         try:
             _write_all(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -1679,7 +1691,8 @@ def _write_file_atomically(dir_fd: int, name: str, data: bytes,
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=dir_fd)
         raise
-    os.fsync(dir_fd)
+    if durable:
+        os.fsync(dir_fd)
 
 
 class _PendingBlob:
@@ -1713,7 +1726,9 @@ class _PendingBlob:
             final = os.path.join(os.path.dirname(self.where), self._final)
             raise OciCacheError(f"cannot name {final}: {e.strerror or e}; remove what is "
                                 "there") from None
-        os.fsync(self._directory)
+        # The rename reaches the disk with the directory's next fsync: one per directory
+        # before a name is written (``Layout.sync_blob_directories``), not one per blob
+        # (half the fsyncs of a pull of 500 small layers).
 
 
 class _Reachable:
@@ -2281,10 +2296,24 @@ class Layout:
                                 "ocicache reads; remove names first")
         self.replace_index(data, on_full)
 
+    def sync_blob_directories(self) -> None:
+        """fsync each ``blobs/<alg>`` directory: every blob visible in it now, whichever
+        process wrote it, keeps its name through a crash. Blob writes leave this to
+        whatever names them (``replace_index``), once for all their renames."""
+        for algorithm in sorted(_DIGEST_HEX_LENGTHS):
+            try:
+                with self._blob_directory(algorithm) as directory:
+                    os.fsync(directory)
+            except (FileNotFoundError, CorruptCacheError):
+                continue  # no such directory, or a link: no blob there can be named
+
     def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
         """Replace index.json with ``data`` under the lock, without reading it (``clean``
-        empties a cache whose index.json cannot be read); ``on_full`` as in update_index."""
+        empties a cache whose index.json cannot be read); ``on_full`` as in update_index.
+        The blob directories are synced first: no name outlives a crash that its blobs'
+        renames do not."""
         with self.lock(), self._root_directory() as directory:
+            self.sync_blob_directories()
             try:
                 _write_file_atomically(directory, "index.json", data)
             except OSError as e:
@@ -3249,7 +3278,8 @@ class _Response:
 
     def __init__(self, raw: "http.client.HTTPResponse", url: str,
                  connection: "http.client.HTTPConnection", timeout: float,
-                 clock: Optional[_Clock] = None) -> None:
+                 clock: Optional[_Clock] = None,
+                 release: Callable[[], None] = lambda: None) -> None:
         self.raw = raw
         self.status = raw.status
         self.headers = raw.headers
@@ -3257,6 +3287,8 @@ class _Response:
         self.timeout = timeout
         self._connection = connection
         self._clock = clock or _Clock(timeout)
+        self._release = release  # the connection, free for another request
+        self._closed = False
 
     def read(self, n: int = -1) -> bytes:
         return self.raw.read(n)
@@ -3284,6 +3316,12 @@ class _Response:
         raise OciCacheError(f"{_shown_url(self.url)} answered with more than {limit} bytes")
 
     def close(self, reuse: bool = True) -> None:
+        """Done with the response: its connection goes back to the pool when the body
+        was read whole (what is left is drained, up to a limit), else it is closed. Once:
+        a released connection may be another thread's by the next call."""
+        if self._closed:
+            return
+        self._closed = True
         if reuse and not self.raw.isclosed():
             # Read what is left to keep the connection, but not without end.
             self._clock.start()
@@ -3300,6 +3338,8 @@ class _Response:
                 reuse = False
         if not reuse or self.raw.will_close:
             self._connection.close()
+        else:
+            self._release()
 
 
 class _RetryBudget:
@@ -3331,8 +3371,14 @@ def _is_permanent(error: BaseException) -> bool:
         reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
+_PooledConnection = Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]
+
+
 class _Transport:
-    """Sends requests; connections are kept per thread and per scheme://host."""
+    """Sends requests; a thread holds a connection per scheme://host until a response on
+    it is read whole, then it goes back to the pool for whichever thread asks next: the
+    workers of a pull reuse each other's connections (and TLS sessions) rather than each
+    opening its own."""
 
     def __init__(self, options: TransportOptions) -> None:
         self.options = options
@@ -3342,6 +3388,7 @@ class _Transport:
         self._guard = threading.Lock()
         self._contexts: Dict[Tuple[str, bool], Any] = {}
         self._open: List["http.client.HTTPConnection"] = []
+        self._idle: Dict[Tuple[str, str], List[_PooledConnection]] = {}
 
     def _ssl_context(self, host: str, verify: bool) -> Any:
         import ssl
@@ -3379,16 +3426,20 @@ class _Transport:
             self._contexts[key] = context
             return context
 
-    def _connection(self, scheme: str, host: str
-                    ) -> Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]:
-        """The thread's connection to scheme://host, its clock, and for plain HTTP
-        through a proxy the prefix that makes a request target absolute and the
-        headers each request adds (Proxy-Authorization)."""
+    def _connection(self, scheme: str, host: str, reuse_idle: bool = True) -> _PooledConnection:
+        """The thread's connection to scheme://host (an idle one, else a new one), its
+        clock, and for plain HTTP through a proxy the prefix that makes a request
+        target absolute and the headers each request adds (Proxy-Authorization)."""
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
         if (scheme, host) in pool:
             return pool[(scheme, host)]  # type: ignore[no-any-return]
+        with self._guard:
+            idle = self._idle.get((scheme, host)) if reuse_idle else None
+            if idle:
+                pool[(scheme, host)] = idle[-1]
+                return idle.pop()
         proxy, proxy_headers = self._proxy_for(scheme, host)
         timeout = self.options.timeout
         prefix, added = "", {}
@@ -3415,11 +3466,24 @@ class _Transport:
             self._open.append(connection)
         return connection, clock, prefix, added
 
+    def _release(self, scheme: str, host: str,
+                 connection: "http.client.HTTPConnection") -> None:
+        """The thread's ``connection`` to scheme://host, its response read, goes back to
+        the pool (a response closed by another thread than its own changes nothing)."""
+        pool = getattr(self._local, "pool", {})
+        entry = pool.get((scheme, host))
+        if entry is None or entry[0] is not connection or connection.sock is None:
+            return
+        del pool[(scheme, host)]
+        with self._guard:
+            self._idle.setdefault((scheme, host), []).append(entry)
+
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
         import socket
         with self._guard:
             connections, self._open = self._open, []
+            self._idle.clear()
         for connection in connections:
             if connection.sock is not None:
                 # Wakes a thread still reading a body (an interrupted pull's): it holds
@@ -3524,9 +3588,9 @@ class _Transport:
                             e, ConnectionRefusedError) else 0):
                     raise error from None
                 continue
-            _log().debug("%s %s://%s%s: %d%s", method, scheme, host,
-                         _shorten(_one_line(parts.path), 200), response.status,
-                         _rate_limits(response, ", "))
+            _debug("%s %s://%s%s: %d%s", method, scheme, host,
+                   _shorten(_one_line(parts.path), 200), response.status,
+                   _rate_limits(response, ", "))
             if probing:
                 if response.status == 400 and _speaks_tls(response):
                     self._schemes[host] = "https"
@@ -3583,7 +3647,8 @@ class _Transport:
     def _send(self, scheme: str, host: str, method: str, path: str,
               headers: Mapping[str, str], body: Body) -> _Response:
         for fresh in (False, True):
-            connection, clock, prefix, added = self._connection(scheme, host)
+            connection, clock, prefix, added = self._connection(scheme, host,
+                                                                reuse_idle=not fresh)
             opened = body() if callable(body) else None
             clock.start()  # the answer's head must arrive within the timeout, in all
             try:
@@ -3604,7 +3669,7 @@ class _Transport:
             if method == "HEAD":
                 raw.length = 0
             return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout,
-                             clock)
+                             clock, functools.partial(self._release, scheme, host, connection))
         raise AssertionError("unreachable")
 
     def retry(self, budget: _RetryBudget, host: str, reason: str,
@@ -3620,11 +3685,11 @@ class _Transport:
             wait = self.options.backoff * (2 ** (budget.failures - 1)) * (0.5 + random.random())
             wait = min(wait, max(budget.wait_left, 0.0))
         elif wait > min(budget.max_wait, budget.wait_left):
-            _log().debug("%s: not retrying: %s, and asks to wait %.0fs", host, reason, wait)
+            _debug("%s: not retrying: %s, and asks to wait %.0fs", host, reason, wait)
             return False
         budget.wait_left -= wait
-        _log().debug("%s: retrying in %.1fs (%s; attempt %d of %d)", host, wait,
-                     _shorten(reason, 200), budget.failures + 1, budget.attempts)
+        _debug("%s: retrying in %.1fs (%s; attempt %d of %d)", host, wait,
+               _shorten(reason, 200), budget.failures + 1, budget.attempts)
         self._back_off(host, wait)
         return True
 
@@ -3782,8 +3847,11 @@ MANIFEST_ACCEPT = ", ".join([MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_L
                              MEDIA_DOCKER_MANIFEST])
 
 
+@functools.lru_cache(maxsize=None)
 def _user_agent() -> str:
-    return f"ocicache/{__version__} python/{_platform_module.python_version()}"
+    # sys.version's first word is what platform.python_version() says, without importing
+    # platform (and compiling its regular expressions): 2 ms of a small pull.
+    return f"ocicache/{__version__} python/{sys.version.split()[0]}"
 
 
 def parse_mirror(value: str) -> Tuple[str, str]:
@@ -3942,7 +4010,7 @@ class RegistryClient:
             if message % args in self._said:
                 return
             self._said.add(message % args)
-        _log().debug(message, *args)
+        _debug(message, *args)
 
     def endpoint(self, ref: Reference, use_mirrors: bool = True) -> _Endpoint:
         if use_mirrors:
@@ -7351,6 +7419,65 @@ class _SummaryMemo:
                            separators=(",", ":"))
 
 
+# A blob this small costs a request's round trip and an fsync, not bandwidth or memory
+# (one piece, hashed in the downloading thread): a pull of many of them waits on latency,
+# so more go at once than ``jobs`` (ggcr, linuxkit's, fetches all of an image's at once).
+_SMALL_BLOB_SIZE = COPY_BUFFER_SIZE
+_SMALL_BLOB_JOBS = 16
+
+
+class _Answer:
+    """What a worker thread hands the thread waiting for it: a value or an error. A
+    pull's workers use these rather than concurrent.futures, which imports logging:
+    5 ms of a small pull."""
+
+    def __init__(self) -> None:
+        self.cancelled = False  # not to be worked on any more
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    def set(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self._value, self._error = value, error
+        self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], None]]) -> Iterator[None]:
+    """Run ``calls`` on up to ``jobs`` daemon threads while the caller's body runs (a
+    generator for ``contextlib.contextmanager``); the first error raises once both end."""
+    pending = collections.deque(calls)
+    errors: List[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            try:
+                call = pending.popleft()
+            except IndexError:
+                return
+            try:
+                call()
+            except BaseException as e:  # handed to the caller's thread below
+                errors.append(e)
+
+    workers = [threading.Thread(target=work, name=name, daemon=True)
+               for _ in range(min(jobs, len(calls)))]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.join()
+    if errors:
+        raise errors[0]
+
+
 class _ManifestFetcher:
     """The manifests and indexes of one repository, each asked for at most once: ``ahead``
     queues a request for one of ``jobs`` workers, ``result`` waits for its answer
@@ -7363,29 +7490,27 @@ class _ManifestFetcher:
         self._registry = registry
         self._ref = ref
         self._jobs = jobs
-        self._queue: "queue.Queue[Optional[Tuple[Digest, concurrent.futures.Future[bytes]]]]" \
-            = queue.Queue()
+        self._queue: "queue.Queue[Optional[Tuple[Digest, _Answer]]]" = queue.Queue()
         self._workers: List[threading.Thread] = []
-        self._sent: Dict[Digest, "concurrent.futures.Future[bytes]"] = {}
+        self._sent: Dict[Digest, _Answer] = {}
 
     def _work(self) -> None:
         for digest, future in iter(self._queue.get, None):
-            if not future.set_running_or_notify_cancel():
+            if future.cancelled:
                 continue
             try:
                 ref = self._ref
                 data, _ = self._registry.get_manifest(
                     Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
             except BaseException as e:  # handed to the thread that waits for it
-                future.set_exception(e)
+                future.set(error=e)
             else:
-                future.set_result(data)
+                future.set(data)
 
     def ahead(self, child: Descriptor) -> None:
-        import concurrent.futures
         if child.digest in self._sent:
             return
-        future: "concurrent.futures.Future[bytes]" = concurrent.futures.Future()
+        future = _Answer()
         self._sent[child.digest] = future
         self._queue.put((child.digest, future))
         if len(self._workers) < self._jobs:
@@ -7395,12 +7520,12 @@ class _ManifestFetcher:
 
     def result(self, child: Descriptor) -> bytes:
         self.ahead(child)
-        return self._sent[child.digest].result()
+        return self._sent[child.digest].result()  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """What is still queued (after an error) is not sent; the workers end."""
         for future in self._sent.values():
-            future.cancel()
+            future.cancelled = True
         for _ in self._workers:
             self._queue.put(None)
 
@@ -7409,17 +7534,20 @@ class Provider(CacheProvider):
     """The cache in ``directory`` (default: ``default_cache_dir()``).
 
     ``mirrors`` are ``(registry or "*", URL)`` pairs (default: ``default_mirrors()``);
-    ``options`` say how registries are reached; ``jobs`` blobs download at once.
+    ``options`` say how registries are reached; ``jobs`` blobs download at once. By
+    default that is 4, and up to ``_SMALL_BLOB_JOBS`` while the blobs left are small
+    (``_download``).
     """
 
     def __init__(self, directory: Optional[Union[str, "os.PathLike[str]"]] = None, *,
                  mirrors: Optional[Sequence[Tuple[str, str]]] = None,
-                 options: Optional[TransportOptions] = None, jobs: int = 4,
+                 options: Optional[TransportOptions] = None, jobs: Optional[int] = None,
                  progress: Optional[PullProgress] = None) -> None:
         self.layout = Layout(directory if directory is not None else default_cache_dir())
         self.registry = RegistryClient(_Transport(options or TransportOptions()),
                                        default_mirrors() if mirrors is None else mirrors)
-        self.jobs = max(1, jobs)
+        self.jobs = 4 if jobs is None else max(1, jobs)
+        self.small_jobs = max(self.jobs, _SMALL_BLOB_JOBS) if jobs is None else self.jobs
         self.progress = progress or PullProgress()
         self._saved_locations: Optional[Dict[Tuple[str, Digest], List[str]]] = None
 
@@ -7942,8 +8070,12 @@ class Provider(CacheProvider):
             # Every blob this pull relies on is checked, and fetched again if corrupt: a
             # pull that asks the registry anyway (always_pull, or an incomplete image)
             # must not keep a damaged blob another name already had.
-            self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
-            self._write_manifests([(descriptor, data) for descriptor, data, _ in manifests])
+            written = [(descriptor, data) for descriptor, data, _ in manifests]
+            if whole == ALL_PLATFORMS and root.is_index:  # named as it is: written here too
+                written.append((root, root_data))
+            with self._manifests_written(written):  # while the blobs download
+                self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
+            self.layout.sync_blob_directories()  # outside the lock: naming re-syncs, cheaply
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
                 names = [(name, named.named(name))]
@@ -7977,8 +8109,8 @@ class Provider(CacheProvider):
         with self.layout.adding_blobs():
             plans = [p for p in (self._referrers_plan(wanted, s) for s in subjects) if p]
             for plan in plans:
-                self._download(plan.source, plan.blobs)
-                self._write_manifests(plan.manifests)
+                with self._manifests_written(plan.manifests):  # while the blobs download
+                    self._download(plan.source, plan.blobs)
             with self.layout.lock():
                 names = []
                 for plan in plans:
@@ -8256,27 +8388,24 @@ class Provider(CacheProvider):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
         return plan, list(loose.values())
 
-    def _write_manifests(self, manifests: Sequence[Tuple[Descriptor, bytes]]) -> None:
-        """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time: each
-        waits for two fsyncs, and an index of many platforms has many."""
-        import concurrent.futures
-
+    @contextlib.contextmanager
+    def _manifests_written(self, manifests: Sequence[Tuple[Descriptor, bytes]]
+                           ) -> Iterator[None]:
+        """Write each manifest's blob (a corrupt copy replaced), ``jobs`` at a time, while
+        the body runs (a pull's downloads): each waits for an fsync, and an index of many
+        platforms has many. Done when the body is, or the body's error is raised."""
         def write(descriptor: Descriptor, data: bytes) -> None:
             self.layout.discard_if_corrupt(descriptor.digest)
             self.layout.write_blob_bytes(data, descriptor.digest)
 
-        if len(manifests) < 2:
-            for descriptor, data in manifests:
-                write(descriptor, data)
-            return
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-write") as pool:
-            for future in [pool.submit(write, d, data) for d, data in manifests]:
-                future.result()
+        yield from _run_all(self.jobs, "ocicache-write",
+                            [functools.partial(write, d, data) for d, data in manifests])
 
     @contextlib.contextmanager
     def _manifest_fetcher(self, ref: Reference) -> Iterator[_ManifestFetcher]:
-        """A ``_ManifestFetcher`` for ``ref``'s repository, ``jobs`` requests at a time."""
-        fetcher = _ManifestFetcher(self.registry, ref, self.jobs)
+        """A ``_ManifestFetcher`` for ``ref``'s repository, as many requests at a time as
+        small blobs (manifests are small: each is a round trip)."""
+        fetcher = _ManifestFetcher(self.registry, ref, self.small_jobs)
         try:
             yield fetcher
         finally:
@@ -8292,36 +8421,48 @@ class Provider(CacheProvider):
         flight (a stalled one could take minutes), and whatever was received stays in
         the partial files that the next pull resumes from.
         """
-        import concurrent.futures
         suspect = set(recheck)
         present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
         checked = [b.digest for b in present if b.digest in suspect]
         discarded = set()
         if checked:
+            import concurrent.futures
             with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-check") as pool:
                 discarded = {digest for digest, gone in zip(
                     checked, pool.map(self.layout.discard_if_corrupt, checked)) if gone}
-        missing = [b for b in blobs if b not in present or b.digest in discarded]
+        # By identity: ``in`` on the lists compared descriptors field by field, n² times
+        # (250,000 comparisons for 500 layers).
+        kept = {id(b) for b in present if b.digest not in discarded}
+        missing = [b for b in blobs if id(b) not in kept]
         for blob in blobs:
-            if blob not in missing:
+            if id(blob) in kept:
                 self.layout._touch(blob.digest)
                 self.progress.advance(blob.digest, blob.size)
         if not missing:
             return
         stop = threading.Event()
-        pending = iter(missing)
+        pending = collections.deque(missing)  # largest first
         guard = threading.Lock()
         errors: List[BaseException] = []
+
+        def take(small_only: bool) -> Optional[Descriptor]:
+            """The largest blob left, or for a worker of small ones the smallest (None
+            once the smallest left is not small)."""
+            with guard:
+                if not pending:
+                    return None
+                if not small_only:
+                    return pending.popleft()
+                return pending.pop() if pending[-1].size <= _SMALL_BLOB_SIZE else None
 
         def advance(digest: Digest, size: int) -> None:
             if stop.is_set():
                 raise _PullStopped()
             self.progress.advance(digest, size)
 
-        def work() -> None:
+        def work(small_only: bool) -> None:
             while not stop.is_set():
-                with guard:
-                    blob = next(pending, None)
+                blob = take(small_only)
                 if blob is None:
                     return
                 try:
@@ -8334,8 +8475,11 @@ class Provider(CacheProvider):
                     stop.set()
                     return
 
-        workers = [threading.Thread(target=work, name="ocicache-pull", daemon=True)
-                   for _ in range(min(self.jobs, len(missing)))]
+        small = sum(1 for b in missing if b.size <= _SMALL_BLOB_SIZE)
+        workers = [threading.Thread(target=work, args=(n >= self.jobs,), name="ocicache-pull",
+                                    daemon=True)
+                   for n in range(min(self.jobs, len(missing)) +
+                                  min(max(self.small_jobs - self.jobs, 0), small))]
         for worker in workers:
             worker.start()
         try:
@@ -9000,7 +9144,8 @@ class Provider(CacheProvider):
             with self.layout.lock():
                 merged = _merged_locations(self._read_locations(), new)
                 with self.layout._root_directory() as directory:
-                    _write_file_atomically(directory, _LOCATIONS_FILE, _locations_bytes(merged))
+                    _write_file_atomically(directory, _LOCATIONS_FILE, _locations_bytes(merged),
+                                           durable=False)  # a hint: checked when used
         except (OSError, OciCacheError) as e:  # a read-only or full cache: only a hint lost
             _log().debug("not saving the blob locations in %s: %s", self.root, e)
             return
@@ -10353,8 +10498,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                          "(loopback registries are always allowed HTTP)")
     parser.add_argument("--ca-file", metavar="PEM", action="append", default=[],
                         help="trust the CA certificates in this file too (repeatable)")
-    parser.add_argument("--jobs", metavar="N", type=_positive, default=4,
-                        help="blobs to download at once (default 4)")
+    parser.add_argument("--jobs", metavar="N", type=_positive, default=None,
+                        help="blobs to download at once (default 4, and up to "
+                             f"{_SMALL_BLOB_JOBS} while those left are small)")
     parser.add_argument("--version", action="version", version=f"ocicache {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -11147,7 +11293,8 @@ def _cmd_logout(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
-    provider.jobs = args.jobs
+    if args.jobs is not None:
+        provider.jobs = args.jobs
     copied = provider.copy(args.source, args.destination,
                            ALL_PLATFORMS if args.all_platforms else args.platform, args.all_tags,
                            args.referrers)
@@ -11163,7 +11310,8 @@ def _cmd_copy(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(provider: Provider, args: argparse.Namespace) -> int:
-    provider.jobs = args.jobs
+    if args.jobs is not None:
+        provider.jobs = args.jobs
     spec = read_sync_file(args.file)
     results = provider.sync(spec, args.dry_run)
     failed = [r for r in results if r.status == "failed"]

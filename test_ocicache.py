@@ -9112,6 +9112,220 @@ class TestPullRoundTrips(RegistryTestCase):
                                             "x"), "not allowed with argument", status=2)
 
 
+    def test_blob_directories_are_synced_once_before_the_name_not_once_per_blob(self) -> None:
+        # Each blob file is fsynced before its rename; the renames reach the disk with
+        # one fsync of their directory before index.json names them (not one per blob).
+        registry = self.start_registry()
+        layers = [{f"etc/layer{n}": f"layer {n}\n".encode()} for n in range(8)]
+        image = make_image("synced", layer_files=layers)
+        upload(registry.url, "test/synced", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        blobs_dir = os.path.realpath(os.path.join(self.cache_dir, "blobs", "sha256"))
+        events: List[str] = []
+        fsync, replace = os.fsync, os.replace
+
+        def recording_fsync(fd: int) -> None:
+            if stat.S_ISDIR(os.fstat(fd).st_mode) and \
+                    os.path.realpath(f"/proc/self/fd/{fd}") == blobs_dir:
+                events.append("sync blobs")
+            fsync(fd)
+
+        def recording_replace(source: Any, target: Any, **kwargs: Any) -> None:
+            replace(source, target, **kwargs)
+            if target == "index.json":
+                events.append("index.json")
+            elif isinstance(target, str) and len(target) == 64:
+                events.append("blob")
+
+        with mock.patch.object(os, "fsync", recording_fsync), \
+                mock.patch.object(os, "replace", recording_replace):
+            cache.image_pull(f"{registry.host}/test/synced:1", "", "amd64")
+        blob_events = [e for e in events if e == "blob"]
+        self.assertEqual(len(blob_events), len(image.blobs), events)  # layers, config, manifest
+        self.assertLessEqual(events.count("sync blobs"), 2, events)  # was one per blob
+        last_blob = max(i for i, e in enumerate(events) if e == "blob")
+        named = events.index("index.json")
+        self.assertIn("sync blobs", events[last_blob:named], events)
+        self.assertTrue(cache.verify().ok)
+
+    def test_the_threads_of_a_pull_share_their_connections(self) -> None:
+        # The root on the main thread, the children on the manifest workers, the blobs
+        # on the download workers: each picks up a connection another left idle, so a
+        # pull opens no more than run at once (it opened one per thread, 5 here), and
+        # a stale one it picks up is replaced (the registry closes idle ones).
+        registry = self.start_registry()
+        self.multi_arch(registry)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        cache = self.provider(jobs=2)
+        cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
+        self.assertGreaterEqual(len(proxy.requests()), 9)
+        self.assertLessEqual(proxy.connections, 2)
+        self.assertTrue(cache.verify().ok)
+        transport = cache.registry.transport
+        with transport._guard:
+            idle = [entry[0] for entries in transport._idle.values() for entry in entries]
+        self.assertTrue(idle)
+        for connection in idle:  # as a server closing them would
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        shutil.rmtree(self.cache_dir)
+        cache = self.provider(jobs=2)
+        cache.registry = oc.RegistryClient(transport)
+        cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
+        self.assertTrue(cache.verify().ok)
+
+    def test_a_token_registry_costs_a_pull_one_challenge_and_one_token(self) -> None:
+        # The workers share the challenge and the token the first request earned: no
+        # ping of /v2/, no second 401, no token asked for again.
+        issuer = TokenIssuer()
+        self.addCleanup(issuer.stop)
+        origin = self.start_registry(root=self.path("storage"))
+        self.multi_arch(origin)
+        registry = self.start_registry(auth=("token", issuer), root=self.path("storage"))
+        cache = self.provider()
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertTrue(cache.verify().ok)
+        self.settled(registry)
+        entries = [e for e in registry.access_entries() if "/settle-" not in e.path]
+        self.assertEqual([e.path for e in entries if e.status == 401],
+                         ["/v2/test/multi/manifests/1"])
+        self.assertNotIn("/v2/", [e.path for e in entries])
+        self.assertEqual(len(issuer.requests()), 1, issuer.requests())
+        paths = [e.path for e in entries if e.status == 200]
+        self.assertEqual(len(paths), len(set(paths)), "a request was made twice")
+
+    def test_a_pull_imports_only_what_it_needs(self) -> None:
+        # logging (through concurrent.futures and each request's debug line) and
+        # platform (for the User-Agent) cost a small pull 7 ms; -v still shows requests.
+        registry = self.start_registry()
+        self.multi_arch(registry)
+        name = f"{registry.host}/test/multi:1"
+        script = ("import sys, ocicache as oc\n"
+                  f"oc.main(['--cache', {self.cache_dir!r}, 'pull', '--all-platforms',"
+                  f" {name!r}])\n"
+                  "print(sorted(m for m in ('logging', 'platform', 'concurrent.futures')"
+                  " if m in sys.modules))\n")
+        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                                timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines()[-1], "[]", result.stderr)
+        shutil.rmtree(self.cache_dir)
+        verbose = self.cli("-v", "pull", "--all-platforms", name)
+        self.assertEqual(verbose.returncode, 0, verbose.stderr)
+        self.assertIn("/v2/test/multi/manifests/1: 200", verbose.stderr.decode())
+
+    def test_sorting_out_what_to_download_is_linear_in_blobs(self) -> None:
+        # It compared descriptors field by field, each with each (n² / 2: 500 layers
+        # cost 250,000 comparisons, a tenth of a second).
+        cache = self.provider(jobs=1)
+        blobs = [oc.Descriptor(oc.MEDIA_OCI_LAYER_GZIP, oc.Digest.from_bytes(b"%d" % n), n + 1)
+                 for n in range(1000)]
+        fetched: List[oc.Digest] = []
+        cache.registry.download_blob = (  # type: ignore[method-assign]
+            lambda ref, blob, *args, **kwargs: fetched.append(blob.digest))
+        compared = [0]
+        equal = oc.Descriptor.__eq__
+
+        def counting(self: Any, other: Any) -> Any:
+            compared[0] += 1
+            return equal(self, other)
+
+        with mock.patch.object(oc.Descriptor, "__eq__", counting):
+            cache._download(oc.Reference.parse("127.0.0.1:1/test/many:1"), blobs, ())
+        self.assertEqual(fetched, [b.digest for b in blobs])
+        self.assertLess(compared[0], len(blobs), compared)
+
+    def test_manifests_are_written_while_the_blobs_download(self) -> None:
+        # Each manifest write waits for an fsync: they overlap the downloads rather than
+        # follow them, and the index of a pull of every platform is written with them.
+        registry = self.start_registry()
+        amd, arm, _, index = self.multi_arch(registry)
+        cache = self.provider()
+        download = cache.registry.download_blob
+        wanted = [amd.manifest.digest, arm.manifest.digest, index.digest]
+
+        def after_the_manifests(ref: oc.Reference, blob: oc.Descriptor, *args: Any,
+                                **kwargs: Any) -> None:
+            wait_for(lambda: all(cache.layout.has_blob(d) for d in wanted), 10,
+                     "the manifests written while a blob downloads")
+            download(ref, blob, *args, **kwargs)
+
+        cache.registry.download_blob = after_the_manifests  # type: ignore[method-assign]
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertTrue(cache.verify().ok)
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/multi:1"])
+
+    def test_the_blob_locations_hint_costs_no_fsync(self) -> None:
+        # A hint a crash may lose (a bad file is ignored): written atomically, but
+        # without the two fsyncs (file, directory) that were most of a small pull's tail.
+        registry = self.start_registry()
+        image = make_image("hint")
+        upload(registry.url, "test/hint", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        root = os.path.realpath(self.cache_dir)
+        synced: List[str] = []
+        fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+            fsync(fd)
+
+        with mock.patch.object(os, "fsync", recording_fsync):
+            cache.image_pull(f"{registry.host}/test/hint:1", "", "amd64")
+        locations = os.path.join(self.cache_dir, oc._LOCATIONS_FILE)
+        with open(locations, "rb") as f:
+            saved = oc._parse_locations(f.read())
+        self.assertIn(str(image.layers[0].digest), {str(d) for _, d in saved}, saved)
+        self.assertFalse([p for p in synced if oc._LOCATIONS_FILE in p], synced)
+        self.assertEqual(synced.count(root), 1, synced)  # index.json's rename alone
+        # A file a crash left empty or half-written is no hint, and no error.
+        for damaged in (b"", b"\0" * 64, b'{"locations": [["127.0.0.1:1", "sha'):
+            with open(locations, "wb") as f:
+                f.write(damaged)
+            self.assertEqual(self.provider()._read_locations(), {})
+
+    def test_small_blobs_download_more_at_once_than_large_ones(self) -> None:
+        # Small blobs are waits on round trips: by default up to 16 go at once, while
+        # blobs of more than a piece stay at 4 (memory, bandwidth); --jobs N is N for all.
+        registry = self.start_registry()
+        big = [{f"big{n}": random.Random(n).randbytes(oc.COPY_BUFFER_SIZE + 1)}
+               for n in range(6)]
+        tiny = [{f"etc/tiny{n}": f"tiny {n}\n".encode()} for n in range(12)]
+        image = make_image("many-small", layer_files=big + tiny, gzip_layers=False)
+        upload(registry.url, "test/many-small", image.blobs, [("1", image.manifest)])
+        for jobs, small_at_once, big_at_once in ((None, 12, 4), (2, 2, 2)):
+            with self.subTest(jobs=jobs):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                cache = self.provider(jobs=jobs)
+                download = cache.registry.download_blob
+                guard, in_flight, most = threading.Lock(), collections.Counter(), \
+                    collections.Counter()
+                enough = threading.Event()
+
+                def counting(ref: oc.Reference, blob: oc.Descriptor, *args: Any,
+                             **kwargs: Any) -> None:
+                    kind = "big" if blob.size > oc.COPY_BUFFER_SIZE else "small"
+                    with guard:
+                        in_flight[kind] += 1
+                        most[kind] = max(most[kind], in_flight[kind])
+                        if most["small"] >= small_at_once:
+                            enough.set()
+                    try:
+                        if kind == "small":  # held until as many as allowed are under way
+                            enough.wait(5)
+                        download(ref, blob, *args, **kwargs)
+                    finally:
+                        with guard:
+                            in_flight[kind] -= 1
+
+                cache.registry.download_blob = counting  # type: ignore[method-assign]
+                cache.image_pull(f"{registry.host}/test/many-small:1", "", "amd64")
+                self.assertEqual(most["small"], small_at_once, most)
+                self.assertLessEqual(most["big"], big_at_once, most)
+                self.assertLessEqual(most["big"] + most["small"],
+                                     max(big_at_once, small_at_once) + big_at_once, most)
+                self.assertTrue(cache.verify().ok)
+
 class TestBeliefsAgainstARegistry(RegistryTestCase):
     """A pinned digest and a damaged blob meet a real registry."""
 
