@@ -5007,9 +5007,11 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
 # -- reading layers -------------------------------------------------------------------
 #
 # Flattening reads every byte of every layer, and tarfile's stream mode copies each
-# byte several times through its own buffer on the way. _TarStream walks a layer's
-# members with tarfile's header parser (TarInfo.frombuf) and hands data on in the
-# pieces the decompressor makes. Extended headers are applied as tarfile applies them:
+# byte several times through its own buffer on the way, and its header parser
+# (TarInfo.frombuf) cost 13 us a member, most of a flatten of many small files.
+# _TarStream walks a layer's members with a header parser of its own (a struct unpack
+# and one regular expression for the numbers; 2 us) and hands data on in the pieces
+# the decompressor makes. Extended headers are applied as tarfile applies them:
 # PAX (local and global) and GNU long names. Sparse files (old GNU, GNU PAX 0.0, 0.1
 # and 1.0, which bsdtar writes by itself for a file with holes) are read as their real
 # content under their real name, as extraction makes them.
@@ -5022,6 +5024,20 @@ _PAX_NUMBERS = {"size": int, "uid": int, "gid": int, "mtime": float}
 _MAX_LAYER_PATH = 4096  # PATH_MAX: no extractor can make a longer path, so none is kept
 _NAME_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 _SPARSE_KEYS = ("GNU.sparse.offset", "GNU.sparse.numbytes")
+# A header block's fields up to the prefix: name, mode, uid, gid, size, mtime, chksum,
+# type, linkname, magic and version, uname, gname, devmajor, devminor, prefix.
+_HEADER_LAYOUT = "100s8s8s8s12s12s8sc100s8s32s32s8s8s155s"
+# Its eight numbers (mode, uid, gid, size, mtime, chksum, devmajor, devminor) joined by
+# \x01, each as every writer makes them: octal digits between spaces and NULs. Other
+# spellings (base-256, bytes after a NUL) are read one by one, as tarfile reads them.
+_HEADER_NUMBERS = re.compile(b"\x01".join([rb" *([0-7]*)[ \0]*"] * 8))
+_OCTAL_DIGITS = b"01234567"
+_HIGH_BYTES = bytes(range(128, 256))
+_ZERO_BLOCK = bytes(512)
+_POSIX_MAGIC = b"ustar\x0000"
+# The kinds whose header block a flattened layer may carry as it was read: regular
+# files, symlinks, devices and FIFOs (what the writer would make of them is the same).
+_VERBATIM_KINDS = (b"0", b"2", b"3", b"4", b"6")
 
 
 def _pax_records(data: bytes) -> List[Tuple[str, str]]:
@@ -5060,17 +5076,96 @@ def _sparse_number(text: Union[str, bytes], name: str, base: int = 10) -> int:
     return number
 
 
+def _header_number(field: bytes) -> int:
+    """A number field of a header not spelled the usual way: base-256 (GNU; the first
+    byte 0x80, or 0xff for a negative number), or octal cut at its first NUL."""
+    if field[:1] in (b"\x80", b"\xff"):
+        number = int.from_bytes(field[1:], "big")
+        if field[0] == 0xff:
+            number -= 256 ** (len(field) - 1)
+        if -(1 << 63) <= number < 1 << 63:
+            return number
+        raise InvalidArchiveError("layer has an invalid tar header (a base-256 number "
+                                  "of more than 64 bits)")
+    text = field.split(b"\0", 1)[0].strip()
+    if text.strip(_OCTAL_DIGITS):
+        raise InvalidArchiveError("layer has an invalid tar header (a number field that is "
+                                  f"not octal: {_shorten(repr(field))})")
+    return int(text or b"0", 8)
+
+
+def _parse_header(unpack: Callable[[bytes], Tuple[bytes, ...]],
+                  block: bytes) -> Tuple[tarfile.TarInfo, bool]:
+    """The member a header block describes (ustar, GNU or v7; prefixes read as Go reads
+    them: in ustar headers only), and whether the block may be copied to a flattened
+    layer unchanged: a ustar header of a kind kept as it is, numbers spelled plainly."""
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic, uname, gname,
+     devmajor, devminor, prefix) = unpack(block)
+    fields = (mode, uid, gid, size, mtime, chksum, devmajor, devminor)
+    plain = _HEADER_NUMBERS.fullmatch(b"\x01".join(fields))
+    if plain:
+        numbers = [int(digits, 8) if digits else 0 for digits in plain.groups()]
+    else:
+        numbers = [_header_number(field) for field in fields]
+    # The sum of the block's bytes, the checksum field counted as spaces: adler32 sums
+    # 256 bytes exactly (at most 65,280, under its modulus), faster than sum().
+    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) \
+        - 2 - sum(chksum) + 256
+    if numbers[5] != unsigned and numbers[5] != unsigned - 256 * (
+            512 - len(block.translate(None, _HIGH_BYTES)) -
+            (8 - len(chksum.translate(None, _HIGH_BYTES)))):  # signed bytes, as old tars
+        raise InvalidArchiveError("layer has an invalid tar header (bad checksum)")
+    path = name.split(b"\0", 1)[0]
+    if magic == _POSIX_MAGIC:  # star's headers keep times after 131 bytes of prefix
+        head = prefix[:131 if block[508:512] == b"tar\0" else 155].split(b"\0", 1)[0]
+        if head:
+            path = head + b"/" + path
+    link = linkname.split(b"\0", 1)[0]
+    info = tarfile.TarInfo(path.decode("utf-8", "surrogateescape"))
+    (info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.devmajor,
+     info.devminor) = numbers
+    info.type = kind
+    info.linkname = link.decode("utf-8", "surrogateescape")
+    info.uname = uname.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    info.gname = gname.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if kind == tarfile.AREGTYPE and path.endswith(b"/"):
+        info.type = tarfile.DIRTYPE  # v7 spells a directory so
+    if info.type == tarfile.DIRTYPE:
+        info.name = info.name.rstrip("/")
+    verbatim = plain is not None and magic == _POSIX_MAGIC and kind in _VERBATIM_KINDS and \
+        (kind == b"0" or not numbers[3]) and (kind == b"2" or not link) and \
+        numbers[0] < 0o10000 and not path.endswith(b"/")
+    return info, verbatim
+
+
 class _TarStream:
     """The members of a tar stream; ``read`` reads the current member's data (a sparse
-    file's holes read as zeros)."""
+    file's holes read as zeros). The stream is read in its own pieces; ``offset`` is
+    where in it the reader stands, ``start`` where the member last yielded began (its
+    extended headers included), and ``verbatim`` whether that member's header block may
+    be copied unchanged: no extended header applies to it and ``_parse_header`` says so.
+    ``skip_to`` and ``copy_to`` move forward over raw bytes, for a second pass that
+    knows where the members it wants begin."""
 
     def __init__(self, stream: IO[bytes]) -> None:
+        import struct
+        self._unpack = struct.Struct(_HEADER_LAYOUT).unpack_from
         self._read1 = getattr(stream, "read1", stream.read)
+        self._piece = b""       # the stream's current piece, read up to _at
+        self._at = 0
+        self._base = 0          # the stream offset of the piece's first byte
         self._data_left = 0     # of the current member, as stored
         self._skip_left = 0     # its data and padding: what lies before the next header
         self._regions: List[Tuple[int, int]] = []  # a sparse member's data, reversed
         self._position = self._real_size = 0       # in a sparse member's real content
         self._sparse = False
+        self.start = 0
+        self.verbatim = False
+        self.global_headers = False  # whether a global PAX header was met
+
+    @property
+    def offset(self) -> int:
+        return self._base + self._at
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         global_headers: Dict[str, str] = {}
@@ -5078,17 +5173,20 @@ class _TarStream:
         names: Dict[str, str] = {}  # GNU long names: path, linkpath
         sparse_map: List[int] = []  # GNU sparse 0.0: offsets and sizes, in turn
         extended = global_size = 0  # bytes of extended headers kept in memory
+        fresh = True                # no extended header read for the next member yet
         while True:
             self._skip(self._skip_left)
+            if fresh:
+                self.start, fresh = self.offset, False
             block = self._exact(tarfile.BLOCKSIZE, end_allowed=True)
-            if not block.strip(b"\0"):
+            if not block or block == _ZERO_BLOCK:
                 return  # a zero block, or nothing: the end of the archive
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as e:
-                raise InvalidArchiveError(f"layer has an invalid tar header: {e}") from None
+            info, verbatim = _parse_header(self._unpack, block)
             padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if info.type in _EXTENDED_TYPES:
+                if info.size < 0:
+                    raise InvalidArchiveError("layer has an extended header of a negative "
+                                              "size")
                 extended += info.size
                 global_size += info.size if info.type == tarfile.XGLTYPE else 0
                 if max(extended, global_size) > _MAX_EXTENDED_HEADER:
@@ -5102,12 +5200,19 @@ class _TarStream:
                                    if k in _SPARSE_KEYS]
                 elif info.type == tarfile.XGLTYPE:
                     global_headers.update(_pax_records(data))
+                    self.global_headers = True
                 else:
                     key = "path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"
                     names[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
-            headers = {**global_headers, **headers}
-            self._apply(info, headers, names)
+            # no extended header before it: its block is all there is of it
+            self.verbatim = verbatim and not global_headers and \
+                self.offset - self.start == tarfile.BLOCKSIZE
+            if global_headers or headers or names:
+                headers = {**global_headers, **headers}
+                self._apply(info, headers, names)
+            else:
+                self._check(info)
             self._data_left = info.size if info.isreg() or \
                 info.type not in tarfile.SUPPORTED_TYPES else 0
             self._skip_left = -(-self._data_left // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -5116,11 +5221,12 @@ class _TarStream:
                 self._old_gnu_sparse(info, block)
             elif "GNU.sparse.major" in headers or "GNU.sparse.map" in headers or sparse_map:
                 self._pax_sparse(info, headers, sparse_map)
-            headers, names, sparse_map, extended = {}, {}, [], global_size
+            headers, names, sparse_map, extended, fresh = {}, {}, [], global_size, True
             yield info
 
-    @staticmethod
-    def _apply(info: tarfile.TarInfo, headers: Dict[str, str], names: Dict[str, str]) -> None:
+    @classmethod
+    def _apply(cls, info: tarfile.TarInfo, headers: Dict[str, str],
+               names: Dict[str, str]) -> None:
         for key, value in {**headers, **names}.items():
             if key in ("path", "linkpath", "uname", "gname"):
                 setattr(info, key, value.rstrip("/") if key == "path" else value)
@@ -5132,6 +5238,11 @@ class _TarStream:
                                               f"{_shorten(value)!r}") from None
         if "GNU.sparse.name" in headers:
             info.name = headers["GNU.sparse.name"].rstrip("/")
+        info.pax_headers = headers
+        cls._check(info)
+
+    @staticmethod
+    def _check(info: tarfile.TarInfo) -> None:
         if info.size < 0:
             raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a bad size")
         for what, text in (("name", info.name), ("link target", info.linkname)):
@@ -5141,10 +5252,10 @@ class _TarStream:
             if _NAME_CONTROLS.search(text):
                 raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a control "
                                           f"character in its {what}")
-            if len(text.encode("utf-8", "surrogateescape")) > _MAX_LAYER_PATH:
+            if len(text) > _MAX_LAYER_PATH // 4 and \
+                    len(text.encode("utf-8", "surrogateescape")) > _MAX_LAYER_PATH:
                 raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a {what} "
                                           f"longer than {_MAX_LAYER_PATH} bytes")
-        info.pax_headers = headers
 
     def _old_gnu_sparse(self, info: tarfile.TarInfo, block: bytes) -> None:
         """Read an old GNU sparse header's map, with its extension blocks."""
@@ -5235,35 +5346,78 @@ class _TarStream:
         self._position += len(chunk)
         return chunk
 
+    def _next_piece(self) -> None:
+        """The next piece of the stream, the current one read to its end."""
+        self._base += len(self._piece)
+        self._piece, self._at = self._read1(_STREAM_CHUNK_SIZE), 0
+        if not self._piece:
+            raise InvalidArchiveError("layer ends inside an entry")
+
     def _raw(self, n: int = -1, exact: bool = False) -> bytes:
         n = self._data_left if n < 0 else min(n, self._data_left)
         if n <= 0:
             return b""
-        chunk = self._exact(n) if exact else self._read1(n)
-        if not chunk:
-            raise InvalidArchiveError("layer ends inside an entry")
+        if exact:
+            chunk = self._exact(n)
+        else:  # what is left of the piece, at most n bytes: a whole piece is not copied
+            if self._at == len(self._piece):
+                self._next_piece()
+            start = self._at
+            self._at = min(start + n, len(self._piece))
+            chunk = self._piece if start == 0 and self._at == len(self._piece) else \
+                self._piece[start:self._at]
         self._data_left -= len(chunk)
         self._skip_left -= len(chunk)
         return chunk
 
     def _exact(self, size: int, end_allowed: bool = False) -> bytes:
-        parts, left = [], size
+        end = self._at + size
+        if end <= len(self._piece):
+            data = self._piece[self._at:end]
+            self._at = end
+            return data
+        parts, left = [self._piece[self._at:]], size - (len(self._piece) - self._at)
+        self._at = len(self._piece)
         while left:
-            chunk = self._read1(left)
-            if not chunk:
+            try:
+                self._next_piece()
+            except InvalidArchiveError:
                 if end_allowed and left == size:
                     return b""
-                raise InvalidArchiveError("layer ends inside an entry")
-            parts.append(chunk)
-            left -= len(chunk)
+                raise
+            parts.append(self._piece[:left])
+            self._at = len(parts[-1])
+            left -= self._at
         return b"".join(parts)
 
     def _skip(self, size: int) -> None:
-        while size:
-            chunk = self._read1(min(size, _STREAM_CHUNK_SIZE))
-            if not chunk:
-                raise InvalidArchiveError("layer ends inside an entry")
-            size -= len(chunk)
+        while size > len(self._piece) - self._at:
+            size -= len(self._piece) - self._at
+            self._at = len(self._piece)
+            self._next_piece()
+        self._at += size
+        self._data_left = self._skip_left = 0
+        self._sparse = False
+
+    def skip_to(self, offset: int) -> None:
+        """Move to ``offset`` of the stream (not behind the reader), where a member
+        begins: iterating goes on from there."""
+        self._skip(offset - self.offset)
+
+    def copy_to(self, offset: int, write: Callable[[Any], Any]) -> None:
+        """Hand ``write`` the stream's bytes up to ``offset``, as they are (views of the
+        pieces, not copies); iterating goes on from there."""
+        left = offset - self.offset
+        while left > 0:
+            if self._at == len(self._piece):
+                self._next_piece()
+            take = min(left, len(self._piece) - self._at)
+            if take == len(self._piece):
+                write(self._piece)
+            else:
+                write(memoryview(self._piece)[self._at:self._at + take])
+            self._at += take
+            left -= take
         self._data_left = self._skip_left = 0
         self._sparse = False
 
@@ -6040,6 +6194,12 @@ def _clean_path(name: str) -> List[str]:
     return parts
 
 
+def _is_clean(name: str) -> bool:
+    """Whether ``name`` is its own _clean_path already."""
+    framed = f"/{name}/"
+    return not ("//" in framed or "/./" in framed or "/../" in framed)
+
+
 def _xattrs(member: tarfile.TarInfo) -> Dict[str, str]:
     """A member's extended attributes, name to value (bytes kept by surrogateescape):
     ``SCHILY.xattr.*`` as GNU tar and Go write them, else libarchive's own
@@ -6357,6 +6517,9 @@ class _Flattener:
         self._names = names  # of the layers, for messages
         self._tree = _MergedTree()
         self._reading = 0    # the layer being read
+        # Per layer, from the first pass: where each member begins (and the last one
+        # ends), whether its header may be copied as it is, whether it has global headers.
+        self._entries: List[Tuple[Any, bytearray, bool]] = []
 
     def run(self) -> None:
         try:
@@ -6367,39 +6530,75 @@ class _Flattener:
             raise
 
     def _flatten(self) -> None:
+        import array
         for index in range(len(self._layers)):
-            for ordinal, (member, _) in enumerate(self._members(index)):
-                self._tree.apply(index, ordinal, member)
+            self._reading = index
+            starts, verbatim = array.array("Q"), bytearray()
+            with self._layers[index]() as stream:
+                layer = _TarStream(stream)
+                for ordinal, member in enumerate(layer):
+                    starts.append(layer.start)
+                    verbatim.append(layer.verbatim and _is_clean(member.name))
+                    self._tree.apply(index, ordinal, member)
+                starts.append(layer.start)  # where the last member ends
+            self._entries.append((starts, verbatim, layer.global_headers))
         schedule = self._tree.schedule(len(self._layers))
         with _WriteBehind(self._out) as out:
             archive = _TarWriter(out)
             for index, nodes in enumerate(schedule):
                 if nodes:
-                    self._emit_layer(archive, index, nodes)
+                    self._emit_layer(archive, out, index, nodes)
             self._emit_the_rest(archive)
             archive.close()
 
-    def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, _TarStream]]:
+    def _emit_layer(self, archive: _TarWriter, out: _WriteBehind, index: int,
+                    nodes: List[_Node]) -> None:
+        """Write the members of layer ``index`` that ``nodes`` stand for. A member the
+        tree left as it was read (at its own name, its header verbatim, no other name
+        or link header changing it) is copied as it is, header and data, with the
+        members beside it in one piece; the others are read from where they begin (in
+        turn in a layer with global headers, which apply to all that follow them)."""
+        starts, verbatim, in_turn = self._entries[index]
+        root = self._tree.root
         self._reading = index
         with self._layers[index]() as stream:
             layer = _TarStream(stream)
-            for member in layer:
-                yield member, layer
+            members = iter(layer)
+            following = 0         # the ordinal of the member ``members`` yields next
+            pending = [0, 0]      # the raw bytes to copy, not yet copied
 
-    def _emit_layer(self, archive: _TarWriter, index: int, nodes: List[_Node]) -> None:
-        waiting = iter(nodes)
-        node = next(waiting)
-        for ordinal, (member, layer) in enumerate(self._members(index)):
-            if node.source & 0xFFFFFFFF != ordinal:
-                continue
-            if node.children is not None:
-                self._directory_path(archive, node)
-            else:
-                self._emit_inode(archive, node, member, layer)
-            following = next(waiting, None)
-            if following is None:
-                return  # the rest of this layer is hidden: not read again
-            node = following
+            def copy_pending() -> None:
+                if pending[1] > pending[0]:
+                    layer.skip_to(pending[0])
+                    layer.copy_to(pending[1], out.write)
+                pending[:] = [0, 0]
+
+            for node in nodes:
+                ordinal = node.source & 0xFFFFFFFF
+                if verbatim[ordinal] and not in_turn and node.layer != _THROUGH_SYMLINK and (
+                        node.meta is None or len(node.meta) == 1 and "target" in node.meta):
+                    parent = node.parent
+                    assert parent is not None
+                    if starts[ordinal] != pending[1] or parent is not root and \
+                            not parent.emitted:
+                        copy_pending()
+                        self._directory_path(archive, parent)
+                        pending[0] = starts[ordinal]
+                    pending[1] = starts[ordinal + 1]
+                    continue
+                copy_pending()
+                if node.children is not None:
+                    self._directory_path(archive, node)
+                    continue
+                if in_turn:
+                    while following < ordinal:
+                        next(members)
+                        following += 1
+                else:
+                    layer.skip_to(starts[ordinal])
+                self._emit_inode(archive, node, next(members), layer)
+                following = ordinal + 1
+            copy_pending()
 
     def _emit_inode(self, archive: _TarWriter, node: _Node, member: tarfile.TarInfo,
                     layer: _TarStream) -> None:
