@@ -6238,10 +6238,12 @@ def _mtime(member: tarfile.TarInfo) -> Union[int, float, str]:
 
 class _Node:
     """An inode of the merged tree: a directory with its children, or a file, symlink
-    or special file, which several names share when hard-linked."""
+    or special file, which several names share when hard-linked. A file or special
+    file at its own name (not reached through a symlink) that no hard link names is
+    no _Node but its entry's number (``source`` below): a layer of 200,000 files holds
+    200,000 of them, and an int is a third of a _Node."""
 
-    # Kept small (a layer of 200,000 files holds 200,000 of them): what few inodes
-    # need is in ``meta``.
+    # Kept small: what few inodes need is in ``meta``.
     __slots__ = ("kind", "layer", "source", "meta", "children", "parent", "name", "emitted")
 
     def __init__(self, kind: bytes, layer: int, source: int,
@@ -6252,10 +6254,14 @@ class _Node:
         # a directory: its _DirectoryMeta; another inode: None, or a dict of a symlink's
         # "target", what a hard link's header changed, the "others" of its names
         self.meta: Any = None
-        self.children: Optional[Dict[str, "_Node"]] = {} if kind == tarfile.DIRTYPE else None
+        self.children: Optional[Dict[str, "_Child"]] = {} if kind == tarfile.DIRTYPE \
+            else None
         self.parent = parent   # a directory's from the start; a file's from placing it
         self.name = ""
         self.emitted = False   # a directory's
+
+
+_Child = Union[_Node, int]  # what a directory holds at a name: see _Node
 
 
 class _MergedTree:
@@ -6300,6 +6306,8 @@ class _MergedTree:
                 child = _Node(tarfile.DIRTYPE, -1, -1, current)
                 child.meta = _IMPLICIT_DIRECTORY
                 current.children[part] = child
+            elif isinstance(child, int):
+                return None
             elif child.kind == tarfile.SYMTYPE:
                 hops += 1
                 if hops > _MAX_SYMLINK_HOPS:
@@ -6343,11 +6351,12 @@ class _MergedTree:
         if base.startswith(_WHITEOUT):
             directory.children.pop(base[len(_WHITEOUT):], None)
             return
-        existing = directory.children.get(base)
+        existing: Optional[_Child] = directory.children.get(base)
+        node: _Child
         if member.isdir():
             meta = (member.mode, member.uid, member.gid, _mtime(member), member.uname,
                     member.gname, _xattrs(member))
-            if existing is not None and existing.children is not None:
+            if isinstance(existing, _Node) and existing.children is not None:
                 # merged as extraction merges: new metadata, extended attributes added
                 meta = (*meta[:6], {**existing.meta[6], **meta[6]})
                 existing.meta, existing.layer, existing.source = meta, layer, source
@@ -6362,16 +6371,18 @@ class _MergedTree:
                 return  # its target is not there: no link can be made
             self._touch(target, member)
             node = target
-        else:
+        elif member.issym() or layer == _THROUGH_SYMLINK:
             node = _Node(_KINDS.setdefault(member.type, member.type), layer, source)
             if member.issym():
                 node.meta = {"target": member.linkname}
+        else:
+            node = source
         directory.children[sys.intern(base)] = node
 
     def _is_symlink(self, parts: Sequence[str]) -> bool:
         holder = self._directory(parts[:-1], False, "/".join(parts)) if parts else None
         found = holder.children.get(parts[-1]) if holder and holder.children else None
-        return found is not None and found.kind == tarfile.SYMTYPE
+        return isinstance(found, _Node) and found.kind == tarfile.SYMTYPE
 
     def _link_target(self, member: tarfile.TarInfo) -> Optional[_Node]:
         parts = _clean_path(member.linkname)
@@ -6379,6 +6390,9 @@ class _MergedTree:
             return None
         directory = self._directory(parts[:-1], False, member.name)
         found = directory.children.get(parts[-1]) if directory and directory.children else None
+        if isinstance(found, int):  # linked to now: a _Node of its own
+            assert directory is not None and directory.children is not None
+            found = directory.children[parts[-1]] = _Node(tarfile.REGTYPE, found >> 32, found)
         return None if found is None or found.children is not None else found
 
     @staticmethod
@@ -6401,20 +6415,27 @@ class _MergedTree:
             assert holder.children is not None
             for name, child in list(holder.children.items()):
                 child_path = f"{prefix}/{name}" if prefix else name
-                if not (literal and child.layer == layer or child_path in self._through):
+                written = child >> 32 if isinstance(child, int) else child.layer
+                if not (literal and written == layer or child_path in self._through):
                     del holder.children[name]
-                elif child.children is not None:
+                elif isinstance(child, _Node) and child.children is not None:
                     pending.append((child, child_path))
 
-    def schedule(self, layers: int) -> List[List[_Node]]:
+    def schedule(self, counts: Sequence[int]) -> List[List[Optional[_Node]]]:
         """Name every inode (a hard-linked one once, its other names kept aside) and
-        list, per layer, the inodes whose entry is there, in entry order."""
-        per_layer: List[List[_Node]] = [[] for _ in range(layers)]
+        list, per layer of ``counts[layer]`` entries, what each entry is now: None when
+        it left nothing, its _Node, or for an entry that is a number in the tree
+        (see _Node) the directory holding it, told apart by its ``source``."""
+        plan: List[List[Optional[_Node]]] = [[None] * count for count in counts]
         pending = [self.root]
         while pending:
             directory = pending.pop()
             assert directory.children is not None
             for name, child in directory.children.items():
+                if isinstance(child, int):
+                    plan[child >> 32][child & 0xFFFFFFFF] = directory
+                    continue
+                assert isinstance(child, _Node)
                 if child.children is not None:
                     child.name = name
                     pending.append(child)
@@ -6425,10 +6446,8 @@ class _MergedTree:
                 else:
                     child.parent, child.name = directory, name
                 if child.source >= 0:
-                    per_layer[child.source >> 32].append(child)
-        for nodes in per_layer:
-            nodes.sort(key=operator.attrgetter("source"))
-        return per_layer
+                    plan[child.source >> 32][child.source & 0xFFFFFFFF] = child
+        return plan
 
 
 class _WriteBehind:
@@ -6542,22 +6561,23 @@ class _Flattener:
                     self._tree.apply(index, ordinal, member)
                 starts.append(layer.start)  # where the last member ends
             self._entries.append((starts, verbatim, layer.global_headers))
-        schedule = self._tree.schedule(len(self._layers))
+        schedule = self._tree.schedule([len(starts) - 1 for starts, _, _ in self._entries])
         with _WriteBehind(self._out) as out:
             archive = _TarWriter(out)
-            for index, nodes in enumerate(schedule):
-                if nodes:
-                    self._emit_layer(archive, out, index, nodes)
+            for index, plan in enumerate(schedule):
+                if any(plan):
+                    self._emit_layer(archive, out, index, plan)
             self._emit_the_rest(archive)
             archive.close()
 
     def _emit_layer(self, archive: _TarWriter, out: _WriteBehind, index: int,
-                    nodes: List[_Node]) -> None:
-        """Write the members of layer ``index`` that ``nodes`` stand for. A member the
-        tree left as it was read (at its own name, its header verbatim, no other name
-        or link header changing it) is copied as it is, header and data, with the
-        members beside it in one piece; the others are read from where they begin (in
-        turn in a layer with global headers, which apply to all that follow them)."""
+                    plan: List[Optional[_Node]]) -> None:
+        """Write the members of layer ``index`` that ``plan`` (see _MergedTree.schedule)
+        keeps. A member the tree left as it was read (at its own name, its header
+        verbatim, no other name or link header changing it) is copied as it is, header
+        and data, with the members beside it in one piece; the others are read from
+        where they begin (in turn in a layer with global headers, which apply to all
+        that follow them)."""
         starts, verbatim, in_turn = self._entries[index]
         root = self._tree.root
         self._reading = index
@@ -6573,11 +6593,14 @@ class _Flattener:
                     layer.copy_to(pending[1], out.write)
                 pending[:] = [0, 0]
 
-            for node in nodes:
-                ordinal = node.source & 0xFFFFFFFF
-                if verbatim[ordinal] and not in_turn and node.layer != _THROUGH_SYMLINK and (
-                        node.meta is None or len(node.meta) == 1 and "target" in node.meta):
-                    parent = node.parent
+            for ordinal, item in enumerate(plan):
+                if item is None:
+                    continue
+                node = item if item.source == index << 32 | ordinal else None
+                if verbatim[ordinal] and not in_turn and (node is None or (
+                        node.layer != _THROUGH_SYMLINK and node.children is None and
+                        (node.meta is None or len(node.meta) == 1 and "target" in node.meta))):
+                    parent = item if node is None else node.parent
                     assert parent is not None
                     if starts[ordinal] != pending[1] or parent is not root and \
                             not parent.emitted:
@@ -6587,7 +6610,7 @@ class _Flattener:
                     pending[1] = starts[ordinal + 1]
                     continue
                 copy_pending()
-                if node.children is not None:
+                if node is not None and node.children is not None:
                     self._directory_path(archive, node)
                     continue
                 if in_turn:
@@ -6596,15 +6619,23 @@ class _Flattener:
                         following += 1
                 else:
                     layer.skip_to(starts[ordinal])
-                self._emit_inode(archive, node, next(members), layer)
+                member = next(members)
                 following = ordinal + 1
+                if node is None:
+                    self._emit_inode(archive, item, _clean_path(member.name)[-1], {}, member,
+                                     layer)
+                else:
+                    assert node.parent is not None
+                    self._emit_inode(archive, node.parent, node.name, node.meta or {}, member,
+                                     layer)
             copy_pending()
 
-    def _emit_inode(self, archive: _TarWriter, node: _Node, member: tarfile.TarInfo,
-                    layer: _TarStream) -> None:
-        assert node.parent is not None
-        parent = self._directory_path(archive, node.parent)
-        path = f"{parent}/{node.name}" if parent else node.name
+    def _emit_inode(self, archive: _TarWriter, directory: _Node, name: str,
+                    meta: Dict[str, Any], member: tarfile.TarInfo, layer: _TarStream) -> None:
+        """Write ``member`` as the inode named ``name`` in ``directory``, with what
+        ``meta`` says of it (see _Node), and its other names as hard links to it."""
+        parent = self._directory_path(archive, directory)
+        path = f"{parent}/{name}" if parent else name
         info = tarfile.TarInfo(path)
         for field in ("mode", "uid", "gid", "uname", "gname", "devmajor", "devminor"):
             setattr(info, field, getattr(member, field))
@@ -6612,16 +6643,15 @@ class _Flattener:
         info.size = member.size if member.isreg() else 0  # only file data is copied
         info.linkname = member.linkname if member.issym() else ""
         mtime, xattrs = _mtime(member), _xattrs(member)
-        meta = node.meta or {}
         for field in ("mode", "uid", "gid", "uname", "gname"):
             if field in meta:
                 setattr(info, field, meta[field])
         mtime = meta.get("mtime", mtime)
         xattrs = {**xattrs, **meta.get("xattrs", {})}
         archive.add(info, layer if info.isreg() else None, xattrs, mtime)
-        for directory, name in meta.get("others", ()):
-            parent = self._directory_path(archive, directory)
-            info.name = f"{parent}/{name}" if parent else name
+        for other_directory, other_name in meta.get("others", ()):
+            parent = self._directory_path(archive, other_directory)
+            info.name = f"{parent}/{other_name}" if parent else other_name
             info.type, info.linkname, info.size = tarfile.LNKTYPE, path, 0
             archive.add(info, None, xattrs, mtime)
 
@@ -6653,7 +6683,7 @@ class _Flattener:
         while pending:
             directory = pending.pop()
             for child in (directory.children or {}).values():
-                if child.children is not None:
+                if isinstance(child, _Node) and child.children is not None:
                     if not child.emitted:
                         self._directory_path(archive, child)
                     pending.append(child)
