@@ -5038,6 +5038,9 @@ _POSIX_MAGIC = b"ustar\x0000"
 # The kinds whose header block a flattened layer may carry as it was read: regular
 # files, symlinks, devices and FIFOs (what the writer would make of them is the same).
 _VERBATIM_KINDS = (b"0", b"2", b"3", b"4", b"6")
+# The kinds of entry that a directory may hold as a number (see _Node): files, devices
+# and FIFOs.
+_LEAF_KINDS = (b"0", b"\0", b"7", b"3", b"4", b"6")
 
 
 def _pax_records(data: bytes) -> List[Tuple[str, str]]:
@@ -6279,6 +6282,10 @@ class _MergedTree:
         self._through: Set[str] = set()
         self._layer = -1
         self.root.meta = _IMPLICIT_DIRECTORY
+        # The directory part of the last entry's name, when it found a directory through
+        # no symlink and put a number there, and that directory.
+        self._head: Optional[str] = None
+        self._head_directory = self.root
 
     def _directory(self, parts: Sequence[str], create: bool, what: str) -> Optional[_Node]:
         """The directory ``parts`` lead to from the root, through symlinks, never out of
@@ -6328,6 +6335,17 @@ class _MergedTree:
 
     def apply(self, layer: int, ordinal: int, member: tarfile.TarInfo) -> None:
         source = layer << 32 | ordinal
+        head, _, leaf = member.name.rpartition("/")
+        if head == self._head and layer == self._layer and member.type in _LEAF_KINDS and \
+                leaf not in ("", ".", "..") and not leaf.startswith(_WHITEOUT):
+            # Beside the entry before it, which only put a number in the tree since it
+            # found this directory: the directory is still where that path leads.
+            holder = self._head_directory.children
+            assert holder is not None
+            if not isinstance(holder.get(leaf), _Node):
+                holder[sys.intern(leaf)] = source
+                return
+        self._head = None
         parts = _clean_path(member.name)
         if not parts or parts[0].startswith(_AUFS_METADATA) or \
                 member.type not in tarfile.SUPPORTED_TYPES:  # nothing a filesystem holds
@@ -6377,6 +6395,8 @@ class _MergedTree:
                 node.meta = {"target": member.linkname}
         else:
             node = source
+            if leaf == base:  # the next entry may be put beside it without a walk
+                self._head, self._head_directory = head, directory
         directory.children[sys.intern(base)] = node
 
     def _is_symlink(self, parts: Sequence[str]) -> bool:
