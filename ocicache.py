@@ -5119,10 +5119,9 @@ def _parse_header(unpack: Callable[[bytes], Tuple[bytes, ...]],
             (8 - len(chksum.translate(None, _HIGH_BYTES)))):  # signed bytes, as old tars
         raise InvalidArchiveError("layer has an invalid tar header (bad checksum)")
     path = name.split(b"\0", 1)[0]
-    if magic == _POSIX_MAGIC:  # star's headers keep times after 131 bytes of prefix
-        head = prefix[:131 if block[508:512] == b"tar\0" else 155].split(b"\0", 1)[0]
-        if head:
-            path = head + b"/" + path
+    if magic == _POSIX_MAGIC and prefix[0]:  # star's keep times after 131 bytes of prefix
+        path = prefix[:131 if block[508:512] == b"tar\0" else 155].split(b"\0", 1)[0] + \
+            b"/" + path
     link = linkname.split(b"\0", 1)[0]
     info = tarfile.TarInfo(path.decode("utf-8", "surrogateescape"))
     (info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.devmajor,
@@ -5178,10 +5177,19 @@ class _TarStream:
         extended = global_size = 0  # bytes of extended headers kept in memory
         fresh = True                # no extended header read for the next member yet
         while True:
-            self._skip(self._skip_left)
-            if fresh:
-                self.start, fresh = self.offset, False
-            block = self._exact(tarfile.BLOCKSIZE, end_allowed=True)
+            at = self._at + self._skip_left
+            if at + tarfile.BLOCKSIZE <= len(self._piece):  # the header within the piece
+                self._data_left = self._skip_left = 0
+                self._sparse = False
+                if fresh:
+                    self.start, fresh = self._base + at, False
+                block = self._piece[at:at + tarfile.BLOCKSIZE]
+                self._at = at + tarfile.BLOCKSIZE
+            else:
+                self._skip(self._skip_left)
+                if fresh:
+                    self.start, fresh = self.offset, False
+                block = self._exact(tarfile.BLOCKSIZE, end_allowed=True)
             if not block or block == _ZERO_BLOCK:
                 return  # a zero block, or nothing: the end of the archive
             info, verbatim = _parse_header(self._unpack, block)
