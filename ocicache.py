@@ -5413,6 +5413,7 @@ class _TarStream:
     def skip_to(self, offset: int) -> None:
         """Move to ``offset`` of the stream (not behind the reader), where a member
         begins: iterating goes on from there."""
+        assert offset >= self.offset, (offset, self.offset)
         self._skip(offset - self.offset)
 
     def copy_to(self, offset: int, write: Callable[[Any], Any]) -> None:
@@ -6179,7 +6180,8 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
 # the new entry's metadata is taken), a hard link sharing its target's inode. The first
 # pass reads every layer's headers into that tree, keeping for a file only where its
 # content lies; the second reads the layers again and writes each surviving entry as
-# its content goes by, parents first, the other names of an inode as hard links to it.
+# its content goes by, parents first, the other names of an inode as hard links to it
+# (an entry that comes out as it went in is copied as it was read, header and all).
 # A link whose target was rewritten or deleted later thus still has its own content,
 # whichever layer holds it, with no pass of its own.
 
