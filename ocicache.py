@@ -6585,10 +6585,11 @@ class _Flattener:
             starts, verbatim = array.array("Q"), bytearray()
             with self._layers[index]() as stream:
                 layer = _TarStream(stream)
+                start, keep, apply = starts.append, verbatim.append, self._tree.apply
                 for ordinal, member in enumerate(layer):
-                    starts.append(layer.start)
-                    verbatim.append(layer.verbatim and _is_clean(member.name))
-                    self._tree.apply(index, ordinal, member)
+                    start(layer.start)
+                    keep(layer.verbatim and _is_clean(member.name))
+                    apply(index, ordinal, member)
                 starts.append(layer.start)  # where the last member ends
             self._entries.append((starts, verbatim, layer.global_headers))
         schedule = self._tree.schedule([len(starts) - 1 for starts, _, _ in self._entries])
