@@ -5357,12 +5357,14 @@ class _TarStream:
         self._position += len(chunk)
         return chunk
 
-    def _next_piece(self) -> None:
-        """The next piece of the stream, the current one read to its end."""
+    def _next_piece(self, end_allowed: bool = False) -> bool:
+        """The next piece of the stream, the current one read to its end; False at the
+        end of the stream where ``end_allowed``."""
         self._base += len(self._piece)
         self._piece, self._at = self._read1(_STREAM_CHUNK_SIZE), 0
-        if not self._piece:
+        if not self._piece and not end_allowed:
             raise InvalidArchiveError("layer ends inside an entry")
+        return bool(self._piece)
 
     def _raw(self, n: int = -1, exact: bool = False) -> bytes:
         n = self._data_left if n < 0 else min(n, self._data_left)
@@ -5390,12 +5392,8 @@ class _TarStream:
         parts, left = [self._piece[self._at:]], size - (len(self._piece) - self._at)
         self._at = len(self._piece)
         while left:
-            try:
-                self._next_piece()
-            except InvalidArchiveError:
-                if end_allowed and left == size:
-                    return b""
-                raise
+            if not self._next_piece(end_allowed and left == size):
+                return b""  # the end of the stream, before the first byte
             parts.append(self._piece[:left])
             self._at = len(parts[-1])
             left -= self._at
@@ -5409,6 +5407,13 @@ class _TarStream:
         self._at += size
         self._data_left = self._skip_left = 0
         self._sparse = False
+
+    def drain(self) -> None:
+        """Read the stream to its end, past the end of the archive: a compressed
+        stream's own check (gzip's CRC, zstd's exit status) is made there."""
+        self._at = len(self._piece)
+        while self._next_piece(end_allowed=True):
+            self._at = len(self._piece)
 
     def skip_to(self, offset: int) -> None:
         """Move to ``offset`` of the stream (not behind the reader), where a member
@@ -6591,6 +6596,7 @@ class _Flattener:
                     keep(layer.verbatim and _is_clean(member.name))
                     apply(index, ordinal, member)
                 starts.append(layer.start)  # where the last member ends
+                layer.drain()
             self._entries.append((starts, verbatim, layer.global_headers))
         schedule = self._tree.schedule([len(starts) - 1 for starts, _, _ in self._entries])
         with _WriteBehind(self._out) as out:

@@ -10690,6 +10690,17 @@ class TestSources(CacheTestCase):
         # each header once in the first pass, again only for d/x, d/m, d/g and d/t
         self.assertEqual(len(parsed), 1 + len(kept) + len(rewritten) + 3 + 4)
 
+    def test_a_gzip_layers_check_is_read_past_the_end_of_its_archive(self) -> None:
+        # gzip's CRC-32 is what checks a gzip layer's content in a flatten; it lies at
+        # the end of the stream, past the tar's end and what follows it (here 1 MiB of
+        # zeros), which the walk over the members never needs to read.
+        data = tar_bytes([("f", b"content")]) + bytes(1 << 20)
+        layer = bytearray(gzip.compress(data, mtime=0))
+        layer[-8] ^= 0xFF  # the CRC-32 in the trailer
+        with self.assertRaisesRegex(oc.InvalidArchiveError, "corrupt gzip stream"):
+            oc._Flattener([lambda: oc._GunzipReader(io.BytesIO(bytes(layer)))],
+                          io.BytesIO()).run()  # type: ignore[arg-type]
+
     def test_stream_errors_surface_from_read(self) -> None:
         image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
         self.load_image("example.com/broken:1", image)
