@@ -5317,9 +5317,11 @@ def _decompressed(stream: IO[bytes]) -> IO[bytes]:
 # -- reading layers -------------------------------------------------------------------
 #
 # Flattening reads every byte of every layer, and tarfile's stream mode copies each
-# byte several times through its own buffer on the way. _TarStream walks a layer's
-# members with tarfile's header parser (TarInfo.frombuf) and hands data on in the
-# pieces the decompressor makes. Extended headers are applied as tarfile applies them:
+# byte several times through its own buffer on the way, and its header parser
+# (TarInfo.frombuf) cost 13 us a member, most of a flatten of many small files.
+# _TarStream walks a layer's members with a header parser of its own (a struct unpack
+# and one regular expression for the numbers; 2 us) and hands data on in the pieces
+# the decompressor makes. Extended headers are applied as tarfile applies them:
 # PAX (local and global) and GNU long names. Sparse files (old GNU, GNU PAX 0.0, 0.1
 # and 1.0, which bsdtar writes by itself for a file with holes) are read as their real
 # content under their real name, as extraction makes them.
@@ -5332,6 +5334,23 @@ _PAX_NUMBERS = {"size": int, "uid": int, "gid": int, "mtime": float}
 _MAX_LAYER_PATH = 4096  # PATH_MAX: no extractor can make a longer path, so none is kept
 _NAME_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 _SPARSE_KEYS = ("GNU.sparse.offset", "GNU.sparse.numbytes")
+# A header block's fields up to the prefix: name, mode, uid, gid, size, mtime, chksum,
+# type, linkname, magic and version, uname, gname, devmajor, devminor, prefix.
+_HEADER_LAYOUT = "100s8s8s8s12s12s8sc100s8s32s32s8s8s155s"
+# Its eight numbers (mode, uid, gid, size, mtime, chksum, devmajor, devminor) joined by
+# \x01, each as every writer makes them: octal digits between spaces and NULs. Other
+# spellings (base-256, bytes after a NUL) are read one by one, as tarfile reads them.
+_HEADER_NUMBERS = re.compile(b"\x01".join([rb" *([0-7]*)[ \0]*"] * 8))
+_OCTAL_DIGITS = b"01234567"
+_HIGH_BYTES = bytes(range(128, 256))
+_ZERO_BLOCK = bytes(512)
+_POSIX_MAGIC = b"ustar\x0000"
+# The kinds whose header block a flattened layer may carry as it was read: regular
+# files, symlinks, devices and FIFOs (what the writer would make of them is the same).
+_VERBATIM_KINDS = (b"0", b"2", b"3", b"4", b"6")
+# The kinds of entry that a directory may hold as a number (see _Node): files, devices
+# and FIFOs.
+_LEAF_KINDS = (b"0", b"\0", b"7", b"3", b"4", b"6")
 
 
 def _pax_records(data: bytes) -> List[Tuple[str, str]]:
@@ -5370,17 +5389,95 @@ def _sparse_number(text: Union[str, bytes], name: str, base: int = 10) -> int:
     return number
 
 
+def _header_number(field: bytes) -> int:
+    """A number field of a header not spelled the usual way: base-256 (GNU; the first
+    byte 0x80, or 0xff for a negative number), or octal cut at its first NUL."""
+    if field[:1] in (b"\x80", b"\xff"):
+        number = int.from_bytes(field[1:], "big")
+        if field[0] == 0xff:
+            number -= 256 ** (len(field) - 1)
+        if -(1 << 63) <= number < 1 << 63:
+            return number
+        raise InvalidArchiveError("layer has an invalid tar header (a base-256 number "
+                                  "of more than 64 bits)")
+    text = field.split(b"\0", 1)[0].strip()
+    if text.strip(_OCTAL_DIGITS):
+        raise InvalidArchiveError("layer has an invalid tar header (a number field that is "
+                                  f"not octal: {_shorten(repr(field))})")
+    return int(text or b"0", 8)
+
+
+def _parse_header(unpack: Callable[[bytes], Tuple[bytes, ...]],
+                  block: bytes) -> Tuple[tarfile.TarInfo, bool]:
+    """The member a header block describes (ustar, GNU or v7; prefixes read as Go reads
+    them: in ustar headers only), and whether the block may be copied to a flattened
+    layer unchanged: a ustar header of a kind kept as it is, numbers spelled plainly."""
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic, uname, gname,
+     devmajor, devminor, prefix) = unpack(block)
+    fields = (mode, uid, gid, size, mtime, chksum, devmajor, devminor)
+    plain = _HEADER_NUMBERS.fullmatch(b"\x01".join(fields))
+    if plain:
+        numbers = [int(digits, 8) if digits else 0 for digits in plain.groups()]
+    else:
+        numbers = [_header_number(field) for field in fields]
+    # The sum of the block's bytes, the checksum field counted as spaces: adler32 sums
+    # 256 bytes exactly (at most 65,280, under its modulus), faster than sum().
+    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) \
+        - 2 - sum(chksum) + 256
+    if numbers[5] != unsigned and numbers[5] != unsigned - 256 * (
+            512 - len(block.translate(None, _HIGH_BYTES)) -
+            (8 - len(chksum.translate(None, _HIGH_BYTES)))):  # signed bytes, as old tars
+        raise InvalidArchiveError("layer has an invalid tar header (bad checksum)")
+    path = name.split(b"\0", 1)[0]
+    if magic == _POSIX_MAGIC and prefix[0]:  # star's keep times after 131 bytes of prefix
+        path = prefix[:131 if block[508:512] == b"tar\0" else 155].split(b"\0", 1)[0] + \
+            b"/" + path
+    link = linkname.split(b"\0", 1)[0]
+    info = tarfile.TarInfo(path.decode("utf-8", "surrogateescape"))
+    (info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.devmajor,
+     info.devminor) = numbers
+    info.type = kind
+    info.linkname = link.decode("utf-8", "surrogateescape")
+    info.uname = uname.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    info.gname = gname.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if kind == tarfile.AREGTYPE and path.endswith(b"/"):
+        info.type = tarfile.DIRTYPE  # v7 spells a directory so
+    if info.type == tarfile.DIRTYPE:
+        info.name = info.name.rstrip("/")
+    verbatim = plain is not None and magic == _POSIX_MAGIC and kind in _VERBATIM_KINDS and \
+        (kind == b"0" or not numbers[3]) and (kind == b"2" or not link) and \
+        numbers[0] < 0o10000 and not path.endswith(b"/")
+    return info, verbatim
+
+
 class _TarStream:
     """The members of a tar stream; ``read`` reads the current member's data (a sparse
-    file's holes read as zeros)."""
+    file's holes read as zeros). The stream is read in its own pieces; ``offset`` is
+    where in it the reader stands, ``start`` where the member last yielded began (its
+    extended headers included), and ``verbatim`` whether that member's header block may
+    be copied unchanged: no extended header applies to it and ``_parse_header`` says so.
+    ``skip_to`` and ``copy_to`` move forward over raw bytes, for a second pass that
+    knows where the members it wants begin."""
 
     def __init__(self, stream: IO[bytes]) -> None:
+        import struct
+        self._unpack = struct.Struct(_HEADER_LAYOUT).unpack_from
         self._read1 = getattr(stream, "read1", stream.read)
+        self._piece = b""       # the stream's current piece, read up to _at
+        self._at = 0
+        self._base = 0          # the stream offset of the piece's first byte
         self._data_left = 0     # of the current member, as stored
         self._skip_left = 0     # its data and padding: what lies before the next header
         self._regions: List[Tuple[int, int]] = []  # a sparse member's data, reversed
         self._position = self._real_size = 0       # in a sparse member's real content
         self._sparse = False
+        self.start = 0
+        self.verbatim = False
+        self.global_headers = False  # whether a global PAX header was met
+
+    @property
+    def offset(self) -> int:
+        return self._base + self._at
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         global_headers: Dict[str, str] = {}
@@ -5388,17 +5485,29 @@ class _TarStream:
         names: Dict[str, str] = {}  # GNU long names: path, linkpath
         sparse_map: List[int] = []  # GNU sparse 0.0: offsets and sizes, in turn
         extended = global_size = 0  # bytes of extended headers kept in memory
+        fresh = True                # no extended header read for the next member yet
         while True:
-            self._skip(self._skip_left)
-            block = self._exact(tarfile.BLOCKSIZE, end_allowed=True)
-            if not block.strip(b"\0"):
+            at = self._at + self._skip_left
+            if at + tarfile.BLOCKSIZE <= len(self._piece):  # the header within the piece
+                self._data_left = self._skip_left = 0
+                self._sparse = False
+                if fresh:
+                    self.start, fresh = self._base + at, False
+                block = self._piece[at:at + tarfile.BLOCKSIZE]
+                self._at = at + tarfile.BLOCKSIZE
+            else:
+                self._skip(self._skip_left)
+                if fresh:
+                    self.start, fresh = self.offset, False
+                block = self._exact(tarfile.BLOCKSIZE, end_allowed=True)
+            if not block or block == _ZERO_BLOCK:
                 return  # a zero block, or nothing: the end of the archive
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as e:
-                raise InvalidArchiveError(f"layer has an invalid tar header: {e}") from None
+            info, verbatim = _parse_header(self._unpack, block)
             padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if info.type in _EXTENDED_TYPES:
+                if info.size < 0:
+                    raise InvalidArchiveError("layer has an extended header of a negative "
+                                              "size")
                 extended += info.size
                 global_size += info.size if info.type == tarfile.XGLTYPE else 0
                 if max(extended, global_size) > _MAX_EXTENDED_HEADER:
@@ -5412,12 +5521,19 @@ class _TarStream:
                                    if k in _SPARSE_KEYS]
                 elif info.type == tarfile.XGLTYPE:
                     global_headers.update(_pax_records(data))
+                    self.global_headers = True
                 else:
                     key = "path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"
                     names[key] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
-            headers = {**global_headers, **headers}
-            self._apply(info, headers, names)
+            # no extended header before it: its block is all there is of it
+            self.verbatim = verbatim and not global_headers and \
+                self.offset - self.start == tarfile.BLOCKSIZE
+            if global_headers or headers or names:
+                headers = {**global_headers, **headers}
+                self._apply(info, headers, names)
+            else:
+                self._check(info)
             self._data_left = info.size if info.isreg() or \
                 info.type not in tarfile.SUPPORTED_TYPES else 0
             self._skip_left = -(-self._data_left // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -5426,11 +5542,12 @@ class _TarStream:
                 self._old_gnu_sparse(info, block)
             elif "GNU.sparse.major" in headers or "GNU.sparse.map" in headers or sparse_map:
                 self._pax_sparse(info, headers, sparse_map)
-            headers, names, sparse_map, extended = {}, {}, [], global_size
+            headers, names, sparse_map, extended, fresh = {}, {}, [], global_size, True
             yield info
 
-    @staticmethod
-    def _apply(info: tarfile.TarInfo, headers: Dict[str, str], names: Dict[str, str]) -> None:
+    @classmethod
+    def _apply(cls, info: tarfile.TarInfo, headers: Dict[str, str],
+               names: Dict[str, str]) -> None:
         for key, value in {**headers, **names}.items():
             if key in ("path", "linkpath", "uname", "gname"):
                 setattr(info, key, value.rstrip("/") if key == "path" else value)
@@ -5442,6 +5559,11 @@ class _TarStream:
                                               f"{_shorten(value)!r}") from None
         if "GNU.sparse.name" in headers:
             info.name = headers["GNU.sparse.name"].rstrip("/")
+        info.pax_headers = headers
+        cls._check(info)
+
+    @staticmethod
+    def _check(info: tarfile.TarInfo) -> None:
         if info.size < 0:
             raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a bad size")
         for what, text in (("name", info.name), ("link target", info.linkname)):
@@ -5451,10 +5573,10 @@ class _TarStream:
             if _NAME_CONTROLS.search(text):
                 raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a control "
                                           f"character in its {what}")
-            if len(text.encode("utf-8", "surrogateescape")) > _MAX_LAYER_PATH:
+            if len(text) > _MAX_LAYER_PATH // 4 and \
+                    len(text.encode("utf-8", "surrogateescape")) > _MAX_LAYER_PATH:
                 raise InvalidArchiveError(f"layer entry {_shorten(info.name)!r} has a {what} "
                                           f"longer than {_MAX_LAYER_PATH} bytes")
-        info.pax_headers = headers
 
     def _old_gnu_sparse(self, info: tarfile.TarInfo, block: bytes) -> None:
         """Read an old GNU sparse header's map, with its extension blocks."""
@@ -5545,35 +5667,84 @@ class _TarStream:
         self._position += len(chunk)
         return chunk
 
+    def _next_piece(self, end_allowed: bool = False) -> bool:
+        """The next piece of the stream, the current one read to its end; False at the
+        end of the stream where ``end_allowed``."""
+        self._base += len(self._piece)
+        self._piece, self._at = self._read1(_STREAM_CHUNK_SIZE), 0
+        if not self._piece and not end_allowed:
+            raise InvalidArchiveError("layer ends inside an entry")
+        return bool(self._piece)
+
     def _raw(self, n: int = -1, exact: bool = False) -> bytes:
         n = self._data_left if n < 0 else min(n, self._data_left)
         if n <= 0:
             return b""
-        chunk = self._exact(n) if exact else self._read1(n)
-        if not chunk:
-            raise InvalidArchiveError("layer ends inside an entry")
+        if exact:
+            chunk = self._exact(n)
+        else:  # what is left of the piece, at most n bytes: a whole piece is not copied
+            if self._at == len(self._piece):
+                self._next_piece()
+            start = self._at
+            self._at = min(start + n, len(self._piece))
+            chunk = self._piece if start == 0 and self._at == len(self._piece) else \
+                self._piece[start:self._at]
         self._data_left -= len(chunk)
         self._skip_left -= len(chunk)
         return chunk
 
     def _exact(self, size: int, end_allowed: bool = False) -> bytes:
-        parts, left = [], size
+        end = self._at + size
+        if end <= len(self._piece):
+            data = self._piece[self._at:end]
+            self._at = end
+            return data
+        parts, left = [self._piece[self._at:]], size - (len(self._piece) - self._at)
+        self._at = len(self._piece)
         while left:
-            chunk = self._read1(left)
-            if not chunk:
-                if end_allowed and left == size:
-                    return b""
-                raise InvalidArchiveError("layer ends inside an entry")
-            parts.append(chunk)
-            left -= len(chunk)
+            if not self._next_piece(end_allowed and left == size):
+                return b""  # the end of the stream, before the first byte
+            parts.append(self._piece[:left])
+            self._at = len(parts[-1])
+            left -= self._at
         return b"".join(parts)
 
     def _skip(self, size: int) -> None:
-        while size:
-            chunk = self._read1(min(size, _STREAM_CHUNK_SIZE))
-            if not chunk:
-                raise InvalidArchiveError("layer ends inside an entry")
-            size -= len(chunk)
+        while size > len(self._piece) - self._at:
+            size -= len(self._piece) - self._at
+            self._at = len(self._piece)
+            self._next_piece()
+        self._at += size
+        self._data_left = self._skip_left = 0
+        self._sparse = False
+
+    def drain(self) -> None:
+        """Read the stream to its end, past the end of the archive: a compressed
+        stream's own check (gzip's CRC, zstd's exit status) is made there."""
+        self._at = len(self._piece)
+        while self._next_piece(end_allowed=True):
+            self._at = len(self._piece)
+
+    def skip_to(self, offset: int) -> None:
+        """Move to ``offset`` of the stream (not behind the reader), where a member
+        begins: iterating goes on from there."""
+        assert offset >= self.offset, (offset, self.offset)
+        self._skip(offset - self.offset)
+
+    def copy_to(self, offset: int, write: Callable[[Any], Any]) -> None:
+        """Hand ``write`` the stream's bytes up to ``offset``, as they are (views of the
+        pieces, not copies); iterating goes on from there."""
+        left = offset - self.offset
+        while left > 0:
+            if self._at == len(self._piece):
+                self._next_piece()
+            take = min(left, len(self._piece) - self._at)
+            if take == len(self._piece):
+                write(self._piece)
+            else:
+                write(memoryview(self._piece)[self._at:self._at + take])
+            self._at += take
+            left -= take
         self._data_left = self._skip_left = 0
         self._sparse = False
 
@@ -6324,7 +6495,8 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
 # the new entry's metadata is taken), a hard link sharing its target's inode. The first
 # pass reads every layer's headers into that tree, keeping for a file only where its
 # content lies; the second reads the layers again and writes each surviving entry as
-# its content goes by, parents first, the other names of an inode as hard links to it.
+# its content goes by, parents first, the other names of an inode as hard links to it
+# (an entry that comes out as it went in is copied as it was read, header and all).
 # A link whose target was rewritten or deleted later thus still has its own content,
 # whichever layer holds it, with no pass of its own.
 
@@ -6348,6 +6520,12 @@ def _clean_path(name: str) -> List[str]:
         elif part not in ("", "."):
             parts.append(part)
     return parts
+
+
+def _is_clean(name: str) -> bool:
+    """Whether ``name`` is its own _clean_path already."""
+    framed = f"/{name}/"
+    return not ("//" in framed or "/./" in framed or "/../" in framed)
 
 
 def _xattrs(member: tarfile.TarInfo) -> Dict[str, str]:
@@ -6388,10 +6566,12 @@ def _mtime(member: tarfile.TarInfo) -> Union[int, float, str]:
 
 class _Node:
     """An inode of the merged tree: a directory with its children, or a file, symlink
-    or special file, which several names share when hard-linked."""
+    or special file, which several names share when hard-linked. A file or special
+    file at its own name (not reached through a symlink) that no hard link names is
+    no _Node but its entry's number (``source`` below): a layer of 200,000 files holds
+    200,000 of them, and an int is a third of a _Node."""
 
-    # Kept small (a layer of 200,000 files holds 200,000 of them): what few inodes
-    # need is in ``meta``.
+    # Kept small: what few inodes need is in ``meta``.
     __slots__ = ("kind", "layer", "source", "meta", "children", "parent", "name", "emitted")
 
     def __init__(self, kind: bytes, layer: int, source: int,
@@ -6402,10 +6582,14 @@ class _Node:
         # a directory: its _DirectoryMeta; another inode: None, or a dict of a symlink's
         # "target", what a hard link's header changed, the "others" of its names
         self.meta: Any = None
-        self.children: Optional[Dict[str, "_Node"]] = {} if kind == tarfile.DIRTYPE else None
+        self.children: Optional[Dict[str, "_Child"]] = {} if kind == tarfile.DIRTYPE \
+            else None
         self.parent = parent   # a directory's from the start; a file's from placing it
         self.name = ""
         self.emitted = False   # a directory's
+
+
+_Child = Union[_Node, int]  # what a directory holds at a name: see _Node
 
 
 class _MergedTree:
@@ -6423,6 +6607,10 @@ class _MergedTree:
         self._through: Set[str] = set()
         self._layer = -1
         self.root.meta = _IMPLICIT_DIRECTORY
+        # The directory part of the last entry's name, when it found a directory through
+        # no symlink and put a number there, and that directory.
+        self._head: Optional[str] = None
+        self._head_directory = self.root
 
     def _directory(self, parts: Sequence[str], create: bool, what: str) -> Optional[_Node]:
         """The directory ``parts`` lead to from the root, through symlinks, never out of
@@ -6450,6 +6638,8 @@ class _MergedTree:
                 child = _Node(tarfile.DIRTYPE, -1, -1, current)
                 child.meta = _IMPLICIT_DIRECTORY
                 current.children[part] = child
+            elif isinstance(child, int):
+                return None
             elif child.kind == tarfile.SYMTYPE:
                 hops += 1
                 if hops > _MAX_SYMLINK_HOPS:
@@ -6470,6 +6660,17 @@ class _MergedTree:
 
     def apply(self, layer: int, ordinal: int, member: tarfile.TarInfo) -> None:
         source = layer << 32 | ordinal
+        head, _, leaf = member.name.rpartition("/")
+        if head == self._head and layer == self._layer and member.type in _LEAF_KINDS and \
+                leaf not in ("", ".", "..") and not leaf.startswith(_WHITEOUT):
+            # Beside the entry before it, which only put a number in the tree since it
+            # found this directory: the directory is still where that path leads.
+            holder = self._head_directory.children
+            assert holder is not None
+            if not isinstance(holder.get(leaf), _Node):
+                holder[sys.intern(leaf)] = source
+                return
+        self._head = None
         parts = _clean_path(member.name)
         if not parts or parts[0].startswith(_AUFS_METADATA) or \
                 member.type not in tarfile.SUPPORTED_TYPES:  # nothing a filesystem holds
@@ -6493,11 +6694,12 @@ class _MergedTree:
         if base.startswith(_WHITEOUT):
             directory.children.pop(base[len(_WHITEOUT):], None)
             return
-        existing = directory.children.get(base)
+        existing: Optional[_Child] = directory.children.get(base)
+        node: _Child
         if member.isdir():
             meta = (member.mode, member.uid, member.gid, _mtime(member), member.uname,
                     member.gname, _xattrs(member))
-            if existing is not None and existing.children is not None:
+            if isinstance(existing, _Node) and existing.children is not None:
                 # merged as extraction merges: new metadata, extended attributes added
                 meta = (*meta[:6], {**existing.meta[6], **meta[6]})
                 existing.meta, existing.layer, existing.source = meta, layer, source
@@ -6512,16 +6714,20 @@ class _MergedTree:
                 return  # its target is not there: no link can be made
             self._touch(target, member)
             node = target
-        else:
+        elif member.issym() or layer == _THROUGH_SYMLINK:
             node = _Node(_KINDS.setdefault(member.type, member.type), layer, source)
             if member.issym():
                 node.meta = {"target": member.linkname}
+        else:
+            node = source
+            if leaf == base:  # the next entry may be put beside it without a walk
+                self._head, self._head_directory = head, directory
         directory.children[sys.intern(base)] = node
 
     def _is_symlink(self, parts: Sequence[str]) -> bool:
         holder = self._directory(parts[:-1], False, "/".join(parts)) if parts else None
         found = holder.children.get(parts[-1]) if holder and holder.children else None
-        return found is not None and found.kind == tarfile.SYMTYPE
+        return isinstance(found, _Node) and found.kind == tarfile.SYMTYPE
 
     def _link_target(self, member: tarfile.TarInfo) -> Optional[_Node]:
         parts = _clean_path(member.linkname)
@@ -6529,6 +6735,9 @@ class _MergedTree:
             return None
         directory = self._directory(parts[:-1], False, member.name)
         found = directory.children.get(parts[-1]) if directory and directory.children else None
+        if isinstance(found, int):  # linked to now: a _Node of its own
+            assert directory is not None and directory.children is not None
+            found = directory.children[parts[-1]] = _Node(tarfile.REGTYPE, found >> 32, found)
         return None if found is None or found.children is not None else found
 
     @staticmethod
@@ -6551,20 +6760,27 @@ class _MergedTree:
             assert holder.children is not None
             for name, child in list(holder.children.items()):
                 child_path = f"{prefix}/{name}" if prefix else name
-                if not (literal and child.layer == layer or child_path in self._through):
+                written = child >> 32 if isinstance(child, int) else child.layer
+                if not (literal and written == layer or child_path in self._through):
                     del holder.children[name]
-                elif child.children is not None:
+                elif isinstance(child, _Node) and child.children is not None:
                     pending.append((child, child_path))
 
-    def schedule(self, layers: int) -> List[List[_Node]]:
+    def schedule(self, counts: Sequence[int]) -> List[List[Optional[_Node]]]:
         """Name every inode (a hard-linked one once, its other names kept aside) and
-        list, per layer, the inodes whose entry is there, in entry order."""
-        per_layer: List[List[_Node]] = [[] for _ in range(layers)]
+        list, per layer of ``counts[layer]`` entries, what each entry is now: None when
+        it left nothing, its _Node, or for an entry that is a number in the tree
+        (see _Node) the directory holding it, told apart by its ``source``."""
+        plan: List[List[Optional[_Node]]] = [[None] * count for count in counts]
         pending = [self.root]
         while pending:
             directory = pending.pop()
             assert directory.children is not None
             for name, child in directory.children.items():
+                if isinstance(child, int):
+                    plan[child >> 32][child & 0xFFFFFFFF] = directory
+                    continue
+                assert isinstance(child, _Node)
                 if child.children is not None:
                     child.name = name
                     pending.append(child)
@@ -6575,10 +6791,8 @@ class _MergedTree:
                 else:
                     child.parent, child.name = directory, name
                 if child.source >= 0:
-                    per_layer[child.source >> 32].append(child)
-        for nodes in per_layer:
-            nodes.sort(key=operator.attrgetter("source"))
-        return per_layer
+                    plan[child.source >> 32][child.source & 0xFFFFFFFF] = child
+        return plan
 
 
 class _WriteBehind:
@@ -6667,6 +6881,9 @@ class _Flattener:
         self._names = names  # of the layers, for messages
         self._tree = _MergedTree()
         self._reading = 0    # the layer being read
+        # Per layer, from the first pass: where each member begins (and the last one
+        # ends), whether its header may be copied as it is, whether it has global headers.
+        self._entries: List[Tuple[Any, bytearray, bool]] = []
 
     def run(self) -> None:
         try:
@@ -6677,45 +6894,95 @@ class _Flattener:
             raise
 
     def _flatten(self) -> None:
+        import array
         for index in range(len(self._layers)):
-            for ordinal, (member, _) in enumerate(self._members(index)):
-                self._tree.apply(index, ordinal, member)
-        schedule = self._tree.schedule(len(self._layers))
+            self._reading = index
+            starts, verbatim = array.array("Q"), bytearray()
+            with self._layers[index]() as stream:
+                layer = _TarStream(stream)
+                start, keep, apply = starts.append, verbatim.append, self._tree.apply
+                for ordinal, member in enumerate(layer):
+                    start(layer.start)
+                    keep(layer.verbatim and _is_clean(member.name))
+                    apply(index, ordinal, member)
+                starts.append(layer.start)  # where the last member ends
+                layer.drain()
+            self._entries.append((starts, verbatim, layer.global_headers))
+        schedule = self._tree.schedule([len(starts) - 1 for starts, _, _ in self._entries])
         with _WriteBehind(self._out) as out:
             archive = _TarWriter(out)
-            for index, nodes in enumerate(schedule):
-                if nodes:
-                    self._emit_layer(archive, index, nodes)
+            for index, plan in enumerate(schedule):
+                if any(plan):
+                    self._emit_layer(archive, out, index, plan)
             self._emit_the_rest(archive)
             archive.close()
 
-    def _members(self, index: int) -> Iterator[Tuple[tarfile.TarInfo, _TarStream]]:
+    def _emit_layer(self, archive: _TarWriter, out: _WriteBehind, index: int,
+                    plan: List[Optional[_Node]]) -> None:
+        """Write the members of layer ``index`` that ``plan`` (see _MergedTree.schedule)
+        keeps. A member the tree left as it was read (at its own name, its header
+        verbatim, no other name or link header changing it) is copied as it is, header
+        and data, with the members beside it in one piece; the others are read from
+        where they begin (in turn in a layer with global headers, which apply to all
+        that follow them)."""
+        starts, verbatim, in_turn = self._entries[index]
+        root = self._tree.root
         self._reading = index
         with self._layers[index]() as stream:
             layer = _TarStream(stream)
-            for member in layer:
-                yield member, layer
+            members = iter(layer)
+            following = 0         # the ordinal of the member ``members`` yields next
+            pending = [0, 0]      # the raw bytes to copy, not yet copied
 
-    def _emit_layer(self, archive: _TarWriter, index: int, nodes: List[_Node]) -> None:
-        waiting = iter(nodes)
-        node = next(waiting)
-        for ordinal, (member, layer) in enumerate(self._members(index)):
-            if node.source & 0xFFFFFFFF != ordinal:
-                continue
-            if node.children is not None:
-                self._directory_path(archive, node)
-            else:
-                self._emit_inode(archive, node, member, layer)
-            following = next(waiting, None)
-            if following is None:
-                return  # the rest of this layer is hidden: not read again
-            node = following
+            def copy_pending() -> None:
+                if pending[1] > pending[0]:
+                    layer.skip_to(pending[0])
+                    layer.copy_to(pending[1], out.write)
+                pending[:] = [0, 0]
 
-    def _emit_inode(self, archive: _TarWriter, node: _Node, member: tarfile.TarInfo,
-                    layer: _TarStream) -> None:
-        assert node.parent is not None
-        parent = self._directory_path(archive, node.parent)
-        path = f"{parent}/{node.name}" if parent else node.name
+            for ordinal, item in enumerate(plan):
+                if item is None:
+                    continue
+                node = item if item.source == index << 32 | ordinal else None
+                if verbatim[ordinal] and not in_turn and (node is None or (
+                        node.layer != _THROUGH_SYMLINK and node.children is None and
+                        (node.meta is None or len(node.meta) == 1 and "target" in node.meta))):
+                    parent = item if node is None else node.parent
+                    assert parent is not None
+                    if starts[ordinal] != pending[1] or parent is not root and \
+                            not parent.emitted:
+                        copy_pending()
+                        self._directory_path(archive, parent)
+                        pending[0] = starts[ordinal]
+                    pending[1] = starts[ordinal + 1]
+                    continue
+                copy_pending()
+                if node is not None and node.children is not None:
+                    self._directory_path(archive, node)
+                    continue
+                if in_turn:
+                    while following < ordinal:
+                        next(members)
+                        following += 1
+                else:
+                    layer.skip_to(starts[ordinal])
+                member = next(members)
+                following = ordinal + 1
+                if node is None:
+                    self._emit_inode(archive, item, _clean_path(member.name)[-1], {}, member,
+                                     layer)
+                else:
+                    assert node.parent is not None
+                    self._emit_inode(archive, node.parent, node.name, node.meta or {}, member,
+                                     layer)
+            copy_pending()
+
+    def _emit_inode(self, archive: _TarWriter, directory: _Node, name: str,
+                    meta: Dict[str, Any], member: tarfile.TarInfo, layer: _TarStream) -> None:
+        """Write ``member`` as the inode named ``name`` in ``directory``, with what
+        ``meta`` says of it (see _Node), and its other names as hard links to it."""
+        parent = self._directory_path(archive, directory)
+        path = f"{parent}/{name}" if parent else name
         info = tarfile.TarInfo(path)
         for field in ("mode", "uid", "gid", "uname", "gname", "devmajor", "devminor"):
             setattr(info, field, getattr(member, field))
@@ -6723,16 +6990,15 @@ class _Flattener:
         info.size = member.size if member.isreg() else 0  # only file data is copied
         info.linkname = member.linkname if member.issym() else ""
         mtime, xattrs = _mtime(member), _xattrs(member)
-        meta = node.meta or {}
         for field in ("mode", "uid", "gid", "uname", "gname"):
             if field in meta:
                 setattr(info, field, meta[field])
         mtime = meta.get("mtime", mtime)
         xattrs = {**xattrs, **meta.get("xattrs", {})}
         archive.add(info, layer if info.isreg() else None, xattrs, mtime)
-        for directory, name in meta.get("others", ()):
-            parent = self._directory_path(archive, directory)
-            info.name = f"{parent}/{name}" if parent else name
+        for other_directory, other_name in meta.get("others", ()):
+            parent = self._directory_path(archive, other_directory)
+            info.name = f"{parent}/{other_name}" if parent else other_name
             info.type, info.linkname, info.size = tarfile.LNKTYPE, path, 0
             archive.add(info, None, xattrs, mtime)
 
@@ -6764,7 +7030,7 @@ class _Flattener:
         while pending:
             directory = pending.pop()
             for child in (directory.children or {}).values():
-                if child.children is not None:
+                if isinstance(child, _Node) and child.children is not None:
                     if not child.emitted:
                         self._directory_path(archive, child)
                     pending.append(child)

@@ -12100,6 +12100,160 @@ class TestSources(CacheTestCase):
                 self.assertIn(message, str(caught.exception))
                 self.assertNotIn("\n", str(caught.exception))
 
+    def test_hostile_headers_are_one_line_as_gnu_tar_or_bsdtar_refuse_them(self) -> None:
+        # The layer reader parses headers itself: what GNU tar or bsdtar refuse (bad
+        # checksums and octal, sizes below zero or past the end, numbers over 64 bits,
+        # PAX records lying about their length) is one line here; the old spellings
+        # both read (a checksum of signed bytes, spaces around digits, GNU base-256) are
+        # read as tarfile reads them.
+        tools = {name: require_tool(self, name) for name in ("tar", "bsdtar")}
+
+        def member(name: str = "f", data: bytes = b"x", field: Tuple[int, bytes] = (0, b""),
+                   signed: bool = False, kind: bytes = tarfile.REGTYPE) -> bytes:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.type = len(data), 1700000000, kind
+            block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+            start, value = field
+            if value:
+                width = {100: 8, 108: 8, 116: 8, 124: 12, 136: 12, 329: 8}[start]
+                block[start:start + width] = value.ljust(width, b"\0")
+            block[148:156] = b" " * 8
+            total = sum(b - 256 if signed and b > 127 else b for b in block)
+            block[148:156] = b"%06o\0 " % total
+            return bytes(block) + data + bytes(-len(data) % 512)
+
+        def pax(records: bytes) -> bytes:
+            info = tarfile.TarInfo("././@PaxHeader")
+            info.type, info.size = tarfile.XHDTYPE, len(records)
+            return info.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512)
+
+        end = bytes(1024)
+        refused = {
+            "bad checksum": (member()[:148] + b"0000000\0" + member()[156:], "bad checksum"),
+            "mode not octal": (member(field=(100, b"0000x44\0")), "not octal"),
+            "mode with a 9": (member(field=(100, b"0000944\0")), "not octal"),
+            "size with an underscore": (member(field=(124, b"0000_000001\0")), "not octal"),
+            "size with a sign": (member(field=(124, b"+0000000001\0")), "not octal"),
+            "mtime of letters": (member(field=(136, b"zzzzzzzzzzz\0")), "not octal"),
+            "devmajor of letters": (member(field=(329, b"abc\0")), "not octal"),
+            "size below zero (base-256)": (member(field=(124, b"\xff" * 12)), "bad size"),
+            "size past the end (base-256)": (member(field=(124, b"\x80" + bytes(3) + b"\x7f" +
+                                                           b"\xff" * 7)), "ends inside"),
+            "mtime over 64 bits (base-256)": (member(field=(136, b"\x80\x01" + bytes(10))),
+                                              "more than 64 bits"),
+            "PAX length past its data": (pax(b"99 path=x\n") + member(), "malformed PAX"),
+            "PAX length short of its record": (pax(b"5 path=abcdef\n") + member(),
+                                               "malformed PAX"),
+            "PAX length not a number": (pax(b"xx path=abc\n") + member(), "malformed PAX"),
+            "PAX record without =": (pax(b"10 pathab\n") + member(), "malformed PAX"),
+            "PAX size not a number": (pax(b"12 size=abc\n") + member(), "not a number"),
+            "PAX size below zero": (pax(b"11 size=-5\n") + member(), "bad size"),
+            "long name of a size below zero": (
+                member("././@LongLink", b"", (124, b"\xff" * 12), kind=tarfile.GNUTYPE_LONGNAME) +
+                member(), "negative size"),
+        }
+        accepted = {
+            "checksum of signed bytes": member("caf\xe9", signed=True),
+            "spaces around the digits": member(field=(108, b"   123 \0")),
+            "bytes after a NUL": member(field=(108, b"123\0abc")),
+            "base-256 uid": member(field=(108, b"\x80\x00\x00\x00\x01\x00\x00\x00")),
+        }
+
+        def ours(data: bytes) -> List[Tuple[str, int, int]]:
+            layer = oc._TarStream(io.BytesIO(data))  # type: ignore[arg-type]
+            found = []
+            for info in layer:
+                found.append((info.name, info.size, info.uid))
+                while layer.read(4096):
+                    pass
+            return found
+
+        def tools_refusing(data: bytes) -> List[str]:
+            path = self.path("hostile.tar")
+            with open(path, "wb") as f:
+                f.write(data)
+            return [name for name, tool in tools.items()
+                    if subprocess.run([tool, "-tvf", path], capture_output=True).returncode]
+
+        for label, (data, message) in refused.items():
+            with self.subTest(label):
+                with self.assertRaises(oc.InvalidArchiveError) as caught:
+                    ours(data + end)
+                self.assertIn(message, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+                self.assertTrue(tools_refusing(data + end), "GNU tar and bsdtar read it")
+        for label, data in accepted.items():
+            with self.subTest(label):
+                with tarfile.open(fileobj=io.BytesIO(data + end)) as tar:
+                    expected = [(m.name, m.size, m.uid) for m in tar.getmembers()]
+                self.assertEqual(ours(data + end), expected)
+                self.assertNotIn("tar", tools_refusing(data + end))
+
+    def test_kept_members_are_copied_as_read_and_parsed_once(self) -> None:
+        # The second pass copies a member the tree kept as it was read (a plain ustar
+        # header at its own clean name) header and data unchanged, without parsing it
+        # again; a name to clean, mode bits to drop, a GNU header or one a hard link
+        # changes is written anew, from its header parsed again.
+        def raw(name: str, data: bytes = b"", fmt: int = tarfile.USTAR_FORMAT,
+                mode: bytes = b"", **fields: Any) -> bytes:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1700000000, 0o644
+            for key, value in fields.items():
+                setattr(info, key, value)
+            block = bytearray(info.tobuf(fmt))
+            if mode:  # as some writers spell it, with the file type's bits
+                block[100:108], block[148:156] = mode, b" " * 8
+                block[148:156] = b"%06o\0 " % sum(block)
+            return bytes(block) + data + bytes(-len(data) % 512)
+
+        kept = [raw("d/a", b"a" * 700), raw("d/s", type=tarfile.SYMTYPE, linkname="a"),
+                raw("d/p", type=tarfile.FIFOTYPE), raw("d/e")]
+        rewritten = [raw("./d/x", b"x"), raw("d/m", b"m", mode=b"0100644\0"),
+                     raw("d/g", b"g", tarfile.GNU_FORMAT), raw("d/t", b"t"),
+                     raw("d/b", b"b")]
+        lower = raw("d/", type=tarfile.DIRTYPE) + b"".join(kept + rewritten) + \
+            bytes(1024)
+        upper = raw("d/.wh.b") + raw("d/c", b"c" * 600) + \
+            raw("d/t-link", type=tarfile.LNKTYPE, linkname="d/t") + bytes(1024)
+        parsed = []
+        real_parse = oc._parse_header
+
+        def counting_parse(*args: Any) -> Any:
+            parsed.append(1)
+            return real_parse(*args)
+
+        out = io.BytesIO()
+        with mock.patch.object(oc, "_parse_header", counting_parse):
+            oc._Flattener([lambda: io.BytesIO(lower), lambda: io.BytesIO(upper)],
+                          out).run()  # type: ignore[arg-type, list-item, return-value]
+        data = out.getvalue()
+        for member in kept + [upper[512:512 * 3]]:  # d/c, from the upper layer
+            self.assertTrue(member in data, member[:100])
+        for member in rewritten:
+            self.assertFalse(member[:512] in data, member[:100])
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            found = {m.name: m for m in tar.getmembers()}
+            contents = {name: tar.extractfile(m).read() for name, m in found.items()
+                        if m.isreg()}
+        self.assertEqual(sorted(found), ["d", "d/a", "d/c", "d/e", "d/g", "d/m", "d/p", "d/s",
+                                         "d/t", "d/t-link", "d/x"])
+        self.assertEqual((found["d/m"].mode, found["d/t-link"].linkname), (0o644, "d/t"))
+        self.assertEqual((contents["d/x"], contents["d/g"], contents["d/c"]),
+                         (b"x", b"g", b"c" * 600))
+        # each header once in the first pass, again only for d/x, d/m, d/g and d/t
+        self.assertEqual(len(parsed), 1 + len(kept) + len(rewritten) + 3 + 4)
+
+    def test_a_gzip_layers_check_is_read_past_the_end_of_its_archive(self) -> None:
+        # gzip's CRC-32 is what checks a gzip layer's content in a flatten; it lies at
+        # the end of the stream, past the tar's end and what follows it (here 1 MiB of
+        # zeros), which the walk over the members never needs to read.
+        data = tar_bytes([("f", b"content")]) + bytes(1 << 20)
+        layer = bytearray(gzip.compress(data, mtime=0))
+        layer[-8] ^= 0xFF  # the CRC-32 in the trailer
+        with self.assertRaisesRegex(oc.InvalidArchiveError, "corrupt gzip stream"):
+            oc._Flattener([lambda: oc._GunzipReader(io.BytesIO(bytes(layer)))],
+                          io.BytesIO()).run()  # type: ignore[arg-type]
+
     def test_stream_errors_surface_from_read(self) -> None:
         image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
         self.load_image("example.com/broken:1", image)
