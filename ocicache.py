@@ -1288,6 +1288,13 @@ def parse_referrers(data: bytes, what: str) -> List[Descriptor]:
     return list(found.values())
 
 
+def _lists_subject(headers: "http.client.HTTPMessage", subject: Digest) -> bool:
+    """Whether a registry answered the PUT of a manifest with ``subject`` saying it lists
+    it in its referrers itself: ``OCI-Subject`` naming that subject. A header naming
+    another digest says nothing about this one (the fallback tag is written)."""
+    return (headers.get("OCI-Subject") or "").strip() == str(subject)
+
+
 def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) -> Optional[bytes]:
     """The fallback tag's index with ``referrer`` added (read-modify-write: every entry
     already there is kept, as written); None when it lists it already."""
@@ -1296,6 +1303,9 @@ def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) ->
     listed = parse_referrers(existing, what)
     if any(d.digest == referrer.digest for d in listed):
         return None
+    if len(listed) >= MAX_REFERRERS:  # one more and every reader (parse_referrers) refuses it
+        raise OciCacheError(f"{what} already lists {MAX_REFERRERS} referrers; not adding "
+                            f"{referrer.digest}")
     obj = _load_json_object(existing, what)
     obj["manifests"] = [*obj["manifests"], referrer.to_json()]
     obj.setdefault("mediaType", MEDIA_OCI_INDEX)
@@ -7765,14 +7775,10 @@ class Provider(CacheProvider):
                 for plan in plans:
                     name = str(Reference(wanted.registry, wanted.repository,
                                          referrers_tag(plan.source.digest or "")))
-                    known = self.find_descriptor(name)
                     entries = list(Index.from_json(plan.data).manifests)
-                    if known is not None and known.is_index:
-                        held = [e for e in Index.from_json(self.layout.read_blob(
-                            known.digest), what=f"index of {name}").manifests
-                            if self.layout.has_blob(e.digest)]
-                        entries = [*held, *(e for e in entries
-                                            if e.digest not in {h.digest for h in held})]
+                    held = [e for e, _, _ in self._held_referrers(Reference.parse(name))]
+                    entries = [*held, *(e for e in entries
+                                        if e.digest not in {h.digest for h in held})]
                     data = Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes()
                     digest = self.layout.write_blob_bytes(data)
                     names.append((name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)).named(name)))
@@ -7781,6 +7787,41 @@ class Provider(CacheProvider):
         for plan in plans:
             _log().info("pulled %d referrers of %s", len(plan.manifests), plan.source)
         return written
+
+    def _held_referrers(self, name: Reference, subject_tag: str = ""
+                        ) -> List[Tuple[Descriptor, bytes, Manifest]]:
+        """What the cache's referrers name ``name`` (``<repository>:sha256-<hex>``, as
+        ``pull_referrers`` writes it) lists that refers to the image its tag (or
+        ``subject_tag``) names: each entry the cache holds that is a manifest whose own
+        ``subject`` has that fallback tag, with its bytes. The name is only a claim (a
+        co-user of a shared cache, or an image tagged ``sha256-<hex>``, can name anything
+        so): an entry of another image, an index, or no manifest at all is left out with
+        a warning, so that sbom never prints, nor copy and push carry, another image's
+        documents as this one's."""
+        tag = subject_tag or name.tag
+        root = self.find_descriptor(name)
+        if root is None or not root.is_index:
+            return []
+        held: List[Tuple[Descriptor, bytes, Manifest]] = []
+        for entry in Index.from_json(self.layout.read_blob(root.digest),
+                                     what=f"index of {name}").manifests:
+            if not self.layout.has_blob(entry.digest):
+                continue
+            what = f"referrer {entry.digest} in {name}"
+            try:
+                data = self.layout.read_blob(entry.digest)
+                _, its_subject = referrer_descriptor(data, entry.media_type, what)
+                kind, document = read_document(data, entry.media_type, what)
+            except OciCacheError as e:
+                _log().warning("leaving out %s: %s", what, _one_line(str(e)))
+                continue
+            if its_subject is None or referrers_tag(its_subject.digest) != tag or \
+                    not isinstance(document, Manifest):
+                _log().warning("leaving out %s: it is not a manifest referring to %s", what,
+                               tag.replace("-", ":", 1))
+                continue
+            held.append((_replace(entry, media_type=kind), data, document))
+        return held
 
     def referrer_sboms(self, ref: RefLike, subjects: Sequence[Digest]) -> List[BinaryIO]:
         """The SBOMs (SPDX, CycloneDX) among the referrers of ``subjects`` that the cache
@@ -7792,15 +7833,9 @@ class Provider(CacheProvider):
         wanted = Reference.parse(ref)
         documents: List[BinaryIO] = []
         for subject in dict.fromkeys(subjects):
-            root = self.find_descriptor(Reference(wanted.registry, wanted.repository,
-                                                  referrers_tag(subject)))
-            if root is None or not root.is_index:
-                continue
-            for referrer in Index.from_json(self.layout.read_blob(root.digest),
-                                            what=f"referrers of {subject}").manifests:
-                if not self.layout.has_blob(referrer.digest):
-                    continue
-                for layer in self.manifest(referrer).layers:
+            for referrer, _, manifest in self._held_referrers(Reference(
+                    wanted.registry, wanted.repository, referrers_tag(subject))):
+                for layer in manifest.layers:
                     what = f"layer {layer.digest} of referrer {referrer.digest}"
                     if layer.media_type in SBOM_MEDIA_TYPES:
                         documents.append(self.layout.open_blob(layer.digest))
@@ -8273,12 +8308,22 @@ class Provider(CacheProvider):
                 raise NotFoundError(f"cannot push {local}: the cache holds only {held} of "
                                     f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
                                     "--all-platforms first")
+            if listing:  # only what refers to the image the tag names goes up
+                index = _replace(index, manifests=tuple(
+                    e for e, _, _ in self._held_referrers(local, remote.tag)))
+                data = index.to_bytes()
             children = list(index.manifests)
-            if existing is not None and existing[1].is_index and listing:
-                there = Index.from_json(existing[0], what=f"index of {remote}")
+            if existing is not None and listing:
+                what = f"{endpoint.host}'s fallback tag {endpoint.repository}:{tag}"
+                parse_referrers(existing[0], what)  # else says what it is, and is left alone
+                there = Index.from_json(existing[0], what=what)
                 merged = _replace(there, manifests=(*there.manifests, *(
                     c for c in index.manifests
                     if c.digest not in {d.digest for d in there.manifests})))
+                if len(merged.manifests) > MAX_REFERRERS:  # which no reader would take
+                    raise OciCacheError(f"cannot push {local}: {what} would list "
+                                        f"{len(merged.manifests)} referrers, more than "
+                                        f"{MAX_REFERRERS}")
             elif existing is not None and existing[1].is_index:
                 merged = merge_remote_index(index, Index.from_json(existing[0]))
             else:
@@ -8286,7 +8331,7 @@ class Provider(CacheProvider):
             if merged != index:
                 data = merged.to_bytes()
             remote_children = {c.digest for c in Index.from_json(existing[0]).manifests} \
-                if existing is not None and existing[1].is_index else set()
+                if existing is not None and (existing[1].is_index or listing) else set()
             to_push = [c for c in merged.manifests if c.digest not in remote_children]
         else:
             to_push = [root]
@@ -8316,7 +8361,7 @@ class Provider(CacheProvider):
         descriptor, subject = referrer_descriptor(data, media_type, f"manifest of {remote}")
         if subject is None:
             return
-        if headers is not None and headers.get("OCI-Subject"):
+        if headers is not None and _lists_subject(headers, subject.digest):
             return
         if headers is None:
             _, source = self.registry.referrers(
@@ -8457,12 +8502,26 @@ class Provider(CacheProvider):
                 if src_kind == "registry":
                     found = self._referrers_plan(ref, subject)
                 else:
-                    cached = Reference(ref.registry, ref.repository, tag)
-                    found = self._cache_plan(cached, "") if self.find_descriptor(cached) else None
+                    found = self._held_plan(Reference(ref.registry, ref.repository, tag))
                 if found is not None:
                     extra.append((found.source, tag if target is None else
                                   str(Reference(target.registry, target.repository, tag)), found))
         return extra
+
+    def _held_plan(self, name: Reference) -> Optional["_CopyPlan"]:
+        """What copy --referrers takes from the cache's referrers name ``name``: a plan
+        whose root is an index of the referrers it holds of the image its tag names
+        (``_held_referrers``), each complete; None when there are none."""
+        held = self._held_referrers(name)
+        for entry, _, _ in held:
+            if not self._holds(entry):
+                raise NotFoundError(f"cannot copy {name}: referrer {entry.digest} is not "
+                                    "complete in the cache; pull it again")
+        if not held:
+            return None
+        data = Index(MEDIA_OCI_INDEX, tuple(e for e, _, _ in held)).to_bytes()
+        return _CopyPlan(name, Descriptor(MEDIA_OCI_INDEX, Digest.from_bytes(data), len(data)),
+                         data, tuple((e, d) for e, d, _ in held), _copied_blobs(held, []))
 
     def _copy_referrers(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                         from_registry: bool) -> None:
@@ -8480,7 +8539,7 @@ class Provider(CacheProvider):
                 headers = self.registry.put_manifest(endpoint, str(descriptor.digest), data,
                                                      descriptor.media_type)
                 referrer, subject = referrer_descriptor(data, descriptor.media_type)
-                if subject is not None and not headers.get("OCI-Subject"):
+                if subject is not None and not _lists_subject(headers, subject.digest):
                     self.registry.add_referrer(endpoint, subject.digest, referrer)
             _log().info("copied %d referrers of %s to %s", len(plan.manifests), ref, target.name)
 

@@ -7753,6 +7753,169 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
             ["application/spdx+json"])
 
 
+class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
+    """The referrers code attacked at its boundaries: a cache whose referrers names are
+    planted (a co-user, or an image tagged sha256-<hex>), a fallback tag that cannot take
+    one more entry or is not an index, a registry whose OCI-Subject names another
+    digest."""
+
+    def plant(self, base: str, subject: Blob, entries: Sequence[Dict[str, Any]]) -> str:
+        """Name ``<base>:sha256-<hex of subject>`` an index of ``entries`` in the cache, as a
+        co-user of a shared cache can: the name pull --referrers would write."""
+        name = f"{base}:sha256-{subject.digest[7:]}"
+        listing = make_index(entries)
+        self.load(oci_archive([(listing.descriptor(), named(name))], [listing]))
+        return name
+
+    def test_sbom_takes_only_referrers_of_the_image(self) -> None:
+        """A referrers name listing another image's SBOM, or naming another image's index
+        (whose BuildKit attestation holds an SPDX statement), prints no SBOM for the
+        image; a nested index listed there is left out, not read as a manifest."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        other = make_image("other")
+        attestation, attestation_blobs, entry = make_attestation(other)
+        other_index = make_index([other.descriptor(), entry])
+        self.load(oci_archive([(other_index.descriptor(), named(f"{base}:other"))],
+                              [*other.blobs, *attestation_blobs, other_index]))
+        stray, blobs = make_referrer(other.manifest, "application/spdx+json",
+                                     b'{"spdxVersion":"SPDX-2.3","name":"not yours"}',
+                                     "application/spdx+json")
+        self.load(oci_archive([(stray.descriptor(), named(f"{base}:stray"))], blobs))
+        for label, entries in [("another image's referrer", [stray.descriptor()]),
+                               ("another image's index", json.loads(other_index.data)["manifests"]),
+                               ("a nested index", [other_index.descriptor()])]:
+            with self.subTest(label):
+                self.plant(base, image.manifest, entries)
+                result = self.cli("sbom", f"{base}:1")
+                self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
+        # Its own SBOM is still found beside the planted entries.
+        mine, blobs = make_referrer(image.manifest, "application/spdx+json",
+                                    b'{"spdxVersion":"SPDX-2.3","name":"mine"}',
+                                    "application/spdx+json")
+        self.load(oci_archive([(mine.descriptor(), named(f"{base}:mine"))], blobs))
+        self.plant(base, image.manifest, [stray.descriptor(), mine.descriptor()])
+        result = self.cli("sbom", f"{base}:1")
+        self.assertEqual(json.loads(result.stdout), {"spdxVersion": "SPDX-2.3", "name": "mine"},
+                         result.stderr)
+
+    def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
+        """copy --referrers from the cache and push of a referrers name leave out what a
+        planted name lists that refers to another image: DST's list never holds it."""
+        registry = self.start_registry()
+        base = f"{registry.host}/src/app"
+        image = make_image("target")
+        other = make_image("other")
+        upload(registry.url, "src/app", [*image.blobs, *other.blobs],
+               [("1", image.manifest), ("2", other.manifest)])
+        self.assertEqual(self.cli("-q", "pull", f"{base}:1").returncode, 0)
+        stray, stray_blobs = make_referrer(other.manifest, "application/example", b"not yours")
+        mine, mine_blobs = make_referrer(image.manifest, "application/example", b"mine")
+        for manifest, blobs, tag in [(stray, stray_blobs, "stray"), (mine, mine_blobs, "mine")]:
+            self.load(oci_archive([(manifest.descriptor(), named(f"{base}:{tag}"))], blobs))
+        name = self.plant(base, image.manifest, [stray.descriptor(), mine.descriptor()])
+        layout = self.path("layout")
+        result = self.cli("copy", "--referrers", f"cache:{base}:1", f"oci:{layout}:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(os.path.join(layout, "index.json")) as f:
+            roots = {m["annotations"][oc.ANNOTATION_REF_NAME]: m for m in json.load(f)["manifests"]}
+        with open(os.path.join(layout, "blobs", "sha256",
+                               roots[f"sha256-{image.manifest.digest[7:]}"]["digest"][7:])) as f:
+            self.assertEqual([m["digest"] for m in json.load(f)["manifests"]], [mine.digest])
+        result = self.cli("copy", "--referrers", f"cache:{base}:1", f"{registry.host}/dst/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = self.provider().referrers(f"{registry.host}/dst/app:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [mine.digest])
+        result = self.cli("push", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = self.provider().referrers(f"{base}:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [mine.digest])
+
+    def test_pull_referrers_drops_planted_entries_of_another_image(self) -> None:
+        """pull --referrers keeps what the name listed before only when it refers to the
+        image: a planted entry of another image's does not survive the merge."""
+        registry = self.start_registry()
+        base = f"{registry.host}/test/app"
+        image = make_image("target")
+        other = make_image("other")
+        upload(registry.url, "test/app", [*image.blobs, *other.blobs],
+               [("1", image.manifest), ("2", other.manifest)])
+        mine, blobs = make_referrer(image.manifest, "application/example", b"mine")
+        upload(registry.url, "test/app", blobs, [(mine.digest, mine), (
+            f"sha256-{image.manifest.digest[7:]}", make_index([mine.descriptor()]))])
+        stray, stray_blobs = make_referrer(other.manifest, "application/example", b"not yours")
+        self.load(oci_archive([(stray.descriptor(), named(f"{base}:stray"))], stray_blobs))
+        name = self.plant(base, image.manifest, [stray.descriptor()])
+        result = self.cli("-q", "pull", "--referrers", f"{base}:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        cache = self.provider()
+        root = cache.find_descriptor(name)
+        assert root is not None
+        self.assertEqual([str(d.digest) for d in oc.Index.from_json(
+            cache.layout.read_blob(root.digest)).manifests], [mine.digest])
+
+    def test_a_full_fallback_tag_is_not_made_unreadable(self) -> None:
+        """A fallback tag holding MAX_REFERRERS entries takes no more: adding one would
+        write a list every reader (this one too) refuses."""
+        image = make_image("target")
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "size": 2,
+                    "digest": f"sha256:{i:064x}"} for i in range(oc.MAX_REFERRERS)]
+        full = json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                           "manifests": entries}).encode()
+        self.assertEqual(len(oc.parse_referrers(full, "tag")), oc.MAX_REFERRERS)
+        signature, _ = make_referrer(image.manifest, "application/example", b"one more")
+        descriptor, _ = oc.referrer_descriptor(signature.data, signature.media_type)
+        with self.assertRaisesRegex(oc.OciCacheError, "tag already lists 10000 referrers"):
+            oc.with_referrer(full, descriptor, "tag")
+
+    def test_push_of_a_referrers_name_leaves_a_tag_that_is_not_an_index_alone(self) -> None:
+        """As push with subject does (test_push_leaves_a_fallback_tag_that_is_not_an_index_alone),
+        push of a referrers name never replaces a sha256-<hex> tag that names an image."""
+        registry = self.start_registry()
+        base = f"{registry.host}/test/app"
+        image = make_image("target")
+        tag = f"sha256-{image.manifest.digest[7:]}"
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest), (tag, image.manifest)])
+        mine, blobs = make_referrer(image.manifest, "application/example", b"mine")
+        self.load(oci_archive([(mine.descriptor(), named(f"{base}:mine"))], blobs))
+        name = self.plant(base, image.manifest, [mine.descriptor()])
+        for args in (["push", name], ["push", "--override", name]):
+            self.assert_one_line_error(self.cli("-q", *args), f"fallback tag test/app:{tag} is "
+                                       "application/vnd.oci.image.manifest.v1+json, not an index")
+        request = urllib.request.Request(f"{registry.url}/v2/test/app/manifests/{tag}",
+                                         headers={"Accept": oc.MEDIA_OCI_MANIFEST})
+        with urllib.request.urlopen(request) as response:
+            self.assertEqual(response.read(), image.manifest.data)  # as it was
+
+    def test_an_oci_subject_for_another_digest_is_not_taken_as_listed(self) -> None:
+        """A PUT answered with OCI-Subject naming another digest did not list the referrer
+        under its subject: the fallback tag is written, as for no header at all."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        wrong = "sha256:" + "0" * 64
+
+        def lie(request: Request) -> Optional[Answer]:
+            if "/referrers/" in request.target:
+                return Answer(404, [], b"404 page not found")
+            if request.method != "PUT" or "/manifests/" not in request.target:
+                return None
+            answer = proxy.forward(request, request.target)
+            answer.headers = [*answer.headers, ("OCI-Subject", wrong)]
+            return answer
+
+        proxy = ReferrersProxy(registry, quirk=lie)
+        self.addCleanup(proxy.stop)
+        signature, blobs = make_referrer(image.manifest, "application/example", b"sig")
+        self.load(oci_archive([(signature.descriptor(), named(f"{proxy.host}/test/app:sig"))],
+                              blobs))
+        result = self.cli("-q", "push", f"{proxy.host}/test/app:sig")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = self.provider().referrers(f"{registry.host}/test/app:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [signature.digest])
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
