@@ -10783,8 +10783,11 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
+    import shutil
     for document in provider.new_source(args.name, args.platform).sboms():
-        sys.stdout.buffer.write(document.read() + b"\n")
+        with document:  # in pieces: a referrer's SBOM layer may be of any size
+            shutil.copyfileobj(document, sys.stdout.buffer, COPY_BUFFER_SIZE)
+        sys.stdout.buffer.write(b"\n")
     return 0
 
 

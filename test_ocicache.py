@@ -7800,6 +7800,38 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
         self.assertEqual(json.loads(result.stdout), {"spdxVersion": "SPDX-2.3", "name": "mine"},
                          result.stderr)
 
+    def test_sbom_streams_a_huge_document(self) -> None:
+        """An SBOM layer far larger than memory should hold (a hostile referrer's) goes to
+        standard output in pieces, not read whole."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        size = 128 << 20
+        digest = hashlib.sha256()
+        chunk = b"x" * (1 << 20)
+        path = self.path("huge.spdx.json")
+        with open(path, "wb") as f:
+            for piece in [b'{"spdxVersion":"SPDX-2.3","name":"'] + [chunk] * 128 + [b'"}']:
+                digest.update(piece)
+                f.write(piece)
+        size = os.path.getsize(path)
+        blob_path = os.path.join(self.cache_dir, "blobs", "sha256", digest.hexdigest())
+        os.replace(path, blob_path)
+        empty = Blob("application/vnd.oci.empty.v1+json", b"{}")
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "artifactType": "application/spdx+json", "config": empty.descriptor(),
+            "layers": [{"mediaType": "application/spdx+json", "size": size,
+                        "digest": "sha256:" + digest.hexdigest()}],
+            "subject": image.manifest.descriptor()}).encode())
+        listing = make_index([manifest.descriptor()])
+        self.load(oci_archive([(listing.descriptor(), named(
+            f"{base}:sha256-{image.manifest.digest[7:]}"))], [empty, manifest, listing]))
+        measured = measured_cli(self.cache_dir, "sbom", f"{base}:1")
+        self.assertEqual(measured.returncode, 0, measured.stderr)
+        self.assertLess(measured.peak_mib, 100)
+        self.assertLess(measured.seconds, 5)
+
     def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
         """copy --referrers from the cache and push of a referrers name leave out what a
         planted name lists that refers to another image: DST's list never holds it."""
