@@ -10902,9 +10902,20 @@ def _cmd_referrers(provider: Provider, args: argparse.Namespace) -> int:
         print()
         return 0
     for referrer in found.referrers:
-        print(f"{referrer.digest} {_printable(referrer.artifact_type or referrer.media_type)} "
+        print(f"{referrer.digest} {_one_field(referrer.artifact_type or referrer.media_type)} "
               f"{referrer.size}")
     return 0
+
+
+_FIELD_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def _one_field(text: str, limit: int = 255) -> str:
+    """A registry's string as one field of a line split at spaces: whitespace, control
+    and non-ASCII characters (and ``%``) percent-encoded, at most ``limit`` characters
+    shown (a media type has 255 at most, RFC 6838); --json has it as it is."""
+    import urllib.parse
+    return _shorten(urllib.parse.quote(text, safe=_FIELD_SAFE, errors="backslashreplace"), limit)
 
 
 _MAX_PASSWORD_INPUT = 64 * 1024  # a token from standard input; more is a mistake

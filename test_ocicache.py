@@ -7832,6 +7832,30 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
         self.assertLess(measured.peak_mib, 100)
         self.assertLess(measured.seconds, 5)
 
+    def test_referrers_lines_keep_three_columns(self) -> None:
+        """An artifactType with spaces, a newline or escapes, or megabytes long, from a
+        hostile registry's list, stays one field of one line: digest, type, size."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        types = ["application/x 999\nsha256:" + "f" * 64 + " application/spdx+json",
+                 "\x1b]0;owned\x07text/plain\r", "a/" + "b" * (1 << 20)]
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": f"sha256:{i:064x}",
+                    "size": 3, "artifactType": t} for i, t in enumerate(types)]
+        proxy = ReferrersProxy(registry, quirk=lambda r: json_answer(
+            {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": entries})
+            if "/referrers/" in r.target else None)
+        self.addCleanup(proxy.stop)
+        result = self.cli("referrers", f"{proxy.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual([line.split(" ")[0] for line in lines], [e["digest"] for e in entries])
+        self.assertTrue(all(len(line.split(" ")) == 3 and len(line) < 1024 and
+                            line.isprintable() for line in lines), lines)
+        self.assertEqual([json.loads(self.cli("referrers", "--json", f"{proxy.host}/test/app:1")
+                                     .stdout)["referrers"][i]["artifactType"] for i in range(3)],
+                         types)  # --json has them as listed
+
     def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
         """copy --referrers from the cache and push of a referrers name leave out what a
         planted name lists that refers to another image: DST's list never holds it."""
