@@ -7856,6 +7856,36 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
                                      .stdout)["referrers"][i]["artifactType"] for i in range(3)],
                          types)  # --json has them as listed
 
+    def test_dsse_and_statement_bombs_are_one_line_within_bounds(self) -> None:
+        """A DSSE envelope whose payload decodes to JSON nested without end, or packed
+        with values, or a plain statement so; one over MAX_STATEMENT_SIZE; a payload that
+        is no string: each is one line, in bounded memory and time."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        nested = b"[" * 3_000_000
+        packed = b"[" + b"0," * 3_000_000 + b"0]"
+        cases = [("nested payload", json.dumps({"payload": base64.b64encode(nested).decode()})
+                  .encode(), oc.MEDIA_DSSE_ENVELOPE, "nested more than"),
+                 ("packed payload", json.dumps({"payload": base64.b64encode(packed).decode()})
+                  .encode(), oc.MEDIA_DSSE_ENVELOPE, "values into"),
+                 ("no string payload", b'{"payload": null}', oc.MEDIA_DSSE_ENVELOPE, "JSON"),
+                 ("nested statement", nested, oc.MEDIA_IN_TOTO, "nested more than"),
+                 ("huge statement", b" " * (oc.MAX_STATEMENT_SIZE + 1), oc.MEDIA_IN_TOTO,
+                  "larger than")]
+        for label, payload, media_type, fragment in cases:
+            with self.subTest(label):
+                manifest, blobs = make_referrer(image.manifest, "application/vnd.dev.sigstore.bundle",
+                                                payload, media_type)
+                self.load(oci_archive([(manifest.descriptor(), named(f"{base}:att"))], blobs))
+                self.plant(base, image.manifest, [manifest.descriptor()])
+                measured = measured_cli(self.cache_dir, "sbom", f"{base}:1")
+                self.assertEqual(measured.returncode, 1, measured.stderr)
+                self.assertEqual(len(measured.stderr.strip().splitlines()), 1, measured.stderr)
+                self.assertIn(fragment, measured.stderr)
+                self.assertLess(measured.peak_mib, 400, label)
+                self.assertLess(measured.seconds, 5, label)
+
     def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
         """copy --referrers from the cache and push of a referrers name leave out what a
         planted name lists that refers to another image: DST's list never holds it."""
