@@ -8283,8 +8283,10 @@ class Provider(CacheProvider):
         root = self._find_named(local)
         endpoint = self.registry.endpoint(remote, use_mirrors=False)
         tag = remote.tag or str(remote.digest)
-        # A list of referrers (pull --referrers names them so) is added to, never replaced.
-        listing = root.is_index and remote.digest is None and is_referrers_tag(remote.tag)
+        # A list of referrers (pull --referrers names them so) is added to, never replaced;
+        # an index tagged after its own digest is a mirror's (regclient's) image.
+        listing = root.is_index and remote.digest is None and is_referrers_tag(remote.tag) \
+            and remote.tag != referrers_tag(root.digest)
         override = override or listing
         # Whether the tag exists; a 403 here (Artifactory's answer for a missing tag)
         # is taken as "absent", and the upload's own answer decides.
@@ -8309,8 +8311,13 @@ class Provider(CacheProvider):
                                     f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
                                     "--all-platforms first")
             if listing:  # only what refers to the image the tag names goes up
-                index = _replace(index, manifests=tuple(
-                    e for e, _, _ in self._held_referrers(local, remote.tag)))
+                mine = tuple(e for e, _, _ in self._held_referrers(local, remote.tag))
+                if index.manifests and not mine:
+                    raise OciCacheError(
+                        f"cannot push {local} as {remote}: a tag {remote.tag} lists the "
+                        f"referrers of {remote.tag.replace('-', ':', 1)}, and {local} holds "
+                        "none of them")
+                index = _replace(index, manifests=mine)
                 data = index.to_bytes()
             children = list(index.manifests)
             if existing is not None and listing:

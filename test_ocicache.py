@@ -7974,6 +7974,32 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
         with urllib.request.urlopen(request) as response:
             self.assertEqual(response.read(), image.manifest.data)  # as it was
 
+    def test_push_of_an_index_tagged_sha256_hex_that_lists_no_referrers(self) -> None:
+        """An index tagged after its own digest (regclient's digest-named mirror) is pushed
+        as the image it is; one tagged after another digest that lists no referrer of it
+        is refused in one line, not pushed as that digest's referrers."""
+        registry = self.start_registry()
+        base = f"{registry.host}/test/app"
+        amd = make_image("amd")
+        index = make_index([amd.descriptor()])
+        mirror = f"{base}:sha256-{index.digest[7:]}"
+        self.load(oci_archive([(index.descriptor(), named(mirror))], [*amd.blobs, index]))
+        result = self.cli("-q", "push", mirror)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        request = urllib.request.Request(
+            f"{registry.url}/v2/test/app/manifests/sha256-{index.digest[7:]}",
+            headers={"Accept": oc.MEDIA_OCI_INDEX})
+        with urllib.request.urlopen(request) as response:
+            self.assertEqual(response.read(), index.data)
+        other = make_image("other")
+        upload(registry.url, "test/app", other.blobs, [("2", other.manifest)])
+        name = f"{base}:sha256-{other.manifest.digest[7:]}"
+        self.cache.descriptor_write(name, self.cache.find_descriptor(mirror))
+        self.assert_one_line_error(self.cli("-q", "push", name), "holds none of them")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{registry.url}/v2/test/app/manifests/sha256-"
+                                   f"{other.manifest.digest[7:]}")
+
     def test_an_oci_subject_for_another_digest_is_not_taken_as_listed(self) -> None:
         """A PUT answered with OCI-Subject naming another digest did not list the referrer
         under its subject: the fallback tag is written, as for no header at all."""
