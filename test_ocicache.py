@@ -8000,6 +8000,39 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
             urllib.request.urlopen(f"{registry.url}/v2/test/app/manifests/sha256-"
                                    f"{other.manifest.digest[7:]}")
 
+    def test_racing_pushers_lose_entries_but_never_corrupt_the_tag(self) -> None:
+        """Two clients adding referrers to one fallback tag at once can lose entries (no
+        conditional PUT), never write a broken or duplicated list; adding again restores
+        every entry."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        made = [make_referrer(image.manifest, "application/example", str(i).encode())
+                for i in range(16)]
+        for manifest, blobs in made:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+        descriptors = [oc.referrer_descriptor(m.data, m.media_type)[0] for m, _ in made]
+        subject = oc.Digest.parse(image.manifest.digest)
+
+        def pusher(part: Sequence[oc.Descriptor]) -> None:
+            client = self.provider().registry
+            endpoint = client.endpoint(oc.Reference.parse(f"{registry.host}/test/app"))
+            for descriptor in part:
+                client.add_referrer(endpoint, subject, descriptor)
+
+        threads = [threading.Thread(target=pusher, args=(descriptors[i::2],)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        listed = self.provider().referrers(f"{registry.host}/test/app:1").referrers
+        digests = [str(d.digest) for d in listed]
+        self.assertEqual(len(digests), len(set(digests)))
+        self.assertLessEqual(set(digests), {m.digest for m, _ in made})
+        pusher(descriptors)
+        listed = self.provider().referrers(f"{registry.host}/test/app:1").referrers
+        self.assertEqual({str(d.digest) for d in listed}, {m.digest for m, _ in made})
+
     def test_an_oci_subject_for_another_digest_is_not_taken_as_listed(self) -> None:
         """A PUT answered with OCI-Subject naming another digest did not list the referrer
         under its subject: the fallback tag is written, as for no header at all."""
