@@ -7838,7 +7838,7 @@ class Provider(CacheProvider):
                 for layer in manifest.layers:
                     what = f"layer {layer.digest} of referrer {referrer.digest}"
                     if layer.media_type in SBOM_MEDIA_TYPES:
-                        documents.append(self.layout.open_blob(layer.digest))
+                        documents.append(self._checked_blob(layer, what))
                         continue
                     if layer.media_type not in (MEDIA_IN_TOTO, MEDIA_DSSE_ENVELOPE):
                         continue
@@ -7859,6 +7859,27 @@ class Provider(CacheProvider):
                         raise OciCacheError(f"in-toto statement in {what} is not UTF-8") from None
                     documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
         return documents
+
+    def _checked_blob(self, blob: Descriptor, what: str) -> BinaryIO:
+        """``blob`` open at its start once its bytes (read through, in pieces) hash to its
+        digest and are its size: a document printed as it is stored, as sbom prints a
+        referrer's SBOM layer, is one the cache verified, as read_blob's are."""
+        f = self.layout.open_blob(blob.digest)
+        try:
+            hasher, size = blob.digest.hasher(), 0
+            for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                hasher.update(chunk)
+                size += len(chunk)
+            if hasher.hexdigest() != blob.digest.hex or size != blob.size:
+                raise CorruptCacheError(f"{what} is corrupt in the cache ({size} bytes hashing "
+                                        f"to {blob.digest.algorithm}:{hasher.hexdigest()}); "
+                                        "run 'ocicache verify --repair', then pull --referrers "
+                                        "again")
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def _referrers_plan(self, ref: Reference, subject: Digest) -> Optional["_CopyPlan"]:
         """The referrers of ``subject`` in ``ref``'s repository, fetched (each manifest

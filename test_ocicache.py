@@ -7832,6 +7832,27 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
         self.assertLess(measured.peak_mib, 100)
         self.assertLess(measured.seconds, 5)
 
+    def test_sbom_prints_only_a_verified_document(self) -> None:
+        """A referrer's SBOM layer whose file in the cache no longer holds its digest's
+        bytes (bit rot, a co-user's edit) is refused in one line, not printed as the
+        image's SBOM."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        document = b'{"spdxVersion":"SPDX-2.3","name":"mine"}'
+        mine, blobs = make_referrer(image.manifest, "application/spdx+json", document,
+                                    "application/spdx+json")
+        self.load(oci_archive([(mine.descriptor(), named(f"{base}:mine"))], blobs))
+        self.plant(base, image.manifest, [mine.descriptor()])
+        self.assertEqual(self.cli("sbom", f"{base}:1").stdout, document + b"\n")
+        path = os.path.join(self.cache_dir, "blobs", "sha256", blobs[1].digest[7:])
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.write(document.replace(b"mine", b"evil"))
+        result = self.cli("sbom", f"{base}:1")
+        self.assert_one_line_error(result, f"layer {blobs[1].digest}", "is corrupt in the cache")
+        self.assertEqual(result.stdout, b"")
+
     def test_referrers_lines_keep_three_columns(self) -> None:
         """An artifactType with spaces, a newline or escapes, or megabytes long, from a
         hostile registry's list, stays one field of one line: digest, type, size."""
