@@ -4347,9 +4347,10 @@ class RegistryClient:
         The referrers API is asked first (every page, by ``Link``); a registry without
         it answers 404, and the index under the fallback tag ``sha256-<hex>`` is read
         instead (no such tag: no referrers). With ``artifact_type`` only referrers of
-        that type are returned, filtered here when the registry did not say it applied
-        the filter (``OCI-Filters-Applied``). A list that is not an index, holds a bad
-        descriptor or more than MAX_REFERRERS entries is an error."""
+        that type are returned: the registry is asked to filter, and what it answers is
+        filtered here too (one saying ``OCI-Filters-Applied`` may still list others). A
+        list that is not an index, holds a bad descriptor or more than MAX_REFERRERS
+        entries is an error."""
         import urllib.parse
         wanted = Reference.parse(ref)
         if wanted.digest is None:
@@ -4360,7 +4361,6 @@ class RegistryClient:
         if artifact_type:
             url += "?artifactType=" + urllib.parse.quote(artifact_type, safe="")
         found: Dict[Digest, Descriptor] = {}
-        filtered = True
         source = "api"
         for data, response in self._pages(endpoint, url, what, (200, 404),
                                           {"Accept": MEDIA_OCI_INDEX}, _MAX_REFERRER_PAGES):
@@ -4369,9 +4369,7 @@ class RegistryClient:
                 tagged = self.remote_manifest(endpoint, source)
                 if tagged is None:
                     return [], source
-                data, filtered = tagged[0], False
-            applied = response.headers.get("OCI-Filters-Applied", "") if source == "api" else ""
-            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+                data = tagged[0]
             where = f"{endpoint.host}'s referrers list of {wanted.name}@{wanted.digest}" \
                 if source == "api" else f"{endpoint.host}'s fallback tag {wanted.name}:{source}"
             before = len(found)
@@ -4385,7 +4383,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: {endpoint.host} lists more than {MAX_REFERRERS} "
                                     "referrers")
         listed = list(found.values())
-        if artifact_type and not filtered:
+        if artifact_type:
             listed = [d for d in listed if d.artifact_type == artifact_type]
         return listed, source
 

@@ -7907,6 +7907,22 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
                 self.assertLess(measured.peak_mib, 400, label)
                 self.assertLess(measured.seconds, 5, label)
 
+    def test_a_filter_said_applied_is_checked(self) -> None:
+        """A registry that says OCI-Filters-Applied: artifactType but lists other types
+        too: --artifact-type still keeps only that type."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": f"sha256:{i:064x}", "size": 3,
+                    "artifactType": t} for i, t in enumerate(["application/spdx+json",
+                                                              "application/evil"])]
+        proxy = ReferrersProxy(registry, quirk=lambda r: json_answer(
+            {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": entries}, 200,
+            [("OCI-Filters-Applied", "artifactType")]) if "/referrers/" in r.target else None)
+        self.addCleanup(proxy.stop)
+        found = self.provider().referrers(f"{proxy.host}/test/app:1", "application/spdx+json")
+        self.assertEqual([r.artifact_type for r in found.referrers], ["application/spdx+json"])
+
     def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
         """copy --referrers from the cache and push of a referrers name leave out what a
         planted name lists that refers to another image: DST's list never holds it."""
