@@ -1295,11 +1295,22 @@ def _lists_subject(headers: "http.client.HTTPMessage", subject: Digest) -> bool:
     return (headers.get("OCI-Subject") or "").strip() == str(subject)
 
 
+def _bounded_referrers(data: bytes, what: str) -> bytes:
+    """``data``, a referrers list about to be written, when its readers will take it:
+    the fallback tag, the cache's name (read whole, at most MAX_MANIFEST_SIZE bytes)."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise OciCacheError(f"{what} would be {len(data)} bytes, more than {MAX_MANIFEST_SIZE} "
+                            "bytes (what a list may be to be read); not writing it")
+    return data
+
+
 def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) -> Optional[bytes]:
     """The fallback tag's index with ``referrer`` added (read-modify-write: every entry
-    already there is kept, as written); None when it lists it already."""
+    already there is kept, as written); None when it lists it already. A list it would
+    make that no reader takes (over MAX_REFERRERS entries or MAX_MANIFEST_SIZE bytes)
+    is an error."""
     if existing is None:
-        return Index(MEDIA_OCI_INDEX, (referrer,)).to_bytes()
+        return _bounded_referrers(Index(MEDIA_OCI_INDEX, (referrer,)).to_bytes(), what)
     listed = parse_referrers(existing, what)
     if any(d.digest == referrer.digest for d in listed):
         return None
@@ -1309,7 +1320,7 @@ def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) ->
     obj = _load_json_object(existing, what)
     obj["manifests"] = [*obj["manifests"], referrer.to_json()]
     obj.setdefault("mediaType", MEDIA_OCI_INDEX)
-    return _json_bytes(obj, separators=(",", ":"))
+    return _bounded_referrers(_json_bytes(obj, separators=(",", ":")), what)
 
 
 # =====================================================================================
@@ -7777,7 +7788,8 @@ class Provider(CacheProvider):
                     held = [e for e, _, _ in self._held_referrers(Reference.parse(name))]
                     entries = [*held, *(e for e in entries
                                         if e.digest not in {h.digest for h in held})]
-                    data = Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes()
+                    data = _bounded_referrers(Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes(),
+                                              f"the index of {name}")
                     digest = self.layout.write_blob_bytes(data)
                     names.append((name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)).named(name)))
                 written = self._write_names(names)
@@ -7916,7 +7928,8 @@ class Provider(CacheProvider):
             manifests.append((kept[-1], data, document))
         if not kept:
             return None
-        data = Index(MEDIA_OCI_INDEX, tuple(kept)).to_bytes()
+        data = _bounded_referrers(Index(MEDIA_OCI_INDEX, tuple(kept)).to_bytes(),
+                                  f"the list of the referrers of {pinned}")
         root = Descriptor(MEDIA_OCI_INDEX, Digest.from_bytes(data), len(data))
         return _CopyPlan(pinned, root, data, tuple((d, m) for d, m, _ in manifests),
                          _copied_blobs(manifests, []))
@@ -8356,6 +8369,8 @@ class Provider(CacheProvider):
                 merged = without_dangling_attestations(index)
             if merged != index:
                 data = merged.to_bytes()
+            if listing:
+                _bounded_referrers(data, f"the referrers list {remote}")
             remote_children = {c.digest for c in Index.from_json(existing[0]).manifests} \
                 if existing is not None and (existing[1].is_index or listing) else set()
             to_push = [c for c in merged.manifests if c.digest not in remote_children]

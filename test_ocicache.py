@@ -7923,6 +7923,35 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
         found = self.provider().referrers(f"{proxy.host}/test/app:1", "application/spdx+json")
         self.assertEqual([r.artifact_type for r in found.referrers], ["application/spdx+json"])
 
+    def test_no_referrers_list_is_written_larger_than_it_can_be_read(self) -> None:
+        """Referrers whose annotations (copied into the list, as the spec asks) add up to
+        more than MAX_MANIFEST_SIZE: pull --referrers writes no name it could not read
+        back (sbom, a later pull), and with_referrer no fallback tag over the bound."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        made = [make_referrer(image.manifest, "application/example", str(i).encode(),
+                              annotations={"big": str(i) * (1536 << 10)}) for i in range(3)]
+        for manifest, blobs in made:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": m.digest, "size": len(m.data)}
+                   for m, _ in made]
+        proxy = ReferrersProxy(registry, quirk=lambda r: json_answer(
+            {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": entries})
+            if "/referrers/" in r.target else None)
+        self.addCleanup(proxy.stop)
+        base = f"{proxy.host}/test/app"
+        self.assert_one_line_error(self.cli("-q", "pull", "--referrers", f"{base}:1"),
+                                   f"more than {oc.MAX_MANIFEST_SIZE} bytes")
+        self.assertEqual(self.index_names(), [f"{base}:1"])
+        self.assertEqual(self.cli("sbom", f"{base}:1").returncode, 0)
+        listed: Optional[bytes] = None
+        with self.assertRaisesRegex(oc.OciCacheError, f"more than {oc.MAX_MANIFEST_SIZE} bytes"):
+            for manifest, _ in made:
+                listed = oc.with_referrer(listed, oc.referrer_descriptor(
+                    manifest.data, manifest.media_type)[0], "tag")
+        self.assertLessEqual(len(listed or b""), oc.MAX_MANIFEST_SIZE)
+
     def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
         """copy --referrers from the cache and push of a referrers name leave out what a
         planted name lists that refers to another image: DST's list never holds it."""
