@@ -7942,6 +7942,7 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
         self.addCleanup(proxy.stop)
         base = f"{proxy.host}/test/app"
         self.assert_one_line_error(self.cli("-q", "pull", "--referrers", f"{base}:1"),
+                                   "the list of the referrers of",
                                    f"more than {oc.MAX_MANIFEST_SIZE} bytes")
         self.assertEqual(self.index_names(), [f"{base}:1"])
         self.assertEqual(self.cli("sbom", f"{base}:1").returncode, 0)
