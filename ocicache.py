@@ -7810,8 +7810,8 @@ class Provider(CacheProvider):
         documents as this one's."""
         tag = subject_tag or name.tag
         root = self.find_descriptor(name)
-        if root is None or not root.is_index:
-            return []
+        if root is None or not root.is_index or referrers_tag(root.digest) == tag:
+            return []  # the last: the image itself, tagged by its digest (a mirror's name)
         held: List[Tuple[Descriptor, bytes, Manifest]] = []
         for entry in Index.from_json(self.layout.read_blob(root.digest),
                                      what=f"index of {name}").manifests:

@@ -7953,6 +7953,20 @@ class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
                     manifest.data, manifest.media_type)[0], "tag")
         self.assertLessEqual(len(listed or b""), oc.MAX_MANIFEST_SIZE)
 
+    def test_a_digest_named_mirror_is_no_referrers_list(self) -> None:
+        """An index named <repo>:sha256-<its own digest> (a regclient mirror's name) is the
+        image itself: sbom of it finds no referrers there and says nothing about it."""
+        base = "127.0.0.1:1/test/app"
+        amd = make_image("amd")
+        attestation, attestation_blobs, entry = make_attestation(amd)
+        index = make_index([amd.descriptor(), entry])
+        for tag in ("1", f"sha256-{index.digest[7:]}"):
+            self.load(oci_archive([(index.descriptor(), named(f"{base}:{tag}"))],
+                                  [*amd.blobs, *attestation_blobs, index]))
+        result = self.cli("sbom", "--platform", "linux/amd64", f"{base}:1")
+        self.assertEqual(len(result.stdout.splitlines()), 1, result.stdout)  # BuildKit's, once
+        self.assertEqual(result.stderr, b"")
+
     def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
         """copy --referrers from the cache and push of a referrers name leave out what a
         planted name lists that refers to another image: DST's list never holds it."""
