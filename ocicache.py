@@ -1297,18 +1297,39 @@ def parse_referrers(data: bytes, what: str) -> List[Descriptor]:
     return list(found.values())
 
 
+def _lists_subject(headers: "http.client.HTTPMessage", subject: Digest) -> bool:
+    """Whether a registry answered the PUT of a manifest with ``subject`` saying it lists
+    it in its referrers itself: ``OCI-Subject`` naming that subject. A header naming
+    another digest says nothing about this one (the fallback tag is written)."""
+    return (headers.get("OCI-Subject") or "").strip() == str(subject)
+
+
+def _bounded_referrers(data: bytes, what: str) -> bytes:
+    """``data``, a referrers list about to be written, when its readers will take it:
+    the fallback tag, the cache's name (read whole, at most MAX_MANIFEST_SIZE bytes)."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise OciCacheError(f"{what} would be {len(data)} bytes, more than {MAX_MANIFEST_SIZE} "
+                            "bytes (what a list may be to be read); not writing it")
+    return data
+
+
 def with_referrer(existing: Optional[bytes], referrer: Descriptor, what: str) -> Optional[bytes]:
     """The fallback tag's index with ``referrer`` added (read-modify-write: every entry
-    already there is kept, as written); None when it lists it already."""
+    already there is kept, as written); None when it lists it already. A list it would
+    make that no reader takes (over MAX_REFERRERS entries or MAX_MANIFEST_SIZE bytes)
+    is an error."""
     if existing is None:
-        return Index(MEDIA_OCI_INDEX, (referrer,)).to_bytes()
+        return _bounded_referrers(Index(MEDIA_OCI_INDEX, (referrer,)).to_bytes(), what)
     listed = parse_referrers(existing, what)
     if any(d.digest == referrer.digest for d in listed):
         return None
+    if len(listed) >= MAX_REFERRERS:  # one more and every reader (parse_referrers) refuses it
+        raise OciCacheError(f"{what} already lists {MAX_REFERRERS} referrers; not adding "
+                            f"{referrer.digest}")
     obj = _load_json_object(existing, what)
     obj["manifests"] = [*obj["manifests"], referrer.to_json()]
     obj.setdefault("mediaType", MEDIA_OCI_INDEX)
-    return _json_bytes(obj, separators=(",", ":"))
+    return _bounded_referrers(_json_bytes(obj, separators=(",", ":")), what)
 
 
 # =====================================================================================
@@ -4448,9 +4469,10 @@ class RegistryClient:
         The referrers API is asked first (every page, by ``Link``); a registry without
         it answers 404, and the index under the fallback tag ``sha256-<hex>`` is read
         instead (no such tag: no referrers). With ``artifact_type`` only referrers of
-        that type are returned, filtered here when the registry did not say it applied
-        the filter (``OCI-Filters-Applied``). A list that is not an index, holds a bad
-        descriptor or more than MAX_REFERRERS entries is an error."""
+        that type are returned: the registry is asked to filter, and what it answers is
+        filtered here too (one saying ``OCI-Filters-Applied`` may still list others). A
+        list that is not an index, holds a bad descriptor or more than MAX_REFERRERS
+        entries is an error."""
         import urllib.parse
         wanted = Reference.parse(ref)
         if wanted.digest is None:
@@ -4461,7 +4483,6 @@ class RegistryClient:
         if artifact_type:
             url += "?artifactType=" + urllib.parse.quote(artifact_type, safe="")
         found: Dict[Digest, Descriptor] = {}
-        filtered = True
         source = "api"
         for data, response in self._pages(endpoint, url, what, (200, 404),
                                           {"Accept": MEDIA_OCI_INDEX}, _MAX_REFERRER_PAGES):
@@ -4470,9 +4491,7 @@ class RegistryClient:
                 tagged = self.remote_manifest(endpoint, source)
                 if tagged is None:
                     return [], source
-                data, filtered = tagged[0], False
-            applied = response.headers.get("OCI-Filters-Applied", "") if source == "api" else ""
-            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+                data = tagged[0]
             where = f"{endpoint.host}'s referrers list of {wanted.name}@{wanted.digest}" \
                 if source == "api" else f"{endpoint.host}'s fallback tag {wanted.name}:{source}"
             before = len(found)
@@ -4486,7 +4505,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: {endpoint.host} lists more than {MAX_REFERRERS} "
                                     "referrers")
         listed = list(found.values())
-        if artifact_type and not filtered:
+        if artifact_type:
             listed = [d for d in listed if d.artifact_type == artifact_type]
         return listed, source
 
@@ -8382,15 +8401,12 @@ class Provider(CacheProvider):
                 for plan in plans:
                     name = str(Reference(wanted.registry, wanted.repository,
                                          referrers_tag(plan.source.digest or "")))
-                    known = self.find_descriptor(name)
                     entries = list(Index.from_json(plan.data).manifests)
-                    if known is not None and known.is_index:
-                        held = [e for e in Index.from_json(self.layout.read_blob(
-                            known.digest), what=f"index of {name}").manifests
-                            if self.layout.has_blob(e.digest)]
-                        entries = [*held, *(e for e in entries
-                                            if e.digest not in {h.digest for h in held})]
-                    data = Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes()
+                    held = [e for e, _, _ in self._held_referrers(Reference.parse(name))]
+                    entries = [*held, *(e for e in entries
+                                        if e.digest not in {h.digest for h in held})]
+                    data = _bounded_referrers(Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes(),
+                                              f"the index of {name}")
                     digest = self.layout.write_blob_bytes(data)
                     names.append((name, Descriptor(MEDIA_OCI_INDEX, digest, len(data)).named(name)))
                 written = self._write_names(names)
@@ -8398,6 +8414,41 @@ class Provider(CacheProvider):
         for plan in plans:
             _log().info("pulled %d referrers of %s", len(plan.manifests), plan.source)
         return written
+
+    def _held_referrers(self, name: Reference, subject_tag: str = ""
+                        ) -> List[Tuple[Descriptor, bytes, Manifest]]:
+        """What the cache's referrers name ``name`` (``<repository>:sha256-<hex>``, as
+        ``pull_referrers`` writes it) lists that refers to the image its tag (or
+        ``subject_tag``) names: each entry the cache holds that is a manifest whose own
+        ``subject`` has that fallback tag, with its bytes. The name is only a claim (a
+        co-user of a shared cache, or an image tagged ``sha256-<hex>``, can name anything
+        so): an entry of another image, an index, or no manifest at all is left out with
+        a warning, so that sbom never prints, nor copy and push carry, another image's
+        documents as this one's."""
+        tag = subject_tag or name.tag
+        root = self.find_descriptor(name)
+        if root is None or not root.is_index or referrers_tag(root.digest) == tag:
+            return []  # the last: the image itself, tagged by its digest (a mirror's name)
+        held: List[Tuple[Descriptor, bytes, Manifest]] = []
+        for entry in Index.from_json(self.layout.read_blob(root.digest),
+                                     what=f"index of {name}").manifests:
+            if not self.layout.has_blob(entry.digest):
+                continue
+            what = f"referrer {entry.digest} in {name}"
+            try:
+                data = self.layout.read_blob(entry.digest)
+                _, its_subject = referrer_descriptor(data, entry.media_type, what)
+                kind, document = read_document(data, entry.media_type, what)
+            except OciCacheError as e:
+                _log().warning("leaving out %s: %s", what, _one_line(str(e)))
+                continue
+            if its_subject is None or referrers_tag(its_subject.digest) != tag or \
+                    not isinstance(document, Manifest):
+                _log().warning("leaving out %s: it is not a manifest referring to %s", what,
+                               tag.replace("-", ":", 1))
+                continue
+            held.append((_replace(entry, media_type=kind), data, document))
+        return held
 
     def referrer_sboms(self, ref: RefLike, subjects: Sequence[Digest]) -> List[BinaryIO]:
         """The SBOMs (SPDX, CycloneDX) among the referrers of ``subjects`` that the cache
@@ -8409,18 +8460,12 @@ class Provider(CacheProvider):
         wanted = Reference.parse(ref)
         documents: List[BinaryIO] = []
         for subject in dict.fromkeys(subjects):
-            root = self.find_descriptor(Reference(wanted.registry, wanted.repository,
-                                                  referrers_tag(subject)))
-            if root is None or not root.is_index:
-                continue
-            for referrer in Index.from_json(self.layout.read_blob(root.digest),
-                                            what=f"referrers of {subject}").manifests:
-                if not self.layout.has_blob(referrer.digest):
-                    continue
-                for layer in self.manifest(referrer).layers:
+            for referrer, _, manifest in self._held_referrers(Reference(
+                    wanted.registry, wanted.repository, referrers_tag(subject))):
+                for layer in manifest.layers:
                     what = f"layer {layer.digest} of referrer {referrer.digest}"
                     if layer.media_type in SBOM_MEDIA_TYPES:
-                        documents.append(self.layout.open_blob(layer.digest))
+                        documents.append(self._checked_blob(layer, what))
                         continue
                     if layer.media_type not in (MEDIA_IN_TOTO, MEDIA_DSSE_ENVELOPE):
                         continue
@@ -8441,6 +8486,27 @@ class Provider(CacheProvider):
                         raise OciCacheError(f"in-toto statement in {what} is not UTF-8") from None
                     documents.append(io.BytesIO(_raw_json_member(text, "predicate").encode()))
         return documents
+
+    def _checked_blob(self, blob: Descriptor, what: str) -> BinaryIO:
+        """``blob`` open at its start once its bytes (read through, in pieces) hash to its
+        digest and are its size: a document printed as it is stored, as sbom prints a
+        referrer's SBOM layer, is one the cache verified, as read_blob's are."""
+        f = self.layout.open_blob(blob.digest)
+        try:
+            hasher, size = blob.digest.hasher(), 0
+            for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                hasher.update(chunk)
+                size += len(chunk)
+            if hasher.hexdigest() != blob.digest.hex or size != blob.size:
+                raise CorruptCacheError(f"{what} is corrupt in the cache ({size} bytes hashing "
+                                        f"to {blob.digest.algorithm}:{hasher.hexdigest()}); "
+                                        "run 'ocicache verify --repair', then pull --referrers "
+                                        "again")
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def _referrers_plan(self, ref: Reference, subject: Digest) -> Optional["_CopyPlan"]:
         """The referrers of ``subject`` in ``ref``'s repository, fetched (each manifest
@@ -8479,7 +8545,8 @@ class Provider(CacheProvider):
             manifests.append((kept[-1], data, document))
         if not kept:
             return None
-        data = Index(MEDIA_OCI_INDEX, tuple(kept)).to_bytes()
+        data = _bounded_referrers(Index(MEDIA_OCI_INDEX, tuple(kept)).to_bytes(),
+                                  f"the list of the referrers of {pinned}")
         root = Descriptor(MEDIA_OCI_INDEX, Digest.from_bytes(data), len(data))
         return _CopyPlan(pinned, root, data, tuple((d, m) for d, m, _ in manifests),
                          _copied_blobs(manifests, []))
@@ -8877,8 +8944,10 @@ class Provider(CacheProvider):
         root = self._find_named(local)
         endpoint = self.registry.endpoint(remote, use_mirrors=False)
         tag = remote.tag or str(remote.digest)
-        # A list of referrers (pull --referrers names them so) is added to, never replaced.
-        listing = root.is_index and remote.digest is None and is_referrers_tag(remote.tag)
+        # A list of referrers (pull --referrers names them so) is added to, never replaced;
+        # an index tagged after its own digest is a mirror's (regclient's) image.
+        listing = root.is_index and remote.digest is None and is_referrers_tag(remote.tag) \
+            and remote.tag != referrers_tag(root.digest)
         override = override or listing
         # Whether the tag exists; a 403 here (Artifactory's answer for a missing tag)
         # is taken as "absent", and the upload's own answer decides.
@@ -8902,20 +8971,37 @@ class Provider(CacheProvider):
                 raise NotFoundError(f"cannot push {local}: the cache holds only {held} of "
                                     f"{index.annotations[_ANNOTATION_SUBSET_OF]}; pull it with "
                                     "--all-platforms first")
+            if listing:  # only what refers to the image the tag names goes up
+                mine = tuple(e for e, _, _ in self._held_referrers(local, remote.tag))
+                if index.manifests and not mine:
+                    raise OciCacheError(
+                        f"cannot push {local} as {remote}: a tag {remote.tag} lists the "
+                        f"referrers of {remote.tag.replace('-', ':', 1)}, and {local} holds "
+                        "none of them")
+                index = _replace(index, manifests=mine)
+                data = index.to_bytes()
             children = list(index.manifests)
-            if existing is not None and existing[1].is_index and listing:
-                there = Index.from_json(existing[0], what=f"index of {remote}")
+            if existing is not None and listing:
+                what = f"{endpoint.host}'s fallback tag {endpoint.repository}:{tag}"
+                parse_referrers(existing[0], what)  # else says what it is, and is left alone
+                there = Index.from_json(existing[0], what=what)
                 merged = _replace(there, manifests=(*there.manifests, *(
                     c for c in index.manifests
                     if c.digest not in {d.digest for d in there.manifests})))
+                if len(merged.manifests) > MAX_REFERRERS:  # which no reader would take
+                    raise OciCacheError(f"cannot push {local}: {what} would list "
+                                        f"{len(merged.manifests)} referrers, more than "
+                                        f"{MAX_REFERRERS}")
             elif existing is not None and existing[1].is_index:
                 merged = merge_remote_index(index, Index.from_json(existing[0]))
             else:
                 merged = without_dangling_attestations(index)
             if merged != index:
                 data = merged.to_bytes()
+            if listing:
+                _bounded_referrers(data, f"the referrers list {remote}")
             remote_children = {c.digest for c in Index.from_json(existing[0]).manifests} \
-                if existing is not None and existing[1].is_index else set()
+                if existing is not None and (existing[1].is_index or listing) else set()
             to_push = [c for c in merged.manifests if c.digest not in remote_children]
         else:
             to_push = [root]
@@ -8945,7 +9031,7 @@ class Provider(CacheProvider):
         descriptor, subject = referrer_descriptor(data, media_type, f"manifest of {remote}")
         if subject is None:
             return
-        if headers is not None and headers.get("OCI-Subject"):
+        if headers is not None and _lists_subject(headers, subject.digest):
             return
         if headers is None:
             _, source = self.registry.referrers(
@@ -9086,12 +9172,26 @@ class Provider(CacheProvider):
                 if src_kind == "registry":
                     found = self._referrers_plan(ref, subject)
                 else:
-                    cached = Reference(ref.registry, ref.repository, tag)
-                    found = self._cache_plan(cached, "") if self.find_descriptor(cached) else None
+                    found = self._held_plan(Reference(ref.registry, ref.repository, tag))
                 if found is not None:
                     extra.append((found.source, tag if target is None else
                                   str(Reference(target.registry, target.repository, tag)), found))
         return extra
+
+    def _held_plan(self, name: Reference) -> Optional["_CopyPlan"]:
+        """What copy --referrers takes from the cache's referrers name ``name``: a plan
+        whose root is an index of the referrers it holds of the image its tag names
+        (``_held_referrers``), each complete; None when there are none."""
+        held = self._held_referrers(name)
+        for entry, _, _ in held:
+            if not self._holds(entry):
+                raise NotFoundError(f"cannot copy {name}: referrer {entry.digest} is not "
+                                    "complete in the cache; pull it again")
+        if not held:
+            return None
+        data = Index(MEDIA_OCI_INDEX, tuple(e for e, _, _ in held)).to_bytes()
+        return _CopyPlan(name, Descriptor(MEDIA_OCI_INDEX, Digest.from_bytes(data), len(data)),
+                         data, tuple((e, d) for e, d, _ in held), _copied_blobs(held, []))
 
     def _copy_referrers(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                         from_registry: bool) -> None:
@@ -9109,7 +9209,7 @@ class Provider(CacheProvider):
                 headers = self.registry.put_manifest(endpoint, str(descriptor.digest), data,
                                                      descriptor.media_type)
                 referrer, subject = referrer_descriptor(data, descriptor.media_type)
-                if subject is not None and not headers.get("OCI-Subject"):
+                if subject is not None and not _lists_subject(headers, subject.digest):
                     self.registry.add_referrer(endpoint, subject.digest, referrer)
             _log().info("copied %d referrers of %s to %s", len(plan.manifests), ref, target.name)
 
@@ -11371,8 +11471,11 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _cmd_sbom(provider: Provider, args: argparse.Namespace) -> int:
+    import shutil
     for document in provider.new_source(args.name, args.platform).sboms():
-        sys.stdout.buffer.write(document.read() + b"\n")
+        with document:  # in pieces: a referrer's SBOM layer may be of any size
+            shutil.copyfileobj(document, sys.stdout.buffer, COPY_BUFFER_SIZE)
+        sys.stdout.buffer.write(b"\n")
     return 0
 
 
@@ -11502,9 +11605,20 @@ def _cmd_referrers(provider: Provider, args: argparse.Namespace) -> int:
         print()
         return 0
     for referrer in found.referrers:
-        print(f"{referrer.digest} {_printable(referrer.artifact_type or referrer.media_type)} "
+        print(f"{referrer.digest} {_one_field(referrer.artifact_type or referrer.media_type)} "
               f"{referrer.size}")
     return 0
+
+
+_FIELD_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def _one_field(text: str, limit: int = 255) -> str:
+    """A registry's string as one field of a line split at spaces: whitespace, control
+    and non-ASCII characters (and ``%``) percent-encoded, at most ``limit`` characters
+    shown (a media type has 255 at most, RFC 6838); --json has it as it is."""
+    import urllib.parse
+    return _shorten(urllib.parse.quote(text, safe=_FIELD_SAFE, errors="backslashreplace"), limit)
 
 
 _MAX_PASSWORD_INPUT = 64 * 1024  # a token from standard input; more is a mistake

@@ -7753,6 +7753,395 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
             ["application/spdx+json"])
 
 
+class TestReferrersAttacks(LoopbackOnly, RegistryTestCase):
+    """The referrers code attacked at its boundaries: a cache whose referrers names are
+    planted (a co-user, or an image tagged sha256-<hex>), a fallback tag that cannot take
+    one more entry or is not an index, a registry whose OCI-Subject names another
+    digest."""
+
+    def plant(self, base: str, subject: Blob, entries: Sequence[Dict[str, Any]]) -> str:
+        """Name ``<base>:sha256-<hex of subject>`` an index of ``entries`` in the cache, as a
+        co-user of a shared cache can: the name pull --referrers would write."""
+        name = f"{base}:sha256-{subject.digest[7:]}"
+        listing = make_index(entries)
+        self.load(oci_archive([(listing.descriptor(), named(name))], [listing]))
+        return name
+
+    def test_sbom_takes_only_referrers_of_the_image(self) -> None:
+        """A referrers name listing another image's SBOM, or naming another image's index
+        (whose BuildKit attestation holds an SPDX statement), prints no SBOM for the
+        image; a nested index listed there is left out, not read as a manifest."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        other = make_image("other")
+        attestation, attestation_blobs, entry = make_attestation(other)
+        other_index = make_index([other.descriptor(), entry])
+        self.load(oci_archive([(other_index.descriptor(), named(f"{base}:other"))],
+                              [*other.blobs, *attestation_blobs, other_index]))
+        stray, blobs = make_referrer(other.manifest, "application/spdx+json",
+                                     b'{"spdxVersion":"SPDX-2.3","name":"not yours"}',
+                                     "application/spdx+json")
+        self.load(oci_archive([(stray.descriptor(), named(f"{base}:stray"))], blobs))
+        for label, entries in [("another image's referrer", [stray.descriptor()]),
+                               ("another image's index", json.loads(other_index.data)["manifests"]),
+                               ("a nested index", [other_index.descriptor()])]:
+            with self.subTest(label):
+                self.plant(base, image.manifest, entries)
+                result = self.cli("sbom", f"{base}:1")
+                self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
+        # Its own SBOM is still found beside the planted entries.
+        mine, blobs = make_referrer(image.manifest, "application/spdx+json",
+                                    b'{"spdxVersion":"SPDX-2.3","name":"mine"}',
+                                    "application/spdx+json")
+        self.load(oci_archive([(mine.descriptor(), named(f"{base}:mine"))], blobs))
+        self.plant(base, image.manifest, [stray.descriptor(), mine.descriptor()])
+        result = self.cli("sbom", f"{base}:1")
+        self.assertEqual(json.loads(result.stdout), {"spdxVersion": "SPDX-2.3", "name": "mine"},
+                         result.stderr)
+
+    def test_sbom_streams_a_huge_document(self) -> None:
+        """An SBOM layer far larger than memory should hold (a hostile referrer's) goes to
+        standard output in pieces, not read whole."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        size = 128 << 20
+        digest = hashlib.sha256()
+        chunk = b"x" * (1 << 20)
+        path = self.path("huge.spdx.json")
+        with open(path, "wb") as f:
+            for piece in [b'{"spdxVersion":"SPDX-2.3","name":"'] + [chunk] * 128 + [b'"}']:
+                digest.update(piece)
+                f.write(piece)
+        size = os.path.getsize(path)
+        blob_path = os.path.join(self.cache_dir, "blobs", "sha256", digest.hexdigest())
+        os.replace(path, blob_path)
+        empty = Blob("application/vnd.oci.empty.v1+json", b"{}")
+        manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "artifactType": "application/spdx+json", "config": empty.descriptor(),
+            "layers": [{"mediaType": "application/spdx+json", "size": size,
+                        "digest": "sha256:" + digest.hexdigest()}],
+            "subject": image.manifest.descriptor()}).encode())
+        listing = make_index([manifest.descriptor()])
+        self.load(oci_archive([(listing.descriptor(), named(
+            f"{base}:sha256-{image.manifest.digest[7:]}"))], [empty, manifest, listing]))
+        measured = measured_cli(self.cache_dir, "sbom", f"{base}:1")
+        self.assertEqual(measured.returncode, 0, measured.stderr)
+        self.assertLess(measured.peak_mib, 100)
+        self.assertLess(measured.seconds, 5)
+
+    def test_sbom_prints_only_a_verified_document(self) -> None:
+        """A referrer's SBOM layer whose file in the cache no longer holds its digest's
+        bytes (bit rot, a co-user's edit) is refused in one line, not printed as the
+        image's SBOM."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        document = b'{"spdxVersion":"SPDX-2.3","name":"mine"}'
+        mine, blobs = make_referrer(image.manifest, "application/spdx+json", document,
+                                    "application/spdx+json")
+        self.load(oci_archive([(mine.descriptor(), named(f"{base}:mine"))], blobs))
+        self.plant(base, image.manifest, [mine.descriptor()])
+        self.assertEqual(self.cli("sbom", f"{base}:1").stdout, document + b"\n")
+        path = os.path.join(self.cache_dir, "blobs", "sha256", blobs[1].digest[7:])
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.write(document.replace(b"mine", b"evil"))
+        result = self.cli("sbom", f"{base}:1")
+        self.assert_one_line_error(result, f"layer {blobs[1].digest}", "is corrupt in the cache")
+        self.assertEqual(result.stdout, b"")
+
+    def test_referrers_lines_keep_three_columns(self) -> None:
+        """An artifactType with spaces, a newline or escapes, or megabytes long, from a
+        hostile registry's list, stays one field of one line: digest, type, size."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        types = ["application/x 999\nsha256:" + "f" * 64 + " application/spdx+json",
+                 "\x1b]0;owned\x07text/plain\r", "a/" + "b" * (1 << 20)]
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": f"sha256:{i:064x}",
+                    "size": 3, "artifactType": t} for i, t in enumerate(types)]
+        proxy = ReferrersProxy(registry, quirk=lambda r: json_answer(
+            {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": entries})
+            if "/referrers/" in r.target else None)
+        self.addCleanup(proxy.stop)
+        result = self.cli("referrers", f"{proxy.host}/test/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual([line.split(" ")[0] for line in lines], [e["digest"] for e in entries])
+        self.assertTrue(all(len(line.split(" ")) == 3 and len(line) < 1024 and
+                            line.isprintable() for line in lines), lines)
+        self.assertEqual([json.loads(self.cli("referrers", "--json", f"{proxy.host}/test/app:1")
+                                     .stdout)["referrers"][i]["artifactType"] for i in range(3)],
+                         types)  # --json has them as listed
+
+    def test_dsse_and_statement_bombs_are_one_line_within_bounds(self) -> None:
+        """A DSSE envelope whose payload decodes to JSON nested without end, or packed
+        with values, or a plain statement so; one over MAX_STATEMENT_SIZE; a payload that
+        is no string: each is one line, in bounded memory and time."""
+        base = "127.0.0.1:1/test/app"
+        image = make_image("target")
+        self.load_image(f"{base}:1", image)
+        nested = b"[" * 3_000_000
+        packed = b"[" + b"0," * 3_000_000 + b"0]"
+        cases = [("nested payload", json.dumps({"payload": base64.b64encode(nested).decode()})
+                  .encode(), oc.MEDIA_DSSE_ENVELOPE, "nested more than"),
+                 ("packed payload", json.dumps({"payload": base64.b64encode(packed).decode()})
+                  .encode(), oc.MEDIA_DSSE_ENVELOPE, "values into"),
+                 ("no string payload", b'{"payload": null}', oc.MEDIA_DSSE_ENVELOPE, "JSON"),
+                 ("nested statement", nested, oc.MEDIA_IN_TOTO, "nested more than"),
+                 ("huge statement", b" " * (oc.MAX_STATEMENT_SIZE + 1), oc.MEDIA_IN_TOTO,
+                  "larger than")]
+        for label, payload, media_type, fragment in cases:
+            with self.subTest(label):
+                manifest, blobs = make_referrer(image.manifest, "application/vnd.dev.sigstore.bundle",
+                                                payload, media_type)
+                self.load(oci_archive([(manifest.descriptor(), named(f"{base}:att"))], blobs))
+                self.plant(base, image.manifest, [manifest.descriptor()])
+                measured = measured_cli(self.cache_dir, "sbom", f"{base}:1")
+                self.assertEqual(measured.returncode, 1, measured.stderr)
+                self.assertEqual(len(measured.stderr.strip().splitlines()), 1, measured.stderr)
+                self.assertIn(fragment, measured.stderr)
+                self.assertLess(measured.peak_mib, 400, label)
+                self.assertLess(measured.seconds, 5, label)
+
+    def test_a_filter_said_applied_is_checked(self) -> None:
+        """A registry that says OCI-Filters-Applied: artifactType but lists other types
+        too: --artifact-type still keeps only that type."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": f"sha256:{i:064x}", "size": 3,
+                    "artifactType": t} for i, t in enumerate(["application/spdx+json",
+                                                              "application/evil"])]
+        proxy = ReferrersProxy(registry, quirk=lambda r: json_answer(
+            {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": entries}, 200,
+            [("OCI-Filters-Applied", "artifactType")]) if "/referrers/" in r.target else None)
+        self.addCleanup(proxy.stop)
+        found = self.provider().referrers(f"{proxy.host}/test/app:1", "application/spdx+json")
+        self.assertEqual([r.artifact_type for r in found.referrers], ["application/spdx+json"])
+
+    def test_no_referrers_list_is_written_larger_than_it_can_be_read(self) -> None:
+        """Referrers whose annotations (copied into the list, as the spec asks) add up to
+        more than MAX_MANIFEST_SIZE: pull --referrers writes no name it could not read
+        back (sbom, a later pull), and with_referrer no fallback tag over the bound."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        made = [make_referrer(image.manifest, "application/example", str(i).encode(),
+                              annotations={"big": str(i) * (1536 << 10)}) for i in range(3)]
+        for manifest, blobs in made:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": m.digest, "size": len(m.data)}
+                   for m, _ in made]
+        proxy = ReferrersProxy(registry, quirk=lambda r: json_answer(
+            {"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX, "manifests": entries})
+            if "/referrers/" in r.target else None)
+        self.addCleanup(proxy.stop)
+        base = f"{proxy.host}/test/app"
+        self.assert_one_line_error(self.cli("-q", "pull", "--referrers", f"{base}:1"),
+                                   "the list of the referrers of",
+                                   f"more than {oc.MAX_MANIFEST_SIZE} bytes")
+        self.assertEqual(self.index_names(), [f"{base}:1"])
+        self.assertEqual(self.cli("sbom", f"{base}:1").returncode, 0)
+        listed: Optional[bytes] = None
+        with self.assertRaisesRegex(oc.OciCacheError, f"more than {oc.MAX_MANIFEST_SIZE} bytes"):
+            for manifest, _ in made:
+                listed = oc.with_referrer(listed, oc.referrer_descriptor(
+                    manifest.data, manifest.media_type)[0], "tag")
+        self.assertLessEqual(len(listed or b""), oc.MAX_MANIFEST_SIZE)
+
+    def test_a_digest_named_mirror_is_no_referrers_list(self) -> None:
+        """An index named <repo>:sha256-<its own digest> (a regclient mirror's name) is the
+        image itself: sbom of it finds no referrers there and says nothing about it."""
+        base = "127.0.0.1:1/test/app"
+        amd = make_image("amd")
+        attestation, attestation_blobs, entry = make_attestation(amd)
+        index = make_index([amd.descriptor(), entry])
+        for tag in ("1", f"sha256-{index.digest[7:]}"):
+            self.load(oci_archive([(index.descriptor(), named(f"{base}:{tag}"))],
+                                  [*amd.blobs, *attestation_blobs, index]))
+        result = self.cli("sbom", "--platform", "linux/amd64", f"{base}:1")
+        self.assertEqual(len(result.stdout.splitlines()), 1, result.stdout)  # BuildKit's, once
+        self.assertEqual(result.stderr, b"")
+
+    def test_copy_and_push_carry_only_referrers_of_the_image(self) -> None:
+        """copy --referrers from the cache and push of a referrers name leave out what a
+        planted name lists that refers to another image: DST's list never holds it."""
+        registry = self.start_registry()
+        base = f"{registry.host}/src/app"
+        image = make_image("target")
+        other = make_image("other")
+        upload(registry.url, "src/app", [*image.blobs, *other.blobs],
+               [("1", image.manifest), ("2", other.manifest)])
+        self.assertEqual(self.cli("-q", "pull", f"{base}:1").returncode, 0)
+        stray, stray_blobs = make_referrer(other.manifest, "application/example", b"not yours")
+        mine, mine_blobs = make_referrer(image.manifest, "application/example", b"mine")
+        for manifest, blobs, tag in [(stray, stray_blobs, "stray"), (mine, mine_blobs, "mine")]:
+            self.load(oci_archive([(manifest.descriptor(), named(f"{base}:{tag}"))], blobs))
+        name = self.plant(base, image.manifest, [stray.descriptor(), mine.descriptor()])
+        layout = self.path("layout")
+        result = self.cli("copy", "--referrers", f"cache:{base}:1", f"oci:{layout}:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(os.path.join(layout, "index.json")) as f:
+            roots = {m["annotations"][oc.ANNOTATION_REF_NAME]: m for m in json.load(f)["manifests"]}
+        with open(os.path.join(layout, "blobs", "sha256",
+                               roots[f"sha256-{image.manifest.digest[7:]}"]["digest"][7:])) as f:
+            self.assertEqual([m["digest"] for m in json.load(f)["manifests"]], [mine.digest])
+        result = self.cli("copy", "--referrers", f"cache:{base}:1", f"{registry.host}/dst/app:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = self.provider().referrers(f"{registry.host}/dst/app:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [mine.digest])
+        result = self.cli("push", name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = self.provider().referrers(f"{base}:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [mine.digest])
+
+    def test_pull_referrers_drops_planted_entries_of_another_image(self) -> None:
+        """pull --referrers keeps what the name listed before only when it refers to the
+        image: a planted entry of another image's does not survive the merge."""
+        registry = self.start_registry()
+        base = f"{registry.host}/test/app"
+        image = make_image("target")
+        other = make_image("other")
+        upload(registry.url, "test/app", [*image.blobs, *other.blobs],
+               [("1", image.manifest), ("2", other.manifest)])
+        mine, blobs = make_referrer(image.manifest, "application/example", b"mine")
+        upload(registry.url, "test/app", blobs, [(mine.digest, mine), (
+            f"sha256-{image.manifest.digest[7:]}", make_index([mine.descriptor()]))])
+        stray, stray_blobs = make_referrer(other.manifest, "application/example", b"not yours")
+        self.load(oci_archive([(stray.descriptor(), named(f"{base}:stray"))], stray_blobs))
+        name = self.plant(base, image.manifest, [stray.descriptor()])
+        result = self.cli("-q", "pull", "--referrers", f"{base}:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        cache = self.provider()
+        root = cache.find_descriptor(name)
+        assert root is not None
+        self.assertEqual([str(d.digest) for d in oc.Index.from_json(
+            cache.layout.read_blob(root.digest)).manifests], [mine.digest])
+
+    def test_a_full_fallback_tag_is_not_made_unreadable(self) -> None:
+        """A fallback tag holding MAX_REFERRERS entries takes no more: adding one would
+        write a list every reader (this one too) refuses."""
+        image = make_image("target")
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "size": 2,
+                    "digest": f"sha256:{i:064x}"} for i in range(oc.MAX_REFERRERS)]
+        full = json.dumps({"schemaVersion": 2, "mediaType": oc.MEDIA_OCI_INDEX,
+                           "manifests": entries}).encode()
+        self.assertEqual(len(oc.parse_referrers(full, "tag")), oc.MAX_REFERRERS)
+        signature, _ = make_referrer(image.manifest, "application/example", b"one more")
+        descriptor, _ = oc.referrer_descriptor(signature.data, signature.media_type)
+        with self.assertRaisesRegex(oc.OciCacheError, "tag already lists 10000 referrers"):
+            oc.with_referrer(full, descriptor, "tag")
+
+    def test_push_of_a_referrers_name_leaves_a_tag_that_is_not_an_index_alone(self) -> None:
+        """As push with subject does (test_push_leaves_a_fallback_tag_that_is_not_an_index_alone),
+        push of a referrers name never replaces a sha256-<hex> tag that names an image."""
+        registry = self.start_registry()
+        base = f"{registry.host}/test/app"
+        image = make_image("target")
+        tag = f"sha256-{image.manifest.digest[7:]}"
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest), (tag, image.manifest)])
+        mine, blobs = make_referrer(image.manifest, "application/example", b"mine")
+        self.load(oci_archive([(mine.descriptor(), named(f"{base}:mine"))], blobs))
+        name = self.plant(base, image.manifest, [mine.descriptor()])
+        for args in (["push", name], ["push", "--override", name]):
+            self.assert_one_line_error(self.cli("-q", *args), f"fallback tag test/app:{tag} is "
+                                       "application/vnd.oci.image.manifest.v1+json, not an index")
+        request = urllib.request.Request(f"{registry.url}/v2/test/app/manifests/{tag}",
+                                         headers={"Accept": oc.MEDIA_OCI_MANIFEST})
+        with urllib.request.urlopen(request) as response:
+            self.assertEqual(response.read(), image.manifest.data)  # as it was
+
+    def test_push_of_an_index_tagged_sha256_hex_that_lists_no_referrers(self) -> None:
+        """An index tagged after its own digest (regclient's digest-named mirror) is pushed
+        as the image it is; one tagged after another digest that lists no referrer of it
+        is refused in one line, not pushed as that digest's referrers."""
+        registry = self.start_registry()
+        base = f"{registry.host}/test/app"
+        amd = make_image("amd")
+        index = make_index([amd.descriptor()])
+        mirror = f"{base}:sha256-{index.digest[7:]}"
+        self.load(oci_archive([(index.descriptor(), named(mirror))], [*amd.blobs, index]))
+        result = self.cli("-q", "push", mirror)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        request = urllib.request.Request(
+            f"{registry.url}/v2/test/app/manifests/sha256-{index.digest[7:]}",
+            headers={"Accept": oc.MEDIA_OCI_INDEX})
+        with urllib.request.urlopen(request) as response:
+            self.assertEqual(response.read(), index.data)
+        other = make_image("other")
+        upload(registry.url, "test/app", other.blobs, [("2", other.manifest)])
+        name = f"{base}:sha256-{other.manifest.digest[7:]}"
+        self.cache.descriptor_write(name, self.cache.find_descriptor(mirror))
+        self.assert_one_line_error(self.cli("-q", "push", name), "holds none of them")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{registry.url}/v2/test/app/manifests/sha256-"
+                                   f"{other.manifest.digest[7:]}")
+
+    def test_racing_pushers_lose_entries_but_never_corrupt_the_tag(self) -> None:
+        """Two clients adding referrers to one fallback tag at once can lose entries (no
+        conditional PUT), never write a broken or duplicated list; adding again restores
+        every entry."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        made = [make_referrer(image.manifest, "application/example", str(i).encode())
+                for i in range(16)]
+        for manifest, blobs in made:
+            upload(registry.url, "test/app", blobs, [(manifest.digest, manifest)])
+        descriptors = [oc.referrer_descriptor(m.data, m.media_type)[0] for m, _ in made]
+        subject = oc.Digest.parse(image.manifest.digest)
+
+        def pusher(part: Sequence[oc.Descriptor]) -> None:
+            client = self.provider().registry
+            endpoint = client.endpoint(oc.Reference.parse(f"{registry.host}/test/app"))
+            for descriptor in part:
+                client.add_referrer(endpoint, subject, descriptor)
+
+        threads = [threading.Thread(target=pusher, args=(descriptors[i::2],)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        listed = self.provider().referrers(f"{registry.host}/test/app:1").referrers
+        digests = [str(d.digest) for d in listed]
+        self.assertEqual(len(digests), len(set(digests)))
+        self.assertLessEqual(set(digests), {m.digest for m, _ in made})
+        pusher(descriptors)
+        listed = self.provider().referrers(f"{registry.host}/test/app:1").referrers
+        self.assertEqual({str(d.digest) for d in listed}, {m.digest for m, _ in made})
+
+    def test_an_oci_subject_for_another_digest_is_not_taken_as_listed(self) -> None:
+        """A PUT answered with OCI-Subject naming another digest did not list the referrer
+        under its subject: the fallback tag is written, as for no header at all."""
+        registry = self.start_registry()
+        image = make_image("target")
+        upload(registry.url, "test/app", image.blobs, [("1", image.manifest)])
+        wrong = "sha256:" + "0" * 64
+
+        def lie(request: Request) -> Optional[Answer]:
+            if "/referrers/" in request.target:
+                return Answer(404, [], b"404 page not found")
+            if request.method != "PUT" or "/manifests/" not in request.target:
+                return None
+            answer = proxy.forward(request, request.target)
+            answer.headers = [*answer.headers, ("OCI-Subject", wrong)]
+            return answer
+
+        proxy = ReferrersProxy(registry, quirk=lie)
+        self.addCleanup(proxy.stop)
+        signature, blobs = make_referrer(image.manifest, "application/example", b"sig")
+        self.load(oci_archive([(signature.descriptor(), named(f"{proxy.host}/test/app:sig"))],
+                              blobs))
+        result = self.cli("-q", "push", f"{proxy.host}/test/app:sig")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = self.provider().referrers(f"{registry.host}/test/app:1")
+        self.assertEqual([str(r.digest) for r in found.referrers], [signature.digest])
+
+
 # -------------------------------------------------------------------------------------
 # Hostile registries and token servers: each answers a pull or a push with what no real
 # registry would send. Every operation must end within its bound with a one-line
