@@ -1757,6 +1757,11 @@ class VerifyReport:
         return not self.corrupt and not self.missing and not self.wrong
 
 
+def _only_ours(st: os.stat_result) -> bool:
+    """Whether only this user or root may change the file or directory ``st`` is of."""
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
 def _raw_entry(raw: Any) -> Tuple[str, str, int]:
     """A root entry of index.json as decoded: its name, digest and size as written ("",
     "", -1 for what is absent or of another type), parsing nothing."""
@@ -2132,24 +2137,27 @@ class Layout:
     def read_summaries(self) -> Tuple[bytes, bool]:
         """The bytes of the summary memo (``_SummaryMemo``), b"" when it is absent or no
         regular file (never read through a symlink); and whether it is trusted: a file
-        of this user's or root's that no one else may write. A co-user sharing the cache
-        may replace the file (the directory is theirs to write too), never forge one of
-        ours, and a memo of ours says only what documents, which never change, reach."""
+        of this user's or root's that no one else may write, in a cache directory no one
+        else may write either. Where a co-user may write the directory (a group-shared
+        cache), they may rename any file of ours to the memo's name: a blob whose bytes
+        an image's publisher chose, an index.json holding keys they put beside its
+        ``manifests``; such a memo is never believed, and none is written there."""
         try:
             with self._root_directory() as directory, os.fdopen(_open_regular(
                     SUMMARIES_FILE, os.O_RDONLY, directory, self.summaries_path), "rb") as f:
-                st = os.fstat(f.fileno())
-                trusted = st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+                trusted = _only_ours(os.fstat(directory)) and _only_ours(os.fstat(f.fileno()))
                 return f.read(MAX_SUMMARIES_SIZE + 1), trusted
         except (OSError, OciCacheError):
             return b"", False
 
     def write_summaries(self, data: bytes) -> None:
-        """Replace the summary memo, writable by this user alone (see read_summaries);
-        it is only a memo, so failing to is not an error."""
+        """Replace the summary memo, writable by this user alone (see read_summaries),
+        unless others may write the cache directory, where no memo is believed; it is
+        only a memo, so failing to write it is not an error."""
         try:
             with self._root_directory() as directory:
-                _write_file_atomically(directory, SUMMARIES_FILE, data, mode=0o644)
+                if _only_ours(os.fstat(directory)):
+                    _write_file_atomically(directory, SUMMARIES_FILE, data, mode=0o644)
         except OSError as e:
             _log().debug("cannot write %s: %s", self.summaries_path, e)
 
