@@ -1720,10 +1720,13 @@ class _Reachable:
     """What a walk from some root entries found (see ``Layout.reachable``)."""
 
     def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...]) -> None:
+                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...],
+                 absent: int = 0) -> None:
         self.owners = owners            # digest -> the names that reach it
         self.digests = {d: names[0] for d, names in owners.items()}
         self.missing = missing          # needed and absent
+        self.absent = absent            # how many blobs were absent when the walk met them,
+                                        # needed or not (then not followed)
         self.unreadable = unreadable    # a document that cannot be read as what it is
         self.wrong = wrong              # a descriptor that disagrees with its blob or name
 
@@ -2367,6 +2370,7 @@ class Layout:
 
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
         read_once: Set[Digest] = set()  # documents read, not kept: read twice at most
+        absent = 0
         for root in roots:
             # Names come from index.json and archives: made safe for one-line messages.
             owner = _shorten(_one_line(root.name), _NAME_SHOWN) or str(root.digest)
@@ -2391,6 +2395,7 @@ class Layout:
                 seen[digest] = (required or was_required, is_document or was_document)
                 owners.setdefault(digest, {})[owner] = None
                 if size is None:
+                    absent += 1
                     if required and not _is_foreign(descriptor):
                         problem("missing", digest, "", owner)
                     continue
@@ -2426,7 +2431,7 @@ class Layout:
             return tuple(out)
 
         return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
-                          listed("unreadable"), listed("wrong"))
+                          listed("unreadable"), listed("wrong"), absent)
 
     def _links(self, descriptor: Descriptor
                ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
@@ -7845,8 +7850,11 @@ class Provider(CacheProvider):
         believed = self.layout.believed(entry)
         marked = self.layout.reachable([believed])
         sizes = {str(d): self.layout.blob_size(d) for d in marked.digests}
-        exact = not (marked.missing or marked.unreadable or marked.wrong) and \
-            None not in sizes.values()
+        # Whether the walk met every blob there, not whether they are there now: a child
+        # of an index that arrived after the walk passed it (a concurrent pull) was not
+        # followed, and what it links to is not among the blobs the walk found.
+        exact = not (marked.missing or marked.unreadable or marked.wrong or marked.absent) \
+            and None not in sizes.values()
         read: Dict[Digest, Manifest] = {}  # a single manifest's is read for its platform
 
         def manifest(descriptor: Descriptor) -> Manifest:

@@ -11555,6 +11555,38 @@ class TestMemoAttacks(CacheTestCase):
         self.as_co_user(lambda: os.rename(blob, self.memo_path()))
         self.assert_rm_keeps_the_shared_layer(images)
 
+    def test_a_child_arriving_during_ls_walk_is_not_memod_as_reaching_nothing(self) -> None:
+        # ls learns a root from one walk of its documents: a child of an index absent when
+        # the walk passed it (a concurrent pull adding an attestation) is not followed.
+        # Had the memo then called the root known, its blobs would be missing from what
+        # the root reaches, and rm of another image sharing one (BuildKit attestations
+        # share a config) would delete it.
+        image = make_image("idx")
+        attestation, attestation_blobs, entry = make_attestation(image)
+        index = make_index([image.descriptor(), entry])
+        self.load(oci_archive([(index.descriptor(), named("example.com/idx:1"))],
+                              [*image.blobs, index]))
+        real = oc.Layout.reachable
+
+        def walk_then_pull(layout: oc.Layout, roots: Any) -> Any:
+            marked = real(layout, roots)
+            for blob in attestation_blobs:  # arriving right after the walk
+                layout.write_blob_bytes(blob.data)
+            return marked
+        with mock.patch.object(oc.Layout, "reachable", walk_then_pull):
+            self.cache.summaries()
+        other = make_image("other")
+        _, other_blobs, other_entry = make_attestation(other)
+        shared = next(b for b in other_blobs if b.media_type == oc.MEDIA_OCI_CONFIG)
+        self.assertIn(shared.digest, {b.digest for b in attestation_blobs})
+        other_index = make_index([other.descriptor(), other_entry])
+        self.load(oci_archive([(other_index.descriptor(), named("example.com/other:1"))],
+                              [*other.blobs, *other_blobs, other_index]))
+        self.cache.summaries()
+        self.assertNotIn(shared.digest,
+                         {str(d) for d in self.cache.remove("example.com/other:1")})
+        self.assertTrue(self.cache.verify().ok)
+
 
 class TestProviderSettings(IsolatedEnvironment):
     """The mirrors a Provider reads from docker's daemon.json and containers'
