@@ -1756,10 +1756,13 @@ class _Reachable:
     """What a walk from some root entries found (see ``Layout.reachable``)."""
 
     def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...]) -> None:
+                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...],
+                 absent: int = 0) -> None:
         self.owners = owners            # digest -> the names that reach it
         self.digests = {d: names[0] for d, names in owners.items()}
         self.missing = missing          # needed and absent
+        self.absent = absent            # how many blobs were absent when the walk met them,
+                                        # needed or not (then not followed)
         self.unreadable = unreadable    # a document that cannot be read as what it is
         self.wrong = wrong              # a descriptor that disagrees with its blob or name
 
@@ -1791,6 +1794,11 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.corrupt and not self.missing and not self.wrong
+
+
+def _only_ours(st: os.stat_result) -> bool:
+    """Whether only this user or root may change the file or directory ``st`` is of."""
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
 def _raw_entry(raw: Any) -> Tuple[str, str, int]:
@@ -2168,24 +2176,27 @@ class Layout:
     def read_summaries(self) -> Tuple[bytes, bool]:
         """The bytes of the summary memo (``_SummaryMemo``), b"" when it is absent or no
         regular file (never read through a symlink); and whether it is trusted: a file
-        of this user's or root's that no one else may write. A co-user sharing the cache
-        may replace the file (the directory is theirs to write too), never forge one of
-        ours, and a memo of ours says only what documents, which never change, reach."""
+        of this user's or root's that no one else may write, in a cache directory no one
+        else may write either. Where a co-user may write the directory (a group-shared
+        cache), they may rename any file of ours to the memo's name: a blob whose bytes
+        an image's publisher chose, an index.json holding keys they put beside its
+        ``manifests``; such a memo is never believed, and none is written there."""
         try:
             with self._root_directory() as directory, os.fdopen(_open_regular(
                     SUMMARIES_FILE, os.O_RDONLY, directory, self.summaries_path), "rb") as f:
-                st = os.fstat(f.fileno())
-                trusted = st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+                trusted = _only_ours(os.fstat(directory)) and _only_ours(os.fstat(f.fileno()))
                 return f.read(MAX_SUMMARIES_SIZE + 1), trusted
         except (OSError, OciCacheError):
             return b"", False
 
     def write_summaries(self, data: bytes) -> None:
-        """Replace the summary memo, writable by this user alone (see read_summaries);
-        it is only a memo, so failing to is not an error."""
+        """Replace the summary memo, writable by this user alone (see read_summaries),
+        unless others may write the cache directory, where no memo is believed; it is
+        only a memo, so failing to write it is not an error."""
         try:
             with self._root_directory() as directory:
-                _write_file_atomically(directory, SUMMARIES_FILE, data, mode=0o644)
+                if _only_ours(os.fstat(directory)):
+                    _write_file_atomically(directory, SUMMARIES_FILE, data, mode=0o644)
         except OSError as e:
             _log().debug("cannot write %s: %s", self.summaries_path, e)
 
@@ -2409,6 +2420,7 @@ class Layout:
 
         documents: Dict[Digest, Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]] = {}
         read_once: Set[Digest] = set()  # documents read, not kept: read twice at most
+        absent = 0
         for root in roots:
             # Names come from index.json and archives: made safe for one-line messages.
             owner = _shorten(_one_line(root.name), _NAME_SHOWN) or str(root.digest)
@@ -2433,6 +2445,7 @@ class Layout:
                 seen[digest] = (required or was_required, is_document or was_document)
                 owners.setdefault(digest, {})[owner] = None
                 if size is None:
+                    absent += 1
                     if required and not _is_foreign(descriptor):
                         problem("missing", digest, "", owner)
                     continue
@@ -2468,7 +2481,7 @@ class Layout:
             return tuple(out)
 
         return _Reachable({d: tuple(n) for d, n in owners.items()}, listed("missing"),
-                          listed("unreadable"), listed("wrong"))
+                          listed("unreadable"), listed("wrong"), absent)
 
     def _links(self, descriptor: Descriptor
                ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
@@ -8250,8 +8263,11 @@ class Provider(CacheProvider):
         believed = self.layout.believed(entry)
         marked = self.layout.reachable([believed])
         sizes = {str(d): self.layout.blob_size(d) for d in marked.digests}
-        exact = not (marked.missing or marked.unreadable or marked.wrong) and \
-            None not in sizes.values()
+        # Whether the walk met every blob there, not whether they are there now: a child
+        # of an index that arrived after the walk passed it (a concurrent pull) was not
+        # followed, and what it links to is not among the blobs the walk found.
+        exact = not (marked.missing or marked.unreadable or marked.wrong or marked.absent) \
+            and None not in sizes.values()
         read: Dict[Digest, Manifest] = {}  # a single manifest's is read for its platform
 
         def manifest(descriptor: Descriptor) -> Manifest:

@@ -12054,6 +12054,143 @@ class TestLargeCaches(CacheTestCase):
         self.assertTrue(self.cache.verify().ok)
 
 
+class TestMemoAttacks(CacheTestCase):
+    """Attacks on what rm and ls believe of the summary memo: a co-user of a group-shared
+    cache cannot write a memo of ours, but may rename any file of ours into its place."""
+
+    CO_USER = 4242
+    many_names = TestLargeCaches.many_names
+    memo_path = TestLargeCaches.memo_path
+
+    def as_co_user(self, act: Callable[[], None]) -> None:
+        """Run ``act`` in a child as another user of the cache's group (tests run as root)."""
+        if os.geteuid() != 0:
+            self.skipTest("emulating a co-user needs root")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                os.setgroups([])
+                os.setgid(self.CO_USER)
+                os.setuid(self.CO_USER)
+                os.umask(0o002)
+                act()
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0, "the co-user's act failed")
+
+    def share(self) -> None:
+        """Make the cache one group-shared with the co-user, as the README says."""
+        for directory in (self.cache_dir, os.path.join(self.cache_dir, "blobs"),
+                          os.path.join(self.cache_dir, "blobs", "sha256")):
+            os.chown(directory, 0, self.CO_USER)
+            os.chmod(directory, 0o2775)
+        os.chmod(self.tmp, 0o755)
+
+    def lie(self, images: List[ImageBlobs]) -> Dict[str, str]:
+        """A memo in the shape ocicache writes, saying each root reaches only itself."""
+        return {"version": 2, "blobs": " ".join(i.manifest.digest for i in images),
+                "sizes": " ".join(str(len(i.manifest.data)) for i in images),
+                "media": [oc.MEDIA_OCI_MANIFEST],
+                "roots": " ".join(i.manifest.digest for i in images),
+                "root_sizes": " ".join(str(len(i.manifest.data)) for i in images),
+                "kinds": " ".join("0" for _ in images),
+                "totals": " ".join(str(len(i.manifest.data)) for i in images),
+                "reached": " ".join(str(n) for n in range(len(images))),
+                "shown": " ".join("linux/amd64" for _ in images),
+                "platforms": " ".join(f"linux/amd64={n}" for n in range(len(images)))}
+
+    def assert_rm_keeps_the_shared_layer(self, images: List[ImageBlobs]) -> None:
+        self.assertNotIn(images[0].layers[0].digest,
+                         {str(d) for d in self.cache.remove("example.com/n0:1")})
+        for name in ("example.com/n1:1", "example.com/n2:1"):
+            self.assertTrue(self.cache.image_in_cache(name, "", "amd64"))
+        self.assertEqual([m for m in self.cache.verify().missing if "bait" not in m], [])
+        listed = {s.name: s.platforms for s in self.cache.summaries()}
+        self.assertEqual(listed["example.com/n1:1"], ("linux/amd64",))
+
+    def test_our_index_json_renamed_over_the_memo_is_not_believed(self) -> None:
+        # A co-user puts a memo's columns beside 'manifests' in index.json; naming one
+        # image writes the other keys back, and the file is then ours (0644 under
+        # umask 022, as root's is): renamed to the memo's name, it lied to rm.
+        images = self.many_names(3, {"etc/base": b"base"})
+        self.share()
+        index_path = os.path.join(self.cache_dir, "index.json")
+        lie = self.lie(images)
+
+        def plant_keys() -> None:
+            with open(index_path) as f:
+                index = json.load(f)
+            with open(index_path + ".new", "w") as f:
+                json.dump({**index, **lie}, f)
+            os.rename(index_path + ".new", index_path)
+        self.as_co_user(plant_keys)
+        self.cache.descriptor_write("example.com/alias:1", images[2].descriptor())
+        self.assertEqual(os.stat(index_path).st_uid, 0)
+
+        def swap() -> None:
+            with open(index_path, "rb") as f:
+                data = f.read()
+            os.rename(index_path, self.memo_path())
+            with open(index_path + ".new", "wb") as f:
+                f.write(data)
+            os.rename(index_path + ".new", index_path)
+        self.as_co_user(swap)
+        self.assertEqual(os.stat(self.memo_path()).st_uid, 0)
+        self.assert_rm_keeps_the_shared_layer(images)
+
+    def test_our_blob_renamed_over_the_memo_is_not_believed(self) -> None:
+        # Any blob we pulled or imported is ours, with content its publisher chose: a
+        # co-user renames one to the memo's name.
+        images = self.many_names(3, {"etc/base": b"base"})
+        self.share()
+        bait = make_image("bait", layer_files=[{"etc/bait": b"bait"}])
+        bait.layers[0] = Blob(oc.MEDIA_OCI_LAYER, json.dumps(self.lie(images)).encode())
+        bait.manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps({
+            "schemaVersion": 2, "mediaType": oc.MEDIA_OCI_MANIFEST,
+            "config": bait.config.descriptor(),
+            "layers": [bait.layers[0].descriptor()]}).encode())
+        self.load_image("example.com/bait:1", bait)
+        blob = self.cache.layout.blob_path(bait.layers[0].digest)
+        self.assertEqual(os.stat(blob).st_uid, 0)
+        self.as_co_user(lambda: os.rename(blob, self.memo_path()))
+        self.assert_rm_keeps_the_shared_layer(images)
+
+    def test_a_child_arriving_during_ls_walk_is_not_memod_as_reaching_nothing(self) -> None:
+        # ls learns a root from one walk of its documents: a child of an index absent when
+        # the walk passed it (a concurrent pull adding an attestation) is not followed.
+        # Had the memo then called the root known, its blobs would be missing from what
+        # the root reaches, and rm of another image sharing one (BuildKit attestations
+        # share a config) would delete it.
+        image = make_image("idx")
+        attestation, attestation_blobs, entry = make_attestation(image)
+        index = make_index([image.descriptor(), entry])
+        self.load(oci_archive([(index.descriptor(), named("example.com/idx:1"))],
+                              [*image.blobs, index]))
+        real = oc.Layout.reachable
+
+        def walk_then_pull(layout: oc.Layout, roots: Any) -> Any:
+            marked = real(layout, roots)
+            for blob in attestation_blobs:  # arriving right after the walk
+                layout.write_blob_bytes(blob.data)
+            return marked
+        with mock.patch.object(oc.Layout, "reachable", walk_then_pull):
+            self.cache.summaries()
+        other = make_image("other")
+        _, other_blobs, other_entry = make_attestation(other)
+        shared = next(b for b in other_blobs if b.media_type == oc.MEDIA_OCI_CONFIG)
+        self.assertIn(shared.digest, {b.digest for b in attestation_blobs})
+        other_index = make_index([other.descriptor(), other_entry])
+        self.load(oci_archive([(other_index.descriptor(), named("example.com/other:1"))],
+                              [*other.blobs, *other_blobs, other_index]))
+        self.cache.summaries()
+        self.assertNotIn(shared.digest,
+                         {str(d) for d in self.cache.remove("example.com/other:1")})
+        self.assertTrue(self.cache.verify().ok)
+
+
 class TestProviderSettings(IsolatedEnvironment):
     """The mirrors a Provider reads from docker's daemon.json and containers'
     registries.conf: whatever those files hold, a list of mirrors or one clear error."""
