@@ -8042,7 +8042,7 @@ class Provider(CacheProvider):
             if not sources:
                 raise NotFoundError(f"{base.name} has no tags")
         if dst_kind in ("oci", "oci-archive"):
-            _layout_target(dst, dst_kind == "oci-archive")  # before any request
+            self._layout_outside_cache(dst, dst_kind == "oci-archive")  # before any request
         with self.layout.adding_blobs():  # what is staged here is not gc's until copied
             return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
                               all_tags)
@@ -8247,20 +8247,21 @@ class Provider(CacheProvider):
             ANNOTATION_CONTAINERD_NAME: name if "/" in name else
             str(Reference(ref.registry, ref.repository, name))})
             for ref, name, plan in items)
-        target = _layout_target(path, archive)
+        target = self._layout_outside_cache(path, archive)
         if not archive and os.path.isdir(target):
             _add_to_layout(target, self.layout, blobs.values(), documents, entries)
         else:
-            self._write_new_layout(target, archive, blobs, documents,
-                                   Index(MEDIA_OCI_INDEX, entries).to_bytes())
+            self._write_new_layout(target, archive, blobs, documents, entries)
         for _, name, plan in items:
             self.progress.copied(f"{'oci-archive' if archive else 'oci'}:{path}:{name}",
                                  plan.root)
 
     def _write_new_layout(self, target: str, archive: bool, blobs: Mapping[Digest, Descriptor],
-                          documents: Mapping[Digest, bytes], index: bytes) -> None:
+                          documents: Mapping[Digest, bytes], entries: Sequence[Descriptor]
+                          ) -> None:
         """A new layout directory or archive at ``target``, under a temporary name until
-        it is complete."""
+        it is complete; a directory is filled as an existing one is added to (through
+        its descriptors: a link planted in it meanwhile is never followed)."""
         parent, base = os.path.split(target)
         temp = os.path.join(parent, _temporary_name(f".{base}"))  # the umask's mode, as export
         if archive:
@@ -8279,13 +8280,13 @@ class Provider(CacheProvider):
                         tar.add_blob(self.layout, blob, _blob_name(blob.digest))
                     for digest, data in documents.items():
                         tar.add_bytes(_blob_name(digest), data)
-                    tar.add_bytes("index.json", index)
+                    tar.add_bytes("index.json", Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes())
                     tar.close()
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(temp, target)
             else:
-                self._write_layout_directory(temp, blobs.values(), documents, index)
+                _add_to_layout(temp, self.layout, blobs.values(), documents, entries)
                 os.rename(temp, target)
         except BaseException:
             if archive:
@@ -8296,22 +8297,15 @@ class Provider(CacheProvider):
                 shutil.rmtree(temp, ignore_errors=True)
             raise
 
-    def _write_layout_directory(self, directory: str, blobs: Iterable[Descriptor],
-                                documents: Mapping[Digest, bytes], index: bytes) -> None:
-        """The files of an OCI layout in ``directory``, blobs streamed from the cache."""
-        import shutil
-        for digest in [*(b.digest for b in blobs), *documents]:
-            os.makedirs(os.path.join(directory, "blobs", digest.algorithm), exist_ok=True)
-        for blob in blobs:
-            with self.layout.open_blob(blob.digest) as source, \
-                    open(os.path.join(directory, _blob_name(blob.digest)), "xb") as out:
-                shutil.copyfileobj(source, out, COPY_BUFFER_SIZE)
-                os.fsync(out.fileno())  # durable before the rename makes it visible
-        written = [(_blob_name(digest), data) for digest, data in documents.items()]
-        for name, data in [*written, ("oci-layout", _OCI_LAYOUT_BYTES), ("index.json", index)]:
-            with open(os.path.join(directory, name), "wb") as out:
-                out.write(data)
-                os.fsync(out.fileno())
+    def _layout_outside_cache(self, path: str, archive: bool) -> str:
+        """``_layout_target``, refusing the cache's own directory and anything in it: its
+        index.json is the cache's, written under its lock, and gc owns the rest."""
+        target = _layout_target(path, archive)
+        cache, real = os.path.realpath(self.root), os.path.realpath(target)
+        if real == cache or real.startswith(os.path.join(cache, "")):
+            raise OciCacheError(f"cannot write {path}: it is {'' if real == cache else 'in '}"
+                                f"the cache {self.root}; to add an image to the cache, pull it")
+        return target
 
     def _platform_subset(self, ref: Reference, architecture: str
                          ) -> Tuple[Descriptor, List[Descriptor], Dict[Digest, bytes]]:
@@ -8393,7 +8387,7 @@ class Provider(CacheProvider):
         directory = spec.target[len("oci:"):] if spec.target.startswith("oci:") else ""
         held: Dict[str, Digest] = {}
         if directory:
-            target = _layout_target(directory, False)  # before any request
+            target = self._layout_outside_cache(directory, False)  # before any request
             if os.path.isdir(target):
                 held = {e.annotations[ANNOTATION_REF_NAME]: e.digest
                         for e in _read_layout_index(target).manifests
@@ -8517,6 +8511,12 @@ def _layout_target(path: str, archive: bool) -> str:
     existing directory; a layout directory that exists (or an empty directory) is added
     to; an archive never replaces anything but a regular file (the rename would replace
     a device or FIFO, as ``docker save -o /dev/null`` once replaced root's /dev/null)."""
+    try:
+        if b"\x00" in os.fsencode(path):
+            raise OciCacheError(f"cannot write {path!r}: a path has no NUL character")
+    except UnicodeEncodeError:
+        raise OciCacheError(f"cannot write {path!r}: it has a lone surrogate, which no file "
+                            "name here can hold") from None
     target = os.path.abspath(path)
     if not os.path.isdir(os.path.dirname(target)):
         raise OciCacheError(f"cannot write {path}: {os.path.dirname(target)} is not a directory")
@@ -8607,11 +8607,18 @@ def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:
 def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]],
                      where: str) -> None:
     """``digest``'s file in a layout's ``blobs/ALGORITHM`` directory, unless a regular
-    file of that name is there (written by an earlier copy: its rename made it whole);
-    written under a temporary name, hashed as it goes, fsynced, then renamed."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISREG(os.stat(digest.hex, dir_fd=folder, follow_symlinks=False).st_mode):
-            return
+    file of that name holding that content is there (an earlier copy's); written under
+    a temporary name, hashed as it goes, fsynced, then renamed over whatever else has
+    the name (another's file of other content, a link, a FIFO: never read nor followed)."""
+    try:
+        found = os.stat(digest.hex, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        found = None
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise OciCacheError(f"{where} is a directory, not a blob; remove it")
+    if found is not None and stat.S_ISREG(found.st_mode) and \
+            _holds_digest(folder, digest, where):
+        return
     fd, temp = _create_temporary(folder, f".{digest.hex}")
     try:
         hasher = digest.hasher()
@@ -8628,6 +8635,20 @@ def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=folder)
         raise
+
+
+def _holds_digest(folder: int, digest: Digest, where: str) -> bool:
+    """Whether the file ``digest`` names in ``folder`` hashes to it: a layout's other
+    users may have put anything under a blob's name, and its index would vouch for it."""
+    try:
+        fd = _open_regular(digest.hex, os.O_RDONLY, folder, where)
+    except (OSError, OciCacheError):  # gone, or swapped for a link: written anew
+        return False
+    hasher = digest.hasher()
+    with os.fdopen(fd, "rb") as f:
+        for piece in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+            hasher.update(piece)
+    return hasher.hexdigest() == digest.hex
 
 
 def parse_copy_location(text: str) -> Tuple[str, str, str]:
@@ -8712,7 +8733,8 @@ _MAX_SYNC_FILE = 1024 * 1024
 _MAX_SYNC_IMAGES = 1000
 _MAX_SYNC_TAGS = 1000          # tags one source may list or match
 _MAX_TAG_PATTERN = 256         # characters of a tag regex
-_MAX_PATTERN_REPEATS = 3       # unbounded repeats in one tag regex
+_MAX_PATTERN_REPEATS = 3       # unbounded (or wide) repeats in one tag regex
+_MAX_PATTERN_OPTIONALS = 8     # optional parts (a?, a{2,3}) in one: each doubles the work
 
 
 @_value_type
@@ -8788,7 +8810,9 @@ def read_sync_file(path: str) -> SyncSpec:
     try:
         obj = json.loads(data)
     except ValueError as e:
-        raise InvalidSyncFileError(f"{what}: not JSON: {e}") from None
+        raise InvalidSyncFileError(f"{what}: not JSON: {_one_line(str(e))}") from None
+    except RecursionError:  # a file of brackets: refused as other bad JSON is
+        raise InvalidSyncFileError(f"{what}: not JSON: nested too deeply") from None
     return parse_sync_spec(obj, what)
 
 
@@ -8817,6 +8841,7 @@ def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
         raise fail("images", f"{len(images)} entries; at most {_MAX_SYNC_IMAGES}")
     sources: List[SyncSource] = []
     seen: Dict[str, str] = {}
+    destinations: Dict[str, str] = {}
     for number, image in enumerate(images):
         field = f"images[{number}]"
         if not isinstance(image, dict):
@@ -8830,6 +8855,14 @@ def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
             raise fail(f"{field}.source", f"{repository.name} is listed already, in "
                                           f"{seen[repository.name]}; list it once")
         seen[repository.name] = field
+        # A registry target keeps the repository's path, not its registry: two sources
+        # of one path would overwrite each other's tags, back and forth at every run.
+        mirrored = f"{target}/{repository.repository}"
+        if not target.startswith("oci:") and mirrored in destinations:
+            raise fail(f"{field}.source", f"{repository.name} would be mirrored to "
+                                          f"{mirrored}, as {destinations[mirrored]} is; "
+                                          "list one")
+        destinations[mirrored] = field
         platforms = default if "platforms" not in image else \
             _sync_platforms(image["platforms"], f"{field}.platforms", fail)
         sources.append(_sync_tags(repository, image.get("tags"), platforms, f"{field}.tags",
@@ -8848,6 +8881,9 @@ def _sync_target(value: Any, fail: Callable[[str, str], InvalidSyncFileError]) -
     if value.startswith("oci:"):
         if not value[len("oci:"):]:
             raise fail("target", "name a directory, as in oci:DIR")
+        if re.search(r"[\x00-\x1f\x7f\ud800-\udfff]", value):  # a line per image is reported
+            raise fail("target", f"{value!r}: DIR has a control character or a lone "
+                                 "surrogate")
         if ":" in value[len("oci:"):]:
             raise fail("target", f"{value!r}: oci:DIR takes no :TAG (each image is named by "
                                  "its source name) and DIR no colon")
@@ -8918,9 +8954,11 @@ def _sync_tags(repository: Reference, value: Any, platforms: str, field: str,
 
 def _check_tag_pattern(pattern: str) -> None:
     """Refuse a tag regex that could take exponential time on a 128-character tag: a
-    repeat inside a repeat (``(a+)+``), alternation inside a repeat (``(a|ab)*``),
-    back-references, more than ``_MAX_PATTERN_REPEATS`` unbounded repeats, or more than
-    ``_MAX_TAG_PATTERN`` characters. Matching is ``fullmatch``: anchored at both ends."""
+    repeat of varying width inside a repeat (``(a+)+``, ``(a?){40}``), alternation
+    inside a repeat (``(a|ab)*``), back-references, more than ``_MAX_PATTERN_REPEATS``
+    unbounded or wide (``.{0,99}``) repeats, more than ``_MAX_PATTERN_OPTIONALS``
+    optional parts, or more than ``_MAX_TAG_PATTERN`` characters. Matching is
+    ``fullmatch``: anchored at both ends."""
     if len(pattern) > _MAX_TAG_PATTERN:
         raise InvalidSyncFileError(f"longer than {_MAX_TAG_PATTERN} characters")
     try:
@@ -8928,10 +8966,10 @@ def _check_tag_pattern(pattern: str) -> None:
     except re.error as e:
         raise InvalidSyncFileError(f"bad regex {pattern!r}: {e}") from None
     parser: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")
-    repeats = 0
+    repeats = optionals = 0
 
     def walk(items: Any, repeated: bool) -> None:
-        nonlocal repeats
+        nonlocal repeats, optionals
         for op, argument in items:
             name = str(op)
             if name in ("GROUPREF", "GROUPREF_EXISTS"):
@@ -8940,10 +8978,16 @@ def _check_tag_pattern(pattern: str) -> None:
             if name.endswith("_REPEAT"):
                 low, high, inner = argument
                 many = high > 1
-                if many and repeated:
+                # Inside a repeat, any choice of width multiplies: (a?){40} is as
+                # exponential as (a+)+. Outside, each choice multiplies the ways to
+                # split a tag: a bounded but wide repeat (.{0,99}) as an unbounded
+                # one, an optional part (a?) by two.
+                if high > low and repeated:
                     raise InvalidSyncFileError(f"regex {pattern!r} repeats a repeat (as "
-                                               "(a+)+), which can take exponential time")
-                repeats += high == parser.MAXREPEAT
+                                               "(a+)+ or (a?){9}), which can take "
+                                               "exponential time")
+                repeats += high - low > 1
+                optionals += high - low == 1
                 walk(inner, repeated or many)
             elif name == "BRANCH":
                 if repeated:
@@ -8961,8 +9005,11 @@ def _check_tag_pattern(pattern: str) -> None:
 
     walk(parser.parse(pattern), False)
     if repeats > _MAX_PATTERN_REPEATS:
-        raise InvalidSyncFileError(f"regex {pattern!r} has {repeats} unbounded repeats; at "
-                                   f"most {_MAX_PATTERN_REPEATS}")
+        raise InvalidSyncFileError(f"regex {pattern!r} has {repeats} unbounded (or wide) "
+                                   f"repeats; at most {_MAX_PATTERN_REPEATS}")
+    if optionals > _MAX_PATTERN_OPTIONALS:
+        raise InvalidSyncFileError(f"regex {pattern!r} has {optionals} optional parts; at "
+                                   f"most {_MAX_PATTERN_OPTIONALS}")
 
 
 # Semver ranges: comparator sets joined by "||", each a space-separated list of

@@ -6392,6 +6392,160 @@ class TestSync(RegistryTestCase):
         self.assertEqual(len(oc.parse_sync_spec(json.loads(example.group(1))).sources), 3)
 
 
+class TestSyncAttacks(RegistryTestCase):
+    """sync and copy into a layout attacked at their edges: a co-user of the target
+    directory, hostile sync files, a hostile source registry."""
+
+    def source_image(self, repository: str = "test/atk", tag: str = "1"
+                     ) -> Tuple[Registry, ImageBlobs]:
+        source = self.start_registry()
+        image = make_image(f"{repository}-{tag}")
+        upload(source.url, repository, image.blobs, [(tag, image.manifest)])
+        return source, image
+
+    def empty_layout(self, name: str = "layout") -> str:
+        layout = self.path(name)
+        os.makedirs(os.path.join(layout, "blobs", "sha256"))
+        with open(os.path.join(layout, "oci-layout"), "wb") as f:
+            f.write(oc._OCI_LAYOUT_BYTES)
+        return layout
+
+    def assert_whole(self, layout: str, image: ImageBlobs) -> None:
+        for blob in image.blobs:
+            path = os.path.join(layout, "blobs", "sha256", blob.digest.split(":")[1])
+            self.assertFalse(os.path.islink(path), path)
+            with open(path, "rb") as f:
+                self.assertEqual(sha256(f.read()), blob.digest, path)
+
+    def test_a_planted_blob_of_other_content_is_replaced_not_listed(self) -> None:
+        source, image = self.source_image()
+        layout = self.empty_layout()
+        for blob in [image.layers[0], image.config]:
+            with open(os.path.join(layout, "blobs", "sha256", blob.digest.split(":")[1]),
+                      "wb") as f:
+                f.write(b"planted: not the blob" + blob.data[:10])
+        result = self.cli("copy", f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assert_whole(layout, image)
+
+    def test_links_fifos_and_directories_planted_in_the_layout_lead_nowhere(self) -> None:
+        source, image = self.source_image()
+        layer = image.layers[0].digest.split(":")[1]
+        plants: List[Tuple[str, Callable[[str, str], None]]] = [
+            ("blobs", lambda layout, bait: (shutil.rmtree(os.path.join(layout, "blobs")),
+                                            os.symlink(bait, os.path.join(layout, "blobs")))),
+            ("blobs/sha256", lambda layout, bait: (
+                os.rmdir(os.path.join(layout, "blobs", "sha256")),
+                os.symlink(bait, os.path.join(layout, "blobs", "sha256")))),
+            ("a blob link", lambda layout, bait: os.symlink(
+                os.path.join(bait, "file"), os.path.join(layout, "blobs", "sha256", layer))),
+            ("a blob fifo", lambda layout, bait: os.mkfifo(
+                os.path.join(layout, "blobs", "sha256", layer))),
+            ("a blob directory", lambda layout, bait: os.mkdir(
+                os.path.join(layout, "blobs", "sha256", layer))),
+            ("index.json link", lambda layout, bait: os.symlink(
+                os.path.join(bait, "file"), os.path.join(layout, "index.json"))),
+            ("index.json fifo", lambda layout, bait: os.mkfifo(
+                os.path.join(layout, "index.json"))),
+            ("oci-layout link", lambda layout, bait: (
+                os.unlink(os.path.join(layout, "oci-layout")),
+                os.symlink(os.path.join(bait, "file"), os.path.join(layout, "oci-layout"))))]
+        for number, (what, plant) in enumerate(plants):
+            with self.subTest(what):
+                layout = self.empty_layout(f"layout{number}")
+                bait = self.path(f"bait{number}")
+                os.mkdir(bait)
+                with open(os.path.join(bait, "file"), "wb") as f:
+                    f.write(b"bait")
+                plant(layout, bait)
+                result = self.cli("copy", f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+                self.assertEqual(sorted(os.listdir(bait)), ["file"])
+                with open(os.path.join(bait, "file"), "rb") as f:
+                    self.assertEqual(f.read(), b"bait")
+                if result.returncode == 0:
+                    self.assert_whole(layout, image)
+                else:
+                    self.assert_one_line_error(result, layout)
+
+    def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
+        source, image = self.source_image()
+        cache = self.provider()
+        layout = self.path("new")
+        bait = self.path("bait")
+        os.mkdir(bait)
+        opened = cache.layout.open_blob
+
+        def swap_then_open(digest: oc.Digest) -> IO[bytes]:
+            for name in os.listdir(self.tmp):  # the copy's temporary directory
+                if name.startswith(".new") and not os.path.islink(
+                        os.path.join(self.tmp, name, "blobs", "sha256")):
+                    folder = os.path.join(self.tmp, name, "blobs", "sha256")
+                    os.rename(folder, self.path(f"moved-{secrets.token_hex(3)}"))
+                    os.symlink(bait, folder)
+            return opened(digest)
+
+        cache.layout.open_blob = swap_then_open  # type: ignore[method-assign]
+        with contextlib.suppress(oc.OciCacheError, OSError):
+            cache.copy(f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertEqual(os.listdir(bait), [])
+
+    def test_the_cache_itself_is_not_a_target(self) -> None:
+        source, image = self.source_image()
+        self.assertEqual(self.cli("pull", f"{source.host}/test/atk:1").returncode, 0)
+        with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
+            before = f.read()
+        for target in [self.cache_dir, os.path.join(self.cache_dir, "blobs", "inside")]:
+            with self.subTest(target):
+                self.assert_one_line_error(self.cli("copy", f"{source.host}/test/atk:1",
+                                                    f"oci:{target}:x"), "cache")
+                path = self.path(f"s{secrets.token_hex(2)}.json")
+                with open(path, "w") as f:
+                    json.dump({"target": f"oci:{target}", "images": [
+                        {"source": f"{source.host}/test/atk", "tags": ["1"]}]}, f)
+                self.assert_one_line_error(self.cli("sync", path), "cache")
+        with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertFalse(os.path.exists(os.path.join(self.cache_dir, "blobs", "inside")))
+
+    def test_hostile_sync_files_are_one_line_errors(self) -> None:
+        deep = self.path("deep.json")
+        with open(deep, "w") as f:
+            f.write("[" * 200_000)
+        self.assert_one_line_error(self.cli("sync", deep), "deep.json: not JSON")
+        for target, fragment in [("oci:x\ny", "control character"),
+                                 ("oci:x\x00y", "control character"),
+                                 ("oci:x\ud800", "lone surrogate")]:
+            with self.subTest(target):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, f"target: .*{fragment}"):
+                    oc.parse_sync_spec({"target": target, "images": [
+                        {"source": "127.0.0.1:1/a", "tags": ["1"]}]})
+        for destination in ["oci:x\x00y", "oci:x\ud800"]:
+            with self.subTest(destination):
+                with self.assertRaises(oc.OciCacheError):
+                    self.provider().copy("127.0.0.1:1/a:1", destination)
+        with self.assertRaisesRegex(oc.InvalidSyncFileError,
+                                    r"images\[1\]\.source: .*mirrored to 127\.0\.0\.1:9/m/a/b, "
+                                    r"as images\[0\]"):
+            oc.parse_sync_spec({"target": "127.0.0.1:9/m", "images": [
+                {"source": "127.0.0.1:1/a/b", "tags": ["1"]},
+                {"source": "127.0.0.1:2/a/b", "tags": ["1"]}]})
+        spec = oc.parse_sync_spec({"target": "oci:x", "images": [  # a layout keeps the host
+            {"source": "127.0.0.1:1/a/b", "tags": ["1"]},
+            {"source": "127.0.0.1:2/a/b", "tags": ["1"]}]})
+        self.assertEqual(len(spec.sources), 2)
+
+    def test_regexes_that_backtrack_without_nesting_are_refused(self) -> None:
+        for pattern, fragment in [(".{0,99}" * 4 + "x", "4 unbounded"),
+                                  ("a?" * 25 + "a" * 25, "25 optional"),
+                                  ("(a?){30}a{30}", "repeats a repeat")]:
+            with self.subTest(pattern):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, fragment):
+                    oc._check_tag_pattern(pattern)
+        for pattern in [r"v1\.[0-9]+(-rc[0-9]+)?", "[a-z]{3}-[0-9]{2,3}", "(ab){5}",
+                        "(a{2}){5}", r"v?[0-9]+\.[0-9]+(-alpine)?"]:
+            oc._check_tag_pattern(pattern)
+
+
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
         client = oc.RegistryClient(mirrors=[("*", "http://all:1"), ("docker.io", "http://hub:2/p")])
