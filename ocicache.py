@@ -8449,6 +8449,8 @@ class Provider(CacheProvider):
                     want = self._filtered(pinned, data, root, source.platforms)[1].digest
         except OciCacheError as e:
             return SyncResult(name, where, "failed", error=_one_line(str(e))), None
+        if current == want and destination is None and not _layout_holds(directory, want):
+            current = None  # listed, but not all there: copied again, which mends it
         if current == want:
             return SyncResult(name, where, "unchanged", str(want)), None
         return SyncResult(name, where, "would copy", str(want)), pinned
@@ -8602,6 +8604,53 @@ def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:
     if len(data) > MAX_INDEX_SIZE:
         raise OciCacheError(f"{where} is larger than {MAX_INDEX_SIZE} bytes")
     return Index.from_json(data, what=where)
+
+
+def _layout_holds(target: str, root: Digest) -> bool:
+    """Whether the layout directory ``target`` holds all of the image ``root``, as its
+    index.json says (whoever else writes there may have removed or replaced a blob):
+    every manifest and index read and hashed, every other blob a regular file of its
+    size (a layer is not read again). Never through a link."""
+    with contextlib.ExitStack() as stack:
+        try:
+            blobs = _open_directory(os.path.join(target, "blobs"))
+            stack.callback(os.close, blobs)
+            folders: Dict[str, int] = {}
+
+            def folder(digest: Digest) -> int:
+                if digest.algorithm not in folders:
+                    folders[digest.algorithm] = _open_directory(digest.algorithm, blobs)
+                    stack.callback(os.close, folders[digest.algorithm])
+                return folders[digest.algorithm]
+
+            pending, seen = [root], set()
+            while pending:
+                digest = pending.pop()
+                seen.add(digest)
+                fd = _open_regular(digest.hex, os.O_RDONLY, folder(digest))
+                with os.fdopen(fd, "rb") as f:
+                    data = f.read(MAX_MANIFEST_SIZE + 1)
+                if Digest.from_bytes(data, digest.algorithm) != digest:
+                    return False
+                _, document = read_document(data, str(digest))
+                children = document.manifests if isinstance(document, Index) else ()
+                for child in children:
+                    if child.media_type in DOCUMENT_MEDIA_TYPES:
+                        pending += [child.digest] if child.digest not in seen else []
+                    elif not _layout_has_file(folder(child.digest), child):
+                        return False
+                if isinstance(document, Manifest) and not all(
+                        _layout_has_file(folder(b.digest), b) for b in document.blobs()
+                        if not _is_foreign(b)):
+                    return False
+        except (OSError, OciCacheError):
+            return False
+    return True
+
+
+def _layout_has_file(folder: int, blob: Descriptor) -> bool:
+    found = os.stat(blob.digest.hex, dir_fd=folder, follow_symlinks=False)
+    return stat.S_ISREG(found.st_mode) and found.st_size == blob.size
 
 
 def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]],

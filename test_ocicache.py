@@ -6467,6 +6467,30 @@ class TestSyncAttacks(RegistryTestCase):
                 else:
                     self.assert_one_line_error(result, layout)
 
+    def test_a_layout_sync_calls_unchanged_only_what_is_all_there(self) -> None:
+        source, image = self.source_image()
+        layout = self.path("mirror")
+        path = self.path("sync.json")
+        with open(path, "w") as f:
+            json.dump({"target": f"oci:{layout}", "images": [
+                {"source": f"{source.host}/test/atk", "tags": ["1"]}]}, f)
+
+        def synced() -> List[str]:
+            result = self.cli("sync", "--json", path)
+            self.assertEqual(result.returncode, 0, result.stderr.decode())
+            self.assert_whole(layout, image)
+            return [r["status"] for r in json.loads(result.stdout)["images"]]
+
+        self.assertEqual(synced(), ["copied"])
+        self.assertEqual(synced(), ["unchanged"])
+        folder = os.path.join(layout, "blobs", "sha256")
+        os.unlink(os.path.join(folder, image.layers[0].digest.split(":")[1]))
+        self.assertEqual(synced(), ["copied"])  # a layer gone
+        with open(os.path.join(folder, image.manifest.digest.split(":")[1]), "wb") as f:
+            f.write(b"{}")
+        self.assertEqual(synced(), ["copied"])  # the manifest replaced
+        self.assertEqual(synced(), ["unchanged"])
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
