@@ -6491,6 +6491,43 @@ class TestSyncAttacks(RegistryTestCase):
         self.assertEqual(synced(), ["copied"])  # the manifest replaced
         self.assertEqual(synced(), ["unchanged"])
 
+    def test_a_source_whose_answers_disagree_copies_what_it_reports_or_nothing(self) -> None:
+        source, first = self.source_image()
+        moved = make_image("moved")
+        upload(source.url, "test/atk", moved.blobs, [("other", moved.manifest)])
+        proxy = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(proxy.stop)
+        target = self.start_registry()
+        path = self.path("sync.json")
+        with open(path, "w") as f:
+            json.dump({"target": f"{target.host}/m", "images": [
+                {"source": f"{proxy.host}/test/atk", "tags": ["1"]}]}, f)
+        cache = self.provider()
+
+        def held() -> Optional[str]:
+            try:
+                return str(cache.registry.digest(f"{target.host}/m/test/atk:1").digest)
+            except oc.RegistryError:
+                return None
+
+        # the tag moves between the HEAD and the GET: what is copied is what was asked
+        proxy.add_fault("rewrite", method="HEAD", match="/manifests/1$", sub={
+            "Docker-Content-Digest": ("sha256:[0-9a-f]+", moved.manifest.digest)})
+        reported = cache.sync(path)[0]
+        self.assertEqual((reported.status, reported.digest), ("copied", moved.manifest.digest))
+        self.assertEqual(held(), moved.manifest.digest)
+        # a manifest that is not what its digest says: failed, the tag left as it was
+        proxy.add_fault("rewrite", method="GET", match=f"/manifests/{first.manifest.digest}",
+                        body=lambda _: moved.manifest.data, times=None)
+        reported = cache.sync(path)[0]
+        self.assertEqual(reported.status, "failed")
+        self.assertIn("digest", reported.error)
+        self.assertEqual(line_problem(reported.error), "")
+        self.assertEqual(held(), moved.manifest.digest)
+        proxy.clear_faults()
+        self.assertEqual(cache.sync(path)[0].digest, first.manifest.digest)
+        self.assertEqual(held(), first.manifest.digest)
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
