@@ -6528,6 +6528,40 @@ class TestSyncAttacks(RegistryTestCase):
         self.assertEqual(cache.sync(path)[0].digest, first.manifest.digest)
         self.assertEqual(held(), first.manifest.digest)
 
+    def test_skopeo_sync_and_ocicache_sync_mirror_the_same_tags_and_digests(self) -> None:
+        skopeo = require_tool(self, "skopeo")
+        source = self.start_registry()
+        for tag in ["v1.0", "v1.1", "v1.1-debug", "v2.0"]:
+            image = make_image(f"rx-{tag}")
+            upload(source.url, "test/rx", image.blobs, [(tag, image.manifest)])
+        self.multi_arch(source)
+        target = self.start_registry()
+        listing = self.path("skopeo.yaml")
+        with open(listing, "w") as f:  # skopeo's regex is a search: anchored here
+            f.write(f"{source.host}:\n  tls-verify: false\n  images:\n    test/multi: ['1']\n"
+                    f"  images-by-tag-regex:\n    test/rx: '^v1\\.[0-9]+$'\n")
+        copied = subprocess.run([skopeo, "--insecure-policy", "sync", "--all",
+                                 "--preserve-digests", "--dest-tls-verify=false", "--src", "yaml",
+                                 "--dest", "docker", listing, f"{target.host}/skopeo"],
+                                capture_output=True, timeout=120)
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        results = self.provider().sync({"target": f"{target.host}/oc", "images": [
+            {"source": f"{source.host}/test/multi", "tags": ["1"]},
+            {"source": f"{source.host}/test/rx", "tags": {"regex": r"v1\.[0-9]+"}}]})
+        self.assertEqual([r.status for r in results], ["copied"] * 3)
+        cache = self.provider()
+
+        def mirrored(prefix: str) -> Dict[str, str]:
+            return {f"{name}:{tag}": str(cache.registry.digest(f"{prefix}/{name}:{tag}").digest)
+                    for name in ["multi", "rx"]
+                    for tag in cache.registry.list_tags(f"{prefix}/{name}")}
+
+        # skopeo keeps the last path component (test/rx is skopeo/rx), ocicache the path
+        # (oc/test/rx: two sources' repositories of one name cannot meet)
+        self.assertEqual(mirrored(f"{target.host}/skopeo"), mirrored(f"{target.host}/oc/test"))
+        self.assertEqual(sorted(mirrored(f"{target.host}/oc/test")),
+                         ["multi:1", "rx:v1.0", "rx:v1.1"])
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
