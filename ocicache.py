@@ -879,17 +879,18 @@ def _nested_deeper_than(obj: Any, limit: int) -> bool:
 
 
 def _parse_json(data: Union[bytes, str], what: str,
-                error: Type[OciCacheError] = OciCacheError) -> Any:
+                error: Type[OciCacheError] = OciCacheError,
+                packed: int = _MIN_JSON_BYTES_PER_VALUE) -> Any:
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
     than ``_JSON_MAX_DEPTH``, escaped lone surrogates (which decode but can never be
-    written back as UTF-8) and documents packed with values are refused like any other
-    bad JSON."""
+    written back as UTF-8) and documents packed with values (fewer than ``packed``
+    bytes each) are refused like any other bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
     values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # an upper bound
-    if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
+    if values > len(raw) // packed + 1024:
         if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
             raise error(too_deep)  # what it is, though packed too
         raise error(f"{what} is not valid JSON for an image document: it packs {values} "
@@ -4178,7 +4179,10 @@ class RegistryClient:
                 response.close(reuse=False)
                 raise _connection_error(endpoint.host, e) from None
             response.close()
-            page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
+            # A tag list is short strings ("1",): packed as no image document is, and
+            # still a bounded page. Tighter than that is not a tag list.
+            page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}",
+                               packed=len('"1",'))
             entries = page.get("tags") if isinstance(page, dict) else ()
             if not isinstance(entries, list) and entries is not None:
                 raise RegistryError(f"{what}: {endpoint.host} answered something that is not "

@@ -6562,6 +6562,46 @@ class TestSyncAttacks(RegistryTestCase):
         self.assertEqual(sorted(mirrored(f"{target.host}/oc/test")),
                          ["multi:1", "rx:v1.0", "rx:v1.1"])
 
+    def test_a_million_listed_tags_odd_ones_among_them_are_filtered_in_time(self) -> None:
+        source, image = self.source_image("test/big", "t250007")
+        upload(source.url, "test/big", [image.manifest], [("7", image.manifest)])
+        pages = 4
+        odd = ["../../x", "a/b", "t\n1", "t\u00e9", "", "-t", "t" * 129, None, 5]
+
+        def answer(request: Request) -> Answer:
+            if request.target == "/v2/":
+                return json_answer({})
+            match = re.fullmatch(r"/v2/test/big/tags/list(?:\?page=([0-9]+))?", request.target)
+            if match is None:  # manifests and blobs: the real registry's
+                proxied = urllib.request.urlopen(urllib.request.Request(
+                    source.url + request.target, method=request.method, headers={
+                        "Accept": request.headers.get("accept", "*/*")}))
+                return Answer(200, [(k, v) for k, v in proxied.headers.items()
+                                    if k.lower() in ("content-type", "docker-content-digest")],
+                              proxied.read())
+            page = int(match.group(1) or 0)
+            tags: List[Any] = [f"t{n}" for n in range(page * 250_000, (page + 1) * 250_000)]
+            if page == 0:  # a page of short tags, as a CI's build numbers: tightly packed
+                tags = [*map(str, range(3000)), *odd]
+            link = [("Link", f'</v2/test/big/tags/list?page={page + 1}>; rel="next"')] \
+                if page + 1 < pages else []
+            return json_answer({"tags": tags}, headers=link)
+
+        server = HostileServer(answer)
+        self.addCleanup(server.stop)
+        cache = self.provider()
+        started = time.monotonic()
+        results = cache.sync({"target": f"oci:{self.path('big')}", "images": [
+            {"source": f"{server.host}/test/big", "tags": {"regex": r"t250007|7|x|a.b|t.1|\.\..*"}}]})
+        self.assertEqual([(r.source, r.status) for r in results],
+                         [(f"{server.host}/test/big:7", "copied"),
+                          (f"{server.host}/test/big:t250007", "copied")])
+        results = cache.sync({"target": f"oci:{self.path('big')}", "images": [
+            {"source": f"{server.host}/test/big", "tags": {"regex": r"t3[0-9]*"}}]})
+        self.assertEqual([r.status for r in results], ["failed"])
+        self.assertIn("more than 1000; narrow the filter", results[0].error)
+        self.assertLess(time.monotonic() - started, 15.0)
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
