@@ -8567,17 +8567,18 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         folders: Dict[str, int] = {}
         blobs_fd = _open_directory("blobs", directory, os.path.join(target, "blobs"))
         stack.callback(os.close, blobs_fd)
-        sources: List[Tuple[Digest, Callable[[], IO[bytes]]]] = [
-            (b.digest, functools.partial(cache.open_blob, b.digest)) for b in blobs]
-        sources += [(d, functools.partial(io.BytesIO, data)) for d, data in documents.items()]
-        for digest, opener in sources:
+        sources: List[Tuple[Digest, int, Callable[[], IO[bytes]]]] = [
+            (b.digest, b.size, functools.partial(cache.open_blob, b.digest)) for b in blobs]
+        sources += [(d, len(data), functools.partial(io.BytesIO, data))
+                    for d, data in documents.items()]
+        for digest, size, opener in sources:
             if digest.algorithm not in folders:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(digest.algorithm, dir_fd=blobs_fd)
                 folders[digest.algorithm] = _open_directory(
                     digest.algorithm, blobs_fd, os.path.join(target, "blobs", digest.algorithm))
                 stack.callback(os.close, folders[digest.algorithm])
-            _add_layout_blob(folders[digest.algorithm], digest, opener,
+            _add_layout_blob(folders[digest.algorithm], digest, size, opener,
                              os.path.join(target, _blob_name(digest)))
         for fd in [blobs_fd, *folders.values()]:  # the renames are durable before the index
             os.fsync(fd)
@@ -8657,10 +8658,11 @@ def _layout_has_file(folder: int, blob: Descriptor) -> bool:
     return stat.S_ISREG(found.st_mode) and found.st_size == blob.size
 
 
-def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]],
-                     where: str) -> None:
+def _add_layout_blob(folder: int, digest: Digest, size: int,
+                     opener: Callable[[], IO[bytes]], where: str) -> None:
     """``digest``'s file in a layout's ``blobs/ALGORITHM`` directory, unless a regular
-    file of that name holding that content is there (an earlier copy's); written under
+    file of that name holding that content (``size`` bytes, hashed) is there (an
+    earlier copy's; one of another size is not read, however large); written under
     a temporary name, hashed as it goes, fsynced, then renamed over whatever else has
     the name (another's file of other content, a link, a FIFO: never read nor followed)."""
     try:
@@ -8670,7 +8672,7 @@ def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]
     if found is not None and stat.S_ISDIR(found.st_mode):
         raise OciCacheError(f"{where} is a directory, not a blob; remove it")
     if found is not None and stat.S_ISREG(found.st_mode) and \
-            _holds_digest(folder, digest, where):
+            found.st_size == size and _holds_digest(folder, digest, where):
         return
     fd, temp = _create_temporary(folder, f".{digest.hex}")
     try:
@@ -8911,6 +8913,9 @@ def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
         # A registry target keeps the repository's path, not its registry: two sources
         # of one path would overwrite each other's tags, back and forth at every run.
         mirrored = f"{target}/{repository.repository}"
+        if not target.startswith("oci:") and mirrored == repository.name:
+            raise fail(f"{field}.source", f"{repository.name} would be mirrored onto itself "
+                                          f"(the target is {target}); name another prefix")
         if not target.startswith("oci:") and mirrored in destinations:
             raise fail(f"{field}.source", f"{repository.name} would be mirrored to "
                                           f"{mirrored}, as {destinations[mirrored]} is; "

@@ -6424,8 +6424,13 @@ class TestSyncAttacks(RegistryTestCase):
             with open(os.path.join(layout, "blobs", "sha256", blob.digest.split(":")[1]),
                       "wb") as f:
                 f.write(b"planted: not the blob" + blob.data[:10])
+        with open(os.path.join(layout, "blobs", "sha256",  # not hashed: not its size
+                               image.manifest.digest.split(":")[1]), "wb") as f:
+            f.truncate(64 << 30)
+        started = time.monotonic()
         result = self.cli("copy", f"{source.host}/test/atk:1", f"oci:{layout}:atk")
         self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertLess(time.monotonic() - started, 5.0)
         self.assert_whole(layout, image)
 
     def test_links_fifos_and_directories_planted_in_the_layout_lead_nowhere(self) -> None:
@@ -6664,6 +6669,11 @@ class TestSyncAttacks(RegistryTestCase):
             oc.parse_sync_spec({"target": "127.0.0.1:9/m", "images": [
                 {"source": "127.0.0.1:1/a/b", "tags": ["1"]},
                 {"source": "127.0.0.1:2/a/b", "tags": ["1"]}]})
+        for target, source in [("127.0.0.1:1", "127.0.0.1:1/a/b"), ("docker.io", "alpine")]:
+            with self.subTest(target):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, "onto itself"):
+                    oc.parse_sync_spec({"target": target, "images": [
+                        {"source": source, "tags": ["1"]}]})
         spec = oc.parse_sync_spec({"target": "oci:x", "images": [  # a layout keeps the host
             {"source": "127.0.0.1:1/a/b", "tags": ["1"]},
             {"source": "127.0.0.1:2/a/b", "tags": ["1"]}]})
