@@ -8939,9 +8939,10 @@ def _sync_target(value: Any, fail: Callable[[str, str], InvalidSyncFileError]) -
     if value.startswith("oci:"):
         if not value[len("oci:"):]:
             raise fail("target", "name a directory, as in oci:DIR")
-        if re.search(r"[\x00-\x1f\x7f\ud800-\udfff]", value):  # a line per image is reported
-            raise fail("target", f"{value!r}: DIR has a control character or a lone "
-                                 "surrogate")
+        if re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]", value):
+            # each image is reported on a line that names the target
+            raise fail("target", f"{value!r}: DIR has a control character, a line "
+                                 "separator or a lone surrogate")
         if ":" in value[len("oci:"):]:
             raise fail("target", f"{value!r}: oci:DIR takes no :TAG (each image is named by "
                                  "its source name) and DIR no colon")

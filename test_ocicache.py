@@ -6654,7 +6654,8 @@ class TestSyncAttacks(RegistryTestCase):
         self.assert_one_line_error(self.cli("sync", deep), "deep.json: not JSON")
         for target, fragment in [("oci:x\ny", "control character"),
                                  ("oci:x\x00y", "control character"),
-                                 ("oci:x\ud800", "lone surrogate")]:
+                                 ("oci:x\ud800", "lone surrogate"),
+                                 ("oci:x\u2028y", "line separator"), ("oci:x\x85", "control")]:
             with self.subTest(target):
                 with self.assertRaisesRegex(oc.InvalidSyncFileError, f"target: .*{fragment}"):
                     oc.parse_sync_spec({"target": target, "images": [
