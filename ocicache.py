@@ -8305,10 +8305,7 @@ class Provider(CacheProvider):
         """``_layout_target``, refusing the cache's own directory and anything in it: its
         index.json is the cache's, written under its lock, and gc owns the rest."""
         target = _layout_target(path, archive)
-        cache, real = os.path.realpath(self.root), os.path.realpath(target)
-        if real == cache or real.startswith(os.path.join(cache, "")):
-            raise OciCacheError(f"cannot write {path}: it is {'' if real == cache else 'in '}"
-                                f"the cache {self.root}; to add an image to the cache, pull it")
+        _refuse_in_cache(path, self.root, "to add an image to the cache, pull it")
         return target
 
     def _platform_subset(self, ref: Reference, architecture: str
@@ -8510,6 +8507,15 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
             if not _is_foreign(blob):
                 blobs.setdefault(blob.digest, blob)
     return tuple(blobs.values())
+
+
+def _refuse_in_cache(path: str, cache: str, advice: str) -> None:
+    """An error when ``path`` (a link resolved) is the cache directory ``cache`` or in
+    it: the cache's files are written only by its own code, under its lock."""
+    root, real = os.path.realpath(cache), os.path.realpath(path)
+    if real == root or real.startswith(os.path.join(root, "")):
+        raise OciCacheError(f"cannot write {path}: it is {'' if real == root else 'in '}the "
+                            f"cache {cache}; {advice}")
 
 
 def _layout_target(path: str, archive: bool) -> str:
@@ -10233,6 +10239,7 @@ def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
     if args.output == "-":
         write(sys.stdout.buffer)
         return 0
+    _refuse_in_cache(args.output, provider.root, "export to a file outside it")
     with _terminate_as_exception():
         _write_output(args.output, write)
     return 0

@@ -6643,9 +6643,15 @@ class TestSyncAttacks(RegistryTestCase):
                     json.dump({"target": f"oci:{target}", "images": [
                         {"source": f"{source.host}/test/atk", "tags": ["1"]}]}, f)
                 self.assert_one_line_error(self.cli("sync", path), "cache")
+        for output in ["index.json", "blobs/sha256/x.tar"]:  # nor an export's file
+            with self.subTest(output):
+                self.assert_one_line_error(self.cli(
+                    "export", "--format", "oci", f"{source.host}/test/atk:1", "-o",
+                    os.path.join(self.cache_dir, output)), "cache")
         with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
             self.assertEqual(f.read(), before)
         self.assertFalse(os.path.exists(os.path.join(self.cache_dir, "blobs", "inside")))
+        self.assertFalse(os.path.exists(os.path.join(self.cache_dir, "blobs", "sha256", "x.tar")))
 
     def test_hostile_sync_files_are_one_line_errors(self) -> None:
         deep = self.path("deep.json")
