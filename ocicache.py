@@ -8614,7 +8614,12 @@ def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:
         data = f.read(MAX_INDEX_SIZE + 1)
     if len(data) > MAX_INDEX_SIZE:
         raise OciCacheError(f"{where} is larger than {MAX_INDEX_SIZE} bytes")
-    return Index.from_json(data, what=where)
+    try:
+        return Index.from_json(data, what=where)
+    except OciCacheError as e:  # a bad descriptor's message does not say where it is
+        if where in str(e):
+            raise
+        raise OciCacheError(f"{where}: {e}") from None
 
 
 def _layout_holds(target: str, root: Digest) -> bool:

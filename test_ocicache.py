@@ -6607,6 +6607,23 @@ class TestSyncAttacks(RegistryTestCase):
         self.assertIn("more than 1000; narrow the filter", results[0].error)
         self.assertLess(time.monotonic() - started, 15.0)
 
+    def test_a_malformed_index_json_is_one_line_naming_it(self) -> None:
+        layout = self.empty_layout()
+        digest = "sha256:" + "a" * 64
+        for body in [b'{"manifests": [{"digest": "x"}]}', b"[]", b"\xff\xfe", b"[" * 5000,
+                     b'{"manifests": "\\ud800"}',
+                     json.dumps({"manifests": [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest":
+                                                digest, "size": 1, "annotations": {
+                                                    oc.ANNOTATION_REF_NAME: 5}}]}).encode()]:
+            with self.subTest(body[:40]):
+                with open(os.path.join(layout, "index.json"), "wb") as f:
+                    f.write(body)
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    self.provider().sync({"target": f"oci:{layout}", "images": [
+                        {"source": "127.0.0.1:1/a", "tags": ["1"]}]})
+                self.assertIn(os.path.join(layout, "index.json"), str(caught.exception))
+                self.assertEqual(line_problem(str(caught.exception)), "")
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
