@@ -8566,7 +8566,9 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
     with contextlib.ExitStack() as stack:
         directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, directory)
-        fcntl.flock(directory, fcntl.LOCK_EX)
+        # Any user of the directory can hold it: the wait is said and bounded, as for the cache
+        _wait_for_lock(directory, functools.partial(_try_flock, directory, fcntl.LOCK_EX),
+                       f"the lock on the layout {target}")
         index = _read_layout_index(target, directory)
         with contextlib.suppress(FileExistsError):
             os.mkdir("blobs", dir_fd=directory)

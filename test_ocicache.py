@@ -6624,6 +6624,24 @@ class TestSyncAttacks(RegistryTestCase):
                 self.assertIn(os.path.join(layout, "index.json"), str(caught.exception))
                 self.assertEqual(line_problem(str(caught.exception)), "")
 
+    def test_a_layout_lock_held_by_another_user_is_a_bounded_wait(self) -> None:
+        import fcntl
+        source, image = self.source_image()
+        layout = self.empty_layout()
+        held = os.open(layout, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, held)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with mock.patch.dict(os.environ, {"OCICACHE_LOCK_TIMEOUT": "1.5"}):
+            result = subprocess.run([sys.executable, OCICACHE, "--cache", self.cache_dir, "copy",
+                                     f"{source.host}/test/atk:1", f"oci:{layout}:atk"],
+                                    capture_output=True, timeout=10, cwd=self.tmp)
+        message = result.stderr.decode().strip().splitlines()
+        self.assertEqual(result.returncode, 1, message)
+        self.assertIn("waiting for the lock on the layout", message[0])
+        self.assertIn(f"gave up after 1.5 s waiting for the lock on the layout {layout}",
+                      message[-1])
+        self.assertFalse(os.path.exists(os.path.join(layout, "index.json")))
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
