@@ -8684,8 +8684,8 @@ def _add_layout_blob(folder: int, digest: Digest, size: int,
         found = None
     if found is not None and stat.S_ISDIR(found.st_mode):
         raise OciCacheError(f"{where} is a directory, not a blob; remove it")
-    if found is not None and stat.S_ISREG(found.st_mode) and \
-            found.st_size == size and _holds_digest(folder, digest, where):
+    if found is not None and stat.S_ISREG(found.st_mode) and found.st_size == size and (
+            _known_layout_blob(digest, found) or _holds_digest(folder, digest, where)):
         return
     fd, temp = _create_temporary(folder, f".{digest.hex}")
     try:
@@ -8696,6 +8696,7 @@ def _add_layout_blob(folder: int, digest: Digest, size: int,
                 out.write(piece)
             out.flush()
             os.fsync(out.fileno())
+            inode = os.fstat(out.fileno()).st_ino
         if hasher.hexdigest() != digest.hex:
             raise DigestMismatchError(f"{where}: the cache's copy of {digest} has other content")
         os.replace(temp, digest.hex, src_dir_fd=folder, dst_dir_fd=folder)
@@ -8703,6 +8704,29 @@ def _add_layout_blob(folder: int, digest: Digest, size: int,
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=folder)
         raise
+    with contextlib.suppress(OSError):
+        renamed = os.stat(digest.hex, dir_fd=folder, follow_symlinks=False)
+        if renamed.st_ino == inode:  # still ours: no one swapped it in between
+            _remember_layout_blob(digest, renamed)
+
+
+# The layout blob files this process wrote or hashed, by device and inode, with their
+# size and times: one not changed since (a write or a rename changes its ctime) is not
+# read again, so a sync of many images that share a layer hashes it once, not per image.
+_LAYOUT_BLOBS_SEEN: Dict[Tuple[int, int], Tuple[Digest, int, int, int]] = {}
+_LAYOUT_BLOBS_GUARD = threading.Lock()
+
+
+def _remember_layout_blob(digest: Digest, found: os.stat_result) -> None:
+    with _LAYOUT_BLOBS_GUARD:
+        _LAYOUT_BLOBS_SEEN[(found.st_dev, found.st_ino)] = (
+            digest, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+
+
+def _known_layout_blob(digest: Digest, found: os.stat_result) -> bool:
+    with _LAYOUT_BLOBS_GUARD:
+        known = _LAYOUT_BLOBS_SEEN.get((found.st_dev, found.st_ino))
+    return known == (digest, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
 
 
 def _holds_digest(folder: int, digest: Digest, where: str) -> bool:
@@ -8714,9 +8738,14 @@ def _holds_digest(folder: int, digest: Digest, where: str) -> bool:
         return False
     hasher = digest.hasher()
     with os.fdopen(fd, "rb") as f:
+        before = os.fstat(f.fileno())
         for piece in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
             hasher.update(piece)
-    return hasher.hexdigest() == digest.hex
+        if hasher.hexdigest() != digest.hex:
+            return False
+        if os.fstat(f.fileno()) == before:  # not written to while it was hashed
+            _remember_layout_blob(digest, before)
+    return True
 
 
 def parse_copy_location(text: str) -> Tuple[str, str, str]:

@@ -6642,6 +6642,19 @@ class TestSyncAttacks(RegistryTestCase):
                       message[-1])
         self.assertFalse(os.path.exists(os.path.join(layout, "index.json")))
 
+    def test_a_layer_many_images_share_is_hashed_once_per_sync(self) -> None:
+        source = self.start_registry()
+        shared = {"shared": random.Random(5).randbytes(300_000)}
+        for tag in ["1", "2", "3"]:
+            image = make_image(f"share-{tag}", layer_files=[shared], gzip_layers=False)
+            upload(source.url, "test/share", image.blobs, [(tag, image.manifest)])
+        hashed = mock.patch.object(oc, "_holds_digest", wraps=oc._holds_digest)
+        with hashed as spy:
+            results = self.provider().sync({"target": f"oci:{self.path('share')}", "images": [
+                {"source": f"{source.host}/test/share", "tags": ["1", "2", "3"]}]})
+        self.assertEqual([r.status for r in results], ["copied"] * 3)
+        self.assertEqual(spy.call_count, 0)  # the layer written by the first, known since
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
