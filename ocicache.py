@@ -8596,11 +8596,22 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         if len(updated) > MAX_INDEX_SIZE:
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
-        try:
-            os.stat("oci-layout", dir_fd=directory, follow_symlinks=False)
-        except FileNotFoundError:  # an empty directory becomes a layout
+        if not _layout_marker_is_good(directory):  # an empty directory becomes a layout,
+            # and one whose marker another replaced readable again (as skopeo rewrites it)
             _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
+
+
+def _layout_marker_is_good(directory: int) -> bool:
+    """Whether the layout open as ``directory`` has a regular ``oci-layout`` file of
+    version 1.0.0, the one every reader accepts."""
+    try:
+        fd = _open_regular("oci-layout", os.O_RDONLY, directory)
+        with os.fdopen(fd, "rb") as f:
+            marker = json.loads(f.read(4096))
+    except (OSError, OciCacheError, ValueError, RecursionError):
+        return False
+    return isinstance(marker, dict) and marker.get("imageLayoutVersion") == "1.0.0"
 
 
 def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:

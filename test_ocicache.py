@@ -6427,11 +6427,17 @@ class TestSyncAttacks(RegistryTestCase):
         with open(os.path.join(layout, "blobs", "sha256",  # not hashed: not its size
                                image.manifest.digest.split(":")[1]), "wb") as f:
             f.truncate(64 << 30)
+        with open(os.path.join(layout, "oci-layout"), "wb") as f:
+            f.write(b'{"imageLayoutVersion": "9.9"}')
         started = time.monotonic()
         result = self.cli("copy", f"{source.host}/test/atk:1", f"oci:{layout}:atk")
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         self.assertLess(time.monotonic() - started, 5.0)
         self.assert_whole(layout, image)
+        umoci = require_tool(self, "umoci")  # which reads only a layout of version 1.0.0
+        stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:atk"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(stated.returncode, 0, stated.stderr.decode())
 
     def test_links_fifos_and_directories_planted_in_the_layout_lead_nowhere(self) -> None:
         source, image = self.source_image()
