@@ -8570,6 +8570,12 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         _wait_for_lock(directory, functools.partial(_try_flock, directory, fcntl.LOCK_EX),
                        f"the lock on the layout {target}")
         index = _read_layout_index(target, directory)
+        if not _layout_marker_is_good(directory):
+            # First: an empty directory is a layout (with no image yet) before a blob is
+            # in it, so that a copy that fails part-way is taken up again, not refused as
+            # "not a layout"; and one whose marker another replaced is readable again
+            # (skopeo rewrites it too).
+            _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
         with contextlib.suppress(FileExistsError):
             os.mkdir("blobs", dir_fd=directory)
         folders: Dict[str, int] = {}
@@ -8596,9 +8602,6 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         if len(updated) > MAX_INDEX_SIZE:
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
-        if not _layout_marker_is_good(directory):  # an empty directory becomes a layout,
-            # and one whose marker another replaced readable again (as skopeo rewrites it)
-            _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
 
 

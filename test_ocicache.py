@@ -6661,6 +6661,29 @@ class TestSyncAttacks(RegistryTestCase):
         self.assertEqual([r.status for r in results], ["copied"] * 3)
         self.assertEqual(spy.call_count, 0)  # the layer written by the first, known since
 
+    def test_a_first_copy_into_an_empty_directory_failing_part_way_is_taken_up_again(self
+                                                                                    ) -> None:
+        source, image = self.source_image()
+        layout = self.path("empty")
+        os.mkdir(layout)
+        cache = self.provider()
+        real = oc._add_layout_blob
+        calls = []
+
+        def fail_second(*args: Any) -> None:
+            calls.append(args)
+            if len(calls) == 2:
+                raise oc.OciCacheError("interrupted")
+            real(*args)
+
+        with mock.patch.object(oc, "_add_layout_blob", fail_second):
+            with self.assertRaisesRegex(oc.OciCacheError, "interrupted"):
+                cache.copy(f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertFalse(os.path.exists(os.path.join(layout, "index.json")))
+        copied = cache.copy(f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertEqual(str(copied[0][1].digest), image.manifest.digest)
+        self.assert_whole(layout, image)
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
