@@ -6684,6 +6684,24 @@ class TestSyncAttacks(RegistryTestCase):
         self.assertEqual(str(copied[0][1].digest), image.manifest.digest)
         self.assert_whole(layout, image)
 
+    def test_skopeo_and_ocicache_add_to_each_others_layouts(self) -> None:
+        source, image = self.source_image()
+        other = make_image("other")
+        upload(source.url, "test/other", other.blobs, [("1", other.manifest)])
+        layout = self.path("shared")
+        self.skopeo("copy", "--src-tls-verify=false", f"docker://{source.host}/test/atk:1",
+                    f"oci:{layout}:sk")
+        copied = self.cli("copy", f"{source.host}/test/other:1", f"oci:{layout}:oc")
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        self.skopeo("copy", "--src-tls-verify=false", f"docker://{source.host}/test/other:1",
+                    f"oci:{layout}:sk2")
+        for name, wanted in [("sk", image), ("oc", other), ("sk2", other)]:
+            self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:{name}").encode(),
+                             wanted.manifest.data)
+        names = [m["annotations"][oc.ANNOTATION_REF_NAME]
+                 for m in json.load(open(os.path.join(layout, "index.json")))["manifests"]]
+        self.assertEqual(sorted(names), ["oc", "sk", "sk2"])
+
     def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
         source, image = self.source_image()
         cache = self.provider()
