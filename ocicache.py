@@ -900,18 +900,19 @@ def _nested_deeper_than(obj: Any, limit: int) -> bool:
 
 
 def _parse_json(data: Union[bytes, str], what: str,
-                error: Type[OciCacheError] = OciCacheError) -> Any:
+                error: Type[OciCacheError] = OciCacheError,
+                packed: int = _MIN_JSON_BYTES_PER_VALUE) -> Any:
     """``data`` decoded as JSON, or ``error`` naming ``what``.
 
     Every document that comes from outside goes through here, so that nesting deeper
     than ``_JSON_MAX_DEPTH``, escaped lone surrogates (which decode but can never be
-    written back as UTF-8) and documents packed with values are refused like any other
-    bad JSON."""
+    written back as UTF-8) and documents packed with values (fewer than ``packed``
+    bytes each) are refused like any other bad JSON."""
     raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
     containers = raw.count(b"{") + raw.count(b"[")
     values = raw.count(b",") + containers  # an upper bound
-    if values > len(raw) // _MIN_JSON_BYTES_PER_VALUE + 1024:
+    if values > len(raw) // packed + 1024:
         if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
             raise error(too_deep)  # what it is, though packed too
         raise error(f"{what} is not valid JSON for an image document: it packs {values} "
@@ -4418,7 +4419,10 @@ class RegistryClient:
         tags: Dict[str, None] = {}
         skipped = 0
         for data, _ in self._pages(endpoint, url, what, (200,)):
-            page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}")
+            # A tag list is short strings ("1",): packed as no image document is, and
+            # still a bounded page. Tighter than that is not a tag list.
+            page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}",
+                               packed=len('"1",'))
             entries = page.get("tags") if isinstance(page, dict) else ()
             if not isinstance(entries, list) and entries is not None:
                 raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
@@ -9142,7 +9146,7 @@ class Provider(CacheProvider):
             if not sources:
                 raise NotFoundError(f"{base.name} has no tags")
         if dst_kind in ("oci", "oci-archive"):
-            _layout_target(dst, dst_kind == "oci-archive")  # before any request
+            self._layout_outside_cache(dst, dst_kind == "oci-archive")  # before any request
         with self.layout.adding_blobs():  # what is staged here is not gc's until copied
             return self._copy(sources, src_kind, dst_kind, dst, dst_tag, architecture,
                               all_tags, referrers)
@@ -9410,20 +9414,21 @@ class Provider(CacheProvider):
             ANNOTATION_CONTAINERD_NAME: name if "/" in name else
             str(Reference(ref.registry, ref.repository, name))})
             for ref, name, plan in items)
-        target = _layout_target(path, archive)
+        target = self._layout_outside_cache(path, archive)
         if not archive and os.path.isdir(target):
             _add_to_layout(target, self.layout, blobs.values(), documents, entries)
         else:
-            self._write_new_layout(target, archive, blobs, documents,
-                                   Index(MEDIA_OCI_INDEX, entries).to_bytes())
+            self._write_new_layout(target, archive, blobs, documents, entries)
         for _, name, plan in items:
             self.progress.copied(f"{'oci-archive' if archive else 'oci'}:{path}:{name}",
                                  plan.root)
 
     def _write_new_layout(self, target: str, archive: bool, blobs: Mapping[Digest, Descriptor],
-                          documents: Mapping[Digest, bytes], index: bytes) -> None:
+                          documents: Mapping[Digest, bytes], entries: Sequence[Descriptor]
+                          ) -> None:
         """A new layout directory or archive at ``target``, under a temporary name until
-        it is complete."""
+        it is complete; a directory is filled as an existing one is added to (through
+        its descriptors: a link planted in it meanwhile is never followed)."""
         parent, base = os.path.split(target)
         temp = os.path.join(parent, _temporary_name(f".{base}"))  # the umask's mode, as export
         if archive:
@@ -9442,13 +9447,13 @@ class Provider(CacheProvider):
                         tar.add_blob(self.layout, blob, _blob_name(blob.digest))
                     for digest, data in documents.items():
                         tar.add_bytes(_blob_name(digest), data)
-                    tar.add_bytes("index.json", index)
+                    tar.add_bytes("index.json", Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes())
                     tar.close()
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(temp, target)
             else:
-                self._write_layout_directory(temp, blobs.values(), documents, index)
+                _add_to_layout(temp, self.layout, blobs.values(), documents, entries)
                 os.rename(temp, target)
         except BaseException:
             if archive:
@@ -9459,22 +9464,12 @@ class Provider(CacheProvider):
                 shutil.rmtree(temp, ignore_errors=True)
             raise
 
-    def _write_layout_directory(self, directory: str, blobs: Iterable[Descriptor],
-                                documents: Mapping[Digest, bytes], index: bytes) -> None:
-        """The files of an OCI layout in ``directory``, blobs streamed from the cache."""
-        import shutil
-        for digest in [*(b.digest for b in blobs), *documents]:
-            os.makedirs(os.path.join(directory, "blobs", digest.algorithm), exist_ok=True)
-        for blob in blobs:
-            with self.layout.open_blob(blob.digest) as source, \
-                    open(os.path.join(directory, _blob_name(blob.digest)), "xb") as out:
-                shutil.copyfileobj(source, out, COPY_BUFFER_SIZE)
-                os.fsync(out.fileno())  # durable before the rename makes it visible
-        written = [(_blob_name(digest), data) for digest, data in documents.items()]
-        for name, data in [*written, ("oci-layout", _OCI_LAYOUT_BYTES), ("index.json", index)]:
-            with open(os.path.join(directory, name), "wb") as out:
-                out.write(data)
-                os.fsync(out.fileno())
+    def _layout_outside_cache(self, path: str, archive: bool) -> str:
+        """``_layout_target``, refusing the cache's own directory and anything in it: its
+        index.json is the cache's, written under its lock, and gc owns the rest."""
+        target = _layout_target(path, archive)
+        _refuse_in_cache(path, self.root, "to add an image to the cache, pull it")
+        return target
 
     def _platform_subset(self, ref: Reference, architecture: str
                          ) -> Tuple[Descriptor, List[Descriptor], Dict[Digest, bytes]]:
@@ -9557,7 +9552,7 @@ class Provider(CacheProvider):
         directory = spec.target[len("oci:"):] if spec.target.startswith("oci:") else ""
         held: Dict[str, Digest] = {}
         if directory:
-            target = _layout_target(directory, False)  # before any request
+            target = self._layout_outside_cache(directory, False)  # before any request
             if os.path.isdir(target):
                 held = {e.annotations[ANNOTATION_REF_NAME]: e.digest
                         for e in _read_layout_index(target).manifests
@@ -9619,6 +9614,8 @@ class Provider(CacheProvider):
                     want = self._filtered(pinned, data, root, source.platforms)[1].digest
         except OciCacheError as e:
             return SyncResult(name, where, "failed", error=_one_line(str(e))), None
+        if current == want and destination is None and not _layout_holds(directory, want):
+            current = None  # listed, but not all there: copied again, which mends it
         if current == want:
             return SyncResult(name, where, "unchanged", str(want)), None
         return SyncResult(name, where, "would copy", str(want)), pinned
@@ -9692,11 +9689,26 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
     return tuple(blobs.values())
 
 
+def _refuse_in_cache(path: str, cache: str, advice: str) -> None:
+    """An error when ``path`` (a link resolved) is the cache directory ``cache`` or in
+    it: the cache's files are written only by its own code, under its lock."""
+    root, real = os.path.realpath(cache), os.path.realpath(path)
+    if real == root or real.startswith(os.path.join(root, "")):
+        raise OciCacheError(f"cannot write {path}: it is {'' if real == root else 'in '}the "
+                            f"cache {cache}; {advice}")
+
+
 def _layout_target(path: str, archive: bool) -> str:
     """The absolute path a copy writes its layout or archive to, when it may: in an
     existing directory; a layout directory that exists (or an empty directory) is added
     to; an archive never replaces anything but a regular file (the rename would replace
     a device or FIFO, as ``docker save -o /dev/null`` once replaced root's /dev/null)."""
+    try:
+        if b"\x00" in os.fsencode(path):
+            raise OciCacheError(f"cannot write {path!r}: a path has no NUL character")
+    except UnicodeEncodeError:
+        raise OciCacheError(f"cannot write {path!r}: it has a lone surrogate, which no file "
+                            "name here can hold") from None
     target = os.path.abspath(path)
     if not os.path.isdir(os.path.dirname(target)):
         raise OciCacheError(f"cannot write {path}: {os.path.dirname(target)} is not a directory")
@@ -9734,24 +9746,33 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
     with contextlib.ExitStack() as stack:
         directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, directory)
-        fcntl.flock(directory, fcntl.LOCK_EX)
+        # Any user of the directory can hold it: the wait is said and bounded, as for the cache
+        _wait_for_lock(directory, functools.partial(_try_flock, directory, fcntl.LOCK_EX),
+                       f"the lock on the layout {target}")
         index = _read_layout_index(target, directory)
+        if not _layout_marker_is_good(directory):
+            # First: an empty directory is a layout (with no image yet) before a blob is
+            # in it, so that a copy that fails part-way is taken up again, not refused as
+            # "not a layout"; and one whose marker another replaced is readable again
+            # (skopeo rewrites it too).
+            _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
         with contextlib.suppress(FileExistsError):
             os.mkdir("blobs", dir_fd=directory)
         folders: Dict[str, int] = {}
         blobs_fd = _open_directory("blobs", directory, os.path.join(target, "blobs"))
         stack.callback(os.close, blobs_fd)
-        sources: List[Tuple[Digest, Callable[[], IO[bytes]]]] = [
-            (b.digest, functools.partial(cache.open_blob, b.digest)) for b in blobs]
-        sources += [(d, functools.partial(io.BytesIO, data)) for d, data in documents.items()]
-        for digest, opener in sources:
+        sources: List[Tuple[Digest, int, Callable[[], IO[bytes]]]] = [
+            (b.digest, b.size, functools.partial(cache.open_blob, b.digest)) for b in blobs]
+        sources += [(d, len(data), functools.partial(io.BytesIO, data))
+                    for d, data in documents.items()]
+        for digest, size, opener in sources:
             if digest.algorithm not in folders:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(digest.algorithm, dir_fd=blobs_fd)
                 folders[digest.algorithm] = _open_directory(
                     digest.algorithm, blobs_fd, os.path.join(target, "blobs", digest.algorithm))
                 stack.callback(os.close, folders[digest.algorithm])
-            _add_layout_blob(folders[digest.algorithm], digest, opener,
+            _add_layout_blob(folders[digest.algorithm], digest, size, opener,
                              os.path.join(target, _blob_name(digest)))
         for fd in [blobs_fd, *folders.values()]:  # the renames are durable before the index
             os.fsync(fd)
@@ -9761,11 +9782,19 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         if len(updated) > MAX_INDEX_SIZE:
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
-        try:
-            os.stat("oci-layout", dir_fd=directory, follow_symlinks=False)
-        except FileNotFoundError:  # an empty directory becomes a layout
-            _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
+
+
+def _layout_marker_is_good(directory: int) -> bool:
+    """Whether the layout open as ``directory`` has a regular ``oci-layout`` file of
+    version 1.0.0, the one every reader accepts."""
+    try:
+        fd = _open_regular("oci-layout", os.O_RDONLY, directory)
+        with os.fdopen(fd, "rb") as f:
+            marker = json.loads(f.read(4096))
+    except (OSError, OciCacheError, ValueError, RecursionError):
+        return False
+    return isinstance(marker, dict) and marker.get("imageLayoutVersion") == "1.0.0"
 
 
 def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:
@@ -9781,17 +9810,77 @@ def _read_layout_index(target: str, directory: Optional[int] = None) -> Index:
         data = f.read(MAX_INDEX_SIZE + 1)
     if len(data) > MAX_INDEX_SIZE:
         raise OciCacheError(f"{where} is larger than {MAX_INDEX_SIZE} bytes")
-    return Index.from_json(data, what=where)
+    try:
+        return Index.from_json(data, what=where)
+    except OciCacheError as e:  # a bad descriptor's message does not say where it is
+        if where in str(e):
+            raise
+        raise OciCacheError(f"{where}: {e}") from None
 
 
-def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]],
-                     where: str) -> None:
+def _layout_holds(target: str, root: Digest) -> bool:
+    """Whether the layout directory ``target`` holds all of the image ``root``, as its
+    index.json says (whoever else writes there may have removed or replaced a blob):
+    every manifest and index read and hashed, every other blob a regular file of its
+    size (a layer is not read again). Never through a link."""
+    with contextlib.ExitStack() as stack:
+        try:
+            blobs = _open_directory(os.path.join(target, "blobs"))
+            stack.callback(os.close, blobs)
+            folders: Dict[str, int] = {}
+
+            def folder(digest: Digest) -> int:
+                if digest.algorithm not in folders:
+                    folders[digest.algorithm] = _open_directory(digest.algorithm, blobs)
+                    stack.callback(os.close, folders[digest.algorithm])
+                return folders[digest.algorithm]
+
+            pending, seen = [root], set()
+            while pending:
+                digest = pending.pop()
+                seen.add(digest)
+                fd = _open_regular(digest.hex, os.O_RDONLY, folder(digest))
+                with os.fdopen(fd, "rb") as f:
+                    data = f.read(MAX_MANIFEST_SIZE + 1)
+                if Digest.from_bytes(data, digest.algorithm) != digest:
+                    return False
+                _, document = read_document(data, str(digest))
+                children = document.manifests if isinstance(document, Index) else ()
+                for child in children:
+                    if child.media_type in DOCUMENT_MEDIA_TYPES:
+                        pending += [child.digest] if child.digest not in seen else []
+                    elif not _layout_has_file(folder(child.digest), child):
+                        return False
+                if isinstance(document, Manifest) and not all(
+                        _layout_has_file(folder(b.digest), b) for b in document.blobs()
+                        if not _is_foreign(b)):
+                    return False
+        except (OSError, OciCacheError):
+            return False
+    return True
+
+
+def _layout_has_file(folder: int, blob: Descriptor) -> bool:
+    found = os.stat(blob.digest.hex, dir_fd=folder, follow_symlinks=False)
+    return stat.S_ISREG(found.st_mode) and found.st_size == blob.size
+
+
+def _add_layout_blob(folder: int, digest: Digest, size: int,
+                     opener: Callable[[], IO[bytes]], where: str) -> None:
     """``digest``'s file in a layout's ``blobs/ALGORITHM`` directory, unless a regular
-    file of that name is there (written by an earlier copy: its rename made it whole);
-    written under a temporary name, hashed as it goes, fsynced, then renamed."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISREG(os.stat(digest.hex, dir_fd=folder, follow_symlinks=False).st_mode):
-            return
+    file of that name holding that content (``size`` bytes, hashed) is there (an
+    earlier copy's; one of another size is not read, however large); written under
+    a temporary name, hashed as it goes, fsynced, then renamed over whatever else has
+    the name (another's file of other content, a link, a FIFO: never read nor followed)."""
+    try:
+        found = os.stat(digest.hex, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        found = None
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise OciCacheError(f"{where} is a directory, not a blob; remove it")
+    if found is not None and stat.S_ISREG(found.st_mode) and found.st_size == size and (
+            _known_layout_blob(digest, found) or _holds_digest(folder, digest, where)):
+        return
     fd, temp = _create_temporary(folder, f".{digest.hex}")
     try:
         hasher = digest.hasher()
@@ -9801,6 +9890,7 @@ def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]
                 out.write(piece)
             out.flush()
             os.fsync(out.fileno())
+            inode = os.fstat(out.fileno()).st_ino
         if hasher.hexdigest() != digest.hex:
             raise DigestMismatchError(f"{where}: the cache's copy of {digest} has other content")
         os.replace(temp, digest.hex, src_dir_fd=folder, dst_dir_fd=folder)
@@ -9808,6 +9898,48 @@ def _add_layout_blob(folder: int, digest: Digest, opener: Callable[[], IO[bytes]
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=folder)
         raise
+    with contextlib.suppress(OSError):
+        renamed = os.stat(digest.hex, dir_fd=folder, follow_symlinks=False)
+        if renamed.st_ino == inode:  # still ours: no one swapped it in between
+            _remember_layout_blob(digest, renamed)
+
+
+# The layout blob files this process wrote or hashed, by device and inode, with their
+# size and times: one not changed since (a write or a rename changes its ctime) is not
+# read again, so a sync of many images that share a layer hashes it once, not per image.
+_LAYOUT_BLOBS_SEEN: Dict[Tuple[int, int], Tuple[Digest, int, int, int]] = {}
+_LAYOUT_BLOBS_GUARD = threading.Lock()
+
+
+def _remember_layout_blob(digest: Digest, found: os.stat_result) -> None:
+    with _LAYOUT_BLOBS_GUARD:
+        _LAYOUT_BLOBS_SEEN[(found.st_dev, found.st_ino)] = (
+            digest, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+
+
+def _known_layout_blob(digest: Digest, found: os.stat_result) -> bool:
+    with _LAYOUT_BLOBS_GUARD:
+        known = _LAYOUT_BLOBS_SEEN.get((found.st_dev, found.st_ino))
+    return known == (digest, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+
+
+def _holds_digest(folder: int, digest: Digest, where: str) -> bool:
+    """Whether the file ``digest`` names in ``folder`` hashes to it: a layout's other
+    users may have put anything under a blob's name, and its index would vouch for it."""
+    try:
+        fd = _open_regular(digest.hex, os.O_RDONLY, folder, where)
+    except (OSError, OciCacheError):  # gone, or swapped for a link: written anew
+        return False
+    hasher = digest.hasher()
+    with os.fdopen(fd, "rb") as f:
+        before = os.fstat(f.fileno())
+        for piece in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+            hasher.update(piece)
+        if hasher.hexdigest() != digest.hex:
+            return False
+        if os.fstat(f.fileno()) == before:  # not written to while it was hashed
+            _remember_layout_blob(digest, before)
+    return True
 
 
 def parse_copy_location(text: str) -> Tuple[str, str, str]:
@@ -9892,7 +10024,8 @@ _MAX_SYNC_FILE = 1024 * 1024
 _MAX_SYNC_IMAGES = 1000
 _MAX_SYNC_TAGS = 1000          # tags one source may list or match
 _MAX_TAG_PATTERN = 256         # characters of a tag regex
-_MAX_PATTERN_REPEATS = 3       # unbounded repeats in one tag regex
+_MAX_PATTERN_REPEATS = 3       # unbounded (or wide) repeats in one tag regex
+_MAX_PATTERN_OPTIONALS = 8     # optional parts (a?, a{2,3}) in one: each doubles the work
 
 
 @_value_type
@@ -9968,7 +10101,9 @@ def read_sync_file(path: str) -> SyncSpec:
     try:
         obj = json.loads(data)
     except ValueError as e:
-        raise InvalidSyncFileError(f"{what}: not JSON: {e}") from None
+        raise InvalidSyncFileError(f"{what}: not JSON: {_one_line(str(e))}") from None
+    except RecursionError:  # a file of brackets: refused as other bad JSON is
+        raise InvalidSyncFileError(f"{what}: not JSON: nested too deeply") from None
     return parse_sync_spec(obj, what)
 
 
@@ -9997,6 +10132,7 @@ def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
         raise fail("images", f"{len(images)} entries; at most {_MAX_SYNC_IMAGES}")
     sources: List[SyncSource] = []
     seen: Dict[str, str] = {}
+    destinations: Dict[str, str] = {}
     for number, image in enumerate(images):
         field = f"images[{number}]"
         if not isinstance(image, dict):
@@ -10010,6 +10146,17 @@ def parse_sync_spec(obj: Any, what: str = "sync file") -> SyncSpec:
             raise fail(f"{field}.source", f"{repository.name} is listed already, in "
                                           f"{seen[repository.name]}; list it once")
         seen[repository.name] = field
+        # A registry target keeps the repository's path, not its registry: two sources
+        # of one path would overwrite each other's tags, back and forth at every run.
+        mirrored = f"{target}/{repository.repository}"
+        if not target.startswith("oci:") and mirrored == repository.name:
+            raise fail(f"{field}.source", f"{repository.name} would be mirrored onto itself "
+                                          f"(the target is {target}); name another prefix")
+        if not target.startswith("oci:") and mirrored in destinations:
+            raise fail(f"{field}.source", f"{repository.name} would be mirrored to "
+                                          f"{mirrored}, as {destinations[mirrored]} is; "
+                                          "list one")
+        destinations[mirrored] = field
         platforms = default if "platforms" not in image else \
             _sync_platforms(image["platforms"], f"{field}.platforms", fail)
         sources.append(_sync_tags(repository, image.get("tags"), platforms, f"{field}.tags",
@@ -10028,6 +10175,10 @@ def _sync_target(value: Any, fail: Callable[[str, str], InvalidSyncFileError]) -
     if value.startswith("oci:"):
         if not value[len("oci:"):]:
             raise fail("target", "name a directory, as in oci:DIR")
+        if re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]", value):
+            # each image is reported on a line that names the target
+            raise fail("target", f"{value!r}: DIR has a control character, a line "
+                                 "separator or a lone surrogate")
         if ":" in value[len("oci:"):]:
             raise fail("target", f"{value!r}: oci:DIR takes no :TAG (each image is named by "
                                  "its source name) and DIR no colon")
@@ -10098,9 +10249,11 @@ def _sync_tags(repository: Reference, value: Any, platforms: str, field: str,
 
 def _check_tag_pattern(pattern: str) -> None:
     """Refuse a tag regex that could take exponential time on a 128-character tag: a
-    repeat inside a repeat (``(a+)+``), alternation inside a repeat (``(a|ab)*``),
-    back-references, more than ``_MAX_PATTERN_REPEATS`` unbounded repeats, or more than
-    ``_MAX_TAG_PATTERN`` characters. Matching is ``fullmatch``: anchored at both ends."""
+    repeat of varying width inside a repeat (``(a+)+``, ``(a?){40}``), alternation
+    inside a repeat (``(a|ab)*``), back-references, more than ``_MAX_PATTERN_REPEATS``
+    unbounded or wide (``.{0,99}``) repeats, more than ``_MAX_PATTERN_OPTIONALS``
+    optional parts, or more than ``_MAX_TAG_PATTERN`` characters. Matching is
+    ``fullmatch``: anchored at both ends."""
     if len(pattern) > _MAX_TAG_PATTERN:
         raise InvalidSyncFileError(f"longer than {_MAX_TAG_PATTERN} characters")
     try:
@@ -10108,10 +10261,10 @@ def _check_tag_pattern(pattern: str) -> None:
     except re.error as e:
         raise InvalidSyncFileError(f"bad regex {pattern!r}: {e}") from None
     parser: Any = getattr(re, "_parser", None) or importlib.import_module("sre_parse")
-    repeats = 0
+    repeats = optionals = 0
 
     def walk(items: Any, repeated: bool) -> None:
-        nonlocal repeats
+        nonlocal repeats, optionals
         for op, argument in items:
             name = str(op)
             if name in ("GROUPREF", "GROUPREF_EXISTS"):
@@ -10120,10 +10273,16 @@ def _check_tag_pattern(pattern: str) -> None:
             if name.endswith("_REPEAT"):
                 low, high, inner = argument
                 many = high > 1
-                if many and repeated:
+                # Inside a repeat, any choice of width multiplies: (a?){40} is as
+                # exponential as (a+)+. Outside, each choice multiplies the ways to
+                # split a tag: a bounded but wide repeat (.{0,99}) as an unbounded
+                # one, an optional part (a?) by two.
+                if high > low and repeated:
                     raise InvalidSyncFileError(f"regex {pattern!r} repeats a repeat (as "
-                                               "(a+)+), which can take exponential time")
-                repeats += high == parser.MAXREPEAT
+                                               "(a+)+ or (a?){9}), which can take "
+                                               "exponential time")
+                repeats += high - low > 1
+                optionals += high - low == 1
                 walk(inner, repeated or many)
             elif name == "BRANCH":
                 if repeated:
@@ -10141,8 +10300,11 @@ def _check_tag_pattern(pattern: str) -> None:
 
     walk(parser.parse(pattern), False)
     if repeats > _MAX_PATTERN_REPEATS:
-        raise InvalidSyncFileError(f"regex {pattern!r} has {repeats} unbounded repeats; at "
-                                   f"most {_MAX_PATTERN_REPEATS}")
+        raise InvalidSyncFileError(f"regex {pattern!r} has {repeats} unbounded (or wide) "
+                                   f"repeats; at most {_MAX_PATTERN_REPEATS}")
+    if optionals > _MAX_PATTERN_OPTIONALS:
+        raise InvalidSyncFileError(f"regex {pattern!r} has {optionals} optional parts; at "
+                                   f"most {_MAX_PATTERN_OPTIONALS}")
 
 
 # Semver ranges: comparator sets joined by "||", each a space-separated list of
@@ -11377,6 +11539,7 @@ def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
     if args.output == "-":
         write(sys.stdout.buffer)
         return 0
+    _refuse_in_cache(args.output, provider.root, "export to a file outside it")
     with _terminate_as_exception():
         _write_output(args.output, write)
     return 0

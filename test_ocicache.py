@@ -6392,6 +6392,407 @@ class TestSync(RegistryTestCase):
         self.assertEqual(len(oc.parse_sync_spec(json.loads(example.group(1))).sources), 3)
 
 
+class TestSyncAttacks(RegistryTestCase):
+    """sync and copy into a layout attacked at their edges: a co-user of the target
+    directory, hostile sync files, a hostile source registry."""
+
+    def source_image(self, repository: str = "test/atk", tag: str = "1"
+                     ) -> Tuple[Registry, ImageBlobs]:
+        source = self.start_registry()
+        image = make_image(f"{repository}-{tag}")
+        upload(source.url, repository, image.blobs, [(tag, image.manifest)])
+        return source, image
+
+    def empty_layout(self, name: str = "layout") -> str:
+        layout = self.path(name)
+        os.makedirs(os.path.join(layout, "blobs", "sha256"))
+        with open(os.path.join(layout, "oci-layout"), "wb") as f:
+            f.write(oc._OCI_LAYOUT_BYTES)
+        return layout
+
+    def assert_whole(self, layout: str, image: ImageBlobs) -> None:
+        for blob in image.blobs:
+            path = os.path.join(layout, "blobs", "sha256", blob.digest.split(":")[1])
+            self.assertFalse(os.path.islink(path), path)
+            with open(path, "rb") as f:
+                self.assertEqual(sha256(f.read()), blob.digest, path)
+
+    def test_a_planted_blob_of_other_content_is_replaced_not_listed(self) -> None:
+        source, image = self.source_image()
+        layout = self.empty_layout()
+        for blob in [image.layers[0], image.config]:
+            with open(os.path.join(layout, "blobs", "sha256", blob.digest.split(":")[1]),
+                      "wb") as f:
+                f.write(b"planted: not the blob" + blob.data[:10])
+        with open(os.path.join(layout, "blobs", "sha256",  # not hashed: not its size
+                               image.manifest.digest.split(":")[1]), "wb") as f:
+            f.truncate(64 << 30)
+        with open(os.path.join(layout, "oci-layout"), "wb") as f:
+            f.write(b'{"imageLayoutVersion": "9.9"}')
+        started = time.monotonic()
+        result = self.cli("copy", f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assert_whole(layout, image)
+        umoci = require_tool(self, "umoci")  # which reads only a layout of version 1.0.0
+        stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:atk"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+
+    def test_links_fifos_and_directories_planted_in_the_layout_lead_nowhere(self) -> None:
+        source, image = self.source_image()
+        layer = image.layers[0].digest.split(":")[1]
+        plants: List[Tuple[str, Callable[[str, str], None]]] = [
+            ("blobs", lambda layout, bait: (shutil.rmtree(os.path.join(layout, "blobs")),
+                                            os.symlink(bait, os.path.join(layout, "blobs")))),
+            ("blobs/sha256", lambda layout, bait: (
+                os.rmdir(os.path.join(layout, "blobs", "sha256")),
+                os.symlink(bait, os.path.join(layout, "blobs", "sha256")))),
+            ("a blob link", lambda layout, bait: os.symlink(
+                os.path.join(bait, "file"), os.path.join(layout, "blobs", "sha256", layer))),
+            ("a blob fifo", lambda layout, bait: os.mkfifo(
+                os.path.join(layout, "blobs", "sha256", layer))),
+            ("a blob directory", lambda layout, bait: os.mkdir(
+                os.path.join(layout, "blobs", "sha256", layer))),
+            ("index.json link", lambda layout, bait: os.symlink(
+                os.path.join(bait, "file"), os.path.join(layout, "index.json"))),
+            ("index.json fifo", lambda layout, bait: os.mkfifo(
+                os.path.join(layout, "index.json"))),
+            ("oci-layout link", lambda layout, bait: (
+                os.unlink(os.path.join(layout, "oci-layout")),
+                os.symlink(os.path.join(bait, "file"), os.path.join(layout, "oci-layout"))))]
+        for number, (what, plant) in enumerate(plants):
+            with self.subTest(what):
+                layout = self.empty_layout(f"layout{number}")
+                bait = self.path(f"bait{number}")
+                os.mkdir(bait)
+                with open(os.path.join(bait, "file"), "wb") as f:
+                    f.write(b"bait")
+                plant(layout, bait)
+                result = self.cli("copy", f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+                self.assertEqual(sorted(os.listdir(bait)), ["file"])
+                with open(os.path.join(bait, "file"), "rb") as f:
+                    self.assertEqual(f.read(), b"bait")
+                if result.returncode == 0:
+                    self.assert_whole(layout, image)
+                else:
+                    self.assert_one_line_error(result, layout)
+
+    def test_a_layout_sync_calls_unchanged_only_what_is_all_there(self) -> None:
+        source, image = self.source_image()
+        layout = self.path("mirror")
+        path = self.path("sync.json")
+        with open(path, "w") as f:
+            json.dump({"target": f"oci:{layout}", "images": [
+                {"source": f"{source.host}/test/atk", "tags": ["1"]}]}, f)
+
+        def synced() -> List[str]:
+            result = self.cli("sync", "--json", path)
+            self.assertEqual(result.returncode, 0, result.stderr.decode())
+            self.assert_whole(layout, image)
+            return [r["status"] for r in json.loads(result.stdout)["images"]]
+
+        self.assertEqual(synced(), ["copied"])
+        self.assertEqual(synced(), ["unchanged"])
+        folder = os.path.join(layout, "blobs", "sha256")
+        os.unlink(os.path.join(folder, image.layers[0].digest.split(":")[1]))
+        self.assertEqual(synced(), ["copied"])  # a layer gone
+        with open(os.path.join(folder, image.manifest.digest.split(":")[1]), "wb") as f:
+            f.write(b"{}")
+        self.assertEqual(synced(), ["copied"])  # the manifest replaced
+        self.assertEqual(synced(), ["unchanged"])
+
+    def test_a_source_whose_answers_disagree_copies_what_it_reports_or_nothing(self) -> None:
+        source, first = self.source_image()
+        moved = make_image("moved")
+        upload(source.url, "test/atk", moved.blobs, [("other", moved.manifest)])
+        proxy = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(proxy.stop)
+        target = self.start_registry()
+        path = self.path("sync.json")
+        with open(path, "w") as f:
+            json.dump({"target": f"{target.host}/m", "images": [
+                {"source": f"{proxy.host}/test/atk", "tags": ["1"]}]}, f)
+        cache = self.provider()
+
+        def held() -> Optional[str]:
+            try:
+                return str(cache.registry.digest(f"{target.host}/m/test/atk:1").digest)
+            except oc.RegistryError:
+                return None
+
+        # the tag moves between the HEAD and the GET: what is copied is what was asked
+        proxy.add_fault("rewrite", method="HEAD", match="/manifests/1$", sub={
+            "Docker-Content-Digest": ("sha256:[0-9a-f]+", moved.manifest.digest)})
+        reported = cache.sync(path)[0]
+        self.assertEqual((reported.status, reported.digest), ("copied", moved.manifest.digest))
+        self.assertEqual(held(), moved.manifest.digest)
+        # a manifest that is not what its digest says: failed, the tag left as it was
+        proxy.add_fault("rewrite", method="GET", match=f"/manifests/{first.manifest.digest}",
+                        body=lambda _: moved.manifest.data, times=None)
+        reported = cache.sync(path)[0]
+        self.assertEqual(reported.status, "failed")
+        self.assertIn("digest", reported.error)
+        self.assertEqual(line_problem(reported.error), "")
+        self.assertEqual(held(), moved.manifest.digest)
+        proxy.clear_faults()
+        self.assertEqual(cache.sync(path)[0].digest, first.manifest.digest)
+        self.assertEqual(held(), first.manifest.digest)
+
+    def test_skopeo_sync_and_ocicache_sync_mirror_the_same_tags_and_digests(self) -> None:
+        skopeo = require_tool(self, "skopeo")
+        source = self.start_registry()
+        for tag in ["v1.0", "v1.1", "v1.1-debug", "v2.0"]:
+            image = make_image(f"rx-{tag}")
+            upload(source.url, "test/rx", image.blobs, [(tag, image.manifest)])
+        self.multi_arch(source)
+        target = self.start_registry()
+        listing = self.path("skopeo.yaml")
+        with open(listing, "w") as f:  # skopeo's regex is a search: anchored here
+            f.write(f"{source.host}:\n  tls-verify: false\n  images:\n    test/multi: ['1']\n"
+                    f"  images-by-tag-regex:\n    test/rx: '^v1\\.[0-9]+$'\n")
+        copied = subprocess.run([skopeo, "--insecure-policy", "sync", "--all",
+                                 "--preserve-digests", "--dest-tls-verify=false", "--src", "yaml",
+                                 "--dest", "docker", listing, f"{target.host}/skopeo"],
+                                capture_output=True, timeout=120)
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        results = self.provider().sync({"target": f"{target.host}/oc", "images": [
+            {"source": f"{source.host}/test/multi", "tags": ["1"]},
+            {"source": f"{source.host}/test/rx", "tags": {"regex": r"v1\.[0-9]+"}}]})
+        self.assertEqual([r.status for r in results], ["copied"] * 3)
+        cache = self.provider()
+
+        def mirrored(prefix: str) -> Dict[str, str]:
+            return {f"{name}:{tag}": str(cache.registry.digest(f"{prefix}/{name}:{tag}").digest)
+                    for name in ["multi", "rx"]
+                    for tag in cache.registry.list_tags(f"{prefix}/{name}")}
+
+        # skopeo keeps the last path component (test/rx is skopeo/rx), ocicache the path
+        # (oc/test/rx: two sources' repositories of one name cannot meet)
+        self.assertEqual(mirrored(f"{target.host}/skopeo"), mirrored(f"{target.host}/oc/test"))
+        self.assertEqual(sorted(mirrored(f"{target.host}/oc/test")),
+                         ["multi:1", "rx:v1.0", "rx:v1.1"])
+
+    def test_a_million_listed_tags_odd_ones_among_them_are_filtered_in_time(self) -> None:
+        source, image = self.source_image("test/big", "t250007")
+        upload(source.url, "test/big", [image.manifest], [("7", image.manifest)])
+        pages = 4
+        odd = ["../../x", "a/b", "t\n1", "t\u00e9", "", "-t", "t" * 129, None, 5]
+
+        def answer(request: Request) -> Answer:
+            if request.target == "/v2/":
+                return json_answer({})
+            match = re.fullmatch(r"/v2/test/big/tags/list(?:\?page=([0-9]+))?", request.target)
+            if match is None:  # manifests and blobs: the real registry's
+                proxied = urllib.request.urlopen(urllib.request.Request(
+                    source.url + request.target, method=request.method, headers={
+                        "Accept": request.headers.get("accept", "*/*")}))
+                return Answer(200, [(k, v) for k, v in proxied.headers.items()
+                                    if k.lower() in ("content-type", "docker-content-digest")],
+                              proxied.read())
+            page = int(match.group(1) or 0)
+            tags: List[Any] = [f"t{n}" for n in range(page * 250_000, (page + 1) * 250_000)]
+            if page == 0:  # a page of short tags, as a CI's build numbers: tightly packed
+                tags = [*map(str, range(3000)), *odd]
+            link = [("Link", f'</v2/test/big/tags/list?page={page + 1}>; rel="next"')] \
+                if page + 1 < pages else []
+            return json_answer({"tags": tags}, headers=link)
+
+        server = HostileServer(answer)
+        self.addCleanup(server.stop)
+        cache = self.provider()
+        started = time.monotonic()
+        results = cache.sync({"target": f"oci:{self.path('big')}", "images": [
+            {"source": f"{server.host}/test/big", "tags": {"regex": r"t250007|7|x|a.b|t.1|\.\..*"}}]})
+        self.assertEqual([(r.source, r.status) for r in results],
+                         [(f"{server.host}/test/big:7", "copied"),
+                          (f"{server.host}/test/big:t250007", "copied")])
+        results = cache.sync({"target": f"oci:{self.path('big')}", "images": [
+            {"source": f"{server.host}/test/big", "tags": {"regex": r"t3[0-9]*"}}]})
+        self.assertEqual([r.status for r in results], ["failed"])
+        self.assertIn("more than 1000; narrow the filter", results[0].error)
+        self.assertLess(time.monotonic() - started, 15.0)
+
+    def test_a_malformed_index_json_is_one_line_naming_it(self) -> None:
+        layout = self.empty_layout()
+        digest = "sha256:" + "a" * 64
+        for body in [b'{"manifests": [{"digest": "x"}]}', b"[]", b"\xff\xfe", b"[" * 5000,
+                     b'{"manifests": "\\ud800"}',
+                     json.dumps({"manifests": [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest":
+                                                digest, "size": 1, "annotations": {
+                                                    oc.ANNOTATION_REF_NAME: 5}}]}).encode()]:
+            with self.subTest(body[:40]):
+                with open(os.path.join(layout, "index.json"), "wb") as f:
+                    f.write(body)
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    self.provider().sync({"target": f"oci:{layout}", "images": [
+                        {"source": "127.0.0.1:1/a", "tags": ["1"]}]})
+                self.assertIn(os.path.join(layout, "index.json"), str(caught.exception))
+                self.assertEqual(line_problem(str(caught.exception)), "")
+
+    def test_a_layout_lock_held_by_another_user_is_a_bounded_wait(self) -> None:
+        import fcntl
+        source, image = self.source_image()
+        layout = self.empty_layout()
+        held = os.open(layout, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, held)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with mock.patch.dict(os.environ, {"OCICACHE_LOCK_TIMEOUT": "1.5"}):
+            result = subprocess.run([sys.executable, OCICACHE, "--cache", self.cache_dir, "copy",
+                                     f"{source.host}/test/atk:1", f"oci:{layout}:atk"],
+                                    capture_output=True, timeout=10, cwd=self.tmp)
+        message = result.stderr.decode().strip().splitlines()
+        self.assertEqual(result.returncode, 1, message)
+        self.assertIn("waiting for the lock on the layout", message[0])
+        self.assertIn(f"gave up after 1.5 s waiting for the lock on the layout {layout}",
+                      message[-1])
+        self.assertFalse(os.path.exists(os.path.join(layout, "index.json")))
+
+    def test_a_layer_many_images_share_is_hashed_once_per_sync(self) -> None:
+        source = self.start_registry()
+        shared = {"shared": random.Random(5).randbytes(300_000)}
+        for tag in ["1", "2", "3"]:
+            image = make_image(f"share-{tag}", layer_files=[shared], gzip_layers=False)
+            upload(source.url, "test/share", image.blobs, [(tag, image.manifest)])
+        hashed = mock.patch.object(oc, "_holds_digest", wraps=oc._holds_digest)
+        with hashed as spy:
+            results = self.provider().sync({"target": f"oci:{self.path('share')}", "images": [
+                {"source": f"{source.host}/test/share", "tags": ["1", "2", "3"]}]})
+        self.assertEqual([r.status for r in results], ["copied"] * 3)
+        self.assertEqual(spy.call_count, 0)  # the layer written by the first, known since
+
+    def test_a_first_copy_into_an_empty_directory_failing_part_way_is_taken_up_again(self
+                                                                                    ) -> None:
+        source, image = self.source_image()
+        layout = self.path("empty")
+        os.mkdir(layout)
+        cache = self.provider()
+        real = oc._add_layout_blob
+        calls = []
+
+        def fail_second(*args: Any) -> None:
+            calls.append(args)
+            if len(calls) == 2:
+                raise oc.OciCacheError("interrupted")
+            real(*args)
+
+        with mock.patch.object(oc, "_add_layout_blob", fail_second):
+            with self.assertRaisesRegex(oc.OciCacheError, "interrupted"):
+                cache.copy(f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertFalse(os.path.exists(os.path.join(layout, "index.json")))
+        copied = cache.copy(f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertEqual(str(copied[0][1].digest), image.manifest.digest)
+        self.assert_whole(layout, image)
+
+    def test_skopeo_and_ocicache_add_to_each_others_layouts(self) -> None:
+        source, image = self.source_image()
+        other = make_image("other")
+        upload(source.url, "test/other", other.blobs, [("1", other.manifest)])
+        layout = self.path("shared")
+        self.skopeo("copy", "--src-tls-verify=false", f"docker://{source.host}/test/atk:1",
+                    f"oci:{layout}:sk")
+        copied = self.cli("copy", f"{source.host}/test/other:1", f"oci:{layout}:oc")
+        self.assertEqual(copied.returncode, 0, copied.stderr.decode())
+        self.skopeo("copy", "--src-tls-verify=false", f"docker://{source.host}/test/other:1",
+                    f"oci:{layout}:sk2")
+        for name, wanted in [("sk", image), ("oc", other), ("sk2", other)]:
+            self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:{name}").encode(),
+                             wanted.manifest.data)
+        names = [m["annotations"][oc.ANNOTATION_REF_NAME]
+                 for m in json.load(open(os.path.join(layout, "index.json")))["manifests"]]
+        self.assertEqual(sorted(names), ["oc", "sk", "sk2"])
+
+    def test_a_directory_swapped_for_a_link_while_a_new_layout_is_written(self) -> None:
+        source, image = self.source_image()
+        cache = self.provider()
+        layout = self.path("new")
+        bait = self.path("bait")
+        os.mkdir(bait)
+        opened = cache.layout.open_blob
+
+        def swap_then_open(digest: oc.Digest) -> IO[bytes]:
+            for name in os.listdir(self.tmp):  # the copy's temporary directory
+                if name.startswith(".new") and not os.path.islink(
+                        os.path.join(self.tmp, name, "blobs", "sha256")):
+                    folder = os.path.join(self.tmp, name, "blobs", "sha256")
+                    os.rename(folder, self.path(f"moved-{secrets.token_hex(3)}"))
+                    os.symlink(bait, folder)
+            return opened(digest)
+
+        cache.layout.open_blob = swap_then_open  # type: ignore[method-assign]
+        with contextlib.suppress(oc.OciCacheError, OSError):
+            cache.copy(f"{source.host}/test/atk:1", f"oci:{layout}:atk")
+        self.assertEqual(os.listdir(bait), [])
+
+    def test_the_cache_itself_is_not_a_target(self) -> None:
+        source, image = self.source_image()
+        self.assertEqual(self.cli("pull", f"{source.host}/test/atk:1").returncode, 0)
+        with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
+            before = f.read()
+        for target in [self.cache_dir, os.path.join(self.cache_dir, "blobs", "inside")]:
+            with self.subTest(target):
+                self.assert_one_line_error(self.cli("copy", f"{source.host}/test/atk:1",
+                                                    f"oci:{target}:x"), "cache")
+                path = self.path(f"s{secrets.token_hex(2)}.json")
+                with open(path, "w") as f:
+                    json.dump({"target": f"oci:{target}", "images": [
+                        {"source": f"{source.host}/test/atk", "tags": ["1"]}]}, f)
+                self.assert_one_line_error(self.cli("sync", path), "cache")
+        for output in ["index.json", "blobs/sha256/x.tar"]:  # nor an export's file
+            with self.subTest(output):
+                self.assert_one_line_error(self.cli(
+                    "export", "--format", "oci", f"{source.host}/test/atk:1", "-o",
+                    os.path.join(self.cache_dir, output)), "cache")
+        with open(os.path.join(self.cache_dir, "index.json"), "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertFalse(os.path.exists(os.path.join(self.cache_dir, "blobs", "inside")))
+        self.assertFalse(os.path.exists(os.path.join(self.cache_dir, "blobs", "sha256", "x.tar")))
+
+    def test_hostile_sync_files_are_one_line_errors(self) -> None:
+        deep = self.path("deep.json")
+        with open(deep, "w") as f:
+            f.write("[" * 200_000)
+        self.assert_one_line_error(self.cli("sync", deep), "deep.json: not JSON")
+        for target, fragment in [("oci:x\ny", "control character"),
+                                 ("oci:x\x00y", "control character"),
+                                 ("oci:x\ud800", "lone surrogate"),
+                                 ("oci:x\u2028y", "line separator"), ("oci:x\x85", "control")]:
+            with self.subTest(target):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, f"target: .*{fragment}"):
+                    oc.parse_sync_spec({"target": target, "images": [
+                        {"source": "127.0.0.1:1/a", "tags": ["1"]}]})
+        for destination in ["oci:x\x00y", "oci:x\ud800"]:
+            with self.subTest(destination):
+                with self.assertRaises(oc.OciCacheError):
+                    self.provider().copy("127.0.0.1:1/a:1", destination)
+        with self.assertRaisesRegex(oc.InvalidSyncFileError,
+                                    r"images\[1\]\.source: .*mirrored to 127\.0\.0\.1:9/m/a/b, "
+                                    r"as images\[0\]"):
+            oc.parse_sync_spec({"target": "127.0.0.1:9/m", "images": [
+                {"source": "127.0.0.1:1/a/b", "tags": ["1"]},
+                {"source": "127.0.0.1:2/a/b", "tags": ["1"]}]})
+        for target, source in [("127.0.0.1:1", "127.0.0.1:1/a/b"), ("docker.io", "alpine")]:
+            with self.subTest(target):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, "onto itself"):
+                    oc.parse_sync_spec({"target": target, "images": [
+                        {"source": source, "tags": ["1"]}]})
+        spec = oc.parse_sync_spec({"target": "oci:x", "images": [  # a layout keeps the host
+            {"source": "127.0.0.1:1/a/b", "tags": ["1"]},
+            {"source": "127.0.0.1:2/a/b", "tags": ["1"]}]})
+        self.assertEqual(len(spec.sources), 2)
+
+    def test_regexes_that_backtrack_without_nesting_are_refused(self) -> None:
+        for pattern, fragment in [(".{0,99}" * 4 + "x", "4 unbounded"),
+                                  ("a?" * 25 + "a" * 25, "25 optional"),
+                                  ("(a?){30}a{30}", "repeats a repeat")]:
+            with self.subTest(pattern):
+                with self.assertRaisesRegex(oc.InvalidSyncFileError, fragment):
+                    oc._check_tag_pattern(pattern)
+        for pattern in [r"v1\.[0-9]+(-rc[0-9]+)?", "[a-z]{3}-[0-9]{2,3}", "(ab){5}",
+                        "(a{2}){5}", r"v?[0-9]+\.[0-9]+(-alpine)?"]:
+            oc._check_tag_pattern(pattern)
+
+
 class TestRegistryDetails(RegistryTestCase):
     def test_the_registrys_own_mirror_wins_over_a_catch_all(self) -> None:
         client = oc.RegistryClient(mirrors=[("*", "http://all:1"), ("docker.io", "http://hub:2/p")])
