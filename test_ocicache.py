@@ -6331,16 +6331,7 @@ class TestSync(RegistryTestCase):
                                    stdin=follower, stdout=subprocess.DEVNULL, stderr=follower,
                                    cwd=self.tmp)
         os.close(follower)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-        os.close(leader)
+        output = read_terminal(leader)
         self.assertEqual(process.wait(60), 0, output)
         text = output.decode(errors="replace")
         self.assertIn("/s ETA", text)
@@ -9639,16 +9630,7 @@ class TestPullCommand(RegistryTestCase):
                                     "--platform", "amd64", name], stdin=follower,
                                    stdout=follower, stderr=follower, cwd=self.tmp)
         os.close(follower)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-        os.close(leader)
+        output = read_terminal(leader)
         self.assertEqual(process.wait(60), 0, output)
         text = output.decode(errors="replace")
         self.assertIn("/s ETA", text)
@@ -10281,6 +10263,17 @@ finally:
                                             written["wchar"].strip()), file=sys.stderr)
 sys.exit(status)
 """
+
+
+def read_terminal(leader: int) -> bytes:
+    """All a pseudo-terminal's programs wrote to it, once they have all closed it (Linux
+    then says EIO on the leader); the leader is closed."""
+    output = b""
+    with contextlib.suppress(OSError):
+        for chunk in iter(functools.partial(os.read, leader, 65536), b""):
+            output += chunk
+    os.close(leader)
+    return output
 
 
 @dataclasses.dataclass
@@ -15447,11 +15440,7 @@ class TestCommandLine(CacheTestCase):
                                     "import", path], stdin=follower, stdout=subprocess.PIPE,
                                    stderr=follower, cwd=self.tmp)
         os.close(follower)
-        output = b""
-        with contextlib.suppress(OSError):
-            for chunk in iter(functools.partial(os.read, leader, 65536), b""):
-                output += chunk
-        os.close(leader)
+        output = read_terminal(leader)
         stdout = process.communicate(timeout=60)[0]
         self.assertEqual(process.returncode, 0, output)
         self.assertEqual(stdout.decode(), f"example.com/w:1 {image.manifest.digest}\n")
