@@ -54,7 +54,7 @@ import unittest
 import urllib.parse
 import urllib.request
 from collections import namedtuple
-from typing import (Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List,
+from typing import (Any, BinaryIO, Callable, Dict, FrozenSet, IO, Iterable, Iterator, List,
                     Mapping, Optional, Sequence, Set, Tuple, Type, Union)
 from unittest import mock
 
@@ -12419,7 +12419,7 @@ class TestLargeCaches(CacheTestCase):
         # not know) and keeps the layer.
         images = self.many_names(3, {"etc/base": b"base"})
         self.cache.summaries()
-        mine = make_image("mine", layer_files=[{f"etc/n0": b"0"}])
+        mine = make_image("mine", layer_files=[{"etc/n0": b"0"}])
         layer = images[0].layers[1]
         self.assertEqual(layer.data, mine.layers[0].data)
         waiting = threading.Event()
