@@ -870,7 +870,7 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
                        "containerd_name": ANNOTATION_CONTAINERD_NAME}
 
 
-_SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
+_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
 # A parsed value costs 50 to 100 bytes of memory: 4 MiB of '{},' repeated made 1.4
 # million objects, 96 MiB. Image documents spend tens of bytes on each value (a
 # descriptor about 25, an SPDX relationship 30); one packed tighter than this is
@@ -908,24 +908,33 @@ def _parse_json(data: Union[bytes, str], what: str,
     than ``_JSON_MAX_DEPTH``, escaped lone surrogates (which decode but can never be
     written back as UTF-8) and documents packed with values (fewer than ``packed``
     bytes each) are refused like any other bad JSON."""
-    raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    # Checked as text, decoded once as json.loads would: a caller that hands over its
+    # text (``_read_index_object``) never holds it beside its bytes and the objects too.
+    if isinstance(data, str):  # as its UTF-8 would be read: a byte order mark skipped
+        text = data[1:] if data.startswith("\ufeff") else data
+    else:
+        try:
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+        except ValueError as e:
+            raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
+    size = len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
-    containers = raw.count(b"{") + raw.count(b"[")
-    values = raw.count(b",") + containers  # an upper bound
-    if values > len(raw) // packed + 1024:
-        if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
+    containers = text.count("{") + text.count("[")
+    values = text.count(",") + containers  # an upper bound
+    if values > size // packed + 1024:
+        if re.search(r"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), text):
             raise error(too_deep)  # what it is, though packed too
         raise error(f"{what} is not valid JSON for an image document: it packs {values} "
-                    f"values into {len(raw)} bytes (refused unparsed, to bound memory)")
+                    f"values into {size} bytes (refused unparsed, to bound memory)")
     try:
-        obj = json.loads(raw)
+        obj = json.loads(text)
     except RecursionError:
         raise error(too_deep) from None
     except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
     if containers > _JSON_MAX_DEPTH and _nested_deeper_than(obj, _JSON_MAX_DEPTH):
         raise error(too_deep)
-    if re.search(_SURROGATE_ESCAPE, raw):
+    if re.search(_SURROGATE_ESCAPE, text):
         try:
             json.dumps(obj, ensure_ascii=False).encode()
         except UnicodeEncodeError:
@@ -944,7 +953,7 @@ def _json_bytes(obj: Any, **options: Any) -> bytes:
                             "(a lone surrogate)") from None
 
 
-def _load_json_object(data: bytes, what: str) -> Dict[str, Any]:
+def _load_json_object(data: Union[bytes, str], what: str) -> Dict[str, Any]:
     obj = _parse_json(data, what)
     if not isinstance(obj, dict):
         raise OciCacheError(f"{what} is not a JSON object")
@@ -2230,7 +2239,14 @@ class Layout:
             raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
                                     "more than ocicache reads; 'ocicache clean' empties it")
         try:
-            obj = _load_json_object(data, self.index_path)
+            # Decoded here, the bytes dropped: 20,000 names are 6 MB of them, which would
+            # otherwise be held beside the text and the 20 MB of objects made of it.
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+            del data
+            obj = _load_json_object(text, self.index_path)
+        except UnicodeDecodeError as e:
+            raise CorruptCacheError(f"invalid image cache: {self.index_path} is not valid "
+                                    f"JSON: {_shorten(_one_line(str(e)))}") from None
         except OciCacheError as e:
             raise CorruptCacheError(f"invalid image cache: {e}") from None
         if not isinstance(obj.get("manifests") or [], list):
@@ -7543,25 +7559,31 @@ class _SummaryMemo:
         self._learned: Dict[str, _RootFacts] = {}
 
     @classmethod
-    def parse(cls, data: bytes, trusted: bool) -> "_SummaryMemo":
-        """The memo in ``data``, or an empty one when it is not a trusted memo."""
+    def read(cls, layout: "Layout") -> "_SummaryMemo":
+        """The memo kept in ``layout``, or an empty one when it is not a trusted memo.
+
+        Its bytes, their text and its columns are each dropped as the next is made: the
+        memo of 20,000 roots is 6 MB, and ``ls`` holds nothing else then."""
+        data, trusted = layout.read_summaries()
         empty = cls({}, [])
         if not trusted or not data or len(data) > MAX_SUMMARIES_SIZE:
             return empty
         try:
+            text = data.decode()  # as written: UTF-8
+            del data
             # json itself, not _parse_json: the shape is checked flat, and nothing nests.
-            obj = json.loads(data)
+            obj = json.loads(text)
         except (ValueError, RecursionError):
             return empty
+        del text
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
-        texts = [obj.get(name) for name in cls._COLUMNS]
         media = obj.get("media")
-        if not all(type(t) is str for t in texts) or type(media) is not list or \
-                not all(type(m) is str for m in media):
+        if not all(type(obj.get(name)) is str for name in cls._COLUMNS) or \
+                type(media) is not list or not all(type(m) is str for m in media):
             return empty
-        columns = {name: text.split(" ") if text else []  # type: ignore[union-attr]
-                   for name, text in zip(cls._COLUMNS, texts)}
+        columns = {name: text.split(" ") if text else []
+                   for name, text in ((name, obj.pop(name)) for name in cls._COLUMNS)}
         roots = len(columns["roots"])
         if len(columns["sizes"]) != len(columns["blobs"]) or \
                 any(len(columns[name]) != roots for name in cls._COLUMNS[3:]):
@@ -8055,7 +8077,7 @@ class Provider(CacheProvider):
                     label = ref if as_stored else Reference.parse(ref)  # as stored
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
             before = self.layout.reachable(removed).digests
-            memo = _SummaryMemo.parse(*self.layout.read_summaries())
+            memo = _SummaryMemo.read(self.layout)
             kept, unknown = memo.reaching(remaining, map(str, before))
             after = self.layout.reachable([self.layout.entry(raw) for raw in unknown]).digests
             deleted = [d for d in before if d not in after and str(d) not in kept and
@@ -8214,7 +8236,7 @@ class Provider(CacheProvider):
         knows the root, else from its documents, and is then remembered; what is there
         comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
         no manifest it has seen before, and parses no entry the memo knows."""
-        memo = _SummaryMemo.parse(*self.layout.read_summaries())
+        memo = _SummaryMemo.read(self.layout)
         listed = self.layout.blob_names()
         complete = memo.complete(listed)
         present: Optional[Set[str]] = listed
@@ -8254,7 +8276,7 @@ class Provider(CacheProvider):
         # Rewritten when it learned, and when a blob it names is gone (a name removed):
         # then the next ls lists from it alone again.
         if rows and learned:
-            memo = _SummaryMemo.parse(*self.layout.read_summaries()).learning(memo)
+            memo = _SummaryMemo.read(self.layout).learning(memo)
         if learned or (not complete and memo.stale(named)):
             self.layout.write_summaries(memo.to_bytes(named))
 
