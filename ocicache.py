@@ -2179,8 +2179,12 @@ class Layout:
         stat of each (``ls`` asks only whether a blob is there)."""
         names: Set[str] = set()
         for algorithm, directory in self._blob_directories():
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                names.update(map(f"{algorithm}:".__add__, os.listdir(directory)))
+            prefix = f"{algorithm}:"
+            # scandir, not listdir: as fast, and no list of 40,000 names (4.5 MB) beside
+            # the set (``ls`` calls it holding its memo: it was ls's peak).
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                    os.scandir(directory) as entries:
+                names.update(prefix + entry.name for entry in entries)
         return names
 
     def read_summaries(self) -> Tuple[bytes, bool]:
@@ -7550,9 +7554,15 @@ class _SummaryMemo:
     _COLUMNS = ("blobs", "sizes", "roots", "root_sizes", "kinds", "totals", "reached",
                 "shown", "platforms")
 
-    def __init__(self, columns: Mapping[str, List[str]], media: List[str]) -> None:
+    # Kept as text until asked for: ls from a complete memo never needs them, and split
+    # they are 5 MB of 20,000 roots, held when ls is at its peak.
+    _LAZY = ("sizes", "reached", "platforms")
+
+    def __init__(self, columns: Dict[str, List[str]], media: List[str],
+                 lazy: Optional[Dict[str, str]] = None) -> None:
         self._blobs = columns.get("blobs", [])
         self._columns = columns
+        self._lazy = lazy or {}
         self._media = media
         self._where: Optional[Dict[str, int]] = None   # root digest -> its place
         self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
@@ -7582,13 +7592,22 @@ class _SummaryMemo:
         if not all(type(obj.get(name)) is str for name in cls._COLUMNS) or \
                 type(media) is not list or not all(type(m) is str for m in media):
             return empty
-        columns = {name: text.split(" ") if text else []
-                   for name, text in ((name, obj.pop(name)) for name in cls._COLUMNS)}
-        roots = len(columns["roots"])
-        if len(columns["sizes"]) != len(columns["blobs"]) or \
-                any(len(columns[name]) != roots for name in cls._COLUMNS[3:]):
+        lazy = {name: obj.pop(name) for name in cls._LAZY}
+        columns = {name: text.split(" ") if text else [] for name, text in (
+            (name, obj.pop(name)) for name in cls._COLUMNS if name not in lazy)}
+        lengths = {**{name: len(values) for name, values in columns.items()},
+                   **{name: text.count(" ") + 1 if text else 0 for name, text in lazy.items()}}
+        if lengths["sizes"] != lengths["blobs"] or \
+                any(lengths[name] != lengths["roots"] for name in cls._COLUMNS[3:]):
             return empty
-        return cls(columns, media)
+        return cls(columns, media, lazy)
+
+    def _column(self, name: str) -> List[str]:
+        """The column ``name``, split the first time it is asked for (see _LAZY)."""
+        if name in self._lazy:
+            text = self._lazy.pop(name)
+            self._columns[name] = text.split(" ") if text else []
+        return self._columns.get(name, [])
 
     def _place(self, digest: str, size: int) -> int:
         """Where the root ``digest`` of ``size`` bytes is among the memo's; -1 if not."""
@@ -7655,13 +7674,13 @@ class _SummaryMemo:
         if listed is None:
             return None
         at = self._place(digest, size)
-        numbers = self._numbers(self._columns["reached"][at])
+        numbers = self._numbers(self._column("reached")[at])
         try:
-            sizes = [int(self._columns["sizes"][n]) for n in numbers or ()]
+            sizes = [int(self._column("sizes")[n]) for n in numbers or ()]
         except ValueError:
             return None
         images = []
-        field = self._columns["platforms"][at]
+        field = self._column("platforms")[at]
         for platform_field in field.split(";") if field != "-" else ():
             platform, _, needed_text = platform_field.partition("=")
             needed = self._numbers(needed_text)
@@ -7680,7 +7699,7 @@ class _SummaryMemo:
         wanted = set(blobs)
         numbers = {str(n): blob for n, blob in enumerate(self._blobs) if blob in wanted}
         known, unknown = [], []
-        reached = self._columns.get("reached", [])
+        reached = self._column("reached")
         for raw in entries:
             _, digest, size = _raw_entry(raw)
             at = self._place(digest, size)
