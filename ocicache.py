@@ -870,7 +870,7 @@ _ANNOTATION_ALIASES = {"ref_name": ANNOTATION_REF_NAME,
                        "containerd_name": ANNOTATION_CONTAINERD_NAME}
 
 
-_SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"
+_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
 # A parsed value costs 50 to 100 bytes of memory: 4 MiB of '{},' repeated made 1.4
 # million objects, 96 MiB. Image documents spend tens of bytes on each value (a
 # descriptor about 25, an SPDX relationship 30); one packed tighter than this is
@@ -908,24 +908,33 @@ def _parse_json(data: Union[bytes, str], what: str,
     than ``_JSON_MAX_DEPTH``, escaped lone surrogates (which decode but can never be
     written back as UTF-8) and documents packed with values (fewer than ``packed``
     bytes each) are refused like any other bad JSON."""
-    raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    # Checked as text, decoded once as json.loads would: a caller that hands over its
+    # text (``_read_index_object``) never holds it beside its bytes and the objects too.
+    if isinstance(data, str):  # as its UTF-8 would be read: a byte order mark skipped
+        text = data[1:] if data.startswith("\ufeff") else data
+    else:
+        try:
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+        except ValueError as e:
+            raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
+    size = len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
     too_deep = f"{what} is not valid JSON: nested more than {_JSON_MAX_DEPTH} levels deep"
-    containers = raw.count(b"{") + raw.count(b"[")
-    values = raw.count(b",") + containers  # an upper bound
-    if values > len(raw) // packed + 1024:
-        if re.search(rb"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), raw):
+    containers = text.count("{") + text.count("[")
+    values = text.count(",") + containers  # an upper bound
+    if values > size // packed + 1024:
+        if re.search(r"(?:[\[{]\s*){%d}" % (_JSON_MAX_DEPTH + 1), text):
             raise error(too_deep)  # what it is, though packed too
         raise error(f"{what} is not valid JSON for an image document: it packs {values} "
-                    f"values into {len(raw)} bytes (refused unparsed, to bound memory)")
+                    f"values into {size} bytes (refused unparsed, to bound memory)")
     try:
-        obj = json.loads(raw)
+        obj = json.loads(text)
     except RecursionError:
         raise error(too_deep) from None
     except ValueError as e:
         raise error(f"{what} is not valid JSON: {_shorten(_one_line(str(e)))}") from None
     if containers > _JSON_MAX_DEPTH and _nested_deeper_than(obj, _JSON_MAX_DEPTH):
         raise error(too_deep)
-    if re.search(_SURROGATE_ESCAPE, raw):
+    if re.search(_SURROGATE_ESCAPE, text):
         try:
             json.dumps(obj, ensure_ascii=False).encode()
         except UnicodeEncodeError:
@@ -944,7 +953,7 @@ def _json_bytes(obj: Any, **options: Any) -> bytes:
                             "(a lone surrogate)") from None
 
 
-def _load_json_object(data: bytes, what: str) -> Dict[str, Any]:
+def _load_json_object(data: Union[bytes, str], what: str) -> Dict[str, Any]:
     obj = _parse_json(data, what)
     if not isinstance(obj, dict):
         raise OciCacheError(f"{what} is not a JSON object")
@@ -2170,8 +2179,12 @@ class Layout:
         stat of each (``ls`` asks only whether a blob is there)."""
         names: Set[str] = set()
         for algorithm, directory in self._blob_directories():
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                names.update(map(f"{algorithm}:".__add__, os.listdir(directory)))
+            prefix = f"{algorithm}:"
+            # scandir, not listdir: as fast, and no list of 40,000 names (4.5 MB) beside
+            # the set (``ls`` calls it holding its memo: it was ls's peak).
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                    os.scandir(directory) as entries:
+                names.update(prefix + entry.name for entry in entries)
         return names
 
     def read_summaries(self) -> Tuple[bytes, bool]:
@@ -2230,7 +2243,14 @@ class Layout:
             raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
                                     "more than ocicache reads; 'ocicache clean' empties it")
         try:
-            obj = _load_json_object(data, self.index_path)
+            # Decoded here, the bytes dropped: 20,000 names are 6 MB of them, which would
+            # otherwise be held beside the text and the 20 MB of objects made of it.
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+            del data
+            obj = _load_json_object(text, self.index_path)
+        except UnicodeDecodeError as e:
+            raise CorruptCacheError(f"invalid image cache: {self.index_path} is not valid "
+                                    f"JSON: {_shorten(_one_line(str(e)))}") from None
         except OciCacheError as e:
             raise CorruptCacheError(f"invalid image cache: {e}") from None
         if not isinstance(obj.get("manifests") or [], list):
@@ -7534,39 +7554,60 @@ class _SummaryMemo:
     _COLUMNS = ("blobs", "sizes", "roots", "root_sizes", "kinds", "totals", "reached",
                 "shown", "platforms")
 
-    def __init__(self, columns: Mapping[str, List[str]], media: List[str]) -> None:
+    # Kept as text until asked for: ls from a complete memo never needs them, and split
+    # they are 5 MB of 20,000 roots, held when ls is at its peak.
+    _LAZY = ("sizes", "reached", "platforms")
+
+    def __init__(self, columns: Dict[str, List[str]], media: List[str],
+                 lazy: Optional[Dict[str, str]] = None) -> None:
         self._blobs = columns.get("blobs", [])
         self._columns = columns
+        self._lazy = lazy or {}
         self._media = media
         self._where: Optional[Dict[str, int]] = None   # root digest -> its place
         self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
         self._learned: Dict[str, _RootFacts] = {}
 
     @classmethod
-    def parse(cls, data: bytes, trusted: bool) -> "_SummaryMemo":
-        """The memo in ``data``, or an empty one when it is not a trusted memo."""
+    def read(cls, layout: "Layout") -> "_SummaryMemo":
+        """The memo kept in ``layout``, or an empty one when it is not a trusted memo.
+
+        Its bytes, their text and its columns are each dropped as the next is made: the
+        memo of 20,000 roots is 6 MB, and ``ls`` holds nothing else then."""
+        data, trusted = layout.read_summaries()
         empty = cls({}, [])
         if not trusted or not data or len(data) > MAX_SUMMARIES_SIZE:
             return empty
         try:
+            text = data.decode()  # as written: UTF-8
+            del data
             # json itself, not _parse_json: the shape is checked flat, and nothing nests.
-            obj = json.loads(data)
+            obj = json.loads(text)
         except (ValueError, RecursionError):
             return empty
+        del text
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
-        texts = [obj.get(name) for name in cls._COLUMNS]
         media = obj.get("media")
-        if not all(type(t) is str for t in texts) or type(media) is not list or \
-                not all(type(m) is str for m in media):
+        if not all(type(obj.get(name)) is str for name in cls._COLUMNS) or \
+                type(media) is not list or not all(type(m) is str for m in media):
             return empty
-        columns = {name: text.split(" ") if text else []  # type: ignore[union-attr]
-                   for name, text in zip(cls._COLUMNS, texts)}
-        roots = len(columns["roots"])
-        if len(columns["sizes"]) != len(columns["blobs"]) or \
-                any(len(columns[name]) != roots for name in cls._COLUMNS[3:]):
+        lazy = {name: obj.pop(name) for name in cls._LAZY}
+        columns = {name: text.split(" ") if text else [] for name, text in (
+            (name, obj.pop(name)) for name in cls._COLUMNS if name not in lazy)}
+        lengths = {**{name: len(values) for name, values in columns.items()},
+                   **{name: text.count(" ") + 1 if text else 0 for name, text in lazy.items()}}
+        if lengths["sizes"] != lengths["blobs"] or \
+                any(lengths[name] != lengths["roots"] for name in cls._COLUMNS[3:]):
             return empty
-        return cls(columns, media)
+        return cls(columns, media, lazy)
+
+    def _column(self, name: str) -> List[str]:
+        """The column ``name``, split the first time it is asked for (see _LAZY)."""
+        if name in self._lazy:
+            text = self._lazy.pop(name)
+            self._columns[name] = text.split(" ") if text else []
+        return self._columns.get(name, [])
 
     def _place(self, digest: str, size: int) -> int:
         """Where the root ``digest`` of ``size`` bytes is among the memo's; -1 if not."""
@@ -7633,13 +7674,13 @@ class _SummaryMemo:
         if listed is None:
             return None
         at = self._place(digest, size)
-        numbers = self._numbers(self._columns["reached"][at])
+        numbers = self._numbers(self._column("reached")[at])
         try:
-            sizes = [int(self._columns["sizes"][n]) for n in numbers or ()]
+            sizes = [int(self._column("sizes")[n]) for n in numbers or ()]
         except ValueError:
             return None
         images = []
-        field = self._columns["platforms"][at]
+        field = self._column("platforms")[at]
         for platform_field in field.split(";") if field != "-" else ():
             platform, _, needed_text = platform_field.partition("=")
             needed = self._numbers(needed_text)
@@ -7658,7 +7699,7 @@ class _SummaryMemo:
         wanted = set(blobs)
         numbers = {str(n): blob for n, blob in enumerate(self._blobs) if blob in wanted}
         known, unknown = [], []
-        reached = self._columns.get("reached", [])
+        reached = self._column("reached")
         for raw in entries:
             _, digest, size = _raw_entry(raw)
             at = self._place(digest, size)
@@ -8055,7 +8096,7 @@ class Provider(CacheProvider):
                     label = ref if as_stored else Reference.parse(ref)  # as stored
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
             before = self.layout.reachable(removed).digests
-            memo = _SummaryMemo.parse(*self.layout.read_summaries())
+            memo = _SummaryMemo.read(self.layout)
             kept, unknown = memo.reaching(remaining, map(str, before))
             after = self.layout.reachable([self.layout.entry(raw) for raw in unknown]).digests
             deleted = [d for d in before if d not in after and str(d) not in kept and
@@ -8214,7 +8255,7 @@ class Provider(CacheProvider):
         knows the root, else from its documents, and is then remembered; what is there
         comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
         no manifest it has seen before, and parses no entry the memo knows."""
-        memo = _SummaryMemo.parse(*self.layout.read_summaries())
+        memo = _SummaryMemo.read(self.layout)
         listed = self.layout.blob_names()
         complete = memo.complete(listed)
         present: Optional[Set[str]] = listed
@@ -8254,7 +8295,7 @@ class Provider(CacheProvider):
         # Rewritten when it learned, and when a blob it names is gone (a name removed):
         # then the next ls lists from it alone again.
         if rows and learned:
-            memo = _SummaryMemo.parse(*self.layout.read_summaries()).learning(memo)
+            memo = _SummaryMemo.read(self.layout).learning(memo)
         if learned or (not complete and memo.stale(named)):
             self.layout.write_summaries(memo.to_bytes(named))
 

@@ -12447,6 +12447,64 @@ class TestLargeCaches(CacheTestCase):
         self.assertTrue(self.cache.image_in_cache("example.com/mine:1", "", "amd64"))
         self.assertTrue(self.cache.verify().ok)
 
+    def decoding_overhead(self, read: Callable[[], Any], size: int) -> float:
+        """How many times ``size`` ``read`` allocates at its peak beyond what it returns,
+        which is ``self.held`` times ``size`` (the file read into a buffer of
+        MAX_INDEX_SIZE / MAX_SUMMARIES_SIZE bytes, as ocicache does, would be counted
+        whole by tracemalloc: they are set to ``size``)."""
+        import tracemalloc
+        with mock.patch.object(oc, "MAX_INDEX_SIZE", size + 1), \
+                mock.patch.object(oc, "MAX_SUMMARIES_SIZE", size + 1):
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                result = read()
+                held, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        self.held = (held - before) / size
+        del result
+        return (peak - held) / size if held > before else float("inf")
+
+    def test_index_json_is_decoded_without_its_bytes_beside_it(self) -> None:
+        # 20,000 names are 6 MB of index.json: its bytes were held beside its text and
+        # all the objects made of it (ls, rm and a warm pull of one name, issue 19).
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": "sha256:%064x" % i,
+                    "size": 1000 + i, "annotations": {oc.ANNOTATION_REF_NAME:
+                                                      f"example.com/n{i}:1"}}
+                   for i in range(3000)]
+        data = json.dumps({"schemaVersion": 2, "manifests": entries}).encode()
+        with open(os.path.join(self.cache_dir, "index.json"), "wb") as f:
+            f.write(data)
+        overhead = self.decoding_overhead(self.cache.layout.index_object, len(data))
+        self.assertLess(overhead, 1.5)   # its text alone, not its bytes too
+        self.assertEqual(self.cache.layout.index_object()["manifests"], entries)
+
+    def test_the_memo_is_read_without_its_bytes_beside_its_columns(self) -> None:
+        self.many_names(60, {"etc/base": b"base"})
+        truth = self.cache.summaries()                   # writes the memo
+        size = os.path.getsize(self.memo_path())
+        memo = oc._SummaryMemo.read(self.cache.layout)
+        self.assertEqual(len(memo.listings()), 60)
+        overhead = self.decoding_overhead(lambda: oc._SummaryMemo.read(self.cache.layout),
+                                          size)
+        self.assertLess(overhead, 1.5)   # one column's text at a time, not all and the bytes
+        # ... and what ls from a complete memo never asks for is kept as text (split, the
+        # blobs each root reaches and each platform needs were 5 MB of 20,000 roots).
+        self.assertLess(self.held, 2.5)
+        self.assertEqual(self.cache.summaries(), truth)
+
+    def test_blob_names_are_listed_without_a_list_beside_the_set(self) -> None:
+        # ls lists the blobs holding its memo: 40,000 names listed first were its peak.
+        directory = os.path.join(self.cache_dir, "blobs", "sha256")
+        for i in range(3000):
+            open(os.path.join(directory, "%064x" % i), "wb").close()
+        before = self.cache.layout.blob_names()
+        self.assertEqual(len(before), 3000)
+        overhead = self.decoding_overhead(self.cache.layout.blob_names, 1)
+        self.assertLess(overhead, 0.25 * self.held)
+        self.assertEqual(self.cache.layout.blob_names(), before)
+
 
 class TestMemoAttacks(CacheTestCase):
     """Attacks on what rm and ls believe of the summary memo: a co-user of a group-shared
