@@ -9171,7 +9171,7 @@ class Provider(CacheProvider):
             self._copy_referrers(extra, src_kind == "registry")
         else:
             self._copy_to_layout([*items, *extra], src_kind == "registry", dst,
-                                 dst_kind == "oci-archive")
+                                 dst_kind == "oci-archive", {name for _, name, _ in extra})
         return [(name, plan.root) for _, name, plan in items]
 
     def _referrer_items(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
@@ -9388,10 +9388,12 @@ class Provider(CacheProvider):
         return False
 
     def _copy_to_layout(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
-                        from_registry: bool, path: str, archive: bool) -> None:
+                        from_registry: bool, path: str, archive: bool,
+                        referrers: Optional[Set[str]] = None) -> None:
         """A new OCI layout directory or archive at ``path``, written under a temporary
         name and renamed when complete; each root named by its tag (``ref.name``, as
-        skopeo's ``oci:DIR:TAG`` reads it) and its full name (containerd's)."""
+        skopeo's ``oci:DIR:TAG`` reads it) and its full name (containerd's). The names
+        in ``referrers`` are referrers indexes, merged with an existing layout's."""
         blobs: Dict[Digest, Descriptor] = {}
         for _, _, plan in items:
             for blob in plan.blobs:
@@ -9416,7 +9418,7 @@ class Provider(CacheProvider):
             for ref, name, plan in items)
         target = self._layout_outside_cache(path, archive)
         if not archive and os.path.isdir(target):
-            _add_to_layout(target, self.layout, blobs.values(), documents, entries)
+            _add_to_layout(target, self.layout, blobs.values(), documents, entries, referrers)
         else:
             self._write_new_layout(target, archive, blobs, documents, entries)
         for _, name, plan in items:
@@ -9737,12 +9739,16 @@ def _layout_target(path: str, archive: bool) -> str:
 
 
 def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
-                   documents: Mapping[Digest, bytes], entries: Sequence[Descriptor]) -> None:
+                   documents: Mapping[Digest, bytes], entries: Sequence[Descriptor],
+                   referrers: Optional[Set[str]] = None) -> None:
     """Add images to the existing OCI layout directory ``target`` (or an empty one):
     each blob and document it lacks written beside its final name, fsynced and renamed,
     then ``index.json`` replaced in one rename, with every entry of another name kept
-    and the entries named as ``entries`` are replaced. An ``flock`` of the directory
-    keeps two ocicache processes from losing each other's entries."""
+    and the entries named as ``entries`` are replaced. An entry named in ``referrers``
+    is a referrers index (``sha256-<hex>``): merged with the one the layout names so
+    (``_merged_layout_referrers``), as a registry's fallback tag is, not replaced. An
+    ``flock`` of the directory keeps two ocicache processes from losing each other's
+    entries."""
     with contextlib.ExitStack() as stack:
         directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, directory)
@@ -9750,6 +9756,11 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         _wait_for_lock(directory, functools.partial(_try_flock, directory, fcntl.LOCK_EX),
                        f"the lock on the layout {target}")
         index = _read_layout_index(target, directory)
+        if referrers:
+            documents = dict(documents)
+            entries = [_merged_layout_referrers(target, directory, index, entry, documents)
+                       if entry.annotations.get(ANNOTATION_REF_NAME) in referrers else entry
+                       for entry in entries]
         if not _layout_marker_is_good(directory):
             # First: an empty directory is a layout (with no image yet) before a blob is
             # in it, so that a copy that fails part-way is taken up again, not refused as
@@ -9783,6 +9794,57 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
+
+
+def _merged_layout_referrers(target: str, directory: int, index: Index, entry: Descriptor,
+                             documents: Dict[Digest, bytes]) -> Descriptor:
+    """``entry``, a referrers index about to be named in the layout ``target``, merged
+    with the one of its name there: every entry listed there kept, as written, the new
+    ones added after them, bounded as a fallback tag is (``MAX_REFERRERS`` entries,
+    ``MAX_MANIFEST_SIZE`` bytes). The merged index goes into ``documents``, to be
+    written as a blob of its own; a name with nothing readable behind it (a blob gone,
+    or not its digest's content) has nothing to keep."""
+    name = entry.annotations[ANNOTATION_REF_NAME]
+    there = [m for m in index.manifests if m.annotations.get(ANNOTATION_REF_NAME) == name]
+    existing = _layout_document(directory, there[-1].digest) if there else None
+    if existing is None:
+        return entry
+    what = f"the referrers index {name} of {target}"
+    listed = parse_referrers(existing, what)  # else says what it is, and is left alone
+    added = [d for d in parse_referrers(documents[entry.digest], what)
+             if d.digest not in {e.digest for e in listed}]
+    if not added:
+        return _replace(entry, digest=there[-1].digest, size=len(existing))
+    if len(listed) + len(added) > MAX_REFERRERS:  # which no reader would take
+        raise OciCacheError(f"{what} would list {len(listed) + len(added)} referrers, more "
+                            f"than {MAX_REFERRERS}")
+    obj = _load_json_object(existing, what)
+    obj["manifests"] = [*obj["manifests"], *(d.to_json() for d in added)]
+    obj.setdefault("mediaType", MEDIA_OCI_INDEX)
+    data = _bounded_referrers(_json_bytes(obj, separators=(",", ":")), what)
+    digest = Digest.from_bytes(data)
+    documents[digest] = data
+    return _replace(entry, digest=digest, size=len(data))
+
+
+def _layout_document(directory: int, digest: Digest) -> Optional[bytes]:
+    """The document ``digest`` names in the layout open as ``directory``, read through
+    its descriptors (never a link) and hashed; None when it is absent, larger than
+    ``MAX_MANIFEST_SIZE`` or not that content."""
+    with contextlib.ExitStack() as stack:
+        try:
+            blobs = _open_directory("blobs", directory)
+            stack.callback(os.close, blobs)
+            folder = _open_directory(digest.algorithm, blobs)
+            stack.callback(os.close, folder)
+            fd = _open_regular(digest.hex, os.O_RDONLY, folder)
+        except (OSError, OciCacheError):
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_MANIFEST_SIZE + 1)
+    if len(data) > MAX_MANIFEST_SIZE or Digest.from_bytes(data, digest.algorithm) != digest:
+        return None
+    return data
 
 
 def _layout_marker_is_good(directory: int) -> bool:

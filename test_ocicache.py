@@ -7961,6 +7961,59 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/api/app/tags/list").read())
         self.assertEqual(tags["tags"], ["1"])
 
+    def test_copy_referrers_into_a_layout_merges_its_referrers_index(self) -> None:
+        """copy --referrers into an existing layout adds to its sha256-<hex> index, as to
+        a registry's fallback tag: referrers copied there earlier from another source are
+        kept, the merged index is a blob of its own, and skopeo and umoci read the layout."""
+        registry = self.start_registry()
+        image = make_image("merged")
+        cache = self.provider()
+        made = {}
+        for repository, payload in [("one/app", b"first"), ("two/app", b"second")]:
+            manifest, blobs = make_referrer(image.manifest, "application/example", payload)
+            upload(registry.url, repository, [*image.blobs, *blobs],
+                   [("1", image.manifest), (manifest.digest, manifest)])
+            cache.registry.add_referrer(
+                cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/{repository}")),
+                oc.Digest.parse(image.manifest.digest),
+                oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+            made[repository] = manifest.digest
+        layout = self.path("layout")
+        tag = f"sha256-{image.manifest.digest[7:]}"
+
+        def listed() -> List[str]:
+            with open(os.path.join(layout, "index.json")) as f:
+                roots = [m for m in json.load(f)["manifests"]
+                         if m["annotations"][oc.ANNOTATION_REF_NAME] == tag]
+            self.assertEqual(len(roots), 1)
+            with open(os.path.join(layout, "blobs", "sha256", roots[0]["digest"][7:]), "rb") as f:
+                data = f.read()
+            self.assertEqual(hashlib.sha256(data).hexdigest(), roots[0]["digest"][7:])
+            return [m["digest"] for m in json.loads(data)["manifests"]]
+
+        for repository in ("one/app", "two/app", "two/app"):  # the last adds nothing
+            result = self.cli("copy", "--referrers", f"{registry.host}/{repository}:1",
+                              f"oci:{layout}:1")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(listed(), [made["one/app"], made["two/app"]])
+        inspected = json.loads(self.skopeo("inspect", "--raw", f"oci:{layout}:1"))
+        self.assertEqual(inspected["config"]["digest"], image.config.digest)
+        umoci = require_tool(self, "umoci")
+        stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:1"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        # A name there that is no referrers index is not merged into: one line, unchanged.
+        other = make_image("not-a-list")
+        upload(registry.url, "three/app", other.blobs, [("1", other.manifest)])
+        self.assertEqual(self.cli("copy", f"{registry.host}/three/app:1",
+                                  f"oci:{layout}:{tag}").returncode, 0)
+        with open(os.path.join(layout, "index.json")) as f:
+            before = f.read()
+        self.assert_one_line_error(self.cli("copy", "--referrers", f"{registry.host}/one/app:1",
+                                            f"oci:{layout}:1"), "not an index of referrers")
+        with open(os.path.join(layout, "index.json")) as f:
+            self.assertEqual(f.read(), before)
+
     def test_sbom_finds_spdx_and_cyclonedx_referrers(self) -> None:
         registry = self.start_registry()
         amd, _, _, index = self.multi_arch(registry, "test/app")  # with a BuildKit SPDX attestation
