@@ -452,11 +452,14 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-_CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]+"
+# Every character ``str.splitlines`` breaks at is one of these: the C0 and C1 controls
+# (\n, \r, \x1c-\x1e, \x85 among them) and Unicode's line and paragraph separators.
+_CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+"
 
 
 def _one_line(text: str) -> str:
-    """``text`` safe for one line of a terminal: control characters become spaces."""
+    """``text`` safe for one line of a terminal: control characters and line separators
+    become spaces."""
     return re.sub(_CONTROL_CHARACTERS, " ", text).strip()
 
 

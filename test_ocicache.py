@@ -3722,6 +3722,16 @@ class TestBeliefs(CacheTestCase):
         result = self.cli("sbom", "--platform", "amd64", "example.com/sbom:1")
         self.assert_one_line_error(result, utf16.digest, "UTF-8")
 
+    def test_an_error_naming_a_line_separator_is_one_line(self) -> None:
+        """Every character str.splitlines breaks at, in a file name an error names, is a
+        space: the message stays one line (U+2028 and U+2029 among them)."""
+        for separator in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029":
+            with self.subTest(hex(ord(separator))):
+                missing = self.path(f"no{separator}such.tar")
+                line = self.assert_one_line_error(self.cli("import", missing),
+                                                  "No such file or directory")
+                self.assertIn("no such.tar", line)
+
     def test_a_referrer_does_not_need_its_subject(self) -> None:
         """A ``subject`` names the manifest an artifact refers to (a weak link to another
         graph, image-spec), often in another repository: verify, a whole export and gc
