@@ -3961,6 +3961,9 @@ def _with_query(url: str, query: str) -> str:
 
 
 _MAX_TAG_PAGES = 10000  # pages of one tag list followed before it is taken as endless
+# Entries of one tag list, over every page: tens of MB of strings at most, not what
+# 10,000 pages of 4 MiB would hold. The largest real repositories list a few 10,000s.
+_MAX_TAGS = 100_000
 
 
 def _next_link(header: str) -> str:
@@ -4420,7 +4423,7 @@ class RegistryClient:
         what = f"list the tags of {wanted.name}"
         url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
         tags: Dict[str, None] = {}
-        skipped = 0
+        skipped = listed = 0
         for data, _ in self._pages(endpoint, url, what, (200,)):
             # A tag list is short strings ("1",): packed as no image document is, and
             # still a bounded page. Tighter than that is not a tag list.
@@ -4430,6 +4433,10 @@ class RegistryClient:
             if not isinstance(entries, list) and entries is not None:
                 raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
                                     "a tag list (a JSON object with a 'tags' array)")
+            listed += len(entries or ())
+            if listed > _MAX_TAGS:  # each page is bounded; so is what they add up to
+                raise RegistryError(f"{what}: {endpoint.host} lists more than {_MAX_TAGS} "
+                                    "tags; not taking more of the list")
             for entry in entries or ():
                 if isinstance(entry, str) and re.fullmatch(_TAG, entry):
                     tags.setdefault(entry)
@@ -9112,7 +9119,9 @@ class Provider(CacheProvider):
         """Copy an image from ``source`` to ``destination``, as ``skopeo copy`` does;
         returns each destination name with the root it now holds.
 
-        Sources: a registry name (``docker://`` optional) or ``cache:NAME``.
+        Sources: a registry name (``docker://`` optional), ``cache:NAME`` or
+        ``oci:DIR[:NAME]`` (an OCI layout's image of that ``ref.name``, its only image
+        without one; read as untrusted, ``_layout_plan``).
         Destinations: a registry name, ``oci:DIR[:TAG]`` (an OCI layout directory: a
         new one, or one to add the image to, keeping its other images; its index.json is
         replaced in one rename) or ``oci-archive:FILE[:TAG]``. ``architecture`` "" or
@@ -9124,15 +9133,30 @@ class Provider(CacheProvider):
         ``referrers`` also copies what refers to each image and platform copied
         (``_copy_referrers``).
         """
-        src_kind, src, _ = parse_copy_location(source)
+        if source.startswith("oci:"):  # NAME is any name the layout gives, a tag or more
+            src_kind, (src, _, src_name) = "oci", source[len("oci:"):].partition(":")
+            if not src:
+                raise OciCacheError(f"{source!r}: name a path, as in oci:DIR[:NAME]")
+        else:
+            src_kind, src, _ = parse_copy_location(source)
         dst_kind, dst, dst_tag = parse_copy_location(destination)
-        if src_kind not in ("registry", "cache"):
-            raise OciCacheError(f"copy from {source}: a source is a registry name or "
-                                "cache:NAME")
+        if src_kind not in ("registry", "cache", "oci"):
+            raise OciCacheError(f"copy from {source}: a source is a registry name, "
+                                "cache:NAME or oci:DIR[:NAME]")
         if dst_kind == "cache":
             raise OciCacheError(f"copy to {destination}: use 'pull' to copy into the cache")
         if architecture not in ("", ALL_PLATFORMS):
             _platform_list(architecture)  # a bad list fails before any request
+        if src_kind == "oci" and (all_tags or referrers):
+            raise OciCacheError(f"copy from {source}: --all-tags and --referrers copy from "
+                                "a registry or the cache, not from a layout")
+        if dst_kind in ("oci", "oci-archive") and src_kind == "oci":
+            self._layout_outside_cache(dst, dst_kind == "oci-archive")
+        if src_kind == "oci":
+            with self.layout.adding_blobs():  # staged here, hashed, until copied on
+                plan = self._layout_plan(src, src_name, architecture)
+                return self._copy([plan.source], src_kind, dst_kind, dst, dst_tag,
+                                  architecture, False, plans=[plan])
         sources = [Reference.parse(src)]
         if all_tags:
             if src_kind != "registry" or sources[0].digest is not None:
@@ -9155,18 +9179,20 @@ class Provider(CacheProvider):
                               all_tags, referrers)
 
     def _copy(self, sources: Sequence[Reference], src_kind: str, dst_kind: str, dst: str,
-              dst_tag: str, architecture: str, all_tags: bool, referrers: bool = False
-              ) -> List[Tuple[str, Descriptor]]:
+              dst_tag: str, architecture: str, all_tags: bool, referrers: bool = False,
+              plans: Sequence["_CopyPlan"] = ()) -> List[Tuple[str, Descriptor]]:
+        """Copy ``sources`` (of ``src_kind``) to ``dst``; ``plans`` are the sources' plans
+        when they are made already (a layout's, staged in the cache)."""
         items: List[Tuple[Reference, str, _CopyPlan]] = []
-        for ref in sources:
+        for number, ref in enumerate(sources):
             if dst_kind == "registry":
                 target = Reference.parse(dst) if not all_tags else Reference(
                     Reference.parse(dst).registry, Reference.parse(dst).repository, ref.tag)
                 name = str(target)
             else:
                 name = dst_tag or ref.tag or "latest"
-            plan = self._cache_plan(ref, architecture) if src_kind == "cache" else \
-                self._registry_plan(ref, architecture)
+            plan = plans[number] if plans else self._cache_plan(ref, architecture) \
+                if src_kind == "cache" else self._registry_plan(ref, architecture)
             items.append((ref, name, plan))
         extra = self._referrer_items(items, src_kind, dst_kind) if referrers else []
         if dst_kind == "registry":
@@ -9269,7 +9295,11 @@ class Provider(CacheProvider):
 
     def _cache_plan(self, ref: Reference, architecture: str) -> "_CopyPlan":
         """What a copy of the cache's ``ref`` writes; every blob must be in the cache."""
-        root = self._find_named(ref)
+        return self._held_root_plan(ref, self._find_named(ref), architecture)
+
+    def _held_root_plan(self, ref: Reference, root: Descriptor, architecture: str
+                        ) -> "_CopyPlan":
+        """What a copy of ``root`` (the image ``ref``, in the cache) writes."""
         data = self.layout.read_blob(root.digest)
         root = Descriptor(root.media_type, root.digest, root.size)
         if not root.is_index:
@@ -9305,6 +9335,87 @@ class Provider(CacheProvider):
             children.append((child, self.layout.read_blob(child.digest), self.manifest(child)))
         return _CopyPlan(ref, root, data, tuple((d, m) for d, m, _ in children),
                          _copied_blobs(children, []))
+
+    def _layout_plan(self, path: str, name: str, architecture: str) -> "_CopyPlan":
+        """What a copy of the image ``name`` of the OCI layout directory ``path`` (its
+        only image when ``name`` is "") writes. The layout is another's, carried across
+        an air gap: its index.json is bounded, nothing in it is reached through a link,
+        and every document and blob the copy needs goes into the cache hashed as it is
+        read (``write_blob``), so what is copied on is what the index's digests say.
+        The copy then goes as a copy from the cache does."""
+        target = os.path.abspath(path)
+        where = f"the layout {path}"
+        try:
+            directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OciCacheError(f"cannot copy from {where}: {e.strerror or e}") from None
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, directory)
+            entries = [e for e in _read_layout_index(target, directory).manifests
+                       if not name or e.annotations.get(ANNOTATION_REF_NAME) == name]
+            if len(entries) != 1:
+                named = sorted({e.annotations.get(ANNOTATION_REF_NAME, "") for e in
+                                _read_layout_index(target, directory).manifests} - {""})
+                if name and entries:
+                    raise OciCacheError(f"{where} names {len(entries)} images {name!r}; "
+                                        "copy one of them by its own name")
+                found = f"no image named {name!r}" if name else \
+                    f"{len(entries)} images" if entries else "no image"
+                raise NotFoundError(f"{where} has {found}; name one of: "
+                                    f"{_shorten(_one_line(', '.join(named)), 240) or 'none'}"
+                                    f" (as oci:{path}:NAME)")
+            entry = entries[0]
+            ref = _layout_source_reference(entry, name)
+            label = entry.annotations.get(ANNOTATION_REF_NAME) or str(entry.digest)
+            folders: Dict[str, int] = {}
+
+            def stage(blob: Descriptor, document: bool) -> None:
+                """``blob`` from the layout into the cache, hashed; a document at most
+                ``MAX_MANIFEST_SIZE`` bytes, as every reader takes it."""
+                if document and blob.size > MAX_MANIFEST_SIZE:
+                    raise OciCacheError(f"cannot copy {label!r} from {where}: {blob.digest} is "
+                                        f"{blob.size} bytes, more than a manifest may be")
+                if self.layout.has_blob(blob.digest, blob.size):
+                    return
+                path_in = os.path.join(target, _blob_name(blob.digest))
+                try:
+                    if not folders:
+                        folders[""] = _open_directory("blobs", directory,
+                                                      os.path.join(target, "blobs"))
+                        stack.callback(os.close, folders[""])
+                    if blob.digest.algorithm not in folders:
+                        folders[blob.digest.algorithm] = _open_directory(
+                            blob.digest.algorithm, folders[""],
+                            os.path.join(target, "blobs", blob.digest.algorithm))
+                        stack.callback(os.close, folders[blob.digest.algorithm])
+                    fd = _open_regular(blob.digest.hex, os.O_RDONLY,
+                                       folders[blob.digest.algorithm], path_in)
+                    with os.fdopen(fd, "rb") as f:
+                        self.layout.write_blob(f, blob.digest, blob.size)
+                except FileNotFoundError:
+                    raise NotFoundError(f"cannot copy {label!r} from {where}: it lacks "
+                                        f"{blob.digest}") from None
+                except OciCacheError as e:
+                    raise type(e)(f"cannot copy {label!r} from {where}: "
+                                  f"{str(e).replace('its cache', 'a layout')}") from None
+
+            root = Descriptor(entry.media_type, entry.digest, entry.size)
+            stage(root, True)
+            root = self.layout.believed(root)
+            if root.is_index:
+                data = self.layout.read_blob(root.digest)
+                _, _, chosen = self._filtered(ref, data, root, architecture)
+                for child in chosen:
+                    stage(child, True)
+                images = [c for c in map(self.layout.believed, chosen)
+                          if c.media_type in IMAGE_MEDIA_TYPES]
+            else:
+                images = [root]
+            for image in images:
+                for blob in self.manifest(image).blobs():
+                    if not _is_foreign(blob):
+                        stage(blob, False)
+        return self._held_root_plan(ref, root, architecture)
 
     def _copy_to_registry(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                           from_registry: bool) -> None:
@@ -9692,6 +9803,21 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
             if not _is_foreign(blob):
                 blobs.setdefault(blob.digest, blob)
     return tuple(blobs.values())
+
+
+def _layout_source_reference(entry: Descriptor, name: str) -> Reference:
+    """The name a copy from a layout gives the image its ``entry`` names: the whole
+    reference the layout's annotations give (containerd's, or a ref.name that is one,
+    as sync writes), else the tag ``name`` of a repository called ``oci-layout``."""
+    for given in (entry.annotations.get(ANNOTATION_CONTAINERD_NAME, ""),
+                  entry.annotations.get(ANNOTATION_REF_NAME, "")):
+        if "/" in given:
+            with contextlib.suppress(OciCacheError):
+                ref = Reference.parse(given)
+                return Reference(ref.registry, ref.repository, ref.tag if ref.digest is None
+                                 else "latest")
+    tag = entry.annotations.get(ANNOTATION_REF_NAME, "") or name
+    return Reference("localhost", "oci-layout", tag if re.fullmatch(_TAG, tag) else "latest")
 
 
 def _refuse_in_cache(path: str, cache: str, advice: str) -> None:
@@ -11398,7 +11524,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("copy", help="copy an image between registries, the cache and "
                                          "OCI layouts",
                             description="Copy SRC to DST. SRC: a registry name "
-                                        "('docker://' optional) or cache:NAME. DST: a "
+                                        "('docker://' optional), cache:NAME or "
+                                        "oci:DIR[:NAME] (an OCI layout, every blob hashed "
+                                        "as it is read). DST: a "
                                         "registry name, oci:DIR[:TAG] (an OCI layout "
                                         "directory, new or one to add to: its other "
                                         "images are kept) or oci-archive:FILE[:TAG]. Every "

@@ -5846,7 +5846,8 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         cache.copy(f"{registry.host}/test/three", f"oci:{layout}", all_tags=True)
         self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:2").encode(), index.data)
         for args, fragment in [(["cache:nope/x:1", f"{registry.host}/test/y:1"], "nope/x"),
-                               ([f"oci:{layout}", f"{registry.host}/test/y:1"], "a source is"),
+                               ([f"oci:{layout}", f"{registry.host}/test/y:1"],
+                                "has 3 images; name one of: 1, 2, lone"),
                                ([f"{registry.host}/test/three:1", "cache:a"], "use 'pull'"),
                                (["--all-tags", f"{registry.host}/test/three",
                                  f"{registry.host}/test/y:1"], "without a tag")]:
@@ -5978,6 +5979,97 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
             {(registry.host, oc.Digest.parse(layer)): ["a", "b", "c"]},
             {(registry.host, oc.Digest.parse(layer)): ["d"]}).items()}
         self.assertEqual(rows, {(registry.host, layer): ["b", "c", "d"]})
+
+    # -- copy from an oci:DIR[:NAME] source, as on the inside of an air gap: the layout
+    # is another's, so it is read as untrusted input.
+
+    def skopeo_layout(self, registry: Registry) -> Tuple[str, Dict[str, ImageBlobs], Blob]:
+        images, _, index = self.three_platforms(registry)
+        layout = self.path("carried")
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/test/three:1", f"oci:{layout}:v1")
+        return layout, images, index
+
+    def test_copy_from_a_layout_skopeo_wrote_keeps_digests(self) -> None:
+        registry = self.start_registry()
+        layout, images, index = self.skopeo_layout(registry)
+        result = self.cli("copy", f"oci:{layout}:v1", f"{registry.host}/inside/three:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.raw(f"{registry.host}/inside/three:1"), index.data)
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/inside/three:1", f"dir:{self.path('out')}")
+        # A platform subset, its only image (no NAME), and into another layout.
+        result = self.cli("copy", "--platform", "linux/arm64", f"oci:{layout}",
+                          f"{registry.host}/inside/arm:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.listed(self.raw(f"{registry.host}/inside/arm:1")),
+                         ["arm64", "att:" + images["arm64"].manifest.digest])
+        copied = self.path("copied")
+        result = self.cli("copy", f"oci:{layout}:v1", f"oci:{copied}:v2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(self.skopeo("inspect", "--raw", f"oci:{copied}:v2")),
+                         json.loads(index.data))
+        # The name sync gives each image (a whole reference) is a NAME too.
+        mirror = self.path("mirror")
+        with open(self.path("sync.json"), "w") as f:
+            json.dump({"target": f"oci:{mirror}", "images": [
+                {"source": f"{registry.host}/test/three", "tags": ["1"]}]}, f)
+        result = self.cli("sync", self.path("sync.json"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.cli("copy", f"oci:{mirror}:{registry.host}/test/three:1",
+                          f"{registry.host}/inside/again:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.raw(f"{registry.host}/inside/again:1"), index.data)
+
+    def test_a_bad_layout_is_one_line_and_copies_nothing(self) -> None:
+        registry = self.start_registry()
+        layout, images, _ = self.skopeo_layout(registry)
+        layer = images["amd64"].layers[0].digest[7:]
+        layer_path = os.path.join(layout, "blobs", "sha256", layer)
+        with open(layer_path, "rb") as f:
+            original = f.read()
+        bait = self.path("bait")
+        with open(bait, "wb") as f:
+            f.write(original)
+
+        def restore() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layer_path)
+            with open(layer_path, "wb") as f:
+                f.write(original)
+
+        def tampered() -> None:
+            with open(layer_path, "r+b") as f:
+                f.write(b"X")
+
+        def linked() -> None:
+            os.unlink(layer_path)
+            os.symlink(bait, layer_path)
+
+        cases: List[Tuple[str, Callable[[], None], str, str]] = [
+            ("tampered", tampered, "v1", "does not match its digest"),
+            ("linked", linked, "v1", "symbolic link"),
+            ("missing", lambda: os.unlink(layer_path), "v1", "lacks"),
+            ("no such name", lambda: None, "v9", "no image named 'v9'"),
+        ]
+        for label, spoil, name, fragment in cases:
+            with self.subTest(label):
+                spoil()
+                self.assert_one_line_error(
+                    self.cli("copy", f"oci:{layout}:{name}", f"{registry.host}/bad/three:1"),
+                    fragment)
+                restore()
+                with self.assertRaises(urllib.error.HTTPError):  # not even the repository
+                    urllib.request.urlopen(f"{registry.url}/v2/bad/three/tags/list")
+        with open(os.path.join(layout, "index.json"), "wb") as f:
+            f.write(b" " * (oc.MAX_INDEX_SIZE + 1))
+        self.assert_one_line_error(self.cli("copy", f"oci:{layout}:v1",
+                                            f"{registry.host}/bad/three:1"), "larger than")
+        self.assert_one_line_error(self.cli("copy", "--referrers", f"oci:{layout}:v1",
+                                            f"{registry.host}/bad/three:1"), "not from a layout")
+        self.assert_one_line_error(self.cli("copy", f"oci:{self.path('none')}:v1",
+                                            f"{registry.host}/bad/three:1"), "none")
+
 
 class TestSyncFile(unittest.TestCase):
     """The sync file's format, semver ranges and tag regexes: pure logic, no I/O."""
@@ -7287,6 +7379,12 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         proxy.clear_faults()
         proxy.add_fault("rewrite", match="/tags/list", body=lambda data: b'{"tags": null}')
         self.assertEqual(self.provider().registry.list_tags(f"{proxy.host}/test/tags"), [])
+        # Every page is bounded, and so is the list they add up to (here one page).
+        many = json.dumps({"tags": [f"t{n}" for n in range(oc._MAX_TAGS + 1)]}).encode()
+        proxy.clear_faults()
+        proxy.add_fault("rewrite", match="/tags/list", body=lambda data: many)
+        self.assert_one_line_error(self.cli("tags", f"{proxy.host}/test/tags"),
+                                   f"more than {oc._MAX_TAGS} tags")
 
     def test_digest_asks_with_head(self) -> None:
         registry = self.start_registry()
