@@ -9121,7 +9121,8 @@ class Provider(CacheProvider):
 
         Sources: a registry name (``docker://`` optional), ``cache:NAME`` or
         ``oci:DIR[:NAME]`` (an OCI layout's image of that ``ref.name``, its only image
-        without one; read as untrusted, ``_layout_plan``).
+        without one; read as untrusted, ``_layout_plan``) or ``oci-archive:FILE[:NAME]``
+        (``_archive_plan``).
         Destinations: a registry name, ``oci:DIR[:TAG]`` (an OCI layout directory: a
         new one, or one to add the image to, keeping its other images; its index.json is
         replaced in one rename) or ``oci-archive:FILE[:TAG]``. ``architecture`` "" or
@@ -9133,28 +9134,30 @@ class Provider(CacheProvider):
         ``referrers`` also copies what refers to each image and platform copied
         (``_copy_referrers``).
         """
-        if source.startswith("oci:"):  # NAME is any name the layout gives, a tag or more
-            src_kind, (src, _, src_name) = "oci", source[len("oci:"):].partition(":")
+        kind = next((k for k in ("oci", "oci-archive") if source.startswith(f"{k}:")), "")
+        if kind:  # NAME is any name the layout gives, a tag or more
+            src_kind, (src, _, src_name) = kind, source[len(kind) + 1:].partition(":")
             if not src:
-                raise OciCacheError(f"{source!r}: name a path, as in oci:DIR[:NAME]")
+                raise OciCacheError(f"{source!r}: name a path, as in {kind}:PATH[:NAME]")
         else:
             src_kind, src, _ = parse_copy_location(source)
         dst_kind, dst, dst_tag = parse_copy_location(destination)
-        if src_kind not in ("registry", "cache", "oci"):
+        if src_kind not in ("registry", "cache", "oci", "oci-archive"):
             raise OciCacheError(f"copy from {source}: a source is a registry name, "
-                                "cache:NAME or oci:DIR[:NAME]")
+                                "cache:NAME, oci:DIR[:NAME] or oci-archive:FILE[:NAME]")
         if dst_kind == "cache":
             raise OciCacheError(f"copy to {destination}: use 'pull' to copy into the cache")
         if architecture not in ("", ALL_PLATFORMS):
             _platform_list(architecture)  # a bad list fails before any request
-        if src_kind == "oci" and (all_tags or referrers):
+        if kind and (all_tags or referrers):
             raise OciCacheError(f"copy from {source}: --all-tags and --referrers copy from "
                                 "a registry or the cache, not from a layout")
-        if dst_kind in ("oci", "oci-archive") and src_kind == "oci":
+        if dst_kind in ("oci", "oci-archive") and kind:
             self._layout_outside_cache(dst, dst_kind == "oci-archive")
-        if src_kind == "oci":
+        if kind:
             with self.layout.adding_blobs():  # staged here, hashed, until copied on
-                plan = self._layout_plan(src, src_name, architecture)
+                plan = self._layout_plan(src, src_name, architecture) if kind == "oci" else \
+                    self._archive_plan(src, src_name, architecture)
                 return self._copy([plan.source], src_kind, dst_kind, dst, dst_tag,
                                   architecture, False, plans=[plan])
         sources = [Reference.parse(src)]
@@ -9351,20 +9354,8 @@ class Provider(CacheProvider):
             raise OciCacheError(f"cannot copy from {where}: {e.strerror or e}") from None
         with contextlib.ExitStack() as stack:
             stack.callback(os.close, directory)
-            entries = [e for e in _read_layout_index(target, directory).manifests
-                       if not name or e.annotations.get(ANNOTATION_REF_NAME) == name]
-            if len(entries) != 1:
-                named = sorted({e.annotations.get(ANNOTATION_REF_NAME, "") for e in
-                                _read_layout_index(target, directory).manifests} - {""})
-                if name and entries:
-                    raise OciCacheError(f"{where} names {len(entries)} images {name!r}; "
-                                        "copy one of them by its own name")
-                found = f"no image named {name!r}" if name else \
-                    f"{len(entries)} images" if entries else "no image"
-                raise NotFoundError(f"{where} has {found}; name one of: "
-                                    f"{_shorten(_one_line(', '.join(named)), 240) or 'none'}"
-                                    f" (as oci:{path}:NAME)")
-            entry = entries[0]
+            entry = _layout_entry(_read_layout_index(target, directory), name, where,
+                                  f"oci:{path}")
             ref = _layout_source_reference(entry, name)
             label = entry.annotations.get(ANNOTATION_REF_NAME) or str(entry.digest)
             folders: Dict[str, int] = {}
@@ -9416,6 +9407,32 @@ class Provider(CacheProvider):
                     if not _is_foreign(blob):
                         stage(blob, False)
         return self._held_root_plan(ref, root, architecture)
+
+    def _archive_plan(self, path: str, name: str, architecture: str) -> "_CopyPlan":
+        """What a copy of the image ``name`` of the OCI archive ``path`` writes (its only
+        image when ``name`` is ""): the archive read once as ``import`` reads one (every
+        blob hashed into the cache, links and odd members refused, bounded), then copied
+        on as from the cache."""
+        where = f"the archive {path}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise OciCacheError(f"cannot copy from {where}: {e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OciCacheError(f"cannot copy from {where}: it is not a regular file")
+            os.set_blocking(f.fileno(), True)
+            contents = _read_archive(f, self.layout)
+        if "index.json" not in contents.metadata:
+            raise InvalidArchiveError(f"{where} is not an OCI archive: it has no index.json")
+        try:
+            index = Index.from_json(contents.metadata["index.json"], what=f"{where}'s index.json")
+        except OciCacheError as e:
+            raise InvalidArchiveError(str(e)) from None
+        entry = _layout_entry(index, name, where, f"oci-archive:{path}")
+        _check_archive_roots([entry], contents, self.layout)
+        root = self.layout.believed(Descriptor(entry.media_type, entry.digest, entry.size))
+        return self._held_root_plan(_layout_source_reference(entry, name), root, architecture)
 
     def _copy_to_registry(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                           from_registry: bool) -> None:
@@ -9803,6 +9820,24 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
             if not _is_foreign(blob):
                 blobs.setdefault(blob.digest, blob)
     return tuple(blobs.values())
+
+
+def _layout_entry(index: Index, name: str, where: str, source: str) -> Descriptor:
+    """The root a layout's (or archive's) ``index`` names ``name`` in ``ref.name``, its
+    only root when ``name`` is ""; else an error listing the names there are."""
+    entries = [e for e in index.manifests
+               if not name or e.annotations.get(ANNOTATION_REF_NAME) == name]
+    if len(entries) == 1:
+        return entries[0]
+    if name and entries:
+        raise OciCacheError(f"{where} names {len(entries)} images {name!r}; copy one of "
+                            "them by its own name")
+    named = sorted({e.annotations.get(ANNOTATION_REF_NAME, "") for e in index.manifests} - {""})
+    found = f"no image named {name!r}" if name else \
+        f"{len(entries)} images" if entries else "no image"
+    raise NotFoundError(f"{where} has {found}; name one of: "
+                        f"{_shorten(_one_line(', '.join(named)), 240) or 'none'} "
+                        f"(as {source}:NAME)")
 
 
 def _layout_source_reference(entry: Descriptor, name: str) -> Reference:
@@ -11524,9 +11559,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("copy", help="copy an image between registries, the cache and "
                                          "OCI layouts",
                             description="Copy SRC to DST. SRC: a registry name "
-                                        "('docker://' optional), cache:NAME or "
+                                        "('docker://' optional), cache:NAME, "
                                         "oci:DIR[:NAME] (an OCI layout, every blob hashed "
-                                        "as it is read). DST: a "
+                                        "as it is read) or oci-archive:FILE[:NAME]. DST: a "
                                         "registry name, oci:DIR[:TAG] (an OCI layout "
                                         "directory, new or one to add to: its other "
                                         "images are kept) or oci-archive:FILE[:TAG]. Every "

@@ -6020,6 +6020,25 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
                           f"{registry.host}/inside/again:1")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(self.raw(f"{registry.host}/inside/again:1"), index.data)
+        # An OCI archive skopeo wrote, read once as import reads one.
+        archive = self.path("carried.tar")
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/test/three:1", f"oci-archive:{archive}:v1")
+        result = self.cli("copy", f"oci-archive:{archive}:v1", f"{registry.host}/inside/tar:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.raw(f"{registry.host}/inside/tar:1"), index.data)
+        self.assert_one_line_error(self.cli("copy", f"oci-archive:{archive}:v9",
+                                            f"{registry.host}/inside/tar:2"), "no image named")
+        shutil.rmtree(self.cache_dir)  # a blob the cache has is taken from the cache
+        with open(archive, "r+b") as f:  # a layer's bytes changed: its digest says so
+            data = f.read()
+            at = data.index(images["s390x"].layers[0].data)
+            f.seek(at)
+            f.write(b"X")
+        self.assert_one_line_error(self.cli("copy", f"oci-archive:{archive}:v1",
+                                            f"{registry.host}/inside/tar:3"), "digest")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{registry.url}/v2/inside/tar/manifests/3")
 
     def test_a_bad_layout_is_one_line_and_copies_nothing(self) -> None:
         registry = self.start_registry()
