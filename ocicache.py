@@ -3961,9 +3961,11 @@ def _with_query(url: str, query: str) -> str:
 
 
 _MAX_TAG_PAGES = 10000  # pages of one tag list followed before it is taken as endless
-# Entries of one tag list, over every page: tens of MB of strings at most, not what
-# 10,000 pages of 4 MiB would hold. The largest real repositories list a few 10,000s.
-_MAX_TAGS = 100_000
+# One tag list, over every page, is at most this many entries and bytes of pages: some
+# 100 MB of strings, not the 40 GB 10,000 pages of 4 MiB would be. A CI's repository
+# of a million build numbers still lists (a few MB of JSON).
+_MAX_TAGS = 1_000_000
+_MAX_TAG_LIST_BYTES = 16 * MAX_MANIFEST_SIZE
 
 
 def _next_link(header: str) -> str:
@@ -4423,8 +4425,12 @@ class RegistryClient:
         what = f"list the tags of {wanted.name}"
         url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
         tags: Dict[str, None] = {}
-        skipped = listed = 0
+        skipped = listed = read = 0
         for data, _ in self._pages(endpoint, url, what, (200,)):
+            read += len(data)
+            if read > _MAX_TAG_LIST_BYTES:  # each page is bounded; so is what they add up to
+                raise RegistryError(f"{what}: {endpoint.host}'s tag list is more than "
+                                    f"{_MAX_TAG_LIST_BYTES} bytes; not taking more of it")
             # A tag list is short strings ("1",): packed as no image document is, and
             # still a bounded page. Tighter than that is not a tag list.
             page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}",
@@ -4434,7 +4440,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
                                     "a tag list (a JSON object with a 'tags' array)")
             listed += len(entries or ())
-            if listed > _MAX_TAGS:  # each page is bounded; so is what they add up to
+            if listed > _MAX_TAGS:
                 raise RegistryError(f"{what}: {endpoint.host} lists more than {_MAX_TAGS} "
                                     "tags; not taking more of the list")
             for entry in entries or ():

@@ -7398,12 +7398,16 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         proxy.clear_faults()
         proxy.add_fault("rewrite", match="/tags/list", body=lambda data: b'{"tags": null}')
         self.assertEqual(self.provider().registry.list_tags(f"{proxy.host}/test/tags"), [])
-        # Every page is bounded, and so is the list they add up to (here one page).
-        many = json.dumps({"tags": [f"t{n}" for n in range(oc._MAX_TAGS + 1)]}).encode()
+        # Every page is bounded, and so is the list they add up to, in entries and bytes
+        # (here of one page, the bounds made small).
+        many = json.dumps({"tags": [f"t{n}" for n in range(101)]}).encode()
         proxy.clear_faults()
-        proxy.add_fault("rewrite", match="/tags/list", body=lambda data: many)
-        self.assert_one_line_error(self.cli("tags", f"{proxy.host}/test/tags"),
-                                   f"more than {oc._MAX_TAGS} tags")
+        proxy.add_fault("rewrite", match="/tags/list", times=None, body=lambda data: many)
+        for bound, value, fragment in (("_MAX_TAGS", 100, "more than 100 tags"),
+                                       ("_MAX_TAG_LIST_BYTES", len(many) - 1, "bytes")):
+            with self.subTest(bound), mock.patch.object(oc, bound, value), \
+                    self.assertRaisesRegex(oc.RegistryError, fragment):
+                self.provider().registry.list_tags(f"{proxy.host}/test/tags")
 
     def test_digest_asks_with_head(self) -> None:
         registry = self.start_registry()
