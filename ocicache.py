@@ -452,11 +452,14 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-_CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]+"
+# Every character ``str.splitlines`` breaks at is one of these: the C0 and C1 controls
+# (\n, \r, \x1c-\x1e, \x85 among them) and Unicode's line and paragraph separators.
+_CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+"
 
 
 def _one_line(text: str) -> str:
-    """``text`` safe for one line of a terminal: control characters become spaces."""
+    """``text`` safe for one line of a terminal: control characters and line separators
+    become spaces."""
     return re.sub(_CONTROL_CHARACTERS, " ", text).strip()
 
 
@@ -3978,6 +3981,11 @@ def _with_query(url: str, query: str) -> str:
 
 
 _MAX_TAG_PAGES = 10000  # pages of one tag list followed before it is taken as endless
+# One tag list, over every page, is at most this many entries and bytes of pages: some
+# 100 MB of strings, not the 40 GB 10,000 pages of 4 MiB would be. A CI's repository
+# of a million build numbers still lists (a few MB of JSON).
+_MAX_TAGS = 1_000_000
+_MAX_TAG_LIST_BYTES = 16 * MAX_MANIFEST_SIZE
 
 
 def _next_link(header: str) -> str:
@@ -4437,8 +4445,12 @@ class RegistryClient:
         what = f"list the tags of {wanted.name}"
         url = f"{endpoint.base}/v2/{endpoint.repository}/tags/list"
         tags: Dict[str, None] = {}
-        skipped = 0
+        skipped = listed = read = 0
         for data, _ in self._pages(endpoint, url, what, (200,)):
+            read += len(data)
+            if read > _MAX_TAG_LIST_BYTES:  # each page is bounded; so is what they add up to
+                raise RegistryError(f"{what}: {endpoint.host}'s tag list is more than "
+                                    f"{_MAX_TAG_LIST_BYTES} bytes; not taking more of it")
             # A tag list is short strings ("1",): packed as no image document is, and
             # still a bounded page. Tighter than that is not a tag list.
             page = _parse_json(data, f"{endpoint.host}'s tag list of {wanted.name}",
@@ -4447,6 +4459,10 @@ class RegistryClient:
             if not isinstance(entries, list) and entries is not None:
                 raise RegistryError(f"{what}: {endpoint.host} answered something that is not "
                                     "a tag list (a JSON object with a 'tags' array)")
+            listed += len(entries or ())
+            if listed > _MAX_TAGS:
+                raise RegistryError(f"{what}: {endpoint.host} lists more than {_MAX_TAGS} "
+                                    "tags; not taking more of the list")
             for entry in entries or ():
                 if isinstance(entry, str) and re.fullmatch(_TAG, entry):
                     tags.setdefault(entry)
@@ -9150,7 +9166,10 @@ class Provider(CacheProvider):
         """Copy an image from ``source`` to ``destination``, as ``skopeo copy`` does;
         returns each destination name with the root it now holds.
 
-        Sources: a registry name (``docker://`` optional) or ``cache:NAME``.
+        Sources: a registry name (``docker://`` optional), ``cache:NAME`` or
+        ``oci:DIR[:NAME]`` (an OCI layout's image of that ``ref.name``, its only image
+        without one; read as untrusted, ``_layout_plan``) or ``oci-archive:FILE[:NAME]``
+        (``_archive_plan``).
         Destinations: a registry name, ``oci:DIR[:TAG]`` (an OCI layout directory: a
         new one, or one to add the image to, keeping its other images; its index.json is
         replaced in one rename) or ``oci-archive:FILE[:TAG]``. ``architecture`` "" or
@@ -9162,15 +9181,32 @@ class Provider(CacheProvider):
         ``referrers`` also copies what refers to each image and platform copied
         (``_copy_referrers``).
         """
-        src_kind, src, _ = parse_copy_location(source)
+        kind = next((k for k in ("oci", "oci-archive") if source.startswith(f"{k}:")), "")
+        if kind:  # NAME is any name the layout gives, a tag or more
+            src_kind, (src, _, src_name) = kind, source[len(kind) + 1:].partition(":")
+            if not src:
+                raise OciCacheError(f"{source!r}: name a path, as in {kind}:PATH[:NAME]")
+        else:
+            src_kind, src, _ = parse_copy_location(source)
         dst_kind, dst, dst_tag = parse_copy_location(destination)
-        if src_kind not in ("registry", "cache"):
-            raise OciCacheError(f"copy from {source}: a source is a registry name or "
-                                "cache:NAME")
+        if src_kind not in ("registry", "cache", "oci", "oci-archive"):
+            raise OciCacheError(f"copy from {source}: a source is a registry name, "
+                                "cache:NAME, oci:DIR[:NAME] or oci-archive:FILE[:NAME]")
         if dst_kind == "cache":
             raise OciCacheError(f"copy to {destination}: use 'pull' to copy into the cache")
         if architecture not in ("", ALL_PLATFORMS):
             _platform_list(architecture)  # a bad list fails before any request
+        if kind and (all_tags or referrers):
+            raise OciCacheError(f"copy from {source}: --all-tags and --referrers copy from "
+                                "a registry or the cache, not from a layout")
+        if dst_kind in ("oci", "oci-archive") and kind:
+            self._layout_outside_cache(dst, dst_kind == "oci-archive")
+        if kind:
+            with self.layout.adding_blobs():  # staged here, hashed, until copied on
+                plan = self._layout_plan(src, src_name, architecture) if kind == "oci" else \
+                    self._archive_plan(src, src_name, architecture)
+                return self._copy([plan.source], src_kind, dst_kind, dst, dst_tag,
+                                  architecture, False, plans=[plan])
         sources = [Reference.parse(src)]
         if all_tags:
             if src_kind != "registry" or sources[0].digest is not None:
@@ -9193,18 +9229,20 @@ class Provider(CacheProvider):
                               all_tags, referrers)
 
     def _copy(self, sources: Sequence[Reference], src_kind: str, dst_kind: str, dst: str,
-              dst_tag: str, architecture: str, all_tags: bool, referrers: bool = False
-              ) -> List[Tuple[str, Descriptor]]:
+              dst_tag: str, architecture: str, all_tags: bool, referrers: bool = False,
+              plans: Sequence["_CopyPlan"] = ()) -> List[Tuple[str, Descriptor]]:
+        """Copy ``sources`` (of ``src_kind``) to ``dst``; ``plans`` are the sources' plans
+        when they are made already (a layout's, staged in the cache)."""
         items: List[Tuple[Reference, str, _CopyPlan]] = []
-        for ref in sources:
+        for number, ref in enumerate(sources):
             if dst_kind == "registry":
                 target = Reference.parse(dst) if not all_tags else Reference(
                     Reference.parse(dst).registry, Reference.parse(dst).repository, ref.tag)
                 name = str(target)
             else:
                 name = dst_tag or ref.tag or "latest"
-            plan = self._cache_plan(ref, architecture) if src_kind == "cache" else \
-                self._registry_plan(ref, architecture)
+            plan = plans[number] if plans else self._cache_plan(ref, architecture) \
+                if src_kind == "cache" else self._registry_plan(ref, architecture)
             items.append((ref, name, plan))
         extra = self._referrer_items(items, src_kind, dst_kind) if referrers else []
         if dst_kind == "registry":
@@ -9212,7 +9250,7 @@ class Provider(CacheProvider):
             self._copy_referrers(extra, src_kind == "registry")
         else:
             self._copy_to_layout([*items, *extra], src_kind == "registry", dst,
-                                 dst_kind == "oci-archive")
+                                 dst_kind == "oci-archive", {name for _, name, _ in extra})
         return [(name, plan.root) for _, name, plan in items]
 
     def _referrer_items(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
@@ -9307,7 +9345,11 @@ class Provider(CacheProvider):
 
     def _cache_plan(self, ref: Reference, architecture: str) -> "_CopyPlan":
         """What a copy of the cache's ``ref`` writes; every blob must be in the cache."""
-        root = self._find_named(ref)
+        return self._held_root_plan(ref, self._find_named(ref), architecture)
+
+    def _held_root_plan(self, ref: Reference, root: Descriptor, architecture: str
+                        ) -> "_CopyPlan":
+        """What a copy of ``root`` (the image ``ref``, in the cache) writes."""
         data = self.layout.read_blob(root.digest)
         root = Descriptor(root.media_type, root.digest, root.size)
         if not root.is_index:
@@ -9343,6 +9385,101 @@ class Provider(CacheProvider):
             children.append((child, self.layout.read_blob(child.digest), self.manifest(child)))
         return _CopyPlan(ref, root, data, tuple((d, m) for d, m, _ in children),
                          _copied_blobs(children, []))
+
+    def _layout_plan(self, path: str, name: str, architecture: str) -> "_CopyPlan":
+        """What a copy of the image ``name`` of the OCI layout directory ``path`` (its
+        only image when ``name`` is "") writes. The layout is another's, carried across
+        an air gap: its index.json is bounded, nothing in it is reached through a link,
+        and every document and blob the copy needs goes into the cache hashed as it is
+        read (``write_blob``), so what is copied on is what the index's digests say.
+        The copy then goes as a copy from the cache does."""
+        target = os.path.abspath(path)
+        where = f"the layout {path}"
+        try:
+            directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OciCacheError(f"cannot copy from {where}: {e.strerror or e}") from None
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, directory)
+            entry = _layout_entry(_read_layout_index(target, directory), name, where,
+                                  f"oci:{path}")
+            ref = _layout_source_reference(entry, name)
+            label = entry.annotations.get(ANNOTATION_REF_NAME) or str(entry.digest)
+            folders: Dict[str, int] = {}
+
+            def stage(blob: Descriptor, document: bool) -> None:
+                """``blob`` from the layout into the cache, hashed; a document at most
+                ``MAX_MANIFEST_SIZE`` bytes, as every reader takes it."""
+                if document and blob.size > MAX_MANIFEST_SIZE:
+                    raise OciCacheError(f"cannot copy {label!r} from {where}: {blob.digest} is "
+                                        f"{blob.size} bytes, more than a manifest may be")
+                if self.layout.has_blob(blob.digest, blob.size):
+                    return
+                path_in = os.path.join(target, _blob_name(blob.digest))
+                try:
+                    if not folders:
+                        folders[""] = _open_directory("blobs", directory,
+                                                      os.path.join(target, "blobs"))
+                        stack.callback(os.close, folders[""])
+                    if blob.digest.algorithm not in folders:
+                        folders[blob.digest.algorithm] = _open_directory(
+                            blob.digest.algorithm, folders[""],
+                            os.path.join(target, "blobs", blob.digest.algorithm))
+                        stack.callback(os.close, folders[blob.digest.algorithm])
+                    fd = _open_regular(blob.digest.hex, os.O_RDONLY,
+                                       folders[blob.digest.algorithm], path_in)
+                    with os.fdopen(fd, "rb") as f:
+                        self.layout.write_blob(f, blob.digest, blob.size)
+                except FileNotFoundError:
+                    raise NotFoundError(f"cannot copy {label!r} from {where}: it lacks "
+                                        f"{blob.digest}") from None
+                except OciCacheError as e:
+                    raise type(e)(f"cannot copy {label!r} from {where}: "
+                                  f"{str(e).replace('its cache', 'a layout')}") from None
+
+            root = Descriptor(entry.media_type, entry.digest, entry.size)
+            stage(root, True)
+            root = self.layout.believed(root)
+            if root.is_index:
+                data = self.layout.read_blob(root.digest)
+                _, _, chosen = self._filtered(ref, data, root, architecture)
+                for child in chosen:
+                    stage(child, True)
+                images = [c for c in map(self.layout.believed, chosen)
+                          if c.media_type in IMAGE_MEDIA_TYPES]
+            else:
+                images = [root]
+            for image in images:
+                for blob in self.manifest(image).blobs():
+                    if not _is_foreign(blob):
+                        stage(blob, False)
+        return self._held_root_plan(ref, root, architecture)
+
+    def _archive_plan(self, path: str, name: str, architecture: str) -> "_CopyPlan":
+        """What a copy of the image ``name`` of the OCI archive ``path`` writes (its only
+        image when ``name`` is ""): the archive read once as ``import`` reads one (every
+        blob hashed into the cache, links and odd members refused, bounded), then copied
+        on as from the cache."""
+        where = f"the archive {path}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise OciCacheError(f"cannot copy from {where}: {e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OciCacheError(f"cannot copy from {where}: it is not a regular file")
+            os.set_blocking(f.fileno(), True)
+            contents = _read_archive(f, self.layout)
+        if "index.json" not in contents.metadata:
+            raise InvalidArchiveError(f"{where} is not an OCI archive: it has no index.json")
+        try:
+            index = Index.from_json(contents.metadata["index.json"], what=f"{where}'s index.json")
+        except OciCacheError as e:
+            raise InvalidArchiveError(str(e)) from None
+        entry = _layout_entry(index, name, where, f"oci-archive:{path}")
+        _check_archive_roots([entry], contents, self.layout)
+        root = self.layout.believed(Descriptor(entry.media_type, entry.digest, entry.size))
+        return self._held_root_plan(_layout_source_reference(entry, name), root, architecture)
 
     def _copy_to_registry(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                           from_registry: bool) -> None:
@@ -9429,10 +9566,12 @@ class Provider(CacheProvider):
         return False
 
     def _copy_to_layout(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
-                        from_registry: bool, path: str, archive: bool) -> None:
+                        from_registry: bool, path: str, archive: bool,
+                        referrers: Optional[Set[str]] = None) -> None:
         """A new OCI layout directory or archive at ``path``, written under a temporary
         name and renamed when complete; each root named by its tag (``ref.name``, as
-        skopeo's ``oci:DIR:TAG`` reads it) and its full name (containerd's)."""
+        skopeo's ``oci:DIR:TAG`` reads it) and its full name (containerd's). The names
+        in ``referrers`` are referrers indexes, merged with an existing layout's."""
         blobs: Dict[Digest, Descriptor] = {}
         for _, _, plan in items:
             for blob in plan.blobs:
@@ -9457,7 +9596,7 @@ class Provider(CacheProvider):
             for ref, name, plan in items)
         target = self._layout_outside_cache(path, archive)
         if not archive and os.path.isdir(target):
-            _add_to_layout(target, self.layout, blobs.values(), documents, entries)
+            _add_to_layout(target, self.layout, blobs.values(), documents, entries, referrers)
         else:
             self._write_new_layout(target, archive, blobs, documents, entries)
         for _, name, plan in items:
@@ -9730,6 +9869,39 @@ def _copied_blobs(manifests: Iterable[Tuple[Descriptor, bytes, Optional[Manifest
     return tuple(blobs.values())
 
 
+def _layout_entry(index: Index, name: str, where: str, source: str) -> Descriptor:
+    """The root a layout's (or archive's) ``index`` names ``name`` in ``ref.name``, its
+    only root when ``name`` is ""; else an error listing the names there are."""
+    entries = [e for e in index.manifests
+               if not name or e.annotations.get(ANNOTATION_REF_NAME) == name]
+    if len(entries) == 1:
+        return entries[0]
+    if name and entries:
+        raise OciCacheError(f"{where} names {len(entries)} images {name!r}; copy one of "
+                            "them by its own name")
+    named = sorted({e.annotations.get(ANNOTATION_REF_NAME, "") for e in index.manifests} - {""})
+    found = f"no image named {name!r}" if name else \
+        f"{len(entries)} images" if entries else "no image"
+    raise NotFoundError(f"{where} has {found}; name one of: "
+                        f"{_shorten(_one_line(', '.join(named)), 240) or 'none'} "
+                        f"(as {source}:NAME)")
+
+
+def _layout_source_reference(entry: Descriptor, name: str) -> Reference:
+    """The name a copy from a layout gives the image its ``entry`` names: the whole
+    reference the layout's annotations give (containerd's, or a ref.name that is one,
+    as sync writes), else the tag ``name`` of a repository called ``oci-layout``."""
+    for given in (entry.annotations.get(ANNOTATION_CONTAINERD_NAME, ""),
+                  entry.annotations.get(ANNOTATION_REF_NAME, "")):
+        if "/" in given:
+            with contextlib.suppress(OciCacheError):
+                ref = Reference.parse(given)
+                return Reference(ref.registry, ref.repository, ref.tag if ref.digest is None
+                                 else "latest")
+    tag = entry.annotations.get(ANNOTATION_REF_NAME, "") or name
+    return Reference("localhost", "oci-layout", tag if re.fullmatch(_TAG, tag) else "latest")
+
+
 def _refuse_in_cache(path: str, cache: str, advice: str) -> None:
     """An error when ``path`` (a link resolved) is the cache directory ``cache`` or in
     it: the cache's files are written only by its own code, under its lock."""
@@ -9778,12 +9950,16 @@ def _layout_target(path: str, archive: bool) -> str:
 
 
 def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
-                   documents: Mapping[Digest, bytes], entries: Sequence[Descriptor]) -> None:
+                   documents: Mapping[Digest, bytes], entries: Sequence[Descriptor],
+                   referrers: Optional[Set[str]] = None) -> None:
     """Add images to the existing OCI layout directory ``target`` (or an empty one):
     each blob and document it lacks written beside its final name, fsynced and renamed,
     then ``index.json`` replaced in one rename, with every entry of another name kept
-    and the entries named as ``entries`` are replaced. An ``flock`` of the directory
-    keeps two ocicache processes from losing each other's entries."""
+    and the entries named as ``entries`` are replaced. An entry named in ``referrers``
+    is a referrers index (``sha256-<hex>``): merged with the one the layout names so
+    (``_merged_layout_referrers``), as a registry's fallback tag is, not replaced. An
+    ``flock`` of the directory keeps two ocicache processes from losing each other's
+    entries."""
     with contextlib.ExitStack() as stack:
         directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, directory)
@@ -9791,6 +9967,11 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         _wait_for_lock(directory, functools.partial(_try_flock, directory, fcntl.LOCK_EX),
                        f"the lock on the layout {target}")
         index = _read_layout_index(target, directory)
+        if referrers:
+            documents = dict(documents)
+            entries = [_merged_layout_referrers(target, directory, index, entry, documents)
+                       if entry.annotations.get(ANNOTATION_REF_NAME) in referrers else entry
+                       for entry in entries]
         if not _layout_marker_is_good(directory):
             # First: an empty directory is a layout (with no image yet) before a blob is
             # in it, so that a copy that fails part-way is taken up again, not refused as
@@ -9824,6 +10005,57 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
+
+
+def _merged_layout_referrers(target: str, directory: int, index: Index, entry: Descriptor,
+                             documents: Dict[Digest, bytes]) -> Descriptor:
+    """``entry``, a referrers index about to be named in the layout ``target``, merged
+    with the one of its name there: every entry listed there kept, as written, the new
+    ones added after them, bounded as a fallback tag is (``MAX_REFERRERS`` entries,
+    ``MAX_MANIFEST_SIZE`` bytes). The merged index goes into ``documents``, to be
+    written as a blob of its own; a name with nothing readable behind it (a blob gone,
+    or not its digest's content) has nothing to keep."""
+    name = entry.annotations[ANNOTATION_REF_NAME]
+    there = [m for m in index.manifests if m.annotations.get(ANNOTATION_REF_NAME) == name]
+    existing = _layout_document(directory, there[-1].digest) if there else None
+    if existing is None:
+        return entry
+    what = f"the referrers index {name} of {target}"
+    listed = parse_referrers(existing, what)  # else says what it is, and is left alone
+    added = [d for d in parse_referrers(documents[entry.digest], what)
+             if d.digest not in {e.digest for e in listed}]
+    if not added:
+        return _replace(entry, digest=there[-1].digest, size=len(existing))
+    if len(listed) + len(added) > MAX_REFERRERS:  # which no reader would take
+        raise OciCacheError(f"{what} would list {len(listed) + len(added)} referrers, more "
+                            f"than {MAX_REFERRERS}")
+    obj = _load_json_object(existing, what)
+    obj["manifests"] = [*obj["manifests"], *(d.to_json() for d in added)]
+    obj.setdefault("mediaType", MEDIA_OCI_INDEX)
+    data = _bounded_referrers(_json_bytes(obj, separators=(",", ":")), what)
+    digest = Digest.from_bytes(data)
+    documents[digest] = data
+    return _replace(entry, digest=digest, size=len(data))
+
+
+def _layout_document(directory: int, digest: Digest) -> Optional[bytes]:
+    """The document ``digest`` names in the layout open as ``directory``, read through
+    its descriptors (never a link) and hashed; None when it is absent, larger than
+    ``MAX_MANIFEST_SIZE`` or not that content."""
+    with contextlib.ExitStack() as stack:
+        try:
+            blobs = _open_directory("blobs", directory)
+            stack.callback(os.close, blobs)
+            folder = _open_directory(digest.algorithm, blobs)
+            stack.callback(os.close, folder)
+            fd = _open_regular(digest.hex, os.O_RDONLY, folder)
+        except (OSError, OciCacheError):
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_MANIFEST_SIZE + 1)
+    if len(data) > MAX_MANIFEST_SIZE or Digest.from_bytes(data, digest.algorithm) != digest:
+        return None
+    return data
 
 
 def _layout_marker_is_good(directory: int) -> bool:
@@ -11374,7 +11606,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("copy", help="copy an image between registries, the cache and "
                                          "OCI layouts",
                             description="Copy SRC to DST. SRC: a registry name "
-                                        "('docker://' optional) or cache:NAME. DST: a "
+                                        "('docker://' optional), cache:NAME, "
+                                        "oci:DIR[:NAME] (an OCI layout, every blob hashed "
+                                        "as it is read) or oci-archive:FILE[:NAME]. DST: a "
                                         "registry name, oci:DIR[:TAG] (an OCI layout "
                                         "directory, new or one to add to: its other "
                                         "images are kept) or oci-archive:FILE[:TAG]. Every "

@@ -3722,6 +3722,16 @@ class TestBeliefs(CacheTestCase):
         result = self.cli("sbom", "--platform", "amd64", "example.com/sbom:1")
         self.assert_one_line_error(result, utf16.digest, "UTF-8")
 
+    def test_an_error_naming_a_line_separator_is_one_line(self) -> None:
+        """Every character str.splitlines breaks at, in a file name an error names, is a
+        space: the message stays one line (U+2028 and U+2029 among them)."""
+        for separator in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029":
+            with self.subTest(hex(ord(separator))):
+                missing = self.path(f"no{separator}such.tar")
+                line = self.assert_one_line_error(self.cli("import", missing),
+                                                  "No such file or directory")
+                self.assertIn("no such.tar", line)
+
     def test_a_referrer_does_not_need_its_subject(self) -> None:
         """A ``subject`` names the manifest an artifact refers to (a weak link to another
         graph, image-spec), often in another repository: verify, a whole export and gc
@@ -5836,7 +5846,8 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         cache.copy(f"{registry.host}/test/three", f"oci:{layout}", all_tags=True)
         self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:2").encode(), index.data)
         for args, fragment in [(["cache:nope/x:1", f"{registry.host}/test/y:1"], "nope/x"),
-                               ([f"oci:{layout}", f"{registry.host}/test/y:1"], "a source is"),
+                               ([f"oci:{layout}", f"{registry.host}/test/y:1"],
+                                "has 3 images; name one of: 1, 2, lone"),
                                ([f"{registry.host}/test/three:1", "cache:a"], "use 'pull'"),
                                (["--all-tags", f"{registry.host}/test/three",
                                  f"{registry.host}/test/y:1"], "without a tag")]:
@@ -5968,6 +5979,116 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
             {(registry.host, oc.Digest.parse(layer)): ["a", "b", "c"]},
             {(registry.host, oc.Digest.parse(layer)): ["d"]}).items()}
         self.assertEqual(rows, {(registry.host, layer): ["b", "c", "d"]})
+
+    # -- copy from an oci:DIR[:NAME] source, as on the inside of an air gap: the layout
+    # is another's, so it is read as untrusted input.
+
+    def skopeo_layout(self, registry: Registry) -> Tuple[str, Dict[str, ImageBlobs], Blob]:
+        images, _, index = self.three_platforms(registry)
+        layout = self.path("carried")
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/test/three:1", f"oci:{layout}:v1")
+        return layout, images, index
+
+    def test_copy_from_a_layout_skopeo_wrote_keeps_digests(self) -> None:
+        registry = self.start_registry()
+        layout, images, index = self.skopeo_layout(registry)
+        result = self.cli("copy", f"oci:{layout}:v1", f"{registry.host}/inside/three:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.raw(f"{registry.host}/inside/three:1"), index.data)
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/inside/three:1", f"dir:{self.path('out')}")
+        # A platform subset, its only image (no NAME), and into another layout.
+        result = self.cli("copy", "--platform", "linux/arm64", f"oci:{layout}",
+                          f"{registry.host}/inside/arm:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.listed(self.raw(f"{registry.host}/inside/arm:1")),
+                         ["arm64", "att:" + images["arm64"].manifest.digest])
+        copied = self.path("copied")
+        result = self.cli("copy", f"oci:{layout}:v1", f"oci:{copied}:v2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(self.skopeo("inspect", "--raw", f"oci:{copied}:v2")),
+                         json.loads(index.data))
+        # The name sync gives each image (a whole reference) is a NAME too.
+        mirror = self.path("mirror")
+        with open(self.path("sync.json"), "w") as f:
+            json.dump({"target": f"oci:{mirror}", "images": [
+                {"source": f"{registry.host}/test/three", "tags": ["1"]}]}, f)
+        result = self.cli("sync", self.path("sync.json"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.cli("copy", f"oci:{mirror}:{registry.host}/test/three:1",
+                          f"{registry.host}/inside/again:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.raw(f"{registry.host}/inside/again:1"), index.data)
+        # An OCI archive skopeo wrote, read once as import reads one.
+        archive = self.path("carried.tar")
+        self.skopeo("copy", "--all", "--src-tls-verify=false",
+                    f"docker://{registry.host}/test/three:1", f"oci-archive:{archive}:v1")
+        result = self.cli("copy", f"oci-archive:{archive}:v1", f"{registry.host}/inside/tar:1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.raw(f"{registry.host}/inside/tar:1"), index.data)
+        self.assert_one_line_error(self.cli("copy", f"oci-archive:{archive}:v9",
+                                            f"{registry.host}/inside/tar:2"), "no image named")
+        shutil.rmtree(self.cache_dir)  # a blob the cache has is taken from the cache
+        with open(archive, "r+b") as f:  # a layer's bytes changed: its digest says so
+            data = f.read()
+            at = data.index(images["s390x"].layers[0].data)
+            f.seek(at)
+            f.write(b"X")
+        self.assert_one_line_error(self.cli("copy", f"oci-archive:{archive}:v1",
+                                            f"{registry.host}/inside/tar:3"), "digest")
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{registry.url}/v2/inside/tar/manifests/3")
+
+    def test_a_bad_layout_is_one_line_and_copies_nothing(self) -> None:
+        registry = self.start_registry()
+        layout, images, _ = self.skopeo_layout(registry)
+        layer = images["amd64"].layers[0].digest[7:]
+        layer_path = os.path.join(layout, "blobs", "sha256", layer)
+        with open(layer_path, "rb") as f:
+            original = f.read()
+        bait = self.path("bait")
+        with open(bait, "wb") as f:
+            f.write(original)
+
+        def restore() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layer_path)
+            with open(layer_path, "wb") as f:
+                f.write(original)
+
+        def tampered() -> None:
+            with open(layer_path, "r+b") as f:
+                f.write(b"X")
+
+        def linked() -> None:
+            os.unlink(layer_path)
+            os.symlink(bait, layer_path)
+
+        cases: List[Tuple[str, Callable[[], None], str, str]] = [
+            ("tampered", tampered, "v1", "does not match its digest"),
+            ("linked", linked, "v1", "symbolic link"),
+            ("missing", lambda: os.unlink(layer_path), "v1", "lacks"),
+            ("no such name", lambda: None, "v9", "no image named 'v9'"),
+        ]
+        for label, spoil, name, fragment in cases:
+            with self.subTest(label):
+                spoil()
+                self.assert_one_line_error(
+                    self.cli("copy", f"oci:{layout}:{name}", f"{registry.host}/bad/three:1"),
+                    fragment)
+                restore()
+                with self.assertRaises(urllib.error.HTTPError):  # not even the repository
+                    urllib.request.urlopen(f"{registry.url}/v2/bad/three/tags/list")
+        with open(os.path.join(layout, "index.json"), "wb") as f:
+            f.write(b" " * (oc.MAX_INDEX_SIZE + 1))
+        self.assert_one_line_error(self.cli("copy", f"oci:{layout}:v1",
+                                            f"{registry.host}/bad/three:1"), "larger than")
+        self.assert_one_line_error(self.cli("copy", "--referrers", f"oci:{layout}:v1",
+                                            f"{registry.host}/bad/three:1"), "not from a layout")
+        self.assert_one_line_error(self.cli("copy", f"oci:{self.path('none')}:v1",
+                                            f"{registry.host}/bad/three:1"), "none")
+
 
 class TestSyncFile(unittest.TestCase):
     """The sync file's format, semver ranges and tag regexes: pure logic, no I/O."""
@@ -7268,6 +7389,16 @@ class TestRegistryOperations(LoopbackOnly, RegistryTestCase):
         proxy.clear_faults()
         proxy.add_fault("rewrite", match="/tags/list", body=lambda data: b'{"tags": null}')
         self.assertEqual(self.provider().registry.list_tags(f"{proxy.host}/test/tags"), [])
+        # Every page is bounded, and so is the list they add up to, in entries and bytes
+        # (here of one page, the bounds made small).
+        many = json.dumps({"tags": [f"t{n}" for n in range(101)]}).encode()
+        proxy.clear_faults()
+        proxy.add_fault("rewrite", match="/tags/list", times=None, body=lambda data: many)
+        for bound, value, fragment in (("_MAX_TAGS", 100, "more than 100 tags"),
+                                       ("_MAX_TAG_LIST_BYTES", len(many) - 1, "bytes")):
+            with self.subTest(bound), mock.patch.object(oc, bound, value), \
+                    self.assertRaisesRegex(oc.RegistryError, fragment):
+                self.provider().registry.list_tags(f"{proxy.host}/test/tags")
 
     def test_digest_asks_with_head(self) -> None:
         registry = self.start_registry()
@@ -7951,6 +8082,59 @@ class TestReferrers(LoopbackOnly, RegistryTestCase):
         self.assertEqual((found.source, [str(r.digest) for r in found.referrers]), ("api", attached))
         tags = json.loads(urllib.request.urlopen(f"{registry.url}/v2/api/app/tags/list").read())
         self.assertEqual(tags["tags"], ["1"])
+
+    def test_copy_referrers_into_a_layout_merges_its_referrers_index(self) -> None:
+        """copy --referrers into an existing layout adds to its sha256-<hex> index, as to
+        a registry's fallback tag: referrers copied there earlier from another source are
+        kept, the merged index is a blob of its own, and skopeo and umoci read the layout."""
+        registry = self.start_registry()
+        image = make_image("merged")
+        cache = self.provider()
+        made = {}
+        for repository, payload in [("one/app", b"first"), ("two/app", b"second")]:
+            manifest, blobs = make_referrer(image.manifest, "application/example", payload)
+            upload(registry.url, repository, [*image.blobs, *blobs],
+                   [("1", image.manifest), (manifest.digest, manifest)])
+            cache.registry.add_referrer(
+                cache.registry.endpoint(oc.Reference.parse(f"{registry.host}/{repository}")),
+                oc.Digest.parse(image.manifest.digest),
+                oc.referrer_descriptor(manifest.data, manifest.media_type)[0])
+            made[repository] = manifest.digest
+        layout = self.path("layout")
+        tag = f"sha256-{image.manifest.digest[7:]}"
+
+        def listed() -> List[str]:
+            with open(os.path.join(layout, "index.json")) as f:
+                roots = [m for m in json.load(f)["manifests"]
+                         if m["annotations"][oc.ANNOTATION_REF_NAME] == tag]
+            self.assertEqual(len(roots), 1)
+            with open(os.path.join(layout, "blobs", "sha256", roots[0]["digest"][7:]), "rb") as f:
+                data = f.read()
+            self.assertEqual(hashlib.sha256(data).hexdigest(), roots[0]["digest"][7:])
+            return [m["digest"] for m in json.loads(data)["manifests"]]
+
+        for repository in ("one/app", "two/app", "two/app"):  # the last adds nothing
+            result = self.cli("copy", "--referrers", f"{registry.host}/{repository}:1",
+                              f"oci:{layout}:1")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(listed(), [made["one/app"], made["two/app"]])
+        inspected = json.loads(self.skopeo("inspect", "--raw", f"oci:{layout}:1"))
+        self.assertEqual(inspected["config"]["digest"], image.config.digest)
+        umoci = require_tool(self, "umoci")
+        stated = subprocess.run([umoci, "stat", "--json", "--image", f"{layout}:1"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(stated.returncode, 0, stated.stderr.decode())
+        # A name there that is no referrers index is not merged into: one line, unchanged.
+        other = make_image("not-a-list")
+        upload(registry.url, "three/app", other.blobs, [("1", other.manifest)])
+        self.assertEqual(self.cli("copy", f"{registry.host}/three/app:1",
+                                  f"oci:{layout}:{tag}").returncode, 0)
+        with open(os.path.join(layout, "index.json")) as f:
+            before = f.read()
+        self.assert_one_line_error(self.cli("copy", "--referrers", f"{registry.host}/one/app:1",
+                                            f"oci:{layout}:1"), "not an index of referrers")
+        with open(os.path.join(layout, "index.json")) as f:
+            self.assertEqual(f.read(), before)
 
     def test_sbom_finds_spdx_and_cyclonedx_referrers(self) -> None:
         registry = self.start_registry()
