@@ -11834,12 +11834,18 @@ def _terminate_as_exception() -> Iterator[None]:
     ``_signals_received`` before it is raised: a handler run while the main thread is in
     a finalizer (a generator closed or a stream collected as its last reference goes)
     raises there, where Python prints "Exception ignored" and goes on, and the export
-    finished as if no signal had come. ``_raise_if_signalled`` raises it again."""
+    finished as if no signal had come. ``_raise_if_signalled`` raises it again, so the
+    report of it ignored is not printed: the error stays one line."""
     import signal
 
     def terminated(signum: int, frame: Any) -> NoReturn:
         _signals_received.append(signum)
         raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def unraisable(report: Any) -> None:
+        if not (_signals_received and
+                isinstance(report.exc_value, (_Terminated, KeyboardInterrupt))):
+            hook(report)
 
     if threading.current_thread() is not threading.main_thread():
         yield  # main() called from a thread: signals are the main thread's business
@@ -11849,9 +11855,11 @@ def _terminate_as_exception() -> Iterator[None]:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored stays ignored
             previous[signum] = signal.signal(signum, terminated)
     del _signals_received[:]
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         del _signals_received[:]
