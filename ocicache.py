@@ -11825,21 +11825,52 @@ class _Terminated(BaseException):
     a command was writing is cleaned up."""
 
 
+_signals_received: List[int] = []  # by _terminate_as_exception's handler, in order
+
+
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
+    """SIGTERM raised as _Terminated and SIGINT as KeyboardInterrupt, each recorded in
+    ``_signals_received`` before it is raised: a handler run while the main thread is in
+    a finalizer (a generator closed or a stream collected as its last reference goes)
+    raises there, where Python prints "Exception ignored" and goes on, and the export
+    finished as if no signal had come. ``_raise_if_signalled`` raises it again, so the
+    report of it ignored is not printed: the error stays one line."""
     import signal
 
     def terminated(signum: int, frame: Any) -> NoReturn:
-        raise _Terminated()
+        _signals_received.append(signum)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def unraisable(report: Any) -> None:
+        if not (_signals_received and
+                isinstance(report.exc_value, (_Terminated, KeyboardInterrupt))):
+            hook(report)
 
     if threading.current_thread() is not threading.main_thread():
         yield  # main() called from a thread: signals are the main thread's business
         return
-    previous = signal.signal(signal.SIGTERM, terminated)
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored stays ignored
+            previous[signum] = signal.signal(signum, terminated)
+    del _signals_received[:]
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        del _signals_received[:]
+
+
+def _raise_if_signalled() -> None:
+    """Raise the first signal ``_terminate_as_exception`` recorded, if one came."""
+    import signal
+    if _signals_received:
+        raise _Terminated() if _signals_received[0] == signal.SIGTERM else \
+            KeyboardInterrupt()
 
 
 def _resolve_output(path: str) -> str:
@@ -11911,6 +11942,7 @@ def _write_output(path: str, write: Callable[[BinaryIO], None]) -> None:
                 write(out)
                 if existing is not None:
                     os.fchmod(out.fileno(), stat.S_IMODE(existing.st_mode))
+            _raise_if_signalled()  # one whose exception a finalizer swallowed
             os.replace(temp, os.path.basename(target), src_dir_fd=directory,
                        dst_dir_fd=directory)
         except BaseException as e:

@@ -15211,10 +15211,40 @@ class TestDiskWrites(RegistryTestCase):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(left)  # what the SIGKILLed run left
                 self.assertTrue(writing, "the export was never caught writing")
-                self.assertNotEqual(process.returncode, 0)
+                self.assertNotEqual(process.returncode, 0, stderr)
                 self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith(prefix)], [])
                 self.assertFalse(os.path.exists(output))
                 self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+
+    def test_a_signal_raised_in_a_finalizer_still_stops_the_export(self) -> None:
+        # A signal's handler runs at the next bytecode the main thread runs; in a
+        # finalizer (a generator closed, a stream collected) Python reports what it
+        # raises as "Exception ignored" and goes on: the export finished and exited 0
+        # with SIGINT sent while its temporary file was there.
+        handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+        for signum, raised in ((signal.SIGINT, KeyboardInterrupt),
+                               (signal.SIGTERM, oc._Terminated)):
+            with self.subTest(signal=signum.name):
+                output = self.path(f"out-{signum.name}.tar")
+
+                class Finalized:
+                    def __del__(self) -> None:
+                        signal.getsignal(signum)(signum, None)  # as if it came now
+
+                def write(out: BinaryIO) -> None:
+                    out.write(b"before")
+                    Finalized()  # gone at once: its __del__ runs the handler
+                    out.write(b"after")
+
+                ignored: List[Any] = []
+                with mock.patch.object(sys, "unraisablehook", ignored.append):
+                    with self.assertRaises(raised), oc._terminate_as_exception():
+                        oc._write_output(output, write)
+                    self.assertEqual(ignored, [])  # raised again: not reported as ignored
+                    self.assertEqual(sys.unraisablehook, ignored.append)  # put back
+                self.assertFalse(os.path.exists(output))
+                self.assertEqual([f for f in os.listdir(self.tmp) if oc._TEMP_MARK in f], [])
+                self.assertEqual({n: signal.getsignal(n) for n in handlers}, handlers)
 
     def test_group_shared_cache(self) -> None:
         if os.geteuid() != 0:
