@@ -4248,6 +4248,22 @@ class RegistryTestCase(IsolatedEnvironment):
         self.addCleanup(registry.stop)
         return registry
 
+    def progress_on_a_terminal(self, *args: str, stdout: bool = False) -> str:
+        """What the command wrote to a pseudo-terminal as its stderr (and stdout, with
+        ``stdout``), once it exited 0 having redrawn a progress line (rate, ETA) there."""
+        import pty
+        leader, follower = pty.openpty()
+        process = subprocess.Popen(
+            [sys.executable, OCICACHE, "--cache", self.cache_dir, *args], stdin=follower,
+            stdout=follower if stdout else subprocess.DEVNULL, stderr=follower, cwd=self.tmp)
+        os.close(follower)
+        output = read_terminal(leader)
+        self.assertEqual(process.wait(60), 0, output)
+        text = output.decode(errors="replace")
+        self.assertIn("/s ETA", text)
+        self.assertIn("\x1b[K", text)
+        return text
+
     def multi_arch(self, registry: Registry, repository: str = "test/multi", tag: str = "1",
                    docker_types: bool = False) -> Tuple[ImageBlobs, ImageBlobs, List[Blob], Blob]:
         amd = make_image("amd", docker_types=docker_types)
@@ -6440,23 +6456,13 @@ class TestSync(RegistryTestCase):
                          fine["1"].manifest.data)
 
     def test_copy_draws_progress_on_a_terminal_as_pull_does(self) -> None:
-        import pty
         source = self.start_registry()
         image = make_image("tty", layer_files=[{"a": random.Random(8).randbytes(300_000)}],
                            gzip_layers=False)
         upload(source.url, "test/tty", image.blobs, [("1", image.manifest)])
         target = self.start_registry()
-        leader, follower = pty.openpty()
-        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "copy",
-                                    f"{source.host}/test/tty:1", f"{target.host}/test/tty:1"],
-                                   stdin=follower, stdout=subprocess.DEVNULL, stderr=follower,
-                                   cwd=self.tmp)
-        os.close(follower)
-        output = read_terminal(leader)
-        self.assertEqual(process.wait(60), 0, output)
-        text = output.decode(errors="replace")
-        self.assertIn("/s ETA", text)
-        self.assertIn("\x1b[K", text)
+        text = self.progress_on_a_terminal(
+            "copy", f"{source.host}/test/tty:1", f"{target.host}/test/tty:1")
         self.assertIn(f"copied {target.host}/test/tty:1 {image.manifest.digest}", text)
 
     def test_bad_sync_invocations_are_one_line_and_write_nothing(self) -> None:
@@ -9807,18 +9813,8 @@ class TestPullCommand(RegistryTestCase):
         self.assertEqual(result.stdout.decode(), f"{name} {image.manifest.digest}\n")
         quiet = self.cli("-q", "pull", "--platform", "amd64", name)
         self.assertEqual((quiet.stdout, quiet.stderr), (b"", b""))
-        import pty
         self.cache.clean()
-        leader, follower = pty.openpty()
-        process = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
-                                    "--platform", "amd64", name], stdin=follower,
-                                   stdout=follower, stderr=follower, cwd=self.tmp)
-        os.close(follower)
-        output = read_terminal(leader)
-        self.assertEqual(process.wait(60), 0, output)
-        text = output.decode(errors="replace")
-        self.assertIn("/s ETA", text)
-        self.assertIn("\x1b[K", text)
+        text = self.progress_on_a_terminal("pull", "--platform", "amd64", name, stdout=True)
         self.assertIn(f"pulled {name}", text)
 
     def test_progress_fits_a_narrow_terminal_and_follows_a_resize(self) -> None:
