@@ -9983,6 +9983,7 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         folders: Dict[str, int] = {}
         blobs_fd = _open_directory("blobs", directory, os.path.join(target, "blobs"))
         stack.callback(os.close, blobs_fd)
+        _remove_dead_temporaries(directory, _LAYOUT_ROOT_TEMPORARY)
         sources: List[Tuple[Digest, int, Callable[[], IO[bytes]]]] = [
             (b.digest, b.size, functools.partial(cache.open_blob, b.digest)) for b in blobs]
         sources += [(d, len(data), functools.partial(io.BytesIO, data))
@@ -9994,6 +9995,7 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
                 folders[digest.algorithm] = _open_directory(
                     digest.algorithm, blobs_fd, os.path.join(target, "blobs", digest.algorithm))
                 stack.callback(os.close, folders[digest.algorithm])
+                _remove_dead_temporaries(folders[digest.algorithm], _LAYOUT_BLOB_TEMPORARY)
             _add_layout_blob(folders[digest.algorithm], digest, size, opener,
                              os.path.join(target, _blob_name(digest)))
         for fd in [blobs_fd, *folders.values()]:  # the renames are durable before the index
@@ -10005,6 +10007,23 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
             raise OciCacheError(f"adding to {target} would grow its index.json past "
                                 f"{MAX_INDEX_SIZE} bytes")
         _write_file_atomically(directory, "index.json", updated)  # last: now it is visible
+
+
+# The temporary files _add_to_layout writes in a layout (_temporary_name's form): the root's
+# and the blob directories'.
+_LAYOUT_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout)\.tmp-[0-9a-f]{16}"
+_LAYOUT_BLOB_TEMPORARY = r"\.(?:[0-9a-f]{64}|[0-9a-f]{128})\.tmp-[0-9a-f]{16}"
+
+
+def _remove_dead_temporaries(folder: int, pattern: str) -> None:
+    """Unlink the temporary files of ours a killed copy left in a layout's directory
+    ``folder`` (a SIGKILL or a crash runs no cleanup). Called under the layout's flock,
+    which every ocicache writing in a layout holds while its temporary files exist: one
+    found then is no other's file in progress. A link or a directory so named is left."""
+    for entry in os.scandir(folder):
+        if re.fullmatch(pattern, entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.name, dir_fd=folder)
 
 
 def _merged_layout_referrers(target: str, directory: int, index: Index, entry: Descriptor,

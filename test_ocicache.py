@@ -5827,6 +5827,34 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         self.assertFalse([name for _, _, names in os.walk(layout) for name in names
                           if oc._TEMP_MARK in name])
 
+    def test_a_copy_into_a_layout_removes_what_a_killed_copy_left(self) -> None:
+        """A SIGKILLed copy leaves its temporary files in the layout (it runs no cleanup);
+        the next copy, holding the layout's flock as every ocicache writer there does,
+        removes them, and nothing else: skopeo's files, links and other names stay."""
+        registry = self.start_registry()
+        image = make_image("killed-left")
+        upload(registry.url, "test/left", image.blobs, [("1", image.manifest)])
+        layout = self.path("layout")
+        self.provider().copy(f"{registry.host}/test/left:1", f"oci:{layout}:one")
+        blobs = os.path.join(layout, "blobs", "sha256")
+        dead = [os.path.join(layout, oc._temporary_name(".index.json")),
+                os.path.join(layout, oc._temporary_name(".oci-layout")),
+                os.path.join(blobs, oc._temporary_name(f".{'a' * 64}"))]
+        kept = [os.path.join(layout, ".index.json.tmp-mine"),
+                os.path.join(blobs, f"oci-put-blob{'1' * 9}"),
+                os.path.join(blobs, f"{'b' * 64}.tmp-{'0' * 16}")]
+        for path in [*dead, *kept]:
+            with open(path, "wb") as f:
+                f.write(b"left")
+        link = os.path.join(blobs, oc._temporary_name(f".{'c' * 64}"))
+        os.symlink(self.path("elsewhere"), link)
+        result = self.cli("copy", f"{registry.host}/test/left:1", f"oci:{layout}:two")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual([p for p in dead if os.path.lexists(p)], [])
+        self.assertEqual([p for p in [*kept, link] if not os.path.lexists(p)], [])
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:two").encode(),
+                         image.manifest.data)
+
     def test_copy_from_the_cache_and_every_tag(self) -> None:
         registry = self.start_registry()
         images, _, index = self.three_platforms(registry)
