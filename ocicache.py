@@ -2235,8 +2235,7 @@ class Layout:
         except OciCacheError as e:
             raise CorruptCacheError(f"invalid image cache: {e}") from None
 
-    def _read_index_object(self) -> Dict[str, Any]:
-        """index.json decoded, an object whose ``manifests`` (if any) is a list."""
+    def _read_index_bytes(self) -> bytes:
         try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
                 data = f.read(MAX_INDEX_SIZE + 1)
@@ -2245,6 +2244,27 @@ class Layout:
         if len(data) > MAX_INDEX_SIZE:
             raise CorruptCacheError(f"{self.index_path} is larger than {MAX_INDEX_SIZE} bytes, "
                                     "more than ocicache reads; 'ocicache clean' empties it")
+        return data
+
+    def index_digest(self) -> str:
+        """The sha256 (as hex) of index.json's bytes, read in pieces (not held: ``ls``
+        from its memo holds nothing else then); "" when they cannot be read whole."""
+        hasher, read = hashlib.sha256(), 0
+        try:
+            with os.fdopen(_open_regular(self.index_path), "rb") as f:
+                for piece in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
+                    hasher.update(piece)
+                    read += len(piece)
+        except (OSError, OciCacheError):
+            return ""  # reading it again says why, as the caller will
+        return hasher.hexdigest() if read <= MAX_INDEX_SIZE else ""
+
+    def _read_index_object(self, digests: Optional[List[str]] = None) -> Dict[str, Any]:
+        """index.json decoded, an object whose ``manifests`` (if any) is a list; the
+        sha256 of its bytes appended to ``digests``."""
+        data = self._read_index_bytes()
+        if digests is not None:
+            digests.append(hashlib.sha256(data).hexdigest())
         try:
             # Decoded here, the bytes dropped: 20,000 names are 6 MB of them, which would
             # otherwise be held beside the text and the 20 MB of objects made of it.
@@ -2261,14 +2281,15 @@ class Layout:
                                     "is not a list")
         return obj
 
-    def index_object(self) -> Dict[str, Any]:
-        """index.json decoded, its entries left as they are (see ``_raw_entry``); read
-        again under the lock when it looks broken (see read_index)."""
+    def index_object(self, digests: Optional[List[str]] = None) -> Dict[str, Any]:
+        """index.json decoded, its entries left as they are (see ``_raw_entry``), and the
+        sha256 of its bytes appended to ``digests``; read again under the lock when it
+        looks broken (see read_index)."""
         try:
-            return self._read_index_object()
+            return self._read_index_object(digests)
         except CorruptCacheError:
             with self.lock():
-                return self._read_index_object()
+                return self._read_index_object(digests)
 
     def index_entries(self, keep: Callable[[str, str], bool]) -> List[Descriptor]:
         """The root entries, in index order, for which ``keep(name, digest)`` holds (each
@@ -7539,6 +7560,7 @@ class _RootFacts:
 
 # A platform as the memo writes it: none of the characters it separates fields with.
 _MEMO_PLATFORM = re.compile(r"[A-Za-z0-9._+/-]{1,256}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class _SummaryMemo:
@@ -7563,16 +7585,21 @@ class _SummaryMemo:
     media type (a number in ``media``), the bytes of all it reaches (``totals``), the
     numbers of those blobs (``reached``, joined by commas), its platforms as ``ls``
     shows them (``shown``, "-" for none) and each with the blobs its image needs
-    (``platforms``: ``platform=n,n;platform=n``, "-" for none).
+    (``platforms``: ``platform=n,n;platform=n``, "-" for none). Last, the named entries of
+    the index.json it was written beside, when it knows all their roots: the sha256 of
+    those bytes (``index``, "" when not), each entry's name (``names``, joined by NULs)
+    and its root's number (``entries``). ``ls`` of that same index.json then lists from
+    the memo alone, decoding no index.json (``named_listing``).
     """
 
-    VERSION = 2
+    VERSION = 3
     _COLUMNS = ("blobs", "sizes", "roots", "root_sizes", "kinds", "totals", "reached",
                 "shown", "platforms")
+    _NAMED = ("names", "entries")
 
     # Kept as text until asked for: ls from a complete memo never needs them, and split
     # they are 5 MB of 20,000 roots, held when ls is at its peak.
-    _LAZY = ("sizes", "reached", "platforms")
+    _LAZY = ("sizes", "reached", "platforms", "names", "entries")
 
     def __init__(self, columns: Dict[str, List[str]], media: List[str],
                  lazy: Optional[Dict[str, str]] = None) -> None:
@@ -7583,6 +7610,7 @@ class _SummaryMemo:
         self._where: Optional[Dict[str, int]] = None   # root digest -> its place
         self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
         self._learned: Dict[str, _RootFacts] = {}
+        self._index = ""  # the sha256 of the index.json whose named entries it holds
 
     @classmethod
     def read(cls, layout: "Layout") -> "_SummaryMemo":
@@ -7604,9 +7632,10 @@ class _SummaryMemo:
         del text
         if not isinstance(obj, dict) or obj.get("version") != cls.VERSION:
             return empty
-        media = obj.get("media")
-        if not all(type(obj.get(name)) is str for name in cls._COLUMNS) or \
-                type(media) is not list or not all(type(m) is str for m in media):
+        media, index = obj.get("media"), obj.get("index")
+        if not all(type(obj.get(name)) is str for name in (*cls._COLUMNS, *cls._NAMED)) or \
+                type(media) is not list or not all(type(m) is str for m in media) or \
+                not (index == "" or (type(index) is str and _SHA256_HEX.fullmatch(index))):
             return empty
         lazy = {name: obj.pop(name) for name in cls._LAZY}
         columns = {name: text.split(" ") if text else [] for name, text in (
@@ -7614,9 +7643,12 @@ class _SummaryMemo:
         lengths = {**{name: len(values) for name, values in columns.items()},
                    **{name: text.count(" ") + 1 if text else 0 for name, text in lazy.items()}}
         if lengths["sizes"] != lengths["blobs"] or \
-                any(lengths[name] != lengths["roots"] for name in cls._COLUMNS[3:]):
+                any(lengths[name] != lengths["roots"] for name in cls._COLUMNS[3:]) or \
+                (lazy["names"].count("\0") + 1 if lazy["names"] else 0) != lengths["entries"]:
             return empty
-        return cls(columns, media, lazy)
+        memo = cls(columns, media, lazy)
+        memo._index = index
+        return memo
 
     def _column(self, name: str) -> List[str]:
         """The column ``name``, split the first time it is asked for (see _LAZY)."""
@@ -7638,28 +7670,67 @@ class _SummaryMemo:
         ``listing`` holds as written."""
         return present.issuperset(self._blobs)
 
+    def _per_root(self) -> Optional[Tuple[List[int], List[str], List[Tuple[str, ...]],
+                                          List[int]]]:
+        """Each root's size, media type, platforms and size on disk as ``listing`` gives
+        them; None when a column is not in the shape it is written in. Each column is
+        checked whole and each value once (a loop per root costs as much as the rest of
+        ``ls``)."""
+        columns = self._columns
+        kinds = {k: self._media[int(k)] for k in set(columns.get("kinds", ()))
+                 if k.isdecimal() and int(k) < len(self._media)}
+        shown = {p: () if p == "-" else tuple(p.split(","))
+                 for p in set(columns.get("shown", ()))}
+        try:
+            sizes = list(map(int, columns.get("root_sizes", ())))
+            totals = list(map(int, columns.get("totals", ())))
+        except ValueError:
+            return None
+        if len(kinds) != len(set(columns.get("kinds", ()))) or min(totals, default=0) < 0 \
+                or not all(all(map(_MEMO_PLATFORM.fullmatch, p)) for p in shown.values()):
+            return None
+        return (sizes, list(map(kinds.__getitem__, columns.get("kinds", ()))),
+                list(map(shown.__getitem__, columns.get("shown", ()))), totals)
+
     def listings(self) -> Dict[str, Tuple[int, str, Tuple[str, ...], int]]:
         """For each root the memo knows: its size, media type, platforms and size on disk
-        as ``listing`` gives them; each column checked whole, each value once (a loop
-        per root costs as much as the rest of ``ls``)."""
+        as ``listing`` gives them (see ``_per_root``)."""
         if self._rows is None:
-            self._rows = {}
-            columns = self._columns
-            kinds = {k: self._media[int(k)] for k in set(columns.get("kinds", ()))
-                     if k.isdecimal() and int(k) < len(self._media)}
-            shown = {p: () if p == "-" else tuple(p.split(","))
-                     for p in set(columns.get("shown", ()))}
-            try:
-                sizes = list(map(int, columns.get("root_sizes", ())))
-                totals = list(map(int, columns.get("totals", ())))
-            except ValueError:
-                return self._rows
-            if len(kinds) == len(set(columns.get("kinds", ()))) and min(totals, default=0) >= 0 \
-                    and all(all(map(_MEMO_PLATFORM.fullmatch, p)) for p in shown.values()):
-                self._rows = dict(zip(columns.get("roots", ()), zip(
-                    sizes, map(kinds.__getitem__, columns.get("kinds", ())),
-                    map(shown.__getitem__, columns.get("shown", ())), totals)))
+            per_root = self._per_root()
+            self._rows = {} if per_root is None else \
+                dict(zip(self._columns.get("roots", ()), zip(*per_root)))
         return self._rows
+
+    @property
+    def index(self) -> str:
+        """The sha256 of the index.json whose named entries the memo holds ("" if none)."""
+        return self._index
+
+    def named_listing(self) -> Optional[Iterator[Tuple[str, str, str, Tuple[str, ...], int]]]:
+        """The named entries of the index.json of ``index`` in its order, as ``ls`` lists
+        them (name, digest, media type, platforms, size on disk) when every blob is there
+        (see ``complete``); None when the memo does not hold them, or in a shape it is
+        never written in. Checked whole before the first is given, as ``_per_root``."""
+        names_text = self._lazy.pop("names", "")
+        numbers_text = self._column("entries")
+        roots = self._columns.get("roots", [])
+        per_root = self._per_root() if self._index else None
+        if per_root is None:
+            return None
+        try:
+            names_text.encode()  # as written: no lone surrogate escaped into a name
+        except UnicodeEncodeError:
+            return None
+        names = names_text.split("\0") if names_text else []
+        del names_text
+        if "" in names or not all(map(str.isdecimal, numbers_text)):
+            return None
+        numbers = list(map(int, numbers_text))
+        if max(numbers, default=0) >= len(roots):
+            return None
+        _, kinds, shown, totals = per_root
+        return ((name, roots[n], kinds[n], shown[n], totals[n])
+                for name, n in zip(names, numbers))
 
     def listing(self, digest: str, size: int) -> Optional[Tuple[str, Tuple[str, ...], int]]:
         """The media type, platforms and size on disk of the root ``digest`` of ``size``
@@ -7741,8 +7812,11 @@ class _SummaryMemo:
         self._learned.update(other._learned)
         return self
 
-    def to_bytes(self, keep: Mapping[str, int]) -> bytes:
-        """The memo of the roots in ``keep`` (digest -> size) that it knows."""
+    def to_bytes(self, keep: Mapping[str, int], index: str = "",
+                 named: Sequence[Tuple[str, str, int]] = ()) -> bytes:
+        """The memo of the roots in ``keep`` (digest -> size) that it knows; and of
+        ``named``, the named entries (name, digest, size) of the index.json whose sha256
+        is ``index``, when it knows every one of their roots."""
         numbers: Dict[str, int] = {}
         sizes: List[int] = []
         media: Dict[str, int] = {}
@@ -7772,9 +7846,16 @@ class _SummaryMemo:
                         f"{platform}=" + ",".join(number(b, reached[b]) for b in needed)
                         for platform, needed in facts.platforms) or "-")):
                 columns[name].append(value)
+        places = {(digest, int(size)): n for n, (digest, size) in enumerate(
+            zip(columns["roots"], columns["root_sizes"]))}
+        if not (index and all((digest, size) in places and name and "\0" not in name
+                              for name, digest, size in named)):
+            index, named = "", ()
         return _json_bytes({"version": self.VERSION, "blobs": " ".join(numbers),
                             "sizes": " ".join(map(str, sizes)), "media": list(media),
-                            **{name: " ".join(values) for name, values in columns.items()}},
+                            **{name: " ".join(values) for name, values in columns.items()},
+                            "index": index, "names": "\0".join(n for n, _, _ in named),
+                            "entries": " ".join(str(places[d, size]) for _, d, size in named)},
                            separators=(",", ":"))
 
 
@@ -8262,10 +8343,13 @@ class Provider(CacheProvider):
             out.append(ImageSummary(entry.name, descriptor, platforms, size))
         return out
 
-    def _listing(self) -> Iterator[Tuple[Any, str, str, str, Tuple[str, ...], int]]:
-        """Every named root entry of index.json as decoded, with its name, digest, media
-        type, complete platforms and size on disk, in index order; no entry is kept
-        once given (20,000 of them parsed are 15 MB).
+    def _listing(self, raw_entries: bool = True
+                 ) -> Iterator[Tuple[Any, str, str, str, Tuple[str, ...], int]]:
+        """Every named root entry of index.json as decoded (None without
+        ``raw_entries``), with its name, digest, media type, complete platforms and size
+        on disk, in index order; no entry is kept once given (20,000 of them parsed are
+        15 MB). Without ``raw_entries``, from the memo alone when it holds the named
+        entries of this very index.json (the same bytes: ``_SummaryMemo.named_listing``).
 
         What each root reaches comes from the summary memo (``_SummaryMemo``) when it
         knows the root, else from its documents, and is then remembered; what is there
@@ -8274,20 +8358,34 @@ class Provider(CacheProvider):
         memo = _SummaryMemo.read(self.layout)
         listed = self.layout.blob_names()
         complete = memo.complete(listed)
+        if complete and not raw_entries and memo.index and \
+                memo.index == self.layout.index_digest():
+            from_memo = memo.named_listing()  # of these very bytes: none decoded
+            if from_memo is not None:
+                del listed
+                for name, digest, media_type, platforms, size in from_memo:
+                    yield None, name, digest, media_type, platforms, size
+                return
         present: Optional[Set[str]] = listed
         rows = memo.listings() if complete else {}
+        memo_index = memo.index
         if rows:  # index.json is decoded without these beside it (14 MB of 20,000 names);
             memo, present = _SummaryMemo({}, []), None  # read again if a root needs them
             del listed
-        entries = self.layout.index_object().get("manifests") or []
+        digests: List[str] = []
+        entries = self.layout.index_object(digests).get("manifests") or []
         entries.reverse()
         named: Dict[str, int] = {}
+        # The named entries in order while each root is known (then the memo holds them).
+        in_order: Optional[List[Tuple[str, str, int]]] = []
         learned = False
         while entries:
             raw = entries.pop()
             name, digest, size = _raw_entry(raw)
             if not name:
                 continue
+            if in_order is not None:
+                in_order.append((name, digest, size))
             row = rows.get(digest)
             if row is not None and row[0] == size:
                 named[digest] = size
@@ -8300,6 +8398,8 @@ class Provider(CacheProvider):
                 if exact:
                     memo.learn(digest, facts)
                     learned = True
+                else:
+                    in_order = None
             named[digest] = size
             if present is None:
                 present = self.layout.blob_names()
@@ -8308,12 +8408,14 @@ class Provider(CacheProvider):
             yield (raw, name, digest, facts.media_type,
                    tuple(p for p, needed in facts.platforms if present.issuperset(needed)),
                    size_on_disk)
-        # Rewritten when it learned, and when a blob it names is gone (a name removed):
-        # then the next ls lists from it alone again.
-        if rows and learned:
+        # Rewritten when it learned, when a blob it names is gone (a name removed), and
+        # when index.json changed: then the next ls lists from it alone again.
+        changed = in_order is not None and digests[-1] != memo_index
+        if (learned or changed) and rows:
             memo = _SummaryMemo.read(self.layout).learning(memo)
-        if learned or (not complete and memo.stale(named)):
-            self.layout.write_summaries(memo.to_bytes(named))
+        if learned or changed or (not complete and memo.stale(named)):
+            self.layout.write_summaries(memo.to_bytes(
+                named, "" if in_order is None else digests[-1], in_order or ()))
 
     def _summary_facts(self, entry: Descriptor) -> Tuple["_RootFacts", bool]:
         """What ``entry`` reaches, from its documents (the blobs there, with their sizes,
@@ -11725,7 +11827,7 @@ def _cmd_push(provider: Provider, args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(provider: Provider, args: argparse.Namespace) -> int:
-    listing = provider._listing()
+    listing = provider._listing(raw_entries=False)
     write = sys.stdout.write
     if args.json:
         # An image a line, as json.dumps writes each (indent= takes the pure-Python

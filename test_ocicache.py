@@ -12397,7 +12397,8 @@ class TestLargeCaches(CacheTestCase):
         self.assertTrue(os.path.isfile(self.memo_path()))
         self.assertNotIn(oc.SUMMARIES_FILE, " ".join(self.cache.verify().corrupt))
 
-    def hostile_memos(self, images: List[ImageBlobs]) -> List[Tuple[str, bytes]]:
+    def hostile_memos(self, images: List[ImageBlobs], index: bytes
+                      ) -> List[Tuple[str, bytes]]:
         root, size = images[0].manifest.digest, images[0].manifest.descriptor()["size"]
         table = {"version": 1, "blobs": [root], "sizes": [1]}
         lie = {**table, "roots": {root: [oc.MEDIA_OCI_MANIFEST, size, "0",
@@ -12415,12 +12416,16 @@ class TestLargeCaches(CacheTestCase):
         # In the shape ocicache writes: every root reaches nothing, or a lie about sizes
         # and platforms; what rm, ls and everything else must not believe when a co-user
         # wrote it.
-        nothing = {"version": 2, "blobs": root, "sizes": "1", "media": [oc.MEDIA_OCI_MANIFEST],
+        # ... and naming the entries of this very index.json (ls lists from that alone).
+        nothing = {"version": 3, "blobs": root, "sizes": "1", "media": [oc.MEDIA_OCI_MANIFEST],
                    "roots": " ".join(image.manifest.digest for image in images),
                    "root_sizes": " ".join(str(len(image.manifest.data)) for image in images),
                    **{column: " ".join([value] * len(images)) for column, value in (
                        ("kinds", "0"), ("totals", "1"), ("reached", "0"),
-                       ("shown", "linux/evil"), ("platforms", "linux/evil=0"))}}
+                       ("shown", "linux/evil"), ("platforms", "linux/evil=0"))},
+                   "index": hashlib.sha256(index).hexdigest(),
+                   "names": "\0".join(f"example.com/n{i}:1" for i in range(len(images))),
+                   "entries": " ".join(map(str, range(len(images))))}
         return [("not json", b"\xff{"), ("deep", b"[" * 100000),
                 ("lying", json.dumps(lie).encode()),
                 *((f"shape {n}", json.dumps(s).encode()) for n, s in enumerate(shapes)),
@@ -12449,12 +12454,20 @@ class TestLargeCaches(CacheTestCase):
         truth = self.truth()
         expected_verify = self.cache.verify()
         expected_gc = self.cache.gc(grace_seconds=0, dry_run=True)
+        expected_ls = [self.cli_ls(), self.cli_ls("--json")]
+        os.unlink(self.memo_path())
         expected_rm = self.cache.remove("example.com/n0:1", "example.com/n4:1")
-        for label, data in self.hostile_memos(images):
+        with open(os.path.join(pristine, "index.json"), "rb") as f:
+            index = f.read()
+        for label, data in self.hostile_memos(images, index):
             with self.subTest(label):
                 shutil.rmtree(self.cache_dir)
                 shutil.copytree(pristine, self.cache_dir)
                 with open(self.memo_path(), "wb") as f:
+                    f.write(data)
+                self.plant(self.memo_path(), label)
+                self.assertEqual([self.cli_ls(), self.cli_ls("--json")], expected_ls)
+                with open(self.memo_path(), "wb") as f:  # ls wrote one of its own
                     f.write(data)
                 self.plant(self.memo_path(), label)
                 self.assertEqual(self.cache.verify(), expected_verify)
@@ -12631,6 +12644,70 @@ class TestLargeCaches(CacheTestCase):
         self.assertTrue(self.cache.image_in_cache("example.com/mine:1", "", "amd64"))
         self.assertTrue(self.cache.verify().ok)
 
+    def add_entries(self, entries: List[Dict[str, Any]]) -> None:
+        """Append ``entries`` to index.json, as any tool may write them."""
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            index = json.load(f)
+        index["manifests"] += entries
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            json.dump(index, f)
+
+    def cli_ls(self, *options: str) -> str:
+        """``ocicache ls`` run in this process, its output."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(oc.main(["--cache", self.cache_dir, "ls", *options]), 0)
+        return out.getvalue()
+
+    def test_ls_of_the_index_json_its_memo_was_written_beside_decodes_none_of_it(self
+                                                                            ) -> None:
+        # Issue 19: decoding index.json was most of what ls of 20,000 names still cost
+        # (45 ms, and its 20 MB of objects its peak). The memo holds the named entries of
+        # the index.json it was written beside, by the sha256 of its bytes: ls of those
+        # same bytes lists from the memo alone, as the full parse would.
+        images = self.many_names(5, {"etc/base": b"base"})
+        # Names as another tool may write them: spaces, a newline, escapes, a second
+        # name of one root, an entry without one.
+        self.add_entries([{**images[2].descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: name}} for name in (
+                "example.com/odd name:1", "example.com/\u00e9t\u00e9:1", "line\nbreak",
+                "example.com/n2:1")] + [images[3].descriptor()])
+        truth = [self.cli_ls(), self.cli_ls("--json")]
+        os.unlink(self.memo_path())
+        self.assertEqual([self.cli_ls(), self.cli_ls("--json")], truth)  # writes the memo
+        real = oc._parse_json
+
+        def no_index_json(data: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+            self.assertNotIn("index.json", what)
+            return real(data, what, *args, **kwargs)
+        with mock.patch.object(oc, "_parse_json", no_index_json), \
+                mock.patch.object(oc.Layout, "read_blob", side_effect=AssertionError("read")):
+            self.assertEqual([self.cli_ls(), self.cli_ls("--json")], truth)
+        # Any change to index.json, even of its spacing, is decoded again and remembered.
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            index = json.load(f)
+        index["manifests"].reverse()
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+        reversed_truth = self.cli_ls()
+        self.assertNotEqual(reversed_truth, truth[0])
+        with mock.patch.object(oc, "_parse_json", no_index_json):
+            self.assertEqual(self.cli_ls(), reversed_truth)
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        self.cache.layout.write_blob_bytes(b"a stray: the memo's blobs are all still there")
+        self.assertEqual(self.cli_ls(), reversed_truth)
+        # A blob gone, a name removed, a name that cannot be held: what the full parse says.
+        self.assertTrue(self.cache.layout.delete_blob(images[1].layers[1].digest))
+        self.cache.remove("example.com/n3:1")
+        self.add_entries([{**images[4].descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: "example.com/nul\0:1"}}])
+        expected = [self.cli_ls(), self.cli_ls("--json")]
+        os.unlink(self.memo_path())
+        self.assertEqual([self.cli_ls(), self.cli_ls("--json")], expected)
+        self.assertIn("nul", expected[0])
+        self.assertEqual(self.cli_ls(), expected[0])
+
     def decoding_overhead(self, read: Callable[[], Any], size: int) -> float:
         """How many times ``size`` ``read`` allocates at its peak beyond what it returns,
         which is ``self.held`` times ``size`` (the file read into a buffer of
@@ -12727,7 +12804,7 @@ class TestMemoAttacks(CacheTestCase):
 
     def lie(self, images: List[ImageBlobs]) -> Dict[str, str]:
         """A memo in the shape ocicache writes, saying each root reaches only itself."""
-        return {"version": 2, "blobs": " ".join(i.manifest.digest for i in images),
+        return {"version": 3, "blobs": " ".join(i.manifest.digest for i in images),
                 "sizes": " ".join(str(len(i.manifest.data)) for i in images),
                 "media": [oc.MEDIA_OCI_MANIFEST],
                 "roots": " ".join(i.manifest.digest for i in images),
@@ -12736,7 +12813,8 @@ class TestMemoAttacks(CacheTestCase):
                 "totals": " ".join(str(len(i.manifest.data)) for i in images),
                 "reached": " ".join(str(n) for n in range(len(images))),
                 "shown": " ".join("linux/amd64" for _ in images),
-                "platforms": " ".join(f"linux/amd64={n}" for n in range(len(images)))}
+                "platforms": " ".join(f"linux/amd64={n}" for n in range(len(images))),
+                "index": "", "names": "", "entries": ""}
 
     def assert_rm_keeps_the_shared_layer(self, images: List[ImageBlobs]) -> None:
         self.assertNotIn(images[0].layers[0].digest,
