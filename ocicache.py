@@ -7597,13 +7597,13 @@ class _SummaryMemo:
                 "shown", "platforms")
     _NAMED = ("names", "entries")
 
-    # Kept as text until asked for: ls from a complete memo never needs them, and split
-    # they are 5 MB of 20,000 roots, held when ls is at its peak.
-    _LAZY = ("sizes", "reached", "platforms", "names", "entries")
+    # All but the roots kept as text until asked for: split, they were 12 MB of 20,000
+    # roots (and 40,000 blobs) that ls, at its peak then, reads once or never.
+    _LAZY = ("blobs", "sizes", "root_sizes", "kinds", "totals", "reached", "shown",
+             "platforms", "names", "entries")
 
     def __init__(self, columns: Dict[str, List[str]], media: List[str],
                  lazy: Optional[Dict[str, str]] = None) -> None:
-        self._blobs = columns.get("blobs", [])
         self._columns = columns
         self._lazy = lazy or {}
         self._media = media
@@ -7657,18 +7657,35 @@ class _SummaryMemo:
             self._columns[name] = text.split(" ") if text else []
         return self._columns.get(name, [])
 
+    def _values(self, name: str) -> List[str]:
+        """The column ``name``, split but not kept split when it is text (see _LAZY)."""
+        text = self._lazy.get(name)
+        if text is None:
+            return self._columns.get(name, [])
+        return text.split(" ") if text else []
+
     def _place(self, digest: str, size: int) -> int:
         """Where the root ``digest`` of ``size`` bytes is among the memo's; -1 if not."""
         if self._where is None:
             roots = self._columns.get("roots", [])
             self._where = dict(zip(roots, range(len(roots))))
         at = self._where.get(digest, -1)
-        return at if at >= 0 and self._columns["root_sizes"][at] == str(size) else -1
+        return at if at >= 0 and self._column("root_sizes")[at] == str(size) else -1
 
     def complete(self, present: Set[str]) -> bool:
         """Whether every blob the memo names is in ``present``: then each root's
-        ``listing`` holds as written."""
-        return present.issuperset(self._blobs)
+        ``listing`` holds as written. Its text is split a piece at a time, none kept."""
+        text = self._lazy.get("blobs")
+        if text is None:
+            return present.issuperset(self._column("blobs"))
+        start = 0
+        while start < len(text):
+            end = text.find(" ", start + 65536)
+            end = len(text) if end < 0 else end
+            if not present.issuperset(text[start:end].split(" ")):
+                return False
+            start = end + 1
+        return True
 
     def _per_root(self) -> Optional[Tuple[List[int], List[str], List[Tuple[str, ...]],
                                           List[int]]]:
@@ -7676,21 +7693,23 @@ class _SummaryMemo:
         them; None when a column is not in the shape it is written in. Each column is
         checked whole and each value once (a loop per root costs as much as the rest of
         ``ls``)."""
-        columns = self._columns
-        kinds = {k: self._media[int(k)] for k in set(columns.get("kinds", ()))
-                 if k.isdecimal() and int(k) < len(self._media)}
-        shown = {p: () if p == "-" else tuple(p.split(","))
-                 for p in set(columns.get("shown", ()))}
         try:
-            sizes = list(map(int, columns.get("root_sizes", ())))
-            totals = list(map(int, columns.get("totals", ())))
+            sizes = list(map(int, self._values("root_sizes")))
+            totals = list(map(int, self._values("totals")))
         except ValueError:
             return None
-        if len(kinds) != len(set(columns.get("kinds", ()))) or min(totals, default=0) < 0 \
-                or not all(all(map(_MEMO_PLATFORM.fullmatch, p)) for p in shown.values()):
+        values = self._values("kinds")
+        kinds = {k: self._media[int(k)] for k in set(values)
+                 if k.isdecimal() and int(k) < len(self._media)}
+        if len(kinds) != len(set(values)):
             return None
-        return (sizes, list(map(kinds.__getitem__, columns.get("kinds", ()))),
-                list(map(shown.__getitem__, columns.get("shown", ()))), totals)
+        media_types = list(map(kinds.__getitem__, values))
+        values = self._values("shown")
+        shown = {p: () if p == "-" else tuple(p.split(",")) for p in set(values)}
+        if min(totals, default=0) < 0 or \
+                not all(all(map(_MEMO_PLATFORM.fullmatch, p)) for p in shown.values()):
+            return None
+        return sizes, media_types, list(map(shown.__getitem__, values)), totals
 
     def listings(self) -> Dict[str, Tuple[int, str, Tuple[str, ...], int]]:
         """For each root the memo knows: its size, media type, platforms and size on disk
@@ -7748,7 +7767,7 @@ class _SummaryMemo:
             numbers = list(map(int, text.split(",")))
         except ValueError:
             return None
-        if not (min(numbers) >= 0 and max(numbers) < len(self._blobs)):
+        if not (min(numbers) >= 0 and max(numbers) < len(self._column("blobs"))):
             return None
         return numbers
 
@@ -7773,10 +7792,10 @@ class _SummaryMemo:
             needed = self._numbers(needed_text)
             if needed is None or not _MEMO_PLATFORM.fullmatch(platform):
                 return None
-            images.append((platform, tuple([self._blobs[n] for n in needed])))
+            images.append((platform, tuple([self._column("blobs")[n] for n in needed])))
         if numbers is None or [p for p, _ in images] != list(listed[1]):
             return None
-        return _RootFacts(listed[0], size, tuple([self._blobs[n] for n in numbers]),
+        return _RootFacts(listed[0], size, tuple([self._column("blobs")[n] for n in numbers]),
                           tuple(sizes), tuple(images))
 
     def reaching(self, entries: Iterable[Any], blobs: Iterable[str]
@@ -7784,7 +7803,8 @@ class _SummaryMemo:
         """Which of ``blobs`` the root entries ``entries`` (index.json's, as decoded) reach
         by the memo, and the entries it does not know, whose documents must say."""
         wanted = set(blobs)
-        numbers = {str(n): blob for n, blob in enumerate(self._blobs) if blob in wanted}
+        blobs = self._column("blobs")
+        numbers = {str(n): blob for n, blob in enumerate(blobs) if blob in wanted}
         known, unknown = [], []
         reached = self._column("reached")
         for raw in entries:
@@ -7796,7 +7816,7 @@ class _SummaryMemo:
                 known.append(reached[at])
         found = set(",".join(known).split(","))
         found.discard("")
-        if not all(n.isdecimal() and int(n) < len(self._blobs) for n in found):
+        if not all(n.isdecimal() and int(n) < len(blobs) for n in found):
             return set(), list(entries)  # not as written: every document must say
         return {blob for n, blob in numbers.items() if n in found}, unknown
 
