@@ -12743,6 +12743,38 @@ class TestLargeCaches(CacheTestCase):
                                                 "names": "", "entries": ""})
         self.assertEqual(self.cli_ls(), truth)
 
+    def test_rm_asks_the_memo_without_splitting_it_whole(self) -> None:
+        # rm asks the memo which of the blobs it frees the other roots reach: the memo of
+        # 20,000 roots read with its 40,000 blobs split, and every number each root
+        # reaches split at once (100,000 strings) beside index.json's objects, were rm's
+        # peak (64 MiB). A memo of 20,000 roots, 40,000 blobs, as ls writes it:
+        memo = oc._SummaryMemo({}, [])
+        blobs = ["sha256:%064x" % n for n in range(40000)]
+        keep = {}
+        for n in range(20000):
+            reached = (blobs[n], blobs[20000 + n], blobs[39990 + n % 10])
+            memo.learn(blobs[n], oc._RootFacts(oc.MEDIA_OCI_MANIFEST, 500, reached,
+                                               (500, 100, 10), (("linux/amd64", reached),)))
+            keep[blobs[n]] = 500
+        data = memo.to_bytes(keep)
+        with open(self.memo_path(), "wb") as f:
+            f.write(data)
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": blobs[n], "size": 500}
+                   for n in range(1, 20000)]
+        freed = [blobs[0], blobs[20000], blobs[39990]]
+        import tracemalloc
+        with mock.patch.object(oc, "MAX_SUMMARIES_SIZE", len(data) + 1):
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                kept, unknown = oc._SummaryMemo.read(self.cache.layout).reaching(entries,
+                                                                                 freed)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        self.assertEqual((kept, unknown), ({blobs[39990]}, []))
+        self.assertLess((peak - before) / len(data), 3.0)  # 2.2 times the memo; was 3.7
+
     def test_gc_verify_and_rm_hold_no_parsed_entry_per_name(self) -> None:
         # gc and verify walked read_index().manifests, every entry parsed at once beside
         # the walk's findings (20,000 names: 70 MiB); rm without a memo parsed every
