@@ -1768,16 +1768,22 @@ class _PendingBlob:
 class _Reachable:
     """What a walk from some root entries found (see ``Layout.reachable``)."""
 
-    def __init__(self, owners: Mapping[Digest, Tuple[str, ...]], missing: Tuple[str, ...],
-                 unreadable: Tuple[str, ...], wrong: Tuple[str, ...],
+    def __init__(self, owners: Mapping[Digest, Union[str, Mapping[str, None]]],
+                 missing: Tuple[str, ...], unreadable: Tuple[str, ...], wrong: Tuple[str, ...],
                  absent: int = 0) -> None:
-        self.owners = owners            # digest -> the names that reach it
-        self.digests = {d: names[0] for d, names in owners.items()}
+        self._owners = owners   # digest -> the name that reaches it, or the names (keys)
+        self.digests = {d: n if type(n) is str else next(iter(n)) for d, n in owners.items()}
         self.missing = missing          # needed and absent
         self.absent = absent            # how many blobs were absent when the walk met them,
                                         # needed or not (then not followed)
         self.unreadable = unreadable    # a document that cannot be read as what it is
         self.wrong = wrong              # a descriptor that disagrees with its blob or name
+
+    def owners(self, digest: Digest) -> Tuple[str, ...]:
+        """The names that reach ``digest``, in the order found (none if none does); asked
+        of a few blobs (verify's corrupt ones), so not made for each (40,000 tuples)."""
+        names = self._owners.get(digest, ())
+        return (names,) if type(names) is str else tuple(names)
 
 
 @_value_type
@@ -2549,8 +2555,8 @@ class Layout:
                                (f": {why}" if why else ""))
             return tuple(out)
 
-        return _Reachable({d: (n,) if type(n) is str else tuple(n) for d, n in owners.items()},
-                          listed("missing"), listed("unreadable"), listed("wrong"), absent)
+        return _Reachable(owners, listed("missing"), listed("unreadable"), listed("wrong"),
+                          absent)
 
     def _links(self, descriptor: Descriptor
                ) -> Union[str, Tuple[str, List[Tuple[Descriptor, bool, bool]]]]:
@@ -2737,7 +2743,7 @@ class Layout:
                         repaired.append(str(digest))
         described = []
         for digest, why in corrupt.items():
-            names = marked.owners.get(digest, ())
+            names = marked.owners(digest)
             needed = f" (needed by {_names_list(names)})" if names else " (no name uses it)"
             described.append(f"{digest}{needed}: {why}")
         return VerifyReport(checked, tuple(strays + described),
