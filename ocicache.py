@@ -3589,12 +3589,12 @@ class _Transport:
 
     def close(self) -> None:
         """Close every connection, whichever thread opened it."""
-        import socket
         with self._guard:
             connections, self._open = self._open, []
             self._idle.clear()
         for connection in connections:
             if connection.sock is not None:
+                import socket  # imported by then: a command that connected nowhere pays none
                 # Wakes a thread still reading a body (an interrupted pull's): it holds
                 # the buffer's lock that closing the response waits for.
                 with contextlib.suppress(OSError):
