@@ -13849,6 +13849,13 @@ DIFFERENTIAL_CASES: Dict[str, Tuple[str, List[Tuple[str, List[Dict[str, Any]]]]]
         ("pax", [op_file("a", b"old a", 0o600), op_link("b", "a", 0o600)]),
         ("pax", [op_file("a", b"new a", 0o755)]),
         ("pax", [op_link("d", "a", 0o755), op_link("e", "b", 0o640)])]),
+    # from the campaign (seed 1482487170, stack 102): podman's vfs driver splits these
+    # groups at each layer below the top (see links_of_files)
+    "hard links to a symlink and a FIFO in a lower layer": ("", [
+        ("pax", [op_dir("b"), op_symlink("b/a", "../b/b/a"), op_link("g", "b/a"),
+                 op_node("p", tarfile.FIFOTYPE), op_link("q", "p"), op_symlink("s", "x"),
+                 op_link("t", "s")]),
+        ("pax", [op_file("h", b"h"), op_whiteout("s"), op_link("u", "b/a")])]),
     "hard links across layers and to whited-out targets": ("", [
         ("pax", [op_file("t", b"target"), op_link("l1", "t"), op_file("u", b"u")]),
         ("gnu", [op_whiteout("t"), op_link("l2", "l1"), op_link("lu", "u"), op_whiteout("u")]),
@@ -14153,10 +14160,23 @@ class FlattenJudges:
         return found
 
 
+def links_of_files(tree: Tuple[Dict[str, Any], Set[FrozenSet[str]]]
+                   ) -> Tuple[Dict[str, Any], Set[FrozenSet[str]]]:
+    """The tree with only the hard-link groups of regular files. podman here runs the vfs
+    driver, which builds each layer on a copy of the one below (containers/storage's
+    drivers/copy.DirCopy), and that copy links again regular files only: a symlink, FIFO
+    or device linked in a lower layer reaches the top as one inode per name. tar -x and
+    umoci keep one inode (so does podman's overlay driver, which also counts the links of
+    a name whited out above: no judge of groups either); umoci judges those groups."""
+    found, groups = tree
+    return found, {group for group in groups if found[min(group)][0] == stat.S_IFREG}
+
+
 def disagreements(results: Dict[str, Dict[str, Any]],
                   known_umoci: Mapping[str, str]) -> List[str]:
     """What ocicache got wrong: it must agree with podman, and with umoci where podman
-    does; umoci may differ from podman only where ``known_umoci`` says why."""
+    does; umoci may differ from podman only where ``known_umoci`` says why. Hard links
+    of other than regular files are umoci's to judge (``links_of_files``)."""
     problems = []
     for label, result in results.items():
         ours, podman, umoci = result["ocicache"], result["podman"], result["umoci"]
@@ -14169,14 +14189,25 @@ def disagreements(results: Dict[str, Dict[str, Any]],
         if isinstance(reference, str):
             problems.append(f"{label}: both judges refused: {umoci} / {podman}")
             continue
-        difference = tree_difference(ours, reference)
+        if judge != "podman":
+            difference = tree_difference(ours, reference)
+        else:
+            difference = tree_difference(links_of_files(ours), links_of_files(podman))
+            ours_other = ours[1] - links_of_files(ours)[1]
+            umoci_other = ours_other if isinstance(umoci, str) else \
+                umoci[1] - links_of_files(umoci)[1]
+            if ours_other != umoci_other:
+                difference.append(f"hard links of other than files: ours "
+                                  f"{sorted(map(sorted, ours_other))} umoci "
+                                  f"{sorted(map(sorted, umoci_other))}")
         if difference:
             problems.append(f"{label}: ocicache and {judge} differ:\n  " +
                             "\n  ".join(difference[:20]))
-        if judge == "podman" and umoci != podman and not known_umoci.get(label):
+        if judge == "podman" and not known_umoci.get(label):
             detail = umoci if isinstance(umoci, str) else "\n  ".join(
-                tree_difference(umoci, podman)[:20])
-            problems.append(f"{label}: umoci and podman differ, not known why:\n  {detail}")
+                tree_difference(links_of_files(umoci), links_of_files(podman))[:20])
+            if detail:
+                problems.append(f"{label}: umoci and podman differ, not known why:\n  {detail}")
     return problems
 
 
