@@ -13416,6 +13416,61 @@ class TestSources(CacheTestCase):
             oc._Flattener([lambda: oc._GunzipReader(io.BytesIO(bytes(layer)))],
                           io.BytesIO()).run()  # type: ignore[arg-type]
 
+    def test_the_second_pass_inflates_gzip_members_without_their_check(self) -> None:
+        # Issue 19: the first pass checks each gzip layer's CRC-32; the second reads the
+        # same blob again raw (the CRC costs as much as inflating stored data), its
+        # members' headers (every optional field) and trailers passed over, one whose
+        # header is not all in the first piece read by zlib as before.
+        import zlib
+        rng = random.Random(19)
+        data = rng.randbytes(300_000) + b"text " * 100_000
+
+        def member(payload: bytes, flags: int = 0, extra: bytes = b"") -> bytes:
+            deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+            header = b"\x1f\x8b\x08" + bytes([flags]) + bytes(6) + extra
+            if flags & 2:
+                header += (zlib.crc32(header) & 0xFFFF).to_bytes(2, "little")
+            return header + deflate.compress(payload) + deflate.flush() + \
+                zlib.crc32(payload).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
+
+        every = member(data[:1000], 4 | 8 | 16 | 2, b"\x03\x00abcname\0comment\0")
+        size = 250_000  # of a member whose trailer ends 4 bytes into the second piece
+        while len(member(data[:size])) != oc._STREAM_CHUNK_SIZE + 4:
+            size += oc._STREAM_CHUNK_SIZE + 4 - len(member(data[:size]))
+        streams = {
+            "gzip.compress": gzip.compress(data, mtime=0),
+            "every header field": every,
+            "members, zero padding": member(data[:5]) + bytes(700) + every + member(data),
+            "a name longer than a piece": member(data, 8, b"n" * (300 << 10) + b"\0"),
+            "a trailer across pieces": member(data[:size]) + every + every}
+        for label, stream in streams.items():
+            with self.subTest(label):
+                checked = oc._GunzipReader(io.BytesIO(stream)).read()
+                unchecked = oc._GunzipReader(io.BytesIO(stream)).unchecked().read()
+                self.assertEqual(unchecked, checked)
+        bad = bytearray(gzip.compress(data, mtime=0))
+        bad[-8] ^= 0xFF  # the CRC-32: not computed unchecked
+        with self.assertRaisesRegex(oc.InvalidArchiveError, "corrupt gzip stream"):
+            oc._GunzipReader(io.BytesIO(bytes(bad))).read()
+        self.assertEqual(oc._GunzipReader(io.BytesIO(bytes(bad))).unchecked().read(), data)
+        for cut in (4, 9):  # in the trailer, the header of the member after
+            with self.subTest(cut=cut), self.assertRaisesRegex(
+                    oc.InvalidArchiveError, "truncated archive"):
+                oc._GunzipReader(io.BytesIO(streams["gzip.compress"][:-cut] if cut == 4 else
+                                            every + every[:cut])).unchecked().read()
+        opened = []
+
+        def opener() -> oc._GunzipReader:
+            reader = oc._GunzipReader(io.BytesIO(gzip.compress(tar_bytes([("f", data)]))))
+            opened.append(reader)
+            return reader
+
+        out = io.BytesIO()
+        oc._Flattener([opener], out).run()  # type: ignore[list-item]
+        self.assertEqual([reader._checked for reader in opened], [True, False])
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+            self.assertEqual(tar.extractfile("f").read(), data)
+
     def test_stream_errors_surface_from_read(self) -> None:
         image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
         self.load_image("example.com/broken:1", image)
