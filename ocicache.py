@@ -6606,8 +6606,9 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
 # is not followed), an entry already there replaced unless both are directories (then
 # the new entry's metadata is taken), a hard link sharing its target's inode. The first
 # pass reads every layer's headers into that tree, keeping for a file only where its
-# content lies; the second reads the layers again and writes each surviving entry as
-# its content goes by, parents first, the other names of an inode as hard links to it
+# content lies; the second reads the layers again (a gzip layer inflated raw: the
+# first pass checked its CRC-32) and writes each surviving entry as its content goes
+# by, parents first, the other names of an inode as hard links to it
 # (an entry that comes out as it went in is copied as it was read, header and all).
 # A link whose target was rewritten or deleted later thus still has its own content,
 # whichever layer holds it, with no pass of its own.
