@@ -5168,6 +5168,7 @@ class _GunzipReader(_PieceReader):
     """Decompresses a gzip stream (members may be concatenated); a cut-off end raises.
 
     tarfile's own gzip reading takes a truncated stream for a short one; this does not.
+    ``unchecked`` makes a second read of a stream whose check was made skip it.
     """
 
     def __init__(self, stream: IO[bytes]) -> None:
@@ -5176,22 +5177,40 @@ class _GunzipReader(_PieceReader):
         self._in_member = False
         self._pending = b""
         self._finished = False
+        self._checked = True
+        self._raw = False  # the member being read is inflated raw (unchecked)
+        self._trailer = 0  # bytes of its trailer still to pass over
+
+    def unchecked(self) -> "_GunzipReader":
+        """Inflate without computing the CRC-32 of each member (which costs as much as
+        inflating stored data), for a stream read before: a member whose header is all
+        in the piece read is inflated raw, its header and trailer passed over unread."""
+        assert not self._in_member and not self._pending, "unchecked after reading"
+        self._checked = False
+        return self
 
     def _inflate(self) -> Optional[bytes]:
         """The next piece of output; None at the end of the stream."""
         while not self._finished:
             chunk, self._pending = self._pending or self._stream.read(_STREAM_CHUNK_SIZE), b""
             if not chunk:
-                if self._in_member:
+                if self._in_member or self._trailer:
                     raise InvalidArchiveError("truncated archive: the gzip stream ends early")
                 self._finished = True
                 break
+            if self._trailer:
+                chunk, self._trailer = chunk[self._trailer:], max(0, self._trailer - len(chunk))
             if not self._in_member:
                 chunk = chunk.lstrip(b"\0")  # zero padding after a member is allowed
                 if not chunk:
                     continue
-                self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                self._in_member = True
+                header = None if self._checked else _gzip_header_length(chunk)
+                if header is None:
+                    self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                else:
+                    chunk = chunk[header:]
+                    self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._in_member, self._raw = True, header is not None
             try:
                 output = self._decompressor.decompress(chunk, _STREAM_CHUNK_SIZE)
             except zlib.error as e:
@@ -5199,11 +5218,32 @@ class _GunzipReader(_PieceReader):
             if self._decompressor.eof:
                 self._in_member = False
                 self._pending = self._decompressor.unused_data
+                if self._raw:
+                    self._trailer = max(0, 8 - len(self._pending))  # CRC-32 and size
+                    self._pending = self._pending[8:]
             else:
                 self._pending = self._decompressor.unconsumed_tail
             if output:
                 return output
         return None
+
+
+def _gzip_header_length(data: bytes) -> Optional[int]:
+    """The length of the gzip member header ``data`` begins with (RFC 1952), or None
+    when it is not all in ``data`` or is no header zlib reads (zlib then reads it)."""
+    if len(data) < 10 or data[:3] != b"\x1f\x8b\x08" or data[3] & 0xE0:
+        return None
+    flags, at = data[3], 10
+    if flags & 4:  # FEXTRA
+        at += 2 + int.from_bytes(data[at:at + 2], "little")
+    for flag in (8, 16):  # FNAME, FCOMMENT: NUL-terminated
+        if flags & flag:
+            end = data.find(b"\0", at)
+            if end < 0:
+                return None
+            at = end + 1
+    at += 2 if flags & 2 else 0  # FHCRC
+    return at if at <= len(data) else None
 
 
 # A decoder's window (xz's dictionary, zstd's window) is memory it fills as it writes:
@@ -6617,8 +6657,9 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
 # is not followed), an entry already there replaced unless both are directories (then
 # the new entry's metadata is taken), a hard link sharing its target's inode. The first
 # pass reads every layer's headers into that tree, keeping for a file only where its
-# content lies; the second reads the layers again and writes each surviving entry as
-# its content goes by, parents first, the other names of an inode as hard links to it
+# content lies; the second reads the layers again (a gzip layer inflated raw: the
+# first pass checked its CRC-32) and writes each surviving entry as its content goes
+# by, parents first, the other names of an inode as hard links to it
 # (an entry that comes out as it went in is copied as it was read, header and all).
 # A link whose target was rewritten or deleted later thus still has its own content,
 # whichever layer holds it, with no pass of its own.
@@ -7052,6 +7093,8 @@ class _Flattener:
         root = self._tree.root
         self._reading = index
         with self._layers[index]() as stream:
+            if isinstance(stream, _GunzipReader):  # the first pass checked its CRC-32
+                stream.unchecked()
             layer = _TarStream(stream)
             members = iter(layer)
             following = 0         # the ordinal of the member ``members`` yields next
