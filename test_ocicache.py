@@ -10149,18 +10149,23 @@ class TestPullRoundTrips(RegistryTestCase):
     def test_a_pull_imports_only_what_it_needs(self) -> None:
         # logging (through concurrent.futures and each request's debug line) and
         # platform (for the User-Agent) cost a small pull 7 ms; -v still shows requests.
+        # A single manifest's pull rechecked its config with concurrent.futures, and
+        # one that names no platform imported platform for the host's.
         registry = self.start_registry()
-        self.multi_arch(registry)
+        amd, _, _, _ = self.multi_arch(registry)
         name = f"{registry.host}/test/multi:1"
-        script = ("import sys, ocicache as oc\n"
-                  f"oc.main(['--cache', {self.cache_dir!r}, 'pull', '--all-platforms',"
-                  f" {name!r}])\n"
-                  "print(sorted(m for m in ('logging', 'platform', 'concurrent.futures')"
-                  " if m in sys.modules))\n")
-        result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
-                                timeout=60)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout.decode().splitlines()[-1], "[]", result.stderr)
+        for pulled in (["--all-platforms", name],
+                       [f"{registry.host}/test/multi@{amd.manifest.digest}"]):
+            with self.subTest(pulled[-1]):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                script = ("import sys, ocicache as oc\n"
+                          f"oc.main(['--cache', {self.cache_dir!r}, 'pull', *{pulled!r}])\n"
+                          "print(sorted(m for m in ('logging', 'platform', "
+                          "'concurrent.futures') if m in sys.modules))\n")
+                result = subprocess.run([sys.executable, "-c", script], cwd=HERE,
+                                        capture_output=True, timeout=60)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(result.stdout.decode().splitlines()[-1], "[]", result.stderr)
         shutil.rmtree(self.cache_dir)
         verbose = self.cli("-v", "pull", "--all-platforms", name)
         self.assertEqual(verbose.returncode, 0, verbose.stderr)
@@ -10277,6 +10282,30 @@ class TestPullRoundTrips(RegistryTestCase):
                 self.assertLessEqual(most["big"] + most["small"],
                                      max(big_at_once, small_at_once) + big_at_once, most)
                 self.assertTrue(cache.verify().ok)
+
+    def test_blobs_of_a_few_pieces_are_hashed_by_the_thread_receiving_them(self) -> None:
+        # A hashing thread of its own pays only on a long blob: one of a few pieces was
+        # costing a thread start and a queue hand-off per piece (100 of them in a pull of
+        # 100 layers of 1 MiB, 10 % of its CPU time), while the other downloads hashed
+        # in their own threads anyway. A long blob still gets one.
+        registry = self.start_registry()
+        layers = [{f"data{n}": random.Random(n).randbytes(size)} for n, size in
+                  enumerate([3 * oc.COPY_BUFFER_SIZE, 2 * oc.COPY_BUFFER_SIZE + 5,
+                             oc._OWN_HASHER_SIZE + 1])]
+        image = make_image("pieces", layer_files=layers, gzip_layers=False)
+        upload(registry.url, "test/pieces", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        started: List[str] = []
+        start = threading.Thread.start
+
+        def recording_start(thread: threading.Thread) -> None:
+            started.append(thread.name)
+            start(thread)
+
+        with mock.patch.object(threading.Thread, "start", recording_start):
+            cache.image_pull(f"{registry.host}/test/pieces:1", "", "amd64")
+        self.assertEqual(started.count("ocicache-hash"), 1, started)  # the long one's
+        self.assertTrue(cache.verify().ok)
 
 class TestBeliefsAgainstARegistry(RegistryTestCase):
     """A pinned digest and a damaged blob meet a real registry."""
