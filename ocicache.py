@@ -4812,8 +4812,11 @@ class RegistryClient:
         response.close()
 
     def download_blob(self, ref: Reference, descriptor: Descriptor, layout: Layout,
-                      progress: Callable[[int], None] = lambda n: None) -> None:
-        """Stream a blob into the cache, verified, resuming a partial file with Range."""
+                      progress: Callable[[int], None] = lambda n: None,
+                      received: Callable[[], None] = lambda: None) -> None:
+        """Stream a blob into the cache, verified, resuming a partial file with Range;
+        ``received`` is called once its bytes are in and verified, before the fsync and
+        rename that name it."""
         if layout.has_blob(descriptor.digest, descriptor.size):
             layout._touch(descriptor.digest)
             progress(descriptor.size)
@@ -4825,6 +4828,7 @@ class RegistryClient:
                 return
             with _HashingThread(descriptor.digest.algorithm, descriptor.size) as hasher:
                 self._fetch_into(endpoint, descriptor, partial.fd, progress, hasher)
+            received()
             self._remember(endpoint, descriptor.digest)
             partial.commit(descriptor.size)
 
@@ -8866,42 +8870,72 @@ class Provider(CacheProvider):
         pending = collections.deque(missing)  # largest first
         guard = threading.Lock()
         errors: List[BaseException] = []
+        # ``small_jobs`` bounds the blobs whose bytes arrive at once, ``jobs`` the large
+        # ones among them (bandwidth, memory); not those waiting for their fsync: a
+        # worker lets go of its transfer before the commit, and another worker starts
+        # receiving meanwhile (with 4 workers, a pull of 100 layers of 1 MiB spent much
+        # of its time with every one of them in fsync).
+        receiving = threading.Semaphore(self.small_jobs)
+        large = threading.Semaphore(self.jobs)
 
-        def take(small_only: bool) -> Optional[Descriptor]:
-            """The largest blob left, or for a worker of small ones the smallest (None
-            once the smallest left is not small)."""
-            with guard:
-                if not pending:
-                    return None
-                if not small_only:
-                    return pending.popleft()
-                return pending.pop() if pending[-1].size <= _SMALL_BLOB_SIZE else None
+        def take() -> Optional[Descriptor]:
+            """The largest blob left, holding a transfer (and a large one's), else the
+            smallest if it is small; waits while no transfer it needs is free. None once
+            no blob is left or the pull stops."""
+            while not stop.is_set():
+                if not receiving.acquire(timeout=0.1):
+                    continue
+                with guard:
+                    if not pending:
+                        receiving.release()
+                        return None
+                    if pending[0].size <= _SMALL_BLOB_SIZE or large.acquire(blocking=False):
+                        return pending.popleft()
+                    if pending[-1].size <= _SMALL_BLOB_SIZE:
+                        return pending.pop()
+                receiving.release()
+                if large.acquire(timeout=0.1):  # one is free: taken again under the guard
+                    large.release()
+            return None
 
         def advance(digest: Digest, size: int) -> None:
             if stop.is_set():
                 raise _PullStopped()
             self.progress.advance(digest, size)
 
-        def work(small_only: bool) -> None:
+        def work() -> None:
             while not stop.is_set():
-                blob = take(small_only)
+                blob = take()
                 if blob is None:
                     return
+                held = [True]
+
+                def received() -> None:
+                    if held[0]:
+                        held[0] = False
+                        if blob.size > _SMALL_BLOB_SIZE:
+                            large.release()
+                        receiving.release()
+
                 try:
                     self.registry.download_blob(ref, blob, self.layout,
-                                                functools.partial(advance, blob.digest))
+                                                functools.partial(advance, blob.digest),
+                                                received)
                 except _PullStopped:
                     return
                 except BaseException as e:  # handed to the caller's thread below
                     errors.append(e)
                     stop.set()
                     return
+                finally:
+                    received()
 
-        small = sum(1 for b in missing if b.size <= _SMALL_BLOB_SIZE)
-        workers = [threading.Thread(target=work, args=(n >= self.jobs,), name="ocicache-pull",
-                                    daemon=True)
-                   for n in range(min(self.jobs, len(missing)) +
-                                  min(max(self.small_jobs - self.jobs, 0), small))]
+        # As many workers as transfers, and ``jobs`` more while large blobs are left: a
+        # large blob's fsync is long enough for another to arrive meanwhile.
+        large_count = sum(1 for b in missing if b.size > _SMALL_BLOB_SIZE)
+        workers = [threading.Thread(target=work, name="ocicache-pull", daemon=True)
+                   for _ in range(min(self.small_jobs, len(missing)) +
+                                  min(self.jobs, large_count))]
         for worker in workers:
             worker.start()
         try:

@@ -10244,6 +10244,7 @@ class TestPullRoundTrips(RegistryTestCase):
     def test_small_blobs_download_more_at_once_than_large_ones(self) -> None:
         # Small blobs are waits on round trips: by default up to 16 go at once, while
         # blobs of more than a piece stay at 4 (memory, bandwidth); --jobs N is N for all.
+        # A large one counts until its bytes are in (its fsync holds no transfer).
         registry = self.start_registry()
         big = [{f"big{n}": random.Random(n).randbytes(oc.COPY_BUFFER_SIZE + 1)}
                for n in range(6)]
@@ -10259,21 +10260,30 @@ class TestPullRoundTrips(RegistryTestCase):
                     collections.Counter()
                 enough = threading.Event()
 
-                def counting(ref: oc.Reference, blob: oc.Descriptor, *args: Any,
-                             **kwargs: Any) -> None:
+                def counting(ref: oc.Reference, blob: oc.Descriptor, layout: oc.Layout,
+                             progress: Callable[[int], None],
+                             received: Callable[[], None]) -> None:
                     kind = "big" if blob.size > oc.COPY_BUFFER_SIZE else "small"
                     with guard:
                         in_flight[kind] += 1
                         most[kind] = max(most[kind], in_flight[kind])
                         if most["small"] >= small_at_once:
                             enough.set()
+                    counted = [True]
+
+                    def done() -> None:
+                        with guard:
+                            if counted[0]:
+                                in_flight[kind] -= 1
+                            counted[0] = False
+                        received()
+
                     try:
                         if kind == "small":  # held until as many as allowed are under way
                             enough.wait(5)
-                        download(ref, blob, *args, **kwargs)
+                        download(ref, blob, layout, progress, done)
                     finally:
-                        with guard:
-                            in_flight[kind] -= 1
+                        done()
 
                 cache.registry.download_blob = counting  # type: ignore[method-assign]
                 cache.image_pull(f"{registry.host}/test/many-small:1", "", "amd64")
@@ -10305,6 +10315,67 @@ class TestPullRoundTrips(RegistryTestCase):
         with mock.patch.object(threading.Thread, "start", recording_start):
             cache.image_pull(f"{registry.host}/test/pieces:1", "", "amd64")
         self.assertEqual(started.count("ocicache-hash"), 1, started)  # the long one's
+        self.assertTrue(cache.verify().ok)
+
+    def test_a_large_blob_waiting_for_its_fsync_lets_another_transfer_start(self) -> None:
+        # --jobs bounds the large blobs being received, not those waiting for the disk:
+        # with four workers in all, four slow fsyncs stopped the pull's network (100
+        # layers of 1 MiB). Each blob is still fsynced before its rename.
+        registry = self.start_registry()
+        layers = [{f"big{n}": random.Random(n).randbytes(oc.COPY_BUFFER_SIZE + 1)}
+                  for n in range(6)]
+        image = make_image("slow-disk", layer_files=layers, gzip_layers=False)
+        upload(registry.url, "test/slow-disk", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        big = {str(layer.digest) for layer in image.layers}
+        guard, receiving, most, started = threading.Lock(), [0], [0], set()
+        all_started = threading.Event()
+        download, fsync, replace = cache.registry.download_blob, os.fsync, os.replace
+        synced: Set[str] = set()
+
+        def counting(ref: oc.Reference, blob: oc.Descriptor, layout: oc.Layout,
+                     progress: Callable[[int], None], received: Callable[[], None]) -> None:
+            with guard:
+                started.add(str(blob.digest))
+                receiving[0] += 1
+                most[0] = max(most[0], receiving[0])
+                if big <= started:
+                    all_started.set()
+            counted = [True]
+
+            def done() -> None:
+                with guard:
+                    if counted[0]:
+                        receiving[0] -= 1
+                    counted[0] = False
+                received()
+
+            try:
+                download(ref, blob, layout, progress, done)
+            finally:
+                done()
+
+        def slow_fsync(fd: int) -> None:
+            name = os.path.basename(os.path.realpath(f"/proc/self/fd/{fd}"))
+            if name.endswith(oc._PARTIAL_SUFFIX):  # a blob's partial file: the disk is slow
+                all_started.wait(10)
+                synced.add(name[:64])
+            fsync(fd)
+
+        def checked_replace(source: Any, target: Any, **kwargs: Any) -> None:
+            if isinstance(target, str) and target in {d.partition(":")[2] for d in big}:
+                self.assertIn(target, synced, "renamed before its fsync")
+            replace(source, target, **kwargs)
+
+        cache.registry.download_blob = counting  # type: ignore[method-assign]
+        with mock.patch.object(os, "fsync", slow_fsync), \
+                mock.patch.object(os, "replace", checked_replace):
+            started_at = time.monotonic()
+            cache.image_pull(f"{registry.host}/test/slow-disk:1", "", "amd64")
+        self.assertLess(time.monotonic() - started_at, 8, "the transfers waited for the fsyncs")
+        self.assertTrue(all_started.is_set())
+        self.assertLessEqual(most[0], 4, most)  # still 4 being received at most
+        self.assertEqual(synced, {d.partition(":")[2] for d in big})
         self.assertTrue(cache.verify().ok)
 
 class TestBeliefsAgainstARegistry(RegistryTestCase):
