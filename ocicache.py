@@ -256,12 +256,17 @@ def _log() -> logging.Logger:
     return logger
 
 
+def _debugging() -> bool:
+    """Whether a debug message could be shown: logging is imported (something may have
+    set the logger up), or the command line's setup waiting in ``_log_setup`` is -v's.
+    Otherwise neither logging (3 ms to import) nor the message's arguments are needed."""
+    return "logging" in sys.modules or (
+        _log_setup is not None and _log_setup.keywords.get("level") == "DEBUG")
+
+
 def _debug(message: str, *args: Any) -> None:
-    """``_log().debug``, without importing logging (3 ms; a pull logs every request)
-    when nothing could show the message: logging is not imported, so nothing set the
-    logger up, and the command line's setup waiting in ``_log_setup`` is not -v's."""
-    if "logging" in sys.modules or (
-            _log_setup is not None and _log_setup.keywords.get("level") == "DEBUG"):
+    """``_log().debug``, without importing logging when nothing could show it."""
+    if _debugging():
         _log().debug(message, *args)
 
 
@@ -3160,6 +3165,7 @@ def _certs_d_roots() -> Tuple[str, ...]:
     return tuple(p for p in value.split(":") if p) if value is not None else _CERTS_D_ROOTS
 
 
+@functools.lru_cache(maxsize=256)  # asked for each request: ipaddress parses slowly
 def _is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
     if name == "localhost":  # not "*.localhost": a resolver may send those anywhere
@@ -3649,9 +3655,10 @@ class _Transport:
                             e, ConnectionRefusedError) else 0):
                     raise error from None
                 continue
-            _debug("%s %s://%s%s: %d%s", method, scheme, host,
-                   _shorten(_one_line(parts.path), 200), response.status,
-                   _rate_limits(response, ", "))
+            if _debugging():  # its arguments cost each request 4 header lookups
+                _debug("%s %s://%s%s: %d%s", method, scheme, host,
+                       _shorten(_one_line(parts.path), 200), response.status,
+                       _rate_limits(response, ", "))
             if probing:
                 if response.status == 400 and _speaks_tls(response):
                     self._schemes[host] = "https"

@@ -10186,14 +10186,18 @@ class TestPullRoundTrips(RegistryTestCase):
                        [f"{registry.host}/test/multi@{amd.manifest.digest}"]):
             with self.subTest(pulled[-1]):
                 shutil.rmtree(self.cache_dir, ignore_errors=True)
+                # ... nor is a debug line nothing shows formatted (its rate limits)
                 script = ("import sys, ocicache as oc\n"
+                          "formatted, rate_limits = [], oc._rate_limits\n"
+                          "oc._rate_limits = lambda *a: formatted.append(a) or rate_limits(*a)\n"
                           f"oc.main(['--cache', {self.cache_dir!r}, 'pull', *{pulled!r}])\n"
                           "print(sorted(m for m in ('logging', 'platform', "
-                          "'concurrent.futures') if m in sys.modules))\n")
+                          "'concurrent.futures') if m in sys.modules), len(formatted))\n")
                 result = subprocess.run([sys.executable, "-c", script], cwd=HERE,
                                         capture_output=True, timeout=60)
                 self.assertEqual(result.returncode, 0, result.stderr)
-                self.assertEqual(result.stdout.decode().splitlines()[-1], "[]", result.stderr)
+                self.assertEqual(result.stdout.decode().splitlines()[-1], "[] 0",
+                                 result.stderr)
         shutil.rmtree(self.cache_dir)
         verbose = self.cli("-v", "pull", "--all-platforms", name)
         self.assertEqual(verbose.returncode, 0, verbose.stderr)
@@ -10343,6 +10347,28 @@ class TestPullRoundTrips(RegistryTestCase):
         with mock.patch.object(threading.Thread, "start", recording_start):
             cache.image_pull(f"{registry.host}/test/pieces:1", "", "amd64")
         self.assertEqual(started.count("ocicache-hash"), 1, started)  # the long one's
+        self.assertTrue(cache.verify().ok)
+
+    def test_a_request_does_not_parse_its_host_nor_format_an_unshown_debug_line(self) -> None:
+        # Each request asked ipaddress whether its host was loopback (twice), and built
+        # its debug line's rate-limit part (4 header lookups) with no logger to show it
+        # (see test_a_pull_imports_only_what_it_needs): 14 % of a small blob's calls.
+        import ipaddress
+        registry = self.start_registry()
+        layers = [{f"etc/layer{n}": f"layer {n}\n".encode()} for n in range(10)]
+        image = make_image("per-request", layer_files=layers)
+        upload(registry.url, "test/per-request", image.blobs, [("1", image.manifest)])
+        cache = self.provider()
+        parsed = [0]
+        ip_address = ipaddress.ip_address
+
+        def counting_ip_address(address: Any) -> Any:
+            parsed[0] += 1
+            return ip_address(address)
+
+        with mock.patch.object(ipaddress, "ip_address", counting_ip_address):
+            cache.image_pull(f"{registry.host}/test/per-request:1", "", "amd64")
+        self.assertLessEqual(parsed[0], 2, parsed)  # was 2 a request: 28 here
         self.assertTrue(cache.verify().ok)
 
     def test_a_large_blob_waiting_for_its_fsync_lets_another_transfer_start(self) -> None:
