@@ -1715,11 +1715,13 @@ def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tupl
 
 
 def _write_file_atomically(dir_fd: int, name: str, data: bytes, mode: int = _CREATE_MODE,
-                           durable: bool = True) -> None:
+                           durable: bool = True, sync_directory: bool = True) -> None:
     """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
     rename it over ``name`` (a rename replaces a link; it never writes through one).
     A hint that a crash may lose (``durable=False``, a file read only if it parses) is
-    not fsynced: two fsyncs are most of what writing it costs."""
+    not fsynced: two fsyncs are most of what writing it costs. Without
+    ``sync_directory`` the file is fsynced but its name reaches the disk with the
+    directory's next fsync: for a file whose loss a crash may cost (never its bytes)."""
     fd, temp = _create_temporary(dir_fd, f".{name}", mode)
     try:
         try:
@@ -1733,7 +1735,7 @@ def _write_file_atomically(dir_fd: int, name: str, data: bytes, mode: int = _CRE
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=dir_fd)
         raise
-    if durable:
+    if durable and sync_directory:
         os.fsync(dir_fd)
 
 
@@ -1854,9 +1856,13 @@ class Layout:
         if not os.path.lexists(self.index_path):
             with self.lock(), self._root_directory() as directory:
                 if not os.path.lexists(self.index_path):
+                    # The empty index's name reaches the disk with the directory's next
+                    # fsync (the first name written): a crash before it loses an empty
+                    # cache, made again by the next run; oci-layout is durable first.
                     try:
                         _write_file_atomically(directory, "oci-layout", _OCI_LAYOUT_BYTES)
-                        _write_file_atomically(directory, "index.json", _EMPTY_INDEX_BYTES)
+                        _write_file_atomically(directory, "index.json", _EMPTY_INDEX_BYTES,
+                                               sync_directory=False)
                     except OSError as e:
                         raise _disk_error(self.index_path, e, "free space on its "
                                           "filesystem") from None

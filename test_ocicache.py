@@ -10244,6 +10244,41 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertTrue(cache.verify().ok)
         self.assertEqual(self.index_names(), [f"{registry.host}/test/multi:1"])
 
+    def test_a_new_cache_costs_three_fsyncs_and_its_first_name_makes_it_durable(self) -> None:
+        # The empty index.json's name waits for the directory's next fsync, the one that
+        # the first name written pays anyway: a crash before it loses an empty cache,
+        # which the next run makes again (never its bytes: the file is fsynced).
+        registry = self.start_registry()
+        image = make_image("fresh")
+        upload(registry.url, "test/fresh", image.blobs, [("1", image.manifest)])
+        root = os.path.realpath(self.cache_dir)
+        events: List[str] = []
+        fsync, replace = os.fsync, os.replace
+
+        def recording_fsync(fd: int) -> None:
+            path = os.path.realpath(f"/proc/self/fd/{fd}")
+            events.append("sync root" if path == root else
+                          f"sync {os.path.basename(path).split('.tmp-')[0]}")
+            fsync(fd)
+
+        def recording_replace(source: Any, target: Any, **kwargs: Any) -> None:
+            replace(source, target, **kwargs)
+            events.append(f"name {target}")
+
+        shutil.rmtree(self.cache_dir)  # made by setUp
+        with mock.patch.object(os, "fsync", recording_fsync), \
+                mock.patch.object(os, "replace", recording_replace):
+            cache = self.provider()
+            created = list(events)
+            cache.image_pull(f"{registry.host}/test/fresh:1", "", "amd64")
+        self.assertEqual(created, ["sync .oci-layout", "name oci-layout", "sync root",
+                                   "sync .index.json", "name index.json"])  # was 4 fsyncs
+        named = len(events) - events[::-1].index("name index.json") - 1
+        self.assertEqual(events[named + 1:named + 2], ["sync root"], events)
+        with open(os.path.join(self.cache_dir, "oci-layout"), "rb") as f:
+            self.assertEqual(json.load(f), {"imageLayoutVersion": "1.0.0"})
+        self.assertEqual(self.index_names(), [f"{registry.host}/test/fresh:1"])
+
     def test_the_blob_locations_hint_costs_no_fsync(self) -> None:
         # A hint a crash may lose (a bad file is ignored): written atomically, but
         # without the two fsyncs (file, directory) that were most of a small pull's tail.
