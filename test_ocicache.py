@@ -10409,16 +10409,18 @@ class TestPullRoundTrips(RegistryTestCase):
     def test_a_large_blob_waiting_for_its_fsync_lets_another_transfer_start(self) -> None:
         # --jobs bounds the large blobs being received, not those waiting for the disk:
         # with four workers in all, four slow fsyncs stopped the pull's network (100
-        # layers of 1 MiB). Each blob is still fsynced before its rename.
+        # layers of 1 MiB). Each blob is still fsynced before its rename, and large ones
+        # go to 2 * jobs threads at most (each keeps what it received in its arena).
         registry = self.start_registry()
         layers = [{f"big{n}": random.Random(n).randbytes(oc.COPY_BUFFER_SIZE + 1)}
-                  for n in range(6)]
+                  for n in range(12)]
         image = make_image("slow-disk", layer_files=layers, gzip_layers=False)
         upload(registry.url, "test/slow-disk", image.blobs, [("1", image.manifest)])
-        cache = self.provider()
+        cache = self.provider(jobs=None)  # 4 large ones at once
         big = {str(layer.digest) for layer in image.layers}
         guard, receiving, most, started = threading.Lock(), [0], [0], set()
-        all_started = threading.Event()
+        threads: Set[int] = set()
+        eight_started = threading.Event()
         download, fsync, replace = cache.registry.download_blob, os.fsync, os.replace
         synced: Set[str] = set()
 
@@ -10426,10 +10428,11 @@ class TestPullRoundTrips(RegistryTestCase):
                      progress: Callable[[int], None], received: Callable[[], None]) -> None:
             with guard:
                 started.add(str(blob.digest))
+                threads.add(threading.get_ident())
                 receiving[0] += 1
                 most[0] = max(most[0], receiving[0])
-                if big <= started:
-                    all_started.set()
+                if len(started & big) >= 8:
+                    eight_started.set()
             counted = [True]
 
             def done() -> None:
@@ -10447,7 +10450,7 @@ class TestPullRoundTrips(RegistryTestCase):
         def slow_fsync(fd: int) -> None:
             name = os.path.basename(os.path.realpath(f"/proc/self/fd/{fd}"))
             if name.endswith(oc._PARTIAL_SUFFIX):  # a blob's partial file: the disk is slow
-                all_started.wait(10)
+                eight_started.wait(10)
                 synced.add(name[:64])
             fsync(fd)
 
@@ -10462,8 +10465,9 @@ class TestPullRoundTrips(RegistryTestCase):
             started_at = time.monotonic()
             cache.image_pull(f"{registry.host}/test/slow-disk:1", "", "amd64")
         self.assertLess(time.monotonic() - started_at, 8, "the transfers waited for the fsyncs")
-        self.assertTrue(all_started.is_set())
+        self.assertTrue(eight_started.is_set())
         self.assertLessEqual(most[0], 4, most)  # still 4 being received at most
+        self.assertLessEqual(len(threads), 8, threads)
         self.assertEqual(synced, {d.partition(":")[2] for d in big})
         self.assertTrue(cache.verify().ok)
 
