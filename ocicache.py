@@ -11408,8 +11408,6 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                         help="blobs to download at once (default 4, and up to "
                              f"{_SMALL_BLOB_JOBS} while those left are small)")
     parser.add_argument("--version", action="version", version=f"ocicache {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
     only = _named_command(parser, argv) if argv is not None else None
 
     class _Unbuilt(_Parser):
@@ -11421,12 +11419,17 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
         def arguments(self, define: Callable[[argparse.ArgumentParser], None]) -> None:
             pass
 
-    def command(name: str, **kwargs: Any) -> _Parser:
-        if only is not None and name != only:
-            return _Unbuilt()
-        return commands.add_parser(name, **kwargs)  # type: ignore[no-any-return]
+    class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+        def add_parser(self, name: str, **kwargs: Any) -> Any:
+            if only is not None and name != only:
+                return _Unbuilt()
+            return super().add_parser(name, **kwargs)
 
-    p = command("pull", help="pull images from registries into the cache",
+    parser.register("action", "parsers", _Commands)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    p = commands.add_parser("pull", help="pull images from registries into the cache",
                             description="Pull each NAME for the platform (default: the host). "
                                         "An image already complete in the cache makes no "
                                         "request; only missing blobs are downloaded, and "
@@ -11452,7 +11455,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                             "registry's fallback tag")
         p.set_defaults(run=_cmd_pull)
 
-    p = command("push", help="push an image from the cache to a registry",
+    p = commands.add_parser("push", help="push an image from the cache to a registry",
                             description="Push NAME (an image or a multi-platform index) to "
                                         "its registry, or as --remote-name. Blobs the "
                                         "registry has are not sent again; the tag is "
@@ -11470,7 +11473,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                             "(local first), a remote single manifest replaced")
         p.set_defaults(run=_cmd_push)
 
-    p = command("ls", help="list the named images",
+    p = commands.add_parser("ls", help="list the named images",
                             description="List every named image: name, root digest, the "
                                         "platforms complete in the cache, and size on disk.")
 
@@ -11479,7 +11482,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
         p.add_argument("--json", action="store_true", help="print a JSON array (stable for scripts)")
         p.set_defaults(run=_cmd_ls)
 
-    p = command("inspect", help="print an image's manifest or config",
+    p = commands.add_parser("inspect", help="print an image's manifest or config",
                             description="Print the root index or manifest of NAME as JSON; "
                                         "with --platform, that platform's manifest; with "
                                         "--config, its image config; with --raw, "
@@ -11495,7 +11498,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help="print the document's bytes as stored (its digest is theirs)")
         p.set_defaults(run=_cmd_inspect)
 
-    p = command("import", help="load an image archive",
+    p = commands.add_parser("import", help="load an image archive",
                             description="Load a tar archive into the cache: an OCI layout "
                                         "(docker buildx --output type=oci, skopeo "
                                         "oci-archive:), or a docker save tar (any Docker "
@@ -11512,7 +11515,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                             "tag is NAME's tag")
         p.set_defaults(run=_cmd_import)
 
-    p = command("export", help="write an image as a tar archive",
+    p = commands.add_parser("export", help="write an image as a tar archive",
                             description="Write NAME as a tar: 'oci' (an OCI layout, for skopeo "
                                         "oci-archive: and containerd), 'docker' (for docker "
                                         "load and podman load), or 'filesystem' (the "
@@ -11534,7 +11537,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help="the name to record in the tar (oci, docker)")
         p.set_defaults(run=_cmd_export)
 
-    p = command("sbom", help="print the SBOMs attached to an image",
+    p = commands.add_parser("sbom", help="print the SBOMs attached to an image",
                             description="Print the SPDX documents of the BuildKit attestation "
                                         "attached to NAME's image for the platform, then the "
                                         "SPDX and CycloneDX SBOMs attached to the image or "
@@ -11548,7 +11551,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
         p.add_argument("--platform", metavar="P", default="", help="os/arch[/variant] (default: host)")
         p.set_defaults(run=_cmd_sbom)
 
-    p = command("rm", help="remove names and the blobs only they use",
+    p = commands.add_parser("rm", help="remove names and the blobs only they use",
                             description="Remove each NAME; blobs that another name still "
                                         "uses are kept. Every NAME must exist, or nothing "
                                         "is removed.")
@@ -11560,7 +11563,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help="remove only names whose registry serves the same digest")
         p.set_defaults(run=_cmd_rm)
 
-    p = command("clean", help="remove every name and blob",
+    p = commands.add_parser("clean", help="remove every name and blob",
                             description="Empty the cache: every name and every blob. With "
                                         "--published-only, only the names whose registry "
                                         "serves the same digest (and the blobs only they "
@@ -11572,7 +11575,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help="remove only what can be pulled again as it is")
         p.set_defaults(run=_cmd_clean)
 
-    p = command("gc", help="delete blobs no name uses",
+    p = commands.add_parser("gc", help="delete blobs no name uses",
                             description="Delete blobs that no name reaches and stale "
                                         "temporary files, except those younger than the "
                                         "grace period (a concurrent pull may not have "
@@ -11585,7 +11588,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help=f"keep blobs younger than this (default {DEFAULT_GC_GRACE_SECONDS:.0f})")
         p.set_defaults(run=_cmd_gc)
 
-    p = command("verify", help="re-hash every blob and check every name",
+    p = commands.add_parser("verify", help="re-hash every blob and check every name",
                             description="Re-hash every blob and check that every name "
                                         "reaches complete content that agrees with its "
                                         "descriptors (sizes, media types, pinned digests). "
@@ -11600,7 +11603,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
 
     # Registry operations: they ask the registry itself (never a mirror) and leave the
     # cache alone.
-    p = command("tags", help="list the tags of a repository in its registry",
+    p = commands.add_parser("tags", help="list the tags of a repository in its registry",
                             description="Print every tag of NAME's repository, one a line, "
                                         "in the registry's order (NAME's own tag, if any, "
                                         "is ignored). Every page is fetched (the Link "
@@ -11615,7 +11618,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help='print {"name": ..., "tags": [...]} (stable for scripts)')
         p.set_defaults(run=_cmd_tags)
 
-    p = command("digest", help="print the digest a name has in its registry",
+    p = commands.add_parser("digest", help="print the digest a name has in its registry",
                             description="Print the digest NAME has in its registry now, "
                                         "asked with HEAD (Docker Hub does not count a HEAD "
                                         "against its pull rate limit); with --platform, "
@@ -11633,7 +11636,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help="print the descriptor (name, digest, mediaType, size, platform)")
         p.set_defaults(run=_cmd_digest)
 
-    p = command("referrers", help="list what refers to an image in its registry "
+    p = commands.add_parser("referrers", help="list what refers to an image in its registry "
                                               "(signatures, SBOMs, attestations)",
                             description="Print the referrers of NAME (OCI 1.1: manifests "
                                         "whose 'subject' is NAME's manifest or index), one "
@@ -11663,7 +11666,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                             'source being "api" or the fallback tag read')
         p.set_defaults(run=_cmd_referrers)
 
-    p = command("login", help="check and store credentials for a registry",
+    p = commands.add_parser("login", help="check and store credentials for a registry",
                             description="Check a user name and password against REGISTRY "
                                         "(a request to its /v2/ with them, through its "
                                         "token server if it has one), then store them "
@@ -11693,7 +11696,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                                  "list, so prefer --password-stdin")
         p.set_defaults(run=_cmd_login)
 
-    p = command("logout", help="remove the stored credentials for a registry",
+    p = commands.add_parser("logout", help="remove the stored credentials for a registry",
                             description="Remove the credentials docker keeps for REGISTRY: "
                                         "from the credential helper config.json names for "
                                         "it, and from 'auths' in $DOCKER_CONFIG/config.json "
@@ -11707,7 +11710,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                        help="host[:port], e.g. ghcr.io or localhost:5000 (docker.io: Docker Hub)")
         p.set_defaults(run=_cmd_logout)
 
-    p = command("copy", help="copy an image between registries, the cache and "
+    p = commands.add_parser("copy", help="copy an image between registries, the cache and "
                                          "OCI layouts",
                             description="Copy SRC to DST. SRC: a registry name "
                                         "('docker://' optional), cache:NAME, "
@@ -11751,7 +11754,7 @@ def _build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentPars
                             '"digest", "mediaType", "size"}]}')
         p.set_defaults(run=_cmd_copy)
 
-    p = command("sync", help="mirror the repositories a file lists into a "
+    p = commands.add_parser("sync", help="mirror the repositories a file lists into a "
                                          "registry or an OCI layout",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description=_SYNC_HELP,
