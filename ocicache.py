@@ -7619,7 +7619,8 @@ class _SummaryMemo:
     the index.json it was written beside, when it knows all their roots: the sha256 of
     those bytes (``index``, "" when not), each entry's name (``names``, joined by NULs)
     and its root's number (``entries``). ``ls`` of that same index.json then lists from
-    the memo alone, decoding no index.json (``named_listing``).
+    the memo alone, decoding no index.json (``named_listing``). Names that would make the
+    memo larger than ``read`` reads are left out, the sha256 then in ``unlisted``.
     """
 
     VERSION = 3
@@ -7641,6 +7642,7 @@ class _SummaryMemo:
         self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
         self._learned: Dict[str, _RootFacts] = {}
         self._index = ""  # the sha256 of the index.json whose named entries it holds
+        self._beside = ""  # of the one it was written beside, holding its names or not
 
     @classmethod
     def read(cls, layout: "Layout") -> "_SummaryMemo":
@@ -7677,7 +7679,10 @@ class _SummaryMemo:
                 (lazy["names"].count("\0") + 1 if lazy["names"] else 0) != lengths["entries"]:
             return empty
         memo = cls(columns, media, lazy)
+        unlisted = obj.get("unlisted", "")
         memo._index = index
+        memo._beside = index or (unlisted if type(unlisted) is str and
+                                 _SHA256_HEX.fullmatch(unlisted) else "")
         return memo
 
     def _column(self, name: str) -> List[str]:
@@ -7760,6 +7765,12 @@ class _SummaryMemo:
     def index(self) -> str:
         """The sha256 of the index.json whose named entries the memo holds ("" if none)."""
         return self._index
+
+    @property
+    def beside(self) -> str:
+        """The sha256 of the index.json it was written beside ("" if unknown): ``index``,
+        or that of one whose names were left out (``unlisted``: see ``to_bytes``)."""
+        return self._beside
 
     def named_listing(self) -> Optional[Iterator[Tuple[str, str, str, Tuple[str, ...], int]]]:
         """The named entries of the index.json of ``index`` in its order, as ``ls`` lists
@@ -7924,14 +7935,23 @@ class _SummaryMemo:
             pieces.append(memoryview(_json_bytes({name: value}, separators=(",", ":")))[1:-1])
         add("version", self.VERSION)
         add("media", list(media))
-        add("index", index)
         add("blobs", " ".join(numbers))
         numbers.clear()
         add("sizes", " ".join(map(str, sizes)))
-        add("names", "\0".join(n for n, _, _ in named))
-        add("entries", " ".join(str(places[d, n]) for _, d, n in named))
         for name in self._COLUMNS[2:]:
             add(name, " ".join(columns.pop(name)))
+        # The names last, and left out when with them the memo would be larger than
+        # ``read`` reads: long names would otherwise cost every ls and rm its roots too.
+        roots = len(pieces)
+        add("index", index)
+        add("names", "\0".join(n for n, _, _ in named))
+        add("entries", " ".join(str(places[d, n]) for _, d, n in named))
+        if sum(map(len, pieces)) + 1 > MAX_SUMMARIES_SIZE:
+            del pieces[roots:]
+            add("index", "")
+            add("names", "")
+            add("entries", "")
+            add("unlisted", index)  # so that the next ls of it does not write it again
         return b"".join([*pieces, b"}"])
 
 
@@ -8445,7 +8465,7 @@ class Provider(CacheProvider):
         present: Optional[Set[str]] = listed
         del listed
         rows = memo.listings() if complete else {}
-        memo_index = memo.index
+        memo_index = memo.beside
         if rows:  # index.json is decoded without these beside it (14 MB of 20,000 names);
             memo, present = _SummaryMemo({}, []), None  # read again if a root needs them
         digests: List[str] = []

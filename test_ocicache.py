@@ -12736,6 +12736,28 @@ class TestLargeCaches(CacheTestCase):
         self.assertIn("nul", expected[0])
         self.assertEqual(self.cli_ls(), expected[0])
 
+    def test_names_too_long_for_the_memo_leave_it_its_roots(self) -> None:
+        # The memo holds index.json's names, bounded by index.json's limit (256 MiB),
+        # not by its own (64 MiB, beyond which it is not read): names long enough
+        # made a memo no ls or rm would read again, each ls then learning every root
+        # from its documents and writing the memo again. Such names are left out: the
+        # roots stay memo'd, and the memo is written once.
+        images = self.many_names(3, {"etc/base": b"base"})
+        self.add_entries([{**image.descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: f"example.com/{'x' * 3000}{i}:1"}}
+            for i, image in enumerate(images)])
+        truth = [self.cli_ls(), self.cli_ls("--json")]
+        os.unlink(self.memo_path())
+        with mock.patch.object(oc, "MAX_SUMMARIES_SIZE", 8192):
+            self.assertEqual(self.cli_ls(), truth[0])  # writes the memo
+            self.assertLessEqual(os.path.getsize(self.memo_path()), 8192)
+            written = os.stat(self.memo_path()).st_mtime_ns, os.stat(self.memo_path()).st_ino
+            with mock.patch.object(oc.Layout, "read_blob",
+                                   side_effect=AssertionError("read")):
+                self.assertEqual([self.cli_ls(), self.cli_ls("--json")], truth)
+            self.assertEqual((os.stat(self.memo_path()).st_mtime_ns,
+                              os.stat(self.memo_path()).st_ino), written)
+
     def test_the_first_ls_holds_a_digest_once_and_writes_its_memo_a_column_at_a_time(
             self) -> None:
         # The first ls of 20,000 names (a cache only linuxkit wrote) peaked at 112 MiB:
