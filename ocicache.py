@@ -2259,11 +2259,13 @@ class Layout:
         try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
                 for piece in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
-                    hasher.update(piece)
                     read += len(piece)
+                    if read > MAX_INDEX_SIZE:  # not read to its end: no read of it does
+                        return ""
+                    hasher.update(piece)
         except (OSError, OciCacheError):
             return ""  # reading it again says why, as the caller will
-        return hasher.hexdigest() if read <= MAX_INDEX_SIZE else ""
+        return hasher.hexdigest()
 
     def _read_index_object(self, digests: Optional[List[str]] = None) -> Dict[str, Any]:
         """index.json decoded, an object whose ``manifests`` (if any) is a list; the

@@ -12758,6 +12758,34 @@ class TestLargeCaches(CacheTestCase):
             self.assertEqual((os.stat(self.memo_path()).st_mtime_ns,
                               os.stat(self.memo_path()).st_ino), written)
 
+    def test_an_index_json_too_large_is_not_hashed_to_its_end(self) -> None:
+        # ls compares index.json's sha256 with its memo's: one larger than any read of
+        # it reads (MAX_INDEX_SIZE) was hashed to its end first, however large.
+        self.many_names(2, {"etc/base": b"base"})
+        self.cli_ls()  # writes the memo, beside this index.json
+        with open(os.path.join(self.cache_dir, "index.json"), "r+b") as f:
+            f.truncate(4 * 1024 * 1024)  # sparse: no disk
+        hashed = []
+        real = hashlib.sha256
+
+        class Counting:
+            def __init__(self, data: bytes = b"") -> None:
+                self.hasher = real(data)
+
+            def update(self, data: bytes) -> None:
+                hashed.append(len(data))
+                self.hasher.update(data)
+
+            def hexdigest(self) -> str:
+                return self.hasher.hexdigest()
+        out = io.StringIO()
+        with mock.patch.object(oc, "MAX_INDEX_SIZE", 1024 * 1024), \
+                mock.patch.object(oc.hashlib, "sha256", Counting), \
+                contextlib.redirect_stderr(out):
+            self.assertEqual(oc.main(["--cache", self.cache_dir, "ls"]), 1)
+        self.assertIn("larger than 1048576 bytes", out.getvalue())
+        self.assertLessEqual(sum(hashed), 1024 * 1024)
+
     def test_the_first_ls_holds_a_digest_once_and_writes_its_memo_a_column_at_a_time(
             self) -> None:
         # The first ls of 20,000 names (a cache only linuxkit wrote) peaked at 112 MiB:
