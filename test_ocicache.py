@@ -13085,6 +13085,159 @@ class TestMemoAttacks(CacheTestCase):
         self.assertTrue(self.cache.verify().ok)
 
 
+class TestMemoDifferential(CacheTestCase):
+    """A generated campaign: each step changes a cache as ocicache, linuxkit or another
+    tool may (names added, removed, reordered; index.json rewritten with other spacing or
+    the same bytes; blobs deleted and put back; the memo deleted, cut short, made
+    writable by others, its time changed), on two copies; then ls, ls --json, gc -n,
+    verify and rm of the one keeping its memo answer as those of the one whose memo is
+    deleted before each command. Layers and configs are deleted, never changed in place:
+    the memo believes a blob that is there to be what its name says (verify says when
+    not). No document is deleted: what an image has on disk past a missing manifest, ls
+    from the memo counts and ls from the documents cannot. No entry is malformed: rm
+    parses only the remaining entries the memo does not know."""
+
+    NAMES = ("caf\u00e9:1", "x\ny:1", "a\u0000b:1", "L" * 3000 + ":1", " sp :1", "\u202e:1",
+             "dup:1", "example.com/n:latest", "n", "a\rb", "\\u0000")
+
+    def run_main(self, cache: str, *args: str) -> Tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = oc.main(["--cache", cache, *args])
+        return status, out.getvalue().replace(cache, "CACHE"), err.getvalue().replace(
+            cache, "CACHE")
+
+    def campaign(self, seed: int, steps: int) -> List[str]:
+        r = random.Random(seed)
+        images = [make_image(f"d{seed}-{i}", r.choice(["amd64", "arm64"]), layer_files=[
+            {"etc/base": b"base"} if i % 2 else {"etc/other": b"other"},
+            {f"etc/n{i}": b"%d" % i}]) for i in range(6)]
+        index = make_index([images[0].descriptor(), images[1].descriptor()])
+        roots = [(image.descriptor(), image.blobs) for image in images] + [
+            (index.descriptor(), [*images[0].blobs, *images[1].blobs, index])]
+        blobs = {blob.digest: blob for _, reached in roots for blob in reached}
+        documents = {index.digest, *(image.manifest.digest for image in images)}
+        deletable = sorted(set(blobs) - documents)
+        memo, truth = self.path(f"memo-{seed}"), self.path(f"truth-{seed}")
+        caches = (memo, truth)
+
+        def entry() -> Dict[str, Any]:
+            descriptor = dict(r.choice(roots)[0])
+            name = r.choice(self.NAMES) if r.random() < 0.3 else \
+                f"example.com/n{r.randrange(5)}:{r.choice('12')}"
+            roll = r.random()
+            descriptor["annotations"] = (
+                {oc.ANNOTATION_REF_NAME: name, oc.ANNOTATION_CONTAINERD_NAME: name}
+                if roll < 0.6 else {oc.ANNOTATION_CONTAINERD_NAME: name} if roll < 0.7 else
+                {oc.ANNOTATION_REF_NAME: ""} if roll < 0.75 else
+                {oc.ANNOTATION_REF_NAME: name, "org.example.other": "x" * r.randrange(9)})
+            if r.random() < 0.05:
+                descriptor["size"] += 1  # a root its entry misstates
+            return descriptor
+
+        def write_index(document: Dict[str, Any]) -> None:
+            text = r.choice([json.dumps(document), json.dumps(document, indent=2),
+                             json.dumps(document, separators=(",", ":")),
+                             json.dumps(document, ensure_ascii=False) + "\n"])
+            for cache in filter(os.path.isdir, caches):  # the truth: once copied
+                with open(os.path.join(cache, "index.json.new"), "w") as f:
+                    f.write(text)
+                os.rename(os.path.join(cache, "index.json.new"),
+                          os.path.join(cache, "index.json"))
+
+        write_layout(memo, [], blobs.values())
+        write_index({"schemaVersion": 2,
+                     "manifests": [entry() for _ in range(r.randint(1, 6))]})
+        shutil.copytree(memo, truth)
+        problems, done = [], []
+        for _ in range(steps):
+            with open(os.path.join(memo, "index.json")) as f:
+                document = json.load(f)
+            entries = document["manifests"]
+            op = r.choice(["add", "drop", "reorder", "respace", "same bytes", "delete blob",
+                           "restore blob", "linuxkit rm", "memo", "rm", "gc", "ls"])
+            done.append(op)
+            commands = [["ls"], ["ls", "--json"], ["gc", "--dry-run", "--grace", "0"],
+                        ["verify"]]
+            if op == "add":
+                entries.append(entry())
+            elif op == "drop" and entries:
+                entries.pop(r.randrange(len(entries)))
+            elif op == "reorder":
+                r.shuffle(entries)
+            elif op == "linuxkit rm" and entries:  # every blob of the image goes too
+                gone = entries.pop(r.randrange(len(entries)))
+                for blob in next((b for d, b in roots if d["digest"] == gone["digest"]), []):
+                    if blob.digest in documents:
+                        continue
+                    for cache in caches:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(cache, "blobs", "sha256",
+                                                   blob.digest.split(":")[1]))
+            elif op in ("delete blob", "restore blob"):
+                blob = blobs[r.choice(deletable)]
+                for cache in caches:
+                    path = os.path.join(cache, "blobs", "sha256", blob.digest.split(":")[1])
+                    if op == "restore blob":
+                        with open(path, "wb") as f:
+                            f.write(blob.data)
+                    elif os.path.exists(path):
+                        os.unlink(path)
+            elif op == "same bytes":
+                for cache in caches:
+                    path = os.path.join(cache, "index.json")
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    with open(path + ".new", "wb") as f:
+                        f.write(data)
+                    os.rename(path + ".new", path)
+                    os.utime(path, (1, 1))
+            elif op == "memo":
+                path = os.path.join(memo, oc.SUMMARIES_FILE)
+                if os.path.exists(path):
+                    how = r.choice(["delete", "cut", "others may write", "time"])
+                    if how == "delete":
+                        os.unlink(path)
+                    elif how == "cut":
+                        with open(path, "r+b") as f:
+                            f.truncate(os.path.getsize(path) // 2)
+                    elif how == "others may write":
+                        os.chmod(path, 0o666)
+                    else:
+                        os.utime(path, (2, 2))
+            elif op == "rm":
+                named = [e["annotations"].get(oc.ANNOTATION_REF_NAME) for e in entries]
+                named = [n for n in named if isinstance(n, str) and n]
+                if named:
+                    commands.insert(0, ["rm", r.choice(named)])
+            elif op == "gc":
+                commands.insert(0, ["gc", "--grace", "0"])
+            if op in ("add", "drop", "reorder", "respace", "linuxkit rm"):
+                write_index(document)
+            for command in commands:
+                answer = self.run_main(memo, *command)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(truth, oc.SUMMARIES_FILE))
+                expected = self.run_main(truth, *command)
+                if answer != expected:
+                    problems.append(f"after {done}: {command}: {answer!r} != {expected!r}")
+            listed = [sorted(os.listdir(os.path.join(c, "blobs", "sha256"))) for c in caches]
+            if listed[0] != listed[1]:
+                problems.append(f"after {done}: blobs {listed[0]} != {listed[1]}")
+            if problems:
+                break
+        return problems
+
+    def test_commands_answer_with_a_memo_as_without_one(self) -> None:
+        seed = fuzz_seed()
+        problems = []
+        for n in range(int(sized(3, 200))):
+            problems += self.campaign(seed + n, int(sized(12, 40)))
+            if problems:
+                break
+        self.assertEqual(problems[:1], [], f"OCICACHE_FUZZ_SEED={seed}")
+
+
 class TestProviderSettings(IsolatedEnvironment):
     """The mirrors a Provider reads from docker's daemon.json and containers'
     registries.conf: whatever those files hold, a list of mirrors or one clear error."""
