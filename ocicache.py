@@ -7823,8 +7823,9 @@ class _SummaryMemo:
     def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
         """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
         it does not know it, or says it in a shape it is never written in."""
-        if digest in self._learned:
-            return self._learned[digest]
+        learned = self._learned.get(digest)
+        if learned is not None:  # of this size only: another entry may misstate it
+            return learned if learned.size == size else None
         listed = self.listing(digest, size)
         if listed is None:
             return None
@@ -8491,6 +8492,7 @@ class Provider(CacheProvider):
                 yield raw, name, digest, row[1], row[2], row[3]
                 continue
             facts = memo.facts(digest, size)
+            exact = facts is not None
             if facts is None:
                 entry = self.layout.entry(raw)
                 facts, exact = self._summary_facts(entry, strings)
@@ -8499,7 +8501,8 @@ class Provider(CacheProvider):
                     learned = True
                 else:
                     in_order = None
-            named[digest] = size
+            if exact or digest not in named:  # not the size an entry misstates: it was
+                named[digest] = size          # memo'd as the root's, relearned by each ls
             if present is None:
                 present = self.layout.blob_names()
             size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \

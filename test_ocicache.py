@@ -12786,6 +12786,38 @@ class TestLargeCaches(CacheTestCase):
         self.assertIn("larger than 1048576 bytes", out.getvalue())
         self.assertLessEqual(sum(hashed), 1024 * 1024)
 
+    def test_an_entry_misstating_its_roots_size_leaves_the_memo_as_it_is(self) -> None:
+        # Another name's entry of the same root giving another size: what was learned of
+        # the root was given for that size too, and the memo written with the size of
+        # the last entry naming the root, so each ls relearned it and wrote the memo
+        # again (and never listed from it alone).
+        images = self.many_names(2, {"etc/base": b"base"})
+        misstated = {**images[0].descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: "example.com/misstated:1"}}
+        misstated["size"] += 1
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            index = json.load(f)
+        for where in ("after", "before"):
+            with self.subTest(where):
+                entries = [*index["manifests"], misstated] if where == "after" else \
+                    [misstated, *index["manifests"]]
+                with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+                    json.dump({**index, "manifests": entries}, f)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.memo_path())
+                truth = self.cli_ls()
+                self.assertIn("example.com/misstated:1", truth)
+                written = os.stat(self.memo_path()).st_ino
+                with mock.patch.object(oc.Layout, "write_summaries",
+                                       side_effect=AssertionError("written")):
+                    self.assertEqual([self.cli_ls(), self.cli_ls()], [truth, truth])
+                self.assertEqual(os.stat(self.memo_path()).st_ino, written)
+                with open(self.memo_path()) as f:
+                    memo = json.load(f)
+                self.assertEqual(memo["root_sizes"].split(), [
+                    str(len(images[0 if d == images[0].manifest.digest else 1].manifest.data))
+                    for d in memo["roots"].split()])
+
     def test_the_first_ls_holds_a_digest_once_and_writes_its_memo_a_column_at_a_time(
             self) -> None:
         # The first ls of 20,000 names (a cache only linuxkit wrote) peaked at 112 MiB:
