@@ -7621,8 +7621,9 @@ class _SummaryMemo:
     the index.json it was written beside, when it knows all their roots: the sha256 of
     those bytes (``index``, "" when not), each entry's name (``names``, joined by NULs)
     and its root's number (``entries``). ``ls`` of that same index.json then lists from
-    the memo alone, decoding no index.json (``named_listing``). Names that would make the
-    memo larger than ``read`` reads are left out, the sha256 then in ``unlisted``.
+    the memo alone, decoding no index.json (``named_listing``). Names it cannot hold (one
+    with a NUL, or too many bytes of them for ``read``) are left out, the sha256 then
+    in ``unlisted``, so that ``ls`` of that index.json does not write the memo again.
     """
 
     VERSION = 3
@@ -7925,9 +7926,13 @@ class _SummaryMemo:
                 columns[name].append(value)
         places = {(digest, int(size)): n for n, (digest, size) in enumerate(
             zip(columns["roots"], columns["root_sizes"]))}
+        # The sha256 of an index.json whose names it cannot hold (a root not memo'd, a
+        # name with a NUL, too many bytes of them): so that the next ls of it does not
+        # write the memo again, as it does for an index.json it has not seen.
+        unlisted = ""
         if not (index and all((digest, size) in places and name and "\0" not in name
                               for name, digest, size in named)):
-            index, named = "", ()
+            index, named, unlisted = "", (), index
         # Encoded a column at a time, each list and text dropped once its bytes are made:
         # all at once, they were 30 MB of 20,000 roots, the first ls's peak.
         pieces: List[Any] = [b"{"]
@@ -7949,12 +7954,12 @@ class _SummaryMemo:
         add("index", index)
         add("names", "\0".join(n for n, _, _ in named))
         add("entries", " ".join(str(places[d, n]) for _, d, n in named))
-        if sum(map(len, pieces)) + 1 > MAX_SUMMARIES_SIZE:
+        if sum(map(len, pieces)) + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
             del pieces[roots:]
-            add("index", "")
-            add("names", "")
-            add("entries", "")
-            add("unlisted", index)  # so that the next ls of it does not write it again
+            index, unlisted = "", unlisted or index
+            for name in ("index", "names", "entries"):
+                add(name, "")
+        add("unlisted", unlisted)
         return b"".join([*pieces, b"}"])
 
 

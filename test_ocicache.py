@@ -12786,6 +12786,35 @@ class TestLargeCaches(CacheTestCase):
         self.assertIn("larger than 1048576 bytes", out.getvalue())
         self.assertLessEqual(sum(hashed), 1024 * 1024)
 
+    def test_names_the_memo_cannot_hold_do_not_make_each_ls_write_it(self) -> None:
+        # A memo not holding the names of the index.json beside it is written again by
+        # ls (index.json changed since); one that cannot hold them (a name with a NUL,
+        # its separator) was so written by every ls of that same index.json.
+        self.many_names(2, {"etc/base": b"base"})
+        self.add_entries([{**self.read_entries()[0], "annotations": {
+            oc.ANNOTATION_REF_NAME: "example.com/nul\0:1"}}])
+        truth = self.cli_ls()
+        self.assertIn("nul", truth)
+        with mock.patch.object(oc.Layout, "write_summaries",
+                               side_effect=AssertionError("written")):
+            self.assertEqual([self.cli_ls(), self.cli_ls("--json")[:1]], [truth, "["])
+        # Nor when there is no room for them.
+        os.unlink(self.memo_path())
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            index = json.load(f)
+        index["manifests"][-1]["annotations"][oc.ANNOTATION_REF_NAME] = "x" * 9000
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            json.dump(index, f)
+        with mock.patch.object(oc, "MAX_SUMMARIES_SIZE", 8192):
+            truth = self.cli_ls()
+            with mock.patch.object(oc.Layout, "write_summaries",
+                                   side_effect=AssertionError("written")):
+                self.assertEqual(self.cli_ls(), truth)
+
+    def read_entries(self) -> List[Dict[str, Any]]:
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            return json.load(f)["manifests"]
+
     def test_an_entry_misstating_its_roots_size_leaves_the_memo_as_it_is(self) -> None:
         # Another name's entry of the same root giving another size: what was learned of
         # the root was given for that size too, and the memo written with the size of
@@ -13256,6 +13285,11 @@ class TestMemoDifferential(CacheTestCase):
             listed = [sorted(os.listdir(os.path.join(c, "blobs", "sha256"))) for c in caches]
             if listed[0] != listed[1]:
                 problems.append(f"after {done}: blobs {listed[0]} != {listed[1]}")
+            # What ls wrote, the next ls of the same cache keeps.
+            with mock.patch.object(oc.Layout, "write_summaries") as write:
+                self.run_main(memo, "ls")
+            if write.called:
+                problems.append(f"after {done}: a second ls wrote the memo again")
             if problems:
                 break
         return problems
