@@ -7882,6 +7882,15 @@ class _SummaryMemo:
         """Whether the memo knows roots that are not in ``named`` (removed since)."""
         return any(digest not in named for digest in self._columns.get("roots", ()))
 
+    @staticmethod
+    def holds(facts: _RootFacts) -> bool:
+        """Whether the memo can hold ``facts``: not a platform needing a blob the root
+        does not reach, nor one written with the characters it separates fields with."""
+        reached = set(facts.blobs)
+        return bool(reached) and all(reached.issuperset(needed) and
+                                     _MEMO_PLATFORM.fullmatch(platform)
+                                     for platform, needed in facts.platforms)
+
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
 
@@ -7908,12 +7917,9 @@ class _SummaryMemo:
 
         for digest, size in sorted(keep.items()):
             facts = self.facts(digest, size)
-            if facts is None or not facts.blobs:
+            if facts is None or not self.holds(facts):
                 continue
             reached = dict(zip(facts.blobs, facts.sizes))
-            if not all(reached.keys() >= set(needed) and _MEMO_PLATFORM.fullmatch(platform)
-                       for platform, needed in facts.platforms):
-                continue  # a platform needing a blob the root does not reach: not memo'd
             for name, value in (
                     ("roots", digest), ("root_sizes", str(size)),
                     ("kinds", str(media.setdefault(facts.media_type, len(media)))),
@@ -8497,16 +8503,19 @@ class Provider(CacheProvider):
                 yield raw, name, digest, row[1], row[2], row[3]
                 continue
             facts = memo.facts(digest, size)
-            exact = facts is not None
+            known = facts is not None
             if facts is None:
                 entry = self.layout.entry(raw)
                 facts, exact = self._summary_facts(entry, strings)
-                if exact:
+                # Learned only when the memo can hold it: else each ls learned it again,
+                # and wrote the memo for it.
+                known = exact and memo.holds(facts)
+                if known:
                     memo.learn(digest, facts)
                     learned = True
                 else:
                     in_order = None
-            if exact or digest not in named:  # not the size an entry misstates: it was
+            if known or digest not in named:  # not the size an entry misstates: it was
                 named[digest] = size          # memo'd as the root's, relearned by each ls
             if present is None:
                 present = self.layout.blob_names()

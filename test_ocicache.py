@@ -12811,6 +12811,20 @@ class TestLargeCaches(CacheTestCase):
                                    side_effect=AssertionError("written")):
                 self.assertEqual(self.cli_ls(), truth)
 
+    def test_a_root_the_memo_cannot_hold_does_not_make_each_ls_write_it(self) -> None:
+        # A platform written with a character the memo separates fields with: what ls
+        # learned of the root was called learned, the memo written without it, and so
+        # by every ls again.
+        odd, plain = make_image("odd", "x y"), make_image("plain")
+        write_layout(self.cache_dir, [(odd.descriptor(), "example.com/odd:1"),
+                                      (plain.descriptor(), "example.com/plain:1")],
+                     [*odd.blobs, *plain.blobs])
+        truth = self.cli_ls()
+        self.assertIn("linux/x y", truth)
+        with mock.patch.object(oc.Layout, "write_summaries",
+                               side_effect=AssertionError("written")):
+            self.assertEqual(self.cli_ls(), truth)
+
     def read_entries(self) -> List[Dict[str, Any]]:
         with open(os.path.join(self.cache_dir, "index.json")) as f:
             return json.load(f)["manifests"]
