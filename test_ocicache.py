@@ -13184,9 +13184,11 @@ class TestMemoDifferential(CacheTestCase):
 
     def campaign(self, seed: int, steps: int) -> List[str]:
         r = random.Random(seed)
-        images = [make_image(f"d{seed}-{i}", r.choice(["amd64", "arm64"]), layer_files=[
-            {"etc/base": b"base"} if i % 2 else {"etc/other": b"other"},
-            {f"etc/n{i}": b"%d" % i}]) for i in range(6)]
+        # The last image of a platform the memo cannot hold.
+        images = [make_image(f"d{seed}-{i}", r.choice(["amd64", "arm64"]) if i < 5 else "x y",
+                             layer_files=[{"etc/base": b"base"} if i % 2 else
+                                          {"etc/other": b"other"}, {f"etc/n{i}": b"%d" % i}])
+                  for i in range(6)]
         index = make_index([images[0].descriptor(), images[1].descriptor()])
         roots = [(image.descriptor(), image.blobs) for image in images] + [
             (index.descriptor(), [*images[0].blobs, *images[1].blobs, index])]
