@@ -12825,6 +12825,42 @@ class TestLargeCaches(CacheTestCase):
                                side_effect=AssertionError("written")):
             self.assertEqual(self.cli_ls(), truth)
 
+    def test_index_json_replaced_while_ls_reads_it_is_listed_by_its_own_bytes(self) -> None:
+        # The memo holds the names of the bytes ls decoded, by their sha256: index.json
+        # replaced right after that read (a concurrent rm or pull) is not taken for them.
+        self.many_names(3, {"etc/base": b"base"})
+        index_path = os.path.join(self.cache_dir, "index.json")
+        with open(index_path, "rb") as f:
+            first = f.read()
+        document = json.loads(first)
+        document["manifests"].pop(0)
+        second = json.dumps(document).encode()
+        truths = []
+        for data in (first, second):
+            with open(index_path, "wb") as f:
+                f.write(data)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.memo_path())
+            truths.append(self.cli_ls())
+        os.unlink(self.memo_path())
+        with open(index_path, "wb") as f:
+            f.write(first)
+        real = oc.Layout._read_index_bytes
+
+        def read_then_replace(layout: oc.Layout) -> bytes:
+            data = real(layout)
+            with open(index_path + ".new", "wb") as f:
+                f.write(second)
+            os.rename(index_path + ".new", index_path)
+            return data
+        with mock.patch.object(oc.Layout, "_read_index_bytes", read_then_replace):
+            self.assertEqual(self.cli_ls(), truths[0])  # what it read
+        self.assertEqual(self.cli_ls(), truths[1])
+        self.assertEqual(self.cli_ls(), truths[1])
+        with open(index_path, "wb") as f:
+            f.write(first)
+        self.assertEqual(self.cli_ls(), truths[0])
+
     def read_entries(self) -> List[Dict[str, Any]]:
         with open(os.path.join(self.cache_dir, "index.json")) as f:
             return json.load(f)["manifests"]
