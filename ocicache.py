@@ -2273,11 +2273,13 @@ class Layout:
         try:
             with os.fdopen(_open_regular(self.index_path), "rb") as f:
                 for piece in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
-                    hasher.update(piece)
                     read += len(piece)
+                    if read > MAX_INDEX_SIZE:  # not read to its end: no read of it does
+                        return ""
+                    hasher.update(piece)
         except (OSError, OciCacheError):
             return ""  # reading it again says why, as the caller will
-        return hasher.hexdigest() if read <= MAX_INDEX_SIZE else ""
+        return hasher.hexdigest()
 
     def _read_index_object(self, digests: Optional[List[str]] = None) -> Dict[str, Any]:
         """index.json decoded, an object whose ``manifests`` (if any) is a list; the
@@ -7688,7 +7690,9 @@ class _SummaryMemo:
     the index.json it was written beside, when it knows all their roots: the sha256 of
     those bytes (``index``, "" when not), each entry's name (``names``, joined by NULs)
     and its root's number (``entries``). ``ls`` of that same index.json then lists from
-    the memo alone, decoding no index.json (``named_listing``).
+    the memo alone, decoding no index.json (``named_listing``). Names it cannot hold (one
+    with a NUL, or too many bytes of them for ``read``) are left out, the sha256 then
+    in ``unlisted``, so that ``ls`` of that index.json does not write the memo again.
     """
 
     VERSION = 3
@@ -7710,6 +7714,7 @@ class _SummaryMemo:
         self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
         self._learned: Dict[str, _RootFacts] = {}
         self._index = ""  # the sha256 of the index.json whose named entries it holds
+        self._beside = ""  # of the one it was written beside, holding its names or not
 
     @classmethod
     def read(cls, layout: "Layout") -> "_SummaryMemo":
@@ -7746,7 +7751,10 @@ class _SummaryMemo:
                 (lazy["names"].count("\0") + 1 if lazy["names"] else 0) != lengths["entries"]:
             return empty
         memo = cls(columns, media, lazy)
+        unlisted = obj.get("unlisted", "")
         memo._index = index
+        memo._beside = index or (unlisted if type(unlisted) is str and
+                                 _SHA256_HEX.fullmatch(unlisted) else "")
         return memo
 
     def _column(self, name: str) -> List[str]:
@@ -7830,6 +7838,12 @@ class _SummaryMemo:
         """The sha256 of the index.json whose named entries the memo holds ("" if none)."""
         return self._index
 
+    @property
+    def beside(self) -> str:
+        """The sha256 of the index.json it was written beside ("" if unknown): ``index``,
+        or that of one whose names were left out (``unlisted``: see ``to_bytes``)."""
+        return self._beside
+
     def named_listing(self) -> Optional[Iterator[Tuple[str, str, str, Tuple[str, ...], int]]]:
         """The named entries of the index.json of ``index`` in its order, as ``ls`` lists
         them (name, digest, media type, platforms, size on disk) when every blob is there
@@ -7879,8 +7893,9 @@ class _SummaryMemo:
     def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
         """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
         it does not know it, or says it in a shape it is never written in."""
-        if digest in self._learned:
-            return self._learned[digest]
+        learned = self._learned.get(digest)
+        if learned is not None:  # of this size only: another entry may misstate it
+            return learned if learned.size == size else None
         listed = self.listing(digest, size)
         if listed is None:
             return None
@@ -7936,6 +7951,15 @@ class _SummaryMemo:
         """Whether the memo knows roots that are not in ``named`` (removed since)."""
         return any(digest not in named for digest in self._columns.get("roots", ()))
 
+    @staticmethod
+    def holds(facts: _RootFacts) -> bool:
+        """Whether the memo can hold ``facts``: not a platform needing a blob the root
+        does not reach, nor one written with the characters it separates fields with."""
+        reached = set(facts.blobs)
+        return bool(reached) and all(reached.issuperset(needed) and
+                                     _MEMO_PLATFORM.fullmatch(platform)
+                                     for platform, needed in facts.platforms)
+
     def learn(self, digest: str, facts: _RootFacts) -> None:
         self._learned[digest] = facts
 
@@ -7962,12 +7986,9 @@ class _SummaryMemo:
 
         for digest, size in sorted(keep.items()):
             facts = self.facts(digest, size)
-            if facts is None or not facts.blobs:
+            if facts is None or not self.holds(facts):
                 continue
             reached = dict(zip(facts.blobs, facts.sizes))
-            if not all(reached.keys() >= set(needed) and _MEMO_PLATFORM.fullmatch(platform)
-                       for platform, needed in facts.platforms):
-                continue  # a platform needing a blob the root does not reach: not memo'd
             for name, value in (
                     ("roots", digest), ("root_sizes", str(size)),
                     ("kinds", str(media.setdefault(facts.media_type, len(media)))),
@@ -7980,9 +8001,13 @@ class _SummaryMemo:
                 columns[name].append(value)
         places = {(digest, int(size)): n for n, (digest, size) in enumerate(
             zip(columns["roots"], columns["root_sizes"]))}
+        # The sha256 of an index.json whose names it cannot hold (a root not memo'd, a
+        # name with a NUL, too many bytes of them): so that the next ls of it does not
+        # write the memo again, as it does for an index.json it has not seen.
+        unlisted = ""
         if not (index and all((digest, size) in places and name and "\0" not in name
                               for name, digest, size in named)):
-            index, named = "", ()
+            index, named, unlisted = "", (), index
         # Encoded a column at a time, each list and text dropped once its bytes are made:
         # all at once, they were 30 MB of 20,000 roots, the first ls's peak.
         pieces: List[Any] = [b"{"]
@@ -7993,14 +8018,23 @@ class _SummaryMemo:
             pieces.append(memoryview(_json_bytes({name: value}, separators=(",", ":")))[1:-1])
         add("version", self.VERSION)
         add("media", list(media))
-        add("index", index)
         add("blobs", " ".join(numbers))
         numbers.clear()
         add("sizes", " ".join(map(str, sizes)))
-        add("names", "\0".join(n for n, _, _ in named))
-        add("entries", " ".join(str(places[d, n]) for _, d, n in named))
         for name in self._COLUMNS[2:]:
             add(name, " ".join(columns.pop(name)))
+        # The names last, and left out when with them the memo would be larger than
+        # ``read`` reads: long names would otherwise cost every ls and rm its roots too.
+        roots = len(pieces)
+        add("index", index)
+        add("names", "\0".join(n for n, _, _ in named))
+        add("entries", " ".join(str(places[d, n]) for _, d, n in named))
+        if sum(map(len, pieces)) + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
+            del pieces[roots:]
+            index, unlisted = "", unlisted or index
+            for name in ("index", "names", "entries"):
+                add(name, "")
+        add("unlisted", unlisted)
         return b"".join([*pieces, b"}"])
 
 
@@ -8514,7 +8548,7 @@ class Provider(CacheProvider):
         present: Optional[Set[str]] = listed
         del listed
         rows = memo.listings() if complete else {}
-        memo_index = memo.index
+        memo_index = memo.beside
         if rows:  # index.json is decoded without these beside it (14 MB of 20,000 names);
             memo, present = _SummaryMemo({}, []), None  # read again if a root needs them
         digests: List[str] = []
@@ -8538,15 +8572,20 @@ class Provider(CacheProvider):
                 yield raw, name, digest, row[1], row[2], row[3]
                 continue
             facts = memo.facts(digest, size)
+            known = facts is not None
             if facts is None:
                 entry = self.layout.entry(raw)
                 facts, exact = self._summary_facts(entry, strings)
-                if exact:
+                # Learned only when the memo can hold it: else each ls learned it again,
+                # and wrote the memo for it.
+                known = exact and memo.holds(facts)
+                if known:
                     memo.learn(digest, facts)
                     learned = True
                 else:
                     in_order = None
-            named[digest] = size
+            if known or digest not in named:  # not the size an entry misstates: it was
+                named[digest] = size          # memo'd as the root's, relearned by each ls
             if present is None:
                 present = self.layout.blob_names()
             size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \

@@ -12943,6 +12943,167 @@ class TestLargeCaches(CacheTestCase):
         self.assertIn("nul", expected[0])
         self.assertEqual(self.cli_ls(), expected[0])
 
+    def test_names_too_long_for_the_memo_leave_it_its_roots(self) -> None:
+        # The memo holds index.json's names, bounded by index.json's limit (256 MiB),
+        # not by its own (64 MiB, beyond which it is not read): names long enough
+        # made a memo no ls or rm would read again, each ls then learning every root
+        # from its documents and writing the memo again. Such names are left out: the
+        # roots stay memo'd, and the memo is written once.
+        images = self.many_names(3, {"etc/base": b"base"})
+        self.add_entries([{**image.descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: f"example.com/{'x' * 3000}{i}:1"}}
+            for i, image in enumerate(images)])
+        truth = [self.cli_ls(), self.cli_ls("--json")]
+        os.unlink(self.memo_path())
+        with mock.patch.object(oc, "MAX_SUMMARIES_SIZE", 8192):
+            self.assertEqual(self.cli_ls(), truth[0])  # writes the memo
+            self.assertLessEqual(os.path.getsize(self.memo_path()), 8192)
+            written = os.stat(self.memo_path()).st_mtime_ns, os.stat(self.memo_path()).st_ino
+            with mock.patch.object(oc.Layout, "read_blob",
+                                   side_effect=AssertionError("read")):
+                self.assertEqual([self.cli_ls(), self.cli_ls("--json")], truth)
+            self.assertEqual((os.stat(self.memo_path()).st_mtime_ns,
+                              os.stat(self.memo_path()).st_ino), written)
+
+    def test_an_index_json_too_large_is_not_hashed_to_its_end(self) -> None:
+        # ls compares index.json's sha256 with its memo's: one larger than any read of
+        # it reads (MAX_INDEX_SIZE) was hashed to its end first, however large.
+        self.many_names(2, {"etc/base": b"base"})
+        self.cli_ls()  # writes the memo, beside this index.json
+        with open(os.path.join(self.cache_dir, "index.json"), "r+b") as f:
+            f.truncate(4 * 1024 * 1024)  # sparse: no disk
+        hashed = []
+        real = hashlib.sha256
+
+        class Counting:
+            def __init__(self, data: bytes = b"") -> None:
+                self.hasher = real(data)
+
+            def update(self, data: bytes) -> None:
+                hashed.append(len(data))
+                self.hasher.update(data)
+
+            def hexdigest(self) -> str:
+                return self.hasher.hexdigest()
+        out = io.StringIO()
+        with mock.patch.object(oc, "MAX_INDEX_SIZE", 1024 * 1024), \
+                mock.patch.object(oc.hashlib, "sha256", Counting), \
+                contextlib.redirect_stderr(out):
+            self.assertEqual(oc.main(["--cache", self.cache_dir, "ls"]), 1)
+        self.assertIn("larger than 1048576 bytes", out.getvalue())
+        self.assertLessEqual(sum(hashed), 1024 * 1024)
+
+    def test_names_the_memo_cannot_hold_do_not_make_each_ls_write_it(self) -> None:
+        # A memo not holding the names of the index.json beside it is written again by
+        # ls (index.json changed since); one that cannot hold them (a name with a NUL,
+        # its separator) was so written by every ls of that same index.json.
+        self.many_names(2, {"etc/base": b"base"})
+        self.add_entries([{**self.read_entries()[0], "annotations": {
+            oc.ANNOTATION_REF_NAME: "example.com/nul\0:1"}}])
+        truth = self.cli_ls()
+        self.assertIn("nul", truth)
+        with mock.patch.object(oc.Layout, "write_summaries",
+                               side_effect=AssertionError("written")):
+            self.assertEqual([self.cli_ls(), self.cli_ls("--json")[:1]], [truth, "["])
+        # Nor when there is no room for them.
+        os.unlink(self.memo_path())
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            index = json.load(f)
+        index["manifests"][-1]["annotations"][oc.ANNOTATION_REF_NAME] = "x" * 9000
+        with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+            json.dump(index, f)
+        with mock.patch.object(oc, "MAX_SUMMARIES_SIZE", 8192):
+            truth = self.cli_ls()
+            with mock.patch.object(oc.Layout, "write_summaries",
+                                   side_effect=AssertionError("written")):
+                self.assertEqual(self.cli_ls(), truth)
+
+    def test_a_root_the_memo_cannot_hold_does_not_make_each_ls_write_it(self) -> None:
+        # A platform written with a character the memo separates fields with: what ls
+        # learned of the root was called learned, the memo written without it, and so
+        # by every ls again.
+        odd, plain = make_image("odd", "x y"), make_image("plain")
+        write_layout(self.cache_dir, [(odd.descriptor(), "example.com/odd:1"),
+                                      (plain.descriptor(), "example.com/plain:1")],
+                     [*odd.blobs, *plain.blobs])
+        truth = self.cli_ls()
+        self.assertIn("linux/x y", truth)
+        with mock.patch.object(oc.Layout, "write_summaries",
+                               side_effect=AssertionError("written")):
+            self.assertEqual(self.cli_ls(), truth)
+
+    def test_index_json_replaced_while_ls_reads_it_is_listed_by_its_own_bytes(self) -> None:
+        # The memo holds the names of the bytes ls decoded, by their sha256: index.json
+        # replaced right after that read (a concurrent rm or pull) is not taken for them.
+        self.many_names(3, {"etc/base": b"base"})
+        index_path = os.path.join(self.cache_dir, "index.json")
+        with open(index_path, "rb") as f:
+            first = f.read()
+        document = json.loads(first)
+        document["manifests"].pop(0)
+        second = json.dumps(document).encode()
+        truths = []
+        for data in (first, second):
+            with open(index_path, "wb") as f:
+                f.write(data)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.memo_path())
+            truths.append(self.cli_ls())
+        os.unlink(self.memo_path())
+        with open(index_path, "wb") as f:
+            f.write(first)
+        real = oc.Layout._read_index_bytes
+
+        def read_then_replace(layout: oc.Layout) -> bytes:
+            data = real(layout)
+            with open(index_path + ".new", "wb") as f:
+                f.write(second)
+            os.rename(index_path + ".new", index_path)
+            return data
+        with mock.patch.object(oc.Layout, "_read_index_bytes", read_then_replace):
+            self.assertEqual(self.cli_ls(), truths[0])  # what it read
+        self.assertEqual(self.cli_ls(), truths[1])
+        self.assertEqual(self.cli_ls(), truths[1])
+        with open(index_path, "wb") as f:
+            f.write(first)
+        self.assertEqual(self.cli_ls(), truths[0])
+
+    def read_entries(self) -> List[Dict[str, Any]]:
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            return json.load(f)["manifests"]
+
+    def test_an_entry_misstating_its_roots_size_leaves_the_memo_as_it_is(self) -> None:
+        # Another name's entry of the same root giving another size: what was learned of
+        # the root was given for that size too, and the memo written with the size of
+        # the last entry naming the root, so each ls relearned it and wrote the memo
+        # again (and never listed from it alone).
+        images = self.many_names(2, {"etc/base": b"base"})
+        misstated = {**images[0].descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: "example.com/misstated:1"}}
+        misstated["size"] += 1
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            index = json.load(f)
+        for where in ("after", "before"):
+            with self.subTest(where):
+                entries = [*index["manifests"], misstated] if where == "after" else \
+                    [misstated, *index["manifests"]]
+                with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+                    json.dump({**index, "manifests": entries}, f)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.memo_path())
+                truth = self.cli_ls()
+                self.assertIn("example.com/misstated:1", truth)
+                written = os.stat(self.memo_path()).st_ino
+                with mock.patch.object(oc.Layout, "write_summaries",
+                                       side_effect=AssertionError("written")):
+                    self.assertEqual([self.cli_ls(), self.cli_ls()], [truth, truth])
+                self.assertEqual(os.stat(self.memo_path()).st_ino, written)
+                with open(self.memo_path()) as f:
+                    memo = json.load(f)
+                self.assertEqual(memo["root_sizes"].split(), [
+                    str(len(images[0 if d == images[0].manifest.digest else 1].manifest.data))
+                    for d in memo["roots"].split()])
+
     def test_the_first_ls_holds_a_digest_once_and_writes_its_memo_a_column_at_a_time(
             self) -> None:
         # The first ls of 20,000 names (a cache only linuxkit wrote) peaked at 112 MiB:
@@ -13240,6 +13401,166 @@ class TestMemoAttacks(CacheTestCase):
         self.assertNotIn(shared.digest,
                          {str(d) for d in self.cache.remove("example.com/other:1")})
         self.assertTrue(self.cache.verify().ok)
+
+
+class TestMemoDifferential(CacheTestCase):
+    """A generated campaign: each step changes a cache as ocicache, linuxkit or another
+    tool may (names added, removed, reordered; index.json rewritten with other spacing or
+    the same bytes; blobs deleted and put back; the memo deleted, cut short, made
+    writable by others, its time changed), on two copies; then ls, ls --json, gc -n,
+    verify and rm of the one keeping its memo answer as those of the one whose memo is
+    deleted before each command. Layers and configs are deleted, never changed in place:
+    the memo believes a blob that is there to be what its name says (verify says when
+    not). No document is deleted: what an image has on disk past a missing manifest, ls
+    from the memo counts and ls from the documents cannot. No entry is malformed: rm
+    parses only the remaining entries the memo does not know."""
+
+    NAMES = ("caf\u00e9:1", "x\ny:1", "a\u0000b:1", "L" * 3000 + ":1", " sp :1", "\u202e:1",
+             "dup:1", "example.com/n:latest", "n", "a\rb", "\\u0000")
+
+    def run_main(self, cache: str, *args: str) -> Tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = oc.main(["--cache", cache, *args])
+        return status, out.getvalue().replace(cache, "CACHE"), err.getvalue().replace(
+            cache, "CACHE")
+
+    def campaign(self, seed: int, steps: int) -> List[str]:
+        r = random.Random(seed)
+        # The last image of a platform the memo cannot hold.
+        images = [make_image(f"d{seed}-{i}", r.choice(["amd64", "arm64"]) if i < 5 else "x y",
+                             layer_files=[{"etc/base": b"base"} if i % 2 else
+                                          {"etc/other": b"other"}, {f"etc/n{i}": b"%d" % i}])
+                  for i in range(6)]
+        index = make_index([images[0].descriptor(), images[1].descriptor()])
+        roots = [(image.descriptor(), image.blobs) for image in images] + [
+            (index.descriptor(), [*images[0].blobs, *images[1].blobs, index])]
+        blobs = {blob.digest: blob for _, reached in roots for blob in reached}
+        documents = {index.digest, *(image.manifest.digest for image in images)}
+        deletable = sorted(set(blobs) - documents)
+        memo, truth = self.path(f"memo-{seed}"), self.path(f"truth-{seed}")
+        caches = (memo, truth)
+
+        def entry() -> Dict[str, Any]:
+            descriptor = dict(r.choice(roots)[0])
+            name = r.choice(self.NAMES) if r.random() < 0.3 else \
+                f"example.com/n{r.randrange(5)}:{r.choice('12')}"
+            roll = r.random()
+            descriptor["annotations"] = (
+                {oc.ANNOTATION_REF_NAME: name, oc.ANNOTATION_CONTAINERD_NAME: name}
+                if roll < 0.6 else {oc.ANNOTATION_CONTAINERD_NAME: name} if roll < 0.7 else
+                {oc.ANNOTATION_REF_NAME: ""} if roll < 0.75 else
+                {oc.ANNOTATION_REF_NAME: name, "org.example.other": "x" * r.randrange(9)})
+            if r.random() < 0.05:
+                descriptor["size"] += 1  # a root its entry misstates
+            return descriptor
+
+        def write_index(document: Dict[str, Any]) -> None:
+            text = r.choice([json.dumps(document), json.dumps(document, indent=2),
+                             json.dumps(document, separators=(",", ":")),
+                             json.dumps(document, ensure_ascii=False) + "\n"])
+            for cache in filter(os.path.isdir, caches):  # the truth: once copied
+                with open(os.path.join(cache, "index.json.new"), "w") as f:
+                    f.write(text)
+                os.rename(os.path.join(cache, "index.json.new"),
+                          os.path.join(cache, "index.json"))
+
+        write_layout(memo, [], blobs.values())
+        write_index({"schemaVersion": 2,
+                     "manifests": [entry() for _ in range(r.randint(1, 6))]})
+        shutil.copytree(memo, truth)
+        problems, done = [], []
+        for _ in range(steps):
+            with open(os.path.join(memo, "index.json")) as f:
+                document = json.load(f)
+            entries = document["manifests"]
+            op = r.choice(["add", "drop", "reorder", "respace", "same bytes", "delete blob",
+                           "restore blob", "linuxkit rm", "memo", "rm", "gc", "ls"])
+            done.append(op)
+            commands = [["ls"], ["ls", "--json"], ["gc", "--dry-run", "--grace", "0"],
+                        ["verify"]]
+            if op == "add":
+                entries.append(entry())
+            elif op == "drop" and entries:
+                entries.pop(r.randrange(len(entries)))
+            elif op == "reorder":
+                r.shuffle(entries)
+            elif op == "linuxkit rm" and entries:  # every blob of the image goes too
+                gone = entries.pop(r.randrange(len(entries)))
+                for blob in next((b for d, b in roots if d["digest"] == gone["digest"]), []):
+                    if blob.digest in documents:
+                        continue
+                    for cache in caches:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(cache, "blobs", "sha256",
+                                                   blob.digest.split(":")[1]))
+            elif op in ("delete blob", "restore blob"):
+                blob = blobs[r.choice(deletable)]
+                for cache in caches:
+                    path = os.path.join(cache, "blobs", "sha256", blob.digest.split(":")[1])
+                    if op == "restore blob":
+                        with open(path, "wb") as f:
+                            f.write(blob.data)
+                    elif os.path.exists(path):
+                        os.unlink(path)
+            elif op == "same bytes":
+                for cache in caches:
+                    path = os.path.join(cache, "index.json")
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    with open(path + ".new", "wb") as f:
+                        f.write(data)
+                    os.rename(path + ".new", path)
+                    os.utime(path, (1, 1))
+            elif op == "memo":
+                path = os.path.join(memo, oc.SUMMARIES_FILE)
+                if os.path.exists(path):
+                    how = r.choice(["delete", "cut", "others may write", "time"])
+                    if how == "delete":
+                        os.unlink(path)
+                    elif how == "cut":
+                        with open(path, "r+b") as f:
+                            f.truncate(os.path.getsize(path) // 2)
+                    elif how == "others may write":
+                        os.chmod(path, 0o666)
+                    else:
+                        os.utime(path, (2, 2))
+            elif op == "rm":
+                named = [e["annotations"].get(oc.ANNOTATION_REF_NAME) for e in entries]
+                named = [n for n in named if isinstance(n, str) and n]
+                if named:
+                    commands.insert(0, ["rm", r.choice(named)])
+            elif op == "gc":
+                commands.insert(0, ["gc", "--grace", "0"])
+            if op in ("add", "drop", "reorder", "respace", "linuxkit rm"):
+                write_index(document)
+            for command in commands:
+                answer = self.run_main(memo, *command)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(truth, oc.SUMMARIES_FILE))
+                expected = self.run_main(truth, *command)
+                if answer != expected:
+                    problems.append(f"after {done}: {command}: {answer!r} != {expected!r}")
+            listed = [sorted(os.listdir(os.path.join(c, "blobs", "sha256"))) for c in caches]
+            if listed[0] != listed[1]:
+                problems.append(f"after {done}: blobs {listed[0]} != {listed[1]}")
+            # What ls wrote, the next ls of the same cache keeps.
+            with mock.patch.object(oc.Layout, "write_summaries") as write:
+                self.run_main(memo, "ls")
+            if write.called:
+                problems.append(f"after {done}: a second ls wrote the memo again")
+            if problems:
+                break
+        return problems
+
+    def test_commands_answer_with_a_memo_as_without_one(self) -> None:
+        seed = fuzz_seed()
+        problems = []
+        for n in range(int(sized(3, 200))):
+            problems += self.campaign(seed + n, int(sized(12, 40)))
+            if problems:
+                break
+        self.assertEqual(problems[:1], [], f"OCICACHE_FUZZ_SEED={seed}")
 
 
 class TestProviderSettings(IsolatedEnvironment):
