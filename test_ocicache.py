@@ -14207,6 +14207,215 @@ class TestSources(CacheTestCase):
         with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
             self.assertEqual(tar.extractfile("f").read(), data)
 
+    @staticmethod
+    def hostile_gzip(rng: random.Random, parts: Sequence[bytes], piece: int,
+                     valid: bool) -> bytes:
+        """``parts`` as gzip members made to fall across pieces of ``piece`` bytes: every
+        combination of header flags, extra fields, names and comments around and beyond
+        a piece, stored, fixed and dynamic blocks flushed anywhere, zero padding between.
+        Unless ``valid``, some have reserved flags, another method, a bad header CRC, a
+        bad CRC-32 or size, and the stream may be cut or have bytes after it."""
+        import zlib
+        odd = (lambda p: False) if valid else (lambda p: rng.random() < p)
+        members = []
+        for part in parts:
+            flags = sum(bit for bit in (1, 2, 4, 8, 16) if rng.random() < 0.4)
+            flags |= rng.choice([0x20, 0x40, 0x80]) if odd(0.03) else 0
+            header = b"\x1f\x8b" + bytes([rng.choice([0, 7, 9]) if odd(0.03) else 8, flags])
+            header += rng.randbytes(6)
+            if flags & 4:  # FEXTRA
+                size = min(65535, max(0, rng.choice([0, 1, piece - 12, piece - 11, piece,
+                                                     piece + 3, rng.randrange(65536)])))
+                header += size.to_bytes(2, "little") + rng.randbytes(size)
+            for flag, byte in ((8, b"n"), (16, b"c")):  # FNAME, FCOMMENT
+                if flags & flag:
+                    header += byte * rng.choice([0, 1, piece - 11, piece, piece + 1,
+                                                 rng.randrange(3 * piece)]) + b"\0"
+            if flags & 2:  # FHCRC
+                header += ((zlib.crc32(header) ^ odd(0.05)) & 0xFFFF).to_bytes(2, "little")
+            level, strategy = rng.randrange(10), rng.choice(
+                [zlib.Z_DEFAULT_STRATEGY, zlib.Z_FIXED, zlib.Z_HUFFMAN_ONLY, zlib.Z_RLE])
+            deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 8, strategy)
+            blocks, at = [], 0
+            while at < len(part):
+                step = rng.choice([1, 100, 5000, 70000, len(part)])
+                blocks.append(deflate.compress(part[at:at + step]))
+                at += step
+                if rng.random() < 0.3:  # an empty stored block
+                    blocks.append(deflate.flush(zlib.Z_SYNC_FLUSH))
+            crc = zlib.crc32(part) ^ (1 << rng.randrange(32) if odd(0.04) else 0)
+            size = len(part) + (rng.choice([1, -1, 1 << 20]) if odd(0.04) else 0)
+            members.append(header + b"".join(blocks) + deflate.flush() +
+                           crc.to_bytes(4, "little") + (size % 2 ** 32).to_bytes(4, "little"))
+            if rng.random() < 0.3:
+                members.append(bytes(rng.choice([1, 8, piece - 1, piece,
+                                                 rng.randrange(1, 2 * piece)])))
+        stream = b"".join(members)
+        if odd(0.2) and stream:
+            stream = stream[:rng.choice([rng.randrange(len(stream)),
+                                         max(0, len(stream) - rng.randrange(1, 30))])]
+        elif odd(0.1):
+            stream += rng.choice([b"\x1f", b"\x1f\x8b\x08", b"garbage", rng.randbytes(20),
+                                  b"\x1f\x8b\x08\x00" + bytes(6), bytes(5) + b"x"])
+        elif odd(0.1) and stream:
+            flipped = bytearray(stream)
+            flipped[rng.randrange(len(stream))] ^= 1 << rng.randrange(8)
+            stream = bytes(flipped)
+        return stream
+
+    def test_gzip_streams_read_unchecked_as_checked(self) -> None:
+        # Issue 19: the second pass's raw inflating, differentially. Hostile gzip streams
+        # read in small pieces (headers and trailers across them, and a source that reads
+        # short), whole, by read1 and by read: wherever the checked read succeeds, the
+        # unchecked one gives the same bytes, and so does Python's gzip; where the checked
+        # one fails, the unchecked one fails too, or only a check it skips had failed.
+        import zlib
+        seed = fuzz_seed()
+        skipped_checks = ("incorrect data check", "incorrect length check",
+                          "header crc mismatch")
+
+        class ShortReads(io.RawIOBase):
+            def __init__(self, data: bytes, rng: random.Random) -> None:
+                self._data, self._rng = io.BytesIO(data), rng
+
+            def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+                return self._data.read(min(n, self._rng.choice([1, 9, 10, 11, 100, n, n])))
+
+        def read(stream: bytes, unchecked: bool, how: int, number: int) -> Tuple[str, Any]:
+            rng = random.Random(number)
+            source = ShortReads(stream, rng) if how == 3 else io.BytesIO(stream)
+            reader = oc._GunzipReader(source)  # type: ignore[arg-type]
+            if unchecked:
+                reader.unchecked()
+            pieces = []
+            try:
+                while True:
+                    n = rng.choice([1, 513, oc._STREAM_CHUNK_SIZE + 3, -1])
+                    piece = reader.read1(max(n, 1)) if how == 1 else reader.read(n)
+                    if len(piece) > (max(n, 1) if how == 1 else n if n >= 0 else 1 << 40) \
+                            or len(reader._pending) > oc._STREAM_CHUNK_SIZE:
+                        return "unbounded", len(piece)
+                    if not piece:
+                        return "ok", b"".join(pieces)
+                    pieces.append(bytes(piece))
+            except oc.InvalidArchiveError as e:
+                return "error", str(e)
+
+        problems, counts = [], collections.Counter()
+        for number in range(seed, seed + int(sized(150, 20000))):
+            rng = random.Random(number)
+            piece = rng.choice([16, 64, 512, 4096, 65536, oc._STREAM_CHUNK_SIZE])
+            sizes = [rng.choice([0, 1, 512, piece - 1, piece, piece + 1, 3 * piece + 5,
+                                 rng.randrange(4 * piece + 2)])
+                     for _ in range(rng.choice([1, 1, 2, 3, 5, 12]))]
+            parts = [rng.choice([rng.randbytes, bytes, lambda n: b"text " * (n // 5)])(n)
+                     for n in sizes]
+            stream = self.hostile_gzip(rng, parts, piece, rng.random() < 0.5)
+            how = rng.randrange(4)
+            with mock.patch.object(oc, "_STREAM_CHUNK_SIZE", piece):
+                checked, unchecked = (read(stream, u, how, number) for u in (False, True))
+            try:
+                python: Tuple[str, Any] = ("ok", gzip.decompress(stream))
+            except (OSError, EOFError, zlib.error) as e:
+                python = ("error", str(e))
+            counts[f"checked {checked[0]}"] += 1
+            if checked[0] == "ok" and (unchecked != checked or python != checked) or \
+                    "unbounded" in (checked[0], unchecked[0]) or \
+                    checked[0] == "error" and unchecked[0] == "ok" and \
+                    not any(check in checked[1] for check in skipped_checks):
+                problems.append(f"stream {number} (piece {piece}, read {how}): checked "
+                                f"{str(checked[1])[:80]!r}, unchecked "
+                                f"{str(unchecked[1])[:80]!r}, gzip.decompress "
+                                f"{str(python[1])[:80]!r}")
+        figures("gzip unchecked", seed=seed, **counts)
+        self.assertEqual(problems[:3], [], f"OCICACHE_FUZZ_SEED={seed}")
+
+    def test_a_flatten_of_hostile_gzip_layers_writes_what_their_tars_hold(self) -> None:
+        # Issue 19, end to end: layers of random tars (long names, files across pieces,
+        # links, FIFOs, whiteouts) as hostile gzip members, flattened from files: the
+        # first pass checks, the second reads raw; what is written is what flattening
+        # the tars themselves writes. A bad CRC-32 anywhere fails the first pass, before
+        # anything is written.
+        seed = fuzz_seed()
+        counts = collections.Counter()
+        problems = []
+        for number in range(seed, seed + int(sized(20, 1000))):
+            rng = random.Random(number)
+            piece = rng.choice([512, 4096, 65536, oc._STREAM_CHUNK_SIZE])
+            raws = []
+            for _ in range(rng.randrange(1, 4)):
+                entries: List[Tuple[str, Any]] = []
+                for _ in range(rng.randrange(1, 10)):
+                    name = rng.choice(["a", "b", "d/e", ".wh.a", "d/.wh..wh..opq",
+                                       "x" * rng.choice([5, 120, 300])])
+                    kind = rng.randrange(4)
+                    if kind == 0 and entries:
+                        entries.append((name, ("link", rng.choice(entries)[0])))
+                    elif kind == 1:
+                        entries.append((name, ("fifo",)))
+                    else:
+                        entries.append((name, rng.choice([b"", bytes(400_000), rng.randbytes(
+                            rng.choice([1, 512, 70_000, 300_000]))])))
+                out = io.BytesIO()
+                with tarfile.open(fileobj=out, mode="w", format=rng.choice(
+                        [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])) as tar:
+                    for name, what in entries:
+                        info = tarfile.TarInfo(name)
+                        if isinstance(what, bytes):
+                            info.size = len(what)
+                            tar.addfile(info, io.BytesIO(what))
+                        else:
+                            info.type, info.linkname = (tarfile.LNKTYPE, what[1]) \
+                                if what[0] == "link" else (tarfile.FIFOTYPE, "")
+                            tar.addfile(info)
+                raws.append(out.getvalue())
+            corrupt = rng.randrange(len(raws)) if (number - seed) % 3 == 1 else -1
+            paths: Dict[bool, List[str]] = {False: [], True: []}
+            for index, raw in enumerate(raws):
+                cuts = sorted(rng.randrange(len(raw) + 1) for _ in range(rng.choice([0, 3, 8])))
+                parts = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
+                layer = self.hostile_gzip(rng, parts[:-1] if index == corrupt else parts,
+                                          piece, True)
+                if index == corrupt:  # the last member with a bad CRC-32
+                    last = bytearray(gzip.compress(parts[-1], mtime=0))
+                    last[-8] ^= 1
+                    layer += bytes(last)
+                for compressed, data in ((False, raw), (True, layer)):
+                    paths[compressed].append(self.path(f"layer-{number}-{index}-{compressed}"))
+                    with open(paths[compressed][-1], "wb") as f:
+                        f.write(data)
+            outputs, opened = {}, []
+
+            def opener(path: str, compressed: bool) -> IO[bytes]:
+                stream = open(path, "rb")
+                if compressed:
+                    opened.append(oc._GunzipReader(stream))
+                    return opened[-1]  # type: ignore[return-value]
+                return stream
+
+            for compressed in (False, True):
+                out = io.BytesIO()
+                with mock.patch.object(oc, "_STREAM_CHUNK_SIZE", piece):
+                    try:
+                        oc._Flattener([functools.partial(opener, p, compressed)
+                                       for p in paths[compressed]], out).run()
+                        outputs[compressed] = out.getvalue()
+                    except oc.InvalidArchiveError as e:
+                        outputs[compressed] = (str(e), out.getvalue())
+            kind = "flattened" if isinstance(outputs[False], bytes) else "refused"
+            counts[kind if corrupt < 0 else f"corrupt, {kind}"] += 1
+            expected = [outputs[False]]
+            if corrupt >= 0:  # or the tar's own error, met before the CRC-32
+                expected = [("corrupt gzip stream: Error -3 while decompressing data: "
+                             "incorrect data check", b"")] + expected * (kind == "refused")
+            if outputs[True] not in expected or kind == "flattened" and corrupt < 0 and [
+                    r._checked for r in opened] != [True] * len(raws) + [False] * (
+                        len(opened) - len(raws)):
+                problems.append(f"stack {number} (piece {piece}, {kind}): "
+                                f"{str(outputs[True])[:200]}")
+        figures("flatten hostile gzip", seed=seed, **counts)
+        self.assertEqual(problems[:3], [], f"OCICACHE_FUZZ_SEED={seed}")
+
     def test_stream_errors_surface_from_read(self) -> None:
         image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
         self.load_image("example.com/broken:1", image)
