@@ -5226,29 +5226,35 @@ class _GunzipReader(_PieceReader):
                     raise InvalidArchiveError("truncated archive: the gzip stream ends early")
                 self._finished = True
                 break
+            # Where in the piece to go on, passed over by offset: a piece may hold many
+            # small members, and a copy of the rest of it for each would cost its size
+            # squared (zlib's own copy, of what follows a member, is one per member).
+            at = 0
             if self._trailer:
-                chunk, self._trailer = chunk[self._trailer:], max(0, self._trailer - len(chunk))
+                at = min(self._trailer, len(chunk))
+                self._trailer -= at
             if not self._in_member:
-                chunk = chunk.lstrip(b"\0")  # zero padding after a member is allowed
-                if not chunk:
-                    continue
-                header = None if self._checked else _gzip_header_length(chunk)
-                if header is None:
+                if at == len(chunk) or not chunk[at]:  # zero padding after a member is allowed
+                    found = _NOT_ZERO.search(chunk, at)
+                    if found is None:
+                        continue
+                    at = found.start()
+                end = None if self._checked else _gzip_header_end(chunk, at)
+                if end is None:
                     self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 else:
-                    chunk = chunk[header:]
+                    at = end
                     self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-                self._in_member, self._raw = True, header is not None
+                self._in_member, self._raw = True, end is not None
             try:
-                output = self._decompressor.decompress(chunk, _STREAM_CHUNK_SIZE)
+                output = self._decompressor.decompress(memoryview(chunk)[at:] if at else chunk,
+                                                       _STREAM_CHUNK_SIZE)
             except zlib.error as e:
                 raise InvalidArchiveError(f"corrupt gzip stream: {e}") from None
             if self._decompressor.eof:
                 self._in_member = False
                 self._pending = self._decompressor.unused_data
-                if self._raw:
-                    self._trailer = max(0, 8 - len(self._pending))  # CRC-32 and size
-                    self._pending = self._pending[8:]
+                self._trailer = 8 if self._raw else 0  # CRC-32 and size, passed over
             else:
                 self._pending = self._decompressor.unconsumed_tail
             if output:
@@ -5256,12 +5262,16 @@ class _GunzipReader(_PieceReader):
         return None
 
 
-def _gzip_header_length(data: bytes) -> Optional[int]:
-    """The length of the gzip member header ``data`` begins with (RFC 1952), or None
-    when it is not all in ``data`` or is no header zlib reads (zlib then reads it)."""
-    if len(data) < 10 or data[:3] != b"\x1f\x8b\x08" or data[3] & 0xE0:
+_NOT_ZERO = re.compile(b"[^\0]")
+
+
+def _gzip_header_end(data: bytes, start: int) -> Optional[int]:
+    """Where the gzip member header that begins at ``start`` of ``data`` ends (RFC 1952),
+    or None when it is not all in ``data`` or is no header zlib reads (zlib then reads it)."""
+    if len(data) < start + 10 or data[start:start + 3] != b"\x1f\x8b\x08" or \
+            data[start + 3] & 0xE0:
         return None
-    flags, at = data[3], 10
+    flags, at = data[start + 3], start + 10
     if flags & 4:  # FEXTRA
         at += 2 + int.from_bytes(data[at:at + 2], "little")
     for flag in (8, 16):  # FNAME, FCOMMENT: NUL-terminated
