@@ -14228,17 +14228,18 @@ class TestSources(CacheTestCase):
 
     @staticmethod
     def hostile_gzip(rng: random.Random, parts: Sequence[bytes], piece: int,
-                     valid: bool) -> bytes:
+                     valid: bool, go: bool = False) -> bytes:
         """``parts`` as gzip members made to fall across pieces of ``piece`` bytes: every
         combination of header flags, extra fields, names and comments around and beyond
-        a piece, stored, fixed and dynamic blocks flushed anywhere, zero padding between.
-        Unless ``valid``, some have reserved flags, another method, a bad header CRC, a
+        a piece, stored, fixed and dynamic blocks flushed anywhere, zero padding between
+        (with ``go``, what umoci's Go gzip reads: no padding, names below 512 bytes, no
+        header CRC, which it sums over fewer bytes than RFC 1952 and zlib). Unless ``valid``, some have reserved flags, another method, a bad header CRC, a
         bad CRC-32 or size, and the stream may be cut or have bytes after it."""
         import zlib
         odd = (lambda p: False) if valid else (lambda p: rng.random() < p)
         members = []
         for part in parts:
-            flags = sum(bit for bit in (1, 2, 4, 8, 16) if rng.random() < 0.4)
+            flags = sum(bit for bit in (1, 2, 4, 8, 16) if rng.random() < 0.4) & ~(2 * go)
             flags |= rng.choice([0x20, 0x40, 0x80]) if odd(0.03) else 0
             header = b"\x1f\x8b" + bytes([rng.choice([0, 7, 9]) if odd(0.03) else 8, flags])
             header += rng.randbytes(6)
@@ -14248,8 +14249,8 @@ class TestSources(CacheTestCase):
                 header += size.to_bytes(2, "little") + rng.randbytes(size)
             for flag, byte in ((8, b"n"), (16, b"c")):  # FNAME, FCOMMENT
                 if flags & flag:
-                    header += byte * rng.choice([0, 1, piece - 11, piece, piece + 1,
-                                                 rng.randrange(3 * piece)]) + b"\0"
+                    header += byte * rng.choice([0, 1, 511] if go else [
+                        0, 1, piece - 11, piece, piece + 1, rng.randrange(3 * piece)]) + b"\0"
             if flags & 2:  # FHCRC
                 header += ((zlib.crc32(header) ^ odd(0.05)) & 0xFFFF).to_bytes(2, "little")
             level, strategy = rng.randrange(10), rng.choice(
@@ -14266,7 +14267,7 @@ class TestSources(CacheTestCase):
             size = len(part) + (rng.choice([1, -1, 1 << 20]) if odd(0.04) else 0)
             members.append(header + b"".join(blocks) + deflate.flush() +
                            crc.to_bytes(4, "little") + (size % 2 ** 32).to_bytes(4, "little"))
-            if rng.random() < 0.3:
+            if not go and rng.random() < 0.3:
                 members.append(bytes(rng.choice([1, 8, piece - 1, piece,
                                                  rng.randrange(1, 2 * piece)])))
         stream = b"".join(members)
@@ -14434,6 +14435,51 @@ class TestSources(CacheTestCase):
                                 f"{str(outputs[True])[:200]}")
         figures("flatten hostile gzip", seed=seed, **counts)
         self.assertEqual(problems[:3], [], f"OCICACHE_FUZZ_SEED={seed}")
+
+    def test_hostile_gzip_layers_export_as_umoci_unpacks_them(self) -> None:
+        # Issue 19, through the command: an image of multi-member gzip layers (headers
+        # with every field, members across the 256 KiB pieces) exports as a file system
+        # as umoci unpacks it; with a bad CRC-32 in its last layer's last member the
+        # export fails with one line and writes nothing.
+        umoci = require_tool(self, "umoci")
+        rng = random.Random(19)
+        raws = []
+        for layer in range(3):
+            entries: List[Tuple[str, Any]] = [
+                (f"d{layer}/big", rng.randbytes(600_000)), ("shared", f"from {layer}".encode()),
+                (f"d{layer}/zeros", bytes(700_000)), (f"{'n' * 200}{layer}", b"long name")]
+            raws.append(tar_bytes(entries))
+        layers = []
+        for raw in raws:
+            cuts = sorted(rng.randrange(len(raw)) for _ in range(6))
+            parts = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
+            layers.append(self.hostile_gzip(rng, parts, oc._STREAM_CHUNK_SIZE, True, go=True))
+        last = bytearray(gzip.compress(b"", mtime=0))
+        last[-8] ^= 1
+        for label, tail in (("good", b""), ("bad CRC-32", bytes(last))):
+            with self.subTest(label):
+                image = image_of_tars(raws, label)
+                for index, data in enumerate(layers):
+                    image.layers[index] = Blob(oc.MEDIA_OCI_LAYER_GZIP, data + (
+                        tail if index == len(layers) - 1 else b""))
+                manifest = json.loads(image.manifest.data)
+                manifest["layers"] = [b.descriptor() for b in image.layers]
+                image.manifest = Blob(oc.MEDIA_OCI_MANIFEST, json.dumps(manifest).encode())
+                name = f"example.com/hostile-gzip:{label.split()[0]}"
+                self.load_image(name, image)
+                out = self.path(f"{label.split()[0]}.tar")
+                result = self.cli("export", name, "--format", "filesystem", "-o", out)
+                if tail:
+                    self.assert_one_line_error(result, "corrupt gzip stream")
+                    self.assertFalse(os.path.exists(out))
+                    continue
+                self.assertEqual(result.returncode, 0, result.stderr)
+                bundle = self.path("bundle")
+                run = subprocess.run([umoci, "unpack", "--image", f"{self.cache_dir}:{name}",
+                                      bundle], capture_output=True, timeout=300)
+                self.assertEqual(run.returncode, 0, run.stderr.decode()[-500:])
+                self.assertEqual(tree_difference(tree_of_tar(out), tree_of_directory(
+                    os.path.join(bundle, "rootfs"))), [])
 
     def test_stream_errors_surface_from_read(self) -> None:
         image = make_layered_image([[entry("big", data=random.Random(1).randbytes(4 << 20))]])
