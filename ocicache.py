@@ -2596,14 +2596,9 @@ class Layout:
         it is gone); OSError when it cannot be read."""
         try:
             with self.open_blob(digest) as f:
-                hasher = digest.hasher()
-                for chunk in iter(lambda: f.read(COPY_BUFFER_SIZE), b""):
-                    hasher.update(chunk)
+                return _content_problem(f, digest)
         except (NotFoundError, FileNotFoundError):  # deleted meanwhile: nothing to check
             return ""
-        if hasher.hexdigest() != digest.hex:
-            return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
-        return ""
 
     def discard_if_corrupt(self, digest: Digest) -> bool:
         """Delete the blob when its bytes do not hash to its name, so that the next pull
@@ -6675,9 +6670,14 @@ def _blob_name(digest: Digest) -> str:
 
 # -- opening layers -------------------------------------------------------------------
 
-def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
-    """A layer's uncompressed tar stream; gzip and zstd are recognised by their bytes."""
+def _open_layer(layout: Layout, descriptor: Descriptor,
+                opened: Optional[Dict[Digest, Tuple[int, int, int]]] = None) -> IO[bytes]:
+    """A layer's uncompressed tar stream; gzip and zstd are recognised by their bytes.
+    With ``opened`` (the files earlier reads of one export opened), a blob that is not
+    the file an earlier read opened is refused (see ``_same_blob``)."""
     blob = layout.open_blob(descriptor.digest)
+    if opened is not None:
+        _same_blob(blob, descriptor.digest, opened)
     head = blob.read(4)
     blob.seek(0)
     if head[:2] == b"\x1f\x8b":
@@ -6685,6 +6685,32 @@ def _open_layer(layout: Layout, descriptor: Descriptor) -> IO[bytes]:
     if head == _ZSTD_MAGIC:
         return _zstd_reader(blob, f"layer {descriptor.digest}")
     return blob
+
+
+def _content_problem(blob: BinaryIO, digest: Digest) -> str:
+    """Why the rest of the open file ``blob`` is not ``digest``'s bytes ("" when it is)."""
+    hasher = digest.hasher()
+    for chunk in iter(lambda: blob.read(COPY_BUFFER_SIZE), b""):
+        hasher.update(chunk)
+    if hasher.hexdigest() != digest.hex:
+        return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
+    return ""
+
+
+def _same_blob(blob: BinaryIO, digest: Digest, opened: Dict[Digest, Tuple[int, int, int]]
+               ) -> None:
+    """Refuse (closing it) a blob that is not the file an earlier read of the same export
+    opened: a flatten reads each layer twice, the first pass checking what the second
+    writes unchecked, and a co-user of a group-shared cache can rename another file over
+    a blob in between. Device, inode and size, not times: a concurrent pull of an image
+    sharing the layer refreshes its modification time, and ocicache never writes a blob
+    in place."""
+    found = os.fstat(blob.fileno())
+    identity = (found.st_dev, found.st_ino, found.st_size)
+    if opened.setdefault(digest, identity) != identity:
+        blob.close()
+        raise CorruptCacheError(f"layer {digest} was replaced while it was being read; "
+                                "export again")
 
 
 # -- flattening -----------------------------------------------------------------------
@@ -11108,7 +11134,9 @@ class _CacheSource(ImageSource):
                 raise _foreign_layer_error(layer)
             if layer.media_type.endswith("+zstd"):  # only flattening decompresses
                 _zstd_decoder(f"layer {layer.digest} of {self._ref}")
-        openers = [functools.partial(_open_layer, layout, layer) for layer in manifest.layers]
+        opened: Dict[Digest, Tuple[int, int, int]] = {}  # each read of a layer reads one file
+        openers = [functools.partial(_open_layer, layout, layer, opened)
+                   for layer in manifest.layers]
 
         layers = list({layer.digest: layer for layer in manifest.layers})
         names = [str(layer.digest) for layer in manifest.layers]
@@ -11119,8 +11147,11 @@ class _CacheSource(ImageSource):
             # one that still reads as a tar fails the export too. A gzip layer's CRC-32
             # covers every byte it inflates to, what this export writes, and a failed
             # read is traced to its blob below: hashing it as well would cost a full
-            # sha256 pass of the most common layers for nothing.
+            # sha256 pass of the most common layers for nothing. Every read of a layer
+            # (two passes, the check) reads one file: one renamed over it meanwhile fails
+            # the export (_same_blob), or what was checked would not be what is written.
             problems: Dict[Digest, str] = {}
+            replaced: List[OciCacheError] = []
 
             def problem_of(digest: Digest) -> str:
                 try:
@@ -11129,12 +11160,17 @@ class _CacheSource(ImageSource):
                     return f"it cannot be read: {e.strerror or e}"
 
             def check() -> None:
-                for digest in layers:
-                    with contextlib.suppress(OSError, OciCacheError), \
-                            layout.open_blob(digest) as blob:
-                        if blob.read(2) == b"\x1f\x8b":
-                            continue
-                    problems[digest] = problem_of(digest)
+                for digest in layers:  # each the file the flattening reads (_same_blob)
+                    try:
+                        with layout.open_blob(digest) as blob:
+                            _same_blob(blob, digest, opened)
+                            if blob.read(2) != b"\x1f\x8b":
+                                blob.seek(0)
+                                problems[digest] = _content_problem(blob, digest)
+                    except CorruptCacheError as e:  # replaced: what was read is unchecked
+                        replaced.append(e)
+                    except (OSError, OciCacheError):
+                        problems[digest] = problem_of(digest)
 
             checker = threading.Thread(target=check, name="ocicache-export-hash", daemon=True)
             checker.start()
@@ -11144,6 +11180,7 @@ class _CacheSource(ImageSource):
             except OciCacheError as e:
                 failure = e
             checker.join()
+            failure = failure or (replaced[0] if replaced else None)
             if failure is not None:  # traced to a corrupt layer, if one is
                 problems.update((d, problem_of(d)) for d in layers if d not in problems)
             for digest in layers:

@@ -3640,6 +3640,42 @@ class TestBeliefs(CacheTestCase):
             self.assert_one_line_error(result, plain.layers[0].digest, "example.com/plain:1")
             self.assertFalse(os.path.exists(self.path("plain.tar")))
 
+    def test_a_layer_renamed_over_between_the_passes_fails_the_flatten(self) -> None:
+        # A flatten reads each layer twice: the first pass checks (a gzip layer's CRC-32,
+        # the hash of another), the second writes without checking. A co-user of a
+        # group-shared cache renaming another file over the blob in between got its
+        # bytes written unchecked; now every read of a layer must be the same file.
+        for gzip_layers in (True, False):
+            with self.subTest(gzip=gzip_layers):
+                image = make_image(f"swap-{gzip_layers}", gzip_layers=gzip_layers,
+                                   layer_files=[{"etc/a": b"a" * 5000}, {"etc/b": b"b"}])
+                name = f"example.com/swap-{str(gzip_layers).lower()}:1"
+                self.load_image(name, image)
+                target = self.cache.layout.blob_path(image.layers[0].digest)
+                other = make_image("other", gzip_layers=gzip_layers,
+                                   layer_files=[{"etc/a": b"e" * 5000}]).layers[0].data
+                real_drain, drained = oc._TarStream.drain, []
+
+                def drain(stream: Any) -> None:
+                    real_drain(stream)
+                    drained.append(stream)
+                    if len(drained) == len(image.layers):  # the first pass is done
+                        with open(target + ".planted", "wb") as f:
+                            f.write(other)
+                        os.replace(target + ".planted", target)
+
+                with mock.patch.object(oc._TarStream, "drain", drain), \
+                        self.assertRaisesRegex(oc.CorruptCacheError,
+                                               f"{image.layers[0].digest} was replaced"):
+                    with self.cache.new_source(name).tar_reader() as stream:
+                        stream.read()
+                # unchanged, the same export reads as it should
+                with open(target, "wb") as f:
+                    f.write(image.layers[0].data)
+                with tarfile.open(fileobj=self.cache.new_source(name).tar_reader(),
+                                  mode="r|") as tar:
+                    self.assertEqual(sorted(m.name for m in tar), ["etc", "etc/a", "etc/b"])
+
     # -- E. index.json never grows past what ocicache reads back --------------------
 
     def test_imports_cannot_grow_index_json_past_what_is_read_back(self) -> None:
