@@ -65,7 +65,9 @@ test-fast:
 # disks (a tmpfs, as root), files planted in the cache, and hostile inputs (400,000
 # references against the grammar, the fuzzed parsers, archives and bombs, hostile
 # registries, credential hygiene, flattening judged by podman and umoci on random layer
-# stacks). Loopback only, bounded in time; not part of make test. OCICACHE_FUZZ_SEED=N
+# stacks, hostile gzip streams read checked and unchecked, ls/rm/gc/verify answering with
+# their memo as without it). Loopback only, bounded in time; not part of make test.
+# OCICACHE_FUZZ_SEED=N
 # repeats a run's fuzzing.
 HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_grammar \
 	TestDigest.test_mutated_digests_raise_only_invalid_digest_errors \
@@ -78,7 +80,10 @@ HOSTILE_CAMPAIGNS := TestReference.test_generated_references_agree_with_the_gram
 	TestArchives.test_fuzzed_archives TestProviderSettings.test_fuzzed_mirror_files \
 	TestPackageResolver.test_fuzzed_and_odd_build_yml \
 	TestDiskWrites.test_planted_files_campaign \
-	TestFlattenDifferential.test_generated_stacks_agree_with_podman
+	TestFlattenDifferential.test_generated_stacks_agree_with_podman \
+	TestSources.test_gzip_streams_read_unchecked_as_checked \
+	TestSources.test_a_flatten_of_hostile_gzip_layers_writes_what_their_tars_hold \
+	TestMemoDifferential.test_commands_answer_with_a_memo_as_without_one
 stress: deps
 	OCICACHE_STRESS=1 $(PYTHON) test_ocicache.py TestReliability $(HOSTILE_CAMPAIGNS)
 
