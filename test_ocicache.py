@@ -16630,6 +16630,85 @@ class TestCommandLine(CacheTestCase):
         indented = self.cli("inspect", "example.com/raw:1")
         self.assertEqual(json.loads(indented.stdout), json.loads(spaced.data))
 
+    def test_generated_command_lines_parse_as_the_whole_parser_parses_them(self) -> None:
+        # The parser built from a command line holds only the command it names: a
+        # differential against the whole parser over generated command lines (every
+        # command and option, global ones before and after the command, --opt=value and
+        # --opt value, abbreviations, --, -h anywhere, unknown words, values that look
+        # like options, missing and repeated arguments), comparing the Namespace, or the
+        # exit status and what was printed.
+        import argparse
+
+        def parsed(parser: Any, argv: List[str]) -> Any:
+            output = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(output), contextlib.redirect_stdout(output):
+                    found = vars(parser.parse_args(argv))
+            except SystemExit as e:
+                return e.code, output.getvalue()
+            return {k: getattr(v, "__name__", v) for k, v in found.items()}
+
+        whole = oc._build_parser()
+        commands = next(a for a in whole._actions if a.dest == "command").choices
+        for command in commands.values():
+            command._defined()
+        flags = [a for a in whole._actions if a.option_strings]
+        options = {name: [a for a in p._actions if a.option_strings]
+                   for name, p in commands.items()}
+        positionals = {name: [a for a in p._actions if not a.option_strings]
+                       for name, p in commands.items()}
+        noise = ["x", "alpine", "-", "--", "-h", "--help", "-qv", "-q", "--bogus", "-z",
+                 "pul", "", "-1", "--cache", "-x y", "--version", "help"]
+        rng = random.Random(1919)
+
+        def option(action: argparse.Action, clean: bool) -> List[str]:
+            if clean and isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                return []
+            spelled = rng.choice(action.option_strings)
+            if not clean and spelled.startswith("--") and rng.random() < 0.1:
+                spelled = spelled[:rng.randint(3, len(spelled) - 1)]  # an abbreviation
+            if action.nargs == 0:
+                return [spelled + "=x"] if not clean and rng.random() < 0.05 else [spelled]
+            value = rng.choice(["4", "linux/arm64", "h=http://127.0.0.1:1", "x"] if clean else
+                               ["0", "-1", "-q", "--", "pull", "a=b", "", "-x y", "-h", "1.5"])
+            if rng.random() < 0.4:
+                return [f"{spelled}={value}"]
+            return [spelled] if not clean and rng.random() < 0.05 else [spelled, value]
+
+        runs = int(sized(400, 20000))
+        named = 0
+        for _ in range(runs):
+            clean = rng.random() < 0.5
+            argv: List[str] = []
+            for _ in range(rng.choice([0, 0, 1, 2, 3])):
+                argv += option(rng.choice(flags), clean)
+            if rng.random() < 0.85:
+                command = rng.choice(sorted(commands))
+                argv.append(command)
+                if rng.random() < 0.6:
+                    for action in positionals[command]:
+                        count = {None: 1, "+": rng.randint(1, 3), "*": rng.randint(0, 2),
+                                 "?": rng.randint(0, 1)}.get(action.nargs, 1)  # type: ignore
+                        argv += [rng.choice(["alpine", "a/b:c", "oci:d", "-"])
+                                 for _ in range(count)]
+                for _ in range(rng.choice([0, 1, 2, 3, 4])):
+                    pick = rng.random()
+                    if pick < 0.55 and options[command]:
+                        argv += option(rng.choice(options[command]), clean)
+                    elif pick < 0.75:
+                        argv += option(rng.choice(flags), clean)
+                    elif not clean:
+                        argv.append(rng.choice(noise))
+            else:
+                argv += [rng.choice(noise) for _ in range(rng.choice([0, 1, 2]))]
+            if not clean and rng.random() < 0.1:
+                argv.insert(rng.randint(0, len(argv)), rng.choice(["-h", "--", "-q", "--jobs"]))
+            parser = oc._build_parser(argv)
+            built = next(a for a in parser._actions if a.dest == "command").choices
+            named += len(built) == 1
+            self.assertEqual(parsed(parser, argv), parsed(oc._build_parser(), argv), argv)
+        self.assertGreater(named, runs // 3)  # most lines built one command's parser
+
 
 
 def remove_entry(path: str) -> None:
