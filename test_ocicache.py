@@ -10412,6 +10412,46 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertEqual(started.count("ocicache-hash"), 1, started)  # the long one's
         self.assertTrue(cache.verify().ok)
 
+    def test_a_corrupt_blob_is_refused_by_whichever_thread_hashes_it(self) -> None:
+        # Under _OWN_HASHER_SIZE the receiving thread hashes, what a reset left included
+        # (read back from the partial file): a byte flipped before or after a resume, on
+        # each try, is refused, with nothing named and no blob left under its name; once
+        # only, the blob is fetched again whole. At the size a thread of its own hashes
+        # too, and the one below it.
+        registry = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        piece = oc.COPY_BUFFER_SIZE
+        for size in (2 * piece + 5, oc._OWN_HASHER_SIZE - 1, oc._OWN_HASHER_SIZE):
+            image = make_image(f"flipped{size}", gzip_layers=False,
+                               layer_files=[{"f": random.Random(size).randbytes(size)}])
+            upload(registry.url, f"test/flipped{size}", image.blobs, [("1", image.manifest)])
+            layer = image.layers[0].digest
+            name = f"{proxy.host}/test/flipped{size}:1"
+            for faults, refused in (
+                    ([("corrupt", {"offset": size - 1}, None)], True),
+                    ([("reset", {"after_bytes": piece + 5}, 1), ("corrupt", {"offset": 3}, None)],
+                     True),
+                    ([("reset", {"after_bytes": piece + 5}, 1), ("corrupt", {"offset": 3}, 1)],
+                     False)):
+                with self.subTest(size=size, faults=faults):
+                    cache = self.provider()
+                    cache.clean()
+                    proxy.clear_faults()
+                    for kind, params, times in faults:
+                        proxy.add_fault(kind, match=f"/blobs/{layer}", method="GET",
+                                        times=times, **params)
+                    if refused:
+                        with self.assertRaises(oc.DigestMismatchError):
+                            cache.image_pull(name, "", "amd64")
+                        self.assertEqual(self.index_names(), [])
+                        self.assertFalse(os.path.lexists(os.path.join(
+                            self.cache_dir, "blobs", "sha256", layer.partition(":")[2])))
+                    else:
+                        cache.image_pull(name, "", "amd64")
+                        self.assertEqual(self.index_names(), [name])
+                    self.assertTrue(cache.verify().ok)
+
     def test_a_request_does_not_parse_its_host_nor_format_an_unshown_debug_line(self) -> None:
         # Each request asked ipaddress whether its host was loopback (twice), and built
         # its debug line's rate-limit part (4 header lookups) with no logger to show it
