@@ -10336,6 +10336,50 @@ class TestPullRoundTrips(RegistryTestCase):
                 f.write(damaged)
             self.assertEqual(self.provider()._read_locations(), {})
 
+    def test_every_temporary_file_written_in_the_cache_directory_is_gcs_to_remove(self) -> None:
+        # A SIGKILL (or a crash) while a file of the cache's own directory is being
+        # replaced leaves its temporary there: gc removes those of index.json, oci-layout
+        # and ls's memo, but the blob locations hint's ("..ocicache-blob-locations.json.
+        # tmp-*", left by a pull killed at its end) stayed for ever. Each temporary file a
+        # new cache, a pull, ls and rm write there is one gc knows.
+        registry = self.start_registry()
+        image = make_image("temporaries")
+        upload(registry.url, "test/temporaries", image.blobs, [("1", image.manifest)])
+        root = os.path.realpath(self.cache_dir)
+        made: List[str] = []
+        create = oc._create_temporary
+
+        def recording_create(dir_fd: int, final: str, *args: Any) -> Tuple[int, str]:
+            fd, name = create(dir_fd, final, *args)
+            if os.path.realpath(f"/proc/self/fd/{dir_fd}") == root:
+                made.append(name)
+            return fd, name
+
+        shutil.rmtree(self.cache_dir)  # made by setUp
+        name = f"{registry.host}/test/temporaries:1"
+        with mock.patch.object(oc, "_create_temporary", recording_create):
+            cache = self.provider()
+            cache.image_pull(name, "", "amd64")
+            list(cache._listing())  # writes ls's memo
+            cache.remove(name)
+        finals = {n.rpartition(oc._TEMP_MARK)[0] for n in made}
+        self.assertEqual(finals, {"." + f for f in ("index.json", "oci-layout",
+                                                    oc.SUMMARIES_FILE, oc._LOCATIONS_FILE)})
+        self.assertEqual([n for n in made if not oc._is_temporary("", n)], [])
+        left = []  # as a kill leaves them: an hour old, beside the files they replace
+        directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory)
+        for final in sorted(finals):
+            fd, temporary = create(directory, final)
+            os.close(fd)
+            left.append(temporary)
+        old = time.time() - 7200
+        for temporary in left:
+            os.utime(os.path.join(root, temporary), (old, old))
+        report = self.provider().gc(3600)
+        self.assertEqual(sorted(n for n, _ in report.deleted if oc._TEMP_MARK in n), left)
+        self.assertEqual([n for n in os.listdir(root) if oc._TEMP_MARK in n], [])
+
     def test_small_blobs_download_more_at_once_than_large_ones(self) -> None:
         # Small blobs are waits on round trips: by default up to 16 go at once, while
         # blobs of more than a piece stay at 4 (memory, bandwidth); --jobs N is N for all.
