@@ -229,6 +229,8 @@ _MAX_IMPORTED_ENTRY = 16 * 1024
 # ls's memo of what each root reaches (_SummaryMemo), in the cache beside index.json;
 # one larger than this is ignored and rebuilt smaller (the memory bound holds).
 SUMMARIES_FILE = "ocicache-summaries.json"
+# Where blobs were last seen (see _parse_locations), in the cache beside index.json.
+_LOCATIONS_FILE = ".ocicache-blob-locations.json"
 MAX_SUMMARIES_SIZE = 64 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
@@ -1595,7 +1597,10 @@ os.register_at_fork(after_in_child=_forget_locks_after_fork)
 # verify and for gc to remove the stale ones (a crash or a SIGKILL leaves them behind).
 _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
 _OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
-_ROOT_TEMPORARY = r"\.(?:index\.json|oci-layout|ocicache-summaries\.json)\.tmp-[A-Za-z0-9_]+"
+# Each file ocicache replaces in the cache's own directory: the temporary file of any
+# of them that a kill or a crash left there is gc's to remove, the hints' as index.json's.
+_ROOT_FILES = ("index.json", "oci-layout", SUMMARIES_FILE, _LOCATIONS_FILE)
+_ROOT_TEMPORARY = r"\.(?:%s)\.tmp-[A-Za-z0-9_]+" % "|".join(map(re.escape, _ROOT_FILES))
 _LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
 
 
@@ -10628,7 +10633,7 @@ def parse_copy_location(text: str) -> Tuple[str, str, str]:
 # Where blobs were last seen (skopeo's blob-info cache): a push or copy to a registry
 # mounts a blob from a repository of that registry an earlier run saw it in, instead of
 # uploading it. A hint only: what the file says is checked, a bad file is ignored.
-_LOCATIONS_FILE = ".ocicache-blob-locations.json"
+# The file is _LOCATIONS_FILE, named with the cache's other files.
 _MAX_LOCATIONS = 10_000       # digests remembered; the least recently seen go first
 _MAX_MOUNT_SOURCES = 3        # repositories per digest and registry, the newest kept
 

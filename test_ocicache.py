@@ -10372,6 +10372,50 @@ class TestPullRoundTrips(RegistryTestCase):
                 f.write(damaged)
             self.assertEqual(self.provider()._read_locations(), {})
 
+    def test_every_temporary_file_written_in_the_cache_directory_is_gcs_to_remove(self) -> None:
+        # A SIGKILL (or a crash) while a file of the cache's own directory is being
+        # replaced leaves its temporary there: gc removes those of index.json, oci-layout
+        # and ls's memo, but the blob locations hint's ("..ocicache-blob-locations.json.
+        # tmp-*", left by a pull killed at its end) stayed for ever. Each temporary file a
+        # new cache, a pull, ls and rm write there is one gc knows.
+        registry = self.start_registry()
+        image = make_image("temporaries")
+        upload(registry.url, "test/temporaries", image.blobs, [("1", image.manifest)])
+        root = os.path.realpath(self.cache_dir)
+        made: List[str] = []
+        create = oc._create_temporary
+
+        def recording_create(dir_fd: int, final: str, *args: Any) -> Tuple[int, str]:
+            fd, name = create(dir_fd, final, *args)
+            if os.path.realpath(f"/proc/self/fd/{dir_fd}") == root:
+                made.append(name)
+            return fd, name
+
+        shutil.rmtree(self.cache_dir)  # made by setUp
+        name = f"{registry.host}/test/temporaries:1"
+        with mock.patch.object(oc, "_create_temporary", recording_create):
+            cache = self.provider()
+            cache.image_pull(name, "", "amd64")
+            list(cache._listing())  # writes ls's memo
+            cache.remove(name)
+        finals = {n.rpartition(oc._TEMP_MARK)[0] for n in made}
+        self.assertEqual(finals, {"." + f for f in ("index.json", "oci-layout",
+                                                    oc.SUMMARIES_FILE, oc._LOCATIONS_FILE)})
+        self.assertEqual([n for n in made if not oc._is_temporary("", n)], [])
+        left = []  # as a kill leaves them: an hour old, beside the files they replace
+        directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory)
+        for final in sorted(finals):
+            fd, temporary = create(directory, final)
+            os.close(fd)
+            left.append(temporary)
+        old = time.time() - 7200
+        for temporary in left:
+            os.utime(os.path.join(root, temporary), (old, old))
+        report = self.provider().gc(3600)
+        self.assertEqual(sorted(n for n, _ in report.deleted if oc._TEMP_MARK in n), left)
+        self.assertEqual([n for n in os.listdir(root) if oc._TEMP_MARK in n], [])
+
     def test_small_blobs_download_more_at_once_than_large_ones(self) -> None:
         # Small blobs are waits on round trips: by default up to 16 go at once, while
         # blobs of more than a piece stay at 4 (memory, bandwidth); --jobs N is N for all.
@@ -10447,6 +10491,46 @@ class TestPullRoundTrips(RegistryTestCase):
             cache.image_pull(f"{registry.host}/test/pieces:1", "", "amd64")
         self.assertEqual(started.count("ocicache-hash"), 1, started)  # the long one's
         self.assertTrue(cache.verify().ok)
+
+    def test_a_corrupt_blob_is_refused_by_whichever_thread_hashes_it(self) -> None:
+        # Under _OWN_HASHER_SIZE the receiving thread hashes, what a reset left included
+        # (read back from the partial file): a byte flipped before or after a resume, on
+        # each try, is refused, with nothing named and no blob left under its name; once
+        # only, the blob is fetched again whole. At the size a thread of its own hashes
+        # too, and the one below it.
+        registry = self.start_registry()
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        piece = oc.COPY_BUFFER_SIZE
+        for size in (2 * piece + 5, oc._OWN_HASHER_SIZE - 1, oc._OWN_HASHER_SIZE):
+            image = make_image(f"flipped{size}", gzip_layers=False,
+                               layer_files=[{"f": random.Random(size).randbytes(size)}])
+            upload(registry.url, f"test/flipped{size}", image.blobs, [("1", image.manifest)])
+            layer = image.layers[0].digest
+            name = f"{proxy.host}/test/flipped{size}:1"
+            for faults, refused in (
+                    ([("corrupt", {"offset": size - 1}, None)], True),
+                    ([("reset", {"after_bytes": piece + 5}, 1), ("corrupt", {"offset": 3}, None)],
+                     True),
+                    ([("reset", {"after_bytes": piece + 5}, 1), ("corrupt", {"offset": 3}, 1)],
+                     False)):
+                with self.subTest(size=size, faults=faults):
+                    cache = self.provider()
+                    cache.clean()
+                    proxy.clear_faults()
+                    for kind, params, times in faults:
+                        proxy.add_fault(kind, match=f"/blobs/{layer}", method="GET",
+                                        times=times, **params)
+                    if refused:
+                        with self.assertRaises(oc.DigestMismatchError):
+                            cache.image_pull(name, "", "amd64")
+                        self.assertEqual(self.index_names(), [])
+                        self.assertFalse(os.path.lexists(os.path.join(
+                            self.cache_dir, "blobs", "sha256", layer.partition(":")[2])))
+                    else:
+                        cache.image_pull(name, "", "amd64")
+                        self.assertEqual(self.index_names(), [name])
+                    self.assertTrue(cache.verify().ok)
 
     def test_a_request_does_not_parse_its_host_nor_format_an_unshown_debug_line(self) -> None:
         # Each request asked ipaddress whether its host was loopback (twice), and built
@@ -16944,6 +17028,85 @@ class TestCommandLine(CacheTestCase):
         self.assertEqual(config.stdout, image.config.data)
         indented = self.cli("inspect", "example.com/raw:1")
         self.assertEqual(json.loads(indented.stdout), json.loads(spaced.data))
+
+    def test_generated_command_lines_parse_as_the_whole_parser_parses_them(self) -> None:
+        # The parser built from a command line holds only the command it names: a
+        # differential against the whole parser over generated command lines (every
+        # command and option, global ones before and after the command, --opt=value and
+        # --opt value, abbreviations, --, -h anywhere, unknown words, values that look
+        # like options, missing and repeated arguments), comparing the Namespace, or the
+        # exit status and what was printed.
+        import argparse
+
+        def parsed(parser: Any, argv: List[str]) -> Any:
+            output = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(output), contextlib.redirect_stdout(output):
+                    found = vars(parser.parse_args(argv))
+            except SystemExit as e:
+                return e.code, output.getvalue()
+            return {k: getattr(v, "__name__", v) for k, v in found.items()}
+
+        whole = oc._build_parser()
+        commands = next(a for a in whole._actions if a.dest == "command").choices
+        for command in commands.values():
+            command._defined()
+        flags = [a for a in whole._actions if a.option_strings]
+        options = {name: [a for a in p._actions if a.option_strings]
+                   for name, p in commands.items()}
+        positionals = {name: [a for a in p._actions if not a.option_strings]
+                       for name, p in commands.items()}
+        noise = ["x", "alpine", "-", "--", "-h", "--help", "-qv", "-q", "--bogus", "-z",
+                 "pul", "", "-1", "--cache", "-x y", "--version", "help"]
+        rng = random.Random(1919)
+
+        def option(action: argparse.Action, clean: bool) -> List[str]:
+            if clean and isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                return []
+            spelled = rng.choice(action.option_strings)
+            if not clean and spelled.startswith("--") and rng.random() < 0.1:
+                spelled = spelled[:rng.randint(3, len(spelled) - 1)]  # an abbreviation
+            if action.nargs == 0:
+                return [spelled + "=x"] if not clean and rng.random() < 0.05 else [spelled]
+            value = rng.choice(["4", "linux/arm64", "h=http://127.0.0.1:1", "x"] if clean else
+                               ["0", "-1", "-q", "--", "pull", "a=b", "", "-x y", "-h", "1.5"])
+            if rng.random() < 0.4:
+                return [f"{spelled}={value}"]
+            return [spelled] if not clean and rng.random() < 0.05 else [spelled, value]
+
+        runs = int(sized(400, 20000))
+        named = 0
+        for _ in range(runs):
+            clean = rng.random() < 0.5
+            argv: List[str] = []
+            for _ in range(rng.choice([0, 0, 1, 2, 3])):
+                argv += option(rng.choice(flags), clean)
+            if rng.random() < 0.85:
+                command = rng.choice(sorted(commands))
+                argv.append(command)
+                if rng.random() < 0.6:
+                    for action in positionals[command]:
+                        count = {None: 1, "+": rng.randint(1, 3), "*": rng.randint(0, 2),
+                                 "?": rng.randint(0, 1)}.get(action.nargs, 1)  # type: ignore
+                        argv += [rng.choice(["alpine", "a/b:c", "oci:d", "-"])
+                                 for _ in range(count)]
+                for _ in range(rng.choice([0, 1, 2, 3, 4])):
+                    pick = rng.random()
+                    if pick < 0.55 and options[command]:
+                        argv += option(rng.choice(options[command]), clean)
+                    elif pick < 0.75:
+                        argv += option(rng.choice(flags), clean)
+                    elif not clean:
+                        argv.append(rng.choice(noise))
+            else:
+                argv += [rng.choice(noise) for _ in range(rng.choice([0, 1, 2]))]
+            if not clean and rng.random() < 0.1:
+                argv.insert(rng.randint(0, len(argv)), rng.choice(["-h", "--", "-q", "--jobs"]))
+            parser = oc._build_parser(argv)
+            built = next(a for a in parser._actions if a.dest == "command").choices
+            named += len(built) == 1
+            self.assertEqual(parsed(parser, argv), parsed(oc._build_parser(), argv), argv)
+        self.assertGreater(named, runs // 3)  # most lines built one command's parser
 
 
 
