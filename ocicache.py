@@ -1636,7 +1636,7 @@ _CACHE_FULL = ("free space on its filesystem ('ocicache gc --grace 0' deletes un
                "and partial downloads, 'ocicache rm NAME' an image)")
 
 
-def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
+def _write_all(fd: int, data: Union[bytes, bytearray, memoryview]) -> None:
     """Write every byte of ``data`` or raise: ``os.write`` may write less, as it does
     when a disk fills up (the next call then fails with ENOSPC)."""
     view = memoryview(data)
@@ -1714,8 +1714,9 @@ def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tupl
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: bytes, mode: int = _CREATE_MODE,
-                           durable: bool = True, sync_directory: bool = True) -> None:
+def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, bytearray],
+                           mode: int = _CREATE_MODE, durable: bool = True,
+                           sync_directory: bool = True) -> None:
     """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
     rename it over ``name`` (a rename replaces a link; it never writes through one).
     A hint that a crash may lose (``durable=False``, a file read only if it parses) is
@@ -2226,7 +2227,7 @@ class Layout:
         except (OSError, OciCacheError):
             return b"", False
 
-    def write_summaries(self, data: bytes) -> None:
+    def write_summaries(self, data: Union[bytes, bytearray]) -> None:
         """Replace the summary memo, writable by this user alone (see read_summaries),
         unless others may write the cache directory, where no memo is believed; it is
         only a memo, so failing to write it is not an error."""
@@ -7969,14 +7970,23 @@ class _SummaryMemo:
         return self
 
     def to_bytes(self, keep: Mapping[str, int], index: str = "",
-                 named: Sequence[Tuple[str, str, int]] = ()) -> bytes:
+                 named: Sequence[Tuple[str, str, int]] = ()) -> bytearray:
         """The memo of the roots in ``keep`` (digest -> size) that it knows; and of
         ``named``, the named entries (name, digest, size) of the index.json whose sha256
         is ``index``, when it knows every one of their roots."""
         numbers: Dict[str, int] = {}
         sizes: List[int] = []
         media: Dict[str, int] = {}
+        # Each column's values joined 4,096 at a time: kept as 140,000 strings of 20,000
+        # roots until encoded, they were the first ls's peak (15 MB).
         columns: Dict[str, List[str]] = {name: [] for name in self._COLUMNS[2:]}
+        texts: Dict[str, List[str]] = {name: [] for name in self._COLUMNS[2:]}
+        places: Dict[str, int] = {}  # root digest -> its place
+
+        def join() -> None:
+            for name, values in columns.items():
+                texts[name].append(" ".join(values))
+                values.clear()
 
         def number(blob: str, size: int) -> str:
             if blob not in numbers:
@@ -7999,43 +8009,49 @@ class _SummaryMemo:
                         f"{platform}=" + ",".join(number(b, reached[b]) for b in needed)
                         for platform, needed in facts.platforms) or "-")):
                 columns[name].append(value)
-        places = {(digest, int(size)): n for n, (digest, size) in enumerate(
-            zip(columns["roots"], columns["root_sizes"]))}
+            places[digest] = len(places)
+            if len(columns["roots"]) == 4096:
+                join()
+        if columns["roots"]:
+            join()
         # The sha256 of an index.json whose names it cannot hold (a root not memo'd, a
         # name with a NUL, too many bytes of them): so that the next ls of it does not
         # write the memo again, as it does for an index.json it has not seen.
         unlisted = ""
-        if not (index and all((digest, size) in places and name and "\0" not in name
-                              for name, digest, size in named)):
+        if not (index and all(digest in places and keep[digest] == size and name and
+                              "\0" not in name for name, digest, size in named)):
             index, named, unlisted = "", (), index
         # Encoded a column at a time, each list and text dropped once its bytes are made:
-        # all at once, they were 30 MB of 20,000 roots, the first ls's peak.
-        pieces: List[Any] = [b"{"]
+        # all at once, they were 30 MB of 20,000 roots, the first ls's peak. Added to one
+        # buffer as made: the columns' bytes joined at the end were a second memo beside
+        # the first (7 MB of 20,000 roots).
+        memo = bytearray(b"{")
 
         def add(name: str, value: Any) -> None:
-            if len(pieces) > 1:
-                pieces.append(b",")
-            pieces.append(memoryview(_json_bytes({name: value}, separators=(",", ":")))[1:-1])
+            if len(memo) > 1:
+                memo.extend(b",")
+            memo.extend(memoryview(_json_bytes({name: value}, separators=(",", ":")))[1:-1])
         add("version", self.VERSION)
         add("media", list(media))
         add("blobs", " ".join(numbers))
         numbers.clear()
         add("sizes", " ".join(map(str, sizes)))
         for name in self._COLUMNS[2:]:
-            add(name, " ".join(columns.pop(name)))
+            add(name, " ".join(texts.pop(name)))
         # The names last, and left out when with them the memo would be larger than
         # ``read`` reads: long names would otherwise cost every ls and rm its roots too.
-        roots = len(pieces)
+        roots = len(memo)
         add("index", index)
         add("names", "\0".join(n for n, _, _ in named))
-        add("entries", " ".join(str(places[d, n]) for _, d, n in named))
-        if sum(map(len, pieces)) + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
-            del pieces[roots:]
+        add("entries", " ".join(str(places[d]) for _, d, _ in named))
+        if len(memo) + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
+            del memo[roots:]
             index, unlisted = "", unlisted or index
             for name in ("index", "names", "entries"):
                 add(name, "")
         add("unlisted", unlisted)
-        return b"".join([*pieces, b"}"])
+        memo.extend(b"}")
+        return memo
 
 
 # A blob this small costs a request's round trip and an fsync, not bandwidth or memory
