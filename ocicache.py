@@ -33,6 +33,7 @@ import errno
 import functools
 import importlib
 import io
+import itertools
 import operator
 import os
 import re
@@ -1636,7 +1637,7 @@ _CACHE_FULL = ("free space on its filesystem ('ocicache gc --grace 0' deletes un
                "and partial downloads, 'ocicache rm NAME' an image)")
 
 
-def _write_all(fd: int, data: Union[bytes, bytearray, memoryview]) -> None:
+def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
     """Write every byte of ``data`` or raise: ``os.write`` may write less, as it does
     when a disk fills up (the next call then fails with ENOSPC)."""
     view = memoryview(data)
@@ -1714,10 +1715,10 @@ def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tupl
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, bytearray],
+def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, Iterable[bytes]],
                            mode: int = _CREATE_MODE, durable: bool = True,
                            sync_directory: bool = True) -> None:
-    """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
+    """Write ``data`` (or its pieces, made as written) to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
     rename it over ``name`` (a rename replaces a link; it never writes through one).
     A hint that a crash may lose (``durable=False``, a file read only if it parses) is
     not fsynced: two fsyncs are most of what writing it costs. Without
@@ -1726,7 +1727,8 @@ def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, bytearray]
     fd, temp = _create_temporary(dir_fd, f".{name}", mode)
     try:
         try:
-            _write_all(fd, data)
+            for piece in (data,) if isinstance(data, bytes) else data:
+                _write_all(fd, piece)
             if durable:
                 os.fsync(fd)
         finally:
@@ -2227,7 +2229,7 @@ class Layout:
         except (OSError, OciCacheError):
             return b"", False
 
-    def write_summaries(self, data: Union[bytes, bytearray]) -> None:
+    def write_summaries(self, data: Iterable[bytes]) -> None:
         """Replace the summary memo, writable by this user alone (see read_summaries),
         unless others may write the cache directory, where no memo is believed; it is
         only a memo, so failing to write it is not an error."""
@@ -7969,11 +7971,13 @@ class _SummaryMemo:
         self._learned.update(other._learned)
         return self
 
-    def to_bytes(self, keep: Mapping[str, int], index: str = "",
-                 named: Sequence[Tuple[str, str, int]] = ()) -> bytearray:
+    def encoded(self, keep: Mapping[str, int], index: str = "",
+                named: Sequence[Tuple[str, str, int]] = ()) -> Iterator[bytes]:
         """The memo of the roots in ``keep`` (digest -> size) that it knows; and of
         ``named``, the named entries (name, digest, size) of the index.json whose sha256
-        is ``index``, when it knows every one of their roots."""
+        is ``index``, when it knows every one of their roots. In pieces, each made as it
+        is given: written so, the memo is never held whole (7 MB of 20,000 roots, beside
+        all that the first ls learned), nor a column's bytes."""
         numbers: Dict[str, int] = {}
         sizes: List[int] = []
         media: Dict[str, int] = {}
@@ -8022,36 +8026,41 @@ class _SummaryMemo:
                               "\0" not in name for name, digest, size in named)):
             index, named, unlisted = "", (), index
         # Encoded a column at a time, each list and text dropped once its bytes are made:
-        # all at once, they were 30 MB of 20,000 roots, the first ls's peak. Added to one
-        # buffer as made: the columns' bytes joined at the end were a second memo beside
-        # the first (7 MB of 20,000 roots).
-        memo = bytearray(b"{")
+        # all at once, they were 30 MB of 20,000 roots, the first ls's peak; and a
+        # column's text a piece at a time (a string is escaped character by character).
+        made = 0  # bytes
 
-        def add(name: str, value: Any) -> None:
-            if len(memo) > 1:
-                memo.extend(b",")
-            memo.extend(memoryview(_json_bytes({name: value}, separators=(",", ":")))[1:-1])
-        add("version", self.VERSION)
-        add("media", list(media))
-        add("blobs", " ".join(numbers))
+        def field(name: str, value: Any) -> Iterator[bytes]:
+            nonlocal made
+            head = b"," if made else b"{"
+            pieces = [head + _json_bytes({name: value}, separators=(",", ":"))[1:-1]] \
+                if type(value) is not str else itertools.chain(
+                    [head + _json_bytes(name) + b':"'],
+                    (_json_bytes(value[start:start + 65536])[1:-1]
+                     for start in range(0, len(value), 65536)), [b'"'])
+            for piece in pieces:
+                made += len(piece)
+                yield piece
+
+        yield from field("version", self.VERSION)
+        yield from field("media", list(media))
+        yield from field("blobs", " ".join(numbers))
         numbers.clear()
-        add("sizes", " ".join(map(str, sizes)))
+        yield from field("sizes", " ".join(map(str, sizes)))
         for name in self._COLUMNS[2:]:
-            add(name, " ".join(texts.pop(name)))
+            yield from field(name, " ".join(texts.pop(name)))
         # The names last, and left out when with them the memo would be larger than
         # ``read`` reads: long names would otherwise cost every ls and rm its roots too.
-        roots = len(memo)
-        add("index", index)
-        add("names", "\0".join(n for n, _, _ in named))
-        add("entries", " ".join(str(places[d]) for _, d, _ in named))
-        if len(memo) + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
-            del memo[roots:]
+        roots = made
+        last = [*field("index", index), *field("names", "\0".join(n for n, _, _ in named)),
+                *field("entries", " ".join(str(places[d]) for _, d, _ in named))]
+        if made + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
+            made = roots
             index, unlisted = "", unlisted or index
-            for name in ("index", "names", "entries"):
-                add(name, "")
-        add("unlisted", unlisted)
-        memo.extend(b"}")
-        return memo
+            last = [*field("index", ""), *field("names", ""), *field("entries", "")]
+        yield from last
+        yield from field("unlisted", unlisted)
+        yield b"}"
 
 
 # A blob this small costs a request's round trip and an fsync, not bandwidth or memory
@@ -8617,7 +8626,7 @@ class Provider(CacheProvider):
         if (learned or changed) and rows:
             memo = _SummaryMemo.read(self.layout).learning(memo)
         if learned or changed or (not complete and memo.stale(named)):
-            self.layout.write_summaries(memo.to_bytes(
+            self.layout.write_summaries(memo.encoded(
                 named, "" if in_order is None else digests[-1], in_order or ()))
 
     def _summary_facts(self, entry: Descriptor, strings: Dict[str, str]
