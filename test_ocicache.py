@@ -13175,6 +13175,42 @@ class TestLargeCaches(CacheTestCase):
             610))
         self.assertEqual(read.facts(blobs[4097], 500), memo.facts(blobs[4097], 500))
 
+    def test_what_ls_learns_is_held_as_rows_of_the_memo(self) -> None:
+        # The first ls of 20,000 names held a _RootFacts per root it learned, each with
+        # its tuples of blobs, sizes and platforms (11 MB, at its peak): now a row of
+        # blob numbers each, the blobs numbered once. 10,000 roots of 5 blobs, 3 of them
+        # shared, as _summary_facts makes them:
+        memo = oc._SummaryMemo({}, [])
+        blobs = ["sha256:%064x" % n for n in range(20100)]
+        keep = {blobs[n]: 500 + n for n in range(10000)}
+        facts = []
+        import tracemalloc
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(10000):
+                reached = (blobs[n], blobs[10000 + n],
+                           *(blobs[20000 + (n + 7 * k) % 100] for k in range(3)))
+                learned = oc._RootFacts(
+                    oc.MEDIA_OCI_MANIFEST, 500 + n, reached,
+                    (1000 + n, 2000 + n, *(3000 + (n + 7 * k) % 100 for k in range(3))),
+                    (("linux/amd64", tuple(list(reached))),))
+                memo.learn(blobs[n], learned)
+                if n % 1000 == 0:
+                    facts.append(learned)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        data = b"".join(memo.encoded(keep))
+        self.assertLess(held / len(data), 1.9)  # 1.5 times the memo; was 2.3
+        for learned in facts:
+            self.assertEqual(memo.facts(learned.blobs[0], learned.size), learned)
+            self.assertIsNone(memo.facts(learned.blobs[0], learned.size + 1))
+            self.assertEqual(memo.listing(learned.blobs[0], learned.size), (
+                oc.MEDIA_OCI_MANIFEST, ("linux/amd64",), sum(learned.sizes)))
+        again = oc._SummaryMemo({}, []).learning(memo)
+        self.assertEqual(b"".join(again.encoded(keep)), data)
+
     def test_rm_asks_the_memo_without_splitting_it_whole(self) -> None:
         # rm asks the memo which of the blobs it frees the other roots reach: the memo of
         # 20,000 roots read with its 40,000 blobs split, and every number each root
