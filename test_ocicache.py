@@ -13211,6 +13211,42 @@ class TestLargeCaches(CacheTestCase):
         again = oc._SummaryMemo({}, []).learning(memo)
         self.assertEqual(b"".join(again.encoded(keep)), data)
 
+    def test_index_json_is_written_without_its_text_beside_its_bytes(self) -> None:
+        # rm of one of 20,000 names wrote index.json as one json.dumps: its text (6 MB)
+        # and then its bytes beside it, rm's peak. Encoded 1,024 entries at a time, it is
+        # written as json.dumps writes it whole, whatever the rest of index.json holds.
+        entries = [{"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": "sha256:%064x" % i,
+                    "size": 1000 + i, "annotations": {oc.ANNOTATION_REF_NAME:
+                                                      f"example.com/n\u00e9{i}:1"}}
+                   for i in range(12000)]
+        mark = "\ue000ocicache: the entries\ue000"
+        layout = self.cache.layout
+        path = os.path.join(self.cache_dir, "index.json")
+        for index in ({}, {"manifests": [], "annotations": {"a": "b"}},
+                      {"annotations": {"a": [mark]}}, {"x": [mark], "y": [mark]}):
+            for count in (0, 1, 1024, 1025, 3000):  # (1,024 entries a piece)
+                with self.subTest(index=index, count=count):
+                    layout.write_index_object(index, entries[:count])
+                    with open(path, "rb") as f:
+                        self.assertEqual(f.read(), json.dumps(
+                            {"schemaVersion": 2, **index, "mediaType": oc.MEDIA_OCI_INDEX,
+                             "manifests": entries[:count]}, ensure_ascii=False,
+                            separators=(",", ":")).encode())
+        layout.write_index_object({}, entries)
+        size = os.path.getsize(path)
+        import tracemalloc
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            layout.write_index_object({}, entries)  # 12,000 names
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess((peak - before) / size, 1.7)  # its bytes and a piece: 1.35; was 3.0
+        with mock.patch.object(oc, "MAX_INDEX_SIZE", size - 1), \
+                self.assertRaisesRegex(oc.OciCacheError, f"grow to {size} bytes"):
+            layout.write_index_object({}, entries)
+
     def test_rm_asks_the_memo_without_splitting_it_whole(self) -> None:
         # rm asks the memo which of the blobs it frees the other roots reach: the memo of
         # 20,000 roots read with its 40,000 blobs split, and every number each root
