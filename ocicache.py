@@ -1718,8 +1718,9 @@ def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tupl
 def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, Iterable[bytes]],
                            mode: int = _CREATE_MODE, durable: bool = True,
                            sync_directory: bool = True) -> None:
-    """Write ``data`` (or its pieces, made as written) to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
-    rename it over ``name`` (a rename replaces a link; it never writes through one).
+    """Write ``data`` (or its pieces, made as written) to a new temporary file beside
+    ``name`` in ``dir_fd``, fsync, and rename it over ``name`` (a rename replaces a link;
+    it never writes through one).
     A hint that a crash may lose (``durable=False``, a file read only if it parses) is
     not fsynced: two fsyncs are most of what writing it costs. Without
     ``sync_directory`` the file is fsynced but its name reaches the disk with the
@@ -2446,8 +2447,9 @@ class Layout:
 
     def replace_index(self, data: Union[bytes, Sequence[bytes]],
                       on_full: Optional[Callable[[], None]] = None) -> None:
-        """Replace index.json with ``data`` (or its pieces) under the lock, without reading it (``clean``
-        empties a cache whose index.json cannot be read); ``on_full`` as in update_index.
+        """Replace index.json with ``data`` (or its pieces) under the lock, without reading
+        it (``clean`` empties a cache whose index.json cannot be read); ``on_full`` as in
+        update_index.
         The blob directories are synced first: no name outlives a crash that its blobs'
         renames do not."""
         with self.lock(), self._root_directory() as directory:
