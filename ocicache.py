@@ -33,6 +33,7 @@ import errno
 import functools
 import importlib
 import io
+import itertools
 import operator
 import os
 import re
@@ -1719,10 +1720,12 @@ def _create_temporary(dir_fd: int, final: str, mode: int = _CREATE_MODE) -> Tupl
             continue
 
 
-def _write_file_atomically(dir_fd: int, name: str, data: bytes, mode: int = _CREATE_MODE,
-                           durable: bool = True, sync_directory: bool = True) -> None:
-    """Write ``data`` to a new temporary file beside ``name`` in ``dir_fd``, fsync, and
-    rename it over ``name`` (a rename replaces a link; it never writes through one).
+def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, Iterable[bytes]],
+                           mode: int = _CREATE_MODE, durable: bool = True,
+                           sync_directory: bool = True) -> None:
+    """Write ``data`` (or its pieces, made as written) to a new temporary file beside
+    ``name`` in ``dir_fd``, fsync, and rename it over ``name`` (a rename replaces a link;
+    it never writes through one).
     A hint that a crash may lose (``durable=False``, a file read only if it parses) is
     not fsynced: two fsyncs are most of what writing it costs. Without
     ``sync_directory`` the file is fsynced but its name reaches the disk with the
@@ -1730,7 +1733,8 @@ def _write_file_atomically(dir_fd: int, name: str, data: bytes, mode: int = _CRE
     fd, temp = _create_temporary(dir_fd, f".{name}", mode)
     try:
         try:
-            _write_all(fd, data)
+            for piece in (data,) if isinstance(data, bytes) else data:
+                _write_all(fd, piece)
             if durable:
                 os.fsync(fd)
         finally:
@@ -2231,7 +2235,7 @@ class Layout:
         except (OSError, OciCacheError):
             return b"", False
 
-    def write_summaries(self, data: bytes) -> None:
+    def write_summaries(self, data: Iterable[bytes]) -> None:
         """Replace the summary memo, writable by this user alone (see read_summaries),
         unless others may write the cache directory, where no memo is believed; it is
         only a memo, so failing to write it is not an error."""
@@ -2410,14 +2414,30 @@ class Layout:
         ``rm`` and ``clean``, whose change frees blobs) deletes them first, then it is
         tried once more.
         """
-        data = _json_bytes({"schemaVersion": 2, **index, "mediaType": index.get("mediaType") or
-                            MEDIA_OCI_INDEX, "manifests": manifests},
-                           separators=_INDEX_SEPARATORS)
-        if len(data) > MAX_INDEX_SIZE:
+        # Encoded 1,024 entries at a time, as json.dumps encodes the whole: its text and
+        # then its bytes, beside each other, were rm's peak (12 MB of 20,000 names).
+        def whole(entries: List[Any]) -> bytes:
+            return _json_bytes({"schemaVersion": 2, **index, "mediaType": index.get(
+                "mediaType") or MEDIA_OCI_INDEX, "manifests": entries},
+                separators=_INDEX_SEPARATORS)
+        mark = "\ue000ocicache: the entries\ue000"
+        before, _, after = whole([mark]).partition(_json_bytes([mark]))
+        if after.find(_json_bytes([mark])) >= 0:  # the mark is in index.json itself
+            pieces = [whole(manifests)]
+        else:
+            pieces = [before + b"["]
+            comma = _INDEX_SEPARATORS[0].encode()
+            for start in range(0, len(manifests), 1024):
+                piece = _json_bytes(manifests[start:start + 1024],
+                                    separators=_INDEX_SEPARATORS)
+                pieces.append((comma if start else b"") + piece[1:-1])
+            pieces.append(b"]" + after)
+        size = sum(map(len, pieces))
+        if size > MAX_INDEX_SIZE:
             raise OciCacheError(f"{what or 'cannot update index.json'}: index.json would "
-                                f"grow to {len(data)} bytes, past the {MAX_INDEX_SIZE} "
+                                f"grow to {size} bytes, past the {MAX_INDEX_SIZE} "
                                 "ocicache reads; remove names first")
-        self.replace_index(data, on_full)
+        self.replace_index(pieces, on_full)
 
     def sync_blob_directories(self) -> None:
         """fsync each ``blobs/<alg>`` directory: every blob visible in it now, whichever
@@ -2430,9 +2450,11 @@ class Layout:
             except (FileNotFoundError, CorruptCacheError):
                 continue  # no such directory, or a link: no blob there can be named
 
-    def replace_index(self, data: bytes, on_full: Optional[Callable[[], None]] = None) -> None:
-        """Replace index.json with ``data`` under the lock, without reading it (``clean``
-        empties a cache whose index.json cannot be read); ``on_full`` as in update_index.
+    def replace_index(self, data: Union[bytes, Sequence[bytes]],
+                      on_full: Optional[Callable[[], None]] = None) -> None:
+        """Replace index.json with ``data`` (or its pieces) under the lock, without reading
+        it (``clean`` empties a cache whose index.json cannot be read); ``on_full`` as in
+        update_index.
         The blob directories are synced first: no name outlives a crash that its blobs'
         renames do not."""
         with self.lock(), self._root_directory() as directory:
@@ -7753,7 +7775,13 @@ class _SummaryMemo:
         self._media = media
         self._where: Optional[Dict[str, int]] = None   # root digest -> its place
         self._rows: Optional[Dict[str, Tuple[int, str, Tuple[str, ...], int]]] = None
-        self._learned: Dict[str, _RootFacts] = {}
+        # What was learned of each root, as a row of numbers of the blobs learned (a
+        # _RootFacts each: 11 MB of 20,000 roots, the first ls's peak): its media type,
+        # size, the blobs it reaches ("n,n") and its platforms ("platform=n,n;...").
+        self._learned: Dict[str, Tuple[str, int, str, str]] = {}
+        self._learned_blobs: List[str] = []
+        self._learned_sizes: List[int] = []
+        self._learned_numbers: Dict[str, int] = {}  # blob -> its place in those lists
         self._index = ""  # the sha256 of the index.json whose named entries it holds
         self._beside = ""  # of the one it was written beside, holding its names or not
 
@@ -7915,7 +7943,7 @@ class _SummaryMemo:
         """The media type, platforms and size on disk of the root ``digest`` of ``size``
         bytes when all its blobs are there (see ``complete``); None when it is not known."""
         if digest in self._learned:
-            facts = self._learned[digest]
+            facts = self._learned_facts(digest)
             return facts.media_type, tuple(p for p, _ in facts.platforms), sum(facts.sizes)
         row = self.listings().get(digest)
         return row[1:] if row is not None and row[0] == size else None
@@ -7934,9 +7962,8 @@ class _SummaryMemo:
     def facts(self, digest: str, size: int) -> Optional[_RootFacts]:
         """What the memo says the root ``digest`` of ``size`` bytes reaches, or None when
         it does not know it, or says it in a shape it is never written in."""
-        learned = self._learned.get(digest)
-        if learned is not None:  # of this size only: another entry may misstate it
-            return learned if learned.size == size else None
+        if digest in self._learned:  # of this size only: another entry may misstate it
+            return self._learned_facts(digest) if self._learned[digest][1] == size else None
         listed = self.listing(digest, size)
         if listed is None:
             return None
@@ -8002,22 +8029,70 @@ class _SummaryMemo:
                                      for platform, needed in facts.platforms)
 
     def learn(self, digest: str, facts: _RootFacts) -> None:
-        self._learned[digest] = facts
+        """Remember ``facts`` of the root ``digest``, facts the memo ``holds``."""
+        if not self.holds(facts):
+            return
+
+        def number(blob: str, size: int) -> str:
+            self.string(blob)
+            at = self._learned_numbers[blob]
+            if self._learned_sizes[at] < 0:
+                self._learned_sizes[at] = size
+            return str(at)
+        sizes = dict(zip(facts.blobs, facts.sizes))
+        self._learned[digest] = (
+            facts.media_type, facts.size, ",".join(number(b, n) for b, n in sizes.items()),
+            ";".join(f"{platform}=" + ",".join(number(b, sizes[b]) for b in needed)
+                     for platform, needed in facts.platforms))
+
+    def string(self, blob: str) -> str:
+        """The one string of the digest ``blob`` the memo holds, however many roots reach
+        it (it is numbered: the rows learned name it by its number)."""
+        at = self._learned_numbers.get(blob)
+        if at is None:
+            at = self._learned_numbers[blob] = len(self._learned_blobs)
+            self._learned_blobs.append(blob)
+            self._learned_sizes.append(-1)  # until a root learned gives it
+        return self._learned_blobs[at]
+
+    def _learned_facts(self, digest: str) -> _RootFacts:
+        media_type, size, reached, platforms = self._learned[digest]
+        blobs, sizes = self._learned_blobs, self._learned_sizes
+        numbers = list(map(int, reached.split(",")))
+        images = []
+        for field in platforms.split(";") if platforms else ():
+            platform, _, needed = field.partition("=")
+            images.append((platform, tuple([blobs[int(n)] for n in needed.split(",")
+                                            if n])))
+        return _RootFacts(media_type, size, tuple([blobs[n] for n in numbers]),
+                          tuple([sizes[n] for n in numbers]), tuple(images))
 
     def learning(self, other: "_SummaryMemo") -> "_SummaryMemo":
         """This memo, having learned what ``other`` learned."""
-        self._learned.update(other._learned)
+        for digest in other._learned:
+            self.learn(digest, other._learned_facts(digest))
         return self
 
-    def to_bytes(self, keep: Mapping[str, int], index: str = "",
-                 named: Sequence[Tuple[str, str, int]] = ()) -> bytes:
+    def encoded(self, keep: Mapping[str, int], index: str = "",
+                named: Sequence[Tuple[str, str, int]] = ()) -> Iterator[bytes]:
         """The memo of the roots in ``keep`` (digest -> size) that it knows; and of
         ``named``, the named entries (name, digest, size) of the index.json whose sha256
-        is ``index``, when it knows every one of their roots."""
+        is ``index``, when it knows every one of their roots. In pieces, each made as it
+        is given: written so, the memo is never held whole (7 MB of 20,000 roots, beside
+        all that the first ls learned), nor a column's bytes."""
         numbers: Dict[str, int] = {}
         sizes: List[int] = []
         media: Dict[str, int] = {}
+        # Each column's values joined 4,096 at a time: kept as 140,000 strings of 20,000
+        # roots until encoded, they were the first ls's peak (15 MB).
         columns: Dict[str, List[str]] = {name: [] for name in self._COLUMNS[2:]}
+        texts: Dict[str, List[str]] = {name: [] for name in self._COLUMNS[2:]}
+        places: Dict[str, int] = {}  # root digest -> its place
+
+        def join() -> None:
+            for name, values in columns.items():
+                texts[name].append(" ".join(values))
+                values.clear()
 
         def number(blob: str, size: int) -> str:
             if blob not in numbers:
@@ -8040,43 +8115,54 @@ class _SummaryMemo:
                         f"{platform}=" + ",".join(number(b, reached[b]) for b in needed)
                         for platform, needed in facts.platforms) or "-")):
                 columns[name].append(value)
-        places = {(digest, int(size)): n for n, (digest, size) in enumerate(
-            zip(columns["roots"], columns["root_sizes"]))}
+            places[digest] = len(places)
+            if len(columns["roots"]) == 4096:
+                join()
+        if columns["roots"]:
+            join()
         # The sha256 of an index.json whose names it cannot hold (a root not memo'd, a
         # name with a NUL, too many bytes of them): so that the next ls of it does not
         # write the memo again, as it does for an index.json it has not seen.
         unlisted = ""
-        if not (index and all((digest, size) in places and name and "\0" not in name
-                              for name, digest, size in named)):
+        if not (index and all(digest in places and keep[digest] == size and name and
+                              "\0" not in name for name, digest, size in named)):
             index, named, unlisted = "", (), index
         # Encoded a column at a time, each list and text dropped once its bytes are made:
-        # all at once, they were 30 MB of 20,000 roots, the first ls's peak.
-        pieces: List[Any] = [b"{"]
+        # all at once, they were 30 MB of 20,000 roots, the first ls's peak; and a
+        # column's text a piece at a time (a string is escaped character by character).
+        made = 0  # bytes
 
-        def add(name: str, value: Any) -> None:
-            if len(pieces) > 1:
-                pieces.append(b",")
-            pieces.append(memoryview(_json_bytes({name: value}, separators=(",", ":")))[1:-1])
-        add("version", self.VERSION)
-        add("media", list(media))
-        add("blobs", " ".join(numbers))
+        def field(name: str, value: Any) -> Iterator[bytes]:
+            nonlocal made
+            head = b"," if made else b"{"
+            pieces = [head + _json_bytes({name: value}, separators=(",", ":"))[1:-1]] \
+                if type(value) is not str else itertools.chain(
+                    [head + _json_bytes(name) + b':"'],
+                    (_json_bytes(value[start:start + 65536])[1:-1]
+                     for start in range(0, len(value), 65536)), [b'"'])
+            for piece in pieces:
+                made += len(piece)
+                yield piece
+
+        yield from field("version", self.VERSION)
+        yield from field("media", list(media))
+        yield from field("blobs", " ".join(numbers))
         numbers.clear()
-        add("sizes", " ".join(map(str, sizes)))
+        yield from field("sizes", " ".join(map(str, sizes)))
         for name in self._COLUMNS[2:]:
-            add(name, " ".join(columns.pop(name)))
+            yield from field(name, " ".join(texts.pop(name)))
         # The names last, and left out when with them the memo would be larger than
         # ``read`` reads: long names would otherwise cost every ls and rm its roots too.
-        roots = len(pieces)
-        add("index", index)
-        add("names", "\0".join(n for n, _, _ in named))
-        add("entries", " ".join(str(places[d, n]) for _, d, n in named))
-        if sum(map(len, pieces)) + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
-            del pieces[roots:]
+        roots = made
+        last = [*field("index", index), *field("names", "\0".join(n for n, _, _ in named)),
+                *field("entries", " ".join(str(places[d]) for _, d, _ in named))]
+        if made + len(unlisted or index) + 16 > MAX_SUMMARIES_SIZE:
+            made = roots
             index, unlisted = "", unlisted or index
-            for name in ("index", "names", "entries"):
-                add(name, "")
-        add("unlisted", unlisted)
-        return b"".join([*pieces, b"}"])
+            last = [*field("index", ""), *field("names", ""), *field("entries", "")]
+        yield from last
+        yield from field("unlisted", unlisted)
+        yield b"}"
 
 
 # A blob this small costs a request's round trip and an fsync, not bandwidth or memory
@@ -8599,7 +8685,6 @@ class Provider(CacheProvider):
         # The named entries in order while each root is known (then the memo holds them).
         in_order: Optional[List[Tuple[str, str, int]]] = []
         learned = False
-        strings: Dict[str, str] = {}  # one string of each digest learned, however many roots
         while entries:
             raw = entries.pop()
             name, digest, size = _raw_entry(raw)
@@ -8616,7 +8701,7 @@ class Provider(CacheProvider):
             known = facts is not None
             if facts is None:
                 entry = self.layout.entry(raw)
-                facts, exact = self._summary_facts(entry, strings)
+                facts, exact = self._summary_facts(entry, memo.string)
                 # Learned only when the memo can hold it: else each ls learned it again,
                 # and wrote the memo for it.
                 known = exact and memo.holds(facts)
@@ -8638,25 +8723,23 @@ class Provider(CacheProvider):
         # when index.json changed: then the next ls lists from it alone again.
         changed = in_order is not None and digests[-1] != memo_index
         present = None  # not held while the memo is written
-        strings.clear()
         if (learned or changed) and rows:
             memo = _SummaryMemo.read(self.layout).learning(memo)
         if learned or changed or (not complete and memo.stale(named)):
-            self.layout.write_summaries(memo.to_bytes(
+            self.layout.write_summaries(memo.encoded(
                 named, "" if in_order is None else digests[-1], in_order or ()))
 
-    def _summary_facts(self, entry: Descriptor, strings: Dict[str, str]
+    def _summary_facts(self, entry: Descriptor, string_of: Callable[[str], str]
                        ) -> Tuple["_RootFacts", bool]:
         """What ``entry`` reaches, from its documents (the blobs there, with their sizes,
         and each platform image's blobs; one whose blobs are not all there with the size
         its manifest gives is left out); and whether that is the whole truth about the
         root for as long as its blob exists: every document read, nothing missing or
-        disagreeing, so that the memo may keep it. Each digest is given as the string
-        ``strings`` holds of it (added when it has none): learning 20,000 roots sharing
-        layers held 200,000 strings of 40,000 digests, 23 MB."""
+        disagreeing, so that the memo may keep it. Each digest is given as the one
+        string ``string_of`` gives of it: learning 20,000 roots sharing layers held
+        200,000 strings of 40,000 digests, 23 MB."""
         def string(digest: Digest) -> str:
-            text = str(digest)
-            return strings.setdefault(text, text)
+            return string_of(str(digest))
 
         believed = self.layout.believed(entry)
         marked = self.layout.reachable([believed])
