@@ -10417,13 +10417,23 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
     is a referrers index (``sha256-<hex>``): merged with the one the layout names so
     (``_merged_layout_referrers``), as a registry's fallback tag is, not replaced. An
     ``flock`` of the directory keeps two ocicache processes from losing each other's
-    entries."""
+    entries; a directory that is a cache (it has a ``.lock``: ocicache's or linuxkit's)
+    is written under the cache's own locks too, as an import into it is."""
     with contextlib.ExitStack() as stack:
         directory = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, directory)
         # Any user of the directory can hold it: the wait is said and bounded, as for the cache
         _wait_for_lock(directory, functools.partial(_try_flock, directory, fcntl.LOCK_EX),
                        f"the lock on the layout {target}")
+        try:
+            is_cache = stat.S_ISREG(os.stat(".lock", dir_fd=directory,
+                                            follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            is_cache = False
+        if is_cache:  # its writers take .lock, not the directory: so does this copy
+            other = Layout(target)
+            stack.enter_context(other.adding_blobs())
+            stack.enter_context(other.lock())
         index = _read_layout_index(target, directory)
         if referrers:
             documents = dict(documents)
@@ -10441,7 +10451,8 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
         folders: Dict[str, int] = {}
         blobs_fd = _open_directory("blobs", directory, os.path.join(target, "blobs"))
         stack.callback(os.close, blobs_fd)
-        _remove_dead_temporaries(directory, _LAYOUT_ROOT_TEMPORARY)
+        if not is_cache:  # a cache's are its gc's to remove (after their grace period)
+            _remove_dead_temporaries(directory, _LAYOUT_ROOT_TEMPORARY)
         sources: List[Tuple[Digest, int, Callable[[], IO[bytes]]]] = [
             (b.digest, b.size, functools.partial(cache.open_blob, b.digest)) for b in blobs]
         sources += [(d, len(data), functools.partial(io.BytesIO, data))
@@ -10453,7 +10464,8 @@ def _add_to_layout(target: str, cache: Layout, blobs: Iterable[Descriptor],
                 folders[digest.algorithm] = _open_directory(
                     digest.algorithm, blobs_fd, os.path.join(target, "blobs", digest.algorithm))
                 stack.callback(os.close, folders[digest.algorithm])
-                _remove_dead_temporaries(folders[digest.algorithm], _LAYOUT_BLOB_TEMPORARY)
+                if not is_cache:
+                    _remove_dead_temporaries(folders[digest.algorithm], _LAYOUT_BLOB_TEMPORARY)
             _add_layout_blob(folders[digest.algorithm], digest, size, opener,
                              os.path.join(target, _blob_name(digest)))
         for fd in [blobs_fd, *folders.values()]:  # the renames are durable before the index

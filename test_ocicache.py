@@ -5891,6 +5891,39 @@ class TestPlatformSubsetsAndCopy(RegistryTestCase):
         self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{layout}:two").encode(),
                          image.manifest.data)
 
+    def test_a_copy_into_another_cache_takes_its_lock(self) -> None:
+        """A directory that is a cache (ocicache's or linuxkit's: it has a .lock) has
+        writers that lock .lock, not the directory: a copy into it waits for that lock (or
+        it could lose their index.json update), and leaves the cache's temporary files,
+        which may be in use, to its gc."""
+        registry = self.start_registry()
+        image = make_image("into-cache")
+        upload(registry.url, "test/into", image.blobs, [("1", image.manifest)])
+        other = self.path("other-cache")
+        oc.Provider(other)
+        in_use = os.path.join(other, oc._temporary_name(".index.json"))
+        with open(in_use, "wb") as f:
+            f.write(b"{}")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, ocicache as oc\n"
+             f"with oc.Layout({other!r}).lock():\n"
+             "    print('held', flush=True)\n    sys.stdin.read()\n"],
+            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(lambda: holder.poll() is not None or holder.kill())
+        self.assertEqual(holder.stdout.readline(), b"held\n")
+        result = subprocess.run(
+            [sys.executable, OCICACHE, "--cache", self.cache_dir, "copy",
+             f"{registry.host}/test/into:1", f"oci:{other}:x"], capture_output=True,
+            timeout=120, env={**os.environ, "OCICACHE_LOCK_TIMEOUT": "1"})
+        self.assert_one_line_error(result, "lock")
+        holder.communicate(b"", timeout=60)
+        result = self.cli("copy", f"{registry.host}/test/into:1", f"oci:{other}:x")
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertTrue(os.path.exists(in_use))
+        self.assertEqual(self.skopeo("inspect", "--raw", f"oci:{other}:x").encode(),
+                         image.manifest.data)
+        self.assertTrue(oc.Provider(other).verify().ok)
+
     def test_copy_from_the_cache_and_every_tag(self) -> None:
         registry = self.start_registry()
         images, _, index = self.three_platforms(registry)
