@@ -6344,7 +6344,10 @@ def _legacy_archive_images(contents: _ArchiveContents, layout: Layout) -> List[_
 
 def _legacy_chain(contents: _ArchiveContents, top: str,
                   v1s: Dict[str, Tuple[str, Dict[str, Any], int]]) -> List[str]:
-    """The image ID ``top``, then its parents'."""
+    """The image ID ``top``, then its parents'. An empty ID ends a chain of parents; a
+    tag naming one names no image, and is refused."""
+    if not top:
+        raise InvalidArchiveError("archive's repositories names an invalid image ID ''")
     chain: List[str] = []
     seen = set()
     current = top

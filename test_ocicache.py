@@ -11781,7 +11781,11 @@ class TestArchives(CacheTestCase):
                                                  repositories={"old": {"1": top_id}}),
                  "invalid image ID"),
                 ("repositories of the wrong shape", legacy(
-                    (top_id, v1(top_id), top), repositories={"old": ["1"]}), "repositories")]:
+                    (top_id, v1(top_id), top), repositories={"old": ["1"]}), "repositories"),
+                # found by make stress (an IndexError: an empty chain of images)
+                ("a tag of an empty image ID", legacy(
+                    (top_id, v1(top_id), top), repositories={"old": {"1": ""}}),
+                 "invalid image ID ''")]:
             with self.subTest(label):
                 self.assert_rejected(bad, fragment)
 
