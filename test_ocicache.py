@@ -13297,11 +13297,10 @@ class TestLargeCaches(CacheTestCase):
                                                 "names": "", "entries": ""})
         self.assertEqual(self.cli_ls(), truth)
 
-    def test_the_memo_of_many_roots_is_encoded_without_a_string_per_value(self) -> None:
-        # The first ls of 20,000 names peaked writing its memo: each column held as a
-        # list of strings (140,000 of them) until encoded, and the columns' bytes joined
-        # at the end, a second memo beside the first. A memo of 20,000 roots, 40,000
-        # blobs, and the named entries of an index.json:
+    @staticmethod
+    def memo_of_many_roots() -> Tuple[Any, List[str], Dict[str, int]]:
+        """A memo that learned 20,000 roots of 40,000 blobs (each root its own two and one
+        of ten shared), the blobs' digests, and each root's size."""
         memo = oc._SummaryMemo({}, [])
         blobs = ["sha256:%064x" % n for n in range(40000)]
         keep = {}
@@ -13310,6 +13309,14 @@ class TestLargeCaches(CacheTestCase):
             memo.learn(blobs[n], oc._RootFacts(oc.MEDIA_OCI_MANIFEST, 500, reached,
                                                (500, 100, 10), (("linux/amd64", reached),)))
             keep[blobs[n]] = 500
+        return memo, blobs, keep
+
+    def test_the_memo_of_many_roots_is_encoded_without_a_string_per_value(self) -> None:
+        # The first ls of 20,000 names peaked writing its memo: each column held as a
+        # list of strings (140,000 of them) until encoded, and the columns' bytes joined
+        # at the end, a second memo beside the first. A memo of 20,000 roots, 40,000
+        # blobs, and the named entries of an index.json:
+        memo, blobs, keep = self.memo_of_many_roots()
         named = [(f"example.com/n{n}:1", blobs[n], 500) for n in range(20000)]
         data = b"".join(memo.encoded(keep, "a" * 64, named))
         import tracemalloc
@@ -13409,14 +13416,7 @@ class TestLargeCaches(CacheTestCase):
         # 20,000 roots read with its 40,000 blobs split, and every number each root
         # reaches split at once (100,000 strings) beside index.json's objects, were rm's
         # peak (64 MiB). A memo of 20,000 roots, 40,000 blobs, as ls writes it:
-        memo = oc._SummaryMemo({}, [])
-        blobs = ["sha256:%064x" % n for n in range(40000)]
-        keep = {}
-        for n in range(20000):
-            reached = (blobs[n], blobs[20000 + n], blobs[39990 + n % 10])
-            memo.learn(blobs[n], oc._RootFacts(oc.MEDIA_OCI_MANIFEST, 500, reached,
-                                               (500, 100, 10), (("linux/amd64", reached),)))
-            keep[blobs[n]] = 500
+        memo, blobs, keep = self.memo_of_many_roots()
         data = b"".join(memo.encoded(keep))
         with open(self.memo_path(), "wb") as f:
             f.write(data)
