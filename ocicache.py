@@ -232,6 +232,13 @@ _MAX_IMPORTED_ENTRY = 16 * 1024
 SUMMARIES_FILE = "ocicache-summaries.json"
 # Where blobs were last seen (see _parse_locations), in the cache beside index.json.
 _LOCATIONS_FILE = ".ocicache-blob-locations.json"
+# The large blobs an export hashed, each with its file's identity then, so that the next
+# export of an unchanged file copies it without hashing it again (_BlobChecks), in the
+# cache beside index.json: at most _MAX_CHECKED, of _CHECKED_MIN_SIZE bytes or more (a
+# smaller one hashes in the time reading the file takes).
+_CHECKED_FILE = ".ocicache-checked-blobs.json"
+_MAX_CHECKED = 1024
+_CHECKED_MIN_SIZE = 8 * 1024 * 1024
 MAX_SUMMARIES_SIZE = 64 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
@@ -1600,7 +1607,7 @@ _PARTIAL_SUFFIX = _TEMP_MARK + "partial"
 _OWN_TEMPORARY = r"(?:[0-9a-f]{64}|[0-9a-f]{128}|blob)\.tmp-[A-Za-z0-9_]+"
 # Each file ocicache replaces in the cache's own directory: the temporary file of any
 # of them that a kill or a crash left there is gc's to remove, the hints' as index.json's.
-_ROOT_FILES = ("index.json", "oci-layout", SUMMARIES_FILE, _LOCATIONS_FILE)
+_ROOT_FILES = ("index.json", "oci-layout", SUMMARIES_FILE, _LOCATIONS_FILE, _CHECKED_FILE)
 _ROOT_TEMPORARY = r"\.(?:%s)\.tmp-[A-Za-z0-9_]+" % "|".join(map(re.escape, _ROOT_FILES))
 _LINUXKIT_TEMPORARY = r"[0-9a-f]{64}[0-9]{1,10}"
 
@@ -1848,6 +1855,32 @@ def _raw_entry(raw: Any) -> Tuple[str, str, int]:
     name = annotations.get(ANNOTATION_REF_NAME) if type(annotations) is dict else ""
     return (name if type(name) is str else "", digest if type(digest) is str else "",
             size if type(size) is int else -1)
+
+
+_FileIdentity = Tuple[int, int, int, int, int]
+
+
+def _file_identity(st: os.stat_result) -> _FileIdentity:
+    """What changes whenever a file's bytes may have: another file (device, inode), a
+    write (size, modification time) and anything else done to it (change time, which
+    no one but the clock sets)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _parse_checked(data: bytes) -> Dict[str, _FileIdentity]:
+    """The checked blobs in a _CHECKED_FILE's bytes, each digest with its file's identity
+    when it was hashed; rows of any other shape are skipped (it is only a hint)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return {}
+    rows = obj.get("checked") if isinstance(obj, dict) and obj.get("version") == 1 else None
+    found: Dict[str, _FileIdentity] = {}
+    for row in rows if isinstance(rows, list) else ():
+        if isinstance(row, list) and len(row) == 6 and type(row[0]) is str and \
+                all(type(n) is int for n in row[1:]):
+            found[row[0]] = tuple(row[1:])  # type: ignore[assignment]
+    return found
 
 
 class Layout:
@@ -2246,6 +2279,41 @@ class Layout:
         except OSError as e:
             _log().debug("cannot write %s: %s", self.summaries_path, e)
 
+    def checked_blobs(self) -> Dict[str, _FileIdentity]:
+        """The blobs earlier exports hashed and found whole, each with its file's identity
+        then (``_file_identity``): a blob whose file has that identity still holds those
+        bytes. Believed only where the memo is (``read_summaries``): a co-user who may
+        write the cache directory could otherwise vouch for a blob they planted."""
+        path = os.path.join(self.root, _CHECKED_FILE)
+        limit = _MAX_CHECKED * 256
+        try:
+            with self._root_directory() as directory, os.fdopen(_open_regular(
+                    _CHECKED_FILE, os.O_RDONLY, directory, path), "rb") as f:
+                if not (_only_ours(os.fstat(directory)) and _only_ours(os.fstat(f.fileno()))):
+                    return {}
+                data = f.read(limit + 1)
+        except (OSError, OciCacheError):
+            return {}
+        return _parse_checked(data) if len(data) <= limit else {}
+
+    def record_checked(self, checked: Mapping[str, _FileIdentity]) -> None:
+        """Add ``checked`` to the blobs ``checked_blobs`` holds, the newest last and the
+        oldest dropped past _MAX_CHECKED. Not under the lock: an addition another export
+        makes at the same moment may be lost, and costs only a hash the next time."""
+        if not checked:
+            return
+        merged = {d: i for d, i in self.checked_blobs().items() if d not in checked}
+        merged.update(checked)
+        rows = [[digest, *identity] for digest, identity in merged.items()][-_MAX_CHECKED:]
+        data = _json_bytes({"version": 1, "checked": rows}, separators=(",", ":"))
+        try:
+            with self._root_directory() as directory:
+                if _only_ours(os.fstat(directory)):
+                    _write_file_atomically(directory, _CHECKED_FILE, data, mode=0o644,
+                                           durable=False)  # a hint: a torn one is ignored
+        except (OSError, OciCacheError) as e:  # a read-only or full cache: a hint lost
+            _log().debug("cannot write %s: %s", os.path.join(self.root, _CHECKED_FILE), e)
+
     # -- index.json -------------------------------------------------------------------
 
     def read_index(self) -> Index:
@@ -2623,7 +2691,7 @@ class Layout:
         it is gone); OSError when it cannot be read."""
         try:
             with self.open_blob(digest) as f:
-                return _content_problem(f, digest)
+                return _content_problem_at(f.fileno(), digest)
         except (NotFoundError, FileNotFoundError):  # deleted meanwhile: nothing to check
             return ""
 
@@ -6595,6 +6663,56 @@ def _tar_header(info: tarfile.TarInfo, xattrs: Mapping[str, str] = MappingProxyT
         bytes(-len(data) % tarfile.BLOCKSIZE) + block
 
 
+def _content_problem_at(fd: int, digest: Digest) -> str:
+    """Why the file open as ``fd`` does not hold ``digest``'s bytes ("" when it does),
+    read with ``pread``: the file offset, which a copy of the same file beside it moves,
+    is left alone."""
+    hasher, offset = digest.hasher(), 0
+    for chunk in iter(lambda: os.pread(fd, COPY_BUFFER_SIZE, offset), b""):
+        hasher.update(chunk)
+        offset += len(chunk)
+    if hasher.hexdigest() != digest.hex:
+        return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
+    return ""
+
+
+class _BlobChecks:
+    """Which blobs of one export need hashing. A large blob whose file is the one an
+    earlier export hashed and found whole, unchanged since (``Layout.checked_blobs``),
+    is not hashed again: hashing is what an export of large layers costs (sha256 runs at
+    a third of the speed of copying them). Blobs it hashes whole it adds to that record
+    when the export succeeds (``save``), but only a file whose change time was already
+    _CHECK_SETTLED_NS old when hashing began: a timestamp moves in clock ticks, and a
+    write in the tick that last changed the file could leave its identity as it was."""
+
+    _CHECK_SETTLED_NS = 2_000_000_000
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+        self._known: Optional[Dict[str, _FileIdentity]] = None  # read when first asked
+        self._passed: Dict[str, _FileIdentity] = {}
+
+    def needed(self, digest: Digest, st: os.stat_result) -> bool:
+        """Whether the blob open with status ``st`` must be hashed."""
+        if st.st_size < _CHECKED_MIN_SIZE:
+            return True
+        if self._known is None:
+            self._known = self._layout.checked_blobs()
+        return self._known.get(str(digest)) != _file_identity(st)
+
+    def passed(self, digest: Digest, before: os.stat_result, after: os.stat_result,
+               started_ns: int) -> None:
+        """The blob hashed whole from ``started_ns`` on, its file ``before`` then and
+        ``after`` once hashed: remembered when it did not change meanwhile."""
+        identity = _file_identity(before)
+        if before.st_size >= _CHECKED_MIN_SIZE and identity == _file_identity(after) and \
+                before.st_ctime_ns + self._CHECK_SETTLED_NS <= started_ns:
+            self._passed[str(digest)] = identity
+
+    def save(self) -> None:
+        self._layout.record_checked(self._passed)
+
+
 class _TarWriter:
     """Writes a PAX tar to a stream: headers by _tar_header, file bodies copied with
     ``os.sendfile`` when both ends are files (no trip through Python), else in 1 MiB
@@ -6653,22 +6771,29 @@ class _TarWriter:
         info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
         self.add(info)
 
-    def add_blob(self, layout: Layout, descriptor: Descriptor, name: str) -> None:
+    def add_blob(self, layout: Layout, descriptor: Descriptor, name: str,
+                 checks: _BlobChecks) -> None:
         if _is_foreign(descriptor) and not layout.has_blob(descriptor.digest):
             raise _foreign_layer_error(descriptor)
         with layout.open_blob(descriptor.digest) as blob:
+            before = os.fstat(blob.fileno())
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = os.fstat(blob.fileno()).st_size, 0o644, 0
+            info.size, info.mode, info.mtime = before.st_size, 0o644, 0
             if info.size != descriptor.size:
                 raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
                                         f"{descriptor.size}; run 'ocicache verify'")
-            # The digest is checked by a second reader hashing beside the copy (which
-            # may bypass Python with sendfile): a corrupt blob fails the export.
+            if not checks.needed(descriptor.digest, before):
+                self.add(info, blob)
+                return
+            # The digest is checked by a second reader of the same open file (a blob
+            # renamed over meanwhile is not what it checks) hashing beside the copy
+            # (which may bypass Python with sendfile): a corrupt blob fails the export.
             problem: List[str] = []
+            started = time.time_ns()
 
             def check() -> None:
                 try:
-                    problem.append(layout.blob_problem(descriptor.digest))
+                    problem.append(_content_problem_at(blob.fileno(), descriptor.digest))
                 except OSError as e:
                     problem.append(f"it cannot be read: {e.strerror or e}")
 
@@ -6678,10 +6803,12 @@ class _TarWriter:
                 self.add(info, blob)
             finally:
                 hashing.join()
-            if problem and problem[0]:
-                raise CorruptCacheError(f"blob {descriptor.digest} is corrupt ({problem[0]}); "
+            if not problem or problem[0]:
+                raise CorruptCacheError(f"blob {descriptor.digest} is corrupt "
+                                        f"({problem[0] if problem else 'it was not read'}); "
                                         "run 'ocicache verify --repair', then pull the "
                                         "image again")
+            checks.passed(descriptor.digest, before, os.fstat(blob.fileno()), started)
 
     def close(self) -> None:
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
@@ -6715,16 +6842,6 @@ def _open_layer(layout: Layout, descriptor: Descriptor,
     if head == _ZSTD_MAGIC:
         return _zstd_reader(blob, f"layer {descriptor.digest}")
     return blob
-
-
-def _content_problem(blob: BinaryIO, digest: Digest) -> str:
-    """Why the rest of the open file ``blob`` is not ``digest``'s bytes ("" when it is)."""
-    hasher = digest.hasher()
-    for chunk in iter(lambda: blob.read(COPY_BUFFER_SIZE), b""):
-        hasher.update(chunk)
-    if hasher.hexdigest() != digest.hex:
-        return f"content hashes to {digest.algorithm}:{hasher.hexdigest()}"
-    return ""
 
 
 def _same_blob(blob: BinaryIO, digest: Digest, opened: Dict[Digest, Tuple[int, int, int]]
@@ -10084,12 +10201,14 @@ class Provider(CacheProvider):
                     tar.add_directory("blobs")
                     for algorithm in sorted({d.algorithm for d in [*blobs, *documents]}):
                         tar.add_directory(f"blobs/{algorithm}")
+                    checks = _BlobChecks(self.layout)
                     for blob in blobs.values():
-                        tar.add_blob(self.layout, blob, _blob_name(blob.digest))
+                        tar.add_blob(self.layout, blob, _blob_name(blob.digest), checks)
                     for digest, data in documents.items():
                         tar.add_bytes(_blob_name(digest), data)
                     tar.add_bytes("index.json", Index(MEDIA_OCI_INDEX, tuple(entries)).to_bytes())
                     tar.close()
+                    checks.save()
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(temp, target)
@@ -11255,6 +11374,7 @@ class _CacheSource(ImageSource):
             # the export (_same_blob), or what was checked would not be what is written.
             problems: Dict[Digest, str] = {}
             replaced: List[OciCacheError] = []
+            checks = _BlobChecks(layout)
 
             def problem_of(digest: Digest) -> str:
                 try:
@@ -11267,9 +11387,13 @@ class _CacheSource(ImageSource):
                     try:
                         with layout.open_blob(digest) as blob:
                             _same_blob(blob, digest, opened)
-                            if blob.read(2) != b"\x1f\x8b":
-                                blob.seek(0)
-                                problems[digest] = _content_problem(blob, digest)
+                            before = os.fstat(blob.fileno())
+                            if blob.read(2) != b"\x1f\x8b" and checks.needed(digest, before):
+                                started = time.time_ns()
+                                problems[digest] = _content_problem_at(blob.fileno(), digest)
+                                if not problems[digest]:
+                                    checks.passed(digest, before, os.fstat(blob.fileno()),
+                                                  started)
                     except CorruptCacheError as e:  # replaced: what was read is unchecked
                         replaced.append(e)
                     except (OSError, OciCacheError):
@@ -11295,6 +11419,7 @@ class _CacheSource(ImageSource):
                         "then pull the image again")
             if failure is not None:
                 raise failure
+            checks.save()
 
         return self._naming_corruption(produce)
 
@@ -11359,8 +11484,9 @@ class _CacheSource(ImageSource):
             archive.add_bytes("oci-layout", _OCI_LAYOUT_BYTES)
             archive.add_directory("blobs")
             archive.add_directory("blobs/sha256")
+            checks = _BlobChecks(layout)
             for blob in [manifest.config, *layers, image]:
-                archive.add_blob(layout, blob, _blob_name(blob.digest))
+                archive.add_blob(layout, blob, _blob_name(blob.digest), checks)
             archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root,)).to_bytes())
             archive.add_bytes("manifest.json", json.dumps(docker_manifest).encode())
             if tagged is not None and manifest.layers:
@@ -11369,6 +11495,7 @@ class _CacheSource(ImageSource):
                 archive.add_bytes("repositories",
                                   json.dumps({repository: {tagged.tag: top}}).encode())
             archive.close()
+            checks.save()
 
         return self._naming_corruption(produce)
 
@@ -11405,12 +11532,14 @@ class _CacheSource(ImageSource):
             archive.add_directory("blobs")
             for algorithm in sorted({b.digest.algorithm for b in blobs}):
                 archive.add_directory(f"blobs/{algorithm}")
+            checks = _BlobChecks(layout)
             for blob in blobs:
-                archive.add_blob(layout, blob, _blob_name(blob.digest))
+                archive.add_blob(layout, blob, _blob_name(blob.digest), checks)
             for digest, data in extra.items():
                 archive.add_bytes(_blob_name(digest), data)
             archive.add_bytes("index.json", Index(MEDIA_OCI_INDEX, (root_entry,)).to_bytes())
             archive.close()
+            checks.save()
 
         return self._naming_corruption(produce)
 

@@ -3676,6 +3676,166 @@ class TestBeliefs(CacheTestCase):
                                   mode="r|") as tar:
                     self.assertEqual(sorted(m.name for m in tar), ["etc", "etc/a", "etc/b"])
 
+    def counting_hashes(self) -> List[str]:
+        """The digests exports hash from now on (by _content_problem_at), in order."""
+        hashed: List[str] = []
+        real = oc._content_problem_at
+
+        def counting(fd: int, digest: oc.Digest) -> str:
+            hashed.append(str(digest))
+            return real(fd, digest)
+
+        mock.patch.object(oc, "_content_problem_at", counting).start()
+        self.addCleanup(mock.patch.stopall)
+        return hashed
+
+    def test_an_export_hashes_a_blob_again_only_when_its_file_changed(self) -> None:
+        # Hashing is what an export of large layers costs (three times a copy): a blob an
+        # export hashed whole is not hashed again while its file is unchanged. Any change
+        # to the file (another file renamed over it, a write, its times) hashes it again.
+        plain = make_image("checked", layer_files=[{"etc/data": b"a" * 4096}],
+                           gzip_layers=False)
+        name = "example.com/checked:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
+        self.addCleanup(mock.patch.stopall)
+        hashed = self.counting_hashes()
+
+        def export(export_format: str) -> bytes:
+            reader = {"oci": self.cache.new_source(name).oci_tar_reader,
+                      "docker": self.cache.new_source(name).v1_tar_reader,
+                      "filesystem": self.cache.new_source(name).tar_reader}[export_format]
+            with reader() as stream:
+                return stream.read()
+
+        # Just written: its change time is within the settling time of the clock's
+        # ticks, so it is hashed every time, and not remembered.
+        for _ in range(2):
+            export("oci")
+        self.assertEqual(hashed.count(str(layer.digest)), 2)
+        self.assertFalse(os.path.exists(os.path.join(self.cache_dir, oc._CHECKED_FILE)))
+        mock.patch.object(oc._BlobChecks, "_CHECK_SETTLED_NS", -10 ** 12).start()
+        export("oci")  # hashed and remembered
+        self.assertEqual(hashed.count(str(layer.digest)), 3)
+        del hashed[:]
+        for export_format in ("oci", "docker", "filesystem", "oci"):
+            export(export_format)
+        self.assertEqual(hashed, [])
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(
+            self.cache_dir, oc._CHECKED_FILE)).st_mode) & 0o022, 0)
+
+        corrupt = bytearray(layer.data)
+        corrupt[layer.data.index(b"a" * 4096) + 100] = ord("b")
+        original = os.stat(path)
+
+        def changed_in_place() -> None:
+            with open(path, "r+b") as f:
+                f.write(corrupt)
+            # the next tick of a coarse clock, as the settling time waits for
+            os.utime(path, ns=(original.st_atime_ns, original.st_mtime_ns + 10 ** 9))
+
+        def renamed_over() -> None:
+            with open(path + ".new", "wb") as f:
+                f.write(corrupt)
+            os.utime(path + ".new", ns=(original.st_atime_ns, original.st_mtime_ns))
+            os.replace(path + ".new", path)
+
+        for change in (changed_in_place, renamed_over):
+            with self.subTest(change.__name__):
+                change()
+                for export_format in ("oci", "docker", "filesystem"):
+                    with self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                        export(export_format)
+                with open(path, "wb") as f:  # whole again, another identity
+                    f.write(layer.data)
+                export("oci")
+
+    def test_only_a_record_of_checked_blobs_the_user_wrote_is_believed(self) -> None:
+        # The record vouches for blobs: one that a co-user could write (the file, or the
+        # directory it is in) would let them vouch for a blob they planted.
+        plain = make_image("vouched", layer_files=[{"etc/data": b"a" * 4096}],
+                           gzip_layers=False)
+        name = "example.com/vouched:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        with open(path, "r+b") as f:
+            f.seek(plain.layers[0].data.index(b"a" * 4096) + 100)
+            f.write(b"b")  # corrupt, the same size
+        mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
+        self.addCleanup(mock.patch.stopall)
+        record = os.path.join(self.cache_dir, oc._CHECKED_FILE)
+        forged = json.dumps({"version": 1, "checked": [
+            [str(layer.digest), *oc._file_identity(os.stat(path))]]}).encode()
+
+        def exported() -> bool:
+            try:
+                with self.cache.new_source(name).oci_tar_reader() as stream:
+                    stream.read()
+                return True
+            except oc.CorruptCacheError as e:
+                self.assertIn(str(layer.digest), str(e))
+                return False
+
+        os.chmod(self.cache_dir, 0o755)
+        self.write_file(record, forged)
+        os.chmod(record, 0o644)
+        self.assertTrue(exported(), "a record of this user's was not believed")
+        for planted in ("group-writable", "directory group-writable", "symlink", "shape"):
+            with self.subTest(planted):
+                os.chmod(self.cache_dir, 0o755)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(record)
+                elsewhere = self.write_file(self.path("elsewhere.json"), forged)
+                if planted == "symlink":
+                    os.symlink(elsewhere, record)
+                elif planted == "shape":
+                    self.write_file(record, forged.replace(b'"version": 1', b'"version": 2'))
+                else:
+                    self.write_file(record, forged)
+                    os.chmod(record, 0o664 if planted == "group-writable" else 0o644)
+                    if planted.startswith("directory"):
+                        os.chmod(self.cache_dir, 0o775)
+                self.assertFalse(exported())
+                self.assertEqual(os.readlink(record) if planted == "symlink" else "",
+                                 elsewhere if planted == "symlink" else "")
+        os.chmod(self.cache_dir, 0o755)
+
+    def test_an_export_hashes_the_file_it_copies(self) -> None:
+        # The copy and the hash beside it read one open file: a blob whose whole file
+        # was put back between the copy's open and the hash's passed the check, and its
+        # planted bytes went into the export.
+        plain = make_image("same", layer_files=[{"etc/data": b"a" * 4096}], gzip_layers=False)
+        name = "example.com/same:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        corrupt = bytearray(layer.data)
+        corrupt[layer.data.index(b"a" * 4096) + 100] = ord("b")
+        with open(path, "wb") as f:
+            f.write(corrupt)
+        real_open = oc.Layout.open_blob
+
+        def open_then_restore(layout: oc.Layout, digest: Any) -> BinaryIO:
+            blob = real_open(layout, digest)
+            if str(digest) == str(layer.digest) and os.path.exists(path):
+                with open(path + ".whole", "wb") as f:
+                    f.write(layer.data)
+                os.replace(path + ".whole", path)
+            return blob
+
+        for reader in ("oci_tar_reader", "v1_tar_reader"):
+            with self.subTest(reader):
+                with open(path + ".bad", "wb") as f:
+                    f.write(corrupt)
+                os.replace(path + ".bad", path)
+                with mock.patch.object(oc.Layout, "open_blob", open_then_restore), \
+                        self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                    with getattr(self.cache.new_source(name), reader)() as stream:
+                        stream.read()
+
     # -- E. index.json never grows past what ocicache reads back --------------------
 
     def test_imports_cannot_grow_index_json_past_what_is_read_back(self) -> None:
