@@ -829,8 +829,8 @@ def warm_pull_script(bench: Bench) -> Case:
 def _export_case(bench: Bench, name: str, ocicache_format: str, skopeo_transport: str,
                  skopeo_name: str) -> Case:
     """An export to a tar vs skopeo's copy to the same kind of tar vs cp of the blobs:
-    ocicache's with its record of the blobs an earlier export hashed, and the first,
-    without (every blob hashed beside the copy)."""
+    ocicache's with the record of checked blobs its pull wrote, and without one (every
+    blob hashed beside the copy)."""
     def ocicache(first: bool = False) -> Sample:
         target = bench.path(f"export.{ocicache_format}.tar")
         if first:
@@ -1643,8 +1643,9 @@ NOTES = {
     "ocicache": "python3 -m ocicache ARGS from ocicache.py's directory (bytecode cached), as "
                 "README recommends running it, through a wrapper that reads its peak RSS "
                 "(VmHWM); pulls count registry requests in the registry's access log",
-    "ocicache first": "the export with no record of blobs an earlier export hashed (the "
-                      "first since a pull): every blob is hashed beside the copy",
+    "ocicache first": "the export when the cache has no record of checked blobs (as in a "
+                      "cache linuxkit or another user wrote): every blob is hashed beside "
+                      "the copy; ocicache is the export after ocicache's own pull",
     "ocicache.py": "python3 ocicache.py ARGS (compiled from source on every run, as a script "
                    "is), through the same wrapper",
     "compile only": "python3 -c 'compile(ocicache.py)': an interpreter start that compiles "

@@ -232,16 +232,22 @@ _MAX_IMPORTED_ENTRY = 16 * 1024
 SUMMARIES_FILE = "ocicache-summaries.json"
 # Where blobs were last seen (see _parse_locations), in the cache beside index.json.
 _LOCATIONS_FILE = ".ocicache-blob-locations.json"
-# The large blobs an export hashed, each with its file's identity then, so that the next
-# export of an unchanged file copies it without hashing it again (_BlobChecks), in the
-# cache beside index.json: at most _MAX_CHECKED, of _CHECKED_MIN_SIZE bytes or more (a
-# smaller one hashes in the time reading the file takes).
+# The large blobs a pull or import wrote and verified, or an export hashed, each with its
+# file's identity then, so that an export of an unchanged file copies it without hashing
+# it again (_BlobChecks), in the cache beside index.json: at most _MAX_CHECKED, of
+# _CHECKED_MIN_SIZE bytes or more (a smaller one hashes in the time reading it takes).
 _CHECKED_FILE = ".ocicache-checked-blobs.json"
 _MAX_CHECKED = 1024
 _CHECKED_MIN_SIZE = 8 * 1024 * 1024
 MAX_SUMMARIES_SIZE = 64 * 1024 * 1024
 MAX_STATEMENT_SIZE = 64 * 1024 * 1024
 COPY_BUFFER_SIZE = 1024 * 1024
+# An export starts each blob's bytes of _ALIGNED_MIN_SIZE or more at a multiple of this
+# offset in its tar (a PAX comment fills the gap): measured on Linux 6.18, ext4, a copy
+# into a file at an offset that is not one ran at 2.7 GB/s, at one (64 KiB or more) at
+# 4.0 GB/s, as fast as cp (the page cache's large folios are then copied whole).
+_BODY_ALIGNMENT = 64 * 1024
+_ALIGNED_MIN_SIZE = 4 * 1024 * 1024
 # Compressed input is read, and decompressed data passes through Python (zlib -> tar
 # reader -> writer), in pieces of this size. Measured on flattening 1 GiB: 256 KiB was
 # fastest; 128 KiB cost 15% more in calls, and from 512 KiB on nearly every piece was
@@ -1757,14 +1763,17 @@ def _write_file_atomically(dir_fd: int, name: str, data: Union[bytes, Iterable[b
 
 class _PendingBlob:
     """A blob being written under a temporary name (a download's partial file, open and
-    locked: see ``Layout.partial_blob``); ``commit`` gives it its final name."""
+    locked: see ``Layout.partial_blob``); ``commit`` gives it its final name, and tells
+    ``named`` the status of the file then."""
 
-    def __init__(self, fd: int, directory: int, name: str, final: str, where: str) -> None:
+    def __init__(self, fd: int, directory: int, name: str, final: str, where: str,
+                 named: Callable[[os.stat_result], None]) -> None:
         self.fd = fd
         self._directory = directory
         self._name = name
         self._final = final
         self.where = where
+        self._named = named
 
     def commit(self, size: int) -> None:
         """Give the verified content its final name, once its size on disk is right and
@@ -1786,6 +1795,7 @@ class _PendingBlob:
             final = os.path.join(os.path.dirname(self.where), self._final)
             raise OciCacheError(f"cannot name {final}: {e.strerror or e}; remove what is "
                                 "there") from None
+        self._named(os.fstat(self.fd))
         # The rename reaches the disk with the directory's next fsync: one per directory
         # before a name is written (``Layout.sync_blob_directories``), not one per blob
         # (half the fsyncs of a pull of 500 small layers).
@@ -1901,6 +1911,9 @@ class Layout:
         self.blobs_dir = os.path.join(self.root, "blobs")
         self._check_tree()
         self._lock = _lock_for(os.path.join(self.root, ".lock"))
+        # Large blobs this process wrote and verified, for the record of checked blobs
+        # (checked_blobs), written with the next sync_blob_directories.
+        self._written_checked: Dict[str, _FileIdentity] = {}
         if not os.path.lexists(self.index_path):
             with self.lock(), self._root_directory() as directory:
                 if not os.path.lexists(self.index_path):
@@ -2060,7 +2073,8 @@ class Layout:
             try:
                 try:
                     actual, written = self._copy_verified(stream, fd, expected, size, algorithm)
-                    _PendingBlob(fd, directory, temp, actual.hex, where).commit(written)
+                    _PendingBlob(fd, directory, temp, actual.hex, where,
+                                 functools.partial(self._verified, actual)).commit(written)
                 finally:
                     os.close(fd)
             except BaseException as e:
@@ -2134,7 +2148,8 @@ class Layout:
                 if self.has_blob(digest, size):
                     yield None
                 else:
-                    yield _PendingBlob(fd, directory, name, digest.hex, where)
+                    yield _PendingBlob(fd, directory, name, digest.hex, where,
+                                       functools.partial(self._verified, digest))
             except OSError as e:
                 if not _is_write_error(e):
                     raise
@@ -2280,9 +2295,9 @@ class Layout:
             _log().debug("cannot write %s: %s", self.summaries_path, e)
 
     def checked_blobs(self) -> Dict[str, _FileIdentity]:
-        """The blobs earlier exports hashed and found whole, each with its file's identity
-        then (``_file_identity``): a blob whose file has that identity still holds those
-        bytes. Believed only where the memo is (``read_summaries``): a co-user who may
+        """The blobs found whole (written and verified by a pull or an import, or hashed
+        by an export), each with its file's identity then (``_file_identity``): a blob
+        whose file has that identity still holds those bytes. Believed only where the memo is (``read_summaries``): a co-user who may
         write the cache directory could otherwise vouch for a blob they planted."""
         path = os.path.join(self.root, _CHECKED_FILE)
         limit = _MAX_CHECKED * 256
@@ -2510,13 +2525,27 @@ class Layout:
     def sync_blob_directories(self) -> None:
         """fsync each ``blobs/<alg>`` directory: every blob visible in it now, whichever
         process wrote it, keeps its name through a crash. Blob writes leave this to
-        whatever names them (``replace_index``), once for all their renames."""
+        whatever names them (``replace_index``), once for all their renames. The large
+        blobs this process wrote since are added to the record of checked blobs."""
         for algorithm in sorted(_DIGEST_HEX_LENGTHS):
             try:
                 with self._blob_directory(algorithm) as directory:
                     os.fsync(directory)
             except (FileNotFoundError, CorruptCacheError):
                 continue  # no such directory, or a link: no blob there can be named
+        written = dict(self._written_checked)  # a copy: other threads add to it
+        for digest in written:
+            self._written_checked.pop(digest, None)
+        self.record_checked(written)
+
+    def _verified(self, digest: Digest, st: os.stat_result) -> None:
+        """The blob ``digest``, written by this process and verified, was just given its
+        name, its file ``st`` then: remembered as checked (see checked_blobs) when it is
+        large and only this user or root may change it. A write by anyone else would
+        change its identity; unlike an export's (_BlobChecks), no settling time is
+        waited for, as no one else can write it within the clock tick of the rename."""
+        if st.st_size >= _CHECKED_MIN_SIZE and _only_ours(st):
+            self._written_checked[str(digest)] = _file_identity(st)
 
     def replace_index(self, data: Union[bytes, Sequence[bytes]],
                       on_full: Optional[Callable[[], None]] = None) -> None:
@@ -6607,14 +6636,34 @@ def _ustar_block(name: bytes, info: tarfile.TarInfo, size: int, mtime: int,
     return block[:148] + b"%06o\0 " % sum(block) + block[156:]
 
 
+def _alignment_records(offset: int, used: int) -> List[bytes]:
+    """The ``comment`` record that, added to PAX records of ``used`` bytes in a header
+    written at ``offset`` (the ustar block after them), starts the body at a multiple of
+    _BODY_ALIGNMENT; none when it starts there without one."""
+    if not used and (offset + tarfile.BLOCKSIZE) % _BODY_ALIGNMENT == 0:
+        return []  # no PAX header is needed at all
+    size = -(offset + 2 * tarfile.BLOCKSIZE) % _BODY_ALIGNMENT  # of the PAX records
+    if used and (used + -used % tarfile.BLOCKSIZE - size) % _BODY_ALIGNMENT == 0:
+        return []  # the records' own padding reaches the boundary
+    while size < used + 12:  # room for the shortest record, "12 comment=\n"
+        size += _BODY_ALIGNMENT
+    length = size - used
+    return [b"%d comment=%s\n" % (length, b"x" * (length - len(str(length)) - 10))]
+
+
 def _tar_header(info: tarfile.TarInfo, xattrs: Mapping[str, str] = MappingProxyType({}),
-                mtime: Union[int, float, str, None] = None) -> bytes:
+                mtime: Union[int, float, str, None] = None,
+                aligned_at: Optional[int] = None) -> bytes:
     """A ustar header, after a PAX header with what ustar cannot hold. Names, link
     targets and attribute values keep their exact bytes (what is not UTF-8 too: no
     ``hdrcharset``, which GNU tar warns about); attributes are ``SCHILY.xattr.*``, which
     GNU tar, bsdtar and Go read. Nothing else a layer's PAX headers said is copied. A
     long name that is not UTF-8 goes in a GNU long-name record: in a PAX record bsdtar
-    refuses it without hdrcharset, and GNU tar warns about hdrcharset."""
+    refuses it without hdrcharset, and GNU tar warns about hdrcharset.
+
+    With ``aligned_at``, the offset in the stream the header is written at, the PAX
+    header gets a ``comment`` record (which every reader ignores) as long as it takes to
+    start the body after it at a multiple of _BODY_ALIGNMENT."""
     records, long_names = [], []
     fields: Dict[str, bytes] = {}
     name = info.name + ("/" if info.type == tarfile.DIRTYPE else "")
@@ -6648,6 +6697,9 @@ def _tar_header(info: tarfile.TarInfo, xattrs: Mapping[str, str] = MappingProxyT
         records.append(_pax_record("mtime", str(mtime)))
         whole = min(max(whole, 0), 8 ** 11 - 1)
     records += [_pax_record("SCHILY.xattr." + key, value) for key, value in xattrs.items()]
+    if aligned_at is not None:
+        records += _alignment_records(aligned_at + sum(map(len, long_names)),
+                                      sum(map(len, records)))
     header = tarfile.TarInfo(info.name)
     header.mode, header.uid, header.gid = info.mode, numbers["uid"], numbers["gid"]
     header.type, header.devmajor, header.devminor = info.type, info.devmajor, info.devminor
@@ -6677,9 +6729,8 @@ def _content_problem_at(fd: int, digest: Digest) -> str:
 
 
 class _BlobChecks:
-    """Which blobs of one export need hashing. A large blob whose file is the one an
-    earlier export hashed and found whole, unchanged since (``Layout.checked_blobs``),
-    is not hashed again: hashing is what an export of large layers costs (sha256 runs at
+    """Which blobs of one export need hashing. A large blob whose file is the one found
+    whole before, unchanged since (``Layout.checked_blobs``), is not hashed again: hashing is what an export of large layers costs (sha256 runs at
     a third of the speed of copying them). Blobs it hashes whole it adds to that record
     when the export succeeds (``save``), but only a file whose change time was already
     _CHECK_SETTLED_NS old when hashing began: a timestamp moves in clock ticks, and a
@@ -6720,13 +6771,18 @@ class _TarWriter:
 
     def __init__(self, out: Union[BinaryIO, "_WriteBehind"]) -> None:
         self._out = out
+        self._offset = 0  # of what is written next, in the tar
 
     def add(self, info: tarfile.TarInfo, data: Union[IO[bytes], _TarStream, None] = None,
             xattrs: Mapping[str, str] = MappingProxyType({}),
-            mtime: Union[int, float, str, None] = None) -> None:
-        self._out.write(_tar_header(info, xattrs, mtime))
+            mtime: Union[int, float, str, None] = None, aligned: bool = False) -> None:
+        """An entry; with ``aligned``, its body starts at a multiple of _BODY_ALIGNMENT."""
+        header = _tar_header(info, xattrs, mtime, self._offset if aligned else None)
+        self._out.write(header)
+        self._offset += len(header)
         if data is None or not info.size:
             return
+        self._offset += info.size + -info.size % tarfile.BLOCKSIZE
         if isinstance(data, _TarStream) or not self._send(data, info.size):
             left = info.size
             while left:
@@ -6782,8 +6838,9 @@ class _TarWriter:
             if info.size != descriptor.size:
                 raise CorruptCacheError(f"blob {descriptor.digest} has {info.size} bytes, not "
                                         f"{descriptor.size}; run 'ocicache verify'")
+            aligned = info.size >= _ALIGNED_MIN_SIZE
             if not checks.needed(descriptor.digest, before):
-                self.add(info, blob)
+                self.add(info, blob, aligned=aligned)
                 return
             # The digest is checked by a second reader of the same open file (a blob
             # renamed over meanwhile is not what it checks) hashing beside the copy
@@ -6800,7 +6857,7 @@ class _TarWriter:
             hashing = threading.Thread(target=check, name="ocicache-export-hash")
             hashing.start()
             try:
-                self.add(info, blob)
+                self.add(info, blob, aligned=aligned)
             finally:
                 hashing.join()
             if not problem or problem[0]:
