@@ -10848,20 +10848,19 @@ def _add_layout_blob(folder: int, digest: Digest, size: int,
 # The layout blob files this process wrote or hashed, by device and inode, with their
 # size and times: one not changed since (a write or a rename changes its ctime) is not
 # read again, so a sync of many images that share a layer hashes it once, not per image.
-_LAYOUT_BLOBS_SEEN: Dict[Tuple[int, int], Tuple[Digest, int, int, int]] = {}
+_LAYOUT_BLOBS_SEEN: Dict[Tuple[int, int], Tuple[Digest, _FileIdentity]] = {}
 _LAYOUT_BLOBS_GUARD = threading.Lock()
 
 
 def _remember_layout_blob(digest: Digest, found: os.stat_result) -> None:
     with _LAYOUT_BLOBS_GUARD:
-        _LAYOUT_BLOBS_SEEN[(found.st_dev, found.st_ino)] = (
-            digest, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+        _LAYOUT_BLOBS_SEEN[(found.st_dev, found.st_ino)] = (digest, _file_identity(found))
 
 
 def _known_layout_blob(digest: Digest, found: os.stat_result) -> bool:
     with _LAYOUT_BLOBS_GUARD:
         known = _LAYOUT_BLOBS_SEEN.get((found.st_dev, found.st_ino))
-    return known == (digest, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+    return known == (digest, _file_identity(found))
 
 
 def _holds_digest(folder: int, digest: Digest, where: str) -> bool:
