@@ -2298,13 +2298,15 @@ class Layout:
         """The blobs found whole (written and verified by a pull or an import, or hashed
         by an export), each with its file's identity then (``_file_identity``): a blob
         whose file has that identity still holds those bytes. Believed only where the memo is (``read_summaries``): a co-user who may
-        write the cache directory could otherwise vouch for a blob they planted."""
+        write the cache directory could otherwise vouch for a blob they planted. Nor
+        where they may write a blob directory (``_blob_directories_ours``)."""
         path = os.path.join(self.root, _CHECKED_FILE)
         limit = _MAX_CHECKED * 256
         try:
             with self._root_directory() as directory, os.fdopen(_open_regular(
                     _CHECKED_FILE, os.O_RDONLY, directory, path), "rb") as f:
-                if not (_only_ours(os.fstat(directory)) and _only_ours(os.fstat(f.fileno()))):
+                if not (self._blob_directories_ours(directory) and
+                        _only_ours(os.fstat(f.fileno()))):
                     return {}
                 data = f.read(limit + 1)
         except (OSError, OciCacheError):
@@ -2323,11 +2325,29 @@ class Layout:
         data = _json_bytes({"version": 1, "checked": rows}, separators=(",", ":"))
         try:
             with self._root_directory() as directory:
-                if _only_ours(os.fstat(directory)):
+                if self._blob_directories_ours(directory):
                     _write_file_atomically(directory, _CHECKED_FILE, data, mode=0o644,
                                            durable=False)  # a hint: a torn one is ignored
         except (OSError, OciCacheError) as e:  # a read-only or full cache: a hint lost
             _log().debug("cannot write %s: %s", os.path.join(self.root, _CHECKED_FILE), e)
+
+    @staticmethod
+    def _blob_directories_ours(root: int) -> bool:
+        """Whether only this user or root may write the cache directory ``root``,
+        ``blobs`` and each ``blobs/<alg>``: where a co-user may, they may put a file of
+        theirs in a blob's place, which, were it given the recorded inode again in the
+        clock tick the blob was named in (timestamps of a coarse clock, inode numbers
+        reused), would have the identity recorded for it."""
+        if not _only_ours(os.fstat(root)):
+            return False
+        for name in ("blobs", *(f"blobs/{a}" for a in sorted(_DIGEST_HEX_LENGTHS))):
+            try:
+                st = os.stat(name, dir_fd=root, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISDIR(st.st_mode) and _only_ours(st)):
+                return False
+        return True
 
     # -- index.json -------------------------------------------------------------------
 
@@ -6754,10 +6774,14 @@ class _BlobChecks:
     def passed(self, digest: Digest, before: os.stat_result, after: os.stat_result,
                started_ns: int) -> None:
         """The blob hashed whole from ``started_ns`` on, its file ``before`` then and
-        ``after`` once hashed: remembered when it did not change meanwhile."""
+        ``after`` once hashed: remembered when it did not change meanwhile, and only
+        this user or root may write it. A co-user who may (a group-writable file, or
+        one of theirs) could change its bytes and leave its identity as it is: a write
+        through a shared mapping moves its times at a page's first write only."""
         identity = _file_identity(before)
         if before.st_size >= _CHECKED_MIN_SIZE and identity == _file_identity(after) and \
-                before.st_ctime_ns + self._CHECK_SETTLED_NS <= started_ns:
+                before.st_ctime_ns + self._CHECK_SETTLED_NS <= started_ns and \
+                _only_ours(before):
             self._passed[str(digest)] = identity
 
     def save(self) -> None:

@@ -31,6 +31,7 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import pickle
 import random
@@ -3821,9 +3822,13 @@ class TestBeliefs(CacheTestCase):
         self.write_file(record, forged)
         os.chmod(record, 0o644)
         self.assertTrue(exported(), "a record of this user's was not believed")
-        for planted in ("group-writable", "directory group-writable", "symlink", "shape"):
+        blobs = os.path.dirname(path)
+        for planted in ("group-writable", "directory group-writable", "symlink", "shape",
+                        "blobs/sha256 group-writable", "blobs group-writable"):
             with self.subTest(planted):
                 os.chmod(self.cache_dir, 0o755)
+                for directory in (blobs, os.path.dirname(blobs)):
+                    os.chmod(directory, 0o755)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(record)
                 elsewhere = self.write_file(self.path("elsewhere.json"), forged)
@@ -3836,10 +3841,14 @@ class TestBeliefs(CacheTestCase):
                     os.chmod(record, 0o664 if planted == "group-writable" else 0o644)
                     if planted.startswith("directory"):
                         os.chmod(self.cache_dir, 0o775)
+                    elif planted.startswith("blobs"):  # a co-user may put a file there
+                        os.chmod(os.path.join(self.cache_dir, planted.split()[0]), 0o2775)
                 self.assertFalse(exported())
                 self.assertEqual(os.readlink(record) if planted == "symlink" else "",
                                  elsewhere if planted == "symlink" else "")
         os.chmod(self.cache_dir, 0o755)
+        for directory in (blobs, os.path.dirname(blobs)):
+            os.chmod(directory, 0o755)
 
     def test_an_export_hashes_the_file_it_copies(self) -> None:
         # The copy and the hash beside it read one open file: a blob whose whole file
@@ -17888,6 +17897,88 @@ class TestAttacks(CacheTestCase):
                                   self.path("elsewhere", "theirs.tar")).returncode, 0)
         self.assertTrue(os.path.isfile(self.path("elsewhere", "target.tar")))
 
+
+    def test_a_blob_a_co_user_may_write_is_never_remembered_as_checked(self) -> None:
+        # A write through a shared mapping of a file changes its times at the first
+        # write to a page only: a co-user who may write a blob (a group-writable file,
+        # or one of theirs planted where the group may write blobs/sha256, under a cache
+        # directory only we may write) dirtied a page, waited for an export to remember
+        # the file's identity, then changed its bytes without changing that identity:
+        # the next export copied the changed blob unhashed. (The directories are only
+        # ours again by the time of the exports: the record is believed.)
+        if os.geteuid() != 0:
+            self.skipTest("emulating a co-user needs root")
+        co_user = 4242
+        mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
+        mock.patch.object(oc._BlobChecks, "_CHECK_SETTLED_NS", -10 ** 12).start()
+        self.addCleanup(mock.patch.stopall)
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.cache_dir, 0o755)
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        for directory in (os.path.dirname(blobs), blobs):
+            os.chown(directory, 0, co_user)
+        for how in ("group-writable", "planted"):
+            with self.subTest(how):
+                image = make_image(f"mapped-{how}", layer_files=[{"etc/d": b"m" * 8192}],
+                                   gzip_layers=False)
+                name = f"example.com/mapped-{how}:1"
+                self.load_image(name, image)
+                layer = image.layers[0]
+                path = self.cache.layout.blob_path(layer.digest)
+                at = layer.data.index(b"m" * 8192) + 4096
+                if how == "group-writable":
+                    os.chown(path, 0, co_user)
+                    os.chmod(path, 0o664)
+                for directory in (os.path.dirname(blobs), blobs):
+                    os.chmod(directory, 0o2775 if how == "planted" else 0o2755)
+                commands, replies = os.pipe(), os.pipe()
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child, the co-user
+                    status = 1
+                    try:
+                        os.close(commands[1])
+                        os.close(replies[0])
+                        os.setgroups([])
+                        os.setgid(co_user)
+                        os.setuid(co_user)
+                        if how == "planted":  # their own copy of the blob, whole
+                            with open(path + ".theirs", "wb") as f:
+                                f.write(layer.data)
+                            os.replace(path + ".theirs", path)
+                        fd = os.open(path, os.O_RDWR)
+                        mapped = mmap.mmap(fd, len(layer.data))
+                        mapped[at:at + 1] = b"m"  # the one write that moves the times
+                        os.write(replies[1], b"r")
+                        os.read(commands[0], 1)
+                        mapped[at:at + 1] = b"X"  # moves nothing
+                        os.write(replies[1], b"w")
+                        os.read(commands[0], 1)
+                        status = 0
+                    finally:
+                        os._exit(status)
+                os.close(commands[0])
+                os.close(replies[1])  # a child that died ends the reads below
+                try:
+                    self.assertEqual(os.read(replies[0], 1), b"r")
+                    for directory in (os.path.dirname(blobs), blobs):
+                        os.chmod(directory, 0o2755)
+                    with self.cache.new_source(name).oci_tar_reader() as stream:
+                        stream.read()  # hashed, whole
+                    os.write(commands[1], b"c")
+                    self.assertEqual(os.read(replies[0], 1), b"w")
+                    with open(path, "rb") as f:
+                        self.assertNotEqual(f.read(), layer.data)
+                    for reader in ("oci_tar_reader", "v1_tar_reader", "tar_reader"):
+                        with self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                            with getattr(self.cache.new_source(name), reader)() as stream:
+                                stream.read()
+                finally:
+                    os.close(commands[1])  # the child's read ends, whatever it waits for
+                    _, status = os.waitpid(pid, 0)
+                    os.close(replies[0])
+                self.assertEqual(status, 0, "the co-user's act failed")
+                self.assertNotEqual(self.cache.layout.checked_blobs().get(str(layer.digest)),
+                                    oc._file_identity(os.stat(path)))
 
     # -- hostile archives ----------------------------------------------------------------
 
