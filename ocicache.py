@@ -2313,13 +2313,17 @@ class Layout:
             return {}
         return _parse_checked(data) if len(data) <= limit else {}
 
-    def record_checked(self, checked: Mapping[str, _FileIdentity]) -> None:
+    def record_checked(self, checked: Mapping[str, _FileIdentity],
+                       forget: Iterable[str] = ()) -> None:
         """Add ``checked`` to the blobs ``checked_blobs`` holds, the newest last and the
-        oldest dropped past _MAX_CHECKED. Not under the lock: an addition another export
-        makes at the same moment may be lost, and costs only a hash the next time."""
-        if not checked:
+        oldest dropped past _MAX_CHECKED, and drop those in ``forget``. Not under the
+        lock: an addition another export makes at the same moment may be lost, and
+        costs only a hash the next time."""
+        forget = set(forget)
+        known = self.checked_blobs() if checked or forget else {}
+        if not checked and forget.isdisjoint(known):
             return
-        merged = {d: i for d, i in self.checked_blobs().items() if d not in checked}
+        merged = {d: i for d, i in known.items() if d not in checked and d not in forget}
         merged.update(checked)
         rows = [[digest, *identity] for digest, identity in merged.items()][-_MAX_CHECKED:]
         data = _json_bytes({"version": 1, "checked": rows}, separators=(",", ":"))
@@ -2888,6 +2892,9 @@ class Layout:
                 checked += 1
             if problem:
                 corrupt[digest] = problem
+        # A blob whose bytes changed and identity did not (a disk's error, a write through
+        # a mapping) is no longer vouched for: the next export hashes it, and refuses it.
+        self.record_checked({}, forget={str(d) for d in corrupt})
         with self.adding_blobs():
             marked = self.reachable(self.root_entries())
         repaired: List[str] = []

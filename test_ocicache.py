@@ -3883,6 +3883,37 @@ class TestBeliefs(CacheTestCase):
                     with getattr(self.cache.new_source(name), reader)() as stream:
                         stream.read()
 
+    def test_a_blob_verify_finds_corrupt_is_hashed_by_the_next_export(self) -> None:
+        # The record of checked blobs holds while a file's identity does, but bytes can
+        # change and leave it as it is (a disk's error, fsck's repair, a write through a
+        # shared mapping, which moves the times at a page's first write only): once
+        # verify found such a blob corrupt, an export still copied it unhashed.
+        plain = make_image("rotted", layer_files=[{"etc/data": b"r" * 8192}],
+                           gzip_layers=False)
+        name = "example.com/rotted:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
+        mock.patch.object(oc._BlobChecks, "_CHECK_SETTLED_NS", -10 ** 12).start()
+        self.addCleanup(mock.patch.stopall)
+        at = layer.data.index(b"r" * 8192) + 4096
+        with open(path, "r+b") as f, mmap.mmap(f.fileno(), len(layer.data)) as mapped:
+            mapped[at:at + 1] = b"r"  # the one write that moves the times
+            with self.cache.new_source(name).oci_tar_reader() as stream:
+                stream.read()  # hashed whole, and remembered
+            identity = oc._file_identity(os.fstat(f.fileno()))
+            self.assertEqual(self.cache.layout.checked_blobs()[str(layer.digest)], identity)
+            mapped[at:at + 1] = b"X"
+            self.assertEqual(oc._file_identity(os.fstat(f.fileno())), identity)
+        report = self.cache.layout.verify()
+        self.assertIn(str(layer.digest), " ".join(report.corrupt))
+        self.assertNotIn(str(layer.digest), self.cache.layout.checked_blobs())
+        for reader in ("oci_tar_reader", "v1_tar_reader", "tar_reader"):
+            with self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                with getattr(self.cache.new_source(name), reader)() as stream:
+                    stream.read()
+
     # -- E. index.json never grows past what ocicache reads back --------------------
 
     def test_imports_cannot_grow_index_json_past_what_is_read_back(self) -> None:
