@@ -3883,6 +3883,71 @@ class TestBeliefs(CacheTestCase):
                     with getattr(self.cache.new_source(name), reader)() as stream:
                         stream.read()
 
+    def test_an_export_refuses_a_blob_written_while_it_is_copied(self) -> None:
+        # The hash beside the copy reads the file at other moments than the copy: bytes
+        # changed before the copy read them and put back before the hash did went into
+        # the export unchecked (here the hash is made to lag the copy, as it does: it
+        # runs at half the copy's speed). The copy is made in Python, as to an output
+        # that is no file: sendfile into a pipe hands on references to the file's pages.
+        plain = make_image("raced", layer_files=[{"etc/data": b"a" * 8192}],
+                           gzip_layers=False)
+        name = "example.com/raced:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        blob_name = "blobs/sha256/" + layer.digest.split(":")[1]
+        at = layer.data.index(b"a" * 8192) + 100
+        copied = threading.Event()
+        real_add, real_hash = oc._TarWriter.add, oc._content_problem_at
+
+        def add(writer: oc._TarWriter, info: tarfile.TarInfo, *args: Any,
+                **kwargs: Any) -> None:
+            if info.name != blob_name:
+                return real_add(writer, info, *args, **kwargs)
+            if deleting:  # as rm or gc would: the export outlives it
+                os.link(path, path + ".kept")
+                os.unlink(path)
+                real_add(writer, info, *args, **kwargs)
+                os.rename(path + ".kept", path)
+                copied.set()
+                return None
+            with open(path, "r+b") as f:
+                f.seek(at)
+                f.write(b"b")  # changed before the copy reads it
+                f.flush()
+                real_add(writer, info, *args, **kwargs)
+                f.seek(at)
+                f.write(b"a")  # and put back before the hash reads it
+            copied.set()
+            return None
+
+        def lagging(fd: int, digest: oc.Digest) -> str:
+            if str(digest) == layer.digest:
+                copied.wait(30)
+            return real_hash(fd, digest)
+
+        deleting = False
+        for reader in ("oci_tar_reader", "v1_tar_reader"):
+            with self.subTest(reader):
+                copied.clear()
+                with mock.patch.object(oc._TarWriter, "add", add), \
+                        mock.patch.object(oc._TarWriter, "_send", lambda *_: False), \
+                        mock.patch.object(oc, "_content_problem_at", lagging), \
+                        self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                    with getattr(self.cache.new_source(name), reader)() as stream:
+                        exported = stream.read()
+                        with tarfile.open(fileobj=io.BytesIO(exported)) as tar:
+                            member = tar.extractfile(blob_name)
+                            assert member is not None
+                            self.assertEqual(hashlib.sha256(member.read()).hexdigest(),
+                                             layer.digest.split(":")[1], "carried unchecked")
+        deleting = True
+        copied.clear()
+        with mock.patch.object(oc._TarWriter, "add", add), \
+                mock.patch.object(oc, "_content_problem_at", lagging):
+            with self.cache.new_source(name).oci_tar_reader() as stream:
+                self.assertIn(layer.data, stream.read())
+
     def test_a_blob_verify_finds_corrupt_is_hashed_by_the_next_export(self) -> None:
         # The record of checked blobs holds while a file's identity does, but bytes can
         # change and leave it as it is (a disk's error, fsck's repair, a write through a
