@@ -2298,36 +2298,60 @@ class Layout:
         """The blobs found whole (written and verified by a pull or an import, or hashed
         by an export), each with its file's identity then (``_file_identity``): a blob
         whose file has that identity still holds those bytes. Believed only where the memo is (``read_summaries``): a co-user who may
-        write the cache directory could otherwise vouch for a blob they planted."""
+        write the cache directory could otherwise vouch for a blob they planted. Nor
+        where they may write a blob directory (``_blob_directories_ours``)."""
         path = os.path.join(self.root, _CHECKED_FILE)
         limit = _MAX_CHECKED * 256
         try:
             with self._root_directory() as directory, os.fdopen(_open_regular(
                     _CHECKED_FILE, os.O_RDONLY, directory, path), "rb") as f:
-                if not (_only_ours(os.fstat(directory)) and _only_ours(os.fstat(f.fileno()))):
+                if not (self._blob_directories_ours(directory) and
+                        _only_ours(os.fstat(f.fileno()))):
                     return {}
                 data = f.read(limit + 1)
         except (OSError, OciCacheError):
             return {}
         return _parse_checked(data) if len(data) <= limit else {}
 
-    def record_checked(self, checked: Mapping[str, _FileIdentity]) -> None:
+    def record_checked(self, checked: Mapping[str, _FileIdentity],
+                       forget: Iterable[str] = ()) -> None:
         """Add ``checked`` to the blobs ``checked_blobs`` holds, the newest last and the
-        oldest dropped past _MAX_CHECKED. Not under the lock: an addition another export
-        makes at the same moment may be lost, and costs only a hash the next time."""
-        if not checked:
+        oldest dropped past _MAX_CHECKED, and drop those in ``forget``. Not under the
+        lock: an addition another export makes at the same moment may be lost, and
+        costs only a hash the next time."""
+        forget = set(forget)
+        known = self.checked_blobs() if checked or forget else {}
+        if not checked and forget.isdisjoint(known):
             return
-        merged = {d: i for d, i in self.checked_blobs().items() if d not in checked}
+        merged = {d: i for d, i in known.items() if d not in checked and d not in forget}
         merged.update(checked)
         rows = [[digest, *identity] for digest, identity in merged.items()][-_MAX_CHECKED:]
         data = _json_bytes({"version": 1, "checked": rows}, separators=(",", ":"))
         try:
             with self._root_directory() as directory:
-                if _only_ours(os.fstat(directory)):
+                if self._blob_directories_ours(directory):
                     _write_file_atomically(directory, _CHECKED_FILE, data, mode=0o644,
                                            durable=False)  # a hint: a torn one is ignored
         except (OSError, OciCacheError) as e:  # a read-only or full cache: a hint lost
             _log().debug("cannot write %s: %s", os.path.join(self.root, _CHECKED_FILE), e)
+
+    @staticmethod
+    def _blob_directories_ours(root: int) -> bool:
+        """Whether only this user or root may write the cache directory ``root``,
+        ``blobs`` and each ``blobs/<alg>``: where a co-user may, they may put a file of
+        theirs in a blob's place, which, were it given the recorded inode again in the
+        clock tick the blob was named in (timestamps of a coarse clock, inode numbers
+        reused), would have the identity recorded for it."""
+        if not _only_ours(os.fstat(root)):
+            return False
+        for name in ("blobs", *(f"blobs/{a}" for a in sorted(_DIGEST_HEX_LENGTHS))):
+            try:
+                st = os.stat(name, dir_fd=root, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISDIR(st.st_mode) and _only_ours(st)):
+                return False
+        return True
 
     # -- index.json -------------------------------------------------------------------
 
@@ -2868,6 +2892,9 @@ class Layout:
                 checked += 1
             if problem:
                 corrupt[digest] = problem
+        # A blob whose bytes changed and identity did not (a disk's error, a write through
+        # a mapping) is no longer vouched for: the next export hashes it, and refuses it.
+        self.record_checked({}, forget={str(d) for d in corrupt})
         with self.adding_blobs():
             marked = self.reachable(self.root_entries())
         repaired: List[str] = []
@@ -6754,10 +6781,14 @@ class _BlobChecks:
     def passed(self, digest: Digest, before: os.stat_result, after: os.stat_result,
                started_ns: int) -> None:
         """The blob hashed whole from ``started_ns`` on, its file ``before`` then and
-        ``after`` once hashed: remembered when it did not change meanwhile."""
+        ``after`` once hashed: remembered when it did not change meanwhile, and only
+        this user or root may write it. A co-user who may (a group-writable file, or
+        one of theirs) could change its bytes and leave its identity as it is: a write
+        through a shared mapping moves its times at a page's first write only."""
         identity = _file_identity(before)
         if before.st_size >= _CHECKED_MIN_SIZE and identity == _file_identity(after) and \
-                before.st_ctime_ns + self._CHECK_SETTLED_NS <= started_ns:
+                before.st_ctime_ns + self._CHECK_SETTLED_NS <= started_ns and \
+                _only_ours(before):
             self._passed[str(digest)] = identity
 
     def save(self) -> None:
@@ -6841,6 +6872,7 @@ class _TarWriter:
             aligned = info.size >= _ALIGNED_MIN_SIZE
             if not checks.needed(descriptor.digest, before):
                 self.add(info, blob, aligned=aligned)
+                _unchanged(descriptor.digest, before, os.fstat(blob.fileno()))
                 return
             # The digest is checked by a second reader of the same open file (a blob
             # renamed over meanwhile is not what it checks) hashing beside the copy
@@ -6865,11 +6897,24 @@ class _TarWriter:
                                         f"({problem[0] if problem else 'it was not read'}); "
                                         "run 'ocicache verify --repair', then pull the "
                                         "image again")
-            checks.passed(descriptor.digest, before, os.fstat(blob.fileno()), started)
+            after = os.fstat(blob.fileno())
+            _unchanged(descriptor.digest, before, after)
+            checks.passed(descriptor.digest, before, after, started)
 
     def close(self) -> None:
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
         self._out.flush()
+
+
+def _unchanged(digest: Digest, before: os.stat_result, after: os.stat_result) -> None:
+    """Refuse a blob whose file was written while it was copied (status ``before`` and
+    ``after``): the copy and the hash beside it read it at other moments, so a write
+    undone between the two put bytes in the export that the hash never saw. Its change
+    time is not compared: deleting the blob (rm, gc), which an export outlives, moves it."""
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise CorruptCacheError(f"blob {digest} changed while it was exported (a final "
+                                "blob is never written to); run 'ocicache verify "
+                                "--repair', then pull the image again")
 
 
 def _foreign_layer_error(descriptor: Descriptor) -> NotFoundError:

@@ -31,6 +31,7 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import pickle
 import random
@@ -3821,9 +3822,13 @@ class TestBeliefs(CacheTestCase):
         self.write_file(record, forged)
         os.chmod(record, 0o644)
         self.assertTrue(exported(), "a record of this user's was not believed")
-        for planted in ("group-writable", "directory group-writable", "symlink", "shape"):
+        blobs = os.path.dirname(path)
+        for planted in ("group-writable", "directory group-writable", "symlink", "shape",
+                        "blobs/sha256 group-writable", "blobs group-writable"):
             with self.subTest(planted):
                 os.chmod(self.cache_dir, 0o755)
+                for directory in (blobs, os.path.dirname(blobs)):
+                    os.chmod(directory, 0o755)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(record)
                 elsewhere = self.write_file(self.path("elsewhere.json"), forged)
@@ -3836,10 +3841,14 @@ class TestBeliefs(CacheTestCase):
                     os.chmod(record, 0o664 if planted == "group-writable" else 0o644)
                     if planted.startswith("directory"):
                         os.chmod(self.cache_dir, 0o775)
+                    elif planted.startswith("blobs"):  # a co-user may put a file there
+                        os.chmod(os.path.join(self.cache_dir, planted.split()[0]), 0o2775)
                 self.assertFalse(exported())
                 self.assertEqual(os.readlink(record) if planted == "symlink" else "",
                                  elsewhere if planted == "symlink" else "")
         os.chmod(self.cache_dir, 0o755)
+        for directory in (blobs, os.path.dirname(blobs)):
+            os.chmod(directory, 0o755)
 
     def test_an_export_hashes_the_file_it_copies(self) -> None:
         # The copy and the hash beside it read one open file: a blob whose whole file
@@ -3873,6 +3882,102 @@ class TestBeliefs(CacheTestCase):
                         self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
                     with getattr(self.cache.new_source(name), reader)() as stream:
                         stream.read()
+
+    def test_an_export_refuses_a_blob_written_while_it_is_copied(self) -> None:
+        # The hash beside the copy reads the file at other moments than the copy: bytes
+        # changed before the copy read them and put back before the hash did went into
+        # the export unchecked (here the hash is made to lag the copy, as it does: it
+        # runs at half the copy's speed). The copy is made in Python, as to an output
+        # that is no file: sendfile into a pipe hands on references to the file's pages.
+        plain = make_image("raced", layer_files=[{"etc/data": b"a" * 8192}],
+                           gzip_layers=False)
+        name = "example.com/raced:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        blob_name = "blobs/sha256/" + layer.digest.split(":")[1]
+        at = layer.data.index(b"a" * 8192) + 100
+        copied = threading.Event()
+        real_add, real_hash = oc._TarWriter.add, oc._content_problem_at
+
+        def add(writer: oc._TarWriter, info: tarfile.TarInfo, *args: Any,
+                **kwargs: Any) -> None:
+            if info.name != blob_name:
+                return real_add(writer, info, *args, **kwargs)
+            if deleting:  # as rm or gc would: the export outlives it
+                os.link(path, path + ".kept")
+                os.unlink(path)
+                real_add(writer, info, *args, **kwargs)
+                os.rename(path + ".kept", path)
+                copied.set()
+                return None
+            with open(path, "r+b") as f:
+                f.seek(at)
+                f.write(b"b")  # changed before the copy reads it
+                f.flush()
+                real_add(writer, info, *args, **kwargs)
+                f.seek(at)
+                f.write(b"a")  # and put back before the hash reads it
+            copied.set()
+            return None
+
+        def lagging(fd: int, digest: oc.Digest) -> str:
+            if str(digest) == layer.digest:
+                copied.wait(30)
+            return real_hash(fd, digest)
+
+        deleting = False
+        for reader in ("oci_tar_reader", "v1_tar_reader"):
+            with self.subTest(reader):
+                copied.clear()
+                with mock.patch.object(oc._TarWriter, "add", add), \
+                        mock.patch.object(oc._TarWriter, "_send", lambda *_: False), \
+                        mock.patch.object(oc, "_content_problem_at", lagging), \
+                        self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                    with getattr(self.cache.new_source(name), reader)() as stream:
+                        exported = stream.read()
+                        with tarfile.open(fileobj=io.BytesIO(exported)) as tar:
+                            member = tar.extractfile(blob_name)
+                            assert member is not None
+                            self.assertEqual(hashlib.sha256(member.read()).hexdigest(),
+                                             layer.digest.split(":")[1], "carried unchecked")
+        deleting = True
+        copied.clear()
+        with mock.patch.object(oc._TarWriter, "add", add), \
+                mock.patch.object(oc, "_content_problem_at", lagging):
+            with self.cache.new_source(name).oci_tar_reader() as stream:
+                self.assertIn(layer.data, stream.read())
+
+    def test_a_blob_verify_finds_corrupt_is_hashed_by_the_next_export(self) -> None:
+        # The record of checked blobs holds while a file's identity does, but bytes can
+        # change and leave it as it is (a disk's error, fsck's repair, a write through a
+        # shared mapping, which moves the times at a page's first write only): once
+        # verify found such a blob corrupt, an export still copied it unhashed.
+        plain = make_image("rotted", layer_files=[{"etc/data": b"r" * 8192}],
+                           gzip_layers=False)
+        name = "example.com/rotted:1"
+        self.load_image(name, plain)
+        layer = plain.layers[0]
+        path = self.cache.layout.blob_path(layer.digest)
+        mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
+        mock.patch.object(oc._BlobChecks, "_CHECK_SETTLED_NS", -10 ** 12).start()
+        self.addCleanup(mock.patch.stopall)
+        at = layer.data.index(b"r" * 8192) + 4096
+        with open(path, "r+b") as f, mmap.mmap(f.fileno(), len(layer.data)) as mapped:
+            mapped[at:at + 1] = b"r"  # the one write that moves the times
+            with self.cache.new_source(name).oci_tar_reader() as stream:
+                stream.read()  # hashed whole, and remembered
+            identity = oc._file_identity(os.fstat(f.fileno()))
+            self.assertEqual(self.cache.layout.checked_blobs()[str(layer.digest)], identity)
+            mapped[at:at + 1] = b"X"
+            self.assertEqual(oc._file_identity(os.fstat(f.fileno())), identity)
+        report = self.cache.layout.verify()
+        self.assertIn(str(layer.digest), " ".join(report.corrupt))
+        self.assertNotIn(str(layer.digest), self.cache.layout.checked_blobs())
+        for reader in ("oci_tar_reader", "v1_tar_reader", "tar_reader"):
+            with self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                with getattr(self.cache.new_source(name), reader)() as stream:
+                    stream.read()
 
     # -- E. index.json never grows past what ocicache reads back --------------------
 
@@ -17888,6 +17993,88 @@ class TestAttacks(CacheTestCase):
                                   self.path("elsewhere", "theirs.tar")).returncode, 0)
         self.assertTrue(os.path.isfile(self.path("elsewhere", "target.tar")))
 
+
+    def test_a_blob_a_co_user_may_write_is_never_remembered_as_checked(self) -> None:
+        # A write through a shared mapping of a file changes its times at the first
+        # write to a page only: a co-user who may write a blob (a group-writable file,
+        # or one of theirs planted where the group may write blobs/sha256, under a cache
+        # directory only we may write) dirtied a page, waited for an export to remember
+        # the file's identity, then changed its bytes without changing that identity:
+        # the next export copied the changed blob unhashed. (The directories are only
+        # ours again by the time of the exports: the record is believed.)
+        if os.geteuid() != 0:
+            self.skipTest("emulating a co-user needs root")
+        co_user = 4242
+        mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
+        mock.patch.object(oc._BlobChecks, "_CHECK_SETTLED_NS", -10 ** 12).start()
+        self.addCleanup(mock.patch.stopall)
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.cache_dir, 0o755)
+        blobs = os.path.join(self.cache_dir, "blobs", "sha256")
+        for directory in (os.path.dirname(blobs), blobs):
+            os.chown(directory, 0, co_user)
+        for how in ("group-writable", "planted"):
+            with self.subTest(how):
+                image = make_image(f"mapped-{how}", layer_files=[{"etc/d": b"m" * 8192}],
+                                   gzip_layers=False)
+                name = f"example.com/mapped-{how}:1"
+                self.load_image(name, image)
+                layer = image.layers[0]
+                path = self.cache.layout.blob_path(layer.digest)
+                at = layer.data.index(b"m" * 8192) + 4096
+                if how == "group-writable":
+                    os.chown(path, 0, co_user)
+                    os.chmod(path, 0o664)
+                for directory in (os.path.dirname(blobs), blobs):
+                    os.chmod(directory, 0o2775 if how == "planted" else 0o2755)
+                commands, replies = os.pipe(), os.pipe()
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child, the co-user
+                    status = 1
+                    try:
+                        os.close(commands[1])
+                        os.close(replies[0])
+                        os.setgroups([])
+                        os.setgid(co_user)
+                        os.setuid(co_user)
+                        if how == "planted":  # their own copy of the blob, whole
+                            with open(path + ".theirs", "wb") as f:
+                                f.write(layer.data)
+                            os.replace(path + ".theirs", path)
+                        fd = os.open(path, os.O_RDWR)
+                        mapped = mmap.mmap(fd, len(layer.data))
+                        mapped[at:at + 1] = b"m"  # the one write that moves the times
+                        os.write(replies[1], b"r")
+                        os.read(commands[0], 1)
+                        mapped[at:at + 1] = b"X"  # moves nothing
+                        os.write(replies[1], b"w")
+                        os.read(commands[0], 1)
+                        status = 0
+                    finally:
+                        os._exit(status)
+                os.close(commands[0])
+                os.close(replies[1])  # a child that died ends the reads below
+                try:
+                    self.assertEqual(os.read(replies[0], 1), b"r")
+                    for directory in (os.path.dirname(blobs), blobs):
+                        os.chmod(directory, 0o2755)
+                    with self.cache.new_source(name).oci_tar_reader() as stream:
+                        stream.read()  # hashed, whole
+                    os.write(commands[1], b"c")
+                    self.assertEqual(os.read(replies[0], 1), b"w")
+                    with open(path, "rb") as f:
+                        self.assertNotEqual(f.read(), layer.data)
+                    for reader in ("oci_tar_reader", "v1_tar_reader", "tar_reader"):
+                        with self.assertRaisesRegex(oc.CorruptCacheError, str(layer.digest)):
+                            with getattr(self.cache.new_source(name), reader)() as stream:
+                                stream.read()
+                finally:
+                    os.close(commands[1])  # the child's read ends, whatever it waits for
+                    _, status = os.waitpid(pid, 0)
+                    os.close(replies[0])
+                self.assertEqual(status, 0, "the co-user's act failed")
+                self.assertNotEqual(self.cache.layout.checked_blobs().get(str(layer.digest)),
+                                    oc._file_identity(os.stat(path)))
 
     # -- hostile archives ----------------------------------------------------------------
 
