@@ -6872,7 +6872,6 @@ class _TarWriter:
             aligned = info.size >= _ALIGNED_MIN_SIZE
             if not checks.needed(descriptor.digest, before):
                 self.add(info, blob, aligned=aligned)
-                _unchanged(descriptor.digest, before, os.fstat(blob.fileno()))
                 return
             # The digest is checked by a second reader of the same open file (a blob
             # renamed over meanwhile is not what it checks) hashing beside the copy
@@ -6897,24 +6896,11 @@ class _TarWriter:
                                         f"({problem[0] if problem else 'it was not read'}); "
                                         "run 'ocicache verify --repair', then pull the "
                                         "image again")
-            after = os.fstat(blob.fileno())
-            _unchanged(descriptor.digest, before, after)
-            checks.passed(descriptor.digest, before, after, started)
+            checks.passed(descriptor.digest, before, os.fstat(blob.fileno()), started)
 
     def close(self) -> None:
         self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
         self._out.flush()
-
-
-def _unchanged(digest: Digest, before: os.stat_result, after: os.stat_result) -> None:
-    """Refuse a blob whose file was written while it was copied (status ``before`` and
-    ``after``): the copy and the hash beside it read it at other moments, so a write
-    undone between the two put bytes in the export that the hash never saw. Its change
-    time is not compared: deleting the blob (rm, gc), which an export outlives, moves it."""
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-        raise CorruptCacheError(f"blob {digest} changed while it was exported (a final "
-                                "blob is never written to); run 'ocicache verify "
-                                "--repair', then pull the image again")
 
 
 def _foreign_layer_error(descriptor: Descriptor) -> NotFoundError:
