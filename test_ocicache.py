@@ -3677,6 +3677,16 @@ class TestBeliefs(CacheTestCase):
                                   mode="r|") as tar:
                     self.assertEqual(sorted(m.name for m in tar), ["etc", "etc/a", "etc/b"])
 
+    def load_plain(self, seed: str, fill: bytes = b"a", size: int = 4096
+                   ) -> Tuple[str, ImageBlobs, Blob, str]:
+        """An image of one uncompressed layer holding etc/data (``size`` bytes ``fill``),
+        loaded as example.com/SEED:1: its name, the image, its layer and the layer's
+        file in the cache."""
+        image = make_image(seed, layer_files=[{"etc/data": fill * size}], gzip_layers=False)
+        name = f"example.com/{seed}:1"
+        self.load_image(name, image)
+        return name, image, image.layers[0], self.cache.layout.blob_path(image.layers[0].digest)
+
     def counting_hashes(self) -> List[str]:
         """The digests exports hash from now on (by _content_problem_at), in order."""
         hashed: List[str] = []
@@ -3694,12 +3704,7 @@ class TestBeliefs(CacheTestCase):
         # Hashing is what an export of large layers costs (three times a copy): a blob an
         # export hashed whole is not hashed again while its file is unchanged. Any change
         # to the file (another file renamed over it, a write, its times) hashes it again.
-        plain = make_image("checked", layer_files=[{"etc/data": b"a" * 4096}],
-                           gzip_layers=False)
-        name = "example.com/checked:1"
-        self.load_image(name, plain)
-        layer = plain.layers[0]
-        path = self.cache.layout.blob_path(layer.digest)
+        name, plain, layer, path = self.load_plain("checked")
         mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
         self.addCleanup(mock.patch.stopall)
         hashed = self.counting_hashes()
@@ -3758,12 +3763,7 @@ class TestBeliefs(CacheTestCase):
         # need not hash them again, unless someone else may write the file.
         mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
         self.addCleanup(mock.patch.stopall)
-        image = make_image("written", layer_files=[{"etc/data": b"w" * 4096}],
-                           gzip_layers=False)
-        name = "example.com/written:1"
-        self.load_image(name, image)
-        layer = image.layers[0]
-        path = self.cache.layout.blob_path(layer.digest)
+        name, image, layer, path = self.load_plain("written", b"w")
         self.assertEqual(self.cache.layout.checked_blobs().get(str(layer.digest)),
                          oc._file_identity(os.stat(path)))
         hashed = self.counting_hashes()
@@ -3794,12 +3794,7 @@ class TestBeliefs(CacheTestCase):
     def test_only_a_record_of_checked_blobs_the_user_wrote_is_believed(self) -> None:
         # The record vouches for blobs: one that a co-user could write (the file, or the
         # directory it is in) would let them vouch for a blob they planted.
-        plain = make_image("vouched", layer_files=[{"etc/data": b"a" * 4096}],
-                           gzip_layers=False)
-        name = "example.com/vouched:1"
-        self.load_image(name, plain)
-        layer = plain.layers[0]
-        path = self.cache.layout.blob_path(layer.digest)
+        name, plain, layer, path = self.load_plain("vouched")
         with open(path, "r+b") as f:
             f.seek(plain.layers[0].data.index(b"a" * 4096) + 100)
             f.write(b"b")  # corrupt, the same size
@@ -3854,11 +3849,7 @@ class TestBeliefs(CacheTestCase):
         # The copy and the hash beside it read one open file: a blob whose whole file
         # was put back between the copy's open and the hash's passed the check, and its
         # planted bytes went into the export.
-        plain = make_image("same", layer_files=[{"etc/data": b"a" * 4096}], gzip_layers=False)
-        name = "example.com/same:1"
-        self.load_image(name, plain)
-        layer = plain.layers[0]
-        path = self.cache.layout.blob_path(layer.digest)
+        name, plain, layer, path = self.load_plain("same")
         corrupt = bytearray(layer.data)
         corrupt[layer.data.index(b"a" * 4096) + 100] = ord("b")
         with open(path, "wb") as f:
@@ -3888,12 +3879,7 @@ class TestBeliefs(CacheTestCase):
         # change and leave it as it is (a disk's error, fsck's repair, a write through a
         # shared mapping, which moves the times at a page's first write only): once
         # verify found such a blob corrupt, an export still copied it unhashed.
-        plain = make_image("rotted", layer_files=[{"etc/data": b"r" * 8192}],
-                           gzip_layers=False)
-        name = "example.com/rotted:1"
-        self.load_image(name, plain)
-        layer = plain.layers[0]
-        path = self.cache.layout.blob_path(layer.digest)
+        name, plain, layer, path = self.load_plain("rotted", b"r", 8192)
         mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
         mock.patch.object(oc._BlobChecks, "_CHECK_SETTLED_NS", -10 ** 12).start()
         self.addCleanup(mock.patch.stopall)
