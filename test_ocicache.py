@@ -10341,6 +10341,70 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertTrue(cache.verify().ok)
         self.assertEqual(self.index_names(), [f"{registry.host}/test/multi:1"])
 
+    def test_a_platforms_blobs_download_while_the_other_manifests_are_on_the_way(self) -> None:
+        # The blobs of every platform waited for the last child manifest: a round trip
+        # (and the registry's work on it) before the first blob was asked for. The
+        # progress still hears of the pull's blobs before any of their bytes, each
+        # request is made once, and the manifests count among the requests at once.
+        registry = self.start_registry()
+        amd, arm, _, _ = self.multi_arch(registry)
+        events: List[Tuple[str, Any]] = []
+
+        class Recording(oc.PullProgress):
+            def begin(self, name: str, blobs: Sequence[oc.Descriptor]) -> None:
+                events.append(("begin", {b.digest for b in blobs}))
+
+            def advance(self, digest: oc.Digest, size: int) -> None:
+                events.append(("advance", (digest, size)))
+
+        cache = self.provider(jobs=2)
+        cache.progress = Recording()
+        get_manifest, download = cache.registry.get_manifest, cache.registry.download_blob
+        amd_blob_asked = threading.Event()
+        guard, in_flight, most = threading.Lock(), [0], [0]
+
+        def counted(call: Callable[[], Any]) -> Any:
+            with guard:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            try:
+                return call()
+            finally:
+                with guard:
+                    in_flight[0] -= 1
+
+        def held_arm(ref: oc.Reference, *args: Any, **kwargs: Any) -> Any:
+            if str(ref.digest) == arm.manifest.digest:  # the registry is slow with this one
+                amd_blob_asked.wait(5)
+            return counted(lambda: get_manifest(ref, *args, **kwargs))
+
+        def noting(ref: oc.Reference, blob: oc.Descriptor, *args: Any, **kwargs: Any) -> None:
+            if str(blob.digest) in {b.digest for b in amd.blobs}:
+                amd_blob_asked.set()
+            counted(lambda: download(ref, blob, *args, **kwargs))
+
+        cache.registry.get_manifest = held_arm  # type: ignore[method-assign]
+        cache.registry.download_blob = noting  # type: ignore[method-assign]
+        before = self.settled(registry)
+        started = time.monotonic()
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertLess(time.monotonic() - started, 4, "amd's blobs waited for arm's manifest")
+        self.assertTrue(cache.verify().ok)
+        self.assertLessEqual(most[0], 2, most)  # --jobs 2: manifests and blobs together
+        self.assertEqual(events[0][0], "begin", events[:3])
+        sizes = collections.Counter()
+        for kind, value in events[1:]:
+            self.assertEqual(kind, "advance", events)
+            sizes[value[0]] += value[1]
+        self.assertEqual(set(sizes), events[0][1])
+        sizes_by_name = {str(digest): size for digest, size in sizes.items()}
+        for blob in [*amd.blobs, *arm.blobs]:
+            if blob.digest in sizes_by_name:
+                self.assertEqual(sizes_by_name[blob.digest], len(blob.data), blob.digest)
+        self.settled(registry)
+        paths = [path for _, path in registry.requests()[before:] if "/settle-" not in path]
+        self.assertEqual(len(paths), len(set(paths)), f"a request was made twice: {paths}")
+
     def test_a_new_cache_costs_three_fsyncs_and_its_first_name_makes_it_durable(self) -> None:
         # The empty index.json's name waits for the directory's next fsync, the one that
         # the first name written pays anyway: a crash before it loses an empty cache,
