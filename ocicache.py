@@ -8879,27 +8879,30 @@ class Provider(CacheProvider):
                 return sorted((blob for blob in manifest.blobs() if not _is_foreign(blob)),
                               key=lambda b: -b.size) if manifest is not None else []
 
+            def found(child: Descriptor, data: bytes, manifest: Manifest) -> None:
+                add([child], {child.digest: data})  # written while the blobs download
+                add(own_blobs(manifest), {})
+
             # Every blob this pull relies on is checked, and fetched again if corrupt: a
             # pull that asks the registry anyway (always_pull, or an incomplete image)
             # must not keep a damaged blob another name already had. Each platform's
-            # blobs start downloading as soon as its manifest is in.
+            # manifest is written, and its blobs start downloading, as soon as it is in.
             transfers = threading.Semaphore(self.small_jobs)  # manifests' and blobs'
             with self._downloading(wanted, lambda digest: True, progress.advance,
                                    transfers) as add:
+                if whole == ALL_PLATFORMS and root.is_index:  # named as it is: written too
+                    add([root], {root.digest: root_data})
                 manifests, loose = self._pull_plan(
                     wanted, root_data, root, whole if root.is_index else architecture,
-                    found=lambda manifest: add(own_blobs(manifest)), transfers=transfers)
+                    found, transfers)
                 blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
                 for _, _, manifest in manifests:
                     for blob in own_blobs(manifest):
                         blobs.setdefault(blob.digest, blob)
                 progress.begin(name, list(blobs.values()))
-                add(sorted(blobs.values(), key=lambda b: -b.size))
-                written = [(descriptor, data) for descriptor, data, _ in manifests]
-                if whole == ALL_PLATFORMS and root.is_index:  # named as it is: written here too
-                    written.append((root, root_data))
-                with self._manifests_written(written):  # while the blobs still download
-                    pass
+                add([descriptor for descriptor, _, _ in manifests],  # nested indexes, a single
+                    {descriptor.digest: data for descriptor, data, _ in manifests})  # manifest
+                add(sorted(blobs.values(), key=lambda b: -b.size), {})
             self.layout.sync_blob_directories()  # outside the lock: naming re-syncs, cheaply
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
@@ -9190,13 +9193,14 @@ class Provider(CacheProvider):
         return self._find_named(ref) if complete else None
 
     def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str,
-                   found: Callable[[Manifest], None] = lambda manifest: None,
+                   found: Callable[[Descriptor, bytes, Manifest], None] = lambda *_: None,
                    transfers: Optional[threading.Semaphore] = None
                    ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]], List[Descriptor]]:
         """The manifests a pull needs, fetched and parsed (None for a nested index), children
         before the index that lists them, and the other blobs an index lists; no name is
-        written. ``found`` is told of each child's manifest as soon as it is parsed, while
-        the others may still be on the way; each request holds one of ``transfers``."""
+        written. ``found`` is told of each child (its descriptor, bytes and manifest) as
+        soon as it is parsed, while the others may still be on the way; each request
+        holds one of ``transfers``."""
         if root.is_index:
             index = Index.from_json(data, what=f"index of {ref}")
             if architecture == ALL_PLATFORMS:
@@ -9210,7 +9214,7 @@ class Provider(CacheProvider):
                     child_data = fetch.result(child)
                     manifest = Manifest.from_json(child_data,
                                                   what=f"manifest {child.digest} of {ref}")
-                    found(manifest)
+                    found(child, child_data, manifest)
                     plan.append((child, child_data, manifest))
             return plan, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
@@ -9231,7 +9235,7 @@ class Provider(CacheProvider):
         return [(probe, data, manifest)], []
 
     def _plan_everything(self, ref: Reference, index: Index,
-                         found: Callable[[Manifest], None] = lambda manifest: None,
+                         found: Callable[[Descriptor, bytes, Manifest], None] = lambda *_: None,
                          transfers: Optional[threading.Semaphore] = None
                          ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]],
                                     List[Descriptor]]:
@@ -9258,7 +9262,7 @@ class Provider(CacheProvider):
                 what = f"{'index' if child.is_index else 'manifest'} {child.digest} of {ref}"
                 if not child.is_index:
                     manifest = Manifest.from_json(data, what=what)
-                    found(manifest)
+                    found(child, data, manifest)
                     plan.append((child, data, manifest))
                 elif depth >= _MAX_INDEX_DEPTH:
                     raise OciCacheError(f"image {ref} nests indexes more than "
@@ -9304,13 +9308,13 @@ class Provider(CacheProvider):
         in ``recheck`` are hashed first, and fetched again if corrupt (``_downloading``)."""
         suspect = set(recheck)
         with self._downloading(ref, suspect.__contains__) as add:
-            add(blobs)
+            add(blobs, {})
 
     @contextlib.contextmanager
     def _downloading(self, ref: Reference, suspect: Callable[[Digest], bool] = lambda d: False,
                      advance_progress: Optional[Callable[[Digest, int], None]] = None,
                      transfers: Optional[threading.Semaphore] = None
-                     ) -> Iterator[Callable[[Iterable[Descriptor]], None]]:
+                     ) -> Iterator[Callable[[Iterable[Descriptor], Mapping[Digest, bytes]], None]]:
         """Fetch the blobs handed to the function yielded, while the body runs and until
         every one is in: a pull hands each platform's blobs over as soon as its manifest
         arrives, so that they download while the other manifests are still on the way
@@ -9318,9 +9322,10 @@ class Provider(CacheProvider):
         for which ``suspect`` is true are hashed first (on the same workers), and fetched
         again if corrupt. Each digest is fetched once, in the order given (a pull gives
         the largest first), and a lot handed over while others wait is merged into them
-        by size. ``transfers`` (``small_jobs`` of them by default) is shared with the
-        manifest requests under way meanwhile, so that they count among the requests a
-        pull makes at once.
+        by size. A blob whose bytes are handed over with it (a manifest) is written by
+        the same workers (each waits for an fsync), holding no transfer. ``transfers``
+        (``small_jobs`` of them by default) is shared with the manifest requests under
+        way meanwhile, so that they count among the requests a pull makes at once.
 
         The workers are daemon threads that stop at their next piece once anything
         fails or the caller is interrupted: a Ctrl-C does not wait for the layers in
@@ -9333,6 +9338,8 @@ class Provider(CacheProvider):
         pending: "collections.deque[Descriptor]" = collections.deque()  # largest first
         seen: Set[Digest] = set()
         queued: List[Descriptor] = []  # every blob a worker was given, for a full disk
+        writes: Dict[Digest, bytes] = {}  # the bytes of those to be written, not fetched
+        large_count = [0]  # of the queued blobs, those of more than a piece
         guard = threading.Condition()
         closed = [False]  # no more blobs will be handed over
         errors: List[BaseException] = []
@@ -9389,8 +9396,14 @@ class Provider(CacheProvider):
                             large.release()
                         receiving.release()
 
+                with guard:
+                    data = writes.pop(blob.digest, None)
                 try:
-                    if suspect(blob.digest) and self.layout.has_blob(blob.digest, blob.size) \
+                    if data is not None:
+                        received()
+                        self.layout.discard_if_corrupt(blob.digest)
+                        self.layout.write_blob_bytes(data, blob.digest)
+                    elif suspect(blob.digest) and self.layout.has_blob(blob.digest, blob.size) \
                             and not self.layout.discard_if_corrupt(blob.digest):
                         self.layout._touch(blob.digest)
                         advance_progress(blob.digest, blob.size)
@@ -9407,13 +9420,15 @@ class Provider(CacheProvider):
                 finally:
                     received()
 
-        def add(blobs: Iterable[Descriptor]) -> None:
+        def add(blobs: Iterable[Descriptor], data: Mapping[Digest, bytes]) -> None:
             new = []
             for blob in blobs:
                 if blob.digest in seen:
                     continue
                 seen.add(blob.digest)
-                if not suspect(blob.digest) and self.layout.has_blob(blob.digest, blob.size):
+                if blob.digest in data:
+                    new.append(blob)
+                elif not suspect(blob.digest) and self.layout.has_blob(blob.digest, blob.size):
                     self.layout._touch(blob.digest)
                     advance_progress(blob.digest, blob.size)
                 else:
@@ -9421,18 +9436,21 @@ class Provider(CacheProvider):
             if not new:
                 return
             with guard:
+                queued.extend(new)
+                large_count[0] += sum(1 for b in new if b.size > _SMALL_BLOB_SIZE)
+                writes.update((blob.digest, data[blob.digest]) for blob in new
+                              if blob.digest in data)
                 if pending:  # merged by size into what is left (stable: the order given)
                     new = sorted([*pending, *new], key=lambda b: -b.size)
                     pending.clear()
                 pending.extend(new)
-                queued.extend(new)
                 guard.notify_all()
             # As many workers as transfers, and ``jobs`` more while large blobs are left:
             # a large blob's fsync is long enough for another to arrive meanwhile. Large
             # ones go to 2 * jobs of them only: each thread's malloc arena keeps the
             # pieces it received (20 threads taking turns added 17 MiB to a pull's peak).
-            large_count = sum(1 for b in queued if b.size > _SMALL_BLOB_SIZE)
-            while len(workers) < min(self.small_jobs, len(queued)) + min(self.jobs, large_count):
+            while len(workers) < min(self.small_jobs, len(queued)) + \
+                    min(self.jobs, large_count[0]):
                 worker = threading.Thread(target=work, args=(len(workers) < 2 * self.jobs,),
                                           name="ocicache-pull", daemon=True)
                 worker.start()
