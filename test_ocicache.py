@@ -10343,9 +10343,10 @@ class TestPullRoundTrips(RegistryTestCase):
 
     def test_a_platforms_blobs_download_while_the_other_manifests_are_on_the_way(self) -> None:
         # The blobs of every platform waited for the last child manifest: a round trip
-        # (and the registry's work on it) before the first blob was asked for. The
-        # progress still hears of the pull's blobs before any of their bytes, each
-        # request is made once, and the manifests count among the requests at once.
+        # (and the registry's work on it) before the first blob was asked for, and the
+        # manifests were written (an fsync each) only after that. The progress still
+        # hears of the pull's blobs before any of their bytes, each request is made
+        # once, and the manifests count among the requests at once.
         registry = self.start_registry()
         amd, arm, _, _ = self.multi_arch(registry)
         events: List[Tuple[str, Any]] = []
@@ -10363,25 +10364,38 @@ class TestPullRoundTrips(RegistryTestCase):
         amd_blob_asked = threading.Event()
         guard, in_flight, most = threading.Lock(), [0], [0]
 
-        def counted(call: Callable[[], Any]) -> Any:
+        def counted(call: Callable[[Callable[[], None]], Any]) -> Any:
+            """``call``'s request counted as under way until it returns or calls the
+            function it is given (a blob's bytes are in: its fsync holds no transfer)."""
             with guard:
                 in_flight[0] += 1
                 most[0] = max(most[0], in_flight[0])
-            try:
-                return call()
-            finally:
+            counting = [True]
+
+            def done() -> None:
                 with guard:
-                    in_flight[0] -= 1
+                    if counting[0]:
+                        in_flight[0] -= 1
+                    counting[0] = False
+
+            try:
+                return call(done)
+            finally:
+                done()
 
         def held_arm(ref: oc.Reference, *args: Any, **kwargs: Any) -> Any:
             if str(ref.digest) == arm.manifest.digest:  # the registry is slow with this one
                 amd_blob_asked.wait(5)
-            return counted(lambda: get_manifest(ref, *args, **kwargs))
+                wait_for(lambda: cache.layout.has_blob(oc.Digest.parse(amd.manifest.digest)),
+                         5, "amd's manifest written while arm's is on the way")
+            return counted(lambda done: get_manifest(ref, *args, **kwargs))
 
-        def noting(ref: oc.Reference, blob: oc.Descriptor, *args: Any, **kwargs: Any) -> None:
+        def noting(ref: oc.Reference, blob: oc.Descriptor, layout: oc.Layout,
+                   progress: Callable[[int], None], received: Callable[[], None]) -> None:
             if str(blob.digest) in {b.digest for b in amd.blobs}:
                 amd_blob_asked.set()
-            counted(lambda: download(ref, blob, *args, **kwargs))
+            counted(lambda done: download(ref, blob, layout, progress,
+                                          lambda: (done(), received())))
 
         cache.registry.get_manifest = held_arm  # type: ignore[method-assign]
         cache.registry.download_blob = noting  # type: ignore[method-assign]
