@@ -10419,6 +10419,24 @@ class TestPullRoundTrips(RegistryTestCase):
         paths = [path for _, path in registry.requests()[before:] if "/settle-" not in path]
         self.assertEqual(len(paths), len(set(paths)), f"a request was made twice: {paths}")
 
+    def test_a_bad_child_manifest_stops_the_blobs_under_way_before_the_error(self) -> None:
+        # amd's blobs are downloading when arm's manifest turns out corrupt: the pull
+        # fails with that one error, names nothing, and no worker is left writing into
+        # the cache after it returns.
+        registry = self.start_registry()
+        amd, arm, _, _ = self.multi_arch(registry)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("corrupt", match=f"/manifests/{arm.manifest.digest}", method="GET",
+                        times=None)
+        cache = self.provider(jobs=2)
+        with self.assertRaisesRegex(oc.DigestMismatchError, arm.manifest.digest):
+            cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
+        self.assertEqual([t.name for t in threading.enumerate()
+                          if t.name == "ocicache-pull" and t.is_alive()], [])
+        self.assertEqual(self.index_names(), [])
+        self.assertTrue(cache.verify().ok)  # what was written whole is sound
+
     def test_a_new_cache_costs_three_fsyncs_and_its_first_name_makes_it_durable(self) -> None:
         # The empty index.json's name waits for the directory's next fsync, the one that
         # the first name written pays anyway: a crash before it loses an empty cache,
