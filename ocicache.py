@@ -8272,17 +8272,19 @@ class _ManifestFetcher:
 
     def _work(self) -> None:
         for digest, future in iter(self._queue.get, None):
-            if future.cancelled:
-                continue
-            try:
-                ref = self._ref
-                with self._transfers or contextlib.nullcontext():
+            with self._transfers or contextlib.nullcontext():
+                # Checked once a transfer is free: the pull may have failed while this
+                # waited for one, and nothing is asked for after it returned.
+                if future.cancelled:
+                    continue
+                try:
+                    ref = self._ref
                     data, _ = self._registry.get_manifest(
                         Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
-            except BaseException as e:  # handed to the thread that waits for it
-                future.set(error=e)
-            else:
-                future.set(data)
+                except BaseException as e:  # handed to the thread that waits for it
+                    future.set(error=e)
+                else:
+                    future.set(data)
 
     def ahead(self, child: Descriptor) -> None:
         if child.digest in self._sent:

@@ -10437,6 +10437,43 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertEqual(self.index_names(), [])
         self.assertTrue(cache.verify().ok)  # what was written whole is sound
 
+    def test_a_manifest_request_waiting_for_a_transfer_is_not_sent_once_the_pull_failed(
+            self) -> None:
+        # A child's request waits for one of the transfers the blobs under way hold; the
+        # pull fails meanwhile (another child is corrupt) and its fetcher is closed. The
+        # request was checked for cancellation before the wait only, and went out once
+        # the blobs let go of their transfers: after the pull had returned its error.
+        registry = self.start_registry()
+        _, arm, _, _ = self.multi_arch(registry)
+        cache = self.provider(jobs=1)
+        asked: List[str] = []
+        get_manifest = cache.registry.get_manifest
+
+        def noted(ref: oc.Reference, *args: Any, **kwargs: Any) -> Any:
+            asked.append(str(ref.digest))
+            return get_manifest(ref, *args, **kwargs)
+
+        cache.registry.get_manifest = noted  # type: ignore[method-assign]
+        waiting = threading.Event()
+
+        class Transfers(threading.Semaphore):
+            def __enter__(self) -> bool:
+                waiting.set()
+                return super().__enter__()
+
+        transfers = Transfers(1)
+        transfers.acquire()  # a blob's download holds the only transfer
+        fetcher = oc._ManifestFetcher(cache.registry, oc.Reference.parse(
+            f"{registry.host}/test/multi:1"), 1, transfers)
+        fetcher.ahead(oc.Descriptor(arm.manifest.media_type, oc.Digest.parse(
+            arm.manifest.digest), len(arm.manifest.data)))
+        wait_for(waiting.is_set, 5, "the request waiting for a transfer")
+        fetcher.close()  # the pull failed
+        transfers.release()  # and its blobs stopped
+        wait_for(lambda: not any(t.name == "ocicache-manifest" and t.is_alive()
+                                 for t in threading.enumerate()), 5, "the fetcher's end")
+        self.assertEqual(asked, [])
+
     def test_a_new_cache_costs_three_fsyncs_and_its_first_name_makes_it_durable(self) -> None:
         # The empty index.json's name waits for the directory's next fsync, the one that
         # the first name written pays anyway: a crash before it loses an empty cache,
