@@ -10059,6 +10059,58 @@ class TestPullCommand(RegistryTestCase):
                    if "/blobs/" in e.path and e.method == "GET" and int(e.status) == 206]
         self.assertEqual(len(resumed), 2, "both layers resumed with Range")
 
+    def test_a_signal_stops_a_pull_whose_blobs_download_while_a_manifest_is_on_the_way(
+            self) -> None:
+        # amd's layer downloads (stalled part-way) while arm's manifest is still on the
+        # way: SIGINT or SIGTERM ends the process at once, names nothing, and the next
+        # pull resumes the layer from its partial file.
+        registry = self.start_registry()
+        amd = make_image("mixed", layer_files=[{"a": random.Random(19).randbytes(1 << 20)}],
+                         gzip_layers=False)
+        arm = make_image("mixed", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        upload(registry.url, "test/mixed", [*amd.blobs, *arm.blobs],
+               [(amd.manifest.digest, amd.manifest), (arm.manifest.digest, arm.manifest),
+                ("1", index)])
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                proxy = FaultProxy("127.0.0.1", registry.port)
+                self.addCleanup(proxy.stop)
+                proxy.add_fault("delay", match=f"/blobs/{amd.layers[0].digest}", method="GET",
+                                after_bytes=256 << 10, seconds=60)
+                proxy.add_fault("delay", match=f"/manifests/{arm.manifest.digest}",
+                                method="GET", seconds=60)
+                name = f"{proxy.host}/test/mixed:1"
+                process = subprocess.Popen(
+                    [sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                     "--all-platforms", name], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self.addCleanup(lambda p=process: p.poll() is not None or p.kill())
+                wait_for(lambda: len(proxy.fired()) == 2 and any(self.partial_sizes()), 30,
+                         "amd's layer part-way, arm's manifest asked for")
+                started = time.monotonic()
+                process.send_signal(signum)
+                _, stderr = process.communicate(timeout=90)
+                self.assertLess(time.monotonic() - started, 2.0, "the signal stops it at once")
+                self.assertNotEqual(process.returncode, 0)
+                if signum == signal.SIGINT:  # SIGTERM's default action ends a pull
+                    self.assertRegex(stderr.decode().splitlines()[-1], "^ocicache: error: ")
+                self.assertEqual(self.index_names(), [])
+                layer = self.path("cache", "blobs", "sha256",
+                                  amd.layers[0].digest.split(":")[1] + oc._PARTIAL_SUFFIX)
+                self.assertGreater(os.path.getsize(layer), 0)  # kept, to resume from
+                proxy.clear_faults()
+                before = len(registry.access_entries())
+                result = self.cli("pull", "--all-platforms", name)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.index_names(), [name])
+                self.assertTrue(self.cache.verify().ok)
+                self.assertEqual(self.partial_sizes(), [])
+                wait_for(lambda: any(amd.layers[0].digest in e.path and int(e.status) == 206
+                                     for e in registry.access_entries()[before:]), 10,
+                         "the layer resumed with Range")
+
 
 class TestPullRoundTrips(RegistryTestCase):
     """Issue 19: a pull's fixed costs and round trips (the children of an index asked for
