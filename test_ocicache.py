@@ -10489,6 +10489,41 @@ class TestPullRoundTrips(RegistryTestCase):
         self.assertEqual(self.index_names(), [])
         self.assertTrue(cache.verify().ok)  # what was written whole is sound
 
+    def test_a_layer_two_platforms_share_is_fetched_once_while_their_manifests_arrive(
+            self) -> None:
+        # amd's manifest hands the shared layer to the downloads; it is still on the way
+        # (stalled part-way) when arm's manifest lists it again: one GET of it, and of
+        # every other blob and manifest, for --all-platforms as for a platform list.
+        registry = self.start_registry()
+        shared = {"shared": random.Random(20).randbytes(1 << 20)}
+        amd = make_image("share", layer_files=[shared, {"amd": b"amd"}], gzip_layers=False)
+        arm = make_image("share", "arm64", layer_files=[shared, {"arm": b"arm"}],
+                         gzip_layers=False)
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        upload(registry.url, "test/share", [*amd.blobs, *arm.blobs],
+               [(amd.manifest.digest, amd.manifest), (arm.manifest.digest, arm.manifest),
+                ("1", index)])
+        for args in (("all",), ("linux/amd64,linux/arm64",)):
+            with self.subTest(args=args):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                proxy = FaultProxy("127.0.0.1", registry.port)
+                self.addCleanup(proxy.stop)
+                proxy.add_fault("delay", match=f"/blobs/{amd.layers[0].digest}", method="GET",
+                                after_bytes=64 << 10, seconds=0.5)
+                proxy.add_fault("delay", match=f"/manifests/{arm.manifest.digest}",
+                                method="GET", seconds=0.2)
+                cache = self.provider(jobs=2)
+                name = f"{proxy.host}/test/share:1"
+                cache.image_pull(name, "", args[0])
+                gets = collections.Counter(t for m, t in proxy.requests() if m == "GET")
+                self.assertEqual([t for t, n in gets.items() if n > 1], [], gets)
+                layer_gets = [t for t in gets if amd.layers[0].digest in t]
+                self.assertEqual(len(layer_gets), 1, gets)
+                self.assertEqual(self.index_names(), [name])
+                self.assertTrue(cache.verify().ok)
+                self.assertEqual([f for f in os.listdir(self.path("cache", "blobs", "sha256"))
+                                  if "." in f], [])  # no partial or temporary file left
+
     def test_a_manifest_request_waiting_for_a_transfer_is_not_sent_once_the_pull_failed(
             self) -> None:
         # A child's request waits for one of the transfers the blobs under way hold; the
