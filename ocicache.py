@@ -7828,6 +7828,31 @@ class _PullStopped(Exception):
     """Raised in a download worker, at its next piece, once the pull is stopping."""
 
 
+class _ProgressAfterBegin:
+    """A pull's progress, told ``begin`` before any ``advance``: the blobs of a pull are
+    known once every manifest is in, but the first platforms' blobs download before
+    that, and what they report meanwhile is held until ``begin``."""
+
+    def __init__(self, progress: PullProgress) -> None:
+        self._progress = progress
+        self._guard = threading.Lock()
+        self._held: Optional[List[Tuple[Digest, int]]] = []
+
+    def begin(self, name: str, blobs: Sequence[Descriptor]) -> None:
+        with self._guard:
+            self._progress.begin(name, blobs)
+            held, self._held = self._held or [], None
+            for digest, size in held:
+                self._progress.advance(digest, size)
+
+    def advance(self, digest: Digest, size: int) -> None:
+        with self._guard:
+            if self._held is not None:
+                self._held.append((digest, size))
+                return
+        self._progress.advance(digest, size)
+
+
 def _registries_conf_tables(text: str) -> List[Tuple[str, Dict[str, Any]]]:
     """The ``[[table]]`` entries of a registries.conf: the TOML subset it uses (string and
     boolean values; arrays and other tables are skipped)."""
@@ -8439,9 +8464,11 @@ class _ManifestFetcher:
     index at once, rather than one round trip after another. The workers are daemon
     threads, as ``_download``'s: an interrupted pull does not wait for their requests."""
 
-    def __init__(self, registry: RegistryClient, ref: Reference, jobs: int) -> None:
+    def __init__(self, registry: RegistryClient, ref: Reference, jobs: int,
+                 transfers: Optional[threading.Semaphore] = None) -> None:
         import queue
         self._registry = registry
+        self._transfers = transfers  # shared with the blob downloads under way
         self._ref = ref
         self._jobs = jobs
         self._queue: "queue.Queue[Optional[Tuple[Digest, _Answer]]]" = queue.Queue()
@@ -8450,16 +8477,19 @@ class _ManifestFetcher:
 
     def _work(self) -> None:
         for digest, future in iter(self._queue.get, None):
-            if future.cancelled:
-                continue
-            try:
-                ref = self._ref
-                data, _ = self._registry.get_manifest(
-                    Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
-            except BaseException as e:  # handed to the thread that waits for it
-                future.set(error=e)
-            else:
-                future.set(data)
+            with self._transfers or contextlib.nullcontext():
+                # Checked once a transfer is free: the pull may have failed while this
+                # waited for one, and nothing is asked for after it returned.
+                if future.cancelled:
+                    continue
+                try:
+                    ref = self._ref
+                    data, _ = self._registry.get_manifest(
+                        Reference(ref.registry, ref.repository, "", digest), what=f"pull {ref}")
+                except BaseException as e:  # handed to the thread that waits for it
+                    future.set(error=e)
+                else:
+                    future.set(data)
 
     def ahead(self, child: Descriptor) -> None:
         if child.digest in self._sent:
@@ -9049,22 +9079,37 @@ class Provider(CacheProvider):
             if root.is_index and whole != architecture:  # the platforms asked for must be there
                 _chosen_children(wanted, Index.from_json(root_data, what=f"index of {wanted}"),
                                  architecture)
-            manifests, loose = self._pull_plan(wanted, root_data, root,
-                                               whole if root.is_index else architecture)
-            blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
-            for _, _, manifest in manifests:
-                for blob in manifest.blobs() if manifest is not None else ():
-                    if not _is_foreign(blob):
-                        blobs.setdefault(blob.digest, blob)
-            self.progress.begin(name, list(blobs.values()))
+            progress = _ProgressAfterBegin(self.progress)
+
+            def own_blobs(manifest: Optional[Manifest]) -> List[Descriptor]:
+                """What the cache must hold of ``manifest``, the largest first."""
+                return sorted((blob for blob in manifest.blobs() if not _is_foreign(blob)),
+                              key=lambda b: -b.size) if manifest is not None else []
+
+            def found(child: Descriptor, data: bytes, manifest: Manifest) -> None:
+                add([child], {child.digest: data})  # written while the blobs download
+                add(own_blobs(manifest), {})
+
             # Every blob this pull relies on is checked, and fetched again if corrupt: a
             # pull that asks the registry anyway (always_pull, or an incomplete image)
-            # must not keep a damaged blob another name already had.
-            written = [(descriptor, data) for descriptor, data, _ in manifests]
-            if whole == ALL_PLATFORMS and root.is_index:  # named as it is: written here too
-                written.append((root, root_data))
-            with self._manifests_written(written):  # while the blobs download
-                self._download(wanted, sorted(blobs.values(), key=lambda b: -b.size), blobs)
+            # must not keep a damaged blob another name already had. Each platform's
+            # manifest is written, and its blobs start downloading, as soon as it is in.
+            transfers = threading.Semaphore(self.small_jobs)  # manifests' and blobs'
+            with self._downloading(wanted, lambda digest: True, progress.advance,
+                                   transfers) as add:
+                if whole == ALL_PLATFORMS and root.is_index:  # named as it is: written too
+                    add([root], {root.digest: root_data})
+                manifests, loose = self._pull_plan(
+                    wanted, root_data, root, whole if root.is_index else architecture,
+                    found, transfers)
+                blobs: Dict[Digest, Descriptor] = {blob.digest: blob for blob in loose}
+                for _, _, manifest in manifests:
+                    for blob in own_blobs(manifest):
+                        blobs.setdefault(blob.digest, blob)
+                progress.begin(name, list(blobs.values()))
+                add([descriptor for descriptor, _, _ in manifests],  # nested indexes, a single
+                    {descriptor.digest: data for descriptor, data, _ in manifests})  # manifest
+                add(sorted(blobs.values(), key=lambda b: -b.size), {})
             self.layout.sync_blob_directories()  # outside the lock: naming re-syncs, cheaply
             with self.layout.lock():  # what the cache holds cannot change until it is named
                 named = self._root_to_name(root_data, root, whole == ALL_PLATFORMS)
@@ -9354,22 +9399,31 @@ class Provider(CacheProvider):
             all(self.layout.has_blob(d) for d in marked.digests)
         return self._find_named(ref) if complete else None
 
-    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str
+    def _pull_plan(self, ref: Reference, data: bytes, root: Descriptor, architecture: str,
+                   found: Callable[[Descriptor, bytes, Manifest], None] = lambda *_: None,
+                   transfers: Optional[threading.Semaphore] = None
                    ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]], List[Descriptor]]:
         """The manifests a pull needs, fetched and parsed (None for a nested index), children
         before the index that lists them, and the other blobs an index lists; no name is
-        written."""
+        written. ``found`` is told of each child (its descriptor, bytes and manifest) as
+        soon as it is parsed, while the others may still be on the way; each request
+        holds one of ``transfers``."""
         if root.is_index:
             index = Index.from_json(data, what=f"index of {ref}")
             if architecture == ALL_PLATFORMS:
-                return self._plan_everything(ref, index)
+                return self._plan_everything(ref, index, found, transfers)
             chosen = _chosen_children(ref, index, architecture)
-            with self._manifest_fetcher(ref) as fetch:
+            plan: List[Tuple[Descriptor, bytes, Optional[Manifest]]] = []
+            with self._manifest_fetcher(ref, transfers) as fetch:
                 for child in chosen:
                     fetch.ahead(child)
-                return [(child, data, Manifest.from_json(
-                    data, what=f"manifest {child.digest} of {ref}"))
-                    for child, data in zip(chosen, map(fetch.result, chosen))], []
+                for child in chosen:
+                    child_data = fetch.result(child)
+                    manifest = Manifest.from_json(child_data,
+                                                  what=f"manifest {child.digest} of {ref}")
+                    found(child, child_data, manifest)
+                    plan.append((child, child_data, manifest))
+            return plan, []
         manifest = Manifest.from_json(data, what=f"manifest of {ref}")
         if self.layout.has_blob(manifest.config.digest, manifest.config.size) and \
                 not self.layout.discard_if_corrupt(manifest.config.digest):
@@ -9387,7 +9441,9 @@ class Provider(CacheProvider):
         self.layout.write_blob_bytes(config_data, manifest.config.digest)
         return [(probe, data, manifest)], []
 
-    def _plan_everything(self, ref: Reference, index: Index
+    def _plan_everything(self, ref: Reference, index: Index,
+                         found: Callable[[Descriptor, bytes, Manifest], None] = lambda *_: None,
+                         transfers: Optional[threading.Semaphore] = None
                          ) -> Tuple[List[Tuple[Descriptor, bytes, Optional[Manifest]]],
                                     List[Descriptor]]:
         """Every child of an index, as linuxkit's pull writes them (ggcr's
@@ -9412,7 +9468,9 @@ class Provider(CacheProvider):
                 data = fetch.result(child)
                 what = f"{'index' if child.is_index else 'manifest'} {child.digest} of {ref}"
                 if not child.is_index:
-                    plan.append((child, data, Manifest.from_json(data, what=what)))
+                    manifest = Manifest.from_json(data, what=what)
+                    found(child, data, manifest)
+                    plan.append((child, data, manifest))
                 elif depth >= _MAX_INDEX_DEPTH:
                     raise OciCacheError(f"image {ref} nests indexes more than "
                                         f"{_MAX_INDEX_DEPTH} deep")
@@ -9420,7 +9478,7 @@ class Provider(CacheProvider):
                     walk(Index.from_json(data, what=what), depth + 1, fetch)
                     plan.append((child, data, None))
 
-        with self._manifest_fetcher(ref) as fetcher:
+        with self._manifest_fetcher(ref, transfers) as fetcher:
             walk(index, 1, fetcher)
         if not any(manifest is not None for _, _, manifest in plan):
             raise PlatformNotFoundError(f"image {ref} is an index without images")
@@ -9440,10 +9498,12 @@ class Provider(CacheProvider):
                             [functools.partial(write, d, data) for d, data in manifests])
 
     @contextlib.contextmanager
-    def _manifest_fetcher(self, ref: Reference) -> Iterator[_ManifestFetcher]:
+    def _manifest_fetcher(self, ref: Reference, transfers: Optional[threading.Semaphore] = None
+                          ) -> Iterator[_ManifestFetcher]:
         """A ``_ManifestFetcher`` for ``ref``'s repository, as many requests at a time as
-        small blobs (manifests are small: each is a round trip)."""
-        fetcher = _ManifestFetcher(self.registry, ref, self.small_jobs)
+        small blobs (manifests are small: each is a round trip), each holding one of
+        ``transfers`` when given."""
+        fetcher = _ManifestFetcher(self.registry, ref, self.small_jobs, transfers)
         try:
             yield fetcher
         finally:
@@ -9451,54 +9511,66 @@ class Provider(CacheProvider):
 
     def _download(self, ref: Reference, blobs: Sequence[Descriptor],
                   recheck: Iterable[Digest] = ()) -> None:
-        """Fetch the blobs not yet present, ``jobs`` at a time, largest first; those in
-        ``recheck`` are hashed first (``jobs`` at a time), and fetched again if corrupt.
+        """Fetch the blobs not yet present, ``jobs`` at a time, in the order given; those
+        in ``recheck`` are hashed first, and fetched again if corrupt (``_downloading``)."""
+        suspect = set(recheck)
+        with self._downloading(ref, suspect.__contains__) as add:
+            add(blobs, {})
+
+    @contextlib.contextmanager
+    def _downloading(self, ref: Reference, suspect: Callable[[Digest], bool] = lambda d: False,
+                     advance_progress: Optional[Callable[[Digest, int], None]] = None,
+                     transfers: Optional[threading.Semaphore] = None
+                     ) -> Iterator[Callable[[Iterable[Descriptor], Mapping[Digest, bytes]], None]]:
+        """Fetch the blobs handed to the function yielded, while the body runs and until
+        every one is in: a pull hands each platform's blobs over as soon as its manifest
+        arrives, so that they download while the other manifests are still on the way
+        (one round trip after another, and the registry idle meanwhile). Present blobs
+        for which ``suspect`` is true are hashed first (on the same workers), and fetched
+        again if corrupt. Each digest is fetched once, in the order given (a pull gives
+        the largest first), and a lot handed over while others wait is merged into them
+        by size. A blob whose bytes are handed over with it (a manifest) is written by
+        the same workers (each waits for an fsync), holding no transfer. ``transfers``
+        (``small_jobs`` of them by default) is shared with the manifest requests under
+        way meanwhile, so that they count among the requests a pull makes at once.
 
         The workers are daemon threads that stop at their next piece once anything
         fails or the caller is interrupted: a Ctrl-C does not wait for the layers in
         flight (a stalled one could take minutes), and whatever was received stays in
-        the partial files that the next pull resumes from.
+        the partial files that the next pull resumes from. An error of the body waits
+        for the requests in flight, so that no blob is written after it.
         """
-        suspect = set(recheck)
-        present = [b for b in blobs if self.layout.has_blob(b.digest, b.size)]
-        checked = [b.digest for b in present if b.digest in suspect]
-        discarded: Set[Digest] = set()
-        if checked:  # on _run_all's threads: concurrent.futures imports logging (5 ms)
-            def check(digest: Digest) -> None:
-                if self.layout.discard_if_corrupt(digest):
-                    discarded.add(digest)
-
-            with contextlib.contextmanager(_run_all)(
-                    self.jobs, "ocicache-check", [functools.partial(check, d) for d in checked]):
-                pass
-        # By identity: ``in`` on the lists compared descriptors field by field, n² times
-        # (250,000 comparisons for 500 layers).
-        kept = {id(b) for b in present if b.digest not in discarded}
-        missing = [b for b in blobs if id(b) not in kept]
-        for blob in blobs:
-            if id(blob) in kept:
-                self.layout._touch(blob.digest)
-                self.progress.advance(blob.digest, blob.size)
-        if not missing:
-            return
+        advance_progress = advance_progress or self.progress.advance
         stop = threading.Event()
-        pending = collections.deque(missing)  # largest first
-        guard = threading.Lock()
+        pending: "collections.deque[Descriptor]" = collections.deque()  # largest first
+        seen: Set[Digest] = set()
+        queued: List[Descriptor] = []  # every blob a worker was given, for a full disk
+        writes: Dict[Digest, bytes] = {}  # the bytes of those to be written, not fetched
+        large_count = [0]  # of the queued blobs, those of more than a piece
+        guard = threading.Condition()
+        closed = [False]  # no more blobs will be handed over
         errors: List[BaseException] = []
         # ``small_jobs`` bounds the blobs whose bytes arrive at once, ``jobs`` the large
         # ones among them (bandwidth, memory); not those waiting for their fsync: a
         # worker lets go of its transfer before the commit, and another worker starts
         # receiving meanwhile (with 4 workers, a pull of 100 layers of 1 MiB spent much
         # of its time with every one of them in fsync).
-        receiving = threading.Semaphore(self.small_jobs)
+        receiving = transfers or threading.Semaphore(self.small_jobs)
         large = threading.Semaphore(self.jobs)
+        workers: List[threading.Thread] = []
 
         def take(large_ones: bool) -> Optional[Descriptor]:
             """The largest blob left, holding a transfer (and for a worker of
             ``large_ones``, a large one's), else the smallest if it is small; waits while
-            no transfer it needs is free. None once no blob is left for it, or the pull
-            stops."""
+            none is left but more may come, or no transfer it needs is free. None once no
+            blob is left for it, or the pull stops."""
             while not stop.is_set():
+                with guard:
+                    if not pending or not large_ones and pending[-1].size > _SMALL_BLOB_SIZE:
+                        if closed[0]:
+                            return None
+                        guard.wait(0.1)  # woken by the next blobs handed over
+                        continue
                 if not receiving.acquire(timeout=0.1):
                     continue
                 with guard:
@@ -9507,18 +9579,15 @@ class Provider(CacheProvider):
                         return pending.popleft()
                     if pending and pending[-1].size <= _SMALL_BLOB_SIZE:
                         return pending.pop()
-                    if not pending or not large_ones:
-                        receiving.release()
-                        return None
                 receiving.release()
-                if large.acquire(timeout=0.1):  # one is free: taken again under the guard
-                    large.release()
+                if pending and large_ones and large.acquire(timeout=0.1):
+                    large.release()  # one is free: taken again under the guard
             return None
 
         def advance(digest: Digest, size: int) -> None:
             if stop.is_set():
                 raise _PullStopped()
-            self.progress.advance(digest, size)
+            advance_progress(digest, size)
 
         def work(large_ones: bool) -> None:
             while not stop.is_set():
@@ -9534,10 +9603,21 @@ class Provider(CacheProvider):
                             large.release()
                         receiving.release()
 
+                with guard:
+                    data = writes.pop(blob.digest, None)
                 try:
-                    self.registry.download_blob(ref, blob, self.layout,
-                                                functools.partial(advance, blob.digest),
-                                                received)
+                    if data is not None:
+                        received()
+                        self.layout.discard_if_corrupt(blob.digest)
+                        self.layout.write_blob_bytes(data, blob.digest)
+                    elif suspect(blob.digest) and self.layout.has_blob(blob.digest, blob.size) \
+                            and not self.layout.discard_if_corrupt(blob.digest):
+                        self.layout._touch(blob.digest)
+                        advance_progress(blob.digest, blob.size)
+                    else:
+                        self.registry.download_blob(ref, blob, self.layout,
+                                                    functools.partial(advance, blob.digest),
+                                                    received)
                 except _PullStopped:
                     return
                 except BaseException as e:  # handed to the caller's thread below
@@ -9547,31 +9627,67 @@ class Provider(CacheProvider):
                 finally:
                     received()
 
-        # As many workers as transfers, and ``jobs`` more while large blobs are left: a
-        # large blob's fsync is long enough for another to arrive meanwhile. Large ones
-        # go to 2 * jobs of them only: each thread's malloc arena keeps the pieces it
-        # received (20 threads taking turns added 17 MiB to a pull's peak).
-        large_count = sum(1 for b in missing if b.size > _SMALL_BLOB_SIZE)
-        workers = [threading.Thread(target=work, args=(n < 2 * self.jobs,),
-                                    name="ocicache-pull", daemon=True)
-                   for n in range(min(self.small_jobs, len(missing)) +
-                                  min(self.jobs, large_count))]
-        for worker in workers:
-            worker.start()
-        try:
+        def add(blobs: Iterable[Descriptor], data: Mapping[Digest, bytes]) -> None:
+            new = []
+            for blob in blobs:
+                if blob.digest in seen:
+                    continue
+                seen.add(blob.digest)
+                if blob.digest in data:
+                    new.append(blob)
+                elif not suspect(blob.digest) and self.layout.has_blob(blob.digest, blob.size):
+                    self.layout._touch(blob.digest)
+                    advance_progress(blob.digest, blob.size)
+                else:
+                    new.append(blob)
+            if not new:
+                return
+            with guard:
+                queued.extend(new)
+                large_count[0] += sum(1 for b in new if b.size > _SMALL_BLOB_SIZE)
+                writes.update((blob.digest, data[blob.digest]) for blob in new
+                              if blob.digest in data)
+                if pending:  # merged by size into what is left (stable: the order given)
+                    new = sorted([*pending, *new], key=lambda b: -b.size)
+                    pending.clear()
+                pending.extend(new)
+                guard.notify_all()
+            # As many workers as transfers, and ``jobs`` more while large blobs are left:
+            # a large blob's fsync is long enough for another to arrive meanwhile. Large
+            # ones go to 2 * jobs of them only: each thread's malloc arena keeps the
+            # pieces it received (20 threads taking turns added 17 MiB to a pull's peak).
+            while len(workers) < min(self.small_jobs, len(queued)) + \
+                    min(self.jobs, large_count[0]):
+                worker = threading.Thread(target=work, args=(len(workers) < 2 * self.jobs,),
+                                          name="ocicache-pull", daemon=True)
+                worker.start()
+                workers.append(worker)
+
+        def wait() -> None:
+            with guard:
+                closed[0] = True
+                guard.notify_all()
             for worker in workers:
                 while worker.is_alive():
                     # In steps: a SIGINT the kernel hands to a worker thread is acted on
                     # only when the main thread next wakes, and a join without end may
                     # not wake for minutes.
                     worker.join(0.1)
+
+        try:
+            yield add
+            wait()
+        except Exception:
+            stop.set()
+            wait()  # what is in flight ends at its next piece
+            raise
         except BaseException:  # Ctrl-C: a partial file is a prefix of the blob at any time
             stop.set()
             raise
         if errors:
             if isinstance(errors[0], _DiskFullError):
                 # Resuming needs the space the partial files hold: on a full disk they go.
-                for blob in missing:
+                for blob in queued:
                     self.layout.discard_partial(blob.digest)
             raise errors[0]
 

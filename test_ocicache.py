@@ -10283,6 +10283,58 @@ class TestPullCommand(RegistryTestCase):
                    if "/blobs/" in e.path and e.method == "GET" and int(e.status) == 206]
         self.assertEqual(len(resumed), 2, "both layers resumed with Range")
 
+    def test_a_signal_stops_a_pull_whose_blobs_download_while_a_manifest_is_on_the_way(
+            self) -> None:
+        # amd's layer downloads (stalled part-way) while arm's manifest is still on the
+        # way: SIGINT or SIGTERM ends the process at once, names nothing, and the next
+        # pull resumes the layer from its partial file.
+        registry = self.start_registry()
+        amd = make_image("mixed", layer_files=[{"a": random.Random(19).randbytes(1 << 20)}],
+                         gzip_layers=False)
+        arm = make_image("mixed", "arm64")
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        upload(registry.url, "test/mixed", [*amd.blobs, *arm.blobs],
+               [(amd.manifest.digest, amd.manifest), (arm.manifest.digest, arm.manifest),
+                ("1", index)])
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                proxy = FaultProxy("127.0.0.1", registry.port)
+                self.addCleanup(proxy.stop)
+                proxy.add_fault("delay", match=f"/blobs/{amd.layers[0].digest}", method="GET",
+                                after_bytes=256 << 10, seconds=60)
+                proxy.add_fault("delay", match=f"/manifests/{arm.manifest.digest}",
+                                method="GET", seconds=60)
+                name = f"{proxy.host}/test/mixed:1"
+                process = subprocess.Popen(
+                    [sys.executable, OCICACHE, "--cache", self.cache_dir, "pull",
+                     "--all-platforms", name], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self.addCleanup(lambda p=process: p.poll() is not None or p.kill())
+                wait_for(lambda: len(proxy.fired()) == 2 and any(self.partial_sizes()), 30,
+                         "amd's layer part-way, arm's manifest asked for")
+                started = time.monotonic()
+                process.send_signal(signum)
+                _, stderr = process.communicate(timeout=90)
+                self.assertLess(time.monotonic() - started, 2.0, "the signal stops it at once")
+                self.assertNotEqual(process.returncode, 0)
+                if signum == signal.SIGINT:  # SIGTERM's default action ends a pull
+                    self.assertRegex(stderr.decode().splitlines()[-1], "^ocicache: error: ")
+                self.assertEqual(self.index_names(), [])
+                layer = self.path("cache", "blobs", "sha256",
+                                  amd.layers[0].digest.split(":")[1] + oc._PARTIAL_SUFFIX)
+                self.assertGreater(os.path.getsize(layer), 0)  # kept, to resume from
+                proxy.clear_faults()
+                before = len(registry.access_entries())
+                result = self.cli("pull", "--all-platforms", name)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(self.index_names(), [name])
+                self.assertTrue(self.cache.verify().ok)
+                self.assertEqual(self.partial_sizes(), [])
+                wait_for(lambda: any(amd.layers[0].digest in e.path and int(e.status) == 206
+                                     for e in registry.access_entries()[before:]), 10,
+                         "the layer resumed with Range")
+
 
 class TestPullRoundTrips(RegistryTestCase):
     """Issue 19: a pull's fixed costs and round trips (the children of an index asked for
@@ -10564,6 +10616,174 @@ class TestPullRoundTrips(RegistryTestCase):
         cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
         self.assertTrue(cache.verify().ok)
         self.assertEqual(self.index_names(), [f"{registry.host}/test/multi:1"])
+
+    def test_a_platforms_blobs_download_while_the_other_manifests_are_on_the_way(self) -> None:
+        # The blobs of every platform waited for the last child manifest: a round trip
+        # (and the registry's work on it) before the first blob was asked for, and the
+        # manifests were written (an fsync each) only after that. The progress still
+        # hears of the pull's blobs before any of their bytes, each request is made
+        # once, and the manifests count among the requests at once.
+        registry = self.start_registry()
+        amd, arm, _, _ = self.multi_arch(registry)
+        events: List[Tuple[str, Any]] = []
+
+        class Recording(oc.PullProgress):
+            def begin(self, name: str, blobs: Sequence[oc.Descriptor]) -> None:
+                events.append(("begin", {b.digest for b in blobs}))
+
+            def advance(self, digest: oc.Digest, size: int) -> None:
+                events.append(("advance", (digest, size)))
+
+        cache = self.provider(jobs=2)
+        cache.progress = Recording()
+        get_manifest, download = cache.registry.get_manifest, cache.registry.download_blob
+        amd_blob_asked = threading.Event()
+        guard, in_flight, most = threading.Lock(), [0], [0]
+
+        def counted(call: Callable[[Callable[[], None]], Any]) -> Any:
+            """``call``'s request counted as under way until it returns or calls the
+            function it is given (a blob's bytes are in: its fsync holds no transfer)."""
+            with guard:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            counting = [True]
+
+            def done() -> None:
+                with guard:
+                    if counting[0]:
+                        in_flight[0] -= 1
+                    counting[0] = False
+
+            try:
+                return call(done)
+            finally:
+                done()
+
+        def held_arm(ref: oc.Reference, *args: Any, **kwargs: Any) -> Any:
+            if str(ref.digest) == arm.manifest.digest:  # the registry is slow with this one
+                amd_blob_asked.wait(5)
+                wait_for(lambda: cache.layout.has_blob(oc.Digest.parse(amd.manifest.digest)),
+                         5, "amd's manifest written while arm's is on the way")
+            return counted(lambda done: get_manifest(ref, *args, **kwargs))
+
+        def noting(ref: oc.Reference, blob: oc.Descriptor, layout: oc.Layout,
+                   progress: Callable[[int], None], received: Callable[[], None]) -> None:
+            if str(blob.digest) in {b.digest for b in amd.blobs}:
+                amd_blob_asked.set()
+            counted(lambda done: download(ref, blob, layout, progress,
+                                          lambda: (done(), received())))
+
+        cache.registry.get_manifest = held_arm  # type: ignore[method-assign]
+        cache.registry.download_blob = noting  # type: ignore[method-assign]
+        before = self.settled(registry)
+        started = time.monotonic()
+        cache.image_pull(f"{registry.host}/test/multi:1", "", "all")
+        self.assertLess(time.monotonic() - started, 4, "amd's blobs waited for arm's manifest")
+        self.assertTrue(cache.verify().ok)
+        self.assertLessEqual(most[0], 2, most)  # --jobs 2: manifests and blobs together
+        self.assertEqual(events[0][0], "begin", events[:3])
+        sizes = collections.Counter()
+        for kind, value in events[1:]:
+            self.assertEqual(kind, "advance", events)
+            sizes[value[0]] += value[1]
+        self.assertEqual(set(sizes), events[0][1])
+        sizes_by_name = {str(digest): size for digest, size in sizes.items()}
+        for blob in [*amd.blobs, *arm.blobs]:
+            if blob.digest in sizes_by_name:
+                self.assertEqual(sizes_by_name[blob.digest], len(blob.data), blob.digest)
+        self.settled(registry)
+        paths = [path for _, path in registry.requests()[before:] if "/settle-" not in path]
+        self.assertEqual(len(paths), len(set(paths)), f"a request was made twice: {paths}")
+
+    def test_a_bad_child_manifest_stops_the_blobs_under_way_before_the_error(self) -> None:
+        # amd's blobs are downloading when arm's manifest turns out corrupt: the pull
+        # fails with that one error, names nothing, and no worker is left writing into
+        # the cache after it returns.
+        registry = self.start_registry()
+        amd, arm, _, _ = self.multi_arch(registry)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("corrupt", match=f"/manifests/{arm.manifest.digest}", method="GET",
+                        times=None)
+        cache = self.provider(jobs=2)
+        with self.assertRaisesRegex(oc.DigestMismatchError, arm.manifest.digest):
+            cache.image_pull(f"{proxy.host}/test/multi:1", "", "all")
+        self.assertEqual([t.name for t in threading.enumerate()
+                          if t.name == "ocicache-pull" and t.is_alive()], [])
+        self.assertEqual(self.index_names(), [])
+        self.assertTrue(cache.verify().ok)  # what was written whole is sound
+
+    def test_a_layer_two_platforms_share_is_fetched_once_while_their_manifests_arrive(
+            self) -> None:
+        # amd's manifest hands the shared layer to the downloads; it is still on the way
+        # (stalled part-way) when arm's manifest lists it again: one GET of it, and of
+        # every other blob and manifest, for --all-platforms as for a platform list.
+        registry = self.start_registry()
+        shared = {"shared": random.Random(20).randbytes(1 << 20)}
+        amd = make_image("share", layer_files=[shared, {"amd": b"amd"}], gzip_layers=False)
+        arm = make_image("share", "arm64", layer_files=[shared, {"arm": b"arm"}],
+                         gzip_layers=False)
+        index = make_index([amd.descriptor(), arm.descriptor()])
+        upload(registry.url, "test/share", [*amd.blobs, *arm.blobs],
+               [(amd.manifest.digest, amd.manifest), (arm.manifest.digest, arm.manifest),
+                ("1", index)])
+        for args in (("all",), ("linux/amd64,linux/arm64",)):
+            with self.subTest(args=args):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                proxy = FaultProxy("127.0.0.1", registry.port)
+                self.addCleanup(proxy.stop)
+                proxy.add_fault("delay", match=f"/blobs/{amd.layers[0].digest}", method="GET",
+                                after_bytes=64 << 10, seconds=0.5)
+                proxy.add_fault("delay", match=f"/manifests/{arm.manifest.digest}",
+                                method="GET", seconds=0.2)
+                cache = self.provider(jobs=2)
+                name = f"{proxy.host}/test/share:1"
+                cache.image_pull(name, "", args[0])
+                gets = collections.Counter(t for m, t in proxy.requests() if m == "GET")
+                self.assertEqual([t for t, n in gets.items() if n > 1], [], gets)
+                layer_gets = [t for t in gets if amd.layers[0].digest in t]
+                self.assertEqual(len(layer_gets), 1, gets)
+                self.assertEqual(self.index_names(), [name])
+                self.assertTrue(cache.verify().ok)
+                self.assertEqual([f for f in os.listdir(self.path("cache", "blobs", "sha256"))
+                                  if "." in f], [])  # no partial or temporary file left
+
+    def test_a_manifest_request_waiting_for_a_transfer_is_not_sent_once_the_pull_failed(
+            self) -> None:
+        # A child's request waits for one of the transfers the blobs under way hold; the
+        # pull fails meanwhile (another child is corrupt) and its fetcher is closed. The
+        # request was checked for cancellation before the wait only, and went out once
+        # the blobs let go of their transfers: after the pull had returned its error.
+        registry = self.start_registry()
+        _, arm, _, _ = self.multi_arch(registry)
+        cache = self.provider(jobs=1)
+        asked: List[str] = []
+        get_manifest = cache.registry.get_manifest
+
+        def noted(ref: oc.Reference, *args: Any, **kwargs: Any) -> Any:
+            asked.append(str(ref.digest))
+            return get_manifest(ref, *args, **kwargs)
+
+        cache.registry.get_manifest = noted  # type: ignore[method-assign]
+        waiting = threading.Event()
+
+        class Transfers(threading.Semaphore):
+            def __enter__(self) -> bool:
+                waiting.set()
+                return super().__enter__()
+
+        transfers = Transfers(1)
+        transfers.acquire()  # a blob's download holds the only transfer
+        fetcher = oc._ManifestFetcher(cache.registry, oc.Reference.parse(
+            f"{registry.host}/test/multi:1"), 1, transfers)
+        fetcher.ahead(oc.Descriptor(arm.manifest.media_type, oc.Digest.parse(
+            arm.manifest.digest), len(arm.manifest.data)))
+        wait_for(waiting.is_set, 5, "the request waiting for a transfer")
+        fetcher.close()  # the pull failed
+        transfers.release()  # and its blobs stopped
+        wait_for(lambda: not any(t.name == "ocicache-manifest" and t.is_alive()
+                                 for t in threading.enumerate()), 5, "the fetcher's end")
+        self.assertEqual(asked, [])
 
     def test_a_new_cache_costs_three_fsyncs_and_its_first_name_makes_it_durable(self) -> None:
         # The empty index.json's name waits for the directory's next fsync, the one that
