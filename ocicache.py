@@ -974,6 +974,102 @@ def _load_json_object(data: Union[bytes, str], what: str) -> Dict[str, Any]:
     return obj
 
 
+class _UnusualIndex(Exception):
+    """index.json is not one ``_IndexScan`` decodes an entry at a time: the caller decodes
+    it whole (``Layout.index_object``), which accepts, refuses and says why as always."""
+
+
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # json.decoder's own
+
+
+def _past_space(text: str, at: int) -> int:
+    """Where the JSON whitespace at ``at`` in ``text`` ends."""
+    match = _JSON_WHITESPACE.match(text, at)
+    return match.end() if match else at
+
+
+class _IndexScan:
+    """index.json's text decoded one root entry at a time (20,000 decoded at once are 13
+    MB, which ``rm`` held beside all it did), the rest of it into ``head``, as
+    ``_load_json_object`` decodes it whole: the same entries and the same ``head`` (its
+    ``manifests`` kept where it stood, with the value None), or ``_UnusualIndex`` for
+    anything that decode would refuse and for what this does not take (a duplicate
+    ``manifests``, one that is no array, an escaped surrogate, deep nesting).
+
+    ``_UnusualIndex`` may come at any entry: a caller acts on none before the last."""
+
+    def __init__(self, text: str) -> None:
+        text = text[1:] if text.startswith("\ufeff") else text  # as _parse_json takes it
+        size = len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
+        values = text.count(",") + text.count("{") + text.count("[")
+        if values > size // _MIN_JSON_BYTES_PER_VALUE + 1024 or \
+                re.search(_SURROGATE_ESCAPE, text):
+            raise _UnusualIndex()  # refused packed, or its surrogates checked whole
+        self.text = text
+        self.head: Dict[str, Any] = {}
+
+    def _value(self, at: int, levels: int) -> Tuple[Any, int]:
+        """The value at ``at`` and where it ends; nested no more than ``levels`` deep."""
+        text = self.text
+        try:
+            value, end = _JSON_DECODER.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            raise _UnusualIndex() from None
+        # Counted first (a bracket in a string counts too): walked only when there are many.
+        if end - at > levels and text.count("{", at, end) + text.count("[", at, end) > \
+                levels and _nested_deeper_than(value, levels):
+            raise _UnusualIndex()
+        return value, end
+
+    def entries(self) -> Iterator[Any]:
+        """Each entry of ``manifests`` as decoded, in order; ``head`` is complete after
+        the last."""
+        text, space = self.text, _past_space
+        at = space(text, 0)
+        if not text.startswith("{", at):
+            raise _UnusualIndex()
+        at = space(text, at + 1)
+        seen = False
+        while not text.startswith("}", at):  # a member: "key": value
+            if not text.startswith('"', at):
+                raise _UnusualIndex()
+            key, at = self._value(at, 0)
+            at = space(text, at)
+            if not text.startswith(":", at):
+                raise _UnusualIndex()
+            at = space(text, at + 1)
+            if key != "manifests":
+                self.head[key], at = self._value(at, _JSON_MAX_DEPTH - 1)
+            elif seen or not text.startswith("[", at):  # (of two, the last would count)
+                raise _UnusualIndex()
+            else:
+                seen, self.head[key] = True, None
+                at = space(text, at + 1)
+                while not text.startswith("]", at):
+                    entry, at = self._value(at, _JSON_MAX_DEPTH - 2)
+                    yield entry
+                    at = space(text, at)
+                    if text.startswith(",", at):
+                        at = space(text, at + 1)
+                        if text.startswith("]", at):  # a trailing comma
+                            raise _UnusualIndex()
+                    elif not text.startswith("]", at):
+                        raise _UnusualIndex()
+                at += 1
+            at = space(text, at)
+            if text.startswith(",", at):
+                at = space(text, at + 1)
+                if text.startswith("}", at):  # a trailing comma
+                    raise _UnusualIndex()
+            elif not text.startswith("}", at):
+                raise _UnusualIndex()
+        if space(text, at + 1) != len(text):
+            raise _UnusualIndex()
+
+
+_JSON_DECODER = json.JSONDecoder()  # json.loads's own (no options)
+
+
 @_value_type
 class Index:
     """An OCI image index or Docker manifest list."""
@@ -1850,6 +1946,61 @@ def _raw_entry(raw: Any) -> Tuple[str, str, int]:
             size if type(size) is int else -1)
 
 
+class _EncodedEntries:
+    """Root entries of index.json as ``Layout.write_index_object`` writes them, encoded
+    1,024 at a time as they are added (20,000 kept decoded, for ``rm`` to write back, were
+    13 MB; encoded, 4 MB)."""
+
+    def __init__(self) -> None:
+        # Each piece its entries' bytes in the array (after a comma but the first), or
+        # the entries themselves when they cannot be encoded: writing them says why.
+        self._pieces: List[Union[bytes, List[Any]]] = []
+        self._batch: List[Any] = []
+
+    def __len__(self) -> int:
+        return 1024 * len(self._pieces) + len(self._batch)
+
+    def append(self, raw: Any) -> None:
+        self._batch.append(raw)
+        if len(self._batch) == 1024:
+            self._seal()
+
+    def _seal(self) -> None:
+        if self._batch:
+            self._pieces.append(self._batch)
+            with contextlib.suppress(OciCacheError):
+                self._pieces[-1] = self._encoded(len(self._pieces) - 1)
+            self._batch = []
+
+    def _encoded(self, at: int) -> bytes:
+        piece = self._pieces[at]
+        if isinstance(piece, bytes):
+            return piece
+        data = _json_bytes(piece, separators=_INDEX_SEPARATORS)[1:-1]
+        return _INDEX_SEPARATORS[0].encode() + data if at else data
+
+    def pieces(self) -> List[bytes]:
+        self._seal()
+        return [self._encoded(at) for at in range(len(self._pieces))]
+
+    def decoded(self, wanted: Optional[Iterable[int]] = None) -> Iterator[Any]:
+        """The entries (those at the places ``wanted``, ascending) as decoded: as
+        json.loads gives what json.dumps wrote; a piece decoded at a time."""
+        self._seal()
+        places = None if wanted is None else iter(wanted)
+        want = -1 if places is None else next(places, None)
+        for at, piece in enumerate(self._pieces):
+            if want is not None and want < 1024 * (at + 1):
+                entries = piece if isinstance(piece, list) else \
+                    json.loads(b"[" + piece[1 if at else 0:] + b"]")
+                if places is None:
+                    yield from entries
+                    continue
+                while want is not None and want < 1024 * (at + 1):
+                    yield entries[want - 1024 * at]
+                    want = next(places, None)
+
+
 class Layout:
     """An OCI image layout directory used as a cache. Creates it when missing."""
 
@@ -2322,6 +2473,23 @@ class Layout:
             with self.lock():
                 return self._read_index_object(digests)
 
+    def index_scan(self, digests: Optional[List[str]] = None) -> _IndexScan:
+        """index.json to decode an entry at a time (``_IndexScan``), the sha256 of its
+        bytes appended to ``digests``; ``_UnusualIndex`` when it cannot be read or
+        decoded so, for ``index_object`` to read it again and say why."""
+        try:
+            data = self._read_index_bytes()
+        except CorruptCacheError:
+            raise _UnusualIndex() from None
+        if digests is not None:
+            digests.append(hashlib.sha256(data).hexdigest())
+        try:
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+        except UnicodeDecodeError:
+            raise _UnusualIndex() from None
+        del data  # (not held beside its text)
+        return _IndexScan(text)
+
     def root_entries(self) -> Iterator[Descriptor]:
         """``read_index().manifests``, each entry parsed as it is given and none kept
         (20,000 parsed are 15 MB, and a walk of them holds what it found besides); the
@@ -2404,10 +2572,12 @@ class Layout:
             index = self.index_object()
             self.write_index_object(index, change(index.get("manifests") or []), what=what)
 
-    def write_index_object(self, index: Mapping[str, Any], manifests: List[Any],
+    def write_index_object(self, index: Mapping[str, Any],
+                           manifests: Union[List[Any], "_EncodedEntries"],
                            on_full: Optional[Callable[[], None]] = None, what: str = "") -> None:
         """Replace index.json with ``index`` (as the caller read it holding the lock)
-        holding ``manifests``. An index.json past MAX_INDEX_SIZE, which could not be read
+        holding ``manifests`` (as decoded, or encoded already). An index.json past
+        MAX_INDEX_SIZE, which could not be read
         back, is refused, saying ``what`` was being done.
 
         Replacing it needs room for a second copy; on a full disk ``on_full`` (given by
@@ -2423,7 +2593,10 @@ class Layout:
         mark = "\ue000ocicache: the entries\ue000"
         before, _, after = whole([mark]).partition(_json_bytes([mark]))
         if after.find(_json_bytes([mark])) >= 0:  # the mark is in index.json itself
-            pieces = [whole(manifests)]
+            pieces = [whole(list(manifests.decoded()) if isinstance(
+                manifests, _EncodedEntries) else manifests)]
+        elif isinstance(manifests, _EncodedEntries):
+            pieces = [before + b"[", *manifests.pieces(), b"]" + after]
         else:
             pieces = [before + b"["]
             comma = _INDEX_SEPARATORS[0].encode()
@@ -7993,6 +8166,20 @@ class _SummaryMemo:
                  ) -> Tuple[Set[str], List[Any]]:
         """Which of ``blobs`` the root entries ``entries`` (index.json's, as decoded) reach
         by the memo, and the entries it does not know, whose documents must say."""
+        known, unknown = [], []
+        for raw in entries:
+            _, digest, size = _raw_entry(raw)
+            at = self._place(digest, size)
+            if at < 0:
+                unknown.append(raw)
+            else:
+                known.append(at)
+        found = self.reached_by(known, blobs)
+        return (set(), list(entries)) if found is None else (found, unknown)
+
+    def reached_by(self, places: Iterable[int], blobs: Iterable[str]) -> Optional[Set[str]]:
+        """Which of ``blobs`` the memo's roots at ``places`` (``_place``) reach; None when
+        the memo does not say it as written (every document must say then)."""
         wanted = set(blobs)
         numbers: Dict[str, str] = {}  # the numbers of the wanted blobs
         count = 0  # of blobs
@@ -8000,23 +8187,16 @@ class _SummaryMemo:
             numbers.update((str(n), blob) for n, blob in enumerate(piece, count)
                            if blob in wanted)
             count += len(piece)
-        known, unknown = [], []
         reached = self._column("reached")
-        for raw in entries:
-            _, digest, size = _raw_entry(raw)
-            at = self._place(digest, size)
-            if at < 0:
-                unknown.append(raw)
-            else:
-                known.append(reached[at])
+        known = [reached[at] for at in places]
         found: Set[str] = set()
         for start in range(0, len(known), 4096):  # a piece at a time: all at once, they
             numbers_reached = set(",".join(known[start:start + 4096]).split(","))  # were
             numbers_reached.discard("")  # 100,000 strings of 20,000 roots, rm's peak
             if not all(n.isdecimal() and int(n) < count for n in numbers_reached):
-                return set(), list(entries)  # not as written: every document must say
+                return None  # not as written
             found.update(numbers_reached.intersection(numbers))
-        return {numbers[n] for n in found}, unknown
+        return {numbers[n] for n in found}
 
     def stale(self, named: Mapping[str, int]) -> bool:
         """Whether the memo knows roots that are not in ``named`` (removed since)."""
@@ -8480,31 +8660,38 @@ class Provider(CacheProvider):
         name spelled so in index.json is canonical_name'd first (as ``ocicache rm`` says
         it), with index.json read once."""
         with self.layout.deleting_blobs(), self.layout.lock():
-            index = self.layout.index_object()  # once: it is written back, minus the names
-            if as_stored:
-                texts = [str(ref) for ref in refs]
-                refs = _as_stored(texts, set() if all(map(_is_canonical, texts)) else {
-                    _raw_entry(raw)[0] for raw in index.get("manifests") or []})
-            wanted = [_name_predicate(ref) for ref in refs]
-            removed: List[Descriptor] = []
-            remaining = []
-            found = [False] * len(wanted)
-            for raw in index.get("manifests") or []:
-                name = _raw_entry(raw)[0]
-                hits = [matches(name) for matches in wanted] if name else []
-                if any(hits):
-                    removed.append(self.layout.entry(raw))
-                    found = [a or b for a, b in zip(found, hits)]
-                else:
-                    remaining.append(raw)
+            texts = [str(ref) for ref in refs]
+            canonical = all(map(_is_canonical, texts))
+            if as_stored and canonical:  # as stored or not, the same names
+                refs = _as_stored(texts, set())
+            scanned = self._remove_scanning(refs) if canonical or not as_stored else None
+            if scanned is None:  # index.json decoded whole
+                index = self.layout.index_object()  # once: written back, minus the names
+                if as_stored and not canonical:
+                    refs = _as_stored(texts, {
+                        _raw_entry(raw)[0] for raw in index.get("manifests") or []})
+                remaining: List[Any] = []
+                found, removed = self._removing(refs, index.get("manifests") or [],
+                                                lambda raw, _: remaining.append(raw))
+                manifests: Union[List[Any], _EncodedEntries] = remaining
+            else:
+                index, found, removed, encoded, memo, known, places = scanned
+                manifests = encoded
             for ref, hit in zip(refs, found):
                 if not hit:  # a string that is no reference says so, unless rm took it
                     label = ref if as_stored else Reference.parse(ref)  # as stored
                     raise NotFoundError(f"no image named {label} in the cache {self.root}")
             before = self.layout.reachable(removed).digests
-            memo = _SummaryMemo.read(self.layout)
-            kept, unknown = memo.reaching(remaining, map(str, before))
-            after = self.layout.reachable(map(self.layout.entry, unknown)).digests
+            if scanned is None:
+                kept, unknown = _SummaryMemo.read(self.layout).reaching(
+                    remaining, map(str, before))
+                after = self.layout.reachable(map(self.layout.entry, unknown)).digests
+            else:
+                reached = memo.reached_by(known, map(str, before))
+                kept = set() if reached is None else reached
+                # (the memo not as written: every document says)
+                after = self.layout.reachable(map(self.layout.entry, encoded.decoded(
+                    None if reached is None else places))).digests
             deleted = [d for d in before if d not in after and str(d) not in kept and
                        self.layout.has_blob(d)]
 
@@ -8514,9 +8701,58 @@ class Provider(CacheProvider):
 
             # Names first, so no name points at a deleted blob; on a full disk the blobs
             # go first (a crash then leaves names that 'verify' reports and pull repairs).
-            self.layout.write_index_object(index, remaining, on_full=delete)
+            self.layout.write_index_object(index, manifests, on_full=delete)
             delete()
             return [str(ref) for ref in refs], deleted
+
+    def _removing(self, refs: Sequence[RefLike], entries: Iterable[Any],
+                  keep: Callable[[Any, Tuple[str, str, int]], None]
+                  ) -> Tuple[List[bool], List[Descriptor]]:
+        """Which of ``refs`` name any of the root ``entries`` (as decoded), and those
+        entries parsed; each other entry given to ``keep`` (with its ``_raw_entry``)."""
+        wanted = [_name_predicate(ref) for ref in refs]
+        removed: List[Any] = []
+        found = [False] * len(wanted)
+        for raw in entries:
+            said = _raw_entry(raw)
+            name = said[0]
+            hits = [matches(name) for matches in wanted] if name else []
+            if any(hits):
+                removed.append(raw)
+                found = [a or b for a, b in zip(found, hits)]
+            else:
+                keep(raw, said)
+        return found, list(map(self.layout.entry, removed))
+
+    def _remove_scanning(self, refs: Sequence[RefLike]) -> Optional[Tuple[
+            Dict[str, Any], List[bool], List[Descriptor], _EncodedEntries, "_SummaryMemo",
+            List[int], List[Any]]]:
+        """``_remove``'s reading of index.json an entry at a time (``_IndexScan``), each
+        kept entry encoded as it is read and asked of the memo then: index.json's head,
+        which of ``refs`` were found, the entries removed, those kept, the memo, its
+        places of the kept roots it knows (``_place``) and the kept entries it does not.
+        None when index.json is not one to read so (then it is decoded whole)."""
+        try:
+            scan = self.layout.index_scan()
+        except _UnusualIndex:
+            return None
+        memo = _SummaryMemo.read(self.layout)
+        known: List[int] = []
+        unknown: List[int] = []  # where among the kept (decoded again when asked)
+        encoded = _EncodedEntries()
+
+        def keep(raw: Any, said: Tuple[str, str, int]) -> None:
+            at = memo._place(said[1], said[2])
+            if at < 0:
+                unknown.append(len(encoded))
+            else:
+                known.append(at)
+            encoded.append(raw)
+        try:
+            found, removed = self._removing(refs, scan.entries(), keep)
+        except (_UnusualIndex, InvalidReferenceError):  # said as index_object's reader says
+            return None
+        return scan.head, found, removed, encoded, memo, known, unknown
 
     def clean(self) -> int:
         """Remove every name and blob; returns the number of blobs deleted."""
