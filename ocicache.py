@@ -43,8 +43,8 @@ import threading
 import time
 import zlib
 from types import MappingProxyType
-from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
-                    List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Type,
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Generator, Iterable,
+                    Iterator, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Type,
                     TypeVar, Union)
 
 __version__ = "0.1.0"
@@ -980,6 +980,7 @@ class _UnusualIndex(Exception):
 
 
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # json.decoder's own
+_JSON_COMMA = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 
 
 def _past_space(text: str, at: int) -> int:
@@ -1021,6 +1022,30 @@ class _IndexScan:
             raise _UnusualIndex()
         return value, end
 
+    def _entries(self, at: int) -> Generator[Any, None, int]:
+        """The entries from ``at`` on (``_value`` inlined: 20,000 of them), and where the
+        array's "]" is."""
+        scan = _JSON_DECODER.scan_once  # type: ignore[attr-defined]
+        text, comma, levels = self.text, _JSON_COMMA.match, _JSON_MAX_DEPTH - 2
+        while True:
+            try:
+                entry, end = scan(text, at)
+            except (StopIteration, ValueError, RecursionError):
+                raise _UnusualIndex() from None
+            if end - at > levels and text.count("{", at, end) + text.count(
+                    "[", at, end) > levels and _nested_deeper_than(entry, levels):
+                raise _UnusualIndex()
+            yield entry
+            match = comma(text, end)
+            if match is None:
+                at = _past_space(text, end)
+                if not text.startswith("]", at):
+                    raise _UnusualIndex()
+                return at
+            at = match.end()
+            if text.startswith("]", at):  # a trailing comma
+                raise _UnusualIndex()
+
     def entries(self) -> Iterator[Any]:
         """Each entry of ``manifests`` as decoded, in order; ``head`` is complete after
         the last."""
@@ -1045,16 +1070,8 @@ class _IndexScan:
             else:
                 seen, self.head[key] = True, None
                 at = space(text, at + 1)
-                while not text.startswith("]", at):
-                    entry, at = self._value(at, _JSON_MAX_DEPTH - 2)
-                    yield entry
-                    at = space(text, at)
-                    if text.startswith(",", at):
-                        at = space(text, at + 1)
-                        if text.startswith("]", at):  # a trailing comma
-                            raise _UnusualIndex()
-                    elif not text.startswith("]", at):
-                        raise _UnusualIndex()
+                if not text.startswith("]", at):
+                    at = yield from self._entries(at)
                 at += 1
             at = space(text, at)
             if text.startswith(",", at):
@@ -1949,7 +1966,7 @@ def _raw_entry(raw: Any) -> Tuple[str, str, int]:
 class _EncodedEntries:
     """Root entries of index.json as ``Layout.write_index_object`` writes them, encoded
     1,024 at a time as they are added (20,000 kept decoded, for ``rm`` to write back, were
-    13 MB; encoded, 4 MB)."""
+    13 MB; encoded, 4 MB); ``pieces`` and ``decoded`` asked after the last is added."""
 
     def __init__(self) -> None:
         # Each piece its entries' bytes in the array (after a comma but the first), or
