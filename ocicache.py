@@ -1043,8 +1043,6 @@ class _IndexScan:
                     raise _UnusualIndex()
                 return at
             at = match.end()
-            if text.startswith("]", at):  # a trailing comma
-                raise _UnusualIndex()
 
     def entries(self) -> Iterator[Any]:
         """Each entry of ``manifests`` as decoded, in order; ``head`` is complete after
@@ -1076,8 +1074,6 @@ class _IndexScan:
             at = space(text, at)
             if text.startswith(",", at):
                 at = space(text, at + 1)
-                if text.startswith("}", at):  # a trailing comma
-                    raise _UnusualIndex()
             elif not text.startswith("}", at):
                 raise _UnusualIndex()
         if space(text, at + 1) != len(text):

@@ -13561,18 +13561,21 @@ class TestLargeCaches(CacheTestCase):
         self.assertTrue(self.cache.verify().ok)
 
     @staticmethod
-    def hostile_index_texts(seed: int, count: int) -> List[bytes]:
+    def hostile_index_texts(seed: int, count: int, digest: str = "sha256:" + HEX64,
+                            size: int = 0) -> List[bytes]:
         """index.json texts, most nearly as tools write them, each with something odd:
         duplicate keys, odd whitespace, entries that are no object, huge or odd numbers,
-        escapes, nesting about the limit, invalid UTF-8, other encodings, truncations."""
+        escapes, nesting about the limit, invalid UTF-8, other encodings, truncations.
+        Their entries, example.com/n<i>:1, name ``digest`` of ``size`` (else 100 + i)."""
         rng = random.Random(seed)
-        digest = "sha256:" + HEX64
 
         def entry(n: int) -> Dict[str, Any]:
-            return {"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": digest, "size": 100 + n,
+            return {"mediaType": oc.MEDIA_OCI_MANIFEST, "digest": digest,
+                    "size": size or 100 + n,
                     "annotations": {oc.ANNOTATION_REF_NAME: f"example.com/n{n}:1"}}
         odd_values = ['1e400', '-0.0', '1' * 5000, 'NaN', '-Infinity', '"\\ud800"',
-                      '"\\udc00x"', '"\\u00e9\\/"', '[' * 499 + ']' * 499,
+                      '"\\udc00x"', '"\\u00e9\\/"', '[' * 500 + ']' * 500,
+                      '[' * 499 + ']' * 499,
                       '[' * 498 + ']' * 498, '[' * 497 + ']' * 497, '{"a":' * 498 + '1' +
                       '}' * 498, 'null', '"x"', '[]', '{}', 'true', '12345678901234567890',
                       '"\ue000ocicache: the entries\ue000"', '"{[{[{["']
@@ -13609,7 +13612,7 @@ class TestLargeCaches(CacheTestCase):
                                       '"digest":"sha256:1"', '"annotations":{}',
                                       '"schemaVersion":2', '"manifests":null',
                                       '"manifests":{}', '"manifests":"x"'])
-                    spot = text.find("{", at)
+                    spot = text.find("{", at if rng.random() < 0.5 else 0)  # (or first)
                     if spot >= 0:
                         text = text[:spot + 1] + key + "," + text[spot + 1:]
                 elif kind == 4:  # a byte of JSON's syntax removed, doubled or moved
@@ -13672,15 +13675,23 @@ class TestLargeCaches(CacheTestCase):
     def test_rm_answers_as_it_did_decoding_index_json_whole(self) -> None:
         # rm an entry at a time against rm of index.json decoded whole, on the same
         # hostile texts: the same error, or the same index.json written and blobs deleted;
-        # with the memo ls leaves and without.
+        # without a memo, with the one ls leaves (knowing the roots named), and with one
+        # whose blob numbers are not as written (every document must say then).
         images = self.many_names(3, {"etc/base": b"base"})
-        digest = images[1].manifest.digest
+        root = images[1].manifest
         pristine = self.path("pristine")
         shutil.copytree(self.cache_dir, pristine)
         seed = int(os.environ.get("OCICACHE_SEED", "0")) or random.randrange(2 ** 31)
-        texts = [data.replace(("sha256:" + HEX64).encode(), digest.encode()).replace(
-            b"example.com/n0:1", b"example.com/n1:1")
-                 for data in self.hostile_index_texts(seed, int(sized(120, 3000)))]
+        texts = [data.replace(b"example.com/n0:1", b"example.com/n1:1") for data in
+                 self.hostile_index_texts(seed, int(sized(100, 3000)), root.digest,
+                                          len(root.data))]
+        entries = [{**images[i].descriptor(), "annotations": {
+            oc.ANNOTATION_REF_NAME: f"example.com/n{i}:1"}} for i in (1, 2, 0, 1)]
+        mark = "\ue000ocicache: the entries\ue000"  # (write_index_object's own)
+        texts += [json.dumps({"annotations": {"a": [mark]}, "manifests": entries}).encode(),
+                  json.dumps({"manifests": entries, "x": mark, "y": [mark]},
+                             ensure_ascii=False).encode(),
+                  json.dumps({"manifests": entries * 700}).encode()]  # a piece and more
 
         def run() -> Tuple[Any, ...]:
             try:
@@ -13691,13 +13702,20 @@ class TestLargeCaches(CacheTestCase):
                 return sorted(map(str, deleted)), f.read()
         unusual = mock.patch.object(oc.Layout, "index_scan", side_effect=oc._UnusualIndex)
         for n, data in enumerate(texts):
-            for memo in (False, True):
+            for memo in ("none", "ls's", "not as written"):
                 answers = []
                 for scanning in (False, True):
                     shutil.rmtree(self.cache_dir)
                     shutil.copytree(pristine, self.cache_dir)
-                    if memo:
+                    if memo != "none":
                         self.cache.summaries()
+                    if memo == "not as written":
+                        with open(self.memo_path()) as f:
+                            columns = json.load(f)
+                        columns["reached"] = " ".join(
+                            ["99999"] * len(columns["roots"].split(" ")))
+                        with open(self.memo_path(), "w") as f:
+                            json.dump(columns, f)
                     with open(os.path.join(self.cache_dir, "index.json"), "wb") as f:
                         f.write(data)
                     with contextlib.ExitStack() as stack:
