@@ -1074,6 +1074,8 @@ class _IndexScan:
             at = space(text, at)
             if text.startswith(",", at):
                 at = space(text, at + 1)
+                if text.startswith("}", at):  # a trailing comma, which json refuses
+                    raise _UnusualIndex()
             elif not text.startswith("}", at):
                 raise _UnusualIndex()
         if space(text, at + 1) != len(text):

@@ -13725,6 +13725,28 @@ class TestLargeCaches(CacheTestCase):
                 with self.subTest(seed=seed, n=n, memo=memo, data=data[:300]):
                     self.assertEqual(answers[1], answers[0])
 
+    def test_rm_refuses_index_json_whose_object_ends_in_a_comma(self) -> None:
+        # _IndexScan took a comma before index.json's closing "}" (which json refuses) as
+        # the end of its members: rm removed the name and wrote index.json back, where
+        # every other command (and the rm before it) says index.json is not valid JSON.
+        self.many_names(2, {"etc/base": b"base"})
+        path = os.path.join(self.cache_dir, "index.json")
+        with open(path, "rb") as f:
+            good = f.read().rstrip()
+        before = self.cache.layout.blob_names()
+        for data in (good[:-1] + b",}", good[:-1] + b" ,\r\n\t}\n",
+                     b'{"manifests":[],}', b'{"a":{"b":1,},"manifests":[]}'):
+            with self.subTest(data=data[-20:]):
+                with open(path, "wb") as f:
+                    f.write(data)
+                with self.assertRaises(oc._UnusualIndex):
+                    list(self.cache.layout.index_scan().entries())
+                with self.assertRaisesRegex(oc.CorruptCacheError, "is not valid JSON"):
+                    self.cache.remove("example.com/n1:1")
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(), data)
+                self.assertEqual(self.cache.layout.blob_names(), before)
+
     def test_the_first_ls_holds_one_string_of_each_digest_media_type_and_platform(
             self) -> None:
         # The first ls of 20,000 names (no memo: it learns every root) held what it
