@@ -13747,6 +13747,45 @@ class TestLargeCaches(CacheTestCase):
                     self.assertEqual(f.read(), data)
                 self.assertEqual(self.cache.layout.blob_names(), before)
 
+    def test_index_scan_takes_of_index_jsons_own_syntax_only_what_json_takes(self) -> None:
+        # _IndexScan walks the object holding the entries itself (the entries and other
+        # values are json's): objects of a few members, a piece of that syntax put in,
+        # left out or doubled at random, found the comma before a closing brace taken.
+        # What it takes, the whole decode gives the same.
+        pieces = ["{", "}", "[", "]", ",", ":", '"manifests"', '"a"', "1", " ", "\r\n", "\t",
+                  '{"x":1}', "null", "[]", "\ufeff", '"manif\\u0065sts"', "x", "-0", ""]
+        members = ['"manifests":[]', '"manifests":[{},1]', '"a":1', '"a":{"b":[]}',
+                   '"manif\\u0065sts":[ ]', '"":null']
+        seed = fuzz_seed()
+        rng = random.Random(seed)
+        taken = 0
+        for _ in range(int(sized(20_000, 1_000_000))):
+            chosen = [rng.choice(members) for _ in range(rng.randrange(4))]
+            text = [rng.choice(pieces) if rng.random() < 0.3 else "" for _ in range(
+                    len(chosen) * 2 + 2)]
+            text = list("{" + "".join(f"{a}{m}{b}," for m, a, b in zip(
+                chosen, text, text[1:]))[:-1 if chosen else None] + "}")
+            for _ in range(rng.randrange(3)):  # a character put in, left out or doubled
+                at = rng.randrange(len(text))
+                text[at:at + 1] = rng.choice([[rng.choice(pieces), text[at]], [],
+                                              [text[at]] * 2])
+            data = "".join(text)
+            try:
+                scan = oc._IndexScan(data)
+                entries = list(scan.entries())
+            except oc._UnusualIndex:
+                continue
+            taken += 1
+            try:
+                whole = oc._load_json_object(data, "index.json")
+            except oc.OciCacheError as e:
+                self.fail(f"OCICACHE_FUZZ_SEED={seed}: {data!r} taken, which json refuses: {e}")
+            self.assertIsInstance(whole.get("manifests") or [], list, data)
+            self.assertEqual(repr((entries, scan.head)), repr((whole.get("manifests") or [], {
+                k: None if k == "manifests" else v for k, v in whole.items()})),
+                f"OCICACHE_FUZZ_SEED={seed}: {data!r}")
+        self.assertGreater(taken, 3000)
+
     def test_the_first_ls_holds_one_string_of_each_digest_media_type_and_platform(
             self) -> None:
         # The first ls of 20,000 names (no memo: it learns every root) held what it
