@@ -13786,6 +13786,34 @@ class TestLargeCaches(CacheTestCase):
                 f"OCICACHE_FUZZ_SEED={seed}: {data!r}")
         self.assertGreater(taken, 3000)
 
+    def test_rm_waits_out_linuxkits_in_place_rewrite_and_keeps_what_it_named(self) -> None:
+        # linuxkit rewrites index.json in place under its lock; rm, reading it an entry at
+        # a time, must read it whole once linuxkit is done: the name linuxkit added to
+        # the image rm frees keeps it (and its blobs), the rest of the index as written.
+        images = self.many_names(1200, {"etc/base": b"base"})  # entries past one piece
+        self.cache.summaries()  # a memo knowing every root but the name linuxkit adds
+        writer = linuxkit("pause", self.cache_dir, json.dumps(images[7].descriptor()),
+                          "example.com/by-linuxkit:1", stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE)
+        self.addCleanup(writer.kill)
+        self.assertEqual(writer.stdout.readline(), b"half\n")  # index.json is half written
+        remover = subprocess.Popen([sys.executable, OCICACHE, "--cache", self.cache_dir, "rm",
+                                    "example.com/n7:1", "example.com/n8:1"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(remover.kill)
+        with self.assertRaises(subprocess.TimeoutExpired):
+            remover.wait(0.3)  # waiting for linuxkit's lock, not failing
+        writer.stdin.write(b"\n")
+        writer.stdin.flush()
+        self.assertEqual(writer.wait(10), 0)
+        out, err = remover.communicate(timeout=60)
+        self.assertEqual((remover.returncode, err), (0, b""))
+        self.assertEqual(out.splitlines()[-1], b"3 blobs deleted")  # n8's, not n7's
+        names = [f"example.com/n{i}:1" for i in range(1200) if i not in (7, 8)]
+        self.assertEqual(self.index_names(), [*names, "example.com/by-linuxkit:1"])
+        self.assertTrue(self.cache.verify().ok)
+        self.assertTrue(self.cache.image_in_cache("example.com/by-linuxkit:1", "", "amd64"))
+
     def test_the_first_ls_holds_one_string_of_each_digest_media_type_and_platform(
             self) -> None:
         # The first ls of 20,000 names (no memo: it learns every root) held what it
