@@ -7121,9 +7121,9 @@ def _open_layer(layout: Layout, descriptor: Descriptor,
 
 
 def _same_blob(blob: BinaryIO, digest: Digest, opened: Dict[Digest, Tuple[int, int, int]]
-               ) -> None:
-    """Refuse (closing it) a blob that is not the file an earlier read of the same export
-    opened: a flatten reads each layer twice, the first pass checking what the second
+               ) -> os.stat_result:
+    """The status of ``blob``; refuse it (closing it) when it is not the file an earlier
+    read of the same export opened: a flatten reads each layer twice, the first pass checking what the second
     writes unchecked, and a co-user of a group-shared cache can rename another file over
     a blob in between. Device, inode and size, not times: a concurrent pull of an image
     sharing the layer refreshes its modification time, and ocicache never writes a blob
@@ -7134,6 +7134,7 @@ def _same_blob(blob: BinaryIO, digest: Digest, opened: Dict[Digest, Tuple[int, i
         blob.close()
         raise CorruptCacheError(f"layer {digest} was replaced while it was being read; "
                                 "export again")
+    return found
 
 
 # -- flattening -----------------------------------------------------------------------
@@ -11851,8 +11852,7 @@ class _CacheSource(ImageSource):
                 for digest in layers:  # each the file the flattening reads (_same_blob)
                     try:
                         with layout.open_blob(digest) as blob:
-                            _same_blob(blob, digest, opened)
-                            before = os.fstat(blob.fileno())
+                            before = _same_blob(blob, digest, opened)
                             if blob.read(2) != b"\x1f\x8b" and checks.needed(digest, before):
                                 started = time.time_ns()
                                 problems[digest] = _content_problem_at(blob.fileno(), digest)

@@ -96,6 +96,21 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.01)
 
 
+def counting_hashes(test: unittest.TestCase) -> List[str]:
+    """The digests exports hash from now on (by _content_problem_at), in order, until
+    the test ends."""
+    hashed: List[str] = []
+    real = oc._content_problem_at
+
+    def counting(fd: int, digest: oc.Digest) -> str:
+        hashed.append(str(digest))
+        return real(fd, digest)
+
+    mock.patch.object(oc, "_content_problem_at", counting).start()
+    test.addCleanup(mock.patch.stopall)
+    return hashed
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -3687,19 +3702,6 @@ class TestBeliefs(CacheTestCase):
         self.load_image(name, image)
         return name, image, image.layers[0], self.cache.layout.blob_path(image.layers[0].digest)
 
-    def counting_hashes(self) -> List[str]:
-        """The digests exports hash from now on (by _content_problem_at), in order."""
-        hashed: List[str] = []
-        real = oc._content_problem_at
-
-        def counting(fd: int, digest: oc.Digest) -> str:
-            hashed.append(str(digest))
-            return real(fd, digest)
-
-        mock.patch.object(oc, "_content_problem_at", counting).start()
-        self.addCleanup(mock.patch.stopall)
-        return hashed
-
     def test_an_export_hashes_a_blob_again_only_when_its_file_changed(self) -> None:
         # Hashing is what an export of large layers costs (three times a copy): a blob an
         # export hashed whole is not hashed again while its file is unchanged. Any change
@@ -3707,7 +3709,7 @@ class TestBeliefs(CacheTestCase):
         name, plain, layer, path = self.load_plain("checked")
         mock.patch.object(oc, "_CHECKED_MIN_SIZE", 1).start()
         self.addCleanup(mock.patch.stopall)
-        hashed = self.counting_hashes()
+        hashed = counting_hashes(self)
 
         def export(export_format: str) -> bytes:
             reader = {"oci": self.cache.new_source(name).oci_tar_reader,
@@ -3766,7 +3768,7 @@ class TestBeliefs(CacheTestCase):
         name, image, layer, path = self.load_plain("written", b"w")
         self.assertEqual(self.cache.layout.checked_blobs().get(str(layer.digest)),
                          oc._file_identity(os.stat(path)))
-        hashed = self.counting_hashes()
+        hashed = counting_hashes(self)
         for reader in ("oci_tar_reader", "v1_tar_reader", "tar_reader"):
             with getattr(self.cache.new_source(name), reader)() as stream:
                 stream.read()
@@ -11129,12 +11131,9 @@ class TestBeliefsAgainstARegistry(RegistryTestCase):
         for blob in image.layers:
             self.assertEqual(checked.get(str(blob.digest)), oc._file_identity(
                 os.stat(cache.layout.blob_path(blob.digest))), blob.digest)
-        hashed: List[str] = []
-        real = oc._content_problem_at
-        with mock.patch.object(oc, "_content_problem_at",
-                               lambda fd, d: hashed.append(str(d)) or real(fd, d)):
-            with cache.new_source(name).oci_tar_reader() as stream:
-                members = tarfile.open(fileobj=stream, mode="r|").getnames()
+        hashed = counting_hashes(self)
+        with cache.new_source(name).oci_tar_reader() as stream:
+            members = tarfile.open(fileobj=stream, mode="r|").getnames()
         self.assertEqual([d for d in hashed if d in {str(b.digest) for b in image.layers}], [])
         self.assertIn("blobs/sha256/" + image.layers[0].digest.split(":")[1], members)
 
