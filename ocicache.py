@@ -12060,9 +12060,14 @@ class _CacheSource(ImageSource):
 
 
 def _raw_json_member(text: str, key: str) -> str:
-    """The text of a top-level member of a JSON object exactly as written."""
+    """The text of a top-level member of ``text``, a JSON object as ``_parse_json`` took
+    it (a byte order mark skipped), exactly as written; of a member written twice, the
+    last, whose value json (and Go's encoding/json) decoded: the first was printed, and
+    a statement checked as one SPDX document printed another."""
+    text = text[1:] if text.startswith("\ufeff") else text
     decoder = json.JSONDecoder()
     whitespace = re.compile(r"[ \t\n\r]*")
+    found: Optional[Tuple[int, int]] = None
     position = whitespace.match(text, 0).end()  # type: ignore[union-attr]
     if text[position:position + 1] != "{":
         raise OciCacheError("an in-toto statement must be a JSON object")
@@ -12076,11 +12081,13 @@ def _raw_json_member(text: str, key: str) -> str:
         start = whitespace.match(text, position).end()  # type: ignore[union-attr]
         _, end = decoder.raw_decode(text, start)
         if member == key:
-            return text[start:end]
+            found = start, end
         position = whitespace.match(text, end).end()  # type: ignore[union-attr]
         if text[position:position + 1] == ",":
             position += 1
-    raise OciCacheError(f"the in-toto statement has no {key!r}")
+    if found is None:
+        raise OciCacheError(f"the in-toto statement has no {key!r}")
+    return text[found[0]:found[1]]
 
 
 # =====================================================================================

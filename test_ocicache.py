@@ -3991,6 +3991,60 @@ class TestBeliefs(CacheTestCase):
         self.assertIn(b"sha256-\\xff\\xfe: not named by a valid digest", result.stdout)
         self.assertNotIn(b"Traceback", result.stderr)
 
+    def test_an_sbom_prints_the_predicate_json_decodes(self) -> None:
+        # sbom prints the statement's "predicate" as written. Of one written twice it
+        # printed the first, while json (as Go's encoding/json) takes the last: checked
+        # as one SPDX document, the statement printed another; and a statement opening
+        # with a byte order mark, which json reads, was "not a JSON object".
+        rng = random.Random(21)
+
+        def space() -> str:
+            return "".join(rng.choice(" \t\n\r") for _ in range(rng.choice([0, 0, 1, 3])))
+
+        def value(depth: int = 0) -> Any:
+            kinds: List[Callable[[], Any]] = [
+                lambda: None, lambda: rng.random() < 0.5, lambda: rng.randrange(-9, 10 ** 6),
+                lambda: "".join(rng.choice('ab"\\\u00e9\u2028{}[],: ') for _ in range(5)),
+                lambda: [value(depth + 1) for _ in range(rng.randrange(3))],
+                lambda: {rng.choice(["predicate", "k", "predicateType"]): value(depth + 1)},
+                lambda: {"predicate": value(depth + 1), "x": value(depth + 1)}]
+            return kinds[rng.randrange(len(kinds) if depth < 3 else 4)]()
+
+        def encoded(item: Any) -> str:
+            return space() + json.dumps(item, ensure_ascii=rng.random() < 0.5,
+                                        indent=rng.choice([None, 1])) + space()
+        for _ in range(300):
+            members = [("predicateType", oc.SPDX_PREDICATE_TYPE), ("_type", "t"),
+                       ("subject", value(1)), *(("predicate", value()) for _ in range(
+                           rng.choice([1, 1, 2, 3])))]
+            rng.shuffle(members)
+            text = ("\ufeff" if rng.random() < 0.2 else "") + "{" + ",".join(
+                space() + ('"\\u0070redicate"' if name == "predicate" and rng.random() < 0.2
+                           else json.dumps(name)) + space() + ":" + encoded(item)
+                for name, item in members) + "}"
+            statement = oc._load_json_object(text.encode(), "statement")  # as sboms reads it
+            printed = oc._raw_json_member(text, "predicate")
+            self.assertIn(printed, text)
+            self.assertEqual(printed, printed.strip(" \t\n\r"))
+            self.assertEqual(json.loads(printed), statement["predicate"], text)
+        # and as the command prints it
+        image = make_image("sbom")
+        _, blobs, entry = make_attestation(image)
+        _, config, _ = blobs
+        first, last = b'{"name": "first"}', b'{ "name" : "last" }'
+        twice = Blob(oc.MEDIA_IN_TOTO, b'\xef\xbb\xbf{"predicateType": "' +
+                     oc.SPDX_PREDICATE_TYPE.encode() + b'", "predicate": ' + first +
+                     b', "subject": [], "predicate": ' + last + b'}')
+        attestation = manifest_blob(config.descriptor(), [twice.descriptor(annotations={
+            oc.ANNOTATION_PREDICATE_TYPE: oc.SPDX_PREDICATE_TYPE})])
+        entry = attestation.descriptor(platform=entry["platform"],
+                                       annotations=entry["annotations"])
+        index = make_index([image.descriptor(), entry])
+        self.load(oci_archive([(index.descriptor(), named("example.com/sbom:1"))],
+                              [*image.blobs, twice, config, attestation, index]))
+        result = self.cli("sbom", "--platform", "amd64", "example.com/sbom:1")
+        self.assertEqual((result.returncode, result.stdout), (0, last + b"\n"), result.stderr)
+
     def test_a_utf16_sbom_is_one_line(self) -> None:
         image = make_image("sbom")
         _, blobs, entry = make_attestation(image)
