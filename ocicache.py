@@ -13406,8 +13406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.command in ("pull", "push", "rm", "clean", "copy", "sync") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
                                    ca_files=tuple(args.ca_file))
-        with Provider(args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
-                      progress=progress) as provider:
+        with _terminate_as_exception(), Provider(
+                args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
+                progress=progress) as provider:
             return int(args.run(provider, args))
     except OciCacheError as e:
         message = str(e)
@@ -13416,16 +13417,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         where = f": {e.filename}" if e.filename else ""
         message = f"{e.strerror or e}{where}"
-    except KeyboardInterrupt:
-        message = "interrupted"
+    except (KeyboardInterrupt, _Terminated) as e:  # SIGINT, SIGTERM
+        message = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
         if args.command == "pull":
             message += ("; what was downloaded is kept in the cache, and the next pull "
                         "resumes from it")
         elif args.command in ("copy", "sync"):
             message += (f"; no image was tagged half-copied, and the next {args.command} "
                         "sends only what is missing")
-    except _Terminated:
-        message = "terminated"
     finally:
         _log_setup = None
     print(f"ocicache: error: {_one_line(message)}", file=sys.stderr)
