@@ -8291,6 +8291,17 @@ class _SummaryMemo:
         ``listing`` holds as written."""
         return all(map(present.issuperset, self._pieces("blobs")))
 
+    @property
+    def names_blobs(self) -> bool:
+        """Whether the memo read names any blob (one that does not is ``complete``
+        whatever is there)."""
+        return bool(self._lazy.get("blobs") or self._columns.get("blobs"))
+
+    def learned_here(self, digest: str) -> bool:
+        """Whether the root ``digest`` was learned from its documents since ``read``: what
+        it reaches was all there then (see ``learn``)."""
+        return digest in self._learned
+
     def _per_root(self) -> Optional[Tuple[List[int], List[str], List[Tuple[str, ...]],
                                           List[int]]]:
         """Each root's size, media type, platforms and size on disk as ``listing`` gives
@@ -8567,25 +8578,43 @@ class _SummaryMemo:
         # column's text a piece at a time (a string is escaped character by character).
         made = 0  # bytes
 
-        def field(name: str, value: Any) -> Iterator[bytes]:
+        def field(name: str, value: Any, more: Iterable[str] = ()) -> Iterator[bytes]:
+            """The member ``name``: ``value``, a string followed by each of ``more`` after
+            a space, never joined whole (the blobs of 20,000 roots are 3 MB of text); in
+            pieces as made, a string escaped a piece at a time."""
             nonlocal made
             head = b"," if made else b"{"
+            texts = itertools.chain([value], (" " + text for text in more))
             pieces = [head + _json_bytes({name: value}, separators=(",", ":"))[1:-1]] \
                 if type(value) is not str else itertools.chain(
                     [head + _json_bytes(name) + b':"'],
-                    (_json_bytes(value[start:start + 65536])[1:-1]
-                     for start in range(0, len(value), 65536)), [b'"'])
+                    (_json_bytes(text[start:start + 65536])[1:-1]
+                     for text in texts for start in range(0, len(text), 65536)), [b'"'])
             for piece in pieces:
                 made += len(piece)
                 yield piece
 
+        def spaced(name: str, texts: Iterable[str]) -> Iterator[bytes]:
+            """The member ``name``: ``texts`` joined by spaces (see ``field``)."""
+            texts = iter(texts)
+            return field(name, next(texts, ""), texts)
+
+        def batches(values: Iterable[str]) -> Iterator[str]:
+            """``values`` joined by spaces 4,096 at a time."""
+            values = iter(values)
+            while True:
+                batch = list(itertools.islice(values, 4096))
+                if not batch:
+                    return
+                yield " ".join(batch)
+
         yield from field("version", self.VERSION)
         yield from field("media", list(media))
-        yield from field("blobs", " ".join(numbers))
+        yield from spaced("blobs", batches(numbers))
         numbers.clear()
-        yield from field("sizes", " ".join(map(str, sizes)))
+        yield from spaced("sizes", batches(map(str, sizes)))
         for name in self._COLUMNS[2:]:
-            yield from field(name, " ".join(texts.pop(name)))
+            yield from spaced(name, texts.pop(name))
         # The names last, and left out when with them the memo would be larger than
         # ``read`` reads: long names would otherwise cost every ls and rm its roots too.
         roots = made
@@ -9158,7 +9187,10 @@ class Provider(CacheProvider):
         comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
         no manifest it has seen before, and parses no entry the memo knows."""
         memo = _SummaryMemo.read(self.layout)
-        listed = self.layout.blob_names()
+        # No listing of the blobs when the memo names none (the first ls): what a root's
+        # documents say is then what is there, and 40,000 names listed were 7.6 MB of
+        # the first ls's peak, held beside all it learned.
+        listed = self.layout.blob_names() if memo.names_blobs else set()
         complete = memo.complete(listed)
         if complete and not raw_entries and memo.index and \
                 memo.index == self.layout.index_digest():
@@ -9168,7 +9200,7 @@ class Provider(CacheProvider):
                 for name, digest, media_type, platforms, size in from_memo:
                     yield None, name, digest, media_type, platforms, size
                 return
-        present: Optional[Set[str]] = listed
+        present: Optional[Set[str]] = listed if memo.names_blobs else None
         del listed
         rows = memo.listings() if complete else {}
         memo_index = memo.beside
@@ -9196,6 +9228,9 @@ class Provider(CacheProvider):
                 continue
             facts = memo.facts(digest, size)
             known = facts is not None
+            # Found as things are now (read now, or learned so), every blob it names is
+            # there (``_summary_facts`` leaves out what is not); the memo's are asked.
+            found_now = facts is None or memo.learned_here(digest)
             if facts is None:
                 entry = self.layout.entry(raw)
                 facts, exact = self._summary_facts(entry, memo.string)
@@ -9213,11 +9248,16 @@ class Provider(CacheProvider):
                     in_order = None
             if known or digest not in named:  # not the size an entry misstates: it was
                 named[digest] = size          # memo'd as the root's, relearned by each ls
-            if present is None:
-                present = self.layout.blob_names()
-            size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \
-                sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
-            shown = tuple(p for p, needed in facts.platforms if present.issuperset(needed))
+            if found_now:
+                size_on_disk = sum(facts.sizes)
+                shown = tuple(p for p, _ in facts.platforms)
+            else:
+                if present is None:
+                    present = self.layout.blob_names()
+                size_on_disk = sum(facts.sizes) if present.issuperset(facts.blobs) else \
+                    sum(n for blob, n in zip(facts.blobs, facts.sizes) if blob in present)
+                shown = tuple(p for p, needed in facts.platforms
+                              if present.issuperset(needed))
             yield (raw, name, digest, facts.media_type, once.setdefault(shown, shown),
                    size_on_disk)
         # Rewritten when it learned, when a blob it names is gone (a name removed), and
