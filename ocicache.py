@@ -9183,9 +9183,10 @@ class Provider(CacheProvider):
         entries of this very index.json (the same bytes: ``_SummaryMemo.named_listing``).
 
         What each root reaches comes from the summary memo (``_SummaryMemo``) when it
-        knows the root, else from its documents, and is then remembered; what is there
-        comes from one listing of the blob directories, so ``ls`` of 20,000 names opens
-        no manifest it has seen before, and parses no entry the memo knows."""
+        knows the root, else from its documents, and is then remembered; whether the
+        memo's blobs are there comes from one listing of the blob directories, so ``ls``
+        of 20,000 names opens no manifest it has seen before, and parses no entry the
+        memo knows."""
         memo = _SummaryMemo.read(self.layout)
         # No listing of the blobs when the memo names none (the first ls): what a root's
         # documents say is then what is there, and 40,000 names listed were 7.6 MB of
