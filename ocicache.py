@@ -8629,9 +8629,13 @@ class _Answer:
         return self._value
 
 
-def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], None]]) -> Iterator[None]:
+def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], object]]) -> Iterator[None]:
     """Run ``calls`` on up to ``jobs`` daemon threads while the caller's body runs (a
-    generator for ``contextlib.contextmanager``); the first error raises once both end."""
+    generator for ``contextlib.contextmanager``), in the order given; the first error
+    raises once both end, and no call starts after it. A signal (SIGINT, SIGTERM) does
+    not wait for the calls in flight: a stalled upload could take minutes, and the
+    threads end with the process (concurrent.futures' threads are joined at its exit:
+    a copy went on after SIGTERM until every transfer under way had ended)."""
     pending = collections.deque(calls)
     errors: List[BaseException] = []
 
@@ -8652,11 +8656,29 @@ def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], None]]) -> Itera
         worker.start()
     try:
         yield
-    finally:
-        for worker in workers:
-            worker.join()
+    except Exception:
+        _join_all(workers)
+        raise
+    except BaseException:
+        pending.clear()  # none starts after the signal
+        raise
+    _join_all(workers)
     if errors:
         raise errors[0]
+
+
+def _join_all(workers: Sequence[threading.Thread]) -> None:
+    for worker in workers:
+        while worker.is_alive():
+            # In steps: a SIGINT the kernel hands to a worker thread is acted on only
+            # when the main thread next wakes, and a join without end may not wake.
+            worker.join(0.1)
+
+
+def _each_on_threads(jobs: int, name: str, calls: Sequence[Callable[[], object]]) -> None:
+    """``calls`` run ``jobs`` at a time (``_run_all``), returned from once all are done."""
+    with contextlib.contextmanager(_run_all)(jobs, name, calls):
+        pass
 
 
 class _ManifestFetcher:
@@ -10168,7 +10190,6 @@ class Provider(CacheProvider):
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
         """Upload the blobs of each manifest, then the manifests by digest."""
-        import concurrent.futures
         parsed = []
         for descriptor in map(self.layout.believed, manifests):  # sent as what they are
             if not self.layout.has_blob(descriptor.digest):
@@ -10193,10 +10214,9 @@ class Provider(CacheProvider):
         ordered = sorted(blobs.values(), key=lambda b: -b.size)
         self._recall_locations()
         try:
-            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
-                for future in [pool.submit(self.registry.upload_blob, endpoint, blob,
-                                           self.layout, sources) for blob in ordered]:
-                    future.result()
+            _each_on_threads(self.jobs, "ocicache-push", [
+                functools.partial(self.registry.upload_blob, endpoint, blob, self.layout,
+                                  sources) for blob in ordered])
         finally:
             self._save_locations()
         for descriptor, _ in parsed:
@@ -10529,7 +10549,6 @@ class Provider(CacheProvider):
     def _copy_to_registry(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                           from_registry: bool) -> None:
         """Blobs of every image first, then manifests by digest, then the tags."""
-        import concurrent.futures
         work = []
         for ref, name, plan in items:
             target = Reference.parse(name)
@@ -10545,12 +10564,10 @@ class Provider(CacheProvider):
                             f"copy {len(items)} images", list({w[2].digest: w[2]
                                                                for w in work}.values()))
         self._recall_locations()
-        pool = concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy")
-        try:
-            for future in [pool.submit(self._copy_blob, *w) for w in work]:
-                future.result()
-        finally:  # after a failure, the blobs not started are not sent
-            pool.shutdown(wait=True, cancel_futures=True)
+        try:  # after a failure, the blobs not started are not sent
+            _each_on_threads(self.jobs, "ocicache-copy",
+                             [functools.partial(self._copy_blob, *w) for w in work])
+        finally:
             self._save_locations()
         for ref, name, plan in items:
             target = Reference.parse(name)
@@ -10784,7 +10801,6 @@ class Provider(CacheProvider):
                 held = {e.annotations[ANNOTATION_REF_NAME]: e.digest
                         for e in _read_layout_index(target).manifests
                         if ANNOTATION_REF_NAME in e.annotations}
-        import concurrent.futures
         slots: List[Union[SyncResult, Tuple[SyncSource, str]]] = []
         for source in spec.sources:
             try:
@@ -10797,9 +10813,15 @@ class Provider(CacheProvider):
         # A mirror that changed little costs round trips, not bytes: the questions go
         # out together, the copies one image at a time.
         asked = [slot for slot in slots if not isinstance(slot, SyncResult)]
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-sync") as pool:
-            answers = iter(list(pool.map(lambda slot: self._sync_check(
-                slot[0], slot[1], spec.target, directory, held, dry_run), asked)))
+        checked: Dict[int, Tuple[SyncResult, Optional[Reference]]] = {}
+        into = spec.target
+
+        def check(i: int, source: SyncSource, tag: str) -> None:
+            checked[i] = self._sync_check(source, tag, into, directory, held, dry_run)
+
+        _each_on_threads(self.jobs, "ocicache-sync", [functools.partial(check, i, *slot)
+                                                      for i, slot in enumerate(asked)])
+        answers = iter([checked[i] for i in range(len(asked))])
         results: List[SyncResult] = []
         for slot in slots:
             if isinstance(slot, SyncResult):
