@@ -10217,8 +10217,10 @@ class Provider(CacheProvider):
             _each_on_threads(self.jobs, "ocicache-push", [
                 functools.partial(self.registry.upload_blob, endpoint, blob, self.layout,
                                   sources) for blob in ordered])
-        finally:
-            self._save_locations()
+        except Exception:
+            self._save_locations()  # not after a signal: see _copy_to_registry
+            raise
+        self._save_locations()
         for descriptor, _ in parsed:
             self.registry.put_manifest(endpoint, str(descriptor.digest),
                                        self.layout.read_blob(descriptor.digest),
@@ -10567,8 +10569,13 @@ class Provider(CacheProvider):
         try:  # after a failure, the blobs not started are not sent
             _each_on_threads(self.jobs, "ocicache-copy",
                              [functools.partial(self._copy_blob, *w) for w in work])
-        finally:
+        except Exception:
+            # What a failed run learnt helps the next; not after a signal (SIGTERM, Ctrl-C):
+            # the save waits for the cache's lock, which another process may hold for
+            # minutes, and what is learnt is only a hint.
             self._save_locations()
+            raise
+        self._save_locations()
         for ref, name, plan in items:
             target = Reference.parse(name)
             endpoint = self.registry.endpoint(target, use_mirrors=False)

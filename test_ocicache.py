@@ -10425,19 +10425,22 @@ class TestSignalsMidTransfer(RegistryTestCase):
     process ends at once, as a pull does, and the next run does the rest."""
 
     def stopped(self, args: Sequence[str], stalled: Callable[[], bool], signum: int,
-                kept: str) -> None:
+                kept: str, locked: bool = False) -> None:
+        """Run the command, send ``signum`` once it is ``stalled`` (holding the cache's
+        lock meanwhile, as another process may, if ``locked``) and check it ends at once."""
         process = subprocess.Popen([*CLI, "--cache", self.cache_dir, *args],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
         self.addCleanup(lambda: process.poll() is not None or process.kill())
         wait_for(stalled, 30, f"{args[0]} stalled")
-        started = time.monotonic()
-        process.send_signal(signum)
-        try:
-            _, stderr = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
+        with self.cache.layout.lock() if locked else contextlib.nullcontext():
+            started = time.monotonic()
+            process.send_signal(signum)
+            try:
+                _, stderr = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                _, stderr = process.communicate()
         # It waited for the transfers in flight (concurrent.futures joins its threads
         # at exit): as long as the stall, where SIGTERM had ended it at once before.
         self.assertLess(time.monotonic() - started, 2.0, f"{args[0]} stops at once")
@@ -10497,6 +10500,44 @@ class TestSignalsMidTransfer(RegistryTestCase):
             result = self.cli("sync", path)
             self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(self.cache.verify().ok)
+
+    def test_a_signal_does_not_wait_for_the_cache_lock(self) -> None:
+        # What a push or copy learnt of where blobs are is saved under the cache's lock
+        # (a hint for the next run): after SIGTERM they waited for it, as long as another
+        # process held it (up to OCICACHE_LOCK_TIMEOUT, 10 minutes), to save it.
+        source, target = self.start_registry(), self.start_registry()
+        image = make_image("locked", layer_files=[
+            {"big": random.Random(21).randbytes(1 << 20)}, {"small": b"learnt" * 100}],
+            gzip_layers=False)
+        upload(source.url, "test/locked", image.blobs, [("1", image.manifest)])
+        proxy = FaultProxy("127.0.0.1", source.port)
+        self.addCleanup(proxy.stop)
+        proxy.add_fault("delay", match=f"/blobs/{image.layers[0].digest}", method="GET",
+                        after_bytes=256 << 10, seconds=60)
+        small = image.layers[1].digest
+
+        def sent(registry: Registry, repository: str) -> bool:  # the small layer, learnt
+            request = urllib.request.Request(f"{registry.url}/v2/{repository}/blobs/{small}",
+                                             method="HEAD")
+            try:
+                urllib.request.urlopen(request).close()
+            except urllib.error.HTTPError:
+                return False
+            return True
+
+        with self.subTest("copy"):
+            self.stopped(["copy", f"{proxy.host}/test/locked:1", f"{target.host}/test/locked:1"],
+                         lambda: bool(proxy.fired()) and sent(target, "test/locked"),
+                         signal.SIGTERM, "; no image was tagged half-copied, and the next copy "
+                         "sends only what is missing", locked=True)
+        with self.subTest("push"):
+            self.load_image(f"{proxy.host}/test/pushed:1", image)
+            proxy.clear_faults()
+            proxy.add_fault("delay", match=f"digest={image.layers[0].digest.replace(':', '%3A')}",
+                            method="PUT", seconds=60)
+            self.stopped(["push", f"{proxy.host}/test/pushed:1"],
+                         lambda: len(proxy.fired()) == 2 and sent(source, "test/pushed"),
+                         signal.SIGTERM, "", locked=True)
 
     def raw(self, name: str) -> bytes:
         return self.cache.registry.get_manifest(oc.Reference.parse(name))[0]
