@@ -12999,8 +12999,7 @@ def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
         write(sys.stdout.buffer)
         return 0
     _refuse_in_cache(args.output, provider.root, "export to a file outside it")
-    with _terminate_as_exception():
-        _write_output(args.output, write)
+    _write_output(args.output, write)  # main() raises a signal as an exception: see there
     return 0
 
 
@@ -13013,13 +13012,19 @@ _signals_received: List[int] = []  # by _terminate_as_exception's handler, in or
 
 
 @contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
+def _terminate_as_exception(ending: bool = False) -> Iterator[None]:
     """SIGTERM raised as _Terminated and SIGINT as KeyboardInterrupt, each recorded in
     ``_signals_received`` before it is raised: a handler run while the main thread is in
     a finalizer (a generator closed or a stream collected as its last reference goes)
     raises there, where Python prints "Exception ignored" and goes on, and the export
     finished as if no signal had come. ``_raise_if_signalled`` raises it again, so the
-    report of it ignored is not printed: the error stays one line."""
+    report of it ignored is not printed: the error stays one line.
+
+    With ``ending`` (the process's own command), once a signal came both are ignored
+    from the end of the body on, rather than their handlers put back: all that is left
+    is one line printed and the exit, and a second Ctrl-C there printed a traceback
+    (in the line's printing, or in Python's shutdown), a second SIGTERM ended the
+    process with -15. One in the body's cleanup is still raised: it may be stuck."""
     import signal
 
     def terminated(signum: int, frame: Any) -> NoReturn:
@@ -13043,9 +13048,9 @@ def _terminate_as_exception() -> Iterator[None]:
     try:
         yield
     finally:
-        sys.unraisablehook = hook
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if ending and _signals_received else handler)
+        sys.unraisablehook = hook
         del _signals_received[:]
 
 
@@ -13435,7 +13440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.command in ("pull", "push", "rm", "clean", "copy", "sync") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
                                    ca_files=tuple(args.ca_file))
-        with _terminate_as_exception(), Provider(
+        with _terminate_as_exception(ending=argv is None), Provider(
                 args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
                 progress=progress) as provider:
             return int(args.run(provider, args))

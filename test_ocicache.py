@@ -10420,9 +10420,41 @@ class TestPullCommand(RegistryTestCase):
                          "the layer resumed with Range")
 
 
-class TestSignalsMidTransfer(RegistryTestCase):
-    """SIGTERM and SIGINT while a push, copy or sync waits on a stalled registry: the
-    process ends at once, as a pull does, and the next run does the rest."""
+class TestSignals(RegistryTestCase):
+    """SIGTERM and SIGINT at awkward moments: while a push, copy or sync waits on a
+    stalled registry (the process ends at once, as a pull does, and the next run does
+    the rest), or a second one as the first ends the command."""
+
+    def test_a_second_signal_while_the_error_is_printed_or_python_exits(self) -> None:
+        # The first signal ends the command; a second came while its error line was
+        # printed (SIGINT: a KeyboardInterrupt traceback; SIGTERM: killed, -15, with no
+        # line) or while Python shut down (SIGINT: "Exception ignored" and a traceback).
+        script = ("import atexit, os, signal, sys, time\n"
+                  "import ocicache as oc\n"
+                  "signum, when = int(sys.argv[1]), sys.argv[2]\n"
+                  "def load(self, stream, name=None):\n"
+                  "    os.kill(os.getpid(), signum)  # the first, as if it came now\n"
+                  "    time.sleep(30)\n"
+                  "oc.Provider.image_load = load\n"
+                  "one_line = oc._one_line\n"
+                  "def printing(message):\n"
+                  "    os.kill(os.getpid(), signum)\n"
+                  "    return one_line(message)\n"
+                  "if when == 'printing':\n"
+                  "    oc._one_line = printing\n"
+                  "else:\n"
+                  "    atexit.register(os.kill, os.getpid(), signum)\n"
+                  f"sys.argv = ['ocicache', '--cache', {self.cache_dir!r}, 'import', '-']\n"
+                  "sys.exit(oc.main())\n")
+        for signum, when in itertools.product((signal.SIGTERM, signal.SIGINT),
+                                              ("printing", "exiting")):
+            with self.subTest(signal=signum.name, when=when):
+                result = subprocess.run([sys.executable, "-c", script, str(int(signum)), when],
+                                        stdin=subprocess.DEVNULL, capture_output=True,
+                                        timeout=60)
+                self.assertEqual((result.returncode, result.stderr.decode().splitlines()), (
+                    1, ["ocicache: error: " + ("terminated" if signum == signal.SIGTERM
+                                               else "interrupted")]))
 
     def stopped(self, args: Sequence[str], stalled: Callable[[], bool], signum: int,
                 kept: str, locked: bool = False) -> None:
