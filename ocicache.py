@@ -13018,7 +13018,8 @@ def _terminate_as_exception(ending: bool = False) -> Iterator[None]:
     a finalizer (a generator closed or a stream collected as its last reference goes)
     raises there, where Python prints "Exception ignored" and goes on, and the export
     finished as if no signal had come. ``_raise_if_signalled`` raises it again, so the
-    report of it ignored is not printed: the error stays one line.
+    report of it ignored is not printed: the error stays one line; before export's
+    rename, and as the body ends (any other command exited 0 having been signalled).
 
     With ``ending`` (the process's own command), once a signal came both are ignored
     from the end of the body on, rather than their handlers put back: all that is left
@@ -13047,6 +13048,7 @@ def _terminate_as_exception(ending: bool = False) -> Iterator[None]:
     hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
+        _raise_if_signalled()  # a command does not end as if no signal had come
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_IGN if ending and _signals_received else handler)

@@ -10456,6 +10456,22 @@ class TestSignals(RegistryTestCase):
                     1, ["ocicache: error: " + ("terminated" if signum == signal.SIGTERM
                                                else "interrupted")]))
 
+    def test_a_signal_a_finalizer_swallowed_still_ends_any_command(self) -> None:
+        # Export checks before its rename; every other command finished and exited 0
+        # as if no signal had come (a pull, an import, rm: the report of it ignored is
+        # not printed either).
+        handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+        for signum, raised in ((signal.SIGINT, KeyboardInterrupt),
+                               (signal.SIGTERM, oc._Terminated)):
+            with self.subTest(signal=signum.name):
+                class Finalized:
+                    def __del__(self) -> None:
+                        signal.getsignal(signum)(signum, None)  # as if it came now
+
+                with self.assertRaises(raised), oc._terminate_as_exception():
+                    Finalized()  # gone at once: its __del__ runs the handler
+                self.assertEqual({n: signal.getsignal(n) for n in handlers}, handlers)
+
     def stopped(self, args: Sequence[str], stalled: Callable[[], bool], signum: int,
                 kept: str, locked: bool = False) -> None:
         """Run the command, send ``signum`` once it is ``stalled`` (holding the cache's
