@@ -10472,6 +10472,74 @@ class TestSignals(RegistryTestCase):
                     Finalized()  # gone at once: its __del__ runs the handler
                 self.assertEqual({n: signal.getsignal(n) for n in handlers}, handlers)
 
+    def test_sigterm_at_random_moments_leaves_the_cache_as_a_kill_would(self) -> None:
+        # An import from a pipe, an export to one and a pull from a slow registry, each
+        # sent SIGTERM (once, or twice at once) after a random number of bytes: one line,
+        # exit 1, nothing named half-done, the cache verified whole and its lock free (the
+        # next run waits for nothing) and the next run succeeds. A blob's temporary file
+        # may stay, as after a kill: gc removes it.
+        seed = fuzz_seed()
+        rng = random.Random(seed)
+        registry = self.start_registry()
+        image = make_image("moments", layer_files=[{"big": random.Random(22).randbytes(4 << 20)}],
+                           gzip_layers=False)
+        upload(registry.url, "test/moments", image.blobs, [("1", image.manifest)])
+        archive = oci_archive([(image.manifest.descriptor(), named("example.com/moments:1"))],
+                              image.blobs)
+        exporting = self.path("exporting")
+        self.assertEqual(subprocess.run([*CLI, "--cache", exporting, "import", "-"],
+                                        input=archive, capture_output=True).returncode, 0)
+        proxy = FaultProxy("127.0.0.1", registry.port)
+        self.addCleanup(proxy.stop)
+        pulled = f"{proxy.host}/test/moments:1"
+        env = {**os.environ, "OCICACHE_LOCK_TIMEOUT": "0"}
+        for run in range(int(sized(6, 60))):
+            kind, twice = ("import", "export", "pull")[run % 3], rng.random() < 0.5
+            # At least 1 MiB: a write that large returns once the import is reading,
+            # handlers installed (a signal before that kills it, as it should).
+            cut = rng.randrange(1 << 20, len(archive) - (1 << 20))
+            with self.subTest(seed=seed, run=run, kind=kind, cut=cut, twice=twice):
+                shutil.rmtree(self.cache_dir, ignore_errors=True)
+                cache = exporting if kind == "export" else self.cache_dir
+                args = {"import": ["import", "-"], "pull": ["pull", pulled],
+                        "export": ["export", "--format", "docker", "example.com/moments:1",
+                                   "-o", "-"]}[kind]
+                proxy.clear_faults()
+                fired = len(proxy.fired())
+                proxy.add_fault("delay", match=f"/blobs/{image.layers[0].digest}",
+                                method="GET", after_bytes=cut, seconds=60)
+                process = subprocess.Popen([*CLI, "--cache", cache, *args],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE)
+                self.addCleanup(lambda p=process: p.poll() is not None or p.kill())
+                assert process.stdin and process.stdout and process.stderr  # all pipes
+                if kind == "import":
+                    process.stdin.write(archive[:cut])
+                    process.stdin.flush()
+                elif kind == "export":
+                    process.stdout.read(cut)
+                else:
+                    wait_for(lambda: len(proxy.fired()) > fired, 30, "the layer stalled")
+                process.send_signal(signal.SIGTERM)
+                if twice:
+                    process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(BrokenPipeError):
+                    process.stdin.close()
+                process.wait(30)
+                stderr = process.stderr.read()
+                self.assertEqual(process.returncode, 1, stderr)
+                (line,) = stderr.decode().splitlines()
+                self.assertTrue(line.startswith("ocicache: error: terminated"), line)
+                proxy.clear_faults()
+                provider = oc.Provider(cache)
+                self.assertTrue(provider.verify().ok)
+                if kind != "export":
+                    self.assertEqual(self.index_names(), [])
+                again = subprocess.run([*CLI, "--cache", cache, *args], env=env,
+                                       input=archive if kind == "import" else None,
+                                       capture_output=True, timeout=60)
+                self.assertEqual(again.returncode, 0, again.stderr)
+
     def stopped(self, args: Sequence[str], stalled: Callable[[], bool], signum: int,
                 kept: str, locked: bool = False) -> None:
         """Run the command, send ``signum`` once it is ``stalled`` (holding the cache's
