@@ -8658,9 +8658,13 @@ class _Answer:
         return self._value
 
 
-def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], None]]) -> Iterator[None]:
+def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], object]]) -> Iterator[None]:
     """Run ``calls`` on up to ``jobs`` daemon threads while the caller's body runs (a
-    generator for ``contextlib.contextmanager``); the first error raises once both end."""
+    generator for ``contextlib.contextmanager``), in the order given; the first error
+    raises once both end, and no call starts after it. A signal (SIGINT, SIGTERM) does
+    not wait for the calls in flight: a stalled upload could take minutes, and the
+    threads end with the process (concurrent.futures' threads are joined at its exit:
+    a copy went on after SIGTERM until every transfer under way had ended)."""
     pending = collections.deque(calls)
     errors: List[BaseException] = []
 
@@ -8681,11 +8685,29 @@ def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], None]]) -> Itera
         worker.start()
     try:
         yield
-    finally:
-        for worker in workers:
-            worker.join()
+    except Exception:
+        _join_all(workers)
+        raise
+    except BaseException:
+        pending.clear()  # none starts after the signal
+        raise
+    _join_all(workers)
     if errors:
         raise errors[0]
+
+
+def _join_all(workers: Sequence[threading.Thread]) -> None:
+    for worker in workers:
+        while worker.is_alive():
+            # In steps: a SIGINT the kernel hands to a worker thread is acted on only
+            # when the main thread next wakes, and a join without end may not wake.
+            worker.join(0.1)
+
+
+def _each_on_threads(jobs: int, name: str, calls: Sequence[Callable[[], object]]) -> None:
+    """``calls`` run ``jobs`` at a time (``_run_all``), returned from once all are done."""
+    with contextlib.contextmanager(_run_all)(jobs, name, calls):
+        pass
 
 
 class _ManifestFetcher:
@@ -10209,7 +10231,6 @@ class Provider(CacheProvider):
     def _push_manifests(self, local: Reference, endpoint: _Endpoint,
                         manifests: Sequence[Descriptor]) -> None:
         """Upload the blobs of each manifest, then the manifests by digest."""
-        import concurrent.futures
         parsed = []
         for descriptor in map(self.layout.believed, manifests):  # sent as what they are
             if not self.layout.has_blob(descriptor.digest):
@@ -10234,12 +10255,13 @@ class Provider(CacheProvider):
         ordered = sorted(blobs.values(), key=lambda b: -b.size)
         self._recall_locations()
         try:
-            with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-push") as pool:
-                for future in [pool.submit(self.registry.upload_blob, endpoint, blob,
-                                           self.layout, sources) for blob in ordered]:
-                    future.result()
-        finally:
-            self._save_locations()
+            _each_on_threads(self.jobs, "ocicache-push", [
+                functools.partial(self.registry.upload_blob, endpoint, blob, self.layout,
+                                  sources) for blob in ordered])
+        except Exception:
+            self._save_locations()  # not after a signal: see _copy_to_registry
+            raise
+        self._save_locations()
         for descriptor, _ in parsed:
             self.registry.put_manifest(endpoint, str(descriptor.digest),
                                        self.layout.read_blob(descriptor.digest),
@@ -10570,7 +10592,6 @@ class Provider(CacheProvider):
     def _copy_to_registry(self, items: Sequence[Tuple[Reference, str, "_CopyPlan"]],
                           from_registry: bool) -> None:
         """Blobs of every image first, then manifests by digest, then the tags."""
-        import concurrent.futures
         work = []
         for ref, name, plan in items:
             target = Reference.parse(name)
@@ -10586,13 +10607,16 @@ class Provider(CacheProvider):
                             f"copy {len(items)} images", list({w[2].digest: w[2]
                                                                for w in work}.values()))
         self._recall_locations()
-        pool = concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-copy")
-        try:
-            for future in [pool.submit(self._copy_blob, *w) for w in work]:
-                future.result()
-        finally:  # after a failure, the blobs not started are not sent
-            pool.shutdown(wait=True, cancel_futures=True)
+        try:  # after a failure, the blobs not started are not sent
+            _each_on_threads(self.jobs, "ocicache-copy",
+                             [functools.partial(self._copy_blob, *w) for w in work])
+        except Exception:
+            # What a failed run learnt helps the next; not after a signal (SIGTERM, Ctrl-C):
+            # the save waits for the cache's lock, which another process may hold for
+            # minutes, and what is learnt is only a hint.
             self._save_locations()
+            raise
+        self._save_locations()
         for ref, name, plan in items:
             target = Reference.parse(name)
             endpoint = self.registry.endpoint(target, use_mirrors=False)
@@ -10825,7 +10849,6 @@ class Provider(CacheProvider):
                 held = {e.annotations[ANNOTATION_REF_NAME]: e.digest
                         for e in _read_layout_index(target).manifests
                         if ANNOTATION_REF_NAME in e.annotations}
-        import concurrent.futures
         slots: List[Union[SyncResult, Tuple[SyncSource, str]]] = []
         for source in spec.sources:
             try:
@@ -10838,9 +10861,15 @@ class Provider(CacheProvider):
         # A mirror that changed little costs round trips, not bytes: the questions go
         # out together, the copies one image at a time.
         asked = [slot for slot in slots if not isinstance(slot, SyncResult)]
-        with concurrent.futures.ThreadPoolExecutor(self.jobs, "ocicache-sync") as pool:
-            answers = iter(list(pool.map(lambda slot: self._sync_check(
-                slot[0], slot[1], spec.target, directory, held, dry_run), asked)))
+        checked: Dict[int, Tuple[SyncResult, Optional[Reference]]] = {}
+        into = spec.target
+
+        def check(i: int, source: SyncSource, tag: str) -> None:
+            checked[i] = self._sync_check(source, tag, into, directory, held, dry_run)
+
+        _each_on_threads(self.jobs, "ocicache-sync", [functools.partial(check, i, *slot)
+                                                      for i, slot in enumerate(asked)])
+        answers = iter([checked[i] for i in range(len(asked))])
         results: List[SyncResult] = []
         for slot in slots:
             if isinstance(slot, SyncResult):
@@ -13011,8 +13040,7 @@ def _cmd_export(provider: Provider, args: argparse.Namespace) -> int:
         write(sys.stdout.buffer)
         return 0
     _refuse_in_cache(args.output, provider.root, "export to a file outside it")
-    with _terminate_as_exception():
-        _write_output(args.output, write)
+    _write_output(args.output, write)  # main() raises a signal as an exception: see there
     return 0
 
 
@@ -13025,13 +13053,20 @@ _signals_received: List[int] = []  # by _terminate_as_exception's handler, in or
 
 
 @contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
+def _terminate_as_exception(ending: bool = False) -> Iterator[None]:
     """SIGTERM raised as _Terminated and SIGINT as KeyboardInterrupt, each recorded in
     ``_signals_received`` before it is raised: a handler run while the main thread is in
     a finalizer (a generator closed or a stream collected as its last reference goes)
     raises there, where Python prints "Exception ignored" and goes on, and the export
     finished as if no signal had come. ``_raise_if_signalled`` raises it again, so the
-    report of it ignored is not printed: the error stays one line."""
+    report of it ignored is not printed: the error stays one line; before export's
+    rename, and as the body ends (any other command exited 0 having been signalled).
+
+    With ``ending`` (the process's own command), once a signal came both are ignored
+    from the end of the body on, rather than their handlers put back: all that is left
+    is one line printed and the exit, and a second Ctrl-C there printed a traceback
+    (in the line's printing, or in Python's shutdown), a second SIGTERM ended the
+    process with -15. One in the body's cleanup is still raised: it may be stuck."""
     import signal
 
     def terminated(signum: int, frame: Any) -> NoReturn:
@@ -13054,10 +13089,11 @@ def _terminate_as_exception() -> Iterator[None]:
     hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
+        _raise_if_signalled()  # a command does not end as if no signal had come
     finally:
-        sys.unraisablehook = hook
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if ending and _signals_received else handler)
+        sys.unraisablehook = hook
         del _signals_received[:]
 
 
@@ -13447,7 +13483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.command in ("pull", "push", "rm", "clean", "copy", "sync") else []
         options = TransportOptions(insecure_registries=tuple(args.insecure_registry),
                                    ca_files=tuple(args.ca_file))
-        with _terminate_as_exception(), Provider(
+        with _terminate_as_exception(ending=argv is None), Provider(
                 args.cache, mirrors=mirrors, options=options, jobs=args.jobs,
                 progress=progress) as provider:
             return int(args.run(provider, args))
