@@ -8684,14 +8684,16 @@ def _run_all(jobs: int, name: str, calls: Sequence[Callable[[], object]]) -> Ite
     for worker in workers:
         worker.start()
     try:
-        yield
-    except Exception:
+        try:
+            yield
+        except Exception:
+            _join_all(workers)  # an error of the body waits for the calls in flight
+            raise
         _join_all(workers)
+    except BaseException as e:
+        if not isinstance(e, Exception):  # a signal, in the body or in the wait after it
+            pending.clear()  # none starts after it
         raise
-    except BaseException:
-        pending.clear()  # none starts after the signal
-        raise
-    _join_all(workers)
     if errors:
         raise errors[0]
 

@@ -10425,6 +10425,33 @@ class TestSignals(RegistryTestCase):
     stalled registry (the process ends at once, as a pull does, and the next run does
     the rest), or a second one as the first ends the command."""
 
+    def test_a_signal_while_the_calls_in_flight_are_waited_for_starts_no_other(self) -> None:
+        # push, copy and sync wait for their transfers after handing them over, and that
+        # wait is where a signal finds them: the calls not yet started were still taken
+        # up by the workers, until the process ended.
+        started: List[str] = []
+        release = threading.Event()
+
+        def first() -> None:
+            started.append("first")
+            release.wait(10)
+
+        def interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt()
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with self.assertRaises(KeyboardInterrupt):
+                oc._each_on_threads(1, "ocicache-test-calls", [first,
+                                                               lambda: started.append("next")])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        release.set()
+        wait_for(lambda: not any(t.name == "ocicache-test-calls"
+                                 for t in threading.enumerate()), 10, "the worker to end")
+        self.assertEqual(started, ["first"])
+
     def test_a_second_signal_while_the_error_is_printed_or_python_exits(self) -> None:
         # The first signal ends the command; a second came while its error line was
         # printed (SIGINT: a KeyboardInterrupt traceback; SIGTERM: killed, -15, with no
