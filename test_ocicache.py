@@ -14982,6 +14982,112 @@ class TestMemoDifferential(CacheTestCase):
                 break
         self.assertEqual(problems[:1], [], f"OCICACHE_FUZZ_SEED={seed}")
 
+class TestFirstListing(CacheTestCase):
+    """The first ls of a cache (no memo, or one naming no blob) lists no blob directory
+    and believes what each root's documents, just read, say is there: its answers, and
+    those of the next ls (from the memo it wrote, listing the blobs), are those of an
+    oracle walking the generated documents, whatever of the layers, configs and child
+    manifests is gone, a directory, a link, a FIFO, empty or of another size."""
+
+    def oracle(self, entries: Sequence[Dict[str, Any]], documents: Dict[str, Any]
+               ) -> List[Tuple[str, str, Tuple[str, ...], int]]:
+        """(name, digest, platforms, size on disk) of each named entry, from the
+        documents the generator made and the blob files as they are."""
+        def size(digest: str) -> Optional[int]:
+            st = os.lstat(self.blob(digest)) if os.path.lexists(self.blob(digest)) else None
+            return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
+        def complete(manifest: Dict[str, Any]) -> bool:
+            return all(size(d["digest"]) == d["size"]
+                       for d in [manifest["config"], *manifest["layers"]])
+
+        out = []
+        for entry in entries:
+            name = entry.get("annotations", {}).get(oc.ANNOTATION_REF_NAME)
+            if not name:
+                continue
+            root = documents[entry["digest"]]
+            reached, platforms = {entry["digest"]}, []
+            children = [(root, entry["platform"], False)] \
+                if "config" in root else [(documents[c["digest"]], c["platform"], bool(
+                    c.get("annotations"))) for c in root["manifests"]
+                    if size(c["digest"]) == c["size"]]  # else unread: another's bytes
+            reached.update(c["digest"] for c in root.get("manifests", ())
+                           if size(c["digest"]) is not None)
+            for manifest, platform, attestation in children:
+                reached.update(d["digest"] for d in [manifest["config"], *manifest["layers"]])
+                if not attestation and complete(manifest):
+                    platforms.append(f"{platform['os']}/{platform['architecture']}")
+            out.append((name, entry["digest"], tuple(platforms),
+                        sum(size(d) or 0 for d in reached)))
+        return out
+
+    def blob(self, digest: str) -> str:
+        return os.path.join(self.cache_dir, "blobs", "sha256", digest.split(":")[1])
+
+    def test_first_and_next_ls_answer_as_the_documents_say(self) -> None:
+        seed = fuzz_seed()
+        for n in range(int(sized(25, 400))):
+            r = random.Random(seed + n)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            shared = {"etc/base": b"base"}
+            images = [make_image(f"f{n}-{i}", r.choice(["amd64", "arm64"]),
+                                 layer_files=[shared, {f"etc/{i}": b"%d" % i}])
+                      for i in range(r.randint(2, 5))]
+            blobs: List[Blob] = [b for image in images for b in image.blobs]
+            roots = [image.descriptor() for image in images]
+            for _ in range(r.randint(1, 2)):  # multi-platform, perhaps attested
+                children = r.sample(images, r.randint(1, len(images)))
+                listed = [c.descriptor() for c in children]
+                if r.random() < 0.5:
+                    _, attestation, listed_too = make_attestation(children[0])
+                    blobs += attestation
+                    listed.append(listed_too)
+                index = make_index(listed, docker_list=r.random() < 0.3)
+                blobs.append(index)
+                roots.append(index.descriptor())
+            documents = {b.digest: json.loads(b.data) for b in blobs
+                         if b.media_type in oc.DOCUMENT_MEDIA_TYPES}
+            entries = [{**r.choice(roots), "annotations": {oc.ANNOTATION_REF_NAME: r.choice(
+                ["a:1", "b:1", "dup:1", "", f"n{r.randrange(3)}:1"])}}
+                for _ in range(r.randint(1, 8))]
+            write_layout(self.cache_dir, [], blobs)
+            with open(os.path.join(self.cache_dir, "index.json"), "w") as f:
+                json.dump({"schemaVersion": 2, "manifests": entries}, f)
+            roots_digests = {e["digest"] for e in entries}
+            changeable = sorted({b.digest for b in blobs} - roots_digests)
+
+            def change(kinds: Sequence[str], blobs: Sequence[str]) -> None:
+                for digest in r.sample(blobs, min(len(blobs), r.randint(0, 3))):
+                    path = self.blob(digest)
+                    with contextlib.suppress(FileNotFoundError):
+                        (os.rmdir if os.path.isdir(path) and not os.path.islink(path) else
+                         os.unlink)(path)
+                    how = r.choice(kinds)
+                    if how == "directory":
+                        os.mkdir(path)
+                    elif how == "link":
+                        os.symlink(os.path.join(self.tmp, "elsewhere"), path)
+                    elif how == "fifo":
+                        os.mkfifo(path)
+                    elif how in ("empty", "longer"):
+                        with open(path, "wb") as f:
+                            f.write(b"" if how == "empty" else b"x" * 9999)
+            change(["gone", "directory", "link", "fifo", "empty", "longer"], changeable)
+            if r.random() < 0.3:  # a memo naming no blob: the first ls's too
+                with open(os.path.join(self.cache_dir, oc.SUMMARIES_FILE), "w") as f:
+                    f.write(r.choice(['{"version":3}', "", "{"]))
+            for step in ("first", "next", "changed"):
+                if step == "changed":  # a layer or config deleted: to the memo a blob of
+                    # its name there is what it was (verify says if not), and the blobs
+                    # past a manifest deleted are still the image's (TestMemoDifferential)
+                    change(["gone"], [d for d in changeable if d not in documents])
+                with quiet_log():  # "... is not a regular file", "does not match its digest"
+                    got = [(s.name, str(s.descriptor.digest), s.platforms, s.size)
+                           for s in self.cache.summaries()]
+                self.assertEqual(got, self.oracle(entries, documents),
+                                 f"OCICACHE_FUZZ_SEED={seed + n}, {step} ls")
+
 
 class TestProviderSettings(IsolatedEnvironment):
     """The mirrors a Provider reads from docker's daemon.json and containers'
