@@ -14982,6 +14982,7 @@ class TestMemoDifferential(CacheTestCase):
                 break
         self.assertEqual(problems[:1], [], f"OCICACHE_FUZZ_SEED={seed}")
 
+
 class TestFirstListing(CacheTestCase):
     """The first ls of a cache (no memo, or one naming no blob) lists no blob directory
     and believes what each root's documents, just read, say is there: its answers, and
