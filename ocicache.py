@@ -7123,8 +7123,8 @@ def _open_layer(layout: Layout, descriptor: Descriptor,
 def _same_blob(blob: BinaryIO, digest: Digest, opened: Dict[Digest, Tuple[int, int, int]]
                ) -> os.stat_result:
     """The status of ``blob``; refuse it (closing it) when it is not the file an earlier
-    read of the same export opened: a flatten reads each layer twice, the first pass checking what the second
-    writes unchecked, and a co-user of a group-shared cache can rename another file over
+    read of the same export opened: a flatten reads each layer twice, the first pass
+    checking what the second writes unchecked, and a co-user of a group-shared cache can rename another file over
     a blob in between. Device, inode and size, not times: a concurrent pull of an image
     sharing the layer refreshes its modification time, and ocicache never writes a blob
     in place."""
@@ -8584,9 +8584,12 @@ class _SummaryMemo:
             pieces as made, a string escaped a piece at a time."""
             nonlocal made
             head = b"," if made else b"{"
-            texts = itertools.chain([value], (" " + text for text in more))
-            pieces = [head + _json_bytes({name: value}, separators=(",", ":"))[1:-1]] \
-                if type(value) is not str else itertools.chain(
+            if type(value) is not str:
+                pieces: Iterable[bytes] = [
+                    head + _json_bytes({name: value}, separators=(",", ":"))[1:-1]]
+            else:
+                texts = itertools.chain([value], (" " + text for text in more))
+                pieces = itertools.chain(
                     [head + _json_bytes(name) + b':"'],
                     (_json_bytes(text[start:start + 65536])[1:-1]
                      for text in texts for start in range(0, len(text), 65536)), [b'"'])
@@ -8702,7 +8705,8 @@ def _join_all(workers: Sequence[threading.Thread]) -> None:
     for worker in workers:
         while worker.is_alive():
             # In steps: a SIGINT the kernel hands to a worker thread is acted on only
-            # when the main thread next wakes, and a join without end may not wake.
+            # when the main thread next wakes, and a join without end may not wake for
+            # minutes.
             worker.join(0.1)
 
 
@@ -9995,12 +9999,7 @@ class Provider(CacheProvider):
             with guard:
                 closed[0] = True
                 guard.notify_all()
-            for worker in workers:
-                while worker.is_alive():
-                    # In steps: a SIGINT the kernel hands to a worker thread is acted on
-                    # only when the main thread next wakes, and a join without end may
-                    # not wake for minutes.
-                    worker.join(0.1)
+            _join_all(workers)
 
         try:
             yield add
@@ -12137,25 +12136,22 @@ def _raw_json_member(text: str, key: str) -> str:
     last, whose value json (and Go's encoding/json) decoded: the first was printed, and
     a statement checked as one SPDX document printed another."""
     text = text[1:] if text.startswith("\ufeff") else text
-    decoder = json.JSONDecoder()
-    whitespace = re.compile(r"[ \t\n\r]*")
     found: Optional[Tuple[int, int]] = None
-    position = whitespace.match(text, 0).end()  # type: ignore[union-attr]
-    if text[position:position + 1] != "{":
+    position = _past_space(text, 0)
+    if not text.startswith("{", position):
         raise OciCacheError("an in-toto statement must be a JSON object")
     position += 1
     while True:
-        position = whitespace.match(text, position).end()  # type: ignore[union-attr]
-        if text[position:position + 1] != '"':
+        position = _past_space(text, position)
+        if not text.startswith('"', position):
             break
         member, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
-        position = whitespace.match(text, position).end() + 1  # type: ignore[union-attr]
-        start = whitespace.match(text, position).end()  # type: ignore[union-attr]
-        _, end = decoder.raw_decode(text, start)
+        start = _past_space(text, _past_space(text, position) + 1)  # past the ":"
+        _, end = _JSON_DECODER.raw_decode(text, start)
         if member == key:
             found = start, end
-        position = whitespace.match(text, end).end()  # type: ignore[union-attr]
-        if text[position:position + 1] == ",":
+        position = _past_space(text, end)
+        if text.startswith(",", position):
             position += 1
     if found is None:
         raise OciCacheError(f"the in-toto statement has no {key!r}")
