@@ -13462,10 +13462,25 @@ def _raise_malloc_thresholds() -> None:
     bytes(16 * 1024 * 1024)
 
 
+def _spare_the_collector() -> None:
+    """Move every object alive now out of the cyclic garbage collector's reach.
+
+    A process ends with full collections that visit every object it holds, the
+    module's own code and every module imported: 8-13 ms of every command, a tenth of a
+    small pull (``python3 -c 'import ocicache'``: 45 ms, 37 ms with this; os._exit, which
+    skips all of the ending, 36 ms). Frozen objects are never collected, so only the
+    command line does this, at its start (the collections of a long run skip them too)
+    and at its end: a library's host keeps its collector as it was."""
+    import gc
+    gc.freeze()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     global _log_setup
     _raise_malloc_thresholds()
+    if argv is None:
+        _spare_the_collector()
     args = _build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     _log_setup = functools.partial(
         _configure_logging, level="ERROR" if args.quiet else "DEBUG" if args.verbose else "INFO")
@@ -13502,6 +13517,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "sends only what is missing")
     finally:
         _log_setup = None
+        if argv is None:
+            _spare_the_collector()
     print(f"ocicache: error: {_one_line(message)}", file=sys.stderr)
     return 1
 
