@@ -96,7 +96,6 @@ if TYPE_CHECKING:
     import argparse
     import fcntl
     import hashlib
-    import http.client
     import json
     import logging
     import platform as _platform_module
@@ -109,7 +108,6 @@ else:
     logging = _LazyModule("logging")
     _platform_module = _LazyModule("platform")
     tarfile = _LazyModule("tarfile")
-_http_client = _LazyModule("http.client")
 _subprocess = _LazyModule("subprocess")
 
 
@@ -1445,7 +1443,7 @@ def parse_referrers(data: bytes, what: str) -> List[Descriptor]:
     return list(found.values())
 
 
-def _lists_subject(headers: "http.client.HTTPMessage", subject: Digest) -> bool:
+def _lists_subject(headers: "_Headers", subject: Digest) -> bool:
     """Whether a registry answered the PUT of a manifest with ``subject`` saying it lists
     it in its referrers itself: ``OCI-Subject`` naming that subject. A header naming
     another digest says nothing about this one (the fallback tag is written)."""
@@ -3608,9 +3606,9 @@ def _shown_url(url: str) -> str:
 
 def _is_http_url(url: str) -> bool:
     """Whether a request can go to ``url``: http or https, a host, a valid port, nothing
-    that http.client refuses (a space, a control character, anything not ASCII: it
-    raises UnicodeEncodeError). The one test for every URL a server names: a redirect,
-    an upload Location, a token realm."""
+    that a request line cannot carry (a space, a control character, anything not
+    ASCII). The one test for every URL a server names: a redirect, an upload Location,
+    a token realm."""
     import urllib.parse
     try:
         parts = urllib.parse.urlsplit(url)
@@ -3714,30 +3712,342 @@ class _TimedReader(io.RawIOBase):
         super().close()
 
 
-class _TimedSocket:
-    """What http.client's response reads from: the socket, behind a _TimedReader."""
+# -- HTTP/1.1 ------------------------------------------------------------------------
+#
+# The protocol itself, over one socket: what a registry client sends and reads, and no
+# more. http.client would do, but importing it imports email.parser and ssl with it,
+# 15 ms of every command that makes a request (a small pull is 100 ms); and it takes a
+# length such as "+5" or "1_000", and a Transfer-Encoding it does not decode, for a body
+# read to the end of the connection. Here a head that cannot be framed one way only is
+# an error, and every line and count has the same bound as http.client's.
 
-    def __init__(self, sock: Any, clock: _Clock) -> None:
-        self._sock = sock
+_MAX_HEAD_LINE = 65536     # bytes of a status, header, chunk-size or trailer line
+_MAX_HEAD_FIELDS = 100     # header (or trailer) lines of one answer
+
+
+class _HTTPError(Exception):
+    """An answer that is not HTTP/1.1 as ocicache reads it, or that ended early."""
+
+
+class _RemoteDisconnected(ConnectionResetError, _HTTPError):
+    """The connection closed before the first byte of an answer (a kept-alive connection
+    the server had closed: worth one fresh try)."""
+
+
+class _InvalidURL(_HTTPError):
+    """A host or target no request can carry."""
+
+
+def _host_and_port(host: str, default: int) -> Tuple[str, int]:
+    """``host[:port]`` (``[v6]:port`` for IPv6) split, the port ``default`` when none."""
+    name, port = host, ""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0 or host[end + 1:end + 2] not in ("", ":"):
+            raise _InvalidURL(f"not a valid host: {_shorten(host)!r}")
+        name, port = host[1:end], host[end + 2:]
+    elif ":" in host:
+        name, _, port = host.rpartition(":")
+    if not port:
+        return name, default
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise _InvalidURL(f"not a valid port: {_shorten(port)!r}")
+    return name, int(port)
+
+
+class _Headers:
+    """A head's fields: looked up by name in any case, the first of a repeated field."""
+
+    __slots__ = ("_fields", "_first")
+
+    def __init__(self, fields: List[Tuple[str, str]]) -> None:
+        self._fields = fields
+        self._first: Dict[str, str] = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._first.get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return self._first[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def get_all(self, name: str) -> List[str]:
+        name = name.lower()
+        return [value for key, value in self._fields if key.lower() == name]
+
+    def items(self) -> List[Tuple[str, str]]:
+        return list(self._fields)
+
+
+def _read_head_line(reader: IO[bytes], what: str) -> bytes:
+    line = reader.readline(_MAX_HEAD_LINE + 1)
+    if len(line) > _MAX_HEAD_LINE:
+        raise _HTTPError(f"a {what} line longer than {_MAX_HEAD_LINE} bytes")
+    return line
+
+
+def _read_fields(reader: IO[bytes], what: str) -> List[Tuple[str, str]]:
+    """Header (or trailer) lines up to the blank line that ends them; a line that begins
+    with white space continues the one before (obsolete, but still sent). Every line
+    counts against the bound, a continuation too."""
+    fields: List[Tuple[str, str]] = []
+    for _ in range(_MAX_HEAD_FIELDS + 1):
+        line = _read_head_line(reader, what)
+        if not line:
+            raise _HTTPError(f"the connection closed in the middle of the {what}s")
+        if line in (b"\r\n", b"\n"):
+            return fields
+        text = line.decode("iso-8859-1").rstrip("\r\n")
+        if text[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, f"{value} {text.strip()}".strip())
+            continue
+        name, colon, value = text.partition(":")
+        if not colon or re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) is None:
+            raise _HTTPError(f"not a {what} line: {_shorten(text, 60)!r}")
+        fields.append((name, value.strip(" \t")))
+    raise _HTTPError(f"more than {_MAX_HEAD_FIELDS} {what} lines")
+
+
+class _HTTPResponse:
+    """An answer's status and headers, and its body as framed by them: Content-Length,
+    chunked, or up to the end of the connection. ``length`` is what Content-Length says
+    is still to come (None for the other two); ``will_close`` that the connection
+    cannot carry another request after this one."""
+
+    def __init__(self, reader: IO[bytes], method: str) -> None:
+        self._reader: Optional[IO[bytes]] = reader
+        while True:
+            line = _read_head_line(reader, "status")
+            if not line:
+                raise _RemoteDisconnected("the connection closed before an answer")
+            version, status, self.reason = [
+                *line.decode("iso-8859-1").strip().split(None, 2), "", "", ""][:3]
+            if version not in ("HTTP/1.1", "HTTP/1.0") or len(status) != 3 or \
+                    not (status.isascii() and status.isdigit()) or status[0] == "0":
+                raise _HTTPError(f"not an HTTP/1.1 status line: "
+                                 f"{_shorten(_one_line(line.decode('iso-8859-1')), 60)!r}")
+            self.status = int(status)
+            self.headers = _Headers(_read_fields(reader, "header"))
+            if not 100 <= self.status < 200 or self.status == 101:
+                break  # a final answer (101 too: no upgrade was asked for, none is made)
+        tokens = {token.strip() for token in
+                  ",".join(self.headers.get_all("Connection")).lower().split(",")}
+        self.will_close = "close" in tokens or version == "HTTP/1.0" and \
+            "keep-alive" not in tokens
+        coding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        lengths = self.headers.get_all("Content-Length")
+        self.length: Optional[int] = None
+        self._chunk_left: Optional[int] = None  # of the chunk read now; None before one
+        self.chunked = False
+        if method == "HEAD" or self.status in (101, 204, 304):
+            self.length = 0
+        elif coding:
+            if coding != "chunked":
+                raise _HTTPError(f"a Transfer-Encoding ocicache does not decode: "
+                                 f"{_shorten(coding, 60)!r}")
+            self.chunked = True
+        elif lengths:
+            # Repeated (as fields or in a list) only if every one says the same.
+            values = {part.strip() for length in lengths for part in length.split(",")}
+            value = values.pop()
+            if values or not (value.isascii() and value.isdigit()):
+                raise _HTTPError("not a valid Content-Length: "
+                                 f"{_shorten(_one_line(', '.join(lengths)), 60)!r}")
+            self.length = int(value)
+        else:
+            self.will_close = True  # the body ends with the connection
+        if self.length == 0:
+            self._done()
+
+    def isclosed(self) -> bool:
+        """Whether the body was read to its end (or the response closed)."""
+        return self._reader is None
+
+    def _done(self) -> None:
+        self._reader = None
+
+    def close(self) -> None:
+        self._reader = None
+
+    def read1(self, n: int = COPY_BUFFER_SIZE) -> bytes:
+        """Some of the body, at most ``n`` bytes, at least one unless it has ended."""
+        reader = self._reader
+        if reader is None or n == 0:
+            return b""
+        if self.chunked:
+            return self._read1_chunked(reader, n)
+        if self.length is not None:
+            data = reader.read1(min(n, self.length))  # type: ignore[attr-defined]
+            if not data:  # ended early: ``length`` says by how much
+                self._done()
+                return b""
+            self.length -= len(data)
+            if not self.length:
+                self._done()
+            return data  # type: ignore[no-any-return]
+        data = reader.read1(n)  # type: ignore[attr-defined]
+        if not data:
+            self._done()
+        return data  # type: ignore[no-any-return]
+
+    def _read1_chunked(self, reader: IO[bytes], n: int) -> bytes:
+        if not self._chunk_left:
+            if self._chunk_left == 0 and reader.read(2) != b"\r\n":
+                raise _HTTPError("a chunk of the body did not end with CRLF")
+            line = _read_head_line(reader, "chunk size")
+            if not line:
+                raise _HTTPError("the connection closed in the middle of a chunked body")
+            size = line.split(b";", 1)[0].strip()
+            if len(size) > 16 or re.fullmatch(rb"[0-9A-Fa-f]+", size) is None:
+                shown = _shorten(_one_line(line.decode("iso-8859-1")), 60)
+                raise _HTTPError(f"not a chunk size line: {shown!r}")
+            self._chunk_left = int(size, 16)
+            if not self._chunk_left:
+                _read_fields(reader, "trailer")
+                self._done()
+                return b""
+        data = reader.read1(min(n, self._chunk_left))  # type: ignore[attr-defined]
+        if not data:
+            raise _HTTPError("the connection closed in the middle of a chunked body")
+        self._chunk_left -= len(data)
+        return data  # type: ignore[no-any-return]
+
+    def read(self, n: int = -1) -> bytes:
+        """The body up to ``n`` bytes (all of it when ``n`` is negative)."""
+        pieces = []
+        left = n
+        while left:
+            piece = self.read1(COPY_BUFFER_SIZE if left < 0 else left)
+            if not piece:
+                break
+            pieces.append(piece)
+            left -= len(piece) if left > 0 else 0
+        return b"".join(pieces)
+
+
+class _HTTPConnection:
+    """One connection to ``host`` (``host[:port]``), opened at its first request, plain
+    or TLS (with ``context``), directly or through an HTTP proxy's CONNECT tunnel. Its
+    reads keep to ``clock``'s deadline, its other socket operations to ``timeout``."""
+
+    def __init__(self, host: str, timeout: float, clock: _Clock, context: Any = None,
+                 tunnel: Optional[Tuple[str, Dict[str, str]]] = None) -> None:
+        self.host = host            # the proxy, for a tunnel
+        self.sock: Any = None
+        self.blocksize = COPY_BUFFER_SIZE
+        self._timeout = timeout
         self._clock = clock
+        self._context = context
+        self._tunnel = tunnel       # the host the tunnel leads to, and CONNECT's headers
+        self._reader: Optional[IO[bytes]] = None
+        self._method = ""
 
-    def makefile(self, *_: Any, **__: Any) -> IO[bytes]:
-        return io.BufferedReader(_TimedReader(self._sock, self._clock))
+    def _connect(self) -> None:
+        import socket
+        name, port = _host_and_port(self.host, 443 if self._context and not self._tunnel
+                                    else 80)
+        # bytes: a str host is encoded with the idna codec, whose import costs 2 ms
+        address = name.encode("ascii") if name.isascii() else name
+        sock = socket.create_connection((address, port), self._timeout)  # type: ignore
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server = name
+            if self._tunnel is not None:
+                target, headers = self._tunnel
+                server, target_port = _host_and_port(target, 443)
+                target = f"[{server}]:{target_port}" if ":" in server else \
+                    f"{server}:{target_port}"
+                lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}",
+                         *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+                sock.sendall("\r\n".join(lines).encode("latin-1"))
+                reader = io.BufferedReader(_TimedReader(sock, self._clock))
+                answer = _HTTPResponse(reader, "CONNECT")
+                if answer.status != 200:
+                    raise OSError(f"the proxy {self.host} refused the tunnel to {target}: "
+                                  f"{answer.status} {_shorten(_one_line(answer.reason), 60)}"
+                                  .rstrip())
+            if self._context is not None:
+                sock = self._context.wrap_socket(sock, server_hostname=server)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._reader = io.BufferedReader(_TimedReader(sock, self._clock))
 
+    def request(self, method: str, target: str, body: Any = None,
+                headers: Optional[Mapping[str, str]] = None) -> None:
+        """Send a request: ``body`` is bytes or a stream read ``blocksize`` at a time (a
+        stream's length is in the Content-Length given). The Host header is the host
+        the request is for: the tunnel's, or in an absolute target, its own."""
+        if re.fullmatch(r"[\x21-\x7e]+", target) is None:
+            raise _InvalidURL(f"not a request target: {_shorten(_one_line(target))!r}")
+        if self.sock is None:
+            self._connect()
+        headers = dict(headers or {})
+        names = {name.lower() for name in headers}
+        if "host" not in names:
+            headers["Host"] = self._host_header(target)
+        if "accept-encoding" not in names:
+            headers["Accept-Encoding"] = "identity"  # a blob's bytes, as its digest says
+        if "content-length" not in names:
+            if isinstance(body, (bytes, bytearray)):
+                headers["Content-Length"] = str(len(body))
+            elif body is None and method in ("POST", "PUT", "PATCH"):
+                headers["Content-Length"] = "0"
+            elif body is not None:
+                raise ValueError("a streamed request body needs its Content-Length")
+        head = "".join([f"{method} {target} HTTP/1.1\r\n",
+                        *(f"{k}: {v}\r\n" for k, v in headers.items()), "\r\n"])
+        data = head.encode("latin-1")
+        self._method = method
+        if isinstance(body, (bytes, bytearray)) and len(body) <= 64 * 1024:
+            self.sock.sendall(data + body)
+            return
+        self.sock.sendall(data)
+        if isinstance(body, (bytes, bytearray)):
+            self.sock.sendall(body)
+        elif body is not None:
+            while True:
+                piece = body.read(self.blocksize)
+                if not piece:
+                    break
+                self.sock.sendall(piece)
 
-@functools.lru_cache(maxsize=None)
-def _timed_response_class() -> Any:
-    class _TimedResponse(_http_client.HTTPResponse):  # type: ignore[name-defined,misc]
-        def __init__(self, clock: _Clock, sock: Any, *args: Any, **kwargs: Any) -> None:
-            super().__init__(_TimedSocket(sock, clock), *args, **kwargs)
-    return _TimedResponse
+    def _host_header(self, target: str) -> str:
+        if self._tunnel is not None:
+            host, default = self._tunnel[0], 443
+        elif "://" in target:  # through a plain-HTTP proxy: the target names the host
+            host, default = target.split("://", 1)[1].split("/", 1)[0], 80
+        else:
+            host, default = self.host, 443 if self._context is not None else 80
+        name, port = _host_and_port(host, default)
+        shown = f"[{name}]" if ":" in name else name
+        return shown if port == default else f"{shown}:{port}"
+
+    def getresponse(self) -> _HTTPResponse:
+        if self._reader is None:
+            raise _RemoteDisconnected("the connection is closed")
+        return _HTTPResponse(self._reader, self._method)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        if sock is not None:
+            sock.close()
 
 
 class _Response:
     """A response whose body is read by the caller (``read``) or whole (``body``)."""
 
-    def __init__(self, raw: "http.client.HTTPResponse", url: str,
-                 connection: "http.client.HTTPConnection", timeout: float,
+    def __init__(self, raw: _HTTPResponse, url: str,
+                 connection: _HTTPConnection, timeout: float,
                  clock: Optional[_Clock] = None,
                  release: Callable[[], None] = lambda: None) -> None:
         self.raw = raw
@@ -3767,7 +4077,8 @@ class _Response:
             chunk = self.raw.read1(min(COPY_BUFFER_SIZE, limit + 1 - len(data)))
             if not chunk:
                 if self.raw.length:  # the connection ended before Content-Length
-                    raise _http_client.IncompleteRead(bytes(data), self.raw.length)
+                    raise _HTTPError(f"the answer ended {self.raw.length} bytes short of "
+                                     "its Content-Length")
                 return bytes(data)
             data += chunk
             if time.monotonic() > deadline:
@@ -3785,7 +4096,7 @@ class _Response:
         if reuse and not self.raw.isclosed():
             # Read what is left to keep the connection, but not without end.
             self._clock.start()
-            with contextlib.suppress(OSError, _http_client.HTTPException):
+            with contextlib.suppress(OSError, _HTTPError):
                 drained = 0
                 while drained <= COPY_BUFFER_SIZE:
                     chunk = self.raw.read(64 * 1024)
@@ -3827,11 +4138,11 @@ _PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERROR
 def _is_permanent(error: BaseException) -> bool:
     """Failures that waiting does not fix: a name that does not resolve, TLS refused."""
     import socket
-    return isinstance(error, (socket.gaierror, _http_client.InvalidURL)) or any(
+    return isinstance(error, (socket.gaierror, _InvalidURL)) or any(
         reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 
-_PooledConnection = Tuple["http.client.HTTPConnection", _Clock, str, Dict[str, str]]
+_PooledConnection = Tuple[_HTTPConnection, _Clock, str, Dict[str, str]]
 
 
 class _Transport:
@@ -3847,7 +4158,7 @@ class _Transport:
         self._not_before: Dict[str, float] = {}
         self._guard = threading.Lock()
         self._contexts: Dict[Tuple[str, bool], Any] = {}
-        self._open: List["http.client.HTTPConnection"] = []
+        self._open: List[_HTTPConnection] = []
         self._idle: Dict[Tuple[str, str], List[_PooledConnection]] = {}
 
     def _ssl_context(self, host: str, verify: bool) -> Any:
@@ -3903,31 +4214,23 @@ class _Transport:
         proxy, proxy_headers = self._proxy_for(scheme, host)
         timeout = self.options.timeout
         prefix, added = "", {}
+        clock = _Clock(timeout)
         if scheme == "https":
             verify = host not in self.options.insecure_registries
             context = self._ssl_context(host, verify)
-            if proxy:
-                connection = _http_client.HTTPSConnection(proxy, timeout=timeout,
-                                                         context=context)
-                connection.set_tunnel(host, headers=proxy_headers)
-            else:
-                connection = _http_client.HTTPSConnection(host, timeout=timeout,
-                                                         context=context)
+            connection = _HTTPConnection(proxy or host, timeout, clock, context,
+                                         tunnel=(host, proxy_headers) if proxy else None)
         else:
-            connection = _http_client.HTTPConnection(proxy or host, timeout=timeout)
+            connection = _HTTPConnection(proxy or host, timeout, clock)
             if proxy:  # the proxy is told where to, in each request
                 prefix, added = f"http://{host}", proxy_headers
-        connection.blocksize = COPY_BUFFER_SIZE  # the size of each send of a body
-        clock = _Clock(timeout)
-        connection.response_class = functools.partial(  # type: ignore[assignment]
-            _timed_response_class(), clock)
         pool[(scheme, host)] = (connection, clock, prefix, added)
         with self._guard:
             self._open.append(connection)
         return connection, clock, prefix, added
 
     def _release(self, scheme: str, host: str,
-                 connection: "http.client.HTTPConnection") -> None:
+                 connection: _HTTPConnection) -> None:
         """The thread's ``connection`` to scheme://host, its response read, goes back to
         the pool (a response closed by another thread than its own changes nothing)."""
         pool = getattr(self._local, "pool", {})
@@ -4027,7 +4330,7 @@ class _Transport:
             try:
                 try:
                     response = self._send(scheme, host, method, path, headers, body)
-                except (OSError, _http_client.HTTPException) as first:
+                except (OSError, _HTTPError) as first:
                     self._drop(scheme, host)
                     if not probing:
                         raise
@@ -4035,12 +4338,12 @@ class _Transport:
                     # handshake decides it; otherwise the first error stands.
                     try:
                         response = self._send("https", host, method, path, headers, body)
-                    except (OSError, _http_client.HTTPException) as second:
+                    except (OSError, _HTTPError) as second:
                         self._drop("https", host)
                         raise second if _is_certificate_error(second) else first
                     self._schemes[host] = scheme = "https"
                     probing = False
-            except (OSError, _http_client.HTTPException) as e:
+            except (OSError, _HTTPError) as e:
                 error = _connection_error(host, e)
                 # Nothing listening is rarely fixed by waiting: one more try, not five.
                 if not retry or _is_permanent(e) or not self.retry(
@@ -4113,12 +4416,10 @@ class _Transport:
             opened = body() if callable(body) else None
             clock.start()  # the answer's head must arrive within the timeout, in all
             try:
-                connection.request(method, prefix + path,
-                                   body=opened or body,  # type: ignore[arg-type]
+                connection.request(method, prefix + path, body=opened or body,
                                    headers={**headers, **added})
                 raw = connection.getresponse()
-            except (ConnectionResetError, BrokenPipeError, _http_client.RemoteDisconnected,
-                    _http_client.CannotSendRequest):
+            except (ConnectionResetError, BrokenPipeError):  # _RemoteDisconnected too
                 # A kept-alive connection the server had closed: one fresh try.
                 self._drop(scheme, host)
                 if fresh:
@@ -4127,8 +4428,6 @@ class _Transport:
             finally:
                 if opened is not None:
                     opened.close()
-            if method == "HEAD":
-                raw.length = 0
             return _Response(raw, f"{scheme}://{host}{path}", connection, self.options.timeout,
                              clock, functools.partial(self._release, scheme, host, connection))
         raise AssertionError("unreachable")
@@ -4252,7 +4551,7 @@ def _speaks_tls(response: _Response) -> bool:
     """Whether a 400 is a TLS server's answer to plain HTTP (Go says so in the body)."""
     try:
         text = response.body(4096)
-    except (OciCacheError, OSError, _http_client.HTTPException):
+    except (OciCacheError, OSError, _HTTPError):
         text = b""
     response.close(reuse=False)
     # Go's answer, and nginx's
@@ -4352,6 +4651,15 @@ def _hidden(text: str, credentials: Optional[Credentials], authorization: str = 
     return text.replace(value, "<secret>") if len(value) >= 4 else text
 
 
+def _reason_phrase(status: int) -> str:
+    """The standard name of an HTTP status ("Not Found"), "" for one without."""
+    from http import HTTPStatus  # on the way to an error only
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 def _registry_error(what: str, host: str, response: _Response,
                     hide: Callable[[str], str] = lambda text: text) -> RegistryError:
     """One line: ``<what>: <host> answered <status> <CODE>: <message>``, with ``hide``
@@ -4365,12 +4673,12 @@ def _registry_error(what: str, host: str, response: _Response,
             if isinstance(error, dict):
                 codes.append(str(error.get("code", "")))
                 detail = detail or str(error.get("message", ""))
-    except (AttributeError, OciCacheError, OSError, _http_client.HTTPException):
+    except (AttributeError, OciCacheError, OSError, _HTTPError):
         pass
     finally:
         response.close(reuse=False)
     status = response.status
-    text = f"{what}: {host} answered {status} {_http_client.responses.get(status, '')}".rstrip()
+    text = f"{what}: {host} answered {status} {_reason_phrase(status)}".rstrip()
     codes = [hide(code) for code in codes]
     if codes:
         text = f"{what}: {host} answered {status} {codes[0]}"
@@ -4615,7 +4923,7 @@ class RegistryClient:
             raise error
         try:
             data = response.body(1024 * 1024)
-        except (OSError, _http_client.HTTPException) as e:
+        except (OSError, _HTTPError) as e:
             response.close(reuse=False)
             raise _connection_error(realm_parts.netloc, e) from None
         try:
@@ -4753,7 +5061,7 @@ class RegistryClient:
                 response.close()
                 check(data, response)
                 return data, response
-            except (OSError, _http_client.HTTPException, DigestMismatchError) as e:
+            except (OSError, _HTTPError, DigestMismatchError) as e:
                 response.close(reuse=False)
                 error = e if isinstance(e, OciCacheError) else _connection_error(endpoint.host, e)
                 if not self.transport.retry(budget, endpoint.host, str(error)):
@@ -4902,7 +5210,7 @@ class RegistryClient:
                 return
             try:
                 data = response.body(MAX_MANIFEST_SIZE)
-            except (OSError, _http_client.HTTPException) as e:
+            except (OSError, _HTTPError) as e:
                 response.close(reuse=False)
                 raise _connection_error(endpoint.host, e) from None
             except OciCacheError as e:
@@ -5064,7 +5372,7 @@ class RegistryClient:
             return None
         try:
             data = response.body(MAX_MANIFEST_SIZE)
-        except (OSError, _http_client.HTTPException) as e:
+        except (OSError, _HTTPError) as e:
             response.close(reuse=False)
             raise _connection_error(endpoint.host, e) from None
         response.close()
@@ -5075,7 +5383,7 @@ class RegistryClient:
         return data, Descriptor(media_type, Digest.from_bytes(data), len(data))
 
     def put_manifest(self, endpoint: _Endpoint, reference: str, data: bytes,
-                     media_type: str) -> "http.client.HTTPMessage":
+                     media_type: str) -> _Headers:
         """PUT a manifest; the response's headers (``OCI-Subject`` says the registry
         keeps the referrers list of the manifest's subject itself)."""
         response = self.request(endpoint, "PUT", f"manifests/{reference}", "pull,push",
@@ -5285,7 +5593,7 @@ class RegistryClient:
                         progress(len(chunk))
                         stall.arrived(len(chunk))
                     response.close(reuse=have >= descriptor.size)
-                except (OSError, _http_client.HTTPException) as e:
+                except (OSError, _HTTPError) as e:
                     response.close(reuse=False)
                     if _is_write_error(e):
                         raise  # partial_blob names the file (and removes it if full)
@@ -10209,7 +10517,7 @@ class Provider(CacheProvider):
                                                self.layout.believed(child).media_type)
 
     def _list_referrer(self, endpoint: _Endpoint, remote: Reference, data: bytes,
-                       media_type: str, headers: Optional["http.client.HTTPMessage"]) -> None:
+                       media_type: str, headers: Optional[_Headers]) -> None:
         """After a manifest with a ``subject`` went up: list it in the subject's fallback
         tag, unless the registry keeps referrers itself, which it says with the
         ``OCI-Subject`` header of the PUT (``headers``; None when nothing was put, and

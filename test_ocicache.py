@@ -1684,9 +1684,12 @@ class LoopbackOnly(unittest.TestCase):
         self.outside: List[str] = []
         real = socket.create_connection
 
-        def guarded(address: Tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-            if not _is_loopback_address(str(address[0])):
-                self.outside.append(f"{address[0]}:{address[1]}")
+        def guarded(address: Tuple[Union[str, bytes], int], *args: Any,
+                    **kwargs: Any) -> socket.socket:
+            # A host may be bytes, as ocicache passes an ASCII one (no idna codec).
+            host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+            if not _is_loopback_address(host):
+                self.outside.append(f"{host}:{address[1]}")
                 raise ConnectionRefusedError(111, "refused by the test: not loopback")
             return real(address, *args, **kwargs)
 
@@ -5585,9 +5588,11 @@ class TestTrustBoundaries(LoopbackOnly, RegistryTestCase):
         looked_up: List[str] = []
         guard = socket.create_connection
 
-        def connect(address: Tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-            if str(address[0]).endswith(".invalid"):
-                looked_up.append(str(address[0]))
+        def connect(address: Tuple[Union[str, bytes], int], *args: Any,
+                    **kwargs: Any) -> socket.socket:
+            host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+            if host.endswith(".invalid"):
+                looked_up.append(host)
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
             return guard(address, *args, **kwargs)
 
@@ -10901,7 +10906,9 @@ class TestPullRoundTrips(RegistryTestCase):
         # logging (through concurrent.futures and each request's debug line) and
         # platform (for the User-Agent) cost a small pull 7 ms; -v still shows requests.
         # A single manifest's pull rechecked its config with concurrent.futures, and
-        # one that names no platform imported platform for the host's.
+        # one that names no platform imported platform for the host's. http.client
+        # imported email.parser and ssl (15 ms), and a str host to connect to the idna
+        # codec (2 ms): a plain-HTTP pull needs none of them.
         registry = self.start_registry()
         amd, _, _, _ = self.multi_arch(registry)
         name = f"{registry.host}/test/multi:1"
@@ -10915,7 +10922,8 @@ class TestPullRoundTrips(RegistryTestCase):
                           "oc._rate_limits = lambda *a: formatted.append(a) or rate_limits(*a)\n"
                           f"oc.main(['--cache', {self.cache_dir!r}, 'pull', *{pulled!r}])\n"
                           "print(sorted(m for m in ('logging', 'platform', "
-                          "'concurrent.futures') if m in sys.modules), len(formatted))\n")
+                          "'concurrent.futures', 'http.client', 'email.parser', 'ssl', "
+                          "'encodings.idna') if m in sys.modules), len(formatted))\n")
                 result = subprocess.run([sys.executable, "-c", script], cwd=HERE,
                                         capture_output=True, timeout=60)
                 self.assertEqual(result.returncode, 0, result.stderr)
