@@ -4501,13 +4501,13 @@ class _HashingThread:
     (a pull of 100 layers of 1 MiB started 100 threads, 10 % of its CPU time)."""
 
     def __init__(self, algorithm: str, size: int) -> None:
-        import queue
         self._algorithm = algorithm
         self._hasher = hashlib.new(algorithm)
         self._error: Optional[BaseException] = None
-        self._pieces: "queue.Queue[Optional[bytes]]" = queue.Queue(2)
         self._thread: Optional[threading.Thread] = None
         if size >= _OWN_HASHER_SIZE:
+            import queue  # with heapq, 1 ms of a pull of small blobs only: not before
+            self._pieces: "queue.Queue[Optional[bytes]]" = queue.Queue(2)
             self._thread = threading.Thread(target=self._run, name="ocicache-hash", daemon=True)
             self._thread.start()
 
@@ -4529,11 +4529,13 @@ class _HashingThread:
 
     def reset(self) -> None:
         """Start a new digest."""
-        self._pieces.join()
+        if self._thread is not None:
+            self._pieces.join()
         self._hasher = hashlib.new(self._algorithm)
 
     def hexdigest(self) -> str:
-        self._pieces.join()
+        if self._thread is not None:
+            self._pieces.join()
         if self._error is not None:
             raise self._error
         return self._hasher.hexdigest()
