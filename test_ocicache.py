@@ -10907,8 +10907,9 @@ class TestPullRoundTrips(RegistryTestCase):
         # platform (for the User-Agent) cost a small pull 7 ms; -v still shows requests.
         # A single manifest's pull rechecked its config with concurrent.futures, and
         # one that names no platform imported platform for the host's. http.client
-        # imported email.parser and ssl (15 ms), and a str host to connect to the idna
-        # codec (2 ms): a plain-HTTP pull needs none of them.
+        # imported email.parser and ssl (15 ms), a str host to connect to the idna codec
+        # (2 ms), and the child manifests' queue heapq (1 ms): a plain-HTTP pull of small
+        # blobs needs none of them.
         registry = self.start_registry()
         amd, _, _, _ = self.multi_arch(registry)
         name = f"{registry.host}/test/multi:1"
@@ -10923,7 +10924,8 @@ class TestPullRoundTrips(RegistryTestCase):
                           f"oc.main(['--cache', {self.cache_dir!r}, 'pull', *{pulled!r}])\n"
                           "print(sorted(m for m in ('logging', 'platform', "
                           "'concurrent.futures', 'http.client', 'email.parser', 'ssl', "
-                          "'encodings.idna') if m in sys.modules), len(formatted))\n")
+                          "'encodings.idna', 'queue', 'heapq') if m in sys.modules), "
+                          "len(formatted))\n")
                 result = subprocess.run([sys.executable, "-c", script], cwd=HERE,
                                         capture_output=True, timeout=60)
                 self.assertEqual(result.returncode, 0, result.stderr)
