@@ -3556,25 +3556,66 @@ def _certs_d_roots() -> Tuple[str, ...]:
     return tuple(p for p in value.split(":") if p) if value is not None else _CERTS_D_ROOTS
 
 
-@functools.lru_cache(maxsize=256)  # asked for each request: ipaddress parses slowly
-def _is_loopback(host: str) -> bool:
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d, connected to as a.b.c.d
+
+
+def _address(name: str) -> Optional[bytes]:
+    """The address (4 or 16 bytes) a host name is as the resolver reads it, None for a
+    name it looks up. Not as ipaddress reads it: glibc's getaddrinfo takes 127.1,
+    0x7f.0.0.1, 0177.0.0.1, 2130706433 and 0x7f000001 for 127.0.0.1 (inet_aton's forms)."""
+    if ":" not in name and (not name[:1].isdigit() or name.strip("0123456789abcdefxABCDEFX.")):
+        return None  # a host name, not an address (a part of an address starts with a digit)
+    import socket
+    try:
+        if ":" in name:  # a zone (%eth0) names an interface, not another address
+            return socket.inet_pton(socket.AF_INET6, name.partition("%")[0])
+        return socket.inet_aton(name)
+    except OSError:
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name of ``host[:port]`` (``[v6]:port``), lower-case as a resolver matches it."""
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
+    return name.lower()
+
+
+@functools.lru_cache(maxsize=256)  # asked for each request
+def _is_loopback(host: str) -> bool:
+    """Whether ``host[:port]`` is this machine's loopback by its name alone: ``localhost``,
+    or an address in 127.0.0.0/8 or ::1 however spelled (IPv4-mapped too). What loopback
+    allows (plain HTTP, no proxy) is safe only where the bytes never leave the machine,
+    so a name that DNS answers is never loopback here, whatever it resolves to now."""
+    name = _host_name(host)
     if name == "localhost":  # not "*.localhost": a resolver may send those anywhere
         return True
-    if ":" not in name and not name.replace(".", "").isdigit():
-        return False  # a host name, not an address: no ipaddress to import (1.5 ms)
-    import ipaddress
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    address = _address(name)
+    if address is not None and address[:12] == _V4_MAPPED:
+        address = address[12:]
+    return address is not None and (address[0] == 127 if len(address) == 4
+                                    else address == bytes(15) + b"\x01")
+
+
+def _is_here(address: bytes) -> bool:
+    """Whether a connection to ``address`` reaches this machine: loopback, and the
+    unspecified 0.0.0.0/8 and :: that Linux connects to loopback, IPv4-mapped or not."""
+    if address[:12] == _V4_MAPPED:
+        address = address[12:]
+    if len(address) == 4:
+        return address[0] in (0, 127)
+    return address[:15] == bytes(15) and address[15] in (0, 1)
 
 
 def _sends_here(source: str, target: str) -> bool:
     """Whether a server at ``source`` (host[:port]) names ``target`` on this machine
     while it is elsewhere itself: a registry must not make ocicache send requests (a
-    DELETE to an upload Location, say) to a local service such as a docker API."""
-    return _is_loopback(target) and not _is_loopback(source)
+    DELETE to an upload Location, say) to a local service such as a docker API. What
+    the target's name says, in any spelling the resolver reads as this machine."""
+    if _is_loopback(source):
+        return False
+    name = _host_name(target)
+    address = _address(name)
+    return name == "localhost" or (address is not None and _is_here(address))
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:

@@ -5070,7 +5070,8 @@ class TestAuthentication(LoopbackOnly, RegistryTestCase):
                 with self.subTest(realm=realm):
                     challenge = oc.parse_challenges(f'Bearer realm="{realm}",service="s"')[0]
                     with self.assertRaisesRegex(oc.AuthenticationError,
-                                                "plain-http|invalid token realm") as caught:
+                                                "plain-http|invalid token realm|this machine"
+                                                ) as caught:
                         client._token(endpoint, challenge, ["repository:a/b:pull"],
                                       oc.Credentials("alice", "pa55-w0rd-9d1e"))
                     self.assertEqual(line_problem(str(caught.exception)), "")
@@ -10057,6 +10058,108 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
             with self.assertRaisesRegex(oc.AuthenticationError, "this machine"):
                 self.provider(attempts=1).image_pull(f"{realm.host}/test/s:1", "", "amd64")
         self.assertEqual(local.requests, [])
+
+    def local_service(self) -> Tuple[int, List[str]]:
+        """A port listening on 127.0.0.1 and ::1 (a local docker API, say), and who
+        connected to it: a connection is recorded before it is closed unanswered."""
+        reached: List[str] = []
+        listeners = [socket.socket(socket.AF_INET), socket.socket(socket.AF_INET6)]
+        listeners[0].bind((LOOPBACK, 0))
+        port = listeners[0].getsockname()[1]
+        listeners[1].bind(("::1", port))
+        for listener in listeners:
+            listener.listen(8)
+            self.addCleanup(listener.close)
+
+            def accept(listener: socket.socket = listener) -> None:
+                with contextlib.suppress(OSError):
+                    while True:
+                        connection, peer = listener.accept()
+                        reached.append(str(peer[0]))
+                        connection.close()
+            threading.Thread(target=accept, daemon=True, name="local-service").start()
+        return port, reached
+
+    def sent_here(self, url: str) -> List[BaseException]:
+        """What a pull and a push raise when a remote registry (127.0.0.2 plays one)
+        redirects a blob to ``url``, names it as an upload Location, and as its token
+        realm."""
+        image = make_image("ssrf")
+        self.load_image("example.com/ssrf:1", make_image("ssrf-push"))
+        pulled = self.other_host("127.0.0.2", fake_registry(image, override=on(
+            "GET", "/blobs/", Answer(307, [("Location", url)], b""))))
+        pushed = self.other_host("127.0.0.2", FakePushRegistry(override=on(
+            "POST", "/blobs/uploads/", Answer(202, [("Location", url)], b""))))
+        realm = self.other_host("127.0.0.2", lambda r: Answer(401, [(
+            "WWW-Authenticate", f'Bearer realm="{url}"')], b""))
+
+        def loopback(host: str) -> bool:  # 127.0.0.2 is elsewhere
+            return host.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]")
+
+        def here(host: str) -> bool:  # the guard lets this machine's spellings through
+            import ipaddress
+            if host.lower() == "localhost":
+                return True
+            with contextlib.suppress(OSError):
+                return all(ipaddress.ip_address(a[4][0].split("%")[0]).is_loopback or
+                           ipaddress.ip_address(a[4][0].split("%")[0]).is_unspecified or
+                           a[4][0].startswith("::ffff:127.")
+                           for a in socket.getaddrinfo(host, 0, flags=socket.AI_NUMERICHOST))
+            return False
+
+        raised: List[BaseException] = []
+        with mock.patch.object(oc, "_is_loopback", loopback), mock.patch.object(
+                oc._Transport, "_may_use_http", lambda self, host: True), \
+                mock.patch.dict(globals(), {"_is_loopback_address": here}):
+            for operation in [
+                    lambda: self.provider(attempts=1).image_pull(f"{pulled.host}/test/s:1", "",
+                                                                 "amd64"),
+                    lambda: self.provider(attempts=1).push("example.com/ssrf:1",
+                                                           f"{pushed.host}/test/s:1"),
+                    lambda: self.provider(attempts=1).image_pull(f"{realm.host}/test/s:1", "",
+                                                                 "amd64")]:
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    operation()
+                raised.append(caught.exception)
+        return raised
+
+    def test_no_spelling_of_this_machine_gets_a_request_on_a_remote_word(self) -> None:
+        # The check read a host as ipaddress does, but the resolver (inet_aton) takes
+        # 127.1, 0x7f.0.0.1, 0177.0.0.1, 2130706433 and 0x7f000001 for 127.0.0.1;
+        # 0.0.0.0 and [::] connect to this machine on Linux; ipaddress (before 3.13)
+        # counts no IPv4-mapped address as loopback; hosts files match LOCALHOST.
+        port, reached = self.local_service()
+        for host in ["127.1", "0x7f.0.0.1", "0177.0.0.1", "2130706433", "0x7f000001",
+                     "127.0.0.01", "0.0.0.0", "[::]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]",
+                     "[::1]", "LOCALHOST"]:
+            with self.subTest(host=host):
+                reached.clear()
+                raised = self.sent_here(f"http://{host}:{port}/containers/x?force=1")
+                self.assertEqual(reached, [])
+                for error in raised:
+                    self.assertRegex(str(error), "on this machine.*refusing")
+                    self.assertEqual(line_problem(str(error)), "")
+
+    def test_loopback_is_what_never_leaves_this_machine(self) -> None:
+        # What loopback allows (plain HTTP, a plain-HTTP realm, no proxy) is safe where
+        # the bytes stay on this machine: every spelling of 127.0.0.0/8 and ::1, never a
+        # name DNS answers nor 0.0.0.0 (not loopback everywhere). What a remote server
+        # may not name is wider: 0.0.0.0/8 and :: connect here too.
+        cases = {"127.0.0.1:5000": (True, True), "127.1": (True, True),
+                 "0x7f.0.0.1:1": (True, True), "2130706433": (True, True),
+                 "[::1]:5000": (True, True), "[::ffff:127.0.0.1]:1": (True, True),
+                 "[0:0:0:0:0:0:0:1]": (True, True), "LocalHost:5000": (True, True),
+                 "0.0.0.0:1": (False, True), "0.1.2.3": (False, True), "[::]:1": (False, True),
+                 "[::ffff:0.0.0.0]": (False, True), "[::ffff:8.8.8.8]": (False, False),
+                 "[::127.0.0.1]": (False, False), "127.0.0.1.nip.io": (False, False),
+                 "localhost.example.com": (False, False), "x.localhost": (False, False),
+                 "128.0.0.1": (False, False), "1e100.net": (False, False),
+                 "registry.example": (False, False)}
+        for host, (loopback, here) in cases.items():
+            with self.subTest(host=host):
+                self.assertEqual(oc._is_loopback(host), loopback)
+                self.assertEqual(oc._sends_here("registry.example", host), here)
+                self.assertFalse(oc._sends_here("127.0.0.1:5000", host))
 
     def test_a_realm_no_request_can_carry_is_one_line_tried_once(self) -> None:
         for label, realm in [("a space", "http://{host}/to ken"),
