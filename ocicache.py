@@ -3618,6 +3618,35 @@ def _sends_here(source: str, target: str) -> bool:
     return name == "localhost" or (address is not None and _is_here(address))
 
 
+def _open_socket(address: Union[str, bytes], port: int, timeout: float,
+                 named_by: str = "") -> Any:
+    """A TCP connection to ``address`` (a name or an address) and ``port``. A host that a
+    remote server named (``named_by``, that server: a redirect, an upload Location, a
+    token realm) is looked up once, here, and refused if an address of it is on this
+    machine: a check before connecting would ask DNS a second time, and a rebinding
+    server answers a remote address first and 127.0.0.1 next."""
+    import socket
+    if not named_by:
+        return socket.create_connection((address, port), timeout)  # type: ignore[arg-type]
+    found = []  # (address, the connection's address: its zone kept for fe80::, no name)
+    for family, _, _, _, sockaddr in socket.getaddrinfo(address, port, type=socket.SOCK_STREAM):
+        host, _, *rest = sockaddr
+        found.append((str(host), f"{host}%{rest[1]}" if len(rest) > 1 and rest[1] else
+                      str(host), socket.inet_pton(family, str(host))))
+    name = address.decode("ascii") if isinstance(address, bytes) else address
+    here = [host for host, _, packed in found if _is_here(packed)]
+    if here:
+        raise RegistryError(f"{named_by} named {_shorten(name)}, which resolves to {here[0]}, "
+                            "on this machine; refusing")
+    error: Optional[OSError] = None
+    for _, numeric, _ in found:
+        try:
+            return socket.create_connection((numeric, port), timeout)
+        except OSError as e:
+            error = e
+    raise error or OSError(f"{_shorten(name)} has no address")
+
+
 def _retry_after(value: Optional[str]) -> Optional[float]:
     """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
     if not value:
@@ -4203,6 +4232,16 @@ class _Transport:
         self._contexts: Dict[Tuple[str, bool], Any] = {}
         self._open: List[_HTTPConnection] = []
         self._idle: Dict[Tuple[str, str], List[_PooledConnection]] = {}
+        self._named_by: Dict[str, str] = {}  # host: the remote server that named it
+
+    def named(self, host: str, by: str) -> None:
+        """Note that the server at ``by`` named ``host`` (both host[:port]) for a request:
+        a redirect, an upload Location, a token realm. A connection opened to ``host``
+        from then on refuses an address on this machine, unless ``by`` is on it too or is
+        ``host`` itself. Through a proxy the proxy looks the name up, not ocicache."""
+        if host != by and not _is_loopback(by):
+            with self._guard:
+                self._named_by.setdefault(host, by)
 
     def _ssl_context(self, host: str, verify: bool) -> Any:
         import ssl
@@ -4255,6 +4294,8 @@ class _Transport:
                 pool[(scheme, host)] = idle[-1]
                 return idle.pop()
         proxy, proxy_headers = self._proxy_for(scheme, host)
+        with self._guard:
+            named_by = "" if proxy else self._named_by.get(host, "")
         timeout = self.options.timeout
         prefix, added = "", {}
         clock = _Clock(timeout)
@@ -4267,6 +4308,7 @@ class _Transport:
             connection = _HTTPConnection(proxy or host, timeout, clock)
             if proxy:  # the proxy is told where to, in each request
                 prefix, added = f"http://{host}", proxy_headers
+        connection.named_by = named_by  # type: ignore[attr-defined]  # until it declares it
         pool[(scheme, host)] = (connection, clock, prefix, added)
         with self._guard:
             self._open.append(connection)
@@ -4424,6 +4466,7 @@ class _Transport:
                 if _sends_here(host, moved.netloc):
                     raise RegistryError(f"{host} redirected to {moved.netloc}, on this machine; "
                                         "refusing", response.status)
+                self.named(moved.netloc, host)
                 if scheme == "https" and moved.scheme == "http" and \
                         not self._may_use_http(moved.netloc):
                     # What a manifest by tag is, only its answer says: in clear text, anyone
@@ -4929,6 +4972,7 @@ class RegistryClient:
         if _sends_here(endpoint.host, realm_parts.netloc):
             raise AuthenticationError(f"{endpoint.host} names a token realm on this machine "
                                       f"({realm_parts.netloc}); refusing")
+        self.transport.named(realm_parts.netloc, endpoint.host)
         if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
                                       f"token realm {_shorten(_one_line(_shown_url(realm)))}; "
@@ -5515,9 +5559,11 @@ class RegistryClient:
         if not _is_http_url(url):
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
                                 f"{_shorten(_one_line(_shown_url(location)))!r}")
-        if _sends_here(endpoint.host, urllib.parse.urlsplit(url).netloc):
+        netloc = urllib.parse.urlsplit(url).netloc
+        if _sends_here(endpoint.host, netloc):
             raise RegistryError(f"{endpoint.host} gave an upload location on this machine "
-                                f"({urllib.parse.urlsplit(url).netloc}); refusing")
+                                f"({netloc}); refusing")
+        self.transport.named(netloc, endpoint.host)
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
