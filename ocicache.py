@@ -3624,26 +3624,34 @@ def _open_socket(address: Union[str, bytes], port: int, timeout: float,
     remote server named (``named_by``, that server: a redirect, an upload Location, a
     token realm) is looked up once, here, and refused if an address of it is on this
     machine: a check before connecting would ask DNS a second time, and a rebinding
-    server answers a remote address first and 127.0.0.1 next."""
+    server answers a remote address first and 127.0.0.1 next. Nor may it be another
+    address of this machine's own (eth0's, docker0's 172.17.0.1, where a docker API may
+    listen): a connection to one comes from that same address, and is closed unused."""
     import socket
     if not named_by:
         return socket.create_connection((address, port), timeout)  # type: ignore[arg-type]
     found = []  # (address, the connection's address: its zone kept for fe80::, no name)
     for family, _, _, _, sockaddr in socket.getaddrinfo(address, port, type=socket.SOCK_STREAM):
-        host, _, *rest = sockaddr
-        found.append((str(host), f"{host}%{rest[1]}" if len(rest) > 1 and rest[1] else
-                      str(host), socket.inet_pton(family, str(host))))
+        ip, _, *rest = sockaddr
+        found.append((str(ip), f"{ip}%{rest[1]}" if len(rest) > 1 and rest[1] else str(ip),
+                      socket.inet_pton(family, str(ip))))
     name = address.decode("ascii") if isinstance(address, bytes) else address
     here = [host for host, _, packed in found if _is_here(packed)]
     if here:
         raise RegistryError(f"{named_by} named {_shorten(name)}, which resolves to {here[0]}, "
                             "on this machine; refusing")
     error: Optional[OSError] = None
-    for _, numeric, _ in found:
+    for host, numeric, _ in found:
         try:
-            return socket.create_connection((numeric, port), timeout)
+            sock = socket.create_connection((numeric, port), timeout)
         except OSError as e:
             error = e
+            continue
+        if sock.getsockname()[0] == sock.getpeername()[0]:
+            sock.close()
+            raise RegistryError(f"{named_by} named {_shorten(name)}, which resolves to "
+                                f"{host}, on this machine; refusing")
+        return sock
     raise error or OSError(f"{_shorten(name)} has no address")
 
 

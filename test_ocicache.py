@@ -10195,6 +10195,31 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
         self.assertEqual(len(looked_up), 2)
         self.assertEqual(reached, [])
 
+    def test_a_named_host_is_no_other_address_of_this_machine(self) -> None:
+        # This machine has more addresses than loopback (eth0's, docker0's 172.17.0.1,
+        # where a docker API listening on 0.0.0.0:2375 answers): a connection to one
+        # comes from that same address. Here 127.0.0.1 stands in for one, taken for an
+        # address elsewhere; 127.0.0.2 is reached from 127.0.0.1, so elsewhere indeed.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind((LOOPBACK, 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        with mock.patch.object(oc, "_is_here", lambda address: False):
+            with self.assertRaisesRegex(oc.RegistryError, "^registry.example named 127.0.0.1, "
+                                        "which resolves to 127.0.0.1, on this machine; "
+                                        "refusing$"):
+                oc._open_socket(b"127.0.0.1", port, 5.0, "registry.example")
+            elsewhere = socket.socket()
+            self.addCleanup(elsewhere.close)
+            elsewhere.bind(("127.0.0.2", 0))
+            elsewhere.listen(4)
+            oc._open_socket(b"127.0.0.2", elsewhere.getsockname()[1], 5.0,
+                            "registry.example").close()
+        connection, _ = listener.accept()  # opened, and closed with nothing sent
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.recv(100), b"")
+
     def test_loopback_is_what_never_leaves_this_machine(self) -> None:
         # What loopback allows (plain HTTP, a plain-HTTP realm, no proxy) is safe where
         # the bytes stay on this machine: every spelling of 127.0.0.0/8 and ::1, never a
