@@ -3556,25 +3556,103 @@ def _certs_d_roots() -> Tuple[str, ...]:
     return tuple(p for p in value.split(":") if p) if value is not None else _CERTS_D_ROOTS
 
 
-@functools.lru_cache(maxsize=256)  # asked for each request: ipaddress parses slowly
-def _is_loopback(host: str) -> bool:
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d, connected to as a.b.c.d
+
+
+def _address(name: str) -> Optional[bytes]:
+    """The address (4 or 16 bytes) a host name is as the resolver reads it, None for a
+    name it looks up. Not as ipaddress reads it: glibc's getaddrinfo takes 127.1,
+    0x7f.0.0.1, 0177.0.0.1, 2130706433 and 0x7f000001 for 127.0.0.1 (inet_aton's forms)."""
+    if ":" not in name and (not name[:1].isdigit() or name.strip("0123456789abcdefxABCDEFX.")):
+        return None  # a host name, not an address (a part of an address starts with a digit)
+    import socket
+    try:
+        if ":" in name:  # a zone (%eth0) names an interface, not another address
+            return socket.inet_pton(socket.AF_INET6, name.partition("%")[0])
+        return socket.inet_aton(name)
+    except OSError:
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name of ``host[:port]`` (``[v6]:port``), lower-case as a resolver matches it."""
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
+    return name.lower()
+
+
+@functools.lru_cache(maxsize=256)  # asked for each request
+def _is_loopback(host: str) -> bool:
+    """Whether ``host[:port]`` is this machine's loopback by its name alone: ``localhost``,
+    or an address in 127.0.0.0/8 or ::1 however spelled (IPv4-mapped too). What loopback
+    allows (plain HTTP, no proxy) is safe only where the bytes never leave the machine,
+    so a name that DNS answers is never loopback here, whatever it resolves to now."""
+    name = _host_name(host)
     if name == "localhost":  # not "*.localhost": a resolver may send those anywhere
         return True
-    if ":" not in name and not name.replace(".", "").isdigit():
-        return False  # a host name, not an address: no ipaddress to import (1.5 ms)
-    import ipaddress
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    address = _address(name)
+    if address is not None and address[:12] == _V4_MAPPED:
+        address = address[12:]
+    return address is not None and (address[0] == 127 if len(address) == 4
+                                    else address == bytes(15) + b"\x01")
+
+
+def _is_here(address: bytes) -> bool:
+    """Whether a connection to ``address`` reaches this machine: loopback, and the
+    unspecified 0.0.0.0/8 and :: that Linux connects to loopback, IPv4-mapped or not."""
+    if address[:12] == _V4_MAPPED:
+        address = address[12:]
+    if len(address) == 4:
+        return address[0] in (0, 127)
+    return address[:15] == bytes(15) and address[15] in (0, 1)
 
 
 def _sends_here(source: str, target: str) -> bool:
     """Whether a server at ``source`` (host[:port]) names ``target`` on this machine
     while it is elsewhere itself: a registry must not make ocicache send requests (a
-    DELETE to an upload Location, say) to a local service such as a docker API."""
-    return _is_loopback(target) and not _is_loopback(source)
+    DELETE to an upload Location, say) to a local service such as a docker API. What
+    the target's name says, in any spelling the resolver reads as this machine."""
+    if _is_loopback(source):
+        return False
+    name = _host_name(target)
+    address = _address(name)
+    return name == "localhost" or (address is not None and _is_here(address))
+
+
+def _open_socket(address: Union[str, bytes], port: int, timeout: float,
+                 named_by: str = "") -> Any:
+    """A TCP connection to ``address`` (a name or an address) and ``port``. A host that a
+    remote server named (``named_by``, that server: a redirect, an upload Location, a
+    token realm) is looked up once, here, and refused if an address of it is on this
+    machine: a check before connecting would ask DNS a second time, and a rebinding
+    server answers a remote address first and 127.0.0.1 next. Nor may it be another
+    address of this machine's own (eth0's, docker0's 172.17.0.1, where a docker API may
+    listen): a connection to one comes from that same address, and is closed unused."""
+    import socket
+    if not named_by:
+        return socket.create_connection((address, port), timeout)  # type: ignore[arg-type]
+    found = []  # (address, the connection's address: its zone kept for fe80::, no name)
+    for family, _, _, _, sockaddr in socket.getaddrinfo(address, port, type=socket.SOCK_STREAM):
+        ip, _, *rest = sockaddr
+        found.append((str(ip), f"{ip}%{rest[1]}" if len(rest) > 1 and rest[1] else str(ip),
+                      socket.inet_pton(family, str(ip))))
+    name = address.decode("ascii") if isinstance(address, bytes) else address
+    here = [host for host, _, packed in found if _is_here(packed)]
+    if here:
+        raise RegistryError(f"{named_by} named {_shorten(name)}, which resolves to {here[0]}, "
+                            "on this machine; refusing")
+    error: Optional[OSError] = None
+    for host, numeric, _ in found:
+        try:
+            sock = socket.create_connection((numeric, port), timeout)
+        except OSError as e:
+            error = e
+            continue
+        if sock.getsockname()[0] == sock.getpeername()[0]:
+            sock.close()
+            raise RegistryError(f"{named_by} named {_shorten(name)}, which resolves to "
+                                f"{host}, on this machine; refusing")
+        return sock
+    raise error or OSError(f"{_shorten(name)} has no address")
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -4162,6 +4240,16 @@ class _Transport:
         self._contexts: Dict[Tuple[str, bool], Any] = {}
         self._open: List[_HTTPConnection] = []
         self._idle: Dict[Tuple[str, str], List[_PooledConnection]] = {}
+        self._named_by: Dict[str, str] = {}  # host: the remote server that named it
+
+    def named(self, host: str, by: str) -> None:
+        """Note that the server at ``by`` named ``host`` (both host[:port]) for a request:
+        a redirect, an upload Location, a token realm. A connection opened to ``host``
+        from then on refuses an address on this machine, unless ``by`` is on it too or is
+        ``host`` itself. Through a proxy the proxy looks the name up, not ocicache."""
+        if host != by and not _is_loopback(by):
+            with self._guard:
+                self._named_by.setdefault(host, by)
 
     def _ssl_context(self, host: str, verify: bool) -> Any:
         import ssl
@@ -4214,6 +4302,8 @@ class _Transport:
                 pool[(scheme, host)] = idle[-1]
                 return idle.pop()
         proxy, proxy_headers = self._proxy_for(scheme, host)
+        with self._guard:
+            named_by = "" if proxy else self._named_by.get(host, "")
         timeout = self.options.timeout
         prefix, added = "", {}
         clock = _Clock(timeout)
@@ -4226,6 +4316,7 @@ class _Transport:
             connection = _HTTPConnection(proxy or host, timeout, clock)
             if proxy:  # the proxy is told where to, in each request
                 prefix, added = f"http://{host}", proxy_headers
+        connection.named_by = named_by  # type: ignore[attr-defined]  # until it declares it
         pool[(scheme, host)] = (connection, clock, prefix, added)
         with self._guard:
             self._open.append(connection)
@@ -4383,6 +4474,7 @@ class _Transport:
                 if _sends_here(host, moved.netloc):
                     raise RegistryError(f"{host} redirected to {moved.netloc}, on this machine; "
                                         "refusing", response.status)
+                self.named(moved.netloc, host)
                 if scheme == "https" and moved.scheme == "http" and \
                         not self._may_use_http(moved.netloc):
                     # What a manifest by tag is, only its answer says: in clear text, anyone
@@ -4888,6 +4980,7 @@ class RegistryClient:
         if _sends_here(endpoint.host, realm_parts.netloc):
             raise AuthenticationError(f"{endpoint.host} names a token realm on this machine "
                                       f"({realm_parts.netloc}); refusing")
+        self.transport.named(realm_parts.netloc, endpoint.host)
         if not _may_send_credentials(realm, self._origin(endpoint), realm):
             raise AuthenticationError(f"{endpoint.host} sends credentials to a plain-http "
                                       f"token realm {_shorten(_one_line(_shown_url(realm)))}; "
@@ -5474,9 +5567,11 @@ class RegistryClient:
         if not _is_http_url(url):
             raise RegistryError(f"{endpoint.host} gave an invalid upload location "
                                 f"{_shorten(_one_line(_shown_url(location)))!r}")
-        if _sends_here(endpoint.host, urllib.parse.urlsplit(url).netloc):
+        netloc = urllib.parse.urlsplit(url).netloc
+        if _sends_here(endpoint.host, netloc):
             raise RegistryError(f"{endpoint.host} gave an upload location on this machine "
-                                f"({urllib.parse.urlsplit(url).netloc}); refusing")
+                                f"({netloc}); refusing")
+        self.transport.named(netloc, endpoint.host)
         return url
 
     def _upload(self, endpoint: _Endpoint, descriptor: Descriptor, layout: Layout,
