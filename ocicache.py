@@ -3771,11 +3771,14 @@ class _TimedReader(io.RawIOBase):
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until closed
         self._clock = clock
+        self.polling = False  # reads nothing: a buffer's peek shows only what it holds
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self.polling:
+            return 0
         left = self._clock.deadline - time.monotonic()
         if left >= self._clock.timeout:
             return int(self._raw.readinto(buffer))
@@ -3864,16 +3867,27 @@ class _Headers:
 
 
 def _read_head_line(reader: IO[bytes], what: str) -> bytes:
+    """One line of a head, "" at the end of the connection. A line the connection ended
+    in the middle of is no line; one holding a CR but at its end is refused (RFC 9112
+    2.2 lets a recipient): a parser that ends lines at a bare CR (http.client's email
+    parser does) reads other fields in it than this one, and a proxy on the way may be
+    that parser."""
     line = reader.readline(_MAX_HEAD_LINE + 1)
     if len(line) > _MAX_HEAD_LINE:
         raise _HTTPError(f"a {what} line longer than {_MAX_HEAD_LINE} bytes")
+    if line and not line.endswith(b"\n"):
+        raise _HTTPError(f"the connection closed in the middle of a {what} line")
+    if b"\r" in line[:-2]:
+        shown = _shorten(_one_line(line.decode("iso-8859-1")), 60)
+        raise _HTTPError(f"a {what} line holding a bare CR: {shown!r}")
     return line
 
 
 def _read_fields(reader: IO[bytes], what: str) -> List[Tuple[str, str]]:
     """Header (or trailer) lines up to the blank line that ends them; a line that begins
     with white space continues the one before (obsolete, but still sent). Every line
-    counts against the bound, a continuation too."""
+    counts against the bound, a continuation too. A NUL becomes a space (RFC 9110 5.5):
+    a value that holds one is then as invalid as it is (a realm, a length)."""
     fields: List[Tuple[str, str]] = []
     for _ in range(_MAX_HEAD_FIELDS + 1):
         line = _read_head_line(reader, what)
@@ -3881,7 +3895,7 @@ def _read_fields(reader: IO[bytes], what: str) -> List[Tuple[str, str]]:
             raise _HTTPError(f"the connection closed in the middle of the {what}s")
         if line in (b"\r\n", b"\n"):
             return fields
-        text = line.decode("iso-8859-1").rstrip("\r\n")
+        text = line.decode("iso-8859-1").rstrip("\r\n").replace("\0", " ")
         if text[:1] in (" ", "\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, f"{value} {text.strip()}".strip())
@@ -3915,25 +3929,37 @@ class _HTTPResponse:
             self.headers = _Headers(_read_fields(reader, "header"))
             if not 100 <= self.status < 200 or self.status == 101:
                 break  # a final answer (101 too: no upgrade was asked for, none is made)
-        tokens = {token.strip() for token in
+        tokens = {token.strip(" \t") for token in
                   ",".join(self.headers.get_all("Connection")).lower().split(",")}
         self.will_close = "close" in tokens or version == "HTTP/1.0" and \
             "keep-alive" not in tokens
-        coding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        # Every Transfer-Encoding field, not the first: "chunked" then "gzip" is a gzip
+        # body, which no chunked reading frames.
+        codings = self.headers.get_all("Transfer-Encoding")
         lengths = self.headers.get_all("Content-Length")
         self.length: Optional[int] = None
         self._chunk_left: Optional[int] = None  # of the chunk read now; None before one
         self.chunked = False
-        if method == "HEAD" or self.status in (101, 204, 304):
+        if method == "HEAD" or self.status in (101, 204, 304) or \
+                method == "CONNECT" and 200 <= self.status < 300:
+            # No body, whatever the head says (RFC 9110 9.3.6: a tunnel's 2xx ignores
+            # Content-Length and Transfer-Encoding). After a 101 the connection speaks
+            # another protocol: nothing more of it is HTTP.
             self.length = 0
-        elif coding:
+            self.will_close = self.will_close or self.status == 101
+        elif codings:
+            coding = ",".join(codings).strip(" \t").lower()
             if coding != "chunked":
                 raise _HTTPError(f"a Transfer-Encoding ocicache does not decode: "
-                                 f"{_shorten(coding, 60)!r}")
+                                 f"{_shorten(_one_line(', '.join(codings)), 60)!r}")
             self.chunked = True
+            # Framed by both (or HTTP/1.0, which has no chunked): whoever framed it by
+            # its Content-Length (a proxy on the way) reads the connection's next answer
+            # elsewhere than here, so it carries none (RFC 9112 6.1, 6.3).
+            self.will_close = self.will_close or bool(lengths) or version == "HTTP/1.0"
         elif lengths:
             # Repeated (as fields or in a list) only if every one says the same.
-            values = {part.strip() for length in lengths for part in length.split(",")}
+            values = {part.strip(" \t") for length in lengths for part in length.split(",")}
             value = values.pop()
             if values or not (value.isascii() and value.isdigit()):
                 raise _HTTPError("not a valid Content-Length: "
@@ -3964,6 +3990,7 @@ class _HTTPResponse:
         if self.length is not None:
             data = reader.read1(min(n, self.length))  # type: ignore[attr-defined]
             if not data:  # ended early: ``length`` says by how much
+                self.will_close = True  # and the connection with it
                 self._done()
                 return b""
             self.length -= len(data)
@@ -4025,6 +4052,8 @@ class _HTTPConnection:
         self._context = context
         self._tunnel = tunnel       # the host the tunnel leads to, and CONNECT's headers
         self._reader: Optional[IO[bytes]] = None
+        self._timed: Optional[_TimedReader] = None
+        self._response: Optional[_HTTPResponse] = None  # the last answer read
         self._method = ""
 
     def _connect(self) -> None:
@@ -4045,19 +4074,60 @@ class _HTTPConnection:
                 lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}",
                          *(f"{k}: {v}" for k, v in headers.items()), "", ""]
                 sock.sendall("\r\n".join(lines).encode("latin-1"))
-                reader = io.BufferedReader(_TimedReader(sock, self._clock))
+                timed = _TimedReader(sock, self._clock)
+                reader = io.BufferedReader(timed)
                 answer = _HTTPResponse(reader, "CONNECT")
                 if answer.status != 200:
                     raise OSError(f"the proxy {self.host} refused the tunnel to {target}: "
                                   f"{answer.status} {_shorten(_one_line(answer.reason), 60)}"
                                   .rstrip())
+                timed.polling = True  # what the buffer holds past the head, and no more
+                if reader.peek(1):
+                    # The tunnel's first bytes are the server's answer to a TLS hello not
+                    # sent yet: these are the proxy's, and would be lost unseen.
+                    raise OSError(f"the proxy {self.host} sent bytes after its answer to "
+                                  "CONNECT")
             if self._context is not None:
                 sock = self._context.wrap_socket(sock, server_hostname=server)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
-        self._reader = io.BufferedReader(_TimedReader(sock, self._clock))
+        self._timed = _TimedReader(sock, self._clock)
+        self._reader = io.BufferedReader(self._timed)
+
+    def quiet(self) -> bool:
+        """Whether the connection is open with nothing to read: what a server sent
+        before it was asked (a body after the head of a HEAD's or a 204's answer, bytes
+        past a Content-Length) would be read as the answer to the next request."""
+        import select
+        sock, reader, timed = self.sock, self._reader, self._timed
+        if sock is None or reader is None or timed is None:
+            return False
+        timed.polling = True
+        try:
+            if reader.peek(1):  # type: ignore[attr-defined]
+                return False
+        finally:
+            timed.polling = False
+        if getattr(sock, "pending", lambda: 0)():
+            return False
+        if not select.select([sock], [], [], 0)[0]:
+            return True
+        if self._context is None:
+            return False  # bytes, or the end of the connection
+        # A TLS record that holds no data (a session ticket) makes the socket readable too.
+        import ssl
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # bytes, or b"" at the end: no next answer either way
+            return False
+        except ssl.SSLWantReadError:
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(self._timeout)
 
     def request(self, method: str, target: str, body: Any = None,
                 headers: Optional[Mapping[str, str]] = None) -> None:
@@ -4066,6 +4136,12 @@ class _HTTPConnection:
         the request is for: the tunnel's, or in an absolute target, its own."""
         if re.fullmatch(r"[\x21-\x7e]+", target) is None:
             raise _InvalidURL(f"not a request target: {_shorten(_one_line(target))!r}")
+        if self._response is not None and not self._response.isclosed():
+            # The rest of the last answer would be read as this one's (http.client
+            # refused with CannotSendRequest): it ends here, and so does the connection.
+            self._response.close()
+            self.close()
+        self._response = None
         if self.sock is None:
             self._connect()
         headers = dict(headers or {})
@@ -4092,11 +4168,18 @@ class _HTTPConnection:
         if isinstance(body, (bytes, bytearray)):
             self.sock.sendall(body)
         elif body is not None:
-            while True:
-                piece = body.read(self.blocksize)
+            # Exactly the Content-Length: bytes past it (a file grown since its size was
+            # taken) would be the server's next request, and its answer this
+            # connection's next; bytes short of it leave the server waiting for them.
+            left = int(next(v for k, v in headers.items() if k.lower() == "content-length"))
+            while left:
+                piece = body.read(min(self.blocksize, left))
                 if not piece:
-                    break
+                    self.close()
+                    raise _HTTPError(f"the request body ended {left} bytes short of its "
+                                     "Content-Length")
                 self.sock.sendall(piece)
+                left -= len(piece)
 
     def _host_header(self, target: str) -> str:
         if self._tunnel is not None:
@@ -4112,11 +4195,12 @@ class _HTTPConnection:
     def getresponse(self) -> _HTTPResponse:
         if self._reader is None:
             raise _RemoteDisconnected("the connection is closed")
-        return _HTTPResponse(self._reader, self._method)
+        self._response = _HTTPResponse(self._reader, self._method)
+        return self._response
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
-        reader, self._reader = self._reader, None
+        reader, self._reader, self._timed = self._reader, None, None
         if reader is not None:
             reader.close()
         if sock is not None:
@@ -4298,9 +4382,12 @@ class _Transport:
             return pool[(scheme, host)]  # type: ignore[no-any-return]
         with self._guard:
             idle = self._idle.get((scheme, host)) if reuse_idle else None
-            if idle:
-                pool[(scheme, host)] = idle[-1]
-                return idle.pop()
+            while idle:
+                entry = idle.pop()
+                if entry[0].quiet():
+                    pool[(scheme, host)] = entry
+                    return entry
+                entry[0].close()  # bytes nobody asked for, or closed by the server
         proxy, proxy_headers = self._proxy_for(scheme, host)
         with self._guard:
             named_by = "" if proxy else self._named_by.get(host, "")

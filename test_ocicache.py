@@ -9728,13 +9728,14 @@ class DualServer(HostileServer):
     network path answers to a request sent in clear text. ``plain`` answers those."""
 
     def __init__(self, handler: Callable[[Request], Answer],
-                 plain: Callable[[Request], Answer], cert: str, key: str) -> None:
+                 plain: Callable[[Request], Answer], cert: str, key: str,
+                 address: str = LOOPBACK) -> None:
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._context.load_cert_chain(cert, key)
         self._plain_handler, self._tls_handler = plain, handler
         self._side = threading.local()
         super().__init__(lambda request: (self._tls_handler if self._side.tls else
-                                          self._plain_handler)(request))
+                                          self._plain_handler)(request), address)
 
     def _serve(self, connection: socket.socket) -> None:
         try:
@@ -10260,6 +10261,371 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
                 self.assertNotIn("pw@", str(caught.exception))
                 self.assertEqual(line_problem(str(caught.exception)), "")
                 self.assertEqual(len(server.requests), 1)
+
+
+class TunnelProxy:
+    """An HTTPS proxy on 127.0.0.1 that answers each CONNECT with ``answer`` (raw bytes,
+    or a stream) and then, unless told ``relay=False``, relays the tunnel to the host:port
+    the CONNECT named."""
+
+    def __init__(self, answer: Union[bytes, BodyStream], relay: bool = True) -> None:
+        self.answer, self.relay = answer, relay
+        self.requests: List[bytes] = []
+        self._stop = threading.Event()
+        self._sockets: List[socket.socket] = []
+        self._listener = socket.socket()
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="tunnel-proxy").start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(4096)
+                if not data:
+                    return
+                head += data
+            self.requests.append(head)
+            for piece in ([self.answer] if isinstance(self.answer, bytes) else
+                          self.answer(self._stop)):
+                client.sendall(piece)
+            if not self.relay:
+                client.close()
+                return
+            host, _, port = head.split(b" ", 2)[1].decode().rpartition(":")
+            upstream = socket.create_connection((host, int(port)), 10)
+            self._sockets.append(upstream)
+
+            def pump(source: socket.socket, sink: socket.socket) -> None:
+                with contextlib.suppress(OSError):
+                    for data in iter(lambda: source.recv(65536), b""):
+                        sink.sendall(data)
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
+
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+            pump(client, upstream)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def read_answer(data: bytes, method: str = "GET") -> Tuple[str, Any, bytes, bool]:
+    """How ocicache's HTTP/1.1 client reads ``data`` as the answer to ``method``:
+    ("ok", status, body, will_close), or ("refused", message, b"", True)."""
+    try:
+        response = oc._HTTPResponse(io.BufferedReader(io.BytesIO(data)), method)
+        return "ok", response.status, response.read(), response.will_close
+    except oc._HTTPError as e:
+        return "refused", str(e), b"", True
+
+
+def http_client_reads(data: bytes, method: str = "GET") -> Tuple[str, Any, bytes, bool]:
+    """How http.client reads it (the client ocicache used before ff55a4c)."""
+    class Socket:
+        def makefile(self, *_: Any, **__: Any) -> IO[bytes]:
+            return io.BufferedReader(io.BytesIO(data))
+    response = http.client.HTTPResponse(Socket(), method=method)  # type: ignore[arg-type]
+    try:
+        response.begin()
+        return "ok", response.status, response.read(), bool(response.will_close)
+    except (http.client.HTTPException, ValueError, OverflowError) as e:
+        return "refused", str(e), b"", True
+
+
+def http_head(status: str, *fields: str) -> bytes:
+    return "".join(f"{line}\r\n" for line in [status, *fields, ""]).encode("latin-1")
+
+
+class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
+    """The own HTTP/1.1 client (ff55a4c) where a hostile registry, proxy or anyone on a
+    plain-HTTP path frames answers to be read two ways: what it reads is compared with
+    what http.client read from the same bytes, and where they differ, it refuses or
+    ends the connection; answers are never taken from bytes nobody asked for."""
+
+    def provider(self, **options: Any) -> oc.Provider:
+        return super().provider(**{"timeout": 2.0, "attempts": 2, **options})
+
+    def test_heads_read_as_http_client_read_them_or_refused(self) -> None:
+        chunked = b"5\r\nhello\r\n0\r\n\r\n"
+        body = b"hello"
+        ok = http_head("HTTP/1.1 200 OK", "Content-Length: 5") + body
+        same = {  # read as http.client reads them (will_close aside)
+            "a Content-Length": ok,
+            "one repeated": http_head("HTTP/1.1 200 OK", "Content-Length: 5",
+                                      "Content-Length: 5") + body,
+            "leading zeros": http_head("HTTP/1.1 200 OK", "Content-Length: 005") + body,
+            "chunked with extensions and trailers": http_head(
+                "HTTP/1.1 200 OK", "Transfer-Encoding: Chunked") +
+            b"2;a=b\r\nhe\r\n3 ;c\r\nllo\r\n0\r\nX-Trailer: 1\r\n\r\n",
+            "100 Continue first": http_head("HTTP/1.1 100 Continue") + ok,
+            "an obs-fold": http_head("HTTP/1.1 200 OK", "X-A: a", " b", "Content-Length: 5")
+            + body,
+            "bare LF": b"HTTP/1.1 200 OK\nContent-Length: 5\n\n" + body,
+            "no reason": http_head("HTTP/1.1 200", "Content-Length: 5") + body,
+            "a header line of 65536 bytes": http_head(
+                "HTTP/1.1 200 OK", "X: " + "a" * 65531, "Content-Length: 5") + body,
+            "HTTP/1.0 to the end": http_head("HTTP/1.0 200 OK") + body,
+            "a 204 says nothing": http_head("HTTP/1.1 204 No Content", "Content-Length: 5"),
+        }
+        for label, data in same.items():
+            with self.subTest(label):
+                ours, theirs = read_answer(data), http_client_reads(data)
+                self.assertEqual(ours[:3], theirs[:3])
+        self.assertEqual(read_answer(ok, "HEAD")[:3], ("ok", 200, b""))
+        # Where http.client guessed (a length it parsed with int(), a coding it did not
+        # decode read to the end, a field cut at a bare CR by its email parser), it refuses.
+        refused = {
+            "+5": http_head("HTTP/1.1 200 OK", "Content-Length: +5") + body,
+            "two lengths": http_head("HTTP/1.1 200 OK", "Content-Length: 5",
+                                     "Content-Length: 3") + body,
+            "1_0": http_head("HTTP/1.1 200 OK", "Content-Length: 1_0") + body,
+            "gzip read as it came": http_head("HTTP/1.1 200 OK", "Transfer-Encoding: gzip")
+            + chunked,
+            "chunked, then gzip in a field of its own": http_head(
+                "HTTP/1.1 200 OK", "Transfer-Encoding: chunked", "Transfer-Encoding: gzip")
+            + chunked,
+            "an empty Transfer-Encoding": http_head(
+                "HTTP/1.1 200 OK", "Transfer-Encoding:", "Content-Length: 5") + body,
+            "a chunk size 0x5": http_head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked")
+            + b"0x5\r\nhello\r\n0\r\n\r\n",
+            "a chunk without its CRLF": http_head("HTTP/1.1 200 OK",
+                                                  "Transfer-Encoding: chunked")
+            + b"5\r\nhelloXX0\r\n\r\n",
+            "a bare CR in a field": http_head("HTTP/1.1 200 OK", "X: a\rContent-Length: 1",
+                                              "Content-Length: 5") + body,
+            "a NUL in a length": http_head("HTTP/1.1 200 OK", "Content-Length: 5\x006")
+            + body,
+            "a space before the colon": http_head("HTTP/1.1 200 OK", "Content-Length : 9",
+                                                  "Content-Length: 5") + body,
+            "the connection ends in a field": b"HTTP/1.1 200 OK\r\nContent-Length: 5",
+            "a header line of 65537 bytes": http_head(
+                "HTTP/1.1 200 OK", "X: " + "a" * 65532, "Content-Length: 5") + body,
+            "HTTP/2 in HTTP/1.1": http_head("HTTP/2 200", "Content-Length: 5") + body,
+        }
+        for label, data in refused.items():
+            with self.subTest(label):
+                kind, message, _, _ = read_answer(data)
+                self.assertEqual(kind, "refused", label)
+                self.assertEqual(line_problem(message), "")
+        self.assertIn("bare CR", read_answer(refused["a bare CR in a field"])[1])
+        self.assertEqual(http_client_reads(refused["a bare CR in a field"])[2], b"h")
+        # Framed two ways, or in a way that leaves what follows no HTTP: read by the
+        # Transfer-Encoding, and the connection carries nothing more.
+        for label, data in {
+                "chunked and a Content-Length": http_head(
+                    "HTTP/1.1 200 OK", "Transfer-Encoding: chunked", "Content-Length: 3")
+                + chunked,
+                "chunked in HTTP/1.0": http_head("HTTP/1.0 200 OK", "Connection: keep-alive",
+                                                 "Transfer-Encoding: chunked") + chunked,
+                "101 Switching Protocols": http_head("HTTP/1.1 101 Switching Protocols",
+                                                     "Upgrade: h2c") + ok,
+                "a body cut short": http_head("HTTP/1.1 200 OK", "Content-Length: 9") + body,
+        }.items():
+            with self.subTest(label):
+                self.assertEqual(read_answer(data)[0::3], ("ok", True))
+        # A tunnel's 2xx has no body, whatever its head says (RFC 9110 9.3.6).
+        self.assertEqual(read_answer(http_head("HTTP/1.1 200 Connection established",
+                                               "Transfer-Encoding: gzip"), "CONNECT"),
+                         ("ok", 200, b"", False))
+
+    def forged_answer(self, image: ImageBlobs) -> bytes:
+        return http_head("HTTP/1.1 200 OK", f"Content-Type: {image.manifest.media_type}",
+                         f"Docker-Content-Digest: {image.manifest.digest}",
+                         f"Content-Length: {len(image.manifest.data)}") + image.manifest.data
+
+    def pulled(self) -> List[str]:
+        with open(os.path.join(self.cache_dir, "index.json")) as f:
+            return [m["digest"] for m in json.load(f)["manifests"]]
+
+    def test_bytes_nobody_asked_for_are_no_answer(self) -> None:
+        # A whole answer after the body of another (past its Content-Length, or after
+        # a 204's head): on the kept-alive connection it was read as the answer to the
+        # next request sent there (http.client too, when its buffer had not taken it).
+        forged = http_head("HTTP/1.1 200 OK", "Content-Length: 6") + b"forged"
+        answers = {"/past": Answer(200, [], b"{}" + forged, length=2),  # sent with the body
+                   "/empty": Answer(raw=http_head("HTTP/1.1 204 No Content") + forged)}
+        server = HostileServer(lambda r: answers.get(r.target, Answer(200, [], b"honest")))
+        self.addCleanup(server.stop)
+        transport = oc._Transport(oc.TransportOptions(timeout=2.0, attempts=1))
+        self.addCleanup(transport.close)
+        for target in answers:
+            with self.subTest(target):
+                first = transport.request("GET", f"http://{server.host}{target}")
+                first.body()
+                first.close()
+                answer = transport.request("GET", f"http://{server.host}/next")
+                self.assertEqual(answer.body(), b"honest")
+                answer.close()
+        self.assertEqual([r.target for r in server.requests], ["/past", "/next", "/empty",
+                                                               "/next"])
+        # A pull: a tag's HEAD took the forged answer (its digest another image's), its
+        # GETs the answers after it; each request gets its own answer here.
+        image, evil = make_image("framing-good"), make_image("framing-evil")
+        forged = http_head("HTTP/1.1 200 OK", f"Content-Type: {evil.manifest.media_type}",
+                           f"Docker-Content-Digest: {evil.manifest.digest}",
+                           f"Content-Length: {len(evil.manifest.data)}") + evil.manifest.data
+        data = image.manifest.data
+        registry = fake_registry(image, extra=[evil.config, *evil.layers], override=lambda r: (
+            Answer(200, [("Content-Type", image.manifest.media_type)], data + forged, len(data))
+            if r.target.endswith("/manifests/1") else None))
+        registry.manifests["2"] = registry.manifests["1"]
+        server = HostileServer(registry)
+        self.addCleanup(server.stop)
+        provider = self.provider(jobs=1)
+        for tag in "212":
+            provider.image_pull(f"{server.host}/test/f:{tag}", "", "amd64", always_pull=True)
+        self.assertEqual([(r.method, r.target.rsplit("/", 1)[1]) for r in server.requests
+                          if "/manifests/" in r.target], [("GET", "2"), ("GET", "1"),
+                                                          ("HEAD", "2")])
+        self.assertEqual(set(self.pulled()), {image.manifest.digest})
+
+    def test_a_connection_with_an_answer_left_unread_carries_no_request(self) -> None:
+        # http.client refused to send on it (CannotSendRequest: a fresh connection
+        # followed); the rest of the first body was read as the second answer's head.
+        server = HostileServer(lambda r: Answer(200, [], r.target.encode() * 1000))
+        self.addCleanup(server.stop)
+        transport = oc._Transport(oc.TransportOptions(timeout=2.0, attempts=1))
+        self.addCleanup(transport.close)
+        first = transport.request("GET", f"http://{server.host}/first")
+        self.assertEqual(first.read(6), b"/first")
+        second = transport.request("GET", f"http://{server.host}/second")
+        self.assertEqual(second.body(), b"/second" * 1000)
+        second.close()
+        self.assertEqual(first.read(), b"")  # ended with its connection, no traceback
+
+    def test_a_streamed_body_is_sent_to_its_content_length_exactly(self) -> None:
+        # A file longer than the Content-Length sent with it: the bytes past it were
+        # the server's next request (here a DELETE), its answer the connection's next.
+        server = HostileServer(lambda r: Answer(201, [], b""))
+        self.addCleanup(server.stop)
+        transport = oc._Transport(oc.TransportOptions(timeout=2.0, attempts=1))
+        self.addCleanup(transport.close)
+        smuggled = b"DELETE /v2/x/manifests/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        transport.request("PUT", f"http://{server.host}/v2/x/blobs/1", {"Content-Length": "4"},
+                          lambda: io.BytesIO(b"blob" + smuggled)).close()
+        self.assertEqual(transport.request("GET", f"http://{server.host}/v2/").status, 201)
+        self.assertEqual([(r.method, r.body) for r in server.requests],
+                         [("PUT", b"blob"), ("GET", b"")])
+        # Shorter: one line at once, not the server's wait for bytes that never come.
+        started = time.monotonic()
+        with self.assertRaisesRegex(oc.OciCacheError, "ended 2 bytes short") as caught:
+            transport.request("PUT", f"http://{server.host}/v2/x/blobs/2",
+                              {"Content-Length": "6"}, lambda: io.BytesIO(b"blob"))
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertEqual(line_problem(str(caught.exception)), "")
+
+    def tunnel_pull(self, answer: Union[bytes, BodyStream], relay: bool = True
+                    ) -> Tuple[Optional[BaseException], float, TunnelProxy]:
+        """A pull of an https registry at 127.0.0.2 (elsewhere, here) through a proxy
+        answering CONNECT with ``answer``."""
+        ca, cert, key = make_tls_certs(self.path("tls"), "127.0.0.2")
+        image = make_image("tunnel")
+        registry = DualServer(fake_registry(image), lambda r: Answer(400, [], b""), cert, key,
+                              "127.0.0.2")
+        self.addCleanup(registry.stop)
+        proxy = TunnelProxy(answer, relay)
+        self.addCleanup(proxy.stop)
+
+        def loopback(host: str) -> bool:  # 127.0.0.2 is elsewhere, reached by the proxy
+            return host.split(":")[0] in ("127.0.0.1", "localhost")
+
+        started = time.monotonic()
+        error: Optional[BaseException] = None
+        with mock.patch.object(oc, "_is_loopback", loopback), \
+                mock.patch.dict(os.environ, {"HTTPS_PROXY": proxy.url}):
+            try:
+                self.provider(ca_files=(ca,), timeout=1.0).image_pull(
+                    f"127.0.0.2:{registry.port}/test/t:1", "", "amd64")
+            except oc.OciCacheError as e:
+                error = e
+        return error, time.monotonic() - started, proxy
+
+    def test_a_proxy_tunnel_answered_oddly(self) -> None:
+        established = b"HTTP/1.1 200 Connection established\r\n"
+        error, _, proxy = self.tunnel_pull(established + b"\r\n")
+        self.assertIsNone(error)
+        self.assertTrue(proxy.requests[0].startswith(b"CONNECT 127.0.0.2:"))
+        # A Transfer-Encoding on a tunnel's 200 says nothing: no body, the tunnel follows.
+        error, _, _ = self.tunnel_pull(established + b"Transfer-Encoding: gzip\r\n\r\n")
+        self.assertIsNone(error)
+        for label, answer, relay, said in [
+                ("bytes in the tunnel before TLS", established +
+                 b"Content-Length: 5\r\n\r\nhello", True, "after its answer to CONNECT"),
+                ("407", b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                 b"Proxy-Authenticate: Basic realm=x\r\nContent-Length: 0\r\n\r\n", False, "407"),
+                ("closed in the middle of the head", b"HTTP/1.1 200 Conn", False,
+                 "closed in the middle"),
+                ("endless 100 Continue", endless(b"HTTP/1.1 100 Continue\r\n\r\n"), False,
+                 "timed out"),
+                ("junk", b"SSH-2.0-OpenSSH_9.6\r\n\r\n", False, "not an HTTP/1.1 status line")]:
+            with self.subTest(label):
+                error, seconds, _ = self.tunnel_pull(answer, relay)
+                self.assertIsInstance(error, oc.OciCacheError)
+                self.assertIn(said, str(error))
+                self.assertEqual(line_problem(str(error)), "")
+                self.assertLess(seconds, 8)
+
+    def test_hostile_framing_on_the_pull_path(self) -> None:
+        # What a pull does with a layer's answer framed to be read two ways: the layer
+        # (its first bytes are), or one line soon with nothing named; never a blob
+        # whose bytes are not its digest's.
+        image = make_image("framing")
+        layer = image.layers[0]
+        wrong = bytes(len(layer.data))
+        chunk = lambda data: b"%x\r\n%s\r\n" % (len(data), data)  # noqa: E731
+        answers = {  # the body, and whether the pull completes
+            "a bogus chunk size": (b"zz\r\n" + layer.data + b"\r\n0\r\n\r\n", False),
+            "a huge chunk size": (b"ffffffffffffffff\r\n" + layer.data, True),
+            "a chunk of other bytes past the digest's": (
+                chunk(layer.data) + chunk(wrong) + b"0\r\n\r\n", True),
+            "chunks framed short of the Content-Length": (
+                chunk(wrong) + b"0\r\n\r\n" + layer.data, False),
+            "a chunk size line of 65537 bytes": (
+                b"%x;" % len(layer.data) + b"x" * 65537 + b"\r\n" + layer.data, False),
+            "endless trailers": (chunk(layer.data) + b"0\r\n" + b"X: y\r\n" * 200, True),
+        }
+        for label, (body, expected) in answers.items():
+            with self.subTest(label):
+                length = ("Content-Length", str(len(body) + 10))
+                raw = http_head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked",
+                                f"{length[0]}: {length[1]}") + body
+                server = HostileServer(fake_registry(image, override=on(
+                    "GET", f"/blobs/{layer.digest}", Answer(raw=raw))))
+                self.addCleanup(server.stop)
+                started = time.monotonic()
+                try:
+                    self.provider(timeout=1.0, backoff=0.01).image_pull(
+                        f"{server.host}/test/h:1", "", "amd64")
+                except oc.OciCacheError as e:
+                    self.assertFalse(expected, str(e))
+                    self.assertEqual(line_problem(str(e)), "")
+                    self.assertEqual(self.index_names(), [])
+                else:
+                    self.assertTrue(expected)
+                self.assertLess(time.monotonic() - started, 5)
+                self.assertTrue(self.cache.verify().ok)
+                shutil.rmtree(self.cache_dir)
 
 
 class TestPublishedOnly(RegistryTestCase):
