@@ -4184,8 +4184,13 @@ class _HTTPConnection:
     def _host_header(self, target: str) -> str:
         if self._tunnel is not None:
             host, default = self._tunnel[0], 443
-        elif "://" in target:  # through a plain-HTTP proxy: the target names the host
-            host, default = target.split("://", 1)[1].split("/", 1)[0], 80
+        elif "://" in target:
+            # Through a plain-HTTP proxy: the target's authority, as it is (RFC 9112
+            # 3.2), ":80" too: a registry builds its upload Locations from it, and one
+            # without the port the registry was named with is another host's.
+            host = target.split("://", 1)[1].split("/", 1)[0]
+            _host_and_port(host, 80)
+            return host
         else:
             host, default = self.host, 443 if self._context is not None else 80
         name, port = _host_and_port(host, default)

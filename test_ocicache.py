@@ -10535,6 +10535,33 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
         self.assertLess(time.monotonic() - started, 1.5)
         self.assertEqual(line_problem(str(caught.exception)), "")
 
+    def test_request_heads_name_their_host_as_the_url_does(self) -> None:
+        # Through a plain-HTTP proxy the Host header is the target's authority as it is:
+        # "registry.example:80" lost its port, and a registry's upload Location built
+        # from it was another host's, which no credential goes to.
+        def sent(host: str, target: str, family: int = socket.AF_INET) -> List[bytes]:
+            listener = socket.socket(family)
+            self.addCleanup(listener.close)
+            listener.bind(("::1" if family == socket.AF_INET6 else LOOPBACK, 0))
+            listener.listen(1)
+            port = listener.getsockname()[1]
+            connection = oc._HTTPConnection(host.replace("PORT", str(port)), 2.0,
+                                            oc._Clock(2.0))
+            self.addCleanup(connection.close)
+            connection.request("GET", target, headers={"User-Agent": "t"})
+            server, _ = listener.accept()
+            self.addCleanup(server.close)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += server.recv(4096)
+            return head.split(b"\r\n")[:-2]
+
+        self.assertEqual(sent("127.0.0.1:PORT", "http://registry.example:80/v2/"),
+                         [b"GET http://registry.example:80/v2/ HTTP/1.1", b"User-Agent: t",
+                          b"Host: registry.example:80", b"Accept-Encoding: identity"])
+        self.assertIn(b"Host: [::1]:5000", sent("127.0.0.1:PORT", "http://[::1]:5000/v2/"))
+        self.assertEqual(sent("[::1]:PORT", "/v2/", socket.AF_INET6)[2][:11], b"Host: [::1]")
+
     def tunnel_pull(self, answer: Union[bytes, BodyStream], relay: bool = True
                     ) -> Tuple[Optional[BaseException], float, TunnelProxy]:
         """A pull of an https registry at 127.0.0.2 (elsewhere, here) through a proxy
