@@ -3809,7 +3809,40 @@ _MAX_HEAD_FIELDS = 100     # header (or trailer) lines of one answer
 
 
 class _HTTPError(Exception):
-    """An answer that is not HTTP/1.1 as ocicache reads it, or that ended early."""
+    """An answer that is not HTTP/1.1 as ocicache reads it, or that ended early. What
+    the server said is quoted (``said``), on one line and shortened, and kept apart
+    until the credentials the request carried are taken out of it (``hiding``): a
+    server may say back what it was sent, in a field, a length, a chunk size."""
+
+    said = ""  # a subclass that is an OSError too (_RemoteDisconnected) quotes nothing
+
+    def __init__(self, message: str, said: str = "") -> None:
+        super().__init__(f"{message}: {_shorten(_one_line(said), 60)!r}" if said else message)
+        self.message, self.said = message, said
+
+    def hiding(self, authorizations: Sequence[str]) -> "_HTTPError":
+        """This error without the credentials of these Authorization values."""
+        if not self.said or not authorizations:
+            return self
+        return _HTTPError(self.message, _without_credentials(self.said, authorizations))
+
+
+def _without_credentials(text: str, authorizations: Sequence[str]) -> str:
+    """``text`` without the credentials of these Authorization (or Proxy-Authorization)
+    values, in the forms a server may say them back in: the value's secret, and a Basic
+    one's user:password and password, in any case."""
+    import base64
+    forms = []
+    for value in authorizations:
+        scheme, _, secret = value.partition(" ")
+        forms.append(secret)
+        if scheme.lower() == "basic":
+            with contextlib.suppress(ValueError):
+                said = base64.b64decode(secret).decode("latin-1")
+                forms += [said, said.partition(":")[2]]
+    for form in sorted({f for f in forms if len(f) >= 4}, key=len, reverse=True):
+        text = re.sub(re.escape(form), "<secret>", text, flags=re.IGNORECASE)
+    return text
 
 
 class _RemoteDisconnected(ConnectionResetError, _HTTPError):
@@ -3878,8 +3911,7 @@ def _read_head_line(reader: IO[bytes], what: str) -> bytes:
     if line and not line.endswith(b"\n"):
         raise _HTTPError(f"the connection closed in the middle of a {what} line")
     if b"\r" in line[:-2]:
-        shown = _shorten(_one_line(line.decode("iso-8859-1")), 60)
-        raise _HTTPError(f"a {what} line holding a bare CR: {shown!r}")
+        raise _HTTPError(f"a {what} line holding a bare CR", line.decode("iso-8859-1"))
     return line
 
 
@@ -3902,7 +3934,7 @@ def _read_fields(reader: IO[bytes], what: str) -> List[Tuple[str, str]]:
             continue
         name, colon, value = text.partition(":")
         if not colon or re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) is None:
-            raise _HTTPError(f"not a {what} line: {_shorten(text, 60)!r}")
+            raise _HTTPError(f"not a {what} line", text)
         fields.append((name, value.strip(" \t")))
     raise _HTTPError(f"more than {_MAX_HEAD_FIELDS} {what} lines")
 
@@ -3915,6 +3947,7 @@ class _HTTPResponse:
 
     def __init__(self, reader: IO[bytes], method: str) -> None:
         self._reader: Optional[IO[bytes]] = reader
+        self.authorizations: Sequence[str] = ()  # what the request carried, never quoted
         while True:
             line = _read_head_line(reader, "status")
             if not line:
@@ -3923,8 +3956,7 @@ class _HTTPResponse:
                 *line.decode("iso-8859-1").strip().split(None, 2), "", "", ""][:3]
             if version not in ("HTTP/1.1", "HTTP/1.0") or len(status) != 3 or \
                     not (status.isascii() and status.isdigit()) or status[0] == "0":
-                raise _HTTPError(f"not an HTTP/1.1 status line: "
-                                 f"{_shorten(_one_line(line.decode('iso-8859-1')), 60)!r}")
+                raise _HTTPError("not an HTTP/1.1 status line", line.decode("iso-8859-1"))
             self.status = int(status)
             self.headers = _Headers(_read_fields(reader, "header"))
             if not 100 <= self.status < 200 or self.status == 101:
@@ -3950,8 +3982,8 @@ class _HTTPResponse:
         elif codings:
             coding = ",".join(codings).strip(" \t").lower()
             if coding != "chunked":
-                raise _HTTPError(f"a Transfer-Encoding ocicache does not decode: "
-                                 f"{_shorten(_one_line(', '.join(codings)), 60)!r}")
+                raise _HTTPError("a Transfer-Encoding ocicache does not decode",
+                                 ", ".join(codings))
             self.chunked = True
             # Framed by both (or HTTP/1.0, which has no chunked): whoever framed it by
             # its Content-Length (a proxy on the way) reads the connection's next answer
@@ -3962,8 +3994,7 @@ class _HTTPResponse:
             values = {part.strip(" \t") for length in lengths for part in length.split(",")}
             value = values.pop()
             if values or not (value.isascii() and value.isdigit()):
-                raise _HTTPError("not a valid Content-Length: "
-                                 f"{_shorten(_one_line(', '.join(lengths)), 60)!r}")
+                raise _HTTPError("not a valid Content-Length", ", ".join(lengths))
             self.length = int(value)
         else:
             self.will_close = True  # the body ends with the connection
@@ -3986,7 +4017,10 @@ class _HTTPResponse:
         if reader is None or n == 0:
             return b""
         if self.chunked:
-            return self._read1_chunked(reader, n)
+            try:
+                return self._read1_chunked(reader, n)
+            except _HTTPError as e:
+                raise e.hiding(self.authorizations) from None
         if self.length is not None:
             data = reader.read1(min(n, self.length))  # type: ignore[attr-defined]
             if not data:  # ended early: ``length`` says by how much
@@ -4011,8 +4045,7 @@ class _HTTPResponse:
                 raise _HTTPError("the connection closed in the middle of a chunked body")
             size = line.split(b";", 1)[0].strip()
             if len(size) > 16 or re.fullmatch(rb"[0-9A-Fa-f]+", size) is None:
-                shown = _shorten(_one_line(line.decode("iso-8859-1")), 60)
-                raise _HTTPError(f"not a chunk size line: {shown!r}")
+                raise _HTTPError("not a chunk size line", line.decode("iso-8859-1"))
             self._chunk_left = int(size, 16)
             if not self._chunk_left:
                 _read_fields(reader, "trailer")
@@ -4055,6 +4088,7 @@ class _HTTPConnection:
         self._timed: Optional[_TimedReader] = None
         self._response: Optional[_HTTPResponse] = None  # the last answer read
         self._method = ""
+        self._authorizations: Tuple[str, ...] = ()  # the request's, kept out of errors
 
     def _connect(self) -> None:
         import socket
@@ -4076,10 +4110,15 @@ class _HTTPConnection:
                 sock.sendall("\r\n".join(lines).encode("latin-1"))
                 timed = _TimedReader(sock, self._clock)
                 reader = io.BufferedReader(timed)
-                answer = _HTTPResponse(reader, "CONNECT")
+                secrets = [v for k, v in headers.items() if k.lower() == "proxy-authorization"]
+                try:
+                    answer = _HTTPResponse(reader, "CONNECT")
+                except _HTTPError as e:
+                    raise e.hiding(secrets) from None
                 if answer.status != 200:
+                    reason = _without_credentials(answer.reason, secrets)
                     raise OSError(f"the proxy {self.host} refused the tunnel to {target}: "
-                                  f"{answer.status} {_shorten(_one_line(answer.reason), 60)}"
+                                  f"{answer.status} {_shorten(_one_line(reason), 60)}"
                                   .rstrip())
                 timed.polling = True  # what the buffer holds past the head, and no more
                 if reader.peek(1):
@@ -4161,6 +4200,8 @@ class _HTTPConnection:
                         *(f"{k}: {v}\r\n" for k, v in headers.items()), "\r\n"])
         data = head.encode("latin-1")
         self._method = method
+        self._authorizations = tuple(v for k, v in headers.items()
+                                     if k.lower() in ("authorization", "proxy-authorization"))
         if isinstance(body, (bytes, bytearray)) and len(body) <= 64 * 1024:
             self.sock.sendall(data + body)
             return
@@ -4200,7 +4241,11 @@ class _HTTPConnection:
     def getresponse(self) -> _HTTPResponse:
         if self._reader is None:
             raise _RemoteDisconnected("the connection is closed")
-        self._response = _HTTPResponse(self._reader, self._method)
+        try:
+            self._response = _HTTPResponse(self._reader, self._method)
+        except _HTTPError as e:
+            raise e.hiding(self._authorizations) from None
+        self._response.authorizations = self._authorizations
         return self._response
 
     def close(self) -> None:

@@ -10562,6 +10562,48 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
         self.assertIn(b"Host: [::1]:5000", sent("127.0.0.1:PORT", "http://[::1]:5000/v2/"))
         self.assertEqual(sent("[::1]:PORT", "/v2/", socket.AF_INET6)[2][:11], b"Host: [::1]")
 
+    def test_credentials_a_server_says_back_in_a_broken_head_are_never_shown(self) -> None:
+        # Its errors quote what a server said: a field, a length, a chunk size line, a
+        # coding (http.client quoted only a status line), each of which can be the
+        # Authorization the request carried, said back.
+        secret = "h34d-3ch0-pa55-77aa"
+
+        def echoing(shape: str) -> Callable[[Request], Answer]:
+            def answer(request: Request) -> Answer:
+                sent = request.headers.get("authorization", "")
+                if not sent:
+                    return Answer(401, [("WWW-Authenticate", 'Basic realm="r"')], b"")
+                said = f"{sent} {base64.b64decode(sent[6:]).decode()}".encode()
+                return Answer(raw={
+                    "status": b"HTTP/1.1 " + said + b"\r\n\r\n",
+                    "field": b"HTTP/1.1 200 OK\r\nEcho " + said + b"\r\n\r\n",
+                    "length": b"HTTP/1.1 200 OK\r\nContent-Length: " + said + b"\r\n\r\n",
+                    "coding": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + said + b"\r\n\r\n",
+                    "chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                    said.upper() + b"\r\n"}[shape])
+            return answer
+
+        for shape in ["status", "field", "length", "coding", "chunk size"]:
+            with self.subTest(shape):
+                server = HostileServer(echoing(shape))
+                self.addCleanup(server.stop)
+                self.docker_config({"auths": {server.host: {"auth": basic("alice", secret)}}})
+                with self.assertRaises(oc.OciCacheError) as caught:
+                    self.provider(attempts=1).image_pull(f"{server.host}/test/e:1", "", "amd64")
+                self.assertIn("<secret>", str(caught.exception))
+                self.assertEqual(secrets_in(everything_about(caught.exception).lower(),
+                                            [secret, basic("alice", secret).lower()]), [])
+        # A proxy's answer to CONNECT, saying its Proxy-Authorization back.
+        proxy = HostileServer(lambda r: Answer(raw=b"HTTP/1.1 407 " + r.headers[
+            "proxy-authorization"].encode() + b"\r\n\r\n"))
+        self.addCleanup(proxy.stop)
+        url = f"http://proxy-user:{secret}@{proxy.host}"
+        with mock.patch.dict(os.environ, {"HTTPS_PROXY": url}):
+            with self.assertRaisesRegex(oc.OciCacheError, "407 Basic <secret>") as caught:
+                self.provider(attempts=1).image_pull("registry.example/test/p:1", "", "amd64")
+        self.assertEqual(secrets_in(everything_about(caught.exception),
+                                    [secret, basic("proxy-user", secret)]), [])
+
     def tunnel_pull(self, answer: Union[bytes, BodyStream], relay: bool = True
                     ) -> Tuple[Optional[BaseException], float, TunnelProxy]:
         """A pull of an https registry at 127.0.0.2 (elsewhere, here) through a proxy
