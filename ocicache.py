@@ -3948,6 +3948,7 @@ class _HTTPResponse:
     def __init__(self, reader: IO[bytes], method: str) -> None:
         self._reader: Optional[IO[bytes]] = reader
         self.authorizations: Sequence[str] = ()  # what the request carried, never quoted
+        self.clock: Optional[_Clock] = None  # the connection's, for a chunk's framing
         while True:
             line = _read_head_line(reader, "status")
             if not line:
@@ -4038,17 +4039,19 @@ class _HTTPResponse:
 
     def _read1_chunked(self, reader: IO[bytes], n: int) -> bytes:
         if not self._chunk_left:
-            if self._chunk_left == 0 and reader.read(2) != b"\r\n":
-                raise _HTTPError("a chunk of the body did not end with CRLF")
-            line = _read_head_line(reader, "chunk size")
-            if not line:
-                raise _HTTPError("the connection closed in the middle of a chunked body")
-            size = line.split(b";", 1)[0].strip()
-            if len(size) > 16 or re.fullmatch(rb"[0-9A-Fa-f]+", size) is None:
-                raise _HTTPError("not a chunk size line", line.decode("iso-8859-1"))
-            self._chunk_left = int(size, 16)
+            # A chunk's framing within the timeout even while a blob streams without a
+            # deadline: the stall watch sees only a body's bytes, and a size line sent
+            # a byte every 59 s takes six weeks to reach its 64 KiB bound.
+            clock = self.clock
+            paused = clock is not None and clock.deadline == float("inf")
+            if clock is not None and paused:
+                clock.start()
+            try:
+                self._chunk_left = self._next_chunk(reader)
+            finally:
+                if clock is not None and paused:
+                    clock.stop()
             if not self._chunk_left:
-                _read_fields(reader, "trailer")
                 self._done()
                 return b""
         data = reader.read1(min(n, self._chunk_left))  # type: ignore[attr-defined]
@@ -4056,6 +4059,21 @@ class _HTTPResponse:
             raise _HTTPError("the connection closed in the middle of a chunked body")
         self._chunk_left -= len(data)
         return data  # type: ignore[no-any-return]
+
+    def _next_chunk(self, reader: IO[bytes]) -> int:
+        """The size of the next chunk, its line read (and the trailers after the last)."""
+        if self._chunk_left == 0 and reader.read(2) != b"\r\n":
+            raise _HTTPError("a chunk of the body did not end with CRLF")
+        line = _read_head_line(reader, "chunk size")
+        if not line:
+            raise _HTTPError("the connection closed in the middle of a chunked body")
+        size = line.split(b";", 1)[0].strip()
+        if len(size) > 16 or re.fullmatch(rb"[0-9A-Fa-f]+", size) is None:
+            raise _HTTPError("not a chunk size line", line.decode("iso-8859-1"))
+        chunk = int(size, 16)
+        if not chunk:
+            _read_fields(reader, "trailer")
+        return chunk
 
     def read(self, n: int = -1) -> bytes:
         """The body up to ``n`` bytes (all of it when ``n`` is negative)."""
@@ -4246,6 +4264,7 @@ class _HTTPConnection:
         except _HTTPError as e:
             raise e.hiding(self._authorizations) from None
         self._response.authorizations = self._authorizations
+        self._response.clock = self._clock
         return self._response
 
     def close(self) -> None:

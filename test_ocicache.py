@@ -10604,6 +10604,43 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
         self.assertEqual(secrets_in(everything_about(caught.exception),
                                     [secret, basic("proxy-user", secret)]), [])
 
+    def test_a_chunks_framing_trickled_ends_at_the_timeout(self) -> None:
+        # A blob streams with no deadline, judged by the stall watch on its bytes; a
+        # chunk size line (or trailers) sent a byte at a time under the socket timeout
+        # held the pull for up to 64 KiB of them (http.client's too).
+        image = make_image("chunk-trickle")
+        layer = image.layers[0]
+        half = len(layer.data) // 2
+
+        def stream(stop: threading.Event) -> Iterator[bytes]:
+            yield http_head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked") + \
+                b"%x\r\n%s\r\n" % (half, layer.data[:half])
+            while not stop.wait(0.1):
+                yield b"a"
+
+        for label, answer, pulled in [
+                ("a size line", stream, False),
+                ("trailers, after the blob whole", endless_trailers(layer.data), True),
+                ("chunks of a byte", endless(b"1\r\n\0\r\n", http_head(
+                    "HTTP/1.1 200 OK", "Transfer-Encoding: chunked")), False)]:
+            with self.subTest(label):
+                server = HostileServer(fake_registry(image, override=on(
+                    "GET", f"/blobs/{layer.digest}", Answer(raw=answer))))
+                self.addCleanup(server.stop)
+                provider = self.provider(timeout=0.5, attempts=1)
+                error, seconds, hung = run_bounded(lambda: provider.image_pull(
+                    f"{server.host}/test/c:1", "", "amd64"), 4.0, server.stop)
+                self.assertFalse(hung)
+                self.assertLess(seconds, 3.0)
+                if pulled:
+                    self.assertIsNone(error)
+                else:
+                    self.assertIsInstance(error, oc.OciCacheError)
+                    self.assertEqual(line_problem(str(error)), "")
+                    self.assertEqual(self.index_names(), [])
+                self.assertTrue(self.cache.verify().ok)
+                shutil.rmtree(self.cache_dir)
+
     def tunnel_pull(self, answer: Union[bytes, BodyStream], relay: bool = True
                     ) -> Tuple[Optional[BaseException], float, TunnelProxy]:
         """A pull of an https registry at 127.0.0.2 (elsewhere, here) through a proxy
