@@ -10500,6 +10500,34 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
                                                           ("HEAD", "2")])
         self.assertEqual(set(self.pulled()), {image.manifest.digest})
 
+    def test_a_quiet_connection_is_kept_plain_or_tls(self) -> None:
+        # What looks for bytes nobody asked for must not take a TLS record that holds
+        # none (a TLS 1.3 session ticket) for one: every request would pay a handshake.
+        ca, cert, key = make_tls_certs(self.path("tls"))
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                server: HostileServer = DualServer(
+                    lambda r: Answer(200, [], b"x" * 100), lambda r: Answer(400, [], b""),
+                    cert, key) if tls else HostileServer(lambda r: Answer(200, [], b"x" * 100))
+                self.addCleanup(server.stop)
+                transport = oc._Transport(oc.TransportOptions(timeout=2.0, ca_files=(ca,),
+                                                              certs_d_roots=()))
+                self.addCleanup(transport.close)
+                transport._schemes[server.host] = "https" if tls else "http"
+                for number in range(5):
+                    answer = transport.request("GET", f"https://{server.host}/v2/{number}")
+                    self.assertEqual(answer.body(), b"x" * 100)
+                    answer.close()
+                self.assertEqual(len(server._sockets), 1)
+                if tls:  # its socket is the TLS server's now
+                    continue
+                # ... and one the server closed while it was idle is not tried first.
+                for connection in server._sockets:
+                    connection.shutdown(socket.SHUT_RDWR)
+                wait_for(lambda: not transport._idle[("http", server.host)][0][0].quiet(), 5)
+                transport.request("GET", f"https://{server.host}/v2/again").close()
+                self.assertEqual(len(server.requests), 6)
+
     def test_a_connection_with_an_answer_left_unread_carries_no_request(self) -> None:
         # http.client refused to send on it (CannotSendRequest: a fresh connection
         # followed); the rest of the first body was read as the second answer's head.
