@@ -10739,11 +10739,21 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
                 b"%x;" % len(layer.data) + b"x" * 65537 + b"\r\n" + layer.data, False),
             "endless trailers": (chunk(layer.data) + b"0\r\n" + b"X: y\r\n" * 200, True),
         }
-        for label, (body, expected) in answers.items():
+        answers = {label: (http_head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked",
+                                     f"Content-Length: {len(body) + 10}") + body, expected)
+                   for label, (body, expected) in answers.items()}
+        answers.update({  # whole answers
+            "closed in the middle of the head": (b"HTTP/1.1 200 OK\r\nContent-Len", False),
+            "a length in a field after a bare CR": (http_head(
+                "HTTP/1.1 200 OK", f"X: 1\rContent-Length: {len(layer.data)}",
+                f"Content-Length: {len(layer.data) + 5}") + b"12345" + layer.data, False),
+            "101 Switching Protocols": (http_head("HTTP/1.1 101 Switching Protocols")
+                                        + layer.data, False),
+            "endless 103 Early Hints": (http_head("HTTP/1.1 103 Early Hints",
+                                                  "Link: </x>") * 20000, False),
+        })
+        for label, (raw, expected) in answers.items():
             with self.subTest(label):
-                length = ("Content-Length", str(len(body) + 10))
-                raw = http_head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked",
-                                f"{length[0]}: {length[1]}") + body
                 server = HostileServer(fake_registry(image, override=on(
                     "GET", f"/blobs/{layer.digest}", Answer(raw=raw))))
                 self.addCleanup(server.stop)
