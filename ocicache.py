@@ -3962,8 +3962,8 @@ class _HTTPResponse:
             self.headers = _Headers(_read_fields(reader, "header"))
             if not 100 <= self.status < 200 or self.status == 101:
                 break  # a final answer (101 too: no upgrade was asked for, none is made)
-        tokens = {token.strip(" \t") for token in
-                  ",".join(self.headers.get_all("Connection")).lower().split(",")}
+        # Split at white space too: an obs-fold joins "close" to the next line's word.
+        tokens = set(re.split(r"[\s,]+", ",".join(self.headers.get_all("Connection")).lower()))
         self.will_close = "close" in tokens or version == "HTTP/1.0" and \
             "keep-alive" not in tokens
         # Every Transfer-Encoding field, not the first: "chunked" then "gzip" is a gzip

@@ -10441,6 +10441,8 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
                 "101 Switching Protocols": http_head("HTTP/1.1 101 Switching Protocols",
                                                      "Upgrade: h2c") + ok,
                 "a body cut short": http_head("HTTP/1.1 200 OK", "Content-Length: 9") + body,
+                "close, folded": http_head("HTTP/1.1 200 OK", "Connection: close", " x",
+                                           "Content-Length: 5") + body,
         }.items():
             with self.subTest(label):
                 self.assertEqual(read_answer(data)[0::3], ("ok", True))
