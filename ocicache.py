@@ -3955,7 +3955,8 @@ class _HTTPResponse:
                 raise _RemoteDisconnected("the connection closed before an answer")
             version, status, self.reason = [
                 *line.decode("iso-8859-1").strip().split(None, 2), "", "", ""][:3]
-            if version not in ("HTTP/1.1", "HTTP/1.0") or len(status) != 3 or \
+            # A later HTTP/1 minor version reads as 1.1 (RFC 9110 2.5), as http.client did.
+            if re.fullmatch(r"HTTP/1\.[0-9]", version) is None or len(status) != 3 or \
                     not (status.isascii() and status.isdigit()) or status[0] == "0":
                 raise _HTTPError("not an HTTP/1.1 status line", line.decode("iso-8859-1"))
             self.status = int(status)

@@ -10383,6 +10383,7 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
             + body,
             "bare LF": b"HTTP/1.1 200 OK\nContent-Length: 5\n\n" + body,
             "no reason": http_head("HTTP/1.1 200", "Content-Length: 5") + body,
+            "HTTP/1.2": http_head("HTTP/1.2 200 OK", "Content-Length: 5") + body,
             "a header line of 65536 bytes": http_head(
                 "HTTP/1.1 200 OK", "X: " + "a" * 65531, "Content-Length: 5") + body,
             "HTTP/1.0 to the end": http_head("HTTP/1.0 200 OK") + body,
