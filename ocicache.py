@@ -4170,7 +4170,9 @@ class _HTTPConnection:
             timed.polling = False
         if getattr(sock, "pending", lambda: 0)():
             return False
-        if not select.select([sock], [], [], 0)[0]:
+        poller = select.poll()  # not select(): a descriptor past 1023 raises there
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
             return True
         if self._context is None:
             return False  # bytes, or the end of the connection

@@ -10531,6 +10531,25 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
                 transport.request("GET", f"https://{server.host}/v2/again").close()
                 self.assertEqual(len(server.requests), 6)
 
+    def test_a_connection_past_descriptor_1023_is_looked_at_too(self) -> None:
+        # select() raises ValueError for a descriptor past FD_SETSIZE, which a process
+        # with many files open (a library's host, a raised limit) gives a socket.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if min(soft, hard) < 1200:
+            self.skipTest(f"{soft} files may be open")
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        self.addCleanup(lambda: [os.close(fd) for fd in held])
+        server = HostileServer(lambda r: Answer(200, [], b"x"))
+        self.addCleanup(server.stop)
+        transport = oc._Transport(oc.TransportOptions(timeout=2.0, attempts=1))
+        self.addCleanup(transport.close)
+        for _ in range(2):
+            answer = transport.request("GET", f"http://{server.host}/v2/")
+            self.assertGreater(answer._connection.sock.fileno(), 1024)
+            self.assertEqual(answer.body(), b"x")
+            answer.close()
+        self.assertEqual(len(server._sockets), 1)
+
     def test_a_connection_with_an_answer_left_unread_carries_no_request(self) -> None:
         # http.client refused to send on it (CannotSendRequest: a fresh connection
         # followed); the rest of the first body was read as the second answer's head.
