@@ -10695,7 +10695,9 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
                     ) -> Tuple[Optional[BaseException], float, TunnelProxy]:
         """A pull of an https registry at 127.0.0.2 (elsewhere, here) through a proxy
         answering CONNECT with ``answer``."""
-        ca, cert, key = make_tls_certs(self.path("tls"), "127.0.0.2")
+        if not os.path.isdir(self.path("tls")):
+            self.certs = make_tls_certs(self.path("tls"), "127.0.0.2")
+        ca, cert, key = self.certs
         image = make_image("tunnel")
         registry = DualServer(fake_registry(image), lambda r: Answer(400, [], b""), cert, key,
                               "127.0.0.2")
@@ -10711,7 +10713,7 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
         with mock.patch.object(oc, "_is_loopback", loopback), \
                 mock.patch.dict(os.environ, {"HTTPS_PROXY": proxy.url}):
             try:
-                self.provider(ca_files=(ca,), timeout=1.0).image_pull(
+                self.provider(ca_files=(ca,), timeout=0.5, attempts=1).image_pull(
                     f"127.0.0.2:{registry.port}/test/t:1", "", "amd64")
             except oc.OciCacheError as e:
                 error = e
