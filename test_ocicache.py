@@ -10423,6 +10423,10 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
             "a header line of 65537 bytes": http_head(
                 "HTTP/1.1 200 OK", "X: " + "a" * 65532, "Content-Length: 5") + body,
             "HTTP/2 in HTTP/1.1": http_head("HTTP/2 200", "Content-Length: 5") + body,
+            "101 fields": http_head("HTTP/1.1 200 OK", *[f"X-{n}: y" for n in range(100)],
+                                    "Content-Length: 5") + body,
+            "101 lines of one field": http_head("HTTP/1.1 200 OK", "X: y", *[" z"] * 100,
+                                                "Content-Length: 5") + body,
         }
         for label, data in refused.items():
             with self.subTest(label):
