@@ -3850,6 +3850,15 @@ class _RemoteDisconnected(ConnectionResetError, _HTTPError):
     the server had closed: worth one fresh try)."""
 
 
+class _TunnelRefused(OSError):
+    """A proxy's answer to CONNECT other than 200; ``permanent`` for a 4xx that waiting
+    does not change (407: the proxy wants other credentials, 403: not there)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.permanent = 400 <= status < 500 and status not in _RETRY_STATUSES
+
+
 class _InvalidURL(_HTTPError):
     """A host or target no request can carry."""
 
@@ -4136,9 +4145,10 @@ class _HTTPConnection:
                     raise e.hiding(secrets) from None
                 if answer.status != 200:
                     reason = _without_credentials(answer.reason, secrets)
-                    raise OSError(f"the proxy {self.host} refused the tunnel to {target}: "
-                                  f"{answer.status} {_shorten(_one_line(reason), 60)}"
-                                  .rstrip())
+                    raise _TunnelRefused(f"the proxy {self.host} refused the tunnel to "
+                                         f"{target}: {answer.status} "
+                                         f"{_shorten(_one_line(reason), 60)}".rstrip(),
+                                         answer.status)
                 timed.polling = True  # what the buffer holds past the head, and no more
                 if reader.peek(1):
                     # The tunnel's first bytes are the server's answer to a TLS hello not
@@ -4374,7 +4384,8 @@ _PERMANENT_TLS_ERRORS = (*_PLAIN_HTTP_TLS_ERRORS, *_CLIENT_CERTIFICATE_TLS_ERROR
 def _is_permanent(error: BaseException) -> bool:
     """Failures that waiting does not fix: a name that does not resolve, TLS refused."""
     import socket
-    return isinstance(error, (socket.gaierror, _InvalidURL)) or any(
+    return isinstance(error, (socket.gaierror, _InvalidURL)) or \
+        getattr(error, "permanent", False) or any(
         reason in str(error).upper().replace(" ", "_") for reason in _PERMANENT_TLS_ERRORS)
 
 

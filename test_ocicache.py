@@ -10695,6 +10695,20 @@ class TestHTTPFraming(LoopbackOnly, RegistryTestCase):
                 self.assertTrue(self.cache.verify().ok)
                 shutil.rmtree(self.cache_dir)
 
+    def test_a_proxy_refusing_the_tunnel_is_asked_once(self) -> None:
+        # A 407 (or 403) is the proxy's word on these credentials: waiting and asking
+        # again changes nothing (five CONNECTs and eight seconds of backoff), a 503 may.
+        for answer, asked in [(b"HTTP/1.1 407 Proxy Authentication Required", 1),
+                              (b"HTTP/1.1 403 Forbidden", 1), (b"HTTP/1.1 503 Busy", 3)]:
+            with self.subTest(answer):
+                proxy = HostileServer(lambda r, a=answer: Answer(raw=a + b"\r\n\r\n"))
+                self.addCleanup(proxy.stop)
+                with mock.patch.dict(os.environ, {"HTTPS_PROXY": proxy.url}):
+                    with self.assertRaisesRegex(oc.OciCacheError, answer[9:12].decode()):
+                        self.provider(attempts=3, backoff=0.01).image_pull(
+                            "registry.example/test/p:1", "", "amd64")
+                self.assertEqual(len(proxy.requests), asked)
+
     def tunnel_pull(self, answer: Union[bytes, BodyStream], relay: bool = True
                     ) -> Tuple[Optional[BaseException], float, TunnelProxy]:
         """A pull of an https registry at 127.0.0.2 (elsewhere, here) through a proxy
