@@ -4117,6 +4117,7 @@ class _HTTPConnection:
         self._response: Optional[_HTTPResponse] = None  # the last answer read
         self._method = ""
         self._authorizations: Tuple[str, ...] = ()  # the request's, kept out of errors
+        self.named_by = ""  # the remote server that named the host, if one did
 
     def _connect(self) -> None:
         import socket
@@ -4124,7 +4125,7 @@ class _HTTPConnection:
                                     else 80)
         # bytes: a str host is encoded with the idna codec, whose import costs 2 ms
         address = name.encode("ascii") if name.isascii() else name
-        sock = socket.create_connection((address, port), self._timeout)  # type: ignore
+        sock = _open_socket(address, port, self._timeout, self.named_by)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server = name
@@ -4486,7 +4487,7 @@ class _Transport:
             connection = _HTTPConnection(proxy or host, timeout, clock)
             if proxy:  # the proxy is told where to, in each request
                 prefix, added = f"http://{host}", proxy_headers
-        connection.named_by = named_by  # type: ignore[attr-defined]  # until it declares it
+        connection.named_by = named_by
         pool[(scheme, host)] = (connection, clock, prefix, added)
         with self._guard:
             self._open.append(connection)

@@ -10151,8 +10151,6 @@ class TestNetworkAttacks(LoopbackOnly, RegistryTestCase):
                     self.assertRegex(str(error), "on this machine.*refusing")
                     self.assertEqual(line_problem(str(error)), "")
 
-    @unittest.expectedFailure  # until _HTTPConnection._connect opens its socket with
-    # _open_socket(address, port, self._timeout, self.named_by): the lead's to merge
     def test_no_name_resolving_to_this_machine_gets_a_request_on_a_remote_word(self) -> None:
         # What a name is, DNS says: an attacker's own domain may answer 127.0.0.1, and
         # the check read names only. A name is looked up once, where its connection is
