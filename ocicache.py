@@ -3897,15 +3897,9 @@ class _Headers:
     def __getitem__(self, name: str) -> str:
         return self._first[name.lower()]
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._first
-
     def get_all(self, name: str) -> List[str]:
         name = name.lower()
         return [value for key, value in self._fields if key.lower() == name]
-
-    def items(self) -> List[Tuple[str, str]]:
-        return list(self._fields)
 
 
 def _read_head_line(reader: IO[bytes], what: str) -> bytes:
@@ -4010,14 +4004,11 @@ class _HTTPResponse:
         else:
             self.will_close = True  # the body ends with the connection
         if self.length == 0:
-            self._done()
+            self.close()
 
     def isclosed(self) -> bool:
         """Whether the body was read to its end (or the response closed)."""
         return self._reader is None
-
-    def _done(self) -> None:
-        self._reader = None
 
     def close(self) -> None:
         self._reader = None
@@ -4036,15 +4027,15 @@ class _HTTPResponse:
             data = reader.read1(min(n, self.length))  # type: ignore[attr-defined]
             if not data:  # ended early: ``length`` says by how much
                 self.will_close = True  # and the connection with it
-                self._done()
+                self.close()
                 return b""
             self.length -= len(data)
             if not self.length:
-                self._done()
+                self.close()
             return data  # type: ignore[no-any-return]
         data = reader.read1(n)  # type: ignore[attr-defined]
         if not data:
-            self._done()
+            self.close()
         return data  # type: ignore[no-any-return]
 
     def _read1_chunked(self, reader: IO[bytes], n: int) -> bytes:
@@ -4062,7 +4053,7 @@ class _HTTPResponse:
                 if clock is not None and paused:
                     clock.stop()
             if not self._chunk_left:
-                self._done()
+                self.close()
                 return b""
         data = reader.read1(min(n, self._chunk_left))  # type: ignore[attr-defined]
         if not data:
